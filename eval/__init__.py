@@ -1,0 +1,1 @@
+"""Eval harness: perplexity, task accuracy, agreement, speed, and the run report."""

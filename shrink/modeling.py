@@ -1,0 +1,84 @@
+"""Load and save Hugging Face causal LMs as artifacts."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shrink.artifacts import Artifact, write_artifact
+from shrink.errors import ShrinkError
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[str(name).lower()]
+    except KeyError:
+        raise ShrinkError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}") from None
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ShrinkError(f"device={name} asked for but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def load_model(path: str | os.PathLike | Artifact, dtype: str | torch.dtype = "fp32",
+               device: str | torch.device = "cpu") -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    path = path.path if isinstance(path, Artifact) else Path(path)
+    if not (path / "config.json").is_file():
+        raise ShrinkError(f"not a model directory (no config.json): {path}")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | os.PathLike | Artifact):
+    from transformers import AutoTokenizer
+
+    path = path.path if isinstance(path, Artifact) else Path(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def save_model_artifact(dest: str | os.PathLike, model: torch.nn.Module, tokenizer: Any, *, stage: str,
+                        config: dict | None = None, inputs: list[Artifact] | None = None,
+                        metrics: dict | None = None, started: float | None = None,
+                        dtype: str | torch.dtype | None = None) -> Artifact:
+    """Save model (optionally cast to `dtype`), tokenizer and generation config as an artifact."""
+
+    def save(tmp: Path) -> None:
+        to_save = model
+        if dtype is not None:
+            # Cast a copy's state on the fly: the caller's model keeps its training dtype.
+            target = resolve_dtype(dtype)
+            state = {k: v.detach().to("cpu", target) if v.is_floating_point() else v.detach().cpu()
+                     for k, v in model.state_dict().items()}
+            to_save.config.dtype = target
+            to_save.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        else:
+            to_save.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return write_artifact(dest, stage=stage, save=save, config=config, inputs=inputs, metrics=metrics,
+                          started=started or time.time())
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def dir_size_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

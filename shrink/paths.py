@@ -1,0 +1,28 @@
+"""Where shared data and caches live. Nothing here is a hard-coded absolute path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_data_dir() -> Path | None:
+    """`SHRINK_DATA_DIR` if set, else `../shared/data` beside the checkout (or the cwd) when present."""
+    env = os.environ.get("SHRINK_DATA_DIR")
+    if env:
+        return Path(env)
+    for base in (REPO_ROOT, Path.cwd()):
+        candidate = base.parent / "shared" / "data"
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("SHRINK_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg) / "shrink" if xdg else Path.home() / ".cache" / "shrink"

@@ -1,0 +1,1 @@
+"""Training on accelerate: the loop, distillation losses, data, student initialisation."""
