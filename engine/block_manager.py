@@ -1,0 +1,142 @@
+"""Paged KV cache bookkeeping: fixed-size blocks, per-sequence block tables, ref counts, and
+prefix caching by hashing full blocks.
+
+A block's hash covers its tokens and the hash of the block before it, so equal hashes mean equal
+prefixes. A hash is registered only once the block's K/V has been computed (``mark_computed``):
+with chunked prefill a block can be allocated steps before it is filled, and a second sequence
+must never skip computing tokens that nobody wrote yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict
+
+from engine.sequence import Sequence
+
+
+def block_hash(prev: bytes, tokens: list[int]) -> bytes:
+    h = hashlib.blake2b(prev, digest_size=16)
+    h.update(struct.pack(f"<{len(tokens)}q", *tokens))
+    return h.digest()
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash")
+
+    def __init__(self, block_id: int) -> None:
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: bytes | None = None
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1:
+            raise ValueError("num_blocks must be >= 1")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free blocks in LRU order: freed blocks go to the end, so cached content lives longest.
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.hash_to_block: dict[bytes, int] = {}
+        # Per sequence: hash of each of its full, computed blocks (the chain for the next one).
+        self.seq_hashes: dict[int, list[bytes]] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    # -- prefix cache lookup -------------------------------------------------------------
+    def _cache_hits(self, seq: Sequence) -> list[int]:
+        """Block ids that hold this sequence's leading full blocks. The last token is never taken
+        from the cache: the step that admits a sequence must compute at least one token."""
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return []
+        hits: list[int] = []
+        prev = b""
+        for i in range((seq.num_tokens - 1) // self.block_size):
+            tokens = seq.block_tokens(i, self.block_size)
+            h = block_hash(prev, tokens)
+            block_id = self.hash_to_block.get(h)
+            if block_id is None:
+                break
+            hits.append(block_id)
+            prev = h
+        return hits
+
+    # -- allocation ------------------------------------------------------------------------
+    def can_allocate(self, seq: Sequence) -> bool:
+        hits = self._cache_hits(seq)
+        # A hit on a free block still takes it out of the free list.
+        need = seq.num_blocks(self.block_size) - sum(1 for b in hits if self.blocks[b].ref_count > 0)
+        return need <= self.num_free_blocks
+
+    def _take_free(self) -> int:
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:  # its old content is overwritten: forget it
+            if self.hash_to_block.get(block.hash) == block_id:
+                del self.hash_to_block[block.hash]
+            block.hash = None
+        block.ref_count = 1
+        return block_id
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give ``seq`` blocks for all its tokens, reusing cached leading blocks."""
+        assert not seq.block_table
+        hits = self._cache_hits(seq)
+        hashes: list[bytes] = []
+        for block_id in hits:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+            assert block.hash is not None
+            hashes.append(block.hash)
+        for _ in range(seq.num_blocks(self.block_size) - len(hits)):
+            seq.block_table.append(self._take_free())
+        self.seq_hashes[seq.seq_id] = hashes
+        seq.num_cached_tokens = len(hits) * self.block_size
+        seq.num_computed_tokens = seq.num_cached_tokens
+
+    def deallocate(self, seq: Sequence) -> None:
+        # Reverse order: a sequence's last blocks are the least likely to be shared, so they are
+        # reused first and the shared prefix survives longer.
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+        seq.block_table.clear()
+        self.seq_hashes.pop(seq.seq_id, None)
+        seq.num_computed_tokens = 0
+        seq.num_cached_tokens = 0
+
+    def can_append(self, seq: Sequence) -> bool:
+        """Room for the sequence's last token (the one the next decode step computes)."""
+        need = seq.num_blocks(self.block_size) - len(seq.block_table)
+        return need <= self.num_free_blocks
+
+    def may_append(self, seq: Sequence) -> None:
+        while len(seq.block_table) < seq.num_blocks(self.block_size):
+            seq.block_table.append(self._take_free())
+
+    # -- prefix cache registration -----------------------------------------------------------
+    def mark_computed(self, seq: Sequence) -> None:
+        """Register hashes of blocks that became full and computed since the last call."""
+        if not self.enable_prefix_caching:
+            return
+        hashes = self.seq_hashes.setdefault(seq.seq_id, [])
+        full = seq.num_computed_tokens // self.block_size
+        while len(hashes) < full:
+            i = len(hashes)
+            h = block_hash(hashes[-1] if hashes else b"", seq.block_tokens(i, self.block_size))
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is None:
+                block.hash = h
+                # Keep an existing mapping: another block with the same content stays the canonical one.
+                self.hash_to_block.setdefault(h, block.block_id)
+            hashes.append(h)

@@ -1,0 +1,72 @@
+"""Engine configuration: one dataclass, validated once against the model's config."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    # Scheduling
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192  # token budget of one step
+    max_model_len: int | None = None  # defaults to the model's max_position_embeddings (capped)
+    enable_chunked_prefill: bool = True
+    # KV cache
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    num_kv_blocks: int | None = None  # explicit pool size wins over everything else
+    kv_cache_tokens: int | None = None  # or a token count
+    gpu_memory_utilization: float = 0.9  # or a fraction of the GPU's memory
+    # Execution
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "float32" | "bfloat16" | "float16"
+    enforce_eager: bool = False  # no CUDA graphs
+    cuda_graph_max_bs: int = 256
+    use_triton: bool | None = None  # None: Triton kernels on CUDA, torch references on CPU
+    seed: int = 0
+
+    hf_config: PretrainedConfig | None = None
+
+    def __post_init__(self) -> None:
+        if not os.path.isdir(self.model):
+            raise ValueError(f"model: {self.model!r} is not a directory with config.json")
+        if self.hf_config is None:
+            self.hf_config = AutoConfig.from_pretrained(self.model)
+        limit = int(getattr(self.hf_config, "max_position_embeddings", 4096))
+        if self.max_model_len is None:
+            self.max_model_len = min(limit, 4096)
+        if self.max_model_len > limit:
+            raise ValueError(f"max_model_len: {self.max_model_len} exceeds the model's {limit}")
+        if self.block_size < 1:
+            raise ValueError("block_size: must be >= 1")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            # Without chunking a prompt of max_model_len tokens must fit one step.
+            raise ValueError("max_num_batched_tokens: must be >= max_model_len without chunked prefill")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            self.max_num_seqs = self.max_num_batched_tokens
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization: must be in (0, 1]")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+
+    @property
+    def triton_enabled(self) -> bool:
+        if self.use_triton is None:
+            return self.torch_device.type == "cuda"
+        return self.use_triton

@@ -1,0 +1,40 @@
+"""The per-step attention metadata, set by the model runner before a forward and read by the
+attention layers, so that a model's ``forward(input_ids, positions)`` stays plain."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Context:
+    is_prefill: bool = False
+    # Flat slot index (block_id * block_size + offset) of each input token; -1 means "do not store".
+    slot_mapping: torch.Tensor | None = None
+    # Decode: [batch] context length including the new token; [batch, max_blocks] block tables.
+    context_lens: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    # Prefill, as host ints: per sequence, tokens computed now and total context after this step.
+    query_lens: list[int] = field(default_factory=list)
+    context_lens_host: list[int] = field(default_factory=list)
+    use_triton: bool = False
+    block_size: int = 16
+
+
+_CONTEXT = Context()
+
+
+def get_context() -> Context:
+    return _CONTEXT
+
+
+def set_context(ctx: Context) -> None:
+    global _CONTEXT
+    _CONTEXT = ctx
+
+
+def reset_context() -> None:
+    global _CONTEXT
+    _CONTEXT = Context()

@@ -1,0 +1,74 @@
+"""Attention over the paged KV cache; reads the step's metadata from engine.context.
+
+Prefill: new K/V are stored in the cache first, then each sequence attends to its whole context
+with torch SDPA (causal; a chunk or a prefix-cache hit gathers the earlier K/V from the cache).
+Decode: one token per sequence, paged decode attention (Triton on GPU, the torch reference on CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.context import get_context
+from kernels.kv_store import store_kv, store_kv_ref
+from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        # Set by the model runner once the pool is allocated: [num_blocks, block_size, kv_heads, head_dim].
+        self.k_cache: torch.Tensor = torch.empty(0)
+        self.v_cache: torch.Tensor = torch.empty(0)
+        self.num_splits = 1  # decode partitions, fixed by the runner per batch-size bucket
+        self.partition = 0
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]. Returns [tokens, heads * dim]."""
+        ctx = get_context()
+        if self.k_cache.numel():
+            (store_kv if ctx.use_triton else store_kv_ref)(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        if ctx.is_prefill:
+            out = self._prefill(q, k, v, ctx)
+        elif ctx.use_triton:
+            out = paged_decode_attention(
+                q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale,
+                num_splits=self.num_splits, partition=self.partition or None,
+            )
+        else:
+            out = paged_decode_attention_ref(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> torch.Tensor:
+        out = torch.empty_like(q)
+        start = 0
+        for i, (q_len, ctx_len) in enumerate(zip(ctx.query_lens, ctx.context_lens_host)):
+            qi = q[start : start + q_len].transpose(0, 1)  # [heads, q_len, dim]
+            if ctx_len == q_len:
+                ki = k[start : start + q_len].transpose(0, 1)
+                vi = v[start : start + q_len].transpose(0, 1)
+                mask = None
+            else:  # earlier tokens of this sequence are in the cache: gather the whole context
+                table = ctx.block_tables[i]
+                pos = torch.arange(ctx_len, device=q.device)
+                slots = table[pos // ctx.block_size].long() * ctx.block_size + pos % ctx.block_size
+                kv_width = self.num_kv_heads * self.head_dim
+                ki = self.k_cache.view(-1, kv_width)[slots].view(ctx_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
+                vi = self.v_cache.view(-1, kv_width)[slots].view(ctx_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
+                # Query j sits at position ctx_len - q_len + j: bottom-right aligned causal mask.
+                qpos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
+                mask = pos[None, :] <= qpos[:, None]
+            oi = F.scaled_dot_product_attention(
+                qi.unsqueeze(0), ki.unsqueeze(0), vi.unsqueeze(0),
+                attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )
+            out[start : start + q_len] = oi[0].transpose(0, 1)
+            start += q_len
+        return out

@@ -1,0 +1,302 @@
+"""Runs the model for one scheduled step: builds the inputs and the attention context, runs the
+forward (a captured CUDA graph for decode on GPU), and samples."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import EngineConfig
+from engine.context import Context, reset_context, set_context
+from engine.layers.attention import Attention
+from engine.layers.sampler import sample, token_logprobs
+from engine.models import model_class
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence, TokenLogprobs
+from kernels.paged_attention import choose_num_splits
+
+DECODE_PARTITION = 512  # tokens per flash-decoding partition
+
+
+@dataclass
+class StepResult:
+    # Aligned with the batch's sequences; None where the sequence only advanced (a prompt chunk).
+    tokens: list[int | None]
+    logprobs: list[TokenLogprobs | None]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: torch.nn.Module | None = None) -> None:
+        self.config = config
+        self.device = config.torch_device
+        self.dtype = config.torch_dtype
+        self.block_size = config.block_size
+        hf = config.hf_config
+        torch.manual_seed(config.seed)
+        if model is None:
+            default_dtype = torch.get_default_dtype()
+            torch.set_default_dtype(self.dtype)
+            try:
+                with torch.device(self.device):
+                    model = model_class(hf)(hf, max_position=config.max_model_len)
+            finally:
+                torch.set_default_dtype(default_dtype)
+            model.load_weights(config.model)
+        self.model = model.to(self.device).eval()
+        # rotary tables stay fp32 for exactness
+        self.model.model.rotary.float()
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.num_kv_heads = self.attn_layers[0].num_kv_heads
+        self.head_dim = self.attn_layers[0].head_dim
+        self.max_blocks_per_seq = math.ceil(config.max_model_len / self.block_size)
+        self.num_blocks = self._allocate_kv_cache()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        if self.use_graphs:
+            self._capture_decode_graphs()
+
+    # -- KV cache --------------------------------------------------------------------------------
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * len(self.attn_layers) * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    def _allocate_kv_cache(self) -> int:
+        cfg = self.config
+        per_block = self.kv_bytes_per_token * self.block_size
+        if cfg.num_kv_blocks is not None:
+            num_blocks = cfg.num_kv_blocks
+        elif cfg.kv_cache_tokens is not None:
+            num_blocks = math.ceil(cfg.kv_cache_tokens / self.block_size)
+        elif self.device.type == "cuda":
+            num_blocks = self._blocks_from_free_memory(per_block)
+        else:
+            tokens = min(cfg.max_num_seqs * cfg.max_model_len, 1 << 16)
+            num_blocks = math.ceil(max(tokens, cfg.max_model_len) / self.block_size)
+        if num_blocks * self.block_size < cfg.max_model_len:
+            raise ValueError(
+                f"num_kv_blocks: {num_blocks} blocks of {self.block_size} tokens cannot hold one sequence of "
+                f"max_model_len={cfg.max_model_len}"
+            )
+        shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        for layer in self.attn_layers:
+            layer.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            layer.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return num_blocks
+
+    def _blocks_from_free_memory(self, per_block: int) -> int:
+        cfg = self.config
+        # Peak activations of a full prefill step, measured by running one with no cache.
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        tokens = min(cfg.max_num_batched_tokens, cfg.max_model_len)
+        ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        set_context(Context(is_prefill=True, query_lens=[tokens], context_lens_host=[tokens], use_triton=False))
+        with torch.inference_mode():
+            self.model.compute_logits(self.model(ids, torch.arange(tokens, device=self.device))[-1:])
+        reset_context()
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        peak = torch.cuda.max_memory_allocated()
+        current = torch.cuda.memory_allocated()
+        used_by_others = total - free - torch.cuda.memory_reserved()
+        budget = total * cfg.gpu_memory_utilization - used_by_others - current - (peak - current)
+        # Leave room for CUDA graphs' logits and the sampler.
+        budget -= cfg.cuda_graph_max_bs * self.model.config.vocab_size * 4 * 4
+        return max(int(budget // per_block), 0)
+
+    # -- input building ----------------------------------------------------------------------
+    def _slot(self, seq: Sequence, pos: int) -> int:
+        return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _block_tables(self, seqs: list[Sequence], width: int | None = None) -> torch.Tensor:
+        width = width or max(len(s.block_table) for s in seqs)
+        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        return torch.tensor(rows, dtype=torch.int32, device=self.device)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> StepResult:
+        if batch.is_prefill:
+            rows, logits = self._run_prefill(batch)
+        else:
+            logits = self._run_decode(batch)
+            rows = list(range(len(batch.seqs)))
+        return self._sample(batch, rows, logits)
+
+    def _run_prefill(self, batch: ScheduledBatch):
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
+        sample_rows: list[int] = []  # row in the flat token batch whose logits are sampled
+        prompt_rows: dict[int, tuple[int, int]] = {}  # seq index -> (first row, count) for prompt logprobs
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_scheduled)):
+            start = seq.num_computed_tokens
+            row0 = len(ids)
+            ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(self._slot(seq, p) for p in range(start, start + n))
+            query_lens.append(n)
+            context_lens.append(start + n)
+            sample_rows.append(row0 + n - 1 if batch.samples(i) else -1)
+            if seq.params.prompt_logprobs is not None:
+                prompt_rows[i] = (row0, n)
+        tables = self._block_tables(batch.seqs) if any(q != c for q, c in zip(query_lens, context_lens)) else None
+        set_context(Context(
+            is_prefill=True,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            block_tables=tables,
+            query_lens=query_lens,
+            context_lens_host=context_lens,
+            use_triton=self.config.triton_enabled,
+            block_size=self.block_size,
+        ))
+        hidden = self.model(
+            torch.tensor(ids, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
+        )
+        reset_context()
+        want = [r for r in sample_rows if r >= 0]
+        logits = self.model.compute_logits(hidden[want]).float() if want else None
+        for i, (row0, n) in prompt_rows.items():
+            self._prompt_logprobs(batch.seqs[i], hidden[row0 : row0 + n], n)
+        rows = [want.index(r) if r >= 0 else -1 for r in sample_rows]
+        return rows, logits
+
+    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, n: int) -> None:
+        """Append logprobs of the prompt tokens this chunk predicts (the first prompt token gets None).
+        Entry k of seq.prompt_logprobs belongs to prompt token k; a recompute after preemption
+        skips entries already recorded."""
+        start = seq.num_computed_tokens
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs.append(None)
+        lp = torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1).cpu()
+        top_n = seq.params.prompt_logprobs or 0
+        for j in range(n):
+            nxt = start + j + 1
+            if nxt >= seq.num_prompt_tokens:
+                break
+            if nxt == len(seq.prompt_logprobs):
+                seq.prompt_logprobs.append(token_logprobs(lp[j], seq.token_ids[nxt], top_n))
+
+    def _decode_inputs(self, seqs: list[Sequence]):
+        ids = [s.last_token for s in seqs]
+        positions = [s.num_tokens - 1 for s in seqs]
+        slots = [self._slot(s, s.num_tokens - 1) for s in seqs]
+        lens = [s.num_tokens for s in seqs]
+        return ids, positions, slots, lens
+
+    def _run_decode(self, batch: ScheduledBatch) -> torch.Tensor:
+        seqs = batch.seqs
+        ids, positions, slots, lens = self._decode_inputs(seqs)
+        bs = len(seqs)
+        if self.use_graphs and bs <= self.graph_max_bs:
+            return self._replay(seqs, ids, positions, slots, lens)
+        splits = 1
+        if self.config.triton_enabled:
+            splits = choose_num_splits(bs, self.num_kv_heads, max(lens), DECODE_PARTITION)
+        for layer in self.attn_layers:
+            layer.num_splits, layer.partition = splits, DECODE_PARTITION
+        set_context(Context(
+            is_prefill=False,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            context_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
+            block_tables=self._block_tables(seqs),
+            use_triton=self.config.triton_enabled,
+            block_size=self.block_size,
+        ))
+        hidden = self.model(
+            torch.tensor(ids, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
+        )
+        reset_context()
+        return self.model.compute_logits(hidden).float()
+
+    # -- CUDA graphs -----------------------------------------------------------------------------
+    def _graph_buckets(self) -> list[int]:
+        top = min(self.config.cuda_graph_max_bs, self.config.max_num_seqs)
+        buckets = [b for b in (1, 2, 4, 8) if b <= top] + list(range(16, top + 1, 16))
+        if not buckets or buckets[-1] != top:
+            buckets.append(top)
+        return buckets
+
+    def _capture_decode_graphs(self) -> None:
+        buckets = self._graph_buckets()
+        max_bs = buckets[-1]
+        self.graph_max_bs = max_bs
+        dev = self.device
+        self.g_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.g_pos = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.g_slots = torch.full((max_bs,), -1, dtype=torch.long, device=dev)
+        self.g_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
+        self.g_tables = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.g_logits: dict[int, torch.Tensor] = {}
+        pool = None
+        for bs in reversed(buckets):
+            splits = choose_num_splits(bs, self.num_kv_heads, self.config.max_model_len, DECODE_PARTITION)
+            for layer in self.attn_layers:
+                layer.num_splits, layer.partition = splits, DECODE_PARTITION
+            set_context(Context(
+                is_prefill=False, slot_mapping=self.g_slots[:bs], context_lens=self.g_lens[:bs],
+                block_tables=self.g_tables[:bs], use_triton=self.config.triton_enabled, block_size=self.block_size,
+            ))
+            with torch.inference_mode():
+                self.model.compute_logits(self.model(self.g_ids[:bs], self.g_pos[:bs]))  # warm up / compile
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    self.g_logits[bs] = self.model.compute_logits(self.model(self.g_ids[:bs], self.g_pos[:bs]))
+            if pool is None:
+                pool = graph.pool()
+            self.graphs[bs] = graph
+            reset_context()
+        torch.cuda.synchronize()
+        self.buckets = buckets
+
+    def _replay(self, seqs, ids, positions, slots, lens) -> torch.Tensor:
+        bs = len(seqs)
+        bucket = next(b for b in self.buckets if b >= bs)
+        n = len(ids)
+        host = torch.tensor([ids, positions, slots], dtype=torch.long)
+        self.g_ids[:n].copy_(host[0], non_blocking=True)
+        self.g_pos[:n].copy_(host[1], non_blocking=True)
+        self.g_slots[:n].copy_(host[2], non_blocking=True)
+        self.g_slots[n:bucket].fill_(-1)
+        self.g_lens[:n].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
+        self.g_lens[n:bucket].fill_(1)
+        width = max(len(s.block_table) for s in seqs)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
+        self.g_tables[:n, :width].copy_(tables, non_blocking=True)
+        self.graphs[bucket].replay()
+        return self.g_logits[bucket][:n].float()
+
+    # -- sampling ----------------------------------------------------------------------------------
+    def _sample(self, batch: ScheduledBatch, rows: list[int], logits: torch.Tensor | None) -> StepResult:
+        n = len(batch.seqs)
+        tokens: list[int | None] = [None] * n
+        lps: list[TokenLogprobs | None] = [None] * n
+        idx = [i for i in range(n) if rows[i] >= 0]
+        if not idx or logits is None:
+            return StepResult(tokens, lps)
+        sel = logits if len(idx) == logits.shape[0] else logits[[rows[i] for i in idx]]
+        params = [batch.seqs[i].params for i in idx]
+        gens = [self._generator(batch.seqs[i]) for i in idx]
+        sampled = sample(sel, params, gens).tolist()
+        need_lp = [j for j, i in enumerate(idx) if batch.seqs[i].params.logprobs is not None]
+        if need_lp:
+            lp = torch.log_softmax(sel[need_lp], dim=-1).cpu()
+            for r, j in enumerate(need_lp):
+                lps[idx[j]] = token_logprobs(lp[r], sampled[j], batch.seqs[idx[j]].params.logprobs or 0)
+        for j, i in enumerate(idx):
+            tokens[i] = sampled[j]
+        return StepResult(tokens, lps)
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        if seq.params.seed is None:
+            return None
+        if seq.generator is None:
+            seq.generator = torch.Generator(device=self.device)
+            seq.generator.manual_seed(seq.params.seed)
+        return seq.generator

@@ -1,0 +1,146 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each.
+
+A step is either a prefill step (prompt chunks, at most ``max_num_batched_tokens`` tokens in all)
+or a decode step (one token for every running sequence that finished its prefill). Prefill goes
+first so that new requests join the batch as soon as blocks allow; a prompt longer than the budget
+is cut into chunks over several steps. When a decode step lacks blocks, the most recently admitted
+sequence is preempted: its blocks are freed and it returns to the head of the queue, to be
+recomputed later (its tokens so far become its prompt, so no output is lost or changed).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from engine.block_manager import BlockManager
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    is_prefill: bool
+    # Tokens each sequence computes this step: positions [num_computed_tokens, +num_scheduled).
+    num_scheduled: list[int]
+
+    def samples(self, i: int) -> bool:
+        """Whether sequence i's chunk reaches its last token, so a new token is sampled."""
+        seq = self.seqs[i]
+        return seq.num_computed_tokens + self.num_scheduled[i] == seq.num_tokens
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enable_chunked_prefill: bool = True,
+    ) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+            self.block_manager.deallocate(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        if seq.finish_reason is None:
+            seq.finish_reason = "abort"
+
+    def schedule(self) -> ScheduledBatch | None:
+        batch = self._schedule_prefill()
+        if batch is not None:
+            return batch
+        return self._schedule_decode()
+
+    def _schedule_prefill(self) -> ScheduledBatch | None:
+        budget = self.max_num_batched_tokens
+        seqs: list[Sequence] = []
+        counts: list[int] = []
+        # Chunks of prompts already admitted come first: they hold blocks and stall nothing else.
+        for seq in self.running:
+            if budget == 0:
+                break
+            if seq.in_prefill:
+                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                seqs.append(seq)
+                counts.append(n)
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.block_manager.can_allocate(seq):
+                break
+            remaining_if_admitted = seq.num_tokens  # upper bound before cache hits are known
+            if not self.enable_chunked_prefill and remaining_if_admitted > budget and seqs:
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            seq.in_prefill = True
+            self.running.append(seq)
+            n = seq.num_tokens - seq.num_computed_tokens
+            if self.enable_chunked_prefill:
+                n = min(n, budget)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= min(n, budget)
+        if not seqs:
+            return None
+        return ScheduledBatch(seqs, True, counts)
+
+    def _schedule_decode(self) -> ScheduledBatch | None:
+        seqs: list[Sequence] = []
+        queue = [s for s in self.running if not s.in_prefill]
+        while queue:
+            seq = queue.pop(0)
+            while not self.block_manager.can_append(seq):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.may_append(seq)
+                seqs.append(seq)
+        if not seqs:
+            return None
+        return ScheduledBatch(seqs, False, [1] * len(seqs))
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.in_prefill = True
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish_step(self, batch: ScheduledBatch) -> None:
+        """Advance progress after the model ran (before sampled tokens are appended)."""
+        for seq, n in zip(batch.seqs, batch.num_scheduled):
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens == seq.num_tokens:
+                seq.in_prefill = False
+            self.block_manager.mark_computed(seq)
+
+    def remove_finished(self) -> list[Sequence]:
+        done = [s for s in self.running if s.is_finished]
+        if done:
+            self.running = [s for s in self.running if not s.is_finished]
+            for seq in done:
+                self.block_manager.deallocate(seq)
+        return done

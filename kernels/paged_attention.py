@@ -1,0 +1,193 @@
+"""Decode attention over a paged KV cache: one new query token per sequence.
+
+GQA-aware: one program handles one KV head and all the query heads of its group, so each K/V
+element is read from memory once per group (not once per query head). The group's queries are a
+[G, head_dim] tile (padded to 16 rows for tl.dot). Long contexts are split into partitions
+processed by separate programs (flash-decoding) and merged by a second kernel, so that small
+batches with few KV heads still fill the GPU; with one partition the first kernel writes the
+output directly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kernels._triton import HAS_TRITON, next_pow2, tl, triton
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q: [batch, q_heads, head_dim]; caches: [num_blocks, block_size, kv_heads, head_dim];
+    block_tables: [batch, max_blocks] int; context_lens: [batch] int. Returns [batch, q_heads, head_dim]."""
+    batch, q_heads, dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    group = q_heads // kv_heads
+    max_blocks = block_tables.shape[1]
+    tables = block_tables.clamp(min=0).long()
+    k = k_cache[tables].reshape(batch, max_blocks * block_size, kv_heads, dim).float()
+    v = v_cache[tables].reshape(batch, max_blocks * block_size, kv_heads, dim).float()
+    k = k.repeat_interleave(group, dim=2)  # [batch, ctx, q_heads, dim]
+    v = v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bhd,bthd->bht", q.float(), k) * scale
+    pos = torch.arange(max_blocks * block_size, device=q.device)
+    scores = scores.masked_fill(pos[None, None, :] >= context_lens[:, None, None].to(q.device), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("bht,bthd->bhd", probs, v).to(q.dtype)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _paged_decode_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+        out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+        scale_log2, q_stride_b, q_stride_h, out_stride_b, out_stride_h, bt_stride,
+        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        ctx_len = tl.load(context_lens_ptr + b)
+        start = split * PARTITION
+        end = tl.minimum(start + PARTITION, ctx_len)
+
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D_PAD)
+        g_mask = g < GROUP
+        d_mask = d < HEAD_DIM
+        heads = kvh * GROUP + g
+        q = tl.load(
+            q_ptr + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :],
+            mask=g_mask[:, None] & d_mask[None, :], other=0.0,
+        )
+        m = tl.full([G_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+        row = KV_HEADS * HEAD_DIM  # elements per slot
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = n < end
+            page = tl.load(block_tables_ptr + b * bt_stride + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+            slot = page * BLOCK_SIZE + n % BLOCK_SIZE
+            kv_off = slot[:, None] * row + kvh * HEAD_DIM + d[None, :]
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = s * scale_log2
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+
+        out_mask = g_mask[:, None] & d_mask[None, :]
+        if NUM_SPLITS == 1:
+            out = acc / l[:, None]
+            tl.store(
+                out_ptr + b * out_stride_b + heads[:, None] * out_stride_h + d[None, :],
+                out.to(out_ptr.dtype.element_ty), mask=out_mask,
+            )
+        else:
+            # Partials laid out [batch, q_heads, NUM_SPLITS, (D_PAD)].
+            base = (b * KV_HEADS * GROUP + heads) * NUM_SPLITS + split
+            tl.store(part_acc_ptr + base[:, None] * D_PAD + d[None, :], acc, mask=g_mask[:, None])
+            tl.store(part_m_ptr + base, m, mask=g_mask)
+            tl.store(part_l_ptr + base, l, mask=g_mask)
+
+    @triton.jit
+    def _paged_decode_reduce_kernel(
+        out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, out_stride_b, out_stride_h,
+        Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.arange(0, S_PAD)
+        d = tl.arange(0, D_PAD)
+        s_mask = s < NUM_SPLITS
+        base = (b * Q_HEADS + h) * NUM_SPLITS + s
+        m = tl.load(part_m_ptr + base, mask=s_mask, other=float("-inf"))
+        l = tl.load(part_l_ptr + base, mask=s_mask, other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.where(s_mask & (m > float("-inf")), tl.exp2(m - m_max), 0.0)
+        acc = tl.load(part_acc_ptr + base[:, None] * D_PAD + d[None, :], mask=s_mask[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+        tl.store(out_ptr + b * out_stride_b + h * out_stride_h + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+def choose_num_splits(batch: int, kv_heads: int, max_context: int, partition: int, num_sms: int = 132) -> int:
+    """Split the context only when batch * kv_heads programs would leave most of the GPU idle."""
+    max_splits = max(1, math.ceil(max_context / partition))
+    programs = batch * kv_heads
+    if programs >= num_sms:
+        return 1
+    return max(1, min(max_splits, math.ceil(2 * num_sms / programs)))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    num_splits: int = 1,
+    partition: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton version of paged_decode_attention_ref. ``num_splits * partition`` must cover the
+    longest context (the caller knows max_model_len; CUDA graphs need the split count fixed)."""
+    batch, q_heads, dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    group = q_heads // kv_heads
+    assert q_heads == group * kv_heads and q.stride(2) == 1
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and block_tables.stride(1) == 1
+    if out is None:
+        out = torch.empty_like(q)
+    block_n = 64 if dim <= 128 else 32
+    if partition is None:
+        partition = block_tables.shape[1] * block_size if num_splits == 1 else 512
+    partition = max(block_n, (partition + block_n - 1) // block_n * block_n)
+    d_pad = max(16, next_pow2(dim))
+    if num_splits > 1:
+        part_acc = torch.empty(batch, q_heads, num_splits, d_pad, dtype=torch.float32, device=q.device)
+        part_m = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=q.device)
+        part_l = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_m = part_l = out  # unused
+    _paged_decode_kernel[(batch, kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens,
+        out, part_acc, part_m, part_l,
+        scale * 1.4426950408889634, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        KV_HEADS=kv_heads, GROUP=group, G_PAD=max(16, next_pow2(group)),
+        HEAD_DIM=dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
+        BLOCK_N=block_n, PARTITION=partition, NUM_SPLITS=num_splits,
+        IEEE=q.dtype == torch.float32,
+        num_warps=4, num_stages=2,
+    )
+    if num_splits > 1:
+        _paged_decode_reduce_kernel[(batch, q_heads)](
+            out, part_acc, part_m, part_l, out.stride(0), out.stride(1),
+            Q_HEADS=q_heads, HEAD_DIM=dim, D_PAD=d_pad, NUM_SPLITS=num_splits, S_PAD=max(2, next_pow2(num_splits)),
+        )
+    return out
