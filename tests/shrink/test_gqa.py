@@ -1,0 +1,154 @@
+"""K/V head surgery: pooling follows transformers' query->KV mapping, expansion is exact,
+converted models load with AutoModelForCausalLM and match the plain-torch reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_gqa_reference import ARCHS, reference_logits, tiny_model
+
+from shrink.errors import ShrinkError
+from shrink.gqa import KVLayout, check_target, expand_kv_heads, kv_report, pool_kv_heads
+
+IDS = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(3))
+
+
+def kv_weights(model) -> list[torch.Tensor]:
+    return [t.detach().clone() for n, t in model.state_dict().items() if "k_proj" in n or "v_proj" in n]
+
+
+@torch.no_grad()
+def logits(model) -> torch.Tensor:
+    return model(IDS).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_expand_then_mean_pool_is_identity(arch):
+    model = tiny_model(arch, heads=6, kv_heads=3)
+    before_w, before_logits = kv_weights(model), logits(model)
+    expanded = expand_kv_heads(copy.deepcopy(model))  # 3 -> 6 (MHA)
+    assert expanded.config.num_key_value_heads == 6
+    assert torch.allclose(logits(expanded), before_logits, atol=1e-5, rtol=1e-5)
+    pooled = pool_kv_heads(expanded, 3, "mean")  # each group of 2 is two identical copies
+    assert all(torch.equal(a, b) for a, b in zip(kv_weights(pooled), before_w))
+    assert torch.equal(logits(pooled), before_logits)
+
+
+def test_partial_expansion_is_exact():
+    model = tiny_model("llama", heads=8, kv_heads=2)
+    expanded = expand_kv_heads(copy.deepcopy(model), 4)
+    assert expanded.config.num_key_value_heads == 4
+    assert torch.allclose(logits(expanded), logits(model), atol=1e-5, rtol=1e-5)
+
+
+def test_pool_groups_follow_repeat_kv_mapping():
+    """8 query heads, 4 KV heads (q 0-1 -> kv 0, q 2-3 -> kv 1, ...). Pooling to 2 groups must merge
+    kv {0, 1} and {2, 3}: when those pairs are equal, the pooled model is the same function."""
+    model = tiny_model("llama", heads=8, kv_heads=4)
+    d = 8
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                w = proj.weight.view(4, d, -1)
+                w[1].copy_(w[0])
+                w[3].copy_(w[2])
+    expected = logits(model)
+    for init in ("mean", "first"):
+        pooled = pool_kv_heads(copy.deepcopy(model), 2, init)
+        assert torch.allclose(logits(pooled), expected, atol=1e-5, rtol=1e-5), init
+
+
+def test_pool_when_groups_do_not_divide_kv_heads():
+    """6 query heads on 3 KV heads pooled to 2 groups: group 0 serves q 0-2, which used kv 0, 0, 1;
+    group 1 serves q 3-5 (kv 1, 2, 2). Mean pooling weighs each old head by the query heads it served."""
+    model = tiny_model("qwen2", heads=6, kv_heads=3)
+    d = 8
+    old_w = model.model.layers[0].self_attn.k_proj.weight.detach().clone().view(3, d, -1)
+    old_b = model.model.layers[0].self_attn.v_proj.bias.detach().clone().view(3, d)
+    pooled = pool_kv_heads(copy.deepcopy(model), 2, "mean")
+    new_w = pooled.model.layers[0].self_attn.k_proj.weight.view(2, d, -1)
+    new_b = pooled.model.layers[0].self_attn.v_proj.bias.view(2, d)
+    assert torch.allclose(new_w[0], (2 * old_w[0] + old_w[1]) / 3, atol=1e-6)
+    assert torch.allclose(new_w[1], (old_w[1] + 2 * old_w[2]) / 3, atol=1e-6)
+    assert torch.allclose(new_b[1], (old_b[1] + 2 * old_b[2]) / 3, atol=1e-6)
+    first = pool_kv_heads(copy.deepcopy(model), 2, "first").model.layers[0].self_attn.k_proj.weight.view(2, d, -1)
+    assert torch.equal(first[0], old_w[0]) and torch.equal(first[1], old_w[1])
+
+
+def test_mean_pool_to_one_head_is_the_mean_of_all():
+    model = tiny_model("llama", heads=6, kv_heads=3)
+    old = model.model.layers[1].self_attn.v_proj.weight.detach().clone().view(3, 8, -1)
+    pooled = pool_kv_heads(copy.deepcopy(model), 1, "mean")
+    assert torch.allclose(pooled.model.layers[1].self_attn.v_proj.weight, old.mean(0), atol=1e-6)
+
+
+def test_random_init_is_seeded_and_fresh():
+    model = tiny_model("qwen2", heads=6, kv_heads=3)
+    a = pool_kv_heads(copy.deepcopy(model), 1, "random", seed=5)
+    b = pool_kv_heads(copy.deepcopy(model), 1, "random", seed=5)
+    c = pool_kv_heads(copy.deepcopy(model), 1, "random", seed=6)
+    mean = pool_kv_heads(copy.deepcopy(model), 1, "mean")
+    wa, wb, wc, wm = (m.model.layers[0].self_attn.k_proj.weight for m in (a, b, c, mean))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    assert not torch.allclose(wa, wm, atol=1e-3)
+    old_std = float(model.model.layers[0].self_attn.k_proj.weight.detach().std())
+    assert 0.8 * old_std < float(wa.std()) < 1.2 * old_std  # same scale as the weights it replaces
+    assert torch.count_nonzero(a.model.layers[0].self_attn.k_proj.bias) == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("init", ["mean", "random"])
+def test_converted_model_loads_and_matches_reference(arch, init, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(arch, heads=6, kv_heads=3)
+    norms_before = {n: t.clone() for n, t in model.state_dict().items() if "_norm" in n}
+    pooled = pool_kv_heads(model, 1, init, seed=1)  # multi-query attention
+    pooled.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert loaded.config.num_key_value_heads == 1
+    assert loaded.model.layers[0].self_attn.k_proj.weight.shape == (8, pooled.config.hidden_size)
+    assert torch.equal(logits(loaded), logits(pooled))
+    expected = reference_logits(loaded, IDS[0])
+    assert torch.allclose(logits(loaded)[0].double(), expected, atol=1e-4, rtol=1e-4)
+    for name, value in norms_before.items():  # q/k norms (Qwen3) are per head_dim, shared: untouched
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
+def test_kv_bytes_of_smollm2_shape():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30)
+    assert KVLayout.of(config).bytes_per_token(2) == 2 * 30 * 3 * 64 * 2 == 23040
+    before = kv_report(config, batch=8, context=2048, bytes_per_element=2)
+    assert before == {"kv_heads": 3, "kv_bytes_per_token": 23040, "kv_cache_bytes": 23040 * 8 * 2048}
+    config.num_key_value_heads = 1
+    assert kv_report(config, 8, 2048, 2)["kv_bytes_per_token"] == 7680
+
+
+@pytest.mark.parametrize("mode, kv_heads, init, message", [
+    ("pool", 4, "mean", "does not divide the model's 6 query heads"),
+    ("pool", 6, "mean", "must be fewer than the model's 6 key/value heads"),
+    ("pool", 0, "mean", "at least 1"),
+    ("pool", 2, "median", "gqa.init='median'"),
+    ("expand", 3, "mean", "expansion needs a multiple"),
+    ("merge", 2, "mean", "gqa.mode='merge'"),
+])
+def test_bad_targets_fail_clearly(mode, kv_heads, init, message):
+    from transformers import LlamaConfig
+
+    mha = LlamaConfig(hidden_size=48, num_attention_heads=6, num_key_value_heads=6, num_hidden_layers=1)
+    with pytest.raises(ShrinkError, match=message) as err:
+        check_target(mha, mode, kv_heads, init)
+    assert "gqa." in str(err.value)
+
+
+def test_pool_refuses_bad_target_before_touching_the_model():
+    model = tiny_model("llama", heads=6, kv_heads=3)
+    before = kv_weights(model)
+    with pytest.raises(ShrinkError, match="gqa.kv_heads=3 must be fewer"):
+        pool_kv_heads(model, 3)
+    assert model.config.num_key_value_heads == 3
+    assert all(torch.equal(a, b) for a, b in zip(kv_weights(model), before))
