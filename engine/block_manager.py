@@ -112,8 +112,7 @@ class BlockManager:
                 self.free[block_id] = None
         seq.block_table.clear()
         self.seq_hashes.pop(seq.seq_id, None)
-        seq.num_computed_tokens = 0
-        seq.num_cached_tokens = 0
+        seq.num_computed_tokens = 0  # num_cached_tokens stays: the output reports it
 
     def can_append(self, seq: Sequence) -> bool:
         """Room for the sequence's last token (the one the next decode step computes)."""

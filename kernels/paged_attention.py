@@ -36,9 +36,13 @@ def paged_decode_attention_ref(
     v = v_cache[tables].reshape(batch, max_blocks * block_size, kv_heads, dim).float()
     k = k.repeat_interleave(group, dim=2)  # [batch, ctx, q_heads, dim]
     v = v.repeat_interleave(group, dim=2)
-    scores = torch.einsum("bhd,bthd->bht", q.float(), k) * scale
     pos = torch.arange(max_blocks * block_size, device=q.device)
-    scores = scores.masked_fill(pos[None, None, :] >= context_lens[:, None, None].to(q.device), float("-inf"))
+    invalid = pos[None, :] >= context_lens[:, None].to(q.device)  # [batch, ctx]
+    # Slots past a sequence's context hold whatever was there (maybe NaN): zero them, not just mask.
+    k = k.masked_fill(invalid[:, :, None, None], 0.0)
+    v = v.masked_fill(invalid[:, :, None, None], 0.0)
+    scores = torch.einsum("bhd,bthd->bht", q.float(), k) * scale
+    scores = scores.masked_fill(invalid[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("bht,bthd->bhd", probs, v).to(q.dtype)
 
