@@ -1,0 +1,48 @@
+"""Model loading: fused weights land where transformers keeps them; unsupported models fail clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine import LLM
+
+
+@pytest.mark.parametrize("arch", ["llama_gqa_untied", "qwen2_bias", "qwen3_qknorm", "llama_mha_tied"])
+def test_logits_match_transformers_forward(arch, model_dir):
+    path = model_dir(arch)
+    llm = LLM(path, device="cpu", max_model_len=128, block_size=4)
+    runner = llm.engine.runner
+    ids = torch.tensor([5, 17, 99, 3, 250, 42, 8])
+    from engine.context import Context, reset_context, set_context
+
+    set_context(Context(is_prefill=True, slot_mapping=torch.full((7,), -1), query_lens=[7], context_lens_host=[7]))
+    with torch.no_grad():
+        ours = runner.model.compute_logits(runner.model(ids, torch.arange(7)))
+    reset_context()
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        theirs = ref(ids[None]).logits[0]
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    tied = ref.config.tie_word_embeddings
+    assert (runner.model.lm_head.weight is runner.model.model.embed_tokens.weight) == tied
+
+
+def test_unsupported_architecture_is_named(model_dir, tmp_path):
+    src = model_dir("llama_gqa_untied")
+    dst = tmp_path / "gpt2ish"
+    dst.mkdir()
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    json.dump(cfg, open(dst / "config.json", "w"))
+    with pytest.raises(NotImplementedError, match="GPT2LMHeadModel"):
+        LLM(str(dst), device="cpu")
+
+
+def test_pool_too_small_for_one_sequence_is_refused(model_dir):
+    with pytest.raises(ValueError, match="num_kv_blocks"):
+        LLM(model_dir("mistral"), device="cpu", max_model_len=128, block_size=4, num_kv_blocks=8)
