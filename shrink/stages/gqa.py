@@ -113,6 +113,7 @@ def uptrain(student: torch.nn.Module, teacher: torch.nn.Module, train: torch.Ten
             tc: TrainConfig, ckpt_dir: Path, resume: bool = False, tracker: Any = None) -> dict:
     """Distil the converted model from the pre-conversion one with the shared training loop."""
     teacher.requires_grad_(False)
+    student.requires_grad_(True)  # a copy of a teacher frozen by an earlier uptrain would be frozen too
     return train_distill(student, teacher, train, val, tc, ckpt_dir, resume=resume, tracker=tracker)
 
 

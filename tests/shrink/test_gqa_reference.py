@@ -14,6 +14,16 @@ import torch.nn.functional as F
 ARCHS = ("llama", "qwen2", "qwen3")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on 2 cores shared with other test runs, 2 threads per process made the
+    training steps about 40x slower (threads spin waiting for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(arch: str = "llama", heads: int = 6, kv_heads: int = 3, head_dim: int = 8, seed: int = 0):
     """A tiny random model; every parameter (norms and biases too) gets noise, so nothing is 0 or 1."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
