@@ -269,3 +269,23 @@ def _rebuild_buffers(model: nn.Module, config: Any, dtype: torch.dtype) -> None:
             if fresh is None:
                 raise ShrinkError(f"cannot rebuild buffers of {name} ({type(mod).__name__})")
             set_module(model, name, fresh)
+
+
+def sparsity_masks(model: nn.Module, directory: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Keep masks (weight != 0) of the linears a saved artifact declares sparse, and the structure."""
+    qcfg = read_quantization_config(directory) or {}
+    sp = qcfg.get("sparsity_config") or {}
+    targets = sp.get("targets") or []
+    masks = {}
+    for name in targets:
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            continue
+        masks[name] = (mod.weight.detach() != 0).cpu()
+    return masks, sp.get("sparsity_structure")
+
+
+def is_quantized(directory: Path) -> bool:
+    qcfg = read_quantization_config(directory) or {}
+    return bool(qcfg.get("config_groups"))
