@@ -32,8 +32,9 @@ def paged_decode_attention_ref(
     group = q_heads // kv_heads
     max_blocks = block_tables.shape[1]
     tables = block_tables.clamp(min=0).long()
-    k = k_cache[tables].reshape(batch, max_blocks * block_size, kv_heads, dim).float()
-    v = v_cache[tables].reshape(batch, max_blocks * block_size, kv_heads, dim).float()
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k = k_cache[tables].reshape(batch, max_blocks * block_size, kv_heads, dim).to(acc)
+    v = v_cache[tables].reshape(batch, max_blocks * block_size, kv_heads, dim).to(acc)
     k = k.repeat_interleave(group, dim=2)  # [batch, ctx, q_heads, dim]
     v = v.repeat_interleave(group, dim=2)
     pos = torch.arange(max_blocks * block_size, device=q.device)
@@ -41,7 +42,7 @@ def paged_decode_attention_ref(
     # Slots past a sequence's context hold whatever was there (maybe NaN): zero them, not just mask.
     k = k.masked_fill(invalid[:, :, None, None], 0.0)
     v = v.masked_fill(invalid[:, :, None, None], 0.0)
-    scores = torch.einsum("bhd,bthd->bht", q.float(), k) * scale
+    scores = torch.einsum("bhd,bthd->bht", q.to(acc), k) * scale
     scores = scores.masked_fill(invalid[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("bht,bthd->bhd", probs, v).to(q.dtype)
@@ -159,8 +160,9 @@ def paged_decode_attention(
     partition: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton version of paged_decode_attention_ref. ``num_splits * partition`` must cover the
-    longest context (the caller knows max_model_len; CUDA graphs need the split count fixed)."""
+    """Triton version of paged_decode_attention_ref. The context is cut into ``num_splits``
+    partitions of at least ``partition`` tokens (grown so that they cover the block table's width);
+    CUDA graphs need the split count fixed per batch size, so the caller chooses it."""
     batch, q_heads, dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     group = q_heads // kv_heads
@@ -169,8 +171,9 @@ def paged_decode_attention(
     if out is None:
         out = torch.empty_like(q)
     block_n = 64 if dim <= 128 else 32
-    if partition is None:
-        partition = block_tables.shape[1] * block_size if num_splits == 1 else 512
+    # The partitions must cover the widest block table, whatever split count was asked for.
+    table_tokens = block_tables.shape[1] * block_size
+    partition = max(partition or 512, math.ceil(table_tokens / num_splits))
     partition = max(block_n, (partition + block_n - 1) // block_n * block_n)
     d_pad = max(16, next_pow2(dim))
     if num_splits > 1:

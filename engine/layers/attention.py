@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.context import get_context
-from kernels.kv_store import store_kv, store_kv_ref
-from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+# Module references, not function imports: tests may reload these modules to switch Triton
+# between compiled and interpreted mode.
+from kernels import kv_store, paged_attention
 
 
 class Attention(nn.Module):
@@ -33,16 +34,16 @@ class Attention(nn.Module):
         """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]. Returns [tokens, heads * dim]."""
         ctx = get_context()
         if self.k_cache.numel():
-            (store_kv if ctx.use_triton else store_kv_ref)(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+            (kv_store.store_kv if ctx.use_triton else kv_store.store_kv_ref)(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         if ctx.is_prefill:
             out = self._prefill(q, k, v, ctx)
         elif ctx.use_triton:
-            out = paged_decode_attention(
+            out = paged_attention.paged_decode_attention(
                 q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale,
                 num_splits=self.num_splits, partition=self.partition or None,
             )
         else:
-            out = paged_decode_attention_ref(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale)
+            out = paged_attention.paged_decode_attention_ref(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> torch.Tensor:

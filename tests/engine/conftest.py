@@ -9,10 +9,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import ARCHS, hf_greedy, make_model_dir, prompts  # noqa: E402
+from tiny_models import ARCHS, NEW_TOKENS, hf_greedy, make_model_dir, prompts  # noqa: E402
 
 NUM_PROMPTS = 32
-NEW_TOKENS = 12
 
 
 @pytest.fixture(scope="session")

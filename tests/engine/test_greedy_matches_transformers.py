@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import NEW_TOKENS
-from tiny_models import ARCHS, prompts
+from tiny_models import ARCHS, NEW_TOKENS, prompts
 
 from engine import LLM, SamplingParams
 

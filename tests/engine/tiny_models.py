@@ -15,6 +15,7 @@ from transformers import (
 )
 
 VOCAB = 256
+NEW_TOKENS = 12  # greedy tokens compared against transformers
 COMMON = dict(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     max_position_embeddings=512, rms_norm_eps=1e-6,
