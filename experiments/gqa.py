@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-data", default=None, help=f"default: DATA_DIR/{CORPUS_FILE} (--quick: pydoc)")
     p.add_argument("--block-size", type=int, default=None, help="default 1024 (--quick: 64)")
     p.add_argument("--batch-size", type=int, default=None, help="default 16 (--quick: 4)")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup-steps", type=int, default=None, help="default 20 (--quick: 1)")
     p.add_argument("--context", type=int, default=None, help="perplexity window; default 2048 (--quick: 64)")
     p.add_argument("--max-windows", type=int, default=None, help="default all (--quick: 4)")

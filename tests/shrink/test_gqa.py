@@ -152,3 +152,29 @@ def test_pool_refuses_bad_target_before_touching_the_model():
         pool_kv_heads(model, 3)
     assert model.config.num_key_value_heads == 3
     assert all(torch.equal(a, b) for a, b in zip(kv_weights(model), before))
+
+
+@pytest.mark.slow
+def test_smollm2_round_trip_and_multi_query(smollm2_artifact, tmp_path):
+    """The real teacher (9 query heads, 3 KV heads): MHA expansion is exact, pooling it back gives
+    the original weights, and the 3 -> 1 model reloads and matches the reference forward."""
+    from transformers import AutoModelForCausalLM
+
+    from shrink.modeling import load_model
+
+    model = load_model(smollm2_artifact, dtype="fp32")
+    ids = torch.tensor([[504, 3458, 282, 4649, 314, 1345, 30, 378, 2171, 1107, 253, 14270, 28, 284, 260, 1120]])
+    with torch.no_grad():
+        expected = model(ids).logits
+        mha = expand_kv_heads(copy.deepcopy(model))
+        assert mha.config.num_key_value_heads == 9
+        assert torch.allclose(mha(ids).logits, expected, atol=1e-4, rtol=1e-4)
+        back = pool_kv_heads(mha, 3, "mean")
+        assert all(torch.equal(a, b) for a, b in zip(kv_weights(back), kv_weights(model)))
+        del mha, back
+        pool_kv_heads(model, 1, "mean").save_pretrained(tmp_path)
+        mqa = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+        got = mqa(ids).logits[0].double()
+        assert mqa.config.num_key_value_heads == 1
+        assert torch.allclose(got, reference_logits(mqa, ids[0]), atol=1e-3, rtol=1e-3)
+        assert not torch.allclose(got, expected[0].double(), atol=1e-1)  # pooling did change the function

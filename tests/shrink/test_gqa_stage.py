@@ -71,6 +71,19 @@ def test_stage_pools_uptrains_and_reports(tiny_gqa, tmp_path):
     assert not (run / gqa_stage.CKPT_DIR).exists()
 
 
+def test_stage_expand_is_exact_and_skips_uptraining(tiny_gqa, tmp_path):
+    from shrink.__main__ import run as run_stage
+
+    cfg = compose(f"input={tiny_gqa}", f"run={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", "data=pydoc",
+                  "data.block_size=64", "data.max_docs=40", "gqa.mode=expand", "gqa.kv_heads=null",
+                  "gqa.tokens=null", "gqa.eval.datasets=[heldout]", "gqa.eval.context=64", "gqa.eval.stride=64",
+                  "gqa.eval.max_windows=4")
+    m = run_stage(cfg).metrics
+    assert (m["kv_heads_before"], m["kv_heads_after"], m["kv_bytes_ratio"]) == (3, 6, 2.0)
+    assert m["ppl_heldout_converted"] == pytest.approx(m["ppl_heldout_before"], rel=1e-5)
+    assert "ppl_heldout_uptrained" not in m and m["uptrain_tokens_budget"] == 0
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["gqa.kv_heads=4"], r"^gqa.kv_heads=4 does not divide the model's 6 query heads \(num_attention_heads\); "
                          r"choose a divisor of 6$"),
