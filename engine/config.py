@@ -30,6 +30,7 @@ class EngineConfig:
     cuda_graph_max_bs: int = 256
     use_triton: bool | None = None  # None: Triton kernels on CUDA, torch references on CPU
     seed: int = 0
+    load_format: str = "safetensors"  # or "dummy": random weights (benchmarks of a model's shape)
 
     hf_config: PretrainedConfig | None = None
 
@@ -50,6 +51,8 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens: must be >= max_model_len without chunked prefill")
         if self.max_num_batched_tokens < self.max_num_seqs:
             self.max_num_seqs = self.max_num_batched_tokens
+        if self.load_format not in ("safetensors", "dummy"):
+            raise ValueError(f"load_format: {self.load_format!r} is not 'safetensors' or 'dummy'")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization: must be in (0, 1]")
 

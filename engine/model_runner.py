@@ -17,7 +17,9 @@ from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence, TokenLogprobs
 from kernels.paged_attention import choose_num_splits
 
-DECODE_PARTITION = 512  # tokens per flash-decoding partition
+# Minimum tokens per flash-decoding partition: small enough that a batch-1 decode over a few
+# hundred tokens still spreads over many SMs.
+DECODE_PARTITION = 128
 
 
 @dataclass
@@ -43,7 +45,10 @@ class ModelRunner:
                     model = model_class(hf)(hf, max_position=config.max_model_len)
             finally:
                 torch.set_default_dtype(default_dtype)
-            model.load_weights(config.model)
+            if config.load_format == "dummy":
+                model.init_dummy_weights()
+            else:
+                model.load_weights(config.model)
         self.model = model.to(self.device).eval()
         # rotary tables stay fp32 for exactness
         self.model.model.rotary.float()
@@ -196,14 +201,15 @@ class ModelRunner:
             return self._replay(seqs, ids, positions, slots, lens)
         splits = 1
         if self.config.triton_enabled:
-            splits = choose_num_splits(bs, self.num_kv_heads, max(lens), DECODE_PARTITION)
+            # Same rule as the captured graphs, so eager and graph decode compute identically.
+            splits = choose_num_splits(bs, self.num_kv_heads, self.config.max_model_len, DECODE_PARTITION)
         for layer in self.attn_layers:
             layer.num_splits, layer.partition = splits, DECODE_PARTITION
         set_context(Context(
             is_prefill=False,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             context_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
-            block_tables=self._block_tables(seqs),
+            block_tables=self._block_tables(seqs, self.max_blocks_per_seq),
             use_triton=self.config.triton_enabled,
             block_size=self.block_size,
         ))

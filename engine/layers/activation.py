@@ -1,9 +1,12 @@
 """SwiGLU on a fused gate_up projection."""
 
 import torch
-import torch.nn.functional as F
+
+from engine.context import get_context
+from kernels import activation
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    if get_context().use_triton:
+        return activation.silu_and_mul(x)
+    return activation.silu_and_mul_ref(x)

@@ -42,10 +42,10 @@ def sample(
     """logits: [n, vocab] float32. Returns [n] token ids (on logits' device)."""
     n = logits.shape[0]
     device = logits.device
-    greedy = torch.tensor([p.greedy for p in params], device=device)
     tokens = logits.argmax(dim=-1)
-    if bool(greedy.all()):
+    if all(p.greedy for p in params):  # decided on the host: no device sync
         return tokens
+    greedy = torch.tensor([p.greedy for p in params], device=device)
     temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device, dtype=logits.dtype)
     top_k = torch.tensor([max(p.top_k, 0) for p in params], device=device)
     top_p = torch.tensor([p.top_p for p in params], device=device, dtype=logits.dtype)

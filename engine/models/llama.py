@@ -14,6 +14,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from kernels import rotary as rotary_kernels
+
+from engine.context import get_context
 from engine.layers.activation import silu_and_mul
 from engine.layers.attention import Attention
 from engine.layers.rmsnorm import RMSNorm
@@ -52,6 +55,10 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
+        if get_context().use_triton:  # one kernel: rotate q, k and store k, v in the cache
+            rotary_kernels.rope_store(q, k, v, positions, self.rotary.cos, self.rotary.sin,
+                              self.attn.k_cache, self.attn.v_cache, get_context().slot_mapping)
+            return self.o_proj(self.attn(q, k, v, kv_stored=True))
         q, k = self.rotary(positions, q, k)
         return self.o_proj(self.attn(q, k, v))
 
@@ -141,7 +148,7 @@ class LlamaForCausalLM(nn.Module):
             return False
         if "rotary_emb" in name:
             return False
-        params = dict(self.named_parameters())
+        params = getattr(self, "_params", None) or dict(self.named_parameters())
         parts = name.split(".")
         for i, part in enumerate(parts):
             if part in self.FUSED:
@@ -159,6 +166,15 @@ class LlamaForCausalLM(nn.Module):
             params[name].data.copy_(tensor)
         return True
 
+    @torch.no_grad()
+    def init_dummy_weights(self, std: float = 0.02) -> None:
+        """Random weights of the right shapes, made on the parameters' device (for benchmarks)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+
     def load_state_dict_hf(self, state: dict[str, torch.Tensor]) -> None:
         for name, tensor in state.items():
             self.load_tensor(name, tensor)
@@ -168,10 +184,12 @@ class LlamaForCausalLM(nn.Module):
         if not files:
             raise FileNotFoundError(f"no *.safetensors in {path}")
         loaded: set[str] = set()
+        self._params = dict(self.named_parameters())
         for file in files:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
                     if self.load_tensor(name, f.get_tensor(name)):
                         loaded.add(name)
+        del self._params
         if not any(n.startswith("model.layers.") for n in loaded):
             raise ValueError(f"{path}: no decoder weights found")

@@ -57,6 +57,8 @@ def test_triton_matches_reference_small(q_heads, kv_heads, dim, splits):
 def test_choose_num_splits():
     assert choose_num_splits(256, 8, 4096, 512) == 1  # the batch fills the GPU already
     assert choose_num_splits(1, 4, 4096, 512) == 8  # capped by the context's partitions
+    assert choose_num_splits(1, 4, 4096, 128) == 32
+    assert choose_num_splits(16, 3, 4096, 128) == 6
     assert choose_num_splits(1, 4, 300, 512) == 1
 
 

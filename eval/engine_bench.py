@@ -1,0 +1,432 @@
+"""Engine benchmarks: decode speed against transformers, bandwidth roofline, throughput on
+nano-vllm's workload, KV capacity, and greedy agreement with transformers on a real model.
+
+    python -m eval.engine_bench ceilings
+    python -m eval.engine_bench decode --model DIR --batch 1 16 64 --new-tokens 256 --hf
+    python -m eval.engine_bench decode --shape llama2-7b --batch 1 --hf --roofline
+    python -m eval.engine_bench throughput --shape tinyllama
+    python -m eval.engine_bench capacity --shape tinyllama
+    python -m eval.engine_bench agreement --model DIR
+    python -m eval.engine_bench convert-gguf --gguf FILE --out DIR
+
+Every figure printed is measured in this process; baselines run in the same process, first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # TinyLlama-1.1B (intermediate 5632, 22 layers, GQA 32/4) and Llama-2-7B shapes, random weights.
+    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True, rope_theta=100000.0),
+}
+
+RESULTS: dict[str, Any] = {}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def shape_dir(name: str) -> str:
+    """A directory holding only config.json: the engine loads it with load_format='dummy'."""
+    from transformers import LlamaConfig
+
+    path = os.path.join(tempfile.gettempdir(), f"shape-{name}")
+    os.makedirs(path, exist_ok=True)
+    cfg = LlamaConfig(**SHAPES[name], bos_token_id=1, eos_token_id=2)
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.save_pretrained(path)
+    return path
+
+
+def weight_bytes(config: Any, dtype_bytes: int = 2) -> int:
+    """Bytes of weights one decode step reads (embedding rows are gathered, not read whole)."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
+    hd = getattr(config, "head_dim", None) or h // heads
+    per_layer = h * (heads * hd + 2 * kv * hd) + heads * hd * h + 3 * h * i + 2 * h
+    return dtype_bytes * (layers * per_layer + config.vocab_size * h + h)
+
+
+# -- device ceilings ------------------------------------------------------------------------------
+def ceilings() -> dict[str, float]:
+    import triton.testing
+
+    n = 1 << 30  # 2 GiB of bf16
+    x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
+    bw = 2 * x.numel() * 2 / (ms * 1e-3)
+    del x, y
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    flops = 2 * 8192**3 / (ms * 1e-3)
+    del a, b
+    torch.cuda.empty_cache()
+    out = {"copy_bandwidth_TBps": bw / 1e12, "bf16_matmul_TFLOPs": flops / 1e12}
+    log(f"ceilings: device-to-device copy {bw / 1e12:.2f} TB/s (read+write), bf16 8192^3 matmul {flops / 1e12:.0f} TFLOP/s")
+    RESULTS["ceilings"] = out
+    return out
+
+
+# -- decode ------------------------------------------------------------------------------------------
+def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, min(vocab, 30000), (batch, length), generator=g).tolist()
+
+
+def hf_static_decode(model_dir: str | None, shape: str | None, batches: list[int], new_tokens: int, prompt_len: int) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if shape:
+        config = AutoConfig.from_pretrained(shape_dir(shape))
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
+    model.eval()
+    out = {}
+    for bs in batches:
+        ids = torch.tensor(_prompts(bs, prompt_len, model.config.vocab_size, bs), device="cuda")
+        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                  do_sample=False, cache_implementation="static", pad_token_id=0, disable_compile=True)
+        with torch.no_grad():
+            model.generate(ids, **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            model.generate(ids, **kw)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+        out[bs] = bs * new_tokens / dt
+        log(f"  transformers static cache  batch {bs:3d}: {out[bs]:9.1f} tok/s ({bs * new_tokens} tokens in {dt:.2f} s)")
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def engine_decode(model_dir: str, dummy: bool, batches: list[int], new_tokens: int, prompt_len: int,
+                  **cfg: Any) -> dict:
+    from engine import LLM, SamplingParams
+
+    max_bs = max(batches)
+    llm = LLM(model_dir, load_format="dummy" if dummy else "safetensors", max_num_seqs=max_bs,
+              cuda_graph_max_bs=max_bs, max_model_len=prompt_len + new_tokens + 16,
+              enable_prefix_caching=False, **cfg)
+    vocab = llm.engine.vocab_size
+    out = {}
+    for bs in batches:
+        params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+        llm.generate(_prompts(bs, prompt_len, vocab, 1000 + bs), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        res = llm.generate(_prompts(bs, prompt_len, vocab, bs), params)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        assert all(len(r.token_ids) == new_tokens for r in res)
+        out[bs] = bs * new_tokens / dt
+        log(f"  engine (CUDA graphs)       batch {bs:3d}: {out[bs]:9.1f} tok/s ({bs * new_tokens} tokens in {dt:.2f} s)")
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def decode(args) -> None:
+    label = args.shape or os.path.basename(os.path.normpath(args.model))
+    path = shape_dir(args.shape) if args.shape else args.model
+    log(f"decode {label}: {args.new_tokens} new tokens after a {args.prompt_len}-token prompt, bf16, greedy")
+    res: dict[str, Any] = {}
+    if args.hf:
+        res["transformers_static"] = hf_static_decode(args.model, args.shape, args.batch, args.new_tokens, args.prompt_len)
+    res["engine"] = engine_decode(path, bool(args.shape), args.batch, args.new_tokens, args.prompt_len)
+    if args.roofline:
+        from transformers import AutoConfig
+
+        bw = RESULTS.get("ceilings", {}).get("copy_bandwidth_TBps") or ceilings()["copy_bandwidth_TBps"]
+        wb = weight_bytes(AutoConfig.from_pretrained(path))
+        roof = bw * 1e12 / wb
+        res["roofline_tok_s"] = roof
+        res["weight_bytes"] = wb
+        b1 = res["engine"].get(1)
+        if b1:
+            log(f"  roofline at batch 1: {wb / 1e9:.2f} GB of weights / {bw:.2f} TB/s = {roof:.0f} tok/s; "
+                f"engine reaches {100 * b1 / roof:.1f}%")
+    if args.hf:
+        for bs, v in res["engine"].items():
+            log(f"  speed-up over transformers at batch {bs}: {v / res['transformers_static'][bs]:.2f}x")
+    RESULTS[f"decode:{label}"] = res
+
+
+# -- throughput (nano-vllm's bench) ---------------------------------------------------------------
+def nano_vllm_workload(num_seqs: int = 256, max_input: int = 1024, max_output: int = 1024):
+    """Same draws, in the same order, as nano-vllm's bench.py with seed 0."""
+    random.seed(0)
+    prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, max_input))] for _ in range(num_seqs)]
+    outputs = [random.randint(100, max_output) for _ in range(num_seqs)]
+    return prompts, outputs
+
+
+def throughput(args) -> None:
+    from engine import LLM, SamplingParams
+
+    path = shape_dir(args.shape)
+    prompts, outputs = nano_vllm_workload()
+    llm = LLM(path, load_format="dummy", max_model_len=2048, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens)
+    eng = llm.engine
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in outputs]
+    llm.generate(["Benchmark: "] if eng.tokenizer else [[1, 2, 3]], SamplingParams(max_tokens=4))  # warm-up
+
+    # Per-step accounting: wall time in the model runner (GPU work + launch + sync) vs. the rest.
+    runner, stats = eng.runner, {"prefill_s": 0.0, "decode_s": 0.0, "prefill_steps": 0, "decode_steps": 0,
+                                 "kv_read_tokens": 0, "prefill_tokens": 0, "decode_tokens": 0, "max_running": 0}
+    inner = runner.run
+
+    def timed_run(batch):
+        t = time.perf_counter()
+        result = inner(batch)  # returns after .tolist(): the GPU is done
+        dt = time.perf_counter() - t
+        kind = "prefill" if batch.is_prefill else "decode"
+        stats[f"{kind}_s"] += dt
+        stats[f"{kind}_steps"] += 1
+        stats[f"{kind}_tokens"] += sum(batch.num_scheduled)
+        if not batch.is_prefill:
+            stats["kv_read_tokens"] += sum(s.num_tokens for s in batch.seqs)
+        stats["max_running"] = max(stats["max_running"], len(eng.scheduler.running))
+        return result
+
+    runner.run = timed_run
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    res = llm.generate(prompts, params)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    total_out = sum(len(r.token_ids) for r in res)
+    assert total_out == sum(outputs)
+    tput = total_out / dt
+    cfg = eng.config.hf_config
+    wb = weight_bytes(cfg)
+    kv_tok = runner.kv_bytes_per_token
+    ceil = RESULTS.get("ceilings") or ceilings()
+    n_params = wb / 2
+    flops = 2 * n_params * (stats["prefill_tokens"] + stats["decode_tokens"])
+    compute_roof_s = flops / (ceil["bf16_matmul_TFLOPs"] * 1e12)
+    bytes_moved = stats["decode_steps"] * wb + stats["kv_read_tokens"] * kv_tok
+    bw_roof_s = bytes_moved / (ceil["copy_bandwidth_TBps"] * 1e12)
+    other = dt - stats["prefill_s"] - stats["decode_s"]
+    out = dict(output_tokens=total_out, seconds=dt, output_tok_s=tput, preemptions=eng.scheduler.num_preemptions,
+               kv_blocks=runner.num_blocks, block_size=eng.config.block_size, **stats,
+               compute_roof_s=compute_roof_s, bandwidth_roof_s=bw_roof_s, scheduler_and_host_s=other)
+    RESULTS[f"throughput:{args.shape}"] = out
+    log(f"throughput {args.shape} (nano-vllm workload: 256 requests, in/out uniform 100..1024, seed 0, ignore EOS, T=0.6):")
+    log(f"  {total_out} output tokens in {dt:.2f} s = {tput:.0f} output tok/s; preemptions {eng.scheduler.num_preemptions}; "
+        f"KV pool {runner.num_blocks * eng.config.block_size} tokens; peak running {stats['max_running']}")
+    log(f"  time: prefill steps {stats['prefill_s']:.2f} s ({stats['prefill_steps']} steps, {stats['prefill_tokens']} tokens), "
+        f"decode steps {stats['decode_s']:.2f} s ({stats['decode_steps']} steps), scheduler+host outside the runner {other:.2f} s")
+    log(f"  roofs: compute {compute_roof_s:.2f} s (2*params*tokens at {ceil['bf16_matmul_TFLOPs']:.0f} TFLOP/s, attention FLOPs "
+        f"excluded), bandwidth {bw_roof_s:.2f} s (weights per decode step + KV read at {ceil['copy_bandwidth_TBps']:.2f} TB/s)")
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+# -- KV capacity --------------------------------------------------------------------------------------
+def capacity(args) -> None:
+    """With the pool the engine sizes on this GPU: how many of the workload's sequences (at their
+    final length) fit at once with paging, versus reserving max_model_len per sequence."""
+    from engine.block_manager import BlockManager
+    from engine.config import EngineConfig
+    from engine.sampling_params import SamplingParams
+    from engine.sequence import Sequence
+
+    path = shape_dir(args.shape)
+    prompts, outputs = nano_vllm_workload()
+    if args.kv_tokens is None:
+        from engine import LLM
+
+        llm = LLM(path, load_format="dummy", max_model_len=2048, enforce_eager=True)
+        num_blocks, block_size = llm.engine.runner.num_blocks, llm.engine.config.block_size
+        kv_tok = llm.engine.runner.kv_bytes_per_token
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    else:
+        cfg = EngineConfig(model=path, max_model_len=2048, device="cpu")
+        block_size = cfg.block_size
+        num_blocks = args.kv_tokens // block_size
+        hf = cfg.hf_config
+        kv_tok = 2 * hf.num_hidden_layers * hf.num_key_value_heads * (hf.hidden_size // hf.num_attention_heads) * 2
+    pool_tokens = num_blocks * block_size
+    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+    paged = 0
+    for p, n in zip(prompts, outputs):
+        seq = Sequence(p + [0] * n, SamplingParams())
+        if not bm.can_allocate(seq):
+            break
+        bm.allocate(seq)
+        paged += 1
+    used = sum(len(p) + n for p, n in zip(prompts[:paged], outputs[:paged]))
+    reserved = pool_tokens // 2048
+    out = dict(pool_tokens=pool_tokens, pool_GB=pool_tokens * kv_tok / 1e9, kv_bytes_per_token=kv_tok,
+               paged_sequences=paged, reserved_sequences=reserved, paged_tokens_held=used,
+               reserved_tokens_held=sum(len(p) + n for p, n in zip(prompts[:reserved], outputs[:reserved])))
+    RESULTS[f"capacity:{args.shape}"] = out
+    log(f"KV capacity {args.shape}: pool {pool_tokens} tokens ({out['pool_GB']:.1f} GB, {kv_tok} B/token, blocks of {block_size})")
+    log(f"  paged: {paged} of the workload's 256 sequences fit at their final length ({used} tokens held, "
+        f"{100 * used / pool_tokens:.1f}% of the pool)")
+    log(f"  reserving max_model_len=2048 per sequence: {reserved} sequences ({out['reserved_tokens_held']} tokens held, "
+        f"{100 * out['reserved_tokens_held'] / pool_tokens:.1f}% of the pool)")
+
+
+# -- greedy agreement ---------------------------------------------------------------------------------
+AGREEMENT_PROMPTS = [
+    "The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+    "The three laws of thermodynamics are", "To make a cup of tea, first", "In 1969, the Apollo 11 mission",
+    "Photosynthesis is the process by which", "The quick brown fox", "import numpy as np\n\n",
+    "Here is a list of healthy breakfast ideas:\n1.", "The difference between a list and a tuple in Python is",
+    "Q: What is 12 times 7?\nA:", "Dear hiring manager,", "The mitochondria is", "Translate to French: Good morning",
+    "A haiku about autumn:\n", "The best way to learn a language is", "SELECT name FROM users WHERE",
+    "Water boils at", "The theory of relativity states that", "My favourite book is", "Climate change is caused by",
+    "How do airplanes fly?", "The history of the Roman Empire", "Write a short poem about the sea.",
+    "The main ingredients of bread are", "Machine learning is a field that", "The largest planet in our solar system",
+    "Steps to change a flat tire:", "Once the sun had set,", "A good night's sleep helps", "Explain recursion to a child:",
+]
+
+
+def agreement(args) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine import LLM, SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    n_new = args.new_tokens
+    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).cuda().eval()
+    ref_tokens, ref_scores = [], []
+    with torch.no_grad():
+        for p in AGREEMENT_PROMPTS:
+            ids = torch.tensor([tok.encode(p)], device="cuda")
+            g = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
+                            do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+            ref_tokens.append(g.sequences[0, ids.shape[1]:].tolist())
+            ref_scores.append(torch.stack([s[0].float() for s in g.scores]))
+    del hf
+    torch.cuda.empty_cache()
+    llm = LLM(args.model, max_model_len=512, max_num_seqs=64)
+    outs = llm.generate([tok.encode(p) for p in AGREEMENT_PROMPTS],
+                        SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True, logprobs=2))
+    same_seq, same_tok, total, divergences = 0, 0, 0, []
+    for i, (o, ref, scores) in enumerate(zip(outs, ref_tokens, ref_scores)):
+        total += n_new
+        if o.token_ids == ref:
+            same_seq += 1
+            same_tok += n_new
+            continue
+        j = next(k for k in range(n_new) if o.token_ids[k] != ref[k])
+        same_tok += j
+        row = scores[j]
+        hf_gap = (row[ref[j]] - row[o.token_ids[j]]).item()  # HF's logit margin for its own choice
+        lp = o.logprobs[j]
+        eng_gap = lp[o.token_ids[j]].logprob - lp.get(ref[j]).logprob if ref[j] in lp else float("nan")
+        ulp = 2.0 ** (torch.floor(torch.log2(row[ref[j]].abs())).item() - 7)  # bf16 spacing at that logit
+        divergences.append(dict(prompt=i, position=j, hf_logit_gap=hf_gap, engine_logprob_gap=eng_gap, bf16_ulp=ulp))
+    out = dict(sequences=len(outs), identical_sequences=same_seq, tokens_before_divergence=same_tok,
+               tokens_total=total, divergences=divergences)
+    RESULTS["agreement"] = out
+    log(f"greedy agreement, {args.model} bf16, {len(outs)} prompts x {n_new} tokens vs transformers bf16 (one prompt at a time):")
+    log(f"  identical sequences {same_seq}/{len(outs)}; divergence rate {100 * (len(outs) - same_seq) / len(outs):.1f}% "
+        f"of sequences; tokens matching up to the first divergence {same_tok}/{total}")
+    for d in divergences:
+        log(f"  prompt {d['prompt']:2d} diverges at token {d['position']:3d}: transformers' top-1 leads the engine's token "
+            f"by {d['hf_logit_gap']:.4f} logits (bf16 ulp there {d['bf16_ulp']:.4f}); engine's margin the other way "
+            f"{d['engine_logprob_gap']:.4f} nats")
+
+
+# -- GGUF -> plain HF directory ---------------------------------------------------------------------------
+def convert_gguf(args) -> None:
+    """A GGUF-loaded transformers model is flagged quantized (no .to(dtype), no save_pretrained), so
+    rebuild a plain LlamaForCausalLM from its config and copy the dequantized weights over."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    d, f = os.path.split(os.path.abspath(args.gguf))
+    src = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    config = src.config
+    for attr in ("quantization_config",):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    dst = LlamaForCausalLM(config)
+    missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
+    assert not unexpected and all("rotary" in m or (m == "lm_head.weight" and config.tie_word_embeddings) for m in missing), (missing, unexpected)
+    dst.to(torch.bfloat16).save_pretrained(args.out)
+    AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(args.out)
+    try:
+        from transformers import GenerationConfig
+
+        GenerationConfig.from_model_config(config).save_pretrained(args.out)
+    except Exception:  # noqa: BLE001 - generation_config is optional
+        pass
+    log(f"converted {args.gguf} -> {args.out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m eval.engine_bench")
+    ap.add_argument("--json", help="also write all results to this file")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("ceilings")
+    d = sub.add_parser("decode")
+    d.add_argument("--model")
+    d.add_argument("--shape", choices=sorted(SHAPES))
+    d.add_argument("--batch", type=int, nargs="+", default=[1])
+    d.add_argument("--new-tokens", type=int, default=256)
+    d.add_argument("--prompt-len", type=int, default=16)
+    d.add_argument("--hf", action="store_true", help="measure transformers generate with a static cache first")
+    d.add_argument("--roofline", action="store_true")
+    t = sub.add_parser("throughput")
+    t.add_argument("--shape", default="tinyllama", choices=sorted(SHAPES))
+    t.add_argument("--max-num-seqs", type=int, default=256)
+    t.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    c = sub.add_parser("capacity")
+    c.add_argument("--shape", default="tinyllama", choices=sorted(SHAPES))
+    c.add_argument("--kv-tokens", type=int, help="pool size in tokens (default: what the engine sizes on this GPU)")
+    a = sub.add_parser("agreement")
+    a.add_argument("--model", required=True)
+    a.add_argument("--new-tokens", type=int, default=64)
+    g = sub.add_parser("convert-gguf")
+    g.add_argument("--gguf", required=True)
+    g.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    if args.cmd == "decode" and not (args.model or args.shape):
+        ap.error("decode needs --model or --shape")
+    log(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} torch {torch.__version__} "
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}: {' '.join(sys.argv)}")
+    {"ceilings": lambda: ceilings(), "decode": lambda: decode(args), "throughput": lambda: throughput(args),
+     "capacity": lambda: capacity(args), "agreement": lambda: agreement(args),
+     "convert-gguf": lambda: convert_gguf(args)}[args.cmd]()
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({args.cmd: RESULTS}, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
