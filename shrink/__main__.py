@@ -1,30 +1,54 @@
-"""`python -m shrink stage=<name> ...`: resolve the Hydra config, look the stage up, run it.
+"""`python -m shrink stage=<name> key=value ...`: compose the Hydra config, look the stage up, run it.
 
-Errors meant for users (ShrinkError, bad config values) print as one line and exit with 2.
+We compose the config with Hydra's compose API rather than `@hydra.main`, so that every error meant
+for the user (unknown stage or key, missing required value, bad value, ShrinkError) prints as one
+line and exits with status 2.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
 
-# Hydra prints a one-line message for unknown config keys/groups unless this asks for the trace.
-os.environ.setdefault("HYDRA_FULL_ERROR", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
-
-from shrink.errors import ShrinkError  # noqa: E402
-
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-log = logging.getLogger("shrink")
+USAGE = """usage: python -m shrink stage=<name> [group=option ...] [key=value ...] [--cfg]
+
+  stage=pipeline|import|distill|gqa|prune|quantize|eval   (default: pipeline)
+  groups: teacher=, student=, data=, logging=, experiment=   (see conf/)
+  --cfg   print the composed config and exit
+"""
+_NOISE = ("full_key:", "object_type=", "reference_type=", "Config search path", "provider=",
+          "Set the environment variable", "To append to your config")
 
 
-def run(cfg: DictConfig):
+def one_line(message: str) -> str:
+    """Hydra/OmegaConf messages span many lines; keep what names the problem, on one line."""
+    lines = [ln.strip() for ln in str(message).splitlines()]
+    kept = [ln for ln in lines if ln and not ln.startswith(_NOISE)]
+    return " ".join(kept)[:600]
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=overrides)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        from shrink.errors import ShrinkError
+
+        raise ShrinkError(f"missing required value: {', '.join(missing)} (set it on the command line, "
+                          f"e.g. {missing[0]}=...)")
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def run(cfg):
     from shrink.context import StageContext, artifact_from_config
     from shrink.stages import get_stage
 
@@ -35,26 +59,45 @@ def run(cfg: DictConfig):
     return stage(cfg, ctx)
 
 
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
+def main(argv: list[str] | None = None) -> int:
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from shrink.errors import ShrinkError
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    flags = [a for a in argv if a.startswith("--")]
+    unknown = [f for f in flags if f != "--cfg"]
+    if unknown:
+        print(f"error: unknown option {unknown[0]} (see --help)", file=sys.stderr)
+        return 2
     try:
-        OmegaConf.resolve(cfg)  # missing required values (???) fail here, before any work
+        cfg = compose([a for a in argv if not a.startswith("--")])
+        if "--cfg" in flags:
+            print(OmegaConf.to_yaml(cfg))
+            return 0
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # weight-loading bars would bury the stage's own output
         result = run(cfg)
     except ShrinkError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OmegaConfBaseException as e:
-        first = str(e).strip().splitlines()[0]
-        key = getattr(e, "full_key", None)
-        print(f"error: config: {first}" + (f" (key: {key})" if key and key not in first else ""), file=sys.stderr)
-        sys.exit(2)
+        return 2
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"error: config: {one_line(e)}", file=sys.stderr)
+        return 2
     if result is not None and hasattr(result, "path"):
         print(f"{cfg.stage.name}: wrote {result.path}")
+    return 0
 
 
-def main() -> None:
-    _hydra_main()
+def cli() -> None:
+    sys.exit(main())
 
 
 if __name__ == "__main__":
-    main()
+    cli()

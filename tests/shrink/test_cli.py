@@ -1,0 +1,60 @@
+"""The CLI end to end on a tiny model, and its one-line errors for bad configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import run_cli
+
+TINY = ["logging=none", "data=pydoc", "data.max_docs=30", "data.block_size=64", "eval.context=64",
+        "eval.stride=32", "eval.max_windows=4", "eval.datasets=[heldout]"]
+
+
+def _one_line_error(result, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip()
+    assert "Traceback" not in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_pipeline_import_distill_eval_on_tiny_model(tiny_teacher: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    result = run_cli("stage=pipeline", f"run={run}", "teacher=custom", f"teacher.source={tiny_teacher}",
+                     "teacher.dtype=fp32", "student.keep_layers=every:2", "distill.max_steps=4",
+                     "distill.batch_size=2", "distill.checkpoint_every=2", "distill.save_dtype=fp32", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    distill_meta = json.loads((run / "distill" / "shrink.json").read_text())
+    assert distill_meta["stage"] == "distill"
+    assert distill_meta["inputs"][0]["path"] == str((run / "teacher").resolve())
+    assert distill_meta["metrics"]["steps"] == 4
+    assert json.loads((run / "distill" / "config.json").read_text())["num_hidden_layers"] == 2
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert [r["artifact"] for r in report["rows"]] == ["teacher", "distill"]
+    assert all(r["ppl_heldout"] > 1.0 for r in report["rows"])
+    assert (run / "eval" / "report.md").read_text().count("| teacher |") == 1
+    assert "report at" in result.stdout
+    assert not (run / ".distill.ckpt").exists()  # removed once the artifact is in place
+
+
+def test_unknown_stage_fails_in_one_line(tmp_path: Path):
+    _one_line_error(run_cli("stage=nope", f"run={tmp_path}"), "stage", "nope")
+
+
+def test_unknown_key_fails_in_one_line(tmp_path: Path):
+    _one_line_error(run_cli("stage=eval", f"run={tmp_path}", "distill.learning_rate=1"), "learning_rate")
+
+
+def test_missing_required_value_names_the_key(tmp_path: Path):
+    _one_line_error(run_cli("stage=import", f"run={tmp_path}", "teacher=custom"), "teacher.source")
+
+
+def test_bad_value_is_a_one_line_error(tiny_teacher: Path, tmp_path: Path):
+    result = run_cli("stage=distill", f"run={tmp_path}", f"input={tiny_teacher}", "student.keep_layers=every:0", *TINY)
+    _one_line_error(result, "student.keep_layers")
+
+
+def test_missing_input_artifact_is_named(tmp_path: Path):
+    _one_line_error(run_cli("stage=distill", f"run={tmp_path}", f"input={tmp_path}/absent", *TINY), "absent")
