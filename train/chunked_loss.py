@@ -1,9 +1,14 @@
 """The distillation loss over a batch, computed chunk by chunk.
 
-The student's and teacher's logits over the whole batch ([tokens x vocab] in fp32 is 0.8 GB at
-4k tokens and vocab 49k, twice) never exist at once: for each chunk of tokens we project the
+The student's and teacher's logits over the whole batch ([tokens x vocab] in fp32 is 3.2 GB at
+16k tokens and vocab 49k, twice) never exist at once: for each chunk of tokens we project the
 final hidden states through each model's LM head, compute every loss term, and checkpoint the
-chunk so its logits are recomputed in backward instead of kept.
+chunk so its logits are recomputed in backward instead of kept. Peak extra memory is therefore
+about one chunk's logits (a few x chunk_size x vocab x 4 bytes), whatever the batch.
+
+Top-k: with `top_k`, the teacher's distribution is truncated to its k most likely tokens and the
+student's is renormalised over the same k tokens (so reverse KL and JSD stay finite); only the
+teacher-based terms see the truncation, CE always uses the full student distribution.
 """
 
 from __future__ import annotations
@@ -20,21 +25,34 @@ class LossTerm:
     weight: float
     fn: object  # a registered loss; see train.losses
 
+    @property
+    def uses_teacher(self) -> bool:
+        return bool(getattr(self.fn, "uses_teacher", True))
 
-def _chunk_loss(s_hidden, t_hidden, labels, mask, s_head, t_head, terms):
+
+def _chunk_loss(s_hidden, t_hidden, labels, mask, s_head, t_head, terms, top_k):
     s_logits = s_head(s_hidden).float()
     t_logits = None
     if t_hidden is not None:
         with torch.no_grad():
             t_logits = t_head(t_hidden).float()
-    parts = [term.fn(s_logits, t_logits, labels, mask) for term in terms]
+    s_kd, t_kd = s_logits, t_logits
+    if top_k and t_logits is not None and top_k < t_logits.shape[-1]:
+        t_kd, idx = t_logits.topk(top_k, dim=-1)
+        s_kd = s_logits.gather(-1, idx)
+    parts = []
+    for term in terms:
+        if term.uses_teacher:
+            parts.append(term.fn(s_kd, t_kd, labels, mask) if t_kd is not None else s_logits.sum() * 0.0)
+        else:
+            parts.append(term.fn(s_logits, t_logits, labels, mask))
     return torch.stack(parts)
 
 
 def chunked_distill_loss(student_hidden: torch.Tensor, student_head: torch.nn.Module,
                          teacher_hidden: torch.Tensor | None, teacher_head: torch.nn.Module | None,
                          labels: torch.Tensor, terms: list[LossTerm], chunk_size: int = 1024,
-                         ) -> tuple[torch.Tensor, dict[str, float]]:
+                         top_k: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted mean over tokens of every term. `labels` uses -100 for tokens that do not count.
 
     Hidden states are [batch, seq, hidden] already aligned with `labels` [batch, seq] (the caller
@@ -49,16 +67,20 @@ def chunked_distill_loss(student_hidden: torch.Tensor, student_head: torch.nn.Mo
         zero = s_flat.sum() * 0.0
         return zero, {t.name: 0.0 for t in terms}
     safe_labels = labels.clamp_min(0)
+    # Only the rows that count go through the heads: padding and prompts cost nothing.
+    if n_tokens < mask.numel():
+        rows = mask.nonzero().squeeze(1)
+        s_flat, safe_labels = s_flat[rows], safe_labels[rows]
+        t_flat = t_flat[rows] if t_flat is not None else None
+        mask = torch.ones_like(safe_labels, dtype=torch.bool)
     sums = None
     for start in range(0, s_flat.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
-        if not mask[sl].any():
-            continue
         args = (s_flat[sl], t_flat[sl] if t_flat is not None else None, safe_labels[sl], mask[sl])
         if torch.is_grad_enabled() and s_flat.requires_grad:
-            part = checkpoint(_chunk_loss, *args, student_head, teacher_head, terms, use_reentrant=False)
+            part = checkpoint(_chunk_loss, *args, student_head, teacher_head, terms, top_k, use_reentrant=False)
         else:
-            part = _chunk_loss(*args, student_head, teacher_head, terms)
+            part = _chunk_loss(*args, student_head, teacher_head, terms, top_k)
         sums = part if sums is None else sums + part
     means = sums / n_tokens
     weights = torch.tensor([t.weight for t in terms], device=means.device, dtype=means.dtype)

@@ -1,8 +1,9 @@
 """The distillation training loop, on accelerate.
 
-The batch of step s is a pure function of (seed, s): blocks are visited in a seeded permutation
-per epoch. With the model, optimizer, scheduler and RNG restored from a checkpoint, a resumed run
-therefore sees exactly the batches and updates an uninterrupted run would.
+The batch of step s is a pure function of (seed, s): examples are visited in a seeded permutation
+per epoch (each data-parallel rank takes its own slice), and on-policy choices and samples are
+seeded by (seed, step). With the model, optimizer, scheduler and RNG restored from a checkpoint,
+a resumed run therefore sees exactly the batches and updates an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import functools
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,54 +19,22 @@ import torch
 from tqdm.auto import tqdm
 
 from shrink.errors import ShrinkError
+from train.batches import Batch, TrainData, as_train_data
 from train.checkpoint import checkpoint_step, load_checkpoint, remove_checkpoint, save_checkpoint
 from train.chunked_loss import LossTerm, chunked_distill_loss
-from train.losses import make_loss
+from train.config import TrainConfig
+from train.layer_distill import LayerPair, LayerProjector, capture_layers, layer_loss
+from train.losses import parse_loss_spec
+from train.modules import causal_lm
+from train.onpolicy import sample_continuations, step_source
+
+__all__ = ["TrainConfig", "train_distill", "make_terms", "validation_loss", "batch_indices", "distill_batch_loss"]
 
 LOG_FILE = "train_log.jsonl"
 
 
-@dataclass
-class TrainConfig:
-    max_steps: int = 1000
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
-    max_grad_norm: float = 1.0
-    chunk_size: int = 1024
-    losses: dict[str, float] = field(default_factory=lambda: {"forward_kl": 1.0, "ce": 0.5})
-    temperature: float = 2.0
-    checkpoint_every: int = 100
-    eval_every: int = 0
-    val_batches: int = 8
-    seed: int = 0
-
-    @classmethod
-    def from_cfg(cls, cfg: Any, seed: int, block_size: int) -> "TrainConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        values = {k: v for k, v in dict(cfg).items() if k in known}
-        tc = cls(**values, seed=seed)
-        if cfg.get("tokens"):
-            tc.max_steps = max(1, math.ceil(int(cfg.tokens) / (tc.batch_size * tc.grad_accum * block_size)))
-        tc.validate()
-        return tc
-
-    def validate(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "chunk_size"):
-            if int(getattr(self, name)) < 1:
-                raise ShrinkError(f"distill.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ShrinkError(f"distill.lr must be > 0, got {self.lr}")
-        if self.temperature <= 0:
-            raise ShrinkError(f"distill.temperature must be > 0, got {self.temperature}")
-        if not self.losses:
-            raise ShrinkError("distill.losses is empty: name at least one loss with a weight")
-
-
 def batch_indices(step: int, n_blocks: int, batch_size: int, seed: int) -> torch.Tensor:
-    """The block indices of global micro-batch `step`: positions in a seeded permutation per epoch."""
+    """The example indices of global micro-batch `step`: positions in a seeded permutation per epoch."""
     out = []
     for position in range(step * batch_size, (step + 1) * batch_size):
         epoch, offset = divmod(position, n_blocks)
@@ -79,115 +47,211 @@ def _epoch_permutation(seed: int, epoch: int, n_blocks: int) -> torch.Tensor:
     return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
-def forward_hidden(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def forward_hidden(model: torch.nn.Module, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Final hidden states (after the last norm), before the LM head."""
-    return _base(model).model(input_ids=input_ids).last_hidden_state
-
-
-def distill_batch_loss(student, teacher, input_ids, terms, chunk_size):
-    labels = input_ids[:, 1:]
-    s_hidden = forward_hidden(student, input_ids)[:, :-1]
-    t_hidden = None
-    if teacher is not None:
-        with torch.no_grad():
-            t_hidden = forward_hidden(teacher, input_ids)[:, :-1]
-    t_head = _base(teacher).lm_head if teacher is not None else None
-    return chunked_distill_loss(s_hidden, _base(student).lm_head, t_hidden, t_head, labels, terms, chunk_size)
+    return causal_lm(model).model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 def make_terms(tc: TrainConfig) -> list[LossTerm]:
-    return [LossTerm(name, float(w), make_loss(name, temperature=tc.temperature)) for name, w in tc.losses.items()
-            if float(w) != 0.0]
+    return [LossTerm(key, w, fn) for key, w, fn in parse_loss_spec(tc.losses, tc.temperature, tc.prefix)]
+
+
+def _layer_pairs(tc: TrainConfig) -> list[LayerPair]:
+    if not tc.layer_map or not tc.layer_weight:
+        return []
+    return [p if isinstance(p, LayerPair) else LayerPair(*p) for p in tc.layer_map]
+
+
+def distill_batch_loss(student, teacher, batch: Batch | torch.Tensor, terms: list[LossTerm], chunk_size: int,
+                       top_k: int | None = None, pairs: list[LayerPair] | None = None,
+                       projector: LayerProjector | None = None, layer_kind: str = "cosine",
+                       layer_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """The weighted loss of one batch: logit terms per row group (+ the intermediate-layer term)."""
+    if isinstance(batch, torch.Tensor):
+        batch = as_train_data(batch).collate(torch.arange(batch.shape[0]))
+    pairs = pairs or []
+    s_layers = [p.student for p in pairs]
+    t_layers = [p.teacher for p in pairs]
+    with capture_layers(student, s_layers) as s_states:
+        s_hidden = forward_hidden(student, batch.input_ids, batch.attention_mask)[:, :-1]
+    t_hidden, t_head, t_states = None, None, {}
+    if teacher is not None:
+        with torch.no_grad(), capture_layers(teacher, t_layers) as t_states:
+            t_hidden = forward_hidden(teacher, batch.input_ids, batch.attention_mask)[:, :-1]
+        t_head = causal_lm(teacher).lm_head
+    s_head = causal_lm(student).lm_head
+    total, parts = None, {}
+    for name, rows, weight in batch.groups:
+        loss, group_parts = chunked_distill_loss(s_hidden[rows], s_head, t_hidden[rows] if t_hidden is not None
+                                                 else None, t_head, batch.labels[rows], terms, chunk_size, top_k)
+        total = loss * weight if total is None else total + loss * weight
+        tag = "" if len(batch.groups) == 1 else f"{name}_"
+        parts.update({f"{tag}{k}": v for k, v in group_parts.items()})
+    if pairs and layer_weight:
+        mask = batch.attention_mask.bool() if batch.attention_mask is not None else None
+        lloss, lval = layer_loss(s_states, t_states, pairs, projector, layer_kind, mask)
+        total = total + layer_weight * lloss
+        parts["layers"] = lval
+    parts["total"] = float(total.detach())
+    return total, parts
+
+
+def _loss_kwargs(tc: TrainConfig, projector) -> dict:
+    return dict(top_k=tc.top_k, pairs=_layer_pairs(tc), projector=projector, layer_kind=tc.layer_loss,
+                layer_weight=tc.layer_weight)
 
 
 @torch.no_grad()
-def validation_loss(student, teacher, val: torch.Tensor, terms, tc: TrainConfig, device) -> dict[str, float]:
+def validation_loss(student, teacher, val, terms, tc: TrainConfig, device, projector=None) -> dict[str, float]:
+    data = as_train_data(val)
     student.eval()
     totals: dict[str, float] = {}
-    n = min(tc.val_batches, math.ceil(val.shape[0] / tc.batch_size))
+    n = min(tc.val_batches, math.ceil(len(data) / tc.batch_size))
     for i in range(n):
-        ids = val[i * tc.batch_size : (i + 1) * tc.batch_size].to(device)
-        _, parts = distill_batch_loss(student, teacher, ids, terms, tc.chunk_size)
+        idx = torch.arange(i * tc.batch_size, min((i + 1) * tc.batch_size, len(data)))
+        _, parts = distill_batch_loss(student, teacher, data.collate(idx).to(device), terms, tc.chunk_size,
+                                      **_loss_kwargs(tc, projector))
         for k, v in parts.items():
             totals[k] = totals.get(k, 0.0) + v / n
     student.train()
     return {f"val_{k}": v for k, v in totals.items()}
 
 
-def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, train: torch.Tensor,
-                  val: torch.Tensor, tc: TrainConfig, ckpt_dir: Path, resume: bool = False,
-                  tracker: Any = None, on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Train `student` in place. Returns final metrics. `on_step(step, logs)` runs after each step."""
+def _step_batch(data: TrainData, step_micro: int, tc: TrainConfig, accelerator, student, teacher, eos_id,
+                source: str) -> tuple[Batch, bool]:
+    """The micro-batch of this rank, after on-policy / seq-KD generation. Returns (batch, use_ce)."""
+    global_micro = step_micro * accelerator.num_processes + accelerator.process_index
+    idx = batch_indices(global_micro, len(data), tc.batch_size, tc.seed)
+    batch = data.collate(idx).to(accelerator.device)
+    if source == "data":
+        return batch, True
+    if batch.attention_mask is not None:
+        raise ShrinkError(f"{tc.prefix}.lmbda / {tc.prefix}.seq_kd need packed LM data (prompts are block prefixes)")
+    prompts = batch.input_ids[:, : tc.prompt_len]
+    model = student if source == "student" else teacher
+    gen_seed = tc.seed * 1_000_003 + global_micro
+    return sample_continuations(model, prompts, tc.max_new_tokens, tc.gen_temperature, eos_id, gen_seed), \
+        source == "teacher"
+
+
+def _wrap_lora(student: torch.nn.Module, lora: Any, prefix: str) -> torch.nn.Module:
+    from train.lora import apply_lora
+
+    return apply_lora(student, lora, prefix)
+
+
+def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, train: torch.Tensor | TrainData,
+                  val: torch.Tensor | TrainData, tc: TrainConfig, ckpt_dir: Path, resume: bool = False,
+                  tracker: Any = None, on_step: Callable[[int, dict], None] | None = None, *,
+                  after_optimizer_step: Callable[[torch.nn.Module], None] | None = None,
+                  evaluate: Callable[[torch.nn.Module], dict] | None = None,
+                  eos_id: int | None = None, accelerator: Any = None) -> dict:
+    """Train `student` in place. Returns {"metrics", "model"}.
+
+    `on_step(step, logs)` runs after each step; `after_optimizer_step(model)` right after every
+    optimizer update (e.g. to re-apply pruning masks); `evaluate(model)` at every `eval_every`
+    and at the end (e.g. task accuracy). With `tc.lora`, the returned model has the adapters merged.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
+    tc.validate()
     ckpt_dir = Path(ckpt_dir)
-    use_bf16 = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no",
-                              gradient_accumulation_steps=tc.grad_accum)
+    if accelerator is None:
+        use_bf16 = torch.cuda.is_available()
+        accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", gradient_accumulation_steps=tc.grad_accum)
     set_seed(tc.seed)
+    data, val_data = as_train_data(train), as_train_data(val)
     terms = make_terms(tc)
-    needs_teacher = any(getattr(t.fn, "uses_teacher", True) for t in terms)
+    pairs = _layer_pairs(tc)
+    needs_teacher = any(t.uses_teacher for t in terms) or bool(pairs) or tc.seq_kd or tc.lmbda > 0
     if needs_teacher and teacher is None:
-        raise ShrinkError("a teacher-based loss is configured but no teacher was given")
-    decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim < 2]
+        raise ShrinkError(f"{tc.prefix}: a teacher-based loss (or layer map / on-policy) is configured but no "
+                          f"teacher was given")
+    if eos_id is None:
+        eos_id = getattr(causal_lm(student).config, "eos_token_id", None)
+        eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    if tc.lora:
+        student = _wrap_lora(student, tc.lora, tc.prefix)
+    projector = None
+    if pairs:
+        s_width = causal_lm(student).config.hidden_size
+        t_width = causal_lm(teacher).config.hidden_size
+        projector = LayerProjector(pairs, s_width, t_width)
+    params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    if projector is not None:
+        params += [(f"proj.{n}", p) for n, p in projector.named_parameters()]
+    decay = [p for _, p in params if p.ndim >= 2]
+    no_decay = [p for _, p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95))
+    # Not prepared: accelerate would step it once per process; we step it once per optimizer step.
     scheduler = get_cosine_schedule_with_warmup(optimizer, tc.warmup_steps, tc.max_steps)
-    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    if projector is not None:
+        student, projector, optimizer = accelerator.prepare(student, projector, optimizer)
+    else:
+        student, optimizer = accelerator.prepare(student, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
 
     start_step = 0
     if resume and checkpoint_step(ckpt_dir) is not None:
         start_step = int(load_checkpoint(accelerator, ckpt_dir)["step"])
-        accelerator.print(f"distill: resumed from {ckpt_dir} at step {start_step}")
-    elif not resume:
+        accelerator.print(f"{tc.prefix}: resumed from {ckpt_dir} at step {start_step}")
+    elif not resume and accelerator.is_main_process:
         remove_checkpoint(ckpt_dir)
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = ckpt_dir.parent / f"{ckpt_dir.name}.{LOG_FILE}"
-    if start_step == 0:
+    if start_step == 0 and accelerator.is_main_process:
         log_path.unlink(missing_ok=True)
 
     student.train()
-    tokens_per_step = tc.batch_size * tc.grad_accum * train.shape[1]
-    bar = tqdm(total=tc.max_steps, initial=start_step, desc="distill", disable=not accelerator.is_local_main_process,
+    kw = _loss_kwargs(tc, projector)
+    ce_free = [t for t in terms if t.uses_teacher]
+    bar = tqdm(total=tc.max_steps, initial=start_step, desc=tc.prefix, disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
     t_start, tokens_done, logs = time.time(), 0, {}
     for step in range(start_step, tc.max_steps):
         parts_sum: dict[str, float] = {}
+        source = step_source(tc.seed, step, tc.lmbda, tc.seq_kd)
+        step_tokens = 0
         for micro in range(tc.grad_accum):
-            idx = batch_indices(step * tc.grad_accum + micro, train.shape[0], tc.batch_size, tc.seed)
-            ids = train[idx].to(accelerator.device)
+            batch, use_ce = _step_batch(data, step * tc.grad_accum + micro, tc, accelerator, student, teacher,
+                                        eos_id, source)
+            step_tokens += batch.num_tokens
+            step_terms = terms if use_ce else (ce_free or terms)
             with accelerator.accumulate(student), accelerator.autocast():
-                loss, parts = distill_batch_loss(student, teacher, ids, terms, tc.chunk_size)
+                loss, parts = distill_batch_loss(student, teacher, batch, step_terms, tc.chunk_size, **kw)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tc.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(student.parameters(), tc.max_grad_norm)
+                    clip = list(student.parameters()) + (list(projector.parameters()) if projector is not None else [])
+                    accelerator.clip_grad_norm_(clip, tc.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / tc.grad_accum
-        tokens_done += tokens_per_step
+        scheduler.step()
+        if after_optimizer_step is not None:
+            after_optimizer_step(accelerator.unwrap_model(student))
+        tokens_done += step_tokens * accelerator.num_processes
         elapsed = time.time() - t_start
-        total = sum(tc.losses[k] * v for k, v in parts_sum.items())
-        logs = {"step": step + 1, "loss": total, **parts_sum, "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": tokens_done / max(elapsed, 1e-9)}
-        with open(log_path, "a") as f:
-            f.write(json.dumps(logs) + "\n")
+        logs = {"step": step + 1, "loss": parts_sum.pop("total"), **parts_sum, "lr": scheduler.get_last_lr()[0],
+                "tokens_per_s": tokens_done / max(elapsed, 1e-9), "source": source}
+        if accelerator.is_main_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(logs) + "\n")
         bar.update(1)
-        bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{logs['tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{logs['tokens_per_s']:.0f}")
         if tracker is not None and (step + 1) % tracker.log_every == 0:
             tracker.log(logs, step=step + 1)
-        if tc.eval_every and (step + 1) % tc.eval_every == 0:
-            vlogs = validation_loss(student, teacher, val, terms, tc, accelerator.device)
+        if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.max_steps:
+            vlogs = validation_loss(student, teacher, val_data, terms, tc, accelerator.device, projector)
+            if evaluate is not None:
+                vlogs.update(evaluate(accelerator.unwrap_model(student)))
+            accelerator.print(f"{tc.prefix} step {step + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in vlogs.items()))
             if tracker is not None:
                 tracker.log(vlogs, step=step + 1)
         if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.max_steps:
@@ -195,11 +259,19 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
         if on_step is not None:
             on_step(step + 1, logs)
     bar.close()
-    metrics = {"steps": tc.max_steps, "train_tokens": tc.max_steps * tokens_per_step,
+    tokens_per_example = getattr(data, "block_size", None)
+    metrics = {"steps": tc.max_steps, "train_tokens": tc.max_steps * tc.batch_size * tc.grad_accum
+               * accelerator.num_processes * tokens_per_example if tokens_per_example else tokens_done,
                "tokens_per_s": logs.get("tokens_per_s"), "final_loss": logs.get("loss"),
-               **validation_loss(student, teacher, val, terms, tc, accelerator.device)}
-    if tracker is not None:
-        tracker.log(metrics, step=tc.max_steps)
+               **validation_loss(student, teacher, val_data, terms, tc, accelerator.device, projector)}
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(student)
+    if evaluate is not None:
+        metrics.update(evaluate(unwrapped))
+    if tracker is not None:
+        tracker.log(metrics, step=tc.max_steps)
+    if tc.lora:
+        from train.lora import merge_lora
+
+        unwrapped = merge_lora(unwrapped)
     return {"metrics": metrics, "model": unwrapped}

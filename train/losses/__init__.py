@@ -1,5 +1,8 @@
 """Distillation losses, one file per family, each registered by name.
 
+Families: `ce` (hard labels), `forward_kl`, `reverse_kl` (kl.py), `jsd` (generalized JSD(beta),
+jsd.py), `tvd` (total variation, tvd.py).
+
 A loss is a small object called as `loss(student, teacher, labels, mask)` on one chunk of
 tokens: `student` and `teacher` are fp32 logits [n, vocab], `labels` the next-token ids [n],
 `mask` a bool [n] of the tokens that count. It returns the SUM over masked tokens, so chunks add
@@ -41,6 +44,36 @@ def make_loss(name: str, **kwargs: Any):
     except KeyError:
         raise ShrinkError(f"unknown loss {name!r} in distill.losses; known: {', '.join(sorted(_REGISTRY))}") from None
     return cls(**kwargs)
+
+
+def parse_loss_spec(spec: Any, temperature: float, prefix: str = "distill") -> list[tuple[str, float, Any]]:
+    """`{name: weight}` or `{key: {loss: family, weight: w, beta: ..., temperature: ...}}` ->
+    [(key, weight, loss object)]. `loss` defaults to the key, so `{jsd: {beta: 0.9}}` works and two
+    JSDs can be mixed under different keys. Terms with weight 0 are dropped."""
+    if not spec:
+        raise ShrinkError(f"{prefix}.losses is empty: name at least one loss with a weight")
+    out = []
+    for key, value in dict(spec).items():
+        if isinstance(value, (int, float)):
+            weight, kwargs, family = float(value), {}, str(key)
+        else:
+            try:
+                kwargs = dict(value)
+            except (TypeError, ValueError):
+                raise ShrinkError(f"{prefix}.losses.{key}: expected a weight or a mapping, got {value!r}") from None
+            family = str(kwargs.pop("loss", key))
+            weight = float(kwargs.pop("weight", 1.0))
+        kwargs.setdefault("temperature", temperature)
+        if float(kwargs["temperature"]) <= 0:
+            raise ShrinkError(f"{prefix}.losses.{key}.temperature must be > 0, got {kwargs['temperature']}")
+        if weight != 0.0:
+            try:
+                out.append((str(key), weight, make_loss(family, **kwargs)))
+            except ShrinkError as e:
+                raise ShrinkError(str(e).replace("distill.losses", f"{prefix}.losses")) from None
+    if not out:
+        raise ShrinkError(f"{prefix}.losses: every weight is 0")
+    return out
 
 
 def loss_names() -> list[str]:

@@ -1,7 +1,8 @@
 """KL divergences between teacher and student next-token distributions.
 
 Both use temperature tau on both sides and are scaled by tau^2 (Hinton et al.), so the gradient
-magnitude does not shrink as tau grows.
+magnitude does not shrink as tau grows. Teacher log-probs may be -inf (top-k truncation): a token
+the teacher gives zero mass contributes 0 to KL(teacher || student).
 """
 
 from __future__ import annotations
@@ -10,6 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from train.losses import register_loss
+
+
+def log_probs(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    return F.log_softmax(logits / tau, dim=-1)
+
+
+def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row, from log-probs; rows of p with zero mass on a token ignore it."""
+    p = p_log.exp()
+    return torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p)).sum(-1)
 
 
 @register_loss("forward_kl")
@@ -23,7 +34,20 @@ class ForwardKL:
 
     def __call__(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                  mask: torch.Tensor) -> torch.Tensor:
-        s = F.log_softmax(student[mask] / self.tau, dim=-1)
-        t = F.log_softmax(teacher[mask] / self.tau, dim=-1)
-        kl = (t.exp() * (t - s)).sum(-1)
-        return kl.sum() * self.tau**2
+        s, t = log_probs(student[mask], self.tau), log_probs(teacher[mask], self.tau)
+        return kl(t, s).sum() * self.tau**2
+
+
+@register_loss("reverse_kl")
+class ReverseKL:
+    """KL(student || teacher): mode-seeking; the student may drop teacher modes it cannot fit."""
+
+    uses_teacher = True
+
+    def __init__(self, temperature: float = 1.0, **_: object) -> None:
+        self.tau = float(temperature)
+
+    def __call__(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor:
+        s, t = log_probs(student[mask], self.tau), log_probs(teacher[mask], self.tau)
+        return kl(s, t).sum() * self.tau**2

@@ -1,0 +1,75 @@
+"""TrainConfig: every knob of the distillation loop, checked before any work."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from shrink.errors import ShrinkError
+from train.layer_distill import LAYER_LOSSES
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 8            # sequences per device per micro-batch
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    max_grad_norm: float = 1.0
+    chunk_size: int = 1024         # tokens per loss chunk (bounds fp32 [tokens x vocab] memory)
+    losses: dict[str, Any] = field(default_factory=lambda: {"forward_kl": 1.0, "ce": 0.5})
+    temperature: float = 2.0
+    top_k: int | None = None       # truncate the teacher to its top-k tokens (see chunked_loss)
+    layer_map: Any = None          # resolved list of LayerPair (the stage turns `auto` into pairs)
+    layer_loss: str = "cosine"     # mse | cosine
+    layer_weight: float = 0.0      # weight of the intermediate-layer term in the total
+    lmbda: float = 0.0             # GKD: probability that a step trains on student samples
+    seq_kd: bool = False           # sequence-level KD: otherwise, teacher-written continuations
+    prompt_len: int = 64           # on-policy / seq-KD prompt: the first tokens of each block
+    max_new_tokens: int = 64
+    gen_temperature: float = 1.0
+    lora: Any = None               # peft LoraConfig kwargs (r, lora_alpha, target_modules, ...)
+    checkpoint_every: int = 100
+    eval_every: int = 0
+    val_batches: int = 8
+    seed: int = 0
+    prefix: str = field(default="distill", repr=False)  # config key named in error messages
+
+    @classmethod
+    def from_cfg(cls, cfg: Any, seed: int, block_size: int, prefix: str = "distill") -> "TrainConfig":
+        from omegaconf import OmegaConf
+
+        raw = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+        known = set(cls.__dataclass_fields__) - {"seed", "prefix"}
+        values = {k: v for k, v in raw.items() if k in known}
+        tc = cls(**values, seed=seed, prefix=prefix)
+        if raw.get("tokens"):
+            tc.max_steps = max(1, math.ceil(int(raw["tokens"]) / (tc.batch_size * tc.grad_accum * block_size)))
+        tc.validate(prefix)
+        return tc
+
+    def validate(self, prefix: str | None = None) -> None:
+        p = prefix or self.prefix
+        self.prefix = p
+        for name in ("max_steps", "batch_size", "grad_accum", "chunk_size"):
+            if int(getattr(self, name)) < 1:
+                raise ShrinkError(f"{p}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ShrinkError(f"{p}.lr must be > 0, got {self.lr}")
+        if self.temperature <= 0:
+            raise ShrinkError(f"{p}.temperature must be > 0, got {self.temperature}")
+        if not self.losses:
+            raise ShrinkError(f"{p}.losses is empty: name at least one loss with a weight")
+        if self.top_k is not None and int(self.top_k) < 1:
+            raise ShrinkError(f"{p}.top_k must be >= 1 or null, got {self.top_k}")
+        if self.layer_loss not in LAYER_LOSSES:
+            raise ShrinkError(f"{p}.layer_loss={self.layer_loss!r}: expected one of {LAYER_LOSSES}")
+        if not 0.0 <= float(self.lmbda) <= 1.0:
+            raise ShrinkError(f"{p}.lmbda must be in [0, 1], got {self.lmbda}")
+        if (self.lmbda > 0 or self.seq_kd) and (self.prompt_len < 1 or self.max_new_tokens < 1):
+            raise ShrinkError(f"{p}.prompt_len and {p}.max_new_tokens must be >= 1 for on-policy / seq-KD")
+        if self.warmup_steps < 0:
+            raise ShrinkError(f"{p}.warmup_steps must be >= 0, got {self.warmup_steps}")
