@@ -95,11 +95,20 @@ class ModelRunner:
         # Peak activations of a full prefill step, measured by running one with no cache.
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        tokens = min(cfg.max_num_batched_tokens, cfg.max_model_len)
+        # A full step: max_num_batched_tokens tokens in sequences of up to max_model_len tokens.
+        seq_len = min(cfg.max_num_batched_tokens, cfg.max_model_len)
+        lens = [seq_len] * (cfg.max_num_batched_tokens // seq_len)
+        if cfg.max_num_batched_tokens % seq_len:
+            lens.append(cfg.max_num_batched_tokens % seq_len)
+        tokens = sum(lens)
         ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
-        set_context(Context(is_prefill=True, query_lens=[tokens], context_lens_host=[tokens], use_triton=False))
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        set_context(Context(is_prefill=True, query_lens=lens, context_lens_host=lens,
+                            use_triton=self.config.triton_enabled))
         with torch.inference_mode():
-            self.model.compute_logits(self.model(ids, torch.arange(tokens, device=self.device))[-1:])
+            hidden = self.model(ids, positions)
+            self.model.compute_logits(hidden[: min(len(hidden), cfg.max_num_seqs)]).float()
+            del hidden
         reset_context()
         torch.cuda.synchronize()
         free, total = torch.cuda.mem_get_info()
@@ -107,8 +116,10 @@ class ModelRunner:
         current = torch.cuda.memory_allocated()
         used_by_others = total - free - torch.cuda.memory_reserved()
         budget = total * cfg.gpu_memory_utilization - used_by_others - current - (peak - current)
-        # Leave room for CUDA graphs' logits and the sampler.
-        budget -= cfg.cuda_graph_max_bs * self.model.config.vocab_size * 4 * 4
+        # Leave room for the CUDA graphs (their logits and activations), the sampler's fp32 copies
+        # of the logits, and allocator fragmentation: a pool that leaves the allocator no slack
+        # makes it free and re-allocate every step, which costs far more than the blocks gained.
+        budget -= 4 * cfg.cuda_graph_max_bs * self.model.config.vocab_size * 4 + (1 << 30)
         return max(int(budget // per_block), 0)
 
     # -- input building ----------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from engine.context import get_context
 # Module references, not function imports: tests may reload these modules to switch Triton
@@ -49,6 +50,7 @@ class Attention(nn.Module):
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> torch.Tensor:
         out = torch.empty_like(q)
+        group = self.num_heads // self.num_kv_heads
         start = 0
         for i, (q_len, ctx_len) in enumerate(zip(ctx.query_lens, ctx.context_lens_host)):
             qi = q[start : start + q_len].transpose(0, 1)  # [heads, q_len, dim]
@@ -63,13 +65,16 @@ class Attention(nn.Module):
                 kv_width = self.num_kv_heads * self.head_dim
                 ki = self.k_cache.view(-1, kv_width)[slots].view(ctx_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
                 vi = self.v_cache.view(-1, kv_width)[slots].view(ctx_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
-                # Query j sits at position ctx_len - q_len + j: bottom-right aligned causal mask.
-                qpos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
-                mask = pos[None, :] <= qpos[:, None]
+                # Query j sits at position ctx_len - q_len + j: causal mask aligned bottom-right.
+                mask = causal_lower_right(q_len, ctx_len)
+            if group > 1:
+                # Expanded K/V rather than enable_gqa: GQA is not supported by every fused SDPA
+                # backend (memory-efficient attention lacks it and would fall back to math).
+                ki = ki.repeat_interleave(group, dim=0)
+                vi = vi.repeat_interleave(group, dim=0)
             oi = F.scaled_dot_product_attention(
                 qi.unsqueeze(0), ki.unsqueeze(0), vi.unsqueeze(0),
                 attn_mask=mask, is_causal=mask is None, scale=self.scale,
-                enable_gqa=self.num_kv_heads != self.num_heads,
             )
             out[start : start + q_len] = oi[0].transpose(0, 1)
             start += q_len
