@@ -57,6 +57,7 @@ class ModelRunner:
         self.head_dim = self.attn_layers[0].head_dim
         self.max_blocks_per_seq = math.ceil(config.max_model_len / self.block_size)
         self.num_blocks = self._allocate_kv_cache()
+        self.eos_token_ids: set[int] = set()  # set by the engine; masked for min_tokens
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
         if self.use_graphs:
@@ -297,13 +298,22 @@ class ModelRunner:
         idx = [i for i in range(n) if rows[i] >= 0]
         if not idx or logits is None:
             return StepResult(tokens, lps)
-        sel = logits if len(idx) == logits.shape[0] else logits[[rows[i] for i in idx]]
+        raw = logits if len(idx) == logits.shape[0] else logits[[rows[i] for i in idx]]
+        sel = raw
+        for j, i in enumerate(idx):  # min_tokens: stop tokens are impossible until then
+            seq = batch.seqs[i]
+            if seq.num_output_tokens < seq.params.min_tokens:
+                banned = set(seq.params.stop_token_ids) | self.eos_token_ids
+                if banned:
+                    if sel is raw:
+                        sel = raw.clone()  # logprobs stay those of the model
+                    sel[j, list(banned)] = float("-inf")
         params = [batch.seqs[i].params for i in idx]
         gens = [self._generator(batch.seqs[i]) for i in idx]
         sampled = sample(sel, params, gens).tolist()
         need_lp = [j for j, i in enumerate(idx) if batch.seqs[i].params.logprobs is not None]
         if need_lp:
-            lp = torch.log_softmax(sel[need_lp], dim=-1).cpu()
+            lp = torch.log_softmax(raw[need_lp], dim=-1).cpu()
             for r, j in enumerate(need_lp):
                 lps[idx[j]] = token_logprobs(lp[r], sampled[j], batch.seqs[idx[j]].params.logprobs or 0)
         for j, i in enumerate(idx):

@@ -19,6 +19,7 @@ class SamplingParams:
     min_p: float = 0.0  # in [0, 1]
     seed: int | None = None  # per-request generator; None: the engine's global one
     max_tokens: int = 16
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many tokens
     stop: list[str] | str | None = None  # stop strings (need a tokenizer); excluded from text
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -39,6 +40,8 @@ class SamplingParams:
         """Raise InvalidRequestError naming the first bad field."""
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidRequestError("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError("min_tokens", f"must be an integer in [0, max_tokens], got {self.min_tokens!r}")
         if self.temperature < 0.0:
             raise InvalidRequestError("temperature", f"must be >= 0, got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:

@@ -335,7 +335,7 @@ def agreement(args) -> None:
     torch.cuda.empty_cache()
     llm = LLM(args.model, max_model_len=512, max_num_seqs=64)
     outs = llm.generate([tok.encode(p) for p in AGREEMENT_PROMPTS],
-                        SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True, logprobs=2))
+                        SamplingParams(temperature=0, max_tokens=n_new, min_tokens=n_new, logprobs=2))
     same_seq, same_tok, total, divergences = 0, 0, 0, []
     for i, (o, ref, scores) in enumerate(zip(outs, ref_tokens, ref_scores)):
         total += n_new
@@ -354,7 +354,8 @@ def agreement(args) -> None:
     out = dict(sequences=len(outs), identical_sequences=same_seq, tokens_before_divergence=same_tok,
                tokens_total=total, divergences=divergences)
     RESULTS["agreement"] = out
-    log(f"greedy agreement, {args.model} bf16, {len(outs)} prompts x {n_new} tokens vs transformers bf16 (one prompt at a time):")
+    log(f"greedy agreement, {args.model} bf16, {len(outs)} prompts x {n_new} tokens vs transformers bf16 (one prompt at a time; "
+        f"EOS masked on both sides: min_new_tokens / min_tokens):")
     log(f"  identical sequences {same_seq}/{len(outs)}; divergence rate {100 * (len(outs) - same_seq) / len(outs):.1f}% "
         f"of sequences; tokens matching up to the first divergence {same_tok}/{total}")
     for d in divergences:

@@ -24,6 +24,7 @@ def test_each_bad_request_fails_alone(llm):
         (good[0], SamplingParams(top_p=0.0), "top_p"),
         (good[0], SamplingParams(top_p=1.5), "top_p"),
         (good[0], SamplingParams(temperature=-0.1), "temperature"),
+        (good[0], SamplingParams(max_tokens=4, min_tokens=5), "min_tokens"),
         ([3, 999], OK, "prompt"),  # token id outside the vocabulary
     ]
     batch = [good[0]] + [c[0] for c in cases] + [good[1], good[2]]
