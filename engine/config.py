@@ -29,6 +29,10 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     cuda_graph_max_bs: int = 256
     use_triton: bool | None = None  # None: Triton kernels on CUDA, torch references on CPU
+    # Prefill attention with Triton kernels on: "sdpa" (torch SDPA per sequence) or "triton" (one
+    # varlen launch reading the paged cache). SDPA stays the default until the Triton kernel is
+    # measured faster on the device.
+    prefill_attention: str = "sdpa"
     seed: int = 0
     load_format: str = "safetensors"  # or "dummy": random weights (benchmarks of a model's shape)
 
@@ -51,6 +55,8 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens: must be >= max_model_len without chunked prefill")
         if self.max_num_batched_tokens < self.max_num_seqs:
             self.max_num_seqs = self.max_num_batched_tokens
+        if self.prefill_attention not in ("sdpa", "triton"):
+            raise ValueError(f"prefill_attention: {self.prefill_attention!r} is not 'sdpa' or 'triton'")
         if self.load_format not in ("safetensors", "dummy"):
             raise ValueError(f"load_format: {self.load_format!r} is not 'safetensors' or 'dummy'")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -19,6 +19,10 @@ class Context:
     # Prefill, as host ints: per sequence, tokens computed now and total context after this step.
     query_lens: list[int] = field(default_factory=list)
     context_lens_host: list[int] = field(default_factory=list)
+    # Prefill through the Triton varlen kernel (then context_lens, block_tables and these are set).
+    triton_prefill: bool = False
+    cu_query_lens: torch.Tensor | None = None
+    max_query_len: int = 0
     use_triton: bool = False
     block_size: int = 16
 

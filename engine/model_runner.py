@@ -160,8 +160,11 @@ class ModelRunner:
             sample_rows.append(row0 + n - 1 if batch.samples(i) else -1)
             if seq.params.prompt_logprobs is not None:
                 prompt_rows[i] = (row0, n)
-        tables = self._block_tables(batch.seqs) if any(q != c for q, c in zip(query_lens, context_lens)) else None
-        set_context(Context(
+        triton_prefill = self.config.triton_enabled and self.config.prefill_attention == "triton"
+        tables = None
+        if triton_prefill or any(q != c for q, c in zip(query_lens, context_lens)):
+            tables = self._block_tables(batch.seqs)
+        ctx = Context(
             is_prefill=True,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             block_tables=tables,
@@ -169,7 +172,16 @@ class ModelRunner:
             context_lens_host=context_lens,
             use_triton=self.config.triton_enabled,
             block_size=self.block_size,
-        ))
+        )
+        if triton_prefill:
+            cu = [0]
+            for n in query_lens:
+                cu.append(cu[-1] + n)
+            ctx.triton_prefill = True
+            ctx.cu_query_lens = torch.tensor(cu, dtype=torch.int32, device=self.device)
+            ctx.context_lens = torch.tensor(context_lens, dtype=torch.int32, device=self.device)
+            ctx.max_query_len = max(query_lens)
+        set_context(ctx)
         hidden = self.model(
             torch.tensor(ids, dtype=torch.long, device=self.device),
             torch.tensor(positions, dtype=torch.long, device=self.device),

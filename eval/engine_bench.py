@@ -4,7 +4,7 @@ nano-vllm's workload, KV capacity, and greedy agreement with transformers on a r
     python -m eval.engine_bench ceilings
     python -m eval.engine_bench decode --model DIR --batch 1 16 64 --new-tokens 256 --hf
     python -m eval.engine_bench decode --shape llama2-7b --batch 1 --hf --roofline
-    python -m eval.engine_bench throughput --shape tinyllama
+    python -m eval.engine_bench throughput --shape tinyllama [--prefill-attention triton]
     python -m eval.engine_bench capacity --shape tinyllama
     python -m eval.engine_bench agreement --model DIR
     python -m eval.engine_bench convert-gguf --gguf FILE --out DIR
@@ -194,7 +194,7 @@ def throughput(args) -> None:
     path = shape_dir(args.shape)
     prompts, outputs = nano_vllm_workload()
     llm = LLM(path, load_format="dummy", max_model_len=2048, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_batched_tokens=args.max_num_batched_tokens, prefill_attention=args.prefill_attention)
     eng = llm.engine
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in outputs]
     llm.generate(["Benchmark: "] if eng.tokenizer else [[1, 2, 3]], SamplingParams(max_tokens=4))  # warm-up
@@ -240,7 +240,7 @@ def throughput(args) -> None:
                kv_blocks=runner.num_blocks, block_size=eng.config.block_size, **stats,
                compute_roof_s=compute_roof_s, bandwidth_roof_s=bw_roof_s, scheduler_and_host_s=other)
     RESULTS[f"throughput:{args.shape}"] = out
-    log(f"throughput {args.shape} (nano-vllm workload: 256 requests, in/out uniform 100..1024, seed 0, ignore EOS, T=0.6):")
+    log(f"throughput {args.shape}, prefill attention {args.prefill_attention} (nano-vllm workload: 256 requests, in/out uniform 100..1024, seed 0, ignore EOS, T=0.6):")
     log(f"  {total_out} output tokens in {dt:.2f} s = {tput:.0f} output tok/s; preemptions {eng.scheduler.num_preemptions}; "
         f"KV pool {runner.num_blocks * eng.config.block_size} tokens; peak running {stats['max_running']}")
     log(f"  time: prefill steps {stats['prefill_s']:.2f} s ({stats['prefill_steps']} steps, {stats['prefill_tokens']} tokens), "
@@ -407,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--shape", default="tinyllama", choices=sorted(SHAPES))
     t.add_argument("--max-num-seqs", type=int, default=256)
     t.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    t.add_argument("--prefill-attention", default="sdpa", choices=["sdpa", "triton"])
     c = sub.add_parser("capacity")
     c.add_argument("--shape", default="tinyllama", choices=sorted(SHAPES))
     c.add_argument("--kv-tokens", type=int, help="pool size in tokens (default: what the engine sizes on this GPU)")

@@ -15,7 +15,7 @@ from torch.nn.attention.bias import causal_lower_right
 from engine.context import get_context
 # Module references, not function imports: tests may reload these modules to switch Triton
 # between compiled and interpreted mode.
-from kernels import kv_store, paged_attention
+from kernels import kv_store, paged_attention, prefill_attention
 
 
 class Attention(nn.Module):
@@ -37,7 +37,12 @@ class Attention(nn.Module):
         ctx = get_context()
         if self.k_cache.numel() and not kv_stored:
             (kv_store.store_kv if ctx.use_triton else kv_store.store_kv_ref)(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
-        if ctx.is_prefill:
+        if ctx.is_prefill and ctx.triton_prefill and self.k_cache.numel():
+            out = prefill_attention.paged_prefill_attention(
+                q, self.k_cache, self.v_cache, ctx.block_tables, ctx.cu_query_lens, ctx.context_lens,
+                ctx.max_query_len, self.scale,
+            )
+        elif ctx.is_prefill:
             out = self._prefill(q, k, v, ctx)
         elif ctx.use_triton:
             out = paged_attention.paged_decode_attention(

@@ -23,6 +23,13 @@ def test_cuda_graphs_fp32_greedy_matches_transformers(arch, model_dir, mixed_pro
     assert llm.engine.scheduler.num_preemptions > 0
 
 
+def test_triton_prefill_fp32_greedy_matches_transformers(model_dir, mixed_prompts, hf_reference):
+    llm = LLM(model_dir("mistral"), device="cuda", dtype="float32", max_model_len=256, block_size=4,
+              max_num_batched_tokens=64, cuda_graph_max_bs=32, prefill_attention="triton")
+    outs = llm.generate(mixed_prompts, GREEDY)
+    assert [o.token_ids for o in outs] == hf_reference("mistral", mixed_prompts)
+
+
 def test_cuda_graphs_equal_eager_in_bf16(model_dir):
     # 16 prompts of one length decode in lockstep at batch 16, a captured bucket: the graph replays
     # the same kernels on the same shapes as eager mode, so the tokens must be identical.
