@@ -1,0 +1,38 @@
+"""The benchmark script's arithmetic and workload (its timings need a GPU; these parts do not)."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from eval import engine_bench
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_weight_bytes_counts_what_one_decode_step_reads(tied):
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    model = AutoModelForCausalLM.from_config(cfg)
+    total = sum(p.numel() for p in model.parameters())  # tied weights counted once
+    embed = cfg.vocab_size * cfg.hidden_size
+    # Every weight once, except the embedding table, of which a step reads a row; the LM head is
+    # read whole even when it shares the embedding's storage.
+    expected = 2 * (total - embed + (embed if tied else 0))
+    assert engine_bench.weight_bytes(cfg) == expected
+
+
+def test_nano_vllm_workload_is_fixed_by_seed_0():
+    a_prompts, a_out = engine_bench.nano_vllm_workload()
+    b_prompts, b_out = engine_bench.nano_vllm_workload()
+    assert a_prompts == b_prompts and a_out == b_out
+    assert len(a_prompts) == 256 and all(100 <= len(p) <= 1024 for p in a_prompts)
+    assert all(100 <= n <= 1024 for n in a_out) and all(0 <= t <= 10000 for p in a_prompts for t in p)
+
+
+def test_capacity_paged_versus_reserved(capsys):
+    engine_bench.main(["capacity", "--shape", "tinyllama", "--kv-tokens", "200000"])
+    res = engine_bench.RESULTS["capacity:tinyllama"]
+    assert res["reserved_sequences"] == 200000 // 16 * 16 // 2048
+    assert res["paged_sequences"] > res["reserved_sequences"]
+    assert res["paged_tokens_held"] <= res["pool_tokens"]
+    assert "paged:" in capsys.readouterr().out
