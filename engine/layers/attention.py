@@ -75,8 +75,10 @@ class Attention(nn.Module):
             if group > 1:
                 # Expanded K/V rather than enable_gqa: GQA is not supported by every fused SDPA
                 # backend (memory-efficient attention lacks it and would fall back to math).
-                ki = ki.repeat_interleave(group, dim=0)
-                vi = vi.repeat_interleave(group, dim=0)
+                # expand + reshape, not repeat_interleave, which syncs with the GPU to size its output.
+                kv_shape = (self.num_heads, ki.shape[1], self.head_dim)
+                ki = ki[:, None].expand(self.num_kv_heads, group, *ki.shape[1:]).reshape(kv_shape)
+                vi = vi[:, None].expand(self.num_kv_heads, group, *vi.shape[1:]).reshape(kv_shape)
             oi = F.scaled_dot_product_attention(
                 qi.unsqueeze(0), ki.unsqueeze(0), vi.unsqueeze(0),
                 attn_mask=mask, is_causal=mask is None, scale=self.scale,
