@@ -14,10 +14,14 @@ from engine.sampling_params import SamplingParams
 from engine.sequence import Logprob, TokenLogprobs
 
 
-def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """logits: [n, vocab] already temperature-scaled; per-row filter values (top_k 0 = off)."""
+def _filter(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+    use_top_k_p: bool, use_min_p: bool,
+) -> torch.Tensor:
+    """logits: [n, vocab] already temperature-scaled; per-row filter values (top_k 0 = off). The
+    two flags are decided on the host, so that filtering never waits for the GPU."""
     vocab = logits.shape[-1]
-    if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
+    if use_top_k_p:
         sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
         k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).clamp(max=vocab)
         ranks = torch.arange(vocab, device=logits.device)[None, :]
@@ -29,7 +33,7 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_
         remove[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
-    if bool((min_p > 0).any()):
+    if use_min_p:
         probs = logits.softmax(dim=-1)
         threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
         logits = logits.masked_fill(probs < threshold, float("-inf"))
@@ -50,7 +54,9 @@ def sample(
     top_k = torch.tensor([max(p.top_k, 0) for p in params], device=device)
     top_p = torch.tensor([p.top_p for p in params], device=device, dtype=logits.dtype)
     min_p = torch.tensor([p.min_p for p in params], device=device, dtype=logits.dtype)
-    scaled = _filter(logits / temps[:, None], top_k, top_p, min_p)
+    use_top_k_p = any(p.top_k > 0 or p.top_p < 1.0 for p in params)
+    use_min_p = any(p.min_p > 0 for p in params)
+    scaled = _filter(logits / temps[:, None], top_k, top_p, min_p, use_top_k_p, use_min_p)
     probs = scaled.softmax(dim=-1)
     noise = torch.empty_like(probs).exponential_()
     for i, g in enumerate(generators):
