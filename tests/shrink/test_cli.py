@@ -20,11 +20,15 @@ def _one_line_error(result, *needles: str) -> None:
         assert needle in err, err
 
 
-def test_pipeline_import_distill_eval_on_tiny_model(tiny_teacher: Path, tmp_path: Path):
+def test_whole_pipeline_on_tiny_model(tiny_teacher: Path, tmp_path: Path):
     run = tmp_path / "run"
+    calib = ["num_samples=4", "seq_len=32", "batch_size=2"]
     result = run_cli("stage=pipeline", f"run={run}", "teacher=custom", f"teacher.source={tiny_teacher}",
                      "teacher.dtype=fp32", "student.keep_layers=every:2", "distill.max_steps=4",
-                     "distill.batch_size=2", "distill.checkpoint_every=2", "distill.save_dtype=fp32", *TINY)
+                     "distill.batch_size=2", "distill.checkpoint_every=2", "distill.save_dtype=fp32",
+                     "gqa.tokens=256", "gqa.train.batch_size=2", "gqa.save_dtype=fp32",
+                     *[f"prune.calibration.{c}" for c in calib], *[f"quantize.calibration.{c}" for c in calib],
+                     "quantize.group_size=32", *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     distill_meta = json.loads((run / "distill" / "shrink.json").read_text())
     assert distill_meta["stage"] == "distill"
@@ -32,7 +36,10 @@ def test_pipeline_import_distill_eval_on_tiny_model(tiny_teacher: Path, tmp_path
     assert distill_meta["metrics"]["steps"] == 4
     assert json.loads((run / "distill" / "config.json").read_text())["num_hidden_layers"] == 2
     report = json.loads((run / "eval" / "report.json").read_text())
-    assert [r["artifact"] for r in report["rows"]] == ["teacher", "distill"]
+    assert [r["artifact"] for r in report["rows"]] == ["teacher", "distill", "gqa", "prune", "quantize"]
+    lineage = json.loads((run / "quantize" / "shrink.json").read_text())["inputs"][0]["path"]
+    assert lineage == str((run / "prune").resolve())
+    assert json.loads((run / "gqa" / "config.json").read_text())["num_key_value_heads"] == 1
     assert all(r["ppl_heldout"] > 1.0 for r in report["rows"])
     assert (run / "eval" / "report.md").read_text().count("| teacher |") == 1
     assert "report at" in result.stdout
