@@ -11,11 +11,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from transformers import AutoConfig
+
 from eval.perplexity import encode, perplexity, wikitext2_text
 from eval.report import write_report
 from shrink.artifacts import META_FILE, Artifact, write_artifact
 from shrink.context import StageContext
 from shrink.errors import ShrinkError
+from shrink.gqa import KVLayout
 from shrink.modeling import dir_size_bytes, load_model, load_tokenizer, num_parameters
 from shrink.stages import register_stage
 from shrink.stages.import_model import cache_dir
@@ -73,7 +76,9 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
     texts = eval_datasets(cfg, tokenizer)
     rows = []
     for art in artifacts:
-        row = {"artifact": art.path.name, "stage": art.stage, "size_MB": dir_size_bytes(art.path) / 2**20}
+        config = AutoConfig.from_pretrained(art.path)
+        row = {"artifact": art.path.name, "stage": art.stage, "size_MB": dir_size_bytes(art.path) / 2**20,
+               "kv_bytes_per_token": KVLayout.of(config).bytes_per_token(2), "stage_s": art.meta.get("wall_time_s")}
         model = None
         for name, ids in texts.items():
             key = hashlib.sha256(json.dumps([art.content_hash, name, settings, int(ids.numel())]).encode()).hexdigest()
@@ -84,17 +89,19 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
                 cache[key] = result.as_dict()
                 print(f"eval: {art.path.name} {name} ppl {result.ppl:.3f} ({result.tokens} tokens)")
             row[f"ppl_{name}"] = cache[key]["ppl"]
+        params_key = f"params:{art.content_hash}"
         if model is not None:
-            row["params"] = num_parameters(model)
+            cache[params_key] = num_parameters(model)
             del model
-        row["params"] = row.get("params") or art.metrics.get("params")
+        row["params"] = cache.get(params_key, art.metrics.get("params"))
         rows.append(row)
     tmp = cache_path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(cache))
     os.replace(tmp, cache_path)
     notes = [f"perplexity: windows of {settings['context']} tokens, stride {settings['stride']}, "
              f"{settings['max_windows'] or 'all'} windows per dataset, {dtype} on {device}",
-             "wikitext2: WikiText-2 raw test; heldout: the validation split of the run's data"]
+             "wikitext2: WikiText-2 raw test; heldout: the validation split of the run's data",
+             "kv_bytes_per_token: K and V of one token over all layers in bf16; stage_s: the stage's wall time"]
     report_settings = {**settings, "datasets": list(texts)}
 
     def save(tmp_dir: Path) -> None:

@@ -41,6 +41,8 @@ def test_whole_pipeline_on_tiny_model(tiny_teacher: Path, tmp_path: Path):
     assert lineage == str((run / "prune").resolve())
     assert json.loads((run / "gqa" / "config.json").read_text())["num_key_value_heads"] == 1
     assert all(r["ppl_heldout"] > 1.0 for r in report["rows"])
+    kv = {r["artifact"]: r["kv_bytes_per_token"] for r in report["rows"]}
+    assert kv["gqa"] == kv["distill"] // 2  # 2 -> 1 KV heads halves the cache
     assert (run / "eval" / "report.md").read_text().count("| teacher |") == 1
     assert "report at" in result.stdout
     assert not (run / ".distill.ckpt").exists()  # removed once the artifact is in place
