@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_llama_config
+from support import tiny_llama_config
 from eval.perplexity import perplexity, wikitext2_text, windows
 from shrink.errors import ShrinkError
 

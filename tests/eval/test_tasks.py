@@ -58,7 +58,7 @@ def test_parsers():
 def test_task_accuracy_generates_and_scores(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from conftest import make_tiny_tokenizer, tiny_llama_config
+    from support import make_tiny_tokenizer, tiny_llama_config
     from eval.tasks import TaskExample
 
     torch.manual_seed(0)

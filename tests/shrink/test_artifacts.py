@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, save_tiny_artifact
+from support import REPO, save_tiny_artifact
 from shrink.artifacts import META_FILE, Artifact, write_artifact
 from shrink.errors import ShrinkError
 from shrink.modeling import load_model, save_model_artifact

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import run_cli
+from support import run_cli
 
 TINY = ["logging=none", "data=pydoc", "data.max_docs=30", "data.block_size=64", "eval.context=64",
         "eval.stride=32", "eval.max_windows=4", "eval.datasets=[heldout]"]

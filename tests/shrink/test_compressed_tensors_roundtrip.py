@@ -14,7 +14,7 @@ from shrink.compress.prune_methods import PruneMethod
 from shrink.compress.quant import QuantSpec
 from shrink.compress.quant_methods import QuantMethod
 from shrink.compress.sparsity import SparsitySpec, is_nm_sparse
-from conftest import make_tiny_tokenizer, tiny_llama_config
+from support import make_tiny_tokenizer, tiny_llama_config
 
 SKIP = ["lm_head", "*embed_tokens"]
 # fp32 end to end: the saved codes and fp32 scales reproduce our dequantized weights exactly, so

@@ -6,7 +6,7 @@ import importlib.util
 import json
 import math
 
-from conftest import REPO, save_tiny_artifact
+from support import REPO, save_tiny_artifact
 from test_gqa_reference import one_thread  # noqa: F401
 
 

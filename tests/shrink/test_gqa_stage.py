@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_artifact
+from support import save_tiny_artifact
 from omegaconf import OmegaConf
 from test_gqa_reference import one_thread  # noqa: F401
 
@@ -109,7 +109,7 @@ def test_bad_input_fails_before_any_work(tiny_gqa, tmp_path, monkeypatch, overri
 
 
 def _artifact(path: Path, stage: str, metrics: dict, inputs: list[Artifact] | None = None) -> Artifact:
-    from conftest import make_tiny_tokenizer, tiny_llama_config
+    from support import make_tiny_tokenizer, tiny_llama_config
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli, tiny_llama_config
+from support import REPO, run_cli, tiny_llama_config
 from shrink.compress.calib_data import CalibConfig, calibration_ids
 from shrink.compress.calibration import compress_model
 from shrink.compress.compressed_tensors_io import load_compressed, read_quantization_config
@@ -92,7 +92,7 @@ def test_lm_head_must_stay_in_the_skip_list():
 
 
 def test_calibration_segments_are_deterministic_and_too_little_data_is_an_error():
-    from conftest import make_tiny_tokenizer
+    from support import make_tiny_tokenizer
 
     tok = make_tiny_tokenizer()
     cfg = CalibConfig(source="pydoc", num_samples=3, seq_len=50, seed=0)

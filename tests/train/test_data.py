@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import make_tiny_tokenizer
+from support import make_tiny_tokenizer
 from shrink.errors import ShrinkError
 from train.data import load_documents, load_packed, pack
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import run_cli, save_tiny_artifact
+from support import run_cli, save_tiny_artifact
 
 TINY = ["logging=none", "data=pydoc", "data.max_docs=30", "data.block_size=64", "distill.batch_size=2",
         "distill.checkpoint_every=0", "distill.save_dtype=fp32", "distill.val_batches=1"]

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from support import REPO
 
 
 def test_distill_experiment_quick(tiny_teacher: Path, shared_data_dir: Path, tmp_path: Path):

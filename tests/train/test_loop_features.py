@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_tokenizer, tiny_llama_config
+from support import make_tiny_tokenizer, tiny_llama_config
 from eval.tasks import TaskExample
 from shrink.errors import ShrinkError
 from train.config import TrainConfig

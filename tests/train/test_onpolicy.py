@@ -7,7 +7,7 @@ import json
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_llama_config
+from support import tiny_llama_config
 from train.loop import TrainConfig, train_distill
 from train.onpolicy import continuation_batch, sample_continuations, step_source
 from train.student_init import student_from_teacher

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_tokenizer, tiny_llama_config
+from support import make_tiny_tokenizer, tiny_llama_config
 from eval.tasks import TaskExample, get_task
 from shrink.errors import ShrinkError
 from train.rationale import MultiTaskExamples, attach_rationales, cut_rationale, palm_rationales, teacher_rationales

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_llama_config
+from support import tiny_llama_config
 from train.loop import TrainConfig, train_distill
 from train.student_init import student_from_teacher
 

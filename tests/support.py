@@ -1,0 +1,64 @@
+"""Helpers shared by the tests: tiny random Llama-family models, a tiny tokenizer, the CLI.
+
+A module of its own (not conftest.py): several test folders have a conftest.py, and
+`from conftest import ...` would pick whichever was imported first.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    values = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, rms_norm_eps=1e-5)
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def make_tiny_tokenizer(vocab_size: int = 320):
+    """A real byte-level BPE tokenizer whose vocabulary fits a tiny model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # every byte has a token: no <unk>
+        vocab[ch] = len(vocab)
+    while len(vocab) < vocab_size:
+        vocab[f"<extra_{len(vocab)}>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+def save_tiny_artifact(path: Path, seed: int = 0, **config_overrides) -> Path:
+    """A tiny random Llama saved as a complete artifact (teacher-shaped, 4 layers)."""
+    from transformers import AutoModelForCausalLM
+
+    from shrink.modeling import save_model_artifact
+
+    torch.manual_seed(seed)
+    config = tiny_llama_config(**config_overrides)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    save_model_artifact(path, model, make_tiny_tokenizer(config.vocab_size), stage="import",
+                        config={"teacher": {"source": "tiny-random"}}, metrics={})
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m shrink ...` in a subprocess, from the repo root."""
+    full_env = {**os.environ, "WANDB_SILENT": "true", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "shrink", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
