@@ -11,39 +11,17 @@ up; the caller divides by the number of tokens.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from typing import Any, Callable
+from typing import Any
 
 from shrink.errors import ShrinkError
+from shrink.registry import Registry
 
-_REGISTRY: dict[str, Callable[..., Any]] = {}
-_loaded = False
-
-
-def register_loss(name: str):
-    def wrap(cls):
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
-
-def _load_all() -> None:
-    global _loaded
-    if not _loaded:
-        for module in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{module.name}")
-        _loaded = True
+LOSSES: Registry = Registry("loss", __name__, __path__)
+register_loss = LOSSES.register
 
 
 def make_loss(name: str, **kwargs: Any):
-    _load_all()
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
-        raise ShrinkError(f"unknown loss {name!r} in distill.losses; known: {', '.join(sorted(_REGISTRY))}") from None
-    return cls(**kwargs)
+    return LOSSES.get(name, where="distill.losses")(**kwargs)
 
 
 def parse_loss_spec(spec: Any, temperature: float, prefix: str = "distill") -> list[tuple[str, float, Any]]:
@@ -77,5 +55,4 @@ def parse_loss_spec(spec: Any, temperature: float, prefix: str = "distill") -> l
 
 
 def loss_names() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
+    return LOSSES.names()
