@@ -33,7 +33,8 @@ def run_artifacts(run_dir: Path) -> list[Artifact]:
     found = [Artifact.load(p) for p in sorted(run_dir.iterdir())
              if p.is_dir() and not p.name.startswith(".") and (p / META_FILE).is_file()]
     found = [a for a in found if a.stage != "eval" and (a.path / "config.json").is_file()]
-    return sorted(found, key=lambda a: a.meta.get("created", ""))
+    # Lineage depth first: stages finished within the same second must still sort parent first.
+    return sorted(found, key=lambda a: (len(a.lineage()), a.meta.get("created", ""), a.path.name))
 
 
 def eval_datasets(cfg: DictConfig, tokenizer) -> dict[str, torch.Tensor]:
