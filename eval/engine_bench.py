@@ -8,6 +8,7 @@ nano-vllm's workload, KV capacity, and greedy agreement with transformers on a r
     python -m eval.engine_bench capacity --shape tinyllama
     python -m eval.engine_bench agreement --model DIR
     python -m eval.engine_bench convert-gguf --gguf FILE --out DIR
+    python -m eval.engine_bench host --batch 1 8 64 --steps 512        # CPU: host time per decode step
 
 Every figure printed is measured in this process; baselines run in the same process, first.
 """
@@ -364,6 +365,121 @@ def agreement(args) -> None:
             f"{d['engine_logprob_gap']:.4f} nats")
 
 
+# -- host overhead per decode step ----------------------------------------------------------------
+HOST_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=8192, rms_norm_eps=1e-5)
+
+
+def host_overhead(args) -> dict:
+    """Microseconds of host work per decode step, by phase, with the real engine (scheduler, block
+    manager, input building, sampler, output handling) on a 1-layer hidden-64 model, on the CPU.
+
+    Phases are timed by wrapping the engine's methods on the instance, so the engine itself carries
+    no instrumentation: schedule = Scheduler.schedule; forward = the model's forward + LM head;
+    sample = ModelRunner._sample; prepare = the rest of ModelRunner.run (input tensors, context,
+    CUDA-graph buffers on a GPU); postprocess = the rest of LLMEngine.step (progress, appending
+    tokens, stop checks, removing finished sequences); loop = LLM.generate outside step(). Only
+    decode steps are counted. The forward here is the CPU's eager forward of the tiny model; on a
+    GPU it is one graph replay, so "host total" (everything but forward) is the figure that carries over.
+    """
+    from transformers import LlamaConfig
+
+    from engine import LLM, SamplingParams
+
+    path = os.path.join(tempfile.gettempdir(), f"shape-host-v{args.vocab}")
+    os.makedirs(path, exist_ok=True)
+    cfg = LlamaConfig(**HOST_SHAPE, vocab_size=args.vocab, bos_token_id=1, eos_token_id=2)
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.save_pretrained(path)
+    torch.set_num_threads(1)
+    max_bs = max(args.batch)
+    llm = LLM(path, load_format="dummy", device=args.device, max_num_seqs=max_bs, cuda_graph_max_bs=max_bs,
+              max_model_len=args.prompt_len + args.steps + 16, enable_prefix_caching=False)
+    eng, runner = llm.engine, llm.engine.runner
+    phases = ("schedule", "prepare", "forward", "sample", "postprocess", "loop")
+    acc: dict[str, float] = {}
+    state = {"decode": False}
+
+    def timed(obj, name, key, on_result=None):
+        inner = getattr(obj, name)
+
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            out = inner(*a, **kw)
+            dt = time.perf_counter() - t
+            if on_result is not None:
+                on_result(out)
+            if state["decode"]:
+                acc[key] = acc.get(key, 0.0) + dt
+            return out
+
+        setattr(obj, name, wrapper)
+
+    def note_kind(batch):  # the phase of the step being timed decides whether it counts
+        state["decode"] = batch is not None and not batch.is_prefill
+
+    timed(eng.scheduler, "schedule", "schedule", note_kind)
+    timed(runner, "run", "run")
+    timed(runner.model, "forward", "forward")
+    timed(runner.model, "compute_logits", "forward")
+    timed(runner, "_sample", "sample")
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    inner_step = eng.step
+    step_s = {"t": 0.0, "decode_steps": 0}
+
+    def step():
+        t = time.perf_counter()
+        out = inner_step()
+        dt = time.perf_counter() - t
+        step_s["t"] += dt
+        if state["decode"]:
+            acc["step"] = acc.get("step", 0.0) + dt
+            step_s["decode_steps"] += 1
+        state["decode"] = False
+        return out
+
+    eng.step = step
+    vocab = eng.vocab_size
+    out: dict[int, dict[str, float]] = {}
+    log(f"host overhead per decode step: device {runner.device}, 1 layer, hidden 64, vocab {vocab}, "
+        f"{args.prompt_len}-token prompts, {args.steps} greedy steps, best of {args.repeat} (us per step)")
+    log(f"  {'batch':>5} " + " ".join(f"{p:>11}" for p in phases) + f" {'host total':>11} {'all':>9}")
+    for bs in args.batch:
+        params = SamplingParams(temperature=0, max_tokens=args.steps, ignore_eos=True)
+        llm.generate(_prompts(bs, args.prompt_len, vocab, 1000 + bs), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        best = None
+        for r in range(args.repeat):
+            acc.clear()
+            step_s.update(t=0.0, decode_steps=0)
+            sync()
+            t = time.perf_counter()
+            res = llm.generate(_prompts(bs, args.prompt_len, vocab, bs + r), params)
+            sync()
+            wall = time.perf_counter() - t
+            assert all(len(o.token_ids) == args.steps for o in res)
+            n = step_s["decode_steps"]
+            us = {k: 1e6 * v / n for k, v in acc.items()}
+            row = {
+                "schedule": us.get("schedule", 0.0),
+                "prepare": us.get("run", 0.0) - us.get("forward", 0.0) - us.get("sample", 0.0),
+                "forward": us.get("forward", 0.0),
+                "sample": us.get("sample", 0.0),
+                "postprocess": us.get("step", 0.0) - us.get("schedule", 0.0) - us.get("run", 0.0),
+                # generate() outside step(), spread over the decode steps (prefill steps excluded above).
+                "loop": 1e6 * (wall - step_s["t"]) / n,
+            }
+            row["host total"] = sum(v for k, v in row.items() if k != "forward")
+            row["all"] = row["host total"] + row["forward"]
+            if best is None or row["host total"] < best["host total"]:
+                best = row
+        out[bs] = best
+        log(f"  {bs:>5} " + " ".join(f"{best[p]:>11.1f}" for p in phases) + f" {best['host total']:>11.1f} {best['all']:>9.1f}")
+    RESULTS["host"] = out
+    del llm
+    gc.collect()
+    return out
+
+
 # -- GGUF -> plain HF directory ---------------------------------------------------------------------------
 def convert_gguf(args) -> None:
     """A GGUF-loaded transformers model is flagged quantized (no .to(dtype), no save_pretrained), so
@@ -414,6 +530,13 @@ def main(argv: list[str] | None = None) -> None:
     a = sub.add_parser("agreement")
     a.add_argument("--model", required=True)
     a.add_argument("--new-tokens", type=int, default=64)
+    h = sub.add_parser("host", help="host time per decode step, by phase (CPU, tiny model)")
+    h.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
+    h.add_argument("--steps", type=int, default=512)
+    h.add_argument("--prompt-len", type=int, default=16)
+    h.add_argument("--vocab", type=int, default=512, help="small: the LM head and argmax stay negligible")
+    h.add_argument("--repeat", type=int, default=3)
+    h.add_argument("--device", default="cpu")
     g = sub.add_parser("convert-gguf")
     g.add_argument("--gguf", required=True)
     g.add_argument("--out", required=True)
@@ -424,7 +547,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}: {' '.join(sys.argv)}")
     {"ceilings": lambda: ceilings(), "decode": lambda: decode(args), "throughput": lambda: throughput(args),
      "capacity": lambda: capacity(args), "agreement": lambda: agreement(args),
-     "convert-gguf": lambda: convert_gguf(args)}[args.cmd]()
+     "convert-gguf": lambda: convert_gguf(args), "host": lambda: host_overhead(args)}[args.cmd]()
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({args.cmd: RESULTS}, default=str) + "\n")
