@@ -60,6 +60,8 @@ class ModelRunner:
         self.eos_token_ids: set[int] = set()  # set by the engine; masked for min_tokens
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        self.graph_max_bs = 0
+        self._alloc_decode_buffers()
         if self.use_graphs:
             self._capture_decode_graphs()
 
@@ -142,6 +144,7 @@ class ModelRunner:
         return self._sample(batch, rows, logits)
 
     def _run_prefill(self, batch: ScheduledBatch):
+        self._forget_rows()  # block tables may have been replaced (see _alloc_decode_buffers)
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -210,19 +213,85 @@ class ModelRunner:
             if nxt == len(seq.prompt_logprobs):
                 seq.prompt_logprobs.append(token_logprobs(lp[j], seq.token_ids[nxt], top_n))
 
-    def _decode_inputs(self, seqs: list[Sequence]):
-        ids = [s.last_token for s in seqs]
-        positions = [s.num_tokens - 1 for s in seqs]
-        slots = [self._slot(s, s.num_tokens - 1) for s in seqs]
-        lens = [s.num_tokens for s in seqs]
-        return ids, positions, slots, lens
+    # -- decode inputs ---------------------------------------------------------------------------
+    def _alloc_decode_buffers(self) -> None:
+        """Every decode input lives in one staging buffer, laid out as [ids | positions | slots]
+        (int64, one row each) then [context lens | block tables] (int32). A step writes the host
+        copy through numpy views and moves it with one host-to-device copy (pinned memory, async),
+        instead of building a tensor, a pageable copy and a fill per input. The device copy's
+        views are the CUDA graphs' static inputs; on the CPU host and device buffers are one."""
+        rows, width = self.config.max_num_seqs, self.max_blocks_per_seq
+        self._n64 = 3 * rows
+        nbytes = 8 * self._n64 + 4 * rows * (1 + width)
+        on_cuda = self.device.type == "cuda"
+        self.h_buf = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=on_cuda)
+
+        def views(buf: torch.Tensor):
+            b64 = buf[: 8 * self._n64].view(torch.int64).view(3, rows)
+            b32 = buf[8 * self._n64 :].view(torch.int32)
+            return b64[0], b64[1], b64[2], b32[:rows], b32[rows:].view(rows, width)
+
+        h = views(self.h_buf)
+        self.np_ids, self.np_pos, self.np_slots, self.np_lens, self.np_tables = (t.numpy() for t in h)
+        # Padding rows of a graph bucket: store nothing (slot -1), attend to one token.
+        self.np_slots[:] = -1
+        self.np_lens[:] = 1
+        self.d_buf = self.h_buf.to(self.device) if on_cuda else self.h_buf
+        self.g_ids, self.g_pos, self.g_slots, self.g_lens, self.g_tables = views(self.d_buf)
+        # Block tables are rewritten only where they changed: row i remembers whose table it holds
+        # and how many entries are written. Decode only ever appends blocks; a table replaced
+        # (preemption, then re-admission) always passes through a prefill step, which forgets all rows.
+        self._row_seq = [-1] * rows
+        self._row_blocks = [0] * rows
+
+    def _forget_rows(self) -> None:
+        self._row_seq = [-1] * len(self._row_seq)
+
+    def _prepare_decode(self, seqs: list[Sequence], rows: int) -> None:
+        """Fill the staging buffer for ``seqs`` (padded to ``rows``) and start its copy."""
+        n = len(seqs)
+        bs = self.block_size
+        tables, row_seq, row_blocks = self.np_tables, self._row_seq, self._row_blocks
+        ids: list[int] = []
+        lens: list[int] = []
+        slots: list[int] = []
+        for i, seq in enumerate(seqs):
+            length = len(seq.token_ids)
+            table = seq.block_table
+            ids.append(seq.token_ids[-1])
+            lens.append(length)
+            pos = length - 1
+            slots.append(table[pos // bs] * bs + pos % bs)
+            nb, done = len(table), row_blocks[i]
+            if row_seq[i] != seq.seq_id or done > nb:
+                tables[i, :nb] = table
+                row_seq[i], row_blocks[i] = seq.seq_id, nb
+            elif done < nb:  # a new block since the last step
+                tables[i, done:nb] = table[done:]
+                row_blocks[i] = nb
+        self.np_ids[:n] = ids
+        self.np_lens[:n] = lens
+        self.np_pos[:n] = self.np_lens[:n] - 1
+        self.np_slots[:n] = slots
+        if rows > n:
+            self.np_slots[n:rows] = -1
+            self.np_lens[n:rows] = 1
+        if self.d_buf is not self.h_buf:
+            # Only the prefix the step reads: three int64 rows, the lens, then `rows` table rows.
+            # The host buffer is rewritten next step only after this step's tokens came back (a
+            # sync), so the async copy has finished reading it by then.
+            nbytes = 8 * self._n64 + 4 * (self.np_lens.shape[0] + rows * self.max_blocks_per_seq)
+            self.d_buf[:nbytes].copy_(self.h_buf[:nbytes], non_blocking=True)
 
     def _run_decode(self, batch: ScheduledBatch) -> torch.Tensor:
         seqs = batch.seqs
-        ids, positions, slots, lens = self._decode_inputs(seqs)
         bs = len(seqs)
         if self.use_graphs and bs <= self.graph_max_bs:
-            return self._replay(seqs, ids, positions, slots, lens)
+            bucket = next(b for b in self.buckets if b >= bs)
+            self._prepare_decode(seqs, bucket)
+            self.graphs[bucket].replay()
+            return self.g_logits[bucket][:bs]  # fp32 inside the graph
+        self._prepare_decode(seqs, bs)
         splits = 1
         if self.config.triton_enabled:
             # Same rule as the captured graphs, so eager and graph decode compute identically.
@@ -231,16 +300,13 @@ class ModelRunner:
             layer.num_splits, layer.partition = splits, DECODE_PARTITION
         set_context(Context(
             is_prefill=False,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            context_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
-            block_tables=self._block_tables(seqs, self.max_blocks_per_seq),
+            slot_mapping=self.g_slots[:bs],
+            context_lens=self.g_lens[:bs],
+            block_tables=self.g_tables[:bs],
             use_triton=self.config.triton_enabled,
             block_size=self.block_size,
         ))
-        hidden = self.model(
-            torch.tensor(ids, dtype=torch.long, device=self.device),
-            torch.tensor(positions, dtype=torch.long, device=self.device),
-        )
+        hidden = self.model(self.g_ids[:bs], self.g_pos[:bs])
         reset_context()
         return self.model.compute_logits(hidden).float()
 
@@ -256,12 +322,6 @@ class ModelRunner:
         buckets = self._graph_buckets()
         max_bs = buckets[-1]
         self.graph_max_bs = max_bs
-        dev = self.device
-        self.g_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self.g_pos = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self.g_slots = torch.full((max_bs,), -1, dtype=torch.long, device=dev)
-        self.g_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
-        self.g_tables = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
         self.g_logits: dict[int, torch.Tensor] = {}
         pool = None
         for bs in reversed(buckets):
@@ -277,7 +337,8 @@ class ModelRunner:
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool):
-                    self.g_logits[bs] = self.model.compute_logits(self.model(self.g_ids[:bs], self.g_pos[:bs]))
+                    # fp32 in the graph: the sampler's copy costs no extra launch per step.
+                    self.g_logits[bs] = self.model.compute_logits(self.model(self.g_ids[:bs], self.g_pos[:bs])).float()
             if pool is None:
                 pool = graph.pool()
             self.graphs[bs] = graph
@@ -285,28 +346,14 @@ class ModelRunner:
         torch.cuda.synchronize()
         self.buckets = buckets
 
-    def _replay(self, seqs, ids, positions, slots, lens) -> torch.Tensor:
-        bs = len(seqs)
-        bucket = next(b for b in self.buckets if b >= bs)
-        n = len(ids)
-        host = torch.tensor([ids, positions, slots], dtype=torch.long)
-        self.g_ids[:n].copy_(host[0], non_blocking=True)
-        self.g_pos[:n].copy_(host[1], non_blocking=True)
-        self.g_slots[:n].copy_(host[2], non_blocking=True)
-        self.g_slots[n:bucket].fill_(-1)
-        self.g_lens[:n].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
-        self.g_lens[n:bucket].fill_(1)
-        width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
-        self.g_tables[:n, :width].copy_(tables, non_blocking=True)
-        self.graphs[bucket].replay()
-        return self.g_logits[bucket][:n].float()
-
     # -- sampling ----------------------------------------------------------------------------------
     def _sample(self, batch: ScheduledBatch, rows: list[int], logits: torch.Tensor | None) -> StepResult:
         n = len(batch.seqs)
-        tokens: list[int | None] = [None] * n
         lps: list[TokenLogprobs | None] = [None] * n
+        if not batch.is_prefill and self._plain_greedy(batch.seqs):
+            # The common decode step: one argmax and one transfer, no per-row work.
+            return StepResult(logits.argmax(dim=-1).tolist(), lps)
+        tokens: list[int | None] = [None] * n
         idx = [i for i in range(n) if rows[i] >= 0]
         if not idx or logits is None:
             return StepResult(tokens, lps)
@@ -331,6 +378,15 @@ class ModelRunner:
         for j, i in enumerate(idx):
             tokens[i] = sampled[j]
         return StepResult(tokens, lps)
+
+    @staticmethod
+    def _plain_greedy(seqs: list[Sequence]) -> bool:
+        """Every row greedy, without logprobs and past min_tokens: the argmax is the whole answer."""
+        for seq in seqs:
+            p = seq.params
+            if p.temperature != 0.0 or p.logprobs is not None or len(seq.token_ids) - seq.num_prompt_tokens < p.min_tokens:
+                return False
+        return True
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None:
