@@ -117,26 +117,30 @@ class LLMEngine:
         result = self.runner.run(batch)
         self.scheduler.finish_step(batch)
         touched: list[Sequence] = []
+        finished = False
         for seq, token, lp in zip(batch.seqs, result.tokens, result.logprobs):
             if token is None:
                 continue
             seq.append_token(token)
             if lp is not None:
                 seq.logprobs.append(lp)
-            self._check_stop(seq, token)
+            finished |= self._check_stop(seq, token)
             touched.append(seq)
-        self.scheduler.remove_finished()
+        if finished:  # a scan of the running list, needed only when someone finished
+            self.scheduler.remove_finished()
         self.num_steps += 1
         return touched
 
-    def _check_stop(self, seq: Sequence, token: int) -> None:
+    def _check_stop(self, seq: Sequence, token: int) -> bool:
+        """Finish ``seq`` if ``token`` ends it; returns whether it did. Stop strings (the only
+        check that decodes text) are looked at only for requests that have them."""
         params = seq.params
         reason: str | None = None
-        if not params.ignore_eos and token in self.eos_token_ids:
+        if token in self.eos_token_ids and not params.ignore_eos:
             reason = "stop"
-        elif token in params.stop_token_ids:
+        elif params.stop_token_ids and token in params.stop_token_ids:
             reason, seq.stop_reason = "stop", token
-        if params.stop_strings and self.tokenizer is not None:
+        if params.stop is not None and params.stop_strings and self.tokenizer is not None:
             text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
             # Only the tail can hold a new match: search from where the previous text ended.
             tail_start = max(0, len(seq.output_text) - max(len(s) for s in params.stop_strings))
@@ -147,11 +151,15 @@ class LLMEngine:
                 i, s = min(hits)
                 seq.output_text = text[:i]
                 reason, seq.stop_reason = "stop", s
-        if reason is None and (seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len):
-            reason = "length"
-        if reason is not None:
-            seq.status = SequenceStatus.FINISHED
-            seq.finish_reason = reason
+        if reason is None:
+            n = len(seq.token_ids)
+            if n - seq.num_prompt_tokens >= params.max_tokens or n >= self.config.max_model_len:
+                reason = "length"
+        if reason is None:
+            return False
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        return True
 
     # -- outputs -------------------------------------------------------------------------------
     def detokenize(self, seq: Sequence) -> str:

@@ -106,15 +106,22 @@ class Scheduler:
     def _schedule_decode(self) -> ScheduledBatch | None:
         seqs: list[Sequence] = []
         queue = [s for s in self.running if not s.in_prefill]
-        while queue:
-            seq = queue.pop(0)
-            while not self.block_manager.can_append(seq):
-                victim = queue.pop() if queue else seq
+        bm = self.block_manager
+        block_size = bm.block_size
+        i = 0  # queue[i:] still waits; victims are taken from its end
+        while i < len(queue):
+            seq = queue[i]
+            i += 1
+            if len(seq.block_table) * block_size >= len(seq.token_ids):
+                seqs.append(seq)  # the common case: its last block has room for the new token
+                continue
+            while not bm.can_append(seq):
+                victim = queue.pop() if len(queue) > i else seq
                 self._preempt(victim)
                 if victim is seq:
                     break
             else:
-                self.block_manager.may_append(seq)
+                bm.may_append(seq)
                 seqs.append(seq)
         if not seqs:
             return None
@@ -131,11 +138,13 @@ class Scheduler:
 
     def finish_step(self, batch: ScheduledBatch) -> None:
         """Advance progress after the model ran (before sampled tokens are appended)."""
+        caching = self.block_manager.enable_prefix_caching
         for seq, n in zip(batch.seqs, batch.num_scheduled):
             seq.num_computed_tokens += n
-            if seq.num_computed_tokens == seq.num_tokens:
+            if seq.num_computed_tokens == len(seq.token_ids):
                 seq.in_prefill = False
-            self.block_manager.mark_computed(seq)
+            if caching:
+                self.block_manager.mark_computed(seq)
 
     def remove_finished(self) -> list[Sequence]:
         done = [s for s in self.running if s.is_finished]
