@@ -64,3 +64,12 @@ def test_chunked_prefill_off(model_dir, mixed_prompts, hf_reference):
     _, got = run(model_dir("llama_gqa_untied"), mixed_prompts, enable_chunked_prefill=False,
                  max_num_batched_tokens=256, enable_prefix_caching=False)
     assert got == hf_reference("llama_gqa_untied", mixed_prompts)
+
+
+def test_staggered_finishes(model_dir, mixed_prompts, hf_reference):
+    # Every request stops at its own length, so decode batches shrink and rows shift between steps.
+    path = model_dir("llama3_rope_mqa")
+    params = [SamplingParams(temperature=0.0, max_tokens=1 + i % NEW_TOKENS, ignore_eos=True) for i in range(len(mixed_prompts))]
+    outs = LLM(path, device="cpu", max_model_len=256, block_size=4).generate(mixed_prompts, params)
+    ref = hf_reference("llama3_rope_mqa", mixed_prompts)
+    assert [o.token_ids for o in outs] == [r[: p.max_tokens] for r, p in zip(ref, params)]
