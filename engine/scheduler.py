@@ -139,6 +139,11 @@ class Scheduler:
     def finish_step(self, batch: ScheduledBatch) -> None:
         """Advance progress after the model ran (before sampled tokens are appended)."""
         caching = self.block_manager.enable_prefix_caching
+        if not batch.is_prefill and not caching:
+            # Decode: one token each, and every sequence already left prefill.
+            for seq in batch.seqs:
+                seq.num_computed_tokens += 1
+            return
         for seq, n in zip(batch.seqs, batch.num_scheduled):
             seq.num_computed_tokens += n
             if seq.num_computed_tokens == len(seq.token_ids):
