@@ -291,7 +291,7 @@ class ModelRunner:
         seqs = batch.seqs
         bs = len(seqs)
         if self.use_graphs and bs <= self.graph_max_bs:
-            bucket = next(b for b in self.buckets if b >= bs)
+            bucket = self._bucket_of[bs]
             self._prepare_decode(seqs, bucket)
             self.graphs[bucket].replay()
             return self.g_logits[bucket][:bs]  # fp32 inside the graph
@@ -357,6 +357,7 @@ class ModelRunner:
             reset_context()
         torch.cuda.synchronize()
         self.buckets = buckets
+        self._bucket_of = [next(b for b in buckets if b >= n) for n in range(max_bs + 1)]  # by batch size
         self._splits = None  # capture left the layers at the last bucket's split count
 
     # -- sampling ----------------------------------------------------------------------------------
