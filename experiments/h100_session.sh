@@ -26,7 +26,8 @@ case "${1:?part}" in
       --out "$OUTDIR/distill" --tokens "${DISTILL_TOKENS:-3000000}" --save-student "$H/student15";;
   prune_quant)
     timeout "${PQ_TIMEOUT:-560}" python3 experiments/prune_quant.py --model "$RUN/teacher" "$H/student15" \
-      --data-dir "$D" --out "$OUTDIR/prune_quant" --ft-steps "${FT_STEPS:-100}" --tf32;;
+      --data-dir "$D" --out "$OUTDIR/prune_quant" --ft-steps "${FT_STEPS:-100}" --tf32 \
+      --group-size "${PQ_GROUP:-64}" ${PQ_VARIANTS:+--variants "$PQ_VARIANTS"};;
   gqa)
     timeout "${GQA_TIMEOUT:-560}" python3 experiments/gqa.py --model "$RUN/teacher" "$H/student15" --data-dir "$D" \
       --out "$OUTDIR/gqa" --tokens "${GQA_TOKENS:-1500000}";;

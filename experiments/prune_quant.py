@@ -41,9 +41,17 @@ from train.loop import TrainConfig  # noqa: E402
 
 SKIP = ["lm_head", "*embed_tokens"]
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
-ALL_VARIANTS = (["dense"] + [f"{p}_2:4" for p in PRUNERS] + [f"{p}_2:4+ft" for p in PRUNERS]
-                + ["int8_rtn", "int4_g128_rtn", "int4_g128_gptq", "int4_g128_awq", "w8a8_smoothquant", "fp8",
-                   "sparsegpt_2:4+int4_g128_gptq"])
+
+
+def all_variants(group: int = 128) -> list[str]:
+    """Variant names; the int4 ones carry their group size (128 does not divide every width:
+    SmolLM2's hidden size 576 needs 64 or 32, or its q/k/v/o/gate/up stay unquantized)."""
+    g = f"int4_g{group}"
+    return (["dense"] + [f"{p}_2:4" for p in PRUNERS] + [f"{p}_2:4+ft" for p in PRUNERS]
+            + ["int8_rtn", f"{g}_rtn", f"{g}_gptq", f"{g}_awq", "w8a8_smoothquant", "fp8", f"sparsegpt_2:4+{g}_gptq"])
+
+
+ALL_VARIANTS = all_variants()
 T0 = time.time()
 
 
@@ -144,11 +152,13 @@ class Runner:
 
     # -- variants --------------------------------------------------------------------------------
     def run(self) -> None:
+        group = self.args.group_size
+        g = f"int4_g{group}"
         if self.wanted("dense"):
             self.record("dense", self.dense, 0.0)
         for p in PRUNERS:
             name = f"{p}_2:4"
-            needed = [name, f"{name}+ft"] + (["sparsegpt_2:4+int4_g128_gptq"] if p == "sparsegpt" else [])
+            needed = [name, f"{name}+ft"] + ([f"sparsegpt_2:4+{g}_gptq"] if p == "sparsegpt" else [])
             if not any(self.wanted(n) for n in needed):
                 continue
             model, report, secs = self.compress(self.dense, PruneMethod(p, SparsitySpec("2:4")))
@@ -160,9 +170,9 @@ class Runner:
                 self.finetune(p, model, report.masks)
         quant = {
             "int8_rtn": QuantMethod("rtn", QuantSpec(8, None, True)),
-            "int4_g128_rtn": QuantMethod("rtn", QuantSpec(4, 128, True)),
-            "int4_g128_gptq": QuantMethod("gptq", QuantSpec(4, 128, True), act_order=True),
-            "int4_g128_awq": QuantMethod("awq", QuantSpec(4, 128, True)),
+            f"{g}_rtn": QuantMethod("rtn", QuantSpec(4, group, True)),
+            f"{g}_gptq": QuantMethod("gptq", QuantSpec(4, group, True), act_order=True),
+            f"{g}_awq": QuantMethod("awq", QuantSpec(4, group, True)),
             "w8a8_smoothquant": QuantMethod("smoothquant", QuantSpec(8, None, True), alpha=self.args.alpha),
         }
         if self.device.type == "cpu" or torch.cuda.get_device_capability() >= (8, 9):
@@ -171,12 +181,12 @@ class Runner:
             if self.wanted(name):
                 model, report, secs = self.compress(self.dense, method)
                 self.record(name, model, secs, report)
-                if name == "int4_g128_gptq":
+                if name == f"{g}_gptq":
                     self.roundtrip_check(name)
-        name = "sparsegpt_2:4+int4_g128_gptq"
+        name = f"sparsegpt_2:4+{g}_gptq"
         if self.wanted(name) and "sparsegpt" in self.pruned:
             base, masks = self.pruned["sparsegpt"]
-            model, report, secs = self.compress(base, QuantMethod("gptq", QuantSpec(4, 128, True), masks=masks))
+            model, report, secs = self.compress(base, QuantMethod("gptq", QuantSpec(4, group, True), masks=masks))
             ok = all(bool((model.get_submodule(n).weight[~k] == 0).all()) for n, k in masks.items())
             self.record(name, model, secs, report, self.sparsity_meta(masks), {"zeros_kept": ok})
 
@@ -273,12 +283,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ft-docs", type=int, default=3000, help="corpus documents read for the fine-tune data")
     ap.add_argument("--tf32", action="store_true", help="TF32 matmuls for calibration and fine-tune (eval stays fp32)")
     ap.add_argument("--variants", default="", help=f"comma list (default all): {','.join(ALL_VARIANTS)}")
+    ap.add_argument("--group-size", type=int, default=128, help="int4 group size (64 for SmolLM2's width 576)")
     ap.add_argument("--quick", action="store_true", help="tiny random model on the CPU, seconds end to end")
     args = ap.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in args.variants if v not in ALL_VARIANTS]
+    known = all_variants(args.group_size)
+    unknown = [v for v in args.variants if v not in known]
     if unknown:
-        ap.error(f"unknown variants {unknown}; known: {ALL_VARIANTS}")
+        ap.error(f"unknown variants {unknown}; known: {known}")
     if args.quick:
         args.context, args.calib_samples, args.calib_len, args.calib_batch = 128, 8, 128, 4
         args.windows = args.windows or 4
