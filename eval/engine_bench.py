@@ -381,7 +381,8 @@ def host_overhead(args) -> dict:
     tokens, stop checks, removing finished sequences); loop = LLM.generate outside step(). Only
     decode steps are counted. By default the forward is stubbed (fixed outputs; see below); with
     --forward real it is the CPU's eager forward of the tiny model. On a GPU it is one graph replay,
-    so "host total" (everything but forward) is the figure that carries over.
+    so "host total" (everything but forward) is the figure that carries over. With --device cuda
+    and CUDA graphs, forward is the replay's launch and "sample" includes waiting for the GPU.
     """
     from transformers import LlamaConfig
 
@@ -423,8 +424,9 @@ def host_overhead(args) -> dict:
         # The forward reduced to returning fixed tensors (what a CUDA-graph replay costs the host is
         # a few us): the CPU's eager forward of even this model takes ~1.5 ms, evicts the caches
         # and churns the allocator, which inflates and blurs the host phases around it.
-        hidden = torch.zeros(eng.config.max_num_batched_tokens, HOST_SHAPE["hidden_size"], dtype=runner.dtype)
-        logits = torch.randn(max_bs, args.vocab, generator=torch.Generator().manual_seed(0)).to(runner.dtype)
+        hidden = torch.zeros(eng.config.max_num_batched_tokens, HOST_SHAPE["hidden_size"], dtype=runner.dtype,
+                             device=runner.device)
+        logits = torch.randn(max_bs, args.vocab, generator=torch.Generator().manual_seed(0)).to(runner.device, runner.dtype)
         runner.model.forward = lambda ids, positions: hidden[: ids.shape[0]]
         runner.model.compute_logits = lambda h: logits[: h.shape[0]]
     timed(eng.scheduler, "schedule", "schedule", note_kind)
@@ -432,6 +434,8 @@ def host_overhead(args) -> dict:
     timed(runner.model, "forward", "forward")
     timed(runner.model, "compute_logits", "forward")
     timed(runner, "_sample", "sample")
+    for graph in runner.graphs.values():  # CUDA: the replay's launch is the forward's host cost
+        timed(graph, "replay", "forward")
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
     inner_step = eng.step
     step_s = {"t": 0.0, "decode_steps": 0}

@@ -36,3 +36,14 @@ def test_capacity_paged_versus_reserved(capsys):
     assert res["paged_sequences"] > res["reserved_sequences"]
     assert res["paged_tokens_held"] <= res["pool_tokens"]
     assert "paged:" in capsys.readouterr().out
+
+
+def test_host_overhead_reports_every_phase(capsys):
+    engine_bench.main(["host", "--batch", "1", "3", "--steps", "8", "--repeat", "1"])
+    res = engine_bench.RESULTS["host"]
+    assert sorted(res) == [1, 3]
+    for row in res.values():
+        assert set(row) == {"schedule", "prepare", "forward", "sample", "postprocess", "loop", "host total", "all"}
+        assert row["schedule"] > 0 and row["prepare"] > 0 and row["sample"] > 0
+        assert abs(row["all"] - row["host total"] - row["forward"]) < 1e-6
+    assert "host total" in capsys.readouterr().out
