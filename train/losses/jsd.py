@@ -22,7 +22,7 @@ import torch
 
 from shrink.errors import ShrinkError
 from train.losses import register_loss
-from train.losses.kl import kl, log_probs
+from train.losses.kl import TeacherLoss, kl
 
 
 def generalized_jsd(s_log: torch.Tensor, t_log: torch.Tensor, beta: float) -> torch.Tensor:
@@ -37,16 +37,14 @@ def generalized_jsd(s_log: torch.Tensor, t_log: torch.Tensor, beta: float) -> to
 
 
 @register_loss("jsd")
-class GeneralizedJSD:
-    uses_teacher = True
-
+class GeneralizedJSD(TeacherLoss):
     def __init__(self, temperature: float = 1.0, beta: float = 0.5, **_: object) -> None:
-        self.tau = float(temperature)
+        super().__init__(temperature)
         self.beta = float(beta)
         if not 0.0 <= self.beta <= 1.0:
             raise ShrinkError(f"distill.losses.jsd.beta must be in [0, 1], got {beta}")
 
     def __call__(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                  mask: torch.Tensor) -> torch.Tensor:
-        s, t = log_probs(student[mask], self.tau), log_probs(teacher[mask], self.tau)
+        s, t = self.log_probs_of(student, teacher, mask)
         return generalized_jsd(s, t, self.beta).sum() * self.tau**2

@@ -23,31 +23,34 @@ def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p)).sum(-1)
 
 
-@register_loss("forward_kl")
-class ForwardKL:
-    """KL(teacher || student): mean-seeking, the classic KD loss."""
+class TeacherLoss:
+    """Base of the losses that compare the two distributions at temperature tau."""
 
     uses_teacher = True
 
     def __init__(self, temperature: float = 1.0, **_: object) -> None:
         self.tau = float(temperature)
 
+    def log_probs_of(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor):
+        """(student, teacher) log-probs of the masked rows, at temperature tau."""
+        return log_probs(student[mask], self.tau), log_probs(teacher[mask], self.tau)
+
+
+@register_loss("forward_kl")
+class ForwardKL(TeacherLoss):
+    """KL(teacher || student): mean-seeking, the classic KD loss."""
+
     def __call__(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                  mask: torch.Tensor) -> torch.Tensor:
-        s, t = log_probs(student[mask], self.tau), log_probs(teacher[mask], self.tau)
+        s, t = self.log_probs_of(student, teacher, mask)
         return kl(t, s).sum() * self.tau**2
 
 
 @register_loss("reverse_kl")
-class ReverseKL:
+class ReverseKL(TeacherLoss):
     """KL(student || teacher): mode-seeking; the student may drop teacher modes it cannot fit."""
-
-    uses_teacher = True
-
-    def __init__(self, temperature: float = 1.0, **_: object) -> None:
-        self.tau = float(temperature)
 
     def __call__(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                  mask: torch.Tensor) -> torch.Tensor:
-        s, t = log_probs(student[mask], self.tau), log_probs(teacher[mask], self.tau)
+        s, t = self.log_probs_of(student, teacher, mask)
         return kl(s, t).sum() * self.tau**2
