@@ -27,7 +27,6 @@ import copy
 import gc
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eval.perplexity import encode, perplexity, wikitext2_text  # noqa: E402
 from shrink.modeling import load_model, load_tokenizer, num_parameters, save_model_artifact  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
-from train.data import CORPUS_FILE, load_documents, pack, tokenize  # noqa: E402
+from train.data import CORPUS_FILE, budget_blocks  # noqa: E402
 
 T0 = time.time()
 PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16
@@ -111,24 +110,6 @@ class Results:
         tmp = self.path.with_suffix(".json.partial")
         tmp.write_text(json.dumps(self.data, indent=2, default=str))
         tmp.replace(self.path)
-
-
-def train_blocks(source: str, tokenizer, n_tokens: int, block_size: int, val_blocks: int, seed: int):
-    """Seeded-shuffled documents (the corpus is sorted by source), tokenized only until the budget is covered."""
-    docs = load_documents(source)
-    random.Random(seed).shuffle(docs)
-    need = n_tokens + (val_blocks + 1) * block_size
-    ids, have, i = [], 0, 0
-    while have < need and i < len(docs):
-        batch = tokenize(tokenizer, docs[i : i + 256])
-        ids.extend(batch)
-        have += sum(len(x) + 1 for x in batch)
-        i += 256
-    blocks = pack(ids, block_size, tokenizer.eos_token_id)
-    val, train = blocks[:val_blocks], blocks[val_blocks:]
-    if train.numel() < n_tokens:
-        log(f"note: {source} has {train.numel()} training tokens < budget {n_tokens}; blocks repeat")
-    return train, val
 
 
 def autocast(device: torch.device):
@@ -383,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         t = time.time()
         source = "pydoc" if args.quick else str(Path(args.data_dir) / CORPUS_FILE)
         calib_blocks = 8 if not args.quick else 2
-        train, val = train_blocks(source, tokenizer, args.tokens + calib_blocks * args.block_size, args.block_size,
-                                  16 if not args.quick else 2, args.seed)
+        train, val = budget_blocks(source, tokenizer, args.tokens + calib_blocks * args.block_size, args.block_size,
+                                  16 if not args.quick else 2, args.seed, docs_per_batch=256)
         calib, train = train[:calib_blocks], train[calib_blocks:]
         log(f"data: {train.shape[0]} train blocks of {args.block_size} ({train.numel()} tokens) from {source} "
             f"({time.time() - t:.1f}s)")

@@ -17,7 +17,6 @@ import argparse
 import copy
 import gc
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from eval.perplexity import encode, wikitext2_text  # noqa: E402
 from shrink.gqa import POOL_INITS, check_pool_target, kv_report, pool_kv_heads  # noqa: E402
 from shrink.modeling import load_model, load_tokenizer  # noqa: E402
 from shrink.stages.gqa import measure_ppl, uptrain  # noqa: E402
-from train.data import CORPUS_FILE, load_documents, pack, tokenize  # noqa: E402
+from train.data import CORPUS_FILE, budget_blocks  # noqa: E402
 from train.loop import TrainConfig  # noqa: E402
 
 T0 = time.time()
@@ -71,27 +70,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def train_blocks(source: str, tokenizer, n_train_tokens: int, block_size: int, val_blocks: int, seed: int):
-    """Seeded-shuffled documents, tokenized only until the budget is covered (the corpus is sorted by
-    source, so a prefix would be all Python docs), packed into [n, block] train and val blocks."""
-    docs = load_documents(source)
-    random.Random(seed).shuffle(docs)
-    need = n_train_tokens + (val_blocks + 1) * block_size
-    ids, have, i = [], 0, 0
-    while have < need and i < len(docs):
-        batch = tokenize(tokenizer, docs[i : i + 64])
-        ids.extend(batch)
-        have += sum(len(x) + 1 for x in batch)
-        i += 64
-    blocks = pack(ids, block_size, tokenizer.eos_token_id)
-    if blocks.shape[0] <= val_blocks:
-        raise SystemExit(f"{source}: only {blocks.shape[0]} blocks of {block_size} tokens")
-    val, train = blocks[:val_blocks], blocks[val_blocks:]
-    if train.numel() < n_train_tokens:
-        log(f"note: {source} has {train.numel()} training tokens < budget {n_train_tokens}; blocks repeat")
-    return train, val
-
-
 class Results:
     def __init__(self, out: Path, settings: dict) -> None:
         self.path = out / "results.json"
@@ -115,7 +93,7 @@ def run_model(path: Path, args: argparse.Namespace, results: Results, out: Path)
     check_pool_target(teacher.config, args.kv_heads, key="--kv-heads")
     tokenizer = load_tokenizer(path)
     wiki = encode(tokenizer, wikitext2_text(Path(args.data_dir)))
-    train, val = train_blocks(args.train_data, tokenizer, args.tokens, args.block_size, 16, args.seed)
+    train, val = budget_blocks(args.train_data, tokenizer, args.tokens, args.block_size, 16, args.seed, docs_per_batch=64)
     log(f"{name}: loaded; WikiText-2 {wiki.numel()} tokens, {train.shape[0]} train blocks of {args.block_size}")
     ppl_args = (args.context, args.context, args.max_windows, "bf16")
     kv = {"before": kv_report(teacher.config, 8, 2048, 2)}

@@ -158,12 +158,3 @@ def write_artifact(
         raise
     return Artifact(path=dest, meta=meta)
 
-
-def update_metrics(artifact: Artifact, metrics: dict[str, Any]) -> Artifact:
-    """Merge metrics into an existing artifact's shrink.json (atomic file replace)."""
-    meta = dict(artifact.meta)
-    meta["metrics"] = {**meta.get("metrics", {}), **metrics}
-    tmp = artifact.path / (META_FILE + f".{uuid.uuid4().hex[:8]}.partial")
-    tmp.write_text(json.dumps(meta, indent=2, default=str))
-    os.replace(tmp, artifact.path / META_FILE)
-    return Artifact(path=artifact.path, meta=meta)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -179,3 +180,26 @@ def load_packed(data_cfg: Any, tokenizer: Any, data_dir_value: str | None = None
     os.replace(tmp, cache)
     return data
 
+
+def budget_blocks(source: str, tokenizer: Any, n_tokens: int, block_size: int, val_blocks: int, seed: int,
+                  docs_per_batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) blocks for a token budget: documents in a seeded shuffle (the shared corpus is
+    sorted by source, so a prefix would be all Python docs), tokenized only until the budget and
+    `val_blocks` are covered. The first `val_blocks` blocks are validation."""
+    docs = load_documents(source)
+    random.Random(seed).shuffle(docs)
+    need = n_tokens + (val_blocks + 1) * block_size
+    ids: list[list[int]] = []
+    have, i = 0, 0
+    while have < need and i < len(docs):
+        batch = tokenize(tokenizer, docs[i : i + docs_per_batch])
+        ids.extend(batch)
+        have += sum(len(x) + 1 for x in batch)
+        i += docs_per_batch
+    blocks = pack(ids, block_size, tokenizer.eos_token_id)
+    if blocks.shape[0] <= val_blocks:
+        raise ShrinkError(f"{source}: only {blocks.shape[0]} blocks of {block_size} tokens")
+    val, train = blocks[:val_blocks], blocks[val_blocks:]
+    if train.numel() < n_tokens:
+        print(f"note: {source} has {train.numel()} training tokens < budget {n_tokens}; blocks repeat")
+    return train, val

@@ -13,6 +13,3 @@ register_stage = STAGES.register
 def get_stage(name: str):
     return STAGES.get(name)
 
-
-def stage_names() -> list[str]:
-    return STAGES.names()
