@@ -9,6 +9,7 @@ nano-vllm's workload, KV capacity, and greedy agreement with transformers on a r
     python -m eval.engine_bench agreement --model DIR
     python -m eval.engine_bench convert-gguf --gguf FILE --out DIR
     python -m eval.engine_bench host --batch 1 8 64 --steps 512        # CPU: host time per decode step
+    python -m eval.engine_bench profile --shape smollm2-135m --batch 1   # step vs graph vs kernels
 
 Every figure printed is measured in this process; baselines run in the same process, first.
 """
@@ -493,6 +494,15 @@ def host_overhead(args) -> dict:
     return out
 
 
+def profile(args) -> None:
+    from eval.decode_profile import profile_decode
+
+    path = shape_dir(args.shape) if args.shape else args.model
+    label = args.shape or os.path.basename(os.path.normpath(args.model))
+    RESULTS[f"profile:{label}"] = [profile_decode(path, bool(args.shape), bs, args.steps, args.prompt_len, args.top,
+                                                  args.eager, log) for bs in args.batch]
+
+
 # -- GGUF -> plain HF directory ---------------------------------------------------------------------------
 def convert_gguf(args) -> None:
     """A GGUF-loaded transformers model is flagged quantized (no .to(dtype), no save_pretrained), so
@@ -552,17 +562,26 @@ def main(argv: list[str] | None = None) -> None:
     h.add_argument("--device", default="cpu")
     h.add_argument("--forward", default="stub", choices=["stub", "real"],
                    help="stub: the model returns fixed hidden states and logits (the default); real: the tiny model runs")
+    pr = sub.add_parser("profile", help="decode step time: whole step, graph replay alone, kernels by name")
+    pr.add_argument("--model")
+    pr.add_argument("--shape", choices=sorted(SHAPES))
+    pr.add_argument("--batch", type=int, nargs="+", default=[1])
+    pr.add_argument("--steps", type=int, default=256)
+    pr.add_argument("--prompt-len", type=int, default=16)
+    pr.add_argument("--top", type=int, default=25)
+    pr.add_argument("--eager", action="store_true", help="no CUDA graphs")
     g = sub.add_parser("convert-gguf")
     g.add_argument("--gguf", required=True)
     g.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    if args.cmd == "decode" and not (args.model or args.shape):
-        ap.error("decode needs --model or --shape")
+    if args.cmd in ("decode", "profile") and not (args.model or args.shape):
+        ap.error(f"{args.cmd} needs --model or --shape")
     log(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} torch {torch.__version__} "
         f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}: {' '.join(sys.argv)}")
     {"ceilings": lambda: ceilings(), "decode": lambda: decode(args), "throughput": lambda: throughput(args),
      "capacity": lambda: capacity(args), "agreement": lambda: agreement(args),
-     "convert-gguf": lambda: convert_gguf(args), "host": lambda: host_overhead(args)}[args.cmd]()
+     "convert-gguf": lambda: convert_gguf(args), "host": lambda: host_overhead(args),
+     "profile": lambda: profile(args)}[args.cmd]()
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({args.cmd: RESULTS}, default=str) + "\n")

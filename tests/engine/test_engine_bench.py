@@ -47,3 +47,31 @@ def test_host_overhead_reports_every_phase(capsys):
         assert row["schedule"] > 0 and row["prepare"] > 0 and row["sample"] > 0
         assert abs(row["all"] - row["host total"] - row["forward"]) < 1e-6
     assert "host total" in capsys.readouterr().out
+
+
+def test_busy_fraction_merges_overlapping_kernels():
+    from eval.decode_profile import busy_fraction
+
+    # [0,10) and [5,15) overlap -> 15; [20,25) -> 5; 20 of a 40-us window.
+    assert busy_fraction([(20, 25), (0, 10), (5, 15)], 40) == 0.5
+    assert busy_fraction([], 10) == 0.0
+
+
+def test_kernel_table_sums_per_step():
+    from types import SimpleNamespace
+
+    from eval.decode_profile import kernel_table
+
+    def ev(name, us):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    rows = kernel_table([ev("gemv", 4.0), ev("gemv", 6.0), ev("norm", 1.0), ev("gemv", 2.0), ev("norm", 1.0)], steps=2)
+    assert rows[0] == {"kernel": "gemv", "per_step": 1.5, "us_per_step": 6.0, "us_each": 4.0}
+    assert rows[1]["kernel"] == "norm" and rows[1]["us_per_step"] == 1.0
+
+
+def test_profile_runs_on_the_cpu(capsys):
+    engine_bench.main(["profile", "--shape", "smollm2-135m", "--batch", "1", "--steps", "4", "--top", "3"])
+    (res,) = engine_bench.RESULTS["profile:smollm2-135m"]
+    assert res["step_us"] > 0 and res["tok_s"] > 0 and "graph_us" not in res  # no graphs on the CPU
+    assert "profile batch 1 (eager)" in capsys.readouterr().out

@@ -1,0 +1,111 @@
+"""Where a decode step's time goes: the whole step, the GPU work alone, and the kernels.
+
+    python -m eval.engine_bench profile --shape smollm2-135m --batch 1 [--steps 256] [--top 25]
+
+Three figures per batch size, all from this process:
+  step      wall time per token of `LLM.generate` (greedy, ignore EOS), prefill amortised;
+  graph     the captured decode graph replayed back to back with one sync at the end: the GPU's
+            own time per step, with no host work between steps (CUDA graphs only);
+  kernels   a torch.profiler trace of decode steps: kernel time per step by kernel name, and the
+            GPU-busy fraction (union of kernel intervals / wall time of the traced window).
+step - graph is what the host adds per token that the GPU does not hide.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+
+def _kernel_events(prof) -> list[Any]:
+    out = []
+    for e in prof.events():
+        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            out.append(e)
+    return out
+
+
+def busy_fraction(intervals: list[tuple[float, float]], window: float) -> float:
+    """Union length of [start, end) intervals over the window length."""
+    if window <= 0:
+        return 0.0
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in sorted(intervals):
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        total += cur_e - cur_s
+    return total / window
+
+
+def kernel_table(events: list[Any], steps: int) -> list[dict]:
+    """Per kernel name: launches per step, total us per step, mean us per launch; largest first."""
+    agg: dict[str, list[float]] = defaultdict(list)
+    for e in events:
+        agg[e.name].append(e.time_range.elapsed_us())
+    rows = [{"kernel": name, "per_step": len(d) / steps, "us_per_step": sum(d) / steps, "us_each": sum(d) / len(d)}
+            for name, d in agg.items()]
+    return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
+def profile_decode(path: str, dummy: bool, batch: int, steps: int, prompt_len: int, top: int, eager: bool,
+                   log=print) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine import LLM, SamplingParams
+    from eval.engine_bench import _prompts
+
+    llm = LLM(path, load_format="dummy" if dummy else "safetensors", max_num_seqs=batch, cuda_graph_max_bs=batch,
+              max_model_len=prompt_len + steps + 16, enable_prefix_caching=False, enforce_eager=eager)
+    runner = llm.engine.runner
+    vocab = llm.engine.vocab_size
+    on_cuda = runner.device.type == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    greedy = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+    llm.generate(_prompts(batch, prompt_len, vocab, 7), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    sync()
+    t = time.perf_counter()
+    llm.generate(_prompts(batch, prompt_len, vocab, 8), greedy)
+    sync()
+    step_us = 1e6 * (time.perf_counter() - t) / steps
+    res: dict[str, Any] = {"batch": batch, "step_us": step_us, "tok_s": batch * 1e6 / step_us}
+    if runner.graphs:
+        graph = runner.graphs[runner._bucket_of[batch]]
+        reps = 200
+        graph.replay()
+        sync()
+        t = time.perf_counter()
+        for _ in range(reps):
+            graph.replay()
+        sync()
+        res["graph_us"] = 1e6 * (time.perf_counter() - t) / reps
+    traced = min(steps, 64)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    sync()
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        llm.generate(_prompts(batch, prompt_len, vocab, 9), SamplingParams(temperature=0, max_tokens=traced, ignore_eos=True))
+        sync()
+        window_us = 1e6 * (time.perf_counter() - t0)
+    kernels = _kernel_events(prof)
+    table = kernel_table(kernels, traced)
+    res["kernel_us_per_step"] = sum(r["us_per_step"] for r in table)
+    res["launches_per_step"] = sum(r["per_step"] for r in table)
+    res["gpu_busy"] = busy_fraction([(e.time_range.start, e.time_range.end) for e in kernels], window_us)
+    res["kernels"] = table[:top]
+    mode = "CUDA graphs" if runner.graphs else "eager"
+    log(f"profile batch {batch} ({mode}): step {step_us:.1f} us/token "
+        f"({res['tok_s']:.0f} tok/s)" + (f", graph replay alone {res['graph_us']:.1f} us" if "graph_us" in res else "")
+        + f", kernels {res['kernel_us_per_step']:.1f} us in {res['launches_per_step']:.0f} launches per step, "
+        f"GPU busy {100 * res['gpu_busy']:.1f}% of the traced window (prefill of {traced}-token run included)")
+    for r in table[:top]:
+        log(f"    {r['us_per_step']:8.1f} us/step {r['per_step']:6.1f}x {r['us_each']:7.2f} us  {r['kernel'][:110]}")
+    del llm
+    return res
