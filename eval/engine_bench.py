@@ -95,7 +95,10 @@ def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(100, min(vocab, 30000), (batch, length), generator=g).tolist()
 
 
-def hf_static_decode(model_dir: str | None, shape: str | None, batches: list[int], new_tokens: int, prompt_len: int) -> dict:
+def hf_static_decode(model_dir: str | None, shape: str | None, batches: list[int], new_tokens: int, prompt_len: int,
+                     compile: bool = False) -> dict:
+    """transformers generate with a static cache; ``compile`` lets generate torch.compile the forward
+    (its default with a static cache), else ``disable_compile=True``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if shape:
@@ -112,16 +115,16 @@ def hf_static_decode(model_dir: str | None, shape: str | None, batches: list[int
     for bs in batches:
         ids = torch.tensor(_prompts(bs, prompt_len, model.config.vocab_size, bs), device="cuda")
         kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                  do_sample=False, cache_implementation="static", pad_token_id=0, disable_compile=True)
+                  do_sample=False, cache_implementation="static", pad_token_id=0, disable_compile=not compile)
         with torch.no_grad():
-            model.generate(ids, **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
+            model.generate(ids, **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up (and compile)
             torch.cuda.synchronize()
             t = time.perf_counter()
             model.generate(ids, **kw)
             torch.cuda.synchronize()
             dt = time.perf_counter() - t
         out[bs] = bs * new_tokens / dt
-        log(f"  transformers static cache  batch {bs:3d}: {out[bs]:9.1f} tok/s ({bs * new_tokens} tokens in {dt:.2f} s)")
+        log(f"  transformers static cache{' compiled' if compile else ''} batch {bs:3d}: {out[bs]:9.1f} tok/s ({bs * new_tokens} tokens in {dt:.2f} s)")
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -161,7 +164,8 @@ def decode(args) -> None:
     log(f"decode {label}: {args.new_tokens} new tokens after a {args.prompt_len}-token prompt, bf16, greedy")
     res: dict[str, Any] = {}
     if args.hf:
-        res["transformers_static"] = hf_static_decode(args.model, args.shape, args.batch, args.new_tokens, args.prompt_len)
+        res["transformers_static"] = hf_static_decode(args.model, args.shape, args.batch, args.new_tokens, args.prompt_len,
+                                                      compile=args.hf_compile)
     res["engine"] = engine_decode(path, bool(args.shape), args.batch, args.new_tokens, args.prompt_len)
     if args.roofline:
         from transformers import AutoConfig
@@ -541,6 +545,7 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--new-tokens", type=int, default=256)
     d.add_argument("--prompt-len", type=int, default=16)
     d.add_argument("--hf", action="store_true", help="measure transformers generate with a static cache first")
+    d.add_argument("--hf-compile", action="store_true", help="let transformers torch.compile its static-cache decode")
     d.add_argument("--roofline", action="store_true")
     t = sub.add_parser("throughput")
     t.add_argument("--shape", default="tinyllama", choices=sorted(SHAPES))
