@@ -30,12 +30,11 @@ class LossTerm:
         return bool(getattr(self.fn, "uses_teacher", True))
 
 
-def _chunk_loss(s_hidden, t_hidden, labels, mask, s_head, t_head, terms, top_k):
-    s_logits = s_head(s_hidden).float()
-    t_logits = None
-    if t_hidden is not None:
-        with torch.no_grad():
-            t_logits = t_head(t_hidden).float()
+def term_sums(s_logits, t_logits, labels, mask, terms, top_k):
+    """Every term's SUM over the chunk's tokens, stacked [n_terms], from fp32 logits.
+
+    Shared by the checkpoint path below and the fused path (train/fused_head_loss.py), so both
+    give every term the same meaning. `mask` None means every row counts."""
     s_kd, t_kd = s_logits, t_logits
     if top_k and t_logits is not None and top_k < t_logits.shape[-1]:
         t_kd, idx = t_logits.topk(top_k, dim=-1)
@@ -49,14 +48,27 @@ def _chunk_loss(s_hidden, t_hidden, labels, mask, s_head, t_head, terms, top_k):
     return torch.stack(parts)
 
 
+def _chunk_loss(s_hidden, t_hidden, labels, mask, s_head, t_head, terms, top_k):
+    s_logits = s_head(s_hidden).float()
+    t_logits = None
+    if t_hidden is not None:
+        with torch.no_grad():
+            t_logits = t_head(t_hidden).float()
+    return term_sums(s_logits, t_logits, labels, mask, terms, top_k)
+
+
 def chunked_distill_loss(student_hidden: torch.Tensor, student_head: torch.nn.Module,
                          teacher_hidden: torch.Tensor | None, teacher_head: torch.nn.Module | None,
                          labels: torch.Tensor, terms: list[LossTerm], chunk_size: int = 1024,
-                         top_k: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                         top_k: int | None = None, fused: bool = True,
+                         compile_loss: bool | str = "auto") -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted mean over tokens of every term. `labels` uses -100 for tokens that do not count.
 
     Hidden states are [batch, seq, hidden] already aligned with `labels` [batch, seq] (the caller
-    shifts). Returns (total loss, {term: mean value}).
+    shifts). Returns (total loss, {term: mean value}). With `fused` (and a plain bias-free Linear
+    student head, grad enabled) the fused head+loss path of train/fused_head_loss.py computes the
+    same values without recomputing chunks in backward; `compile_loss` (auto | true | false) lets
+    it torch.compile the per-chunk terms. Otherwise each chunk is checkpointed as described above.
     """
     s_flat = student_hidden.reshape(-1, student_hidden.shape[-1])
     t_flat = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
@@ -73,6 +85,14 @@ def chunked_distill_loss(student_hidden: torch.Tensor, student_head: torch.nn.Mo
         s_flat, safe_labels = s_flat[rows], safe_labels[rows]
         t_flat = t_flat[rows] if t_flat is not None else None
         mask = torch.ones_like(safe_labels, dtype=torch.bool)
+    weights = torch.tensor([t.weight for t in terms], device=s_flat.device, dtype=torch.float32)
+    if fused:
+        from train.fused_head_loss import can_fuse, fused_head_loss  # it imports term_sums from here
+
+        if can_fuse(student_head, s_flat):
+            total, sums = fused_head_loss(s_flat, student_head, t_flat, teacher_head, safe_labels, terms, weights,
+                                          chunk_size, top_k, n_tokens, compile_loss)
+            return total, {t.name: float(v) for t, v in zip(terms, (sums / n_tokens).cpu())}
     sums = None
     for start in range(0, s_flat.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
@@ -83,6 +103,5 @@ def chunked_distill_loss(student_hidden: torch.Tensor, student_head: torch.nn.Mo
             part = _chunk_loss(*args, student_head, teacher_head, terms, top_k)
         sums = part if sums is None else sums + part
     means = sums / n_tokens
-    weights = torch.tensor([t.weight for t in terms], device=means.device, dtype=means.dtype)
     total = (means * weights).sum()
     return total, {t.name: float(v) for t, v in zip(terms, means.detach().cpu())}

@@ -20,6 +20,8 @@ class TrainConfig:
     warmup_steps: int = 50
     max_grad_norm: float = 1.0
     chunk_size: int = 1024         # tokens per loss chunk (bounds fp32 [tokens x vocab] memory)
+    fused_head_loss: bool = True   # fused head + loss (train/fused_head_loss.py); False: checkpoint path
+    compile_loss: Any = "auto"     # torch.compile the fused per-chunk terms: auto (on CUDA) | true | false
     losses: dict[str, Any] = field(default_factory=lambda: {"forward_kl": 1.0, "ce": 0.5})
     temperature: float = 2.0
     top_k: int | None = None       # truncate the teacher to its top-k tokens (see chunked_loss)
@@ -63,6 +65,10 @@ class TrainConfig:
             raise ShrinkError(f"{p}.temperature must be > 0, got {self.temperature}")
         if not self.losses:
             raise ShrinkError(f"{p}.losses is empty: name at least one loss with a weight")
+        if not isinstance(self.fused_head_loss, bool):
+            raise ShrinkError(f"{p}.fused_head_loss must be true or false, got {self.fused_head_loss!r}")
+        if not (self.compile_loss == "auto" or isinstance(self.compile_loss, bool)):
+            raise ShrinkError(f"{p}.compile_loss must be auto, true or false, got {self.compile_loss!r}")
         if self.top_k is not None and int(self.top_k) < 1:
             raise ShrinkError(f"{p}.top_k must be >= 1 or null, got {self.top_k}")
         if self.layer_loss not in LAYER_LOSSES:

@@ -66,8 +66,10 @@ def _layer_pairs(tc: TrainConfig) -> list[LayerPair]:
 def distill_batch_loss(student, teacher, batch: Batch | torch.Tensor, terms: list[LossTerm], chunk_size: int,
                        top_k: int | None = None, pairs: list[LayerPair] | None = None,
                        projector: LayerProjector | None = None, layer_kind: str = "cosine",
-                       layer_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """The weighted loss of one batch: logit terms per row group (+ the intermediate-layer term)."""
+                       layer_weight: float = 0.0, fused_head_loss: bool = True,
+                       compile_loss: bool | str = "auto") -> tuple[torch.Tensor, dict[str, float]]:
+    """The weighted loss of one batch: logit terms per row group (+ the intermediate-layer term).
+    `fused_head_loss` / `compile_loss`: see chunked_distill_loss."""
     if isinstance(batch, torch.Tensor):
         batch = as_train_data(batch).collate(torch.arange(batch.shape[0]))
     pairs = pairs or []
@@ -84,7 +86,8 @@ def distill_batch_loss(student, teacher, batch: Batch | torch.Tensor, terms: lis
     total, parts = None, {}
     for name, rows, weight in batch.groups:
         loss, group_parts = chunked_distill_loss(s_hidden[rows], s_head, t_hidden[rows] if t_hidden is not None
-                                                 else None, t_head, batch.labels[rows], terms, chunk_size, top_k)
+                                                 else None, t_head, batch.labels[rows], terms, chunk_size, top_k,
+                                                 fused_head_loss, compile_loss)
         total = loss * weight if total is None else total + loss * weight
         tag = "" if len(batch.groups) == 1 else f"{name}_"
         parts.update({f"{tag}{k}": v for k, v in group_parts.items()})
@@ -99,7 +102,7 @@ def distill_batch_loss(student, teacher, batch: Batch | torch.Tensor, terms: lis
 
 def _loss_kwargs(tc: TrainConfig, projector) -> dict:
     return dict(top_k=tc.top_k, pairs=_layer_pairs(tc), projector=projector, layer_kind=tc.layer_loss,
-                layer_weight=tc.layer_weight)
+                layer_weight=tc.layer_weight, fused_head_loss=tc.fused_head_loss, compile_loss=tc.compile_loss)
 
 
 @torch.no_grad()
@@ -185,8 +188,16 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
         params += [(f"proj.{n}", p) for n, p in projector.named_parameters()]
     decay = [p for _, p in params if p.ndim >= 2]
     no_decay = [p for _, p in params if p.ndim < 2]
+    if accelerator.device.type == "cuda" and getattr(accelerator, "device_placement", True):
+        # prepare() would move them anyway; moving first lets the optimizer see where they live.
+        student.to(accelerator.device)
+        if projector is not None:
+            projector.to(accelerator.device)
+    # One fused CUDA kernel for the whole update instead of a few launches per parameter tensor.
+    fused = (bool(params) and all(p.is_cuda and p.dtype == torch.float32 for _, p in params)) or None
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95))
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95),
+                                  fused=fused)
     # Not prepared: accelerate would step it once per process; we step it once per optimizer step.
     scheduler = get_cosine_schedule_with_warmup(optimizer, tc.warmup_steps, tc.max_steps)
     if projector is not None:

@@ -5,7 +5,8 @@ jsd.py), `tvd` (total variation, tvd.py).
 
 A loss is a small object called as `loss(student, teacher, labels, mask)` on one chunk of
 tokens: `student` and `teacher` are fp32 logits [n, vocab], `labels` the next-token ids [n],
-`mask` a bool [n] of the tokens that count. It returns the SUM over masked tokens, so chunks add
+`mask` a bool [n] of the tokens that count, or None when all do (the fused path passes None:
+boolean indexing has a data-dependent shape, which torch.compile cannot fuse). It returns the SUM over masked tokens, so chunks add
 up; the caller divides by the number of tokens.
 """
 

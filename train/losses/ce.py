@@ -17,4 +17,6 @@ class CrossEntropy:
 
     def __call__(self, student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor,
                  mask: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(student[mask], labels[mask], reduction="sum")
+        if mask is not None:  # None: every row counts
+            student, labels = student[mask], labels[mask]
+        return F.cross_entropy(student, labels, reduction="sum")

@@ -32,8 +32,10 @@ class TeacherLoss:
         self.tau = float(temperature)
 
     def log_probs_of(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor):
-        """(student, teacher) log-probs of the masked rows, at temperature tau."""
-        return log_probs(student[mask], self.tau), log_probs(teacher[mask], self.tau)
+        """(student, teacher) log-probs of the masked rows (all rows if mask is None), at temperature tau."""
+        if mask is not None:
+            student, teacher = student[mask], teacher[mask]
+        return log_probs(student, self.tau), log_probs(teacher, self.tau)
 
 
 @register_loss("forward_kl")

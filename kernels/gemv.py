@@ -1,0 +1,209 @@
+"""Skinny GEMM for decode: y = x @ W^T with x [M, K], M <= SMALL_M rows, W [N, K] (nn.Linear layout).
+
+At batch 1-16 a decode step's matmuls are memory bound: each reads its whole weight once. cuBLAS
+picks tile shapes made for large M, so small matrices spend more time in launch and tile setup
+than in reading bytes; here each program streams a few contiguous rows of W with wide loads, and
+the small ops around the matmul ride along in the same launch (constexpr flags):
+
+- NORM: RMSNorm prologue. The input is the residual stream h; every program recomputes the row
+  norms itself (K <= 8192: a second pass over a few KB that sits in L2) instead of a norm launch.
+- RESIDUAL: out = residual + x @ W^T (o_proj, down_proj adding into the residual stream).
+- SWIGLU: W is the fused gate_up [2 * I, K]; out[:, j] = silu(gate_j) * up_j, one launch for the
+  gate_up matmul and the activation.
+- bias (Qwen2's qkv).
+
+Rounding follows the unfused modules so bf16 results match them: the norm as kernels/rmsnorm.py,
+the matmul output rounded to the input dtype before bias-free epilogues (residual add, silu), as
+separate launches would round it. Block sizes come from a fixed heuristic, not autotuning: the
+decode forward is captured in CUDA graphs, where autotuning (timing runs, syncs) cannot happen.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from kernels._triton import HAS_TRITON, next_pow2, tl, triton
+from kernels.activation import silu_and_mul_ref
+from kernels.rmsnorm import rmsnorm_ref
+
+SMALL_M = 16  # most rows the skinny GEMM takes; larger batches go to cuBLAS
+MAX_NORM_K = 8192  # the norm prologue rereads the input rows in every program: keep them small
+TARGET_PROGRAMS = 128  # about one program per SM of an H100 (132), more where N allows
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_TILE = 8192  # elements of a W tile (BLOCK_N x BLOCK_K) at M == 1
+
+
+def gemv_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+    norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+    residual: torch.Tensor | None = None, swiglu: bool = False,
+) -> torch.Tensor:
+    """The unfused modules, in their order: rmsnorm, linear (+bias), silu_and_mul, residual add."""
+    if norm_weight is not None:
+        x = rmsnorm_ref(x, norm_weight, eps)
+    y = F.linear(x, weight, bias)
+    if swiglu:
+        y = silu_and_mul_ref(y)
+    if residual is not None:
+        y = y + residual
+    return y
+
+
+def gemv_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for M rows, N output columns, K inputs.
+
+    M == 1: a multiply-reduce over [BLOCK_N, BLOCK_K] tiles on the CUDA cores. M > 1: tl.dot on a
+    16-row tile (its minimum), the padding rows cost registers, not memory traffic.
+    BLOCK_N: as wide as leaves >= TARGET_PROGRAMS programs, so that small N still fills the GPU.
+    BLOCK_K: the whole row up to 1024 (all of a program's loads in flight at once: these matmuls
+    are latency bound), else 512-wide steps.
+    """
+    block_m = 1 if m == 1 else 16
+    lo = 2 if m == 1 else 16
+    block_n = lo
+    while block_n < 64 and triton.cdiv(n, block_n * 2) >= TARGET_PROGRAMS:
+        block_n *= 2
+    block_k = min(next_pow2(k), 1024 if m == 1 else 256)
+    while block_n > lo and block_n * block_k > MAX_TILE:  # registers: ~32 fp32 values a thread
+        block_n //= 2
+    if m == 1:
+        block_k = max(block_k, 16)
+        # ~16 elements per thread: one or two 16-byte loads each.
+        num_warps = max(1, min(8, block_n * block_k // (32 * 16)))
+    else:
+        block_k = max(block_k, 32)
+        num_warps = 4
+    return block_m, block_n, block_k, num_warps
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _rnd(v, dtype: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+        """fp32 v rounded to the nearest dtype value (ties to even), kept in fp32: the kernel rounds
+        wherever the unfused modules write a 16-bit tensor, and does its arithmetic in fp32 (for
+        16-bit operands the fp32 product or sum is the exact one, rounded once more by _rnd, as
+        torch does). The interpreter's fp32 -> bf16 cast truncates: there, round on the bits."""
+        if BF16_BY_HAND:
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True)
+        else:
+            return v.to(dtype).to(tl.float32)
+
+    @triton.jit
+    def _mac(acc, x, w, BLOCK_M: tl.constexpr, IEEE: tl.constexpr):
+        """acc [BLOCK_M, BLOCK_N] += x [BLOCK_M, BLOCK_K] @ w[BLOCK_N, BLOCK_K]^T in fp32."""
+        if BLOCK_M == 1:
+            return acc + tl.sum(w.to(tl.float32) * x.to(tl.float32), 1)[None, :]
+        elif IEEE:  # fp32: no tf32 rounding of the inputs
+            return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            return acc + tl.dot(x, tl.trans(w))
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr,
+        M, eps, x_stride, res_stride, out_stride,
+        N: tl.constexpr, K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr,
+        IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+    ):
+        # N counts output columns: with SWIGLU, W has 2N rows (gate rows, then up rows).
+        rows = tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        ks = tl.arange(0, BLOCK_K)
+        x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_stride
+        w_rows = w_ptr + cols.to(tl.int64)[:, None] * K
+        dtype = x_ptr.dtype.element_ty
+
+        if NORM:  # sum of squares of each input row, as kernels/rmsnorm.py: fp32, / K, rsqrt
+            sq = tl.zeros([BLOCK_M], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + ks
+                h = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & (k < K)[None, :], other=0.0)
+                h = h.to(tl.float32)
+                sq += tl.sum(h * h, 1)
+            rstd = tl.rsqrt(sq / K + eps)
+
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + ks
+            k_mask = k < K
+            x = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            if NORM:  # normalise in fp32, round to the input dtype, scale in the input dtype
+                nw = tl.load(nw_ptr + k, mask=k_mask, other=0.0)
+                x = _rnd(x.to(tl.float32) * rstd[:, None], dtype, BF16_BY_HAND)
+                x = _rnd(nw.to(tl.float32)[None, :] * x, dtype, BF16_BY_HAND).to(dtype)  # exact cast
+            w_mask = col_mask[:, None] & k_mask[None, :]
+            w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)
+            acc = _mac(acc, x, w, BLOCK_M, IEEE)
+            if SWIGLU:
+                w_up = tl.load(w_rows + N * K + k[None, :], mask=w_mask, other=0.0)
+                acc_up = _mac(acc_up, x, w_up, BLOCK_M, IEEE)
+
+        if HAS_BIAS:  # added in fp32 before rounding, as cuBLAS's bias epilogue does
+            acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            if SWIGLU:
+                acc_up += tl.load(b_ptr + N + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        y = _rnd(acc, dtype, BF16_BY_HAND)  # the matmul's output, rounded as a separate GEMM writes it
+        if SWIGLU:  # as kernels/activation.py: silu in fp32 rounded to the dtype, times up
+            act = _rnd(y / (1.0 + tl.exp(-y)), dtype, BF16_BY_HAND)
+            y = _rnd(act * _rnd(acc_up, dtype, BF16_BY_HAND), dtype, BF16_BY_HAND)
+        out_mask = row_mask[:, None] & col_mask[None, :]
+        if RESIDUAL:
+            res = tl.load(res_ptr + rows.to(tl.int64)[:, None] * res_stride + cols[None, :], mask=out_mask, other=0.0)
+            y = _rnd(y + res.to(tl.float32), dtype, BF16_BY_HAND)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * out_stride + cols[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=out_mask)
+
+
+def gemv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+    norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+    residual: torch.Tensor | None = None, swiglu: bool = False, out: torch.Tensor | None = None,
+    config: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """Triton version of gemv_ref for x [M <= SMALL_M, K]. ``out`` may be ``residual`` itself (an
+    in-place add into the residual stream: each program reads and writes only its own columns),
+    but not ``x`` when the norm prologue reads whole rows of it. ``config`` overrides gemv_config."""
+    m, k = x.shape
+    rows_w, kw = weight.shape
+    n = rows_w // 2 if swiglu else rows_w
+    assert k == kw and m <= SMALL_M and weight.is_contiguous(), (x.shape, weight.shape)
+    assert not (swiglu and rows_w % 2)
+    assert norm_weight is None or k <= MAX_NORM_K
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    assert out.shape == (m, n) and out.stride(1) == 1
+    assert norm_weight is None or out.data_ptr() != x.data_ptr(), "the norm prologue reads rows out would overwrite"
+    if residual is not None:
+        assert residual.shape == (m, n) and residual.stride(1) == 1
+    if m == 0:
+        return out
+    block_m, block_n, block_k, num_warps = config or gemv_config(m, n, k)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight,
+        bias if bias is not None else weight,  # unused pointers: any tensor
+        norm_weight if norm_weight is not None else weight,
+        residual if residual is not None else out,
+        out,
+        m, eps, x.stride(0), (residual if residual is not None else out).stride(0), out.stride(0),
+        N=n, K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, NORM=norm_weight is not None, RESIDUAL=residual is not None, SWIGLU=swiglu,
+        # The interpreter's tl.dot gets 16-bit floats wrong (it multiplies their raw bits): there
+        # take the fp32 dot, which gives the same result (products of 16-bit floats are exact in fp32).
+        IEEE=x.dtype == torch.float32 or _INTERPRET,
+        BF16_BY_HAND=_INTERPRET and x.dtype == torch.bfloat16,
+        num_warps=num_warps,
+    )
+    return out
