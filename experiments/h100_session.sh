@@ -41,7 +41,7 @@ case "${1:?part}" in
     sleep 5; cat "$H/pipeline.log";;
   pipeline)  # detached: speed bench alone, then KD runs with the prune/quantize runs beside them
     R=$H/res; L=$R/logs; mkdir -p "$L"
-    PQ="python3 experiments/prune_quant.py --data-dir $D --ft-steps ${FT_STEPS:-60} --tf32 --group-size ${PQ_GROUP:-64}"
+    PQ="python3 experiments/prune_quant.py --data-dir $D --ft-steps ${FT_STEPS:-60} --tf32 --group-size ${PQ_GROUP:-64} ${PQ_ARGS:-}"
     python3 experiments/distill.py --teacher "$RUN/teacher" --data-dir "$D" --out "$R/distill_speed" --tokens 1 \
       --parts speed ${DISTILL_ARGS:-} > "$L/speed.log" 2>&1
     $PQ --model "$RUN/teacher" --out "$R/pq_teacher" --variants "${PQ_TEACHER_VARIANTS:-dense,int4_g64_rtn,int4_g64_gptq,int4_g64_awq,sparsegpt_2:4,sparsegpt_2:4+int4_g64_gptq}" > "$L/pq_teacher.log" 2>&1 &
