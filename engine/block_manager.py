@@ -114,13 +114,21 @@ class BlockManager:
         self.seq_hashes.pop(seq.seq_id, None)
         seq.num_computed_tokens = 0  # num_cached_tokens stays: the output reports it
 
-    def can_append(self, seq: Sequence) -> bool:
-        """Room for the sequence's last token (the one the next decode step computes)."""
-        need = seq.num_blocks(self.block_size) - len(seq.block_table)
-        return need <= self.num_free_blocks
+    def blocks_to_append(self, seq: Sequence, num_slots: int = 1) -> int:
+        """New blocks ``seq`` needs for the K/V of its next ``num_slots`` decode inputs: its last
+        token and the num_slots - 1 tokens a multi-step decode feeds back after it."""
+        num_tokens = seq.num_tokens + num_slots - 1
+        return max(0, (num_tokens + self.block_size - 1) // self.block_size - len(seq.block_table))
 
-    def may_append(self, seq: Sequence) -> None:
-        while len(seq.block_table) < seq.num_blocks(self.block_size):
+    def can_append(self, seq: Sequence, num_slots: int = 1) -> bool:
+        """Room for the sequence's last token (the one the next decode step computes), and with
+        num_slots > 1 for the tokens of the decode steps after it."""
+        return self.blocks_to_append(seq, num_slots) <= self.num_free_blocks
+
+    def may_append(self, seq: Sequence, num_slots: int = 1) -> None:
+        # A multi-step decode may leave a finished sequence with a block past its last token; it
+        # is freed with the sequence, and hashes only ever cover computed tokens (mark_computed).
+        for _ in range(self.blocks_to_append(seq, num_slots)):
             seq.block_table.append(self._take_free())
 
     # -- prefix cache registration -----------------------------------------------------------

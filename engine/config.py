@@ -28,6 +28,10 @@ class EngineConfig:
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "float32" | "bfloat16" | "float16"
     enforce_eager: bool = False  # no CUDA graphs
     cuda_graph_max_bs: int = 256
+    # Multi-step decoding: a decode step whose sequences are all plain greedy (and with no request
+    # waiting) runs up to this many forwards back to back on the device, feeding each argmax into
+    # the next forward there, then brings all tokens back with one sync. 1: one token per step.
+    num_decode_steps: int = 8
     use_triton: bool | None = None  # None: Triton kernels on CUDA, torch references on CPU
     # Prefill attention with Triton kernels on: "sdpa" (torch SDPA per sequence) or "triton" (one
     # varlen launch reading the paged cache). SDPA stays the default until the Triton kernel is
@@ -50,6 +54,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len: {self.max_model_len} exceeds the model's {limit}")
         if self.block_size < 1:
             raise ValueError("block_size: must be >= 1")
+        if not isinstance(self.num_decode_steps, int) or self.num_decode_steps < 1:
+            raise ValueError(f"num_decode_steps: must be an integer >= 1, got {self.num_decode_steps!r}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             # Without chunking a prompt of max_model_len tokens must fit one step.
             raise ValueError("max_num_batched_tokens: must be >= max_model_len without chunked prefill")

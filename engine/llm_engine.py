@@ -1,4 +1,9 @@
-"""LLMEngine: requests in, one scheduled step at a time, finished outputs out."""
+"""LLMEngine: requests in, one scheduled step at a time, finished outputs out.
+
+A step is a prefill, a decode of one token per sequence, or (when the scheduler finds every
+sequence plain greedy and nobody waiting) a multi-step decode of up to ``num_decode_steps`` tokens
+per sequence. Its tokens are taken in order, exactly as that many single steps would take them:
+a sequence that finishes on one of them drops the rest."""
 
 from __future__ import annotations
 
@@ -60,11 +65,12 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
-            self.config.enable_chunked_prefill,
+            self.config.enable_chunked_prefill, self.config.num_decode_steps, self.config.max_model_len,
         )
         self.vocab_size = int(self.config.hf_config.vocab_size)
         self.seqs: dict[str, Sequence] = {}
         self.num_steps = 0
+        self.num_multi_steps = 0  # of those, decode steps that ran several forwards
 
     # -- requests ----------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -94,6 +100,7 @@ class LLMEngine:
         token_ids = self.tokenize(prompt)
         self.validate(token_ids, params)
         seq = Sequence(token_ids, params, request_id)
+        seq.stop_ids = self._stop_ids(seq)
         if seq.request_id in self.seqs:
             raise InvalidRequestError("request_id", f"{seq.request_id!r} is already in flight")
         self.seqs[seq.request_id] = seq
@@ -114,6 +121,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        if batch.num_steps > 1:
+            return self._multi_step(batch)
         result = self.runner.run(batch)
         self.scheduler.finish_step(batch)
         touched: list[Sequence] = []
@@ -130,6 +139,44 @@ class LLMEngine:
             self.scheduler.remove_finished()
         self.num_steps += 1
         return touched
+
+    def _multi_step(self, batch) -> list[Sequence]:
+        """A decode step that ran ``batch.num_steps`` forwards: every sequence takes its tokens in
+        order until one finishes it. Tokens after that are dropped; the K/V they left in the
+        sequence's blocks goes with the blocks when the finished sequence is freed."""
+        result = self.runner.run(batch)
+        finished = False
+        for seq, tokens in zip(batch.seqs, result.step_tokens):
+            kept, done = self._append_steps(seq, tokens)
+            self.scheduler.finish_decode_steps(seq, kept)
+            finished |= done
+        if finished:
+            self.scheduler.remove_finished()
+        self.num_steps += 1
+        self.num_multi_steps += 1
+        return list(batch.seqs)
+
+    def _append_steps(self, seq: Sequence, tokens: list[int]) -> tuple[int, bool]:
+        """Append ``tokens`` (one per step) until one finishes ``seq``: (tokens kept, finished)."""
+        if seq.params.stop_strings:  # text decides: check token by token, as single steps would
+            for j, token in enumerate(tokens):
+                seq.append_token(token)
+                if self._check_stop(seq, token):
+                    return j + 1, True
+            return len(tokens), False
+        # Otherwise only a stop token or a length limit can end it: find the first in bulk, then
+        # let _check_stop judge the last kept token (it finishes the sequence, or none did).
+        n = len(seq.token_ids)
+        kept = min(len(tokens), seq.params.max_tokens - (n - seq.num_prompt_tokens), self.config.max_model_len - n)
+        stops = seq.stop_ids if seq.stop_ids is not None else self._stop_ids(seq)
+        if stops and not stops.isdisjoint(tokens[:kept]):
+            kept = next(j for j, t in enumerate(tokens) if t in stops) + 1
+        seq.token_ids.extend(tokens[:kept])
+        return kept, self._check_stop(seq, tokens[kept - 1])
+
+    def _stop_ids(self, seq: Sequence) -> frozenset[int]:
+        eos = frozenset() if seq.params.ignore_eos else frozenset(self.eos_token_ids)
+        return frozenset(seq.params.stop_token_ids) | eos
 
     def _check_stop(self, seq: Sequence, token: int) -> bool:
         """Finish ``seq`` if ``token`` ends it; returns whether it did. Stop strings (the only

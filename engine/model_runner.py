@@ -1,5 +1,11 @@
 """Runs the model for one scheduled step: builds the inputs and the attention context, runs the
-forward (a captured CUDA graph for decode on GPU), and samples."""
+forward (a captured CUDA graph for decode on GPU), and samples.
+
+A multi-step decode batch (``batch.num_steps`` > 1, all rows plain greedy) runs its forwards back
+to back without returning to the host: between two forwards the decode inputs on the device are
+advanced there (next ids = argmax, positions and context lengths + 1, slots looked up in the block
+tables), each step's argmax lands in a row of a [steps, batch] device buffer, and one copy with
+one sync brings all the tokens back."""
 
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ class StepResult:
     # Aligned with the batch's sequences; None where the sequence only advanced (a prompt chunk).
     tokens: list[int | None]
     logprobs: list[TokenLogprobs | None]
+    # Multi-step decode: per sequence, its greedy token of every step, in order (tokens is unused).
+    step_tokens: list[list[int]] | None = None
 
 
 class ModelRunner:
@@ -50,6 +58,7 @@ class ModelRunner:
             else:
                 model.load_weights(config.model)
         self.model = model.to(self.device).eval()
+        self.model.model.fused_decode = config.fused_decode
         # rotary tables stay fp32 for exactness
         self.model.model.rotary.float()
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
@@ -140,6 +149,8 @@ class ModelRunner:
         with torch.inference_mode():
             if batch.is_prefill:
                 rows, logits = self._run_prefill(batch)
+            elif batch.num_steps > 1:
+                return self._sample(batch, [], self._run_decode_steps(batch))
             else:
                 logits = self._run_decode(batch)
                 rows = list(range(len(batch.seqs)))
@@ -247,6 +258,11 @@ class ModelRunner:
         self._row_blocks = [0] * rows
         self._eager_steps: dict[int, tuple] = {}
         self._splits: int | None = None  # what the attention layers hold now
+        # Multi-step decode: step k's tokens are row k of a [steps, batch] view of d_tokens; one
+        # copy to the (pinned) host buffer brings them all back.
+        n_tok = self.config.num_decode_steps * rows
+        self.d_tokens = torch.zeros(n_tok, dtype=torch.int64, device=self.device)
+        self.h_tokens = torch.zeros(n_tok, dtype=torch.int64, pin_memory=True) if on_cuda else self.d_tokens
 
     def _forget_rows(self) -> None:
         self._row_seq = [-1] * len(self._row_seq)
@@ -288,15 +304,21 @@ class ModelRunner:
             self.d_buf[:nbytes].copy_(self.h_buf[:nbytes], non_blocking=True)
 
     def _run_decode(self, batch: ScheduledBatch) -> torch.Tensor:
-        seqs = batch.seqs
-        bs = len(seqs)
-        if self.use_graphs and bs <= self.graph_max_bs:
-            bucket = self._bucket_of[bs]
-            self._prepare_decode(seqs, bucket)
-            self.graphs[bucket].replay()
-            return self.g_logits[bucket][:bs]  # fp32 inside the graph
-        self._prepare_decode(seqs, bs)
-        ids, positions, ctx, splits = self._eager_decode_step(bs)
+        n = len(batch.seqs)
+        rows = self._decode_rows(n)
+        self._prepare_decode(batch.seqs, rows)
+        return self._decode_forward(n, rows)
+
+    def _decode_rows(self, n: int) -> int:
+        """Rows the decode inputs span: the CUDA-graph bucket for n sequences, else n itself."""
+        return self._bucket_of[n] if self.use_graphs and n <= self.graph_max_bs else n
+
+    def _decode_forward(self, n: int, rows: int) -> torch.Tensor:
+        """Logits [n, vocab] (fp32) of the decode inputs now in the device buffers."""
+        if self.use_graphs and n <= self.graph_max_bs:
+            self.graphs[rows].replay()
+            return self.g_logits[rows][:n]  # fp32 inside the graph
+        ids, positions, ctx, splits = self._eager_decode_step(n)
         if self._splits != splits:  # module attribute writes are slow: only on a change
             for layer in self.attn_layers:
                 layer.num_splits, layer.partition = splits, DECODE_PARTITION
@@ -305,6 +327,60 @@ class ModelRunner:
         hidden = self.model(ids, positions)
         reset_context()
         return self.model.compute_logits(hidden).float()
+
+    # -- multi-step decode -------------------------------------------------------------------------
+    def _run_decode_steps(self, batch: ScheduledBatch) -> torch.Tensor:
+        """``batch.num_steps`` greedy decode steps back to back on the device: [steps, n] tokens,
+        still on the device (_sample fetches them). The scheduler gave every sequence blocks for
+        all the steps, and kept every position below max_model_len. Nothing here waits for the
+        device."""
+        seqs, steps = batch.seqs, batch.num_steps
+        n = len(seqs)
+        rows = self._decode_rows(n)
+        graphed = self.use_graphs and n <= self.graph_max_bs
+        self._prepare_decode(seqs, rows)
+        out = self.d_tokens[: steps * n].view(steps, n)
+        for k in range(steps):
+            logits = self._decode_forward(n, rows)
+            last = k + 1 == steps
+            if graphed and not last:
+                self.advance_graphs[rows].replay()  # argmax, then the inputs of the next step
+                out[k].copy_(self.g_next[rows][:n])
+            else:
+                torch.argmax(logits, dim=-1, out=out[k])
+                if not last:
+                    self._advance(n, out[k], padded=False)
+        return out
+
+    def _advance(self, rows: int, next_ids: torch.Tensor, padded: bool) -> None:
+        """Turn the decode inputs of rows [0, rows) into those of the next step, on the device:
+        each sequence's new token is next_ids, one position later. ``padded``: rows of a CUDA-graph
+        bucket past the batch (slot -1) stay as they are, so they keep storing nothing."""
+        bs = self.block_size
+        pos, lens, slots = self.g_pos[:rows], self.g_lens[:rows], self.g_slots[:rows]
+        self.g_ids[:rows].copy_(next_ids)
+        if padded:
+            live = slots >= 0
+            pos.add_(live)
+            lens.add_(live)
+            # A padding row's stale position may point past its table: clamp the (unused) lookup.
+            block_idx = (pos // bs).clamp_(max=self.max_blocks_per_seq - 1)
+        else:
+            pos.add_(1)
+            lens.add_(1)
+            block_idx = pos // bs
+        block = self.g_tables[:rows].gather(1, block_idx.unsqueeze(1)).squeeze(1)
+        new_slots = block * bs + pos % bs
+        slots.copy_(torch.where(live, new_slots, -1) if padded else new_slots)
+
+    def _fetch_tokens(self, out: torch.Tensor) -> list[list[int]]:
+        """[steps, n] device tokens -> per sequence, its tokens in step order; the one sync."""
+        if out.device.type == "cuda":
+            host = self.h_tokens[: out.numel()].view_as(out)
+            host.copy_(out, non_blocking=True)
+            torch.cuda.current_stream().synchronize()
+            out = host
+        return out.t().tolist()
 
     def _eager_decode_step(self, bs: int):
         """Per batch size, made once: input views, attention context and split count. The views
@@ -335,6 +411,10 @@ class ModelRunner:
         max_bs = buckets[-1]
         self.graph_max_bs = max_bs
         self.g_logits: dict[int, torch.Tensor] = {}
+        # Multi-step decode, per bucket: a small graph after the forward's that takes the argmax
+        # and advances the inputs (_advance), so a step costs the host two replays and one copy.
+        self.advance_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.g_next: dict[int, torch.Tensor] = {}
         pool = None
         for bs in reversed(buckets):
             splits = choose_num_splits(bs, self.num_kv_heads, self.config.max_model_len, DECODE_PARTITION)
@@ -355,15 +435,28 @@ class ModelRunner:
                 pool = graph.pool()
             self.graphs[bs] = graph
             reset_context()
+            if self.config.num_decode_steps > 1:
+                self._capture_advance_graph(bs, pool)
         torch.cuda.synchronize()
         self.buckets = buckets
         self._bucket_of = [next(b for b in buckets if b >= n) for n in range(max_bs + 1)]  # by batch size
         self._splits = None  # capture left the layers at the last bucket's split count
 
+    def _capture_advance_graph(self, bs: int, pool) -> None:
+        # Only recorded, never run here: the decode buffers are left as they are.
+        with torch.inference_mode():
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                self.g_next[bs] = self.g_logits[bs].argmax(dim=-1)
+                self._advance(bs, self.g_next[bs], padded=True)
+        self.advance_graphs[bs] = graph
+
     # -- sampling ----------------------------------------------------------------------------------
     def _sample(self, batch: ScheduledBatch, rows: list[int], logits: torch.Tensor | None) -> StepResult:
         n = len(batch.seqs)
         lps: list[TokenLogprobs | None] = [None] * n
+        if batch.num_steps > 1:  # "logits" are the steps' greedy tokens already: fetch them
+            return StepResult([None] * n, lps, self._fetch_tokens(logits))
         if not batch.is_prefill and self._plain_greedy(batch.seqs):
             # The common decode step: one argmax and one transfer, no per-row work.
             return StepResult(logits.argmax(dim=-1).tolist(), lps)

@@ -6,6 +6,10 @@ first so that new requests join the batch as soon as blocks allow; a prompt long
 is cut into chunks over several steps. When a decode step lacks blocks, the most recently admitted
 sequence is preempted: its blocks are freed and it returns to the head of the queue, to be
 recomputed later (its tokens so far become its prompt, so no output is lost or changed).
+
+Multi-step decoding: when every decode sequence is plain greedy and no request waits, a decode
+step may cover up to ``num_decode_steps`` tokens per sequence, run back to back on the device;
+each sequence then gets blocks for all of them up front (or the step stays single).
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ class ScheduledBatch:
     is_prefill: bool
     # Tokens each sequence computes this step: positions [num_computed_tokens, +num_scheduled).
     num_scheduled: list[int]
+    # Decode only: forwards run back to back on the device, each feeding its greedy token to the
+    # next (multi-step decoding); every sequence then has blocks for all of them.
+    num_steps: int = 1
 
     def samples(self, i: int) -> bool:
         """Whether sequence i's chunk reaches its last token, so a new token is sampled."""
@@ -37,8 +44,12 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
+        num_decode_steps: int = 1,
+        max_model_len: int | None = None,
     ) -> None:
         self.block_manager = block_manager
+        self.num_decode_steps = num_decode_steps
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -125,7 +136,39 @@ class Scheduler:
                 seqs.append(seq)
         if not seqs:
             return None
-        return ScheduledBatch(seqs, False, [1] * len(seqs))
+        # A preemption above queued a sequence, so this also keeps multi-step off then.
+        steps = self._decode_steps(seqs) if self.num_decode_steps > 1 and not self.waiting else 1
+        return ScheduledBatch(seqs, False, [1] * len(seqs), steps)
+
+    def _decode_steps(self, seqs: list[Sequence]) -> int:
+        """How many decode steps ``seqs`` run back to back (and reserves their blocks), or 1.
+
+        Only when every sequence is plain greedy (temperature 0, no logprobs, past min_tokens): the
+        device then picks each next token itself. The caller checked that nobody waits, so a new
+        request waits at most one multi-step for its prefill. No sequence may pass max_model_len,
+        and there is no point running past the longest remaining max_tokens. If the pool cannot
+        hold every sequence's tokens of all the steps, one step it is (its blocks are reserved)."""
+        steps = self.num_decode_steps
+        max_len = self.max_model_len
+        longest = 0  # tokens still wanted by the sequence that wants the most
+        for seq in seqs:
+            p = seq.params
+            n_out = len(seq.token_ids) - seq.num_prompt_tokens
+            if p.temperature != 0.0 or p.logprobs is not None or n_out < p.min_tokens:
+                return 1
+            if max_len is not None and max_len - len(seq.token_ids) < steps:
+                steps = max_len - len(seq.token_ids)
+            if p.max_tokens - n_out > longest:
+                longest = p.max_tokens - n_out
+        steps = min(steps, longest)
+        if steps <= 1:
+            return 1
+        bm = self.block_manager
+        if sum(bm.blocks_to_append(seq, steps) for seq in seqs) > bm.num_free_blocks:
+            return 1
+        for seq in seqs:
+            bm.may_append(seq, steps)
+        return steps
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -137,7 +180,9 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def finish_step(self, batch: ScheduledBatch) -> None:
-        """Advance progress after the model ran (before sampled tokens are appended)."""
+        """Advance progress after the model ran (before sampled tokens are appended). A multi-step
+        batch is advanced by the engine instead, per sequence, after its kept tokens are appended
+        (``finish_decode_steps``)."""
         caching = self.block_manager.enable_prefix_caching
         if not batch.is_prefill and not caching:
             # Decode: one token each, and every sequence already left prefill.
@@ -150,6 +195,14 @@ class Scheduler:
                 seq.in_prefill = False
             if caching:
                 self.block_manager.mark_computed(seq)
+
+    def finish_decode_steps(self, seq: Sequence, num_kept: int) -> None:
+        """Progress of one sequence of a multi-step batch, once its kept tokens are appended: their
+        inputs' K/V is in the cache (those of tokens dropped after it finished never count).
+        Called after the append, so a block hashed here holds only tokens the sequence keeps."""
+        seq.num_computed_tokens += num_kept
+        if self.block_manager.enable_prefix_caching:
+            self.block_manager.mark_computed(seq)
 
     def remove_finished(self) -> list[Sequence]:
         done = [s for s in self.running if s.is_finished]
