@@ -37,6 +37,9 @@ class EngineConfig:
     # varlen launch reading the paged cache). SDPA stays the default until the Triton kernel is
     # measured faster on the device.
     prefill_attention: str = "sdpa"
+    # Decode of <= kernels.gemv.SMALL_M sequences with Triton on: norms, residual adds and SwiGLU
+    # fused into skinny-GEMM launches (engine/models/llama.py) instead of cuBLAS plus separate kernels.
+    fused_decode: bool = True
     seed: int = 0
     load_format: str = "safetensors"  # or "dummy": random weights (benchmarks of a model's shape)
 

@@ -2,6 +2,13 @@
 
 Same math as transformers' implementations; q/k/v and gate/up projections are fused into one
 matmul each (fewer, larger GEMMs), and attention goes through the paged cache.
+
+Small-batch decode with Triton on (``fused_decode``) runs each layer in fewer launches: at batch
+1-16 a step is a chain of tiny kernels whose launch and setup cost more than their bytes. The
+input RMSNorm rides in the qkv matmul, the o_proj and down_proj outputs are added into the
+residual stream by their matmuls, and the post-attention norm and SwiGLU ride in the gate_up
+matmul (kernels/gemv.py). The residual stream is one tensor there: the values reaching each matmul
+are those of the (x, residual) pair of the unfused path.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from kernels import gemv as gemv_kernels
 from kernels import rotary as rotary_kernels
 
 from engine.context import get_context
@@ -47,7 +55,10 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+        return self.o_proj(self.attend(positions, self.qkv_proj(x)))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention from the fused qkv projection, up to (not including) o_proj."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -58,9 +69,9 @@ class LlamaAttention(nn.Module):
         if get_context().use_triton:  # one kernel: rotate q, k and store k, v in the cache
             rotary_kernels.rope_store(q, k, v, positions, self.rotary.cos, self.rotary.sin,
                               self.attn.k_cache, self.attn.v_cache, get_context().slot_mapping)
-            return self.o_proj(self.attn(q, k, v, kv_stored=True))
+            return self.attn(q, k, v, kv_stored=True)
         q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
+        return self.attn(q, k, v)
 
 
 class LlamaMLP(nn.Module):
@@ -94,6 +105,20 @@ class LlamaDecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
+    def forward_fused(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The small-batch decode layer: h is the whole residual stream (the unfused path's
+        x + residual), updated in place by the o_proj and down_proj epilogues. Four matmul launches
+        replace two norms, four GEMMs and the SwiGLU."""
+        gemv = gemv_kernels.gemv
+        attn, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qkv = gemv(h, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=norm1.weight, eps=norm1.eps)
+        o = attn.attend(positions, qkv)
+        gemv(o, attn.o_proj.weight, attn.o_proj.bias, residual=h, out=h)
+        act = gemv(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, norm_weight=norm2.weight, eps=norm2.eps,
+                   swiglu=True)
+        return gemv(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=h, out=h)
+
 
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, max_position: int) -> None:
@@ -103,9 +128,16 @@ class LlamaModel(nn.Module):
         self.rotary = rotary
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.fused_decode = True  # EngineConfig.fused_decode; the runner sets it
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
+        ctx = get_context()
+        if (self.fused_decode and ctx.use_triton and not ctx.is_prefill
+                and h.shape[0] <= gemv_kernels.SMALL_M and h.shape[1] <= gemv_kernels.MAX_NORM_K):
+            for layer in self.layers:
+                h = layer.forward_fused(positions, h)
+            return self.norm(h)
         residual = None
         for layer in self.layers:
             h, residual = layer(positions, h, residual)
