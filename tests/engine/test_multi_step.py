@@ -313,3 +313,28 @@ def test_device_advance_equals_a_fresh_build(model_dir):
             for i, s in enumerate(seqs):
                 s.append_token(100 + step + i)
             check_decode_inputs(runner, seqs, rows)
+
+
+# -- GPU: CUDA graphs with the captured advance -----------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 5, 16])
+def test_cuda_graph_steps_equal_single_steps_in_bf16(model_dir, batch):
+    # bf16, so any difference in what the forwards see would show. 5 sequences run in the bucket
+    # of 8: its padding rows must keep storing nothing while the real rows advance. Staggered
+    # max_tokens: rows finish inside a multi-step and the batch shrinks into smaller buckets.
+    # Graphs and eager are each compared with their own single steps (bucket shapes differ).
+    import torch
+
+    path = model_dir("llama3_rope_mqa")
+    g = torch.Generator().manual_seed(5)
+    ps = torch.randint(3, 256, (batch, 20), generator=g).tolist()
+    params = [SamplingParams(temperature=0.0, max_tokens=30 + 3 * i, ignore_eos=True) for i in range(batch)]
+    kw = dict(device="cuda", dtype="bfloat16", max_model_len=256, block_size=16, enable_prefix_caching=False,
+              max_num_seqs=16, cuda_graph_max_bs=16)
+    for eager in (False, True):
+        single = LLM(path, **kw, enforce_eager=eager, num_decode_steps=1).generate(ps, params)
+        llm = LLM(path, **kw, enforce_eager=eager, num_decode_steps=8)
+        assert bool(llm.engine.runner.graphs) != eager
+        multi = llm.generate(ps, params)
+        assert [o.token_ids for o in multi] == [o.token_ids for o in single]
+        assert llm.engine.num_multi_steps > 0
