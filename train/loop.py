@@ -49,8 +49,22 @@ def _epoch_permutation(seed: int, epoch: int, n_blocks: int) -> torch.Tensor:
 
 def forward_hidden(model: torch.nn.Module, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Final hidden states (after the last norm), before the LM head."""
-    return causal_lm(model).model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    """Final hidden states (after the last norm), before the LM head.
+
+    A data-parallel wrapper (DDP / FSDP, which expose `.module`) must run its own forward: DDP arms
+    its gradient all-reduce there and FSDP gathers its shards, so calling the inner decoder would
+    train every rank alone. Through a wrapper the whole model runs with `logits_to_keep=1` (one
+    token's logits per row, the chunked loss computes the rest) and a hook takes the decoder's output."""
+    decoder = causal_lm(model).model
+    if getattr(model, "module", None) is None:
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    captured: list[torch.Tensor] = []
+    handle = decoder.register_forward_hook(lambda _m, _i, out: captured.append(out.last_hidden_state))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    return captured[0]
 
 
 def make_terms(tc: TrainConfig) -> list[LossTerm]:
@@ -164,7 +178,10 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
     ckpt_dir = Path(ckpt_dir)
     if accelerator is None:
         use_bf16 = torch.cuda.is_available()
-        accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", gradient_accumulation_steps=tc.grad_accum)
+        # cpu=True without CUDA: only then does accelerate join a torchrun / `accelerate launch` process
+        # group on the CPU (gloo); without it every process trains alone as rank 0 of 1.
+        accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", gradient_accumulation_steps=tc.grad_accum,
+                                  cpu=not torch.cuda.is_available())
     set_seed(tc.seed)
     data, val_data = as_train_data(train), as_train_data(val)
     terms = make_terms(tc)
