@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.gemv import SMALL_M, gemv, gemv_config, gemv_ref
+from kernels.gemv import MAX_NORM_K, SMALL_M, gemv, gemv_config, gemv_ref
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,6 +105,8 @@ def test_config_fills_the_gpu():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matches_reference_gpu(m, shape, fusion, dtype):
     n, k = shape
+    if "norm" in fusion and k > MAX_NORM_K:
+        pytest.skip("the norm prologue is for hidden-size inputs")
     x, w, kw = _case(m, n, k, dtype, "cuda", seed=m + n, **FUSIONS[fusion])
     swiglu = FUSIONS[fusion].get("swiglu", False)
     ref = gemv_ref(x, w, swiglu=swiglu, **kw)
