@@ -56,14 +56,14 @@ def kernel_table(events: list[Any], steps: int) -> list[dict]:
 
 
 def profile_decode(path: str, dummy: bool, batch: int, steps: int, prompt_len: int, top: int, eager: bool,
-                   log=print) -> dict:
+                   log=print, **engine: Any) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from engine import LLM, SamplingParams
     from eval.engine_bench import _prompts
 
     llm = LLM(path, load_format="dummy" if dummy else "safetensors", max_num_seqs=batch, cuda_graph_max_bs=batch,
-              max_model_len=prompt_len + steps + 16, enable_prefix_caching=False, enforce_eager=eager)
+              max_model_len=prompt_len + steps + 16, enable_prefix_caching=False, enforce_eager=eager, **engine)
     runner = llm.engine.runner
     vocab = llm.engine.vocab_size
     on_cuda = runner.device.type == "cuda"
@@ -100,8 +100,8 @@ def profile_decode(path: str, dummy: bool, batch: int, steps: int, prompt_len: i
     res["launches_per_step"] = sum(r["per_step"] for r in table)
     res["gpu_busy"] = busy_fraction([(e.time_range.start, e.time_range.end) for e in kernels], window_us)
     res["kernels"] = table[:top]
-    mode = "CUDA graphs" if runner.graphs else "eager"
-    log(f"profile batch {batch} ({mode}): step {step_us:.1f} us/token "
+    mode = ("CUDA graphs" if runner.graphs else "eager") + "".join(f", {k}={v}" for k, v in engine.items())
+    log(f"profile batch {batch} ({mode}): step {step_us:.1f} us per decode step "
         f"({res['tok_s']:.0f} tok/s)" + (f", graph replay alone {res['graph_us']:.1f} us" if "graph_us" in res else "")
         + f", kernels {res['kernel_us_per_step']:.1f} us in {res['launches_per_step']:.0f} launches per step, "
         f"GPU busy {100 * res['gpu_busy']:.1f}% of the traced window (prefill of {traced}-token run included)")

@@ -131,6 +131,28 @@ def hf_static_decode(model_dir: str | None, shape: str | None, batches: list[int
     return out
 
 
+def engine_options(pairs: list[str] | None) -> dict[str, Any]:
+    """`--engine key=value ...` -> EngineConfig overrides (ints, floats, true/false parsed)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--engine: expected key=value, got {pair!r}")
+        low = raw.lower()
+        if low in ("true", "false"):
+            value: Any = low == "true"
+        else:
+            try:
+                value = int(raw)
+            except ValueError:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    value = raw
+        out[key] = value
+    return out
+
+
 def engine_decode(model_dir: str, dummy: bool, batches: list[int], new_tokens: int, prompt_len: int,
                   **cfg: Any) -> dict:
     from engine import LLM, SamplingParams
@@ -166,7 +188,8 @@ def decode(args) -> None:
     if args.hf:
         res["transformers_static"] = hf_static_decode(args.model, args.shape, args.batch, args.new_tokens, args.prompt_len,
                                                       compile=args.hf_compile)
-    res["engine"] = engine_decode(path, bool(args.shape), args.batch, args.new_tokens, args.prompt_len)
+    res["engine"] = engine_decode(path, bool(args.shape), args.batch, args.new_tokens, args.prompt_len,
+                                  **engine_options(args.engine))
     if args.roofline:
         from transformers import AutoConfig
 
@@ -504,7 +527,7 @@ def profile(args) -> None:
     path = shape_dir(args.shape) if args.shape else args.model
     label = args.shape or os.path.basename(os.path.normpath(args.model))
     RESULTS[f"profile:{label}"] = [profile_decode(path, bool(args.shape), bs, args.steps, args.prompt_len, args.top,
-                                                  args.eager, log) for bs in args.batch]
+                                                  args.eager, log, **engine_options(args.engine)) for bs in args.batch]
 
 
 # -- GGUF -> plain HF directory ---------------------------------------------------------------------------
@@ -547,6 +570,7 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--hf", action="store_true", help="measure transformers generate with a static cache first")
     d.add_argument("--hf-compile", action="store_true", help="let transformers torch.compile its static-cache decode")
     d.add_argument("--roofline", action="store_true")
+    d.add_argument("--engine", nargs="*", metavar="KEY=VALUE", help="EngineConfig overrides, e.g. num_decode_steps=1")
     t = sub.add_parser("throughput")
     t.add_argument("--shape", default="tinyllama", choices=sorted(SHAPES))
     t.add_argument("--max-num-seqs", type=int, default=256)
@@ -575,6 +599,7 @@ def main(argv: list[str] | None = None) -> None:
     pr.add_argument("--prompt-len", type=int, default=16)
     pr.add_argument("--top", type=int, default=25)
     pr.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    pr.add_argument("--engine", nargs="*", metavar="KEY=VALUE", help="EngineConfig overrides, e.g. fused_decode=false")
     g = sub.add_parser("convert-gguf")
     g.add_argument("--gguf", required=True)
     g.add_argument("--out", required=True)

@@ -75,3 +75,11 @@ def test_profile_runs_on_the_cpu(capsys):
     (res,) = engine_bench.RESULTS["profile:smollm2-135m"]
     assert res["step_us"] > 0 and res["tok_s"] > 0 and "graph_us" not in res  # no graphs on the CPU
     assert "profile batch 1 (eager)" in capsys.readouterr().out
+
+
+def test_engine_options_parse_typed_values():
+    assert engine_bench.engine_options(["num_decode_steps=1", "fused_decode=false", "gpu_memory_utilization=0.5",
+                                        "prefill_attention=triton"]) == {
+        "num_decode_steps": 1, "fused_decode": False, "gpu_memory_utilization": 0.5, "prefill_attention": "triton"}
+    with pytest.raises(SystemExit, match="key=value"):
+        engine_bench.engine_options(["num_decode_steps"])
