@@ -4,7 +4,7 @@ nano-vllm's workload, KV capacity, and greedy agreement with transformers on a r
     python -m eval.engine_bench ceilings
     python -m eval.engine_bench decode --model DIR --batch 1 16 64 --new-tokens 256 --hf
     python -m eval.engine_bench decode --shape llama2-7b --batch 1 --hf --roofline
-    python -m eval.engine_bench throughput --shape tinyllama [--prefill-attention triton]
+    python -m eval.engine_bench throughput --shape tinyllama [--prefill-attention sdpa]
     python -m eval.engine_bench capacity --shape tinyllama
     python -m eval.engine_bench agreement --model DIR
     python -m eval.engine_bench convert-gguf --gguf FILE --out DIR
@@ -575,7 +575,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--shape", default="tinyllama", choices=sorted(SHAPES))
     t.add_argument("--max-num-seqs", type=int, default=256)
     t.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    t.add_argument("--prefill-attention", default="sdpa", choices=["sdpa", "triton"])
+    t.add_argument("--prefill-attention", default="triton", choices=["sdpa", "triton"])
     c = sub.add_parser("capacity")
     c.add_argument("--shape", default="tinyllama", choices=sorted(SHAPES))
     c.add_argument("--kv-tokens", type=int, help="pool size in tokens (default: what the engine sizes on this GPU)")
