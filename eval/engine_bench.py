@@ -117,7 +117,9 @@ def hf_static_decode(model_dir: str | None, shape: str | None, batches: list[int
         kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                   do_sample=False, cache_implementation="static", pad_token_id=0, disable_compile=not compile)
         with torch.no_grad():
-            model.generate(ids, **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up (and compile)
+            # Warm-up; compiled, it must have the timed run's shapes (the static cache is sized by
+            # max_new_tokens, and a new size recompiles inside the timed run).
+            model.generate(ids, **(kw if compile else {**kw, "max_new_tokens": 8, "min_new_tokens": 8}))
             torch.cuda.synchronize()
             t = time.perf_counter()
             model.generate(ids, **kw)
