@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from pathlib import Path
 
 from shrink.artifacts import replace_dir_atomically
@@ -13,14 +12,25 @@ STATE_FILE = "trainer_state.json"
 
 
 def save_checkpoint(accelerator, ckpt_dir: Path, step: int, extra: dict | None = None) -> None:
+    """Every rank writes its part (accelerate saves the model once, RNG states per rank) into one
+    temporary directory, named by step so all ranks agree on it; the main process then moves it into
+    place in one rename."""
     ckpt_dir = Path(ckpt_dir)
-    tmp = ckpt_dir.parent / f".{ckpt_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = ckpt_dir.parent / f".{ckpt_dir.name}.tmp-step{step}"
+    main = accelerator.is_main_process
     try:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving this step
+        accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **(extra or {})}))
-        replace_dir_atomically(tmp, ckpt_dir)
+        accelerator.wait_for_everyone()
+        if main:
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **(extra or {})}))
+            replace_dir_atomically(tmp, ckpt_dir)
+        accelerator.wait_for_everyone()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

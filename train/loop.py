@@ -164,7 +164,8 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
                   after_optimizer_step: Callable[[torch.nn.Module], None] | None = None,
                   evaluate: Callable[[torch.nn.Module], dict] | None = None,
                   eos_id: int | None = None, accelerator: Any = None) -> dict:
-    """Train `student` in place. Returns {"metrics", "model"}.
+    """Train `student` in place. Returns {"metrics", "model", "accelerator"} (the caller saves on the
+    main process only when several are training).
 
     `on_step(step, logs)` runs after each step; `after_optimizer_step(model)` right after every
     optimizer update (e.g. to re-apply pruning masks); `evaluate(model)` at every `eval_every`
@@ -302,4 +303,4 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
         from train.lora import merge_lora
 
         unwrapped = merge_lora(unwrapped)
-    return {"metrics": metrics, "model": unwrapped}
+    return {"metrics": metrics, "model": unwrapped, "accelerator": accelerator}

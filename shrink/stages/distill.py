@@ -188,8 +188,10 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
     metrics = {**result["metrics"], **init_info, "params": num_parameters(result["model"]),
                "teacher_params": num_parameters(teacher), "data_source": source,
                "train_examples": n_train, "val_examples": n_val}
-    artifact = save_model_artifact(ctx.output_dir("distill"), result["model"], tokenizer, stage="distill",
-                                   config=config, inputs=[teacher_art], metrics=metrics, started=started,
-                                   dtype=str(cfg.distill.save_dtype))
-    remove_checkpoint(ctx.run_dir / CKPT_DIR)  # only once the artifact is safely in place
-    return artifact
+    accelerator = result["accelerator"]
+    if accelerator.is_main_process:  # one writer under `accelerate launch`; the other ranks wait
+        save_model_artifact(ctx.output_dir("distill"), result["model"], tokenizer, stage="distill", config=config,
+                            inputs=[teacher_art], metrics=metrics, started=started, dtype=str(cfg.distill.save_dtype))
+        remove_checkpoint(ctx.run_dir / CKPT_DIR)  # only once the artifact is safely in place
+    accelerator.wait_for_everyone()
+    return Artifact.load(ctx.output_dir("distill"))

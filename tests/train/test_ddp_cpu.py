@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from support import REPO
 
 ARGS = ["stage=distill", "student=half_depth", "logging=none", "data=pydoc", "data.max_docs=30",
-        "data.block_size=64", "distill.checkpoint_every=0", "distill.save_dtype=fp32", "distill.val_batches=1",
+        "data.block_size=64", "distill.save_dtype=fp32", "distill.val_batches=1",
         "distill.max_steps=3", "distill.warmup_steps=1", "distill.lr=1e-3"]
 
 
@@ -31,13 +31,17 @@ def _run(cmd: list[str], tmp_path: Path) -> None:
 
 def test_two_process_ddp_equals_one_process_with_twice_the_batch(tiny_teacher: Path, tmp_path: Path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    _run([sys.executable, "-m", "shrink", *ARGS, f"run={single}", f"input={tiny_teacher}", "distill.batch_size=4"],
+    _run([sys.executable, "-m", "shrink", *ARGS, f"run={single}", f"input={tiny_teacher}", "distill.batch_size=4",
+          "distill.checkpoint_every=0"],
          tmp_path)
+    # With a checkpoint every step: all ranks write one checkpoint directory, one rank the artifact.
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
-          "-m", "shrink", *ARGS, f"run={ddp}", f"input={tiny_teacher}", "distill.batch_size=2"], tmp_path)
+          "-m", "shrink", *ARGS, f"run={ddp}", f"input={tiny_teacher}", "distill.batch_size=2",
+          "distill.checkpoint_every=1"], tmp_path)
     m_single = json.loads((single / "distill" / "shrink.json").read_text())["metrics"]
     m_ddp = json.loads((ddp / "distill" / "shrink.json").read_text())["metrics"]
     assert m_ddp["train_tokens"] == m_single["train_tokens"] == 3 * 4 * 64
+    assert not list(ddp.glob(".*.tmp-*")) and not (ddp / ".distill.ckpt").exists()  # nothing left behind
     a = load_file(str(single / "distill" / "model.safetensors"))
     b = load_file(str(ddp / "distill" / "model.safetensors"))
     assert a.keys() == b.keys()
