@@ -11,6 +11,10 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
 - SWIGLU: W is the fused gate_up [2 * I, K]; out[:, j] = silu(gate_j) * up_j, one launch for the
   gate_up matmul and the activation.
 - bias (Qwen2's qkv).
+- rotary + KV store (gemv_rope_store, a sibling kernel on the same matmul code): the qkv matmul's
+  epilogue rotates q and k (neox layout) and writes k and v straight into the paged cache, so the
+  separate rope_store launch (kernels/rotary.py) goes away. Each program computes both members of
+  its rotary pairs: output column c of a head's first half and c + head_dim / 2.
 
 Rounding follows the unfused modules so bf16 results match them: the norm as kernels/rmsnorm.py,
 the matmul output rounded to the input dtype before bias-free epilogues (residual add, silu), as
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 
 from kernels._triton import HAS_TRITON, next_pow2, tl, triton
 from kernels.activation import silu_and_mul_ref
+from kernels.kv_store import store_kv_ref
 from kernels.rmsnorm import rmsnorm_ref
 
 SMALL_M = 16  # most rows the skinny GEMM takes; larger batches go to cuBLAS
@@ -50,6 +55,36 @@ def gemv_ref(
     if residual is not None:
         y = y + residual
     return y
+
+
+def _rotate_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """neox rotation as kernels/rotary.py's rope_store kernel computes it: fp32 operands (the fp32
+    tables, not cast to the activation dtype), one rounding to x's dtype at the end."""
+    half = x.shape[-1] // 2
+    x1, x2 = x.float().split(half, dim=-1)
+    c, s = cos[..., :half], sin[..., :half]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+def gemv_rope_store_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+    norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+    positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    num_heads: int, num_kv_heads: int,
+) -> torch.Tensor:
+    """Today's unfused path in torch: the qkv matmul (norm prologue, bias) rounded to the dtype,
+    then rope_store's rotation of q and k; k and v stored at slot_mapping (slot < 0: padding row,
+    nothing stored). Returns the rotated q [M, num_heads * head_dim]."""
+    head_dim = k_cache.shape[-1]
+    qkv = gemv_ref(x, weight, bias, norm_weight=norm_weight, eps=eps)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    cos = cos_table[positions].unsqueeze(1)
+    sin = sin_table[positions].unsqueeze(1)
+    q = _rotate_fp32(q.reshape(-1, num_heads, head_dim), cos, sin)
+    k = _rotate_fp32(k.reshape(-1, num_kv_heads, head_dim), cos, sin)
+    store_kv_ref(k, v.reshape(-1, num_kv_heads, head_dim), k_cache, v_cache, slot_mapping)
+    return q.reshape(-1, num_heads * head_dim)
 
 
 def gemv_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
@@ -103,6 +138,44 @@ if HAS_TRITON:
             return acc + tl.dot(x, tl.trans(w))
 
     @triton.jit
+    def _matmul(
+        x_rows, row_mask, w_rows, w_rows2, col_mask, nw_ptr, eps,
+        K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        NORM: tl.constexpr, TWO: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+    ):
+        """fp32 [BLOCK_M, BLOCK_N] accumulators of x @ W^T for the W rows at w_rows (pointers
+        [BLOCK_N, 1]) and, with TWO, a second set at w_rows2 over the same x tiles (SwiGLU's up
+        rows, rotary's second-half rows). NORM: x is RMS-normalised on the fly."""
+        ks = tl.arange(0, BLOCK_K)
+        dtype = x_rows.dtype.element_ty
+        if NORM:  # sum of squares of each input row, as kernels/rmsnorm.py: fp32, / K, rsqrt
+            sq = tl.zeros([BLOCK_M], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + ks
+                h = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & (k < K)[None, :], other=0.0)
+                h = h.to(tl.float32)
+                sq += tl.sum(h * h, 1)
+            rstd = tl.rsqrt(sq / K + eps)
+
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + ks
+            k_mask = k < K
+            x = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            if NORM:  # normalise in fp32, round to the input dtype, scale in the input dtype
+                nw = tl.load(nw_ptr + k, mask=k_mask, other=0.0)
+                x = _rnd(x.to(tl.float32) * rstd[:, None], dtype, BF16_BY_HAND)
+                x = _rnd(nw.to(tl.float32)[None, :] * x, dtype, BF16_BY_HAND).to(dtype)  # exact cast
+            w_mask = col_mask[:, None] & k_mask[None, :]
+            w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)
+            acc = _mac(acc, x, w, BLOCK_M, IEEE)
+            if TWO:
+                w2 = tl.load(w_rows2 + k[None, :], mask=w_mask, other=0.0)
+                acc2 = _mac(acc2, x, w2, BLOCK_M, IEEE)
+        return acc, acc2
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr,
         M, eps, x_stride, res_stride, out_stride,
@@ -116,36 +189,11 @@ if HAS_TRITON:
         row_mask = rows < M
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        ks = tl.arange(0, BLOCK_K)
         x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_stride
         w_rows = w_ptr + cols.to(tl.int64)[:, None] * K
         dtype = x_ptr.dtype.element_ty
-
-        if NORM:  # sum of squares of each input row, as kernels/rmsnorm.py: fp32, / K, rsqrt
-            sq = tl.zeros([BLOCK_M], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + ks
-                h = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & (k < K)[None, :], other=0.0)
-                h = h.to(tl.float32)
-                sq += tl.sum(h * h, 1)
-            rstd = tl.rsqrt(sq / K + eps)
-
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + ks
-            k_mask = k < K
-            x = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            if NORM:  # normalise in fp32, round to the input dtype, scale in the input dtype
-                nw = tl.load(nw_ptr + k, mask=k_mask, other=0.0)
-                x = _rnd(x.to(tl.float32) * rstd[:, None], dtype, BF16_BY_HAND)
-                x = _rnd(nw.to(tl.float32)[None, :] * x, dtype, BF16_BY_HAND).to(dtype)  # exact cast
-            w_mask = col_mask[:, None] & k_mask[None, :]
-            w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)
-            acc = _mac(acc, x, w, BLOCK_M, IEEE)
-            if SWIGLU:
-                w_up = tl.load(w_rows + N * K + k[None, :], mask=w_mask, other=0.0)
-                acc_up = _mac(acc_up, x, w_up, BLOCK_M, IEEE)
+        acc, acc_up = _matmul(x_rows, row_mask, w_rows, w_rows + N * K, col_mask, nw_ptr, eps,
+                              K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, SWIGLU, IEEE, BF16_BY_HAND)
 
         if HAS_BIAS:  # added in fp32 before rounding, as cuBLAS's bias epilogue does
             acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -161,6 +209,78 @@ if HAS_TRITON:
             y = _rnd(y + res.to(tl.float32), dtype, BF16_BY_HAND)
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * out_stride + cols[None, :], y.to(out_ptr.dtype.element_ty),
                  mask=out_mask)
+
+    @triton.jit
+    def _rotate(y1, y2, rows, row_mask, d, rot_mask, pos_ptr, cos_ptr, sin_ptr, cos_stride, sin_stride,
+                dtype: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+        """(y1, y2) rotated by the angle of each row's position, as kernels/rotary.py's kernel:
+        fp32 table values (cos[d] == cos[d + HALF] in the neox tables), one rounding at the end."""
+        pos = tl.load(pos_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        mask = row_mask[:, None] & rot_mask[None, :]
+        cos = tl.load(cos_ptr + pos[:, None] * cos_stride + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + pos[:, None] * sin_stride + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        r1 = _rnd(y1 * cos - y2 * sin, dtype, BF16_BY_HAND)
+        r2 = _rnd(y2 * cos + y1 * sin, dtype, BF16_BY_HAND)
+        return r1, r2
+
+    @triton.jit
+    def _store_kv(r1, r2, rows, row_mask, kv_head, d, kv_mask, is_v, slot_ptr, k_cache_ptr, v_cache_ptr,
+                  KV_HEADS: tl.constexpr, HALF: tl.constexpr):
+        """Pairs of k (kv_head in [0, KV_HEADS)) and v (kv_head - KV_HEADS) columns into the cache
+        [blocks, block_size, KV_HEADS, 2 * HALF] at each row's slot; slot < 0 (padding) stores nothing."""
+        slot = tl.load(slot_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+        kv_head = tl.where(is_v, kv_head - KV_HEADS, kv_head)
+        off = slot[:, None] * (KV_HEADS * 2 * HALF) + (kv_head * (2 * HALF) + d)[None, :]
+        keep = (row_mask & (slot >= 0))[:, None]
+        k_mask = keep & (kv_mask & ~is_v)[None, :]
+        v_mask = keep & (kv_mask & is_v)[None, :]
+        tl.store(k_cache_ptr + off, r1.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
+        tl.store(k_cache_ptr + off + HALF, r2.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
+        tl.store(v_cache_ptr + off, r1.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
+        tl.store(v_cache_ptr + off + HALF, r2.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
+
+    @triton.jit
+    def _gemv_rope_store_kernel(
+        x_ptr, w_ptr, b_ptr, nw_ptr, q_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+        M, eps, x_stride, q_stride, cos_stride, sin_stride,
+        K: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+    ):
+        # Programs count rotary pairs, not columns: pair j is dim d = j % HALF of head j // HALF in
+        # the qkv output (q heads, then k heads, then v heads), i.e. columns c and c + HALF. v's
+        # pairs are not rotated; splitting them the same way keeps one code path.
+        rows = tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        j_mask = j < (Q_HEADS + 2 * KV_HEADS) * HALF
+        head = j // HALF
+        d = j % HALF
+        col = head * (2 * HALF) + d  # first member of the pair; the second is col + HALF
+        x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_stride
+        w_rows = w_ptr + col.to(tl.int64)[:, None] * K
+        dtype = x_ptr.dtype.element_ty
+        acc1, acc2 = _matmul(x_rows, row_mask, w_rows, w_rows + HALF * K, j_mask, nw_ptr, eps,
+                             K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE, BF16_BY_HAND)
+        if HAS_BIAS:  # before the rotation (Qwen2), in fp32 before rounding as gemv does
+            acc1 += tl.load(b_ptr + col, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+            acc2 += tl.load(b_ptr + col + HALF, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+        # The qkv values the unfused gemv would have written, then rope_store's arithmetic on them.
+        y1 = _rnd(acc1, dtype, BF16_BY_HAND)
+        y2 = _rnd(acc2, dtype, BF16_BY_HAND)
+        is_q = head < Q_HEADS
+        is_v = head >= Q_HEADS + KV_HEADS
+        r1, r2 = _rotate(y1, y2, rows, row_mask, d, j_mask & ~is_v, pos_ptr, cos_ptr, sin_ptr,
+                         cos_stride, sin_stride, dtype, BF16_BY_HAND)
+        r1 = tl.where(is_v[None, :], y1, r1)
+        r2 = tl.where(is_v[None, :], y2, r2)
+
+        q_mask = row_mask[:, None] & (j_mask & is_q)[None, :]
+        q_out = q_ptr + rows.to(tl.int64)[:, None] * q_stride + col[None, :]
+        tl.store(q_out, r1.to(q_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(q_out + HALF, r2.to(q_ptr.dtype.element_ty), mask=q_mask)
+        _store_kv(r1, r2, rows, row_mask, head - Q_HEADS, d, j_mask & ~is_q, is_v, slot_ptr,
+                  k_cache_ptr, v_cache_ptr, KV_HEADS, HALF)
 
 
 def gemv(
@@ -201,6 +321,60 @@ def gemv(
         # The interpreter's tl.dot gets 16-bit floats wrong (it multiplies their raw bits): there
         # take the fp32 dot, which gives the same result (products of 16-bit floats are exact in fp32).
         IEEE=x.dtype == torch.float32 or _INTERPRET,
+        BF16_BY_HAND=_INTERPRET and x.dtype == torch.bfloat16,
+        num_warps=num_warps,
+    )
+    return out
+
+
+def gemv_rope_store_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_PAIRS, BLOCK_K, num_warps): gemv_config's, with each program computing as
+    many columns as the plain gemv's (half as many pairs), so M == 1 keeps its program count.
+    tl.dot (M > 1) needs 16 pairs at least: there a program computes 32 columns."""
+    block_m, block_n, block_k, num_warps = gemv_config(m, n, k)
+    return block_m, max(16 if block_m > 1 else 1, block_n // 2), block_k, num_warps
+
+
+def gemv_rope_store(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+    norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+    positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    num_heads: int, num_kv_heads: int, out: torch.Tensor | None = None,
+    config: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """Triton version of gemv_rope_store_ref: the fused qkv projection ([q; k; v] rows of weight)
+    of x [M <= SMALL_M, K] with norm prologue and bias, q and k rotated at ``positions`` (neox,
+    fp32 tables [max_pos, head_dim]), k and v written into the caches [blocks, block_size,
+    num_kv_heads, head_dim] at ``slot_mapping`` (< 0: nothing). Returns q [M, num_heads * head_dim]
+    (into ``out`` if given). One launch replaces gemv + rope_store; the rotated k and v exist only
+    in the cache. ``config`` overrides gemv_rope_store_config."""
+    m, k = x.shape
+    head_dim = k_cache.shape[-1]
+    half = head_dim // 2
+    n = (num_heads + 2 * num_kv_heads) * head_dim
+    assert head_dim % 2 == 0 and weight.shape == (n, k) and weight.is_contiguous(), (weight.shape, n, k)
+    assert m <= SMALL_M and (norm_weight is None or k <= MAX_NORM_K)
+    assert k_cache.shape[-2] == num_kv_heads and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert v_cache.shape == k_cache.shape
+    assert cos_table.shape[-1] == head_dim and cos_table.stride(1) == 1 and sin_table.stride(1) == 1
+    assert positions.shape == (m,) and slot_mapping.shape[0] >= m
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty(m, num_heads * head_dim, dtype=x.dtype, device=x.device)
+    assert out.shape == (m, num_heads * head_dim) and out.stride(1) == 1
+    if m == 0:
+        return out
+    block_m, block_pairs, block_k, num_warps = config or gemv_rope_store_config(m, n, k)
+    _gemv_rope_store_kernel[(triton.cdiv(n // 2, block_pairs),)](
+        x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
+        out, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,
+        m, eps, x.stride(0), out.stride(0), cos_table.stride(0), sin_table.stride(0),
+        K=k, Q_HEADS=num_heads, KV_HEADS=num_kv_heads, HALF=half,
+        BLOCK_M=block_m, BLOCK_N=block_pairs, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, NORM=norm_weight is not None,
+        IEEE=x.dtype == torch.float32 or _INTERPRET,  # as in gemv
         BF16_BY_HAND=_INTERPRET and x.dtype == torch.bfloat16,
         num_warps=num_warps,
     )

@@ -31,9 +31,12 @@ class Attention(nn.Module):
         self.num_splits = 1  # decode partitions, fixed by the runner per batch-size bucket
         self.partition = 0
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_stored: bool = False) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, kv_stored: bool = False
+    ) -> torch.Tensor:
         """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]. Returns [tokens, heads * dim].
-        ``kv_stored``: the caller already wrote k, v into the cache (fused rotary + store)."""
+        ``kv_stored``: the caller already wrote k, v into the cache (fused rotary + store); a
+        decode step then reads them from there only, and k, v may be None."""
         ctx = get_context()
         if self.k_cache.numel() and not kv_stored:
             (kv_store.store_kv if ctx.use_triton else kv_store.store_kv_ref)(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)

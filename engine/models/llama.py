@@ -5,10 +5,12 @@ matmul each (fewer, larger GEMMs), and attention goes through the paged cache.
 
 Small-batch decode with Triton on (``fused_decode``) runs each layer in fewer launches: at batch
 1-16 a step is a chain of tiny kernels whose launch and setup cost more than their bytes. The
-input RMSNorm rides in the qkv matmul, the o_proj and down_proj outputs are added into the
-residual stream by their matmuls, and the post-attention norm and SwiGLU ride in the gate_up
-matmul (kernels/gemv.py). The residual stream is one tensor there: the values reaching each matmul
-are those of the (x, residual) pair of the unfused path.
+input RMSNorm rides in the qkv matmul, whose epilogue also applies the rotary embedding and
+stores k, v into the paged cache (not for Qwen3: its q/k norms come before the rotation); the
+o_proj and down_proj outputs are added into the residual stream by their matmuls, and the
+post-attention norm and SwiGLU ride in the gate_up matmul (kernels/gemv.py). The residual stream
+is one tensor there: the values reaching each matmul are those of the (x, residual) pair of the
+unfused path.
 """
 
 from __future__ import annotations
@@ -74,6 +76,24 @@ class LlamaAttention(nn.Module):
         return self.attn(q, k, v)
 
 
+    def fuse_rope_store(self) -> bool:
+        """Whether the small-batch decode can rotate and store k, v in the qkv launch: not with
+        Qwen3's q/k norms (they need whole heads before the rotation), nor without a cache."""
+        return not self.qk_norm and self.attn.k_cache.numel() > 0
+
+    def attend_fused(self, positions: torch.Tensor, h: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """attend() of the normed qkv projection of the residual stream h in one launch before
+        attention: norm prologue, qkv matmul (+ bias), rotary, k/v into the cache (kernels/gemv.py)."""
+        q = gemv_kernels.gemv_rope_store(
+            h, self.qkv_proj.weight, self.qkv_proj.bias, norm_weight=norm.weight, eps=norm.eps,
+            positions=positions, cos_table=self.rotary.cos, sin_table=self.rotary.sin,
+            k_cache=self.attn.k_cache, v_cache=self.attn.v_cache, slot_mapping=get_context().slot_mapping,
+            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+        )
+        q = q.view(-1, self.num_heads, self.head_dim)
+        return self.attn(q, None, None, kv_stored=True)  # decode reads k, v from the cache only
+
+
 class LlamaMLP(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -108,12 +128,15 @@ class LlamaDecoderLayer(nn.Module):
     def forward_fused(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """The small-batch decode layer: h is the whole residual stream (the unfused path's
         x + residual), updated in place by the o_proj and down_proj epilogues. Four matmul launches
-        replace two norms, four GEMMs and the SwiGLU."""
+        replace two norms, four GEMMs, the SwiGLU and (but for Qwen3) the rotary + k/v store."""
         gemv = gemv_kernels.gemv
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        qkv = gemv(h, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=norm1.weight, eps=norm1.eps)
-        o = attn.attend(positions, qkv)
+        if attn.fuse_rope_store():
+            o = attn.attend_fused(positions, h, norm1)
+        else:
+            qkv = gemv(h, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=norm1.weight, eps=norm1.eps)
+            o = attn.attend(positions, qkv)
         gemv(o, attn.o_proj.weight, attn.o_proj.bias, residual=h, out=h)
         act = gemv(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, norm_weight=norm2.weight, eps=norm2.eps,
                    swiglu=True)

@@ -43,18 +43,23 @@ def _run(tmp_path, DEVICE, prefill):
 
 @pytest.mark.parametrize("arch,fused", [
     ("llama_gqa_untied", True),  # untied LM head
-    ("qwen2_bias", True),  # qkv bias in the fused norm + qkv launch, tied LM head
-    ("qwen3_qknorm", True),  # q/k norms between the fused qkv launch and rope
+    ("qwen2_bias", True),  # qkv bias before the rotary in the fused norm + qkv + rope launch, tied LM head
+    ("qwen3_qknorm", True),  # q/k norms between the fused qkv launch and rope_store
 ])
 def test_fused_small_batch_decode(tmp_path, monkeypatch, arch, fused):
-    calls = []
-    gemv = llama_module.gemv_kernels.gemv
+    calls, rope_calls = [], []
+    gemv, gemv_rope_store = llama_module.gemv_kernels.gemv, llama_module.gemv_kernels.gemv_rope_store
 
     def counting_gemv(*args, **kwargs):
         calls.append(args[1].shape)
         return gemv(*args, **kwargs)
 
+    def counting_gemv_rope_store(*args, **kwargs):
+        rope_calls.append(args[1].shape)
+        return gemv_rope_store(*args, **kwargs)
+
     monkeypatch.setattr(llama_module.gemv_kernels, "gemv", counting_gemv)
+    monkeypatch.setattr(llama_module.gemv_kernels, "gemv_rope_store", counting_gemv_rope_store)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -66,9 +71,16 @@ def test_fused_small_batch_decode(tmp_path, monkeypatch, arch, fused):
         assert [o.token_ids for o in outs] == hf_greedy(path, ps, 5)
     finally:
         torch.set_num_threads(threads)
-    # Four launches a layer per decode forward (qkv, o_proj, gate_up, down); none when off.
-    per_forward = 4 * llm.engine.config.hf_config.num_hidden_layers
-    assert len(calls) % per_forward == 0 and bool(calls) == fused
+    # Four launches a layer per decode forward (qkv, o_proj, gate_up, down); none when off. The
+    # qkv launch rotates and stores k, v itself (gemv_rope_store) but for Qwen3's q/k norms.
+    layers = llm.engine.config.hf_config.num_hidden_layers
+    if not fused:
+        assert not calls and not rope_calls
+        return
+    gemvs_per_layer = 4 if arch == "qwen3_qknorm" else 3
+    forwards = len(calls) // (gemvs_per_layer * layers)
+    assert forwards > 0 and len(calls) == gemvs_per_layer * layers * forwards
+    assert len(rope_calls) == (0 if arch == "qwen3_qknorm" else layers * forwards)
 
 
 def test_fused_decode_logprobs_match_unfused(tmp_path):

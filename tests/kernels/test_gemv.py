@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.gemv import MAX_NORM_K, SMALL_M, gemv, gemv_config, gemv_ref
+from kernels.gemv import (
+    MAX_NORM_K, SMALL_M, gemv, gemv_config, gemv_ref, gemv_rope_store, gemv_rope_store_config, gemv_rope_store_ref,
+)
+from kernels.rotary import rope_store
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -112,3 +115,117 @@ def test_matches_reference_gpu(m, shape, fusion, dtype):
     ref = gemv_ref(x, w, swiglu=swiglu, **kw)
     out = gemv(x, w, swiglu=swiglu, **kw)
     assert _rel(out, ref) < 1e-2
+
+
+# -- qkv projection + rotary + KV store in one launch --------------------------------------------
+
+def _rope_case(m, q_heads, kv_heads, head_dim, k, dtype, device, *, bias=False, norm=True, seed=0,
+               max_pos=4096, block_size=4):
+    """Inputs of gemv_rope_store: weights, fp32 neox tables of a realistic length, positions across
+    the whole table, a cache with random contents, distinct slots; row 1 is a padding row (-1)."""
+    g = torch.Generator().manual_seed(seed)
+    n = (q_heads + 2 * kv_heads) * head_dim
+    x = (torch.randn(m, k, generator=g) * 3.0).to(device, dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype)
+    freqs = torch.arange(max_pos, dtype=torch.float)[:, None] * torch.rand(head_dim // 2, generator=g)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    num_blocks = 2 * SMALL_M // block_size + 3
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:m]
+    if m > 1:
+        slots[1] = -1
+    kw = dict(
+        bias=torch.randn(n, generator=g).to(device, dtype) if bias else None,
+        norm_weight=(1.0 + 0.3 * torch.randn(k, generator=g)).to(device, dtype) if norm else None, eps=1e-5,
+        positions=torch.randint(0, max_pos, (m,), generator=g).to(device),
+        cos_table=emb.cos().to(device), sin_table=emb.sin().to(device),
+        slot_mapping=slots.to(device), num_heads=q_heads, num_kv_heads=kv_heads,
+    )
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g).to(device, dtype)
+    return x, w, kw, cache
+
+
+def _check_rope_store(x, w, kw, cache, tol, config=None):
+    """The kernel's q and whole caches (untouched slots included) against the reference's."""
+    ref_cache = cache.clone()
+    ref = gemv_rope_store_ref(x, w, k_cache=ref_cache[0], v_cache=ref_cache[1], **kw)
+    out = gemv_rope_store(x, w, k_cache=cache[0], v_cache=cache[1], config=config, **kw)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    if tol is None:  # exact
+        assert torch.equal(out, ref) and torch.equal(cache, ref_cache)
+    elif x.dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(cache, ref_cache, rtol=tol, atol=tol)
+    else:  # the written slots close, every other slot untouched
+        slots = kw["slot_mapping"][kw["slot_mapping"] >= 0]
+        written = torch.zeros(cache.shape[1] * cache.shape[2], dtype=torch.bool, device=cache.device)
+        written[slots] = True
+        flat, ref_flat = cache.flatten(1, 2), ref_cache.flatten(1, 2)
+        assert _rel(out, ref) < tol and _rel(flat[:, written], ref_flat[:, written]) < tol
+        assert torch.equal(flat[:, ~written], ref_flat[:, ~written])
+
+
+ROPE_FUSIONS = {"llama": dict(norm=True), "qwen2": dict(norm=True, bias=True), "plain": dict(norm=False)}
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("fusion", list(ROPE_FUSIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_store_matches_reference(m, fusion, dtype):
+    # 3 q heads of 16 per KV head (GQA); K not a multiple of any block size.
+    x, w, kw, cache = _rope_case(m, 6, 2, 16, 83, dtype, DEVICE, seed=m, **ROPE_FUSIONS[fusion])
+    _check_rope_store(x, w, kw, cache, 1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_rope_store_blocks_across_heads(m):
+    """Pair blocks that straddle head and q/k/v boundaries, head_dim 24 (12 pairs: no power of 2),
+    one KV head, several K steps with a partial last one."""
+    x, w, kw, cache = _rope_case(m, 4, 1, 24, 100, torch.float32, DEVICE, bias=True, seed=11)
+    configs = [(1, 8, 32, 1), (1, 1, 128, 1)] if m == 1 else [(16, 16, 32, 4)]
+    for config in configs:
+        _check_rope_store(x, w, kw, cache.clone(), 1e-5, config=config)
+
+
+def test_rope_store_equals_gemv_then_rope_store():
+    """The unfused engine path (gemv, then kernels/rotary.py's rope_store on views of its output):
+    at M == 1 the fused kernel sums each column in the same order, so fp32 results agree bitwise."""
+    x, w, kw, cache = _rope_case(1, 6, 2, 16, 83, torch.float32, DEVICE, bias=True, seed=4)
+    ref_cache = cache.clone()
+    qkv = gemv(x, w, kw["bias"], norm_weight=kw["norm_weight"], eps=kw["eps"], config=gemv_config(1, 160, 83))
+    q, k, v = qkv.split([96, 32, 32], dim=-1)
+    q, k, v = q.view(1, 6, 16), k.view(1, 2, 16), v.view(1, 2, 16)
+    rope_store(q, k, v, kw["positions"], kw["cos_table"], kw["sin_table"], ref_cache[0], ref_cache[1],
+               kw["slot_mapping"])
+    out = gemv_rope_store(x, w, k_cache=cache[0], v_cache=cache[1], **kw)
+    assert torch.equal(out, q.reshape(1, 96)) and torch.equal(cache, ref_cache)
+
+
+def test_rope_store_bf16_matches_reference_bitwise():
+    """bf16 at K = 1: the matmul is one product, so every rounding (qkv output, rotation) must sit
+    where the reference has it."""
+    x, w, kw, cache = _rope_case(3, 2, 1, 8, 1, torch.bfloat16, DEVICE, bias=True, seed=9)
+    _check_rope_store(x, w, kw, cache, None)
+
+
+def test_rope_store_config_fills_the_gpu():
+    # Batch 1: as many programs as the plain gemv (SmolLM2-135M qkv: 960 columns; Llama-2-7B: 12288).
+    for n, k in [(960, 576), (12288, 4096)]:
+        block_m, block_pairs, _, _ = gemv_rope_store_config(1, n, k)
+        assert block_m == 1 and -(-n // (2 * block_pairs)) == -(-n // gemv_config(1, n, k)[1]) >= 132
+    assert gemv_rope_store_config(16, 960, 576)[1] == 16  # tl.dot's minimum width
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 5, 16])
+@pytest.mark.parametrize("shape", [
+    (9, 3, 64, 576),  # SmolLM2-135M
+    (14, 2, 64, 896),  # Qwen2-0.5B (with bias)
+    (32, 32, 128, 4096),  # Llama-2-7B
+    (32, 8, 128, 4096),  # Llama-3-8B
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rope_store_matches_reference_gpu(m, shape, dtype):
+    q_heads, kv_heads, head_dim, k = shape
+    x, w, kw, cache = _rope_case(m, q_heads, kv_heads, head_dim, k, dtype, "cuda", bias=q_heads == 14,
+                                 seed=m + k, max_pos=32768, block_size=16)
+    _check_rope_store(x, w, kw, cache, 1e-2)
