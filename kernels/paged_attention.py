@@ -3,9 +3,15 @@
 GQA-aware: one program handles one KV head and all the query heads of its group, so each K/V
 element is read from memory once per group (not once per query head). The group's queries are a
 [G, head_dim] tile (padded to 16 rows for tl.dot). Long contexts are split into partitions
-processed by separate programs (flash-decoding) and merged by a second kernel, so that small
-batches with few KV heads still fill the GPU; with one partition the first kernel writes the
-output directly.
+processed by separate programs (flash-decoding), so that small batches with few KV heads still
+fill the GPU; with one partition each program writes its output directly.
+
+Split partials are merged in the same launch (no second reduce kernel: at batch 1 its launch and
+gap cost about as much as the merge itself): every split program writes its partial, then takes a
+ticket from an atomic counter per (sequence, KV head); the program that draws the last ticket
+knows all the others' partials are written (acq_rel atomics, after a barrier over the program's
+own stores), merges them and resets the counter to zero, so the next launch or CUDA-graph replay
+starts from zero again without a memset.
 """
 
 from __future__ import annotations
@@ -53,11 +59,11 @@ if HAS_TRITON:
     @triton.jit
     def _paged_decode_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-        out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+        out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counter_ptr,
         scale_log2, q_stride_b, q_stride_h, out_stride_b, out_stride_h, bt_stride,
         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
         IEEE: tl.constexpr,
     ):
         b = tl.program_id(0)
@@ -105,39 +111,69 @@ if HAS_TRITON:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
 
-        out_mask = g_mask[:, None] & d_mask[None, :]
         if NUM_SPLITS == 1:
             out = acc / l[:, None]
             tl.store(
                 out_ptr + b * out_stride_b + heads[:, None] * out_stride_h + d[None, :],
-                out.to(out_ptr.dtype.element_ty), mask=out_mask,
+                out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :],
             )
         else:
             # Partials laid out [batch, q_heads, NUM_SPLITS, (D_PAD)].
-            base = (b * KV_HEADS * GROUP + heads) * NUM_SPLITS + split
-            tl.store(part_acc_ptr + base[:, None] * D_PAD + d[None, :], acc, mask=g_mask[:, None])
-            tl.store(part_m_ptr + base, m, mask=g_mask)
-            tl.store(part_l_ptr + base, l, mask=g_mask)
+            base = (b * KV_HEADS * GROUP + heads) * NUM_SPLITS
+            tl.store(part_acc_ptr + (base + split)[:, None] * D_PAD + d[None, :], acc, mask=g_mask[:, None])
+            tl.store(part_m_ptr + base + split, m, mask=g_mask)
+            tl.store(part_l_ptr + base + split, l, mask=g_mask)
+            # Every thread's stores are issued before the ticket's release (thread 0 takes it).
+            tl.debug_barrier()
+            counter = counter_ptr + b * KV_HEADS + kvh
+            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if ticket == NUM_SPLITS - 1:  # the other splits are done: their partials are visible
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # for the next launch; ends with this kernel
+                for g_i in tl.static_range(GROUP):  # unrolled: the heads' loads overlap
+                    head = kvh * GROUP + g_i
+                    _merge_head(
+                        out_ptr + b * out_stride_b + head * out_stride_h, part_acc_ptr, part_m_ptr, part_l_ptr,
+                        (b * KV_HEADS * GROUP + head) * NUM_SPLITS, d, d_mask, NUM_SPLITS, S_PAD, D_PAD,
+                    )
 
     @triton.jit
-    def _paged_decode_reduce_kernel(
-        out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, out_stride_b, out_stride_h,
-        Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
+    def _merge_head(
+        out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, base, d, d_mask,
+        NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, D_PAD: tl.constexpr,
     ):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
+        """One head's output from its NUM_SPLITS partials (``base``: its split 0), all loaded at once
+        (one round trip, not one a split): out = sum_s acc_s w_s / sum_s l_s w_s, w_s = 2^(m_s - max m).
+        Empty partitions (m = -inf) weigh nothing. .cg loads: from L2, where the other programs'
+        stores went, never a stale L1 line."""
         s = tl.arange(0, S_PAD)
-        d = tl.arange(0, D_PAD)
         s_mask = s < NUM_SPLITS
-        base = (b * Q_HEADS + h) * NUM_SPLITS + s
-        m = tl.load(part_m_ptr + base, mask=s_mask, other=float("-inf"))
-        l = tl.load(part_l_ptr + base, mask=s_mask, other=0.0)
+        m = tl.load(part_m_ptr + base + s, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(part_l_ptr + base + s, mask=s_mask, other=0.0, cache_modifier=".cg")
+        acc = tl.load(part_acc_ptr + (base + s)[:, None] * D_PAD + d[None, :], mask=s_mask[:, None], other=0.0,
+                      cache_modifier=".cg")
         m_max = tl.max(m, 0)
         w = tl.where(s_mask & (m > float("-inf")), tl.exp2(m - m_max), 0.0)
-        acc = tl.load(part_acc_ptr + base[:, None] * D_PAD + d[None, :], mask=s_mask[:, None], other=0.0)
         out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
-        tl.store(out_ptr + b * out_stride_b + h * out_stride_h + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+        tl.store(out_ptr + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+MIN_COUNTERS = 1 << 16  # batch x KV heads covered by the first allocation (256 KB of int32)
+
+
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """The split-merge tickets, one int32 per (sequence, KV head), zero between launches: each
+    launch's merging programs reset theirs. One buffer per device, shared by all layers, which is
+    safe as long as decode launches run one after another (one stream, as the engine does). Made
+    on the first decode (the engine's eager warm-up precedes every graph capture); a bigger batch
+    during a capture cannot grow it, since memory allocated there belongs to the graph."""
+    device = torch.device(device)
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        assert device.type != "cuda" or not torch.cuda.is_current_stream_capturing(), (
+            "paged decode: split counters must be allocated before CUDA-graph capture (run one eager step first)")
+        counters = _COUNTERS[device] = torch.zeros(max(n, MIN_COUNTERS), dtype=torch.int32, device=device)
+    return counters
 
 
 def choose_num_splits(batch: int, kv_heads: int, max_context: int, partition: int, num_sms: int = 132) -> int:
@@ -180,21 +216,17 @@ def paged_decode_attention(
         part_acc = torch.empty(batch, q_heads, num_splits, d_pad, dtype=torch.float32, device=q.device)
         part_m = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=q.device)
         part_l = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=q.device)
+        counters = split_counters(q.device, batch * kv_heads)
     else:
-        part_acc = part_m = part_l = out  # unused
+        part_acc = part_m = part_l = counters = out  # unused
     _paged_decode_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens,
-        out, part_acc, part_m, part_l,
+        out, part_acc, part_m, part_l, counters,
         scale * 1.4426950408889634, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         KV_HEADS=kv_heads, GROUP=group, G_PAD=max(16, next_pow2(group)),
         HEAD_DIM=dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
-        BLOCK_N=block_n, PARTITION=partition, NUM_SPLITS=num_splits,
+        BLOCK_N=block_n, PARTITION=partition, NUM_SPLITS=num_splits, S_PAD=max(2, next_pow2(num_splits)),
         IEEE=q.dtype == torch.float32,
         num_warps=4, num_stages=2,
     )
-    if num_splits > 1:
-        _paged_decode_reduce_kernel[(batch, q_heads)](
-            out, part_acc, part_m, part_l, out.stride(0), out.stride(1),
-            Q_HEADS=q_heads, HEAD_DIM=dim, D_PAD=d_pad, NUM_SPLITS=num_splits, S_PAD=max(2, next_pow2(num_splits)),
-        )
     return out

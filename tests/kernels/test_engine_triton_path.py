@@ -83,6 +83,23 @@ def test_fused_small_batch_decode(tmp_path, monkeypatch, arch, fused):
     assert len(rope_calls) == (0 if arch == "qwen3_qknorm" else layers * forwards)
 
 
+def test_split_decode_attention(tmp_path):
+    """max_model_len 512 with 128-token partitions: decode attention runs 4 splits merged inside
+    its launch (kernels/paged_attention.py), most of them empty at these short contexts."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        path = make_model_dir("llama_gqa_untied", str(tmp_path), seed=7)
+        ps = prompts(2, seed=45, lo=2, hi=20)
+        llm = LLM(path, device=DEVICE, dtype="float32", use_triton=True, enforce_eager=True,
+                  max_model_len=512, block_size=4)
+        outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        assert llm.engine.runner.attn_layers[0].num_splits == 4
+        assert [o.token_ids for o in outs] == hf_greedy(path, ps, 4)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_fused_decode_logprobs_match_unfused(tmp_path):
     """Closer than greedy tokens: the fused path's logprobs equal the unfused Triton path's up to
     fp32 reduction order (a wrong residual or norm would move them far more)."""

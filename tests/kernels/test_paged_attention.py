@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.paged_attention import choose_num_splits, paged_decode_attention, paged_decode_attention_ref
+from kernels.paged_attention import choose_num_splits, paged_decode_attention, paged_decode_attention_ref, split_counters
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,6 +54,22 @@ def test_triton_matches_reference_small(q_heads, kv_heads, dim, splits):
     assert _rel(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("splits", [2, 5])
+def test_split_merge_in_one_launch(splits):
+    """The last split program of each (sequence, KV head) merges the partials: contexts shorter than
+    one partition (the other splits are empty), one spanning every split, GQA group of 3. Run twice:
+    the merging programs leave the tickets at zero, so a second launch (a graph replay) is the same."""
+    lens = [1, 3, 64, 5 * 16 - 1]
+    q, kc, vc, tables, context_lens = _case(4, 6, 2, 16, 4, lens, torch.float32, DEVICE, seed=splits)
+    ref = paged_decode_attention_ref(q, kc, vc, tables, context_lens, 0.25)
+    for _ in range(2):
+        out = torch.full_like(q, float("nan"))
+        paged_decode_attention(q, kc, vc, tables, context_lens, 0.25, num_splits=splits, partition=16, out=out)
+        assert not out.isnan().any()
+        assert _rel(out, ref) < 1e-5
+        assert not split_counters(q.device, 8)[:8].any()
+
+
 def test_choose_num_splits():
     assert choose_num_splits(256, 8, 4096, 512) == 1  # the batch fills the GPU already
     assert choose_num_splits(1, 4, 4096, 512) == 8  # capped by the context's partitions
@@ -80,3 +96,34 @@ def test_triton_matches_reference_gpu(batch, q_heads, kv_heads, dim, block_size,
         paged_decode_attention(q, kc, vc, tables, context_lens, dim**-0.5, num_splits=splits, partition=512, out=out)
         assert not out.isnan().any()
         assert _rel(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,q_heads,kv_heads,dim", [(1, 9, 3, 64), (4, 32, 8, 128), (1, 32, 32, 128)])
+def test_split_merge_deterministic_and_graph_safe_gpu(batch, q_heads, kv_heads, dim):
+    """The in-launch merge on real concurrency: many launches give bitwise the same output (a
+    merge that read a partial before it was written would not), and CUDA-graph replays with new
+    contexts match the reference (the tickets are back at zero after every launch)."""
+    g = torch.Generator().manual_seed(dim)
+    lens = torch.randint(1, 4096, (batch,), generator=g).tolist()
+    q, kc, vc, tables, context_lens = _case(batch, q_heads, kv_heads, dim, 16, lens, torch.bfloat16, "cuda", seed=1)
+    splits = 32  # the engine's batch-1 count at max_model_len 4096, partition 128
+    run = lambda: paged_decode_attention(q, kc, vc, tables, context_lens, dim**-0.5, num_splits=splits,  # noqa: E731
+                                         partition=128, out=out)
+    out = torch.empty_like(q)
+    first = run().clone()  # eager: also allocates the tickets before the capture
+    for _ in range(200):
+        run()
+    torch.cuda.synchronize()
+    assert torch.equal(out, first)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for i in range(10):
+        new_lens = torch.randint(1, tables.shape[1] * 16 + 1, (batch,), generator=g)
+        context_lens.copy_(new_lens)
+        q.copy_(torch.randn(q.shape, generator=g))
+        graph.replay()
+        ref = paged_decode_attention_ref(q, kc, vc, tables, context_lens, dim**-0.5)
+        assert _rel(out, ref) < 1e-2, i
+    assert not split_counters(q.device, batch * kv_heads)[: batch * kv_heads].any()
