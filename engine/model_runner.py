@@ -9,6 +9,7 @@ one sync brings all the tokens back."""
 
 from __future__ import annotations
 
+import gc
 import math
 from dataclasses import dataclass
 
@@ -104,6 +105,10 @@ class ModelRunner:
 
     def _blocks_from_free_memory(self, per_block: int) -> int:
         cfg = self.config
+        # An engine dropped earlier in this process may be garbage in a reference cycle: collect it
+        # and return its cached blocks, or its pool would count as this engine's "current" memory.
+        gc.collect()
+        torch.cuda.empty_cache()
         # Peak activations of a full prefill step, measured by running one with no cache.
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -36,7 +36,9 @@ def test_cuda_graphs_equal_eager_in_bf16(model_dir):
     path = model_dir("llama3_rope_mqa")
     g = torch.Generator().manual_seed(5)
     ps = torch.randint(3, 256, (16, 20), generator=g).tolist()
-    kw = dict(device="cuda", dtype="bfloat16", max_model_len=256, block_size=16, enable_prefix_caching=False)
+    # A fixed pool: two engines live at once here, and a pool sized from free memory takes 90% of it.
+    kw = dict(device="cuda", dtype="bfloat16", max_model_len=256, block_size=16, enable_prefix_caching=False,
+              kv_cache_tokens=16384)
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     graphs = LLM(path, **kw).generate(ps, params)
     eager = LLM(path, enforce_eager=True, **kw).generate(ps, params)
