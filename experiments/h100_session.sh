@@ -37,7 +37,10 @@ case "${1:?part}" in
     python3 -m shrink stage=import teacher=custom teacher.source="$H/t/SmolLM2-135M-Instruct.Q4_1.gguf" \
       teacher.dtype=fp32 run="$RUN" cache_dir="$H/cache" logging=none device=cuda || exit 1
     cp -r . "$H/repo"  # the detached pipeline outlives this call's working tree
-    (cd "$H/repo" && setsid nohup bash experiments/h100_session.sh pipeline > "$H/pipeline.log" 2>&1 < /dev/null &)
+    # Detached, and with every inherited descriptor above 2 closed: a daemon holding the device
+    # tool's output pipe made this call wait out its whole time limit (2026-11-26).
+    (cd "$H/repo" && setsid nohup bash -c 'for fd in /proc/$$/fd/*; do n=${fd##*/}; [ "$n" -gt 2 ] && eval "exec $n>&-"; done
+      exec bash experiments/h100_session.sh pipeline' > "$H/pipeline.log" 2>&1 < /dev/null &)
     sleep 5; cat "$H/pipeline.log";;
   pipeline)  # detached: speed bench alone, then KD runs with the prune/quantize runs beside them
     R=$H/res; L=$R/logs; mkdir -p "$L"
