@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 
-def _kernel_events(prof) -> list[Any]:
+def kernel_events(prof) -> list[Any]:
     out = []
     for e in prof.events():
         if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
@@ -94,7 +94,7 @@ def profile_decode(path: str, dummy: bool, batch: int, steps: int, prompt_len: i
         llm.generate(_prompts(batch, prompt_len, vocab, 9), SamplingParams(temperature=0, max_tokens=traced, ignore_eos=True))
         sync()
         window_us = 1e6 * (time.perf_counter() - t0)
-    kernels = _kernel_events(prof)
+    kernels = kernel_events(prof)
     table = kernel_table(kernels, traced)
     res["kernel_us_per_step"] = sum(r["us_per_step"] for r in table)
     res["launches_per_step"] = sum(r["per_step"] for r in table)

@@ -219,6 +219,39 @@ def nano_vllm_workload(num_seqs: int = 256, max_input: int = 1024, max_output: i
     return prompts, outputs
 
 
+class KernelWindow:
+    """torch.profiler over engine steps [first, last) of a run: the GPU-busy fraction of that
+    window (union of kernel intervals / its wall time). Tracing a whole throughput run would hold
+    hundreds of thousands of events; a window of steps is enough to see where the time goes."""
+
+    def __init__(self, spec: str | None) -> None:
+        self.first, self.last = (int(x) for x in spec.split(":")) if spec else (-1, -1)
+        self.prof = None
+        self.result: dict | None = None
+
+    def at_step(self, step: int) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        if step == self.first:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=acts)
+            self.prof.start()
+            self.t0 = time.perf_counter()
+        elif step == self.last and self.prof is not None:
+            from eval.decode_profile import kernel_events, busy_fraction
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall_us = 1e6 * (time.perf_counter() - self.t0)
+            self.prof.stop()
+            kernels = kernel_events(self.prof)
+            spans = [(e.time_range.start, e.time_range.end) for e in kernels]
+            self.result = {"first_step": self.first, "last_step": self.last - 1, "wall_s": wall_us / 1e6,
+                           "kernel_s": sum(e.time_range.elapsed_us() for e in kernels) / 1e6,
+                           "gpu_busy": busy_fraction(spans, wall_us)}
+            self.prof = None
+
+
 def throughput(args) -> None:
     from engine import LLM, SamplingParams
 
@@ -234,17 +267,20 @@ def throughput(args) -> None:
     runner, stats = eng.runner, {"prefill_s": 0.0, "decode_s": 0.0, "prefill_steps": 0, "decode_steps": 0,
                                  "kv_read_tokens": 0, "prefill_tokens": 0, "decode_tokens": 0, "max_running": 0}
     inner = runner.run
+    window = KernelWindow(args.profile_steps)
 
     def timed_run(batch):
+        window.at_step(stats["prefill_steps"] + stats["decode_steps"])
         t = time.perf_counter()
         result = inner(batch)  # returns after .tolist(): the GPU is done
         dt = time.perf_counter() - t
         kind = "prefill" if batch.is_prefill else "decode"
+        steps = getattr(batch, "num_steps", 1)  # a multi-step decode runs that many forwards
         stats[f"{kind}_s"] += dt
         stats[f"{kind}_steps"] += 1
-        stats[f"{kind}_tokens"] += sum(batch.num_scheduled)
+        stats[f"{kind}_tokens"] += sum(batch.num_scheduled) * steps
         if not batch.is_prefill:
-            stats["kv_read_tokens"] += sum(s.num_tokens for s in batch.seqs)
+            stats["kv_read_tokens"] += sum(s.num_tokens for s in batch.seqs) * steps
         stats["max_running"] = max(stats["max_running"], len(eng.scheduler.running))
         return result
 
@@ -278,6 +314,11 @@ def throughput(args) -> None:
         f"decode steps {stats['decode_s']:.2f} s ({stats['decode_steps']} steps), scheduler+host outside the runner {other:.2f} s")
     log(f"  roofs: compute {compute_roof_s:.2f} s (2*params*tokens at {ceil['bf16_matmul_TFLOPs']:.0f} TFLOP/s, attention FLOPs "
         f"excluded), bandwidth {bw_roof_s:.2f} s (weights per decode step + KV read at {ceil['copy_bandwidth_TBps']:.2f} TB/s)")
+    if window.result is not None:
+        out["profile_window"] = window.result
+        w = window.result
+        log(f"  GPU busy {100 * w['gpu_busy']:.1f}% of engine steps {w['first_step']}..{w['last_step']} "
+            f"({w['wall_s']:.2f} s traced, kernels {w['kernel_s']:.2f} s)")
     del llm
     gc.collect()
     torch.cuda.empty_cache()
@@ -578,6 +619,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--max-num-seqs", type=int, default=256)
     t.add_argument("--max-num-batched-tokens", type=int, default=8192)
     t.add_argument("--prefill-attention", default="triton", choices=["sdpa", "triton"])
+    t.add_argument("--profile-steps", default=None, metavar="FIRST:LAST",
+                   help="trace engine steps FIRST..LAST-1 with torch.profiler: GPU busy fraction there")
     c = sub.add_parser("capacity")
     c.add_argument("--shape", default="tinyllama", choices=sorted(SHAPES))
     c.add_argument("--kv-tokens", type=int, help="pool size in tokens (default: what the engine sizes on this GPU)")

@@ -83,3 +83,16 @@ def test_engine_options_parse_typed_values():
         "num_decode_steps": 1, "fused_decode": False, "gpu_memory_utilization": 0.5, "prefill_attention": "triton"}
     with pytest.raises(SystemExit, match="key=value"):
         engine_bench.engine_options(["num_decode_steps"])
+
+
+def test_kernel_window_traces_only_its_steps():
+    import torch
+
+    window = engine_bench.KernelWindow("2:4")
+    for step in range(6):
+        window.at_step(step)
+        torch.ones(64, 64) @ torch.ones(64, 64)
+    w = window.result
+    assert (w["first_step"], w["last_step"]) == (2, 3) and w["wall_s"] > 0
+    assert w["gpu_busy"] == 0.0 and w["kernel_s"] == 0.0  # no GPU here: no kernels to count
+    assert engine_bench.KernelWindow(None).result is None
