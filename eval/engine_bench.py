@@ -265,7 +265,8 @@ def throughput(args) -> None:
 
     # Per-step accounting: wall time in the model runner (GPU work + launch + sync) vs. the rest.
     runner, stats = eng.runner, {"prefill_s": 0.0, "decode_s": 0.0, "prefill_steps": 0, "decode_steps": 0,
-                                 "kv_read_tokens": 0, "prefill_tokens": 0, "decode_tokens": 0, "max_running": 0}
+                                 "kv_read_tokens": 0, "prefill_tokens": 0, "decode_tokens": 0, "max_running": 0,
+                                 "decode_forwards": 0}
     inner = runner.run
     window = KernelWindow(args.profile_steps)
 
@@ -280,6 +281,7 @@ def throughput(args) -> None:
         stats[f"{kind}_steps"] += 1
         stats[f"{kind}_tokens"] += sum(batch.num_scheduled) * steps
         if not batch.is_prefill:
+            stats["decode_forwards"] += steps
             stats["kv_read_tokens"] += sum(s.num_tokens for s in batch.seqs) * steps
         stats["max_running"] = max(stats["max_running"], len(eng.scheduler.running))
         return result
@@ -300,7 +302,7 @@ def throughput(args) -> None:
     n_params = wb / 2
     flops = 2 * n_params * (stats["prefill_tokens"] + stats["decode_tokens"])
     compute_roof_s = flops / (ceil["bf16_matmul_TFLOPs"] * 1e12)
-    bytes_moved = stats["decode_steps"] * wb + stats["kv_read_tokens"] * kv_tok
+    bytes_moved = stats["decode_forwards"] * wb + stats["kv_read_tokens"] * kv_tok
     bw_roof_s = bytes_moved / (ceil["copy_bandwidth_TBps"] * 1e12)
     other = dt - stats["prefill_s"] - stats["decode_s"]
     out = dict(output_tokens=total_out, seconds=dt, output_tok_s=tput, preemptions=eng.scheduler.num_preemptions,
