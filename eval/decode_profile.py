@@ -60,7 +60,7 @@ def profile_decode(path: str, dummy: bool, batch: int, steps: int, prompt_len: i
     from torch.profiler import ProfilerActivity, profile
 
     from engine import LLM, SamplingParams
-    from eval.engine_bench import _prompts
+    from eval.engine_bench import _prompts, timed
 
     llm = LLM(path, load_format="dummy" if dummy else "safetensors", max_num_seqs=batch, cuda_graph_max_bs=batch,
               max_model_len=prompt_len + steps + 16, enable_prefix_caching=False, enforce_eager=eager, **engine)
@@ -70,11 +70,8 @@ def profile_decode(path: str, dummy: bool, batch: int, steps: int, prompt_len: i
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     greedy = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
     llm.generate(_prompts(batch, prompt_len, vocab, 7), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    sync()
-    t = time.perf_counter()
-    llm.generate(_prompts(batch, prompt_len, vocab, 8), greedy)
-    sync()
-    step_us = 1e6 * (time.perf_counter() - t) / steps
+    _, seconds = timed(lambda: llm.generate(_prompts(batch, prompt_len, vocab, 8), greedy))
+    step_us = 1e6 * seconds / steps
     res: dict[str, Any] = {"batch": batch, "step_us": step_us, "tok_s": batch * 1e6 / step_us}
     if runner.graphs:
         graph = runner.graphs[runner._bucket_of[batch]]

@@ -67,6 +67,16 @@ def weight_bytes(config: Any, dtype_bytes: int = 2) -> int:
     return dtype_bytes * (layers * per_layer + config.vocab_size * h + h)
 
 
+def timed(fn):
+    """(fn(), seconds), the device synchronised before and after when there is one."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    result = fn()
+    sync()
+    return result, time.perf_counter() - t
+
+
 # -- device ceilings ------------------------------------------------------------------------------
 def ceilings() -> dict[str, float]:
     import triton.testing
@@ -120,11 +130,7 @@ def hf_static_decode(model_dir: str | None, shape: str | None, batches: list[int
             # Warm-up; compiled, it must have the timed run's shapes (the static cache is sized by
             # max_new_tokens, and a new size recompiles inside the timed run).
             model.generate(ids, **(kw if compile else {**kw, "max_new_tokens": 8, "min_new_tokens": 8}))
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            model.generate(ids, **kw)
-            torch.cuda.synchronize()
-            dt = time.perf_counter() - t
+            _, dt = timed(lambda: model.generate(ids, **kw))
         out[bs] = bs * new_tokens / dt
         log(f"  transformers static cache{' compiled' if compile else ''} batch {bs:3d}: {out[bs]:9.1f} tok/s ({bs * new_tokens} tokens in {dt:.2f} s)")
     del model
@@ -168,11 +174,7 @@ def engine_decode(model_dir: str, dummy: bool, batches: list[int], new_tokens: i
     for bs in batches:
         params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
         llm.generate(_prompts(bs, prompt_len, vocab, 1000 + bs), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        res = llm.generate(_prompts(bs, prompt_len, vocab, bs), params)
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t
+        res, dt = timed(lambda: llm.generate(_prompts(bs, prompt_len, vocab, bs), params))
         assert all(len(r.token_ids) == new_tokens for r in res)
         out[bs] = bs * new_tokens / dt
         log(f"  engine (CUDA graphs)       batch {bs:3d}: {out[bs]:9.1f} tok/s ({bs * new_tokens} tokens in {dt:.2f} s)")
@@ -287,11 +289,7 @@ def throughput(args) -> None:
         return result
 
     runner.run = timed_run
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    res = llm.generate(prompts, params)
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t
+    res, dt = timed(lambda: llm.generate(prompts, params))
     total_out = sum(len(r.token_ids) for r in res)
     assert total_out == sum(outputs)
     tput = total_out / dt

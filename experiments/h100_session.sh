@@ -10,6 +10,14 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$HOME/site:$PWD" HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 H=$HOME; D=$H/data; RUN=$H/run; OUTDIR=${OUT:-$H/out}
+
+import_teacher() {  # join the GGUF's last part to the stashed ones; the fp32 teacher artifact in $RUN
+  cp .gpu/t3/p02 "$H/t/" && cat "$H/t"/p0? > "$H/t/SmolLM2-135M-Instruct.Q4_1.gguf" && sha256sum "$H/t/SmolLM2-135M-Instruct.Q4_1.gguf"
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  python3 -m shrink stage=import teacher=custom teacher.source="$H/t/SmolLM2-135M-Instruct.Q4_1.gguf" \
+    teacher.dtype=fp32 run="$RUN" cache_dir="$H/cache" logging=none device=cuda || exit 1
+}
+
 case "${1:?part}" in
   part1)
     mkdir -p "$H/t" "$D"
@@ -18,10 +26,7 @@ case "${1:?part}" in
   part2)
     cp .gpu/t3/p01 "$H/t/"; cp -r .gpu/data2/* "$D/"; ls -la "$H/t" "$D";;
   teacher)
-    cp .gpu/t3/p02 "$H/t/" && cat "$H/t"/p0? > "$H/t/SmolLM2-135M-Instruct.Q4_1.gguf" && sha256sum "$H/t/SmolLM2-135M-Instruct.Q4_1.gguf"
-    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-    python3 -m shrink stage=import teacher=custom teacher.source="$H/t/SmolLM2-135M-Instruct.Q4_1.gguf" \
-      teacher.dtype=fp32 run="$RUN" cache_dir="$H/cache" logging=none device=cuda || exit 1
+    import_teacher
     python3 -m shrink stage=eval run="$RUN" data_dir="$D" cache_dir="$H/cache" device=cuda logging=none \
       'eval.datasets=[wikitext2]' eval.context=2048 eval.stride=512 eval.dtype=fp32 | tee "$OUTDIR/teacher_ppl.txt"
     cp "$RUN/eval/report.md" "$OUTDIR/teacher_report.md"
@@ -32,10 +37,7 @@ case "${1:?part}" in
       --data-dir "$D" --out "$OUTDIR/prune_quant" --ft-steps "${FT_STEPS:-100}" --tf32 \
       --group-size "${PQ_GROUP:-64}" ${PQ_VARIANTS:+--variants "$PQ_VARIANTS"};;
   launch)
-    cp .gpu/t3/p02 "$H/t/" && cat "$H/t"/p0? > "$H/t/SmolLM2-135M-Instruct.Q4_1.gguf" && sha256sum "$H/t/SmolLM2-135M-Instruct.Q4_1.gguf"
-    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-    python3 -m shrink stage=import teacher=custom teacher.source="$H/t/SmolLM2-135M-Instruct.Q4_1.gguf" \
-      teacher.dtype=fp32 run="$RUN" cache_dir="$H/cache" logging=none device=cuda || exit 1
+    import_teacher
     cp -r . "$H/repo"  # the detached pipeline outlives this call's working tree
     # Detached, and with every inherited descriptor above 2 closed: a daemon holding the device
     # tool's output pipe made this call wait out its whole time limit (2026-11-26).
