@@ -40,6 +40,9 @@ class EngineConfig:
     # Decode of <= kernels.gemv.SMALL_M sequences with Triton on: norms, residual adds and SwiGLU
     # fused into skinny-GEMM launches (engine/models/llama.py) instead of cuBLAS plus separate kernels.
     fused_decode: bool = True
+    # Programmatic dependent launch of the decode kernels on Hopper and newer GPUs: each launch
+    # starts while the kernel before it drains and reads its weights meanwhile (kernels/gemv.py).
+    pdl: bool = True
     seed: int = 0
     load_format: str = "safetensors"  # or "dummy": random weights (benchmarks of a model's shape)
 

@@ -22,6 +22,7 @@ from engine.layers.sampler import sample, token_logprobs
 from engine.models import model_class
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence, TokenLogprobs
+from kernels.greedy_advance import greedy_advance, greedy_advance_ref
 from kernels.paged_attention import choose_num_splits
 
 # Minimum tokens per flash-decoding partition: small enough that a batch-1 decode over a few
@@ -60,9 +61,12 @@ class ModelRunner:
                 model.load_weights(config.model)
         self.model = model.to(self.device).eval()
         self.model.model.fused_decode = config.fused_decode
+        self.model.model.pdl = config.pdl
         # rotary tables stay fp32 for exactness
         self.model.model.rotary.float()
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for layer in self.attn_layers:
+            layer.pdl = config.pdl
         self.num_kv_heads = self.attn_layers[0].num_kv_heads
         self.head_dim = self.attn_layers[0].head_dim
         self.max_blocks_per_seq = math.ceil(config.max_model_len / self.block_size)
@@ -233,29 +237,30 @@ class ModelRunner:
 
     # -- decode inputs ---------------------------------------------------------------------------
     def _alloc_decode_buffers(self) -> None:
-        """Every decode input lives in one staging buffer, laid out as [ids | positions | slots]
-        (int64, one row each) then [context lens | block tables] (int32). A step writes the host
+        """Every decode input lives in one staging buffer, laid out as [ids | positions | slots |
+        start positions] (int64, one row each) then [context lens | block tables] (int32); the
+        start positions (a multi-step batch's first positions) say which step a token belongs to. A step writes the host
         copy through numpy views and moves it with one host-to-device copy (pinned memory, async),
         instead of building a tensor, a pageable copy and a fill per input. The device copy's
         views are the CUDA graphs' static inputs; on the CPU host and device buffers are one."""
         rows, width = self.config.max_num_seqs, self.max_blocks_per_seq
-        self._n64 = 3 * rows
+        self._n64 = 4 * rows
         nbytes = 8 * self._n64 + 4 * rows * (1 + width)
         on_cuda = self.device.type == "cuda"
         self.h_buf = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=on_cuda)
 
         def views(buf: torch.Tensor):
-            b64 = buf[: 8 * self._n64].view(torch.int64).view(3, rows)
+            b64 = buf[: 8 * self._n64].view(torch.int64).view(4, rows)
             b32 = buf[8 * self._n64 :].view(torch.int32)
-            return b64[0], b64[1], b64[2], b32[:rows], b32[rows:].view(rows, width)
+            return b64[0], b64[1], b64[2], b64[3], b32[:rows], b32[rows:].view(rows, width)
 
         h = views(self.h_buf)
-        self.np_ids, self.np_pos, self.np_slots, self.np_lens, self.np_tables = (t.numpy() for t in h)
+        self.np_ids, self.np_pos, self.np_slots, self.np_start, self.np_lens, self.np_tables = (t.numpy() for t in h)
         # Padding rows of a graph bucket: store nothing (slot -1), attend to one token.
         self.np_slots[:] = -1
         self.np_lens[:] = 1
         self.d_buf = self.h_buf.to(self.device) if on_cuda else self.h_buf
-        self.g_ids, self.g_pos, self.g_slots, self.g_lens, self.g_tables = views(self.d_buf)
+        self.g_ids, self.g_pos, self.g_slots, self.g_start, self.g_lens, self.g_tables = views(self.d_buf)
         # Block tables are rewritten only where they changed: row i remembers whose table it holds
         # and how many entries are written. Decode only ever appends blocks; a table replaced
         # (preemption, then re-admission) always passes through a prefill step, which forgets all rows.
@@ -263,7 +268,7 @@ class ModelRunner:
         self._row_blocks = [0] * rows
         self._eager_steps: dict[int, tuple] = {}
         self._splits: int | None = None  # what the attention layers hold now
-        # Multi-step decode: step k's tokens are row k of a [steps, batch] view of d_tokens; one
+        # Multi-step decode: step k's tokens are row k of a [steps, rows] view of d_tokens; one
         # copy to the (pinned) host buffer brings them all back.
         n_tok = self.config.num_decode_steps * rows
         self.d_tokens = torch.zeros(n_tok, dtype=torch.int64, device=self.device)
@@ -297,12 +302,13 @@ class ModelRunner:
         self.np_ids[:n] = ids
         self.np_lens[:n] = lens
         self.np_pos[:n] = self.np_lens[:n] - 1
+        self.np_start[:n] = self.np_pos[:n]
         self.np_slots[:n] = slots
         if rows > n:
             self.np_slots[n:rows] = -1
             self.np_lens[n:rows] = 1
         if self.d_buf is not self.h_buf:
-            # Only the prefix the step reads: three int64 rows, the lens, then `rows` table rows.
+            # Only the prefix the step reads: four int64 rows, the lens, then `rows` table rows.
             # The host buffer is rewritten next step only after this step's tokens came back (a
             # sync), so the async copy has finished reading it by then.
             nbytes = 8 * self._n64 + 4 * (self.np_lens.shape[0] + rows * self.max_blocks_per_seq)
@@ -342,46 +348,27 @@ class ModelRunner:
         seqs, steps = batch.seqs, batch.num_steps
         n = len(seqs)
         rows = self._decode_rows(n)
-        graphed = self.use_graphs and n <= self.graph_max_bs
         self._prepare_decode(seqs, rows)
-        out = self.d_tokens[: steps * n].view(steps, n)
-        for k in range(steps):
-            logits = self._decode_forward(n, rows)
-            last = k + 1 == steps
-            if graphed and not last:
-                self.advance_graphs[rows].replay()  # argmax, then the inputs of the next step
-                out[k].copy_(self.g_next[rows][:n])
-            else:
-                torch.argmax(logits, dim=-1, out=out[k])
-                if not last:
-                    self._advance(n, out[k], padded=False)
-        return out
-
-    def _advance(self, rows: int, next_ids: torch.Tensor, padded: bool) -> None:
-        """Turn the decode inputs of rows [0, rows) into those of the next step, on the device:
-        each sequence's new token is next_ids, one position later. ``padded``: rows of a CUDA-graph
-        bucket past the batch (slot -1) stay as they are, so they keep storing nothing."""
-        bs = self.block_size
-        pos, lens, slots = self.g_pos[:rows], self.g_lens[:rows], self.g_slots[:rows]
-        self.g_ids[:rows].copy_(next_ids)
-        if padded:
-            live = slots >= 0
-            pos.add_(live)
-            lens.add_(live)
-            # A padding row's stale position may point past its table: clamp the (unused) lookup.
-            block_idx = (pos // bs).clamp_(max=self.max_blocks_per_seq - 1)
+        out = self.d_tokens[: steps * rows].view(steps, rows)
+        if self.use_graphs and n <= self.graph_max_bs:
+            for _ in range(steps):
+                self.step_graphs[rows].replay()  # forward, argmax, next inputs
         else:
-            pos.add_(1)
-            lens.add_(1)
-            block_idx = pos // bs
-        block = self.g_tables[:rows].gather(1, block_idx.unsqueeze(1)).squeeze(1)
-        new_slots = block * bs + pos % bs
-        slots.copy_(torch.where(live, new_slots, -1) if padded else new_slots)
+            for _ in range(steps):
+                self._greedy_advance(self._decode_forward(n, rows), rows, out)
+        return out[:, :n]
+
+    def _greedy_advance(self, logits: torch.Tensor, rows: int, out: torch.Tensor) -> None:
+        """Tokens of this step into out [steps, rows]; the decode inputs of rows [0, rows) become
+        the next step's (kernels/greedy_advance.py)."""
+        fn = greedy_advance if self.config.triton_enabled else greedy_advance_ref
+        fn(logits, self.g_ids[:rows], self.g_pos[:rows], self.g_lens[:rows], self.g_slots[:rows],
+           self.g_tables[:rows], self.g_start[:rows], out, self.block_size)
 
     def _fetch_tokens(self, out: torch.Tensor) -> list[list[int]]:
         """[steps, n] device tokens -> per sequence, its tokens in step order; the one sync."""
         if out.device.type == "cuda":
-            host = self.h_tokens[: out.numel()].view_as(out)
+            host = self.h_tokens[: out.numel()].view(out.shape)
             host.copy_(out, non_blocking=True)
             torch.cuda.current_stream().synchronize()
             out = host
@@ -416,10 +403,9 @@ class ModelRunner:
         max_bs = buckets[-1]
         self.graph_max_bs = max_bs
         self.g_logits: dict[int, torch.Tensor] = {}
-        # Multi-step decode, per bucket: a small graph after the forward's that takes the argmax
-        # and advances the inputs (_advance), so a step costs the host two replays and one copy.
-        self.advance_graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.g_next: dict[int, torch.Tensor] = {}
+        # Multi-step decode, per bucket: the forward again with the greedy advance after it, so a
+        # step costs the host one replay.
+        self.step_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pool = None
         for bs in reversed(buckets):
             splits = choose_num_splits(bs, self.num_kv_heads, self.config.max_model_len, DECODE_PARTITION)
@@ -436,25 +422,27 @@ class ModelRunner:
                 with torch.cuda.graph(graph, pool):
                     # fp32 in the graph: the sampler's copy costs no extra launch per step.
                     self.g_logits[bs] = self.model.compute_logits(self.model(self.g_ids[:bs], self.g_pos[:bs])).float()
-            if pool is None:
-                pool = graph.pool()
-            self.graphs[bs] = graph
+                if pool is None:
+                    pool = graph.pool()
+                self.graphs[bs] = graph
+                if self.config.num_decode_steps > 1:
+                    self.step_graphs[bs] = self._capture_step_graph(bs, pool)
             reset_context()
-            if self.config.num_decode_steps > 1:
-                self._capture_advance_graph(bs, pool)
         torch.cuda.synchronize()
         self.buckets = buckets
         self._bucket_of = [next(b for b in buckets if b >= n) for n in range(max_bs + 1)]  # by batch size
         self._splits = None  # capture left the layers at the last bucket's split count
 
-    def _capture_advance_graph(self, bs: int, pool) -> None:
-        # Only recorded, never run here: the decode buffers are left as they are.
-        with torch.inference_mode():
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool):
-                self.g_next[bs] = self.g_logits[bs].argmax(dim=-1)
-                self._advance(bs, self.g_next[bs], padded=True)
-        self.advance_graphs[bs] = graph
+    def _capture_step_graph(self, bs: int, pool) -> torch.cuda.CUDAGraph:
+        """Forward + greedy advance of one multi-step decode step. Only recorded, never run here:
+        the decode buffers are left as they are. The argmax reads the 16-bit logits: the fp32 cast
+        would not change it."""
+        tokens = self.d_tokens[: self.config.num_decode_steps * bs].view(-1, bs)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool):
+            logits = self.model.compute_logits(self.model(self.g_ids[:bs], self.g_pos[:bs]))
+            self._greedy_advance(logits, bs, tokens)
+        return graph
 
     # -- sampling ----------------------------------------------------------------------------------
     def _sample(self, batch: ScheduledBatch, rows: list[int], logits: torch.Tensor | None) -> StepResult:

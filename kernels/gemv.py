@@ -24,12 +24,10 @@ decode forward is captured in CUDA graphs, where autotuning (timing runs, syncs)
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import HAS_TRITON, next_pow2, tl, triton
+from kernels._triton import HAS_TRITON, interpreting, next_pow2, pdl_available, tl, triton
 from kernels.activation import silu_and_mul_ref
 from kernels.kv_store import store_kv_ref
 from kernels.rmsnorm import rmsnorm_ref
@@ -37,7 +35,6 @@ from kernels.rmsnorm import rmsnorm_ref
 SMALL_M = 16  # most rows the skinny GEMM takes; larger batches go to cuBLAS
 MAX_NORM_K = 8192  # the norm prologue rereads the input rows in every program: keep them small
 TARGET_PROGRAMS = 256  # about two programs per SM of an H100 (132): small N still fills the GPU
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_TILE = 8192  # elements of a W tile (BLOCK_N x BLOCK_K) at M == 1
 
 
@@ -142,12 +139,25 @@ if HAS_TRITON:
         x_rows, row_mask, w_rows, w_rows2, col_mask, nw_ptr, eps,
         K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         NORM: tl.constexpr, TWO: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """fp32 [BLOCK_M, BLOCK_N] accumulators of x @ W^T for the W rows at w_rows (pointers
         [BLOCK_N, 1]) and, with TWO, a second set at w_rows2 over the same x tiles (SwiGLU's up
-        rows, rotary's second-half rows). NORM: x is RMS-normalised on the fly."""
+        rows, rotary's second-half rows). NORM: x is RMS-normalised on the fly.
+
+        The weights never depend on the kernel before this one: their first tile is loaded before
+        anything else, and with PDL (programmatic dependent launch) before waiting for that kernel
+        to finish, so the memory latency of the weights overlaps its tail. Each later tile is
+        loaded one iteration ahead (two tiles in flight)."""
         ks = tl.arange(0, BLOCK_K)
         dtype = x_rows.dtype.element_ty
+        w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)
+        w2 = w
+        if TWO:
+            w2 = tl.load(w_rows2 + ks[None, :], mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)
+        if PDL:  # x is the previous kernel's output: wait for it, then let the next kernel start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         if NORM:  # sum of squares of each input row, as kernels/rmsnorm.py: fp32, / K, rsqrt
             sq = tl.zeros([BLOCK_M], tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -162,17 +172,24 @@ if HAS_TRITON:
         for k0 in range(0, K, BLOCK_K):
             k = k0 + ks
             k_mask = k < K
+            if K > BLOCK_K:  # the next tile, in flight while this one is multiplied
+                kn = k + BLOCK_K
+                wn_mask = col_mask[:, None] & (kn < K)[None, :]
+                w_next = tl.load(w_rows + kn[None, :], mask=wn_mask, other=0.0)
+                w2_next = w_next
+                if TWO:
+                    w2_next = tl.load(w_rows2 + kn[None, :], mask=wn_mask, other=0.0)
             x = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             if NORM:  # normalise in fp32, round to the input dtype, scale in the input dtype
                 nw = tl.load(nw_ptr + k, mask=k_mask, other=0.0)
                 x = _rnd(x.to(tl.float32) * rstd[:, None], dtype, BF16_BY_HAND)
                 x = _rnd(nw.to(tl.float32)[None, :] * x, dtype, BF16_BY_HAND).to(dtype)  # exact cast
-            w_mask = col_mask[:, None] & k_mask[None, :]
-            w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)
             acc = _mac(acc, x, w, BLOCK_M, IEEE)
             if TWO:
-                w2 = tl.load(w_rows2 + k[None, :], mask=w_mask, other=0.0)
                 acc2 = _mac(acc2, x, w2, BLOCK_M, IEEE)
+            if K > BLOCK_K:
+                w = w_next
+                w2 = w2_next
         return acc, acc2
 
     @triton.jit
@@ -182,7 +199,7 @@ if HAS_TRITON:
         N: tl.constexpr, K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr,
-        IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+        IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr,
     ):
         # N counts output columns: with SWIGLU, W has 2N rows (gate rows, then up rows).
         rows = tl.arange(0, BLOCK_M)
@@ -193,7 +210,7 @@ if HAS_TRITON:
         w_rows = w_ptr + cols.to(tl.int64)[:, None] * K
         dtype = x_ptr.dtype.element_ty
         acc, acc_up = _matmul(x_rows, row_mask, w_rows, w_rows + N * K, col_mask, nw_ptr, eps,
-                              K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, SWIGLU, IEEE, BF16_BY_HAND)
+                              K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, SWIGLU, IEEE, BF16_BY_HAND, PDL)
 
         if HAS_BIAS:  # added in fp32 before rounding, as cuBLAS's bias epilogue does
             acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -246,6 +263,7 @@ if HAS_TRITON:
         K: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         # Programs count rotary pairs, not columns: pair j is dim d = j % HALF of head j // HALF in
         # the qkv output (q heads, then k heads, then v heads), i.e. columns c and c + HALF. v's
@@ -261,7 +279,7 @@ if HAS_TRITON:
         w_rows = w_ptr + col.to(tl.int64)[:, None] * K
         dtype = x_ptr.dtype.element_ty
         acc1, acc2 = _matmul(x_rows, row_mask, w_rows, w_rows + HALF * K, j_mask, nw_ptr, eps,
-                             K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE, BF16_BY_HAND)
+                             K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE, BF16_BY_HAND, PDL)
         if HAS_BIAS:  # before the rotation (Qwen2), in fp32 before rounding as gemv does
             acc1 += tl.load(b_ptr + col, mask=j_mask, other=0.0).to(tl.float32)[None, :]
             acc2 += tl.load(b_ptr + col + HALF, mask=j_mask, other=0.0).to(tl.float32)[None, :]
@@ -287,11 +305,12 @@ def gemv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
     norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
     residual: torch.Tensor | None = None, swiglu: bool = False, out: torch.Tensor | None = None,
-    config: tuple[int, int, int, int] | None = None,
+    config: tuple[int, int, int, int] | None = None, pdl: bool | None = None,
 ) -> torch.Tensor:
     """Triton version of gemv_ref for x [M <= SMALL_M, K]. ``out`` may be ``residual`` itself (an
     in-place add into the residual stream: each program reads and writes only its own columns),
-    but not ``x`` when the norm prologue reads whole rows of it. ``config`` overrides gemv_config."""
+    but not ``x`` when the norm prologue reads whole rows of it. ``config`` overrides gemv_config.
+    ``pdl``: programmatic dependent launch (None: wherever the GPU has it, kernels/_triton.py)."""
     m, k = x.shape
     rows_w, kw = weight.shape
     n = rows_w // 2 if swiglu else rows_w
@@ -320,11 +339,18 @@ def gemv(
         HAS_BIAS=bias is not None, NORM=norm_weight is not None, RESIDUAL=residual is not None, SWIGLU=swiglu,
         # The interpreter's tl.dot gets 16-bit floats wrong (it multiplies their raw bits): there
         # take the fp32 dot, which gives the same result (products of 16-bit floats are exact in fp32).
-        IEEE=x.dtype == torch.float32 or _INTERPRET,
-        BF16_BY_HAND=_INTERPRET and x.dtype == torch.bfloat16,
+        IEEE=x.dtype == torch.float32 or interpreting(),
+        BF16_BY_HAND=interpreting() and x.dtype == torch.bfloat16,
+        **_pdl_args(pdl, x.device),
         num_warps=num_warps,
     )
     return out
+
+
+def _pdl_args(pdl: bool | None, device: torch.device) -> dict:
+    """The kernel's PDL flag and the matching launch option."""
+    on = pdl_available(device) if pdl is None else (pdl and pdl_available(device))
+    return {"PDL": on, "launch_pdl": on}
 
 
 def gemv_rope_store_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
@@ -341,7 +367,7 @@ def gemv_rope_store(
     positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
     num_heads: int, num_kv_heads: int, out: torch.Tensor | None = None,
-    config: tuple[int, int, int, int] | None = None,
+    config: tuple[int, int, int, int] | None = None, pdl: bool | None = None,
 ) -> torch.Tensor:
     """Triton version of gemv_rope_store_ref: the fused qkv projection ([q; k; v] rows of weight)
     of x [M <= SMALL_M, K] with norm prologue and bias, q and k rotated at ``positions`` (neox,
@@ -374,8 +400,9 @@ def gemv_rope_store(
         K=k, Q_HEADS=num_heads, KV_HEADS=num_kv_heads, HALF=half,
         BLOCK_M=block_m, BLOCK_N=block_pairs, BLOCK_K=block_k,
         HAS_BIAS=bias is not None, NORM=norm_weight is not None,
-        IEEE=x.dtype == torch.float32 or _INTERPRET,  # as in gemv
-        BF16_BY_HAND=_INTERPRET and x.dtype == torch.bfloat16,
+        IEEE=x.dtype == torch.float32 or interpreting(),  # as in gemv
+        BF16_BY_HAND=interpreting() and x.dtype == torch.bfloat16,
+        **_pdl_args(pdl, x.device),
         num_warps=num_warps,
     )
     return out

@@ -20,7 +20,8 @@ import math
 
 import torch
 
-from kernels._triton import HAS_TRITON, next_pow2, tl, triton
+from kernels._triton import HAS_TRITON, next_pow2, pdl_available, tl, triton
+from kernels.paged_tiles import attend_tile, load_kv_tile
 
 
 def paged_decode_attention_ref(
@@ -64,19 +65,36 @@ if HAS_TRITON:
         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
-        IEEE: tl.constexpr,
+        IEEE: tl.constexpr, PDL: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
+        # The context lengths and block tables were written before the forward began; only q and
+        # the newest token's K/V come from the kernel just before this one (qkv + rope + store).
         ctx_len = tl.load(context_lens_ptr + b)
         start = split * PARTITION
         end = tl.minimum(start + PARTITION, ctx_len)
+        newest = ctx_len - 1
+        table = block_tables_ptr + b * bt_stride
+        d = tl.arange(0, D_PAD)
+        d_mask = d < HEAD_DIM
+        # The first tile's older tokens are read before waiting on that kernel (PDL), so their
+        # latency overlaps its tail; the newest token is read after the wait.
+        n = start + tl.arange(0, BLOCK_N)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table, n, (n < end) & (n != newest), kvh, d, d_mask,
+                            KV_HEADS, HEAD_DIM, BLOCK_SIZE)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        is_newest = (n == newest) & (n < end)
+        k_new, v_new = load_kv_tile(k_cache_ptr, v_cache_ptr, table, n, is_newest, kvh, d, d_mask,
+                                    KV_HEADS, HEAD_DIM, BLOCK_SIZE)
+        k = tl.where(is_newest[:, None], k_new, k)
+        v = tl.where(is_newest[:, None], v_new, v)
 
         g = tl.arange(0, G_PAD)
-        d = tl.arange(0, D_PAD)
         g_mask = g < GROUP
-        d_mask = d < HEAD_DIM
         heads = kvh * GROUP + g
         q = tl.load(
             q_ptr + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :],
@@ -85,31 +103,12 @@ if HAS_TRITON:
         m = tl.full([G_PAD], float("-inf"), tl.float32)
         l = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-        row = KV_HEADS * HEAD_DIM  # elements per slot
-        for n0 in range(start, end, BLOCK_N):
+        m, l, acc = attend_tile(q, k, v, (n < end)[None, :], m, l, acc, scale_log2, IEEE)
+        for n0 in range(start + BLOCK_N, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             n_mask = n < end
-            page = tl.load(block_tables_ptr + b * bt_stride + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-            slot = page * BLOCK_SIZE + n % BLOCK_SIZE
-            kv_off = slot[:, None] * row + kvh * HEAD_DIM + d[None, :]
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * scale_log2
-            s = tl.where(n_mask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
+            k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table, n, n_mask, kvh, d, d_mask, KV_HEADS, HEAD_DIM, BLOCK_SIZE)
+            m, l, acc = attend_tile(q, k, v, n_mask[None, :], m, l, acc, scale_log2, IEEE)
 
         if NUM_SPLITS == 1:
             out = acc / l[:, None]
@@ -195,10 +194,13 @@ def paged_decode_attention(
     num_splits: int = 1,
     partition: int | None = None,
     out: torch.Tensor | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """Triton version of paged_decode_attention_ref. The context is cut into ``num_splits``
     partitions of at least ``partition`` tokens (grown so that they cover the block table's width);
-    CUDA graphs need the split count fixed per batch size, so the caller chooses it."""
+    CUDA graphs need the split count fixed per batch size, so the caller chooses it. ``pdl``:
+    programmatic dependent launch (None: wherever the GPU has it). The newest token of each
+    sequence may come from the kernel just before (it waits for that one); older ones may not."""
     batch, q_heads, dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     group = q_heads // kv_heads
@@ -212,6 +214,7 @@ def paged_decode_attention(
     partition = max(partition or 512, math.ceil(table_tokens / num_splits))
     partition = max(block_n, (partition + block_n - 1) // block_n * block_n)
     d_pad = max(16, next_pow2(dim))
+    use_pdl = pdl_available(q.device) if pdl is None else (pdl and pdl_available(q.device))
     if num_splits > 1:
         part_acc = torch.empty(batch, q_heads, num_splits, d_pad, dtype=torch.float32, device=q.device)
         part_m = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -226,7 +229,7 @@ def paged_decode_attention(
         KV_HEADS=kv_heads, GROUP=group, G_PAD=max(16, next_pow2(group)),
         HEAD_DIM=dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
         BLOCK_N=block_n, PARTITION=partition, NUM_SPLITS=num_splits, S_PAD=max(2, next_pow2(num_splits)),
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, PDL=use_pdl, launch_pdl=use_pdl,
         num_warps=4, num_stages=2,
     )
     return out

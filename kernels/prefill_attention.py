@@ -4,7 +4,7 @@ whole batch of prompt chunks, whatever part of each context is cached (prefix hi
 The step's new K/V must already be in the cache. Query token i of sequence b sits at position
 ctx_len[b] - q_len[b] + i and attends to cache positions 0..itself. One program handles BLOCK_M
 queries of one head: a [BLOCK_M, D] tile against [BLOCK_N, D] K/V tiles gathered through the block
-table, online softmax in fp32.
+table, online softmax in fp32 (the tile step is kernels/paged_tiles.py's, shared with decode).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import HAS_TRITON, next_pow2, tl, triton
+from kernels.paged_tiles import attend_tile, load_kv_tile
 
 
 def paged_prefill_attention_ref(
@@ -70,34 +71,14 @@ if HAS_TRITON:
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-        row = KV_HEADS * HEAD_DIM
         end = tl.minimum(ctx_len, offset + (m_block + 1) * BLOCK_M)  # last query of this tile, +1
+        table = block_tables_ptr + b * bt_stride
         for n0 in range(0, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             n_mask = n < end
-            page = tl.load(block_tables_ptr + b * bt_stride + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-            slot = page * BLOCK_SIZE + n % BLOCK_SIZE
-            kv_off = slot[:, None] * row + kvh * HEAD_DIM + d[None, :]
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * scale_log2
-            s = tl.where((n[None, :] <= qpos[:, None]) & n_mask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            # Rows with nothing visible yet keep m = -inf; guard exp2(-inf - -inf).
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
+            k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table, n, n_mask, kvh, d, d_mask, KV_HEADS, HEAD_DIM, BLOCK_SIZE)
+            visible = (n[None, :] <= qpos[:, None]) & n_mask[None, :]
+            m, l, acc = attend_tile(q, k, v, visible, m, l, acc, scale_log2, IEEE)
         out = acc / l[:, None]
         tl.store(out_ptr + rows[:, None] * out_stride_t + h * out_stride_h + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])

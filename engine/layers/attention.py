@@ -30,6 +30,7 @@ class Attention(nn.Module):
         self.v_cache: torch.Tensor = torch.empty(0)
         self.num_splits = 1  # decode partitions, fixed by the runner per batch-size bucket
         self.partition = 0
+        self.pdl = True  # programmatic dependent launch where the GPU has it (EngineConfig.pdl)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, kv_stored: bool = False
@@ -50,7 +51,7 @@ class Attention(nn.Module):
         elif ctx.use_triton:
             out = paged_attention.paged_decode_attention(
                 q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale,
-                num_splits=self.num_splits, partition=self.partition or None,
+                num_splits=self.num_splits, partition=self.partition or None, pdl=None if self.pdl else False,
             )
         else:
             out = paged_attention.paged_decode_attention_ref(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale)

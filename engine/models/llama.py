@@ -81,14 +81,14 @@ class LlamaAttention(nn.Module):
         Qwen3's q/k norms (they need whole heads before the rotation), nor without a cache."""
         return not self.qk_norm and self.attn.k_cache.numel() > 0
 
-    def attend_fused(self, positions: torch.Tensor, h: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    def attend_fused(self, positions: torch.Tensor, h: torch.Tensor, norm: RMSNorm, pdl: bool | None) -> torch.Tensor:
         """attend() of the normed qkv projection of the residual stream h in one launch before
         attention: norm prologue, qkv matmul (+ bias), rotary, k/v into the cache (kernels/gemv.py)."""
         q = gemv_kernels.gemv_rope_store(
             h, self.qkv_proj.weight, self.qkv_proj.bias, norm_weight=norm.weight, eps=norm.eps,
             positions=positions, cos_table=self.rotary.cos, sin_table=self.rotary.sin,
             k_cache=self.attn.k_cache, v_cache=self.attn.v_cache, slot_mapping=get_context().slot_mapping,
-            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, pdl=pdl,
         )
         q = q.view(-1, self.num_heads, self.head_dim)
         return self.attn(q, None, None, kv_stored=True)  # decode reads k, v from the cache only
@@ -125,22 +125,23 @@ class LlamaDecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
-    def forward_fused(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def forward_fused(self, positions: torch.Tensor, h: torch.Tensor, pdl: bool | None = None) -> torch.Tensor:
         """The small-batch decode layer: h is the whole residual stream (the unfused path's
         x + residual), updated in place by the o_proj and down_proj epilogues. Four matmul launches
-        replace two norms, four GEMMs, the SwiGLU and (but for Qwen3) the rotary + k/v store."""
+        replace two norms, four GEMMs, the SwiGLU and (but for Qwen3) the rotary + k/v store.
+        ``pdl``: programmatic dependent launch (None: where the GPU has it; False: off)."""
         gemv = gemv_kernels.gemv
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         if attn.fuse_rope_store():
-            o = attn.attend_fused(positions, h, norm1)
+            o = attn.attend_fused(positions, h, norm1, pdl)
         else:
-            qkv = gemv(h, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=norm1.weight, eps=norm1.eps)
+            qkv = gemv(h, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=norm1.weight, eps=norm1.eps, pdl=pdl)
             o = attn.attend(positions, qkv)
-        gemv(o, attn.o_proj.weight, attn.o_proj.bias, residual=h, out=h)
+        gemv(o, attn.o_proj.weight, attn.o_proj.bias, residual=h, out=h, pdl=pdl)
         act = gemv(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, norm_weight=norm2.weight, eps=norm2.eps,
-                   swiglu=True)
-        return gemv(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=h, out=h)
+                   swiglu=True, pdl=pdl)
+        return gemv(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=h, out=h, pdl=pdl)
 
 
 class LlamaModel(nn.Module):
@@ -152,14 +153,16 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.fused_decode = True  # EngineConfig.fused_decode; the runner sets it
+        self.pdl = True  # EngineConfig.pdl; the runner sets it
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
         ctx = get_context()
         if (self.fused_decode and ctx.use_triton and not ctx.is_prefill
                 and h.shape[0] <= gemv_kernels.SMALL_M and h.shape[1] <= gemv_kernels.MAX_NORM_K):
+            pdl = None if self.pdl else False
             for layer in self.layers:
-                h = layer.forward_fused(positions, h)
+                h = layer.forward_fused(positions, h, pdl)
             return self.norm(h)
         residual = None
         for layer in self.layers:

@@ -292,27 +292,34 @@ def test_async_streaming_with_steps(model_dir):
 
 
 def test_device_advance_equals_a_fresh_build(model_dir):
-    # The on-device advance (both forms: unpadded for eager, padded for a CUDA-graph bucket) must
-    # leave exactly the inputs _prepare_decode would build after appending the tokens.
+    # The on-device greedy advance (unpadded for eager, padded as in a CUDA-graph bucket) must
+    # leave exactly the inputs _prepare_decode would build after appending the argmax tokens, and
+    # record each step's tokens in its row of the [steps, rows] buffer.
     from test_model_runner import check_decode_inputs
     import torch
 
     llm = LLM(model_dir("llama_gqa_untied"), device="cpu", max_model_len=64, block_size=4, num_kv_blocks=64,
               enable_prefix_caching=False)
     runner, bm = llm.engine.runner, llm.engine.block_manager
+    vocab = llm.engine.vocab_size
     # Lengths at, just before and past block boundaries; 3 steps cross into new blocks.
     seqs = [Sequence(list(range(3, 3 + n)), SamplingParams(temperature=0.0)) for n in (4, 7, 8, 13)]
     for s in seqs:
         bm.allocate(s)
         bm.may_append(s, 7)  # room for both passes of 3 steps
-    for padded, rows in ((False, 4), (True, 6)):
+    g = torch.Generator().manual_seed(0)
+    for rows in (4, 6):
         runner._prepare_decode(seqs, rows)
+        out = torch.full((3, rows), -7, dtype=torch.int64)
         for step in range(3):
-            nxt = torch.tensor([100 + step + i for i in range(rows)])
-            runner._advance(rows, nxt, padded)
+            logits = torch.randn(rows, vocab, generator=g)
+            runner._greedy_advance(logits, rows, out)
+            want = logits.argmax(dim=-1)
+            assert out[step, :4].tolist() == want[:4].tolist()
             for i, s in enumerate(seqs):
-                s.append_token(100 + step + i)
+                s.append_token(int(want[i]))
             check_decode_inputs(runner, seqs, rows)
+        assert (out[:, 4:] == -7).all()  # padding rows record nothing
 
 
 # -- GPU: CUDA graphs with the captured advance -----------------------------------------------------
