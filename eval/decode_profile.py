@@ -6,6 +6,8 @@ Three figures per batch size, all from this process:
   step      wall time per token of `LLM.generate` (greedy, ignore EOS), prefill amortised;
   graph     the captured decode graph replayed back to back with one sync at the end: the GPU's
             own time per step, with no host work between steps (CUDA graphs only);
+  step graph  the same for the multi-step graph (forward + greedy advance), each replay after a
+            reset of the decode inputs (one host-to-device copy), so positions never run ahead;
   kernels   a torch.profiler trace of decode steps: kernel time per step by kernel name, and the
             GPU-busy fraction (union of kernel intervals / wall time of the traced window).
 step - graph is what the host adds per token that the GPU does not hide.
@@ -83,6 +85,15 @@ def profile_decode(path: str, dummy: bool, batch: int, steps: int, prompt_len: i
             graph.replay()
         sync()
         res["graph_us"] = 1e6 * (time.perf_counter() - t) / reps
+        step_graph = getattr(runner, "step_graphs", {}).get(runner._bucket_of[batch])
+        if step_graph is not None:
+            saved = runner.d_buf.clone()  # the last prepared decode inputs
+            t = time.perf_counter()
+            for _ in range(reps):
+                runner.d_buf.copy_(saved, non_blocking=True)
+                step_graph.replay()
+            sync()
+            res["step_graph_us"] = 1e6 * (time.perf_counter() - t) / reps
     traced = min(steps, 64)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     sync()

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Engine measurements on the GPU (device tool), one verb per call, back to back on a warm machine:
+#   experiments/engine_session.sh speed        # carry .gpu/wheels: kernels on/off, decode profile, 7B roofline
+#   experiments/engine_session.sh tests        # the GPU tests of kernels/ and engine/
+#   experiments/engine_session.sh part1        # carry .gpu/wheels + .gpu/t3/p00: stash the GGUF's first part
+#   experiments/engine_session.sh real         # carry .gpu/t3/p01 + p02: the real SmolLM2 decode and agreement
+set -uo pipefail
+H=$HOME; OUTDIR=${OUT:-$H/out}; mkdir -p "$OUTDIR"
+python3 -m pip install -q --no-index --no-deps --no-compile --target "$H/site" .gpu/wheels/*.whl 2>/dev/null
+export PYTHONUNBUFFERED=1 PYTHONPATH="$H/site:$PWD" HF_HUB_OFFLINE=1 WANDB_MODE=disabled
+B="python3 -m eval.engine_bench --json $OUTDIR/bench.jsonl"
+case "${1:?verb}" in
+  speed)
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+    $B profile --shape smollm2-135m --batch 1 16 --top 12
+    $B profile --shape smollm2-135m --batch 1 --top 0 --engine pdl=false
+    $B profile --shape smollm2-135m --batch 1 --top 0 --engine num_decode_steps=16
+    $B decode --shape llama2-7b --batch 1 --roofline
+    $B decode --shape llama2-7b --batch 1 --engine pdl=false;;
+  tests)
+    timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider -m gpu -x ${TESTS:-tests/kernels tests/engine} 2>&1 | tail -n 30;;
+  part1)
+    mkdir -p "$H/t" && cp .gpu/t3/p00 "$H/t/" && ls -la "$H/t";;
+  real)
+    cp .gpu/t3/p01 .gpu/t3/p02 "$H/t/" && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"
+    $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol"
+    $B decode --model "$H/smol" --batch 1 16 64 --hf
+    $B agreement --model "$H/smol";;
+esac
