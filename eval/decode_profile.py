@@ -57,6 +57,45 @@ def kernel_table(events: list[Any], steps: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_step"])
 
 
+class StepTimer:
+    """Wall time of every engine step of a run, by kind: prefill, decode (one token) or decode xK
+    (a multi-step batch of K forwards). Each step ends with its tokens on the host (a sync), so
+    the host clock is the step's time; what the steps leave of the run is generate()'s own loop."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.times: dict[str, list[float]] = defaultdict(list)
+
+    def __enter__(self) -> "StepTimer":
+        engine, schedule, step = self.engine, self.engine.scheduler.schedule, self.engine.step
+        kind = [""]
+
+        def scheduled():
+            batch = schedule()
+            if batch is not None:
+                kind[0] = "prefill" if batch.is_prefill else (f"decode x{batch.num_steps}" if batch.num_steps > 1 else "decode")
+            return batch
+
+        def timed_step():
+            t = time.perf_counter()
+            out = step()
+            self.times[kind[0]].append(time.perf_counter() - t)
+            return out
+
+        engine.scheduler.schedule, engine.step = scheduled, timed_step
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.engine.scheduler.schedule, self.engine.step  # back to the class's methods
+
+    def summary(self, total_s: float) -> dict[str, dict[str, float]]:
+        out = {kind: {"count": len(t), "mean_us": 1e6 * sum(t) / len(t), "share": sum(t) / total_s}
+               for kind, t in sorted(self.times.items())}
+        rest = total_s - sum(sum(t) for t in self.times.values())
+        out["outside steps"] = {"count": 1, "mean_us": 1e6 * rest, "share": rest / total_s}
+        return out
+
+
 def profile_decode(path: str, dummy: bool, batch: int, steps: int, prompt_len: int, top: int, eager: bool,
                    log=print, **engine: Any) -> dict:
     from torch.profiler import ProfilerActivity, profile
@@ -72,9 +111,11 @@ def profile_decode(path: str, dummy: bool, batch: int, steps: int, prompt_len: i
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     greedy = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
     llm.generate(_prompts(batch, prompt_len, vocab, 7), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    _, seconds = timed(lambda: llm.generate(_prompts(batch, prompt_len, vocab, 8), greedy))
+    with StepTimer(llm.engine) as steps_timed:
+        _, seconds = timed(lambda: llm.generate(_prompts(batch, prompt_len, vocab, 8), greedy))
     step_us = 1e6 * seconds / steps
-    res: dict[str, Any] = {"batch": batch, "step_us": step_us, "tok_s": batch * 1e6 / step_us}
+    res: dict[str, Any] = {"batch": batch, "step_us": step_us, "tok_s": batch * 1e6 / step_us,
+                           "engine_steps": steps_timed.summary(seconds)}
     if runner.graphs:
         graph = runner.graphs[runner._bucket_of[batch]]
         reps = 200
@@ -113,6 +154,8 @@ def profile_decode(path: str, dummy: bool, batch: int, steps: int, prompt_len: i
         f"({res['tok_s']:.0f} tok/s)" + (f", graph replay alone {res['graph_us']:.1f} us" if "graph_us" in res else "")
         + f", kernels {res['kernel_us_per_step']:.1f} us in {res['launches_per_step']:.0f} launches per step, "
         f"GPU busy {100 * res['gpu_busy']:.1f}% of the traced window (prefill of {traced}-token run included)")
+    log("    engine steps: " + ", ".join(f"{kind} {v['count']}x {v['mean_us']:.0f} us ({v['share']:.0%})"
+                                        for kind, v in res["engine_steps"].items()))
     for r in table[:top]:
         log(f"    {r['us_per_step']:8.1f} us/step {r['per_step']:6.1f}x {r['us_each']:7.2f} us  {r['kernel'][:110]}")
     del llm

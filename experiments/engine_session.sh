@@ -12,7 +12,7 @@ B="python3 -m eval.engine_bench --json $OUTDIR/bench.jsonl"
 case "${1:?verb}" in
   speed)
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
-    $B profile --shape smollm2-135m --batch 1 16 --top 12
+    $B profile --shape smollm2-135m --batch ${BATCHES:-1 16} --top 12
     $B profile --shape smollm2-135m --batch 1 --top 0 --engine pdl=false
     $B profile --shape smollm2-135m --batch 1 --top 0 --engine num_decode_steps=16
     $B decode --shape llama2-7b --batch 1 --roofline

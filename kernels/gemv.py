@@ -135,6 +135,23 @@ if HAS_TRITON:
             return acc + tl.dot(x, tl.trans(w))
 
     @triton.jit
+    def _mac_tile(acc, acc2, x_rows, row_mask, k, w, w2, nw_ptr, rstd,
+                  K: tl.constexpr, BLOCK_M: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
+                  IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+        """acc (and acc2) += the x columns k (normalised with NORM) times the W tiles w (and w2)."""
+        dtype = x_rows.dtype.element_ty
+        k_mask = k < K
+        x = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if NORM:  # normalise in fp32, round to the input dtype, scale in the input dtype
+            nw = tl.load(nw_ptr + k, mask=k_mask, other=0.0)
+            x = _rnd(x.to(tl.float32) * rstd[:, None], dtype, BF16_BY_HAND)
+            x = _rnd(nw.to(tl.float32)[None, :] * x, dtype, BF16_BY_HAND).to(dtype)  # exact cast
+        acc = _mac(acc, x, w, BLOCK_M, IEEE)
+        if TWO:
+            acc2 = _mac(acc2, x, w2, BLOCK_M, IEEE)
+        return acc, acc2
+
+    @triton.jit
     def _matmul(
         x_rows, row_mask, w_rows, w_rows2, col_mask, nw_ptr, eps,
         K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -145,19 +162,20 @@ if HAS_TRITON:
         [BLOCK_N, 1]) and, with TWO, a second set at w_rows2 over the same x tiles (SwiGLU's up
         rows, rotary's second-half rows). NORM: x is RMS-normalised on the fly.
 
-        The weights never depend on the kernel before this one: their first tile is loaded before
+        The weights never depend on the kernel before this one: the first W tile is loaded before
         anything else, and with PDL (programmatic dependent launch) before waiting for that kernel
-        to finish, so the memory latency of the weights overlaps its tail. Each later tile is
-        loaded one iteration ahead (two tiles in flight)."""
+        to finish, so its memory latency overlaps that kernel's tail. The loop over the other
+        tiles is left as it was, for the compiler to pipeline."""
         ks = tl.arange(0, BLOCK_K)
-        dtype = x_rows.dtype.element_ty
-        w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)
+        w_mask = col_mask[:, None] & (ks < K)[None, :]
+        w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
         w2 = w
         if TWO:
-            w2 = tl.load(w_rows2 + ks[None, :], mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)
+            w2 = tl.load(w_rows2 + ks[None, :], mask=w_mask, other=0.0)
         if PDL:  # x is the previous kernel's output: wait for it, then let the next kernel start
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+        rstd = tl.zeros([BLOCK_M], tl.float32)
         if NORM:  # sum of squares of each input row, as kernels/rmsnorm.py: fp32, / K, rsqrt
             sq = tl.zeros([BLOCK_M], tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -169,27 +187,17 @@ if HAS_TRITON:
 
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        acc, acc2 = _mac_tile(acc, acc2, x_rows, row_mask, ks, w, w2, nw_ptr, rstd,
+                              K, BLOCK_M, NORM, TWO, IEEE, BF16_BY_HAND)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + ks
-            k_mask = k < K
-            if K > BLOCK_K:  # the next tile, in flight while this one is multiplied
-                kn = k + BLOCK_K
-                wn_mask = col_mask[:, None] & (kn < K)[None, :]
-                w_next = tl.load(w_rows + kn[None, :], mask=wn_mask, other=0.0)
-                w2_next = w_next
-                if TWO:
-                    w2_next = tl.load(w_rows2 + kn[None, :], mask=wn_mask, other=0.0)
-            x = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            if NORM:  # normalise in fp32, round to the input dtype, scale in the input dtype
-                nw = tl.load(nw_ptr + k, mask=k_mask, other=0.0)
-                x = _rnd(x.to(tl.float32) * rstd[:, None], dtype, BF16_BY_HAND)
-                x = _rnd(nw.to(tl.float32)[None, :] * x, dtype, BF16_BY_HAND).to(dtype)  # exact cast
-            acc = _mac(acc, x, w, BLOCK_M, IEEE)
+            w_mask = col_mask[:, None] & (k < K)[None, :]
+            w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)
+            w2 = w
             if TWO:
-                acc2 = _mac(acc2, x, w2, BLOCK_M, IEEE)
-            if K > BLOCK_K:
-                w = w_next
-                w2 = w2_next
+                w2 = tl.load(w_rows2 + k[None, :], mask=w_mask, other=0.0)
+            acc, acc2 = _mac_tile(acc, acc2, x_rows, row_mask, k, w, w2, nw_ptr, rstd,
+                                  K, BLOCK_M, NORM, TWO, IEEE, BF16_BY_HAND)
         return acc, acc2
 
     @triton.jit

@@ -13,13 +13,19 @@ from kernels._triton import HAS_TRITON, tl, triton
 if HAS_TRITON:
 
     @triton.jit
-    def load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, n, n_mask, kvh, d, d_mask,
-                     KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-        """K and V [BLOCK_N, D_PAD] at context positions n of one sequence (table_ptr: its block
-        table row) and KV head kvh; masked positions read as zeros."""
+    def kv_tile_offsets(table_ptr, n, n_mask, kvh, d,
+                        KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        """Element offsets [BLOCK_N, D_PAD] in the caches of context positions n of one sequence
+        (table_ptr: its block table row) at KV head kvh."""
         page = tl.load(table_ptr + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         slot = page * BLOCK_SIZE + n % BLOCK_SIZE
-        kv_off = slot[:, None] * (KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM + d[None, :]
+        return slot[:, None] * (KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM + d[None, :]
+
+    @triton.jit
+    def load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, n, n_mask, kvh, d, d_mask,
+                     KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        """K and V [BLOCK_N, D_PAD] at context positions n; masked positions read as zeros."""
+        kv_off = kv_tile_offsets(table_ptr, n, n_mask, kvh, d, KV_HEADS, HEAD_DIM, BLOCK_SIZE)
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
