@@ -17,6 +17,11 @@ case "${1:?verb}" in
     $B profile --shape smollm2-135m --batch 1 --top 0 --engine num_decode_steps=16
     $B decode --shape llama2-7b --batch 1 --roofline
     $B decode --shape llama2-7b --batch 1 --engine pdl=false;;
+  diag)  # carry .gpu/wheels + .gpu/old (an exported older engine, for a baseline in the same lease)
+    (cd .gpu/old && PYTHONPATH="$H/site:$PWD" python3 -m eval.engine_bench decode --shape llama2-7b --batch 1)
+    $B profile --shape llama2-7b --batch 1 --top 14
+    $B profile --shape llama2-7b --batch 1 --top 14 --engine pdl=false
+    python3 experiments/prefill_host.py --shape smollm2-135m --top 25;;
   tests)
     timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider -m gpu -x ${TESTS:-tests/kernels tests/engine} 2>&1 | tail -n 30;;
   part1)
