@@ -85,7 +85,7 @@ def main() -> None:
         n_out = n // 2 if kind == "swiglu" else n
         default = (gemv_rope_store_config if kind == "rope" else gemv_config)(1, n_out if kind != "rope" else n, k)
         results = {}
-        for block_n, block_k, warps in itertools.product((1, 2, 4, 8, 16, 32), (256, 512, 1024, 2048, 4096), (2, 4, 8, 16)):
+        for block_n, block_k, warps in itertools.product((2, 4, 8, 16), (512, 1024, 2048), (4, 8)):
             if block_k > max(256, 2 * k) or not 1024 <= block_n * block_k <= 32768 or block_n * block_k < 32 * warps * 4:
                 continue
             cfg = (1, block_n, block_k, warps)
