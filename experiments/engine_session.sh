@@ -23,7 +23,7 @@ case "${1:?verb}" in
     $B profile --shape llama2-7b --batch 1 --top 14 --engine pdl=false
     python3 experiments/prefill_host.py --shape smollm2-135m --top 25;;
   sweep)
-    python3 experiments/gemv_sweep.py --model ${SWEEP_MODEL:-llama2-7b};;
+    for m in ${SWEEP_MODELS:-llama2-7b}; do python3 experiments/gemv_sweep.py --model $m; done;;
   tests)
     timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider -m gpu -x ${TESTS:-tests/kernels tests/engine} 2>&1 | tail -n 30;;
   part1)

@@ -1,5 +1,5 @@
 """Sweep kernels/gemv.py block sizes at batch-1 decode shapes on the GPU: each config's kernel
-launched 16 times back to back (distinct weight copies, so nothing is served from L2) inside a
+launched back to back on distinct weight copies (256 MiB or more in all, so nothing is served from L2) inside a
 CUDA graph, PDL as the engine launches it; prints read bandwidth per config, the best, and the
 heuristic's (gemv_config).
 
@@ -78,15 +78,15 @@ def bench(kind: str, n: int, k: int, config, copies: int, head_dim: int, heads: 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama2-7b", choices=sorted(MODELS))
-    ap.add_argument("--copies", type=int, default=16)
     args = ap.parse_args()
     _, _, heads, kv_heads, head_dim = MODELS[args.model]
     for name, n, k, kind in cases(args.model):
+        args.copies = max(16, -(-(256 << 20) // (n * k * 2)))  # 256 MiB in all: far more than L2
         n_out = n // 2 if kind == "swiglu" else n
         default = (gemv_rope_store_config if kind == "rope" else gemv_config)(1, n_out if kind != "rope" else n, k)
         results = {}
-        for block_n, block_k, warps in itertools.product((2, 4, 8, 16), (512, 1024, 2048), (4, 8)):
-            if block_k > max(256, 2 * k) or not 1024 <= block_n * block_k <= 32768 or block_n * block_k < 32 * warps * 4:
+        for block_n, block_k, warps in itertools.product((1, 2, 4, 8), (512, 1024, 2048, 4096), (4, 8, 16)):
+            if block_k > max(512, 2 * k) or not 512 <= block_n * block_k <= 16384 or block_n * block_k < 32 * warps * 4:
                 continue
             cfg = (1, block_n, block_k, warps)
             try:
