@@ -34,8 +34,8 @@ from kernels.rmsnorm import rmsnorm_ref
 
 SMALL_M = 16  # most rows the skinny GEMM takes; larger batches go to cuBLAS
 MAX_NORM_K = 8192  # the norm prologue rereads the input rows in every program: keep them small
-TARGET_PROGRAMS = 256  # about two programs per SM of an H100 (132): small N still fills the GPU
-MAX_TILE = 8192  # elements of a W tile (BLOCK_N x BLOCK_K) at M == 1
+LATENCY_BYTES = 4 << 20  # M == 1: weights below this are latency bound, above bandwidth bound
+MAX_TILE = 16384  # W elements a program loads per K step at M == 1 (all its tiles)
 
 
 def gemv_ref(
@@ -84,26 +84,31 @@ def gemv_rope_store_ref(
     return q.reshape(-1, num_heads * head_dim)
 
 
-def gemv_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for M rows, N output columns, K inputs.
+def gemv_config(m: int, n: int, k: int, two: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for M rows, N output columns, K inputs; ``two``: each
+    output column reads two W rows (SwiGLU's gate and up).
 
-    M == 1: a multiply-reduce over [BLOCK_N, BLOCK_K] tiles on the CUDA cores. M > 1: tl.dot on a
-    16-row tile (its minimum), the padding rows cost registers, not memory traffic.
-    BLOCK_N: as wide as leaves >= TARGET_PROGRAMS programs, so that small N still fills the GPU.
-    BLOCK_K at M == 1: the whole row up to 2048 (all of a program's loads in flight at once: these
-    matmuls are latency bound), else 1024-wide steps. Swept on an H100 at SmolLM2-135M's shapes
-    (bf16, CUDA graph of 30 layers): within ~5% of the best of 48 configs at M == 1, ~10% at M == 16.
+    M == 1: a multiply-reduce over [BLOCK_N, BLOCK_K] tiles on the CUDA cores, from an H100 sweep
+    of the decode shapes of SmolLM2-135M, TinyLlama-1.1B and Llama-2-7B in CUDA graphs
+    (experiments/gemv_sweep.py, BENCHMARKS.md). Two regimes:
+    - small matrices (< LATENCY_BYTES, SmolLM2's): latency bound. About 128+ programs of up to 8
+      columns with 4 warps: fewer, fuller programs beat one program per SM pair.
+    - large ones: bandwidth bound. >= 512 programs, K steps of 2048 (4096 from K 8192), up to
+      16384 W elements in flight per program (8 warps there): 2.7-3.1 TB/s of reads on Llama-2-7B
+      shapes, against 2.4-2.7 with the earlier 1024-wide steps.
+    M > 1: tl.dot on a 16-row tile (its minimum), the padding rows cost registers, not memory traffic.
     """
     if m == 1:
-        block_n = 1
-        while block_n < 64 and triton.cdiv(n, block_n * 2) >= TARGET_PROGRAMS:
-            block_n *= 2
-        block_k = max(16, min(next_pow2(k), 2048 if k <= 2048 else 1024))
-        while block_n > 1 and block_n * block_k > MAX_TILE:  # registers: ~32 fp32 values a thread
+        block_k = max(16, min(next_pow2(k), 2048 if k < 8192 else 4096))
+        rows = 2 if two else 1
+        small = n * rows * k * 2 < LATENCY_BYTES
+        target = 128 if small else 512
+        block_n = 8
+        while block_n > 1 and (triton.cdiv(n, block_n) < target or block_n * rows * block_k > MAX_TILE):
             block_n //= 2
-        # ~16 elements per thread: one or two 16-byte loads each.
-        return 1, block_n, block_k, max(1, min(8, block_n * block_k // (32 * 16)))
-    block_n = 16 if triton.cdiv(n, 32) < TARGET_PROGRAMS // 4 else 32
+        num_warps = 8 if not small and block_n * rows * block_k >= MAX_TILE else 4
+        return 1, block_n, block_k, min(num_warps, max(1, block_n * rows * block_k // (32 * 8)))
+    block_n = 16 if triton.cdiv(n, 32) < 64 else 32
     # 512-wide K steps helped SmolLM2's down_proj (K 1536); at Llama-7B's K (4096+) 256 did as well.
     block_k = max(32, min(next_pow2(k), 512 if 1024 <= k <= 2048 else 256))
     return 16, block_n, block_k, 2 if (block_n, block_k) == (16, 512) else 4
@@ -335,7 +340,7 @@ def gemv(
         assert residual.shape == (m, n) and residual.stride(1) == 1
     if m == 0:
         return out
-    block_m, block_n, block_k, num_warps = config or gemv_config(m, n, k)
+    block_m, block_n, block_k, num_warps = config or gemv_config(m, n, k, two=swiglu)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight,
         bias if bias is not None else weight,  # unused pointers: any tensor
@@ -363,7 +368,8 @@ def _pdl_args(pdl: bool | None, device: torch.device) -> dict:
 
 def gemv_rope_store_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_PAIRS, BLOCK_K, num_warps): gemv_config's, with each program computing as
-    many columns as the plain gemv's (half as many pairs), so M == 1 keeps its program count.
+    many columns as the plain gemv's (half as many pairs, two W tiles of them), so M == 1 keeps its
+    program count.
     tl.dot (M > 1) needs 16 pairs at least: there a program computes 32 columns."""
     block_m, block_n, block_k, num_warps = gemv_config(m, n, k)
     return block_m, max(16 if block_m > 1 else 1, block_n // 2), block_k, num_warps
