@@ -43,6 +43,9 @@ class EngineConfig:
     # Programmatic dependent launch of the decode kernels on Hopper and newer GPUs: each launch
     # starts while the kernel before it drains and reads its weights meanwhile (kernels/gemv.py).
     pdl: bool = True
+    # A prefill step of one sequence with at most this many tokens replays a CUDA graph
+    # (engine/prefill_graphs.py): its host cost is one replay instead of a launch per kernel. 0: off.
+    prefill_graph_max_tokens: int = 512
     seed: int = 0
     load_format: str = "safetensors"  # or "dummy": random weights (benchmarks of a model's shape)
 
@@ -67,6 +70,8 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens: must be >= max_model_len without chunked prefill")
         if self.max_num_batched_tokens < self.max_num_seqs:
             self.max_num_seqs = self.max_num_batched_tokens
+        if not isinstance(self.prefill_graph_max_tokens, int) or self.prefill_graph_max_tokens < 0:
+            raise ValueError(f"prefill_graph_max_tokens: must be an integer >= 0, got {self.prefill_graph_max_tokens!r}")
         if self.prefill_attention not in ("sdpa", "triton"):
             raise ValueError(f"prefill_attention: {self.prefill_attention!r} is not 'sdpa' or 'triton'")
         if self.load_format not in ("safetensors", "dummy"):

@@ -20,6 +20,7 @@ from engine.context import Context, reset_context, set_context
 from engine.layers.attention import Attention
 from engine.layers.sampler import sample, token_logprobs
 from engine.models import model_class
+from engine.prefill_graphs import PrefillGraphs
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence, TokenLogprobs
 from kernels.greedy_advance import greedy_advance, greedy_advance_ref
@@ -75,6 +76,7 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
         self.graph_max_bs = 0
+        self.prefill_graphs: PrefillGraphs | None = None
         self._alloc_decode_buffers()
         if self.use_graphs:
             self._capture_decode_graphs()
@@ -167,6 +169,9 @@ class ModelRunner:
 
     def _run_prefill(self, batch: ScheduledBatch):
         self._forget_rows()  # block tables may have been replaced (see _alloc_decode_buffers)
+        graphed = self._run_prefill_graph(batch)
+        if graphed is not None:
+            return graphed
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -218,6 +223,18 @@ class ModelRunner:
             self._prompt_logprobs(batch.seqs[i], hidden[row0 : row0 + n], n)
         rows = [want.index(r) if r >= 0 else -1 for r in sample_rows]
         return rows, logits
+
+    def _run_prefill_graph(self, batch: ScheduledBatch):
+        """(rows, logits) of a one-sequence prefill that a captured graph can run, else None."""
+        graphs = self.prefill_graphs
+        if graphs is None or len(batch.seqs) != 1:
+            return None
+        seq, n = batch.seqs[0], batch.num_scheduled[0]
+        if seq.params.prompt_logprobs is not None or graphs.bucket(n) is None:
+            return None
+        start = seq.num_computed_tokens
+        logits = graphs.run(seq.token_ids[start : start + n], start, seq.block_table)
+        return ([0], logits) if batch.samples(0) else ([-1], None)
 
     def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, n: int) -> None:
         """Append logprobs of the prompt tokens this chunk predicts (the first prompt token gets None).
@@ -428,6 +445,11 @@ class ModelRunner:
                 if self.config.num_decode_steps > 1:
                     self.step_graphs[bs] = self._capture_step_graph(bs, pool)
             reset_context()
+        cfg = self.config
+        if cfg.prefill_graph_max_tokens >= 16 and cfg.triton_enabled and cfg.prefill_attention == "triton":
+            max_tokens = min(cfg.prefill_graph_max_tokens, cfg.max_num_batched_tokens, cfg.max_model_len)
+            self.prefill_graphs = PrefillGraphs(self.model, self.device, self.block_size, self.max_blocks_per_seq, max_tokens)
+            self.prefill_graphs.capture(pool)
         torch.cuda.synchronize()
         self.buckets = buckets
         self._bucket_of = [next(b for b in buckets if b >= n) for n in range(max_bs + 1)]  # by batch size

@@ -43,3 +43,25 @@ def test_cuda_graphs_equal_eager_in_bf16(model_dir):
     graphs = LLM(path, **kw).generate(ps, params)
     eager = LLM(path, enforce_eager=True, **kw).generate(ps, params)
     assert [o.token_ids for o in graphs] == [o.token_ids for o in eager]
+
+
+def test_prefill_graphs_fp32_greedy_matches_transformers(model_dir, hf_reference):
+    # One request at a time, so every prefill is one sequence's and goes through a prefill graph:
+    # short prompts (padded up to a bucket), prompts sharing a 40-token prefix (prefix-cache hits:
+    # the graph starts mid-sequence) and a 150-token prompt chunked into 64-token steps.
+    g = torch.Generator().manual_seed(11)
+    prefix = torch.randint(3, 256, (40,), generator=g).tolist()
+    ps = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (1, 5, 17, 33)]
+    ps += [prefix + torch.randint(3, 256, (n,), generator=g).tolist() for n in (3, 20)]
+    ps.append(torch.randint(3, 256, (150,), generator=g).tolist())
+    llm = LLM(model_dir("llama_gqa_untied"), device="cuda", dtype="float32", max_model_len=256, block_size=4,
+              max_num_batched_tokens=64, kv_cache_tokens=4096, cuda_graph_max_bs=8)
+    graphs = llm.engine.runner.prefill_graphs
+    assert graphs is not None and sorted(graphs.graphs) == [16, 32, 64]
+    replays = []
+    run = graphs.run
+    graphs.run = lambda ids, start, table: replays.append(start) or run(ids, start, table)
+    outs = [llm.generate([p], GREEDY)[0].token_ids for p in ps]
+    assert outs == hf_reference("llama_gqa_untied", ps)
+    assert len(replays) >= len(ps) + 2  # every prefill, the long prompt's chunks included
+    assert any(s > 0 for s in replays)  # continued chunks and prefix hits started mid-sequence

@@ -46,3 +46,10 @@ def test_unsupported_architecture_is_named(model_dir, tmp_path):
 def test_pool_too_small_for_one_sequence_is_refused(model_dir):
     with pytest.raises(ValueError, match="num_kv_blocks"):
         LLM(model_dir("mistral"), device="cpu", max_model_len=128, block_size=4, num_kv_blocks=8)
+
+
+@pytest.mark.parametrize("key,value", [("num_decode_steps", 0), ("prefill_graph_max_tokens", -1),
+                                       ("prefill_attention", "flash"), ("gpu_memory_utilization", 1.5)])
+def test_bad_engine_options_are_named(model_dir, key, value):
+    with pytest.raises(ValueError, match=key):
+        LLM(model_dir("mistral"), device="cpu", **{key: value})
