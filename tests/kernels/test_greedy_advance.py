@@ -18,7 +18,7 @@ def _case(rows, vocab, block_size, dtype, device, seed):
     if rows > 1:
         logits[1, 5] = logits[1, 4097 % vocab] = logits[1].max() + 2.0  # tie across argmax chunks
     width = 6
-    tables = torch.randperm(64, generator=g)[: rows * width].view(rows, width).to(torch.int32)
+    tables = torch.randperm(rows * width + 8, generator=g)[: rows * width].view(rows, width).to(torch.int32)
     lens = torch.randint(1, block_size * (width - 2), (rows,), generator=g).to(torch.int32)
     lens[0] = block_size  # the next token opens a new block
     pos = (lens - 1).long()
