@@ -407,7 +407,7 @@ def agreement(args) -> None:
     torch.cuda.empty_cache()
     llm = LLM(args.model, max_model_len=512, max_num_seqs=64)
     outs = llm.generate([tok.encode(p) for p in AGREEMENT_PROMPTS],
-                        SamplingParams(temperature=0, max_tokens=n_new, min_tokens=n_new, logprobs=2))
+                        SamplingParams(temperature=0, max_tokens=n_new, min_tokens=n_new, logprobs=5))
     same_seq, same_tok, total, divergences = 0, 0, 0, []
     for i, (o, ref, scores) in enumerate(zip(outs, ref_tokens, ref_scores)):
         total += n_new
@@ -420,6 +420,7 @@ def agreement(args) -> None:
         row = scores[j]
         hf_gap = (row[ref[j]] - row[o.token_ids[j]]).item()  # HF's logit margin for its own choice
         lp = o.logprobs[j]
+        # nan: transformers' token is not among the engine's top 5 there (a tie of several tokens).
         eng_gap = lp[o.token_ids[j]].logprob - lp.get(ref[j]).logprob if ref[j] in lp else float("nan")
         ulp = 2.0 ** (torch.floor(torch.log2(row[ref[j]].abs())).item() - 7)  # bf16 spacing at that logit
         divergences.append(dict(prompt=i, position=j, hf_logit_gap=hf_gap, engine_logprob_gap=eng_gap, bf16_ulp=ulp))
@@ -433,7 +434,8 @@ def agreement(args) -> None:
     for d in divergences:
         log(f"  prompt {d['prompt']:2d} diverges at token {d['position']:3d}: transformers' top-1 leads the engine's token "
             f"by {d['hf_logit_gap']:.4f} logits (bf16 ulp there {d['bf16_ulp']:.4f}); engine's margin the other way "
-            f"{d['engine_logprob_gap']:.4f} nats")
+            + (f"{d['engine_logprob_gap']:.4f} nats" if d["engine_logprob_gap"] == d["engine_logprob_gap"]
+               else "not measured (transformers' token is not in the engine's top 5)"))
 
 
 # -- host overhead per decode step ----------------------------------------------------------------

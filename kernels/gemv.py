@@ -84,15 +84,18 @@ def gemv_rope_store_ref(
     return q.reshape(-1, num_heads * head_dim)
 
 
-def gemv_config(m: int, n: int, k: int, two: bool = False) -> tuple[int, int, int, int]:
+def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for M rows, N output columns, K inputs; ``two``: each
-    output column reads two W rows (SwiGLU's gate and up).
+    output column reads two W rows (SwiGLU's gate and up); ``pdl``: launched with programmatic
+    dependent launch.
 
     M == 1: a multiply-reduce over [BLOCK_N, BLOCK_K] tiles on the CUDA cores, from an H100 sweep
     of the decode shapes of SmolLM2-135M, TinyLlama-1.1B and Llama-2-7B in CUDA graphs
     (experiments/gemv_sweep.py, BENCHMARKS.md). Two regimes:
-    - small matrices (< LATENCY_BYTES, SmolLM2's): latency bound. About 128+ programs of up to 8
-      columns with 4 warps: fewer, fuller programs beat one program per SM pair.
+    - small matrices (< LATENCY_BYTES, SmolLM2's): latency bound. With PDL, about 128+ programs
+      of up to 8 columns with 4 warps: fewer, fuller programs, whose first tile loads while the
+      kernel before drains (SmolLM2 graph 505 -> 446 us). Without PDL that is slower (570-586 ->
+      654 us): there >= 256 programs of 8192-element tiles, as before the sweep.
     - large ones: bandwidth bound. >= 512 programs, K steps of 2048 (4096 from K 8192), up to
       16384 W elements in flight per program (8 warps there): 2.7-3.1 TB/s of reads on Llama-2-7B
       shapes, against 2.4-2.7 with the earlier 1024-wide steps.
@@ -102,6 +105,14 @@ def gemv_config(m: int, n: int, k: int, two: bool = False) -> tuple[int, int, in
         block_k = max(16, min(next_pow2(k), 2048 if k < 8192 else 4096))
         rows = 2 if two else 1
         small = n * rows * k * 2 < LATENCY_BYTES
+        if small and not pdl:
+            block_k = max(16, min(next_pow2(k), 2048))
+            block_n = 1
+            while block_n < 64 and triton.cdiv(n, block_n * 2) >= 256:
+                block_n *= 2
+            while block_n > 1 and block_n * rows * block_k > 8192:
+                block_n //= 2
+            return 1, block_n, block_k, max(1, min(8, block_n * block_k // (32 * 16)))
         target = 128 if small else 512
         block_n = 8
         while block_n > 1 and (triton.cdiv(n, block_n) < target or block_n * rows * block_k > MAX_TILE):
@@ -340,7 +351,8 @@ def gemv(
         assert residual.shape == (m, n) and residual.stride(1) == 1
     if m == 0:
         return out
-    block_m, block_n, block_k, num_warps = config or gemv_config(m, n, k, two=swiglu)
+    launch = _pdl_args(pdl, x.device)
+    block_m, block_n, block_k, num_warps = config or gemv_config(m, n, k, two=swiglu, pdl=launch["PDL"])
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight,
         bias if bias is not None else weight,  # unused pointers: any tensor
@@ -354,7 +366,7 @@ def gemv(
         # take the fp32 dot, which gives the same result (products of 16-bit floats are exact in fp32).
         IEEE=x.dtype == torch.float32 or interpreting(),
         BF16_BY_HAND=interpreting() and x.dtype == torch.bfloat16,
-        **_pdl_args(pdl, x.device),
+        **launch,
         num_warps=num_warps,
     )
     return out
@@ -366,12 +378,12 @@ def _pdl_args(pdl: bool | None, device: torch.device) -> dict:
     return {"PDL": on, "launch_pdl": on}
 
 
-def gemv_rope_store_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
+def gemv_rope_store_config(m: int, n: int, k: int, pdl: bool = True) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_PAIRS, BLOCK_K, num_warps): gemv_config's, with each program computing as
     many columns as the plain gemv's (half as many pairs, two W tiles of them), so M == 1 keeps its
     program count.
     tl.dot (M > 1) needs 16 pairs at least: there a program computes 32 columns."""
-    block_m, block_n, block_k, num_warps = gemv_config(m, n, k)
+    block_m, block_n, block_k, num_warps = gemv_config(m, n, k, pdl=pdl)
     return block_m, max(16 if block_m > 1 else 1, block_n // 2), block_k, num_warps
 
 
@@ -406,7 +418,8 @@ def gemv_rope_store(
     assert out.shape == (m, num_heads * head_dim) and out.stride(1) == 1
     if m == 0:
         return out
-    block_m, block_pairs, block_k, num_warps = config or gemv_rope_store_config(m, n, k)
+    launch = _pdl_args(pdl, x.device)
+    block_m, block_pairs, block_k, num_warps = config or gemv_rope_store_config(m, n, k, pdl=launch["PDL"])
     _gemv_rope_store_kernel[(triton.cdiv(n // 2, block_pairs),)](
         x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
         out, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,
@@ -416,7 +429,7 @@ def gemv_rope_store(
         HAS_BIAS=bias is not None, NORM=norm_weight is not None,
         IEEE=x.dtype == torch.float32 or interpreting(),  # as in gemv
         BF16_BY_HAND=interpreting() and x.dtype == torch.bfloat16,
-        **_pdl_args(pdl, x.device),
+        **launch,
         num_warps=num_warps,
     )
     return out
