@@ -446,8 +446,8 @@ class ModelRunner:
                     self.step_graphs[bs] = self._capture_step_graph(bs, pool)
             reset_context()
         cfg = self.config
-        if cfg.prefill_graph_max_tokens >= 16 and cfg.triton_enabled and cfg.prefill_attention == "triton":
-            max_tokens = min(cfg.prefill_graph_max_tokens, cfg.max_num_batched_tokens, cfg.max_model_len)
+        max_tokens = min(cfg.prefill_graph_max_tokens, cfg.max_num_batched_tokens, cfg.max_model_len)
+        if max_tokens >= 16 and cfg.triton_enabled and cfg.prefill_attention == "triton":
             self.prefill_graphs = PrefillGraphs(self.model, self.device, self.block_size, self.max_blocks_per_seq, max_tokens)
             self.prefill_graphs.capture(pool)
         torch.cuda.synchronize()
