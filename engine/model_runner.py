@@ -225,16 +225,17 @@ class ModelRunner:
         return rows, logits
 
     def _run_prefill_graph(self, batch: ScheduledBatch):
-        """(rows, logits) of a one-sequence prefill that a captured graph can run, else None."""
+        """(rows, logits) of a prefill step that a captured graph can run, else None."""
         graphs = self.prefill_graphs
-        if graphs is None or len(batch.seqs) != 1:
+        if graphs is None or graphs.bucket(sum(batch.num_scheduled), len(batch.seqs)) is None:
             return None
-        seq, n = batch.seqs[0], batch.num_scheduled[0]
-        if seq.params.prompt_logprobs is not None or graphs.bucket(n) is None:
+        if any(seq.params.prompt_logprobs is not None for seq in batch.seqs):
             return None
-        start = seq.num_computed_tokens
-        logits = graphs.run(seq.token_ids[start : start + n], start, seq.block_table)
-        return ([0], logits) if batch.samples(0) else ([-1], None)
+        chunks = [(seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n], seq.num_computed_tokens,
+                   seq.block_table) for seq, n in zip(batch.seqs, batch.num_scheduled)]
+        logits = graphs.run(chunks)
+        rows = [i if batch.samples(i) else -1 for i in range(len(batch.seqs))]
+        return rows, logits
 
     def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, n: int) -> None:
         """Append logprobs of the prompt tokens this chunk predicts (the first prompt token gets None).
@@ -448,7 +449,8 @@ class ModelRunner:
         cfg = self.config
         max_tokens = min(cfg.prefill_graph_max_tokens, cfg.max_num_batched_tokens, cfg.max_model_len)
         if max_tokens >= 16 and cfg.triton_enabled and cfg.prefill_attention == "triton":
-            self.prefill_graphs = PrefillGraphs(self.model, self.device, self.block_size, self.max_blocks_per_seq, max_tokens)
+            self.prefill_graphs = PrefillGraphs(self.model, self.device, self.block_size, self.max_blocks_per_seq,
+                                               max_tokens, cfg.max_num_seqs)
             self.prefill_graphs.capture(pool)
         torch.cuda.synchronize()
         self.buckets = buckets

@@ -46,9 +46,10 @@ def test_cuda_graphs_equal_eager_in_bf16(model_dir):
 
 
 def test_prefill_graphs_fp32_greedy_matches_transformers(model_dir, hf_reference):
-    # One request at a time, so every prefill is one sequence's and goes through a prefill graph:
-    # short prompts (padded up to a bucket), prompts sharing a 40-token prefix (prefix-cache hits:
-    # the graph starts mid-sequence) and a 150-token prompt chunked into 64-token steps.
+    # First one request at a time (every prefill one sequence's): short prompts padded up to a
+    # bucket, prompts sharing a 40-token prefix (prefix-cache hits: the graph starts mid-sequence)
+    # and a 150-token prompt chunked into 64-token steps; then all of them at once, so that steps
+    # prefill several sequences (padding sequences in the 16-sequence bucket) next to chunks.
     g = torch.Generator().manual_seed(11)
     prefix = torch.randint(3, 256, (40,), generator=g).tolist()
     ps = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (1, 5, 17, 33)]
@@ -57,11 +58,14 @@ def test_prefill_graphs_fp32_greedy_matches_transformers(model_dir, hf_reference
     llm = LLM(model_dir("llama_gqa_untied"), device="cuda", dtype="float32", max_model_len=256, block_size=4,
               max_num_batched_tokens=64, kv_cache_tokens=4096, cuda_graph_max_bs=8)
     graphs = llm.engine.runner.prefill_graphs
-    assert graphs is not None and sorted(graphs.graphs) == [16, 32, 64]
+    assert graphs is not None and sorted(graphs.graphs) == [(t, s) for t in (16, 32, 64) for s in (1, 16)]
     replays = []
     run = graphs.run
-    graphs.run = lambda ids, start, table: replays.append(start) or run(ids, start, table)
-    outs = [llm.generate([p], GREEDY)[0].token_ids for p in ps]
-    assert outs == hf_reference("llama_gqa_untied", ps)
+    graphs.run = lambda chunks: replays.append([(len(ids), start) for ids, start, _ in chunks]) or run(chunks)
+    want = hf_reference("llama_gqa_untied", ps)
+    assert [llm.generate([p], GREEDY)[0].token_ids for p in ps] == want
     assert len(replays) >= len(ps) + 2  # every prefill, the long prompt's chunks included
-    assert any(s > 0 for s in replays)  # continued chunks and prefix hits started mid-sequence
+    assert any(start > 0 for step in replays for _, start in step)  # continued chunks and prefix hits
+    replays.clear()
+    assert [o.token_ids for o in llm.generate(ps, GREEDY)] == want
+    assert any(len(step) > 1 for step in replays)
