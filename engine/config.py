@@ -43,7 +43,7 @@ class EngineConfig:
     # Programmatic dependent launch of the decode kernels on Hopper and newer GPUs: each launch
     # starts while the kernel before it drains and reads its weights meanwhile (kernels/gemv.py).
     pdl: bool = True
-    # A prefill step of one sequence with at most this many tokens replays a CUDA graph
+    # A prefill step of at most this many tokens (and 16 sequences) replays a CUDA graph
     # (engine/prefill_graphs.py): its host cost is one replay instead of a launch per kernel. 0: off.
     prefill_graph_max_tokens: int = 512
     seed: int = 0
