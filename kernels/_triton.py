@@ -25,6 +25,16 @@ def next_pow2(n: int) -> int:
 
 
 @functools.cache
+def _triton_has_pdl() -> bool:
+    """Triton 3.4+ has the griddepcontrol intrinsics and the launch_pdl option; older ones do not."""
+    try:
+        from triton.language.extra.cuda import gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
 def _device_has_pdl(index: int) -> bool:
     import torch
 
@@ -35,10 +45,17 @@ def pdl_available(device) -> bool:
     """Whether kernels on ``device`` may use programmatic dependent launch (Hopper and newer):
     a launch starts while the kernel before it drains, and waits (griddepcontrol.wait) before
     reading what that kernel wrote. Not under the interpreter; SHRINK_PDL=0 turns it off."""
-    if interpreting() or not HAS_TRITON or os.environ.get("SHRINK_PDL", "1") == "0":
+    if interpreting() or not HAS_TRITON or os.environ.get("SHRINK_PDL", "1") == "0" or not _triton_has_pdl():
         return False
     if getattr(device, "type", device) != "cuda":
         return False
     import torch
 
     return _device_has_pdl(torch.device(device).index or 0)
+
+
+def pdl_launch_args(pdl: bool | None, device) -> dict:
+    """A kernel's PDL constexpr and the matching launch option; ``pdl`` None: wherever available.
+    Off, no launch_pdl is passed at all: Triton before 3.4 does not know the option."""
+    on = pdl_available(device) if pdl is None else (pdl and pdl_available(device))
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}

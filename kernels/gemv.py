@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import HAS_TRITON, interpreting, next_pow2, pdl_available, tl, triton
+from kernels._triton import HAS_TRITON, interpreting, next_pow2, pdl_launch_args, tl, triton
 from kernels.activation import silu_and_mul_ref
 from kernels.kv_store import store_kv_ref
 from kernels.rmsnorm import rmsnorm_ref
@@ -351,7 +351,7 @@ def gemv(
         assert residual.shape == (m, n) and residual.stride(1) == 1
     if m == 0:
         return out
-    launch = _pdl_args(pdl, x.device)
+    launch = pdl_launch_args(pdl, x.device)
     block_m, block_n, block_k, num_warps = config or gemv_config(m, n, k, two=swiglu, pdl=launch["PDL"])
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight,
@@ -370,12 +370,6 @@ def gemv(
         num_warps=num_warps,
     )
     return out
-
-
-def _pdl_args(pdl: bool | None, device: torch.device) -> dict:
-    """The kernel's PDL flag and the matching launch option."""
-    on = pdl_available(device) if pdl is None else (pdl and pdl_available(device))
-    return {"PDL": on, "launch_pdl": on}
 
 
 def gemv_rope_store_config(m: int, n: int, k: int, pdl: bool = True) -> tuple[int, int, int, int]:
@@ -418,7 +412,7 @@ def gemv_rope_store(
     assert out.shape == (m, num_heads * head_dim) and out.stride(1) == 1
     if m == 0:
         return out
-    launch = _pdl_args(pdl, x.device)
+    launch = pdl_launch_args(pdl, x.device)
     block_m, block_pairs, block_k, num_warps = config or gemv_rope_store_config(m, n, k, pdl=launch["PDL"])
     _gemv_rope_store_kernel[(triton.cdiv(n // 2, block_pairs),)](
         x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from kernels._triton import HAS_TRITON, next_pow2, pdl_available, tl, triton
+from kernels._triton import HAS_TRITON, next_pow2, pdl_launch_args, tl, triton
 from kernels.paged_tiles import attend_tile, kv_tile_offsets, load_kv_tile
 
 
@@ -215,7 +215,6 @@ def paged_decode_attention(
     partition = max(partition or 512, math.ceil(table_tokens / num_splits))
     partition = max(block_n, (partition + block_n - 1) // block_n * block_n)
     d_pad = max(16, next_pow2(dim))
-    use_pdl = pdl_available(q.device) if pdl is None else (pdl and pdl_available(q.device))
     if num_splits > 1:
         part_acc = torch.empty(batch, q_heads, num_splits, d_pad, dtype=torch.float32, device=q.device)
         part_m = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -230,7 +229,7 @@ def paged_decode_attention(
         KV_HEADS=kv_heads, GROUP=group, G_PAD=max(16, next_pow2(group)),
         HEAD_DIM=dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
         BLOCK_N=block_n, PARTITION=partition, NUM_SPLITS=num_splits, S_PAD=max(2, next_pow2(num_splits)),
-        IEEE=q.dtype == torch.float32, PDL=use_pdl, launch_pdl=use_pdl,
+        IEEE=q.dtype == torch.float32, **pdl_launch_args(pdl, q.device),
         num_warps=4, num_stages=2,
     )
     return out
