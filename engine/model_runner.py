@@ -257,9 +257,9 @@ class ModelRunner:
     def _alloc_decode_buffers(self) -> None:
         """Every decode input lives in one staging buffer, laid out as [ids | positions | slots |
         start positions] (int64, one row each) then [context lens | block tables] (int32); the
-        start positions (a multi-step batch's first positions) say which step a token belongs to. A step writes the host
-        copy through numpy views and moves it with one host-to-device copy (pinned memory, async),
-        instead of building a tensor, a pageable copy and a fill per input. The device copy's
+        start positions (a multi-step batch's first positions) say which step a token belongs to.
+        A step writes the host copy through numpy views and moves it with one host-to-device copy
+        (pinned memory, async), instead of building a tensor, a pageable copy and a fill per input. The device copy's
         views are the CUDA graphs' static inputs; on the CPU host and device buffers are one."""
         rows, width = self.config.max_num_seqs, self.max_blocks_per_seq
         self._n64 = 4 * rows
