@@ -226,14 +226,13 @@ class ModelRunner:
 
     def _run_prefill_graph(self, batch: ScheduledBatch):
         """(rows, logits) of a prefill step that a captured graph can run, else None."""
-        graphs = self.prefill_graphs
-        if graphs is None or graphs.bucket(sum(batch.num_scheduled), len(batch.seqs)) is None:
-            return None
-        if any(seq.params.prompt_logprobs is not None for seq in batch.seqs):
+        if self.prefill_graphs is None or any(seq.params.prompt_logprobs is not None for seq in batch.seqs):
             return None
         chunks = [(seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n], seq.num_computed_tokens,
                    seq.block_table) for seq, n in zip(batch.seqs, batch.num_scheduled)]
-        logits = graphs.run(chunks)
+        logits = self.prefill_graphs.run(chunks)
+        if logits is None:  # no bucket holds the step
+            return None
         rows = [i if batch.samples(i) else -1 for i in range(len(batch.seqs))]
         return rows, logits
 

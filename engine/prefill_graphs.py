@@ -83,10 +83,13 @@ class PrefillGraphs:
                 self.graphs[tokens, seqs] = graph
         torch.cuda.synchronize()
 
-    def run(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+    def run(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor | None:
         """Prefill each (token_ids, start, block_table) chunk at positions start.. of its sequence;
-        returns fp32 logits whose row i is chunk i's last token's (valid until the next replay)."""
+        returns fp32 logits whose row i is chunk i's last token's (valid until the next replay),
+        or None, running nothing, when no captured bucket holds the step."""
         key = self.bucket(sum(len(c[0]) for c in chunks), len(chunks))
+        if key is None:
+            return None
         tokens, seqs = key
         bs, row = self.block_size, 0
         self.np_cu[0] = 0

@@ -126,7 +126,7 @@ def profile_decode(path: str, dummy: bool, batch: int, steps: int, prompt_len: i
             graph.replay()
         sync()
         res["graph_us"] = 1e6 * (time.perf_counter() - t) / reps
-        step_graph = getattr(runner, "step_graphs", {}).get(runner._bucket_of[batch])
+        step_graph = runner.step_graphs.get(runner._bucket_of[batch])
         if step_graph is not None:
             saved = runner.d_buf.clone()  # the last prepared decode inputs
             t = time.perf_counter()
