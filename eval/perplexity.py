@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 
 WIKITEXT_FILE = "wikitext-2-raw/wiki.test.raw"
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 
 REASONING_DIR = "reasoning"
 _CHOICE_LETTERS = "abcde"

@@ -40,7 +40,7 @@ def compose(overrides: list[str]):
         cfg = hydra_compose(config_name="config", overrides=overrides)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        from shrink.errors import ShrinkError
+        from common.errors import ShrinkError
 
         raise ShrinkError(f"missing required value: {', '.join(missing)} (set it on the command line, "
                           f"e.g. {missing[0]}=...)")
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from shrink.errors import ShrinkError
+    from common.errors import ShrinkError
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):

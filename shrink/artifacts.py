@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from shrink.errors import ShrinkError
+from common.dirs import replace_dir_atomically
+from common.errors import ShrinkError
 
 META_FILE = "shrink.json"
 _HASHED_SUFFIXES = (".safetensors", ".json", ".bin", ".model", ".txt")
@@ -108,17 +109,6 @@ def _versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "shrink": shrink.__version__,
     }
-
-
-def replace_dir_atomically(tmp: Path, dest: Path) -> None:
-    """Move a finished temp directory to `dest`, replacing an older one without a half state."""
-    old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_artifact(

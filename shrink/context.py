@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shrink.artifacts import Artifact
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from shrink.modeling import resolve_device
 
 TEACHER_DIR = "teacher"

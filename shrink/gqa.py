@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 
 POOL_INITS = ("mean", "first", "random")
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from shrink.artifacts import Artifact, write_artifact
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}

@@ -31,7 +31,7 @@ def tiny_teacher(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
-    from shrink.paths import default_data_dir
+    from common.paths import default_data_dir
 
     path = default_data_dir()
     if path is None or not path.is_dir():

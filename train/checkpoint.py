@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from shrink.artifacts import replace_dir_atomically
+from common.dirs import replace_dir_atomically
 
 STATE_FILE = "trainer_state.json"
 

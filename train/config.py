@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from train.layer_distill import LAYER_LOSSES
 
 

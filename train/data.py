@@ -19,8 +19,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from shrink.errors import ShrinkError
-from shrink.paths import default_cache_dir, default_data_dir
+from common.errors import ShrinkError
+from common.paths import default_cache_dir, default_data_dir
 
 CORPUS_FILE = "corpus/docs-en.jsonl.gz"
 _FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}

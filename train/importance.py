@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from train.modules import causal_lm
 
 METRICS = ("bi", "drop_loss")

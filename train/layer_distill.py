@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 
 LAYER_LOSSES = ("mse", "cosine")
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from train.batches import Batch, TrainData, as_train_data
 from train.checkpoint import checkpoint_step, load_checkpoint, remove_checkpoint, save_checkpoint
 from train.chunked_loss import LossTerm, chunked_distill_loss

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

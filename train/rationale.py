@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from eval.tasks import LABEL_PREFIX, RATIONALE_PREFIX, REASONING_DIR, TaskExample, generate_answers, render_prompt
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from train.batches import Batch
 
 RATIONALE_END = "\n\nQ:"

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 
 
 def parse_keep_layers(spec: Any, n_layers: int, scores: Sequence[float] | None = None,

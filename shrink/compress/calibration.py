@@ -25,7 +25,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 
 # True-sequential order within a Llama-family block, by the last part of the linear's name.
 SEQUENTIAL_GROUPS = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]

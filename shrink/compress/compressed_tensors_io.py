@@ -28,7 +28,7 @@ from torch import nn
 
 from shrink.compress.modules import QuantLinear, set_module
 from shrink.compress.quant import QuantSpec
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 
 WEIGHTS_FILE = "model.safetensors"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 
 
 class Hessian:

@@ -12,7 +12,7 @@ from shrink.compress.hessian import Hessian
 from shrink.compress.sparsegpt import sparsegpt_prune
 from shrink.compress.sparsity import SparsitySpec, magnitude_prune, sparsity
 from shrink.compress.wanda import InputNorms, wanda_prune
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 

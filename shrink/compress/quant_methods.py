@@ -21,7 +21,7 @@ from shrink.compress.modules import QuantLinear, set_module
 from shrink.compress.quant import QuantizedWeight, QuantSpec, fp8_weight, rtn
 from shrink.compress.smoothquant import norm_mappings, smooth_scale
 from shrink.compress.stats import ActStats
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 
 QUANT_METHODS = ("rtn", "gptq", "awq", "smoothquant", "fp8")
 

@@ -11,7 +11,7 @@ from shrink.compress.prune_methods import PruneMethod
 from shrink.compress.quant import QuantSpec
 from shrink.compress.quant_methods import QuantMethod
 from shrink.compress.sparsity import SparsitySpec
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 
 
 def _get(cfg: Any, key: str, prefix: str, cast=None):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ on first lookup, so adding a stage is adding a file (and its conf/stage/<name>.y
 
 from __future__ import annotations
 
-from shrink.registry import Registry
+from common.registry import Registry
 
 STAGES: Registry = Registry("stage", __name__, __path__)
 register_stage = STAGES.register

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from shrink.artifacts import Artifact
 from shrink.context import StageContext
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from shrink.modeling import load_model, load_tokenizer, num_parameters, save_model_artifact
 from shrink.stages import register_stage
 from shrink.stages.import_model import cache_dir

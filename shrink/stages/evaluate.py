@@ -17,7 +17,7 @@ from eval.perplexity import encode, perplexity, wikitext2_text
 from eval.report import write_report
 from shrink.artifacts import META_FILE, Artifact, write_artifact
 from shrink.context import StageContext
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from shrink.gqa import KVLayout
 from shrink.modeling import dir_size_bytes, load_model, load_tokenizer, num_parameters
 from shrink.stages import register_stage

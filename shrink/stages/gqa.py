@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from eval.perplexity import encode, perplexity, wikitext2_text
 from shrink.artifacts import META_FILE, Artifact
 from shrink.context import StageContext
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from shrink.gqa import check_target, convert, kv_report
 from shrink.modeling import load_model, load_tokenizer, num_parameters, save_model_artifact
 from shrink.stages import register_stage

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from shrink.artifacts import Artifact
 from shrink.context import TEACHER_DIR, StageContext
 from shrink.modeling import num_parameters, resolve_dtype, save_model_artifact
-from shrink.paths import default_cache_dir
+from common.paths import default_cache_dir
 from shrink.sources import load_source
 from shrink.stages import register_stage
 

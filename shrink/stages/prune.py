@@ -17,7 +17,7 @@ from shrink.compress.finetune import mask_preserving_finetune
 from shrink.compress.settings import calib_config, prune_method, skip_list
 from shrink.compress.sparsity import sparsity
 from shrink.context import StageContext
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from shrink.modeling import load_tokenizer, num_parameters, resolve_dtype
 from shrink.stages import register_stage
 from shrink.stages.import_model import cache_dir

@@ -15,7 +15,7 @@ from shrink.compress.calibration import compress_model
 from shrink.compress.compressed_tensors_io import is_quantized, load_compressed, save_compressed, sparsity_masks
 from shrink.compress.settings import calib_config, quant_method, skip_list
 from shrink.context import StageContext
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from shrink.modeling import load_tokenizer, resolve_dtype
 from shrink.stages import register_stage
 from shrink.stages.prune import sparsity_metadata

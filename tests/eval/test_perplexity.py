@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from support import tiny_llama_config
 from eval.perplexity import perplexity, wikitext2_text, windows
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 
 
 def reference_perplexity(model, ids: torch.Tensor, context: int, stride: int) -> tuple[float, int]:

@@ -7,7 +7,7 @@ import torch
 
 from eval.tasks import (eval_arithmetic, get_task, parse_cqa, parse_gsm8k, parse_svamp, render_prompt,
                         task_accuracy)
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 
 
 def test_cqa_real_files_and_exact_match(shared_data_dir):

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from support import REPO, save_tiny_artifact
 from shrink.artifacts import META_FILE, Artifact, write_artifact
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from shrink.modeling import load_model, save_model_artifact
 
 

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from test_gqa_reference import one_thread  # noqa: F401
 
 from shrink.artifacts import Artifact
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from shrink.gqa import pool_kv_heads
 from shrink.modeling import save_model_artifact
 from shrink.stages import gqa as gqa_stage

@@ -10,7 +10,7 @@ from shrink.compress.hessian import Hessian
 from shrink.compress.sparsegpt import sparsegpt_prune
 from shrink.compress.sparsity import SparsitySpec, is_nm_sparse, magnitude_prune, nm_keep_mask
 from shrink.compress.wanda import InputNorms, wanda_prune
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 
 
 def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:

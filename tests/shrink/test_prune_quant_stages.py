@@ -21,7 +21,7 @@ from shrink.compress.prune_methods import PruneMethod
 from shrink.compress.quant import QuantSpec
 from shrink.compress.quant_methods import QuantMethod
 from shrink.compress.sparsity import SparsitySpec, is_nm_sparse
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from train.loop import TrainConfig
 
 CALIB = ["prune.calibration.source=pydoc", "prune.calibration.num_samples=4", "prune.calibration.seq_len=64",

@@ -14,7 +14,7 @@ from shrink.compress.quant import (QuantSpec, compute_qparams, dequantize, fp8_w
                                    quantize_activations_per_token, rtn)
 from shrink.compress.smoothquant import smooth_scale
 from shrink.compress.sparsity import nm_keep_mask
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 
 
 def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:

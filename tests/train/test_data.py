@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from support import make_tiny_tokenizer
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from train.data import load_documents, load_packed, pack
 
 

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from support import tiny_llama_config
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from train import fused_head_loss as fhl
 from train.chunked_loss import LossTerm, chunked_distill_loss
 from train.config import TrainConfig

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from support import tiny_llama_config
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from train.layer_distill import (LayerPair, LayerProjector, auto_layer_map, capture_layers, layer_loss,
                                  parse_layer_map)
 

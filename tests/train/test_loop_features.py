@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from support import make_tiny_tokenizer, tiny_llama_config
 from eval.tasks import TaskExample
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from train.config import TrainConfig
 from train.layer_distill import parse_layer_map
 from train.loop import train_distill

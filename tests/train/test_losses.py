@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from train.losses import loss_names, make_loss, parse_loss_spec
 
 N, V = 12, 37

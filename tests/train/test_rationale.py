@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from support import make_tiny_tokenizer, tiny_llama_config
 from eval.tasks import TaskExample, get_task
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from train.rationale import MultiTaskExamples, attach_rationales, cut_rationale, palm_rationales, teacher_rationales
 
 

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from support import make_tiny_tokenizer, tiny_llama_config
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from train.importance import block_influence, channel_importance, drop_one_loss, top_layers
 from train.student_init import (check_same_vocab, parse_keep_layers, prune_width, student_from_config,
                                 student_from_teacher)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from shrink.errors import ShrinkError
-from shrink.registry import Registry
+from common.errors import ShrinkError
+from common.registry import Registry
 
 LOSSES: Registry = Registry("loss", __name__, __path__)
 register_loss = LOSSES.register

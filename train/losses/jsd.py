@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 from train.losses import register_loss
 from train.losses.kl import TeacherLoss, kl
 

@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 from typing import Callable, Generic, TypeVar
 
-from shrink.errors import ShrinkError
+from common.errors import ShrinkError
 
 T = TypeVar("T")
 
