@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from tiny_models import prompts
 
@@ -45,3 +46,43 @@ def test_add_request_raises_with_field(llm):
     assert e.value.field == "top_p" and "top_p" in str(e.value)
     with pytest.raises(InvalidRequestError, match="prompt"):
         llm.engine.add_request("text needs a tokenizer", OK)  # this model dir has none
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("params, field", [
+    (SamplingParams(temperature=NAN), "temperature"),
+    (SamplingParams(temperature=INF), "temperature"),
+    (SamplingParams(temperature="0.5"), "temperature"),
+    (SamplingParams(top_p=NAN), "top_p"),
+    (SamplingParams(min_p=NAN), "min_p"),
+    (SamplingParams(min_p=-INF), "min_p"),
+    (SamplingParams(top_k=2.5), "top_k"),
+    (SamplingParams(top_k=True), "top_k"),
+    (SamplingParams(top_k=NAN), "top_k"),
+    (SamplingParams(max_tokens=4.0), "max_tokens"),
+    (SamplingParams(min_tokens=1.5), "min_tokens"),
+    (SamplingParams(seed=1.5), "seed"),
+    (SamplingParams(stop_token_ids=[1.5]), "stop_token_ids"),
+    (SamplingParams(stop_token_ids=7), "stop_token_ids"),
+    (SamplingParams(stop=5), "stop"),
+    (SamplingParams(stop=["ok", None]), "stop"),
+    (SamplingParams(ignore_eos="yes"), "ignore_eos"),
+    (SamplingParams(logprobs=2.5), "logprobs"),
+    (SamplingParams(prompt_logprobs=-1), "prompt_logprobs"),
+])
+def test_sampling_fields_are_checked_for_type_and_range(llm, params, field):
+    with pytest.raises(InvalidRequestError) as e:
+        llm.engine.add_request([5, 6], params)
+    assert e.value.field == field and field in str(e.value)
+    assert not llm.engine.seqs and not llm.engine.has_unfinished_requests()
+
+
+def test_numpy_scalars_are_accepted_as_sampling_fields(llm):
+    p = prompts(1, seed=22, lo=5, hi=10)[0]
+    ref = llm.generate([p], SamplingParams(temperature=0, max_tokens=5, top_k=3, ignore_eos=True))[0]
+    params = SamplingParams(temperature=np.float32(0), max_tokens=np.int64(5), top_k=np.int32(3),
+                            ignore_eos=np.bool_(True), stop_token_ids=[np.int64(0)])
+    out = llm.generate([p], params)[0]
+    assert out.error is None and out.token_ids[: len(ref.token_ids)] == ref.token_ids[: len(out.token_ids)]
