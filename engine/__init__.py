@@ -16,7 +16,7 @@ text); leaving it early aborts the request and frees its KV blocks.
 
 from engine.async_llm import AsyncLLM
 from engine.config import EngineConfig
-from engine.errors import InvalidRequestError
+from engine.errors import InvalidRequestError, RequestFailedError
 from engine.llm import LLM
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestDelta, RequestOutput
@@ -24,5 +24,5 @@ from engine.sampling_params import SamplingParams
 
 __all__ = [
     "LLM", "LLMEngine", "AsyncLLM", "EngineConfig", "SamplingParams", "RequestOutput", "RequestDelta",
-    "InvalidRequestError",
+    "InvalidRequestError", "RequestFailedError",
 ]

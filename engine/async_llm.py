@@ -14,6 +14,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+from engine.errors import RequestFailedError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestDelta
 from engine.sampling_params import SamplingParams
@@ -50,6 +51,9 @@ class AsyncLLM:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if item.error is not None:  # this request failed alone; the others go on
+                    finished = True
+                    raise RequestFailedError(request_id, item.error)
                 yield item
                 if item.finished:
                     finished = True

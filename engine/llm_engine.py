@@ -91,7 +91,7 @@ class LLMEngine:
             )
         if any((not isinstance(t, int)) or t < 0 or t >= self.vocab_size for t in token_ids):
             raise InvalidRequestError("prompt", f"token ids must be ints in [0, {self.vocab_size})")
-        params.validate(self.vocab_size)
+        params.validate(self.vocab_size, self.config.max_logprobs)
         if params.stop_strings and self.tokenizer is None:
             raise InvalidRequestError("stop", "stop strings need a tokenizer")
 
@@ -117,7 +117,12 @@ class LLMEngine:
 
     # -- one step --------------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
-        """Run one scheduled step. Returns the sequences that produced a token or finished."""
+        """Run one scheduled step. Returns the sequences that produced a token or finished.
+
+        What belongs to one request (taking its tokens and logprobs, its stop check with any
+        detokenization) is isolated: a failure there finishes that request alone with
+        ``finish_reason == "error"`` and the step goes on. A failure of ``runner.run`` (the batched
+        forward and sampling) is an engine failure: it propagates and fails the step."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
@@ -130,10 +135,14 @@ class LLMEngine:
         for seq, token, lp in zip(batch.seqs, result.tokens, result.logprobs):
             if token is None:
                 continue
-            seq.append_token(token)
-            if lp is not None:
-                seq.logprobs.append(lp)
-            finished |= self._check_stop(seq, token)
+            try:
+                seq.append_token(token)
+                if lp is not None:
+                    seq.logprobs.append(lp)
+                finished |= self._check_stop(seq, token)
+            except Exception as e:
+                self._fail(seq, e)
+                finished = True
             touched.append(seq)
         if finished:  # a scan of the running list, needed only when someone finished
             self.scheduler.remove_finished()
@@ -147,7 +156,12 @@ class LLMEngine:
         result = self.runner.run(batch)
         finished = False
         for seq, tokens in zip(batch.seqs, result.step_tokens):
-            kept, done = self._append_steps(seq, tokens)
+            try:
+                kept, done = self._append_steps(seq, tokens)
+            except Exception as e:
+                self._fail(seq, e)
+                finished = True
+                continue
             self.scheduler.finish_decode_steps(seq, kept)
             finished |= done
         if finished:
@@ -173,6 +187,13 @@ class LLMEngine:
             kept = next(j for j, t in enumerate(tokens) if t in stops) + 1
         seq.token_ids.extend(tokens[:kept])
         return kept, self._check_stop(seq, tokens[kept - 1])
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        """Finish ``seq`` alone because of ``error``. Inside a step the scheduler frees it with the
+        other finished sequences; outside one the caller aborts it."""
+        seq.error = f"{type(error).__name__}: {error}"
+        seq.finish_reason = "error"
+        seq.status = SequenceStatus.FINISHED
 
     def _stop_ids(self, seq: Sequence) -> frozenset[int]:
         eos = frozenset() if seq.params.ignore_eos else frozenset(self.eos_token_ids)
@@ -217,7 +238,12 @@ class LLMEngine:
         return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
 
     def output(self, seq: Sequence) -> RequestOutput:
-        seq.output_text = self.detokenize(seq)
+        """The request's result. Never raises: a failure while building it becomes its error."""
+        if seq.error is None:
+            try:
+                seq.output_text = self.detokenize(seq)
+            except Exception as e:
+                self._fail(seq, e)
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
@@ -229,11 +255,24 @@ class LLMEngine:
             logprobs=seq.logprobs if seq.params.logprobs is not None else None,
             prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
             num_cached_tokens=seq.num_cached_tokens,
+            error=seq.error,
         )
 
     def delta(self, seq: Sequence) -> RequestDelta:
         """Tokens and text since the last delta. Text that may still change (an incomplete UTF-8
-        character, or a possible start of a stop string) is held back until it settles."""
+        character, or a possible start of a stop string) is held back until it settles. Never
+        raises: a failure ends the request (aborted if still running) with a finished error delta."""
+        if seq.error is None:
+            try:
+                return self._delta(seq)
+            except Exception as e:
+                running = not seq.is_finished
+                self._fail(seq, e)
+                if running:
+                    self.scheduler.abort(seq)
+        return RequestDelta(seq.request_id, [], "", finished=True, finish_reason="error", error=seq.error)
+
+    def _delta(self, seq: Sequence) -> RequestDelta:
         text = self.detokenize(seq)
         ready = len(text)
         if not seq.is_finished:
