@@ -7,9 +7,13 @@ a sequence that finishes on one of them drops the rest."""
 
 from __future__ import annotations
 
+import numbers
 import os
+from collections.abc import Mapping
 from dataclasses import fields
-from typing import Any
+from typing import Any, Union
+
+import numpy as np
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -51,6 +55,14 @@ def _eos_ids(path: str, hf_config: Any, tokenizer) -> set[int]:
     return ids
 
 
+# What a prompt may be: text, token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids}.
+Prompt = Union[str, list[int], tuple[int, ...], np.ndarray, Mapping[str, Any]]
+
+
+def _first_non_int(values: list) -> object:
+    return next(v for v in values if not isinstance(v, numbers.Integral) or isinstance(v, (bool, np.bool_)))
+
+
 class LLMEngine:
     def __init__(self, model: str, tokenizer: Any = None, **kwargs: Any) -> None:
         names = {f.name for f in fields(EngineConfig)}
@@ -73,36 +85,69 @@ class LLMEngine:
         self.num_multi_steps = 0  # of those, decode steps that ran several forwards
 
     # -- requests ----------------------------------------------------------------------------
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids, from any form vLLM users write: text, token ids (any integer
+        type, numpy's included), ``{"prompt": text}`` or ``{"prompt_token_ids": ids}``."""
+        if isinstance(prompt, Mapping):
+            keys = set(prompt)
+            if keys == {"prompt"}:
+                prompt = prompt["prompt"]
+                if not isinstance(prompt, str):
+                    raise InvalidRequestError("prompt", f"'prompt' must be text, got {type(prompt).__name__}")
+            elif keys == {"prompt_token_ids"}:
+                prompt = prompt["prompt_token_ids"]
+                if isinstance(prompt, str):
+                    raise InvalidRequestError("prompt", "'prompt_token_ids' must be token ids, got text")
+            else:
+                raise InvalidRequestError(
+                    "prompt", f"a dict prompt has one key, 'prompt' or 'prompt_token_ids'; got {sorted(map(str, keys))}"
+                )
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("prompt", "this model directory has no tokenizer; pass token ids")
             return self.tokenizer.encode(prompt)
-        return list(prompt)
+        if not isinstance(prompt, (list, tuple, np.ndarray)):
+            raise InvalidRequestError(
+                "prompt", f"expected text, token ids or a {{'prompt': ...}} dict, got {type(prompt).__name__}"
+            )
+        token_ids = list(prompt)
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, (bool, np.bool_)) for t in token_ids):
+            raise InvalidRequestError("prompt", f"token ids must be integers, got {_first_non_int(token_ids)!r}")
+        return [int(t) for t in token_ids]
 
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):
-            raise InvalidRequestError("sampling_params", f"expected SamplingParams, got {type(params).__name__}")
+            hint = "; write SamplingParams(**params)" if isinstance(params, Mapping) else ""
+            raise InvalidRequestError("sampling_params", f"expected SamplingParams, got {type(params).__name__}{hint}")
         if len(token_ids) == 0:
             raise InvalidRequestError("prompt", "empty prompt")
         if len(token_ids) >= self.config.max_model_len:
             raise InvalidRequestError(
                 "prompt", f"{len(token_ids)} tokens; max_model_len is {self.config.max_model_len} (prompt + 1 token)"
             )
-        if any((not isinstance(t, int)) or t < 0 or t >= self.vocab_size for t in token_ids):
-            raise InvalidRequestError("prompt", f"token ids must be ints in [0, {self.vocab_size})")
+        if any(t < 0 or t >= self.vocab_size for t in token_ids):
+            raise InvalidRequestError("prompt", f"token ids must be in [0, {self.vocab_size})")
         params.validate(self.vocab_size, self.config.max_logprobs)
         if params.stop_strings and self.tokenizer is None:
             raise InvalidRequestError("stop", "stop strings need a tokenizer")
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
-        """Validate and queue one request; raises InvalidRequestError (naming the field) if it is bad."""
+    def prepare(self, prompt: Prompt, params: SamplingParams) -> list[int]:
+        """The prompt's token ids, once prompt and params are known good; raises
+        InvalidRequestError (naming the field) if they are not. Adds nothing."""
         token_ids = self.tokenize(prompt)
         self.validate(token_ids, params)
+        return token_ids
+
+    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> str:
+        """Validate and queue one request; raises InvalidRequestError (naming the field) if it is bad."""
+        return self.add_prepared(self.prepare(prompt, params), params, request_id)
+
+    def add_prepared(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a request whose token ids came from ``prepare(prompt, params)``."""
         seq = Sequence(token_ids, params, request_id)
-        seq.stop_ids = self._stop_ids(seq)
         if seq.request_id in self.seqs:
             raise InvalidRequestError("request_id", f"{seq.request_id!r} is already in flight")
+        seq.stop_ids = self._stop_ids(seq)
         self.seqs[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq.request_id

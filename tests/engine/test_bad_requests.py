@@ -86,3 +86,35 @@ def test_numpy_scalars_are_accepted_as_sampling_fields(llm):
                             ignore_eos=np.bool_(True), stop_token_ids=[np.int64(0)])
     out = llm.generate([p], params)[0]
     assert out.error is None and out.token_ids[: len(ref.token_ids)] == ref.token_ids[: len(out.token_ids)]
+
+
+class _Unreadable(list):
+    """A prompt whose reading raises something other than InvalidRequestError."""
+
+    def __iter__(self):
+        raise RuntimeError("unreadable prompt")
+
+
+def test_a_bad_prompt_of_any_kind_leaves_nothing_queued(llm, monkeypatch):
+    """Everything is validated before anything is added: a prompt that raises (TypeError on None,
+    any exception type) fails alone, and no request is left behind for the next generate."""
+    good = prompts(6, seed=23, lo=5, hi=20)
+    expected = llm.generate(good, OK)
+    outs = llm.generate(good[:3] + [None, _Unreadable([1, 2])] + good[3:], OK)
+    assert [o.token_ids for o in outs[:3] + outs[5:]] == [o.token_ids for o in expected]
+    assert "prompt" in outs[3].error and "unreadable prompt" in outs[4].error
+    assert all(o.finish_reason == "error" for o in outs[3:5])
+    engine = llm.engine
+    assert not engine.seqs and not engine.scheduler.waiting and not engine.scheduler.running
+
+    processed: set[str] = set()
+    step = engine.step
+
+    def counting_step():
+        touched = step()
+        processed.update(seq.request_id for seq in touched)
+        return touched
+
+    monkeypatch.setattr(engine, "step", counting_step)
+    assert llm.generate(good[0], OK)[0].token_ids == expected[0].token_ids
+    assert len(processed) == 1  # the one prompt, nothing left over from the failed call
