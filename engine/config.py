@@ -57,6 +57,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not os.path.isdir(self.model):
             raise ValueError(f"model: {self.model!r} is not a directory with config.json")
+        if self.hf_config is None and not os.path.isfile(os.path.join(self.model, "config.json")):
+            raise ValueError(f"model: {self.model} has no config.json (a Hugging Face model directory needs one)")
         if self.hf_config is None:
             self.hf_config = AutoConfig.from_pretrained(self.model)
         limit = int(getattr(self.hf_config, "max_position_embeddings", 4096))
