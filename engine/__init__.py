@@ -6,8 +6,9 @@
 
 A prompt is text, token ids (any integer type, numpy's included), ``{"prompt": text}`` or
 ``{"prompt_token_ids": ids}``, as in vLLM; ``generate`` takes one prompt or a list, and one
-SamplingParams or a list (one per prompt). A dict is not taken as SamplingParams (the error says
-``SamplingParams(**params)``): its keys would go unchecked until the request ran.
+SamplingParams or a list (one per prompt). A dict is refused as sampling params, with an error
+that names its type and says ``SamplingParams(**params)``: one explicit conversion, where a typo
+in a key is a TypeError at the caller's line.
 
 ``generate`` returns one RequestOutput per prompt, in order. A bad request (empty prompt, prompt of
 max_model_len tokens or more, max_tokens < 1, top_p outside (0, 1], negative temperature, ...) does
