@@ -48,7 +48,7 @@ class AsyncLLM:
         the first delta) for a bad request or a request_id whose stream is still open, and
         RequestFailedError if the request fails inside a step; other requests are unaffected."""
         request_id = request_id or f"req-{next(self._ids)}"
-        token_ids = self.engine.prepare(prompt, params)
+        token_ids, params = self.engine.prepare(prompt, params)
         engine_id = f"{request_id}#{next(self._serials)}"
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:

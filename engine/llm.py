@@ -74,7 +74,7 @@ class LLM:
         accepted: list[tuple[int, list[int], SamplingParams]] = []
         for i, (prompt, params) in enumerate(zip(prompts, params_list)):
             try:
-                accepted.append((i, engine.prepare(prompt, params), params))
+                accepted.append((i, *engine.prepare(prompt, params)))
             except Exception as e:
                 error = str(e) if isinstance(e, InvalidRequestError) else f"invalid request: {type(e).__name__}: {e}"
                 results[i] = RequestOutput(f"gen-{id(results)}-{i}", [], finished=True, finish_reason="error", error=error)

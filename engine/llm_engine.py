@@ -131,19 +131,20 @@ class LLMEngine:
         if params.stop_strings and self.tokenizer is None:
             raise InvalidRequestError("stop", "stop strings need a tokenizer")
 
-    def prepare(self, prompt: Prompt, params: SamplingParams) -> list[int]:
-        """The prompt's token ids, once prompt and params are known good; raises
-        InvalidRequestError (naming the field) if they are not. Adds nothing."""
+    def prepare(self, prompt: Prompt, params: SamplingParams) -> tuple[list[int], SamplingParams]:
+        """The prompt's token ids and the params to run it with (numpy scalars made Python ones),
+        once both are known good; raises InvalidRequestError (naming the field) if they are not.
+        Adds nothing."""
         token_ids = self.tokenize(prompt)
         self.validate(token_ids, params)
-        return token_ids
+        return token_ids, params.with_python_scalars()
 
     def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> str:
         """Validate and queue one request; raises InvalidRequestError (naming the field) if it is bad."""
-        return self.add_prepared(self.prepare(prompt, params), params, request_id)
+        return self.add_prepared(*self.prepare(prompt, params), request_id)
 
     def add_prepared(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
-        """Queue a request whose token ids came from ``prepare(prompt, params)``."""
+        """Queue a request whose token ids and params came from ``prepare``."""
         seq = Sequence(token_ids, params, request_id)
         if seq.request_id in self.seqs:
             raise InvalidRequestError("request_id", f"{seq.request_id!r} is already in flight")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -54,6 +54,8 @@ class SamplingParams:
         _check_int("top_k", self.top_k, lo=-1)  # -1 and 0: off
         if self.seed is not None:
             _check_int("seed", self.seed)
+            if not -(2**63) <= self.seed < 2**64:  # what a torch.Generator takes
+                raise InvalidRequestError("seed", f"must fit in 64 bits, got {self.seed!r}")
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
             raise InvalidRequestError("ignore_eos", f"must be a bool, got {self.ignore_eos!r}")
         for name in ("logprobs", "prompt_logprobs"):
@@ -76,6 +78,18 @@ class SamplingParams:
             raise InvalidRequestError("stop", f"must be a string or a list of strings, got {type(self.stop).__name__}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise InvalidRequestError("stop", f"stop strings must be non-empty strings, got {self.stop!r}")
+
+    def with_python_scalars(self) -> SamplingParams:
+        """After ``validate``: the same parameters with numpy scalars made plain Python ones (what
+        torch's generators and the sampler expect); ``self`` when there are none."""
+        changes: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.generic):
+                changes[f.name] = value.item()
+        if any(isinstance(t, np.generic) for t in self.stop_token_ids):
+            changes["stop_token_ids"] = [int(t) for t in self.stop_token_ids]
+        return replace(self, **changes) if changes else self
 
 
 def _is_int(value: object) -> bool:

@@ -64,6 +64,8 @@ NAN, INF = float("nan"), float("inf")
     (SamplingParams(max_tokens=4.0), "max_tokens"),
     (SamplingParams(min_tokens=1.5), "min_tokens"),
     (SamplingParams(seed=1.5), "seed"),
+    (SamplingParams(seed=2**64), "seed"),  # torch's generators take 64 bits
+    (SamplingParams(seed=-(2**63) - 1), "seed"),
     (SamplingParams(stop_token_ids=[1.5]), "stop_token_ids"),
     (SamplingParams(stop_token_ids=7), "stop_token_ids"),
     (SamplingParams(stop=5), "stop"),
@@ -83,9 +85,15 @@ def test_numpy_scalars_are_accepted_as_sampling_fields(llm):
     p = prompts(1, seed=22, lo=5, hi=10)[0]
     ref = llm.generate([p], SamplingParams(temperature=0, max_tokens=5, top_k=3, ignore_eos=True))[0]
     params = SamplingParams(temperature=np.float32(0), max_tokens=np.int64(5), top_k=np.int32(3),
-                            ignore_eos=np.bool_(True), stop_token_ids=[np.int64(0)])
+                            ignore_eos=np.bool_(True), stop_token_ids=[np.int64(0)], logprobs=np.int64(2),
+                            prompt_logprobs=np.int16(1), seed=np.uint64(7), min_p=np.float64(0.0))
     out = llm.generate([p], params)[0]
     assert out.error is None and out.token_ids[: len(ref.token_ids)] == ref.token_ids[: len(out.token_ids)]
+    assert len(out.logprobs) == len(out.token_ids) and all(len(lp) >= 2 for lp in out.logprobs)
+    assert len(out.prompt_logprobs) == len(p)
+    seeded = SamplingParams(temperature=1.0, seed=np.int64(3), max_tokens=5, ignore_eos=True)
+    assert llm.generate([p], seeded)[0].token_ids == llm.generate([p], SamplingParams(
+        temperature=1.0, seed=3, max_tokens=5, ignore_eos=True))[0].token_ids
 
 
 class _Unreadable(list):
