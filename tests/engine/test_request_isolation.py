@@ -83,13 +83,14 @@ def test_a_failure_inside_a_step_ends_that_request_alone(model_dir, monkeypatch,
     assert llm.generate(good[:1], OK)[0].token_ids == expected[0].token_ids  # the engine goes on
 
 
-def test_async_failure_ends_only_that_stream(model_dir, monkeypatch):
+@pytest.mark.parametrize("method", ["_check_stop", "detokenize"])  # in the step; building a delta
+def test_async_failure_ends_only_that_stream(model_dir, monkeypatch, method):
     path = model_dir("llama_gqa_untied", with_tokenizer=True)
     good = prompts(3, seed=43, lo=5, hi=20)
     expected = LLM(path, device="cpu", max_model_len=64, block_size=4).generate(good, OK)
     engine = AsyncLLM(path, device="cpu", max_model_len=64, block_size=4)
     victim = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    _break_for(monkeypatch, engine.engine, "_check_stop", victim)
+    _break_for(monkeypatch, engine.engine, method, victim)
 
     async def collect(p, params):
         tokens = []
@@ -107,5 +108,5 @@ def test_async_failure_ends_only_that_stream(model_dir, monkeypatch):
 
     results = asyncio.run(main())
     assert results[:3] == [o.token_ids for o in expected]
-    assert isinstance(results[3], RequestFailedError) and "_check_stop broke" in str(results[3])
+    assert isinstance(results[3], RequestFailedError) and f"{method} broke" in str(results[3])
     assert_idle(engine.engine)
