@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping
 from typing import Any, Sequence as Seq
 
@@ -11,7 +10,7 @@ import numpy as np
 from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, is_integer
 
 
 def _is_one_prompt(prompts: Any) -> bool:
@@ -20,7 +19,7 @@ def _is_one_prompt(prompts: Any) -> bool:
         return True
     if isinstance(prompts, np.ndarray):
         return prompts.ndim == 1
-    return isinstance(prompts, (list, tuple)) and len(prompts) > 0 and isinstance(prompts[0], numbers.Integral)
+    return isinstance(prompts, (list, tuple)) and len(prompts) > 0 and is_integer(prompts[0])
 
 
 def _per_prompt_params(sampling_params: Any, n: int) -> list[Any]:

@@ -7,7 +7,6 @@ a sequence that finishes on one of them drops the rest."""
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import fields
@@ -20,7 +19,7 @@ from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestDelta, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, is_integer
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
 
@@ -57,10 +56,6 @@ def _eos_ids(path: str, hf_config: Any, tokenizer) -> set[int]:
 
 # What a prompt may be: text, token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids}.
 Prompt = Union[str, list[int], tuple[int, ...], np.ndarray, Mapping[str, Any]]
-
-
-def _first_non_int(values: list) -> object:
-    return next(v for v in values if not isinstance(v, numbers.Integral) or isinstance(v, (bool, np.bool_)))
 
 
 class LLMEngine:
@@ -111,8 +106,9 @@ class LLMEngine:
                 "prompt", f"expected text, token ids or a {{'prompt': ...}} dict, got {type(prompt).__name__}"
             )
         token_ids = list(prompt)
-        if not all(isinstance(t, numbers.Integral) and not isinstance(t, (bool, np.bool_)) for t in token_ids):
-            raise InvalidRequestError("prompt", f"token ids must be integers, got {_first_non_int(token_ids)!r}")
+        bad = next((t for t in token_ids if not is_integer(t)), None)
+        if bad is not None:
+            raise InvalidRequestError("prompt", f"token ids must be integers, got {bad!r}")
         return [int(t) for t in token_ids]
 
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
@@ -236,10 +232,16 @@ class LLMEngine:
 
     def _fail(self, seq: Sequence, error: Exception) -> None:
         """Finish ``seq`` alone because of ``error``. Inside a step the scheduler frees it with the
-        other finished sequences; outside one the caller aborts it."""
+        other finished sequences; outside one, ``_fail_outside_step`` aborts it."""
         seq.error = f"{type(error).__name__}: {error}"
         seq.finish_reason = "error"
         seq.status = SequenceStatus.FINISHED
+
+    def _fail_outside_step(self, seq: Sequence, error: Exception) -> None:
+        running = not seq.is_finished
+        self._fail(seq, error)
+        if running:
+            self.scheduler.abort(seq)
 
     def _stop_ids(self, seq: Sequence) -> frozenset[int]:
         eos = frozenset() if seq.params.ignore_eos else frozenset(self.eos_token_ids)
@@ -289,7 +291,7 @@ class LLMEngine:
             try:
                 seq.output_text = self.detokenize(seq)
             except Exception as e:
-                self._fail(seq, e)
+                self._fail_outside_step(seq, e)
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
@@ -312,10 +314,7 @@ class LLMEngine:
             try:
                 return self._delta(seq)
             except Exception as e:
-                running = not seq.is_finished
-                self._fail(seq, e)
-                if running:
-                    self.scheduler.abort(seq)
+                self._fail_outside_step(seq, e)
         return RequestDelta(seq.request_id, [], "", finished=True, finish_reason="error", error=seq.error)
 
     def _delta(self, seq: Sequence) -> RequestDelta:

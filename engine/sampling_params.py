@@ -72,7 +72,7 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, (list, tuple)):
             raise InvalidRequestError("stop_token_ids", f"must be a list of token ids, got {type(self.stop_token_ids).__name__}")
         for t in self.stop_token_ids:
-            if not _is_int(t) or (vocab_size is not None and not 0 <= t < vocab_size):
+            if not is_integer(t) or (vocab_size is not None and not 0 <= t < vocab_size):
                 raise InvalidRequestError("stop_token_ids", f"token id {t!r} is not an integer in [0, {vocab_size})")
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
             raise InvalidRequestError("stop", f"must be a string or a list of strings, got {type(self.stop).__name__}")
@@ -92,12 +92,13 @@ class SamplingParams:
         return replace(self, **changes) if changes else self
 
 
-def _is_int(value: object) -> bool:
+def is_integer(value: object) -> bool:
+    """Any integer type (Python's, numpy's), but not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _check_int(name: str, value: object, lo: int | None = None) -> None:
-    if not _is_int(value):
+    if not is_integer(value):
         raise InvalidRequestError(name, f"must be an integer, got {value!r} ({type(value).__name__})")
     if lo is not None and value < lo:
         raise InvalidRequestError(name, f"must be >= {lo}, got {value!r}")
