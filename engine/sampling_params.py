@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -80,14 +80,21 @@ class SamplingParams:
             raise InvalidRequestError("stop", f"stop strings must be non-empty strings, got {self.stop!r}")
 
     def with_python_scalars(self) -> SamplingParams:
-        """After ``validate``: the same parameters with numpy scalars made plain Python ones (what
-        torch's generators and the sampler expect); ``self`` when there are none."""
+        """After ``validate``: the same parameters with plain Python numbers (numpy's, or a
+        Fraction, become int / float / bool, as torch's generators and the sampler expect);
+        ``self`` when they already are."""
         changes: dict[str, object] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, np.generic):
-                changes[f.name] = value.item()
-        if any(isinstance(t, np.generic) for t in self.stop_token_ids):
+        for name in ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and type(value) is not int:
+                changes[name] = int(value)
+        for name in ("temperature", "top_p", "min_p"):
+            value = getattr(self, name)
+            if type(value) not in (int, float):
+                changes[name] = float(value)
+        if type(self.ignore_eos) is not bool:
+            changes["ignore_eos"] = bool(self.ignore_eos)
+        if any(type(t) is not int for t in self.stop_token_ids):
             changes["stop_token_ids"] = [int(t) for t in self.stop_token_ids]
         return replace(self, **changes) if changes else self
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 from tiny_models import prompts
@@ -86,14 +88,15 @@ def test_numpy_scalars_are_accepted_as_sampling_fields(llm):
     ref = llm.generate([p], SamplingParams(temperature=0, max_tokens=5, top_k=3, ignore_eos=True))[0]
     params = SamplingParams(temperature=np.float32(0), max_tokens=np.int64(5), top_k=np.int32(3),
                             ignore_eos=np.bool_(True), stop_token_ids=[np.int64(0)], logprobs=np.int64(2),
-                            prompt_logprobs=np.int16(1), seed=np.uint64(7), min_p=np.float64(0.0))
+                            prompt_logprobs=np.int16(1), seed=np.uint64(7), min_p=Fraction(0))
     out = llm.generate([p], params)[0]
     assert out.error is None and out.token_ids[: len(ref.token_ids)] == ref.token_ids[: len(out.token_ids)]
     assert len(out.logprobs) == len(out.token_ids) and all(len(lp) >= 2 for lp in out.logprobs)
     assert len(out.prompt_logprobs) == len(p)
-    seeded = SamplingParams(temperature=1.0, seed=np.int64(3), max_tokens=5, ignore_eos=True)
+    seeded = SamplingParams(temperature=np.float32(1.0), seed=np.int64(3), min_p=Fraction(1, 100), top_k=np.int8(50),
+                            max_tokens=5, ignore_eos=True)
     assert llm.generate([p], seeded)[0].token_ids == llm.generate([p], SamplingParams(
-        temperature=1.0, seed=3, max_tokens=5, ignore_eos=True))[0].token_ids
+        temperature=1.0, seed=3, min_p=0.01, top_k=50, max_tokens=5, ignore_eos=True))[0].token_ids
 
 
 class _Unreadable(list):
