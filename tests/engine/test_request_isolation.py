@@ -110,3 +110,25 @@ def test_async_failure_ends_only_that_stream(model_dir, monkeypatch, method):
     assert results[:3] == [o.token_ids for o in expected]
     assert isinstance(results[3], RequestFailedError) and f"{method} broke" in str(results[3])
     assert_idle(engine.engine)
+
+
+def test_an_engine_failure_fails_the_call_and_leaves_nothing_behind(llm, monkeypatch):
+    """A failure of the batched forward is not one request's: generate raises, after aborting
+    every request of the call, and the engine serves the next call normally."""
+    good = prompts(3, seed=44, lo=5, hi=20)
+    expected = llm.generate(good, OK)
+    run = llm.engine.runner.run
+    calls = 0
+
+    def failing_second_step(batch):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("device lost")
+        return run(batch)
+
+    monkeypatch.setattr(llm.engine.runner, "run", failing_second_step)
+    with pytest.raises(RuntimeError, match="device lost"):
+        llm.generate(good, OK)
+    assert_idle(llm.engine)
+    assert [o.token_ids for o in llm.generate(good, OK)] == [o.token_ids for o in expected]
