@@ -47,6 +47,9 @@ class EngineConfig:
     # (engine/prefill_graphs.py): its host cost is one replay instead of a launch per kernel. 0: off.
     prefill_graph_max_tokens: int = 512
     seed: int = 0
+    # Largest logprobs / prompt_logprobs a request may ask for (as vLLM's max_logprobs); more is
+    # refused when the request is added.
+    max_logprobs: int = 20
     load_format: str = "safetensors"  # or "dummy": random weights (benchmarks of a model's shape)
 
     hf_config: PretrainedConfig | None = None
@@ -54,6 +57,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not os.path.isdir(self.model):
             raise ValueError(f"model: {self.model!r} is not a directory with config.json")
+        if self.hf_config is None and not os.path.isfile(os.path.join(self.model, "config.json")):
+            raise ValueError(f"model: {self.model} has no config.json (a Hugging Face model directory needs one)")
         if self.hf_config is None:
             self.hf_config = AutoConfig.from_pretrained(self.model)
         limit = int(getattr(self.hf_config, "max_position_embeddings", 4096))
@@ -76,6 +81,8 @@ class EngineConfig:
             raise ValueError(f"prefill_attention: {self.prefill_attention!r} is not 'sdpa' or 'triton'")
         if self.load_format not in ("safetensors", "dummy"):
             raise ValueError(f"load_format: {self.load_format!r} is not 'safetensors' or 'dummy'")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs: must be an integer >= 0, got {self.max_logprobs!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization: must be in (0, 1]")
 

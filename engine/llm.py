@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Sequence as Seq
 
+import numpy as np
+
 from engine.errors import InvalidRequestError
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, is_integer
+
+
+def _is_one_prompt(prompts: Any) -> bool:
+    """Text, a dict, or a flat sequence of token ids is one prompt; anything else a list of them."""
+    if isinstance(prompts, (str, Mapping)):
+        return True
+    if isinstance(prompts, np.ndarray):
+        return prompts.ndim == 1
+    return isinstance(prompts, (list, tuple)) and len(prompts) > 0 and is_integer(prompts[0])
+
+
+def _per_prompt_params(sampling_params: Any, n: int) -> list[Any]:
+    if sampling_params is None:
+        return [SamplingParams()] * n
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * n
+    if not isinstance(sampling_params, (list, tuple)):
+        hint = "; write SamplingParams(**params)" if isinstance(sampling_params, Mapping) else ""
+        raise InvalidRequestError(
+            "sampling_params",
+            f"expected SamplingParams or a list of them (one per prompt), got {type(sampling_params).__name__}{hint}",
+        )
+    if len(sampling_params) != n:
+        raise InvalidRequestError("sampling_params", f"{n} prompts but {len(sampling_params)} sampling params")
+    return list(sampling_params)
 
 
 class LLM:
@@ -20,35 +48,39 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | list[int] | Seq[str | list[int]],
+        prompts: Prompt | Seq[Prompt],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Run all prompts together under continuous batching; outputs come back in input order.
 
-        A bad request fails alone: its RequestOutput has ``error`` set (the InvalidRequestError
-        message, naming the field) and ``finish_reason == "error"``; the others run normally.
+        A prompt is text, token ids (any integer type), ``{"prompt": text}`` or
+        ``{"prompt_token_ids": ids}``; one prompt or a list. ``sampling_params`` is one
+        SamplingParams for all or a list of them, one per prompt (a dict is refused: write
+        ``SamplingParams(**params)``).
+
+        Every request is validated before any is added. A bad request fails alone: its
+        RequestOutput has ``error`` set (the message names the field; an unexpected exception
+        while reading it is reported the same way) and ``finish_reason == "error"``; the others
+        run normally. So does a request that fails inside a step (see ``LLMEngine.step``); a
+        failure of the engine itself aborts every request of the call and raises.
         """
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # one prompt (text or token ids)
+        if _is_one_prompt(prompts):
+            prompts = [prompts]
         prompts = list(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params] * len(prompts)
-        if len(sampling_params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(sampling_params)} sampling params")
+        params_list = _per_prompt_params(sampling_params, len(prompts))
         engine = self.engine
         results: list[RequestOutput | None] = [None] * len(prompts)
-        ids: dict[str, int] = {}
-        for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
-            request_id = f"gen-{id(results)}-{i}"
+        accepted: list[tuple[int, list[int], SamplingParams]] = []
+        for i, (prompt, params) in enumerate(zip(prompts, params_list)):
             try:
-                engine.add_request(prompt, params, request_id)
-                ids[request_id] = i
-            except InvalidRequestError as e:
-                token_ids = list(prompt) if isinstance(prompt, list) else []
-                results[i] = RequestOutput(request_id, token_ids, finished=True, finish_reason="error", error=str(e))
+                accepted.append((i, *engine.prepare(prompt, params)))
+            except Exception as e:
+                error = str(e) if isinstance(e, InvalidRequestError) else f"invalid request: {type(e).__name__}: {e}"
+                results[i] = RequestOutput(f"gen-{id(results)}-{i}", [], finished=True, finish_reason="error", error=error)
+        ids: dict[str, int] = {}
         try:
+            for i, token_ids, params in accepted:
+                ids[engine.add_prepared(token_ids, params, f"gen-{id(results)}-{i}")] = i
             while engine.has_unfinished_requests():
                 for seq in engine.step():
                     if seq.is_finished and seq.request_id in ids:

@@ -8,15 +8,18 @@ a sequence that finishes on one of them drops the rest."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import fields
-from typing import Any
+from typing import Any, Union
+
+import numpy as np
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestDelta, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, is_integer
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
 
@@ -51,6 +54,10 @@ def _eos_ids(path: str, hf_config: Any, tokenizer) -> set[int]:
     return ids
 
 
+# What a prompt may be: text, token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids}.
+Prompt = Union[str, list[int], tuple[int, ...], np.ndarray, Mapping[str, Any]]
+
+
 class LLMEngine:
     def __init__(self, model: str, tokenizer: Any = None, **kwargs: Any) -> None:
         names = {f.name for f in fields(EngineConfig)}
@@ -73,36 +80,71 @@ class LLMEngine:
         self.num_multi_steps = 0  # of those, decode steps that ran several forwards
 
     # -- requests ----------------------------------------------------------------------------
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids, from any form vLLM users write: text, token ids (any integer
+        type, numpy's included), ``{"prompt": text}`` or ``{"prompt_token_ids": ids}``."""
+        if isinstance(prompt, Mapping):
+            keys = set(prompt)
+            if keys == {"prompt"}:
+                prompt = prompt["prompt"]
+                if not isinstance(prompt, str):
+                    raise InvalidRequestError("prompt", f"'prompt' must be text, got {type(prompt).__name__}")
+            elif keys == {"prompt_token_ids"}:
+                prompt = prompt["prompt_token_ids"]
+                if isinstance(prompt, str):
+                    raise InvalidRequestError("prompt", "'prompt_token_ids' must be token ids, got text")
+            else:
+                raise InvalidRequestError(
+                    "prompt", f"a dict prompt has one key, 'prompt' or 'prompt_token_ids'; got {sorted(map(str, keys))}"
+                )
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("prompt", "this model directory has no tokenizer; pass token ids")
             return self.tokenizer.encode(prompt)
-        return list(prompt)
+        if not isinstance(prompt, (list, tuple, np.ndarray)):
+            raise InvalidRequestError(
+                "prompt", f"expected text, token ids or a {{'prompt': ...}} dict, got {type(prompt).__name__}"
+            )
+        token_ids = list(prompt)
+        bad = next((t for t in token_ids if not is_integer(t)), None)
+        if bad is not None:
+            raise InvalidRequestError("prompt", f"token ids must be integers, got {bad!r}")
+        return [int(t) for t in token_ids]
 
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):
-            raise InvalidRequestError("sampling_params", f"expected SamplingParams, got {type(params).__name__}")
+            hint = "; write SamplingParams(**params)" if isinstance(params, Mapping) else ""
+            raise InvalidRequestError("sampling_params", f"expected SamplingParams, got {type(params).__name__}{hint}")
         if len(token_ids) == 0:
             raise InvalidRequestError("prompt", "empty prompt")
         if len(token_ids) >= self.config.max_model_len:
             raise InvalidRequestError(
                 "prompt", f"{len(token_ids)} tokens; max_model_len is {self.config.max_model_len} (prompt + 1 token)"
             )
-        if any((not isinstance(t, int)) or t < 0 or t >= self.vocab_size for t in token_ids):
-            raise InvalidRequestError("prompt", f"token ids must be ints in [0, {self.vocab_size})")
-        params.validate(self.vocab_size)
+        if any(t < 0 or t >= self.vocab_size for t in token_ids):
+            raise InvalidRequestError("prompt", f"token ids must be in [0, {self.vocab_size})")
+        params.validate(self.vocab_size, self.config.max_logprobs)
         if params.stop_strings and self.tokenizer is None:
             raise InvalidRequestError("stop", "stop strings need a tokenizer")
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
-        """Validate and queue one request; raises InvalidRequestError (naming the field) if it is bad."""
+    def prepare(self, prompt: Prompt, params: SamplingParams) -> tuple[list[int], SamplingParams]:
+        """The prompt's token ids and the params to run it with (numpy scalars made Python ones),
+        once both are known good; raises InvalidRequestError (naming the field) if they are not.
+        Adds nothing."""
         token_ids = self.tokenize(prompt)
         self.validate(token_ids, params)
+        return token_ids, params.with_python_scalars()
+
+    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> str:
+        """Validate and queue one request; raises InvalidRequestError (naming the field) if it is bad."""
+        return self.add_prepared(*self.prepare(prompt, params), request_id)
+
+    def add_prepared(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a request whose token ids and params came from ``prepare``."""
         seq = Sequence(token_ids, params, request_id)
-        seq.stop_ids = self._stop_ids(seq)
         if seq.request_id in self.seqs:
             raise InvalidRequestError("request_id", f"{seq.request_id!r} is already in flight")
+        seq.stop_ids = self._stop_ids(seq)
         self.seqs[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq.request_id
@@ -117,7 +159,12 @@ class LLMEngine:
 
     # -- one step --------------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
-        """Run one scheduled step. Returns the sequences that produced a token or finished."""
+        """Run one scheduled step. Returns the sequences that produced a token or finished.
+
+        What belongs to one request (taking its tokens and logprobs, its stop check with any
+        detokenization) is isolated: a failure there finishes that request alone with
+        ``finish_reason == "error"`` and the step goes on. A failure of ``runner.run`` (the batched
+        forward and sampling) is an engine failure: it propagates and fails the step."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
@@ -130,10 +177,14 @@ class LLMEngine:
         for seq, token, lp in zip(batch.seqs, result.tokens, result.logprobs):
             if token is None:
                 continue
-            seq.append_token(token)
-            if lp is not None:
-                seq.logprobs.append(lp)
-            finished |= self._check_stop(seq, token)
+            try:
+                seq.append_token(token)
+                if lp is not None:
+                    seq.logprobs.append(lp)
+                finished |= self._check_stop(seq, token)
+            except Exception as e:
+                self._fail(seq, e)
+                finished = True
             touched.append(seq)
         if finished:  # a scan of the running list, needed only when someone finished
             self.scheduler.remove_finished()
@@ -147,7 +198,12 @@ class LLMEngine:
         result = self.runner.run(batch)
         finished = False
         for seq, tokens in zip(batch.seqs, result.step_tokens):
-            kept, done = self._append_steps(seq, tokens)
+            try:
+                kept, done = self._append_steps(seq, tokens)
+            except Exception as e:
+                self._fail(seq, e)
+                finished = True
+                continue
             self.scheduler.finish_decode_steps(seq, kept)
             finished |= done
         if finished:
@@ -173,6 +229,19 @@ class LLMEngine:
             kept = next(j for j, t in enumerate(tokens) if t in stops) + 1
         seq.token_ids.extend(tokens[:kept])
         return kept, self._check_stop(seq, tokens[kept - 1])
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        """Finish ``seq`` alone because of ``error``. Inside a step the scheduler frees it with the
+        other finished sequences; outside one, ``_fail_outside_step`` aborts it."""
+        seq.error = f"{type(error).__name__}: {error}"
+        seq.finish_reason = "error"
+        seq.status = SequenceStatus.FINISHED
+
+    def _fail_outside_step(self, seq: Sequence, error: Exception) -> None:
+        running = not seq.is_finished
+        self._fail(seq, error)
+        if running:
+            self.scheduler.abort(seq)
 
     def _stop_ids(self, seq: Sequence) -> frozenset[int]:
         eos = frozenset() if seq.params.ignore_eos else frozenset(self.eos_token_ids)
@@ -217,7 +286,12 @@ class LLMEngine:
         return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
 
     def output(self, seq: Sequence) -> RequestOutput:
-        seq.output_text = self.detokenize(seq)
+        """The request's result. Never raises: a failure while building it becomes its error."""
+        if seq.error is None:
+            try:
+                seq.output_text = self.detokenize(seq)
+            except Exception as e:
+                self._fail_outside_step(seq, e)
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
@@ -229,11 +303,21 @@ class LLMEngine:
             logprobs=seq.logprobs if seq.params.logprobs is not None else None,
             prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
             num_cached_tokens=seq.num_cached_tokens,
+            error=seq.error,
         )
 
     def delta(self, seq: Sequence) -> RequestDelta:
         """Tokens and text since the last delta. Text that may still change (an incomplete UTF-8
-        character, or a possible start of a stop string) is held back until it settles."""
+        character, or a possible start of a stop string) is held back until it settles. Never
+        raises: a failure ends the request (aborted if still running) with a finished error delta."""
+        if seq.error is None:
+            try:
+                return self._delta(seq)
+            except Exception as e:
+                self._fail_outside_step(seq, e)
+        return RequestDelta(seq.request_id, [], "", finished=True, finish_reason="error", error=seq.error)
+
+    def _delta(self, seq: Sequence) -> RequestDelta:
         text = self.detokenize(seq)
         ready = len(text)
         if not seq.is_finished:

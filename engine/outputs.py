@@ -19,7 +19,9 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    error: str | None = None  # set when the request was rejected; nothing else is then meaningful
+    # Set when the request was rejected (nothing else is then meaningful) or failed inside a step
+    # (the fields hold what it had produced before).
+    error: str | None = None
 
 
 @dataclass
@@ -32,3 +34,4 @@ class RequestDelta:
     finished: bool
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] | None = None
+    error: str | None = None  # the request failed (finish_reason "error"): why

@@ -45,8 +45,9 @@ class Sequence:
         # True from admission until the first forward that covers every token (prompt or recompute).
         self.in_prefill = True
         self.num_preemptions = 0
-        self.finish_reason: str | None = None  # "stop" | "length" | "abort"
+        self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
         self.stop_reason: int | str | None = None
+        self.error: str | None = None  # why it failed, when finish_reason is "error"
         self.output_text = ""
         self.logprobs: list[TokenLogprobs] = []
         self.prompt_logprobs: list[TokenLogprobs | None] = []
