@@ -6,13 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from shrink.compress.awq import fold_scale, search_scale
 from shrink.compress.compressed_tensors_io import pack_int32, unpack_int32
-from shrink.compress.gptq import gptq_quantize
+from shrink.compress.errors import config_section
+from shrink.compress.fold import fold_scale
 from shrink.compress.hessian import Hessian
+from shrink.compress.methods.awq import search_scale
+from shrink.compress.methods.gptq import gptq_quantize
+from shrink.compress.methods.smoothquant import smooth_scale
 from shrink.compress.quant import (QuantSpec, compute_qparams, dequantize, fp8_weight, quantize,
                                    quantize_activations_per_token, rtn)
-from shrink.compress.smoothquant import smooth_scale
 from shrink.compress.sparsity import nm_keep_mask
 from common.errors import ShrinkError
 
@@ -46,7 +48,7 @@ def test_quant_dequant_round_trip(bits, group, sym):
 
 
 def test_bad_quant_settings_name_the_key():
-    with pytest.raises(ShrinkError, match="quantize.bits"):
+    with pytest.raises(ShrinkError, match="quantize.bits"), config_section("quantize"):
         QuantSpec(5, 128)
     with pytest.raises(ShrinkError, match="group_size"):
         compute_qparams(torch.randn(4, 48), QuantSpec(4, 32))
