@@ -3,6 +3,7 @@ where the user wrote it; `config_section` adds the section once, where the confi
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -26,8 +27,6 @@ def config_section(section: str) -> Iterator[None]:
 
 def check_type(value: object, kind: type, setting: str) -> object:
     """`value` as a `kind` (bool, int, float: finite; int accepted as float), or a SettingError."""
-    import math
-
     ok = {bool: isinstance(value, bool),
           int: isinstance(value, int) and not isinstance(value, bool),
           float: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),

@@ -158,3 +158,11 @@ def test_a_setting_that_fits_no_linear_fails_before_any_work(tiny_teacher, tmp_p
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0] and "nothing to compress" in lines[0], lines
     assert "block 1/" not in r.stdout and not (run / stage).exists()
+
+
+def test_a_skip_list_that_leaves_nothing_is_an_error_before_any_work():
+    model = tiny()
+    with pytest.raises(ShrinkError, match="quantize.skip: leaves no linear to compress"), config_section("quantize"):
+        compress_model(model, [RTN(scheme=QuantSpec(8, None))], None, torch.device("cpu"),
+                       skip=["lm_head", "*embed_tokens", "model.layers.*"], log=lambda s: None)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
