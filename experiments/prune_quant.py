@@ -7,15 +7,16 @@ every compression variant of one or more models.
 Protocol (the project's): WikiText-2 raw test read as lines joined with "\\n\\n", tokenized once
 without BOS, non-overlapping 2048-token windows, ppl = exp(mean NLL over full windows), fp32.
 Calibration: 128 segments of 2048 tokens from the corpus (documents in a seed-0 random order,
-joined with EOS, cut into consecutive segments). Results are written after every variant
-(results.json, results.md under --out), so a timeout loses only the variant in flight.
+joined with EOS, cut into consecutive segments). Every variant is made by the stages' typed
+functions (`shrink.stages.prune.prune`, `shrink.stages.quantize.quantize`), saved as an artifact
+under --out (bf16 like the stages' default), and evaluated as saved. Results are written after
+every variant (results.json, results.md under --out), so a timeout loses only the variant in flight.
 --quick runs everything end to end on a tiny random model on the CPU in seconds.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -28,15 +29,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.perplexity import encode, perplexity, wikitext2_text  # noqa: E402
-from shrink.compress.calib_data import CalibConfig, calibration_ids  # noqa: E402
-from shrink.compress.calibration import Report, compress_model  # noqa: E402
-from shrink.compress.compressed_tensors_io import load_compressed, save_compressed  # noqa: E402
-from shrink.compress.finetune import mask_preserving_finetune  # noqa: E402
-from shrink.compress.prune_methods import PruneMethod  # noqa: E402
+from shrink.artifacts import Artifact  # noqa: E402
+from shrink.compress.calib_data import CalibConfig  # noqa: E402
+from shrink.compress.compress_artifact import CompressionSettings  # noqa: E402
+from shrink.compress.compressed_tensors_io import load_compressed, sparsity_masks  # noqa: E402
 from shrink.compress.quant import QuantSpec  # noqa: E402
-from shrink.compress.quant_methods import QuantMethod  # noqa: E402
+from shrink.compress.recipe import pruning_method, quantization_recipe  # noqa: E402
 from shrink.compress.sparsity import SparsitySpec, is_nm_sparse  # noqa: E402
 from shrink.modeling import dir_size_bytes, load_tokenizer  # noqa: E402
+from shrink.stages.prune import Finetune, prune  # noqa: E402
+from shrink.stages.quantize import quantize  # noqa: E402
 from train.loop import TrainConfig  # noqa: E402
 
 SKIP = ["lm_head", "*embed_tokens"]
@@ -84,15 +86,16 @@ def tiny_model_dir(root: Path) -> Path:
 
 
 class Runner:
-    """Runs the variants of one model, evaluating and saving each, recording results as it goes."""
+    """Makes the variants of one model through the stages' typed functions, evaluating each saved
+    artifact, recording results as it goes."""
 
     def __init__(self, args: argparse.Namespace, model_dir: Path, label: str, results: dict) -> None:
-        self.args, self.model_dir, self.label = args, model_dir, label
+        self.args, self.label = args, label
+        self.source = Artifact(path=model_dir)  # any HF directory; an artifact's shrink.json is optional here
         self.device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
         self.out = Path(args.out) / label
         self.results = results.setdefault(label, {})
         self.tokenizer = load_tokenizer(model_dir)
-        self.dense = load_compressed(model_dir, dtype=torch.float32)
         data_dir = Path(args.data_dir) if args.data_dir else None
         if data_dir is not None and (data_dir / "wikitext-2-raw").is_dir():
             self.eval_ids = encode(self.tokenizer, wikitext2_text(data_dir))
@@ -103,118 +106,112 @@ class Runner:
         corpus = "corpus" if data_dir is not None and (data_dir / "corpus").is_dir() else "pydoc"
         self.calib_cfg = CalibConfig(source=corpus, num_samples=args.calib_samples, seq_len=args.calib_len,
                                      seed=0, batch_size=args.calib_batch)
-        t = time.time()
-        self.calib = calibration_ids(self.calib_cfg, self.tokenizer, data_dir, "calibration")
-        log(f"{label}: calibration {tuple(self.calib.shape)} from {corpus} in {time.time() - t:.1f}s; "
+        log(f"{label}: calibration {args.calib_samples} x {args.calib_len} from {corpus}; "
             f"eval text {self.eval_ids.numel()} tokens")
         self.data_dir = data_dir
-        self.pruned: dict[str, tuple[torch.nn.Module, dict]] = {}
+        self.pruned: dict[str, Artifact] = {}
 
     # -- helpers ---------------------------------------------------------------------------------
     def wanted(self, name: str) -> bool:
         return not self.args.variants or name in self.args.variants
 
-    def record(self, name: str, model: torch.nn.Module, seconds: float, report: Report | None = None,
-               sparsity: dict | None = None, extra: dict | None = None) -> None:
+    def dest(self, name: str) -> Path:
+        return self.out / name.replace(":", "").replace("+", "_")
+
+    def settings(self, recipe: list) -> CompressionSettings:
+        torch.backends.cuda.matmul.allow_tf32 = self.args.tf32
+        return CompressionSettings(recipe=recipe, calibration=self.calib_cfg, save_dtype=torch.bfloat16)
+
+    def record(self, name: str, artifact: Artifact, seconds: float, extra: dict | None = None) -> None:
         t = time.time()
         torch.backends.cuda.matmul.allow_tf32 = False  # evaluation in true fp32
-        model.to(self.device)
+        model = load_compressed(artifact.path, dtype=torch.float32).to(self.device)
         ppl = perplexity(model, self.eval_ids, context=self.args.context, stride=self.args.context,
                          max_windows=self.args.windows, full_windows_only=True)
-        model.cpu()
+        del model
         eval_s = time.time() - t
-        path = self.out / name.replace(":", "").replace("+", "_")
-        save_compressed(model, path, dtype=torch.bfloat16, sparsity=sparsity, tokenizer=self.tokenizer)
         row = {"ppl": ppl.ppl, "nll": ppl.nll, "windows": ppl.windows, "tokens": ppl.tokens,
-               "size_MB": dir_size_bytes(path) / 1e6, "compress_s": round(seconds, 1), "eval_s": round(eval_s, 1),
-               "artifact": str(path)}
-        if report is not None and report.peak_device_bytes is not None:
-            row["peak_calib_MiB"] = round(report.peak_device_bytes / 2**20, 1)
+               "size_MB": dir_size_bytes(artifact.path) / 1e6, "compress_s": round(seconds, 1),
+               "eval_s": round(eval_s, 1), "artifact": str(artifact.path)}
+        if artifact.metrics.get("peak_device_MiB") is not None:
+            row["peak_calib_MiB"] = round(artifact.metrics["peak_device_MiB"], 1)
         row.update(extra or {})
         self.results[name] = row
         write_results(self.args)
         log(f"{self.label} {name}: ppl {ppl.ppl:.3f} ({ppl.windows} windows) size {row['size_MB']:.1f} MB "
             f"compress {seconds:.1f}s eval {eval_s:.1f}s")
 
-    def compress(self, base: torch.nn.Module, method) -> tuple[torch.nn.Module, Report, float]:
-        torch.backends.cuda.matmul.allow_tf32 = self.args.tf32
-        model = copy.deepcopy(base)
-        t = time.time()
-        report = compress_model(model, method, self.calib if method.needs_data else None, self.device, skip=SKIP,
-                                batch_size=self.calib_cfg.batch_size, log=lambda s: None)
-        return model, report, time.time() - t
-
     @staticmethod
-    def sparsity_meta(masks: dict) -> dict:
-        total = sum(m.numel() for m in masks.values())
-        zeros = sum(int((~m).sum()) for m in masks.values())
-        return {"structure": "2:4", "global_sparsity": zeros / total, "targets": sorted(masks)}
+    def two_four_holds(artifact: Artifact) -> bool:
+        model = load_compressed(artifact.path)
+        masks, structure = sparsity_masks(model, artifact.path)
+        return structure == "2:4" and bool(masks) and all(is_nm_sparse(model.get_submodule(n).weight) for n in masks)
 
     # -- variants --------------------------------------------------------------------------------
     def run(self) -> None:
         group = self.args.group_size
         g = f"int4_g{group}"
         if self.wanted("dense"):
-            self.record("dense", self.dense, 0.0)
+            self.record("dense", self.source, 0.0)
         for p in PRUNERS:
             name = f"{p}_2:4"
-            needed = [name, f"{name}+ft"] + ([f"sparsegpt_2:4+{g}_gptq"] if p == "sparsegpt" else [])
-            if not any(self.wanted(n) for n in needed):
-                continue
-            model, report, secs = self.compress(self.dense, PruneMethod(p, SparsitySpec("2:4")))
-            ok = all(is_nm_sparse(model.get_submodule(n).weight) for n in report.masks)
-            self.pruned[p] = (model, report.masks)
-            if self.wanted(name):
-                self.record(name, model, secs, report, self.sparsity_meta(report.masks), {"2:4_holds": ok})
+            needed = [name] + ([f"sparsegpt_2:4+{g}_gptq"] if p == "sparsegpt" else [])
+            if any(self.wanted(n) for n in needed):
+                t = time.time()
+                art = prune(self.source, self.settings([pruning_method(p, {}, SparsitySpec("2:4"))]),
+                            dest=self.dest(name), device=self.device, data_dir=self.data_dir)
+                self.pruned[p] = art
+                self.record(name, art, time.time() - t, {"2:4_holds": self.two_four_holds(art)})
             if self.wanted(f"{name}+ft") and self.args.ft_steps > 0:
-                self.finetune(p, model, report.masks)
-        quant = {
-            "int8_rtn": QuantMethod("rtn", QuantSpec(8, None, True)),
-            f"{g}_rtn": QuantMethod("rtn", QuantSpec(4, group, True)),
-            f"{g}_gptq": QuantMethod("gptq", QuantSpec(4, group, True), act_order=True),
-            f"{g}_awq": QuantMethod("awq", QuantSpec(4, group, True)),
-            "w8a8_smoothquant": QuantMethod("smoothquant", QuantSpec(8, None, True), alpha=self.args.alpha),
-        }
+                self.finetune(p)
+        int4 = QuantSpec(4, group, True)
+        w8 = QuantSpec(8, None, True)
+        quant = {"int8_rtn": (["rtn"], w8), f"{g}_rtn": (["rtn"], int4), f"{g}_gptq": (["gptq"], int4),
+                 f"{g}_awq": (["awq", "rtn"], int4), "w8a8_smoothquant": (["smoothquant", "rtn"], w8)}
         if self.device.type == "cpu" or torch.cuda.get_device_capability() >= (8, 9):
-            quant["fp8"] = QuantMethod("fp8", QuantSpec(8, None, True))
-        for name, method in quant.items():
+            quant["fp8"] = (["fp8"], w8)
+        options = {"smoothquant": {"alpha": self.args.alpha}, "gptq": {"act_order": True}}
+        for name, (names, scheme) in quant.items():
             if self.wanted(name):
-                model, report, secs = self.compress(self.dense, method)
-                self.record(name, model, secs, report)
+                t = time.time()
+                art = quantize(self.source, self.settings(quantization_recipe(names, options, scheme)),
+                               dest=self.dest(name), device=self.device, data_dir=self.data_dir)
+                self.record(name, art, time.time() - t)
                 if name == f"{g}_gptq":
                     self.roundtrip_check(name)
         name = f"sparsegpt_2:4+{g}_gptq"
         if self.wanted(name) and "sparsegpt" in self.pruned:
-            base, masks = self.pruned["sparsegpt"]
-            model, report, secs = self.compress(base, QuantMethod("gptq", QuantSpec(4, group, True), masks=masks))
-            ok = all(bool((model.get_submodule(n).weight[~k] == 0).all()) for n, k in masks.items())
-            self.record(name, model, secs, report, self.sparsity_meta(masks), {"zeros_kept": ok})
+            t = time.time()
+            art = quantize(self.pruned["sparsegpt"], self.settings(quantization_recipe(["gptq"], options, int4)),
+                           dest=self.dest(name), device=self.device, data_dir=self.data_dir)
+            self.record(name, art, time.time() - t, {"zeros_kept": self.zeros_kept(self.pruned["sparsegpt"], art)})
 
-    def finetune(self, pruner: str, pruned: torch.nn.Module, masks: dict) -> None:
+    @staticmethod
+    def zeros_kept(pruned: Artifact, quantized: Artifact) -> bool:
+        before = load_compressed(pruned.path)
+        masks, _ = sparsity_masks(before, pruned.path)
+        after = load_compressed(quantized.path)
+        return bool(masks) and all(bool((after.get_submodule(n).weight[~k] == 0).all()) for n, k in masks.items())
+
+    def finetune(self, pruner: str) -> None:
         from omegaconf import OmegaConf
 
-        from train.data import load_packed
-
-        torch.backends.cuda.matmul.allow_tf32 = self.args.tf32
         t = time.time()
         data_cfg = OmegaConf.create({"source": self.calib_cfg.source,
                                      "block_size": self.args.ft_seq, "val_fraction": 0.02,
                                      "max_docs": self.args.ft_docs, "seed": 0, "text_field": "text"})
-        data = load_packed(data_cfg, self.tokenizer, str(self.data_dir) if self.data_dir else None)
         tc = TrainConfig(max_steps=self.args.ft_steps, batch_size=self.args.ft_batch, lr=self.args.ft_lr,
                          warmup_steps=max(1, self.args.ft_steps // 10), losses={"forward_kl": 1.0},
                          temperature=1.0, checkpoint_every=0, val_batches=2, chunk_size=1024)
-        student = copy.deepcopy(pruned).to(self.device)
-        teacher = copy.deepcopy(self.dense).to(self.device)
+        name = f"{pruner}_2:4+ft"
         with tempfile.TemporaryDirectory() as ckpt:
-            result = mask_preserving_finetune(student, teacher, masks, data.train, data.val, tc,
-                                              Path(ckpt) / "ft", log=lambda s: log(f"{self.label} {pruner}: {s}"))
-        model = result["model"].cpu().float()
-        del teacher, student
-        ok = all(is_nm_sparse(model.get_submodule(n).weight) for n in masks)
-        self.record(f"{pruner}_2:4+ft", model, time.time() - t, None, self.sparsity_meta(masks),
-                    {"2:4_holds": ok, "ft_steps": tc.max_steps, "ft_tokens": tc.max_steps * tc.batch_size * self.args.ft_seq,
-                     "ft_final_loss": result["metrics"].get("final_loss")})
+            art = prune(self.source, self.settings([pruning_method(pruner, {}, SparsitySpec("2:4"))]),
+                        dest=self.dest(name), device=self.device, data_dir=self.data_dir,
+                        finetune=Finetune(tc, data_cfg, Path(ckpt) / "ft"))
+        ft = art.metrics.get("finetune", {})
+        self.record(name, art, time.time() - t,
+                    {"2:4_holds": self.two_four_holds(art), "ft_steps": tc.max_steps,
+                     "ft_tokens": tc.max_steps * tc.batch_size * self.args.ft_seq, "ft_final_loss": ft.get("final_loss")})
 
     def roundtrip_check(self, name: str) -> None:
         """The saved artifact through transformers + compressed-tensors, against our reader."""

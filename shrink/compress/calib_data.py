@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from common.errors import ShrinkError
+from shrink.compress.errors import SettingError
 
 
 @dataclass(frozen=True)
@@ -24,16 +25,16 @@ class CalibConfig:
     seed: int = 0
     batch_size: int = 8          # segments per forward through a block
 
-    def validate(self, prefix: str) -> None:
+    def __post_init__(self) -> None:
         for key in ("num_samples", "seq_len", "batch_size"):
-            if int(getattr(self, key)) < 1:
-                raise ShrinkError(f"{prefix}.calibration.{key} must be >= 1 (got {getattr(self, key)})")
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SettingError(f"calibration.{key}", f"must be an integer >= 1 (got {value!r})")
 
 
-def calibration_ids(cfg: CalibConfig, tokenizer, data_dir: Path | None, prefix: str = "prune") -> torch.Tensor:
+def calibration_ids(cfg: CalibConfig, tokenizer, data_dir: Path | None) -> torch.Tensor:
     from train.data import load_documents, resolve_source
 
-    cfg.validate(prefix)
     source = resolve_source(cfg.source, data_dir)
     docs = load_documents(source)
     order = list(range(len(docs)))
@@ -51,7 +52,7 @@ def calibration_ids(cfg: CalibConfig, tokenizer, data_dir: Path | None, prefix: 
         if len(stream) >= need:
             break
     if len(stream) < need:
-        raise ShrinkError(f"{prefix}.calibration: {source} holds {len(stream)} tokens, fewer than "
-                          f"num_samples x seq_len = {cfg.num_samples} x {cfg.seq_len} = {need}; "
-                          f"lower {prefix}.calibration.num_samples or seq_len, or use more data")
+        raise SettingError("calibration.num_samples", f"{source} holds {len(stream)} tokens, fewer than "
+                           f"num_samples x seq_len = {cfg.num_samples} x {cfg.seq_len} = {need}; "
+                           f"lower num_samples or seq_len, or use more data")
     return torch.tensor(stream[:need], dtype=torch.long).view(cfg.num_samples, cfg.seq_len)

@@ -1,4 +1,4 @@
-"""The sequential layer-by-layer driver.
+"""The sequential layer-by-layer driver, for a recipe (an ordered list of methods).
 
 Only the embeddings and one transformer block are on the device at a time; the rest of the model
 stays where it was loaded (CPU). The calibration segments are run up to the first block once and
@@ -6,7 +6,9 @@ their hidden states kept on the device; then, block by block: the linears of a b
 compressed in true-sequential groups (q/k/v, then o, then gate/up, then down), each group's input
 statistics gathered by running the block with the groups before it already compressed; the
 block's outputs, computed with all of it compressed, become the next block's inputs. So every
-layer is calibrated on the outputs of the already-compressed layers before it.
+layer is calibrated on the outputs of the already-compressed layers before it. With several
+methods (SmoothQuant then GPTQ), each runs on a block in recipe order before the block's outputs
+move on: one pass over the model.
 
 Device memory is therefore: hidden states (num_samples x seq_len x hidden, fp32), one block, one
 group's statistics (a Hessian is in_features^2 fp32), and one batch's activations. For a 7B Llama
@@ -17,19 +19,22 @@ block, 0.5 GB for the down_proj Hessian, a few GB of activations: well inside on
 from __future__ import annotations
 
 import fnmatch
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from common.errors import ShrinkError
+from shrink.compress.errors import SettingError
 
 # True-sequential order within a Llama-family block, by the last part of the linear's name.
 SEQUENTIAL_GROUPS = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
 NEVER_COMPRESSED = ("lm_head", "embed_tokens")
+ON_INDIVISIBLE = ("skip", "error")
 
 
 class _Stop(Exception):
@@ -41,12 +46,12 @@ class Stat(Protocol):
 
 
 class BlockMethod(Protocol):
-    """One compression algorithm as the driver sees it."""
+    """One compression algorithm as the driver sees it (a recipe is a list of them)."""
 
     needs_data: bool
     true_sequential: bool
 
-    def fits(self, linear: nn.Linear) -> bool: ...
+    def misfit(self, linear: nn.Linear) -> SettingError | None: ...
     def new_stat(self, name: str, linear: nn.Linear, total_tokens: int) -> Stat | None: ...
     def apply(self, block: nn.Module, prefix: str, names: list[str], stats: dict[str, Stat],
               report: "Report") -> None: ...
@@ -54,11 +59,13 @@ class BlockMethod(Protocol):
 
 @dataclass
 class Report:
-    """What happened: per-linear details, skipped linears with reasons, masks, peak memory."""
+    """What happened: per-linear details, skipped linears with reasons, keep masks (those of a
+    sparse input, then those pruning adds) and their structure, peak memory."""
 
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    sparsity_structure: str | None = None
     peak_device_bytes: int | None = None
     seconds: float = 0.0
 
@@ -66,6 +73,22 @@ class Report:
         return {"compressed_linears": len(self.layers), "skipped": dict(self.skipped),
                 "peak_device_MiB": None if self.peak_device_bytes is None else self.peak_device_bytes / 2**20,
                 "seconds": round(self.seconds, 2)}
+
+
+@dataclass
+class Plan:
+    """Which linears of each block the recipe compresses, and why the others are left alone."""
+
+    linears: list[list[str]]        # per block, names relative to the block
+    skipped: dict[str, str]         # full name -> reason
+
+    def skipped_line(self) -> str:
+        """The skipped linears in one line: `model.layers.*.mlp.down_proj (30): reason; ...`."""
+        counts: dict[tuple[str, str], int] = {}
+        for name, reason in self.skipped.items():
+            key = (re.sub(r"\.layers\.\d+\.", ".layers.*.", name), reason)
+            counts[key] = counts.get(key, 0) + 1
+        return "; ".join(f"{pattern} ({n}): {reason}" for (pattern, reason), n in counts.items())
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -76,11 +99,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def check_skip(skip: list[str], key: str) -> None:
+def check_skip(skip: list[str]) -> None:
     """Embeddings and the LM head are never compressed by this version; say so if asked to."""
     for name in NEVER_COMPRESSED:
         if not any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(f"model.{name}", p) for p in skip):
-            raise ShrinkError(f"{key} must list {name}: compressing embeddings or the LM head is not supported")
+            raise SettingError("skip", f"must list {name}: compressing embeddings or the LM head is not supported")
 
 
 def is_skipped(name: str, skip: list[str]) -> bool:
@@ -99,6 +122,42 @@ def sequential_groups(names: list[str], true_sequential: bool) -> list[list[str]
     if left:
         groups.append(left)
     return groups
+
+
+def plan_compression(model: nn.Module, methods: Sequence[BlockMethod], skip: list[str],
+                     on_indivisible: str = "skip") -> Plan:
+    """The linears every method of the recipe can compress; checked before any work. A linear that
+    does not fit is an error with on_indivisible=error, else left dense; none left is an error."""
+    if on_indivisible not in ON_INDIVISIBLE:
+        raise SettingError("on_indivisible", f"must be skip or error (got {on_indivisible!r})")
+    check_skip(skip)
+    plan = Plan([], {})
+    misfits: list[SettingError] = []
+    for i, block in enumerate(decoder_layers(model)):
+        names = []
+        for name, mod in block.named_modules():
+            if not isinstance(mod, nn.Linear):
+                continue
+            full = f"model.layers.{i}.{name}"
+            if is_skipped(full, skip):
+                plan.skipped[full] = "in skip"
+                continue
+            why = next((e for e in (m.misfit(mod) for m in methods) if e is not None), None)
+            if why is not None:
+                if on_indivisible == "error":
+                    raise SettingError("on_indivisible", f"is error and {full} does not fit: {why.setting} "
+                                                         f"{why.message}; set it to skip to leave such linears dense")
+                plan.skipped[full] = f"{why.setting}={why.message}"
+                misfits.append(why)
+                continue
+            names.append(name)
+        plan.linears.append(names)
+    if not any(plan.linears):
+        if misfits:
+            raise SettingError(misfits[0].setting, f"no linear of this model fits it, nothing to compress: "
+                                                   f"{plan.skipped_line()}")
+        raise SettingError("skip", "leaves no linear to compress")
+    return plan
 
 
 def _layer_out(out: Any) -> torch.Tensor:
@@ -136,70 +195,63 @@ def capture_block_inputs(model: nn.Module, ids: torch.Tensor, device: torch.devi
     return inputs, kwargs_list
 
 
-def _eligible(block: nn.Module, prefix: str, method: BlockMethod, skip: list[str], on_indivisible: str,
-              key: str, report: Report) -> list[str]:
-    names = []
-    for name, mod in block.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        full = f"{prefix}.{name}"
-        if is_skipped(full, skip):
-            report.skipped[full] = "in skip list"
-            continue
-        if not method.fits(mod):
-            msg = f"{full}: in_features={mod.in_features} does not fit the sparsity/group structure"
-            if on_indivisible == "error":
-                raise ShrinkError(f"{msg} ({key}.on_indivisible=error; set it to skip to leave such layers dense)")
-            warnings.warn(f"{msg}; left uncompressed ({key}.on_indivisible=skip)")
-            report.skipped[full] = "indivisible"
-            continue
-        names.append(name)
-    return names
+def _gather_stats(block: nn.Module, method: BlockMethod, group: list[str], inputs: list[torch.Tensor],
+                  kwargs_list: list[dict], total_tokens: int) -> dict[str, Stat]:
+    """Run the block on its inputs with hooks on the group's linears; what each one saw."""
+    stats: dict[str, Stat] = {}
+    handles = []
+    for name in group:
+        linear = block.get_submodule(name)
+        stat = method.new_stat(name, linear, total_tokens)
+        if stat is not None:
+            stats[name] = stat
+            handles.append(linear.register_forward_hook(lambda _m, args, _out, s=stat: s.add(args[0].detach())))
+    try:
+        if handles:
+            with torch.no_grad():
+                for hidden, kw in zip(inputs, kwargs_list):
+                    block(hidden, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
 
 
-def compress_model(model: nn.Module, method: BlockMethod, calib_ids: torch.Tensor | None, device: torch.device,
-                   *, skip: list[str], on_indivisible: str = "skip", batch_size: int = 8, key: str = "prune",
-                   log: Callable[[str], None] = print) -> Report:
-    """Compress every eligible linear of every block in place, in order, calibrating sequentially."""
-    if on_indivisible not in ("skip", "error"):
-        raise ShrinkError(f"{key}.on_indivisible must be skip or error (got {on_indivisible!r})")
-    check_skip(skip, f"{key}.skip")
+def compress_model(model: nn.Module, methods: Sequence[BlockMethod], calib_ids: torch.Tensor | None,
+                   device: torch.device, *, skip: list[str], on_indivisible: str = "skip", batch_size: int = 8,
+                   masks: dict[str, torch.Tensor] | None = None, log: Callable[[str], None] = print) -> Report:
+    """Compress every eligible linear of every block in place with the recipe `methods`, block by
+    block: each method in turn, group by group, then the block's outputs feed the next block.
+    `masks`: keep masks of a sparse input, whose zeros quantizers preserve."""
+    plan = plan_compression(model, methods, skip, on_indivisible)
     started = time.time()
-    report = Report()
+    report = Report(masks=dict(masks or {}), skipped=dict(plan.skipped))
+    uncompressed = {n: r for n, r in plan.skipped.items() if r != "in skip"}
+    if uncompressed:
+        warnings.warn(f"{len(uncompressed)} linears left uncompressed (on_indivisible=skip): "
+                      f"{Plan([], uncompressed).skipped_line()}", stacklevel=2)
     layers = decoder_layers(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    needs_data = any(m.needs_data for m in methods)
     inputs: list[torch.Tensor] = []
     kwargs_list: list[dict] = []
-    if method.needs_data:
+    if needs_data:
         if calib_ids is None or calib_ids.numel() == 0:
-            raise ShrinkError(f"{key}: this method needs calibration data ({key}.calibration)")
+            raise SettingError("calibration", "this recipe needs calibration data")
         inputs, kwargs_list = capture_block_inputs(model, calib_ids, device, batch_size)
     total_tokens = int(calib_ids.numel()) if calib_ids is not None else 0
     for i, block in enumerate(layers):
         t0 = time.time()
         prefix = f"model.layers.{i}"
         block.to(device)
-        names = _eligible(block, prefix, method, skip, on_indivisible, key, report)
-        for group in sequential_groups(names, method.true_sequential):
-            stats: dict[str, Stat] = {}
-            handles = []
-            if method.needs_data:
-                for name in group:
-                    linear = block.get_submodule(name)
-                    stat = method.new_stat(name, linear, total_tokens)
-                    if stat is not None:
-                        stats[name] = stat
-                        handles.append(linear.register_forward_hook(
-                            lambda _m, args, _out, s=stat: s.add(args[0].detach())))
-                if handles:
-                    with torch.no_grad():
-                        for hidden, kw in zip(inputs, kwargs_list):
-                            block(hidden, **kw)
-                for h in handles:
-                    h.remove()
-            method.apply(block, prefix, group, stats, report)
-        if method.needs_data:
+        names = plan.linears[i]
+        for method in methods:
+            for group in sequential_groups(names, method.true_sequential):
+                stats = (_gather_stats(block, method, group, inputs, kwargs_list, total_tokens)
+                         if method.needs_data else {})
+                method.apply(block, prefix, group, stats, report)
+        if needs_data:
             with torch.no_grad():
                 inputs = [_layer_out(block(hidden, **kw)) for hidden, kw in zip(inputs, kwargs_list)]
         block.to("cpu")

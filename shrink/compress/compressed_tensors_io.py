@@ -206,20 +206,27 @@ def _scheme_for(name: str, groups: dict[str, Any], ignore: list[str]) -> dict[st
     return None
 
 
-def load_compressed(directory: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
-    """Our own reader (no compressed-tensors needed): the model with QuantLinear modules where the
-    file holds quantized weights, and plain dense weights elsewhere (sparse zeros included)."""
+def model_skeleton(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of a directory's config.json on the meta device: its modules and shapes, no weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise ShrinkError(f"not a model directory (no config.json): {directory}")
-    qcfg = read_quantization_config(directory) or {}
     config = AutoConfig.from_pretrained(directory)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def load_compressed(directory: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+    """Our own reader (no compressed-tensors needed): the model with QuantLinear modules where the
+    file holds quantized weights, and plain dense weights elsewhere (sparse zeros included)."""
+    directory = Path(directory)
+    model = model_skeleton(directory, dtype)
+    config = model.config
+    qcfg = read_quantization_config(directory) or {}
     state = {}
     for f in sorted(directory.glob("*.safetensors")):
         state.update(load_file(str(f)))
@@ -289,3 +296,10 @@ def sparsity_masks(model: nn.Module, directory: Path) -> tuple[dict[str, torch.T
 def is_quantized(directory: Path) -> bool:
     qcfg = read_quantization_config(directory) or {}
     return bool(qcfg.get("config_groups"))
+
+
+def sparsity_metadata(masks: dict[str, torch.Tensor], structure: str) -> dict[str, Any]:
+    """What `save_compressed(sparsity=...)` records, from the keep masks of the sparse linears."""
+    total = sum(m.numel() for m in masks.values())
+    zeros = sum(int((~m).sum()) for m in masks.values())
+    return {"structure": structure, "global_sparsity": zeros / max(total, 1), "targets": sorted(masks)}

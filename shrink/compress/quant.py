@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.errors import ShrinkError
+from shrink.compress.errors import SettingError
 
 
 @dataclass(frozen=True)
@@ -26,9 +26,9 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 8):
-            raise ShrinkError(f"quantize.bits must be one of 2, 3, 4, 8 (got {self.bits})")
+            raise SettingError("bits", f"must be one of 2, 3, 4, 8 (got {self.bits})")
         if self.group_size is not None and self.group_size < 1:
-            raise ShrinkError(f"quantize.group_size must be >= 1 or null (got {self.group_size})")
+            raise SettingError("group_size", f"must be >= 1 or null (got {self.group_size})")
 
     @property
     def qmin(self) -> int:
@@ -68,7 +68,7 @@ def _grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Min/max scale and zero point per (row, group) of a [out, in] weight: [out, groups] each."""
     if not spec.fits(w.shape[1]):
-        raise ShrinkError(f"in_features {w.shape[1]} is not divisible by quantize.group_size={spec.group_size}")
+        raise SettingError("group_size", f"{spec.group_size} does not divide in_features={w.shape[1]}")
     wg = _grouped(w.float(), spec)
     lo = wg.amin(dim=-1).clamp(max=0.0)
     hi = wg.amax(dim=-1).clamp(min=0.0)

@@ -1,63 +1,105 @@
-"""Config (prune.* / quantize.*) -> algorithm objects, with errors that name the config key."""
+"""The prune.* and quantize.* config sections -> typed settings. Errors name the setting within
+the section; the stage reads them inside `config_section(...)`, which adds the section."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from shrink.compress.calib_data import CalibConfig
-from shrink.compress.prune_methods import PruneMethod
-from shrink.compress.quant import QuantSpec
-from shrink.compress.quant_methods import QuantMethod
-from shrink.compress.sparsity import SparsitySpec
 from common.errors import ShrinkError
+from common.paths import default_cache_dir
+from shrink.compress.calib_data import CalibConfig
+from shrink.compress.compress_artifact import CompressionSettings
+from shrink.compress.errors import SettingError, check_type
+from shrink.compress.methods.base import CompressionMethod
+from shrink.compress.quant import QuantSpec
+from shrink.compress.recipe import pruning_method, quantization_recipe
+from shrink.compress.sparsity import SparsitySpec
+from shrink.modeling import resolve_dtype
+from train.data import data_dir
 
 
-def _get(cfg: Any, key: str, prefix: str, cast=None):
+def _get(cfg: Any, key: str, kind: type | None = None, *, where: str = "", optional: bool = False) -> Any:
+    setting = f"{where}{key}"
     if key not in cfg:
-        raise ShrinkError(f"{prefix}.{key} is missing")
+        raise SettingError(setting, "is missing")
     value = cfg[key]
-    if cast is None or value is None:
+    if kind is None or (optional and value is None):
         return value
-    try:
-        return cast(value)
-    except (TypeError, ValueError):
-        raise ShrinkError(f"{prefix}.{key}: cannot read {value!r} as {cast.__name__}") from None
+    return check_type(value, kind, setting)
 
 
-def calib_config(cfg: Any, prefix: str) -> CalibConfig:
-    c = _get(cfg, "calibration", prefix)
-    p = f"{prefix}.calibration"
-    return CalibConfig(source=str(_get(c, "source", p)), num_samples=_get(c, "num_samples", p, int),
-                       seq_len=_get(c, "seq_len", p, int), seed=_get(c, "seed", p, int),
-                       batch_size=_get(c, "batch_size", p, int))
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
-def skip_list(cfg: Any, prefix: str) -> list[str]:
-    skip = _get(cfg, "skip", prefix)
-    if OmegaConf.is_config(skip):
-        skip = OmegaConf.to_object(skip)
+def method_options(cfg: Any, name: str) -> dict[str, Any]:
+    """The section named like a method (quantize.gptq: {damp: ...}); absent means its defaults."""
+    options = _plain(cfg.get(name)) if name in cfg else None
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise SettingError(name, f"must be a mapping of {name}'s settings (got {options!r})")
+    return options
+
+
+def calib_config(cfg: Any) -> CalibConfig:
+    c = _get(cfg, "calibration")
+    w = "calibration."
+    return CalibConfig(source=str(_get(c, "source", where=w)), num_samples=_get(c, "num_samples", int, where=w),
+                       seq_len=_get(c, "seq_len", int, where=w), seed=_get(c, "seed", int, where=w),
+                       batch_size=_get(c, "batch_size", int, where=w))
+
+
+def skip_list(cfg: Any) -> list[str]:
+    skip = _plain(_get(cfg, "skip"))
     if not isinstance(skip, (list, tuple)) or not all(isinstance(s, str) for s in skip):
-        raise ShrinkError(f"{prefix}.skip must be a list of module name patterns (got {skip!r})")
+        raise SettingError("skip", f"must be a list of module name patterns (got {skip!r})")
     return list(skip)
 
 
-def prune_method(cfg: DictConfig) -> PruneMethod:
-    p = "prune"
-    spec = SparsitySpec(structure=str(_get(cfg, "structure", p)), ratio=_get(cfg, "ratio", p, float))
-    return PruneMethod(method=str(_get(cfg, "method", p)), spec=spec, damp=_get(cfg, "damp", p, float),
-                       block_size=_get(cfg, "block_size", p, int),
-                       true_sequential=bool(_get(cfg, "true_sequential", p)))
+def _compression(cfg: Any, recipe: list[CompressionMethod]) -> CompressionSettings:
+    try:
+        dtype = resolve_dtype(str(_get(cfg, "save_dtype")))
+    except ShrinkError as e:
+        raise SettingError("save_dtype", str(e)) from None
+    return CompressionSettings(recipe=recipe, skip=skip_list(cfg), on_indivisible=str(_get(cfg, "on_indivisible")),
+                               calibration=calib_config(cfg), save_dtype=dtype)
 
 
-def quant_method(cfg: DictConfig) -> QuantMethod:
-    p = "quantize"
-    group = _get(cfg, "group_size", p)
-    if group is not None:
-        group = _get(cfg, "group_size", p, int)
-    spec = QuantSpec(bits=_get(cfg, "bits", p, int), group_size=group, symmetric=bool(_get(cfg, "symmetric", p)))
-    return QuantMethod(method=str(_get(cfg, "method", p)), spec=spec, damp=_get(cfg, "damp", p, float),
-                       act_order=bool(_get(cfg, "act_order", p)), block_size=_get(cfg, "block_size", p, int),
-                       awq_grid=_get(cfg, "awq_grid", p, int), awq_max_tokens=_get(cfg, "awq_max_tokens", p, int),
-                       alpha=_get(cfg, "alpha", p, float), true_sequential=bool(_get(cfg, "true_sequential", p)))
+def prune_settings(cfg: Any) -> CompressionSettings:
+    spec = SparsitySpec(structure=str(_get(cfg, "structure")), ratio=_get(cfg, "ratio", float))
+    name = str(_get(cfg, "method"))
+    method = pruning_method(name, method_options(cfg, name), spec, _get(cfg, "true_sequential", bool))
+    return _compression(cfg, [method])
+
+
+def recipe_names(cfg: Any) -> list[str]:
+    """`recipe: [smoothquant, gptq]`, or one name (`quantize.recipe=rtn`)."""
+    names = _plain(_get(cfg, "recipe"))
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise SettingError("recipe", f"must be a method name or a list of them, e.g. [smoothquant, gptq] (got {names!r})")
+    return names
+
+
+def quantize_settings(cfg: Any) -> CompressionSettings:
+    scheme = QuantSpec(bits=_get(cfg, "bits", int), group_size=_get(cfg, "group_size", int, optional=True),
+                       symmetric=_get(cfg, "symmetric", bool))
+    names = recipe_names(cfg)
+    recipe = quantization_recipe(names, {n: method_options(cfg, n) for n in names}, scheme,
+                                 _get(cfg, "true_sequential", bool))
+    return _compression(cfg, recipe)
+
+
+def stage_data_dir(ctx: Any) -> Path | None:
+    """The run's shared data directory: the one place prune/quantize read it (until StageContext
+    carries it)."""
+    return data_dir(ctx.cfg.get("data_dir"))
+
+
+def stage_cache_dir(ctx: Any) -> Path:
+    """The run's cache directory: the one place prune/quantize read it (until StageContext carries it)."""
+    return Path(ctx.cfg.cache_dir) if ctx.cfg.get("cache_dir") else default_cache_dir()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from common.errors import ShrinkError
+from shrink.compress.errors import SettingError
 
 
 @dataclass(frozen=True)
@@ -26,17 +27,16 @@ class SparsitySpec:
         if self.structure != "unstructured":
             self.nm  # validates
         elif not 0.0 < self.ratio < 1.0:
-            raise ShrinkError(f"prune.ratio must be in (0, 1) for unstructured sparsity (got {self.ratio})")
+            raise SettingError("ratio", f"must be in (0, 1) for unstructured sparsity (got {self.ratio})")
 
     @property
     def nm(self) -> tuple[int, int]:
         try:
             n, m = (int(v) for v in self.structure.split(":"))
         except ValueError:
-            raise ShrinkError(f"prune.structure must be 'N:M' (e.g. 2:4) or 'unstructured' "
-                              f"(got {self.structure!r})") from None
+            raise SettingError("structure", f"must be 'N:M' (e.g. 2:4) or 'unstructured' (got {self.structure!r})") from None
         if not 0 < n < m:
-            raise ShrinkError(f"prune.structure={self.structure}: need 0 < N < M")
+            raise SettingError("structure", f"{self.structure}: need 0 < N < M")
         return n, m
 
     @property

@@ -1,13 +1,8 @@
-"""Per-linear input statistics gathered by forward hooks during calibration."""
+"""Per-channel activation statistics (AWQ, SmoothQuant), gathered by forward hooks during calibration."""
 
 from __future__ import annotations
 
 import torch
-
-from shrink.compress.hessian import Hessian
-from shrink.compress.wanda import InputNorms
-
-__all__ = ["Hessian", "InputNorms", "ActStats"]
 
 
 class ActStats:

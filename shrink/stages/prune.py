@@ -4,70 +4,72 @@ compressed-tensors sparsity metadata."""
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from shrink.artifacts import Artifact, write_artifact
-from shrink.compress.calib_data import calibration_ids
-from shrink.compress.calibration import compress_model
-from shrink.compress.compressed_tensors_io import is_quantized, load_compressed, save_compressed
+from shrink.artifacts import Artifact
+from shrink.compress.calibration import Report
+from shrink.compress.compress_artifact import CompressionSettings, compress_artifact
+from shrink.compress.compressed_tensors_io import load_compressed
+from shrink.compress.errors import config_section
 from shrink.compress.finetune import mask_preserving_finetune
-from shrink.compress.settings import calib_config, prune_method, skip_list
+from shrink.compress.settings import prune_settings, stage_cache_dir, stage_data_dir
 from shrink.compress.sparsity import sparsity
 from shrink.context import StageContext
-from common.errors import ShrinkError
-from shrink.modeling import load_tokenizer, num_parameters, resolve_dtype
+from shrink.modeling import num_parameters
 from shrink.stages import register_stage
-from shrink.stages.import_model import cache_dir
-from train.data import data_dir, load_packed
 from train.loop import TrainConfig
 
 CKPT_DIR = ".prune.ckpt"
 
 
-def sparsity_metadata(model: torch.nn.Module, masks: dict[str, torch.Tensor], structure: str) -> dict:
-    total = sum(m.numel() for m in masks.values())
-    zeros = sum(int((~m).sum()) for m in masks.values())
-    return {"structure": structure, "global_sparsity": zeros / max(total, 1), "targets": sorted(masks)}
+@dataclass
+class Finetune:
+    """Mask-preserving distillation from the unpruned input after pruning."""
+
+    train: TrainConfig
+    data: Any                       # a `data` config group, as train.data.load_packed reads it
+    ckpt_dir: Path
+    cache_dir: Path | None = None
+
+
+def prune(model_artifact: Artifact, settings: CompressionSettings, *, dest: Path, device: torch.device,
+          data_dir: Path | None = None, finetune: Finetune | None = None, config: dict | None = None) -> Artifact:
+    """Prune `model_artifact` with the pruner `settings.recipe[0]` (then fine-tune) into `dest`."""
+    spec = settings.recipe[0].spec
+
+    def refine(model: torch.nn.Module, tokenizer: Any, report: Report, metrics: dict) -> torch.nn.Module:
+        pruned = [n for n, info in report.layers.items() if "sparsity" in info]
+        if finetune is not None:
+            from train.data import load_packed
+
+            teacher = load_compressed(model_artifact.path, dtype=torch.float32)
+            data = load_packed(finetune.data, tokenizer, str(data_dir) if data_dir else None, finetune.cache_dir)
+            result = mask_preserving_finetune(model, teacher, report.masks, data.train, data.val, finetune.train,
+                                              finetune.ckpt_dir)
+            model = result["model"].cpu()
+            metrics["finetune"] = result["metrics"]
+        metrics["params"] = num_parameters(model)
+        metrics["weight_sparsity_after"] = sum(sparsity(model.get_submodule(n).weight) for n in pruned) / len(pruned)
+        return model
+
+    return compress_artifact(model_artifact, settings, stage="prune", dest=dest, device=device, data_dir=data_dir,
+                             config=config, metrics={"method": settings.names[0], "structure": spec.structure},
+                             refine=refine)
 
 
 @register_stage("prune")
 def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
-    started = time.time()
-    pcfg = cfg.prune
-    method = prune_method(pcfg)
-    skip = skip_list(pcfg, "prune")
-    source = ctx.input
-    if is_quantized(source.path):
-        raise ShrinkError(f"input={source.path} is already quantized: prune before quantize")
-    model = load_compressed(source.path, dtype=torch.float32)
-    tokenizer = load_tokenizer(source)
-    calib = calib_config(pcfg, "prune")
-    ids = calibration_ids(calib, tokenizer, data_dir(cfg.get("data_dir")), "prune") if method.needs_data else None
-    device = ctx.device
-    print(f"prune: {method.method} {method.spec.structure} on {device}")
-    report = compress_model(model, method, ids, device, skip=skip, on_indivisible=str(pcfg.on_indivisible),
-                            batch_size=calib.batch_size, key="prune")
-    if not report.masks:
-        raise ShrinkError("prune: no linear was pruned (check prune.skip and prune.on_indivisible)")
-    metrics = {"method": method.method, "structure": method.spec.structure, **report.summary(),
-               "sparsity_of_pruned": sparsity_metadata(model, report.masks, method.spec.structure)["global_sparsity"]}
-    ft = pcfg.finetune
-    if bool(ft.enabled):
-        teacher = load_compressed(source.path, dtype=torch.float32)
-        data = load_packed(cfg.data, tokenizer, cfg.get("data_dir"), cache_dir(cfg))
-        tc = TrainConfig.from_cfg(ft, seed=int(cfg.seed), block_size=data.train.shape[1])
-        result = mask_preserving_finetune(model, teacher, report.masks, data.train, data.val, tc,
-                                          ctx.run_dir / CKPT_DIR)
-        model = result["model"].cpu()
-        metrics["finetune"] = result["metrics"]
-        del teacher
-    meta = sparsity_metadata(model, report.masks, method.spec.structure)
-    metrics["params"] = num_parameters(model)
-    metrics["weight_sparsity_after"] = sum(sparsity(model.get_submodule(n).weight) for n in report.masks) / len(report.masks)
-    dtype = resolve_dtype(str(pcfg.save_dtype))
-    return write_artifact(ctx.output_dir("prune"), stage="prune",
-                          save=lambda tmp: save_compressed(model, tmp, dtype=dtype, sparsity=meta, tokenizer=tokenizer),
-                          config=ctx.resolved_config("prune"), inputs=[source], metrics=metrics, started=started)
+    with config_section("prune"):
+        settings = prune_settings(cfg.prune)
+        finetune = None
+        if bool(cfg.prune.finetune.enabled):
+            tc = TrainConfig.from_cfg(cfg.prune.finetune, seed=int(cfg.seed), block_size=int(cfg.data.block_size),
+                                      prefix="prune.finetune")
+            finetune = Finetune(tc, cfg.data, ctx.run_dir / CKPT_DIR, stage_cache_dir(ctx))
+        return prune(ctx.input, settings, dest=ctx.output_dir("prune"), device=ctx.device,
+                     data_dir=stage_data_dir(ctx), finetune=finetune, config=ctx.resolved_config("prune"))

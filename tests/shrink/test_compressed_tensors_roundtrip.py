@@ -10,9 +10,8 @@ import torch
 from shrink.compress.calibration import compress_model
 from shrink.compress.compressed_tensors_io import load_compressed, pack_int32, save_compressed, sparsity_masks
 from shrink.compress.modules import QuantLinear
-from shrink.compress.prune_methods import PruneMethod
 from shrink.compress.quant import QuantSpec
-from shrink.compress.quant_methods import QuantMethod
+from shrink.compress.recipe import pruning_method, quantization_recipe
 from shrink.compress.sparsity import SparsitySpec, is_nm_sparse
 from support import make_tiny_tokenizer, tiny_llama_config
 
@@ -34,18 +33,19 @@ def calib(seed: int = 1) -> torch.Tensor:
 
 
 def prune(model, method: str = "sparsegpt"):
-    rep = compress_model(model, PruneMethod(method, SparsitySpec("2:4")), calib(), torch.device("cpu"),
+    rep = compress_model(model, [pruning_method(method, {}, SparsitySpec("2:4"))], calib(), torch.device("cpu"),
                          skip=SKIP, batch_size=2, log=lambda s: None)
     meta = {"structure": "2:4", "global_sparsity": 0.5, "targets": sorted(rep.masks)}
     return rep.masks, meta
 
 
-SCHEMES = {
-    "int8_rtn": lambda masks: QuantMethod("rtn", QuantSpec(8, None, True), masks=masks),
-    "int4_g32_gptq": lambda masks: QuantMethod("gptq", QuantSpec(4, 32, True), masks=masks),
-    "int4_g32_awq": lambda masks: QuantMethod("awq", QuantSpec(4, 32, True), masks=masks),
-    "w8a8_smoothquant": lambda masks: QuantMethod("smoothquant", QuantSpec(8, None, True), masks=masks),
-    "fp8": lambda masks: QuantMethod("fp8", QuantSpec(8, None, True), masks=masks),
+SCHEMES = {  # recipes
+    "int8_rtn": lambda: quantization_recipe(["rtn"], {}, QuantSpec(8, None, True)),
+    "int4_g32_gptq": lambda: quantization_recipe(["gptq"], {}, QuantSpec(4, 32, True)),
+    "int4_g32_awq": lambda: quantization_recipe(["awq", "rtn"], {}, QuantSpec(4, 32, True)),
+    "w8a8_smoothquant": lambda: quantization_recipe(["smoothquant", "rtn"], {}, QuantSpec(8, None, True)),
+    "w8a8_smoothquant_gptq": lambda: quantization_recipe(["smoothquant", "gptq"], {}, QuantSpec(8, None, True)),
+    "fp8": lambda: quantization_recipe(["fp8"], {}, QuantSpec(8, None, True)),
 }
 
 
@@ -63,8 +63,8 @@ def test_transformers_loads_what_we_save(tmp_path, scheme, sparse):
     model = tiny_model()
     masks, meta = prune(model) if sparse else ({}, None)
     if scheme != "sparse_only":
-        compress_model(model, SCHEMES[scheme](masks), calib(), torch.device("cpu"), skip=SKIP, batch_size=2,
-                       log=lambda s: None)
+        compress_model(model, SCHEMES[scheme](), calib(), torch.device("cpu"), skip=SKIP, batch_size=2,
+                       masks=masks, log=lambda s: None)
         assert any(isinstance(m, QuantLinear) for m in model.modules())
     save_compressed(model, tmp_path, dtype=torch.float32, sparsity=meta, tokenizer=make_tiny_tokenizer())
     ids = torch.randint(3, 320, (2, 40), generator=torch.Generator().manual_seed(7))
@@ -85,7 +85,7 @@ def test_w8a8_activation_quantization_is_in_the_saved_scheme(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = tiny_model()
-    compress_model(model, SCHEMES["w8a8_smoothquant"]({}), calib(), torch.device("cpu"), skip=SKIP, batch_size=2,
+    compress_model(model, SCHEMES["w8a8_smoothquant"](), calib(), torch.device("cpu"), skip=SKIP, batch_size=2,
                    log=lambda s: None)
     save_compressed(model, tmp_path, dtype=torch.float32)
     ids = torch.randint(3, 320, (1, 40), generator=torch.Generator().manual_seed(8))
@@ -108,7 +108,7 @@ def test_asymmetric_int4_packs_as_compressed_tensors_expects(tmp_path):
     from compressed_tensors.quantization import QuantizationScheme
 
     model = tiny_model()
-    compress_model(model, QuantMethod("gptq", QuantSpec(4, 32, False)), calib(), torch.device("cpu"), skip=SKIP,
+    compress_model(model, quantization_recipe(["gptq"], {}, QuantSpec(4, 32, False)), calib(), torch.device("cpu"), skip=SKIP,
                    batch_size=2, log=lambda s: None)
     save_compressed(model, tmp_path, dtype=torch.float32)
     from safetensors.torch import load_file

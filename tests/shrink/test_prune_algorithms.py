@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from shrink.compress.errors import config_section
 from shrink.compress.hessian import Hessian
-from shrink.compress.sparsegpt import sparsegpt_prune
+from shrink.compress.methods.sparsegpt import sparsegpt_prune
+from shrink.compress.methods.wanda import InputNorms, wanda_prune
 from shrink.compress.sparsity import SparsitySpec, is_nm_sparse, magnitude_prune, nm_keep_mask
-from shrink.compress.wanda import InputNorms, wanda_prune
 from common.errors import ShrinkError
 
 
@@ -31,9 +32,9 @@ def test_nm_mask_pattern_and_ties_prune_lower_index_first():
 
 
 def test_bad_structure_names_the_key():
-    with pytest.raises(ShrinkError, match="prune.structure"):
+    with pytest.raises(ShrinkError, match="prune.structure"), config_section("prune"):
         SparsitySpec("two:four")
-    with pytest.raises(ShrinkError, match="prune.ratio"):
+    with pytest.raises(ShrinkError, match="prune.ratio"), config_section("prune"):
         SparsitySpec("unstructured", ratio=1.5)
 
 

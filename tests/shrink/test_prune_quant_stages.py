@@ -16,10 +16,11 @@ from shrink.compress.calib_data import CalibConfig, calibration_ids
 from shrink.compress.calibration import compress_model
 from shrink.compress.compressed_tensors_io import load_compressed, read_quantization_config
 from shrink.compress.finetune import mask_preserving_finetune
+from shrink.compress.errors import config_section
+from shrink.compress.methods.magnitude import Magnitude
+from shrink.compress.methods.rtn import RTN
 from shrink.compress.modules import QuantLinear
-from shrink.compress.prune_methods import PruneMethod
 from shrink.compress.quant import QuantSpec
-from shrink.compress.quant_methods import QuantMethod
 from shrink.compress.sparsity import SparsitySpec, is_nm_sparse
 from common.errors import ShrinkError
 from train.loop import TrainConfig
@@ -43,7 +44,7 @@ def test_prune_then_quantize_cli_keeps_two_four(tiny_teacher, tmp_path):
     assert all(is_nm_sparse(pruned.get_submodule(n).weight) for n in targets)
 
     r = run_cli("stage=quantize", f"run={run}", f"input={run / 'prune'}", "logging=none", "device=cpu",
-                "quantize.method=gptq", "quantize.group_size=32", *QCALIB)
+                "quantize.recipe=gptq", "quantize.group_size=32", *QCALIB)
     assert r.returncode == 0, r.stderr[-2000:]
     qcfg = read_quantization_config(run / "quantize")
     assert qcfg["format"] == "pack-quantized" and qcfg["sparsity_config"]["sparsity_structure"] == "2:4"
@@ -70,25 +71,27 @@ def test_indivisible_layers_are_skipped_with_a_warning_or_rejected():
     # intermediate 72: down_proj's 72 inputs fit 2:4 but not groups of 32.
     model = tiny(intermediate_size=72)
     ids = torch.randint(3, 320, (2, 32))
-    method = QuantMethod("rtn", QuantSpec(4, 32, True))
-    with pytest.raises(ShrinkError, match="quantize.on_indivisible"):
-        compress_model(model, method, ids, torch.device("cpu"), skip=["lm_head", "*embed_tokens"],
-                       on_indivisible="error", key="quantize", log=lambda s: None)
+    method = RTN(scheme=QuantSpec(4, 32, True))
+    with pytest.raises(ShrinkError, match="quantize.on_indivisible"), config_section("quantize"):
+        compress_model(model, [method], ids, torch.device("cpu"), skip=["lm_head", "*embed_tokens"],
+                       on_indivisible="error", log=lambda s: None)
     model = tiny(intermediate_size=72)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = compress_model(model, method, ids, torch.device("cpu"), skip=["lm_head", "*embed_tokens"],
-                                on_indivisible="skip", key="quantize", log=lambda s: None)
+        report = compress_model(model, [method], ids, torch.device("cpu"), skip=["lm_head", "*embed_tokens"],
+                                on_indivisible="skip", log=lambda s: None)
     assert any("down_proj" in str(w.message) for w in caught)
+    # One line for all of them, not one warning per linear.
+    assert len(caught) == 1 and "model.layers.*.mlp.down_proj (4)" in str(caught[0].message)
     assert set(report.skipped) == {f"model.layers.{i}.mlp.down_proj" for i in range(4)}
     assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
     assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
 
 
 def test_lm_head_must_stay_in_the_skip_list():
-    with pytest.raises(ShrinkError, match="prune.skip"):
-        compress_model(tiny(), PruneMethod("magnitude", SparsitySpec("2:4")), None, torch.device("cpu"),
-                       skip=["*embed_tokens"], key="prune", log=lambda s: None)
+    with pytest.raises(ShrinkError, match="prune.skip"), config_section("prune"):
+        compress_model(tiny(), [Magnitude(spec=SparsitySpec("2:4"))], None, torch.device("cpu"),
+                       skip=["*embed_tokens"], log=lambda s: None)
 
 
 def test_calibration_segments_are_deterministic_and_too_little_data_is_an_error():
@@ -99,8 +102,8 @@ def test_calibration_segments_are_deterministic_and_too_little_data_is_an_error(
     a, b = calibration_ids(cfg, tok, None), calibration_ids(cfg, tok, None)
     assert a.shape == (3, 50) and torch.equal(a, b)
     assert not torch.equal(a, calibration_ids(CalibConfig("pydoc", 3, 50, seed=1), tok, None))
-    with pytest.raises(ShrinkError, match="quantize.calibration.num_samples"):
-        calibration_ids(CalibConfig("pydoc", 10**6, 4096), tok, None, "quantize")
+    with pytest.raises(ShrinkError, match="quantize.calibration.num_samples"), config_section("quantize"):
+        calibration_ids(CalibConfig("pydoc", 10**6, 4096), tok, None)
 
 
 def test_mask_preserving_finetune_keeps_zeros_and_trains(tmp_path):
@@ -109,7 +112,7 @@ def test_mask_preserving_finetune_keeps_zeros_and_trains(tmp_path):
     teacher = tiny(seed=1)
     student = copy.deepcopy(teacher)
     ids = torch.randint(3, 320, (4, 32), generator=torch.Generator().manual_seed(0))
-    report = compress_model(student, PruneMethod("magnitude", SparsitySpec("2:4")), None, torch.device("cpu"),
+    report = compress_model(student, [Magnitude(spec=SparsitySpec("2:4"))], None, torch.device("cpu"),
                             skip=["lm_head", "*embed_tokens"], log=lambda s: None)
     before = {n: student.get_submodule(n).weight.detach().clone() for n in report.masks}
     tc = TrainConfig(max_steps=3, batch_size=2, lr=1e-2, warmup_steps=1, losses={"forward_kl": 1.0},
@@ -141,3 +144,25 @@ def test_experiment_driver_quick(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["results"]["tiny"]) == set(rows)
     assert (Path(tmp_path) / "results.md").is_file()
+
+
+@pytest.mark.parametrize("stage,override,key", [
+    ("quantize", "quantize.group_size=100", "quantize.group_size"),   # divides no in_features (64, 128)
+    ("prune", "prune.structure=3:7", "prune.structure"),              # 7 divides no in_features
+])
+def test_a_setting_that_fits_no_linear_fails_before_any_work(tiny_teacher, tmp_path, stage, override, key):
+    run = tmp_path / "run"
+    r = run_cli(f"stage={stage}", f"run={run}", f"input={tiny_teacher}", "logging=none", "device=cpu", override,
+                *(CALIB if stage == "prune" else QCALIB))
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0] and "nothing to compress" in lines[0], lines
+    assert "block 1/" not in r.stdout and not (run / stage).exists()
+
+
+def test_a_skip_list_that_leaves_nothing_is_an_error_before_any_work():
+    model = tiny()
+    with pytest.raises(ShrinkError, match="quantize.skip: leaves no linear to compress"), config_section("quantize"):
+        compress_model(model, [RTN(scheme=QuantSpec(8, None))], None, torch.device("cpu"),
+                       skip=["lm_head", "*embed_tokens", "model.layers.*"], log=lambda s: None)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())

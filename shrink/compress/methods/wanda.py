@@ -6,8 +6,13 @@ accumulated as a running sum of squares.
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
+import torch
+from torch import nn
+
+from shrink.compress.methods import register_method
+from shrink.compress.methods.base import Pruner
 from shrink.compress.sparsity import SparsitySpec, keep_mask
 
 
@@ -34,3 +39,14 @@ def wanda_score(w: torch.Tensor, col_norms: torch.Tensor) -> torch.Tensor:
 def wanda_prune(w: torch.Tensor, col_norms: torch.Tensor, spec: SparsitySpec) -> torch.Tensor:
     """Keep mask for weight [out, in] given the input feature norms [in]."""
     return keep_mask(wanda_score(w, col_norms), spec)
+
+
+@register_method("wanda")
+@dataclass
+class Wanda(Pruner):
+    def new_stat(self, name: str, linear: nn.Linear, total_tokens: int) -> InputNorms:
+        return InputNorms(linear.in_features, linear.weight.device)
+
+    def keep_mask(self, weight: torch.Tensor, stat: InputNorms) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = wanda_prune(weight, stat.norms(), self.spec)
+        return weight.float() * keep, keep

@@ -13,9 +13,15 @@ their error, like any rounding error, is compensated by the later columns.
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from shrink.compress.hessian import inverse_cholesky_upper, prepare
+import torch
+from torch import nn
+
+from shrink.compress.errors import SettingError
+from shrink.compress.hessian import Hessian, inverse_cholesky_upper, prepare
+from shrink.compress.methods import register_method
+from shrink.compress.methods.base import WeightQuantizer
 from shrink.compress.quant import QuantizedWeight, QuantSpec, compute_qparams, quantize, quantize_column
 
 
@@ -69,3 +75,24 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, *, damp: fl
     if act_order:
         qw = qw[:, torch.argsort(perm)]
     return QuantizedWeight(quantize(qw, scale, zero, spec), scale, zero, spec)
+
+
+@register_method("gptq")
+@dataclass
+class GPTQ(WeightQuantizer):
+    damp: float = 0.01       # fraction of mean(diag H) added to the diagonal
+    act_order: bool = True   # columns by decreasing Hessian diagonal (group scales fixed up front)
+    block_size: int = 128    # columns per lazy-update block
+
+    def __post_init__(self) -> None:
+        if self.damp < 0:
+            raise SettingError("gptq.damp", f"must be >= 0 (got {self.damp})")
+        if self.block_size < 1:
+            raise SettingError("gptq.block_size", f"must be >= 1 (got {self.block_size})")
+
+    def new_stat(self, name: str, linear: nn.Linear, total_tokens: int) -> Hessian:
+        return Hessian(linear.in_features, linear.weight.device)
+
+    def quantize_weight(self, weight: torch.Tensor, stat: Hessian, keep: torch.Tensor | None) -> QuantizedWeight:
+        return gptq_quantize(weight, stat.matrix(), self.scheme, damp=self.damp, act_order=self.act_order,
+                             block_size=self.block_size, keep=keep)

@@ -8,9 +8,15 @@ removal error is spread over the columns to its right through the upper Cholesky
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from shrink.compress.hessian import inverse_cholesky_upper, prepare
+import torch
+from torch import nn
+
+from shrink.compress.errors import SettingError
+from shrink.compress.hessian import Hessian, inverse_cholesky_upper, prepare
+from shrink.compress.methods import register_method
+from shrink.compress.methods.base import Pruner
 from shrink.compress.sparsity import SparsitySpec, nm_keep_mask
 
 
@@ -52,3 +58,22 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, spec: SparsitySpec, *, dam
         keep[:, i1:i2] = keep1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return w * keep, keep
+
+
+@register_method("sparsegpt")
+@dataclass
+class SparseGPT(Pruner):
+    damp: float = 0.01       # fraction of mean(diag H) added to the diagonal
+    block_size: int = 128    # columns per lazy-update block
+
+    def __post_init__(self) -> None:
+        if self.damp < 0:
+            raise SettingError("sparsegpt.damp", f"must be >= 0 (got {self.damp})")
+        if self.block_size < 1:
+            raise SettingError("sparsegpt.block_size", f"must be >= 1 (got {self.block_size})")
+
+    def new_stat(self, name: str, linear: nn.Linear, total_tokens: int) -> Hessian:
+        return Hessian(linear.in_features, linear.weight.device)
+
+    def keep_mask(self, weight: torch.Tensor, stat: Hessian) -> tuple[torch.Tensor, torch.Tensor]:
+        return sparsegpt_prune(weight, stat.matrix(), self.spec, damp=self.damp, block_size=self.block_size)

@@ -9,10 +9,18 @@ same function in full precision and only the rounding changes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from shrink.compress.calibration import Report
+from shrink.compress.errors import SettingError
+from shrink.compress.fold import fold_scale
+from shrink.compress.methods import register_method
+from shrink.compress.methods.base import Transform
 from shrink.compress.quant import QuantSpec, rtn
+from shrink.compress.stats import ActStats
 
 
 def fake_rtn(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -40,22 +48,6 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], spec: QuantSpec, 
     return best
 
 
-@torch.no_grad()
-def fold_scale(prev: nn.Module, consumers: list[nn.Linear], s: torch.Tensor) -> None:
-    """x -> x / s at the producer, W -> W * s at every consumer: the same function."""
-    s = s.to(prev.weight.device)
-    if isinstance(prev, nn.Linear):
-        prev.weight.div_(s.unsqueeze(1).to(prev.weight.dtype))
-        if prev.bias is not None:
-            prev.bias.div_(s.to(prev.bias.dtype))
-    else:  # an RMSNorm-style module: y = weight * normalized(x)
-        prev.weight.div_(s.to(prev.weight.dtype))
-        if getattr(prev, "bias", None) is not None:
-            prev.bias.div_(s.to(prev.bias.dtype))
-    for c in consumers:
-        c.weight.mul_(s.unsqueeze(0).to(c.weight.dtype))
-
-
 def block_mappings(block: nn.Module) -> list[tuple[str, list[str]]]:
     """(producer, consumers) pairs of a Llama-family block whose scale can be folded exactly."""
     names = dict(block.named_modules())
@@ -76,3 +68,44 @@ def block_mappings(block: nn.Module) -> list[tuple[str, list[str]]]:
             continue
         out.append((prev, consumers))
     return out
+
+
+@register_method("awq")
+@dataclass
+class AWQ(Transform):
+    """Searches the scales with the recipe's weight scheme; the quantizer after it (rtn for the
+    paper's AWQ, or gptq) then quantizes the rescaled weights."""
+
+    grid: int = 20              # ratios tried in [0, 1)
+    max_tokens: int = 65536     # tokens kept per layer for the scale search loss
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.grid < 1:
+            raise SettingError("awq.grid", f"must be >= 1 (got {self.grid})")
+        if self.max_tokens < 1:
+            raise SettingError("awq.max_tokens", f"must be >= 1 (got {self.max_tokens})")
+
+    def misfit(self, linear: nn.Linear) -> SettingError | None:
+        if self.scheme.fits(linear.in_features):
+            return None
+        return SettingError("group_size", f"{self.scheme.group_size} does not divide in_features="
+                                          f"{linear.in_features}")
+
+    def new_stat(self, name: str, linear: nn.Linear, total_tokens: int) -> ActStats:
+        return ActStats(linear.in_features, linear.weight.device, total_tokens, self.max_tokens)
+
+    @torch.no_grad()
+    def apply(self, block: nn.Module, prefix: str, names: list[str], stats: dict[str, ActStats],
+              report: Report) -> None:
+        for prev, consumers in block_mappings(block):
+            active = [c for c in consumers if c in names]
+            if not active:
+                continue
+            st = stats[active[0]]
+            weights = [block.get_submodule(c).weight for c in active]
+            s, ratio, err = search_scale(st.sample().to(weights[0].device), weights, self.scheme,
+                                         st.absmean.to(weights[0].device), self.grid)
+            fold_scale(block.get_submodule(prev), [block.get_submodule(c) for c in consumers], s)
+            for c in active:
+                report.layers.setdefault(f"{prefix}.{c}", {}).update({"awq_ratio": ratio, "awq_rel_err": err})
