@@ -134,29 +134,26 @@ VOCAB_SAMPLE = 1024  # token ids compared, evenly spaced over the vocabulary (pl
 def check_same_vocabulary(target_config: Any, target_tokenizer: Any, draft_config: Any, draft_tokenizer: Any,
                           sample: int = VOCAB_SAMPLE) -> None:
     """Raise SpeculativeConfigError (key ``model``) unless the draft's logits index the same tokens
-    as the target's: equal vocab_size, equal special-token ids, and (when both have tokenizers) equal
-    token strings at ``sample`` evenly spaced ids and at every special token's id."""
-    tv, dv = int(target_config.vocab_size), int(draft_config.vocab_size)
-    if tv != dv:
-        raise SpeculativeConfigError("model", f"the draft's vocab_size {dv} differs from the target's {tv}")
+    as the target's: equal vocab_size and special-token ids in the configs and, when both have
+    tokenizers, the same token strings at ``sample`` evenly spaced ids below vocab_size and at every
+    special token's id. Tokens a tokenizer adds past vocab_size are never logits, so they may differ."""
+    vocab, dv = int(target_config.vocab_size), int(draft_config.vocab_size)
+    if vocab != dv:
+        raise SpeculativeConfigError("model", f"the draft's vocab_size {dv} differs from the target's {vocab}")
     for attr in SPECIAL_TOKEN_ATTRS:
         t, d = getattr(target_config, attr, None), getattr(draft_config, attr, None)
         if t is not None and d is not None and _as_set(t) != _as_set(d):
             raise SpeculativeConfigError("model", f"the draft's {attr} {d!r} differs from the target's {t!r}")
     if target_tokenizer is None or draft_tokenizer is None:
         return
-    if len(target_tokenizer) != len(draft_tokenizer):
+    n, nd = min(len(target_tokenizer), vocab), min(len(draft_tokenizer), vocab)
+    if n != nd:
         raise SpeculativeConfigError(
-            "model", f"the draft's tokenizer has {len(draft_tokenizer)} tokens, the target's {len(target_tokenizer)}")
-    n = len(target_tokenizer)
+            "model", f"the draft's tokenizer names {nd} of the {vocab} token ids, the target's {n}")
     step = max(1, n // max(1, sample))
     ids = set(range(0, n, step)) | {n - 1}
     for tok in (target_tokenizer, draft_tokenizer):
         ids |= {i for i in getattr(tok, "all_special_ids", []) if 0 <= i < n}
-        for attr in SPECIAL_TOKEN_ATTRS:
-            value = getattr(tok, attr, None)
-            if isinstance(value, int) and 0 <= value < n:
-                ids.add(value)
     ordered = sorted(ids)
     t_tokens = target_tokenizer.convert_ids_to_tokens(ordered)
     d_tokens = draft_tokenizer.convert_ids_to_tokens(ordered)
@@ -165,7 +162,7 @@ def check_same_vocabulary(target_config: Any, target_tokenizer: Any, draft_confi
             raise SpeculativeConfigError("model", f"token id {i} is {d!r} for the draft but {t!r} for the target")
     for attr in SPECIAL_TOKEN_ATTRS:
         t, d = getattr(target_tokenizer, attr, None), getattr(draft_tokenizer, attr, None)
-        if t != d:
+        if t is not None and d is not None and t < vocab and t != d:
             raise SpeculativeConfigError("model", f"the draft tokenizer's {attr} {d!r} differs from the target's {t!r}")
 
 

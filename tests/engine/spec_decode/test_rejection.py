@@ -138,7 +138,7 @@ def test_rejection_sampling_approximates_target_distribution(impl, correct):
     up to a sampling error bounded by tv_bound. The draft is far from the target (TV(p_0, q_0) is
     0.74): at position 0 the right sampler lands at TV 0.002 against a bound of 0.019, accepting
     always at 0.64 and resampling rejections from p instead of the residual at 0.13, so the test
-    tells them apart by a wide margin (fixed seeds: the figures are reproducible).""" 
+    tells them apart by a wide margin (fixed seeds: the figures are reproducible)."""
     p, q, draft, num_draft = _poor_setup()
     out = impl(draft, num_draft, p, q, torch.Generator().manual_seed(1))
     misses = []
