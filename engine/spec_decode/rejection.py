@@ -124,7 +124,10 @@ def rejection_sample(
     a = _accepted_prefix(u * q_x < p_x, num_draft)
     p_a = target_probs[rows, a]  # [B, V]: the target at the first position not accepted
     j = a.clamp(max=k - 1)
-    q_a = draft_probs[rows, j] if draft_probs is not None else torch.nn.functional.one_hot(x[rows, j], v).to(p_a.dtype)
+    if draft_probs is not None:
+        q_a = draft_probs[rows, j]
+    else:  # one-hot at the proposal (not F.one_hot: its range check syncs with the device)
+        q_a = torch.zeros_like(p_a).scatter_(1, x[rows, j][:, None], 1.0)
     residual = (p_a - q_a).clamp_(min=0)
     mass = residual.sum(dim=-1, keepdim=True)
     # mass 0 means p_a == q_a there, where rejection has probability 0: any fallback is unreachable.
