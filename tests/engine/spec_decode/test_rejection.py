@@ -290,3 +290,24 @@ def test_all_accepted_up_to_a_short_row_then_bonus_at_its_own_length():
     q = torch.stack([_point_mass(v, t) for t in (0, 1, 5, 5)])[None]
     res = rejection_sample(torch.tensor([[0, 1, 5, 5]]), torch.tensor([2]), p, q)
     assert res.to_lists() == [[0, 1, 2]]
+
+
+@pytest.mark.gpu
+def test_verify_never_waits_for_the_device():
+    """A mixed batch with seeded rows and a one-hot draft, on CUDA: any device sync inside raises."""
+    dev = torch.device("cuda")
+    b, k, v = 8, 4, 1000
+    logits = torch.randn(b, k + 1, v, device=dev)
+    q = torch.randn(b, k, v, device=dev).softmax(-1)
+    draft = torch.randint(0, v, (b, k), device=dev)
+    n = torch.tensor([4, 0, 2, 4, 1, 3, 4, 4], device=dev)
+    params = [SamplingParams(temperature=0 if i % 3 == 0 else 0.8, top_k=50 if i % 2 else 0) for i in range(b)]
+    gens = [torch.Generator(device=dev).manual_seed(i) if i % 2 else None for i in range(b)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        res = verify(draft, n, logits, params, q, gens)
+        one_hot = rejection_sample(draft, n, processed_probs(logits, params), None, gens)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(1 <= len(r) <= k + 1 for r in res.to_lists() + one_hot.to_lists())
