@@ -174,7 +174,8 @@ def acceptance(args) -> None:
         prompts = load_prompts(workload, data_dir, tok, args.prompts, args.prompt_tokens)
         outputs = target_outputs(args.target, prompts, args.new_tokens, engine_kwargs)
         drafters: dict[str, Propose] = {
-            f"ngram[{args.ngram_min},{args.ngram_max}]": ngram_proposer(prompts, outputs, args.ngram_min, args.ngram_max)}
+            f"ngram[{args.ngram_min},{args.ngram_max}]":
+                ngram_proposer(prompts, outputs, args.ngram_min, args.ngram_max)}
         for d in args.draft or []:
             drafters[d] = draft_model_proposer(d, prompts, outputs, max(args.ks), engine_kwargs)
         for name, propose in drafters.items():
@@ -195,9 +196,9 @@ def speed(args) -> None:
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     tok = AutoTokenizer.from_pretrained(args.target)
     engine_kwargs = json.loads(args.engine) if args.engine else {}
-    configs: dict[str, dict | None] = {"none": None,
-                                       "ngram": {"method": "ngram", "num_speculative_tokens": args.k,
-                                                 "prompt_lookup_min": args.ngram_min, "prompt_lookup_max": args.ngram_max}}
+    ngram = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": args.ngram_min,
+             "prompt_lookup_max": args.ngram_max}
+    configs: dict[str, dict | None] = {"none": None, "ngram": ngram}
     for d in args.draft or []:
         configs[d] = {"model": d, "num_speculative_tokens": args.k}
     for workload in args.workloads:

@@ -128,7 +128,8 @@ def measure(spec: str, new_tokens: int, prompt_len: int, batch: int) -> dict:
     eng, runner = llm.engine, llm.engine.runner
     vocab = eng.vocab_size
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    llm.generate(_prompts(batch, prompt_len, vocab, 1000 + batch), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm.generate(_prompts(batch, prompt_len, vocab, 1000 + batch), warm)  # as eval.engine_bench warms up
     gc_objects = len(gc.get_objects())
     if freeze:
         gc.freeze()  # every object alive now (the block pool included) is never traversed again

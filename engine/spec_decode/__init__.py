@@ -5,6 +5,7 @@ one forward, rejection sampling keeps the output distribution the target's (gree
     proposer.py   Proposal, the Proposer protocol, draft_limit (k per sequence)
     ngram.py      NgramProposer: prompt lookup, no model
     rejection.py  verify(): greedy matching and batched rejection sampling, no host sync
+    draft_sampler.py  sample_draft(): one draft step's tokens and probabilities q, no host sync
     metrics.py    SpecDecodeMetrics: acceptance counters and draft/verify time
 
 Integration plan (phase 2, on the runner/scheduler whose steps return a list of tokens per sequence):
@@ -20,9 +21,9 @@ Integration plan (phase 2, on the runner/scheduler whose steps return a list of 
 2. Draft. Per sequence, ``draft_computed`` (draft K/V written up to there) may trail the target's by
    one token after a fully accepted round (the k-th draft token was sampled, never fed). The draft's
    first forward feeds the 1-2 missing tokens (varlen prefill path, query length 1 or 2), then k - 1
-   decode forwards back to back on the device, each sampling from rejection.processed_probs (argmax
-   for greedy rows) and keeping the probabilities [B, k, V]: the multi-step decode graph with the
-   greedy advance swapped for a sampling advance. No host sync between draft steps.
+   decode forwards back to back on the device, each through draft_sampler.sample_draft (argmax for
+   greedy rows) keeping q [B, k, V]: the multi-step decode graph with the greedy advance swapped
+   for a sampling advance (all-greedy batches keep the greedy one). No host sync between draft steps.
 3. Verify. The scheduler reserves k_i + 1 slots (``may_append(seq, k_i + 1)``, k_i = draft_limit).
    The target runs the varlen prefill path with query [last token, d_0 .. d_{k_i - 1}] at positions
    len-1 .. len-1+k_i (context len + k_i), returning logits at *all* query rows (a prefill-graph
@@ -46,6 +47,7 @@ Integration plan (phase 2, on the runner/scheduler whose steps return a list of 
 """
 
 from engine.spec_decode.config import SpeculativeConfig, SpeculativeConfigError, check_same_vocabulary
+from engine.spec_decode.draft_sampler import sample_draft
 from engine.spec_decode.metrics import SpecDecodeMetrics
 from engine.spec_decode.ngram import NgramProposer, ngram_proposal
 from engine.spec_decode.proposer import Proposal, Proposer, draft_limit
@@ -54,5 +56,5 @@ from engine.spec_decode.rejection import VerifiedTokens, greedy_verify, processe
 __all__ = [
     "SpeculativeConfig", "SpeculativeConfigError", "check_same_vocabulary", "SpecDecodeMetrics", "NgramProposer",
     "ngram_proposal", "Proposal", "Proposer", "draft_limit", "VerifiedTokens", "greedy_verify", "processed_probs",
-    "rejection_sample", "verify",
+    "rejection_sample", "verify", "sample_draft",
 ]

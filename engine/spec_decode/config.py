@@ -74,7 +74,8 @@ class SpeculativeConfig:
             raise SpeculativeConfigError("method", f"{method!r} is not one of {list(METHODS)}")
         unknown = sorted(set(raw) - _KEYS[method])
         if unknown:
-            raise SpeculativeConfigError(unknown[0], f"unknown key for method {method!r}; allowed: {sorted(_KEYS[method])}")
+            raise SpeculativeConfigError(
+                unknown[0], f"unknown key for method {method!r}; allowed: {sorted(_KEYS[method])}")
         if "num_speculative_tokens" not in raw:
             raise SpeculativeConfigError("num_speculative_tokens", "is required")
         k = _positive_int("num_speculative_tokens", raw["num_speculative_tokens"])
@@ -119,7 +120,8 @@ def _parse_policy(raw: Any, k_max: int) -> tuple[tuple[int, int], ...]:
         bs = int(bs_raw) if isinstance(bs_raw, str) and bs_raw.isdigit() else bs_raw  # JSON keys are strings
         bs = _positive_int(f"{key}[{bs_raw!r}]", bs)
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= k_max:
-            raise SpeculativeConfigError(f"{key}[{bs_raw!r}]", f"k must be an integer in [0, num_speculative_tokens={k_max}], got {k!r}")
+            raise SpeculativeConfigError(
+                f"{key}[{bs_raw!r}]", f"k must be an integer in [0, num_speculative_tokens={k_max}], got {k!r}")
         if bs in pairs:
             raise SpeculativeConfigError(f"{key}[{bs_raw!r}]", f"batch size {bs} given twice")
         pairs[bs] = k

@@ -76,7 +76,9 @@ def _assemble(draft: torch.Tensor, num_accepted: torch.Tensor, last: torch.Tenso
     return VerifiedTokens(out, num_accepted)
 
 
-def greedy_verify(draft_token_ids: torch.Tensor, num_draft: torch.Tensor, target_argmax: torch.Tensor) -> VerifiedTokens:
+def greedy_verify(
+    draft_token_ids: torch.Tensor, num_draft: torch.Tensor, target_argmax: torch.Tensor
+) -> VerifiedTokens:
     """draft [B, k], num_draft [B], target argmax [B, k+1]: accept while the draft equals the argmax,
     then emit the argmax at the first mismatch (or at position num_draft)."""
     k = draft_token_ids.shape[1]

@@ -40,7 +40,8 @@ def data_dir(tmp_path) -> Path:
 def test_replay_with_a_perfect_and_a_useless_drafter(bench):
     outputs = [list(range(10)), list(range(5))]
     perfect = bench.replay_greedy(outputs, lambda i, t, k: outputs[i][t : t + k], k=3)
-    # 10 tokens in rounds of 4 (3 accepted + 1): 4, 4, then 2 left (1 proposed + 1); 5 tokens: 4, then 1 (none proposed).
+    # 10 tokens in rounds of 4 (3 accepted + 1): 4, 4, then 2 left (1 proposed + 1);
+    # 5 tokens: 4, then 1 (none proposed).
     assert (perfect.num_accepted, perfect.num_emitted, perfect.num_drafts) == (3 + 3 + 1 + 3, 15, 4)
     assert perfect.acceptance_rate == 1.0
     useless = bench.replay_greedy(outputs, lambda i, t, k: [99] * k, k=3)
