@@ -20,7 +20,8 @@ acceptance  works today. The target's greedy continuations come from the engine 
             makes it cheap). Reports acceptance rate, per position, and mean accepted length
             (SpecDecodeMetrics), and the speed-up these imply for given draft and verify costs.
 speed       tok/s of LLM.generate without speculation, with ``speculative_config`` for each draft and
-            for n-gram, per batch size; needs the phase-2 engine (it says so until then).
+            for n-gram at each k, per batch size (1, 4, 16, 64), and the per-batch-size k policy they
+            recommend (0 where speculation does not pay); needs the phase-2 engine (it says so until then).
 verify-cost the target's cost of scoring k + 1 tokens at once (a prefill step of k + 1 tokens after a
             cached context, through the public API) against one decode step; the issue asks <= 1.15x
             for k + 1 = 5 on the Llama-2-7B shape.
@@ -149,8 +150,8 @@ def draft_model_proposer(draft_dir: str, prompts: list[list[int]], outputs: list
 
 def implied_speedup(mean_len: float, k: int, draft_step: float, verify_step: float) -> float:
     """Tokens per unit of target-decode time: one round costs k draft steps and one verify (both in
-    target decode steps) and yields mean_len tokens, against 1 token per decode step."""
-    return mean_len / (k * draft_step + verify_step)
+    target decode steps) and yields mean_len tokens (accepted + 1), against 1 token per decode step."""
+    return mean_len / (k * draft_step + verify_step) if mean_len else 1.0
 
 
 def target_outputs(target: str, prompts: list[list[int]], new_tokens: int, engine_kwargs: dict) -> list[list[int]]:
@@ -179,16 +180,20 @@ def acceptance(args) -> None:
         for d in args.draft or []:
             drafters[d] = draft_model_proposer(d, prompts, outputs, max(args.ks), engine_kwargs)
         for name, propose in drafters.items():
+            draft_cost = 0.0 if name.startswith("ngram") else args.draft_step_cost
             for k in args.ks:
                 m = replay_greedy(outputs, propose, k)
                 emit({"bench": "acceptance", "workload": workload, "drafter": name, "k": k,
-                      "prompts": len(prompts), "new_tokens": args.new_tokens, **m.as_dict()}, args.json)
+                      "prompts": len(prompts), "new_tokens": args.new_tokens, **m.as_dict(),
+                      "implied_speedup": implied_speedup(m.mean_accepted_length, k, draft_cost, args.verify_step_cost)},
+                     args.json)
 
 
 # -- speed (phase 2) -------------------------------------------------------------------------------------
 def speed(args) -> None:
-    """tok/s per batch size without speculation, then with each speculative_config. Until the engine
-    takes speculative_config (phase 2), those runs are reported as not integrated."""
+    """tok/s per batch size without speculation, then with each speculative_config at each k; then
+    the num_speculative_tokens_per_batch_size these measurements recommend, per drafter. Until the
+    engine takes speculative_config (phase 2), those runs are reported as not integrated."""
     from transformers import AutoTokenizer
 
     from engine import LLM, SamplingParams
@@ -196,34 +201,58 @@ def speed(args) -> None:
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     tok = AutoTokenizer.from_pretrained(args.target)
     engine_kwargs = json.loads(args.engine) if args.engine else {}
-    ngram = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": args.ngram_min,
-             "prompt_lookup_max": args.ngram_max}
-    configs: dict[str, dict | None] = {"none": None, "ngram": ngram}
-    for d in args.draft or []:
-        configs[d] = {"model": d, "num_speculative_tokens": args.k}
+    configs: list[tuple[str, int, dict | None]] = [("none", 0, None)]
+    for k in args.ks:
+        configs.append(("ngram", k, {"method": "ngram", "num_speculative_tokens": k,
+                                     "prompt_lookup_min": args.ngram_min, "prompt_lookup_max": args.ngram_max}))
+        configs += [(d, k, {"model": d, "num_speculative_tokens": k}) for d in args.draft or []]
     for workload in args.workloads:
         prompts = load_prompts(workload, data_dir, tok, max(args.batch), args.prompt_tokens)
         base: dict[int, float] = {}
-        for name, spec in configs.items():
+        rows: list[dict] = []
+        for name, k, spec in configs:
             try:
                 llm = LLM(args.target, **engine_kwargs, **({"speculative_config": spec} if spec else {}))
             except TypeError as e:  # the engine before phase 2: unknown engine option
-                emit({"bench": "speed", "workload": workload, "spec": name, "error": f"not integrated: {e}"}, args.json)
+                emit({"bench": "speed", "workload": workload, "spec": name, "k": k, "error": f"not integrated: {e}"},
+                     args.json)
                 continue
             params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
             for bs in args.batch:
                 batch = (prompts * bs)[:bs]
                 llm.generate(batch, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+                if hasattr(llm.engine, "spec_metrics"):
+                    llm.engine.spec_metrics = SpecDecodeMetrics()  # the timed run's counters only
                 t = time.perf_counter()
                 llm.generate(batch, params)
                 tok_s = bs * args.new_tokens / (time.perf_counter() - t)
                 if spec is None:
                     base[bs] = tok_s
                 metrics = getattr(llm.engine, "spec_metrics", None)
-                emit({"bench": "speed", "workload": workload, "spec": name, "batch": bs, "tok_s": tok_s,
-                      "speedup": tok_s / base[bs] if bs in base else None,
-                      "metrics": metrics.as_dict() if metrics is not None else None}, args.json)
+                row = {"bench": "speed", "workload": workload, "spec": name, "k": k, "batch": bs, "tok_s": tok_s,
+                       "speedup": tok_s / base[bs] if bs in base else None,
+                       "metrics": metrics.as_dict() if metrics is not None else None}
+                rows.append(row)
+                emit(row, args.json)
             del llm
+        for name in {r["spec"] for r in rows if r["spec"] != "none"}:
+            emit({"bench": "policy", "workload": workload, "spec": name,
+                  "num_speculative_tokens_per_batch_size": recommend_policy([r for r in rows if r["spec"] == name])},
+                 args.json)
+
+
+def recommend_policy(rows: list[dict], min_speedup: float = 1.02) -> dict[int, int]:
+    """{batch size: k} from speed rows of one drafter: the fastest k per batch size, or 0 (plain
+    decoding) where no k beats it by ``min_speedup``, so the policy is never slower than no
+    speculation (within the measurement)."""
+    best: dict[int, tuple[float, int]] = {}
+    for r in rows:
+        if r.get("speedup") is None:
+            continue
+        bs, cand = r["batch"], (r["speedup"], r["k"])
+        if bs not in best or cand > best[bs]:
+            best[bs] = cand
+    return {bs: (k if speedup >= min_speedup else 0) for bs, (speedup, k) in sorted(best.items())}
 
 
 # -- verify cost ------------------------------------------------------------------------------------------
@@ -235,26 +264,28 @@ def verify_cost(args) -> None:
     from eval.decode_profile import StepTimer
     from eval.engine_bench import _prompts, shape_dir
 
-    path = shape_dir(args.shape)
-    llm = LLM(path, load_format="dummy", max_model_len=args.context + 64, max_num_seqs=1, cuda_graph_max_bs=1)
+    path = args.model or shape_dir(args.shape)
+    engine_kwargs = json.loads(args.engine) if args.engine else {}
+    llm = LLM(path, load_format="safetensors" if args.model else "dummy", max_model_len=args.context + 80,
+              max_num_seqs=1, cuda_graph_max_bs=1, **engine_kwargs)
     vocab = llm.engine.vocab_size
     prefix = _prompts(1, args.context, vocab, 0)[0]  # a multiple of the block size: fully cached
     greedy = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     llm.generate([prefix], greedy)
-    rows = []
+    verify_times = []
     for r in range(args.repeat):
         tail = _prompts(1, args.k + 1, vocab, 100 + r)[0]
         with StepTimer(llm.engine) as st:
             llm.generate([prefix + tail], greedy)
-        rows.append(st.times["prefill"][0])
+        verify_times.append(st.times["prefill"][0])
     with StepTimer(llm.engine) as st:
         llm.generate([prefix], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
     decode = [t for kind, ts in st.times.items() if kind.startswith("decode") for t in ts]
     steps = sum(int(kind.split("x")[1]) if "x" in kind else 1 for kind, ts in st.times.items()
                 if kind.startswith("decode") for _ in ts)
     decode_s = sum(decode) / max(1, steps)
-    verify_s = float(np.median(rows))
-    emit({"bench": "verify-cost", "shape": args.shape, "context": args.context, "k": args.k,
+    verify_s = float(np.median(verify_times))
+    emit({"bench": "verify-cost", "model": args.model or args.shape, "context": args.context, "k": args.k,
           "verify_step_us": 1e6 * verify_s, "decode_step_us": 1e6 * decode_s, "ratio": verify_s / decode_s},
          args.json)
 
@@ -275,11 +306,17 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--ngram-min", type=int, default=2)
         p.add_argument("--ngram-max", type=int, default=4)
         p.add_argument("--engine", help='EngineConfig overrides as JSON, e.g. \'{"device": "cpu"}\'')
-    sub.choices["acceptance"].add_argument("--ks", type=int, nargs="+", default=list(range(1, 9)))
-    sub.choices["speed"].add_argument("--k", type=int, default=4)
+    acc = sub.choices["acceptance"]
+    acc.add_argument("--ks", type=int, nargs="+", default=list(range(1, 9)))
+    acc.add_argument("--draft-step-cost", type=float, default=0.2,
+                     help="a draft model's step in target decode steps, for implied_speedup (issue: 4 layers ~0.2)")
+    acc.add_argument("--verify-step-cost", type=float, default=1.0, help="the verify forward in target decode steps")
+    sub.choices["speed"].add_argument("--ks", type=int, nargs="+", default=[2, 4, 6])
     sub.choices["speed"].add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
     v = sub.add_parser("verify-cost")
-    v.add_argument("--shape", default="llama2-7b")
+    v.add_argument("--shape", default="llama2-7b", help="random weights of this shape (eval.engine_bench.SHAPES)")
+    v.add_argument("--model", help="or a model directory")
+    v.add_argument("--engine", help="EngineConfig overrides as JSON")
     v.add_argument("--context", type=int, default=512)
     v.add_argument("--k", type=int, default=4)
     v.add_argument("--repeat", type=int, default=5)

@@ -83,4 +83,42 @@ def test_acceptance_end_to_end_on_cpu(bench, data_dir, model_dir, tmp_path, caps
     assert [(r["drafter"].split("[")[0], r["k"]) for r in rows] == [("ngram", 1), ("ngram", 3), (draft, 1), (draft, 3)]
     for r in rows:
         assert r["num_emitted_tokens"] == 2 * 6  # every target token, whatever was accepted
-        assert 0.0 <= r["acceptance_rate"] <= 1.0
+        assert 0.0 <= r["acceptance_rate"] <= 1.0 and r["implied_speedup"] > 0
+
+
+def test_implied_speedup_and_policy(bench):
+    # k=4, mean 3.6 tokens per round, draft 0.2 of a step, verify 1.1: 3.6 / 1.9
+    assert bench.implied_speedup(3.6, 4, 0.2, 1.1) == pytest.approx(3.6 / 1.9)
+    rows = [{"batch": 1, "k": 2, "speedup": 1.4}, {"batch": 1, "k": 4, "speedup": 1.7},
+            {"batch": 16, "k": 2, "speedup": 1.01}, {"batch": 16, "k": 4, "speedup": 0.8},
+            {"batch": 64, "k": 2, "speedup": None}]
+    assert bench.recommend_policy(rows) == {1: 4, 16: 0}
+
+
+def test_verify_cost_runs_on_cpu(bench, model_dir, tmp_path):
+    out = tmp_path / "v.jsonl"
+    bench.main(["--json", str(out), "verify-cost", "--model", model_dir("llama_gqa_untied"), "--context", "32",
+                "--k", "4", "--repeat", "2", "--engine", '{"device": "cpu"}'])
+    row = json.loads(out.read_text())
+    assert row["verify_step_us"] > 0 and row["decode_step_us"] > 0 and row["ratio"] > 0
+
+
+def test_speed_runs_the_baseline_and_each_speculative_config(bench, data_dir, model_dir, tmp_path):
+    """Before phase 2 the speculative runs report "not integrated"; after it, they must time and
+    report acceptance metrics like the baseline."""
+    target = model_dir("llama_gqa_untied", with_tokenizer=True)
+    draft = model_dir("llama_mha_tied", with_tokenizer=True)
+    out = tmp_path / "speed.jsonl"
+    bench.main(["--json", str(out), "speed", "--target", target, "--draft", draft, "--data-dir", str(data_dir),
+                "--workloads", "gsm8k", "--new-tokens", "4", "--batch", "1", "2", "--ks", "2",
+                "--engine", '{"device": "cpu"}'])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    base = [r for r in rows if r["spec"] == "none"]
+    assert [r["batch"] for r in base] == [1, 2] and all(r["tok_s"] > 0 and r["speedup"] == 1.0 for r in base)
+    spec = [r for r in rows if r["bench"] == "speed" and r["spec"] != "none"]
+    assert {r["spec"] for r in spec} == {"ngram", draft}
+    for r in spec:
+        if "error" in r:
+            assert "not integrated" in r["error"] and "speculative_config" in r["error"]
+        else:
+            assert r["tok_s"] > 0 and r["metrics"]["num_emitted_tokens"] > 0
