@@ -3,26 +3,30 @@
 Issue 14 (H200, random weights, batch 1, 256 greedy tokens after 16): 4 layers 10,735 tok/s (93 us
 per token; 8/15/30 layers fit 40 us + 13 us per layer), 2 layers 1,149 tok/s (870 us), yet the
 2-layer model at batch 4 makes 43,080 tok/s. The missing ~205 ms per 256 tokens is either one event
-inside the timed window or ~800 us on every token. Hypotheses, most likely first, from reading
-engine/, kernels/ and eval/engine_bench.py (no GPU was used to rank them):
+inside the timed window or ~800 us on every token. Nothing in the decode path reads the layer
+count except the KV pool size (sized from free memory, so KV bytes per token ~ layers gives a
+2-layer model ~5M blocks of 16 tokens, 15x the 30-layer pool; and ~30 GB per cache tensor); graph
+buckets, split counts (choose_num_splits: batch, KV heads, max_model_len), gemv configs, prefill
+buckets and multi-step counts are the same for 2 and 4 layers. Hypotheses, most likely first
+(from reading engine/, kernels/, eval/engine_bench.py and one CPU check; no GPU was used):
 
-  H1 pool size -> Python GC. The KV pool is sized from free memory, and KV bytes per token scale
-     with the layer count, so a 2-layer model gets ~15x the 30-layer model's blocks: ~5 million
-     block objects (BlockManager.blocks) plus a 5M-entry OrderedDict free list. A generation-2
-     collection traverses every one of them (hundreds of ms), and whether one fires inside the
-     256-token window depends on where the allocation counters stand: a one-off that the 4-layer
-     run (half the objects) happened to miss. Signs: gc time inside the window ~ the gap;
-     gc.freeze() or a small pool (kv_cache_tokens) removes it; repeat runs are fast.
-  H2 another one-off in the first timed run: a Triton specialization or cuBLAS/allocator path the
-     warm-up (8 tokens) did not reach, or the caching allocator freeing and re-allocating near the
-     memory limit. Signs: one step far slower than the rest; the second and third runs are fast.
-  H3 a steady host cost per step growing with the pool (something O(num_blocks) per step in the
-     scheduler/block manager or input building). Signs: every decode step slow, small pool fixes it.
-  H4 a GPU-side cost: the graph of a 2-layer forward (about 15 kernels, a short PDL chain) replays
-     slowly, or the GPU idles at low clocks between short bursts. Signs: step graph replay time per
-     token itself high; pdl=False changes it; SM clock low during the run.
-  H5 multi-step decoding not engaged for this model (single steps, host-bound). Signs: the engine's
-     num_multi_steps stays 0 in the timed run; num_decode_steps=1 on 4 layers shows the same rate.
+  H1 a one-off inside the first timed run, which the 8-token warm-up did not trigger (a Triton
+     specialisation, a cuBLAS/allocator path, the caching allocator freeing and re-allocating): one
+     step of ~200 ms. Signs: steps.max_us of one kind far above its median; runs 2 and 3 fast.
+  H2 the GPU's clocks: a 2-layer forward is ~15 short kernels; if the GPU sits at low SM clocks
+     between short bursts, every kernel is slower. Signs: step_graph_us per forward well above
+     what 4 layers take per layer pair; sm_clock_mhz median far below the boost clock.
+  H3 a cost growing with the pool size, per step or one-off (the 5M-entry BlockManager: its
+     construction, a Python GC pass over its 5M objects, allocator effects of 30 GB tensors).
+     Signs: 2:kv_cache_tokens=65536 fast while 2 is slow. A full gc.collect() over 2M blocks takes
+     0.9 s on the project's CPU box, but on CPU with Python 3.11 four timed 256-token runs with 5M
+     extra block objects alive triggered no collection at all (the decode loop allocates too few
+     containers), so GC itself is unlikely unless the GPU host's Python differs (3.14's incremental
+     GC scans the old generation a slice at a time): gc_collections/gc_s tell, 2:gc_freeze=true confirms.
+  H4 the PDL chain of a short graph (programmatic launches overlapping the embedding, norm, lm_head
+     and greedy-advance kernels that do not use PDL). Signs: 2:pdl=false fast.
+  H5 multi-step decoding not engaged for this model (single, host-bound steps). Signs: multi_steps
+     0 in the timed runs; 2:num_decode_steps=1 as slow as 2.
 
 For each configuration this prints one JSON line: tok/s of three consecutive timed runs (as
 eval.engine_bench decode times them), per-step wall times (max and median by step kind), Python
@@ -56,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eval.decode_profile import StepTimer  # noqa: E402
 from eval.engine_bench import SHAPES, _prompts, engine_options, timed  # noqa: E402
 
-DEFAULT_CONFIGS = ["2", "2:gc_freeze=true", "2:kv_cache_tokens=65536", "4", "2:pdl=false", "2:num_decode_steps=1"]
+DEFAULT_CONFIGS = ["2", "4", "2:kv_cache_tokens=65536", "2:pdl=false", "2:gc_freeze=true", "2:num_decode_steps=1"]
 
 
 def layers_dir(layers: int) -> str:
