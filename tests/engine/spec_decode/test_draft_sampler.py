@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
-from test_rejection import position_counts, tv, tv_bound
+from token_stats import position_counts, tv, tv_bound
 
 from engine.sampling_params import SamplingParams
 from engine.spec_decode.draft_sampler import sample_draft
