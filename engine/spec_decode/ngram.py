@@ -46,7 +46,12 @@ def ngram_proposal(context: np.ndarray, min_n: int, max_n: int, k: int) -> np.nd
 
 
 class NgramProposer:
-    """The Proposer of ``{"method": "ngram", ...}``: host-side, no draft probabilities."""
+    """The Proposer of ``{"method": "ngram", ...}``: host-side, no draft probabilities.
+
+    Each sequence's tokens are kept as a numpy array that grows by the tokens appended since the
+    last call (converting a whole 8k-token list costs ~45x the search itself). A sequence's tokens
+    only ever grow in the engine; a shorter or unseen one is converted afresh. Arrays of sequences
+    absent from a call are dropped, so finished sequences leave nothing behind."""
 
     has_probs = False
 
@@ -55,9 +60,26 @@ class NgramProposer:
             raise ValueError(f"prompt_lookup_min/max: need 1 <= {prompt_lookup_min} <= {prompt_lookup_max}")
         self.min_n = prompt_lookup_min
         self.max_n = prompt_lookup_max
+        self._tokens: dict[int, tuple[np.ndarray, int]] = {}  # seq_id -> (buffer, tokens in it)
+
+    def _context(self, seq: Sequence) -> np.ndarray:
+        ids = seq.token_ids
+        buf, n = self._tokens.get(seq.seq_id, (None, 0))
+        if buf is None or n > len(ids):
+            buf, n = np.empty(max(64, 2 * len(ids)), dtype=np.int64), 0
+        if len(ids) > len(buf):
+            grown = np.empty(2 * len(ids), dtype=np.int64)
+            grown[:n] = buf[:n]
+            buf = grown
+        if len(ids) > n:
+            buf[n : len(ids)] = ids[n:]
+        self._tokens[seq.seq_id] = (buf, len(ids))
+        return buf[: len(ids)]
 
     def propose(self, seqs: Seq[Sequence], k: int | Seq[int]) -> Proposal:
         ks = per_sequence_k(seqs, k)
-        out = [ngram_proposal(np.asarray(seq.token_ids, dtype=np.int64), self.min_n, self.max_n, n).tolist()
-               for seq, n in zip(seqs, ks)]
+        out = [ngram_proposal(self._context(seq), self.min_n, self.max_n, n).tolist() for seq, n in zip(seqs, ks)]
+        live = {seq.seq_id for seq in seqs}
+        for seq_id in [s for s in self._tokens if s not in live]:
+            del self._tokens[seq_id]
         return Proposal(out)
