@@ -9,6 +9,9 @@ import torch
 from token_stats import position_counts, tv, tv_bound
 
 from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+from engine.spec_decode.ngram import NgramProposer
+from engine.spec_decode.proposer import Proposal, draft_limit
 from engine.spec_decode.rejection import (
     PLACEHOLDER, _accepted_prefix, greedy_verify, processed_probs, rejection_sample, verify,
 )
@@ -35,47 +38,77 @@ def test_greedy_verify_accepts_the_matching_prefix_then_the_argmax():
         assert out.token_ids[i, a + 1 :].eq(PLACEHOLDER).all()
 
 
-def _greedy_next(model, ids: list[int]) -> torch.Tensor:
+def _logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float()
 
 
-def test_speculative_greedy_equals_plain_greedy_with_a_poor_draft_in_a_ragged_batch(model_dir, hf_reference):
-    """The verify rule on real (tiny, random) models: a draft of another architecture that mostly
-    disagrees, k differing per row and some rows proposing nothing, and the tokens are still those
-    of transformers' greedy decoding."""
+def _model_drafter(draft, error_rate: float = 0.0):
+    """Greedy proposals of ``draft``; with error_rate > 0 each proposal is replaced by a wrong
+    token with that probability (seeded), and the draft goes on from the wrong one."""
+    g = torch.Generator().manual_seed(0)
+
+    def propose(seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        out = []
+        for seq, n in zip(seqs, ks):
+            d: list[int] = []
+            for _ in range(n):
+                token = int(_logits(draft, seq.token_ids + d)[-1].argmax())
+                if torch.rand(1, generator=g).item() < error_rate:
+                    token = (token + 1) % 256
+                d.append(token)
+            out.append(d)
+        return out
+
+    return propose
+
+
+@pytest.mark.parametrize("drafter", ["draft_model", "ngram", "flawed_target"])
+def test_speculative_greedy_equals_plain_greedy_in_a_ragged_batch(drafter, model_dir, hf_reference):
+    """The verify rule on real (tiny, random) models, with the engine's per-sequence draft limit:
+    a draft model of another architecture that mostly disagrees, or the n-gram proposer on prompts
+    that repeat themselves, or the target itself with 30% of its proposals made wrong (so runs are
+    accepted, cut, and completed by bonus tokens); k differs per row and some rows propose nothing
+    at some steps. The tokens are still those of transformers' greedy decoding."""
     from transformers import AutoModelForCausalLM
 
     from tiny_models import prompts
 
     target_name, new_tokens = "llama_gqa_untied", 16
     target = AutoModelForCausalLM.from_pretrained(model_dir(target_name), dtype=torch.float32).eval()
-    draft = AutoModelForCausalLM.from_pretrained(model_dir("qwen2_bias"), dtype=torch.float32).eval()
     batch = prompts(5, seed=3, lo=2, hi=20)
+    if drafter == "ngram":
+        batch = [p + p for p in batch]
+        ngram = NgramProposer(1, 3)
+        propose = lambda seqs, ks: ngram.propose(seqs, ks).token_ids  # noqa: E731
+    elif drafter == "draft_model":
+        draft = AutoModelForCausalLM.from_pretrained(model_dir("qwen2_bias"), dtype=torch.float32).eval()
+        propose = _model_drafter(draft)
+    else:
+        propose = _model_drafter(target, error_rate=0.3)
     want = hf_reference(target_name, batch, new_tokens)
-    outs: list[list[int]] = [[] for _ in batch]
+    seqs = [Sequence(p, SamplingParams(temperature=0, max_tokens=new_tokens)) for p in batch]
     row_k = [0, 1, 2, 4, 3]  # row 0 never drafts
-    accepted_any = 0
-    while any(len(o) < new_tokens for o in outs):
-        live = [i for i in range(len(batch)) if len(outs[i]) < new_tokens]
-        ks = [min(row_k[i], new_tokens - len(outs[i]) - 1) for i in live]
-        k = max(ks)
-        drafts, logits = [], []
-        for i, n in zip(live, ks):
-            ctx = batch[i] + outs[i]
-            d: list[int] = []
-            for _ in range(n):
-                d.append(int(_greedy_next(draft, ctx + d)[-1].argmax()))
-            full = _greedy_next(target, ctx + d)[len(ctx) - 1 :]  # positions len-1 .. len-1+n
-            logits.append(torch.cat([full, full.new_zeros(k - n, full.shape[1])]))
-            drafts.append(d + [0] * (k - n))
-        res = verify(torch.tensor(drafts, dtype=torch.int64).view(len(live), k), torch.tensor(ks),
-                     torch.stack(logits), [SamplingParams(temperature=0)] * len(live))
-        for i, toks in zip(live, res.to_lists()):
-            outs[i].extend(toks)
-        accepted_any += int(res.num_accepted.sum())
-    assert [o[:new_tokens] for o in outs] == want
-    assert accepted_any == 0 or accepted_any < sum(row_k) * new_tokens  # the draft is poor, not perfect
+    proposed = accepted = 0
+    while any(s.num_output_tokens < new_tokens for s in seqs):
+        live = [s for s in seqs if s.num_output_tokens < new_tokens]
+        ks = [draft_limit(s, row_k[seqs.index(s)], max_model_len=512) for s in live]
+        drafts = propose(live, ks)
+        k = max(len(d) for d in drafts)
+        logits = []
+        for seq, d in zip(live, drafts):
+            full = _logits(target, seq.token_ids + d)[seq.num_tokens - 1 :]  # positions len-1 .. len-1+n
+            logits.append(torch.cat([full, full.new_zeros(k - len(d), full.shape[1])]))
+        ids, counts = Proposal(drafts).as_tensors("cpu", k)
+        res = verify(ids, counts, torch.stack(logits), [s.params for s in live])
+        for seq, toks in zip(live, res.to_lists()):
+            seq.token_ids.extend(toks)
+        proposed += int(counts.sum())
+        accepted += int(res.num_accepted.sum())
+    assert [s.output_token_ids for s in seqs] == want
+    assert 0 < proposed and accepted < proposed  # the drafter proposed, and was wrong at times
+    if drafter == "flawed_target":
+        assert accepted > proposed // 3  # long accepted runs and bonus tokens were exercised
 
 
 # -- distribution (after vLLM's test_rejection_sampling_approximates_target_distribution) --------------
