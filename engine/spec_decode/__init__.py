@@ -1,7 +1,8 @@
 """Speculative decoding: a drafter proposes k tokens per sequence, the target verifies all of them in
 one forward, rejection sampling keeps the output distribution the target's (greedy: identical).
 
-    config.py     SpeculativeConfig.from_dict(speculative_config) and check_same_vocabulary
+    config.py     SpeculativeConfig.from_dict(speculative_config), check_same_vocabulary and
+                  draft_engine_config (the draft runner's EngineConfig, checked against the target)
     proposer.py   Proposal, the Proposer protocol, draft_limit (k per sequence)
     ngram.py      NgramProposer: prompt lookup, no model
     rejection.py  verify(): greedy matching and batched rejection sampling, no host sync
@@ -11,13 +12,15 @@ one forward, rejection sampling keeps the output distribution the target's (gree
 Integration plan (phase 2, on the runner/scheduler whose steps return a list of tokens per sequence):
 
 1. Construction. ``EngineConfig.speculative_config`` (dict) -> SpeculativeConfig.from_dict before any
-   work. Draft model: load its HF config and tokenizer, check_same_vocabulary(target, draft), then a
-   second ModelRunner over an EngineConfig copy (model=draft path, dtype, same block_size and
-   num_kv_blocks). The draft gets its own KV tensors but indexes them with the *sequence's* block
-   table: one BlockManager, one table per sequence, so allocation, prefix caching, preemption and
-   rollback stay one piece of bookkeeping (a second BlockManager would duplicate all of it). The pool
-   is sized by the target's plus the draft's KV bytes per token. Every prefill chunk runs on both
-   runners, so a prefix-cache hit is valid in both caches.
+   work. Draft model: draft_engine_config(target config, target tokenizer, spec, num_kv_blocks)
+   checks vocabulary and positions and gives the EngineConfig of a second ModelRunner (same
+   block_size and pool size). The draft gets its own KV tensors but indexes them with the
+   *sequence's* block table: one BlockManager, one table per sequence, so allocation, prefix
+   caching, preemption and rollback stay one piece of bookkeeping (a second BlockManager would
+   duplicate all of it). The pool is sized by the target's plus the draft's KV bytes per token.
+   Every prefill chunk runs on both runners, so a prefix-cache hit is valid in both caches. Both
+   runners on one stream, one after the other: the split-decode counters
+   (kernels/paged_attention.split_counters) are one buffer per device.
 2. Draft. Per sequence, ``draft_computed`` (draft K/V written up to there) may trail the target's by
    one token after a fully accepted round (the k-th draft token was sampled, never fed). The draft's
    first forward feeds the 1-2 missing tokens (varlen prefill path, query length 1 or 2), then k - 1
@@ -46,7 +49,9 @@ Integration plan (phase 2, on the runner/scheduler whose steps return a list of 
    verify step, draft/verify time per phase; exposed with the engine's stats and, later, /metrics.
 """
 
-from engine.spec_decode.config import SpeculativeConfig, SpeculativeConfigError, check_same_vocabulary
+from engine.spec_decode.config import (
+    SpeculativeConfig, SpeculativeConfigError, check_same_vocabulary, draft_engine_config,
+)
 from engine.spec_decode.draft_sampler import sample_draft
 from engine.spec_decode.metrics import SpecDecodeMetrics
 from engine.spec_decode.ngram import NgramProposer, ngram_proposal
@@ -54,7 +59,7 @@ from engine.spec_decode.proposer import Proposal, Proposer, draft_limit
 from engine.spec_decode.rejection import VerifiedTokens, greedy_verify, processed_probs, rejection_sample, verify
 
 __all__ = [
-    "SpeculativeConfig", "SpeculativeConfigError", "check_same_vocabulary", "SpecDecodeMetrics", "NgramProposer",
-    "ngram_proposal", "Proposal", "Proposer", "draft_limit", "VerifiedTokens", "greedy_verify", "processed_probs",
-    "rejection_sample", "verify", "sample_draft",
+    "SpeculativeConfig", "SpeculativeConfigError", "check_same_vocabulary", "draft_engine_config",
+    "SpecDecodeMetrics", "NgramProposer", "ngram_proposal", "Proposal", "Proposer", "draft_limit", "VerifiedTokens",
+    "greedy_verify", "processed_probs", "rejection_sample", "verify", "sample_draft",
 ]

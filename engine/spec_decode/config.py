@@ -170,3 +170,35 @@ def check_same_vocabulary(target_config: Any, target_tokenizer: Any, draft_confi
 
 def _as_set(value: Any) -> frozenset:
     return frozenset(value) if isinstance(value, (list, tuple)) else frozenset([value])
+
+
+def draft_engine_config(target: Any, target_tokenizer: Any, spec: SpeculativeConfig,
+                        num_kv_blocks: int | None = None) -> Any:
+    """The EngineConfig of the draft model's runner, after checking that the draft can serve the
+    target: same vocabulary (check_same_vocabulary) and room for the target's max_model_len
+    positions. Scheduling, block size, prefix caching and execution settings are the target's
+    (the draft's cache is indexed by the sequences' block tables); ``num_kv_blocks`` is the
+    target's pool size, so that every block id of a table exists in both caches. Weights load as the
+    target's do (load_format: random weights of the draft's shape in a benchmark of shapes)."""
+    from dataclasses import fields, replace
+
+    from transformers import AutoConfig
+
+    from engine.llm_engine import _load_tokenizer  # here: llm_engine will import this module
+
+    if spec.method != "draft_model" or spec.model is None:
+        raise SpeculativeConfigError("method", f"{spec.method!r} has no draft model")
+    try:
+        hf = AutoConfig.from_pretrained(spec.model)
+    except (OSError, ValueError) as e:
+        raise SpeculativeConfigError("model", f"cannot read the draft's config.json in {spec.model!r}: {e}") from None
+    check_same_vocabulary(target.hf_config, target_tokenizer, hf, _load_tokenizer(spec.model))
+    limit = int(getattr(hf, "max_position_embeddings", 4096))
+    if limit < target.max_model_len:
+        raise SpeculativeConfigError(
+            "model", f"the draft has {limit} positions (max_position_embeddings), the target's max_model_len is "
+            f"{target.max_model_len}")
+    dtype = target.dtype if spec.dtype == "auto" else spec.dtype
+    nested = {f.name: None for f in fields(target) if f.name == "speculative_config"}  # the draft drafts nothing
+    return replace(target, model=spec.model, hf_config=hf, dtype=dtype, num_kv_blocks=num_kv_blocks,
+                   kv_cache_tokens=None, **nested)

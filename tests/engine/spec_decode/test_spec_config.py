@@ -152,3 +152,50 @@ def test_tokens_added_past_vocab_size_do_not_matter(model_dir):
     _, bigger = _load(model_dir("llama_gqa_untied", with_tokenizer=True))
     bigger.add_tokens(["<extra>"])  # id 256: no logit of either model
     check_same_vocabulary(target_cfg, tok, target_cfg, bigger)
+
+
+# -- the draft runner's EngineConfig -----------------------------------------------------------------
+def _target(model_dir):
+    from transformers import AutoTokenizer
+
+    from engine.config import EngineConfig
+
+    path = model_dir("llama_gqa_untied", with_tokenizer=True)
+    return EngineConfig(model=path, device="cpu", block_size=8, max_model_len=256), AutoTokenizer.from_pretrained(path)
+
+
+def test_draft_engine_config_shares_the_targets_settings(model_dir):
+    from engine.spec_decode.config import draft_engine_config
+
+    target, tok = _target(model_dir)
+    draft_path = model_dir("qwen2_bias", with_tokenizer=True)
+    spec = SpeculativeConfig.from_dict({"model": draft_path, "num_speculative_tokens": 3, "dtype": "float32"})
+    cfg = draft_engine_config(target, tok, spec, num_kv_blocks=77)
+    assert (cfg.model, cfg.hf_config.model_type, cfg.num_kv_blocks) == (draft_path, "qwen2", 77)
+    assert (cfg.block_size, cfg.max_model_len, cfg.device, cfg.dtype) == (8, 256, "cpu", "float32")
+    assert target.model != cfg.model and target.hf_config.model_type == "llama"  # the target's is untouched
+
+
+def test_draft_engine_config_rejects_what_cannot_serve(model_dir, tmp_path):
+    from transformers import AutoConfig
+
+    from engine.spec_decode.config import draft_engine_config
+
+    target, tok = _target(model_dir)
+    ngram = SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 2})
+    with pytest.raises(SpeculativeConfigError, match="has no draft model"):
+        draft_engine_config(target, tok, ngram)
+    short = tmp_path / "short"
+    cfg = AutoConfig.from_pretrained(model_dir("llama_mha_tied"))
+    cfg.max_position_embeddings = 128
+    cfg.save_pretrained(short)
+    spec = SpeculativeConfig.from_dict({"model": str(short), "num_speculative_tokens": 2})
+    with pytest.raises(SpeculativeConfigError, match="128 positions .* max_model_len is 256"):
+        draft_engine_config(target, tok, spec)
+    other = tmp_path / "other_vocab"
+    cfg.max_position_embeddings = 512
+    cfg.vocab_size = 300
+    cfg.save_pretrained(other)
+    spec = SpeculativeConfig.from_dict({"model": str(other), "num_speculative_tokens": 2})
+    with pytest.raises(SpeculativeConfigError, match="vocab_size 300"):
+        draft_engine_config(target, tok, spec)
