@@ -1,0 +1,204 @@
+"""``speculative_config`` as vLLM users write it, parsed and checked before any work.
+
+    {"model": DRAFT_PATH, "num_speculative_tokens": 4}
+    {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+
+Optional keys: ``num_speculative_tokens_per_batch_size`` ({max batch size: k}; k 0 turns speculation
+off for those batches; batches larger than every key run without it) and ``dtype`` (the draft
+model's, as EngineConfig.dtype spells it). Every bad key or value raises SpeculativeConfigError
+naming the key. ``check_same_vocabulary`` verifies a draft can verify against the target at all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from common.errors import ShrinkError
+
+METHODS = ("draft_model", "ngram")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_KEYS = {
+    "draft_model": {"method", "model", "num_speculative_tokens", "num_speculative_tokens_per_batch_size", "dtype"},
+    "ngram": {"method", "num_speculative_tokens", "num_speculative_tokens_per_batch_size", "prompt_lookup_min",
+              "prompt_lookup_max"},
+}
+# vLLM's default n-gram window when neither bound is given.
+DEFAULT_PROMPT_LOOKUP = 5
+
+
+class SpeculativeConfigError(ShrinkError, ValueError):
+    """A bad speculative_config key or value, or a draft that cannot serve the target."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(f"speculative_config.{key}: {message}")
+
+
+def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SpeculativeConfigError(key, f"must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str  # "draft_model" | "ngram"
+    num_speculative_tokens: int
+    model: str | None = None  # draft model directory (method draft_model)
+    dtype: str = "auto"  # the draft model's dtype
+    prompt_lookup_min: int | None = None  # ngram only
+    prompt_lookup_max: int | None = None
+    # Sorted (max batch size, k) pairs; empty: k = num_speculative_tokens at every batch size.
+    k_by_batch_size: tuple[tuple[int, int], ...] = field(default=())
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> SpeculativeConfig | None:
+        """None (no speculation) for None; else the parsed config, or SpeculativeConfigError."""
+        if raw is None:
+            return None
+        if isinstance(raw, SpeculativeConfig):
+            return raw
+        if not isinstance(raw, Mapping):
+            raise SpeculativeConfigError("", f"expected a dict, got {type(raw).__name__}")
+        for key in raw:
+            if not isinstance(key, str):
+                raise SpeculativeConfigError(str(key), "keys must be strings")
+        method = raw.get("method")
+        if method is None:
+            if "model" not in raw:
+                raise SpeculativeConfigError("method", "give 'model' (a draft model directory) or method 'ngram'")
+            method = "draft_model"
+        if method not in METHODS:
+            raise SpeculativeConfigError("method", f"{method!r} is not one of {list(METHODS)}")
+        unknown = sorted(set(raw) - _KEYS[method])
+        if unknown:
+            raise SpeculativeConfigError(
+                unknown[0], f"unknown key for method {method!r}; allowed: {sorted(_KEYS[method])}")
+        if "num_speculative_tokens" not in raw:
+            raise SpeculativeConfigError("num_speculative_tokens", "is required")
+        k = _positive_int("num_speculative_tokens", raw["num_speculative_tokens"])
+        policy = _parse_policy(raw.get("num_speculative_tokens_per_batch_size"), k)
+        if method == "ngram":
+            lo, hi = raw.get("prompt_lookup_min"), raw.get("prompt_lookup_max")
+            if lo is None and hi is None:
+                lo = hi = DEFAULT_PROMPT_LOOKUP
+            lo = _positive_int("prompt_lookup_min", lo if lo is not None else hi)
+            hi = _positive_int("prompt_lookup_max", hi if hi is not None else lo)
+            if hi < lo:
+                raise SpeculativeConfigError("prompt_lookup_max", f"{hi} is below prompt_lookup_min {lo}")
+            return cls("ngram", k, prompt_lookup_min=lo, prompt_lookup_max=hi, k_by_batch_size=policy)
+        model = raw.get("model")
+        if not isinstance(model, str) or not model:
+            raise SpeculativeConfigError("model", f"must be a draft model directory, got {model!r}")
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise SpeculativeConfigError("model", f"{model!r} is not a directory with config.json")
+        dtype = raw.get("dtype", "auto")
+        if dtype not in DTYPES:
+            raise SpeculativeConfigError("dtype", f"{dtype!r} is not one of {list(DTYPES)}")
+        return cls("draft_model", k, model=model, dtype=dtype, k_by_batch_size=policy)
+
+    def k_for_batch(self, batch_size: int) -> int:
+        """Draft tokens per sequence for a decode batch of ``batch_size`` sequences; 0: decode plainly."""
+        if not self.k_by_batch_size:
+            return self.num_speculative_tokens
+        for max_bs, k in self.k_by_batch_size:
+            if batch_size <= max_bs:
+                return k
+        return 0
+
+
+def _parse_policy(raw: Any, k_max: int) -> tuple[tuple[int, int], ...]:
+    key = "num_speculative_tokens_per_batch_size"
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping) or not raw:
+        raise SpeculativeConfigError(key, f"must be a non-empty dict {{max batch size: k}}, got {raw!r}")
+    pairs: dict[int, int] = {}
+    for bs_raw, k in raw.items():
+        bs = int(bs_raw) if isinstance(bs_raw, str) and bs_raw.isdigit() else bs_raw  # JSON keys are strings
+        bs = _positive_int(f"{key}[{bs_raw!r}]", bs)
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= k_max:
+            raise SpeculativeConfigError(
+                f"{key}[{bs_raw!r}]", f"k must be an integer in [0, num_speculative_tokens={k_max}], got {k!r}")
+        if bs in pairs:
+            raise SpeculativeConfigError(f"{key}[{bs_raw!r}]", f"batch size {bs} given twice")
+        pairs[bs] = k
+    return tuple(sorted(pairs.items()))
+
+
+# -- the draft must speak the target's vocabulary ----------------------------------------------------
+SPECIAL_TOKEN_ATTRS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+VOCAB_SAMPLE = 1024  # token ids compared, evenly spaced over the vocabulary (plus every special token)
+
+
+def check_same_vocabulary(target_config: Any, target_tokenizer: Any, draft_config: Any, draft_tokenizer: Any,
+                          sample: int = VOCAB_SAMPLE) -> None:
+    """Raise SpeculativeConfigError (key ``model``) unless the draft's logits index the same tokens
+    as the target's: equal vocab_size and special-token ids in the configs and, when both have
+    tokenizers, the same token strings at ``sample`` evenly spaced ids below vocab_size and at every
+    special token's id. Tokens a tokenizer adds past vocab_size are never logits, so they may differ."""
+    vocab, dv = int(target_config.vocab_size), int(draft_config.vocab_size)
+    if vocab != dv:
+        raise SpeculativeConfigError("model", f"the draft's vocab_size {dv} differs from the target's {vocab}")
+    for attr in SPECIAL_TOKEN_ATTRS:
+        t, d = getattr(target_config, attr, None), getattr(draft_config, attr, None)
+        if t is not None and d is not None and _as_set(t) != _as_set(d):
+            raise SpeculativeConfigError("model", f"the draft's {attr} {d!r} differs from the target's {t!r}")
+    if target_tokenizer is None or draft_tokenizer is None:
+        return
+    n, nd = min(len(target_tokenizer), vocab), min(len(draft_tokenizer), vocab)
+    if n != nd:
+        raise SpeculativeConfigError(
+            "model", f"the draft's tokenizer names {nd} of the {vocab} token ids, the target's {n}")
+    step = max(1, n // max(1, sample))
+    ids = set(range(0, n, step)) | {n - 1}
+    for tok in (target_tokenizer, draft_tokenizer):
+        ids |= {i for i in getattr(tok, "all_special_ids", []) if 0 <= i < n}
+    ordered = sorted(ids)
+    t_tokens = target_tokenizer.convert_ids_to_tokens(ordered)
+    d_tokens = draft_tokenizer.convert_ids_to_tokens(ordered)
+    for i, t, d in zip(ordered, t_tokens, d_tokens):
+        if t != d:
+            raise SpeculativeConfigError("model", f"token id {i} is {d!r} for the draft but {t!r} for the target")
+    for attr in SPECIAL_TOKEN_ATTRS:
+        t, d = getattr(target_tokenizer, attr, None), getattr(draft_tokenizer, attr, None)
+        if t is not None and d is not None and t < vocab and t != d:
+            raise SpeculativeConfigError("model", f"the draft tokenizer's {attr} {d!r} differs from the target's {t!r}")
+
+
+def _as_set(value: Any) -> frozenset:
+    return frozenset(value) if isinstance(value, (list, tuple)) else frozenset([value])
+
+
+def draft_engine_config(target: Any, target_tokenizer: Any, spec: SpeculativeConfig,
+                        num_kv_blocks: int | None = None) -> Any:
+    """The EngineConfig of the draft model's runner, after checking that the draft can serve the
+    target: same vocabulary (check_same_vocabulary) and room for the target's max_model_len
+    positions. Scheduling, block size, prefix caching and execution settings are the target's
+    (the draft's cache is indexed by the sequences' block tables); ``num_kv_blocks`` is the
+    target's pool size, so that every block id of a table exists in both caches. Weights load as the
+    target's do (load_format: random weights of the draft's shape in a benchmark of shapes)."""
+    from dataclasses import fields, replace
+
+    from transformers import AutoConfig
+
+    from engine.llm_engine import _load_tokenizer  # here: llm_engine will import this module
+
+    if spec.method != "draft_model" or spec.model is None:
+        raise SpeculativeConfigError("method", f"{spec.method!r} has no draft model")
+    try:
+        hf = AutoConfig.from_pretrained(spec.model)
+    except (OSError, ValueError) as e:
+        raise SpeculativeConfigError("model", f"cannot read the draft's config.json in {spec.model!r}: {e}") from None
+    check_same_vocabulary(target.hf_config, target_tokenizer, hf, _load_tokenizer(spec.model))
+    limit = int(getattr(hf, "max_position_embeddings", 4096))
+    if limit < target.max_model_len:
+        raise SpeculativeConfigError(
+            "model", f"the draft has {limit} positions (max_position_embeddings), the target's max_model_len is "
+            f"{target.max_model_len}")
+    dtype = target.dtype if spec.dtype == "auto" else spec.dtype
+    nested = {f.name: None for f in fields(target) if f.name == "speculative_config"}  # the draft drafts nothing
+    return replace(target, model=spec.model, hf_config=hf, dtype=dtype, num_kv_blocks=num_kv_blocks,
+                   kv_cache_tokens=None, **nested)

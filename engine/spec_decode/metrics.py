@@ -1,0 +1,85 @@
+"""Acceptance counters of speculative decoding, for the engine's stats, eval and the server's /metrics.
+
+Per verify step and sequence: how many draft tokens it proposed and how many the target accepted.
+Rates are derived from the counters, so a reader can also difference two snapshots."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence as Seq
+
+
+@dataclass
+class SpecDecodeMetrics:
+    num_drafts: int = 0  # (sequence, verify step) pairs that proposed at least one token
+    num_proposed: int = 0  # draft tokens proposed
+    num_accepted: int = 0  # of those, accepted
+    num_emitted: int = 0  # tokens the verify steps emitted (accepted + one per sequence and step)
+    # Index j: drafts that proposed a token at position j, and drafts whose token j was accepted.
+    proposed_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+
+    def record(self, num_proposed: Seq[int], num_accepted: Seq[int]) -> None:
+        """One verify step: per sequence, tokens proposed and the accepted prefix's length."""
+        if len(num_proposed) != len(num_accepted):
+            raise ValueError(f"{len(num_proposed)} proposal counts but {len(num_accepted)} acceptance counts")
+        width = max(num_proposed, default=0)
+        for counts in (self.proposed_per_position, self.accepted_per_position):
+            counts.extend([0] * (width - len(counts)))
+        for n, a in zip(num_proposed, num_accepted):
+            if not 0 <= a <= n:
+                raise ValueError(f"accepted {a} of {n} proposed tokens")
+            self.num_emitted += a + 1
+            if n == 0:
+                continue
+            self.num_drafts += 1
+            self.num_proposed += n
+            self.num_accepted += a
+            for j in range(n):
+                self.proposed_per_position[j] += 1
+            for j in range(a):
+                self.accepted_per_position[j] += 1
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        if phase not in ("draft", "verify"):
+            raise ValueError(f"phase: {phase!r} is not 'draft' or 'verify'")
+        setattr(self, f"{phase}_time_s", getattr(self, f"{phase}_time_s") + seconds)
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Host wall time of a block; on a GPU the block must end with its results on the host (the
+        verify step's one transfer does), or the time is only the launches'."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add_time(phase, time.perf_counter() - start)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted / self.num_proposed if self.num_proposed else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per draft: accepted ones plus the target's own (vLLM's mean acceptance length)."""
+        return 1.0 + self.num_accepted / self.num_drafts if self.num_drafts else 0.0
+
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        """Of the drafts that proposed a token at position j, the fraction whose token j was accepted."""
+        return [a / p if p else 0.0 for a, p in zip(self.accepted_per_position, self.proposed_per_position)]
+
+    def as_dict(self) -> dict[str, float | int | list]:
+        return {
+            "num_drafts": self.num_drafts, "num_proposed_tokens": self.num_proposed,
+            "num_accepted_tokens": self.num_accepted, "num_emitted_tokens": self.num_emitted,
+            "acceptance_rate": self.acceptance_rate, "mean_accepted_length": self.mean_accepted_length,
+            "accepted_per_position": list(self.accepted_per_position),
+            "proposed_per_position": list(self.proposed_per_position),
+            "acceptance_per_position": self.acceptance_per_position,
+            "draft_time_s": self.draft_time_s, "verify_time_s": self.verify_time_s,
+        }

@@ -1,0 +1,124 @@
+"""experiments/spec_bench.py: the greedy replay's bookkeeping, the workloads, and `acceptance` end
+to end on the CPU with tiny models and a small fake data directory."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("spec_bench", REPO / "experiments" / "spec_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    wiki = tmp_path / "wikitext-2-raw"
+    wiki.mkdir()
+    para = ("The river runs past the old mill and the mill stands by the river. " * 8).strip()
+    (wiki / "wiki.test.raw").write_text(" = Title = \r\n" + para + "\r\n" + para.replace("river", "road") + "\r\n")
+    cqa = tmp_path / "reasoning" / "cqa"
+    cqa.mkdir(parents=True)
+    (cqa / "cqa_test.json").write_text(json.dumps(
+        {"id": "a", "question": "Where do fish live?", "choices": ["sea", "sky", "car", "tree", "desk"],
+         "answer": "sea"}) + "\n")
+    gsm = tmp_path / "reasoning" / "gsm8k"
+    gsm.mkdir(parents=True)
+    (gsm / "test.jsonl").write_text(json.dumps({"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}) + "\n")
+    return tmp_path
+
+
+def test_replay_with_a_perfect_and_a_useless_drafter(bench):
+    outputs = [list(range(10)), list(range(5))]
+    perfect = bench.replay_greedy(outputs, lambda i, t, k: outputs[i][t : t + k], k=3)
+    # 10 tokens in rounds of 4 (3 accepted + 1): 4, 4, then 2 left (1 proposed + 1);
+    # 5 tokens: 4, then 1 (none proposed).
+    assert (perfect.num_accepted, perfect.num_emitted, perfect.num_drafts) == (3 + 3 + 1 + 3, 15, 4)
+    assert perfect.acceptance_rate == 1.0
+    useless = bench.replay_greedy(outputs, lambda i, t, k: [99] * k, k=3)
+    assert useless.num_accepted == 0 and useless.num_emitted == 15  # one token per round, as plain decoding
+    assert useless.proposed_per_position[0] == useless.num_drafts
+
+
+def test_ngram_replay_finds_a_repeated_passage(bench):
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12]
+    output = [5, 6, 7, 8, 9, 10, 11, 12]  # the output repeats the prompt
+    m = bench.replay_greedy([output], bench.ngram_proposer([prompt], [output], 1, 2), k=4)
+    assert m.acceptance_rate == 1.0 and m.mean_accepted_length > 3
+
+
+def test_workloads_load(bench, data_dir):
+    from tiny_models import byte_tokenizer
+
+    tok = byte_tokenizer()
+    wiki = bench.load_prompts("wikitext", data_dir, tok, 5, 32)
+    assert len(wiki) == 2 and all(len(p) == 32 for p in wiki)  # the heading is not a paragraph
+    assert tok.decode(wiki[0]).startswith("The river runs")
+    grounded = bench.load_prompts("grounded", data_dir, tok, 2, 32)
+    text = tok.decode(grounded[0])
+    assert "Rewrite the following paragraph" in text and "the old mill" in text and len(text) < 300
+    assert "Where do fish live?" in tok.decode(bench.load_prompts("cqa", data_dir, tok, 3, 32)[0])
+    assert "What is 2 + 3?" in tok.decode(bench.load_prompts("gsm8k", data_dir, tok, 3, 32)[0])
+    with pytest.raises(Exception, match="workloads"):
+        bench.load_prompts("poetry", data_dir, tok, 1, 32)
+
+
+def test_acceptance_end_to_end_on_cpu(bench, data_dir, model_dir, tmp_path, capsys):
+    target = model_dir("llama_gqa_untied", with_tokenizer=True)
+    draft = model_dir("llama_mha_tied", with_tokenizer=True)
+    out = tmp_path / "acc.jsonl"
+    bench.main(["--json", str(out), "acceptance", "--target", target, "--draft", draft, "--data-dir", str(data_dir),
+                "--workloads", "grounded", "--prompts", "2", "--prompt-tokens", "24", "--new-tokens", "6",
+                "--ks", "1", "3", "--engine", '{"device": "cpu", "num_decode_steps": 1}'])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["drafter"].split("[")[0], r["k"]) for r in rows] == [("ngram", 1), ("ngram", 3), (draft, 1), (draft, 3)]
+    for r in rows:
+        assert r["num_emitted_tokens"] == 2 * 6  # every target token, whatever was accepted
+        assert 0.0 <= r["acceptance_rate"] <= 1.0 and r["implied_speedup"] > 0
+
+
+def test_implied_speedup_and_policy(bench):
+    # k=4, mean 3.6 tokens per round, draft 0.2 of a step, verify 1.1: 3.6 / 1.9
+    assert bench.implied_speedup(3.6, 4, 0.2, 1.1) == pytest.approx(3.6 / 1.9)
+    rows = [{"batch": 1, "k": 2, "speedup": 1.4}, {"batch": 1, "k": 4, "speedup": 1.7},
+            {"batch": 16, "k": 2, "speedup": 1.01}, {"batch": 16, "k": 4, "speedup": 0.8},
+            {"batch": 64, "k": 2, "speedup": None}]
+    assert bench.recommend_policy(rows) == {1: 4, 16: 0}
+
+
+def test_verify_cost_runs_on_cpu(bench, model_dir, tmp_path):
+    out = tmp_path / "v.jsonl"
+    bench.main(["--json", str(out), "verify-cost", "--model", model_dir("llama_gqa_untied"), "--context", "32",
+                "--k", "4", "--repeat", "2", "--engine", '{"device": "cpu"}'])
+    row = json.loads(out.read_text())
+    assert row["verify_step_us"] > 0 and row["decode_step_us"] > 0 and row["ratio"] > 0
+
+
+def test_speed_runs_the_baseline_and_each_speculative_config(bench, data_dir, model_dir, tmp_path):
+    """Before phase 2 the speculative runs report "not integrated"; after it, they must time and
+    report acceptance metrics like the baseline."""
+    target = model_dir("llama_gqa_untied", with_tokenizer=True)
+    draft = model_dir("llama_mha_tied", with_tokenizer=True)
+    out = tmp_path / "speed.jsonl"
+    bench.main(["--json", str(out), "speed", "--target", target, "--draft", draft, "--data-dir", str(data_dir),
+                "--workloads", "gsm8k", "--new-tokens", "4", "--batch", "1", "2", "--ks", "2",
+                "--engine", '{"device": "cpu"}'])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    base = [r for r in rows if r["spec"] == "none"]
+    assert [r["batch"] for r in base] == [1, 2] and all(r["tok_s"] > 0 and r["speedup"] == 1.0 for r in base)
+    spec = [r for r in rows if r["bench"] == "speed" and r["spec"] != "none"]
+    assert {r["spec"] for r in spec} == {"ngram", draft}
+    for r in spec:
+        if "error" in r:
+            assert "not integrated" in r["error"] and "speculative_config" in r["error"]
+        else:
+            assert r["tok_s"] > 0 and r["metrics"]["num_emitted_tokens"] > 0

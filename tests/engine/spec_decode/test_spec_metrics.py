@@ -1,0 +1,58 @@
+"""Acceptance counters and the per-sequence draft limit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+from engine.spec_decode.metrics import SpecDecodeMetrics
+from engine.spec_decode.proposer import Proposal, draft_limit
+
+
+def test_counters_and_rates():
+    m = SpecDecodeMetrics()
+    m.record([4, 4, 0], [4, 1, 0])  # step 1: one row proposed nothing
+    m.record([2], [0])
+    assert (m.num_drafts, m.num_proposed, m.num_accepted, m.num_emitted) == (3, 10, 5, 9)
+    assert m.proposed_per_position == [3, 3, 2, 2]
+    assert m.accepted_per_position == [2, 1, 1, 1]
+    assert m.acceptance_rate == pytest.approx(0.5)
+    assert m.mean_accepted_length == pytest.approx(1 + 5 / 3)
+    assert m.acceptance_per_position == pytest.approx([2 / 3, 1 / 3, 0.5, 0.5])
+    m.add_time("draft", 0.25)
+    with m.timed("verify"):
+        pass
+    d = m.as_dict()
+    assert d["draft_time_s"] == 0.25 and d["verify_time_s"] >= 0.0 and d["num_accepted_tokens"] == 5
+
+
+def test_empty_metrics_and_bad_records():
+    m = SpecDecodeMetrics()
+    assert (m.acceptance_rate, m.mean_accepted_length, m.acceptance_per_position) == (0.0, 0.0, [])
+    with pytest.raises(ValueError, match="accepted 3 of 2"):
+        m.record([2], [3])
+    with pytest.raises(ValueError, match="2 proposal counts but 1"):
+        m.record([2, 2], [1])
+    with pytest.raises(ValueError, match="phase"):
+        m.add_time("prefill", 1.0)
+
+
+def test_draft_limit_keeps_emitted_tokens_within_max_tokens_and_max_model_len():
+    seq = Sequence(list(range(10)), SamplingParams(max_tokens=5))
+    assert draft_limit(seq, 8, max_model_len=100) == 4  # 4 drafts + 1 target token = 5 = max_tokens
+    seq.token_ids.extend([1, 2, 3])  # 3 generated: 2 left
+    assert draft_limit(seq, 8, max_model_len=100) == 1
+    seq.token_ids.append(4)  # 1 left: a plain step
+    assert draft_limit(seq, 8, max_model_len=100) == 0
+    long = Sequence(list(range(95)), SamplingParams(max_tokens=50))
+    assert draft_limit(long, 8, max_model_len=100) == 4  # 95 + 5 emitted = 100 tokens; last K/V at position 98
+    assert draft_limit(long, 2, max_model_len=100) == 2
+
+
+def test_proposal_as_tensors_pads_ragged_rows():
+    ids, counts = Proposal([[5, 6], [], [7]]).as_tensors("cpu", k=3)
+    assert ids.tolist() == [[5, 6, 0], [0, 0, 0], [7, 0, 0]] and counts.tolist() == [2, 0, 1]
+    ids, counts = Proposal([[], []]).as_tensors("cpu")
+    assert ids.shape == (2, 0) and counts.tolist() == [0, 0] and ids.dtype == torch.int64
