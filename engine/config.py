@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from engine.layers.options import ModelOptions
+
 
 @dataclass
 class EngineConfig:
@@ -42,6 +44,7 @@ class EngineConfig:
     fused_decode: bool = True
     # Programmatic dependent launch of the decode kernels on Hopper and newer GPUs: each launch
     # starts while the kernel before it drains and reads its weights meanwhile (kernels/gemv.py).
+    # The environment variable SHRINK_PDL=0 turns it off (read here only).
     pdl: bool = True
     # A prefill step of at most this many tokens (and 16 sequences) replays a CUDA graph
     # (engine/prefill_graphs.py): its host cost is one replay instead of a launch per kernel. 0: off.
@@ -61,6 +64,7 @@ class EngineConfig:
             self.max_model_len = min(limit, 4096)
         if self.max_model_len > limit:
             raise ValueError(f"max_model_len: {self.max_model_len} exceeds the model's {limit}")
+        self.pdl = bool(self.pdl) and os.environ.get("SHRINK_PDL", "1") != "0"
         if self.block_size < 1:
             raise ValueError("block_size: must be >= 1")
         if not isinstance(self.num_decode_steps, int) or self.num_decode_steps < 1:
@@ -96,3 +100,8 @@ class EngineConfig:
         if self.use_triton is None:
             return self.torch_device.type == "cuda"
         return self.use_triton
+
+    def model_options(self) -> ModelOptions:
+        """The engine constants the model is built with."""
+        return ModelOptions(use_triton=self.triton_enabled, fused_decode=self.fused_decode, pdl=self.pdl,
+                            block_size=self.block_size, max_model_len=self.max_model_len)

@@ -116,8 +116,9 @@ def profile_decode(path: str, dummy: bool, batch: int, steps: int, prompt_len: i
     step_us = 1e6 * seconds / steps
     res: dict[str, Any] = {"batch": batch, "step_us": step_us, "tok_s": batch * 1e6 / step_us,
                            "engine_steps": steps_timed.summary(seconds)}
-    if runner.graphs:
-        graph = runner.graphs[runner._bucket_of[batch]]
+    graphs = runner.graphs
+    if graphs is not None:
+        graph = graphs.graphs[graphs.bucket_of[batch]]
         reps = 200
         graph.replay()
         sync()
@@ -126,12 +127,13 @@ def profile_decode(path: str, dummy: bool, batch: int, steps: int, prompt_len: i
             graph.replay()
         sync()
         res["graph_us"] = 1e6 * (time.perf_counter() - t) / reps
-        step_graph = runner.step_graphs.get(runner._bucket_of[batch])
+        step_graph = graphs.step_graphs.get(graphs.bucket_of[batch])
         if step_graph is not None:
-            saved = runner.d_buf.clone()  # the last prepared decode inputs
+            d_buf = runner.decode_inputs.buf.device_buf
+            saved = d_buf.clone()  # the last prepared decode inputs
             t = time.perf_counter()
             for _ in range(reps):
-                runner.d_buf.copy_(saved, non_blocking=True)
+                d_buf.copy_(saved, non_blocking=True)
                 step_graph.replay()
             sync()
             res["step_graph_us"] = 1e6 * (time.perf_counter() - t) / reps

@@ -449,7 +449,8 @@ def host_overhead(args) -> dict:
 
     Phases are timed by wrapping the engine's methods on the instance, so the engine itself carries
     no instrumentation: schedule = Scheduler.schedule; forward = the model's forward + LM head;
-    sample = ModelRunner._sample; prepare = the rest of ModelRunner.run (input tensors, context,
+    sample = Sampler.sample_step (and a multi-step's DecodeInputs.fetch_tokens, the wait for its
+    tokens); prepare = the rest of ModelRunner.run (input tensors, context,
     CUDA-graph buffers on a GPU); postprocess = the rest of LLMEngine.step (progress, appending
     tokens, stop checks, removing finished sequences); loop = LLM.generate outside step(). Only
     decode steps are counted. By default the forward is stubbed (fixed outputs; see below); with
@@ -506,8 +507,9 @@ def host_overhead(args) -> dict:
     timed(runner, "run", "run")
     timed(runner.model, "forward", "forward")
     timed(runner.model, "compute_logits", "forward")
-    timed(runner, "_sample", "sample")
-    for graph in runner.graphs.values():  # CUDA: the replay's launch is the forward's host cost
+    timed(runner.sampler, "sample_step", "sample")
+    timed(runner.decode_inputs, "fetch_tokens", "sample")
+    for graph in runner.graphs.graphs.values() if runner.graphs else []:  # CUDA: the replay's launch is the forward's host cost
         timed(graph, "replay", "forward")
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
     inner_step = eng.step

@@ -100,12 +100,12 @@ def test_min_tokens_masks_eos_and_stop_ids(llm):
     p = prompts(1, seed=17, lo=10, hi=11)[0]
     ref = greedy_tokens(llm, p, 16)
     saved = set(llm.engine.eos_token_ids)
-    llm.engine.eos_token_ids = llm.engine.runner.eos_token_ids = {ref[0]}  # the first greedy token is "EOS"
+    llm.engine.eos_token_ids = llm.engine.runner.sampler.eos_token_ids = {ref[0]}  # the first greedy token is "EOS"
     try:
         out = llm.generate([p], SamplingParams(temperature=0, max_tokens=8, min_tokens=3,
                                                stop_token_ids=[ref[1]]))[0]
     finally:
-        llm.engine.eos_token_ids = llm.engine.runner.eos_token_ids = saved
+        llm.engine.eos_token_ids = llm.engine.runner.sampler.eos_token_ids = saved
     assert len(out.token_ids) >= 3
     assert ref[0] not in out.token_ids[:3] and ref[1] not in out.token_ids[:3]
 

@@ -14,12 +14,12 @@ def make(num_blocks=100, block_size=4, max_seqs=8, budget=16, chunked=True):
 
 
 def advance(sched: Scheduler, batch, token: int = 7) -> None:
-    """What the engine does after the model ran: progress, then append sampled tokens."""
+    """What the engine does after the model ran: append sampled tokens, then progress."""
     samplers = [batch.samples(i) for i in range(len(batch.seqs))]
-    sched.finish_step(batch)
     for seq, s in zip(batch.seqs, samplers):
         if s:
             seq.append_token(token)
+    sched.finish_step(batch, [int(s) for s in samplers])
 
 
 def test_budget_and_chunked_prefill():
