@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import fields
+from itertools import repeat
 from typing import Any
 
 from engine.block_manager import BlockManager
@@ -124,8 +125,8 @@ class LLMEngine:
         touched: list[Sequence] = []
         num_new: list[int] = []
         finished = False
-        for i, (seq, tokens) in enumerate(zip(batch.seqs, result.tokens)):
-            kept, done = self._append(seq, tokens, result.logprobs[i] if result.logprobs else None)
+        for seq, tokens, logprobs in zip(batch.seqs, result.tokens, result.logprobs or repeat(None)):
+            kept, done = self._append(seq, tokens, logprobs)
             num_new.append(kept)
             finished |= done
             if kept:
@@ -141,7 +142,13 @@ class LLMEngine:
         """Append ``tokens`` (a step's, in order) until one finishes ``seq``: (tokens kept,
         finished). Tokens after that are dropped, exactly as single steps would never have made
         them; the K/V they left in the sequence's blocks goes with the blocks."""
-        if len(tokens) <= 1 or seq.params.stop_strings or logprobs:
+        if len(tokens) == 1:  # the common case, a single step's token
+            token = tokens[0]
+            seq.token_ids.append(token)
+            if logprobs:
+                seq.logprobs.append(logprobs[0])
+            return 1, self._check_stop(seq, token)
+        if seq.params.stop_strings or logprobs or not tokens:
             # Token by token: text decides for stop strings, as single steps would.
             for j, token in enumerate(tokens):
                 seq.append_token(token)
