@@ -47,7 +47,7 @@ class EngineConfig:
     # The environment variable SHRINK_PDL=0 turns it off (read here only).
     pdl: bool = True
     # A prefill step of at most this many tokens (and 16 sequences) replays a CUDA graph
-    # (engine/prefill_graphs.py): its host cost is one replay instead of a launch per kernel. 0: off.
+    # (engine/cuda_graphs.py): its host cost is one replay instead of a launch per kernel. 0: off.
     prefill_graph_max_tokens: int = 512
     seed: int = 0
     load_format: str = "safetensors"  # or "dummy": random weights (benchmarks of a model's shape)

@@ -6,7 +6,12 @@ A multi-step decode batch (``batch.num_steps`` > 1, all rows plain greedy) runs 
 to back without returning to the host: between two forwards the decode inputs on the device are
 advanced there (next ids = argmax, positions and context lengths + 1, slots looked up in the block
 tables), each step's argmax lands in a row of a [steps, batch] device buffer, and one copy with
-one sync brings all the tokens back (engine/decode_inputs.py)."""
+one sync brings all the tokens back (engine/decode_inputs.py).
+
+Its parts: kv_cache.py sizes and allocates the paged pool; decode_inputs.py stages the decode
+inputs (staging.py's one-copy buffer, shared with the prefill graphs); cuda_graphs.py captures and
+replays the decode, multi-step and prefill graphs; layers/sampler.py turns logits into tokens. The
+model gets the engine's constants once, at construction (layers/options.py)."""
 
 from __future__ import annotations
 
