@@ -8,12 +8,14 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from common.paths import default_cache_dir
+from engine.gguf import gguf_model_dir
 from engine.layers.options import ModelOptions
 
 
 @dataclass
 class EngineConfig:
-    model: str
+    model: str  # a Hugging Face model directory, or a .gguf file
     # Scheduling
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192  # token budget of one step
@@ -55,8 +57,12 @@ class EngineConfig:
     hf_config: PretrainedConfig | None = None
 
     def __post_init__(self) -> None:
+        self.model = os.fspath(self.model)
+        if self.model.endswith(".gguf") and os.path.isfile(self.model):
+            # Dequantized once into the cache ($SHRINK_CACHE_DIR), then loaded as that directory.
+            self.model = str(gguf_model_dir(self.model, default_cache_dir()))
         if not os.path.isdir(self.model):
-            raise ValueError(f"model: {self.model!r} is not a directory with config.json")
+            raise ValueError(f"model: {self.model!r} is neither a directory with config.json nor a .gguf file")
         if self.hf_config is None:
             self.hf_config = AutoConfig.from_pretrained(self.model)
         limit = int(getattr(self.hf_config, "max_position_embeddings", 4096))

@@ -59,6 +59,7 @@ class LLMEngine:
         if unknown:
             raise TypeError(f"unknown engine option(s): {sorted(unknown)}")
         self.config = EngineConfig(model=model, **kwargs)
+        model = self.config.model  # a .gguf file's converted directory
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model)
         self.eos_token_ids = _eos_ids(model, self.config.hf_config, self.tokenizer)
         self.runner = ModelRunner(self.config, self.eos_token_ids)

@@ -8,7 +8,6 @@ the engine's benchmarks).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -21,7 +20,8 @@ from pathlib import Path
 import torch
 
 from common.errors import ShrinkError
-from engine.gguf import load_gguf
+from common.files import sha256_file
+from engine.gguf import gguf_model_dir, load_gguf
 
 
 @dataclass(frozen=True)
@@ -44,14 +44,6 @@ EMBEDDED = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
 }
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fetch_embedded(name: str, cache_dir: Path) -> Path:
@@ -88,22 +80,12 @@ def fetch_embedded(name: str, cache_dir: Path) -> Path:
 
 
 def load_gguf_cached(path: Path, cache_dir: Path, dtype: torch.dtype):
-    """Dequantizing a GGUF takes ~45 s on a CPU; keep the plain fp32 model in the cache, keyed by
-    the file's sha256, and load that on later imports."""
+    """The GGUF dequantized once into the cache (engine/gguf.py), loaded from there."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    converted = Path(cache_dir) / "converted" / sha256_file(path)[:32]
-    if (converted / "model.safetensors").is_file():
-        model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
-        return model.eval(), AutoTokenizer.from_pretrained(converted)
-    model, tokenizer = load_gguf(path, torch.float32)
-    tmp = converted.parent / f".{converted.name}.tmp-{os.getpid()}"
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if converted.exists():
-        shutil.rmtree(converted)
-    os.replace(tmp, converted)
-    return model.to(dtype).eval(), tokenizer
+    converted = gguf_model_dir(path, cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(converted)
 
 
 def load_source(source: str, cache_dir: Path, dtype: torch.dtype = torch.float32):
