@@ -183,9 +183,10 @@ class Scheduler:
         """Advance progress once the step's new tokens are appended (``num_new[i]`` to sequence
         i). A prefill chunk computed its tokens. A decode sequence computed the input of each
         token it kept: its last token's, then (multi-step) each kept token's but the last. Called
-        after the append, so a block hashed here holds only tokens the sequence keeps; slots
-        reserved for tokens it did not keep go back to the pool (the sequence finished, or, for a
-        step that proposes several tokens, a rejected tail)."""
+        after the append, so a block hashed here holds only tokens the sequence keeps. A sequence
+        that kept fewer tokens than the step reserved slots for gives the unused blocks back if it
+        goes on (a step that proposes several tokens and rejects a tail); a finished one frees
+        all its blocks when it leaves (remove_finished)."""
         caching = self.block_manager.enable_prefix_caching
         if not batch.is_prefill:
             for seq, n in zip(batch.seqs, num_new):
