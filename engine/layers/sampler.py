@@ -101,7 +101,8 @@ class Sampler:
 
     def sample_step(self, seqs: list[Sequence], logits: torch.Tensor | None, rows: list[int] | None = None) -> StepResult:
         """One token for each sequence that samples this step. ``logits`` [rows, vocab] fp32;
-        ``rows[i]``: sequence i's row (-1: it samples nothing now); None: row i is sequence i's."""
+        ``rows[i]``: sequence i's row, increasing with i (-1: it samples nothing now); None: row i
+        is sequence i's."""
         if rows is None:
             if all(seq.plain_greedy for seq in seqs):
                 # The common decode step: one argmax and one transfer, no per-row work.
