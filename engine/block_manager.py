@@ -131,6 +131,16 @@ class BlockManager:
         for _ in range(self.blocks_to_append(seq, num_slots)):
             seq.block_table.append(self._take_free())
 
+    def release_unused(self, seq: Sequence) -> None:
+        """Give back blocks past those the sequence's tokens need: blocks reserved for a step's
+        tokens that it did not keep. They hold no computed token it keeps, so no hash."""
+        keep = seq.num_blocks(self.block_size)
+        while len(seq.block_table) > keep:
+            block = self.blocks[seq.block_table.pop()]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block.block_id] = None
+
     # -- prefix cache registration -----------------------------------------------------------
     def mark_computed(self, seq: Sequence) -> None:
         """Register hashes of blocks that became full and computed since the last call."""

@@ -8,10 +8,14 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from common.paths import default_cache_dir
+from engine.gguf import gguf_model_dir
+from engine.layers.options import ModelOptions
+
 
 @dataclass
 class EngineConfig:
-    model: str
+    model: str  # a Hugging Face model directory, or a .gguf file
     # Scheduling
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192  # token budget of one step
@@ -42,9 +46,10 @@ class EngineConfig:
     fused_decode: bool = True
     # Programmatic dependent launch of the decode kernels on Hopper and newer GPUs: each launch
     # starts while the kernel before it drains and reads its weights meanwhile (kernels/gemv.py).
+    # The environment variable SHRINK_PDL=0 turns it off (read here only).
     pdl: bool = True
     # A prefill step of at most this many tokens (and 16 sequences) replays a CUDA graph
-    # (engine/prefill_graphs.py): its host cost is one replay instead of a launch per kernel. 0: off.
+    # (engine/cuda_graphs.py): its host cost is one replay instead of a launch per kernel. 0: off.
     prefill_graph_max_tokens: int = 512
     seed: int = 0
     # Largest logprobs / prompt_logprobs a request may ask for (as vLLM's max_logprobs); more is
@@ -55,8 +60,12 @@ class EngineConfig:
     hf_config: PretrainedConfig | None = None
 
     def __post_init__(self) -> None:
+        self.model = os.fspath(self.model)
+        if self.model.endswith(".gguf") and os.path.isfile(self.model):
+            # Dequantized once into the cache ($SHRINK_CACHE_DIR), then loaded as that directory.
+            self.model = str(gguf_model_dir(self.model, default_cache_dir()))
         if not os.path.isdir(self.model):
-            raise ValueError(f"model: {self.model!r} is not a directory with config.json")
+            raise ValueError(f"model: {self.model!r} is neither a directory with config.json nor a .gguf file")
         if self.hf_config is None and not os.path.isfile(os.path.join(self.model, "config.json")):
             raise ValueError(f"model: {self.model} has no config.json (a Hugging Face model directory needs one)")
         if self.hf_config is None:
@@ -66,6 +75,7 @@ class EngineConfig:
             self.max_model_len = min(limit, 4096)
         if self.max_model_len > limit:
             raise ValueError(f"max_model_len: {self.max_model_len} exceeds the model's {limit}")
+        self.pdl = bool(self.pdl) and os.environ.get("SHRINK_PDL", "1") != "0"
         if self.block_size < 1:
             raise ValueError("block_size: must be >= 1")
         if not isinstance(self.num_decode_steps, int) or self.num_decode_steps < 1:
@@ -103,3 +113,8 @@ class EngineConfig:
         if self.use_triton is None:
             return self.torch_device.type == "cuda"
         return self.use_triton
+
+    def model_options(self) -> ModelOptions:
+        """The engine constants the model is built with."""
+        return ModelOptions(use_triton=self.triton_enabled, fused_decode=self.fused_decode, pdl=self.pdl,
+                            block_size=self.block_size, max_model_len=self.max_model_len)

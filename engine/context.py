@@ -1,5 +1,6 @@
 """The per-step attention metadata, set by the model runner before a forward and read by the
-attention layers, so that a model's ``forward(input_ids, positions)`` stays plain."""
+attention layers, so that a model's ``forward(input_ids, positions)`` stays plain. Engine constants
+are not here: they reach the layers at construction (engine/layers/options.py)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,9 @@ class Context:
     # Prefill, as host ints: per sequence, tokens computed now and total context after this step.
     query_lens: list[int] = field(default_factory=list)
     context_lens_host: list[int] = field(default_factory=list)
-    # Prefill through the Triton varlen kernel (then context_lens, block_tables and these are set).
-    triton_prefill: bool = False
+    # Prefill through the Triton varlen kernel: set with context_lens and block_tables.
     cu_query_lens: torch.Tensor | None = None
     max_query_len: int = 0
-    use_triton: bool = False
-    block_size: int = 16
 
 
 _CONTEXT = Context()

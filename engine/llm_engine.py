@@ -2,14 +2,15 @@
 
 A step is a prefill, a decode of one token per sequence, or (when the scheduler finds every
 sequence plain greedy and nobody waiting) a multi-step decode of up to ``num_decode_steps`` tokens
-per sequence. Its tokens are taken in order, exactly as that many single steps would take them:
-a sequence that finishes on one of them drops the rest."""
+per sequence. Every step gives each sequence a list of new tokens, taken in order exactly as that
+many single steps would take them: a sequence that finishes on one of them drops the rest."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
 from dataclasses import fields
+from itertools import repeat
 from typing import Any, Union
 
 import numpy as np
@@ -65,10 +66,10 @@ class LLMEngine:
         if unknown:
             raise TypeError(f"unknown engine option(s): {sorted(unknown)}")
         self.config = EngineConfig(model=model, **kwargs)
+        model = self.config.model  # a .gguf file's converted directory
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model)
         self.eos_token_ids = _eos_ids(model, self.config.hf_config, self.tokenizer)
-        self.runner = ModelRunner(self.config)
-        self.runner.eos_token_ids = set(self.eos_token_ids)
+        self.runner = ModelRunner(self.config, self.eos_token_ids)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
@@ -168,55 +169,44 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        if batch.num_steps > 1:
-            return self._multi_step(batch)
         result = self.runner.run(batch)
-        self.scheduler.finish_step(batch)
         touched: list[Sequence] = []
+        num_new: list[int] = []
         finished = False
-        for seq, token, lp in zip(batch.seqs, result.tokens, result.logprobs):
-            if token is None:
-                continue
+        for seq, tokens, logprobs in zip(batch.seqs, result.tokens, result.logprobs or repeat(None)):
+            before = len(seq.token_ids)
             try:
-                seq.append_token(token)
-                if lp is not None:
-                    seq.logprobs.append(lp)
-                finished |= self._check_stop(seq, token)
-            except Exception as e:
+                kept, done = self._append(seq, tokens, logprobs)
+            except Exception as e:  # this request's tokens, logprobs or stop check: it fails alone
                 self._fail(seq, e)
-                finished = True
-            touched.append(seq)
+                kept, done = len(seq.token_ids) - before, True
+            num_new.append(kept)
+            finished |= done
+            if kept or done:
+                touched.append(seq)
+        self.scheduler.finish_step(batch, num_new)
         if finished:  # a scan of the running list, needed only when someone finished
             self.scheduler.remove_finished()
         self.num_steps += 1
+        self.num_multi_steps += batch.num_steps > 1
         return touched
 
-    def _multi_step(self, batch) -> list[Sequence]:
-        """A decode step that ran ``batch.num_steps`` forwards: every sequence takes its tokens in
-        order until one finishes it. Tokens after that are dropped; the K/V they left in the
-        sequence's blocks goes with the blocks when the finished sequence is freed."""
-        result = self.runner.run(batch)
-        finished = False
-        for seq, tokens in zip(batch.seqs, result.step_tokens):
-            try:
-                kept, done = self._append_steps(seq, tokens)
-            except Exception as e:
-                self._fail(seq, e)
-                finished = True
-                continue
-            self.scheduler.finish_decode_steps(seq, kept)
-            finished |= done
-        if finished:
-            self.scheduler.remove_finished()
-        self.num_steps += 1
-        self.num_multi_steps += 1
-        return list(batch.seqs)
-
-    def _append_steps(self, seq: Sequence, tokens: list[int]) -> tuple[int, bool]:
-        """Append ``tokens`` (one per step) until one finishes ``seq``: (tokens kept, finished)."""
-        if seq.params.stop_strings:  # text decides: check token by token, as single steps would
+    def _append(self, seq: Sequence, tokens: list[int], logprobs: list | None) -> tuple[int, bool]:
+        """Append ``tokens`` (a step's, in order) until one finishes ``seq``: (tokens kept,
+        finished). Tokens after that are dropped, exactly as single steps would never have made
+        them; the K/V they left in the sequence's blocks goes with the blocks."""
+        if len(tokens) == 1:  # the common case, a single step's token
+            token = tokens[0]
+            seq.token_ids.append(token)
+            if logprobs:
+                seq.logprobs.append(logprobs[0])
+            return 1, self._check_stop(seq, token)
+        if seq.params.stop_strings or logprobs or not tokens:
+            # Token by token: text decides for stop strings, as single steps would.
             for j, token in enumerate(tokens):
                 seq.append_token(token)
+                if logprobs:
+                    seq.logprobs.append(logprobs[j])
                 if self._check_stop(seq, token):
                     return j + 1, True
             return len(tokens), False

@@ -9,7 +9,8 @@ recomputed later (its tokens so far become its prompt, so no output is lost or c
 
 Multi-step decoding: when every decode sequence is plain greedy and no request waits, a decode
 step may cover up to ``num_decode_steps`` tokens per sequence, run back to back on the device;
-each sequence then gets blocks for all of them up front (or the step stays single).
+each sequence then gets blocks for all of them up front (or the step stays single). Like any step
+it returns a list of tokens per sequence; ``finish_step`` counts what each sequence kept.
 """
 
 from __future__ import annotations
@@ -152,14 +153,13 @@ class Scheduler:
         max_len = self.max_model_len
         longest = 0  # tokens still wanted by the sequence that wants the most
         for seq in seqs:
-            p = seq.params
-            n_out = len(seq.token_ids) - seq.num_prompt_tokens
-            if p.temperature != 0.0 or p.logprobs is not None or n_out < p.min_tokens:
+            if not seq.plain_greedy:
                 return 1
+            n_out = len(seq.token_ids) - seq.num_prompt_tokens
             if max_len is not None and max_len - len(seq.token_ids) < steps:
                 steps = max_len - len(seq.token_ids)
-            if p.max_tokens - n_out > longest:
-                longest = p.max_tokens - n_out
+            if seq.params.max_tokens - n_out > longest:
+                longest = seq.params.max_tokens - n_out
         steps = min(steps, longest)
         if steps <= 1:
             return 1
@@ -179,30 +179,29 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def finish_step(self, batch: ScheduledBatch) -> None:
-        """Advance progress after the model ran (before sampled tokens are appended). A multi-step
-        batch is advanced by the engine instead, per sequence, after its kept tokens are appended
-        (``finish_decode_steps``)."""
+    def finish_step(self, batch: ScheduledBatch, num_new: list[int]) -> None:
+        """Advance progress once the step's new tokens are appended (``num_new[i]`` to sequence
+        i). A prefill chunk computed its tokens. A decode sequence computed the input of each
+        token it kept: its last token's, then (multi-step) each kept token's but the last. Called
+        after the append, so a block hashed here holds only tokens the sequence keeps. A sequence
+        that kept fewer tokens than the step reserved slots for gives the unused blocks back if it
+        goes on (a step that proposes several tokens and rejects a tail); a finished one frees
+        all its blocks when it leaves (remove_finished)."""
         caching = self.block_manager.enable_prefix_caching
-        if not batch.is_prefill and not caching:
-            # Decode: one token each, and every sequence already left prefill.
-            for seq in batch.seqs:
-                seq.num_computed_tokens += 1
+        if not batch.is_prefill:
+            for seq, n in zip(batch.seqs, num_new):
+                seq.num_computed_tokens += n
+                if n < batch.num_steps and not seq.is_finished:
+                    self.block_manager.release_unused(seq)
+                if caching:
+                    self.block_manager.mark_computed(seq)
             return
-        for seq, n in zip(batch.seqs, batch.num_scheduled):
+        for seq, n, new in zip(batch.seqs, batch.num_scheduled, num_new):
             seq.num_computed_tokens += n
-            if seq.num_computed_tokens == len(seq.token_ids):
+            if new:  # the chunk reached the prompt's end and sampled its first token
                 seq.in_prefill = False
             if caching:
                 self.block_manager.mark_computed(seq)
-
-    def finish_decode_steps(self, seq: Sequence, num_kept: int) -> None:
-        """Progress of one sequence of a multi-step batch, once its kept tokens are appended: their
-        inputs' K/V is in the cache (those of tokens dropped after it finished never count).
-        Called after the append, so a block hashed here holds only tokens the sequence keeps."""
-        seq.num_computed_tokens += num_kept
-        if self.block_manager.enable_prefix_caching:
-            self.block_manager.mark_computed(seq)
 
     def remove_finished(self) -> list[Sequence]:
         done = [s for s in self.running if s.is_finished]

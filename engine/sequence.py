@@ -79,6 +79,13 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy, without logprobs and past min_tokens: the argmax alone is its next token (so the
+        device may pick it itself, as a multi-step decode does)."""
+        p = self.params
+        return p.temperature == 0.0 and p.logprobs is None and len(self.token_ids) - self.num_prompt_tokens >= p.min_tokens
+
 
     def num_blocks(self, block_size: int) -> int:
         return (self.num_tokens + block_size - 1) // block_size

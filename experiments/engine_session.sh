@@ -4,11 +4,12 @@
 #   experiments/engine_session.sh tests        # the GPU tests of kernels/ and engine/
 #   experiments/engine_session.sh part1        # carry .gpu/wheels + .gpu/t3/p00: stash the GGUF's first part
 #   experiments/engine_session.sh real         # carry .gpu/t3/p01 + p02: the real SmolLM2 decode and agreement
+#   experiments/engine_session.sh compare      # carry .gpu/wheels + .gpu/old: decode, profile, throughput, host before/after
 set -uo pipefail
 H=$HOME; OUTDIR=${OUT:-$H/out}; mkdir -p "$OUTDIR"
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$H/site" .gpu/wheels/*.whl 2>/dev/null
 export PYTHONUNBUFFERED=1 PYTHONPATH="$H/site:$PWD" HF_HUB_OFFLINE=1 WANDB_MODE=disabled
-B="python3 -m eval.engine_bench --json $OUTDIR/bench.jsonl"
+B="python3 -m eval.bench --json $OUTDIR/bench.jsonl"
 case "${1:?verb}" in
   speed)
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
@@ -17,11 +18,20 @@ case "${1:?verb}" in
     $B profile --shape smollm2-135m --batch 1 --top 0 --engine num_decode_steps=16
     $B decode --shape llama2-7b --batch 1 --roofline
     $B decode --shape llama2-7b --batch 1 --engine pdl=false;;
-  diag)  # carry .gpu/wheels + .gpu/old (an exported older engine, for a baseline in the same lease)
+  diag)  # carry .gpu/wheels + .gpu/old (an exported older engine, for a baseline in the same lease;
+         # trees before the eval/bench/ split name the entry point eval.engine_bench)
     (cd .gpu/old && PYTHONPATH="$H/site:$PWD" python3 -m eval.engine_bench decode --shape llama2-7b --batch 1)
     $B profile --shape llama2-7b --batch 1 --top 14
     $B profile --shape llama2-7b --batch 1 --top 14 --engine pdl=false
     python3 experiments/prefill_host.py --shape smollm2-135m --top 25;;
+  compare)  # carry .gpu/wheels + .gpu/old (git archive of the tree before a change): the same runs before and after, in one lease
+    for tree in .gpu/old .; do
+      if [ -d "$tree/eval/bench" ]; then entry=eval.bench; else entry=eval.engine_bench; fi
+      echo "== $tree ($entry)"
+      (cd "$tree" && export PYTHONPATH="$H/site:$PWD" && C="python3 -m $entry --json $OUTDIR/compare.jsonl" &&
+        $C profile --shape smollm2-135m --batch 1 16 --top 0 && $C decode --shape llama2-7b --batch 1 &&
+        $C throughput --shape tinyllama && $C host --batch 1 8 64 --steps 512)
+    done;;
   sweep)
     for m in ${SWEEP_MODELS:-llama2-7b}; do python3 experiments/gemv_sweep.py --model $m; done;;
   tests)

@@ -13,7 +13,7 @@ import time
 import torch
 
 from engine import LLM, SamplingParams
-from eval.engine_bench import _prompts, shape_dir
+from eval.bench.common import prompts, shape_dir
 
 
 def main() -> None:
@@ -27,18 +27,18 @@ def main() -> None:
     vocab = llm.engine.vocab_size
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     for seed in range(3):
-        llm.generate(_prompts(1, args.prompt_len, vocab, seed), one)
+        llm.generate(prompts(1, args.prompt_len, vocab, seed), one)
     torch.cuda.synchronize()
     times = []
     for seed in range(10):
         t = time.perf_counter()
-        llm.generate(_prompts(1, args.prompt_len, vocab, 100 + seed), one)
+        llm.generate(prompts(1, args.prompt_len, vocab, 100 + seed), one)
         times.append(1e3 * (time.perf_counter() - t))
     print(f"prefill-only generate, {args.prompt_len} tokens: " + " ".join(f"{t:.2f}" for t in times) + " ms")
     prof = cProfile.Profile()
     prof.enable()
     for seed in range(10):
-        llm.generate(_prompts(1, args.prompt_len, vocab, 200 + seed), one)
+        llm.generate(prompts(1, args.prompt_len, vocab, 200 + seed), one)
     prof.disable()
     pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
 

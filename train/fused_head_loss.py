@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from train.chunked_loss import term_sums
+from train.loss_terms import term_sums
 
 _COMPILED: dict[Any, Any] = {}
 

@@ -13,24 +13,40 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from engine.context import get_context
+from engine.layers.options import ModelOptions
 # Module references, not function imports: tests may reload these modules to switch Triton
 # between compiled and interpreted mode.
 from kernels import kv_store, paged_attention, prefill_attention
 
 
+# Minimum tokens per flash-decoding partition: small enough that a batch-1 decode over a few
+# hundred tokens still spreads over many SMs.
+DECODE_PARTITION = 128
+
+
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 options: ModelOptions = ModelOptions()) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.use_triton, self.pdl, self.block_size = options.use_triton, options.pdl, options.block_size
+        self.max_model_len = options.max_model_len
         # Set by the model runner once the pool is allocated: [num_blocks, block_size, kv_heads, head_dim].
         self.k_cache: torch.Tensor = torch.empty(0)
         self.v_cache: torch.Tensor = torch.empty(0)
-        self.num_splits = 1  # decode partitions, fixed by the runner per batch-size bucket
-        self.partition = 0
-        self.pdl = True  # programmatic dependent launch where the GPU has it (EngineConfig.pdl)
+        self._splits: dict[int, int] = {}  # decode batch size -> split count
+
+    def decode_splits(self, batch: int) -> int:
+        """Flash-decoding partitions of a decode over ``batch`` sequences. A function of the batch
+        size alone, so a CUDA graph captured for a bucket and an eager step of that size agree."""
+        splits = self._splits.get(batch)
+        if splits is None:
+            splits = self._splits[batch] = paged_attention.choose_num_splits(
+                batch, self.num_kv_heads, self.max_model_len, DECODE_PARTITION)
+        return splits
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, kv_stored: bool = False
@@ -40,18 +56,18 @@ class Attention(nn.Module):
         decode step then reads them from there only, and k, v may be None."""
         ctx = get_context()
         if self.k_cache.numel() and not kv_stored:
-            (kv_store.store_kv if ctx.use_triton else kv_store.store_kv_ref)(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
-        if ctx.is_prefill and ctx.triton_prefill and self.k_cache.numel():
+            (kv_store.store_kv if self.use_triton else kv_store.store_kv_ref)(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        if ctx.is_prefill and ctx.cu_query_lens is not None and self.k_cache.numel():
             out = prefill_attention.paged_prefill_attention(
                 q, self.k_cache, self.v_cache, ctx.block_tables, ctx.cu_query_lens, ctx.context_lens,
                 ctx.max_query_len, self.scale,
             )
         elif ctx.is_prefill:
             out = self._prefill(q, k, v, ctx)
-        elif ctx.use_triton:
+        elif self.use_triton:
             out = paged_attention.paged_decode_attention(
                 q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale,
-                num_splits=self.num_splits, partition=self.partition or None, pdl=None if self.pdl else False,
+                num_splits=self.decode_splits(q.shape[0]), partition=DECODE_PARTITION, pdl=self.pdl,
             )
         else:
             out = paged_attention.paged_decode_attention_ref(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale)
@@ -70,7 +86,7 @@ class Attention(nn.Module):
             else:  # earlier tokens of this sequence are in the cache: gather the whole context
                 table = ctx.block_tables[i]
                 pos = torch.arange(ctx_len, device=q.device)
-                slots = table[pos // ctx.block_size].long() * ctx.block_size + pos % ctx.block_size
+                slots = table[pos // self.block_size].long() * self.block_size + pos % self.block_size
                 kv_width = self.num_kv_heads * self.head_dim
                 ki = self.k_cache.view(-1, kv_width)[slots].view(ctx_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
                 vi = self.v_cache.view(-1, kv_width)[slots].view(ctx_len, self.num_kv_heads, self.head_dim).transpose(0, 1)

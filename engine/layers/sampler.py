@@ -1,4 +1,6 @@
-"""Token sampling for a batch where every row has its own SamplingParams.
+"""Token sampling for a batch where every row has its own SamplingParams: the ``Sampler`` does all of
+a step's sampling (the plain-greedy argmax, min-tokens masking of stop tokens, temperature, top-k,
+top-p, min-p, per-request seeds, logprobs and prompt logprobs).
 
 Greedy rows take the argmax. Other rows: temperature, then top-k, top-p and min-p filters, then a
 draw by the exponential race (argmax of p / E with E ~ Exp(1)), which equals sampling from p and
@@ -8,10 +10,23 @@ are those of the model (log_softmax of the raw logits), as in vLLM.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from engine.sampling_params import SamplingParams
-from engine.sequence import Logprob, TokenLogprobs
+from engine.sequence import Logprob, Sequence, TokenLogprobs
+
+
+@dataclass
+class StepResult:
+    """A step's new tokens, aligned with the batch's sequences: per sequence its tokens in order
+    (none for a prompt chunk that samples nothing, one for a prefill or decode step, several for a
+    multi-step decode), and where any sequence asked for logprobs, per sequence those of its tokens
+    (empty where it did not ask)."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[TokenLogprobs]] | None = None
 
 
 def _filter(
@@ -77,3 +92,72 @@ def token_logprobs(logprobs_row: torch.Tensor, chosen: int, top_n: int) -> Token
             out[t] = Logprob(t, v, r)
     out[chosen] = Logprob(chosen, chosen_lp, rank)
     return out
+
+
+class Sampler:
+    def __init__(self, device: torch.device, eos_token_ids: set[int]) -> None:
+        self.device = device
+        self.eos_token_ids = eos_token_ids  # impossible tokens until a sequence reaches min_tokens
+
+    def sample_step(self, seqs: list[Sequence], logits: torch.Tensor | None, rows: list[int] | None = None) -> StepResult:
+        """One token for each sequence that samples this step. ``logits`` [rows, vocab] fp32;
+        ``rows[i]``: sequence i's row, increasing with i (-1: it samples nothing now); None: row i
+        is sequence i's."""
+        if rows is None:
+            if all(seq.plain_greedy for seq in seqs):
+                # The common decode step: one argmax and one transfer, no per-row work.
+                return StepResult([[t] for t in logits.argmax(dim=-1).tolist()])
+            rows = list(range(len(seqs)))
+        n = len(seqs)
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        idx = [i for i in range(n) if rows[i] >= 0]
+        if not idx or logits is None:
+            return StepResult(tokens)
+        raw = logits if len(idx) == logits.shape[0] else logits[[rows[i] for i in idx]]
+        sel = raw
+        for j, i in enumerate(idx):  # min_tokens: stop tokens are impossible until then
+            seq = seqs[i]
+            if seq.num_output_tokens < seq.params.min_tokens:
+                banned = set(seq.params.stop_token_ids) | self.eos_token_ids
+                if banned:
+                    if sel is raw:
+                        sel = raw.clone()  # logprobs stay those of the model
+                    sel[j, list(banned)] = float("-inf")
+        params = [seqs[i].params for i in idx]
+        gens = [self._generator(seqs[i]) for i in idx]
+        sampled = sample(sel, params, gens).tolist()
+        for j, i in enumerate(idx):
+            tokens[i] = [sampled[j]]
+        need_lp = [j for j, i in enumerate(idx) if seqs[i].params.logprobs is not None]
+        if not need_lp:
+            return StepResult(tokens)
+        lps: list[list[TokenLogprobs]] = [[] for _ in range(n)]
+        lp = torch.log_softmax(raw[need_lp], dim=-1).cpu()
+        for r, j in enumerate(need_lp):
+            lps[idx[j]] = [token_logprobs(lp[r], sampled[j], seqs[idx[j]].params.logprobs or 0)]
+        return StepResult(tokens, lps)
+
+    def prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, n: int) -> None:
+        """Append logprobs of the prompt tokens that this chunk of ``n`` tokens predicts (``logits``:
+        the chunk's, [n, vocab] fp32); the first prompt token gets None. Entry k of
+        seq.prompt_logprobs belongs to prompt token k; a recompute after preemption skips entries
+        already recorded."""
+        start = seq.num_computed_tokens
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs.append(None)
+        lp = torch.log_softmax(logits, dim=-1).cpu()
+        top_n = seq.params.prompt_logprobs or 0
+        for j in range(n):
+            nxt = start + j + 1
+            if nxt >= seq.num_prompt_tokens:
+                break
+            if nxt == len(seq.prompt_logprobs):
+                seq.prompt_logprobs.append(token_logprobs(lp[j], seq.token_ids[nxt], top_n))
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        if seq.params.seed is None:
+            return None
+        if seq.generator is None:
+            seq.generator = torch.Generator(device=self.device)
+            seq.generator.manual_seed(seq.params.seed)
+        return seq.generator

@@ -29,6 +29,7 @@ from kernels import rotary as rotary_kernels
 from engine.context import get_context
 from engine.layers.activation import silu_and_mul
 from engine.layers.attention import Attention
+from engine.layers.options import ModelOptions
 from engine.layers.rmsnorm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, rope_parameters
 
@@ -38,7 +39,7 @@ def _head_dim(config: Any) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: Any, rotary: RotaryEmbedding, options: ModelOptions) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -51,10 +52,10 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=bool(getattr(config, "attention_bias", False)))
         self.qk_norm = model_type == "qwen3"
         if self.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, options.use_triton)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, options.use_triton)
         self.rotary = rotary
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, options)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.o_proj(self.attend(positions, self.qkv_proj(x)))
@@ -68,7 +69,7 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        if get_context().use_triton:  # one kernel: rotate q, k and store k, v in the cache
+        if self.attn.use_triton:  # one kernel: rotate q, k and store k, v in the cache
             rotary_kernels.rope_store(q, k, v, positions, self.rotary.cos, self.rotary.sin,
                               self.attn.k_cache, self.attn.v_cache, get_context().slot_mapping)
             return self.attn(q, k, v, kv_stored=True)
@@ -81,7 +82,7 @@ class LlamaAttention(nn.Module):
         Qwen3's q/k norms (they need whole heads before the rotation), nor without a cache."""
         return not self.qk_norm and self.attn.k_cache.numel() > 0
 
-    def attend_fused(self, positions: torch.Tensor, h: torch.Tensor, norm: RMSNorm, pdl: bool | None) -> torch.Tensor:
+    def attend_fused(self, positions: torch.Tensor, h: torch.Tensor, norm: RMSNorm, pdl: bool) -> torch.Tensor:
         """attend() of the normed qkv projection of the residual stream h in one launch before
         attention: norm prologue, qkv matmul (+ bias), rotary, k/v into the cache (kernels/gemv.py)."""
         q = gemv_kernels.gemv_rope_store(
@@ -95,23 +96,24 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, use_triton: bool = False) -> None:
         super().__init__()
+        self.use_triton = use_triton
         bias = bool(getattr(config, "mlp_bias", False))
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.use_triton))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: Any, rotary: RotaryEmbedding, options: ModelOptions) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, rotary, options)
+        self.mlp = LlamaMLP(config, options.use_triton)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, options.use_triton)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, options.use_triton)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
@@ -125,11 +127,11 @@ class LlamaDecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
-    def forward_fused(self, positions: torch.Tensor, h: torch.Tensor, pdl: bool | None = None) -> torch.Tensor:
+    def forward_fused(self, positions: torch.Tensor, h: torch.Tensor, pdl: bool = True) -> torch.Tensor:
         """The small-batch decode layer: h is the whole residual stream (the unfused path's
         x + residual), updated in place by the o_proj and down_proj epilogues. Four matmul launches
         replace two norms, four GEMMs, the SwiGLU and (but for Qwen3) the rotary + k/v store.
-        ``pdl``: programmatic dependent launch (None: where the GPU has it; False: off)."""
+        ``pdl``: programmatic dependent launch where the GPU has it."""
         gemv = gemv_kernels.gemv
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
@@ -145,24 +147,22 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, max_position: int) -> None:
+    def __init__(self, config: Any, max_position: int, options: ModelOptions) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         rotary = RotaryEmbedding(_head_dim(config), max_position, rope_parameters(config))
         self.rotary = rotary
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.fused_decode = True  # EngineConfig.fused_decode; the runner sets it
-        self.pdl = True  # EngineConfig.pdl; the runner sets it
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, options) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, options.use_triton)
+        self.fused_decode = options.fused_decode and options.use_triton
+        self.pdl = options.pdl
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
-        ctx = get_context()
-        if (self.fused_decode and ctx.use_triton and not ctx.is_prefill
+        if (self.fused_decode and not get_context().is_prefill
                 and h.shape[0] <= gemv_kernels.SMALL_M and h.shape[1] <= gemv_kernels.MAX_NORM_K):
-            pdl = None if self.pdl else False
             for layer in self.layers:
-                h = layer.forward_fused(positions, h, pdl)
+                h = layer.forward_fused(positions, h, self.pdl)
             return self.norm(h)
         residual = None
         for layer in self.layers:
@@ -176,11 +176,11 @@ class LlamaForCausalLM(nn.Module):
     FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, config: Any, max_position: int | None = None) -> None:
+    def __init__(self, config: Any, max_position: int | None = None, options: ModelOptions = ModelOptions()) -> None:
         super().__init__()
         self.config = config
         max_position = max_position or int(getattr(config, "max_position_embeddings", 4096))
-        self.model = LlamaModel(config, max_position)
+        self.model = LlamaModel(config, max_position, options)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if self.tie_word_embeddings:

@@ -121,3 +121,18 @@ def test_prompt_logprobs_requests_skip_the_cache():
     b = seq(list(range(9)), prompt_logprobs=1)
     bm.allocate(b)
     assert b.num_cached_tokens == 0
+
+
+def test_release_unused_gives_back_blocks_past_the_tokens_but_not_shared_ones():
+    bm = BlockManager(10, 4)
+    a = seq(list(range(5)))  # 2 blocks
+    bm.allocate(a)
+    bm.may_append(a, 8)  # room for 8 decode inputs: tokens up to 12 -> 3 blocks
+    assert len(a.block_table) == 3 and bm.num_free_blocks == 7
+    a.append_token(9)  # one token kept of a step that reserved more
+    bm.release_unused(a)
+    assert len(a.block_table) == 2 and bm.num_free_blocks == 8
+    bm.release_unused(a)  # nothing more to give back
+    assert len(a.block_table) == 2 and bm.num_free_blocks == 8
+    bm.deallocate(a)
+    assert bm.num_free_blocks == 10

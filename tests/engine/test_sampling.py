@@ -100,12 +100,12 @@ def test_min_tokens_masks_eos_and_stop_ids(llm):
     p = prompts(1, seed=17, lo=10, hi=11)[0]
     ref = greedy_tokens(llm, p, 16)
     saved = set(llm.engine.eos_token_ids)
-    llm.engine.eos_token_ids = llm.engine.runner.eos_token_ids = {ref[0]}  # the first greedy token is "EOS"
+    llm.engine.eos_token_ids = llm.engine.runner.sampler.eos_token_ids = {ref[0]}  # the first greedy token is "EOS"
     try:
         out = llm.generate([p], SamplingParams(temperature=0, max_tokens=8, min_tokens=3,
                                                stop_token_ids=[ref[1]]))[0]
     finally:
-        llm.engine.eos_token_ids = llm.engine.runner.eos_token_ids = saved
+        llm.engine.eos_token_ids = llm.engine.runner.sampler.eos_token_ids = saved
     assert len(out.token_ids) >= 3
     assert ref[0] not in out.token_ids[:3] and ref[1] not in out.token_ids[:3]
 
@@ -153,3 +153,23 @@ def test_prompt_logprobs_across_chunks(model_dir):
     got = torch.tensor([out.prompt_logprobs[k][p[k]].logprob for k in range(1, len(p))])
     want = ref[torch.arange(len(p) - 1), torch.tensor(p[1:])]
     assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_sampler_step_result_has_a_token_list_per_sequence():
+    # Row -1: a prompt chunk that samples nothing; logprobs only where the request asked for them;
+    # min_tokens keeps the EOS (the argmax) out until then, while the logprobs stay the model's.
+    import torch
+
+    from engine.layers.sampler import Sampler
+    from engine.sequence import Sequence
+
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0]])
+    seqs = [Sequence([0, 1], SamplingParams(temperature=0.0)),
+            Sequence([0], SamplingParams(temperature=0.0, logprobs=1, min_tokens=1)),
+            Sequence([2], SamplingParams(temperature=0.0))]
+    result = Sampler(torch.device("cpu"), {0}).sample_step(seqs, logits, [-1, 0, 1])
+    assert result.tokens == [[], [2], [1]]
+    assert [len(lp) for lp in result.logprobs] == [0, 1, 0]
+    (entry,) = result.logprobs[1]
+    assert entry[2].rank == 2 and entry[0].rank == 1  # the model's own ranking of the row
+    assert Sampler(torch.device("cpu"), set()).sample_step(seqs[2:], logits[1:]).tokens == [[1]]  # plain greedy

@@ -14,12 +14,12 @@ def make(num_blocks=100, block_size=4, max_seqs=8, budget=16, chunked=True):
 
 
 def advance(sched: Scheduler, batch, token: int = 7) -> None:
-    """What the engine does after the model ran: progress, then append sampled tokens."""
+    """What the engine does after the model ran: append sampled tokens, then progress."""
     samplers = [batch.samples(i) for i in range(len(batch.seqs))]
-    sched.finish_step(batch)
     for seq, s in zip(batch.seqs, samplers):
         if s:
             seq.append_token(token)
+    sched.finish_step(batch, [int(s) for s in samplers])
 
 
 def test_budget_and_chunked_prefill():
@@ -91,3 +91,24 @@ def test_abort_frees_blocks():
     sched.schedule()
     sched.abort(a)
     assert a.finish_reason == "abort" and bm.num_free_blocks == 4 and not sched.has_unfinished()
+
+
+def test_finish_step_counts_the_tokens_each_sequence_kept_and_releases_the_rest():
+    # A decode step that reserved 8 tokens' slots per sequence; one sequence kept all 8, the other
+    # only 2 (a step proposing several tokens may keep fewer without finishing): each advances by
+    # what it kept, and the second gives back the block reserved for tokens it did not keep.
+    bm = BlockManager(100, 4)
+    sched = Scheduler(bm, 8, 64, True, num_decode_steps=8, max_model_len=64)
+    a, b = Sequence([1, 2, 3], SamplingParams(temperature=0.0)), Sequence([4, 5, 6], SamplingParams(temperature=0.0))
+    sched.add(a)
+    sched.add(b)
+    advance(sched, sched.schedule())
+    batch = sched.schedule()
+    assert not batch.is_prefill and batch.num_steps == 8
+    assert len(a.block_table) == len(b.block_table) == 3  # 4 tokens each: positions 3..10 reserved
+    a.token_ids.extend(range(10, 18))
+    b.token_ids.extend([20, 21])
+    sched.finish_step(batch, [8, 2])
+    assert a.num_computed_tokens == 3 + 8 == a.num_tokens - 1 and b.num_computed_tokens == 3 + 2 == b.num_tokens - 1
+    assert len(a.block_table) == 3 and len(b.block_table) == 2
+    assert bm.num_free_blocks == 100 - 5

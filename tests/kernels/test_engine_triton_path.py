@@ -94,7 +94,7 @@ def test_split_decode_attention(tmp_path):
         llm = LLM(path, device=DEVICE, dtype="float32", use_triton=True, enforce_eager=True,
                   max_model_len=512, block_size=4)
         outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-        assert llm.engine.runner.attn_layers[0].num_splits == 4
+        assert llm.engine.runner.attn_layers[0].decode_splits(len(ps)) == 4
         assert [o.token_ids for o in outs] == hf_greedy(path, ps, 4)
     finally:
         torch.set_num_threads(threads)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from eval import engine_bench
+from eval.bench import cli, common
+from eval.bench.common import engine_options, weight_bytes
+from eval.bench.throughput import KernelWindow, nano_vllm_workload
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -18,20 +20,20 @@ def test_weight_bytes_counts_what_one_decode_step_reads(tied):
     # Every weight once, except the embedding table, of which a step reads a row; the LM head is
     # read whole even when it shares the embedding's storage.
     expected = 2 * (total - embed + (embed if tied else 0))
-    assert engine_bench.weight_bytes(cfg) == expected
+    assert weight_bytes(cfg) == expected
 
 
 def test_nano_vllm_workload_is_fixed_by_seed_0():
-    a_prompts, a_out = engine_bench.nano_vllm_workload()
-    b_prompts, b_out = engine_bench.nano_vllm_workload()
+    a_prompts, a_out = nano_vllm_workload()
+    b_prompts, b_out = nano_vllm_workload()
     assert a_prompts == b_prompts and a_out == b_out
     assert len(a_prompts) == 256 and all(100 <= len(p) <= 1024 for p in a_prompts)
     assert all(100 <= n <= 1024 for n in a_out) and all(0 <= t <= 10000 for p in a_prompts for t in p)
 
 
 def test_capacity_paged_versus_reserved(capsys):
-    engine_bench.main(["capacity", "--shape", "tinyllama", "--kv-tokens", "200000"])
-    res = engine_bench.RESULTS["capacity:tinyllama"]
+    cli.main(["capacity", "--shape", "tinyllama", "--kv-tokens", "200000"])
+    res = common.RESULTS["capacity:tinyllama"]
     assert res["reserved_sequences"] == 200000 // 16 * 16 // 2048
     assert res["paged_sequences"] > res["reserved_sequences"]
     assert res["paged_tokens_held"] <= res["pool_tokens"]
@@ -39,8 +41,8 @@ def test_capacity_paged_versus_reserved(capsys):
 
 
 def test_host_overhead_reports_every_phase(capsys):
-    engine_bench.main(["host", "--batch", "1", "3", "--steps", "8", "--repeat", "1"])
-    res = engine_bench.RESULTS["host"]
+    cli.main(["host", "--batch", "1", "3", "--steps", "8", "--repeat", "1"])
+    res = common.RESULTS["host"]
     assert sorted(res) == [1, 3]
     for row in res.values():
         assert set(row) == {"schedule", "prepare", "forward", "sample", "postprocess", "loop", "host total", "all"}
@@ -50,7 +52,7 @@ def test_host_overhead_reports_every_phase(capsys):
 
 
 def test_busy_fraction_merges_overlapping_kernels():
-    from eval.decode_profile import busy_fraction
+    from eval.bench.decode_profile import busy_fraction
 
     # [0,10) and [5,15) overlap -> 15; [20,25) -> 5; 20 of a 40-us window.
     assert busy_fraction([(20, 25), (0, 10), (5, 15)], 40) == 0.5
@@ -60,7 +62,7 @@ def test_busy_fraction_merges_overlapping_kernels():
 def test_kernel_table_sums_per_step():
     from types import SimpleNamespace
 
-    from eval.decode_profile import kernel_table
+    from eval.bench.decode_profile import kernel_table
 
     def ev(name, us):
         return SimpleNamespace(name=name, time_range=SimpleNamespace(elapsed_us=lambda: us))
@@ -71,28 +73,28 @@ def test_kernel_table_sums_per_step():
 
 
 def test_profile_runs_on_the_cpu(capsys):
-    engine_bench.main(["profile", "--shape", "smollm2-135m", "--batch", "1", "--steps", "4", "--top", "3"])
-    (res,) = engine_bench.RESULTS["profile:smollm2-135m"]
+    cli.main(["profile", "--shape", "smollm2-135m", "--batch", "1", "--steps", "4", "--top", "3"])
+    (res,) = common.RESULTS["profile:smollm2-135m"]
     assert res["step_us"] > 0 and res["tok_s"] > 0 and "graph_us" not in res  # no graphs on the CPU
     assert "profile batch 1 (eager)" in capsys.readouterr().out
 
 
 def test_engine_options_parse_typed_values():
-    assert engine_bench.engine_options(["num_decode_steps=1", "fused_decode=false", "gpu_memory_utilization=0.5",
-                                        "prefill_attention=triton"]) == {
+    assert engine_options(["num_decode_steps=1", "fused_decode=false", "gpu_memory_utilization=0.5",
+                           "prefill_attention=triton"]) == {
         "num_decode_steps": 1, "fused_decode": False, "gpu_memory_utilization": 0.5, "prefill_attention": "triton"}
     with pytest.raises(SystemExit, match="key=value"):
-        engine_bench.engine_options(["num_decode_steps"])
+        engine_options(["num_decode_steps"])
 
 
 def test_kernel_window_traces_only_its_steps():
     import torch
 
-    window = engine_bench.KernelWindow("2:4")
+    window = KernelWindow("2:4")
     for step in range(6):
         window.at_step(step)
         torch.ones(64, 64) @ torch.ones(64, 64)
     w = window.result
     assert (w["first_step"], w["last_step"]) == (2, 3) and w["wall_s"] > 0
     assert w["gpu_busy"] == 0.0 and w["kernel_s"] == 0.0  # no GPU here: no kernels to count
-    assert engine_bench.KernelWindow(None).result is None
+    assert KernelWindow(None).result is None

@@ -1,6 +1,6 @@
 """Where a decode step's time goes: the whole step, the GPU work alone, and the kernels.
 
-    python -m eval.engine_bench profile --shape smollm2-135m --batch 1 [--steps 256] [--top 25]
+    python -m eval.bench profile --shape smollm2-135m --batch 1 [--steps 256] [--top 25]
 
 Three figures per batch size, all from this process:
   step      wall time per token of `LLM.generate` (greedy, ignore EOS), prefill amortised;
@@ -15,11 +15,14 @@ step - graph is what the host adds per token that the GPU does not hide.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from typing import Any
 
 import torch
+
+from eval.bench.common import RESULTS, engine_options, log, prompts, shape_dir, timed
 
 
 def kernel_events(prof) -> list[Any]:
@@ -101,7 +104,6 @@ def profile_decode(path: str, dummy: bool, batch: int, steps: int, prompt_len: i
     from torch.profiler import ProfilerActivity, profile
 
     from engine import LLM, SamplingParams
-    from eval.engine_bench import _prompts, timed
 
     llm = LLM(path, load_format="dummy" if dummy else "safetensors", max_num_seqs=batch, cuda_graph_max_bs=batch,
               max_model_len=prompt_len + steps + 16, enable_prefix_caching=False, enforce_eager=eager, **engine)
@@ -110,14 +112,15 @@ def profile_decode(path: str, dummy: bool, batch: int, steps: int, prompt_len: i
     on_cuda = runner.device.type == "cuda"
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     greedy = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
-    llm.generate(_prompts(batch, prompt_len, vocab, 7), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    llm.generate(prompts(batch, prompt_len, vocab, 7), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     with StepTimer(llm.engine) as steps_timed:
-        _, seconds = timed(lambda: llm.generate(_prompts(batch, prompt_len, vocab, 8), greedy))
+        _, seconds = timed(lambda: llm.generate(prompts(batch, prompt_len, vocab, 8), greedy))
     step_us = 1e6 * seconds / steps
     res: dict[str, Any] = {"batch": batch, "step_us": step_us, "tok_s": batch * 1e6 / step_us,
                            "engine_steps": steps_timed.summary(seconds)}
-    if runner.graphs:
-        graph = runner.graphs[runner._bucket_of[batch]]
+    graphs = runner.graphs
+    if graphs is not None:
+        graph = graphs.graphs[graphs.bucket_of[batch]]
         reps = 200
         graph.replay()
         sync()
@@ -126,12 +129,13 @@ def profile_decode(path: str, dummy: bool, batch: int, steps: int, prompt_len: i
             graph.replay()
         sync()
         res["graph_us"] = 1e6 * (time.perf_counter() - t) / reps
-        step_graph = runner.step_graphs.get(runner._bucket_of[batch])
+        step_graph = graphs.step_graphs.get(graphs.bucket_of[batch])
         if step_graph is not None:
-            saved = runner.d_buf.clone()  # the last prepared decode inputs
+            d_buf = runner.decode_inputs.buf.device_buf
+            saved = d_buf.clone()  # the last prepared decode inputs
             t = time.perf_counter()
             for _ in range(reps):
-                runner.d_buf.copy_(saved, non_blocking=True)
+                d_buf.copy_(saved, non_blocking=True)
                 step_graph.replay()
             sync()
             res["step_graph_us"] = 1e6 * (time.perf_counter() - t) / reps
@@ -140,7 +144,7 @@ def profile_decode(path: str, dummy: bool, batch: int, steps: int, prompt_len: i
     sync()
     with profile(activities=acts) as prof:
         t0 = time.perf_counter()
-        llm.generate(_prompts(batch, prompt_len, vocab, 9), SamplingParams(temperature=0, max_tokens=traced, ignore_eos=True))
+        llm.generate(prompts(batch, prompt_len, vocab, 9), SamplingParams(temperature=0, max_tokens=traced, ignore_eos=True))
         sync()
         window_us = 1e6 * (time.perf_counter() - t0)
     kernels = kernel_events(prof)
@@ -160,3 +164,10 @@ def profile_decode(path: str, dummy: bool, batch: int, steps: int, prompt_len: i
         log(f"    {r['us_per_step']:8.1f} us/step {r['per_step']:6.1f}x {r['us_each']:7.2f} us  {r['kernel'][:110]}")
     del llm
     return res
+
+
+def profile(args) -> None:
+    path = shape_dir(args.shape) if args.shape else args.model
+    label = args.shape or os.path.basename(os.path.normpath(args.model))
+    RESULTS[f"profile:{label}"] = [profile_decode(path, bool(args.shape), bs, args.steps, args.prompt_len, args.top,
+                                                  args.eager, log, **engine_options(args.engine)) for bs in args.batch]

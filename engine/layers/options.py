@@ -1,0 +1,21 @@
+"""Engine constants the model's layers need, fixed when the model is built: they reach every layer
+through its constructor, never as attributes written afterwards or through the per-step context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    # Triton kernels (else the plain-torch references, as on the CPU).
+    use_triton: bool = False
+    # Small-batch decode with Triton: norms, residual adds and SwiGLU fused into the skinny-GEMM
+    # launches (engine/models/llama.py).
+    fused_decode: bool = True
+    # Programmatic dependent launch of the decode kernels where the GPU has it (kernels/_triton.py).
+    pdl: bool = True
+    # Tokens per KV-cache block.
+    block_size: int = 16
+    # The longest context: decode attention's split count is chosen from it.
+    max_model_len: int = 4096

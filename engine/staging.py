@@ -1,0 +1,44 @@
+"""One staging buffer for a step's inputs: named int64 and int32 fields in one host buffer (pinned
+on CUDA) and its device copy. A step writes the host copy through numpy views and moves it with one
+asynchronous host-to-device copy, instead of building a tensor, a pageable copy and a fill per
+input; the device views are a CUDA graph's static inputs. On the CPU the two are one buffer."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+
+
+class StagingBuffer:
+    def __init__(self, device: torch.device, fields: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+        """``fields``: name -> (dtype, shape), laid out in order (put the int64 fields first, so
+        every field stays aligned)."""
+        self.offsets: dict[str, int] = {}
+        nbytes = 0
+        for name, (dtype, shape) in fields.items():
+            assert nbytes % dtype.itemsize == 0, f"field {name} is not aligned"
+            self.offsets[name] = nbytes
+            nbytes += dtype.itemsize * math.prod(shape)
+        on_cuda = device.type == "cuda"
+        self.host_buf = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=on_cuda)
+        self.device_buf = self.host_buf.to(device) if on_cuda else self.host_buf
+        self.fields = fields
+        # host.<name>: numpy views to write; dev.<name>: the device tensors a forward reads.
+        self.host = SimpleNamespace(**{n: t.numpy() for n, t in self._views(self.host_buf).items()})
+        self.dev = SimpleNamespace(**self._views(self.device_buf))
+
+    def _views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, (dtype, shape) in self.fields.items():
+            start = self.offsets[name]
+            out[name] = buf[start : start + dtype.itemsize * math.prod(shape)].view(dtype).view(shape)
+        return out
+
+    def copy_to_device(self, nbytes: int | None = None) -> None:
+        """Start the copy of the first ``nbytes`` (all by default). The caller rewrites the host
+        buffer only after the step's results came back (a sync), so the copy has read it by then."""
+        if self.device_buf is not self.host_buf:
+            n = self.host_buf.numel() if nbytes is None else nbytes
+            self.device_buf[:n].copy_(self.host_buf[:n], non_blocking=True)
