@@ -261,8 +261,8 @@ def verify_cost(args) -> None:
     through today's prefill path) against a decode step at the same context, wall time per engine
     step (eval.decode_profile.StepTimer). Phase 2 replaces the prefill step by the verify graph."""
     from engine import LLM, SamplingParams
-    from eval.decode_profile import StepTimer
-    from eval.engine_bench import _prompts, shape_dir
+    from eval.bench.decode_profile import StepTimer
+    from eval.bench.common import prompts as _prompts, shape_dir
 
     path = args.model or shape_dir(args.shape)
     engine_kwargs = json.loads(args.engine) if args.engine else {}
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.choices["speed"].add_argument("--ks", type=int, nargs="+", default=[2, 4, 6])
     sub.choices["speed"].add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
     v = sub.add_parser("verify-cost")
-    v.add_argument("--shape", default="llama2-7b", help="random weights of this shape (eval.engine_bench.SHAPES)")
+    v.add_argument("--shape", default="llama2-7b", help="random weights of this shape (eval.bench.common.SHAPES)")
     v.add_argument("--model", help="or a model directory")
     v.add_argument("--engine", help="EngineConfig overrides as JSON")
     v.add_argument("--context", type=int, default=512)
