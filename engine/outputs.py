@@ -32,3 +32,6 @@ class RequestDelta:
     finished: bool
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] | None = None
+    # Only on the first delta, and only when asked (SamplingParams.prompt_logprobs): one entry per
+    # prompt token, None for the first.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
