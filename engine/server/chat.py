@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -72,13 +73,14 @@ class ChatRun:
             yield self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                 "logprobs": None, "finish_reason": None}])
         generated = 0
-        async for index, delta in merged_deltas(self.state.llm, self.state.metrics, self.id, self.choices):
-            generated += len(delta.token_ids)
-            if not delta.text and not delta.finished and self.top_n is None:
-                continue
-            yield self._chunk([{"index": index, "delta": {"content": delta.text} if delta.text else {},
-                                "logprobs": self._logprobs(delta.token_ids, delta.logprobs),
-                                "finish_reason": delta.finish_reason if delta.finished else None}])
+        async with aclosing(merged_deltas(self.state.llm, self.state.metrics, self.id, self.choices)) as deltas:
+            async for index, delta in deltas:
+                generated += len(delta.token_ids)
+                if not delta.text and not delta.finished and self.top_n is None:
+                    continue
+                yield self._chunk([{"index": index, "delta": {"content": delta.text} if delta.text else {},
+                                    "logprobs": self._logprobs(delta.token_ids, delta.logprobs),
+                                    "finish_reason": delta.finish_reason if delta.finished else None}])
         if self.req.include_usage:
             yield self._chunk([], self._usage(generated))
 

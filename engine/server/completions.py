@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -116,18 +117,19 @@ class CompletionRun:
         lps = {c.index: self._logprobs(c) for c in self.choices} if want_lp else {}
         started: set[int] = set()
         generated = 0
-        async for index, delta in merged_deltas(self.state.llm, self.state.metrics, self.id, self.choices):
-            choice = self.choices[index]
-            generated += len(delta.token_ids)
-            lp = lps.get(index)
-            echo = self._add(lp, choice, index not in started, delta.token_ids, delta.logprobs, delta.prompt_logprobs)
-            started.add(index)
-            text = echo + ("" if self.echo_only else delta.text)
-            lp_part = lp.take() if lp is not None else None
-            if not text and not (lp_part and lp_part["tokens"]) and not delta.finished:
-                continue
-            finish = self._finish_reason(delta.finish_reason) if delta.finished else None
-            yield self._chunk([{"index": index, "text": text, "logprobs": lp_part, "finish_reason": finish}])
+        async with aclosing(merged_deltas(self.state.llm, self.state.metrics, self.id, self.choices)) as deltas:
+            async for index, delta in deltas:
+                choice = self.choices[index]
+                generated += len(delta.token_ids)
+                lp = lps.get(index)
+                echo = self._add(lp, choice, index not in started, delta.token_ids, delta.logprobs, delta.prompt_logprobs)
+                started.add(index)
+                text = echo + ("" if self.echo_only else delta.text)
+                lp_part = lp.take() if lp is not None else None
+                if not text and not (lp_part and lp_part["tokens"]) and not delta.finished:
+                    continue
+                finish = self._finish_reason(delta.finish_reason) if delta.finished else None
+                yield self._chunk([{"index": index, "text": text, "logprobs": lp_part, "finish_reason": finish}])
         if self.req.include_usage:
             yield self._chunk([], self._usage(generated))
 

@@ -64,7 +64,7 @@ async def parse_body(request: Request, model: type[M]) -> M:
         return model.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        param = str(first["loc"][0]) if first["loc"] else None  # the top-level field
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()[:5])
         raise APIError(400, f"invalid request: {problems}", param=param) from None
 

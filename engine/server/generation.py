@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -87,25 +88,28 @@ async def merged_deltas(llm: AsyncLLM, metrics: ServerMetrics, request_id: str,
                 timers[index].on_finish(item.finish_reason or "stop")
             yield index, item
     finally:
+        # Everything that must happen comes before the first await: under a cancelled anyio
+        # scope (Starlette's, when a streaming client leaves) every await here raises again.
         for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            task.cancel()  # each pump's generator then aborts its engine request
         for timer in timers.values():
             timer.on_finish("abort")  # no-op for those that finished
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def collect(llm: AsyncLLM, metrics: ServerMetrics, request_id: str, choices: list[Choice]) -> list[ChoiceResult]:
     results = [ChoiceResult() for _ in choices]
-    async for index, delta in merged_deltas(llm, metrics, request_id, choices):
-        r = results[index]
-        r.token_ids += delta.token_ids
-        r.text += delta.text
-        if delta.logprobs:
-            r.logprobs += delta.logprobs
-        if delta.prompt_logprobs is not None:
-            r.prompt_logprobs = delta.prompt_logprobs
-        if delta.finished:
-            r.finish_reason = delta.finish_reason
+    async with aclosing(merged_deltas(llm, metrics, request_id, choices)) as deltas:
+        async for index, delta in deltas:
+            r = results[index]
+            r.token_ids += delta.token_ids
+            r.text += delta.text
+            if delta.logprobs:
+                r.logprobs += delta.logprobs
+            if delta.prompt_logprobs is not None:
+                r.prompt_logprobs = delta.prompt_logprobs
+            if delta.finished:
+                r.finish_reason = delta.finish_reason
     return results
 
 

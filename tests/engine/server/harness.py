@@ -56,3 +56,16 @@ class ServerThread:
                 return True
             time.sleep(0.02)
         return False
+
+
+def slow_steps(server: ServerThread, seconds: float) -> None:
+    """Make every engine step take at least ``seconds`` longer, so that a test can act while
+    requests are still running (a tiny model on CPU finishes hundreds of tokens in a blink)."""
+    engine = server.llm.engine
+    step = engine.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+
+    engine.step = slow_step
