@@ -12,6 +12,6 @@ merged deltas), ``logprobs``, ``completions`` / ``chat`` (response shapes), ``st
 
 from engine.server.app import build_app
 from engine.server.config import ServerConfig
-from engine.server.launch import serve
+from engine.server.launch import run_server, serve
 
-__all__ = ["ServerConfig", "build_app", "serve"]
+__all__ = ["ServerConfig", "build_app", "run_server", "serve"]
