@@ -45,3 +45,9 @@ def chat_model(tmp_path_factory, smollm2_artifact) -> str:
 def server(tiny_artifact):
     with ServerThread(tiny_artifact) as s:
         yield s
+
+
+@pytest.fixture(scope="module")
+def chat_server(chat_model):
+    with ServerThread(chat_model) as s:
+        yield s

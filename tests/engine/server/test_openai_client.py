@@ -111,12 +111,6 @@ def test_echo_returns_prompt_logprobs_equal_to_transformers(server, tiny_artifac
     assert all(math.isfinite(x) for x in only.choices[0].logprobs.token_logprobs[1:])
 
 
-@pytest.fixture(scope="module")
-def chat_server(chat_model):
-    with ServerThread(chat_model) as s:
-        yield s
-
-
 def test_chat_streamed_and_not_with_logprobs(chat_server, chat_model):
     c = client(chat_server)
     messages = [{"role": "user", "content": "Say something."}]
@@ -152,3 +146,23 @@ def test_chat_streamed_and_not_with_logprobs(chat_server, chat_model):
     assert texts[0] == texts[1] == choice.message.content  # greedy: both choices equal
     assert chunks[-1].usage.completion_tokens == 20
     assert chat_server.wait_idle()
+
+
+def test_streamed_echo_logprobs_equal_non_streamed(server):
+    c = client(server)
+    kw = dict(model=server.state.model_name, prompt=[[7, 8, 9, 10, 11], [12, 13]], max_tokens=4, temperature=0,
+              logprobs=2, echo=True, extra_body={"ignore_eos": True})
+    whole = c.completions.create(**kw)
+    parts: dict[int, dict] = {}
+    for chunk in c.completions.create(**kw, stream=True):
+        for ch in chunk.choices:
+            p = parts.setdefault(ch.index, {"text": "", "token_logprobs": [], "tokens": []})
+            p["text"] += ch.text
+            if ch.logprobs is not None:
+                p["token_logprobs"] += ch.logprobs.token_logprobs
+                p["tokens"] += ch.logprobs.tokens
+    for ch in whole.choices:
+        assert parts[ch.index]["text"] == ch.text
+        assert parts[ch.index]["tokens"] == ch.logprobs.tokens
+        assert parts[ch.index]["token_logprobs"] == pytest.approx(ch.logprobs.token_logprobs)
+        assert ch.logprobs.token_logprobs[0] is None
