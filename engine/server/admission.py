@@ -25,10 +25,6 @@ class Admission:
     def capacity(self) -> int:
         return self.max_running + self.max_queue
 
-    @property
-    def waiting(self) -> int:
-        return max(0, self.in_flight - self.max_running)
-
     def admit(self, n: int) -> Ticket:
         """A ticket for ``n`` engine requests, or 429 when the queue cannot take them."""
         if self.in_flight + n > self.capacity:

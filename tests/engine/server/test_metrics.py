@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import httpx
+from harness import ServerThread, slow_steps
 from prometheus_client.parser import text_string_to_metric_families
 
 NAMES = [
@@ -49,14 +53,19 @@ def test_metrics_count_tokens_requests_and_latencies(server):
     assert after["shrink:kv_cache_usage_perc"] == 0.0
 
 
-def test_kv_usage_gauge_reads_the_block_pool(server):
-    state = server.state
-    bm = server.llm.engine.block_manager
-    taken = [bm._take_free() for _ in range(len(bm.blocks) // 2)]  # as a running request would hold them
-    try:
-        assert scrape(server)["shrink:kv_cache_usage_perc"] == len(taken) / len(bm.blocks)
-    finally:
-        for b in taken:
-            bm.blocks[b].ref_count = 0
-            bm.free[b] = None
-    assert state.metrics is not None
+def test_gauges_show_a_running_request(tiny_artifact):
+    with ServerThread(tiny_artifact, max_model_len=512, num_decode_steps=1) as s:
+        slow_steps(s, 0.002)  # 400 tokens then take >= 0.8 s
+        body = {"prompt": [5] * 40, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+        worker = threading.Thread(target=lambda: httpx.post(s.url + "/v1/completions", json=body, timeout=120))
+        worker.start()
+        deadline = time.monotonic() + 30
+        while not s.llm.engine.scheduler.running:  # admitted, its blocks allocated
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        during = scrape(s)
+        worker.join()
+        bm = s.llm.engine.block_manager
+        assert during["shrink:num_requests_running"] == 1
+        assert during["shrink:kv_cache_usage_perc"] >= 10 / len(bm.blocks)  # 40 prompt tokens in blocks of 4
+        assert s.wait_idle() and scrape(s)["shrink:kv_cache_usage_perc"] == 0.0
