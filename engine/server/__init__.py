@@ -6,8 +6,9 @@
 Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /tokenize, /detokenize,
 /tokenizer_info, /metrics. One file per job: ``protocol`` (request models), ``errors`` (OpenAI's
 error body), ``admission`` (API key, bounded queue), ``generation`` (fan-out of n, validation,
-merged deltas), ``logprobs``, ``completions`` / ``chat`` (response shapes), ``streaming`` (SSE),
-``metrics`` (Prometheus), ``app`` (routes), ``launch`` (uvicorn).
+merged deltas), ``logprobs``, ``completions`` / ``chat`` (response shapes), ``respond`` (admit,
+then stream or collect), ``streaming`` (SSE), ``metrics`` (Prometheus), ``app`` (routes),
+``launch`` (uvicorn).
 """
 
 from engine.server.app import build_app

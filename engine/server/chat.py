@@ -8,15 +8,15 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from engine.server.errors import APIError, parse_body
-from engine.server.generation import Choice, ChoiceResult, collect, fan_out, merged_deltas, until_disconnected, validate
+from engine.server.generation import Choice, ChoiceResult, fan_out, merged_deltas, validate
 from engine.server.logprobs import chat_logprobs
 from engine.server.protocol import ChatCompletionRequest, ChatMessage
 from engine.server.sampling import check_limits, max_tokens_for, sampling_params
 from engine.server.state import ServerState
-from engine.server.streaming import SSEResponse
+from engine.server.respond import respond
 
 
 def chat_prompt_ids(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
@@ -64,6 +64,10 @@ class ChatRun:
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.state.model_name,
                 "choices": choices, "usage": self._usage(sum(len(r.token_ids) for r in results))}
 
+    @property
+    def stream(self) -> bool:
+        return self.req.stream
+
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.state.model_name, "choices": choices, "usage": usage}
@@ -86,12 +90,4 @@ class ChatRun:
 
 
 async def create_chat_completion(http: Request, state: ServerState) -> Response:
-    run = ChatRun(await parse_body(http, ChatCompletionRequest), state)
-    ticket = state.admission.admit(len(run.choices))
-    if run.req.stream:
-        return SSEResponse(run.chunks(), ticket.release)
-    try:
-        results = await until_disconnected(http, collect(state.llm, state.metrics, run.id, run.choices))
-    finally:
-        ticket.release()
-    return JSONResponse(run.body(results))
+    return await respond(http, state, ChatRun(await parse_body(http, ChatCompletionRequest), state))

@@ -12,16 +12,16 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from engine.errors import InvalidRequestError
 from engine.server.errors import APIError, parse_body
-from engine.server.generation import Choice, ChoiceResult, collect, fan_out, merged_deltas, until_disconnected, validate
+from engine.server.generation import Choice, ChoiceResult, fan_out, merged_deltas, validate
 from engine.server.logprobs import CompletionLogprobs
 from engine.server.protocol import CompletionRequest
 from engine.server.sampling import check_limits, max_tokens_for, sampling_params
 from engine.server.state import ServerState
-from engine.server.streaming import SSEResponse
+from engine.server.respond import respond
 
 
 class Prompt:
@@ -108,6 +108,10 @@ class CompletionRun:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.state.model_name,
                 "choices": choices, "usage": self._usage(sum(len(r.token_ids) for r in results))}
 
+    @property
+    def stream(self) -> bool:
+        return self.req.stream
+
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created,
                 "model": self.state.model_name, "choices": choices, "usage": usage}
@@ -135,12 +139,4 @@ class CompletionRun:
 
 
 async def create_completion(http: Request, state: ServerState) -> Response:
-    run = CompletionRun(await parse_body(http, CompletionRequest), state)
-    ticket = state.admission.admit(len(run.choices))
-    if run.req.stream:
-        return SSEResponse(run.chunks(), ticket.release)
-    try:
-        results = await until_disconnected(http, collect(state.llm, state.metrics, run.id, run.choices))
-    finally:
-        ticket.release()
-    return JSONResponse(run.body(results))
+    return await respond(http, state, CompletionRun(await parse_body(http, CompletionRequest), state))

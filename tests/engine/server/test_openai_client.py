@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from harness import ServerThread
 from openai import OpenAI
 
 from engine import LLM, SamplingParams
