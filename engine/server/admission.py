@@ -26,7 +26,11 @@ class Admission:
         return self.max_running + self.max_queue
 
     def admit(self, n: int) -> Ticket:
-        """A ticket for ``n`` engine requests, or 429 when the queue cannot take them."""
+        """A ticket for ``n`` engine requests, or 429 when the queue cannot take them now (400
+        when it never could: retrying would not help)."""
+        if n > self.capacity:
+            raise APIError(400, f"the request needs {n} engine requests (prompts x n); this server admits at "
+                           f"most {self.capacity} at once", param="n")
         if self.in_flight + n > self.capacity:
             raise APIError(
                 429, f"the server is at capacity ({self.in_flight} requests in flight, at most "

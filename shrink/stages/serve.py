@@ -11,7 +11,7 @@ from common.errors import ShrinkError
 from shrink.context import StageContext
 from shrink.stages import register_stage
 
-_ENGINE_KEYS = ("engine", "speculative_config")
+ENGINE_KEYS = ("engine", "speculative_config")
 
 
 def server_settings(cfg: DictConfig):
@@ -23,9 +23,9 @@ def server_settings(cfg: DictConfig):
         raise ShrinkError(f"model: {model} is not a model directory (no config.json)")
     serve = OmegaConf.to_container(cfg.serve, resolve=True)
     known = {f.name for f in fields(ServerConfig)}
-    unknown = sorted(set(serve) - known - set(_ENGINE_KEYS))
+    unknown = sorted(set(serve) - known - set(ENGINE_KEYS))
     if unknown:
-        raise ShrinkError(f"serve.{unknown[0]}: unknown key; known: {', '.join(sorted(known | set(_ENGINE_KEYS)))}")
+        raise ShrinkError(f"serve.{unknown[0]}: unknown key; known: {', '.join(sorted(known | set(ENGINE_KEYS)))}")
     try:
         server = ServerConfig(**{k: v for k, v in serve.items() if k in known})
     except (TypeError, ValueError) as e:

@@ -33,6 +33,19 @@ def test_bad_settings_fail_in_one_line(tiny_artifact, tmp_path, args, words):
     assert len(err) == 1 and words in err[0], result.stderr[-2000:]
 
 
+def test_defaults_bind_loopback_and_name_only_known_keys():
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+
+    from engine.server import ServerConfig
+    from shrink.stages.serve import ENGINE_KEYS
+
+    defaults = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "serve" / "default.yaml"))
+    assert defaults["host"] == ServerConfig().host == "127.0.0.1"
+    assert set(defaults) == {f.name for f in fields(ServerConfig)} | set(ENGINE_KEYS)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
