@@ -35,6 +35,7 @@ CASES = [
     ("min_tokens over max_tokens", "/v1/completions", {"prompt": "hi", "max_tokens": 2, "min_tokens": 5}, 400,
      "min_tokens", "min_tokens"),
     ("empty stop string", "/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "stop", "non-empty"),
+    ("seed too large", "/v1/completions", {"prompt": "hi", "seed": 2**64}, 400, "seed", "less than or equal"),
     ("penalty", "/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
     ("chat without template", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 400,
      "messages", "chat template"),
