@@ -15,12 +15,9 @@ unfused path.
 
 from __future__ import annotations
 
-import glob
-import os
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from kernels import gemv as gemv_kernels
@@ -31,6 +28,7 @@ from engine.layers.activation import silu_and_mul
 from engine.layers.attention import Attention
 from engine.layers.rmsnorm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, rope_parameters
+from engine.loader import load_checkpoint
 
 
 def _head_dim(config: Any) -> int:
@@ -154,11 +152,12 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.fused_decode = True  # EngineConfig.fused_decode; the runner sets it
         self.pdl = True  # EngineConfig.pdl; the runner sets it
+        self.compressed = False  # load_weights: compressed linears replaced dense ones
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
         ctx = get_context()
-        if (self.fused_decode and ctx.use_triton and not ctx.is_prefill
+        if (self.fused_decode and not self.compressed and ctx.use_triton and not ctx.is_prefill
                 and h.shape[0] <= gemv_kernels.SMALL_M and h.shape[1] <= gemv_kernels.MAX_NORM_K):
             pdl = None if self.pdl else False
             for layer in self.layers:
@@ -200,29 +199,23 @@ class LlamaForCausalLM(nn.Module):
         inter = self.config.intermediate_size
         return [inter, inter]
 
-    def load_tensor(self, name: str, tensor: torch.Tensor) -> bool:
-        """Copy one HF-named tensor into its (possibly fused) parameter. Returns False if unused."""
-        if name.startswith("lm_head.") and self.tie_word_embeddings:
-            return False
-        if "rotary_emb" in name:
-            return False
-        params = getattr(self, "_params", None) or dict(self.named_parameters())
-        parts = name.split(".")
-        for i, part in enumerate(parts):
-            if part in self.FUSED:
-                fused, shard = self.FUSED[part]
-                target = ".".join(parts[:i] + [fused] + parts[i + 1 :])
-                param = params[target]
-                sizes = self._shard_sizes(fused)
-                offset = sum(sizes[:shard])
-                with torch.no_grad():
-                    param.data[offset : offset + sizes[shard]].copy_(tensor)
-                return True
-        if name not in params:
-            raise KeyError(f"checkpoint tensor {name!r} has no place in the engine's model")
-        with torch.no_grad():
-            params[name].data.copy_(tensor)
-        return True
+    def linear_shards(self) -> dict[str, list[tuple[str, int]]]:
+        """Each of our linears -> the checkpoint linears it holds, with their output rows, in
+        order (q, k, v in qkv_proj; gate, up in gate_up_proj). A tied lm_head is the embedding."""
+        unfuse = {}
+        for hf, (ours, shard) in self.FUSED.items():
+            unfuse.setdefault(ours, {})[shard] = hf
+        shards = {}
+        for name, mod in self.named_modules():
+            if not isinstance(mod, nn.Linear) or (name == "lm_head" and self.tie_word_embeddings):
+                continue
+            prefix, _, leaf = name.rpartition(".")
+            if leaf in unfuse:
+                sizes = self._shard_sizes(leaf)
+                shards[name] = [(f"{prefix}.{unfuse[leaf][i]}", sizes[i]) for i in range(len(sizes))]
+            else:
+                shards[name] = [(name, mod.out_features)]
+        return shards
 
     @torch.no_grad()
     def init_dummy_weights(self, std: float = 0.02) -> None:
@@ -233,21 +226,14 @@ class LlamaForCausalLM(nn.Module):
             else:
                 p.normal_(0.0, std)
 
-    def load_state_dict_hf(self, state: dict[str, torch.Tensor]) -> None:
-        for name, tensor in state.items():
-            self.load_tensor(name, tensor)
-
-    def load_weights(self, path: str) -> None:
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors in {path}")
-        loaded: set[str] = set()
-        self._params = dict(self.named_parameters())
-        for file in files:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    if self.load_tensor(name, f.get_tensor(name)):
-                        loaded.add(name)
-        del self._params
-        if not any(n.startswith("model.layers.") for n in loaded):
-            raise ValueError(f"{path}: no decoder weights found")
+    def load_weights(self, path: str, keep_compressed: bool | None = None) -> None:
+        """Load a Hugging Face / compressed-tensors checkpoint, verified: every parameter exactly
+        once with its shape, or one error listing what is missing, unexpected or mis-shaped.
+        Compressed linears stay compressed (engine/layers/quantized.py) where `keep_compressed`
+        (default: on a GPU); otherwise weight-only schemes are dequantized once into the dense
+        linears (W8A8 keeps its module: its activations are quantized at run time)."""
+        if keep_compressed is None:
+            keep_compressed = self.lm_head.weight.device.type == "cuda"
+        tolerated = {"lm_head.weight"} if self.tie_word_embeddings else set()
+        compressed = load_checkpoint(self, path, self.linear_shards(), tolerated, keep_compressed)
+        self.model.compressed = compressed > 0

@@ -1,0 +1,146 @@
+"""Compressed linears, after gpt-fast: each replaces an `nn.Linear` of the engine's model through
+one `replace_linears(model, make)` walk, keeps its compressed tensors as buffers, and computes
+with them (torch references from kernels/quant.py; Triton GEMVs on a GPU at decode sizes).
+
+- Int8Linear: weight-only int8, one scale per output channel.
+- Int4Linear: weight-only int4, one scale (and optional zero point) per group of inputs.
+- W8A8Linear: int8 or fp8 e4m3 weights with dynamic per-token activation quantization.
+- Sparse24Linear: 2:4 sparse weights (kept half + 2-bit positions), dense or int4 values.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kernels import quant as ref
+
+
+class CompressedLinear(nn.Module):
+    """What the compressed linears share: sizes, an optional bias, and a dense view for paths
+    (CPU serving, the fused decode fallback) that want one."""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def dequantized(self) -> torch.Tensor:
+        """The dense weight this layer stands for, fp32 [out, in]."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(CompressedLinear):
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__(codes.shape[1], codes.shape[0], bias)
+        self.register_buffer("codes", codes.to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.reshape(-1).float().contiguous())
+
+    def dequantized(self) -> torch.Tensor:
+        return self.codes.float() * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ref.int8_linear_ref(x, self.codes, self.scale, self.bias)
+
+
+class Int4Linear(CompressedLinear):
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 bias: torch.Tensor | None = None) -> None:
+        """codes: signed int4 values as int8 [N, K]; scale, zero: [N, K / group_size]."""
+        super().__init__(codes.shape[1], codes.shape[0], bias)
+        if codes.shape[1] % scale.shape[1]:
+            raise ValueError(f"Int4Linear: {scale.shape[1]} groups do not divide {codes.shape[1]} inputs")
+        self.group_size = codes.shape[1] // scale.shape[1]
+        self.register_buffer("packed", ref.pack_int4(codes).contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("zero", None if zero is None else zero.float().contiguous())
+
+    def dequantized(self) -> torch.Tensor:
+        return ref.dequantize_grouped(ref.unpack_int4(self.packed), self.scale, self.zero)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ref.int4_linear_ref(x, self.packed, self.scale, self.zero, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}, zero_point={self.zero is not None}"
+
+
+class W8A8Linear(CompressedLinear):
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, act: str, bias: torch.Tensor | None = None) -> None:
+        """codes: int8 (act "int8") or float8_e4m3fn (act "fp8") [N, K]; scale: per channel [N]."""
+        super().__init__(codes.shape[1], codes.shape[0], bias)
+        if act not in ("int8", "fp8"):
+            raise ValueError(f"W8A8Linear: activations must be int8 or fp8 (got {act!r})")
+        self.act = act
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("scale", scale.reshape(-1).float().contiguous())
+
+    def dequantized(self) -> torch.Tensor:
+        return self.codes.float() * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ref.w8a8_linear_ref(x, self.codes, self.scale, self.act, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", act={self.act}"
+
+
+class Sparse24Linear(CompressedLinear):
+    """2:4 sparse: the kept half of each row and its 2-bit positions; the kept values dense
+    (`values`) or int4 codes with per-group scales (`packed`, `scale`, `zero`)."""
+
+    def __init__(self, dense: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 codes: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                 zero: torch.Tensor | None = None) -> None:
+        """dense: the 2:4 sparse weight [N, K] (dequantized when codes are given: it fixes the kept
+        positions); codes, scale, zero: its int4 codes [N, K] and [N, G] group scales/zero points."""
+        super().__init__(dense.shape[1], dense.shape[0], bias)
+        if dense.shape[1] % 8:
+            raise ValueError(f"Sparse24Linear: in_features {dense.shape[1]} is not a multiple of 8")
+        values, positions = ref.compress_24(dense)
+        self.register_buffer("meta", ref.pack_meta_24(positions).contiguous())
+        self.quantized = codes is not None
+        if self.quantized:
+            kept = torch.gather(codes.reshape(codes.shape[0], -1, 4), -1,
+                                positions.reshape(codes.shape[0], -1, 2).long()).reshape(values.shape)
+            self.group_size = dense.shape[1] // scale.shape[1]
+            self.register_buffer("packed", ref.pack_int4(kept).contiguous())
+            self.register_buffer("scale", scale.float().contiguous())
+            self.register_buffer("zero", None if zero is None else zero.float().contiguous())
+        else:
+            self.register_buffer("values", values.contiguous())
+
+    def dequantized(self) -> torch.Tensor:
+        if self.quantized:
+            return ref.sparse24_int4_dequantize(self.packed, self.meta, self.scale, self.zero)
+        return ref.decompress_24(self.values.float(), ref.unpack_meta_24(self.meta))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized:
+            return ref.sparse24_int4_linear_ref(x, self.packed, self.meta, self.scale, self.zero, self.bias)
+        return ref.sparse24_linear_ref(x, self.values, self.meta, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", int4 group_size={self.group_size}" if self.quantized else "")
+
+
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module | None]) -> int:
+    """Swap every nn.Linear for `make(name, linear)` unless it returns None; returns the count."""
+    swaps = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    count = 0
+    for name, linear in swaps:
+        new = make(name, linear)
+        if new is not None:
+            set_submodule(model, name, new)
+            count += 1
+    return count
