@@ -68,9 +68,10 @@ def read_quantization_config(path: str) -> dict | None:
 
 
 def _scale_shapes(scheme: LinearScheme, out: int, inp: int) -> Shapes:
+    if scheme.group_size:
+        return ((out, inp // scheme.group_size),)
     if scheme.kind == "int4":
-        groups = inp // scheme.group_size if scheme.group_size else 1
-        return ((out, groups),)
+        return ((out, 1),)
     if scheme.per_tensor_scale:
         return ((1,), (), (1, 1))
     return ((out, 1), (out,))

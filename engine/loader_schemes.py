@@ -28,7 +28,7 @@ class LinearScheme:
 
     kind: str = "dense"
     format: str = "dense"
-    group_size: int | None = None  # int4: inputs per scale; None: one group (per channel)
+    group_size: int | None = None  # int8/int4: inputs per scale; None: one group (per channel)
     symmetric: bool = True
     per_tensor_scale: bool = False  # int8/fp8 weights with one scale for the whole tensor
     sparse24: bool = False
@@ -39,7 +39,7 @@ class LinearScheme:
         return self.kind != "dense"
 
     def describe(self) -> str:
-        parts = [self.kind if self.kind != "int4" else f"int4 g{self.group_size or 'channel'}"]
+        parts = [self.kind + (f" g{self.group_size}" if self.group_size else "")]
         if self.kind == "int4" and not self.symmetric:
             parts.append("asymmetric")
         if self.sparse24:
@@ -88,12 +88,13 @@ def _weight_scheme(group: dict[str, Any], layer: str, fmt: str) -> LinearScheme:
             raise refuse("W8A8 needs symmetric 8-bit weights per channel or per tensor")
         return LinearScheme("w8a8_int8" if kind == "int" else "w8a8_fp8", fmt,
                             per_tensor_scale=strategy == "tensor")
-    if kind == "int" and bits == 8 and strategy in ("channel", "tensor") and symmetric:
-        return LinearScheme("int8", fmt, per_tensor_scale=strategy == "tensor")
+    if kind == "int" and bits == 8 and strategy in ("channel", "tensor", "group") and symmetric:
+        gs = int(w["group_size"]) if strategy == "group" else None
+        return LinearScheme("int8", fmt, group_size=gs, per_tensor_scale=strategy == "tensor")
     if kind == "int" and bits == 4 and strategy in ("group", "channel"):
         gs = int(w["group_size"]) if strategy == "group" else None
         return LinearScheme("int4", fmt, group_size=gs, symmetric=symmetric)
-    raise refuse("the engine runs weight-only int8 (symmetric, per channel), weight-only int4 (per group or "
+    raise refuse("the engine runs weight-only int8 (symmetric, per channel or group), weight-only int4 (per group or "
                  "channel), and W8A8 int8/fp8 with dynamic per-token activations")
 
 

@@ -37,15 +37,22 @@ class CompressedLinear(nn.Module):
 
 class Int8Linear(CompressedLinear):
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """codes int8 [N, K]; scale [N] or [N, 1] per channel, or [N, K / group_size] per group."""
         super().__init__(codes.shape[1], codes.shape[0], bias)
+        scale = scale.reshape(codes.shape[0], -1)
+        if codes.shape[1] % scale.shape[1]:
+            raise ValueError(f"Int8Linear: {scale.shape[1]} groups do not divide {codes.shape[1]} inputs")
+        self.group_size = codes.shape[1] // scale.shape[1]
         self.register_buffer("codes", codes.to(torch.int8).contiguous())
-        self.register_buffer("scale", scale.reshape(-1).float().contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
 
     def dequantized(self) -> torch.Tensor:
-        return self.codes.float() * self.scale[:, None]
+        return ref.dequantize_grouped(self.codes, self.scale, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ref.int8_linear_ref(x, self.codes, self.scale, self.bias)
+        if self.scale.shape[1] == 1:
+            return ref.int8_linear_ref(x, self.codes, self.scale[:, 0], self.bias)
+        return torch.nn.functional.linear(x, self.dequantized().to(x.dtype), self.bias)
 
 
 class Int4Linear(CompressedLinear):
