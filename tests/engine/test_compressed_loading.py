@@ -193,3 +193,51 @@ def test_llm_compressor_layout_matches_transformers(case, tmp_path_factory):
     scheme = {"W8A8": "w8a8_int8"}.get(preset, preset)
     ref_scheme = "int4_g32_asym" if preset == "W4A16_ASYM" else scheme
     check_against_reference(llm, reference(path, ref_scheme), scheme)
+
+
+@pytest.mark.parametrize("scheme", ["sparse24", "w8a8_int8"])
+def test_legacy_sparse24_bitmask_layout(scheme, artifacts, tmp_path):
+    """Older llm-compressor releases stored 2:4 weights compressed (`compressed` kept values,
+    `bitmask` packed little-endian, `shape`) under sparsity_config format sparse-24-bitmask;
+    compressed-tensors 0.20 reads it no more, so the reference is the same weights stored dense."""
+    import shutil
+
+    from compressed_tensors.utils import pack_bitmasks
+    from safetensors.torch import load_file, save_file
+
+    src = artifacts("sparse24")
+    if scheme == "w8a8_int8":  # 2:4 over int8 codes: prune the W8A8 artifact's codes in place
+        src = artifacts("w8a8_int8")
+    dst = tmp_path / f"bitmask_{scheme}"
+    shutil.copytree(src, dst)
+    file = str(dst / "model.safetensors")
+    state = load_file(file)
+    cfg = json.loads((dst / "config.json").read_text())
+    qcfg = cfg.setdefault("quantization_config", {"quant_method": "compressed-tensors", "config_groups": {}})
+    targets, dense = [], {}
+    for name in [k.removesuffix(".weight") for k in list(state) if k.startswith("model.layers.") and k.endswith("_proj.weight")]:
+        w = state.pop(f"{name}.weight")
+        if scheme == "w8a8_int8":  # keep the 2 largest codes of every 4
+            groups = w.view(-1, 4)
+            groups.scatter_(1, groups.float().abs().topk(2, dim=1, largest=False).indices, 0)
+        mask = w != 0
+        state[f"{name}.compressed"] = w[mask].reshape(w.shape[0], w.shape[1] // 2)
+        state[f"{name}.bitmask"] = pack_bitmasks(mask)
+        state[f"{name}.shape"] = torch.tensor(list(w.shape)).reshape(-1, 1)
+        targets.append(name)
+        dense[name] = w
+    save_file(state, file, metadata={"format": "pt"})
+    qcfg["sparsity_config"] = {"format": "sparse-24-bitmask", "sparsity_structure": "2:4", "global_sparsity": 0.5,
+                               "targets": targets, "ignore": []}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    # The reference: the same pruned tensors stored dense.
+    ref_dir = tmp_path / f"dense_{scheme}"
+    shutil.copytree(src, ref_dir)
+    ref_state = load_file(str(ref_dir / "model.safetensors"))
+    ref_state.update({f"{n}.weight": w for n, w in dense.items()})
+    save_file(ref_state, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
+    llm = engine(dst, keep_compressed=True)
+    if scheme == "sparse24":
+        assert all(isinstance(m, Sparse24Linear) for m in llm.engine.runner.model.modules()
+                   if isinstance(m, CompressedLinear))
+    check_against_reference(llm, reference(ref_dir, scheme), scheme)
