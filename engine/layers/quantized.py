@@ -13,9 +13,19 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels import quant as ref
+from kernels.gemv import SMALL_M, gemv
+from kernels.quant_gemv import sparse24_int4_gemv
+
+from engine.context import get_context
+
+
+def _decode_gemv(x: torch.Tensor) -> bool:
+    """Whether x [M, K] goes to a Triton decode GEMV: the step runs Triton kernels, M <= SMALL_M."""
+    return get_context().use_triton and x.dim() == 2 and x.shape[0] <= SMALL_M
 
 
 class CompressedLinear(nn.Module):
@@ -49,10 +59,20 @@ class Int8Linear(CompressedLinear):
     def dequantized(self) -> torch.Tensor:
         return ref.dequantize_grouped(self.codes, self.scale, None)
 
+    def gemv_args(self) -> tuple[torch.Tensor, dict] | None:
+        """The fused decode kernels' weight and its format arguments (kernels/gemv.py), or None if
+        they cannot read this layer (per-group int8)."""
+        if self.scale.shape[1] != 1:
+            return None
+        return self.codes, {"quant": "int8", "scale": self.scale.view(-1)}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scale.shape[1] == 1:
-            return ref.int8_linear_ref(x, self.codes, self.scale[:, 0], self.bias)
-        return torch.nn.functional.linear(x, self.dequantized().to(x.dtype), self.bias)
+        if self.scale.shape[1] != 1:
+            return F.linear(x, self.dequantized().to(x.dtype), self.bias)
+        if _decode_gemv(x):
+            weight, quant = self.gemv_args()
+            return gemv(x, weight, self.bias, **quant)
+        return ref.int8_linear_ref(x, self.codes, self.scale.view(-1), self.bias)
 
 
 class Int4Linear(CompressedLinear):
@@ -70,7 +90,13 @@ class Int4Linear(CompressedLinear):
     def dequantized(self) -> torch.Tensor:
         return ref.dequantize_grouped(ref.unpack_int4(self.packed), self.scale, self.zero)
 
+    def gemv_args(self) -> tuple[torch.Tensor, dict]:
+        return self.packed, {"quant": "int4", "scale": self.scale, "zero": self.zero}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _decode_gemv(x):
+            weight, quant = self.gemv_args()
+            return gemv(x, weight, self.bias, **quant)
         return ref.int4_linear_ref(x, self.packed, self.scale, self.zero, self.bias)
 
     def extra_repr(self) -> str:
@@ -91,7 +117,26 @@ class W8A8Linear(CompressedLinear):
         return self.codes.float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dim() == 2:
+            y = self._tensor_core(x)
+            if y is not None:
+                return y if self.bias is None else y + self.bias
         return ref.w8a8_linear_ref(x, self.codes, self.scale, self.act, self.bias)
+
+    def _tensor_core(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The 8-bit tensor-core GEMM: torch._int_mm (int8, M > 16, K and N multiples of 8) or
+        torch._scaled_mm with row-wise scales (fp8, K and N multiples of 16); None where neither applies."""
+        m, k = x.shape
+        n = self.out_features
+        if self.act == "int8" and m > 16 and k % 8 == 0 and n % 8 == 0:
+            xq, xs = ref.quantize_per_token_int8(x)
+            acc = torch._int_mm(xq, self.codes.t())
+            return (acc.float() * xs * self.scale[None, :]).to(x.dtype)
+        if self.act == "fp8" and k % 16 == 0 and n % 16 == 0:
+            xq, xs = ref.quantize_per_token_fp8(x)
+            return torch._scaled_mm(xq, self.codes.t(), scale_a=xs, scale_b=self.scale[None, :],
+                                    out_dtype=x.dtype)
+        return None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", act={self.act}"
@@ -128,9 +173,29 @@ class Sparse24Linear(CompressedLinear):
         return ref.decompress_24(self.values.float(), ref.unpack_meta_24(self.meta))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dim() == 2 and x.shape[0] > SMALL_M and x.dtype in (torch.float16, torch.bfloat16):
+            semi = self._semi_structured(x.dtype)
+            if semi is not None:
+                return F.linear(x, semi, self.bias)
         if self.quantized:
+            if _decode_gemv(x):
+                return sparse24_int4_gemv(x, self.packed, self.meta, self.scale, self.zero, self.bias)
             return ref.sparse24_int4_linear_ref(x, self.packed, self.meta, self.scale, self.zero, self.bias)
         return ref.sparse24_linear_ref(x, self.values, self.meta, self.bias)
+
+    def _semi_structured(self, dtype: torch.dtype):
+        """Prefill on a GPU: the weight as torch's semi-structured sparse tensor (cuSPARSELt /
+        CUTLASS 2:4 kernels), made once; None where torch cannot (shape, dtype, GPU)."""
+        cached = getattr(self, "_semi", None)
+        if cached is None or cached[0] != dtype:
+            try:
+                from torch.sparse import to_sparse_semi_structured
+
+                semi = to_sparse_semi_structured(self.dequantized().to(dtype))
+            except (RuntimeError, ValueError):
+                semi = None
+            self._semi = cached = (dtype, semi)
+        return cached[1]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", int4 group_size={self.group_size}" if self.quantized else "")
@@ -151,3 +216,14 @@ def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module
             set_submodule(model, name, new)
             count += 1
     return count
+
+
+def gemv_weight(linear: nn.Module) -> tuple[torch.Tensor, dict] | None:
+    """(weight, format kwargs) of kernels/gemv.py's fused decode kernels for a linear, or None
+    where they cannot read it (W8A8, 2:4, per-group int8): those run as their own modules, on the
+    unfused path."""
+    if isinstance(linear, nn.Linear):
+        return linear.weight, {}
+    if isinstance(linear, (Int8Linear, Int4Linear)):
+        return linear.gemv_args()
+    return None

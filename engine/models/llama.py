@@ -26,6 +26,7 @@ from kernels import rotary as rotary_kernels
 from engine.context import get_context
 from engine.layers.activation import silu_and_mul
 from engine.layers.attention import Attention
+from engine.layers.quantized import CompressedLinear, gemv_weight
 from engine.layers.rmsnorm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, rope_parameters
 from engine.loader import load_checkpoint
@@ -82,8 +83,9 @@ class LlamaAttention(nn.Module):
     def attend_fused(self, positions: torch.Tensor, h: torch.Tensor, norm: RMSNorm, pdl: bool | None) -> torch.Tensor:
         """attend() of the normed qkv projection of the residual stream h in one launch before
         attention: norm prologue, qkv matmul (+ bias), rotary, k/v into the cache (kernels/gemv.py)."""
+        weight, quant = gemv_weight(self.qkv_proj)
         q = gemv_kernels.gemv_rope_store(
-            h, self.qkv_proj.weight, self.qkv_proj.bias, norm_weight=norm.weight, eps=norm.eps,
+            h, weight, self.qkv_proj.bias, **quant, norm_weight=norm.weight, eps=norm.eps,
             positions=positions, cos_table=self.rotary.cos, sin_table=self.rotary.sin,
             k_cache=self.attn.k_cache, v_cache=self.attn.v_cache, slot_mapping=get_context().slot_mapping,
             num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, pdl=pdl,
@@ -126,7 +128,8 @@ class LlamaDecoderLayer(nn.Module):
     def forward_fused(self, positions: torch.Tensor, h: torch.Tensor, pdl: bool | None = None) -> torch.Tensor:
         """The small-batch decode layer: h is the whole residual stream (the unfused path's
         x + residual), updated in place by the o_proj and down_proj epilogues. Four matmul launches
-        replace two norms, four GEMMs, the SwiGLU and (but for Qwen3) the rotary + k/v store.
+        replace two norms, four GEMMs, the SwiGLU and (but for Qwen3) the rotary + k/v store. The
+        weights may be dense, int8 or int4 (dequantized in the kernels' registers: gemv_weight).
         ``pdl``: programmatic dependent launch (None: where the GPU has it; False: off)."""
         gemv = gemv_kernels.gemv
         attn, mlp = self.self_attn, self.mlp
@@ -134,12 +137,16 @@ class LlamaDecoderLayer(nn.Module):
         if attn.fuse_rope_store():
             o = attn.attend_fused(positions, h, norm1, pdl)
         else:
-            qkv = gemv(h, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=norm1.weight, eps=norm1.eps, pdl=pdl)
+            weight, quant = gemv_weight(attn.qkv_proj)
+            qkv = gemv(h, weight, attn.qkv_proj.bias, **quant, norm_weight=norm1.weight, eps=norm1.eps, pdl=pdl)
             o = attn.attend(positions, qkv)
-        gemv(o, attn.o_proj.weight, attn.o_proj.bias, residual=h, out=h, pdl=pdl)
-        act = gemv(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, norm_weight=norm2.weight, eps=norm2.eps,
+        weight, quant = gemv_weight(attn.o_proj)
+        gemv(o, weight, attn.o_proj.bias, **quant, residual=h, out=h, pdl=pdl)
+        weight, quant = gemv_weight(mlp.gate_up_proj)
+        act = gemv(h, weight, mlp.gate_up_proj.bias, **quant, norm_weight=norm2.weight, eps=norm2.eps,
                    swiglu=True, pdl=pdl)
-        return gemv(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=h, out=h, pdl=pdl)
+        weight, quant = gemv_weight(mlp.down_proj)
+        return gemv(act, weight, mlp.down_proj.bias, **quant, residual=h, out=h, pdl=pdl)
 
 
 class LlamaModel(nn.Module):
@@ -152,12 +159,12 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.fused_decode = True  # EngineConfig.fused_decode; the runner sets it
         self.pdl = True  # EngineConfig.pdl; the runner sets it
-        self.compressed = False  # load_weights: compressed linears replaced dense ones
+        self.fusable = True  # load_weights: every decoder linear is one the fused decode kernels read
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
         ctx = get_context()
-        if (self.fused_decode and not self.compressed and ctx.use_triton and not ctx.is_prefill
+        if (self.fused_decode and self.fusable and ctx.use_triton and not ctx.is_prefill
                 and h.shape[0] <= gemv_kernels.SMALL_M and h.shape[1] <= gemv_kernels.MAX_NORM_K):
             pdl = None if self.pdl else False
             for layer in self.layers:
@@ -235,5 +242,6 @@ class LlamaForCausalLM(nn.Module):
         if keep_compressed is None:
             keep_compressed = self.lm_head.weight.device.type == "cuda"
         tolerated = {"lm_head.weight"} if self.tie_word_embeddings else set()
-        compressed = load_checkpoint(self, path, self.linear_shards(), tolerated, keep_compressed)
-        self.model.compressed = compressed > 0
+        load_checkpoint(self, path, self.linear_shards(), tolerated, keep_compressed)
+        self.model.fusable = all(gemv_weight(m) is not None for m in self.model.layers.modules()
+                                 if isinstance(m, (nn.Linear, CompressedLinear)))

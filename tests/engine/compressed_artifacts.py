@@ -84,6 +84,18 @@ def dequantized_reference(directory: Path):
     return load_compressed(directory, dtype=torch.float32)
 
 
+def greedy(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """transformers generate, one prompt at a time, greedy, no EOS stop."""
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+            outs.append(gen[0, len(p):].tolist())
+    return outs
+
+
 # -- llm-compressor's layout -------------------------------------------------------------------
 
 # The preset schemes llm-compressor applies (compressed_tensors.quantization.preset_name_to_scheme)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from compressed_artifacts import (HF_CANNOT_LOAD, SCHEMES, dequantized_reference, make_artifact,
+from compressed_artifacts import (HF_CANNOT_LOAD, SCHEMES, dequantized_reference, greedy, make_artifact,
                                   make_llmc_artifact)
 
 from engine import LLM, SamplingParams
@@ -60,17 +60,6 @@ def reference(path: Path, scheme: str):
     return _REF[path]
 
 
-def hf_greedy(model, prompts: list[list[int]]) -> list[list[int]]:
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                 min_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
-            outs.append(gen[0, len(p):].tolist())
-    return outs
-
-
 def engine(path: Path, keep_compressed: bool) -> LLM:
     if not keep_compressed:
         return LLM(str(path), device="cpu", max_model_len=128, block_size=4)
@@ -91,9 +80,9 @@ def engine_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
 
 
 def check_against_reference(llm: LLM, ref, scheme: str) -> None:
-    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    got = [o.token_ids for o in llm.generate(PROMPTS, greedy)]
-    assert got == hf_greedy(ref, PROMPTS)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    got = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    assert got == greedy(ref, PROMPTS, NEW_TOKENS)
     ids = PROMPTS[2]
     with torch.no_grad():
         theirs = ref(torch.tensor([ids])).logits[0]
