@@ -243,5 +243,10 @@ class LlamaForCausalLM(nn.Module):
             keep_compressed = self.lm_head.weight.device.type == "cuda"
         tolerated = {"lm_head.weight"} if self.tie_word_embeddings else set()
         load_checkpoint(self, path, self.linear_shards(), tolerated, keep_compressed)
+        self.update_fusable()
+
+    def update_fusable(self) -> None:
+        """After linears were swapped: the fused small-batch decode runs only when its kernels
+        can read every decoder linear (dense, int8 per channel, int4)."""
         self.model.fusable = all(gemv_weight(m) is not None for m in self.model.layers.modules()
                                  if isinstance(m, (nn.Linear, CompressedLinear)))
