@@ -173,29 +173,34 @@ class Sparse24Linear(CompressedLinear):
         return ref.decompress_24(self.values.float(), ref.unpack_meta_24(self.meta))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dim() == 2 and x.shape[0] > SMALL_M and x.dtype in (torch.float16, torch.bfloat16):
-            semi = self._semi_structured(x.dtype)
-            if semi is not None:
-                return F.linear(x, semi, self.bias)
+        if (x.is_cuda and x.dim() == 2 and x.dtype in (torch.float16, torch.bfloat16)
+                and (x.shape[0] > SMALL_M or not self.quantized)):
+            return F.linear(x, self._gpu_weight(x.dtype), self.bias)
         if self.quantized:
             if _decode_gemv(x):
                 return sparse24_int4_gemv(x, self.packed, self.meta, self.scale, self.zero, self.bias)
             return ref.sparse24_int4_linear_ref(x, self.packed, self.meta, self.scale, self.zero, self.bias)
         return ref.sparse24_linear_ref(x, self.values, self.meta, self.bias)
 
-    def _semi_structured(self, dtype: torch.dtype):
-        """Prefill on a GPU: the weight as torch's semi-structured sparse tensor (cuSPARSELt /
-        CUTLASS 2:4 kernels), made once; None where torch cannot (shape, dtype, GPU)."""
-        cached = getattr(self, "_semi", None)
-        if cached is None or cached[0] != dtype:
-            try:
-                from torch.sparse import to_sparse_semi_structured
+    def _gpu_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight for GPU matmuls, made once: torch's semi-structured sparse tensor (cuSPARSELt /
+        CUTLASS 2:4 kernels), or the dense weight where torch cannot make one (shape, dtype, GPU).
+        Never made inside a CUDA-graph capture (the conversion is not capturable): there the
+        dense weight serves that call only."""
+        cached = getattr(self, "_gpu", None)
+        if cached is not None and cached[0] == dtype:
+            return cached[1]
+        dense = self.dequantized().to(dtype)
+        if torch.cuda.is_current_stream_capturing():
+            return dense
+        try:
+            from torch.sparse import to_sparse_semi_structured
 
-                semi = to_sparse_semi_structured(self.dequantized().to(dtype))
-            except (RuntimeError, ValueError):
-                semi = None
-            self._semi = cached = (dtype, semi)
-        return cached[1]
+            weight = to_sparse_semi_structured(dense)
+        except (RuntimeError, ValueError):
+            weight = dense
+        self._gpu = (dtype, weight)
+        return weight
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", int4 group_size={self.group_size}" if self.quantized else "")
