@@ -18,6 +18,7 @@ from torch import nn
 
 from kernels import quant as ref
 from kernels.gemv import SMALL_M, gemv
+from kernels.quant_dequant import dequantize_int4
 from kernels.quant_gemv import sparse24_int4_gemv
 
 from engine.context import get_context
@@ -97,6 +98,8 @@ class Int4Linear(CompressedLinear):
         if _decode_gemv(x):
             weight, quant = self.gemv_args()
             return gemv(x, weight, self.bias, **quant)
+        if get_context().use_triton:  # prefill: dequantize in one launch, then the dense GEMM
+            return F.linear(x, dequantize_int4(self.packed, self.scale, self.zero, x.dtype), self.bias)
         return ref.int4_linear_ref(x, self.packed, self.scale, self.zero, self.bias)
 
     def extra_repr(self) -> str:
@@ -124,13 +127,15 @@ class W8A8Linear(CompressedLinear):
         return ref.w8a8_linear_ref(x, self.codes, self.scale, self.act, self.bias)
 
     def _tensor_core(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The 8-bit tensor-core GEMM: torch._int_mm (int8, M > 16, K and N multiples of 8) or
+        """The 8-bit tensor-core GEMM: torch._int_mm (int8, K and N multiples of 8) or
         torch._scaled_mm with row-wise scales (fp8, K and N multiples of 16); None where neither applies."""
         m, k = x.shape
         n = self.out_features
-        if self.act == "int8" and m > 16 and k % 8 == 0 and n % 8 == 0:
+        if self.act == "int8" and k % 8 == 0 and n % 8 == 0:
             xq, xs = ref.quantize_per_token_int8(x)
-            acc = torch._int_mm(xq, self.codes.t())
+            if m <= 16:  # _int_mm takes more than 16 rows: pad with zero rows (decode)
+                xq = F.pad(xq, (0, 0, 0, 24 - m))
+            acc = torch._int_mm(xq, self.codes.t())[:m]
             return (acc.float() * xs * self.scale[None, :]).to(x.dtype)
         if self.act == "fp8" and k % 16 == 0 and n % 16 == 0:
             xq, xs = ref.quantize_per_token_fp8(x)

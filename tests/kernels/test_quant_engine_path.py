@@ -29,8 +29,13 @@ def test_fused_decode_on_compressed_weights(tmp_path, monkeypatch, scheme, fused
 
     import engine.layers.quantized as quantized_module
 
-    formats, sparse_calls = [], []
+    formats, sparse_calls, dequant_calls = [], [], []
     gemv, sparse_gemv = llama_module.gemv_kernels.gemv, quantized_module.sparse24_int4_gemv
+    dequant = quantized_module.dequantize_int4
+
+    def counting_dequant(*args, **kwargs):
+        dequant_calls.append(args[0].shape)
+        return dequant(*args, **kwargs)
 
     def counting_gemv(*args, **kwargs):
         formats.append(kwargs.get("quant", "dense"))
@@ -42,6 +47,7 @@ def test_fused_decode_on_compressed_weights(tmp_path, monkeypatch, scheme, fused
 
     monkeypatch.setattr(llama_module.gemv_kernels, "gemv", counting_gemv)
     monkeypatch.setattr(quantized_module, "sparse24_int4_gemv", counting_sparse_gemv)
+    monkeypatch.setattr(quantized_module, "dequantize_int4", counting_dequant)
     path = make_artifact(scheme, tmp_path / scheme)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -58,6 +64,7 @@ def test_fused_decode_on_compressed_weights(tmp_path, monkeypatch, scheme, fused
         torch.set_num_threads(threads)
     assert [o.token_ids for o in outs] == want
     expected = {"int8": "int8", "int4_g32_asym": "int4"}.get(scheme)
+    assert bool(dequant_calls) == (scheme == "int4_g32_asym")  # int4 prefill: Triton dequant + dense GEMM
     if fused:
         assert formats and set(formats) == {expected}  # o_proj, gate_up and down; qkv rides gemv_rope_store
     else:  # unfused path: the 2:4 + int4 modules run their own decode GEMV

@@ -183,3 +183,16 @@ def test_sparse24_int4_gemv_gpu_real_shape(m):
     x = torch.randn(m, 4096, generator=torch.Generator().manual_seed(4)).to("cuda", torch.bfloat16)
     args = (packed.cuda(), meta.cuda(), scale.cuda(), zeros.cuda())
     assert _rel(sparse24_int4_gemv(x, *args), ref.sparse24_int4_linear_ref(x, *args)) < 1e-2
+
+
+@pytest.mark.parametrize("group,zero", [(32, False), (64, True), (128, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_dequantize_kernel_is_exact(group, zero, dtype):
+    """The prefill path's dequantization equals the reference's bit for bit (same fp32
+    arithmetic, one rounding)."""
+    from kernels.quant_dequant import dequantize_int4
+
+    packed, scale, zeros, _ = quant_weight(21, 3 * group, "int4", group, zero, seed=4)
+    packed, scale, zeros = _to(packed, DEVICE), _to(scale, DEVICE), _to(zeros, DEVICE)
+    expected = ref.dequantize_grouped(ref.unpack_int4(packed), scale, zeros).to(dtype)
+    assert torch.equal(dequantize_int4(packed, scale, zeros, dtype), expected)
