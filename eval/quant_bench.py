@@ -174,7 +174,7 @@ def prefill(shape: str, variant: str, tokens: int) -> dict:
 
     with compressed_dummy_weights(variant):
         llm = LLM(shape_dir(shape), load_format="dummy", max_num_seqs=1, max_model_len=tokens + 16,
-                  max_num_batched_tokens=tokens, enable_prefix_caching=False)
+                  max_num_batched_tokens=tokens, enable_prefix_caching=False, enforce_eager=True)
     vocab = llm.engine.vocab_size
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     llm.generate(_prompts(1, tokens, vocab, 7), one)  # warm-up (and the 2:4 weights' conversion)
