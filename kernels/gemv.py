@@ -14,7 +14,10 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
 - compressed weights (QUANT, kernels/quant.py's layouts): int8 codes with one scale per output
   column, applied to the column's sum; or int4 codes packed two per byte with a scale (and zero
   point) per group of GROUP inputs, dequantized in registers as each tile is loaded. The codes are
-  read once; the rest of the kernel is unchanged, so every fusion works on them.
+  read once; the rest of the kernel is unchanged, so every fusion works on them. W8A8 int8
+  (QUANT 3): int8 codes as QUANT 1, and the input quantized per row in the prologue (dynamic,
+  symmetric: absmax / 127.5 after the norm, round half to even), the sums scaled by the row's and
+  the column's scales.
 - rotary + KV store (gemv_rope_store, a sibling kernel on the same matmul code): the qkv matmul's
   epilogue rotates q and k (neox layout) and writes k and v straight into the paged cache, so the
   separate rope_store launch (kernels/rotary.py) goes away. Each program computes both members of
@@ -163,7 +166,7 @@ if HAS_TRITON:
         as kernels/quant.py's reference does; s_rows, z_rows at [N, K / GROUP] scale/zero rows)."""
         if QUANT == 0:
             return tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)
-        elif QUANT == 1:
+        elif QUANT == 1 or QUANT == 3:
             return tl.load(w_rows + k[None, :], mask=w_mask, other=0).to(tl.float32).to(dtype)
         else:
             byte = tl.load(w_rows + (k // 2)[None, :], mask=w_mask, other=0).to(tl.int32)
@@ -175,10 +178,9 @@ if HAS_TRITON:
             return _rnd(code * scale, dtype, BF16_BY_HAND).to(dtype)
 
     @triton.jit
-    def _mac_tile(acc, acc2, x_rows, row_mask, k, w, w2, nw_ptr, rstd,
-                  K: tl.constexpr, BLOCK_M: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
-                  IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr):
-        """acc (and acc2) += the x columns k (normalised with NORM) times the W tiles w (and w2)."""
+    def _input_tile(x_rows, row_mask, k, nw_ptr, rstd, K: tl.constexpr, NORM: tl.constexpr,
+                    BF16_BY_HAND: tl.constexpr):
+        """The x columns k, normalised with NORM as kernels/rmsnorm.py does."""
         dtype = x_rows.dtype.element_ty
         k_mask = k < K
         x = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
@@ -186,6 +188,27 @@ if HAS_TRITON:
             nw = tl.load(nw_ptr + k, mask=k_mask, other=0.0)
             x = _rnd(x.to(tl.float32) * rstd[:, None], dtype, BF16_BY_HAND)
             x = _rnd(nw.to(tl.float32)[None, :] * x, dtype, BF16_BY_HAND).to(dtype)  # exact cast
+        return x
+
+    @triton.jit
+    def _quantize_rows(x, xs):
+        """round(x / xs) half to even, clamped to int8's range, as fp32 (kernels/quant.py's
+        quantize_per_token_int8)."""
+        v = tl.math.div_rn(x.to(tl.float32), xs[:, None])
+        r = tl.floor(v + 0.5)
+        r = tl.where(((r - v) == 0.5) & ((r % 2) != 0), r - 1.0, r)
+        return tl.minimum(tl.maximum(r, -128.0), 127.0)
+
+    @triton.jit
+    def _mac_tile(acc, acc2, x_rows, row_mask, k, w, w2, nw_ptr, rstd, xs,
+                  K: tl.constexpr, BLOCK_M: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
+                  IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr, QUANT: tl.constexpr):
+        """acc (and acc2) += the x columns k (normalised with NORM, quantized with QUANT 3) times
+        the W tiles w (and w2)."""
+        dtype = x_rows.dtype.element_ty
+        x = _input_tile(x_rows, row_mask, k, nw_ptr, rstd, K, NORM, BF16_BY_HAND)
+        if QUANT == 3:  # integers of at most 8 bits: exact in any float dtype
+            x = _quantize_rows(x, xs).to(dtype)
         acc = _mac(acc, x, w, BLOCK_M, IEEE)
         if TWO:
             acc2 = _mac(acc2, x, w2, BLOCK_M, IEEE)
@@ -225,11 +248,19 @@ if HAS_TRITON:
                 h = h.to(tl.float32)
                 sq += tl.sum(h * h, 1)
             rstd = tl.rsqrt(sq / K + eps)
+        xs = tl.zeros([BLOCK_M], tl.float32)
+        if QUANT == 3:  # each row's activation scale: absmax of the (normalised) input / 127.5
+            amax = tl.zeros([BLOCK_M], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                h = _input_tile(x_rows, row_mask, k0 + ks, nw_ptr, rstd, K, NORM, BF16_BY_HAND)
+                amax = tl.maximum(amax, tl.max(tl.abs(h.to(tl.float32)), 1))
+            xs = amax / 127.5
+            xs = tl.where(xs == 0.0, 1.1920928955078125e-07, xs)
 
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        acc, acc2 = _mac_tile(acc, acc2, x_rows, row_mask, ks, w, w2, nw_ptr, rstd,
-                              K, BLOCK_M, NORM, TWO, IEEE, BF16_BY_HAND)
+        acc, acc2 = _mac_tile(acc, acc2, x_rows, row_mask, ks, w, w2, nw_ptr, rstd, xs,
+                              K, BLOCK_M, NORM, TWO, IEEE, BF16_BY_HAND, QUANT)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + ks
             w_mask = col_mask[:, None] & (k < K)[None, :]
@@ -237,8 +268,11 @@ if HAS_TRITON:
             w2 = w
             if TWO:
                 w2 = _load_w(w_rows2, s_rows2, z_rows2, k, w_mask, dtype, GROUP, QUANT, HAS_ZERO, BF16_BY_HAND)
-            acc, acc2 = _mac_tile(acc, acc2, x_rows, row_mask, k, w, w2, nw_ptr, rstd,
-                                  K, BLOCK_M, NORM, TWO, IEEE, BF16_BY_HAND)
+            acc, acc2 = _mac_tile(acc, acc2, x_rows, row_mask, k, w, w2, nw_ptr, rstd, xs,
+                                  K, BLOCK_M, NORM, TWO, IEEE, BF16_BY_HAND, QUANT)
+        if QUANT == 3:  # the row scales; the column scales follow (_column_scale)
+            acc = acc * xs[:, None]
+            acc2 = acc2 * xs[:, None]
         return acc, acc2
 
     @triton.jit
@@ -258,6 +292,8 @@ if HAS_TRITON:
         if QUANT == 1:
             scale = _rnd(tl.load(s_ptr + cols, mask=col_mask, other=0.0).to(tl.float32), dtype, BF16_BY_HAND)
             return _rnd(_rnd(acc, dtype, BF16_BY_HAND) * scale[None, :], dtype, BF16_BY_HAND)
+        elif QUANT == 3:  # W8A8: fp32 throughout, one rounding after (kernels/quant.py's w8a8_linear_ref)
+            return acc * tl.load(s_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         else:
             return acc
 
@@ -380,7 +416,7 @@ if HAS_TRITON:
                   k_cache_ptr, v_cache_ptr, KV_HEADS, HALF)
 
 
-QUANT_KINDS = {"dense": 0, "int8": 1, "int4": 2}
+QUANT_KINDS = {"dense": 0, "int8": 1, "int4": 2, "w8a8_int8": 3}
 
 
 def _quant_args(weight: torch.Tensor, k: int, quant: str, scale: torch.Tensor | None,
@@ -393,7 +429,7 @@ def _quant_args(weight: torch.Tensor, k: int, quant: str, scale: torch.Tensor | 
         return weight.shape[1], args
     assert scale is not None and scale.is_contiguous()
     args["s_ptr"] = scale
-    if kind == 1:
+    if kind in (1, 3):
         assert weight.dtype == torch.int8 and scale.numel() == weight.shape[0]
         return weight.shape[1], args
     assert weight.dtype == torch.uint8 and scale.shape[0] == weight.shape[0] and k % scale.shape[1] == 0
@@ -417,8 +453,9 @@ def gemv(
     in-place add into the residual stream: each program reads and writes only its own columns),
     but not ``x`` when the norm prologue reads whole rows of it. ``config`` overrides gemv_config.
     ``pdl``: programmatic dependent launch (None: wherever the GPU has it, kernels/_triton.py).
-    ``quant``: W's format, "dense", "int8" or "int4" (with ``scale``, ``zero``: _quant_args);
-    the reference is then gemv_ref on the dequantized weight (kernels/quant.py)."""
+    ``quant``: W's format, "dense", "int8", "int4" or "w8a8_int8" (with ``scale``, ``zero``:
+    _quant_args); the reference is then gemv_ref on the dequantized weight (kernels/quant.py),
+    for W8A8 on the per-token quantized input."""
     m, k = x.shape
     rows_w = weight.shape[0]
     kw, qargs = _quant_args(weight, k, quant, scale, zero)

@@ -119,7 +119,14 @@ class W8A8Linear(CompressedLinear):
     def dequantized(self) -> torch.Tensor:
         return self.codes.float() * self.scale[:, None]
 
+    def gemv_args(self) -> tuple[torch.Tensor, dict] | None:
+        """int8: the fused decode kernels quantize the input in their prologue; fp8: None."""
+        return (self.codes, {"quant": "w8a8_int8", "scale": self.scale}) if self.act == "int8" else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act == "int8" and _decode_gemv(x):
+            weight, quant = self.gemv_args()
+            return gemv(x, weight, self.bias, **quant)
         if x.is_cuda and x.dim() == 2:
             y = self._tensor_core(x)
             if y is not None:
@@ -230,10 +237,10 @@ def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module
 
 def gemv_weight(linear: nn.Module) -> tuple[torch.Tensor, dict] | None:
     """(weight, format kwargs) of kernels/gemv.py's fused decode kernels for a linear, or None
-    where they cannot read it (W8A8, 2:4, per-group int8): those run as their own modules, on the
+    where they cannot read it (fp8, 2:4, per-group int8): those run as their own modules, on the
     unfused path."""
     if isinstance(linear, nn.Linear):
         return linear.weight, {}
-    if isinstance(linear, (Int8Linear, Int4Linear)):
+    if isinstance(linear, (Int8Linear, Int4Linear, W8A8Linear)):
         return linear.gemv_args()
     return None

@@ -129,7 +129,8 @@ class LlamaDecoderLayer(nn.Module):
         """The small-batch decode layer: h is the whole residual stream (the unfused path's
         x + residual), updated in place by the o_proj and down_proj epilogues. Four matmul launches
         replace two norms, four GEMMs, the SwiGLU and (but for Qwen3) the rotary + k/v store. The
-        weights may be dense, int8 or int4 (dequantized in the kernels' registers: gemv_weight).
+        weights may be dense, int8, int4 (dequantized in the kernels' registers) or W8A8 int8 (the
+        input quantized per token in the prologue): gemv_weight.
         ``pdl``: programmatic dependent launch (None: where the GPU has it; False: off)."""
         gemv = gemv_kernels.gemv
         attn, mlp = self.self_attn, self.mlp
@@ -247,6 +248,6 @@ class LlamaForCausalLM(nn.Module):
 
     def update_fusable(self) -> None:
         """After linears were swapped: the fused small-batch decode runs only when its kernels
-        can read every decoder linear (dense, int8 per channel, int4)."""
+        can read every decoder linear (dense, int8 per channel, int4, W8A8 int8)."""
         self.model.fusable = all(gemv_weight(m) is not None for m in self.model.layers.modules()
                                  if isinstance(m, (nn.Linear, CompressedLinear)))

@@ -1,6 +1,7 @@
 """The engine's fused small-batch decode on compressed weights (Triton, interpreted on CPU): int8
-and int4 linears are read by the fused kernels (dequantized in registers), W8A8 / 2:4 layers run
-on the unfused path; greedy tokens equal transformers' on the same artifact."""
+and int4 linears are read by the fused kernels (dequantized in registers), W8A8 int8 with its
+input quantized in their prologue; fp8 and 2:4 layers run on the unfused path. Greedy tokens equal
+transformers' on the same artifact."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PROMPTS = [[5, 17, 99, 3, 250, 42, 8], [300, 12], list(range(40, 60))]
 
 
-@pytest.mark.parametrize("scheme,fused", [("int8", True), ("int4_g32_asym", True), ("sparse24_int4", False)])
+@pytest.mark.parametrize("scheme,fused", [("int8", True), ("int4_g32_asym", True), ("w8a8_int8", True),
+                                          ("w8a8_fp8", False), ("sparse24_int4", False)])
 def test_fused_decode_on_compressed_weights(tmp_path, monkeypatch, scheme, fused):
     from transformers import AutoModelForCausalLM
 
@@ -63,9 +65,10 @@ def test_fused_decode_on_compressed_weights(tmp_path, monkeypatch, scheme, fused
     finally:
         torch.set_num_threads(threads)
     assert [o.token_ids for o in outs] == want
-    expected = {"int8": "int8", "int4_g32_asym": "int4"}.get(scheme)
+    expected = {"int8": "int8", "int4_g32_asym": "int4", "w8a8_int8": "w8a8_int8"}.get(scheme)
     assert bool(dequant_calls) == (scheme == "int4_g32_asym")  # int4 prefill: Triton dequant + dense GEMM
     if fused:
         assert formats and set(formats) == {expected}  # o_proj, gate_up and down; qkv rides gemv_rope_store
-    else:  # unfused path: the 2:4 + int4 modules run their own decode GEMV
-        assert not formats and sparse_calls and max(sparse_calls) <= 3
+    else:  # unfused path: the modules run themselves (2:4 + int4: its own decode GEMV)
+        assert not formats
+        assert bool(sparse_calls) == (scheme == "sparse24_int4") and max(sparse_calls, default=0) <= 3

@@ -196,3 +196,39 @@ def test_int4_dequantize_kernel_is_exact(group, zero, dtype):
     packed, scale, zeros = _to(packed, DEVICE), _to(scale, DEVICE), _to(zeros, DEVICE)
     expected = ref.dequantize_grouped(ref.unpack_int4(packed), scale, zeros).to(dtype)
     assert torch.equal(dequantize_int4(packed, scale, zeros, dtype), expected)
+
+
+def w8a8_gemv_ref(x, codes, scale, bias=None, *, norm_weight=None, eps=1e-6, residual=None, swiglu=False):
+    """The unfused modules: rmsnorm, W8A8Linear's reference (per-token int8 input), SwiGLU, residual."""
+    from kernels.activation import silu_and_mul_ref
+    from kernels.rmsnorm import rmsnorm_ref
+
+    if norm_weight is not None:
+        x = rmsnorm_ref(x, norm_weight, eps)
+    y = ref.w8a8_linear_ref(x, codes, scale, "int8", bias)
+    if swiglu:
+        y = silu_and_mul_ref(y)
+    return y if residual is None else y + residual
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_int8_gemv_quantizes_the_input_in_the_prologue(m, fusion, dtype):
+    n, k = 37, 200
+    swiglu = FUSIONS[fusion].get("swiglu", False)
+    codes, scale, _, _ = quant_weight(2 * n if swiglu else n, k, "int8", seed=m)
+    x, kw = _fusion_args(m, n, k, dtype, seed=m, **FUSIONS[fusion])
+    x[0, :5] *= 20.0  # one row with outliers: per-token scales differ by row
+    codes, scale = codes.to(DEVICE), scale.to(DEVICE)
+    expected = w8a8_gemv_ref(x, codes, scale, swiglu=swiglu, **kw)
+    out = gemv(x, codes, swiglu=swiglu, quant="w8a8_int8", scale=scale, **kw)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert _rel(out, expected) < 1e-2
+    # not the unquantized input's result
+    unquantized = gemv_ref(x.float(), (codes.float() * scale[:, None]), swiglu=swiglu,
+                           **{key: v.float() for key, v in kw.items() if torch.is_tensor(v)},
+                           **{key: v for key, v in kw.items() if not torch.is_tensor(v)})
+    assert (out.float() - unquantized).abs().max() > 1e-4
