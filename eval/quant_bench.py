@@ -1,8 +1,8 @@
 """Compressed weights on the GPU, every figure against the engine's own bf16 in the same process:
 decode tok/s at batch 1 and 16 (256 new tokens after a 16-token prompt, prefill included, as
 eval/engine_bench.py's decode) for bf16, int8, int4 g64, int4 g128 (symmetric and with zero
-points) and 2:4 + int4 g128, with the GB/s each achieves against the measured copy ceiling; and
-prefill tok/s of one 8192-token prompt for bf16, W8A8 int8, W8A8 fp8 and 2:4.
+points), 2:4 + int4 g128 and W8A8 int8, with the GB/s each achieves against the measured copy
+ceiling; and prefill tok/s of one 8192-token prompt for bf16, W8A8 int8, W8A8 fp8 and 2:4.
 
     python -m eval.quant_bench [--shape llama2-7b] [--out quant_bench.jsonl] [--only int4_g64 ...]
 
@@ -27,7 +27,7 @@ from torch import nn
 
 from eval.engine_bench import _prompts, ceilings, shape_dir, timed
 
-DECODE_VARIANTS = ["bf16", "int8", "int4_g64", "int4_g128", "int4_g128_zero", "sparse24_int4_g128"]
+DECODE_VARIANTS = ["bf16", "int8", "int4_g64", "int4_g128", "int4_g128_zero", "sparse24_int4_g128", "w8a8_int8"]
 PREFILL_VARIANTS = ["bf16", "w8a8_int8", "w8a8_fp8", "sparse24"]
 
 

@@ -232,3 +232,16 @@ def test_w8a8_int8_gemv_quantizes_the_input_in_the_prologue(m, fusion, dtype):
                            **{key: v.float() for key, v in kw.items() if torch.is_tensor(v)},
                            **{key: v for key, v in kw.items() if not torch.is_tensor(v)})
     assert (out.float() - unquantized).abs().max() > 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("shape", [(4096, 4096), (4096, 11008)])
+def test_w8a8_int8_gemv_gpu_real_shapes(m, shape):
+    n, k = shape
+    codes, scale, _, _ = quant_weight(n, k, "int8", seed=2)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(3)).to("cuda", torch.bfloat16)
+    codes, scale = codes.cuda(), scale.cuda()
+    out = gemv(x, codes, quant="w8a8_int8", scale=scale)
+    assert _rel(out, w8a8_gemv_ref(x, codes, scale)) < 1e-2
