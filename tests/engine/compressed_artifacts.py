@@ -154,3 +154,19 @@ def make_llmc_artifact(preset: str, directory: Path, group_size: int = 32, spars
             "ignore": ["lm_head"], "registry_requires_subclass": False}
     (directory / "config.json").write_text(json.dumps(config, indent=2, default=str))
     return directory
+
+
+def quantize_real_model(source: Path, directory: Path, bits: int, group: int | None) -> Path:
+    """RTN (no calibration data) of a real checkpoint, saved as stage=quantize does, fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from shrink.compress.calibration import compress_model
+    from shrink.compress.compressed_tensors_io import save_compressed
+    from shrink.compress.quant import QuantSpec
+    from shrink.compress.quant_methods import QuantMethod
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    compress_model(model, QuantMethod("rtn", QuantSpec(bits, group, True)), None, torch.device("cpu"), skip=SKIP,
+                   batch_size=2, log=lambda s: None)
+    save_compressed(model, directory, dtype=torch.float32)
+    return directory

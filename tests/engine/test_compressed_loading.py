@@ -230,3 +230,21 @@ def test_legacy_sparse24_bitmask_layout(scheme, artifacts, tmp_path):
         assert all(isinstance(m, Sparse24Linear) for m in llm.engine.runner.model.modules()
                    if isinstance(m, CompressedLinear))
     check_against_reference(llm, reference(ref_dir, scheme), scheme)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, None)])
+def test_real_teacher_quantized_matches_transformers(smollm2_artifact, tmp_path, bits, group):
+    """SmolLM2-135M (576 wide, 30 layers, GQA 9/3, tied) quantized by RTN: the engine's compressed
+    modules give transformers' greedy tokens on the real model."""
+    from transformers import AutoModelForCausalLM
+
+    from compressed_artifacts import quantize_real_model
+
+    path = quantize_real_model(smollm2_artifact, tmp_path / f"int{bits}", bits, group)
+    llm = engine(path, keep_compressed=True)
+    assert any(isinstance(m, Int4Linear if bits == 4 else Int8Linear) for m in llm.engine.runner.model.modules())
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = [[1, 504, 3458, 282, 4706, 314], [1, 1780, 253, 1977]]
+    got = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))]
+    assert got == greedy(ref, prompts, 8)

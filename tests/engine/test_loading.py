@@ -107,3 +107,17 @@ def test_tied_model_may_store_its_lm_head(model_dir, tmp_path):
     llm = LLM(path, device="cpu", max_model_len=64, block_size=4)
     model = llm.engine.runner.model
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.slow
+def test_teacher_with_holes_is_refused(smollm2_artifact, tmp_path):
+    """Issue 11 finding 3 as reported: SmolLM2 without layer 5's MLP and the final norm generated
+    'reponamereponame...'; now one error names the four missing tensors."""
+    from engine.loader import CheckpointMismatchError
+
+    path = _rewrite_checkpoint(str(smollm2_artifact), tmp_path / "holes", lambda state: {
+        k: v for k, v in state.items() if not k.startswith("model.layers.5.mlp.") and k != "model.norm.weight"})
+    with pytest.raises(CheckpointMismatchError, match=r"4 missing: model\.layers\.5\.mlp\.down_proj\.weight, "
+                                                      r"model\.layers\.5\.mlp\.gate_proj\.weight, "
+                                                      r"model\.layers\.5\.mlp\.up_proj\.weight, model\.norm\.weight"):
+        LLM(path, device="cpu", max_model_len=64)
