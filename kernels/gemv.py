@@ -158,7 +158,27 @@ if HAS_TRITON:
             return acc + tl.dot(x, tl.trans(w))
 
     @triton.jit
-    def _load_w(w_rows, s_rows, z_rows, k, w_mask, dtype: tl.constexpr,
+    def _int4_tile(w_rows, s_rows, z_rows, k0, col_mask, dtype: tl.constexpr, K: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                   BF16_BY_HAND: tl.constexpr):
+        """The int4 W tile at columns k0.. (BLOCK_K a multiple of GROUP, k0 of BLOCK_K): each byte
+        loaded once and split into its two codes, one scale (and zero) load per group."""
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        byte = tl.load(w_rows + kb[None, :], mask=col_mask[:, None] & (kb < K // 2)[None, :], other=0).to(tl.int32)
+        lo = (byte & 0xF).to(tl.float32) - 8.0
+        hi = ((byte >> 4) & 0xF).to(tl.float32) - 8.0
+        code = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K // GROUP, GROUP))
+        g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+        g_mask = col_mask[:, None] & (g < K // GROUP)[None, :]
+        if HAS_ZERO:
+            code -= tl.load(z_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)[:, :, None]
+        scale = tl.load(s_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+        w = tl.reshape(code * scale[:, :, None], (BLOCK_N, BLOCK_K))
+        return _rnd(w, dtype, BF16_BY_HAND).to(dtype)
+
+    @triton.jit
+    def _load_w(w_rows, s_rows, z_rows, k0, k, w_mask, col_mask, dtype: tl.constexpr, K: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, BF16_BY_HAND: tl.constexpr):
         """The W tile at columns k of the rows w_rows, as x's dtype: dense (QUANT 0); int8 codes
         (QUANT 1: exact in any float dtype, the column scale comes after the sum); int4 (QUANT 2:
@@ -168,7 +188,10 @@ if HAS_TRITON:
             return tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)
         elif QUANT == 1 or QUANT == 3:
             return tl.load(w_rows + k[None, :], mask=w_mask, other=0).to(tl.float32).to(dtype)
-        else:
+        elif BLOCK_K % GROUP == 0:
+            return _int4_tile(w_rows, s_rows, z_rows, k0, col_mask, dtype, K, BLOCK_N, BLOCK_K, GROUP, HAS_ZERO,
+                              BF16_BY_HAND)
+        else:  # tiles narrower than a group: per element
             byte = tl.load(w_rows + (k // 2)[None, :], mask=w_mask, other=0).to(tl.int32)
             code = ((byte >> ((k % 2) * 4)[None, :]) & 0xF).to(tl.float32) - 8.0
             g = (k // GROUP)[None, :]
@@ -232,10 +255,12 @@ if HAS_TRITON:
         dtype = x_rows.dtype.element_ty
         ks = tl.arange(0, BLOCK_K)
         w_mask = col_mask[:, None] & (ks < K)[None, :]
-        w = _load_w(w_rows, s_rows, z_rows, ks, w_mask, dtype, GROUP, QUANT, HAS_ZERO, BF16_BY_HAND)
+        w = _load_w(w_rows, s_rows, z_rows, 0, ks, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
+                    GROUP, QUANT, HAS_ZERO, BF16_BY_HAND)
         w2 = w
         if TWO:
-            w2 = _load_w(w_rows2, s_rows2, z_rows2, ks, w_mask, dtype, GROUP, QUANT, HAS_ZERO, BF16_BY_HAND)
+            w2 = _load_w(w_rows2, s_rows2, z_rows2, 0, ks, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
+                         GROUP, QUANT, HAS_ZERO, BF16_BY_HAND)
         if PDL:  # x is the previous kernel's output: wait for it, then let the next kernel start
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -264,10 +289,12 @@ if HAS_TRITON:
         for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + ks
             w_mask = col_mask[:, None] & (k < K)[None, :]
-            w = _load_w(w_rows, s_rows, z_rows, k, w_mask, dtype, GROUP, QUANT, HAS_ZERO, BF16_BY_HAND)
+            w = _load_w(w_rows, s_rows, z_rows, k0, k, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
+                        GROUP, QUANT, HAS_ZERO, BF16_BY_HAND)
             w2 = w
             if TWO:
-                w2 = _load_w(w_rows2, s_rows2, z_rows2, k, w_mask, dtype, GROUP, QUANT, HAS_ZERO, BF16_BY_HAND)
+                w2 = _load_w(w_rows2, s_rows2, z_rows2, k0, k, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
+                             GROUP, QUANT, HAS_ZERO, BF16_BY_HAND)
             acc, acc2 = _mac_tile(acc, acc2, x_rows, row_mask, k, w, w2, nw_ptr, rstd, xs,
                                   K, BLOCK_M, NORM, TWO, IEEE, BF16_BY_HAND, QUANT)
         if QUANT == 3:  # the row scales; the column scales follow (_column_scale)

@@ -245,3 +245,13 @@ def test_w8a8_int8_gemv_gpu_real_shapes(m, shape):
     codes, scale = codes.cuda(), scale.cuda()
     out = gemv(x, codes, quant="w8a8_int8", scale=scale)
     assert _rel(out, w8a8_gemv_ref(x, codes, scale)) < 1e-2
+
+
+@pytest.mark.parametrize("m,config", [(1, (1, 4, 16, 1)), (1, (1, 8, 64, 1)), (3, (16, 16, 32, 4))])
+def test_int4_tiles_narrower_than_a_group(m, config):
+    """K tiles of 16 or 32 inputs against groups of 64 take the per-element dequantization; 64 the
+    per-group one. Both equal the reference."""
+    w, scale, zeros, dense = quant_weight(21, 192, "int4", 64, True, seed=8)
+    x = torch.randn(m, 192, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    out = gemv(x, _to(w, DEVICE), quant="int4", scale=_to(scale, DEVICE), zero=_to(zeros, DEVICE), config=config)
+    torch.testing.assert_close(out, gemv_ref(x, dense.to(DEVICE)), rtol=1e-5, atol=1e-5)
