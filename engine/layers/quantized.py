@@ -146,8 +146,12 @@ class W8A8Linear(CompressedLinear):
             return (acc.float() * xs * self.scale[None, :]).to(x.dtype)
         if self.act == "fp8" and k % 16 == 0 and n % 16 == 0:
             xq, xs = ref.quantize_per_token_fp8(x)
-            return torch._scaled_mm(xq, self.codes.t(), scale_a=xs, scale_b=self.scale[None, :],
-                                    out_dtype=x.dtype)
+            pad = -m % 16  # rows in multiples of 16, as cuBLASLt's fp8 GEMM wants them
+            if pad:
+                xq = torch.cat([xq, xq.new_zeros(pad, k)])
+                xs = F.pad(xs, (0, 0, 0, pad), value=1.0)
+            y = torch._scaled_mm(xq, self.codes.t(), scale_a=xs, scale_b=self.scale[None, :], out_dtype=x.dtype)
+            return y[:m]
         return None
 
     def extra_repr(self) -> str:
