@@ -248,3 +248,19 @@ def test_real_teacher_quantized_matches_transformers(smollm2_artifact, tmp_path,
     prompts = [[1, 504, 3458, 282, 4706, 314], [1, 1780, 253, 1977]]
     got = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))]
     assert got == greedy(ref, prompts, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_gpu_engine_serves_compressed_artifact(scheme, artifacts):
+    """On a GPU the compressed modules stay compressed (the default there) and run their kernels:
+    fused decode in CUDA graphs (int8, int4, W8A8 int8), _int_mm / _scaled_mm, 2:4 + int4 GEMV;
+    fp32 so that greedy tokens equal transformers' (CPU) on the same artifact."""
+    path = artifacts(scheme)
+    llm = LLM(str(path), device="cuda", dtype="float32", max_model_len=128, block_size=16)
+    modules = [m for m in llm.engine.runner.model.modules() if isinstance(m, CompressedLinear)]
+    assert modules and all(isinstance(m, EXPECTED_MODULE[scheme]) for m in modules)
+    got = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS,
+                                                                     ignore_eos=True))]
+    assert got == greedy(reference(path, scheme), PROMPTS, NEW_TOKENS)
