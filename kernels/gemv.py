@@ -11,6 +11,13 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
 - SWIGLU: W is the fused gate_up [2 * I, K]; out[:, j] = silu(gate_j) * up_j, one launch for the
   gate_up matmul and the activation.
 - bias (Qwen2's qkv).
+- compressed weights (QUANT, kernels/quant.py's layouts): int8 codes with one scale per output
+  column, applied to the column's sum; or int4 codes packed two per byte with a scale (and zero
+  point) per group of GROUP inputs, dequantized in registers as each tile is loaded. The codes are
+  read once; the rest of the kernel is unchanged, so every fusion works on them. W8A8 int8
+  (QUANT 3): int8 codes as QUANT 1, and the input quantized per row in the prologue (dynamic,
+  symmetric: absmax / 127.5 after the norm, round half to even), the sums scaled by the row's and
+  the column's scales.
 - rotary + KV store (gemv_rope_store, a sibling kernel on the same matmul code): the qkv matmul's
   epilogue rotates q and k (neox layout) and writes k and v straight into the paged cache, so the
   separate rope_store launch (kernels/rotary.py) goes away. Each program computes both members of
@@ -151,10 +158,52 @@ if HAS_TRITON:
             return acc + tl.dot(x, tl.trans(w))
 
     @triton.jit
-    def _mac_tile(acc, acc2, x_rows, row_mask, k, w, w2, nw_ptr, rstd,
-                  K: tl.constexpr, BLOCK_M: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
-                  IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr):
-        """acc (and acc2) += the x columns k (normalised with NORM) times the W tiles w (and w2)."""
+    def _int4_tile(w_rows, s_rows, z_rows, k0, col_mask, dtype: tl.constexpr, K: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                   BF16_BY_HAND: tl.constexpr):
+        """The int4 W tile at columns k0.. (BLOCK_K a multiple of GROUP, k0 of BLOCK_K): each byte
+        loaded once and split into its two codes, one scale (and zero) load per group."""
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        byte = tl.load(w_rows + kb[None, :], mask=col_mask[:, None] & (kb < K // 2)[None, :], other=0).to(tl.int32)
+        lo = (byte & 0xF).to(tl.float32) - 8.0
+        hi = ((byte >> 4) & 0xF).to(tl.float32) - 8.0
+        code = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K // GROUP, GROUP))
+        g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+        g_mask = col_mask[:, None] & (g < K // GROUP)[None, :]
+        if HAS_ZERO:
+            code -= tl.load(z_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)[:, :, None]
+        scale = tl.load(s_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+        w = tl.reshape(code * scale[:, :, None], (BLOCK_N, BLOCK_K))
+        return _rnd(w, dtype, BF16_BY_HAND).to(dtype)
+
+    @triton.jit
+    def _load_w(w_rows, s_rows, z_rows, k0, k, w_mask, col_mask, dtype: tl.constexpr, K: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+        """The W tile at columns k of the rows w_rows, as x's dtype: dense (QUANT 0); int8 codes
+        (QUANT 1: exact in any float dtype, the column scale comes after the sum); int4 (QUANT 2:
+        w_rows point at packed rows of K / 2 bytes, dequantized in fp32 and rounded to the dtype
+        as kernels/quant.py's reference does; s_rows, z_rows at [N, K / GROUP] scale/zero rows)."""
+        if QUANT == 0:
+            return tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)
+        elif QUANT == 1 or QUANT == 3:
+            return tl.load(w_rows + k[None, :], mask=w_mask, other=0).to(tl.float32).to(dtype)
+        elif BLOCK_K % GROUP == 0:
+            return _int4_tile(w_rows, s_rows, z_rows, k0, col_mask, dtype, K, BLOCK_N, BLOCK_K, GROUP, HAS_ZERO,
+                              BF16_BY_HAND)
+        else:  # tiles narrower than a group: per element
+            byte = tl.load(w_rows + (k // 2)[None, :], mask=w_mask, other=0).to(tl.int32)
+            code = ((byte >> ((k % 2) * 4)[None, :]) & 0xF).to(tl.float32) - 8.0
+            g = (k // GROUP)[None, :]
+            if HAS_ZERO:
+                code -= tl.load(z_rows + g, mask=w_mask, other=0.0).to(tl.float32)
+            scale = tl.load(s_rows + g, mask=w_mask, other=0.0).to(tl.float32)
+            return _rnd(code * scale, dtype, BF16_BY_HAND).to(dtype)
+
+    @triton.jit
+    def _input_tile(x_rows, row_mask, k, nw_ptr, rstd, K: tl.constexpr, NORM: tl.constexpr,
+                    BF16_BY_HAND: tl.constexpr):
+        """The x columns k, normalised with NORM as kernels/rmsnorm.py does."""
         dtype = x_rows.dtype.element_ty
         k_mask = k < K
         x = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
@@ -162,6 +211,27 @@ if HAS_TRITON:
             nw = tl.load(nw_ptr + k, mask=k_mask, other=0.0)
             x = _rnd(x.to(tl.float32) * rstd[:, None], dtype, BF16_BY_HAND)
             x = _rnd(nw.to(tl.float32)[None, :] * x, dtype, BF16_BY_HAND).to(dtype)  # exact cast
+        return x
+
+    @triton.jit
+    def _quantize_rows(x, xs):
+        """round(x / xs) half to even, clamped to int8's range, as fp32 (kernels/quant.py's
+        quantize_per_token_int8)."""
+        v = tl.math.div_rn(x.to(tl.float32), xs[:, None])
+        r = tl.floor(v + 0.5)
+        r = tl.where(((r - v) == 0.5) & ((r % 2) != 0), r - 1.0, r)
+        return tl.minimum(tl.maximum(r, -128.0), 127.0)
+
+    @triton.jit
+    def _mac_tile(acc, acc2, x_rows, row_mask, k, w, w2, nw_ptr, rstd, xs,
+                  K: tl.constexpr, BLOCK_M: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
+                  IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr, QUANT: tl.constexpr):
+        """acc (and acc2) += the x columns k (normalised with NORM, quantized with QUANT 3) times
+        the W tiles w (and w2)."""
+        dtype = x_rows.dtype.element_ty
+        x = _input_tile(x_rows, row_mask, k, nw_ptr, rstd, K, NORM, BF16_BY_HAND)
+        if QUANT == 3:  # integers of at most 8 bits: exact in any float dtype
+            x = _quantize_rows(x, xs).to(dtype)
         acc = _mac(acc, x, w, BLOCK_M, IEEE)
         if TWO:
             acc2 = _mac(acc2, x, w2, BLOCK_M, IEEE)
@@ -169,10 +239,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _matmul(
-        x_rows, row_mask, w_rows, w_rows2, col_mask, nw_ptr, eps,
+        x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
         K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         NORM: tl.constexpr, TWO: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
-        PDL: tl.constexpr,
+        PDL: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
     ):
         """fp32 [BLOCK_M, BLOCK_N] accumulators of x @ W^T for the W rows at w_rows (pointers
         [BLOCK_N, 1]) and, with TWO, a second set at w_rows2 over the same x tiles (SwiGLU's up
@@ -182,12 +252,15 @@ if HAS_TRITON:
         anything else, and with PDL (programmatic dependent launch) before waiting for that kernel
         to finish, so its memory latency overlaps that kernel's tail. The loop over the other
         tiles is left as it was, for the compiler to pipeline."""
+        dtype = x_rows.dtype.element_ty
         ks = tl.arange(0, BLOCK_K)
         w_mask = col_mask[:, None] & (ks < K)[None, :]
-        w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
+        w = _load_w(w_rows, s_rows, z_rows, 0, ks, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
+                    GROUP, QUANT, HAS_ZERO, BF16_BY_HAND)
         w2 = w
         if TWO:
-            w2 = tl.load(w_rows2 + ks[None, :], mask=w_mask, other=0.0)
+            w2 = _load_w(w_rows2, s_rows2, z_rows2, 0, ks, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
+                         GROUP, QUANT, HAS_ZERO, BF16_BY_HAND)
         if PDL:  # x is the previous kernel's output: wait for it, then let the next kernel start
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -200,30 +273,66 @@ if HAS_TRITON:
                 h = h.to(tl.float32)
                 sq += tl.sum(h * h, 1)
             rstd = tl.rsqrt(sq / K + eps)
+        xs = tl.zeros([BLOCK_M], tl.float32)
+        if QUANT == 3:  # each row's activation scale: absmax of the (normalised) input / 127.5
+            amax = tl.zeros([BLOCK_M], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                h = _input_tile(x_rows, row_mask, k0 + ks, nw_ptr, rstd, K, NORM, BF16_BY_HAND)
+                amax = tl.maximum(amax, tl.max(tl.abs(h.to(tl.float32)), 1))
+            xs = amax / 127.5
+            xs = tl.where(xs == 0.0, 1.1920928955078125e-07, xs)
 
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        acc, acc2 = _mac_tile(acc, acc2, x_rows, row_mask, ks, w, w2, nw_ptr, rstd,
-                              K, BLOCK_M, NORM, TWO, IEEE, BF16_BY_HAND)
+        acc, acc2 = _mac_tile(acc, acc2, x_rows, row_mask, ks, w, w2, nw_ptr, rstd, xs,
+                              K, BLOCK_M, NORM, TWO, IEEE, BF16_BY_HAND, QUANT)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + ks
             w_mask = col_mask[:, None] & (k < K)[None, :]
-            w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)
+            w = _load_w(w_rows, s_rows, z_rows, k0, k, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
+                        GROUP, QUANT, HAS_ZERO, BF16_BY_HAND)
             w2 = w
             if TWO:
-                w2 = tl.load(w_rows2 + k[None, :], mask=w_mask, other=0.0)
-            acc, acc2 = _mac_tile(acc, acc2, x_rows, row_mask, k, w, w2, nw_ptr, rstd,
-                                  K, BLOCK_M, NORM, TWO, IEEE, BF16_BY_HAND)
+                w2 = _load_w(w_rows2, s_rows2, z_rows2, k0, k, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
+                             GROUP, QUANT, HAS_ZERO, BF16_BY_HAND)
+            acc, acc2 = _mac_tile(acc, acc2, x_rows, row_mask, k, w, w2, nw_ptr, rstd, xs,
+                                  K, BLOCK_M, NORM, TWO, IEEE, BF16_BY_HAND, QUANT)
+        if QUANT == 3:  # the row scales; the column scales follow (_column_scale)
+            acc = acc * xs[:, None]
+            acc2 = acc2 * xs[:, None]
         return acc, acc2
 
     @triton.jit
+    def _w_rows(w_ptr, s_ptr, z_ptr, cols, K: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr):
+        """Row pointers [BLOCK_N, 1] of W's codes, its group scales and zero points for columns cols."""
+        c = cols.to(tl.int64)[:, None]
+        if QUANT == 2:
+            return w_ptr + c * (K // 2), s_ptr + c * (K // GROUP), z_ptr + c * (K // GROUP)
+        else:
+            return w_ptr + c * K, s_ptr + c, z_ptr + c
+
+    @triton.jit
+    def _column_scale(acc, s_ptr, cols, col_mask, dtype: tl.constexpr, QUANT: tl.constexpr,
+                      BF16_BY_HAND: tl.constexpr):
+        """int8 (QUANT 1): the sums of codes, rounded as a matmul writes them, times the column
+        scales, rounded again (kernels/quant.py's int8_linear_ref); otherwise acc unchanged."""
+        if QUANT == 1:
+            scale = _rnd(tl.load(s_ptr + cols, mask=col_mask, other=0.0).to(tl.float32), dtype, BF16_BY_HAND)
+            return _rnd(_rnd(acc, dtype, BF16_BY_HAND) * scale[None, :], dtype, BF16_BY_HAND)
+        elif QUANT == 3:  # W8A8: fp32 throughout, one rounding after (kernels/quant.py's w8a8_linear_ref)
+            return acc * tl.load(s_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        else:
+            return acc
+
+    @triton.jit
     def _gemv_kernel(
-        x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr,
+        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, nw_ptr, res_ptr, out_ptr,
         M, eps, x_stride, res_stride, out_stride,
         N: tl.constexpr, K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr,
         IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr,
+        GROUP: tl.constexpr = 1, QUANT: tl.constexpr = 0, HAS_ZERO: tl.constexpr = False,
     ):
         # N counts output columns: with SWIGLU, W has 2N rows (gate rows, then up rows).
         rows = tl.arange(0, BLOCK_M)
@@ -231,10 +340,15 @@ if HAS_TRITON:
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
         x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_stride
-        w_rows = w_ptr + cols.to(tl.int64)[:, None] * K
+        w_rows, s_rows, z_rows = _w_rows(w_ptr, s_ptr, z_ptr, cols, K, GROUP, QUANT)
+        w_up, s_up, z_up = _w_rows(w_ptr, s_ptr, z_ptr, cols + N, K, GROUP, QUANT)
         dtype = x_ptr.dtype.element_ty
-        acc, acc_up = _matmul(x_rows, row_mask, w_rows, w_rows + N * K, col_mask, nw_ptr, eps,
-                              K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, SWIGLU, IEEE, BF16_BY_HAND, PDL)
+        acc, acc_up = _matmul(x_rows, row_mask, w_rows, w_up, s_rows, s_up, z_rows, z_up, col_mask, nw_ptr, eps,
+                              K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, SWIGLU, IEEE, BF16_BY_HAND, PDL,
+                              GROUP, QUANT, HAS_ZERO)
+        acc = _column_scale(acc, s_ptr, cols, col_mask, dtype, QUANT, BF16_BY_HAND)
+        if SWIGLU:
+            acc_up = _column_scale(acc_up, s_ptr, cols + N, col_mask, dtype, QUANT, BF16_BY_HAND)
 
         if HAS_BIAS:  # added in fp32 before rounding, as cuBLAS's bias epilogue does
             acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -282,12 +396,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _gemv_rope_store_kernel(
-        x_ptr, w_ptr, b_ptr, nw_ptr, q_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-        M, eps, x_stride, q_stride, cos_stride, sin_stride,
+        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, nw_ptr, q_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
+        slot_ptr, M, eps, x_stride, q_stride, cos_stride, sin_stride,
         K: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
-        PDL: tl.constexpr,
+        PDL: tl.constexpr, GROUP: tl.constexpr = 1, QUANT: tl.constexpr = 0, HAS_ZERO: tl.constexpr = False,
     ):
         # Programs count rotary pairs, not columns: pair j is dim d = j % HALF of head j // HALF in
         # the qkv output (q heads, then k heads, then v heads), i.e. columns c and c + HALF. v's
@@ -300,10 +414,14 @@ if HAS_TRITON:
         d = j % HALF
         col = head * (2 * HALF) + d  # first member of the pair; the second is col + HALF
         x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_stride
-        w_rows = w_ptr + col.to(tl.int64)[:, None] * K
+        w_rows, s_rows, z_rows = _w_rows(w_ptr, s_ptr, z_ptr, col, K, GROUP, QUANT)
+        w_rows2, s_rows2, z_rows2 = _w_rows(w_ptr, s_ptr, z_ptr, col + HALF, K, GROUP, QUANT)
         dtype = x_ptr.dtype.element_ty
-        acc1, acc2 = _matmul(x_rows, row_mask, w_rows, w_rows + HALF * K, j_mask, nw_ptr, eps,
-                             K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE, BF16_BY_HAND, PDL)
+        acc1, acc2 = _matmul(x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask, nw_ptr,
+                             eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE, BF16_BY_HAND, PDL,
+                             GROUP, QUANT, HAS_ZERO)
+        acc1 = _column_scale(acc1, s_ptr, col, j_mask, dtype, QUANT, BF16_BY_HAND)
+        acc2 = _column_scale(acc2, s_ptr, col + HALF, j_mask, dtype, QUANT, BF16_BY_HAND)
         if HAS_BIAS:  # before the rotation (Qwen2), in fp32 before rounding as gemv does
             acc1 += tl.load(b_ptr + col, mask=j_mask, other=0.0).to(tl.float32)[None, :]
             acc2 += tl.load(b_ptr + col + HALF, mask=j_mask, other=0.0).to(tl.float32)[None, :]
@@ -325,18 +443,49 @@ if HAS_TRITON:
                   k_cache_ptr, v_cache_ptr, KV_HEADS, HALF)
 
 
+QUANT_KINDS = {"dense": 0, "int8": 1, "int4": 2, "w8a8_int8": 3}
+
+
+def _quant_args(weight: torch.Tensor, k: int, quant: str, scale: torch.Tensor | None,
+                zero: torch.Tensor | None) -> tuple[int, dict]:
+    """W's input width and the kernel arguments of its format (kernels/quant.py's layouts):
+    dense; int8 codes [N, K] with scale [N]; int4 packed [N, K / 2] with scale, zero [N, K / G]."""
+    kind = QUANT_KINDS[quant]
+    args = {"s_ptr": weight, "z_ptr": weight, "GROUP": 1, "QUANT": kind, "HAS_ZERO": False}
+    if kind == 0:
+        return weight.shape[1], args
+    assert scale is not None and scale.is_contiguous()
+    args["s_ptr"] = scale
+    if kind in (1, 3):
+        assert weight.dtype == torch.int8 and scale.numel() == weight.shape[0]
+        return weight.shape[1], args
+    assert weight.dtype == torch.uint8 and scale.shape[0] == weight.shape[0] and k % scale.shape[1] == 0
+    group = k // scale.shape[1]
+    assert group % 2 == 0
+    if zero is not None:
+        assert zero.shape == scale.shape and zero.is_contiguous()
+        args.update(z_ptr=zero, HAS_ZERO=True)
+    args["GROUP"] = group
+    return 2 * weight.shape[1], args
+
+
 def gemv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
     norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
     residual: torch.Tensor | None = None, swiglu: bool = False, out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None, pdl: bool = True,
+    quant: str = "dense", scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of gemv_ref for x [M <= SMALL_M, K]. ``out`` may be ``residual`` itself (an
     in-place add into the residual stream: each program reads and writes only its own columns),
     but not ``x`` when the norm prologue reads whole rows of it. ``config`` overrides gemv_config.
-    ``pdl``: programmatic dependent launch wherever the GPU has it (kernels/_triton.py)."""
+    ``pdl``: programmatic dependent launch wherever the GPU has it (kernels/_triton.py).
+    ``quant``: W's format, "dense", "int8", "int4" or "w8a8_int8" (with ``scale``, ``zero``:
+    _quant_args); the reference is then gemv_ref on the dequantized weight (kernels/quant.py),
+    for W8A8 on the per-token quantized input."""
     m, k = x.shape
-    rows_w, kw = weight.shape
+    rows_w = weight.shape[0]
+    kw, qargs = _quant_args(weight, k, quant, scale, zero)
     n = rows_w // 2 if swiglu else rows_w
     assert k == kw and m <= SMALL_M and weight.is_contiguous(), (x.shape, weight.shape)
     assert not (swiglu and rows_w % 2)
@@ -354,7 +503,7 @@ def gemv(
     launch = pdl_launch_args(pdl, x.device)
     block_m, block_n, block_k, num_warps = config or gemv_config(m, n, k, two=swiglu, pdl=launch["PDL"])
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight,
+        x, weight, qargs.pop("s_ptr"), qargs.pop("z_ptr"),
         bias if bias is not None else weight,  # unused pointers: any tensor
         norm_weight if norm_weight is not None else weight,
         residual if residual is not None else out,
@@ -366,7 +515,7 @@ def gemv(
         # take the fp32 dot, which gives the same result (products of 16-bit floats are exact in fp32).
         IEEE=x.dtype == torch.float32 or interpreting(),
         BF16_BY_HAND=interpreting() and x.dtype == torch.bfloat16,
-        **launch,
+        **launch, **qargs,
         num_warps=num_warps,
     )
     return out
@@ -388,18 +537,20 @@ def gemv_rope_store(
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
     num_heads: int, num_kv_heads: int, out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None, pdl: bool = True,
+    quant: str = "dense", scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of gemv_rope_store_ref: the fused qkv projection ([q; k; v] rows of weight)
     of x [M <= SMALL_M, K] with norm prologue and bias, q and k rotated at ``positions`` (neox,
     fp32 tables [max_pos, head_dim]), k and v written into the caches [blocks, block_size,
     num_kv_heads, head_dim] at ``slot_mapping`` (< 0: nothing). Returns q [M, num_heads * head_dim]
     (into ``out`` if given). One launch replaces gemv + rope_store; the rotated k and v exist only
-    in the cache. ``config`` overrides gemv_rope_store_config."""
+    in the cache. ``config`` overrides gemv_rope_store_config; ``quant``, ``scale``, ``zero`` as gemv's."""
     m, k = x.shape
     head_dim = k_cache.shape[-1]
     half = head_dim // 2
     n = (num_heads + 2 * num_kv_heads) * head_dim
-    assert head_dim % 2 == 0 and weight.shape == (n, k) and weight.is_contiguous(), (weight.shape, n, k)
+    kw, qargs = _quant_args(weight, k, quant, scale, zero)
+    assert head_dim % 2 == 0 and weight.shape[0] == n and kw == k and weight.is_contiguous(), (weight.shape, n, k)
     assert m <= SMALL_M and (norm_weight is None or k <= MAX_NORM_K)
     assert k_cache.shape[-2] == num_kv_heads and k_cache.is_contiguous() and v_cache.is_contiguous()
     assert v_cache.shape == k_cache.shape
@@ -415,7 +566,7 @@ def gemv_rope_store(
     launch = pdl_launch_args(pdl, x.device)
     block_m, block_pairs, block_k, num_warps = config or gemv_rope_store_config(m, n, k, pdl=launch["PDL"])
     _gemv_rope_store_kernel[(triton.cdiv(n // 2, block_pairs),)](
-        x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
+        x, weight, qargs.pop("s_ptr"), qargs.pop("z_ptr"), bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
         out, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,
         m, eps, x.stride(0), out.stride(0), cos_table.stride(0), sin_table.stride(0),
         K=k, Q_HEADS=num_heads, KV_HEADS=num_kv_heads, HALF=half,
@@ -423,7 +574,7 @@ def gemv_rope_store(
         HAS_BIAS=bias is not None, NORM=norm_weight is not None,
         IEEE=x.dtype == torch.float32 or interpreting(),  # as in gemv
         BF16_BY_HAND=interpreting() and x.dtype == torch.bfloat16,
-        **launch,
+        **launch, **qargs,
         num_warps=num_warps,
     )
     return out

@@ -15,12 +15,9 @@ unfused path.
 
 from __future__ import annotations
 
-import glob
-import os
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from kernels import gemv as gemv_kernels
@@ -30,8 +27,10 @@ from engine.context import get_context
 from engine.layers.activation import silu_and_mul
 from engine.layers.attention import Attention
 from engine.layers.options import ModelOptions
+from engine.layers.quantized import CompressedLinear, gemv_weight
 from engine.layers.rmsnorm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, rope_parameters
+from engine.loader import load_checkpoint
 
 
 def _head_dim(config: Any) -> int:
@@ -85,8 +84,9 @@ class LlamaAttention(nn.Module):
     def attend_fused(self, positions: torch.Tensor, h: torch.Tensor, norm: RMSNorm, pdl: bool) -> torch.Tensor:
         """attend() of the normed qkv projection of the residual stream h in one launch before
         attention: norm prologue, qkv matmul (+ bias), rotary, k/v into the cache (kernels/gemv.py)."""
+        weight, quant = gemv_weight(self.qkv_proj)
         q = gemv_kernels.gemv_rope_store(
-            h, self.qkv_proj.weight, self.qkv_proj.bias, norm_weight=norm.weight, eps=norm.eps,
+            h, weight, self.qkv_proj.bias, **quant, norm_weight=norm.weight, eps=norm.eps,
             positions=positions, cos_table=self.rotary.cos, sin_table=self.rotary.sin,
             k_cache=self.attn.k_cache, v_cache=self.attn.v_cache, slot_mapping=get_context().slot_mapping,
             num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, pdl=pdl,
@@ -130,7 +130,9 @@ class LlamaDecoderLayer(nn.Module):
     def forward_fused(self, positions: torch.Tensor, h: torch.Tensor, pdl: bool = True) -> torch.Tensor:
         """The small-batch decode layer: h is the whole residual stream (the unfused path's
         x + residual), updated in place by the o_proj and down_proj epilogues. Four matmul launches
-        replace two norms, four GEMMs, the SwiGLU and (but for Qwen3) the rotary + k/v store.
+        replace two norms, four GEMMs, the SwiGLU and (but for Qwen3) the rotary + k/v store. The
+        weights may be dense, int8, int4 (dequantized in the kernels' registers) or W8A8 int8 (the
+        input quantized per token in the prologue): gemv_weight.
         ``pdl``: programmatic dependent launch where the GPU has it."""
         gemv = gemv_kernels.gemv
         attn, mlp = self.self_attn, self.mlp
@@ -138,12 +140,16 @@ class LlamaDecoderLayer(nn.Module):
         if attn.fuse_rope_store():
             o = attn.attend_fused(positions, h, norm1, pdl)
         else:
-            qkv = gemv(h, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=norm1.weight, eps=norm1.eps, pdl=pdl)
+            weight, quant = gemv_weight(attn.qkv_proj)
+            qkv = gemv(h, weight, attn.qkv_proj.bias, **quant, norm_weight=norm1.weight, eps=norm1.eps, pdl=pdl)
             o = attn.attend(positions, qkv)
-        gemv(o, attn.o_proj.weight, attn.o_proj.bias, residual=h, out=h, pdl=pdl)
-        act = gemv(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, norm_weight=norm2.weight, eps=norm2.eps,
+        weight, quant = gemv_weight(attn.o_proj)
+        gemv(o, weight, attn.o_proj.bias, **quant, residual=h, out=h, pdl=pdl)
+        weight, quant = gemv_weight(mlp.gate_up_proj)
+        act = gemv(h, weight, mlp.gate_up_proj.bias, **quant, norm_weight=norm2.weight, eps=norm2.eps,
                    swiglu=True, pdl=pdl)
-        return gemv(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=h, out=h, pdl=pdl)
+        weight, quant = gemv_weight(mlp.down_proj)
+        return gemv(act, weight, mlp.down_proj.bias, **quant, residual=h, out=h, pdl=pdl)
 
 
 class LlamaModel(nn.Module):
@@ -156,10 +162,11 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, options.use_triton)
         self.fused_decode = options.fused_decode and options.use_triton
         self.pdl = options.pdl
+        self.fusable = True  # load_weights: every decoder linear is one the fused decode kernels read
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
-        if (self.fused_decode and not get_context().is_prefill
+        if (self.fused_decode and self.fusable and not get_context().is_prefill
                 and h.shape[0] <= gemv_kernels.SMALL_M and h.shape[1] <= gemv_kernels.MAX_NORM_K):
             for layer in self.layers:
                 h = layer.forward_fused(positions, h, self.pdl)
@@ -179,6 +186,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: Any, max_position: int | None = None, options: ModelOptions = ModelOptions()) -> None:
         super().__init__()
         self.config = config
+        self.options = options
         max_position = max_position or int(getattr(config, "max_position_embeddings", 4096))
         self.model = LlamaModel(config, max_position, options)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
@@ -200,29 +208,23 @@ class LlamaForCausalLM(nn.Module):
         inter = self.config.intermediate_size
         return [inter, inter]
 
-    def load_tensor(self, name: str, tensor: torch.Tensor) -> bool:
-        """Copy one HF-named tensor into its (possibly fused) parameter. Returns False if unused."""
-        if name.startswith("lm_head.") and self.tie_word_embeddings:
-            return False
-        if "rotary_emb" in name:
-            return False
-        params = getattr(self, "_params", None) or dict(self.named_parameters())
-        parts = name.split(".")
-        for i, part in enumerate(parts):
-            if part in self.FUSED:
-                fused, shard = self.FUSED[part]
-                target = ".".join(parts[:i] + [fused] + parts[i + 1 :])
-                param = params[target]
-                sizes = self._shard_sizes(fused)
-                offset = sum(sizes[:shard])
-                with torch.no_grad():
-                    param.data[offset : offset + sizes[shard]].copy_(tensor)
-                return True
-        if name not in params:
-            raise KeyError(f"checkpoint tensor {name!r} has no place in the engine's model")
-        with torch.no_grad():
-            params[name].data.copy_(tensor)
-        return True
+    def linear_shards(self) -> dict[str, list[tuple[str, int]]]:
+        """Each of our linears -> the checkpoint linears it holds, with their output rows, in
+        order (q, k, v in qkv_proj; gate, up in gate_up_proj). A tied lm_head is the embedding."""
+        unfuse = {}
+        for hf, (ours, shard) in self.FUSED.items():
+            unfuse.setdefault(ours, {})[shard] = hf
+        shards = {}
+        for name, mod in self.named_modules():
+            if not isinstance(mod, nn.Linear) or (name == "lm_head" and self.tie_word_embeddings):
+                continue
+            prefix, _, leaf = name.rpartition(".")
+            if leaf in unfuse:
+                sizes = self._shard_sizes(leaf)
+                shards[name] = [(f"{prefix}.{unfuse[leaf][i]}", sizes[i]) for i in range(len(sizes))]
+            else:
+                shards[name] = [(name, mod.out_features)]
+        return shards
 
     @torch.no_grad()
     def init_dummy_weights(self, std: float = 0.02) -> None:
@@ -233,21 +235,20 @@ class LlamaForCausalLM(nn.Module):
             else:
                 p.normal_(0.0, std)
 
-    def load_state_dict_hf(self, state: dict[str, torch.Tensor]) -> None:
-        for name, tensor in state.items():
-            self.load_tensor(name, tensor)
+    def load_weights(self, path: str, keep_compressed: bool | None = None) -> None:
+        """Load a Hugging Face / compressed-tensors checkpoint, verified: every parameter exactly
+        once with its shape, or one error listing what is missing, unexpected or mis-shaped.
+        Compressed linears stay compressed (engine/layers/quantized.py) where `keep_compressed`
+        (default: on a GPU); otherwise weight-only schemes are dequantized once into the dense
+        linears (W8A8 keeps its module: its activations are quantized at run time)."""
+        if keep_compressed is None:
+            keep_compressed = self.lm_head.weight.device.type == "cuda"
+        tolerated = {"lm_head.weight"} if self.tie_word_embeddings else set()
+        load_checkpoint(self, path, self.linear_shards(), tolerated, keep_compressed, self.options)
+        self.update_fusable()
 
-    def load_weights(self, path: str) -> None:
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors in {path}")
-        loaded: set[str] = set()
-        self._params = dict(self.named_parameters())
-        for file in files:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    if self.load_tensor(name, f.get_tensor(name)):
-                        loaded.add(name)
-        del self._params
-        if not any(n.startswith("model.layers.") for n in loaded):
-            raise ValueError(f"{path}: no decoder weights found")
+    def update_fusable(self) -> None:
+        """After linears were swapped: the fused small-batch decode runs only when its kernels
+        can read every decoder linear (dense, int8 per channel, int4, W8A8 int8)."""
+        self.model.fusable = all(gemv_weight(m) is not None for m in self.model.layers.modules()
+                                 if isinstance(m, (nn.Linear, CompressedLinear)))

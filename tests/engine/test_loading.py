@@ -79,3 +79,71 @@ def test_a_gguf_file_loads_through_its_converted_directory():
 def test_a_missing_model_is_named():
     with pytest.raises(ValueError, match="neither a directory with config.json nor a .gguf file"):
         LLM("/nonexistent/model.gguf", device="cpu")
+
+
+def _rewrite_checkpoint(src: str, dst, edit) -> str:
+    """A copy of the model directory at src whose safetensors went through edit(state) -> state."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    file = os.path.join(dst, "model.safetensors")
+    save_file(edit(load_file(file)), file, metadata={"format": "pt"})
+    return str(dst)
+
+
+def test_missing_tensors_are_listed_in_one_error(model_dir, tmp_path):
+    """Issue 11 finding 3: a checkpoint without layer 1's MLP and the final norm loaded and
+    generated garbage. Every missing tensor is named, before any generation."""
+    from engine.loader import CheckpointMismatchError
+
+    path = _rewrite_checkpoint(model_dir("llama_gqa_untied"), tmp_path / "holes", lambda state: {
+        k: v for k, v in state.items() if not k.startswith("model.layers.1.mlp.") and k != "model.norm.weight"})
+    with pytest.raises(CheckpointMismatchError) as err:
+        LLM(path, device="cpu", max_model_len=64, block_size=4)
+    msg = str(err.value)
+    assert "4 missing" in msg
+    for name in ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight",
+                 "model.layers.1.mlp.down_proj.weight", "model.norm.weight"):
+        assert name in msg
+
+
+def test_unexpected_and_misshaped_tensors_are_listed(model_dir, tmp_path):
+    from engine.loader import CheckpointMismatchError
+
+    def edit(state):
+        state["model.layers.0.mlp.extra.weight"] = torch.zeros(3)
+        state["model.layers.0.self_attn.k_proj.weight"] = state["model.layers.0.self_attn.k_proj.weight"][:-1]
+        return state
+
+    path = _rewrite_checkpoint(model_dir("llama_gqa_untied"), tmp_path / "odd", edit)
+    with pytest.raises(CheckpointMismatchError) as err:
+        LLM(path, device="cpu", max_model_len=64, block_size=4)
+    msg = str(err.value)
+    assert "1 unexpected: model.layers.0.mlp.extra.weight" in msg
+    assert "1 mis-shaped: model.layers.0.self_attn.k_proj.weight [31, 64] (expected [32, 64])" in msg
+    assert "missing" not in msg
+
+
+def test_tied_model_may_store_its_lm_head(model_dir, tmp_path):
+    """transformers sometimes saves a tied lm_head anyway: it is the embedding, not an error."""
+    path = _rewrite_checkpoint(model_dir("llama_mha_tied"), tmp_path / "tied", lambda state: {
+        **state, "lm_head.weight": state["model.embed_tokens.weight"].clone()})
+    llm = LLM(path, device="cpu", max_model_len=64, block_size=4)
+    model = llm.engine.runner.model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.slow
+def test_teacher_with_holes_is_refused(smollm2_artifact, tmp_path):
+    """Issue 11 finding 3 as reported: SmolLM2 without layer 5's MLP and the final norm generated
+    'reponamereponame...'; now one error names the four missing tensors."""
+    from engine.loader import CheckpointMismatchError
+
+    path = _rewrite_checkpoint(str(smollm2_artifact), tmp_path / "holes", lambda state: {
+        k: v for k, v in state.items() if not k.startswith("model.layers.5.mlp.") and k != "model.norm.weight"})
+    with pytest.raises(CheckpointMismatchError, match=r"4 missing: model\.layers\.5\.mlp\.down_proj\.weight, "
+                                                      r"model\.layers\.5\.mlp\.gate_proj\.weight, "
+                                                      r"model\.layers\.5\.mlp\.up_proj\.weight, model\.norm\.weight"):
+        LLM(path, device="cpu", max_model_len=64)

@@ -1,0 +1,253 @@
+"""Compressed linears, after gpt-fast: each replaces an `nn.Linear` of the engine's model through
+one `replace_linears(model, make)` walk, keeps its compressed tensors as buffers, and computes
+with them (torch references from kernels/quant.py; Triton GEMVs on a GPU at decode sizes).
+
+- Int8Linear: weight-only int8, one scale per output channel.
+- Int4Linear: weight-only int4, one scale (and optional zero point) per group of inputs.
+- W8A8Linear: int8 or fp8 e4m3 weights with dynamic per-token activation quantization.
+- Sparse24Linear: 2:4 sparse weights (kept half + 2-bit positions), dense or int4 values.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import quant as ref
+from kernels.gemv import SMALL_M, gemv
+from kernels.quant_dequant import dequantize_int4
+from kernels.quant_gemv import sparse24_int4_gemv
+
+from engine.layers.options import ModelOptions
+
+
+class CompressedLinear(nn.Module):
+    """What the compressed linears share: sizes, an optional bias, and a dense view for paths
+    (CPU serving, the fused decode fallback) that want one."""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None,
+                 options: ModelOptions) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.use_triton, self.pdl = options.use_triton, options.pdl
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def _decode_gemv(self, x: torch.Tensor) -> bool:
+        """Whether x [M, K] goes to a Triton decode GEMV: Triton kernels on, M <= SMALL_M."""
+        return self.use_triton and x.dim() == 2 and x.shape[0] <= SMALL_M
+
+    def dequantized(self) -> torch.Tensor:
+        """The dense weight this layer stands for, fp32 [out, in]."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(CompressedLinear):
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 options: ModelOptions = ModelOptions()) -> None:
+        """codes int8 [N, K]; scale [N] or [N, 1] per channel, or [N, K / group_size] per group."""
+        super().__init__(codes.shape[1], codes.shape[0], bias, options)
+        scale = scale.reshape(codes.shape[0], -1)
+        if codes.shape[1] % scale.shape[1]:
+            raise ValueError(f"Int8Linear: {scale.shape[1]} groups do not divide {codes.shape[1]} inputs")
+        self.group_size = codes.shape[1] // scale.shape[1]
+        self.register_buffer("codes", codes.to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+
+    def dequantized(self) -> torch.Tensor:
+        return ref.dequantize_grouped(self.codes, self.scale, None)
+
+    def gemv_args(self) -> tuple[torch.Tensor, dict] | None:
+        """The fused decode kernels' weight and its format arguments (kernels/gemv.py), or None if
+        they cannot read this layer (per-group int8)."""
+        if self.scale.shape[1] != 1:
+            return None
+        return self.codes, {"quant": "int8", "scale": self.scale.view(-1)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale.shape[1] != 1:
+            return F.linear(x, self.dequantized().to(x.dtype), self.bias)
+        if self._decode_gemv(x):
+            weight, quant = self.gemv_args()
+            return gemv(x, weight, self.bias, **quant, pdl=self.pdl)
+        return ref.int8_linear_ref(x, self.codes, self.scale.view(-1), self.bias)
+
+
+class Int4Linear(CompressedLinear):
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 bias: torch.Tensor | None = None, options: ModelOptions = ModelOptions()) -> None:
+        """codes: signed int4 values as int8 [N, K]; scale, zero: [N, K / group_size]."""
+        super().__init__(codes.shape[1], codes.shape[0], bias, options)
+        if codes.shape[1] % scale.shape[1]:
+            raise ValueError(f"Int4Linear: {scale.shape[1]} groups do not divide {codes.shape[1]} inputs")
+        self.group_size = codes.shape[1] // scale.shape[1]
+        self.register_buffer("packed", ref.pack_int4(codes).contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("zero", None if zero is None else zero.float().contiguous())
+
+    def dequantized(self) -> torch.Tensor:
+        return ref.dequantize_grouped(ref.unpack_int4(self.packed), self.scale, self.zero)
+
+    def gemv_args(self) -> tuple[torch.Tensor, dict]:
+        return self.packed, {"quant": "int4", "scale": self.scale, "zero": self.zero}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._decode_gemv(x):
+            weight, quant = self.gemv_args()
+            return gemv(x, weight, self.bias, **quant, pdl=self.pdl)
+        if self.use_triton:  # prefill: dequantize in one launch, then the dense GEMM
+            return F.linear(x, dequantize_int4(self.packed, self.scale, self.zero, x.dtype), self.bias)
+        return ref.int4_linear_ref(x, self.packed, self.scale, self.zero, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}, zero_point={self.zero is not None}"
+
+
+class W8A8Linear(CompressedLinear):
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, act: str, bias: torch.Tensor | None = None,
+                 options: ModelOptions = ModelOptions()) -> None:
+        """codes: int8 (act "int8") or float8_e4m3fn (act "fp8") [N, K]; scale: per channel [N]."""
+        super().__init__(codes.shape[1], codes.shape[0], bias, options)
+        if act not in ("int8", "fp8"):
+            raise ValueError(f"W8A8Linear: activations must be int8 or fp8 (got {act!r})")
+        self.act = act
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("scale", scale.reshape(-1).float().contiguous())
+
+    def dequantized(self) -> torch.Tensor:
+        return self.codes.float() * self.scale[:, None]
+
+    def gemv_args(self) -> tuple[torch.Tensor, dict] | None:
+        """int8: the fused decode kernels quantize the input in their prologue; fp8: None."""
+        return (self.codes, {"quant": "w8a8_int8", "scale": self.scale}) if self.act == "int8" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act == "int8" and self._decode_gemv(x):
+            weight, quant = self.gemv_args()
+            return gemv(x, weight, self.bias, **quant, pdl=self.pdl)
+        if x.is_cuda and x.dim() == 2:
+            y = self._tensor_core(x)
+            if y is not None:
+                return y if self.bias is None else y + self.bias
+        return ref.w8a8_linear_ref(x, self.codes, self.scale, self.act, self.bias)
+
+    def _tensor_core(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The 8-bit tensor-core GEMM: torch._int_mm (int8, K and N multiples of 8) or
+        torch._scaled_mm with row-wise scales (fp8, K and N multiples of 16); None where neither applies."""
+        m, k = x.shape
+        n = self.out_features
+        if self.act == "int8" and k % 8 == 0 and n % 8 == 0:
+            xq, xs = ref.quantize_per_token_int8(x)
+            if m <= 16:  # _int_mm takes more than 16 rows: pad with zero rows (decode)
+                xq = F.pad(xq, (0, 0, 0, 24 - m))
+            acc = torch._int_mm(xq, self.codes.t())[:m]
+            return (acc.float() * xs * self.scale[None, :]).to(x.dtype)
+        if self.act == "fp8" and k % 16 == 0 and n % 16 == 0:
+            xq, xs = ref.quantize_per_token_fp8(x)
+            pad = -m % 16  # rows in multiples of 16, as cuBLASLt's fp8 GEMM wants them
+            if pad:
+                xq = torch.cat([xq, xq.new_zeros(pad, k)])
+                xs = F.pad(xs, (0, 0, 0, pad), value=1.0)
+            y = torch._scaled_mm(xq, self.codes.t(), scale_a=xs, scale_b=self.scale[None, :], out_dtype=x.dtype)
+            return y[:m]
+        return None
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", act={self.act}"
+
+
+class Sparse24Linear(CompressedLinear):
+    """2:4 sparse: the kept half of each row and its 2-bit positions; the kept values dense
+    (`values`) or int4 codes with per-group scales (`packed`, `scale`, `zero`)."""
+
+    def __init__(self, dense: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 codes: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                 zero: torch.Tensor | None = None, options: ModelOptions = ModelOptions()) -> None:
+        """dense: the 2:4 sparse weight [N, K] (dequantized when codes are given: it fixes the kept
+        positions); codes, scale, zero: its int4 codes [N, K] and [N, G] group scales/zero points."""
+        super().__init__(dense.shape[1], dense.shape[0], bias, options)
+        if dense.shape[1] % 8:
+            raise ValueError(f"Sparse24Linear: in_features {dense.shape[1]} is not a multiple of 8")
+        values, positions = ref.compress_24(dense)
+        self.register_buffer("meta", ref.pack_meta_24(positions).contiguous())
+        self.quantized = codes is not None
+        if self.quantized:
+            kept = torch.gather(codes.reshape(codes.shape[0], -1, 4), -1,
+                                positions.reshape(codes.shape[0], -1, 2).long()).reshape(values.shape)
+            self.group_size = dense.shape[1] // scale.shape[1]
+            self.register_buffer("packed", ref.pack_int4(kept).contiguous())
+            self.register_buffer("scale", scale.float().contiguous())
+            self.register_buffer("zero", None if zero is None else zero.float().contiguous())
+        else:
+            self.register_buffer("values", values.contiguous())
+
+    def dequantized(self) -> torch.Tensor:
+        if self.quantized:
+            return ref.sparse24_int4_dequantize(self.packed, self.meta, self.scale, self.zero)
+        return ref.decompress_24(self.values.float(), ref.unpack_meta_24(self.meta))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.is_cuda and x.dim() == 2 and x.dtype in (torch.float16, torch.bfloat16)
+                and (x.shape[0] > SMALL_M or not self.quantized)):
+            return F.linear(x, self._gpu_weight(x.dtype), self.bias)
+        if self.quantized:
+            if self._decode_gemv(x):
+                return sparse24_int4_gemv(x, self.packed, self.meta, self.scale, self.zero, self.bias)
+            return ref.sparse24_int4_linear_ref(x, self.packed, self.meta, self.scale, self.zero, self.bias)
+        return ref.sparse24_linear_ref(x, self.values, self.meta, self.bias)
+
+    def _gpu_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight for GPU matmuls, made once: torch's semi-structured sparse tensor (cuSPARSELt /
+        CUTLASS 2:4 kernels), or the dense weight where torch cannot make one (shape, dtype, GPU).
+        Never made inside a CUDA-graph capture (the conversion is not capturable): there the
+        dense weight serves that call only."""
+        cached = getattr(self, "_gpu", None)
+        if cached is not None and cached[0] == dtype:
+            return cached[1]
+        dense = self.dequantized().to(dtype)
+        if torch.cuda.is_current_stream_capturing():
+            return dense
+        try:
+            from torch.sparse import to_sparse_semi_structured
+
+            weight = to_sparse_semi_structured(dense)
+        except (RuntimeError, ValueError):
+            weight = dense
+        self._gpu = (dtype, weight)
+        return weight
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", int4 group_size={self.group_size}" if self.quantized else "")
+
+
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module | None]) -> int:
+    """Swap every nn.Linear for `make(name, linear)` unless it returns None; returns the count."""
+    swaps = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    count = 0
+    for name, linear in swaps:
+        new = make(name, linear)
+        if new is not None:
+            set_submodule(model, name, new)
+            count += 1
+    return count
+
+
+def gemv_weight(linear: nn.Module) -> tuple[torch.Tensor, dict] | None:
+    """(weight, format kwargs) of kernels/gemv.py's fused decode kernels for a linear, or None
+    where they cannot read it (fp8, 2:4, per-group int8): those run as their own modules, on the
+    unfused path."""
+    if isinstance(linear, nn.Linear):
+        return linear.weight, {}
+    if isinstance(linear, (Int8Linear, Int4Linear, W8A8Linear)):
+        return linear.gemv_args()
+    return None

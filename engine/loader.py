@@ -1,0 +1,298 @@
+"""Checkpoint loading with verification: every parameter of the engine's model is filled exactly
+once with the right shape from the safetensors files, or one error lists every missing,
+unexpected, duplicated and mis-shaped tensor before anything is read. Compressed-tensors
+checkpoints (int8, int4, W8A8 int8/fp8, 2:4, 2:4 + int4) load into the compressed linears of
+engine/layers/quantized.py, or, for weight-only schemes where `keep_compressed` is off (the CPU
+path), dequantize once into the model's dense linears.
+
+The model tells the loader how checkpoint linears map onto its own (fused) linears through
+`linear_shards()`: engine linear name -> [(checkpoint linear name, output rows)].
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from engine.layers.quantized import Int4Linear, Int8Linear, Sparse24Linear, W8A8Linear, set_submodule
+from engine.layers.options import ModelOptions
+from engine.loader_schemes import LinearScheme, linear_schemes
+
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+MAX_LISTED = 12  # names listed per kind of problem; the count is always given
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tensors do not fill the model: missing, unexpected or mis-shaped ones."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: str
+    file: str
+
+
+Shapes = tuple[tuple[int, ...], ...]  # the shapes a tensor may have
+
+
+def index_checkpoint(path: str) -> tuple[dict[str, TensorInfo], list[str]]:
+    """Every tensor's shape and dtype (headers only) and the names stored more than once."""
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {path}")
+    index: dict[str, TensorInfo] = {}
+    duplicated: list[str] = []
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                s = f.get_slice(name)
+                if name in index:
+                    duplicated.append(name)
+                index[name] = TensorInfo(tuple(s.get_shape()), s.get_dtype(), file)
+    return index, duplicated
+
+
+def read_quantization_config(path: str) -> dict | None:
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        return None
+    with open(config) as f:
+        return json.load(f).get("quantization_config")
+
+
+def _scale_shapes(scheme: LinearScheme, out: int, inp: int) -> Shapes:
+    if scheme.group_size:
+        return ((out, inp // scheme.group_size),)
+    if scheme.kind == "int4":
+        return ((out, 1),)
+    if scheme.per_tensor_scale:
+        return ((1,), (), (1, 1))
+    return ((out, 1), (out,))
+
+
+def expected_linear_tensors(name: str, scheme: LinearScheme, out: int, inp: int,
+                            bias: bool) -> tuple[dict[str, Shapes], dict[str, Shapes]]:
+    """(required, optional) tensor names of one checkpoint linear with their allowed shapes."""
+    required: dict[str, Shapes] = {}
+    optional: dict[str, Shapes] = {}
+    scale = _scale_shapes(scheme, out, inp)
+    if scheme.kind == "int4" and scheme.format == "pack-quantized":
+        required[f"{name}.weight_packed"] = ((out, math.ceil(inp * 4 / 32)),)
+        required[f"{name}.weight_shape"] = ((2,),)
+        zero = ((math.ceil(out * 4 / 32), scale[0][1]),)
+    elif scheme.bitmask:
+        required[f"{name}.compressed"] = ((out, inp // 2),)
+        required[f"{name}.bitmask"] = ((out, math.ceil(inp / 8)),)
+        required[f"{name}.shape"] = ((2, 1), (2,))
+        zero = scale
+    else:
+        required[f"{name}.weight"] = ((out, inp),)
+        zero = scale
+    if scheme.quantized:
+        required[f"{name}.weight_scale"] = scale
+        (optional if scheme.symmetric else required)[f"{name}.weight_zero_point"] = zero
+    if bias:
+        required[f"{name}.bias"] = ((out,),)
+    return required, optional
+
+
+def verify(path: str, index: dict[str, TensorInfo], duplicated: list[str], required: dict[str, Shapes],
+           optional: dict[str, Shapes], tolerated: set[str]) -> None:
+    """One error naming every problem, or nothing. `tolerated`: names that may be present and are
+    not used (a tied lm_head stored anyway)."""
+    missing = sorted(n for n in required if n not in index)
+    allowed = required.keys() | optional.keys() | tolerated
+    unexpected = sorted(n for n in index if n not in allowed and not n.endswith(IGNORED_SUFFIXES))
+    misshaped = []
+    for name, shapes in {**required, **optional}.items():
+        info = index.get(name)
+        if info is not None and info.shape not in shapes:
+            misshaped.append(f"{name} {list(info.shape)} (expected {' or '.join(str(list(s)) for s in shapes)})")
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", sorted(misshaped)),
+                         ("stored more than once", sorted(set(duplicated)))):
+        if names:
+            listed = ", ".join(names[:MAX_LISTED]) + (f", ... ({len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else "")
+            problems.append(f"{len(names)} {label}: {listed}")
+    if problems:
+        raise CheckpointMismatchError(f"{path}: the checkpoint does not match the model: " + "; ".join(problems))
+
+
+class _Reader:
+    """Tensors by name from the indexed files, each file opened once."""
+
+    def __init__(self, index: dict[str, TensorInfo]) -> None:
+        self.index = index
+        self.handles: dict[str, object] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.index[name].file
+        if file not in self.handles:
+            self.handles[file] = safe_open(file, framework="pt", device="cpu")
+        return self.handles[file].get_tensor(name)
+
+    def maybe(self, name: str) -> torch.Tensor | None:
+        return self.get(name) if name in self.index else None
+
+
+def _unpack_int32(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """compressed-tensors' pack-quantized int4: element i of a row at bits 4i.. of its little-endian
+    int32 words, stored +8 -> signed int8 [rows, cols]."""
+    nibbles = packed.contiguous().view(torch.uint8)  # little-endian bytes: low nibble first
+    lo, hi = nibbles & 0xF, nibbles >> 4
+    return (torch.stack((lo, hi), dim=-1).flatten(-2)[:, :cols].to(torch.int8) - 8)
+
+
+def _unpack_bitmask(bitmask: torch.Tensor, cols: int) -> torch.Tensor:
+    bits = (bitmask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1  # little bit order
+    return bits.flatten(-2)[:, :cols].bool()
+
+
+@dataclass
+class LinearWeights:
+    """One checkpoint linear, read: dense weight, or codes [out, in] with scale/zero [out, G]."""
+
+    weight: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def dequantized(self) -> torch.Tensor:
+        if self.codes is None:
+            return self.weight.float()
+        group = self.codes.shape[1] // self.scale.shape[1]
+        w = self.codes.float()
+        if self.zero is not None:
+            w = w - self.zero.repeat_interleave(group, dim=1)
+        return w * self.scale.repeat_interleave(group, dim=1)
+
+
+def read_linear(reader: _Reader, name: str, scheme: LinearScheme, out: int, inp: int) -> LinearWeights:
+    lw = LinearWeights(bias=reader.maybe(f"{name}.bias"))
+    if scheme.kind == "int4" and scheme.format == "pack-quantized":
+        stored = tuple(int(v) for v in reader.get(f"{name}.weight_shape").flatten())
+        if stored != (out, inp):
+            raise CheckpointMismatchError(f"{name}.weight_shape says {list(stored)}, the model needs {[out, inp]}")
+        weight = _unpack_int32(reader.get(f"{name}.weight_packed"), inp)
+    elif scheme.bitmask:
+        values = reader.get(f"{name}.compressed")
+        mask = _unpack_bitmask(reader.get(f"{name}.bitmask"), inp)
+        if int(mask.sum()) != values.numel():
+            raise CheckpointMismatchError(f"{name}: bitmask keeps {int(mask.sum())} values, compressed holds {values.numel()}")
+        raw = values.view(torch.int8) if values.dtype == torch.float8_e4m3fn else values
+        weight = torch.zeros(out, inp, dtype=raw.dtype)
+        weight[mask] = raw.flatten()
+        if values.dtype == torch.float8_e4m3fn:
+            weight = weight.view(torch.float8_e4m3fn)
+    else:
+        weight = reader.get(f"{name}.weight")
+    if not scheme.quantized:
+        lw.weight = weight
+        return lw
+    lw.codes = weight
+    scale = reader.get(f"{name}.weight_scale").float()
+    lw.scale = scale.reshape(1, 1).expand(out, 1) if scheme.per_tensor_scale else scale.reshape(out, -1)
+    zero = reader.maybe(f"{name}.weight_zero_point")
+    if zero is not None:
+        if scheme.format == "pack-quantized":
+            zero = _unpack_int32(zero.t().contiguous(), out).t()
+        zero = zero.float().reshape(lw.scale.shape) if not scheme.per_tensor_scale else zero.float().reshape(1, 1).expand(out, 1)
+        lw.zero = None if (scheme.symmetric and not bool(zero.any())) else zero
+    if lw.zero is not None and scheme.kind != "int4":
+        raise CheckpointMismatchError(f"{name}.weight_zero_point: nonzero zero points for a symmetric {scheme.kind} scheme")
+    return lw
+
+
+def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if parts[0] is None else torch.cat([p.contiguous() for p in parts], dim=0)
+
+
+def merge(shards: list[LinearWeights]) -> LinearWeights:
+    """Concatenate the shards of a fused linear (q, k, v or gate, up) along the output rows."""
+    if len(shards) == 1:
+        return shards[0]
+    zeros = [s.zero for s in shards]
+    if any(z is not None for z in zeros) and any(z is None for z in zeros):
+        zeros = [z if z is not None else torch.zeros_like(s.scale) for z, s in zip(zeros, shards)]
+    return LinearWeights(weight=_cat([s.weight for s in shards]), codes=_cat([s.codes for s in shards]),
+                         scale=_cat([s.scale for s in shards]), zero=_cat(zeros), bias=_cat([s.bias for s in shards]))
+
+
+def compressed_module(scheme: LinearScheme, lw: LinearWeights, keep_compressed: bool,
+                      dtype: torch.dtype, options: ModelOptions) -> nn.Module | None:
+    """The module that runs this linear, or None where the dense nn.Linear takes the weight."""
+    bias = None if lw.bias is None else lw.bias.to(dtype)
+    if scheme.kind in ("w8a8_int8", "w8a8_fp8"):  # activation quantization needs its own module
+        return W8A8Linear(lw.codes, lw.scale, "int8" if scheme.kind == "w8a8_int8" else "fp8", bias, options)
+    if not keep_compressed:
+        return None
+    if scheme.kind == "int8":
+        return Int8Linear(lw.codes, lw.scale, bias, options)
+    if scheme.kind == "int4" and scheme.sparse24:
+        return Sparse24Linear(lw.dequantized(), bias, codes=lw.codes, scale=lw.scale, zero=lw.zero, options=options)
+    if scheme.kind == "int4":
+        return Int4Linear(lw.codes, lw.scale, lw.zero, bias, options)
+    if scheme.sparse24:
+        return Sparse24Linear(lw.weight.to(dtype), bias, options=options)
+    return None
+
+
+def load_checkpoint(model: nn.Module, path: str, shards: dict[str, list[tuple[str, int]]],
+                    tolerated: set[str], keep_compressed: bool, options: ModelOptions) -> int:
+    """Fill `model` from the checkpoint at `path`; returns how many linears became compressed
+    modules. `shards`: engine linear -> [(checkpoint linear, rows)]; `tolerated`: checkpoint
+    names that may be present and go unused."""
+    index, duplicated = index_checkpoint(path)
+    modules = dict(model.named_modules())
+    ckpt_linears = [n for parts in shards.values() for n, _ in parts]
+    schemes = linear_schemes(read_quantization_config(path), ckpt_linears)
+    required: dict[str, Shapes] = {}
+    optional: dict[str, Shapes] = {}
+    for engine_name, parts in shards.items():
+        linear = modules[engine_name]
+        kinds = {schemes[n] for n, _ in parts}
+        if len(kinds) > 1:
+            listed = ", ".join(f"{n}: {schemes[n].describe()}" for n, _ in parts)
+            raise CheckpointMismatchError(f"{path}: {engine_name} fuses linears stored with different schemes ({listed})")
+        for name, rows in parts:
+            req, opt = expected_linear_tensors(name, schemes[name], rows, linear.in_features, linear.bias is not None)
+            required.update(req)
+            optional.update(opt)
+    linear_params = {f"{e}.{p}" for e in shards for p in ("weight", "bias")}
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        if name not in linear_params:
+            required[name] = (tuple(p.shape),)
+    verify(path, index, duplicated, required, optional, tolerated)
+
+    reader = _Reader(index)
+    compressed = 0
+    with torch.no_grad():
+        for name, p in params.items():
+            if name not in linear_params:
+                p.copy_(reader.get(name))
+        for engine_name, parts in shards.items():
+            linear = modules[engine_name]
+            scheme = schemes[parts[0][0]]
+            lw = merge([read_linear(reader, n, scheme, rows, linear.in_features) for n, rows in parts])
+            try:
+                module = compressed_module(scheme, lw, keep_compressed, linear.weight.dtype, options)
+            except ValueError as e:  # e.g. weights declared 2:4 that are not
+                raise CheckpointMismatchError(f"{path}: {engine_name} ({scheme.describe()}): {e}") from e
+            if module is not None:
+                set_submodule(model, engine_name, module.to(linear.weight.device))
+                compressed += 1
+                continue
+            linear.weight.copy_(lw.dequantized() if scheme.quantized else lw.weight)
+            if linear.bias is not None:
+                linear.bias.copy_(lw.bias)
+    return compressed

@@ -1,0 +1,245 @@
+"""Compressed weights on the GPU, every figure against the engine's own bf16 in the same process:
+decode tok/s at batch 1 and 16 (256 new tokens after a 16-token prompt, prefill included, as
+eval/bench/decode.py) for bf16, int8, int4 g64, int4 g128 (symmetric and with zero
+points), 2:4 + int4 g128 and W8A8 int8, with the GB/s each achieves against the measured copy
+ceiling; and prefill tok/s of one 8192-token prompt for bf16, W8A8 int8, W8A8 fp8 and 2:4.
+
+    python -m eval.bench.quant [--shape llama2-7b] [--out quant_bench.jsonl] [--only int4_g64 ...]
+
+Random weights (load_format="dummy"), compressed by round-to-nearest on the GPU into the engine's
+compressed linears (engine/layers/quantized.py) before the KV cache is sized and the CUDA graphs
+are captured. Each variant runs in its own try/except: a failure is recorded as an error line and
+the others still run. One JSON object per line, to stdout and --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from eval.bench.ceilings import ceilings
+from eval.bench.common import prompts as _prompts, shape_dir, timed
+
+DECODE_VARIANTS = ["bf16", "int8", "int4_g64", "int4_g128", "int4_g128_zero", "sparse24_int4_g128", "w8a8_int8"]
+PREFILL_VARIANTS = ["bf16", "w8a8_int8", "w8a8_fp8", "sparse24"]
+
+
+# -- round-to-nearest compression of random weights, on the GPU -------------------------------------
+def _int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = w.float().abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    return torch.round(w.float() / scale[:, None]).clamp(-128, 127).to(torch.int8), scale
+
+
+def _int4(w: torch.Tensor, group: int, zero: bool):
+    """(codes int8 [N, K] in [-8, 7], scale [N, G], zero [N, G] or None), min/max per group."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    if zero:
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        zp = torch.round(-8 - lo / scale).clamp(-8, 7)
+    else:
+        scale = (torch.maximum(-lo, hi) / 7.5).clamp(min=1e-8)
+        zp = torch.zeros_like(scale)
+    codes = (torch.round(g / scale[..., None]) + zp[..., None]).clamp(-8, 7).reshape(n, k).to(torch.int8)
+    return codes, scale, (zp if zero else None)
+
+
+def _prune_24(w: torch.Tensor) -> torch.Tensor:
+    g = w.reshape(-1, 4).clone()
+    g.scatter_(1, g.abs().topk(2, dim=1, largest=False).indices, 0)
+    return g.reshape(w.shape)
+
+
+def compressor(variant: str, options) -> Callable[[str, nn.Linear], nn.Module | None]:
+    """make(name, linear) for replace_linears: the variant's module for a decoder linear."""
+    from engine.layers.quantized import Int4Linear, Int8Linear, Sparse24Linear, W8A8Linear
+
+    def make(name: str, linear: nn.Linear) -> nn.Module | None:
+        if not name.startswith("model.layers."):
+            return None  # lm_head stays bf16
+        w, bias = linear.weight.data, linear.bias
+        if variant == "int8":
+            return Int8Linear(*_int8(w), bias, options)
+        if variant.startswith("int4_g"):
+            group = int(variant.split("_g")[1].split("_")[0])
+            return Int4Linear(*_int4(w, group, variant.endswith("zero")), bias, options)
+        if variant == "sparse24_int4_g128":
+            codes, scale, zero = _int4(_prune_24(w), 128, False)
+            dense = (codes.float() * scale.repeat_interleave(128, dim=1))
+            return Sparse24Linear(dense, bias, codes=codes, scale=scale, zero=zero, options=options)
+        if variant == "sparse24":
+            return Sparse24Linear(_prune_24(w), bias, options=options)
+        if variant == "w8a8_int8":
+            return W8A8Linear(*_int8(w), "int8", bias, options)
+        if variant == "w8a8_fp8":
+            scale = w.float().abs().amax(dim=1).clamp(min=1e-8) / 448.0
+            return W8A8Linear((w.float() / scale[:, None]).to(torch.float8_e4m3fn), scale, "fp8", bias, options)
+        raise ValueError(f"unknown variant {variant!r}")
+
+    return make
+
+
+@contextlib.contextmanager
+def compressed_dummy_weights(variant: str):
+    """While open, the engine's random (dummy) weights come compressed as `variant`: the swap
+    happens inside init_dummy_weights, before the runner sizes the KV cache and captures graphs."""
+    from engine.layers.quantized import replace_linears
+    from engine.models.llama import LlamaForCausalLM
+
+    original = LlamaForCausalLM.init_dummy_weights
+
+    def init(self, std: float = 0.02) -> None:
+        original(self, std)
+        if variant != "bf16":
+            with torch.no_grad():
+                replace_linears(self, compressor(variant, self.options))
+            self.update_fusable()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    LlamaForCausalLM.init_dummy_weights = init
+    try:
+        yield
+    finally:
+        LlamaForCausalLM.init_dummy_weights = original
+
+
+def streamed_bytes(model: nn.Module) -> int:
+    """Bytes a decode step reads: every parameter and buffer but the embedding (rows are
+    gathered), the rotary tables and the KV cache."""
+    seen, total = set(), 0
+    embed = model.model.embed_tokens.weight
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.data_ptr() in seen or "rotary" in name or name.endswith(("k_cache", "v_cache")):
+            continue
+        seen.add(t.data_ptr())
+        if t is embed and not getattr(model, "tie_word_embeddings", False):
+            continue
+        total += t.numel() * t.element_size()
+    return total
+
+
+def emit(record: dict[str, Any], out) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out is not None:
+        out.write(line + "\n")
+        out.flush()
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def decode(shape: str, variant: str, batches: list[int], new_tokens: int, prompt_len: int, ceiling_tbps: float) -> dict:
+    from engine import LLM, SamplingParams
+
+    with compressed_dummy_weights(variant):
+        t = time.perf_counter()
+        llm = LLM(shape_dir(shape), load_format="dummy", max_num_seqs=max(batches), cuda_graph_max_bs=max(batches),
+                  max_model_len=prompt_len + new_tokens + 16, enable_prefix_caching=False)
+        setup_s = time.perf_counter() - t
+    model = llm.engine.runner.model
+    nbytes = streamed_bytes(model)
+    record: dict[str, Any] = {"kind": "decode", "shape": shape, "variant": variant, "weight_bytes": nbytes,
+                              "fused_decode": bool(model.model.fusable), "setup_s": setup_s}
+    vocab = llm.engine.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    for bs in batches:
+        llm.generate(_prompts(bs, prompt_len, vocab, 1000 + bs), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        res, dt = timed(lambda: llm.generate(_prompts(bs, prompt_len, vocab, bs), params))
+        assert all(len(r.token_ids) == new_tokens for r in res)
+        tok_s = bs * new_tokens / dt
+        gbps = nbytes * (tok_s / bs) / 1e9  # one weight read per step
+        record[f"b{bs}_tok_s"] = tok_s
+        record[f"b{bs}_weight_GBps"] = gbps
+        record[f"b{bs}_of_copy_ceiling"] = gbps / (ceiling_tbps * 1e3)
+    del llm, model
+    _free()
+    return record
+
+
+def prefill(shape: str, variant: str, tokens: int) -> dict:
+    from engine import LLM, SamplingParams
+
+    with compressed_dummy_weights(variant):
+        llm = LLM(shape_dir(shape), load_format="dummy", max_num_seqs=1, max_model_len=tokens + 16,
+                  max_num_batched_tokens=tokens, enable_prefix_caching=False, enforce_eager=True)
+    vocab = llm.engine.vocab_size
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.generate(_prompts(1, tokens, vocab, 7), one)  # warm-up (and the 2:4 weights' conversion)
+    times = []
+    for seed in range(3):
+        _, dt = timed(lambda: llm.generate(_prompts(1, tokens, vocab, seed), one))
+        times.append(dt)
+    del llm
+    _free()
+    best = min(times)
+    return {"kind": "prefill", "shape": shape, "variant": variant, "tokens": tokens, "seconds": best,
+            "tok_s": tokens / best}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="llama2-7b")
+    ap.add_argument("--out", default="quant_bench.jsonl")
+    ap.add_argument("--only", nargs="*", help="variants to run (default: all)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--prefill-tokens", type=int, default=8192)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("eval.quant_bench needs a CUDA GPU")
+    started = time.perf_counter()
+    with open(args.out, "a") as out:
+        ceiling = ceilings()
+        emit({"kind": "ceilings", "device": torch.cuda.get_device_name(), **ceiling}, out)
+        base: dict[str, float] = {}
+        for variant in DECODE_VARIANTS:
+            if args.only and variant not in args.only:
+                continue
+            try:
+                rec = decode(args.shape, variant, args.batch, args.new_tokens, args.prompt_len,
+                             ceiling["copy_bandwidth_TBps"])
+                if variant == "bf16":
+                    base = {bs: rec[f"b{bs}_tok_s"] for bs in args.batch}
+                for bs in args.batch:
+                    if bs in base:
+                        rec[f"b{bs}_vs_bf16"] = rec[f"b{bs}_tok_s"] / base[bs]
+            except Exception as e:  # recorded; the next variant still runs
+                rec = {"kind": "decode", "shape": args.shape, "variant": variant, "error": repr(e),
+                       "traceback": traceback.format_exc(limit=4)}
+                _free()
+            emit(rec, out)
+        base_prefill = None
+        for variant in PREFILL_VARIANTS:
+            if args.only and variant not in args.only:
+                continue
+            try:
+                rec = prefill(args.shape, variant, args.prefill_tokens)
+                if variant == "bf16":
+                    base_prefill = rec["tok_s"]
+                if base_prefill:
+                    rec["vs_bf16"] = rec["tok_s"] / base_prefill
+            except Exception as e:
+                rec = {"kind": "prefill", "shape": args.shape, "variant": variant, "error": repr(e),
+                       "traceback": traceback.format_exc(limit=4)}
+                _free()
+            emit(rec, out)
+        emit({"kind": "done", "wall_s": time.perf_counter() - started}, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The compressed linears (engine/layers/quantized.py): each computes what a dense linear on its
+dequantized weight computes (W8A8: with per-token quantized activations), on CPU through the torch
+references and, on a GPU, through their Triton / tensor-core / semi-structured paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.layers.options import ModelOptions
+from engine.layers.quantized import Int4Linear, Int8Linear, Sparse24Linear, W8A8Linear, replace_linears
+from kernels import quant as ref
+
+
+def _weights(n: int, k: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) / k**0.5, torch.randn(n, generator=g)
+
+
+def _pruned(w: torch.Tensor) -> torch.Tensor:
+    g = w.reshape(-1, 4).clone()
+    g.scatter_(1, g.abs().topk(2, dim=1, largest=False).indices, 0.0)
+    return g.reshape(w.shape)
+
+
+def make(kind: str, n: int = 48, k: int = 128, seed: int = 0, options: ModelOptions = ModelOptions()):
+    """(module, dense fp32 weight it stands for), random codes / scales."""
+    g = torch.Generator().manual_seed(seed)
+    w, bias = _weights(n, k, seed)
+    if kind == "int8":
+        codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(n, generator=g) / 100 + 1e-3
+        m = Int8Linear(codes, scale, bias, options)
+    elif kind == "int8_g32":
+        codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        m = Int8Linear(codes, torch.rand(n, k // 32, generator=g) / 100 + 1e-3, bias, options)
+    elif kind == "int4_g32_zero":
+        codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(n, k // 32, generator=g) / 10 + 1e-3
+        m = Int4Linear(codes, scale, torch.randint(-4, 4, scale.shape, generator=g).float(), bias, options)
+    elif kind == "sparse24":
+        m = Sparse24Linear(_pruned(w), bias, options=options)
+    elif kind == "sparse24_int4":
+        codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(n, k // 32, generator=g) / 10 + 1e-3
+        dense = _pruned(ref.dequantize_grouped(codes, scale, None))
+        m = Sparse24Linear(dense, bias, codes=codes, scale=scale, options=options)
+        assert torch.equal(m.dequantized(), dense)
+    return m, m.dequantized()
+
+
+@pytest.mark.parametrize("kind", ["int8", "int8_g32", "int4_g32_zero", "sparse24", "sparse24_int4"])
+def test_weight_only_modules_equal_dense_linear(kind):
+    m, dense = make(kind)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(m(x), F.linear(x, dense, m.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_sparse24_keeps_the_dense_weight_exactly():
+    w, _ = _weights(16, 64)
+    w = _pruned(w)
+    m = Sparse24Linear(w)
+    assert torch.equal(m.dequantized(), w)
+    assert m.values.shape == (16, 32) and m.meta.shape == (16, 8)
+
+
+@pytest.mark.parametrize("act", ["int8", "fp8"])
+def test_w8a8_quantizes_activations_per_token(act):
+    w, bias = _weights(32, 64)
+    if act == "int8":
+        scale = w.abs().amax(dim=1) / 127
+        codes = torch.round(w / scale[:, None]).to(torch.int8)
+    else:
+        scale = w.abs().amax(dim=1) / 448
+        codes = (w / scale[:, None]).to(torch.float8_e4m3fn)
+    m = W8A8Linear(codes, scale, act, bias)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(2)) * torch.tensor([[0.1], [1.0], [10.0], [100.0]])
+    xq, xs = ref.quantize_per_token_int8(x) if act == "int8" else ref.quantize_per_token_fp8(x)
+    expected = F.linear(xq.float() * xs, m.dequantized(), bias)
+    torch.testing.assert_close(m(x), expected, atol=1e-4, rtol=1e-4)
+    # and not the unquantized activations' result
+    assert (m(x) - F.linear(x, m.dequantized(), bias)).abs().max() > 1e-4
+
+
+def test_replace_linears_walks_once():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 64))
+    count = replace_linears(model, lambda name, lin: Sparse24Linear(_pruned(lin.weight.data)) if name == "0" else None)
+    assert count == 1 and isinstance(model[0], Sparse24Linear) and isinstance(model[2], torch.nn.Linear)
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("m_rows", [1, 16, 512])
+@pytest.mark.parametrize("kind", ["int8", "int4_g32_zero", "sparse24", "sparse24_int4"])
+def test_weight_only_modules_gpu(kind, m_rows):
+    module, dense = make(kind, n=4096, k=4096, options=ModelOptions(use_triton=True))
+    module = module.cuda().to(torch.bfloat16) if kind == "sparse24" else module.cuda()
+    if module.bias is not None:
+        module.bias.data = module.bias.data.to(torch.bfloat16)
+    x = torch.randn(m_rows, 4096, device="cuda", dtype=torch.bfloat16)
+    out = module(x)
+    assert _rel(out, F.linear(x.float(), dense.cuda(), module.bias.float())) < 2e-2
+
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("act", ["int8", "fp8"])
+@pytest.mark.parametrize("m_rows", [1, 64, 4096])
+def test_w8a8_tensor_core_path_gpu(act, m_rows):
+    if act == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9+")
+    w, _ = _weights(4096, 4096)
+    w = w.cuda()
+    if act == "int8":
+        scale = w.abs().amax(dim=1) / 127
+        codes = torch.round(w / scale[:, None]).to(torch.int8)
+    else:
+        scale = w.abs().amax(dim=1) / 448
+        codes = (w / scale[:, None]).to(torch.float8_e4m3fn)
+    m = W8A8Linear(codes, scale, act)
+    x = torch.randn(m_rows, 4096, device="cuda", dtype=torch.bfloat16)
+    expected = ref.w8a8_linear_ref(x.float(), codes, scale, act)
+    assert _rel(m(x), expected) < 2e-2

@@ -1,0 +1,50 @@
+"""eval/bench/quant.py on CPU at a tiny shape: every variant compresses, runs and reports (the
+GPU figures themselves come from the lead's H200 run)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.layers.options import ModelOptions
+from eval.bench import common as engine_bench, quant as quant_bench
+
+
+@pytest.fixture
+def tiny_shape(monkeypatch):
+    monkeypatch.setitem(engine_bench.SHAPES, "tiny-quant", dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-5))
+    return "tiny-quant"
+
+
+@pytest.mark.parametrize("variant", sorted(set(quant_bench.DECODE_VARIANTS + quant_bench.PREFILL_VARIANTS) - {"bf16"}))
+def test_compressors_approximate_the_weight(variant):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=False)
+    module = quant_bench.compressor(variant, ModelOptions())("model.layers.0.mlp.down_proj", linear)
+    w = linear.weight.detach()
+    if "sparse24" in variant:
+        w = quant_bench._prune_24(w)
+    err = (module.dequantized() - w).norm() / w.norm()
+    assert err < (0.15 if "int4" in variant else 0.05)
+    x = torch.randn(3, 256)
+    exact = x @ module.dequantized().t()
+    if variant.startswith("w8a8"):  # activations quantized too
+        assert (module(x) - exact).norm() / exact.norm() < 0.05
+    else:
+        torch.testing.assert_close(module(x), exact, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["bf16", "int4_g64", "sparse24_int4_g128"])
+def test_decode_record(tiny_shape, variant):
+    rec = quant_bench.decode(tiny_shape, variant, [1, 2], new_tokens=4, prompt_len=4, ceiling_tbps=1.0)
+    assert rec["b1_tok_s"] > 0 and rec["b2_tok_s"] > 0 and rec["weight_bytes"] > 0
+    if variant != "bf16":
+        dense = quant_bench.decode(tiny_shape, "bf16", [1], new_tokens=2, prompt_len=4, ceiling_tbps=1.0)
+        assert rec["weight_bytes"] < dense["weight_bytes"]
+
+
+def test_prefill_record(tiny_shape):
+    rec = quant_bench.prefill(tiny_shape, "w8a8_int8", tokens=64)
+    assert rec["tok_s"] > 0 and rec["tokens"] == 64

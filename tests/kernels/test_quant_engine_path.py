@@ -1,0 +1,74 @@
+"""The engine's fused small-batch decode on compressed weights (Triton, interpreted on CPU): int8
+and int4 linears are read by the fused kernels (dequantized in registers), W8A8 int8 with its
+input quantized in their prologue; fp8 and 2:4 layers run on the unfused path. Greedy tokens equal
+transformers' on the same artifact."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+from compressed_artifacts import make_artifact  # noqa: E402
+
+import engine.models.llama as llama_module  # noqa: E402
+from engine import LLM, SamplingParams  # noqa: E402
+
+pytest.importorskip("compressed_tensors")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PROMPTS = [[5, 17, 99, 3, 250, 42, 8], [300, 12], list(range(40, 60))]
+
+
+@pytest.mark.parametrize("scheme,fused", [("int8", True), ("int4_g32_asym", True), ("w8a8_int8", True),
+                                          ("w8a8_fp8", False), ("sparse24_int4", False)])
+def test_fused_decode_on_compressed_weights(tmp_path, monkeypatch, scheme, fused):
+    from transformers import AutoModelForCausalLM
+
+    from compressed_artifacts import dequantized_reference, greedy
+
+    import engine.layers.quantized as quantized_module
+
+    formats, sparse_calls, dequant_calls = [], [], []
+    gemv, sparse_gemv = llama_module.gemv_kernels.gemv, quantized_module.sparse24_int4_gemv
+    dequant = quantized_module.dequantize_int4
+
+    def counting_dequant(*args, **kwargs):
+        dequant_calls.append(args[0].shape)
+        return dequant(*args, **kwargs)
+
+    def counting_gemv(*args, **kwargs):
+        formats.append(kwargs.get("quant", "dense"))
+        return gemv(*args, **kwargs)
+
+    def counting_sparse_gemv(*args, **kwargs):
+        sparse_calls.append(args[0].shape[0])
+        return sparse_gemv(*args, **kwargs)
+
+    monkeypatch.setattr(llama_module.gemv_kernels, "gemv", counting_gemv)
+    monkeypatch.setattr(quantized_module, "sparse24_int4_gemv", counting_sparse_gemv)
+    monkeypatch.setattr(quantized_module, "dequantize_int4", counting_dequant)
+    path = make_artifact(scheme, tmp_path / scheme)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        llm = LLM(str(path), device=DEVICE, dtype="float32", use_triton=True, enforce_eager=True,
+                  max_model_len=128, block_size=4, load_format="dummy")
+        llm.engine.runner.model.load_weights(str(path), keep_compressed=True)
+        assert llm.engine.runner.model.model.fusable == fused
+        outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        ref = (dequantized_reference(path) if scheme == "int4_g32_asym"
+               else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
+        want = greedy(ref, PROMPTS, 4)
+    finally:
+        torch.set_num_threads(threads)
+    assert [o.token_ids for o in outs] == want
+    expected = {"int8": "int8", "int4_g32_asym": "int4", "w8a8_int8": "w8a8_int8"}.get(scheme)
+    assert bool(dequant_calls) == (scheme == "int4_g32_asym")  # int4 prefill: Triton dequant + dense GEMM
+    if fused:
+        assert formats and set(formats) == {expected}  # o_proj, gate_up and down; qkv rides gemv_rope_store
+    else:  # unfused path: the modules run themselves (2:4 + int4: its own decode GEMV)
+        assert not formats
+        assert bool(sparse_calls) == (scheme == "sparse24_int4") and max(sparse_calls, default=0) <= 3
