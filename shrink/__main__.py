@@ -49,14 +49,27 @@ def compose(overrides: list[str]):
 
 
 def run(cfg):
-    from shrink.context import StageContext, artifact_from_config
+    """Every stage starts here: the checks that need no model run first, under the run dir's lock."""
+    from contextlib import nullcontext
+
+    from common.dirs import dir_lock
+    from shrink.context import (PIPELINE_ORDER, StageContext, artifact_from_config, check_free_space, check_outputs,
+                                latest_artifact_before, planned_stages, prepare_run_dir)
     from shrink.stages import get_stage
 
-    stage = get_stage(str(cfg.stage.name))
-    run_dir = Path(str(cfg.run))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(cfg=cfg, run_dir=run_dir, inputs=artifact_from_config(cfg.get("input")))
-    return stage(cfg, ctx)
+    name = str(cfg.stage.name)
+    stage = get_stage(name)
+    run_dir = prepare_run_dir(str(cfg.run))
+    # Under `accelerate launch` every rank runs this; rank 0 holds the lock for all of them.
+    main_rank = os.environ.get("RANK", "0") == "0"
+    with dir_lock(run_dir, f"run={cfg.run}") if main_rank else nullcontext():
+        inputs = artifact_from_config(cfg.get("input"))
+        stages = planned_stages(cfg)
+        check_outputs(run_dir, stages)
+        first = next((s for s in stages if s in PIPELINE_ORDER[1:]), None)
+        source = inputs[0] if inputs else (latest_artifact_before(run_dir, first) if first else None)
+        check_free_space(run_dir, stages, source)
+        return stage(cfg, StageContext(cfg=cfg, run_dir=run_dir, inputs=inputs))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from common.dirs import replace_dir_atomically
+from common.dirs import check_replaceable, replace_dir_atomically
 from common.errors import ShrinkError
 
 META_FILE = "shrink.json"
@@ -87,6 +87,45 @@ def content_hash(directory: Path) -> str:
     return digest.hexdigest()
 
 
+def _safetensors_problem(file: Path) -> str | None:
+    """Why a .safetensors file is unreadable (truncated, bad header), or None: the header names every
+    tensor's byte range, so a complete file ends exactly where the last range does."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{file.name} is truncated ({size} bytes)"
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            return f"{file.name} is truncated or not safetensors (header of {n} bytes, file of {size})"
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"{file.name} has a corrupt header"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        return f"{file.name} is truncated ({size} bytes, its header needs {8 + n + end})"
+    return None
+
+
+def check_model_files(path: Path, what: str) -> None:
+    """A model directory transformers can load: config.json that parses and complete safetensors."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise ShrinkError(f"{what}: {path} has no config.json (not a model directory)")
+    try:
+        json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShrinkError(f"{what}: corrupt {config}: {e}") from None
+    weights = sorted(Path(path).glob("*.safetensors"))
+    if not weights:
+        raise ShrinkError(f"{what}: {path} has no .safetensors weights")
+    for file in weights:
+        problem = _safetensors_problem(file)
+        if problem:
+            raise ShrinkError(f"{what}: {problem} in {path}")
+
+
 def _git_rev() -> str | None:
     try:
         out = subprocess.run(
@@ -123,6 +162,7 @@ def write_artifact(
 ) -> Artifact:
     """Run `save(tmp_dir)` to write the payload, add shrink.json, then rename into place."""
     dest = Path(dest)
+    check_replaceable(dest, META_FILE)  # before the work: a user's directory is never replaced
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -142,7 +182,7 @@ def write_artifact(
         tmp_meta = tmp / (META_FILE + ".partial")
         tmp_meta.write_text(json.dumps(meta, indent=2, default=str))
         os.replace(tmp_meta, tmp / META_FILE)
-        replace_dir_atomically(tmp, dest)
+        replace_dir_atomically(tmp, dest, META_FILE)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from common.dirs import replace_dir_atomically
+from common.dirs import check_replaceable, remove_marked_dir, replace_dir_atomically
 
 STATE_FILE = "trainer_state.json"
 
@@ -26,7 +26,7 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, extra: dict | None =
         accelerator.wait_for_everyone()
         if main:
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, **(extra or {})}))
-            replace_dir_atomically(tmp, ckpt_dir)
+            replace_dir_atomically(tmp, ckpt_dir, STATE_FILE)
         accelerator.wait_for_everyone()
     except BaseException:
         if main:
@@ -47,5 +47,9 @@ def load_checkpoint(accelerator, ckpt_dir: Path) -> dict:
 
 
 def remove_checkpoint(ckpt_dir: Path) -> None:
-    if Path(ckpt_dir).exists():
-        shutil.rmtree(ckpt_dir)
+    remove_marked_dir(ckpt_dir, STATE_FILE)
+
+
+def check_checkpoint_location(ckpt_dir: Path) -> None:
+    """Before any work: the checkpoint path is free or one of our checkpoints."""
+    check_replaceable(ckpt_dir, STATE_FILE)

@@ -1,0 +1,63 @@
+"""Nothing the user owns is replaced, two commands never share a run dir, and a single stage reads
+the run's latest artifact in pipeline order (issue 11, findings 1, 4 and 10)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from common.dirs import dir_lock
+from shrink.context import StageContext
+from support import run_cli, save_tiny_artifact
+from test_cli import TINY, _one_line_error
+
+
+def test_a_users_directory_named_like_a_stage_is_kept(tiny_teacher: Path, tmp_path: Path):
+    run = tmp_path / "R"
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "notes.txt").write_text("x")
+    shutil.copytree(tiny_teacher, run / "teacher")
+    result = run_cli("stage=eval", f"run={run}", *TINY)
+    _one_line_error(result, str(run / "eval"), "not written by shrink")
+    assert (run / "eval" / "notes.txt").read_text() == "x"
+    assert not (run / ".eval_cache.json").exists()  # refused before any work
+
+
+def test_pipeline_refuses_before_any_work(tmp_path: Path):
+    """`stage=pipeline run=.` in a repository with an `eval/` package must not touch it."""
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "__init__.py").write_text("")
+    result = run_cli("stage=pipeline", f"run={tmp_path}", *TINY)
+    _one_line_error(result, str(tmp_path / "eval"))
+    assert (tmp_path / "eval" / "__init__.py").exists()
+    assert not (tmp_path / "teacher").exists()  # the import never started
+
+
+def test_an_unmarked_checkpoint_dir_is_refused(tiny_teacher: Path, tmp_path: Path):
+    (tmp_path / ".distill.ckpt").mkdir()
+    (tmp_path / ".distill.ckpt" / "mine.txt").write_text("x")
+    result = run_cli("stage=distill", f"run={tmp_path}", f"input={tiny_teacher}", *TINY)
+    _one_line_error(result, ".distill.ckpt")
+    assert (tmp_path / ".distill.ckpt" / "mine.txt").exists()
+
+
+def test_a_second_command_on_a_locked_run_dir_is_refused(tiny_teacher: Path, tmp_path: Path):
+    shutil.copytree(tiny_teacher, tmp_path / "teacher")
+    with dir_lock(tmp_path, "test"):
+        result = run_cli("stage=eval", f"run={tmp_path}", *TINY)
+    _one_line_error(result, "in use by another shrink process")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_single_stage_reads_the_latest_artifact_in_pipeline_order(tmp_path: Path, capsys):
+    save_tiny_artifact(tmp_path / "teacher")
+    save_tiny_artifact(tmp_path / "prune", seed=1)
+    save_tiny_artifact(tmp_path / "quantize", seed=2)  # after quantize's own place: never its input
+    cfg = OmegaConf.create({"stage": {"name": "quantize"}, "device": "cpu", "seed": 0})
+    ctx = StageContext(cfg, tmp_path)
+    assert ctx.input.path == tmp_path / "prune"
+    assert "quantize: input " + str(tmp_path / "prune") in capsys.readouterr().out
+    cfg.stage.name = "distill"
+    assert StageContext(cfg, tmp_path).input.path == tmp_path / "teacher"
