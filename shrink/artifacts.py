@@ -74,17 +74,49 @@ class Artifact:
         return chain
 
 
+def _hashed_files(directory: Path) -> list[Path]:
+    return sorted(p for p in Path(directory).rglob("*")
+                  if p.is_file() and p.name != META_FILE and p.name.endswith(_HASHED_SUFFIXES))
+
+
 def content_hash(directory: Path) -> str:
     """sha256 over the names and bytes of the model files (shrink.json itself excluded)."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
-        if file.name == META_FILE or not file.name.endswith(_HASHED_SUFFIXES):
-            continue
+    for file in _hashed_files(directory):
         digest.update(str(file.relative_to(directory)).encode())
         with file.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_stamp(directory: Path) -> str:
+    """A cheap fingerprint of the model files: names, sizes and modification times."""
+    entries = [(str(f.relative_to(directory)), f.stat().st_size, f.stat().st_mtime_ns)
+               for f in _hashed_files(directory)]
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def verify_artifact(artifact: Artifact, stamps: dict[str, dict]) -> str | None:
+    """None when the artifact's files are those its shrink.json recorded, else what is wrong.
+
+    A full hash runs unless `stamps` (kept by the caller between runs) holds the same size+mtime
+    fingerprint of files already found to match; a passing check is recorded there."""
+    key = str(artifact.path.resolve())
+    stamp = file_stamp(artifact.path)
+    if stamps.get(key) == {"stamp": stamp, "content_hash": artifact.content_hash}:
+        return None
+    stamps.pop(key, None)
+    if not artifact.content_hash:
+        return f"{META_FILE} records no content_hash"
+    actual = content_hash(artifact.path)
+    if actual != artifact.content_hash:
+        weights = sorted(Path(artifact.path).glob("*.safetensors"))
+        problems = [p for p in (_safetensors_problem(f) for f in weights) if p]
+        detail = f" ({'; '.join(problems)})" if problems else ""
+        return f"content hash differs from {META_FILE}: the files changed or are damaged{detail}"
+    stamps[key] = {"stamp": stamp, "content_hash": actual}
+    return None
 
 
 def _safetensors_problem(file: Path) -> str | None:
