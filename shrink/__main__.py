@@ -45,6 +45,9 @@ def compose(overrides: list[str]):
         raise ShrinkError(f"missing required value: {', '.join(missing)} (set it on the command line, "
                           f"e.g. {missing[0]}=...)")
     OmegaConf.resolve(cfg)
+    from shrink.config_check import check_config
+
+    check_config(cfg)
     return cfg
 
 

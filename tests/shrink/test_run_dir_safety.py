@@ -6,10 +6,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from common.dirs import dir_lock
-from shrink.context import StageContext
+from common.errors import ShrinkError
+from shrink.artifacts import Artifact
+from shrink.context import StageContext, check_free_space, prepare_run_dir
 from support import run_cli, save_tiny_artifact
 from test_cli import TINY, _one_line_error
 
@@ -61,3 +64,17 @@ def test_single_stage_reads_the_latest_artifact_in_pipeline_order(tmp_path: Path
     assert "quantize: input " + str(tmp_path / "prune") in capsys.readouterr().out
     cfg.stage.name = "distill"
     assert StageContext(cfg, tmp_path).input.path == tmp_path / "teacher"
+
+
+def test_unwritable_run_dir_fails_before_work():
+    # /proc refuses new entries even for root, like a read-only mount would.
+    with pytest.raises(ShrinkError, match="not writable"):
+        prepare_run_dir("/proc/shrink-run")
+
+
+def test_full_disk_fails_before_work(tmp_path: Path, monkeypatch):
+    teacher = Artifact.load(save_tiny_artifact(tmp_path / "teacher"))
+    monkeypatch.setattr("shutil.disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ShrinkError, match="MiB free"):
+        check_free_space(tmp_path, ["distill", "gqa"], teacher)
+    check_free_space(tmp_path, ["eval"], teacher)  # eval writes no model
