@@ -62,6 +62,7 @@ def run(cfg):
     from contextlib import nullcontext
 
     from common.dirs import dir_lock
+    from shrink.artifacts import Verifier
     from shrink.context import (PIPELINE_ORDER, StageContext, artifact_from_config, check_free_space, check_outputs,
                                 latest_artifact_before, planned_stages, prepare_run_dir)
     from shrink.stages import get_stage
@@ -78,6 +79,8 @@ def run(cfg):
         first = next((s for s in stages if s in PIPELINE_ORDER[1:]), None)
         source = inputs[0] if inputs else (latest_artifact_before(run_dir, first) if first else None)
         check_free_space(run_dir, stages, source)
+        if source is not None:
+            Verifier(run_dir).check(source, "input")
         return stage(cfg, StageContext(cfg=cfg, run_dir=run_dir, inputs=inputs))
 
 

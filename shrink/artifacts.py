@@ -119,6 +119,33 @@ def verify_artifact(artifact: Artifact, stamps: dict[str, dict]) -> str | None:
     return None
 
 
+class Verifier:
+    """`verify_artifact` with its stamps kept in a run directory between commands, so an unchanged
+    artifact is hashed once, not by every command that reads it."""
+
+    FILE = ".verified.json"
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / self.FILE
+        try:
+            self.stamps: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self.stamps = {}  # a damaged stamp file only costs a re-hash
+
+    def problem(self, artifact: Artifact) -> str | None:
+        """None when the artifact is intact, else what is wrong with it."""
+        found = verify_artifact(artifact, self.stamps)
+        tmp = self.path.with_name(f"{self.FILE}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.stamps))
+        os.replace(tmp, self.path)
+        return found
+
+    def check(self, artifact: Artifact, what: str) -> None:
+        found = self.problem(artifact)
+        if found:
+            raise ShrinkError(f"{what} {artifact.path} is damaged: {found}")
+
+
 def _safetensors_problem(file: Path) -> str | None:
     """Why a .safetensors file is unreadable (truncated, bad header), or None: the header names every
     tensor's byte range, so a complete file ends exactly where the last range does."""

@@ -15,7 +15,7 @@ from transformers import AutoConfig
 
 from eval.perplexity import encode, perplexity, wikitext2_text
 from eval.report import write_report
-from shrink.artifacts import META_FILE, Artifact, verify_artifact, write_artifact
+from shrink.artifacts import META_FILE, Artifact, Verifier, write_artifact
 from shrink.context import StageContext
 from common.errors import ShrinkError
 from shrink.gqa import KVLayout
@@ -73,8 +73,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
                 "max_windows": cfg.eval.max_windows, "dtype": dtype, "device": str(device)}
     cache_path = ctx.run_dir / CACHE_FILE
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    stamps = cache.setdefault("verified", {})
-    damage = {art.path: verify_artifact(art, stamps) for art in artifacts}
+    verifier = Verifier(ctx.run_dir)
+    damage = {art.path: verifier.problem(art) for art in artifacts}
     intact = [art for art in artifacts if damage[art.path] is None]
     if not intact:
         raise ShrinkError(f"eval: every artifact in run={ctx.run_dir} is damaged "

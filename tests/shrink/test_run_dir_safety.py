@@ -78,3 +78,16 @@ def test_full_disk_fails_before_work(tmp_path: Path, monkeypatch):
     with pytest.raises(ShrinkError, match="MiB free"):
         check_free_space(tmp_path, ["distill", "gqa"], teacher)
     check_free_space(tmp_path, ["eval"], teacher)  # eval writes no model
+
+
+def test_a_damaged_input_is_refused_before_work(tiny_teacher: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_teacher, run / "teacher")
+    save_tiny_artifact(run / "prune", seed=1)
+    weights = run / "prune" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, still a readable safetensors file: only the hash can tell
+    weights.write_bytes(bytes(data))
+    result = run_cli("stage=quantize", f"run={run}", *TINY)
+    _one_line_error(result, str(run / "prune"), "damaged")
+    assert not (run / "quantize").exists()
