@@ -62,25 +62,15 @@ def run(cfg):
     from contextlib import nullcontext
 
     from common.dirs import dir_lock
-    from shrink.artifacts import Verifier
-    from shrink.context import (PIPELINE_ORDER, StageContext, artifact_from_config, check_free_space, check_outputs,
-                                latest_artifact_before, planned_stages, prepare_run_dir)
+    from shrink.context import StageContext, check_before_work, prepare_run_dir
     from shrink.stages import get_stage
 
-    name = str(cfg.stage.name)
-    stage = get_stage(name)
+    stage = get_stage(str(cfg.stage.name))
     run_dir = prepare_run_dir(str(cfg.run))
     # Under `accelerate launch` every rank runs this; rank 0 holds the lock for all of them.
     main_rank = os.environ.get("RANK", "0") == "0"
     with dir_lock(run_dir, f"run={cfg.run}") if main_rank else nullcontext():
-        inputs = artifact_from_config(cfg.get("input"))
-        stages = planned_stages(cfg)
-        check_outputs(run_dir, stages)
-        first = next((s for s in stages if s in PIPELINE_ORDER[1:]), None)
-        source = inputs[0] if inputs else (latest_artifact_before(run_dir, first) if first else None)
-        check_free_space(run_dir, stages, source)
-        if source is not None:
-            Verifier(run_dir).check(source, "input")
+        inputs = check_before_work(cfg, run_dir)
         return stage(cfg, StageContext(cfg=cfg, run_dir=run_dir, inputs=inputs))
 
 

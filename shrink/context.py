@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.dirs import check_replaceable
 from common.errors import ShrinkError
-from shrink.artifacts import META_FILE, Artifact, check_model_files
+from shrink.artifacts import META_FILE, Artifact, Verifier, check_model_files
 from shrink.modeling import dir_size_bytes, resolve_device
 from train.checkpoint import STATE_FILE
 
@@ -130,6 +130,20 @@ def check_free_space(run_dir: Path, stages: list[str], source: Artifact | None) 
     if free < needed:
         raise ShrinkError(f"run={run_dir}: {free / 2**20:,.0f} MiB free, but {', '.join(writers)} need about "
                           f"{needed / 2**20:,.0f} MiB (the size of {source.path}, per stage)")
+
+
+def check_before_work(cfg: DictConfig, run_dir: Path) -> list[Artifact]:
+    """What every stage checks before any work: `input=` complete, the outputs ours to replace, room on
+    the disk, the input intact. Returns the `input=` artifact (or nothing)."""
+    inputs = artifact_from_config(cfg.get("input"))
+    stages = planned_stages(cfg)
+    check_outputs(run_dir, stages)
+    first = next((s for s in stages if s in PIPELINE_ORDER[1:]), None)
+    source = inputs[0] if inputs else (latest_artifact_before(run_dir, first) if first else None)
+    check_free_space(run_dir, stages, source)
+    if source is not None:
+        Verifier(run_dir).check(source, "input")
+    return inputs
 
 
 def artifact_from_config(value: str | None) -> list[Artifact]:

@@ -6,8 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+from common.dirs import remove_marked_dir, replace_dir_atomically
 from common.errors import ShrinkError
-from common.dirs import check_replaceable, remove_marked_dir, replace_dir_atomically
 
 STATE_FILE = "trainer_state.json"
 
@@ -50,10 +50,6 @@ def load_checkpoint(accelerator, ckpt_dir: Path) -> dict:
 def remove_checkpoint(ckpt_dir: Path) -> None:
     remove_marked_dir(ckpt_dir, STATE_FILE)
 
-
-def check_checkpoint_location(ckpt_dir: Path) -> None:
-    """Before any work: the checkpoint path is free or one of our checkpoints."""
-    check_replaceable(ckpt_dir, STATE_FILE)
 
 
 def resume_note(ckpt_dir: Path, prefix: str) -> str | None:

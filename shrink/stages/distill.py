@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shrink.artifacts import Artifact
-from shrink.context import StageContext
+from shrink.context import StageContext, checkpoint_dir_name
 from common.errors import ShrinkError
 from shrink.modeling import load_model, load_tokenizer, num_parameters, save_model_artifact
 from shrink.stages import register_stage
@@ -28,7 +28,7 @@ from train.loop import train_distill
 from train.student_init import (check_same_vocab, needs_importance, parse_keep_layers, prune_width,
                                 student_from_config, student_from_teacher)
 
-CKPT_DIR = ".distill.ckpt"
+CKPT_DIR = checkpoint_dir_name("distill")
 INITS = ("teacher_layers", "config", "pretrained")
 
 

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from eval.perplexity import encode, perplexity, wikitext2_text
 from shrink.artifacts import META_FILE, Artifact
-from shrink.context import StageContext
+from shrink.context import StageContext, checkpoint_dir_name
 from common.errors import ShrinkError
 from shrink.gqa import check_target, convert, kv_report
 from shrink.modeling import load_model, load_tokenizer, num_parameters, save_model_artifact
@@ -26,7 +26,7 @@ from train.checkpoint import check_checkpoint_fits, remove_checkpoint, resume_no
 from train.data import data_dir, load_packed
 from train.loop import TrainConfig, train_distill
 
-CKPT_DIR = ".gqa.ckpt"
+CKPT_DIR = checkpoint_dir_name("gqa")
 DISTILL_DIR = "distill"
 
 
