@@ -134,7 +134,8 @@ def check_free_space(run_dir: Path, stages: list[str], source: Artifact | None) 
 
 def check_before_work(cfg: DictConfig, run_dir: Path) -> list[Artifact]:
     """What every stage checks before any work: `input=` complete, the outputs ours to replace, room on
-    the disk, the input intact. Returns the `input=` artifact (or nothing)."""
+    the disk, the input intact, the device present. Returns the `input=` artifact (or nothing)."""
+    resolve_device(str(cfg.device))
     inputs = artifact_from_config(cfg.get("input"))
     stages = planned_stages(cfg)
     check_outputs(run_dir, stages)

@@ -91,3 +91,13 @@ def test_a_damaged_input_is_refused_before_work(tiny_teacher: Path, tmp_path: Pa
     result = run_cli("stage=quantize", f"run={run}", *TINY)
     _one_line_error(result, str(run / "prune"), "damaged")
     assert not (run / "quantize").exists()
+
+
+def test_cuda_without_a_gpu_fails_before_the_teacher_import(tmp_path: Path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    result = run_cli("stage=distill", f"run={tmp_path}", "device=cuda", *TINY)
+    _one_line_error(result, "device=cuda")
+    assert not (tmp_path / "teacher").exists()
