@@ -14,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.dirs import check_replaceable
 from common.errors import ShrinkError
-from shrink.artifacts import META_FILE, Artifact, Verifier, check_model_files
+from shrink.artifacts import META_FILE, Artifact
+from shrink.verify import Verifier, check_model_files
 from shrink.modeling import dir_size_bytes, resolve_device
 from train.checkpoint import STATE_FILE
 

@@ -15,8 +15,9 @@ from transformers import AutoConfig
 
 from eval.perplexity import encode, perplexity, wikitext2_text
 from eval.report import write_report
-from shrink.artifacts import META_FILE, Artifact, Verifier, write_artifact
+from shrink.artifacts import META_FILE, Artifact, write_artifact
 from shrink.context import StageContext
+from shrink.verify import Verifier
 from common.errors import ShrinkError
 from shrink.gqa import KVLayout
 from shrink.modeling import dir_size_bytes, load_model, load_tokenizer, num_parameters

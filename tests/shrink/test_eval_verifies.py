@@ -8,7 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
-from shrink.artifacts import Artifact, verify_artifact
+from shrink.artifacts import Artifact
+from shrink.verify import verify_artifact
 from support import run_cli, save_tiny_artifact
 from test_cli import TINY
 
@@ -52,10 +53,10 @@ def test_unchanged_stamp_skips_the_rehash(tmp_path: Path, monkeypatch):
     art = Artifact.load(save_tiny_artifact(tmp_path / "a"))
     stamps: dict = {}
     assert verify_artifact(art, stamps) is None
-    import shrink.artifacts as artifacts
+    import shrink.verify as verify
 
     def no_hash(_):
         raise AssertionError("re-hashed an unchanged artifact")
 
-    monkeypatch.setattr(artifacts, "content_hash", no_hash)
+    monkeypatch.setattr(verify, "content_hash", no_hash)
     assert verify_artifact(art, stamps) is None
