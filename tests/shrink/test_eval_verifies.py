@@ -60,3 +60,24 @@ def test_unchanged_stamp_skips_the_rehash(tmp_path: Path, monkeypatch):
 
     monkeypatch.setattr(verify, "content_hash", no_hash)
     assert verify_artifact(art, stamps) is None
+
+
+def test_model_file_checks_name_each_problem(tmp_path: Path):
+    import pytest
+
+    from common.errors import ShrinkError
+    from shrink.verify import check_model_files
+
+    art = save_tiny_artifact(tmp_path / "a")
+    check_model_files(art, "input=a")  # a complete artifact passes
+    weights = art / "model.safetensors"
+    original = weights.read_bytes()
+    header = b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": 7}}'
+    for payload, needle in [(original[:5], "truncated"), (original[:-10], "truncated"),
+                            (len(header).to_bytes(8, "little") + header, "corrupt header")]:
+        weights.write_bytes(payload)
+        with pytest.raises(ShrinkError, match=needle):
+            check_model_files(art, "input=a")
+    (art / "config.json").write_text("{oops")
+    with pytest.raises(ShrinkError, match="corrupt"):
+        check_model_files(art, "input=a")
