@@ -71,14 +71,15 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, context: int = 2048, s
 
 
 def wikitext2_text(data_dir: Path) -> str:
-    """WikiText-2 raw test as published: this copy has CRLF endings and no blank lines, so read it
-    as lines and join them with blank lines."""
+    """WikiText-2 raw test on the reference protocol: this copy has CRLF endings and no blank lines;
+    read with universal newlines, each row keeps its trailing "\n" (as the dataset's rows do), and
+    rows are joined with "\n\n" (1,291,402 characters; 304,838 SmolLM2 tokens without BOS)."""
     path = Path(data_dir) / WIKITEXT_FILE
     if not path.is_file():
         raise ShrinkError(f"WikiText-2 test split not found at {path}")
-    with open(path, encoding="utf-8", newline="") as f:
-        lines = f.read().splitlines()
-    return "\n\n".join(lines)
+    with open(path, encoding="utf-8") as f:
+        rows = f.readlines()
+    return "\n\n".join(rows)
 
 
 def encode(tokenizer, text: str) -> torch.Tensor:

@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-USAGE = """usage: python -m shrink stage=<name> [group=option ...] [key=value ...] [--cfg]
+USAGE = """usage: python -m shrink [-m] stage=<name> [group=option ...] [key=value ...] [--cfg job|hydra|all] [--info]
 
   stage=pipeline|import|distill|gqa|prune|quantize|eval   (default: pipeline)
   groups: teacher=, student=, data=, logging=, experiment=   (see conf/)
-  --cfg   print the composed config and exit
+  --cfg, -c job|hydra|all    print the composed config (job: ours, hydra: Hydra's, all: both) and exit
+  --resolve                  with --cfg: resolve interpolations first
+  --info, -i [all|config|defaults|defaults-tree|plugins|searchpath]   Hydra's information and exit
+  --multirun, -m             a sweep: a=1,2 b=x,y runs one job per combination, job N in <run>/N
 """
+CFG_KINDS = ("job", "hydra", "all")
+INFO_KINDS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
 _NOISE = ("full_key:", "object_type=", "reference_type=", "Config search path", "provider=",
           "Set the environment variable", "To append to your config")
 
@@ -45,23 +51,108 @@ def compose(overrides: list[str]):
         raise ShrinkError(f"missing required value: {', '.join(missing)} (set it on the command line, "
                           f"e.g. {missing[0]}=...)")
     OmegaConf.resolve(cfg)
+    from shrink.config_check import check_config
+
+    check_config(cfg)
     return cfg
 
 
 def run(cfg):
-    from shrink.context import StageContext, artifact_from_config
+    """Every stage starts here: the checks that need no model run first, under the run dir's lock."""
+    from contextlib import nullcontext
+
+    from common.dirs import dir_lock
+    from shrink.context import StageContext, check_before_work, prepare_run_dir
     from shrink.stages import get_stage
 
     stage = get_stage(str(cfg.stage.name))
-    run_dir = Path(str(cfg.run))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(cfg=cfg, run_dir=run_dir, inputs=artifact_from_config(cfg.get("input")))
-    return stage(cfg, ctx)
+    run_dir = prepare_run_dir(str(cfg.run))
+    # Under `accelerate launch` every rank runs this; rank 0 holds the lock for all of them.
+    main_rank = os.environ.get("RANK", "0") == "0"
+    with dir_lock(run_dir, f"run={cfg.run}") if main_rank else nullcontext():
+        inputs = check_before_work(cfg, run_dir)
+        return stage(cfg, StageContext(cfg=cfg, run_dir=run_dir, inputs=inputs))
+
+
+@dataclass
+class Flags:
+    cfg: str | None = None
+    info: str | None = None
+    resolve: bool = False
+    multirun: bool = False
+    overrides: list[str] = field(default_factory=list)
+
+
+def parse_flags(argv: list[str]) -> Flags:
+    """Hydra's command-line flags (ShrinkError for an unknown one or a bad choice); the rest are overrides."""
+    from common.errors import ShrinkError
+
+    flags, i = Flags(), 0
+    while i < len(argv):
+        arg = argv[i]
+        name, _, value = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        if name in ("--cfg", "-c", "--info", "-i"):
+            kinds = CFG_KINDS if name in ("--cfg", "-c") else INFO_KINDS
+            nxt = argv[i + 1] if i + 1 < len(argv) else ""
+            if not value and nxt and "=" not in nxt and not nxt.startswith("-"):  # `--cfg job`
+                value, i = nxt, i + 1
+            value = value or kinds[0]
+            if value not in kinds:
+                raise ShrinkError(f"{name} {value}: expected one of {', '.join(kinds)}")
+            setattr(flags, "cfg" if kinds is CFG_KINDS else "info", value)
+        elif arg == "--resolve":
+            flags.resolve = True
+        elif arg in ("-m", "--multirun"):
+            flags.multirun = True
+        elif arg.startswith("-"):
+            raise ShrinkError(f"unknown option {arg} (see --help)")
+        else:
+            flags.overrides.append(arg)
+        i += 1
+    return flags
+
+
+def show(flags: Flags) -> None:
+    """--cfg / --info, printed by Hydra itself (composition errors still become one line)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        hydra = GlobalHydra.instance().hydra
+        if flags.info:
+            hydra.show_info(info=flags.info, config_name="config", overrides=flags.overrides)
+        else:
+            hydra.show_cfg(config_name="config", overrides=flags.overrides, cfg_type=flags.cfg, package=None,
+                           resolve=flags.resolve)
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """One override list per combination of the swept values (a=1,2 b=x,y: four jobs), as Hydra's
+    basic sweeper orders them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def multirun(overrides: list[str]) -> None:
+    """Every job's config is composed and checked before the first one runs; job N runs in <run>/N."""
+    jobs = sweep_jobs(overrides)
+    configs = [compose(job) for job in jobs]
+    for num, (job, cfg) in enumerate(zip(jobs, configs)):
+        cfg.run = str(Path(str(cfg.run)) / str(num))
+        print(f"multirun: job {num} of {len(jobs)}: {' '.join(job)} -> run={cfg.run}", flush=True)
+        report(cfg, run(cfg))
+
+
+def report(cfg, result) -> None:
+    if result is not None and hasattr(result, "path"):
+        print(f"{cfg.stage.name}: wrote {result.path}")
 
 
 def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from common.errors import ShrinkError
@@ -70,28 +161,25 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
-    flags = [a for a in argv if a.startswith("--")]
-    unknown = [f for f in flags if f != "--cfg"]
-    if unknown:
-        print(f"error: unknown option {unknown[0]} (see --help)", file=sys.stderr)
-        return 2
     try:
-        cfg = compose([a for a in argv if not a.startswith("--")])
-        if "--cfg" in flags:
-            print(OmegaConf.to_yaml(cfg))
+        flags = parse_flags(argv)
+        if flags.cfg or flags.info:
+            show(flags)
             return 0
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # weight-loading bars would bury the stage's own output
-        result = run(cfg)
+        if flags.multirun:
+            multirun(flags.overrides)
+        else:
+            cfg = compose(flags.overrides)
+            report(cfg, run(cfg))
     except ShrinkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (HydraException, OmegaConfBaseException) as e:
         print(f"error: config: {one_line(e)}", file=sys.stderr)
         return 2
-    if result is not None and hasattr(result, "path"):
-        print(f"{cfg.stage.name}: wrote {result.path}")
     return 0
 
 

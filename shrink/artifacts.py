@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from common.dirs import replace_dir_atomically
+from common.dirs import check_replaceable, replace_dir_atomically
 from common.errors import ShrinkError
 
 META_FILE = "shrink.json"
@@ -74,12 +74,15 @@ class Artifact:
         return chain
 
 
+def hashed_files(directory: Path) -> list[Path]:
+    return sorted(p for p in Path(directory).rglob("*")
+                  if p.is_file() and p.name != META_FILE and p.name.endswith(_HASHED_SUFFIXES))
+
+
 def content_hash(directory: Path) -> str:
     """sha256 over the names and bytes of the model files (shrink.json itself excluded)."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
-        if file.name == META_FILE or not file.name.endswith(_HASHED_SUFFIXES):
-            continue
+    for file in hashed_files(directory):
         digest.update(str(file.relative_to(directory)).encode())
         with file.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -123,6 +126,7 @@ def write_artifact(
 ) -> Artifact:
     """Run `save(tmp_dir)` to write the payload, add shrink.json, then rename into place."""
     dest = Path(dest)
+    check_replaceable(dest, META_FILE)  # before the work: a user's directory is never replaced
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -142,7 +146,7 @@ def write_artifact(
         tmp_meta = tmp / (META_FILE + ".partial")
         tmp_meta.write_text(json.dumps(meta, indent=2, default=str))
         os.replace(tmp_meta, tmp / META_FILE)
-        replace_dir_atomically(tmp, dest)
+        replace_dir_atomically(tmp, dest, META_FILE)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -6,7 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
-from common.dirs import replace_dir_atomically
+from common.dirs import remove_marked_dir, replace_dir_atomically
+from common.errors import ShrinkError
 
 STATE_FILE = "trainer_state.json"
 
@@ -26,7 +27,7 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, extra: dict | None =
         accelerator.wait_for_everyone()
         if main:
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, **(extra or {})}))
-            replace_dir_atomically(tmp, ckpt_dir)
+            replace_dir_atomically(tmp, ckpt_dir, STATE_FILE)
         accelerator.wait_for_everyone()
     except BaseException:
         if main:
@@ -47,5 +48,34 @@ def load_checkpoint(accelerator, ckpt_dir: Path) -> dict:
 
 
 def remove_checkpoint(ckpt_dir: Path) -> None:
-    if Path(ckpt_dir).exists():
-        shutil.rmtree(ckpt_dir)
+    remove_marked_dir(ckpt_dir, STATE_FILE)
+
+
+
+def resume_note(ckpt_dir: Path, prefix: str) -> str | None:
+    """resume=true with nothing to resume from: the line that says so (None when a checkpoint exists)."""
+    if checkpoint_step(ckpt_dir) is None:
+        return f"{prefix}: resume=true but no checkpoint in {ckpt_dir}; starting at step 0"
+    return None
+
+
+def check_checkpoint_fits(ckpt_dir: Path, model, settings: str) -> None:
+    """resume=true: the checkpoint's model has this model's tensor names and shapes, else a ShrinkError
+    naming the `settings` that decide the model's shape (a different student cannot be resumed)."""
+    from safetensors import safe_open
+
+    file = Path(ckpt_dir) / "model.safetensors"
+    if checkpoint_step(ckpt_dir) is None or not file.is_file():
+        return
+    with safe_open(str(file), "pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    ours = {n: tuple(p.shape) for n, p in model.named_parameters()}  # tied weights appear once
+    unexpected = sorted(set(saved) - set(ours))
+    missing = sorted(set(ours) - set(saved))
+    reshaped = sorted(k for k in set(saved) & set(ours) if saved[k] != ours[k])
+    if unexpected or missing or reshaped:
+        example = (unexpected or missing or reshaped)[0]
+        raise ShrinkError(f"resume=true: the checkpoint in {ckpt_dir} was written for another model "
+                          f"({len(missing)} tensors missing, {len(unexpected)} unexpected, {len(reshaped)} "
+                          f"of another shape, e.g. {example}); resume with the interrupted run's {settings}, "
+                          f"or set resume=false to start over")

@@ -3,11 +3,47 @@
 from __future__ import annotations
 
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from common.errors import ShrinkError
 from train.layer_distill import LAYER_LOSSES
+
+
+def check_value(key: str, value: Any, hint: Any) -> None:
+    """Raise a ShrinkError naming `key` unless `value` (as the config composed it) fits the type `hint`:
+    int (not bool, not 2.7), a finite float, bool, str, X | None, dict, list, or Any."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    hint = origin or hint
+    if hint is Any:
+        return
+    if value is None:
+        raise ShrinkError(f"{key} needs a value, got null")
+    if hint is bool:
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif hint is int:
+        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        wanted = "a finite number"
+    elif hint is dict:
+        ok, wanted = isinstance(value, typing.Mapping), "a mapping {key: value}"
+    elif hint is list:
+        ok, wanted = isinstance(value, (list, tuple)), "a list [a, b, ...]"
+    elif hint is str:
+        ok, wanted = not isinstance(value, (typing.Mapping, list, tuple)), "a string"
+    else:
+        raise TypeError(f"check_value: unsupported type {hint!r} for {key}")
+    if not ok:
+        raise ShrinkError(f"{key}: expected {wanted}, got {value!r}")
 
 
 @dataclass
@@ -45,8 +81,12 @@ class TrainConfig:
         from omegaconf import OmegaConf
 
         raw = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+        hints = typing.get_type_hints(cls)
         known = set(cls.__dataclass_fields__) - {"seed", "prefix"}
         values = {k: v for k, v in raw.items() if k in known}
+        for key, value in values.items():
+            check_value(f"{prefix}.{key}", value, hints[key])
+        check_value(f"{prefix}.tokens", raw.get("tokens"), int | None)
         tc = cls(**values, seed=seed, prefix=prefix)
         if raw.get("tokens"):
             tc.max_steps = max(1, math.ceil(int(raw["tokens"]) / (tc.batch_size * tc.grad_accum * block_size)))

@@ -8,6 +8,8 @@ and every packing parameter.
 
 from __future__ import annotations
 
+import codecs
+import gzip
 import hashlib
 import json
 import os
@@ -56,6 +58,31 @@ def _format_of(path: Path) -> str:
     return _FORMATS[suffixes[-1]]
 
 
+def _looks_like_file(source: str) -> bool:
+    suffixes = [x for x in Path(source).suffixes if x != ".gz"]
+    return source.startswith((".", "/", "~")) or (bool(suffixes) and suffixes[-1] in _FORMATS)
+
+
+def check_text_file(path: Path, sample_bytes: int = 1 << 20) -> None:
+    """Refuse an empty file or one that is not UTF-8 text, naming it (instead of datasets' errors)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(sample_bytes)
+            complete = not f.read(1)
+    except (OSError, EOFError) as e:
+        raise ShrinkError(f"could not read data file {path}: {e}") from None
+    if complete and not head.strip():
+        raise ShrinkError(f"data file {path} is empty")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=complete)
+        binary = b"\0" in head
+    except UnicodeDecodeError:
+        binary = True
+    if binary:
+        raise ShrinkError(f"data file {path} is not UTF-8 text (binary data?)")
+
+
 def resolve_source(source: str, shared: Path | None) -> str:
     """Turn `auto`/`corpus` into a file path (or `pydoc`)."""
     if source in ("auto", "corpus"):
@@ -79,12 +106,16 @@ def load_documents(source: str, text_field: str = "text", max_docs: int | None =
     path = Path(os.path.expanduser(source))
     if path.exists():
         fmt = _format_of(path)
+        if fmt != "parquet":
+            check_text_file(path)
         split = f"train[:{max_docs}]" if max_docs else "train"
         try:
             ds = datasets.load_dataset(fmt, data_files=str(path), split=split)
         except Exception as e:  # datasets raises many types for unreadable files
             raise ShrinkError(f"could not read data file {path}: {type(e).__name__}: {e}") from None
-    elif source.count("/") <= 1 and not source.startswith((".", "/")):
+    elif _looks_like_file(source):
+        raise ShrinkError(f"data file not found: {source}")
+    elif source.count("/") <= 1:
         try:
             ds = datasets.load_dataset(source, split=f"train[:{max_docs}]" if max_docs else "train")
         except Exception as e:

@@ -14,13 +14,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shrink.artifacts import Artifact
-from shrink.context import StageContext
+from shrink.context import StageContext, checkpoint_dir_name
 from common.errors import ShrinkError
 from shrink.modeling import load_model, load_tokenizer, num_parameters, save_model_artifact
 from shrink.stages import register_stage
 from shrink.stages.import_model import cache_dir
 from shrink.tracking import make_tracker
-from train.checkpoint import remove_checkpoint
+from train.checkpoint import check_checkpoint_fits, remove_checkpoint, resume_note
 from train.config import TrainConfig
 from train.data import data_dir, load_packed
 from train.layer_distill import parse_layer_map
@@ -28,7 +28,7 @@ from train.loop import train_distill
 from train.student_init import (check_same_vocab, needs_importance, parse_keep_layers, prune_width,
                                 student_from_config, student_from_teacher)
 
-CKPT_DIR = ".distill.ckpt"
+CKPT_DIR = checkpoint_dir_name("distill")
 INITS = ("teacher_layers", "config", "pretrained")
 
 
@@ -161,6 +161,11 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
     teacher = load_model(teacher_art, dtype="fp32", device=device)
     tokenizer = load_tokenizer(teacher_art)
     student, keep, init_info = build_student(cfg, teacher, tokenizer, device)
+    ckpt_dir = ctx.run_dir / CKPT_DIR
+    if cfg.resume:
+        if not cfg.distill.get("lora"):  # LoRA checkpoints name the wrapped modules
+            check_checkpoint_fits(ckpt_dir, student, "student.* settings (student.keep_layers, student.width, ...)")
+        print(resume_note(ckpt_dir, "distill") or f"distill: resuming from {ckpt_dir}")
     teacher.requires_grad_(False)
     evaluate = None
     if cfg.data.get("task"):
@@ -180,7 +185,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
     config = ctx.resolved_config("distill", "student", "data")
     tracker = make_tracker(cfg.logging, ctx.run_dir, "distill", config)
     try:
-        result = train_distill(student, teacher, train, val, tc, ctx.run_dir / CKPT_DIR, resume=bool(cfg.resume),
+        result = train_distill(student, teacher, train, val, tc, ckpt_dir, resume=bool(cfg.resume),
                                tracker=tracker, evaluate=evaluate, eos_id=tokenizer.eos_token_id)
     finally:
         if tracker is not None:
@@ -192,6 +197,6 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
     if accelerator.is_main_process:  # one writer under `accelerate launch`; the other ranks wait
         save_model_artifact(ctx.output_dir("distill"), result["model"], tokenizer, stage="distill", config=config,
                             inputs=[teacher_art], metrics=metrics, started=started, dtype=str(cfg.distill.save_dtype))
-        remove_checkpoint(ctx.run_dir / CKPT_DIR)  # only once the artifact is safely in place
+        remove_checkpoint(ckpt_dir)  # only once the artifact is safely in place
     accelerator.wait_for_everyone()
     return Artifact.load(ctx.output_dir("distill"))

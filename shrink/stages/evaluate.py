@@ -17,6 +17,7 @@ from eval.perplexity import encode, perplexity, wikitext2_text
 from eval.report import write_report
 from shrink.artifacts import META_FILE, Artifact, write_artifact
 from shrink.context import StageContext
+from shrink.verify import Verifier
 from common.errors import ShrinkError
 from shrink.gqa import KVLayout
 from shrink.modeling import dir_size_bytes, load_model, load_tokenizer, num_parameters
@@ -73,12 +74,23 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
                 "max_windows": cfg.eval.max_windows, "dtype": dtype, "device": str(device)}
     cache_path = ctx.run_dir / CACHE_FILE
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    tokenizer = load_tokenizer(artifacts[0])
+    verifier = Verifier(ctx.run_dir)
+    damage = {art.path: verifier.problem(art) for art in artifacts}
+    intact = [art for art in artifacts if damage[art.path] is None]
+    if not intact:
+        raise ShrinkError(f"eval: every artifact in run={ctx.run_dir} is damaged "
+                          f"({artifacts[0].path}: {damage[artifacts[0].path]})")
+    tokenizer = load_tokenizer(intact[0])
     texts = eval_datasets(cfg, tokenizer)
     rows = []
     for art in artifacts:
+        if damage[art.path] is not None:
+            print(f"eval: {art.path.name} is DAMAGED, no numbers reported for it: {damage[art.path]}")
+            rows.append({"artifact": art.path.name, "stage": art.stage, "status": f"damaged: {damage[art.path]}"})
+            continue
         config = AutoConfig.from_pretrained(art.path)
-        row = {"artifact": art.path.name, "stage": art.stage, "size_MB": dir_size_bytes(art.path) / 2**20,
+        row = {"artifact": art.path.name, "stage": art.stage, "status": "ok",
+               "size_MB": dir_size_bytes(art.path) / 2**20,
                "kv_bytes_per_token": KVLayout.of(config).bytes_per_token(2), "stage_s": art.meta.get("wall_time_s")}
         model = None
         for name, ids in texts.items():
@@ -102,6 +114,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
     notes = [f"perplexity: windows of {settings['context']} tokens, stride {settings['stride']}, "
              f"{settings['max_windows'] or 'all'} windows per dataset, {dtype} on {device}",
              "wikitext2: WikiText-2 raw test; heldout: the validation split of the run's data",
+             "status: ok when the files match the content hash in shrink.json; a damaged artifact gets no numbers",
              "kv_bytes_per_token: K and V of one token over all layers in bf16; stage_s: the stage's wall time"]
     report_settings = {**settings, "datasets": list(texts)}
 

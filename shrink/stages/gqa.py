@@ -15,18 +15,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from eval.perplexity import encode, perplexity, wikitext2_text
 from shrink.artifacts import META_FILE, Artifact
-from shrink.context import StageContext
+from shrink.context import StageContext, checkpoint_dir_name
 from common.errors import ShrinkError
 from shrink.gqa import check_target, convert, kv_report
 from shrink.modeling import load_model, load_tokenizer, num_parameters, save_model_artifact
 from shrink.stages import register_stage
 from shrink.stages.import_model import cache_dir
 from shrink.tracking import make_tracker
-from train.checkpoint import remove_checkpoint
+from train.checkpoint import check_checkpoint_fits, remove_checkpoint, resume_note
 from train.data import data_dir, load_packed
 from train.loop import TrainConfig, train_distill
 
-CKPT_DIR = ".gqa.ckpt"
+CKPT_DIR = checkpoint_dir_name("gqa")
 DISTILL_DIR = "distill"
 
 
@@ -67,11 +67,7 @@ def train_config(gcfg: DictConfig, tokens: int, block_size: int, seed: int) -> T
     unknown = sorted(set(values) - known)
     if unknown:
         raise ShrinkError(f"gqa.train: unknown keys {unknown} (known: {sorted(known)})")
-    tc = TrainConfig(**values, seed=seed, max_steps=1)
-    try:
-        tc.validate()
-    except ShrinkError as e:  # TrainConfig names the distill group; these values come from gqa.train
-        raise ShrinkError(str(e).replace("distill.", "gqa.train.")) from None
+    tc = TrainConfig.from_cfg({**values, "max_steps": 1}, seed=seed, block_size=block_size, prefix="gqa.train")
     tc.max_steps = max(1, math.ceil(tokens / (tc.batch_size * tc.grad_accum * block_size)))
     return tc
 
@@ -163,6 +159,9 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
     metrics.update({"uptrain_tokens_budget": tokens, "budget_source": budget_source})
     config = ctx.resolved_config("gqa", "data")
     if tc is not None:
+        if cfg.resume:
+            check_checkpoint_fits(ctx.run_dir / CKPT_DIR, student, "gqa.kv_heads and gqa.mode")
+            print(resume_note(ctx.run_dir / CKPT_DIR, "gqa") or f"gqa: resuming from {ctx.run_dir / CKPT_DIR}")
         tracker = make_tracker(cfg.logging, ctx.run_dir, "gqa", config)
         try:
             result = uptrain(student, teacher, data.train, data.val, tc, ctx.run_dir / CKPT_DIR,

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from support import tiny_llama_config
-from eval.perplexity import perplexity, wikitext2_text, windows
+from eval.perplexity import encode, perplexity, wikitext2_text, windows
 from common.errors import ShrinkError
 
 
@@ -62,3 +62,20 @@ def test_wikitext_reader_restores_blank_lines(shared_data_dir):
     assert "\r" not in text
     assert text.startswith(" = Robert Boulter = \n\n")
     assert len(text.split("\n\n")) == 2891
+
+
+def test_wikitext_rows_keep_their_newline(shared_data_dir):
+    """The reference protocol: each row keeps its "\\n" (as the dataset's rows do), rows joined with "\\n\\n"."""
+    text = wikitext2_text(shared_data_dir)
+    assert text.startswith(" = Robert Boulter = \n\n\n Robert Boulter is")
+    assert len(text) == 1_291_402
+
+
+@pytest.mark.slow
+def test_wikitext_smollm2_tokens_and_full_windows(shared_data_dir, smollm2_artifact):
+    from shrink.modeling import load_tokenizer
+
+    ids = encode(load_tokenizer(smollm2_artifact), wikitext2_text(shared_data_dir))
+    assert ids.numel() == 304_838
+    full = list(windows(ids.numel(), 2048, 2048, full_windows_only=True))
+    assert len(full) == 148 and ids.numel() - full[-1][1] == 1_734

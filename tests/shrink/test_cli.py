@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+
+import pytest
 
 from support import run_cli
 
@@ -67,3 +70,39 @@ def test_bad_value_is_a_one_line_error(tiny_teacher: Path, tmp_path: Path):
 
 def test_missing_input_artifact_is_named(tmp_path: Path):
     _one_line_error(run_cli("stage=distill", f"run={tmp_path}", f"input={tmp_path}/absent", *TINY), "absent")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("distill.lr=abc", "distill.lr"), ("distill.max_steps=2.7", "distill.max_steps"),
+    ("data.block_size=abc", "data.block_size"), ("distill.lr=nan", "distill.lr"),
+    ("device=gpu", "device=gpu"), ("gqa.train.lr=inf", "gqa.train.lr"), ("resume=maybe", "resume"),
+    ("eval.max_windows=0", "eval.max_windows"), ("data.val_fraction=1.5", "data.val_fraction"),
+])
+def test_bad_values_fail_at_composition_in_one_line(override: str, needle: str, tmp_path: Path):
+    run = tmp_path / "run"
+    result = run_cli("stage=distill", f"run={run}", *TINY, override, timeout=120)
+    _one_line_error(result, needle)
+    assert not run.exists()  # nothing started: the run dir is not even created
+
+
+def test_run_that_is_a_file_is_refused(tmp_path: Path):
+    (tmp_path / "f").write_text("mine")
+    _one_line_error(run_cli("stage=eval", f"run={tmp_path / 'f'}", *TINY), "is a file")
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_input_with_truncated_weights_is_refused_before_work(tiny_teacher: Path, tmp_path: Path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_teacher, broken)
+    with open(broken / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    result = run_cli("stage=distill", f"run={tmp_path / 'run'}", f"input={broken}", *TINY)
+    _one_line_error(result, "model.safetensors", "truncated")
+
+
+def test_input_without_config_json_is_named(tiny_teacher: Path, tmp_path: Path):
+    broken = tmp_path / "noconfig"
+    shutil.copytree(tiny_teacher, broken)
+    (broken / "config.json").unlink()
+    result = run_cli("stage=gqa", f"run={tmp_path / 'run'}", f"input={broken}", *TINY)
+    _one_line_error(result, "config.json", str(broken))

@@ -78,3 +78,27 @@ def test_bad_inputs_name_the_problem(tmp_path: Path):
 def test_shared_corpus_reads(shared_data_dir: Path):
     docs = load_documents(str(shared_data_dir / "corpus" / "docs-en.jsonl.gz"), max_docs=5)
     assert len(docs) == 5 and all(len(d) > 20 for d in docs)
+
+
+def test_missing_local_file_is_not_tried_on_the_hub(monkeypatch):
+    import datasets
+
+    def hub(*a, **k):
+        raise AssertionError("a missing local file was looked up on the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    for name in ("mydata.txt", "sub/mydata.jsonl", "mydata.jsonl.gz"):
+        with pytest.raises(ShrinkError, match=f"data file not found: {name}"):
+            load_documents(name)
+
+
+@pytest.mark.parametrize("name,payload,needle", [
+    ("empty.jsonl", b"", "is empty"), ("blank.jsonl", b"\n \n", "is empty"), ("empty.txt", b"", "is empty"),
+    ("binary.txt", bytes(range(256)) * 4, "not UTF-8 text"), ("zeros.txt", b"abc\0\0\0def", "not UTF-8 text"),
+])
+def test_empty_or_binary_files_are_named(tmp_path: Path, name: str, payload: bytes, needle: str):
+    path = tmp_path / name
+    path.write_bytes(payload)
+    with pytest.raises(ShrinkError, match=needle) as err:
+        load_documents(str(path))
+    assert str(path) in str(err.value)

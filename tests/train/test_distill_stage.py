@@ -47,3 +47,37 @@ def test_vocab_mismatch_through_the_cli(tiny_teacher: Path, tmp_path: Path):
                      f"student.path={other}", "distill.max_steps=1", *TINY)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "student.path" in result.stderr and "one vocabulary" in result.stderr
+
+
+def _checkpoint_of_every_2(teacher_dir: Path, ckpt_dir: Path) -> None:
+    """What an interrupted `student.keep_layers=every:2` distill leaves behind: a step-2 checkpoint."""
+    import torch
+
+    from shrink.modeling import load_model
+    from train.loop import TrainConfig, train_distill
+    from train.student_init import student_from_teacher
+
+    teacher = load_model(teacher_dir)
+    student = student_from_teacher(teacher, [0, 2])
+    data = torch.randint(3, 300, (8, 32), generator=torch.Generator().manual_seed(0))
+    tc = TrainConfig(max_steps=3, batch_size=2, warmup_steps=1, checkpoint_every=2, chunk_size=64, val_batches=1)
+    train_distill(student, teacher, data, data[:2], tc, ckpt_dir)
+    assert (ckpt_dir / "trainer_state.json").is_file()
+
+
+def test_resume_with_another_student_is_one_line(tiny_teacher: Path, tmp_path: Path):
+    _checkpoint_of_every_2(tiny_teacher, tmp_path / ".distill.ckpt")
+    result = run_cli("stage=distill", f"run={tmp_path}", f"input={tiny_teacher}", "resume=true",
+                     "student.keep_layers=first:3", "distill.max_steps=3", *TINY)
+    assert result.returncode == 2, result.stderr[-2000:]
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "resume=true" in err and "student.keep_layers" in err
+    assert (tmp_path / ".distill.ckpt" / "trainer_state.json").is_file()  # the checkpoint is kept
+
+
+def test_resume_without_a_checkpoint_says_so(tiny_teacher: Path, tmp_path: Path):
+    result = run_cli("stage=distill", f"run={tmp_path}", f"input={tiny_teacher}", "resume=true",
+                     "distill.max_steps=1", *TINY)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no checkpoint" in result.stdout and "step 0" in result.stdout

@@ -1,0 +1,64 @@
+"""One validation pass over the composed config, before any stage starts: every typed key has a value
+of its type (integers are integers, numbers are finite) and a sensible range, so a bad value is one
+line naming the key, never a traceback after the models load."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from common.errors import ShrinkError
+from train.config import TrainConfig, check_value
+
+TOP_LEVEL: dict[str, Any] = {"run": str, "input": str | None, "device": str, "seed": int, "resume": bool,
+                             "data_dir": str | None, "cache_dir": str | None}
+DATA: dict[str, Any] = {"source": str, "text_field": str, "block_size": int, "val_fraction": float,
+                        "max_docs": int | None, "seed": int}
+EVAL: dict[str, Any] = {"context": int, "stride": int, "max_windows": int | None, "datasets": list,
+                        "batch_size": int, "dtype": str}
+GQA: dict[str, Any] = {"kv_heads": int | None, "tokens": int | None, "budget_fraction": float}
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _check_types(cfg: DictConfig, prefix: str, schema: dict[str, Any]) -> None:
+    for key, hint in schema.items():
+        if key in cfg:
+            value = cfg[key]
+            plain = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+            check_value(f"{prefix}{key}", plain, hint)
+
+
+def _at_least(key: str, value: int | None, low: int) -> None:
+    if value is not None and value < low:
+        raise ShrinkError(f"{key} must be >= {low}, got {value}")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise a ShrinkError for the first bad value (types first, then ranges)."""
+    _check_types(cfg, "", TOP_LEVEL)
+    if not DEVICE.fullmatch(str(cfg.device)):
+        raise ShrinkError(f"device={cfg.device}: expected auto, cpu, cuda or cuda:N")
+    run = Path(str(cfg.run)).expanduser()
+    if run.exists() and not run.is_dir():
+        raise ShrinkError(f"run={cfg.run} is a file, not a directory")
+    _check_types(cfg.data, "data.", DATA)
+    _at_least("data.block_size", cfg.data.block_size, 2)
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ShrinkError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    _at_least("data.max_docs", cfg.data.get("max_docs"), 1)
+    _check_types(cfg.eval, "eval.", EVAL)
+    _at_least("eval.context", cfg.eval.context, 2)
+    if not 1 <= cfg.eval.stride <= cfg.eval.context:
+        raise ShrinkError(f"eval.stride must be in [1, eval.context={cfg.eval.context}], got {cfg.eval.stride}")
+    _at_least("eval.max_windows", cfg.eval.max_windows, 1)
+    seed, block_size = int(cfg.seed), int(cfg.data.block_size)
+    TrainConfig.from_cfg(cfg.distill, seed=seed, block_size=block_size, prefix="distill")
+    _check_types(cfg.gqa, "gqa.", GQA)
+    from shrink.stages.gqa import train_config
+
+    train_config(cfg.gqa, 1, block_size, seed)
+    if "finetune" in cfg.get("prune", {}):
+        TrainConfig.from_cfg(cfg.prune.finetune, seed=seed, block_size=block_size, prefix="prune.finetune")
