@@ -82,7 +82,10 @@ class LLMEngine:
         # The draft's vocabulary and positions are checked before either model is built.
         draft_config = draft_engine_config(self.config, self.tokenizer, spec) if spec and spec.model else None
         extra = kv_bytes_per_token_of(draft_config) if draft_config is not None else 0
-        self.runner = ModelRunner(self.config, self.eos_token_ids, extra_kv_bytes_per_token=extra)
+        # Verify graphs for the largest speculative batch that graphs hold (16 sequences, k + 1 each).
+        verify_tokens = min(spec.max_batch_size, 16) * (spec.num_speculative_tokens + 1) if spec else 0
+        self.runner = ModelRunner(self.config, self.eos_token_ids, extra_kv_bytes_per_token=extra,
+                                  verify_max_tokens=verify_tokens)
         self.draft_runner: ModelRunner | None = None
         self.spec_worker = self._spec_worker(spec, draft_config)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching)

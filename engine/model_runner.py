@@ -33,8 +33,10 @@ from engine.scheduler import ScheduledBatch
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, eos_token_ids: set[int] | frozenset[int] = frozenset(),
-                 extra_kv_bytes_per_token: int = 0) -> None:
-        """``extra_kv_bytes_per_token``: a draft model's cache, sized with this one (kv_cache.py)."""
+                 extra_kv_bytes_per_token: int = 0, verify_max_tokens: int = 0) -> None:
+        """``extra_kv_bytes_per_token``: a draft model's cache, sized with this one (kv_cache.py).
+        ``verify_max_tokens``: the most tokens of a speculative verify forward; with CUDA graphs,
+        verify forwards of up to that many tokens replay graphs that score every row."""
         self.config = config
         self.device = config.torch_device
         self.dtype = config.torch_dtype
@@ -51,8 +53,9 @@ class ModelRunner:
                                           config.num_decode_steps, config.triton_enabled)
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
+        self.verify_graphs: PrefillGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            self._capture_graphs(max_blocks)
+            self._capture_graphs(max_blocks, verify_max_tokens)
 
     def _build_model(self) -> torch.nn.Module:
         cfg, hf = self.config, self.config.hf_config
@@ -69,7 +72,7 @@ class ModelRunner:
             model.load_weights(cfg.model)
         return model
 
-    def _capture_graphs(self, max_blocks: int) -> None:
+    def _capture_graphs(self, max_blocks: int, verify_max_tokens: int) -> None:
         cfg = self.config
         self.graphs = DecodeGraphs(self.model, self.decode_inputs, min(cfg.cuda_graph_max_bs, cfg.max_num_seqs),
                                    cfg.num_decode_steps)
@@ -79,6 +82,11 @@ class ModelRunner:
             self.prefill_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_blocks, max_tokens,
                                                 cfg.max_num_seqs)
             self.prefill_graphs.capture(pool)
+            if verify_max_tokens > 0:  # token buckets are powers of two from 16: the next one holds it all
+                verify_tokens = min(max(16, 1 << (verify_max_tokens - 1).bit_length()), max_tokens)
+                self.verify_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_blocks,
+                                                   verify_tokens, cfg.max_num_seqs, all_rows=True)
+                self.verify_graphs.capture(pool)
         torch.cuda.synchronize()
 
     def run(self, batch: ScheduledBatch) -> StepResult:
@@ -152,7 +160,12 @@ class ModelRunner:
         return self.model.compute_logits(hidden.index_select(0, last)).float()
 
     def all_logits(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
-        """fp32 logits [tokens, vocab] at every token of the chunks (the speculative verify forward)."""
+        """fp32 logits [tokens, vocab] at every token of the chunks (the speculative verify forward; a
+        verify graph where one holds it, valid until the next forward)."""
+        if self.verify_graphs is not None:
+            logits = self.verify_graphs.run(chunks)
+            if logits is not None:
+                return logits[: sum(len(c[0]) for c in chunks)]
         return self.model.compute_logits(self.varlen_forward(chunks)).float()
 
     def _prefill_context(self, tables: list[list[int]], slots: list[int], query_lens: list[int],
