@@ -239,3 +239,29 @@ def test_sampled_tokens_follow_the_target_distribution(tmp_path):
     for j, p in ((1, p1), (2, p2)):
         counts = torch.bincount(tokens[:, j], minlength=SMALL_VOCAB).float()
         assert tv(counts, p) < bound, (j, tv(counts, p), bound)
+
+
+def test_async_llm_takes_speculative_config(target, drafts):
+    """AsyncLLM passes speculative_config to its engine; the streamed tokens equal plain decoding."""
+    import asyncio
+
+    from engine.async_llm import AsyncLLM
+
+    ps = prompts(3, seed=12, lo=3, hi=20)
+    params = _greedy(9)
+    base, _ = _run(target, ps, [params] * 3)
+    engine = AsyncLLM(target, device="cpu", speculative_config=_model_spec(drafts["poor"]))
+
+    async def collect(p):
+        tokens = []
+        async for delta in engine.generate({"prompt_token_ids": p}, params):
+            tokens += delta.token_ids
+        return tokens
+
+    async def main():
+        out = await asyncio.gather(*(collect(p) for p in ps))
+        await engine.shutdown()
+        return out
+
+    assert asyncio.run(main()) == base
+    assert engine.engine.num_spec_steps > 0
