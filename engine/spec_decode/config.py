@@ -214,8 +214,10 @@ def draft_engine_config(target: Any, target_tokenizer: Any, spec: SpeculativeCon
     dtype = target.dtype if spec.dtype == "auto" else spec.dtype
     nested = {f.name: None for f in fields(target) if f.name == "speculative_config"}  # the draft drafts nothing
     # One decode step at a time: the draft's forwards are driven by engine/spec_decode/draft_model.py.
+    # Decode graphs only for the batch sizes that speculate.
     return replace(target, model=spec.model, hf_config=hf, dtype=dtype, num_kv_blocks=num_kv_blocks,
-                   kv_cache_tokens=None, num_decode_steps=1, **nested)
+                   kv_cache_tokens=None, num_decode_steps=1,
+                   cuda_graph_max_bs=min(target.cuda_graph_max_bs, spec.max_batch_size), **nested)
 
 
 def kv_bytes_per_token_of(config: Any) -> int:

@@ -265,3 +265,15 @@ def test_async_llm_takes_speculative_config(target, drafts):
 
     assert asyncio.run(main()) == base
     assert engine.engine.num_spec_steps > 0
+
+
+def test_draft_catches_up_after_steps_without_speculation(target, drafts):
+    """Three sequences exceed max_batch_size 2, so the first decode steps are plain (multi-step);
+    once one finishes, the draft's first forward computes every token it missed."""
+    ps = prompts(3, seed=13, lo=4, hi=20)
+    params = [_greedy(4), _greedy(20), _greedy(18)]
+    base, _ = _run(target, ps, params)
+    out, engine = _run(target, ps, params, _model_spec(drafts["exact"], max_batch_size=2))
+    assert out == base
+    assert engine.num_multi_steps > 0 and engine.num_spec_steps > 0
+    assert engine.spec_metrics.acceptance_rate == 1.0  # the draft's cache holds every token's K/V

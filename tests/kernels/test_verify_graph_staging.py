@@ -5,12 +5,17 @@ speculative engine running through them the plain greedy output."""
 
 from __future__ import annotations
 
-import torch
-from tiny_models import make_model_dir, prompts
+import sys
+from pathlib import Path
 
-from engine import LLM, SamplingParams
-from engine.context import reset_context, set_context
-from engine.cuda_graphs import PrefillGraphs
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+from tiny_models import make_model_dir, prompts  # noqa: E402
+
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.context import reset_context, set_context  # noqa: E402
+from engine.cuda_graphs import PrefillGraphs  # noqa: E402
 
 
 class EagerReplay:
