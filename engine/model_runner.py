@@ -29,6 +29,7 @@ from engine.layers.attention import Attention
 from engine.layers.sampler import Sampler, StepResult
 from engine.models import model_class
 from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
 
 
 class ModelRunner:
@@ -96,7 +97,7 @@ class ModelRunner:
             if batch.is_prefill:
                 return self._run_prefill(batch)
             if batch.num_steps > 1:
-                return StepResult(self._run_decode_steps(batch))
+                return StepResult(self.decode_steps(batch.seqs, batch.num_steps))
             return self.sampler.sample_step(batch.seqs, self._run_decode(batch))
 
     # -- prefill -----------------------------------------------------------------------------------
@@ -207,11 +208,11 @@ class ModelRunner:
         reset_context()
         return self.model.compute_logits(hidden).float()
 
-    def _run_decode_steps(self, batch: ScheduledBatch) -> list[list[int]]:
-        """``batch.num_steps`` greedy decode steps back to back on the device; per sequence its
-        tokens in step order. The scheduler gave every sequence blocks for all the steps, and kept
-        every position below max_model_len. Nothing waits for the device until the tokens come back."""
-        seqs, steps, inputs = batch.seqs, batch.num_steps, self.decode_inputs
+    def decode_steps(self, seqs: list[Sequence], steps: int) -> list[list[int]]:
+        """``steps`` greedy decode steps back to back on the device; per sequence its tokens in step
+        order. The caller gave every sequence blocks for all the steps, and kept every position
+        below max_model_len. Nothing waits for the device until the tokens come back."""
+        inputs = self.decode_inputs
         n = len(seqs)
         graphed = self.graphed(n)
         rows = self.graphs.bucket_of[n] if graphed else n

@@ -24,12 +24,14 @@ How it runs in the engine:
 2. Scheduling. A decode step of n <= max_batch_size sequences with k = k_for_step(n) > 0 reserves
    blocks for n_i + 1 positions per sequence (n_i = draft_limit) and becomes a speculative step
    (``ScheduledBatch.num_draft``); without the blocks it decodes plainly.
-3. Draft. ``seq.draft_computed`` says how far the draft's K/V goes. Each draft starts with a catch-up
-   forward over [draft_computed, len) (1 token, 2 after a fully accepted round; a whole prompt
-   after admission, a prefix-cache hit or a preemption: the draft computes its own prefill, lazily,
-   so a block cached by the target is never read by the draft before it wrote it), then k - 1
-   decode forwards through the draft runner's decode path (its CUDA graphs), the sampled token fed
-   back on the device (DecodeInputs.advance_to); one transfer at the end.
+3. Draft (draft_model.py). ``seq.draft_computed`` says how far the draft's K/V goes. A sequence
+   lagging by more than its last token first catches up through the varlen prefill path (after a
+   fully accepted round one token; a whole prompt after admission, a prefix-cache hit or a
+   preemption: the draft computes its own prefill, lazily, so a block cached by the target is never
+   read by the draft before it wrote it). Then k decode forwards from the last token through the
+   draft runner's decode graphs: a plain greedy batch replays the multi-step greedy graphs (forward
+   + greedy advance), any other samples on the device and feeds the token back
+   (DecodeInputs.advance_to). One transfer at the end.
 4. Verify. The target scores [last, d_0 .. d_{m-1}] at len - 1 .. len - 1 + m in one varlen forward
    with logits at every row (a verify graph, PrefillGraphs(all_rows=True), where one holds it);
    rejection.verify; one to_lists(). Logprobs: log_softmax of the raw target logits.

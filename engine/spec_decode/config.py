@@ -213,10 +213,10 @@ def draft_engine_config(target: Any, target_tokenizer: Any, spec: SpeculativeCon
             f"{target.max_model_len}")
     dtype = target.dtype if spec.dtype == "auto" else spec.dtype
     nested = {f.name: None for f in fields(target) if f.name == "speculative_config"}  # the draft drafts nothing
-    # One decode step at a time: the draft's forwards are driven by engine/spec_decode/draft_model.py.
-    # Decode graphs only for the batch sizes that speculate.
+    # Multi-step greedy graphs for a k-token draft (engine/spec_decode/draft_model.py); decode graphs
+    # only for the batch sizes that speculate.
     return replace(target, model=spec.model, hf_config=hf, dtype=dtype, num_kv_blocks=num_kv_blocks,
-                   kv_cache_tokens=None, num_decode_steps=1,
+                   kv_cache_tokens=None, num_decode_steps=spec.num_speculative_tokens,
                    cuda_graph_max_bs=min(target.cuda_graph_max_bs, spec.max_batch_size), **nested)
 
 
