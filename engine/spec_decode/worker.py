@@ -35,18 +35,24 @@ class SpecDecodeWorker:
         assert batch.num_draft is not None
         with self.metrics.timed("draft"):
             proposal = self.proposer.propose(seqs, batch.num_draft)
+        drafts = proposal.token_ids
+        k = max(proposal.num_tokens, default=0)
+        if k == 0:  # nothing proposed (an n-gram without a match): a plain decode step, its graph
+            with self.metrics.timed("verify"):
+                result = self.target.run(ScheduledBatch(seqs, False, [1] * len(seqs)))
+            self.metrics.record([0] * len(seqs), [0] * len(seqs))
+            return result
         with self.metrics.timed("verify"), torch.inference_mode():
-            drafts = proposal.token_ids
-            k = max(proposal.num_tokens, default=0)
             chunks = [([s.token_ids[-1]] + d, len(s) - 1, s.block_table) for s, d in zip(seqs, drafts)]
             flat = self.target.all_logits(chunks)  # [sum of (m_i + 1), V]
-            # [B, k + 1, V]: row i's position j is its flat row start_i + min(j, m_i) (padding repeats
-            # its last row; verify ignores positions past m_i).
-            index, start = [], 0
-            for d in drafts:
-                index.extend(start + min(j, len(d)) for j in range(k + 1))
-                start += len(d) + 1
-            raw = flat.index_select(0, torch.tensor(index, device=flat.device)).view(len(seqs), k + 1, -1)
+            if all(len(d) == k for d in drafts):
+                raw = flat.view(len(seqs), k + 1, -1)
+            else:  # row i's position j is its flat row start_i + min(j, m_i): padding repeats its last
+                index, start = [], 0  # row, and verify ignores positions past m_i
+                for d in drafts:
+                    index.extend(start + min(j, len(d)) for j in range(k + 1))
+                    start += len(d) + 1
+                raw = flat.index_select(0, torch.tensor(index, device=flat.device)).view(len(seqs), k + 1, -1)
             draft_ids, counts = proposal.as_tensors(raw.device, k)
             probs = proposal.probs[:, :k] if proposal.probs is not None else None
             gens = [self.target.sampler.generator(s) for s in seqs]
