@@ -100,7 +100,8 @@ class LLMEngine:
         self.num_multi_steps = 0  # of those, decode steps that ran several forwards
         self.num_spec_steps = 0  # of those, speculative decode steps
 
-    def _spec_worker(self, spec: SpeculativeConfig | None, draft_config: EngineConfig | None) -> SpecDecodeWorker | None:
+    def _spec_worker(self, spec: SpeculativeConfig | None,
+                     draft_config: EngineConfig | None) -> SpecDecodeWorker | None:
         if spec is None:
             return None
         if draft_config is None:
@@ -108,7 +109,8 @@ class LLMEngine:
                                     self.eos_token_ids)
         # Same pool size: every block id of a sequence's table exists in both caches.
         self.draft_runner = ModelRunner(replace(draft_config, num_kv_blocks=self.runner.num_blocks), self.eos_token_ids)
-        return SpecDecodeWorker(self.runner, DraftModelProposer(self.draft_runner, self.eos_token_ids), self.eos_token_ids)
+        proposer = DraftModelProposer(self.draft_runner, self.eos_token_ids)
+        return SpecDecodeWorker(self.runner, proposer, self.eos_token_ids)
 
     @property
     def spec_metrics(self) -> SpecDecodeMetrics | None:

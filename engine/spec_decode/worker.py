@@ -56,8 +56,8 @@ class SpecDecodeWorker:
             draft_ids, counts = proposal.as_tensors(raw.device, k)
             probs = proposal.probs[:, :k] if proposal.probs is not None else None
             gens = [self.target.sampler.generator(s) for s in seqs]
-            verified = verify(draft_ids, counts, ban_stop_tokens(raw, seqs, self.eos_token_ids), [s.params for s in seqs],
-                              probs, gens)
+            target_logits = ban_stop_tokens(raw, seqs, self.eos_token_ids)
+            verified = verify(draft_ids, counts, target_logits, [s.params for s in seqs], probs, gens)
             tokens = verified.to_lists()
             logprobs = self._logprobs(raw, seqs, tokens)
         self.metrics.record(proposal.num_tokens, [len(t) - 1 for t in tokens])
