@@ -365,6 +365,7 @@ class LLMEngine:
             if seq.params.stop_strings:
                 ready = min(ready, max(0, len(text) - max(len(s) for s in seq.params.stop_strings) + 1))
         ready = max(ready, seq.num_returned_chars)
+        first = seq.num_returned_tokens == 0 and seq.num_returned_chars == 0
         new_tokens = seq.output_token_ids[seq.num_returned_tokens :]
         new_lp = seq.logprobs[seq.num_returned_tokens :] if seq.params.logprobs is not None else None
         delta = RequestDelta(
@@ -374,6 +375,7 @@ class LLMEngine:
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
             logprobs=new_lp,
+            prompt_logprobs=seq.prompt_logprobs if first and seq.params.prompt_logprobs is not None else None,
         )
         seq.num_returned_tokens += len(new_tokens)
         seq.num_returned_chars = ready

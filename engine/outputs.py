@@ -35,3 +35,6 @@ class RequestDelta:
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] | None = None
     error: str | None = None  # the request failed (finish_reason "error"): why
+    # Only on the first delta, and only when asked (SamplingParams.prompt_logprobs): one entry per
+    # prompt token, None for the first.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

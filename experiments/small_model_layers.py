@@ -3,7 +3,7 @@ import json, os, sys, tempfile, time, traceback
 import torch
 from transformers import LlamaConfig
 sys.path.insert(0, os.getcwd())
-from eval import engine_bench as eb
+from eval.bench import common as eb, decode as eb_decode
 
 out = []
 def shape(layers):
@@ -19,7 +19,7 @@ for layers in [int(x) for x in os.environ.get("LAYERS", "1 2 3 4 8").split()]:
         if layers not in (2, 4) and name not in ("default",):
             continue
         try:
-            r = eb.engine_decode(shape(layers), True, [1, 4], 256, 16, **kw)
+            r = eb_decode.engine_decode(shape(layers), True, [1, 4], 256, 16, **kw)
             rec = {"layers": layers, "variant": name, "tok_s": r}
         except Exception as e:
             rec = {"layers": layers, "variant": name, "error": repr(e)[:300]}

@@ -3,7 +3,7 @@ import json, os, sys, tempfile, time
 import torch
 from transformers import LlamaConfig
 sys.path.insert(0, os.getcwd())
-from eval import engine_bench as eb
+from eval.bench import common as eb, decode as eb_decode
 from engine import LLM, SamplingParams
 
 def shape(layers):
@@ -27,7 +27,7 @@ for layers in (4, 2, 30):
         eng.step = timed_step
         for rep in range(4):
             times.clear()
-            prompts = eb._prompts(1, 16, eng.vocab_size, rep)
+            prompts = eb.prompts(1, 16, eng.vocab_size, rep)
             t = time.perf_counter(); llm.generate(prompts, SamplingParams(temperature=0, max_tokens=256 if rep else 8, ignore_eos=True)); torch.cuda.synchronize()
             dt = time.perf_counter() - t
             rec = {"layers": layers, "kw": kw, "rep": rep, "total_ms": round(dt * 1e3, 2), "steps": len(times),

@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.choices["speed"].add_argument("--verify-shape", default="llama2-7b",
                                       help="then verify-cost at this shape ('' to skip)")
     v = sub.add_parser("verify-cost")
-    v.add_argument("--shape", default="llama2-7b", help="random weights of this shape (eval.engine_bench.SHAPES)")
+    v.add_argument("--shape", default="llama2-7b", help="random weights of this shape (eval.bench.common.SHAPES)")
     v.add_argument("--model", help="or a model directory")
     v.add_argument("--engine", help="EngineConfig overrides as JSON")
     v.add_argument("--context", type=int, default=512)

@@ -8,7 +8,7 @@ count except the KV pool size (sized from free memory, so KV bytes per token ~ l
 2-layer model ~5M blocks of 16 tokens, 15x the 30-layer pool; and ~30 GB per cache tensor); graph
 buckets, split counts (choose_num_splits: batch, KV heads, max_model_len), gemv configs, prefill
 buckets and multi-step counts are the same for 2 and 4 layers. Hypotheses, most likely first
-(from reading engine/, kernels/, eval/engine_bench.py and one CPU check; no GPU was used):
+(from reading engine/, kernels/, eval/bench/ and one CPU check; no GPU was used):
 
   H1 a one-off inside the first timed run, which the 8-token warm-up did not trigger (a Triton
      specialisation, a cuBLAS/allocator path, the caching allocator freeing and re-allocating): one
@@ -29,7 +29,7 @@ buckets and multi-step counts are the same for 2 and 4 layers. Hypotheses, most 
      0 in the timed runs; 2:num_decode_steps=1 as slow as 2.
 
 For each configuration this prints one JSON line: tok/s of three consecutive timed runs (as
-eval.engine_bench decode times them), per-step wall times (max and median by step kind), Python
+eval.bench decode times them), per-step wall times (max and median by step kind), Python
 GC collections and their time inside each run, multi-steps taken, the pool's block count, the
 time of one full gc.collect() with the engine alive, the replay time of the multi-step graph
 alone, and (with pynvml) the SM clock seen during the runs. On this project's 2-core CPU box a
@@ -57,8 +57,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.decode_profile import StepTimer  # noqa: E402
-from eval.engine_bench import SHAPES, _prompts, engine_options, timed  # noqa: E402
+from eval.bench.decode_profile import StepTimer  # noqa: E402
+from eval.bench.common import SHAPES, engine_options, timed
+from eval.bench.common import prompts as _prompts  # noqa: E402
 
 DEFAULT_CONFIGS = ["2", "4", "2:kv_cache_tokens=65536", "2:pdl=false", "2:gc_freeze=true", "2:num_decode_steps=1"]
 
