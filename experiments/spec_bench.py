@@ -245,6 +245,8 @@ def speed(args) -> None:
 
     start = time.perf_counter()
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    if data_dir is None or not data_dir.is_dir():
+        raise ShrinkError("--data-dir: no shared data directory (pass it or set SHRINK_DATA_DIR)")
     engine_kwargs = json.loads(args.engine) if args.engine else {}
     target_dir = EngineConfig(model=args.target).model  # a .gguf file's converted directory
     work = Path(tempfile.mkdtemp(prefix="spec_bench_"))
@@ -386,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.choices["speed"].add_argument("--truncated", type=int, nargs="*", default=[4],
                                       help="drafters made of the target's first N layers (+ norm and head)")
     sub.choices["speed"].add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
-    sub.choices["speed"].add_argument("--budget-s", type=float, default=330.0,
+    sub.choices["speed"].add_argument("--budget-s", type=float, default=270.0,
                                       help="variants starting later are skipped (the whole run stays < 6 min)")
     sub.choices["speed"].add_argument("--verify-shape", default="llama2-7b",
                                       help="then verify-cost at this shape ('' to skip)")
