@@ -211,21 +211,26 @@ def _small_model(path, seed: int) -> str:
     return str(path)
 
 
-def test_sampled_tokens_follow_the_target_distribution(tmp_path):
+@pytest.mark.parametrize("temp,top_k", [(0.8, 0), (1.0, 5)])
+def test_sampled_tokens_follow_the_target_distribution(tmp_path, temp, top_k):
     """Many samples of output tokens 1 and 2 (both from speculative steps, with a poor drafter) against
-    the target's exact marginals, within the phase-1 TV bound."""
+    the target's exact marginals after temperature and top-k, within the phase-1 TV bound."""
     target = _small_model(tmp_path / "target", 0)
     draft = _small_model(tmp_path / "draft", 1)
-    prompt, n, temp = [3, 7, 1], 3000, 0.8
+    prompt, n = [3, 7, 1], 3000
     llm = LLM(target, device="cpu", max_num_seqs=n, max_model_len=16,
               speculative_config=_model_spec(draft, k=2, max_batch_size=n))
-    out = llm.generate(_ids([prompt] * n), SamplingParams(temperature=temp, max_tokens=3))
+    out = llm.generate(_ids([prompt] * n), SamplingParams(temperature=temp, top_k=top_k, max_tokens=3))
     assert llm.engine.num_spec_steps > 0 and 0 < llm.engine.spec_metrics.acceptance_rate < 1
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
 
     def probs(prefixes: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return (model(prefixes).logits[:, -1] / temp).softmax(-1)
+            logits = model(prefixes).logits[:, -1] / temp
+        if top_k:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return logits.softmax(-1)
 
     p0 = probs(torch.tensor([prompt]))[0]
     seq1 = torch.tensor([prompt + [t] for t in range(SMALL_VOCAB)])
