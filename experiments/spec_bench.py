@@ -337,7 +337,8 @@ def verify_cost(args) -> None:
               max_num_seqs=1, cuda_graph_max_bs=1, kv_cache_tokens=2 * max_len, **engine_kwargs)
     runner, vocab = llm.engine.runner, llm.engine.vocab_size
     prefix = random_prompts(1, args.context, vocab, 0)[0]
-    table = list(range(runner.num_blocks))  # any blocks: the timing does not depend on their content
+    # Any blocks, as many as one sequence of max_model_len has: the timing does not depend on them.
+    table = list(range(-(-max_len // llm.engine.config.block_size)))
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
     verify_times = []
     with torch.inference_mode():
