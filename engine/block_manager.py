@@ -101,6 +101,8 @@ class BlockManager:
         self.seq_hashes[seq.seq_id] = hashes
         seq.num_cached_tokens = len(hits) * self.block_size
         seq.num_computed_tokens = seq.num_cached_tokens
+        # A hit is the target's K/V; whether a draft ever wrote those blocks is unknown: it recomputes.
+        seq.draft_computed = 0
 
     def deallocate(self, seq: Sequence) -> None:
         # Reverse order: a sequence's last blocks are the least likely to be shared, so they are
@@ -113,6 +115,7 @@ class BlockManager:
         seq.block_table.clear()
         self.seq_hashes.pop(seq.seq_id, None)
         seq.num_computed_tokens = 0  # num_cached_tokens stays: the output reports it
+        seq.draft_computed = 0
 
     def blocks_to_append(self, seq: Sequence, num_slots: int = 1) -> int:
         """New blocks ``seq`` needs for the K/V of its next ``num_slots`` decode inputs: its last

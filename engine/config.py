@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
@@ -11,6 +12,7 @@ from transformers import AutoConfig, PretrainedConfig
 from common.paths import default_cache_dir
 from engine.gguf import gguf_model_dir
 from engine.layers.options import ModelOptions
+from engine.spec_decode.config import SpeculativeConfig
 
 
 @dataclass
@@ -56,6 +58,9 @@ class EngineConfig:
     # refused when the request is added.
     max_logprobs: int = 20
     load_format: str = "safetensors"  # or "dummy": random weights (benchmarks of a model's shape)
+    # Speculative decoding, as vLLM spells it: {"model": DRAFT_DIR, "num_speculative_tokens": k} or
+    # {"method": "ngram", ...} (engine/spec_decode/config.py); parsed into a SpeculativeConfig here.
+    speculative_config: Any = None
 
     hf_config: PretrainedConfig | None = None
 
@@ -95,6 +100,7 @@ class EngineConfig:
             raise ValueError(f"max_logprobs: must be an integer >= 0, got {self.max_logprobs!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization: must be in (0, 1]")
+        self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
 
     @property
     def torch_device(self) -> torch.device:

@@ -12,7 +12,9 @@ on an H100 host (experiments/prefill_host.py), while the GPU work takes well und
 at small batches that is most of the time to the first token. Padding tokens store nothing in the
 cache (slot -1) and belong to no sequence's query, which the varlen attention kernel reads from the
 cumulative query lengths; padding sequences have no query tokens, so their programs return at once.
-The logits are taken at each sequence's last token.
+The logits are taken at each sequence's last token; a set built with ``all_rows`` (the speculative
+verify forward's: k + 1 query tokens per sequence, every one scored) keeps the logits of every
+token row instead.
 
 All graphs share one memory pool: no two ever run at once.
 """
@@ -91,8 +93,8 @@ class DecodeGraphs:
 
 class PrefillGraphs:
     def __init__(self, model: torch.nn.Module, device: torch.device, block_size: int, max_blocks: int,
-                 max_tokens: int, max_seqs: int) -> None:
-        self.model, self.block_size = model, block_size
+                 max_tokens: int, max_seqs: int, all_rows: bool = False) -> None:
+        self.model, self.block_size, self.all_rows = model, block_size, all_rows
         self.token_buckets = [16 << i for i in range(16) if 16 << i <= max_tokens]
         self.seq_buckets = sorted({1, max(1, min(max_seqs, 16))})
         t, s = self.token_buckets[-1], self.seq_buckets[-1]
@@ -138,7 +140,8 @@ class PrefillGraphs:
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool):
                         hidden = self.model(ids, pos)
-                        self.logits[tokens, seqs] = self.model.compute_logits(hidden.index_select(0, last)).float()
+                        rows = hidden if self.all_rows else hidden.index_select(0, last)
+                        self.logits[tokens, seqs] = self.model.compute_logits(rows).float()
                 reset_context()
                 pool = pool or graph.pool()
                 self.graphs[tokens, seqs] = graph
@@ -146,8 +149,9 @@ class PrefillGraphs:
 
     def run(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor | None:
         """Prefill each (token_ids, start, block_table) chunk at positions start.. of its sequence;
-        returns fp32 logits whose row i is chunk i's last token's (valid until the next replay),
-        or None, running nothing, when no captured bucket holds the step."""
+        returns fp32 logits whose row i is chunk i's last token's (``all_rows``: whose rows are the
+        chunks' tokens in order, then padding), valid until the next replay, or None, running
+        nothing, when no captured bucket holds the step."""
         key = self.bucket(sum(len(c[0]) for c in chunks), len(chunks))
         if key is None:
             return None

@@ -28,11 +28,15 @@ class DecodeInputs:
         self.h.slots[:] = -1
         self.h.lens[:] = 1
         self.buf.copy_to_device()
-        # Block tables are rewritten only where they changed: row i remembers whose table it holds
-        # and how many entries are written. Decode only ever appends blocks; a table replaced
-        # (preemption, then re-admission) always passes through a prefill step, which forgets all rows.
+        # Block tables are rewritten only where they changed: row i remembers whose table it holds,
+        # how many entries are written and the last one. Decode appends blocks, and a step that
+        # keeps fewer tokens than it reserved gives its tail back (BlockManager.release_unused), so
+        # a table may shrink and regrow to its old length with another last block between two
+        # prepares; a table replaced (preemption, then re-admission) passes through a prefill step,
+        # which forgets all rows.
         self._row_seq = [-1] * max_seqs
         self._row_blocks = [0] * max_seqs
+        self._row_last = [-1] * max_seqs
         self._views: dict[int, tuple[torch.Tensor, torch.Tensor, Context]] = {}
         # Multi-step decode: step k's tokens are row k of a [steps, rows] view of d_tokens; one
         # copy to the (pinned) host buffer brings them all back.
@@ -48,7 +52,7 @@ class DecodeInputs:
         n = len(seqs)
         bs = self.block_size
         h = self.h
-        tables, row_seq, row_blocks = h.tables, self._row_seq, self._row_blocks
+        tables, row_seq, row_blocks, row_last = h.tables, self._row_seq, self._row_blocks, self._row_last
         ids: list[int] = []
         lens: list[int] = []
         slots: list[int] = []
@@ -60,12 +64,14 @@ class DecodeInputs:
             pos = length - 1
             slots.append(table[pos // bs] * bs + pos % bs)
             nb, done = len(table), row_blocks[i]
-            if row_seq[i] != seq.seq_id or done > nb:
+            if row_seq[i] != seq.seq_id or done > nb or (done == nb and row_last[i] != table[-1]):
                 tables[i, :nb] = table
-                row_seq[i], row_blocks[i] = seq.seq_id, nb
-            elif done < nb:  # a new block since the last step
+                row_seq[i], row_blocks[i], row_last[i] = seq.seq_id, nb, table[-1]
+            elif done < nb:  # new blocks since the last step
+                if done and row_last[i] != table[done - 1]:  # the tail was given back and regrown
+                    done = 0
                 tables[i, done:nb] = table[done:]
-                row_blocks[i] = nb
+                row_blocks[i], row_last[i] = nb, table[-1]
         h.ids[:n] = ids
         h.lens[:n] = lens
         h.pos[:n] = h.lens[:n] - 1
@@ -95,6 +101,21 @@ class DecodeInputs:
         fn = greedy_advance if self.use_triton else greedy_advance_ref
         fn(logits, d.ids[:rows], d.pos[:rows], d.lens[:rows], d.slots[:rows], d.tables[:rows], d.start[:rows], out,
            self.block_size)
+
+    def advance_to(self, tokens: torch.Tensor, n: int, last_pos: torch.Tensor) -> None:
+        """Make ``tokens`` [n] (on the device) the next decode inputs of rows [0, n), one position
+        later, without a sync (a draft model's sampled tokens). A row whose position would pass
+        ``last_pos`` [n] (the last position its blocks were reserved for) stays at it and stores
+        nothing: its forward is wasted but harmless."""
+        d = self.d
+        pos, lens, slots = d.pos[:n], d.lens[:n], d.slots[:n]
+        d.ids[:n].copy_(tokens)
+        live = pos < last_pos
+        pos.add_(live)
+        lens.add_(live.to(lens.dtype))
+        block_idx = (pos // self.block_size).clamp_(max=self.width - 1)
+        block = d.tables[:n].gather(1, block_idx.unsqueeze(1)).squeeze(1).to(slots.dtype)
+        slots.copy_(torch.where(live, block * self.block_size + pos % self.block_size, -1))
 
     def step_tokens(self, steps: int, rows: int) -> torch.Tensor:
         """The [steps, rows] device buffer of a multi-step decode's tokens."""

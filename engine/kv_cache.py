@@ -16,16 +16,19 @@ def kv_bytes_per_token(layers: list[Attention], dtype: torch.dtype) -> int:
     return 2 * len(layers) * layers[0].num_kv_heads * layers[0].head_dim * dtype.itemsize
 
 
-def allocate_kv_cache(config: EngineConfig, model: torch.nn.Module, layers: list[Attention]) -> int:
+def allocate_kv_cache(config: EngineConfig, model: torch.nn.Module, layers: list[Attention],
+                      extra_bytes_per_token: int = 0) -> int:
     """Give every attention layer its K and V pool [blocks, block_size, kv_heads, head_dim];
-    returns the number of blocks."""
+    returns the number of blocks. ``extra_bytes_per_token``: a second cache of the same number of
+    blocks still to be allocated (a draft model's), counted when the pool is sized by free memory."""
     device, dtype, block_size = config.torch_device, config.torch_dtype, config.block_size
     if config.num_kv_blocks is not None:
         num_blocks = config.num_kv_blocks
     elif config.kv_cache_tokens is not None:
         num_blocks = math.ceil(config.kv_cache_tokens / block_size)
     elif device.type == "cuda":
-        num_blocks = _blocks_from_free_memory(config, model, kv_bytes_per_token(layers, dtype) * block_size)
+        per_token = kv_bytes_per_token(layers, dtype) + extra_bytes_per_token
+        num_blocks = _blocks_from_free_memory(config, model, per_token * block_size)
     else:
         tokens = min(config.max_num_seqs * config.max_model_len, 1 << 16)
         num_blocks = math.ceil(max(tokens, config.max_model_len) / block_size)

@@ -3,13 +3,17 @@
 A step is a prefill, a decode of one token per sequence, or (when the scheduler finds every
 sequence plain greedy and nobody waiting) a multi-step decode of up to ``num_decode_steps`` tokens
 per sequence. Every step gives each sequence a list of new tokens, taken in order exactly as that
-many single steps would take them: a sequence that finishes on one of them drops the rest."""
+many single steps would take them: a sequence that finishes on one of them drops the rest.
+
+With ``speculative_config`` a decode step of few enough sequences is a speculative one
+(engine/spec_decode/worker.py): a drafter proposes tokens, the target verifies them in one forward,
+and each sequence gets the accepted tokens plus the target's own, appended the same way."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 from itertools import repeat
 from typing import Any, Union
 
@@ -23,6 +27,11 @@ from engine.outputs import RequestDelta, RequestOutput
 from engine.sampling_params import SamplingParams, is_integer
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
+from engine.spec_decode.config import SpeculativeConfig, draft_engine_config, kv_bytes_per_token_of
+from engine.spec_decode.draft_model import DraftModelProposer
+from engine.spec_decode.ngram import NgramProposer
+from engine.spec_decode.metrics import SpecDecodeMetrics
+from engine.spec_decode.worker import SpecDecodeWorker
 
 
 def _load_tokenizer(path: str):
@@ -69,16 +78,52 @@ class LLMEngine:
         model = self.config.model  # a .gguf file's converted directory
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model)
         self.eos_token_ids = _eos_ids(model, self.config.hf_config, self.tokenizer)
-        self.runner = ModelRunner(self.config, self.eos_token_ids)
+        spec: SpeculativeConfig | None = self.config.speculative_config
+        # The draft's vocabulary and positions are checked before either model is built.
+        draft_config = draft_engine_config(self.config, self.tokenizer, spec) if spec and spec.model else None
+        extra = kv_bytes_per_token_of(draft_config) if draft_config is not None else 0
+        # Verify graphs for the largest speculative batch that graphs hold (16 sequences, k + 1 each).
+        verify_tokens = min(spec.max_batch_size, 16) * (spec.num_speculative_tokens + 1) if spec else 0
+        self.runner = ModelRunner(self.config, self.eos_token_ids, extra_kv_bytes_per_token=extra,
+                                  verify_max_tokens=verify_tokens)
+        self.draft_runner: ModelRunner | None = None
+        self.spec_worker = self._spec_worker(spec, draft_config)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
             self.config.enable_chunked_prefill, self.config.num_decode_steps, self.config.max_model_len,
+            spec_k=spec.k_for_step if spec is not None else None,
         )
         self.vocab_size = int(self.config.hf_config.vocab_size)
         self.seqs: dict[str, Sequence] = {}
         self.num_steps = 0
         self.num_multi_steps = 0  # of those, decode steps that ran several forwards
+        self.num_spec_steps = 0  # of those, speculative decode steps
+
+    def _spec_worker(self, spec: SpeculativeConfig | None,
+                     draft_config: EngineConfig | None) -> SpecDecodeWorker | None:
+        if spec is None:
+            return None
+        if draft_config is None:
+                return SpecDecodeWorker(self.runner, NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max),
+                                    self.eos_token_ids)
+        # Same pool size: every block id of a sequence's table exists in both caches.
+        self.draft_runner = ModelRunner(replace(draft_config, num_kv_blocks=self.runner.num_blocks), self.eos_token_ids)
+        proposer = DraftModelProposer(self.draft_runner, self.eos_token_ids)
+        return SpecDecodeWorker(self.runner, proposer, self.eos_token_ids)
+
+    @property
+    def spec_metrics(self) -> SpecDecodeMetrics | None:
+        """Acceptance counters and draft/verify time of the speculative steps (None without speculation)."""
+        return self.spec_worker.metrics if self.spec_worker is not None else None
+
+    def stats(self) -> dict[str, Any]:
+        """Step counters, preemptions and, with speculation, its metrics (SpecDecodeMetrics.as_dict)."""
+        out: dict[str, Any] = {"num_steps": self.num_steps, "num_multi_steps": self.num_multi_steps,
+                               "num_spec_steps": self.num_spec_steps, "num_preemptions": self.scheduler.num_preemptions}
+        if self.spec_worker is not None:
+            out["spec_decode"] = self.spec_worker.metrics.as_dict()
+        return out
 
     # -- requests ----------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -169,7 +214,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        result = self.runner.run(batch)
+        if batch.num_draft is not None:
+            result = self.spec_worker.step(batch)
+            self.num_spec_steps += 1
+        else:
+            result = self.runner.run(batch)
         touched: list[Sequence] = []
         num_new: list[int] = []
         finished = False

@@ -15,6 +15,7 @@ model gets the engine's constants once, at construction (layers/options.py)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -28,10 +29,15 @@ from engine.layers.attention import Attention
 from engine.layers.sampler import Sampler, StepResult
 from engine.models import model_class
 from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, eos_token_ids: set[int] | frozenset[int] = frozenset()) -> None:
+    def __init__(self, config: EngineConfig, eos_token_ids: set[int] | frozenset[int] = frozenset(),
+                 extra_kv_bytes_per_token: int = 0, verify_max_tokens: int = 0) -> None:
+        """``extra_kv_bytes_per_token``: a draft model's cache, sized with this one (kv_cache.py).
+        ``verify_max_tokens``: the most tokens of a speculative verify forward; with CUDA graphs,
+        verify forwards of up to that many tokens replay graphs that score every row."""
         self.config = config
         self.device = config.torch_device
         self.dtype = config.torch_dtype
@@ -41,15 +47,16 @@ class ModelRunner:
         self.model.model.rotary.float()  # rotary tables stay fp32 for exactness
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.kv_bytes_per_token = kv_bytes_per_token(self.attn_layers, self.dtype)
-        self.num_blocks = allocate_kv_cache(config, self.model, self.attn_layers)
+        self.num_blocks = allocate_kv_cache(config, self.model, self.attn_layers, extra_kv_bytes_per_token)
         self.sampler = Sampler(self.device, set(eos_token_ids))  # EOS is masked until min_tokens
         max_blocks = math.ceil(config.max_model_len / self.block_size)
         self.decode_inputs = DecodeInputs(self.device, config.max_num_seqs, max_blocks, self.block_size,
                                           config.num_decode_steps, config.triton_enabled)
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
+        self.verify_graphs: PrefillGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            self._capture_graphs(max_blocks)
+            self._capture_graphs(max_blocks, verify_max_tokens)
 
     def _build_model(self) -> torch.nn.Module:
         cfg, hf = self.config, self.config.hf_config
@@ -66,7 +73,7 @@ class ModelRunner:
             model.load_weights(cfg.model)
         return model
 
-    def _capture_graphs(self, max_blocks: int) -> None:
+    def _capture_graphs(self, max_blocks: int, verify_max_tokens: int) -> None:
         cfg = self.config
         self.graphs = DecodeGraphs(self.model, self.decode_inputs, min(cfg.cuda_graph_max_bs, cfg.max_num_seqs),
                                    cfg.num_decode_steps)
@@ -76,6 +83,11 @@ class ModelRunner:
             self.prefill_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_blocks, max_tokens,
                                                 cfg.max_num_seqs)
             self.prefill_graphs.capture(pool)
+            if verify_max_tokens > 0:  # token buckets are powers of two from 16: the next one holds it all
+                verify_tokens = min(max(16, 1 << (verify_max_tokens - 1).bit_length()), max_tokens)
+                self.verify_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_blocks,
+                                                   verify_tokens, cfg.max_num_seqs, all_rows=True)
+                self.verify_graphs.capture(pool)
         torch.cuda.synchronize()
 
     def run(self, batch: ScheduledBatch) -> StepResult:
@@ -85,52 +97,80 @@ class ModelRunner:
             if batch.is_prefill:
                 return self._run_prefill(batch)
             if batch.num_steps > 1:
-                return StepResult(self._run_decode_steps(batch))
+                return StepResult(self.decode_steps(batch.seqs, batch.num_steps))
             return self.sampler.sample_step(batch.seqs, self._run_decode(batch))
 
     # -- prefill -----------------------------------------------------------------------------------
     def _run_prefill(self, batch: ScheduledBatch) -> StepResult:
         self.decode_inputs.forget_rows()  # block tables may have been replaced (see DecodeInputs)
         seqs = batch.seqs
+        chunks = [(s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n], s.num_computed_tokens,
+                   s.block_table) for s, n in zip(seqs, batch.num_scheduled)]
         if self.prefill_graphs is not None and not any(s.params.prompt_logprobs is not None for s in seqs):
-            chunks = [(s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n], s.num_computed_tokens,
-                       s.block_table) for s, n in zip(seqs, batch.num_scheduled)]
             logits = self.prefill_graphs.run(chunks)
             if logits is not None:  # else no bucket holds the step
                 return self.sampler.sample_step(seqs, logits, [i if batch.samples(i) else -1 for i in range(len(seqs))])
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens: list[int] = []
-        context_lens: list[int] = []
+        hidden = self.varlen_forward(chunks)
         last_rows: list[int] = []  # row in the flat token batch whose logits are sampled, or -1
-        prompt_rows: dict[int, tuple[int, int]] = {}  # seq index -> (first row, count) for prompt logprobs
-        bs = self.block_size
-        for i, (seq, n) in enumerate(zip(seqs, batch.num_scheduled)):
-            start, row0, table = seq.num_computed_tokens, len(ids), seq.block_table
-            ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            query_lens.append(n)
-            context_lens.append(start + n)
+        row0 = 0
+        for i, n in enumerate(batch.num_scheduled):
             last_rows.append(row0 + n - 1 if batch.samples(i) else -1)
-            if seq.params.prompt_logprobs is not None:
-                prompt_rows[i] = (row0, n)
-        set_context(self._prefill_context(seqs, slots, query_lens, context_lens))
-        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device),
-                            torch.tensor(positions, dtype=torch.long, device=self.device))
-        reset_context()
+            if seqs[i].params.prompt_logprobs is not None:
+                self.sampler.prompt_logprobs(seqs[i], self.model.compute_logits(hidden[row0 : row0 + n]).float(), n)
+            row0 += n
         want = [r for r in last_rows if r >= 0]
         logits = self.model.compute_logits(hidden[want]).float() if want else None
-        for i, (row0, n) in prompt_rows.items():
-            self.sampler.prompt_logprobs(seqs[i], self.model.compute_logits(hidden[row0 : row0 + n]).float(), n)
         rows, k = [], 0  # each sequence's row in logits
         for r in last_rows:
             rows.append(k if r >= 0 else -1)
             k += r >= 0
         return self.sampler.sample_step(seqs, logits, rows)
 
-    def _prefill_context(self, seqs, slots: list[int], query_lens: list[int], context_lens: list[int]) -> Context:
+    def varlen_forward(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+        """Hidden states [tokens, hidden] of each (token_ids, start, block_table) chunk computed at
+        positions start.. of its sequence, eagerly (their K/V written to the cache): the prefill
+        path, also the speculative verify forward and a draft model's catch-up."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
+        bs = self.block_size
+        for tokens, start, table in chunks:
+            n = len(tokens)
+            ids.extend(tokens)
+            positions.extend(range(start, start + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            query_lens.append(n)
+            context_lens.append(start + n)
+        set_context(self._prefill_context([c[2] for c in chunks], slots, query_lens, context_lens))
+        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device),
+                            torch.tensor(positions, dtype=torch.long, device=self.device))
+        reset_context()
+        return hidden
+
+    def last_logits(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+        """fp32 logits [chunks, vocab] at each chunk's last token (a prefill graph where one holds the
+        step; valid until the next forward)."""
+        if self.prefill_graphs is not None:
+            logits = self.prefill_graphs.run(chunks)
+            if logits is not None:
+                return logits[: len(chunks)]
+        hidden = self.varlen_forward(chunks)
+        last = torch.tensor(list(itertools.accumulate(len(c[0]) for c in chunks)), device=self.device) - 1
+        return self.model.compute_logits(hidden.index_select(0, last)).float()
+
+    def all_logits(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+        """fp32 logits [tokens, vocab] at every token of the chunks (the speculative verify forward; a
+        verify graph where one holds it, valid until the next forward)."""
+        if self.verify_graphs is not None:
+            logits = self.verify_graphs.run(chunks)
+            if logits is not None:
+                return logits[: sum(len(c[0]) for c in chunks)]
+        return self.model.compute_logits(self.varlen_forward(chunks)).float()
+
+    def _prefill_context(self, tables: list[list[int]], slots: list[int], query_lens: list[int],
+                         context_lens: list[int]) -> Context:
         """Block tables where attention reads the cache (the Triton varlen kernel always does; SDPA
         only for a chunk after the first or a prefix-cache hit)."""
         cfg, dev = self.config, self.device
@@ -138,9 +178,8 @@ class ModelRunner:
         ctx = Context(is_prefill=True, slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
                       query_lens=query_lens, context_lens_host=context_lens)
         if triton_prefill or any(q != c for q, c in zip(query_lens, context_lens)):
-            width = max(len(s.block_table) for s in seqs)
-            tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-            ctx.block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)
+            width = max(len(t) for t in tables)
+            ctx.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev)
         if triton_prefill:
             cu = [0]
             for n in query_lens:
@@ -151,17 +190,17 @@ class ModelRunner:
         return ctx
 
     # -- decode ------------------------------------------------------------------------------------
-    def _graphed(self, n: int) -> bool:
+    def graphed(self, n: int) -> bool:
         return self.graphs is not None and n <= self.graphs.max_bs
 
     def _run_decode(self, batch: ScheduledBatch) -> torch.Tensor:
         n = len(batch.seqs)
-        self.decode_inputs.prepare(batch.seqs, self.graphs.bucket_of[n] if self._graphed(n) else n)
-        return self._decode_forward(n)
+        self.decode_inputs.prepare(batch.seqs, self.graphs.bucket_of[n] if self.graphed(n) else n)
+        return self.decode_forward(n)
 
-    def _decode_forward(self, n: int) -> torch.Tensor:
+    def decode_forward(self, n: int) -> torch.Tensor:
         """Logits [n, vocab] (fp32) of the decode inputs now in the device buffers."""
-        if self._graphed(n):
+        if self.graphed(n):
             return self.graphs.forward(n)
         ids, positions, ctx = self.decode_inputs.views(n)
         set_context(ctx)
@@ -169,13 +208,13 @@ class ModelRunner:
         reset_context()
         return self.model.compute_logits(hidden).float()
 
-    def _run_decode_steps(self, batch: ScheduledBatch) -> list[list[int]]:
-        """``batch.num_steps`` greedy decode steps back to back on the device; per sequence its
-        tokens in step order. The scheduler gave every sequence blocks for all the steps, and kept
-        every position below max_model_len. Nothing waits for the device until the tokens come back."""
-        seqs, steps, inputs = batch.seqs, batch.num_steps, self.decode_inputs
+    def decode_steps(self, seqs: list[Sequence], steps: int) -> list[list[int]]:
+        """``steps`` greedy decode steps back to back on the device; per sequence its tokens in step
+        order. The caller gave every sequence blocks for all the steps, and kept every position
+        below max_model_len. Nothing waits for the device until the tokens come back."""
+        inputs = self.decode_inputs
         n = len(seqs)
-        graphed = self._graphed(n)
+        graphed = self.graphed(n)
         rows = self.graphs.bucket_of[n] if graphed else n
         inputs.prepare(seqs, rows)
         out = inputs.step_tokens(steps, rows)
@@ -183,5 +222,5 @@ class ModelRunner:
             if graphed:
                 self.graphs.step(rows)  # forward, argmax, next inputs
             else:
-                inputs.advance(self._decode_forward(n), rows, out)
+                inputs.advance(self.decode_forward(n), rows, out)
         return inputs.fetch_tokens(out[:, :n])

@@ -11,15 +11,23 @@ Multi-step decoding: when every decode sequence is plain greedy and no request w
 step may cover up to ``num_decode_steps`` tokens per sequence, run back to back on the device;
 each sequence then gets blocks for all of them up front (or the step stays single). Like any step
 it returns a list of tokens per sequence; ``finish_step`` counts what each sequence kept.
+
+Speculative decoding: with ``spec_k`` (a function of the decode batch size, 0 = off), a decode
+step drafts up to k tokens per sequence (``ScheduledBatch.num_draft``, engine/spec_decode/
+proposer.draft_limit) and reserves blocks for the k + 1 positions the verify forward writes; if the
+pool cannot hold them all, the step decodes plainly. Rejected tokens give their blocks back in
+``finish_step``.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, SequenceStatus
+from engine.spec_decode.proposer import draft_limit
 
 
 @dataclass
@@ -31,6 +39,9 @@ class ScheduledBatch:
     # Decode only: forwards run back to back on the device, each feeding its greedy token to the
     # next (multi-step decoding); every sequence then has blocks for all of them.
     num_steps: int = 1
+    # Speculative decode step: draft tokens each sequence may propose (blocks reserved for n + 1
+    # positions from its last token); None for any other step.
+    num_draft: list[int] | None = None
 
     def samples(self, i: int) -> bool:
         """Whether sequence i's chunk reaches its last token, so a new token is sampled."""
@@ -47,8 +58,10 @@ class Scheduler:
         enable_chunked_prefill: bool = True,
         num_decode_steps: int = 1,
         max_model_len: int | None = None,
+        spec_k: Callable[[int], int] | None = None,
     ) -> None:
         self.block_manager = block_manager
+        self.spec_k = spec_k
         self.num_decode_steps = num_decode_steps
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
@@ -137,6 +150,10 @@ class Scheduler:
                 seqs.append(seq)
         if not seqs:
             return None
+        if self.spec_k is not None:
+            num_draft = self._reserve_drafts(seqs)
+            if num_draft is not None:
+                return ScheduledBatch(seqs, False, [1] * len(seqs), 1, num_draft)
         # A preemption above queued a sequence, so this also keeps multi-step off then.
         steps = self._decode_steps(seqs) if self.num_decode_steps > 1 and not self.waiting else 1
         return ScheduledBatch(seqs, False, [1] * len(seqs), steps)
@@ -170,6 +187,23 @@ class Scheduler:
             bm.may_append(seq, steps)
         return steps
 
+    def _reserve_drafts(self, seqs: list[Sequence]) -> list[int] | None:
+        """Per sequence, the draft tokens it may propose this step (blocks reserved for them), or
+        None: speculation is off at this batch size, no sequence has room, or the pool lacks blocks."""
+        k = self.spec_k(len(seqs))
+        if k <= 0:
+            return None
+        max_len = self.max_model_len if self.max_model_len is not None else 1 << 62
+        num_draft = [draft_limit(seq, k, max_len) for seq in seqs]
+        if not any(num_draft):
+            return None
+        bm = self.block_manager
+        if sum(bm.blocks_to_append(seq, n + 1) for seq, n in zip(seqs, num_draft)) > bm.num_free_blocks:
+            return None
+        for seq, n in zip(seqs, num_draft):
+            bm.may_append(seq, n + 1)
+        return num_draft
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.deallocate(seq)
@@ -189,9 +223,12 @@ class Scheduler:
         all its blocks when it leaves (remove_finished)."""
         caching = self.block_manager.enable_prefix_caching
         if not batch.is_prefill:
+            spec = batch.num_draft is not None
             for seq, n in zip(batch.seqs, num_new):
                 seq.num_computed_tokens += n
-                if n < batch.num_steps and not seq.is_finished:
+                if spec:  # the draft's K/V past the kept tokens was rejected
+                    seq.draft_computed = min(seq.draft_computed, seq.num_computed_tokens)
+                if (n < batch.num_steps or spec) and not seq.is_finished:
                     self.block_manager.release_unused(seq)
                 if caching:
                     self.block_manager.mark_computed(seq)

@@ -42,6 +42,10 @@ class Sequence:
         # Tokens whose K/V is in the cache; the rest (at least the last token) still need a forward.
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # of those, how many came from the prefix cache
+        # Speculative decoding with a draft model: tokens whose K/V the draft's cache holds (same
+        # block table). It trails num_computed_tokens (the draft catches up in its next forward) and
+        # restarts at 0 with new blocks (admission, prefix-cache hits, preemption).
+        self.draft_computed = 0
         # True from admission until the first forward that covers every token (prompt or recompute).
         self.in_prefill = True
         self.num_preemptions = 0

@@ -1,7 +1,7 @@
-"""Issue 14's speculative-decoding benchmarks (phase 1 skeleton: the integrator finishes `speed`).
+"""Issue 14's speculative-decoding benchmarks.
 
     python experiments/spec_bench.py acceptance --target DIR [--draft DIR ...] [--data-dir D]
-    python experiments/spec_bench.py speed --target DIR [--draft DIR ...] [--batch 1 4 16 64]
+    python experiments/spec_bench.py speed --target DIR|X.gguf [--draft DIR ...] [--truncated 4 ...] [--batch 1 4 16 64]
     python experiments/spec_bench.py verify-cost --shape llama2-7b [--context 512]
 
 Workloads (``--workloads``), batch 1, greedy, ``--new-tokens`` 256, ``--prompts`` per workload:
@@ -19,11 +19,13 @@ acceptance  works today. The target's greedy continuations come from the engine 
             the target's output, computed in one batched engine call per prompt (prefix caching
             makes it cheap). Reports acceptance rate, per position, and mean accepted length
             (SpecDecodeMetrics), and the speed-up these imply for given draft and verify costs.
-speed       tok/s of LLM.generate without speculation, with ``speculative_config`` for each draft and
-            for n-gram at each k, per batch size (1, 4, 16, 64), and the per-batch-size k policy they
-            recommend (0 where speculation does not pay); needs the phase-2 engine (it says so until then).
-verify-cost the target's cost of scoring k + 1 tokens at once (a prefill step of k + 1 tokens after a
-            cached context, through the public API) against one decode step; the issue asks <= 1.15x
+speed       tok/s of LLM.generate without speculation and with ``speculative_config`` for n-gram, each
+            --draft directory and each --truncated copy of the target (its first N layers, built here), at
+            each k and batch size (1, 4, 16, 64): median of --repeats runs after a warm-up, with the
+            acceptance metrics; the per-batch-size k policy they recommend (0 where speculation does not
+            pay); then verify-cost at --verify-shape. One process, variants past --budget-s skipped.
+verify-cost the target's verify forward (k + 1 tokens after a context, logits at every row: the path
+            a speculative step takes) against one decode step; the issue asks <= 1.15x
             for k + 1 = 5 on the Llama-2-7B shape.
 
 Prints one JSON line per result and appends them to ``--json`` when given.
@@ -189,56 +191,117 @@ def acceptance(args) -> None:
                      args.json)
 
 
-# -- speed (phase 2) -------------------------------------------------------------------------------------
+# -- speed -----------------------------------------------------------------------------------------------
+def truncated_draft(target_dir: str, num_layers: int, out_dir: Path) -> str:
+    """A drafter made from the target: its first ``num_layers`` layers, final norm and head (and
+    tokenizer), saved as a model directory. Cheap for a small target; our trained students are not
+    on the benchmark machine."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = out_dir / f"truncated{num_layers}"
+    if (path / "config.json").exists():
+        return str(path)
+    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
+    model.model.layers = model.model.layers[:num_layers]
+    model.config.num_hidden_layers = num_layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:num_layers]
+    model.save_pretrained(path)
+    for f in Path(target_dir).iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "generation_config.json"):
+            shutil.copy(f, path / f.name)
+    return str(path)
+
+
+def _median_tok_s(llm: Any, batch: list[list[int]], new_tokens: int, repeats: int) -> tuple[float, list[float]]:
+    """Warm-up, then ``repeats`` timed generate calls; the median tok/s (one stall does not decide)."""
+    from engine import SamplingParams
+
+    llm.generate(batch, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        llm.generate(batch, params)
+        runs.append(len(batch) * new_tokens / (time.perf_counter() - t))
+    return float(np.median(runs)), runs
+
+
 def speed(args) -> None:
-    """tok/s per batch size without speculation, then with each speculative_config at each k; then
-    the num_speculative_tokens_per_batch_size these measurements recommend, per drafter. Until the
-    engine takes speculative_config (phase 2), those runs are reported as not integrated."""
-    from transformers import AutoTokenizer
+    """tok/s per batch size without speculation, then per drafter (n-gram, each --draft directory and
+    each --truncated copy of the target) at each k, in one process: the median of --repeats timed
+    runs after a warm-up. One engine per drafter (built with the largest k; each run sets its k
+    through the scheduler's policy), speculation on at every measured batch size; then the
+    num_speculative_tokens_per_batch_size these rows recommend. Each variant is in try/except, and
+    variants past --budget-s seconds are reported as skipped."""
+    import gc
+    import tempfile
 
-    from engine import LLM, SamplingParams
+    from engine import LLM
+    from engine.config import EngineConfig
 
+    start = time.perf_counter()
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    tok = AutoTokenizer.from_pretrained(args.target)
+    if data_dir is None or not data_dir.is_dir():
+        raise ShrinkError("--data-dir: no shared data directory (pass it or set SHRINK_DATA_DIR)")
     engine_kwargs = json.loads(args.engine) if args.engine else {}
-    configs: list[tuple[str, int, dict | None]] = [("none", 0, None)]
-    for k in args.ks:
-        configs.append(("ngram", k, {"method": "ngram", "num_speculative_tokens": k,
-                                     "prompt_lookup_min": args.ngram_min, "prompt_lookup_max": args.ngram_max}))
-        configs += [(d, k, {"model": d, "num_speculative_tokens": k}) for d in args.draft or []]
+    target_dir = EngineConfig(model=args.target).model  # a .gguf file's converted directory
+    work = Path(tempfile.mkdtemp(prefix="spec_bench_"))
+    k_max = max(args.ks)
+    common = {"num_speculative_tokens": k_max, "max_batch_size": max(args.batch)}
+    drafters: list[tuple[str, Callable[[], dict]]] = [
+        ("ngram", lambda: {"method": "ngram", "prompt_lookup_min": args.ngram_min,
+                           "prompt_lookup_max": args.ngram_max, **common})]
+    drafters += [(d, lambda d=d: {"model": d, **common}) for d in args.draft or []]
+    drafters += [(f"truncated{n}", lambda n=n: {"model": truncated_draft(target_dir, n, work), **common})
+                 for n in args.truncated or []]
     for workload in args.workloads:
-        prompts = load_prompts(workload, data_dir, tok, max(args.batch), args.prompt_tokens)
-        base: dict[int, float] = {}
         rows: list[dict] = []
-        for name, k, spec in configs:
-            try:
-                llm = LLM(args.target, **engine_kwargs, **({"speculative_config": spec} if spec else {}))
-            except TypeError as e:  # the engine before phase 2: unknown engine option
-                emit({"bench": "speed", "workload": workload, "spec": name, "k": k, "error": f"not integrated: {e}"},
-                     args.json)
+        base: dict[int, float] = {}
+        for name, make_spec in [("none", lambda: None)] + drafters:
+            if time.perf_counter() - start > args.budget_s:
+                emit({"bench": "speed", "workload": workload, "spec": name, "skipped": "time budget"}, args.json)
                 continue
-            params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
-            for bs in args.batch:
-                batch = (prompts * bs)[:bs]
-                llm.generate(batch, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-                if hasattr(llm.engine, "spec_metrics"):
-                    llm.engine.spec_metrics = SpecDecodeMetrics()  # the timed run's counters only
-                t = time.perf_counter()
-                llm.generate(batch, params)
-                tok_s = bs * args.new_tokens / (time.perf_counter() - t)
-                if spec is None:
-                    base[bs] = tok_s
-                metrics = getattr(llm.engine, "spec_metrics", None)
-                row = {"bench": "speed", "workload": workload, "spec": name, "k": k, "batch": bs, "tok_s": tok_s,
-                       "speedup": tok_s / base[bs] if bs in base else None,
-                       "metrics": metrics.as_dict() if metrics is not None else None}
-                rows.append(row)
-                emit(row, args.json)
-            del llm
-        for name in {r["spec"] for r in rows if r["spec"] != "none"}:
+            llm = None
+            try:
+                spec = make_spec()
+                llm = LLM(args.target, **engine_kwargs, **({"speculative_config": spec} if spec else {}))
+                prompts = load_prompts(workload, data_dir, llm.tokenizer, max(args.batch), args.prompt_tokens)
+                engine = llm.engine
+                for k in ([0] if spec is None else args.ks):
+                    if spec is not None:
+                        engine.scheduler.spec_k = lambda n, k=k: k
+                    for bs in args.batch:
+                        if engine.spec_worker is not None:
+                            engine.spec_worker.metrics = SpecDecodeMetrics()
+                        tok_s, runs = _median_tok_s(llm, (prompts * bs)[:bs], args.new_tokens, args.repeats)
+                        if spec is None:
+                            base[bs] = tok_s
+                        m = engine.spec_metrics
+                        row = {"bench": "speed", "workload": workload, "spec": name, "k": k, "batch": bs,
+                               "tok_s": tok_s, "runs_tok_s": runs, "speedup": tok_s / base[bs] if bs in base else None,
+                               "metrics": m.as_dict() if m is not None else None}
+                        rows.append(row)
+                        emit(row, args.json)
+            except Exception as e:  # one variant failing must not lose the others
+                emit({"bench": "speed", "workload": workload, "spec": name, "error": f"{type(e).__name__}: {e}"},
+                     args.json)
+            finally:
+                del llm
+                gc.collect()
+        for name in dict.fromkeys(r["spec"] for r in rows if r["spec"] != "none"):
             emit({"bench": "policy", "workload": workload, "spec": name,
                   "num_speculative_tokens_per_batch_size": recommend_policy([r for r in rows if r["spec"] == name])},
                  args.json)
+    if args.verify_shape and time.perf_counter() - start < args.budget_s:
+        try:
+            verify_cost(argparse.Namespace(model=None, shape=args.verify_shape, engine=args.engine, context=512,
+                                           k=4, repeat=10, json=args.json))
+        except Exception as e:
+            emit({"bench": "verify-cost", "shape": args.verify_shape, "error": f"{type(e).__name__}: {e}"}, args.json)
 
 
 def recommend_policy(rows: list[dict], min_speedup: float = 1.02) -> dict[int, int]:
@@ -257,33 +320,43 @@ def recommend_policy(rows: list[dict], min_speedup: float = 1.02) -> dict[int, i
 
 # -- verify cost ------------------------------------------------------------------------------------------
 def verify_cost(args) -> None:
-    """A prefill step of k + 1 tokens after a cached ``--context``-token prefix (the verify's shape
-    through today's prefill path) against a decode step at the same context, wall time per engine
-    step (eval.decode_profile.StepTimer). Phase 2 replaces the prefill step by the verify graph."""
+    """The target's verify forward (runner.all_logits: k + 1 tokens after a ``--context``-token
+    context, logits at every row, the path a speculative step takes) against one decode step at the
+    same context (the engine's own decode steps, eval.bench.decode_profile.StepTimer); medians over
+    --repeat, each timed with a device sync."""
+    import torch
+
     from engine import LLM, SamplingParams
+    from eval.bench.common import prompts as random_prompts, shape_dir
     from eval.bench.decode_profile import StepTimer
-    from eval.bench.common import prompts as _prompts, shape_dir
 
     path = args.model or shape_dir(args.shape)
     engine_kwargs = json.loads(args.engine) if args.engine else {}
-    llm = LLM(path, load_format="safetensors" if args.model else "dummy", max_model_len=args.context + 80,
-              max_num_seqs=1, cuda_graph_max_bs=1, **engine_kwargs)
-    vocab = llm.engine.vocab_size
-    prefix = _prompts(1, args.context, vocab, 0)[0]  # a multiple of the block size: fully cached
-    greedy = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    llm.generate([prefix], greedy)
+    max_len = args.context + 80
+    llm = LLM(path, load_format="safetensors" if args.model else "dummy", max_model_len=max_len,
+              max_num_seqs=1, cuda_graph_max_bs=1, kv_cache_tokens=2 * max_len, **engine_kwargs)
+    runner, vocab = llm.engine.runner, llm.engine.vocab_size
+    prefix = random_prompts(1, args.context, vocab, 0)[0]
+    # Any blocks, as many as one sequence of max_model_len has: the timing does not depend on them.
+    table = list(range(-(-max_len // llm.engine.config.block_size)))
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
     verify_times = []
-    for r in range(args.repeat):
-        tail = _prompts(1, args.k + 1, vocab, 100 + r)[0]
-        with StepTimer(llm.engine) as st:
-            llm.generate([prefix + tail], greedy)
-        verify_times.append(st.times["prefill"][0])
+    with torch.inference_mode():
+        runner.all_logits([(prefix, 0, table)])  # fills the context's K/V
+        for r in range(args.repeat + 1):
+            tail = random_prompts(1, args.k + 1, vocab, 100 + r)[0]
+            sync()
+            t = time.perf_counter()
+            runner.all_logits([(tail, args.context, table)])
+            sync()
+            if r:  # the first is a warm-up
+                verify_times.append(time.perf_counter() - t)
+    llm.generate([prefix], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
     with StepTimer(llm.engine) as st:
         llm.generate([prefix], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
-    decode = [t for kind, ts in st.times.items() if kind.startswith("decode") for t in ts]
-    steps = sum(int(kind.split("x")[1]) if "x" in kind else 1 for kind, ts in st.times.items()
-                if kind.startswith("decode") for _ in ts)
-    decode_s = sum(decode) / max(1, steps)
+    per_step = [t / (int(kind.split("x")[1]) if "x" in kind else 1)
+                for kind, ts in st.times.items() if kind.startswith("decode") for t in ts]
+    decode_s = float(np.median(per_step))
     verify_s = float(np.median(verify_times))
     emit({"bench": "verify-cost", "model": args.model or args.shape, "context": args.context, "k": args.k,
           "verify_step_us": 1e6 * verify_s, "decode_step_us": 1e6 * decode_s, "ratio": verify_s / decode_s},
@@ -313,6 +386,13 @@ def main(argv: list[str] | None = None) -> None:
     acc.add_argument("--verify-step-cost", type=float, default=1.0, help="the verify forward in target decode steps")
     sub.choices["speed"].add_argument("--ks", type=int, nargs="+", default=[2, 4, 6])
     sub.choices["speed"].add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
+    sub.choices["speed"].add_argument("--truncated", type=int, nargs="*", default=[4],
+                                      help="drafters made of the target's first N layers (+ norm and head)")
+    sub.choices["speed"].add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
+    sub.choices["speed"].add_argument("--budget-s", type=float, default=270.0,
+                                      help="variants starting later are skipped (the whole run stays < 6 min)")
+    sub.choices["speed"].add_argument("--verify-shape", default="llama2-7b",
+                                      help="then verify-cost at this shape ('' to skip)")
     v = sub.add_parser("verify-cost")
     v.add_argument("--shape", default="llama2-7b", help="random weights of this shape (eval.bench.common.SHAPES)")
     v.add_argument("--model", help="or a model directory")

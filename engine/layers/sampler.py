@@ -124,7 +124,7 @@ class Sampler:
                         sel = raw.clone()  # logprobs stay those of the model
                     sel[j, list(banned)] = float("-inf")
         params = [seqs[i].params for i in idx]
-        gens = [self._generator(seqs[i]) for i in idx]
+        gens = [self.generator(seqs[i]) for i in idx]
         sampled = sample(sel, params, gens).tolist()
         for j, i in enumerate(idx):
             tokens[i] = [sampled[j]]
@@ -154,7 +154,7 @@ class Sampler:
             if nxt == len(seq.prompt_logprobs):
                 seq.prompt_logprobs.append(token_logprobs(lp[j], seq.token_ids[nxt], top_n))
 
-    def _generator(self, seq: Sequence) -> torch.Generator | None:
+    def generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None:
             return None
         if seq.generator is None:

@@ -9,44 +9,37 @@ one forward, rejection sampling keeps the output distribution the target's (gree
     draft_sampler.py  sample_draft(): one draft step's tokens and probabilities q, no host sync
     metrics.py    SpecDecodeMetrics: acceptance counters and draft/verify time
 
-Integration plan (phase 2, on the runner/scheduler whose steps return a list of tokens per sequence):
+    min_tokens.py ban_stop_tokens(): min_tokens in draft and target logits
+    draft_model.py DraftModelProposer: the draft ModelRunner's catch-up + k - 1 decode forwards
+    worker.py     SpecDecodeWorker.step(): draft, verify forward, verify(), the StepResult
 
-1. Construction. ``EngineConfig.speculative_config`` (dict) -> SpeculativeConfig.from_dict before any
-   work. Draft model: draft_engine_config(target config, target tokenizer, spec, num_kv_blocks)
-   checks vocabulary and positions and gives the EngineConfig of a second ModelRunner (same
-   block_size and pool size). The draft gets its own KV tensors but indexes them with the
-   *sequence's* block table: one BlockManager, one table per sequence, so allocation, prefix
-   caching, preemption and rollback stay one piece of bookkeeping (a second BlockManager would
-   duplicate all of it). The pool is sized by the target's plus the draft's KV bytes per token.
-   Every prefill chunk runs on both runners, so a prefix-cache hit is valid in both caches. Both
-   runners on one stream, one after the other: the split-decode counters
-   (kernels/paged_attention.split_counters) are one buffer per device.
-2. Draft. Per sequence, ``draft_computed`` (draft K/V written up to there) may trail the target's by
-   one token after a fully accepted round (the k-th draft token was sampled, never fed). The draft's
-   first forward feeds the 1-2 missing tokens (varlen prefill path, query length 1 or 2), then k - 1
-   decode forwards back to back on the device, each through draft_sampler.sample_draft (argmax for
-   greedy rows) keeping q [B, k, V]: the multi-step decode graph with the greedy advance swapped
-   for a sampling advance (all-greedy batches keep the greedy one). No host sync between draft steps.
-3. Verify. The scheduler reserves k_i + 1 slots (``may_append(seq, k_i + 1)``, k_i = draft_limit).
-   The target runs the varlen prefill path with query [last token, d_0 .. d_{k_i - 1}] at positions
-   len-1 .. len-1+k_i (context len + k_i), returning logits at *all* query rows (a prefill-graph
-   variant that keeps every row), padded to [B, k+1, V]; then rejection.verify and one to_lists().
-   Logprobs, where asked for: log_softmax of the raw target logits at the emitted positions.
-   min_tokens: stop ids masked in draft and target logits at positions whose output index < min_tokens.
-4. Accept and roll back. The emitted tokens go through the engine's multi-step append (stop tokens,
-   stop strings token by token, max_tokens, max_model_len cut the run; tokens after the cut are
-   dropped). Then, in both caches at once (shared table): num_computed_tokens = len(token_ids) - 1
-   (the last emitted token has no K/V yet), draft_computed = min(draft_computed, that), and the block
-   table shrinks to ceil(len(token_ids) / block_size) blocks: blocks past it held only rejected K/V
-   and go back to the free list (a BlockManager.truncate(seq, num_tokens); they were never hashed,
-   as mark_computed only hashes computed full blocks and runs after the rollback). Rejected entries in
-   kept blocks are overwritten by position later. A finished sequence is freed as today.
-5. k per batch size. SpeculativeConfig.k_for_batch(len(batch)) from the measured table
-   (experiments/spec_bench.py: speed-up per batch size and k); 0 runs a plain (multi-step) decode
-   step. While speculation is off the draft cache lags; its next first forward catches up (a longer
-   query in step 2). Greedy-only batches at k = 0 keep today's multi-step path.
-6. Metrics. engine.spec_metrics = SpecDecodeMetrics(); record(proposal.num_tokens, accepted) per
-   verify step, draft/verify time per phase; exposed with the engine's stats and, later, /metrics.
+How it runs in the engine:
+
+1. Construction. ``EngineConfig.speculative_config`` is parsed by SpeculativeConfig.from_dict in
+   EngineConfig's checks. A draft model is checked (draft_engine_config: vocabulary, positions)
+   before either model is built; its runner has its own KV tensors with the target's pool size and
+   indexes them with the *sequence's* block table: one BlockManager, so allocation, prefix caching,
+   preemption and rollback are one piece of bookkeeping. On a GPU the pool is sized by the target's
+   plus the draft's KV bytes per token. Both runners run on one stream.
+2. Scheduling. A decode step of n <= max_batch_size sequences with k = k_for_step(n) > 0 reserves
+   blocks for n_i + 1 positions per sequence (n_i = draft_limit) and becomes a speculative step
+   (``ScheduledBatch.num_draft``); without the blocks it decodes plainly.
+3. Draft (draft_model.py). ``seq.draft_computed`` says how far the draft's K/V goes. A sequence
+   lagging by more than its last token first catches up through the varlen prefill path (after a
+   fully accepted round one token; a whole prompt after admission, a prefix-cache hit or a
+   preemption: the draft computes its own prefill, lazily, so a block cached by the target is never
+   read by the draft before it wrote it). Then k decode forwards from the last token through the
+   draft runner's decode graphs: a plain greedy batch replays the multi-step greedy graphs (forward
+   + greedy advance), any other samples on the device and feeds the token back
+   (DecodeInputs.advance_to). One transfer at the end.
+4. Verify. The target scores [last, d_0 .. d_{m-1}] at len - 1 .. len - 1 + m in one varlen forward
+   with logits at every row (a verify graph, PrefillGraphs(all_rows=True), where one holds it);
+   rejection.verify; one to_lists(). Logprobs: log_softmax of the raw target logits.
+5. Accept and roll back. The engine's one append path cuts a run at stop tokens, stop strings,
+   max_tokens; Scheduler.finish_step sets num_computed_tokens = len - 1, clamps draft_computed to it
+   and releases blocks past the kept tokens (BlockManager.release_unused). Rejected entries in kept
+   blocks are overwritten by position later; hashes only ever cover kept, computed tokens.
+6. Metrics. SpecDecodeWorker.metrics (engine.spec_metrics, engine.stats()["spec_decode"]).
 """
 
 from engine.spec_decode.config import (

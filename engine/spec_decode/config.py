@@ -4,7 +4,8 @@
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
 
 Optional keys: ``num_speculative_tokens_per_batch_size`` ({max batch size: k}; k 0 turns speculation
-off for those batches; batches larger than every key run without it) and ``dtype`` (the draft
+off for those batches; batches larger than every key run without it), ``max_batch_size`` (decode
+batches of more sequences run without speculation; default DEFAULT_MAX_BATCH_SIZE) and ``dtype`` (the draft
 model's, as EngineConfig.dtype spells it). Every bad key or value raises SpeculativeConfigError
 naming the key. ``check_same_vocabulary`` verifies a draft can verify against the target at all.
 """
@@ -20,10 +21,15 @@ from common.errors import ShrinkError
 METHODS = ("draft_model", "ngram")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _KEYS = {
-    "draft_model": {"method", "model", "num_speculative_tokens", "num_speculative_tokens_per_batch_size", "dtype"},
+    "draft_model": {"method", "model", "num_speculative_tokens", "num_speculative_tokens_per_batch_size", "dtype",
+                    "max_batch_size"},
     "ngram": {"method", "num_speculative_tokens", "num_speculative_tokens_per_batch_size", "prompt_lookup_min",
-              "prompt_lookup_max"},
+              "prompt_lookup_max", "max_batch_size"},
 }
+# Decode batches larger than this run without speculation unless ``max_batch_size`` says otherwise:
+# decode at large batch is compute-bound, so verifying k + 1 tokens per sequence costs about k + 1
+# decode steps there and speculation cannot pay.
+DEFAULT_MAX_BATCH_SIZE = 16
 # vLLM's default n-gram window when neither bound is given.
 DEFAULT_PROMPT_LOOKUP = 5
 
@@ -52,6 +58,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int | None = None
     # Sorted (max batch size, k) pairs; empty: k = num_speculative_tokens at every batch size.
     k_by_batch_size: tuple[tuple[int, int], ...] = field(default=())
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> SpeculativeConfig | None:
@@ -80,6 +87,7 @@ class SpeculativeConfig:
             raise SpeculativeConfigError("num_speculative_tokens", "is required")
         k = _positive_int("num_speculative_tokens", raw["num_speculative_tokens"])
         policy = _parse_policy(raw.get("num_speculative_tokens_per_batch_size"), k)
+        max_bs = _positive_int("max_batch_size", raw.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
         if method == "ngram":
             lo, hi = raw.get("prompt_lookup_min"), raw.get("prompt_lookup_max")
             if lo is None and hi is None:
@@ -88,7 +96,8 @@ class SpeculativeConfig:
             hi = _positive_int("prompt_lookup_max", hi if hi is not None else lo)
             if hi < lo:
                 raise SpeculativeConfigError("prompt_lookup_max", f"{hi} is below prompt_lookup_min {lo}")
-            return cls("ngram", k, prompt_lookup_min=lo, prompt_lookup_max=hi, k_by_batch_size=policy)
+            return cls("ngram", k, prompt_lookup_min=lo, prompt_lookup_max=hi, k_by_batch_size=policy,
+                       max_batch_size=max_bs)
         model = raw.get("model")
         if not isinstance(model, str) or not model:
             raise SpeculativeConfigError("model", f"must be a draft model directory, got {model!r}")
@@ -97,7 +106,7 @@ class SpeculativeConfig:
         dtype = raw.get("dtype", "auto")
         if dtype not in DTYPES:
             raise SpeculativeConfigError("dtype", f"{dtype!r} is not one of {list(DTYPES)}")
-        return cls("draft_model", k, model=model, dtype=dtype, k_by_batch_size=policy)
+        return cls("draft_model", k, model=model, dtype=dtype, k_by_batch_size=policy, max_batch_size=max_bs)
 
     def k_for_batch(self, batch_size: int) -> int:
         """Draft tokens per sequence for a decode batch of ``batch_size`` sequences; 0: decode plainly."""
@@ -107,6 +116,10 @@ class SpeculativeConfig:
             if batch_size <= max_bs:
                 return k
         return 0
+
+    def k_for_step(self, batch_size: int) -> int:
+        """k for a decode step of ``batch_size`` sequences: the policy's, and 0 above max_batch_size."""
+        return 0 if batch_size > self.max_batch_size else self.k_for_batch(batch_size)
 
 
 def _parse_policy(raw: Any, k_max: int) -> tuple[tuple[int, int], ...]:
@@ -200,5 +213,17 @@ def draft_engine_config(target: Any, target_tokenizer: Any, spec: SpeculativeCon
             f"{target.max_model_len}")
     dtype = target.dtype if spec.dtype == "auto" else spec.dtype
     nested = {f.name: None for f in fields(target) if f.name == "speculative_config"}  # the draft drafts nothing
+    # Multi-step greedy graphs for a k-token draft (engine/spec_decode/draft_model.py); decode graphs
+    # only for the batch sizes that speculate.
     return replace(target, model=spec.model, hf_config=hf, dtype=dtype, num_kv_blocks=num_kv_blocks,
-                   kv_cache_tokens=None, **nested)
+                   kv_cache_tokens=None, num_decode_steps=spec.num_speculative_tokens,
+                   cuda_graph_max_bs=min(target.cuda_graph_max_bs, spec.max_batch_size), **nested)
+
+
+def kv_bytes_per_token_of(config: Any) -> int:
+    """K and V bytes per token of an EngineConfig's model, from its hf_config (before it is built)."""
+    hf = config.hf_config
+    heads = int(hf.num_attention_heads)
+    head_dim = getattr(hf, "head_dim", None) or int(hf.hidden_size) // heads
+    kv_heads = int(getattr(hf, "num_key_value_heads", None) or heads)
+    return 2 * int(hf.num_hidden_layers) * kv_heads * int(head_dim) * config.torch_dtype.itemsize

@@ -104,21 +104,25 @@ def test_verify_cost_runs_on_cpu(bench, model_dir, tmp_path):
 
 
 def test_speed_runs_the_baseline_and_each_speculative_config(bench, data_dir, model_dir, tmp_path):
-    """Before phase 2 the speculative runs report "not integrated"; after it, they must time and
-    report acceptance metrics like the baseline."""
+    """Every drafter (n-gram, a draft directory, a truncated copy of the target) is timed at each k and
+    batch size with its acceptance metrics, and a policy is recommended per drafter."""
     target = model_dir("llama_gqa_untied", with_tokenizer=True)
     draft = model_dir("llama_mha_tied", with_tokenizer=True)
     out = tmp_path / "speed.jsonl"
     bench.main(["--json", str(out), "speed", "--target", target, "--draft", draft, "--data-dir", str(data_dir),
-                "--workloads", "gsm8k", "--new-tokens", "4", "--batch", "1", "2", "--ks", "2",
-                "--engine", '{"device": "cpu"}'])
+                "--workloads", "gsm8k", "--new-tokens", "4", "--batch", "1", "2", "--ks", "1", "2",
+                "--truncated", "1", "--repeats", "2", "--verify-shape", "", "--engine", '{"device": "cpu"}'])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert not [r for r in rows if "error" in r or "skipped" in r]
     base = [r for r in rows if r["spec"] == "none"]
     assert [r["batch"] for r in base] == [1, 2] and all(r["tok_s"] > 0 and r["speedup"] == 1.0 for r in base)
     spec = [r for r in rows if r["bench"] == "speed" and r["spec"] != "none"]
-    assert {r["spec"] for r in spec} == {"ngram", draft}
+    assert sorted((r["spec"], r["k"], r["batch"]) for r in spec) == sorted(
+        (name, k, bs) for name in ("ngram", draft, "truncated1") for k in (1, 2) for bs in (1, 2))
     for r in spec:
-        if "error" in r:
-            assert "not integrated" in r["error"] and "speculative_config" in r["error"]
-        else:
-            assert r["tok_s"] > 0 and r["metrics"]["num_emitted_tokens"] > 0
+        assert r["tok_s"] > 0 and len(r["runs_tok_s"]) == 2 and r["metrics"]["num_emitted_tokens"] > 0
+    model_rows = [r for r in spec if r["spec"] != "ngram"]
+    assert all(r["metrics"]["num_proposed_tokens"] > 0 for r in model_rows)
+    policies = {r["spec"]: r["num_speculative_tokens_per_batch_size"] for r in rows if r["bench"] == "policy"}
+    assert set(policies) == {"ngram", draft, "truncated1"}
+    assert all(set(p) == {"1", "2"} for p in policies.values())  # batch sizes, as JSON keys

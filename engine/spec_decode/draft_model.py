@@ -1,0 +1,88 @@
+"""The draft model's Proposer: a second ModelRunner whose K/V lives in its own cache tensors but
+is indexed by each sequence's block table (one BlockManager for both models).
+
+``seq.draft_computed`` says how far the draft's K/V goes; a draft of k tokens is:
+
+- catch-up, only for a sequence whose draft K/V lags by more than its last token: the tokens from
+  draft_computed up to the last one, through the varlen prefill path (a prefill graph where one
+  holds the step). One token after a fully accepted round (the k-th draft token was sampled, never
+  fed); a whole prompt after admission, a prefix-cache hit or a preemption (the draft computes its
+  own prefill, so a block cached by the target is never read by the draft before the draft wrote
+  it), or the tokens of steps that decoded without speculation.
+- k decode forwards from the last token, back to back on the device through the draft runner's
+  decode path (its CUDA graphs where the batch fits a bucket). A plain greedy batch (every row
+  greedy, past min_tokens, the same k) runs the runner's multi-step greedy decode: forward and
+  greedy advance in one graph replay per token. Otherwise each step samples on the device with
+  the request's parameters (draft_sampler.sample_draft, q kept for the verify step) and feeds the
+  token back (DecodeInputs.advance_to).
+
+One transfer at the end brings the k tokens of every row back.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence as Seq
+
+import torch
+
+from engine.model_runner import ModelRunner
+from engine.sequence import Sequence
+from engine.spec_decode.draft_sampler import sample_draft
+from engine.spec_decode.min_tokens import ban_stop_tokens
+from engine.spec_decode.proposer import Proposal, per_sequence_k
+
+
+class DraftModelProposer:
+    has_probs = True
+
+    def __init__(self, runner: ModelRunner, eos_token_ids: set[int] | frozenset[int]) -> None:
+        self.runner = runner
+        self.eos_token_ids = eos_token_ids
+
+    def propose(self, seqs: Seq[Sequence], k: int | Seq[int]) -> Proposal:
+        ks = per_sequence_k(seqs, k)
+        steps = max(ks, default=0)
+        if steps == 0:
+            return Proposal([[] for _ in seqs])
+        runner, seqs = self.runner, list(seqs)
+        with torch.inference_mode():
+            if any(s.draft_computed == 0 for s in seqs):
+                runner.decode_inputs.forget_rows()  # new block tables since this runner last saw them
+            lagging = [s for s in seqs if s.draft_computed < len(s) - 1]
+            if lagging:  # K/V only: the logits of the last token come from the first decode forward
+                runner.last_logits([(s.token_ids[s.draft_computed : -1], s.draft_computed, s.block_table)
+                                    for s in lagging])
+            if steps > 1 and all(n_i == steps for n_i in ks) and all(
+                    s.params.greedy and s.num_output_tokens >= s.params.min_tokens for s in seqs):
+                proposal = Proposal(runner.decode_steps(seqs, steps))
+            else:
+                proposal = self._sampled(seqs, ks, steps)
+        for s, n_i in zip(seqs, ks):
+            s.draft_computed = len(s) + max(n_i - 1, 0)
+        return proposal
+
+    def _sampled(self, seqs: list[Sequence], ks: list[int], steps: int) -> Proposal:
+        """``steps`` decode forwards, each sampled with the rows' own parameters; q kept."""
+        runner = self.runner
+        params = [s.params for s in seqs]
+        gens = [runner.sampler.generator(s) for s in seqs]
+        n = len(seqs)
+        inputs = runner.decode_inputs
+        inputs.prepare(seqs, runner.graphs.bucket_of[n] if runner.graphed(n) else n)
+        # Forward j writes position len - 1 + j; a row stops at its own k's last one.
+        last_pos = torch.tensor([len(s) - 1 + max(n_i - 1, 0) for s, n_i in zip(seqs, ks)],
+                                dtype=torch.int64).to(runner.device, non_blocking=True)
+        tokens: list[torch.Tensor] = []
+        probs: list[torch.Tensor | None] = []
+        for j in range(steps):
+            if j:
+                inputs.advance_to(tokens[-1], n, last_pos)
+            token, q = sample_draft(self._masked(runner.decode_forward(n), seqs, j), params, gens)
+            tokens.append(token)
+            probs.append(q)
+        host = torch.stack(tokens, dim=1).tolist()  # the one transfer
+        return Proposal([row[:n_i] for row, n_i in zip(host, ks)],
+                        torch.stack(probs, dim=1) if probs[0] is not None else None)
+
+    def _masked(self, logits: torch.Tensor, seqs: list[Sequence], first: int) -> torch.Tensor:
+        return ban_stop_tokens(logits[:, None], seqs, self.eos_token_ids, first)[:, 0]

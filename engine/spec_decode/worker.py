@@ -1,0 +1,78 @@
+"""One speculative decode step: draft, verify, and the tokens each sequence emits.
+
+The scheduler reserved blocks for n_i + 1 positions per sequence (``ScheduledBatch.num_draft``).
+The proposer drafts up to n_i tokens per sequence; the target scores [last token, d_0 .. d_{m-1}]
+at positions len - 1 .. len - 1 + m in one varlen forward with logits at every row; rejection.verify
+accepts a prefix per sequence and adds the target's own token. The result is a StepResult like any
+step's: the engine appends the tokens through its one append path (stop tokens, stop strings,
+max_tokens cut a run there) and the scheduler's finish_step rolls both caches back by bookkeeping
+(num_computed_tokens and draft_computed follow the kept tokens, unused tail blocks are released).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.layers.sampler import StepResult, token_logprobs
+from engine.model_runner import ModelRunner
+from engine.scheduler import ScheduledBatch
+from engine.sequence import TokenLogprobs
+from engine.spec_decode.metrics import SpecDecodeMetrics
+from engine.spec_decode.min_tokens import ban_stop_tokens
+from engine.spec_decode.proposer import Proposer
+from engine.spec_decode.rejection import verify
+
+
+class SpecDecodeWorker:
+    def __init__(self, target: ModelRunner, proposer: Proposer, eos_token_ids: set[int] | frozenset[int]) -> None:
+        self.target = target
+        self.proposer = proposer
+        self.eos_token_ids = eos_token_ids
+        self.metrics = SpecDecodeMetrics()
+
+    def step(self, batch: ScheduledBatch) -> StepResult:
+        seqs = batch.seqs
+        assert batch.num_draft is not None
+        with self.metrics.timed("draft"):
+            proposal = self.proposer.propose(seqs, batch.num_draft)
+        drafts = proposal.token_ids
+        k = max(proposal.num_tokens, default=0)
+        if k == 0:  # nothing proposed (an n-gram without a match): a plain decode step, its graph
+            with self.metrics.timed("verify"):
+                result = self.target.run(ScheduledBatch(seqs, False, [1] * len(seqs)))
+            self.metrics.record([0] * len(seqs), [0] * len(seqs))
+            return result
+        with self.metrics.timed("verify"), torch.inference_mode():
+            chunks = [([s.token_ids[-1]] + d, len(s) - 1, s.block_table) for s, d in zip(seqs, drafts)]
+            flat = self.target.all_logits(chunks)  # [sum of (m_i + 1), V]
+            if all(len(d) == k for d in drafts):
+                raw = flat.view(len(seqs), k + 1, -1)
+            else:  # row i's position j is its flat row start_i + min(j, m_i): padding repeats its last
+                index, start = [], 0  # row, and verify ignores positions past m_i
+                for d in drafts:
+                    index.extend(start + min(j, len(d)) for j in range(k + 1))
+                    start += len(d) + 1
+                raw = flat.index_select(0, torch.tensor(index, device=flat.device)).view(len(seqs), k + 1, -1)
+            draft_ids, counts = proposal.as_tensors(raw.device, k)
+            probs = proposal.probs[:, :k] if proposal.probs is not None else None
+            gens = [self.target.sampler.generator(s) for s in seqs]
+            target_logits = ban_stop_tokens(raw, seqs, self.eos_token_ids)
+            verified = verify(draft_ids, counts, target_logits, [s.params for s in seqs], probs, gens)
+            tokens = verified.to_lists()
+            logprobs = self._logprobs(raw, seqs, tokens)
+        self.metrics.record(proposal.num_tokens, [len(t) - 1 for t in tokens])
+        return StepResult(tokens, logprobs)
+
+    @staticmethod
+    def _logprobs(raw: torch.Tensor, seqs, tokens: list[list[int]]) -> list[list[TokenLogprobs]] | None:
+        """The model's logprobs (log_softmax of the raw target logits) of each emitted token, for the
+        sequences that asked; None when none did."""
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if not want:
+            return None
+        out: list[list[TokenLogprobs]] = [[] for _ in seqs]
+        lp = torch.log_softmax(raw[want], dim=-1).cpu()
+        for r, i in enumerate(want):
+            top_n = seqs[i].params.logprobs or 0
+            out[i] = [token_logprobs(lp[r, j], t, top_n) for j, t in enumerate(tokens[i])]
+        return out
