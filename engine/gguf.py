@@ -63,6 +63,10 @@ def convert_gguf(path: Path | str, out_dir: Path | str, dtype: torch.dtype = tor
     GenerationConfig.from_model_config(model.config).save_pretrained(out_dir)
 
 
+# Marks a directory of the cache as a conversion this code wrote (common/dirs.py replaces only such).
+CONVERTED_MARKER = ".shrink-converted"
+
+
 def gguf_model_dir(path: Path | str, cache_dir: Path | str) -> Path:
     """The GGUF file as a Hugging Face directory (fp32 weights, tokenizer) in
     ``cache_dir/converted/<sha256>``: dequantizing takes ~45 s on a CPU, so it is done once per
@@ -77,5 +81,6 @@ def gguf_model_dir(path: Path | str, cache_dir: Path | str) -> Path:
     tmp = converted.parent / f".{converted.name}.tmp-{os.getpid()}"
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    replace_dir_atomically(tmp, converted)
+    (tmp / CONVERTED_MARKER).write_text(str(path))
+    replace_dir_atomically(tmp, converted, CONVERTED_MARKER)
     return converted
