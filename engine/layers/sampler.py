@@ -29,7 +29,16 @@ class StepResult:
     logprobs: list[list[TokenLogprobs]] | None = None
 
 
-def _filter(
+def device_tensor(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small per-request tensor on ``device`` without a host sync: built in pinned memory and
+    copied asynchronously (``torch.tensor(values, device=cuda)`` waits for the device)."""
+    host = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def filter_logits(
     logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
     use_top_k_p: bool, use_min_p: bool,
 ) -> torch.Tensor:
@@ -64,14 +73,14 @@ def sample(
     tokens = logits.argmax(dim=-1)
     if all(p.greedy for p in params):  # decided on the host: no device sync
         return tokens
-    greedy = torch.tensor([p.greedy for p in params], device=device)
-    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device, dtype=logits.dtype)
-    top_k = torch.tensor([max(p.top_k, 0) for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device, dtype=logits.dtype)
-    min_p = torch.tensor([p.min_p for p in params], device=device, dtype=logits.dtype)
+    greedy = device_tensor([p.greedy for p in params], device)
+    temps = device_tensor([p.temperature if not p.greedy else 1.0 for p in params], device, logits.dtype)
+    top_k = device_tensor([max(p.top_k, 0) for p in params], device)
+    top_p = device_tensor([p.top_p for p in params], device, logits.dtype)
+    min_p = device_tensor([p.min_p for p in params], device, logits.dtype)
     use_top_k_p = any(p.top_k > 0 or p.top_p < 1.0 for p in params)
     use_min_p = any(p.min_p > 0 for p in params)
-    scaled = _filter(logits / temps[:, None], top_k, top_p, min_p, use_top_k_p, use_min_p)
+    scaled = filter_logits(logits / temps[:, None], top_k, top_p, min_p, use_top_k_p, use_min_p)
     probs = scaled.softmax(dim=-1)
     noise = torch.empty_like(probs).exponential_()
     for i, g in enumerate(generators):

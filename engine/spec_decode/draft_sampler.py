@@ -14,6 +14,7 @@ from typing import Sequence as Seq
 
 import torch
 
+from engine.layers.sampler import device_tensor
 from engine.sampling_params import SamplingParams
 from engine.spec_decode.rejection import processed_probs
 
@@ -32,5 +33,5 @@ def sample_draft(
         if g is not None and not params[i].greedy:
             noise[i] = torch.empty(q.shape[1], device=q.device, dtype=q.dtype).exponential_(generator=g)
     drawn = (q / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
-    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+    greedy = device_tensor([p.greedy for p in params], logits.device)
     return torch.where(greedy, tokens, drawn), q

@@ -23,7 +23,7 @@ from typing import Sequence as Seq
 
 import torch
 
-from engine.layers.sampler import _filter
+from engine.layers.sampler import device_tensor, filter_logits
 from engine.sampling_params import SamplingParams
 
 PLACEHOLDER = -1  # token_ids entries past a row's emitted tokens
@@ -49,13 +49,13 @@ def processed_probs(logits: torch.Tensor, params: Seq[SamplingParams]) -> torch.
     b, n, v = logits.shape
     device = logits.device
     flat = logits.reshape(b * n, v).float()
-    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
-    top_k = torch.tensor([max(p.top_k, 0) for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    min_p = torch.tensor([p.min_p for p in params], device=device)
+    temps = device_tensor([p.temperature if not p.greedy else 1.0 for p in params], device)
+    top_k = device_tensor([max(p.top_k, 0) for p in params], device)
+    top_p = device_tensor([p.top_p for p in params], device)
+    min_p = device_tensor([p.min_p for p in params], device)
     use_top_k_p = any(p.top_k > 0 or p.top_p < 1.0 for p in params)
     use_min_p = any(p.min_p > 0 for p in params)
-    scaled = _filter(flat / temps.repeat_interleave(n)[:, None], top_k.repeat_interleave(n),
+    scaled = filter_logits(flat / temps.repeat_interleave(n)[:, None], top_k.repeat_interleave(n),
                      top_p.repeat_interleave(n), min_p.repeat_interleave(n), use_top_k_p, use_min_p)
     return scaled.softmax(dim=-1).view(b, n, v)
 
@@ -158,6 +158,6 @@ def verify(
     if not any(greedy):
         return sampled
     exact = greedy_verify(draft_token_ids, num_draft, target_logits.argmax(dim=-1))
-    mask = torch.tensor(greedy, device=target_logits.device)
+    mask = device_tensor(greedy, target_logits.device)
     return VerifiedTokens(torch.where(mask[:, None], exact.token_ids, sampled.token_ids),
                           torch.where(mask, exact.num_accepted, sampled.num_accepted))
