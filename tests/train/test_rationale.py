@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from support import make_tiny_tokenizer, tiny_llama_config
-from eval.tasks import TaskExample, get_task
 from common.errors import ShrinkError
+from common.tasks import TaskExample, get_task
+from eval.tasks import generate_answers
 from train.rationale import MultiTaskExamples, attach_rationales, cut_rationale, palm_rationales, teacher_rationales
 
 
@@ -68,9 +69,10 @@ def test_teacher_rationales_are_cached(tmp_path):
     model.generate = lambda *a, **k: calls.append(1) or real_generate(*a, **k)
     exs = _examples(3)
     shots = "Q: What is 1 plus 1?\nA: 1 and 1 make 2. So the answer is 2.\n\n"
-    first = teacher_rationales(model, tok, exs, shots, tmp_path, "tiny", max_new_tokens=8, batch_size=2)
+    generate = lambda prompts: generate_answers(model, tok, prompts, 8, batch_size=2)  # noqa: E731
+    first = teacher_rationales(generate, exs, shots, tmp_path, "tiny", max_new_tokens=8)
     assert len(first) == 3 and len(calls) == 2
     cache_files = list((tmp_path / "rationales").glob("*.json"))
     assert len(cache_files) == 1 and len(json.loads(cache_files[0].read_text())) == 3
-    again = teacher_rationales(model, tok, exs, shots, tmp_path, "tiny", max_new_tokens=8, batch_size=2)
+    again = teacher_rationales(generate, exs, shots, tmp_path, "tiny", max_new_tokens=8)
     assert again == first and len(calls) == 2  # served from disk
