@@ -76,3 +76,22 @@ def test_teacher_rationales_are_cached(tmp_path):
     assert len(cache_files) == 1 and len(json.loads(cache_files[0].read_text())) == 3
     again = teacher_rationales(generate, exs, shots, tmp_path, "tiny", max_new_tokens=8)
     assert again == first and len(calls) == 2  # served from disk
+
+
+def test_stage_task_data_matches_the_config(shared_data_dir):
+    """The distill stage's typed task data: the split and the rationales the `data` group asks for."""
+    from omegaconf import OmegaConf
+
+    from shrink.stages.distill import TaskDataSpec, load_task_data
+
+    d = OmegaConf.create({"task": "cqa", "rationale": "palm", "alpha": 0.5, "max_len": 96, "max_train": 60,
+                          "val_fraction": 0.1, "max_eval": 6, "eval_split": "test"})
+    spec = TaskDataSpec.from_cfg(d)
+    data = load_task_data(spec, shared_data_dir, make_tiny_tokenizer())
+    assert (len(data.train), len(data.val), len(data.test)) == (54, 6, 6)
+    assert data.train.with_rationale and data.task.name == "cqa"
+    label_only = load_task_data(TaskDataSpec("cqa", "none", max_train=60, min_val=7), shared_data_dir,
+                                make_tiny_tokenizer())
+    assert len(label_only.val) == 7 and not label_only.train.with_rationale
+    with pytest.raises(ShrinkError, match="data.rationale='nope'"):
+        load_task_data(TaskDataSpec("cqa", "nope"), shared_data_dir, make_tiny_tokenizer())
