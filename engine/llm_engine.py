@@ -11,7 +11,6 @@ and each sequence gets the accepted tokens plus the target's own, appended the s
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import fields, replace
 from itertools import repeat
@@ -32,15 +31,7 @@ from engine.spec_decode.draft_model import DraftModelProposer
 from engine.spec_decode.ngram import NgramProposer
 from engine.spec_decode.metrics import SpecDecodeMetrics
 from engine.spec_decode.worker import SpecDecodeWorker
-
-
-def _load_tokenizer(path: str):
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if not any(os.path.exists(os.path.join(path, n)) for n in names):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
+from engine.tokenizer import load_tokenizer
 
 
 def _eos_ids(path: str, hf_config: Any, tokenizer) -> set[int]:
@@ -76,7 +67,7 @@ class LLMEngine:
             raise TypeError(f"unknown engine option(s): {sorted(unknown)}")
         self.config = EngineConfig(model=model, **kwargs)
         model = self.config.model  # a .gguf file's converted directory
-        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
         self.eos_token_ids = _eos_ids(model, self.config.hf_config, self.tokenizer)
         spec: SpeculativeConfig | None = self.config.speculative_config
         # The draft's vocabulary and positions are checked before either model is built.

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import copy
 import gc
-import json
 import math
 import sys
 import time
@@ -35,8 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.perplexity import encode, perplexity, wikitext2_text  # noqa: E402
+from common.results import ResultsFile  # noqa: E402
+from eval.perplexity import encode, wikitext2_text  # noqa: E402
 from shrink.modeling import load_model, load_tokenizer, num_parameters, save_model_artifact  # noqa: E402
+from shrink.stages.distill import TaskData, TaskDataSpec, load_task_data  # noqa: E402
+from shrink.stages.gqa import measure_ppl  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import CORPUS_FILE, budget_blocks  # noqa: E402
 
@@ -92,37 +94,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-class Results:
-    def __init__(self, out: Path, settings: dict) -> None:
-        self.path = out / "results.json"
-        self.data: dict = {"settings": settings}
-        self.save()
-
-    def put(self, *keys_and_value) -> None:
-        *keys, value = keys_and_value
-        node = self.data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-        self.save()
-
-    def save(self) -> None:
-        tmp = self.path.with_suffix(".json.partial")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        tmp.replace(self.path)
-
-
 def autocast(device: torch.device):
     return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def wiki_ppl(model, ids, args, device, max_windows=None) -> float:
-    was = model.training
-    model.eval()
-    with autocast(device):
-        r = perplexity(model, ids, args.context, args.context, max_windows, full_windows_only=True)
-    model.train(was)
-    return r.ppl
+def wiki_ppl(model, ids, args, max_windows=None) -> float:
+    """WikiText-2 perplexity in the experiment's protocol (non-overlapping windows, full windows only)."""
+    return measure_ppl(model, {"w": ids}, args.context, args.context, max_windows, "bf16", full_windows_only=True)["w"]
 
 
 def cleanup(device: torch.device) -> None:
@@ -154,7 +132,7 @@ def choose_layers(teacher, calib, wiki, args, device, results) -> list[int]:
         if len(keep) != k:
             continue
         student = student_from_teacher(teacher, keep)
-        scores[name] = wiki_ppl(student, wiki, args, device, args.select_windows)
+        scores[name] = wiki_ppl(student, wiki, args, args.select_windows)
         results.put("importance", "candidates", name, {"layers": keep, "init_ppl_subset": scores[name]})
         log(f"importance: {name:9s} layers {keep} -> init ppl {scores[name]:.1f} ({args.select_windows} windows)")
         del student
@@ -180,7 +158,7 @@ def kd_runs(teacher, tokenizer, keep, train, val, wiki, args, device, results, o
 
     n_teacher = teacher.config.num_hidden_layers
     init = student_from_teacher(teacher, keep)
-    results.put("kd", "student_init_ppl", wiki_ppl(init, wiki, args, device, args.max_windows))
+    results.put("kd", "student_init_ppl", wiki_ppl(init, wiki, args, args.max_windows))
     results.put("kd", "student_params", num_parameters(init))
     log(f"kd: student at init ppl {results.data['kd']['student_init_ppl']:.1f} ({num_parameters(init) / 1e6:.1f}M params)")
     del init
@@ -203,7 +181,7 @@ def kd_runs(teacher, tokenizer, keep, train, val, wiki, args, device, results, o
         row = {"losses": spec["losses"], "layer_weight": tc.layer_weight, "steps": steps,
                "train_tokens": result["metrics"]["train_tokens"], "tokens_per_s": result["metrics"]["tokens_per_s"],
                "final_loss": result["metrics"]["final_loss"], "train_s": secs}
-        row["wikitext2_ppl"] = wiki_ppl(model, wiki, args, device, args.max_windows)
+        row["wikitext2_ppl"] = wiki_ppl(model, wiki, args, args.max_windows)
         results.put("kd", "runs", name, row)
         log(f"kd {name}: {row['train_tokens']} tokens in {secs:.1f}s ({row['tokens_per_s']:.0f} tok/s), "
             f"WikiText-2 ppl {row['wikitext2_ppl']:.2f}")
@@ -305,36 +283,33 @@ def bench(teacher, keep, args, device, results) -> None:
 
 # ---------------------------------------------------------------- 4. Distilling Step-by-Step
 def dss(teacher, tokenizer, args, device, results, out) -> None:
-    from eval.tasks import get_task, task_accuracy
+    from eval.tasks import task_accuracy
     from train.loop import train_distill
-    from train.rationale import MultiTaskExamples, palm_rationales
 
-    task = get_task("cqa")
-    data_dir = Path(args.data_dir)
-    train = task.load(data_dir, "train")
-    rationales = palm_rationales(data_dir, "cqa", "train")
-    test = task.load(data_dir, "test")[: args.cqa_max_eval]
-    pairs = list(zip(train, rationales))[: args.cqa_max_train]
-    n_val = max(2, len(pairs) // 50)
+    def cqa(rationale: str) -> TaskData:
+        spec = TaskDataSpec("cqa", rationale, alpha=0.5, max_len=256, min_val=2, max_train=args.cqa_max_train,
+                            max_eval=args.cqa_max_eval)
+        return load_task_data(spec, Path(args.data_dir), tokenizer)
+
+    variants = {"label_only": cqa("none"), "label_rationale": cqa("palm")}
+    task, test = variants["label_only"].task, variants["label_only"].test
     base = copy.deepcopy(teacher).float()
     with autocast(device):
         acc0 = task_accuracy(base, tokenizer, task, test, batch_size=128)["accuracy"]
     results.put("dss", "teacher_zero_shot_accuracy", acc0)
     log(f"dss: untuned model test accuracy {acc0:.4f} (label prompt, {len(test)} examples)")
     del base
-    for name, with_rationale in (("label_only", False), ("label_rationale", True)):
+    for name, data in variants.items():
         t = time.time()
-        data = MultiTaskExamples([(ex, r if with_rationale else None) for ex, r in pairs[n_val:]], tokenizer, 0.5, 256)
-        val = MultiTaskExamples([(ex, r if with_rationale else None) for ex, r in pairs[:n_val]], tokenizer, 0.5, 256)
         student = copy.deepcopy(teacher).float().requires_grad_(True).train()
         tc = TrainConfig(max_steps=args.cqa_steps, batch_size=args.cqa_batch, lr=args.cqa_lr,
                          warmup_steps=max(1, args.cqa_steps // 20), losses={"ce": 1.0}, temperature=1.0,
                          checkpoint_every=0, val_batches=2, seed=args.seed, chunk_size=4096)
-        result = train_distill(student, None, data, val, tc, out / f"dss-{name}")
+        result = train_distill(student, None, data.train, data.val, tc, out / f"dss-{name}")
         with autocast(device):
             acc = task_accuracy(result["model"], tokenizer, task, test, batch_size=128)
-        row = {"steps": args.cqa_steps, "batch": args.cqa_batch, "alpha": 0.5 if with_rationale else 1.0,
-               "train_examples": len(data), "test_accuracy": acc["accuracy"], "test_n": acc["n"],
+        row = {"steps": args.cqa_steps, "batch": args.cqa_batch, "alpha": 0.5 if data.train.with_rationale else 1.0,
+               "train_examples": len(data.train), "test_accuracy": acc["accuracy"], "test_n": acc["n"],
                "train_s": time.time() - t, "final_loss": result["metrics"]["final_loss"], "examples": acc["examples"]}
         results.put("dss", name, row)
         log(f"dss {name}: test accuracy {acc['accuracy']:.4f} ({acc['n']} examples, {row['train_s']:.1f}s)")
@@ -349,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    results = Results(out, {k: v for k, v in vars(args).items()})
+    results = ResultsFile(out / "results.json", {"settings": {k: v for k, v in vars(args).items()}})
     import transformers
 
     results.put("versions", {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -360,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     wiki = encode(tokenizer, text[: args.wiki_chars] if args.wiki_chars else text)
     log(f"loaded teacher ({num_parameters(teacher) / 1e6:.1f}M params, {teacher.config.num_hidden_layers} layers); "
         f"WikiText-2 {wiki.numel()} tokens")
-    results.put("teacher_wikitext2_ppl", wiki_ppl(teacher, wiki, args, device, args.max_windows))
+    results.put("teacher_wikitext2_ppl", wiki_ppl(teacher, wiki, args, args.max_windows))
     log(f"teacher WikiText-2 ppl {results.data['teacher_wikitext2_ppl']:.2f}")
     keep = list(range(0, teacher.config.num_hidden_layers, 2))[: args.keep]
     need_lm = any(p in args.parts for p in ("importance", "kd"))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.results import ResultsFile  # noqa: E402
 from eval.perplexity import encode, wikitext2_text  # noqa: E402
 from shrink.gqa import POOL_INITS, check_pool_target, kv_report, pool_kv_heads  # noqa: E402
 from shrink.modeling import load_model, load_tokenizer  # noqa: E402
@@ -70,23 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-class Results:
-    def __init__(self, out: Path, settings: dict) -> None:
-        self.path = out / "results.json"
-        self.data = {"settings": settings, "models": {}}
-        self.save()
-
-    def put(self, model: str, key: str, value) -> None:
-        self.data["models"].setdefault(model, {})[key] = value
-        self.save()
-
-    def save(self) -> None:
-        tmp = self.path.with_suffix(".json.partial")
-        tmp.write_text(json.dumps(self.data, indent=2))
-        tmp.replace(self.path)
-
-
-def run_model(path: Path, args: argparse.Namespace, results: Results, out: Path) -> None:
+def run_model(path: Path, args: argparse.Namespace, results: ResultsFile, out: Path) -> None:
     name = path.name
     device = torch.device(args.device)
     teacher = load_model(path, dtype="fp32", device=device)
@@ -98,7 +82,7 @@ def run_model(path: Path, args: argparse.Namespace, results: Results, out: Path)
     ppl_args = (args.context, args.context, args.max_windows, "bf16")
     kv = {"before": kv_report(teacher.config, 8, 2048, 2)}
     t = time.time()
-    results.put(name, "ppl_before", measure_ppl(teacher, {"w": wiki}, *ppl_args, full_windows_only=True)["w"])
+    results.put("models", name, "ppl_before", measure_ppl(teacher, {"w": wiki}, *ppl_args, full_windows_only=True)["w"])
     log(f"{name}: ppl before conversion {results.data['models'][name]['ppl_before']:.3f} ({time.time() - t:.1f}s)")
     tc = TrainConfig(batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, chunk_size=2048,
                      losses={"forward_kl": 1.0, "ce": 0.5}, temperature=1.0, checkpoint_every=0,
@@ -110,7 +94,7 @@ def run_model(path: Path, args: argparse.Namespace, results: Results, out: Path)
         student = pool_kv_heads(copy.deepcopy(teacher), args.kv_heads, init, seed=args.seed)
         kv["after"] = kv_report(student.config, 8, 2048, 2)
         row = {"converted": measure_ppl(student, {"w": wiki}, *ppl_args, full_windows_only=True)["w"]}
-        results.put(name, init, row)
+        results.put("models", name, init, row)
         log(f"{name} {init}: ppl right after conversion {row['converted']:.3f} ({time.time() - t:.1f}s)")
         t = time.time()
         result = uptrain(student, teacher, train, val, tc, out / f"{name}-{init}")
@@ -119,18 +103,18 @@ def run_model(path: Path, args: argparse.Namespace, results: Results, out: Path)
         log(f"{name} {init}: uptrained {row['train_tokens']} tokens in {row['uptrain_s']:.1f}s "
             f"({row['tokens_per_s']:.0f} tok/s)")
         row["uptrained"] = measure_ppl(result["model"], {"w": wiki}, *ppl_args, full_windows_only=True)["w"]
-        results.put(name, init, row)
+        results.put("models", name, init, row)
         log(f"{name} {init}: ppl after uptraining {row['uptrained']:.3f}")
         del student, result
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    results.put(name, "kv", kv)
+    results.put("models", name, "kv", kv)
     del teacher
     gc.collect()
 
 
-def write_markdown(results: Results, out: Path) -> None:
+def write_markdown(results: ResultsFile, out: Path) -> None:
     lines = ["| model | init | ppl before | right after | after uptraining | vs before | tokens | tok/s |",
              "|---|---|---|---|---|---|---|---|"]
     for name, m in results.data["models"].items():
@@ -163,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     settings["transformers"] = transformers.__version__
     log(f"gqa experiment on {device_name}: {len(args.model)} model(s), inits {args.inits}, {args.tokens} tokens each")
-    results = Results(out, settings)
+    results = ResultsFile(out / "results.json", {"settings": settings, "models": {}})
     for model in args.model:
         run_model(Path(model), args, results, out)
     results.data["total_s"] = time.time() - T0

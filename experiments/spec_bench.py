@@ -90,7 +90,7 @@ def _chat(tokenizer: Any, text: str) -> list[int]:
 
 def load_prompts(workload: str, data_dir: Path, tokenizer: Any, n: int, prompt_tokens: int) -> list[list[int]]:
     """Token ids of ``n`` prompts of one workload (deterministic: the first n usable items)."""
-    from eval.tasks import TASKS
+    from common.tasks import TASKS
 
     if workload == "wikitext":
         return [tokenizer.encode(p)[:prompt_tokens] for p in _paragraphs(data_dir)[:n]]

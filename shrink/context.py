@@ -1,4 +1,5 @@
-"""What a stage gets besides its config: the run directory, its input artifact, the teacher; and the
+"""What a stage gets besides its config: the run directory, its input artifact, the teacher, the
+shared data and cache directories; and the
 checks every stage gets before any work (run dir writable and free, outputs ours to replace)."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.dirs import check_replaceable
 from common.errors import ShrinkError
+from common.paths import default_cache_dir, default_data_dir
 from shrink.artifacts import META_FILE, Artifact
 from shrink.verify import Verifier, check_model_files
 from shrink.modeling import dir_size_bytes, resolve_device
@@ -44,6 +46,16 @@ def latest_artifact_before(run_dir: Path, stage: str) -> Artifact | None:
     return None
 
 
+def data_dir(cfg: DictConfig) -> Path | None:
+    """`data_dir=` (shared data: WikiText-2, corpus, reasoning), else $SHRINK_DATA_DIR or ../shared/data."""
+    return Path(str(cfg.data_dir)) if cfg.get("data_dir") else default_data_dir()
+
+
+def cache_dir(cfg: DictConfig) -> Path:
+    """`cache_dir=` (downloads, tokenized data, rationales), else $SHRINK_CACHE_DIR or ~/.cache/shrink."""
+    return Path(str(cfg.cache_dir)) if cfg.get("cache_dir") else default_cache_dir()
+
+
 @dataclass
 class StageContext:
     cfg: DictConfig
@@ -53,6 +65,14 @@ class StageContext:
     @property
     def device(self) -> torch.device:
         return resolve_device(str(self.cfg.device))
+
+    @property
+    def data_dir(self) -> Path | None:
+        return data_dir(self.cfg)
+
+    @property
+    def cache_dir(self) -> Path:
+        return cache_dir(self.cfg)
 
     @property
     def stage(self) -> str:

@@ -1,4 +1,5 @@
-"""TrainConfig: every knob of the distillation loop, checked before any work."""
+"""TrainConfig: every knob of the distillation loop, checked before any work. Its defaults are those of
+conf/train/default.yaml, the config group that distill, gqa.train and prune.finetune compose."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from common.errors import ShrinkError
+from engine.tokenizer import load_tokenizer
 
 METHODS = ("draft_model", "ngram")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -197,15 +198,13 @@ def draft_engine_config(target: Any, target_tokenizer: Any, spec: SpeculativeCon
 
     from transformers import AutoConfig
 
-    from engine.llm_engine import _load_tokenizer  # here: llm_engine will import this module
-
     if spec.method != "draft_model" or spec.model is None:
         raise SpeculativeConfigError("method", f"{spec.method!r} has no draft model")
     try:
         hf = AutoConfig.from_pretrained(spec.model)
     except (OSError, ValueError) as e:
         raise SpeculativeConfigError("model", f"cannot read the draft's config.json in {spec.model!r}: {e}") from None
-    check_same_vocabulary(target.hf_config, target_tokenizer, hf, _load_tokenizer(spec.model))
+    check_same_vocabulary(target.hf_config, target_tokenizer, hf, load_tokenizer(spec.model))
     limit = int(getattr(hf, "max_position_embeddings", 4096))
     if limit < target.max_model_len:
         raise SpeculativeConfigError(

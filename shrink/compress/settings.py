@@ -9,7 +9,6 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from common.errors import ShrinkError
-from common.paths import default_cache_dir
 from shrink.compress.calib_data import CalibConfig
 from shrink.compress.compress_artifact import CompressionSettings
 from shrink.compress.errors import SettingError, check_type
@@ -18,7 +17,6 @@ from shrink.compress.quant import QuantSpec
 from shrink.compress.recipe import pruning_method, quantization_recipe
 from shrink.compress.sparsity import SparsitySpec
 from shrink.modeling import resolve_dtype
-from train.data import data_dir
 
 
 def _get(cfg: Any, key: str, kind: type | None = None, *, where: str = "", optional: bool = False) -> Any:
@@ -95,11 +93,10 @@ def quantize_settings(cfg: Any) -> CompressionSettings:
 
 
 def stage_data_dir(ctx: Any) -> Path | None:
-    """The run's shared data directory: the one place prune/quantize read it (until StageContext
-    carries it)."""
-    return data_dir(ctx.cfg.get("data_dir"))
+    """The run's shared data directory (StageContext carries it)."""
+    return ctx.data_dir
 
 
 def stage_cache_dir(ctx: Any) -> Path:
-    """The run's cache directory: the one place prune/quantize read it (until StageContext carries it)."""
-    return Path(ctx.cfg.cache_dir) if ctx.cfg.get("cache_dir") else default_cache_dir()
+    """The run's cache directory (StageContext carries it)."""
+    return ctx.cache_dir

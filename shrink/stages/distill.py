@@ -1,202 +1,292 @@
 """stage=distill: initialise a student (from the teacher by depth/width, from a config, or a
 pretrained model with the teacher's vocabulary) and train it by distillation: logit losses,
 intermediate layers, on-policy (GKD) or sequence-level KD on LM text, or Distilling Step-by-Step
-rationale multi-task training on a reasoning task (data.task=cqa|svamp|gsm8k)."""
+rationale multi-task training on a reasoning task (data.task=cqa|svamp|gsm8k).
+
+`distill(...)` is the stage as a typed function (experiments call it and its pieces: `StudentSpec`,
+`load_task_data`); `run` reads the config into it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from common.errors import ShrinkError
+from common.tasks import Task, TaskExample, get_task
 from shrink.artifacts import Artifact
 from shrink.context import StageContext, checkpoint_dir_name
-from common.errors import ShrinkError
 from shrink.modeling import load_model, load_tokenizer, num_parameters, save_model_artifact
 from shrink.stages import register_stage
-from shrink.stages.import_model import cache_dir
 from shrink.tracking import make_tracker
 from train.checkpoint import check_checkpoint_fits, remove_checkpoint, resume_note
 from train.config import TrainConfig
-from train.data import data_dir, load_packed
+from train.data import load_packed
 from train.layer_distill import parse_layer_map
 from train.loop import train_distill
+from train.rationale import MultiTaskExamples, few_shot_prompt, palm_rationales, teacher_rationales
 from train.student_init import (check_same_vocab, needs_importance, parse_keep_layers, prune_width,
                                 student_from_config, student_from_teacher)
 
 CKPT_DIR = checkpoint_dir_name("distill")
 INITS = ("teacher_layers", "config", "pretrained")
+# Importance / width calibration when the training data is a task (not LM text): the shared corpus.
+CALIB_DATA = {"source": "auto", "block_size": 256, "val_fraction": 0.02, "max_docs": 2000, "seed": 0,
+              "text_field": "text"}
 
 
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
-def student_layers(cfg: DictConfig, n_teacher_layers: int, scores: list[float] | None = None) -> list[int] | None:
+@dataclass
+class StudentSpec:
+    """How the student starts (the `student` config group)."""
+
+    init: str = "teacher_layers"     # teacher_layers | config | pretrained
+    keep_layers: Any = "all"         # every:k | first:n | importance:n | all | [i, j, ...]
+    importance: str = "bi"           # bi | drop_loss (for importance:n)
+    calib_blocks: int = 16
+    width: dict[str, Any] = field(default_factory=dict)   # hidden_size, intermediate_size, importance
+    config: dict[str, Any] = field(default_factory=dict)  # init=config: overrides of the teacher's config
+    path: str | None = None          # init=pretrained
+
+    @classmethod
+    def from_cfg(cls, s: Any) -> "StudentSpec":
+        return cls(init=str(s.init), keep_layers=_plain(s.keep_layers), importance=str(s.get("importance", "bi")),
+                   calib_blocks=int(s.get("calib_blocks", 16)), width=dict(_plain(s.get("width")) or {}),
+                   config=dict(_plain(s.get("config")) or {}), path=str(s.path) if s.get("path") else None)
+
+    @property
+    def prunes_width(self) -> bool:
+        return bool(self.width.get("hidden_size") or self.width.get("intermediate_size"))
+
+
+def student_layers(spec: StudentSpec, n_teacher_layers: int, scores: list[float] | None = None) -> list[int] | None:
     """The teacher layers the student keeps (None unless init=teacher_layers); checked from
     config.json alone before any work (importance:n is checked for range only until scores exist)."""
-    init = str(cfg.student.init)
-    if init not in INITS:
-        raise ShrinkError(f"student.init={init!r}: expected one of {', '.join(INITS)}")
-    if init != "teacher_layers":
+    if spec.init not in INITS:
+        raise ShrinkError(f"student.init={spec.init!r}: expected one of {', '.join(INITS)}")
+    if spec.init != "teacher_layers":
         return None
-    spec = _plain(cfg.student.keep_layers)
-    if spec == "all":
+    keep = spec.keep_layers
+    if keep == "all":
         return list(range(n_teacher_layers))
-    if needs_importance(spec) and scores is None:
-        n = parse_keep_layers(f"first:{spec.split(':', 1)[1]}", n_teacher_layers)  # range check only
+    if needs_importance(keep) and scores is None:
+        n = parse_keep_layers(f"first:{keep.split(':', 1)[1]}", n_teacher_layers)  # range check only
         return list(range(len(n)))
-    return parse_keep_layers(spec, n_teacher_layers, scores)
+    return parse_keep_layers(keep, n_teacher_layers, scores)
 
 
-def calibration_blocks(cfg: DictConfig, tokenizer: Any, n_blocks: int) -> torch.Tensor:
-    """Token blocks for measuring importance: the start of the LM training data."""
-    data_cfg = cfg.data if not cfg.data.get("task") else OmegaConf.create(
-        {"source": "auto", "block_size": 256, "val_fraction": 0.02, "max_docs": 2000, "seed": 0, "text_field": "text"})
-    data = load_packed(data_cfg, tokenizer, cfg.get("data_dir"), cache_dir(cfg))
-    return data.train[:n_blocks]
-
-
-def build_student(cfg: DictConfig, teacher: torch.nn.Module, tokenizer: Any, device: torch.device
-                  ) -> tuple[torch.nn.Module, list[int] | None, dict]:
-    """(student, kept teacher layers or None, metrics about the choice)."""
-    s = cfg.student
-    init = str(s.init)
+def build_student(spec: StudentSpec, teacher: torch.nn.Module, tokenizer: Any, device: torch.device,
+                  calibration: Callable[[int], torch.Tensor]) -> tuple[torch.nn.Module, list[int] | None, dict]:
+    """(student, kept teacher layers or None, metrics about the choice); `calibration(n)` gives n token
+    blocks for measuring importance."""
     n_teacher = teacher.config.num_hidden_layers
-    info: dict[str, Any] = {"student_init": init}
-    if init == "config":
-        return student_from_config(teacher.config, dict(_plain(s.get("config")) or {})).to(device), None, info
-    if init == "pretrained":
-        if not s.get("path"):
+    info: dict[str, Any] = {"student_init": spec.init}
+    if spec.init == "config":
+        return student_from_config(teacher.config, dict(spec.config)).to(device), None, info
+    if spec.init == "pretrained":
+        if not spec.path:
             raise ShrinkError("student.init=pretrained needs student.path")
-        student = load_model(Path(str(s.path)), dtype="fp32", device=device).train()
-        check_same_vocab(tokenizer, load_tokenizer(Path(str(s.path))), teacher.config.vocab_size,
+        student = load_model(Path(spec.path), dtype="fp32", device=device).train()
+        check_same_vocab(tokenizer, load_tokenizer(Path(spec.path)), teacher.config.vocab_size,
                          student.config.vocab_size)
         return student.requires_grad_(True), None, info
-    spec = _plain(s.keep_layers)
-    width = dict(_plain(s.get("width")) or {})
-    calib = None
-    if needs_importance(spec) or (width.get("hidden_size") or width.get("intermediate_size")):
-        calib = calibration_blocks(cfg, tokenizer, int(s.get("calib_blocks", 16)))
+    calib = calibration(spec.calib_blocks) if needs_importance(spec.keep_layers) or spec.prunes_width else None
     scores = None
-    if needs_importance(spec):
+    if needs_importance(spec.keep_layers):
         from train.importance import layer_importance
 
-        scores = layer_importance(teacher, calib, str(s.get("importance", "bi")))
+        scores = layer_importance(teacher, calib, spec.importance)
         info["layer_importance"] = scores
-    keep = student_layers(cfg, n_teacher, scores)
+    keep = student_layers(spec, n_teacher, scores)
     info["kept_layers"] = keep
     student = student_from_teacher(teacher, keep)
-    if width.get("hidden_size") or width.get("intermediate_size"):
+    if spec.prunes_width:
         from train.importance import channel_importance
 
+        width = spec.width
         imp = channel_importance(student, calib) if str(width.get("importance", "activation")) == "activation" else None
         student = prune_width(student, width.get("hidden_size"), width.get("intermediate_size"), imp)
         info["width"] = {k: width.get(k) for k in ("hidden_size", "intermediate_size")}
     return student, keep, info
 
 
-def task_data(cfg: DictConfig, teacher: torch.nn.Module, tokenizer: Any):
-    """(train data, val data, evaluate(model) -> metrics) for data.task."""
-    from eval.tasks import get_task, task_accuracy
-    from train.rationale import MultiTaskExamples, few_shot_prompt, palm_rationales, teacher_rationales
+@dataclass
+class TaskDataSpec:
+    """Multi-task (label + rationale) training on a reasoning task (the `data` group with `task`)."""
 
-    d = cfg.data
-    task = get_task(str(d.task))
-    shared = data_dir(cfg.get("data_dir"))
+    task: str
+    rationale: str = "none"          # palm | teacher | none | a column of the task's examples
+    alpha: float = 0.5
+    max_len: int = 256
+    val_fraction: float = 0.02
+    min_val: int = 1                 # held-out examples at least
+    max_train: int | None = None
+    max_eval: int | None = None
+    eval_split: str = "test"
+    eval_batch_size: int = 64
+    shots: int = 4                   # rationale=teacher: few-shot demonstrations (PaLM rationales)
+    rationale_max_new_tokens: int = 96
+    rationale_batch_size: int = 32
+
+    @classmethod
+    def from_cfg(cls, d: Any) -> "TaskDataSpec":
+        tr = d.get("teacher_rationale") or {}
+        return cls(task=str(d.task), rationale=str(d.get("rationale", "none")), alpha=float(d.alpha),
+                   max_len=int(d.max_len), val_fraction=float(d.get("val_fraction", 0.02)),
+                   max_train=int(d.max_train) if d.get("max_train") else None,
+                   max_eval=int(d.max_eval) if d.get("max_eval") else None,
+                   eval_split=str(d.get("eval_split", "test")), eval_batch_size=int(d.get("eval_batch_size", 64)),
+                   shots=int(tr.get("shots", 4)), rationale_max_new_tokens=int(tr.get("max_new_tokens", 96)),
+                   rationale_batch_size=int(tr.get("batch_size", 32)))
+
+
+@dataclass
+class TaskData:
+    task: Task
+    train: MultiTaskExamples
+    val: MultiTaskExamples
+    test: list[TaskExample]
+
+
+def task_rationales(spec: TaskDataSpec, task: Task, train: list[TaskExample], shared: Path,
+                    generate: Callable[[list[str], int], list[str]] | None, cache_dir: Path | None,
+                    model_id: str) -> list[str | None]:
+    """The rationale of each training example (as many as are used) from `spec.rationale`;
+    `generate(prompts, max_new_tokens)` writes them for rationale=teacher."""
+    source = spec.rationale
+    if source == "palm":
+        return list(palm_rationales(shared, task.name, "train"))
+    if source == "none":
+        return [None] * len(train)
+    if source == "teacher":
+        if generate is None or cache_dir is None:
+            raise ShrinkError("data.rationale=teacher needs the teacher to generate rationales")
+        shots = few_shot_prompt(list(zip(train, palm_rationales(shared, task.name, "train")))[: spec.shots])
+        subset = train[: spec.max_train] if spec.max_train else train
+        n = spec.rationale_max_new_tokens
+        return list(teacher_rationales(lambda prompts: generate(prompts, n), subset, shots, cache_dir, model_id, n))
+    if source not in train[0].explanation:
+        raise ShrinkError(f"data.rationale={source!r}: expected palm, teacher, none or a column of "
+                          f"{task.name} ({', '.join(train[0].explanation) or 'none'})")
+    return [ex.explanation.get(source) for ex in train]
+
+
+def load_task_data(spec: TaskDataSpec, shared: Path | None, tokenizer: Any,
+                   generate: Callable[[list[str], int], list[str]] | None = None, cache_dir: Path | None = None,
+                   model_id: str = "teacher") -> TaskData:
+    """Train / validation multi-task examples and the evaluation split of `spec.task`."""
+    task = get_task(spec.task)
     if shared is None:
         raise ShrinkError("data.task needs the shared data (set data_dir= or SHRINK_DATA_DIR)")
     train = task.load(shared, "train")
-    source = str(d.get("rationale", "none"))
-    if source == "palm":
-        rationales: list[str | None] = list(palm_rationales(shared, task.name, "train"))
-    elif source == "none":
-        rationales = [None] * len(train)
-    elif source == "teacher":
-        tr = d.teacher_rationale
-        shots_from = palm_rationales(shared, task.name, "train")
-        shots = few_shot_prompt(list(zip(train, shots_from))[: int(tr.shots)])
-        limit = d.get("max_train")
-        subset = train[: int(limit)] if limit else train
-        rationales = list(teacher_rationales(teacher, tokenizer, subset, shots, cache_dir(cfg),
-                                             str(teacher.config._name_or_path or "teacher"),
-                                             int(tr.max_new_tokens), int(tr.batch_size)))
-    else:
-        if source not in train[0].explanation:
-            raise ShrinkError(f"data.rationale={source!r}: expected palm, teacher, none or a column of "
-                              f"{task.name} ({', '.join(train[0].explanation) or 'none'})")
-        rationales = [ex.explanation.get(source) for ex in train]
-    pairs = list(zip(train, rationales))
-    if d.get("max_train"):
-        pairs = pairs[: int(d.max_train)]
-    n_val = max(1, int(len(pairs) * float(d.get("val_fraction", 0.02))))
-    alpha, max_len = float(d.alpha), int(d.max_len)
-    train_data = MultiTaskExamples(pairs[n_val:], tokenizer, alpha, max_len)
-    val_data = MultiTaskExamples(pairs[:n_val], tokenizer, alpha, max_len)
-    test = task.load(shared, str(d.get("eval_split", "test")))
-    if d.get("max_eval"):
-        test = test[: int(d.max_eval)]
+    pairs = list(zip(train, task_rationales(spec, task, train, shared, generate, cache_dir, model_id)))
+    if spec.max_train:
+        pairs = pairs[: spec.max_train]
+    n_val = max(spec.min_val, int(len(pairs) * spec.val_fraction))
+    test = task.load(shared, spec.eval_split)
+    if spec.max_eval:
+        test = test[: spec.max_eval]
+    return TaskData(task, MultiTaskExamples(pairs[n_val:], tokenizer, spec.alpha, spec.max_len),
+                    MultiTaskExamples(pairs[:n_val], tokenizer, spec.alpha, spec.max_len), test)
+
+
+def task_evaluator(data: TaskData, spec: TaskDataSpec, tokenizer: Any) -> Callable[[torch.nn.Module], dict]:
+    """evaluate(model) -> {task_accuracy, task_eval_n} on the evaluation split."""
+    from eval.tasks import task_accuracy
 
     def evaluate(model: torch.nn.Module) -> dict:
-        result = task_accuracy(model, tokenizer, task, test, int(d.get("eval_batch_size", 64)))
-        print(f"distill: {task.name} {d.get('eval_split', 'test')} accuracy {result['accuracy']:.4f} "
+        result = task_accuracy(model, tokenizer, data.task, data.test, spec.eval_batch_size)
+        print(f"distill: {data.task.name} {spec.eval_split} accuracy {result['accuracy']:.4f} "
               f"({result['n']} examples)")
-        return {f"{task.name}_accuracy": result["accuracy"], f"{task.name}_eval_n": result["n"]}
+        return {f"{data.task.name}_accuracy": result["accuracy"], f"{data.task.name}_eval_n": result["n"]}
 
-    return train_data, val_data, evaluate
+    return evaluate
 
 
-@register_stage("distill")
-def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
+def hf_generate(model: torch.nn.Module, tokenizer: Any, batch_size: int) -> Callable[[list[str], int], list[str]]:
+    """Greedy continuations by the model itself (eval.tasks.generate_answers): how teacher rationales
+    are written."""
+    from eval.tasks import generate_answers
+
+    return lambda prompts, max_new_tokens: generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+
+
+def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec | Any, tc: TrainConfig, *,
+            dest: Path, ckpt_dir: Path, device: torch.device, data_dir: Path | None = None,
+            cache_dir: Path | None = None, resume: bool = False, save_dtype: str = "bf16",
+            config: dict | None = None, tracker: Callable[[], Any] | None = None) -> Artifact:
+    """Distil a student (`student_spec`) from `teacher_art` on `data` (a TaskDataSpec, or a `data` config
+    group of LM text as train.data.load_packed reads it) with `tc` (its layer_map still a spec, e.g.
+    `auto`); saved at `dest`. `tracker()` makes the experiment tracker, if any."""
     started = time.time()
-    teacher_art = ctx.input
-    device = ctx.device
     n_teacher = int(json.loads((teacher_art.path / "config.json").read_text())["num_hidden_layers"])
-    student_layers(cfg, n_teacher)  # fail on a bad spec before loading anything
+    student_layers(student_spec, n_teacher)  # fail on a bad spec before loading anything
     # Master weights in fp32; on a GPU accelerate runs the forward in bf16 autocast.
     teacher = load_model(teacher_art, dtype="fp32", device=device)
     tokenizer = load_tokenizer(teacher_art)
-    student, keep, init_info = build_student(cfg, teacher, tokenizer, device)
-    ckpt_dir = ctx.run_dir / CKPT_DIR
-    if cfg.resume:
-        if not cfg.distill.get("lora"):  # LoRA checkpoints name the wrapped modules
+    calib_cfg = OmegaConf.create(CALIB_DATA) if isinstance(data, TaskDataSpec) else data
+
+    def calibration(n_blocks: int) -> torch.Tensor:
+        return load_packed(calib_cfg, tokenizer, data_dir, cache_dir).train[:n_blocks]
+
+    student, keep, init_info = build_student(student_spec, teacher, tokenizer, device, calibration)
+    if resume:
+        if not tc.lora:  # LoRA checkpoints name the wrapped modules
             check_checkpoint_fits(ckpt_dir, student, "student.* settings (student.keep_layers, student.width, ...)")
         print(resume_note(ckpt_dir, "distill") or f"distill: resuming from {ckpt_dir}")
     teacher.requires_grad_(False)
     evaluate = None
-    if cfg.data.get("task"):
-        train, val, evaluate = task_data(cfg, teacher, tokenizer)
-        block_size = int(cfg.data.max_len)
-        source = f"task:{cfg.data.task} rationale={cfg.data.get('rationale', 'none')}"
+    if isinstance(data, TaskDataSpec):
+        generate = hf_generate(teacher, tokenizer, data.rationale_batch_size)
+        task_data = load_task_data(data, data_dir, tokenizer, generate, cache_dir,
+                                   str(teacher.config._name_or_path or "teacher"))
+        train, val, evaluate = task_data.train, task_data.val, task_evaluator(task_data, data, tokenizer)
+        source = f"task:{data.task} rationale={data.rationale}"
         n_train, n_val = len(train), len(val)
     else:
-        data = load_packed(cfg.data, tokenizer, cfg.get("data_dir"), cache_dir(cfg))
-        train, val, block_size, source = data.train, data.val, data.train.shape[1], data.source
-        n_train, n_val = int(data.train.shape[0]), int(data.val.shape[0])
-    tc = TrainConfig.from_cfg(cfg.distill, seed=int(cfg.seed), block_size=block_size)
-    tc.layer_map = parse_layer_map(_plain(cfg.distill.get("layer_map")), student.config.num_hidden_layers,
-                                   n_teacher, keep)
+        packed = load_packed(data, tokenizer, data_dir, cache_dir)
+        train, val, source = packed.train, packed.val, packed.source
+        n_train, n_val = int(packed.train.shape[0]), int(packed.val.shape[0])
+    tc = dataclasses.replace(tc, layer_map=parse_layer_map(tc.layer_map, student.config.num_hidden_layers,
+                                                          n_teacher, keep))
     if tc.layer_map and not tc.layer_weight:
         raise ShrinkError("distill.layer_map is set but distill.layer_weight is 0")
-    config = ctx.resolved_config("distill", "student", "data")
-    tracker = make_tracker(cfg.logging, ctx.run_dir, "distill", config)
+    run_tracker = tracker() if tracker is not None else None
     try:
-        result = train_distill(student, teacher, train, val, tc, ckpt_dir, resume=bool(cfg.resume),
-                               tracker=tracker, evaluate=evaluate, eos_id=tokenizer.eos_token_id)
+        result = train_distill(student, teacher, train, val, tc, ckpt_dir, resume=resume,
+                               tracker=run_tracker, evaluate=evaluate, eos_id=tokenizer.eos_token_id)
     finally:
-        if tracker is not None:
-            tracker.finish()
+        if run_tracker is not None:
+            run_tracker.finish()
     metrics = {**result["metrics"], **init_info, "params": num_parameters(result["model"]),
                "teacher_params": num_parameters(teacher), "data_source": source,
                "train_examples": n_train, "val_examples": n_val}
     accelerator = result["accelerator"]
     if accelerator.is_main_process:  # one writer under `accelerate launch`; the other ranks wait
-        save_model_artifact(ctx.output_dir("distill"), result["model"], tokenizer, stage="distill", config=config,
-                            inputs=[teacher_art], metrics=metrics, started=started, dtype=str(cfg.distill.save_dtype))
+        save_model_artifact(dest, result["model"], tokenizer, stage="distill", config=config,
+                            inputs=[teacher_art], metrics=metrics, started=started, dtype=save_dtype)
         remove_checkpoint(ckpt_dir)  # only once the artifact is safely in place
     accelerator.wait_for_everyone()
-    return Artifact.load(ctx.output_dir("distill"))
+    return Artifact.load(dest)
+
+
+@register_stage("distill")
+def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
+    student = StudentSpec.from_cfg(cfg.student)
+    data = TaskDataSpec.from_cfg(cfg.data) if cfg.data.get("task") else cfg.data
+    block_size = int(cfg.data.max_len) if isinstance(data, TaskDataSpec) else int(cfg.data.block_size)
+    tc = TrainConfig.from_cfg(cfg.distill, seed=int(cfg.seed), block_size=block_size)
+    config = ctx.resolved_config("distill", "student", "data")
+    return distill(ctx.input, student, data, tc, dest=ctx.output_dir("distill"), ckpt_dir=ctx.run_dir / CKPT_DIR,
+                   device=ctx.device, data_dir=ctx.data_dir, cache_dir=ctx.cache_dir, resume=bool(cfg.resume),
+                   save_dtype=str(cfg.distill.save_dtype), config=config,
+                   tracker=lambda: make_tracker(cfg.logging, ctx.run_dir, "distill", config))

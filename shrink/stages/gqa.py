@@ -1,5 +1,8 @@
 """stage=gqa: pool the input's K/V heads into fewer groups, uptrain by distillation from the
-pre-conversion model, and report what it buys (KV-cache bytes) and costs (perplexity)."""
+pre-conversion model, and report what it buys (KV-cache bytes) and costs (perplexity).
+
+`gqa(...)` is the stage as a typed function (experiments call it and `measure_ppl` / `uptrain`);
+`run` reads the config into it."""
 
 from __future__ import annotations
 
@@ -7,23 +10,23 @@ import contextlib
 import copy
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from common.errors import ShrinkError
 from eval.perplexity import encode, perplexity, wikitext2_text
 from shrink.artifacts import META_FILE, Artifact
 from shrink.context import StageContext, checkpoint_dir_name
-from common.errors import ShrinkError
 from shrink.gqa import check_target, convert, kv_report
 from shrink.modeling import load_model, load_tokenizer, num_parameters, save_model_artifact
 from shrink.stages import register_stage
-from shrink.stages.import_model import cache_dir
 from shrink.tracking import make_tracker
 from train.checkpoint import check_checkpoint_fits, remove_checkpoint, resume_note
-from train.data import data_dir, load_packed
+from train.data import load_packed
 from train.loop import TrainConfig, train_distill
 
 CKPT_DIR = checkpoint_dir_name("gqa")
@@ -72,12 +75,11 @@ def train_config(gcfg: DictConfig, tokens: int, block_size: int, seed: int) -> T
     return tc
 
 
-def eval_texts(names: list[str], tokenizer: Any, data_dir_value: str | None, heldout: torch.Tensor | None
+def eval_texts(names: list[str], tokenizer: Any, shared: Path | None, heldout: torch.Tensor | None
                ) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name in names:
         if name == "wikitext2":
-            shared = data_dir(data_dir_value)
             if shared is None or not (shared / "wikitext-2-raw").is_dir():
                 print("gqa: WikiText-2 not found (set data_dir= or SHRINK_DATA_DIR); skipped")
                 continue
@@ -113,70 +115,112 @@ def uptrain(student: torch.nn.Module, teacher: torch.nn.Module, train: torch.Ten
     return train_distill(student, teacher, train, val, tc, ckpt_dir, resume=resume, tracker=tracker)
 
 
-@register_stage("gqa")
-def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
+@dataclass
+class GQASettings:
+    """What the conversion does and how it is measured (the gqa config section, read)."""
+
+    mode: str = "pool"                     # pool | expand
+    kv_heads: int | None = 1               # target key/value heads (expand: None = one per query head)
+    init: str = "mean"                     # pool init: mean | first | random
+    seed: int = 0
+    kv_shape: tuple[int, int, int] = (8, 2048, 2)  # KV-cache report: batch, context, bytes per element
+    eval_datasets: tuple[str, ...] = ()    # wikitext2 | heldout
+    ppl_args: tuple[int, int, int | None, str] = (2048, 2048, None, "auto")  # context, stride, max windows, dtype
+    save_dtype: str = "bf16"
+
+
+@dataclass
+class Uptrain:
+    """Distillation from the pre-conversion model after converting."""
+
+    train: TrainConfig                     # max_steps derived from the token budget
+    resume: bool = False
+    tracker: Callable[[], Any] | None = None   # makes the experiment tracker, if any
+
+
+def gqa(model_artifact: Artifact, settings: GQASettings, *, dest: Path, device: torch.device, data: Any = None,
+        data_dir: Path | None = None, cache_dir: Path | None = None, uptraining: Uptrain | None = None,
+        budget: tuple[int, str] = (0, "expand is exact"), ckpt_dir: Path | None = None,
+        config: dict | None = None) -> Artifact:
+    """Convert `model_artifact`'s K/V heads (then uptrain) into an artifact at `dest`. `data` is a `data`
+    config group (train.data.load_packed) for uptraining and the heldout perplexity; `budget` is the
+    uptraining token budget and where it came from (recorded); `ckpt_dir` holds the uptraining
+    checkpoint and is removed once the artifact is saved."""
     from transformers import AutoConfig
 
     started = time.time()
-    gcfg = cfg.gqa
-    mode, init = str(gcfg.mode), str(gcfg.init)
-    target = None if gcfg.get("kv_heads") is None else int(gcfg.kv_heads)
-    input_art = ctx.input
-    # Every check runs on config.json and shrink.json alone, before any weights or data are read.
-    model_config = AutoConfig.from_pretrained(input_art.path)
-    check_target(model_config, mode, target, init)
-    tokens, budget_source = resolve_budget(gcfg, input_art, ctx.run_dir) if mode == "pool" else (0, "expand is exact")
-    eval_names = [str(n) for n in gcfg.eval.datasets]
-    kv = gcfg.kv_report
-    kv_args = (int(kv.batch), int(kv.context), int(kv.bytes_per_element))
-    tc = train_config(gcfg, tokens, int(cfg.data.block_size), int(cfg.seed)) if tokens > 0 else None
+    s = settings
+    check_target(AutoConfig.from_pretrained(model_artifact.path), s.mode, s.kv_heads, s.init)
+    teacher = load_model(model_artifact, dtype="fp32", device=device)
+    tokenizer = load_tokenizer(model_artifact)
+    packed = None
+    if uptraining is not None or "heldout" in s.eval_datasets:
+        packed = load_packed(data, tokenizer, data_dir, cache_dir)
+    texts = eval_texts(list(s.eval_datasets), tokenizer, data_dir, packed.val if packed is not None else None)
 
-    device = ctx.device
-    teacher = load_model(input_art, dtype="fp32", device=device)
-    tokenizer = load_tokenizer(input_art)
-    data = None
-    if tokens > 0 or "heldout" in eval_names:
-        data = load_packed(cfg.data, tokenizer, cfg.get("data_dir"), cache_dir(cfg))
-    texts = eval_texts(eval_names, tokenizer, cfg.get("data_dir"), data.val if data is not None else None)
-    ev = gcfg.eval
-    ppl_args = (int(ev.context), int(ev.stride), ev.max_windows, str(ev.dtype))
-
-    metrics: dict[str, Any] = {"mode": mode, "init": init if mode == "pool" else None}
-    for key, value in kv_report(model_config, *kv_args).items():
+    metrics: dict[str, Any] = {"mode": s.mode, "init": s.init if s.mode == "pool" else None}
+    for key, value in kv_report(teacher.config, *s.kv_shape).items():
         metrics[f"{key}_before"] = value
-    for name, value in measure_ppl(teacher, texts, *ppl_args).items():
+    for name, value in measure_ppl(teacher, texts, *s.ppl_args).items():
         metrics[f"ppl_{name}_before"] = value
         print(f"gqa: {name} ppl before conversion {value:.3f}")
 
-    student = convert(copy.deepcopy(teacher), mode, target, init, seed=int(cfg.seed))
-    for key, value in kv_report(student.config, *kv_args).items():
+    student = convert(copy.deepcopy(teacher), s.mode, s.kv_heads, s.init, seed=s.seed)
+    for key, value in kv_report(student.config, *s.kv_shape).items():
         metrics[f"{key}_after"] = value
     metrics["kv_bytes_ratio"] = metrics["kv_bytes_per_token_after"] / metrics["kv_bytes_per_token_before"]
-    for name, value in measure_ppl(student, texts, *ppl_args).items():
+    for name, value in measure_ppl(student, texts, *s.ppl_args).items():
         metrics[f"ppl_{name}_converted"] = value
-        print(f"gqa: {name} ppl right after conversion ({mode}, {init}) {value:.3f}")
+        print(f"gqa: {name} ppl right after conversion ({s.mode}, {s.init}) {value:.3f}")
 
-    metrics.update({"uptrain_tokens_budget": tokens, "budget_source": budget_source})
-    config = ctx.resolved_config("gqa", "data")
-    if tc is not None:
-        if cfg.resume:
-            check_checkpoint_fits(ctx.run_dir / CKPT_DIR, student, "gqa.kv_heads and gqa.mode")
-            print(resume_note(ctx.run_dir / CKPT_DIR, "gqa") or f"gqa: resuming from {ctx.run_dir / CKPT_DIR}")
-        tracker = make_tracker(cfg.logging, ctx.run_dir, "gqa", config)
+    metrics.update({"uptrain_tokens_budget": budget[0], "budget_source": budget[1]})
+    if uptraining is not None:
+        if ckpt_dir is None:
+            raise ShrinkError("gqa: uptraining needs a checkpoint directory")
+        if uptraining.resume:
+            check_checkpoint_fits(ckpt_dir, student, "gqa.kv_heads and gqa.mode")
+            print(resume_note(ckpt_dir, "gqa") or f"gqa: resuming from {ckpt_dir}")
+        tracker = uptraining.tracker() if uptraining.tracker is not None else None
         try:
-            result = uptrain(student, teacher, data.train, data.val, tc, ctx.run_dir / CKPT_DIR,
-                             resume=bool(cfg.resume), tracker=tracker)
+            result = uptrain(student, teacher, packed.train, packed.val, uptraining.train, ckpt_dir,
+                             resume=uptraining.resume, tracker=tracker)
         finally:
             if tracker is not None:
                 tracker.finish()
         student = result["model"]
         metrics.update({f"uptrain_{k}": v for k, v in result["metrics"].items()})
-        for name, value in measure_ppl(student, texts, *ppl_args).items():
+        for name, value in measure_ppl(student, texts, *s.ppl_args).items():
             metrics[f"ppl_{name}_uptrained"] = value
             print(f"gqa: {name} ppl after uptraining {value:.3f}")
     metrics.update({"params_before": num_parameters(teacher), "params": num_parameters(student)})
-    artifact = save_model_artifact(ctx.output_dir("gqa"), student, tokenizer, stage="gqa", config=config,
-                                   inputs=[input_art], metrics=metrics, started=started,
-                                   dtype=str(gcfg.save_dtype))
-    remove_checkpoint(ctx.run_dir / CKPT_DIR)
+    artifact = save_model_artifact(dest, student, tokenizer, stage="gqa", config=config, inputs=[model_artifact],
+                                   metrics=metrics, started=started, dtype=s.save_dtype)
+    if ckpt_dir is not None:
+        remove_checkpoint(ckpt_dir)
     return artifact
+
+
+@register_stage("gqa")
+def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
+    from transformers import AutoConfig
+
+    gcfg = cfg.gqa
+    mode, init = str(gcfg.mode), str(gcfg.init)
+    target = None if gcfg.get("kv_heads") is None else int(gcfg.kv_heads)
+    input_art = ctx.input
+    # Every check runs on config.json and shrink.json alone, before any weights or data are read.
+    check_target(AutoConfig.from_pretrained(input_art.path), mode, target, init)
+    tokens, budget_source = resolve_budget(gcfg, input_art, ctx.run_dir) if mode == "pool" else (0, "expand is exact")
+    eval_names = tuple(str(n) for n in gcfg.eval.datasets)
+    kv, ev = gcfg.kv_report, gcfg.eval
+    settings = GQASettings(mode, target, init, int(cfg.seed), (int(kv.batch), int(kv.context), int(kv.bytes_per_element)),
+                           eval_names, (int(ev.context), int(ev.stride), ev.max_windows, str(ev.dtype)),
+                           str(gcfg.save_dtype))
+    config = ctx.resolved_config("gqa", "data")
+    uptraining = None
+    if tokens > 0:
+        uptraining = Uptrain(train_config(gcfg, tokens, int(cfg.data.block_size), int(cfg.seed)), bool(cfg.resume),
+                             lambda: make_tracker(cfg.logging, ctx.run_dir, "gqa", config))
+    return gqa(input_art, settings, dest=ctx.output_dir("gqa"), device=ctx.device, data=cfg.data,
+               data_dir=ctx.data_dir, cache_dir=ctx.cache_dir, uptraining=uptraining,
+               budget=(tokens, budget_source), ckpt_dir=ctx.run_dir / CKPT_DIR, config=config)

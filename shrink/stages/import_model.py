@@ -9,22 +9,22 @@ from omegaconf import DictConfig
 
 from shrink.artifacts import Artifact
 from shrink.context import TEACHER_DIR, StageContext
+from shrink.context import cache_dir  # noqa: F401  (stages/evaluate.py imports it from here; its owner moves it to ctx.cache_dir)
 from shrink.modeling import num_parameters, resolve_dtype, save_model_artifact
-from common.paths import default_cache_dir
 from shrink.sources import load_source
 from shrink.stages import register_stage
 
 
-def cache_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.cache_dir) if cfg.get("cache_dir") else default_cache_dir()
+def import_model(source: str, dtype: str, *, dest: Path, cache_dir: Path, config: dict | None = None) -> Artifact:
+    """Load `source` (see shrink/sources.py) in `dtype` and save it as an artifact at `dest`."""
+    started = time.time()
+    model, tokenizer = load_source(source, cache_dir, resolve_dtype(dtype))
+    metrics = {"params": num_parameters(model), "source": source}
+    return save_model_artifact(dest, model, tokenizer, stage="import", config=config, metrics=metrics,
+                               started=started)
 
 
 @register_stage("import")
 def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
-    started = time.time()
-    source = str(cfg.teacher.source)
-    dtype = resolve_dtype(str(cfg.teacher.dtype))
-    model, tokenizer = load_source(source, cache_dir(cfg), dtype)
-    metrics = {"params": num_parameters(model), "source": source}
-    return save_model_artifact(ctx.run_dir / TEACHER_DIR, model, tokenizer, stage="import",
-                               config=ctx.resolved_config("teacher"), metrics=metrics, started=started)
+    return import_model(str(cfg.teacher.source), str(cfg.teacher.dtype), dest=ctx.run_dir / TEACHER_DIR,
+                        cache_dir=ctx.cache_dir, config=ctx.resolved_config("teacher"))

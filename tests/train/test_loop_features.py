@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from support import make_tiny_tokenizer, tiny_llama_config
-from eval.tasks import TaskExample
+from common.tasks import TaskExample
 from common.errors import ShrinkError
 from train.config import TrainConfig
 from train.layer_distill import parse_layer_map

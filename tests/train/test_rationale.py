@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from support import make_tiny_tokenizer, tiny_llama_config
-from eval.tasks import TaskExample, get_task
 from common.errors import ShrinkError
+from common.tasks import TaskExample, get_task
+from eval.tasks import generate_answers
 from train.rationale import MultiTaskExamples, attach_rationales, cut_rationale, palm_rationales, teacher_rationales
 
 
@@ -68,9 +69,29 @@ def test_teacher_rationales_are_cached(tmp_path):
     model.generate = lambda *a, **k: calls.append(1) or real_generate(*a, **k)
     exs = _examples(3)
     shots = "Q: What is 1 plus 1?\nA: 1 and 1 make 2. So the answer is 2.\n\n"
-    first = teacher_rationales(model, tok, exs, shots, tmp_path, "tiny", max_new_tokens=8, batch_size=2)
+    generate = lambda prompts: generate_answers(model, tok, prompts, 8, batch_size=2)  # noqa: E731
+    first = teacher_rationales(generate, exs, shots, tmp_path, "tiny", max_new_tokens=8)
     assert len(first) == 3 and len(calls) == 2
     cache_files = list((tmp_path / "rationales").glob("*.json"))
     assert len(cache_files) == 1 and len(json.loads(cache_files[0].read_text())) == 3
-    again = teacher_rationales(model, tok, exs, shots, tmp_path, "tiny", max_new_tokens=8, batch_size=2)
+    again = teacher_rationales(generate, exs, shots, tmp_path, "tiny", max_new_tokens=8)
     assert again == first and len(calls) == 2  # served from disk
+
+
+def test_stage_task_data_matches_the_config(shared_data_dir):
+    """The distill stage's typed task data: the split and the rationales the `data` group asks for."""
+    from omegaconf import OmegaConf
+
+    from shrink.stages.distill import TaskDataSpec, load_task_data
+
+    d = OmegaConf.create({"task": "cqa", "rationale": "palm", "alpha": 0.5, "max_len": 96, "max_train": 60,
+                          "val_fraction": 0.1, "max_eval": 6, "eval_split": "test"})
+    spec = TaskDataSpec.from_cfg(d)
+    data = load_task_data(spec, shared_data_dir, make_tiny_tokenizer())
+    assert (len(data.train), len(data.val), len(data.test)) == (54, 6, 6)
+    assert data.train.with_rationale and data.task.name == "cqa"
+    label_only = load_task_data(TaskDataSpec("cqa", "none", max_train=60, min_val=7), shared_data_dir,
+                                make_tiny_tokenizer())
+    assert len(label_only.val) == 7 and not label_only.train.with_rationale
+    with pytest.raises(ShrinkError, match="data.rationale='nope'"):
+        load_task_data(TaskDataSpec("cqa", "nope"), shared_data_dir, make_tiny_tokenizer())
