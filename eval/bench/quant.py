@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
                         rec[f"b{bs}_vs_bf16"] = rec[f"b{bs}_tok_s"] / base[bs]
             except Exception as e:  # recorded; the next variant still runs
                 rec = {"kind": "decode", "shape": args.shape, "variant": variant, "error": repr(e),
-                       "traceback": traceback.format_exc(limit=4)}
+                       "traceback": traceback.format_exc(limit=-12)}
                 _free()
             emit(rec, out)
         base_prefill = None
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
                     rec["vs_bf16"] = rec["tok_s"] / base_prefill
             except Exception as e:
                 rec = {"kind": "prefill", "shape": args.shape, "variant": variant, "error": repr(e),
-                       "traceback": traceback.format_exc(limit=4)}
+                       "traceback": traceback.format_exc(limit=-12)}
                 _free()
             emit(rec, out)
         emit({"kind": "done", "wall_s": time.perf_counter() - started}, out)
