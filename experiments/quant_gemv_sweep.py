@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from kernels._triton import next_pow2
 from kernels.gemv import gemv, gemv_config
 
 SHAPES = {  # Llama-2-7B decode linears: name -> (N, K, fusion as the engine runs it)
@@ -41,7 +42,7 @@ def candidates(m: int, k: int, group: int) -> list[tuple[int, int, int, int]]:
         grid = first + [(bn, bk, w) for bk in (4096, 8192, 2048, 1024) for bn in (4, 8, 2, 16, 1) for w in (8, 4, 16)
                         if (bn, bk, w) not in first]
         out = [(1, bn, bk, w) for bn, bk, w in grid
-               if bk <= max(1024, 2 * k) and 2048 <= bn * bk <= 65536 and bn * bk >= 32 * w * 8]
+               if bk <= max(1024, next_pow2(k)) and 2048 <= bn * bk <= 65536 and bn * bk >= 32 * w * 8]
     else:
         out = [(16, bn, bk, w) for bk in (256, 512, 128, 1024) for bn in (32, 16, 64) for w in (4, 8)
                if bk <= k]
@@ -84,6 +85,14 @@ def bench(weights, m: int, n: int, k: int, fusion: str, config) -> float:
         else:
             gemv(x, w, residual=res, out=res, config=config, **q)
 
+    # A config is timed only if it computes what the heuristic's does (summation order aside).
+    fused = {"residual": res} if fusion == "residual" else {"norm_weight": nw}
+    w, q = weights[0]
+    got = gemv(x, w, swiglu=fusion == "swiglu", config=config, **fused, **q)
+    want = gemv(x, w, swiglu=fusion == "swiglu", **fused, **q)
+    err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    if not err < 1e-2:
+        raise ValueError(f"config {config} differs from the heuristic's result: relative error {err:.3g}")
     for w, q in weights[:2]:
         run(w, q)
     torch.cuda.synchronize()
@@ -154,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 case["results"][cfg] = bench(case["weights"], case["m"], case["n"], case["k"], case["fusion"], cfg)
             except Exception as e:  # noqa: BLE001 - a config the compiler rejects (registers, shared memory)
-                print(f"  {case['fmt']} {case['shape']} M={case['m']} {cfg}: {type(e).__name__}", flush=True)
+                print(f"  {case['fmt']} {case['shape']} M={case['m']} {cfg}: {type(e).__name__}: {e}"[:300], flush=True)
     for case in cases:
         res = case["results"]
         if not res:
