@@ -49,9 +49,9 @@ def candidates(m: int, k: int, group: int) -> list[tuple[int, int, int, int]]:
     return [c for c in out if c[2] % group == 0 or c[2] < group]
 
 
-def make_weights(fmt: str, n: int, k: int, copies: int) -> tuple[list[tuple[torch.Tensor, dict]], int]:
+def make_weights(fmt: str, n: int, k: int, copies: int,
+                 dev: str = "cuda") -> tuple[list[tuple[torch.Tensor, dict]], int]:
     """`copies` distinct weights of the format, as gemv's (weight, quant kwargs); bytes of one."""
-    dev = "cuda"
     out = []
     for _ in range(copies):
         if fmt in ("int8", "w8a8_int8"):
