@@ -249,25 +249,18 @@ class Sparse24Linear(CompressedLinear):
 
     def _gpu_weight(self, x: torch.Tensor) -> torch.Tensor:
         """The weight of a GPU matmul with x: torch's semi-structured sparse tensor (cuSPARSELt /
-        CUTLASS 2:4 kernels) where semi_structured_fits says it takes this shape, dtype and batch,
-        else the dense weight (the same values); each made once per dtype, outside CUDA-graph
-        capture (the 2:4 conversion is not capturable: a capture with nothing cached dequantizes
-        for that graph alone)."""
-        dense = self._cached(("dense", x.dtype), lambda: self.dequantized().to(x.dtype))
-        if torch.cuda.is_current_stream_capturing() or not semi_structured_fits(
+        CUTLASS 2:4 kernels; made once per dtype, about the kept half's bytes) where
+        semi_structured_fits takes this shape, dtype and batch, outside CUDA-graph capture (the
+        conversion and the sparse kernels are not known to capture); else the dense weight of the
+        same values, rebuilt for the call and not kept (keeping it would undo the compression)."""
+        if not torch.cuda.is_current_stream_capturing() and semi_structured_fits(
                 self.out_features, self.in_features, x.dtype, x.shape[0]):
-            return dense
-        sparse = self._cached(("sparse", x.dtype), lambda: _to_semi_structured(dense))
-        return dense if sparse is None else sparse
-
-    def _cached(self, key: tuple, make: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
-        cache = self.__dict__.setdefault("_gpu", {})
-        if key in cache:
-            return cache[key]
-        value = make()
-        if not torch.cuda.is_current_stream_capturing():
-            cache[key] = value
-        return value
+            cache = self.__dict__.setdefault("_semi_structured", {})
+            if x.dtype not in cache:
+                cache[x.dtype] = _to_semi_structured(self.dequantized().to(x.dtype))
+            if cache[x.dtype] is not None:
+                return cache[x.dtype]
+        return self.dequantized().to(x.dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", int4 group_size={self.group_size}" if self.quantized else "")
