@@ -160,9 +160,10 @@ if HAS_TRITON:
     @triton.jit
     def _int4_tile(w_rows, s_rows, z_rows, k0, col_mask, dtype: tl.constexpr, K: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-                   BF16_BY_HAND: tl.constexpr):
+                   BF16_BY_HAND: tl.constexpr, W_FP32: tl.constexpr):
         """The int4 W tile at columns k0.. (BLOCK_K a multiple of GROUP, k0 of BLOCK_K): each byte
-        loaded once and split into its two codes, one scale (and zero) load per group."""
+        loaded once and split into its two codes, one scale (and zero) load per group. Rounded to
+        dtype's values; held in fp32 with W_FP32 (see _load_w)."""
         kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         byte = tl.load(w_rows + kb[None, :], mask=col_mask[:, None] & (kb < K // 2)[None, :], other=0).to(tl.int32)
         lo = (byte & 0xF).to(tl.float32) - 8.0
@@ -173,24 +174,35 @@ if HAS_TRITON:
         if HAS_ZERO:
             code -= tl.load(z_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)[:, :, None]
         scale = tl.load(s_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
-        w = tl.reshape(code * scale[:, :, None], (BLOCK_N, BLOCK_K))
-        return _rnd(w, dtype, BF16_BY_HAND).to(dtype)
+        w = _rnd(tl.reshape(code * scale[:, :, None], (BLOCK_N, BLOCK_K)), dtype, BF16_BY_HAND)
+        if W_FP32:
+            return w
+        else:
+            return w.to(dtype)
 
     @triton.jit
     def _load_w(w_rows, s_rows, z_rows, k0, k, w_mask, col_mask, dtype: tl.constexpr, K: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+                GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+                W_FP32: tl.constexpr):
         """The W tile at columns k of the rows w_rows, as x's dtype: dense (QUANT 0); int8 codes
         (QUANT 1: exact in any float dtype, the column scale comes after the sum); int4 (QUANT 2:
         w_rows point at packed rows of K / 2 bytes, dequantized in fp32 and rounded to the dtype
-        as kernels/quant.py's reference does; s_rows, z_rows at [N, K / GROUP] scale/zero rows)."""
+        as kernels/quant.py's reference does; s_rows, z_rows at [N, K / GROUP] scale/zero rows).
+        W_FP32 (M == 1, whose multiply-reduce is fp32): a compressed tile stays in fp32, holding
+        the same dtype values, without the round trip through dtype (two conversions an element:
+        a quarter of the bytes of bf16 leaves int4 with four times the instructions per byte)."""
         if QUANT == 0:
             return tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)
         elif QUANT == 1 or QUANT == 3:
-            return tl.load(w_rows + k[None, :], mask=w_mask, other=0).to(tl.float32).to(dtype)
+            codes = tl.load(w_rows + k[None, :], mask=w_mask, other=0).to(tl.float32)
+            if W_FP32:
+                return codes
+            else:
+                return codes.to(dtype)
         elif BLOCK_K % GROUP == 0:
             return _int4_tile(w_rows, s_rows, z_rows, k0, col_mask, dtype, K, BLOCK_N, BLOCK_K, GROUP, HAS_ZERO,
-                              BF16_BY_HAND)
+                              BF16_BY_HAND, W_FP32)
         else:  # tiles narrower than a group: per element
             byte = tl.load(w_rows + (k // 2)[None, :], mask=w_mask, other=0).to(tl.int32)
             code = ((byte >> ((k % 2) * 4)[None, :]) & 0xF).to(tl.float32) - 8.0
@@ -198,7 +210,11 @@ if HAS_TRITON:
             if HAS_ZERO:
                 code -= tl.load(z_rows + g, mask=w_mask, other=0.0).to(tl.float32)
             scale = tl.load(s_rows + g, mask=w_mask, other=0.0).to(tl.float32)
-            return _rnd(code * scale, dtype, BF16_BY_HAND).to(dtype)
+            w = _rnd(code * scale, dtype, BF16_BY_HAND)
+            if W_FP32:
+                return w
+            else:
+                return w.to(dtype)
 
     @triton.jit
     def _input_tile(x_rows, row_mask, k, nw_ptr, rstd, K: tl.constexpr, NORM: tl.constexpr,
@@ -256,11 +272,11 @@ if HAS_TRITON:
         ks = tl.arange(0, BLOCK_K)
         w_mask = col_mask[:, None] & (ks < K)[None, :]
         w = _load_w(w_rows, s_rows, z_rows, 0, ks, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
-                    GROUP, QUANT, HAS_ZERO, BF16_BY_HAND)
+                    GROUP, QUANT, HAS_ZERO, BF16_BY_HAND, BLOCK_M == 1)
         w2 = w
         if TWO:
             w2 = _load_w(w_rows2, s_rows2, z_rows2, 0, ks, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
-                         GROUP, QUANT, HAS_ZERO, BF16_BY_HAND)
+                         GROUP, QUANT, HAS_ZERO, BF16_BY_HAND, BLOCK_M == 1)
         if PDL:  # x is the previous kernel's output: wait for it, then let the next kernel start
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -290,11 +306,11 @@ if HAS_TRITON:
             k = k0 + ks
             w_mask = col_mask[:, None] & (k < K)[None, :]
             w = _load_w(w_rows, s_rows, z_rows, k0, k, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
-                        GROUP, QUANT, HAS_ZERO, BF16_BY_HAND)
+                        GROUP, QUANT, HAS_ZERO, BF16_BY_HAND, BLOCK_M == 1)
             w2 = w
             if TWO:
                 w2 = _load_w(w_rows2, s_rows2, z_rows2, k0, k, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
-                             GROUP, QUANT, HAS_ZERO, BF16_BY_HAND)
+                             GROUP, QUANT, HAS_ZERO, BF16_BY_HAND, BLOCK_M == 1)
             acc, acc2 = _mac_tile(acc, acc2, x_rows, row_mask, k, w, w2, nw_ptr, rstd, xs,
                                   K, BLOCK_M, NORM, TWO, IEEE, BF16_BY_HAND, QUANT)
         if QUANT == 3:  # the row scales; the column scales follow (_column_scale)

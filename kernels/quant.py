@@ -117,8 +117,9 @@ def pack_meta_24(positions: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_meta_24(meta: torch.Tensor) -> torch.Tensor:
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=meta.device)
-    return ((meta.unsqueeze(-1) >> shifts) & 3).flatten(-2)
+    """2-bit metadata uint8 [N, K / 8] -> positions uint8 [N, K / 2]. Device ops only (no tensor
+    made from host values: that copy is not allowed inside a CUDA-graph capture)."""
+    return torch.stack([(meta >> shift) & 3 for shift in (0, 2, 4, 6)], dim=-1).flatten(-2)
 
 
 def sparse24_linear_ref(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,

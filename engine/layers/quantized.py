@@ -108,6 +108,24 @@ class Int4Linear(CompressedLinear):
         return super().extra_repr() + f", group_size={self.group_size}, zero_point={self.zero is not None}"
 
 
+def int_mm_fits(k: int, n: int) -> bool:
+    """torch._int_mm's CUDA rules on K and N: multiples of 8."""
+    return k % 8 == 0 and n % 8 == 0
+
+
+def int_mm_rows(m: int) -> int:
+    """Rows to pad an int8 input to for torch._int_mm: more than 16 (its minimum) and a
+    multiple of 8 (cuBLASLt's int8 layouts)."""
+    return max(24, -(-m // 8) * 8)
+
+
+def scaled_mm_fits(k: int, n: int, dtype: torch.dtype, capability: tuple[int, int]) -> bool:
+    """Whether torch._scaled_mm takes an fp8 GEMM with row-wise scales: K and N multiples of
+    16, an SM 8.9+ GPU, and bf16 output (the only output type of row-wise scaling; an fp32 model
+    takes the exact reference instead of a bf16-rounded result)."""
+    return k % 16 == 0 and n % 16 == 0 and dtype == torch.bfloat16 and capability >= (8, 9)
+
+
 class W8A8Linear(CompressedLinear):
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, act: str, bias: torch.Tensor | None = None,
                  options: ModelOptions = ModelOptions()) -> None:
@@ -137,28 +155,57 @@ class W8A8Linear(CompressedLinear):
         return ref.w8a8_linear_ref(x, self.codes, self.scale, self.act, self.bias)
 
     def _tensor_core(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The 8-bit tensor-core GEMM: torch._int_mm (int8, K and N multiples of 8) or
-        torch._scaled_mm with row-wise scales (fp8, K and N multiples of 16); None where neither applies."""
+        """The 8-bit tensor-core GEMM where torch's kernels take these operands, else None (the
+        exact fp32 reference): torch._int_mm (int8; K, N multiples of 8, rows padded by
+        int_mm_rows) or torch._scaled_mm with row-wise scales (fp8: K, N multiples of 16, bf16
+        output only, SM 8.9+; rows padded to a multiple of 16)."""
         m, k = x.shape
         n = self.out_features
-        if self.act == "int8" and k % 8 == 0 and n % 8 == 0:
+        if self.act == "int8" and int_mm_fits(k, n):
             xq, xs = ref.quantize_per_token_int8(x)
-            if m <= 16:  # _int_mm takes more than 16 rows: pad with zero rows (decode)
-                xq = F.pad(xq, (0, 0, 0, 24 - m))
+            rows = int_mm_rows(m)
+            if rows != m:
+                xq = F.pad(xq, (0, 0, 0, rows - m))
             acc = torch._int_mm(xq, self.codes.t())[:m]
             return (acc.float() * xs * self.scale[None, :]).to(x.dtype)
-        if self.act == "fp8" and k % 16 == 0 and n % 16 == 0:
+        if self.act == "fp8" and scaled_mm_fits(k, n, x.dtype, torch.cuda.get_device_capability(x.device)):
             xq, xs = ref.quantize_per_token_fp8(x)
-            pad = -m % 16  # rows in multiples of 16, as cuBLASLt's fp8 GEMM wants them
+            pad = -m % 16
             if pad:
-                xq = torch.cat([xq, xq.new_zeros(pad, k)])
+                xq = F.pad(xq.view(torch.int8), (0, 0, 0, pad)).view(torch.float8_e4m3fn)
                 xs = F.pad(xs, (0, 0, 0, pad), value=1.0)
-            y = torch._scaled_mm(xq, self.codes.t(), scale_a=xs, scale_b=self.scale[None, :], out_dtype=x.dtype)
+            y = torch._scaled_mm(xq, self.codes.t(), scale_a=xs.contiguous(),
+                                 scale_b=self.scale.view(1, n), out_dtype=x.dtype)
             return y[:m]
         return None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", act={self.act}"
+
+
+# torch's 2:4 kernels (cuSPARSELt, CUTLASS): 16-bit floats only (fp32 would run in TF32 and change
+# the results), weight rows a multiple of 32 and columns of 64 (CUTLASS's minimum tile, the
+# stricter of the two); at decode batch sizes the dense matmul wins (torch's tutorial): sparse from
+# SEMI_STRUCTURED_MIN_M rows.
+SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
+SEMI_STRUCTURED_MIN_M = SMALL_M + 1
+
+
+def semi_structured_fits(n: int, k: int, dtype: torch.dtype, m: int) -> bool:
+    """Whether an [n, k] 2:4 weight times m input rows of dtype goes to torch's semi-structured
+    sparse kernels (else a dense matmul of the same weights)."""
+    return dtype in SEMI_STRUCTURED_DTYPES and n % 32 == 0 and k % 64 == 0 and m >= SEMI_STRUCTURED_MIN_M
+
+
+def _to_semi_structured(dense: torch.Tensor) -> torch.Tensor | None:
+    """torch's semi-structured sparse tensor of a 2:4 weight, or None where this torch/GPU
+    cannot make one."""
+    try:
+        from torch.sparse import to_sparse_semi_structured
+
+        return to_sparse_semi_structured(dense)
+    except (RuntimeError, ValueError, NotImplementedError, ImportError):
+        return None
 
 
 class Sparse24Linear(CompressedLinear):
@@ -192,34 +239,28 @@ class Sparse24Linear(CompressedLinear):
         return ref.decompress_24(self.values.float(), ref.unpack_meta_24(self.meta))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.is_cuda and x.dim() == 2 and x.dtype in (torch.float16, torch.bfloat16)
-                and (x.shape[0] > SMALL_M or not self.quantized)):
-            return F.linear(x, self._gpu_weight(x.dtype), self.bias)
+        if self.quantized and self._decode_gemv(x):
+            return sparse24_int4_gemv(x, self.packed, self.meta, self.scale, self.zero, self.bias)
+        if x.is_cuda and x.dim() == 2:
+            return F.linear(x, self._gpu_weight(x), self.bias)
         if self.quantized:
-            if self._decode_gemv(x):
-                return sparse24_int4_gemv(x, self.packed, self.meta, self.scale, self.zero, self.bias)
             return ref.sparse24_int4_linear_ref(x, self.packed, self.meta, self.scale, self.zero, self.bias)
         return ref.sparse24_linear_ref(x, self.values, self.meta, self.bias)
 
-    def _gpu_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight for GPU matmuls, made once: torch's semi-structured sparse tensor (cuSPARSELt /
-        CUTLASS 2:4 kernels), or the dense weight where torch cannot make one (shape, dtype, GPU).
-        Never made inside a CUDA-graph capture (the conversion is not capturable): there the
-        dense weight serves that call only."""
-        cached = getattr(self, "_gpu", None)
-        if cached is not None and cached[0] == dtype:
-            return cached[1]
-        dense = self.dequantized().to(dtype)
-        if torch.cuda.is_current_stream_capturing():
-            return dense
-        try:
-            from torch.sparse import to_sparse_semi_structured
-
-            weight = to_sparse_semi_structured(dense)
-        except (RuntimeError, ValueError):
-            weight = dense
-        self._gpu = (dtype, weight)
-        return weight
+    def _gpu_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight of a GPU matmul with x: torch's semi-structured sparse tensor (cuSPARSELt /
+        CUTLASS 2:4 kernels; made once per dtype, about the kept half's bytes) where
+        semi_structured_fits takes this shape, dtype and batch, outside CUDA-graph capture (the
+        conversion and the sparse kernels are not known to capture); else the dense weight of the
+        same values, rebuilt for the call and not kept (keeping it would undo the compression)."""
+        if not torch.cuda.is_current_stream_capturing() and semi_structured_fits(
+                self.out_features, self.in_features, x.dtype, x.shape[0]):
+            cache = self.__dict__.setdefault("_semi_structured", {})
+            if x.dtype not in cache:
+                cache[x.dtype] = _to_semi_structured(self.dequantized().to(x.dtype))
+            if cache[x.dtype] is not None:
+                return cache[x.dtype]
+        return self.dequantized().to(x.dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", int4 group_size={self.group_size}" if self.quantized else "")

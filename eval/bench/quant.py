@@ -2,7 +2,7 @@
 decode tok/s at batch 1 and 16 (256 new tokens after a 16-token prompt, prefill included, as
 eval/bench/decode.py) for bf16, int8, int4 g64, int4 g128 (symmetric and with zero
 points), 2:4 + int4 g128 and W8A8 int8, with the GB/s each achieves against the measured copy
-ceiling; and prefill tok/s of one 8192-token prompt for bf16, W8A8 int8, W8A8 fp8 and 2:4.
+ceiling; and prefill tok/s of one long prompt (8192 tokens, or as many as the shape has positions for) for bf16, W8A8 int8, W8A8 fp8 and 2:4.
 
     python -m eval.bench.quant [--shape llama2-7b] [--out quant_bench.jsonl] [--only int4_g64 ...]
 
@@ -170,11 +170,25 @@ def decode(shape: str, variant: str, batches: list[int], new_tokens: int, prompt
     return record
 
 
+PREFILL_MARGIN = 16  # max_model_len = prompt + this (the one generated token and slack)
+
+
+def prefill_tokens(shape: str, requested: int) -> int:
+    """The prompt length a prefill run uses: the requested one, capped so that prompt +
+    PREFILL_MARGIN fits the shape's positions (Llama-2-7B has 4096: 8192 tokens cannot be)."""
+    from eval.bench.common import SHAPES
+
+    positions = int(SHAPES[shape].get("max_position_embeddings", requested + PREFILL_MARGIN))
+    return min(requested, positions - PREFILL_MARGIN)
+
+
 def prefill(shape: str, variant: str, tokens: int) -> dict:
+    """One prompt of prefill_tokens(shape, tokens) tokens; the record names the count used."""
     from engine import LLM, SamplingParams
 
+    tokens = prefill_tokens(shape, tokens)
     with compressed_dummy_weights(variant):
-        llm = LLM(shape_dir(shape), load_format="dummy", max_num_seqs=1, max_model_len=tokens + 16,
+        llm = LLM(shape_dir(shape), load_format="dummy", max_num_seqs=1, max_model_len=tokens + PREFILL_MARGIN,
                   max_num_batched_tokens=tokens, enable_prefix_caching=False, enforce_eager=True)
     vocab = llm.engine.vocab_size
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
@@ -220,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
                         rec[f"b{bs}_vs_bf16"] = rec[f"b{bs}_tok_s"] / base[bs]
             except Exception as e:  # recorded; the next variant still runs
                 rec = {"kind": "decode", "shape": args.shape, "variant": variant, "error": repr(e),
-                       "traceback": traceback.format_exc(limit=4)}
+                       "traceback": traceback.format_exc(limit=-12)}
                 _free()
             emit(rec, out)
         base_prefill = None
@@ -235,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
                     rec["vs_bf16"] = rec["tok_s"] / base_prefill
             except Exception as e:
                 rec = {"kind": "prefill", "shape": args.shape, "variant": variant, "error": repr(e),
-                       "traceback": traceback.format_exc(limit=4)}
+                       "traceback": traceback.format_exc(limit=-12)}
                 _free()
             emit(rec, out)
         emit({"kind": "done", "wall_s": time.perf_counter() - started}, out)

@@ -256,11 +256,22 @@ def test_real_teacher_quantized_matches_transformers(smollm2_artifact, tmp_path,
 def test_gpu_engine_serves_compressed_artifact(scheme, artifacts):
     """On a GPU the compressed modules stay compressed (the default there) and run their kernels:
     fused decode in CUDA graphs (int8, int4, W8A8 int8), _int_mm / _scaled_mm, 2:4 + int4 GEMV;
-    fp32 so that greedy tokens equal transformers' (CPU) on the same artifact."""
+    fp32 so that greedy tokens equal transformers' (CPU) on the same artifact. Prints each phase's
+    time and the modules' layouts, so that a failure or a hang on the GPU says where it was."""
+    import time
+
     path = artifacts(scheme)
+    t = time.perf_counter()
+    print(f"[{scheme}] building the engine (graph capture included)", flush=True)
     llm = LLM(str(path), device="cuda", dtype="float32", max_model_len=128, block_size=16)
+    print(f"[{scheme}] built in {time.perf_counter() - t:.1f}s", flush=True)
     modules = [m for m in llm.engine.runner.model.modules() if isinstance(m, CompressedLinear)]
-    assert modules and all(isinstance(m, EXPECTED_MODULE[scheme]) for m in modules)
+    layouts = sorted({f"{type(m).__name__}({m.extra_repr()})" for m in modules})
+    print(f"[{scheme}] fused decode: {llm.engine.runner.model.model.fusable}; modules: {layouts}", flush=True)
+    assert modules and all(isinstance(m, EXPECTED_MODULE[scheme]) for m in modules), layouts
+    t = time.perf_counter()
     got = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS,
                                                                      ignore_eos=True))]
-    assert got == greedy(reference(path, scheme), PROMPTS, NEW_TOKENS)
+    print(f"[{scheme}] generated in {time.perf_counter() - t:.1f}s", flush=True)
+    expected = greedy(reference(path, scheme), PROMPTS, NEW_TOKENS)
+    assert got == expected, f"{scheme}: engine (cuda, fp32) {got} != transformers (cpu, fp32) {expected}"

@@ -48,3 +48,33 @@ def test_decode_record(tiny_shape, variant):
 def test_prefill_record(tiny_shape):
     rec = quant_bench.prefill(tiny_shape, "w8a8_int8", tokens=64)
     assert rec["tok_s"] > 0 and rec["tokens"] == 64
+
+
+def test_prefill_fits_the_shapes_positions(tiny_shape):
+    """Issue 13 (c): 8192 prefill tokens on Llama-2-7B (4096 positions) failed every variant; the
+    prompt is capped to what the shape holds and the record names the count used."""
+    assert quant_bench.prefill_tokens("llama2-7b", 8192) == 4096 - quant_bench.PREFILL_MARGIN
+    assert quant_bench.prefill_tokens("llama2-7b", 1024) == 1024
+    rec = quant_bench.prefill(tiny_shape, "bf16", tokens=8192)
+    assert rec["tokens"] == 512 - quant_bench.PREFILL_MARGIN and rec["tok_s"] > 0
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("variant", quant_bench.DECODE_VARIANTS)
+def test_decode_record_gpu(tiny_shape, variant):
+    """Issue 13 (b): every decode variant builds (CUDA graphs captured, 2:4 at prefill sizes
+    through the semi-structured kernels) and decodes at batch 1 and 16 on a GPU."""
+    rec = quant_bench.decode(tiny_shape, variant, [1, 16], new_tokens=8, prompt_len=4, ceiling_tbps=1.0)
+    assert rec["b1_tok_s"] > 0 and rec["b16_tok_s"] > 0, rec
+
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("variant", quant_bench.PREFILL_VARIANTS)
+def test_prefill_record_gpu(tiny_shape, variant):
+    rec = quant_bench.prefill(tiny_shape, variant, tokens=8192)
+    assert rec["tokens"] == 512 - quant_bench.PREFILL_MARGIN and rec["tok_s"] > 0, rec
