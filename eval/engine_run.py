@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from eval.accuracy import engine_generate, task_accuracy
+from eval.accuracy import engine_generate, tasks_accuracy
 from eval.load import load_test
 from eval.memory import engine_memory, peak_memory_MB, reset_peak_memory
 from eval.settings import HarnessSettings
@@ -54,10 +54,8 @@ def measure_engine(model_dir: Path, settings: HarnessSettings, device: torch.dev
     reset_peak_memory(device)
     llm = LLM(str(model_dir), **options)
     row.update(engine_memory(llm))
-    if settings.tasks.enabled:
-        generate = engine_generate(llm)
-        for name, (task, examples) in tasks.items():
-            result = task_accuracy(generate, llm.tokenizer, task, examples)
+    if settings.tasks.enabled and tasks:
+        for name, result in tasks_accuracy(engine_generate(llm), llm.tokenizer, tasks).items():
             row[f"acc_{name}"] = result["accuracy"]
             details[f"task_{name}"] = result
             print(f"eval:   {name} accuracy {result['accuracy']:.3f} ({result['n']} examples)")

@@ -86,7 +86,7 @@ class SpeedSettings:
     enabled: bool = True
     batch_sizes: list = field(default_factory=lambda: [1, 4])
     prompt_len: int = 32
-    new_tokens: int = 16
+    new_tokens: int = 8
     hf_baseline: bool = True  # transformers generate, same prompts, in the same run
 
     def check(self) -> None:
@@ -104,10 +104,10 @@ class SpeedSettings:
 @dataclass
 class LoadSettings:
     enabled: bool = True
-    requests: int = 8
-    concurrency: int = 4
+    requests: int = 4
+    concurrency: int = 2
     prompt_len: int = 32
-    max_tokens: int = 16
+    max_tokens: int = 8
     time_limit_s: float = 60.0  # no new request starts after this; the ones in flight finish
 
     def check(self) -> None:
