@@ -6,7 +6,6 @@ each to the measurements it asked for, and writes the report as an artifact."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -20,15 +19,14 @@ from transformers import AutoConfig
 
 from common.errors import ShrinkError
 from eval.accuracy import load_examples
-from eval.agreement import Reference, agreement, fixed_windows, teacher_reference
 from eval.engine_run import measure_engine
 from eval.memory import planned_kv_bytes_per_token
-from eval.perplexity import encode, perplexity, wikitext2_text
+from eval.perplexity import encode, wikitext2_text
 from eval.plots import BARS_FILE, FRONTIER_FILE, frontier_plot, stage_bars
 from eval.report import quality_key, speed_key, write_report
 from eval.settings import HarnessSettings
-from eval.speed import hf_generate_speed
 from eval.tasks import Task, TaskExample, get_task
+from eval.transformers_run import TransformersMeasurements
 from shrink.artifacts import META_FILE, Artifact, write_artifact
 from shrink.context import TEACHER_DIR, StageContext
 from shrink.modeling import dir_size_bytes, load_model, load_tokenizer, num_parameters
@@ -103,63 +101,11 @@ def _speculative_pair(harness: HarnessSettings, intact: list[Artifact]) -> tuple
     return by_name[TEACHER_DIR], by_name[draft]
 
 
-class Quality:
-    """Perplexity (cached by content hash) and agreement through transformers, plus its generate
-    baseline; loads each artifact's model once, and only when something needs it."""
-
-    def __init__(self, cfg: DictConfig, ctx: StageContext, harness: HarnessSettings, texts: dict[str, torch.Tensor]):
-        self.harness, self.texts, self.device = harness, texts, ctx.device
-        self.dtype = _dtype(cfg, ctx.device)
-        self.settings = {"context": int(cfg.eval.context), "stride": int(cfg.eval.stride),
-                         "max_windows": cfg.eval.max_windows, "dtype": self.dtype, "device": str(ctx.device)}
-        self.cache_path = ctx.run_dir / CACHE_FILE
-        self.cache = json.loads(self.cache_path.read_text()) if self.cache_path.is_file() else {}
-        self.reference: Reference | None = None
-
-    def measure(self, art: Artifact, row: dict[str, Any], details: dict[str, Any]) -> None:
-        model = None
-
-        def loaded() -> torch.nn.Module:
-            nonlocal model
-            if model is None:
-                model = load_model(art, dtype=self.dtype, device=self.device)
-            return model
-
-        for name, ids in self.texts.items():
-            key = hashlib.sha256(json.dumps([art.content_hash, name, self.settings, int(ids.numel())]).encode()).hexdigest()
-            if key not in self.cache:
-                s = self.settings
-                self.cache[key] = perplexity(loaded(), ids, s["context"], s["stride"], s["max_windows"]).as_dict()
-                print(f"eval: {art.path.name} {name} ppl {self.cache[key]['ppl']:.3f} ({self.cache[key]['tokens']} tokens)")
-            row[f"ppl_{name}"] = self.cache[key]["ppl"]
-        ag = self.harness.agreement
-        if ag.enabled:
-            if art.path.name == TEACHER_DIR:
-                text = self.texts.get("heldout", next(iter(self.texts.values())))
-                self.reference = teacher_reference(loaded(), fixed_windows(text, ag.windows, ag.window_len))
-            if self.reference is not None:
-                row.update(agreement(loaded(), self.reference))
-        sp = self.harness.speed
-        if sp.enabled and sp.hf_baseline:
-            records = hf_generate_speed(loaded(), sp.batch_sizes, sp.prompt_len, sp.new_tokens)
-            details["hf_generate_speed"] = records
-            for r in records:
-                row[f"hf_decode_tok_s_b{r['batch']}"] = r["decode_tok_s"]
-        params_key = f"params:{art.content_hash}"
-        if model is not None:
-            self.cache[params_key] = num_parameters(model)
-        row["params"] = self.cache.get(params_key, art.metrics.get("params"))
-
-    def save_cache(self) -> None:
-        tmp = self.cache_path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.cache))
-        os.replace(tmp, self.cache_path)
-
-
-def _engine_measurements(art_dir: Path, quality: Quality, harness: HarnessSettings, tasks, row: dict[str, Any],
+def _engine_measurements(art_dir: Path, device: torch.device, dtype: str, harness: HarnessSettings,
+                         tasks: dict[str, tuple[Task, list[TaskExample]]], row: dict[str, Any],
                          details: dict[str, Any], speculative_config: dict | None = None) -> None:
     try:
-        fields, more = measure_engine(art_dir, harness, quality.device, quality.dtype, tasks, speculative_config)
+        fields, more = measure_engine(art_dir, harness, device, dtype, tasks, speculative_config)
     except Exception as e:  # one artifact the engine cannot run must not lose the others' numbers
         row["engine_error"] = f"{type(e).__name__}: {e}"
         print(f"eval: engine measurements of {row['artifact']} failed: {row['engine_error']}")
@@ -185,7 +131,12 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
     tokenizer = load_tokenizer(intact[0])
     texts = eval_datasets(cfg, tokenizer)
     tasks = eval_tasks(cfg, harness)
-    quality = Quality(cfg, ctx, harness, texts)
+    device, dtype = ctx.device, _dtype(cfg, ctx.device)
+    ppl = {"context": int(cfg.eval.context), "stride": int(cfg.eval.stride), "max_windows": cfg.eval.max_windows,
+           "dtype": dtype, "device": str(device)}
+    cache_path = ctx.run_dir / CACHE_FILE
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    quality = TransformersMeasurements(harness, texts, ppl, cache)
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {}
     for art in artifacts:
@@ -199,12 +150,22 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
         row: dict[str, Any] = {"artifact": name, "stage": art.stage, "status": "ok",
                                "size_MB": dir_size_bytes(art.path) / 2**20,
                                "kv_bytes_per_token": planned_kv_bytes_per_token(config, 2)}
-        details[name] = {}
-        quality.measure(art, row, details[name])
-        _engine_measurements(art.path, quality, harness, tasks, row, details[name])
+        params_key = f"params:{art.content_hash}"
+
+        def load(art: Artifact = art) -> torch.nn.Module:
+            model = load_model(art, dtype=dtype, device=device)
+            cache[params_key] = num_parameters(model)
+            return model
+
+        fields, details[name] = quality.measure(name, art.content_hash, load, name == TEACHER_DIR)
+        row.update(fields)
+        row["params"] = cache.get(params_key, art.metrics.get("params"))
+        _engine_measurements(art.path, device, dtype, harness, tasks, row, details[name])
         row["stage_s"] = art.meta.get("wall_time_s")
         rows.append(row)
-    quality.save_cache()
+    tmp = cache_path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(cache))
+    os.replace(tmp, cache_path)
     if spec_pair is not None:
         target, draft = spec_pair
         k = harness.speculative_settings.num_speculative_tokens
@@ -215,11 +176,11 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
                "size_MB": (dir_size_bytes(target.path) + dir_size_bytes(draft.path)) / 2**20,
                **{k_: v for k_, v in teacher_row.items() if k_.startswith("ppl_")}}
         details[name] = {}
-        _engine_measurements(target.path, quality, harness, tasks, row, details[name],
+        _engine_measurements(target.path, device, dtype, harness, tasks, row, details[name],
                              {"model": str(draft.path), "num_speculative_tokens": k})
         rows.append(row)
-    notes = [f"perplexity: windows of {quality.settings['context']} tokens, stride {quality.settings['stride']}, "
-             f"{quality.settings['max_windows'] or 'all'} windows per dataset, {quality.dtype} on {quality.device}",
+    notes = [f"perplexity: windows of {ppl['context']} tokens, stride {ppl['stride']}, "
+             f"{ppl['max_windows'] or 'all'} windows per dataset, {dtype} on {device}",
              "wikitext2: WikiText-2 raw test; heldout: the validation split of the run's data",
              "status: ok when the files match the content hash in shrink.json; a damaged artifact gets no numbers",
              "kv_bytes_per_token: the planner (2 x layers x kv_heads x head_dim x 2 bytes, bf16); "
@@ -235,7 +196,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
              "the speculative row serves the teacher with the draft: its perplexity is the teacher's (speculative "
              "decoding keeps the target's distribution); its speed and accuracy are measured",
              "stage_s: the stage's wall time"]
-    settings = {**quality.settings, "datasets": list(texts), "harness": OmegaConf.to_container(cfg.eval, resolve=True)}
+    settings = {**ppl, "datasets": list(texts), "harness": OmegaConf.to_container(cfg.eval, resolve=True)}
 
     def save(tmp_dir: Path) -> None:
         plots: list[str] = []
