@@ -74,7 +74,8 @@ def _times(ratio: float, more: str, less: str, what: str) -> str:
 
 def plain_words(rows: list[dict[str, Any]], teacher: str = "teacher") -> list[str]:
     """One sentence per artifact: 'quantize: 3.1x smaller, 1.4x faster decode, perplexity +12% vs
-    teacher'; what was not measured is left out of its sentence."""
+    teacher', then task accuracy (the mean change over the tasks, in points), agreement and draft
+    acceptance; what was not measured is left out of its sentence."""
     base = next((r for r in rows if r["artifact"] == teacher and r.get("status") == "ok"), None)
     if base is None:
         return []
@@ -93,9 +94,10 @@ def plain_words(rows: list[dict[str, Any]], teacher: str = "teacher") -> list[st
             parts.append(_times(row[s] / base[s], "faster decode", "slower decode", "decode speed"))
         if q and row.get(q) and base.get(q):
             parts.append(f"perplexity {100 * (row[q] / base[q] - 1):+.0f}%")
-        for key in sorted(k for k in row if k.startswith("acc_")):
-            if row.get(key) is not None and base.get(key) is not None:
-                parts.append(f"{key[4:]} accuracy {100 * (row[key] - base[key]):+.0f} points")
+        tasks = [k for k in row if k.startswith("acc_") and row[k] is not None and base.get(k) is not None]
+        if tasks:  # one number: the mean change over the tasks both measured
+            change = sum(row[k] - base[k] for k in tasks) / len(tasks)
+            parts.append(f"task accuracy {100 * change:+.0f} points")
         if row.get("top1_agreement") is not None:
             parts.append(f"top-1 agreement {100 * row['top1_agreement']:.0f}%")
         if row.get("spec_acceptance_rate") is not None:

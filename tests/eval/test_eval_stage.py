@@ -87,3 +87,10 @@ def test_bad_keys_fail_before_any_work(tiny_teacher: Path, tmp_path: Path):
     _one_line_error(run_cli("stage=eval", f"run={run}", *TINY, "eval.speculative=true",
                             "eval.speculative_settings.draft=nope"), "eval.speculative_settings.draft", "nope")
     assert not (run / "eval").exists()
+
+
+def test_a_bad_eval_key_stops_the_pipeline_before_its_first_stage(tmp_path: Path):
+    run = tmp_path / "run"
+    _one_line_error(run_cli("stage=pipeline", f"run={run}", "logging=none", "eval.load.requests=0"),
+                    "eval.load.requests")
+    assert not (run / "teacher").exists()

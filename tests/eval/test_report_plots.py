@@ -12,9 +12,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 ROWS = [
     {"artifact": "teacher", "stage": "import", "status": "ok", "size_MB": 310.0, "ppl_wikitext2": 20.0,
-     "ppl_heldout": 10.0, "decode_tok_s_b1": 50.0, "decode_tok_s_b4": 150.0, "acc_cqa": 0.5},
+     "ppl_heldout": 10.0, "decode_tok_s_b1": 50.0, "decode_tok_s_b4": 150.0, "acc_cqa": 0.5,
+     "acc_svamp": 0.4},
     {"artifact": "quantize", "stage": "quantize", "status": "ok", "size_MB": 100.0, "ppl_wikitext2": 22.4,
-     "ppl_heldout": 11.0, "decode_tok_s_b1": 70.0, "decode_tok_s_b4": 160.0, "acc_cqa": 0.25,
+     "ppl_heldout": 11.0, "decode_tok_s_b1": 70.0, "decode_tok_s_b4": 160.0, "acc_cqa": 0.25, "acc_svamp": 0.5,
      "top1_agreement": 0.8},
     {"artifact": "gqa", "stage": "gqa", "status": "ok", "size_MB": 600.0, "ppl_wikitext2": 19.0,
      "decode_tok_s_b1": 25.0},
@@ -24,7 +25,8 @@ ROWS = [
 
 def test_plain_words():
     lines = plain_words(ROWS)
-    assert lines[0] == ("quantize: 3.1x smaller, 1.4x faster decode, perplexity +12%, cqa accuracy -25 points, "
+    # task accuracy: the mean change over cqa (-25 points) and svamp (+10 points)
+    assert lines[0] == ("quantize: 3.1x smaller, 1.4x faster decode, perplexity +12%, task accuracy -8 points, "
                         "top-1 agreement 80% vs teacher")
     assert lines[1] == "gqa: 1.9x larger, 2.0x slower decode, perplexity -5% vs teacher"
     assert lines[2].startswith("prune: not measured (damaged")
