@@ -36,3 +36,14 @@ def test_bad_values_name_their_key(change, needle):
                           if k in DEFAULTS}, **{k: v for k, v in change.items() if k not in DEFAULTS}}
     with pytest.raises(ShrinkError, match=needle.replace(".", r"\.")):
         HarnessSettings.from_dict(raw)
+
+
+def test_gpu_preset_composes_with_the_reference_sizes():
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        cfg = compose(config_name="config", overrides=["eval=gpu"])
+    s = HarnessSettings.from_dict(OmegaConf.to_container(cfg.eval, resolve=True))
+    assert s.speed.batch_sizes == [1, 16, 64] and s.speculative and s.tasks.names == ["cqa", "svamp", "gsm8k"]
+    assert cfg.eval.context == 2048  # the perplexity keys come from the default
