@@ -19,7 +19,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m shrink experiment=demo
-	@echo "report: $(CURDIR)/outputs/demo/eval/report.md"
+	@$(PY) -m eval.report $(CURDIR)/outputs/demo/eval/report.json
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 OMP_NUM_THREADS=2 $(PY) -m pytest -q -p no:cacheprovider tests

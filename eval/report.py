@@ -1,10 +1,17 @@
-"""The run report: one row per artifact, written as report.md and report.json."""
+"""The run report: one row per artifact, written as report.md and report.json, with a table that
+says in plain words how much smaller, faster and worse each artifact is than the teacher.
+
+    python -m eval.report RUN/eval/report.json      # prints the report's path and that table
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
+
+QUALITY_KEYS = ("ppl_wikitext2", "ppl_heldout")
 
 
 def _fmt(value: Any) -> str:
@@ -31,15 +38,109 @@ def columns_of(rows: list[dict[str, Any]], first: list[str]) -> list[str]:
     return seen
 
 
-def render_report(title: str, rows: list[dict[str, Any]], notes: list[str]) -> str:
-    cols = columns_of(rows, ["artifact", "stage"])
-    body = [f"# {title}", "", markdown_table(rows, cols), ""]
-    body += [f"- {n}" for n in notes]
+def quality_key(rows: list[dict[str, Any]]) -> str | None:
+    """The perplexity the comparisons use: WikiText-2 where measured, else held-out."""
+    return next((k for k in QUALITY_KEYS if any(r.get(k) is not None for r in rows)), None)
+
+
+def speed_key(rows: list[dict[str, Any]]) -> str | None:
+    """The engine's decode tok/s at the smallest batch measured."""
+    keys = sorted({k for r in rows for k in r if k.startswith("decode_tok_s_b")}, key=lambda k: int(k[14:]))
+    return keys[0] if keys else None
+
+
+# Column groups of the table, in this order (within a group, in the order the rows have them).
+COLUMN_ORDER = ("artifact", "stage", "status", "size_MB", "params", "ppl_", "acc_", "top1_agreement",
+                "kl_to_teacher", "decode_tok_s_", "hf_decode_tok_s_", "prefill_tok_s_", "ttft_", "itl_",
+                "load_output_tok_s", "spec_", "kv_", "load_peak_kv_MB", "engine_weights_MB", "peak_memory_MB")
+
+
+def ordered_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every column of the rows, grouped as COLUMN_ORDER says; others (stage_s, errors) last."""
+    cols = columns_of(rows, [])
+
+    def rank(col: str) -> int:
+        return next((i for i, p in enumerate(COLUMN_ORDER) if col == p or (p.endswith("_") and col.startswith(p))),
+                    len(COLUMN_ORDER))
+
+    return sorted(cols, key=rank)  # stable: a group keeps the rows' order
+
+
+def _times(ratio: float, more: str, less: str, what: str) -> str:
+    if abs(ratio - 1) < 0.05:
+        return f"about the same {what}"
+    return f"{ratio:.1f}x {more}" if ratio >= 1 else f"{1 / ratio:.1f}x {less}"
+
+
+def plain_words(rows: list[dict[str, Any]], teacher: str = "teacher") -> list[str]:
+    """One sentence per artifact: 'quantize: 3.1x smaller, 1.4x faster decode, perplexity +12% vs
+    teacher', then task accuracy (the mean change over the tasks, in points), agreement and draft
+    acceptance; what was not measured is left out of its sentence."""
+    base = next((r for r in rows if r["artifact"] == teacher and r.get("status") == "ok"), None)
+    if base is None:
+        return []
+    q, s = quality_key(rows), speed_key(rows)
+    lines = []
+    for row in rows:
+        if row is base:
+            continue
+        if row.get("status") != "ok":
+            lines.append(f"{row['artifact']}: not measured ({row.get('status')})")
+            continue
+        parts = []
+        if row.get("size_MB") and base.get("size_MB"):
+            parts.append(_times(base["size_MB"] / row["size_MB"], "smaller", "larger", "size"))
+        if s and row.get(s) and base.get(s):
+            parts.append(_times(row[s] / base[s], "faster decode", "slower decode", "decode speed"))
+        if q and row.get(q) and base.get(q):
+            parts.append(f"perplexity {100 * (row[q] / base[q] - 1):+.0f}%")
+        tasks = [k for k in row if k.startswith("acc_") and row[k] is not None and base.get(k) is not None]
+        if tasks:  # one number: the mean change over the tasks both measured
+            change = sum(row[k] - base[k] for k in tasks) / len(tasks)
+            parts.append(f"task accuracy {100 * change:+.0f} points")
+        if row.get("top1_agreement") is not None:
+            parts.append(f"top-1 agreement {100 * row['top1_agreement']:.0f}%")
+        if row.get("spec_acceptance_rate") is not None:
+            parts.append(f"draft acceptance {100 * row['spec_acceptance_rate']:.0f}%")
+        lines.append(f"{row['artifact']}: {', '.join(parts) or 'no comparable numbers'} vs {teacher}")
+    return lines
+
+
+def render_report(title: str, rows: list[dict[str, Any]], notes: list[str], plots: list[str] = ()) -> str:
+    cols = ordered_columns(rows)
+    body = [f"# {title}", ""]
+    words = plain_words(rows)
+    if words:
+        body += ["## Against the teacher", ""] + [f"- {w}" for w in words] + [""]
+    body += ["## Every artifact", "", markdown_table(rows, cols), ""]
+    if plots:
+        body += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    body += ["## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(body) + "\n"
 
 
 def write_report(directory: Path, title: str, rows: list[dict[str, Any]], notes: list[str],
-                 settings: dict[str, Any]) -> None:
-    (directory / "report.md").write_text(render_report(title, rows, notes))
-    (directory / "report.json").write_text(json.dumps({"title": title, "settings": settings, "rows": rows,
-                                                       "notes": notes}, indent=2, default=str))
+                 settings: dict[str, Any], details: dict[str, Any] | None = None, plots: list[str] = ()) -> None:
+    (directory / "report.md").write_text(render_report(title, rows, notes, plots))
+    (directory / "report.json").write_text(json.dumps(
+        {"title": title, "settings": settings, "rows": rows, "notes": notes, "plots": list(plots),
+         "against_teacher": plain_words(rows), "details": details or {}}, indent=2, default=str))
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m eval.report RUN/eval/report.json", file=sys.stderr)
+        return 2
+    path = Path(argv[0])
+    if not path.is_file():
+        print(f"no report at {path}", file=sys.stderr)
+        return 1
+    report = json.loads(path.read_text())
+    print(f"report: {path.with_name('report.md').resolve()}")
+    for line in report.get("against_teacher") or plain_words(report["rows"]):
+        print(f"  {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from common.errors import ShrinkError
+from eval.settings import HarnessSettings
 from train.config import TrainConfig, check_value
 
 TOP_LEVEL: dict[str, Any] = {"run": str, "input": str | None, "device": str, "seed": int, "resume": bool,
@@ -54,6 +55,7 @@ def check_config(cfg: DictConfig) -> None:
     if not 1 <= cfg.eval.stride <= cfg.eval.context:
         raise ShrinkError(f"eval.stride must be in [1, eval.context={cfg.eval.context}], got {cfg.eval.stride}")
     _at_least("eval.max_windows", cfg.eval.max_windows, 1)
+    HarnessSettings.from_dict(OmegaConf.to_container(cfg.eval, resolve=True))
     seed, block_size = int(cfg.seed), int(cfg.data.block_size)
     TrainConfig.from_cfg(cfg.distill, seed=seed, block_size=block_size, prefix="distill")
     _check_types(cfg.gqa, "gqa.", GQA)

@@ -1,28 +1,38 @@
-"""stage=eval: perplexity of every artifact of the run; report.md + report.json."""
+"""stage=eval: every artifact of the run measured side by side (perplexity, task accuracy through
+the engine, agreement with the teacher, speed, latency under load, memory), and with
+`eval.speculative=true` the teacher served with a student as its draft; report.md, report.json
+and plots. The measurements live in eval/; this driver finds the artifacts, verifies them, feeds
+each to the measurements it asked for, and writes the report as an artifact."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from transformers import AutoConfig
 
-from eval.perplexity import encode, perplexity, wikitext2_text
-from eval.report import write_report
-from shrink.artifacts import META_FILE, Artifact, write_artifact
-from shrink.context import StageContext
-from shrink.verify import Verifier
 from common.errors import ShrinkError
-from shrink.gqa import KVLayout
+from eval.accuracy import load_examples
+from eval.engine_run import measure_engine
+from eval.memory import planned_kv_bytes_per_token
+from eval.perplexity import encode, wikitext2_text
+from eval.plots import BARS_FILE, FRONTIER_FILE, frontier_plot, stage_bars
+from eval.report import quality_key, speed_key, write_report
+from eval.settings import HarnessSettings
+from eval.tasks import Task, TaskExample, get_task
+from eval.transformers_run import TransformersMeasurements
+from shrink.artifacts import META_FILE, Artifact, write_artifact
+from shrink.context import TEACHER_DIR, StageContext
 from shrink.modeling import dir_size_bytes, load_model, load_tokenizer, num_parameters
 from shrink.stages import register_stage
 from shrink.stages.import_model import cache_dir
+from shrink.verify import Verifier
 from train.data import data_dir, load_packed
 
 EVAL_DIR = "eval"
@@ -30,12 +40,14 @@ CACHE_FILE = ".eval_cache.json"
 
 
 def run_artifacts(run_dir: Path) -> list[Artifact]:
-    """Every complete artifact in the run, in lineage-friendly order (oldest first)."""
+    """Every complete artifact in the run: the teacher first (agreement needs its reference), then in
+    lineage-friendly order (oldest first)."""
     found = [Artifact.load(p) for p in sorted(run_dir.iterdir())
              if p.is_dir() and not p.name.startswith(".") and (p / META_FILE).is_file()]
     found = [a for a in found if a.stage != "eval" and (a.path / "config.json").is_file()]
     # Lineage depth first: stages finished within the same second must still sort parent first.
-    return sorted(found, key=lambda a: (len(a.lineage()), a.meta.get("created", ""), a.path.name))
+    return sorted(found, key=lambda a: (a.path.name != TEACHER_DIR, len(a.lineage()), a.meta.get("created", ""),
+                                        a.path.name))
 
 
 def eval_datasets(cfg: DictConfig, tokenizer) -> dict[str, torch.Tensor]:
@@ -57,72 +69,148 @@ def eval_datasets(cfg: DictConfig, tokenizer) -> dict[str, torch.Tensor]:
     return out
 
 
+def eval_tasks(cfg: DictConfig, harness: HarnessSettings) -> dict[str, tuple[Task, list[TaskExample]]]:
+    """The task subsets (the same for every artifact); none when the reasoning files are absent."""
+    if not harness.tasks.enabled or not harness.tasks.names:
+        return {}
+    shared = data_dir(cfg.get("data_dir"))
+    if shared is None or not (shared / "reasoning").is_dir():
+        print("eval: task files (reasoning/) not found (set data_dir= or SHRINK_DATA_DIR); task accuracy skipped")
+        return {}
+    t = harness.tasks
+    return {name: (get_task(name, "eval.tasks.names"), load_examples(name, shared, t.split, t.limit))
+            for name in t.names}
+
+
 def _dtype(cfg: DictConfig, device: torch.device) -> str:
     setting = str(cfg.eval.dtype)
     return ("bf16" if device.type == "cuda" else "fp32") if setting == "auto" else setting
 
 
+def _speculative_pair(harness: HarnessSettings, intact: list[Artifact]) -> tuple[Artifact, Artifact] | None:
+    """(teacher, draft) for eval.speculative, checked before any work."""
+    if not harness.speculative:
+        return None
+    by_name = {a.path.name: a for a in intact}
+    draft = harness.speculative_settings.draft
+    if TEACHER_DIR not in by_name:
+        raise ShrinkError("eval.speculative=true: the run has no intact teacher artifact to serve")
+    if draft not in by_name:
+        raise ShrinkError(f"eval.speculative_settings.draft={draft!r}: no intact artifact of that name in the run "
+                          f"(have: {', '.join(sorted(by_name))})")
+    return by_name[TEACHER_DIR], by_name[draft]
+
+
+def _engine_measurements(art_dir: Path, device: torch.device, dtype: str, harness: HarnessSettings,
+                         tasks: dict[str, tuple[Task, list[TaskExample]]], row: dict[str, Any],
+                         details: dict[str, Any], speculative_config: dict | None = None) -> None:
+    try:
+        fields, more = measure_engine(art_dir, harness, device, dtype, tasks, speculative_config)
+    except Exception as e:  # one artifact the engine cannot run must not lose the others' numbers
+        row["engine_error"] = f"{type(e).__name__}: {e}"
+        print(f"eval: engine measurements of {row['artifact']} failed: {row['engine_error']}")
+        return
+    row.update(fields)
+    details.update(more)
+
+
 @register_stage("eval")
 def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
     started = time.time()
+    harness = HarnessSettings.from_dict(OmegaConf.to_container(cfg.eval, resolve=True))
     artifacts = run_artifacts(ctx.run_dir)
     if not artifacts:
         raise ShrinkError(f"eval: no artifacts in run={ctx.run_dir}")
-    device = ctx.device
-    dtype = _dtype(cfg, device)
-    settings = {"context": int(cfg.eval.context), "stride": int(cfg.eval.stride),
-                "max_windows": cfg.eval.max_windows, "dtype": dtype, "device": str(device)}
-    cache_path = ctx.run_dir / CACHE_FILE
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     verifier = Verifier(ctx.run_dir)
     damage = {art.path: verifier.problem(art) for art in artifacts}
     intact = [art for art in artifacts if damage[art.path] is None]
     if not intact:
         raise ShrinkError(f"eval: every artifact in run={ctx.run_dir} is damaged "
                           f"({artifacts[0].path}: {damage[artifacts[0].path]})")
+    spec_pair = _speculative_pair(harness, intact)
     tokenizer = load_tokenizer(intact[0])
     texts = eval_datasets(cfg, tokenizer)
-    rows = []
+    tasks = eval_tasks(cfg, harness)
+    device, dtype = ctx.device, _dtype(cfg, ctx.device)
+    ppl = {"context": int(cfg.eval.context), "stride": int(cfg.eval.stride), "max_windows": cfg.eval.max_windows,
+           "dtype": dtype, "device": str(device)}
+    cache_path = ctx.run_dir / CACHE_FILE
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    quality = TransformersMeasurements(harness, texts, ppl, cache)
+    rows: list[dict[str, Any]] = []
+    details: dict[str, Any] = {}
     for art in artifacts:
+        name = art.path.name
         if damage[art.path] is not None:
-            print(f"eval: {art.path.name} is DAMAGED, no numbers reported for it: {damage[art.path]}")
-            rows.append({"artifact": art.path.name, "stage": art.stage, "status": f"damaged: {damage[art.path]}"})
+            print(f"eval: {name} is DAMAGED, no numbers reported for it: {damage[art.path]}")
+            rows.append({"artifact": name, "stage": art.stage, "status": f"damaged: {damage[art.path]}"})
             continue
+        print(f"eval: {name}")
         config = AutoConfig.from_pretrained(art.path)
-        row = {"artifact": art.path.name, "stage": art.stage, "status": "ok",
-               "size_MB": dir_size_bytes(art.path) / 2**20,
-               "kv_bytes_per_token": KVLayout.of(config).bytes_per_token(2), "stage_s": art.meta.get("wall_time_s")}
-        model = None
-        for name, ids in texts.items():
-            key = hashlib.sha256(json.dumps([art.content_hash, name, settings, int(ids.numel())]).encode()).hexdigest()
-            if key not in cache:
-                if model is None:
-                    model = load_model(art, dtype=dtype, device=device)
-                result = perplexity(model, ids, settings["context"], settings["stride"], settings["max_windows"])
-                cache[key] = result.as_dict()
-                print(f"eval: {art.path.name} {name} ppl {result.ppl:.3f} ({result.tokens} tokens)")
-            row[f"ppl_{name}"] = cache[key]["ppl"]
+        row: dict[str, Any] = {"artifact": name, "stage": art.stage, "status": "ok",
+                               "size_MB": dir_size_bytes(art.path) / 2**20,
+                               "kv_bytes_per_token": planned_kv_bytes_per_token(config, 2)}
         params_key = f"params:{art.content_hash}"
-        if model is not None:
+
+        def load(art: Artifact = art) -> torch.nn.Module:
+            model = load_model(art, dtype=dtype, device=device)
             cache[params_key] = num_parameters(model)
-            del model
+            return model
+
+        fields, details[name] = quality.measure(name, art.content_hash, load, name == TEACHER_DIR)
+        row.update(fields)
         row["params"] = cache.get(params_key, art.metrics.get("params"))
+        _engine_measurements(art.path, device, dtype, harness, tasks, row, details[name])
+        row["stage_s"] = art.meta.get("wall_time_s")
         rows.append(row)
     tmp = cache_path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(cache))
     os.replace(tmp, cache_path)
-    notes = [f"perplexity: windows of {settings['context']} tokens, stride {settings['stride']}, "
-             f"{settings['max_windows'] or 'all'} windows per dataset, {dtype} on {device}",
+    if spec_pair is not None:
+        target, draft = spec_pair
+        k = harness.speculative_settings.num_speculative_tokens
+        name = f"{target.path.name}+{draft.path.name} (speculative, k={k})"
+        print(f"eval: {name}")
+        teacher_row = next(r for r in rows if r["artifact"] == target.path.name)
+        row = {"artifact": name, "stage": "speculative", "status": "ok",
+               "size_MB": (dir_size_bytes(target.path) + dir_size_bytes(draft.path)) / 2**20,
+               **{k_: v for k_, v in teacher_row.items() if k_.startswith("ppl_")}}
+        details[name] = {}
+        _engine_measurements(target.path, device, dtype, harness, tasks, row, details[name],
+                             {"model": str(draft.path), "num_speculative_tokens": k})
+        rows.append(row)
+    notes = [f"perplexity: windows of {ppl['context']} tokens, stride {ppl['stride']}, "
+             f"{ppl['max_windows'] or 'all'} windows per dataset, {dtype} on {device}",
              "wikitext2: WikiText-2 raw test; heldout: the validation split of the run's data",
              "status: ok when the files match the content hash in shrink.json; a damaged artifact gets no numbers",
-             "kv_bytes_per_token: K and V of one token over all layers in bf16; stage_s: the stage's wall time"]
-    report_settings = {**settings, "datasets": list(texts)}
+             "kv_bytes_per_token: the planner (2 x layers x kv_heads x head_dim x 2 bytes, bf16); "
+             "kv_bytes_per_token_planned / _measured: the planner at the engine's dtype and the engine's allocated "
+             "pool per token; kv_capacity_tokens: the pool's size",
+             f"acc_*: greedy label answers through the engine, first {harness.tasks.limit} {harness.tasks.split} "
+             "examples per task; top1_agreement / kl_to_teacher (nats/token): on "
+             f"{harness.agreement.windows} held-out windows of {harness.agreement.window_len} tokens",
+             "prefill/decode_tok_s_bN: the engine at batch N on random prompts; hf_decode_tok_s_bN: transformers "
+             "generate (static cache where the model takes one) on the same shapes, same run",
+             f"ttft/itl p50/p99: {harness.load.requests} streamed requests, {harness.load.concurrency} at a time, over "
+             "AsyncLLM in-process; peak_memory_MB: CUDA peak allocation (none on CPU)",
+             "the speculative row serves the teacher with the draft: its perplexity is the teacher's (speculative "
+             "decoding keeps the target's distribution); its speed and accuracy are measured",
+             "stage_s: the stage's wall time"]
+    settings = {**ppl, "datasets": list(texts), "harness": OmegaConf.to_container(cfg.eval, resolve=True)}
 
     def save(tmp_dir: Path) -> None:
-        write_report(tmp_dir, f"shrink report: {ctx.run_dir}", rows, notes, report_settings)
+        plots: list[str] = []
+        if harness.plots:
+            q, s = quality_key(rows), speed_key(rows)
+            if q and s and frontier_plot(rows, s, q, tmp_dir / FRONTIER_FILE):
+                plots.append(FRONTIER_FILE)
+            bars = [("size_MB", "size (MB)"), (s or "", f"decode tok/s ({s})"), (q or "", f"{q} (lower is better)")]
+            if stage_bars(rows, [b for b in bars if b[0]], tmp_dir / BARS_FILE):
+                plots.append(BARS_FILE)
+        write_report(tmp_dir, f"shrink report: {ctx.run_dir}", rows, notes, settings, details, plots)
 
     artifact = write_artifact(ctx.output_dir(EVAL_DIR), stage="eval", save=save,
-                              config={**ctx.resolved_config("eval"), "settings": report_settings},
+                              config={**ctx.resolved_config("eval"), "settings": settings},
                               inputs=artifacts, metrics={"rows": rows}, started=started)
     print(f"eval: report at {artifact.path / 'report.md'}")
     return artifact

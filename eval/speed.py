@@ -1,0 +1,69 @@
+"""Prefill and decode speed through the engine at several batch sizes, and transformers'
+`generate` on the same prompts in the same run as the baseline.
+
+Each measurement times a run that generates one token (the prefill) and a run that generates
+`new_tokens`, on fresh random prompts each (no prefix-cache hits): prefill tok/s is prompt tokens
+over the first; decode tok/s is the tokens after the first over the difference."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from eval.bench.common import prompts, timed
+
+
+def _rates(batch: int, prompt_len: int, new_tokens: int, prefill_s: float, full_s: float) -> dict[str, Any]:
+    decode_s = full_s - prefill_s
+    return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "prefill_tok_s": batch * prompt_len / prefill_s,
+            # None when timing noise swallowed the decode (too few new_tokens to measure)
+            "decode_tok_s": batch * (new_tokens - 1) / decode_s if decode_s > 0 else None,
+            "prefill_s": prefill_s, "total_s": full_s}
+
+
+def engine_speed(llm: Any, batch_sizes: list[int], prompt_len: int, new_tokens: int) -> list[dict[str, Any]]:
+    from engine import SamplingParams
+
+    vocab = llm.engine.vocab_size
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    llm.generate(prompts(1, prompt_len, vocab, 7), SamplingParams(max_tokens=2, **greedy))  # warm-up
+    out = []
+    for bs in batch_sizes:
+        first, t1 = timed(lambda: llm.generate(prompts(bs, prompt_len, vocab, 1000 + bs),
+                                               SamplingParams(max_tokens=1, **greedy)))
+        full, tn = timed(lambda: llm.generate(prompts(bs, prompt_len, vocab, 2000 + bs),
+                                              SamplingParams(max_tokens=new_tokens, **greedy)))
+        if any(o.error for o in first + full) or any(len(o.token_ids) != new_tokens for o in full):
+            bad = next((o.error for o in first + full if o.error), "fewer tokens than asked")
+            raise RuntimeError(f"engine speed run at batch {bs} failed: {bad}")
+        out.append(_rates(bs, prompt_len, new_tokens, t1, tn))
+    return out
+
+
+@torch.no_grad()
+def hf_generate_speed(model: torch.nn.Module, batch_sizes: list[int], prompt_len: int,
+                      new_tokens: int) -> list[dict[str, Any]]:
+    """transformers generate, greedy, exactly new_tokens per sequence; a static cache where the
+    model takes one (recorded as `cache`), else the default dynamic cache."""
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    out = []
+    for bs in batch_sizes:
+        def run(n: int, seed: int, cache: str | None) -> None:
+            ids = torch.tensor(prompts(bs, prompt_len, vocab, seed), device=device)
+            extra = {"cache_implementation": cache, "disable_compile": True} if cache else {}
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0, **extra)
+
+        cache: str | None = "static"
+        try:
+            run(2, 7, cache)  # warm-up, and the probe for a static cache
+        except Exception:  # this model's cache class does not take a static cache
+            cache = None
+            run(2, 7, cache)
+        _, t1 = timed(lambda: run(1, 1000 + bs, cache))
+        _, tn = timed(lambda: run(new_tokens, 2000 + bs, cache))
+        out.append({**_rates(bs, prompt_len, new_tokens, t1, tn), "cache": cache or "dynamic"})
+    return out

@@ -1,0 +1,65 @@
+"""What the harness measures through transformers for one model: perplexity on each dataset
+(cached by the artifact's content hash between runs), agreement with the teacher, and the
+`generate` baseline. The model is loaded once, and only when something needs it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Callable
+
+import torch
+
+from eval.agreement import Reference, agreement, fixed_windows, teacher_reference
+from eval.perplexity import perplexity
+from eval.settings import HarnessSettings
+from eval.speed import hf_generate_speed
+
+
+class TransformersMeasurements:
+    def __init__(self, harness: HarnessSettings, texts: dict[str, torch.Tensor], ppl_settings: dict[str, Any],
+                 cache: dict[str, Any]) -> None:
+        """``ppl_settings``: context, stride, max_windows (and whatever else keys the cache);
+        ``cache``: perplexity results by content hash, kept by the caller."""
+        self.harness, self.texts, self.ppl_settings, self.cache = harness, texts, ppl_settings, cache
+        self.reference: Reference | None = None  # the teacher's, once measured
+
+    def measure(self, name: str, content_hash: str, load: Callable[[], torch.nn.Module],
+                is_teacher: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(row fields, details). The teacher must come first: agreement needs its reference."""
+        model: torch.nn.Module | None = None
+
+        def loaded() -> torch.nn.Module:
+            nonlocal model
+            if model is None:
+                model = load()
+            return model
+
+        row: dict[str, Any] = {}
+        details: dict[str, Any] = {}
+        s = self.ppl_settings
+        for dataset, ids in self.texts.items():
+            key = hashlib.sha256(json.dumps([content_hash, dataset, s, int(ids.numel())]).encode()).hexdigest()
+            if key not in self.cache:
+                self.cache[key] = perplexity(loaded(), ids, s["context"], s["stride"], s["max_windows"]).as_dict()
+                print(f"eval: {name} {dataset} ppl {self.cache[key]['ppl']:.3f} ({self.cache[key]['tokens']} tokens)")
+            row[f"ppl_{dataset}"] = self.cache[key]["ppl"]
+        ag = self.harness.agreement
+        if ag.enabled:
+            if is_teacher:
+                text = self.texts.get("heldout", next(iter(self.texts.values())))
+                self.reference = teacher_reference(loaded(), fixed_windows(text, ag.windows, ag.window_len))
+            if self.reference is not None:
+                row.update(agreement(loaded(), self.reference))
+        sp = self.harness.speed
+        if sp.enabled and sp.hf_baseline:
+            try:
+                records = hf_generate_speed(loaded(), sp.batch_sizes, sp.prompt_len, sp.new_tokens)
+            except Exception as e:  # transformers cannot generate with this model: say so, go on
+                row["hf_error"] = f"{type(e).__name__}: {e}"
+                print(f"eval: transformers generate baseline of {name} failed: {row['hf_error']}")
+                records = []
+            details["hf_generate_speed"] = records
+            for r in records:
+                row[f"hf_decode_tok_s_b{r['batch']}"] = r["decode_tok_s"]
+        return row, details

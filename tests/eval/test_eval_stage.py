@@ -1,0 +1,96 @@
+"""stage=eval end to end on a tiny run: every measurement, the speculative row, the plots and the
+plain-words table; each measurement skippable; bad eval keys refused before any work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from support import run_cli, save_tiny_artifact
+
+TINY = ["logging=none", "data=pydoc", "data.max_docs=30", "data.block_size=64", "eval.context=64",
+        "eval.stride=32", "eval.max_windows=2", "eval.datasets=[heldout]", "eval.engine.max_model_len=256"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _tiny_run(tiny_teacher: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_teacher, run / "teacher")
+    save_tiny_artifact(run / "distill", seed=1, num_hidden_layers=2)
+    return run
+
+
+def test_every_measurement_and_the_speculative_row(tiny_teacher: Path, tmp_path: Path, shared_data_dir: Path):
+    run = _tiny_run(tiny_teacher, tmp_path)
+    result = run_cli("stage=eval", f"run={run}", *TINY, "eval.tasks.limit=2", "eval.speculative=true",
+                     "eval.speculative_settings.num_speculative_tokens=3", f"data_dir={shared_data_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = run / "eval"
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["artifact"]: r for r in report["rows"]}
+    spec_name = "teacher+distill (speculative, k=3)"
+    assert list(rows) == ["teacher", "distill", spec_name]
+    teacher, distill, spec = rows["teacher"], rows["distill"], rows[spec_name]
+    assert teacher["top1_agreement"] == 1.0 and abs(teacher["kl_to_teacher"]) < 1e-6
+    assert 0.0 <= distill["top1_agreement"] < 1.0 and distill["kl_to_teacher"] > 0
+    for row in (teacher, distill, spec):
+        assert "engine_error" not in row, row.get("engine_error")
+        for task in ("cqa", "svamp", "gsm8k"):
+            assert 0.0 <= row[f"acc_{task}"] <= 1.0
+        for key in ("prefill_tok_s_b1", "decode_tok_s_b1", "prefill_tok_s_b4", "decode_tok_s_b4",
+                    "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "kv_capacity_tokens"):
+            assert row[key] > 0, key
+        assert row["ttft_p50_ms"] <= row["ttft_p99_ms"]
+        assert row["kv_bytes_per_token_measured"] == row["kv_bytes_per_token_planned"]
+    for row in (teacher, distill):
+        assert row["ppl_heldout"] > 1.0 and row["hf_decode_tok_s_b1"] > 0 and row["hf_decode_tok_s_b4"] > 0
+    assert distill["kv_bytes_per_token"] == teacher["kv_bytes_per_token"] // 2  # 4 -> 2 layers
+    assert spec["ppl_heldout"] == teacher["ppl_heldout"]
+    assert 0.0 <= spec["spec_acceptance_rate"] <= 1.0 and spec["spec_mean_accepted_length"] >= 1.0
+    assert report["details"][spec_name]["spec_decode"]["num_proposed_tokens"] > 0
+    assert report["details"]["teacher"]["task_cqa"]["n"] == 2
+    md = (out / "report.md").read_text()
+    assert "## Against the teacher" in md and md.count("| teacher |") == 1
+    assert f"- distill: {teacher['size_MB'] / distill['size_MB']:.1f}x smaller, " in md
+    assert "faster decode" in md or "slower decode" in md or "same decode speed" in md
+    for name in ("frontier.png", "stages.png"):
+        assert (out / name).read_bytes().startswith(PNG_MAGIC)
+        assert f"![{name}]({name})" in md
+    assert "report at" in result.stdout
+
+
+def test_measurements_can_be_skipped(tiny_teacher: Path, tmp_path: Path):
+    run = _tiny_run(tiny_teacher, tmp_path)
+    off = ["eval.tasks.enabled=false", "eval.agreement.enabled=false", "eval.speed.enabled=false",
+           "eval.load.enabled=false", "eval.plots=false"]
+    result = run_cli("stage=eval", f"run={run}", *TINY, *off)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((run / "eval" / "report.json").read_text())["rows"]
+    measured = {k for r in rows for k in r}
+    assert not any(k.startswith(("acc_", "top1", "decode_tok", "hf_", "ttft", "itl")) for k in measured), measured
+    assert all(r["ppl_heldout"] > 1.0 and r["kv_capacity_tokens"] > 0 for r in rows)
+    assert not (run / "eval" / "frontier.png").exists()
+
+
+def _one_line_error(result, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_bad_keys_fail_before_any_work(tiny_teacher: Path, tmp_path: Path):
+    run = _tiny_run(tiny_teacher, tmp_path)
+    _one_line_error(run_cli("stage=eval", f"run={run}", *TINY, "eval.speed.batch_sizes=[0]"), "eval.speed.batch_sizes")
+    _one_line_error(run_cli("stage=eval", f"run={run}", *TINY, "eval.speculative=true",
+                            "eval.speculative_settings.draft=nope"), "eval.speculative_settings.draft", "nope")
+    assert not (run / "eval").exists()
+
+
+def test_a_bad_eval_key_stops_the_pipeline_before_its_first_stage(tmp_path: Path):
+    run = tmp_path / "run"
+    _one_line_error(run_cli("stage=pipeline", f"run={run}", "logging=none", "eval.load.requests=0"),
+                    "eval.load.requests")
+    assert not (run / "teacher").exists()

@@ -1,0 +1,86 @@
+"""Speed, load and memory records on a tiny model through the real engine: positive, well formed,
+and the KV planner equal to what the engine allocated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from support import save_tiny_artifact, tiny_llama_config
+from eval.load import load_test, percentile
+from eval.memory import engine_memory, peak_memory_MB, planned_kv_bytes_per_token
+from eval.speed import engine_speed, hf_generate_speed
+
+ENGINE = dict(max_model_len=128, max_num_seqs=4, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_artifact(tmp_path_factory.mktemp("speed") / "m", seed=2)
+
+
+def _well_formed(records: list[dict], batches: list[int], new_tokens: int) -> None:
+    assert [r["batch"] for r in records] == batches
+    for r in records:
+        assert r["new_tokens"] == new_tokens and r["prompt_len"] == 8
+        assert r["prefill_tok_s"] > 0 and r["total_s"] > r["prefill_s"] > 0
+        assert r["decode_tok_s"] > 0
+
+
+def test_engine_speed_records(model_dir: Path):
+    from engine import LLM
+
+    llm = LLM(str(model_dir), **ENGINE)
+    records = engine_speed(llm, [1, 3], prompt_len=8, new_tokens=12)
+    _well_formed(records, [1, 3], 12)
+
+
+def test_hf_generate_speed_uses_a_static_cache(model_dir: Path):
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    records = hf_generate_speed(model, [1, 2], prompt_len=8, new_tokens=12)
+    _well_formed(records, [1, 2], 12)
+    assert all(r["cache"] == "static" for r in records)
+
+
+def test_load_test_latencies_and_kv_pool_back_to_full(model_dir: Path):
+    from engine import AsyncLLM
+
+    llm = AsyncLLM(str(model_dir), **ENGINE)
+    rec = load_test(llm, requests=6, concurrency=3, prompt_len=8, max_tokens=10, time_limit_s=60.0)
+    assert rec["requests"] == 6 and rec["skipped_by_time_limit"] == 0
+    for q in ("ttft", "itl"):
+        assert 0 < rec[f"{q}_p50_ms"] <= rec[f"{q}_p99_ms"]
+    assert rec["output_tok_s"] > 0 and rec["peak_kv_blocks"] >= 1
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == len(bm.blocks)  # every request's blocks are back
+
+
+def test_load_time_limit_bounds_the_run(model_dir: Path):
+    from engine import AsyncLLM
+
+    rec = load_test(AsyncLLM(str(model_dir), **ENGINE), requests=5, concurrency=1, prompt_len=8, max_tokens=4,
+                    time_limit_s=1e-9)
+    assert rec["skipped_by_time_limit"] >= 4 and rec["requests"] + rec["skipped_by_time_limit"] == 5
+
+
+def test_percentile():
+    assert percentile([], 50) is None
+    assert percentile([1.0, 2.0, 3.0], 50) == 2.0 and percentile([1.0, 2.0, 3.0], 100) == 3.0
+
+
+def test_planner_matches_the_engine_pool(model_dir: Path):
+    from engine import LLM
+
+    config = tiny_llama_config(num_key_value_heads=1, head_dim=32)
+    assert planned_kv_bytes_per_token(config, 2) == 2 * 4 * 1 * 32 * 2
+    assert planned_kv_bytes_per_token(tiny_llama_config(), 4) == 2 * 4 * 2 * 16 * 4
+    llm = LLM(str(model_dir), kv_cache_tokens=256, **ENGINE)
+    mem = engine_memory(llm)
+    assert mem["kv_capacity_tokens"] == 256
+    assert mem["kv_bytes_per_token_measured"] == mem["kv_bytes_per_token_planned"] == 2 * 4 * 2 * 16 * 4
+    assert mem["kv_pool_MB"] == pytest.approx(256 * 2 * 4 * 2 * 16 * 4 / 2**20)
+    assert mem["engine_weights_MB"] > 0
+    assert peak_memory_MB(torch.device("cpu")) is None
