@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common.errors import ShrinkError
-from eval.tasks import LABEL_PREFIX, Task, TaskExample, get_task, render_prompt
+from common.tasks import LABEL_PREFIX, Task, TaskExample, get_task, render_prompt
 
 # prompts (token ids), max new tokens per prompt -> one answer text per prompt (None: the request failed)
 Generate = Callable[[list[list[int]], list[int]], list[str | None]]

@@ -16,7 +16,7 @@ from eval.load import load_test
 from eval.memory import engine_memory, peak_memory_MB, reset_peak_memory
 from eval.settings import HarnessSettings
 from eval.speed import engine_speed
-from eval.tasks import Task, TaskExample
+from common.tasks import Task, TaskExample
 
 ENGINE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

@@ -25,15 +25,14 @@ from eval.perplexity import encode, wikitext2_text
 from eval.plots import BARS_FILE, FRONTIER_FILE, frontier_plot, stage_bars
 from eval.report import quality_key, speed_key, write_report
 from eval.settings import HarnessSettings
-from eval.tasks import Task, TaskExample, get_task
+from common.tasks import Task, TaskExample, get_task
 from eval.transformers_run import TransformersMeasurements
 from shrink.artifacts import META_FILE, Artifact, write_artifact
 from shrink.context import TEACHER_DIR, StageContext
 from shrink.modeling import dir_size_bytes, load_model, load_tokenizer, num_parameters
 from shrink.stages import register_stage
-from shrink.stages.import_model import cache_dir
 from shrink.verify import Verifier
-from train.data import data_dir, load_packed
+from train.data import load_packed
 
 EVAL_DIR = "eval"
 CACHE_FILE = ".eval_cache.json"
@@ -50,18 +49,18 @@ def run_artifacts(run_dir: Path) -> list[Artifact]:
                                         a.path.name))
 
 
-def eval_datasets(cfg: DictConfig, tokenizer) -> dict[str, torch.Tensor]:
+def eval_datasets(cfg: DictConfig, ctx: StageContext, tokenizer) -> dict[str, torch.Tensor]:
     wanted = [str(d) for d in cfg.eval.datasets]
     out: dict[str, torch.Tensor] = {}
     for name in wanted:
         if name == "wikitext2":
-            shared = data_dir(cfg.get("data_dir"))
+            shared = ctx.data_dir
             if shared is None or not (shared / "wikitext-2-raw").is_dir():
                 print("eval: WikiText-2 not found (set data_dir= or SHRINK_DATA_DIR); skipped")
                 continue
             out[name] = encode(tokenizer, wikitext2_text(shared))
         elif name == "heldout":
-            out[name] = load_packed(cfg.data, tokenizer, cfg.get("data_dir"), cache_dir(cfg)).val.reshape(-1)
+            out[name] = load_packed(cfg.data, tokenizer, ctx.data_dir, ctx.cache_dir).val.reshape(-1)
         else:
             raise ShrinkError(f"eval.datasets: unknown dataset {name!r} (known: wikitext2, heldout)")
     if not out:
@@ -69,11 +68,11 @@ def eval_datasets(cfg: DictConfig, tokenizer) -> dict[str, torch.Tensor]:
     return out
 
 
-def eval_tasks(cfg: DictConfig, harness: HarnessSettings) -> dict[str, tuple[Task, list[TaskExample]]]:
+def eval_tasks(ctx: StageContext, harness: HarnessSettings) -> dict[str, tuple[Task, list[TaskExample]]]:
     """The task subsets (the same for every artifact); none when the reasoning files are absent."""
     if not harness.tasks.enabled or not harness.tasks.names:
         return {}
-    shared = data_dir(cfg.get("data_dir"))
+    shared = ctx.data_dir
     if shared is None or not (shared / "reasoning").is_dir():
         print("eval: task files (reasoning/) not found (set data_dir= or SHRINK_DATA_DIR); task accuracy skipped")
         return {}
@@ -129,8 +128,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
                           f"({artifacts[0].path}: {damage[artifacts[0].path]})")
     spec_pair = _speculative_pair(harness, intact)
     tokenizer = load_tokenizer(intact[0])
-    texts = eval_datasets(cfg, tokenizer)
-    tasks = eval_tasks(cfg, harness)
+    texts = eval_datasets(cfg, ctx, tokenizer)
+    tasks = eval_tasks(ctx, harness)
     device, dtype = ctx.device, _dtype(cfg, ctx.device)
     ppl = {"context": int(cfg.eval.context), "stride": int(cfg.eval.stride), "max_windows": cfg.eval.max_windows,
            "dtype": dtype, "device": str(device)}

@@ -21,7 +21,7 @@ from common.errors import ShrinkError
 from eval.perplexity import encode, perplexity, wikitext2_text
 from shrink.artifacts import META_FILE, Artifact
 from shrink.context import StageContext, checkpoint_dir_name
-from shrink.gqa import check_target, convert, kv_report
+from shrink.gqa_surgery import check_target, convert, kv_report
 from shrink.modeling import load_model, load_tokenizer, num_parameters, save_model_artifact
 from shrink.stages import register_stage
 from shrink.tracking import make_tracker

@@ -9,7 +9,6 @@ from omegaconf import DictConfig
 
 from shrink.artifacts import Artifact
 from shrink.context import TEACHER_DIR, StageContext
-from shrink.context import cache_dir  # noqa: F401  (stages/evaluate.py imports it from here; its owner moves it to ctx.cache_dir)
 from shrink.modeling import num_parameters, resolve_dtype, save_model_artifact
 from shrink.sources import load_source
 from shrink.stages import register_stage

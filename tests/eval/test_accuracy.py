@@ -10,7 +10,8 @@ import pytest
 
 from support import make_tiny_tokenizer, save_tiny_artifact
 from eval.accuracy import engine_generate, load_examples, tasks_accuracy
-from eval.tasks import generate_answers, get_task, render_prompt
+from common.tasks import get_task, render_prompt
+from eval.tasks import generate_answers
 from common.errors import ShrinkError
 
 CQA_ROWS = [

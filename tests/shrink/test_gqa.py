@@ -10,7 +10,7 @@ import torch
 from test_gqa_reference import ARCHS, one_thread, reference_logits, tiny_model  # noqa: F401
 
 from common.errors import ShrinkError
-from shrink.gqa import KVLayout, check_target, expand_kv_heads, kv_report, pool_kv_heads
+from shrink.gqa_surgery import KVLayout, check_target, expand_kv_heads, kv_report, pool_kv_heads
 
 IDS = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(3))
 

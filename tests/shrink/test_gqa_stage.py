@@ -16,7 +16,7 @@ from test_gqa_reference import one_thread  # noqa: F401
 
 from shrink.artifacts import Artifact
 from common.errors import ShrinkError
-from shrink.gqa import pool_kv_heads
+from shrink.gqa_surgery import pool_kv_heads
 from shrink.modeling import save_model_artifact
 from shrink.stages import gqa as gqa_stage
 
