@@ -61,7 +61,8 @@ def parse_layer_map(spec: Any, n_student: int, n_teacher: int, keep: Sequence[in
         for entry in spec:
             entry = list(entry)
             if len(entry) not in (2, 3):
-                raise SettingError("layer_map", f"entry {entry} is not [student, teacher] or [student, teacher, weight]")
+                raise SettingError("layer_map",
+                                   f"entry {entry} is not [student, teacher] or [student, teacher, weight]")
             pairs.append(LayerPair(int(entry[0]), int(entry[1]), float(entry[2]) if len(entry) == 3 else 1.0))
     for p in pairs:
         if not (0 <= p.student < n_student and 0 <= p.teacher < n_teacher):
