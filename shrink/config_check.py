@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from common.errors import ShrinkError
+from common.errors import ShrinkError, config_section
 from eval.settings import HarnessSettings
 from train.config import TrainConfig, check_value
 
@@ -24,12 +24,12 @@ GQA: dict[str, Any] = {"kv_heads": int | None, "tokens": int | None, "budget_fra
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-def _check_types(cfg: DictConfig, prefix: str, schema: dict[str, Any]) -> None:
+def _check_types(cfg: DictConfig, schema: dict[str, Any]) -> None:
     for key, hint in schema.items():
         if key in cfg:
             value = cfg[key]
             plain = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-            check_value(f"{prefix}{key}", plain, hint)
+            check_value(key, plain, hint)
 
 
 def _at_least(key: str, value: int | None, low: int) -> None:
@@ -39,28 +39,33 @@ def _at_least(key: str, value: int | None, low: int) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Raise a ShrinkError for the first bad value (types first, then ranges)."""
-    _check_types(cfg, "", TOP_LEVEL)
+    _check_types(cfg, TOP_LEVEL)
     if not DEVICE.fullmatch(str(cfg.device)):
         raise ShrinkError(f"device={cfg.device}: expected auto, cpu, cuda or cuda:N")
     run = Path(str(cfg.run)).expanduser()
     if run.exists() and not run.is_dir():
         raise ShrinkError(f"run={cfg.run} is a file, not a directory")
-    _check_types(cfg.data, "data.", DATA)
+    with config_section("data"):
+        _check_types(cfg.data, DATA)
     _at_least("data.block_size", cfg.data.block_size, 2)
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ShrinkError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     _at_least("data.max_docs", cfg.data.get("max_docs"), 1)
-    _check_types(cfg.eval, "eval.", EVAL)
+    with config_section("eval"):
+        _check_types(cfg.eval, EVAL)
     _at_least("eval.context", cfg.eval.context, 2)
     if not 1 <= cfg.eval.stride <= cfg.eval.context:
         raise ShrinkError(f"eval.stride must be in [1, eval.context={cfg.eval.context}], got {cfg.eval.stride}")
     _at_least("eval.max_windows", cfg.eval.max_windows, 1)
     HarnessSettings.from_dict(OmegaConf.to_container(cfg.eval, resolve=True))
     seed, block_size = int(cfg.seed), int(cfg.data.block_size)
-    TrainConfig.from_cfg(cfg.distill, seed=seed, block_size=block_size, prefix="distill")
-    _check_types(cfg.gqa, "gqa.", GQA)
+    with config_section("distill"):
+        TrainConfig.from_cfg(cfg.distill, seed=seed, block_size=block_size)
+    with config_section("gqa"):
+        _check_types(cfg.gqa, GQA)
     from shrink.stages.gqa import train_config
 
     train_config(cfg.gqa, 1, block_size, seed)
     if "finetune" in cfg.get("prune", {}):
-        TrainConfig.from_cfg(cfg.prune.finetune, seed=seed, block_size=block_size, prefix="prune.finetune")
+        with config_section("prune.finetune"):
+            TrainConfig.from_cfg(cfg.prune.finetune, seed=seed, block_size=block_size)

@@ -52,10 +52,10 @@ def remove_checkpoint(ckpt_dir: Path) -> None:
 
 
 
-def resume_note(ckpt_dir: Path, prefix: str) -> str | None:
+def resume_note(ckpt_dir: Path, name: str) -> str | None:
     """resume=true with nothing to resume from: the line that says so (None when a checkpoint exists)."""
     if checkpoint_step(ckpt_dir) is None:
-        return f"{prefix}: resume=true but no checkpoint in {ckpt_dir}; starting at step 0"
+        return f"{name}: resume=true but no checkpoint in {ckpt_dir}; starting at step 0"
     return None
 
 

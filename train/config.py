@@ -9,12 +9,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.errors import ShrinkError
+from common.errors import SettingError
 from train.layer_distill import LAYER_LOSSES
 
 
 def check_value(key: str, value: Any, hint: Any) -> None:
-    """Raise a ShrinkError naming `key` unless `value` (as the config composed it) fits the type `hint`:
+    """Raise a SettingError naming `key` unless `value` (as the config composed it) fits the type `hint`:
     int (not bool, not 2.7), a finite float, bool, str, X | None, dict, list, or Any."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -27,7 +27,7 @@ def check_value(key: str, value: Any, hint: Any) -> None:
     if hint is Any:
         return
     if value is None:
-        raise ShrinkError(f"{key} needs a value, got null")
+        raise SettingError(key, "needs a value, got null", sep=" ")
     if hint is bool:
         ok, wanted = isinstance(value, bool), "true or false"
     elif hint is int:
@@ -44,7 +44,7 @@ def check_value(key: str, value: Any, hint: Any) -> None:
     else:
         raise TypeError(f"check_value: unsupported type {hint!r} for {key}")
     if not ok:
-        raise ShrinkError(f"{key}: expected {wanted}, got {value!r}")
+        raise SettingError(key, f"expected {wanted}, got {value!r}")
 
 
 @dataclass
@@ -75,48 +75,48 @@ class TrainConfig:
     eval_every: int = 0
     val_batches: int = 8
     seed: int = 0
-    prefix: str = field(default="distill", repr=False)  # config key named in error messages
 
     @classmethod
-    def from_cfg(cls, cfg: Any, seed: int, block_size: int, prefix: str = "distill") -> "TrainConfig":
+    def from_cfg(cls, cfg: Any, seed: int, block_size: int) -> "TrainConfig":
+        """The settings of one training config section, checked; errors name the setting only (the
+        caller's `config_section` names the section)."""
         from omegaconf import OmegaConf
 
         raw = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
         hints = typing.get_type_hints(cls)
-        known = set(cls.__dataclass_fields__) - {"seed", "prefix"}
+        known = set(cls.__dataclass_fields__) - {"seed"}
         values = {k: v for k, v in raw.items() if k in known}
         for key, value in values.items():
-            check_value(f"{prefix}.{key}", value, hints[key])
-        check_value(f"{prefix}.tokens", raw.get("tokens"), int | None)
-        tc = cls(**values, seed=seed, prefix=prefix)
+            check_value(key, value, hints[key])
+        check_value("tokens", raw.get("tokens"), int | None)
+        tc = cls(**values, seed=seed)
         if raw.get("tokens"):
             tc.max_steps = max(1, math.ceil(int(raw["tokens"]) / (tc.batch_size * tc.grad_accum * block_size)))
-        tc.validate(prefix)
+        tc.validate()
         return tc
 
-    def validate(self, prefix: str | None = None) -> None:
-        p = prefix or self.prefix
-        self.prefix = p
+    def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "chunk_size"):
             if int(getattr(self, name)) < 1:
-                raise ShrinkError(f"{p}.{name} must be >= 1, got {getattr(self, name)}")
+                raise SettingError(name, f"must be >= 1, got {getattr(self, name)}", sep=" ")
         if self.lr <= 0:
-            raise ShrinkError(f"{p}.lr must be > 0, got {self.lr}")
+            raise SettingError("lr", f"must be > 0, got {self.lr}", sep=" ")
         if self.temperature <= 0:
-            raise ShrinkError(f"{p}.temperature must be > 0, got {self.temperature}")
+            raise SettingError("temperature", f"must be > 0, got {self.temperature}", sep=" ")
         if not self.losses:
-            raise ShrinkError(f"{p}.losses is empty: name at least one loss with a weight")
+            raise SettingError("losses", "is empty: name at least one loss with a weight", sep=" ")
         if not isinstance(self.fused_head_loss, bool):
-            raise ShrinkError(f"{p}.fused_head_loss must be true or false, got {self.fused_head_loss!r}")
+            raise SettingError("fused_head_loss", f"must be true or false, got {self.fused_head_loss!r}", sep=" ")
         if not (self.compile_loss == "auto" or isinstance(self.compile_loss, bool)):
-            raise ShrinkError(f"{p}.compile_loss must be auto, true or false, got {self.compile_loss!r}")
+            raise SettingError("compile_loss", f"must be auto, true or false, got {self.compile_loss!r}", sep=" ")
         if self.top_k is not None and int(self.top_k) < 1:
-            raise ShrinkError(f"{p}.top_k must be >= 1 or null, got {self.top_k}")
+            raise SettingError("top_k", f"must be >= 1 or null, got {self.top_k}", sep=" ")
         if self.layer_loss not in LAYER_LOSSES:
-            raise ShrinkError(f"{p}.layer_loss={self.layer_loss!r}: expected one of {LAYER_LOSSES}")
+            raise SettingError("layer_loss", f"{self.layer_loss!r}: expected one of {LAYER_LOSSES}", sep="=")
         if not 0.0 <= float(self.lmbda) <= 1.0:
-            raise ShrinkError(f"{p}.lmbda must be in [0, 1], got {self.lmbda}")
-        if (self.lmbda > 0 or self.seq_kd) and (self.prompt_len < 1 or self.max_new_tokens < 1):
-            raise ShrinkError(f"{p}.prompt_len and {p}.max_new_tokens must be >= 1 for on-policy / seq-KD")
+            raise SettingError("lmbda", f"must be in [0, 1], got {self.lmbda}", sep=" ")
+        for name in ("prompt_len", "max_new_tokens"):
+            if (self.lmbda > 0 or self.seq_kd) and getattr(self, name) < 1:
+                raise SettingError(name, f"must be >= 1 for on-policy / seq-KD, got {getattr(self, name)}", sep=" ")
         if self.warmup_steps < 0:
-            raise ShrinkError(f"{p}.warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise SettingError("warmup_steps", f"must be >= 0, got {self.warmup_steps}", sep=" ")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.errors import ShrinkError
+from common.errors import SettingError
 
 LAYER_LOSSES = ("mse", "cosine")
 
@@ -40,16 +40,19 @@ def auto_layer_map(keep: Sequence[int], n_teacher: int) -> list[LayerPair]:
     return [LayerPair(i, j) for i, j in enumerate(ends)]
 
 
-def parse_layer_map(spec: Any, n_student: int, n_teacher: int, keep: Sequence[int] | None = None,
-                    key: str = "distill.layer_map") -> list[LayerPair]:
-    """`auto` (needs `keep`), `{student: teacher}`, or a list of [student, teacher(, weight)]."""
+def parse_layer_map(spec: Any, n_student: int, n_teacher: int, keep: Sequence[int] | None = None
+                    ) -> list[LayerPair]:
+    """`auto` (needs `keep`), `{student: teacher}`, or a list of [student, teacher(, weight)]; a bad
+    spec is a SettingError of the setting `layer_map`."""
     if spec is None or spec == [] or spec == {}:
         return []
     if isinstance(spec, str):
         if spec != "auto":
-            raise ShrinkError(f"{key}={spec!r}: expected auto, a mapping student->teacher, or a list of pairs")
+            raise SettingError("layer_map", f"{spec!r}: expected auto, a mapping student->teacher, or a list of pairs",
+                               sep="=")
         if keep is None:
-            raise ShrinkError(f"{key}=auto needs a student made of teacher layers (student.init=teacher_layers)")
+            raise SettingError("layer_map", "auto needs a student made of teacher layers (student.init=teacher_layers)",
+                               sep="=")
         pairs = auto_layer_map(keep, n_teacher)
     elif isinstance(spec, dict):
         pairs = [LayerPair(int(s), int(t)) for s, t in spec.items()]
@@ -58,14 +61,15 @@ def parse_layer_map(spec: Any, n_student: int, n_teacher: int, keep: Sequence[in
         for entry in spec:
             entry = list(entry)
             if len(entry) not in (2, 3):
-                raise ShrinkError(f"{key}: entry {entry} is not [student, teacher] or [student, teacher, weight]")
+                raise SettingError("layer_map",
+                                   f"entry {entry} is not [student, teacher] or [student, teacher, weight]")
             pairs.append(LayerPair(int(entry[0]), int(entry[1]), float(entry[2]) if len(entry) == 3 else 1.0))
     for p in pairs:
         if not (0 <= p.student < n_student and 0 <= p.teacher < n_teacher):
-            raise ShrinkError(f"{key}: pair student {p.student} <- teacher {p.teacher} is out of range "
-                              f"(student has {n_student} layers, teacher {n_teacher})")
+            raise SettingError("layer_map", f"pair student {p.student} <- teacher {p.teacher} is out of range "
+                                            f"(student has {n_student} layers, teacher {n_teacher})")
     if len({p.student for p in pairs}) != len(pairs):
-        raise ShrinkError(f"{key}: a student layer is mapped twice")
+        raise SettingError("layer_map", "a student layer is mapped twice")
     return pairs
 
 
@@ -112,7 +116,7 @@ def hidden_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> 
         return (student - teacher).pow(2).mean(-1)
     if kind == "cosine":
         return 1.0 - F.cosine_similarity(student, teacher, dim=-1, eps=1e-6)
-    raise ShrinkError(f"distill.layer_loss={kind!r}: expected one of {LAYER_LOSSES}")
+    raise SettingError("layer_loss", f"{kind!r}: expected one of {LAYER_LOSSES}", sep="=")
 
 
 def layer_loss(s_states: dict[int, torch.Tensor], t_states: dict[int, torch.Tensor], pairs: Sequence[LayerPair],

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from common.errors import ShrinkError
+from common.errors import SettingError
 from train.batches import Batch, TrainData, as_train_data
 from train.checkpoint import checkpoint_step, load_checkpoint, remove_checkpoint, save_checkpoint
 from train.chunked_loss import LossTerm, chunked_distill_loss
@@ -68,7 +68,7 @@ def forward_hidden(model: torch.nn.Module, input_ids: torch.Tensor,
 
 
 def make_terms(tc: TrainConfig) -> list[LossTerm]:
-    return [LossTerm(key, w, fn) for key, w, fn in parse_loss_spec(tc.losses, tc.temperature, tc.prefix)]
+    return [LossTerm(key, w, fn) for key, w, fn in parse_loss_spec(tc.losses, tc.temperature)]
 
 
 def _layer_pairs(tc: TrainConfig) -> list[LayerPair]:
@@ -144,7 +144,8 @@ def _step_batch(data: TrainData, step_micro: int, tc: TrainConfig, accelerator, 
     if source == "data":
         return batch, True
     if batch.attention_mask is not None:
-        raise ShrinkError(f"{tc.prefix}.lmbda / {tc.prefix}.seq_kd need packed LM data (prompts are block prefixes)")
+        raise SettingError("lmbda" if tc.lmbda > 0 else "seq_kd", "needs packed LM data (prompts are block prefixes)",
+                           sep=" ")
     prompts = batch.input_ids[:, : tc.prompt_len]
     model = student if source == "student" else teacher
     gen_seed = tc.seed * 1_000_003 + global_micro
@@ -152,10 +153,10 @@ def _step_batch(data: TrainData, step_micro: int, tc: TrainConfig, accelerator, 
         source == "teacher"
 
 
-def _wrap_lora(student: torch.nn.Module, lora: Any, prefix: str) -> torch.nn.Module:
+def _wrap_lora(student: torch.nn.Module, lora: Any) -> torch.nn.Module:
     from train.lora import apply_lora
 
-    return apply_lora(student, lora, prefix)
+    return apply_lora(student, lora)
 
 
 def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, train: torch.Tensor | TrainData,
@@ -163,13 +164,15 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
                   tracker: Any = None, on_step: Callable[[int, dict], None] | None = None, *,
                   after_optimizer_step: Callable[[torch.nn.Module], None] | None = None,
                   evaluate: Callable[[torch.nn.Module], dict] | None = None,
-                  eos_id: int | None = None, accelerator: Any = None) -> dict:
+                  eos_id: int | None = None, accelerator: Any = None, name: str = "train") -> dict:
     """Train `student` in place. Returns {"metrics", "model", "accelerator"} (the caller saves on the
     main process only when several are training).
 
     `on_step(step, logs)` runs after each step; `after_optimizer_step(model)` right after every
     optimizer update (e.g. to re-apply pruning masks); `evaluate(model)` at every `eval_every`
     and at the end (e.g. task accuracy). With `tc.lora`, the returned model has the adapters merged.
+    `name` labels the progress bar and log lines only; a bad setting is a SettingError naming the
+    setting alone (the caller's `config_section` names the section).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -189,13 +192,13 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
     pairs = _layer_pairs(tc)
     needs_teacher = any(t.uses_teacher for t in terms) or bool(pairs) or tc.seq_kd or tc.lmbda > 0
     if needs_teacher and teacher is None:
-        raise ShrinkError(f"{tc.prefix}: a teacher-based loss (or layer map / on-policy) is configured but no "
-                          f"teacher was given")
+        raise SettingError("losses", "a teacher-based loss (or layer map / on-policy) is configured but no "
+                                     "teacher was given")
     if eos_id is None:
         eos_id = getattr(causal_lm(student).config, "eos_token_id", None)
         eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
     if tc.lora:
-        student = _wrap_lora(student, tc.lora, tc.prefix)
+        student = _wrap_lora(student, tc.lora)
     projector = None
     if pairs:
         s_width = causal_lm(student).config.hidden_size
@@ -229,7 +232,7 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
     start_step = 0
     if resume and checkpoint_step(ckpt_dir) is not None:
         start_step = int(load_checkpoint(accelerator, ckpt_dir)["step"])
-        accelerator.print(f"{tc.prefix}: resumed from {ckpt_dir} at step {start_step}")
+        accelerator.print(f"{name}: resumed from {ckpt_dir} at step {start_step}")
     elif not resume and accelerator.is_main_process:
         remove_checkpoint(ckpt_dir)
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -240,7 +243,7 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
     student.train()
     kw = _loss_kwargs(tc, projector)
     ce_free = [t for t in terms if t.uses_teacher]
-    bar = tqdm(total=tc.max_steps, initial=start_step, desc=tc.prefix, disable=not accelerator.is_local_main_process,
+    bar = tqdm(total=tc.max_steps, initial=start_step, desc=name, disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
     t_start, tokens_done, logs = time.time(), 0, {}
     for step in range(start_step, tc.max_steps):
@@ -280,7 +283,7 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
             vlogs = validation_loss(student, teacher, val_data, terms, tc, accelerator.device, projector)
             if evaluate is not None:
                 vlogs.update(evaluate(accelerator.unwrap_model(student)))
-            accelerator.print(f"{tc.prefix} step {step + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in vlogs.items()))
+            accelerator.print(f"{name} step {step + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in vlogs.items()))
             if tracker is not None:
                 tracker.log(vlogs, step=step + 1)
         if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.max_steps:

@@ -6,12 +6,13 @@ from typing import Any
 
 import torch
 
-from common.errors import ShrinkError
+from common.errors import SettingError
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def apply_lora(model: torch.nn.Module, spec: Any, prefix: str = "distill") -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, spec: Any) -> torch.nn.Module:
+    """Wrap `model` in LoRA adapters per `spec` (the `lora` setting: true or LoraConfig kwargs)."""
     from peft import LoraConfig, get_peft_model
 
     kwargs = dict(spec) if not isinstance(spec, bool) else {}
@@ -22,7 +23,7 @@ def apply_lora(model: torch.nn.Module, spec: Any, prefix: str = "distill") -> to
     try:
         config = LoraConfig(task_type="CAUSAL_LM", **kwargs)
     except TypeError as e:
-        raise ShrinkError(f"{prefix}.lora: {e}") from None
+        raise SettingError("lora", str(e)) from None
     return get_peft_model(model, config)
 
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from common.errors import ShrinkError
-from shrink.compress.errors import SettingError
+from common.errors import SettingError, ShrinkError
 
 
 @dataclass(frozen=True)

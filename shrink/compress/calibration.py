@@ -28,8 +28,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from torch import nn
 
-from common.errors import ShrinkError
-from shrink.compress.errors import SettingError
+from common.errors import SettingError, ShrinkError
 
 # True-sequential order within a Llama-family block, by the last part of the linear's name.
 SEQUENTIAL_GROUPS = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]

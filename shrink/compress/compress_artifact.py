@@ -12,13 +12,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from common.errors import ShrinkError
+from common.errors import SettingError, ShrinkError
 from shrink.artifacts import Artifact, write_artifact
 from shrink.compress.calib_data import CalibConfig, calibration_ids
 from shrink.compress.calibration import ON_INDIVISIBLE, Report, check_skip, compress_model, plan_compression
 from shrink.compress.compressed_tensors_io import (is_quantized, load_compressed, model_skeleton, save_compressed,
                                                    sparsity_masks, sparsity_metadata)
-from shrink.compress.errors import SettingError
 from shrink.compress.methods.base import CompressionMethod
 from shrink.modeling import load_tokenizer
 

@@ -39,7 +39,8 @@ def mask_preserving_finetune(student: nn.Module, teacher: nn.Module, masks: dict
             log(f"  finetune step {step}/{tc.max_steps} loss {logs.get('loss', float('nan')):.4f}")
 
     try:
-        result = train_distill(student, teacher, train, val, tc, Path(ckpt_dir), on_step=on_step)
+        result = train_distill(student, teacher, train, val, tc, Path(ckpt_dir), on_step=on_step,
+                               name="prune.finetune")
     finally:
         for h in handles:
             h.remove()

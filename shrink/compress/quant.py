@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shrink.compress.errors import SettingError
+from common.errors import SettingError
 
 
 @dataclass(frozen=True)

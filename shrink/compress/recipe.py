@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any, Mapping, Sequence, get_type_hints
 
-from shrink.compress.errors import SettingError, check_type
+from common.errors import SettingError, check_type
 from shrink.compress.methods import METHODS
 from shrink.compress.methods.base import KINDS, CompressionMethod, Pruner, WeightQuantizer
 from shrink.compress.quant import QuantSpec

@@ -8,10 +8,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from common.errors import ShrinkError
+from common.errors import SettingError, ShrinkError, check_type
 from shrink.compress.calib_data import CalibConfig
 from shrink.compress.compress_artifact import CompressionSettings
-from shrink.compress.errors import SettingError, check_type
 from shrink.compress.methods.base import CompressionMethod
 from shrink.compress.quant import QuantSpec
 from shrink.compress.recipe import pruning_method, quantization_recipe

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.errors import ShrinkError
-from shrink.compress.errors import SettingError
+from common.errors import SettingError, ShrinkError
 
 
 @dataclass(frozen=True)

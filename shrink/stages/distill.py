@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.errors import ShrinkError
+from common.errors import ShrinkError, config_section
 from common.tasks import Task, TaskExample, get_task
 from shrink.artifacts import Artifact
 from shrink.context import StageContext, checkpoint_dir_name
@@ -256,14 +256,16 @@ def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec
         packed = load_packed(data, tokenizer, data_dir, cache_dir)
         train, val, source = packed.train, packed.val, packed.source
         n_train, n_val = int(packed.train.shape[0]), int(packed.val.shape[0])
-    tc = dataclasses.replace(tc, layer_map=parse_layer_map(tc.layer_map, student.config.num_hidden_layers,
-                                                          n_teacher, keep))
+    with config_section("distill"):
+        tc = dataclasses.replace(tc, layer_map=parse_layer_map(tc.layer_map, student.config.num_hidden_layers,
+                                                              n_teacher, keep))
     if tc.layer_map and not tc.layer_weight:
         raise ShrinkError("distill.layer_map is set but distill.layer_weight is 0")
     run_tracker = tracker() if tracker is not None else None
     try:
-        result = train_distill(student, teacher, train, val, tc, ckpt_dir, resume=resume,
-                               tracker=run_tracker, evaluate=evaluate, eos_id=tokenizer.eos_token_id)
+        with config_section("distill"):
+            result = train_distill(student, teacher, train, val, tc, ckpt_dir, resume=resume, tracker=run_tracker,
+                                   evaluate=evaluate, eos_id=tokenizer.eos_token_id, name="distill")
     finally:
         if run_tracker is not None:
             run_tracker.finish()
@@ -284,7 +286,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
     student = StudentSpec.from_cfg(cfg.student)
     data = TaskDataSpec.from_cfg(cfg.data) if cfg.data.get("task") else cfg.data
     block_size = int(cfg.data.max_len) if isinstance(data, TaskDataSpec) else int(cfg.data.block_size)
-    tc = TrainConfig.from_cfg(cfg.distill, seed=int(cfg.seed), block_size=block_size)
+    with config_section("distill"):
+        tc = TrainConfig.from_cfg(cfg.distill, seed=int(cfg.seed), block_size=block_size)
     config = ctx.resolved_config("distill", "student", "data")
     return distill(ctx.input, student, data, tc, dest=ctx.output_dir("distill"), ckpt_dir=ctx.run_dir / CKPT_DIR,
                    device=ctx.device, data_dir=ctx.data_dir, cache_dir=ctx.cache_dir, resume=bool(cfg.resume),

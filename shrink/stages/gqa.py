@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.errors import ShrinkError
+from common.errors import ShrinkError, config_section
 from eval.perplexity import encode, perplexity, wikitext2_text
 from shrink.artifacts import META_FILE, Artifact
 from shrink.context import StageContext, checkpoint_dir_name
@@ -70,7 +70,8 @@ def train_config(gcfg: DictConfig, tokens: int, block_size: int, seed: int) -> T
     unknown = sorted(set(values) - known)
     if unknown:
         raise ShrinkError(f"gqa.train: unknown keys {unknown} (known: {sorted(known)})")
-    tc = TrainConfig.from_cfg({**values, "max_steps": 1}, seed=seed, block_size=block_size, prefix="gqa.train")
+    with config_section("gqa.train"):
+        tc = TrainConfig.from_cfg({**values, "max_steps": 1}, seed=seed, block_size=block_size)
     tc.max_steps = max(1, math.ceil(tokens / (tc.batch_size * tc.grad_accum * block_size)))
     return tc
 
@@ -112,7 +113,9 @@ def uptrain(student: torch.nn.Module, teacher: torch.nn.Module, train: torch.Ten
     """Distil the converted model from the pre-conversion one with the shared training loop."""
     teacher.requires_grad_(False)
     student.requires_grad_(True)  # a copy of a teacher frozen by an earlier uptrain would be frozen too
-    return train_distill(student, teacher, train, val, tc, ckpt_dir, resume=resume, tracker=tracker)
+    with config_section("gqa.train"):
+        return train_distill(student, teacher, train, val, tc, ckpt_dir, resume=resume, tracker=tracker,
+                             name="gqa.train")
 
 
 @dataclass

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from common.errors import config_section
 from shrink.artifacts import Artifact
 from shrink.compress.calibration import Report
 from shrink.compress.compress_artifact import CompressionSettings, compress_artifact
 from shrink.compress.compressed_tensors_io import load_compressed
-from shrink.compress.errors import config_section
 from shrink.compress.finetune import mask_preserving_finetune
 from shrink.compress.settings import prune_settings, stage_cache_dir, stage_data_dir
 from shrink.compress.sparsity import sparsity
@@ -49,8 +49,9 @@ def prune(model_artifact: Artifact, settings: CompressionSettings, *, dest: Path
 
             teacher = load_compressed(model_artifact.path, dtype=torch.float32)
             data = load_packed(finetune.data, tokenizer, str(data_dir) if data_dir else None, finetune.cache_dir)
-            result = mask_preserving_finetune(model, teacher, report.masks, data.train, data.val, finetune.train,
-                                              finetune.ckpt_dir)
+            with config_section("prune.finetune"):
+                result = mask_preserving_finetune(model, teacher, report.masks, data.train, data.val,
+                                                  finetune.train, finetune.ckpt_dir)
             model = result["model"].cpu()
             metrics["finetune"] = result["metrics"]
         metrics["params"] = num_parameters(model)
@@ -68,8 +69,9 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
         settings = prune_settings(cfg.prune)
         finetune = None
         if bool(cfg.prune.finetune.enabled):
-            tc = TrainConfig.from_cfg(cfg.prune.finetune, seed=int(cfg.seed), block_size=int(cfg.data.block_size),
-                                      prefix="prune.finetune")
+            with config_section("prune.finetune"):  # inside "prune": names its section first
+                tc = TrainConfig.from_cfg(cfg.prune.finetune, seed=int(cfg.seed),
+                                          block_size=int(cfg.data.block_size))
             finetune = Finetune(tc, cfg.data, ctx.run_dir / CKPT_DIR, stage_cache_dir(ctx))
         return prune(ctx.input, settings, dest=ctx.output_dir("prune"), device=ctx.device,
                      data_dir=stage_data_dir(ctx), finetune=finetune, config=ctx.resolved_config("prune"))

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from common.errors import config_section
 from shrink.artifacts import Artifact
 from shrink.compress.compress_artifact import CompressionSettings, compress_artifact
-from shrink.compress.errors import config_section
 from shrink.compress.settings import quantize_settings, stage_data_dir
 from shrink.context import StageContext
 from shrink.stages import register_stage

@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shrink.compress.errors import config_section
+from common.errors import ShrinkError, config_section
 from shrink.compress.hessian import Hessian
 from shrink.compress.methods.sparsegpt import sparsegpt_prune
 from shrink.compress.methods.wanda import InputNorms, wanda_prune
 from shrink.compress.sparsity import SparsitySpec, is_nm_sparse, magnitude_prune, nm_keep_mask
-from common.errors import ShrinkError
 
 
 def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:

@@ -11,18 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.errors import ShrinkError, config_section
 from support import REPO, run_cli, tiny_llama_config
 from shrink.compress.calib_data import CalibConfig, calibration_ids
 from shrink.compress.calibration import compress_model
 from shrink.compress.compressed_tensors_io import load_compressed, read_quantization_config
 from shrink.compress.finetune import mask_preserving_finetune
-from shrink.compress.errors import config_section
 from shrink.compress.methods.magnitude import Magnitude
 from shrink.compress.methods.rtn import RTN
 from shrink.compress.modules import QuantLinear
 from shrink.compress.quant import QuantSpec
 from shrink.compress.sparsity import SparsitySpec, is_nm_sparse
-from common.errors import ShrinkError
 from train.loop import TrainConfig
 
 CALIB = ["prune.calibration.source=pydoc", "prune.calibration.num_samples=4", "prune.calibration.seq_len=64",

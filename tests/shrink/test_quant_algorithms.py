@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from common.errors import ShrinkError, config_section
 from shrink.compress.compressed_tensors_io import pack_int32, unpack_int32
-from shrink.compress.errors import config_section
 from shrink.compress.fold import fold_scale
 from shrink.compress.hessian import Hessian
 from shrink.compress.methods.awq import search_scale
@@ -16,7 +16,6 @@ from shrink.compress.methods.smoothquant import smooth_scale
 from shrink.compress.quant import (QuantSpec, compute_qparams, dequantize, fp8_weight, quantize,
                                    quantize_activations_per_token, rtn)
 from shrink.compress.sparsity import nm_keep_mask
-from common.errors import ShrinkError
 
 
 def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:

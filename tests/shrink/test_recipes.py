@@ -10,9 +10,8 @@ import torch
 from omegaconf import OmegaConf
 
 import shrink.compress.calibration as calibration
-from common.errors import ShrinkError
+from common.errors import ShrinkError, config_section
 from shrink.compress.calibration import compress_model
-from shrink.compress.errors import config_section
 from shrink.compress.methods.gptq import GPTQ
 from shrink.compress.methods.smoothquant import SmoothQuant
 from shrink.compress.modules import QuantLinear

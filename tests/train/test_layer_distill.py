@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from support import tiny_llama_config
-from common.errors import ShrinkError
+from common.errors import ShrinkError, config_section
 from train.layer_distill import (LayerPair, LayerProjector, auto_layer_map, capture_layers, layer_loss,
                                  parse_layer_map)
 
@@ -19,9 +19,9 @@ def test_layer_map_specs():
     assert parse_layer_map({0: 3, 2: 7}, 3, 8) == [LayerPair(0, 3), LayerPair(2, 7)]
     assert parse_layer_map([[1, 4, 0.5]], 3, 8) == [LayerPair(1, 4, 0.5)]
     assert parse_layer_map(None, 3, 8) == []
-    with pytest.raises(ShrinkError, match="distill.layer_map"):
+    with pytest.raises(ShrinkError, match="distill.layer_map"), config_section("distill"):
         parse_layer_map({3: 1}, 3, 8)
-    with pytest.raises(ShrinkError, match="distill.layer_map=auto"):
+    with pytest.raises(ShrinkError, match="distill.layer_map=auto"), config_section("distill"):
         parse_layer_map("auto", 3, 8)
 
 

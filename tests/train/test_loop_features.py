@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from support import make_tiny_tokenizer, tiny_llama_config
 from common.tasks import TaskExample
-from common.errors import ShrinkError
+from common.errors import ShrinkError, config_section
 from train.config import TrainConfig
 from train.layer_distill import parse_layer_map
 from train.loop import train_distill
@@ -84,12 +84,12 @@ def test_multitask_rationale_training_and_evaluate_hook(tmp_path):
 
 
 def test_config_errors_name_their_prefix():
-    with pytest.raises(ShrinkError, match=r"gqa\.train\.lr must be > 0"):
-        TrainConfig.from_cfg({"lr": 0.0}, seed=0, block_size=8, prefix="gqa.train")
-    with pytest.raises(ShrinkError, match=r"distill\.lmbda"):
+    with pytest.raises(ShrinkError, match=r"gqa\.train\.lr must be > 0"), config_section("gqa.train"):
+        TrainConfig.from_cfg({"lr": 0.0}, seed=0, block_size=8)
+    with pytest.raises(ShrinkError, match=r"distill\.lmbda"), config_section("distill"):
         TrainConfig(lmbda=2.0).validate()
-    with pytest.raises(ShrinkError, match=r"prune\.finetune\.batch_size"):
-        TrainConfig(batch_size=0).validate(prefix="prune.finetune")
+    with pytest.raises(ShrinkError, match=r"prune\.finetune\.batch_size"), config_section("prune.finetune"):
+        TrainConfig(batch_size=0).validate()
     tc = TrainConfig.from_cfg({"tokens": 1000, "batch_size": 2, "grad_accum": 2}, seed=0, block_size=50)
     assert tc.max_steps == 5
 

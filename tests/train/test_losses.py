@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from common.errors import ShrinkError
+from common.errors import ShrinkError, config_section
 from train.losses import loss_names, make_loss, parse_loss_spec
 
 N, V = 12, 37
@@ -146,9 +146,9 @@ def test_registry_and_spec_parsing():
                                                                        "temperature": 1.0}}, temperature=2.0)
     assert [(k, w) for k, w, _ in terms] == [("forward_kl", 1.0), ("sharp", 0.3)]
     assert terms[0][2].tau == 2.0 and terms[1][2].tau == 1.0 and terms[1][2].beta == 0.9
-    with pytest.raises(ShrinkError, match="gqa.train.losses"):
-        parse_loss_spec({"nope": 1.0}, 1.0, prefix="gqa.train")
+    with pytest.raises(ShrinkError, match="gqa.train.losses"), config_section("gqa.train"):
+        parse_loss_spec({"nope": 1.0}, 1.0)
     with pytest.raises(ShrinkError, match="beta"):
         parse_loss_spec({"jsd": {"beta": 1.5}}, 1.0)
-    with pytest.raises(ShrinkError, match="distill.losses"):
+    with pytest.raises(ShrinkError, match="distill.losses"), config_section("distill"):
         parse_loss_spec({}, 1.0)

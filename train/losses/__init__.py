@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.errors import ShrinkError
+from common.errors import SettingError, ShrinkError
 from common.registry import Registry
 
 LOSSES: Registry = Registry("loss", __name__, __path__)
@@ -22,15 +22,16 @@ register_loss = LOSSES.register
 
 
 def make_loss(name: str, **kwargs: Any):
-    return LOSSES.get(name, where="distill.losses")(**kwargs)
+    return LOSSES.get(name)(**kwargs)
 
 
-def parse_loss_spec(spec: Any, temperature: float, prefix: str = "distill") -> list[tuple[str, float, Any]]:
+def parse_loss_spec(spec: Any, temperature: float) -> list[tuple[str, float, Any]]:
     """`{name: weight}` or `{key: {loss: family, weight: w, beta: ..., temperature: ...}}` ->
     [(key, weight, loss object)]. `loss` defaults to the key, so `{jsd: {beta: 0.9}}` works and two
-    JSDs can be mixed under different keys. Terms with weight 0 are dropped."""
+    JSDs can be mixed under different keys. Terms with weight 0 are dropped. A bad spec is a
+    SettingError of the setting `losses` (or `losses.<key>...`)."""
     if not spec:
-        raise ShrinkError(f"{prefix}.losses is empty: name at least one loss with a weight")
+        raise SettingError("losses", "is empty: name at least one loss with a weight", sep=" ")
     out = []
     for key, value in dict(spec).items():
         if isinstance(value, (int, float)):
@@ -39,19 +40,21 @@ def parse_loss_spec(spec: Any, temperature: float, prefix: str = "distill") -> l
             try:
                 kwargs = dict(value)
             except (TypeError, ValueError):
-                raise ShrinkError(f"{prefix}.losses.{key}: expected a weight or a mapping, got {value!r}") from None
+                raise SettingError(f"losses.{key}", f"expected a weight or a mapping, got {value!r}") from None
             family = str(kwargs.pop("loss", key))
             weight = float(kwargs.pop("weight", 1.0))
         kwargs.setdefault("temperature", temperature)
         if float(kwargs["temperature"]) <= 0:
-            raise ShrinkError(f"{prefix}.losses.{key}.temperature must be > 0, got {kwargs['temperature']}")
+            raise SettingError(f"losses.{key}.temperature", f"must be > 0, got {kwargs['temperature']}", sep=" ")
         if weight != 0.0:
             try:
                 out.append((str(key), weight, make_loss(family, **kwargs)))
-            except ShrinkError as e:
-                raise ShrinkError(str(e).replace("distill.losses", f"{prefix}.losses")) from None
+            except SettingError as e:  # a bad argument of the loss, e.g. jsd's beta
+                raise e.in_section(f"losses.{key}") from None
+            except ShrinkError as e:  # an unknown loss family
+                raise SettingError(f"losses.{key}", str(e)) from None
     if not out:
-        raise ShrinkError(f"{prefix}.losses: every weight is 0")
+        raise SettingError("losses", "every weight is 0")
     return out
 
 

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from common.errors import ShrinkError
+from common.errors import SettingError
 from train.losses import register_loss
 from train.losses.kl import TeacherLoss, kl
 
@@ -42,7 +42,7 @@ class GeneralizedJSD(TeacherLoss):
         super().__init__(temperature)
         self.beta = float(beta)
         if not 0.0 <= self.beta <= 1.0:
-            raise ShrinkError(f"distill.losses.jsd.beta must be in [0, 1], got {beta}")
+            raise SettingError("beta", f"must be in [0, 1], got {beta}", sep=" ")
 
     def __call__(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                  mask: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from common.errors import SettingError
 from shrink.compress.calibration import Report
-from shrink.compress.errors import SettingError
 from shrink.compress.fold import fold_scale
 from shrink.compress.methods import register_method
 from shrink.compress.methods.base import Transform

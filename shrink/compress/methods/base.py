@@ -18,8 +18,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from common.errors import SettingError
 from shrink.compress.calibration import Report, Stat
-from shrink.compress.errors import SettingError
 from shrink.compress.modules import QuantLinear, set_module
 from shrink.compress.quant import QuantizedWeight, QuantSpec
 from shrink.compress.sparsity import SparsitySpec, sparsity

@@ -9,8 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from common.errors import ShrinkError
-from shrink.compress.errors import SettingError
+from common.errors import SettingError, ShrinkError
 from shrink.compress.methods import register_method
 from shrink.compress.methods.base import WeightQuantizer
 from shrink.compress.quant import fp8_weight

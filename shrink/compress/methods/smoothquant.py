@@ -13,8 +13,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from common.errors import SettingError
 from shrink.compress.calibration import Report
-from shrink.compress.errors import SettingError
 from shrink.compress.fold import fold_scale
 from shrink.compress.methods import register_method
 from shrink.compress.methods.base import Transform, WeightQuantizer

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shrink.compress.errors import SettingError
+from common.errors import SettingError
 from shrink.compress.hessian import Hessian, inverse_cholesky_upper, prepare
 from shrink.compress.methods import register_method
 from shrink.compress.methods.base import Pruner
