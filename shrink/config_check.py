@@ -60,5 +60,8 @@ def check_config(cfg: DictConfig) -> None:
     from shrink.stages.gqa import train_config
 
     train_config(cfg.gqa, 1, block_size, seed)
+    from shrink.quality_gate import GateSettings
+
+    GateSettings.from_cfg(cfg)
     if "finetune" in cfg.get("prune", {}):
         TrainConfig.from_cfg(cfg.prune.finetune, seed=seed, block_size=block_size, prefix="prune.finetune")
