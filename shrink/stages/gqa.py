@@ -125,7 +125,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
     # Every check runs on config.json and shrink.json alone, before any weights or data are read.
     model_config = AutoConfig.from_pretrained(input_art.path)
     check_target(model_config, mode, target, init)
-    tokens, budget_source = resolve_budget(gcfg, input_art, ctx.run_dir) if mode == "pool" else (0, "expand is exact")
+    tokens, budget_source = resolve_budget(gcfg, input_art, ctx.run_dir) if mode == "pool" else (
+        0, "expand is exact" if mode == "expand" else "keep: KV heads unchanged")
     eval_names = [str(n) for n in gcfg.eval.datasets]
     kv = gcfg.kv_report
     kv_args = (int(kv.batch), int(kv.context), int(kv.bytes_per_element))
