@@ -63,5 +63,9 @@ def check_config(cfg: DictConfig) -> None:
     from shrink.quality_gate import GateSettings
 
     GateSettings.from_cfg(cfg)
+    if cfg.data.get("teacher_generated"):
+        from shrink.teacher_data import TeacherDataSettings
+
+        TeacherDataSettings.from_cfg(cfg.data.teacher_generated, seed)
     if "finetune" in cfg.get("prune", {}):
         TrainConfig.from_cfg(cfg.prune.finetune, seed=seed, block_size=block_size, prefix="prune.finetune")

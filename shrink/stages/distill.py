@@ -19,10 +19,11 @@ from common.errors import ShrinkError
 from shrink.modeling import load_model, load_tokenizer, num_parameters, save_model_artifact
 from shrink.stages import register_stage
 from shrink.stages.import_model import cache_dir
+from shrink.teacher_data import teacher_generated_blocks
 from shrink.tracking import make_tracker
 from train.checkpoint import check_checkpoint_fits, remove_checkpoint, resume_note
 from train.config import TrainConfig
-from train.data import data_dir, load_packed
+from train.data import data_dir, load_packed, mix_generated
 from train.layer_distill import parse_layer_map
 from train.loop import train_distill
 from train.student_init import (check_same_vocab, needs_importance, parse_keep_layers, prune_width,
@@ -167,7 +168,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
             check_checkpoint_fits(ckpt_dir, student, "student.* settings (student.keep_layers, student.width, ...)")
         print(resume_note(ckpt_dir, "distill") or f"distill: resuming from {ckpt_dir}")
     teacher.requires_grad_(False)
-    evaluate = None
+    evaluate, generated = None, None
     if cfg.data.get("task"):
         train, val, evaluate = task_data(cfg, teacher, tokenizer)
         block_size = int(cfg.data.max_len)
@@ -177,6 +178,11 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
         data = load_packed(cfg.data, tokenizer, cfg.get("data_dir"), cache_dir(cfg))
         train, val, block_size, source = data.train, data.val, data.train.shape[1], data.source
         n_train, n_val = int(data.train.shape[0]), int(data.val.shape[0])
+        generated = teacher_generated_blocks(cfg, teacher_art, tokenizer, data.train, cache_dir(cfg), str(device))
+        if generated is not None:
+            samples, gen_info = generated
+            train = mix_generated(train, samples, gen_info["teacher_data_ratio"], tokenizer.eos_token_id, int(cfg.seed))
+            source = f"{source} + teacher-generated ({gen_info['teacher_data_ratio']:.0%} of blocks)"
     tc = TrainConfig.from_cfg(cfg.distill, seed=int(cfg.seed), block_size=block_size)
     tc.layer_map = parse_layer_map(_plain(cfg.distill.get("layer_map")), student.config.num_hidden_layers,
                                    n_teacher, keep)
@@ -192,7 +198,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
             tracker.finish()
     metrics = {**result["metrics"], **init_info, "params": num_parameters(result["model"]),
                "teacher_params": num_parameters(teacher), "data_source": source,
-               "train_examples": n_train, "val_examples": n_val}
+               "train_examples": n_train, "val_examples": n_val, **(generated[1] if generated else {})}
     accelerator = result["accelerator"]
     if accelerator.is_main_process:  # one writer under `accelerate launch`; the other ranks wait
         save_model_artifact(ctx.output_dir("distill"), result["model"], tokenizer, stage="distill", config=config,
