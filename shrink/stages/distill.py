@@ -37,7 +37,8 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
-def student_layers(cfg: DictConfig, n_teacher_layers: int, scores: list[float] | None = None) -> list[int] | None:
+def student_layers(cfg: DictConfig, n_teacher_layers: int, scores: list[float] | None = None,
+                   spec: Any = None) -> list[int] | None:
     """The teacher layers the student keeps (None unless init=teacher_layers); checked from
     config.json alone before any work (importance:n is checked for range only until scores exist)."""
     init = str(cfg.student.init)
@@ -45,7 +46,7 @@ def student_layers(cfg: DictConfig, n_teacher_layers: int, scores: list[float] |
         raise ShrinkError(f"student.init={init!r}: expected one of {', '.join(INITS)}")
     if init != "teacher_layers":
         return None
-    spec = _plain(cfg.student.keep_layers)
+    spec = _plain(cfg.student.keep_layers) if spec is None else spec
     if spec == "all":
         return list(range(n_teacher_layers))
     if needs_importance(spec) and scores is None:
@@ -80,6 +81,13 @@ def build_student(cfg: DictConfig, teacher: torch.nn.Module, tokenizer: Any, dev
         return student.requires_grad_(True), None, info
     spec = _plain(s.keep_layers)
     width = dict(_plain(s.get("width")) or {})
+    shape = budget_shape(cfg, teacher.config)
+    if shape is not None:  # student by budget: the depth or width that meets it
+        by = shape["by"]
+        info["budget"] = {"target_params": int(s.target_params), **shape}
+        spec = f"importance:{shape['layers']}" if by == "depth" else "all"
+        if by == "width":
+            width["intermediate_size"] = shape["intermediate_size"]
     calib = None
     if needs_importance(spec) or (width.get("hidden_size") or width.get("intermediate_size")):
         calib = calibration_blocks(cfg, tokenizer, int(s.get("calib_blocks", 16)))
@@ -89,7 +97,7 @@ def build_student(cfg: DictConfig, teacher: torch.nn.Module, tokenizer: Any, dev
 
         scores = layer_importance(teacher, calib, str(s.get("importance", "bi")))
         info["layer_importance"] = scores
-    keep = student_layers(cfg, n_teacher, scores)
+    keep = student_layers(cfg, n_teacher, scores, spec)
     info["kept_layers"] = keep
     student = student_from_teacher(teacher, keep)
     if width.get("hidden_size") or width.get("intermediate_size"):
@@ -151,13 +159,28 @@ def task_data(cfg: DictConfig, teacher: torch.nn.Module, tokenizer: Any):
     return train_data, val_data, evaluate
 
 
+def budget_shape(cfg: DictConfig, teacher_config: Any) -> dict | None:
+    """`student.target_params`: the student shape that meets it (None: no budget set)."""
+    if not cfg.student.get("target_params"):
+        return None
+    from train.student_init import shape_for_budget
+
+    by = str(cfg.student.get("budget_by", "depth"))
+    return {"by": by, **shape_for_budget(teacher_config, int(cfg.student.target_params), by)}
+
+
 @register_stage("distill")
 def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
     started = time.time()
     teacher_art = ctx.input
     device = ctx.device
     n_teacher = int(json.loads((teacher_art.path / "config.json").read_text())["num_hidden_layers"])
-    student_layers(cfg, n_teacher)  # fail on a bad spec before loading anything
+    if cfg.student.get("target_params"):  # the budget replaces keep_layers; check it before loading anything
+        from transformers import AutoConfig
+
+        budget_shape(cfg, AutoConfig.from_pretrained(teacher_art.path))
+    else:
+        student_layers(cfg, n_teacher)  # fail on a bad spec before loading anything
     # Master weights in fp32; on a GPU accelerate runs the forward in bf16 autocast.
     teacher = load_model(teacher_art, dtype="fp32", device=device)
     tokenizer = load_tokenizer(teacher_art)
