@@ -71,7 +71,13 @@ def run(cfg):
     main_rank = os.environ.get("RANK", "0") == "0"
     with dir_lock(run_dir, f"run={cfg.run}") if main_rank else nullcontext():
         inputs = check_before_work(cfg, run_dir)
-        return stage(cfg, StageContext(cfg=cfg, run_dir=run_dir, inputs=inputs))
+        ctx = StageContext(cfg=cfg, run_dir=run_dir, inputs=inputs)
+        result = stage(cfg, ctx)
+        if result is not None and ctx.inputs:
+            from shrink.quality_gate import gate_stage
+
+            gate_stage(cfg, str(cfg.stage.name), ctx.inputs[0], result)
+        return result
 
 
 @dataclass

@@ -66,6 +66,13 @@ def check_config(cfg: DictConfig) -> None:
     from shrink.stages.gqa import train_config
 
     train_config(cfg.gqa, 1, block_size, seed)
+    from shrink.quality_gate import GateSettings
+
+    GateSettings.from_cfg(cfg)
+    if cfg.data.get("teacher_generated"):
+        from shrink.teacher_data import TeacherDataSettings
+
+        TeacherDataSettings.from_cfg(cfg.data.teacher_generated, seed)
     if "finetune" in cfg.get("prune", {}):
         with config_section("prune.finetune"):
             TrainConfig.from_cfg(cfg.prune.finetune, seed=seed, block_size=block_size)

@@ -172,7 +172,9 @@ def convert(model: nn.Module, mode: str, kv_heads: int | None, init: str = "mean
         return pool_kv_heads(model, int(kv_heads), init, seed)
     if mode == "expand":
         return expand_kv_heads(model, kv_heads)
-    raise ShrinkError(f"gqa.mode={mode!r}: expected pool or expand")
+    if mode == "keep":  # a measured no-op: for a model whose pooled KV heads cost more than they buy
+        return model
+    raise ShrinkError(f"gqa.mode={mode!r}: expected pool, expand or keep")
 
 
 def check_target(config: Any, mode: str, kv_heads: int | None, init: str = "mean") -> None:
@@ -185,5 +187,7 @@ def check_target(config: Any, mode: str, kv_heads: int | None, init: str = "mean
             raise ShrinkError(f"gqa.init={init!r}: expected one of {', '.join(POOL_INITS)}")
     elif mode == "expand":
         check_expand_target(config, int(kv_heads or KVLayout.of(config).heads))
+    elif mode == "keep":
+        pass
     else:
-        raise ShrinkError(f"gqa.mode={mode!r}: expected pool or expand")
+        raise ShrinkError(f"gqa.mode={mode!r}: expected pool, expand or keep")

@@ -234,3 +234,27 @@ def budget_blocks(source: str, tokenizer: Any, n_tokens: int, block_size: int, v
     if train.numel() < n_tokens:
         print(f"note: {source} has {train.numel()} training tokens < budget {n_tokens}; blocks repeat")
     return train, val
+
+
+def mix_generated(train: torch.Tensor, samples: list[list[int]], ratio: float, eos_id: int,
+                  seed: int) -> torch.Tensor:
+    """Training blocks with a `ratio` share of generated text: the samples are packed into blocks of
+    the corpus' block size, and the mix keeps the corpus' block count, seeded-shuffled (generated blocks
+    repeat when there are fewer than the share needs)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ShrinkError(f"data.teacher_generated.ratio must be in [0, 1), got {ratio}")
+    if ratio == 0.0:
+        return train
+    n_total, block_size = train.shape
+    generated = pack(samples, block_size, eos_id)
+    if generated.shape[0] == 0:
+        raise ShrinkError(f"the generated samples ({sum(map(len, samples))} tokens) fill no block of "
+                          f"data.block_size={block_size} tokens")
+    n_gen = round(ratio * n_total)
+    gen_rows = torch.arange(n_gen) % generated.shape[0]
+    if n_gen > generated.shape[0]:
+        print(f"note: {generated.shape[0]} generated blocks for a share of {n_gen}; they repeat")
+    g = torch.Generator().manual_seed(seed)
+    corpus_rows = torch.randperm(n_total, generator=g)[: n_total - n_gen]
+    mixed = torch.cat([train[corpus_rows], generated[gen_rows]])
+    return mixed[torch.randperm(n_total, generator=g)]

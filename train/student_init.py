@@ -166,3 +166,49 @@ def check_same_vocab(teacher_tok: Any, student_tok: Any, teacher_vocab_size: int
         differ = sum(1 for tok, i in t_vocab.items() if s_vocab.get(tok) != i) + len(set(s_vocab) - set(t_vocab))
         raise ShrinkError(f"{key}: teacher and student tokenizers differ ({len(t_vocab)} vs {len(s_vocab)} tokens, "
                           f"{differ} map to different ids); logit distillation needs one vocabulary")
+
+
+BUDGET_AXES = ("depth", "width")
+
+
+def count_params(config: Any) -> int:
+    """Parameters of a model of this config (built on the meta device: no memory, exact for any
+    architecture; tied embeddings counted once)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def shape_for_budget(config: Any, target_params: int, by: str = "depth") -> dict[str, int]:
+    """The largest student of the teacher's `config` within `target_params`: `depth` keeps the most
+    decoder layers that fit (which ones: importance), `width` keeps every layer and the widest MLP
+    (a multiple of 8 channels) that fits. Returns {"layers", "intermediate_size", "params"}."""
+    if by not in BUDGET_AXES:
+        raise ShrinkError(f"student.budget_by={by!r}: expected one of {', '.join(BUDGET_AXES)}")
+    teacher_params = count_params(config)
+    if not 0 < target_params < teacher_params:
+        raise ShrinkError(f"student.target_params={target_params:,} must be below the teacher's "
+                          f"{teacher_params:,} parameters (and > 0)")
+
+    def params(layers: int, intermediate: int) -> int:
+        shaped = copy.deepcopy(config)
+        shaped.num_hidden_layers, shaped.intermediate_size = layers, intermediate
+        return count_params(shaped)
+
+    n_layers, inter = config.num_hidden_layers, config.intermediate_size
+    if by == "depth":
+        fits = [n for n in range(1, n_layers) if params(n, inter) <= target_params]
+        if not fits:
+            raise ShrinkError(f"student.target_params={target_params:,}: even one layer has "
+                              f"{params(1, inter):,} parameters; use student.budget_by=width or a larger target")
+        return {"layers": fits[-1], "intermediate_size": inter, "params": params(fits[-1], inter)}
+    lo, hi = 0, (inter - 1) // 8  # multiples of 8 in [8, inter): binary search, params grow with width
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if params(n_layers, 8 * mid) <= target_params else (lo, mid - 1)
+    if lo == 0:
+        raise ShrinkError(f"student.target_params={target_params:,}: the embeddings and attention alone exceed it; "
+                          f"use student.budget_by=depth or a larger target")
+    return {"layers": n_layers, "intermediate_size": 8 * lo, "params": params(n_layers, 8 * lo)}

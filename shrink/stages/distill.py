@@ -24,10 +24,11 @@ from shrink.artifacts import Artifact
 from shrink.context import StageContext, checkpoint_dir_name
 from shrink.modeling import load_model, load_tokenizer, num_parameters, save_model_artifact
 from shrink.stages import register_stage
+from shrink.teacher_data import TeacherDataSettings, teacher_generated_blocks
 from shrink.tracking import make_tracker
 from train.checkpoint import check_checkpoint_fits, remove_checkpoint, resume_note
 from train.config import TrainConfig
-from train.data import load_packed
+from train.data import load_packed, mix_generated
 from train.layer_distill import parse_layer_map
 from train.loop import train_distill
 from train.rationale import MultiTaskExamples, few_shot_prompt, palm_rationales, teacher_rationales
@@ -56,16 +57,40 @@ class StudentSpec:
     width: dict[str, Any] = field(default_factory=dict)   # hidden_size, intermediate_size, importance
     config: dict[str, Any] = field(default_factory=dict)  # init=config: overrides of the teacher's config
     path: str | None = None          # init=pretrained
+    target_params: int | None = None # student by budget: the depth or width that meets it (replaces keep_layers)
+    budget_by: str = "depth"         # depth | width
 
     @classmethod
     def from_cfg(cls, s: Any) -> "StudentSpec":
         return cls(init=str(s.init), keep_layers=_plain(s.keep_layers), importance=str(s.get("importance", "bi")),
                    calib_blocks=int(s.get("calib_blocks", 16)), width=dict(_plain(s.get("width")) or {}),
-                   config=dict(_plain(s.get("config")) or {}), path=str(s.path) if s.get("path") else None)
+                   config=dict(_plain(s.get("config")) or {}), path=str(s.path) if s.get("path") else None,
+                   target_params=int(s.target_params) if s.get("target_params") else None,
+                   budget_by=str(s.get("budget_by", "depth")))
+
+    def by_budget(self, teacher_config: Any) -> "StudentSpec":
+        """This spec with `target_params` turned into the depth (importance:n) or width (MLP channels)
+        that meets it; itself when no budget is set. Checked from config.json alone."""
+        shape = budget_shape(self, teacher_config)
+        if shape is None:
+            return self
+        if shape["by"] == "depth":
+            return dataclasses.replace(self, keep_layers=f"importance:{shape['layers']}")
+        return dataclasses.replace(self, keep_layers="all",
+                                   width={**self.width, "intermediate_size": shape["intermediate_size"]})
 
     @property
     def prunes_width(self) -> bool:
         return bool(self.width.get("hidden_size") or self.width.get("intermediate_size"))
+
+
+def budget_shape(spec: StudentSpec, teacher_config: Any) -> dict | None:
+    """`student.target_params`: the student shape that meets it (None: no budget set)."""
+    if not spec.target_params:
+        return None
+    from train.student_init import shape_for_budget
+
+    return {"by": spec.budget_by, **shape_for_budget(teacher_config, spec.target_params, spec.budget_by)}
 
 
 def student_layers(spec: StudentSpec, n_teacher_layers: int, scores: list[float] | None = None) -> list[int] | None:
@@ -99,6 +124,10 @@ def build_student(spec: StudentSpec, teacher: torch.nn.Module, tokenizer: Any, d
         check_same_vocab(tokenizer, load_tokenizer(Path(spec.path)), teacher.config.vocab_size,
                          student.config.vocab_size)
         return student.requires_grad_(True), None, info
+    shape = budget_shape(spec, teacher.config)
+    if shape is not None:
+        info["budget"] = {"target_params": spec.target_params, **shape}
+        spec = spec.by_budget(teacher.config)
     calib = calibration(spec.calib_blocks) if needs_importance(spec.keep_layers) or spec.prunes_width else None
     scores = None
     if needs_importance(spec.keep_layers):
@@ -223,13 +252,18 @@ def hf_generate(model: torch.nn.Module, tokenizer: Any, batch_size: int) -> Call
 def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec | Any, tc: TrainConfig, *,
             dest: Path, ckpt_dir: Path, device: torch.device, data_dir: Path | None = None,
             cache_dir: Path | None = None, resume: bool = False, save_dtype: str = "bf16",
-            config: dict | None = None, tracker: Callable[[], Any] | None = None) -> Artifact:
+            config: dict | None = None, tracker: Callable[[], Any] | None = None,
+            teacher_data: TeacherDataSettings | None = None) -> Artifact:
     """Distil a student (`student_spec`) from `teacher_art` on `data` (a TaskDataSpec, or a `data` config
     group of LM text as train.data.load_packed reads it) with `tc` (its layer_map still a spec, e.g.
-    `auto`); saved at `dest`. `tracker()` makes the experiment tracker, if any."""
+    `auto`); saved at `dest`. `tracker()` makes the experiment tracker, if any; `teacher_data` mixes
+    teacher-generated samples (made through the engine, cached) into LM training text."""
     started = time.time()
     n_teacher = int(json.loads((teacher_art.path / "config.json").read_text())["num_hidden_layers"])
-    student_layers(student_spec, n_teacher)  # fail on a bad spec before loading anything
+    from transformers import AutoConfig
+
+    # Fail on a bad spec (or a budget no student meets) before loading anything.
+    student_layers(student_spec.by_budget(AutoConfig.from_pretrained(teacher_art.path)), n_teacher)
     # Master weights in fp32; on a GPU accelerate runs the forward in bf16 autocast.
     teacher = load_model(teacher_art, dtype="fp32", device=device)
     tokenizer = load_tokenizer(teacher_art)
@@ -244,7 +278,7 @@ def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec
             check_checkpoint_fits(ckpt_dir, student, "student.* settings (student.keep_layers, student.width, ...)")
         print(resume_note(ckpt_dir, "distill") or f"distill: resuming from {ckpt_dir}")
     teacher.requires_grad_(False)
-    evaluate = None
+    evaluate, generated_info = None, {}
     if isinstance(data, TaskDataSpec):
         generate = hf_generate(teacher, tokenizer, data.rationale_batch_size)
         task_data = load_task_data(data, data_dir, tokenizer, generate, cache_dir,
@@ -256,6 +290,11 @@ def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec
         packed = load_packed(data, tokenizer, data_dir, cache_dir)
         train, val, source = packed.train, packed.val, packed.source
         n_train, n_val = int(packed.train.shape[0]), int(packed.val.shape[0])
+        if teacher_data is not None and teacher_data.ratio > 0:
+            samples, generated_info = teacher_generated_blocks(teacher_data, teacher_art, tokenizer, packed.train,
+                                                               cache_dir, str(device))
+            train = mix_generated(train, samples, teacher_data.ratio, tokenizer.eos_token_id, teacher_data.seed)
+            source = f"{source} + teacher-generated ({teacher_data.ratio:.0%} of blocks)"
     with config_section("distill"):
         tc = dataclasses.replace(tc, layer_map=parse_layer_map(tc.layer_map, student.config.num_hidden_layers,
                                                               n_teacher, keep))
@@ -271,7 +310,7 @@ def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec
             run_tracker.finish()
     metrics = {**result["metrics"], **init_info, "params": num_parameters(result["model"]),
                "teacher_params": num_parameters(teacher), "data_source": source,
-               "train_examples": n_train, "val_examples": n_val}
+               "train_examples": n_train, "val_examples": n_val, **generated_info}
     accelerator = result["accelerator"]
     if accelerator.is_main_process:  # one writer under `accelerate launch`; the other ranks wait
         save_model_artifact(dest, result["model"], tokenizer, stage="distill", config=config,
@@ -289,7 +328,9 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
     with config_section("distill"):
         tc = TrainConfig.from_cfg(cfg.distill, seed=int(cfg.seed), block_size=block_size)
     config = ctx.resolved_config("distill", "student", "data")
+    generated = cfg.data.get("teacher_generated") if not isinstance(data, TaskDataSpec) else None
+    teacher_data = TeacherDataSettings.from_cfg(generated, int(cfg.seed)) if generated else None
     return distill(ctx.input, student, data, tc, dest=ctx.output_dir("distill"), ckpt_dir=ctx.run_dir / CKPT_DIR,
                    device=ctx.device, data_dir=ctx.data_dir, cache_dir=ctx.cache_dir, resume=bool(cfg.resume),
                    save_dtype=str(cfg.distill.save_dtype), config=config,
-                   tracker=lambda: make_tracker(cfg.logging, ctx.run_dir, "distill", config))
+                   tracker=lambda: make_tracker(cfg.logging, ctx.run_dir, "distill", config), teacher_data=teacher_data)

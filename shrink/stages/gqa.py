@@ -213,7 +213,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
     input_art = ctx.input
     # Every check runs on config.json and shrink.json alone, before any weights or data are read.
     check_target(AutoConfig.from_pretrained(input_art.path), mode, target, init)
-    tokens, budget_source = resolve_budget(gcfg, input_art, ctx.run_dir) if mode == "pool" else (0, "expand is exact")
+    tokens, budget_source = resolve_budget(gcfg, input_art, ctx.run_dir) if mode == "pool" else (
+        0, "expand is exact" if mode == "expand" else "keep: KV heads unchanged")
     eval_names = tuple(str(n) for n in gcfg.eval.datasets)
     kv, ev = gcfg.kv_report, gcfg.eval
     settings = GQASettings(mode, target, init, int(cfg.seed), (int(kv.batch), int(kv.context), int(kv.bytes_per_element)),

@@ -6,6 +6,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from shrink.artifacts import Artifact
 from shrink.context import StageContext
+from shrink.quality_gate import gate_stage
 from shrink.stages import get_stage, register_stage
 
 
@@ -21,7 +22,10 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact | None:
         stage_cfg.stage = {"name": name}
         OmegaConf.set_struct(stage_cfg, True)
         print(f"pipeline: stage {name}")
-        result = stage(stage_cfg, StageContext(stage_cfg, ctx.run_dir, inputs=list(previous)))
+        stage_ctx = StageContext(stage_cfg, ctx.run_dir, inputs=list(previous))
+        result = stage(stage_cfg, stage_ctx)
+        if result is not None and stage_ctx.inputs:
+            gate_stage(stage_cfg, name, stage_ctx.inputs[0], result)
         if result is not None and result.meta.get("stage") not in ("eval",):
             previous = [result]
     return result

@@ -1,0 +1,130 @@
+"""Quality gates: each model-changing stage records its input's and output's perplexity on a fixed
+small held-out set (the first `gates.windows` windows of `gates.context` tokens of the run's held-out
+split) under `metrics.quality_gate` of its shrink.json, and warns or stops (`gates.action`) when the
+ratio output/input exceeds the stage's budget `gates.max_ppl_ratio.<stage>`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from common.errors import ShrinkError
+from eval.perplexity import perplexity
+from shrink.artifacts import META_FILE, Artifact
+
+GATED_STAGES = ("distill", "gqa", "prune", "quantize")
+ACTIONS = ("warn", "stop")
+METRIC_KEY = "quality_gate"
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    enabled: bool
+    action: str
+    windows: int
+    context: int
+    budgets: dict[str, float | None]
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> "GateSettings":
+        g = cfg.get("gates") or {}
+        action = str(g.get("action", "warn"))
+        if action not in ACTIONS:
+            raise ShrinkError(f"gates.action={action!r}: expected warn or stop")
+        windows, context = int(g.get("windows", 4)), int(g.get("context", 256))
+        if windows < 1:
+            raise ShrinkError(f"gates.windows must be >= 1, got {windows}")
+        if context < 2:
+            raise ShrinkError(f"gates.context must be >= 2, got {context}")
+        raw = g.get("max_ppl_ratio") or {}
+        raw = OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_config(raw) else dict(raw)
+        unknown = sorted(set(raw) - set(GATED_STAGES))
+        if unknown:
+            raise ShrinkError(f"gates.max_ppl_ratio: unknown stages {unknown} (known: {', '.join(GATED_STAGES)})")
+        budgets: dict[str, float | None] = {}
+        for stage, value in raw.items():
+            if value is not None and not (isinstance(value, (int, float)) and float(value) > 0):
+                raise ShrinkError(f"gates.max_ppl_ratio.{stage} must be a number > 0 or null, got {value!r}")
+            budgets[stage] = None if value is None else float(value)
+        return cls(bool(g.get("enabled", True)), action, windows, context, budgets)
+
+
+def heldout_ids(cfg: DictConfig, tokenizer: Any, settings: GateSettings) -> torch.Tensor:
+    """The fixed gate text: the first windows x context tokens of the run's held-out split."""
+    from shrink.context import cache_dir, data_dir
+    from train.data import load_packed
+
+    val = load_packed(cfg.data, tokenizer, data_dir(cfg), cache_dir(cfg)).val.reshape(-1)
+    need = settings.windows * settings.context
+    if val.numel() < settings.context:
+        raise ShrinkError(f"gates: the held-out split has {val.numel()} tokens, fewer than gates.context="
+                          f"{settings.context}")
+    return val[:need]
+
+
+def gate_key(ids: torch.Tensor, settings: GateSettings) -> str:
+    """Identifies the measurement: the exact tokens and the window size."""
+    digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
+    return f"{digest}:{settings.context}"
+
+
+def measure_ppl(art: Artifact, ids: torch.Tensor, context: int) -> float:
+    from shrink.modeling import load_model
+
+    model = load_model(art, dtype="fp32", device="cpu" if not torch.cuda.is_available() else "cuda")
+    try:
+        return perplexity(model, ids, context=context, stride=context).ppl
+    finally:
+        del model
+
+
+def recorded_output_ppl(art: Artifact, key: str) -> float | None:
+    """An artifact's gated perplexity when an earlier gate measured it on the same text."""
+    rec = art.metrics.get(METRIC_KEY) or {}
+    return float(rec["output_ppl"]) if rec.get("key") == key and rec.get("output_ppl") else None
+
+
+def record_metrics(art: Artifact, key: str, value: dict) -> None:
+    """Add metrics[key] to the artifact's shrink.json in place (atomically; the model files, and so the
+    content hash, are untouched)."""
+    art.meta.setdefault("metrics", {})[key] = value
+    path = art.path / META_FILE
+    tmp = path.with_name(f"{META_FILE}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(art.meta, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def gate_stage(cfg: DictConfig, stage: str, source: Artifact, output: Artifact,
+               measure: Callable[[Artifact, torch.Tensor, int], float] = measure_ppl) -> dict | None:
+    """Measure, record and judge one stage; returns the record (None: not gated)."""
+    settings = GateSettings.from_cfg(cfg)
+    if not settings.enabled or stage not in GATED_STAGES:
+        return None
+    from shrink.modeling import load_tokenizer
+
+    ids = heldout_ids(cfg, load_tokenizer(output), settings)
+    key = gate_key(ids, settings)
+    input_ppl = recorded_output_ppl(source, key) or measure(source, ids, settings.context)
+    output_ppl = measure(output, ids, settings.context)
+    ratio = output_ppl / input_ppl
+    budget = settings.budgets.get(stage)
+    passed = budget is None or ratio <= budget
+    record = {"input_ppl": input_ppl, "output_ppl": output_ppl, "ratio": ratio, "budget": budget,
+              "passed": passed, "tokens": int(ids.numel()), "context": settings.context, "key": key}
+    record_metrics(output, METRIC_KEY, record)
+    budget_text = "no budget" if budget is None else f"budget {budget:g}"
+    print(f"quality gate: {stage} perplexity {input_ppl:.2f} -> {output_ppl:.2f}, ratio {ratio:.2f} "
+          f"({budget_text})", flush=True)
+    if not passed:
+        message = (f"quality gate: stage {stage} exceeds its budget: perplexity ratio {ratio:.2f} > "
+                   f"gates.max_ppl_ratio.{stage}={budget:g} ({input_ppl:.2f} -> {output_ppl:.2f})")
+        if settings.action == "stop":
+            raise ShrinkError(message + " (gates.action=stop)")
+        print(f"warning: {message}", flush=True)
+    return record

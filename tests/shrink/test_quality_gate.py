@@ -1,0 +1,92 @@
+"""Quality gates: each stage's perplexity ratio on a fixed held-out set, recorded and judged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from common.errors import ShrinkError
+from shrink.__main__ import compose
+from shrink.artifacts import Artifact, content_hash
+from shrink.quality_gate import METRIC_KEY, gate_stage
+
+TEXT = "\n".join(f"document {i}: the quick brown fox jumps over the lazy dog number {i * 7}." for i in range(400))
+
+
+def gate_cfg(tmp_path: Path, *overrides: str):
+    data = tmp_path / "docs.txt"
+    data.write_text(TEXT)
+    return compose([f"data.source={data}", "data.block_size=16", "data.val_fraction=0.3",
+                    f"cache_dir={tmp_path / 'cache'}", "gates.windows=2", "gates.context=16", *overrides])
+
+
+def copy_artifact(src: Path, dest: Path) -> Artifact:
+    shutil.copytree(src, dest)
+    return Artifact.load(dest)
+
+
+def fake_measure(values: dict[str, float]):
+    calls: list[str] = []
+
+    def measure(art: Artifact, ids, context: int) -> float:
+        calls.append(art.path.name)
+        return values[art.path.name]
+
+    return measure, calls
+
+
+def test_real_perplexity_recorded_in_shrink_json(tmp_path, tiny_teacher):
+    cfg = gate_cfg(tmp_path)
+    out = copy_artifact(tiny_teacher, tmp_path / "prune")
+    record = gate_stage(cfg, "prune", Artifact.load(tiny_teacher), out)
+    assert record["input_ppl"] > 1 and record["ratio"] == pytest.approx(1.0)
+    assert record["passed"] and record["budget"] == 1.5 and record["tokens"] == 32
+    on_disk = json.loads((out.path / "shrink.json").read_text())["metrics"][METRIC_KEY]
+    assert {k: on_disk[k] for k in ("input_ppl", "output_ppl", "ratio", "budget", "passed")} == \
+        {k: record[k] for k in ("input_ppl", "output_ppl", "ratio", "budget", "passed")}
+    assert content_hash(out.path) == Artifact.load(out.path).content_hash  # model files untouched
+
+
+def test_stop_names_stage_ratio_and_budget(tmp_path, tiny_teacher):
+    cfg = gate_cfg(tmp_path, "gates.action=stop", "gates.max_ppl_ratio.gqa=1.5")
+    src = copy_artifact(tiny_teacher, tmp_path / "distill")
+    out = copy_artifact(tiny_teacher, tmp_path / "gqa")
+    measure, _ = fake_measure({"distill": 10.0, "gqa": 26.0})
+    with pytest.raises(ShrinkError) as err:
+        gate_stage(cfg, "gqa", src, out, measure=measure)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "gqa" in message and "2.60" in message and "1.5" in message
+    assert json.loads((out.path / "shrink.json").read_text())["metrics"][METRIC_KEY]["passed"] is False
+
+
+def test_warn_prints_one_line_and_goes_on(tmp_path, tiny_teacher, capsys):
+    cfg = gate_cfg(tmp_path, "gates.action=warn", "gates.max_ppl_ratio.prune=1.2")
+    src = copy_artifact(tiny_teacher, tmp_path / "gqa")
+    out = copy_artifact(tiny_teacher, tmp_path / "prune")
+    measure, _ = fake_measure({"gqa": 10.0, "prune": 39.0})
+    record = gate_stage(cfg, "prune", src, out, measure=measure)
+    assert record["passed"] is False and record["ratio"] == pytest.approx(3.9)
+    warnings = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "prune" in warnings[0] and "3.90" in warnings[0] and "1.2" in warnings[0]
+
+
+def test_input_ppl_reused_from_previous_gate(tmp_path, tiny_teacher):
+    cfg = gate_cfg(tmp_path)
+    a = copy_artifact(tiny_teacher, tmp_path / "distill")
+    b = copy_artifact(tiny_teacher, tmp_path / "gqa")
+    c = copy_artifact(tiny_teacher, tmp_path / "prune")
+    measure, calls = fake_measure({"distill": 10.0, "gqa": 12.0, "prune": 13.0})
+    gate_stage(cfg, "gqa", a, b, measure=measure)
+    gate_stage(cfg, "prune", Artifact.load(b.path), c, measure=measure)
+    assert calls == ["distill", "gqa", "prune"]  # gqa's output perplexity is read back, not measured again
+
+
+def test_bad_gate_config_is_one_clear_error(tmp_path):
+    with pytest.raises(ShrinkError, match="gates.action"):
+        gate_cfg(tmp_path, "gates.action=explode")
+    with pytest.raises(ShrinkError, match="gates.max_ppl_ratio.prune"):
+        gate_cfg(tmp_path, "gates.max_ppl_ratio.prune=-1")

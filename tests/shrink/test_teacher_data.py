@@ -1,0 +1,98 @@
+"""Teacher-generated data: sampled by our engine from the teacher, cached by lineage and reused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from common.errors import ShrinkError
+from shrink.artifacts import Artifact
+from shrink.teacher_data import (LINEAGE_FILE, TeacherDataSettings, build_prompts, engine_generate,
+                                 teacher_samples)
+
+
+def settings(**overrides) -> TeacherDataSettings:
+    values = dict(ratio=0.5, num_samples=6, max_tokens=8, prefix_tokens=5, instructions=None,
+                  instruction_field="text", instruction_fraction=0.0, seed=0)
+    return TeacherDataSettings(**{**values, **overrides})
+
+
+def counting_engine():
+    calls: list[int] = []
+
+    def generate(teacher, prompts, s, device):
+        calls.append(len(prompts))
+        return engine_generate(teacher, prompts, s, device)
+
+    return generate, calls
+
+
+def test_engine_samples_are_cached_with_lineage_and_reused(tiny_teacher, tmp_path):
+    teacher = Artifact.load(tiny_teacher)
+    blocks = torch.randint(3, 300, (10, 16), generator=torch.Generator().manual_seed(0))
+    s = settings()
+    prompts = build_prompts(blocks, [], None, s)
+    assert len(prompts) == 6 and all(len(p) == 5 for p in prompts)
+    assert all(any(p == b[:5].tolist() for b in blocks) for p in prompts)  # prefixes of training blocks
+    generate, calls = counting_engine()
+    first, entry = teacher_samples(teacher, prompts, s, tmp_path, generate=generate)
+    assert calls == [6]
+    assert all(x[:5] == p and 5 < len(x) <= 13 for x, p in zip(first, prompts))
+    record = json.loads((entry / LINEAGE_FILE).read_text())
+    assert record["teacher_content_hash"] == teacher.content_hash
+    assert record["sampling"] == {"temperature": 1.0, "top_p": 1.0, "max_tokens": 8}
+    assert record["seed"] == 0 and record["count"] == 6
+
+    def must_not_generate(*args):
+        raise AssertionError("a cached lineage was generated again")
+
+    again, entry2 = teacher_samples(teacher, prompts, s, tmp_path, generate=must_not_generate)
+    assert again == first and entry2 == entry
+
+    reseeded, entry3 = teacher_samples(teacher, prompts, settings(seed=1), tmp_path, generate=generate)
+    assert calls == [6, 6] and entry3 != entry
+    assert json.loads((entry3 / LINEAGE_FILE).read_text())["seed"] == 1
+    assert reseeded != first  # temperature-1 samples under another seed differ
+
+
+def test_instruction_prompts_use_the_chat_template(tiny_teacher):
+    from shrink.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_teacher)
+    tokenizer.chat_template = "{% for m in messages %}<s>user: {{ m['content'] }}</s>{% endfor %}<s>assistant:"
+    s = settings(num_samples=4, instruction_fraction=0.5, instructions="prompts.txt")
+    blocks = torch.randint(3, 300, (4, 16))
+    prompts = build_prompts(blocks, ["what is a fox"], tokenizer, s)
+    expected = tokenizer("<s>user: what is a fox</s><s>assistant:", add_special_tokens=False)["input_ids"]
+    assert prompts[2:] == [expected, expected] and all(len(p) == 5 for p in prompts[:2])
+
+
+def test_bad_settings_name_the_key():
+    with pytest.raises(ShrinkError, match="data.teacher_generated.ratio"):
+        TeacherDataSettings.from_cfg({"ratio": 1.5, "num_samples": 4}, seed=0)
+    with pytest.raises(ShrinkError, match="data.teacher_generated: unknown keys \\['samples'\\]"):
+        TeacherDataSettings.from_cfg({"ratio": 0.5, "samples": 4}, seed=0)
+    with pytest.raises(ShrinkError, match="instructions"):
+        TeacherDataSettings.from_cfg({"ratio": 0.5, "num_samples": 4, "instruction_fraction": 0.5}, seed=0)
+
+
+def test_distill_stage_trains_on_the_mix_and_reuses_the_cache(tiny_teacher, tmp_path):
+    from support import run_cli
+
+    common = ["stage=distill", f"input={tiny_teacher}", "logging=none", "data=pydoc", "data.max_docs=30",
+              "data.block_size=64", "distill.batch_size=2", "distill.checkpoint_every=0", "distill.max_steps=2",
+              "distill.val_batches=1", f"cache_dir={tmp_path / 'cache'}", "data.teacher_generated.ratio=0.5",
+              "data.teacher_generated.num_samples=8", "data.teacher_generated.max_tokens=24",
+              "data.teacher_generated.prefix_tokens=8", "gates.context=32", "gates.windows=2"]
+    first = run_cli(*common, f"run={tmp_path / 'a'}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "teacher data: generating 8 samples" in first.stdout
+    m = json.loads((tmp_path / "a" / "distill" / "shrink.json").read_text())["metrics"]
+    assert m["teacher_data_samples"] == 8 and m["teacher_data_ratio"] == 0.5
+    assert "teacher-generated (50% of blocks)" in m["data_source"]
+    assert m["quality_gate"]["budget"] == 2.0
+    second = run_cli(*common, f"run={tmp_path / 'b'}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "teacher data: 8 samples reused" in second.stdout and "generating" not in second.stdout
