@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import os
 import time
 from pathlib import Path
@@ -59,15 +61,12 @@ def save_model_artifact(dest: str | os.PathLike, model: torch.nn.Module, tokeniz
 
     def save(tmp: Path) -> None:
         to_save = model
-        if dtype is not None:
-            # Cast a copy's state on the fly: the caller's model keeps its training dtype.
-            target = resolve_dtype(dtype)
-            state = {k: v.detach().to("cpu", target) if v.is_floating_point() else v.detach().cpu()
-                     for k, v in model.state_dict().items()}
-            to_save.config.dtype = target
-            to_save.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        else:
-            to_save.save_pretrained(tmp, safe_serialization=True)
+        if dtype is not None and resolve_dtype(dtype) != next(model.parameters()).dtype:
+            # A cast copy, so the caller's model keeps its training dtype; saved by transformers
+            # itself, so tied weights are written once and config.json names the saved dtype (an
+            # explicit state_dict wrote a tied embedding twice and left the config at float32).
+            to_save = copy.deepcopy(model).to("cpu", resolve_dtype(dtype))
+        to_save.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
