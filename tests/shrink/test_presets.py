@@ -36,5 +36,5 @@ def test_smallest_and_demo_run_every_stage(tmp_path):
     assert list(smallest.stage.stages) == EVERY_STAGE and smallest.prune.structure == "2:4"
     demo = compose(["experiment=demo", f"run={tmp_path}"])
     assert list(demo.stage.stages) == EVERY_STAGE
-    assert demo.student.keep_layers == "importance:27" and demo.quantize.bits == 8  # removes layers, quantizes
+    assert demo.student.keep_layers == "importance:28" and demo.quantize.bits == 8  # removes layers, quantizes
     assert demo.gates.max_ppl_ratio.prune == 1.1 and demo.gqa.mode == "keep"  # the preset's keys win over defaults
