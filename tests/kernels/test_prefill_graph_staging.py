@@ -14,25 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 from tiny_models import make_model_dir, prompts  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.context import reset_context, set_context  # noqa: E402
 from engine.cuda_graphs import PrefillGraphs  # noqa: E402
+from graph_replay import EagerReplay  # noqa: E402
 from engine.scheduler import ScheduledBatch  # noqa: E402
 from engine.sequence import Sequence  # noqa: E402
-
-
-class EagerReplay:
-    """What the graph of bucket ``key`` computes, run eagerly from the staging buffer."""
-
-    def __init__(self, graphs: PrefillGraphs, key: tuple[int, int]) -> None:
-        self.graphs, self.key = graphs, key
-
-    def replay(self) -> None:
-        g, (tokens, seqs) = self.graphs, self.key
-        set_context(g._context(tokens, seqs))
-        with torch.inference_mode():
-            hidden = g.model(g.d.ids[:tokens], g.d.pos[:tokens])
-            g.logits[self.key] = g.model.compute_logits(hidden.index_select(0, g.d.last[:seqs])).float()
-        reset_context()
 
 
 def test_prefill_graph_staging_gives_the_eager_logits(tmp_path):

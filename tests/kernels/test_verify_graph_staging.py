@@ -16,18 +16,7 @@ from tiny_models import make_model_dir, prompts  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.context import reset_context, set_context  # noqa: E402
 from engine.cuda_graphs import PrefillGraphs  # noqa: E402
-
-
-class EagerReplay:
-    def __init__(self, graphs: PrefillGraphs, key: tuple[int, int]) -> None:
-        self.graphs, self.key = graphs, key
-
-    def replay(self) -> None:
-        g, (tokens, seqs) = self.graphs, self.key
-        set_context(g._context(tokens, seqs))
-        with torch.inference_mode():
-            g.logits[self.key] = g.model.compute_logits(g.model(g.d.ids[:tokens], g.d.pos[:tokens])).float()
-        reset_context()
+from graph_replay import EagerReplay  # noqa: E402
 
 
 def _eager_graphs(runner) -> PrefillGraphs:
