@@ -13,6 +13,7 @@ import itertools
 
 import torch
 
+from eval.bench.common import graph_seconds
 from kernels.gemv import gemv, gemv_config, gemv_rope_store, gemv_rope_store_config
 
 MODELS = {  # hidden, intermediate, heads, kv heads, head dim
@@ -57,21 +58,8 @@ def bench(kind: str, n: int, k: int, config, copies: int, head_dim: int, heads: 
             gemv(x, w, residual=res, out=res, config=config)
     for w in ws[:2]:
         run(w)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for w in ws:
-            run(w)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    seconds = start.elapsed_time(end) / 1e3 / (10 * copies)
-    del ws, graph
+    seconds = graph_seconds(lambda: [run(w) for w in ws]) / copies
+    del ws
     return n * k * 2 / seconds / 1e12
 
 

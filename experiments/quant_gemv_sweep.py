@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from eval.bench.common import graph_seconds
 from kernels._triton import next_pow2
 from kernels.gemv import gemv, gemv_config
 
@@ -95,20 +96,7 @@ def bench(weights, m: int, n: int, k: int, fusion: str, config) -> float:
         raise ValueError(f"config {config} differs from the heuristic's result: relative error {err:.3g}")
     for w, q in weights[:2]:
         run(w, q)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for w, q in weights:
-            run(w, q)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / (10 * len(weights))
+    return graph_seconds(lambda: [run(w, q) for w, q in weights]) / len(weights)
 
 
 def copy_ceiling_tbps() -> float:

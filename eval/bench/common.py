@@ -83,3 +83,21 @@ def engine_options(pairs: list[str] | None) -> dict[str, Any]:
                     value = raw
         out[key] = value
     return out
+
+
+def graph_seconds(run, reps: int = 10) -> float:
+    """Seconds per replay of a CUDA graph that captures ``run()``, after one untimed replay (the
+    GEMV sweeps time every weight copy in one graph, so launch gaps and L2 hits stay out)."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps

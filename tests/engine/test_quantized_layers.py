@@ -66,15 +66,19 @@ def test_sparse24_keeps_the_dense_weight_exactly():
     assert m.values.shape == (16, 32) and m.meta.shape == (16, 8)
 
 
+def _w8a8_weights(w: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, per-channel scale) of w for W8A8Linear: int8 by absmax / 127, or fp8 e4m3 by absmax / 448."""
+    if act == "int8":
+        scale = w.abs().amax(dim=1) / 127
+        return torch.round(w / scale[:, None]).to(torch.int8), scale
+    scale = w.abs().amax(dim=1) / 448
+    return (w / scale[:, None]).to(torch.float8_e4m3fn), scale
+
+
 @pytest.mark.parametrize("act", ["int8", "fp8"])
 def test_w8a8_quantizes_activations_per_token(act):
     w, bias = _weights(32, 64)
-    if act == "int8":
-        scale = w.abs().amax(dim=1) / 127
-        codes = torch.round(w / scale[:, None]).to(torch.int8)
-    else:
-        scale = w.abs().amax(dim=1) / 448
-        codes = (w / scale[:, None]).to(torch.float8_e4m3fn)
+    codes, scale = _w8a8_weights(w, act)
     m = W8A8Linear(codes, scale, act, bias)
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(2)) * torch.tensor([[0.1], [1.0], [10.0], [100.0]])
     xq, xs = ref.quantize_per_token_int8(x) if act == "int8" else ref.quantize_per_token_fp8(x)
@@ -228,12 +232,7 @@ def test_w8a8_tensor_core_path_gpu(act, m_rows, dtype):
         pytest.skip("fp8 needs compute capability 8.9+")
     w, _ = _weights(4096, 4096)
     w = w.cuda()
-    if act == "int8":
-        scale = w.abs().amax(dim=1) / 127
-        codes = torch.round(w / scale[:, None]).to(torch.int8)
-    else:
-        scale = w.abs().amax(dim=1) / 448
-        codes = (w / scale[:, None]).to(torch.float8_e4m3fn)
+    codes, scale = _w8a8_weights(w, act)
     m = W8A8Linear(codes, scale, act)
     x = torch.randn(m_rows, 4096, device="cuda", dtype=dtype)
     expected = ref.w8a8_linear_ref(x.float(), codes, scale, act)
