@@ -12,6 +12,7 @@ from transformers import AutoConfig, PretrainedConfig
 from common.paths import default_cache_dir
 from engine.gguf import gguf_model_dir
 from engine.layers.options import ModelOptions
+from engine.parallel.group import tp_rank, tp_size
 from engine.spec_decode.config import SpeculativeConfig
 
 
@@ -61,6 +62,10 @@ class EngineConfig:
     # Speculative decoding, as vLLM spells it: {"model": DRAFT_DIR, "num_speculative_tokens": k} or
     # {"method": "ngram", ...} (engine/spec_decode/config.py); parsed into a SpeculativeConfig here.
     speculative_config: Any = None
+    # Tensor parallelism (vLLM's name): the weights split over this many GPUs of the host (NCCL),
+    # or CPU processes (gloo); rank 0 is this process and schedules, workers run in lock step
+    # (engine/parallel). Speculative decoding stays on one GPU for now.
+    tensor_parallel_size: int = 1
 
     hf_config: PretrainedConfig | None = None
 
@@ -101,6 +106,30 @@ class EngineConfig:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization: must be in (0, 1]")
         self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+        self._check_tensor_parallel()
+
+    def _check_tensor_parallel(self) -> None:
+        tp, hf = self.tensor_parallel_size, self.hf_config
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise ValueError(f"tensor_parallel_size: must be an integer >= 1, got {tp!r}")
+        if tp == 1:
+            return
+        heads = hf.num_attention_heads
+        kv_heads = getattr(hf, "num_key_value_heads", None) or heads
+        if heads % tp:
+            raise ValueError(f"tensor_parallel_size: {tp} does not divide the model's {heads} attention heads")
+        if kv_heads % tp and tp % kv_heads:
+            raise ValueError(f"tensor_parallel_size: {tp} and the model's {kv_heads} KV heads: one must divide the other")
+        if hf.intermediate_size % tp:
+            raise ValueError(f"tensor_parallel_size: {tp} does not divide the model's intermediate_size {hf.intermediate_size}")
+        if self.speculative_config is not None:
+            raise ValueError("speculative_config: speculative decoding runs on one GPU only; "
+                             f"it cannot be combined with tensor_parallel_size={tp} yet")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"device: {self.device!r} with tensor_parallel_size={tp}; rank r runs on cuda:r, "
+                             "pass 'cuda' (or 'cpu' for gloo processes)")
+        if self.torch_device.type == "cuda" and tp > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size: {tp} exceeds the {torch.cuda.device_count()} visible CUDA device(s)")
 
     @property
     def torch_device(self) -> torch.device:
@@ -122,5 +151,10 @@ class EngineConfig:
 
     def model_options(self) -> ModelOptions:
         """The engine constants the model is built with."""
+        if self.tensor_parallel_size > 1 and tp_size() != self.tensor_parallel_size:
+            raise RuntimeError(f"tensor_parallel_size={self.tensor_parallel_size}: this process is in a group of "
+                               f"{tp_size()} rank(s); the model runner starts the group (engine/parallel)")
         return ModelOptions(use_triton=self.triton_enabled, fused_decode=self.fused_decode, pdl=self.pdl,
-                            block_size=self.block_size, max_model_len=self.max_model_len)
+                            block_size=self.block_size, max_model_len=self.max_model_len,
+                            tp_rank=tp_rank() if self.tensor_parallel_size > 1 else 0,
+                            tp_size=self.tensor_parallel_size)

@@ -10,6 +10,7 @@ import torch
 from engine.config import EngineConfig
 from engine.context import Context, reset_context, set_context
 from engine.layers.attention import Attention
+from engine.parallel.group import all_reduce_min
 
 
 def kv_bytes_per_token(layers: list[Attention], dtype: torch.dtype) -> int:
@@ -32,6 +33,7 @@ def allocate_kv_cache(config: EngineConfig, model: torch.nn.Module, layers: list
     else:
         tokens = min(config.max_num_seqs * config.max_model_len, 1 << 16)
         num_blocks = math.ceil(max(tokens, config.max_model_len) / block_size)
+    num_blocks = all_reduce_min(num_blocks)  # tensor parallelism: a pool every rank holds
     if num_blocks * block_size < config.max_model_len:
         raise ValueError(
             f"num_kv_blocks: {num_blocks} blocks of {block_size} tokens cannot hold one sequence of "

@@ -42,6 +42,10 @@ class LLM:
     def __init__(self, model: str, **kwargs: Any) -> None:
         self.engine = LLMEngine(model, **kwargs)
 
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel workers, if any."""
+        self.engine.close()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

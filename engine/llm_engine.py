@@ -103,6 +103,10 @@ class LLMEngine:
         proposer = DraftModelProposer(self.draft_runner, self.eos_token_ids)
         return SpecDecodeWorker(self.runner, proposer, self.eos_token_ids)
 
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (they also stop at exit, or when this process is gone)."""
+        self.runner.close()
+
     @property
     def spec_metrics(self) -> SpecDecodeMetrics | None:
         """Acceptance counters and draft/verify time of the speculative steps (None without speculation)."""

@@ -6,7 +6,9 @@ engine/layers/quantized.py, or, for weight-only schemes where `keep_compressed` 
 path), dequantize once into the model's dense linears.
 
 The model tells the loader how checkpoint linears map onto its own (fused) linears through
-`linear_shards()`: engine linear name -> [(checkpoint linear name, output rows)].
+`linear_shards()`: engine linear name -> LinearSource. Under tensor parallelism a rank reads only
+its rows and columns of each tensor (safetensors slices: nothing is read whole); compressed
+weights are not split yet.
 """
 
 from __future__ import annotations
@@ -31,6 +33,28 @@ MAX_LISTED = 12  # names listed per kind of problem; the count is always given
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint's tensors do not fill the model: missing, unexpected or mis-shaped ones."""
+
+
+@dataclass(frozen=True)
+class LinearSource:
+    """Where one engine linear's weight comes from: checkpoint linears stacked along its output
+    rows (q, k, v in a fused qkv_proj), each as (name, its rows in the checkpoint, the rows this
+    rank keeps); ``in_features``: their input columns in the checkpoint, of which this rank keeps
+    ``columns`` (a row-parallel linear's share; None: all)."""
+
+    parts: list[tuple[str, int, range]]
+    in_features: int
+    columns: range | None = None
+
+    @staticmethod
+    def whole(name: str, rows: int, in_features: int, columns: range | None = None) -> "LinearSource":
+        return LinearSource([(name, rows, range(rows))], in_features, columns)
+
+    @property
+    def split(self) -> bool:
+        """Whether this rank keeps only part of it."""
+        whole_cols = self.columns is None or len(self.columns) == self.in_features
+        return not whole_cols or any(len(kept) != rows for _, rows, kept in self.parts)
 
 
 @dataclass(frozen=True)
@@ -133,11 +157,16 @@ class _Reader:
         self.index = index
         self.handles: dict[str, object] = {}
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: range | None = None, columns: range | None = None) -> torch.Tensor:
+        """The tensor, or only ``rows`` (dim 0) and ``columns`` (dim 1) of it, read as a slice."""
         file = self.index[name].file
         if file not in self.handles:
             self.handles[file] = safe_open(file, framework="pt", device="cpu")
-        return self.handles[file].get_tensor(name)
+        if rows is None and columns is None:
+            return self.handles[file].get_tensor(name)
+        r = slice(None) if rows is None else slice(rows.start, rows.stop)
+        part = self.handles[file].get_slice(name)
+        return part[r] if columns is None else part[r, columns.start : columns.stop]
 
     def maybe(self, name: str) -> torch.Tensor | None:
         return self.get(name) if name in self.index else None
@@ -176,7 +205,14 @@ class LinearWeights:
         return w * self.scale.repeat_interleave(group, dim=1)
 
 
-def read_linear(reader: _Reader, name: str, scheme: LinearScheme, out: int, inp: int) -> LinearWeights:
+def read_linear(reader: _Reader, name: str, scheme: LinearScheme, out: int, inp: int,
+                rows: range | None = None, columns: range | None = None) -> LinearWeights:
+    """``rows``, ``columns``: the part a tensor-parallel rank reads (dense weights only)."""
+    if rows is not None or columns is not None:
+        assert not scheme.quantized and not scheme.sparse24
+        bias = f"{name}.bias"
+        return LinearWeights(weight=reader.get(f"{name}.weight", rows, columns),
+                             bias=reader.get(bias, rows) if bias in reader.index else None)
     lw = LinearWeights(bias=reader.maybe(f"{name}.bias"))
     if scheme.kind == "int4" and scheme.format == "pack-quantized":
         stored = tuple(int(v) for v in reader.get(f"{name}.weight_shape").flatten())
@@ -246,44 +282,69 @@ def compressed_module(scheme: LinearScheme, lw: LinearWeights, keep_compressed: 
     return None
 
 
-def load_checkpoint(model: nn.Module, path: str, shards: dict[str, list[tuple[str, int]]],
-                    tolerated: set[str], keep_compressed: bool, options: ModelOptions) -> int:
+def _copy_rows(param: torch.Tensor, value: torch.Tensor) -> None:
+    """param's first rows from value; rows past it (a vocabulary shard's padding) zero."""
+    param[: value.shape[0]].copy_(value)
+    param[value.shape[0] :].zero_()
+
+
+def load_checkpoint(model: nn.Module, path: str, shards: dict[str, LinearSource], tolerated: set[str],
+                    keep_compressed: bool, options: ModelOptions,
+                    param_rows: dict[str, tuple[int, range]] | None = None) -> int:
     """Fill `model` from the checkpoint at `path`; returns how many linears became compressed
-    modules. `shards`: engine linear -> [(checkpoint linear, rows)]; `tolerated`: checkpoint
-    names that may be present and go unused."""
+    modules. `shards`: engine linear -> LinearSource; `tolerated`: checkpoint names that may be
+    present and go unused; `param_rows`: other parameters of which this tensor-parallel rank keeps
+    some rows, name -> (rows in the checkpoint, rows kept)."""
+    param_rows = param_rows or {}
     index, duplicated = index_checkpoint(path)
     modules = dict(model.named_modules())
-    ckpt_linears = [n for parts in shards.values() for n, _ in parts]
+    ckpt_linears = [n for src in shards.values() for n, _, _ in src.parts]
     schemes = linear_schemes(read_quantization_config(path), ckpt_linears)
     required: dict[str, Shapes] = {}
     optional: dict[str, Shapes] = {}
-    for engine_name, parts in shards.items():
+    for engine_name, src in shards.items():
         linear = modules[engine_name]
-        kinds = {schemes[n] for n, _ in parts}
+        kinds = {schemes[n] for n, _, _ in src.parts}
         if len(kinds) > 1:
-            listed = ", ".join(f"{n}: {schemes[n].describe()}" for n, _ in parts)
+            listed = ", ".join(f"{n}: {schemes[n].describe()}" for n, _, _ in src.parts)
             raise CheckpointMismatchError(f"{path}: {engine_name} fuses linears stored with different schemes ({listed})")
-        for name, rows in parts:
-            req, opt = expected_linear_tensors(name, schemes[name], rows, linear.in_features, linear.bias is not None)
+        for name, rows, _ in src.parts:
+            req, opt = expected_linear_tensors(name, schemes[name], rows, src.in_features, linear.bias is not None)
             required.update(req)
             optional.update(opt)
     linear_params = {f"{e}.{p}" for e in shards for p in ("weight", "bias")}
     params = dict(model.named_parameters())
     for name, p in params.items():
         if name not in linear_params:
-            required[name] = (tuple(p.shape),)
+            rows = param_rows[name][0] if name in param_rows else p.shape[0]
+            required[name] = ((rows, *p.shape[1:]),)
     verify(path, index, duplicated, required, optional, tolerated)
+    split_compressed = sorted(e for e, src in shards.items()
+                              if src.split and (schemes[src.parts[0][0]].quantized or schemes[src.parts[0][0]].sparse24))
+    if split_compressed:
+        scheme = schemes[shards[split_compressed[0]].parts[0][0]].describe()
+        raise NotImplementedError(f"{path}: compressed weights ({scheme}, e.g. {split_compressed[0]}) cannot be split "
+                                  "over tensor_parallel_size > 1 ranks yet; serve them with tensor_parallel_size=1")
 
     reader = _Reader(index)
     compressed = 0
     with torch.no_grad():
         for name, p in params.items():
-            if name not in linear_params:
+            if name in param_rows:
+                _copy_rows(p, reader.get(name, param_rows[name][1]))
+            elif name not in linear_params:
                 p.copy_(reader.get(name))
-        for engine_name, parts in shards.items():
+        for engine_name, src in shards.items():
             linear = modules[engine_name]
-            scheme = schemes[parts[0][0]]
-            lw = merge([read_linear(reader, n, scheme, rows, linear.in_features) for n, rows in parts])
+            scheme = schemes[src.parts[0][0]]
+            if src.split:
+                lw = merge([read_linear(reader, n, scheme, rows, src.in_features, kept, src.columns)
+                            for n, rows, kept in src.parts])
+                _copy_rows(linear.weight, lw.weight)
+                if linear.bias is not None:
+                    _copy_rows(linear.bias, lw.bias)
+                continue
+            lw = merge([read_linear(reader, n, scheme, rows, src.in_features) for n, rows, _ in src.parts])
             try:
                 module = compressed_module(scheme, lw, keep_compressed, linear.weight.dtype, options)
             except ValueError as e:  # e.g. weights declared 2:4 that are not

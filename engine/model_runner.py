@@ -28,6 +28,7 @@ from engine.kv_cache import allocate_kv_cache, kv_bytes_per_token
 from engine.layers.attention import Attention
 from engine.layers.sampler import Sampler, StepResult
 from engine.models import model_class
+from engine.parallel.workers import start_workers
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 
@@ -38,6 +39,16 @@ class ModelRunner:
         """``extra_kv_bytes_per_token``: a draft model's cache, sized with this one (kv_cache.py).
         ``verify_max_tokens``: the most tokens of a speculative verify forward; with CUDA graphs,
         verify forwards of up to that many tokens replay graphs that score every row."""
+        # Rank 0 of a tensor-parallel engine starts and drives the other ranks (engine/parallel).
+        self.tp_workers = start_workers(config)
+        try:
+            self._setup(config, eos_token_ids, extra_kv_bytes_per_token, verify_max_tokens)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, config: EngineConfig, eos_token_ids: set[int] | frozenset[int], extra_kv_bytes_per_token: int,
+               verify_max_tokens: int) -> None:
         self.config = config
         self.device = config.torch_device
         self.dtype = config.torch_dtype
@@ -90,7 +101,17 @@ class ModelRunner:
                 self.verify_graphs.capture(pool)
         torch.cuda.synchronize()
 
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any."""
+        if self.tp_workers is not None:
+            self.tp_workers.close()
+
     def run(self, batch: ScheduledBatch) -> StepResult:
+        if self.tp_workers is not None:  # the workers run the same step on their shards
+            return self.tp_workers.run(batch, self._run)
+        return self._run(batch)
+
+    def _run(self, batch: ScheduledBatch) -> StepResult:
         # A with-block, not the decorator: the decorator clones its context manager on every
         # call, which costs about twice as much host time per step.
         with torch.inference_mode():

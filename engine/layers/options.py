@@ -19,3 +19,7 @@ class ModelOptions:
     block_size: int = 16
     # The longest context: decode attention's split count is chosen from it.
     max_model_len: int = 4096
+    # Tensor parallelism: this process's rank and the number of ranks the weights are split over
+    # (engine/parallel, engine/layers/linear.py).
+    tp_rank: int = 0
+    tp_size: int = 1

@@ -11,6 +11,12 @@ o_proj and down_proj outputs are added into the residual stream by their matmuls
 post-attention norm and SwiGLU ride in the gate_up matmul (kernels/gemv.py). The residual stream
 is one tensor there: the values reaching each matmul are those of the (x, residual) pair of the
 unfused path.
+
+Tensor parallelism (``options.tp_size`` ranks, engine/layers/linear.py): qkv_proj and gate_up_proj
+are column-parallel (each rank's heads and channels), o_proj and down_proj row-parallel with one
+all-reduce after each, the embedding and lm_head split over the vocabulary. Each rank holds its
+query heads and their KV heads in its own cache; with fewer KV heads than ranks each KV head is
+replicated on the ranks whose query heads read it, as vLLM does.
 """
 
 from __future__ import annotations
@@ -26,29 +32,48 @@ from kernels import rotary as rotary_kernels
 from engine.context import get_context
 from engine.layers.activation import silu_and_mul
 from engine.layers.attention import Attention
+from engine.layers.linear import (ParallelLMHead, RowParallelLinear, VocabParallelEmbedding, row_parallel_gemv_add,
+                                  shard_range, vocab_range)
 from engine.layers.options import ModelOptions
 from engine.layers.quantized import CompressedLinear, gemv_weight
 from engine.layers.rmsnorm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, rope_parameters
-from engine.loader import load_checkpoint
+from engine.loader import LinearSource, load_checkpoint
 
 
 def _head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def _num_kv_heads(config: Any) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def kv_head_range(num_kv_heads: int, rank: int, ranks: int) -> range:
+    """The KV heads rank ``rank`` holds: its share, or with fewer KV heads than ranks the one its
+    query heads read (rank // (ranks / kv_heads))."""
+    if num_kv_heads >= ranks:
+        return shard_range(num_kv_heads, rank, ranks)
+    head = rank * num_kv_heads // ranks
+    return range(head, head + 1)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: Any, rotary: RotaryEmbedding, options: ModelOptions) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        rank, ranks = options.tp_rank, options.tp_size
         self.head_dim = _head_dim(config)
+        # This rank's heads (EngineConfig checked that they divide evenly).
+        self.q_heads = shard_range(config.num_attention_heads, rank, ranks)
+        self.kv_heads = kv_head_range(_num_kv_heads(config), rank, ranks)
+        self.num_heads, self.num_kv_heads = len(self.q_heads), len(self.kv_heads)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         model_type = config.model_type
         bias = bool(getattr(config, "attention_bias", False)) or model_type == "qwen2"
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=bool(getattr(config, "attention_bias", False)))
+        self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, bool(getattr(config, "attention_bias", False)),
+                                        rank, ranks)
         self.qk_norm = model_type == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, options.use_triton)
@@ -96,12 +121,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any, use_triton: bool = False) -> None:
+    def __init__(self, config: Any, options: ModelOptions) -> None:
         super().__init__()
-        self.use_triton = use_triton
+        self.use_triton = options.use_triton
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.channels = shard_range(config.intermediate_size, options.tp_rank, options.tp_size)
+        inter = len(self.channels)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * inter, bias=bias)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, options.tp_rank, options.tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.use_triton))
@@ -111,7 +138,8 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: Any, rotary: RotaryEmbedding, options: ModelOptions) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, rotary, options)
-        self.mlp = LlamaMLP(config, options.use_triton)
+        self.mlp = LlamaMLP(config, options)
+        self.tp_rank, self.tp_size = options.tp_rank, options.tp_size
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, options.use_triton)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, options.use_triton)
 
@@ -143,19 +171,18 @@ class LlamaDecoderLayer(nn.Module):
             weight, quant = gemv_weight(attn.qkv_proj)
             qkv = gemv(h, weight, attn.qkv_proj.bias, **quant, norm_weight=norm1.weight, eps=norm1.eps, pdl=pdl)
             o = attn.attend(positions, qkv)
-        weight, quant = gemv_weight(attn.o_proj)
-        gemv(o, weight, attn.o_proj.bias, **quant, residual=h, out=h, pdl=pdl)
+        row_parallel_gemv_add(attn.o_proj, o, h, self.tp_rank, self.tp_size, pdl)
         weight, quant = gemv_weight(mlp.gate_up_proj)
         act = gemv(h, weight, mlp.gate_up_proj.bias, **quant, norm_weight=norm2.weight, eps=norm2.eps,
                    swiglu=True, pdl=pdl)
-        weight, quant = gemv_weight(mlp.down_proj)
-        return gemv(act, weight, mlp.down_proj.bias, **quant, residual=h, out=h, pdl=pdl)
+        return row_parallel_gemv_add(mlp.down_proj, act, h, self.tp_rank, self.tp_size, pdl)
 
 
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, max_position: int, options: ModelOptions) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, options.tp_rank,
+                                                   options.tp_size)
         rotary = RotaryEmbedding(_head_dim(config), max_position, rope_parameters(config))
         self.rotary = rotary
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, options) for _ in range(config.num_hidden_layers))
@@ -179,10 +206,6 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    # HF checkpoint name -> (our parameter name, shard index within a fused parameter, or None)
-    FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-             "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-
     def __init__(self, config: Any, max_position: int | None = None, options: ModelOptions = ModelOptions()) -> None:
         super().__init__()
         self.config = config
@@ -190,7 +213,7 @@ class LlamaForCausalLM(nn.Module):
         max_position = max_position or int(getattr(config, "max_position_embeddings", 4096))
         self.model = LlamaModel(config, max_position, options)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, options.tp_rank, options.tp_size)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -201,30 +224,46 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     # -- loading -------------------------------------------------------------------------------
-    def _shard_sizes(self, fused: str) -> list[int]:
-        attn = self.model.layers[0].self_attn
-        if fused == "qkv_proj":
-            return [attn.q_size, attn.kv_size, attn.kv_size]
-        inter = self.config.intermediate_size
-        return [inter, inter]
+    def linear_shards(self) -> dict[str, LinearSource]:
+        """Each of our linears -> the checkpoint linears it holds (q, k, v in qkv_proj; gate, up in
+        gate_up_proj), with the rows and input columns of each that this tensor-parallel rank
+        keeps. A tied lm_head is the embedding."""
+        cfg = self.config
+        hidden, head_dim = cfg.hidden_size, _head_dim(cfg)
+        q_rows, kv_rows = cfg.num_attention_heads * head_dim, _num_kv_heads(cfg) * head_dim
 
-    def linear_shards(self) -> dict[str, list[tuple[str, int]]]:
-        """Each of our linears -> the checkpoint linears it holds, with their output rows, in
-        order (q, k, v in qkv_proj; gate, up in gate_up_proj). A tied lm_head is the embedding."""
-        unfuse = {}
-        for hf, (ours, shard) in self.FUSED.items():
-            unfuse.setdefault(ours, {})[shard] = hf
+        def dims(heads: range) -> range:
+            return range(heads.start * head_dim, heads.stop * head_dim)
+
         shards = {}
         for name, mod in self.named_modules():
             if not isinstance(mod, nn.Linear) or (name == "lm_head" and self.tie_word_embeddings):
                 continue
             prefix, _, leaf = name.rpartition(".")
-            if leaf in unfuse:
-                sizes = self._shard_sizes(leaf)
-                shards[name] = [(f"{prefix}.{unfuse[leaf][i]}", sizes[i]) for i in range(len(sizes))]
+            parent = self.get_submodule(prefix) if prefix else self
+            if leaf == "qkv_proj":
+                q, kv = dims(parent.q_heads), dims(parent.kv_heads)
+                parts = [(f"{prefix}.q_proj", q_rows, q), (f"{prefix}.k_proj", kv_rows, kv), (f"{prefix}.v_proj", kv_rows, kv)]
+                shards[name] = LinearSource(parts, hidden)
+            elif leaf == "gate_up_proj":
+                inter, ch = cfg.intermediate_size, parent.channels
+                shards[name] = LinearSource([(f"{prefix}.gate_proj", inter, ch), (f"{prefix}.up_proj", inter, ch)], hidden)
+            elif leaf == "o_proj":
+                shards[name] = LinearSource.whole(name, hidden, q_rows, columns=dims(parent.q_heads))
+            elif leaf == "down_proj":
+                shards[name] = LinearSource.whole(name, hidden, cfg.intermediate_size, columns=parent.channels)
+            elif name == "lm_head":
+                rows = vocab_range(cfg.vocab_size, self.options.tp_rank, self.options.tp_size)
+                shards[name] = LinearSource([(name, cfg.vocab_size, rows)], hidden)
             else:
-                shards[name] = [(name, mod.out_features)]
+                shards[name] = LinearSource.whole(name, mod.out_features, mod.in_features)
         return shards
+
+    def param_rows(self) -> dict[str, tuple[int, range]]:
+        """Parameters (other than linears) split over the tensor-parallel ranks by rows: name ->
+        (rows in the checkpoint, the rows this rank keeps)."""
+        vocab = self.config.vocab_size
+        return {"model.embed_tokens.weight": (vocab, vocab_range(vocab, self.options.tp_rank, self.options.tp_size))}
 
     @torch.no_grad()
     def init_dummy_weights(self, std: float = 0.02) -> None:
@@ -244,7 +283,7 @@ class LlamaForCausalLM(nn.Module):
         if keep_compressed is None:
             keep_compressed = self.lm_head.weight.device.type == "cuda"
         tolerated = {"lm_head.weight"} if self.tie_word_embeddings else set()
-        load_checkpoint(self, path, self.linear_shards(), tolerated, keep_compressed, self.options)
+        load_checkpoint(self, path, self.linear_shards(), tolerated, keep_compressed, self.options, self.param_rows())
         self.update_fusable()
 
     def update_fusable(self) -> None:
