@@ -44,6 +44,7 @@ class StepChannel:
         if _HEADER.size + len(data) > self.nbytes:
             raise ValueError(f"a step message of {len(data)} bytes exceeds the {self.nbytes}-byte channel")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        alive()
         while any(e.is_set() for e in self.events):
             alive()
             if deadline is not None and time.monotonic() > deadline:

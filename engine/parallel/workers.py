@@ -124,14 +124,15 @@ def _worker_main(rank: int, config: Any, init_method: str, channel: StepChannel,
     destroy_group()
 
 
-def _stop(processes: list, channel: StepChannel) -> None:
-    """Ask the workers to exit, and make sure they did."""
-    try:
-        channel.send(None, lambda: None, timeout_s=JOIN_TIMEOUT_S)
-    except TimeoutError:
-        pass  # a worker stuck in a collective: terminated below
+def _stop(processes: list, channel: StepChannel, polite: bool = True) -> None:
+    """Make sure the workers exit: ask them (``polite``), else or then terminate them."""
+    if polite:
+        try:
+            channel.send(None, lambda: None, timeout_s=JOIN_TIMEOUT_S)
+        except TimeoutError:
+            pass  # a worker stuck in a collective: terminated below
     for p in processes:
-        p.join(JOIN_TIMEOUT_S)
+        p.join(JOIN_TIMEOUT_S if polite else 0)
         if p.is_alive():
             p.terminate()
             p.join(JOIN_TIMEOUT_S)
@@ -174,12 +175,12 @@ class TensorParallelWorkers:
         for p in self.processes:
             p.start()
         self._finalizer = weakref.finalize(self, _stop, self.processes, self.channel)
+        self.broken = False
         try:
             init_group(0, size, init_method, device, COLLECTIVE_TIMEOUT_S)
         except BaseException:
-            self.close()
+            self.close(polite=False)
             raise
-        self.broken = False
 
     def check_alive(self) -> None:
         for rank, p in enumerate(self.processes, start=1):
@@ -196,8 +197,10 @@ class TensorParallelWorkers:
             return run(batch)
         except BaseException:
             self.broken = True
-            self.close()
+            self.close(polite=False)  # the workers may wait in a collective that never completes
             raise
 
-    def close(self) -> None:
-        self._finalizer()
+    def close(self, polite: bool = True) -> None:
+        """Stop the workers (at once unless ``polite``); later calls do nothing."""
+        if self._finalizer.detach() is not None:
+            _stop(self.processes, self.channel, polite)

@@ -1,0 +1,265 @@
+"""Tensor parallelism on CPU processes (gloo): 2 ranks give the same tokens as 1, the weights each
+rank loads are its share, bad settings fail before any process starts, and the worker processes
+always exit. Every test runs under a hang guard: past TIMEOUT_S the process dumps its stacks and
+exits (the workers then see rank 0 gone and exit too)."""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import COMMON, make_model_dir, prompts  # noqa: E402
+
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from engine.parallel.channel import WorkerExited  # noqa: E402
+
+TIMEOUT_S = 300
+REPO = Path(__file__).resolve().parents[2]
+# Small pool and budget: prompts longer than 48 tokens are prefilled in chunks.
+ENGINE = dict(device="cpu", dtype="float32", max_model_len=160, num_kv_blocks=96, max_num_batched_tokens=48)
+
+
+@pytest.fixture(autouse=True)
+def hang_guard():
+    faulthandler.dump_traceback_later(TIMEOUT_S, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+def _requests(n: int, vocab: int = 256) -> tuple[list[list[int]], list[SamplingParams]]:
+    """A ragged batch (1 to 69 tokens); mostly plain greedy of different lengths (the multi-step
+    decode runs once the others are done), one with logprobs, one with prompt logprobs."""
+    ps = [[t % vocab for t in p] for p in prompts(n, seed=5, lo=1, hi=70)]
+    params = [SamplingParams(temperature=0.0, max_tokens=8 + 3 * i, ignore_eos=True) for i in range(n)]
+    params[1] = SamplingParams(temperature=0.0, max_tokens=4, logprobs=3, ignore_eos=True)
+    params[2] = SamplingParams(temperature=0.0, max_tokens=5, prompt_logprobs=2, ignore_eos=True)
+    return ps, params
+
+
+def _generate(path: str, tp: int, ps, params, **kw):
+    llm = LLM(path, tensor_parallel_size=tp, **{**ENGINE, **kw})
+    try:
+        outs = llm.generate(ps, params)
+        runner = llm.engine.runner
+        attn = runner.attn_layers[0]
+        shape = (attn.num_heads, runner.attn_layers[0].k_cache.shape[2], llm.engine.num_multi_steps)
+    finally:
+        llm.close()
+    return outs, shape
+
+
+def _assert_same(one, two) -> None:
+    assert [o.token_ids for o in two] == [o.token_ids for o in one]
+    for a, b in zip(one, two):
+        for x, y in zip(a.logprobs or [], b.logprobs or []):
+            assert x.keys() == y.keys() and all(abs(x[t].logprob - y[t].logprob) < 1e-4 for t in x)
+        for x, y in zip(a.prompt_logprobs or [], b.prompt_logprobs or []):
+            assert (x is None) == (y is None)
+            assert x is None or all(abs(x[t].logprob - y[t].logprob) < 1e-4 for t in x)
+    assert any(o.logprobs for o in two) and any(o.prompt_logprobs for o in two)
+
+
+@pytest.mark.parametrize("arch,heads,kv_heads", [
+    ("llama_gqa_untied", 2, 1),  # 4 heads, 2 KV heads: one of each per rank; untied LM head
+    ("qwen2_bias", 2, 1),  # qkv bias split with the heads; tied embedding and LM head
+    ("llama3_rope_mqa", 2, 1),  # one KV head, 2 ranks: replicated on both
+])
+def test_two_ranks_give_the_tokens_of_one(model_dir, arch, heads, kv_heads):
+    ps, params = _requests(8)
+    one, _ = _generate(model_dir(arch), 1, ps, params)
+    two, (rank0_heads, rank0_kv_heads, multi_steps) = _generate(model_dir(arch), 2, ps, params)
+    _assert_same(one, two)
+    assert (rank0_heads, rank0_kv_heads) == (heads, kv_heads)
+    assert multi_steps > 0  # the multi-step decode ran in lock step too
+
+
+def test_odd_vocabulary_and_row_parallel_biases(tmp_path):
+    """251 tokens over 2 ranks: 126 rows each, the last shard's padding row cut off after the
+    gather; o_proj and down_proj biases (added once, on rank 0, before the all-reduce)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**COMMON, "vocab_size": 251}, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=False, attention_bias=True, mlp_bias=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # transformers initialises biases to zero: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.25)
+    model.save_pretrained(tmp_path / "m")
+    ps, params = _requests(6, vocab=251)
+    one, _ = _generate(str(tmp_path / "m"), 1, ps, params)
+    two, _ = _generate(str(tmp_path / "m"), 2, ps, params)
+    _assert_same(one, two)
+
+
+def test_each_rank_loads_its_share(model_dir):
+    """Rank 1 of 2 (no process group: loading runs no collective) holds query heads 2-3, the one
+    KV head they read, its half of the MLP channels and of the vocabulary."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from engine.layers.options import ModelOptions
+    from engine.models.llama import LlamaForCausalLM
+
+    path = model_dir("llama3_rope_mqa")  # 4 heads of 16, 1 KV head, tied embedding
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = LlamaForCausalLM(AutoConfig.from_pretrained(path), options=ModelOptions(tp_rank=1, tp_size=2))
+    model.load_weights(path)
+    ref = dict(hf.named_parameters())
+    layer = "model.layers.1"
+    q, k, v = (ref[f"{layer}.self_attn.{n}_proj.weight"] for n in "qkv")
+    ours = dict(model.named_parameters())
+    assert torch.equal(ours[f"{layer}.self_attn.qkv_proj.weight"], torch.cat([q[32:64], k, v]))
+    assert torch.equal(ours[f"{layer}.self_attn.o_proj.weight"], ref[f"{layer}.self_attn.o_proj.weight"][:, 32:64])
+    gate, up = ref[f"{layer}.mlp.gate_proj.weight"], ref[f"{layer}.mlp.up_proj.weight"]
+    assert torch.equal(ours[f"{layer}.mlp.gate_up_proj.weight"], torch.cat([gate[64:], up[64:]]))
+    assert torch.equal(ours[f"{layer}.mlp.down_proj.weight"], ref[f"{layer}.mlp.down_proj.weight"][:, 64:])
+    assert torch.equal(ours["model.embed_tokens.weight"], ref["model.embed_tokens.weight"][128:])
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_compressed_weights_are_refused_under_tensor_parallelism(tmp_path):
+    from compressed_artifacts import make_artifact
+    from transformers import AutoConfig
+
+    from engine.layers.options import ModelOptions
+    from engine.models.llama import LlamaForCausalLM
+
+    path = make_artifact("int8", tmp_path / "int8")
+    model = LlamaForCausalLM(AutoConfig.from_pretrained(path), options=ModelOptions(tp_rank=0, tp_size=2))
+    with pytest.raises(NotImplementedError, match=r"compressed weights \(int8.*tensor_parallel_size"):
+        model.load_weights(str(path))
+
+
+@pytest.mark.parametrize("overrides,tp,words", [
+    ({}, 3, "tensor_parallel_size: 3 does not divide the model's 4 attention heads"),
+    ({"num_attention_heads": 6, "num_key_value_heads": 3}, 2, "the model's 3 KV heads: one must divide the other"),
+    ({"intermediate_size": 129}, 2, "does not divide the model's intermediate_size 129"),
+    ({}, 0, "tensor_parallel_size: must be an integer >= 1"),
+])
+def test_bad_tensor_parallel_size_fails_before_any_work(model_dir, overrides, tp, words):
+    from transformers import AutoConfig
+
+    path = model_dir("llama_gqa_untied")
+    hf = AutoConfig.from_pretrained(path)
+    for key, value in overrides.items():
+        setattr(hf, key, value)
+    with pytest.raises(ValueError, match=words):
+        EngineConfig(model=path, hf_config=hf, device="cpu", tensor_parallel_size=tp)
+
+
+def test_more_ranks_than_cuda_devices_is_refused(model_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size: 2 exceeds the 1 visible CUDA device"):
+        EngineConfig(model=model_dir("llama_gqa_untied"), device="cuda", tensor_parallel_size=2)
+
+
+def test_speculative_decoding_with_tensor_parallelism_is_refused(model_dir):
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    with pytest.raises(ValueError, match="speculative_config: .* cannot be combined with tensor_parallel_size=2"):
+        EngineConfig(model=model_dir("llama_gqa_untied"), device="cpu", tensor_parallel_size=2, speculative_config=spec)
+
+
+def test_workers_exit_on_close(model_dir):
+    llm = LLM(model_dir("llama_gqa_untied"), tensor_parallel_size=2, **ENGINE)
+    procs = llm.engine.runner.tp_workers.processes
+    assert len(procs) == 1 and procs[0].is_alive()
+    llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=3))
+    llm.close()
+    assert not procs[0].is_alive() and procs[0].exitcode == 0
+    llm.close()  # twice is fine
+
+
+def test_a_failure_on_rank_0_stops_the_workers(model_dir):
+    llm = LLM(model_dir("llama_gqa_untied"), tensor_parallel_size=2, **ENGINE)
+    runner, procs = llm.engine.runner, llm.engine.runner.tp_workers.processes
+
+    def fail(batch):
+        raise RuntimeError("injected failure on rank 0")
+
+    runner._run = fail  # the workers got the step and wait for rank 0 in its first collective
+    with pytest.raises(RuntimeError, match="injected failure"):
+        llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=3))
+    assert not procs[0].is_alive()
+    with pytest.raises(WorkerExited, match="closed after a failure"):
+        llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=3))
+
+
+def test_a_dead_worker_is_an_error_not_a_hang(model_dir):
+    llm = LLM(model_dir("llama_gqa_untied"), tensor_parallel_size=2, **ENGINE)
+    procs = llm.engine.runner.tp_workers.processes
+    procs[0].kill()
+    procs[0].join()
+    with pytest.raises(WorkerExited, match="worker rank 1 exited"):
+        llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=3))
+    llm.close()
+
+
+def test_workers_exit_when_rank_0_is_killed(model_dir, tmp_path):
+    """Rank 0's process dies without closing anything: its worker notices and exits."""
+    pid_file = tmp_path / "worker.pid"
+    code = ("import sys, os, time; from engine import LLM\n"
+            f"llm = LLM({model_dir('llama_gqa_untied')!r}, tensor_parallel_size=2, **{ENGINE!r})\n"
+            f"open({str(pid_file)!r}, 'w').write(str(llm.engine.runner.tp_workers.processes[0].pid))\n"
+            "os.kill(os.getpid(), 9)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == -9, result.stderr[-2000:]
+    pid = int(pid_file.read_text())
+    for _ in range(100):  # the worker polls twice a second
+        if not _alive(pid):
+            break
+        time.sleep(0.1)
+    assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, parent gone but not yet reaped by init) counts as exited.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+FUSED_CHECK = """
+import sys
+import engine.models.llama as llama
+from engine import LLM, SamplingParams
+calls = []
+fused = llama.row_parallel_gemv_add
+llama.row_parallel_gemv_add = lambda *a, **k: calls.append(1) or fused(*a, **k)
+path, ps = sys.argv[1], [[7, 8, 9, 10, 11], [3, 4], [20, 21, 22, 23, 24, 25, 26]]
+out = {}
+for tp in (1, 2):
+    llm = LLM(path, tensor_parallel_size=tp, device="cpu", dtype="float32", use_triton=True, enforce_eager=True,
+              max_model_len=64, block_size=4, num_kv_blocks=64)
+    out[tp] = [o.token_ids for o in llm.generate(ps, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))]
+    llm.close()
+assert calls, "the fused decode path did not run"
+assert out[1] == out[2], out
+print("fused decode under TP: same tokens", out[2])
+"""
+
+
+def test_fused_decode_path_under_tensor_parallelism(model_dir):
+    """Triton kernels (interpreted on CPU, in a fresh process: the interpreter is chosen at import)
+    with the fused small-batch decode: rank 0 adds the residual in its GEMV epilogue, the other
+    rank's GEMV writes its partial product, one all-reduce sums them. Same tokens as one rank."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", FUSED_CHECK, model_dir("qwen2_bias")], env=env,
+                            capture_output=True, text=True, timeout=TIMEOUT_S - 20)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "same tokens" in result.stdout
