@@ -127,6 +127,27 @@ def test_each_rank_loads_its_share(model_dir):
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+@pytest.mark.parametrize("rank,q_heads,kv_head", [(0, [0], 0), (1, [1], 0), (2, [2], 1), (3, [3], 1)])
+def test_kv_heads_fewer_than_ranks_are_replicated_where_read(model_dir, rank, q_heads, kv_head):
+    """4 ranks, 4 query heads, 2 KV heads: ranks 0-1 hold KV head 0 (read by query heads 0-1),
+    ranks 2-3 KV head 1, as vLLM replicates them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from engine.layers.options import ModelOptions
+    from engine.models.llama import LlamaForCausalLM
+
+    path = model_dir("llama_gqa_untied")  # head_dim 16
+    ref = dict(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).named_parameters())
+    model = LlamaForCausalLM(AutoConfig.from_pretrained(path), options=ModelOptions(tp_rank=rank, tp_size=4))
+    model.load_weights(path)
+    attn = model.model.layers[0].self_attn
+    assert list(attn.q_heads) == q_heads and list(attn.kv_heads) == [kv_head]
+    q, k, v = (ref[f"model.layers.0.self_attn.{n}_proj.weight"] for n in "qkv")
+    rows = lambda w, h: w[16 * h : 16 * (h + 1)]  # noqa: E731
+    assert torch.equal(attn.qkv_proj.weight, torch.cat([rows(q, q_heads[0]), rows(k, kv_head), rows(v, kv_head)]))
+    assert attn.attn.num_heads == 1 and attn.attn.num_kv_heads == 1
+
+
 def test_compressed_weights_are_refused_under_tensor_parallelism(tmp_path):
     from compressed_artifacts import make_artifact
     from transformers import AutoConfig
