@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -284,3 +286,55 @@ def test_fused_decode_path_under_tensor_parallelism(model_dir):
                             capture_output=True, text=True, timeout=TIMEOUT_S - 20)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "same tokens" in result.stdout
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def test_serve_stage_with_two_ranks(model_dir, tmp_path):
+    """``stage=serve serve.engine.tensor_parallel_size=2``: the server answers with the tokens of
+    one rank, and on Ctrl-C it exits with its worker."""
+    import httpx
+
+    path = model_dir("llama_gqa_untied", with_tokenizer=True)
+    ids = [5, 6, 7, 8, 9]
+    expected = LLM(path, **ENGINE).generate([ids], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shrink", "stage=serve", f"model={path}", f"run={tmp_path}", "device=cpu",
+         f"serve.port={port}", "serve.engine.max_model_len=128", "serve.engine.tensor_parallel_size=2",
+         "serve.log_level=warning"],
+        cwd=REPO, env={**os.environ, "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 200
+        while True:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        body = {"model": Path(path).name, "prompt": ids, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                "logprobs": 0}
+        reply = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        choice = reply.json()["choices"][0]
+        assert len(choice["logprobs"]["tokens"]) == 6 and choice["text"] == expected[0].text
+        children = _children(proc.pid)
+        assert children  # the worker (and multiprocessing's resource tracker)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(c) for c in children)
