@@ -338,3 +338,27 @@ def test_serve_stage_with_two_ranks(model_dir, tmp_path):
     while any(_alive(c) for c in children) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(c) for c in children)
+
+
+def test_a_failure_while_starting_leaves_no_worker(model_dir, tmp_path):
+    """A checkpoint that does not fill the model fails on every rank while loading: one error,
+    and the worker is gone."""
+    import multiprocessing
+
+    from safetensors.torch import load_file, save_file
+
+    from engine.loader import CheckpointMismatchError
+
+    src = Path(model_dir("llama_gqa_untied"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((src / "config.json").read_text())
+    tensors = load_file(str(src / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    before = {p.pid for p in multiprocessing.active_children()}
+    start = time.monotonic()
+    with pytest.raises(CheckpointMismatchError, match="1 missing: model.layers.1.mlp.up_proj.weight"):
+        LLM(str(broken), tensor_parallel_size=2, **ENGINE)
+    assert not [p for p in multiprocessing.active_children() if p.pid not in before and p.name.startswith("shrink-tp")]
+    assert time.monotonic() - start < 60
