@@ -15,6 +15,7 @@ finalizer). A failure on any rank breaks the group: rank 0 closes it and raises.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import traceback
 import weakref
@@ -30,8 +31,9 @@ from engine.parallel.group import destroy_group, init_group
 
 # Each collective (and the rendezvous) may wait this long for the slowest rank before it fails:
 # long enough for a first step's kernel compilation, short enough that a lost rank ends the engine.
-COLLECTIVE_TIMEOUT_S = float(os.environ.get("SHRINK_TP_TIMEOUT_S", "600"))
+COLLECTIVE_TIMEOUT_S = 600.0
 JOIN_TIMEOUT_S = 10.0
+_IN_WORKER = False  # set in a worker process: its model runner starts no workers of its own
 
 
 class TokenWindow:
@@ -109,6 +111,7 @@ def _worker_main(rank: int, config: Any, init_method: str, channel: StepChannel,
 
     global _IN_WORKER
     _IN_WORKER = True
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 decides
     torch.set_num_threads(threads)
     try:
         init_group(rank, config.tensor_parallel_size, init_method, config.torch_device.type, COLLECTIVE_TIMEOUT_S)
@@ -141,9 +144,6 @@ def _stop(processes: list, channel: StepChannel, polite: bool = True) -> None:
             p.join()
     channel.close()
     destroy_group()
-
-
-_IN_WORKER = False
 
 
 def start_workers(config: Any) -> "TensorParallelWorkers | None":
