@@ -74,6 +74,7 @@ def _assert_same(one, two) -> None:
     ("llama_gqa_untied", 2, 1),  # 4 heads, 2 KV heads: one of each per rank; untied LM head
     ("qwen2_bias", 2, 1),  # qkv bias split with the heads; tied embedding and LM head
     ("llama3_rope_mqa", 2, 1),  # one KV head, 2 ranks: replicated on both
+    ("qwen3_qknorm", 2, 1),  # head_dim 32 (not hidden / heads), q/k norms per head
 ])
 def test_two_ranks_give_the_tokens_of_one(model_dir, arch, heads, kv_heads):
     ps, params = _requests(8)
@@ -362,3 +363,19 @@ def test_a_failure_while_starting_leaves_no_worker(model_dir, tmp_path):
         LLM(str(broken), tensor_parallel_size=2, **ENGINE)
     assert not [p for p in multiprocessing.active_children() if p.pid not in before and p.name.startswith("shrink-tp")]
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("arch", ["llama_gqa_untied", "qwen2_bias"])
+def test_two_gpus_give_the_tokens_of_one(model_dir, monkeypatch, arch):
+    """NCCL, CUDA graphs (decode, multi-step and prefill; their all-reduces and the logits'
+    all-gather captured) and the fused small-batch decode, in fp32 so that the ranks' summation
+    order cannot flip a token: same tokens as one GPU."""
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off; the workers inherit it
+    ps, params = _requests(8)
+    gpu = dict(ENGINE, device="cuda", num_kv_blocks=256)
+    one, _ = _generate(model_dir(arch), 1, ps, params, **gpu)
+    two, (_, _, multi_steps) = _generate(model_dir(arch), 2, ps, params, **gpu)
+    _assert_same(one, two)
+    assert multi_steps > 0
