@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-os.environ["NCCL_NVLS_ENABLE"] = os.environ.get("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (KINDS.md)
+os.environ["NCCL_NVLS_ENABLE"] = os.environ.get("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off
 
 import argparse  # noqa: E402
 import gc  # noqa: E402

@@ -29,7 +29,10 @@ from engine.parallel.group import all_gather_columns, all_reduce
 
 
 def shard_range(size: int, rank: int, ranks: int) -> range:
-    """Rank ``rank``'s part of ``size`` items split evenly over ``ranks`` (``size`` divisible)."""
+    """Rank ``rank``'s part of ``size`` items split evenly over ``ranks`` (EngineConfig refuses a
+    ``size`` they do not divide)."""
+    if size % ranks:
+        raise ValueError(f"{size} heads or channels cannot be split evenly over {ranks} tensor-parallel ranks")
     part = size // ranks
     return range(rank * part, (rank + 1) * part)
 
