@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["launched_world_size", "process_state", "make_accelerator", "is_sharded", "gathered_head",
+__all__ = ["launched_world_size", "process_state", "main_process_first", "make_accelerator", "is_sharded", "gathered_head",
            "shard_frozen", "gathered_model", "reduce_mean", "describe"]
 
 
@@ -35,6 +35,13 @@ def process_state():
     from accelerate import PartialState
 
     return PartialState(cpu=_cpu_only())
+
+
+def main_process_first():
+    """A block the main process runs first and the others after it (they then read what it cached)."""
+    from contextlib import nullcontext
+
+    return nullcontext() if launched_world_size() == 1 else process_state().main_process_first()
 
 
 def make_accelerator(grad_accum: int):
