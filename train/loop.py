@@ -242,8 +242,8 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
         remove_checkpoint(ckpt_dir)
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = ckpt_dir.parent / f"{ckpt_dir.name}.{LOG_FILE}"
-    if start_step == 0 and accelerator.is_main_process:
-        log_path.unlink(missing_ok=True)
+    if accelerator.is_main_process:
+        _keep_log_until(log_path, start_step)
 
     student.train()
     kw = _loss_kwargs(tc, projector)
@@ -314,6 +314,25 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
         unwrapped = merge_lora(unwrapped)
     # Sharded: the whole model on the main process (which alone saves it), the shards elsewhere.
     return {"metrics": metrics, "model": gathered_model(accelerator, unwrapped), "accelerator": accelerator}
+
+
+def _keep_log_until(log_path: Path, step: int) -> None:
+    """The step log as the checkpoint left it: an interrupted run logged steps past its last
+    checkpoint, which the resumed run logs again (step 0: no log)."""
+    if step == 0 or not log_path.is_file():
+        log_path.unlink(missing_ok=True)
+        return
+    kept = [line for line in log_path.read_text().splitlines() if _logged_step(line) <= step]
+    tmp = log_path.with_name(f"{log_path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(log_path)
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf  # a line cut off by a kill: dropped
 
 
 def _check_shardable(tc: TrainConfig, pairs: list[LayerPair]) -> None:
