@@ -100,9 +100,8 @@ def gathered_head(head: torch.nn.Module) -> torch.nn.Module:
     if isinstance(weight, DTensor):
         raise RuntimeError("the FSDP2 LM head is resharded after the forward; the chunked loss needs it gathered "
                            "(accelerate's fsdp2_prepare_model keeps it so)")
-    view = torch.nn.Linear(0, 0, bias=False)
+    view = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")  # no storage, no init
     view.weight = weight
-    view.in_features, view.out_features = weight.shape[1], weight.shape[0]
     return view
 
 
