@@ -1,7 +1,8 @@
 """Distillation across processes through the real launcher (`accelerate launch` with the repo's
 configs, gloo on CPU processes): FSDP2 (teacher and student sharded) and DDP at 2 ranks follow one
 process's loss curve at equal global batch, and a run that loses a rank resumes from its sharded
-checkpoint onto the uninterrupted run's curve.
+checkpoint onto the uninterrupted run's curve. FSDP2 with gradient accumulation (2 ranks x 2 micro-batches,
+gradients not synchronised between them) follows the same curve.
 
 Equal global batch: rank r of n takes global micro-batch `step * n + r` (train/loop.py), so 2 ranks
 at batch 2 see exactly the 4 blocks one process sees at batch 4. Packed blocks have equal token
@@ -81,6 +82,9 @@ def runs(tiny_teacher: Path, tmp_path_factory) -> dict:
             common = [*ARGS, f"run={run}", f"input={tiny_teacher}", f"distill.checkpoint_every={CKPT_EVERY}"]
             if name == "single":
                 cmd = [sys.executable, "-m", "shrink", *common, f"distill.batch_size={GLOBAL_BATCH}"]
+            elif name == "fsdp2_accum":  # 2 ranks x 2 micro-batches of 1: FSDP2 without gradient sync between
+                cmd = _accelerate("fsdp2", ["-m", "shrink", *common, f"distill.batch_size={GLOBAL_BATCH // 4}",
+                                            "distill.grad_accum=2"])
             else:
                 cmd = _accelerate(name, ["-m", "shrink", *common, f"distill.batch_size={GLOBAL_BATCH // 2}"])
             made[name] = (run, _ok(_launch(cmd, run)))
@@ -90,12 +94,12 @@ def runs(tiny_teacher: Path, tmp_path_factory) -> dict:
     return get
 
 
-@pytest.mark.parametrize("kind", ["fsdp2", "ddp"])
+@pytest.mark.parametrize("kind", ["fsdp2", "ddp", "fsdp2_accum"])
 def test_two_ranks_follow_one_process_at_equal_global_batch(runs, kind: str, tiny_teacher: Path):
     single, launched = runs("single"), runs(kind)
     stdout = runs.made[kind][1].stdout
     # accelerate silently runs DDP on CPU processes unless told otherwise: check what really ran.
-    assert f"distill: {'FSDP2' if kind == 'fsdp2' else 'MULTI_CPU'} over 2 processes on cpu" in stdout, stdout
+    assert f"distill: {'MULTI_CPU' if kind == 'ddp' else 'FSDP2'} over 2 processes on cpu" in stdout, stdout
     curve, curve_1 = _log(launched), _log(single)
     assert [r["step"] for r in curve] == [r["step"] for r in curve_1] == list(range(1, STEPS + 1))
     torch.testing.assert_close(torch.tensor([r["loss"] for r in curve]), torch.tensor([r["loss"] for r in curve_1]),
