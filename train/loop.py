@@ -23,7 +23,8 @@ from train.batches import Batch, TrainData, as_train_data
 from train.checkpoint import checkpoint_step, load_checkpoint, remove_checkpoint, save_checkpoint
 from train.chunked_loss import LossTerm, chunked_distill_loss
 from train.config import TrainConfig
-from train.distributed import describe, gathered_head, gathered_model, is_sharded, make_accelerator, reduce_mean, shard_frozen
+from train.distributed import (describe, gathered_head, gathered_model, is_sharded, make_accelerator, reduce_mean,
+                               shard_frozen)
 from train.layer_distill import LayerPair, LayerProjector, capture_layers, layer_loss
 from train.losses import parse_loss_spec
 from train.modules import causal_lm

@@ -163,3 +163,19 @@ def test_only_distill_runs_as_several_processes(tiny_teacher: Path, tmp_path: Pa
     assert "error: stage=prune was launched as 2 processes, but only stage=distill trains across processes" \
         in result.stderr, result.stderr[-2000:]
     assert not (run / "prune").exists()
+
+
+def test_rank_0_refused_by_the_run_lock_ends_the_waiting_rank(tiny_teacher: Path, tmp_path: Path):
+    """Rank 0 cannot take the run directory's lock (another command holds it) while rank 1 waits for
+    its checks: the launch must end, with rank 0's error, and nothing written."""
+    from common.dirs import dir_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with dir_lock(run, "the test's hold"):
+        result = _launch(_accelerate("fsdp2", ["-m", "shrink", *ARGS, f"run={run}", f"input={tiny_teacher}",
+                                               "distill.batch_size=2"]), tmp_path)
+    assert result.returncode != 0
+    assert f"error: run={run} is in use by another shrink process (pid {os.getpid()})" in result.stderr, \
+        result.stderr[-2000:]
+    assert not (run / "distill").exists() and not (run / ".distill.ckpt").exists()
