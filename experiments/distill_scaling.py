@@ -178,7 +178,7 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
                    "--num_processes", str(n), "--main_process_port", str(port), *me]
         print(f"# {kind} x{n}: {' '.join(cmd)}", flush=True)
         with tempfile.TemporaryDirectory() as scratch:
-            proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "DISTILL_SCALING_DIR": scratch},
+            proc = subprocess.Popen(cmd, env={**os.environ, "DISTILL_SCALING_DIR": scratch},
                                     start_new_session=True)
             try:
                 code = proc.wait(timeout=args.timeout)
