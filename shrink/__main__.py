@@ -62,18 +62,19 @@ def run(cfg):
     from contextlib import nullcontext
 
     from common.dirs import dir_lock
-    from shrink.context import StageContext, check_before_work, prepare_run_dir
+    from shrink.context import prepare_run_dir
+    from shrink.launch import check_launch, prepared_context
     from shrink.stages import get_stage
 
     stage = get_stage(str(cfg.stage.name))
+    check_launch(cfg)
     run_dir = prepare_run_dir(str(cfg.run))
-    # Under `accelerate launch` every rank runs this; rank 0 holds the lock for all of them.
+    # Under `accelerate launch` every rank runs this; rank 0 holds the lock and writes for all of them.
     main_rank = os.environ.get("RANK", "0") == "0"
     with dir_lock(run_dir, f"run={cfg.run}") if main_rank else nullcontext():
-        inputs = check_before_work(cfg, run_dir)
-        ctx = StageContext(cfg=cfg, run_dir=run_dir, inputs=inputs)
+        ctx = prepared_context(cfg, run_dir)
         result = stage(cfg, ctx)
-        if result is not None and ctx.inputs:
+        if result is not None and ctx.inputs and main_rank:
             from shrink.quality_gate import gate_stage
 
             gate_stage(cfg, str(cfg.stage.name), ctx.inputs[0], result)

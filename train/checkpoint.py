@@ -10,6 +10,7 @@ from common.dirs import remove_marked_dir, replace_dir_atomically
 from common.errors import ShrinkError
 
 STATE_FILE = "trainer_state.json"
+SHARDED_MODEL_DIR = "pytorch_model_fsdp_0"  # accelerate's name for the first model's FSDP shards
 
 
 def save_checkpoint(accelerator, ckpt_dir: Path, step: int, extra: dict | None = None) -> None:
@@ -59,20 +60,39 @@ def resume_note(ckpt_dir: Path, name: str) -> str | None:
     return None
 
 
+def saved_shapes(ckpt_dir: Path) -> dict[str, tuple[int, ...]] | None:
+    """The model tensors a checkpoint holds, with their (global) shapes: from `model.safetensors`
+    (one process, DDP) or from the metadata of the sharded FSDP2 checkpoint (accelerate writes it
+    with torch.distributed.checkpoint as {"model": state_dict}). None: no model in the checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
+    file = ckpt_dir / "model.safetensors"
+    if file.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(file), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    sharded = ckpt_dir / SHARDED_MODEL_DIR
+    if (sharded / ".metadata").is_file():
+        from torch.distributed.checkpoint import FileSystemReader
+
+        meta = FileSystemReader(str(sharded)).read_metadata().state_dict_metadata
+        return {k.removeprefix("model."): tuple(m.size) for k, m in meta.items()
+                if k.startswith("model.") and hasattr(m, "size")}
+    return None
+
+
 def check_checkpoint_fits(ckpt_dir: Path, model, settings: str) -> None:
     """resume=true: the checkpoint's model has this model's tensor names and shapes, else a ShrinkError
     naming the `settings` that decide the model's shape (a different student cannot be resumed)."""
-    from safetensors import safe_open
-
-    file = Path(ckpt_dir) / "model.safetensors"
-    if checkpoint_step(ckpt_dir) is None or not file.is_file():
+    saved = saved_shapes(ckpt_dir) if checkpoint_step(ckpt_dir) is not None else None
+    if saved is None:
         return
-    with safe_open(str(file), "pt") as f:
-        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     ours = {n: tuple(p.shape) for n, p in model.named_parameters()}  # tied weights appear once
-    unexpected = sorted(set(saved) - set(ours))
+    # A sharded checkpoint names a tied weight under each of its names.
+    every_name = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    unexpected = sorted(set(saved) - set(every_name))
     missing = sorted(set(ours) - set(saved))
-    reshaped = sorted(k for k in set(saved) & set(ours) if saved[k] != ours[k])
+    reshaped = sorted(k for k in set(saved) & set(every_name) if saved[k] != every_name[k])
     if unexpected or missing or reshaped:
         example = (unexpected or missing or reshaped)[0]
         raise ShrinkError(f"resume=true: the checkpoint in {ckpt_dir} was written for another model "

@@ -23,6 +23,8 @@ from train.batches import Batch, TrainData, as_train_data
 from train.checkpoint import checkpoint_step, load_checkpoint, remove_checkpoint, save_checkpoint
 from train.chunked_loss import LossTerm, chunked_distill_loss
 from train.config import TrainConfig
+from train.distributed import (describe, gathered_head, gathered_model, is_sharded, make_accelerator, reduce_mean,
+                               shard_frozen)
 from train.layer_distill import LayerPair, LayerProjector, capture_layers, layer_loss
 from train.losses import parse_loss_spec
 from train.modules import causal_lm
@@ -51,12 +53,15 @@ def forward_hidden(model: torch.nn.Module, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Final hidden states (after the last norm), before the LM head.
 
-    A data-parallel wrapper (DDP / FSDP, which expose `.module`) must run its own forward: DDP arms
-    its gradient all-reduce there and FSDP gathers its shards, so calling the inner decoder would
-    train every rank alone. Through a wrapper the whole model runs with `logits_to_keep=1` (one
-    token's logits per row, the chunked loss computes the rest) and a hook takes the decoder's output."""
+    A data-parallel model (DDP, which exposes `.module`; FSDP2, which shards the module in place) must
+    run its own forward: DDP arms its gradient all-reduce there and FSDP2 gathers the embedding's and
+    LM head's shards in the root's forward, so calling the inner decoder would train every rank alone
+    (DDP) or meet sharded weights (FSDP2). Such a model runs whole with `logits_to_keep=1` (one token's
+    logits per row, the chunked loss computes the rest) and a hook takes the decoder's output; FSDP2
+    keeps the LM head gathered after the forward (accelerate does not reshard that unit), which is
+    what the chunked loss reads."""
     decoder = causal_lm(model).model
-    if getattr(model, "module", None) is None:
+    if getattr(model, "module", None) is None and not is_sharded(model):
         return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     captured: list[torch.Tensor] = []
     handle = decoder.register_forward_hook(lambda _m, _i, out: captured.append(out.last_hidden_state))
@@ -95,8 +100,8 @@ def distill_batch_loss(student, teacher, batch: Batch | torch.Tensor, terms: lis
     if teacher is not None:
         with torch.no_grad(), capture_layers(teacher, t_layers) as t_states:
             t_hidden = forward_hidden(teacher, batch.input_ids, batch.attention_mask)[:, :-1]
-        t_head = causal_lm(teacher).lm_head
-    s_head = causal_lm(student).lm_head
+        t_head = gathered_head(causal_lm(teacher).lm_head)
+    s_head = gathered_head(causal_lm(student).lm_head)
     total, parts = None, {}
     for name, rows, weight in batch.groups:
         loss, group_parts = chunked_distill_loss(s_hidden[rows], s_head, t_hidden[rows] if t_hidden is not None
@@ -174,22 +179,21 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
     `name` labels the progress bar and log lines only; a bad setting is a SettingError naming the
     setting alone (the caller's `config_section` names the section).
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
     tc.validate()
     ckpt_dir = Path(ckpt_dir)
     if accelerator is None:
-        use_bf16 = torch.cuda.is_available()
-        # cpu=True without CUDA: only then does accelerate join a torchrun / `accelerate launch` process
-        # group on the CPU (gloo); without it every process trains alone as rank 0 of 1.
-        accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", gradient_accumulation_steps=tc.grad_accum,
-                                  cpu=not torch.cuda.is_available())
+        accelerator = make_accelerator(tc.grad_accum)
     set_seed(tc.seed)
     data, val_data = as_train_data(train), as_train_data(val)
     terms = make_terms(tc)
     pairs = _layer_pairs(tc)
+    if accelerator.is_fsdp2:
+        _check_shardable(tc, pairs)
+    if accelerator.num_processes > 1:
+        accelerator.print(f"{name}: {describe(accelerator)}")
     needs_teacher = any(t.uses_teacher for t in terms) or bool(pairs) or tc.seq_kd or tc.lmbda > 0
     if needs_teacher and teacher is None:
         raise SettingError("losses", "a teacher-based loss (or layer map / on-policy) is configured but no "
@@ -214,8 +218,10 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
         student.to(accelerator.device)
         if projector is not None:
             projector.to(accelerator.device)
-    # One fused CUDA kernel for the whole update instead of a few launches per parameter tensor.
-    fused = (bool(params) and all(p.is_cuda and p.dtype == torch.float32 for _, p in params)) or None
+    # One fused CUDA kernel for the whole update instead of a few launches per parameter tensor
+    # (plain tensors only: under FSDP2 the optimizer steps DTensor shards, with the foreach kernels).
+    fused = (bool(params) and not accelerator.is_fsdp2
+             and all(p.is_cuda and p.dtype == torch.float32 for _, p in params)) or None
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95),
                                   fused=fused)
@@ -227,7 +233,7 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
         student, optimizer = accelerator.prepare(student, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     if teacher is not None:
-        teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+        teacher = shard_frozen(accelerator, teacher)
 
     start_step = 0
     if resume and checkpoint_step(ckpt_dir) is not None:
@@ -237,8 +243,8 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
         remove_checkpoint(ckpt_dir)
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = ckpt_dir.parent / f"{ckpt_dir.name}.{LOG_FILE}"
-    if start_step == 0 and accelerator.is_main_process:
-        log_path.unlink(missing_ok=True)
+    if accelerator.is_main_process:
+        _keep_log_until(log_path, start_step)
 
     student.train()
     kw = _loss_kwargs(tc, projector)
@@ -265,6 +271,7 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
                 optimizer.zero_grad(set_to_none=True)
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / tc.grad_accum
+        parts_sum = reduce_mean(accelerator, parts_sum)
         scheduler.step()
         if after_optimizer_step is not None:
             after_optimizer_step(accelerator.unwrap_model(student))
@@ -306,4 +313,40 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
         from train.lora import merge_lora
 
         unwrapped = merge_lora(unwrapped)
-    return {"metrics": metrics, "model": unwrapped, "accelerator": accelerator}
+    # Sharded: the whole model on the main process (which alone saves it), the shards elsewhere.
+    return {"metrics": metrics, "model": gathered_model(accelerator, unwrapped), "accelerator": accelerator}
+
+
+def _keep_log_until(log_path: Path, step: int) -> None:
+    """The step log as the checkpoint left it: an interrupted run logged steps past its last
+    checkpoint, which the resumed run logs again (step 0: no log)."""
+    if step == 0 or not log_path.is_file():
+        log_path.unlink(missing_ok=True)
+        return
+    kept = [line for line in log_path.read_text().splitlines() if _logged_step(line) <= step]
+    tmp = log_path.with_name(f"{log_path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(log_path)
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf  # a line cut off by a kill: dropped
+
+
+def _check_shardable(tc: TrainConfig, pairs: list[LayerPair]) -> None:
+    """What FSDP2 does not run here, refused before any work (all need DDP, `conf/accelerate/ddp.yaml`)."""
+    if tc.lmbda > 0 or tc.seq_kd:
+        # Ranks sample continuations of different lengths, so they would run different numbers of
+        # forwards, and every sharded forward is a collective: the ranks would wait on each other forever.
+        raise SettingError("lmbda" if tc.lmbda > 0 else "seq_kd", "(on-policy / sequence-level sampling) needs "
+                           "DDP: sampling on FSDP2-sharded models runs a different number of forwards per rank",
+                           sep=" ")
+    if pairs:
+        raise SettingError("layer_map", "(intermediate-layer loss) needs DDP: its projector is a second trained "
+                           "model, and accelerate prepares one model per optimizer under FSDP2", sep=" ")
+    if tc.lora:
+        raise SettingError("lora", "needs DDP: merging adapters into FSDP2-sharded weights is not supported",
+                           sep=" ")

@@ -22,6 +22,7 @@ from common.errors import ShrinkError, config_section
 from common.tasks import Task, TaskExample, get_task
 from shrink.artifacts import Artifact
 from shrink.context import StageContext, checkpoint_dir_name
+from shrink.launch import is_main_rank
 from shrink.modeling import load_model, load_tokenizer, num_parameters, save_model_artifact
 from shrink.stages import register_stage
 from shrink.teacher_data import TeacherDataSettings, teacher_generated_blocks
@@ -29,6 +30,7 @@ from shrink.tracking import make_tracker
 from train.checkpoint import check_checkpoint_fits, remove_checkpoint, resume_note
 from train.config import TrainConfig
 from train.data import load_packed, mix_generated
+from train.distributed import main_process_first
 from train.layer_distill import parse_layer_map
 from train.loop import train_distill
 from train.rationale import MultiTaskExamples, few_shot_prompt, palm_rationales, teacher_rationales
@@ -287,7 +289,8 @@ def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec
         source = f"task:{data.task} rationale={data.rationale}"
         n_train, n_val = len(train), len(val)
     else:
-        packed = load_packed(data, tokenizer, data_dir, cache_dir)
+        with main_process_first():  # one rank tokenizes and caches; the others read its cache
+            packed = load_packed(data, tokenizer, data_dir, cache_dir)
         train, val, source = packed.train, packed.val, packed.source
         n_train, n_val = int(packed.train.shape[0]), int(packed.val.shape[0])
         if teacher_data is not None and teacher_data.ratio > 0:
@@ -300,7 +303,7 @@ def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec
                                                               n_teacher, keep))
     if tc.layer_map and not tc.layer_weight:
         raise ShrinkError("distill.layer_map is set but distill.layer_weight is 0")
-    run_tracker = tracker() if tracker is not None else None
+    run_tracker = tracker() if tracker is not None and is_main_rank() else None  # one writer of the run's logs
     try:
         with config_section("distill"):
             result = train_distill(student, teacher, train, val, tc, ckpt_dir, resume=resume, tracker=run_tracker,
