@@ -26,10 +26,11 @@ from engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from engine.decode_inputs import DecodeInputs
 from engine.kv_cache import allocate_kv_cache, kv_bytes_per_token
 from engine.layers.attention import Attention
-from engine.layers.sampler import Sampler, StepResult
+from engine.layers.sampler import Sampler, StepResult, device_tensor
 from engine.models import model_class
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
+from kernels.gemv import SMALL_M
 
 
 class ModelRunner:
@@ -50,13 +51,19 @@ class ModelRunner:
         self.num_blocks = allocate_kv_cache(config, self.model, self.attn_layers, extra_kv_bytes_per_token)
         self.sampler = Sampler(self.device, set(eos_token_ids))  # EOS is masked until min_tokens
         max_blocks = math.ceil(config.max_model_len / self.block_size)
-        self.decode_inputs = DecodeInputs(self.device, config.max_num_seqs, max_blocks, self.block_size,
-                                          config.num_decode_steps, config.triton_enabled)
+        # Decode rows for a verify as pseudo-rows (decode_inputs.py): what the fused small-batch
+        # matmuls take; larger verify forwards go through the prefill path.
+        verify_rows = min(verify_max_tokens, SMALL_M)
+        self.decode_inputs = DecodeInputs(self.device, max(config.max_num_seqs, verify_rows), max_blocks,
+                                          self.block_size, config.num_decode_steps, config.triton_enabled)
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         self.verify_graphs: PrefillGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            self._capture_graphs(max_blocks, verify_max_tokens)
+            self._capture_graphs(max_blocks, verify_max_tokens, verify_rows)
+        # The most tokens a chunk forward takes as decode pseudo-rows (graphed where graphs exist).
+        rows = self.graphs.max_bs if self.graphs is not None else max(config.max_num_seqs, verify_rows)
+        self.max_pseudo_rows = min(rows, SMALL_M)
 
     def _build_model(self) -> torch.nn.Module:
         cfg, hf = self.config, self.config.hf_config
@@ -73,17 +80,17 @@ class ModelRunner:
             model.load_weights(cfg.model)
         return model
 
-    def _capture_graphs(self, max_blocks: int, verify_max_tokens: int) -> None:
+    def _capture_graphs(self, max_blocks: int, verify_max_tokens: int, verify_rows: int) -> None:
         cfg = self.config
-        self.graphs = DecodeGraphs(self.model, self.decode_inputs, min(cfg.cuda_graph_max_bs, cfg.max_num_seqs),
-                                   cfg.num_decode_steps)
+        max_bs = max(min(cfg.cuda_graph_max_bs, cfg.max_num_seqs), verify_rows)
+        self.graphs = DecodeGraphs(self.model, self.decode_inputs, max_bs, cfg.num_decode_steps)
         pool = self.graphs.capture()
         max_tokens = min(cfg.prefill_graph_max_tokens, cfg.max_num_batched_tokens, cfg.max_model_len)
         if max_tokens >= 16 and cfg.triton_enabled and cfg.prefill_attention == "triton":
             self.prefill_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_blocks, max_tokens,
                                                 cfg.max_num_seqs)
             self.prefill_graphs.capture(pool)
-            if verify_max_tokens > 0:  # token buckets are powers of two from 16: the next one holds it all
+            if verify_max_tokens > verify_rows:  # token buckets are powers of two from 16: the next one holds it all
                 verify_tokens = min(max(16, 1 << (verify_max_tokens - 1).bit_length()), max_tokens)
                 self.verify_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_blocks,
                                                    verify_tokens, cfg.max_num_seqs, all_rows=True)
@@ -150,8 +157,15 @@ class ModelRunner:
         return hidden
 
     def last_logits(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
-        """fp32 logits [chunks, vocab] at each chunk's last token (a prefill graph where one holds the
-        step; valid until the next forward)."""
+        """fp32 logits [chunks, vocab] at each chunk's last token (decode pseudo-rows or a prefill
+        graph where one holds the step; valid until the next forward)."""
+        tokens = sum(len(c[0]) for c in chunks)
+        if tokens <= self.max_pseudo_rows:
+            logits = self.pseudo_row_logits(chunks)
+            if tokens == len(chunks):
+                return logits
+            last = list(itertools.accumulate(len(c[0]) for c in chunks))
+            return logits.index_select(0, device_tensor(last, self.device) - 1)
         if self.prefill_graphs is not None:
             logits = self.prefill_graphs.run(chunks)
             if logits is not None:
@@ -161,8 +175,21 @@ class ModelRunner:
         return self.model.compute_logits(hidden.index_select(0, last)).float()
 
     def all_logits(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
-        """fp32 logits [tokens, vocab] at every token of the chunks (the speculative verify forward; a
-        verify graph where one holds it, valid until the next forward)."""
+        """fp32 logits [tokens, vocab] at every token of the chunks (the speculative verify forward),
+        valid until the next forward: as decode pseudo-rows where they fit, else the prefill path."""
+        if sum(len(c[0]) for c in chunks) <= self.max_pseudo_rows:
+            return self.pseudo_row_logits(chunks)
+        return self.prefill_all_logits(chunks)
+
+    def pseudo_row_logits(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+        """all_logits through the decode path: every token one decode row (decode_inputs.py's
+        prepare_chunks), in a decode graph where one holds them."""
+        n = sum(len(c[0]) for c in chunks)
+        self.decode_inputs.prepare_chunks(chunks, self.graphs.bucket_of[n] if self.graphed(n) else n)
+        return self.decode_forward(n)
+
+    def prefill_all_logits(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+        """all_logits through the prefill path (a verify graph where one holds it)."""
         if self.verify_graphs is not None:
             logits = self.verify_graphs.run(chunks)
             if logits is not None:

@@ -2,7 +2,9 @@
 
 The scheduler reserved blocks for n_i + 1 positions per sequence (``ScheduledBatch.num_draft``).
 The proposer drafts up to n_i tokens per sequence; the target scores [last token, d_0 .. d_{m-1}]
-at positions len - 1 .. len - 1 + m in one varlen forward with logits at every row; rejection.verify
+at positions len - 1 .. len - 1 + m in one forward with logits at every row (ModelRunner.all_logits:
+decode pseudo-rows in a decode graph while the batch's tokens fit the fused small-batch decode, else
+the varlen prefill path); rejection.verify
 accepts a prefix per sequence and adds the target's own token. The result is a StepResult like any
 step's: the engine appends the tokens through its one append path (stop tokens, stop strings,
 max_tokens cut a run there) and the scheduler's finish_step rolls both caches back by bookkeeping
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.layers.sampler import StepResult, token_logprobs
+from engine.layers.sampler import StepResult, device_tensor, token_logprobs
 from engine.model_runner import ModelRunner
 from engine.scheduler import ScheduledBatch
 from engine.sequence import TokenLogprobs
@@ -52,7 +54,7 @@ class SpecDecodeWorker:
                 for d in drafts:
                     index.extend(start + min(j, len(d)) for j in range(k + 1))
                     start += len(d) + 1
-                raw = flat.index_select(0, torch.tensor(index, device=flat.device)).view(len(seqs), k + 1, -1)
+                raw = flat.index_select(0, device_tensor(index, flat.device)).view(len(seqs), k + 1, -1)
             draft_ids, counts = proposal.as_tensors(raw.device, k)
             probs = proposal.probs[:, :k] if proposal.probs is not None else None
             gens = [self.target.sampler.generator(s) for s in seqs]
