@@ -147,11 +147,13 @@ class PrefillGraphs:
                 self.graphs[tokens, seqs] = graph
         torch.cuda.synchronize()
 
-    def run(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor | None:
+    def run(self, chunks: list[tuple[list[int], int, list[int]]],
+            device_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Prefill each (token_ids, start, block_table) chunk at positions start.. of its sequence;
         returns fp32 logits whose row i is chunk i's last token's (``all_rows``: whose rows are the
         chunks' tokens in order, then padding), valid until the next replay, or None, running
-        nothing, when no captured bucket holds the step."""
+        nothing, when no captured bucket holds the step. ``device_ids``: the chunks' tokens already on the
+        device (a model drafter's), copied in after the staged ones."""
         key = self.bucket(sum(len(c[0]) for c in chunks), len(chunks))
         if key is None:
             return None
@@ -176,5 +178,7 @@ class PrefillGraphs:
         h.last[len(chunks) : seqs] = 0
         # The host buffer is rewritten only after this step's logits were read back (a sync).
         self.buf.copy_to_device()
+        if device_ids is not None:
+            self.d.ids[:row].copy_(device_ids)
         self.graphs[key].replay()
         return self.logits[key]

@@ -93,9 +93,11 @@ class DecodeInputs:
         # Only the prefix the step reads: the int64 rows, the lens, then `rows` table rows.
         self.buf.copy_to_device(self.buf.offsets["tables"] + 4 * rows * self.width)
 
-    def prepare_chunks(self, chunks: list[tuple[list[int], int, list[int]]], rows: int) -> None:
+    def prepare_chunks(self, chunks: list[tuple[list[int], int, list[int]]], rows: int,
+                       ids: torch.Tensor | None = None) -> None:
         """Stage each (token_ids, start, block_table) chunk as pseudo-rows, in order (padded to
-        ``rows``), from host bank 1, and start the copy. The rows' remembered tables are forgotten."""
+        ``rows``), from host bank 1, and start the copy. The rows' remembered tables are forgotten.
+        ``ids``: the chunks' tokens already on the device, copied in after the staged ones."""
         h, bs, row = self.buf.banks[1], self.block_size, 0
         for tokens, start, table in chunks:
             m = len(tokens)
@@ -110,6 +112,8 @@ class DecodeInputs:
         h.slots[row:rows] = -1
         h.lens[row:rows] = 1
         self.buf.copy_to_device(self.buf.offsets["tables"] + 4 * rows * self.width, bank=1)
+        if ids is not None:
+            self.d.ids[:row].copy_(ids)
         self._row_seq[:rows] = [-1] * rows
 
     def views(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, Context]:

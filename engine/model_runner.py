@@ -133,11 +133,12 @@ class ModelRunner:
             k += r >= 0
         return self.sampler.sample_step(seqs, logits, rows)
 
-    def varlen_forward(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+    def varlen_forward(self, chunks: list[tuple[list[int], int, list[int]]],
+                       ids: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states [tokens, hidden] of each (token_ids, start, block_table) chunk computed at
         positions start.. of its sequence, eagerly (their K/V written to the cache): the prefill
-        path, also the speculative verify forward and a draft model's catch-up."""
-        ids: list[int] = []
+        path, also the speculative verify forward and a draft model's catch-up. ``ids``: the
+        chunks' tokens already on the device (see all_logits)."""
         positions: list[int] = []
         slots: list[int] = []
         query_lens: list[int] = []
@@ -145,14 +146,14 @@ class ModelRunner:
         bs = self.block_size
         for tokens, start, table in chunks:
             n = len(tokens)
-            ids.extend(tokens)
             positions.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             query_lens.append(n)
             context_lens.append(start + n)
         set_context(self._prefill_context([c[2] for c in chunks], slots, query_lens, context_lens))
-        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device),
-                            torch.tensor(positions, dtype=torch.long, device=self.device))
+        if ids is None:
+            ids = device_tensor([t for c in chunks for t in c[0]], self.device, torch.long)
+        hidden = self.model(ids, device_tensor(positions, self.device, torch.long))
         reset_context()
         return hidden
 
@@ -171,30 +172,35 @@ class ModelRunner:
             if logits is not None:
                 return logits[: len(chunks)]
         hidden = self.varlen_forward(chunks)
-        last = torch.tensor(list(itertools.accumulate(len(c[0]) for c in chunks)), device=self.device) - 1
+        last = device_tensor(list(itertools.accumulate(len(c[0]) for c in chunks)), self.device) - 1
         return self.model.compute_logits(hidden.index_select(0, last)).float()
 
-    def all_logits(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+    def all_logits(self, chunks: list[tuple[list[int], int, list[int]]],
+                   ids: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 logits [tokens, vocab] at every token of the chunks (the speculative verify forward),
-        valid until the next forward: as decode pseudo-rows where they fit, else the prefill path."""
+        valid until the next forward: as decode pseudo-rows where they fit, else the prefill path.
+        ``ids`` [tokens]: the chunks' tokens on the device (a model drafter's, never brought to
+        the host), in place of the chunks' token lists, which then give only their lengths."""
         if sum(len(c[0]) for c in chunks) <= self.max_pseudo_rows:
-            return self.pseudo_row_logits(chunks)
-        return self.prefill_all_logits(chunks)
+            return self.pseudo_row_logits(chunks, ids)
+        return self.prefill_all_logits(chunks, ids)
 
-    def pseudo_row_logits(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+    def pseudo_row_logits(self, chunks: list[tuple[list[int], int, list[int]]],
+                          ids: torch.Tensor | None = None) -> torch.Tensor:
         """all_logits through the decode path: every token one decode row (decode_inputs.py's
         prepare_chunks), in a decode graph where one holds them."""
         n = sum(len(c[0]) for c in chunks)
-        self.decode_inputs.prepare_chunks(chunks, self.graphs.bucket_of[n] if self.graphed(n) else n)
+        self.decode_inputs.prepare_chunks(chunks, self.graphs.bucket_of[n] if self.graphed(n) else n, ids)
         return self.decode_forward(n)
 
-    def prefill_all_logits(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+    def prefill_all_logits(self, chunks: list[tuple[list[int], int, list[int]]],
+                           ids: torch.Tensor | None = None) -> torch.Tensor:
         """all_logits through the prefill path (a verify graph where one holds it)."""
         if self.verify_graphs is not None:
-            logits = self.verify_graphs.run(chunks)
+            logits = self.verify_graphs.run(chunks, ids)
             if logits is not None:
                 return logits[: sum(len(c[0]) for c in chunks)]
-        return self.model.compute_logits(self.varlen_forward(chunks)).float()
+        return self.model.compute_logits(self.varlen_forward(chunks, ids)).float()
 
     def _prefill_context(self, tables: list[list[int]], slots: list[int], query_lens: list[int],
                          context_lens: list[int]) -> Context:
@@ -202,17 +208,17 @@ class ModelRunner:
         only for a chunk after the first or a prefix-cache hit)."""
         cfg, dev = self.config, self.device
         triton_prefill = cfg.triton_enabled and cfg.prefill_attention == "triton"
-        ctx = Context(is_prefill=True, slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+        ctx = Context(is_prefill=True, slot_mapping=device_tensor(slots, dev, torch.long),
                       query_lens=query_lens, context_lens_host=context_lens)
         if triton_prefill or any(q != c for q, c in zip(query_lens, context_lens)):
             width = max(len(t) for t in tables)
-            ctx.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev)
+            ctx.block_tables = device_tensor([t + [0] * (width - len(t)) for t in tables], dev, torch.int32)
         if triton_prefill:
             cu = [0]
             for n in query_lens:
                 cu.append(cu[-1] + n)
-            ctx.cu_query_lens = torch.tensor(cu, dtype=torch.int32, device=dev)
-            ctx.context_lens = torch.tensor(context_lens, dtype=torch.int32, device=dev)
+            ctx.cu_query_lens = device_tensor(cu, dev, torch.int32)
+            ctx.context_lens = device_tensor(context_lens, dev, torch.int32)
             ctx.max_query_len = max(query_lens)
         return ctx
 
@@ -239,6 +245,11 @@ class ModelRunner:
         """``steps`` greedy decode steps back to back on the device; per sequence its tokens in step
         order. The caller gave every sequence blocks for all the steps, and kept every position
         below max_model_len. Nothing waits for the device until the tokens come back."""
+        return self.decode_inputs.fetch_tokens(self.decode_steps_on_device(seqs, steps))
+
+    def decode_steps_on_device(self, seqs: list[Sequence], steps: int) -> torch.Tensor:
+        """decode_steps' tokens left on the device: [steps, len(seqs)], valid until the next
+        multi-step decode of this runner."""
         inputs = self.decode_inputs
         n = len(seqs)
         graphed = self.graphed(n)
@@ -250,4 +261,4 @@ class ModelRunner:
                 self.graphs.step(rows)  # forward, argmax, next inputs
             else:
                 inputs.advance(self.decode_forward(n), rows, out)
-        return inputs.fetch_tokens(out[:, :n])
+        return out[:, :n]
