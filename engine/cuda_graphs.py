@@ -3,7 +3,9 @@
 Decode: one graph per batch-size bucket (1, 2, 4, 8, then multiples of 16), reading the decode
 staging buffer (engine/decode_inputs.py); a batch runs in the smallest bucket that holds it, its
 padding rows storing nothing. With multi-step decoding each bucket also has a step graph: the
-forward with the greedy advance after it (kernels/greedy_advance.py), so a step is one replay.
+forward with the greedy advance after it (kernels/greedy_advance.py), so a step is one replay. The
+same graphs replay a speculative verify staged as pseudo-rows (one row per token,
+DecodeInputs.prepare_chunks); the runner sizes the buckets to hold them.
 
 Prefill: a step of at most ``max_seqs`` sequences and ``prefill_graph_max_tokens`` tokens replays
 a graph captured for the next bucket: tokens 16, 32, ..., sequences 1 or ``max_seqs``. Run eagerly

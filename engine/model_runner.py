@@ -8,6 +8,12 @@ advanced there (next ids = argmax, positions and context lengths + 1, slots look
 tables), each step's argmax lands in a row of a [steps, batch] device buffer, and one copy with
 one sync brings all the tokens back (engine/decode_inputs.py).
 
+A speculative verify forward (``all_logits``: k + 1 tokens per sequence, logits at every one) runs
+as a decode step over pseudo-rows while its tokens fit the fused small-batch decode (SMALL_M rows):
+each token one decode row sharing its sequence's block table (DecodeInputs.prepare_chunks), so the
+decode kernels read the weights once for all rows and the decode graphs replay it; larger verify
+batches take the varlen prefill path (its verify graphs).
+
 Its parts: kv_cache.py sizes and allocates the paged pool; decode_inputs.py stages the decode
 inputs (staging.py's one-copy buffer, shared with the prefill graphs); cuda_graphs.py captures and
 replays the decode, multi-step and prefill graphs; layers/sampler.py turns logits into tokens. The
@@ -37,8 +43,9 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, eos_token_ids: set[int] | frozenset[int] = frozenset(),
                  extra_kv_bytes_per_token: int = 0, verify_max_tokens: int = 0) -> None:
         """``extra_kv_bytes_per_token``: a draft model's cache, sized with this one (kv_cache.py).
-        ``verify_max_tokens``: the most tokens of a speculative verify forward; with CUDA graphs,
-        verify forwards of up to that many tokens replay graphs that score every row."""
+        ``verify_max_tokens``: the most tokens of a speculative verify forward: the decode rows
+        and graphs take up to SMALL_M of them as pseudo-rows; with CUDA graphs, larger verify
+        forwards of up to that many tokens replay prefill graphs that score every row."""
         self.config = config
         self.device = config.torch_device
         self.dtype = config.torch_dtype

@@ -5,8 +5,9 @@ is indexed by each sequence's block table (one BlockManager for both models).
 
 - catch-up, only for a sequence whose draft K/V lags by more than its last token: the tokens from
   draft_computed up to the last one (ModelRunner.last_logits: decode pseudo-rows in a decode graph
-  where the tokens fit, else the varlen prefill path, a prefill graph where one holds the step). One token after a fully accepted round (the k-th draft token was sampled, never
-  fed); a whole prompt after admission, a prefix-cache hit or a preemption (the draft computes its
+  where the tokens fit, else the varlen prefill path, a prefill graph where one holds the step).
+  One token after a fully accepted round (the k-th draft token was sampled, never fed); a whole
+  prompt after admission, a prefix-cache hit or a preemption (the draft computes its
   own prefill, so a block cached by the target is never read by the draft before the draft wrote
   it), or the tokens of steps that decoded without speculation.
 - k decode forwards from the last token, back to back on the device through the draft runner's
