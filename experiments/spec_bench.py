@@ -355,7 +355,7 @@ def speed(args) -> None:
                  args.json)
     if args.verify_shape and time.perf_counter() - start < args.budget_s:
         try:
-            verify_cost(argparse.Namespace(model=None, shape=args.verify_shape, engine=args.engine, context=512,
+            verify_cost(argparse.Namespace(model=None, shape=args.verify_shape, engine=args.engine, context=[512],
                                            k=4, repeat=10, json=args.json))
         except Exception as e:
             emit({"bench": "verify-cost", "shape": args.verify_shape, "error": f"{type(e).__name__}: {e}"}, args.json)
@@ -383,22 +383,20 @@ VERIFY_PATHS = ("pseudo_rows", "prefill")
 def verify_cost(args) -> None:
     """The target's verify forward (k + 1 tokens after a ``--context``-token context, fp32 logits at
     every row) through both paths, against a plain decode step at the same context, in one
-    process: ``pseudo_rows`` (runner.pseudo_row_logits: one decode row per token, the decode graphs,
-    what a speculative step of batch 1 takes) and ``prefill`` (runner.prefill_all_logits: the varlen
-    prefill path and its verify graphs, what larger batches take). The decode step is timed twice:
+    process, at each ``--context``: ``pseudo_rows`` (runner.pseudo_row_logits: one decode row per
+    token, the decode graphs, what a speculative step of batch 1 takes) and ``prefill``
+    (runner.prefill_all_logits: the varlen prefill path and its verify graphs, what larger batches
+    take). The decode step is timed twice:
     the one-row decode forward the same way as the verifies (``decode_forward_us``), and the engine's
     own decode steps with sampling (``decode_step_us``, eval.bench.decode_profile.StepTimer).
     Medians over --repeat, the paths interleaved, each forward timed to a device sync. One JSON line
     per verify path, with its ratio to both decode figures."""
-    import torch
-
-    from engine import LLM, SamplingParams
-    from eval.bench.common import prompts as random_prompts, shape_dir
-    from eval.bench.decode_profile import StepTimer
+    from engine import LLM
+    from eval.bench.common import shape_dir
 
     path = args.model or shape_dir(args.shape)
     engine_kwargs = json.loads(args.engine) if args.engine else {}
-    max_len = args.context + 80
+    max_len = max(args.context) + 80
     # An n-gram speculative config sizes the runner as a speculative engine's: decode rows for a
     # pseudo-row verify, verify graphs for a batch of 16 sequences. Speculation itself stays off.
     spec = {"method": "ngram", "num_speculative_tokens": args.k, "max_batch_size": 16}
@@ -407,23 +405,37 @@ def verify_cost(args) -> None:
               **engine_kwargs)
     engine = llm.engine
     engine.scheduler.spec_k = lambda n: 0
-    runner, vocab = engine.runner, engine.vocab_size
+    runner = engine.runner
     if args.k + 1 > runner.max_pseudo_rows:
         raise ShrinkError(f"--k: {args.k} + 1 tokens do not fit the {runner.max_pseudo_rows} decode rows of a "
                           f"pseudo-row verify")
-    prefix = random_prompts(1, args.context, vocab, 0)[0]
     # Any blocks, as many as one sequence of max_model_len has: the timing does not depend on them.
     table = list(range(-(-max_len // engine.config.block_size)))
+    for context in args.context:
+        _verify_cost_at(args, llm, table, context)
+
+
+def _verify_cost_at(args, llm: Any, table: list[int], context: int) -> None:
+    """verify_cost's lines at one context length."""
+    import torch
+
+    from engine import SamplingParams
+    from eval.bench.common import prompts as random_prompts
+    from eval.bench.decode_profile import StepTimer
+
+    engine = llm.engine
+    runner, vocab = engine.runner, engine.vocab_size
+    prefix = random_prompts(1, context, vocab, 0)[0]
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
     forwards = {"pseudo_rows": runner.pseudo_row_logits, "prefill": runner.prefill_all_logits,
                 "decode": runner.pseudo_row_logits}
     times: dict[str, list[float]] = {name: [] for name in forwards}
     with torch.inference_mode():
-        runner.prefill_all_logits([(prefix, 0, table)])  # fills the context's K/V
+        runner.last_logits([(prefix, 0, table)])  # fills the context's K/V
         for r in range(args.repeat + 1):
             tail = random_prompts(1, args.k + 1, vocab, 100 + r)[0]
             for name, forward in forwards.items():
-                chunk = (tail[:1] if name == "decode" else tail, args.context, table)
+                chunk = (tail[:1] if name == "decode" else tail, context, table)
                 sync()
                 t = time.perf_counter()
                 forward([chunk])
@@ -439,7 +451,7 @@ def verify_cost(args) -> None:
     decode_forward = float(np.median(times["decode"]))
     for name in VERIFY_PATHS:
         verify_s = float(np.median(times[name]))
-        emit({"bench": "verify-cost", "path": name, "model": args.model or args.shape, "context": args.context,
+        emit({"bench": "verify-cost", "path": name, "model": args.model or args.shape, "context": context,
               "k": args.k, "verify_step_us": 1e6 * verify_s, "decode_forward_us": 1e6 * decode_forward,
               "decode_step_us": 1e6 * decode_step, "ratio": verify_s / decode_step,
               "ratio_to_forward": verify_s / decode_forward, "repeats": len(times[name])}, args.json)
@@ -479,7 +491,8 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--shape", default="llama2-7b", help="random weights of this shape (eval.bench.common.SHAPES)")
     v.add_argument("--model", help="or a model directory")
     v.add_argument("--engine", help="EngineConfig overrides as JSON")
-    v.add_argument("--context", type=int, default=512)
+    v.add_argument("--context", type=int, nargs="+", default=[512],
+                   help="context lengths, one engine sized for the longest (pseudo-rows read the context once a row)")
     v.add_argument("--k", type=int, default=4)
     v.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args(argv)

@@ -97,16 +97,17 @@ def test_implied_speedup_and_policy(bench):
 
 def test_verify_cost_reports_both_paths_against_decode_on_cpu(bench, model_dir, tmp_path):
     out = tmp_path / "v.jsonl"
-    bench.main(["--json", str(out), "verify-cost", "--model", model_dir("llama_gqa_untied"), "--context", "32",
+    bench.main(["--json", str(out), "verify-cost", "--model", model_dir("llama_gqa_untied"), "--context", "32", "48",
                 "--k", "4", "--repeat", "2", "--engine", '{"device": "cpu"}'])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["path"] for r in rows] == ["pseudo_rows", "prefill"]
+    assert [(r["path"], r["context"]) for r in rows] == [("pseudo_rows", 32), ("prefill", 32), ("pseudo_rows", 48),
+                                                         ("prefill", 48)]
     for r in rows:
         assert r["verify_step_us"] > 0 and r["decode_step_us"] > 0 and r["decode_forward_us"] > 0
         assert r["ratio"] == pytest.approx(r["verify_step_us"] / r["decode_step_us"])
         assert r["ratio_to_forward"] == pytest.approx(r["verify_step_us"] / r["decode_forward_us"])
         assert r["repeats"] == 2 and r["k"] == 4
-    assert rows[0]["decode_forward_us"] == rows[1]["decode_forward_us"]  # one decode measurement for both
+    assert rows[0]["decode_forward_us"] == rows[1]["decode_forward_us"]  # one decode measurement for both paths
 
 
 def test_speed_runs_the_baseline_and_each_speculative_config(bench, data_dir, model_dir, tmp_path):
