@@ -3,7 +3,9 @@
 Decode: one graph per batch-size bucket (1, 2, 4, 8, then multiples of 16), reading the decode
 staging buffer (engine/decode_inputs.py); a batch runs in the smallest bucket that holds it, its
 padding rows storing nothing. With multi-step decoding each bucket also has a step graph: the
-forward with the greedy advance after it (kernels/greedy_advance.py), so a step is one replay.
+forward with the greedy advance after it (kernels/greedy_advance.py), so a step is one replay. The
+same graphs replay a speculative verify staged as pseudo-rows (one row per token,
+DecodeInputs.prepare_chunks); the runner sizes the buckets to hold them.
 
 Prefill: a step of at most ``max_seqs`` sequences and ``prefill_graph_max_tokens`` tokens replays
 a graph captured for the next bucket: tokens 16, 32, ..., sequences 1 or ``max_seqs``. Run eagerly
@@ -147,11 +149,13 @@ class PrefillGraphs:
                 self.graphs[tokens, seqs] = graph
         torch.cuda.synchronize()
 
-    def run(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor | None:
+    def run(self, chunks: list[tuple[list[int], int, list[int]]],
+            device_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Prefill each (token_ids, start, block_table) chunk at positions start.. of its sequence;
         returns fp32 logits whose row i is chunk i's last token's (``all_rows``: whose rows are the
         chunks' tokens in order, then padding), valid until the next replay, or None, running
-        nothing, when no captured bucket holds the step."""
+        nothing, when no captured bucket holds the step. ``device_ids``: the chunks' tokens already on the
+        device (a model drafter's), copied in after the staged ones."""
         key = self.bucket(sum(len(c[0]) for c in chunks), len(chunks))
         if key is None:
             return None
@@ -176,5 +180,7 @@ class PrefillGraphs:
         h.last[len(chunks) : seqs] = 0
         # The host buffer is rewritten only after this step's logits were read back (a sync).
         self.buf.copy_to_device()
+        if device_ids is not None:
+            self.d.ids[:row].copy_(device_ids)
         self.graphs[key].replay()
         return self.logits[key]

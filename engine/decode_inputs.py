@@ -2,10 +2,18 @@
 (int64, one row each) then [context lens | block tables] (int32). The start positions (a
 multi-step batch's first positions) say which step a token belongs to. The device views are what
 the eager decode and the decode CUDA graphs read; between two forwards of a multi-step decode the
-greedy advance rewrites them on the device (kernels/greedy_advance.py)."""
+greedy advance rewrites them on the device (kernels/greedy_advance.py).
+
+The same rows also carry a chunk forward as pseudo-rows (``prepare_chunks``): a speculative verify
+of k + 1 tokens per sequence, or a draft's catch-up, becomes k + 1 decode rows that share the
+sequence's block table, row j at position start + j with context length start + j + 1. Every row's
+K/V is stored before any row attends, so paged decode attention over these rows is causal by
+construction, and the decode path (its fused small-batch matmuls, which read the weights once for
+all rows, and its CUDA graphs) runs the forward without a kernel of its own."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from engine.context import Context
@@ -22,12 +30,14 @@ class DecodeInputs:
         self.buf = StagingBuffer(device, {
             "ids": (i64, (max_seqs,)), "pos": (i64, (max_seqs,)), "slots": (i64, (max_seqs,)),
             "start": (i64, (max_seqs,)), "lens": (i32, (max_seqs,)), "tables": (i32, (max_seqs, max_blocks_per_seq)),
-        })
+        }, banks=2)  # bank 1: pseudo-rows, staged in the same round as a decode (a draft's catch-up)
         self.h, self.d = self.buf.host, self.buf.dev
         # Padding rows of a graph bucket: store nothing (slot -1), attend to one token.
         self.h.slots[:] = -1
         self.h.lens[:] = 1
         self.buf.copy_to_device()
+        self.buf.banks[1].slots[:] = -1
+        self.buf.banks[1].lens[:] = 1
         # Block tables are rewritten only where they changed: row i remembers whose table it holds,
         # how many entries are written and the last one. Decode appends blocks, and a step that
         # keeps fewer tokens than it reserved gives its tail back (BlockManager.release_unused), so
@@ -82,6 +92,29 @@ class DecodeInputs:
             h.lens[n:rows] = 1
         # Only the prefix the step reads: the int64 rows, the lens, then `rows` table rows.
         self.buf.copy_to_device(self.buf.offsets["tables"] + 4 * rows * self.width)
+
+    def prepare_chunks(self, chunks: list[tuple[list[int], int, list[int]]], rows: int,
+                       ids: torch.Tensor | None = None) -> None:
+        """Stage each (token_ids, start, block_table) chunk as pseudo-rows, in order (padded to
+        ``rows``), from host bank 1, and start the copy. The rows' remembered tables are forgotten.
+        ``ids``: the chunks' tokens already on the device, copied in after the staged ones."""
+        h, bs, row = self.buf.banks[1], self.block_size, 0
+        for tokens, start, table in chunks:
+            m = len(tokens)
+            pos = np.arange(start, start + m)
+            h.ids[row : row + m] = tokens
+            h.pos[row : row + m] = pos
+            h.start[row : row + m] = pos
+            h.lens[row : row + m] = pos + 1
+            h.slots[row : row + m] = np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs
+            h.tables[row : row + m, : len(table)] = table
+            row += m
+        h.slots[row:rows] = -1
+        h.lens[row:rows] = 1
+        self.buf.copy_to_device(self.buf.offsets["tables"] + 4 * rows * self.width, bank=1)
+        if ids is not None:
+            self.d.ids[:row].copy_(ids)
+        self._row_seq[:rows] = [-1] * rows
 
     def views(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, Context]:
         """(ids, positions, attention context) of a decode over the first ``rows`` rows; made once

@@ -8,6 +8,12 @@ advanced there (next ids = argmax, positions and context lengths + 1, slots look
 tables), each step's argmax lands in a row of a [steps, batch] device buffer, and one copy with
 one sync brings all the tokens back (engine/decode_inputs.py).
 
+A speculative verify forward (``all_logits``: k + 1 tokens per sequence, logits at every one) runs
+as a decode step over pseudo-rows while its tokens fit the fused small-batch decode (SMALL_M rows):
+each token one decode row sharing its sequence's block table (DecodeInputs.prepare_chunks), so the
+decode kernels read the weights once for all rows and the decode graphs replay it; larger verify
+batches take the varlen prefill path (its verify graphs).
+
 Its parts: kv_cache.py sizes and allocates the paged pool; decode_inputs.py stages the decode
 inputs (staging.py's one-copy buffer, shared with the prefill graphs); cuda_graphs.py captures and
 replays the decode, multi-step and prefill graphs; layers/sampler.py turns logits into tokens. The
@@ -26,19 +32,21 @@ from engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from engine.decode_inputs import DecodeInputs
 from engine.kv_cache import allocate_kv_cache, kv_bytes_per_token
 from engine.layers.attention import Attention
-from engine.layers.sampler import Sampler, StepResult
+from engine.layers.sampler import Sampler, StepResult, device_tensor
 from engine.models import model_class
 from engine.parallel.workers import start_workers
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
+from kernels.gemv import SMALL_M
 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, eos_token_ids: set[int] | frozenset[int] = frozenset(),
                  extra_kv_bytes_per_token: int = 0, verify_max_tokens: int = 0) -> None:
         """``extra_kv_bytes_per_token``: a draft model's cache, sized with this one (kv_cache.py).
-        ``verify_max_tokens``: the most tokens of a speculative verify forward; with CUDA graphs,
-        verify forwards of up to that many tokens replay graphs that score every row."""
+        ``verify_max_tokens``: the most tokens of a speculative verify forward: the decode rows
+        and graphs take up to SMALL_M of them as pseudo-rows; with CUDA graphs, larger verify
+        forwards of up to that many tokens replay prefill graphs that score every row."""
         # Rank 0 of a tensor-parallel engine starts and drives the other ranks (engine/parallel).
         self.tp_workers = start_workers(config)
         try:
@@ -61,13 +69,19 @@ class ModelRunner:
         self.num_blocks = allocate_kv_cache(config, self.model, self.attn_layers, extra_kv_bytes_per_token)
         self.sampler = Sampler(self.device, set(eos_token_ids))  # EOS is masked until min_tokens
         max_blocks = math.ceil(config.max_model_len / self.block_size)
-        self.decode_inputs = DecodeInputs(self.device, config.max_num_seqs, max_blocks, self.block_size,
-                                          config.num_decode_steps, config.triton_enabled)
+        # Decode rows for a verify as pseudo-rows (decode_inputs.py): what the fused small-batch
+        # matmuls take; larger verify forwards go through the prefill path.
+        verify_rows = min(verify_max_tokens, SMALL_M)
+        self.decode_inputs = DecodeInputs(self.device, max(config.max_num_seqs, verify_rows), max_blocks,
+                                          self.block_size, config.num_decode_steps, config.triton_enabled)
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         self.verify_graphs: PrefillGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            self._capture_graphs(max_blocks, verify_max_tokens)
+            self._capture_graphs(max_blocks, verify_max_tokens, verify_rows)
+        # The most tokens a chunk forward takes as decode pseudo-rows (graphed where graphs exist).
+        rows = self.graphs.max_bs if self.graphs is not None else max(config.max_num_seqs, verify_rows)
+        self.max_pseudo_rows = min(rows, SMALL_M)
 
     def _build_model(self) -> torch.nn.Module:
         cfg, hf = self.config, self.config.hf_config
@@ -84,17 +98,17 @@ class ModelRunner:
             model.load_weights(cfg.model)
         return model
 
-    def _capture_graphs(self, max_blocks: int, verify_max_tokens: int) -> None:
+    def _capture_graphs(self, max_blocks: int, verify_max_tokens: int, verify_rows: int) -> None:
         cfg = self.config
-        self.graphs = DecodeGraphs(self.model, self.decode_inputs, min(cfg.cuda_graph_max_bs, cfg.max_num_seqs),
-                                   cfg.num_decode_steps)
+        max_bs = max(min(cfg.cuda_graph_max_bs, cfg.max_num_seqs), verify_rows)
+        self.graphs = DecodeGraphs(self.model, self.decode_inputs, max_bs, cfg.num_decode_steps)
         pool = self.graphs.capture()
         max_tokens = min(cfg.prefill_graph_max_tokens, cfg.max_num_batched_tokens, cfg.max_model_len)
         if max_tokens >= 16 and cfg.triton_enabled and cfg.prefill_attention == "triton":
             self.prefill_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_blocks, max_tokens,
                                                 cfg.max_num_seqs)
             self.prefill_graphs.capture(pool)
-            if verify_max_tokens > 0:  # token buckets are powers of two from 16: the next one holds it all
+            if verify_max_tokens > verify_rows:  # token buckets are powers of two from 16: the next one holds it all
                 verify_tokens = min(max(16, 1 << (verify_max_tokens - 1).bit_length()), max_tokens)
                 self.verify_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_blocks,
                                                    verify_tokens, cfg.max_num_seqs, all_rows=True)
@@ -147,11 +161,12 @@ class ModelRunner:
             k += r >= 0
         return self.sampler.sample_step(seqs, logits, rows)
 
-    def varlen_forward(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+    def varlen_forward(self, chunks: list[tuple[list[int], int, list[int]]],
+                       ids: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states [tokens, hidden] of each (token_ids, start, block_table) chunk computed at
         positions start.. of its sequence, eagerly (their K/V written to the cache): the prefill
-        path, also the speculative verify forward and a draft model's catch-up."""
-        ids: list[int] = []
+        path, also the speculative verify forward and a draft model's catch-up. ``ids``: the
+        chunks' tokens already on the device (see all_logits)."""
         positions: list[int] = []
         slots: list[int] = []
         query_lens: list[int] = []
@@ -159,36 +174,61 @@ class ModelRunner:
         bs = self.block_size
         for tokens, start, table in chunks:
             n = len(tokens)
-            ids.extend(tokens)
             positions.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             query_lens.append(n)
             context_lens.append(start + n)
         set_context(self._prefill_context([c[2] for c in chunks], slots, query_lens, context_lens))
-        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device),
-                            torch.tensor(positions, dtype=torch.long, device=self.device))
+        if ids is None:
+            ids = device_tensor([t for c in chunks for t in c[0]], self.device, torch.long)
+        hidden = self.model(ids, device_tensor(positions, self.device, torch.long))
         reset_context()
         return hidden
 
     def last_logits(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
-        """fp32 logits [chunks, vocab] at each chunk's last token (a prefill graph where one holds the
-        step; valid until the next forward)."""
+        """fp32 logits [chunks, vocab] at each chunk's last token (decode pseudo-rows or a prefill
+        graph where one holds the step; valid until the next forward)."""
+        tokens = sum(len(c[0]) for c in chunks)
+        if tokens <= self.max_pseudo_rows:
+            logits = self.pseudo_row_logits(chunks)
+            if tokens == len(chunks):
+                return logits
+            last = list(itertools.accumulate(len(c[0]) for c in chunks))
+            return logits.index_select(0, device_tensor(last, self.device) - 1)
         if self.prefill_graphs is not None:
             logits = self.prefill_graphs.run(chunks)
             if logits is not None:
                 return logits[: len(chunks)]
         hidden = self.varlen_forward(chunks)
-        last = torch.tensor(list(itertools.accumulate(len(c[0]) for c in chunks)), device=self.device) - 1
+        last = device_tensor(list(itertools.accumulate(len(c[0]) for c in chunks)), self.device) - 1
         return self.model.compute_logits(hidden.index_select(0, last)).float()
 
-    def all_logits(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
-        """fp32 logits [tokens, vocab] at every token of the chunks (the speculative verify forward; a
-        verify graph where one holds it, valid until the next forward)."""
+    def all_logits(self, chunks: list[tuple[list[int], int, list[int]]],
+                   ids: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits [tokens, vocab] at every token of the chunks (the speculative verify forward),
+        valid until the next forward: as decode pseudo-rows where they fit, else the prefill path.
+        ``ids`` [tokens]: the chunks' tokens on the device (a model drafter's, never brought to
+        the host), in place of the chunks' token lists, which then give only their lengths."""
+        if sum(len(c[0]) for c in chunks) <= self.max_pseudo_rows:
+            return self.pseudo_row_logits(chunks, ids)
+        return self.prefill_all_logits(chunks, ids)
+
+    def pseudo_row_logits(self, chunks: list[tuple[list[int], int, list[int]]],
+                          ids: torch.Tensor | None = None) -> torch.Tensor:
+        """all_logits through the decode path: every token one decode row (decode_inputs.py's
+        prepare_chunks), in a decode graph where one holds them."""
+        n = sum(len(c[0]) for c in chunks)
+        self.decode_inputs.prepare_chunks(chunks, self.graphs.bucket_of[n] if self.graphed(n) else n, ids)
+        return self.decode_forward(n)
+
+    def prefill_all_logits(self, chunks: list[tuple[list[int], int, list[int]]],
+                           ids: torch.Tensor | None = None) -> torch.Tensor:
+        """all_logits through the prefill path (a verify graph where one holds it)."""
         if self.verify_graphs is not None:
-            logits = self.verify_graphs.run(chunks)
+            logits = self.verify_graphs.run(chunks, ids)
             if logits is not None:
                 return logits[: sum(len(c[0]) for c in chunks)]
-        return self.model.compute_logits(self.varlen_forward(chunks)).float()
+        return self.model.compute_logits(self.varlen_forward(chunks, ids)).float()
 
     def _prefill_context(self, tables: list[list[int]], slots: list[int], query_lens: list[int],
                          context_lens: list[int]) -> Context:
@@ -196,17 +236,17 @@ class ModelRunner:
         only for a chunk after the first or a prefix-cache hit)."""
         cfg, dev = self.config, self.device
         triton_prefill = cfg.triton_enabled and cfg.prefill_attention == "triton"
-        ctx = Context(is_prefill=True, slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+        ctx = Context(is_prefill=True, slot_mapping=device_tensor(slots, dev, torch.long),
                       query_lens=query_lens, context_lens_host=context_lens)
         if triton_prefill or any(q != c for q, c in zip(query_lens, context_lens)):
             width = max(len(t) for t in tables)
-            ctx.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev)
+            ctx.block_tables = device_tensor([t + [0] * (width - len(t)) for t in tables], dev, torch.int32)
         if triton_prefill:
             cu = [0]
             for n in query_lens:
                 cu.append(cu[-1] + n)
-            ctx.cu_query_lens = torch.tensor(cu, dtype=torch.int32, device=dev)
-            ctx.context_lens = torch.tensor(context_lens, dtype=torch.int32, device=dev)
+            ctx.cu_query_lens = device_tensor(cu, dev, torch.int32)
+            ctx.context_lens = device_tensor(context_lens, dev, torch.int32)
             ctx.max_query_len = max(query_lens)
         return ctx
 
@@ -233,6 +273,11 @@ class ModelRunner:
         """``steps`` greedy decode steps back to back on the device; per sequence its tokens in step
         order. The caller gave every sequence blocks for all the steps, and kept every position
         below max_model_len. Nothing waits for the device until the tokens come back."""
+        return self.decode_inputs.fetch_tokens(self.decode_steps_on_device(seqs, steps))
+
+    def decode_steps_on_device(self, seqs: list[Sequence], steps: int) -> torch.Tensor:
+        """decode_steps' tokens left on the device: [steps, len(seqs)], valid until the next
+        multi-step decode of this runner."""
         inputs = self.decode_inputs
         n = len(seqs)
         graphed = self.graphed(n)
@@ -244,4 +289,4 @@ class ModelRunner:
                 self.graphs.step(rows)  # forward, argmax, next inputs
             else:
                 inputs.advance(self.decode_forward(n), rows, out)
-        return inputs.fetch_tokens(out[:, :n])
+        return out[:, :n]

@@ -1,7 +1,11 @@
 """One staging buffer for a step's inputs: named int64 and int32 fields in one host buffer (pinned
 on CUDA) and its device copy. A step writes the host copy through numpy views and moves it with one
 asynchronous host-to-device copy, instead of building a tensor, a pageable copy and a fill per
-input; the device views are a CUDA graph's static inputs. On the CPU the two are one buffer."""
+input; the device views are a CUDA graph's static inputs. On the CPU the two are one buffer.
+
+A second host buffer (``banks=2``) of the same layout copies into the same device buffer: two
+stagings of one round that no sync separates (a draft's catch-up forward, then its decode steps)
+must not write one pinned buffer, whose earlier copy may not have run yet."""
 
 from __future__ import annotations
 
@@ -12,9 +16,10 @@ import torch
 
 
 class StagingBuffer:
-    def __init__(self, device: torch.device, fields: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+    def __init__(self, device: torch.device, fields: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                 banks: int = 1) -> None:
         """``fields``: name -> (dtype, shape), laid out in order (put the int64 fields first, so
-        every field stays aligned)."""
+        every field stays aligned); ``banks``: host buffers (``host`` is bank 0's views)."""
         self.offsets: dict[str, int] = {}
         nbytes = 0
         for name, (dtype, shape) in fields.items():
@@ -26,7 +31,10 @@ class StagingBuffer:
         self.device_buf = self.host_buf.to(device) if on_cuda else self.host_buf
         self.fields = fields
         # host.<name>: numpy views to write; dev.<name>: the device tensors a forward reads.
-        self.host = SimpleNamespace(**{n: t.numpy() for n, t in self._views(self.host_buf).items()})
+        self.host_bufs = [self.host_buf] + [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=on_cuda)
+                                            for _ in range(banks - 1)]
+        self.banks = [SimpleNamespace(**{n: t.numpy() for n, t in self._views(b).items()}) for b in self.host_bufs]
+        self.host = self.banks[0]
         self.dev = SimpleNamespace(**self._views(self.device_buf))
 
     def _views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -36,9 +44,11 @@ class StagingBuffer:
             out[name] = buf[start : start + dtype.itemsize * math.prod(shape)].view(dtype).view(shape)
         return out
 
-    def copy_to_device(self, nbytes: int | None = None) -> None:
-        """Start the copy of the first ``nbytes`` (all by default). The caller rewrites the host
-        buffer only after the step's results came back (a sync), so the copy has read it by then."""
-        if self.device_buf is not self.host_buf:
-            n = self.host_buf.numel() if nbytes is None else nbytes
-            self.device_buf[:n].copy_(self.host_buf[:n], non_blocking=True)
+    def copy_to_device(self, nbytes: int | None = None, bank: int = 0) -> None:
+        """Start the copy of the first ``nbytes`` (all by default) of host buffer ``bank``. The
+        caller rewrites that host buffer only after the step's results came back (a sync), so the
+        copy has read it by then."""
+        src = self.host_bufs[bank]
+        if self.device_buf is not src:
+            n = src.numel() if nbytes is None else nbytes
+            self.device_buf[:n].copy_(src[:n], non_blocking=True)

@@ -24,9 +24,10 @@ speed       tok/s of LLM.generate without speculation and with ``speculative_con
             each k and batch size (1, 4, 16, 64): median of --repeats runs after a warm-up, with the
             acceptance metrics; the per-batch-size k policy they recommend (0 where speculation does not
             pay); then verify-cost at --verify-shape. One process, variants past --budget-s skipped.
-verify-cost the target's verify forward (k + 1 tokens after a context, logits at every row: the path
-            a speculative step takes) against one decode step; the issue asks <= 1.15x
-            for k + 1 = 5 on the Llama-2-7B shape.
+verify-cost the target's verify forward (k + 1 tokens after a context, logits at every row) through
+            both paths, decode pseudo-rows and the varlen prefill path, against one decode step
+            (the one-row forward and the engine's step), medians in one process; the issue asks
+            <= 1.15x for k + 1 = 5 on the Llama-2-7B shape.
 
 Prints one JSON line per result and appends them to ``--json`` when given.
 """
@@ -171,10 +172,17 @@ def acceptance(args) -> None:
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     if data_dir is None or not data_dir.is_dir():
         raise ShrinkError("--data-dir: no shared data directory (pass it or set SHRINK_DATA_DIR)")
+    from engine.config import EngineConfig
+
     tok = AutoTokenizer.from_pretrained(args.target)
     engine_kwargs = json.loads(args.engine) if args.engine else {}
+    max_model_len = EngineConfig(model=args.target, **engine_kwargs).max_model_len
     for workload in args.workloads:
-        prompts = load_prompts(workload, data_dir, tok, args.prompts, args.prompt_tokens)
+        prompts = fitting_prompts(load_prompts(workload, data_dir, tok, args.prompts, args.prompt_tokens),
+                                  args.new_tokens, max_model_len, workload, args.json, "acceptance")
+        if not prompts:
+            emit({"bench": "acceptance", "workload": workload, "skipped": "no prompt fits max_model_len"}, args.json)
+            continue
         outputs = target_outputs(args.target, prompts, args.new_tokens, engine_kwargs)
         drafters: dict[str, Propose] = {
             f"ngram[{args.ngram_min},{args.ngram_max}]":
@@ -216,8 +224,24 @@ def truncated_draft(target_dir: str, num_layers: int, out_dir: Path) -> str:
     return str(path)
 
 
+def fitting_prompts(prompts: list[list[int]], new_tokens: int, max_model_len: int, workload: str,
+                    json_path: str | None, bench: str) -> list[list[int]]:
+    """The prompts that leave room for ``new_tokens`` within max_model_len; the others are left
+    out with a message line (a prompt the engine cannot finish would time 0 generated tokens)."""
+    limit = max_model_len - new_tokens
+    fit = [p for p in prompts if len(p) <= limit]
+    if len(fit) < len(prompts):
+        longest = max(len(p) for p in prompts)
+        emit({"bench": bench, "workload": workload, "warning":
+              f"{len(prompts) - len(fit)} of {len(prompts)} prompts left out: longer than max_model_len "
+              f"{max_model_len} - new tokens {new_tokens} = {limit} tokens (longest {longest}); pass a larger "
+              f"max_model_len in --engine or fewer --prompt-tokens / --new-tokens"}, json_path)
+    return fit
+
+
 def _median_tok_s(llm: Any, batch: list[list[int]], new_tokens: int, repeats: int) -> tuple[float, list[float]]:
-    """Warm-up, then ``repeats`` timed generate calls; the median tok/s (one stall does not decide)."""
+    """Warm-up, then ``repeats`` timed generate calls; the median tok/s (one stall does not decide).
+    Counts the tokens generated; a request that ended short (an error, a length limit) is an error."""
     from engine import SamplingParams
 
     llm.generate(batch, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
@@ -225,9 +249,53 @@ def _median_tok_s(llm: Any, batch: list[list[int]], new_tokens: int, repeats: in
     runs = []
     for _ in range(repeats):
         t = time.perf_counter()
-        llm.generate(batch, params)
-        runs.append(len(batch) * new_tokens / (time.perf_counter() - t))
+        outs = llm.generate(batch, params)
+        seconds = time.perf_counter() - t
+        short = [(i, len(o.token_ids), o.finish_reason) for i, o in enumerate(outs) if len(o.token_ids) != new_tokens]
+        if short:
+            i, n, why = short[0]
+            raise ShrinkError(f"request {i} generated {n} of {new_tokens} tokens (finish_reason {why!r}; "
+                              f"{len(short)} of {len(outs)} requests short)")
+        runs.append(sum(len(o.token_ids) for o in outs) / seconds)
     return float(np.median(runs)), runs
+
+
+def _free_device_memory() -> None:
+    """After an engine's last reference is gone: collect it and give its cached CUDA memory back, so
+    the next engine's KV pool is sized on a free device."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _speed_variant(args, workload: str, name: str, spec: dict | None, prompts: list[list[int]],
+                   engine_kwargs: dict, base: dict[int, float]) -> list[dict]:
+    """One engine's rows (every k and batch size); the engine dies when this returns."""
+    from engine import LLM
+
+    llm = LLM(args.target, **engine_kwargs, **({"speculative_config": spec} if spec else {}))
+    engine = llm.engine
+    rows = []
+    for k in ([0] if spec is None else args.ks):
+        if spec is not None:
+            engine.scheduler.spec_k = lambda n, k=k: k
+        for bs in args.batch:
+            if engine.spec_worker is not None:
+                engine.spec_worker.metrics = SpecDecodeMetrics()
+            tok_s, runs = _median_tok_s(llm, (prompts * bs)[:bs], args.new_tokens, args.repeats)
+            if spec is None:
+                base[bs] = tok_s
+            m = engine.spec_metrics
+            row = {"bench": "speed", "workload": workload, "spec": name, "k": k, "batch": bs,
+                   "tok_s": tok_s, "runs_tok_s": runs, "speedup": tok_s / base[bs] if bs in base else None,
+                   "metrics": m.as_dict() if m is not None else None}
+            rows.append(row)
+            emit(row, args.json)
+    return rows
 
 
 def speed(args) -> None:
@@ -235,20 +303,25 @@ def speed(args) -> None:
     each --truncated copy of the target) at each k, in one process: the median of --repeats timed
     runs after a warm-up. One engine per drafter (built with the largest k; each run sets its k
     through the scheduler's policy), speculation on at every measured batch size; then the
-    num_speculative_tokens_per_batch_size these rows recommend. Each variant is in try/except, and
-    variants past --budget-s seconds are reported as skipped."""
-    import gc
+    num_speculative_tokens_per_batch_size these rows recommend. Each engine is freed before the
+    next is built (its KV pool is sized from the free memory); prompts that do not fit
+    max_model_len with the new tokens are left out with a message. Each variant is in try/except,
+    and variants past --budget-s seconds are reported as skipped."""
     import tempfile
 
-    from engine import LLM
     from engine.config import EngineConfig
+    from engine.tokenizer import load_tokenizer
 
     start = time.perf_counter()
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     if data_dir is None or not data_dir.is_dir():
         raise ShrinkError("--data-dir: no shared data directory (pass it or set SHRINK_DATA_DIR)")
     engine_kwargs = json.loads(args.engine) if args.engine else {}
-    target_dir = EngineConfig(model=args.target).model  # a .gguf file's converted directory
+    target_config = EngineConfig(model=args.target, **engine_kwargs)
+    target_dir = target_config.model  # a .gguf file's converted directory
+    tokenizer = load_tokenizer(target_dir)
+    if tokenizer is None:
+        raise ShrinkError(f"--target: {args.target!r} has no tokenizer to encode the workloads with")
     work = Path(tempfile.mkdtemp(prefix="spec_bench_"))
     k_max = max(args.ks)
     common = {"num_speculative_tokens": k_max, "max_batch_size": max(args.batch)}
@@ -259,49 +332,34 @@ def speed(args) -> None:
     drafters += [(f"truncated{n}", lambda n=n: {"model": truncated_draft(target_dir, n, work), **common})
                  for n in args.truncated or []]
     for workload in args.workloads:
+        prompts = fitting_prompts(load_prompts(workload, data_dir, tokenizer, max(args.batch), args.prompt_tokens),
+                                  args.new_tokens, target_config.max_model_len, workload, args.json, "speed")
+        if not prompts:
+            emit({"bench": "speed", "workload": workload, "skipped": "no prompt fits max_model_len"}, args.json)
+            continue
         rows: list[dict] = []
         base: dict[int, float] = {}
         for name, make_spec in [("none", lambda: None)] + drafters:
             if time.perf_counter() - start > args.budget_s:
                 emit({"bench": "speed", "workload": workload, "spec": name, "skipped": "time budget"}, args.json)
                 continue
-            llm = None
             try:
-                spec = make_spec()
-                llm = LLM(args.target, **engine_kwargs, **({"speculative_config": spec} if spec else {}))
-                prompts = load_prompts(workload, data_dir, llm.tokenizer, max(args.batch), args.prompt_tokens)
-                engine = llm.engine
-                for k in ([0] if spec is None else args.ks):
-                    if spec is not None:
-                        engine.scheduler.spec_k = lambda n, k=k: k
-                    for bs in args.batch:
-                        if engine.spec_worker is not None:
-                            engine.spec_worker.metrics = SpecDecodeMetrics()
-                        tok_s, runs = _median_tok_s(llm, (prompts * bs)[:bs], args.new_tokens, args.repeats)
-                        if spec is None:
-                            base[bs] = tok_s
-                        m = engine.spec_metrics
-                        row = {"bench": "speed", "workload": workload, "spec": name, "k": k, "batch": bs,
-                               "tok_s": tok_s, "runs_tok_s": runs, "speedup": tok_s / base[bs] if bs in base else None,
-                               "metrics": m.as_dict() if m is not None else None}
-                        rows.append(row)
-                        emit(row, args.json)
+                rows += _speed_variant(args, workload, name, make_spec(), prompts, engine_kwargs, base)
             except Exception as e:  # one variant failing must not lose the others
                 emit({"bench": "speed", "workload": workload, "spec": name, "error": f"{type(e).__name__}: {e}"},
                      args.json)
-            finally:
-                del llm
-                gc.collect()
+            _free_device_memory()
         for name in dict.fromkeys(r["spec"] for r in rows if r["spec"] != "none"):
             emit({"bench": "policy", "workload": workload, "spec": name,
                   "num_speculative_tokens_per_batch_size": recommend_policy([r for r in rows if r["spec"] == name])},
                  args.json)
     if args.verify_shape and time.perf_counter() - start < args.budget_s:
         try:
-            verify_cost(argparse.Namespace(model=None, shape=args.verify_shape, engine=args.engine, context=512,
+            verify_cost(argparse.Namespace(model=None, shape=args.verify_shape, engine=args.engine, context=[512],
                                            k=4, repeat=10, json=args.json))
         except Exception as e:
             emit({"bench": "verify-cost", "shape": args.verify_shape, "error": f"{type(e).__name__}: {e}"}, args.json)
+        _free_device_memory()
 
 
 def recommend_policy(rows: list[dict], min_speedup: float = 1.02) -> dict[int, int]:
@@ -319,48 +377,84 @@ def recommend_policy(rows: list[dict], min_speedup: float = 1.02) -> dict[int, i
 
 
 # -- verify cost ------------------------------------------------------------------------------------------
-def verify_cost(args) -> None:
-    """The target's verify forward (runner.all_logits: k + 1 tokens after a ``--context``-token
-    context, logits at every row, the path a speculative step takes) against one decode step at the
-    same context (the engine's own decode steps, eval.bench.decode_profile.StepTimer); medians over
-    --repeat, each timed with a device sync."""
-    import torch
+VERIFY_PATHS = ("pseudo_rows", "prefill")
 
-    from engine import LLM, SamplingParams
-    from eval.bench.common import prompts as random_prompts, shape_dir
-    from eval.bench.decode_profile import StepTimer
+
+def verify_cost(args) -> None:
+    """The target's verify forward (k + 1 tokens after a ``--context``-token context, fp32 logits at
+    every row) through both paths, against a plain decode step at the same context, in one
+    process, at each ``--context``: ``pseudo_rows`` (runner.pseudo_row_logits: one decode row per
+    token, the decode graphs, what a speculative step of batch 1 takes) and ``prefill``
+    (runner.prefill_all_logits: the varlen prefill path and its verify graphs, what larger batches
+    take). The decode step is timed twice:
+    the one-row decode forward the same way as the verifies (``decode_forward_us``), and the engine's
+    own decode steps with sampling (``decode_step_us``, eval.bench.decode_profile.StepTimer).
+    Medians over --repeat, the paths interleaved, each forward timed to a device sync. One JSON line
+    per verify path, with its ratio to both decode figures."""
+    from engine import LLM
+    from eval.bench.common import shape_dir
 
     path = args.model or shape_dir(args.shape)
     engine_kwargs = json.loads(args.engine) if args.engine else {}
-    max_len = args.context + 80
+    max_len = max(args.context) + 80
+    # An n-gram speculative config sizes the runner as a speculative engine's: decode rows for a
+    # pseudo-row verify, verify graphs for a batch of 16 sequences. Speculation itself stays off.
+    spec = {"method": "ngram", "num_speculative_tokens": args.k, "max_batch_size": 16}
     llm = LLM(path, load_format="safetensors" if args.model else "dummy", max_model_len=max_len,
-              max_num_seqs=1, cuda_graph_max_bs=1, kv_cache_tokens=2 * max_len, **engine_kwargs)
-    runner, vocab = llm.engine.runner, llm.engine.vocab_size
-    prefix = random_prompts(1, args.context, vocab, 0)[0]
+              max_num_seqs=1, cuda_graph_max_bs=1, kv_cache_tokens=2 * max_len, speculative_config=spec,
+              **engine_kwargs)
+    engine = llm.engine
+    engine.scheduler.spec_k = lambda n: 0
+    runner = engine.runner
+    if args.k + 1 > runner.max_pseudo_rows:
+        raise ShrinkError(f"--k: {args.k} + 1 tokens do not fit the {runner.max_pseudo_rows} decode rows of a "
+                          f"pseudo-row verify")
     # Any blocks, as many as one sequence of max_model_len has: the timing does not depend on them.
-    table = list(range(-(-max_len // llm.engine.config.block_size)))
+    table = list(range(-(-max_len // engine.config.block_size)))
+    for context in args.context:
+        _verify_cost_at(args, llm, table, context)
+
+
+def _verify_cost_at(args, llm: Any, table: list[int], context: int) -> None:
+    """verify_cost's lines at one context length."""
+    import torch
+
+    from engine import SamplingParams
+    from eval.bench.common import prompts as random_prompts
+    from eval.bench.decode_profile import StepTimer
+
+    engine = llm.engine
+    runner, vocab = engine.runner, engine.vocab_size
+    prefix = random_prompts(1, context, vocab, 0)[0]
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
-    verify_times = []
+    forwards = {"pseudo_rows": runner.pseudo_row_logits, "prefill": runner.prefill_all_logits,
+                "decode": runner.pseudo_row_logits}
+    times: dict[str, list[float]] = {name: [] for name in forwards}
     with torch.inference_mode():
-        runner.all_logits([(prefix, 0, table)])  # fills the context's K/V
+        runner.last_logits([(prefix, 0, table)])  # fills the context's K/V
         for r in range(args.repeat + 1):
             tail = random_prompts(1, args.k + 1, vocab, 100 + r)[0]
-            sync()
-            t = time.perf_counter()
-            runner.all_logits([(tail, args.context, table)])
-            sync()
-            if r:  # the first is a warm-up
-                verify_times.append(time.perf_counter() - t)
+            for name, forward in forwards.items():
+                chunk = (tail[:1] if name == "decode" else tail, context, table)
+                sync()
+                t = time.perf_counter()
+                forward([chunk])
+                sync()
+                if r:  # the first round is a warm-up
+                    times[name].append(time.perf_counter() - t)
     llm.generate([prefix], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
-    with StepTimer(llm.engine) as st:
+    with StepTimer(engine) as st:
         llm.generate([prefix], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
     per_step = [t / (int(kind.split("x")[1]) if "x" in kind else 1)
                 for kind, ts in st.times.items() if kind.startswith("decode") for t in ts]
-    decode_s = float(np.median(per_step))
-    verify_s = float(np.median(verify_times))
-    emit({"bench": "verify-cost", "model": args.model or args.shape, "context": args.context, "k": args.k,
-          "verify_step_us": 1e6 * verify_s, "decode_step_us": 1e6 * decode_s, "ratio": verify_s / decode_s},
-         args.json)
+    decode_step = float(np.median(per_step))
+    decode_forward = float(np.median(times["decode"]))
+    for name in VERIFY_PATHS:
+        verify_s = float(np.median(times[name]))
+        emit({"bench": "verify-cost", "path": name, "model": args.model or args.shape, "context": context,
+              "k": args.k, "verify_step_us": 1e6 * verify_s, "decode_forward_us": 1e6 * decode_forward,
+              "decode_step_us": 1e6 * decode_step, "ratio": verify_s / decode_step,
+              "ratio_to_forward": verify_s / decode_forward, "repeats": len(times[name])}, args.json)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -397,7 +491,8 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--shape", default="llama2-7b", help="random weights of this shape (eval.bench.common.SHAPES)")
     v.add_argument("--model", help="or a model directory")
     v.add_argument("--engine", help="EngineConfig overrides as JSON")
-    v.add_argument("--context", type=int, default=512)
+    v.add_argument("--context", type=int, nargs="+", default=[512],
+                   help="context lengths, one engine sized for the longest (pseudo-rows read the context once a row)")
     v.add_argument("--k", type=int, default=4)
     v.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args(argv)

@@ -25,16 +25,20 @@ How it runs in the engine:
    blocks for n_i + 1 positions per sequence (n_i = draft_limit) and becomes a speculative step
    (``ScheduledBatch.num_draft``); without the blocks it decodes plainly.
 3. Draft (draft_model.py). ``seq.draft_computed`` says how far the draft's K/V goes. A sequence
-   lagging by more than its last token first catches up through the varlen prefill path (after a
+   lagging by more than its last token first catches up (ModelRunner.last_logits: as decode
+   pseudo-rows, one decode graph replay, where the tokens fit, else the varlen prefill path; after a
    fully accepted round one token; a whole prompt after admission, a prefix-cache hit or a
    preemption: the draft computes its own prefill, lazily, so a block cached by the target is never
    read by the draft before it wrote it). Then k decode forwards from the last token through the
    draft runner's decode graphs: a plain greedy batch replays the multi-step greedy graphs (forward
    + greedy advance), any other samples on the device and feeds the token back
    (DecodeInputs.advance_to). One transfer at the end.
-4. Verify. The target scores [last, d_0 .. d_{m-1}] at len - 1 .. len - 1 + m in one varlen forward
-   with logits at every row (a verify graph, PrefillGraphs(all_rows=True), where one holds it);
-   rejection.verify; one to_lists(). Logprobs: log_softmax of the raw target logits.
+4. Verify. The target scores [last, d_0 .. d_{m-1}] at len - 1 .. len - 1 + m in one forward with
+   logits at every row: while the batch's tokens fit the fused small-batch decode (16 rows), as
+   decode pseudo-rows, one row per token sharing its sequence's block table (decode_inputs.py),
+   in the decode graphs; larger batches through the varlen prefill path (a verify graph,
+   PrefillGraphs(all_rows=True), where one holds it). rejection.verify; one to_lists(), the round's
+   one sync. Logprobs: log_softmax of the raw target logits.
 5. Accept and roll back. The engine's one append path cuts a run at stop tokens, stop strings,
    max_tokens; Scheduler.finish_step sets num_computed_tokens = len - 1, clamps draft_computed to it
    and releases blocks past the kept tokens (BlockManager.release_unused). Rejected entries in kept

@@ -4,9 +4,10 @@ is indexed by each sequence's block table (one BlockManager for both models).
 ``seq.draft_computed`` says how far the draft's K/V goes; a draft of k tokens is:
 
 - catch-up, only for a sequence whose draft K/V lags by more than its last token: the tokens from
-  draft_computed up to the last one, through the varlen prefill path (a prefill graph where one
-  holds the step). One token after a fully accepted round (the k-th draft token was sampled, never
-  fed); a whole prompt after admission, a prefix-cache hit or a preemption (the draft computes its
+  draft_computed up to the last one (ModelRunner.last_logits: decode pseudo-rows in a decode graph
+  where the tokens fit, else the varlen prefill path, a prefill graph where one holds the step).
+  One token after a fully accepted round (the k-th draft token was sampled, never fed); a whole
+  prompt after admission, a prefix-cache hit or a preemption (the draft computes its
   own prefill, so a block cached by the target is never read by the draft before the draft wrote
   it), or the tokens of steps that decoded without speculation.
 - k decode forwards from the last token, back to back on the device through the draft runner's
@@ -16,7 +17,8 @@ is indexed by each sequence's block table (one BlockManager for both models).
   the request's parameters (draft_sampler.sample_draft, q kept for the verify step) and feeds the
   token back (DecodeInputs.advance_to).
 
-One transfer at the end brings the k tokens of every row back.
+The k tokens of every row stay on the device (Proposal.ids): the verify forward reads them there,
+and the round's one sync is the verify's (worker.py). Nothing here waits for the device.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Sequence as Seq
 
 import torch
 
+from engine.layers.sampler import device_tensor
 from engine.model_runner import ModelRunner
 from engine.sequence import Sequence
 from engine.spec_decode.draft_sampler import sample_draft
@@ -43,7 +46,7 @@ class DraftModelProposer:
         ks = per_sequence_k(seqs, k)
         steps = max(ks, default=0)
         if steps == 0:
-            return Proposal([[] for _ in seqs])
+            return Proposal([[] for _ in seqs])  # host lists: nothing to hand over
         runner, seqs = self.runner, list(seqs)
         with torch.inference_mode():
             if any(s.draft_computed == 0 for s in seqs):
@@ -54,7 +57,8 @@ class DraftModelProposer:
                                     for s in lagging])
             if steps > 1 and all(n_i == steps for n_i in ks) and all(
                     s.params.greedy and s.num_output_tokens >= s.params.min_tokens for s in seqs):
-                proposal = Proposal(runner.decode_steps(seqs, steps))
+                ids = runner.decode_steps_on_device(seqs, steps).t().clone()  # [B, steps]
+                proposal = Proposal(None, ids=ids, counts=ks)
             else:
                 proposal = self._sampled(seqs, ks, steps)
         for s, n_i in zip(seqs, ks):
@@ -70,8 +74,7 @@ class DraftModelProposer:
         inputs = runner.decode_inputs
         inputs.prepare(seqs, runner.graphs.bucket_of[n] if runner.graphed(n) else n)
         # Forward j writes position len - 1 + j; a row stops at its own k's last one.
-        last_pos = torch.tensor([len(s) - 1 + max(n_i - 1, 0) for s, n_i in zip(seqs, ks)],
-                                dtype=torch.int64).to(runner.device, non_blocking=True)
+        last_pos = device_tensor([len(s) - 1 + max(n_i - 1, 0) for s, n_i in zip(seqs, ks)], runner.device, torch.int64)
         tokens: list[torch.Tensor] = []
         probs: list[torch.Tensor | None] = []
         for j in range(steps):
@@ -80,9 +83,8 @@ class DraftModelProposer:
             token, q = sample_draft(self._masked(runner.decode_forward(n), seqs, j), params, gens)
             tokens.append(token)
             probs.append(q)
-        host = torch.stack(tokens, dim=1).tolist()  # the one transfer
-        return Proposal([row[:n_i] for row, n_i in zip(host, ks)],
-                        torch.stack(probs, dim=1) if probs[0] is not None else None)
+        return Proposal(None, torch.stack(probs, dim=1) if probs[0] is not None else None,
+                        ids=torch.stack(tokens, dim=1), counts=ks)
 
     def _masked(self, logits: torch.Tensor, seqs: list[Sequence], first: int) -> torch.Tensor:
         return ban_stop_tokens(logits[:, None], seqs, self.eos_token_ids, first)[:, 0]

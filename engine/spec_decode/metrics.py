@@ -6,9 +6,10 @@ Rates are derived from the counters, so a reader can also difference two snapsho
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence as Seq
+from typing import Sequence as Seq
+
+import torch
 
 
 @dataclass
@@ -49,15 +50,10 @@ class SpecDecodeMetrics:
             raise ValueError(f"phase: {phase!r} is not 'draft' or 'verify'")
         setattr(self, f"{phase}_time_s", getattr(self, f"{phase}_time_s") + seconds)
 
-    @contextmanager
-    def timed(self, phase: str) -> Iterator[None]:
-        """Host wall time of a block; on a GPU the block must end with its results on the host (the
-        verify step's one transfer does), or the time is only the launches'."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add_time(phase, time.perf_counter() - start)
+    def add_phases(self, clock: "PhaseClock") -> None:
+        """A speculative step's draft and verify time from its clock's three marks (after the step's sync)."""
+        self.add_time("draft", clock.seconds(0, 1))
+        self.add_time("verify", clock.seconds(1, 2))
 
     @property
     def acceptance_rate(self) -> float:
@@ -83,3 +79,30 @@ class SpecDecodeMetrics:
             "acceptance_per_position": self.acceptance_per_position,
             "draft_time_s": self.draft_time_s, "verify_time_s": self.verify_time_s,
         }
+
+
+class PhaseClock:
+    """Marks between the phases of a speculative step. On a GPU they are CUDA events, read after the
+    step's one sync: the draft hands its tokens to the verify on the device, so the host reaches
+    the end of the draft after launching it, long before the GPU does. On the CPU, host time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self, i: int, j: int) -> float:
+        """Time from mark i to mark j. On a GPU, read after the step's sync: mark j is then passed,
+        or (a mark recorded after the sync) as good as passed, so waiting for it costs nothing."""
+        if self.cuda:
+            self.marks[j].synchronize()
+            return self.marks[i].elapsed_time(self.marks[j]) / 1e3
+        return self.marks[j] - self.marks[i]

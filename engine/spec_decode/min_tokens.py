@@ -8,6 +8,7 @@ from typing import Sequence as Seq
 
 import torch
 
+from engine.layers.sampler import device_tensor
 from engine.sequence import Sequence
 
 
@@ -25,5 +26,6 @@ def ban_stop_tokens(logits: torch.Tensor, seqs: Seq[Sequence], eos_token_ids: se
         if banned:
             if out is logits:
                 out = logits.clone()
-            out[i, : min(below, n), banned] = float("-inf")
+            # index_fill_ with a device index: a list index would be copied to the device with a sync.
+            out[i, : min(below, n)].index_fill_(-1, device_tensor(banned, logits.device, torch.int64), float("-inf"))
     return out

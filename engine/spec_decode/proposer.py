@@ -7,28 +7,46 @@ from typing import Protocol, Sequence as Seq
 
 import torch
 
+from engine.layers.sampler import device_tensor
 from engine.sequence import Sequence
 
 
 @dataclass
 class Proposal:
-    # Per sequence, its draft tokens (0 to k of them; a row may have none).
-    token_ids: list[list[int]]
+    # Per sequence, its draft tokens (0 to k of them; a row may have none), as host lists: a drafter
+    # that works on the host (n-gram). None when they stay on the device (``ids``).
+    token_ids: list[list[int]] | None
     # [B, k, V] draft probabilities after the rows' sampling processing (rejection.processed_probs),
     # for a model drafter; None for a drafter without probabilities (n-gram: q is one-hot).
     probs: torch.Tensor | None = None
+    # A model drafter's tokens, left on the device, so that the verify reads them without a host
+    # sync: [B, >= k] int64, row i's first counts[i] entries its drafts (the rest are ignored).
+    ids: torch.Tensor | None = None
+    counts: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.token_ids is None) == (self.ids is None) or (self.ids is None) != (self.counts is None):
+            raise ValueError("a Proposal has host token_ids, or device ids with their counts")
 
     @property
     def num_tokens(self) -> list[int]:
-        return [len(t) for t in self.token_ids]
+        return list(self.counts) if self.counts is not None else [len(t) for t in self.token_ids]
+
+    def host_token_ids(self) -> list[list[int]]:
+        """The draft tokens as host lists (for device ids, a transfer that waits for the device)."""
+        if self.token_ids is not None:
+            return self.token_ids
+        return [row[:n] for row, n in zip(self.ids.tolist(), self.counts)]
 
     def as_tensors(self, device: torch.device | str, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(draft ids [B, k] padded with 0, counts [B]) for rejection.verify; k defaults to the longest."""
+        """(draft ids [B, k], counts [B]) on ``device`` for rejection.verify, without a sync; k
+        defaults to the longest. Entries past a row's count are padding (0 for host lists)."""
         k = max(self.num_tokens, default=0) if k is None else k
+        counts = device_tensor(self.num_tokens, device, torch.int64)
+        if self.ids is not None:
+            return self.ids[:, :k], counts
         rows = [t + [0] * (k - len(t)) for t in self.token_ids]
-        ids = torch.tensor(rows, dtype=torch.int64).view(len(rows), k)
-        counts = torch.tensor(self.num_tokens, dtype=torch.int64)
-        return ids.to(device, non_blocking=True), counts.to(device, non_blocking=True)
+        return device_tensor(rows, device, torch.int64).view(len(rows), k), counts
 
 
 class Proposer(Protocol):

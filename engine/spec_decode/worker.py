@@ -2,7 +2,9 @@
 
 The scheduler reserved blocks for n_i + 1 positions per sequence (``ScheduledBatch.num_draft``).
 The proposer drafts up to n_i tokens per sequence; the target scores [last token, d_0 .. d_{m-1}]
-at positions len - 1 .. len - 1 + m in one varlen forward with logits at every row; rejection.verify
+at positions len - 1 .. len - 1 + m in one forward with logits at every row (ModelRunner.all_logits:
+decode pseudo-rows in a decode graph while the batch's tokens fit the fused small-batch decode, else
+the varlen prefill path); rejection.verify
 accepts a prefix per sequence and adds the target's own token. The result is a StepResult like any
 step's: the engine appends the tokens through its one append path (stop tokens, stop strings,
 max_tokens cut a run there) and the scheduler's finish_step rolls both caches back by bookkeeping
@@ -13,13 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from engine.layers.sampler import StepResult, token_logprobs
+from engine.layers.sampler import StepResult, device_tensor, token_logprobs
 from engine.model_runner import ModelRunner
 from engine.scheduler import ScheduledBatch
-from engine.sequence import TokenLogprobs
-from engine.spec_decode.metrics import SpecDecodeMetrics
+from engine.sequence import Sequence, TokenLogprobs
+from engine.spec_decode.metrics import PhaseClock, SpecDecodeMetrics
 from engine.spec_decode.min_tokens import ban_stop_tokens
-from engine.spec_decode.proposer import Proposer
+from engine.spec_decode.proposer import Proposal, Proposer
 from engine.spec_decode.rejection import verify
 
 
@@ -31,37 +33,61 @@ class SpecDecodeWorker:
         self.metrics = SpecDecodeMetrics()
 
     def step(self, batch: ScheduledBatch) -> StepResult:
+        """Draft, verify, accept: the host waits for the device once, for the emitted tokens (and
+        once more when a sequence asked for logprobs)."""
         seqs = batch.seqs
         assert batch.num_draft is not None
-        with self.metrics.timed("draft"):
-            proposal = self.proposer.propose(seqs, batch.num_draft)
-        drafts = proposal.token_ids
-        k = max(proposal.num_tokens, default=0)
+        clock = PhaseClock(self.target.device)
+        proposal = self.proposer.propose(seqs, batch.num_draft)
+        clock.mark()
+        counts = proposal.num_tokens
+        k = max(counts, default=0)
         if k == 0:  # nothing proposed (an n-gram without a match): a plain decode step, its graph
-            with self.metrics.timed("verify"):
-                result = self.target.run(ScheduledBatch(seqs, False, [1] * len(seqs)))
+            result = self.target.run(ScheduledBatch(seqs, False, [1] * len(seqs)))
+            clock.mark()
+            self.metrics.add_phases(clock)
             self.metrics.record([0] * len(seqs), [0] * len(seqs))
             return result
-        with self.metrics.timed("verify"), torch.inference_mode():
-            chunks = [([s.token_ids[-1]] + d, len(s) - 1, s.block_table) for s, d in zip(seqs, drafts)]
-            flat = self.target.all_logits(chunks)  # [sum of (m_i + 1), V]
-            if all(len(d) == k for d in drafts):
+        with torch.inference_mode():
+            chunks, ids = self._verify_inputs(seqs, proposal, k)
+            flat = self.target.all_logits(chunks, ids)  # [sum of (m_i + 1), V]
+            if all(m == k for m in counts):
                 raw = flat.view(len(seqs), k + 1, -1)
             else:  # row i's position j is its flat row start_i + min(j, m_i): padding repeats its last
                 index, start = [], 0  # row, and verify ignores positions past m_i
-                for d in drafts:
-                    index.extend(start + min(j, len(d)) for j in range(k + 1))
-                    start += len(d) + 1
-                raw = flat.index_select(0, torch.tensor(index, device=flat.device)).view(len(seqs), k + 1, -1)
-            draft_ids, counts = proposal.as_tensors(raw.device, k)
+                for m in counts:
+                    index.extend(start + min(j, m) for j in range(k + 1))
+                    start += m + 1
+                raw = flat.index_select(0, device_tensor(index, flat.device)).view(len(seqs), k + 1, -1)
+            draft_ids, num_draft = proposal.as_tensors(raw.device, k)
             probs = proposal.probs[:, :k] if proposal.probs is not None else None
             gens = [self.target.sampler.generator(s) for s in seqs]
             target_logits = ban_stop_tokens(raw, seqs, self.eos_token_ids)
-            verified = verify(draft_ids, counts, target_logits, [s.params for s in seqs], probs, gens)
-            tokens = verified.to_lists()
+            verified = verify(draft_ids, num_draft, target_logits, [s.params for s in seqs], probs, gens)
+            clock.mark()
+            tokens = verified.to_lists()  # the sync
             logprobs = self._logprobs(raw, seqs, tokens)
-        self.metrics.record(proposal.num_tokens, [len(t) - 1 for t in tokens])
+        self.metrics.add_phases(clock)
+        self.metrics.record(counts, [len(t) - 1 for t in tokens])
         return StepResult(tokens, logprobs)
+
+    @staticmethod
+    def _verify_inputs(seqs: list[Sequence], proposal: Proposal,
+                       k: int) -> tuple[list[tuple[list[int], int, list[int]]], torch.Tensor | None]:
+        """The verify forward's chunks, [last token, d_0 .. d_{m-1}] at len - 1.. per sequence, and,
+        for drafts left on the device, its flat token ids there (the chunks' lists then only give
+        the lengths): the draft's tokens reach the target without passing through the host."""
+        if proposal.token_ids is not None:
+            return [([s.token_ids[-1]] + d, len(s) - 1, s.block_table) for s, d in zip(seqs, proposal.token_ids)], None
+        counts = proposal.num_tokens
+        chunks = [([s.token_ids[-1]] + [0] * m, len(s) - 1, s.block_table) for s, m in zip(seqs, counts)]
+        device = proposal.ids.device
+        grid = torch.cat([device_tensor([s.token_ids[-1] for s in seqs], device, torch.int64)[:, None],
+                          proposal.ids[:, :k]], dim=1)  # [B, k + 1]
+        if all(m == k for m in counts):
+            return chunks, grid.reshape(-1)
+        keep = [i * (k + 1) + j for i, m in enumerate(counts) for j in range(m + 1)]
+        return chunks, grid.reshape(-1).index_select(0, device_tensor(keep, device))
 
     @staticmethod
     def _logprobs(raw: torch.Tensor, seqs, tokens: list[list[int]]) -> list[list[TokenLogprobs]] | None:

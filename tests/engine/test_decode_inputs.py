@@ -56,3 +56,24 @@ def test_advance_to_feeds_tokens_and_stops_at_each_rows_last_position():
     assert d.slots[:2].tolist() == [2 * 4 + 2, -1]  # b stores nothing
     inputs.advance_to(torch.tensor([50, 51]), 2, last)
     assert d.pos[:2].tolist() == [6, 2] and d.slots[:2].tolist() == [-1, -1]
+
+
+def test_chunks_stage_one_row_per_token_and_forget_the_remembered_tables():
+    """prepare_chunks: row j of a chunk at start s sits at position s + j, stores its K/V at that
+    position's slot (here across a block boundary) and attends to s + j + 1 tokens; padding rows
+    store nothing. The next plain prepare rewrites the tables the chunks overwrote."""
+    inputs = DecodeInputs(torch.device("cpu"), max_seqs=8, max_blocks_per_seq=8, block_size=4, num_steps=1,
+                          use_triton=False)
+    seq = Sequence(list(range(6)), SamplingParams())
+    seq.block_table = [9, 8]
+    inputs.prepare([seq], 1)
+    inputs.prepare_chunks([([5, 6, 7], 3, [1, 2]), ([8, 9], 0, [4])], 8)
+    d = inputs.d
+    assert d.ids[:5].tolist() == [5, 6, 7, 8, 9]
+    assert d.pos[:5].tolist() == [3, 4, 5, 0, 1]
+    assert d.lens[:8].tolist() == [4, 5, 6, 1, 2, 1, 1, 1]
+    assert d.slots[:8].tolist() == [1 * 4 + 3, 2 * 4 + 0, 2 * 4 + 1, 4 * 4 + 0, 4 * 4 + 1, -1, -1, -1]
+    assert d.tables[:3, :2].tolist() == [[1, 2]] * 3 and d.tables[3:5, 0].tolist() == [4, 4]
+    inputs.prepare([seq], 1)  # the same sequence as before the chunks: its table is written again
+    assert _row(inputs, 0, 2) == [9, 8] and d.tables[0, :2].tolist() == [9, 8]
+    assert d.slots[0].item() == 8 * 4 + 1

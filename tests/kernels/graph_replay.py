@@ -1,4 +1,4 @@
-"""An eager stand-in for a captured prefill/verify graph (engine/cuda_graphs.PrefillGraphs), so the
+"""Eager stand-ins for captured prefill/verify and decode graphs (engine/cuda_graphs.py), so the
 graphs' host side (staging, padding, slots, tables, which rows give logits) is testable on the CPU."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from engine.context import reset_context, set_context
-from engine.cuda_graphs import PrefillGraphs
+from engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 
 
 class EagerReplay:
@@ -24,3 +24,27 @@ class EagerReplay:
             rows = hidden if g.all_rows else hidden.index_select(0, g.d.last[:seqs])
             g.logits[self.key] = g.model.compute_logits(rows).float()
         reset_context()
+
+
+class EagerDecodeReplay:
+    """What the decode graph of bucket ``rows`` computes (engine/cuda_graphs.DecodeGraphs), run
+    eagerly from the decode staging buffer: the forward over all the bucket's rows, padding included."""
+
+    def __init__(self, graphs: DecodeGraphs, rows: int) -> None:
+        self.graphs, self.rows = graphs, rows
+
+    def replay(self) -> None:
+        g = self.graphs
+        ids, pos, ctx = g.inputs.views(self.rows)
+        set_context(ctx)
+        with torch.inference_mode():
+            g.logits[self.rows] = g.model.compute_logits(g.model(ids, pos)).float()
+        reset_context()
+
+
+def eager_decode_graphs(runner, max_bs: int) -> DecodeGraphs:
+    """The runner's decode graphs up to ``max_bs`` rows, each bucket an EagerDecodeReplay."""
+    graphs = DecodeGraphs(runner.model, runner.decode_inputs, max_bs, num_steps=1)
+    for rows in graphs.buckets:
+        graphs.graphs[rows] = EagerDecodeReplay(graphs, rows)
+    return graphs

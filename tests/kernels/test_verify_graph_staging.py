@@ -1,4 +1,5 @@
-"""The verify graphs' host side (PrefillGraphs with all_rows, engine/cuda_graphs.py) on the CPU with
+"""The verify graphs' host side (PrefillGraphs with all_rows, engine/cuda_graphs.py: the verify of a
+batch too large for decode pseudo-rows) on the CPU with
 Triton interpreted: each graph is replaced by an eager forward over its staged inputs, so the
 padding, slots, tables and the every-row logits must give the eager verify forward's logits, and a
 speculative engine running through them the plain greedy output."""
@@ -43,12 +44,18 @@ def test_verify_graph_logits_equal_the_eager_verify_and_the_engine_output_is_unc
         graphs = _eager_graphs(runner)
         # Direct: three chunks of 4, 2 and 3 tokens after 8, 5 and 0 cached positions.
         chunks = [([5, 6, 7, 8], 8, [0, 1, 2]), ([9, 10], 5, [3, 4]), ([11, 12, 13], 0, [5])]
-        runner.all_logits([([1] * 8, 0, [0, 1, 2]), ([2] * 5, 0, [3, 4])])  # their context
-        eager = runner.all_logits(chunks).clone()
+        runner.prefill_all_logits([([1] * 8, 0, [0, 1, 2]), ([2] * 5, 0, [3, 4])])  # their context
+        eager = runner.prefill_all_logits(chunks).clone()
         runner.verify_graphs = graphs
-        torch.testing.assert_close(runner.all_logits(chunks), eager)
+        torch.testing.assert_close(runner.prefill_all_logits(chunks), eager)
+        # Verify batches this small run as decode pseudo-rows; none here, so that they take the graphs.
+        runner.max_pseudo_rows = 0
+        replays = []
+        run = graphs.run
+        graphs.run = lambda chunks, device_ids=None: replays.append(device_ids is not None) or run(chunks, device_ids)
         out = [o.token_ids for o in llm.generate([{"prompt_token_ids": p} for p in ps], params)]
         assert out == base
+        assert replays and all(replays)  # the draft's tokens reached the graphs on the device
         assert llm.engine.num_spec_steps > 0 and llm.engine.spec_metrics.acceptance_rate == 1.0
     finally:
         torch.set_num_threads(threads)

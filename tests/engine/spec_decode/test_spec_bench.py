@@ -95,12 +95,19 @@ def test_implied_speedup_and_policy(bench):
     assert bench.recommend_policy(rows) == {1: 4, 16: 0}
 
 
-def test_verify_cost_runs_on_cpu(bench, model_dir, tmp_path):
+def test_verify_cost_reports_both_paths_against_decode_on_cpu(bench, model_dir, tmp_path):
     out = tmp_path / "v.jsonl"
-    bench.main(["--json", str(out), "verify-cost", "--model", model_dir("llama_gqa_untied"), "--context", "32",
+    bench.main(["--json", str(out), "verify-cost", "--model", model_dir("llama_gqa_untied"), "--context", "32", "48",
                 "--k", "4", "--repeat", "2", "--engine", '{"device": "cpu"}'])
-    row = json.loads(out.read_text())
-    assert row["verify_step_us"] > 0 and row["decode_step_us"] > 0 and row["ratio"] > 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["path"], r["context"]) for r in rows] == [("pseudo_rows", 32), ("prefill", 32), ("pseudo_rows", 48),
+                                                         ("prefill", 48)]
+    for r in rows:
+        assert r["verify_step_us"] > 0 and r["decode_step_us"] > 0 and r["decode_forward_us"] > 0
+        assert r["ratio"] == pytest.approx(r["verify_step_us"] / r["decode_step_us"])
+        assert r["ratio_to_forward"] == pytest.approx(r["verify_step_us"] / r["decode_forward_us"])
+        assert r["repeats"] == 2 and r["k"] == 4
+    assert rows[0]["decode_forward_us"] == rows[1]["decode_forward_us"]  # one decode measurement for both paths
 
 
 def test_speed_runs_the_baseline_and_each_speculative_config(bench, data_dir, model_dir, tmp_path):
@@ -126,3 +133,60 @@ def test_speed_runs_the_baseline_and_each_speculative_config(bench, data_dir, mo
     policies = {r["spec"]: r["num_speculative_tokens_per_batch_size"] for r in rows if r["bench"] == "policy"}
     assert set(policies) == {"ngram", draft, "truncated1"}
     assert all(set(p) == {"1", "2"} for p in policies.values())  # batch sizes, as JSON keys
+
+
+def test_speed_frees_each_engine_before_building_the_next(bench, data_dir, model_dir, tmp_path, monkeypatch):
+    """The KV pool of an engine is sized from the free memory: the engine before it must be gone."""
+    import weakref
+
+    import engine as engine_pkg
+
+    built: list[weakref.ref] = []
+    alive_at_build: list[int] = []
+    real_llm = engine_pkg.LLM
+
+    def tracking_llm(*args, **kwargs):
+        import gc
+
+        gc.collect()
+        alive_at_build.append(sum(ref() is not None for ref in built))
+        llm = real_llm(*args, **kwargs)
+        built.append(weakref.ref(llm.engine))
+        return llm
+
+    monkeypatch.setattr(engine_pkg, "LLM", tracking_llm)
+    target = model_dir("llama_gqa_untied", with_tokenizer=True)
+    out = tmp_path / "speed.jsonl"
+    bench.main(["--json", str(out), "speed", "--target", target, "--data-dir", str(data_dir), "--workloads", "gsm8k",
+                "--new-tokens", "2", "--batch", "1", "--ks", "1", "--truncated", "1", "--repeats", "1",
+                "--verify-shape", "", "--engine", '{"device": "cpu"}'])
+    assert len(built) == 3 and alive_at_build == [0, 0, 0]  # none, ngram, truncated1
+
+
+def test_speed_leaves_out_prompts_longer_than_max_model_len(bench, data_dir, model_dir, tmp_path):
+    """Grounded prompts (a passage in a template) do not fit max_model_len 96 with 8 new tokens: a
+    message and a skipped row, never a row timing requests that generated nothing."""
+    target = model_dir("llama_gqa_untied", with_tokenizer=True)
+    out = tmp_path / "speed.jsonl"
+    bench.main(["--json", str(out), "speed", "--target", target, "--data-dir", str(data_dir),
+                "--workloads", "grounded", "gsm8k", "--prompt-tokens", "24", "--new-tokens", "8", "--batch", "1",
+                "--ks", "1", "--truncated", "--repeats", "1", "--verify-shape", "",
+                "--engine", '{"device": "cpu", "max_model_len": 96}'])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    grounded = [r for r in rows if r["workload"] == "grounded"]
+    assert "max_model_len 96" in grounded[0]["warning"] and grounded[1]["skipped"] == "no prompt fits max_model_len"
+    assert len(grounded) == 2
+    timed = [r for r in rows if r["bench"] == "speed" and "tok_s" in r]
+    assert timed and all(r["workload"] == "gsm8k" and r["tok_s"] > 0 for r in timed)
+    assert not [r for r in rows if "error" in r]
+
+
+def test_a_request_that_ends_short_is_an_error_not_a_row(bench):
+    from types import SimpleNamespace
+
+    class ShortLLM:
+        def generate(self, batch, params):
+            return [SimpleNamespace(token_ids=[1] * min(params.max_tokens, 3), finish_reason="length") for _ in batch]
+
+    with pytest.raises(Exception, match="request 0 generated 3 of 8 tokens"):
+        bench._median_tok_s(ShortLLM(), [[1, 2]], 8, 1)

@@ -7,7 +7,7 @@ import torch
 
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
-from engine.spec_decode.metrics import SpecDecodeMetrics
+from engine.spec_decode.metrics import PhaseClock, SpecDecodeMetrics
 from engine.spec_decode.proposer import Proposal, draft_limit
 
 
@@ -22,10 +22,13 @@ def test_counters_and_rates():
     assert m.mean_accepted_length == pytest.approx(1 + 5 / 3)
     assert m.acceptance_per_position == pytest.approx([2 / 3, 1 / 3, 0.5, 0.5])
     m.add_time("draft", 0.25)
-    with m.timed("verify"):
-        pass
+    clock = PhaseClock(torch.device("cpu"))
+    clock.mark()
+    clock.mark()
+    m.add_phases(clock)
     d = m.as_dict()
-    assert d["draft_time_s"] == 0.25 and d["verify_time_s"] >= 0.0 and d["num_accepted_tokens"] == 5
+    assert d["draft_time_s"] >= 0.25 and d["verify_time_s"] >= 0.0 and d["num_accepted_tokens"] == 5
+    assert d["draft_time_s"] == pytest.approx(0.25 + clock.seconds(0, 1))
 
 
 def test_empty_metrics_and_bad_records():
@@ -56,3 +59,14 @@ def test_proposal_as_tensors_pads_ragged_rows():
     assert ids.tolist() == [[5, 6, 0], [0, 0, 0], [7, 0, 0]] and counts.tolist() == [2, 0, 1]
     ids, counts = Proposal([[], []]).as_tensors("cpu")
     assert ids.shape == (2, 0) and counts.tolist() == [0, 0] and ids.dtype == torch.int64
+
+
+def test_proposal_with_device_ids_hands_them_over_without_host_lists():
+    ids = torch.tensor([[5, 6, 9], [7, 8, 8]])
+    p = Proposal(None, ids=ids, counts=[2, 1])  # the draft ran 3 steps; row 0 keeps 2, row 1 keeps 1
+    assert p.num_tokens == [2, 1] and p.host_token_ids() == [[5, 6], [7]]
+    got, counts = p.as_tensors("cpu")
+    assert got.tolist() == [[5, 6], [7, 8]] and counts.tolist() == [2, 1]
+    for bad in (dict(token_ids=None), dict(token_ids=[[1]], ids=ids, counts=[1, 1]), dict(token_ids=None, ids=ids)):
+        with pytest.raises(ValueError, match="host token_ids, or device ids"):
+            Proposal(**bad)

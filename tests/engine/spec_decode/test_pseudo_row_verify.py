@@ -1,0 +1,56 @@
+"""The speculative verify forward as decode pseudo-rows (ModelRunner.pseudo_row_logits,
+DecodeInputs.prepare_chunks) gives the prefill verify path's logits, CPU fp32 eager, in a ragged
+batch with different context lengths and a block boundary inside the k + 1 tokens; and the
+dispatch: small verify batches and a draft's catch-up go through the decode path."""
+
+from __future__ import annotations
+
+import torch
+from verify_batch import CONTEXTS, verify_chunks, verify_runner
+
+def test_pseudo_rows_give_the_prefill_verify_logits(model_dir):
+    _, runner = verify_runner(model_dir("llama_gqa_untied"))
+    chunks = verify_chunks()
+    assert runner.max_pseudo_rows == 16
+    with torch.inference_mode():
+        prefill = runner.prefill_all_logits(chunks).clone()
+        pseudo = runner.pseudo_row_logits(chunks).clone()
+        dispatched = runner.all_logits(chunks).clone()
+    assert pseudo.shape == (10, prefill.shape[1]) and pseudo.dtype == torch.float32
+    assert prefill.abs().max() > 0.1  # real logits, not zeros
+    torch.testing.assert_close(pseudo, prefill, rtol=1e-5, atol=1e-5)
+    assert torch.equal(dispatched, pseudo)  # 10 tokens: the decode path
+    # Per row causal: the last token's logits differ from a forward of the same chunk without it.
+    with torch.inference_mode():
+        shorter = runner.pseudo_row_logits([(chunks[0][0][:-1], *chunks[0][1:])]).clone()
+    torch.testing.assert_close(shorter, prefill[:4], rtol=1e-5, atol=1e-5)
+
+
+def test_a_verify_larger_than_the_decode_rows_takes_the_prefill_path(model_dir, monkeypatch):
+    _, runner = verify_runner(model_dir("llama_gqa_untied"))
+    chunks = verify_chunks()
+    big = chunks + [([60 + i for i in range(5)], 2, [5, 6]), ([70, 71, 72], 6, [3, 4, 8])]  # 18 tokens
+    calls = []
+    monkeypatch.setattr(runner, "pseudo_row_logits", lambda c: calls.append(c))
+    with torch.inference_mode():
+        out = runner.all_logits(big)
+    assert out.shape[0] == 18 and calls == []
+
+
+def test_catch_up_of_one_token_per_sequence_runs_as_decode_rows(model_dir, monkeypatch):
+    """A draft's catch-up after a fully accepted round (ModelRunner.last_logits): the decode path,
+    whose logits at each chunk's last token equal the prefill path's."""
+    _, runner = verify_runner(model_dir("llama_gqa_untied"))
+    one = [(tail[:1], len(ctx), table) for ctx, tail, table in CONTEXTS]
+    two = [(tail[:2], len(ctx), table) for ctx, tail, table in CONTEXTS]
+    with torch.inference_mode():
+        refs = [runner.prefill_all_logits(c)[[sum(len(x[0]) for x in c[: i + 1]) - 1 for i in range(len(c))]]
+                for c in (one, two)]
+
+    def no_prefill(chunks):
+        raise AssertionError("the catch-up took the prefill path")
+
+    monkeypatch.setattr(runner, "varlen_forward", no_prefill)
+    with torch.inference_mode():
+        for c, ref in zip((one, two), refs):
+            torch.testing.assert_close(runner.last_logits(c), ref, rtol=1e-5, atol=1e-5)
