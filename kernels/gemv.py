@@ -150,7 +150,7 @@ def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True) -> 
 FAST_M1_CONFIGS: dict[str, tuple[int, int, int]] = {
     "int8": (8, 2048, 4),
     "w8a8_int8": (8, 2048, 4),
-    "int4": (16, 2048, 4),
+    "int4": (8, 2048, 4),
 }
 FAST_MIN_PROGRAMS = 264  # two per SM of an H100/H200 (132 SMs): fewer columns per program below that
 WORD_CODES = {"int8": 4, "w8a8_int8": 4, "int4": 8}  # codes in one int32 word
@@ -419,62 +419,55 @@ if HAS_TRITON:
 
     @triton.jit
     def _fast_code(src, SHIFT: tl.constexpr, QUANT: tl.constexpr):
-        """The code at bit SHIFT of each int32 word src as an fp32 (code - offset) * 2^SHIFT,
-        exactly: int4's unsigned nibbles (code + 8, offset 8), int8's signed bytes with the sign
-        bit flipped in the same LOP3 (byte ^ 0x80 = byte + 128, offset 128). The masked bits
-        OR-ed into the mantissa of 2^23 (0x4B000000) make the float 2^23 + u * 2^SHIFT (SHIFT +
-        width <= 23); subtracting 2^23 + offset * 2^SHIFT leaves (u - offset) * 2^SHIFT."""
+        """A code of each int32 word src as an exact fp32 by the magic-number trick: its bits OR-ed
+        into the mantissa of 2^23 (0x4B000000) make the float 2^23 + u * 2^s; subtracting
+        2^23 + offset * 2^s leaves (u - offset) * 2^s. int4 (QUANT 2): the unsigned nibble
+        (code + 8, offset 8) at bit SHIFT, masked in place (s = SHIFT <= 16: the caller takes the
+        2^SHIFT out of x). int8: the byte at bit SHIFT, its sign bit already flipped (byte ^ 0x80 =
+        byte + 128, offset 128), shifted down (s = 0; the compiler makes the byte extract a PRMT)."""
         if QUANT == 2:
             bits = (src & (0xF << SHIFT)) | 0x4B000000
             return bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << SHIFT))
         else:
-            bits = (src & (0xFF << SHIFT)) ^ (0x4B000000 | (0x80 << SHIFT))
-            return bits.to(tl.float32, bitcast=True) - (8388608.0 + 128.0 * (1 << SHIFT))
+            bits = ((src >> SHIFT) & 0xFF) | 0x4B000000
+            return bits.to(tl.float32, bitcast=True) - 8388736.0
 
     @triton.jit
     def _fast_mac(acc, acc2, words, words2, scale, scale2, zero, zero2, x_ptr, k0, nw_ptr, rstd, xs,
                   K: tl.constexpr, BLOCK_K: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr,
                   QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, TWO: tl.constexpr, NORM: tl.constexpr,
                   BF16_BY_HAND: tl.constexpr):
-        """acc (and acc2) [BLOCK_N, GPT, WPG] += per word: sum over its codes of code * x, minus
-        zero * sum(x), times the group's scale (int4; int8's column scale comes at the end). Each
-        x value is loaded and prepared once for all the program's rows, 2^-SHIFT folded in. The
-        low codes are read in place (int4: 5 nibbles at bits 0..16, int8: 2 bytes at 0, 8), the
-        others from one shifted copy of the word (>> 12: nibbles 5..7 at bits 8..16; >> 16:
-        bytes 2, 3 at 0, 8): one shift per word, one LOP3, FADD and FFMA per code."""
+        """acc (and acc2) [BLOCK_N, GPT, WPG] += per word: the sum over its codes of code * x,
+        minus zero * sum(x), times its group's scale (int4); int8 sums straight into acc (its
+        column scale comes after the K loop). Each x value is loaded and prepared once for all the
+        program's rows. int4 reads nibbles 0..4 in place (bits 0..16, x * 2^-4c) and 5..7 from one
+        shifted copy of the word (>> 12: bits 8..16): per code one LOP3, FADD and FFMA; int8
+        flips the word's sign bits once, then per byte an extract, OR, FADD and FFMA."""
         CODES: tl.constexpr = BLOCK_K // (GPT * WPG)
-        if QUANT == 2:
-            BITS: tl.constexpr = 4
-            IN_PLACE: tl.constexpr = 5
-            HI: tl.constexpr = 12
-        else:
-            BITS: tl.constexpr = 8
-            IN_PLACE: tl.constexpr = 2
-            HI: tl.constexpr = 16
         kw = (k0 // (WPG * CODES) + tl.arange(0, GPT))[:, None] * (WPG * CODES) \
             + tl.arange(0, WPG)[None, :] * CODES  # first input of each word [GPT, WPG]
-        hi = words >> HI
-        hi2 = hi
-        if TWO:
-            hi2 = words2 >> HI
-        xw = tl.zeros([GPT, WPG], tl.float32)
-        p = tl.zeros(words.shape, tl.float32)
-        p2 = p
-        for c in tl.static_range(CODES):
-            x = _fast_x(x_ptr, kw + c, nw_ptr, rstd, xs, K, NORM, QUANT, BF16_BY_HAND)
-            if HAS_ZERO:
-                xw += x
-            if c < IN_PLACE:
-                xc = (x * (1.0 / (1 << (BITS * c))))[None, :, :]
-                p += _fast_code(words, BITS * c, QUANT) * xc
-                if TWO:
-                    p2 += _fast_code(words2, BITS * c, QUANT) * xc
-            else:
-                xc = (x * (1.0 / (1 << (BITS * c - HI))))[None, :, :]
-                p += _fast_code(hi, BITS * c - HI, QUANT) * xc
-                if TWO:
-                    p2 += _fast_code(hi2, BITS * c - HI, QUANT) * xc
         if QUANT == 2:
+            hi = words >> 12
+            hi2 = hi
+            if TWO:
+                hi2 = words2 >> 12
+            xw = tl.zeros([GPT, WPG], tl.float32)
+            p = tl.zeros(words.shape, tl.float32)
+            p2 = p
+            for c in tl.static_range(8):
+                x = _fast_x(x_ptr, kw + c, nw_ptr, rstd, xs, K, NORM, QUANT, BF16_BY_HAND)
+                if HAS_ZERO:
+                    xw += x
+                if c < 5:
+                    xc = (x * (1.0 / (1 << (4 * c))))[None, :, :]
+                    p += _fast_code(words, 4 * c, QUANT) * xc
+                    if TWO:
+                        p2 += _fast_code(words2, 4 * c, QUANT) * xc
+                else:
+                    xc = (x * (1.0 / (1 << (4 * c - 12))))[None, :, :]
+                    p += _fast_code(hi, 4 * c - 12, QUANT) * xc
+                    if TWO:
+                        p2 += _fast_code(hi2, 4 * c - 12, QUANT) * xc
             if HAS_ZERO:
                 p -= zero[:, :, None] * xw[None, :, :]
             acc += p * scale[:, :, None]
@@ -483,8 +476,15 @@ if HAS_TRITON:
                     p2 -= zero2[:, :, None] * xw[None, :, :]
                 acc2 += p2 * scale2[:, :, None]
         else:
-            acc += p
-            acc2 += p2
+            flipped = words ^ -0x7F7F7F80  # 0x80808080: each byte + 128, unsigned
+            flipped2 = flipped
+            if TWO:
+                flipped2 = words2 ^ -0x7F7F7F80
+            for c in tl.static_range(4):
+                xc = _fast_x(x_ptr, kw + c, nw_ptr, rstd, xs, K, NORM, QUANT, BF16_BY_HAND)[None, :, :]
+                acc += _fast_code(flipped, 8 * c, QUANT) * xc
+                if TWO:
+                    acc2 += _fast_code(flipped2, 8 * c, QUANT) * xc
         return acc, acc2
 
     @triton.jit
