@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from kernels._triton import HAS_TRITON, interpreting, next_pow2, pdl_launch_args, tl, triton
 from kernels.activation import silu_and_mul_ref
 from kernels.kv_store import store_kv_ref
+from kernels.quant import fp32_weight_linear_ref
 from kernels.rmsnorm import rmsnorm_ref
 
 SMALL_M = 16  # most rows the skinny GEMM takes; larger batches go to cuBLAS
@@ -61,10 +62,12 @@ def gemv_ref(
     norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
     residual: torch.Tensor | None = None, swiglu: bool = False,
 ) -> torch.Tensor:
-    """The unfused modules, in their order: rmsnorm, linear (+bias), silu_and_mul, residual add."""
+    """The unfused modules, in their order: rmsnorm, linear (+bias), silu_and_mul, residual add.
+    A weight of another dtype than x (the fast path's fp32 dequantized weights) multiplies as
+    kernels/quant.py's fp32_weight_linear_ref: in fp32, rounded once to x's dtype."""
     if norm_weight is not None:
         x = rmsnorm_ref(x, norm_weight, eps)
-    y = F.linear(x, weight, bias)
+    y = F.linear(x, weight, bias) if weight.dtype == x.dtype else fp32_weight_linear_ref(x, weight, bias)
     if swiglu:
         y = silu_and_mul_ref(y)
     if residual is not None:
