@@ -8,7 +8,7 @@ Tolerances: fp32, rtol = atol = 1e-5 (the kernel and the reference differ in sum
 only). bf16 at M == 1 (the fast path): elementwise within 2^-7 relative (two bf16 ulps: the sums
 agree to fp32 precision before the one rounding; a SwiGLU rounds three times) plus 1e-3 of the
 output's rms. M > 1 runs the exact path (bf16-rounded weights) with ``fast`` set: relative error
-norm < 4e-3 against the fp32 reference."""
+norm < 1e-2 against the fp32 reference (the exact path's own bound)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _check(out: torch.Tensor, expected: torch.Tensor, m: int) -> None:
         bound = 2.0**-7 * e.abs() + 1e-3 * e.pow(2).mean().sqrt()
         assert bool(((out.float() - e).abs() <= bound).all()), (out.float() - e).abs().max()
     else:
-        assert _rel(out, expected) < 4e-3
+        assert _rel(out, expected) < 1e-2
 
 
 def _weights(name: str, rows: int, k: int, seed: int):
