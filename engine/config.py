@@ -50,6 +50,10 @@ class EngineConfig:
     # starts while the kernel before it drains and reads its weights meanwhile (kernels/gemv.py).
     # The environment variable SHRINK_PDL=0 turns it off (read here only).
     pdl: bool = True
+    # Compressed (int8 / int4 / W8A8 int8) weights in the batch-1 decode GEMVs: False, the fast
+    # dequantization (fp32, no per-weight rounding; kernels/gemv.py); True, the exact one, each
+    # dequantized weight rounded to the activation dtype as the torch references do.
+    exact_dequant: bool = False
     # A prefill step of at most this many tokens (and 16 sequences) replays a CUDA graph
     # (engine/cuda_graphs.py): its host cost is one replay instead of a launch per kernel. 0: off.
     prefill_graph_max_tokens: int = 512
@@ -123,4 +127,5 @@ class EngineConfig:
     def model_options(self) -> ModelOptions:
         """The engine constants the model is built with."""
         return ModelOptions(use_triton=self.triton_enabled, fused_decode=self.fused_decode, pdl=self.pdl,
-                            block_size=self.block_size, max_model_len=self.max_model_len)
+                            exact_dequant=self.exact_dequant, block_size=self.block_size,
+                            max_model_len=self.max_model_len)
