@@ -167,11 +167,12 @@ def fast_dequant_fits(quant: str, k: int, group: int = 1) -> bool:
     return quant != "int4" or (group >= 8 and group & (group - 1) == 0)
 
 
-def fast_gemv_config(n: int, k: int, quant: str, group: int = 1, two: bool = False) -> tuple[int, int, int, int]:
-    """(1, BLOCK_N, BLOCK_K, num_warps) of the fast path at M == 1: FAST_M1_CONFIGS's, with K steps
-    no wider than K (at least one int4 group) and fewer columns per program where N would leave
-    fewer than FAST_MIN_PROGRAMS programs."""
-    block_n, block_k, num_warps = FAST_M1_CONFIGS[quant]
+def fast_gemv_config(n: int, k: int, quant: str, group: int = 1, two: bool = False,
+                     entry: tuple[int, int, int] | None = None) -> tuple[int, int, int, int]:
+    """(1, BLOCK_N, BLOCK_K, num_warps) of the fast path at M == 1: FAST_M1_CONFIGS's entry (or
+    ``entry``, a candidate for that table), with K steps no wider than K (at least one int4
+    group) and fewer columns per program where N would leave fewer than FAST_MIN_PROGRAMS."""
+    block_n, block_k, num_warps = entry or FAST_M1_CONFIGS[quant]
     if two:
         block_n = max(1, block_n // 2)
     block_k = max(group, WORD_CODES[quant], min(block_k, next_pow2(k)))
