@@ -51,6 +51,10 @@ class EngineConfig:
     # starts while the kernel before it drains and reads its weights meanwhile (kernels/gemv.py).
     # The environment variable SHRINK_PDL=0 turns it off (read here only).
     pdl: bool = True
+    # Compressed (int8 / int4 / W8A8 int8) weights in the batch-1 decode GEMVs: False, the fast
+    # dequantization (fp32, no per-weight rounding; kernels/gemv.py); True, the exact one, each
+    # dequantized weight rounded to the activation dtype as the torch references do.
+    exact_dequant: bool = False
     # A prefill step of at most this many tokens (and 16 sequences) replays a CUDA graph
     # (engine/cuda_graphs.py): its host cost is one replay instead of a launch per kernel. 0: off.
     prefill_graph_max_tokens: int = 512
@@ -155,6 +159,7 @@ class EngineConfig:
             raise RuntimeError(f"tensor_parallel_size={self.tensor_parallel_size}: this process is in a group of "
                                f"{tp_size()} rank(s); the model runner starts the group (engine/parallel)")
         return ModelOptions(use_triton=self.triton_enabled, fused_decode=self.fused_decode, pdl=self.pdl,
-                            block_size=self.block_size, max_model_len=self.max_model_len,
+                            exact_dequant=self.exact_dequant, block_size=self.block_size,
+                            max_model_len=self.max_model_len,
                             tp_rank=tp_rank() if self.tensor_parallel_size > 1 else 0,
                             tp_size=self.tensor_parallel_size)

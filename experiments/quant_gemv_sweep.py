@@ -1,28 +1,38 @@
-"""Sweep kernels/gemv.py's block sizes for compressed weights (int8, int4 per group with and
-without zero points, W8A8 int8) at Llama-2-7B's decode shapes on the GPU, as experiments/gemv_sweep.py
-does for bf16: each config's kernel launched back to back on distinct weight copies (256 MiB or
-more in all, so nothing is served from L2) inside a CUDA graph, PDL as the engine launches it.
-Prints, per (format, shape, M), the heuristic's config (gemv_config) and the best ones with the
-bytes they stream per second (codes + scales + zero points), and the copy-ceiling-relative figure
-the issue asks for (int4 at M 1 >= 80%).
+"""Compressed-weight decode GEMVs at Llama-2-7B's shapes on the GPU, in one run of about four
+minutes: per format (int8, int4 g64 / g128, int4 g128 with zero points, W8A8 int8), shape and
+M (1 and 16), the achieved GB/s of weight bytes (codes + scales + zero points), and the fraction
+of a measured device-to-device copy ceiling, for
+- "exact": kernels/gemv.py's exact dequantization with its heuristic config (gemv_config);
+- "fast": the fast dequantization with its heuristic (fast_gemv_config, FAST_M1_CONFIGS), and
+  "fast_best": the best of the FAST_M1_CONFIGS candidates swept within --budget-s (M == 1; at
+  M > 1 ``fast`` runs the exact path, so there fast equals exact);
+- "tinygemm": torch._weight_int4pack_mm (gpt-fast's int4 kernel; int4 formats, CUDA, where this
+  torch has it), a plain matmul of the same codes without the fusions;
+- "bf16": the dense bf16 gemv of the shape with the same fusion (the baseline).
+Each kernel is launched back to back on distinct weight copies (256 MiB or more in all, so
+nothing is served from L2) inside a CUDA graph, PDL as the engine launches it; the fused
+norm / residual / SwiGLU epilogues as the engine runs each shape.
 
-    python experiments/quant_gemv_sweep.py [--formats int8 int4_g128 ...] [--m 1 16] [--budget-s 110]
+    python experiments/quant_gemv_sweep.py --json quant_sweep.jsonl [--formats ...] [--m 1 16] [--budget-s 100]
 
-Each new (shape, config, format) is a Triton compile (about a second): the sweep stops trying
-candidates when --budget-s is spent (heuristic first, then the candidates most likely to win)
-and prints what it has, so a default run ends within two minutes.
+Output: one JSON object per line (stdout and --json): {"kind": "ceiling"}, one {"kind":
+"measure"} per (format, shape, M, path), one {"kind": "suggest"} per format (the candidate entry
+with the least total time over the four shapes among those timed on all of them: the value to put
+in FAST_M1_CONFIGS), and {"kind": "done"}.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from typing import Any, Callable
 
 import torch
 
 from eval.bench.common import graph_seconds
-from kernels._triton import next_pow2
-from kernels.gemv import gemv, gemv_config
+from kernels import quant as ref
+from kernels.gemv import FAST_M1_CONFIGS, fast_gemv_config, gemv, gemv_config
 
 SHAPES = {  # Llama-2-7B decode linears: name -> (N, K, fusion as the engine runs it)
     "qkv": (3 * 4096, 4096, "norm"),
@@ -31,72 +41,114 @@ SHAPES = {  # Llama-2-7B decode linears: name -> (N, K, fusion as the engine run
     "down": (4096, 11008, "residual"),
 }
 FORMATS = ["int8", "int4_g64", "int4_g128", "int4_g128_zero", "w8a8_int8"]
+# FAST_M1_CONFIGS candidates (BLOCK_N, BLOCK_K, num_warps), the likeliest first: more columns or
+# wider K steps hold more bytes in flight per program, fewer keep the registers (and occupancy) up.
+FAST_CANDIDATES = [(8, 2048, 4), (16, 2048, 4), (8, 4096, 4), (4, 4096, 4), (16, 1024, 4), (8, 2048, 8),
+                   (32, 1024, 4), (4, 2048, 4), (16, 2048, 8), (8, 1024, 4), (32, 1024, 8), (16, 4096, 8),
+                   (4, 8192, 8), (2, 8192, 4)]
+COPY_BYTES = 256 << 20  # weight copies per case: far more than L2
 
 
-def candidates(m: int, k: int, group: int) -> list[tuple[int, int, int, int]]:
-    """Configs to try, the likeliest first. M == 1: wider K steps (a quantized row is 1/2 or 1/4
-    of bf16's bytes, so the same bytes in flight need 2-4x the elements) and more columns per
-    program; M > 1: the 16-row tl.dot tiles with wider K steps."""
-    if m == 1:
-        first = [(4, 4096, 8), (8, 4096, 8), (16, 2048, 8), (8, 8192, 8), (2, 8192, 8), (16, 4096, 8),
-                 (4, 8192, 8), (8, 2048, 4), (32, 1024, 8), (4, 2048, 4), (2, 4096, 4), (16, 4096, 16)]
-        grid = first + [(bn, bk, w) for bk in (4096, 8192, 2048, 1024) for bn in (4, 8, 2, 16, 1) for w in (8, 4, 16)
-                        if (bn, bk, w) not in first]
-        out = [(1, bn, bk, w) for bn, bk, w in grid
-               if bk <= max(1024, next_pow2(k)) and 2048 <= bn * bk <= 65536 and bn * bk >= 32 * w * 8]
-    else:
-        out = [(16, bn, bk, w) for bk in (256, 512, 128, 1024) for bn in (32, 16, 64) for w in (4, 8)
-               if bk <= k]
-    return [c for c in out if c[2] % group == 0 or c[2] < group]
+def fmt_quant(fmt: str) -> tuple[str, int, bool]:
+    """(gemv's quant, int4 group or 1, zero points) of a format name ("bf16": dense)."""
+    if fmt == "bf16":
+        return "dense", 1, False
+    if fmt in ("int8", "w8a8_int8"):
+        return fmt, 1, False
+    return "int4", int(fmt.split("_g")[1].split("_")[0]), fmt.endswith("zero")
 
 
 def make_weights(fmt: str, n: int, k: int, copies: int,
                  dev: str = "cuda") -> tuple[list[tuple[torch.Tensor, dict]], int]:
     """`copies` distinct weights of the format, as gemv's (weight, quant kwargs); bytes of one."""
+    quant, group, zero = fmt_quant(fmt)
     out = []
     for _ in range(copies):
-        if fmt in ("int8", "w8a8_int8"):
+        if quant != "int4":
             codes = torch.randint(-128, 128, (n, k), device=dev, dtype=torch.int8)
             scale = torch.rand(n, device=dev) * 1e-3 + 1e-4
             out.append((codes, {"quant": fmt, "scale": scale}))
         else:
-            group = int(fmt.split("_g")[1].split("_")[0])
             packed = torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.uint8)
             scale = torch.rand(n, k // group, device=dev) * 1e-2 + 1e-3
-            zero = torch.randint(-8, 8, (n, k // group), device=dev).float() if fmt.endswith("zero") else None
-            out.append((packed, {"quant": "int4", "scale": scale, "zero": zero}))
+            zp = torch.randint(-8, 8, (n, k // group), device=dev).float() if zero else None
+            out.append((packed, {"quant": "int4", "scale": scale, "zero": zp}))
     w, q = out[0]
     nbytes = w.numel() * w.element_size() + sum(t.numel() * t.element_size() for t in (q["scale"], q.get("zero"))
                                                 if t is not None)
     return out, nbytes
 
 
-def bench(weights, m: int, n: int, k: int, fusion: str, config) -> float:
-    """Seconds per launch of gemv with `config`, over every weight copy in one CUDA graph."""
-    dev, dt = "cuda", torch.bfloat16
-    x = torch.randn(m, k, device=dev, dtype=dt)
-    nw = torch.ones(k, device=dev, dtype=dt)
-    res = torch.randn(m, n // 2 if fusion == "swiglu" else n, device=dev, dtype=dt)
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
-    def run(w, q):
-        if fusion == "swiglu":
-            gemv(x, w, norm_weight=nw, swiglu=True, config=config, **q)
-        elif fusion == "norm":
-            gemv(x, w, norm_weight=nw, config=config, **q)
+
+class Case:
+    """One (format, shape, M): its weight copies, input tensors and the gemv call of the engine's fusion."""
+
+    def __init__(self, fmt: str, shape: str, m: int, weights: list, nbytes: int) -> None:
+        self.fmt, self.shape, self.m = fmt, shape, m
+        self.n, self.k, self.fusion = SHAPES[shape]
+        self.quant, self.group, _ = fmt_quant(fmt)
+        self.weights, self.bytes = weights, nbytes
+        self.n_out = self.n // 2 if self.fusion == "swiglu" else self.n
+        dev, dt = "cuda", torch.bfloat16
+        self.x = torch.randn(m, self.k, device=dev, dtype=dt)
+        self.nw = torch.ones(self.k, device=dev, dtype=dt)
+        self.res = torch.randn(m, self.n_out, device=dev, dtype=dt)
+
+    def call(self, w: torch.Tensor, q: dict, **kw: Any) -> torch.Tensor:
+        """The fused gemv into a new tensor (the residual stream left as it is)."""
+        if self.fusion == "residual":
+            return gemv(self.x, w, residual=self.res, **q, **kw)
+        return gemv(self.x, w, norm_weight=self.nw, swiglu=self.fusion == "swiglu", **q, **kw)
+
+    def run(self, w: torch.Tensor, q: dict, **kw: Any) -> None:
+        """The fused gemv as the engine launches it (residual: added in place)."""
+        if self.fusion == "residual":
+            gemv(self.x, w, residual=self.res, out=self.res, **q, **kw)
         else:
-            gemv(x, w, residual=res, out=res, config=config, **q)
+            gemv(self.x, w, norm_weight=self.nw, swiglu=self.fusion == "swiglu", **q, **kw)
 
-    # A config is timed only if it computes what the heuristic's does (summation order aside).
-    fused = {"residual": res} if fusion == "residual" else {"norm_weight": nw}
-    w, q = weights[0]
-    got = gemv(x, w, swiglu=fusion == "swiglu", config=config, **fused, **q)
-    want = gemv(x, w, swiglu=fusion == "swiglu", **fused, **q)
-    err = ((got.float() - want.float()).norm() / want.float().norm()).item()
-    if not err < 1e-2:
-        raise ValueError(f"config {config} differs from the heuristic's result: relative error {err:.3g}")
-    for w, q in weights[:2]:
-        run(w, q)
-    return graph_seconds(lambda: [run(w, q) for w, q in weights]) / len(weights)
+    def time(self, **kw: Any) -> float:
+        """Seconds per launch over all weight copies in one CUDA graph, after a check that this
+        launch computes what the exact heuristic's does (to bf16 and summation order; the
+        matmul part of a residual add)."""
+        w, q = self.weights[0]
+        base = self.res.float() if self.fusion == "residual" else 0.0
+        err = _rel(self.call(w, q, **kw).float() - base, self.call(w, q).float() - base)
+        if not err < 2e-2:
+            raise ValueError(f"{kw} differs from the exact heuristic's result: relative error {err:.3g}")
+        for w, q in self.weights[:2]:
+            self.run(w, q, **kw)
+        return graph_seconds(lambda: [self.run(w, q, **kw) for w, q in self.weights]) / len(self.weights)
+
+
+def tinygemm_seconds(case: Case) -> float:
+    """torch._weight_int4pack_mm on the case's int4 codes (plain matmul, no fusion): the codes
+    repacked for it (its uint8 layout has the even column in the high nibble; its dequantization
+    is (q - 8) * scale + zero, so zero = -z * scale), checked against the fp32 reference."""
+    if not hasattr(torch, "_weight_int4pack_mm") or not hasattr(torch, "_convert_weight_to_int4pack"):
+        raise RuntimeError("this torch has no torch._weight_int4pack_mm")
+    packs = []
+    for w, q in case.weights:
+        swapped = ((w >> 4) | (w << 4)).contiguous()  # even column into the high nibble
+        packed = torch._convert_weight_to_int4pack(swapped, 8)
+        scale = q["scale"].to(torch.bfloat16)
+        zero = (-q["zero"] * q["scale"]).to(torch.bfloat16) if q["zero"] is not None else torch.zeros_like(scale)
+        packs.append((packed, torch.stack([scale.t(), zero.t()], dim=-1).contiguous()))
+    x = case.x
+
+    def mm(i: int) -> torch.Tensor:
+        return torch._weight_int4pack_mm(x, packs[i][0], case.group, packs[i][1])
+
+    w, q = case.weights[0]
+    want = ref.int4_linear_fast_ref(x, w, q["scale"], q["zero"])
+    err = _rel(mm(0), want)
+    if not err < 2e-2:
+        raise ValueError(f"tinygemm differs from the reference: relative error {err:.3g}")
+    mm(1)
+    return graph_seconds(lambda: [mm(i) for i in range(len(packs))]) / len(packs)
 
 
 def copy_ceiling_tbps() -> float:
@@ -114,57 +166,125 @@ def copy_ceiling_tbps() -> float:
     return 2 * a.numel() * 10 / (start.elapsed_time(end) / 1e3) / 1e12
 
 
+def suggest(records: list[dict], fmt: str) -> dict | None:
+    """The FAST_M1_CONFIGS entry of the least total time over the shapes, among the entries timed
+    on every shape the format's M == 1 records have (heuristic included), or None."""
+    timed = [r for r in records if r.get("kind") == "measure" and r["format"] == fmt and r["M"] == 1
+             and r["path"] in ("fast", "fast_sweep") and "seconds" in r]
+    shapes = {r["shape"] for r in timed}
+    per_entry: dict[tuple, dict] = {}
+    for r in timed:
+        per_entry.setdefault(tuple(r["entry"]), {})[r["shape"]] = r["seconds"]
+    totals = {e: sum(t.values()) for e, t in per_entry.items() if set(t) == shapes}
+    if not totals:
+        return None
+    best = min(totals, key=totals.get)
+    heuristic = tuple(FAST_M1_CONFIGS[fmt_quant(fmt)[0]])
+    return {"kind": "suggest", "format": fmt, "entry": list(best), "total_us": totals[best] * 1e6,
+            "heuristic_entry": list(heuristic),
+            "heuristic_total_us": totals[heuristic] * 1e6 if heuristic in totals else None,
+            "shapes": sorted(shapes)}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--formats", nargs="+", default=["int8", "int4_g128"], choices=FORMATS,
-                    help="default: the two the issue's targets rest on; add int4_g64, int4_g128_zero, w8a8_int8")
+    ap.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--m", nargs="+", type=int, default=[1], help="batch rows (1..16), e.g. --m 1 16")
-    ap.add_argument("--budget-s", type=float, default=110.0, help="stop trying new configs after this long")
-    ap.add_argument("--top", type=int, default=4)
+    ap.add_argument("--m", nargs="+", type=int, default=[1, 16], help="batch rows (1..16)")
+    ap.add_argument("--budget-s", type=float, default=100.0,
+                    help="seconds of fast-config sweeping after the fixed measurements (each new config compiles)")
+    ap.add_argument("--json", default=None, help="also write the JSON lines to this file")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("quant_gemv_sweep needs a CUDA GPU")
     started = time.perf_counter()
+    out = open(args.json, "w") if args.json else None
+    records: list[dict] = []
+
+    def emit(rec: dict) -> None:
+        if rec.get("kind") == "measure":
+            records.append(rec)
+        line = json.dumps(rec)
+        print(line, flush=True)
+        if out is not None:
+            out.write(line + "\n")
+            out.flush()
+
     ceiling = copy_ceiling_tbps()
-    print(f"{torch.cuda.get_device_name()}: copy ceiling {ceiling:.2f} TB/s", flush=True)
-    # Round-robin over the cases so that a spent budget leaves every case with its best few tried.
-    cases = []
+    emit({"kind": "ceiling", "device": torch.cuda.get_device_name(), "copy_TBps": ceiling, "torch": torch.__version__})
+
+    def measure(case: Case, path: str, seconds: Callable[[], float], nbytes: int, **extra: Any) -> None:
+        rec = {"kind": "measure", "format": case.fmt, "shape": case.shape, "M": case.m, "N": case.n, "K": case.k,
+               "fusion": case.fusion if path != "tinygemm" else "none", "path": path, "weight_bytes": nbytes, **extra}
+        try:
+            s = seconds()
+            gbps = nbytes / s / 1e9
+            rec.update(seconds=s, us=s * 1e6, GBps=gbps, of_copy_ceiling=gbps / (ceiling * 1e3))
+        except Exception as e:  # noqa: BLE001 - a config the compiler rejects, a torch without tinygemm
+            rec["error"] = f"{type(e).__name__}: {e}"[:300]
+        emit(rec)
+
+    # bf16 baselines, per shape and M
+    for shape in args.shapes:
+        n, k, fusion = SHAPES[shape]
+        copies = max(8, -(-COPY_BYTES // (n * k * 2)))
+        dense = [(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, {}) for _ in range(copies)]
+        for m in args.m:
+            case = Case("bf16", shape, m, dense, n * k * 2)
+            cfg = gemv_config(m, case.n_out, k, two=fusion == "swiglu")
+            measure(case, "bf16", lambda: case.time(), n * k * 2, config=list(cfg))
+        del dense
+        torch.cuda.empty_cache()
+
+    # the fixed measurements of every case, keeping the M == 1 cases for the sweep
+    sweep: list[tuple[Case, list]] = []
     for fmt in args.formats:
-        group = int(fmt.split("_g")[1].split("_")[0]) if fmt.startswith("int4") else 1
         for shape in args.shapes:
             n, k, fusion = SHAPES[shape]
-            code_bytes = n * k if fmt in ("int8", "w8a8_int8") else n * k // 2
-            copies = max(8, -(-(256 << 20) // code_bytes))  # 256 MiB in all: far more than L2
-            weights, nbytes = make_weights(fmt, n, k, copies)
+            quant, group, _ = fmt_quant(fmt)
+            code_bytes = n * k if quant != "int4" else n * k // 2
+            weights, nbytes = make_weights(fmt, n, k, max(8, -(-COPY_BYTES // code_bytes)))
             for m in args.m:
-                n_out = n // 2 if fusion == "swiglu" else n
-                default = gemv_config(m, n_out, k, two=fusion == "swiglu")
-                todo = [default] + [c for c in candidates(m, k, group) if c != default]
-                cases.append({"fmt": fmt, "shape": shape, "m": m, "n": n, "k": k, "fusion": fusion,
-                              "weights": weights, "bytes": nbytes, "default": default, "todo": todo, "results": {}})
-    while any(c["todo"] for c in cases) and time.perf_counter() - started < args.budget_s:
-        for case in cases:
-            if not case["todo"] or time.perf_counter() - started >= args.budget_s:
+                case = Case(fmt, shape, m, weights, nbytes)
+                two = fusion == "swiglu"
+                measure(case, "exact", lambda: case.time(), nbytes,
+                        config=list(gemv_config(m, case.n_out, k, two=two)))
+                if m == 1:
+                    entry = FAST_M1_CONFIGS[quant]
+                    cfg = fast_gemv_config(case.n_out, k, quant, group, two)
+                    measure(case, "fast", lambda: case.time(fast=True), nbytes, config=list(cfg), entry=list(entry))
+                    sweep.append((case, [e for e in FAST_CANDIDATES if e != entry]))
+                else:
+                    measure(case, "fast", lambda: case.time(fast=True), nbytes, note="M > 1: the exact path")
+                if quant == "int4":
+                    measure(case, "tinygemm", lambda: tinygemm_seconds(case), nbytes)
+                torch.cuda.empty_cache()
+            del weights
+
+    # the sweep: candidate-major, so that a spent budget leaves whole candidates timed on every shape
+    sweep_start = time.perf_counter()
+    for entry in FAST_CANDIDATES:
+        if time.perf_counter() - sweep_start >= args.budget_s:
+            break
+        for case, todo in sweep:
+            if entry not in todo or time.perf_counter() - sweep_start >= args.budget_s:
                 continue
-            cfg = case["todo"].pop(0)
-            try:
-                case["results"][cfg] = bench(case["weights"], case["m"], case["n"], case["k"], case["fusion"], cfg)
-            except Exception as e:  # noqa: BLE001 - a config the compiler rejects (registers, shared memory)
-                print(f"  {case['fmt']} {case['shape']} M={case['m']} {cfg}: {type(e).__name__}: {e}"[:300], flush=True)
-    for case in cases:
-        res = case["results"]
-        if not res:
-            print(f"{case['fmt']} {case['shape']} M={case['m']}: nothing timed within the budget")
-            continue
-        tbps = {cfg: case["bytes"] / s / 1e12 for cfg, s in res.items()}
-        best = sorted(tbps.items(), key=lambda kv: -kv[1])
-        d = case["default"]
-        heuristic = f"{tbps[d]:.2f} TB/s ({tbps[d] / ceiling:.0%} of copy)" if d in tbps else "not timed"
-        print(f"{case['fmt']} {case['shape']} N={case['n']} K={case['k']} M={case['m']} "
-              f"({case['bytes'] / 1e6:.1f} MB, {len(res)} configs): heuristic {d} {heuristic}; best: "
-              + ", ".join(f"{c} {v:.2f} TB/s ({v / ceiling:.0%})" for c, v in best[:args.top]), flush=True)
-    print(f"swept in {time.perf_counter() - started:.0f}s", flush=True)
+            cfg = fast_gemv_config(case.n_out, case.k, case.quant, case.group, case.fusion == "swiglu", entry=entry)
+            measure(case, "fast_sweep", lambda: case.time(fast=True, config=cfg), case.bytes, config=list(cfg),
+                    entry=list(entry))
+    for case, _ in sweep:  # the best fast config of each case, heuristic included
+        timed = [r for r in records if r["format"] == case.fmt and r["shape"] == case.shape and r["M"] == 1
+                 and r["path"] in ("fast", "fast_sweep") and "seconds" in r]
+        if timed:
+            best = min(timed, key=lambda r: r["seconds"])
+            emit({**best, "path": "fast_best", "of_candidates": len(timed)})
+    for fmt in args.formats:
+        rec = suggest(records, fmt)
+        if rec is not None:
+            emit(rec)
+    emit({"kind": "done", "wall_s": time.perf_counter() - started})
+    if out is not None:
+        out.close()
 
 
 if __name__ == "__main__":

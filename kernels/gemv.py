@@ -18,6 +18,17 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   (QUANT 3): int8 codes as QUANT 1, and the input quantized per row in the prologue (dynamic,
   symmetric: absmax / 127.5 after the norm, round half to even), the sums scaled by the row's and
   the column's scales.
+- fast dequantization (``fast``, M == 1): the exact path above converts
+  every code with an int -> float conversion and rounds every dequantized weight to the dtype
+  (two more conversions), and conversions run at a fraction of the FMA rate: int4 was bound by
+  them at a quarter of the copy ceiling. The fast path reads the codes as int32 words (8 int4 or
+  4 int8 codes) and makes each code a float with the magic-number trick: OR-ing c (< 2^23) into
+  the mantissa of 2^23 and subtracting 2^23 gives c exactly (one LOP3 and one FADD; the code
+  offset rides in the subtracted constant, and a code left in place at bit 4s is c * 16^s,
+  whose factor is taken out of x instead of shifting the word). Per word the products are
+  summed, the zero point enters as - z * sum(x), the group scale once per word; the int8
+  column scale once per column. No dequantized weight is rounded to the dtype: the result is
+  x @ W^T with W dequantized in fp32 (kernels/quant.py's fast references), rounded once.
 - rotary + KV store (gemv_rope_store, a sibling kernel on the same matmul code): the qkv matmul's
   epilogue rotates q and k (neox layout) and writes k and v straight into the paged cache, so the
   separate rope_store launch (kernels/rotary.py) goes away. Each program computes both members of
@@ -37,6 +48,7 @@ import torch.nn.functional as F
 from kernels._triton import HAS_TRITON, interpreting, next_pow2, pdl_launch_args, tl, triton
 from kernels.activation import silu_and_mul_ref
 from kernels.kv_store import store_kv_ref
+from kernels.quant import fp32_weight_linear_ref
 from kernels.rmsnorm import rmsnorm_ref
 
 SMALL_M = 16  # most rows the skinny GEMM takes; larger batches go to cuBLAS
@@ -50,10 +62,12 @@ def gemv_ref(
     norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
     residual: torch.Tensor | None = None, swiglu: bool = False,
 ) -> torch.Tensor:
-    """The unfused modules, in their order: rmsnorm, linear (+bias), silu_and_mul, residual add."""
+    """The unfused modules, in their order: rmsnorm, linear (+bias), silu_and_mul, residual add.
+    A weight of another dtype than x (the fast path's fp32 dequantized weights) multiplies as
+    kernels/quant.py's fp32_weight_linear_ref: in fp32, rounded once to x's dtype."""
     if norm_weight is not None:
         x = rmsnorm_ref(x, norm_weight, eps)
-    y = F.linear(x, weight, bias)
+    y = F.linear(x, weight, bias) if weight.dtype == x.dtype else fp32_weight_linear_ref(x, weight, bias)
     if swiglu:
         y = silu_and_mul_ref(y)
     if residual is not None:
@@ -130,6 +144,51 @@ def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True) -> 
     # 512-wide K steps helped SmolLM2's down_proj (K 1536); at Llama-7B's K (4096+) 256 did as well.
     block_k = max(32, min(next_pow2(k), 512 if 1024 <= k <= 2048 else 256))
     return 16, block_n, block_k, 2 if (block_n, block_k) == (16, 512) else 4
+
+
+# The fast path's M == 1 configs, per format: (BLOCK_N, BLOCK_K, num_warps) of a program reading one
+# W row set (SwiGLU's and rotary's programs read two: half the columns). First guesses: a program
+# holds about as many weight bytes per K step as the bf16 path's (16-32 KB, two steps in flight);
+# experiments/quant_gemv_sweep.py prints the measured best per format and shape to set them from.
+FAST_M1_CONFIGS: dict[str, tuple[int, int, int]] = {
+    "int8": (8, 2048, 4),
+    "w8a8_int8": (8, 2048, 4),
+    "int4": (8, 2048, 4),
+}
+FAST_MIN_PROGRAMS = 264  # two per SM of an H100/H200 (132 SMs): fewer columns per program below that
+WORD_CODES = {"int8": 4, "w8a8_int8": 4, "int4": 8}  # codes in one int32 word
+
+
+def fast_dequant_fits(quant: str, k: int, group: int = 1) -> bool:
+    """Whether the fast path reads a weight of this format: every row whole int32 words (K a
+    multiple of 4 int8 / 8 int4 codes), int4 groups a power of two of whole words."""
+    if quant not in WORD_CODES or k % WORD_CODES[quant]:
+        return False
+    return quant != "int4" or (group >= 8 and group & (group - 1) == 0)
+
+
+def fast_gemv_config(n: int, k: int, quant: str, group: int = 1, two: bool = False,
+                     entry: tuple[int, int, int] | None = None) -> tuple[int, int, int, int]:
+    """(1, BLOCK_N, BLOCK_K, num_warps) of the fast path at M == 1: FAST_M1_CONFIGS's entry (or
+    ``entry``, a candidate for that table), with K steps no wider than K (at least one int4
+    group) and fewer columns per program where N would leave fewer than FAST_MIN_PROGRAMS."""
+    block_n, block_k, num_warps = entry or FAST_M1_CONFIGS[quant]
+    if two:
+        block_n = max(1, block_n // 2)
+    block_k = max(group, WORD_CODES[quant], min(block_k, next_pow2(k)))
+    while block_n > 1 and triton.cdiv(n, block_n) < FAST_MIN_PROGRAMS:
+        block_n //= 2
+    return 1, block_n, block_k, num_warps
+
+
+def _fast_words(quant: str, group: int, block_k: int) -> tuple[int, int]:
+    """(GPT, WPG): a fast K step's words as GPT groups of WPG words (int8: one run of words)."""
+    codes = WORD_CODES[quant]
+    assert block_k & (block_k - 1) == 0 and block_k % codes == 0, f"fast path: BLOCK_K {block_k} is not a power of two"
+    if quant != "int4":
+        return 1, block_k // codes
+    assert block_k % group == 0, f"fast path: BLOCK_K {block_k} is not a multiple of the group size {group}"
+    return block_k // group, group // codes
 
 
 if HAS_TRITON:
@@ -230,10 +289,10 @@ if HAS_TRITON:
         return x
 
     @triton.jit
-    def _quantize_rows(x, xs):
-        """round(x / xs) half to even, clamped to int8's range, as fp32 (kernels/quant.py's
-        quantize_per_token_int8)."""
-        v = tl.math.div_rn(x.to(tl.float32), xs[:, None])
+    def _quantize(x, xs):
+        """round(x / xs) half to even (xs broadcast against x), clamped to int8's range, as fp32
+        (kernels/quant.py's quantize_per_token_int8)."""
+        v = tl.math.div_rn(x.to(tl.float32), xs)
         r = tl.floor(v + 0.5)
         r = tl.where(((r - v) == 0.5) & ((r % 2) != 0), r - 1.0, r)
         return tl.minimum(tl.maximum(r, -128.0), 127.0)
@@ -247,11 +306,35 @@ if HAS_TRITON:
         dtype = x_rows.dtype.element_ty
         x = _input_tile(x_rows, row_mask, k, nw_ptr, rstd, K, NORM, BF16_BY_HAND)
         if QUANT == 3:  # integers of at most 8 bits: exact in any float dtype
-            x = _quantize_rows(x, xs).to(dtype)
+            x = _quantize(x, xs[:, None]).to(dtype)
         acc = _mac(acc, x, w, BLOCK_M, IEEE)
         if TWO:
             acc2 = _mac(acc2, x, w2, BLOCK_M, IEEE)
         return acc, acc2
+
+    @triton.jit
+    def _row_stats(x_rows, row_mask, ks, nw_ptr, eps, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_K: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+        """Each input row's rstd (NORM) and W8A8 activation scale (QUANT 3), [BLOCK_M] (zeros where
+        unused): passes over the rows before the matmul's."""
+        rstd = tl.zeros([BLOCK_M], tl.float32)
+        if NORM:  # sum of squares of each input row, as kernels/rmsnorm.py: fp32, / K, rsqrt
+            sq = tl.zeros([BLOCK_M], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + ks
+                h = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & (k < K)[None, :], other=0.0)
+                h = h.to(tl.float32)
+                sq += tl.sum(h * h, 1)
+            rstd = tl.rsqrt(sq / K + eps)
+        xs = tl.zeros([BLOCK_M], tl.float32)
+        if QUANT == 3:  # each row's activation scale: absmax of the (normalised) input / 127.5
+            amax = tl.zeros([BLOCK_M], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                h = _input_tile(x_rows, row_mask, k0 + ks, nw_ptr, rstd, K, NORM, BF16_BY_HAND)
+                amax = tl.maximum(amax, tl.max(tl.abs(h.to(tl.float32)), 1))
+            xs = amax / 127.5
+            xs = tl.where(xs == 0.0, 1.1920928955078125e-07, xs)
+        return rstd, xs
 
     @triton.jit
     def _matmul(
@@ -280,24 +363,7 @@ if HAS_TRITON:
         if PDL:  # x is the previous kernel's output: wait for it, then let the next kernel start
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        rstd = tl.zeros([BLOCK_M], tl.float32)
-        if NORM:  # sum of squares of each input row, as kernels/rmsnorm.py: fp32, / K, rsqrt
-            sq = tl.zeros([BLOCK_M], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + ks
-                h = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & (k < K)[None, :], other=0.0)
-                h = h.to(tl.float32)
-                sq += tl.sum(h * h, 1)
-            rstd = tl.rsqrt(sq / K + eps)
-        xs = tl.zeros([BLOCK_M], tl.float32)
-        if QUANT == 3:  # each row's activation scale: absmax of the (normalised) input / 127.5
-            amax = tl.zeros([BLOCK_M], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                h = _input_tile(x_rows, row_mask, k0 + ks, nw_ptr, rstd, K, NORM, BF16_BY_HAND)
-                amax = tl.maximum(amax, tl.max(tl.abs(h.to(tl.float32)), 1))
-            xs = amax / 127.5
-            xs = tl.where(xs == 0.0, 1.1920928955078125e-07, xs)
-
+        rstd, xs = _row_stats(x_rows, row_mask, ks, nw_ptr, eps, K, BLOCK_M, BLOCK_K, NORM, QUANT, BF16_BY_HAND)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc, acc2 = _mac_tile(acc, acc2, x_rows, row_mask, ks, w, w2, nw_ptr, rstd, xs,
@@ -319,20 +385,181 @@ if HAS_TRITON:
         return acc, acc2
 
     @triton.jit
-    def _w_rows(w_ptr, s_ptr, z_ptr, cols, K: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr):
-        """Row pointers [BLOCK_N, 1] of W's codes, its group scales and zero points for columns cols."""
-        c = cols.to(tl.int64)[:, None]
+    def _fast_x(x_ptr, k, nw_ptr, rstd, xs, K: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr,
+                BF16_BY_HAND: tl.constexpr):
+        """Row 0's input at the columns k (any shape) in fp32: normalised as _input_tile does with
+        NORM (rstd: the row's scalar), quantized with QUANT 3 (xs: the row's scale)."""
+        dtype = x_ptr.dtype.element_ty
+        k_mask = k < K
+        x = tl.load(x_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+        if NORM:
+            nw = tl.load(nw_ptr + k, mask=k_mask, other=0.0)
+            x = _rnd(x * rstd, dtype, BF16_BY_HAND)
+            x = _rnd(nw.to(tl.float32) * x, dtype, BF16_BY_HAND)
+        if QUANT == 3:
+            x = _quantize(x, xs)
+        return x
+
+    @triton.jit
+    def _fast_tile(w_rows, s_rows, z_rows, k0, col_mask, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
+                   GPT: tl.constexpr, WPG: tl.constexpr):
+        """The int32 code words [BLOCK_N, GPT, WPG] of inputs k0 .. k0 + BLOCK_K of the rows at
+        w_rows (GPT groups of WPG words: int4's scale groups; one run of words for int8), and
+        int4's group scales and zero points [BLOCK_N, GPT] (else zeros, unused)."""
+        CODES: tl.constexpr = BLOCK_K // (GPT * WPG)
+        g = k0 // (WPG * CODES) + tl.arange(0, GPT)
+        j = g[:, None] * WPG + tl.arange(0, WPG)[None, :]
+        words = tl.load(w_rows[:, :, None] + j[None, :, :],
+                        mask=col_mask[:, None, None] & (j < K // CODES)[None, :, :], other=0)
+        scale = tl.zeros([BLOCK_N, GPT], tl.float32)
+        zero = scale
         if QUANT == 2:
+            g_mask = col_mask[:, None] & (g < K // GROUP)[None, :]
+            scale = tl.load(s_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                zero = tl.load(z_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+        return words, scale, zero
+
+    @triton.jit
+    def _fast_code(src, SHIFT: tl.constexpr, QUANT: tl.constexpr):
+        """A code of each int32 word src as an exact fp32 by the magic-number trick: its bits OR-ed
+        into the mantissa of 2^23 (0x4B000000) make the float 2^23 + u * 2^s; subtracting
+        2^23 + offset * 2^s leaves (u - offset) * 2^s. int4 (QUANT 2): the unsigned nibble
+        (code + 8, offset 8) at bit SHIFT, masked in place (s = SHIFT <= 16: the caller takes the
+        2^SHIFT out of x). int8: the byte at bit SHIFT, its sign bit already flipped (byte ^ 0x80 =
+        byte + 128, offset 128), shifted down (s = 0; the compiler makes the byte extract a PRMT)."""
+        if QUANT == 2:
+            bits = (src & (0xF << SHIFT)) | 0x4B000000
+            return bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << SHIFT))
+        else:
+            bits = ((src >> SHIFT) & 0xFF) | 0x4B000000
+            return bits.to(tl.float32, bitcast=True) - 8388736.0
+
+    @triton.jit
+    def _fast_mac(acc, acc2, words, words2, scale, scale2, zero, zero2, x_ptr, k0, nw_ptr, rstd, xs,
+                  K: tl.constexpr, BLOCK_K: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr,
+                  QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, TWO: tl.constexpr, NORM: tl.constexpr,
+                  BF16_BY_HAND: tl.constexpr):
+        """acc (and acc2) [BLOCK_N, GPT, WPG] += per word: the sum over its codes of code * x,
+        minus zero * sum(x), times its group's scale (int4); int8 sums straight into acc (its
+        column scale comes after the K loop). Each x value is loaded and prepared once for all the
+        program's rows. int4 reads nibbles 0..4 in place (bits 0..16, x * 2^-4c) and 5..7 from one
+        shifted copy of the word (>> 12: bits 8..16): per code one LOP3, FADD and FFMA; int8
+        flips the word's sign bits once, then per byte an extract, OR, FADD and FFMA."""
+        CODES: tl.constexpr = BLOCK_K // (GPT * WPG)
+        kw = (k0 // (WPG * CODES) + tl.arange(0, GPT))[:, None] * (WPG * CODES) \
+            + tl.arange(0, WPG)[None, :] * CODES  # first input of each word [GPT, WPG]
+        if QUANT == 2:
+            hi = words >> 12
+            hi2 = hi
+            if TWO:
+                hi2 = words2 >> 12
+            xw = tl.zeros([GPT, WPG], tl.float32)
+            p = tl.zeros(words.shape, tl.float32)
+            p2 = p
+            for c in tl.static_range(8):
+                x = _fast_x(x_ptr, kw + c, nw_ptr, rstd, xs, K, NORM, QUANT, BF16_BY_HAND)
+                if HAS_ZERO:
+                    xw += x
+                if c < 5:
+                    xc = (x * (1.0 / (1 << (4 * c))))[None, :, :]
+                    p += _fast_code(words, 4 * c, QUANT) * xc
+                    if TWO:
+                        p2 += _fast_code(words2, 4 * c, QUANT) * xc
+                else:
+                    xc = (x * (1.0 / (1 << (4 * c - 12))))[None, :, :]
+                    p += _fast_code(hi, 4 * c - 12, QUANT) * xc
+                    if TWO:
+                        p2 += _fast_code(hi2, 4 * c - 12, QUANT) * xc
+            if HAS_ZERO:
+                p -= zero[:, :, None] * xw[None, :, :]
+            acc += p * scale[:, :, None]
+            if TWO:
+                if HAS_ZERO:
+                    p2 -= zero2[:, :, None] * xw[None, :, :]
+                acc2 += p2 * scale2[:, :, None]
+        else:
+            flipped = words ^ -0x7F7F7F80  # 0x80808080: each byte + 128, unsigned
+            flipped2 = flipped
+            if TWO:
+                flipped2 = words2 ^ -0x7F7F7F80
+            for c in tl.static_range(4):
+                xc = _fast_x(x_ptr, kw + c, nw_ptr, rstd, xs, K, NORM, QUANT, BF16_BY_HAND)[None, :, :]
+                acc += _fast_code(flipped, 8 * c, QUANT) * xc
+                if TWO:
+                    acc2 += _fast_code(flipped2, 8 * c, QUANT) * xc
+        return acc, acc2
+
+    @triton.jit
+    def _matmul_fast(
+        x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
+        K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
+        BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr,
+        HAS_ZERO: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr,
+    ):
+        """_matmul at M == 1 on int32 code words (FAST): [1, BLOCK_N] fp32 accumulators. The
+        next tile's words are loaded before the current one is multiplied (two tiles in flight
+        per program); the first before the PDL wait, as _matmul's."""
+        words, scale, zero = _fast_tile(w_rows, s_rows, z_rows, 0, col_mask, K, BLOCK_N, BLOCK_K, GROUP, QUANT,
+                                        HAS_ZERO, GPT, WPG)
+        words2, scale2, zero2 = words, scale, zero
+        if TWO:
+            words2, scale2, zero2 = _fast_tile(w_rows2, s_rows2, z_rows2, 0, col_mask, K, BLOCK_N, BLOCK_K, GROUP,
+                                               QUANT, HAS_ZERO, GPT, WPG)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        row = tl.arange(0, 1)
+        rstd, xs = _row_stats(x_ptr + row[:, None], row < 1, tl.arange(0, BLOCK_K), nw_ptr, eps, K, 1, BLOCK_K,
+                              NORM, QUANT, BF16_BY_HAND)
+        rstd = tl.sum(rstd, 0)
+        xs = tl.sum(xs, 0)
+        acc = tl.zeros([BLOCK_N, GPT, WPG], tl.float32)
+        acc2 = acc
+        for k0 in range(0, K, BLOCK_K):
+            next_words, next_scale, next_zero = _fast_tile(w_rows, s_rows, z_rows, k0 + BLOCK_K, col_mask, K,
+                                                           BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO, GPT, WPG)
+            next_words2, next_scale2, next_zero2 = next_words, next_scale, next_zero
+            if TWO:
+                next_words2, next_scale2, next_zero2 = _fast_tile(w_rows2, s_rows2, z_rows2, k0 + BLOCK_K, col_mask,
+                                                                  K, BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO,
+                                                                  GPT, WPG)
+            acc, acc2 = _fast_mac(acc, acc2, words, words2, scale, scale2, zero, zero2, x_ptr, k0, nw_ptr, rstd, xs,
+                                  K, BLOCK_K, GPT, WPG, QUANT, HAS_ZERO, TWO, NORM, BF16_BY_HAND)
+            words, scale, zero = next_words, next_scale, next_zero
+            words2, scale2, zero2 = next_words2, next_scale2, next_zero2
+        out = tl.sum(tl.sum(acc, 2), 1)[None, :]
+        out2 = tl.sum(tl.sum(acc2, 2), 1)[None, :]
+        if QUANT == 3:  # the row scale; the column scales follow (_column_scale)
+            out = out * xs
+            out2 = out2 * xs
+        return out, out2
+
+    @triton.jit
+    def _w_rows(w_ptr, s_ptr, z_ptr, cols, K: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr,
+                FAST: tl.constexpr):
+        """Row pointers [BLOCK_N, 1] of W's codes (FAST: int32 words of 8 int4 / 4 int8 codes), its
+        group scales and zero points for columns cols."""
+        c = cols.to(tl.int64)[:, None]
+        if QUANT == 2 and FAST:
+            return w_ptr + c * (K // 8), s_ptr + c * (K // GROUP), z_ptr + c * (K // GROUP)
+        elif QUANT == 2:
             return w_ptr + c * (K // 2), s_ptr + c * (K // GROUP), z_ptr + c * (K // GROUP)
+        elif FAST:
+            return w_ptr + c * (K // 4), s_ptr + c, z_ptr + c
         else:
             return w_ptr + c * K, s_ptr + c, z_ptr + c
 
     @triton.jit
     def _column_scale(acc, s_ptr, cols, col_mask, dtype: tl.constexpr, QUANT: tl.constexpr,
-                      BF16_BY_HAND: tl.constexpr):
+                      BF16_BY_HAND: tl.constexpr, FAST: tl.constexpr):
         """int8 (QUANT 1): the sums of codes, rounded as a matmul writes them, times the column
-        scales, rounded again (kernels/quant.py's int8_linear_ref); otherwise acc unchanged."""
-        if QUANT == 1:
+        scales, rounded again (kernels/quant.py's int8_linear_ref); FAST: fp32 sums times the fp32
+        scales (int8_linear_fast_ref); otherwise acc unchanged."""
+        if QUANT == 1 and FAST:
+            return acc * tl.load(s_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        elif QUANT == 1:
             scale = _rnd(tl.load(s_ptr + cols, mask=col_mask, other=0.0).to(tl.float32), dtype, BF16_BY_HAND)
             return _rnd(_rnd(acc, dtype, BF16_BY_HAND) * scale[None, :], dtype, BF16_BY_HAND)
         elif QUANT == 3:  # W8A8: fp32 throughout, one rounding after (kernels/quant.py's w8a8_linear_ref)
@@ -349,6 +576,7 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr,
         IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr,
         GROUP: tl.constexpr = 1, QUANT: tl.constexpr = 0, HAS_ZERO: tl.constexpr = False,
+        FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1,
     ):
         # N counts output columns: with SWIGLU, W has 2N rows (gate rows, then up rows).
         rows = tl.arange(0, BLOCK_M)
@@ -356,15 +584,20 @@ if HAS_TRITON:
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
         x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_stride
-        w_rows, s_rows, z_rows = _w_rows(w_ptr, s_ptr, z_ptr, cols, K, GROUP, QUANT)
-        w_up, s_up, z_up = _w_rows(w_ptr, s_ptr, z_ptr, cols + N, K, GROUP, QUANT)
+        w_rows, s_rows, z_rows = _w_rows(w_ptr, s_ptr, z_ptr, cols, K, GROUP, QUANT, FAST)
+        w_up, s_up, z_up = _w_rows(w_ptr, s_ptr, z_ptr, cols + N, K, GROUP, QUANT, FAST)
         dtype = x_ptr.dtype.element_ty
-        acc, acc_up = _matmul(x_rows, row_mask, w_rows, w_up, s_rows, s_up, z_rows, z_up, col_mask, nw_ptr, eps,
-                              K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, SWIGLU, IEEE, BF16_BY_HAND, PDL,
-                              GROUP, QUANT, HAS_ZERO)
-        acc = _column_scale(acc, s_ptr, cols, col_mask, dtype, QUANT, BF16_BY_HAND)
+        if FAST:
+            acc, acc_up = _matmul_fast(x_ptr, w_rows, w_up, s_rows, s_up, z_rows, z_up, col_mask, nw_ptr, eps,
+                                       K, BLOCK_N, BLOCK_K, NORM, SWIGLU, BF16_BY_HAND, PDL, GROUP, QUANT, HAS_ZERO,
+                                       GPT, WPG)
+        else:
+            acc, acc_up = _matmul(x_rows, row_mask, w_rows, w_up, s_rows, s_up, z_rows, z_up, col_mask, nw_ptr, eps,
+                                  K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, SWIGLU, IEEE, BF16_BY_HAND, PDL,
+                                  GROUP, QUANT, HAS_ZERO)
+        acc = _column_scale(acc, s_ptr, cols, col_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         if SWIGLU:
-            acc_up = _column_scale(acc_up, s_ptr, cols + N, col_mask, dtype, QUANT, BF16_BY_HAND)
+            acc_up = _column_scale(acc_up, s_ptr, cols + N, col_mask, dtype, QUANT, BF16_BY_HAND, FAST)
 
         if HAS_BIAS:  # added in fp32 before rounding, as cuBLAS's bias epilogue does
             acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -418,6 +651,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
         PDL: tl.constexpr, GROUP: tl.constexpr = 1, QUANT: tl.constexpr = 0, HAS_ZERO: tl.constexpr = False,
+        FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1,
     ):
         # Programs count rotary pairs, not columns: pair j is dim d = j % HALF of head j // HALF in
         # the qkv output (q heads, then k heads, then v heads), i.e. columns c and c + HALF. v's
@@ -430,14 +664,19 @@ if HAS_TRITON:
         d = j % HALF
         col = head * (2 * HALF) + d  # first member of the pair; the second is col + HALF
         x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_stride
-        w_rows, s_rows, z_rows = _w_rows(w_ptr, s_ptr, z_ptr, col, K, GROUP, QUANT)
-        w_rows2, s_rows2, z_rows2 = _w_rows(w_ptr, s_ptr, z_ptr, col + HALF, K, GROUP, QUANT)
+        w_rows, s_rows, z_rows = _w_rows(w_ptr, s_ptr, z_ptr, col, K, GROUP, QUANT, FAST)
+        w_rows2, s_rows2, z_rows2 = _w_rows(w_ptr, s_ptr, z_ptr, col + HALF, K, GROUP, QUANT, FAST)
         dtype = x_ptr.dtype.element_ty
-        acc1, acc2 = _matmul(x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask, nw_ptr,
-                             eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE, BF16_BY_HAND, PDL,
-                             GROUP, QUANT, HAS_ZERO)
-        acc1 = _column_scale(acc1, s_ptr, col, j_mask, dtype, QUANT, BF16_BY_HAND)
-        acc2 = _column_scale(acc2, s_ptr, col + HALF, j_mask, dtype, QUANT, BF16_BY_HAND)
+        if FAST:
+            acc1, acc2 = _matmul_fast(x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask, nw_ptr, eps,
+                                      K, BLOCK_N, BLOCK_K, NORM, True, BF16_BY_HAND, PDL, GROUP, QUANT, HAS_ZERO,
+                                      GPT, WPG)
+        else:
+            acc1, acc2 = _matmul(x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask, nw_ptr,
+                                 eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE, BF16_BY_HAND, PDL,
+                                 GROUP, QUANT, HAS_ZERO)
+        acc1 = _column_scale(acc1, s_ptr, col, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
+        acc2 = _column_scale(acc2, s_ptr, col + HALF, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         if HAS_BIAS:  # before the rotation (Qwen2), in fp32 before rounding as gemv does
             acc1 += tl.load(b_ptr + col, mask=j_mask, other=0.0).to(tl.float32)[None, :]
             acc2 += tl.load(b_ptr + col + HALF, mask=j_mask, other=0.0).to(tl.float32)[None, :]
@@ -465,9 +704,10 @@ QUANT_KINDS = {"dense": 0, "int8": 1, "int4": 2, "w8a8_int8": 3}
 def _quant_args(weight: torch.Tensor, k: int, quant: str, scale: torch.Tensor | None,
                 zero: torch.Tensor | None) -> tuple[int, dict]:
     """W's input width and the kernel arguments of its format (kernels/quant.py's layouts):
-    dense; int8 codes [N, K] with scale [N]; int4 packed [N, K / 2] with scale, zero [N, K / G]."""
+    dense; int8 codes [N, K] with scale [N]; int4 packed [N, K / 2] with scale, zero [N, K / G].
+    args["w_ptr"]: the weight the kernel reads."""
     kind = QUANT_KINDS[quant]
-    args = {"s_ptr": weight, "z_ptr": weight, "GROUP": 1, "QUANT": kind, "HAS_ZERO": False}
+    args = {"w_ptr": weight, "s_ptr": weight, "z_ptr": weight, "GROUP": 1, "QUANT": kind, "HAS_ZERO": False}
     if kind == 0:
         return weight.shape[1], args
     assert scale is not None and scale.is_contiguous()
@@ -485,12 +725,33 @@ def _quant_args(weight: torch.Tensor, k: int, quant: str, scale: torch.Tensor | 
     return 2 * weight.shape[1], args
 
 
+def _launch_config(m: int, n: int, k: int, quant: str, qargs: dict, fast: bool, two: bool, pdl: bool,
+                   config: tuple[int, int, int, int] | None,
+                   default) -> tuple[tuple[int, int, int, int], dict]:
+    """The launch config (``config``, else the fast path's or ``default``) and the kernel
+    arguments: with ``fast`` at M == 1 on a compressed weight, the codes as int32 words and the
+    fast path's constexprs (FAST, GPT, WPG). Elsewhere ``fast`` changes nothing (M > 1 takes the
+    exact path)."""
+    if not (fast and m == 1 and quant != "dense"):
+        return config or default(), qargs
+    group = qargs["GROUP"]
+    if not fast_dequant_fits(quant, k, group):
+        raise ValueError(f"fast dequantization: {quant} with K {k} and group {group} does not fit whole int32 "
+                         f"words (K a multiple of {WORD_CODES[quant]}, int4 groups a power of two >= 8)")
+    config = config or fast_gemv_config(n, k, quant, group, two)
+    assert config[0] == 1, config
+    gpt, wpg = _fast_words(quant, group, config[2])
+    w = qargs["w_ptr"]
+    return config, {**qargs, "w_ptr": w.view(torch.int32), "FAST": True, "GPT": gpt, "WPG": wpg}
+
+
 def gemv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
     norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
     residual: torch.Tensor | None = None, swiglu: bool = False, out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None, pdl: bool = True,
     quant: str = "dense", scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
+    fast: bool = False,
 ) -> torch.Tensor:
     """Triton version of gemv_ref for x [M <= SMALL_M, K]. ``out`` may be ``residual`` itself (an
     in-place add into the residual stream: each program reads and writes only its own columns),
@@ -498,7 +759,8 @@ def gemv(
     ``pdl``: programmatic dependent launch wherever the GPU has it (kernels/_triton.py).
     ``quant``: W's format, "dense", "int8", "int4" or "w8a8_int8" (with ``scale``, ``zero``:
     _quant_args); the reference is then gemv_ref on the dequantized weight (kernels/quant.py),
-    for W8A8 on the per-token quantized input."""
+    for W8A8 on the per-token quantized input. ``fast``: at M == 1 the fast dequantization (module
+    docstring; fast_gemv_config), whose reference is gemv_ref on the fp32 dequantized weight."""
     m, k = x.shape
     rows_w = weight.shape[0]
     kw, qargs = _quant_args(weight, k, quant, scale, zero)
@@ -517,9 +779,11 @@ def gemv(
     if m == 0:
         return out
     launch = pdl_launch_args(pdl, x.device)
-    block_m, block_n, block_k, num_warps = config or gemv_config(m, n, k, two=swiglu, pdl=launch["PDL"])
+    (block_m, block_n, block_k, num_warps), qargs = _launch_config(
+        m, n, k, quant, qargs, fast, swiglu, launch["PDL"], config,
+        lambda: gemv_config(m, n, k, two=swiglu, pdl=launch["PDL"]))
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, qargs.pop("s_ptr"), qargs.pop("z_ptr"),
+        x, qargs.pop("w_ptr"), qargs.pop("s_ptr"), qargs.pop("z_ptr"),
         bias if bias is not None else weight,  # unused pointers: any tensor
         norm_weight if norm_weight is not None else weight,
         residual if residual is not None else out,
@@ -554,13 +818,15 @@ def gemv_rope_store(
     num_heads: int, num_kv_heads: int, out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None, pdl: bool = True,
     quant: str = "dense", scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
+    fast: bool = False,
 ) -> torch.Tensor:
     """Triton version of gemv_rope_store_ref: the fused qkv projection ([q; k; v] rows of weight)
     of x [M <= SMALL_M, K] with norm prologue and bias, q and k rotated at ``positions`` (neox,
     fp32 tables [max_pos, head_dim]), k and v written into the caches [blocks, block_size,
     num_kv_heads, head_dim] at ``slot_mapping`` (< 0: nothing). Returns q [M, num_heads * head_dim]
     (into ``out`` if given). One launch replaces gemv + rope_store; the rotated k and v exist only
-    in the cache. ``config`` overrides gemv_rope_store_config; ``quant``, ``scale``, ``zero`` as gemv's."""
+    in the cache. ``config`` overrides gemv_rope_store_config; ``quant``, ``scale``, ``zero``, ``fast``
+    as gemv's."""
     m, k = x.shape
     head_dim = k_cache.shape[-1]
     half = head_dim // 2
@@ -580,9 +846,11 @@ def gemv_rope_store(
     if m == 0:
         return out
     launch = pdl_launch_args(pdl, x.device)
-    block_m, block_pairs, block_k, num_warps = config or gemv_rope_store_config(m, n, k, pdl=launch["PDL"])
+    (block_m, block_pairs, block_k, num_warps), qargs = _launch_config(
+        m, n // 2, k, quant, qargs, fast, True, launch["PDL"], config,
+        lambda: gemv_rope_store_config(m, n, k, pdl=launch["PDL"]))
     _gemv_rope_store_kernel[(triton.cdiv(n // 2, block_pairs),)](
-        x, weight, qargs.pop("s_ptr"), qargs.pop("z_ptr"), bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
+        x, qargs.pop("w_ptr"), qargs.pop("s_ptr"), qargs.pop("z_ptr"), bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
         out, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,
         m, eps, x.stride(0), out.stride(0), cos_table.stride(0), sin_table.stride(0),
         K=k, Q_HEADS=num_heads, KV_HEADS=num_kv_heads, HALF=half,

@@ -61,6 +61,25 @@ def int4_linear_ref(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, 
     return F.linear(x, w, bias)
 
 
+def fp32_weight_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The fast decode path's reference (kernels/gemv.py, fast=True): x times a weight
+    dequantized in fp32, the product and bias in fp32, rounded once to x's dtype (no rounding of
+    the dequantized weight to x's dtype, unlike int4_linear_ref / int8_linear_ref)."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+def int8_linear_fast_ref(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight-only int8, fast path: fp32_weight_linear_ref on codes * scale (scale [N])."""
+    return fp32_weight_linear_ref(x, codes.float() * scale.float().reshape(-1, 1), bias)
+
+
+def int4_linear_fast_ref(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight-only int4 per group, fast path: fp32_weight_linear_ref on the fp32 dequantization."""
+    return fp32_weight_linear_ref(x, dequantize_grouped(unpack_int4(packed), scale, zero), bias)
+
+
 def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic symmetric per-token int8: (codes as int8 [M, K], scale fp32 [M, 1])."""
     xf = x.float()

@@ -15,6 +15,9 @@ class ModelOptions:
     fused_decode: bool = True
     # Programmatic dependent launch of the decode kernels where the GPU has it (kernels/_triton.py).
     pdl: bool = True
+    # Compressed weights in the M == 1 decode GEMVs: the exact dequantization (each weight rounded to
+    # the activation dtype, as the torch references) instead of the fast one (kernels/gemv.py).
+    exact_dequant: bool = False
     # Tokens per KV-cache block.
     block_size: int = 16
     # The longest context: decode attention's split count is chosen from it.

@@ -1,6 +1,7 @@
 """Compressed linears, after gpt-fast: each replaces an `nn.Linear` of the engine's model through
 one `replace_linears(model, make)` walk, keeps its compressed tensors as buffers, and computes
-with them (torch references from kernels/quant.py; Triton GEMVs on a GPU at decode sizes).
+with them (torch references from kernels/quant.py; Triton GEMVs on a GPU at decode sizes: at
+batch 1 with the fast dequantization unless ModelOptions.exact_dequant, kernels/gemv.py).
 
 - Int8Linear: weight-only int8, one scale per output channel.
 - Int4Linear: weight-only int4, one scale (and optional zero point) per group of inputs.
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import quant as ref
-from kernels.gemv import SMALL_M, gemv
+from kernels.gemv import SMALL_M, fast_dequant_fits, gemv
 from kernels.quant_dequant import dequantize_int4
 from kernels.quant_gemv import sparse24_int4_gemv
 
@@ -33,6 +34,7 @@ class CompressedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.use_triton, self.pdl = options.use_triton, options.pdl
+        self.exact_dequant = options.exact_dequant
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     def _decode_gemv(self, x: torch.Tensor) -> bool:
@@ -42,6 +44,11 @@ class CompressedLinear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The dense weight this layer stands for, fp32 [out, in]."""
         raise NotImplementedError
+
+    def _fast(self, quant: str, group: int = 1) -> bool:
+        """Whether the decode GEMVs read this layer with the fast dequantization: unless
+        options.exact_dequant, where its codes fit whole int32 words (kernels/gemv.py)."""
+        return not self.exact_dequant and fast_dequant_fits(quant, self.in_features, group)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -67,7 +74,7 @@ class Int8Linear(CompressedLinear):
         they cannot read this layer (per-group int8)."""
         if self.scale.shape[1] != 1:
             return None
-        return self.codes, {"quant": "int8", "scale": self.scale.view(-1)}
+        return self.codes, {"quant": "int8", "scale": self.scale.view(-1), "fast": self._fast("int8")}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale.shape[1] != 1:
@@ -94,7 +101,8 @@ class Int4Linear(CompressedLinear):
         return ref.dequantize_grouped(ref.unpack_int4(self.packed), self.scale, self.zero)
 
     def gemv_args(self) -> tuple[torch.Tensor, dict]:
-        return self.packed, {"quant": "int4", "scale": self.scale, "zero": self.zero}
+        return self.packed, {"quant": "int4", "scale": self.scale, "zero": self.zero,
+                             "fast": self._fast("int4", self.group_size)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._decode_gemv(x):
@@ -142,7 +150,9 @@ class W8A8Linear(CompressedLinear):
 
     def gemv_args(self) -> tuple[torch.Tensor, dict] | None:
         """int8: the fused decode kernels quantize the input in their prologue; fp8: None."""
-        return (self.codes, {"quant": "w8a8_int8", "scale": self.scale}) if self.act == "int8" else None
+        if self.act != "int8":
+            return None
+        return self.codes, {"quant": "w8a8_int8", "scale": self.scale, "fast": self._fast("w8a8_int8")}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act == "int8" and self._decode_gemv(x):

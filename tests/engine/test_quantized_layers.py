@@ -238,3 +238,21 @@ def test_w8a8_tensor_core_path_gpu(act, m_rows, dtype):
     expected = ref.w8a8_linear_ref(x.float(), codes, scale, act)
     err = _rel(m(x), expected)
     assert err < 2e-2, (act, x.shape, x.dtype, err)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4_g32_zero", "w8a8_int8"])
+def test_decode_gemv_args_choose_the_fast_dequantization_unless_exact(kind):
+    """ModelOptions.exact_dequant reaches the fused decode kernels' arguments; a layer whose codes
+    do not fill whole int32 words (K 100 for int4: 12.5 words) stays exact."""
+    def layer(options: ModelOptions, k: int = 128):
+        if kind == "w8a8_int8":
+            codes = torch.randint(-128, 128, (48, k), dtype=torch.int8)
+            return W8A8Linear(codes, torch.rand(48) + 0.1, "int8", options=options)
+        return make(kind, k=k, options=options)[0]
+
+    assert layer(ModelOptions()).gemv_args()[1]["fast"]
+    assert not layer(ModelOptions(exact_dequant=True)).gemv_args()[1]["fast"]
+    if kind == "int4_g32_zero":
+        codes = torch.randint(-8, 8, (48, 100), dtype=torch.int8)
+        unfit = Int4Linear(codes, torch.rand(48, 1) + 0.1, None, options=ModelOptions())  # group 100
+        assert not unfit.gemv_args()[1]["fast"]

@@ -72,3 +72,39 @@ def test_fused_decode_on_compressed_weights(tmp_path, monkeypatch, scheme, fused
     else:  # unfused path: the modules run themselves (2:4 + int4: its own decode GEMV)
         assert not formats
         assert bool(sparse_calls) == (scheme == "sparse24_int4") and max(sparse_calls, default=0) <= 3
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4_g32_asym", "w8a8_int8"])
+@pytest.mark.parametrize("exact", [False, True])
+def test_batch_one_decode_takes_the_fast_dequantization_unless_exact(tmp_path, monkeypatch, scheme, exact):
+    """One sequence (M == 1 decode steps): the fused GEMVs get fast=True by default and False with
+    exact_dequant=True; both give transformers' greedy tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from compressed_artifacts import dequantized_reference, greedy
+
+    calls = []
+    gemv = llama_module.gemv_kernels.gemv
+
+    def recording_gemv(x, *args, **kwargs):
+        calls.append((x.shape[0], kwargs.get("fast", False)))
+        return gemv(x, *args, **kwargs)
+
+    monkeypatch.setattr(llama_module.gemv_kernels, "gemv", recording_gemv)
+    path = make_artifact(scheme, tmp_path / scheme)
+    prompt = [PROMPTS[0]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        llm = LLM(str(path), device=DEVICE, dtype="float32", use_triton=True, enforce_eager=True,
+                  max_model_len=128, block_size=4, load_format="dummy", exact_dequant=exact)
+        llm.engine.runner.model.load_weights(str(path), keep_compressed=True)
+        outs = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        ref = (dequantized_reference(path) if scheme == "int4_g32_asym"
+               else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
+        want = greedy(ref, prompt, 4)
+    finally:
+        torch.set_num_threads(threads)
+    assert [o.token_ids for o in outs] == want
+    decode = [fast for m, fast in calls if m == 1]
+    assert decode and set(decode) == {not exact}

@@ -1,35 +1,43 @@
-"""experiments/quant_gemv_sweep.py on CPU: its candidate configs are ones gemv can run at the 7B
-shapes, and its weights are layouts gemv takes (the timings themselves need the GPU)."""
+"""experiments/quant_gemv_sweep.py on CPU: its candidate fast configs are ones gemv can run at the
+7B shapes, its weights are layouts gemv takes (exact and fast), and its suggestion picks the
+least total time (the timings themselves need the GPU)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from experiments.quant_gemv_sweep import FORMATS, SHAPES, candidates, make_weights
+from experiments.quant_gemv_sweep import FAST_CANDIDATES, FORMATS, SHAPES, fmt_quant, make_weights, suggest
 from kernels import quant as ref
-from kernels.gemv import gemv, gemv_ref
-
-
-@pytest.mark.parametrize("m", [1, 16])
-@pytest.mark.parametrize("group", [1, 64, 128])
-@pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_candidates_fit_the_shape(shape, group, m):
-    _, k, _ = SHAPES[shape]
-    configs = candidates(m, k, group)
-    assert configs and len(set(configs)) == len(configs)
-    for block_m, block_n, block_k, warps in configs:
-        assert block_m == (1 if m == 1 else 16) and warps in (4, 8, 16)
-        assert block_k % group == 0 or block_k < group, (shape, group, block_k)
-        assert block_k <= max(1024, 1 << (k - 1).bit_length()), (shape, block_k)
+from kernels._triton import next_pow2
+from kernels.gemv import FAST_M1_CONFIGS, _fast_words, fast_dequant_fits, fast_gemv_config, gemv, gemv_ref
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_sweep_weights_are_gemv_layouts(fmt):
-    """Each format's weight runs through gemv and equals the reference on its dequantized weight."""
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_fast_candidates_fit_the_shape(shape, fmt):
+    n, k, fusion = SHAPES[shape]
+    quant, group, _ = fmt_quant(fmt)
+    assert fast_dequant_fits(quant, k, group)
+    entries = [FAST_M1_CONFIGS[quant]] + FAST_CANDIDATES
+    assert len(set(FAST_CANDIDATES)) == len(FAST_CANDIDATES)
+    for entry in entries:
+        block_m, block_n, block_k, warps = fast_gemv_config(n // 2 if fusion == "swiglu" else n, k, quant, group,
+                                                            fusion == "swiglu", entry=entry)
+        assert block_m == 1 and block_n >= 1 and warps in (4, 8)
+        assert block_k % group == 0 and block_k <= next_pow2(k), (shape, fmt, entry)
+        gpt, wpg = _fast_words(quant, group, block_k)  # raises on a shape the kernel cannot tile
+        assert gpt * wpg * (8 if quant == "int4" else 4) == block_k
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fast", [False, True])
+def test_sweep_weights_are_gemv_layouts(fmt, fast):
+    """Each format's weight runs through gemv and equals the reference on its dequantized weight
+    (fast: one row, the fast path)."""
     n, k = 24, 256
     (w, q), = make_weights(fmt, n, k, 1, dev="cpu")[0]
-    x = torch.randn(2, k)
+    x = torch.randn(1 if fast else 2, k)
     if fmt in ("int8", "w8a8_int8"):
         dense = w.float() * q["scale"][:, None]
     else:
@@ -39,5 +47,21 @@ def test_sweep_weights_are_gemv_layouts(fmt):
         expected = gemv_ref(xq.float(), w.float()) * xs * q["scale"]
     else:
         expected = gemv_ref(x, dense)
-    got = gemv(x, w, **q, pdl=False)
+    got = gemv(x, w, **q, pdl=False, fast=fast)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_suggest_takes_the_least_total_over_every_shape():
+    def rec(shape, entry, seconds, path="fast_sweep"):
+        return {"kind": "measure", "format": "int4_g128", "shape": shape, "M": 1, "path": path,
+                "entry": list(entry), "seconds": seconds}
+
+    heuristic = FAST_M1_CONFIGS["int4"]
+    records = [rec("qkv", heuristic, 3.0, "fast"), rec("down", heuristic, 3.0, "fast"),
+               rec("qkv", (4, 4096, 4), 1.0), rec("down", (4, 4096, 4), 4.0),  # total 5 < 6
+               rec("qkv", (32, 1024, 8), 0.5),  # fastest on qkv, never timed on down: not a candidate
+               {**rec("down", (8, 1024, 4), 0.1), "M": 16}]  # another M
+    got = suggest(records, "int4_g128")
+    assert got["entry"] == [4, 4096, 4] and got["total_us"] == pytest.approx(5e6)
+    assert got["heuristic_total_us"] == pytest.approx(6e6) and got["shapes"] == ["down", "qkv"]
+    assert suggest(records, "int8") is None

@@ -1,0 +1,174 @@
+"""The decode GEMV's fast dequantization (kernels/gemv.py, fast=True) against its own reference:
+x times the weight dequantized in fp32, rounded once (kernels/quant.py's fp32_weight_linear_ref,
+through gemv_ref on an fp32 weight). Random codes, scales, zero points and inputs (never zeros), at
+ragged N, groups 32/64/128, symmetric and asymmetric int4, int8 and W8A8 int8, M = 1..16, every
+fusion.
+
+Tolerances: fp32, rtol = atol = 1e-5 (the kernel and the reference differ in summation order
+only). bf16 at M == 1 (the fast path): elementwise within 2^-7 relative (two bf16 ulps: the sums
+agree to fp32 precision before the one rounding; a SwiGLU rounds three times) plus 1e-3 of the
+output's rms. M > 1 runs the exact path (bf16-rounded weights) with ``fast`` set: relative error
+norm < 1e-2 against the fp32 reference (the exact path's own bound)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import quant as ref
+from kernels.gemv import fast_dequant_fits, fast_gemv_config, gemv, gemv_ref, gemv_rope_store, gemv_rope_store_ref
+from test_quant_gemv import DEVICE, FUSIONS, _fusion_args, _rel, _to, quant_weight, w8a8_gemv_ref
+
+WEIGHTS = {"int8": ("int8", 0, False), "int4_g32": ("int4", 32, False), "int4_g64_zero": ("int4", 64, True),
+           "int4_g128": ("int4", 128, False), "int4_g128_zero": ("int4", 128, True)}
+
+
+def _check(out: torch.Tensor, expected: torch.Tensor, m: int) -> None:
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert expected.abs().max() > 0
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    elif m == 1:
+        e = expected.float()
+        bound = 2.0**-7 * e.abs() + 1e-3 * e.pow(2).mean().sqrt()
+        assert bool(((out.float() - e).abs() <= bound).all()), (out.float() - e).abs().max()
+    else:
+        assert _rel(out, expected) < 1e-2
+
+
+def _weights(name: str, rows: int, k: int, seed: int):
+    quant, group, zero = WEIGHTS[name]
+    w, scale, zeros, dense = quant_weight(rows, k, quant, group or 32, zero, seed=seed)
+    return quant, w, scale, zeros, dense
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+@pytest.mark.parametrize("weights", list(WEIGHTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_gemv_matches_the_fp32_dequantized_reference(m, fusion, weights, dtype):
+    if dtype == torch.float32 and m != 1:
+        pytest.skip("fp32 at M > 1: the exact path, tested in test_quant_gemv.py")
+    n = 37  # not a multiple of any block
+    k = 3 * max(WEIGHTS[weights][1], 32)  # several groups, not a power of two
+    swiglu = FUSIONS[fusion].get("swiglu", False)
+    quant, w, scale, zeros, dense = _weights(weights, 2 * n if swiglu else n, k, seed=m)
+    x, kw = _fusion_args(m, n, k, dtype, seed=m, **FUSIONS[fusion])
+    expected = gemv_ref(x, dense.to(DEVICE), swiglu=swiglu, **kw)  # fp32 weight: fp32 product, one rounding
+    out = gemv(x, _to(w, DEVICE), swiglu=swiglu, quant=quant, scale=_to(scale, DEVICE), zero=_to(zeros, DEVICE),
+               fast=True, **kw)
+    _check(out, expected, m)
+
+
+@pytest.mark.parametrize("weights", list(WEIGHTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_gemv_several_k_steps_and_a_ragged_last_one(weights, dtype):
+    """K = 3 groups (or 96 int8 codes) in steps of 2: the second step half masked, the prefetch
+    past K fully masked; 4 columns a program over 37."""
+    group = WEIGHTS[weights][1] or 32
+    n, k = 37, 3 * group
+    quant, w, scale, zeros, dense = _weights(weights, n, k, seed=3)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
+    out = gemv(x, _to(w, DEVICE), quant=quant, scale=_to(scale, DEVICE), zero=_to(zeros, DEVICE), fast=True,
+               config=(1, 4, 2 * group, 1))
+    _check(out, gemv_ref(x, dense.to(DEVICE)), 1)
+
+
+def test_fast_int4_decodes_every_code_at_every_nibble():
+    """Each of the 16 codes at each of a word's 8 nibble positions (rows shifted by one code), with
+    zero points: one-hot inputs read single columns back exactly."""
+    k = 64
+    codes = ((torch.arange(16)[:, None] + torch.arange(k)[None, :]) % 16 - 8).to(torch.int8)  # [16, K]
+    scale = torch.rand(16, 1, generator=torch.Generator().manual_seed(1)) + 0.5
+    zeros = torch.randint(-3, 4, (16, 1), generator=torch.Generator().manual_seed(2)).float()
+    dense = ref.dequantize_grouped(codes, scale, zeros)
+    packed = ref.pack_int4(codes).to(DEVICE)
+    for col in range(8):  # one word: every nibble position, every code across the rows
+        x = torch.zeros(1, k)
+        x[0, col] = 1.0
+        out = gemv(x.to(DEVICE), packed, quant="int4", scale=scale.to(DEVICE), zero=zeros.to(DEVICE), fast=True)
+        assert torch.equal(out.cpu()[0], dense[:, col]), col
+
+
+def test_fast_int8_decodes_every_byte_value():
+    k = 256
+    codes = ((torch.arange(4)[:, None] + torch.arange(k)[None, :]) % 256 - 128).to(torch.int8)  # [4, 256]
+    scale = torch.tensor([1.0, 0.5, 2.0, 0.25])
+    x = torch.zeros(4, k)
+    x[torch.arange(4), torch.arange(4)] = 1.0  # byte c of the first word, one row each (M = 1 calls)
+    for c in range(4):
+        out = gemv(x[c:c + 1].to(DEVICE), codes.to(DEVICE), quant="int8", scale=scale.to(DEVICE), fast=True)
+        assert torch.equal(out.cpu()[0], codes[:, c].float() * scale), c
+    # and every value: the sum of all columns with power-of-two inputs is exact in fp32
+    xs = torch.ldexp(torch.ones(1, k), -torch.arange(k)[None, :] % 8)
+    out = gemv(xs.to(DEVICE), codes.to(DEVICE), quant="int8", scale=scale.to(DEVICE), fast=True)
+    torch.testing.assert_close(out.cpu(), ref.int8_linear_fast_ref(xs, codes, scale), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4_g32", "int4_g64_zero"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_rope_store_matches_reference(weights, dtype):
+    heads, kv_heads, head_dim, k = 6, 2, 16, 192
+    n = (heads + 2 * kv_heads) * head_dim
+    quant, w, scale, zeros, dense = _weights(weights, n, k, seed=5)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(1, k, generator=g).to(DEVICE, dtype)
+    blocks, block_size = 4, 4
+    cache = torch.randn(2, blocks, block_size, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    ref_cache = cache.clone()
+    angles = torch.arange(64)[:, None] * (1e-2 * torch.arange(1, head_dim // 2 + 1))[None, :]
+    kw = dict(norm_weight=(1 + 0.3 * torch.randn(k, generator=g)).to(DEVICE, dtype), eps=1e-5,
+              positions=torch.tensor([37]).to(DEVICE),
+              cos_table=torch.cat([angles.cos()] * 2, dim=-1).to(DEVICE),
+              sin_table=torch.cat([angles.sin()] * 2, dim=-1).to(DEVICE),
+              slot_mapping=torch.tensor([6]).to(DEVICE), num_heads=heads, num_kv_heads=kv_heads)
+    expected = gemv_rope_store_ref(x, dense.to(DEVICE), k_cache=ref_cache[0], v_cache=ref_cache[1], **kw)
+    out = gemv_rope_store(x, _to(w, DEVICE), k_cache=cache[0], v_cache=cache[1], quant=quant,
+                          scale=_to(scale, DEVICE), zero=_to(zeros, DEVICE), fast=True, **kw)
+    _check(out, expected, 1)
+    _check(cache, ref_cache, 1)
+
+
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_w8a8_int8_gemv(fusion, dtype):
+    """W8A8's numerics do not change (integer codes, fp32 sums, one rounding): the per-token
+    quantized reference, as the exact path's test."""
+    n, k = 37, 200
+    swiglu = FUSIONS[fusion].get("swiglu", False)
+    codes, scale, _, _ = quant_weight(2 * n if swiglu else n, k, "int8", seed=7)
+    x, kw = _fusion_args(1, n, k, dtype, seed=7, **FUSIONS[fusion])
+    codes, scale = codes.to(DEVICE), scale.to(DEVICE)
+    expected = w8a8_gemv_ref(x, codes, scale, swiglu=swiglu, **kw)
+    out = gemv(x, codes, swiglu=swiglu, quant="w8a8_int8", scale=scale, fast=True, **kw)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert _rel(out, expected) < 1e-2
+
+
+def test_fast_references_are_the_fp32_dequantization():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 64, generator=g).to(torch.bfloat16)
+    codes = torch.randint(-8, 8, (5, 64), generator=g, dtype=torch.int8)
+    scale, zeros = torch.rand(5, 2, generator=g) + 0.1, torch.randint(-3, 4, (5, 2), generator=g).float()
+    w = (codes.float() - zeros.repeat_interleave(32, 1)) * scale.repeat_interleave(32, 1)
+    want = (x.float() @ w.T).to(torch.bfloat16)
+    assert torch.equal(ref.int4_linear_fast_ref(x, ref.pack_int4(codes), scale, zeros), want)
+    c8, s8 = torch.randint(-128, 128, (5, 64), generator=g, dtype=torch.int8), torch.rand(5, generator=g)
+    assert torch.equal(ref.int8_linear_fast_ref(x, c8, s8), (x.float() @ (c8.float() * s8[:, None]).T).to(torch.bfloat16))
+
+
+def test_fast_path_fits_and_refuses():
+    assert fast_dequant_fits("int4", 4096, 128) and fast_dequant_fits("int8", 4100)
+    assert not fast_dequant_fits("int4", 4100, 4)  # K not whole words
+    assert not fast_dequant_fits("int4", 96 * 8, 96)  # group not a power of two
+    assert not fast_dequant_fits("int8", 4098) and not fast_dequant_fits("dense", 4096)
+    w, scale, _, _ = quant_weight(8, 12, "int8")
+    with pytest.raises(ValueError, match="whole int32 words"):
+        gemv(torch.randn(1, 10).to(DEVICE), _to(w[:, :10].contiguous(), DEVICE), quant="int8",
+             scale=_to(scale, DEVICE), fast=True)
+    # the config: K steps within K and no narrower than a group, enough programs for the SMs
+    assert fast_gemv_config(4096, 4096, "int4", 128) == (1, 8, 2048, 4)
+    assert fast_gemv_config(64, 96, "int4", 32)[1:3] == (1, 128)
+    assert fast_gemv_config(4096, 64, "int4", 128)[2] == 128
