@@ -38,6 +38,18 @@ SCHEMES: dict[str, tuple[tuple[list[str], int, int | None, bool] | None, bool]] 
 HF_CANNOT_LOAD = {"int4_g32_asym"}
 
 
+def hf_cannot_load(scheme: str) -> bool:
+    """Whether this transformers cannot load the scheme's artifact through compressed-tensors:
+    HF_CANNOT_LOAD, and sparsity-only (2:4, no quantization) checkpoints before transformers 5.24
+    (5.17's quantizer reads ``quantization_config.config_groups`` of a config that has none:
+    AttributeError, seen on the H200 machine; 5.24 loads them)."""
+    import transformers
+    from packaging.version import Version
+
+    old = Version(transformers.__version__) < Version("5.24")
+    return scheme in HF_CANNOT_LOAD or (scheme == "sparse24" and old)
+
+
 def tiny_llama(seed: int = 0):
     from transformers import AutoModelForCausalLM, LlamaConfig
 

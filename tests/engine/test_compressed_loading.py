@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from compressed_artifacts import (HF_CANNOT_LOAD, SCHEMES, dequantized_reference, greedy, make_artifact,
+from compressed_artifacts import (SCHEMES, dequantized_reference, greedy, hf_cannot_load, make_artifact,
                                   make_llmc_artifact)
 
 from engine import LLM, SamplingParams
@@ -49,11 +49,11 @@ _REF: dict = {}
 
 def reference(path: Path, scheme: str):
     """transformers on the artifact through compressed-tensors; the dequantized dense model where
-    transformers cannot load the scheme (HF_CANNOT_LOAD)."""
+    this transformers cannot load the scheme (hf_cannot_load)."""
     if path not in _REF:
         from transformers import AutoModelForCausalLM
 
-        if scheme in HF_CANNOT_LOAD:
+        if hf_cannot_load(scheme):
             _REF[path] = dequantized_reference(path)
         else:
             _REF[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
