@@ -23,6 +23,8 @@ All graphs share one memory pool: no two ever run at once.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -184,3 +186,13 @@ class PrefillGraphs:
             self.d.ids[:row].copy_(device_ids)
         self.graphs[key].replay()
         return self.logits[key]
+
+
+def gpu_seconds(run: Callable[[], object]) -> float:
+    """Seconds of device time one call of ``run`` takes (CUDA events around it; syncs)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3

@@ -28,7 +28,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.context import Context, reset_context, set_context
-from engine.cuda_graphs import DecodeGraphs, PrefillGraphs
+from engine.cuda_graphs import DecodeGraphs, PrefillGraphs, gpu_seconds
 from engine.decode_inputs import DecodeInputs
 from engine.kv_cache import allocate_kv_cache, kv_bytes_per_token
 from engine.layers.attention import Attention
@@ -82,6 +82,10 @@ class ModelRunner:
         # The most tokens a chunk forward takes as decode pseudo-rows (graphed where graphs exist).
         rows = self.graphs.max_bs if self.graphs is not None else max(config.max_num_seqs, verify_rows)
         self.max_pseudo_rows = min(rows, SMALL_M)
+        # Verify forwards that fit both paths take the one measured faster at their token count
+        # (pseudo-rows win where launches dominate, a small target; the prefill GEMMs on a large one).
+        self.verify_path: dict[int, str] = {}
+        self._time_verify_paths(min(verify_max_tokens, self.max_pseudo_rows))
 
     def _build_model(self) -> torch.nn.Module:
         cfg, hf = self.config, self.config.hf_config
@@ -108,7 +112,7 @@ class ModelRunner:
             self.prefill_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_blocks, max_tokens,
                                                 cfg.max_num_seqs)
             self.prefill_graphs.capture(pool)
-            if verify_max_tokens > verify_rows:  # token buckets are powers of two from 16: the next one holds it all
+            if verify_max_tokens > 0:  # token buckets are powers of two from 16: the next one holds it all
                 verify_tokens = min(max(16, 1 << (verify_max_tokens - 1).bit_length()), max_tokens)
                 self.verify_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_blocks,
                                                    verify_tokens, cfg.max_num_seqs, all_rows=True)
@@ -206,12 +210,31 @@ class ModelRunner:
     def all_logits(self, chunks: list[tuple[list[int], int, list[int]]],
                    ids: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 logits [tokens, vocab] at every token of the chunks (the speculative verify forward),
-        valid until the next forward: as decode pseudo-rows where they fit, else the prefill path.
+        valid until the next forward: as decode pseudo-rows where they fit, unless the prefill path
+        was measured faster for this many tokens (verify_path), else the prefill path.
         ``ids`` [tokens]: the chunks' tokens on the device (a model drafter's, never brought to
         the host), in place of the chunks' token lists, which then give only their lengths."""
-        if sum(len(c[0]) for c in chunks) <= self.max_pseudo_rows:
-            return self.pseudo_row_logits(chunks, ids)
-        return self.prefill_all_logits(chunks, ids)
+        n = sum(len(c[0]) for c in chunks)
+        if n > self.max_pseudo_rows or self.verify_path.get(n) == "prefill":
+            return self.prefill_all_logits(chunks, ids)
+        return self.pseudo_row_logits(chunks, ids)
+
+    def _time_verify_paths(self, max_tokens: int, context: int = 512) -> None:
+        """verify_path[n] for n = 2..max_tokens: the faster of the pseudo-row and the prefill
+        verify graphs, timed on one sequence of n tokens after ``context`` tokens of blocks that
+        no sequence holds yet (both paths write the same K/V and compute the same logits). Without
+        both graph sets, pseudo-rows (an eager prefill forward loses)."""
+        if self.graphs is None or self.verify_graphs is None:
+            return
+        context = max(0, min(context, self.config.max_model_len - max_tokens))
+        blocks = list(range(math.ceil((context + max_tokens) / self.block_size)))
+        if len(blocks) > self.num_blocks:
+            return
+        paths = {"pseudo_rows": self.pseudo_row_logits, "prefill": self.prefill_all_logits}
+        for n in range(2, max_tokens + 1):
+            chunks = [([0] * n, context, blocks)]
+            seconds = {name: min(gpu_seconds(lambda: run(chunks)) for _ in range(3)) for name, run in paths.items()}
+            self.verify_path[n] = min(seconds, key=seconds.get)
 
     def pseudo_row_logits(self, chunks: list[tuple[list[int], int, list[int]]],
                           ids: torch.Tensor | None = None) -> torch.Tensor:

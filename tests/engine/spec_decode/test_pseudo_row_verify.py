@@ -54,3 +54,31 @@ def test_catch_up_of_one_token_per_sequence_runs_as_decode_rows(model_dir, monke
     with torch.inference_mode():
         for c, ref in zip((one, two), refs):
             torch.testing.assert_close(runner.last_logits(c), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_verify_path_is_the_one_timed_faster_per_token_count(model_dir, monkeypatch):
+    """ModelRunner._time_verify_paths (with CUDA graphs of both kinds): each token count takes the
+    path whose timing was lower, and all_logits then dispatches to it; without both graph sets
+    nothing is timed and pseudo-rows stay the rule."""
+    import engine.model_runner as mr
+
+    _, runner = verify_runner(model_dir("llama_gqa_untied"))
+    runner._time_verify_paths(8)
+    assert runner.verify_path == {}  # CPU: no graphs, nothing timed
+    calls = []
+    monkeypatch.setattr(runner, "pseudo_row_logits", lambda c, ids=None: calls.append(("pseudo_rows", c)) or "p")
+    monkeypatch.setattr(runner, "prefill_all_logits", lambda c, ids=None: calls.append(("prefill", c)) or "f")
+    # Fake timings: pseudo-rows cost 1 + n, the prefill path 6: pseudo-rows up to 5 tokens (a tie keeps them).
+    def fake_seconds(run):
+        path = run()
+        return 1 + len(calls[-1][1][0][0]) if path == "p" else 6
+
+    monkeypatch.setattr(mr, "gpu_seconds", fake_seconds)
+    runner.graphs, runner.verify_graphs = object(), object()
+    runner._time_verify_paths(8)
+    assert runner.verify_path == {n: "pseudo_rows" if n <= 5 else "prefill" for n in range(2, 9)}
+    assert all(c[0][0] == [0] * len(c[0][0]) and len(c) == 1 for _, c in calls)
+    calls.clear()
+    runner.all_logits([([1, 2, 3], 4, [0])])
+    runner.all_logits([([1, 2, 3], 4, [0]), ([4, 5, 6], 9, [1])])
+    assert [name for name, _ in calls] == ["pseudo_rows", "prefill"]
