@@ -5,7 +5,7 @@ of a measured device-to-device copy ceiling, for
 - "exact": kernels/gemv.py's exact dequantization with its heuristic config (gemv_config);
 - "fast": the fast dequantization with its heuristic (fast_gemv_config, FAST_M1_CONFIGS), and
   "fast_best": the best of the FAST_M1_CONFIGS candidates swept within --budget-s (M == 1; at
-  M > 1 ``fast`` runs the exact path, so there fast equals exact);
+  M > 1 int4 runs the fast tl.dot variant with FAST_DOT_CONFIG, int8 and W8A8 the exact path);
 - "tinygemm": torch._weight_int4pack_mm (gpt-fast's int4 kernel; int4 formats, CUDA, where this
   torch has it), a plain matmul of the same codes without the fusions;
 - "bf16": the dense bf16 gemv of the shape with the same fusion (the baseline).
@@ -32,7 +32,7 @@ import torch
 
 from eval.bench.common import graph_seconds
 from kernels import quant as ref
-from kernels.gemv import FAST_M1_CONFIGS, fast_gemv_config, gemv, gemv_config
+from kernels.gemv import FAST_M1_CONFIGS, fast_dot_config, fast_dot_fits, fast_gemv_config, gemv, gemv_config
 
 SHAPES = {  # Llama-2-7B decode linears: name -> (N, K, fusion as the engine runs it)
     "qkv": (3 * 4096, 4096, "norm"),
@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> None:
                     cfg = fast_gemv_config(case.n_out, k, quant, group, two)
                     measure(case, "fast", lambda: case.time(fast=True), nbytes, config=list(cfg), entry=list(entry))
                     sweep.append((case, [e for e in FAST_CANDIDATES if e != entry]))
+                elif fast_dot_fits(quant, group):
+                    measure(case, "fast", lambda: case.time(fast=True), nbytes,
+                            config=list(fast_dot_config(group, two)), note="M > 1: int4 on tl.dot (FAST_DOT_CONFIG)")
                 else:
                     measure(case, "fast", lambda: case.time(fast=True), nbytes, note="M > 1: the exact path")
                 if quant == "int4":
