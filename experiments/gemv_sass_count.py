@@ -1,5 +1,5 @@
-"""SASS instructions per weight byte of kernels/gemv.py's M == 1 decode GEMV, exact against fast
-dequantization, compiled for sm_90 with Triton's bundled ptxas: no GPU needed. The K loop's body
+"""SASS instructions per weight byte of kernels/gemv.py's decode GEMV (M == 1; int4 also at
+M == 16), exact against fast dequantization, compiled for sm_90 with Triton's bundled ptxas: no GPU needed. The K loop's body
 (the block between the label and the backward branch) is counted per thread and divided by the
 weight bytes a thread reads per K step; conversions (I2F, F2F, F2FP) are listed separately, as
 they issue at a fraction of the FMA rate on Hopper. Fully unrolled loops (K / BLOCK_K small)
@@ -24,25 +24,32 @@ from triton.compiler import ASTSource
 
 from kernels import gemv as G
 
-VARIANTS = {  # name -> (quant, fast, group, zero)
-    "int8_exact": ("int8", False, 1, False), "int8_fast": ("int8", True, 1, False),
-    "int4_g128_exact": ("int4", False, 128, False), "int4_g128_fast": ("int4", True, 128, False),
-    "int4_g128_zero_fast": ("int4", True, 128, True), "bf16": ("dense", False, 1, False),
+VARIANTS = {  # name -> (quant, fast, group, zero, M)
+    "int8_exact": ("int8", False, 1, False, 1), "int8_fast": ("int8", True, 1, False, 1),
+    "int4_g128_exact": ("int4", False, 128, False, 1), "int4_g128_fast": ("int4", True, 128, False, 1),
+    "int4_g128_zero_fast": ("int4", True, 128, True, 1), "bf16": ("dense", False, 1, False, 1),
+    "int4_g128_m16_exact": ("int4", False, 128, False, 16), "int4_g128_m16_fast": ("int4", True, 128, False, 16),
 }
 CONVERSIONS = ("I2F", "F2F", "F2FP", "I2FP")
 
 
-def compile_sm90(quant: str, fast: bool, group: int, zero: bool, n: int, k: int) -> tuple[bytes, tuple]:
-    """The cubin of _gemv_kernel at M == 1 (plain, bf16) and its config."""
-    cfg = G.fast_gemv_config(n, k, quant, group) if fast else G.gemv_config(1, n, k)
-    wty = "*i32" if fast else {"int4": "*u8", "dense": "*bf16"}.get(quant, "*i8")
+def compile_sm90(quant: str, fast: bool, group: int, zero: bool, m: int, n: int, k: int) -> tuple[bytes, tuple]:
+    """The cubin of _gemv_kernel for M rows (plain, bf16) and its config."""
+    dot = fast and m > 1
+    if dot:
+        cfg = G.fast_dot_config(group)
+    else:
+        cfg = G.fast_gemv_config(n, k, quant, group) if fast else G.gemv_config(m, n, k)
+    words = fast and not dot
+    wty = "*i32" if words else {"int4": "*u8", "dense": "*bf16"}.get(quant, "*i8")
     sig = {"x_ptr": "*bf16", "w_ptr": wty, "s_ptr": "*fp32", "z_ptr": "*fp32", "b_ptr": "*bf16",
            "nw_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "eps": "fp32",
            "x_stride": "i32", "res_stride": "i32", "out_stride": "i32"}
-    gpt, wpg = G._fast_words(quant, group, cfg[2]) if fast else (1, 1)
-    constexprs = dict(N=n, K=k, BLOCK_M=1, BLOCK_N=cfg[1], BLOCK_K=cfg[2], HAS_BIAS=False, NORM=False,
+    gpt, wpg = G._fast_words(quant, group, cfg[2]) if words else (1, 1)
+    constexprs = dict(N=n, K=k, BLOCK_M=cfg[0], BLOCK_N=cfg[1], BLOCK_K=cfg[2], HAS_BIAS=False, NORM=False,
                       RESIDUAL=False, SWIGLU=False, IEEE=False, BF16_BY_HAND=False, PDL=True,
-                      GROUP=group, QUANT=G.QUANT_KINDS[quant], HAS_ZERO=zero, FAST=fast, GPT=gpt, WPG=wpg)
+                      GROUP=group, QUANT=G.QUANT_KINDS[quant], HAS_ZERO=zero, FAST=words, GPT=gpt, WPG=wpg,
+                      FAST_DOT=dot)
     sig.update({name: "constexpr" for name in constexprs})
     kernel = triton.compile(ASTSource(G._gemv_kernel, sig, constexprs=constexprs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg[3]})
@@ -81,8 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--k", type=int, default=4096)
     args = ap.parse_args(argv)
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    for name, (quant, fast, group, zero) in VARIANTS.items():
-        cubin, cfg = compile_sm90(quant, fast, group, zero, args.n, args.k)
+    for name, (quant, fast, group, zero, m) in VARIANTS.items():
+        cubin, cfg = compile_sm90(quant, fast, group, zero, m, args.n, args.k)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()
