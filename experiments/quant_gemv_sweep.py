@@ -5,7 +5,7 @@ of a measured device-to-device copy ceiling, for
 - "exact": kernels/gemv.py's exact dequantization with its heuristic config (gemv_config);
 - "fast": the fast dequantization with its heuristic (fast_gemv_config, FAST_M1_CONFIGS), and
   "fast_best": the best of the FAST_M1_CONFIGS candidates swept within --budget-s (M == 1; at
-  M > 1 ``fast`` runs the exact path, so there fast equals exact);
+  M > 1 int4 runs the fast tl.dot variant with FAST_DOT_CONFIG, int8 and W8A8 the exact path);
 - "tinygemm": torch._weight_int4pack_mm (gpt-fast's int4 kernel; int4 formats, CUDA, where this
   torch has it), a plain matmul of the same codes without the fusions;
 - "bf16": the dense bf16 gemv of the shape with the same fusion (the baseline).
@@ -32,7 +32,7 @@ import torch
 
 from eval.bench.common import graph_seconds
 from kernels import quant as ref
-from kernels.gemv import FAST_M1_CONFIGS, fast_gemv_config, gemv, gemv_config
+from kernels.gemv import FAST_M1_CONFIGS, fast_dot_config, fast_dot_fits, fast_gemv_config, gemv, gemv_config
 
 SHAPES = {  # Llama-2-7B decode linears: name -> (N, K, fusion as the engine runs it)
     "qkv": (3 * 4096, 4096, "norm"),
@@ -47,6 +47,7 @@ FAST_CANDIDATES = [(8, 2048, 4), (16, 2048, 4), (8, 4096, 4), (4, 4096, 4), (16,
                    (32, 1024, 4), (4, 2048, 4), (16, 2048, 8), (8, 1024, 4), (32, 1024, 8), (16, 4096, 8),
                    (4, 8192, 8), (2, 8192, 4)]
 COPY_BYTES = 256 << 20  # weight copies per case: far more than L2
+DEVICE = "cuda"  # a CPU smoke test of the script's flow sets "cpu" (tests/kernels/test_quant_gemv_sweep.py)
 
 
 def fmt_quant(fmt: str) -> tuple[str, int, bool]:
@@ -59,9 +60,10 @@ def fmt_quant(fmt: str) -> tuple[str, int, bool]:
 
 
 def make_weights(fmt: str, n: int, k: int, copies: int,
-                 dev: str = "cuda") -> tuple[list[tuple[torch.Tensor, dict]], int]:
+                 dev: str | None = None) -> tuple[list[tuple[torch.Tensor, dict]], int]:
     """`copies` distinct weights of the format, as gemv's (weight, quant kwargs); bytes of one."""
     quant, group, zero = fmt_quant(fmt)
+    dev = dev or DEVICE
     out = []
     for _ in range(copies):
         if quant != "int4":
@@ -92,7 +94,7 @@ class Case:
         self.quant, self.group, _ = fmt_quant(fmt)
         self.weights, self.bytes = weights, nbytes
         self.n_out = self.n // 2 if self.fusion == "swiglu" else self.n
-        dev, dt = "cuda", torch.bfloat16
+        dev, dt = DEVICE, torch.bfloat16
         self.x = torch.randn(m, self.k, device=dev, dtype=dt)
         self.nw = torch.ones(self.k, device=dev, dtype=dt)
         self.res = torch.randn(m, self.n_out, device=dev, dtype=dt)
@@ -153,7 +155,7 @@ def tinygemm_seconds(case: Case) -> float:
 
 def copy_ceiling_tbps() -> float:
     """Device-to-device copy bandwidth (read + write) of 1 GiB, TB/s: the ceiling a GEMV's reads are held to."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
     b = torch.empty_like(a)
     b.copy_(a)
     torch.cuda.synchronize()
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="seconds of fast-config sweeping after the fixed measurements (each new config compiles)")
     ap.add_argument("--json", default=None, help="also write the JSON lines to this file")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("quant_gemv_sweep needs a CUDA GPU")
     started = time.perf_counter()
     out = open(args.json, "w") if args.json else None
@@ -211,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
             out.flush()
 
     ceiling = copy_ceiling_tbps()
-    emit({"kind": "ceiling", "device": torch.cuda.get_device_name(), "copy_TBps": ceiling, "torch": torch.__version__})
+    emit({"kind": "ceiling", "device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE,
+          "copy_TBps": ceiling, "torch": torch.__version__})
 
     def measure(case: Case, path: str, seconds: Callable[[], float], nbytes: int, **extra: Any) -> None:
         rec = {"kind": "measure", "format": case.fmt, "shape": case.shape, "M": case.m, "N": case.n, "K": case.k,
@@ -228,13 +231,14 @@ def main(argv: list[str] | None = None) -> None:
     for shape in args.shapes:
         n, k, fusion = SHAPES[shape]
         copies = max(8, -(-COPY_BYTES // (n * k * 2)))
-        dense = [(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, {}) for _ in range(copies)]
+        dense = [(torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.02, {}) for _ in range(copies)]
         for m in args.m:
             case = Case("bf16", shape, m, dense, n * k * 2)
             cfg = gemv_config(m, case.n_out, k, two=fusion == "swiglu")
             measure(case, "bf16", lambda: case.time(), n * k * 2, config=list(cfg))
         del dense
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
 
     # the fixed measurements of every case, keeping the M == 1 cases for the sweep
     sweep: list[tuple[Case, list]] = []
@@ -254,11 +258,15 @@ def main(argv: list[str] | None = None) -> None:
                     cfg = fast_gemv_config(case.n_out, k, quant, group, two)
                     measure(case, "fast", lambda: case.time(fast=True), nbytes, config=list(cfg), entry=list(entry))
                     sweep.append((case, [e for e in FAST_CANDIDATES if e != entry]))
+                elif fast_dot_fits(quant, group):
+                    measure(case, "fast", lambda: case.time(fast=True), nbytes,
+                            config=list(fast_dot_config(group, two)), note="M > 1: int4 on tl.dot (FAST_DOT_CONFIG)")
                 else:
                     measure(case, "fast", lambda: case.time(fast=True), nbytes, note="M > 1: the exact path")
                 if quant == "int4":
                     measure(case, "tinygemm", lambda: tinygemm_seconds(case), nbytes)
-                torch.cuda.empty_cache()
+                if DEVICE == "cuda":
+                    torch.cuda.empty_cache()
             del weights
 
     # the sweep: candidate-major, so that a spent budget leaves whole candidates timed on every shape

@@ -28,7 +28,12 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   whose factor is taken out of x instead of shifting the word). Per word the products are
   summed, the zero point enters as - z * sum(x), the group scale once per word; the int8
   column scale once per column. No dequantized weight is rounded to the dtype: the result is
-  x @ W^T with W dequantized in fp32 (kernels/quant.py's fast references), rounded once.
+  x @ W^T with W dequantized in fp32 (kernels/quant.py's fast references), rounded once. At
+  1 < M <= SMALL_M int4 takes a tl.dot variant (_matmul_fast_dot): the nibbles OR-ed into a 16-bit
+  float's bits (bf16 0x4300 | u = 128 + u) are exact dot operands with no conversion, the low
+  nibbles against the even inputs and the high ones against the odd (two dots, no interleave),
+  each group's sum corrected by the offset times sum(x) and scaled once. int8 and W8A8 at M > 1
+  keep the exact path (their codes are exact in the dtype, the scale already after the sum).
 - rotary + KV store (gemv_rope_store, a sibling kernel on the same matmul code): the qkv matmul's
   epilogue rotates q and k (neox layout) and writes k and v straight into the paged cache, so the
   separate rope_store launch (kernels/rotary.py) goes away. Each program computes both members of
@@ -179,6 +184,22 @@ def fast_gemv_config(n: int, k: int, quant: str, group: int = 1, two: bool = Fal
     while block_n > 1 and triton.cdiv(n, block_n) < FAST_MIN_PROGRAMS:
         block_n //= 2
     return 1, block_n, block_k, num_warps
+
+
+# The fast path's int4 config at 1 < M <= SMALL_M (tl.dot on 16-row tiles, one K step per group):
+# (BLOCK_N, num_warps) of a program reading one W row set; two-set programs take half the columns.
+FAST_DOT_CONFIG: tuple[int, int] = (64, 4)
+
+
+def fast_dot_fits(quant: str, group: int) -> bool:
+    """Whether the fast path takes int4 at M > 1: groups of 32+ inputs (tl.dot's K of half a group >= 16)."""
+    return quant == "int4" and group >= 32 and group & (group - 1) == 0
+
+
+def fast_dot_config(group: int, two: bool = False) -> tuple[int, int, int, int]:
+    """(16, BLOCK_N, BLOCK_K = group, num_warps) of the fast int4 path at M > 1."""
+    block_n, num_warps = FAST_DOT_CONFIG
+    return 16, max(16, block_n // 2) if two else block_n, group, num_warps
 
 
 def _fast_words(quant: str, group: int, block_k: int) -> tuple[int, int]:
@@ -537,6 +558,87 @@ if HAS_TRITON:
         return out, out2
 
     @triton.jit
+    def _int4_dot_tile(w_rows, s_rows, z_rows, g, col_mask, K: tl.constexpr, GROUP: tl.constexpr,
+                       HAS_ZERO: tl.constexpr):
+        """Group g's packed bytes [BLOCK_N, GROUP / 2] of the rows at w_rows (int32), scales and zero
+        points [BLOCK_N] (zeros without HAS_ZERO)."""
+        jb = tl.arange(0, GROUP // 2)
+        mask = col_mask[:, None] & (g < K // GROUP)
+        byte = tl.load(w_rows + g * (GROUP // 2) + jb[None, :], mask=mask, other=0).to(tl.int32)
+        scale = tl.load(s_rows + g, mask=col_mask[:, None] & (g < K // GROUP), other=0.0).to(tl.float32)
+        zero = tl.zeros_like(scale)
+        if HAS_ZERO:
+            zero = tl.load(z_rows + g, mask=col_mask[:, None] & (g < K // GROUP), other=0.0).to(tl.float32)
+        return byte, tl.reshape(scale, [scale.shape[0]]), tl.reshape(zero, [zero.shape[0]])
+
+    @triton.jit
+    def _nibble_operand(nibble, dtype: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+        """Unsigned nibbles (int32) as dot operands of dtype holding OFFSET + nibble exactly, no
+        conversion instruction: bf16 bits 0x4300 | u = 128 + u, fp16 bits 0x6400 | u = 1024 + u;
+        fp32: 2^23 + u minus 2^23 (offset 0). The interpreter builds bf16 through fp32 bits."""
+        if dtype == tl.bfloat16:
+            if BF16_BY_HAND:
+                return ((nibble | 0x4300) << 16).to(tl.float32, bitcast=True).to(dtype)
+            else:
+                return (nibble | 0x4300).to(tl.int16).to(dtype, bitcast=True)
+        elif dtype == tl.float16:
+            return (nibble | 0x6400).to(tl.int16).to(dtype, bitcast=True)
+        else:
+            return (nibble | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _matmul_fast_dot(
+        x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
+        K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
+        IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr, GROUP: tl.constexpr,
+        HAS_ZERO: tl.constexpr,
+    ):
+        """_matmul for int4 at M > 1 (FAST_DOT): one K step per group. The nibbles become dot
+        operands holding OFFSET + u exactly (_nibble_operand: a mask and an OR each, no
+        conversion); the low nibbles multiply the even inputs and the high ones the odd inputs
+        (two dots, no interleaving); the group's sum is corrected by (OFFSET + 8 + zero) * sum(x)
+        and scaled once: sum((u - 8 - z) * x) * s. No dequantized weight is rounded."""
+        dtype = x_rows.dtype.element_ty
+        if dtype == tl.bfloat16:
+            OFFSET: tl.constexpr = 136.0  # 128 + 8
+        elif dtype == tl.float16:
+            OFFSET: tl.constexpr = 1032.0
+        else:
+            OFFSET: tl.constexpr = 8.0
+        jb = tl.arange(0, GROUP // 2)
+        byte, scale, zero = _int4_dot_tile(w_rows, s_rows, z_rows, 0, col_mask, K, GROUP, HAS_ZERO)
+        byte2, scale2, zero2 = byte, scale, zero
+        if TWO:
+            byte2, scale2, zero2 = _int4_dot_tile(w_rows2, s_rows2, z_rows2, 0, col_mask, K, GROUP, HAS_ZERO)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        rstd, xs = _row_stats(x_rows, row_mask, tl.arange(0, GROUP), nw_ptr, eps, K, BLOCK_M, GROUP, NORM, 2,
+                              BF16_BY_HAND)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc2 = acc
+        for g in range(0, K // GROUP):
+            nxt, nscale, nzero = _int4_dot_tile(w_rows, s_rows, z_rows, g + 1, col_mask, K, GROUP, HAS_ZERO)
+            nxt2, nscale2, nzero2 = nxt, nscale, nzero
+            if TWO:
+                nxt2, nscale2, nzero2 = _int4_dot_tile(w_rows2, s_rows2, z_rows2, g + 1, col_mask, K, GROUP,
+                                                       HAS_ZERO)
+            xe = _input_tile(x_rows, row_mask, g * GROUP + 2 * jb, nw_ptr, rstd, K, NORM, BF16_BY_HAND)
+            xo = _input_tile(x_rows, row_mask, g * GROUP + 2 * jb + 1, nw_ptr, rstd, K, NORM, BF16_BY_HAND)
+            sx = tl.sum(xe.to(tl.float32) + xo.to(tl.float32), 1)[:, None]
+            zero_part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            part = _mac(zero_part, xe, _nibble_operand(byte & 0xF, dtype, BF16_BY_HAND), BLOCK_M, IEEE)
+            part = _mac(part, xo, _nibble_operand((byte >> 4) & 0xF, dtype, BF16_BY_HAND), BLOCK_M, IEEE)
+            acc += (part - sx * (OFFSET + zero)[None, :]) * scale[None, :]
+            if TWO:
+                part2 = _mac(zero_part, xe, _nibble_operand(byte2 & 0xF, dtype, BF16_BY_HAND), BLOCK_M, IEEE)
+                part2 = _mac(part2, xo, _nibble_operand((byte2 >> 4) & 0xF, dtype, BF16_BY_HAND), BLOCK_M, IEEE)
+                acc2 += (part2 - sx * (OFFSET + zero2)[None, :]) * scale2[None, :]
+            byte, scale, zero = nxt, nscale, nzero
+            byte2, scale2, zero2 = nxt2, nscale2, nzero2
+        return acc, acc2
+
+    @triton.jit
     def _w_rows(w_ptr, s_ptr, z_ptr, cols, K: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr,
                 FAST: tl.constexpr):
         """Row pointers [BLOCK_N, 1] of W's codes (FAST: int32 words of 8 int4 / 4 int8 codes), its
@@ -576,7 +678,7 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr,
         IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr,
         GROUP: tl.constexpr = 1, QUANT: tl.constexpr = 0, HAS_ZERO: tl.constexpr = False,
-        FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1,
+        FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1, FAST_DOT: tl.constexpr = False,
     ):
         # N counts output columns: with SWIGLU, W has 2N rows (gate rows, then up rows).
         rows = tl.arange(0, BLOCK_M)
@@ -591,6 +693,10 @@ if HAS_TRITON:
             acc, acc_up = _matmul_fast(x_ptr, w_rows, w_up, s_rows, s_up, z_rows, z_up, col_mask, nw_ptr, eps,
                                        K, BLOCK_N, BLOCK_K, NORM, SWIGLU, BF16_BY_HAND, PDL, GROUP, QUANT, HAS_ZERO,
                                        GPT, WPG)
+        elif FAST_DOT:
+            acc, acc_up = _matmul_fast_dot(x_rows, row_mask, w_rows, w_up, s_rows, s_up, z_rows, z_up, col_mask,
+                                           nw_ptr, eps, K, BLOCK_M, BLOCK_N, NORM, SWIGLU, IEEE, BF16_BY_HAND, PDL,
+                                           GROUP, HAS_ZERO)
         else:
             acc, acc_up = _matmul(x_rows, row_mask, w_rows, w_up, s_rows, s_up, z_rows, z_up, col_mask, nw_ptr, eps,
                                   K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, SWIGLU, IEEE, BF16_BY_HAND, PDL,
@@ -651,7 +757,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
         PDL: tl.constexpr, GROUP: tl.constexpr = 1, QUANT: tl.constexpr = 0, HAS_ZERO: tl.constexpr = False,
-        FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1,
+        FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1, FAST_DOT: tl.constexpr = False,
     ):
         # Programs count rotary pairs, not columns: pair j is dim d = j % HALF of head j // HALF in
         # the qkv output (q heads, then k heads, then v heads), i.e. columns c and c + HALF. v's
@@ -671,6 +777,10 @@ if HAS_TRITON:
             acc1, acc2 = _matmul_fast(x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask, nw_ptr, eps,
                                       K, BLOCK_N, BLOCK_K, NORM, True, BF16_BY_HAND, PDL, GROUP, QUANT, HAS_ZERO,
                                       GPT, WPG)
+        elif FAST_DOT:
+            acc1, acc2 = _matmul_fast_dot(x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask,
+                                          nw_ptr, eps, K, BLOCK_M, BLOCK_N, NORM, True, IEEE, BF16_BY_HAND, PDL,
+                                          GROUP, HAS_ZERO)
         else:
             acc1, acc2 = _matmul(x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask, nw_ptr,
                                  eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE, BF16_BY_HAND, PDL,
@@ -730,11 +840,16 @@ def _launch_config(m: int, n: int, k: int, quant: str, qargs: dict, fast: bool, 
                    default) -> tuple[tuple[int, int, int, int], dict]:
     """The launch config (``config``, else the fast path's or ``default``) and the kernel
     arguments: with ``fast`` at M == 1 on a compressed weight, the codes as int32 words and the
-    fast path's constexprs (FAST, GPT, WPG). Elsewhere ``fast`` changes nothing (M > 1 takes the
-    exact path)."""
+    fast path's constexprs (FAST, GPT, WPG); at M > 1 on int4 (groups of 32+), FAST_DOT. Elsewhere
+    ``fast`` changes nothing (int8 and W8A8 at M > 1 take the exact path: their codes are exact in
+    any float dtype, the scale already comes after the sum)."""
+    group = qargs["GROUP"]
+    if fast and m > 1 and fast_dot_fits(quant, group):
+        config = config or fast_dot_config(group, two)
+        assert config[0] == 16 and config[2] == group, f"fast int4 at M > 1 steps one group: {config}"
+        return config, {**qargs, "FAST_DOT": True}
     if not (fast and m == 1 and quant != "dense"):
         return config or default(), qargs
-    group = qargs["GROUP"]
     if not fast_dequant_fits(quant, k, group):
         raise ValueError(f"fast dequantization: {quant} with K {k} and group {group} does not fit whole int32 "
                          f"words (K a multiple of {WORD_CODES[quant]}, int4 groups a power of two >= 8)")

@@ -142,17 +142,20 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def decode(shape: str, variant: str, batches: list[int], new_tokens: int, prompt_len: int, ceiling_tbps: float) -> dict:
+def decode(shape: str, variant: str, batches: list[int], new_tokens: int, prompt_len: int, ceiling_tbps: float,
+           exact_dequant: bool = False) -> dict:
     from engine import LLM, SamplingParams
 
     with compressed_dummy_weights(variant):
         t = time.perf_counter()
         llm = LLM(shape_dir(shape), load_format="dummy", max_num_seqs=max(batches), cuda_graph_max_bs=max(batches),
+                  exact_dequant=exact_dequant,
                   max_model_len=prompt_len + new_tokens + 16, enable_prefix_caching=False)
         setup_s = time.perf_counter() - t
     model = llm.engine.runner.model
     nbytes = streamed_bytes(model)
     record: dict[str, Any] = {"kind": "decode", "shape": shape, "variant": variant, "weight_bytes": nbytes,
+                              "exact_dequant": exact_dequant,
                               "fused_decode": bool(model.model.fusable), "setup_s": setup_s}
     vocab = llm.engine.vocab_size
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
@@ -213,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--prefill-tokens", type=int, default=8192)
+    ap.add_argument("--exact-dequant", action="store_true",
+                    help="decode the compressed variants with the exact dequantization (default: the fast one)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("eval.quant_bench needs a CUDA GPU")
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             try:
                 rec = decode(args.shape, variant, args.batch, args.new_tokens, args.prompt_len,
-                             ceiling["copy_bandwidth_TBps"])
+                             ceiling["copy_bandwidth_TBps"], args.exact_dequant)
                 if variant == "bf16":
                     base = {bs: rec[f"b{bs}_tok_s"] for bs in args.batch}
                 for bs in args.batch:

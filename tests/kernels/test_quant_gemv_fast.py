@@ -5,10 +5,11 @@ ragged N, groups 32/64/128, symmetric and asymmetric int4, int8 and W8A8 int8, M
 fusion.
 
 Tolerances: fp32, rtol = atol = 1e-5 (the kernel and the reference differ in summation order
-only). bf16 at M == 1 (the fast path): elementwise within 2^-7 relative (two bf16 ulps: the sums
-agree to fp32 precision before the one rounding; a SwiGLU rounds three times) plus 1e-3 of the
-output's rms. M > 1 runs the exact path (bf16-rounded weights) with ``fast`` set: relative error
-norm < 1e-2 against the fp32 reference (the exact path's own bound)."""
+only). bf16 on the fast path (M == 1; int4 at any M, its tl.dot variant at M > 1): elementwise
+within 2^-7 relative (two bf16 ulps: the sums agree to fp32 precision before the one rounding; a
+SwiGLU rounds three times) plus 1e-3 of the output's rms. int8 / W8A8 at M > 1 run the exact path
+(bf16-rounded sums) with ``fast`` set: relative error norm < 1e-2 against the fp32 reference (the
+exact path's own bound)."""
 
 from __future__ import annotations
 
@@ -16,19 +17,21 @@ import pytest
 import torch
 
 from kernels import quant as ref
-from kernels.gemv import fast_dequant_fits, fast_gemv_config, gemv, gemv_ref, gemv_rope_store, gemv_rope_store_ref
+from kernels.gemv import (fast_dequant_fits, fast_dot_config, fast_dot_fits, fast_gemv_config, gemv, gemv_ref,
+                          gemv_rope_store, gemv_rope_store_ref)
 from test_quant_gemv import DEVICE, FUSIONS, _fusion_args, _rel, _to, quant_weight, w8a8_gemv_ref
 
 WEIGHTS = {"int8": ("int8", 0, False), "int4_g32": ("int4", 32, False), "int4_g64_zero": ("int4", 64, True),
            "int4_g128": ("int4", 128, False), "int4_g128_zero": ("int4", 128, True)}
 
 
-def _check(out: torch.Tensor, expected: torch.Tensor, m: int) -> None:
+def _check(out: torch.Tensor, expected: torch.Tensor, fast: bool) -> None:
+    """``fast``: the fast path ran (M == 1, or int4 at any M), else the exact one (M > 1)."""
     assert out.shape == expected.shape and out.dtype == expected.dtype
     assert expected.abs().max() > 0
     if out.dtype == torch.float32:
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    elif m == 1:
+    elif fast:
         e = expected.float()
         bound = 2.0**-7 * e.abs() + 1e-3 * e.pow(2).mean().sqrt()
         assert bool(((out.float() - e).abs() <= bound).all()), (out.float() - e).abs().max()
@@ -47,8 +50,8 @@ def _weights(name: str, rows: int, k: int, seed: int):
 @pytest.mark.parametrize("weights", list(WEIGHTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fast_gemv_matches_the_fp32_dequantized_reference(m, fusion, weights, dtype):
-    if dtype == torch.float32 and m != 1:
-        pytest.skip("fp32 at M > 1: the exact path, tested in test_quant_gemv.py")
+    if dtype == torch.float32 and m != 1 and WEIGHTS[weights][0] != "int4":
+        pytest.skip("int8 in fp32 at M > 1: the exact path, tested in test_quant_gemv.py")
     n = 37  # not a multiple of any block
     k = 3 * max(WEIGHTS[weights][1], 32)  # several groups, not a power of two
     swiglu = FUSIONS[fusion].get("swiglu", False)
@@ -57,7 +60,7 @@ def test_fast_gemv_matches_the_fp32_dequantized_reference(m, fusion, weights, dt
     expected = gemv_ref(x, dense.to(DEVICE), swiglu=swiglu, **kw)  # fp32 weight: fp32 product, one rounding
     out = gemv(x, _to(w, DEVICE), swiglu=swiglu, quant=quant, scale=_to(scale, DEVICE), zero=_to(zeros, DEVICE),
                fast=True, **kw)
-    _check(out, expected, m)
+    _check(out, expected, m == 1 or quant == "int4")
 
 
 @pytest.mark.parametrize("weights", list(WEIGHTS))
@@ -71,7 +74,7 @@ def test_fast_gemv_several_k_steps_and_a_ragged_last_one(weights, dtype):
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
     out = gemv(x, _to(w, DEVICE), quant=quant, scale=_to(scale, DEVICE), zero=_to(zeros, DEVICE), fast=True,
                config=(1, 4, 2 * group, 1))
-    _check(out, gemv_ref(x, dense.to(DEVICE)), 1)
+    _check(out, gemv_ref(x, dense.to(DEVICE)), True)
 
 
 def test_fast_int4_decodes_every_code_at_every_nibble():
@@ -105,28 +108,29 @@ def test_fast_int8_decodes_every_byte_value():
     torch.testing.assert_close(out.cpu(), ref.int8_linear_fast_ref(xs, codes, scale), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("weights", ["int8", "int4_g32", "int4_g64_zero"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fast_rope_store_matches_reference(weights, dtype):
+def test_fast_rope_store_matches_reference(weights, dtype, m):
     heads, kv_heads, head_dim, k = 6, 2, 16, 192
     n = (heads + 2 * kv_heads) * head_dim
     quant, w, scale, zeros, dense = _weights(weights, n, k, seed=5)
     g = torch.Generator().manual_seed(9)
-    x = torch.randn(1, k, generator=g).to(DEVICE, dtype)
+    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
     blocks, block_size = 4, 4
     cache = torch.randn(2, blocks, block_size, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
     ref_cache = cache.clone()
     angles = torch.arange(64)[:, None] * (1e-2 * torch.arange(1, head_dim // 2 + 1))[None, :]
     kw = dict(norm_weight=(1 + 0.3 * torch.randn(k, generator=g)).to(DEVICE, dtype), eps=1e-5,
-              positions=torch.tensor([37]).to(DEVICE),
+              positions=torch.tensor([37, 5, 60][:m]).to(DEVICE),
               cos_table=torch.cat([angles.cos()] * 2, dim=-1).to(DEVICE),
               sin_table=torch.cat([angles.sin()] * 2, dim=-1).to(DEVICE),
-              slot_mapping=torch.tensor([6]).to(DEVICE), num_heads=heads, num_kv_heads=kv_heads)
+              slot_mapping=torch.tensor([6, 1, 13][:m]).to(DEVICE), num_heads=heads, num_kv_heads=kv_heads)
     expected = gemv_rope_store_ref(x, dense.to(DEVICE), k_cache=ref_cache[0], v_cache=ref_cache[1], **kw)
     out = gemv_rope_store(x, _to(w, DEVICE), k_cache=cache[0], v_cache=cache[1], quant=quant,
                           scale=_to(scale, DEVICE), zero=_to(zeros, DEVICE), fast=True, **kw)
-    _check(out, expected, 1)
-    _check(cache, ref_cache, 1)
+    _check(out, expected, m == 1 or quant == "int4")
+    _check(cache, ref_cache, m == 1 or quant == "int4")
 
 
 @pytest.mark.parametrize("fusion", list(FUSIONS))
@@ -172,3 +176,6 @@ def test_fast_path_fits_and_refuses():
     assert fast_gemv_config(4096, 4096, "int4", 128) == (1, 8, 2048, 4)
     assert fast_gemv_config(64, 96, "int4", 32)[1:3] == (1, 128)
     assert fast_gemv_config(4096, 64, "int4", 128)[2] == 128
+    # int4 at M > 1: tl.dot over half a group needs 16+ inputs; one group per K step
+    assert fast_dot_fits("int4", 32) and not fast_dot_fits("int4", 16) and not fast_dot_fits("int8", 128)
+    assert fast_dot_config(128)[0::2] == (16, 128) and fast_dot_config(64, two=True)[1] >= 16

@@ -65,3 +65,40 @@ def test_suggest_takes_the_least_total_over_every_shape():
     assert got["entry"] == [4, 4096, 4] and got["total_us"] == pytest.approx(5e6)
     assert got["heuristic_total_us"] == pytest.approx(6e6) and got["shapes"] == ["down", "qkv"]
     assert suggest(records, "int8") is None
+
+
+def test_sweep_flow_on_cpu(monkeypatch, tmp_path):
+    """The whole script on tiny shapes on CPU (interpreted kernels, a fake clock and ceiling): every
+    record it promises is there, with numbers, for every format, shape and M."""
+    import json
+
+    import experiments.quant_gemv_sweep as sweep
+
+    def one_run_seconds(run, reps: int = 10) -> float:
+        run()
+        return 1e-3
+
+    monkeypatch.setattr(sweep, "DEVICE", "cpu")
+    shapes = {"gate_up": (64, 256, "swiglu"), "down": (32, 384, "residual")}
+    monkeypatch.setattr(sweep, "SHAPES", shapes)
+    monkeypatch.setattr(sweep, "COPY_BYTES", 1)
+    monkeypatch.setattr(sweep, "FAST_CANDIDATES", [(2, 128, 4)])
+    monkeypatch.setattr(sweep, "graph_seconds", one_run_seconds)
+    monkeypatch.setattr(sweep, "copy_ceiling_tbps", lambda: 1.0)
+    out = tmp_path / "sweep.jsonl"
+    formats = ["int8", "int4_g128_zero"]
+    sweep.main(["--formats", *formats, "--m", "1", "2", "--budget-s", "1000", "--json", str(out)])
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    measures = [r for r in recs if r["kind"] == "measure"]
+    errors = [r for r in measures if "error" in r and r["path"] != "tinygemm"]  # tinygemm is CUDA-only
+    assert not errors, errors
+    for fmt in formats:
+        for shape in shapes:
+            paths = {(r["path"], r["M"]) for r in measures if r["format"] == fmt and r["shape"] == shape}
+            assert {("exact", 1), ("fast", 1), ("fast_best", 1), ("exact", 2), ("fast", 2)} <= paths, (fmt, shape)
+            assert ("tinygemm", 1) in paths if fmt.startswith("int4") else ("tinygemm", 1) not in paths
+            best = next(r for r in measures if r["format"] == fmt and r["shape"] == shape and r["path"] == "fast_best")
+            assert best["of_candidates"] == 2 and best["GBps"] > 0 and best["of_copy_ceiling"] > 0
+    assert {(r["shape"], r["M"]) for r in measures if r["path"] == "bf16"} == {(s, m) for s in shapes for m in (1, 2)}
+    assert {r["format"] for r in recs if r["kind"] == "suggest"} == set(formats)
+    assert recs[0]["kind"] == "ceiling" and recs[-1]["kind"] == "done"

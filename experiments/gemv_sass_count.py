@@ -1,0 +1,111 @@
+"""SASS instructions per weight byte of kernels/gemv.py's decode GEMV (M == 1; int4 also at
+M == 16), exact against fast dequantization, compiled for sm_90 with Triton's bundled ptxas: no GPU needed. The K loop's body
+(the block between the label and the backward branch) is counted per thread and divided by the
+weight bytes a thread reads per K step; conversions (I2F, F2F, F2FP) are listed separately, as
+they issue at a fraction of the FMA rate on Hopper. Fully unrolled loops (K / BLOCK_K small)
+count the whole kernel over all its steps instead.
+
+    python experiments/gemv_sass_count.py [--k 4096] [--n 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels import gemv as G
+
+VARIANTS = {  # name -> (quant, fast, group, zero, M)
+    "int8_exact": ("int8", False, 1, False, 1), "int8_fast": ("int8", True, 1, False, 1),
+    "int4_g128_exact": ("int4", False, 128, False, 1), "int4_g128_fast": ("int4", True, 128, False, 1),
+    "int4_g128_zero_fast": ("int4", True, 128, True, 1), "bf16": ("dense", False, 1, False, 1),
+    "int4_g128_m16_exact": ("int4", False, 128, False, 16), "int4_g128_m16_fast": ("int4", True, 128, False, 16),
+}
+CONVERSIONS = ("I2F", "F2F", "F2FP", "I2FP")
+
+
+def compile_sm90(quant: str, fast: bool, group: int, zero: bool, m: int, n: int, k: int) -> tuple[bytes, tuple]:
+    """The cubin of _gemv_kernel for M rows (plain, bf16) and its config."""
+    dot = fast and m > 1
+    if dot:
+        cfg = G.fast_dot_config(group)
+    else:
+        cfg = G.fast_gemv_config(n, k, quant, group) if fast else G.gemv_config(m, n, k)
+    words = fast and not dot
+    wty = "*i32" if words else {"int4": "*u8", "dense": "*bf16"}.get(quant, "*i8")
+    sig = {"x_ptr": "*bf16", "w_ptr": wty, "s_ptr": "*fp32", "z_ptr": "*fp32", "b_ptr": "*bf16",
+           "nw_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "eps": "fp32",
+           "x_stride": "i32", "res_stride": "i32", "out_stride": "i32"}
+    gpt, wpg = G._fast_words(quant, group, cfg[2]) if words else (1, 1)
+    constexprs = dict(N=n, K=k, BLOCK_M=cfg[0], BLOCK_N=cfg[1], BLOCK_K=cfg[2], HAS_BIAS=False, NORM=False,
+                      RESIDUAL=False, SWIGLU=False, IEEE=False, BF16_BY_HAND=False, PDL=True,
+                      GROUP=group, QUANT=G.QUANT_KINDS[quant], HAS_ZERO=zero, FAST=words, GPT=gpt, WPG=wpg,
+                      FAST_DOT=dot)
+    sig.update({name: "constexpr" for name in constexprs})
+    kernel = triton.compile(ASTSource(G._gemv_kernel, sig, constexprs=constexprs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg[3]})
+    return kernel.asm["cubin"], cfg
+
+
+def loop_ops(sass: str) -> tuple[collections.Counter, bool]:
+    """Opcode counts of the largest backward-branch loop, or of the whole kernel (and False) if none."""
+    lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+    addr = {i: int(re.match(r"\s+/\*([0-9a-f]+)\*/", line).group(1), 16) for i, line in enumerate(lines)}
+    labels, pending = {}, None
+    for raw in sass.splitlines():
+        m = re.match(r"\.L_x_(\d+):", raw.strip())
+        if m:
+            pending = m.group(1)
+        elif pending and re.match(r"\s+/\*[0-9a-f]{4}\*/", raw):
+            labels[pending] = int(re.match(r"\s+/\*([0-9a-f]+)\*/", raw).group(1), 16)
+            pending = None
+    best: list[str] = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA\s+`\(\.L_x_(\d+)\)", line)
+        if m and labels.get(m.group(1), 1 << 40) < addr[i]:
+            body = [x for j, x in enumerate(lines) if labels[m.group(1)] <= addr[j] <= addr[i]]
+            best = max(best, body, key=len)
+    ops = collections.Counter()
+    for line in best or lines:
+        m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)", line)
+        if m:
+            ops[m.group(1)] += 1
+    return ops, bool(best)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--k", type=int, default=4096)
+    args = ap.parse_args(argv)
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    for name, (quant, fast, group, zero, m) in VARIANTS.items():
+        cubin, cfg = compile_sm90(quant, fast, group, zero, m, args.n, args.k)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+        ops, looped = loop_ops(sass)
+        threads = cfg[3] * 32
+        elem_bytes = {"int4": 0.5, "dense": 2.0}.get(quant, 1.0)
+        steps = 1 if looped else -(-args.k // cfg[2])
+        nbytes = cfg[1] * cfg[2] * elem_bytes * steps / threads  # weight bytes per thread counted
+        total = sum(ops.values())
+        print(json.dumps({"variant": name, "config": list(cfg), "counted": "loop" if looped else "kernel",
+                          "instructions": total, "weight_bytes_per_thread": nbytes,
+                          "instructions_per_byte": round(total / nbytes, 2),
+                          "conversions_per_byte": round(sum(ops[c] for c in CONVERSIONS) / nbytes, 2),
+                          "top": ops.most_common(8)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
