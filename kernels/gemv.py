@@ -155,11 +155,16 @@ def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True) -> 
 # W row set (SwiGLU's and rotary's programs read two: half the columns). First guesses: a program
 # holds about as many weight bytes per K step as the bf16 path's (16-32 KB, two steps in flight);
 # experiments/quant_gemv_sweep.py prints the measured best per format and shape to set them from.
-FAST_M1_CONFIGS: dict[str, tuple[int, int, int]] = {
-    "int8": (8, 2048, 4),
-    "w8a8_int8": (8, 2048, 4),
+FAST_M1_CONFIGS: dict[str, tuple[int, int, int]] = {  # H200 sweep, benchmarks/2026-11-29-h200-s5/quant_sweep.jsonl
+    "int8": (8, 4096, 4),  # qkv 18.5 us (2.72 TB/s), gate_up 30.5 us (2.96 TB/s) against 22.1 / 33.0 at (8, 2048, 4)
+    "w8a8_int8": (16, 2048, 4),  # 113.9 us over the four Llama-2-7B shapes against 121.6 at (8, 2048, 4)
     "int4": (8, 2048, 4),
 }
+# Whether the engine's compressed linears take the fast path by default (ModelOptions.exact_dequant
+# forces the exact one everywhere). Measured on the H200 at M == 1 (same sweep): int8's fast path
+# streams 2.2-3.0 TB/s against the exact path's 1.2-1.5; int4's streams 0.45-1.25 TB/s against the
+# exact path's 0.82-1.06 at its best swept config, slower on most shapes: int4 stays exact.
+FAST_BY_DEFAULT = {"int8": True, "w8a8_int8": True, "int4": False}
 FAST_MIN_PROGRAMS = 264  # two per SM of an H100/H200 (132 SMs): fewer columns per program below that
 WORD_CODES = {"int8": 4, "w8a8_int8": 4, "int4": 8}  # codes in one int32 word
 

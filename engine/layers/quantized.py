@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import quant as ref
-from kernels.gemv import SMALL_M, fast_dequant_fits, gemv
+from kernels.gemv import FAST_BY_DEFAULT, SMALL_M, fast_dequant_fits, gemv
 from kernels.quant_dequant import dequantize_int4
 from kernels.quant_gemv import sparse24_int4_gemv
 
@@ -46,9 +46,11 @@ class CompressedLinear(nn.Module):
         raise NotImplementedError
 
     def _fast(self, quant: str, group: int = 1) -> bool:
-        """Whether the decode GEMVs read this layer with the fast dequantization: unless
-        options.exact_dequant, where its codes fit whole int32 words (kernels/gemv.py)."""
-        return not self.exact_dequant and fast_dequant_fits(quant, self.in_features, group)
+        """Whether the decode GEMVs read this layer with the fast dequantization: for the formats
+        where it was measured faster (FAST_BY_DEFAULT), unless options.exact_dequant, where its
+        codes fit whole int32 words (kernels/gemv.py)."""
+        return (not self.exact_dequant and FAST_BY_DEFAULT[quant]
+                and fast_dequant_fits(quant, self.in_features, group))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
