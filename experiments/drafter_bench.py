@@ -184,6 +184,12 @@ def init_student(teacher: Path, layers: list[int], out: Path) -> Path:
     return out
 
 
+def engine_settings(args, prompts: list[list[int]]) -> dict:
+    """LLM(...) keywords: the device, and a context no longer than the runs need (the CPU attention
+    reference works over the whole max_model_len)."""
+    return {"device": args.device, "max_model_len": max(map(len, prompts)) + args.new_tokens + max(args.ks) + 1}
+
+
 def greedy_outputs(llm: Any, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     from engine import SamplingParams
 
@@ -224,11 +230,14 @@ def measure_acceptance(args, teacher: Path, drafters: dict[str, str]
     JSON line per (workload, drafter, k)."""
     from engine import LLM
 
-    engine_kwargs = {"device": args.device}
+    from shrink.modeling import load_tokenizer
+
     t = time.time()
-    llm = LLM(str(teacher), **engine_kwargs)
-    prompts = {w: load_prompts(w, Path(args.data_dir), llm.tokenizer, args.prompts, args.prompt_tokens)
+    tokenizer = load_tokenizer(teacher)
+    prompts = {w: load_prompts(w, Path(args.data_dir), tokenizer, args.prompts, args.prompt_tokens)
                for w in args.workloads}
+    engine_kwargs = engine_settings(args, [p for ps in prompts.values() for p in ps])
+    llm = LLM(str(teacher), **engine_kwargs)
     outputs = {w: greedy_outputs(llm, ps, args.new_tokens) for w, ps in prompts.items()}
     free(llm)
     log(f"teacher outputs in {time.time() - t:.1f}s")
@@ -259,7 +268,7 @@ def check_with_engine(args, teacher: Path, name: str, path: str, prompts: list[l
     acceptance counters, and whether its output equals plain greedy decoding (`plain`)."""
     from engine import LLM
 
-    llm = LLM(str(teacher), device=args.device,
+    llm = LLM(str(teacher), **engine_settings(args, prompts),
               speculative_config={"model": path, "num_speculative_tokens": args.check_k})
     spec = greedy_outputs(llm, prompts, args.new_tokens)
     m = llm.engine.spec_metrics
