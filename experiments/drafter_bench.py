@@ -18,11 +18,34 @@ teacher's own samples, TVD) against the CE baseline of the same size, data and t
    students (the same kept layers) are measured too, and one real speculative run at `--check-k` with
    the trained TVD drafter cross-checks the replay against the engine's own acceptance counters.
 
-Every result is one JSON line (stdout, and appended to --json); the last line compares TVD with CE.
+Every result is one JSON line (stdout, and appended to --json); `drafter_tvd_vs_ce` compares the two.
 
-Which layers (`--keep`), measured on the 2-core CPU (see conf/distill/drafter.yaml's choice):
-`--smoke`-sized budgets with the real SmolLM2 teacher, TVD only: the numbers are in the commit that
-chose the default and in BENCHMARKS-style notes of the report.
+Default GPU budget (one H200, not yet run): 2,048 teacher samples of 256 tokens (~0.5M tokens through
+the engine at batch 256), 4M training tokens per drafter (batch 32 x 512, bf16 autocast, fused and
+compiled loss), 8 prompts x 256 tokens per workload. Estimated from BENCHMARKS.md's H100 figures
+(KD step 141k tok/s with a 15-layer student; a 4-layer student costs ~0.7 of that step, CE no teacher
+forward): ~30 s KD and ~15 s CE training plus ~30 s compile and start-up each, ~20 s of samples, and
+~1 min of acceptance (3 drafter engines, 6,144 draft contexts each): about 3-4 minutes in all.
+
+Which layers (`--keep`): measured on the 2-core CPU (shared, so slow) with the real SmolLM2 teacher,
+TVD, 16,384 tokens each (16 steps of 8 x 128), 32 teacher samples of 64 tokens, 3 prompts per workload x
+48 tokens, greedy acceptance over all three workloads (432 target tokens):
+
+    --device cpu --tokens 16384 --batch-size 8 --block-size 128 --num-samples 32 --sample-tokens 64
+    --prompts 3 --new-tokens 48 --losses tvd --keep first:4 "[0,10,20,29]" importance:4 --check-k 0
+    distill.warmup_steps=2 distill.val_batches=2 data.teacher_generated.instruction_fraction=0
+
+    keep                            k=1 acceptance  k=4   mean accepted length k=4   untrained k=1
+    first:4       [0,1,2,3]         0.165           0.058  1.22                      0.029
+    evenly spaced [0,10,20,29]      0.101           0.028  1.11                      0.000
+    importance:4  [0,1,11,29]       0.154           0.053  1.20                      0.000
+                  (drop-one loss)
+
+First-N is chosen (the preset's default): it leads (its gap to drop-one is within one standard
+error of the difference at this size, its gap to evenly spaced is 2.6), it needs no calibration pass, and
+untrained it already drafts some tokens. CPU timings (contended): 242 training tok/s (evenly spaced),
+teacher samples 2,031 tokens in ~80 s, acceptance ~30-45 s per drafter; the GPU budget was set from
+the H100 figures in BENCHMARKS.md (KD step ~140k tok/s for a 15-layer student), not from these.
 """
 
 from __future__ import annotations
