@@ -156,7 +156,8 @@ def distill_overrides(args, teacher: Path, run: Path, loss: str, keep: str | Non
         "distill.checkpoint_every=0", "gates.max_ppl_ratio.distill=null",
     ]
     if gsm8k_train.is_file() and not args.smoke:  # (tiny test models have short contexts)
-        over += [f"data.teacher_generated.instructions={gsm8k_train}", "data.teacher_generated.instruction_fraction=0.5"]
+        over += [f"data.teacher_generated.instructions={gsm8k_train}",
+                 "data.teacher_generated.instruction_fraction=0.5"]
     if args.cache_dir:
         over.append(f"cache_dir={args.cache_dir}")
     if keep is not None:
@@ -170,21 +171,24 @@ def distill_overrides(args, teacher: Path, run: Path, loss: str, keep: str | Non
 
 
 def train_drafters(args, teacher: Path) -> dict[str, dict[str, Any]]:
-    """{name: {path, loss, keep, kept_layers, wall_s, ...}} of every trained drafter."""
+    """{name: {path, loss, keep, kept_layers, stage_wall_s, process_s, ...}} of every trained drafter."""
     drafters = {}
     for keep in args.keep or [None]:
         for loss in args.losses:
             name = f"{loss}[{keep or 'preset'}]"
             run = Path(args.out) / safe_name(name)
             log(f"training {name} in {run}")
+            started = time.time()
             shrink_cli(*distill_overrides(args, teacher, run, loss, keep))
+            process_s = time.time() - started
             info = json.loads((run / "distill" / "shrink.json").read_text())
             m = info["metrics"]
             row = {"bench": "drafter_train", "drafter": name, "loss": loss, "keep": keep, "path": str(run / "distill"),
                    "kept_layers": m.get("kept_layers"), "params": m.get("params"),
                    "train_tokens": m.get("train_tokens"), "train_tok_s": m.get("tokens_per_s"),
                    "final_loss": m.get("final_loss"),
-                   "wall_s": info.get("wall_time_s"), **{k: v for k, v in m.items() if k.startswith("val_")},
+                   "stage_wall_s": info.get("wall_time_s"), "process_s": process_s,
+                   **{k: v for k, v in m.items() if k.startswith("val_")},
                    "data_source": m.get("data_source"), "teacher_data": m.get("teacher_data")}
             emit(row, args.json)
             drafters[name] = row
@@ -328,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.check_k:
         name = next(iter(trained))
         check_with_engine(args, teacher, name, trained[name]["path"], *workloads[args.workloads[0]])
-    log("done")
+    emit({"bench": "drafter_bench_total", "wall_s": time.time() - T0, "tokens": args.tokens,
+          "device": args.device}, args.json)
 
 
 if __name__ == "__main__":

@@ -42,3 +42,5 @@ def test_drafter_bench_smoke(tiny_teacher: Path, shared_data_dir: Path, tmp_path
     assert set(compare["mean_accepted_length_ratio"]) == {"1", "2", "4"}
     (check,) = by("drafter_engine_check")
     assert check["greedy_equal"] is True and check["num_proposed_tokens"] > 0
+    (total,) = by("drafter_bench_total")
+    assert total["wall_s"] >= sum(r["process_s"] for r in trained.values()) > 0
