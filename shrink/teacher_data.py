@@ -58,8 +58,8 @@ class TeacherDataSettings:
 
     def check(self) -> None:
         key = "data.teacher_generated"
-        if not 0.0 <= self.ratio < 1.0:
-            raise ShrinkError(f"{key}.ratio must be in [0, 1), got {self.ratio}")
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ShrinkError(f"{key}.ratio must be in [0, 1], got {self.ratio}")
         if self.ratio > 0 and self.num_samples < 1:
             raise ShrinkError(f"{key}.num_samples must be >= 1 when {key}.ratio > 0, got {self.num_samples}")
         for name in ("max_tokens", "prefix_tokens"):

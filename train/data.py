@@ -240,9 +240,10 @@ def mix_generated(train: torch.Tensor, samples: list[list[int]], ratio: float, e
                   seed: int) -> torch.Tensor:
     """Training blocks with a `ratio` share of generated text: the samples are packed into blocks of
     the corpus' block size, and the mix keeps the corpus' block count, seeded-shuffled (generated blocks
-    repeat when there are fewer than the share needs)."""
-    if not 0.0 <= ratio < 1.0:
-        raise ShrinkError(f"data.teacher_generated.ratio must be in [0, 1), got {ratio}")
+    repeat when there are fewer than the share needs). Ratio 1: only generated text (the corpus then
+    gives only the prompts and the block count)."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ShrinkError(f"data.teacher_generated.ratio must be in [0, 1], got {ratio}")
     if ratio == 0.0:
         return train
     n_total, block_size = train.shape

@@ -1,0 +1,46 @@
+"""experiments/drafter_bench.py --smoke: trains the TVD drafter and its CE baseline on the same
+teacher samples and budget, measures greedy acceptance per workload and k with the engine, and checks
+one real speculative run against plain greedy decoding (CPU, tiny teacher)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from support import REPO
+
+
+def test_drafter_bench_smoke(tiny_teacher: Path, shared_data_dir: Path, tmp_path: Path):
+    out, lines = tmp_path / "out", tmp_path / "results.jsonl"
+    result = subprocess.run(
+        [sys.executable, "experiments/drafter_bench.py", "--teacher", str(tiny_teacher), "--data-dir",
+         str(shared_data_dir), "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+         "--smoke", "--keep", "first:2", "--json", str(lines)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = [json.loads(line) for line in lines.read_text().splitlines()]
+    by = lambda bench: [r for r in rows if r["bench"] == bench]  # noqa: E731
+    trained = {r["loss"]: r for r in by("drafter_train")}
+    assert set(trained) == {"tvd", "ce"}
+    assert trained["tvd"]["kept_layers"] == trained["ce"]["kept_layers"] == [0, 1]
+    assert trained["tvd"]["train_tokens"] == trained["ce"]["train_tokens"] >= 2048
+    assert trained["tvd"]["teacher_data"] == trained["ce"]["teacher_data"]  # the same samples, generated once
+    assert "val_tvd" in trained["tvd"] and "val_ce" in trained["ce"]
+    acceptance = by("drafter_acceptance")
+    drafters = {"tvd[first:2]", "ce[first:2]", "init[0,1]"}
+    assert {(r["workload"], r["drafter"], r["k"]) for r in acceptance} == {
+        (w, d, k) for w in ("wikitext", "cqa", "gsm8k") for d in drafters for k in (1, 2, 4)}
+    for r in acceptance:
+        assert 0.0 <= r["acceptance_rate"] <= 1.0 and 1.0 <= r["mean_accepted_length"] <= r["k"] + 1
+        assert r["num_emitted_tokens"] == r["prompts"] * r["new_tokens"]
+    assert {r["drafter"] for r in by("drafter_summary")} == drafters
+    (compare,) = by("drafter_tvd_vs_ce")
+    assert set(compare["mean_accepted_length_ratio"]) == {"1", "2", "4"}
+    (check,) = by("drafter_engine_check")
+    assert check["greedy_equal"] is True and check["num_proposed_tokens"] > 0
+    (total,) = by("drafter_bench_total")
+    assert total["wall_s"] >= sum(r["process_s"] for r in trained.values()) > 0
