@@ -122,7 +122,8 @@ def log(msg: str) -> None:
 
 def shrink_cli(*overrides: str) -> None:
     """`python -m shrink ...` in a subprocess (each training run frees its GPU memory on exit)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true"}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep the caller's
+    env = {**os.environ, "PYTHONPATH": path, "WANDB_SILENT": "true"}
     result = subprocess.run([sys.executable, "-m", "shrink", *overrides], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if result.returncode != 0:
