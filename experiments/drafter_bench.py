@@ -58,7 +58,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -68,6 +68,7 @@ from spec_bench import emit, load_prompts, replay_greedy  # noqa: E402
 
 LOSS_PRESETS = {"tvd": "drafter", "ce": "drafter_ce"}
 T0 = time.time()
+T = TypeVar("T")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -240,24 +241,31 @@ def draft_table(llm: Any, prompts: list[list[int]], outputs: list[list[int]], k_
     return table
 
 
-def free(llm: Any) -> None:
-    del llm
-    gc.collect()
-    try:
-        import torch
+def run_engine(path: str | Path, kwargs: dict, use: Callable[[Any], T], **extra: Any) -> T:
+    """use(LLM(path, **kwargs, **extra)), the engine gone (and the GPU cache emptied) before this
+    returns: the next engine sizes its KV pool from the free memory (with the teacher's engine
+    still referenced, a drafter's pool came out at 0 blocks on the H200)."""
+    from engine import LLM
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    llm = LLM(str(path), **kwargs, **extra)
+    try:
+        return use(llm)
+    finally:
+        del llm
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
 
 
 def measure_acceptance(args, teacher: Path, drafters: dict[str, str]
                        ) -> tuple[dict[str, dict[int, dict]], dict[str, tuple[list, list]]]:
     """({drafter: {k: acceptance over every workload}}, {workload: (prompts, teacher outputs)}); one
     JSON line per (workload, drafter, k)."""
-    from engine import LLM
-
     from shrink.modeling import load_tokenizer
 
     t = time.time()
@@ -265,17 +273,15 @@ def measure_acceptance(args, teacher: Path, drafters: dict[str, str]
     prompts = {w: load_prompts(w, Path(args.data_dir), tokenizer, args.prompts, args.prompt_tokens)
                for w in args.workloads}
     engine_kwargs = engine_settings(args, [p for ps in prompts.values() for p in ps])
-    llm = LLM(str(teacher), **engine_kwargs)
-    outputs = {w: greedy_outputs(llm, ps, args.new_tokens) for w, ps in prompts.items()}
-    free(llm)
+    outputs = run_engine(teacher, engine_kwargs,
+                         lambda llm: {w: greedy_outputs(llm, ps, args.new_tokens) for w, ps in prompts.items()})
     log(f"teacher outputs in {time.time() - t:.1f}s")
     every_output = [o for w in args.workloads for o in outputs[w]]
     summary: dict[str, dict[int, dict]] = {}
     for name, path in drafters.items():
         t = time.time()
-        llm = LLM(path, **engine_kwargs)
-        tables = {w: draft_table(llm, prompts[w], outputs[w], max(args.ks)) for w in args.workloads}
-        free(llm)
+        tables = run_engine(path, engine_kwargs, lambda llm: {
+            w: draft_table(llm, prompts[w], outputs[w], max(args.ks)) for w in args.workloads})
         for w in args.workloads:
             for k in args.ks:
                 m = replay_greedy(outputs[w], lambda i, pos, n, w=w: tables[w][i][pos][:n], k)
@@ -294,15 +300,11 @@ def check_with_engine(args, teacher: Path, name: str, path: str, prompts: list[l
                       plain: list[list[int]]) -> None:
     """One real speculative run (greedy, the first workload's prompts) at --check-k: the engine's own
     acceptance counters, and whether its output equals plain greedy decoding (`plain`)."""
-    from engine import LLM
-
-    llm = LLM(str(teacher), **engine_settings(args, prompts),
-              speculative_config={"model": path, "num_speculative_tokens": args.check_k})
-    spec = greedy_outputs(llm, prompts, args.new_tokens)
-    m = llm.engine.spec_metrics
+    spec, m = run_engine(teacher, engine_settings(args, prompts),
+                         lambda llm: (greedy_outputs(llm, prompts, args.new_tokens), llm.engine.spec_metrics),
+                         speculative_config={"model": path, "num_speculative_tokens": args.check_k})
     emit({"bench": "drafter_engine_check", "workload": args.workloads[0], "drafter": name, "k": args.check_k,
           "greedy_equal": spec == plain, **(m.as_dict() if m is not None else {})}, args.json)
-    free(llm)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,6 +38,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -85,7 +86,7 @@ def _chat(tokenizer: Any, text: str) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
         out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                             tokenize=True)
-        return list(out["input_ids"] if isinstance(out, dict) else out)
+        return list(out["input_ids"] if isinstance(out, Mapping) else out)  # a BatchEncoding (5.17) or ids
     return tokenizer.encode(text + "\nAnswer:")
 
 

@@ -44,3 +44,32 @@ def test_drafter_bench_smoke(tiny_teacher: Path, shared_data_dir: Path, tmp_path
     assert check["greedy_equal"] is True and check["num_proposed_tokens"] > 0
     (total,) = by("drafter_bench_total")
     assert total["wall_s"] >= sum(r["process_s"] for r in trained.values()) > 0
+
+
+def test_each_engine_is_gone_before_the_next_is_built(monkeypatch):
+    """run_engine drops its engine before returning: the next engine sizes its KV pool from the free
+    memory (the teacher's engine, still referenced by the caller, left a drafter 0 KV blocks on the H200)."""
+    import gc
+    import importlib.util
+    import weakref
+
+    import engine as engine_pkg
+
+    spec = importlib.util.spec_from_file_location("drafter_bench", REPO / "experiments" / "drafter_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    built: list[weakref.ref] = []
+    alive_at_build: list[int] = []
+
+    class FakeLLM:
+        def __init__(self, path, **kwargs):
+            gc.collect()
+            alive_at_build.append(sum(ref() is not None for ref in built))
+            built.append(weakref.ref(self))
+            self.path, self.kwargs = path, kwargs
+
+    monkeypatch.setattr(engine_pkg, "LLM", FakeLLM)
+    first = bench.run_engine("teacher", {"device": "cpu"}, lambda llm: [llm.path])
+    second = bench.run_engine("drafter", {"device": "cpu"}, lambda llm: (llm.path, llm.kwargs), extra=1)
+    assert first == ["teacher"] and second == ("drafter", {"device": "cpu", "extra": 1})
+    assert alive_at_build == [0, 0] and all(ref() is None for ref in built)

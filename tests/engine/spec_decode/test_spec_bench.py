@@ -190,3 +190,17 @@ def test_a_request_that_ends_short_is_an_error_not_a_row(bench):
 
     with pytest.raises(Exception, match="request 0 generated 3 of 8 tokens"):
         bench._median_tok_s(ShortLLM(), [[1, 2]], 8, 1)
+
+
+def test_chat_prompts_take_a_batch_encoding(bench):
+    """transformers 5.17's apply_chat_template(tokenize=True) returns a BatchEncoding (a UserDict, not
+    a dict): the GSM8K/CQA prompts crashed on the H200 with "invalid literal for int(): 'input_ids'"."""
+    from collections import UserDict
+
+    class Tokenizer:
+        chat_template = "{{ messages }}"
+
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            return UserDict({"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1]})
+
+    assert bench._chat(Tokenizer(), "2 + 2?") == [5, 6, 7]
