@@ -401,9 +401,14 @@ def verify_cost(args) -> None:
     # An n-gram speculative config sizes the runner as a speculative engine's: decode rows for a
     # pseudo-row verify, verify graphs for a batch of 16 sequences. Speculation itself stays off.
     spec = {"method": "ngram", "num_speculative_tokens": args.k, "max_batch_size": 16}
-    llm = LLM(path, load_format="safetensors" if args.model else "dummy", max_model_len=max_len,
-              max_num_seqs=1, cuda_graph_max_bs=1, kv_cache_tokens=2 * max_len, speculative_config=spec,
-              **engine_kwargs)
+    # --engine overrides win over this probe's sizing (speed mode hands its target's settings on:
+    # a max_model_len there was passed twice, a TypeError, on the H200).
+    settings = {"load_format": "safetensors" if args.model else "dummy", "max_model_len": max_len,
+                "max_num_seqs": 1, "cuda_graph_max_bs": 1, "kv_cache_tokens": 2 * max_len,
+                "speculative_config": spec, **engine_kwargs}
+    if settings["max_model_len"] < max_len:
+        raise ShrinkError(f"--engine: max_model_len {settings['max_model_len']} < the longest --context + 80 = {max_len}")
+    llm = LLM(path, **settings)
     engine = llm.engine
     engine.scheduler.spec_k = lambda n: 0
     runner = engine.runner

@@ -110,6 +110,20 @@ def test_verify_cost_reports_both_paths_against_decode_on_cpu(bench, model_dir, 
     assert rows[0]["decode_forward_us"] == rows[1]["decode_forward_us"]  # one decode measurement for both paths
 
 
+def test_verify_cost_takes_engine_overrides_that_it_also_sets(bench, model_dir, tmp_path):
+    """speed mode hands its target's --engine (here max_model_len) to the verify probe: it must win
+    over the probe's own sizing, not raise "multiple values for keyword argument" (H200, this session);
+    one too short for the contexts is refused by name."""
+    out = tmp_path / "v.jsonl"
+    bench.main(["--json", str(out), "verify-cost", "--model", model_dir("llama_gqa_untied"), "--context", "32",
+                "--k", "2", "--repeat", "1", "--engine", '{"device": "cpu", "max_model_len": 160}'])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["path"] for r in rows] == ["pseudo_rows", "prefill"] and all(r["verify_step_us"] > 0 for r in rows)
+    with pytest.raises(Exception, match="max_model_len 64"):
+        bench.main(["verify-cost", "--model", model_dir("llama_gqa_untied"), "--context", "32", "--k", "2",
+                    "--repeat", "1", "--engine", '{"device": "cpu", "max_model_len": 64}'])
+
+
 def test_speed_runs_the_baseline_and_each_speculative_config(bench, data_dir, model_dir, tmp_path):
     """Every drafter (n-gram, a draft directory, a truncated copy of the target) is timed at each k and
     batch size with its acceptance metrics, and a policy is recommended per drafter."""
