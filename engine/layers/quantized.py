@@ -254,7 +254,9 @@ class Sparse24Linear(CompressedLinear):
         if self.quantized and self._decode_gemv(x):
             return sparse24_int4_gemv(x, self.packed, self.meta, self.scale, self.zero, self.bias)
         if x.is_cuda and x.dim() == 2:
-            return F.linear(x, self._gpu_weight(x), self.bias)
+            # torch's semi-structured matmul returns the transpose of W @ x^T, a column-major view;
+            # the kernels after a linear (rope_store, the KV store) read rows: make them contiguous.
+            return F.linear(x, self._gpu_weight(x), self.bias).contiguous()
         if self.quantized:
             return ref.sparse24_int4_linear_ref(x, self.packed, self.meta, self.scale, self.zero, self.bias)
         return ref.sparse24_linear_ref(x, self.values, self.meta, self.bias)
