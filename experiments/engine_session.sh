@@ -5,6 +5,9 @@
 #   experiments/engine_session.sh part1        # carry .gpu/wheels + .gpu/t3/p00: stash the GGUF's first part
 #   experiments/engine_session.sh real         # carry .gpu/t3/p01 + p02: the real SmolLM2 decode and agreement
 #   experiments/engine_session.sh compare      # carry .gpu/wheels + .gpu/old: decode, profile, throughput, host before/after
+#   experiments/engine_session.sh quant        # carry .gpu/wheels (+ .gpu/t/p00 .gpu/data to stash them): GEMV sweep, quant bench
+#   experiments/engine_session.sh smol         # right after, carry .gpu/t/p01 p02 .gpu/corpus: n-gram speed,
+#                                              # drafters (TVD vs CE), WikiText-2 rows (issue 11)
 set -uo pipefail
 H=$HOME; OUTDIR=${OUT:-$H/out}; mkdir -p "$OUTDIR"
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$H/site" .gpu/wheels/*.whl 2>/dev/null
@@ -38,6 +41,22 @@ case "${1:?verb}" in
     timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider -m gpu -x ${TESTS:-tests/kernels tests/engine} 2>&1 | tail -n 30;;
   part1)
     mkdir -p "$H/t" && cp .gpu/t3/p00 "$H/t/" && ls -la "$H/t";;
+  quant)  # stashes the GGUF's first part and the data when carried, for `smol` next
+    mkdir -p "$H/t" "$H/data"; [ -f .gpu/t/p00 ] && cp .gpu/t/p00 "$H/t/"; [ -d .gpu/data ] && cp -r .gpu/data/. "$H/data/"
+    timeout "${SWEEP_S:-250}" python3 experiments/quant_gemv_sweep.py --json "$OUTDIR/quant_sweep.jsonl" --budget-s 150 | tail -n 6
+    timeout "${QUANT_S:-230}" python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_bench.jsonl" | tail -n 12
+    python3 experiments/spec_bench.py --json "$OUTDIR/verify_cost.jsonl" verify-cost --shape llama2-7b --context 512 2048;;
+  smol)
+    cp .gpu/t/p01 .gpu/t/p02 "$H/t/" && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"
+    mkdir -p "$H/data/corpus" && cp .gpu/corpus/docs-en.jsonl.gz "$H/data/corpus/"
+    G="$H/t/smol.gguf"; D="$H/data"
+    $B convert-gguf --gguf "$G" --out "$H/smol"
+    timeout "${SPEC_S:-100}" python3 experiments/spec_bench.py --json "$OUTDIR/spec_speed.jsonl" speed --target "$G" \
+      --data-dir "$D" --workloads wikitext gsm8k --batch 1 4 16 --ks 4 6 --engine '{"max_model_len": 2048}' | tail -n 8
+    timeout "${DRAFTER_S:-300}" python3 experiments/drafter_bench.py --teacher "$G" --data-dir "$D" --out "$H/drafters" \
+      --cache-dir "$H/cache" --json "$OUTDIR/drafter.jsonl" ${DRAFTER_ARGS:-} | tail -n 8
+    timeout "${PQ_S:-200}" python3 experiments/prune_quant.py --model "$H/smol" --data-dir "$D" --out "$OUTDIR/prune_quant" \
+      --tf32 --group-size 64 --ft-steps 60 --variants dense,int4_g64_awq,int4_g64_gptq | tail -n 8;;
   real)
     cp .gpu/t3/p01 .gpu/t3/p02 "$H/t/" && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"
     $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol"
