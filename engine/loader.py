@@ -13,11 +13,11 @@ weights are not split yet.
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -69,7 +69,7 @@ Shapes = tuple[tuple[int, ...], ...]  # the shapes a tensor may have
 
 def index_checkpoint(path: str) -> tuple[dict[str, TensorInfo], list[str]]:
     """Every tensor's shape and dtype (headers only) and the names stored more than once."""
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    files = sorted(str(f) for f in Path(path).glob("*.safetensors"))  # only the pattern globs: `[` in path is literal
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {path}")
     index: dict[str, TensorInfo] = {}

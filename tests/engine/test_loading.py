@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -30,6 +31,19 @@ def test_logits_match_transformers_forward(arch, model_dir):
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
     tied = ref.config.tie_word_embeddings
     assert (runner.model.lm_head.weight is runner.model.model.embed_tokens.weight) == tied
+
+
+@pytest.mark.parametrize("name", ["run[1]", "model [v2]", "x]y[z"])
+def test_a_model_directory_named_with_glob_brackets_loads(model_dir, tmp_path, name):
+    """`[`/`]` in the path are characters of the name, not a glob class (once: 'no *.safetensors')."""
+    src = model_dir("llama_gqa_untied")
+    dst = tmp_path / name / "model"
+    shutil.copytree(src, dst)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = [[5, 17, 99, 3]]
+    ours = LLM(str(dst), device="cpu", max_model_len=64, block_size=4).generate(prompts, params)
+    ref = LLM(src, device="cpu", max_model_len=64, block_size=4).generate(prompts, params)
+    assert len(ours[0].token_ids) == 6 and list(ours[0].token_ids) == list(ref[0].token_ids)
 
 
 def test_unsupported_architecture_is_named(model_dir, tmp_path):
