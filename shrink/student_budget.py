@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from common.errors import ShrinkError
+from common.errors import SettingError, ShrinkError
 
 AXES = ("depth", "width", "both")
 TARGET_KEYS = ("target_params", "target_bytes", "target_latency_ms")
@@ -143,7 +143,7 @@ def check_budget(targets: dict[str, float | None], by: str) -> str | None:
         raise ShrinkError(f"student.budget_by={by!r}: expected one of {', '.join(AXES)}")
     set_keys = [k for k in TARGET_KEYS if targets.get(k) is not None]
     if len(set_keys) > 1:
-        raise ShrinkError(f"{', '.join('student.' + k for k in set_keys)}: set at most one budget "
+        raise SettingError(', '.join("student." + k for k in set_keys), "set at most one budget "
                           f"(one of {', '.join('student.' + k for k in TARGET_KEYS)})")
     if set_keys and not float(targets[set_keys[0]]) > 0:
         raise ShrinkError(f"student.{set_keys[0]}={targets[set_keys[0]]}: must be > 0")
