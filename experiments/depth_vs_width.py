@@ -17,6 +17,7 @@ stage's (`conf/distill`), changed with --set key=value (Hydra overrides, e.g. --
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import sys
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for kind in args.kinds:
         started = time.time()
         spec = StudentSpec.from_cfg(cfg.student)
-        spec = StudentSpec(**{**spec.__dict__, "target_params": target, "budget_by": kind})
+        spec = dataclasses.replace(spec, target_params=target, budget_by=kind)
         spec = spec.resolve(teacher.config, str(cfg.distill.save_dtype), device.type)
         student, _, info = build_student(spec, teacher, tokenizer, device, calibration)
         init = perplexities(student, texts, args)

@@ -14,7 +14,9 @@ A byte budget is a parameter budget at the save dtype's width (every saved tenso
 tied embeddings are saved, and counted, once). A latency budget measures candidates (random
 weights of the shape, the engine's dummy load, warm-up then the median of timed decodes) by
 bisection over the family, as latency grows with size; `both` bisects over its shapes at 1/64
-steps of the teacher's parameters.
+steps of the teacher's parameters. Measurements are cached by shape, device model and torch version
+(`cached_latency`), so a resumed run and every rank of a launch choose the same student (timings
+are noisy; a fresh measurement could tip a choice); delete cache_dir/latency to measure again.
 """
 
 from __future__ import annotations
@@ -22,10 +24,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import hashlib
+import json
+import os
+import platform
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -183,6 +190,28 @@ def engine_decode_ms(config: Any, device: str, *, new_tokens: int = 32, warmup_t
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
     return 1000.0 * statistics.median(runs) / new_tokens
+
+
+def cached_latency(cache_dir: Path, device: str,
+                   measure: Callable[[Any], float] | None = None) -> Callable[[Any], float]:
+    """`measure` (default engine_decode_ms on `device`) with each result kept in cache_dir/latency, by
+    the shape's config, the device model and torch's version."""
+    measure = measure or (lambda cfg: engine_decode_ms(cfg, device))
+    hardware = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu:{platform.processor() or platform.machine()}"
+
+    def cached(config: Any) -> float:
+        key = hashlib.sha256(f"{config.to_json_string(use_diff=False)}|{hardware}|{torch.__version__}".encode())
+        path = cache_dir / "latency" / f"{key.hexdigest()[:24]}.json"
+        if path.is_file():
+            return float(json.loads(path.read_text())["ms_per_token"])
+        ms = float(measure(config))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"ms_per_token": ms, "hardware": hardware, "torch": torch.__version__}))
+        os.replace(tmp, path)
+        return ms
+
+    return cached
 
 
 def describe(shape: Shape) -> str:

@@ -24,7 +24,7 @@ from shrink.artifacts import Artifact
 from shrink.context import StageContext, checkpoint_dir_name
 from shrink.launch import is_main_rank
 from shrink.modeling import load_model, load_tokenizer, num_parameters, resolve_dtype, save_model_artifact
-from shrink.student_budget import TARGET_KEYS, check_budget, choose_shape
+from shrink.student_budget import TARGET_KEYS, cached_latency, check_budget, choose_shape
 from shrink.stages import register_stage
 from shrink.teacher_data import TeacherDataSettings, teacher_generated_blocks
 from shrink.tracking import make_tracker
@@ -287,8 +287,12 @@ def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec
     from transformers import AutoConfig
 
     # Fail on a bad spec (or a budget no student meets) before loading anything; a latency budget is
-    # measured here, on random weights of the candidate shapes.
-    student_spec = student_spec.resolve(AutoConfig.from_pretrained(teacher_art.path), save_dtype, device.type)
+    # measured here, on random weights of the candidate shapes (by the main process first: the others,
+    # and a resumed run, read its cached timings and so choose the same student).
+    measure = cached_latency(cache_dir, device.type) if cache_dir is not None else None
+    with main_process_first():
+        student_spec = student_spec.resolve(AutoConfig.from_pretrained(teacher_art.path), save_dtype, device.type,
+                                            measure)
     student_layers(student_spec, n_teacher)
     # Master weights in fp32; on a GPU accelerate runs the forward in bf16 autocast.
     teacher = load_model(teacher_art, dtype="fp32", device=device)

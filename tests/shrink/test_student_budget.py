@@ -14,8 +14,8 @@ from support import tiny_llama_config
 
 from common.errors import ShrinkError
 from shrink.stages.distill import StudentSpec
-from shrink.student_budget import (ParamCounter, Shape, choose_shape, count_params, engine_decode_ms, family,
-                                   width_at)
+from shrink.student_budget import (ParamCounter, Shape, cached_latency, choose_shape, count_params, engine_decode_ms,
+                                   family, width_at)
 from train.student_init import prune_width, student_from_teacher
 
 
@@ -101,6 +101,8 @@ def test_byte_budget_counts_the_saved_dtype_and_tied_weights_once(tmp_path):
         with safe_open(str(f), "pt") as st:
             saved += sum(st.get_tensor(k).numel() * st.get_tensor(k).element_size() for k in st.keys())
     assert saved == choice["bytes"]
+    step = width_at(model.config, choice["layers"], choice["hidden_size"] + 8, choice["num_attention_heads"])
+    assert 2 * count_params(step.apply(model.config)) > target  # one width step more misses the budget
     # fp32 halves the parameters the same bytes buy
     assert choose_shape(model.config, "target_bytes", target, "width", save_dtype=torch.float32)["params"] < choice["params"]
 
@@ -125,6 +127,22 @@ def test_latency_budget_picks_the_largest_candidate_that_measures_within(by):
     assert i + 1 == len(shapes) or count(shapes[i + 1]) / 1000 > target  # the next larger candidate misses it
     assert len(calls) <= math.ceil(math.log2(len(shapes))) + 1
     assert {(m["layers"], m["hidden_size"]) for m in choice["measured"]} >= {(chosen.layers, chosen.hidden_size)}
+
+
+def test_cached_latency_measures_each_shape_once_so_reruns_choose_alike(tmp_path):
+    config = tiny_llama_config()
+    calls = []
+
+    def fake_ms(cfg) -> float:
+        calls.append(cfg.hidden_size)
+        return count_params(cfg) / 1000
+
+    target = 0.7 * count_params(config) / 1000
+    first = choose_shape(config, "target_latency_ms", target, "width", measure=cached_latency(tmp_path, "cpu", fake_ms))
+    n = len(calls)
+    again = choose_shape(config, "target_latency_ms", target, "width",
+                         measure=cached_latency(tmp_path, "cpu", lambda cfg: pytest.fail("measured again")))
+    assert again == first and n == len(list((tmp_path / "latency").glob("*.json"))) > 0
 
 
 def test_latency_budget_too_small_names_the_key():
@@ -227,3 +245,43 @@ def test_real_teacher_budget_of_60_percent(smollm2_artifact, by):
     assert count_params(bigger.apply(model.config)) > target
     out = student(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
     assert out.shape == (1, 4, model.config.vocab_size) and torch.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_real_teacher_byte_and_latency_budgets(smollm2_artifact):
+    """SmolLM2-135M: a bf16 byte budget and a latency budget (fake timer: ms = parameters / 1e6) each
+    met within one step of their family."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(smollm2_artifact)
+    full = count_params(config)
+    target_bytes = int(2 * full * 0.5)
+    choice = choose_shape(config, "target_bytes", target_bytes, "width", save_dtype=torch.bfloat16)
+    assert choice["bytes"] <= target_bytes
+    step = width_at(config, choice["layers"], choice["hidden_size"] + 8, choice["num_attention_heads"])
+    assert 2 * count_params(step.apply(config)) > target_bytes
+    target_ms = 0.6 * full / 1e6
+    choice = choose_shape(config, "target_latency_ms", target_ms, "both", measure=lambda cfg: count_params(cfg) / 1e6)
+    count = ParamCounter(config)
+    shapes = family(config, "both", config.num_attention_heads, count)
+    chosen = Shape(choice["layers"], choice["hidden_size"], choice["intermediate_size"], choice["num_attention_heads"])
+    i = shapes.index(chosen)
+    assert count(chosen) / 1e6 <= target_ms < count(shapes[i + 1]) / 1e6
+    assert len(choice["measured"]) <= 7  # bisection over the 1/64 grid
+
+
+def test_distill_stage_latency_budget_measures_with_the_engine(tiny_teacher, tmp_path):
+    """A latency budget every candidate meets: the largest depth student (3 of 4 layers), chosen from
+    real engine timings on the CPU, recorded with the measurements."""
+    from support import run_cli
+
+    result = run_cli("stage=distill", f"run={tmp_path}", f"input={tiny_teacher}", "student=importance",
+                     "student.target_latency_ms=100000", "student.budget_by=depth", "student.calib_blocks=2",
+                     "distill.max_steps=1", "logging=none", "data=pydoc", "data.max_docs=30", "data.block_size=64",
+                     "distill.batch_size=2", "distill.checkpoint_every=0", "distill.val_batches=1",
+                     f"cache_dir={tmp_path / 'cache'}", "gates.context=32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = json.loads((tmp_path / "distill" / "shrink.json").read_text())["metrics"]
+    assert m["budget"]["key"] == "target_latency_ms" and m["budget"]["layers"] == 3 and len(m["kept_layers"]) == 3
+    assert m["budget"]["measured"] and all(0 < r["ms_per_token"] <= 100000 for r in m["budget"]["measured"])
+    assert "ms/token on cpu" in result.stdout
