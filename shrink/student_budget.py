@@ -147,13 +147,13 @@ def family(config: Any, by: str, heads: int, count: ParamCounter) -> list[Shape]
 def check_budget(targets: dict[str, float | None], by: str) -> str | None:
     """The one budget key set (None: no budget); one clear error for a bad combination or value."""
     if by not in AXES:
-        raise ShrinkError(f"student.budget_by={by!r}: expected one of {', '.join(AXES)}")
+        raise SettingError("student.budget_by", f"expected one of {', '.join(AXES)}, got {by!r}")
     set_keys = [k for k in TARGET_KEYS if targets.get(k) is not None]
     if len(set_keys) > 1:
         raise SettingError(', '.join("student." + k for k in set_keys), "set at most one budget "
                           f"(one of {', '.join('student.' + k for k in TARGET_KEYS)})")
     if set_keys and not float(targets[set_keys[0]]) > 0:
-        raise ShrinkError(f"student.{set_keys[0]}={targets[set_keys[0]]}: must be > 0")
+        raise SettingError(f"student.{set_keys[0]}", f"must be > 0, got {targets[set_keys[0]]}", sep=" ")
     return set_keys[0] if set_keys else None
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.errors import ShrinkError, config_section
+from common.errors import SettingError, ShrinkError, config_section
 from common.tasks import Task, TaskExample, get_task
 from shrink.artifacts import Artifact
 from shrink.context import StageContext, checkpoint_dir_name
@@ -73,11 +73,12 @@ class StudentSpec:
         if key is None:
             return
         if self.init != "teacher_layers":
-            raise ShrinkError(f"student.{key} needs student.init=teacher_layers (got {self.init!r})")
+            raise SettingError(f"student.{key}", f"needs student.init=teacher_layers (got {self.init!r})", sep=" ")
         fixed = [k for k in ("hidden_size", "intermediate_size") if self.width.get(k)]
         if fixed and self.budget is None:
-            raise ShrinkError(f"student.{key} chooses the width: leave {', '.join('student.width.' + k for k in fixed)} "
-                              f"unset (student.width.num_attention_heads may fix the heads)")
+            raise SettingError(f"student.{key}", f"chooses the width: leave "
+                               f"{', '.join('student.width.' + k for k in fixed)} unset "
+                               f"(student.width.num_attention_heads may fix the heads)", sep=" ")
 
     @property
     def targets(self) -> dict[str, float | None]:

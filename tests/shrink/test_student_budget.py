@@ -12,7 +12,7 @@ import pytest
 import torch
 from support import tiny_llama_config
 
-from common.errors import ShrinkError
+from common.errors import SettingError, ShrinkError
 from shrink.stages.distill import StudentSpec
 from shrink.student_budget import (ParamCounter, Shape, cached_latency, choose_shape, count_params, engine_decode_ms,
                                    family, width_at)
@@ -174,14 +174,14 @@ def test_impossible_or_bad_budgets_name_the_key():
 @pytest.mark.parametrize("kwargs, message", [
     ({"target_params": 1000, "target_bytes": 2000}, r"student.target_params, student.target_bytes: set at most one"),
     ({"target_bytes": 1, "target_latency_ms": 2.0}, r"student.target_bytes, student.target_latency_ms"),
-    ({"target_params": 0}, r"student.target_params=0: must be > 0"),
-    ({"target_latency_ms": -1.0}, r"student.target_latency_ms=-1.0: must be > 0"),
-    ({"target_params": 1000, "budget_by": "height"}, r"student.budget_by='height'"),
+    ({"target_params": 0}, r"student.target_params must be > 0, got 0"),
+    ({"target_latency_ms": -1.0}, r"student.target_latency_ms must be > 0, got -1.0"),
+    ({"target_params": 1000, "budget_by": "height"}, r"student.budget_by: expected one of depth, width, both"),
     ({"target_params": 1000, "init": "config"}, r"student.target_params needs student.init=teacher_layers"),
     ({"target_bytes": 1000, "width": {"hidden_size": 32}}, r"leave student.width.hidden_size unset"),
 ])
 def test_student_spec_refuses_bad_budgets(kwargs, message):
-    with pytest.raises(ShrinkError, match=message):
+    with pytest.raises(SettingError, match=message):
         StudentSpec(**kwargs)
 
 
