@@ -3,7 +3,8 @@ parameter budget (--fraction of the teacher's) by depth only, width only and bot
 (student.budget_by=depth|width|both, shrink/student_budget.py), each distilled by the distill stage
 for the same tokens; WikiText-2 raw test perplexity (non-overlapping --context windows, full windows
 only, no BOS) and held-out perplexity (the run's held-out split, as the quality gates cut it) of the
-teacher, of each student at init and after distillation.
+teacher, of each student at init and after distillation; and each model's batch-1 decode ms per token
+in our engine (random weights of its shape, as the latency budget measures; --no-latency skips it).
 
     PYTHONUNBUFFERED=1 python experiments/depth_vs_width.py --teacher RUN/teacher \
         --data-dir ../shared/data --out outputs/depth_vs_width --tokens 20000000
@@ -36,7 +37,7 @@ from shrink.modeling import load_model, load_tokenizer, num_parameters  # noqa: 
 from shrink.quality_gate import GateSettings, heldout_ids  # noqa: E402
 from shrink.stages.distill import StudentSpec, build_student, distill  # noqa: E402
 from shrink.stages.gqa import measure_ppl  # noqa: E402
-from shrink.student_budget import AXES  # noqa: E402
+from shrink.student_budget import AXES, engine_decode_ms  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import load_packed  # noqa: E402
 
@@ -62,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heldout-windows", type=int, default=None, help="held-out windows (default 32; smoke 2)")
     p.add_argument("--heldout-context", type=int, default=None, help="held-out window (default 512; smoke 32)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Hydra override of the run")
+    p.add_argument("--no-latency", action="store_true", help="skip the engine decode timing of each shape")
     p.add_argument("--smoke", action="store_true", help="tiny settings: a CPU run in seconds")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -85,6 +87,10 @@ def perplexities(model: torch.nn.Module, texts: dict[str, torch.Tensor], args: a
     held = measure_ppl(model, {"h": texts["heldout"]}, args.heldout_context, args.heldout_context, None, "bf16",
                        full_windows_only=True)["h"]
     return {"wikitext2_ppl": wiki, "heldout_ppl": held}
+
+
+def decode_ms(config, args: argparse.Namespace) -> dict:
+    return {} if args.no_latency else {"decode_ms_per_token": engine_decode_ms(config, args.device)}
 
 
 def cleanup(device: torch.device) -> None:
@@ -120,6 +126,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         tc = TrainConfig.from_cfg({**cfg.distill, "tokens": args.tokens}, seed=int(cfg.seed), block_size=block_size)
     train_tokens = tc.max_steps * tc.batch_size * tc.grad_accum * block_size
     rows = [{"model": "teacher", "params": num_parameters(teacher), **perplexities(teacher, texts, args),
+             **decode_ms(teacher.config, args),
              "device": str(device), "settings": {k: v for k, v in vars(args).items()}}]
     write(out, rows[0])
 
@@ -143,6 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = {"model": kind, "target_params": target, "params": num_parameters(trained), **shape,
                "kept_layers": info.get("kept_layers"), "train_tokens": train_tokens,
                **{f"{k}_init": v for k, v in init.items()}, **perplexities(trained, texts, args),
+               **decode_ms(trained.config, args),
                "wall_s": round(time.time() - started, 1)}
         del trained
         cleanup(device)

@@ -169,8 +169,10 @@ def engine_decode_ms(config: Any, device: str, *, new_tokens: int = 32, warmup_t
     runs: list[float] = []
     with tempfile.TemporaryDirectory() as model_dir:
         config.save_pretrained(model_dir)
+        max_len = prompt_len + max(new_tokens, warmup_tokens) + 16
+        # A KV pool of one sequence: sized by free memory, it would take most of a GPU the stage shares.
         llm = LLM(model_dir, load_format="dummy", device=device, max_num_seqs=1, cuda_graph_max_bs=1,
-                  max_model_len=prompt_len + max(new_tokens, warmup_tokens) + 16, enable_prefix_caching=False)
+                  max_model_len=max_len, kv_cache_tokens=max_len, enable_prefix_caching=False)
         try:
             llm.generate(prompt, SamplingParams(temperature=0, max_tokens=warmup_tokens, ignore_eos=True))
             params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)

@@ -30,11 +30,13 @@ def test_smoke_compares_the_three_students_at_one_budget(tmp_path):
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert lines == json.loads(json.dumps(rows))
     assert [r["model"] for r in lines] == ["teacher", "depth", "width", "both"]
+    assert lines[0]["decode_ms_per_token"] > 0
     teacher_row, students = lines[0], {r["model"]: r for r in lines[1:]}
     target = students["depth"]["target_params"]
     assert target == int(0.6 * teacher_row["params"])
     for kind, r in students.items():
         assert r["params"] <= target and r["train_tokens"] == 2048  # 16 steps x 2 blocks x 64 tokens, for each
+        assert r["decode_ms_per_token"] > 0
         for key in ("wikitext2_ppl", "heldout_ppl", "wikitext2_ppl_init", "heldout_ppl_init"):
             assert math.isfinite(r[key]) and r[key] > 1
         assert (out / kind / "shrink.json").is_file()
