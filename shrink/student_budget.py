@@ -105,7 +105,8 @@ def width_at(config: Any, layers: int, hidden: int, heads: int) -> Shape:
 
 
 def depth_family(config: Any, heads: int) -> list[Shape]:
-    return [Shape(n, config.hidden_size, config.intermediate_size, heads) for n in range(1, config.num_hidden_layers + 1)]
+    return [Shape(n, config.hidden_size, config.intermediate_size, heads)
+            for n in range(1, config.num_hidden_layers + 1)]
 
 
 def width_family(config: Any, layers: int, heads: int) -> list[Shape]:
@@ -199,7 +200,8 @@ def cached_latency(cache_dir: Path, device: str,
     """`measure` (default engine_decode_ms on `device`) with each result kept in cache_dir/latency, by
     the shape's config, the device model and torch's version."""
     measure = measure or (lambda cfg: engine_decode_ms(cfg, device))
-    hardware = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu:{platform.processor() or platform.machine()}"
+    hardware = (torch.cuda.get_device_name() if device.startswith("cuda")
+                else f"cpu:{platform.processor() or platform.machine()}")
 
     def cached(config: Any) -> float:
         key = hashlib.sha256(f"{config.to_json_string(use_diff=False)}|{hardware}|{torch.__version__}".encode())
@@ -248,7 +250,8 @@ def choose_shape(config: Any, key: str, target: float, by: str, *, heads: int | 
             shape = largest_within(family(config, by, heads, count), count, limit)
         if shape is None:
             smallest = family(config, by, heads, count)
-            floor = f" (the smallest, {describe(smallest[0])}, has {count(smallest[0]):,} parameters)" if smallest else ""
+            floor = (f" (the smallest, {describe(smallest[0])}, has {count(smallest[0]):,} parameters)"
+                     if smallest else "")
             other = "width" if by == "depth" else "depth"
             raise ShrinkError(f"student.{key}={target:,}: no {by} student fits{floor}; use student.budget_by={other} "
                               f"or a larger target")

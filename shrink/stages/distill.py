@@ -59,7 +59,8 @@ class StudentSpec:
     keep_layers: Any = "all"         # every:k | first:n | importance:n | all | [i, j, ...]
     importance: str = "bi"           # bi | drop_loss (for importance:n)
     calib_blocks: int = 16
-    width: dict[str, Any] = field(default_factory=dict)   # hidden_size, intermediate_size, num_attention_heads, importance
+    width: dict[str, Any] = field(default_factory=dict)   # hidden_size, intermediate_size, num_attention_heads,
+                                                          # importance
     config: dict[str, Any] = field(default_factory=dict)  # init=config: overrides of the teacher's config
     path: str | None = None          # init=pretrained
     target_params: int | None = None        # parameters

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -62,7 +61,8 @@ def test_width_budget_keeps_every_layer_and_meets_the_target():
     target = int(real_params(model) * 0.85)
     shape = choose_shape(model.config, "target_params", target, "width")
     assert shape["layers"] == model.config.num_hidden_layers
-    assert shape["hidden_size"] < model.config.hidden_size and shape["intermediate_size"] < model.config.intermediate_size
+    assert shape["hidden_size"] < model.config.hidden_size
+    assert shape["intermediate_size"] < model.config.intermediate_size
     student = prune_width(model, shape["hidden_size"], shape["intermediate_size"])
     assert real_params(student) == shape["params"] <= target
     step = width_at(model.config, shape["layers"], shape["hidden_size"] + 8, shape["num_attention_heads"])
@@ -104,7 +104,8 @@ def test_byte_budget_counts_the_saved_dtype_and_tied_weights_once(tmp_path):
     step = width_at(model.config, choice["layers"], choice["hidden_size"] + 8, choice["num_attention_heads"])
     assert 2 * count_params(step.apply(model.config)) > target  # one width step more misses the budget
     # fp32 halves the parameters the same bytes buy
-    assert choose_shape(model.config, "target_bytes", target, "width", save_dtype=torch.float32)["params"] < choice["params"]
+    fp32 = choose_shape(model.config, "target_bytes", target, "width", save_dtype=torch.float32)
+    assert fp32["params"] < choice["params"]
 
 
 @pytest.mark.parametrize("by", ["depth", "width", "both"])

@@ -42,7 +42,8 @@ def test_heads_leave_each_gqa_group_evenly_by_importance():
     t_attn, s_attn = model.model.layers[2].self_attn, student.model.layers[2].self_attn
     # head 1 from group 0 and head 2 from group 1, in order; k/v untouched
     assert torch.equal(s_attn.q_proj.weight, torch.cat([t_attn.q_proj.weight[16:32], t_attn.q_proj.weight[32:48]]))
-    assert torch.equal(s_attn.o_proj.weight, torch.cat([t_attn.o_proj.weight[:, 16:32], t_attn.o_proj.weight[:, 32:48]], 1))
+    assert torch.equal(s_attn.o_proj.weight,
+                       torch.cat([t_attn.o_proj.weight[:, 16:32], t_attn.o_proj.weight[:, 32:48]], 1))
     assert torch.equal(s_attn.k_proj.weight, t_attn.k_proj.weight)
     ids = torch.randint(3, 320, (1, 8))
     with torch.no_grad():
