@@ -286,3 +286,15 @@ def test_distill_stage_latency_budget_measures_with_the_engine(tiny_teacher, tmp
     assert m["budget"]["key"] == "target_latency_ms" and m["budget"]["layers"] == 3 and len(m["kept_layers"]) == 3
     assert m["budget"]["measured"] and all(0 < r["ms_per_token"] <= 100000 for r in m["budget"]["measured"])
     assert "ms/token on cpu" in result.stdout
+
+
+def test_fixed_heads_count_in_every_candidate_of_the_budget():
+    model = teacher()
+    target = int(real_params(model) * 0.7)
+    spec = StudentSpec(target_params=target, budget_by="width", width={"num_attention_heads": 2}).resolve(model.config)
+    assert spec.budget["num_attention_heads"] == spec.width["num_attention_heads"] == 2
+    student = built(model, spec.budget)
+    assert real_params(student) == spec.budget["params"] <= target
+    assert student.config.num_key_value_heads == 2 and student.config.head_dim == 16
+    # fewer heads leave room for a wider student than the same budget with every head
+    assert spec.budget["hidden_size"] >= choose_shape(model.config, "target_params", target, "width")["hidden_size"]
