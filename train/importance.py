@@ -5,7 +5,9 @@
 - Drop-one loss (Minitron-style depth importance, Muralidharan et al. 2024): the increase in LM
   loss on the calibration data when layer i alone is skipped.
 - Channel activation importance (Minitron width): mean |activation| of each MLP intermediate
-  channel (input of down_proj) and of each hidden channel (output of every layer norm).
+  channel (input of down_proj), of each hidden (embedding) channel (output of every layer norm,
+  Minitron's LayerNorm-activation score), and the mean L2 norm of each attention head's output
+  (its slice of the input of o_proj).
 """
 
 from __future__ import annotations
@@ -113,11 +115,16 @@ def top_layers(scores: list[float], n: int, always_keep: tuple[int, ...] = ()) -
 
 @torch.no_grad()
 def channel_importance(model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """{"hidden": [hidden], "mlp.<i>": [intermediate]} mean |activation| over calibration tokens."""
+    """{"hidden": [hidden], "mlp.<i>": [intermediate], "heads.<i>": [attention heads]} summed over
+    calibration tokens: |activation| per channel, the L2 norm of each head's output per head."""
     lm = causal_lm(model)
     hidden = torch.zeros(lm.config.hidden_size, dtype=torch.float64)
-    mlp: dict[int, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}
     handles = []
+
+    def add(key: str, value: torch.Tensor) -> None:
+        value = value.double().cpu()
+        sums[key] = sums[key] + value if key in sums else value
 
     def norm_hook(_m, _i, out):
         hidden.add_(out.detach().float().abs().reshape(-1, out.shape[-1]).sum(0).double().cpu())
@@ -125,11 +132,16 @@ def channel_importance(model: nn.Module, ids: torch.Tensor, batch_size: int = 8)
     for i, layer in enumerate(lm.model.layers):
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             handles.append(norm.register_forward_hook(norm_hook))
+        hd = layer.self_attn.head_dim
 
         def down_hook(_m, args, i=i):
-            a = args[0].detach().float().abs().reshape(-1, args[0].shape[-1]).sum(0).double().cpu()
-            mlp[i] = mlp[i] + a if i in mlp else a
+            add(f"mlp.{i}", args[0].detach().float().abs().reshape(-1, args[0].shape[-1]).sum(0))
+
+        def o_hook(_m, args, i=i, hd=hd):
+            per_head = args[0].detach().float().reshape(-1, args[0].shape[-1] // hd, hd)
+            add(f"heads.{i}", per_head.norm(dim=-1).sum(0))
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(down_hook))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(o_hook))
     device = next(lm.parameters()).device
     try:
         for chunk in _batches(ids, batch_size):
@@ -137,4 +149,4 @@ def channel_importance(model: nn.Module, ids: torch.Tensor, batch_size: int = 8)
     finally:
         for h in handles:
             h.remove()
-    return {"hidden": hidden, **{f"mlp.{i}": v for i, v in mlp.items()}}
+    return {"hidden": hidden, **sums}

@@ -2,8 +2,10 @@
 
 Depth keeps a subset of the teacher's decoder layers (`every:k`, `first:n`, a list, or
 `importance:n` from measured layer scores, see train/importance.py). Width keeps the most
-important MLP channels per layer and/or hidden (residual) channels across the whole model, as
-Minitron does; the student is rebuilt from a narrower config and the kept slices are copied in.
+important MLP channels per layer, hidden (residual) channels across the whole model, and/or
+attention heads per layer, as Minitron does; the student is rebuilt from a narrower config and
+the kept slices are copied in. Heads are removed evenly from each GQA group (each key/value head
+keeps its most important query heads), so the key/value heads and the grouping stay valid.
 The tokenizer is always the teacher's; a student brought from elsewhere must share its vocabulary.
 """
 
@@ -74,7 +76,7 @@ def _keep_index(scores: torch.Tensor | None, weight_norms: torch.Tensor, n: int)
 
 
 def _slice_param(name: str, value: torch.Tensor, hidden_idx: torch.Tensor | None,
-                 mlp_idx: dict[int, torch.Tensor]) -> torch.Tensor:
+                 mlp_idx: dict[int, torch.Tensor], q_idx: dict[int, torch.Tensor]) -> torch.Tensor:
     """Cut one teacher tensor down to the narrower student's shape, by parameter role."""
     layer = None
     if ".layers." in name:
@@ -84,9 +86,16 @@ def _slice_param(name: str, value: torch.Tensor, hidden_idx: torch.Tensor | None
         return value[:, h] if h is not None else value
     if name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")) or name == "model.norm.weight":
         return value[h] if h is not None else value
-    if any(name.endswith(f"self_attn.{p}_proj.weight") for p in "qkv"):
+    q = q_idx.get(layer) if layer is not None else None
+    if name.endswith("self_attn.q_proj.bias"):
+        return value[q] if q is not None else value
+    if name.endswith("self_attn.q_proj.weight"):
+        value = value[q] if q is not None else value
         return value[:, h] if h is not None else value
-    if ".self_attn.o_proj." in name:
+    if any(name.endswith(f"self_attn.{p}_proj.weight") for p in "kv"):
+        return value[:, h] if h is not None else value
+    if name.endswith("self_attn.o_proj.weight"):
+        value = value[:, q] if q is not None else value
         return value[h] if h is not None else value
     m = mlp_idx.get(layer) if layer is not None else None
     if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
@@ -98,24 +107,31 @@ def _slice_param(name: str, value: torch.Tensor, hidden_idx: torch.Tensor | None
     return value
 
 
+def _kept_query_channels(scores: torch.Tensor, n_kv: int, per_group: int, head_dim: int) -> torch.Tensor:
+    """q_proj rows of the `per_group` most important query heads of each GQA group (groups in order)."""
+    groups = scores.float().reshape(n_kv, -1)
+    heads = (groups.topk(per_group, dim=1).indices.sort(dim=1).values
+             + torch.arange(n_kv).unsqueeze(1) * groups.shape[1]).reshape(-1)
+    return (heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
 def prune_width(model: torch.nn.Module, hidden_size: int | None = None, intermediate_size: int | None = None,
-                importance: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
-    """A narrower copy of a Llama-family model: the most important hidden / MLP channels kept
-    (by activation importance when given, else by weight norm). Attention heads are unchanged."""
+                importance: dict[str, torch.Tensor] | None = None,
+                num_attention_heads: int | None = None) -> torch.nn.Module:
+    """A narrower copy of a Llama-family model: the most important hidden / MLP channels and
+    attention heads kept (by activation importance when given, else by weight norm)."""
     from transformers import AutoModelForCausalLM
 
     config = copy.deepcopy(model.config)
     state = model.state_dict()
     importance = importance or {}
+    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     h_idx = None
     if hidden_size is not None and hidden_size != config.hidden_size:
         if not 1 <= hidden_size < config.hidden_size:
             raise ShrinkError(f"student.width.hidden_size={hidden_size}: must be in [1, {config.hidden_size})")
         norms = state["model.embed_tokens.weight"].float().pow(2).sum(0)
         h_idx = _keep_index(importance.get("hidden"), norms, hidden_size)
-        # head_dim stays the teacher's: it would otherwise be recomputed from the new hidden size.
-        config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        config.hidden_size = hidden_size
     mlp_idx: dict[int, torch.Tensor] = {}
     if intermediate_size is not None and intermediate_size != config.intermediate_size:
         if not 1 <= intermediate_size < config.intermediate_size:
@@ -124,11 +140,28 @@ def prune_width(model: torch.nn.Module, hidden_size: int | None = None, intermed
         for i in range(config.num_hidden_layers):
             norms = state[f"model.layers.{i}.mlp.down_proj.weight"].float().pow(2).sum(0)
             mlp_idx[i] = _keep_index(importance.get(f"mlp.{i}"), norms, intermediate_size)
-        config.intermediate_size = intermediate_size
-    if h_idx is None and not mlp_idx:
+    q_idx: dict[int, torch.Tensor] = {}
+    if num_attention_heads is not None and num_attention_heads != config.num_attention_heads:
+        n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        if not (n_kv <= num_attention_heads < config.num_attention_heads and num_attention_heads % n_kv == 0):
+            raise ShrinkError(f"student.width.num_attention_heads={num_attention_heads}: must be a multiple of the "
+                              f"{n_kv} key/value heads below {config.num_attention_heads} (heads leave each GQA "
+                              f"group evenly)")
+        for i in range(config.num_hidden_layers):
+            o_proj = state[f"model.layers.{i}.self_attn.o_proj.weight"].float()
+            norms = o_proj.pow(2).sum(0).reshape(-1, hd).sum(1)
+            scores = importance.get(f"heads.{i}")
+            q_idx[i] = _kept_query_channels(scores if scores is not None else norms, n_kv,
+                                            num_attention_heads // n_kv, hd)
+    if h_idx is None and not mlp_idx and not q_idx:
         return model
+    # head_dim stays the teacher's: it would otherwise be recomputed from the new hidden size or heads.
+    config.head_dim = hd
+    config.hidden_size = hidden_size if h_idx is not None else config.hidden_size
+    config.intermediate_size = intermediate_size if mlp_idx else config.intermediate_size
+    config.num_attention_heads = num_attention_heads if q_idx else config.num_attention_heads
     student = AutoModelForCausalLM.from_config(config).to(next(model.parameters()).dtype)
-    new_state = {k: _slice_param(k, v, h_idx, mlp_idx).clone() for k, v in state.items()}
+    new_state = {k: _slice_param(k, v, h_idx, mlp_idx, q_idx).clone() for k, v in state.items()}
     missing, unexpected = student.load_state_dict(new_state, strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:
         raise ShrinkError(f"width pruning: state mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -166,49 +199,3 @@ def check_same_vocab(teacher_tok: Any, student_tok: Any, teacher_vocab_size: int
         differ = sum(1 for tok, i in t_vocab.items() if s_vocab.get(tok) != i) + len(set(s_vocab) - set(t_vocab))
         raise ShrinkError(f"{key}: teacher and student tokenizers differ ({len(t_vocab)} vs {len(s_vocab)} tokens, "
                           f"{differ} map to different ids); logit distillation needs one vocabulary")
-
-
-BUDGET_AXES = ("depth", "width")
-
-
-def count_params(config: Any) -> int:
-    """Parameters of a model of this config (built on the meta device: no memory, exact for any
-    architecture; tied embeddings counted once)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
-
-
-def shape_for_budget(config: Any, target_params: int, by: str = "depth") -> dict[str, int]:
-    """The largest student of the teacher's `config` within `target_params`: `depth` keeps the most
-    decoder layers that fit (which ones: importance), `width` keeps every layer and the widest MLP
-    (a multiple of 8 channels) that fits. Returns {"layers", "intermediate_size", "params"}."""
-    if by not in BUDGET_AXES:
-        raise ShrinkError(f"student.budget_by={by!r}: expected one of {', '.join(BUDGET_AXES)}")
-    teacher_params = count_params(config)
-    if not 0 < target_params < teacher_params:
-        raise ShrinkError(f"student.target_params={target_params:,} must be below the teacher's "
-                          f"{teacher_params:,} parameters (and > 0)")
-
-    def params(layers: int, intermediate: int) -> int:
-        shaped = copy.deepcopy(config)
-        shaped.num_hidden_layers, shaped.intermediate_size = layers, intermediate
-        return count_params(shaped)
-
-    n_layers, inter = config.num_hidden_layers, config.intermediate_size
-    if by == "depth":
-        fits = [n for n in range(1, n_layers) if params(n, inter) <= target_params]
-        if not fits:
-            raise ShrinkError(f"student.target_params={target_params:,}: even one layer has "
-                              f"{params(1, inter):,} parameters; use student.budget_by=width or a larger target")
-        return {"layers": fits[-1], "intermediate_size": inter, "params": params(fits[-1], inter)}
-    lo, hi = 0, (inter - 1) // 8  # multiples of 8 in [8, inter): binary search, params grow with width
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if params(n_layers, 8 * mid) <= target_params else (lo, mid - 1)
-    if lo == 0:
-        raise ShrinkError(f"student.target_params={target_params:,}: the embeddings and attention alone exceed it; "
-                          f"use student.budget_by=depth or a larger target")
-    return {"layers": n_layers, "intermediate_size": 8 * lo, "params": params(n_layers, 8 * lo)}

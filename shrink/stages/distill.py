@@ -18,12 +18,13 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.errors import ShrinkError, config_section
+from common.errors import SettingError, ShrinkError, config_section
 from common.tasks import Task, TaskExample, get_task
 from shrink.artifacts import Artifact
 from shrink.context import StageContext, checkpoint_dir_name
 from shrink.launch import is_main_rank
-from shrink.modeling import load_model, load_tokenizer, num_parameters, save_model_artifact
+from shrink.modeling import load_model, load_tokenizer, num_parameters, resolve_dtype, save_model_artifact
+from shrink.student_budget import TARGET_KEYS, cached_latency, check_budget, choose_shape
 from shrink.stages import register_stage
 from shrink.teacher_data import TeacherDataSettings, teacher_generated_blocks
 from shrink.tracking import make_tracker
@@ -50,49 +51,72 @@ def _plain(value: Any) -> Any:
 
 @dataclass
 class StudentSpec:
-    """How the student starts (the `student` config group)."""
+    """How the student starts (the `student` config group). At most one budget (target_params,
+    target_bytes, target_latency_ms) chooses its depth and/or width (shrink/student_budget.py);
+    `resolve` turns it into keep_layers and width."""
 
     init: str = "teacher_layers"     # teacher_layers | config | pretrained
     keep_layers: Any = "all"         # every:k | first:n | importance:n | all | [i, j, ...]
     importance: str = "bi"           # bi | drop_loss (for importance:n)
     calib_blocks: int = 16
-    width: dict[str, Any] = field(default_factory=dict)   # hidden_size, intermediate_size, importance
+    width: dict[str, Any] = field(default_factory=dict)   # hidden_size, intermediate_size, num_attention_heads,
+                                                          # importance
     config: dict[str, Any] = field(default_factory=dict)  # init=config: overrides of the teacher's config
     path: str | None = None          # init=pretrained
-    target_params: int | None = None # student by budget: the depth or width that meets it (replaces keep_layers)
-    budget_by: str = "depth"         # depth | width
+    target_params: int | None = None        # parameters
+    target_bytes: int | None = None         # saved bytes at distill.save_dtype
+    target_latency_ms: float | None = None  # batch-1 decode ms per token in the engine on the stage's device
+    budget_by: str = "depth"         # depth | width | both
+    budget: dict[str, Any] | None = None    # set by `resolve`: the shape chosen and how
+
+    def __post_init__(self) -> None:
+        key = check_budget(self.targets, self.budget_by)
+        if key is None:
+            return
+        if self.init != "teacher_layers":
+            raise SettingError(f"student.{key}", f"needs student.init=teacher_layers (got {self.init!r})", sep=" ")
+        fixed = [k for k in ("hidden_size", "intermediate_size") if self.width.get(k)]
+        if fixed and self.budget is None:
+            raise SettingError(f"student.{key}", f"chooses the width: leave "
+                               f"{', '.join('student.width.' + k for k in fixed)} unset "
+                               f"(student.width.num_attention_heads may fix the heads)", sep=" ")
+
+    @property
+    def targets(self) -> dict[str, float | None]:
+        return {k: getattr(self, k) for k in TARGET_KEYS}
 
     @classmethod
     def from_cfg(cls, s: Any) -> "StudentSpec":
+        def number(key: str, kind: type) -> Any:
+            value = s.get(key)
+            return None if value is None else kind(value)
+
         return cls(init=str(s.init), keep_layers=_plain(s.keep_layers), importance=str(s.get("importance", "bi")),
                    calib_blocks=int(s.get("calib_blocks", 16)), width=dict(_plain(s.get("width")) or {}),
                    config=dict(_plain(s.get("config")) or {}), path=str(s.path) if s.get("path") else None,
-                   target_params=int(s.target_params) if s.get("target_params") else None,
-                   budget_by=str(s.get("budget_by", "depth")))
+                   target_params=number("target_params", int), target_bytes=number("target_bytes", int),
+                   target_latency_ms=number("target_latency_ms", float), budget_by=str(s.get("budget_by", "depth")))
 
-    def by_budget(self, teacher_config: Any) -> "StudentSpec":
-        """This spec with `target_params` turned into the depth (importance:n) or width (MLP channels)
-        that meets it; itself when no budget is set. Checked from config.json alone."""
-        shape = budget_shape(self, teacher_config)
-        if shape is None:
+    def resolve(self, teacher_config: Any, save_dtype: str = "bf16", device: str = "cpu",
+                measure: Callable[[Any], float] | None = None) -> "StudentSpec":
+        """This spec with its budget turned into the depth (importance:n) and width that meet it, the
+        choice in `budget`; itself when no budget is set. Needs config.json alone (and, for a latency
+        budget, the engine on `device`; `measure(config) -> ms` replaces it)."""
+        key = check_budget(self.targets, self.budget_by)
+        if key is None or self.budget is not None:
             return self
-        if shape["by"] == "depth":
-            return dataclasses.replace(self, keep_layers=f"importance:{shape['layers']}")
-        return dataclasses.replace(self, keep_layers="all",
-                                   width={**self.width, "intermediate_size": shape["intermediate_size"]})
+        choice = choose_shape(teacher_config, key, getattr(self, key), self.budget_by,
+                              heads=self.width.get("num_attention_heads"), save_dtype=resolve_dtype(save_dtype),
+                              device=device, measure=measure)
+        depth = choice["layers"] < teacher_config.num_hidden_layers
+        width = {k: choice[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads")
+                 if choice[k] != getattr(teacher_config, k)}
+        return dataclasses.replace(self, keep_layers=f"importance:{choice['layers']}" if depth else "all",
+                                   width={**self.width, **width}, budget=choice)
 
     @property
     def prunes_width(self) -> bool:
-        return bool(self.width.get("hidden_size") or self.width.get("intermediate_size"))
-
-
-def budget_shape(spec: StudentSpec, teacher_config: Any) -> dict | None:
-    """`student.target_params`: the student shape that meets it (None: no budget set)."""
-    if not spec.target_params:
-        return None
-    from train.student_init import shape_for_budget
-
-    return {"by": spec.budget_by, **shape_for_budget(teacher_config, spec.target_params, spec.budget_by)}
+        return any(self.width.get(k) for k in ("hidden_size", "intermediate_size", "num_attention_heads"))
 
 
 def student_layers(spec: StudentSpec, n_teacher_layers: int, scores: list[float] | None = None) -> list[int] | None:
@@ -126,10 +150,9 @@ def build_student(spec: StudentSpec, teacher: torch.nn.Module, tokenizer: Any, d
         check_same_vocab(tokenizer, load_tokenizer(Path(spec.path)), teacher.config.vocab_size,
                          student.config.vocab_size)
         return student.requires_grad_(True), None, info
-    shape = budget_shape(spec, teacher.config)
-    if shape is not None:
-        info["budget"] = {"target_params": spec.target_params, **shape}
-        spec = spec.by_budget(teacher.config)
+    spec = spec.resolve(teacher.config, device=device.type)
+    if spec.budget is not None:
+        info["budget"] = spec.budget
     calib = calibration(spec.calib_blocks) if needs_importance(spec.keep_layers) or spec.prunes_width else None
     scores = None
     if needs_importance(spec.keep_layers):
@@ -145,8 +168,9 @@ def build_student(spec: StudentSpec, teacher: torch.nn.Module, tokenizer: Any, d
 
         width = spec.width
         imp = channel_importance(student, calib) if str(width.get("importance", "activation")) == "activation" else None
-        student = prune_width(student, width.get("hidden_size"), width.get("intermediate_size"), imp)
-        info["width"] = {k: width.get(k) for k in ("hidden_size", "intermediate_size")}
+        student = prune_width(student, width.get("hidden_size"), width.get("intermediate_size"), imp,
+                              width.get("num_attention_heads"))
+        info["width"] = {k: width.get(k) for k in ("hidden_size", "intermediate_size", "num_attention_heads")}
     return student, keep, info
 
 
@@ -264,8 +288,14 @@ def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec
     n_teacher = int(json.loads((teacher_art.path / "config.json").read_text())["num_hidden_layers"])
     from transformers import AutoConfig
 
-    # Fail on a bad spec (or a budget no student meets) before loading anything.
-    student_layers(student_spec.by_budget(AutoConfig.from_pretrained(teacher_art.path)), n_teacher)
+    # Fail on a bad spec (or a budget no student meets) before loading anything; a latency budget is
+    # measured here, on random weights of the candidate shapes (by the main process first: the others,
+    # and a resumed run, read its cached timings and so choose the same student).
+    measure = cached_latency(cache_dir, device.type) if cache_dir is not None else None
+    with main_process_first():
+        student_spec = student_spec.resolve(AutoConfig.from_pretrained(teacher_art.path), save_dtype, device.type,
+                                            measure)
+    student_layers(student_spec, n_teacher)
     # Master weights in fp32; on a GPU accelerate runs the forward in bf16 autocast.
     teacher = load_model(teacher_art, dtype="fp32", device=device)
     tokenizer = load_tokenizer(teacher_art)
