@@ -48,7 +48,7 @@ class ModelRunner:
         and graphs take up to SMALL_M of them as pseudo-rows; with CUDA graphs, larger verify
         forwards of up to that many tokens replay prefill graphs that score every row."""
         # Rank 0 of a tensor-parallel engine starts and drives the other ranks (engine/parallel).
-        self.tp_workers = start_workers(config)
+        self.tp_workers = start_workers(config, ModelRunner)
         try:
             self._setup(config, eos_token_ids, extra_kv_bytes_per_token, verify_max_tokens)
         except BaseException:

@@ -97,12 +97,16 @@ class Case:
         dev, dt = DEVICE, torch.bfloat16
         self.x = torch.randn(m, self.k, device=dev, dtype=dt)
         self.nw = torch.ones(self.k, device=dev, dtype=dt)
+        # The residual stream the timed launches add into in place (it grows with every replay), and
+        # a zero one for the checks, whose output is then the matmul part alone: subtracting the
+        # grown residual in bf16 lost 2% and refused good configs (H200 sweep, this session).
         self.res = torch.randn(m, self.n_out, device=dev, dtype=dt)
+        self.res_check = torch.zeros_like(self.res)
 
     def call(self, w: torch.Tensor, q: dict, **kw: Any) -> torch.Tensor:
         """The fused gemv into a new tensor (the residual stream left as it is)."""
         if self.fusion == "residual":
-            return gemv(self.x, w, residual=self.res, **q, **kw)
+            return gemv(self.x, w, residual=self.res_check, **q, **kw)
         return gemv(self.x, w, norm_weight=self.nw, swiglu=self.fusion == "swiglu", **q, **kw)
 
     def run(self, w: torch.Tensor, q: dict, **kw: Any) -> None:
@@ -114,11 +118,10 @@ class Case:
 
     def time(self, **kw: Any) -> float:
         """Seconds per launch over all weight copies in one CUDA graph, after a check that this
-        launch computes what the exact heuristic's does (to bf16 and summation order; the
-        matmul part of a residual add)."""
+        launch computes what the exact heuristic's does (to bf16 and summation order; a residual
+        add checked on a zero residual: the matmul part)."""
         w, q = self.weights[0]
-        base = self.res.float() if self.fusion == "residual" else 0.0
-        err = _rel(self.call(w, q, **kw).float() - base, self.call(w, q).float() - base)
+        err = _rel(self.call(w, q, **kw).float(), self.call(w, q).float())
         if not err < 2e-2:
             raise ValueError(f"{kw} differs from the exact heuristic's result: relative error {err:.3g}")
         for w, q in self.weights[:2]:

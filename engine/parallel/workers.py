@@ -106,16 +106,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker_main(rank: int, config: Any, init_method: str, channel: StepChannel, threads: int) -> None:
-    from engine.model_runner import ModelRunner  # the runner starts the workers: imported here
-
+def _worker_main(rank: int, config: Any, runner_class: type, init_method: str, channel: StepChannel,
+                 threads: int) -> None:
     global _IN_WORKER
     _IN_WORKER = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 decides
     torch.set_num_threads(threads)
     try:
         init_group(rank, config.tensor_parallel_size, init_method, config.torch_device.type, COLLECTIVE_TIMEOUT_S)
-        runner = ModelRunner(config)
+        runner = runner_class(config)
         runner.sampler = NullSampler()
         while (batch := channel.receive(rank - 1)) is not None:
             runner.run(batch)
@@ -146,19 +145,20 @@ def _stop(processes: list, channel: StepChannel, polite: bool = True) -> None:
     destroy_group()
 
 
-def start_workers(config: Any) -> "TensorParallelWorkers | None":
-    """Rank 0 of a tensor-parallel engine: its workers, started; None with one rank, and in a
-    worker (it is started by rank 0)."""
+def start_workers(config: Any, runner_class: type) -> "TensorParallelWorkers | None":
+    """Rank 0 of a tensor-parallel engine: its workers, each running a ``runner_class(config)``
+    (the model runner hands itself in: this module never imports it), started; None with one
+    rank, and in a worker (it is started by rank 0)."""
     if config.tensor_parallel_size == 1 or _IN_WORKER:
         return None
-    return TensorParallelWorkers(config)
+    return TensorParallelWorkers(config, runner_class)
 
 
 class TensorParallelWorkers:
     """Rank 0's side: ranks 1.. of ``config.tensor_parallel_size``, started and joined into the
     process group with this process as rank 0."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, runner_class: type) -> None:
         size, device = config.tensor_parallel_size, config.torch_device.type
         if torch.distributed.is_initialized():
             raise RuntimeError("tensor_parallel_size: this process already runs a tensor-parallel engine (or another "
@@ -170,7 +170,8 @@ class TensorParallelWorkers:
         self.channel = StepChannel(ctx, size - 1, nbytes)
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         self.processes = [ctx.Process(target=_worker_main, name=f"shrink-tp-rank{r}", daemon=True,
-                                      args=(r, config, init_method, self.channel, torch.get_num_threads()))
+                                      args=(r, config, runner_class, init_method, self.channel,
+                                            torch.get_num_threads()))
                           for r in range(1, size)]
         for p in self.processes:
             p.start()

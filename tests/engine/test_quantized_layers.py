@@ -12,6 +12,7 @@ from engine.layers.options import ModelOptions
 from engine.layers.quantized import (Int4Linear, Int8Linear, Sparse24Linear, W8A8Linear, int_mm_fits, int_mm_rows,
                                      replace_linears, scaled_mm_fits, semi_structured_fits)
 from kernels import quant as ref
+from kernels.gemv import FAST_BY_DEFAULT
 
 
 def _weights(n: int, k: int, seed: int = 0):
@@ -244,18 +245,22 @@ def test_w8a8_tensor_core_path_gpu(act, m_rows, dtype):
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4_g32_zero", "w8a8_int8"])
-def test_decode_gemv_args_choose_the_fast_dequantization_unless_exact(kind):
-    """ModelOptions.exact_dequant reaches the fused decode kernels' arguments; a layer whose codes
-    do not fill whole int32 words (K 100 for int4: 12.5 words) stays exact."""
+def test_decode_gemv_args_choose_the_fast_dequantization_unless_exact(kind, monkeypatch):
+    """The fused decode kernels' arguments take the fast dequantization where FAST_BY_DEFAULT says
+    it was measured faster (int8, W8A8; not int4), never with ModelOptions.exact_dequant; a layer
+    whose codes do not fill whole int32 words (K 100 for int4: 12.5 words) stays exact."""
     def layer(options: ModelOptions, k: int = 128):
         if kind == "w8a8_int8":
             codes = torch.randint(-128, 128, (48, k), dtype=torch.int8)
             return W8A8Linear(codes, torch.rand(48) + 0.1, "int8", options=options)
         return make(kind, k=k, options=options)[0]
 
-    assert layer(ModelOptions()).gemv_args()[1]["fast"]
+    fmt = "int4" if kind.startswith("int4") else kind
+    assert layer(ModelOptions()).gemv_args()[1]["fast"] == FAST_BY_DEFAULT[fmt]
     assert not layer(ModelOptions(exact_dequant=True)).gemv_args()[1]["fast"]
-    if kind == "int4_g32_zero":
+    if kind == "int4_g32_zero":  # the fit rule, apart from the measured default
+        monkeypatch.setitem(FAST_BY_DEFAULT, "int4", True)
+        assert layer(ModelOptions()).gemv_args()[1]["fast"]
         codes = torch.randint(-8, 8, (48, 100), dtype=torch.int8)
         unfit = Int4Linear(codes, torch.rand(48, 1) + 0.1, None, options=ModelOptions())  # group 100
         assert not unfit.gemv_args()[1]["fast"]
