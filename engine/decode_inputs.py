@@ -63,26 +63,30 @@ class DecodeInputs:
         bs = self.block_size
         h = self.h
         tables, row_seq, row_blocks, row_last = h.tables, self._row_seq, self._row_blocks, self._row_last
+        ids: list[int] = []
+        lens: list[int] = []
+        slots: list[int] = []
         for i, seq in enumerate(seqs):
+            length = len(seq.token_ids)
             table = seq.block_table
-            nb, done, last = len(table), row_blocks[i], table[-1]
-            if row_seq[i] == seq.seq_id and done == nb and row_last[i] == last:
-                continue  # the common case: the row already holds this table
-            if row_seq[i] != seq.seq_id or done > nb or done == nb:
+            ids.append(seq.token_ids[-1])
+            lens.append(length)
+            pos = length - 1
+            slots.append(table[pos // bs] * bs + pos % bs)
+            nb, done = len(table), row_blocks[i]
+            if row_seq[i] != seq.seq_id or done > nb or (done == nb and row_last[i] != table[-1]):
                 tables[i, :nb] = table
-                row_seq[i] = seq.seq_id
-            else:  # new blocks since the last step
+                row_seq[i], row_blocks[i], row_last[i] = seq.seq_id, nb, table[-1]
+            elif done < nb:  # new blocks since the last step
                 if done and row_last[i] != table[done - 1]:  # the tail was given back and regrown
                     done = 0
                 tables[i, done:nb] = table[done:]
-            row_blocks[i], row_last[i] = nb, last
-        h.ids[:n] = [seq.token_ids[-1] for seq in seqs]
-        h.lens[:n] = [len(seq.token_ids) for seq in seqs]
-        pos = h.pos[:n]
-        pos[:] = h.lens[:n]
-        pos -= 1
-        h.start[:n] = pos
-        h.slots[:n] = tables[np.arange(n), pos // bs] * bs + pos % bs  # each row's last token's slot
+                row_blocks[i], row_last[i] = nb, table[-1]
+        h.ids[:n] = ids
+        h.lens[:n] = lens
+        h.pos[:n] = h.lens[:n] - 1
+        h.start[:n] = h.pos[:n]
+        h.slots[:n] = slots
         if rows > n:
             h.slots[n:rows] = -1
             h.lens[n:rows] = 1

@@ -20,13 +20,16 @@ HOST_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, nu
 # two at every SKIP_EVERY-th position: the n-gram drafter finds a match every round and is right
 # about most of its tokens but not all, so rounds both accept and roll back.
 CYCLE_START, CYCLE, SKIP_EVERY = 10, 9, 7
+# --clock cpu: this thread's CPU time, which other processes on a shared machine barely disturb.
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
 class PhaseTimer:
     """Seconds per phase of the decode steps, by wrapping methods on the instances (the engine
     carries no instrumentation). A step counts when the scheduler made it a decode step."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
         self.acc: dict[str, float] = {}
         self.decode = False
         self.steps = 0  # decode steps timed
@@ -40,9 +43,9 @@ class PhaseTimer:
         inner = getattr(obj, name)
 
         def wrapper(*a, **kw):
-            t = time.perf_counter()
+            t = self.clock()
             out = inner(*a, **kw)
-            dt = time.perf_counter() - t
+            dt = self.clock() - t
             if on_result is not None:
                 on_result(out)
             if self.decode:
@@ -60,9 +63,9 @@ class PhaseTimer:
         inner_step = eng.step
 
         def step():
-            t = time.perf_counter()
+            t = self.clock()
             out = inner_step()
-            dt = time.perf_counter() - t
+            dt = self.clock() - t
             self.step_s += dt
             if self.decode:
                 self.acc["step"] = self.acc.get("step", 0.0) + dt
@@ -101,8 +104,9 @@ def host_overhead(args) -> dict:
     --forward real it is the CPU's eager forward of the tiny model. On a GPU it is one graph replay,
     so "host total" (everything but forward) is the figure that carries over. With --device cuda
     and CUDA graphs, forward is the replay's launch and "sample" includes waiting for the GPU.
-    On the CPU a multi-step decode's "prepare" is mostly the plain-torch greedy advance between
-    its forwards (kernels/greedy_advance.py's reference), which a GPU runs inside its graph.
+    advance = a multi-step decode's greedy advance between its forwards (DecodeInputs.advance): on the
+    CPU the plain-torch reference (kernels/greedy_advance.py), device work that a GPU runs inside its
+    graph, so like forward it is left out of "host total" (it was part of "prepare" before).
     """
     if args.spec:
         return spec_round_overhead(args)
@@ -114,8 +118,8 @@ def host_overhead(args) -> dict:
     llm = LLM(path, load_format="dummy", device=args.device, max_num_seqs=max_bs, cuda_graph_max_bs=max_bs,
               max_model_len=args.prompt_len + args.steps + 16, enable_prefix_caching=False)
     eng, runner = llm.engine, llm.engine.runner
-    phases = ("schedule", "prepare", "forward", "sample", "postprocess", "loop")
-    timer = PhaseTimer()
+    phases = ("schedule", "prepare", "forward", "advance", "sample", "postprocess", "loop")
+    timer = PhaseTimer(CLOCKS[args.clock])
     if args.forward == "stub":
         # The forward reduced to returning fixed tensors (what a CUDA-graph replay costs the host is
         # a few us): the CPU's eager forward of even this model takes ~1.5 ms, evicts the caches
@@ -131,6 +135,7 @@ def host_overhead(args) -> dict:
     timer.wrap(runner.model, "compute_logits", "forward")
     timer.wrap(runner.sampler, "sample_step", "sample")
     timer.wrap(runner.decode_inputs, "fetch_tokens", "sample")
+    timer.wrap(runner.decode_inputs, "advance", "advance")
     for graph in runner.graphs.graphs.values() if runner.graphs else []:  # CUDA: the replay's launch is the forward's host cost
         timer.wrap(graph, "replay", "forward")
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
@@ -146,22 +151,23 @@ def host_overhead(args) -> dict:
         for r in range(args.repeat):
             timer.reset()
             sync()
-            t = time.perf_counter()
+            t = timer.clock()
             res = llm.generate(prompts(bs, args.prompt_len, vocab, bs + r), params)
             sync()
-            wall = time.perf_counter() - t
+            wall = timer.clock() - t
             assert all(len(o.token_ids) == args.steps for o in res)
             row = {
                 "schedule": timer.us("schedule"),
-                "prepare": timer.us("run") - timer.us("forward") - timer.us("sample"),
+                "prepare": timer.us("run") - timer.us("forward") - timer.us("advance") - timer.us("sample"),
                 "forward": timer.us("forward"),
+                "advance": timer.us("advance"),
                 "sample": timer.us("sample"),
                 "postprocess": timer.us("step") - timer.us("schedule") - timer.us("run"),
                 # generate() outside step(), spread over the decode steps (prefill steps excluded above).
                 "loop": 1e6 * (wall - timer.step_s) / timer.steps,
             }
-            row["host total"] = sum(v for k, v in row.items() if k != "forward")
-            row["all"] = row["host total"] + row["forward"]
+            row["host total"] = sum(v for k, v in row.items() if k not in ("forward", "advance"))
+            row["all"] = row["host total"] + row["forward"] + row["advance"]
             if best is None or row["host total"] < best["host total"]:
                 best = row
         out[bs] = best
@@ -211,7 +217,7 @@ def spec_round_overhead(args) -> dict:
               max_model_len=args.prompt_len + args.steps + 16, enable_prefix_caching=False, speculative_config=spec)
     eng, runner, worker = llm.engine, llm.engine.runner, llm.engine.spec_worker
     _cycle_stub(runner, args.vocab, eng.config.max_num_batched_tokens)
-    timer = PhaseTimer()
+    timer = PhaseTimer(CLOCKS[args.clock])
     timer.wrap_engine(eng)
     timer.wrap(worker, "step", "round")
     timer.wrap(worker.proposer, "propose", "draft")
@@ -232,10 +238,10 @@ def spec_round_overhead(args) -> dict:
             metrics = worker.metrics
             drafted, accepted = metrics.num_proposed, metrics.num_accepted
             sync()
-            t = time.perf_counter()
+            t = timer.clock()
             res = llm.generate(prompts(bs, args.prompt_len, args.vocab, bs + r), params)
             sync()
-            wall = time.perf_counter() - t
+            wall = timer.clock() - t
             assert all(len(o.token_ids) == args.steps for o in res)
             row = {
                 "schedule": timer.us("schedule"),
