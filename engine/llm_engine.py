@@ -246,7 +246,8 @@ class LLMEngine:
             if logprobs:
                 seq.logprobs.append(logprobs[0])
             return 1, self._check_stop(seq, token)
-        if seq.params.stop_strings or logprobs or not tokens:
+        params = seq.params
+        if params.stop or logprobs or not tokens:  # stop strings (validate: never empty ones)
             # Token by token: text decides for stop strings, as single steps would.
             for j, token in enumerate(tokens):
                 seq.append_token(token)
@@ -258,11 +259,11 @@ class LLMEngine:
         # Otherwise only a stop token or a length limit can end it: find the first in bulk, then
         # let _check_stop judge the last kept token (it finishes the sequence, or none did).
         n = len(seq.token_ids)
-        kept = min(len(tokens), seq.params.max_tokens - (n - seq.num_prompt_tokens), self.max_model_len - n)
+        kept = min(len(tokens), params.max_tokens - (n - seq.num_prompt_tokens), self.max_model_len - n)
         stops = seq.stop_ids if seq.stop_ids is not None else self._stop_ids(seq)
-        if stops and not stops.isdisjoint(tokens[:kept]):
-            kept = next(j for j, t in enumerate(tokens) if t in stops) + 1
-        seq.token_ids.extend(tokens[:kept])
+        if stops and not stops.isdisjoint(tokens):
+            kept = min(kept, next(j for j, t in enumerate(tokens) if t in stops) + 1)
+        seq.token_ids.extend(tokens if kept == len(tokens) else tokens[:kept])
         return kept, self._check_stop(seq, tokens[kept - 1])
 
     def _fail(self, seq: Sequence, error: Exception) -> None:

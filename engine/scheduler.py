@@ -172,11 +172,12 @@ class Scheduler:
         for seq in seqs:
             if not seq.plain_greedy:
                 return 1
-            n_out = len(seq.token_ids) - seq.num_prompt_tokens
-            if max_len is not None and max_len - len(seq.token_ids) < steps:
-                steps = max_len - len(seq.token_ids)
-            if seq.params.max_tokens - n_out > longest:
-                longest = seq.params.max_tokens - n_out
+            n = len(seq.token_ids)
+            if max_len is not None and max_len - n < steps:
+                steps = max_len - n
+            wanted = seq.params.max_tokens - (n - seq.num_prompt_tokens)
+            if wanted > longest:
+                longest = wanted
         steps = min(steps, longest)
         if steps <= 1 or not self.block_manager.reserve(seqs, [steps] * len(seqs)):
             return 1
