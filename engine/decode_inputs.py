@@ -13,7 +13,6 @@ all rows, and its CUDA graphs) runs the forward without a kernel of its own."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from engine.context import Context

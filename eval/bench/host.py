@@ -228,10 +228,12 @@ def spec_round_overhead(args) -> dict:
     out: dict[int, dict[str, float]] = {}
     log(f"host overhead per speculative round: device {runner.device}, n-gram k={args.spec}, forward stub, "
         f"{args.prompt_len}-token prompts, {args.steps} tokens, best of {args.repeat} (us per round)")
-    log(f"  {'batch':>5} " + " ".join(f"{p:>11}" for p in phases) + f" {'host total':>11} {'tok/round':>9} {'accept':>7}")
+    log(f"  {'batch':>5} " + " ".join(f"{p:>11}" for p in phases)
+        + f" {'host total':>11} {'tok/round':>9} {'accept':>7}")
     for bs in args.batch:
         params = SamplingParams(temperature=0, max_tokens=args.steps, ignore_eos=True)
-        llm.generate(prompts(bs, args.prompt_len, args.vocab, 1000 + bs), SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+        warm_up = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+        llm.generate(prompts(bs, args.prompt_len, args.vocab, 1000 + bs), warm_up)
         best = None
         for r in range(args.repeat):
             timer.reset()
