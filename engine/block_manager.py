@@ -120,13 +120,24 @@ class BlockManager:
     def blocks_to_append(self, seq: Sequence, num_slots: int = 1) -> int:
         """New blocks ``seq`` needs for the K/V of its next ``num_slots`` decode inputs: its last
         token and the num_slots - 1 tokens a multi-step decode feeds back after it."""
-        num_tokens = seq.num_tokens + num_slots - 1
+        num_tokens = len(seq.token_ids) + num_slots - 1
         return max(0, (num_tokens + self.block_size - 1) // self.block_size - len(seq.block_table))
 
     def can_append(self, seq: Sequence, num_slots: int = 1) -> bool:
         """Room for the sequence's last token (the one the next decode step computes), and with
         num_slots > 1 for the tokens of the decode steps after it."""
         return self.blocks_to_append(seq, num_slots) <= self.num_free_blocks
+
+    def reserve(self, seqs: list[Sequence], num_slots: list[int]) -> bool:
+        """Blocks for each sequence's next ``num_slots[i]`` decode inputs (see blocks_to_append), for
+        all of them or, when the pool cannot hold them all, for none: returns whether it did."""
+        need = [self.blocks_to_append(seq, n) for seq, n in zip(seqs, num_slots)]
+        if sum(need) > len(self.free):
+            return False
+        for seq, n in zip(seqs, need):
+            for _ in range(n):
+                seq.block_table.append(self._take_free())
+        return True
 
     def may_append(self, seq: Sequence, num_slots: int = 1) -> None:
         # A multi-step decode may leave a finished sequence with a block past its last token; it

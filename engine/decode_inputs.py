@@ -13,7 +13,6 @@ all rows, and its CUDA graphs) runs the forward without a kernel of its own."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from engine.context import Context
@@ -98,17 +97,22 @@ class DecodeInputs:
         """Stage each (token_ids, start, block_table) chunk as pseudo-rows, in order (padded to
         ``rows``), from host bank 1, and start the copy. The rows' remembered tables are forgotten.
         ``ids``: the chunks' tokens already on the device, copied in after the staged ones."""
-        h, bs, row = self.buf.banks[1], self.block_size, 0
+        h, bs = self.buf.banks[1], self.block_size
+        staged: list[int] = []  # the chunks' tokens, one per row
+        positions: list[int] = []
+        slots: list[int] = []
         for tokens, start, table in chunks:
-            m = len(tokens)
-            pos = np.arange(start, start + m)
-            h.ids[row : row + m] = tokens
-            h.pos[row : row + m] = pos
-            h.start[row : row + m] = pos
-            h.lens[row : row + m] = pos + 1
-            h.slots[row : row + m] = np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs
-            h.tables[row : row + m, : len(table)] = table
-            row += m
+            end = start + len(tokens)
+            h.tables[len(staged) : len(staged) + len(tokens), : len(table)] = table  # each row: its sequence's table
+            staged.extend(tokens)
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+        row = len(staged)
+        h.ids[:row] = staged
+        h.pos[:row] = positions
+        h.start[:row] = h.pos[:row]
+        h.lens[:row] = h.pos[:row] + 1
+        h.slots[:row] = slots
         h.slots[row:rows] = -1
         h.lens[row:rows] = 1
         self.buf.copy_to_device(self.buf.offsets["tables"] + 4 * rows * self.width, bank=1)

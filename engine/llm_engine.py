@@ -86,6 +86,7 @@ class LLMEngine:
             spec_k=spec.k_for_step if spec is not None else None,
         )
         self.vocab_size = int(self.config.hf_config.vocab_size)
+        self.max_model_len = self.config.max_model_len
         self.seqs: dict[str, Sequence] = {}
         self.num_steps = 0
         self.num_multi_steps = 0  # of those, decode steps that ran several forwards
@@ -245,7 +246,8 @@ class LLMEngine:
             if logprobs:
                 seq.logprobs.append(logprobs[0])
             return 1, self._check_stop(seq, token)
-        if seq.params.stop_strings or logprobs or not tokens:
+        params = seq.params
+        if params.stop or logprobs or not tokens:  # stop strings (validate: never empty ones)
             # Token by token: text decides for stop strings, as single steps would.
             for j, token in enumerate(tokens):
                 seq.append_token(token)
@@ -257,11 +259,11 @@ class LLMEngine:
         # Otherwise only a stop token or a length limit can end it: find the first in bulk, then
         # let _check_stop judge the last kept token (it finishes the sequence, or none did).
         n = len(seq.token_ids)
-        kept = min(len(tokens), seq.params.max_tokens - (n - seq.num_prompt_tokens), self.config.max_model_len - n)
+        kept = min(len(tokens), params.max_tokens - (n - seq.num_prompt_tokens), self.max_model_len - n)
         stops = seq.stop_ids if seq.stop_ids is not None else self._stop_ids(seq)
-        if stops and not stops.isdisjoint(tokens[:kept]):
-            kept = next(j for j, t in enumerate(tokens) if t in stops) + 1
-        seq.token_ids.extend(tokens[:kept])
+        if stops and not stops.isdisjoint(tokens):
+            kept = min(kept, next(j for j, t in enumerate(tokens) if t in stops) + 1)
+        seq.token_ids.extend(tokens if kept == len(tokens) else tokens[:kept])
         return kept, self._check_stop(seq, tokens[kept - 1])
 
     def _fail(self, seq: Sequence, error: Exception) -> None:
@@ -286,10 +288,10 @@ class LLMEngine:
         check that decodes text) are looked at only for requests that have them."""
         params = seq.params
         reason: str | None = None
-        if token in self.eos_token_ids and not params.ignore_eos:
+        if token in (seq.stop_ids if seq.stop_ids is not None else self._stop_ids(seq)):
             reason = "stop"
-        elif params.stop_token_ids and token in params.stop_token_ids:
-            reason, seq.stop_reason = "stop", token
+            if params.ignore_eos or token not in self.eos_token_ids:  # a stop token id, not EOS
+                seq.stop_reason = token
         if params.stop is not None and params.stop_strings and self.tokenizer is not None:
             text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
             # Only the tail can hold a new match: search from where the previous text ended.
@@ -303,7 +305,7 @@ class LLMEngine:
                 reason, seq.stop_reason = "stop", s
         if reason is None:
             n = len(seq.token_ids)
-            if n - seq.num_prompt_tokens >= params.max_tokens or n >= self.config.max_model_len:
+            if n - seq.num_prompt_tokens >= params.max_tokens or n >= self.max_model_len:
                 reason = "length"
         if reason is None:
             return False

@@ -172,19 +172,15 @@ class Scheduler:
         for seq in seqs:
             if not seq.plain_greedy:
                 return 1
-            n_out = len(seq.token_ids) - seq.num_prompt_tokens
-            if max_len is not None and max_len - len(seq.token_ids) < steps:
-                steps = max_len - len(seq.token_ids)
-            if seq.params.max_tokens - n_out > longest:
-                longest = seq.params.max_tokens - n_out
+            n = len(seq.token_ids)
+            if max_len is not None and max_len - n < steps:
+                steps = max_len - n
+            wanted = seq.params.max_tokens - (n - seq.num_prompt_tokens)
+            if wanted > longest:
+                longest = wanted
         steps = min(steps, longest)
-        if steps <= 1:
+        if steps <= 1 or not self.block_manager.reserve(seqs, [steps] * len(seqs)):
             return 1
-        bm = self.block_manager
-        if sum(bm.blocks_to_append(seq, steps) for seq in seqs) > bm.num_free_blocks:
-            return 1
-        for seq in seqs:
-            bm.may_append(seq, steps)
         return steps
 
     def _reserve_drafts(self, seqs: list[Sequence]) -> list[int] | None:
@@ -197,11 +193,8 @@ class Scheduler:
         num_draft = [draft_limit(seq, k, max_len) for seq in seqs]
         if not any(num_draft):
             return None
-        bm = self.block_manager
-        if sum(bm.blocks_to_append(seq, n + 1) for seq, n in zip(seqs, num_draft)) > bm.num_free_blocks:
+        if not self.block_manager.reserve(seqs, [n + 1 for n in num_draft]):
             return None
-        for seq, n in zip(seqs, num_draft):
-            bm.may_append(seq, n + 1)
         return num_draft
 
     def _preempt(self, seq: Sequence) -> None:

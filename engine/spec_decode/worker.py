@@ -4,10 +4,11 @@ The scheduler reserved blocks for n_i + 1 positions per sequence (``ScheduledBat
 The proposer drafts up to n_i tokens per sequence; the target scores [last token, d_0 .. d_{m-1}]
 at positions len - 1 .. len - 1 + m in one forward with logits at every row (ModelRunner.all_logits:
 decode pseudo-rows in a decode graph while the batch's tokens fit the fused small-batch decode, else
-the varlen prefill path); rejection.verify
-accepts a prefix per sequence and adds the target's own token. The result is a StepResult like any
-step's: the engine appends the tokens through its one append path (stop tokens, stop strings,
-max_tokens cut a run there) and the scheduler's finish_step rolls both caches back by bookkeeping
+the varlen prefill path); rejection.verify accepts a prefix per sequence and adds the target's own
+token (a batch of plain greedy rows compares the drafts with the target's argmax on the host
+instead: the same tokens, without the device ops). The result is a StepResult like any step's: the
+engine appends the tokens through its one append path (stop tokens, stop strings, max_tokens cut a
+run there) and the scheduler's finish_step rolls both caches back by bookkeeping
 (num_computed_tokens and draft_computed follow the kept tokens, unused tail blocks are released).
 """
 
@@ -51,25 +52,63 @@ class SpecDecodeWorker:
         with torch.inference_mode():
             chunks, ids = self._verify_inputs(seqs, proposal, k)
             flat = self.target.all_logits(chunks, ids)  # [sum of (m_i + 1), V]
-            if all(m == k for m in counts):
-                raw = flat.view(len(seqs), k + 1, -1)
-            else:  # row i's position j is its flat row start_i + min(j, m_i): padding repeats its last
-                index, start = [], 0  # row, and verify ignores positions past m_i
-                for m in counts:
-                    index.extend(start + min(j, m) for j in range(k + 1))
-                    start += m + 1
-                raw = flat.index_select(0, device_tensor(index, flat.device)).view(len(seqs), k + 1, -1)
-            draft_ids, num_draft = proposal.as_tensors(raw.device, k)
-            probs = proposal.probs[:, :k] if proposal.probs is not None else None
-            gens = [self.target.sampler.generator(s) for s in seqs]
-            target_logits = ban_stop_tokens(raw, seqs, self.eos_token_ids)
-            verified = verify(draft_ids, num_draft, target_logits, [s.params for s in seqs], probs, gens)
-            clock.mark()
-            tokens = verified.to_lists()  # the sync
-            logprobs = self._logprobs(raw, seqs, tokens)
+            if all(s.plain_greedy for s in seqs):
+                tokens, logprobs = self._greedy_tokens(flat, proposal, k, clock), None
+            else:
+                tokens, logprobs = self._verified_tokens(seqs, flat, proposal, k, clock)
         self.metrics.add_phases(clock)
         self.metrics.record(counts, [len(t) - 1 for t in tokens])
         return StepResult(tokens, logprobs)
+
+    def _verified_tokens(self, seqs: list[Sequence], flat: torch.Tensor, proposal: Proposal, k: int,
+                         clock: PhaseClock) -> tuple[list[list[int]], list[list[TokenLogprobs]] | None]:
+        """Emitted tokens (rejection.verify; the sync) and the logprobs of those asked for."""
+        counts = proposal.num_tokens
+        if all(m == k for m in counts):
+            raw = flat.view(len(seqs), k + 1, -1)
+        else:  # row i's position j is its flat row start_i + min(j, m_i): padding repeats its last
+            index, start = [], 0  # row, and verify ignores positions past m_i
+            for m in counts:
+                index.extend(start + min(j, m) for j in range(k + 1))
+                start += m + 1
+            raw = flat.index_select(0, device_tensor(index, flat.device)).view(len(seqs), k + 1, -1)
+        draft_ids, num_draft = proposal.as_tensors(raw.device, k)
+        probs = proposal.probs[:, :k] if proposal.probs is not None else None
+        gens = [self.target.sampler.generator(s) for s in seqs]
+        target_logits = ban_stop_tokens(raw, seqs, self.eos_token_ids)
+        verified = verify(draft_ids, num_draft, target_logits, [s.params for s in seqs], probs, gens)
+        clock.mark()
+        tokens = verified.to_lists()  # the sync
+        return tokens, self._logprobs(raw, seqs, tokens)
+
+    @staticmethod
+    def _greedy_tokens(flat: torch.Tensor, proposal: Proposal, k: int, clock: PhaseClock) -> list[list[int]]:
+        """rejection.greedy_verify's tokens for a batch of plain greedy rows (no logprobs, no stop
+        token banned by min_tokens), compared on the host: the argmax of every verify row (and a
+        model drafter's tokens) come back in one transfer, and each row keeps the argmax up to and
+        including its first disagreement with the draft. The same tokens as greedy_verify, without
+        its dozen small device ops per step (each a kernel launch on a GPU)."""
+        counts = proposal.num_tokens
+        rows = flat.shape[0]  # sum of (m_i + 1)
+        argmax = flat.argmax(dim=-1)
+        if proposal.ids is not None:  # a model drafter's tokens come back with it, [B, k] after the rows
+            argmax = torch.cat([argmax, proposal.ids[:, :k].reshape(-1)])
+        clock.mark()
+        host = argmax.tolist()
+        if proposal.ids is not None:
+            drafts = [host[rows + i * k : rows + i * k + m] for i, m in enumerate(counts)]
+        else:
+            drafts = proposal.token_ids
+        tokens: list[list[int]] = []
+        start = 0
+        for draft, m in zip(drafts, counts):
+            target = host[start : start + m + 1]
+            a = 0
+            while a < m and draft[a] == target[a]:
+                a += 1
+            tokens.append(target[: a + 1])
+            start += m + 1
+        return tokens
 
     @staticmethod
     def _verify_inputs(seqs: list[Sequence], proposal: Proposal,

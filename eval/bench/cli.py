@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     h.add_argument("--device", default="cpu")
     h.add_argument("--forward", default="stub", choices=["stub", "real"],
                    help="stub: the model returns fixed hidden states and logits (the default); real: the tiny model runs")
+    h.add_argument("--spec", type=int, default=0, metavar="K",
+                   help="time speculative rounds instead (n-gram drafter, K tokens, a stub model it mostly predicts)")
+    h.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: this thread's CPU time (steadier on a machine shared with other work)")
     pr = sub.add_parser("profile", help="decode step time: whole step, graph replay alone, kernels by name")
     pr.add_argument("--model")
     pr.add_argument("--shape", choices=sorted(SHAPES))

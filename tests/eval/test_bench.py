@@ -45,10 +45,23 @@ def test_host_overhead_reports_every_phase(capsys):
     res = common.RESULTS["host"]
     assert sorted(res) == [1, 3]
     for row in res.values():
-        assert set(row) == {"schedule", "prepare", "forward", "sample", "postprocess", "loop", "host total", "all"}
+        assert set(row) == {"schedule", "prepare", "forward", "advance", "sample", "postprocess", "loop", "host total",
+                            "all"}
         assert row["schedule"] > 0 and row["prepare"] > 0 and row["sample"] > 0
-        assert abs(row["all"] - row["host total"] - row["forward"]) < 1e-6
+        assert row["advance"] > 0  # the CPU's multi-step greedy advance, out of host total
+        assert abs(row["all"] - row["host total"] - row["forward"] - row["advance"]) < 1e-6
     assert "host total" in capsys.readouterr().out
+
+
+def test_host_overhead_of_speculative_rounds_accepts_and_rejects(capsys):
+    cli.main(["host", "--batch", "1", "2", "--steps", "64", "--repeat", "1", "--spec", "4", "--clock", "cpu"])
+    res = common.RESULTS["host_spec"]
+    assert sorted(res) == [1, 2]
+    for row in res.values():
+        assert row["draft"] > 0 and row["verify"] > 0 and row["postprocess"] > 0
+        # The stub's next-token rule is one the n-gram drafter gets partly right: both paths run.
+        assert 0 < row["acceptance"] < 1 and 1 < row["tokens per round"] < 5
+    assert "tok/round" in capsys.readouterr().out
 
 
 def test_busy_fraction_merges_overlapping_kernels():
