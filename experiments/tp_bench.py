@@ -34,7 +34,7 @@ import torch.multiprocessing as tmp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.bench.common import SHAPES, weight_bytes  # noqa: E402
+from eval.bench.common import SHAPES, graph_seconds, weight_bytes  # noqa: E402
 
 LLAMA2_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                   num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
@@ -79,22 +79,9 @@ def _collectives_rank(rank: int, port: int, cases: list[dict], results) -> None:
 
         timings = {}
         for label, fn in (("step", step), ("all_reduce_only", lambda: step(2 * layers + 1, False))):
-            fn()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            graph.replay()
-            torch.cuda.synchronize()
-            torch.distributed.barrier(device_ids=[rank])
-            reps = 20
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            timings[label] = start.elapsed_time(end) * 1e3 / reps  # us
+            fn()  # warm (NCCL's first call sets up its communicators outside the capture)
+            timings[label] = 1e6 * graph_seconds(fn, reps=20,
+                                                 before_timing=lambda: torch.distributed.barrier(device_ids=[rank]))
         if rank == 0:
             results.put({**case, "step_us": timings["step"], "all_reduce_us": timings["all_reduce_only"] / (2 * layers + 1),
                          "all_gather_logits_us": timings["step"] - timings["all_reduce_only"]})

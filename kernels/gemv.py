@@ -644,6 +644,25 @@ if HAS_TRITON:
         return acc, acc2
 
     @triton.jit
+    def _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
+                    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    NORM: tl.constexpr, TWO: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+                    PDL: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
+                    FAST: tl.constexpr, FAST_DOT: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr):
+        """The accumulators of whichever matmul the kernel was specialised for: the fast M == 1
+        dequantization (FAST), int4 on tl.dot at M > 1 (FAST_DOT), or the exact path."""
+        if FAST:
+            return _matmul_fast(x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
+                                K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, QUANT, HAS_ZERO, GPT, WPG)
+        elif FAST_DOT:
+            return _matmul_fast_dot(x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask,
+                                    nw_ptr, eps, K, BLOCK_M, BLOCK_N, NORM, TWO, IEEE, BF16_BY_HAND, PDL,
+                                    GROUP, HAS_ZERO)
+        else:
+            return _matmul(x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
+                           K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, TWO, IEEE, BF16_BY_HAND, PDL, GROUP, QUANT, HAS_ZERO)
+
+    @triton.jit
     def _w_rows(w_ptr, s_ptr, z_ptr, cols, K: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr,
                 FAST: tl.constexpr):
         """Row pointers [BLOCK_N, 1] of W's codes (FAST: int32 words of 8 int4 / 4 int8 codes), its
@@ -694,18 +713,9 @@ if HAS_TRITON:
         w_rows, s_rows, z_rows = _w_rows(w_ptr, s_ptr, z_ptr, cols, K, GROUP, QUANT, FAST)
         w_up, s_up, z_up = _w_rows(w_ptr, s_ptr, z_ptr, cols + N, K, GROUP, QUANT, FAST)
         dtype = x_ptr.dtype.element_ty
-        if FAST:
-            acc, acc_up = _matmul_fast(x_ptr, w_rows, w_up, s_rows, s_up, z_rows, z_up, col_mask, nw_ptr, eps,
-                                       K, BLOCK_N, BLOCK_K, NORM, SWIGLU, BF16_BY_HAND, PDL, GROUP, QUANT, HAS_ZERO,
-                                       GPT, WPG)
-        elif FAST_DOT:
-            acc, acc_up = _matmul_fast_dot(x_rows, row_mask, w_rows, w_up, s_rows, s_up, z_rows, z_up, col_mask,
-                                           nw_ptr, eps, K, BLOCK_M, BLOCK_N, NORM, SWIGLU, IEEE, BF16_BY_HAND, PDL,
-                                           GROUP, HAS_ZERO)
-        else:
-            acc, acc_up = _matmul(x_rows, row_mask, w_rows, w_up, s_rows, s_up, z_rows, z_up, col_mask, nw_ptr, eps,
-                                  K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, SWIGLU, IEEE, BF16_BY_HAND, PDL,
-                                  GROUP, QUANT, HAS_ZERO)
+        acc, acc_up = _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_up, s_rows, s_up, z_rows, z_up, col_mask, nw_ptr,
+                                  eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, SWIGLU, IEEE, BF16_BY_HAND, PDL,
+                                  GROUP, QUANT, HAS_ZERO, FAST, FAST_DOT, GPT, WPG)
         acc = _column_scale(acc, s_ptr, cols, col_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         if SWIGLU:
             acc_up = _column_scale(acc_up, s_ptr, cols + N, col_mask, dtype, QUANT, BF16_BY_HAND, FAST)
@@ -778,18 +788,9 @@ if HAS_TRITON:
         w_rows, s_rows, z_rows = _w_rows(w_ptr, s_ptr, z_ptr, col, K, GROUP, QUANT, FAST)
         w_rows2, s_rows2, z_rows2 = _w_rows(w_ptr, s_ptr, z_ptr, col + HALF, K, GROUP, QUANT, FAST)
         dtype = x_ptr.dtype.element_ty
-        if FAST:
-            acc1, acc2 = _matmul_fast(x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask, nw_ptr, eps,
-                                      K, BLOCK_N, BLOCK_K, NORM, True, BF16_BY_HAND, PDL, GROUP, QUANT, HAS_ZERO,
-                                      GPT, WPG)
-        elif FAST_DOT:
-            acc1, acc2 = _matmul_fast_dot(x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask,
-                                          nw_ptr, eps, K, BLOCK_M, BLOCK_N, NORM, True, IEEE, BF16_BY_HAND, PDL,
-                                          GROUP, HAS_ZERO)
-        else:
-            acc1, acc2 = _matmul(x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask, nw_ptr,
-                                 eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE, BF16_BY_HAND, PDL,
-                                 GROUP, QUANT, HAS_ZERO)
+        acc1, acc2 = _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask,
+                                 nw_ptr, eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE, BF16_BY_HAND, PDL,
+                                 GROUP, QUANT, HAS_ZERO, FAST, FAST_DOT, GPT, WPG)
         acc1 = _column_scale(acc1, s_ptr, col, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         acc2 = _column_scale(acc2, s_ptr, col + HALF, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         if HAS_BIAS:  # before the rotation (Qwen2), in fp32 before rounding as gemv does

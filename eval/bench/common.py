@@ -85,15 +85,18 @@ def engine_options(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def graph_seconds(run, reps: int = 10) -> float:
+def graph_seconds(run, reps: int = 10, before_timing=None) -> float:
     """Seconds per replay of a CUDA graph that captures ``run()``, after one untimed replay (the
-    GEMV sweeps time every weight copy in one graph, so launch gaps and L2 hits stay out)."""
+    GEMV sweeps time every weight copy in one graph, so launch gaps and L2 hits stay out).
+    ``before_timing()``: called between that replay and the timed ones (ranks meet at a barrier)."""
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         run()
     graph.replay()
     torch.cuda.synchronize()
+    if before_timing is not None:
+        before_timing()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
