@@ -79,7 +79,7 @@ def test_sweep_flow_on_cpu(monkeypatch, tmp_path):
         return 1e-3
 
     monkeypatch.setattr(sweep, "DEVICE", "cpu")
-    shapes = {"gate_up": (64, 256, "swiglu"), "down": (32, 384, "residual")}
+    shapes = {"gate_up": (32, 128, "swiglu"), "down": (16, 256, "residual")}  # small: interpreted
     monkeypatch.setattr(sweep, "SHAPES", shapes)
     monkeypatch.setattr(sweep, "COPY_BYTES", 1)
     monkeypatch.setattr(sweep, "FAST_CANDIDATES", [(2, 128, 4)])
