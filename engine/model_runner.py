@@ -12,7 +12,8 @@ A speculative verify forward (``all_logits``: k + 1 tokens per sequence, logits 
 as a decode step over pseudo-rows while its tokens fit the fused small-batch decode (SMALL_M rows):
 each token one decode row sharing its sequence's block table (DecodeInputs.prepare_chunks), so the
 decode kernels read the weights once for all rows and the decode graphs replay it; larger verify
-batches take the varlen prefill path (its verify graphs).
+batches take the varlen prefill path (its verify graphs), and so do small ones where the prefill
+path was timed faster at startup (a large target: its GEMMs beat the 16-row decode tiles).
 
 Its parts: kv_cache.py sizes and allocates the paged pool; decode_inputs.py stages the decode
 inputs (staging.py's one-copy buffer, shared with the prefill graphs); cuda_graphs.py captures and
