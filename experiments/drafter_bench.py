@@ -56,7 +56,6 @@ TVD 0.068 / 1.09, CE 0.093 / 1.09. Sixteen steps leave both far from trained (CE
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -69,7 +68,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "experiments"))
 
-from spec_bench import emit, load_prompts, replay_greedy  # noqa: E402
+from spec_bench import emit, free_device_memory, load_prompts, replay_greedy  # noqa: E402
 
 LOSS_PRESETS = {"tvd": "drafter", "ce": "drafter_ce"}
 T0 = time.time()
@@ -257,14 +256,7 @@ def run_engine(path: str | Path, kwargs: dict, use: Callable[[Any], T], **extra:
         return use(llm)
     finally:
         del llm
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:
-            pass
+        free_device_memory()
 
 
 def measure_acceptance(args, teacher: Path, drafters: dict[str, str]

@@ -50,6 +50,7 @@ from common.errors import ShrinkError  # noqa: E402
 from common.paths import default_data_dir  # noqa: E402
 from engine.spec_decode.metrics import SpecDecodeMetrics  # noqa: E402
 from engine.spec_decode.ngram import ngram_proposal  # noqa: E402
+from engine.spec_decode.rejection import greedy_agreement  # noqa: E402
 
 WORKLOADS = ("wikitext", "cqa", "gsm8k", "grounded")
 GROUNDED_TEMPLATES = (
@@ -122,9 +123,7 @@ def replay_greedy(outputs: list[list[int]], propose: Propose, k: int) -> SpecDec
         while t < len(out):
             n = min(k, len(out) - t - 1)
             draft = propose(i, t, n)[:n] if n > 0 else []
-            a = 0
-            while a < len(draft) and draft[a] == out[t + a]:
-                a += 1
+            a = greedy_agreement(draft, out[t : t + len(draft)])
             metrics.record([len(draft)], [a])
             t += a + 1
     return metrics
@@ -261,7 +260,7 @@ def _median_tok_s(llm: Any, batch: list[list[int]], new_tokens: int, repeats: in
     return float(np.median(runs)), runs
 
 
-def _free_device_memory() -> None:
+def free_device_memory() -> None:
     """After an engine's last reference is gone: collect it and give its cached CUDA memory back, so
     the next engine's KV pool is sized on a free device."""
     import gc
@@ -349,7 +348,7 @@ def speed(args) -> None:
             except Exception as e:  # one variant failing must not lose the others
                 emit({"bench": "speed", "workload": workload, "spec": name, "error": f"{type(e).__name__}: {e}"},
                      args.json)
-            _free_device_memory()
+            free_device_memory()
         for name in dict.fromkeys(r["spec"] for r in rows if r["spec"] != "none"):
             emit({"bench": "policy", "workload": workload, "spec": name,
                   "num_speculative_tokens_per_batch_size": recommend_policy([r for r in rows if r["spec"] == name])},
@@ -360,7 +359,7 @@ def speed(args) -> None:
                                            k=4, repeat=10, json=args.json))
         except Exception as e:
             emit({"bench": "verify-cost", "shape": args.verify_shape, "error": f"{type(e).__name__}: {e}"}, args.json)
-        _free_device_memory()
+        free_device_memory()
 
 
 def recommend_policy(rows: list[dict], min_speedup: float = 1.02) -> dict[int, int]:

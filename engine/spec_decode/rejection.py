@@ -76,6 +76,16 @@ def _assemble(draft: torch.Tensor, num_accepted: torch.Tensor, last: torch.Tenso
     return VerifiedTokens(out, num_accepted)
 
 
+def greedy_agreement(draft: Seq[int], target: Seq[int]) -> int:
+    """The host's greedy acceptance: how many leading draft tokens equal the target's tokens at
+    the same positions (greedy_verify's accepted prefix, for token lists)."""
+    n = min(len(draft), len(target))
+    a = 0
+    while a < n and draft[a] == target[a]:
+        a += 1
+    return a
+
+
 def greedy_verify(
     draft_token_ids: torch.Tensor, num_draft: torch.Tensor, target_argmax: torch.Tensor
 ) -> VerifiedTokens:

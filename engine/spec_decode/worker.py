@@ -23,7 +23,7 @@ from engine.sequence import Sequence, TokenLogprobs
 from engine.spec_decode.metrics import PhaseClock, SpecDecodeMetrics
 from engine.spec_decode.min_tokens import ban_stop_tokens
 from engine.spec_decode.proposer import Proposal, Proposer
-from engine.spec_decode.rejection import verify
+from engine.spec_decode.rejection import greedy_agreement, verify
 
 
 class SpecDecodeWorker:
@@ -103,10 +103,7 @@ class SpecDecodeWorker:
         start = 0
         for draft, m in zip(drafts, counts):
             target = host[start : start + m + 1]
-            a = 0
-            while a < m and draft[a] == target[a]:
-                a += 1
-            tokens.append(target[: a + 1])
+            tokens.append(target[: greedy_agreement(draft, target) + 1])
             start += m + 1
         return tokens
 
