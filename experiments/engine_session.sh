@@ -8,6 +8,10 @@
 #   experiments/engine_session.sh quant        # carry .gpu/wheels (+ .gpu/t/p00 .gpu/data to stash them): GEMV sweep, quant bench
 #   experiments/engine_session.sh smol         # right after, carry .gpu/t/p01 p02 .gpu/corpus: n-gram speed,
 #                                              # drafters (TVD vs CE), WikiText-2 rows (issue 11)
+#   experiments/engine_session.sh wikitext     # after `quant`, carry .gpu/t/p01 p02 .gpu/corpus: issue 11's rows on the
+#                                              # reference protocol (KD vs CE students, AWQ), the student as drafter
+#   experiments/engine_session.sh pipeline     # after `quant`, carry .gpu/t/p01 p02 .gpu/corpus: the default pipeline
+#   experiments/engine_session.sh evalref      # right after `pipeline`: its eval=gpu reference run (issue 15)
 set -uo pipefail
 H=$HOME; OUTDIR=${OUT:-$H/out}; mkdir -p "$OUTDIR"
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$H/site" .gpu/wheels/*.whl 2>/dev/null
@@ -57,6 +61,30 @@ case "${1:?verb}" in
       --cache-dir "$H/cache" --json "$OUTDIR/drafter.jsonl" ${DRAFTER_ARGS:-} | tail -n 8
     timeout "${PQ_S:-200}" python3 experiments/prune_quant.py --model "$H/smol" --data-dir "$D" --out "$OUTDIR/prune_quant" \
       --tf32 --group-size 64 --ft-steps 60 --variants dense,int4_g64_awq,int4_g64_gptq | tail -n 8;;
+  wikitext)
+    cp .gpu/t/p01 .gpu/t/p02 "$H/t/" && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"
+    mkdir -p "$H/data/corpus" && cp .gpu/corpus/docs-en.jsonl.gz "$H/data/corpus/"
+    G="$H/t/smol.gguf"; D="$H/data"
+    $B convert-gguf --gguf "$G" --out "$H/smol"
+    (timeout ${PQ_S:-420} python3 experiments/prune_quant.py --model "$H/smol" --data-dir "$D" --out "$OUTDIR/prune_quant" \
+       --tf32 --group-size 64 --variants dense,int4_g64_awq > "$OUTDIR/prune_quant.log" 2>&1) &
+    timeout ${KD_S:-430} python3 experiments/distill.py --teacher "$H/smol" --data-dir "$D" --out "$OUTDIR/distill" \
+      --parts importance,kd --runs fkl,ce --tokens 20000000 --context 2048 --save-student "$H/student" > "$OUTDIR/distill.log" 2>&1
+    wait
+    timeout ${SPEC_S:-110} python3 experiments/spec_bench.py --json "$OUTDIR/spec_student.jsonl" speed --target "$G" \
+      --draft "$H/student" --data-dir "$D" --workloads wikitext gsm8k --batch 1 4 --ks 2 4 --truncated --repeats 2 \
+      --budget-s 90 --engine '{"max_model_len": 2048}' > "$OUTDIR/spec_student.log" 2>&1;;
+  pipeline)
+    cp .gpu/t/p01 .gpu/t/p02 "$H/t/" && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"
+    mkdir -p "$H/data/corpus" && cp .gpu/corpus/docs-en.jsonl.gz "$H/data/corpus/"
+    timeout ${PIPE_S:-560} python3 -m shrink stage=pipeline 'stage.stages=[import,distill,gqa,prune,quantize]' \
+      teacher.source="$H/t/smol.gguf" data_dir="$H/data" cache_dir="$H/cache" logging=none run="$H/ref" \
+      > "$OUTDIR/pipeline.log" 2>&1; tail -n 15 "$OUTDIR/pipeline.log"
+    for s in "$H"/ref/*/shrink.json; do cp "$s" "$OUTDIR/$(basename "$(dirname "$s")").shrink.json"; done;;
+  evalref)
+    timeout ${EVAL_S:-560} python3 -m shrink stage=eval eval=gpu data_dir="$H/data" cache_dir="$H/cache" logging=none \
+      run="$H/ref" > "$OUTDIR/eval.log" 2>&1; tail -n 30 "$OUTDIR/eval.log"
+    cp "$H"/ref/eval/report.* "$H"/ref/eval/*.png "$OUTDIR/" 2>/dev/null; ls "$H/ref" "$H/ref/eval";;
   real)
     cp .gpu/t3/p01 .gpu/t3/p02 "$H/t/" && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"
     $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol"
