@@ -1,0 +1,111 @@
+"""Which kernel runs a loaded model's int4 weights on a GPU (ModelOptions.int4_kernel): our Triton
+GEMVs, fused into the decode kernels, or torch's tinygemm (aten._weight_int4pack_mm), unfused.
+
+One choice for the whole model: a single layer on tinygemm already takes the model off the fused
+decode path (engine/models/llama.py's `fusable`). "auto" times, on one layer of each distinct
+shape, both kernels at M = 1 and sums over the layers; the choice and the times are logged. The
+times cover the matmuls only, not the norm / residual / SwiGLU launches that the unfused path
+adds (eval/bench/quant.py measures whole decode steps of each choice). Where tinygemm runs, the
+prefill sizes PREFILL_ROWS are timed against the dequantize + dense GEMM path too: tinygemm keeps
+the sizes up to the first one where it loses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kernels.gemv import SMALL_M
+
+from engine.layers.quantized import Int4Linear
+
+log = logging.getLogger("engine.int4")
+
+PREFILL_ROWS = (32, 64, 128, 256)
+TIMED_CALLS = 20  # calls per timing (back to back, so launch gaps hide behind the kernels)
+
+
+def _seconds(run: Callable[[], object]) -> float:
+    """Device seconds of one call of run: the best of 3 timings of TIMED_CALLS calls."""
+    from engine.cuda_graphs import gpu_seconds  # engine.cuda_graphs imports the runner's modules
+
+    run()
+    return min(gpu_seconds(lambda: [run() for _ in range(TIMED_CALLS)]) for _ in range(3)) / TIMED_CALLS
+
+
+def _shape(layer: Int4Linear) -> tuple:
+    return layer.out_features, layer.in_features, layer.group_size, layer.zero is not None
+
+
+def _total(layers: dict[tuple, list[Int4Linear]], rows: int, tinygemm: bool) -> float:
+    """Seconds of every int4 layer's matmul of `rows` bf16 rows on one kernel: one layer of each
+    shape timed, times the layers of that shape."""
+    total = 0.0
+    for same in layers.values():
+        layer = same[0]
+        x = torch.randn(rows, layer.in_features, dtype=torch.bfloat16, device=layer.packed.device)
+        layer.tinygemm_max_m = rows if tinygemm else 0
+        total += _seconds(lambda: layer(x)) * len(same)
+        layer.tinygemm_max_m = 0
+    return total
+
+
+def choose_int4_kernels(model: nn.Module, dtype: torch.dtype) -> str | None:
+    """Set up every Int4Linear of `model` (activations of `dtype`) for its options' int4_kernel,
+    after loading, on its device; returns the kernel chosen ("triton" / "tinygemm"), None without
+    int4 layers. Raises ValueError naming int4_kernel where "tinygemm" was asked for and the model
+    cannot run it."""
+    int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    if not int4:
+        return None
+    asked = int4[0].int4_kernel
+    unfit = next((m for m in int4 if not m.tinygemm_fits()), None)
+    if asked == "tinygemm" and dtype != torch.bfloat16:
+        raise ValueError(f"int4_kernel: 'tinygemm' runs bfloat16 activations only, the model's dtype is {dtype}")
+    if asked == "tinygemm" and unfit is not None:
+        raise ValueError(f"int4_kernel: 'tinygemm' cannot run an int4 layer of {unfit.out_features} x "
+                         f"{unfit.in_features} with groups of {unfit.group_size} on {unfit.packed.device} "
+                         "(it needs an SM 8.0+ GPU, out_features % 8 == 0, in_features % 32 == 0 and "
+                         "groups of 32, 64, 128 or 256)")
+    if asked == "triton" or (asked == "auto" and (unfit is not None or not int4[0].use_triton
+                                                   or dtype != torch.bfloat16)):
+        for m in int4:
+            m.drop_tinygemm()
+        return "triton"
+    shapes: dict[tuple, list[Int4Linear]] = defaultdict(list)
+    for m in int4:
+        shapes[_shape(m)].append(m)
+    for same in shapes.values():
+        same[0].build_tinygemm()
+    with torch.no_grad():
+        kernel = "tinygemm"
+        if asked == "auto":
+            times = {name: _total(shapes, 1, name == "tinygemm") for name in ("triton", "tinygemm")}
+            kernel = min(times, key=times.get)
+            log.info("int4_kernel auto: %s (int4 matmuls of one decode token: triton %.1f us, tinygemm %.1f us)",
+                     kernel, times["triton"] * 1e6, times["tinygemm"] * 1e6)
+        if kernel == "triton":
+            for m in int4:
+                m.drop_tinygemm()
+            return kernel
+        max_m = _tinygemm_max_rows(shapes)
+    for m in int4:
+        m.use_tinygemm(max_m)
+    return kernel
+
+
+def _tinygemm_max_rows(shapes: dict[tuple, list[Int4Linear]]) -> int:
+    """The most rows tinygemm keeps: SMALL_M (the decode batches), then each of PREFILL_ROWS
+    while tinygemm times faster than the dequantize + dense GEMM path there."""
+    max_m = SMALL_M
+    for rows in PREFILL_ROWS:
+        tiny, dense = _total(shapes, rows, True), _total(shapes, rows, False)
+        log.info("int4 prefill of %d rows: tinygemm %.1f us, dequantize + GEMM %.1f us", rows, tiny * 1e6, dense * 1e6)
+        if tiny >= dense:
+            break
+        max_m = rows
+    return max_m

@@ -1,0 +1,160 @@
+"""Int4 weights through torch's tinygemm kernel (kernels/quant_tinygemm.py, Int4Linear,
+engine/layers/int4_kernel.py): our codes, scales and zero points converted to tinygemm's layout
+compute the layer's dequantized weight (on CPU through tinygemm's CPU ops, the same dequantization
+math; on a GPU through the CUDA kernel), and the int4_kernel option picks the path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.config import EngineConfig
+from engine.layers.int4_kernel import choose_int4_kernels
+from engine.layers.options import ModelOptions
+from engine.layers.quantized import Int4Linear, gemv_weight
+from kernels import quant as ref
+from kernels.quant_tinygemm import (high_nibble_first, inner_k_tiles, pack_for_cpu, scales_and_zeros,
+                                    tinygemm_fits, tinygemm_mm)
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def int4_layer(n: int, k: int, group: int, zero: bool, seed: int = 0, options: ModelOptions = ModelOptions()):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, k // group, generator=g) / 10 + 1e-3
+    zp = torch.randint(-8, 8, scale.shape, generator=g).float() if zero else None
+    return Int4Linear(codes, scale, zp, torch.randn(n, generator=g), options)
+
+
+@pytest.mark.parametrize("zero", [False, True], ids=["sym", "zero_point"])
+@pytest.mark.parametrize("n,k,group", [(32, 96, 32), (48, 192, 64), (16, 384, 128), (80, 256, 32), (16, 640, 128)])
+def test_tinygemm_scales_and_zeros_compute_the_dequantized_weight(n, k, group, zero):
+    """(The CPU op wants N % 16; the CUDA one N % 8.)"""
+    layer = int4_layer(n, k, group, zero)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(1))
+    sz = scales_and_zeros(layer.scale, layer.zero, torch.float32)
+    assert sz.shape == (k // group, n, 2)
+    got = tinygemm_mm(x, pack_for_cpu(layer.packed), group, sz)
+    torch.testing.assert_close(got, F.linear(x, layer.dequantized()), atol=1e-4, rtol=1e-4)
+
+
+def test_high_nibble_first_puts_the_even_column_in_the_high_nibble():
+    codes = torch.randint(-8, 8, (16, 64), generator=torch.Generator().manual_seed(2), dtype=torch.int8)
+    swapped = high_nibble_first(ref.pack_int4(codes))
+    unsigned = (codes.to(torch.int16) + 8).to(torch.uint8)
+    assert torch.equal(swapped >> 4, unsigned[:, 0::2]) and torch.equal(swapped & 0xF, unsigned[:, 1::2])
+
+
+def test_tinygemm_shape_rules():
+    assert [inner_k_tiles(k) for k in (4096, 11008, 64, 96, 48)] == [8, 8, 4, 2, None]
+    assert tinygemm_fits(4096, 11008, 64) and tinygemm_fits(11008, 4096, 128) and tinygemm_fits(24, 96, 32)
+    assert not tinygemm_fits(20, 128, 32)  # N % 8
+    assert not tinygemm_fits(16, 128, 16)  # group size
+    assert not tinygemm_fits(16, 48, 16) and not tinygemm_fits(16, 80, 80)  # K % 32
+
+
+def test_int4_kernel_option_is_checked_by_name():
+    with pytest.raises(ValueError, match="int4_kernel: 'marlin'"):
+        ModelOptions(int4_kernel="marlin")
+
+
+def test_engine_config_refuses_an_unknown_int4_kernel(model_dir):
+    path = model_dir("llama_gqa_untied")
+    with pytest.raises(ValueError, match="int4_kernel"):
+        EngineConfig(model=path, int4_kernel="tiny")
+    assert EngineConfig(model=path, int4_kernel="tinygemm").model_options().int4_kernel == "tinygemm"
+
+
+def test_cpu_int4_layers_keep_the_triton_path():
+    """On the CPU "auto" keeps the reference / Triton path and builds no tinygemm layout;
+    an explicit "tinygemm" there is one error naming the option."""
+    auto = torch.nn.Sequential(int4_layer(16, 64, 32, False, options=ModelOptions(use_triton=True)))
+    assert choose_int4_kernels(auto, torch.bfloat16) == "triton"
+    assert auto[0].tinygemm_weight is None and gemv_weight(auto[0]) is not None
+    forced = torch.nn.Sequential(int4_layer(16, 64, 32, False, options=ModelOptions(int4_kernel="tinygemm")))
+    with pytest.raises(ValueError, match="int4_kernel: 'tinygemm' cannot run"):
+        choose_int4_kernels(forced, torch.bfloat16)
+    with pytest.raises(ValueError, match="int4_kernel: 'tinygemm' runs bfloat16"):
+        choose_int4_kernels(forced, torch.float32)
+    assert choose_int4_kernels(torch.nn.Sequential(torch.nn.Linear(4, 4)), torch.bfloat16) is None
+
+
+def test_a_tinygemm_layer_leaves_the_fused_decode_kernels():
+    layer = int4_layer(16, 64, 32, True)
+    assert gemv_weight(layer) is not None
+    layer.tinygemm_max_m = 16  # as use_tinygemm sets it (its layout needs a GPU)
+    assert layer.gemv_args() is None and gemv_weight(layer) is None
+    layer.drop_tinygemm()
+    assert gemv_weight(layer) is not None
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("zero", [False, True], ids=["sym", "zero_point"])
+@pytest.mark.parametrize("group", [64, 128])
+@pytest.mark.parametrize("n,k", [(4096, 11008), (11008, 4096)])
+def test_tinygemm_layer_gpu_equals_dequantized_reference(n, k, group, zero):
+    layer = int4_layer(n, k, group, zero, options=ModelOptions(use_triton=True, int4_kernel="tinygemm")).cuda()
+    layer.bias.data = layer.bias.data.to(torch.bfloat16)
+    dense = layer.dequantized()
+    layer.use_tinygemm(max_m=16)
+    assert layer.tinygemm_weight.dtype == torch.int32 and layer.tinygemm_scales_zeros.dtype == torch.bfloat16
+    for rows in (1, 7, 16, 17):  # 17: past max_m, the dequantize + GEMM path
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        out = layer(x)
+        assert out.shape == (rows, n) and out.dtype == torch.bfloat16 and out.is_contiguous()
+        err = _rel(out, F.linear(x.float(), dense, layer.bias.float()))
+        assert err < 1e-2, (rows, n, k, group, zero, err)
+
+
+@pytest.mark.gpu
+@GPU
+def test_tinygemm_layer_captures_in_a_cuda_graph():
+    layer = int4_layer(256, 512, 64, True, options=ModelOptions(use_triton=True)).cuda()
+    layer.bias.data = layer.bias.data.to(torch.bfloat16)
+    layer.use_tinygemm()
+    x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
+    eager = layer(x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x)
+    graph.replay()
+    torch.testing.assert_close(out, eager, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("scheme", ["int4_g32", "int4_g32_asym"])
+def test_engine_greedy_tokens_tinygemm_equal_triton(scheme, tmp_path):
+    """bf16 (tinygemm's activation dtype) engines on one int4 artifact: tinygemm (unfused) and the
+    Triton GEMVs (fused decode) produce the same greedy tokens; "auto" picks one of them."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_artifacts import make_artifact
+
+    from engine import LLM, SamplingParams
+    from engine.layers.quantized import Int4Linear
+
+    path = make_artifact(scheme, tmp_path / scheme)
+    prompts = [[5, 17, 99, 3, 250, 42, 8], [300, 12], list(range(40, 80))]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    tokens, fused = {}, {}
+    for kernel in ("triton", "tinygemm", "auto"):
+        llm = LLM(str(path), device="cuda", dtype="bfloat16", max_model_len=128, int4_kernel=kernel)
+        model = llm.engine.runner.model
+        layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+        assert layers
+        if kernel != "auto":
+            assert all((m.tinygemm_max_m > 0) == (kernel == "tinygemm") for m in layers)
+        fused[kernel] = model.model.fusable
+        tokens[kernel] = [o.token_ids for o in llm.generate(prompts, params)]
+        del llm, model, layers
+        torch.cuda.empty_cache()
+    assert fused["triton"] and not fused["tinygemm"]
+    assert tokens["tinygemm"] == tokens["triton"]
+    assert tokens["auto"] == tokens["triton"]
