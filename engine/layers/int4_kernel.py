@@ -2,8 +2,9 @@
 GEMVs, fused into the decode kernels, or torch's tinygemm (aten._weight_int4pack_mm), unfused.
 
 One choice for the whole model: a single layer on tinygemm already takes the model off the fused
-decode path (engine/models/llama.py's `fusable`). "auto" times, on one layer of each distinct
-shape, both kernels at M = 1 and sums over the layers; the choice and the times are logged. The
+decode path (engine/models/llama.py's `fusable`). "auto" builds tinygemm's layout of every int4
+layer (both layouts are held while it times), times every int4 matmul of one decode token on
+both kernels and logs the choice and the times; the losing layout is freed. The
 times cover the matmuls only, not the norm / residual / SwiGLU launches that the unfused path
 adds (eval/bench/quant.py measures whole decode steps of each choice). Where tinygemm runs, the
 prefill sizes PREFILL_ROWS are timed against the dequantize + dense GEMM path too: tinygemm keeps
@@ -26,31 +27,31 @@ from engine.layers.quantized import Int4Linear
 log = logging.getLogger("engine.int4")
 
 PREFILL_ROWS = (32, 64, 128, 256)
-TIMED_CALLS = 20  # calls per timing (back to back, so launch gaps hide behind the kernels)
 
 
 def _seconds(run: Callable[[], object]) -> float:
-    """Device seconds of one call of run: the best of 3 timings of TIMED_CALLS calls."""
+    """Device seconds of one call of run, the best of 3 after a warm-up call."""
     from engine.cuda_graphs import gpu_seconds  # engine.cuda_graphs imports the runner's modules
 
     run()
-    return min(gpu_seconds(lambda: [run() for _ in range(TIMED_CALLS)]) for _ in range(3)) / TIMED_CALLS
+    return min(gpu_seconds(run) for _ in range(3))
 
 
 def _shape(layer: Int4Linear) -> tuple:
     return layer.out_features, layer.in_features, layer.group_size, layer.zero is not None
 
 
-def _total(layers: dict[tuple, list[Int4Linear]], rows: int, tinygemm: bool) -> float:
-    """Seconds of every int4 layer's matmul of `rows` bf16 rows on one kernel: one layer of each
-    shape timed, times the layers of that shape."""
+def _total(shapes: dict[tuple, list[Int4Linear]], rows: int, tinygemm: bool) -> float:
+    """Seconds of every int4 layer's matmul of `rows` bf16 rows on one kernel: the layers of each
+    shape back to back (distinct weights, as a forward reads them: not served from L2)."""
     total = 0.0
-    for same in layers.values():
-        layer = same[0]
-        x = torch.randn(rows, layer.in_features, dtype=torch.bfloat16, device=layer.packed.device)
-        layer.tinygemm_max_m = rows if tinygemm else 0
-        total += _seconds(lambda: layer(x)) * len(same)
-        layer.tinygemm_max_m = 0
+    for same in shapes.values():
+        x = torch.randn(rows, same[0].in_features, dtype=torch.bfloat16, device=same[0].packed.device)
+        for layer in same:
+            layer.tinygemm_max_m = rows if tinygemm else 0
+        total += _seconds(lambda: [layer(x) for layer in same])
+        for layer in same:
+            layer.tinygemm_max_m = 0
     return total
 
 
@@ -79,8 +80,7 @@ def choose_int4_kernels(model: nn.Module, dtype: torch.dtype) -> str | None:
     shapes: dict[tuple, list[Int4Linear]] = defaultdict(list)
     for m in int4:
         shapes[_shape(m)].append(m)
-    for same in shapes.values():
-        same[0].build_tinygemm()
+        m.build_tinygemm()
     with torch.no_grad():
         kernel = "tinygemm"
         if asked == "auto":
@@ -91,6 +91,7 @@ def choose_int4_kernels(model: nn.Module, dtype: torch.dtype) -> str | None:
         if kernel == "triton":
             for m in int4:
                 m.drop_tinygemm()
+            torch.cuda.empty_cache()  # before the runner sizes the KV cache from the free memory
             return kernel
         max_m = _tinygemm_max_rows(shapes)
     for m in int4:

@@ -158,3 +158,26 @@ def test_engine_greedy_tokens_tinygemm_equal_triton(scheme, tmp_path):
     assert fused["triton"] and not fused["tinygemm"]
     assert tokens["tinygemm"] == tokens["triton"]
     assert tokens["auto"] == tokens["triton"]
+
+
+@pytest.mark.gpu
+@GPU
+def test_auto_times_both_kernels_and_keeps_one_layout(caplog):
+    layers = torch.nn.Sequential(*(int4_layer(1024, 2048, 128, zero, seed=i, options=ModelOptions(use_triton=True))
+                                   for i, zero in enumerate([False, False, True]))).cuda()
+    for m in layers:
+        m.bias.data = m.bias.data.to(torch.bfloat16)
+    with caplog.at_level("INFO", logger="engine.int4"):
+        kernel = choose_int4_kernels(layers, torch.bfloat16)
+    assert "int4_kernel auto: " + kernel in caplog.text
+    for m in layers:
+        if kernel == "tinygemm":
+            assert m.tinygemm_max_m >= 16 and m.gemv_args() is None
+        else:
+            assert m.tinygemm_weight is None and m.tinygemm_max_m == 0 and m.gemv_args() is not None
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    for m in layers:
+        assert _rel(m(x), F.linear(x.float(), m.dequantized(), m.bias.float())) < 1e-2
+    # fp16 activations: tinygemm cannot take them, "auto" keeps the Triton path without timing
+    fp16 = torch.nn.Sequential(int4_layer(256, 512, 64, False, options=ModelOptions(use_triton=True))).cuda()
+    assert choose_int4_kernels(fp16, torch.float16) == "triton" and fp16[0].tinygemm_weight is None
