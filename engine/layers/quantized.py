@@ -141,8 +141,9 @@ class Int4Linear(CompressedLinear):
 
     def gemv_args(self) -> tuple[torch.Tensor, dict] | None:
         """The fused decode kernels' weight and format, or None while tinygemm runs this layer."""
-        if self.tinygemm_max_m:
-            return None
+        return None if self.tinygemm_max_m else self._triton_args()
+
+    def _triton_args(self) -> tuple[torch.Tensor, dict]:
         return self.packed, {"quant": "int4", "scale": self.scale, "zero": self.zero,
                              "fast": self._fast("int4", self.group_size)}
 
@@ -152,8 +153,8 @@ class Int4Linear(CompressedLinear):
             y = tinygemm_mm(x.reshape(rows, self.in_features), self.tinygemm_weight, self.group_size,
                             self.tinygemm_scales_zeros).view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
-        if self._decode_gemv(x):
-            weight, quant = self.gemv_args()
+        if self._decode_gemv(x):  # (also rows tinygemm does not take: not bf16)
+            weight, quant = self._triton_args()
             return gemv(x, weight, self.bias, **quant, pdl=self.pdl)
         if self.use_triton:  # prefill: dequantize in one launch, then the dense GEMM
             return F.linear(x, dequantize_int4(self.packed, self.scale, self.zero, x.dtype), self.bias)

@@ -82,10 +82,13 @@ def test_cpu_int4_layers_keep_the_triton_path():
 
 
 def test_a_tinygemm_layer_leaves_the_fused_decode_kernels():
-    layer = int4_layer(16, 64, 32, True)
+    layer = int4_layer(16, 64, 32, True, options=ModelOptions(use_triton=True))
     assert gemv_weight(layer) is not None
     layer.tinygemm_max_m = 16  # as use_tinygemm sets it (its layout needs a GPU)
     assert layer.gemv_args() is None and gemv_weight(layer) is None
+    # rows tinygemm does not take (not CUDA bf16) still run the layer's own Triton GEMV
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(layer(x), F.linear(x, layer.dequantized(), layer.bias), atol=1e-4, rtol=1e-4)
     layer.drop_tinygemm()
     assert gemv_weight(layer) is not None
 
