@@ -57,6 +57,28 @@ def pack_for_gpu(packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack(high_nibble_first(packed).contiguous(), tiles)
 
 
+def gpu_layout_ref(packed: torch.Tensor, tiles: int) -> torch.Tensor:
+    """Torch version of what aten._convert_weight_to_int4pack makes on CUDA from our packed codes:
+    int32 [N / 8, K / (tiles * 16), 32, tiles / 2]. Row n = 8 n_tile + r and the bytes of a row's
+    k super-tile (tiles * 8 of them; byte b = 16 p + 4 i + c) go to lane t = 4 r + c, word p, the
+    byte's even column (high nibble in its input) at bits 4 i, the odd one at bits 16 + 4 i."""
+    n, half = packed.shape
+    v = high_nibble_first(packed).to(torch.int32).reshape(n // 8, 8, half // (tiles * 8), tiles // 2, 4, 4)
+    shifts = 4 * torch.arange(4, dtype=torch.int32, device=packed.device).view(4, 1)
+    words = (((v >> 4) << shifts) | ((v & 0xF) << (shifts + 16))).sum(dim=4, dtype=torch.int32)  # over i
+    return words.permute(0, 2, 1, 4, 3).reshape(n // 8, half // (tiles * 8), 32, tiles // 2).contiguous()
+
+
+def unpack_gpu_layout(weight: torch.Tensor) -> torch.Tensor:
+    """tinygemm's CUDA layout (gpu_layout_ref) -> our packed codes uint8 [N, K / 2]."""
+    n_tiles, k_tiles, _, words = weight.shape
+    w = weight.reshape(n_tiles, k_tiles, 8, 4, words, 1)  # [n tile, k super-tile, r, c, p, 1]
+    shifts = 4 * torch.arange(4, dtype=torch.int32, device=weight.device)
+    even, odd = (w >> shifts) & 0xF, (w >> (shifts + 16)) & 0xF  # [..., i]
+    ours = (even | (odd << 4)).to(torch.uint8)  # [n tile, k super-tile, r, c, p, i]
+    return ours.permute(0, 2, 1, 4, 5, 3).reshape(n_tiles * 8, k_tiles * words * 16).contiguous()
+
+
 def pack_for_cpu(packed: torch.Tensor) -> torch.Tensor:
     """Our packed codes -> the CPU tinygemm layout (aten._convert_weight_to_int4pack_for_cpu)."""
     unsigned = (ref.unpack_int4(packed).to(torch.int32) + 8).contiguous()

@@ -20,9 +20,10 @@ from torch import nn
 
 from kernels import quant as ref
 from kernels.gemv import FAST_BY_DEFAULT, SMALL_M, fast_dequant_fits, gemv
-from kernels.quant_dequant import dequantize_int4
+from kernels.quant_dequant import dequantize_int4, dequantize_int4_tinygemm
 from kernels.quant_gemv import sparse24_int4_gemv
-from kernels.quant_tinygemm import pack_for_gpu, scales_and_zeros, tinygemm_available, tinygemm_fits, tinygemm_mm
+from kernels.quant_tinygemm import (pack_for_gpu, scales_and_zeros, tinygemm_available, tinygemm_fits, tinygemm_mm,
+                                    unpack_gpu_layout)
 
 from engine.layers.options import ModelOptions
 
@@ -94,7 +95,10 @@ class Int4Linear(CompressedLinear):
     into the decode kernels: gemv_args) or in torch's tinygemm kernel (kernels/quant_tinygemm.py:
     unfused, so gemv_args is None and the model runs its per-module forward). Which one is
     options.int4_kernel's; "auto" is decided by timing both after loading (engine/layers/int4_kernel.py),
-    which calls use_tinygemm or drop_tinygemm. Until then: the Triton path."""
+    which calls use_tinygemm or drop_tinygemm. Until then: the Triton path. One layout of the codes
+    is kept: `packed` (ours) or `tinygemm_weight` (with use_tinygemm; larger inputs then dequantize
+    from it, kernels/quant_dequant.py). The fp32 scale / zero stay for that dequantization (their
+    bf16 copy in tinygemm_scales_zeros is tinygemm's)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  bias: torch.Tensor | None = None, options: ModelOptions = ModelOptions()) -> None:
@@ -108,57 +112,69 @@ class Int4Linear(CompressedLinear):
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("zero", None if zero is None else zero.float().contiguous())
         # tinygemm's layout (built on the GPU) and the most input rows it takes; more rows take
-        # the dequantize + dense GEMM path, which keeps `packed`, `scale`, `zero` for them.
+        # the dequantize + dense GEMM path.
         self.register_buffer("tinygemm_weight", None, persistent=False)
         self.register_buffer("tinygemm_scales_zeros", None, persistent=False)
         self.tinygemm_max_m = 0
 
     def dequantized(self) -> torch.Tensor:
-        return ref.dequantize_grouped(ref.unpack_int4(self.packed), self.scale, self.zero)
+        packed = self.packed if self.packed is not None else unpack_gpu_layout(self.tinygemm_weight)
+        return ref.dequantize_grouped(ref.unpack_int4(packed), self.scale, self.zero)
 
     def tinygemm_fits(self) -> bool:
         """Whether tinygemm can run this layer: its shape and group, on an SM 8.0+ GPU."""
         return (tinygemm_fits(self.out_features, self.in_features, self.group_size)
-                and tinygemm_available(self.packed.device))
+                and tinygemm_available(self.scale.device))
 
     def build_tinygemm(self) -> None:
         """tinygemm's weight and scales/zeros (bf16: its only activation dtype on CUDA), from the
-        codes on this layer's GPU. Not used until use_tinygemm."""
-        self.tinygemm_weight = pack_for_gpu(self.packed)
-        self.tinygemm_scales_zeros = scales_and_zeros(self.scale, self.zero, torch.bfloat16)
+        codes on this layer's GPU, beside `packed` (both held until use_tinygemm or drop_tinygemm)."""
+        if self.tinygemm_weight is None:
+            self.tinygemm_weight = pack_for_gpu(self.packed)
+            self.tinygemm_scales_zeros = scales_and_zeros(self.scale, self.zero, torch.bfloat16)
 
     def use_tinygemm(self, max_m: int = SMALL_M) -> None:
-        """Inputs of up to max_m rows (bf16) go to tinygemm from now on; the fused decode kernels
-        no longer read this layer (gemv_args is None)."""
-        if self.tinygemm_weight is None:
-            self.build_tinygemm()
+        """Inputs of up to max_m bf16 rows go to tinygemm from now on, larger ones dequantize from
+        its layout; `packed` is freed and the fused decode kernels no longer read this layer
+        (gemv_args is None)."""
+        self.build_tinygemm()
+        self.packed = None
         self.tinygemm_max_m = max_m
 
     def drop_tinygemm(self) -> None:
-        """Back to the Triton path; tinygemm's buffers are freed."""
+        """Back to the Triton path (before use_tinygemm); tinygemm's buffers are freed."""
+        if self.packed is None:
+            raise RuntimeError("Int4Linear: the codes are in tinygemm's layout only (use_tinygemm was called)")
         self.tinygemm_weight = self.tinygemm_scales_zeros = None
         self.tinygemm_max_m = 0
 
     def gemv_args(self) -> tuple[torch.Tensor, dict] | None:
         """The fused decode kernels' weight and format, or None while tinygemm runs this layer."""
-        return None if self.tinygemm_max_m else self._triton_args()
-
-    def _triton_args(self) -> tuple[torch.Tensor, dict]:
+        if self.tinygemm_max_m:
+            return None
         return self.packed, {"quant": "int4", "scale": self.scale, "zero": self.zero,
                              "fast": self._fast("int4", self.group_size)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if 0 < rows <= self.tinygemm_max_m and x.dtype == torch.bfloat16 and x.is_cuda:
-            y = tinygemm_mm(x.reshape(rows, self.in_features), self.tinygemm_weight, self.group_size,
-                            self.tinygemm_scales_zeros).view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        if self._decode_gemv(x):  # (also rows tinygemm does not take: not bf16)
-            weight, quant = self._triton_args()
+        if self.tinygemm_max_m:
+            return self._tinygemm_forward(x)
+        if self._decode_gemv(x):
+            weight, quant = self.gemv_args()
             return gemv(x, weight, self.bias, **quant, pdl=self.pdl)
         if self.use_triton:  # prefill: dequantize in one launch, then the dense GEMM
             return F.linear(x, dequantize_int4(self.packed, self.scale, self.zero, x.dtype), self.bias)
         return ref.int4_linear_ref(x, self.packed, self.scale, self.zero, self.bias)
+
+    def _tinygemm_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Up to tinygemm_max_m bf16 rows: tinygemm; else the weight dequantized from its layout
+        (one launch), then the dense GEMM."""
+        rows = x.numel() // self.in_features
+        if 0 < rows <= self.tinygemm_max_m and x.dtype == torch.bfloat16:
+            y = tinygemm_mm(x.reshape(rows, self.in_features), self.tinygemm_weight, self.group_size,
+                            self.tinygemm_scales_zeros).view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        weight = dequantize_int4_tinygemm(self.tinygemm_weight, self.scale, self.zero, x.dtype)
+        return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
         kernel = f", tinygemm up to {self.tinygemm_max_m} rows" if self.tinygemm_max_m else ""

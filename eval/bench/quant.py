@@ -124,12 +124,12 @@ def compressed_dummy_weights(variant: str):
 
 def streamed_bytes(model: nn.Module) -> int:
     """Bytes a decode step reads: every parameter and buffer but the embedding (rows are
-    gathered), the rotary tables, the KV cache and the int4 codes / scales that tinygemm's layout
-    stands in for at decode (kept for the prefill path)."""
+    gathered), the rotary tables, the KV cache and the fp32 scales / zero points of int4 layers on
+    tinygemm (kept for the prefill path: decode reads tinygemm's bf16 copy)."""
     from engine.layers.quantized import Int4Linear
 
     seen = {t.data_ptr() for m in model.modules() if isinstance(m, Int4Linear) and m.tinygemm_max_m
-            for t in (m.packed, m.scale, m.zero) if t is not None}
+            for t in (m.scale, m.zero) if t is not None}
     total = 0
     embed = model.model.embed_tokens.weight
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):

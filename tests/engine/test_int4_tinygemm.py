@@ -14,8 +14,9 @@ from engine.layers.int4_kernel import choose_int4_kernels
 from engine.layers.options import ModelOptions
 from engine.layers.quantized import Int4Linear, gemv_weight
 from kernels import quant as ref
-from kernels.quant_tinygemm import (high_nibble_first, inner_k_tiles, pack_for_cpu, scales_and_zeros,
-                                    tinygemm_fits, tinygemm_mm)
+from kernels.quant_dequant import dequantize_int4, dequantize_int4_tinygemm
+from kernels.quant_tinygemm import (gpu_layout_ref, high_nibble_first, inner_k_tiles, pack_for_cpu, pack_for_gpu,
+                                    scales_and_zeros, tinygemm_fits, tinygemm_mm, unpack_gpu_layout)
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -81,16 +82,64 @@ def test_cpu_int4_layers_keep_the_triton_path():
     assert choose_int4_kernels(torch.nn.Sequential(torch.nn.Linear(4, 4)), torch.bfloat16) is None
 
 
-def test_a_tinygemm_layer_leaves_the_fused_decode_kernels():
+def cuda_conversion_transcribed(packed: torch.Tensor, tiles: int) -> torch.Tensor:
+    """aten._convert_weight_to_int4pack's CUDA kernel (matrix_to_m16n8k16_Bint4_layout), loop by
+    loop, on our packed codes: the independent check of gpu_layout_ref's tensor ops."""
+    v_in = high_nibble_first(packed).tolist()
+    n, half = packed.shape
+    out = [[[[0] * (tiles // 2) for _ in range(32)] for _ in range(half * 2 // (tiles * 16))] for _ in range(n // 8)]
+    for n_tile in range(n // 8):
+        for k_outer in range(half * 2 // (tiles * 16)):
+            for t in range(32):
+                for inner in range(0, tiles, 2):
+                    n0 = n_tile * 8 + t // 4
+                    k0 = (k_outer * tiles + inner) * 16 // 2
+                    ks = [k0 + t % 4, k0 + t % 4 + 4, k0 + 8 + t % 4, k0 + 8 + t % 4 + 4]
+                    v = [v_in[n0][kk] for kk in ks]
+                    word = (((v[3] & 0xF) << 28) | ((v[2] & 0xF) << 24) | ((v[1] & 0xF) << 20) | ((v[0] & 0xF) << 16)
+                            | ((v[3] & 0xF0) << 8) | ((v[2] & 0xF0) << 4) | (v[1] & 0xF0) | ((v[0] & 0xF0) >> 4))
+                    out[n_tile][k_outer][t][inner // 2] = word - (1 << 32) if word >= 1 << 31 else word
+    return torch.tensor(out, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("n,k", [(16, 128), (24, 64), (8, 96), (32, 256)])
+def test_gpu_layout_ref_is_the_cuda_conversion_and_inverts(n, k):
+    codes = torch.randint(-8, 8, (n, k), generator=torch.Generator().manual_seed(n + k), dtype=torch.int8)
+    packed = ref.pack_int4(codes)
+    tiles = inner_k_tiles(k)
+    layout = gpu_layout_ref(packed, tiles)
+    assert layout.shape == (n // 8, k // (tiles * 16), 32, tiles // 2)
+    assert torch.equal(layout, cuda_conversion_transcribed(packed, tiles))
+    assert torch.equal(unpack_gpu_layout(layout), packed)
+
+
+@pytest.mark.parametrize("zero", [False, True], ids=["sym", "zero_point"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,group", [(24, 96, 32), (16, 256, 64), (40, 512, 128)])
+def test_dequantize_from_tinygemm_layout_equals_ours(n, k, group, dtype, zero):
+    layer = int4_layer(n, k, group, zero)
+    layout = gpu_layout_ref(layer.packed, inner_k_tiles(k))
+    got = dequantize_int4_tinygemm(layout, layer.scale, layer.zero, dtype)
+    assert torch.equal(got, dequantize_int4(layer.packed, layer.scale, layer.zero, dtype))
+    assert torch.equal(got, layer.dequantized().to(dtype))
+
+
+def test_a_tinygemm_layer_leaves_the_fused_decode_kernels_and_keeps_one_layout():
+    """A layer on tinygemm (its layout built by hand here: the CUDA op needs a GPU) drops `packed`,
+    gives the fused decode kernels no weight, and computes inputs tinygemm does not take (not CUDA
+    bf16) from its layout: dequantized, then the dense matmul."""
     layer = int4_layer(16, 64, 32, True, options=ModelOptions(use_triton=True))
+    dense = layer.dequantized()
     assert gemv_weight(layer) is not None
-    layer.tinygemm_max_m = 16  # as use_tinygemm sets it (its layout needs a GPU)
+    layer.tinygemm_weight = gpu_layout_ref(layer.packed, inner_k_tiles(64))
+    layer.packed, layer.tinygemm_max_m = None, 16  # as use_tinygemm leaves it
     assert layer.gemv_args() is None and gemv_weight(layer) is None
-    # rows tinygemm does not take (not CUDA bf16) still run the layer's own Triton GEMV
+    assert torch.equal(layer.dequantized(), dense)
     x = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(layer(x), F.linear(x, layer.dequantized(), layer.bias), atol=1e-4, rtol=1e-4)
-    layer.drop_tinygemm()
-    assert gemv_weight(layer) is not None
+    torch.testing.assert_close(layer(x), F.linear(x, dense, layer.bias), atol=1e-4, rtol=1e-4)
+    assert choose_int4_kernels(torch.nn.Sequential(layer), torch.bfloat16) == "tinygemm"  # decided once
+    with pytest.raises(RuntimeError, match="tinygemm's layout only"):
+        layer.drop_tinygemm()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -106,9 +155,11 @@ def test_tinygemm_layer_gpu_equals_dequantized_reference(n, k, group, zero):
     layer = int4_layer(n, k, group, zero, options=ModelOptions(use_triton=True, int4_kernel="tinygemm")).cuda()
     layer.bias.data = layer.bias.data.to(torch.bfloat16)
     dense = layer.dequantized()
+    assert torch.equal(pack_for_gpu(layer.packed).cpu(), gpu_layout_ref(layer.packed.cpu(), inner_k_tiles(k)))
     layer.use_tinygemm(max_m=16)
     assert layer.tinygemm_weight.dtype == torch.int32 and layer.tinygemm_scales_zeros.dtype == torch.bfloat16
-    for rows in (1, 7, 16, 17):  # 17: past max_m, the dequantize + GEMM path
+    assert layer.packed is None and torch.equal(layer.dequantized(), dense)
+    for rows in (1, 7, 16, 17, 300):  # past max_m: dequantized from tinygemm's layout + the dense GEMM
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         out = layer(x)
         assert out.shape == (rows, n) and out.dtype == torch.bfloat16 and out.is_contiguous()
