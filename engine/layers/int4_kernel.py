@@ -32,11 +32,17 @@ PREFILL_ROWS = (32, 64, 128, 256)
 
 
 def _seconds(run: Callable[[], object]) -> float:
-    """Device seconds of one call of run, the best of 3 after a warm-up call."""
+    """Device seconds of run() replayed from a CUDA graph, as the engine runs decode (eager, the
+    host's launch cost of a Triton kernel would be timed instead of the kernel): the best of 3."""
     from engine.cuda_graphs import gpu_seconds  # engine.cuda_graphs imports the runner's modules
 
-    run()
-    return min(gpu_seconds(run) for _ in range(3))
+    run()  # compiles
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
+    return min(gpu_seconds(graph.replay) for _ in range(3))
 
 
 def _shape(layer: Int4Linear) -> tuple:
