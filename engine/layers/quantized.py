@@ -362,8 +362,8 @@ def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module
 
 def gemv_weight(linear: nn.Module) -> tuple[torch.Tensor, dict] | None:
     """(weight, format kwargs) of kernels/gemv.py's fused decode kernels for a linear, or None
-    where they cannot read it (fp8, 2:4, per-group int8): those run as their own modules, on the
-    unfused path."""
+    where they cannot read it (fp8, 2:4, per-group int8, int4 on tinygemm): those run as their own
+    modules, on the unfused path."""
     if isinstance(linear, nn.Linear):
         return linear.weight, {}
     if isinstance(linear, (Int8Linear, Int4Linear, W8A8Linear)):
