@@ -2,7 +2,8 @@
 decode tok/s at batch 1 and 16 (256 new tokens after a 16-token prompt, prefill included, as
 eval/bench/decode.py) for bf16, int8, int4 g64, int4 g128 (symmetric and with zero
 points), 2:4 + int4 g128 and W8A8 int8, with the GB/s each achieves against the measured copy
-ceiling; and prefill tok/s of one long prompt (8192 tokens, or as many as the shape has positions for) for bf16, W8A8 int8, W8A8 fp8 and 2:4.
+ceiling; and prefill tok/s of one long prompt (8192 tokens, or as many as the shape has positions for) for bf16, W8A8 int8, W8A8 fp8, 2:4 and int4 g128 on either
+int4 kernel.
 An int4 variant names the engine's int4_kernel after "@": int4_g128@triton (our GEMVs, fused
 decode), int4_g128@tinygemm (torch's tinygemm, unfused), int4_g128@auto (the engine times both at
 startup; the record has its choice and the times it logged).
@@ -35,7 +36,7 @@ from eval.bench.common import prompts as _prompts, shape_dir, timed
 DECODE_VARIANTS = ["bf16", "int8", "int4_g64@triton", "int4_g64@tinygemm", "int4_g64@auto", "int4_g128@triton",
                    "int4_g128@tinygemm", "int4_g128@auto", "int4_g128_zero@triton", "int4_g128_zero@tinygemm",
                    "int4_g128_zero@auto", "sparse24_int4_g128", "w8a8_int8"]
-PREFILL_VARIANTS = ["bf16", "w8a8_int8", "w8a8_fp8", "sparse24"]
+PREFILL_VARIANTS = ["bf16", "w8a8_int8", "w8a8_fp8", "sparse24", "int4_g128@triton", "int4_g128@tinygemm"]
 
 
 # -- round-to-nearest compression of random weights, on the GPU -------------------------------------
@@ -167,6 +168,12 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+def engine_options(variant: str) -> dict[str, str]:
+    """The engine keywords a variant names: int4_kernel after "@"."""
+    kernel = variant.partition("@")[2]
+    return {"int4_kernel": kernel} if kernel else {}
+
+
 def int4_kernel_used(model: nn.Module) -> dict[str, Any]:
     """The int4 kernel the loaded model runs (and the most rows tinygemm takes), {} without int4."""
     from engine.layers.quantized import Int4Linear
@@ -183,17 +190,16 @@ def decode(shape: str, variant: str, batches: list[int], new_tokens: int, prompt
     """One engine of `variant` ("int4_g128@tinygemm": the compression, then the int4_kernel)."""
     from engine import LLM, SamplingParams
 
-    compression, _, kernel = variant.partition("@")
-    options = {"int4_kernel": kernel} if kernel else {}
     choice_log = _Lines()
     logging.getLogger("engine.int4").addHandler(choice_log)
     logging.getLogger("engine.int4").setLevel(logging.INFO)
     try:
-        with compressed_dummy_weights(compression):
+        with compressed_dummy_weights(variant):
             t = time.perf_counter()
             llm = LLM(shape_dir(shape), load_format="dummy", max_num_seqs=max(batches),
                       cuda_graph_max_bs=max(batches), exact_dequant=exact_dequant,
-                      max_model_len=prompt_len + new_tokens + 16, enable_prefix_caching=False, **options)
+                      max_model_len=prompt_len + new_tokens + 16, enable_prefix_caching=False,
+                      **engine_options(variant))
             setup_s = time.perf_counter() - t
     finally:
         logging.getLogger("engine.int4").removeHandler(choice_log)
@@ -239,7 +245,8 @@ def prefill(shape: str, variant: str, tokens: int) -> dict:
     tokens = prefill_tokens(shape, tokens)
     with compressed_dummy_weights(variant):
         llm = LLM(shape_dir(shape), load_format="dummy", max_num_seqs=1, max_model_len=tokens + PREFILL_MARGIN,
-                  max_num_batched_tokens=tokens, enable_prefix_caching=False, enforce_eager=True)
+                  max_num_batched_tokens=tokens, enable_prefix_caching=False, enforce_eager=True,
+                  **engine_options(variant))
     vocab = llm.engine.vocab_size
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     llm.generate(_prompts(1, tokens, vocab, 7), one)  # warm-up (and the 2:4 weights' conversion)

@@ -53,8 +53,9 @@ def test_only_refuses_unknown_variants(capsys):
     assert "--only: unknown variant(s) int4_g64@marlin" in capsys.readouterr().err
 
 
-def test_prefill_record(tiny_shape):
-    rec = quant_bench.prefill(tiny_shape, "w8a8_int8", tokens=64)
+@pytest.mark.parametrize("variant", ["w8a8_int8", "int4_g128@triton"])
+def test_prefill_record(tiny_shape, variant):
+    rec = quant_bench.prefill(tiny_shape, variant, tokens=64)
     assert rec["tok_s"] > 0 and rec["tokens"] == 64
 
 
