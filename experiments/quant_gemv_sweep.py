@@ -6,8 +6,9 @@ of a measured device-to-device copy ceiling, for
 - "fast": the fast dequantization with its heuristic (fast_gemv_config, FAST_M1_CONFIGS), and
   "fast_best": the best of the FAST_M1_CONFIGS candidates swept within --budget-s (M == 1; at
   M > 1 int4 runs the fast tl.dot variant with FAST_DOT_CONFIG, int8 and W8A8 the exact path);
-- "tinygemm": torch._weight_int4pack_mm (gpt-fast's int4 kernel; int4 formats, CUDA, where this
-  torch has it), a plain matmul of the same codes without the fusions;
+- "tinygemm": torch's aten._weight_int4pack_mm (gpt-fast's int4 kernel; int4 formats, CUDA), a
+  plain matmul of the same codes without the fusions (kernels/quant_tinygemm.py; GB/s of our
+  layout's bytes, as the other paths: experiments/int4_kernel_compare.py counts its own);
 - "bf16": the dense bf16 gemv of the shape with the same fusion (the baseline).
 Each kernel is launched back to back on distinct weight copies (256 MiB or more in all, so
 nothing is served from L2) inside a CUDA graph, PDL as the engine launches it; the fused
@@ -33,6 +34,7 @@ import torch
 from eval.bench.common import graph_seconds
 from kernels import quant as ref
 from kernels.gemv import FAST_M1_CONFIGS, fast_dot_config, fast_dot_fits, fast_gemv_config, gemv, gemv_config
+from kernels.quant_tinygemm import pack_for_cpu, pack_for_gpu, scales_and_zeros, tinygemm_mm
 
 SHAPES = {  # Llama-2-7B decode linears: name -> (N, K, fusion as the engine runs it)
     "qkv": (3 * 4096, 4096, "norm"),
@@ -129,29 +131,33 @@ class Case:
         return graph_seconds(lambda: [self.run(w, q, **kw) for w, q in self.weights]) / len(self.weights)
 
 
-def tinygemm_seconds(case: Case) -> float:
-    """torch._weight_int4pack_mm on the case's int4 codes (plain matmul, no fusion): the codes
-    repacked for it (its uint8 layout has the even column in the high nibble; its dequantization
-    is (q - 8) * scale + zero, so zero = -z * scale), checked against the fp32 reference."""
-    if not hasattr(torch, "_weight_int4pack_mm") or not hasattr(torch, "_convert_weight_to_int4pack"):
-        raise RuntimeError("this torch has no torch._weight_int4pack_mm")
-    packs = []
-    for w, q in case.weights:
-        swapped = ((w >> 4) | (w << 4)).contiguous()  # even column into the high nibble
-        packed = torch._convert_weight_to_int4pack(swapped, 8)
-        scale = q["scale"].to(torch.bfloat16)
-        zero = (-q["zero"] * q["scale"]).to(torch.bfloat16) if q["zero"] is not None else torch.zeros_like(scale)
-        packs.append((packed, torch.stack([scale.t(), zero.t()], dim=-1).contiguous()))
+def tinygemm_weights(case: Case) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """The case's int4 weight copies in tinygemm's layout for their device (kernels/quant_tinygemm.py:
+    codes repacked, bf16 scales and zeros [G, N, 2]) and the bytes of one (codes + scales/zeros)."""
+    pack = pack_for_gpu if case.x.is_cuda else pack_for_cpu
+    packs = [(pack(w), scales_and_zeros(q["scale"], q["zero"], torch.bfloat16)) for w, q in case.weights]
+    return packs, sum(t.numel() * t.element_size() for t in packs[0])
+
+
+def tinygemm_check(case: Case, packs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Raises unless tinygemm on the first copy computes the fp32 reference (to bf16)."""
+    w, q = case.weights[0]
+    err = _rel(tinygemm_mm(case.x, packs[0][0], case.group, packs[0][1]),
+               ref.int4_linear_fast_ref(case.x, w, q["scale"], q["zero"]))
+    if not err < 2e-2:
+        raise ValueError(f"tinygemm differs from the reference: relative error {err:.3g}")
+
+
+def tinygemm_seconds(case: Case, packs: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> float:
+    """aten._weight_int4pack_mm on the case's int4 codes (a plain matmul, no fusion), checked
+    against the fp32 reference, seconds per launch over all copies in one CUDA graph."""
+    packs = packs if packs is not None else tinygemm_weights(case)[0]
+    tinygemm_check(case, packs)
     x = case.x
 
     def mm(i: int) -> torch.Tensor:
-        return torch._weight_int4pack_mm(x, packs[i][0], case.group, packs[i][1])
+        return tinygemm_mm(x, packs[i][0], case.group, packs[i][1])
 
-    w, q = case.weights[0]
-    want = ref.int4_linear_fast_ref(x, w, q["scale"], q["zero"])
-    err = _rel(mm(0), want)
-    if not err < 2e-2:
-        raise ValueError(f"tinygemm differs from the reference: relative error {err:.3g}")
     mm(1)
     return graph_seconds(lambda: [mm(i) for i in range(len(packs))]) / len(packs)
 

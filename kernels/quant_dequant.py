@@ -15,13 +15,22 @@ if HAS_TRITON:
     @triton.jit
     def _dequant_int4_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K: tl.constexpr, GROUP: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ZERO: tl.constexpr,
-                             ROUND_BF16: tl.constexpr):
+                             ROUND_BF16: tl.constexpr, TILES: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rows < N)[:, None] & (k < K)[None, :]
         r = rows.to(tl.int64)[:, None]
-        byte = tl.load(w_ptr + r * (K // 2) + (k // 2)[None, :], mask=mask, other=0).to(tl.int32)
-        code = ((byte >> ((k % 2) * 4)[None, :]) & 0xF).to(tl.float32) - 8.0
+        if TILES == 0:  # ours: uint8 [N, K / 2], the even column in the low nibble
+            word = tl.load(w_ptr + r * (K // 2) + (k // 2)[None, :], mask=mask, other=0).to(tl.int32)
+            shift = ((k % 2) * 4)[None, :]
+        else:  # tinygemm's int32 [N / 8, K / (TILES * 16), 32, TILES / 2] (kernels/quant_tinygemm.py)
+            b = (k % (TILES * 16)) // 2  # byte of the row within its k super-tile: 16 p + 4 i + c
+            lane = (r % 8) * 4 + (b % 4)[None, :]
+            index = (((r // 8) * (K // (TILES * 16)) + (k // (TILES * 16))[None, :]) * 32 + lane) * (TILES // 2) \
+                + (b // 16)[None, :]
+            word = tl.load(w_ptr + index, mask=mask, other=0)
+            shift = (((b % 16) // 4) * 4 + (k % 2) * 16)[None, :]
+        code = ((word >> shift) & 0xF).to(tl.float32) - 8.0
         g = (k // GROUP)[None, :]
         if HAS_ZERO:
             code -= tl.load(z_ptr + r * (K // GROUP) + g, mask=mask, other=0.0).to(tl.float32)
@@ -35,13 +44,26 @@ if HAS_TRITON:
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                     dtype: torch.dtype) -> torch.Tensor:
     """Triton version of dequantize_grouped(unpack_int4(packed), scale, zero).to(dtype)."""
-    n, k = packed.shape[0], packed.shape[1] * 2
+    return _dequantize(packed, packed.shape[0], packed.shape[1] * 2, 0, scale, zero, dtype)
+
+
+def dequantize_int4_tinygemm(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                             dtype: torch.dtype) -> torch.Tensor:
+    """dequantize_int4 of codes in tinygemm's CUDA layout (int32 [N / 8, K / (T * 16), 32, T / 2],
+    kernels/quant_tinygemm.py), with our fp32 [N, G] scale and zero point: the same weight."""
+    tiles = weight.shape[3] * 2
+    return _dequantize(weight, weight.shape[0] * 8, weight.shape[1] * tiles * 16, tiles, scale, zero, dtype)
+
+
+def _dequantize(codes: torch.Tensor, n: int, k: int, tiles: int, scale: torch.Tensor, zero: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:
     group = k // scale.shape[1]
     assert scale.shape == (n, k // group) and (zero is None or zero.shape == scale.shape) and group % 2 == 0
-    out = torch.empty(n, k, dtype=dtype, device=packed.device)
+    out = torch.empty(n, k, dtype=dtype, device=codes.device)
     block_n, block_k = (4, 64) if interpreting() else (16, 256)
     _dequant_int4_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
-        packed, scale, zero if zero is not None else scale, out, n, K=k, GROUP=group,
+        codes, scale, zero if zero is not None else scale, out, n, K=k, GROUP=group,
         BLOCK_N=block_n, BLOCK_K=block_k, HAS_ZERO=zero is not None, ROUND_BF16=dtype == torch.bfloat16,
+        TILES=tiles,
     )
     return out

@@ -5,6 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Int4 weights' small-batch matmuls on a GPU: "triton", our GEMVs fused into the decode kernels;
+# "tinygemm", torch's aten._weight_int4pack_mm (unfused); "auto", whichever is timed faster after
+# loading (engine/layers/int4_kernel.py).
+INT4_KERNELS = ("auto", "triton", "tinygemm")
+
+
+def check_int4_kernel(value: object) -> None:
+    if value not in INT4_KERNELS:
+        raise ValueError(f"int4_kernel: {value!r} is not one of {', '.join(INT4_KERNELS)}")
+
 
 @dataclass(frozen=True)
 class ModelOptions:
@@ -18,6 +28,8 @@ class ModelOptions:
     # Compressed weights in the M == 1 decode GEMVs: the exact dequantization (each weight rounded to
     # the activation dtype, as the torch references) instead of the fast one (kernels/gemv.py).
     exact_dequant: bool = False
+    # Which kernel runs int4 weights' small-batch matmuls on a GPU: one of INT4_KERNELS.
+    int4_kernel: str = "auto"
     # Tokens per KV-cache block.
     block_size: int = 16
     # The longest context: decode attention's split count is chosen from it.
@@ -26,3 +38,6 @@ class ModelOptions:
     # (engine/parallel, engine/layers/linear.py).
     tp_rank: int = 0
     tp_size: int = 1
+
+    def __post_init__(self) -> None:
+        check_int4_kernel(self.int4_kernel)

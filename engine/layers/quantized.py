@@ -4,7 +4,8 @@ with them (torch references from kernels/quant.py; Triton GEMVs on a GPU at deco
 batch 1 with the fast dequantization unless ModelOptions.exact_dequant, kernels/gemv.py).
 
 - Int8Linear: weight-only int8, one scale per output channel.
-- Int4Linear: weight-only int4, one scale (and optional zero point) per group of inputs.
+- Int4Linear: weight-only int4, one scale (and optional zero point) per group of inputs; on a GPU
+  in our Triton GEMVs or torch's tinygemm kernel (ModelOptions.int4_kernel).
 - W8A8Linear: int8 or fp8 e4m3 weights with dynamic per-token activation quantization.
 - Sparse24Linear: 2:4 sparse weights (kept half + 2-bit positions), dense or int4 values.
 """
@@ -19,8 +20,10 @@ from torch import nn
 
 from kernels import quant as ref
 from kernels.gemv import FAST_BY_DEFAULT, SMALL_M, fast_dequant_fits, gemv
-from kernels.quant_dequant import dequantize_int4
+from kernels.quant_dequant import dequantize_int4, dequantize_int4_tinygemm
 from kernels.quant_gemv import sparse24_int4_gemv
+from kernels.quant_tinygemm import (pack_for_gpu, scales_and_zeros, tinygemm_available, tinygemm_fits, tinygemm_mm,
+                                    unpack_gpu_layout)
 
 from engine.layers.options import ModelOptions
 
@@ -88,6 +91,15 @@ class Int8Linear(CompressedLinear):
 
 
 class Int4Linear(CompressedLinear):
+    """Weight-only int4. On a GPU its small-batch matmuls run either in our Triton GEMVs (fused
+    into the decode kernels: gemv_args) or in torch's tinygemm kernel (kernels/quant_tinygemm.py:
+    unfused, so gemv_args is None and the model runs its per-module forward). Which one is
+    options.int4_kernel's; "auto" is decided by timing both after loading (engine/layers/int4_kernel.py),
+    which calls use_tinygemm or drop_tinygemm. Until then: the Triton path. One layout of the codes
+    is kept: `packed` (ours) or `tinygemm_weight` (with use_tinygemm; larger inputs then dequantize
+    from it, kernels/quant_dequant.py). The fp32 scale / zero stay for that dequantization (their
+    bf16 copy in tinygemm_scales_zeros is tinygemm's)."""
+
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  bias: torch.Tensor | None = None, options: ModelOptions = ModelOptions()) -> None:
         """codes: signed int4 values as int8 [N, K]; scale, zero: [N, K / group_size]."""
@@ -95,18 +107,57 @@ class Int4Linear(CompressedLinear):
         if codes.shape[1] % scale.shape[1]:
             raise ValueError(f"Int4Linear: {scale.shape[1]} groups do not divide {codes.shape[1]} inputs")
         self.group_size = codes.shape[1] // scale.shape[1]
+        self.int4_kernel = options.int4_kernel
         self.register_buffer("packed", ref.pack_int4(codes).contiguous())
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("zero", None if zero is None else zero.float().contiguous())
+        # tinygemm's layout (built on the GPU) and the most input rows it takes; more rows take
+        # the dequantize + dense GEMM path.
+        self.register_buffer("tinygemm_weight", None, persistent=False)
+        self.register_buffer("tinygemm_scales_zeros", None, persistent=False)
+        self.tinygemm_max_m = 0
 
     def dequantized(self) -> torch.Tensor:
-        return ref.dequantize_grouped(ref.unpack_int4(self.packed), self.scale, self.zero)
+        packed = self.packed if self.packed is not None else unpack_gpu_layout(self.tinygemm_weight)
+        return ref.dequantize_grouped(ref.unpack_int4(packed), self.scale, self.zero)
 
-    def gemv_args(self) -> tuple[torch.Tensor, dict]:
+    def tinygemm_fits(self) -> bool:
+        """Whether tinygemm can run this layer: its shape and group, on an SM 8.0+ GPU."""
+        return (tinygemm_fits(self.out_features, self.in_features, self.group_size)
+                and tinygemm_available(self.scale.device))
+
+    def build_tinygemm(self) -> None:
+        """tinygemm's weight and scales/zeros (bf16: its only activation dtype on CUDA), from the
+        codes on this layer's GPU, beside `packed` (both held until use_tinygemm or drop_tinygemm)."""
+        if self.tinygemm_weight is None:
+            self.tinygemm_weight = pack_for_gpu(self.packed)
+            self.tinygemm_scales_zeros = scales_and_zeros(self.scale, self.zero, torch.bfloat16)
+
+    def use_tinygemm(self, max_m: int = SMALL_M) -> None:
+        """Inputs of up to max_m bf16 rows go to tinygemm from now on, larger ones dequantize from
+        its layout; `packed` is freed and the fused decode kernels no longer read this layer
+        (gemv_args is None)."""
+        self.build_tinygemm()
+        self.packed = None
+        self.tinygemm_max_m = max_m
+
+    def drop_tinygemm(self) -> None:
+        """Back to the Triton path (before use_tinygemm); tinygemm's buffers are freed."""
+        if self.packed is None:
+            raise RuntimeError("Int4Linear: the codes are in tinygemm's layout only (use_tinygemm was called)")
+        self.tinygemm_weight = self.tinygemm_scales_zeros = None
+        self.tinygemm_max_m = 0
+
+    def gemv_args(self) -> tuple[torch.Tensor, dict] | None:
+        """The fused decode kernels' weight and format, or None while tinygemm runs this layer."""
+        if self.tinygemm_max_m:
+            return None
         return self.packed, {"quant": "int4", "scale": self.scale, "zero": self.zero,
                              "fast": self._fast("int4", self.group_size)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tinygemm_max_m:
+            return self._tinygemm_forward(x)
         if self._decode_gemv(x):
             weight, quant = self.gemv_args()
             return gemv(x, weight, self.bias, **quant, pdl=self.pdl)
@@ -114,8 +165,20 @@ class Int4Linear(CompressedLinear):
             return F.linear(x, dequantize_int4(self.packed, self.scale, self.zero, x.dtype), self.bias)
         return ref.int4_linear_ref(x, self.packed, self.scale, self.zero, self.bias)
 
+    def _tinygemm_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Up to tinygemm_max_m bf16 rows: tinygemm; else the weight dequantized from its layout
+        (one launch), then the dense GEMM."""
+        rows = x.numel() // self.in_features
+        if 0 < rows <= self.tinygemm_max_m and x.dtype == torch.bfloat16:
+            y = tinygemm_mm(x.reshape(rows, self.in_features), self.tinygemm_weight, self.group_size,
+                            self.tinygemm_scales_zeros).view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        weight = dequantize_int4_tinygemm(self.tinygemm_weight, self.scale, self.zero, x.dtype)
+        return F.linear(x, weight, self.bias)
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}, zero_point={self.zero is not None}"
+        kernel = f", tinygemm up to {self.tinygemm_max_m} rows" if self.tinygemm_max_m else ""
+        return super().extra_repr() + f", group_size={self.group_size}, zero_point={self.zero is not None}{kernel}"
 
 
 def int_mm_fits(k: int, n: int) -> bool:
@@ -299,8 +362,8 @@ def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module
 
 def gemv_weight(linear: nn.Module) -> tuple[torch.Tensor, dict] | None:
     """(weight, format kwargs) of kernels/gemv.py's fused decode kernels for a linear, or None
-    where they cannot read it (fp8, 2:4, per-group int8): those run as their own modules, on the
-    unfused path."""
+    where they cannot read it (fp8, 2:4, per-group int8, int4 on tinygemm): those run as their own
+    modules, on the unfused path."""
     if isinstance(linear, nn.Linear):
         return linear.weight, {}
     if isinstance(linear, (Int8Linear, Int4Linear, W8A8Linear)):

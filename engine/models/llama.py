@@ -34,6 +34,7 @@ from engine.layers.activation import silu_and_mul
 from engine.layers.attention import Attention
 from engine.layers.linear import (ParallelLMHead, RowParallelLinear, VocabParallelEmbedding, row_parallel_gemv_add,
                                   shard_range, vocab_range)
+from engine.layers.int4_kernel import choose_int4_kernels
 from engine.layers.options import ModelOptions
 from engine.layers.quantized import CompressedLinear, gemv_weight
 from engine.layers.rmsnorm import RMSNorm
@@ -287,7 +288,9 @@ class LlamaForCausalLM(nn.Module):
         self.update_fusable()
 
     def update_fusable(self) -> None:
-        """After linears were swapped: the fused small-batch decode runs only when its kernels
-        can read every decoder linear (dense, int8 per channel, int4, W8A8 int8)."""
+        """After linears were swapped: int4 linears set up for their kernel (triton / tinygemm:
+        engine/layers/int4_kernel.py), then the fused small-batch decode runs only when its
+        kernels can read every decoder linear (dense, int8 per channel, int4 on Triton, W8A8 int8)."""
+        choose_int4_kernels(self, self.lm_head.weight.dtype)
         self.model.fusable = all(gemv_weight(m) is not None for m in self.model.layers.modules()
                                  if isinstance(m, (nn.Linear, CompressedLinear)))

@@ -2,9 +2,13 @@
 decode tok/s at batch 1 and 16 (256 new tokens after a 16-token prompt, prefill included, as
 eval/bench/decode.py) for bf16, int8, int4 g64, int4 g128 (symmetric and with zero
 points), 2:4 + int4 g128 and W8A8 int8, with the GB/s each achieves against the measured copy
-ceiling; and prefill tok/s of one long prompt (8192 tokens, or as many as the shape has positions for) for bf16, W8A8 int8, W8A8 fp8 and 2:4.
+ceiling; and prefill tok/s of one long prompt (8192 tokens, or as many as the shape has positions for) for bf16, W8A8 int8, W8A8 fp8, 2:4 and int4 g128 on either
+int4 kernel.
+An int4 variant names the engine's int4_kernel after "@": int4_g128@triton (our GEMVs, fused
+decode), int4_g128@tinygemm (torch's tinygemm, unfused), int4_g128@auto (the engine times both at
+startup; the record has its choice and the times it logged).
 
-    python -m eval.bench.quant [--shape llama2-7b] [--out quant_bench.jsonl] [--only int4_g64 ...]
+    python -m eval.bench.quant [--shape llama2-7b] [--out quant_bench.jsonl] [--only int4_g64@tinygemm ...]
 
 Random weights (load_format="dummy"), compressed by round-to-nearest on the GPU into the engine's
 compressed linears (engine/layers/quantized.py) before the KV cache is sized and the CUDA graphs
@@ -18,6 +22,7 @@ import argparse
 import contextlib
 import gc
 import json
+import logging
 import time
 import traceback
 from typing import Any, Callable
@@ -28,8 +33,10 @@ from torch import nn
 from eval.bench.ceilings import ceilings
 from eval.bench.common import prompts as _prompts, shape_dir, timed
 
-DECODE_VARIANTS = ["bf16", "int8", "int4_g64", "int4_g128", "int4_g128_zero", "sparse24_int4_g128", "w8a8_int8"]
-PREFILL_VARIANTS = ["bf16", "w8a8_int8", "w8a8_fp8", "sparse24"]
+DECODE_VARIANTS = ["bf16", "int8", "int4_g64@triton", "int4_g64@tinygemm", "int4_g64@auto", "int4_g128@triton",
+                   "int4_g128@tinygemm", "int4_g128@auto", "int4_g128_zero@triton", "int4_g128_zero@tinygemm",
+                   "int4_g128_zero@auto", "sparse24_int4_g128", "w8a8_int8"]
+PREFILL_VARIANTS = ["bf16", "w8a8_int8", "w8a8_fp8", "sparse24", "int4_g128@triton", "int4_g128@tinygemm"]
 
 
 # -- round-to-nearest compression of random weights, on the GPU -------------------------------------
@@ -60,8 +67,11 @@ def _prune_24(w: torch.Tensor) -> torch.Tensor:
 
 
 def compressor(variant: str, options) -> Callable[[str, nn.Linear], nn.Module | None]:
-    """make(name, linear) for replace_linears: the variant's module for a decoder linear."""
+    """make(name, linear) for replace_linears: the variant's module for a decoder linear (an int4
+    kernel after "@" in the name is the engine's choice, not the compression's)."""
     from engine.layers.quantized import Int4Linear, Int8Linear, Sparse24Linear, W8A8Linear
+
+    variant = variant.partition("@")[0]
 
     def make(name: str, linear: nn.Linear) -> nn.Module | None:
         if not name.startswith("model.layers."):
@@ -115,8 +125,13 @@ def compressed_dummy_weights(variant: str):
 
 def streamed_bytes(model: nn.Module) -> int:
     """Bytes a decode step reads: every parameter and buffer but the embedding (rows are
-    gathered), the rotary tables and the KV cache."""
-    seen, total = set(), 0
+    gathered), the rotary tables, the KV cache and the fp32 scales / zero points of int4 layers on
+    tinygemm (kept for the prefill path: decode reads tinygemm's bf16 copy)."""
+    from engine.layers.quantized import Int4Linear
+
+    seen = {t.data_ptr() for m in model.modules() if isinstance(m, Int4Linear) and m.tinygemm_max_m
+            for t in (m.scale, m.zero) if t is not None}
+    total = 0
     embed = model.model.embed_tokens.weight
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.data_ptr() in seen or "rotary" in name or name.endswith(("k_cache", "v_cache")):
@@ -142,21 +157,59 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
+class _Lines(logging.Handler):
+    """Keeps the messages logged while it is attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def engine_options(variant: str) -> dict[str, str]:
+    """The engine keywords a variant names: int4_kernel after "@"."""
+    kernel = variant.partition("@")[2]
+    return {"int4_kernel": kernel} if kernel else {}
+
+
+def int4_kernel_used(model: nn.Module) -> dict[str, Any]:
+    """The int4 kernel the loaded model runs (and the most rows tinygemm takes), {} without int4."""
+    from engine.layers.quantized import Int4Linear
+
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    if not layers:
+        return {}
+    max_m = max(m.tinygemm_max_m for m in layers)
+    return {"int4_kernel_used": "tinygemm" if max_m else "triton", "tinygemm_max_m": max_m}
+
+
 def decode(shape: str, variant: str, batches: list[int], new_tokens: int, prompt_len: int, ceiling_tbps: float,
            exact_dequant: bool = False) -> dict:
+    """One engine of `variant` ("int4_g128@tinygemm": the compression, then the int4_kernel)."""
     from engine import LLM, SamplingParams
 
-    with compressed_dummy_weights(variant):
-        t = time.perf_counter()
-        llm = LLM(shape_dir(shape), load_format="dummy", max_num_seqs=max(batches), cuda_graph_max_bs=max(batches),
-                  exact_dequant=exact_dequant,
-                  max_model_len=prompt_len + new_tokens + 16, enable_prefix_caching=False)
-        setup_s = time.perf_counter() - t
+    choice_log = _Lines()
+    logging.getLogger("engine.int4").addHandler(choice_log)
+    logging.getLogger("engine.int4").setLevel(logging.INFO)
+    try:
+        with compressed_dummy_weights(variant):
+            t = time.perf_counter()
+            llm = LLM(shape_dir(shape), load_format="dummy", max_num_seqs=max(batches),
+                      cuda_graph_max_bs=max(batches), exact_dequant=exact_dequant,
+                      max_model_len=prompt_len + new_tokens + 16, enable_prefix_caching=False,
+                      **engine_options(variant))
+            setup_s = time.perf_counter() - t
+    finally:
+        logging.getLogger("engine.int4").removeHandler(choice_log)
     model = llm.engine.runner.model
     nbytes = streamed_bytes(model)
     record: dict[str, Any] = {"kind": "decode", "shape": shape, "variant": variant, "weight_bytes": nbytes,
-                              "exact_dequant": exact_dequant,
+                              "exact_dequant": exact_dequant, **int4_kernel_used(model),
                               "fused_decode": bool(model.model.fusable), "setup_s": setup_s}
+    if choice_log.lines:
+        record["int4_kernel_log"] = choice_log.lines
     vocab = llm.engine.vocab_size
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     for bs in batches:
@@ -192,7 +245,8 @@ def prefill(shape: str, variant: str, tokens: int) -> dict:
     tokens = prefill_tokens(shape, tokens)
     with compressed_dummy_weights(variant):
         llm = LLM(shape_dir(shape), load_format="dummy", max_num_seqs=1, max_model_len=tokens + PREFILL_MARGIN,
-                  max_num_batched_tokens=tokens, enable_prefix_caching=False, enforce_eager=True)
+                  max_num_batched_tokens=tokens, enable_prefix_caching=False, enforce_eager=True,
+                  **engine_options(variant))
     vocab = llm.engine.vocab_size
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     llm.generate(_prompts(1, tokens, vocab, 7), one)  # warm-up (and the 2:4 weights' conversion)
@@ -219,6 +273,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--exact-dequant", action="store_true",
                     help="decode the compressed variants with the exact dequantization (default: the fast one)")
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.only or ()) - set(DECODE_VARIANTS) - set(PREFILL_VARIANTS))
+    if unknown:
+        ap.error(f"--only: unknown variant(s) {', '.join(unknown)}; "
+                 f"choose from {', '.join(dict.fromkeys(DECODE_VARIANTS + PREFILL_VARIANTS))}")
     if not torch.cuda.is_available():
         raise SystemExit("eval.quant_bench needs a CUDA GPU")
     started = time.perf_counter()

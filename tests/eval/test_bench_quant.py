@@ -36,17 +36,26 @@ def test_compressors_approximate_the_weight(variant):
         torch.testing.assert_close(module(x), exact, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["bf16", "int4_g64", "sparse24_int4_g128"])
+@pytest.mark.parametrize("variant", ["bf16", "int4_g64@auto", "sparse24_int4_g128"])
 def test_decode_record(tiny_shape, variant):
     rec = quant_bench.decode(tiny_shape, variant, [1, 2], new_tokens=4, prompt_len=4, ceiling_tbps=1.0)
     assert rec["b1_tok_s"] > 0 and rec["b2_tok_s"] > 0 and rec["weight_bytes"] > 0
+    if variant.startswith("int4"):  # the CPU keeps the Triton / reference path, fused decode included
+        assert rec["int4_kernel_used"] == "triton" and rec["tinygemm_max_m"] == 0
     if variant != "bf16":
         dense = quant_bench.decode(tiny_shape, "bf16", [1], new_tokens=2, prompt_len=4, ceiling_tbps=1.0)
         assert rec["weight_bytes"] < dense["weight_bytes"]
 
 
-def test_prefill_record(tiny_shape):
-    rec = quant_bench.prefill(tiny_shape, "w8a8_int8", tokens=64)
+def test_only_refuses_unknown_variants(capsys):
+    with pytest.raises(SystemExit):
+        quant_bench.main(["--only", "bf16", "int4_g64@marlin"])
+    assert "--only: unknown variant(s) int4_g64@marlin" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["w8a8_int8", "int4_g128@triton"])
+def test_prefill_record(tiny_shape, variant):
+    rec = quant_bench.prefill(tiny_shape, variant, tokens=64)
     assert rec["tok_s"] > 0 and rec["tokens"] == 64
 
 
@@ -70,6 +79,11 @@ def test_decode_record_gpu(tiny_shape, variant):
     through the semi-structured kernels) and decodes at batch 1 and 16 on a GPU."""
     rec = quant_bench.decode(tiny_shape, variant, [1, 16], new_tokens=8, prompt_len=4, ceiling_tbps=1.0)
     assert rec["b1_tok_s"] > 0 and rec["b16_tok_s"] > 0, rec
+    kernel = variant.partition("@")[2]
+    if kernel in ("triton", "tinygemm"):
+        assert rec["int4_kernel_used"] == kernel and rec["fused_decode"] == (kernel == "triton"), rec
+    if kernel == "auto":
+        assert rec["int4_kernel_used"] in ("triton", "tinygemm") and rec["int4_kernel_log"], rec
 
 
 @pytest.mark.gpu
