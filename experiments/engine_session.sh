@@ -61,6 +61,13 @@ case "${1:?verb}" in
       --cache-dir "$H/cache" --json "$OUTDIR/drafter.jsonl" ${DRAFTER_ARGS:-} | tail -n 8
     timeout "${PQ_S:-200}" python3 experiments/prune_quant.py --model "$H/smol" --data-dir "$D" --out "$OUTDIR/prune_quant" \
       --tf32 --group-size 64 --ft-steps 60 --variants dense,int4_g64_awq,int4_g64_gptq | tail -n 8;;
+  int4)  # carry .gpu/wheels + .gpu/t/p00 + .gpu/data (stashed for `pipeline` next): int4 on tinygemm vs Triton
+    mkdir -p "$H/t" "$H/data"; [ -f .gpu/t/p00 ] && cp .gpu/t/p00 "$H/t/"; [ -d .gpu/data ] && cp -r .gpu/data/. "$H/data/"
+    timeout ${TESTS_S:-120} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/test_int4_tinygemm.py \
+      > "$OUTDIR/int4_tests.txt" 2>&1; tail -n 6 "$OUTDIR/int4_tests.txt"
+    timeout ${QUANT_S:-200} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_int4.jsonl" \
+      --only bf16 int4_g128@triton int4_g128@tinygemm int4_g128@auto int4_g64@tinygemm > "$OUTDIR/quant_int4.log" 2>&1
+    grep -v Warn "$OUTDIR/quant_int4.log" | tail -n 12;;
   wikitext)
     cp .gpu/t/p01 .gpu/t/p02 "$H/t/" && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"
     mkdir -p "$H/data/corpus" && cp .gpu/corpus/docs-en.jsonl.gz "$H/data/corpus/"
