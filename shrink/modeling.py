@@ -37,13 +37,33 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def load_model(path: str | os.PathLike | Artifact, dtype: str | torch.dtype = "fp32",
                device: str | torch.device = "cpu") -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = path.path if isinstance(path, Artifact) else Path(path)
     if not (path / "config.json").is_file():
         raise ShrinkError(f"not a model directory (no config.json): {path}")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
+    config = AutoConfig.from_pretrained(path)
+    if sparsity_only(getattr(config, "quantization_config", None)):
+        # Its weights are plain dense tensors (zeros kept): no quantizer is needed to read them, and
+        # transformers 5.17's compressed-tensors quantizer fails on a config without config_groups
+        # (AttributeError on `config_groups` of None; the default pipeline's gate after prune, H200).
+        del config.quantization_config
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=resolve_dtype(dtype))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
     return model.to(device).eval()
+
+
+def sparsity_only(qcfg: Any) -> bool:
+    """Whether a compressed-tensors `quantization_config` describes sparsity alone with its weights
+    stored dense (our prune stage's artifacts): no quantization groups, dense formats."""
+    if hasattr(qcfg, "to_dict"):
+        qcfg = qcfg.to_dict()
+    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "compressed-tensors":
+        return False
+    sparsity = qcfg.get("sparsity_config") or {}
+    return (not qcfg.get("config_groups") and qcfg.get("format", "dense") == "dense"
+            and sparsity.get("format", "dense") == "dense")
 
 
 def load_tokenizer(path: str | os.PathLike | Artifact):

@@ -142,3 +142,34 @@ def test_pack_int32_layout_is_little_end_first():
     q = torch.tensor([[-8, -7, 0, 1, 2, 3, 4, 7]], dtype=torch.int8)
     # Element i at bits 4i, stored offset by 8: 0,1,8,9,10,11,12,15 -> 0xFCBA9810.
     assert pack_int32(q, 4).item() == torch.tensor(0xFCBA9810 - 2**32, dtype=torch.int64).item()
+
+
+def test_load_model_reads_sparsity_only_artifacts_without_the_quantizer(tmp_path, monkeypatch):
+    """A 2:4 artifact of the prune stage (dense weights, sparsity metadata, no quantization) loads
+    through shrink.modeling.load_model without transformers' compressed-tensors quantizer: the one
+    of transformers 5.17 raises AttributeError on such a config (the default pipeline's quality gate
+    after prune failed on the H200). Simulated here by a quantizer that refuses to be built."""
+    from transformers.quantizers import auto as hf_quantizers
+
+    from shrink.modeling import load_model, sparsity_only
+
+    model = tiny_model()
+    masks, meta = prune(model)
+    save_compressed(model, tmp_path / "prune", dtype=torch.float32, sparsity=meta)
+
+    def refuse(*args, **kwargs):
+        raise AttributeError("'NoneType' object has no attribute 'config_groups'")
+
+    monkeypatch.setattr(hf_quantizers.AutoHfQuantizer, "from_config", refuse)
+    loaded = load_model(tmp_path / "prune", dtype="fp32")
+    ids = calib()
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=ATOL, rtol=0)
+    for name in masks:
+        assert is_nm_sparse(loaded.get_submodule(name).weight.detach(), 2, 4)
+    assert sparsity_only({"quant_method": "compressed-tensors", "config_groups": {}, "format": "dense",
+                          "sparsity_config": {"format": "dense"}})
+    assert not sparsity_only({"quant_method": "compressed-tensors", "config_groups": {"group_0": {}},
+                              "format": "pack-quantized"})
+    assert not sparsity_only({"quant_method": "compressed-tensors", "config_groups": {},
+                              "sparsity_config": {"format": "sparse-24-bitmask"}})
+    assert not sparsity_only(None)
