@@ -13,7 +13,10 @@ as a decode step over pseudo-rows while its tokens fit the fused small-batch dec
 each token one decode row sharing its sequence's block table (DecodeInputs.prepare_chunks), so the
 decode kernels read the weights once for all rows and the decode graphs replay it; larger verify
 batches take the varlen prefill path (its verify graphs), and so do small ones where the prefill
-path was timed faster at startup (a large target: its GEMMs beat the 16-row decode tiles).
+path was timed faster at startup (a large target: its GEMMs beat the 16-row decode tiles). Both
+paths also come with multi-query decode attention (``verify_query_len`` = k + 1; the ``_mq``
+variants, Context.verify_query_len): each sequence's K/V read once for all its verify tokens, not
+once per token (pseudo-rows) nor once per query head in a latency-bound walk (varlen prefill).
 
 Its parts: kv_cache.py sizes and allocates the paged pool; decode_inputs.py stages the decode
 inputs (staging.py's one-copy buffer, shared with the prefill graphs); cuda_graphs.py captures and
@@ -22,8 +25,10 @@ model gets the engine's constants once, at construction (layers/options.py)."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+from typing import Callable
 
 import torch
 
@@ -43,22 +48,24 @@ from kernels.gemv import SMALL_M
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, eos_token_ids: set[int] | frozenset[int] = frozenset(),
-                 extra_kv_bytes_per_token: int = 0, verify_max_tokens: int = 0) -> None:
+                 extra_kv_bytes_per_token: int = 0, verify_max_tokens: int = 0, verify_query_len: int = 0) -> None:
         """``extra_kv_bytes_per_token``: a draft model's cache, sized with this one (kv_cache.py).
         ``verify_max_tokens``: the most tokens of a speculative verify forward: the decode rows
         and graphs take up to SMALL_M of them as pseudo-rows; with CUDA graphs, larger verify
-        forwards of up to that many tokens replay prefill graphs that score every row."""
+        forwards of up to that many tokens replay prefill graphs that score every row.
+        ``verify_query_len``: the most tokens a sequence verifies (k + 1), 0 without the multi-query
+        verify variants."""
         # Rank 0 of a tensor-parallel engine starts and drives the other ranks (engine/parallel).
         self.tp_workers = start_workers(config, ModelRunner)
         try:
-            self._setup(config, eos_token_ids, extra_kv_bytes_per_token, verify_max_tokens)
+            self._setup(config, eos_token_ids, extra_kv_bytes_per_token, verify_max_tokens, verify_query_len)
         except BaseException:
             self.close()
             raise
 
     def _setup(self, config: EngineConfig, eos_token_ids: set[int] | frozenset[int], extra_kv_bytes_per_token: int,
-               verify_max_tokens: int) -> None:
-        self.config = config
+               verify_max_tokens: int, verify_query_len: int) -> None:
+        self.config, self.verify_query_len = config, verify_query_len
         self.device = config.torch_device
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
@@ -78,6 +85,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         self.verify_graphs: PrefillGraphs | None = None
+        self.mq_graphs: DecodeGraphs | None = None  # the _mq variants' (multi-query attention)
+        self.mq_verify_graphs: PrefillGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs(max_blocks, verify_max_tokens, verify_rows)
         # The most tokens a chunk forward takes as decode pseudo-rows (graphed where graphs exist).
@@ -86,7 +95,8 @@ class ModelRunner:
         # Verify forwards that fit both paths take the one measured faster at their token count
         # (pseudo-rows win where launches dominate, a small target; the prefill GEMMs on a large one).
         self.verify_path: dict[int, str] = {}
-        self._time_verify_paths(min(verify_max_tokens, self.max_pseudo_rows))
+        self.ragged_verify_path: dict[int, str] = {}  # where pseudo_rows_mq won: the runner-up
+        self._time_verify_paths(min(verify_max_tokens, self.max_pseudo_rows), wide_tokens=verify_max_tokens)
 
     def _build_model(self) -> torch.nn.Module:
         cfg, hf = self.config, self.config.hf_config
@@ -108,6 +118,9 @@ class ModelRunner:
         max_bs = max(min(cfg.cuda_graph_max_bs, cfg.max_num_seqs), verify_rows)
         self.graphs = DecodeGraphs(self.model, self.decode_inputs, max_bs, cfg.num_decode_steps)
         pool = self.graphs.capture()
+        if 0 < self.verify_query_len <= max_bs:
+            self.mq_graphs = DecodeGraphs(self.model, self.decode_inputs, max_bs, 1, self.verify_query_len)
+            self.mq_graphs.capture(pool)
         max_tokens = min(cfg.prefill_graph_max_tokens, cfg.max_num_batched_tokens, cfg.max_model_len)
         if max_tokens >= 16 and cfg.triton_enabled and cfg.prefill_attention == "triton":
             self.prefill_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_blocks, max_tokens,
@@ -118,6 +131,10 @@ class ModelRunner:
                 self.verify_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_blocks,
                                                    verify_tokens, cfg.max_num_seqs, all_rows=True)
                 self.verify_graphs.capture(pool)
+                if self.verify_query_len:
+                    self.mq_verify_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_blocks,
+                                                          verify_tokens, cfg.max_num_seqs, True, self.verify_query_len)
+                    self.mq_verify_graphs.capture(pool)
         torch.cuda.synchronize()
 
     def close(self) -> None:
@@ -167,11 +184,12 @@ class ModelRunner:
         return self.sampler.sample_step(seqs, logits, rows)
 
     def varlen_forward(self, chunks: list[tuple[list[int], int, list[int]]],
-                       ids: torch.Tensor | None = None) -> torch.Tensor:
+                       ids: torch.Tensor | None = None, verify_query_len: int = 0) -> torch.Tensor:
         """Hidden states [tokens, hidden] of each (token_ids, start, block_table) chunk computed at
         positions start.. of its sequence, eagerly (their K/V written to the cache): the prefill
         path, also the speculative verify forward and a draft model's catch-up. ``ids``: the
-        chunks' tokens already on the device (see all_logits)."""
+        chunks' tokens already on the device (see all_logits); ``verify_query_len``: attention
+        through the multi-query decode kernel (every chunk at most that long)."""
         positions: list[int] = []
         slots: list[int] = []
         query_lens: list[int] = []
@@ -183,7 +201,7 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             query_lens.append(n)
             context_lens.append(start + n)
-        set_context(self._prefill_context([c[2] for c in chunks], slots, query_lens, context_lens))
+        set_context(self._prefill_context([c[2] for c in chunks], slots, query_lens, context_lens, verify_query_len))
         if ids is None:
             ids = device_tensor([t for c in chunks for t in c[0]], self.device, torch.long)
         hidden = self.model(ids, device_tensor(positions, self.device, torch.long))
@@ -211,57 +229,90 @@ class ModelRunner:
     def all_logits(self, chunks: list[tuple[list[int], int, list[int]]],
                    ids: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 logits [tokens, vocab] at every token of the chunks (the speculative verify forward),
-        valid until the next forward: as decode pseudo-rows where they fit, unless the prefill path
-        was measured faster for this many tokens (verify_path), else the prefill path.
+        valid until the next forward, through verify_path[n] (timed at startup; by default
+        pseudo-rows where they fit, else the prefill path; verify_path[0]: past the pseudo-rows).
+        pseudo_rows_mq takes only chunks of verify_query_len tokens; a ragged batch the runner-up.
         ``ids`` [tokens]: the chunks' tokens on the device (a model drafter's, never brought to
         the host), in place of the chunks' token lists, which then give only their lengths."""
         n = sum(len(c[0]) for c in chunks)
-        if n > self.max_pseudo_rows or self.verify_path.get(n) == "prefill":
-            return self.prefill_all_logits(chunks, ids)
-        return self.pseudo_row_logits(chunks, ids)
+        path = self.verify_path.get(n, "pseudo_rows") if n <= self.max_pseudo_rows else self.verify_path.get(0, "prefill")
+        if path == "pseudo_rows_mq" and any(len(c[0]) != self.verify_query_len for c in chunks):
+            path = self.ragged_verify_path[n]
+        return self.verify_forwards()[path](chunks, ids)
 
-    def _time_verify_paths(self, max_tokens: int, context: int = 512) -> None:
-        """verify_path[n] for n = 2..max_tokens: the faster of the pseudo-row and the prefill
-        verify graphs, timed on one sequence of n tokens after ``context`` tokens of blocks that
-        no sequence holds yet (both paths write the same K/V and compute the same logits). Without
-        both graph sets, pseudo-rows (an eager prefill forward loses)."""
+    def verify_forwards(self) -> dict[str, Callable]:
+        """all_logits' paths by name: decode pseudo-rows, the prefill path, and with verify_query_len
+        each of them with multi-query decode attention (the _mq variants)."""
+        paths = {"pseudo_rows": self.pseudo_row_logits, "prefill": self.prefill_all_logits}
+        if self.verify_query_len:
+            paths["pseudo_rows_mq"] = functools.partial(self.pseudo_row_logits, multi_query=True)
+            paths["prefill_mq"] = functools.partial(self.prefill_all_logits, multi_query=True)
+        return paths
+
+    def _time_verify_paths(self, max_tokens: int, context: int = 512, wide_tokens: int = 0) -> None:
+        """verify_path[n] for n = 2..max_tokens: the fastest of the verify paths that have graphs,
+        timed on n tokens in sequences of verify_query_len (the last one shorter; without it one
+        sequence) after ``context`` tokens of blocks that no sequence holds yet (every path writes
+        the same K/V and computes the same logits); verify_path[0]: the faster prefill path for
+        ``wide_tokens`` (the largest verify, past the pseudo-rows). Without both the decode and the
+        verify graphs nothing is timed: pseudo-rows (an eager prefill forward loses)."""
         if self.graphs is None or self.verify_graphs is None:
             return
-        context = max(0, min(context, self.config.max_model_len - max_tokens))
-        blocks = list(range(math.ceil((context + max_tokens) / self.block_size)))
+        q = self.verify_query_len
+        context = max(0, min(context, self.config.max_model_len - (q or max_tokens)))
+        blocks = list(range(math.ceil((context + (q or max_tokens)) / self.block_size)))
         if len(blocks) > self.num_blocks:
             return
-        paths = {"pseudo_rows": self.pseudo_row_logits, "prefill": self.prefill_all_logits}
+        graphs = {"pseudo_rows": self.graphs, "prefill": self.verify_graphs, "pseudo_rows_mq": self.mq_graphs,
+                  "prefill_mq": self.mq_verify_graphs}
+        paths = {name: run for name, run in self.verify_forwards().items() if graphs[name] is not None}
+
+        def ranked(n: int, names: list[str]) -> list[str]:
+            chunks = [([0] * min(q or n, n - i), context, blocks) for i in range(0, n, q or n)]
+            names = [name for name in names if name != "pseudo_rows_mq" or n % q == 0]
+            seconds = {name: min(gpu_seconds(lambda: paths[name](chunks)) for _ in range(3)) for name in names}
+            return sorted(seconds, key=seconds.get)
+
         for n in range(2, max_tokens + 1):
-            chunks = [([0] * n, context, blocks)]
-            seconds = {name: min(gpu_seconds(lambda: run(chunks)) for _ in range(3)) for name, run in paths.items()}
-            self.verify_path[n] = min(seconds, key=seconds.get)
+            self.verify_path[n], *rest = ranked(n, list(paths))
+            if self.verify_path[n] == "pseudo_rows_mq":
+                self.ragged_verify_path[n] = rest[0]
+        wide = min(wide_tokens, q * min(self.config.max_num_seqs, 16))
+        if wide > self.max_pseudo_rows:
+            self.verify_path[0] = ranked(wide, [name for name in paths if name.startswith("prefill")])[0]
 
     def pseudo_row_logits(self, chunks: list[tuple[list[int], int, list[int]]],
-                          ids: torch.Tensor | None = None) -> torch.Tensor:
+                          ids: torch.Tensor | None = None, multi_query: bool = False) -> torch.Tensor:
         """all_logits through the decode path: every token one decode row (decode_inputs.py's
-        prepare_chunks), in a decode graph where one holds them."""
+        prepare_chunks), in a decode graph where one holds them. ``multi_query``: chunks of exactly
+        verify_query_len tokens, attention per sequence (its graphs: mq_graphs)."""
         n = sum(len(c[0]) for c in chunks)
-        self.decode_inputs.prepare_chunks(chunks, self.graphs.bucket_of[n] if self.graphed(n) else n, ids)
-        return self.decode_forward(n)
+        q = self.verify_query_len if multi_query else 0
+        assert not multi_query or all(len(c[0]) == q for c in chunks), f"multi-query pseudo-rows need chunks of {q}"
+        graphs = self.mq_graphs if multi_query else self.graphs
+        self.decode_inputs.prepare_chunks(chunks, graphs.bucket_of[n] if graphs and n <= graphs.max_bs else n, ids)
+        return self.decode_forward(n, q)
 
     def prefill_all_logits(self, chunks: list[tuple[list[int], int, list[int]]],
-                           ids: torch.Tensor | None = None) -> torch.Tensor:
-        """all_logits through the prefill path (a verify graph where one holds it)."""
-        if self.verify_graphs is not None:
-            logits = self.verify_graphs.run(chunks, ids)
+                           ids: torch.Tensor | None = None, multi_query: bool = False) -> torch.Tensor:
+        """all_logits through the prefill path (a verify graph where one holds it); ``multi_query``:
+        with multi-query decode attention (mq_verify_graphs)."""
+        graphs = self.mq_verify_graphs if multi_query else self.verify_graphs
+        if graphs is not None:
+            logits = graphs.run(chunks, ids)
             if logits is not None:
                 return logits[: sum(len(c[0]) for c in chunks)]
-        return self.model.compute_logits(self.varlen_forward(chunks, ids)).float()
+        q = self.verify_query_len if multi_query else 0
+        return self.model.compute_logits(self.varlen_forward(chunks, ids, q)).float()
 
     def _prefill_context(self, tables: list[list[int]], slots: list[int], query_lens: list[int],
-                         context_lens: list[int]) -> Context:
-        """Block tables where attention reads the cache (the Triton varlen kernel always does; SDPA
-        only for a chunk after the first or a prefix-cache hit)."""
+                         context_lens: list[int], verify_query_len: int = 0) -> Context:
+        """Block tables where attention reads the cache (the Triton varlen and the multi-query verify
+        kernels always do; SDPA only for a chunk after the first or a prefix-cache hit)."""
         cfg, dev = self.config, self.device
-        triton_prefill = cfg.triton_enabled and cfg.prefill_attention == "triton"
+        triton_prefill = verify_query_len > 0 or (cfg.triton_enabled and cfg.prefill_attention == "triton")
         ctx = Context(is_prefill=True, slot_mapping=device_tensor(slots, dev, torch.long),
-                      query_lens=query_lens, context_lens_host=context_lens)
+                      query_lens=query_lens, context_lens_host=context_lens, verify_query_len=verify_query_len)
         if triton_prefill or any(q != c for q, c in zip(query_lens, context_lens)):
             width = max(len(t) for t in tables)
             ctx.block_tables = device_tensor([t + [0] * (width - len(t)) for t in tables], dev, torch.int32)
@@ -283,11 +334,13 @@ class ModelRunner:
         self.decode_inputs.prepare(batch.seqs, self.graphs.bucket_of[n] if self.graphed(n) else n)
         return self.decode_forward(n)
 
-    def decode_forward(self, n: int) -> torch.Tensor:
-        """Logits [n, vocab] (fp32) of the decode inputs now in the device buffers."""
-        if self.graphed(n):
-            return self.graphs.forward(n)
-        ids, positions, ctx = self.decode_inputs.views(n)
+    def decode_forward(self, n: int, verify_query_len: int = 0) -> torch.Tensor:
+        """Logits [n, vocab] (fp32) of the decode inputs now in the device buffers (pseudo-rows of
+        sequences of ``verify_query_len`` tokens: multi-query attention, mq_graphs)."""
+        graphs = self.mq_graphs if verify_query_len else self.graphs
+        if graphs is not None and n <= graphs.max_bs:
+            return graphs.forward(n)
+        ids, positions, ctx = self.decode_inputs.views(n, verify_query_len)
         set_context(ctx)
         hidden = self.model(ids, positions)
         reset_context()
