@@ -249,6 +249,11 @@ class ModelRunner:
             paths["prefill_mq"] = functools.partial(self.prefill_all_logits, multi_query=True)
         return paths
 
+    def verify_graph_sets(self) -> dict[str, DecodeGraphs | PrefillGraphs | None]:
+        """Each verify path's CUDA graphs (None: it runs eagerly)."""
+        return {"pseudo_rows": self.graphs, "prefill": self.verify_graphs, "pseudo_rows_mq": self.mq_graphs,
+                "prefill_mq": self.mq_verify_graphs}
+
     def _time_verify_paths(self, max_tokens: int, context: int = 512, wide_tokens: int = 0) -> None:
         """verify_path[n] for n = 2..max_tokens: the fastest of the verify paths that have graphs,
         timed on n tokens in sequences of verify_query_len (the last one shorter; without it one
@@ -263,9 +268,7 @@ class ModelRunner:
         blocks = list(range(math.ceil((context + (q or max_tokens)) / self.block_size)))
         if len(blocks) > self.num_blocks:
             return
-        graphs = {"pseudo_rows": self.graphs, "prefill": self.verify_graphs, "pseudo_rows_mq": self.mq_graphs,
-                  "prefill_mq": self.mq_verify_graphs}
-        paths = {name: run for name, run in self.verify_forwards().items() if graphs[name] is not None}
+        paths = {name: run for name, run in self.verify_forwards().items() if self.verify_graph_sets()[name] is not None}
 
         def ranked(n: int, names: list[str]) -> list[str]:
             chunks = [([0] * min(q or n, n - i), context, blocks) for i in range(0, n, q or n)]
