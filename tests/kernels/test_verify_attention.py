@@ -106,13 +106,16 @@ def test_one_query_equals_the_decode_kernel(q_heads, kv_heads, splits):
 
 
 @pytest.mark.gpu
-def test_bf16():
+@pytest.mark.parametrize("q_heads,kv_heads,splits", [(32, 32, 9), (32, 8, 4), (32, 32, 1)])  # Llama-2-7B, Llama-3-8B
+def test_bf16_gpu(q_heads, kv_heads, splits):
     """On the GPU only: the interpreter's bf16 tl.dot is wrong (the decode kernel's too)."""
-    g = torch.Generator().manual_seed(3)
-    lens = [200, 64]
-    k_cache, v_cache, tables = _cache(lens, 2, 128, 16, g, torch.bfloat16)
-    q = torch.randn(10, 8, 128, generator=g).to(DEVICE, torch.bfloat16)
+    g = torch.Generator().manual_seed(splits)
+    lens = [2048, 517]
+    k_cache, v_cache, tables = _cache(lens, kv_heads, 128, 16, g, torch.bfloat16)
+    q = torch.randn(10, q_heads, 128, generator=g).to(DEVICE, torch.bfloat16)
     context_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     ref = paged_verify_attention_ref(q, k_cache, v_cache, tables, context_lens, 128**-0.5, 5)
-    out = paged_verify_attention(q, k_cache, v_cache, tables, context_lens, 128**-0.5, 5, num_splits=3, partition=64)
-    assert _rel(out, ref) < 2e-2
+    for _ in range(2):  # the second launch starts from the tickets the first one reset
+        out = paged_verify_attention(q, k_cache, v_cache, tables, context_lens, 128**-0.5, 5, num_splits=splits,
+                                     partition=128)
+        assert _rel(out, ref) < 2e-2
