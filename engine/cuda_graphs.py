@@ -103,7 +103,8 @@ class DecodeGraphs:
 class PrefillGraphs:
     def __init__(self, model: torch.nn.Module, device: torch.device, block_size: int, max_blocks: int,
                  max_tokens: int, max_seqs: int, all_rows: bool = False, verify_query_len: int = 0) -> None:
-        self.model, self.block_size, self.all_rows, self.verify_query_len = model, block_size, all_rows, verify_query_len
+        self.model, self.block_size = model, block_size
+        self.all_rows, self.verify_query_len = all_rows, verify_query_len
         self.token_buckets = [16 << i for i in range(16) if 16 << i <= max_tokens]
         self.seq_buckets = sorted({1, max(1, min(max_seqs, 16))})
         t, s = self.token_buckets[-1], self.seq_buckets[-1]

@@ -9,14 +9,13 @@ tables), each step's argmax lands in a row of a [steps, batch] device buffer, an
 one sync brings all the tokens back (engine/decode_inputs.py).
 
 A speculative verify forward (``all_logits``: k + 1 tokens per sequence, logits at every one) runs
-as a decode step over pseudo-rows while its tokens fit the fused small-batch decode (SMALL_M rows):
-each token one decode row sharing its sequence's block table (DecodeInputs.prepare_chunks), so the
-decode kernels read the weights once for all rows and the decode graphs replay it; larger verify
-batches take the varlen prefill path (its verify graphs), and so do small ones where the prefill
-path was timed faster at startup (a large target: its GEMMs beat the 16-row decode tiles). Both
-paths also come with multi-query decode attention (``verify_query_len`` = k + 1; the ``_mq``
-variants, Context.verify_query_len): each sequence's K/V read once for all its verify tokens, not
-once per token (pseudo-rows) nor once per query head in a latency-bound walk (varlen prefill).
+as a decode step over pseudo-rows (``pseudo_row_logits``: each token one decode row sharing its
+sequence's block table, DecodeInputs.prepare_chunks; the decode kernels read the weights once for
+all rows, the decode graphs replay it) or through the varlen prefill path (``prefill_all_logits``,
+its verify graphs); each also with multi-query decode attention (``verify_query_len`` = k + 1,
+Context.verify_query_len): each sequence's K/V read once for all its verify tokens, not once per
+token (pseudo-rows) nor once per query head (varlen prefill). spec_decode/verify_paths.py picks
+the path timed fastest at startup for the token count.
 
 Its parts: kv_cache.py sizes and allocates the paged pool; decode_inputs.py stages the decode
 inputs (staging.py's one-copy buffer, shared with the prefill graphs); cuda_graphs.py captures and
@@ -25,16 +24,14 @@ model gets the engine's constants once, at construction (layers/options.py)."""
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
-from typing import Callable
 
 import torch
 
 from engine.config import EngineConfig
 from engine.context import Context, reset_context, set_context
-from engine.cuda_graphs import DecodeGraphs, PrefillGraphs, gpu_seconds
+from engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from engine.decode_inputs import DecodeInputs
 from engine.kv_cache import allocate_kv_cache, kv_bytes_per_token
 from engine.layers.attention import Attention
@@ -43,6 +40,7 @@ from engine.models import model_class
 from engine.parallel.workers import start_workers
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
+from engine.spec_decode.verify_paths import VerifyPaths
 from kernels.gemv import SMALL_M
 
 
@@ -92,11 +90,9 @@ class ModelRunner:
         # The most tokens a chunk forward takes as decode pseudo-rows (graphed where graphs exist).
         rows = self.graphs.max_bs if self.graphs is not None else max(config.max_num_seqs, verify_rows)
         self.max_pseudo_rows = min(rows, SMALL_M)
-        # Verify forwards that fit both paths take the one measured faster at their token count
-        # (pseudo-rows win where launches dominate, a small target; the prefill GEMMs on a large one).
-        self.verify_path: dict[int, str] = {}
-        self.ragged_verify_path: dict[int, str] = {}  # where pseudo_rows_mq won: the runner-up
-        self._time_verify_paths(min(verify_max_tokens, self.max_pseudo_rows), wide_tokens=verify_max_tokens)
+        # Each verify takes the path measured fastest at its token count (spec_decode/verify_paths.py).
+        self.verify_paths = VerifyPaths(self)
+        self.verify_paths.time(min(verify_max_tokens, self.max_pseudo_rows), wide_tokens=verify_max_tokens)
 
     def _build_model(self) -> torch.nn.Module:
         cfg, hf = self.config, self.config.hf_config
@@ -229,60 +225,10 @@ class ModelRunner:
     def all_logits(self, chunks: list[tuple[list[int], int, list[int]]],
                    ids: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 logits [tokens, vocab] at every token of the chunks (the speculative verify forward),
-        valid until the next forward, through verify_path[n] (timed at startup; by default
-        pseudo-rows where they fit, else the prefill path; verify_path[0]: past the pseudo-rows).
-        pseudo_rows_mq takes only chunks of verify_query_len tokens; a ragged batch the runner-up.
+        valid until the next forward, through the path timed fastest at startup (verify_paths.py).
         ``ids`` [tokens]: the chunks' tokens on the device (a model drafter's, never brought to
         the host), in place of the chunks' token lists, which then give only their lengths."""
-        n = sum(len(c[0]) for c in chunks)
-        path = self.verify_path.get(n, "pseudo_rows") if n <= self.max_pseudo_rows else self.verify_path.get(0, "prefill")
-        if path == "pseudo_rows_mq" and any(len(c[0]) != self.verify_query_len for c in chunks):
-            path = self.ragged_verify_path[n]
-        return self.verify_forwards()[path](chunks, ids)
-
-    def verify_forwards(self) -> dict[str, Callable]:
-        """all_logits' paths by name: decode pseudo-rows, the prefill path, and with verify_query_len
-        each of them with multi-query decode attention (the _mq variants)."""
-        paths = {"pseudo_rows": self.pseudo_row_logits, "prefill": self.prefill_all_logits}
-        if self.verify_query_len:
-            paths["pseudo_rows_mq"] = functools.partial(self.pseudo_row_logits, multi_query=True)
-            paths["prefill_mq"] = functools.partial(self.prefill_all_logits, multi_query=True)
-        return paths
-
-    def verify_graph_sets(self) -> dict[str, DecodeGraphs | PrefillGraphs | None]:
-        """Each verify path's CUDA graphs (None: it runs eagerly)."""
-        return {"pseudo_rows": self.graphs, "prefill": self.verify_graphs, "pseudo_rows_mq": self.mq_graphs,
-                "prefill_mq": self.mq_verify_graphs}
-
-    def _time_verify_paths(self, max_tokens: int, context: int = 512, wide_tokens: int = 0) -> None:
-        """verify_path[n] for n = 2..max_tokens: the fastest of the verify paths that have graphs,
-        timed on n tokens in sequences of verify_query_len (the last one shorter; without it one
-        sequence) after ``context`` tokens of blocks that no sequence holds yet (every path writes
-        the same K/V and computes the same logits); verify_path[0]: the faster prefill path for
-        ``wide_tokens`` (the largest verify, past the pseudo-rows). Without both the decode and the
-        verify graphs nothing is timed: pseudo-rows (an eager prefill forward loses)."""
-        if self.graphs is None or self.verify_graphs is None:
-            return
-        q = self.verify_query_len
-        context = max(0, min(context, self.config.max_model_len - (q or max_tokens)))
-        blocks = list(range(math.ceil((context + (q or max_tokens)) / self.block_size)))
-        if len(blocks) > self.num_blocks:
-            return
-        paths = {name: run for name, run in self.verify_forwards().items() if self.verify_graph_sets()[name] is not None}
-
-        def ranked(n: int, names: list[str]) -> list[str]:
-            chunks = [([0] * min(q or n, n - i), context, blocks) for i in range(0, n, q or n)]
-            names = [name for name in names if name != "pseudo_rows_mq" or n % q == 0]
-            seconds = {name: min(gpu_seconds(lambda: paths[name](chunks)) for _ in range(3)) for name in names}
-            return sorted(seconds, key=seconds.get)
-
-        for n in range(2, max_tokens + 1):
-            self.verify_path[n], *rest = ranked(n, list(paths))
-            if self.verify_path[n] == "pseudo_rows_mq":
-                self.ragged_verify_path[n] = rest[0]
-        wide = min(wide_tokens, q * min(self.config.max_num_seqs, 16))
-        if wide > self.max_pseudo_rows:
-            self.verify_path[0] = ranked(wide, [name for name in paths if name.startswith("prefill")])[0]
+        return self.verify_paths.logits(chunks, ids)
 
     def pseudo_row_logits(self, chunks: list[tuple[list[int], int, list[int]]],
                           ids: torch.Tensor | None = None, multi_query: bool = False) -> torch.Tensor:
@@ -293,7 +239,8 @@ class ModelRunner:
         q = self.verify_query_len if multi_query else 0
         assert not multi_query or all(len(c[0]) == q for c in chunks), f"multi-query pseudo-rows need chunks of {q}"
         graphs = self.mq_graphs if multi_query else self.graphs
-        self.decode_inputs.prepare_chunks(chunks, graphs.bucket_of[n] if graphs and n <= graphs.max_bs else n, ids)
+        graphed = graphs is not None and n <= graphs.max_bs
+        self.decode_inputs.prepare_chunks(chunks, graphs.bucket_of[n] if graphed else n, ids)
         return self.decode_forward(n, q)
 
     def prefill_all_logits(self, chunks: list[tuple[list[int], int, list[int]]],

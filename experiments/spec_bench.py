@@ -380,7 +380,7 @@ def recommend_policy(rows: list[dict], min_speedup: float = 1.02) -> dict[int, i
 # -- verify cost ------------------------------------------------------------------------------------------
 def verify_cost(args) -> None:
     """The target's verify forward (k + 1 tokens after a ``--context``-token context, fp32 logits at
-    every row) through every verify path (runner.verify_forwards), against a plain decode step at
+    every row) through every verify path (runner.verify_paths.forwards), against a plain decode step at
     the same context, in one process, at each ``--context``: ``pseudo_rows`` (runner.pseudo_row_logits:
     one decode row per token, the decode graphs), ``prefill`` (runner.prefill_all_logits: the varlen
     prefill path and its verify graphs), and each with multi-query decode attention, ``pseudo_rows_mq``
@@ -432,7 +432,7 @@ def _verify_cost_at(args, llm: Any, table: list[int], context: int) -> None:
     runner, vocab = engine.runner, engine.vocab_size
     prefix = random_prompts(1, context, vocab, 0)[0]
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
-    paths = runner.verify_forwards()
+    paths = runner.verify_paths.forwards()
     forwards = {**paths, "decode": runner.pseudo_row_logits}
     times: dict[str, list[float]] = {name: [] for name in forwards}
     with torch.inference_mode():
@@ -454,15 +454,15 @@ def _verify_cost_at(args, llm: Any, table: list[int], context: int) -> None:
                 for kind, ts in st.times.items() if kind.startswith("decode") for t in ts]
     decode_step = float(np.median(per_step))
     decode_forward = float(np.median(times["decode"]))
-    graph_sets = runner.verify_graph_sets()
+    graph_sets = runner.verify_paths.graph_sets()
     for name in paths:
         verify_s = float(np.median(times[name]))
         emit({"bench": "verify-cost", "path": name, "model": args.model or args.shape, "context": context,
               "k": args.k, "verify_step_us": 1e6 * verify_s, "decode_forward_us": 1e6 * decode_forward,
               "decode_step_us": 1e6 * decode_step, "ratio": verify_s / decode_step,
               "ratio_to_forward": verify_s / decode_forward, "repeats": len(times[name]),
-              "graphed": graph_sets[name] is not None, "chosen": runner.verify_path.get(args.k + 1, "pseudo_rows")},
-             args.json)
+              "graphed": graph_sets[name] is not None,
+              "chosen": runner.verify_paths.path.get(args.k + 1, "pseudo_rows")}, args.json)
 
 
 def main(argv: list[str] | None = None) -> None:

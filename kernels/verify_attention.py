@@ -140,7 +140,8 @@ if HAS_TRITON:
             tl.where(s[None, :] == 0, w, 0.0), 1)[:, None]
         for split in tl.static_range(1, NUM_SPLITS):  # unrolled: the splits' loads overlap
             w_s = tl.sum(tl.where(s[None, :] == split, w, 0.0), 1)
-            acc += tl.load(part_acc_ptr + (base + split)[:, None] * D_PAD + d[None, :], cache_modifier=".cg") * w_s[:, None]
+            part = tl.load(part_acc_ptr + (base + split)[:, None] * D_PAD + d[None, :], cache_modifier=".cg")
+            acc += part * w_s[:, None]
         return acc / tl.sum(l * w, 1)[:, None]
 
 

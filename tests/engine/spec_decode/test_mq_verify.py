@@ -37,8 +37,8 @@ def test_speculative_greedy_through_multi_query_paths_equals_plain_greedy(model_
     base = [o.token_ids for o in LLM(path, **kw).generate([{"prompt_token_ids": p} for p in ps], params)]
     llm = LLM(path, **kw, speculative_config={"model": path, "num_speculative_tokens": 3})
     runner = llm.engine.runner
-    runner.verify_path = {n: "pseudo_rows_mq" for n in range(2, 17)}
-    runner.ragged_verify_path = {n: "prefill_mq" for n in range(2, 17)}
+    runner.verify_paths.path = {n: "pseudo_rows_mq" for n in range(2, 17)}
+    runner.verify_paths.ragged = {n: "prefill_mq" for n in range(2, 17)}
     taken = []
     for name in ("pseudo_row_logits", "prefill_all_logits"):
         real = getattr(runner, name)

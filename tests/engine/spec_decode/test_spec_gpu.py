@@ -54,9 +54,9 @@ def test_fp32_graphs_greedy_through_each_multi_query_verify_path_matches_transfo
               max_num_batched_tokens=128, cuda_graph_max_bs=32, speculative_config=spec)
     runner = llm.engine.runner
     assert runner.mq_graphs is not None and runner.mq_verify_graphs is not None
-    assert set(runner.verify_path) >= set(range(2, 17))  # timed at startup: a path for every token count
-    runner.verify_path = {n: path for n in range(17)} | {0: "prefill_mq"}
-    runner.ragged_verify_path = {n: "prefill_mq" for n in range(17)}
+    assert set(runner.verify_paths.path) >= set(range(2, 17))  # timed at startup: a path for every token count
+    runner.verify_paths.path = {n: path for n in range(17)} | {0: "prefill_mq"}
+    runner.verify_paths.ragged = {n: "prefill_mq" for n in range(17)}
     outs = llm.generate(mixed_prompts, GREEDY)
     assert [o.token_ids for o in outs] == hf_reference("llama_gqa_untied", mixed_prompts)
     assert llm.engine.num_spec_steps > 0
