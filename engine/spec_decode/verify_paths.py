@@ -57,9 +57,9 @@ class VerifyPaths:
         return self.forwards()[path](chunks, ids)
 
     def time(self, max_tokens: int, context: int = 512, wide_tokens: int = 0) -> None:
-        """path[n] for n = 2..max_tokens, timed after ``context`` tokens of blocks that no sequence
-        holds yet (every path writes the same K/V); path[0] at ``wide_tokens`` (the largest verify)
-        where that is past the pseudo-rows. Without both the decode and the verify graphs nothing is
+        """path[n] for n = 2..max_tokens (as many sequences as the engine schedules), timed after
+        ``context`` tokens of blocks that no sequence holds yet (every path writes the same K/V);
+        path[0] at ``wide_tokens`` (the largest verify) where that is past the pseudo-rows. Without both the decode and the verify graphs nothing is
         timed: pseudo-rows (an eager prefill forward loses)."""
         r = self.runner
         if r.graphs is None or r.verify_graphs is None:
@@ -79,6 +79,8 @@ class VerifyPaths:
             return sorted(seconds, key=seconds.get)
 
         for n in range(2, max_tokens + 1):
+            if q and -(-n // q) > r.config.max_num_seqs:  # no verify has that many sequences
+                break
             self.path[n], *rest = ranked(n, list(paths))
             if self.path[n] == "pseudo_rows_mq":
                 self.ragged[n] = rest[0]

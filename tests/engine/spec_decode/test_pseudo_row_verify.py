@@ -113,3 +113,7 @@ def test_multi_query_variants_are_timed_and_dispatched(model_dir, monkeypatch):
     runner.all_logits([([1] * 5, 4, [0])] * 4)  # 20 tokens: past the pseudo-rows
     assert [name for name, _ in calls] == ["pseudo_rows_mq", "prefill_mq", "prefill_mq", "prefill_mq"]
     assert runner.verify_paths.ragged == {n: "prefill_mq" for n in (5, 10, 15)}
+    runner.config.max_num_seqs = 2  # verifies of at most 2 sequences: token counts past 10 are not timed
+    runner.verify_paths.path.clear()
+    runner.verify_paths.time(16)
+    assert sorted(runner.verify_paths.path) == list(range(2, 11))
