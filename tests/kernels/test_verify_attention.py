@@ -102,7 +102,7 @@ def test_one_query_equals_the_decode_kernel(q_heads, kv_heads, splits):
     decode = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, 0.125, num_splits=splits, partition=32)
     verify = paged_verify_attention(q, k_cache, v_cache, tables, context_lens, 0.125, 1, num_splits=splits,
                                     partition=32)
-    torch.testing.assert_close(verify, decode, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(verify, decode, rtol=1e-6, atol=1e-6)  # bitwise in the interpreter; merge order may differ on GPU
 
 
 @pytest.mark.gpu
