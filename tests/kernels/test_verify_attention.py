@@ -33,7 +33,7 @@ CASES = [  # (q_heads, kv_heads, dim): MHA, GQA 4, GQA 8, MQA; head_dim 64 and 1
 
 
 @pytest.mark.parametrize("q_heads,kv_heads,dim", CASES)
-@pytest.mark.parametrize("q_len", [1, 3, 5, 9])
+@pytest.mark.parametrize("q_len", [1, 2, 3, 5, 7, 9])
 @pytest.mark.parametrize("splits,block_size", [(1, 16), (3, 32), (4, 16)])
 def test_fixed_layout_matches_reference(q_heads, kv_heads, dim, q_len, splits, block_size):
     """q_len rows per sequence back to back, ragged contexts (one of them just the queries), two
