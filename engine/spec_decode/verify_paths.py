@@ -53,14 +53,14 @@ class VerifyPaths:
         fits = n <= self.runner.max_pseudo_rows
         path = self.path.get(n, "pseudo_rows") if fits else self.path.get(0, "prefill")
         if path == "pseudo_rows_mq" and any(len(c[0]) != self.runner.verify_query_len for c in chunks):
-            path = self.ragged[n]
+            path = self.ragged.get(n, "pseudo_rows")
         return self.forwards()[path](chunks, ids)
 
     def time(self, max_tokens: int, context: int = 512, wide_tokens: int = 0) -> None:
         """path[n] for n = 2..max_tokens (as many sequences as the engine schedules), timed after
         ``context`` tokens of blocks that no sequence holds yet (every path writes the same K/V);
-        path[0] at ``wide_tokens`` (the largest verify) where that is past the pseudo-rows. Without both the decode and the verify graphs nothing is
-        timed: pseudo-rows (an eager prefill forward loses)."""
+        path[0] at ``wide_tokens`` (the largest verify) where that is past the pseudo-rows. Without
+        both the decode and the verify graphs nothing is timed: pseudo-rows (an eager prefill loses)."""
         r = self.runner
         if r.graphs is None or r.verify_graphs is None:
             return
