@@ -19,11 +19,20 @@ from tiny_models import make_model_dir  # noqa: E402
 from verify_batch import verify_chunks, verify_runner  # noqa: E402
 
 from engine.cuda_graphs import PrefillGraphs  # noqa: E402
+from kernels import verify_attention  # noqa: E402
 from graph_replay import EagerReplay, eager_decode_graphs  # noqa: E402
 
 
 @pytest.mark.parametrize("graphed", [False, True])
-def test_multi_query_verify_with_triton_kernels_gives_the_prefill_verify_logits(tmp_path, graphed):
+def test_multi_query_verify_with_triton_kernels_gives_the_prefill_verify_logits(tmp_path, monkeypatch, graphed):
+    launches = []  # (rows of q, sequences, varlen) of each multi-query attention launch
+    kernel = verify_attention.paged_verify_attention
+
+    def counting(q, k_cache, v_cache, tables, lens, scale, q_len, cu=None, **kw):
+        launches.append((q.shape[0], lens.shape[0], cu is not None))
+        return kernel(q, k_cache, v_cache, tables, lens, scale, q_len, cu, **kw)
+
+    monkeypatch.setattr(verify_attention, "paged_verify_attention", counting)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -48,5 +57,12 @@ def test_multi_query_verify_with_triton_kernels_gives_the_prefill_verify_logits(
             torch.testing.assert_close(rows, ref, rtol=1e-4, atol=1e-4)
             one = runner.pseudo_row_logits(chunks[:1], multi_query=True).clone()  # 5 rows: the bucket of 8
             torch.testing.assert_close(one, ref[:5], rtol=1e-4, atol=1e-4)
+        # Every layer of every multi-query forward attended through the kernel, in its layout:
+        # varlen over the graph's 16 sequence slots or the chunks; pseudo-rows over whole sequences.
+        layers = runner.model.config.num_hidden_layers
+        seqs = 16 if graphed else 3
+        rows = [16, 16] if graphed else [10, 15]
+        assert launches == ([(rows[0], seqs, True)] * layers + [(rows[1], seqs, True)] * layers
+                            + [(16 if graphed else 15, 3, False)] * layers + [(8 if graphed else 5, 1, False)] * layers)
     finally:
         torch.set_num_threads(threads)

@@ -10,6 +10,7 @@ from tiny_models import prompts
 from verify_batch import CONTEXTS, verify_chunks, verify_runner
 
 from engine import LLM, SamplingParams
+from kernels import verify_attention
 
 
 def uniform_chunks() -> list[tuple[list[int], int, list[int]]]:
@@ -17,14 +18,20 @@ def uniform_chunks() -> list[tuple[list[int], int, list[int]]]:
     return [([60 + 5 * i + j for j in range(5)], len(ctx), table) for i, (ctx, _, table) in enumerate(CONTEXTS)]
 
 
-def test_multi_query_verify_paths_give_the_prefill_verify_logits(model_dir):
+def test_multi_query_verify_paths_give_the_prefill_verify_logits(model_dir, monkeypatch):
     _, runner = verify_runner(model_dir("llama_gqa_untied"))
+    layouts = []  # varlen or not, per multi-query attention call
+    ref_attention = verify_attention.paged_verify_attention_ref
+    monkeypatch.setattr(verify_attention, "paged_verify_attention_ref",
+                        lambda *a: layouts.append(a[-1] is not None) or ref_attention(*a))
     with torch.inference_mode():
         for chunks in (verify_chunks(), uniform_chunks()):
             ref = runner.prefill_all_logits(chunks).clone()
             assert ref.abs().max() > 0.1
             torch.testing.assert_close(runner.prefill_all_logits(chunks, multi_query=True), ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(runner.pseudo_row_logits(chunks, multi_query=True), ref, rtol=1e-5, atol=1e-5)
+    layers = runner.model.config.num_hidden_layers
+    assert layouts == [True] * 2 * layers + [False] * layers
 
 
 def test_speculative_greedy_through_multi_query_paths_equals_plain_greedy(model_dir):
