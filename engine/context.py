@@ -23,6 +23,11 @@ class Context:
     # Prefill through the Triton varlen kernel: set with context_lens and block_tables.
     cu_query_lens: torch.Tensor | None = None
     max_query_len: int = 0
+    # A speculative verify through multi-query decode attention (kernels/verify_attention.py): each
+    # sequence's query is at most this many tokens, the last of its context. Prefill layout: one
+    # sequence per entry of context_lens (cu_query_lens); decode pseudo-rows: exactly this many rows
+    # per sequence, each with the sequence's block table and its own context length.
+    verify_query_len: int = 0
 
 
 _CONTEXT = Context()

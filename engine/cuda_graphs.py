@@ -5,7 +5,9 @@ staging buffer (engine/decode_inputs.py); a batch runs in the smallest bucket th
 padding rows storing nothing. With multi-step decoding each bucket also has a step graph: the
 forward with the greedy advance after it (kernels/greedy_advance.py), so a step is one replay. The
 same graphs replay a speculative verify staged as pseudo-rows (one row per token,
-DecodeInputs.prepare_chunks); the runner sizes the buckets to hold them.
+DecodeInputs.prepare_chunks); the runner sizes the buckets to hold them. A set built with
+``verify_query_len`` q replays pseudo-rows of sequences of q tokens each whose attention reads each
+sequence's K/V once (multi-query decode attention, Context.verify_query_len), its buckets from q rows.
 
 Prefill: a step of at most ``max_seqs`` sequences and ``prefill_graph_max_tokens`` tokens replays
 a graph captured for the next bucket: tokens 16, 32, ..., sequences 1 or ``max_seqs``. Run eagerly
@@ -16,7 +18,8 @@ cache (slot -1) and belong to no sequence's query, which the varlen attention ke
 cumulative query lengths; padding sequences have no query tokens, so their programs return at once.
 The logits are taken at each sequence's last token; a set built with ``all_rows`` (the speculative
 verify forward's: k + 1 query tokens per sequence, every one scored) keeps the logits of every
-token row instead.
+token row instead, and one built with ``verify_query_len`` attends with the multi-query decode
+attention (kernels/verify_attention.py), every sequence at most that many tokens.
 
 All graphs share one memory pool: no two ever run at once.
 """
@@ -41,9 +44,11 @@ def decode_buckets(max_bs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, inputs: DecodeInputs, max_bs: int, num_steps: int) -> None:
-        self.model, self.inputs, self.num_steps = model, inputs, num_steps
-        self.buckets = decode_buckets(max_bs)
+    def __init__(self, model: torch.nn.Module, inputs: DecodeInputs, max_bs: int, num_steps: int,
+                 verify_query_len: int = 0) -> None:
+        self.model, self.inputs, self.num_steps, self.verify_query_len = model, inputs, num_steps, verify_query_len
+        self.buckets = [b for b in decode_buckets(max_bs) if b >= verify_query_len]
+        assert self.buckets, f"no decode bucket of at most {max_bs} rows holds {verify_query_len} verify rows"
         self.max_bs = self.buckets[-1]
         self.bucket_of = [next(b for b in self.buckets if b >= n) for n in range(self.max_bs + 1)]  # by batch size
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -54,7 +59,7 @@ class DecodeGraphs:
         """Every bucket's graphs, largest first; returns the memory pool they share."""
         model = self.model
         for bs in reversed(self.buckets):
-            ids, pos, ctx = self.inputs.views(bs)
+            ids, pos, ctx = self.inputs.views(bs, self.verify_query_len)
             set_context(ctx)
             with torch.inference_mode():
                 model.compute_logits(model(ids, pos))  # warm up / compile
@@ -97,8 +102,9 @@ class DecodeGraphs:
 
 class PrefillGraphs:
     def __init__(self, model: torch.nn.Module, device: torch.device, block_size: int, max_blocks: int,
-                 max_tokens: int, max_seqs: int, all_rows: bool = False) -> None:
-        self.model, self.block_size, self.all_rows = model, block_size, all_rows
+                 max_tokens: int, max_seqs: int, all_rows: bool = False, verify_query_len: int = 0) -> None:
+        self.model, self.block_size = model, block_size
+        self.all_rows, self.verify_query_len = all_rows, verify_query_len
         self.token_buckets = [16 << i for i in range(16) if 16 << i <= max_tokens]
         self.seq_buckets = sorted({1, max(1, min(max_seqs, 16))})
         t, s = self.token_buckets[-1], self.seq_buckets[-1]
@@ -119,7 +125,8 @@ class PrefillGraphs:
     def _context(self, tokens: int, seqs: int) -> Context:
         d = self.d
         return Context(is_prefill=True, slot_mapping=d.slots[:tokens], block_tables=d.tables[:seqs],
-                       cu_query_lens=d.cu[: seqs + 1], context_lens=d.ctx[:seqs], max_query_len=tokens)
+                       cu_query_lens=d.cu[: seqs + 1], context_lens=d.ctx[:seqs], max_query_len=tokens,
+                       verify_query_len=self.verify_query_len)
 
     def capture(self, pool) -> None:
         """One graph per (tokens, sequences) bucket, largest first, in ``pool`` (shared with the
@@ -161,6 +168,8 @@ class PrefillGraphs:
         key = self.bucket(sum(len(c[0]) for c in chunks), len(chunks))
         if key is None:
             return None
+        assert not self.verify_query_len or max(len(c[0]) for c in chunks) <= self.verify_query_len, (
+            f"a verify chunk of more than {self.verify_query_len} tokens")
         tokens, seqs = key
         h, bs, row = self.h, self.block_size, 0
         h.cu[0] = 0

@@ -46,7 +46,7 @@ class DecodeInputs:
         self._row_seq = [-1] * max_seqs
         self._row_blocks = [0] * max_seqs
         self._row_last = [-1] * max_seqs
-        self._views: dict[int, tuple[torch.Tensor, torch.Tensor, Context]] = {}
+        self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, Context]] = {}
         # Multi-step decode: step k's tokens are row k of a [steps, rows] view of d_tokens; one
         # copy to the (pinned) host buffer brings them all back.
         n_tok = num_steps * max_seqs
@@ -120,15 +120,17 @@ class DecodeInputs:
             self.d.ids[:row].copy_(ids)
         self._row_seq[:rows] = [-1] * rows
 
-    def views(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, Context]:
+    def views(self, rows: int, verify_query_len: int = 0) -> tuple[torch.Tensor, torch.Tensor, Context]:
         """(ids, positions, attention context) of a decode over the first ``rows`` rows; made once
-        per size. They point into the static buffers, so they stay valid from step to step."""
-        views = self._views.get(rows)
+        per size. They point into the static buffers, so they stay valid from step to step.
+        ``verify_query_len``: the rows are pseudo-rows of sequences of that many tokens each, whose
+        attention reads each sequence's K/V once (Context.verify_query_len)."""
+        views = self._views.get((rows, verify_query_len))
         if views is None:
             d = self.d
             ctx = Context(is_prefill=False, slot_mapping=d.slots[:rows], context_lens=d.lens[:rows],
-                          block_tables=d.tables[:rows])
-            views = self._views[rows] = (d.ids[:rows], d.pos[:rows], ctx)
+                          block_tables=d.tables[:rows], verify_query_len=verify_query_len)
+            views = self._views[rows, verify_query_len] = (d.ids[:rows], d.pos[:rows], ctx)
         return views
 
     def advance(self, logits: torch.Tensor, rows: int, out: torch.Tensor) -> None:

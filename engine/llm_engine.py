@@ -76,7 +76,8 @@ class LLMEngine:
         # Verify graphs for the largest speculative batch that graphs hold (16 sequences, k + 1 each).
         verify_tokens = min(spec.max_batch_size, 16) * (spec.num_speculative_tokens + 1) if spec else 0
         self.runner = ModelRunner(self.config, self.eos_token_ids, extra_kv_bytes_per_token=extra,
-                                  verify_max_tokens=verify_tokens)
+                                  verify_max_tokens=verify_tokens,
+                                  verify_query_len=spec.num_speculative_tokens + 1 if spec else 0)
         self.draft_runner: ModelRunner | None = None
         self.spec_worker = self._spec_worker(spec, draft_config)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching)

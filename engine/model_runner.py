@@ -9,11 +9,13 @@ tables), each step's argmax lands in a row of a [steps, batch] device buffer, an
 one sync brings all the tokens back (engine/decode_inputs.py).
 
 A speculative verify forward (``all_logits``: k + 1 tokens per sequence, logits at every one) runs
-as a decode step over pseudo-rows while its tokens fit the fused small-batch decode (SMALL_M rows):
-each token one decode row sharing its sequence's block table (DecodeInputs.prepare_chunks), so the
-decode kernels read the weights once for all rows and the decode graphs replay it; larger verify
-batches take the varlen prefill path (its verify graphs), and so do small ones where the prefill
-path was timed faster at startup (a large target: its GEMMs beat the 16-row decode tiles).
+as a decode step over pseudo-rows (``pseudo_row_logits``: each token one decode row sharing its
+sequence's block table, DecodeInputs.prepare_chunks; the decode kernels read the weights once for
+all rows, the decode graphs replay it) or through the varlen prefill path (``prefill_all_logits``,
+its verify graphs); each also with multi-query decode attention (``verify_query_len`` = k + 1,
+Context.verify_query_len): each sequence's K/V read once for all its verify tokens, not once per
+token (pseudo-rows) nor once per query head (varlen prefill). spec_decode/verify_paths.py picks
+the path timed fastest at startup for the token count.
 
 Its parts: kv_cache.py sizes and allocates the paged pool; decode_inputs.py stages the decode
 inputs (staging.py's one-copy buffer, shared with the prefill graphs); cuda_graphs.py captures and
@@ -29,7 +31,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.context import Context, reset_context, set_context
-from engine.cuda_graphs import DecodeGraphs, PrefillGraphs, gpu_seconds
+from engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from engine.decode_inputs import DecodeInputs
 from engine.kv_cache import allocate_kv_cache, kv_bytes_per_token
 from engine.layers.attention import Attention
@@ -38,27 +40,30 @@ from engine.models import model_class
 from engine.parallel.workers import start_workers
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
+from engine.spec_decode.verify_paths import VerifyPaths
 from kernels.gemv import SMALL_M
 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, eos_token_ids: set[int] | frozenset[int] = frozenset(),
-                 extra_kv_bytes_per_token: int = 0, verify_max_tokens: int = 0) -> None:
+                 extra_kv_bytes_per_token: int = 0, verify_max_tokens: int = 0, verify_query_len: int = 0) -> None:
         """``extra_kv_bytes_per_token``: a draft model's cache, sized with this one (kv_cache.py).
         ``verify_max_tokens``: the most tokens of a speculative verify forward: the decode rows
         and graphs take up to SMALL_M of them as pseudo-rows; with CUDA graphs, larger verify
-        forwards of up to that many tokens replay prefill graphs that score every row."""
+        forwards of up to that many tokens replay prefill graphs that score every row.
+        ``verify_query_len``: the most tokens a sequence verifies (k + 1), 0 without the multi-query
+        verify variants."""
         # Rank 0 of a tensor-parallel engine starts and drives the other ranks (engine/parallel).
         self.tp_workers = start_workers(config, ModelRunner)
         try:
-            self._setup(config, eos_token_ids, extra_kv_bytes_per_token, verify_max_tokens)
+            self._setup(config, eos_token_ids, extra_kv_bytes_per_token, verify_max_tokens, verify_query_len)
         except BaseException:
             self.close()
             raise
 
     def _setup(self, config: EngineConfig, eos_token_ids: set[int] | frozenset[int], extra_kv_bytes_per_token: int,
-               verify_max_tokens: int) -> None:
-        self.config = config
+               verify_max_tokens: int, verify_query_len: int) -> None:
+        self.config, self.verify_query_len = config, verify_query_len
         self.device = config.torch_device
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
@@ -78,15 +83,16 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         self.verify_graphs: PrefillGraphs | None = None
+        self.mq_graphs: DecodeGraphs | None = None  # the _mq variants' (multi-query attention)
+        self.mq_verify_graphs: PrefillGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs(max_blocks, verify_max_tokens, verify_rows)
         # The most tokens a chunk forward takes as decode pseudo-rows (graphed where graphs exist).
         rows = self.graphs.max_bs if self.graphs is not None else max(config.max_num_seqs, verify_rows)
         self.max_pseudo_rows = min(rows, SMALL_M)
-        # Verify forwards that fit both paths take the one measured faster at their token count
-        # (pseudo-rows win where launches dominate, a small target; the prefill GEMMs on a large one).
-        self.verify_path: dict[int, str] = {}
-        self._time_verify_paths(min(verify_max_tokens, self.max_pseudo_rows))
+        # Each verify takes the path measured fastest at its token count (spec_decode/verify_paths.py).
+        self.verify_paths = VerifyPaths(self)
+        self.verify_paths.time(min(verify_max_tokens, self.max_pseudo_rows), wide_tokens=verify_max_tokens)
 
     def _build_model(self) -> torch.nn.Module:
         cfg, hf = self.config, self.config.hf_config
@@ -108,6 +114,9 @@ class ModelRunner:
         max_bs = max(min(cfg.cuda_graph_max_bs, cfg.max_num_seqs), verify_rows)
         self.graphs = DecodeGraphs(self.model, self.decode_inputs, max_bs, cfg.num_decode_steps)
         pool = self.graphs.capture()
+        if 0 < self.verify_query_len <= max_bs:
+            self.mq_graphs = DecodeGraphs(self.model, self.decode_inputs, max_bs, 1, self.verify_query_len)
+            self.mq_graphs.capture(pool)
         max_tokens = min(cfg.prefill_graph_max_tokens, cfg.max_num_batched_tokens, cfg.max_model_len)
         if max_tokens >= 16 and cfg.triton_enabled and cfg.prefill_attention == "triton":
             self.prefill_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_blocks, max_tokens,
@@ -118,6 +127,10 @@ class ModelRunner:
                 self.verify_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_blocks,
                                                    verify_tokens, cfg.max_num_seqs, all_rows=True)
                 self.verify_graphs.capture(pool)
+                if self.verify_query_len:
+                    self.mq_verify_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_blocks,
+                                                          verify_tokens, cfg.max_num_seqs, True, self.verify_query_len)
+                    self.mq_verify_graphs.capture(pool)
         torch.cuda.synchronize()
 
     def close(self) -> None:
@@ -167,11 +180,12 @@ class ModelRunner:
         return self.sampler.sample_step(seqs, logits, rows)
 
     def varlen_forward(self, chunks: list[tuple[list[int], int, list[int]]],
-                       ids: torch.Tensor | None = None) -> torch.Tensor:
+                       ids: torch.Tensor | None = None, verify_query_len: int = 0) -> torch.Tensor:
         """Hidden states [tokens, hidden] of each (token_ids, start, block_table) chunk computed at
         positions start.. of its sequence, eagerly (their K/V written to the cache): the prefill
         path, also the speculative verify forward and a draft model's catch-up. ``ids``: the
-        chunks' tokens already on the device (see all_logits)."""
+        chunks' tokens already on the device (see all_logits); ``verify_query_len``: attention
+        through the multi-query decode kernel (every chunk at most that long)."""
         positions: list[int] = []
         slots: list[int] = []
         query_lens: list[int] = []
@@ -183,7 +197,7 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             query_lens.append(n)
             context_lens.append(start + n)
-        set_context(self._prefill_context([c[2] for c in chunks], slots, query_lens, context_lens))
+        set_context(self._prefill_context([c[2] for c in chunks], slots, query_lens, context_lens, verify_query_len))
         if ids is None:
             ids = device_tensor([t for c in chunks for t in c[0]], self.device, torch.long)
         hidden = self.model(ids, device_tensor(positions, self.device, torch.long))
@@ -211,57 +225,44 @@ class ModelRunner:
     def all_logits(self, chunks: list[tuple[list[int], int, list[int]]],
                    ids: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 logits [tokens, vocab] at every token of the chunks (the speculative verify forward),
-        valid until the next forward: as decode pseudo-rows where they fit, unless the prefill path
-        was measured faster for this many tokens (verify_path), else the prefill path.
+        valid until the next forward, through the path timed fastest at startup (verify_paths.py).
         ``ids`` [tokens]: the chunks' tokens on the device (a model drafter's, never brought to
         the host), in place of the chunks' token lists, which then give only their lengths."""
-        n = sum(len(c[0]) for c in chunks)
-        if n > self.max_pseudo_rows or self.verify_path.get(n) == "prefill":
-            return self.prefill_all_logits(chunks, ids)
-        return self.pseudo_row_logits(chunks, ids)
-
-    def _time_verify_paths(self, max_tokens: int, context: int = 512) -> None:
-        """verify_path[n] for n = 2..max_tokens: the faster of the pseudo-row and the prefill
-        verify graphs, timed on one sequence of n tokens after ``context`` tokens of blocks that
-        no sequence holds yet (both paths write the same K/V and compute the same logits). Without
-        both graph sets, pseudo-rows (an eager prefill forward loses)."""
-        if self.graphs is None or self.verify_graphs is None:
-            return
-        context = max(0, min(context, self.config.max_model_len - max_tokens))
-        blocks = list(range(math.ceil((context + max_tokens) / self.block_size)))
-        if len(blocks) > self.num_blocks:
-            return
-        paths = {"pseudo_rows": self.pseudo_row_logits, "prefill": self.prefill_all_logits}
-        for n in range(2, max_tokens + 1):
-            chunks = [([0] * n, context, blocks)]
-            seconds = {name: min(gpu_seconds(lambda: run(chunks)) for _ in range(3)) for name, run in paths.items()}
-            self.verify_path[n] = min(seconds, key=seconds.get)
+        return self.verify_paths.logits(chunks, ids)
 
     def pseudo_row_logits(self, chunks: list[tuple[list[int], int, list[int]]],
-                          ids: torch.Tensor | None = None) -> torch.Tensor:
+                          ids: torch.Tensor | None = None, multi_query: bool = False) -> torch.Tensor:
         """all_logits through the decode path: every token one decode row (decode_inputs.py's
-        prepare_chunks), in a decode graph where one holds them."""
+        prepare_chunks), in a decode graph where one holds them. ``multi_query``: chunks of exactly
+        verify_query_len tokens, attention per sequence (its graphs: mq_graphs)."""
         n = sum(len(c[0]) for c in chunks)
-        self.decode_inputs.prepare_chunks(chunks, self.graphs.bucket_of[n] if self.graphed(n) else n, ids)
-        return self.decode_forward(n)
+        q = self.verify_query_len if multi_query else 0
+        assert not multi_query or all(len(c[0]) == q for c in chunks), f"multi-query pseudo-rows need chunks of {q}"
+        graphs = self.mq_graphs if multi_query else self.graphs
+        graphed = graphs is not None and n <= graphs.max_bs
+        self.decode_inputs.prepare_chunks(chunks, graphs.bucket_of[n] if graphed else n, ids)
+        return self.decode_forward(n, q)
 
     def prefill_all_logits(self, chunks: list[tuple[list[int], int, list[int]]],
-                           ids: torch.Tensor | None = None) -> torch.Tensor:
-        """all_logits through the prefill path (a verify graph where one holds it)."""
-        if self.verify_graphs is not None:
-            logits = self.verify_graphs.run(chunks, ids)
+                           ids: torch.Tensor | None = None, multi_query: bool = False) -> torch.Tensor:
+        """all_logits through the prefill path (a verify graph where one holds it); ``multi_query``:
+        with multi-query decode attention (mq_verify_graphs)."""
+        graphs = self.mq_verify_graphs if multi_query else self.verify_graphs
+        if graphs is not None:
+            logits = graphs.run(chunks, ids)
             if logits is not None:
                 return logits[: sum(len(c[0]) for c in chunks)]
-        return self.model.compute_logits(self.varlen_forward(chunks, ids)).float()
+        q = self.verify_query_len if multi_query else 0
+        return self.model.compute_logits(self.varlen_forward(chunks, ids, q)).float()
 
     def _prefill_context(self, tables: list[list[int]], slots: list[int], query_lens: list[int],
-                         context_lens: list[int]) -> Context:
-        """Block tables where attention reads the cache (the Triton varlen kernel always does; SDPA
-        only for a chunk after the first or a prefix-cache hit)."""
+                         context_lens: list[int], verify_query_len: int = 0) -> Context:
+        """Block tables where attention reads the cache (the Triton varlen and the multi-query verify
+        kernels always do; SDPA only for a chunk after the first or a prefix-cache hit)."""
         cfg, dev = self.config, self.device
-        triton_prefill = cfg.triton_enabled and cfg.prefill_attention == "triton"
+        triton_prefill = verify_query_len > 0 or (cfg.triton_enabled and cfg.prefill_attention == "triton")
         ctx = Context(is_prefill=True, slot_mapping=device_tensor(slots, dev, torch.long),
-                      query_lens=query_lens, context_lens_host=context_lens)
+                      query_lens=query_lens, context_lens_host=context_lens, verify_query_len=verify_query_len)
         if triton_prefill or any(q != c for q, c in zip(query_lens, context_lens)):
             width = max(len(t) for t in tables)
             ctx.block_tables = device_tensor([t + [0] * (width - len(t)) for t in tables], dev, torch.int32)
@@ -283,11 +284,13 @@ class ModelRunner:
         self.decode_inputs.prepare(batch.seqs, self.graphs.bucket_of[n] if self.graphed(n) else n)
         return self.decode_forward(n)
 
-    def decode_forward(self, n: int) -> torch.Tensor:
-        """Logits [n, vocab] (fp32) of the decode inputs now in the device buffers."""
-        if self.graphed(n):
-            return self.graphs.forward(n)
-        ids, positions, ctx = self.decode_inputs.views(n)
+    def decode_forward(self, n: int, verify_query_len: int = 0) -> torch.Tensor:
+        """Logits [n, vocab] (fp32) of the decode inputs now in the device buffers (pseudo-rows of
+        sequences of ``verify_query_len`` tokens: multi-query attention, mq_graphs)."""
+        graphs = self.mq_graphs if verify_query_len else self.graphs
+        if graphs is not None and n <= graphs.max_bs:
+            return graphs.forward(n)
+        ids, positions, ctx = self.decode_inputs.views(n, verify_query_len)
         set_context(ctx)
         hidden = self.model(ids, positions)
         reset_context()

@@ -25,7 +25,8 @@ speed       tok/s of LLM.generate without speculation and with ``speculative_con
             acceptance metrics; the per-batch-size k policy they recommend (0 where speculation does not
             pay); then verify-cost at --verify-shape. One process, variants past --budget-s skipped.
 verify-cost the target's verify forward (k + 1 tokens after a context, logits at every row) through
-            both paths, decode pseudo-rows and the varlen prefill path, against one decode step
+            every path (decode pseudo-rows, the varlen prefill path, each also with multi-query
+            decode attention: pseudo_rows_mq, prefill_mq), against one decode step
             (the one-row forward and the engine's step), medians in one process; the issue asks
             <= 1.15x for k + 1 = 5 on the Llama-2-7B shape.
 
@@ -377,16 +378,15 @@ def recommend_policy(rows: list[dict], min_speedup: float = 1.02) -> dict[int, i
 
 
 # -- verify cost ------------------------------------------------------------------------------------------
-VERIFY_PATHS = ("pseudo_rows", "prefill")
-
-
 def verify_cost(args) -> None:
     """The target's verify forward (k + 1 tokens after a ``--context``-token context, fp32 logits at
-    every row) through both paths, against a plain decode step at the same context, in one
-    process, at each ``--context``: ``pseudo_rows`` (runner.pseudo_row_logits: one decode row per
-    token, the decode graphs, what a speculative step of batch 1 takes) and ``prefill``
-    (runner.prefill_all_logits: the varlen prefill path and its verify graphs, what larger batches
-    take). The decode step is timed twice:
+    every row) through every verify path (runner.verify_paths.forwards), against a plain decode step at
+    the same context, in one process, at each ``--context``: ``pseudo_rows`` (runner.pseudo_row_logits:
+    one decode row per token, the decode graphs), ``prefill`` (runner.prefill_all_logits: the varlen
+    prefill path and its verify graphs), and each with multi-query decode attention, ``pseudo_rows_mq``
+    and ``prefill_mq`` (kernels/verify_attention.py: each sequence's K/V read once for its k + 1
+    tokens). Each line says whether its path ran in CUDA graphs (``graphed``) and which path the
+    runner's startup timing chose for one sequence of k + 1 tokens (``chosen``). The decode step is timed twice:
     the one-row decode forward the same way as the verifies (``decode_forward_us``), and the engine's
     own decode steps with sampling (``decode_step_us``, eval.bench.decode_profile.StepTimer).
     Medians over --repeat, the paths interleaved, each forward timed to a device sync. One JSON line
@@ -432,8 +432,8 @@ def _verify_cost_at(args, llm: Any, table: list[int], context: int) -> None:
     runner, vocab = engine.runner, engine.vocab_size
     prefix = random_prompts(1, context, vocab, 0)[0]
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
-    forwards = {"pseudo_rows": runner.pseudo_row_logits, "prefill": runner.prefill_all_logits,
-                "decode": runner.pseudo_row_logits}
+    paths = runner.verify_paths.forwards()
+    forwards = {**paths, "decode": runner.pseudo_row_logits}
     times: dict[str, list[float]] = {name: [] for name in forwards}
     with torch.inference_mode():
         runner.last_logits([(prefix, 0, table)])  # fills the context's K/V
@@ -454,12 +454,15 @@ def _verify_cost_at(args, llm: Any, table: list[int], context: int) -> None:
                 for kind, ts in st.times.items() if kind.startswith("decode") for t in ts]
     decode_step = float(np.median(per_step))
     decode_forward = float(np.median(times["decode"]))
-    for name in VERIFY_PATHS:
+    graph_sets = runner.verify_paths.graph_sets()
+    for name in paths:
         verify_s = float(np.median(times[name]))
         emit({"bench": "verify-cost", "path": name, "model": args.model or args.shape, "context": context,
               "k": args.k, "verify_step_us": 1e6 * verify_s, "decode_forward_us": 1e6 * decode_forward,
               "decode_step_us": 1e6 * decode_step, "ratio": verify_s / decode_step,
-              "ratio_to_forward": verify_s / decode_forward, "repeats": len(times[name])}, args.json)
+              "ratio_to_forward": verify_s / decode_forward, "repeats": len(times[name]),
+              "graphed": graph_sets[name] is not None,
+              "chosen": runner.verify_paths.path.get(args.k + 1, "pseudo_rows")}, args.json)
 
 
 def main(argv: list[str] | None = None) -> None:

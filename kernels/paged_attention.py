@@ -185,6 +185,13 @@ def choose_num_splits(batch: int, kv_heads: int, max_context: int, partition: in
     return max(1, min(max_splits, math.ceil(2 * num_sms / programs)))
 
 
+def split_partition(table_tokens: int, num_splits: int, partition: int | None, block_n: int) -> int:
+    """Tokens per partition: at least ``partition`` (default 512), a multiple of ``block_n``, and
+    enough for ``num_splits`` of them to cover the widest block table, whatever split count was asked for."""
+    partition = max(partition or 512, math.ceil(table_tokens / num_splits))
+    return max(block_n, (partition + block_n - 1) // block_n * block_n)
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -210,10 +217,7 @@ def paged_decode_attention(
     if out is None:
         out = torch.empty_like(q)
     block_n = 64 if dim <= 128 else 32
-    # The partitions must cover the widest block table, whatever split count was asked for.
-    table_tokens = block_tables.shape[1] * block_size
-    partition = max(partition or 512, math.ceil(table_tokens / num_splits))
-    partition = max(block_n, (partition + block_n - 1) // block_n * block_n)
+    partition = split_partition(block_tables.shape[1] * block_size, num_splits, partition, block_n)
     d_pad = max(16, next_pow2(dim))
     if num_splits > 1:
         part_acc = torch.empty(batch, q_heads, num_splits, d_pad, dtype=torch.float32, device=q.device)

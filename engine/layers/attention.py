@@ -3,6 +3,8 @@
 Prefill: new K/V are stored in the cache first, then each sequence attends to its whole context
 with torch SDPA (causal; a chunk or a prefix-cache hit gathers the earlier K/V from the cache).
 Decode: one token per sequence, paged decode attention (Triton on GPU, the torch reference on CPU).
+Speculative verify (``Context.verify_query_len``): k + 1 tokens per sequence, multi-query paged decode
+attention (kernels/verify_attention.py), whether the rest of the forward runs as prefill or as decode pseudo-rows.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from engine.context import get_context
 from engine.layers.options import ModelOptions
 # Module references, not function imports: tests may reload these modules to switch Triton
 # between compiled and interpreted mode.
-from kernels import kv_store, paged_attention, prefill_attention
+from kernels import kv_store, paged_attention, prefill_attention, verify_attention
 
 
 # Minimum tokens per flash-decoding partition: small enough that a batch-1 decode over a few
@@ -57,7 +59,9 @@ class Attention(nn.Module):
         ctx = get_context()
         if self.k_cache.numel() and not kv_stored:
             (kv_store.store_kv if self.use_triton else kv_store.store_kv_ref)(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
-        if ctx.is_prefill and ctx.cu_query_lens is not None and self.k_cache.numel():
+        if ctx.verify_query_len and self.k_cache.numel():
+            out = self._verify(q, ctx)
+        elif ctx.is_prefill and ctx.cu_query_lens is not None and self.k_cache.numel():
             out = prefill_attention.paged_prefill_attention(
                 q, self.k_cache, self.v_cache, ctx.block_tables, ctx.cu_query_lens, ctx.context_lens,
                 ctx.max_query_len, self.scale,
@@ -72,6 +76,22 @@ class Attention(nn.Module):
         else:
             out = paged_attention.paged_decode_attention_ref(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _verify(self, q: torch.Tensor, ctx) -> torch.Tensor:
+        """Each sequence's verify tokens against its context, its K/V read once per KV head."""
+        q_len = ctx.verify_query_len
+        if ctx.is_prefill:  # one entry per sequence, its queries at cu_query_lens
+            tables, lens, cu = ctx.block_tables, ctx.context_lens, ctx.cu_query_lens
+        else:  # pseudo-rows, q_len a sequence: its table (every row holds it) and its last row's length
+            rows = q.shape[0] // q_len * q_len
+            tables, lens, cu = ctx.block_tables[:rows:q_len], ctx.context_lens[q_len - 1 : rows : q_len], None
+        if not self.use_triton:
+            return verify_attention.paged_verify_attention_ref(q, self.k_cache, self.v_cache, tables, lens, self.scale,
+                                                               q_len, cu)
+        return verify_attention.paged_verify_attention(
+            q, self.k_cache, self.v_cache, tables, lens, self.scale, q_len, cu,
+            num_splits=self.decode_splits(lens.shape[0]), partition=DECODE_PARTITION, pdl=self.pdl,
+        )
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> torch.Tensor:
         out = torch.empty_like(q)

@@ -12,6 +12,7 @@ one forward, rejection sampling keeps the output distribution the target's (gree
     min_tokens.py ban_stop_tokens(): min_tokens in draft and target logits
     draft_model.py DraftModelProposer: the draft ModelRunner's catch-up + k - 1 decode forwards
     worker.py     SpecDecodeWorker.step(): draft, verify forward, verify(), the StepResult
+    verify_paths.py VerifyPaths: which forward a verify takes, timed per token count at startup
 
 How it runs in the engine:
 
@@ -37,8 +38,10 @@ How it runs in the engine:
    logits at every row: while the batch's tokens fit the fused small-batch decode (16 rows), as
    decode pseudo-rows, one row per token sharing its sequence's block table (decode_inputs.py),
    in the decode graphs; larger batches through the varlen prefill path (a verify graph,
-   PrefillGraphs(all_rows=True), where one holds it). rejection.verify; one to_lists(), the round's
-   one sync. Logprobs: log_softmax of the raw target logits.
+   PrefillGraphs(all_rows=True), where one holds it); each of the two also with multi-query decode
+   attention (kernels/verify_attention.py: a sequence's K/V read once for its k + 1 tokens), and
+   per token count the path timed fastest at startup (verify_paths.py). rejection.verify; one
+   to_lists(), the round's one sync. Logprobs: log_softmax of the raw target logits.
 5. Accept and roll back. The engine's one append path cuts a run at stop tokens, stop strings,
    max_tokens; Scheduler.finish_step sets num_computed_tokens = len - 1, clamps draft_computed to it
    and releases blocks past the kept tokens (BlockManager.release_unused). Rejected entries in kept

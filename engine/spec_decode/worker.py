@@ -3,10 +3,10 @@
 The scheduler reserved blocks for n_i + 1 positions per sequence (``ScheduledBatch.num_draft``).
 The proposer drafts up to n_i tokens per sequence; the target scores [last token, d_0 .. d_{m-1}]
 at positions len - 1 .. len - 1 + m in one forward with logits at every row (ModelRunner.all_logits:
-decode pseudo-rows in a decode graph while the batch's tokens fit the fused small-batch decode, else
-the varlen prefill path); rejection.verify accepts a prefix per sequence and adds the target's own
-token (a batch of plain greedy rows compares the drafts with the target's argmax on the host
-instead: the same tokens, without the device ops). The result is a StepResult like any step's: the
+decode pseudo-rows or the varlen prefill path, in graphs, with or without multi-query decode
+attention: whichever verify_paths.py timed fastest for the token count); rejection.verify accepts
+a prefix per sequence and adds the target's own token (a batch of plain greedy rows compares the
+drafts with the target's argmax on the host instead: the same tokens, without the device ops). The result is a StepResult like any step's: the
 engine appends the tokens through its one append path (stop tokens, stop strings, max_tokens cut a
 run there) and the scheduler's finish_step rolls both caches back by bookkeeping
 (num_computed_tokens and draft_computed follow the kept tokens, unused tail blocks are released).

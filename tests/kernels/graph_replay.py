@@ -35,16 +35,16 @@ class EagerDecodeReplay:
 
     def replay(self) -> None:
         g = self.graphs
-        ids, pos, ctx = g.inputs.views(self.rows)
+        ids, pos, ctx = g.inputs.views(self.rows, g.verify_query_len)
         set_context(ctx)
         with torch.inference_mode():
             g.logits[self.rows] = g.model.compute_logits(g.model(ids, pos)).float()
         reset_context()
 
 
-def eager_decode_graphs(runner, max_bs: int) -> DecodeGraphs:
+def eager_decode_graphs(runner, max_bs: int, verify_query_len: int = 0) -> DecodeGraphs:
     """The runner's decode graphs up to ``max_bs`` rows, each bucket an EagerDecodeReplay."""
-    graphs = DecodeGraphs(runner.model, runner.decode_inputs, max_bs, num_steps=1)
+    graphs = DecodeGraphs(runner.model, runner.decode_inputs, max_bs, num_steps=1, verify_query_len=verify_query_len)
     for rows in graphs.buckets:
         graphs.graphs[rows] = EagerDecodeReplay(graphs, rows)
     return graphs

@@ -57,28 +57,63 @@ def test_catch_up_of_one_token_per_sequence_runs_as_decode_rows(model_dir, monke
 
 
 def test_verify_path_is_the_one_timed_faster_per_token_count(model_dir, monkeypatch):
-    """ModelRunner._time_verify_paths (with CUDA graphs of both kinds): each token count takes the
-    path whose timing was lower, and all_logits then dispatches to it; without both graph sets
-    nothing is timed and pseudo-rows stay the rule."""
-    import engine.model_runner as mr
+    """VerifyPaths.time (with CUDA graphs of both kinds): each token count takes the
+    path whose timing was lower, timed on sequences of k + 1 = 5 tokens (the verify's layout), and
+    all_logits then dispatches to it; without both graph sets nothing is timed and pseudo-rows stay
+    the rule."""
+    import engine.spec_decode.verify_paths as vp
 
     _, runner = verify_runner(model_dir("llama_gqa_untied"))
-    runner._time_verify_paths(8)
-    assert runner.verify_path == {}  # CPU: no graphs, nothing timed
+    assert runner.verify_query_len == 5
+    runner.verify_paths.time(8)
+    assert runner.verify_paths.path == {}  # CPU: no graphs, nothing timed
     calls = []
     monkeypatch.setattr(runner, "pseudo_row_logits", lambda c, ids=None: calls.append(("pseudo_rows", c)) or "p")
     monkeypatch.setattr(runner, "prefill_all_logits", lambda c, ids=None: calls.append(("prefill", c)) or "f")
     # Fake timings: pseudo-rows cost 1 + n, the prefill path 6: pseudo-rows up to 5 tokens (a tie keeps them).
     def fake_seconds(run):
         path = run()
-        return 1 + len(calls[-1][1][0][0]) if path == "p" else 6
+        return 1 + sum(len(c[0]) for c in calls[-1][1]) if path == "p" else 6
 
-    monkeypatch.setattr(mr, "gpu_seconds", fake_seconds)
+    monkeypatch.setattr(vp, "gpu_seconds", fake_seconds)
     runner.graphs, runner.verify_graphs = object(), object()
-    runner._time_verify_paths(8)
-    assert runner.verify_path == {n: "pseudo_rows" if n <= 5 else "prefill" for n in range(2, 9)}
-    assert all(c[0][0] == [0] * len(c[0][0]) and len(c) == 1 for _, c in calls)
+    runner.verify_paths.time(8)
+    assert runner.verify_paths.path == {n: "pseudo_rows" if n <= 5 else "prefill" for n in range(2, 9)}
+    for _, chunks in calls:  # n tokens as sequences of 5, the last one shorter
+        n = sum(len(c[0]) for c in chunks)
+        assert [len(c[0]) for c in chunks] == [5] * (n // 5) + ([n % 5] if n % 5 else [])
+        assert all(c[0] == [0] * len(c[0]) for c in chunks)
     calls.clear()
     runner.all_logits([([1, 2, 3], 4, [0])])
     runner.all_logits([([1, 2, 3], 4, [0]), ([4, 5, 6], 9, [1])])
     assert [name for name, _ in calls] == ["pseudo_rows", "prefill"]
+
+
+def test_multi_query_variants_are_timed_and_dispatched(model_dir, monkeypatch):
+    """With the multi-query graphs too: pseudo_rows_mq is timed only where n is whole sequences of
+    k + 1 (its layout), path[0] (past the pseudo-rows) is the faster prefill path at the
+    largest verify, and a ragged batch takes the runner-up where pseudo_rows_mq won."""
+    import engine.spec_decode.verify_paths as vp
+
+    _, runner = verify_runner(model_dir("llama_gqa_untied"))
+    cost = {"pseudo_rows": 10, "prefill": 9, "pseudo_rows_mq": 1, "prefill_mq": 5}
+    calls = []
+    fakes = {name: (lambda name: lambda c, ids=None: calls.append((name, c)) or name)(name) for name in cost}
+    monkeypatch.setattr(runner.verify_paths, "forwards", lambda: fakes)
+    monkeypatch.setattr(vp, "gpu_seconds", lambda run: cost[run()])
+    runner.graphs = runner.verify_graphs = runner.mq_graphs = runner.mq_verify_graphs = object()
+    runner.verify_paths.time(16, wide_tokens=80)
+    assert runner.verify_paths.path == {**{n: "pseudo_rows_mq" if n % 5 == 0 else "prefill_mq" for n in range(2, 17)},
+                                  0: "prefill_mq"}
+    assert {len(c) for name, c in calls if name == "prefill_mq" and sum(len(x[0]) for x in c) > 16} == {16}
+    calls.clear()
+    runner.all_logits([([1] * 5, 4, [0])])
+    runner.all_logits([([1] * 5, 4, [0]), ([1] * 3, 4, [1])])  # 8 tokens: prefill_mq
+    runner.all_logits([([1] * 5, 4, [0]), ([1] * 4, 4, [1]), ([1], 4, [1])])  # 10 tokens, ragged: the runner-up
+    runner.all_logits([([1] * 5, 4, [0])] * 4)  # 20 tokens: past the pseudo-rows
+    assert [name for name, _ in calls] == ["pseudo_rows_mq", "prefill_mq", "prefill_mq", "prefill_mq"]
+    assert runner.verify_paths.ragged == {n: "prefill_mq" for n in (5, 10, 15)}
+    runner.config.max_num_seqs = 2  # verifies of at most 2 sequences: token counts past 10 are not timed
+    runner.verify_paths.path.clear()
+    runner.verify_paths.time(16)
+    assert sorted(runner.verify_paths.path) == list(range(2, 11))

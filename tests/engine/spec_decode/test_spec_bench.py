@@ -95,19 +95,20 @@ def test_implied_speedup_and_policy(bench):
     assert bench.recommend_policy(rows) == {1: 4, 16: 0}
 
 
-def test_verify_cost_reports_both_paths_against_decode_on_cpu(bench, model_dir, tmp_path):
+def test_verify_cost_reports_every_path_against_decode_on_cpu(bench, model_dir, tmp_path):
     out = tmp_path / "v.jsonl"
     bench.main(["--json", str(out), "verify-cost", "--model", model_dir("llama_gqa_untied"), "--context", "32", "48",
                 "--k", "4", "--repeat", "2", "--engine", '{"device": "cpu"}'])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["path"], r["context"]) for r in rows] == [("pseudo_rows", 32), ("prefill", 32), ("pseudo_rows", 48),
-                                                         ("prefill", 48)]
+    paths = ["pseudo_rows", "prefill", "pseudo_rows_mq", "prefill_mq"]
+    assert [(r["path"], r["context"]) for r in rows] == [(p, c) for c in (32, 48) for p in paths]
     for r in rows:
         assert r["verify_step_us"] > 0 and r["decode_step_us"] > 0 and r["decode_forward_us"] > 0
         assert r["ratio"] == pytest.approx(r["verify_step_us"] / r["decode_step_us"])
         assert r["ratio_to_forward"] == pytest.approx(r["verify_step_us"] / r["decode_forward_us"])
         assert r["repeats"] == 2 and r["k"] == 4
-    assert rows[0]["decode_forward_us"] == rows[1]["decode_forward_us"]  # one decode measurement for both paths
+        assert r["graphed"] is False and r["chosen"] == "pseudo_rows"  # CPU: no graphs, nothing timed
+    assert len({r["decode_forward_us"] for r in rows[:4]}) == 1  # one decode measurement for every path
 
 
 def test_verify_cost_takes_engine_overrides_that_it_also_sets(bench, model_dir, tmp_path):
@@ -118,7 +119,8 @@ def test_verify_cost_takes_engine_overrides_that_it_also_sets(bench, model_dir, 
     bench.main(["--json", str(out), "verify-cost", "--model", model_dir("llama_gqa_untied"), "--context", "32",
                 "--k", "2", "--repeat", "1", "--engine", '{"device": "cpu", "max_model_len": 160}'])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["path"] for r in rows] == ["pseudo_rows", "prefill"] and all(r["verify_step_us"] > 0 for r in rows)
+    assert [r["path"] for r in rows] == ["pseudo_rows", "prefill", "pseudo_rows_mq", "prefill_mq"]
+    assert all(r["verify_step_us"] > 0 for r in rows)
     with pytest.raises(Exception, match="max_model_len 64"):
         bench.main(["verify-cost", "--model", model_dir("llama_gqa_untied"), "--context", "32", "--k", "2",
                     "--repeat", "1", "--engine", '{"device": "cpu", "max_model_len": 64}'])

@@ -39,3 +39,24 @@ def test_bf16_mixed_batch_runs_and_seeded_sampling_repeats(model_dir, mixed_prom
     b = LLM(target, **kw).generate(mixed_prompts[:8], params)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     assert all(o.error is None and len(o.token_ids) > 0 for o in a)
+
+
+@pytest.mark.parametrize("path", ["pseudo_rows_mq", "prefill_mq"])
+def test_fp32_graphs_greedy_through_each_multi_query_verify_path_matches_transformers(path, model_dir, mixed_prompts,
+                                                                                         hf_reference):
+    """Every verify forced through one multi-query path (its CUDA graphs: split counters, PDL, the
+    newest k + 1 tokens' K/V from the kernel before); ragged batches (n-gram drafts of different
+    lengths) through the runner-up, the prefill_mq graphs."""
+    target = model_dir("llama_gqa_untied", with_tokenizer=True)
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+            "max_batch_size": 32}
+    llm = LLM(target, device="cuda", dtype="float32", max_model_len=256, block_size=4, num_kv_blocks=96,
+              max_num_batched_tokens=128, cuda_graph_max_bs=32, speculative_config=spec)
+    runner = llm.engine.runner
+    assert runner.mq_graphs is not None and runner.mq_verify_graphs is not None
+    assert set(runner.verify_paths.path) >= set(range(2, 17))  # timed at startup: a path for every token count
+    runner.verify_paths.path = {n: path for n in range(17)} | {0: "prefill_mq"}
+    runner.verify_paths.ragged = {n: "prefill_mq" for n in range(17)}
+    outs = llm.generate(mixed_prompts, GREEDY)
+    assert [o.token_ids for o in outs] == hf_reference("llama_gqa_untied", mixed_prompts)
+    assert llm.engine.num_spec_steps > 0
