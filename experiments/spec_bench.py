@@ -405,6 +405,8 @@ def verify_cost(args) -> None:
     settings = {"load_format": "safetensors" if args.model else "dummy", "max_model_len": max_len,
                 "max_num_seqs": 1, "cuda_graph_max_bs": 1, "kv_cache_tokens": 2 * max_len,
                 "speculative_config": spec, **engine_kwargs}
+    if "kv_cache_tokens" not in engine_kwargs:  # room for one sequence of the max_model_len in force
+        settings["kv_cache_tokens"] = 2 * settings["max_model_len"]
     if settings["max_model_len"] < max_len:
         raise ShrinkError(f"--engine: max_model_len {settings['max_model_len']} < the longest --context + 80 = {max_len}")
     llm = LLM(path, **settings)

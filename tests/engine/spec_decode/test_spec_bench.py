@@ -121,6 +121,11 @@ def test_verify_cost_takes_engine_overrides_that_it_also_sets(bench, model_dir, 
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["path"] for r in rows] == ["pseudo_rows", "prefill", "pseudo_rows_mq", "prefill_mq"]
     assert all(r["verify_step_us"] > 0 for r in rows)
+    # A max_model_len past twice the probe's own length: the KV pool must still hold one sequence of it
+    # (speed mode's 2048 against a 592-token probe pool: "74 blocks ... cannot hold", H200).
+    bench.main(["--json", str(out), "verify-cost", "--model", model_dir("llama_gqa_untied"), "--context", "32",
+                "--k", "2", "--repeat", "1", "--engine", '{"device": "cpu", "max_model_len": 512}'])
+    assert len(out.read_text().splitlines()) == 8
     with pytest.raises(Exception, match="max_model_len 64"):
         bench.main(["verify-cost", "--model", model_dir("llama_gqa_untied"), "--context", "32", "--k", "2",
                     "--repeat", "1", "--engine", '{"device": "cpu", "max_model_len": 64}'])
