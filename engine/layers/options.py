@@ -18,6 +18,9 @@ class ModelOptions:
     # Compressed weights in the M == 1 decode GEMVs: the exact dequantization (each weight rounded to
     # the activation dtype, as the torch references) instead of the fast one (kernels/gemv.py).
     exact_dequant: bool = False
+    # 2:4 sparse layers: "auto" (the faster of sparse and dense per layer shape and batch size,
+    # timed on the GPU at first use), "sparse" or "dense" (engine/layers/quantized.py, Sparse24Linear).
+    sparse24_path: str = "auto"
     # Tokens per KV-cache block.
     block_size: int = 16
     # The longest context: decode attention's split count is chosen from it.
