@@ -67,17 +67,20 @@ if HAS_TRITON:
     @triton.jit
     def _sparse24_select_kernel(
         x_ptr, kept_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-        N: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr,
+        N, K, GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr,
         INT4: tl.constexpr, FP16: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
         BF16_BY_HAND: tl.constexpr,
     ):
-        UNITS: tl.constexpr = K // 32
+        UNITS = K // 32
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
         c = cols.to(tl.int64)[:, None]
         meta_rows = meta_ptr + c * UNITS  # int32 words
-        kept_rows = kept_ptr + c * (UNITS * (2 if INT4 else 8))  # int32 words
+        if INT4:  # int32 words
+            kept_rows = kept_ptr + c * (UNITS * 2)
+        else:
+            kept_rows = kept_ptr + c * (UNITS * 8)
         acc = tl.zeros([BLOCK_N, BLOCK_U], tl.float32)
         for u0 in range(0, UNITS, BLOCK_U):
             u = u0 + tl.arange(0, BLOCK_U)
@@ -147,12 +150,12 @@ if HAS_TRITON:
     def _sparse24_dot_kernel(
         x_ptr, kept_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
         M, x_stride, out_stride,
-        N: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr,
+        N, K, GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         INT4: tl.constexpr, FP16: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
         BF16_BY_HAND: tl.constexpr, IEEE: tl.constexpr,
     ):
-        GROUPS: tl.constexpr = K // 4
+        GROUPS = K // 4
         BLOCK_G: tl.constexpr = BLOCK_K // 4
         rows = tl.arange(0, BLOCK_M)
         row_mask = rows < M
