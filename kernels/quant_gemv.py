@@ -65,6 +65,14 @@ if HAS_TRITON:
         return ((word & (0xF << SHIFT)) | 0x4B000000).to(tl.float32, bitcast=True) - sub
 
     @triton.jit
+    def _pick(first, second, xa, xb, xc, xd, F0: tl.constexpr, F1: tl.constexpr):
+        """The inputs of a group's two kept values, times F0 / F1, by their positions: the first
+        kept is at 0..2, the second at 1..3 (positions ascend within a group)."""
+        x0 = tl.where(first == 0, xa * F0, tl.where(first == 1, xb * F0, xc * F0))
+        x1 = tl.where(second == 3, xd * F1, tl.where(second == 2, xc * F1, xb * F1))
+        return x0, x1
+
+    @triton.jit
     def _sparse24_select_kernel(
         x_ptr, kept_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
         N, K, GROUP: tl.constexpr,
@@ -113,11 +121,6 @@ if HAS_TRITON:
                 xc = tl.load(xk + 2, mask=u_mask, other=0.0).to(tl.float32)[None, :]
                 xd = tl.load(xk + 3, mask=u_mask, other=0.0).to(tl.float32)[None, :]
                 if INT4:
-                    s0: tl.constexpr = 8 * (i % 2)
-                    f0: tl.constexpr = 1.0 / (1 << s0)
-                    f1: tl.constexpr = 1.0 / (1 << (s0 + 4))
-                    x0 = tl.where(first == 0, xa * f0, tl.where(first == 1, xb * f0, xc * f0))
-                    x1 = tl.where(second == 3, xd * f1, tl.where(second == 2, xc * f1, xb * f1))
                     if i < 2:
                         word = lo
                     elif i < 4:
@@ -126,13 +129,14 @@ if HAS_TRITON:
                         word = hi
                     else:
                         word = hi_hi
-                    if i % 2 == 0:
+                    if i % 2 == 0:  # the pair at bits 0, 4: x scaled by 2^-0, 2^-4
+                        x0, x1 = _pick(first, second, xa, xb, xc, xd, 1.0, 0.0625)
                         part += _magic(word, 0, sub0) * x0 + _magic(word, 4, sub4) * x1
-                    else:
+                    else:  # bits 8, 12
+                        x0, x1 = _pick(first, second, xa, xb, xc, xd, 0.00390625, 0.000244140625)
                         part += _magic(word, 8, sub8) * x0 + _magic(word, 12, sub12) * x1
                 else:
-                    x0 = tl.where(first == 0, xa, tl.where(first == 1, xb, xc))
-                    x1 = tl.where(second == 3, xd, tl.where(second == 2, xc, xb))
+                    x0, x1 = _pick(first, second, xa, xb, xc, xd, 1.0, 1.0)
                     v0, v1 = _half_pair(tl.load(kept_rows + 8 * u[None, :] + i, mask=mask, other=0), FP16)
                     part += v0 * x0 + v1 * x1
             if INT4:
