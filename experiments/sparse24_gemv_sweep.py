@@ -10,7 +10,7 @@ device-to-device copy ceiling, for
 Each kernel runs back to back on distinct weight copies (256 MiB or more, so nothing is served
 from L2) inside a CUDA graph (eval/bench/common.graph_seconds).
 
-    python experiments/sparse24_gemv_sweep.py --json sparse24_sweep.jsonl [--m 1 16] [--budget-s 30]
+    python experiments/sparse24_gemv_sweep.py --json sparse24_sweep.jsonl [--m 1 16] [--budget-s 40]
 
 Output: JSON lines: {"kind": "ceiling"}, {"kind": "measure"} per (format, shape, M, path[, config]),
 {"kind": "best"} per case, {"kind": "suggest"} per (format, path): the tile with the least total
@@ -37,9 +37,9 @@ from kernels.quant_gemv import DOT_CONFIG, SELECT_CONFIG, sparse24_gemv
 SHAPES = {"qkv": (3 * 4096, 4096), "o_proj": (4096, 4096), "gate_up": (2 * 11008, 4096), "down": (4096, 11008)}
 FORMATS = ["bf16", "int4_g128"]
 # (BLOCK_N, BLOCK_K, num_warps) per path, likeliest first
-SELECT_CANDIDATES = [(16, 256, 4), (64, 256, 4), (32, 512, 4), (16, 512, 4), (32, 128, 4), (64, 512, 8),
-                     (128, 256, 8), (8, 1024, 4)]
-DOT_CANDIDATES = [(64, 128, 4), (16, 128, 4), (32, 256, 4), (64, 64, 4), (128, 128, 8), (32, 64, 4)]
+SELECT_CANDIDATES = [(16, 2048, 4), (8, 4096, 4), (4, 4096, 4), (16, 1024, 4), (8, 1024, 4), (32, 1024, 4),
+                     (16, 2048, 8), (4, 2048, 4), (64, 256, 4)]
+DOT_CANDIDATES = [(32, 128, 4), (16, 128, 4), (64, 64, 4), (32, 256, 4), (128, 128, 8), (16, 64, 4)]
 COPY_BYTES = 256 << 20
 DEVICE = "cuda"  # the CPU smoke test (tests/kernels/test_sparse24_gemv_sweep.py) sets "cpu"
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--m", nargs="+", type=int, default=[1, 16], help="batch rows (1..16)")
-    ap.add_argument("--budget-s", type=float, default=30.0, help="seconds of tile sweeping after the fixed rows")
+    ap.add_argument("--budget-s", type=float, default=40.0, help="seconds of tile sweeping after the fixed rows")
     ap.add_argument("--json", default=None, help="also write the JSON lines to this file")
     args = ap.parse_args(argv)
     if DEVICE == "cuda" and not torch.cuda.is_available():

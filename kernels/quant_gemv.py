@@ -30,9 +30,12 @@ if HAS_TRITON:
 
 SMALL_M = 16
 UNIT = 32  # dense inputs per meta word: 8 groups of 4
-# (BLOCK_N, BLOCK_K, num_warps) per path; experiments/sparse24_gemv_sweep.py times candidates.
-SELECT_CONFIG = (32, 256, 4)
-DOT_CONFIG = (32, 128, 4)
+# (BLOCK_N, BLOCK_K, num_warps) per path, not yet swept on a GPU (experiments/sparse24_gemv_sweep.py
+# times candidates): the int4 fast GEMV's shape of tile (kernels/gemv.py, FAST_M1_CONFIGS) and its
+# tl.dot one (FAST_DOT_CONFIG). sm_90 SASS of the select loop (experiments/gemv_sass_count.py's
+# counting): about 5.3 instructions per dense input for int4 codes and 4.2 for bf16 values.
+SELECT_CONFIG = (8, 2048, 4)
+DOT_CONFIG = (64, 128, 4)
 
 
 def sparse24_gemv_fits(k: int, kept: torch.Tensor, group: int | None = None) -> bool:
@@ -65,11 +68,20 @@ if HAS_TRITON:
         return ((word & (0xF << SHIFT)) | 0x4B000000).to(tl.float32, bitcast=True) - sub
 
     @triton.jit
-    def _pick(first, second, xa, xb, xc, xd, F0: tl.constexpr, F1: tl.constexpr):
-        """The inputs of a group's two kept values, times F0 / F1, by their positions: the first
-        kept is at 0..2, the second at 1..3 (positions ascend within a group)."""
-        x0 = tl.where(first == 0, xa * F0, tl.where(first == 1, xb * F0, xc * F0))
-        x1 = tl.where(second == 3, xd * F1, tl.where(second == 2, xc * F1, xb * F1))
+    def _bit(word, BIT: tl.constexpr):
+        """Whether bit BIT of an int32 word is set (one LOP3 to a predicate)."""
+        if BIT == 31:
+            return word < 0
+        else:
+            return (word & (1 << BIT)) != 0
+
+    @triton.jit
+    def _pick(meta, I: tl.constexpr, xa, xb, xc, xd, F0: tl.constexpr, F1: tl.constexpr):
+        """The inputs of group I's two kept values (of a meta word: its first kept's position in
+        bits 4I, 4I + 1, the second's in 4I + 2, 4I + 3), times F0 / F1, by two selects each:
+        positions ascend within a group, so the first is at 0..2 and the second at 1..3."""
+        x0 = tl.where(_bit(meta, 4 * I + 1), xc * F0, tl.where(_bit(meta, 4 * I), xb * F0, xa * F0))
+        x1 = tl.where(_bit(meta, 4 * I + 3), tl.where(_bit(meta, 4 * I + 2), xd * F1, xc * F1), xb * F1)
         return x0, x1
 
     @triton.jit
@@ -112,9 +124,6 @@ if HAS_TRITON:
                 sub8 = 8388608.0 + off * 256.0
                 sub12 = 8388608.0 + off * 4096.0
             for i in tl.static_range(8):
-                nib = (meta >> (4 * i)) & 0xF
-                first = nib & 3
-                second = nib >> 2
                 xk = x_ptr + u * 32 + 4 * i
                 xa = tl.load(xk, mask=u_mask, other=0.0).to(tl.float32)[None, :]
                 xb = tl.load(xk + 1, mask=u_mask, other=0.0).to(tl.float32)[None, :]
@@ -130,15 +139,18 @@ if HAS_TRITON:
                     else:
                         word = hi_hi
                     if i % 2 == 0:  # the pair at bits 0, 4: x scaled by 2^-0, 2^-4
-                        x0, x1 = _pick(first, second, xa, xb, xc, xd, 1.0, 0.0625)
-                        part += _magic(word, 0, sub0) * x0 + _magic(word, 4, sub4) * x1
+                        x0, x1 = _pick(meta, i, xa, xb, xc, xd, 1.0, 0.0625)
+                        part += _magic(word, 0, sub0) * x0  # two FFMAs, not FMUL + FFMA + FADD
+                        part += _magic(word, 4, sub4) * x1
                     else:  # bits 8, 12
-                        x0, x1 = _pick(first, second, xa, xb, xc, xd, 0.00390625, 0.000244140625)
-                        part += _magic(word, 8, sub8) * x0 + _magic(word, 12, sub12) * x1
+                        x0, x1 = _pick(meta, i, xa, xb, xc, xd, 0.00390625, 0.000244140625)
+                        part += _magic(word, 8, sub8) * x0
+                        part += _magic(word, 12, sub12) * x1
                 else:
-                    x0, x1 = _pick(first, second, xa, xb, xc, xd, 1.0, 1.0)
+                    x0, x1 = _pick(meta, i, xa, xb, xc, xd, 1.0, 1.0)
                     v0, v1 = _half_pair(tl.load(kept_rows + 8 * u[None, :] + i, mask=mask, other=0), FP16)
-                    part += v0 * x0 + v1 * x1
+                    part += v0 * x0
+                    part += v1 * x1
             if INT4:
                 acc += part * scale
             else:
