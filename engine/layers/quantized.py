@@ -325,13 +325,18 @@ class Sparse24Linear(CompressedLinear):
 
     def choose(self, m: int, dtype: torch.dtype, device: torch.device) -> str:
         """The path of m rows: the only candidate, the sparse one ("sparse", or off a GPU), or the
-        one timed faster at m's bucket ("auto"; timed here at first use, outside graph capture)."""
+        one timed faster at m's bucket ("auto"; timed here at first use, outside graph capture);
+        inside a capture never "cusparselt"."""
         options = self.candidates(m, dtype, device)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if len(options) == 1 or self.path_option == "sparse" or device.type != "cuda":
-            return options[0]
-        if not self.paths and not torch.cuda.is_current_stream_capturing():
-            self.time_paths(dtype, device)
-        return self.paths.get(m_bucket(m), options[0])
+            path = options[0]
+        else:
+            if not self.paths and not capturing:
+                self.time_paths(dtype, device)
+            path = self.paths.get(m_bucket(m), options[0])
+        # torch's semi-structured kernels are not known to capture: a graph takes the dense matmul
+        return "dense" if path == "cusparselt" and capturing else path
 
     def time_paths(self, dtype: torch.dtype, device: torch.device) -> None:
         """Time each bucket's candidates (CUDA events, gpu_seconds: the best of TIMING_REPS after a

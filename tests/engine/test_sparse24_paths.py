@@ -200,3 +200,12 @@ def test_gpu_timing_then_capture(kind):
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(out, module(x))
+
+
+def test_capture_never_takes_the_semi_structured_kernels(monkeypatch):
+    module = layer("bf16", n=64, k=128)
+    module.paths = {512: "cusparselt"}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert module.choose(600, torch.bfloat16, CUDA) == "dense"
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert module.choose(600, torch.bfloat16, CUDA) == "cusparselt"
