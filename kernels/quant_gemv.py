@@ -14,9 +14,15 @@ Two paths, chosen by sparse24_gemv:
   0..2, the second at 1..3). int4 codes become floats in place by the magic-number trick with the
   zero point folded into the subtrahend, and the scale multiplies the unit's partial dot (a
   group of >= 32 inputs holds whole units), not each weight.
-- "dot" (M > 1, or exact): the tile's dense weight rebuilt in registers from the kept pairs and
-  positions, rounded to x's dtype as the references do (sparse24_int4_linear_ref,
-  sparse24_linear_ref), and multiplied on the tensor cores with x padded to 16 rows.
+- "dot" (M > 1, or exact): per K tile, the dense weight's four position slices (position p of
+  every group: the kept value there or zero) rebuilt in registers from the kept pairs, rounded
+  to x's dtype as the references do (sparse24_int4_linear_ref, sparse24_linear_ref), each
+  multiplied on the tensor cores with x's columns p, p + 4, ... (x padded to 16 rows).
+
+Neither path reaches the copy ceiling for int4 codes: by sm_90 SASS the select loop spends about
+5.3 instructions per dense input (bf16 values: 4.2; what the issue rate allows at the copy
+ceiling is about 2.9 for int4's 0.375 bytes per input, 8.8 for bf16's 1.125), the dot loop
+16-21 (compute bound at 16 rows). Sparse24Linear times them against a dense matmul per shape.
 """
 
 from __future__ import annotations
@@ -32,8 +38,7 @@ SMALL_M = 16
 UNIT = 32  # dense inputs per meta word: 8 groups of 4
 # (BLOCK_N, BLOCK_K, num_warps) per path, not yet swept on a GPU (experiments/sparse24_gemv_sweep.py
 # times candidates): the int4 fast GEMV's shape of tile (kernels/gemv.py, FAST_M1_CONFIGS) and its
-# tl.dot one (FAST_DOT_CONFIG). sm_90 SASS of the select loop (experiments/gemv_sass_count.py's
-# counting): about 5.3 instructions per dense input for int4 codes and 4.2 for bf16 values.
+# tl.dot one (FAST_DOT_CONFIG).
 SELECT_CONFIG = (8, 2048, 4)
 DOT_CONFIG = (64, 128, 4)
 
@@ -184,8 +189,8 @@ if HAS_TRITON:
             mask = col_mask[:, None] & (g < GROUPS)[None, :]
             byte = tl.load(meta_ptr + c * (K // 8) + (g // 2)[None, :], mask=mask, other=0).to(tl.int32)
             nib = (byte >> ((g % 2) * 4)[None, :]) & 0xF
-            first = (nib & 3)[:, :, None]
-            second = (nib >> 2)[:, :, None]
+            first = nib & 3
+            second = nib >> 2
             if INT4:
                 code = tl.load(kept_ptr + c * GROUPS + g[None, :], mask=mask, other=0).to(tl.int32)
                 sg = c * (K // GROUP) + (g * 4 // GROUP)[None, :]
@@ -200,19 +205,28 @@ if HAS_TRITON:
                 v1 *= scale
             else:
                 v0, v1 = _half_pair(tl.load(kept_ptr + c * GROUPS + g[None, :], mask=mask, other=0), FP16)
-            p = tl.arange(0, 4)[None, None, :]
-            w = tl.where(first == p, v0[:, :, None], tl.where(second == p, v1[:, :, None], 0.0))
-            w = tl.reshape(w, (BLOCK_N, BLOCK_K))
             if BF16_BY_HAND:
-                w = _rnd(w, tl.bfloat16, True)
-            w = w.to(x_ptr.dtype.element_ty)
-            k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * x_stride + k[None, :],
-                        mask=row_mask[:, None] & (k < K)[None, :], other=0.0)
-            if IEEE:  # fp32 (no tf32 rounding); the interpreter's 16-bit dot is not exact
-                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
+                v0 = _rnd(v0, tl.bfloat16, True)
+                v1 = _rnd(v1, tl.bfloat16, True)
+            v0 = v0.to(x_ptr.dtype.element_ty)
+            v1 = v1.to(x_ptr.dtype.element_ty)
+            zeros = tl.zeros([BLOCK_N, BLOCK_G], x_ptr.dtype.element_ty)
+            x_mask = row_mask[:, None] & (g < GROUPS)[None, :]
+            x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_stride + 4 * g[None, :]
+            # position p of every group: one [BLOCK_N, BLOCK_G] slice of the dense weight, whose
+            # inputs are x's columns p, p + 4, ... (the first kept sits at 0..2, the second at 1..3)
+            for p in tl.static_range(4):
+                if p == 0:
+                    w = tl.where(first == 0, v0, zeros)
+                elif p == 3:
+                    w = tl.where(second == 3, v1, zeros)
+                else:
+                    w = tl.where(first == p, v0, tl.where(second == p, v1, zeros))
+                x = tl.load(x_rows + p, mask=x_mask, other=0.0)
+                if IEEE:  # fp32 (no tf32 rounding); the interpreter's 16-bit dot is not exact
+                    acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(x, tl.trans(w), acc)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if BF16_BY_HAND:
@@ -266,6 +280,6 @@ def sparse24_gemv(x: torch.Tensor, kept: torch.Tensor, meta: torch.Tensor, scale
                                       num_warps=warps)
     else:
         _sparse24_dot_kernel[grid](*args, m, x.stride(0), out.stride(0), BLOCK_M=max(16, next_pow2(m)),
-                                   BLOCK_N=max(16, block_n), BLOCK_K=max(32, block_k), **common,
+                                   BLOCK_N=max(16, block_n), BLOCK_K=max(64, block_k), **common,
                                    IEEE=x.dtype == torch.float32 or interpreting(), num_warps=warps)
     return out
