@@ -10,7 +10,7 @@ device-to-device copy ceiling, for
 Each kernel runs back to back on distinct weight copies (256 MiB or more, so nothing is served
 from L2) inside a CUDA graph (eval/bench/common.graph_seconds).
 
-    python experiments/sparse24_gemv_sweep.py --json sparse24_sweep.jsonl [--m 1 16] [--budget-s 40]
+    python experiments/sparse24_gemv_sweep.py --json sparse24_sweep.jsonl [--m 1 16] [--budget-s 25]
 
 Output: JSON lines: {"kind": "ceiling"}, {"kind": "measure"} per (format, shape, M, path[, config]),
 {"kind": "best"} per case, {"kind": "suggest"} per (format, path): the tile with the least total
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--m", nargs="+", type=int, default=[1, 16], help="batch rows (1..16)")
-    ap.add_argument("--budget-s", type=float, default=40.0, help="seconds of tile sweeping after the fixed rows")
+    ap.add_argument("--budget-s", type=float, default=25.0, help="seconds of tile sweeping after the fixed rows")
     ap.add_argument("--json", default=None, help="also write the JSON lines to this file")
     args = ap.parse_args(argv)
     if DEVICE == "cuda" and not torch.cuda.is_available():

@@ -286,6 +286,7 @@ class Sparse24Linear(CompressedLinear):
         self.gemv_zero_ok = zero is None or bool((zero == zero.round()).all())
         self.register_buffer("weight", None)  # the dense weight, where a path keeps one
         self.paths: dict[int, str] = {}  # bucket -> path chosen by timing ("auto" on a GPU)
+        self.timings: dict[int, dict[str, float]] = {}  # bucket -> path -> seconds behind that choice
         self._semi_structured: dict[torch.dtype, torch.Tensor | None] = {}
 
     @property
@@ -363,6 +364,7 @@ class Sparse24Linear(CompressedLinear):
             del dense
             _MEASURED[key] = measured
         self.paths = {m: min(t, key=t.get) for m, t in measured.items()}
+        self.timings = measured
         if "cusparselt" not in self.paths.values():
             self._semi_structured.clear()
         if not self.paths:
@@ -390,7 +392,6 @@ class Sparse24Linear(CompressedLinear):
             if name in self._buffers:
                 self._buffers[name] = None
         self._semi_structured.clear()
-        self.paths = {}
 
     def _semi_structured_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
         """torch's semi-structured sparse tensor of this weight in dtype (cuSPARSELt / CUTLASS 2:4

@@ -119,13 +119,15 @@ def compressed_dummy_weights(variant: str):
 
 def sparse24_paths(model: nn.Module) -> dict[str, dict]:
     """Per 2:4 layer shape "NxK": the path each timed batch size took (Sparse24Linear.paths, "auto"
-    on a GPU; empty where nothing was timed), whether only a dense weight is left and whether a
+    on a GPU; empty where nothing was timed) and the timings behind it (us), whether only a dense weight is left and whether a
     dense weight is kept (beside the 2:4 form where dense won some batch sizes)."""
     from engine.layers.quantized import Sparse24Linear
 
-    return {f"{m.out_features}x{m.in_features}": {"paths": {str(b): p for b, p in m.paths.items()},
-                                                   "dense_only": m.meta is None, "dense_kept": m.weight is not None}
-            for m in model.modules() if isinstance(m, Sparse24Linear)}
+    return {f"{m.out_features}x{m.in_features}": {
+        "paths": {str(b): p for b, p in m.paths.items()},
+        "us": {str(b): {p: s * 1e6 for p, s in t.items()} for b, t in m.timings.items()},
+        "dense_only": m.meta is None, "dense_kept": m.weight is not None}
+        for m in model.modules() if isinstance(m, Sparse24Linear)}
 
 
 def streamed_bytes(model: nn.Module) -> int:

@@ -91,6 +91,8 @@ def test_dense_everywhere_keeps_only_the_dense_weight(kind, monkeypatch, caplog)
     assert module.kept is None and module.meta is None and module.weight is not None
     assert all(getattr(module, name, None) is None for name in ("values", "packed", "scale", "zero"))
     assert "dense wins every batch size" in caplog.text and "[48, 128]" in caplog.text
+    assert module.paths == {m: "dense" for m in quantized.DECODE_BUCKETS}, "the choice stays on record"
+    assert module.timings[1] == {"gemv": 2.0, "dense": 1.0}
     torch.testing.assert_close(module.dequantized(), dense)
     x = torch.randn(3, 128)
     torch.testing.assert_close(module(x), F.linear(x, dense, module.bias), rtol=1e-5, atol=1e-5)
