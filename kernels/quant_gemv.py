@@ -95,7 +95,7 @@ if HAS_TRITON:
         N, K, GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr,
         INT4: tl.constexpr, FP16: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BF16_BY_HAND: tl.constexpr,
+        BF16_BY_HAND: tl.constexpr, X_WORDS: tl.constexpr,
     ):
         UNITS = K // 32
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -129,11 +129,17 @@ if HAS_TRITON:
                 sub8 = 8388608.0 + off * 256.0
                 sub12 = 8388608.0 + off * 4096.0
             for i in tl.static_range(8):
-                xk = x_ptr + u * 32 + 4 * i
-                xa = tl.load(xk, mask=u_mask, other=0.0).to(tl.float32)[None, :]
-                xb = tl.load(xk + 1, mask=u_mask, other=0.0).to(tl.float32)[None, :]
-                xc = tl.load(xk + 2, mask=u_mask, other=0.0).to(tl.float32)[None, :]
-                xd = tl.load(xk + 3, mask=u_mask, other=0.0).to(tl.float32)[None, :]
+                if X_WORDS:  # bf16 x as int64 words: a group's 4 inputs in one load
+                    xw = tl.load(x_ptr + u * 8 + i, mask=u_mask, other=0)
+                    xa, xb = _half_pair(xw.to(tl.int32), False)
+                    xc, xd = _half_pair((xw >> 32).to(tl.int32), False)
+                    xa, xb, xc, xd = xa[None, :], xb[None, :], xc[None, :], xd[None, :]
+                else:
+                    xk = x_ptr + u * 32 + 4 * i
+                    xa = tl.load(xk, mask=u_mask, other=0.0).to(tl.float32)[None, :]
+                    xb = tl.load(xk + 1, mask=u_mask, other=0.0).to(tl.float32)[None, :]
+                    xc = tl.load(xk + 2, mask=u_mask, other=0.0).to(tl.float32)[None, :]
+                    xd = tl.load(xk + 3, mask=u_mask, other=0.0).to(tl.float32)[None, :]
                 if INT4:
                     if i < 2:
                         word = lo
@@ -267,9 +273,12 @@ def sparse24_gemv(x: torch.Tensor, kept: torch.Tensor, meta: torch.Tensor, scale
                   BF16_BY_HAND=interpreting() and x.dtype == torch.bfloat16)  # its casts truncate
     words = kept if int4 else kept.view(torch.int32)  # 16-bit: one int32 word per group's kept pair
     select = m == 1 and not exact
+    x_words = select and x.dtype == torch.bfloat16
     if select:  # int32 words of the positions and the int4 codes
         meta, words = meta.view(torch.int32), words.view(torch.int32)
-    args = (x, words, meta, scale_arg, zero if int4 and zero is not None else scale_arg,
+    if x_words and x.storage_offset() % 4:
+        x = x.clone()  # int64 words need 8-byte alignment
+    args = (x.view(torch.int64) if x_words else x, words, meta, scale_arg, zero if int4 and zero is not None else scale_arg,
             bias if bias is not None else scale_arg, out)
     block_n, block_k, warps = config or (SELECT_CONFIG if select else DOT_CONFIG)
     block_k = min(block_k, next_pow2(k))
@@ -277,7 +286,7 @@ def sparse24_gemv(x: torch.Tensor, kept: torch.Tensor, meta: torch.Tensor, scale
     grid = (triton.cdiv(n, block_n),)
     if select:
         _sparse24_select_kernel[grid](*args, BLOCK_N=block_n, BLOCK_U=max(1, block_k // UNIT), **common,
-                                      num_warps=warps)
+                                      X_WORDS=x_words, num_warps=warps)
     else:
         _sparse24_dot_kernel[grid](*args, m, x.stride(0), out.stride(0), BLOCK_M=max(16, next_pow2(m)),
                                    BLOCK_N=max(16, block_n), BLOCK_K=max(64, block_k), **common,

@@ -156,7 +156,8 @@ sig = {"x_ptr": "*bf16", "kept_ptr": "*i32", "meta_ptr": "*i32", "s_ptr": "*fp32
        "b_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "K": "i32"}
 flags = dict(GROUP=128 if int4 else 32, INT4=int4, FP16=False, HAS_ZERO=int4, HAS_BIAS=True, BF16_BY_HAND=False)
 if path == "select":
-    kernel, constexprs = Q._sparse24_select_kernel, dict(BLOCK_N=8, BLOCK_U=64, **flags)
+    sig["x_ptr"] = "*i64"  # bf16 x as words of four
+    kernel, constexprs = Q._sparse24_select_kernel, dict(BLOCK_N=8, BLOCK_U=64, X_WORDS=True, **flags)
 else:
     sig.update(kept_ptr="*u8" if int4 else "*i32", meta_ptr="*u8", M="i32", x_stride="i32", out_stride="i32")
     kernel, constexprs = Q._sparse24_dot_kernel, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, **flags)
@@ -189,3 +190,13 @@ def test_kernels_compile_for_sm90(path, int4):
         pytest.skip("no bundled ptxas in this Triton install")
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout.strip().splitlines()[-1])["cubin_bytes"] > 0
+
+
+def test_select_path_takes_an_unaligned_bf16_row():
+    """bf16 x is read as int64 words: a row starting off an 8-byte boundary is copied first."""
+    values, meta = sparse24_values_weight(24, 128, torch.bfloat16, seed=9)
+    flat = torch.randn(130, generator=torch.Generator().manual_seed(10)).to(DEVICE, torch.bfloat16)
+    x = flat[1:129].view(1, 128)
+    assert x.storage_offset() % 4
+    values, meta = values.to(DEVICE), meta.to(DEVICE)
+    assert _rel(sparse24_gemv(x, values, meta), ref.sparse24_linear_ref(x, values, meta)) < 4e-3
