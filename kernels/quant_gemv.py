@@ -1,11 +1,28 @@
-"""2:4 sparse + int4 decode GEMV (the idea of Sparse-Marlin): y = x @ W^T + b for x [M <= 16, K]
-where W [N, K] is stored as its kept half only, int4 codes two per byte (uint8 [N, K / 4]), plus
-2-bit positions four per byte (uint8 [N, K / 8]), with per-group scales / zero points [N, K / G]
-of the dense K (kernels/quant.py's layout and reference, sparse24_int4_linear_ref).
+"""2:4 sparse decode GEMV (the idea of Sparse-Marlin): y = x @ W^T + b for x [M <= 16, K] where W
+[N, K] is stored as its kept half only, in kernels/quant.py's layouts: 2-bit positions four per
+byte (meta uint8 [N, K / 8]) and the kept values either 16-bit floats (values [N, K / 2]) or int4
+codes two per byte (packed uint8 [N, K / 4]) with per-group scales / zero points [N, K / G] of the
+dense K. Only the kept bytes and the positions stream from memory (int4: K / 4 + K / 8 bytes per
+row instead of int4's K / 2; 16-bit: K + K / 8 instead of 2 K).
 
-Each program streams the kept codes and positions of a few output rows once (K / 4 + K / 8
-bytes per row instead of int4's K / 2), dequantizes them in registers and gathers the matching
-x columns (x is small and stays in cache).
+Two paths, chosen by sparse24_gemv:
+- "select" (M == 1; the fast dequantization's semantics, fp32 weights as kernels/quant.py's
+  fp32_weight_linear_ref): the program streams int32 words, a unit of 8 groups of 4 inputs at a
+  time (one meta word; int4: two code words, 16-bit: eight value words, each a group's kept
+  pair), loads the unit's 32 x values once for all its rows and picks each kept value's input
+  with two selects among its group's 4 (the positions of a group ascend: the first kept is at
+  0..2, the second at 1..3). int4 codes become floats in place by the magic-number trick with the
+  zero point folded into the subtrahend, and the scale multiplies the unit's partial dot (a
+  group of >= 32 inputs holds whole units), not each weight.
+- "dot" (M > 1, or exact): per K tile, the dense weight's four position slices (position p of
+  every group: the kept value there or zero) rebuilt in registers from the kept pairs, rounded
+  to x's dtype as the references do (sparse24_int4_linear_ref, sparse24_linear_ref), each
+  multiplied on the tensor cores with x's columns p, p + 4, ... (x padded to 16 rows).
+
+Neither path reaches the copy ceiling for int4 codes: by sm_90 SASS the select loop spends about
+5.3 instructions per dense input (bf16 values: 4.2; what the issue rate allows at the copy
+ceiling is about 2.9 for int4's 0.375 bytes per input, 8.8 for bf16's 1.125), the dot loop
+16-21 (compute bound at 16 rows). Sparse24Linear times them against a dense matmul per shape.
 """
 
 from __future__ import annotations
@@ -14,72 +31,264 @@ import torch
 
 from kernels._triton import HAS_TRITON, interpreting, next_pow2, tl, triton
 
+if HAS_TRITON:
+    from kernels.gemv import _rnd
+
 SMALL_M = 16
+UNIT = 32  # dense inputs per meta word: 8 groups of 4
+# (BLOCK_N, BLOCK_K, num_warps) per path, not yet swept on a GPU (experiments/sparse24_gemv_sweep.py
+# times candidates): the int4 fast GEMV's shape of tile (kernels/gemv.py, FAST_M1_CONFIGS) and its
+# tl.dot one (FAST_DOT_CONFIG).
+SELECT_CONFIG = (8, 2048, 4)
+DOT_CONFIG = (64, 128, 4)
+
+
+def sparse24_gemv_fits(k: int, kept: torch.Tensor, group: int | None = None) -> bool:
+    """Whether sparse24_gemv takes a layer: K whole meta words (a multiple of 32), 16-bit kept
+    values or int4 codes whose scale groups hold whole words (group a multiple of 32)."""
+    if k % UNIT:
+        return False
+    if kept.dtype == torch.uint8:
+        return group is not None and group % UNIT == 0
+    return kept.dtype in (torch.bfloat16, torch.float16)
 
 
 if HAS_TRITON:
 
     @triton.jit
-    def _sparse24_int4_kernel(
-        x_ptr, w_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-        M, x_stride, out_stride,
-        N: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
-        HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr,
+    def _half_pair(word, FP16: tl.constexpr):
+        """A group's two kept 16-bit values (low half first) from one int32 word, as fp32."""
+        if FP16:
+            v0 = (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            v1 = ((word >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        else:
+            v0 = (word << 16).to(tl.float32, bitcast=True)
+            v1 = (word & -65536).to(tl.float32, bitcast=True)  # 0xFFFF0000
+        return v0, v1
+
+    @triton.jit
+    def _magic(word, SHIFT: tl.constexpr, sub):
+        """The nibble at bit SHIFT (<= 12) of word, OR-ed into the mantissa of 2^23, minus `sub`
+        (2^23 + (8 + zero) * 2^SHIFT): (code - zero) * 2^SHIFT, exact in fp32."""
+        return ((word & (0xF << SHIFT)) | 0x4B000000).to(tl.float32, bitcast=True) - sub
+
+    @triton.jit
+    def _bit(word, BIT: tl.constexpr):
+        """Whether bit BIT of an int32 word is set (one LOP3 to a predicate)."""
+        if BIT == 31:
+            return word < 0
+        else:
+            return (word & (1 << BIT)) != 0
+
+    @triton.jit
+    def _pick(meta, I: tl.constexpr, xa, xb, xc, xd, F0: tl.constexpr, F1: tl.constexpr):
+        """The inputs of group I's two kept values (of a meta word: its first kept's position in
+        bits 4I, 4I + 1, the second's in 4I + 2, 4I + 3), times F0 / F1, by two selects each:
+        positions ascend within a group, so the first is at 0..2 and the second at 1..3."""
+        x0 = tl.where(_bit(meta, 4 * I + 1), xc * F0, tl.where(_bit(meta, 4 * I), xb * F0, xa * F0))
+        x1 = tl.where(_bit(meta, 4 * I + 3), tl.where(_bit(meta, 4 * I + 2), xd * F1, xc * F1), xb * F1)
+        return x0, x1
+
+    @triton.jit
+    def _sparse24_select_kernel(
+        x_ptr, kept_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+        N, K, GROUP: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr,
+        INT4: tl.constexpr, FP16: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BF16_BY_HAND: tl.constexpr, X_WORDS: tl.constexpr,
     ):
-        HALF_K: tl.constexpr = K // 2  # kept values per row
+        UNITS = K // 32
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        c = cols.to(tl.int64)[:, None]
+        meta_rows = meta_ptr + c * UNITS  # int32 words
+        if INT4:  # int32 words
+            kept_rows = kept_ptr + c * (UNITS * 2)
+        else:
+            kept_rows = kept_ptr + c * (UNITS * 8)
+        acc = tl.zeros([BLOCK_N, BLOCK_U], tl.float32)
+        for u0 in range(0, UNITS, BLOCK_U):
+            u = u0 + tl.arange(0, BLOCK_U)
+            u_mask = u < UNITS
+            mask = col_mask[:, None] & u_mask[None, :]
+            meta = tl.load(meta_rows + u[None, :], mask=mask, other=0)
+            part = tl.zeros([BLOCK_N, BLOCK_U], tl.float32)
+            if INT4:
+                lo = tl.load(kept_rows + 2 * u[None, :], mask=mask, other=0)
+                hi = tl.load(kept_rows + 2 * u[None, :] + 1, mask=mask, other=0)
+                g = (u * 32) // GROUP
+                scale = tl.load(s_ptr + c * (K // GROUP) + g[None, :], mask=mask, other=0.0).to(tl.float32)
+                off = tl.full([BLOCK_N, BLOCK_U], 8.0, tl.float32)
+                if HAS_ZERO:
+                    off += tl.load(z_ptr + c * (K // GROUP) + g[None, :], mask=mask, other=0.0).to(tl.float32)
+                # groups 0, 1 of a code word sit at bits 0..15, groups 2, 3 at 16..31: read from >> 16
+                lo_hi = lo >> 16
+                hi_hi = hi >> 16
+                sub0 = 8388608.0 + off
+                sub4 = 8388608.0 + off * 16.0
+                sub8 = 8388608.0 + off * 256.0
+                sub12 = 8388608.0 + off * 4096.0
+            for i in tl.static_range(8):
+                if X_WORDS:  # bf16 x as int64 words: a group's 4 inputs in one load
+                    xw = tl.load(x_ptr + u * 8 + i, mask=u_mask, other=0)
+                    xa, xb = _half_pair(xw.to(tl.int32), False)
+                    xc, xd = _half_pair((xw >> 32).to(tl.int32), False)
+                    xa, xb, xc, xd = xa[None, :], xb[None, :], xc[None, :], xd[None, :]
+                else:
+                    xk = x_ptr + u * 32 + 4 * i
+                    xa = tl.load(xk, mask=u_mask, other=0.0).to(tl.float32)[None, :]
+                    xb = tl.load(xk + 1, mask=u_mask, other=0.0).to(tl.float32)[None, :]
+                    xc = tl.load(xk + 2, mask=u_mask, other=0.0).to(tl.float32)[None, :]
+                    xd = tl.load(xk + 3, mask=u_mask, other=0.0).to(tl.float32)[None, :]
+                if INT4:
+                    if i < 2:
+                        word = lo
+                    elif i < 4:
+                        word = lo_hi
+                    elif i < 6:
+                        word = hi
+                    else:
+                        word = hi_hi
+                    if i % 2 == 0:  # the pair at bits 0, 4: x scaled by 2^-0, 2^-4
+                        x0, x1 = _pick(meta, i, xa, xb, xc, xd, 1.0, 0.0625)
+                        part += _magic(word, 0, sub0) * x0  # two FFMAs, not FMUL + FFMA + FADD
+                        part += _magic(word, 4, sub4) * x1
+                    else:  # bits 8, 12
+                        x0, x1 = _pick(meta, i, xa, xb, xc, xd, 0.00390625, 0.000244140625)
+                        part += _magic(word, 8, sub8) * x0
+                        part += _magic(word, 12, sub12) * x1
+                else:
+                    x0, x1 = _pick(meta, i, xa, xb, xc, xd, 1.0, 1.0)
+                    v0, v1 = _half_pair(tl.load(kept_rows + 8 * u[None, :] + i, mask=mask, other=0), FP16)
+                    part += v0 * x0
+                    part += v1 * x1
+            if INT4:
+                acc += part * scale
+            else:
+                acc += part
+        y = tl.sum(acc, 1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if BF16_BY_HAND:
+            y = _rnd(y, tl.bfloat16, True)
+        tl.store(out_ptr + cols, y.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+    @triton.jit
+    def _sparse24_dot_kernel(
+        x_ptr, kept_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+        M, x_stride, out_stride,
+        N, K, GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        INT4: tl.constexpr, FP16: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BF16_BY_HAND: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        GROUPS = K // 4
+        BLOCK_G: tl.constexpr = BLOCK_K // 4
         rows = tl.arange(0, BLOCK_M)
         row_mask = rows < M
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
         c = cols.to(tl.int64)[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for j0 in range(0, HALF_K, BLOCK_J):
-            j = j0 + tl.arange(0, BLOCK_J)  # kept-value index within the row
-            mask = col_mask[:, None] & (j < HALF_K)[None, :]
-            byte = tl.load(w_ptr + c * (K // 4) + (j // 2)[None, :], mask=mask, other=0).to(tl.int32)
-            code = ((byte >> ((j % 2) * 4)[None, :]) & 0xF).to(tl.float32) - 8.0
-            meta = tl.load(meta_ptr + c * (K // 8) + (j // 4)[None, :], mask=mask, other=0).to(tl.int32)
-            pos = (meta >> ((j % 4) * 2)[None, :]) & 3
-            k = (j // 2 * 4)[None, :] + pos  # the input this value multiplies [BLOCK_N, BLOCK_J]
-            g = (j // (GROUP // 2))[None, :]
-            if HAS_ZERO:
-                code -= tl.load(z_ptr + c * (K // GROUP) + g, mask=mask, other=0.0).to(tl.float32)
-            w = code * tl.load(s_ptr + c * (K // GROUP) + g, mask=mask, other=0.0).to(tl.float32)
-            if ROUND_BF16:  # the reference rounds the dequantized weight to bf16 (ties to even)
-                bits = w.to(tl.uint32, bitcast=True)
-                w = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-            x = tl.load(x_ptr + rows.to(tl.int64)[:, None, None] * x_stride + k[None, :, :],
-                        mask=row_mask[:, None, None] & mask[None, :, :], other=0.0).to(tl.float32)
-            acc += tl.sum(x * w[None, :, :], 2)
+        for k0 in range(0, K, BLOCK_K):
+            g = k0 // 4 + tl.arange(0, BLOCK_G)
+            mask = col_mask[:, None] & (g < GROUPS)[None, :]
+            byte = tl.load(meta_ptr + c * (K // 8) + (g // 2)[None, :], mask=mask, other=0).to(tl.int32)
+            nib = (byte >> ((g % 2) * 4)[None, :]) & 0xF
+            first = nib & 3
+            second = nib >> 2
+            if INT4:
+                code = tl.load(kept_ptr + c * GROUPS + g[None, :], mask=mask, other=0).to(tl.int32)
+                sg = c * (K // GROUP) + (g * 4 // GROUP)[None, :]
+                scale = tl.load(s_ptr + sg, mask=mask, other=0.0).to(tl.float32)
+                v0 = (code & 0xF).to(tl.float32) - 8.0
+                v1 = (code >> 4).to(tl.float32) - 8.0
+                if HAS_ZERO:
+                    zero = tl.load(z_ptr + sg, mask=mask, other=0.0).to(tl.float32)
+                    v0 -= zero
+                    v1 -= zero
+                v0 *= scale
+                v1 *= scale
+            else:
+                v0, v1 = _half_pair(tl.load(kept_ptr + c * GROUPS + g[None, :], mask=mask, other=0), FP16)
+            if BF16_BY_HAND:
+                v0 = _rnd(v0, tl.bfloat16, True)
+                v1 = _rnd(v1, tl.bfloat16, True)
+            v0 = v0.to(x_ptr.dtype.element_ty)
+            v1 = v1.to(x_ptr.dtype.element_ty)
+            zeros = tl.zeros([BLOCK_N, BLOCK_G], x_ptr.dtype.element_ty)
+            x_mask = row_mask[:, None] & (g < GROUPS)[None, :]
+            x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_stride + 4 * g[None, :]
+            # position p of every group: one [BLOCK_N, BLOCK_G] slice of the dense weight, whose
+            # inputs are x's columns p, p + 4, ... (the first kept sits at 0..2, the second at 1..3)
+            for p in tl.static_range(4):
+                if p == 0:
+                    w = tl.where(first == 0, v0, zeros)
+                elif p == 3:
+                    w = tl.where(second == 3, v1, zeros)
+                else:
+                    w = tl.where(first == p, v0, tl.where(second == p, v1, zeros))
+                x = tl.load(x_rows + p, mask=x_mask, other=0.0)
+                if IEEE:  # fp32 (no tf32 rounding); the interpreter's 16-bit dot is not exact
+                    acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(x, tl.trans(w), acc)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        out_mask = row_mask[:, None] & col_mask[None, :]
+        if BF16_BY_HAND:
+            acc = _rnd(acc, tl.bfloat16, True)
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * out_stride + cols[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+                 acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-def sparse24_int4_gemv(x: torch.Tensor, packed: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor,
-                       zero: torch.Tensor | None, bias: torch.Tensor | None = None,
-                       block_n: int = 4, block_j: int = 256) -> torch.Tensor:
-    """Triton version of sparse24_int4_linear_ref for x [M <= 16, K] (fp32 or bf16)."""
+def sparse24_gemv(x: torch.Tensor, kept: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor | None = None,
+                  zero: torch.Tensor | None = None, bias: torch.Tensor | None = None, *, exact: bool = False,
+                  config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x [M <= 16, K] (fp32, bf16 or fp16) times a 2:4 weight: kept = values [N, K / 2] (bf16 /
+    fp16) or int4 codes packed [N, K / 4] (uint8, with scale [N, K / G] and optional zero).
+    M == 1 without `exact`: the select path (fp32 weights: kernels/quant.py's
+    fp32_weight_linear_ref of the dense weight); else the dot path (the weight rounded to x's
+    dtype: sparse24_linear_ref / sparse24_int4_linear_ref). config: (BLOCK_N, BLOCK_K, warps)."""
     m, k = x.shape
-    n = packed.shape[0]
-    assert m <= SMALL_M and packed.shape == (n, k // 4) and meta.shape == (n, k // 8) and k % 8 == 0
-    assert x.dtype in (torch.float32, torch.bfloat16), x.dtype
-    group = k // scale.shape[1]
-    assert scale.shape == (n, k // group) and group % 4 == 0 and (zero is None or zero.shape == scale.shape)
+    n = kept.shape[0]
+    int4 = kept.dtype == torch.uint8
+    group = k // scale.shape[1] if int4 else None
+    if m > SMALL_M:
+        raise ValueError(f"sparse24_gemv: {m} rows (at most {SMALL_M})")
+    if meta.shape != (n, k // 8) or kept.shape != ((n, k // 4) if int4 else (n, k // 2)):
+        raise ValueError(f"sparse24_gemv: kept {tuple(kept.shape)} / meta {tuple(meta.shape)} do not fit K {k}")
+    if not sparse24_gemv_fits(k, kept, group):
+        raise ValueError(f"sparse24_gemv: K {k} (multiple of {UNIT}), kept {kept.dtype}, group {group} not taken")
+    if int4 and (scale.shape != (n, k // group) or (zero is not None and zero.shape != scale.shape)):
+        raise ValueError(f"sparse24_gemv: scale {tuple(scale.shape)} / zero do not fit [{n}, K / group]")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"sparse24_gemv: x dtype {x.dtype}")
     x = x.contiguous()
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    _sparse24_int4_kernel[(triton.cdiv(n, block_n),)](
-        x, packed, meta, scale, zero if zero is not None else scale, bias if bias is not None else scale, out,
-        m, x.stride(0), out.stride(0),
-        N=n, K=k, GROUP=group, BLOCK_M=max(1, next_pow2(m)), BLOCK_N=block_n,
-        BLOCK_J=min(block_j, next_pow2(k // 2)),
-        HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
-        ROUND_BF16=x.dtype == torch.bfloat16,
-        num_warps=4 if not interpreting() else 1,
-    )
+    scale_arg = scale if int4 else meta
+    common = dict(N=n, K=k, GROUP=group or UNIT, INT4=int4, FP16=kept.dtype == torch.float16,
+                  HAS_ZERO=int4 and zero is not None, HAS_BIAS=bias is not None,
+                  BF16_BY_HAND=interpreting() and x.dtype == torch.bfloat16)  # its casts truncate
+    words = kept if int4 else kept.view(torch.int32)  # 16-bit: one int32 word per group's kept pair
+    select = m == 1 and not exact
+    x_words = select and x.dtype == torch.bfloat16
+    if select:  # int32 words of the positions and the int4 codes
+        meta, words = meta.view(torch.int32), words.view(torch.int32)
+    if x_words and x.storage_offset() % 4:
+        x = x.clone()  # int64 words need 8-byte alignment
+    args = (x.view(torch.int64) if x_words else x, words, meta, scale_arg, zero if int4 and zero is not None else scale_arg,
+            bias if bias is not None else scale_arg, out)
+    block_n, block_k, warps = config or (SELECT_CONFIG if select else DOT_CONFIG)
+    block_k = min(block_k, next_pow2(k))
+    warps = warps if not interpreting() else 1
+    grid = (triton.cdiv(n, block_n),)
+    if select:
+        _sparse24_select_kernel[grid](*args, BLOCK_N=block_n, BLOCK_U=max(1, block_k // UNIT), **common,
+                                      X_WORDS=x_words, num_warps=warps)
+    else:
+        _sparse24_dot_kernel[grid](*args, m, x.stride(0), out.stride(0), BLOCK_M=max(16, next_pow2(m)),
+                                   BLOCK_N=max(16, block_n), BLOCK_K=max(64, block_k), **common,
+                                   IEEE=x.dtype == torch.float32 or interpreting(), num_warps=warps)
     return out

@@ -30,6 +30,9 @@ class ModelOptions:
     exact_dequant: bool = False
     # Which kernel runs int4 weights' small-batch matmuls on a GPU: one of INT4_KERNELS.
     int4_kernel: str = "auto"
+    # 2:4 sparse layers: "auto" (the faster of sparse and dense per layer shape and batch size,
+    # timed on the GPU at first use), "sparse" or "dense" (engine/layers/quantized.py, Sparse24Linear).
+    sparse24_path: str = "auto"
     # Tokens per KV-cache block.
     block_size: int = 16
     # The longest context: decode attention's split count is chosen from it.

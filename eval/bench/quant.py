@@ -1,9 +1,11 @@
 """Compressed weights on the GPU, every figure against the engine's own bf16 in the same process:
 decode tok/s at batch 1 and 16 (256 new tokens after a 16-token prompt, prefill included, as
 eval/bench/decode.py) for bf16, int8, int4 g64, int4 g128 (symmetric and with zero
-points), 2:4 + int4 g128 and W8A8 int8, with the GB/s each achieves against the measured copy
-ceiling; and prefill tok/s of one long prompt (8192 tokens, or as many as the shape has positions for) for bf16, W8A8 int8, W8A8 fp8, 2:4 and int4 g128 on either
-int4 kernel.
+points), 2:4 (bf16 kept values), 2:4 + int4 g128 and W8A8 int8, with the GB/s each achieves
+against the measured copy ceiling; and prefill tok/s of one prompt per --prefill-tokens count
+(default 1024 and 8192, or as many as the shape has positions for) for bf16, W8A8 int8, W8A8 fp8,
+2:4 and int4 g128 on either int4 kernel. 2:4 records name the path each layer shape took per batch
+size (sparse24_paths: timed per shape at first use, ModelOptions.sparse24_path "auto").
 An int4 variant names the engine's int4_kernel after "@": int4_g128@triton (our GEMVs, fused
 decode), int4_g128@tinygemm (torch's tinygemm, unfused), int4_g128@auto (the engine times both at
 startup; the record has its choice and the times it logged).
@@ -35,7 +37,7 @@ from eval.bench.common import prompts as _prompts, shape_dir, timed
 
 DECODE_VARIANTS = ["bf16", "int8", "int4_g64@triton", "int4_g64@tinygemm", "int4_g64@auto", "int4_g128@triton",
                    "int4_g128@tinygemm", "int4_g128@auto", "int4_g128_zero@triton", "int4_g128_zero@tinygemm",
-                   "int4_g128_zero@auto", "sparse24_int4_g128", "w8a8_int8"]
+                   "int4_g128_zero@auto", "sparse24", "sparse24_int4_g128", "w8a8_int8"]
 PREFILL_VARIANTS = ["bf16", "w8a8_int8", "w8a8_fp8", "sparse24", "int4_g128@triton", "int4_g128@tinygemm"]
 
 
@@ -123,6 +125,19 @@ def compressed_dummy_weights(variant: str):
         LlamaForCausalLM.init_dummy_weights = original
 
 
+def sparse24_paths(model: nn.Module) -> dict[str, dict]:
+    """Per 2:4 layer shape "NxK": the path each timed batch size took (Sparse24Linear.paths, "auto"
+    on a GPU; empty where nothing was timed) and the timings behind it (us), whether only a dense weight is left and whether a
+    dense weight is kept (then alone: a layer never holds both forms)."""
+    from engine.layers.quantized import Sparse24Linear
+
+    return {f"{m.out_features}x{m.in_features}": {
+        "paths": {str(b): p for b, p in m.paths.items()},
+        "us": {str(b): {p: s * 1e6 for p, s in t.items()} for b, t in m.timings.items()},
+        "dense_only": m.meta is None, "dense_kept": m.weight is not None}
+        for m in model.modules() if isinstance(m, Sparse24Linear)}
+
+
 def streamed_bytes(model: nn.Module) -> int:
     """Bytes a decode step reads: every parameter and buffer but the embedding (rows are
     gathered), the rotary tables, the KV cache and the fp32 scales / zero points of int4 layers on
@@ -207,7 +222,8 @@ def decode(shape: str, variant: str, batches: list[int], new_tokens: int, prompt
     nbytes = streamed_bytes(model)
     record: dict[str, Any] = {"kind": "decode", "shape": shape, "variant": variant, "weight_bytes": nbytes,
                               "exact_dequant": exact_dequant, **int4_kernel_used(model),
-                              "fused_decode": bool(model.model.fusable), "setup_s": setup_s}
+                              "fused_decode": bool(model.model.fusable), "setup_s": setup_s,
+                              "sparse24_paths": sparse24_paths(model)}
     if choice_log.lines:
         record["int4_kernel_log"] = choice_log.lines
     vocab = llm.engine.vocab_size
@@ -254,11 +270,12 @@ def prefill(shape: str, variant: str, tokens: int) -> dict:
     for seed in range(3):
         _, dt = timed(lambda: llm.generate(_prompts(1, tokens, vocab, seed), one))
         times.append(dt)
+    paths = sparse24_paths(llm.engine.runner.model)
     del llm
     _free()
     best = min(times)
     return {"kind": "prefill", "shape": shape, "variant": variant, "tokens": tokens, "seconds": best,
-            "tok_s": tokens / best}
+            "tok_s": tokens / best, "sparse24_paths": paths}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -269,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=16)
-    ap.add_argument("--prefill-tokens", type=int, default=8192)
+    ap.add_argument("--prefill-tokens", type=int, nargs="+", default=[1024, 8192])
     ap.add_argument("--exact-dequant", action="store_true",
                     help="decode the compressed variants with the exact dequantization (default: the fast one)")
     args = ap.parse_args(argv)
@@ -300,21 +317,22 @@ def main(argv: list[str] | None = None) -> None:
                        "traceback": traceback.format_exc(limit=-12)}
                 _free()
             emit(rec, out)
-        base_prefill = None
+        base_prefill: dict[int, float] = {}
         for variant in PREFILL_VARIANTS:
             if args.only and variant not in args.only:
                 continue
-            try:
-                rec = prefill(args.shape, variant, args.prefill_tokens)
-                if variant == "bf16":
-                    base_prefill = rec["tok_s"]
-                if base_prefill:
-                    rec["vs_bf16"] = rec["tok_s"] / base_prefill
-            except Exception as e:
-                rec = {"kind": "prefill", "shape": args.shape, "variant": variant, "error": repr(e),
-                       "traceback": traceback.format_exc(limit=-12)}
-                _free()
-            emit(rec, out)
+            for tokens in args.prefill_tokens:
+                try:
+                    rec = prefill(args.shape, variant, tokens)
+                    if variant == "bf16":
+                        base_prefill[tokens] = rec["tok_s"]
+                    if tokens in base_prefill:
+                        rec["vs_bf16"] = rec["tok_s"] / base_prefill[tokens]
+                except Exception as e:
+                    rec = {"kind": "prefill", "shape": args.shape, "variant": variant, "tokens": tokens,
+                           "error": repr(e), "traceback": traceback.format_exc(limit=-12)}
+                    _free()
+                emit(rec, out)
         emit({"kind": "done", "wall_s": time.perf_counter() - started}, out)
 
 

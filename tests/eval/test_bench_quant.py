@@ -92,3 +92,10 @@ def test_decode_record_gpu(tiny_shape, variant):
 def test_prefill_record_gpu(tiny_shape, variant):
     rec = quant_bench.prefill(tiny_shape, variant, tokens=8192)
     assert rec["tokens"] == 512 - quant_bench.PREFILL_MARGIN and rec["tok_s"] > 0, rec
+
+
+def test_sparse24_records_name_the_paths(tiny_shape):
+    """2:4 records carry each layer shape's chosen paths (timed only on a GPU: empty here)."""
+    rec = quant_bench.decode(tiny_shape, "sparse24", [1], new_tokens=2, prompt_len=4, ceiling_tbps=1.0)
+    assert rec["sparse24_paths"] and all(
+        set(v) == {"paths", "us", "dense_only", "dense_kept"} for v in rec["sparse24_paths"].values())

@@ -33,7 +33,7 @@ def test_fused_decode_on_compressed_weights(tmp_path, monkeypatch, scheme, fused
     import engine.layers.quantized as quantized_module
 
     formats, sparse_calls, dequant_calls = [], [], []
-    gemv, sparse_gemv = llama_module.gemv_kernels.gemv, quantized_module.sparse24_int4_gemv
+    gemv, sparse_gemv = llama_module.gemv_kernels.gemv, quantized_module.sparse24_gemv
     dequant = quantized_module.dequantize_int4
 
     def counting_dequant(*args, **kwargs):
@@ -49,7 +49,7 @@ def test_fused_decode_on_compressed_weights(tmp_path, monkeypatch, scheme, fused
         return sparse_gemv(*args, **kwargs)
 
     monkeypatch.setattr(llama_module.gemv_kernels, "gemv", counting_gemv)
-    monkeypatch.setattr(quantized_module, "sparse24_int4_gemv", counting_sparse_gemv)
+    monkeypatch.setattr(quantized_module, "sparse24_gemv", counting_sparse_gemv)
     monkeypatch.setattr(quantized_module, "dequantize_int4", counting_dequant)
     path = make_artifact(scheme, tmp_path / scheme)
     threads = torch.get_num_threads()

@@ -132,16 +132,6 @@ def test_quant_gemv_gpu_real_shapes(m, shape, weights):
     assert _rel(out, expected) < 1e-2
 
 
-def sparse24_int4_weight(n: int, k: int, group: int, zero: bool, seed: int = 0):
-    """Random kept int4 codes at random 2-of-4 positions: (packed, meta, scale, zero)."""
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(-8, 8, (n, k // 2), generator=g, dtype=torch.int8)
-    positions = torch.rand(n, k // 4, 4, generator=g).argsort(dim=-1)[..., :2].sort(dim=-1).values
-    scale = (torch.rand(n, k // group, generator=g) + 0.5) / (8 * k**0.5)
-    zeros = torch.randint(-3, 4, scale.shape, generator=g).float() if zero else None
-    return ref.pack_int4(codes), ref.pack_meta_24(positions.reshape(n, k // 2).to(torch.uint8)), scale, zeros
-
-
 def test_sparse24_meta_and_compress_round_trip():
     w = torch.randn(6, 32, generator=torch.Generator().manual_seed(2))
     w.view(-1, 4).scatter_(1, w.view(-1, 4).abs().argsort(dim=1)[:, :2], 0.0)
@@ -151,38 +141,6 @@ def test_sparse24_meta_and_compress_round_trip():
     assert torch.equal(ref.decompress_24(values, positions), w)
     with pytest.raises(ValueError, match="2:4"):
         ref.compress_24(torch.ones(2, 8))
-
-
-@pytest.mark.parametrize("m", [1, 4, 16])
-@pytest.mark.parametrize("group,zero", [(32, False), (64, True), (128, True)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sparse24_int4_gemv_matches_reference(m, group, zero, dtype):
-    from kernels.quant_gemv import sparse24_int4_gemv
-
-    n, k = 13, 3 * group  # ragged N, K not a power of two
-    packed, meta, scale, zeros = sparse24_int4_weight(n, k, group, zero, seed=m)
-    g = torch.Generator().manual_seed(m + 1)
-    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
-    bias = torch.randn(n, generator=g).to(DEVICE, dtype)
-    args = (_to(packed, DEVICE), _to(meta, DEVICE), _to(scale, DEVICE), _to(zeros, DEVICE), bias)
-    expected = ref.sparse24_int4_linear_ref(x, *args)
-    out = sparse24_int4_gemv(x, *args, block_j=32)  # several J steps
-    if dtype == torch.float32:
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    else:
-        assert _rel(out, expected) < 1e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("m", [1, 16])
-def test_sparse24_int4_gemv_gpu_real_shape(m):
-    from kernels.quant_gemv import sparse24_int4_gemv
-
-    packed, meta, scale, zeros = sparse24_int4_weight(11008, 4096, 128, True, seed=3)
-    x = torch.randn(m, 4096, generator=torch.Generator().manual_seed(4)).to("cuda", torch.bfloat16)
-    args = (packed.cuda(), meta.cuda(), scale.cuda(), zeros.cuda())
-    assert _rel(sparse24_int4_gemv(x, *args), ref.sparse24_int4_linear_ref(x, *args)) < 1e-2
 
 
 @pytest.mark.parametrize("group,zero", [(32, False), (64, True), (128, True)])

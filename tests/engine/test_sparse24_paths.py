@@ -1,0 +1,236 @@
+"""Sparse24Linear's paths (engine/layers/quantized.py): the 2:4 decode GEMV, torch's
+semi-structured kernels and a dense matmul, chosen per layer shape and batch size by timing
+(an injected timer here: gpu_seconds is monkeypatched), or forced by ModelOptions.sparse24_path."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine.layers.quantized as quantized
+from engine.layers.options import ModelOptions
+from engine.layers.quantized import Sparse24Linear, m_bucket
+from kernels import quant as ref
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
+
+
+def _pruned(w: torch.Tensor) -> torch.Tensor:
+    g = w.reshape(-1, 4).clone()
+    g.scatter_(1, g.abs().topk(2, dim=1, largest=False).indices, 0.0)
+    return g.reshape(w.shape)
+
+
+def layer(kind: str, n: int = 48, k: int = 128, path: str = "auto", seed: int = 0) -> Sparse24Linear:
+    """A Triton 2:4 layer with 16-bit kept values ("bf16") or int4 codes g32 with zero points."""
+    g = torch.Generator().manual_seed(seed)
+    bias = torch.randn(n, generator=g)
+    options = ModelOptions(use_triton=True, sparse24_path=path)
+    if kind == "bf16":
+        return Sparse24Linear(_pruned(torch.randn(n, k, generator=g) / k**0.5).to(torch.bfloat16), bias, options=options)
+    codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, k // 32, generator=g) / 10 + 1e-3
+    zero = torch.randint(-3, 4, scale.shape, generator=g).float()
+    dense = _pruned(ref.dequantize_grouped(codes, scale, zero))
+    return Sparse24Linear(dense, bias, codes=codes, scale=scale, zero=zero, options=options)
+
+
+@pytest.fixture(autouse=True)
+def fresh_measurements(monkeypatch):
+    monkeypatch.setattr(quantized, "_MEASURED", {})
+
+
+def fake_timer(winners: dict[int, str], calls: list | None = None):
+    """gpu_seconds stand-in: runs the candidate (a partial of run_path(path, x)) and says the
+    path winners[m] takes 1 s, the others 2 s."""
+    def seconds(run) -> float:
+        path, x = run.args
+        run()
+        if calls is not None:
+            calls.append((path, x.shape[0]))
+        return 1.0 if winners.get(x.shape[0]) == path else 2.0
+    return seconds
+
+
+def test_batch_buckets():
+    assert [m_bucket(m) for m in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
+    assert [m_bucket(m) for m in (17, 900, 1100, 4000, 4100, 20000)] == [512, 512, 2048, 2048, 8192, 8192]
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int4"])
+def test_timing_picks_each_buckets_faster_path_and_never_keeps_two_forms(kind, monkeypatch, caplog):
+    """Sparse wins every decode bucket: the layer keeps only its 2:4 form (no dense weight beside
+    it); the decode buckets' dense candidate was timed with a kept dense weight. (The prefill
+    buckets, timed on a GPU only where cuSPARSELt is a candidate, time dense rebuilt per call.)"""
+    module = layer(kind)
+    winners = {1: "gemv", 2: "gemv", 4: "gemv", 8: "gemv", 16: "gemv"}
+    calls: list = []
+    kept_while_timing: dict[int, bool] = {}
+    timer = fake_timer(winners, calls)
+
+    def seconds(run):
+        kept_while_timing[run.args[1].shape[0]] = module.weight is not None
+        return timer(run)
+
+    monkeypatch.setattr(quantized, "gpu_seconds", seconds)
+    with caplog.at_level(logging.INFO, logger="engine.layers.quantized"):
+        module.time_paths(torch.float32, CPU)
+    assert module.paths == winners
+    assert {(p, m) for p, m in calls} == {(p, m) for m in winners for p in ("gemv", "dense")}
+    assert len(calls) == 2 * len(winners) * quantized.TIMING_REPS  # the warm-up call of each is not timed
+    assert kept_while_timing == {m: True for m in quantized.DECODE_BUCKETS}, "decode: dense timed with a kept weight"
+    assert module.weight is None and module.kept is not None, "the 2:4 form alone"
+    assert "[48, 128]" in caplog.text and "gemv" in caplog.text
+    # a second layer of the same shape reuses the measurement: no timing
+    other = layer(kind, seed=1)
+    monkeypatch.setattr(quantized, "gpu_seconds", lambda run: pytest.fail("timed twice for one shape"))
+    other.time_paths(torch.float32, CPU)
+    assert other.paths == winners
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int4"])
+def test_dense_winning_one_decode_bucket_keeps_only_the_dense_weight(kind, monkeypatch, caplog):
+    """Mixed at decode (dense wins batch 4 and 8): one dense weight and nothing else, never both forms."""
+    module = layer(kind)
+    monkeypatch.setattr(quantized, "gpu_seconds",
+                        fake_timer({1: "gemv", 2: "gemv", 4: "dense", 8: "dense", 16: "gemv"}))
+    with caplog.at_level(logging.INFO, logger="engine.layers.quantized"):
+        module.time_paths(torch.float32, CPU)
+    assert module.kept is None and module.meta is None and module.weight is not None
+    assert "dense wins at decode" in caplog.text and "MB more" not in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int4"])
+def test_dense_everywhere_keeps_only_the_dense_weight(kind, monkeypatch, caplog):
+    module = layer(kind)
+    dense = module.dequantized()
+    monkeypatch.setattr(quantized, "gpu_seconds", fake_timer({m: "dense" for m in quantized.DECODE_BUCKETS}))
+    with caplog.at_level(logging.INFO, logger="engine.layers.quantized"):
+        module.time_paths(torch.float32, CPU)
+    assert module.kept is None and module.meta is None and module.weight is not None
+    assert all(getattr(module, name, None) is None for name in ("values", "packed", "scale", "zero"))
+    assert "dense wins at decode" in caplog.text and "[48, 128]" in caplog.text
+    assert module.paths == {m: "dense" for m in quantized.DECODE_BUCKETS}, "the choice stays on record"
+    assert module.timings[1] == {"gemv": 2.0, "dense": 1.0}
+    torch.testing.assert_close(module.dequantized(), dense)
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(module(x), F.linear(x, dense, module.bias), rtol=1e-5, atol=1e-5)
+    assert module.candidates(1, torch.float32, CPU) == ["dense"]
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int4"])
+def test_chosen_paths_run_and_equal_the_reference(kind, monkeypatch):
+    """On a device (CUDA here faked by choose's arguments: the chosen path runs) each path
+    computes the layer's dense linear."""
+    module = layer(kind)
+    dense = module.dequantized()
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(3))
+    for path in ("gemv", "dense"):
+        torch.testing.assert_close(module.run_path(path, x), F.linear(x, dense, module.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_choose_times_once_on_a_gpu_and_follows_the_table(monkeypatch):
+    module = layer("int4")
+    timed = []
+    monkeypatch.setattr(Sparse24Linear, "time_paths",
+                        lambda self, dtype, device: (timed.append(dtype), setattr(self, "paths", {1: "dense", 16: "gemv"})))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert module.choose(1, torch.bfloat16, CUDA) == "dense"
+    assert module.choose(11, torch.bfloat16, CUDA) == "gemv"
+    assert timed == [torch.bfloat16]
+    assert module.choose(1, torch.bfloat16, CPU) == "gemv", "off a GPU: no timing, the sparse path"
+
+
+def test_choose_does_not_time_while_capturing(monkeypatch):
+    module = layer("int4")
+    monkeypatch.setattr(Sparse24Linear, "time_paths", lambda *a: pytest.fail("timed inside a capture"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert module.choose(1, torch.bfloat16, CUDA) == "gemv"
+
+
+def test_forced_paths(monkeypatch):
+    monkeypatch.setattr(Sparse24Linear, "time_paths", lambda *a: pytest.fail("a forced path is not timed"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    sparse = layer("int4", path="sparse")
+    assert sparse.choose(1, torch.bfloat16, CUDA) == "gemv"
+    assert sparse.choose(4096, torch.bfloat16, CUDA) == "dense", "48 rows: no semi-structured kernel"
+    big = layer("bf16", n=64, k=128, path="sparse")
+    assert big.choose(4096, torch.bfloat16, CUDA) == "cusparselt"
+    dense = layer("int4", path="dense")
+    want = dense.dequantized()
+    x = torch.randn(2, 128)
+    torch.testing.assert_close(dense(x), F.linear(x, want, dense.bias), rtol=1e-5, atol=1e-5)
+    assert dense.meta is None and dense.weight is not None, "forced dense keeps only the dense weight"
+    with pytest.raises(ValueError, match="sparse24_path"):
+        layer("int4", path="fast")
+
+
+def test_gemv_not_offered_where_it_cannot_run():
+    """fp32 kept values, K not whole meta words, int4 groups of 16, non-integral zero points:
+    the decode batch runs the dense matmul (rebuilt for the call)."""
+    options = ModelOptions(use_triton=True)
+    w = _pruned(torch.randn(16, 64))
+    assert Sparse24Linear(w, options=options).candidates(1, torch.float32, CPU) == ["dense"]
+    assert Sparse24Linear(w.bfloat16(), options=options).candidates(1, torch.float32, CPU) == ["gemv", "dense"]
+    assert Sparse24Linear(_pruned(torch.randn(16, 72)).bfloat16(), options=options).candidates(
+        1, torch.float32, CPU) == ["dense"]
+    codes = torch.randint(-8, 8, (16, 64), dtype=torch.int8)
+    for group, zero in ((16, None), (32, torch.full((16, 2), 0.5))):
+        scale = torch.rand(16, 64 // group) + 0.1
+        dense = _pruned(ref.dequantize_grouped(codes, scale, zero))
+        module = Sparse24Linear(dense, codes=codes, scale=scale, zero=zero, options=options)
+        assert module.candidates(1, torch.float32, CPU) == ["dense"], (group, zero)
+        x = torch.randn(1, 64)
+        torch.testing.assert_close(module(x), F.linear(x, module.dequantized()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int4"])
+@pytest.mark.parametrize("m", [1, 5])
+def test_cpu_triton_decode_runs_the_gemv(kind, m, monkeypatch):
+    module = layer(kind)
+    calls = []
+    real = quantized.sparse24_gemv
+    monkeypatch.setattr(quantized, "sparse24_gemv", lambda *a, **kw: (calls.append(a[0].shape[0]), real(*a, **kw))[1])
+    x = torch.randn(m, 128)
+    torch.testing.assert_close(module(x), F.linear(x, module.dequantized(), module.bias), rtol=1e-5, atol=1e-5)
+    assert calls == [m]
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("kind", ["bf16", "int4"])
+def test_gpu_timing_then_capture(kind):
+    """On the GPU: the first eager call times the paths (real CUDA events), every bucket has a
+    path, and a capture after it replays what eager computes."""
+    module = layer(kind, n=256, k=512).cuda()
+    module.bias.data = module.bias.data.bfloat16()
+    dense = module.dequantized().cuda()
+    for m in (1, 16, 600):
+        x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+        out = module(x)
+        err = ((out.float() - F.linear(x.float(), dense, module.bias.float())).norm() / out.float().norm()).item()
+        assert err < 2e-2 and out.is_contiguous(), (m, err)
+    assert set(module.paths) >= {1, 2, 4, 8, 16, 512}
+    x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = module(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(out, module(x))
+
+
+def test_capture_never_takes_the_semi_structured_kernels(monkeypatch):
+    module = layer("bf16", n=64, k=128)
+    module.paths = {512: "cusparselt"}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert module.choose(600, torch.bfloat16, CUDA) == "dense"
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert module.choose(600, torch.bfloat16, CUDA) == "cusparselt"

@@ -1,0 +1,202 @@
+"""The 2:4 decode GEMV (kernels/quant_gemv.py) on int4 codes and on 16-bit kept values, both
+paths (select at M == 1, dot at M > 1 or exact), against kernels/quant.py's references on random
+weights at ragged shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import quant as ref
+from kernels.quant_gemv import sparse24_gemv, sparse24_gemv_fits
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _to(t, device, dtype=None):
+    return None if t is None else t.to(device) if dtype is None else t.to(device, dtype)
+
+
+def _positions(n: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """Random 2-of-4 positions, ascending in each group (compress_24's order): uint8 [n, k / 2]."""
+    pos = torch.rand(n, k // 4, 4, generator=g).argsort(dim=-1)[..., :2].sort(dim=-1).values
+    return pos.reshape(n, k // 2).to(torch.uint8)
+
+
+def sparse24_int4_weight(n: int, k: int, group: int, zero: bool, seed: int = 0):
+    """Random kept int4 codes at random 2-of-4 positions: (packed, meta, scale, zero)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-8, 8, (n, k // 2), generator=g, dtype=torch.int8)
+    positions = _positions(n, k, g)
+    scale = (torch.rand(n, k // group, generator=g) + 0.5) / (8 * k**0.5)
+    zeros = torch.randint(-3, 4, scale.shape, generator=g).float() if zero else None
+    return ref.pack_int4(codes), ref.pack_meta_24(positions), scale, zeros
+
+
+def sparse24_values_weight(n: int, k: int, dtype: torch.dtype, seed: int = 0):
+    """Random 16-bit kept values at random 2-of-4 positions: (values, meta)."""
+    g = torch.Generator().manual_seed(seed)
+    values = (torch.randn(n, k // 2, generator=g) / k**0.5).to(dtype)
+    return values, ref.pack_meta_24(_positions(n, k, g))
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("group,zero", [(32, False), (64, True), (128, True), (128, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse24_int4_gemv_matches_reference(m, group, zero, dtype):
+    n, k = 13, 3 * group  # ragged N, K not a power of two
+    packed, meta, scale, zeros = sparse24_int4_weight(n, k, group, zero, seed=m)
+    g = torch.Generator().manual_seed(m + 1)
+    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=g).to(DEVICE, dtype)
+    args = (_to(packed, DEVICE), _to(meta, DEVICE), _to(scale, DEVICE), _to(zeros, DEVICE), bias)
+    expected = ref.sparse24_int4_linear_ref(x, *args)
+    out = sparse24_gemv(x, *args, config=(8, 64, 4))  # several K steps, a ragged last one
+    assert out.shape == expected.shape and out.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert _rel(out, expected) < 1e-2
+        dense = ref.sparse24_int4_dequantize(*args[:4])
+        # M == 1: fp32 weights (the fast dequantization); M > 1: rounded to bf16 as the reference
+        want = ref.fp32_weight_linear_ref(x, dense, bias) if m == 1 else expected
+        assert _rel(out, want) < 4e-3  # summation order only
+
+
+@pytest.mark.parametrize("group,zero", [(32, True), (128, False)])
+def test_sparse24_int4_exact_takes_the_reference_rounding_at_one_row(group, zero):
+    packed, meta, scale, zeros = sparse24_int4_weight(21, 2 * group, group, zero, seed=7)
+    x = torch.randn(1, 2 * group, generator=torch.Generator().manual_seed(8)).to(DEVICE, torch.bfloat16)
+    args = (_to(packed, DEVICE), _to(meta, DEVICE), _to(scale, DEVICE), _to(zeros, DEVICE))
+    assert _rel(sparse24_gemv(x, *args, exact=True), ref.sparse24_int4_linear_ref(x, *args)) < 4e-3
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("values_dtype,x_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                  (torch.float16, torch.float32), (torch.float16, torch.float16)])
+@pytest.mark.parametrize("k", [96, 320])
+def test_sparse24_values_gemv_matches_reference(m, values_dtype, x_dtype, k):
+    n = 19
+    values, meta = sparse24_values_weight(n, k, values_dtype, seed=m + k)
+    g = torch.Generator().manual_seed(m + 2)
+    x = torch.randn(m, k, generator=g).to(DEVICE, x_dtype)
+    bias = torch.randn(n, generator=g).to(DEVICE, x_dtype)
+    values, meta = values.to(DEVICE), meta.to(DEVICE)
+    expected = ref.sparse24_linear_ref(x, values, meta, bias)
+    out = sparse24_gemv(x, values, meta, bias=bias, config=(8, 64, 4))
+    assert out.shape == expected.shape and out.dtype == x_dtype
+    if x_dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert _rel(out, expected) < 4e-3  # the kept values are exact in x's dtype: summation order only
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_sparse24_gemv_default_configs(m):
+    """The default tiles (wider than these shapes: masked) on both formats."""
+    values, meta = sparse24_values_weight(40, 512, torch.bfloat16, seed=3)
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    torch.testing.assert_close(sparse24_gemv(x, values.to(DEVICE), meta.to(DEVICE)),
+                               ref.sparse24_linear_ref(x, values.to(DEVICE), meta.to(DEVICE)), rtol=1e-5, atol=1e-5)
+    packed, meta, scale, zeros = sparse24_int4_weight(40, 512, 128, True, seed=5)
+    args = (packed.to(DEVICE), meta.to(DEVICE), scale.to(DEVICE), zeros.to(DEVICE))
+    torch.testing.assert_close(sparse24_gemv(x, *args), ref.sparse24_int4_linear_ref(x, *args), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse24_gemv_rejects_what_it_cannot_take():
+    values, meta = sparse24_values_weight(8, 64, torch.bfloat16)
+    with pytest.raises(ValueError, match="rows"):
+        sparse24_gemv(torch.randn(17, 64), values, meta)
+    with pytest.raises(ValueError, match="do not fit K"):
+        sparse24_gemv(torch.randn(1, 128), values, meta)
+    v40, m40 = sparse24_values_weight(8, 40, torch.bfloat16)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        sparse24_gemv(torch.randn(1, 40), v40, m40)
+    packed, meta16, scale, _ = sparse24_int4_weight(8, 64, 16, False)
+    with pytest.raises(ValueError, match="group 16"):
+        sparse24_gemv(torch.randn(1, 64), packed, meta16, scale)
+    assert not sparse24_gemv_fits(64, values.float()) and sparse24_gemv_fits(64, values)
+    assert sparse24_gemv_fits(64, packed, 32) and not sparse24_gemv_fits(64, packed, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("m", [1, 16])
+def test_sparse24_int4_gemv_gpu_real_shape(m):
+    packed, meta, scale, zeros = sparse24_int4_weight(11008, 4096, 128, True, seed=3)
+    x = torch.randn(m, 4096, generator=torch.Generator().manual_seed(4)).to("cuda", torch.bfloat16)
+    args = (packed.cuda(), meta.cuda(), scale.cuda(), zeros.cuda())
+    assert _rel(sparse24_gemv(x, *args), ref.sparse24_int4_linear_ref(x, *args)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("shape", [(4096, 11008), (22016, 4096)])
+def test_sparse24_values_gemv_gpu_real_shapes(m, shape):
+    values, meta = sparse24_values_weight(*shape, torch.bfloat16, seed=6)
+    x = torch.randn(m, shape[1], generator=torch.Generator().manual_seed(7)).to("cuda", torch.bfloat16)
+    values, meta = values.cuda(), meta.cuda()
+    assert _rel(sparse24_gemv(x, values, meta), ref.sparse24_linear_ref(x, values, meta)) < 1e-2
+
+
+SM90_COMPILE = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import quant_gemv as Q
+
+path, int4 = sys.argv[1], sys.argv[2] == "1"
+sig = {"x_ptr": "*bf16", "kept_ptr": "*i32", "meta_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32",
+       "b_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "K": "i32"}
+flags = dict(GROUP=128 if int4 else 32, INT4=int4, FP16=False, HAS_ZERO=int4, HAS_BIAS=True, BF16_BY_HAND=False)
+if path == "select":
+    sig["x_ptr"] = "*i64"  # bf16 x as words of four
+    kernel, constexprs = Q._sparse24_select_kernel, dict(BLOCK_N=8, BLOCK_U=64, X_WORDS=True, **flags)
+else:
+    sig.update(kept_ptr="*u8" if int4 else "*i32", meta_ptr="*u8", M="i32", x_stride="i32", out_stride="i32")
+    kernel, constexprs = Q._sparse24_dot_kernel, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, **flags)
+sig.update({name: "constexpr" for name in constexprs})
+compiled = triton.compile(ASTSource(kernel, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4})
+print(json.dumps({"cubin_bytes": len(compiled.asm["cubin"])}))
+"""
+
+
+@pytest.mark.parametrize("path", ["select", "dot"])
+@pytest.mark.parametrize("int4", [True, False])
+def test_kernels_compile_for_sm90(path, int4):
+    """The interpreter runs what the compiler may refuse (constexpr rules, dot operand types):
+    both kernels compile for sm_90 with Triton's bundled ptxas, no GPU needed (a fresh process:
+    the interpreter's kernels cannot be compiled)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    run = subprocess.run([sys.executable, "-c", SM90_COMPILE, path, "1" if int4 else "0"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    if "ptxas" in run.stderr and "No such file" in run.stderr:
+        pytest.skip("no bundled ptxas in this Triton install")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1])["cubin_bytes"] > 0
+
+
+def test_select_path_takes_an_unaligned_bf16_row():
+    """bf16 x is read as int64 words: a row starting off an 8-byte boundary is copied first."""
+    values, meta = sparse24_values_weight(24, 128, torch.bfloat16, seed=9)
+    flat = torch.randn(130, generator=torch.Generator().manual_seed(10)).to(DEVICE, torch.bfloat16)
+    x = flat[1:129].view(1, 128)
+    assert x.storage_offset() % 4
+    values, meta = values.to(DEVICE), meta.to(DEVICE)
+    assert _rel(sparse24_gemv(x, values, meta), ref.sparse24_linear_ref(x, values, meta)) < 4e-3

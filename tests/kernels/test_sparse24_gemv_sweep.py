@@ -1,0 +1,41 @@
+"""experiments/sparse24_gemv_sweep.py on CPU (interpreted kernels, a fake clock and ceiling, tiny
+shapes): every record it promises is there for every format, shape and M, and its suggestion is a
+tile timed on every case of its path (the timings themselves need the GPU)."""
+
+from __future__ import annotations
+
+import json
+
+
+def test_sweep_flow_on_cpu(monkeypatch, tmp_path):
+    import experiments.sparse24_gemv_sweep as sweep
+
+    def one_run_seconds(run, reps: int = 10) -> float:
+        run()
+        return 1e-3
+
+    monkeypatch.setattr(sweep, "DEVICE", "cpu")
+    monkeypatch.setattr(sweep, "SHAPES", {"a": (48, 256), "b": (16, 384)})
+    monkeypatch.setattr(sweep, "COPY_BYTES", 1)
+    monkeypatch.setattr(sweep, "SELECT_CANDIDATES", [(8, 64, 4)])
+    monkeypatch.setattr(sweep, "DOT_CANDIDATES", [(16, 64, 4)])
+    monkeypatch.setattr(sweep, "graph_seconds", one_run_seconds)
+    monkeypatch.setattr(sweep, "copy_ceiling_tbps", lambda: 1.0)
+    out = tmp_path / "sweep.jsonl"
+    sweep.main(["--m", "1", "3", "--budget-s", "1000", "--json", str(out)])
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    measures = [r for r in recs if r["kind"] == "measure"]
+    errors = [r for r in measures if "error" in r]
+    assert not errors, errors
+    for shape in ("a", "b"):
+        for m in (1, 3):
+            got = {(r["format"], r["path"]) for r in measures if r["shape"] == shape and r["M"] == m}
+            path = "select" if m == 1 else "dot"
+            assert {("dense_bf16", "cublas"), ("int4_g128", "gemv_int4"), ("sparse24_bf16", path),
+                    ("sparse24_int4_g128", path)} <= got, (shape, m, got)
+            configs = [r for r in measures if r["shape"] == shape and r["M"] == m and r["format"] == "sparse24_bf16"]
+            assert len(configs) == 2 and all(r["GBps"] > 0 and r["of_copy_ceiling"] > 0 for r in configs)
+    assert len([r for r in recs if r["kind"] == "best"]) == 2 * 2 * 2
+    suggest = {(r["format"], r["path"]): r["config"] for r in recs if r["kind"] == "suggest"}
+    assert set(suggest) == {(f, p) for f in ("sparse24_bf16", "sparse24_int4_g128") for p in ("select", "dot")}
+    assert recs[0]["kind"] == "ceiling" and recs[-1]["kind"] == "done"
