@@ -12,6 +12,8 @@
 #                                              # reference protocol (KD vs CE students, AWQ), the student as drafter
 #   experiments/engine_session.sh pipeline     # after `quant`, carry .gpu/t/p01 p02 .gpu/corpus: the default pipeline
 #   experiments/engine_session.sh evalref      # right after `pipeline`: its eval=gpu reference run (issue 15)
+#   experiments/engine_session.sh kernels      # carry .gpu/wheels: GPU tests of the multi-query verify, 2:4 and
+#                                              # tinygemm paths; verify cost; the 2:4 quant rows
 set -uo pipefail
 H=$HOME; OUTDIR=${OUT:-$H/out}; mkdir -p "$OUTDIR"
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$H/site" .gpu/wheels/*.whl 2>/dev/null
@@ -68,6 +70,16 @@ case "${1:?verb}" in
     timeout ${QUANT_S:-200} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_int4.jsonl" \
       --only bf16 int4_g128@triton int4_g128@tinygemm int4_g128@auto int4_g64@tinygemm > "$OUTDIR/quant_int4.log" 2>&1
     grep -v Warn "$OUTDIR/quant_int4.log" | tail -n 12;;
+  kernels)
+    timeout ${TESTS_S:-110} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_verify_attention.py \
+      "tests/engine/spec_decode/test_spec_gpu.py::test_fp32_graphs_greedy_through_each_multi_query_verify_path_matches_transformers" \
+      tests/kernels/test_quant_gemv_sparse24.py tests/engine/test_sparse24_paths.py tests/engine/test_int4_tinygemm.py \
+      > "$OUTDIR/kernel_tests.txt" 2>&1; tail -n 8 "$OUTDIR/kernel_tests.txt"
+    timeout ${VERIFY_S:-110} python3 experiments/spec_bench.py --json "$OUTDIR/verify_cost.jsonl" verify-cost --shape llama2-7b \
+      --context 512 2048 > "$OUTDIR/verify_cost.log" 2>&1; tail -n 8 "$OUTDIR/verify_cost.log"
+    timeout ${QUANT_S:-150} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_24.jsonl" --batch 1 16 \
+      --only bf16 sparse24 sparse24_int4_g128 --prefill-tokens 1024 4080 > "$OUTDIR/quant_24.log" 2>&1
+    grep -v Warn "$OUTDIR/quant_24.log" | tail -n 10;;
   wikitext)
     cp .gpu/t/p01 .gpu/t/p02 "$H/t/" && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"
     mkdir -p "$H/data/corpus" && cp .gpu/corpus/docs-en.jsonl.gz "$H/data/corpus/"
