@@ -80,6 +80,10 @@ case "${1:?verb}" in
     timeout ${QUANT_S:-150} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_24.jsonl" --batch 1 16 \
       --only bf16 sparse24 sparse24_int4_g128 --prefill-tokens 1024 4080 > "$OUTDIR/quant_24.log" 2>&1
     grep -v Warn "$OUTDIR/quant_24.log" | tail -n 10;;
+  sparse24)  # carry .gpu/wheels: the 2:4 rows alone
+    timeout ${QUANT_S:-150} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_24.jsonl" --batch 1 16 \
+      --only bf16 sparse24 sparse24_int4_g128 --prefill-tokens 1024 4080 > "$OUTDIR/quant_24.log" 2>&1
+    grep -v Warn "$OUTDIR/quant_24.log" | tail -n 10;;
   wikitext)
     cp .gpu/t/p01 .gpu/t/p02 "$H/t/" && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"
     mkdir -p "$H/data/corpus" && cp .gpu/corpus/docs-en.jsonl.gz "$H/data/corpus/"

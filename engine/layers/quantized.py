@@ -315,10 +315,10 @@ class Sparse24Linear(CompressedLinear):
     "dense" (a matmul of the dense weight). ModelOptions.sparse24_path "auto" times the
     candidates on a GPU at first use (outside graph capture: the engine warms up eagerly before
     capturing), once per layer shape, and takes the faster per bucket (m_bucket). A layer never
-    holds a dense weight beside its 2:4 form: where dense wins a decode bucket (timed with a kept
-    dense weight), the layer keeps only a dense weight (logged: it no longer saves memory); else it
-    keeps the 2:4 form, and the prefill buckets where dense won (timed as they then run: the dense
-    weight rebuilt for the call) rebuild it. "sparse" takes the
+    holds a dense weight beside its 2:4 form: where a kept dense weight beats the GEMV at batch 1,
+    the layer keeps only a dense weight (logged: it no longer saves memory); else it keeps the 2:4
+    form, decodes every batch with the GEMV, and the prefill buckets where dense won (timed as they
+    then run: the dense weight rebuilt for the call) rebuild it. "sparse" takes the
     sparse candidate wherever there is one (else the dense weight rebuilt for the call, not
     kept), "dense" keeps only a dense weight."""
 
@@ -400,14 +400,16 @@ class Sparse24Linear(CompressedLinear):
         else:
             if not self.paths and not capturing:
                 self.time_paths(dtype, device)
+                options = self.candidates(m, dtype, device)  # timing may have left a dense weight alone
             path = self.paths.get(m_bucket(m), options[0])
+            path = path if path in options else options[0]
         # torch's semi-structured kernels are not known to capture: a graph takes the dense matmul
         return "dense" if path == "cusparselt" and capturing else path
 
     def time_paths(self, dtype: torch.dtype, device: torch.device) -> None:
         """Time each bucket's candidates (CUDA events, gpu_seconds: the best of TIMING_REPS after a
         warm-up) once per layer shape, format, dtype and device, and settle this layer: the
-        faster path per bucket; where dense wins a decode bucket, only a dense weight kept. The
+        faster path per bucket; where dense wins batch 1, only a dense weight kept. The
         dense candidate is timed as it would run: with a kept weight at decode sizes, rebuilt for
         the call at prefill sizes (a layer that keeps its 2:4 form holds no dense weight)."""
         key = (self.out_features, self.in_features, None if self.kept is None else self.kept.dtype,
@@ -439,12 +441,20 @@ class Sparse24Linear(CompressedLinear):
         timings = "; ".join(f"m={m}: " + ", ".join(f"{p} {s * 1e6:.1f} us" for p, s in t.items())
                             for m, t in measured.items())
         shape = f"[{self.out_features}, {self.in_features}]"
-        if any(self.paths.get(m) == "dense" for m in DECODE_BUCKETS) or set(self.paths.values()) == {"dense"}:
+        if self.paths.get(DECODE_BUCKETS[0]) == "dense" or set(self.paths.values()) == {"dense"}:
             self.keep_dense_only(dtype, device)
             log.info("2:4 layer %s: dense wins at decode (%s): keeping one dense %s weight, "
                      "%.1f MB (the 2:4 form saved none here)", shape, timings, dtype,
                      self.weight.numel() * self.weight.element_size() / 1e6)
         else:
+            # The GEMV pays at batch 1; a dense weight for the larger decode batches where a kept
+            # dense matmul timed faster would sit beside the 2:4 form: those batches take the GEMV.
+            dense_decode = [m for m in DECODE_BUCKETS if self.paths.get(m) == "dense"]
+            for m in dense_decode:
+                self.paths[m] = "gemv"
+            if dense_decode:
+                log.info("2:4 layer %s: dense faster at decode batches %s, but only with a dense weight kept beside "
+                         "the 2:4 form: the GEMV takes them", shape, dense_decode)
             log.info("2:4 layer %s: paths %s (%s)", shape, self.paths, timings)
 
     def keep_dense_only(self, dtype: torch.dtype, device: torch.device) -> None:

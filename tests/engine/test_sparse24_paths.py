@@ -93,11 +93,12 @@ def test_timing_picks_each_buckets_faster_path_and_never_keeps_two_forms(kind, m
 
 
 @pytest.mark.parametrize("kind", ["bf16", "int4"])
-def test_dense_winning_one_decode_bucket_keeps_only_the_dense_weight(kind, monkeypatch, caplog):
-    """Mixed at decode (dense wins batch 4 and 8): one dense weight and nothing else, never both forms."""
+def test_dense_winning_batch_1_keeps_only_the_dense_weight(kind, monkeypatch, caplog):
+    """Dense wins batch 1 (and 2), the GEMV the larger batches: one dense weight and nothing else,
+    never both forms."""
     module = layer(kind)
     monkeypatch.setattr(quantized, "gpu_seconds",
-                        fake_timer({1: "gemv", 2: "gemv", 4: "dense", 8: "dense", 16: "gemv"}))
+                        fake_timer({1: "dense", 2: "dense", 4: "gemv", 8: "gemv", 16: "gemv"}))
     with caplog.at_level(logging.INFO, logger="engine.layers.quantized"):
         module.time_paths(torch.float32, CPU)
     assert module.kept is None and module.meta is None and module.weight is not None
@@ -234,3 +235,36 @@ def test_capture_never_takes_the_semi_structured_kernels(monkeypatch):
     assert module.choose(600, torch.bfloat16, CUDA) == "dense"
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert module.choose(600, torch.bfloat16, CUDA) == "cusparselt"
+
+
+def test_a_layer_that_became_dense_during_timing_never_takes_a_sparse_path(monkeypatch):
+    """The first call on a GPU times the paths; when that leaves the layer dense only, the call that
+    triggered it must take the dense path, not the table's cuSPARSELt entry for its bucket (a
+    prefill of 1,024 rows hit `self.meta.device` on None: H200, eval.bench.quant sparse24)."""
+    module = layer("bf16", n=64, k=128)
+
+    def timing(self, dtype, device):
+        self.paths = {1: "dense", 512: "cusparselt"}
+        self.keep_dense_only(dtype, torch.device("cpu"))
+
+    monkeypatch.setattr(Sparse24Linear, "time_paths", timing)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert module.candidates(600, torch.bfloat16, CUDA) == ["cusparselt", "dense"]
+    assert module.choose(600, torch.bfloat16, CUDA) == "dense"
+    assert module.choose(1, torch.bfloat16, CUDA) == "dense"
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int4"])
+def test_dense_winning_only_larger_decode_batches_keeps_the_2_4_form(kind, monkeypatch, caplog):
+    """The sparse GEMV wins batch 1 (where reading fewer bytes pays) and dense wins batch 16 (compute):
+    the layer keeps its 2:4 form and decodes every batch with the GEMV: a dense weight for batch 16
+    would have to sit beside the 2:4 form (more memory than bf16 itself)."""
+    module = layer(kind)
+    monkeypatch.setattr(quantized, "gpu_seconds",
+                        fake_timer({1: "gemv", 2: "gemv", 4: "gemv", 8: "dense", 16: "dense"}))
+    with caplog.at_level(logging.INFO, logger="engine.layers.quantized"):
+        module.time_paths(torch.float32, CPU)
+    assert module.weight is None and module.kept is not None
+    assert module.paths == {m: "gemv" for m in quantized.DECODE_BUCKETS}
+    assert module.timings[16] == {"gemv": 2.0, "dense": 1.0}, "the measurement stays on record"
+    assert "dense faster at" in caplog.text
