@@ -11,7 +11,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from common.paths import default_cache_dir
 from engine.gguf import gguf_model_dir
-from engine.layers.options import ModelOptions, check_int4_kernel
+from engine.layers.options import ModelOptions, check_int4_kernel, check_sparse24_path
 from engine.parallel.group import tp_rank, tp_size
 from engine.spec_decode.config import SpeculativeConfig
 
@@ -59,6 +59,9 @@ class EngineConfig:
     # (our GEMVs, fused into the decode kernels), "tinygemm" (torch's aten._weight_int4pack_mm,
     # unfused) or "auto" (whichever is timed faster after loading; the choice is logged).
     int4_kernel: str = "auto"
+    # 2:4 sparse layers on a GPU (engine/layers/options.py): "auto" (the 2:4 GEMV / cuSPARSELt or a
+    # dense matmul, timed per layer shape and batch size at first use; logged), "sparse" or "dense".
+    sparse24_path: str = "auto"
     # A prefill step of at most this many tokens (and 16 sequences) replays a CUDA graph
     # (engine/cuda_graphs.py): its host cost is one replay instead of a launch per kernel. 0: off.
     prefill_graph_max_tokens: int = 512
@@ -108,6 +111,7 @@ class EngineConfig:
         if self.prefill_attention not in ("sdpa", "triton"):
             raise ValueError(f"prefill_attention: {self.prefill_attention!r} is not 'sdpa' or 'triton'")
         check_int4_kernel(self.int4_kernel)
+        check_sparse24_path(self.sparse24_path)
         if self.load_format not in ("safetensors", "dummy"):
             raise ValueError(f"load_format: {self.load_format!r} is not 'safetensors' or 'dummy'")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
@@ -164,7 +168,8 @@ class EngineConfig:
             raise RuntimeError(f"tensor_parallel_size={self.tensor_parallel_size}: this process is in a group of "
                                f"{tp_size()} rank(s); the model runner starts the group (engine/parallel)")
         return ModelOptions(use_triton=self.triton_enabled, fused_decode=self.fused_decode, pdl=self.pdl,
-                            exact_dequant=self.exact_dequant, int4_kernel=self.int4_kernel, block_size=self.block_size,
+                            exact_dequant=self.exact_dequant, int4_kernel=self.int4_kernel,
+                            sparse24_path=self.sparse24_path, block_size=self.block_size,
                             max_model_len=self.max_model_len,
                             tp_rank=tp_rank() if self.tensor_parallel_size > 1 else 0,
                             tp_size=self.tensor_parallel_size)

@@ -11,9 +11,19 @@ from dataclasses import dataclass
 INT4_KERNELS = ("auto", "triton", "tinygemm")
 
 
+# 2:4 sparse layers: "auto" (the faster of the 2:4 GEMV / cuSPARSELt and a dense matmul per layer
+# shape and batch size, timed on the GPU at first use), "sparse" or "dense" (Sparse24Linear).
+SPARSE24_PATHS = ("auto", "sparse", "dense")
+
+
 def check_int4_kernel(value: object) -> None:
     if value not in INT4_KERNELS:
         raise ValueError(f"int4_kernel: {value!r} is not one of {', '.join(INT4_KERNELS)}")
+
+
+def check_sparse24_path(value: object) -> None:
+    if value not in SPARSE24_PATHS:
+        raise ValueError(f"sparse24_path: {value!r} is not one of {', '.join(SPARSE24_PATHS)}")
 
 
 @dataclass(frozen=True)
@@ -30,8 +40,7 @@ class ModelOptions:
     exact_dequant: bool = False
     # Which kernel runs int4 weights' small-batch matmuls on a GPU: one of INT4_KERNELS.
     int4_kernel: str = "auto"
-    # 2:4 sparse layers: "auto" (the faster of sparse and dense per layer shape and batch size,
-    # timed on the GPU at first use), "sparse" or "dense" (engine/layers/quantized.py, Sparse24Linear).
+    # Which path runs 2:4 sparse layers: one of SPARSE24_PATHS.
     sparse24_path: str = "auto"
     # Tokens per KV-cache block.
     block_size: int = 16
@@ -44,3 +53,4 @@ class ModelOptions:
 
     def __post_init__(self) -> None:
         check_int4_kernel(self.int4_kernel)
+        check_sparse24_path(self.sparse24_path)

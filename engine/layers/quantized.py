@@ -273,7 +273,6 @@ SEMI_STRUCTURED_MIN_M = SMALL_M + 1
 DECODE_BUCKETS = (1, 2, 4, 8, 16)
 PREFILL_BUCKETS = (512, 2048, 8192)
 TIMING_REPS = 3
-SPARSE24_PATHS = ("auto", "sparse", "dense")
 
 log = logging.getLogger(__name__)
 
@@ -330,9 +329,6 @@ class Sparse24Linear(CompressedLinear):
         super().__init__(dense.shape[1], dense.shape[0], bias, options)
         if dense.shape[1] % 8:
             raise ValueError(f"Sparse24Linear: in_features {dense.shape[1]} is not a multiple of 8")
-        if options.sparse24_path not in SPARSE24_PATHS:
-            raise ValueError(f"ModelOptions.sparse24_path must be one of {SPARSE24_PATHS} "
-                             f"(got {options.sparse24_path!r})")
         self.path_option = options.sparse24_path
         values, positions = ref.compress_24(dense)
         self.register_buffer("meta", ref.pack_meta_24(positions).contiguous())

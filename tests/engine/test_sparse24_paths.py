@@ -268,3 +268,16 @@ def test_dense_winning_only_larger_decode_batches_keeps_the_2_4_form(kind, monke
     assert module.paths == {m: "gemv" for m in quantized.DECODE_BUCKETS}
     assert module.timings[16] == {"gemv": 2.0, "dense": 1.0}, "the measurement stays on record"
     assert "dense faster at" in caplog.text
+
+
+def test_sparse24_path_is_an_engine_setting_checked_by_name(model_dir):
+    """LLM(path, sparse24_path=...) reaches every 2:4 layer through ModelOptions; a wrong value is
+    one error naming the setting, when the config is made (before any loading)."""
+    from engine.config import EngineConfig
+
+    path = model_dir("llama_gqa_untied")
+    with pytest.raises(ValueError, match="sparse24_path: 'fast'"):
+        EngineConfig(model=path, sparse24_path="fast")
+    with pytest.raises(ValueError, match="sparse24_path"):
+        ModelOptions(sparse24_path="cusparselt")
+    assert EngineConfig(model=path, sparse24_path="dense").model_options().sparse24_path == "dense"
