@@ -177,6 +177,31 @@ def copy_ceiling_tbps() -> float:
     return 2 * a.numel() * 10 / (start.elapsed_time(end) / 1e3) / 1e12
 
 
+class Records:
+    """A sweep's JSON lines: each printed, appended to ``path`` when given, and the "measure" ones
+    kept in ``records`` for the summaries; the first line is the device's copy ceiling."""
+
+    def __init__(self, path: str | None, device: str, ceiling: float) -> None:
+        self.records: list[dict] = []
+        self.out = open(path, "w") if path else None
+        self.ceiling = ceiling
+        self.emit({"kind": "ceiling", "device": torch.cuda.get_device_name() if device == "cuda" else device,
+                   "copy_TBps": ceiling, "torch": torch.__version__})
+
+    def emit(self, rec: dict) -> None:
+        if rec.get("kind") == "measure":
+            self.records.append(rec)
+        line = json.dumps(rec)
+        print(line, flush=True)
+        if self.out is not None:
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def close(self) -> None:
+        if self.out is not None:
+            self.out.close()
+
+
 def suggest(records: list[dict], fmt: str) -> dict | None:
     """The FAST_M1_CONFIGS entry of the least total time over the shapes, among the entries timed
     on every shape the format's M == 1 records have (heuristic included), or None."""
@@ -209,21 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("quant_gemv_sweep needs a CUDA GPU")
     started = time.perf_counter()
-    out = open(args.json, "w") if args.json else None
-    records: list[dict] = []
-
-    def emit(rec: dict) -> None:
-        if rec.get("kind") == "measure":
-            records.append(rec)
-        line = json.dumps(rec)
-        print(line, flush=True)
-        if out is not None:
-            out.write(line + "\n")
-            out.flush()
-
-    ceiling = copy_ceiling_tbps()
-    emit({"kind": "ceiling", "device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE,
-          "copy_TBps": ceiling, "torch": torch.__version__})
+    log = Records(args.json, DEVICE, copy_ceiling_tbps())
+    records, emit, ceiling = log.records, log.emit, log.ceiling
 
     def measure(case: Case, path: str, seconds: Callable[[], float], nbytes: int, **extra: Any) -> None:
         rec = {"kind": "measure", "format": case.fmt, "shape": case.shape, "M": case.m, "N": case.n, "K": case.k,
@@ -300,8 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         if rec is not None:
             emit(rec)
     emit({"kind": "done", "wall_s": time.perf_counter() - started})
-    if out is not None:
-        out.close()
+    log.close()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ and {"kind": "done"}.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Callable
 
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.bench.common import graph_seconds
-from experiments.quant_gemv_sweep import copy_ceiling_tbps
+from experiments.quant_gemv_sweep import Records, copy_ceiling_tbps
 from kernels import quant as ref
 from kernels.gemv import FAST_BY_DEFAULT, gemv
 from kernels.quant_gemv import DOT_CONFIG, SELECT_CONFIG, sparse24_gemv
@@ -83,21 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("sparse24_gemv_sweep needs a CUDA GPU")
     started = time.perf_counter()
-    out = open(args.json, "w") if args.json else None
-    records: list[dict] = []
-
-    def emit(rec: dict) -> None:
-        if rec.get("kind") == "measure":
-            records.append(rec)
-        line = json.dumps(rec)
-        print(line, flush=True)
-        if out is not None:
-            out.write(line + "\n")
-            out.flush()
-
-    ceiling = copy_ceiling_tbps()
-    emit({"kind": "ceiling", "device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE,
-          "copy_TBps": ceiling, "torch": torch.__version__})
+    log = Records(args.json, DEVICE, copy_ceiling_tbps())
+    records, emit, ceiling = log.records, log.emit, log.ceiling
 
     def measure(base: dict, nbytes: int, seconds: Callable[[], float], **extra) -> None:
         rec = {"kind": "measure", **base, "bytes": nbytes, **extra}
@@ -183,8 +169,7 @@ def main(argv: list[str] | None = None) -> None:
                 emit({"kind": "suggest", "format": f"sparse24_{fmt}", "path": path, "config": list(best),
                       "total_us": totals[best] * 1e6, "shapes": sorted(shapes)})
     emit({"kind": "done", "wall_s": time.perf_counter() - started})
-    if out is not None:
-        out.close()
+    log.close()
 
 
 if __name__ == "__main__":
