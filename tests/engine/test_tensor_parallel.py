@@ -259,8 +259,6 @@ def _alive(pid: int) -> bool:
 
 FUSED_CHECK = """
 import sys
-import triton_interpreter  # the suite's interpreter speed-up (tests/triton_interpreter.py)
-triton_interpreter.install()
 import engine.models.llama as llama
 from engine import LLM, SamplingParams
 calls = []
@@ -283,8 +281,7 @@ def test_fused_decode_path_under_tensor_parallelism(model_dir):
     """Triton kernels (interpreted on CPU, in a fresh process: the interpreter is chosen at import)
     with the fused small-batch decode: rank 0 adds the residual in its GEMV epilogue, the other
     rank's GEMV writes its partial product, one all-reduce sums them. Same tokens as one rank."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "TRITON_INTERPRET": "1",
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", FUSED_CHECK, model_dir("qwen2_bias")], env=env,
                             capture_output=True, text=True, timeout=TIMEOUT_S - 20)
     assert result.returncode == 0, result.stderr[-3000:]
