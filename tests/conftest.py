@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import triton_interpreter
 from support import REPO, save_tiny_artifact  # noqa: F401  (re-exported for fixtures)
+
+triton_interpreter.install()
 
 torch.set_num_threads(1)  # tiny models: more threads only add overhead
 

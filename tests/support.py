@@ -62,3 +62,18 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
     full_env = {**os.environ, "WANDB_SILENT": "true", **(env or {})}
     return subprocess.run([sys.executable, "-m", "shrink", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+def with_pairwise(cases: list[tuple], values: list) -> list[tuple]:
+    """Each case (a tuple of factor values) extended by one of ``values``, chosen greedily so that
+    every value meets every value of each factor in the cases at least once: a pairwise cover of
+    the extra factor, where the full cross-product would take len(values) times as many cases."""
+    width = len(cases[0])
+    wanted = {(i, case[i], v) for case in cases for i in range(width) for v in values}
+    out = []
+    for case in cases:
+        best = max(values, key=lambda v: sum((i, case[i], v) in wanted for i in range(width)))
+        wanted -= {(i, case[i], best) for i in range(width)}
+        out.append((*case, best))
+    assert not wanted, f"no pairwise cover: {sorted(wanted, key=str)[:5]} ..."
+    return out

@@ -48,7 +48,12 @@ def _requests(n: int, vocab: int = 256) -> tuple[list[list[int]], list[SamplingP
 
 
 def _generate(path: str, tp: int, ps, params, **kw):
+    """Outputs and (rank 0's heads, its KV heads, multi-steps). With tp > 1 it also checks that the
+    workers exit on close: one worker process per extra rank, alive until close, exit code 0 after
+    it, and a second close is fine."""
     llm = LLM(path, tensor_parallel_size=tp, **{**ENGINE, **kw})
+    procs = llm.engine.runner.tp_workers.processes if tp > 1 else []
+    assert len(procs) == tp - 1 and all(p.is_alive() for p in procs)
     try:
         outs = llm.generate(ps, params)
         runner = llm.engine.runner
@@ -56,6 +61,8 @@ def _generate(path: str, tp: int, ps, params, **kw):
         shape = (attn.num_heads, runner.attn_layers[0].k_cache.shape[2], llm.engine.num_multi_steps)
     finally:
         llm.close()
+    assert all(not p.is_alive() and p.exitcode == 0 for p in procs)
+    llm.close()  # twice is fine
     return outs, shape
 
 
@@ -77,6 +84,8 @@ def _assert_same(one, two) -> None:
     ("qwen3_qknorm", 2, 1),  # head_dim 32 (not hidden / heads), q/k norms per head
 ])
 def test_two_ranks_give_the_tokens_of_one(model_dir, arch, heads, kv_heads):
+    """Same tokens and logprobs at 2 ranks as at 1, rank 0 holds its share of the heads, and the
+    worker exits on close (checked in _generate)."""
     ps, params = _requests(8)
     one, _ = _generate(model_dir(arch), 1, ps, params)
     two, (rank0_heads, rank0_kv_heads, multi_steps) = _generate(model_dir(arch), 2, ps, params)
@@ -191,16 +200,6 @@ def test_speculative_decoding_with_tensor_parallelism_is_refused(model_dir):
     spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
     with pytest.raises(ValueError, match="speculative_config: .* cannot be combined with tensor_parallel_size=2"):
         EngineConfig(model=model_dir("llama_gqa_untied"), device="cpu", tensor_parallel_size=2, speculative_config=spec)
-
-
-def test_workers_exit_on_close(model_dir):
-    llm = LLM(model_dir("llama_gqa_untied"), tensor_parallel_size=2, **ENGINE)
-    procs = llm.engine.runner.tp_workers.processes
-    assert len(procs) == 1 and procs[0].is_alive()
-    llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=3))
-    llm.close()
-    assert not procs[0].is_alive() and procs[0].exitcode == 0
-    llm.close()  # twice is fine
 
 
 def test_a_failure_on_rank_0_stops_the_workers(model_dir):

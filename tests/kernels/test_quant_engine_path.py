@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 from compressed_artifacts import make_artifact  # noqa: E402
 
 import engine.models.llama as llama_module  # noqa: E402
+import kernels.gemv as gemv_module  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from kernels.gemv import FAST_BY_DEFAULT  # noqa: E402
 
@@ -93,6 +94,10 @@ def test_batch_one_decode_takes_the_fast_dequantization_unless_exact(tmp_path, m
         return gemv(x, *args, **kwargs)
 
     monkeypatch.setattr(llama_module.gemv_kernels, "gemv", recording_gemv)
+    # FAST_MIN_PROGRAMS narrows the fast path's programs to fill an H200's SMs: on these tiny widths,
+    # one column each, which the interpreter runs one Python loop at a time (tens of seconds a run).
+    # The programs' default widths stay: the kernel at one column a program is test_quant_gemv_fast's.
+    monkeypatch.setattr(gemv_module, "FAST_MIN_PROGRAMS", 1)
     path = make_artifact(scheme, tmp_path / scheme)
     prompt = [PROMPTS[0]]
     threads = torch.get_num_threads()

@@ -8,6 +8,7 @@ import torch
 
 from kernels import quant as ref
 from kernels.gemv import gemv, gemv_ref, gemv_rope_store, gemv_rope_store_ref
+from support import with_pairwise
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -54,10 +55,11 @@ WEIGHTS = {"int8": ("int8", 0, False), "int4_g32": ("int4", 32, False), "int4_g6
            "int4_g128_zero": ("int4", 128, True)}
 
 
-@pytest.mark.parametrize("m", [1, 5, 16])
-@pytest.mark.parametrize("fusion", list(FUSIONS))
-@pytest.mark.parametrize("weights", list(WEIGHTS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# Every M (1, a partial 16-row tile, a full one), weight format and dtype; the fusions (prologue /
+# epilogue, apart from the dequantization) pairwise: each meets every M, format and dtype.
+@pytest.mark.parametrize("m,weights,dtype,fusion", with_pairwise(
+    [(m, weights, dtype) for m in (1, 5, 16) for weights in WEIGHTS for dtype in (torch.float32, torch.bfloat16)],
+    list(FUSIONS)))
 def test_quant_gemv_matches_reference(m, fusion, weights, dtype):
     quant, group, zero = WEIGHTS[weights]
     n = 37  # not a multiple of any block

@@ -19,6 +19,7 @@ import torch
 from kernels import quant as ref
 from kernels.gemv import (fast_dequant_fits, fast_dot_config, fast_dot_fits, fast_gemv_config, gemv, gemv_ref,
                           gemv_rope_store, gemv_rope_store_ref)
+from support import with_pairwise
 from test_quant_gemv import DEVICE, FUSIONS, _fusion_args, _rel, _to, quant_weight, w8a8_gemv_ref
 
 WEIGHTS = {"int8": ("int8", 0, False), "int4_g32": ("int4", 32, False), "int4_g64_zero": ("int4", 64, True),
@@ -45,13 +46,18 @@ def _weights(name: str, rows: int, k: int, seed: int):
     return quant, w, scale, zeros, dense
 
 
-@pytest.mark.parametrize("m", [1, 5, 16])
-@pytest.mark.parametrize("fusion", list(FUSIONS))
-@pytest.mark.parametrize("weights", list(WEIGHTS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# Every M (1: the fast M == 1 path, 5: a partial 16-row tile, 16: a full one), weight format and
+# dtype the fast path distinguishes, but int8 in fp32 at M > 1 (the exact path, test_quant_gemv.py's);
+# the fusions (prologue / epilogue, apart from the dequantization) pairwise: each meets every M,
+# format and dtype.
+FAST_CASES = with_pairwise([(m, weights, dtype) for m in (1, 5, 16) for weights in WEIGHTS
+                            for dtype in (torch.float32, torch.bfloat16)
+                            if not (dtype == torch.float32 and m != 1 and WEIGHTS[weights][0] != "int4")],
+                           list(FUSIONS))
+
+
+@pytest.mark.parametrize("m,weights,dtype,fusion", FAST_CASES)
 def test_fast_gemv_matches_the_fp32_dequantized_reference(m, fusion, weights, dtype):
-    if dtype == torch.float32 and m != 1 and WEIGHTS[weights][0] != "int4":
-        pytest.skip("int8 in fp32 at M > 1: the exact path, tested in test_quant_gemv.py")
     n = 37  # not a multiple of any block
     k = 3 * max(WEIGHTS[weights][1], 32)  # several groups, not a power of two
     swiglu = FUSIONS[fusion].get("swiglu", False)

@@ -73,12 +73,16 @@ def test_sweep_flow_on_cpu(monkeypatch, tmp_path):
     import json
 
     import experiments.quant_gemv_sweep as sweep
+    import kernels.gemv as gemv_module
 
     def one_run_seconds(run, reps: int = 10) -> float:
         run()
         return 1e-3
 
     monkeypatch.setattr(sweep, "DEVICE", "cpu")
+    # An H200 occupancy target: on these widths it makes the fast path's programs one column each,
+    # which the interpreter runs one at a time. Wider programs time the same records.
+    monkeypatch.setattr(gemv_module, "FAST_MIN_PROGRAMS", 1)
     shapes = {"gate_up": (32, 128, "swiglu"), "down": (16, 256, "residual")}  # small: interpreted
     monkeypatch.setattr(sweep, "SHAPES", shapes)
     monkeypatch.setattr(sweep, "COPY_BYTES", 1)

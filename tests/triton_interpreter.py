@@ -1,0 +1,63 @@
+"""Triton's CPU interpreter without its per-call re-patching (test speed only; no change in what runs).
+
+A kernel launch patches triton.language (every builtin rewired to the interpreter) for its whole
+grid and restores it at the end. Every call of a @triton.jit helper from inside the kernel patches
+it again (`InterpretedFunction.__call__` -> `_patch_lang`), walking all of triton.language with
+`inspect.getmembers`; the builtins are already rewired, so that walk changes nothing, and the scope
+it returns is dropped. On our GEMV kernels (a helper called per K step, per program) it was more
+than half of the interpreted time. Here a helper's call skips it when every language module its
+globals hold (triton.language, or triton.language.core for Triton's own helpers such as tl.sum) is
+already patched in the running launch, by the launch itself or by an earlier helper's call (whose
+patch the interpreter never restores). Anything else (no launch running, a module not yet patched,
+no triton.language at all: the interpreter's own assertion) goes through the original.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+
+def install() -> bool:
+    """Wrap the interpreter's `_patch_lang` and launch; False (nothing changed) where this Triton
+    lacks them."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    if not all(hasattr(interpreter, name) for name in ("_patch_lang", "_LangPatchScope", "GridExecutor")):
+        return False
+    if getattr(interpreter._patch_lang, "_once_per_launch", False):
+        return True
+    patch_lang, launch = interpreter._patch_lang, interpreter.GridExecutor.__call__
+    # One entry per running launch: None until its own patch, then the ids of the modules it patched.
+    running: list[set[int] | None] = []
+
+    def language_modules(fn) -> set[int]:
+        return {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+
+    def patch_lang_once(fn):
+        if running and running[-1] is None:  # the launch's own patch
+            scope = patch_lang(fn)
+            running[-1] = language_modules(fn)
+            return scope
+        if not running:
+            return patch_lang(fn)
+        modules = language_modules(fn)
+        if modules and modules <= running[-1]:
+            return interpreter._LangPatchScope()  # nothing to restore: the launch restores its own
+        scope = patch_lang(fn)  # a helper's patch is never restored: it holds until the launch ends
+        running[-1] |= modules
+        return scope
+
+    def launch_once(self, *args, **kwargs):
+        running.append(None)
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            running.pop()
+
+    patch_lang_once._once_per_launch = True
+    interpreter._patch_lang = patch_lang_once
+    interpreter.GridExecutor.__call__ = launch_once
+    return True
