@@ -5,7 +5,7 @@ staging buffer (engine/decode_inputs.py); a batch runs in the smallest bucket th
 padding rows storing nothing. With multi-step decoding each bucket also has a step graph: the
 forward with the greedy advance after it (kernels/greedy_advance.py), so a step is one replay. The
 same graphs replay a speculative verify staged as pseudo-rows (one row per token,
-DecodeInputs.prepare_chunks); the runner sizes the buckets to hold them. A set built with
+DecodeInputs.prepare_chunks); capture_graphs sizes the buckets to hold them. A set built with
 ``verify_query_len`` q replays pseudo-rows of sequences of q tokens each whose attention reads each
 sequence's K/V once (multi-query decode attention, Context.verify_query_len), its buckets from q rows.
 
@@ -21,16 +21,18 @@ verify forward's: k + 1 query tokens per sequence, every one scored) keeps the l
 token row instead, and one built with ``verify_query_len`` attends with the multi-query decode
 attention (kernels/verify_attention.py), every sequence at most that many tokens.
 
-All graphs share one memory pool: no two ever run at once.
+All graphs share one memory pool: no two ever run at once (capture_graphs captures an engine's).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
+from engine.config import EngineConfig
 from engine.context import Context, reset_context, set_context
 from engine.decode_inputs import DecodeInputs
 from engine.staging import StagingBuffer
@@ -195,6 +197,48 @@ class PrefillGraphs:
             self.d.ids[:row].copy_(device_ids)
         self.graphs[key].replay()
         return self.logits[key]
+
+
+@dataclass
+class EngineGraphs:
+    """A model runner's graph sets; None where not captured (eager: all of them). ``mq``, ``verify``
+    and ``mq_verify`` serve only the speculative verify (spec_decode/verify_paths.py)."""
+
+    decode: DecodeGraphs | None = None
+    mq: DecodeGraphs | None = None  # the _mq variants' (multi-query attention)
+    prefill: PrefillGraphs | None = None
+    verify: PrefillGraphs | None = None
+    mq_verify: PrefillGraphs | None = None
+
+
+def capture_graphs(model: torch.nn.Module, inputs: DecodeInputs, config: EngineConfig, max_blocks: int,
+                   verify_max_tokens: int, verify_rows: int, verify_query_len: int) -> EngineGraphs:
+    """Every graph set the engine replays, in one memory pool: decode buckets that also hold
+    ``verify_rows`` pseudo-rows; with ``verify_query_len``, their multi-query twins; prefill graphs
+    (Triton prefill attention only); with ``verify_max_tokens``, the verify graphs that score every
+    row, up to the token bucket that holds that many."""
+    cfg, device, block_size = config, config.torch_device, config.block_size
+    max_bs = max(min(cfg.cuda_graph_max_bs, cfg.max_num_seqs), verify_rows)
+    graphs = EngineGraphs(decode=DecodeGraphs(model, inputs, max_bs, cfg.num_decode_steps))
+    pool = graphs.decode.capture()
+    if 0 < verify_query_len <= max_bs:
+        graphs.mq = DecodeGraphs(model, inputs, max_bs, 1, verify_query_len)
+        graphs.mq.capture(pool)
+    max_tokens = min(cfg.prefill_graph_max_tokens, cfg.max_num_batched_tokens, cfg.max_model_len)
+    if max_tokens >= 16 and cfg.triton_enabled and cfg.prefill_attention == "triton":
+        graphs.prefill = PrefillGraphs(model, device, block_size, max_blocks, max_tokens, cfg.max_num_seqs)
+        graphs.prefill.capture(pool)
+        if verify_max_tokens > 0:  # token buckets are powers of two from 16: the next one holds it all
+            verify_tokens = min(max(16, 1 << (verify_max_tokens - 1).bit_length()), max_tokens)
+            graphs.verify = PrefillGraphs(model, device, block_size, max_blocks, verify_tokens, cfg.max_num_seqs,
+                                          all_rows=True)
+            graphs.verify.capture(pool)
+            if verify_query_len:
+                graphs.mq_verify = PrefillGraphs(model, device, block_size, max_blocks, verify_tokens,
+                                                 cfg.max_num_seqs, True, verify_query_len)
+                graphs.mq_verify.capture(pool)
+    torch.cuda.synchronize()
+    return graphs
 
 
 def gpu_seconds(run: Callable[[], object]) -> float:

@@ -8,30 +8,22 @@ advanced there (next ids = argmax, positions and context lengths + 1, slots look
 tables), each step's argmax lands in a row of a [steps, batch] device buffer, and one copy with
 one sync brings all the tokens back (engine/decode_inputs.py).
 
-A speculative verify forward (``all_logits``: k + 1 tokens per sequence, logits at every one) runs
-as a decode step over pseudo-rows (``pseudo_row_logits``: each token one decode row sharing its
-sequence's block table, DecodeInputs.prepare_chunks; the decode kernels read the weights once for
-all rows, the decode graphs replay it) or through the varlen prefill path (``prefill_all_logits``,
-its verify graphs); each also with multi-query decode attention (``verify_query_len`` = k + 1,
-Context.verify_query_len): each sequence's K/V read once for all its verify tokens, not once per
-token (pseudo-rows) nor once per query head (varlen prefill). spec_decode/verify_paths.py picks
-the path timed fastest at startup for the token count.
-
 Its parts: kv_cache.py sizes and allocates the paged pool; decode_inputs.py stages the decode
 inputs (staging.py's one-copy buffer, shared with the prefill graphs); cuda_graphs.py captures and
-replays the decode, multi-step and prefill graphs; layers/sampler.py turns logits into tokens. The
-model gets the engine's constants once, at construction (layers/options.py)."""
+replays the decode, multi-step and prefill graphs; layers/sampler.py turns logits into tokens;
+spec_decode/verify_paths.py (``verify_paths``) runs a speculative verify's chunk forwards through
+this runner's decode and prefill paths. The model gets the engine's constants once, at
+construction (layers/options.py)."""
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
 
 from engine.config import EngineConfig
 from engine.context import Context, reset_context, set_context
-from engine.cuda_graphs import DecodeGraphs, PrefillGraphs
+from engine.cuda_graphs import EngineGraphs, capture_graphs
 from engine.decode_inputs import DecodeInputs
 from engine.kv_cache import allocate_kv_cache, kv_bytes_per_token
 from engine.layers.attention import Attention
@@ -78,21 +70,18 @@ class ModelRunner:
         # Decode rows for a verify as pseudo-rows (decode_inputs.py): what the fused small-batch
         # matmuls take; larger verify forwards go through the prefill path.
         verify_rows = min(verify_max_tokens, SMALL_M)
-        self.decode_inputs = DecodeInputs(self.device, max(config.max_num_seqs, verify_rows), max_blocks,
-                                          self.block_size, config.num_decode_steps, config.triton_enabled)
-        self.graphs: DecodeGraphs | None = None
-        self.prefill_graphs: PrefillGraphs | None = None
-        self.verify_graphs: PrefillGraphs | None = None
-        self.mq_graphs: DecodeGraphs | None = None  # the _mq variants' (multi-query attention)
-        self.mq_verify_graphs: PrefillGraphs | None = None
+        decode_rows = max(config.max_num_seqs, verify_rows)
+        self.decode_inputs = DecodeInputs(self.device, decode_rows, max_blocks, self.block_size,
+                                          config.num_decode_steps, config.triton_enabled)
+        graphs = EngineGraphs()
         if self.device.type == "cuda" and not config.enforce_eager:
-            self._capture_graphs(max_blocks, verify_max_tokens, verify_rows)
-        # The most tokens a chunk forward takes as decode pseudo-rows (graphed where graphs exist).
-        rows = self.graphs.max_bs if self.graphs is not None else max(config.max_num_seqs, verify_rows)
-        self.max_pseudo_rows = min(rows, SMALL_M)
+            graphs = capture_graphs(self.model, self.decode_inputs, config, max_blocks, verify_max_tokens,
+                                    verify_rows, verify_query_len)
+        self.graphs, self.prefill_graphs = graphs.decode, graphs.prefill
         # Each verify takes the path measured fastest at its token count (spec_decode/verify_paths.py).
-        self.verify_paths = VerifyPaths(self)
-        self.verify_paths.time(min(verify_max_tokens, self.max_pseudo_rows), wide_tokens=verify_max_tokens)
+        self.verify_paths = VerifyPaths(self, graphs, decode_rows)
+        self.verify_paths.time(min(verify_max_tokens, self.verify_paths.max_pseudo_rows),
+                               wide_tokens=verify_max_tokens)
 
     def _build_model(self) -> torch.nn.Module:
         cfg, hf = self.config, self.config.hf_config
@@ -108,30 +97,6 @@ class ModelRunner:
         else:
             model.load_weights(cfg.model)
         return model
-
-    def _capture_graphs(self, max_blocks: int, verify_max_tokens: int, verify_rows: int) -> None:
-        cfg = self.config
-        max_bs = max(min(cfg.cuda_graph_max_bs, cfg.max_num_seqs), verify_rows)
-        self.graphs = DecodeGraphs(self.model, self.decode_inputs, max_bs, cfg.num_decode_steps)
-        pool = self.graphs.capture()
-        if 0 < self.verify_query_len <= max_bs:
-            self.mq_graphs = DecodeGraphs(self.model, self.decode_inputs, max_bs, 1, self.verify_query_len)
-            self.mq_graphs.capture(pool)
-        max_tokens = min(cfg.prefill_graph_max_tokens, cfg.max_num_batched_tokens, cfg.max_model_len)
-        if max_tokens >= 16 and cfg.triton_enabled and cfg.prefill_attention == "triton":
-            self.prefill_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_blocks, max_tokens,
-                                                cfg.max_num_seqs)
-            self.prefill_graphs.capture(pool)
-            if verify_max_tokens > 0:  # token buckets are powers of two from 16: the next one holds it all
-                verify_tokens = min(max(16, 1 << (verify_max_tokens - 1).bit_length()), max_tokens)
-                self.verify_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_blocks,
-                                                   verify_tokens, cfg.max_num_seqs, all_rows=True)
-                self.verify_graphs.capture(pool)
-                if self.verify_query_len:
-                    self.mq_verify_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_blocks,
-                                                          verify_tokens, cfg.max_num_seqs, True, self.verify_query_len)
-                    self.mq_verify_graphs.capture(pool)
-        torch.cuda.synchronize()
 
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any."""
@@ -184,7 +149,7 @@ class ModelRunner:
         """Hidden states [tokens, hidden] of each (token_ids, start, block_table) chunk computed at
         positions start.. of its sequence, eagerly (their K/V written to the cache): the prefill
         path, also the speculative verify forward and a draft model's catch-up. ``ids``: the
-        chunks' tokens already on the device (see all_logits); ``verify_query_len``: attention
+        chunks' tokens already on the device (see VerifyPaths.all_logits); ``verify_query_len``: attention
         through the multi-query decode kernel (every chunk at most that long)."""
         positions: list[int] = []
         slots: list[int] = []
@@ -203,57 +168,6 @@ class ModelRunner:
         hidden = self.model(ids, device_tensor(positions, self.device, torch.long))
         reset_context()
         return hidden
-
-    def last_logits(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
-        """fp32 logits [chunks, vocab] at each chunk's last token (decode pseudo-rows or a prefill
-        graph where one holds the step; valid until the next forward)."""
-        tokens = sum(len(c[0]) for c in chunks)
-        if tokens <= self.max_pseudo_rows:
-            logits = self.pseudo_row_logits(chunks)
-            if tokens == len(chunks):
-                return logits
-            last = list(itertools.accumulate(len(c[0]) for c in chunks))
-            return logits.index_select(0, device_tensor(last, self.device) - 1)
-        if self.prefill_graphs is not None:
-            logits = self.prefill_graphs.run(chunks)
-            if logits is not None:
-                return logits[: len(chunks)]
-        hidden = self.varlen_forward(chunks)
-        last = device_tensor(list(itertools.accumulate(len(c[0]) for c in chunks)), self.device) - 1
-        return self.model.compute_logits(hidden.index_select(0, last)).float()
-
-    def all_logits(self, chunks: list[tuple[list[int], int, list[int]]],
-                   ids: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 logits [tokens, vocab] at every token of the chunks (the speculative verify forward),
-        valid until the next forward, through the path timed fastest at startup (verify_paths.py).
-        ``ids`` [tokens]: the chunks' tokens on the device (a model drafter's, never brought to
-        the host), in place of the chunks' token lists, which then give only their lengths."""
-        return self.verify_paths.logits(chunks, ids)
-
-    def pseudo_row_logits(self, chunks: list[tuple[list[int], int, list[int]]],
-                          ids: torch.Tensor | None = None, multi_query: bool = False) -> torch.Tensor:
-        """all_logits through the decode path: every token one decode row (decode_inputs.py's
-        prepare_chunks), in a decode graph where one holds them. ``multi_query``: chunks of exactly
-        verify_query_len tokens, attention per sequence (its graphs: mq_graphs)."""
-        n = sum(len(c[0]) for c in chunks)
-        q = self.verify_query_len if multi_query else 0
-        assert not multi_query or all(len(c[0]) == q for c in chunks), f"multi-query pseudo-rows need chunks of {q}"
-        graphs = self.mq_graphs if multi_query else self.graphs
-        graphed = graphs is not None and n <= graphs.max_bs
-        self.decode_inputs.prepare_chunks(chunks, graphs.bucket_of[n] if graphed else n, ids)
-        return self.decode_forward(n, q)
-
-    def prefill_all_logits(self, chunks: list[tuple[list[int], int, list[int]]],
-                           ids: torch.Tensor | None = None, multi_query: bool = False) -> torch.Tensor:
-        """all_logits through the prefill path (a verify graph where one holds it); ``multi_query``:
-        with multi-query decode attention (mq_verify_graphs)."""
-        graphs = self.mq_verify_graphs if multi_query else self.verify_graphs
-        if graphs is not None:
-            logits = graphs.run(chunks, ids)
-            if logits is not None:
-                return logits[: sum(len(c[0]) for c in chunks)]
-        q = self.verify_query_len if multi_query else 0
-        return self.model.compute_logits(self.varlen_forward(chunks, ids, q)).float()
 
     def _prefill_context(self, tables: list[list[int]], slots: list[int], query_lens: list[int],
                          context_lens: list[int], verify_query_len: int = 0) -> Context:
@@ -284,12 +198,16 @@ class ModelRunner:
         self.decode_inputs.prepare(batch.seqs, self.graphs.bucket_of[n] if self.graphed(n) else n)
         return self.decode_forward(n)
 
-    def decode_forward(self, n: int, verify_query_len: int = 0) -> torch.Tensor:
-        """Logits [n, vocab] (fp32) of the decode inputs now in the device buffers (pseudo-rows of
-        sequences of ``verify_query_len`` tokens: multi-query attention, mq_graphs)."""
-        graphs = self.mq_graphs if verify_query_len else self.graphs
+    def decode_forward(self, n: int) -> torch.Tensor:
+        """Logits [n, vocab] (fp32) of the decode inputs now in the device buffers."""
+        graphs = self.graphs
         if graphs is not None and n <= graphs.max_bs:
             return graphs.forward(n)
+        return self.eager_decode_forward(n)
+
+    def eager_decode_forward(self, n: int, verify_query_len: int = 0) -> torch.Tensor:
+        """decode_forward without graphs (pseudo-rows of sequences of ``verify_query_len`` tokens:
+        multi-query attention)."""
         ids, positions, ctx = self.decode_inputs.views(n, verify_query_len)
         set_context(ctx)
         hidden = self.model(ids, positions)

@@ -381,8 +381,8 @@ def recommend_policy(rows: list[dict], min_speedup: float = 1.02) -> dict[int, i
 def verify_cost(args) -> None:
     """The target's verify forward (k + 1 tokens after a ``--context``-token context, fp32 logits at
     every row) through every verify path (runner.verify_paths.forwards), against a plain decode step at
-    the same context, in one process, at each ``--context``: ``pseudo_rows`` (runner.pseudo_row_logits:
-    one decode row per token, the decode graphs), ``prefill`` (runner.prefill_all_logits: the varlen
+    the same context, in one process, at each ``--context``: ``pseudo_rows`` (VerifyPaths.pseudo_row_logits:
+    one decode row per token, the decode graphs), ``prefill`` (VerifyPaths.prefill_all_logits: the varlen
     prefill path and its verify graphs), and each with multi-query decode attention, ``pseudo_rows_mq``
     and ``prefill_mq`` (kernels/verify_attention.py: each sequence's K/V read once for its k + 1
     tokens). Each line says whether its path ran in CUDA graphs (``graphed``) and which path the
@@ -413,9 +413,9 @@ def verify_cost(args) -> None:
     engine = llm.engine
     engine.scheduler.spec_k = lambda n: 0
     runner = engine.runner
-    if args.k + 1 > runner.max_pseudo_rows:
-        raise ShrinkError(f"--k: {args.k} + 1 tokens do not fit the {runner.max_pseudo_rows} decode rows of a "
-                          f"pseudo-row verify")
+    max_rows = runner.verify_paths.max_pseudo_rows
+    if args.k + 1 > max_rows:
+        raise ShrinkError(f"--k: {args.k} + 1 tokens do not fit the {max_rows} decode rows of a pseudo-row verify")
     # Any blocks, as many as one sequence of max_model_len has: the timing does not depend on them.
     table = list(range(-(-max_len // engine.config.block_size)))
     for context in args.context:
@@ -435,10 +435,10 @@ def _verify_cost_at(args, llm: Any, table: list[int], context: int) -> None:
     prefix = random_prompts(1, context, vocab, 0)[0]
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
     paths = runner.verify_paths.forwards()
-    forwards = {**paths, "decode": runner.pseudo_row_logits}
+    forwards = {**paths, "decode": runner.verify_paths.pseudo_row_logits}
     times: dict[str, list[float]] = {name: [] for name in forwards}
     with torch.inference_mode():
-        runner.last_logits([(prefix, 0, table)])  # fills the context's K/V
+        runner.verify_paths.last_logits([(prefix, 0, table)])  # fills the context's K/V
         for r in range(args.repeat + 1):
             tail = random_prompts(1, args.k + 1, vocab, 100 + r)[0]
             for name, forward in forwards.items():

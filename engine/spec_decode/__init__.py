@@ -26,7 +26,7 @@ How it runs in the engine:
    blocks for n_i + 1 positions per sequence (n_i = draft_limit) and becomes a speculative step
    (``ScheduledBatch.num_draft``); without the blocks it decodes plainly.
 3. Draft (draft_model.py). ``seq.draft_computed`` says how far the draft's K/V goes. A sequence
-   lagging by more than its last token first catches up (ModelRunner.last_logits: as decode
+   lagging by more than its last token first catches up (VerifyPaths.last_logits: as decode
    pseudo-rows, one decode graph replay, where the tokens fit, else the varlen prefill path; after a
    fully accepted round one token; a whole prompt after admission, a prefix-cache hit or a
    preemption: the draft computes its own prefill, lazily, so a block cached by the target is never

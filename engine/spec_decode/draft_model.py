@@ -4,7 +4,7 @@ is indexed by each sequence's block table (one BlockManager for both models).
 ``seq.draft_computed`` says how far the draft's K/V goes; a draft of k tokens is:
 
 - catch-up, only for a sequence whose draft K/V lags by more than its last token: the tokens from
-  draft_computed up to the last one (ModelRunner.last_logits: decode pseudo-rows in a decode graph
+  draft_computed up to the last one (VerifyPaths.last_logits: decode pseudo-rows in a decode graph
   where the tokens fit, else the varlen prefill path, a prefill graph where one holds the step).
   One token after a fully accepted round (the k-th draft token was sampled, never fed); a whole
   prompt after admission, a prefix-cache hit or a preemption (the draft computes its
@@ -53,8 +53,8 @@ class DraftModelProposer:
                 runner.decode_inputs.forget_rows()  # new block tables since this runner last saw them
             lagging = [s for s in seqs if s.draft_computed < len(s) - 1]
             if lagging:  # K/V only: the logits of the last token come from the first decode forward
-                runner.last_logits([(s.token_ids[s.draft_computed : -1], s.draft_computed, s.block_table)
-                                    for s in lagging])
+                runner.verify_paths.last_logits([(s.token_ids[s.draft_computed : -1], s.draft_computed,
+                                                  s.block_table) for s in lagging])
             if steps > 1 and all(n_i == steps for n_i in ks) and all(
                     s.params.greedy and s.num_output_tokens >= s.params.min_tokens for s in seqs):
                 ids = runner.decode_steps_on_device(seqs, steps).t().clone()  # [B, steps]

@@ -1,60 +1,121 @@
-"""Which forward a speculative verify takes (ModelRunner.all_logits), chosen by timing at startup.
+"""The chunk forwards of speculative decoding, and which one a verify takes, chosen by timing at
+startup.
 
-Four paths compute the same logits at every token of the verify chunks (k + 1 tokens a sequence):
-``pseudo_rows`` (every token a decode row: the fused small-batch decode matmuls and the decode
-graphs), ``prefill`` (the varlen prefill path and its verify graphs), and each of them with
-multi-query decode attention (``pseudo_rows_mq``, ``prefill_mq``: kernels/verify_attention.py,
-each sequence's K/V read once for all its tokens; pseudo_rows_mq takes only whole sequences of
-k + 1 tokens, a ragged batch takes the runner-up). ``time`` runs each path that has CUDA graphs as
-it will run (its graphs) on n tokens laid out as a verify lays them out, sequences of k + 1, and
-keeps the fastest per n; past the pseudo-rows (path[0]) the faster prefill path at the largest verify.
+A speculative verify forward (``all_logits``: k + 1 tokens per sequence, logits at every one) has
+four paths that compute the same logits: ``pseudo_rows`` (``pseudo_row_logits``: every token one
+decode row sharing its sequence's block table, DecodeInputs.prepare_chunks; the fused small-batch
+decode matmuls read the weights once for all rows, the decode graphs replay it), ``prefill``
+(``prefill_all_logits``: the varlen prefill path and its verify graphs), and each of them with
+multi-query decode attention (``pseudo_rows_mq``, ``prefill_mq``: ``verify_query_len`` = k + 1,
+Context.verify_query_len, kernels/verify_attention.py: each sequence's K/V read once for all its
+tokens, not once per token (pseudo-rows) nor once per query head (varlen prefill); pseudo_rows_mq
+takes only whole sequences of k + 1 tokens, a ragged batch takes the runner-up). ``time`` runs each
+path that has CUDA graphs as it will run (its graphs) on n tokens laid out as a verify lays them
+out, sequences of k + 1, and keeps the fastest per n; past the pseudo-rows (path[0]) the faster
+prefill path at the largest verify. A draft model's catch-up (``last_logits``: the logits at each
+chunk's last token) takes the same pseudo-rows where they fit, else the prefill path.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import torch
 
-from engine.cuda_graphs import gpu_seconds
-
-if TYPE_CHECKING:
-    from engine.model_runner import ModelRunner
+from engine.cuda_graphs import EngineGraphs, gpu_seconds
+from engine.layers.sampler import device_tensor
+from kernels.gemv import SMALL_M
 
 Chunks = list[tuple[list[int], int, list[int]]]
 
 
 class VerifyPaths:
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: Any, graphs: EngineGraphs, decode_rows: int) -> None:
+        """``runner``: the ModelRunner whose decode and prefill paths these run (it hands itself in:
+        this module never imports it, which imports this one); ``graphs``: its graph sets (this
+        keeps the verify-only ones); ``decode_rows``: the rows of its decode inputs."""
         self.runner = runner
+        self.mq_graphs, self.verify_graphs, self.mq_verify_graphs = graphs.mq, graphs.verify, graphs.mq_verify
+        # The most tokens a chunk forward takes as decode pseudo-rows (graphed where graphs exist).
+        self.max_pseudo_rows = min(graphs.decode.max_bs if graphs.decode is not None else decode_rows, SMALL_M)
         self.path: dict[int, str] = {}  # by token count; 0: past the pseudo-rows
         self.ragged: dict[int, str] = {}  # where pseudo_rows_mq won: the runner-up
 
     def forwards(self) -> dict[str, Callable[..., torch.Tensor]]:
         """The paths by name (the _mq variants with the runner's verify_query_len)."""
         r = self.runner
-        paths = {"pseudo_rows": r.pseudo_row_logits, "prefill": r.prefill_all_logits}
+        paths = {"pseudo_rows": self.pseudo_row_logits, "prefill": self.prefill_all_logits}
         if r.verify_query_len:
-            paths["pseudo_rows_mq"] = functools.partial(r.pseudo_row_logits, multi_query=True)
-            paths["prefill_mq"] = functools.partial(r.prefill_all_logits, multi_query=True)
+            paths["pseudo_rows_mq"] = functools.partial(self.pseudo_row_logits, multi_query=True)
+            paths["prefill_mq"] = functools.partial(self.prefill_all_logits, multi_query=True)
         return paths
 
     def graph_sets(self) -> dict[str, object | None]:
         """Each path's CUDA graphs (None: it runs eagerly)."""
-        r = self.runner
-        return {"pseudo_rows": r.graphs, "prefill": r.verify_graphs, "pseudo_rows_mq": r.mq_graphs,
-                "prefill_mq": r.mq_verify_graphs}
+        return {"pseudo_rows": self.runner.graphs, "prefill": self.verify_graphs, "pseudo_rows_mq": self.mq_graphs,
+                "prefill_mq": self.mq_verify_graphs}
 
-    def logits(self, chunks: Chunks, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """all_logits through the chosen path (untimed: pseudo-rows where they fit, else prefill)."""
+    def all_logits(self, chunks: Chunks, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits [tokens, vocab] at every token of the chunks (the speculative verify forward),
+        valid until the next forward, through the path timed fastest at startup (untimed:
+        pseudo-rows where they fit, else prefill). ``ids`` [tokens]: the chunks' tokens on the
+        device (a model drafter's, never brought to the host), in place of the chunks' token lists,
+        which then give only their lengths."""
         n = sum(len(c[0]) for c in chunks)
-        fits = n <= self.runner.max_pseudo_rows
+        fits = n <= self.max_pseudo_rows
         path = self.path.get(n, "pseudo_rows") if fits else self.path.get(0, "prefill")
         if path == "pseudo_rows_mq" and any(len(c[0]) != self.runner.verify_query_len for c in chunks):
             path = self.ragged.get(n, "pseudo_rows")
         return self.forwards()[path](chunks, ids)
+
+    def pseudo_row_logits(self, chunks: Chunks, ids: torch.Tensor | None = None,
+                          multi_query: bool = False) -> torch.Tensor:
+        """all_logits through the decode path: every token one decode row (decode_inputs.py's
+        prepare_chunks), in a decode graph where one holds them. ``multi_query``: chunks of exactly
+        verify_query_len tokens, attention per sequence (its graphs: mq_graphs)."""
+        r = self.runner
+        n = sum(len(c[0]) for c in chunks)
+        q = r.verify_query_len if multi_query else 0
+        assert not multi_query or all(len(c[0]) == q for c in chunks), f"multi-query pseudo-rows need chunks of {q}"
+        graphs = self.mq_graphs if multi_query else r.graphs
+        graphed = graphs is not None and n <= graphs.max_bs
+        r.decode_inputs.prepare_chunks(chunks, graphs.bucket_of[n] if graphed else n, ids)
+        return graphs.forward(n) if graphed else r.eager_decode_forward(n, q)
+
+    def prefill_all_logits(self, chunks: Chunks, ids: torch.Tensor | None = None,
+                           multi_query: bool = False) -> torch.Tensor:
+        """all_logits through the prefill path (a verify graph where one holds it); ``multi_query``:
+        with multi-query decode attention (mq_verify_graphs)."""
+        r = self.runner
+        graphs = self.mq_verify_graphs if multi_query else self.verify_graphs
+        if graphs is not None:
+            logits = graphs.run(chunks, ids)
+            if logits is not None:
+                return logits[: sum(len(c[0]) for c in chunks)]
+        q = r.verify_query_len if multi_query else 0
+        return r.model.compute_logits(r.varlen_forward(chunks, ids, q)).float()
+
+    def last_logits(self, chunks: Chunks) -> torch.Tensor:
+        """fp32 logits [chunks, vocab] at each chunk's last token (decode pseudo-rows or a prefill
+        graph where one holds the step; valid until the next forward): a draft's catch-up."""
+        r = self.runner
+        tokens = sum(len(c[0]) for c in chunks)
+        if tokens <= self.max_pseudo_rows:
+            logits = self.pseudo_row_logits(chunks)
+            if tokens == len(chunks):
+                return logits
+            last = list(itertools.accumulate(len(c[0]) for c in chunks))
+            return logits.index_select(0, device_tensor(last, r.device) - 1)
+        if r.prefill_graphs is not None:
+            logits = r.prefill_graphs.run(chunks)
+            if logits is not None:
+                return logits[: len(chunks)]
+        hidden = r.varlen_forward(chunks)
+        last = device_tensor(list(itertools.accumulate(len(c[0]) for c in chunks)), r.device) - 1
+        return r.model.compute_logits(hidden.index_select(0, last)).float()
 
     def time(self, max_tokens: int, context: int = 512, wide_tokens: int = 0) -> None:
         """path[n] for n = 2..max_tokens (as many sequences as the engine schedules), timed after
@@ -62,7 +123,7 @@ class VerifyPaths:
         path[0] at ``wide_tokens`` (the largest verify) where that is past the pseudo-rows. Without
         both the decode and the verify graphs nothing is timed: pseudo-rows (an eager prefill loses)."""
         r = self.runner
-        if r.graphs is None or r.verify_graphs is None:
+        if r.graphs is None or self.verify_graphs is None:
             return
         q = r.verify_query_len
         context = max(0, min(context, r.config.max_model_len - (q or max_tokens)))
@@ -85,5 +146,5 @@ class VerifyPaths:
             if self.path[n] == "pseudo_rows_mq":
                 self.ragged[n] = rest[0]
         wide = min(wide_tokens, q * min(r.config.max_num_seqs, 16))
-        if wide > r.max_pseudo_rows:
+        if wide > self.max_pseudo_rows:
             self.path[0] = ranked(wide, [name for name in paths if name.startswith("prefill")])[0]

@@ -2,7 +2,7 @@
 
 The scheduler reserved blocks for n_i + 1 positions per sequence (``ScheduledBatch.num_draft``).
 The proposer drafts up to n_i tokens per sequence; the target scores [last token, d_0 .. d_{m-1}]
-at positions len - 1 .. len - 1 + m in one forward with logits at every row (ModelRunner.all_logits:
+at positions len - 1 .. len - 1 + m in one forward with logits at every row (VerifyPaths.all_logits:
 decode pseudo-rows or the varlen prefill path, in graphs, with or without multi-query decode
 attention: whichever verify_paths.py timed fastest for the token count); rejection.verify accepts
 a prefix per sequence and adds the target's own token (a batch of plain greedy rows compares the
@@ -51,7 +51,7 @@ class SpecDecodeWorker:
             return result
         with torch.inference_mode():
             chunks, ids = self._verify_inputs(seqs, proposal, k)
-            flat = self.target.all_logits(chunks, ids)  # [sum of (m_i + 1), V]
+            flat = self.target.verify_paths.all_logits(chunks, ids)  # [sum of (m_i + 1), V]
             if all(s.plain_greedy for s in seqs):
                 tokens, logprobs = self._greedy_tokens(flat, proposal, k, clock), None
             else:

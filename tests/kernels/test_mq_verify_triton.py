@@ -40,22 +40,22 @@ def test_multi_query_verify_with_triton_kernels_gives_the_prefill_verify_logits(
         _, runner = verify_runner(path, use_triton=True, enforce_eager=True, num_decode_steps=1)
         q = runner.verify_query_len
         if graphed:
-            runner.mq_graphs = eager_decode_graphs(runner, 16, q)
-            assert runner.mq_graphs.buckets == [8, 16]
+            runner.verify_paths.mq_graphs = eager_decode_graphs(runner, 16, q)
+            assert runner.verify_paths.mq_graphs.buckets == [8, 16]
             graphs = PrefillGraphs(runner.model, runner.device, runner.block_size, 16, max_tokens=32, max_seqs=16,
                                    all_rows=True, verify_query_len=q)
             for key in [(t, s) for t in graphs.token_buckets for s in graphs.seq_buckets]:
                 graphs.graphs[key] = EagerReplay(graphs, key)
-            runner.mq_verify_graphs = graphs
+            runner.verify_paths.mq_verify_graphs = graphs
         with torch.inference_mode():
             for chunks in (verify_chunks(), uniform_chunks()):
-                ref = runner.prefill_all_logits(chunks).clone()
+                ref = runner.verify_paths.prefill_all_logits(chunks).clone()
                 assert ref.abs().max() > 0.1
-                mq = runner.prefill_all_logits(chunks, multi_query=True).clone()
+                mq = runner.verify_paths.prefill_all_logits(chunks, multi_query=True).clone()
                 torch.testing.assert_close(mq, ref, rtol=1e-4, atol=1e-4)
-            rows = runner.pseudo_row_logits(chunks, multi_query=True).clone()  # 15 rows: the bucket of 16
+            rows = runner.verify_paths.pseudo_row_logits(chunks, multi_query=True).clone()  # 15 rows: the bucket of 16
             torch.testing.assert_close(rows, ref, rtol=1e-4, atol=1e-4)
-            one = runner.pseudo_row_logits(chunks[:1], multi_query=True).clone()  # 5 rows: the bucket of 8
+            one = runner.verify_paths.pseudo_row_logits(chunks[:1], multi_query=True).clone()  # 5 rows: the bucket of 8
             torch.testing.assert_close(one, ref[:5], rtol=1e-4, atol=1e-4)
         # Every layer of every multi-query forward attended through the kernel, in its layout:
         # varlen over the graph's 16 sequence slots or the chunks; pseudo-rows over whole sequences.

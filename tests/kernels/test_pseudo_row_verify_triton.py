@@ -40,9 +40,9 @@ def test_pseudo_rows_with_triton_kernels_give_the_prefill_verify_logits(tmp_path
             runner.graphs = eager_decode_graphs(runner, 16)
         chunks = verify_chunks()
         with torch.inference_mode():
-            prefill = runner.prefill_all_logits(chunks).clone()
+            prefill = runner.verify_paths.prefill_all_logits(chunks).clone()
             fused_rows.clear()
-            pseudo = runner.all_logits(chunks).clone()
+            pseudo = runner.verify_paths.all_logits(chunks).clone()
     finally:
         torch.set_num_threads(threads)
     assert prefill.abs().max() > 0.1

@@ -44,12 +44,12 @@ def test_verify_graph_logits_equal_the_eager_verify_and_the_engine_output_is_unc
         graphs = _eager_graphs(runner)
         # Direct: three chunks of 4, 2 and 3 tokens after 8, 5 and 0 cached positions.
         chunks = [([5, 6, 7, 8], 8, [0, 1, 2]), ([9, 10], 5, [3, 4]), ([11, 12, 13], 0, [5])]
-        runner.prefill_all_logits([([1] * 8, 0, [0, 1, 2]), ([2] * 5, 0, [3, 4])])  # their context
-        eager = runner.prefill_all_logits(chunks).clone()
-        runner.verify_graphs = graphs
-        torch.testing.assert_close(runner.prefill_all_logits(chunks), eager)
+        runner.verify_paths.prefill_all_logits([([1] * 8, 0, [0, 1, 2]), ([2] * 5, 0, [3, 4])])  # their context
+        eager = runner.verify_paths.prefill_all_logits(chunks).clone()
+        runner.verify_paths.verify_graphs = graphs
+        torch.testing.assert_close(runner.verify_paths.prefill_all_logits(chunks), eager)
         # Verify batches this small run as decode pseudo-rows; none here, so that they take the graphs.
-        runner.max_pseudo_rows = 0
+        runner.verify_paths.max_pseudo_rows = 0
         replays = []
         run = graphs.run
         graphs.run = lambda chunks, device_ids=None: replays.append(device_ids is not None) or run(chunks, device_ids)

@@ -20,16 +20,17 @@ def uniform_chunks() -> list[tuple[list[int], int, list[int]]]:
 
 def test_multi_query_verify_paths_give_the_prefill_verify_logits(model_dir, monkeypatch):
     _, runner = verify_runner(model_dir("llama_gqa_untied"))
+    paths = runner.verify_paths
     layouts = []  # varlen or not, per multi-query attention call
     ref_attention = verify_attention.paged_verify_attention_ref
     monkeypatch.setattr(verify_attention, "paged_verify_attention_ref",
                         lambda *a: layouts.append(a[-1] is not None) or ref_attention(*a))
     with torch.inference_mode():
         for chunks in (verify_chunks(), uniform_chunks()):
-            ref = runner.prefill_all_logits(chunks).clone()
+            ref = paths.prefill_all_logits(chunks).clone()
             assert ref.abs().max() > 0.1
-            torch.testing.assert_close(runner.prefill_all_logits(chunks, multi_query=True), ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(runner.pseudo_row_logits(chunks, multi_query=True), ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(paths.prefill_all_logits(chunks, multi_query=True), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(paths.pseudo_row_logits(chunks, multi_query=True), ref, rtol=1e-5, atol=1e-5)
     layers = runner.model.config.num_hidden_layers
     assert layouts == [True] * 2 * layers + [False] * layers
 
@@ -48,8 +49,8 @@ def test_speculative_greedy_through_multi_query_paths_equals_plain_greedy(model_
     runner.verify_paths.ragged = {n: "prefill_mq" for n in range(2, 17)}
     taken = []
     for name in ("pseudo_row_logits", "prefill_all_logits"):
-        real = getattr(runner, name)
-        setattr(runner, name, lambda c, ids=None, multi_query=False, real=real, name=name:
+        real = getattr(runner.verify_paths, name)
+        setattr(runner.verify_paths, name, lambda c, ids=None, multi_query=False, real=real, name=name:
                 taken.append((name, multi_query)) or real(c, ids, multi_query))
     out = [o.token_ids for o in llm.generate([{"prompt_token_ids": p} for p in ps], params)]
     assert out == base

@@ -21,7 +21,7 @@ def test_fp32_graphs_greedy_with_speculation_matches_transformers(drafter, model
     llm = LLM(target, device="cuda", dtype="float32", max_model_len=256, block_size=4, num_kv_blocks=96,
               max_num_batched_tokens=128, cuda_graph_max_bs=32, speculative_config={**spec, "max_batch_size": 32})
     engine = llm.engine
-    assert engine.runner.verify_graphs is not None
+    assert engine.runner.verify_paths.verify_graphs is not None
     if drafter == "model":
         assert engine.draft_runner.graphs is not None and engine.draft_runner.prefill_graphs is not None
     outs = llm.generate(mixed_prompts, GREEDY)
@@ -53,7 +53,7 @@ def test_fp32_graphs_greedy_through_each_multi_query_verify_path_matches_transfo
     llm = LLM(target, device="cuda", dtype="float32", max_model_len=256, block_size=4, num_kv_blocks=96,
               max_num_batched_tokens=128, cuda_graph_max_bs=32, speculative_config=spec)
     runner = llm.engine.runner
-    assert runner.mq_graphs is not None and runner.mq_verify_graphs is not None
+    assert runner.verify_paths.mq_graphs is not None and runner.verify_paths.mq_verify_graphs is not None
     assert set(runner.verify_paths.path) >= set(range(2, 17))  # timed at startup: a path for every token count
     runner.verify_paths.path = {n: path for n in range(17)} | {0: "prefill_mq"}
     runner.verify_paths.ragged = {n: "prefill_mq" for n in range(17)}

@@ -77,7 +77,7 @@ def test_a_speculative_round_syncs_once_on_the_gpu(model_dir, monkeypatch, draft
     llm = LLM(model_dir("llama_gqa_untied", with_tokenizer=True), device="cuda", dtype="bfloat16",
               max_model_len=256, kv_cache_tokens=8192, speculative_config=_spec(drafter, model_dir))
     worker = llm.engine.spec_worker
-    assert llm.engine.runner.graphs is not None and llm.engine.runner.max_pseudo_rows == 16
+    assert llm.engine.runner.graphs is not None and llm.engine.runner.verify_paths.max_pseudo_rows == 16
     per_step: list[int] = []
     step = worker.step
 

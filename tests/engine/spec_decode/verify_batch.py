@@ -23,7 +23,7 @@ def verify_runner(target: str, **kw):
               enable_prefix_caching=False, speculative_config={**NGRAM, "max_batch_size": 16}, **kw)
     runner = llm.engine.runner
     with torch.inference_mode():
-        runner.prefill_all_logits([(ctx, 0, table) for ctx, _, table in CONTEXTS])
+        runner.verify_paths.prefill_all_logits([(ctx, 0, table) for ctx, _, table in CONTEXTS])
     return llm, runner
 
 
