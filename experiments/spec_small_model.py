@@ -155,16 +155,18 @@ def measure(spec: str, new_tokens: int, prompt_len: int, batch: int) -> dict:
     t = time.perf_counter()
     gc.collect()  # what one full collection costs with this engine alive (H1's size of the gap)
     res["full_gc_s"] = time.perf_counter() - t
-    bucket = runner._bucket_of[batch] if runner.graphs else None
-    step_graph = runner.step_graphs.get(bucket) if bucket is not None else None
+    graphs = runner.graphs
+    bucket = graphs.bucket_of[batch] if graphs is not None else None
+    step_graph = graphs.step_graphs.get(bucket) if bucket is not None else None
     if step_graph is not None:
-        saved = runner.d_buf.clone()
+        staging = runner.decode_inputs.buf.device_buf  # the decode inputs the step graph reads and advances
+        saved = staging.clone()
         torch.cuda.synchronize()
         reps = 400
         t = time.perf_counter()
         for i in range(reps):
             if i % 8 == 0:  # back to the saved inputs, as a multi-step batch of 8 would start
-                runner.d_buf.copy_(saved, non_blocking=True)
+                staging.copy_(saved, non_blocking=True)
             step_graph.replay()
         torch.cuda.synchronize()
         res["step_graph_us"] = 1e6 * (time.perf_counter() - t) / reps
