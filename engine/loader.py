@@ -23,7 +23,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from engine.layers.quantized import Int4Linear, Int8Linear, Sparse24Linear, W8A8Linear, set_submodule
+from engine.layers.quantized import Int4Linear, Int8Linear, W8A8Linear, set_submodule
+from engine.layers.sparse24 import Sparse24Linear
 from engine.layers.options import ModelOptions
 from engine.loader_schemes import LinearScheme, linear_schemes
 

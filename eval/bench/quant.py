@@ -71,7 +71,8 @@ def _prune_24(w: torch.Tensor) -> torch.Tensor:
 def compressor(variant: str, options) -> Callable[[str, nn.Linear], nn.Module | None]:
     """make(name, linear) for replace_linears: the variant's module for a decoder linear (an int4
     kernel after "@" in the name is the engine's choice, not the compression's)."""
-    from engine.layers.quantized import Int4Linear, Int8Linear, Sparse24Linear, W8A8Linear
+    from engine.layers.quantized import Int4Linear, Int8Linear, W8A8Linear
+    from engine.layers.sparse24 import Sparse24Linear
 
     variant = variant.partition("@")[0]
 
@@ -129,7 +130,7 @@ def sparse24_paths(model: nn.Module) -> dict[str, dict]:
     """Per 2:4 layer shape "NxK": the path each timed batch size took (Sparse24Linear.paths, "auto"
     on a GPU; empty where nothing was timed) and the timings behind it (us), whether only a dense weight is left and whether a
     dense weight is kept (then alone: a layer never holds both forms)."""
-    from engine.layers.quantized import Sparse24Linear
+    from engine.layers.sparse24 import Sparse24Linear
 
     return {f"{m.out_features}x{m.in_features}": {
         "paths": {str(b): p for b, p in m.paths.items()},

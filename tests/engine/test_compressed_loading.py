@@ -19,7 +19,8 @@ from compressed_artifacts import (SCHEMES, dequantized_reference, greedy, hf_can
 
 from engine import LLM, SamplingParams
 from engine.context import Context, reset_context, set_context
-from engine.layers.quantized import CompressedLinear, Int4Linear, Int8Linear, Sparse24Linear, W8A8Linear
+from engine.layers.quantized import CompressedLinear, Int4Linear, Int8Linear, W8A8Linear
+from engine.layers.sparse24 import Sparse24Linear
 
 pytest.importorskip("compressed_tensors")
 

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from engine.layers.options import ModelOptions
-from engine.layers.quantized import (Int4Linear, Int8Linear, Sparse24Linear, W8A8Linear, int_mm_fits, int_mm_rows,
-                                     replace_linears, scaled_mm_fits, semi_structured_fits)
+from engine.layers.quantized import (Int4Linear, Int8Linear, W8A8Linear, int_mm_fits, int_mm_rows, replace_linears,
+                                     scaled_mm_fits)
+from engine.layers.sparse24 import Sparse24Linear, semi_structured_fits
 from kernels import quant as ref
 from kernels.gemv import FAST_BY_DEFAULT
 

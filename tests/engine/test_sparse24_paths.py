@@ -1,4 +1,4 @@
-"""Sparse24Linear's paths (engine/layers/quantized.py): the 2:4 decode GEMV, torch's
+"""Sparse24Linear's paths (engine/layers/sparse24.py): the 2:4 decode GEMV, torch's
 semi-structured kernels and a dense matmul, chosen per layer shape and batch size by timing
 (an injected timer here: gpu_seconds is monkeypatched), or forced by ModelOptions.sparse24_path."""
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import engine.layers.quantized as quantized
+import engine.layers.sparse24 as sparse24
 from engine.layers.options import ModelOptions
-from engine.layers.quantized import Sparse24Linear, m_bucket
+from engine.layers.sparse24 import Sparse24Linear, m_bucket
 from kernels import quant as ref
 
 CPU = torch.device("cpu")
@@ -41,7 +41,7 @@ def layer(kind: str, n: int = 48, k: int = 128, path: str = "auto", seed: int = 
 
 @pytest.fixture(autouse=True)
 def fresh_measurements(monkeypatch):
-    monkeypatch.setattr(quantized, "_MEASURED", {})
+    monkeypatch.setattr(sparse24, "_MEASURED", {})
 
 
 def fake_timer(winners: dict[int, str], calls: list | None = None):
@@ -76,18 +76,18 @@ def test_timing_picks_each_buckets_faster_path_and_never_keeps_two_forms(kind, m
         kept_while_timing[run.args[1].shape[0]] = module.weight is not None
         return timer(run)
 
-    monkeypatch.setattr(quantized, "gpu_seconds", seconds)
-    with caplog.at_level(logging.INFO, logger="engine.layers.quantized"):
+    monkeypatch.setattr(sparse24, "gpu_seconds", seconds)
+    with caplog.at_level(logging.INFO, logger="engine.layers.sparse24"):
         module.time_paths(torch.float32, CPU)
     assert module.paths == winners
     assert {(p, m) for p, m in calls} == {(p, m) for m in winners for p in ("gemv", "dense")}
-    assert len(calls) == 2 * len(winners) * quantized.TIMING_REPS  # the warm-up call of each is not timed
-    assert kept_while_timing == {m: True for m in quantized.DECODE_BUCKETS}, "decode: dense timed with a kept weight"
+    assert len(calls) == 2 * len(winners) * sparse24.TIMING_REPS  # the warm-up call of each is not timed
+    assert kept_while_timing == {m: True for m in sparse24.DECODE_BUCKETS}, "decode: dense timed with a kept weight"
     assert module.weight is None and module.kept is not None, "the 2:4 form alone"
     assert "[48, 128]" in caplog.text and "gemv" in caplog.text
     # a second layer of the same shape reuses the measurement: no timing
     other = layer(kind, seed=1)
-    monkeypatch.setattr(quantized, "gpu_seconds", lambda run: pytest.fail("timed twice for one shape"))
+    monkeypatch.setattr(sparse24, "gpu_seconds", lambda run: pytest.fail("timed twice for one shape"))
     other.time_paths(torch.float32, CPU)
     assert other.paths == winners
 
@@ -97,9 +97,9 @@ def test_dense_winning_batch_1_keeps_only_the_dense_weight(kind, monkeypatch, ca
     """Dense wins batch 1 (and 2), the GEMV the larger batches: one dense weight and nothing else,
     never both forms."""
     module = layer(kind)
-    monkeypatch.setattr(quantized, "gpu_seconds",
+    monkeypatch.setattr(sparse24, "gpu_seconds",
                         fake_timer({1: "dense", 2: "dense", 4: "gemv", 8: "gemv", 16: "gemv"}))
-    with caplog.at_level(logging.INFO, logger="engine.layers.quantized"):
+    with caplog.at_level(logging.INFO, logger="engine.layers.sparse24"):
         module.time_paths(torch.float32, CPU)
     assert module.kept is None and module.meta is None and module.weight is not None
     assert "dense wins at decode" in caplog.text and "MB more" not in caplog.text
@@ -109,13 +109,13 @@ def test_dense_winning_batch_1_keeps_only_the_dense_weight(kind, monkeypatch, ca
 def test_dense_everywhere_keeps_only_the_dense_weight(kind, monkeypatch, caplog):
     module = layer(kind)
     dense = module.dequantized()
-    monkeypatch.setattr(quantized, "gpu_seconds", fake_timer({m: "dense" for m in quantized.DECODE_BUCKETS}))
-    with caplog.at_level(logging.INFO, logger="engine.layers.quantized"):
+    monkeypatch.setattr(sparse24, "gpu_seconds", fake_timer({m: "dense" for m in sparse24.DECODE_BUCKETS}))
+    with caplog.at_level(logging.INFO, logger="engine.layers.sparse24"):
         module.time_paths(torch.float32, CPU)
     assert module.kept is None and module.meta is None and module.weight is not None
     assert all(getattr(module, name, None) is None for name in ("values", "packed", "scale", "zero"))
     assert "dense wins at decode" in caplog.text and "[48, 128]" in caplog.text
-    assert module.paths == {m: "dense" for m in quantized.DECODE_BUCKETS}, "the choice stays on record"
+    assert module.paths == {m: "dense" for m in sparse24.DECODE_BUCKETS}, "the choice stays on record"
     assert module.timings[1] == {"gemv": 2.0, "dense": 1.0}
     torch.testing.assert_close(module.dequantized(), dense)
     x = torch.randn(3, 128)
@@ -194,8 +194,8 @@ def test_gemv_not_offered_where_it_cannot_run():
 def test_cpu_triton_decode_runs_the_gemv(kind, m, monkeypatch):
     module = layer(kind)
     calls = []
-    real = quantized.sparse24_gemv
-    monkeypatch.setattr(quantized, "sparse24_gemv", lambda *a, **kw: (calls.append(a[0].shape[0]), real(*a, **kw))[1])
+    real = sparse24.sparse24_gemv
+    monkeypatch.setattr(sparse24, "sparse24_gemv", lambda *a, **kw: (calls.append(a[0].shape[0]), real(*a, **kw))[1])
     x = torch.randn(m, 128)
     torch.testing.assert_close(module(x), F.linear(x, module.dequantized(), module.bias), rtol=1e-5, atol=1e-5)
     assert calls == [m]
@@ -260,12 +260,12 @@ def test_dense_winning_only_larger_decode_batches_keeps_the_2_4_form(kind, monke
     the layer keeps its 2:4 form and decodes every batch with the GEMV: a dense weight for batch 16
     would have to sit beside the 2:4 form (more memory than bf16 itself)."""
     module = layer(kind)
-    monkeypatch.setattr(quantized, "gpu_seconds",
+    monkeypatch.setattr(sparse24, "gpu_seconds",
                         fake_timer({1: "gemv", 2: "gemv", 4: "gemv", 8: "dense", 16: "dense"}))
-    with caplog.at_level(logging.INFO, logger="engine.layers.quantized"):
+    with caplog.at_level(logging.INFO, logger="engine.layers.sparse24"):
         module.time_paths(torch.float32, CPU)
     assert module.weight is None and module.kept is not None
-    assert module.paths == {m: "gemv" for m in quantized.DECODE_BUCKETS}
+    assert module.paths == {m: "gemv" for m in sparse24.DECODE_BUCKETS}
     assert module.timings[16] == {"gemv": 2.0, "dense": 1.0}, "the measurement stays on record"
     assert "dense faster at" in caplog.text
 
