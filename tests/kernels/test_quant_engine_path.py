@@ -32,9 +32,10 @@ def test_fused_decode_on_compressed_weights(tmp_path, monkeypatch, scheme, fused
     from compressed_artifacts import dequantized_reference, greedy
 
     import engine.layers.quantized as quantized_module
+    import engine.layers.sparse24 as sparse24_module
 
     formats, sparse_calls, dequant_calls = [], [], []
-    gemv, sparse_gemv = llama_module.gemv_kernels.gemv, quantized_module.sparse24_gemv
+    gemv, sparse_gemv = llama_module.gemv_kernels.gemv, sparse24_module.sparse24_gemv
     dequant = quantized_module.dequantize_int4
 
     def counting_dequant(*args, **kwargs):
@@ -50,7 +51,7 @@ def test_fused_decode_on_compressed_weights(tmp_path, monkeypatch, scheme, fused
         return sparse_gemv(*args, **kwargs)
 
     monkeypatch.setattr(llama_module.gemv_kernels, "gemv", counting_gemv)
-    monkeypatch.setattr(quantized_module, "sparse24_gemv", counting_sparse_gemv)
+    monkeypatch.setattr(sparse24_module, "sparse24_gemv", counting_sparse_gemv)
     monkeypatch.setattr(quantized_module, "dequantize_int4", counting_dequant)
     path = make_artifact(scheme, tmp_path / scheme)
     threads = torch.get_num_threads()
