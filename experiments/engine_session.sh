@@ -10,7 +10,8 @@
 #                                              # drafters (TVD vs CE), WikiText-2 rows (issue 11)
 #   experiments/engine_session.sh wikitext     # after `quant`, carry .gpu/t/p01 p02 .gpu/corpus: issue 11's rows on the
 #                                              # reference protocol (KD vs CE students, AWQ), the student as drafter
-#   experiments/engine_session.sh pipeline     # after `quant`, carry .gpu/t/p01 p02 .gpu/corpus: the default pipeline
+#   experiments/engine_session.sh stash        # carry .gpu/wheels + .gpu/t/p00 + .gpu/data: only stash them (seconds)
+#   experiments/engine_session.sh pipeline     # after `quant` or `stash`, carry .gpu/t/p01 p02 .gpu/corpus: the default pipeline
 #   experiments/engine_session.sh evalref      # right after `pipeline`: its eval=gpu reference run (issue 15)
 #   experiments/engine_session.sh kernels      # carry .gpu/wheels: GPU tests of the multi-query verify, 2:4 and
 #                                              # tinygemm paths; verify cost; the 2:4 quant rows
@@ -63,6 +64,8 @@ case "${1:?verb}" in
       --cache-dir "$H/cache" --json "$OUTDIR/drafter.jsonl" ${DRAFTER_ARGS:-} | tail -n 8
     timeout "${PQ_S:-200}" python3 experiments/prune_quant.py --model "$H/smol" --data-dir "$D" --out "$OUTDIR/prune_quant" \
       --tf32 --group-size 64 --ft-steps 60 --variants dense,int4_g64_awq,int4_g64_gptq | tail -n 8;;
+  stash)
+    mkdir -p "$H/t" "$H/data" && cp .gpu/t/p00 "$H/t/" && cp -r .gpu/data/. "$H/data/" && ls "$H/t" "$H/data";;
   int4)  # carry .gpu/wheels + .gpu/t/p00 + .gpu/data (stashed for `pipeline` next): int4 on tinygemm vs Triton
     mkdir -p "$H/t" "$H/data"; [ -f .gpu/t/p00 ] && cp .gpu/t/p00 "$H/t/"; [ -d .gpu/data ] && cp -r .gpu/data/. "$H/data/"
     timeout ${TESTS_S:-120} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/test_int4_tinygemm.py \
