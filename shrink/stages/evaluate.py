@@ -136,6 +136,13 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
     cache_path = ctx.run_dir / CACHE_FILE
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     quality = TransformersMeasurements(harness, texts, ppl, cache)
+
+    def save_cache() -> None:
+        """After every artifact: a run stopped midway (a time limit, a lost machine) keeps what it measured."""
+        tmp = cache_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_path)
+
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {}
     for art in artifacts:
@@ -159,12 +166,10 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
         fields, details[name] = quality.measure(name, art.content_hash, load, name == TEACHER_DIR)
         row.update(fields)
         row["params"] = cache.get(params_key, art.metrics.get("params"))
+        save_cache()
         _engine_measurements(art.path, device, dtype, harness, tasks, row, details[name])
         row["stage_s"] = art.meta.get("wall_time_s")
         rows.append(row)
-    tmp = cache_path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(cache))
-    os.replace(tmp, cache_path)
     if spec_pair is not None:
         target, draft = spec_pair
         k = harness.speculative_settings.num_speculative_tokens

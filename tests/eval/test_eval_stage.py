@@ -94,3 +94,30 @@ def test_a_bad_eval_key_stops_the_pipeline_before_its_first_stage(tmp_path: Path
     _one_line_error(run_cli("stage=pipeline", f"run={run}", "logging=none", "eval.load.requests=0"),
                     "eval.load.requests")
     assert not (run / "teacher").exists()
+
+
+def test_a_run_stopped_midway_keeps_what_it_measured(tiny_teacher: Path, tmp_path: Path, monkeypatch):
+    """The perplexity / transformers cache is written after every artifact, not only at the end: an
+    eval cut off during its second artifact (a device call's time limit) keeps the first one's
+    numbers, and the next run reuses them."""
+    import pytest
+
+    import shrink.stages.evaluate as evaluate
+    from shrink.__main__ import compose, run as run_stage
+
+    run = _tiny_run(tiny_teacher, tmp_path)
+    calls: list[str] = []
+
+    def stop_at_the_second(art_dir, *args, **kwargs):
+        calls.append(Path(art_dir).name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("the machine went away")
+
+    monkeypatch.setattr(evaluate, "_engine_measurements", stop_at_the_second)
+    cfg = compose(["stage=eval", f"run={run}", f"cache_dir={tmp_path / 'cache'}", *TINY, "eval.tasks.enabled=false",
+                   "eval.speed.enabled=false", "eval.load.enabled=false", "eval.agreement.enabled=false"])
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(cfg)
+    cache = json.loads((run / evaluate.CACHE_FILE).read_text())
+    teacher_hash = json.loads((run / "teacher" / "shrink.json").read_text())["content_hash"]
+    assert any(teacher_hash in key for key in cache), cache.keys()
