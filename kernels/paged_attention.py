@@ -21,7 +21,7 @@ import math
 import torch
 
 from kernels._triton import HAS_TRITON, next_pow2, pdl_launch_args, tl, triton
-from kernels.paged_tiles import attend_tile, kv_tile_offsets, load_kv_tile
+from kernels.paged_tiles import attend_tile, load_first_kv_tile, load_kv_tile
 
 
 def paged_decode_attention_ref(
@@ -79,20 +79,10 @@ if HAS_TRITON:
         table = block_tables_ptr + b * bt_stride
         d = tl.arange(0, D_PAD)
         d_mask = d < HEAD_DIM
-        # The first tile's older tokens are read before waiting on that kernel (PDL), so their
-        # latency overlaps its tail; the newest token is read after the wait, at offsets known by then.
+        # The first tile: the newest token (the one new position) read after waiting on that kernel.
         n = start + tl.arange(0, BLOCK_N)
-        kv_off = kv_tile_offsets(table, n, n < end, kvh, d, KV_HEADS, HEAD_DIM, BLOCK_SIZE)
-        is_newest = (n == newest) & (n < end)
-        old_mask = ((n < end) & ~is_newest)[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=old_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_off, mask=old_mask, other=0.0)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        new_mask = is_newest[:, None] & d_mask[None, :]
-        k = tl.where(new_mask, tl.load(k_cache_ptr + kv_off, mask=new_mask, other=0.0), k)
-        v = tl.where(new_mask, tl.load(v_cache_ptr + kv_off, mask=new_mask, other=0.0), v)
+        k, v = load_first_kv_tile(k_cache_ptr, v_cache_ptr, table, n, end, newest, kvh, d, d_mask,
+                                  KV_HEADS, HEAD_DIM, BLOCK_SIZE, PDL)
 
         g = tl.arange(0, G_PAD)
         g_mask = g < GROUP

@@ -1,4 +1,4 @@
-"""The K/V tile loop body shared by the paged attention kernels (decode and varlen prefill).
+"""The K/V tile loop body shared by the paged attention kernels (decode, verify and varlen prefill).
 
 A tile is BLOCK_N consecutive context positions of one KV head, gathered through a sequence's
 block table from the paged cache [num_blocks, block_size, kv_heads, head_dim]; it is folded into
@@ -29,6 +29,27 @@ if HAS_TRITON:
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        return k, v
+
+    @triton.jit
+    def load_first_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, n, end, first_new, kvh, d, d_mask,
+                           KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                           PDL: tl.constexpr):
+        """K and V [BLOCK_N, D_PAD] of a split's first tile, positions n < end. Positions from
+        first_new on are this step's own K/V, stored by the kernel just before (qkv + rope + store):
+        the older ones are read before waiting on it (PDL), so their latency overlaps its tail, the
+        new ones after the wait."""
+        kv_off = kv_tile_offsets(table_ptr, n, n < end, kvh, d, KV_HEADS, HEAD_DIM, BLOCK_SIZE)
+        is_new = (n >= first_new) & (n < end)
+        old_mask = ((n < end) & ~is_new)[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=old_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=old_mask, other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        new_mask = is_new[:, None] & d_mask[None, :]
+        k = tl.where(new_mask, tl.load(k_cache_ptr + kv_off, mask=new_mask, other=0.0), k)
+        v = tl.where(new_mask, tl.load(v_cache_ptr + kv_off, mask=new_mask, other=0.0), v)
         return k, v
 
     @triton.jit

@@ -22,7 +22,7 @@ import torch
 
 from kernels._triton import HAS_TRITON, next_pow2, pdl_launch_args, tl, triton
 from kernels.paged_attention import split_counters, split_partition
-from kernels.paged_tiles import attend_tile, kv_tile_offsets, load_kv_tile
+from kernels.paged_tiles import attend_tile, load_first_kv_tile, load_kv_tile
 from kernels.prefill_attention import paged_prefill_attention_ref
 
 
@@ -72,19 +72,10 @@ if HAS_TRITON:
         table = block_tables_ptr + b * bt_stride
         d = tl.arange(0, D_PAD)
         d_mask = d < HEAD_DIM
-        # The first tile's older tokens are read before waiting on that kernel (PDL); the new ones after.
+        # The first tile: the queries' own K/V (from first_new on) read after waiting on that kernel.
         n = start + tl.arange(0, BLOCK_N)
-        kv_off = kv_tile_offsets(table, n, n < end, kvh, d, KV_HEADS, HEAD_DIM, BLOCK_SIZE)
-        is_new = (n >= first_new) & (n < end)
-        old_mask = ((n < end) & ~is_new)[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=old_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_off, mask=old_mask, other=0.0)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        new_mask = is_new[:, None] & d_mask[None, :]
-        k = tl.where(new_mask, tl.load(k_cache_ptr + kv_off, mask=new_mask, other=0.0), k)
-        v = tl.where(new_mask, tl.load(v_cache_ptr + kv_off, mask=new_mask, other=0.0), v)
+        k, v = load_first_kv_tile(k_cache_ptr, v_cache_ptr, table, n, end, first_new, kvh, d, d_mask,
+                                  KV_HEADS, HEAD_DIM, BLOCK_SIZE, PDL)
 
         r = tl.arange(0, ROWS)  # tile row r: query token r // GROUP, head r % GROUP of the group
         i = r // GROUP

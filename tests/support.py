@@ -6,6 +6,7 @@ A module of its own (not conftest.py): several test folders have a conftest.py, 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -77,3 +78,11 @@ def with_pairwise(cases: list[tuple], values: list) -> list[tuple]:
         out.append((*case, best))
     assert not wanted, f"no pairwise cover: {sorted(wanted, key=str)[:5]} ..."
     return out
+
+
+def load_experiment(name: str):
+    """experiments/<name>.py loaded as a fresh module (the scripts are run as files, not imported)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -24,13 +24,30 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PROMPTS = [[5, 17, 99, 3, 250, 42, 8], [300, 12], list(range(40, 60))]
 
 
-@pytest.mark.parametrize("scheme,fused", [("int8", True), ("int4_g32_asym", True), ("w8a8_int8", True),
-                                          ("w8a8_fp8", False), ("sparse24_int4", False)])
-def test_fused_decode_on_compressed_weights(tmp_path, monkeypatch, scheme, fused):
+def engine_and_reference_greedy(path, scheme: str, prompts: list[list[int]], **engine_kwargs):
+    """The engine (Triton path, eager, fp32) on the artifact's compressed weights, its 4 greedy tokens
+    per prompt, and transformers' on the same artifact (int4 with zero points: the dequantized model)."""
     from transformers import AutoModelForCausalLM
 
     from compressed_artifacts import dequantized_reference, greedy
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        llm = LLM(str(path), device=DEVICE, dtype="float32", use_triton=True, enforce_eager=True,
+                  max_model_len=128, block_size=4, load_format="dummy", **engine_kwargs)
+        llm.engine.runner.model.load_weights(str(path), keep_compressed=True)
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        ref = (dequantized_reference(path) if scheme == "int4_g32_asym"
+               else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
+        return llm, outs, greedy(ref, prompts, 4)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("scheme,fused", [("int8", True), ("int4_g32_asym", True), ("w8a8_int8", True),
+                                          ("w8a8_fp8", False), ("sparse24_int4", False)])
+def test_fused_decode_on_compressed_weights(tmp_path, monkeypatch, scheme, fused):
     import engine.layers.quantized as quantized_module
     import engine.layers.sparse24 as sparse24_module
 
@@ -53,20 +70,8 @@ def test_fused_decode_on_compressed_weights(tmp_path, monkeypatch, scheme, fused
     monkeypatch.setattr(llama_module.gemv_kernels, "gemv", counting_gemv)
     monkeypatch.setattr(sparse24_module, "sparse24_gemv", counting_sparse_gemv)
     monkeypatch.setattr(quantized_module, "dequantize_int4", counting_dequant)
-    path = make_artifact(scheme, tmp_path / scheme)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        llm = LLM(str(path), device=DEVICE, dtype="float32", use_triton=True, enforce_eager=True,
-                  max_model_len=128, block_size=4, load_format="dummy")
-        llm.engine.runner.model.load_weights(str(path), keep_compressed=True)
-        assert llm.engine.runner.model.model.fusable == fused
-        outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-        ref = (dequantized_reference(path) if scheme == "int4_g32_asym"
-               else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
-        want = greedy(ref, PROMPTS, 4)
-    finally:
-        torch.set_num_threads(threads)
+    llm, outs, want = engine_and_reference_greedy(make_artifact(scheme, tmp_path / scheme), scheme, PROMPTS)
+    assert llm.engine.runner.model.model.fusable == fused
     assert [o.token_ids for o in outs] == want
     expected = {"int8": "int8", "int4_g32_asym": "int4", "w8a8_int8": "w8a8_int8"}.get(scheme)
     assert bool(dequant_calls) == (scheme == "int4_g32_asym")  # int4 prefill: Triton dequant + dense GEMM
@@ -83,10 +88,6 @@ def test_batch_one_decode_takes_the_fast_dequantization_unless_exact(tmp_path, m
     """One sequence (M == 1 decode steps): the fused GEMVs get fast=True by default for the formats
     measured faster that way (FAST_BY_DEFAULT: int8, W8A8; not int4) and False with
     exact_dequant=True; both give transformers' greedy tokens."""
-    from transformers import AutoModelForCausalLM
-
-    from compressed_artifacts import dequantized_reference, greedy
-
     calls = []
     gemv = llama_module.gemv_kernels.gemv
 
@@ -99,20 +100,8 @@ def test_batch_one_decode_takes_the_fast_dequantization_unless_exact(tmp_path, m
     # one column each, which the interpreter runs one Python loop at a time (tens of seconds a run).
     # The programs' default widths stay: the kernel at one column a program is test_quant_gemv_fast's.
     monkeypatch.setattr(gemv_module, "FAST_MIN_PROGRAMS", 1)
-    path = make_artifact(scheme, tmp_path / scheme)
-    prompt = [PROMPTS[0]]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        llm = LLM(str(path), device=DEVICE, dtype="float32", use_triton=True, enforce_eager=True,
-                  max_model_len=128, block_size=4, load_format="dummy", exact_dequant=exact)
-        llm.engine.runner.model.load_weights(str(path), keep_compressed=True)
-        outs = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-        ref = (dequantized_reference(path) if scheme == "int4_g32_asym"
-               else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
-        want = greedy(ref, prompt, 4)
-    finally:
-        torch.set_num_threads(threads)
+    _, outs, want = engine_and_reference_greedy(make_artifact(scheme, tmp_path / scheme), scheme, [PROMPTS[0]],
+                                                exact_dequant=exact)
     assert [o.token_ids for o in outs] == want
     decode = [fast for m, fast in calls if m == 1]
     fast_default = FAST_BY_DEFAULT["int4" if scheme.startswith("int4") else scheme]

@@ -3,18 +3,14 @@ budget, distilled for the same tokens, each with WikiText-2 and held-out perplex
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
-from support import REPO, save_tiny_artifact
+from support import load_experiment, save_tiny_artifact
 
 
 def load_driver():
-    spec = importlib.util.spec_from_file_location("depth_vs_width", REPO / "experiments" / "depth_vs_width.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("depth_vs_width")
 
 
 def test_smoke_compares_the_three_students_at_one_budget(tmp_path):

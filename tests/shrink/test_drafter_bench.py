@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from support import REPO
+from support import REPO, load_experiment
 
 
 def test_drafter_bench_smoke(tiny_teacher: Path, shared_data_dir: Path, tmp_path: Path):
@@ -50,14 +50,11 @@ def test_each_engine_is_gone_before_the_next_is_built(monkeypatch):
     """run_engine drops its engine before returning: the next engine sizes its KV pool from the free
     memory (the teacher's engine, still referenced by the caller, left a drafter 0 KV blocks on the H200)."""
     import gc
-    import importlib.util
     import weakref
 
     import engine as engine_pkg
 
-    spec = importlib.util.spec_from_file_location("drafter_bench", REPO / "experiments" / "drafter_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_experiment("drafter_bench")
     built: list[weakref.ref] = []
     alive_at_build: list[int] = []
 

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
-from support import REPO, save_tiny_artifact
+from support import load_experiment, save_tiny_artifact
 from test_gqa_reference import one_thread  # noqa: F401
 
 
 def load_driver():
-    spec = importlib.util.spec_from_file_location("gqa_experiment", REPO / "experiments" / "gqa.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("gqa")
 
 
 def test_quick_experiment_runs_end_to_end(tmp_path):
