@@ -132,17 +132,19 @@ class BlockManager:
         """Blocks for each sequence's next ``num_slots[i]`` decode inputs (see blocks_to_append), for
         all of them or, when the pool cannot hold them all, for none: returns whether it did."""
         need = [self.blocks_to_append(seq, n) for seq, n in zip(seqs, num_slots)]
-        if sum(need) > len(self.free):
+        if sum(need) > self.num_free_blocks:
             return False
         for seq, n in zip(seqs, need):
-            for _ in range(n):
-                seq.block_table.append(self._take_free())
+            self._grow(seq, n)
         return True
 
     def may_append(self, seq: Sequence, num_slots: int = 1) -> None:
         # A multi-step decode may leave a finished sequence with a block past its last token; it
         # is freed with the sequence, and hashes only ever cover computed tokens (mark_computed).
-        for _ in range(self.blocks_to_append(seq, num_slots)):
+        self._grow(seq, self.blocks_to_append(seq, num_slots))
+
+    def _grow(self, seq: Sequence, blocks: int) -> None:
+        for _ in range(blocks):
             seq.block_table.append(self._take_free())
 
     def release_unused(self, seq: Sequence) -> None:

@@ -200,9 +200,8 @@ class ModelRunner:
 
     def decode_forward(self, n: int) -> torch.Tensor:
         """Logits [n, vocab] (fp32) of the decode inputs now in the device buffers."""
-        graphs = self.graphs
-        if graphs is not None and n <= graphs.max_bs:
-            return graphs.forward(n)
+        if self.graphed(n):
+            return self.graphs.forward(n)
         return self.eager_decode_forward(n)
 
     def eager_decode_forward(self, n: int, verify_query_len: int = 0) -> torch.Tensor:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import sys
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.errors import config_section  # noqa: E402
 from eval.perplexity import encode, wikitext2_text  # noqa: E402
+from experiments.distill import cleanup  # noqa: E402
 from shrink.__main__ import compose  # noqa: E402
 from shrink.artifacts import Artifact  # noqa: E402
 from shrink.modeling import load_model, load_tokenizer, num_parameters  # noqa: E402
@@ -91,12 +91,6 @@ def perplexities(model: torch.nn.Module, texts: dict[str, torch.Tensor], args: a
 
 def decode_ms(config, args: argparse.Namespace) -> dict:
     return {} if args.no_latency else {"decode_ms_per_token": engine_decode_ms(config, args.device)}
-
-
-def cleanup(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def write(out: Path, row: dict) -> None:

@@ -11,7 +11,7 @@ The driver (this script without --worker) runs every requested configuration as 
 
     python experiments/distill_scaling.py --teacher ~/.cache/shrink/.../smollm2.gguf --out scaling.jsonl
     python experiments/distill_scaling.py --random 7b --batch-per-gpu 1 --block 2048 --out scaling.jsonl
-    python experiments/distill_scaling.py --random tiny --gpus 2 --steps 3 --out /tmp/s.jsonl   # CPU smoke
+    python experiments/distill_scaling.py --random tiny --gpus 2 --steps 6 --out /tmp/s.jsonl   # CPU smoke
 
 --teacher: an artifact / HF directory, a .gguf file or embedded:smollm2-135m-instruct (shrink's loader);
 --random: a random Llama-shaped teacher (tiny | 135m | 1b | 7b, or hidden,intermediate,layers,heads,
@@ -67,7 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--losses", default="forward_kl:1.0,ce:0.5", help="name:weight,...")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per launch before it is killed")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # kind, set by the driver
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps <= args.warmup:  # no timed step would be left (statistics.median of nothing)
+        p.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
+    return args
 
 
 def shape_of(spec: str) -> tuple[int, ...]:
@@ -101,6 +104,7 @@ def build_teacher(args: argparse.Namespace, device: torch.device) -> torch.nn.Mo
 
 
 def worker(args: argparse.Namespace) -> None:
+    from shrink.modeling import num_parameters
     from train.config import TrainConfig
     from train.distributed import make_accelerator
     from train.loop import train_distill
@@ -145,8 +149,8 @@ def worker(args: argparse.Namespace) -> None:
         "teacher_shape": {k: getattr(config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                           "num_attention_heads", "num_key_value_heads", "vocab_size")},
         "teacher_dtype": args.teacher_dtype, "student_layers": len(keep),
-        "teacher_params": sum(p.numel() for p in {id(p): p for p in teacher.parameters()}.values()),
-        "student_params": sum(p.numel() for p in {id(p): p for p in result["model"].parameters()}.values()),
+        "teacher_params": num_parameters(teacher),
+        "student_params": num_parameters(result["model"]),
         "batch_per_gpu": args.batch_per_gpu, "block": args.block, "global_batch": args.batch_per_gpu * world,
         "tokens_per_step": tokens_per_step, "steps_timed": len(timed), "step_s_median": step_s,
         "step_s_min": min(timed), "step_s_max": max(timed), "tokens_per_s": tokens_per_step / step_s,

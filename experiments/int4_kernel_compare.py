@@ -19,7 +19,6 @@ with tinygemm's speedup, {"kind": "done"}.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
@@ -86,18 +85,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("int4_kernel_compare needs a CUDA GPU (or --dry-run)")
     shapes = DRY_SHAPES if args.dry_run else sweep.SHAPES
     started = time.perf_counter()
-    out = open(args.json, "w") if args.json else None
-
-    def emit(rec: dict) -> None:
-        line = json.dumps(rec)
-        print(line, flush=True)
-        if out is not None:
-            out.write(line + "\n")
-            out.flush()
-
     ceiling = None if args.dry_run else sweep.copy_ceiling_tbps()
-    emit({"kind": "ceiling", "device": torch.cuda.get_device_name() if ceiling else "cpu", "copy_TBps": ceiling,
-          "torch": torch.__version__})
+    log = sweep.Records(args.json, "cpu" if args.dry_run else "cuda", ceiling)
+    emit = log.emit
     original = sweep.SHAPES, sweep.DEVICE
     sweep.SHAPES, sweep.DEVICE = shapes, "cpu" if args.dry_run else "cuda"  # what Case and make_weights read
     try:
@@ -117,8 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         sweep.SHAPES, sweep.DEVICE = original
     emit({"kind": "done", "wall_s": time.perf_counter() - started})
-    if out is not None:
-        out.close()
+    log.close()
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.bench.common import graph_seconds
-from experiments.quant_gemv_sweep import Records, copy_ceiling_tbps
+from experiments.quant_gemv_sweep import Records, _rel, copy_ceiling_tbps
 from kernels import quant as ref
 from kernels.gemv import FAST_BY_DEFAULT, gemv
 from kernels.quant_gemv import DOT_CONFIG, SELECT_CONFIG, sparse24_gemv
@@ -65,10 +65,6 @@ def copies_seconds(fn: Callable[[object], object], items: list) -> float:
     """Seconds per fn(item), every item once per graph replay, after an eager warm-up call."""
     fn(items[0])
     return graph_seconds(lambda: [fn(item) for item in items]) / len(items)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def main(argv: list[str] | None = None) -> None:

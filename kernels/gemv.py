@@ -841,7 +841,7 @@ def _quant_args(weight: torch.Tensor, k: int, quant: str, scale: torch.Tensor | 
     return 2 * weight.shape[1], args
 
 
-def _launch_config(m: int, n: int, k: int, quant: str, qargs: dict, fast: bool, two: bool, pdl: bool,
+def _launch_config(m: int, n: int, k: int, quant: str, qargs: dict, fast: bool, two: bool,
                    config: tuple[int, int, int, int] | None,
                    default) -> tuple[tuple[int, int, int, int], dict]:
     """The launch config (``config``, else the fast path's or ``default``) and the kernel
@@ -901,7 +901,7 @@ def gemv(
         return out
     launch = pdl_launch_args(pdl, x.device)
     (block_m, block_n, block_k, num_warps), qargs = _launch_config(
-        m, n, k, quant, qargs, fast, swiglu, launch["PDL"], config,
+        m, n, k, quant, qargs, fast, swiglu, config,
         lambda: gemv_config(m, n, k, two=swiglu, pdl=launch["PDL"]))
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, qargs.pop("w_ptr"), qargs.pop("s_ptr"), qargs.pop("z_ptr"),
@@ -968,7 +968,7 @@ def gemv_rope_store(
         return out
     launch = pdl_launch_args(pdl, x.device)
     (block_m, block_pairs, block_k, num_warps), qargs = _launch_config(
-        m, n // 2, k, quant, qargs, fast, True, launch["PDL"], config,
+        m, n // 2, k, quant, qargs, fast, True, config,
         lambda: gemv_rope_store_config(m, n, k, pdl=launch["PDL"]))
     _gemv_rope_store_kernel[(triton.cdiv(n // 2, block_pairs),)](
         x, qargs.pop("w_ptr"), qargs.pop("s_ptr"), qargs.pop("z_ptr"), bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,

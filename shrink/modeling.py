@@ -48,9 +48,7 @@ def load_model(path: str | os.PathLike | Artifact, dtype: str | torch.dtype = "f
         # transformers 5.17's compressed-tensors quantizer fails on a config without config_groups
         # (AttributeError on `config_groups` of None; the default pipeline's gate after prune, H200).
         del config.quantization_config
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=resolve_dtype(dtype))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=resolve_dtype(dtype))
     return model.to(device).eval()
 
 

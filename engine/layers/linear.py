@@ -44,16 +44,16 @@ def vocab_range(vocab: int, rank: int, ranks: int) -> range:
 
 
 class RowParallelLinear(nn.Linear):
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp_rank: int = 0, tp_size: int = 1) -> None:
-        """``in_features``: this rank's input columns."""
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp_rank: int = 0) -> None:
+        """``in_features``: this rank's input columns; the bias is added on rank 0 only."""
         super().__init__(in_features, out_features, bias=bias)
-        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.tp_rank = tp_rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None))
 
 
-def row_parallel_gemv_add(linear: nn.Module, x: torch.Tensor, h: torch.Tensor, tp_rank: int, tp_size: int,
+def row_parallel_gemv_add(linear: nn.Module, x: torch.Tensor, h: torch.Tensor, tp_rank: int,
                           pdl: bool) -> torch.Tensor:
     """h += x @ W.T + b of a row-parallel linear, in place, in the fused decode path: one GEMV
     launch and one all-reduce. Rank 0's GEMV adds the residual h and the bias in its epilogue; the
@@ -63,7 +63,7 @@ def row_parallel_gemv_add(linear: nn.Module, x: torch.Tensor, h: torch.Tensor, t
     lead = tp_rank == 0
     gemv_kernels.gemv(x, weight, linear.bias if lead else None, **quant, residual=h if lead else None, out=h,
                       pdl=pdl)
-    return all_reduce(h) if tp_size > 1 else h
+    return all_reduce(h)  # a no-op on one rank
 
 
 class VocabParallelEmbedding(nn.Embedding):

@@ -74,7 +74,7 @@ class LlamaAttention(nn.Module):
         bias = bool(getattr(config, "attention_bias", False)) or model_type == "qwen2"
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
         self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, bool(getattr(config, "attention_bias", False)),
-                                        rank, ranks)
+                                        rank)
         self.qk_norm = model_type == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, options.use_triton)
@@ -129,7 +129,7 @@ class LlamaMLP(nn.Module):
         self.channels = shard_range(config.intermediate_size, options.tp_rank, options.tp_size)
         inter = len(self.channels)
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * inter, bias=bias)
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, options.tp_rank, options.tp_size)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, options.tp_rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.use_triton))
@@ -140,7 +140,7 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(config, rotary, options)
         self.mlp = LlamaMLP(config, options)
-        self.tp_rank, self.tp_size = options.tp_rank, options.tp_size
+        self.tp_rank = options.tp_rank
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, options.use_triton)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, options.use_triton)
 
@@ -172,11 +172,11 @@ class LlamaDecoderLayer(nn.Module):
             weight, quant = gemv_weight(attn.qkv_proj)
             qkv = gemv(h, weight, attn.qkv_proj.bias, **quant, norm_weight=norm1.weight, eps=norm1.eps, pdl=pdl)
             o = attn.attend(positions, qkv)
-        row_parallel_gemv_add(attn.o_proj, o, h, self.tp_rank, self.tp_size, pdl)
+        row_parallel_gemv_add(attn.o_proj, o, h, self.tp_rank, pdl)
         weight, quant = gemv_weight(mlp.gate_up_proj)
         act = gemv(h, weight, mlp.gate_up_proj.bias, **quant, norm_weight=norm2.weight, eps=norm2.eps,
                    swiglu=True, pdl=pdl)
-        return row_parallel_gemv_add(mlp.down_proj, act, h, self.tp_rank, self.tp_size, pdl)
+        return row_parallel_gemv_add(mlp.down_proj, act, h, self.tp_rank, pdl)
 
 
 class LlamaModel(nn.Module):

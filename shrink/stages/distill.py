@@ -150,7 +150,10 @@ def build_student(spec: StudentSpec, teacher: torch.nn.Module, tokenizer: Any, d
         check_same_vocab(tokenizer, load_tokenizer(Path(spec.path)), teacher.config.vocab_size,
                          student.config.vocab_size)
         return student.requires_grad_(True), None, info
-    spec = spec.resolve(teacher.config, device=device.type)
+    if spec.budget is None and check_budget(spec.targets, spec.budget_by) is not None:
+        # Resolved once, by the caller, with the stage's save dtype and latency cache: a second
+        # resolve here with other defaults could choose another student.
+        raise ShrinkError("build_student: the student's budget is not resolved (StudentSpec.resolve first)")
     if spec.budget is not None:
         info["budget"] = spec.budget
     calib = calibration(spec.calib_blocks) if needs_importance(spec.keep_layers) or spec.prunes_width else None
