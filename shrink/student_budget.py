@@ -38,6 +38,7 @@ from typing import Any, Callable
 import torch
 
 from common.errors import SettingError, ShrinkError
+from train.student_init import head_dim
 
 AXES = ("depth", "width", "both")
 TARGET_KEYS = ("target_params", "target_bytes", "target_latency_ms")
@@ -66,10 +67,6 @@ class Shape:
         if getattr(shaped, "layer_types", None):
             shaped.layer_types = list(shaped.layer_types)[: self.layers]
         return shaped
-
-
-def head_dim(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def count_params(config: Any) -> int:

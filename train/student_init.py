@@ -19,6 +19,11 @@ import torch
 from common.errors import ShrinkError
 
 
+def head_dim(config: Any) -> int:
+    """Channels per attention head of a Llama-family config (an explicit head_dim wins)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def parse_keep_layers(spec: Any, n_layers: int, scores: Sequence[float] | None = None,
                       key: str = "student.keep_layers") -> list[int]:
     """`every:k` (0, k, 2k, ...), `first:n`, `importance:n` (needs `scores`), or explicit indices."""
@@ -125,7 +130,7 @@ def prune_width(model: torch.nn.Module, hidden_size: int | None = None, intermed
     config = copy.deepcopy(model.config)
     state = model.state_dict()
     importance = importance or {}
-    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    hd = head_dim(config)
     h_idx = None
     if hidden_size is not None and hidden_size != config.hidden_size:
         if not 1 <= hidden_size < config.hidden_size:
