@@ -17,7 +17,9 @@ The driver (this script without --worker) runs every requested configuration as 
 --random: a random Llama-shaped teacher (tiny | 135m | 1b | 7b, or hidden,intermediate,layers,heads,
 kv_heads,vocab). The student keeps every other teacher layer (`--keep every:2`). Batches are random
 token ids: the step's cost does not depend on their values. 1 GPU runs one plain process (no
-launcher); DDP and FSDP2 run at every count in --gpus above 1.
+launcher); DDP and FSDP2 run at every count in --gpus above 1. Each record holds the loss of every
+step; --equal-global-batch adds a one-process run at the largest count's global batch
+(batch-per-gpu x N), whose curve the N-process runs must follow (same blocks, same order).
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="the frozen teacher's stored dtype (the stage uses fp32; compute is bf16 autocast)")
     p.add_argument("--losses", default="forward_kl:1.0,ce:0.5", help="name:weight,...")
+    p.add_argument("--equal-global-batch", action="store_true",
+                   help="also run one process at the largest count's global batch (the loss curves' reference)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per launch before it is killed")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # kind, set by the driver
     args = p.parse_args(argv)
@@ -124,11 +128,13 @@ def worker(args: argparse.Namespace) -> None:
                      checkpoint_every=0, eval_every=0, val_batches=1, losses=losses, chunk_size=4096)
     cuda = device.type == "cuda"
     stamps: dict[int, float] = {}
+    curve: list[float] = []
 
-    def on_step(step: int, _logs: dict) -> None:
+    def on_step(step: int, logs: dict) -> None:
         if cuda:
             torch.cuda.synchronize()
         stamps[step] = time.perf_counter()
+        curve.append(float(logs["loss"]))
         if step == args.warmup and cuda:
             torch.cuda.reset_peak_memory_stats()  # the timed steps' peak, not the loading's
 
@@ -155,6 +161,7 @@ def worker(args: argparse.Namespace) -> None:
         "tokens_per_step": tokens_per_step, "steps_timed": len(timed), "step_s_median": step_s,
         "step_s_min": min(timed), "step_s_max": max(timed), "tokens_per_s": tokens_per_step / step_s,
         "peak_mem_gib_per_gpu": peaks, "final_loss": result["metrics"]["final_loss"],
+        "loss_curve": curve,
         "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     line = json.dumps(record)
@@ -170,11 +177,13 @@ def driver(args: argparse.Namespace, argv: list[str]) -> int:
     unknown = [k for k in kinds if k not in CONFIGS]
     if unknown:
         raise SystemExit(f"--kinds: unknown {unknown} (expected {', '.join(CONFIGS)})")
-    jobs = [("single", 1)] if 1 in counts else []
-    jobs += [(kind, n) for n in counts if n > 1 for kind in kinds]
+    jobs = [("single", 1, args.batch_per_gpu)] if 1 in counts else []
+    if args.equal_global_batch and max(counts) > 1:
+        jobs.append(("single", 1, args.batch_per_gpu * max(counts)))
+    jobs += [(kind, n, args.batch_per_gpu) for n in counts if n > 1 for kind in kinds]
     failed = 0
-    for port, (kind, n) in enumerate(jobs, start=29650):
-        me = [str(Path(__file__).resolve()), *argv, "--worker", kind]
+    for port, (kind, n, batch) in enumerate(jobs, start=29650):
+        me = [str(Path(__file__).resolve()), *argv, "--worker", kind, "--batch-per-gpu", str(batch)]
         if kind == "single":
             cmd = [sys.executable, *me]
         else:

@@ -15,6 +15,10 @@
 #   experiments/engine_session.sh evalref      # right after `pipeline`: its eval=gpu reference run (issue 15)
 #   experiments/engine_session.sh kernels      # carry .gpu/wheels: GPU tests of the multi-query verify, 2:4 and
 #                                              # tinygemm paths; verify cost; the 2:4 quant rows
+#   experiments/engine_session.sh tp           # nvidia-h200-x2, carry .gpu/wheels: GPU links, the two-GPU tests,
+#                                              # tp_bench (7B TP=1/2 at batch 1/64, 70B TP=2, collectives) (issue 17)
+#   experiments/engine_session.sh scaling      # nvidia-h200-x2, right after `tp`: distill step tokens/s and peak
+#                                              # memory at 1 and 2 GPUs, DDP and FSDP2, with loss curves (issue 17)
 set -uo pipefail
 H=$HOME; OUTDIR=${OUT:-$H/out}; mkdir -p "$OUTDIR"
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$H/site" .gpu/wheels/*.whl 2>/dev/null
@@ -111,6 +115,22 @@ case "${1:?verb}" in
     timeout ${EVAL_S:-560} python3 -m shrink stage=eval eval=gpu data_dir="$H/data" cache_dir="$H/cache" logging=none \
       run="$H/ref" > "$OUTDIR/eval.log" 2>&1; tail -n 30 "$OUTDIR/eval.log"
     cp "$H"/ref/eval/report.* "$H"/ref/eval/*.png "$OUTDIR/" 2>/dev/null; ls "$H/ref" "$H/ref/eval";;
+  tp)
+    nvidia-smi topo -m; env | grep -E 'NVLS|MULTICAST'
+    timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rf ${TP_TESTS:-tests/engine/test_tensor_parallel.py \
+      tests/train/test_distributed_gpu.py} > "$OUTDIR/tp_tests.txt" 2>&1; tail -n 15 "$OUTDIR/tp_tests.txt"
+    timeout ${TP_S:-320} python3 experiments/tp_bench.py --out "$OUTDIR/tp_bench.jsonl" ${TP_ARGS:-} > "$OUTDIR/tp_bench.log" 2>&1
+    grep -v Warn "$OUTDIR/tp_bench.log" | tail -n 12;;
+  scaling)
+    for shape in ${SCALING_SHAPES:-135m 1b}; do
+      timeout ${SCALING_S:-170} python3 experiments/distill_scaling.py --random $shape --gpus 1,2 --equal-global-batch \
+        --batch-per-gpu 8 --block 2048 --steps 12 --timeout 90 --out "$OUTDIR/scaling.jsonl" > "$OUTDIR/scaling_$shape.log" 2>&1
+      grep -E '^# |failed' "$OUTDIR/scaling_$shape.log"
+    done
+    timeout ${SCALING7_S:-180} python3 experiments/distill_scaling.py --random 7b --gpus 1,2 --batch-per-gpu 1 --block 2048 \
+      --steps 8 --timeout 95 --out "$OUTDIR/scaling.jsonl" > "$OUTDIR/scaling_7b.log" 2>&1; grep -E '^# |failed' "$OUTDIR/scaling_7b.log"
+    python3 -c "import json,sys; [print(r['kind'], r['gpus'], r['teacher'], r['global_batch'], round(r['tokens_per_s']), r['peak_mem_gib_per_gpu'])
+      for r in map(json.loads, open(sys.argv[1]))]" "$OUTDIR/scaling.jsonl";;
   real)
     cp .gpu/t3/p01 .gpu/t3/p02 "$H/t/" && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"
     $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol"
