@@ -35,6 +35,7 @@ import torch
 from engine.config import EngineConfig
 from engine.context import Context, reset_context, set_context
 from engine.decode_inputs import DecodeInputs
+from engine.parallel.group import before_destroy, tp_size
 from engine.staging import StagingBuffer
 
 
@@ -210,6 +211,14 @@ class EngineGraphs:
     verify: PrefillGraphs | None = None
     mq_verify: PrefillGraphs | None = None
 
+    def reset(self) -> None:
+        """Release every captured graph (they cannot be replayed after this)."""
+        for graph_set in (self.decode, self.mq, self.prefill, self.verify, self.mq_verify):
+            if graph_set is not None:
+                for graph in (*graph_set.graphs.values(), *getattr(graph_set, "step_graphs", {}).values()):
+                    graph.reset()
+        torch.cuda.synchronize()
+
 
 def capture_graphs(model: torch.nn.Module, inputs: DecodeInputs, config: EngineConfig, max_blocks: int,
                    verify_max_tokens: int, verify_rows: int, verify_query_len: int) -> EngineGraphs:
@@ -220,6 +229,8 @@ def capture_graphs(model: torch.nn.Module, inputs: DecodeInputs, config: EngineC
     cfg, device, block_size = config, config.torch_device, config.block_size
     max_bs = max(min(cfg.cuda_graph_max_bs, cfg.max_num_seqs), verify_rows)
     graphs = EngineGraphs(decode=DecodeGraphs(model, inputs, max_bs, cfg.num_decode_steps))
+    if tp_size() > 1:  # graphs holding the group's collectives go before the group does
+        before_destroy(graphs.reset)
     pool = graphs.decode.capture()
     if 0 < verify_query_len <= max_bs:
         graphs.mq = DecodeGraphs(model, inputs, max_bs, 1, verify_query_len)

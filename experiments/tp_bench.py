@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--skip-70b", action="store_true")
     parser.add_argument("--skip-7b", action="store_true")
+    parser.add_argument("--skip-collectives", action="store_true")
     args = parser.parse_args()
     if torch.cuda.device_count() < 2:
         raise SystemExit(f"tp_bench: needs 2 GPUs, {torch.cuda.device_count()} visible")
@@ -154,7 +155,7 @@ def main() -> None:
                   vocab=seven["vocab_size"]) for bs in (1, 64)]
     cases.append(dict(model="llama2-70b", batch=1, hidden=LLAMA2_70B["hidden_size"], layers=LLAMA2_70B["num_hidden_layers"],
                       vocab=LLAMA2_70B["vocab_size"]))
-    for record in collectives(cases):
+    for record in [] if args.skip_collectives else collectives(cases):
         emit({**base, "kind": "collectives", "tp": 2, **record}, args.out)
 
     if not args.skip_7b:

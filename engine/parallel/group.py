@@ -7,12 +7,14 @@ this process is rank 0 of 1 and the collectives do nothing."""
 from __future__ import annotations
 
 import datetime
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 _RANK = 0
 _SIZE = 1
+_BEFORE_DESTROY: list[Callable[[], None]] = []
 # torch 2.13 renamed all_gather_into_tensor (same arguments) and deprecates the old name.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -42,8 +44,17 @@ def init_group(rank: int, size: int, init_method: str, device_type: str, timeout
         torch.cuda.synchronize()
 
 
+def before_destroy(release: Callable[[], None]) -> None:
+    """Run ``release`` when this process leaves the group, before the group is destroyed. CUDA
+    graphs that captured the group's collectives must be released first: NCCL's communicator
+    destruction waits forever on a live captured graph (pytorch/pytorch#115388)."""
+    _BEFORE_DESTROY.append(release)
+
+
 def destroy_group() -> None:
     global _RANK, _SIZE
+    while _BEFORE_DESTROY:
+        _BEFORE_DESTROY.pop()()
     if dist.is_initialized():
         dist.destroy_process_group()
     _RANK, _SIZE = 0, 1

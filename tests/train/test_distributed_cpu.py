@@ -41,7 +41,8 @@ _ports = iter(range(29761, 29790))
 def _launch(cmd: list[str], tmp_path: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `cmd` in a new session; on timeout kill the whole group (launcher and every rank)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SHRINK_CACHE_DIR": str(tmp_path.parent / "cache"),
-           "PYTHONPATH": str(REPO), "WANDB_SILENT": "true", **(extra_env or {})}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "WANDB_SILENT": "true", **(extra_env or {})}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
