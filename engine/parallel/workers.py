@@ -131,6 +131,9 @@ def _stop(processes: list, channel: StepChannel, polite: bool = True) -> None:
     if polite:
         try:
             channel.send(None, lambda: None, timeout_s=JOIN_TIMEOUT_S)
+            # Leave the group beside the workers, not after them: NCCL's communicator teardown
+            # waits for its peers, so a worker would wait for rank 0 while rank 0 waited to join it.
+            destroy_group()
         except TimeoutError:
             pass  # a worker stuck in a collective: terminated below
     for p in processes:

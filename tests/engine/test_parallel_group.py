@@ -19,3 +19,29 @@ def test_releases_run_before_the_group_is_destroyed_and_only_once(tmp_path):
     assert not dist.is_initialized() and tp_size() == 1
     destroy_group()  # a second close releases nothing again
     assert len(seen) == 2
+
+
+def test_rank_0_leaves_the_group_beside_its_workers_not_after_them(monkeypatch):
+    """On two H200s every worker exited only when terminated: its NCCL teardown waited for rank 0's,
+    which came only after rank 0 had waited to join it."""
+    from engine.parallel import workers
+
+    events: list[str] = []
+
+    class Worker:
+        def join(self, timeout=None):
+            events.append("join")
+
+        def is_alive(self):
+            return False
+
+    class Channel:
+        def send(self, message, alive, timeout_s=None):
+            events.append(f"send {message}")
+
+        def close(self):
+            events.append("close")
+
+    monkeypatch.setattr(workers, "destroy_group", lambda: events.append("destroy"))
+    workers._stop([Worker(), Worker()], Channel())
+    assert events[:3] == ["send None", "destroy", "join"]
