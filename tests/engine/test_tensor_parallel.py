@@ -293,6 +293,32 @@ def test_two_ranks_with_a_draft_model_give_the_tokens_of_one(model_dir, tmp_path
     assert (draft_attn.num_heads, draft_attn.k_cache.shape[2]) == (4, 2)  # the draft is whole
 
 
+def test_a_verify_step_replays_the_path_rank_0_chose(model_dir):
+    """What a worker receives (the VerifyStep as the channel pickles it) runs the path rank 0 chose
+    on the chunks it carries, with rank 0's device tokens where it has them. On the CPU every path
+    gives the same logits, so the tests above cannot tell which one a worker ran."""
+    import pickle
+
+    from engine.parallel.workers import step_message
+    from engine.spec_decode.verify_paths import VerifyStep
+
+    runner = LLM(model_dir(SPEC_TARGET), speculative_config=NGRAM, **ENGINE).engine.runner
+    calls = []
+    fakes = {name: (lambda name: lambda c, ids=None: calls.append((name, c, ids)) or name)(name)
+             for name in runner.verify_paths.forwards()}
+    runner.verify_paths.forwards = lambda: fakes
+    chunks = [([5, 0, 0], 7, [0, 3]), ([9, 0], 2, [1])]
+    for name in fakes:
+        sent = pickle.loads(pickle.dumps(step_message(VerifyStep(name, chunks, False))))
+        assert sent.run(runner) == name
+    assert [(name, c) for name, c, _ in calls] == [(name, chunks) for name in fakes]
+    assert set(fakes) == {"pseudo_rows", "prefill", "pseudo_rows_mq", "prefill_mq"}
+    calls.clear()
+    ids = torch.tensor([5, 11, 12, 9, 13])
+    VerifyStep("prefill", chunks, True).run(runner, ids)
+    assert calls[0][2].tolist() == ids.tolist()
+
+
 def test_a_sharded_draft_model_is_refused(model_dir):
     """What speculative decoding under tensor parallelism still refuses, before any process starts:
     a draft model sharded itself (vLLM's draft_tensor_parallel_size other than 1)."""
