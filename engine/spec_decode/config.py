@@ -201,9 +201,10 @@ def draft_engine_config(target: Any, target_tokenizer: Any, spec: SpeculativeCon
     target: same vocabulary (check_same_vocabulary) and room for the target's max_model_len
     positions. Scheduling, block size, prefix caching and execution settings are the target's
     (the draft's cache is indexed by the sequences' block tables), but one rank: under tensor
-    parallelism the draft runs whole on rank 0 (engine/parallel/group.py's group_for); ``num_kv_blocks`` is the
-    target's pool size, so that every block id of a table exists in both caches. Weights load as the
-    target's do (load_format: random weights of the draft's shape in a benchmark of shapes)."""
+    parallelism the draft runs whole on rank 0 (engine/parallel/group.py's group_for).
+    ``num_kv_blocks`` is the target's pool size, so that every block id of a table exists in both
+    caches. Weights load as the target's do (load_format: random weights of the draft's shape in a
+    benchmark of shapes)."""
     from dataclasses import fields, replace
 
     from transformers import AutoConfig

@@ -257,40 +257,41 @@ def _assert_some_accepted(engine) -> None:
     assert 0 < m.num_accepted < m.num_proposed  # drafts accepted and drafts rejected
 
 
-@pytest.mark.parametrize("multi_query", [False, True])
-def test_two_ranks_with_ngram_speculation_give_the_tokens_of_one(looping_model, multi_query):
-    """2 ranks + n-gram drafts (drafted on rank 0) equal 1 rank without speculation, tokens and
-    logprobs, with drafts accepted and rejected: the verify forward ran on both ranks through the
-    path rank 0 chose, each of the four (pseudo-rows, prefill, and their multi-query variants)."""
-    path = looping_model
-    ps, params = _spec_requests(12)
-    one, _ = _generate(path, 1, ps, params)
+def _speculation_matches_one_rank(case: str, looping_model: str, model_dir, tmp_path, **kw):
+    """Generate with 1 rank without speculation and with 2 ranks with it (``case``: "ngram",
+    "ngram_multi_query" (the verifies forced through the multi-query paths) or "draft_model");
+    assert the same tokens and logprobs, drafts accepted and rejected. Returns the 2-rank engine and
+    the verify paths rank 0 chose."""
+    if case == "draft_model":  # the target plus noise: same vocabulary, accepted part of the time
+        path = model_dir(SPEC_TARGET, with_tokenizer=True)
+        spec = {"model": perturbed_copy(path, str(tmp_path / "draft"), 0.008), "num_speculative_tokens": 3}
+        ps, params = _spec_requests(8)
+    else:
+        path, spec = looping_model, NGRAM
+        ps, params = _spec_requests(12)
+    one, _ = _generate(path, 1, ps, params, **kw)
     taken: list[str] = []
-    two, engine = _generate(path, 2, ps, params, speculative_config=NGRAM,
-                            prepare=lambda llm: _record_paths(llm, taken, multi_query))
+    two, engine = _generate(path, 2, ps, params, speculative_config=spec, **kw,
+                            prepare=lambda llm: _record_paths(llm, taken, case == "ngram_multi_query"))
     _assert_same(one, two)
     _assert_some_accepted(engine)
-    assert set(taken) == ({"pseudo_rows_mq", "prefill_mq"} if multi_query else {"pseudo_rows", "prefill"})
+    return engine, set(taken)
 
 
-def test_two_ranks_with_a_draft_model_give_the_tokens_of_one(model_dir, tmp_path):
-    """A draft model (the target plus noise: same vocabulary, accepted part of the time) runs whole
-    on rank 0, its K/V there only; the verify runs on both ranks, reading the draft's tokens from
-    rank 0's device (a broadcast). Same tokens and logprobs as 1 rank without speculation."""
-    path = model_dir(SPEC_TARGET, with_tokenizer=True)
-    draft = perturbed_copy(path, str(tmp_path / "draft"), 0.008)
-    ps, params = _spec_requests(8)
-    one, _ = _generate(path, 1, ps, params)
-    taken: list[str] = []
-    two, engine = _generate(path, 2, ps, params, speculative_config={"model": draft, "num_speculative_tokens": 3},
-                            prepare=lambda llm: _record_paths(llm, taken))
-    _assert_same(one, two)
-    _assert_some_accepted(engine)
-    assert set(taken) == {"pseudo_rows", "prefill"}
-    assert engine.draft_runner.tp_workers is None and engine.draft_runner.config.tensor_parallel_size == 1
+@pytest.mark.parametrize("case", ["ngram", "ngram_multi_query", "draft_model"])
+def test_two_ranks_with_speculation_give_the_tokens_of_one(looping_model, model_dir, tmp_path, case):
+    """2 ranks + speculation equal 1 rank without it, tokens and logprobs, with drafts accepted and
+    rejected. The drafter runs on rank 0 only: the n-gram lookup, or a draft model whole there with
+    its K/V (the verify then reads the draft's tokens from rank 0's device: a broadcast). The verify
+    forward runs on both ranks through the path rank 0 chose, each of the four (pseudo-rows,
+    prefill, and their multi-query variants)."""
+    engine, taken = _speculation_matches_one_rank(case, looping_model, model_dir, tmp_path)
+    assert taken == ({"pseudo_rows_mq", "prefill_mq"} if case == "ngram_multi_query" else {"pseudo_rows", "prefill"})
     assert _rank0_shape(engine) == (2, 1)  # the target is sharded: 2 of 4 heads, 1 of 2 KV heads
-    draft_attn = engine.draft_runner.attn_layers[0]
-    assert (draft_attn.num_heads, draft_attn.k_cache.shape[2]) == (4, 2)  # the draft is whole
+    if case == "draft_model":
+        draft = engine.draft_runner
+        assert draft.tp_workers is None and draft.config.tensor_parallel_size == 1
+        assert (draft.attn_layers[0].num_heads, draft.attn_layers[0].k_cache.shape[2]) == (4, 2)  # whole
 
 
 def test_a_verify_step_replays_the_path_rank_0_chose(model_dir):
@@ -324,8 +325,8 @@ def test_a_sharded_draft_model_is_refused(model_dir):
     a draft model sharded itself (vLLM's draft_tensor_parallel_size other than 1)."""
     draft = model_dir("llama_mha_tied", with_tokenizer=True)
     spec = {"model": draft, "num_speculative_tokens": 3, "draft_tensor_parallel_size": 2}
-    with pytest.raises(SpeculativeConfigError,
-                       match=r"speculative_config\.draft_tensor_parallel_size: 2: the draft model runs unsharded on rank 0"):
+    words = r"speculative_config\.draft_tensor_parallel_size: 2: the draft model runs unsharded on rank 0"
+    with pytest.raises(SpeculativeConfigError, match=words):
         EngineConfig(model=model_dir(SPEC_TARGET), device="cpu", tensor_parallel_size=2, speculative_config=spec)
 
 
@@ -509,19 +510,17 @@ def test_two_gpus_give_the_tokens_of_one(model_dir, monkeypatch, arch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
-def test_two_gpus_with_ngram_speculation_give_the_tokens_of_one(looping_model, monkeypatch):
-    """NCCL, CUDA graphs on (the verify's decode and verify graphs, their collectives captured;
-    each rank times the verify paths, rank 0's choice is replayed on both), fp32: 2 GPUs with n-gram
-    speculation give the tokens and logprobs of one GPU without it."""
+@pytest.mark.parametrize("case", ["ngram", "ngram_multi_query", "draft_model"])
+def test_two_gpus_with_speculation_give_the_tokens_of_one(looping_model, model_dir, tmp_path, monkeypatch, case):
+    """NCCL, CUDA graphs on (the decode, verify and multi-query graphs, their collectives captured;
+    each rank times the verify paths, rank 0's choice is replayed on both), fp32: 2 GPUs with
+    n-gram speculation (or a draft model on GPU 0) give the tokens and logprobs of one GPU without."""
     monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
-    ps, params = _spec_requests(12)
     gpu = dict(ENGINE, device="cuda", num_kv_blocks=256)
-    one, _ = _generate(looping_model, 1, ps, params, **gpu)
-    taken: list[str] = []
-    two, engine = _generate(looping_model, 2, ps, params, speculative_config=NGRAM,
-                            prepare=lambda llm: _record_paths(llm, taken), **gpu)
-    _assert_same(one, two)
-    _assert_some_accepted(engine)
-    runner = engine.runner
-    assert runner.graphs is not None and runner.verify_paths.verify_graphs is not None
-    assert taken
+    engine, taken = _speculation_matches_one_rank(case, looping_model, model_dir, tmp_path, **gpu)
+    paths = engine.runner.verify_paths
+    assert engine.runner.graphs is not None and paths.verify_graphs is not None and paths.mq_graphs is not None
+    if case == "ngram_multi_query":
+        assert taken == {"pseudo_rows_mq", "prefill_mq"}
+    else:
+        assert taken  # the paths rank 0 timed fastest

@@ -90,7 +90,8 @@ def test_draft_only_keys(draft_dir):
 def test_a_sharded_draft_model_is_refused_by_name(draft_dir, value):
     """vLLM's draft_tensor_parallel_size: the draft runs whole on rank 0, so only 1 is taken."""
     with pytest.raises(SpeculativeConfigError, match=r"speculative_config\.draft_tensor_parallel_size: .*only 1"):
-        SpeculativeConfig.from_dict({"model": draft_dir, "num_speculative_tokens": 2, "draft_tensor_parallel_size": value})
+        SpeculativeConfig.from_dict({"model": draft_dir, "num_speculative_tokens": 2,
+                                     "draft_tensor_parallel_size": value})
     ok = SpeculativeConfig.from_dict({"model": draft_dir, "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1})
     assert ok.method == "draft_model"
     with pytest.raises(SpeculativeConfigError, match=r"speculative_config\.draft_tensor_parallel_size: unknown key"):
