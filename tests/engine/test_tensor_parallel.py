@@ -416,6 +416,49 @@ def test_fused_decode_path_under_tensor_parallelism(model_dir):
     assert "same tokens" in result.stdout
 
 
+SPEC_TRITON_CHECK = """
+import itertools
+import sys
+from engine import LLM, SamplingParams
+path = sys.argv[1]
+ps = [[7, 8, 9, 10, 11, 7, 8, 9], [3, 4, 5, 3, 4], [20, 21, 22, 23, 24, 25, 26, 20, 21], [40, 41, 42, 40],
+      [50, 51, 52, 53, 50, 51]]
+params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (6, 20, 12, 20, 9)]
+kw = dict(device="cpu", dtype="float32", use_triton=True, enforce_eager=True, max_model_len=64, block_size=4,
+          num_kv_blocks=64)
+base = [o.token_ids for o in LLM(path, **kw).generate(ps, params)]
+spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+llm = LLM(path, tensor_parallel_size=2, speculative_config=spec, **kw)
+paths = llm.engine.runner.verify_paths
+others = itertools.cycle(["pseudo_rows", "prefill", "prefill_mq"])
+taken = []
+def choose(chunks):  # whole sequences of k + 1: pseudo_rows_mq; else the other three in turn
+    whole = all(len(c[0]) == paths.runner.verify_query_len for c in chunks)
+    taken.append("pseudo_rows_mq" if whole else next(others))
+    return taken[-1]
+paths.choose = choose
+out = [o.token_ids for o in llm.generate(ps, params)]
+m = llm.engine.spec_metrics
+llm.close()
+assert out == base, (out, base)
+assert set(taken) == {"pseudo_rows", "prefill", "pseudo_rows_mq", "prefill_mq"}, taken
+assert 0 < m.num_accepted < m.num_proposed, (m.num_accepted, m.num_proposed)
+print("speculative verify under TP with Triton: same tokens", taken)
+"""
+
+
+def test_speculative_verify_through_triton_kernels_under_tensor_parallelism(looping_model):
+    """Triton kernels (interpreted, in a fresh process) under 2 ranks with n-gram speculation: the
+    verify through each of the four paths (the fused small-batch decode for pseudo-rows, the varlen
+    prefill attention, the multi-query verify attention over each rank's heads) gives the tokens
+    of one rank without speculation."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", SPEC_TRITON_CHECK, looping_model], env=env,
+                            capture_output=True, text=True, timeout=TIMEOUT_S - 20)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "same tokens" in result.stdout
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
