@@ -75,7 +75,8 @@ class EngineConfig:
     speculative_config: Any = None
     # Tensor parallelism (vLLM's name): the weights split over this many GPUs of the host (NCCL),
     # or CPU processes (gloo); rank 0 is this process and schedules, workers run in lock step
-    # (engine/parallel). Speculative decoding stays on one GPU for now.
+    # (engine/parallel). With speculative_config the verify forward runs on every rank; the
+    # drafter (a draft model, whole, or the n-gram lookup) on rank 0 only.
     tensor_parallel_size: int = 1
 
     hf_config: PretrainedConfig | None = None
@@ -135,9 +136,6 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size: {tp} and the model's {kv_heads} KV heads: one must divide the other")
         if hf.intermediate_size % tp:
             raise ValueError(f"tensor_parallel_size: {tp} does not divide the model's intermediate_size {hf.intermediate_size}")
-        if self.speculative_config is not None:
-            raise ValueError("speculative_config: speculative decoding runs on one GPU only; "
-                             f"it cannot be combined with tensor_parallel_size={tp} yet")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device: {self.device!r} with tensor_parallel_size={tp}; rank r runs on cuda:r, "
                              "pass 'cuda' (or 'cpu' for gloo processes)")

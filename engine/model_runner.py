@@ -29,6 +29,7 @@ from engine.kv_cache import allocate_kv_cache, kv_bytes_per_token
 from engine.layers.attention import Attention
 from engine.layers.sampler import Sampler, StepResult, device_tensor
 from engine.models import model_class
+from engine.parallel.group import group_for
 from engine.parallel.workers import start_workers
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
@@ -45,10 +46,14 @@ class ModelRunner:
         forwards of up to that many tokens replay prefill graphs that score every row.
         ``verify_query_len``: the most tokens a sequence verifies (k + 1), 0 without the multi-query
         verify variants."""
-        # Rank 0 of a tensor-parallel engine starts and drives the other ranks (engine/parallel).
-        self.tp_workers = start_workers(config, ModelRunner)
+        # Rank 0 of a tensor-parallel engine starts and drives the other ranks (engine/parallel),
+        # their runners with its verify graphs. A runner of one rank in a larger group (a draft
+        # model on rank 0) runs no collectives (group_for).
+        self.tp_workers = start_workers(config, ModelRunner, verify_max_tokens=verify_max_tokens,
+                                        verify_query_len=verify_query_len)
         try:
-            self._setup(config, eos_token_ids, extra_kv_bytes_per_token, verify_max_tokens, verify_query_len)
+            with group_for(config.tensor_parallel_size):
+                self._setup(config, eos_token_ids, extra_kv_bytes_per_token, verify_max_tokens, verify_query_len)
         except BaseException:
             self.close()
             raise

@@ -1,13 +1,16 @@
-"""The tensor-parallel process group of this process, and the two collectives the model needs.
+"""The tensor-parallel process group of this process, and the collectives the model needs.
 
 One group per process (rank 0 is the engine's process, ranks 1.. its workers): NCCL when the
 engine runs on CUDA, gloo on the CPU. Rank r uses cuda:r. Before ``init_group`` (or with one rank)
-this process is rank 0 of 1 and the collectives do nothing."""
+this process is rank 0 of 1 and the collectives do nothing. ``group_for(1)`` gives a model that
+runs whole on this rank alone (a tensor-parallel engine's draft model, on rank 0) collectives that
+do nothing too."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -60,6 +63,25 @@ def destroy_group() -> None:
     _RANK, _SIZE = 0, 1
 
 
+@contextlib.contextmanager
+def group_for(size: int) -> Iterator[None]:
+    """Build or run a model of ``size`` ranks inside: this process's group (size == tp_size()), or,
+    with size 1 in a larger group, this rank alone: tp_size() is 1 and the collectives do nothing,
+    so that a model not sharded (a draft model on rank 0) never waits on ranks that do not run it."""
+    global _RANK, _SIZE
+    if size == _SIZE:
+        yield
+        return
+    if size != 1:
+        raise ValueError(f"a model of {size} ranks in a process group of {_SIZE}")
+    saved = _RANK, _SIZE
+    _RANK, _SIZE = 0, 1
+    try:
+        yield
+    finally:
+        _RANK, _SIZE = saved
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum x over the ranks, in place; returns x."""
     if _SIZE > 1:
@@ -74,6 +96,14 @@ def all_reduce_min(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def broadcast_from_first(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's x on every rank, in place (every rank passes a contiguous x of the same shape and
+    dtype); returns x."""
+    if _SIZE > 1:
+        dist.broadcast(x, src=0)
+    return x
 
 
 def all_gather_columns(x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,10 @@ them the step (``send_step``): per sequence only what the forward reads (the chu
 the last token, the block table, the computed count). Each worker's model runner runs the same
 step on its shard, so that every rank reaches the same collectives in the same order, and samples
 nothing: the logits are gathered on every rank and rank 0 samples. A multi-step decode advances
-on every rank's device from the same gathered logits.
+on every rank's device from the same gathered logits. A forward that is not a scheduled batch (a
+speculative verify: spec_decode/verify_paths.py's VerifyStep) is a ``RunnerStep``: it travels as it
+is and every rank runs ``step.run(runner)``. The workers' runners are built with rank 0's runner
+arguments (``start_workers``), so that they hold the same verify graphs and buffers.
 
 Workers always exit: on ``close`` (an exit message, then terminate if they do not), when rank 0's
 process is gone (channel.py), when a collective fails or times out, and at interpreter exit (a
@@ -76,8 +79,19 @@ class StepSequence:
         return len(self.token_ids)
 
 
+class RunnerStep:
+    """A step other than a scheduled batch, described by what every rank's forward reads: rank 0
+    sends it as it is, and each rank runs ``run(runner)`` (rank 0 with what only it holds)."""
+
+    def run(self, runner: Any) -> Any:
+        raise NotImplementedError
+
+
 def step_message(batch: Any) -> Any:
-    """The ScheduledBatch a worker runs: its sequences cut down to what the step reads."""
+    """The ScheduledBatch a worker runs: its sequences cut down to what the step reads (a
+    RunnerStep as it is)."""
+    if isinstance(batch, RunnerStep):
+        return batch
     seqs = []
     for seq, n in zip(batch.seqs, batch.num_scheduled):
         length = len(seq.token_ids)
@@ -106,18 +120,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker_main(rank: int, config: Any, runner_class: type, init_method: str, channel: StepChannel,
-                 threads: int) -> None:
+def _worker_main(rank: int, config: Any, runner_class: type, runner_kwargs: dict, init_method: str,
+                 channel: StepChannel, threads: int) -> None:
     global _IN_WORKER
     _IN_WORKER = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 decides
     torch.set_num_threads(threads)
     try:
         init_group(rank, config.tensor_parallel_size, init_method, config.torch_device.type, COLLECTIVE_TIMEOUT_S)
-        runner = runner_class(config)
+        runner = runner_class(config, **runner_kwargs)
         runner.sampler = NullSampler()
-        while (batch := channel.receive(rank - 1)) is not None:
-            runner.run(batch)
+        while (step := channel.receive(rank - 1)) is not None:
+            if isinstance(step, RunnerStep):
+                step.run(runner)
+            else:
+                runner.run(step)
     except BaseException:
         traceback.print_exc()
         os._exit(1)  # no clean-up of a group whose peers may be gone: that could wait on them
@@ -148,20 +165,20 @@ def _stop(processes: list, channel: StepChannel, polite: bool = True) -> None:
     destroy_group()
 
 
-def start_workers(config: Any, runner_class: type) -> "TensorParallelWorkers | None":
-    """Rank 0 of a tensor-parallel engine: its workers, each running a ``runner_class(config)``
-    (the model runner hands itself in: this module never imports it), started; None with one
-    rank, and in a worker (it is started by rank 0)."""
+def start_workers(config: Any, runner_class: type, **runner_kwargs: Any) -> "TensorParallelWorkers | None":
+    """Rank 0 of a tensor-parallel engine: its workers, each running a
+    ``runner_class(config, **runner_kwargs)`` (the model runner hands itself in: this module never
+    imports it), started; None with one rank, and in a worker (it is started by rank 0)."""
     if config.tensor_parallel_size == 1 or _IN_WORKER:
         return None
-    return TensorParallelWorkers(config, runner_class)
+    return TensorParallelWorkers(config, runner_class, runner_kwargs)
 
 
 class TensorParallelWorkers:
     """Rank 0's side: ranks 1.. of ``config.tensor_parallel_size``, started and joined into the
     process group with this process as rank 0."""
 
-    def __init__(self, config: Any, runner_class: type) -> None:
+    def __init__(self, config: Any, runner_class: type, runner_kwargs: dict | None = None) -> None:
         size, device = config.tensor_parallel_size, config.torch_device.type
         if torch.distributed.is_initialized():
             raise RuntimeError("tensor_parallel_size: this process already runs a tensor-parallel engine (or another "
@@ -173,8 +190,8 @@ class TensorParallelWorkers:
         self.channel = StepChannel(ctx, size - 1, nbytes)
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         self.processes = [ctx.Process(target=_worker_main, name=f"shrink-tp-rank{r}", daemon=True,
-                                      args=(r, config, runner_class, init_method, self.channel,
-                                            torch.get_num_threads()))
+                                      args=(r, config, runner_class, runner_kwargs or {}, init_method,
+                                            self.channel, torch.get_num_threads()))
                           for r in range(1, size)]
         for p in self.processes:
             p.start()
@@ -192,8 +209,9 @@ class TensorParallelWorkers:
                 raise WorkerExited(f"tensor-parallel worker rank {rank} exited (code {p.exitcode})")
 
     def run(self, batch: Any, run: Callable[[Any], Any]) -> Any:
-        """Send ``batch`` to the workers, then run rank 0's part with ``run``; any failure closes
-        the group (its ranks may be left waiting in a collective) and is raised."""
+        """Send ``batch`` (a ScheduledBatch or a RunnerStep) to the workers, then run rank 0's part
+        with ``run``; any failure closes the group (its ranks may be left waiting in a collective)
+        and is raised."""
         if self.broken:
             raise WorkerExited("the tensor-parallel group was closed after a failure")
         try:

@@ -47,6 +47,15 @@ How it runs in the engine:
    and releases blocks past the kept tokens (BlockManager.release_unused). Rejected entries in kept
    blocks are overwritten by position later; hashes only ever cover kept, computed tokens.
 6. Metrics. SpecDecodeWorker.metrics (engine.spec_metrics, engine.stats()["spec_decode"]).
+7. Tensor parallelism (``tensor_parallel_size`` > 1, engine/parallel). The target is sharded and
+   its workers hold the same verify graphs (built with rank 0's runner arguments). Each verify is a
+   VerifyStep sent over the step channel: the path rank 0 chose and the chunks (tokens, positions,
+   block tables); a model drafter's tokens reach the workers by a broadcast from rank 0's device.
+   Every rank runs that forward on its shard; the logits are gathered on every rank. Drafting (the
+   n-gram lookup, or a draft model whole on rank 0 with its K/V there only: draft_engine_config
+   gives it one rank, group_for keeps its forwards off the process group), acceptance, sampling and
+   rollback stay on rank 0: the workers' caches need only the block tables and positions that every
+   step sends. Greedy output equals one rank's without speculation.
 """
 
 from engine.spec_decode.config import (

@@ -3,6 +3,10 @@
     {"model": DRAFT_PATH, "num_speculative_tokens": 4}
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
 
+Under tensor parallelism (``tensor_parallel_size`` > 1) the target is sharded and a draft model runs
+whole on rank 0 (``draft_tensor_parallel_size`` 1, vLLM's key; the only value taken: a small
+drafter gains nothing from sharding, and one draft rank needs no draft steps sent to the workers).
+
 Optional keys: ``num_speculative_tokens_per_batch_size`` ({max batch size: k}; k 0 turns speculation
 off for those batches; batches larger than every key run without it), ``max_batch_size`` (decode
 batches of more sequences run without speculation; default DEFAULT_MAX_BATCH_SIZE) and ``dtype`` (the draft
@@ -23,7 +27,7 @@ METHODS = ("draft_model", "ngram")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _KEYS = {
     "draft_model": {"method", "model", "num_speculative_tokens", "num_speculative_tokens_per_batch_size", "dtype",
-                    "max_batch_size"},
+                    "max_batch_size", "draft_tensor_parallel_size"},
     "ngram": {"method", "num_speculative_tokens", "num_speculative_tokens_per_batch_size", "prompt_lookup_min",
               "prompt_lookup_max", "max_batch_size"},
 }
@@ -107,6 +111,11 @@ class SpeculativeConfig:
         dtype = raw.get("dtype", "auto")
         if dtype not in DTYPES:
             raise SpeculativeConfigError("dtype", f"{dtype!r} is not one of {list(DTYPES)}")
+        draft_tp = raw.get("draft_tensor_parallel_size", 1)
+        if draft_tp != 1 or isinstance(draft_tp, bool):
+            raise SpeculativeConfigError(
+                "draft_tensor_parallel_size", f"{draft_tp!r}: the draft model runs unsharded on rank 0 of the "
+                "target's tensor_parallel_size ranks; only 1 is supported")
         return cls("draft_model", k, model=model, dtype=dtype, k_by_batch_size=policy, max_batch_size=max_bs)
 
     def k_for_batch(self, batch_size: int) -> int:
@@ -191,9 +200,11 @@ def draft_engine_config(target: Any, target_tokenizer: Any, spec: SpeculativeCon
     """The EngineConfig of the draft model's runner, after checking that the draft can serve the
     target: same vocabulary (check_same_vocabulary) and room for the target's max_model_len
     positions. Scheduling, block size, prefix caching and execution settings are the target's
-    (the draft's cache is indexed by the sequences' block tables); ``num_kv_blocks`` is the
-    target's pool size, so that every block id of a table exists in both caches. Weights load as the
-    target's do (load_format: random weights of the draft's shape in a benchmark of shapes)."""
+    (the draft's cache is indexed by the sequences' block tables), but one rank: under tensor
+    parallelism the draft runs whole on rank 0 (engine/parallel/group.py's group_for).
+    ``num_kv_blocks`` is the target's pool size, so that every block id of a table exists in both
+    caches. Weights load as the target's do (load_format: random weights of the draft's shape in a
+    benchmark of shapes)."""
     from dataclasses import fields, replace
 
     from transformers import AutoConfig
@@ -215,7 +226,7 @@ def draft_engine_config(target: Any, target_tokenizer: Any, spec: SpeculativeCon
     # Multi-step greedy graphs for a k-token draft (engine/spec_decode/draft_model.py); decode graphs
     # only for the batch sizes that speculate.
     return replace(target, model=spec.model, hf_config=hf, dtype=dtype, num_kv_blocks=num_kv_blocks,
-                   kv_cache_tokens=None, num_decode_steps=spec.num_speculative_tokens,
+                   kv_cache_tokens=None, num_decode_steps=spec.num_speculative_tokens, tensor_parallel_size=1,
                    cuda_graph_max_bs=min(target.cuda_graph_max_bs, spec.max_batch_size), **nested)
 
 

@@ -19,6 +19,9 @@ is indexed by each sequence's block table (one BlockManager for both models).
 
 The k tokens of every row stay on the device (Proposal.ids): the verify forward reads them there,
 and the round's one sync is the verify's (worker.py). Nothing here waits for the device.
+
+Under tensor parallelism the draft runs whole on rank 0 (its runner has one rank: group_for keeps
+its forwards off the process group); only the verify forward runs on every rank.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 
 from engine.layers.sampler import device_tensor
 from engine.model_runner import ModelRunner
+from engine.parallel.group import group_for
 from engine.sequence import Sequence
 from engine.spec_decode.draft_sampler import sample_draft
 from engine.spec_decode.min_tokens import ban_stop_tokens
@@ -48,7 +52,7 @@ class DraftModelProposer:
         if steps == 0:
             return Proposal([[] for _ in seqs])  # host lists: nothing to hand over
         runner, seqs = self.runner, list(seqs)
-        with torch.inference_mode():
+        with torch.inference_mode(), group_for(runner.config.tensor_parallel_size):
             if any(s.draft_computed == 0 for s in seqs):
                 runner.decode_inputs.forget_rows()  # new block tables since this runner last saw them
             lagging = [s for s in seqs if s.draft_computed < len(s) - 1]

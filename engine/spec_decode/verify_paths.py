@@ -14,6 +14,13 @@ path that has CUDA graphs as it will run (its graphs) on n tokens laid out as a 
 out, sequences of k + 1, and keeps the fastest per n; past the pseudo-rows (path[0]) the faster
 prefill path at the largest verify. A draft model's catch-up (``last_logits``: the logits at each
 chunk's last token) takes the same pseudo-rows where they fit, else the prefill path.
+
+Under tensor parallelism a verify is a ``VerifyStep`` (a parallel/workers.py RunnerStep): rank 0
+chooses the path (by its own timings: the ranks' may differ, and every rank must replay the same
+graph, whose collectives pair with the others'), and sends it with the chunks (tokens, start
+positions, block tables) to the workers; a model drafter's tokens, on rank 0's device, reach the
+other ranks by a broadcast. Every rank then runs the same forward on its shard, and the logits are
+gathered on every rank (rank 0 verifies them).
 """
 
 from __future__ import annotations
@@ -21,15 +28,38 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from engine.cuda_graphs import EngineGraphs, gpu_seconds
 from engine.layers.sampler import device_tensor
+from engine.parallel.group import broadcast_from_first
+from engine.parallel.workers import RunnerStep
 from kernels.gemv import SMALL_M
 
 Chunks = list[tuple[list[int], int, list[int]]]
+
+
+@dataclass
+class VerifyStep(RunnerStep):
+    """One verify forward as every rank runs it: the path rank 0 chose, the chunks, and whether
+    the tokens are on rank 0's device (a model drafter's: broadcast, the chunks' lists then give
+    only the lengths)."""
+
+    path: str
+    chunks: Chunks
+    device_ids: bool
+
+    def run(self, runner: Any, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits [tokens, vocab]; ``ids``: rank 0's device tokens (None on the workers)."""
+        with torch.inference_mode():
+            if self.device_ids:
+                if ids is None:
+                    ids = torch.empty(sum(len(c[0]) for c in self.chunks), dtype=torch.int64, device=runner.device)
+                ids = broadcast_from_first(ids.to(torch.int64).contiguous())
+            return runner.verify_paths.forwards()[self.path](self.chunks, ids)
 
 
 class VerifyPaths:
@@ -64,12 +94,20 @@ class VerifyPaths:
         pseudo-rows where they fit, else prefill). ``ids`` [tokens]: the chunks' tokens on the
         device (a model drafter's, never brought to the host), in place of the chunks' token lists,
         which then give only their lengths."""
+        step = VerifyStep(self.choose(chunks), chunks, ids is not None)
+        workers = self.runner.tp_workers  # tensor parallelism: every rank runs the step
+        if workers is None:
+            return step.run(self.runner, ids)
+        return workers.run(step, lambda s: s.run(self.runner, ids))
+
+    def choose(self, chunks: Chunks) -> str:
+        """The path of a verify of ``chunks``: the one timed fastest at their token count."""
         n = sum(len(c[0]) for c in chunks)
         fits = n <= self.max_pseudo_rows
         path = self.path.get(n, "pseudo_rows") if fits else self.path.get(0, "prefill")
         if path == "pseudo_rows_mq" and any(len(c[0]) != self.runner.verify_query_len for c in chunks):
             path = self.ragged.get(n, "pseudo_rows")
-        return self.forwards()[path](chunks, ids)
+        return path
 
     def pseudo_row_logits(self, chunks: Chunks, ids: torch.Tensor | None = None,
                           multi_query: bool = False) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""Tensor parallelism on CPU processes (gloo): 2 ranks give the same tokens as 1, the weights each
-rank loads are its share, bad settings fail before any process starts, and the worker processes
-always exit. Every test runs under a hang guard: past TIMEOUT_S the process dumps its stacks and
+"""Tensor parallelism on CPU processes (gloo): 2 ranks give the same tokens as 1 (also with
+speculative decoding: n-gram or a draft model on rank 0, the verify forward on both ranks), the
+weights each rank loads are its share, bad settings fail before any process starts, and the worker
+processes always exit. Every test runs under a hang guard: past TIMEOUT_S the process dumps its stacks and
 exits (the workers then see rank 0 gone and exit too)."""
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "spec_decode"))
+from drafts import perturbed_copy  # noqa: E402
 from tiny_models import COMMON, prompts  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.parallel.channel import WorkerExited  # noqa: E402
+from engine.spec_decode.config import SpeculativeConfigError  # noqa: E402
 
 TIMEOUT_S = 300
 REPO = Path(__file__).resolve().parents[2]
@@ -47,23 +51,28 @@ def _requests(n: int, vocab: int = 256) -> tuple[list[list[int]], list[SamplingP
     return ps, params
 
 
-def _generate(path: str, tp: int, ps, params, **kw):
-    """Outputs and (rank 0's heads, its KV heads, multi-steps). With tp > 1 it also checks that the
-    workers exit on close: one worker process per extra rank, alive until close, exit code 0 after
-    it, and a second close is fine."""
+def _generate(path: str, tp: int, ps, params, prepare=None, **kw):
+    """Outputs and the engine (closed). ``prepare(llm)`` runs before generating. With tp > 1 it also
+    checks that the workers exit on close: one worker process per extra rank, alive until close,
+    exit code 0 after it, and a second close is fine."""
     llm = LLM(path, tensor_parallel_size=tp, **{**ENGINE, **kw})
     procs = llm.engine.runner.tp_workers.processes if tp > 1 else []
     assert len(procs) == tp - 1 and all(p.is_alive() for p in procs)
     try:
+        if prepare is not None:
+            prepare(llm)
         outs = llm.generate(ps, params)
-        runner = llm.engine.runner
-        attn = runner.attn_layers[0]
-        shape = (attn.num_heads, runner.attn_layers[0].k_cache.shape[2], llm.engine.num_multi_steps)
     finally:
         llm.close()
     assert all(not p.is_alive() and p.exitcode == 0 for p in procs)
     llm.close()  # twice is fine
-    return outs, shape
+    return outs, llm.engine
+
+
+def _rank0_shape(engine) -> tuple[int, int]:
+    """Rank 0's query heads and KV heads (of the first layer)."""
+    attn = engine.runner.attn_layers[0]
+    return attn.num_heads, attn.k_cache.shape[2]
 
 
 def _assert_same(one, two) -> None:
@@ -88,10 +97,10 @@ def test_two_ranks_give_the_tokens_of_one(model_dir, arch, heads, kv_heads):
     worker exits on close (checked in _generate)."""
     ps, params = _requests(8)
     one, _ = _generate(model_dir(arch), 1, ps, params)
-    two, (rank0_heads, rank0_kv_heads, multi_steps) = _generate(model_dir(arch), 2, ps, params)
+    two, engine = _generate(model_dir(arch), 2, ps, params)
     _assert_same(one, two)
-    assert (rank0_heads, rank0_kv_heads) == (heads, kv_heads)
-    assert multi_steps > 0  # the multi-step decode ran in lock step too
+    assert _rank0_shape(engine) == (heads, kv_heads)
+    assert engine.num_multi_steps > 0  # the multi-step decode ran in lock step too
 
 
 def test_odd_vocabulary_and_row_parallel_biases(tmp_path):
@@ -196,10 +205,129 @@ def test_more_ranks_than_cuda_devices_is_refused(model_dir, monkeypatch):
         EngineConfig(model=model_dir("llama_gqa_untied"), device="cuda", tensor_parallel_size=2)
 
 
-def test_speculative_decoding_with_tensor_parallelism_is_refused(model_dir):
-    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
-    with pytest.raises(ValueError, match="speculative_config: .* cannot be combined with tensor_parallel_size=2"):
-        EngineConfig(model=model_dir("llama_gqa_untied"), device="cpu", tensor_parallel_size=2, speculative_config=spec)
+# -- speculative decoding ----------------------------------------------------------------------------
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+SPEC_TARGET = "llama_gqa_untied"
+
+
+@pytest.fixture(scope="module")
+def looping_model(tmp_path_factory) -> str:
+    """A tiny Llama with small weights, whose greedy continuations fall into short cycles: n-gram
+    drafts are accepted about half the time (the wide-weight tiny models never repeat themselves)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**COMMON, "initializer_range": 0.05}, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("looping") / "m"
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    return str(path)
+
+
+def _spec_requests(n: int) -> tuple[list[list[int]], list[SamplingParams]]:
+    """A ragged batch of ``n`` whose odd prompts repeat their first half: plain greedy rows of
+    different lengths, one with logprobs (its verify steps take rejection sampling's path, the
+    others the host comparison), one with prompt logprobs. A verify of many sequences has more
+    tokens than decode pseudo-rows take (16: the prefill path), once fewer are left it has fewer."""
+    ps = prompts(n, seed=3, lo=2, hi=40)
+    ps = [p + p[: len(p) // 2] if i % 2 else p for i, p in enumerate(ps)]
+    lengths = (5, 17, 9, 30, 3, 12, 23, 2, 14, 8, 26, 11)[:n]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in lengths]
+    params[1] = SamplingParams(temperature=0.0, max_tokens=lengths[1], logprobs=3, ignore_eos=True)
+    params[2] = SamplingParams(temperature=0.0, max_tokens=lengths[2], prompt_logprobs=2, ignore_eos=True)
+    return ps, params
+
+
+def _record_paths(llm, taken: list[str], force_multi_query: bool = False) -> None:
+    """Record the verify path rank 0 chooses for each step (the workers replay it); with
+    ``force_multi_query``, the multi-query variants (pseudo_rows_mq where every sequence verifies
+    k + 1 tokens, prefill_mq for ragged and wide verifies), untimed on the CPU otherwise."""
+    paths = llm.engine.runner.verify_paths
+    if force_multi_query:
+        rows = range(2, paths.max_pseudo_rows + 1)
+        paths.path = {**{n: "pseudo_rows_mq" for n in rows}, 0: "prefill_mq"}
+        paths.ragged = {n: "prefill_mq" for n in rows}
+    choose = paths.choose
+    paths.choose = lambda chunks: taken.append(choose(chunks)) or taken[-1]
+
+
+def _assert_some_accepted(engine) -> None:
+    m = engine.spec_metrics
+    assert engine.num_spec_steps > 0
+    assert 0 < m.num_accepted < m.num_proposed  # drafts accepted and drafts rejected
+
+
+def _speculation_matches_one_rank(case: str, looping_model: str, model_dir, tmp_path, **kw):
+    """Generate with 1 rank without speculation and with 2 ranks with it (``case``: "ngram",
+    "ngram_multi_query" (the verifies forced through the multi-query paths) or "draft_model");
+    assert the same tokens and logprobs, drafts accepted and rejected. Returns the 2-rank engine and
+    the verify paths rank 0 chose."""
+    if case == "draft_model":  # the target plus noise: same vocabulary, accepted part of the time
+        path = model_dir(SPEC_TARGET, with_tokenizer=True)
+        spec = {"model": perturbed_copy(path, str(tmp_path / "draft"), 0.008), "num_speculative_tokens": 3}
+        ps, params = _spec_requests(8)
+    else:
+        path, spec = looping_model, NGRAM
+        ps, params = _spec_requests(12)
+    one, _ = _generate(path, 1, ps, params, **kw)
+    taken: list[str] = []
+    two, engine = _generate(path, 2, ps, params, speculative_config=spec, **kw,
+                            prepare=lambda llm: _record_paths(llm, taken, case == "ngram_multi_query"))
+    _assert_same(one, two)
+    _assert_some_accepted(engine)
+    return engine, set(taken)
+
+
+@pytest.mark.parametrize("case", ["ngram", "ngram_multi_query", "draft_model"])
+def test_two_ranks_with_speculation_give_the_tokens_of_one(looping_model, model_dir, tmp_path, case):
+    """2 ranks + speculation equal 1 rank without it, tokens and logprobs, with drafts accepted and
+    rejected. The drafter runs on rank 0 only: the n-gram lookup, or a draft model whole there with
+    its K/V (the verify then reads the draft's tokens from rank 0's device: a broadcast). The verify
+    forward runs on both ranks through the path rank 0 chose, each of the four (pseudo-rows,
+    prefill, and their multi-query variants)."""
+    engine, taken = _speculation_matches_one_rank(case, looping_model, model_dir, tmp_path)
+    assert taken == ({"pseudo_rows_mq", "prefill_mq"} if case == "ngram_multi_query" else {"pseudo_rows", "prefill"})
+    assert _rank0_shape(engine) == (2, 1)  # the target is sharded: 2 of 4 heads, 1 of 2 KV heads
+    if case == "draft_model":
+        draft = engine.draft_runner
+        assert draft.tp_workers is None and draft.config.tensor_parallel_size == 1
+        assert (draft.attn_layers[0].num_heads, draft.attn_layers[0].k_cache.shape[2]) == (4, 2)  # whole
+
+
+def test_a_verify_step_replays_the_path_rank_0_chose(model_dir):
+    """What a worker receives (the VerifyStep as the channel pickles it) runs the path rank 0 chose
+    on the chunks it carries, with rank 0's device tokens where it has them. On the CPU every path
+    gives the same logits, so the tests above cannot tell which one a worker ran."""
+    import pickle
+
+    from engine.parallel.workers import step_message
+    from engine.spec_decode.verify_paths import VerifyStep
+
+    runner = LLM(model_dir(SPEC_TARGET), speculative_config=NGRAM, **ENGINE).engine.runner
+    calls = []
+    fakes = {name: (lambda name: lambda c, ids=None: calls.append((name, c, ids)) or name)(name)
+             for name in runner.verify_paths.forwards()}
+    runner.verify_paths.forwards = lambda: fakes
+    chunks = [([5, 0, 0], 7, [0, 3]), ([9, 0], 2, [1])]
+    for name in fakes:
+        sent = pickle.loads(pickle.dumps(step_message(VerifyStep(name, chunks, False))))
+        assert sent.run(runner) == name
+    assert [(name, c) for name, c, _ in calls] == [(name, chunks) for name in fakes]
+    assert set(fakes) == {"pseudo_rows", "prefill", "pseudo_rows_mq", "prefill_mq"}
+    calls.clear()
+    ids = torch.tensor([5, 11, 12, 9, 13])
+    VerifyStep("prefill", chunks, True).run(runner, ids)
+    assert calls[0][2].tolist() == ids.tolist()
+
+
+def test_a_sharded_draft_model_is_refused(model_dir):
+    """What speculative decoding under tensor parallelism still refuses, before any process starts:
+    a draft model sharded itself (vLLM's draft_tensor_parallel_size other than 1)."""
+    draft = model_dir("llama_mha_tied", with_tokenizer=True)
+    spec = {"model": draft, "num_speculative_tokens": 3, "draft_tensor_parallel_size": 2}
+    words = r"speculative_config\.draft_tensor_parallel_size: 2: the draft model runs unsharded on rank 0"
+    with pytest.raises(SpeculativeConfigError, match=words):
+        EngineConfig(model=model_dir(SPEC_TARGET), device="cpu", tensor_parallel_size=2, speculative_config=spec)
 
 
 def test_a_failure_on_rank_0_stops_the_workers(model_dir):
@@ -283,6 +411,49 @@ def test_fused_decode_path_under_tensor_parallelism(model_dir):
     rank's GEMV writes its partial product, one all-reduce sums them. Same tokens as one rank."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", FUSED_CHECK, model_dir("qwen2_bias")], env=env,
+                            capture_output=True, text=True, timeout=TIMEOUT_S - 20)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "same tokens" in result.stdout
+
+
+SPEC_TRITON_CHECK = """
+import itertools
+import sys
+from engine import LLM, SamplingParams
+path = sys.argv[1]
+ps = [[7, 8, 9, 10, 11, 7, 8, 9], [3, 4, 5, 3, 4], [20, 21, 22, 23, 24, 25, 26, 20, 21], [40, 41, 42, 40],
+      [50, 51, 52, 53, 50, 51]]
+params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (6, 20, 12, 20, 9)]
+kw = dict(device="cpu", dtype="float32", use_triton=True, enforce_eager=True, max_model_len=64, block_size=4,
+          num_kv_blocks=64)
+base = [o.token_ids for o in LLM(path, **kw).generate(ps, params)]
+spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+llm = LLM(path, tensor_parallel_size=2, speculative_config=spec, **kw)
+paths = llm.engine.runner.verify_paths
+others = itertools.cycle(["pseudo_rows", "prefill", "prefill_mq"])
+taken = []
+def choose(chunks):  # whole sequences of k + 1: pseudo_rows_mq; else the other three in turn
+    whole = all(len(c[0]) == paths.runner.verify_query_len for c in chunks)
+    taken.append("pseudo_rows_mq" if whole else next(others))
+    return taken[-1]
+paths.choose = choose
+out = [o.token_ids for o in llm.generate(ps, params)]
+m = llm.engine.spec_metrics
+llm.close()
+assert out == base, (out, base)
+assert set(taken) == {"pseudo_rows", "prefill", "pseudo_rows_mq", "prefill_mq"}, taken
+assert 0 < m.num_accepted < m.num_proposed, (m.num_accepted, m.num_proposed)
+print("speculative verify under TP with Triton: same tokens", taken)
+"""
+
+
+def test_speculative_verify_through_triton_kernels_under_tensor_parallelism(looping_model):
+    """Triton kernels (interpreted, in a fresh process) under 2 ranks with n-gram speculation: the
+    verify through each of the four paths (the fused small-batch decode for pseudo-rows, the varlen
+    prefill attention, the multi-query verify attention over each rank's heads) gives the tokens
+    of one rank without speculation."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", SPEC_TRITON_CHECK, looping_model], env=env,
                             capture_output=True, text=True, timeout=TIMEOUT_S - 20)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "same tokens" in result.stdout
@@ -375,6 +546,24 @@ def test_two_gpus_give_the_tokens_of_one(model_dir, monkeypatch, arch):
     ps, params = _requests(8)
     gpu = dict(ENGINE, device="cuda", num_kv_blocks=256)
     one, _ = _generate(model_dir(arch), 1, ps, params, **gpu)
-    two, (_, _, multi_steps) = _generate(model_dir(arch), 2, ps, params, **gpu)
+    two, engine = _generate(model_dir(arch), 2, ps, params, **gpu)
     _assert_same(one, two)
-    assert multi_steps > 0
+    assert engine.num_multi_steps > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("case", ["ngram", "ngram_multi_query", "draft_model"])
+def test_two_gpus_with_speculation_give_the_tokens_of_one(looping_model, model_dir, tmp_path, monkeypatch, case):
+    """NCCL, CUDA graphs on (the decode, verify and multi-query graphs, their collectives captured;
+    each rank times the verify paths, rank 0's choice is replayed on both), fp32: 2 GPUs with
+    n-gram speculation (or a draft model on GPU 0) give the tokens and logprobs of one GPU without."""
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
+    gpu = dict(ENGINE, device="cuda", num_kv_blocks=256)
+    engine, taken = _speculation_matches_one_rank(case, looping_model, model_dir, tmp_path, **gpu)
+    paths = engine.runner.verify_paths
+    assert engine.runner.graphs is not None and paths.verify_graphs is not None and paths.mq_graphs is not None
+    if case == "ngram_multi_query":
+        assert taken == {"pseudo_rows_mq", "prefill_mq"}
+    else:
+        assert taken  # the paths rank 0 timed fastest

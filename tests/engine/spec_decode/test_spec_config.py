@@ -86,6 +86,18 @@ def test_draft_only_keys(draft_dir):
         SpeculativeConfig.from_dict([("model", draft_dir)])
 
 
+@pytest.mark.parametrize("value", [2, 0, True, "1"])
+def test_a_sharded_draft_model_is_refused_by_name(draft_dir, value):
+    """vLLM's draft_tensor_parallel_size: the draft runs whole on rank 0, so only 1 is taken."""
+    with pytest.raises(SpeculativeConfigError, match=r"speculative_config\.draft_tensor_parallel_size: .*only 1"):
+        SpeculativeConfig.from_dict({"model": draft_dir, "num_speculative_tokens": 2,
+                                     "draft_tensor_parallel_size": value})
+    ok = SpeculativeConfig.from_dict({"model": draft_dir, "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1})
+    assert ok.method == "draft_model"
+    with pytest.raises(SpeculativeConfigError, match=r"speculative_config\.draft_tensor_parallel_size: unknown key"):
+        SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1})
+
+
 # -- vocabulary --------------------------------------------------------------------------------------
 def _load(path):
     from transformers import AutoConfig, AutoTokenizer
@@ -174,6 +186,20 @@ def test_draft_engine_config_shares_the_targets_settings(model_dir):
     assert (cfg.model, cfg.hf_config.model_type, cfg.num_kv_blocks) == (draft_path, "qwen2", 77)
     assert (cfg.block_size, cfg.max_model_len, cfg.device, cfg.dtype) == (8, 256, "cpu", "float32")
     assert target.model != cfg.model and target.hf_config.model_type == "llama"  # the target's is untouched
+
+
+def test_the_draft_of_a_tensor_parallel_target_has_one_rank(model_dir):
+    """Under tensor parallelism the target is sharded, the draft runs whole on rank 0."""
+    from dataclasses import replace
+
+    from engine.spec_decode.config import draft_engine_config
+
+    target, tok = _target(model_dir)
+    target = replace(target, tensor_parallel_size=2)
+    spec = SpeculativeConfig.from_dict({"model": model_dir("qwen2_bias", with_tokenizer=True),
+                                        "num_speculative_tokens": 3})
+    assert draft_engine_config(target, tok, spec).tensor_parallel_size == 1
+    assert target.tensor_parallel_size == 2
 
 
 def test_draft_engine_config_rejects_what_cannot_serve(model_dir, tmp_path):
