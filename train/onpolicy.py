@@ -12,6 +12,8 @@ student samples the hard-label terms (CE) are skipped: they would teach the stud
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from train.batches import Batch
@@ -29,10 +31,21 @@ def step_source(seed: int, step: int, lmbda: float, seq_kd: bool) -> str:
     return "teacher" if seq_kd else "data"
 
 
+class ContinuationSampler(Protocol):
+    """Continues prompts [B, P] by `model` (live; its current weights): the sequences [B, P + n],
+    rows that stopped at `eos_id` padded with it, n the longest continuation (1 <= n <=
+    `max_new_tokens`; at least one token before EOS may end a row). Temperature 0 is greedy; above,
+    plain sampling (no top-k / top-p), the same for the same `seed`. The default is transformers'
+    `generate` (`generate_sequences`); the distill stage passes the engine's (shrink/engine_sampler.py)."""
+
+    def __call__(self, model: torch.nn.Module, prompts: torch.Tensor, max_new_tokens: int, temperature: float,
+                 eos_id: int | None, seed: int) -> torch.Tensor: ...
+
+
 @torch.no_grad()
-def sample_continuations(model: torch.nn.Module, prompts: torch.Tensor, max_new_tokens: int, temperature: float,
-                         eos_id: int | None, seed: int) -> Batch:
-    """Continue `prompts` [B, P] by `model`; labels mask the prompt and everything after EOS."""
+def generate_sequences(model: torch.nn.Module, prompts: torch.Tensor, max_new_tokens: int, temperature: float,
+                       eos_id: int | None, seed: int) -> torch.Tensor:
+    """The ContinuationSampler of transformers' `generate`, seeded by `seed` (the caller's RNG kept)."""
     lm = causal_lm(model)
     was_training = lm.training
     lm.eval()
@@ -44,7 +57,15 @@ def sample_continuations(model: torch.nn.Module, prompts: torch.Tensor, max_new_
         out = lm.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=max_new_tokens,
                           min_new_tokens=1, pad_token_id=eos_id, eos_token_id=eos_id, use_cache=True, **sampling)
     lm.train(was_training)
-    return continuation_batch(out, prompts.shape[1], eos_id)
+    return out
+
+
+def sample_continuations(model: torch.nn.Module, prompts: torch.Tensor, max_new_tokens: int, temperature: float,
+                         eos_id: int | None, seed: int, sampler: ContinuationSampler = generate_sequences) -> Batch:
+    """Continue `prompts` [B, P] by `model` through `sampler`; labels mask the prompt and everything
+    after EOS."""
+    seqs = sampler(model, prompts, max_new_tokens, temperature, eos_id, seed)
+    return continuation_batch(seqs.to(prompts.device), prompts.shape[1], eos_id)
 
 
 def continuation_batch(seqs: torch.Tensor, prompt_len: int, eos_id: int | None) -> Batch:
