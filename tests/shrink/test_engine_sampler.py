@@ -190,6 +190,8 @@ def test_distill_stage_runs_gkd_and_seq_kd_with_either_sampler(tiny_teacher, tmp
     log = _train_log(run)
     assert len(log) == 4 and all(math.isfinite(r["loss"]) for r in log)
     assert {r["source"] for r in log} == {"student", "teacher"}  # both samplers ran
+    engine_note = "distill: student and teacher samples through the engine"
+    assert (engine_note in result.stdout) == (sampler == "engine")
     assert not list(run.glob(".engine_student-*"))
     assert (run / "distill" / "shrink.json").is_file()
 
@@ -200,3 +202,45 @@ def test_unknown_sampler_is_refused_before_any_work(tiny_teacher, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "distill.sampler='vllm': expected one of engine, transformers" in result.stderr
     assert not (run / "distill").exists() and not list(run.glob("*.train_log.jsonl"))
+
+
+def test_gkd_with_the_engine_sampler_resumes_exactly(tmp_path):
+    """An interrupted GKD run resumed from its checkpoint, with fresh engines, draws the same samples
+    and so logs the same losses."""
+    from support import tiny_llama_config as config
+    from train.loop import TrainConfig, train_distill
+    from train.student_init import student_from_teacher
+
+    def setup():
+        torch.manual_seed(0)
+        teacher = AutoModelForCausalLM.from_config(config()).eval()
+        student = student_from_teacher(teacher, [0, 2])
+        gen = torch.Generator().manual_seed(1)
+        data = torch.randint(3, 320, (16, 24), generator=gen), torch.randint(3, 320, (4, 24), generator=gen)
+        return teacher, student, *data, EngineSampler.for_student(student, tmp_path / "scratch", 2, 8, 6, CPU)
+
+    tc = TrainConfig(max_steps=6, batch_size=2, warmup_steps=1, lr=1e-3, checkpoint_every=3, chunk_size=16,
+                     val_batches=1, losses={"jsd": {"beta": 0.5}}, temperature=1.0, lmbda=1.0, prompt_len=8,
+                     max_new_tokens=6)
+    teacher, student, train, val, sampler = setup()
+    train_distill(student, teacher, train, val, tc, tmp_path / "a" / "ckpt", student_sampler=sampler)
+    log = [json.loads(line) for line in (tmp_path / "a" / "ckpt.train_log.jsonl").read_text().splitlines()]
+    assert {r["source"] for r in log} == {"student"}
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, logs):
+        if step == 4:
+            raise Stop
+
+    teacher, student, train, val, sampler = setup()
+    with pytest.raises(Stop):
+        train_distill(student, teacher, train, val, tc, tmp_path / "b" / "ckpt", on_step=stop,
+                      student_sampler=sampler)
+    teacher, student, train, val, sampler = setup()
+    train_distill(student, teacher, train, val, tc, tmp_path / "b" / "ckpt", resume=True, student_sampler=sampler)
+    resumed = {json.loads(line)["step"]: json.loads(line)["loss"]
+               for line in (tmp_path / "b" / "ckpt.train_log.jsonl").read_text().splitlines()}
+    for r in log:
+        assert abs(resumed[r["step"]] - r["loss"]) <= 1e-5 * max(1.0, abs(r["loss"]))
