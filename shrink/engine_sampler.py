@@ -13,6 +13,7 @@ draws the same continuations."""
 
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 import tempfile
@@ -86,7 +87,10 @@ class EngineSampler:
         work_dir.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=".engine_student-", dir=work_dir))
         try:
-            causal_lm(student).config.save_pretrained(scratch)
+            lm = causal_lm(student)
+            config = copy.deepcopy(lm.config)
+            config.architectures = [type(lm).__name__]  # what the engine builds (from_config leaves it unset)
+            config.save_pretrained(scratch)
             llm = LLM(str(scratch), load_format="dummy",
                       **cls.engine_options(batch_size, prompt_len, max_new_tokens, device))
         finally:
@@ -142,10 +146,16 @@ def engine_samplers(student: torch.nn.Module, teacher_path: Path, batch_size: in
     """train_distill's `student_sampler` (on-policy) and `teacher_sampler` (sequence-level KD) keyword
     arguments: the engines the configured sampling needs."""
     samplers: dict[str, EngineSampler] = {}
-    if on_policy:
-        samplers["student_sampler"] = EngineSampler.for_student(student, work_dir, batch_size, prompt_len,
-                                                                max_new_tokens, device)
-    if seq_kd:
-        samplers["teacher_sampler"] = EngineSampler.for_teacher(teacher_path, batch_size, prompt_len,
-                                                                max_new_tokens, device)
+    try:
+        if on_policy:
+            samplers["student_sampler"] = EngineSampler.for_student(student, work_dir, batch_size, prompt_len,
+                                                                    max_new_tokens, device)
+        if seq_kd:
+            samplers["teacher_sampler"] = EngineSampler.for_teacher(teacher_path, batch_size, prompt_len,
+                                                                    max_new_tokens, device)
+    except NotImplementedError as e:  # an architecture the engine does not run
+        for sampler in samplers.values():
+            sampler.close()
+        raise SettingError("sampler", f"engine: {e}; sample with transformers' generate instead "
+                                      "(sampler=transformers)", sep="=") from None
     return samplers

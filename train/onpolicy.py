@@ -8,6 +8,8 @@ Each step draws its sequences from one of three sources, decided by a generator 
   - `data`     otherwise: the data as it is.
 Only the generated tokens count (the prompt and anything after the first EOS are masked). On
 student samples the hard-label terms (CE) are skipped: they would teach the student its own text.
+Who writes the continuations is a ContinuationSampler: transformers' `generate` by default, our
+engine in the distill stage (shrink/engine_sampler.py; train/ never imports the engine).
 """
 
 from __future__ import annotations

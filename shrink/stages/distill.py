@@ -342,8 +342,9 @@ def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec
         raise ShrinkError("distill.layer_map is set but distill.layer_weight is 0")
     samplers = {}
     if sampler == "engine":  # one engine per sampled model, built once (the student's takes its live weights)
-        samplers = engine_samplers(student, teacher_art.path, tc.batch_size, tc.prompt_len, tc.max_new_tokens,
-                                   tc.lmbda > 0, tc.seq_kd, ckpt_dir.parent, device)
+        with config_section("distill"):
+            samplers = engine_samplers(student, teacher_art.path, tc.batch_size, tc.prompt_len, tc.max_new_tokens,
+                                       tc.lmbda > 0, tc.seq_kd, ckpt_dir.parent, device)
         if samplers:
             print(f"distill: {' and '.join(k.split('_')[0] for k in samplers)} samples through the engine")
     run_tracker = tracker() if tracker is not None and is_main_rank() else None  # one writer of the run's logs

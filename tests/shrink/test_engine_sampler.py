@@ -244,3 +244,16 @@ def test_gkd_with_the_engine_sampler_resumes_exactly(tmp_path):
                for line in (tmp_path / "b" / "ckpt.train_log.jsonl").read_text().splitlines()}
     for r in log:
         assert abs(resumed[r["step"]] - r["loss"]) <= 1e-5 * max(1.0, abs(r["loss"]))
+
+
+def test_an_architecture_the_engine_does_not_run_names_the_setting(tmp_path):
+    from transformers import GPT2Config
+
+    from common.errors import ShrinkError
+    from shrink.engine_sampler import engine_samplers
+
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ShrinkError, match=r"sampler=engine: unsupported architecture .*GPT2LMHeadModel.*"
+                                          r"sampler=transformers"):
+        engine_samplers(gpt2, tmp_path, 2, 4, 4, True, False, tmp_path, CPU)
+    assert list(tmp_path.iterdir()) == []
