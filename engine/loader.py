@@ -6,10 +6,10 @@ engine/layers/quantized.py, or, for weight-only schemes where `keep_compressed` 
 path), dequantize once into the model's dense linears.
 
 The model tells the loader how checkpoint linears map onto its own (fused) linears through
-`linear_shards()`: engine linear name -> LinearSource. The same mapping and verification copy a live
-model's tensors in place (`copy_tensors`: the engine samples a model that is training). Under tensor parallelism a rank reads only
+`linear_shards()`: engine linear name -> LinearSource. Under tensor parallelism a rank reads only
 its rows and columns of each tensor (safetensors slices: nothing is read whole); compressed
-weights are not split yet.
+weights are not split yet. The same mapping and verification copy a live model's tensors in place
+(`copy_tensors`: the engine samples a model while it trains).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -317,8 +317,8 @@ class _TensorReader(_Reader):
 
 
 def copy_tensors(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]], shards: dict[str, LinearSource],
-                 tolerated: set[str], options: ModelOptions, param_rows: dict[str, tuple[int, range]] | None = None,
-                 label: str = "update_weights") -> None:
+                 tolerated: set[str], options: ModelOptions,
+                 param_rows: dict[str, tuple[int, range]] | None = None) -> None:
     """Copy Hugging Face-named dense tensors into `model`'s parameters in place (the storage stays,
     so captured CUDA graphs stay valid), mapped and verified as a checkpoint is: every parameter
     exactly once with its shape, or one CheckpointMismatchError naming every problem before any
@@ -330,7 +330,7 @@ def copy_tensors(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tens
             duplicated.append(name)
         tensors[name] = tensor.detach()
     reader = _TensorReader(tensors)
-    _fill(model, label, reader.index, duplicated, reader, None, shards, tolerated, False, options, param_rows)
+    _fill(model, "update_weights", reader.index, duplicated, reader, None, shards, tolerated, False, options, param_rows)
 
 
 def _fill(model: nn.Module, path: str, index: dict[str, TensorInfo], duplicated: list[str], reader: _Reader,

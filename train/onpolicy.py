@@ -34,11 +34,11 @@ def step_source(seed: int, step: int, lmbda: float, seq_kd: bool) -> str:
 
 
 class ContinuationSampler(Protocol):
-    """Continues prompts [B, P] by `model` (live; its current weights): the sequences [B, P + n],
-    rows that stopped at `eos_id` padded with it, n the longest continuation (1 <= n <=
-    `max_new_tokens`; at least one token before EOS may end a row). Temperature 0 is greedy; above,
-    plain sampling (no top-k / top-p), the same for the same `seed`. The default is transformers'
-    `generate` (`generate_sequences`); the distill stage passes the engine's (shrink/engine_sampler.py)."""
+    """Continues prompts [B, P] by `model` as it is now: the sequences [B, P + n], n the longest
+    continuation (<= `max_new_tokens`), a row ended by `eos_id` padded with it (EOS never comes
+    first). Temperature 0 is greedy; above, plain sampling (no top-k / top-p), the same draws for
+    the same `seed`. The default is transformers' `generate` (`generate_sequences`); the distill
+    stage passes the engine's (shrink/engine_sampler.py)."""
 
     def __call__(self, model: torch.nn.Module, prompts: torch.Tensor, max_new_tokens: int, temperature: float,
                  eos_id: int | None, seed: int) -> torch.Tensor: ...
