@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from engine.loader import CheckpointMismatchError
 from shrink.engine_sampler import EngineSampler, check_sampler, live_parameters
-from support import run_cli, tiny_llama_config
+from support import REPO, run_cli, tiny_llama_config
 from train.onpolicy import continuation_batch, generate_sequences, sample_continuations
 
 CPU = torch.device("cpu")
@@ -181,19 +184,44 @@ def _train_log(run) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("sampler", ["engine", "transformers"])
-def test_distill_stage_runs_gkd_and_seq_kd_with_either_sampler(tiny_teacher, tmp_path, sampler):
-    run = tmp_path / "run"
-    result = run_cli(*STAGE, f"input={tiny_teacher}", f"run={run}", f"distill.sampler={sampler}",
-                     "distill.seq_kd=true", f"cache_dir={tmp_path / 'cache'}", timeout=900)
+def _stage(tiny_teacher, tmp_path, name: str, *overrides: str, launcher: list[str] | None = None) -> list[dict]:
+    run = tmp_path / name
+    cmd = [*(launcher or []), *STAGE, f"input={tiny_teacher}", f"run={run}", "distill.seq_kd=true",
+           f"cache_dir={tmp_path / 'cache'}", *overrides]
+    if launcher:
+        result = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True, timeout=900,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    else:
+        result = run_cli(*cmd, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    engine_note = "distill: student and teacher samples through the engine"
+    assert (engine_note in result.stdout) == ("distill.sampler=transformers" not in overrides)
+    assert not list(run.glob(".engine_student-*")) and (run / "distill" / "shrink.json").is_file()
     log = _train_log(run)
     assert len(log) == 4 and all(math.isfinite(r["loss"]) for r in log)
     assert {r["source"] for r in log} == {"student", "teacher"}  # both samplers ran
-    engine_note = "distill: student and teacher samples through the engine"
-    assert (engine_note in result.stdout) == (sampler == "engine")
-    assert not list(run.glob(".engine_student-*"))
-    assert (run / "distill" / "shrink.json").is_file()
+    return log
+
+
+def test_distill_stage_runs_gkd_and_seq_kd_through_the_engine(tiny_teacher, tmp_path):
+    """At temperature 1 (the default) with the engine; greedy, the engine's run and transformers' run
+    train on the same samples and log the same losses."""
+    _stage(tiny_teacher, tmp_path, "sampled")
+    ours = _stage(tiny_teacher, tmp_path, "engine", "distill.gen_temperature=0")
+    theirs = _stage(tiny_teacher, tmp_path, "transformers", "distill.gen_temperature=0", "distill.sampler=transformers")
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in ours]), torch.tensor([r["loss"] for r in theirs]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_two_process_ddp_gkd_samples_through_an_engine_per_rank(tiny_teacher, tmp_path):
+    """Each DDP rank builds its own engine and samples its own micro-batch; greedy, the two ranks at
+    batch 1 match one process at batch 2 sampling through transformers' generate."""
+    single = _stage(tiny_teacher, tmp_path, "single", "distill.gen_temperature=0", "distill.sampler=transformers")
+    ddp = _stage(tiny_teacher, tmp_path, "ddp", "distill.gen_temperature=0", "distill.batch_size=1",
+                 launcher=["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29743", "-m",
+                           "shrink"])
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in ddp]), torch.tensor([r["loss"] for r in single]),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_sampler_is_refused_before_any_work(tiny_teacher, tmp_path):
