@@ -157,6 +157,13 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free[block.block_id] = None
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block's content (the model's weights changed: its K/V is stale)."""
+        self.hash_to_block.clear()
+        self.seq_hashes.clear()
+        for block in self.blocks:
+            block.hash = None
+
     # -- prefix cache registration -----------------------------------------------------------
     def mark_computed(self, seq: Sequence) -> None:
         """Register hashes of blocks that became full and computed since the last call."""

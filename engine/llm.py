@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Sequence as Seq
 
 import numpy as np
+import torch
 
 from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine, Prompt
@@ -45,6 +46,17 @@ class LLM:
     def close(self) -> None:
         """Stop the engine's tensor-parallel workers, if any."""
         self.engine.close()
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the model's weights in place by a live Hugging Face model's (``named_parameters()``
+        of the same architecture), verified as a checkpoint is (every parameter exactly once, shapes
+        checked: one error naming every problem, before any copy). Cached prefixes are forgotten
+        (their K/V came from the old weights). Not while requests are running."""
+        engine = self.engine
+        if engine.has_unfinished_requests():
+            raise RuntimeError("update_weights: requests are still running")
+        engine.runner.model.update_weights(named_tensors)
+        engine.block_manager.reset_prefix_cache()
 
     @property
     def tokenizer(self):

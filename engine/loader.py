@@ -8,7 +8,8 @@ path), dequantize once into the model's dense linears.
 The model tells the loader how checkpoint linears map onto its own (fused) linears through
 `linear_shards()`: engine linear name -> LinearSource. Under tensor parallelism a rank reads only
 its rows and columns of each tensor (safetensors slices: nothing is read whole); compressed
-weights are not split yet.
+weights are not split yet. The same mapping and verification copy a live model's tensors in place
+(`copy_tensors`: the engine samples a model while it trains).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,11 +298,49 @@ def load_checkpoint(model: nn.Module, path: str, shards: dict[str, LinearSource]
     modules. `shards`: engine linear -> LinearSource; `tolerated`: checkpoint names that may be
     present and go unused; `param_rows`: other parameters of which this tensor-parallel rank keeps
     some rows, name -> (rows in the checkpoint, rows kept)."""
-    param_rows = param_rows or {}
     index, duplicated = index_checkpoint(path)
+    return _fill(model, path, index, duplicated, _Reader(index), read_quantization_config(path), shards, tolerated,
+                 keep_compressed, options, param_rows)
+
+
+class _TensorReader(_Reader):
+    """The _Reader interface over tensors in memory (a live model's parameters)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__({n: TensorInfo(tuple(t.shape), str(t.dtype), "") for n, t in tensors.items()})
+        self.tensors = tensors
+
+    def get(self, name: str, rows: range | None = None, columns: range | None = None) -> torch.Tensor:
+        t = self.tensors[name]
+        t = t if rows is None else t[rows.start : rows.stop]
+        return t if columns is None else t[:, columns.start : columns.stop]
+
+
+def copy_tensors(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]], shards: dict[str, LinearSource],
+                 tolerated: set[str], options: ModelOptions,
+                 param_rows: dict[str, tuple[int, range]] | None = None) -> None:
+    """Copy Hugging Face-named dense tensors into `model`'s parameters in place (the storage stays,
+    so captured CUDA graphs stay valid), mapped and verified as a checkpoint is: every parameter
+    exactly once with its shape, or one CheckpointMismatchError naming every problem before any
+    copy."""
+    tensors: dict[str, torch.Tensor] = {}
+    duplicated: list[str] = []
+    for name, tensor in named_tensors:
+        if name in tensors:
+            duplicated.append(name)
+        tensors[name] = tensor.detach()
+    reader = _TensorReader(tensors)
+    _fill(model, "update_weights", reader.index, duplicated, reader, None, shards, tolerated, False, options, param_rows)
+
+
+def _fill(model: nn.Module, path: str, index: dict[str, TensorInfo], duplicated: list[str], reader: _Reader,
+          quantization_config: dict | None, shards: dict[str, LinearSource], tolerated: set[str],
+          keep_compressed: bool, options: ModelOptions, param_rows: dict[str, tuple[int, range]] | None) -> int:
+    """load_checkpoint's work from any reader of named tensors; `path` names the source in errors."""
+    param_rows = param_rows or {}
     modules = dict(model.named_modules())
     ckpt_linears = [n for src in shards.values() for n, _, _ in src.parts]
-    schemes = linear_schemes(read_quantization_config(path), ckpt_linears)
+    schemes = linear_schemes(quantization_config, ckpt_linears)
     required: dict[str, Shapes] = {}
     optional: dict[str, Shapes] = {}
     for engine_name, src in shards.items():
@@ -327,7 +367,6 @@ def load_checkpoint(model: nn.Module, path: str, shards: dict[str, LinearSource]
         raise NotImplementedError(f"{path}: compressed weights ({scheme}, e.g. {split_compressed[0]}) cannot be split "
                                   "over tensor_parallel_size > 1 ranks yet; serve them with tensor_parallel_size=1")
 
-    reader = _Reader(index)
     compressed = 0
     with torch.no_grad():
         for name, p in params.items():

@@ -28,7 +28,7 @@ from train.distributed import (describe, gathered_head, gathered_model, is_shard
 from train.layer_distill import LayerPair, LayerProjector, capture_layers, layer_loss
 from train.losses import parse_loss_spec
 from train.modules import causal_lm
-from train.onpolicy import sample_continuations, step_source
+from train.onpolicy import ContinuationSampler, generate_sequences, sample_continuations, step_source
 
 __all__ = ["TrainConfig", "train_distill", "make_terms", "validation_loss", "batch_indices", "distill_batch_loss"]
 
@@ -141,7 +141,7 @@ def validation_loss(student, teacher, val, terms, tc: TrainConfig, device, proje
 
 
 def _step_batch(data: TrainData, step_micro: int, tc: TrainConfig, accelerator, student, teacher, eos_id,
-                source: str) -> tuple[Batch, bool]:
+                source: str, samplers: dict[str, ContinuationSampler]) -> tuple[Batch, bool]:
     """The micro-batch of this rank, after on-policy / seq-KD generation. Returns (batch, use_ce)."""
     global_micro = step_micro * accelerator.num_processes + accelerator.process_index
     idx = batch_indices(global_micro, len(data), tc.batch_size, tc.seed)
@@ -154,8 +154,8 @@ def _step_batch(data: TrainData, step_micro: int, tc: TrainConfig, accelerator, 
     prompts = batch.input_ids[:, : tc.prompt_len]
     model = student if source == "student" else teacher
     gen_seed = tc.seed * 1_000_003 + global_micro
-    return sample_continuations(model, prompts, tc.max_new_tokens, tc.gen_temperature, eos_id, gen_seed), \
-        source == "teacher"
+    return sample_continuations(model, prompts, tc.max_new_tokens, tc.gen_temperature, eos_id, gen_seed,
+                                samplers[source]), source == "teacher"
 
 
 def _wrap_lora(student: torch.nn.Module, lora: Any) -> torch.nn.Module:
@@ -169,7 +169,9 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
                   tracker: Any = None, on_step: Callable[[int, dict], None] | None = None, *,
                   after_optimizer_step: Callable[[torch.nn.Module], None] | None = None,
                   evaluate: Callable[[torch.nn.Module], dict] | None = None,
-                  eos_id: int | None = None, accelerator: Any = None, name: str = "train") -> dict:
+                  eos_id: int | None = None, accelerator: Any = None, name: str = "train",
+                  student_sampler: ContinuationSampler = generate_sequences,
+                  teacher_sampler: ContinuationSampler = generate_sequences) -> dict:
     """Train `student` in place. Returns {"metrics", "model", "accelerator"} (the caller saves on the
     main process only when several are training).
 
@@ -177,7 +179,9 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
     optimizer update (e.g. to re-apply pruning masks); `evaluate(model)` at every `eval_every`
     and at the end (e.g. task accuracy). With `tc.lora`, the returned model has the adapters merged.
     `name` labels the progress bar and log lines only; a bad setting is a SettingError naming the
-    setting alone (the caller's `config_section` names the section).
+    setting alone (the caller's `config_section` names the section). `student_sampler` /
+    `teacher_sampler` continue the prompts of on-policy / sequence-level KD steps
+    (train.onpolicy.ContinuationSampler; default transformers' generate).
     """
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
@@ -247,6 +251,7 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
         _keep_log_until(log_path, start_step)
 
     student.train()
+    samplers = {"student": student_sampler, "teacher": teacher_sampler}
     kw = _loss_kwargs(tc, projector)
     ce_free = [t for t in terms if t.uses_teacher]
     bar = tqdm(total=tc.max_steps, initial=start_step, desc=name, disable=not accelerator.is_local_main_process,
@@ -258,7 +263,7 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
         step_tokens = 0
         for micro in range(tc.grad_accum):
             batch, use_ce = _step_batch(data, step * tc.grad_accum + micro, tc, accelerator, student, teacher,
-                                        eos_id, source)
+                                        eos_id, source, samplers)
             step_tokens += batch.num_tokens
             step_terms = terms if use_ce else (ce_free or terms)
             with accelerator.accumulate(student), accelerator.autocast():

@@ -8,9 +8,13 @@ Each step draws its sequences from one of three sources, decided by a generator 
   - `data`     otherwise: the data as it is.
 Only the generated tokens count (the prompt and anything after the first EOS are masked). On
 student samples the hard-label terms (CE) are skipped: they would teach the student its own text.
+Who writes the continuations is a ContinuationSampler: transformers' `generate` by default, our
+engine in the distill stage (shrink/engine_sampler.py; train/ never imports the engine).
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 
@@ -29,10 +33,21 @@ def step_source(seed: int, step: int, lmbda: float, seq_kd: bool) -> str:
     return "teacher" if seq_kd else "data"
 
 
+class ContinuationSampler(Protocol):
+    """Continues prompts [B, P] by `model` as it is now: the sequences [B, P + n], n the longest
+    continuation (<= `max_new_tokens`), a row ended by `eos_id` padded with it (EOS never comes
+    first). Temperature 0 is greedy; above, plain sampling (no top-k / top-p), the same draws for
+    the same `seed`. The default is transformers' `generate` (`generate_sequences`); the distill
+    stage passes the engine's (shrink/engine_sampler.py)."""
+
+    def __call__(self, model: torch.nn.Module, prompts: torch.Tensor, max_new_tokens: int, temperature: float,
+                 eos_id: int | None, seed: int) -> torch.Tensor: ...
+
+
 @torch.no_grad()
-def sample_continuations(model: torch.nn.Module, prompts: torch.Tensor, max_new_tokens: int, temperature: float,
-                         eos_id: int | None, seed: int) -> Batch:
-    """Continue `prompts` [B, P] by `model`; labels mask the prompt and everything after EOS."""
+def generate_sequences(model: torch.nn.Module, prompts: torch.Tensor, max_new_tokens: int, temperature: float,
+                       eos_id: int | None, seed: int) -> torch.Tensor:
+    """The ContinuationSampler of transformers' `generate`, seeded by `seed` (the caller's RNG kept)."""
     lm = causal_lm(model)
     was_training = lm.training
     lm.eval()
@@ -44,7 +59,15 @@ def sample_continuations(model: torch.nn.Module, prompts: torch.Tensor, max_new_
         out = lm.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=max_new_tokens,
                           min_new_tokens=1, pad_token_id=eos_id, eos_token_id=eos_id, use_cache=True, **sampling)
     lm.train(was_training)
-    return continuation_batch(out, prompts.shape[1], eos_id)
+    return out
+
+
+def sample_continuations(model: torch.nn.Module, prompts: torch.Tensor, max_new_tokens: int, temperature: float,
+                         eos_id: int | None, seed: int, sampler: ContinuationSampler = generate_sequences) -> Batch:
+    """Continue `prompts` [B, P] by `model` through `sampler`; labels mask the prompt and everything
+    after EOS."""
+    seqs = sampler(model, prompts, max_new_tokens, temperature, eos_id, seed)
+    return continuation_batch(seqs.to(prompts.device), prompts.shape[1], eos_id)
 
 
 def continuation_batch(seqs: torch.Tensor, prompt_len: int, eos_id: int | None) -> Batch:

@@ -21,6 +21,7 @@ replicated on the ranks whose query heads read it, as vLLM does.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ from engine.layers.options import ModelOptions
 from engine.layers.quantized import CompressedLinear, gemv_weight
 from engine.layers.rmsnorm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, rope_parameters
-from engine.loader import LinearSource, load_checkpoint
+from engine.loader import LinearSource, copy_tensors, load_checkpoint
 
 
 def _head_dim(config: Any) -> int:
@@ -286,6 +287,16 @@ class LlamaForCausalLM(nn.Module):
         tolerated = {"lm_head.weight"} if self.tie_word_embeddings else set()
         load_checkpoint(self, path, self.linear_shards(), tolerated, keep_compressed, self.options, self.param_rows())
         self.update_fusable()
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy a live Hugging Face model's dense tensors (its `named_parameters()`) into this model
+        in place, mapped and verified as `load_weights` maps a checkpoint (every parameter exactly
+        once, shapes checked, one error otherwise); the storage stays, so captured CUDA graphs replay
+        the new weights."""
+        if self.options.tp_size > 1:
+            raise NotImplementedError("update_weights: not under tensor parallelism (the workers hold the shards)")
+        tolerated = {"lm_head.weight"} if self.tie_word_embeddings else set()
+        copy_tensors(self, named_tensors, self.linear_shards(), tolerated, self.options, self.param_rows())
 
     def update_fusable(self) -> None:
         """After linears were swapped: int4 linears set up for their kernel (triton / tinygemm:

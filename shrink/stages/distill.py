@@ -22,6 +22,7 @@ from common.errors import SettingError, ShrinkError, config_section
 from common.tasks import Task, TaskExample, get_task
 from shrink.artifacts import Artifact
 from shrink.context import StageContext, checkpoint_dir_name
+from shrink.engine_sampler import check_sampler, engine_samplers
 from shrink.launch import is_main_rank
 from shrink.modeling import load_model, load_tokenizer, num_parameters, resolve_dtype, save_model_artifact
 from shrink.student_budget import TARGET_KEYS, cached_latency, check_budget, choose_shape
@@ -282,12 +283,15 @@ def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec
             dest: Path, ckpt_dir: Path, device: torch.device, data_dir: Path | None = None,
             cache_dir: Path | None = None, resume: bool = False, save_dtype: str = "bf16",
             config: dict | None = None, tracker: Callable[[], Any] | None = None,
-            teacher_data: TeacherDataSettings | None = None) -> Artifact:
+            teacher_data: TeacherDataSettings | None = None, sampler: str = "engine") -> Artifact:
     """Distil a student (`student_spec`) from `teacher_art` on `data` (a TaskDataSpec, or a `data` config
     group of LM text as train.data.load_packed reads it) with `tc` (its layer_map still a spec, e.g.
     `auto`); saved at `dest`. `tracker()` makes the experiment tracker, if any; `teacher_data` mixes
-    teacher-generated samples (made through the engine, cached) into LM training text."""
+    teacher-generated samples (made through the engine, cached) into LM training text. `sampler`
+    (engine | transformers) continues the prompts of on-policy and sequence-level KD steps."""
     started = time.time()
+    with config_section("distill"):
+        check_sampler(sampler)
     n_teacher = int(json.loads((teacher_art.path / "config.json").read_text())["num_hidden_layers"])
     from transformers import AutoConfig
 
@@ -336,14 +340,23 @@ def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec
                                                               n_teacher, keep))
     if tc.layer_map and not tc.layer_weight:
         raise ShrinkError("distill.layer_map is set but distill.layer_weight is 0")
+    samplers = {}
+    if sampler == "engine":  # one engine per sampled model, built once (the student's takes its live weights)
+        with config_section("distill"):
+            samplers = engine_samplers(student, teacher_art.path, tc.batch_size, tc.prompt_len, tc.max_new_tokens,
+                                       tc.lmbda > 0, tc.seq_kd, ckpt_dir.parent, device)
+        if samplers:
+            print(f"distill: {' and '.join(k.split('_')[0] for k in samplers)} samples through the engine")
     run_tracker = tracker() if tracker is not None and is_main_rank() else None  # one writer of the run's logs
     try:
         with config_section("distill"):
             result = train_distill(student, teacher, train, val, tc, ckpt_dir, resume=resume, tracker=run_tracker,
-                                   evaluate=evaluate, eos_id=tokenizer.eos_token_id, name="distill")
+                                   evaluate=evaluate, eos_id=tokenizer.eos_token_id, name="distill", **samplers)
     finally:
         if run_tracker is not None:
             run_tracker.finish()
+        for engine_sampler in samplers.values():
+            engine_sampler.close()
     metrics = {**result["metrics"], **init_info, "params": num_parameters(result["model"]),
                "teacher_params": num_parameters(teacher), "data_source": source,
                "train_examples": n_train, "val_examples": n_val, **generated_info}
@@ -363,10 +376,12 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
     block_size = int(cfg.data.max_len) if isinstance(data, TaskDataSpec) else int(cfg.data.block_size)
     with config_section("distill"):
         tc = TrainConfig.from_cfg(cfg.distill, seed=int(cfg.seed), block_size=block_size)
+        sampler = check_sampler(cfg.distill.get("sampler", "engine"))
     config = ctx.resolved_config("distill", "student", "data")
     generated = cfg.data.get("teacher_generated") if not isinstance(data, TaskDataSpec) else None
     teacher_data = TeacherDataSettings.from_cfg(generated, int(cfg.seed)) if generated else None
     return distill(ctx.input, student, data, tc, dest=ctx.output_dir("distill"), ckpt_dir=ctx.run_dir / CKPT_DIR,
                    device=ctx.device, data_dir=ctx.data_dir, cache_dir=ctx.cache_dir, resume=bool(cfg.resume),
                    save_dtype=str(cfg.distill.save_dtype), config=config,
-                   tracker=lambda: make_tracker(cfg.logging, ctx.run_dir, "distill", config), teacher_data=teacher_data)
+                   tracker=lambda: make_tracker(cfg.logging, ctx.run_dir, "distill", config), teacher_data=teacher_data,
+                   sampler=sampler)
