@@ -26,14 +26,22 @@ import torch
 from common.errors import SettingError, ShrinkError
 from train.modules import causal_lm
 
-SAMPLERS = ("engine", "transformers")
+SAMPLERS = ("auto", "engine", "transformers")
 
 
 def check_sampler(value: Any) -> str:
-    """The `sampler` setting (engine | transformers), or a SettingError naming it."""
+    """The `sampler` setting (auto | engine | transformers), or a SettingError naming it."""
     if value not in SAMPLERS:
         raise SettingError("sampler", f"{value!r}: expected one of {', '.join(SAMPLERS)}", sep="=")
     return value
+
+
+def resolve_sampler(value: str, device: torch.device) -> str:
+    """`auto`: the engine on a GPU; transformers' generate on the CPU, where the engine runs its
+    plain-torch reference attention and measured 0.6x generate's speed (batch 8, 64 new tokens)."""
+    if value != "auto":
+        return value
+    return "engine" if device.type == "cuda" else "transformers"
 
 
 def row_seed(seed: int, row: int) -> int:

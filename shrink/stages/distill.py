@@ -22,7 +22,7 @@ from common.errors import SettingError, ShrinkError, config_section
 from common.tasks import Task, TaskExample, get_task
 from shrink.artifacts import Artifact
 from shrink.context import StageContext, checkpoint_dir_name
-from shrink.engine_sampler import check_sampler, engine_samplers
+from shrink.engine_sampler import check_sampler, engine_samplers, resolve_sampler
 from shrink.launch import is_main_rank
 from shrink.modeling import load_model, load_tokenizer, num_parameters, resolve_dtype, save_model_artifact
 from shrink.student_budget import TARGET_KEYS, cached_latency, check_budget, choose_shape
@@ -283,7 +283,7 @@ def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec
             dest: Path, ckpt_dir: Path, device: torch.device, data_dir: Path | None = None,
             cache_dir: Path | None = None, resume: bool = False, save_dtype: str = "bf16",
             config: dict | None = None, tracker: Callable[[], Any] | None = None,
-            teacher_data: TeacherDataSettings | None = None, sampler: str = "engine") -> Artifact:
+            teacher_data: TeacherDataSettings | None = None, sampler: str = "auto") -> Artifact:
     """Distil a student (`student_spec`) from `teacher_art` on `data` (a TaskDataSpec, or a `data` config
     group of LM text as train.data.load_packed reads it) with `tc` (its layer_map still a spec, e.g.
     `auto`); saved at `dest`. `tracker()` makes the experiment tracker, if any; `teacher_data` mixes
@@ -291,7 +291,7 @@ def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec
     (engine | transformers) continues the prompts of on-policy and sequence-level KD steps."""
     started = time.time()
     with config_section("distill"):
-        check_sampler(sampler)
+        sampler = resolve_sampler(check_sampler(sampler), device)
     n_teacher = int(json.loads((teacher_art.path / "config.json").read_text())["num_hidden_layers"])
     from transformers import AutoConfig
 
@@ -376,7 +376,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
     block_size = int(cfg.data.max_len) if isinstance(data, TaskDataSpec) else int(cfg.data.block_size)
     with config_section("distill"):
         tc = TrainConfig.from_cfg(cfg.distill, seed=int(cfg.seed), block_size=block_size)
-        sampler = check_sampler(cfg.distill.get("sampler", "engine"))
+        sampler = check_sampler(cfg.distill.get("sampler", "auto"))
     config = ctx.resolved_config("distill", "student", "data")
     generated = cfg.data.get("teacher_generated") if not isinstance(data, TaskDataSpec) else None
     teacher_data = TeacherDataSettings.from_cfg(generated, int(cfg.seed)) if generated else None

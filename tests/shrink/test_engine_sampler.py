@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine.loader import CheckpointMismatchError
-from shrink.engine_sampler import EngineSampler, check_sampler, live_parameters
+from shrink.engine_sampler import EngineSampler, check_sampler, live_parameters, resolve_sampler
 from support import REPO, run_cli, tiny_llama_config
 from train.onpolicy import continuation_batch, generate_sequences, sample_continuations
 
@@ -168,8 +168,15 @@ def test_a_lora_student_samples_with_its_merged_weights(tmp_path):
 
 def test_sampler_setting_is_checked():
     assert check_sampler("engine") == "engine" and check_sampler("transformers") == "transformers"
-    with pytest.raises(Exception, match="sampler='vllm': expected one of engine, transformers"):
+    with pytest.raises(Exception, match="sampler='vllm': expected one of auto, engine, transformers"):
         check_sampler("vllm")
+
+
+def test_auto_sampler_is_the_engine_on_a_gpu_only():
+    """On the CPU the engine measured 0.6x generate's speed (its plain-torch reference attention)."""
+    assert resolve_sampler("auto", torch.device("cuda")) == "engine"
+    assert resolve_sampler("auto", torch.device("cpu")) == "transformers"
+    assert resolve_sampler("engine", torch.device("cpu")) == "engine"
 
 
 STAGE = ["stage=distill", "distill=gkd", "student=half_depth", "logging=none", "data=pydoc", "data.max_docs=30",
@@ -195,7 +202,7 @@ def _stage(tiny_teacher, tmp_path, name: str, *overrides: str, launcher: list[st
         result = run_cli(*cmd, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     engine_note = "distill: student and teacher samples through the engine"
-    assert (engine_note in result.stdout) == ("distill.sampler=transformers" not in overrides)
+    assert (engine_note in result.stdout) == ("distill.sampler=engine" in overrides)  # auto on the CPU: transformers
     assert not list(run.glob(".engine_student-*")) and (run / "distill" / "shrink.json").is_file()
     log = _train_log(run)
     assert len(log) == 4 and all(math.isfinite(r["loss"]) for r in log)
@@ -206,8 +213,8 @@ def _stage(tiny_teacher, tmp_path, name: str, *overrides: str, launcher: list[st
 def test_distill_stage_runs_gkd_and_seq_kd_through_the_engine(tiny_teacher, tmp_path):
     """At temperature 1 (the default) with the engine; greedy, the engine's run and transformers' run
     train on the same samples and log the same losses."""
-    _stage(tiny_teacher, tmp_path, "sampled")
-    ours = _stage(tiny_teacher, tmp_path, "engine", "distill.gen_temperature=0")
+    _stage(tiny_teacher, tmp_path, "sampled", "distill.sampler=engine")
+    ours = _stage(tiny_teacher, tmp_path, "engine", "distill.gen_temperature=0", "distill.sampler=engine")
     theirs = _stage(tiny_teacher, tmp_path, "transformers", "distill.gen_temperature=0", "distill.sampler=transformers")
     torch.testing.assert_close(torch.tensor([r["loss"] for r in ours]), torch.tensor([r["loss"] for r in theirs]),
                                rtol=1e-5, atol=1e-6)
@@ -217,7 +224,7 @@ def test_two_process_ddp_gkd_samples_through_an_engine_per_rank(tiny_teacher, tm
     """Each DDP rank builds its own engine and samples its own micro-batch; greedy, the two ranks at
     batch 1 match one process at batch 2 sampling through transformers' generate."""
     single = _stage(tiny_teacher, tmp_path, "single", "distill.gen_temperature=0", "distill.sampler=transformers")
-    ddp = _stage(tiny_teacher, tmp_path, "ddp", "distill.gen_temperature=0", "distill.batch_size=1",
+    ddp = _stage(tiny_teacher, tmp_path, "ddp", "distill.gen_temperature=0", "distill.batch_size=1", "distill.sampler=engine",
                  launcher=["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29743", "-m",
                            "shrink"])
     torch.testing.assert_close(torch.tensor([r["loss"] for r in ddp]), torch.tensor([r["loss"] for r in single]),
@@ -228,7 +235,7 @@ def test_unknown_sampler_is_refused_before_any_work(tiny_teacher, tmp_path):
     run = tmp_path / "run"
     result = run_cli(*STAGE, f"input={tiny_teacher}", f"run={run}", "distill.sampler=vllm")
     assert result.returncode == 2, result.stderr
-    assert "distill.sampler='vllm': expected one of engine, transformers" in result.stderr
+    assert "distill.sampler='vllm': expected one of auto, engine, transformers" in result.stderr
     assert not (run / "distill").exists() and not list(run.glob("*.train_log.jsonl"))
 
 
