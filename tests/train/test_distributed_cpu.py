@@ -72,9 +72,9 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "distill" / "model.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_teacher: Path, tmp_path_factory) -> dict:
-    """Runs made once and compared by several tests: name -> (run dir, CompletedProcess)."""
+def launched_runs(tiny_teacher: Path, tmp_path_factory):
+    """Runs made once and compared by several tests: get(name) -> run dir; get.made: name -> (run
+    dir, CompletedProcess). Names: single (one process at the global batch), fsdp2, ddp, fsdp2_accum."""
     made: dict = {}
 
     def get(name: str) -> Path:
@@ -93,6 +93,11 @@ def runs(tiny_teacher: Path, tmp_path_factory) -> dict:
 
     get.made = made
     return get
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_teacher: Path, tmp_path_factory):
+    return launched_runs(tiny_teacher, tmp_path_factory)
 
 
 @pytest.mark.parametrize("kind", ["fsdp2", "ddp", "fsdp2_accum"])

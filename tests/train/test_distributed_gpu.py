@@ -6,14 +6,14 @@ uninterrupted run's curve (same ranks, same kernels: much tighter)."""
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from support import REPO
-from test_distributed_cpu import ARGS, CKPT_EVERY, GLOBAL_BATCH, STEPS, _accelerate, _launch, _log, _ok, _weights
+from test_distributed_cpu import ARGS, CKPT_EVERY, GLOBAL_BATCH, STEPS, _accelerate, _launch, _log, _ok, _weights, \
+    launched_runs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")]
 
@@ -21,26 +21,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2,
 # kernels and summation orders; the curves agree to bf16 rounding, not to fp32's.
 CURVE_RTOL = 1e-2
 RESUME_RTOL = 1e-4
-GPU_ARGS = [*ARGS, "device=auto", f"distill.checkpoint_every={CKPT_EVERY}"]
 
 
 @pytest.fixture(scope="module")
-def gpu_runs(tiny_teacher: Path, tmp_path_factory) -> dict:
-    made: dict = {}
-
-    def get(name: str) -> Path:
-        if name not in made:
-            run = tmp_path_factory.mktemp(name) / "run"
-            common = [*GPU_ARGS, f"run={run}", f"input={tiny_teacher}"]
-            if name == "single":
-                cmd = [sys.executable, "-m", "shrink", *common, f"distill.batch_size={GLOBAL_BATCH}"]
-            else:
-                cmd = _accelerate(name, ["-m", "shrink", *common, f"distill.batch_size={GLOBAL_BATCH // 2}"])
-            made[name] = (run, _ok(_launch(cmd, run)))
-        return made[name][0]
-
-    get.made = made
-    return get
+def gpu_runs(tiny_teacher: Path, tmp_path_factory):
+    return launched_runs(tiny_teacher, tmp_path_factory)  # device=auto: the launcher's GPU per rank
 
 
 def _losses(run: Path) -> torch.Tensor:
@@ -68,7 +53,8 @@ def test_two_gpus_follow_one_gpu_at_equal_global_batch(gpu_runs, kind: str, tiny
 def test_fsdp2_on_two_gpus_resumes_onto_the_same_curve(gpu_runs, tiny_teacher: Path, tmp_path: Path):
     straight = gpu_runs("fsdp2")
     run = tmp_path / "run"
-    common = [*GPU_ARGS, f"run={run}", f"input={tiny_teacher}", f"distill.batch_size={GLOBAL_BATCH // 2}"]
+    common = [*ARGS, f"run={run}", f"input={tiny_teacher}", f"distill.checkpoint_every={CKPT_EVERY}",
+              f"distill.batch_size={GLOBAL_BATCH // 2}"]
     kill_at = 6
     killed = _launch(_accelerate("fsdp2", [str(REPO / "tests" / "train" / "killed_rank.py"), *common]), run,
                      {"KILL_AT_STEP": str(kill_at)})
