@@ -292,3 +292,29 @@ def test_an_architecture_the_engine_does_not_run_names_the_setting(tmp_path):
                                           r"sampler=transformers"):
         engine_samplers(gpt2, tmp_path, 2, 4, 4, True, False, tmp_path, CPU)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_weights_pushed_into_a_graphed_gpu_engine_equal_a_fresh_engine_of_those_weights(tmp_path):
+    """On a GPU the engine runs bf16 in CUDA graphs: weights copied in place must be what the graphs
+    replay. Greedy after an update equals an engine loaded from a checkpoint of the updated weights
+    (the same bf16 cast, the same kernels: identical tokens), and differs from before the update."""
+    cuda = torch.device("cuda")
+    model = varied_model(2).to(cuda)
+    prompts = prompts_of(4, 6, seed=2).to(cuda)
+    sampler = EngineSampler.for_student(model, tmp_path / "work", 4, 6, 12, cuda)
+    assert sampler.llm.engine.runner.graphs is not None  # graphed: the case under test
+    before = sampler(model, prompts, 12, 0.0, None, 0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.25)
+    after = sampler(model, prompts, 12, 0.0, None, 0)
+    model.save_pretrained(tmp_path / "updated")
+    fresh = EngineSampler.for_teacher(tmp_path / "updated", 4, 6, 12, cuda)
+    try:
+        assert torch.equal(after, fresh(model, prompts, 12, 0.0, None, 0))
+        assert not torch.equal(after, before)
+    finally:
+        fresh.close()
+        sampler.close()
