@@ -7,9 +7,10 @@ path), dequantize once into the model's dense linears.
 
 The model tells the loader how checkpoint linears map onto its own (fused) linears through
 `linear_shards()`: engine linear name -> LinearSource. Under tensor parallelism a rank reads only
-its rows and columns of each tensor (safetensors slices: nothing is read whole); compressed
-weights are not split yet. The same mapping and verification copy a live model's tensors in place
-(`copy_tensors`: the engine samples a model while it trains).
+its rows and columns of each tensor (safetensors slices: nothing is read whole), compressed ones
+with the scales and zero points of those rows and columns (check_splits refuses what cannot
+split: 2:4, a row-parallel split off the quantization groups). The same mapping and verification
+copy a live model's tensors in place (`copy_tensors`: the engine samples a model while it trains).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import json
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
+from engine.layers.linear import ParallelLMHead, RowParallelCompressed, RowParallelLinear
 from engine.layers.quantized import Int4Linear, Int8Linear, W8A8Linear, set_submodule
 from engine.layers.sparse24 import Sparse24Linear
 from engine.layers.options import ModelOptions
@@ -147,8 +149,7 @@ def verify(path: str, index: dict[str, TensorInfo], duplicated: list[str], requi
     for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", sorted(misshaped)),
                          ("stored more than once", sorted(set(duplicated)))):
         if names:
-            listed = ", ".join(names[:MAX_LISTED]) + (f", ... ({len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else "")
-            problems.append(f"{len(names)} {label}: {listed}")
+            problems.append(f"{len(names)} {label}: {_listed(names)}")
     if problems:
         raise CheckpointMismatchError(f"{path}: the checkpoint does not match the model: " + "; ".join(problems))
 
@@ -208,21 +209,52 @@ class LinearWeights:
         return w * self.scale.repeat_interleave(group, dim=1)
 
 
+def _words(part: range | None, per_word: int = 8) -> range | None:
+    """The packed int32 words holding ``part`` of a packed dimension (8 int4 values a word)."""
+    return None if part is None else range(part.start // per_word, -(-part.stop // per_word))
+
+
+def _groups(columns: range | None, group: int) -> range | None:
+    """The scale / zero-point columns of input ``columns`` split on group boundaries (checked by
+    check_splits before any read)."""
+    return None if columns is None else range(columns.start // group, -(-columns.stop // group))
+
+
+def _read_qparam(reader: _Reader, name: str, scheme: LinearScheme, out: int, inp: int, rows: range | None,
+                 columns: range | None, packed_rows: bool = False) -> torch.Tensor:
+    """A weight scale or zero point as float [rows kept, groups kept]: per tensor (expanded), per
+    channel ([out, 1] or [out]) or per group ([out, in / group_size]); ``packed_rows``: int4
+    zero points of pack-quantized, 8 output rows per int32 word ([ceil(out / 8), groups])."""
+    kept = out if rows is None else len(rows)
+    if scheme.per_tensor_scale:
+        return reader.get(name).float().reshape(1, 1).expand(kept, 1)
+    shape = reader.index[name].shape
+    groups = shape[1] if len(shape) == 2 else 1
+    cols = _groups(columns, inp // groups) if len(shape) == 2 else None
+    if not packed_rows:
+        return reader.get(name, rows, cols).float().reshape(kept, -1)
+    words = _words(rows)
+    stored = reader.get(name, words, cols)
+    values = _unpack_int32(stored.t().contiguous(), stored.shape[0] * 8).t()
+    first = 0 if rows is None else rows.start - 8 * words.start
+    return values[first : first + kept].float()
+
+
 def read_linear(reader: _Reader, name: str, scheme: LinearScheme, out: int, inp: int,
                 rows: range | None = None, columns: range | None = None) -> LinearWeights:
-    """``rows``, ``columns``: the part a tensor-parallel rank reads (dense weights only)."""
-    if rows is not None or columns is not None:
-        assert not scheme.quantized and not scheme.sparse24
-        bias = f"{name}.bias"
-        return LinearWeights(weight=reader.get(f"{name}.weight", rows, columns),
-                             bias=reader.get(bias, rows) if bias in reader.index else None)
-    lw = LinearWeights(bias=reader.maybe(f"{name}.bias"))
+    """One checkpoint linear, or (tensor parallelism) the output ``rows`` and input ``columns`` of
+    it that a rank keeps, with the scales and zero points of those rows and columns: nothing else
+    is read. check_splits vetted the split (group and packed-word boundaries, no 2:4)."""
+    bias = f"{name}.bias"
+    lw = LinearWeights(bias=reader.get(bias, rows) if bias in reader.index else None)
     if scheme.kind == "int4" and scheme.format == "pack-quantized":
         stored = tuple(int(v) for v in reader.get(f"{name}.weight_shape").flatten())
         if stored != (out, inp):
             raise CheckpointMismatchError(f"{name}.weight_shape says {list(stored)}, the model needs {[out, inp]}")
-        weight = _unpack_int32(reader.get(f"{name}.weight_packed"), inp)
+        weight = _unpack_int32(reader.get(f"{name}.weight_packed", rows, _words(columns)),
+                               inp if columns is None else len(columns))
     elif scheme.bitmask:
+        assert rows is None and columns is None, "2:4 weights are not split (check_splits)"
         values = reader.get(f"{name}.compressed")
         mask = _unpack_bitmask(reader.get(f"{name}.bitmask"), inp)
         if int(mask.sum()) != values.numel():
@@ -233,18 +265,16 @@ def read_linear(reader: _Reader, name: str, scheme: LinearScheme, out: int, inp:
         if values.dtype == torch.float8_e4m3fn:
             weight = weight.view(torch.float8_e4m3fn)
     else:
-        weight = reader.get(f"{name}.weight")
+        weight = reader.get(f"{name}.weight", rows, columns)
     if not scheme.quantized:
         lw.weight = weight
         return lw
     lw.codes = weight
-    scale = reader.get(f"{name}.weight_scale").float()
-    lw.scale = scale.reshape(1, 1).expand(out, 1) if scheme.per_tensor_scale else scale.reshape(out, -1)
-    zero = reader.maybe(f"{name}.weight_zero_point")
-    if zero is not None:
-        if scheme.format == "pack-quantized":
-            zero = _unpack_int32(zero.t().contiguous(), out).t()
-        zero = zero.float().reshape(lw.scale.shape) if not scheme.per_tensor_scale else zero.float().reshape(1, 1).expand(out, 1)
+    lw.scale = _read_qparam(reader, f"{name}.weight_scale", scheme, out, inp, rows, columns)
+    zero_name = f"{name}.weight_zero_point"
+    if zero_name in reader.index:
+        zero = _read_qparam(reader, zero_name, scheme, out, inp, rows, columns,
+                            packed_rows=scheme.format == "pack-quantized")
         lw.zero = None if (scheme.symmetric and not bool(zero.any())) else zero
     if lw.zero is not None and scheme.kind != "int4":
         raise CheckpointMismatchError(f"{name}.weight_zero_point: nonzero zero points for a symmetric {scheme.kind} scheme")
@@ -289,6 +319,67 @@ def _copy_rows(param: torch.Tensor, value: torch.Tensor) -> None:
     """param's first rows from value; rows past it (a vocabulary shard's padding) zero."""
     param[: value.shape[0]].copy_(value)
     param[value.shape[0] :].zero_()
+
+
+def _compressed_in_place_of(linear: nn.Module, src: LinearSource, scheme: LinearScheme, lw: LinearWeights,
+                            keep_compressed: bool, options: ModelOptions, where: str) -> nn.Module | None:
+    """The compressed module that takes `linear`'s place, or None where its dense weight is filled.
+    Under tensor parallelism: a column-parallel linear's module holds this rank's rows; a
+    row-parallel one's this rank's columns, wrapped to all-reduce its output, with the bias on rank
+    0 only; the vocabulary-parallel lm_head stays dense (weight-only schemes dequantize into it)."""
+    if src.split and isinstance(linear, ParallelLMHead):
+        return None
+    row_parallel = src.split and isinstance(linear, RowParallelLinear)
+    if row_parallel and linear.tp_rank != 0:
+        lw = replace(lw, bias=None)  # rank 0 adds it, before the all-reduce
+    try:
+        module = compressed_module(scheme, lw, keep_compressed, linear.weight.dtype, options)
+    except ValueError as e:  # e.g. weights declared 2:4 that are not
+        raise CheckpointMismatchError(f"{where} ({scheme.describe()}): {e}") from e
+    return RowParallelCompressed(module) if module is not None and row_parallel else module
+
+
+def check_splits(path: str, shards: dict[str, LinearSource], schemes: dict[str, LinearScheme],
+                 modules: dict[str, nn.Module], tp_size: int) -> None:
+    """Before any tensor is read: one error naming the compressed linears this rank's split cannot
+    take. 2:4 weights are not split; a row-parallel split of per-group scales must fall on group
+    boundaries and one of pack-quantized int4 codes on int32 words (8 values); W8A8 stays out of
+    the vocabulary-parallel lm_head."""
+    sparse, off_boundary, lm_head = [], [], []
+    for engine_name, src in shards.items():
+        scheme = schemes[src.parts[0][0]]
+        if not src.split or not (scheme.quantized or scheme.sparse24):
+            continue
+        if scheme.sparse24:
+            sparse.append(f"{src.parts[0][0]} ({scheme.describe()})")
+        elif scheme.kind.startswith("w8a8") and isinstance(modules[engine_name], ParallelLMHead):
+            lm_head.append(f"{engine_name} ({scheme.describe()})")
+        cols = src.columns
+        if cols is None or len(cols) == src.in_features:
+            continue
+        bounds = [b for b in (cols.start, cols.stop) if b != src.in_features]
+        packed = scheme.kind == "int4" and scheme.format == "pack-quantized"
+        if scheme.group_size and any(b % scheme.group_size for b in bounds):
+            off_boundary.append(f"{src.parts[0][0]} (group_size {scheme.group_size}: its {src.in_features} input "
+                                f"columns split in {len(cols)} per rank)")
+        elif packed and any(b % 8 for b in bounds):
+            off_boundary.append(f"{src.parts[0][0]} (int4 packed 8 per int32 word: its {src.in_features} input "
+                                f"columns split in {len(cols)} per rank)")
+    if sparse:
+        raise NotImplementedError(f"{path}: 2:4 sparse weights cannot be split over tensor_parallel_size={tp_size} "
+                                  f"ranks: {_listed(sparse)}; serve them with tensor_parallel_size=1")
+    if lm_head:
+        raise NotImplementedError(f"{path}: a W8A8 lm_head cannot be split over the vocabulary under "
+                                  f"tensor_parallel_size={tp_size}: {_listed(lm_head)}")
+    if off_boundary:
+        raise ValueError(f"{path}: tensor_parallel_size={tp_size} splits the input columns of row-parallel "
+                         f"compressed linears off their quantization groups: {_listed(off_boundary)}; choose a "
+                         "tensor_parallel_size whose split falls on group boundaries")
+
+
+def _listed(names: list[str]) -> str:
+    more = len(names) - MAX_LISTED
+    return ", ".join(names[:MAX_LISTED]) + (f", ... ({more} more)" if more > 0 else "")
 
 
 def load_checkpoint(model: nn.Module, path: str, shards: dict[str, LinearSource], tolerated: set[str],
@@ -360,12 +451,7 @@ def _fill(model: nn.Module, path: str, index: dict[str, TensorInfo], duplicated:
             rows = param_rows[name][0] if name in param_rows else p.shape[0]
             required[name] = ((rows, *p.shape[1:]),)
     verify(path, index, duplicated, required, optional, tolerated)
-    split_compressed = sorted(e for e, src in shards.items()
-                              if src.split and (schemes[src.parts[0][0]].quantized or schemes[src.parts[0][0]].sparse24))
-    if split_compressed:
-        scheme = schemes[shards[split_compressed[0]].parts[0][0]].describe()
-        raise NotImplementedError(f"{path}: compressed weights ({scheme}, e.g. {split_compressed[0]}) cannot be split "
-                                  "over tensor_parallel_size > 1 ranks yet; serve them with tensor_parallel_size=1")
+    check_splits(path, shards, schemes, modules, options.tp_size)
 
     compressed = 0
     with torch.no_grad():
@@ -377,23 +463,14 @@ def _fill(model: nn.Module, path: str, index: dict[str, TensorInfo], duplicated:
         for engine_name, src in shards.items():
             linear = modules[engine_name]
             scheme = schemes[src.parts[0][0]]
-            if src.split:
-                lw = merge([read_linear(reader, n, scheme, rows, src.in_features, kept, src.columns)
-                            for n, rows, kept in src.parts])
-                _copy_rows(linear.weight, lw.weight)
-                if linear.bias is not None:
-                    _copy_rows(linear.bias, lw.bias)
-                continue
-            lw = merge([read_linear(reader, n, scheme, rows, src.in_features) for n, rows, _ in src.parts])
-            try:
-                module = compressed_module(scheme, lw, keep_compressed, linear.weight.dtype, options)
-            except ValueError as e:  # e.g. weights declared 2:4 that are not
-                raise CheckpointMismatchError(f"{path}: {engine_name} ({scheme.describe()}): {e}") from e
+            lw = merge([read_linear(reader, n, scheme, rows, src.in_features, *((kept, src.columns) if src.split else ()))
+                        for n, rows, kept in src.parts])
+            module = _compressed_in_place_of(linear, src, scheme, lw, keep_compressed, options, f"{path}: {engine_name}")
             if module is not None:
                 set_submodule(model, engine_name, module.to(linear.weight.device))
                 compressed += 1
                 continue
-            linear.weight.copy_(lw.dequantized() if scheme.quantized else lw.weight)
+            _copy_rows(linear.weight, lw.dequantized() if scheme.quantized else lw.weight)
             if linear.bias is not None:
-                linear.bias.copy_(lw.bias)
+                _copy_rows(linear.bias, lw.bias)
     return compressed

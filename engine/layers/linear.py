@@ -3,7 +3,8 @@ this rank's output rows (q/k/v heads, gate/up channels); these are the layers wh
 ranks combine.
 
 - RowParallelLinear: this rank's input columns; the partial products are summed by one all-reduce
-  (the bias added on rank 0 only, before it).
+  (the bias added on rank 0 only, before it). RowParallelCompressed: the same around a compressed
+  linear (engine/layers/quantized.py) of this rank's columns, whose bias only rank 0 holds.
 - VocabParallelEmbedding: this rank's vocabulary rows; ids outside them give zeros, and one
   all-reduce sums the ranks' rows into every token's embedding.
 - ParallelLMHead: this rank's vocabulary rows of the output layer; an all-gather puts every rank's
@@ -53,13 +54,28 @@ class RowParallelLinear(nn.Linear):
         return all_reduce(F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None))
 
 
+class RowParallelCompressed(nn.Module):
+    def __init__(self, local: nn.Module) -> None:
+        """``local``: a compressed linear over this rank's input columns, with the bias on rank 0
+        only (the loader gives the other ranks' none)."""
+        super().__init__()
+        self.local = local
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.local.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce(self.local(x))
+
+
 def row_parallel_gemv_add(linear: nn.Module, x: torch.Tensor, h: torch.Tensor, tp_rank: int,
                           pdl: bool) -> torch.Tensor:
     """h += x @ W.T + b of a row-parallel linear, in place, in the fused decode path: one GEMV
     launch and one all-reduce. Rank 0's GEMV adds the residual h and the bias in its epilogue; the
     other ranks' write their partial product over h, so the all-reduce adds the residual once. (The
     GEMV's residual epilogue cannot come after the all-reduce; this keeps the launch it saves.)"""
-    weight, quant = gemv_weight(linear)
+    weight, quant = gemv_weight(linear.local if isinstance(linear, RowParallelCompressed) else linear)
     lead = tp_rank == 0
     gemv_kernels.gemv(x, weight, linear.bias if lead else None, **quant, residual=h if lead else None, out=h,
                       pdl=pdl)

@@ -50,19 +50,27 @@ def hf_cannot_load(scheme: str) -> bool:
     return scheme in HF_CANNOT_LOAD or (scheme == "sparse24" and old)
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, biases: bool = False):
+    """``biases``: attention and MLP biases, random (transformers initialises biases to zero)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(LlamaConfig(**TINY), dtype=torch.float32).eval()
+    config = LlamaConfig(**TINY, attention_bias=biases, mlp_bias=biases)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.25)
+    return model
 
 
 def calibration_ids(seed: int = 1) -> torch.Tensor:
     return torch.randint(3, TINY["vocab_size"], (4, 48), generator=torch.Generator().manual_seed(seed))
 
 
-def make_artifact(scheme: str, directory: Path) -> Path:
-    """Our own stages' compression of a tiny Llama, saved as stage=quantize / stage=prune do."""
+def make_artifact(scheme: str, directory: Path, biases: bool = False) -> Path:
+    """Our own stages' compression of a tiny Llama (``biases``: tiny_llama's), saved as
+    stage=quantize / stage=prune do."""
     from shrink.compress.calibration import compress_model
     from shrink.compress.compressed_tensors_io import save_compressed, sparsity_metadata
     from shrink.compress.quant import QuantSpec
@@ -72,7 +80,7 @@ def make_artifact(scheme: str, directory: Path) -> Path:
     if (directory / "config.json").exists():
         return directory
     quant, sparse = SCHEMES[scheme]
-    model = tiny_llama()
+    model = tiny_llama(biases=biases)
     cpu, quiet = torch.device("cpu"), (lambda s: None)
     masks, meta = {}, None
     if sparse:

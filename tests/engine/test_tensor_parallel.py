@@ -169,19 +169,6 @@ def test_kv_heads_fewer_than_ranks_are_replicated_where_read(model_dir, rank, q_
     assert attn.attn.num_heads == 1 and attn.attn.num_kv_heads == 1
 
 
-def test_compressed_weights_are_refused_under_tensor_parallelism(tmp_path):
-    from compressed_artifacts import make_artifact
-    from transformers import AutoConfig
-
-    from engine.layers.options import ModelOptions
-    from engine.models.llama import LlamaForCausalLM
-
-    path = make_artifact("int8", tmp_path / "int8")
-    model = LlamaForCausalLM(AutoConfig.from_pretrained(path), options=ModelOptions(tp_rank=0, tp_size=2))
-    with pytest.raises(NotImplementedError, match=r"compressed weights \(int8.*tensor_parallel_size"):
-        model.load_weights(str(path))
-
-
 @pytest.mark.parametrize("overrides,tp,words", [
     ({}, 3, "tensor_parallel_size: 3 does not divide the model's 4 attention heads"),
     ({"num_attention_heads": 6, "num_key_value_heads": 3}, 2, "the model's 3 KV heads: one must divide the other"),
