@@ -9,7 +9,7 @@ The model tells the loader how checkpoint linears map onto its own (fused) linea
 `linear_shards()`: engine linear name -> LinearSource. Under tensor parallelism a rank reads only
 its rows and columns of each tensor (safetensors slices: nothing is read whole), compressed ones
 with the scales and zero points of those rows and columns (check_splits refuses what cannot
-split: 2:4, a row-parallel split off the quantization groups). The same mapping and verification
+split: 2:4, a row-parallel split off the quantization groups or packed words). The same mapping and verification
 copy a live model's tensors in place (`copy_tensors`: the engine samples a model while it trains).
 """
 
@@ -171,9 +171,6 @@ class _Reader:
         r = slice(None) if rows is None else slice(rows.start, rows.stop)
         part = self.handles[file].get_slice(name)
         return part[r] if columns is None else part[r, columns.start : columns.stop]
-
-    def maybe(self, name: str) -> torch.Tensor | None:
-        return self.get(name) if name in self.index else None
 
 
 def _unpack_int32(packed: torch.Tensor, cols: int) -> torch.Tensor:
@@ -373,8 +370,8 @@ def check_splits(path: str, shards: dict[str, LinearSource], schemes: dict[str, 
                                   f"tensor_parallel_size={tp_size}: {_listed(lm_head)}")
     if off_boundary:
         raise ValueError(f"{path}: tensor_parallel_size={tp_size} splits the input columns of row-parallel "
-                         f"compressed linears off their quantization groups: {_listed(off_boundary)}; choose a "
-                         "tensor_parallel_size whose split falls on group boundaries")
+                         f"compressed linears off their quantization groups or packed words: {_listed(off_boundary)}; "
+                         "choose a tensor_parallel_size whose split falls on their boundaries")
 
 
 def _listed(names: list[str]) -> str:

@@ -302,6 +302,6 @@ class LlamaForCausalLM(nn.Module):
         """After linears were swapped: int4 linears set up for their kernel (triton / tinygemm:
         engine/layers/int4_kernel.py), then the fused small-batch decode runs only when its
         kernels can read every decoder linear (dense, int8 per channel, int4 on Triton, W8A8 int8)."""
-        choose_int4_kernels(self, self.lm_head.weight.dtype)
+        choose_int4_kernels(self, self.model.embed_tokens.weight.dtype)  # lm_head may be compressed
         self.model.fusable = all(gemv_weight(m) is not None for m in self.model.layers.modules()
                                  if isinstance(m, (nn.Linear, CompressedLinear)))

@@ -122,10 +122,12 @@ LLMC_PRESETS = {"W8A16": "int-quantized", "W4A16": "pack-quantized", "W4A16_ASYM
                 "W8A8": "int-quantized"}
 
 
-def make_llmc_artifact(preset: str, directory: Path, group_size: int = 32, sparse24: bool = False) -> Path:
+def make_llmc_artifact(preset: str, directory: Path, group_size: int = 32, sparse24: bool = False,
+                       quantize_lm_head: bool = False) -> Path:
     """What llm-compressor's oneshot + save_pretrained write for `preset` (RTN min/max scales):
     the compressed-tensors package attaches the scheme, computes the scales with its own
-    formulas, compresses the weights with its own compressor, and writes the config."""
+    formulas, compresses the weights with its own compressor, and writes the config. The lm_head
+    is ignored, as llm-compressor's recipes do, unless ``quantize_lm_head``."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (QuantizationConfig, QuantizationStatus, apply_quantization_config,
                                                  preset_name_to_scheme)
@@ -144,7 +146,7 @@ def make_llmc_artifact(preset: str, directory: Path, group_size: int = 32, spars
     scheme = preset_name_to_scheme(preset, ["Linear"])
     if scheme.weights.group_size is not None:
         scheme.weights.group_size = group_size
-    qconfig = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"],
+    qconfig = QuantizationConfig(config_groups={"group_0": scheme}, ignore=[] if quantize_lm_head else ["lm_head"],
                                  format=LLMC_PRESETS[preset])
     apply_quantization_config(model, qconfig)
     with torch.no_grad():

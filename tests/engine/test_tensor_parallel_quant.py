@@ -19,7 +19,7 @@ from compressed_artifacts import make_artifact, make_llmc_artifact
 from kernels import quant as ref
 from test_tensor_parallel import REPO, TIMEOUT_S, _assert_same, _generate, _requests, hang_guard  # noqa: F401
 
-from engine.layers.linear import RowParallelCompressed
+from engine.layers.linear import ParallelLMHead, RowParallelCompressed
 from engine.layers.options import ModelOptions
 from engine.layers.quantized import Int4Linear, Int8Linear, W8A8Linear, set_submodule
 from engine.loader import LinearSource, _Reader, check_splits, index_checkpoint, read_linear
@@ -114,6 +114,20 @@ def test_each_rank_holds_its_slice_of_the_weights(artifacts, scheme, keep_compre
             assert (down.bias is None) if compressed and rank else torch.equal(down.bias, whole)
             qkv_bias = one.get_submodule("model.layers.1.self_attn.qkv_proj").bias
             assert torch.equal(model.get_submodule("model.layers.1.self_attn.qkv_proj").bias, qkv_bias[rows])
+
+
+@pytest.mark.parametrize("keep_compressed", [False, True], ids=["cpu_dense", "modules"])
+def test_a_quantized_lm_head_dequantizes_into_its_vocabulary_shard(tmp_path, keep_compressed):
+    """An int4 lm_head (llm-compressor quantizes it where its recipe does not ignore it): each rank's
+    vocabulary-parallel lm_head (it all-gathers the logits) holds its rows of 1 rank's weight,
+    dequantized, where 1 rank keeps it compressed or not."""
+    path = str(make_llmc_artifact("W4A16_ASYM", tmp_path / "lm_head", quantize_lm_head=True))
+    whole = _weight(_model(path, 0, 1, keep_compressed), "lm_head")
+    assert isinstance(_model(path, 0, 1, True).lm_head, Int4Linear)
+    for rank in range(2):
+        model = _model(path, rank, 2, keep_compressed)
+        assert type(model.lm_head) is ParallelLMHead
+        assert torch.equal(model.lm_head.weight, whole[160 * rank : 160 * (rank + 1)])
 
 
 @pytest.mark.parametrize("keep_compressed", [False, True], ids=["cpu_dense", "modules"])
