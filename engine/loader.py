@@ -460,9 +460,10 @@ def _fill(model: nn.Module, path: str, index: dict[str, TensorInfo], duplicated:
         for engine_name, src in shards.items():
             linear = modules[engine_name]
             scheme = schemes[src.parts[0][0]]
-            lw = merge([read_linear(reader, n, scheme, rows, src.in_features, *((kept, src.columns) if src.split else ()))
-                        for n, rows, kept in src.parts])
-            module = _compressed_in_place_of(linear, src, scheme, lw, keep_compressed, options, f"{path}: {engine_name}")
+            lw = merge([read_linear(reader, n, scheme, rows, src.in_features, kept if src.split else None,
+                                    src.columns if src.split else None) for n, rows, kept in src.parts])
+            module = _compressed_in_place_of(linear, src, scheme, lw, keep_compressed, options,
+                                             f"{path}: {engine_name}")
             if module is not None:
                 set_submodule(model, engine_name, module.to(linear.weight.device))
                 compressed += 1
