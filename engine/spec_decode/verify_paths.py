@@ -35,7 +35,7 @@ import torch
 
 from engine.cuda_graphs import EngineGraphs, gpu_seconds
 from engine.layers.sampler import device_tensor
-from engine.parallel.group import broadcast_from_first
+from engine.parallel.group import broadcast_from_first, tp_size
 from engine.parallel.workers import RunnerStep
 from kernels.gemv import SMALL_M
 
@@ -55,7 +55,7 @@ class VerifyStep(RunnerStep):
     def run(self, runner: Any, ids: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 logits [tokens, vocab]; ``ids``: rank 0's device tokens (None on the workers)."""
         with torch.inference_mode():
-            if self.device_ids:
+            if self.device_ids and tp_size() > 1:  # the workers take rank 0's tokens
                 if ids is None:
                     ids = torch.empty(sum(len(c[0]) for c in self.chunks), dtype=torch.int64, device=runner.device)
                 ids = broadcast_from_first(ids.to(torch.int64).contiguous())
