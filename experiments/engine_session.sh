@@ -13,6 +13,7 @@
 #   experiments/engine_session.sh stash        # carry .gpu/wheels + .gpu/t/p00 + .gpu/data: only stash them (seconds)
 #   experiments/engine_session.sh pipeline     # after `quant` or `stash`, carry .gpu/t/p01 p02 .gpu/corpus: the default pipeline
 #   experiments/engine_session.sh evalref      # right after `pipeline`: its eval=gpu reference run (issue 15)
+#   experiments/engine_session.sh drafter      # after `stash`, carry .gpu/t/p01 p02: drafters TVD vs CE, 2:4 rows, sampler test
 #   experiments/engine_session.sh kernels      # carry .gpu/wheels: GPU tests of the multi-query verify, 2:4 and
 #                                              # tinygemm paths; verify cost; the 2:4 quant rows
 #   experiments/engine_session.sh tp           # nvidia-h200-x2, carry .gpu/wheels: GPU links, the two-GPU tests,
@@ -68,8 +69,9 @@ case "${1:?verb}" in
       --cache-dir "$H/cache" --json "$OUTDIR/drafter.jsonl" ${DRAFTER_ARGS:-} | tail -n 8
     timeout "${PQ_S:-200}" python3 experiments/prune_quant.py --model "$H/smol" --data-dir "$D" --out "$OUTDIR/prune_quant" \
       --tf32 --group-size 64 --ft-steps 60 --variants dense,int4_g64_awq,int4_g64_gptq | tail -n 8;;
-  stash)
-    mkdir -p "$H/t" "$H/data" && cp .gpu/t/p00 "$H/t/" && cp -r .gpu/data/. "$H/data/" && ls "$H/t" "$H/data";;
+  stash)  # and the copy and matmul ceilings, the first call's duty
+    mkdir -p "$H/t" "$H/data" && cp .gpu/t/p00 "$H/t/" && cp -r .gpu/data/. "$H/data/" && ls "$H/t" "$H/data"
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader; $B ceilings;;
   int4)  # carry .gpu/wheels + .gpu/t/p00 + .gpu/data (stashed for `pipeline` next): int4 on tinygemm vs Triton
     mkdir -p "$H/t" "$H/data"; [ -f .gpu/t/p00 ] && cp .gpu/t/p00 "$H/t/"; [ -d .gpu/data ] && cp -r .gpu/data/. "$H/data/"
     timeout ${TESTS_S:-120} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/test_int4_tinygemm.py \
@@ -86,6 +88,17 @@ case "${1:?verb}" in
       --context 512 2048 > "$OUTDIR/verify_cost.log" 2>&1; tail -n 8 "$OUTDIR/verify_cost.log"
     timeout ${QUANT_S:-150} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_24.jsonl" --batch 1 16 \
       --only bf16 sparse24 sparse24_int4_g128 --prefill-tokens 1024 4080 > "$OUTDIR/quant_24.log" 2>&1
+    grep -v Warn "$OUTDIR/quant_24.log" | tail -n 10;;
+  drafter)  # after `stash`, carry .gpu/t/p01 p02: the drafter preset at a real budget (TVD vs CE), the 2:4 rows,
+            # the engine sampler's graphed GPU test
+    cp .gpu/t/p01 .gpu/t/p02 "$H/t/" && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"
+    timeout ${DRAFTER_S:-360} python3 experiments/drafter_bench.py --teacher "$H/t/smol.gguf" --data-dir "$H/data" \
+      --out "$H/drafters" --cache-dir "$H/cache" --json "$OUTDIR/drafter.jsonl" ${DRAFTER_ARGS:-} > "$OUTDIR/drafter.log" 2>&1
+    grep -v Warn "$OUTDIR/drafter.log" | tail -n 12
+    timeout ${TESTS_S:-60} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/shrink/test_engine_sampler.py \
+      > "$OUTDIR/sampler_tests.txt" 2>&1; tail -n 4 "$OUTDIR/sampler_tests.txt"
+    timeout ${QUANT_S:-150} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_24.jsonl" --batch 1 16 \
+      --only bf16 sparse24 sparse24_int4_g128 int4_g128@auto --prefill-tokens 1024 4080 > "$OUTDIR/quant_24.log" 2>&1
     grep -v Warn "$OUTDIR/quant_24.log" | tail -n 10;;
   sparse24)  # carry .gpu/wheels: the 2:4 rows alone
     timeout ${QUANT_S:-150} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_24.jsonl" --batch 1 16 \
