@@ -74,6 +74,7 @@ class Sparse24Linear(CompressedLinear):
     candidates on a GPU at first use (outside graph capture: the engine warms up eagerly before
     capturing), once per layer shape, and takes the faster per bucket (m_bucket). A layer never
     holds a dense weight beside its 2:4 form: where a kept dense weight beats the GEMV at batch 1,
+    or where the GEMV's time summed over the decode buckets exceeds the kept dense weight's,
     the layer keeps only a dense weight (logged: it no longer saves memory); else it keeps the 2:4
     form, decodes every batch with the GEMV, and the prefill buckets where dense won (timed as they
     then run: the dense weight rebuilt for the call) rebuild it. "sparse" takes the
@@ -196,7 +197,8 @@ class Sparse24Linear(CompressedLinear):
         timings = "; ".join(f"m={m}: " + ", ".join(f"{p} {s * 1e6:.1f} us" for p, s in t.items())
                             for m, t in measured.items())
         shape = f"[{self.out_features}, {self.in_features}]"
-        if self.paths.get(DECODE_BUCKETS[0]) == "dense" or set(self.paths.values()) == {"dense"}:
+        if self.paths.get(DECODE_BUCKETS[0]) == "dense" or set(self.paths.values()) == {"dense"} or \
+                self.gemv_loses_decode(measured):
             self.keep_dense_only(dtype, device)
             log.info("2:4 layer %s: dense wins at decode (%s): keeping one dense %s weight, "
                      "%.1f MB (the 2:4 form saved none here)", shape, timings, dtype,
@@ -211,6 +213,15 @@ class Sparse24Linear(CompressedLinear):
                 log.info("2:4 layer %s: dense faster at decode batches %s, but only with a dense weight kept beside "
                          "the 2:4 form: the GEMV takes them", shape, dense_decode)
             log.info("2:4 layer %s: paths %s (%s)", shape, self.paths, timings)
+
+    @staticmethod
+    def gemv_loses_decode(measured: dict[int, dict[str, float]]) -> bool:
+        """Whether the 2:4 form alone (every decode batch on the GEMV) costs more than a kept dense
+        weight over the decode buckets taken together, each bucket counted once: a GEMV that wins
+        batch 1 by a little but loses the multi-row batches by much (the H200's 7B MLP shapes: 57
+        against 77 us at one row, 330-380 against 55-80 at 2-16) must not keep the 2:4 form."""
+        rows = [measured[m] for m in DECODE_BUCKETS if m in measured and {"gemv", "dense"} <= measured[m].keys()]
+        return bool(rows) and sum(t["gemv"] for t in rows) > sum(t["dense"] for t in rows)
 
     def keep_dense_only(self, dtype: torch.dtype, device: torch.device) -> None:
         """Keep only the dense weight of dtype: the kept half, positions, scales and any

@@ -270,6 +270,30 @@ def test_dense_winning_only_larger_decode_batches_keeps_the_2_4_form(kind, monke
     assert "dense faster at" in caplog.text
 
 
+@pytest.mark.parametrize("kind", ["bf16", "int4"])
+def test_a_gemv_winning_batch_1_by_little_but_losing_the_other_decode_batches_by_much_keeps_dense(
+        kind, monkeypatch, caplog):
+    """The H200's 7B MLP shape (22016x4096, 2026-11-29, benchmarks/2026-11-29-h200-s8/quant_24.jsonl):
+    the GEMV 56.5 us against dense 76.6 at one row, 334-381 us against 76-80 at 2-16 rows. Keeping the
+    2:4 form alone made every multi-row decode step 4-6x slower there (batch 16 at 0.25x bf16): the
+    decode buckets taken together decide, and here dense wins them."""
+    module = layer(kind)
+    us = {1: (56.5, 76.6), 2: (334.3, 77.8), 4: (341.2, 79.3), 8: (354.8, 79.8), 16: (381.1, 75.7)}
+
+    def seconds(run) -> float:
+        path, x = run.args
+        run()
+        return us[x.shape[0]][0 if path == "gemv" else 1] * 1e-6
+
+    monkeypatch.setattr(sparse24, "gpu_seconds", seconds)
+    with caplog.at_level(logging.INFO, logger="engine.layers.sparse24"):
+        module.time_paths(torch.float32, CPU)
+    assert module.kept is None and module.meta is None and module.weight is not None
+    assert module.paths[1] == "gemv", "batch 1 alone still prefers the GEMV: the record says so"
+    assert "dense wins at decode" in caplog.text
+    assert module.candidates(1, torch.float32, CPU) == ["dense"]
+
+
 def test_sparse24_path_is_an_engine_setting_checked_by_name(model_dir):
     """LLM(path, sparse24_path=...) reaches every 2:4 layer through ModelOptions; a wrong value is
     one error naming the setting, when the config is made (before any loading)."""
