@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from engine.cuda_graphs import decode_buckets, gpu_seconds
+from engine.parallel.group import group_for
 from engine.spec_decode.ngram import NgramProposer, ngram_proposal
 from engine.spec_decode.policy import StepCosts
 from engine.spec_decode.verify_paths import Chunks, VerifyStep
@@ -66,6 +67,12 @@ def _target_decode(runner: Any, chunks: Chunks) -> torch.Tensor:
     return runner.tp_workers.run(step, lambda s: s.run(runner))
 
 
+def _draft_decode(runner: Any, chunks: Chunks) -> torch.Tensor:
+    """A draft model's decode forward over one-token chunks (its decode graphs), on rank 0 alone."""
+    with group_for(runner.config.tensor_parallel_size):
+        return runner.verify_paths.pseudo_row_logits(chunks)
+
+
 def measure_step_costs(target: Any, proposer: Any, k_max: int, max_batch_size: int,
                        context: int = CONTEXT) -> StepCosts:
     """StepCosts of this engine's target and drafter (a DraftModelProposer's ``runner``, or an
@@ -87,8 +94,7 @@ def measure_step_costs(target: Any, proposer: Any, k_max: int, max_batch_size: i
             if ngram:
                 draft.append(lookup * n)
             else:
-                paths = proposer.runner.verify_paths
-                draft.append(_seconds(lambda: paths.pseudo_row_logits(one_token), device))
+                draft.append(_seconds(lambda: _draft_decode(proposer.runner, one_token), device))
             for k in verify:
                 chunks = [([0] * (k + 1), context, blocks)] * n
                 verify[k].append(_seconds(lambda: target.verify_paths.all_logits(chunks), device))

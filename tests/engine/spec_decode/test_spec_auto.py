@@ -5,6 +5,8 @@ injects step costs (CPU timings of tiny models say nothing about a GPU's)."""
 
 from __future__ import annotations
 
+import faulthandler
+
 import pytest
 import torch
 from tiny_models import COMMON, prompts
@@ -17,6 +19,7 @@ from engine.spec_decode.policy import SpecPolicy, StepCosts
 
 TARGET = "llama_gqa_untied"
 K = 3
+HANG_S = 240
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +118,31 @@ def test_ngram_on_a_looping_model_keeps_speculating(looping_target):
     assert m.acceptance_rate > 0.5 and m.mean_accepted_length > 2
     decode_steps = sum(policy.steps_by_k)
     assert policy.steps_by_k[0] <= decode_steps // 10 and policy.num_probes == 0
+
+
+def test_two_ranks_measure_and_run_the_auto_policy(target, bad_draft):
+    """Under tensor parallelism the startup timing runs every target forward on both ranks (a
+    VerifyStep each), the draft's on rank 0 alone (a draft forward inside the ranks' group waited
+    forever for rank 1); greedy tokens equal one rank's without speculation."""
+    faulthandler.dump_traceback_later(HANG_S, exit=True)  # a hang fails the run, with its traceback
+    try:
+        _two_ranks(target, bad_draft)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _two_ranks(target: str, bad_draft: str) -> None:
+    ps = prompts(3, seed=7, lo=4, hi=30)
+    params = _greedy(20)
+    kw = dict(device="cpu", dtype="float32", max_model_len=160, num_kv_blocks=96)
+    base = [o.token_ids for o in LLM(target, **kw).generate(_ids(ps), params)]
+    spec = {"model": bad_draft, "num_speculative_tokens": K, "num_speculative_tokens_per_batch_size": "auto",
+            "max_batch_size": 4}
+    llm = LLM(target, tensor_parallel_size=2, speculative_config=spec, **kw)
+    try:
+        costs = llm.engine.spec_worker.policy.costs
+        assert costs.batch_sizes == [1, 2, 4] and all(t > 0 for t in costs.decode + costs.verify[K])
+        out = [o.token_ids for o in llm.generate(_ids(ps), params)]
+    finally:
+        llm.close()
+    assert out == base and llm.engine.num_spec_steps > 0
