@@ -7,10 +7,11 @@ For a decode batch of n sequences the policy takes
 
 where a_j is the estimated rate at which draft position j is accepted given positions 0..j-1 were
 (AcceptanceEstimate), expected_tokens(a, k) = 1 + sum_{j<k} prod_{i<=j} a_i (the accepted drafts
-plus the target's own token), and step_seconds is the plain decode step for k = 0, else the draft
-(k forwards of a model drafter, plus its one-token catch-up after a fully accepted round; one
-host lookup of n-gram) plus the verify of k + 1 tokens per sequence, all measured by the engine
-at startup (step_costs.py). k > 0 must beat plain decoding by MIN_GAIN, so a tie decodes plainly.
+plus the target's own token), and step_seconds is a plain decode step (per token of the
+multi-step decode where the engine runs one) for k = 0, else drafting k tokens (a model drafter's
+k forwards, plus its one-token catch-up after a fully accepted round; n-gram's host lookup) plus
+the verify of k + 1 tokens per sequence, all measured by the engine at startup (step_costs.py).
+k > 0 must beat plain decoding by MIN_GAIN, so a tie decodes plainly.
 
 Acceptance is a decayed count with a Beta prior (PRIOR_RATE over PRIOR_TRIALS pseudo-trials), so a
 new engine speculates (WARMUP_TRIALS sequence-steps at k_max whatever the costs say) and then
@@ -35,22 +36,23 @@ PROBE_MIN, PROBE_MAX = 16, 256  # plain steps between probes while k* = 0
 
 @dataclass
 class StepCosts:
-    """Seconds of one decode step per measured batch size (ascending); a batch of n sequences costs
+    """Seconds per decode step, per measured batch size (ascending); a batch of n sequences costs
     what the smallest measured size >= n does (a CUDA graph bucket pads n up to its size)."""
 
     batch_sizes: list[int]
-    decode: list[float]  # a plain decode step
-    draft: list[float]  # a model drafter's one decode forward, or the n-gram lookup of the batch
+    decode: list[float]  # plain decoding, per step of one token per sequence
+    draft: dict[int, list[float]]  # by k: drafting k tokens per sequence (n-gram: the host lookup)
     verify: dict[int, list[float]]  # by k: the verify forward of k + 1 tokens per sequence
-    draft_per_token: bool = True  # a model drafter runs k forwards; n-gram looks up once per step
+    catch_up: bool = True  # a draft model forwards one token first after a fully accepted round
     measure_s: float = 0.0  # what measuring took at startup
 
     def __post_init__(self) -> None:
         n = len(self.batch_sizes)
-        if n == 0 or sorted(self.batch_sizes) != list(self.batch_sizes) or len(self.decode) != n or len(self.draft) != n:
-            raise ValueError("StepCosts: ascending batch_sizes, and one decode and draft cost for each")
-        if not self.verify or any(len(v) != n for v in self.verify.values()):
-            raise ValueError("StepCosts: a verify cost per batch size for every k")
+        if n == 0 or sorted(self.batch_sizes) != list(self.batch_sizes) or len(self.decode) != n:
+            raise ValueError("StepCosts: ascending batch_sizes, and a decode cost for each")
+        if not self.verify or sorted(self.draft) != sorted(self.verify) or any(
+                len(v) != n for v in (*self.verify.values(), *self.draft.values())):
+            raise ValueError("StepCosts: a draft and a verify cost per batch size for every k")
 
     def index(self, n: int) -> int:
         return next((i for i, b in enumerate(self.batch_sizes) if b >= n), len(self.batch_sizes) - 1)
@@ -61,17 +63,18 @@ class StepCosts:
 
     def step_seconds(self, n: int, k: int, p_full: float = 0.0) -> float:
         """One step of n sequences at k (0: plain decoding). ``p_full``: the chance that all k drafts
-        of a round are accepted, when the draft model then catches up one token before drafting."""
+        of a round are accepted, when a draft model then catches up one token before drafting."""
         i = self.index(n)
         if k == 0:
             return self.decode[i]
-        draft = self.draft[i] * (k + p_full) if self.draft_per_token else self.draft[i]
-        return draft + self.verify[k][i]
+        catch_up = p_full * self.draft[1][i] if self.catch_up else 0.0
+        return self.draft[k][i] + catch_up + self.verify[k][i]
 
     def as_dict(self) -> dict:
-        return {"batch_sizes": list(self.batch_sizes), "decode_s": list(self.decode), "draft_s": list(self.draft),
+        return {"batch_sizes": list(self.batch_sizes), "decode_s": list(self.decode),
+                "draft_s": {str(k): list(v) for k, v in sorted(self.draft.items())},
                 "verify_s": {str(k): list(v) for k, v in sorted(self.verify.items())},
-                "draft_per_token": self.draft_per_token, "measure_s": self.measure_s}
+                "catch_up": self.catch_up, "measure_s": self.measure_s}
 
 
 def expected_tokens(rates: Seq[float], k: int) -> float:

@@ -60,9 +60,11 @@ def _greedy(max_tokens: int) -> SamplingParams:
 
 
 def _injected(sizes: list[int], draft: float, per_token: bool) -> StepCosts:
-    """A memory-bound GPU's shape: a decode of 1, a verify of k + 1 tokens of 1 + 0.05 k."""
-    return StepCosts(sizes, [1.0] * len(sizes), [draft] * len(sizes),
-                     {k: [1 + 0.05 * k] * len(sizes) for k in range(1, K + 1)}, draft_per_token=per_token)
+    """A memory-bound GPU's shape: a decode of 1, a verify of k + 1 tokens of 1 + 0.05 k; a draft of
+    k tokens of k * ``draft`` (``per_token``: a model's forwards) or ``draft`` (n-gram's lookup)."""
+    n = len(sizes)
+    return StepCosts(sizes, [1.0] * n, {k: [draft * (k if per_token else 1)] * n for k in range(1, K + 1)},
+                     {k: [1 + 0.05 * k] * n for k in range(1, K + 1)}, catch_up=per_token)
 
 
 def test_startup_measures_every_batch_size_and_k(target, bad_draft):
@@ -72,8 +74,9 @@ def test_startup_measures_every_batch_size_and_k(target, bad_draft):
             "max_batch_size": 6}
     llm = LLM(target, device="cpu", speculative_config=spec)
     costs = llm.engine.spec_worker.policy.costs
-    assert costs.batch_sizes == [1, 2, 4, 6] and sorted(costs.verify) == [1, 2, 3] and costs.draft_per_token
-    assert all(t > 0 for t in costs.decode + costs.draft + [t for v in costs.verify.values() for t in v])
+    assert costs.batch_sizes == [1, 2, 4, 6] and sorted(costs.verify) == sorted(costs.draft) == [1, 2, 3]
+    assert costs.catch_up
+    assert all(t > 0 for t in costs.decode + [t for d in (costs.draft, costs.verify) for v in d.values() for t in v])
     assert 0 < costs.measure_s < 60
     llm.generate(_ids(prompts(2, seed=1, lo=3, hi=10)), _greedy(5))
     stats = llm.engine.stats()["spec_decode"]["policy"]
@@ -141,7 +144,7 @@ def _two_ranks(target: str, bad_draft: str) -> None:
     llm = LLM(target, tensor_parallel_size=2, speculative_config=spec, **kw)
     try:
         costs = llm.engine.spec_worker.policy.costs
-        assert costs.batch_sizes == [1, 2, 4] and all(t > 0 for t in costs.decode + costs.verify[K])
+        assert costs.batch_sizes == [1, 2, 4] and all(t > 0 for t in costs.decode + costs.verify[K] + costs.draft[K])
         out = [o.token_ids for o in llm.generate(_ids(ps), params)]
     finally:
         llm.close()

@@ -9,11 +9,14 @@ from engine.spec_decode import policy as P
 from engine.spec_decode.policy import AcceptanceEstimate, SpecPolicy, StepCosts, choose_k, expected_tokens
 
 
-def _costs(sizes=(1,), decode=(1.0,), draft=(0.1,), verify=None, k_max: int = 3, per_token: bool = True) -> StepCosts:
-    """Per batch size: a decode of ``decode``, a draft forward of ``draft``, a verify of k + 1 tokens
-    of decode * (1 + 0.1 k) unless ``verify`` says otherwise."""
+def _costs(sizes=(1,), decode=(1.0,), draft=(0.1,), verify=None, k_max: int = 3, catch_up: bool = True,
+           per_token: bool = True) -> StepCosts:
+    """Per batch size: a decode of ``decode``, a draft of k tokens of k * ``draft`` (``per_token``,
+    a model drafter's k forwards; else ``draft`` for any k, n-gram's one lookup), a verify of k + 1
+    tokens of decode * (1 + 0.1 k) unless ``verify`` says otherwise."""
     verify = verify or {k: [d * (1 + 0.1 * k) for d in decode] for k in range(1, k_max + 1)}
-    return StepCosts(list(sizes), list(decode), list(draft), verify, draft_per_token=per_token)
+    drafts = {k: [d * (k if per_token else 1) for d in draft] for k in verify}
+    return StepCosts(list(sizes), list(decode), drafts, verify, catch_up=catch_up)
 
 
 def test_expected_tokens_by_hand():
@@ -38,10 +41,12 @@ def test_choose_k_by_hand():
     assert choose_k([0.01, 0, 0], _costs(draft=(0.0,), verify={k: [1.0] for k in (1, 2, 3)}), 1, 3) == 0
 
 
-def test_ngram_draft_cost_is_once_per_step():
-    costs = _costs(draft=(0.3,), per_token=False)
-    assert costs.step_seconds(1, 3) == pytest.approx(0.3 + 1.3)
+def test_a_draft_models_catch_up_is_counted_and_ngrams_is_not():
+    ngram = _costs(draft=(0.3,), catch_up=False, per_token=False)
+    assert ngram.step_seconds(1, 3, p_full=0.5) == pytest.approx(0.3 + 1.3)
+    # A fully accepted round (here half of them) leaves the draft one token to catch up: a forward more.
     assert _costs(draft=(0.3,)).step_seconds(1, 3, p_full=0.5) == pytest.approx(0.3 * 3.5 + 1.3)
+    assert _costs(draft=(0.3,)).step_seconds(1, 0) == 1.0
 
 
 def test_batch_size_dependence_through_the_cost_table():
@@ -57,9 +62,11 @@ def test_batch_size_dependence_through_the_cost_table():
 
 def test_step_costs_checks_its_table():
     with pytest.raises(ValueError, match="ascending"):
-        StepCosts([4, 1], [1.0, 1.0], [0.1, 0.1], {1: [1.0, 1.0]})
+        StepCosts([4, 1], [1.0, 1.0], {1: [0.1, 0.1]}, {1: [1.0, 1.0]})
     with pytest.raises(ValueError, match="every k"):
-        StepCosts([1, 4], [1.0, 1.0], [0.1, 0.1], {1: [1.0]})
+        StepCosts([1, 4], [1.0, 1.0], {1: [0.1, 0.1]}, {1: [1.0]})
+    with pytest.raises(ValueError, match="every k"):
+        StepCosts([1, 4], [1.0, 1.0], {1: [0.1, 0.1]}, {1: [1.0, 1.0], 2: [1.0, 1.0]})
 
 
 def test_acceptance_estimate_counts_conditional_rates():
