@@ -19,7 +19,11 @@ follows the workload. While k* = 0 nothing is observed, so every ``probe_interva
 step speculates at k_max to refresh the estimate; the interval doubles (PROBE_MIN..PROBE_MAX) each
 time a probe leaves k* at 0, and returns to PROBE_MIN once speculation pays again, so a drafter that
 never pays costs at most one probe per PROBE_MAX steps. Which k runs never changes greedy output:
-every k is verified losslessly."""
+every k is verified losslessly.
+
+The plain cost is a greedy batch's multi-step decode per token; a batch with sampled rows (or with
+requests waiting) decodes one token per step, which costs more, so there the policy errs towards
+plain decoding: it may leave a gain unused, never take a loss it could see."""
 
 from __future__ import annotations
 
