@@ -96,8 +96,9 @@ def test_a_bad_draft_model_stops_speculating_after_warm_up(target, bad_draft):
     spec = {"model": bad_draft, "num_speculative_tokens": K, "num_speculative_tokens_per_batch_size": "auto"}
     llm = LLM(target, device="cpu", num_decode_steps=1, speculative_config=spec)
     engine = llm.engine
-    # A draft forward at a tenth of the target's: a drafter that agreed would pay.
-    policy = engine.spec_worker.policy = SpecPolicy(K, 16, _injected([1, 2, 4, 8, 16], 0.1, True))
+    # A draft forward at a fifth of the target's: a drafter that always agreed would give 2x; this
+    # one would need to be accepted over a third of the time at position 0 to pay at all.
+    policy = engine.spec_worker.policy = SpecPolicy(K, 16, _injected([1, 2, 4, 8, 16], 0.2, True))
     out = [o.token_ids for o in llm.generate(_ids(ps), params)]
     assert out == base
     warm_steps = P.WARMUP_TRIALS // len(ps)  # each step observes both sequences
