@@ -151,7 +151,10 @@ class SpecPolicy:
         self.probe_interval = PROBE_MIN
         self.plain_steps = 0  # since the last speculative step
         self.num_probes = 0
-        self.steps_by_k = [0] * (k_max + 1)  # decode steps the policy gave each k (0: plain)
+        # Decode steps the policy gave each k (0: plain; a step the pool lacks blocks for still decodes
+        # plainly), and the latest k.
+        self.steps_by_k = [0] * (k_max + 1)
+        self.last_k = k_max
 
     def k_for_step(self, n: int) -> int:
         """Draft tokens per sequence for a decode step of n sequences (0: decode plainly)."""
@@ -170,12 +173,13 @@ class SpecPolicy:
             else:
                 self.plain_steps, self.probe_interval = 0, PROBE_MIN
         self.steps_by_k[k] += 1
+        self.last_k = k
         return k
 
     def observe(self, asked: Seq[int], accepted: Seq[int]) -> None:
         self.acceptance.observe(asked, accepted)
 
     def as_dict(self) -> dict:
-        return {"policy": "auto", "steps_by_k": list(self.steps_by_k), "num_probes": self.num_probes,
-                "probe_interval": self.probe_interval, "acceptance_estimate": self.acceptance.rates,
+        return {"policy": "auto", "last_k": self.last_k, "steps_by_k": list(self.steps_by_k),
+                "num_probes": self.num_probes, "probe_interval": self.probe_interval, "acceptance_estimate": self.acceptance.rates,
                 "costs": self.costs.as_dict()}

@@ -139,5 +139,6 @@ def test_batches_past_max_batch_size_and_by_cost():
     _drive(policy, 50, lambda t: 3)  # warmed up on a drafter that always agrees
     assert [policy.k_for_step(n) for n in (1, 16, 17)] == [3, 0, 0]
     d = policy.as_dict()
+    assert d["last_k"] == 0  # the step of 16
     assert d["policy"] == "auto" and d["costs"]["batch_sizes"] == [1, 16] and d["costs"]["verify_s"]["3"] == [1.3, 8.0]
     assert sum(d["steps_by_k"]) == 52  # the step of 17 sequences is past max_batch_size, not the policy's
