@@ -181,5 +181,5 @@ class SpecPolicy:
 
     def as_dict(self) -> dict:
         return {"policy": "auto", "last_k": self.last_k, "steps_by_k": list(self.steps_by_k),
-                "num_probes": self.num_probes, "probe_interval": self.probe_interval, "acceptance_estimate": self.acceptance.rates,
-                "costs": self.costs.as_dict()}
+                "num_probes": self.num_probes, "probe_interval": self.probe_interval,
+                "acceptance_estimate": self.acceptance.rates, "costs": self.costs.as_dict()}
