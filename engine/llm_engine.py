@@ -84,7 +84,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
             self.config.enable_chunked_prefill, self.config.num_decode_steps, self.config.max_model_len,
-            spec_k=spec.k_for_step if spec is not None else None,
+            spec_k=self.spec_worker.k_for_step if self.spec_worker is not None else None,
         )
         self.vocab_size = int(self.config.hf_config.vocab_size)
         self.max_model_len = self.config.max_model_len
@@ -98,12 +98,12 @@ class LLMEngine:
         if spec is None:
             return None
         if draft_config is None:
-                return SpecDecodeWorker(self.runner, NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max),
-                                    self.eos_token_ids)
+            return SpecDecodeWorker(self.runner, NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max),
+                                    self.eos_token_ids, spec)
         # Same pool size: every block id of a sequence's table exists in both caches.
         self.draft_runner = ModelRunner(replace(draft_config, num_kv_blocks=self.runner.num_blocks), self.eos_token_ids)
         proposer = DraftModelProposer(self.draft_runner, self.eos_token_ids)
-        return SpecDecodeWorker(self.runner, proposer, self.eos_token_ids)
+        return SpecDecodeWorker(self.runner, proposer, self.eos_token_ids, spec)
 
     def close(self) -> None:
         """Stop the tensor-parallel workers (they also stop at exit, or when this process is gone)."""
@@ -115,11 +115,12 @@ class LLMEngine:
         return self.spec_worker.metrics if self.spec_worker is not None else None
 
     def stats(self) -> dict[str, Any]:
-        """Step counters, preemptions and, with speculation, its metrics (SpecDecodeMetrics.as_dict)."""
+        """Step counters, preemptions and, with speculation, its metrics (SpecDecodeWorker.stats:
+        SpecDecodeMetrics.as_dict, and under ``auto`` the policy's chosen k and step costs)."""
         out: dict[str, Any] = {"num_steps": self.num_steps, "num_multi_steps": self.num_multi_steps,
                                "num_spec_steps": self.num_spec_steps, "num_preemptions": self.scheduler.num_preemptions}
         if self.spec_worker is not None:
-            out["spec_decode"] = self.spec_worker.metrics.as_dict()
+            out["spec_decode"] = self.spec_worker.stats()
         return out
 
     # -- requests ----------------------------------------------------------------------------

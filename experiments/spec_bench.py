@@ -22,8 +22,14 @@ acceptance  works today. The target's greedy continuations come from the engine 
 speed       tok/s of LLM.generate without speculation and with ``speculative_config`` for n-gram, each
             --draft directory and each --truncated copy of the target (its first N layers, built here), at
             each k and batch size (1, 4, 16, 64): median of --repeats runs after a warm-up, with the
-            acceptance metrics; the per-batch-size k policy they recommend (0 where speculation does not
-            pay); then verify-cost at --verify-shape. One process, variants past --budget-s skipped.
+            acceptance metrics; then (--auto, the default) k "auto": num_speculative_tokens_per_batch_size
+            "auto" up to the largest k, the engine choosing k per step from the step costs it measured
+            at startup (the row's ``policy``: steps per chosen k, probes, the cost table) and the
+            acceptance it sees. Expected: never below ~0.98x of no speculation (0 where no fixed k pays,
+            e.g. the distilled SmolLM2-135M drafter at batch 16, fixed k=4 0.70x; the probes cost ~1%),
+            and within a few % of the best fixed k where one pays. Then the per-batch-size k policy the
+            fixed-k rows recommend (0 where speculation does not pay); then verify-cost at
+            --verify-shape. One process, variants past --budget-s skipped.
 verify-cost the target's verify forward (k + 1 tokens after a context, logits at every row) through
             every path (decode pseudo-rows, the varlen prefill path, each also with multi-query
             decode attention: pseudo_rows_mq, prefill_mq), against one decode step
@@ -275,18 +281,29 @@ def free_device_memory() -> None:
 
 def _speed_variant(args, workload: str, name: str, spec: dict | None, prompts: list[list[int]],
                    engine_kwargs: dict, base: dict[int, float]) -> list[dict]:
-    """One engine's rows (every k and batch size); the engine dies when this returns."""
+    """One engine's rows (every k and batch size, then k "auto": the engine's measured policy, its
+    step costs timed when the engine was built, a fresh acceptance estimate per batch size); the
+    engine dies when this returns."""
     from engine import LLM
+    from engine.spec_decode.policy import SpecPolicy
 
+    if spec is not None and args.auto:
+        spec = {**spec, "num_speculative_tokens_per_batch_size": "auto"}
     llm = LLM(args.target, **engine_kwargs, **({"speculative_config": spec} if spec else {}))
     engine = llm.engine
+    worker = engine.spec_worker
     rows = []
-    for k in ([0] if spec is None else args.ks):
-        if spec is not None:
+    for k in ([0] if spec is None else args.ks + (["auto"] if args.auto else [])):
+        if k == "auto":
+            engine.scheduler.spec_k = worker.k_for_step
+        elif spec is not None:
             engine.scheduler.spec_k = lambda n, k=k: k
         for bs in args.batch:
-            if engine.spec_worker is not None:
-                engine.spec_worker.metrics = SpecDecodeMetrics()
+            if worker is not None:
+                worker.metrics = SpecDecodeMetrics()
+            if k == "auto":
+                measured = worker.policy
+                worker.policy = SpecPolicy(measured.k_max, measured.max_batch_size, measured.costs)
             tok_s, runs = _median_tok_s(llm, (prompts * bs)[:bs], args.new_tokens, args.repeats)
             if spec is None:
                 base[bs] = tok_s
@@ -294,6 +311,8 @@ def _speed_variant(args, workload: str, name: str, spec: dict | None, prompts: l
             row = {"bench": "speed", "workload": workload, "spec": name, "k": k, "batch": bs,
                    "tok_s": tok_s, "runs_tok_s": runs, "speedup": tok_s / base[bs] if bs in base else None,
                    "metrics": m.as_dict() if m is not None else None}
+            if k == "auto":
+                row["policy"] = worker.policy.as_dict()  # the k it chose (steps_by_k), probes, costs
             rows.append(row)
             emit(row, args.json)
     return rows
@@ -366,10 +385,10 @@ def speed(args) -> None:
 def recommend_policy(rows: list[dict], min_speedup: float = 1.02) -> dict[int, int]:
     """{batch size: k} from speed rows of one drafter: the fastest k per batch size, or 0 (plain
     decoding) where no k beats it by ``min_speedup``, so the policy is never slower than no
-    speculation (within the measurement)."""
+    speculation (within the measurement). The "auto" rows are the engine's own policy, not a k."""
     best: dict[int, tuple[float, int]] = {}
     for r in rows:
-        if r.get("speedup") is None:
+        if r.get("speedup") is None or r["k"] == "auto":
             continue
         bs, cand = r["batch"], (r["speedup"], r["k"])
         if bs not in best or cand > best[bs]:
@@ -493,6 +512,8 @@ def main(argv: list[str] | None = None) -> None:
     sub.choices["speed"].add_argument("--truncated", type=int, nargs="*", default=[4],
                                       help="drafters made of the target's first N layers (+ norm and head)")
     sub.choices["speed"].add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
+    sub.choices["speed"].add_argument("--auto", action=argparse.BooleanOptionalAction, default=True,
+                                      help='also k "auto" (the engine\'s measured policy, up to the largest --ks)')
     sub.choices["speed"].add_argument("--budget-s", type=float, default=270.0,
                                       help="variants starting later are skipped (the whole run stays < 6 min)")
     sub.choices["speed"].add_argument("--verify-shape", default="llama2-7b",

@@ -8,6 +8,9 @@ one forward, rejection sampling keeps the output distribution the target's (gree
     rejection.py  verify(): greedy matching and batched rejection sampling, no host sync
     draft_sampler.py  sample_draft(): one draft step's tokens and probabilities q, no host sync
     metrics.py    SpecDecodeMetrics: acceptance counters and draft/verify time
+    policy.py     SpecPolicy: num_speculative_tokens_per_batch_size "auto", k per step from step costs
+                  and the acceptance observed (0 where speculation does not pay)
+    step_costs.py measure_step_costs(): those step costs, timed by the engine at startup
 
     min_tokens.py ban_stop_tokens(): min_tokens in draft and target logits
     draft_model.py DraftModelProposer: the draft ModelRunner's catch-up + k - 1 decode forwards
@@ -24,7 +27,10 @@ How it runs in the engine:
    plus the draft's KV bytes per token. Both runners run on one stream.
 2. Scheduling. A decode step of n <= max_batch_size sequences with k = k_for_step(n) > 0 reserves
    blocks for n_i + 1 positions per sequence (n_i = draft_limit) and becomes a speculative step
-   (``ScheduledBatch.num_draft``); without the blocks it decodes plainly.
+   (``ScheduledBatch.num_draft``); without the blocks it decodes plainly. k_for_step is
+   SpecDecodeWorker.k_for_step: the config's table, or under "auto" the SpecPolicy's choice from the
+   step costs the worker measured once both runners held their graphs (step_costs.py) and the
+   per-position acceptance of the steps so far.
 3. Draft (draft_model.py). ``seq.draft_computed`` says how far the draft's K/V goes. A sequence
    lagging by more than its last token first catches up (VerifyPaths.last_logits: as decode
    pseudo-rows, one decode graph replay, where the tokens fit, else the varlen prefill path; after a
@@ -46,7 +52,8 @@ How it runs in the engine:
    max_tokens; Scheduler.finish_step sets num_computed_tokens = len - 1, clamps draft_computed to it
    and releases blocks past the kept tokens (BlockManager.release_unused). Rejected entries in kept
    blocks are overwritten by position later; hashes only ever cover kept, computed tokens.
-6. Metrics. SpecDecodeWorker.metrics (engine.spec_metrics, engine.stats()["spec_decode"]).
+6. Metrics. SpecDecodeWorker.metrics (engine.spec_metrics, engine.stats()["spec_decode"]; under
+   "auto" also its ``policy``: steps per chosen k, probes, the acceptance estimate, the cost table).
 7. Tensor parallelism (``tensor_parallel_size`` > 1, engine/parallel). The target is sharded and
    its workers hold the same verify graphs (built with rank 0's runner arguments). Each verify is a
    VerifyStep sent over the step channel: the path rank 0 chose and the chunks (tokens, positions,

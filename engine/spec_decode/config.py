@@ -8,7 +8,10 @@ whole on rank 0 (``draft_tensor_parallel_size`` 1, vLLM's key; the only value ta
 drafter gains nothing from sharding, and one draft rank needs no draft steps sent to the workers).
 
 Optional keys: ``num_speculative_tokens_per_batch_size`` ({max batch size: k}; k 0 turns speculation
-off for those batches; batches larger than every key run without it), ``max_batch_size`` (decode
+off for those batches; batches larger than every key run without it; or ``"auto"``: k chosen per
+decode step, up to num_speculative_tokens, from step costs the engine measures at startup and the
+acceptance it observes, 0 where speculation does not pay: policy.py; without the key k is
+num_speculative_tokens at every batch size, as vLLM reads a config), ``max_batch_size`` (decode
 batches of more sequences run without speculation; default DEFAULT_MAX_BATCH_SIZE) and ``dtype`` (the draft
 model's, as EngineConfig.dtype spells it). Every bad key or value raises SpeculativeConfigError
 naming the key. ``check_same_vocabulary`` verifies a draft can verify against the target at all.
@@ -35,6 +38,8 @@ _KEYS = {
 # decode at large batch is compute-bound, so verifying k + 1 tokens per sequence costs about k + 1
 # decode steps there and speculation cannot pay.
 DEFAULT_MAX_BATCH_SIZE = 16
+# num_speculative_tokens_per_batch_size's value for a measured policy (policy.py).
+AUTO = "auto"
 # vLLM's default n-gram window when neither bound is given.
 DEFAULT_PROMPT_LOOKUP = 5
 
@@ -63,6 +68,9 @@ class SpeculativeConfig:
     prompt_lookup_max: int | None = None
     # Sorted (max batch size, k) pairs; empty: k = num_speculative_tokens at every batch size.
     k_by_batch_size: tuple[tuple[int, int], ...] = field(default=())
+    # num_speculative_tokens_per_batch_size "auto": the engine's SpecPolicy chooses k per step (at
+    # most num_speculative_tokens); k_for_step is then only its upper bound.
+    auto: bool = False
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
 
     @classmethod
@@ -91,7 +99,8 @@ class SpeculativeConfig:
         if "num_speculative_tokens" not in raw:
             raise SpeculativeConfigError("num_speculative_tokens", "is required")
         k = _positive_int("num_speculative_tokens", raw["num_speculative_tokens"])
-        policy = _parse_policy(raw.get("num_speculative_tokens_per_batch_size"), k)
+        auto = raw.get("num_speculative_tokens_per_batch_size") == AUTO
+        policy = () if auto else _parse_policy(raw.get("num_speculative_tokens_per_batch_size"), k)
         max_bs = _positive_int("max_batch_size", raw.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
         if method == "ngram":
             lo, hi = raw.get("prompt_lookup_min"), raw.get("prompt_lookup_max")
@@ -102,7 +111,7 @@ class SpeculativeConfig:
             if hi < lo:
                 raise SpeculativeConfigError("prompt_lookup_max", f"{hi} is below prompt_lookup_min {lo}")
             return cls("ngram", k, prompt_lookup_min=lo, prompt_lookup_max=hi, k_by_batch_size=policy,
-                       max_batch_size=max_bs)
+                       max_batch_size=max_bs, auto=auto)
         model = raw.get("model")
         if not isinstance(model, str) or not model:
             raise SpeculativeConfigError("model", f"must be a draft model directory, got {model!r}")
@@ -116,7 +125,8 @@ class SpeculativeConfig:
             raise SpeculativeConfigError(
                 "draft_tensor_parallel_size", f"{draft_tp!r}: the draft model runs unsharded on rank 0 of the "
                 "target's tensor_parallel_size ranks; only 1 is supported")
-        return cls("draft_model", k, model=model, dtype=dtype, k_by_batch_size=policy, max_batch_size=max_bs)
+        return cls("draft_model", k, model=model, dtype=dtype, k_by_batch_size=policy, max_batch_size=max_bs,
+                   auto=auto)
 
     def k_for_batch(self, batch_size: int) -> int:
         """Draft tokens per sequence for a decode batch of ``batch_size`` sequences; 0: decode plainly."""
@@ -137,7 +147,7 @@ def _parse_policy(raw: Any, k_max: int) -> tuple[tuple[int, int], ...]:
     if raw is None:
         return ()
     if not isinstance(raw, Mapping) or not raw:
-        raise SpeculativeConfigError(key, f"must be a non-empty dict {{max batch size: k}}, got {raw!r}")
+        raise SpeculativeConfigError(key, f"must be {AUTO!r} or a non-empty dict {{max batch size: k}}, got {raw!r}")
     pairs: dict[int, int] = {}
     for bs_raw, k in raw.items():
         bs = int(bs_raw) if isinstance(bs_raw, str) and bs_raw.isdigit() else bs_raw  # JSON keys are strings

@@ -20,18 +20,47 @@ from engine.layers.sampler import StepResult, device_tensor, token_logprobs
 from engine.model_runner import ModelRunner
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence, TokenLogprobs
+from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.metrics import PhaseClock, SpecDecodeMetrics
 from engine.spec_decode.min_tokens import ban_stop_tokens
 from engine.spec_decode.proposer import Proposal, Proposer
+from engine.spec_decode.policy import SpecPolicy
 from engine.spec_decode.rejection import greedy_agreement, verify
+from engine.spec_decode.step_costs import measure_step_costs
 
 
 class SpecDecodeWorker:
-    def __init__(self, target: ModelRunner, proposer: Proposer, eos_token_ids: set[int] | frozenset[int]) -> None:
+    def __init__(self, target: ModelRunner, proposer: Proposer, eos_token_ids: set[int] | frozenset[int],
+                 spec: SpeculativeConfig | None = None) -> None:
+        """``spec``: the k per batch size (its table, or with ``auto`` a SpecPolicy on step costs
+        measured here, now that both runners hold their graphs); None: the scheduler's own spec_k."""
         self.target = target
         self.proposer = proposer
         self.eos_token_ids = eos_token_ids
         self.metrics = SpecDecodeMetrics()
+        self.spec = spec
+        self.policy: SpecPolicy | None = None
+        if spec is not None and spec.auto:
+            costs = measure_step_costs(target, proposer, spec.num_speculative_tokens, spec.max_batch_size)
+            self.policy = SpecPolicy(spec.num_speculative_tokens, spec.max_batch_size, costs)
+
+    def k_for_step(self, batch_size: int) -> int:
+        """The scheduler's spec_k: draft tokens per sequence for a decode step of ``batch_size``."""
+        if self.policy is not None:
+            return self.policy.k_for_step(batch_size)
+        return self.spec.k_for_step(batch_size) if self.spec is not None else 0
+
+    def stats(self) -> dict:
+        """The metrics (SpecDecodeMetrics.as_dict) and, under ``auto``, the policy's choices and costs."""
+        out = self.metrics.as_dict()
+        if self.policy is not None:
+            out["policy"] = self.policy.as_dict()
+        return out
+
+    def _record(self, batch: ScheduledBatch, proposed: list[int], accepted: list[int]) -> None:
+        self.metrics.record(proposed, accepted)
+        if self.policy is not None:
+            self.policy.observe(batch.num_draft, accepted)
 
     def step(self, batch: ScheduledBatch) -> StepResult:
         """Draft, verify, accept: the host waits for the device once, for the emitted tokens (and
@@ -47,7 +76,7 @@ class SpecDecodeWorker:
             result = self.target.run(ScheduledBatch(seqs, False, [1] * len(seqs)))
             clock.mark()
             self.metrics.add_phases(clock)
-            self.metrics.record([0] * len(seqs), [0] * len(seqs))
+            self._record(batch, [0] * len(seqs), [0] * len(seqs))
             return result
         with torch.inference_mode():
             chunks, ids = self._verify_inputs(seqs, proposal, k)
@@ -57,7 +86,7 @@ class SpecDecodeWorker:
             else:
                 tokens, logprobs = self._verified_tokens(seqs, flat, proposal, k, clock)
         self.metrics.add_phases(clock)
-        self.metrics.record(counts, [len(t) - 1 for t in tokens])
+        self._record(batch, counts, [len(t) - 1 for t in tokens])
         return StepResult(tokens, logprobs)
 
     def _verified_tokens(self, seqs: list[Sequence], flat: torch.Tensor, proposal: Proposal, k: int,

@@ -141,8 +141,15 @@ def test_speed_runs_the_baseline_and_each_speculative_config(bench, data_dir, mo
     base = [r for r in rows if r["spec"] == "none"]
     assert [r["batch"] for r in base] == [1, 2] and all(r["tok_s"] > 0 and r["speedup"] == 1.0 for r in base)
     spec = [r for r in rows if r["bench"] == "speed" and r["spec"] != "none"]
-    assert sorted((r["spec"], r["k"], r["batch"]) for r in spec) == sorted(
+    fixed = [r for r in spec if r["k"] != "auto"]
+    assert sorted((r["spec"], r["k"], r["batch"]) for r in fixed) == sorted(
         (name, k, bs) for name in ("ngram", draft, "truncated1") for k in (1, 2) for bs in (1, 2))
+    auto = [r for r in spec if r["k"] == "auto"]  # the engine's measured policy, up to k 2
+    assert sorted((r["spec"], r["batch"]) for r in auto) == sorted(
+        (name, bs) for name in ("ngram", draft, "truncated1") for bs in (1, 2))
+    for r in auto:
+        assert len(r["policy"]["steps_by_k"]) == 3 and sum(r["policy"]["steps_by_k"]) > 0
+        assert r["policy"]["costs"]["batch_sizes"] == [1, 2]
     for r in spec:
         assert r["tok_s"] > 0 and len(r["runs_tok_s"]) == 2 and r["metrics"]["num_emitted_tokens"] > 0
     model_rows = [r for r in spec if r["spec"] != "ngram"]

@@ -45,6 +45,21 @@ def test_batch_size_policy():
     assert off.k_for_batch(1) == 0
 
 
+def test_auto_policy_is_opt_in(draft_dir):
+    """"auto": the engine's measured policy chooses k (up to num_speculative_tokens); without the key
+    k is num_speculative_tokens at every batch size, and an explicit table is taken as written."""
+    auto = SpeculativeConfig.from_dict({"model": draft_dir, "num_speculative_tokens": 4,
+                                        "num_speculative_tokens_per_batch_size": "auto"})
+    assert auto.auto and auto.k_by_batch_size == () and auto.k_for_step(16) == 4 and auto.k_for_step(17) == 0
+    ngram = SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 2,
+                                         "num_speculative_tokens_per_batch_size": "auto"})
+    assert ngram.auto
+    assert not SpeculativeConfig.from_dict({"model": draft_dir, "num_speculative_tokens": 4}).auto
+    table = SpeculativeConfig.from_dict({"model": draft_dir, "num_speculative_tokens": 4,
+                                         "num_speculative_tokens_per_batch_size": {4: 2}})
+    assert not table.auto and table.k_for_step(4) == 2
+
+
 @pytest.mark.parametrize("raw,key", [
     ({"method": "ngram"}, "num_speculative_tokens"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
@@ -59,6 +74,8 @@ def test_batch_size_policy():
      "prompt_lookup_max"),
     ({"method": "ngram", "num_speculative_tokens": 4, "dtype": "float16"}, "dtype"),
     ({"method": "ngram", "num_speculative_tokens": 4, "num_speculative_tokens_per_batch_size": {}},
+     "num_speculative_tokens_per_batch_size"),
+    ({"method": "ngram", "num_speculative_tokens": 4, "num_speculative_tokens_per_batch_size": "Auto"},
      "num_speculative_tokens_per_batch_size"),
     ({"method": "ngram", "num_speculative_tokens": 4, "num_speculative_tokens_per_batch_size": {4: 5}},
      "num_speculative_tokens_per_batch_size[4]"),

@@ -60,3 +60,20 @@ def test_fp32_graphs_greedy_through_each_multi_query_verify_path_matches_transfo
     outs = llm.generate(mixed_prompts, GREEDY)
     assert [o.token_ids for o in outs] == hf_reference("llama_gqa_untied", mixed_prompts)
     assert llm.engine.num_spec_steps > 0
+
+
+def test_auto_policy_measures_with_graphs_and_keeps_greedy_output(model_dir, mixed_prompts, hf_reference):
+    """"auto" times its steps after graph capture, at every decode graph bucket up to max_batch_size,
+    through the graphs (the draft's too); whatever k it then chooses, greedy output is transformers'."""
+    target = model_dir("llama_gqa_untied", with_tokenizer=True)
+    spec = {"model": model_dir("llama_mha_tied", with_tokenizer=True), "num_speculative_tokens": 4,
+            "num_speculative_tokens_per_batch_size": "auto", "max_batch_size": 32}
+    llm = LLM(target, device="cuda", dtype="float32", max_model_len=256, block_size=4, num_kv_blocks=96,
+              max_num_batched_tokens=128, cuda_graph_max_bs=32, speculative_config=spec)
+    engine = llm.engine
+    costs = engine.spec_worker.policy.costs
+    assert costs.batch_sizes == engine.runner.graphs.buckets == [1, 2, 4, 8, 16, 32]
+    assert all(t > 0 for t in costs.decode) and costs.measure_s < 30
+    outs = llm.generate(mixed_prompts, GREEDY)
+    assert [o.token_ids for o in outs] == hf_reference("llama_gqa_untied", mixed_prompts)
+    assert sum(engine.stats()["spec_decode"]["policy"]["steps_by_k"]) > 0

@@ -1,0 +1,154 @@
+"""``num_speculative_tokens_per_batch_size: "auto"`` in the engine (CPU, fp32, tiny models): the step
+costs measured at startup, a bad drafter turned off after warm-up with greedy output unchanged,
+n-gram on a looping model kept on. Where a test needs the policy's choices to be deterministic it
+injects step costs (CPU timings of tiny models say nothing about a GPU's)."""
+
+from __future__ import annotations
+
+import faulthandler
+
+import pytest
+import torch
+from tiny_models import COMMON, prompts
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+from engine.spec_decode import policy as P
+from engine.spec_decode.policy import SpecPolicy, StepCosts
+
+TARGET = "llama_gqa_untied"
+K = 3
+HANG_S = 240
+
+
+@pytest.fixture(scope="module")
+def target(model_dir) -> str:
+    return model_dir(TARGET, with_tokenizer=True)
+
+
+@pytest.fixture(scope="module")
+def bad_draft(target, tmp_path_factory) -> str:
+    """A random one-layer model of the target's vocabulary (and special tokens): its drafts are
+    almost never the target's tokens."""
+    config = AutoConfig.from_pretrained(target)
+    config.num_hidden_layers = 1
+    torch.manual_seed(123)
+    path = tmp_path_factory.mktemp("bad_draft") / "m"
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def looping_target(tmp_path_factory) -> str:
+    """A tiny Llama with small weights: its greedy continuations fall into short cycles, which an
+    n-gram lookup predicts."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**COMMON, "initializer_range": 0.05}, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("looping") / "m"
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    return str(path)
+
+
+def _ids(ps: list[list[int]]) -> list[dict]:
+    return [{"prompt_token_ids": p} for p in ps]
+
+
+def _greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def _injected(sizes: list[int], draft: float, per_token: bool) -> StepCosts:
+    """A memory-bound GPU's shape: a decode of 1, a verify of k + 1 tokens of 1 + 0.05 k; a draft of
+    k tokens of k * ``draft`` (``per_token``: a model's forwards) or ``draft`` (n-gram's lookup)."""
+    n = len(sizes)
+    return StepCosts(sizes, [1.0] * n, {k: [draft * (k if per_token else 1)] * n for k in range(1, K + 1)},
+                     {k: [1 + 0.05 * k] * n for k in range(1, K + 1)}, catch_up=per_token)
+
+
+def test_startup_measures_every_batch_size_and_k(target, bad_draft):
+    """The engine times plain decode, a draft forward and a verify of k + 1 tokens for k = 1..k_max at
+    each batch size up to max_batch_size, and shows the table (and the chosen k) in its stats."""
+    spec = {"model": bad_draft, "num_speculative_tokens": K, "num_speculative_tokens_per_batch_size": "auto",
+            "max_batch_size": 6}
+    llm = LLM(target, device="cpu", speculative_config=spec)
+    costs = llm.engine.spec_worker.policy.costs
+    assert costs.batch_sizes == [1, 2, 4, 6] and sorted(costs.verify) == sorted(costs.draft) == [1, 2, 3]
+    assert costs.catch_up
+    assert all(t > 0 for t in costs.decode + [t for d in (costs.draft, costs.verify) for v in d.values() for t in v])
+    assert 0 < costs.measure_s < 60
+    llm.generate(_ids(prompts(2, seed=1, lo=3, hi=10)), _greedy(5))
+    stats = llm.engine.stats()["spec_decode"]["policy"]
+    assert stats["costs"]["batch_sizes"] == [1, 2, 4, 6] and sum(stats["steps_by_k"]) > 0
+    assert len(stats["acceptance_estimate"]) == K
+    # Without "auto" nothing is measured and the scheduler takes k as configured.
+    fixed = LLM(target, device="cpu", speculative_config={"model": bad_draft, "num_speculative_tokens": K})
+    assert fixed.engine.spec_worker.policy is None and "policy" not in fixed.engine.stats()["spec_decode"]
+    assert fixed.engine.scheduler.spec_k(3) == K
+
+
+def test_a_bad_draft_model_stops_speculating_after_warm_up(target, bad_draft):
+    """Greedy tokens equal plain decoding's; after the warm-up the policy speculates only in its probes."""
+    ps = prompts(2, seed=5, lo=4, hi=30)
+    params = _greedy(90)
+    base = [o.token_ids for o in LLM(target, device="cpu", num_decode_steps=1).generate(_ids(ps), params)]
+    spec = {"model": bad_draft, "num_speculative_tokens": K, "num_speculative_tokens_per_batch_size": "auto"}
+    llm = LLM(target, device="cpu", num_decode_steps=1, speculative_config=spec)
+    engine = llm.engine
+    # A draft forward at a fifth of the target's: a drafter that always agreed would give 2x; this
+    # one would need to be accepted over a third of the time at position 0 to pay at all.
+    policy = engine.spec_worker.policy = SpecPolicy(K, 16, _injected([1, 2, 4, 8, 16], 0.2, True))
+    out = [o.token_ids for o in llm.generate(_ids(ps), params)]
+    assert out == base
+    warm_steps = P.WARMUP_TRIALS // len(ps)  # each step observes both sequences
+    assert policy.num_probes >= 1
+    assert engine.num_spec_steps == warm_steps + policy.num_probes
+    assert policy.steps_by_k[K] == engine.num_spec_steps and policy.steps_by_k[0] > 3 * engine.num_spec_steps
+    assert policy.acceptance.rates[0] < 0.2 and engine.spec_metrics.acceptance_rate < 0.1
+
+
+def test_ngram_on_a_looping_model_keeps_speculating(looping_target):
+    """Repetitive prompts (a phrase three times) on a model whose continuations cycle: n-gram drafts
+    are accepted often, so the policy speculates at every step."""
+    ps = [p * 3 for p in prompts(3, seed=2, lo=4, hi=12)]
+    params = _greedy(60)
+    base = [o.token_ids for o in LLM(looping_target, device="cpu").generate(_ids(ps), params)]
+    spec = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+            "num_speculative_tokens_per_batch_size": "auto"}
+    llm = LLM(looping_target, device="cpu", speculative_config=spec)
+    policy = llm.engine.spec_worker.policy = SpecPolicy(K, 16, _injected([1, 2, 4, 8, 16], 0.01, False))
+    out = [o.token_ids for o in llm.generate(_ids(ps), params)]
+    assert out == base
+    m = llm.engine.spec_metrics
+    assert m.acceptance_rate > 0.5 and m.mean_accepted_length > 1.5
+    decode_steps = sum(policy.steps_by_k)
+    assert policy.steps_by_k[0] <= decode_steps // 10 and policy.num_probes == 0
+
+
+def test_two_ranks_measure_and_run_the_auto_policy(target, bad_draft):
+    """Under tensor parallelism the startup timing runs every target forward on both ranks (a
+    VerifyStep each), the draft's on rank 0 alone (a draft forward inside the ranks' group waited
+    forever for rank 1); greedy tokens equal one rank's without speculation."""
+    faulthandler.dump_traceback_later(HANG_S, exit=True)  # a hang fails the run, with its traceback
+    try:
+        _two_ranks(target, bad_draft)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _two_ranks(target: str, bad_draft: str) -> None:
+    ps = prompts(3, seed=7, lo=4, hi=30)
+    params = _greedy(20)
+    kw = dict(device="cpu", dtype="float32", max_model_len=160, num_kv_blocks=96)
+    base = [o.token_ids for o in LLM(target, **kw).generate(_ids(ps), params)]
+    spec = {"model": bad_draft, "num_speculative_tokens": K, "num_speculative_tokens_per_batch_size": "auto",
+            "max_batch_size": 4}
+    llm = LLM(target, tensor_parallel_size=2, speculative_config=spec, **kw)
+    try:
+        costs = llm.engine.spec_worker.policy.costs
+        assert costs.batch_sizes == [1, 2, 4] and all(t > 0 for t in costs.decode + costs.verify[K] + costs.draft[K])
+        out = [o.token_ids for o in llm.generate(_ids(ps), params)]
+    finally:
+        llm.close()
+    assert out == base and llm.engine.num_spec_steps > 0
