@@ -19,9 +19,11 @@ from support import make_tiny_tokenizer, save_tiny_artifact
 TOLERANCE = 1e-4  # absolute, on each choice's summed log-likelihood (nats)
 
 CQA_ROWS = [
-    {"id": "q1", "question": "Where do fish live?", "choices": ["sky", "water", "desk", "tree", "car"], "answer": "water"},
+    {"id": "q1", "question": "Where do fish live?", "choices": ["sky", "water", "desk", "tree", "car"],
+     "answer": "water"},
     {"id": "q2", "question": "What is hot?", "choices": ["ice", "snow", "fire", "rain", "fog"], "answer": "fire"},
-    {"id": "q3", "question": "What flies?", "choices": ["bird", "rock", "a small fish", "shoe", "cup"], "answer": "bird"},
+    {"id": "q3", "question": "What flies?", "choices": ["bird", "rock", "a small fish", "shoe", "cup"],
+     "answer": "bird"},
 ]
 
 
@@ -80,7 +82,8 @@ def test_acc_takes_the_largest_sum_and_acc_norm_the_largest_per_character():
 
 def test_one_call_for_every_choice_and_a_refused_request_counts_as_wrong():
     tok = make_tiny_tokenizer()
-    qs = [MultipleChoice("a", "Q: 1\nA:", ["yes", "no"], gold=0), MultipleChoice("b", "Q: 2\nA:", ["up", "down"], gold=1),
+    qs = [MultipleChoice("a", "Q: 1\nA:", ["yes", "no"], gold=0),
+          MultipleChoice("b", "Q: 2\nA:", ["up", "down"], gold=1),
           MultipleChoice("c", "Q: 3\nA:", ["left", "right"], gold=0)]
     lls, calls = _stub(tok, {" yes": -1.0, " no": -5.0, " up": -9.0, " down": -1.0, " left": None, " right": -1.0})
     result = multiple_choice_accuracy(lls, tok, qs)
