@@ -7,6 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from support import run_cli, save_tiny_artifact
 
 TINY = ["logging=none", "data=pydoc", "data.max_docs=30", "data.block_size=64", "eval.context=64",
@@ -48,6 +50,10 @@ def test_every_measurement_and_the_speculative_row(tiny_teacher: Path, tmp_path:
         assert row["ppl_heldout"] > 1.0 and row["hf_decode_tok_s_b1"] > 0 and row["hf_decode_tok_s_b4"] > 0
     assert distill["kv_bytes_per_token"] == teacher["kv_bytes_per_token"] // 2  # 4 -> 2 layers
     assert spec["ppl_heldout"] == teacher["ppl_heldout"]
+    # the prompt's log-likelihoods are the target's alone: a draft changes no multiple-choice score
+    assert (spec["acc_cqa_mc"], spec["acc_norm_cqa_mc"]) == (teacher["acc_cqa_mc"], teacher["acc_norm_cqa_mc"])
+    for ours, theirs in zip(*(report["details"][n]["task_cqa_mc"]["examples"] for n in (spec_name, "teacher"))):
+        assert ours["loglikelihoods"] == pytest.approx(theirs["loglikelihoods"], abs=1e-4)
     assert 0.0 <= spec["spec_acceptance_rate"] <= 1.0 and spec["spec_mean_accepted_length"] >= 1.0
     assert report["details"][spec_name]["spec_decode"]["num_proposed_tokens"] > 0
     assert report["details"]["teacher"]["task_cqa"]["n"] == 2
@@ -110,8 +116,6 @@ def test_a_run_stopped_midway_keeps_what_it_measured(tiny_teacher: Path, tmp_pat
     """The perplexity / transformers cache is written after every artifact, not only at the end: an
     eval cut off during its second artifact (a device call's time limit) keeps the first one's
     numbers, and the next run reuses them."""
-    import pytest
-
     import shrink.stages.evaluate as evaluate
     from shrink.__main__ import compose, run as run_stage
 

@@ -149,23 +149,28 @@ def test_a_prompt_past_the_engine_limit_is_an_error_not_a_crash(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_real_teacher_matches_transformers_and_beats_chance(smollm2_artifact: Path, shared_data_dir: Path):
-    """The SmolLM2 teacher on the first 50 CommonsenseQA test questions: its per-choice
-    log-likelihoods through the engine equal transformers' (fp32), and multiple choice puts it
-    above chance (0.2), where its greedy [label] answers score near zero."""
+def test_real_teacher_engine_scores_equal_transformers(smollm2_artifact: Path, shared_data_dir: Path):
+    """The SmolLM2 teacher on the first 50 CommonsenseQA test questions: every per-choice
+    log-likelihood through the engine equals transformers' (fp32), and so do acc and acc_norm.
+    Measured 2026-11-29: acc 0.200, acc_norm 0.200 on these 50 (chance: 0.2); 0.243 on the first
+    300 (transformers, the same scoring), where its greedy [label] answers score 0.008."""
     from transformers import AutoModelForCausalLM
 
     from engine import LLM
 
     questions = cqa_questions(shared_data_dir, "test", limit=50)
     llm = LLM(str(smollm2_artifact), max_model_len=512, max_num_seqs=16, device="cpu", dtype="float32")
+    pairs = _pairs(llm.tokenizer, questions)
+    ours = engine_loglikelihoods(llm)(pairs)
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_artifact, dtype=torch.float32).eval()
+    theirs = transformers_loglikelihoods(hf, pairs)
+    worst = max(abs(a - b) for a, b in zip(ours, theirs))
+    print(f"largest log-likelihood difference over {len(pairs)} choices: {worst:.2e}")
+    assert worst < 1e-3  # 30 layers in fp32: more summation-order drift than the tiny model's
+
     result = multiple_choice_accuracy(engine_loglikelihoods(llm), llm.tokenizer, questions)
+    reference = multiple_choice_accuracy(lambda p: theirs, llm.tokenizer, questions)
     print(f"teacher, first 50 CQA test questions: acc {result['acc']:.3f}, acc_norm {result['acc_norm']:.3f}")
     assert result["n"] == 50 and result["errors"] == 0
-    assert result["acc"] > 0.2 and result["acc_norm"] > 0.2
-    pairs = _pairs(llm.tokenizer, questions[:4])
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_artifact, dtype=torch.float32).eval()
-    ours, theirs = engine_loglikelihoods(llm)(pairs), transformers_loglikelihoods(hf, pairs)
-    worst = max(abs(a - b) for a, b in zip(ours, theirs))
-    print(f"largest log-likelihood difference, 20 choices: {worst:.2e}")
-    assert worst < 1e-3  # 30 layers in fp32: a larger sum-order drift than the tiny model's
+    assert (result["acc"], result["acc_norm"]) == (reference["acc"], reference["acc_norm"])
+    assert 0.1 <= result["acc"] <= 0.6  # about chance for a 135M model, not the 0.008 of greedy [label] answers
