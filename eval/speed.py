@@ -77,30 +77,34 @@ def hf_generate_speed(model: torch.nn.Module, batch_sizes: list[int], prompt_len
     """transformers generate, greedy, exactly new_tokens per sequence; a static cache where the
     model takes one (recorded as `cache`), else the default dynamic cache. With ``compile`` (and a
     static cache) generate runs its decode step torch.compile'd, as transformers does by default on
-    a static cache: the project's standard baseline; without it, eager (`disable_compile`)."""
+    a static cache: the project's standard baseline; without it, eager (`disable_compile`). A
+    compile that fails raises: the baseline is then missing, never silently eager."""
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     out = []
     for bs in batch_sizes:
-        def run(n: int, seed: int, cache: str | None) -> None:
+        def run(n: int, seed: int, cache: str | None, compiled: bool) -> None:
             ids = torch.tensor(prompts(bs, prompt_len, vocab, seed), device=device)
-            extra: dict[str, Any] = {"cache_implementation": cache, "disable_compile": not compile} if cache else {}
-            if cache and compile:
+            extra: dict[str, Any] = {"cache_implementation": cache, "disable_compile": not compiled} if cache else {}
+            if compiled:
                 extra["compile_config"] = _compile_everywhere()
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=0, **extra)
 
         cache: str | None = "static"
         try:
-            run(2, 7, cache)  # warm-up, and the probe for a static cache
+            run(2, 7, cache, False)  # warm-up, and the probe for a static cache (eager: a compile error is no answer)
         except Exception:  # this model's cache class does not take a static cache
             cache = None
-            run(2, 7, cache)
-        if cache and compile:  # compile (and capture) for the timed cache shape before timing it
+            run(2, 7, cache, False)
+        compiled = compile and cache is not None
+        if compiled:  # compile (and capture) for the timed cache shape before timing it
             for seed in (8, 9):
-                run(new_tokens, seed, cache)
-        _, t1 = fastest(lambda seed: run(1, seed, cache), [1000 + bs + 100 * r for r in range(REPEATS)])
-        _, tn = fastest(lambda seed: run(new_tokens, seed, cache), [2000 + bs + 100 * r for r in range(REPEATS)])
-        out.append({**_rates(bs, prompt_len, new_tokens, t1, tn), "cache": cache or "dynamic",
-                    "compiled": bool(cache and compile)})
+                run(new_tokens, seed, cache, compiled)
+        _, t1 = fastest(lambda seed: run(1, seed, cache, compiled), [1000 + bs + 100 * r for r in range(REPEATS)])
+        _, tn = fastest(lambda seed: run(new_tokens, seed, cache, compiled),
+                        [2000 + bs + 100 * r for r in range(REPEATS)])
+        out.append({**_rates(bs, prompt_len, new_tokens, t1, tn), "cache": cache or "dynamic", "compiled": compiled})
+    if compile:
+        torch._dynamo.reset()  # drop the compiled graphs before the engine runs in this process
     return out
