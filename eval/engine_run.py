@@ -1,6 +1,7 @@
 """Everything the harness measures through our engine for one model directory (or a target with
-a speculative draft): task accuracy, prefill/decode speed, KV capacity and memory with the
-planner beside it, speculative acceptance, and latency under load. Returns the report row's
+a speculative draft): task accuracy (greedy answers, and CommonsenseQA as multiple choice),
+prefill/decode speed, KV capacity and memory with the planner beside it, speculative acceptance,
+and latency under load. Returns the report row's
 fields (flat, one number each) and the details (per-batch records, example answers)."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from eval.accuracy import engine_generate, tasks_accuracy
 from eval.load import load_test
 from eval.memory import engine_memory, peak_memory_MB, reset_peak_memory
+from eval.multiple_choice import MultipleChoice, engine_loglikelihoods, multiple_choice_accuracy
 from eval.settings import HarnessSettings
 from eval.speed import engine_speed
 from common.tasks import Task, TaskExample
@@ -44,7 +46,7 @@ def _free(device: torch.device) -> None:
 
 
 def measure_engine(model_dir: Path, settings: HarnessSettings, device: torch.device, dtype: str,
-                   tasks: dict[str, tuple[Task, list[TaskExample]]],
+                   tasks: dict[str, tuple[Task, list[TaskExample]]], cqa_mc: list[MultipleChoice],
                    speculative_config: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     from engine import LLM, AsyncLLM
 
@@ -59,6 +61,12 @@ def measure_engine(model_dir: Path, settings: HarnessSettings, device: torch.dev
             row[f"acc_{name}"] = result["accuracy"]
             details[f"task_{name}"] = result
             print(f"eval:   {name} accuracy {result['accuracy']:.3f} ({result['n']} examples)")
+    if settings.tasks.enabled and cqa_mc:
+        result = multiple_choice_accuracy(engine_loglikelihoods(llm), llm.tokenizer, cqa_mc)
+        row["acc_cqa_mc"], row["acc_norm_cqa_mc"] = result["acc"], result["acc_norm"]
+        details["task_cqa_mc"] = result
+        print(f"eval:   cqa multiple choice acc {result['acc']:.3f}, acc_norm {result['acc_norm']:.3f} "
+              f"({result['n']} questions)")
     if settings.speed.enabled:
         sp = settings.speed
         records = engine_speed(llm, sp.batch_sizes, sp.prompt_len, sp.new_tokens)

@@ -8,7 +8,7 @@ non-overlapping protocol; `full_windows_only` then drops a short last window.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,6 +17,32 @@ import torch.nn.functional as F
 from common.errors import ShrinkError
 
 WIKITEXT_FILE = "wikitext-2-raw/wiki.test.raw"
+
+
+@dataclass(frozen=True)
+class WindowProtocol:
+    """How one dataset is cut into windows (the arguments of `perplexity`)."""
+
+    context: int
+    stride: int
+    max_windows: int | None = None
+    full_windows_only: bool = False
+
+    def capped(self, max_positions: int) -> WindowProtocol:
+        """The context cut to the model's positions, the stride with it (never past the context)."""
+        if self.context <= max_positions:
+            return self
+        return replace(self, context=max_positions, stride=min(self.stride, max_positions))
+
+    def describe(self) -> str:
+        kind = "non-overlapping" if self.stride == self.context else "sliding"
+        return (f"{kind} windows of {self.context} tokens"
+                + ("" if self.stride == self.context else f", stride {self.stride}")
+                + (", full windows only" if self.full_windows_only else "")
+                + (f", the first {self.max_windows}" if self.max_windows else ", all windows"))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass

@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from eval.perplexity import WindowProtocol
+from eval.settings import HarnessSettings, WikitextSettings
+
 QUALITY_KEYS = ("ppl_wikitext2", "ppl_heldout")
 
 
@@ -51,7 +54,7 @@ def speed_key(rows: list[dict[str, Any]]) -> str | None:
 
 # Column groups of the table, in this order (within a group, in the order the rows have them).
 COLUMN_ORDER = ("artifact", "stage", "status", "size_MB", "params", "ppl_", "acc_", "top1_agreement",
-                "kl_to_teacher", "decode_tok_s_", "hf_decode_tok_s_", "prefill_tok_s_", "ttft_", "itl_",
+                "kl_to_teacher", "decode_tok_s_", "hf_decode_tok_s_", "hf_generate", "prefill_tok_s_", "ttft_", "itl_",
                 "load_output_tok_s", "spec_", "kv_", "load_peak_kv_MB", "engine_weights_MB", "peak_memory_MB")
 
 
@@ -94,7 +97,9 @@ def plain_words(rows: list[dict[str, Any]], teacher: str = "teacher") -> list[st
             parts.append(_times(row[s] / base[s], "faster decode", "slower decode", "decode speed"))
         if q and row.get(q) and base.get(q):
             parts.append(f"perplexity {100 * (row[q] / base[q] - 1):+.0f}%")
-        tasks = [k for k in row if k.startswith("acc_") and row[k] is not None and base.get(k) is not None]
+        # acc_norm_cqa_mc is CommonsenseQA again (acc_cqa_mc normalised): one task counts once
+        tasks = [k for k in row if k.startswith("acc_") and not k.startswith("acc_norm_")
+                 and row[k] is not None and base.get(k) is not None]
         if tasks:  # one number: the mean change over the tasks both measured
             change = sum(row[k] - base[k] for k in tasks) / len(tasks)
             parts.append(f"task accuracy {100 * change:+.0f} points")
@@ -104,6 +109,64 @@ def plain_words(rows: list[dict[str, Any]], teacher: str = "teacher") -> list[st
             parts.append(f"draft acceptance {100 * row['spec_acceptance_rate']:.0f}%")
         lines.append(f"{row['artifact']}: {', '.join(parts) or 'no comparable numbers'} vs {teacher}")
     return lines
+
+
+REFERENCE_WIKITEXT2 = WikitextSettings()  # the project's fixed protocol (issue 11)
+
+
+def perplexity_notes(protocols: dict[str, WindowProtocol]) -> list[str]:
+    """One note per dataset: what it is and how it was cut into windows."""
+    reference = WindowProtocol(REFERENCE_WIKITEXT2.context, REFERENCE_WIKITEXT2.stride, None,
+                               REFERENCE_WIKITEXT2.full_windows_only)
+    notes = []
+    for name, protocol in protocols.items():
+        if name == "wikitext2":
+            same = protocol == reference
+            verdict = ("the project's fixed protocol (issue 11; 148 windows for SmolLM2's tokenizer)" if same else
+                       "NOT the project's fixed protocol (non-overlapping 2048-token windows, full windows only, all "
+                       "of them): not comparable with its published numbers")
+            notes.append("ppl_wikitext2: WikiText-2 raw test (rows keep their \"\\n\", joined with \"\\n\\n\", "
+                         f"no BOS), {protocol.describe()}: {verdict}")
+        elif name == "heldout":
+            notes.append(f"ppl_heldout: the validation split of the run's data, {protocol.describe()}")
+        else:
+            notes.append(f"ppl_{name}: {protocol.describe()}")
+    return notes
+
+
+def measurement_notes(rows: list[dict[str, Any]], protocols: dict[str, WindowProtocol], cap_notes: list[str],
+                      harness: HarnessSettings, dtype: str, device: str) -> list[str]:
+    """What every column of the report means and how it was measured."""
+    t, sp = harness.tasks, harness.speed
+    compiled = [r["artifact"] for r in rows if str(r.get("hf_generate", "")).endswith("compiled")]
+    return [
+        *perplexity_notes(protocols), *cap_notes,
+        f"perplexity and agreement: transformers, {dtype} on {device}",
+        "status: ok when the files match the content hash in shrink.json; a damaged artifact gets no numbers",
+        "kv_bytes_per_token: the planner (2 x layers x kv_heads x head_dim x 2 bytes, bf16); "
+        "kv_bytes_per_token_planned / _measured: the planner at the engine's dtype and the engine's allocated "
+        "pool per token; kv_capacity_tokens: the pool's size",
+        f"acc_cqa / acc_svamp / acc_gsm8k: greedy answers through the engine to the \"[label] question\\nA:\" "
+        "prompts, parsed and scored exactly: the format the rationale distillation (Distilling Step-by-Step) "
+        f"trains, so a model never trained on it (the teacher) scores near zero; first {t.limit} {t.split} examples "
+        "per task",
+        "acc_cqa_mc / acc_norm_cqa_mc: CommonsenseQA as lm-eval scores a multiple_choice task, the format-free "
+        "measure of the same questions: each choice's log-likelihood as the continuation of \"Question: "
+        "...\\nAnswer:\" (the engine's prompt logprobs); acc_cqa_mc: the choice with the largest summed "
+        "log-likelihood, acc_norm_cqa_mc: the largest per character of the choice (lm-eval's acc_norm); chance is "
+        f"0.2; the first {t.limit} {t.split} questions" + ("" if t.cqa_mc else " (off: eval.tasks.cqa_mc=false)"),
+        f"top1_agreement / kl_to_teacher (nats/token): on {harness.agreement.windows} held-out windows of "
+        f"{harness.agreement.window_len} tokens",
+        "prefill/decode_tok_s_bN: the engine at batch N on random prompts; hf_decode_tok_s_bN: transformers "
+        "generate on the same shapes, same run; hf_generate: its cache (static where the model takes one) and "
+        f"whether its decode step ran torch.compile'd (eval.speed.hf_compile={sp.hf_compile}; compiled: "
+        f"{', '.join(compiled) or 'none'}); an eager generate loop is no fair baseline on a GPU",
+        f"ttft/itl p50/p99: {harness.load.requests} streamed requests, {harness.load.concurrency} at a time, over "
+        "AsyncLLM in-process; peak_memory_MB: CUDA peak allocation (none on CPU)",
+        "the speculative row serves the teacher with the draft: its perplexity is the teacher's (speculative "
+        "decoding keeps the target's distribution); its speed and accuracy are measured",
+        "stage_s: the stage's wall time",
+    ]
 
 
 def render_report(title: str, rows: list[dict[str, Any]], notes: list[str], plots: list[str] = ()) -> str:

@@ -8,10 +8,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from common.errors import ShrinkError
+from eval.perplexity import WindowProtocol
 
 KNOWN_TASKS = ("cqa", "svamp", "gsm8k")
-# The perplexity keys (the stage and shrink/config_check.py read them), beside this harness's own.
+# The perplexity keys (the stage and shrink/config_check.py read them), beside this harness's own:
+# context / stride / max_windows are the sliding windows of every dataset but WikiText-2, whose
+# fixed protocol is eval.wikitext2 (WikitextSettings).
 PERPLEXITY_KEYS = ("context", "stride", "max_windows", "datasets", "batch_size", "dtype")
+HF_COMPILE = ("auto", "none", "teacher", "all")
 
 
 def _section(raw: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -55,12 +59,37 @@ def _positive(key: str, value: int | float) -> None:
         raise ShrinkError(f"{key} must be > 0, got {value}")
 
 
+def _optional_positive(key: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ShrinkError(f"{key} must be null or an integer >= 1, got {value!r}")
+
+
+@dataclass
+class WikitextSettings:
+    """WikiText-2 on the project's fixed protocol (issue 11): non-overlapping windows of `context`
+    tokens, full windows only: 148 windows of 2048 over the 304,838 SmolLM2 tokens."""
+
+    context: int = 2048  # capped at the model's max_position_embeddings (the report says so)
+    stride: int = 2048
+    full_windows_only: bool = True
+    max_windows: Any = None  # null: every window (the protocol); an integer caps them (`make demo`)
+
+    def check(self) -> None:
+        if self.context < 2:
+            raise ShrinkError(f"eval.wikitext2.context must be >= 2, got {self.context}")
+        if not 1 <= self.stride <= self.context:
+            raise ShrinkError(f"eval.wikitext2.stride must be in [1, eval.wikitext2.context={self.context}], "
+                              f"got {self.stride}")
+        _optional_positive("eval.wikitext2.max_windows", self.max_windows)
+
+
 @dataclass
 class TaskSettings:
     enabled: bool = True
-    names: list = field(default_factory=lambda: list(KNOWN_TASKS))
+    names: list = field(default_factory=lambda: list(KNOWN_TASKS))  # generative tasks ([label] answers)
     limit: int = 4  # examples per task: the first `limit` of the split
     split: str = "test"
+    cqa_mc: bool = True  # CommonsenseQA also as lm-eval's multiple choice, by log-likelihood
 
     def check(self) -> None:
         for name in self.names:
@@ -88,8 +117,13 @@ class SpeedSettings:
     prompt_len: int = 32
     new_tokens: int = 8
     hf_baseline: bool = True  # transformers generate, same prompts, in the same run
+    # which rows' generate runs torch.compile'd on its static cache: auto is teacher on CUDA, none on CPU
+    hf_compile: str = "auto"
 
     def check(self) -> None:
+        if self.hf_compile not in HF_COMPILE:
+            raise ShrinkError(f"eval.speed.hf_compile: expected one of {', '.join(HF_COMPILE)}, "
+                              f"got {self.hf_compile!r}")
         if not self.batch_sizes:
             raise ShrinkError("eval.speed.batch_sizes: give at least one batch size (or eval.speed.enabled=false)")
         for b in self.batch_sizes:
@@ -142,6 +176,7 @@ class SpeculativeSettings:
 class HarnessSettings:
     """The `eval.*` keys beyond perplexity (context, stride, ... stay where the stage reads them)."""
 
+    wikitext2: WikitextSettings = field(default_factory=WikitextSettings)
     tasks: TaskSettings = field(default_factory=TaskSettings)
     agreement: AgreementSettings = field(default_factory=AgreementSettings)
     speed: SpeedSettings = field(default_factory=SpeedSettings)
@@ -165,6 +200,7 @@ class HarnessSettings:
             if not isinstance(value, bool):
                 raise ShrinkError(f"eval.{key}: expected true or false, got {value!r}")
         out = cls(
+            wikitext2=_build(WikitextSettings, _section(raw, "wikitext2"), "eval.wikitext2."),
             tasks=_build(TaskSettings, _section(raw, "tasks"), "eval.tasks."),
             agreement=_build(AgreementSettings, _section(raw, "agreement"), "eval.agreement."),
             speed=_build(SpeedSettings, _section(raw, "speed"), "eval.speed."),
@@ -175,6 +211,31 @@ class HarnessSettings:
                                         "eval.speculative_settings."),
             plots=plots,
         )
-        for part in (out.tasks, out.agreement, out.speed, out.load, out.engine, out.speculative_settings):
+        for part in (out.wikitext2, out.tasks, out.agreement, out.speed, out.load, out.engine,
+                     out.speculative_settings):
             part.check()
         return out
+
+
+def perplexity_protocols(datasets: list[str], context: int, stride: int, max_windows: int | None,
+                         wikitext2: WikitextSettings, max_positions: int
+                         ) -> tuple[dict[str, WindowProtocol], list[str]]:
+    """Each dataset's windows: WikiText-2 on eval.wikitext2 (the fixed protocol), the others on the
+    sliding eval.context / eval.stride / eval.max_windows; every context capped at the model's
+    max_position_embeddings. Also the notes that say where a cap changed a protocol."""
+    out: dict[str, WindowProtocol] = {}
+    notes: list[str] = []
+    for name in datasets:
+        if name == "wikitext2":
+            asked = WindowProtocol(wikitext2.context, wikitext2.stride, wikitext2.max_windows,
+                                   wikitext2.full_windows_only)
+            keys = "eval.wikitext2.context"
+        else:
+            asked = WindowProtocol(context, stride, max_windows)
+            keys = "eval.context"
+        out[name] = asked.capped(max_positions)
+        if out[name] != asked:
+            notes.append(f"{name}: {keys}={asked.context} is past the model's max_position_embeddings "
+                         f"({max_positions}): scored on windows of {out[name].context} tokens, stride "
+                         f"{out[name].stride}; not comparable with numbers on {asked.context}-token windows")
+    return out, notes

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import CompileConfig
 
 from eval.bench.common import prompts, timed
 
@@ -54,28 +55,56 @@ def engine_speed(llm: Any, batch_sizes: list[int], prompt_len: int, new_tokens: 
     return out
 
 
+def _compile_everywhere() -> CompileConfig:
+    """transformers' default CompileConfig, with the flag its own tests set to compile on a CPU too
+    (by itself generate compiles on CUDA only: hf_compile=all on a CPU would silently run eager)."""
+    config = CompileConfig()
+    config._compile_all_devices = True
+    return config
+
+
+def hf_compiles(setting: str, device_type: str, is_teacher: bool) -> bool:
+    """Whether eval.speed.hf_compile asks this row's `generate` to run compiled (auto: the teacher's
+    on CUDA, none on CPU, where torch.compile only adds minutes of compiling to the demo)."""
+    if setting == "auto":
+        setting = "teacher" if device_type == "cuda" else "none"
+    return setting == "all" or (setting == "teacher" and is_teacher)
+
+
 @torch.no_grad()
 def hf_generate_speed(model: torch.nn.Module, batch_sizes: list[int], prompt_len: int,
-                      new_tokens: int) -> list[dict[str, Any]]:
+                      new_tokens: int, compile: bool = False) -> list[dict[str, Any]]:
     """transformers generate, greedy, exactly new_tokens per sequence; a static cache where the
-    model takes one (recorded as `cache`), else the default dynamic cache."""
+    model takes one (recorded as `cache`), else the default dynamic cache. With ``compile`` (and a
+    static cache) generate runs its decode step torch.compile'd, as transformers does by default on
+    a static cache: the project's standard baseline; without it, eager (`disable_compile`). A
+    compile that fails raises: the baseline is then missing, never silently eager."""
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     out = []
     for bs in batch_sizes:
-        def run(n: int, seed: int, cache: str | None) -> None:
+        def run(n: int, seed: int, cache: str | None, compiled: bool) -> None:
             ids = torch.tensor(prompts(bs, prompt_len, vocab, seed), device=device)
-            extra = {"cache_implementation": cache, "disable_compile": True} if cache else {}
+            extra: dict[str, Any] = {"cache_implementation": cache, "disable_compile": not compiled} if cache else {}
+            if compiled:
+                extra["compile_config"] = _compile_everywhere()
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=0, **extra)
 
         cache: str | None = "static"
         try:
-            run(2, 7, cache)  # warm-up, and the probe for a static cache
+            run(2, 7, cache, False)  # warm-up, and the probe for a static cache (eager: a compile error is no answer)
         except Exception:  # this model's cache class does not take a static cache
             cache = None
-            run(2, 7, cache)
-        _, t1 = fastest(lambda seed: run(1, seed, cache), [1000 + bs + 100 * r for r in range(REPEATS)])
-        _, tn = fastest(lambda seed: run(new_tokens, seed, cache), [2000 + bs + 100 * r for r in range(REPEATS)])
-        out.append({**_rates(bs, prompt_len, new_tokens, t1, tn), "cache": cache or "dynamic"})
+            run(2, 7, cache, False)
+        compiled = compile and cache is not None
+        if compiled:  # compile (and capture) for the timed cache shape before timing it
+            for seed in (8, 9):
+                run(new_tokens, seed, cache, compiled)
+        _, t1 = fastest(lambda seed: run(1, seed, cache, compiled), [1000 + bs + 100 * r for r in range(REPEATS)])
+        _, tn = fastest(lambda seed: run(new_tokens, seed, cache, compiled),
+                        [2000 + bs + 100 * r for r in range(REPEATS)])
+        out.append({**_rates(bs, prompt_len, new_tokens, t1, tn), "cache": cache or "dynamic", "compiled": compiled})
+    if compile:
+        torch._dynamo.reset()  # drop the compiled graphs before the engine runs in this process
     return out

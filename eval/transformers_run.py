@@ -11,17 +11,17 @@ from typing import Any, Callable
 import torch
 
 from eval.agreement import Reference, agreement, fixed_windows, teacher_reference
-from eval.perplexity import perplexity
+from eval.perplexity import WindowProtocol, perplexity
 from eval.settings import HarnessSettings
-from eval.speed import hf_generate_speed
+from eval.speed import hf_compiles, hf_generate_speed
 
 
 class TransformersMeasurements:
-    def __init__(self, harness: HarnessSettings, texts: dict[str, torch.Tensor], ppl_settings: dict[str, Any],
-                 cache: dict[str, Any]) -> None:
-        """``ppl_settings``: context, stride, max_windows (and whatever else keys the cache);
-        ``cache``: perplexity results by content hash, kept by the caller."""
-        self.harness, self.texts, self.ppl_settings, self.cache = harness, texts, ppl_settings, cache
+    def __init__(self, harness: HarnessSettings, texts: dict[str, torch.Tensor],
+                 protocols: dict[str, WindowProtocol], run_key: dict[str, Any], cache: dict[str, Any]) -> None:
+        """``protocols``: each dataset's windows; ``run_key``: what else changes a perplexity (dtype,
+        device); ``cache``: perplexity results by content hash and settings, kept by the caller."""
+        self.harness, self.texts, self.protocols, self.run_key, self.cache = harness, texts, protocols, run_key, cache
         self.reference: Reference | None = None  # the teacher's, once measured
 
     def measure(self, name: str, content_hash: str, load: Callable[[], torch.nn.Module],
@@ -37,13 +37,16 @@ class TransformersMeasurements:
 
         row: dict[str, Any] = {}
         details: dict[str, Any] = {}
-        s = self.ppl_settings
         for dataset, ids in self.texts.items():
-            key = hashlib.sha256(json.dumps([content_hash, dataset, s, int(ids.numel())]).encode()).hexdigest()
+            protocol = self.protocols[dataset].as_dict()
+            key = hashlib.sha256(json.dumps([content_hash, dataset, protocol, self.run_key, int(ids.numel())])
+                                 .encode()).hexdigest()
             if key not in self.cache:
-                self.cache[key] = perplexity(loaded(), ids, s["context"], s["stride"], s["max_windows"]).as_dict()
-                print(f"eval: {name} {dataset} ppl {self.cache[key]['ppl']:.3f} ({self.cache[key]['tokens']} tokens)")
+                self.cache[key] = perplexity(loaded(), ids, **protocol).as_dict()
+                print(f"eval: {name} {dataset} ppl {self.cache[key]['ppl']:.3f} ({self.cache[key]['tokens']} tokens, "
+                      f"{self.cache[key]['windows']} windows)")
             row[f"ppl_{dataset}"] = self.cache[key]["ppl"]
+            details[f"ppl_{dataset}"] = {**self.cache[key], "protocol": protocol}
         ag = self.harness.agreement
         if ag.enabled:
             if is_teacher:
@@ -53,8 +56,9 @@ class TransformersMeasurements:
                 row.update(agreement(loaded(), self.reference))
         sp = self.harness.speed
         if sp.enabled and sp.hf_baseline:
+            compiled = hf_compiles(sp.hf_compile, next(loaded().parameters()).device.type, is_teacher)
             try:
-                records = hf_generate_speed(loaded(), sp.batch_sizes, sp.prompt_len, sp.new_tokens)
+                records = hf_generate_speed(loaded(), sp.batch_sizes, sp.prompt_len, sp.new_tokens, compiled)
             except Exception as e:  # transformers cannot generate with this model: say so, go on
                 row["hf_error"] = f"{type(e).__name__}: {e}"
                 print(f"eval: transformers generate baseline of {name} failed: {row['hf_error']}")
@@ -62,4 +66,6 @@ class TransformersMeasurements:
             details["hf_generate_speed"] = records
             for r in records:
                 row[f"hf_decode_tok_s_b{r['batch']}"] = r["decode_tok_s"]
+            if records:
+                row["hf_generate"] = f"{records[0]['cache']} cache, {'compiled' if records[0]['compiled'] else 'eager'}"
         return row, details

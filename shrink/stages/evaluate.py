@@ -21,10 +21,11 @@ from common.errors import ShrinkError
 from eval.accuracy import load_examples
 from eval.engine_run import measure_engine
 from eval.memory import planned_kv_bytes_per_token
+from eval.multiple_choice import MultipleChoice, cqa_questions
 from eval.perplexity import encode, wikitext2_text
 from eval.plots import BARS_FILE, FRONTIER_FILE, frontier_plot, stage_bars
-from eval.report import quality_key, speed_key, write_report
-from eval.settings import HarnessSettings
+from eval.report import measurement_notes, quality_key, speed_key, write_report
+from eval.settings import HarnessSettings, perplexity_protocols
 from common.tasks import Task, TaskExample, get_task
 from eval.transformers_run import TransformersMeasurements
 from shrink.artifacts import META_FILE, Artifact, write_artifact
@@ -68,17 +69,20 @@ def eval_datasets(cfg: DictConfig, ctx: StageContext, tokenizer) -> dict[str, to
     return out
 
 
-def eval_tasks(ctx: StageContext, harness: HarnessSettings) -> dict[str, tuple[Task, list[TaskExample]]]:
-    """The task subsets (the same for every artifact); none when the reasoning files are absent."""
-    if not harness.tasks.enabled or not harness.tasks.names:
-        return {}
+def eval_tasks(ctx: StageContext, harness: HarnessSettings
+               ) -> tuple[dict[str, tuple[Task, list[TaskExample]]], list[MultipleChoice]]:
+    """The generative task subsets and the CommonsenseQA multiple-choice questions (the same for
+    every artifact); none when the reasoning files are absent."""
+    t = harness.tasks
+    if not t.enabled or not (t.names or t.cqa_mc):
+        return {}, []
     shared = ctx.data_dir
     if shared is None or not (shared / "reasoning").is_dir():
         print("eval: task files (reasoning/) not found (set data_dir= or SHRINK_DATA_DIR); task accuracy skipped")
-        return {}
-    t = harness.tasks
-    return {name: (get_task(name, "eval.tasks.names"), load_examples(name, shared, t.split, t.limit))
-            for name in t.names}
+        return {}, []
+    generative = {name: (get_task(name, "eval.tasks.names"), load_examples(name, shared, t.split, t.limit))
+                  for name in t.names}
+    return generative, cqa_questions(shared, t.split, t.limit) if t.cqa_mc else []
 
 
 def _dtype(cfg: DictConfig, device: torch.device) -> str:
@@ -101,10 +105,10 @@ def _speculative_pair(harness: HarnessSettings, intact: list[Artifact]) -> tuple
 
 
 def _engine_measurements(art_dir: Path, device: torch.device, dtype: str, harness: HarnessSettings,
-                         tasks: dict[str, tuple[Task, list[TaskExample]]], row: dict[str, Any],
-                         details: dict[str, Any], speculative_config: dict | None = None) -> None:
+                         tasks: dict[str, tuple[Task, list[TaskExample]]], cqa_mc: list[MultipleChoice],
+                         row: dict[str, Any], details: dict[str, Any], speculative_config: dict | None = None) -> None:
     try:
-        fields, more = measure_engine(art_dir, harness, device, dtype, tasks, speculative_config)
+        fields, more = measure_engine(art_dir, harness, device, dtype, tasks, cqa_mc, speculative_config)
     except Exception as e:  # one artifact the engine cannot run must not lose the others' numbers
         row["engine_error"] = f"{type(e).__name__}: {e}"
         print(f"eval: engine measurements of {row['artifact']} failed: {row['engine_error']}")
@@ -129,13 +133,16 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
     spec_pair = _speculative_pair(harness, intact)
     tokenizer = load_tokenizer(intact[0])
     texts = eval_datasets(cfg, ctx, tokenizer)
-    tasks = eval_tasks(ctx, harness)
+    tasks, cqa_mc = eval_tasks(ctx, harness)
     device, dtype = ctx.device, _dtype(cfg, ctx.device)
-    ppl = {"context": int(cfg.eval.context), "stride": int(cfg.eval.stride), "max_windows": cfg.eval.max_windows,
-           "dtype": dtype, "device": str(device)}
+    max_positions = min(int(getattr(AutoConfig.from_pretrained(a.path), "max_position_embeddings", 2**31))
+                        for a in intact)
+    protocols, cap_notes = perplexity_protocols(list(texts), int(cfg.eval.context), int(cfg.eval.stride),
+                                                cfg.eval.max_windows, harness.wikitext2, max_positions)
+    run_key = {"dtype": dtype, "device": str(device)}
     cache_path = ctx.run_dir / CACHE_FILE
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    quality = TransformersMeasurements(harness, texts, ppl, cache)
+    quality = TransformersMeasurements(harness, texts, protocols, run_key, cache)
 
     def save_cache() -> None:
         """After every artifact: a run stopped midway (a time limit, a lost machine) keeps what it measured."""
@@ -167,7 +174,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
         row.update(fields)
         row["params"] = cache.get(params_key, art.metrics.get("params"))
         save_cache()
-        _engine_measurements(art.path, device, dtype, harness, tasks, row, details[name])
+        _engine_measurements(art.path, device, dtype, harness, tasks, cqa_mc, row, details[name])
         row["stage_s"] = art.meta.get("wall_time_s")
         rows.append(row)
     if spec_pair is not None:
@@ -180,27 +187,12 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
                "size_MB": (dir_size_bytes(target.path) + dir_size_bytes(draft.path)) / 2**20,
                **{k_: v for k_, v in teacher_row.items() if k_.startswith("ppl_")}}
         details[name] = {}
-        _engine_measurements(target.path, device, dtype, harness, tasks, row, details[name],
+        _engine_measurements(target.path, device, dtype, harness, tasks, cqa_mc, row, details[name],
                              {"model": str(draft.path), "num_speculative_tokens": k})
         rows.append(row)
-    notes = [f"perplexity: windows of {ppl['context']} tokens, stride {ppl['stride']}, "
-             f"{ppl['max_windows'] or 'all'} windows per dataset, {dtype} on {device}",
-             "wikitext2: WikiText-2 raw test; heldout: the validation split of the run's data",
-             "status: ok when the files match the content hash in shrink.json; a damaged artifact gets no numbers",
-             "kv_bytes_per_token: the planner (2 x layers x kv_heads x head_dim x 2 bytes, bf16); "
-             "kv_bytes_per_token_planned / _measured: the planner at the engine's dtype and the engine's allocated "
-             "pool per token; kv_capacity_tokens: the pool's size",
-             f"acc_*: greedy label answers through the engine, first {harness.tasks.limit} {harness.tasks.split} "
-             "examples per task; top1_agreement / kl_to_teacher (nats/token): on "
-             f"{harness.agreement.windows} held-out windows of {harness.agreement.window_len} tokens",
-             "prefill/decode_tok_s_bN: the engine at batch N on random prompts; hf_decode_tok_s_bN: transformers "
-             "generate (static cache where the model takes one) on the same shapes, same run",
-             f"ttft/itl p50/p99: {harness.load.requests} streamed requests, {harness.load.concurrency} at a time, over "
-             "AsyncLLM in-process; peak_memory_MB: CUDA peak allocation (none on CPU)",
-             "the speculative row serves the teacher with the draft: its perplexity is the teacher's (speculative "
-             "decoding keeps the target's distribution); its speed and accuracy are measured",
-             "stage_s: the stage's wall time"]
-    settings = {**ppl, "datasets": list(texts), "harness": OmegaConf.to_container(cfg.eval, resolve=True)}
+    notes = measurement_notes(rows, protocols, cap_notes, harness, dtype, str(device))
+    settings = {**run_key, "perplexity": {d: p.as_dict() for d, p in protocols.items()}, "datasets": list(texts),
+                "harness": OmegaConf.to_container(cfg.eval, resolve=True)}
 
     def save(tmp_dir: Path) -> None:
         plots: list[str] = []

@@ -7,6 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from support import run_cli, save_tiny_artifact
 
 TINY = ["logging=none", "data=pydoc", "data.max_docs=30", "data.block_size=64", "eval.context=64",
@@ -36,8 +38,9 @@ def test_every_measurement_and_the_speculative_row(tiny_teacher: Path, tmp_path:
     assert 0.0 <= distill["top1_agreement"] < 1.0 and distill["kl_to_teacher"] > 0
     for row in (teacher, distill, spec):
         assert "engine_error" not in row, row.get("engine_error")
-        for task in ("cqa", "svamp", "gsm8k"):
+        for task in ("cqa", "svamp", "gsm8k", "cqa_mc"):
             assert 0.0 <= row[f"acc_{task}"] <= 1.0
+        assert 0.0 <= row["acc_norm_cqa_mc"] <= 1.0
         for key in ("prefill_tok_s_b1", "decode_tok_s_b1", "prefill_tok_s_b4", "decode_tok_s_b4",
                     "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "kv_capacity_tokens"):
             assert row[key] > 0, key
@@ -47,9 +50,22 @@ def test_every_measurement_and_the_speculative_row(tiny_teacher: Path, tmp_path:
         assert row["ppl_heldout"] > 1.0 and row["hf_decode_tok_s_b1"] > 0 and row["hf_decode_tok_s_b4"] > 0
     assert distill["kv_bytes_per_token"] == teacher["kv_bytes_per_token"] // 2  # 4 -> 2 layers
     assert spec["ppl_heldout"] == teacher["ppl_heldout"]
+    # the prompt's log-likelihoods are the target's alone: a draft changes no multiple-choice score
+    assert (spec["acc_cqa_mc"], spec["acc_norm_cqa_mc"]) == (teacher["acc_cqa_mc"], teacher["acc_norm_cqa_mc"])
+    for ours, theirs in zip(*(report["details"][n]["task_cqa_mc"]["examples"] for n in (spec_name, "teacher"))):
+        assert ours["loglikelihoods"] == pytest.approx(theirs["loglikelihoods"], abs=1e-4)
     assert 0.0 <= spec["spec_acceptance_rate"] <= 1.0 and spec["spec_mean_accepted_length"] >= 1.0
     assert report["details"][spec_name]["spec_decode"]["num_proposed_tokens"] > 0
     assert report["details"]["teacher"]["task_cqa"]["n"] == 2
+    mc = report["details"]["teacher"]["task_cqa_mc"]
+    assert mc["n"] == 2 and mc["errors"] == 0
+    assert report["settings"]["perplexity"] == {"heldout": {"context": 64, "stride": 32, "max_windows": 2,
+                                                            "full_windows_only": False}}
+    notes = "\n".join(report["notes"])
+    assert "ppl_heldout: the validation split of the run's data, sliding windows of 64 tokens, stride 32" in notes
+    assert "acc_cqa_mc / acc_norm_cqa_mc" in notes and "acc_cqa / acc_svamp / acc_gsm8k" in notes
+    assert "hf_compile=auto; compiled: none" in notes  # auto on a CPU: eager
+    assert teacher["hf_generate"] == "static cache, eager"
     md = (out / "report.md").read_text()
     assert "## Against the teacher" in md and md.count("| teacher |") == 1
     assert f"- distill: {teacher['size_MB'] / distill['size_MB']:.1f}x smaller, " in md
@@ -100,8 +116,6 @@ def test_a_run_stopped_midway_keeps_what_it_measured(tiny_teacher: Path, tmp_pat
     """The perplexity / transformers cache is written after every artifact, not only at the end: an
     eval cut off during its second artifact (a device call's time limit) keeps the first one's
     numbers, and the next run reuses them."""
-    import pytest
-
     import shrink.stages.evaluate as evaluate
     from shrink.__main__ import compose, run as run_stage
 
@@ -121,3 +135,34 @@ def test_a_run_stopped_midway_keeps_what_it_measured(tiny_teacher: Path, tmp_pat
     cache = json.loads((run / evaluate.CACHE_FILE).read_text())
     teacher_hash = json.loads((run / "teacher" / "shrink.json").read_text())["content_hash"]
     assert any(teacher_hash in key for key in cache), cache.keys()
+
+
+def test_wikitext2_runs_on_its_own_protocol_capped_and_cached_by_it(tiny_teacher: Path, tmp_path: Path,
+                                                                     shared_data_dir: Path):
+    """WikiText-2 takes eval.wikitext2 (non-overlapping, full windows), not the held-out sliding
+    windows; a context past the model's 512 positions is capped, and the report says so; the
+    perplexity cache is keyed by the protocol (a second run with another max_windows recomputes)."""
+    from shrink.__main__ import compose, run as run_stage
+
+    run = _tiny_run(tiny_teacher, tmp_path)
+    off = ["eval.tasks.enabled=false", "eval.agreement.enabled=false", "eval.speed.enabled=false",
+           "eval.load.enabled=false", "eval.plots=false"]
+    windows = {}
+    for max_windows in (1, 2):
+        cfg = compose(["stage=eval", f"run={run}", f"cache_dir={tmp_path / 'cache'}", f"data_dir={shared_data_dir}",
+                       *TINY, "eval.datasets=[wikitext2,heldout]", "eval.wikitext2.context=1024",
+                       "eval.wikitext2.stride=1024", f"eval.wikitext2.max_windows={max_windows}", *off])
+        run_stage(cfg)
+        report = json.loads((run / "eval" / "report.json").read_text())
+        details = report["details"]["teacher"]
+        windows[max_windows] = details["ppl_wikitext2"]["windows"]
+        assert details["ppl_wikitext2"]["protocol"] == {"context": 512, "stride": 512, "max_windows": max_windows,
+                                                        "full_windows_only": True}
+        assert details["ppl_wikitext2"]["tokens"] == 511 * max_windows  # each window's first token is context
+        assert details["ppl_heldout"]["protocol"]["stride"] == 32
+        notes = "\n".join(report["notes"])
+        assert "eval.wikitext2.context=1024 is past the model's max_position_embeddings (512)" in notes
+        assert "non-overlapping windows of 512 tokens, full windows only" in notes
+        assert "NOT the project's fixed protocol" in notes
+        assert all(r["ppl_wikitext2"] > 1.0 for r in report["rows"])
+    assert windows == {1: 1, 2: 2}

@@ -66,3 +66,17 @@ def test_plots_are_png_files(tmp_path: Path):
         assert data.startswith(PNG_MAGIC) and len(data) > 1000
     assert not frontier_plot(ROWS, "nope", "ppl_wikitext2", tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_acc_norm_is_not_counted_as_a_second_task():
+    """acc_norm_cqa_mc is acc_cqa_mc normalised: the plain words' mean change counts CommonsenseQA
+    multiple choice once."""
+    rows = [{"artifact": "teacher", "status": "ok", "acc_cqa_mc": 0.3, "acc_norm_cqa_mc": 0.3},
+            {"artifact": "distill", "status": "ok", "acc_cqa_mc": 0.2, "acc_norm_cqa_mc": 0.9}]
+    assert plain_words(rows) == ["distill: task accuracy -10 points vs teacher"]
+
+
+def test_the_generate_baseline_column_sits_beside_its_speeds():
+    cols = ordered_columns([{"artifact": "t", "hf_generate": "static cache, compiled", "hf_decode_tok_s_b1": 1.0,
+                             "prefill_tok_s_b1": 2.0, "decode_tok_s_b1": 3.0}])
+    assert cols == ["artifact", "decode_tok_s_b1", "hf_decode_tok_s_b1", "hf_generate", "prefill_tok_s_b1"]

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from support import save_tiny_artifact, tiny_llama_config
 from eval.load import load_test, percentile
 from eval.memory import engine_memory, peak_memory_MB, planned_kv_bytes_per_token
-from eval.speed import engine_speed, hf_generate_speed
+from eval.speed import engine_speed, hf_compiles, hf_generate_speed
 
 ENGINE = dict(max_model_len=128, max_num_seqs=4, device="cpu", dtype="float32")
 
@@ -98,3 +98,67 @@ def test_speed_takes_the_fastest_of_repeated_runs(monkeypatch):
     out, seconds = speed.fastest(lambda seed: seen.append(seed) or f"run {seed}", [1, 2, 3])
     assert (out, seconds) == ("run 2", 0.2) and seen == [1, 2, 3]
     assert speed.REPEATS >= 3
+
+
+@pytest.mark.parametrize("setting,device,teacher,expected", [
+    ("auto", "cuda", True, True), ("auto", "cuda", False, False), ("auto", "cpu", True, False),
+    ("none", "cuda", True, False), ("teacher", "cpu", True, True), ("teacher", "cuda", False, False),
+    ("all", "cpu", False, True), ("all", "cuda", False, True),
+])
+def test_hf_compile_setting_picks_the_rows(setting, device, teacher, expected):
+    assert hf_compiles(setting, device, teacher) is expected
+
+
+def _generate_kwargs(model: torch.nn.Module, compile: bool) -> tuple[list[dict], list[dict]]:
+    """generate's keyword arguments in hf_generate_speed; the calls run eager whatever they ask (a
+    real compile on a 2-core CPU costs minutes: this checks what is asked, not torch.compile)."""
+    seen: list[dict] = []
+    real = model.generate
+
+    def spy(*args, **kwargs):
+        seen.append(dict(kwargs))
+        return real(*args, **{**kwargs, "disable_compile": True, "compile_config": None})
+
+    model.generate = spy
+    try:
+        records = hf_generate_speed(model, [1], prompt_len=8, new_tokens=6, compile=compile)
+    finally:
+        del model.generate  # the class's own again
+    return seen, records
+
+
+def test_hf_generate_asks_for_a_compiled_static_cache_only_when_told(model_dir: Path):
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    eager, records = _generate_kwargs(model, compile=False)
+    assert all(k["disable_compile"] is True and "compile_config" not in k for k in eager)
+    assert records[0]["compiled"] is False and records[0]["cache"] == "static"
+    compiled, records = _generate_kwargs(model, compile=True)
+    probe, *rest = compiled  # the static-cache probe runs eager: a compile error must not read as "no static cache"
+    assert probe["disable_compile"] is True and "compile_config" not in probe
+    assert all(k["cache_implementation"] == "static" and k["disable_compile"] is False for k in rest)
+    assert all(k["compile_config"]._compile_all_devices for k in rest)  # compiles on a CPU too
+    assert records[0]["compiled"] is True and records[0]["cache"] == "static"
+    # two untimed runs at the timed length compile (and capture) before any timing
+    assert [k["max_new_tokens"] for k in compiled[:3]] == [2, 6, 6] and len(compiled) == len(eager) + 2
+
+
+def test_transformers_measurements_compile_the_rows_the_setting_names(model_dir: Path, monkeypatch):
+    import eval.transformers_run as transformers_run
+    from eval.settings import HarnessSettings
+    from eval.transformers_run import TransformersMeasurements
+
+    asked: list[bool] = []
+
+    def fake_speed(model, batch_sizes, prompt_len, new_tokens, compile=False):
+        asked.append(compile)
+        return [{"batch": 1, "decode_tok_s": 1.0, "cache": "static", "compiled": compile}]
+
+    monkeypatch.setattr(transformers_run, "hf_generate_speed", fake_speed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    for setting, expected in (("auto", [False, False]), ("teacher", [True, False]), ("all", [True, True])):
+        harness = HarnessSettings.from_dict({"agreement": {"enabled": False}, "speed": {"hf_compile": setting}})
+        measure = TransformersMeasurements(harness, {}, {}, {}, {})
+        asked.clear()
+        rows = [measure.measure(name, name, lambda: model, name == "teacher")[0] for name in ("teacher", "student")]
+        assert asked == expected, setting
+        assert [r["hf_generate"] for r in rows] == [f"static cache, {'compiled' if e else 'eager'}" for e in expected]
