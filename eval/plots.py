@@ -27,6 +27,13 @@ def pareto_front(points: list[tuple[str, float, float]]) -> list[tuple[str, floa
     return sorted(front, key=lambda p: p[1])
 
 
+def quality_scale(values: list[float]) -> str:
+    """"log" where the artifacts' quality spans more than 10x (a broken stage's perplexity of 1,000
+    beside a teacher's 20 would flatten every other point onto the axis), else "linear"."""
+    positive = [v for v in values if v > 0]
+    return "log" if len(positive) == len(values) and max(positive) > 10 * min(positive) else "linear"
+
+
 def frontier_plot(rows: list[dict[str, Any]], speed_key: str, quality_key: str, path: Path) -> bool:
     """Quality (lower is better) against decode tok/s; False (nothing written) without two numbers."""
     points = [(r["artifact"], r[speed_key], r[quality_key]) for r in rows
@@ -41,7 +48,9 @@ def frontier_plot(rows: list[dict[str, Any]], speed_key: str, quality_key: str, 
     front = pareto_front(points)
     ax.plot([p[1] for p in front], [p[2] for p in front], "--", color="tab:orange", label="Pareto frontier")
     ax.set_xlabel(f"decode tok/s ({speed_key})")
-    ax.set_ylabel(f"{quality_key} (lower is better)")
+    scale = quality_scale([p[2] for p in points])
+    ax.set_yscale(scale)
+    ax.set_ylabel(f"{quality_key} (lower is better{', log scale' if scale == 'log' else ''})")
     ax.set_title("quality vs decode speed")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eval.plots import frontier_plot, pareto_front, stage_bars
+from eval.plots import frontier_plot, pareto_front, quality_scale, stage_bars
 from eval.report import main, ordered_columns, plain_words, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -80,3 +80,11 @@ def test_the_generate_baseline_column_sits_beside_its_speeds():
     cols = ordered_columns([{"artifact": "t", "hf_generate": "static cache, compiled", "hf_decode_tok_s_b1": 1.0,
                              "prefill_tok_s_b1": 2.0, "decode_tok_s_b1": 3.0}])
     assert cols == ["artifact", "decode_tok_s_b1", "hf_decode_tok_s_b1", "hf_generate", "prefill_tok_s_b1"]
+
+
+def test_quality_spanning_more_than_10x_is_plotted_on_a_log_scale():
+    """The H200 reference run (2026-11-29): teacher 18.6 beside GQA's 1,050 left the teacher, student
+    and speculative points on the axis of a linear plot."""
+    assert quality_scale([18.6, 112.8, 1050.1]) == "log"
+    assert quality_scale([18.6, 19.0, 27.9]) == "linear"
+    assert quality_scale([0.0, 50.0]) == "linear", "log needs positive values"
