@@ -1,12 +1,14 @@
 """Prompt-logprob requests on the prefix cache: a request that shares a prefix with an earlier
 prompt-logprob request takes the prefix's entries (and the hidden state after it) from the cache.
 
-Exactness: the entries taken from the cache, and the entry of the first computed position (from the
-stored hidden state), are bit for bit those the earlier request returned. Against an engine without
-prefix caching the tokens, text, top-n token ids, their order and ranks are equal and the logprobs
-equal to fp32 rounding: the engine's own fp32 arithmetic differs in the last bits with the prompt's
-length (a cold engine scores a prefix differently inside a 27- and a 33-token prompt), so no
-cache, ours or vLLM's, can be bitwise equal to every cold run."""
+Exactness: the entries taken from the cache are bit for bit those the earlier request returned.
+Against an engine without prefix caching the tokens, text, top-n token ids, their order and ranks
+are equal, and the logprobs equal to fp32 rounding: the engine's fp32 arithmetic differs in the last
+bits with the shapes of a step (a cold engine scores a prefix differently inside a 27- and a 33-token
+prompt; the LM head's rows differ with the number of rows), so a cached entry cannot equal every
+cold run bit for bit, nor the first computed position's (the LM head on the stored hidden state
+with the chunk's rows) the earlier request's. Without batch-invariant kernels, vLLM's recomputation
+is not bitwise reproducible either."""
 
 from __future__ import annotations
 
@@ -48,9 +50,13 @@ def _assert_same(got, want) -> None:
 
 
 def _assert_from_cache(got, stored, hit_tokens: int) -> None:
-    """Bit for bit the earlier request's entries up to and including the first computed position."""
+    """Bit for bit the earlier request's entries for the cached positions; the first computed
+    position's, from the stored hidden state, equal to fp32 rounding."""
     assert got.num_cached_tokens == hit_tokens
-    assert got.prompt_logprobs[: hit_tokens + 1] == stored.prompt_logprobs[: hit_tokens + 1]
+    assert got.prompt_logprobs[:hit_tokens] == stored.prompt_logprobs[:hit_tokens]
+    g, w = got.prompt_logprobs[hit_tokens], stored.prompt_logprobs[hit_tokens]
+    assert list(g) == list(w) and [e.rank for e in g.values()] == [e.rank for e in w.values()]
+    assert all(abs(g[t].logprob - w[t].logprob) < 2e-5 for t in g)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +92,7 @@ def test_more_top_n_than_stored_misses_and_fewer_is_trimmed(model_dir, cold):
     _assert_same(fewer, cold.generate([third], _params(1))[0])
     # Trimmed entries are those a top-1 request computes itself.
     again = warm.generate([first], _params(1))[0]
-    assert again.num_cached_tokens >= 24  # its own blocks, stored with top-2
-    assert again.prompt_logprobs == _engine(model_dir).generate([first], _params(1))[0].prompt_logprobs
+    _assert_from_cache(again, _engine(model_dir).generate([first], _params(1))[0], 32)  # its blocks, with top-2
 
 
 def test_blocks_cached_without_logprobs_are_no_hits_until_a_logprob_request_computes_them(model_dir, cold):
