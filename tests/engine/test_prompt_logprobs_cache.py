@@ -154,3 +154,19 @@ def test_speculative_decoding_on(model_dir, cold):
     out = warm.generate([second], _params(2, max_tokens=8))[0]
     _assert_from_cache(out, stored, 24)
     _assert_same(out, cold.generate([second], _params(2, max_tokens=8))[0])
+
+
+def _closed_after(llm: LLM, requests: list[tuple[list[int], SamplingParams]]) -> list:
+    try:
+        return [llm.generate([p], params)[0] for p, params in requests]
+    finally:
+        llm.close()
+
+
+def test_two_ranks(model_dir):
+    # Every rank keeps the hidden states of its blocks and runs the vocab-parallel LM head on them.
+    first, second, _ = _prefix_family(seed=110)
+    (cold,) = _closed_after(_engine(model_dir, caching=False, tensor_parallel_size=2), [(second, _params(2))])
+    stored, out = _closed_after(_engine(model_dir, tensor_parallel_size=2), [(first, _params(2)), (second, _params(2))])
+    _assert_from_cache(out, stored, 24)
+    _assert_same(out, cold)
