@@ -170,3 +170,29 @@ def test_two_ranks(model_dir):
     stored, out = _closed_after(_engine(model_dir, tensor_parallel_size=2), [(first, _params(2)), (second, _params(2))])
     _assert_from_cache(out, stored, 24)
     _assert_same(out, cold)
+
+
+def test_lm_eval_requests_through_the_server(model_dir, cold):
+    """lm-eval's loglikelihood request (echo, logprobs 1, max_tokens 1 or 0) on a shared context:
+    the second choice is scored from the cache, with the logprobs of a cold engine."""
+    import sys
+    from pathlib import Path
+
+    from openai import OpenAI
+
+    sys.path.insert(0, str(Path(__file__).parent / "server"))
+    from harness import ServerThread
+
+    context, choice_a, choice_b = _prefix_family(seed=120)
+    with ServerThread(model_dir(ARCH, with_tokenizer=True), block_size=BLOCK) as server:
+        c = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        allocate, hits = server.llm.engine.block_manager.allocate, []
+        server.llm.engine.block_manager.allocate = lambda seq: allocate(seq) or hits.append(seq.num_cached_tokens)
+        for prompt, max_tokens in ((choice_a, 1), (choice_b, 1), (choice_b, 0)):
+            out = c.completions.create(model=server.state.model_name, prompt=prompt, max_tokens=max_tokens,
+                                       temperature=0, logprobs=1, echo=True)
+            want = cold.generate([prompt], _params(1, max_tokens=1))[0]
+            got = out.choices[0].logprobs.token_logprobs[: len(prompt)]
+            assert got[0] is None and got[1:] == pytest.approx(
+                [e[t].logprob for e, t in zip(want.prompt_logprobs[1:], prompt[1:])], abs=2e-5, rel=0)
+    assert hits[0] == 0 and hits[1] == 24 and hits[2] >= 24
