@@ -70,12 +70,12 @@ class ModelRunner:
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.kv_bytes_per_token = kv_bytes_per_token(self.attn_layers, self.dtype)
         # Prefix caching of prompt logprobs (block_manager.py): per block, the final hidden state at
-        # its last position, written by a prompt-logprob prefill; counted with the pool.
+        # its last position, written by a prompt-logprob prefill. Counted when the pool is sized,
+        # allocated by the first prompt-logprob prefill (a draft model's runner never runs one).
         hidden_bytes = config.hf_config.hidden_size * self.dtype.itemsize if config.enable_prefix_caching else 0
         self.num_blocks = allocate_kv_cache(config, self.model, self.attn_layers,
                                             extra_kv_bytes_per_token + -(-hidden_bytes // self.block_size))
-        self.block_hidden = (torch.zeros(self.num_blocks, config.hf_config.hidden_size, dtype=self.dtype, device=self.device)
-                             if hidden_bytes else None)
+        self.block_hidden: torch.Tensor | None = None
         self.sampler = Sampler(self.device, set(eos_token_ids))  # EOS is masked until min_tokens
         max_blocks = math.ceil(config.max_model_len / self.block_size)
         # Decode rows for a verify as pseudo-rows (decode_inputs.py): what the fused small-batch
@@ -160,8 +160,10 @@ class ModelRunner:
         (after a prefix-cache hit) scores its first token from the hidden state kept with the block
         before it; each block the chunk completes keeps the hidden state at its last position."""
         start, bs, table = seq.num_computed_tokens, self.block_size, seq.block_table
-        if self.block_hidden is None:
+        if not self.config.enable_prefix_caching:
             return self.sampler.prompt_logprobs(seq, self.model.compute_logits(hidden).float(), start)
+        if self.block_hidden is None:
+            self.block_hidden = hidden.new_zeros(self.num_blocks, hidden.shape[-1])
         ends = range(start + bs - 1 - start % bs, start + len(hidden), bs)  # last positions of blocks
         if ends:
             self.block_hidden[[table[p // bs] for p in ends]] = hidden[ends.start - start :: bs]
