@@ -137,12 +137,13 @@ class BlockManager:
         (The next position's comes from the last hit's hidden state, in the model runner.)"""
         bs, top_n = self.block_size, seq.params.prompt_logprobs
         for i, block_id in enumerate(hits):
-            stored = self.blocks[block_id].logprobs
-            if len(seq.prompt_logprobs) >= (i + 1) * bs:
+            if not self._needs_logprobs(seq, i):
                 continue
+            stored = self.blocks[block_id].logprobs
             assert stored is not None and len(seq.prompt_logprobs) >= i * bs  # _cache_hits checked
             entries = stored.entries(seq.block_tokens(i, bs), top_n)
-            seq.prompt_logprobs.extend(entries[len(seq.prompt_logprobs) - i * bs :])
+            # A recompute's hit may pass its prompt (its generated tokens were another one's prompt).
+            seq.prompt_logprobs.extend(entries[len(seq.prompt_logprobs) - i * bs : seq.num_prompt_tokens - i * bs])
 
     def deallocate(self, seq: Sequence) -> None:
         # Reverse order: a sequence's last blocks are the least likely to be shared, so they are

@@ -141,7 +141,7 @@ def test_release_unused_gives_back_blocks_past_the_tokens_but_not_shared_ones():
     assert bm.num_free_blocks == 10
 
 
-VOCAB = 12
+VOCAB = 16
 
 
 def _rows(tokens: list[int]) -> torch.Tensor:
@@ -239,3 +239,18 @@ def test_a_block_with_entries_becomes_the_canonical_one_for_its_hash():
     d = seq(list(range(9)))
     bm.allocate(d)
     assert d.num_cached_tokens == 8
+
+
+def test_a_recompute_takes_entries_of_its_prompt_positions_only():
+    # A sequence preempted with prompt entries still missing, whose generated tokens are a longer
+    # request's prompt: the hit blocks pass its prompt.
+    bm = BlockManager(10, 4)
+    long = seq(list(range(13)), prompt_logprobs=1)
+    bm.allocate(long)
+    compute_with_logprobs(bm, long)
+    short = seq(list(range(6)), prompt_logprobs=1)
+    short.token_ids += [6, 7, 8, 9, 10]  # generated before a preemption, before its entries of 3..5
+    short.prompt_logprobs = long.prompt_logprobs[:3]
+    bm.allocate(short)
+    assert short.num_cached_tokens == 8
+    assert short.prompt_logprobs == long.prompt_logprobs[:6]  # up to its prompt's end, no further

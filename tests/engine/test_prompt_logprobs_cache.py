@@ -139,9 +139,10 @@ def test_preemption_and_a_batch_of_choices_sharing_one_question(model_dir, cold)
     choices = [question + c for c in prompts(5, seed=91, lo=2, hi=7)]
     warm = _engine(model_dir, num_kv_blocks=32, max_num_batched_tokens=40)
     stored = warm.generate([question], _params(0, max_tokens=1))[0]
-    outs = warm.generate(choices, _params(0, max_tokens=12))
+    outs = warm.generate(choices, _params(0, max_tokens=40))
+    assert warm.engine.scheduler.num_preemptions > 0
     assert sum(o.num_cached_tokens for o in outs) >= 5 * 32
-    for got, want in zip(outs, cold.generate(choices, _params(0, max_tokens=12))):
+    for got, want in zip(outs, cold.generate(choices, _params(0, max_tokens=40))):
         assert got.prompt_logprobs[:33] == stored.prompt_logprobs[:33]
         _assert_same(got, want)
 
