@@ -24,8 +24,9 @@ class CachedLogprobs:
         self.first_is_none = entries[0] is None
         rows = entries[1:] if self.first_is_none else entries
         top = [list(e.values())[:top_n] for e in rows]
-        self.top_ids = torch.tensor([[lp.token_id for lp in t] for t in top], dtype=torch.int32).view(len(rows), top_n)
-        self.top_logprobs = torch.tensor([[lp.logprob for lp in t] for t in top], dtype=torch.float32).view(len(rows), top_n)
+        shape = (len(rows), top_n)
+        self.top_ids = torch.tensor([[lp.token_id for lp in t] for t in top], dtype=torch.int32).view(shape)
+        self.top_logprobs = torch.tensor([[lp.logprob for lp in t] for t in top], dtype=torch.float32).view(shape)
         chosen = [e[t] for e, t in zip(rows, tokens[len(tokens) - len(rows):])]
         self.logprobs = torch.tensor([lp.logprob for lp in chosen], dtype=torch.float32)
         self.ranks = torch.tensor([lp.rank for lp in chosen], dtype=torch.int32)

@@ -166,7 +166,8 @@ class ModelRunner:
             self.block_hidden = hidden.new_zeros(self.num_blocks, hidden.shape[-1])
         ends = range(start + bs - 1 - start % bs, start + len(hidden), bs)  # last positions of blocks
         if ends:
-            self.block_hidden[[table[p // bs] for p in ends]] = hidden[ends.start - start :: bs]
+            blocks = device_tensor([table[p // bs] for p in ends], self.device, torch.long)
+            self.block_hidden[blocks] = hidden[ends.start - start :: bs]
         if start > 0 and start % bs == 0:
             hidden, start = torch.cat([self.block_hidden[table[start // bs - 1]][None], hidden]), start - 1
         self.sampler.prompt_logprobs(seq, self.model.compute_logits(hidden).float(), start)

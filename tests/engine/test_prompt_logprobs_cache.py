@@ -42,7 +42,8 @@ def _assert_same(got, want) -> None:
     """Equal to a run without the cache: every entry's tokens in order and ranks, the logprobs to
     fp32 rounding, and the response."""
     assert got.token_ids == want.token_ids and got.text == want.text
-    assert len(got.prompt_logprobs) == len(want.prompt_logprobs) and got.prompt_logprobs[0] is want.prompt_logprobs[0] is None
+    assert len(got.prompt_logprobs) == len(want.prompt_logprobs)
+    assert got.prompt_logprobs[0] is want.prompt_logprobs[0] is None
     for g, w in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:]):
         assert list(g) == list(w) and [e.rank for e in g.values()] == [e.rank for e in w.values()]
         values = torch.tensor([[e.logprob for e in g.values()], [e.logprob for e in w.values()]])
