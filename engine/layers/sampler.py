@@ -147,8 +147,9 @@ class Sampler:
         return StepResult(tokens, lps)
 
     def prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int) -> None:
-        """Append logprobs of the prompt tokens that ``logits`` predict: [rows, vocab] fp32, those of
-        positions start, start + 1, ...; the first prompt token gets None. Entry k of
+        """Append logprobs of the prompt tokens that ``logits`` predict: [rows, vocab] fp32, computed
+        at positions start, start + 1, ... (row j scores token start + j + 1); the first prompt
+        token gets None. Entry k of
         seq.prompt_logprobs belongs to prompt token k; a recompute after preemption skips entries
         already recorded (so do entries taken from the prefix cache)."""
         if not seq.prompt_logprobs:
