@@ -5,6 +5,18 @@ A block's hash covers its tokens and the hash of the block before it, so equal h
 prefixes. A hash is registered only once the block's K/V has been computed (``mark_computed``):
 with chunked prefill a block can be allocated steps before it is filled, and a second sequence
 must never skip computing tokens that nobody wrote yet.
+
+Prompt logprobs: a full block computed by a request with prompt logprobs also keeps that request's
+entries for its positions (cached_logprobs.py), and the model runner keeps the final hidden state at
+its last position (ModelRunner.block_hidden), from which a later request computes the entry of the
+position after the block. A prompt-logprob request asking for top-n hits only leading blocks that
+hold entries with at least that top-n (blocks cached by other requests hold none): it takes their
+entries, and its first computed position's entry comes from the last hit's hidden state, so its
+output is what recomputing the whole prompt gives (to the last bits that fp32 arithmetic changes with
+a step's shapes, as any recompute does). A block whose content is overwritten drops them.
+Cost: the entries take about block_size * (8 * top_n + 8) bytes of host memory per block that a
+prompt-logprob request computed; the hidden states hidden_size * dtype bytes of device memory per
+block of the pool (counted when the pool is sized; about 0.3% of a block's K/V for SmolLM2-135M).
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ import hashlib
 import struct
 from collections import OrderedDict
 
+from engine.cached_logprobs import CachedLogprobs
 from engine.sequence import Sequence
 
 
@@ -23,12 +36,17 @@ def block_hash(prev: bytes, tokens: list[int]) -> bytes:
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash")
+    __slots__ = ("block_id", "ref_count", "hash", "logprobs")
 
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id
         self.ref_count = 0
         self.hash: bytes | None = None
+        self.logprobs: CachedLogprobs | None = None  # its prompt logprobs, with a hash only
+
+    def forget(self) -> None:
+        self.hash = None
+        self.logprobs = None
 
 
 class BlockManager:
@@ -51,9 +69,12 @@ class BlockManager:
     # -- prefix cache lookup -------------------------------------------------------------
     def _cache_hits(self, seq: Sequence) -> list[int]:
         """Block ids that hold this sequence's leading full blocks. The last token is never taken
-        from the cache: the step that admits a sequence must compute at least one token."""
-        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+        from the cache: the step that admits a sequence must compute at least one token. With
+        prompt logprobs, a block whose positions (or the one after it) still lack an entry is a hit
+        only if it holds entries of at least the top-n asked for."""
+        if not self.enable_prefix_caching:
             return []
+        top_n = seq.params.prompt_logprobs
         hits: list[int] = []
         prev = b""
         for i in range((seq.num_tokens - 1) // self.block_size):
@@ -62,9 +83,18 @@ class BlockManager:
             block_id = self.hash_to_block.get(h)
             if block_id is None:
                 break
+            if top_n is not None and self._needs_logprobs(seq, i):
+                stored = self.blocks[block_id].logprobs
+                if stored is None or stored.top_n < top_n:
+                    break
             hits.append(block_id)
             prev = h
         return hits
+
+    def _needs_logprobs(self, seq: Sequence, i: int) -> bool:
+        """Whether ``seq`` still lacks the prompt-logprob entry of a position of block ``i`` or of the
+        position after it (a recompute after preemption keeps those it has)."""
+        return len(seq.prompt_logprobs) <= min((i + 1) * self.block_size, seq.num_prompt_tokens - 1)
 
     # -- allocation ------------------------------------------------------------------------
     def can_allocate(self, seq: Sequence) -> bool:
@@ -79,7 +109,7 @@ class BlockManager:
         if block.hash is not None:  # its old content is overwritten: forget it
             if self.hash_to_block.get(block.hash) == block_id:
                 del self.hash_to_block[block.hash]
-            block.hash = None
+            block.forget()
         block.ref_count = 1
         return block_id
 
@@ -99,10 +129,25 @@ class BlockManager:
         for _ in range(seq.num_blocks(self.block_size) - len(hits)):
             seq.block_table.append(self._take_free())
         self.seq_hashes[seq.seq_id] = hashes
+        if seq.params.prompt_logprobs is not None:
+            self._take_logprobs(seq, hits)
         seq.num_cached_tokens = len(hits) * self.block_size
         seq.num_computed_tokens = seq.num_cached_tokens
         # A hit is the target's K/V; whether a draft ever wrote those blocks is unknown: it recomputes.
         seq.draft_computed = 0
+
+    def _take_logprobs(self, seq: Sequence, hits: list[int]) -> None:
+        """The entries of the hit blocks' prompt positions that ``seq`` lacks, trimmed to its top-n.
+        (The next position's comes from the last hit's hidden state, in the model runner.)"""
+        bs, top_n = self.block_size, seq.params.prompt_logprobs
+        for i, block_id in enumerate(hits):
+            if not self._needs_logprobs(seq, i):
+                continue
+            stored = self.blocks[block_id].logprobs
+            assert stored is not None and len(seq.prompt_logprobs) >= i * bs  # _cache_hits checked
+            entries = stored.entries(seq.block_tokens(i, bs), top_n)
+            # A recompute's hit may pass its prompt (its generated tokens were another one's prompt).
+            seq.prompt_logprobs.extend(entries[len(seq.prompt_logprobs) - i * bs : seq.num_prompt_tokens - i * bs])
 
     def deallocate(self, seq: Sequence) -> None:
         # Reverse order: a sequence's last blocks are the least likely to be shared, so they are
@@ -162,11 +207,13 @@ class BlockManager:
         self.hash_to_block.clear()
         self.seq_hashes.clear()
         for block in self.blocks:
-            block.hash = None
+            block.forget()
 
     # -- prefix cache registration -----------------------------------------------------------
     def mark_computed(self, seq: Sequence) -> None:
-        """Register hashes of blocks that became full and computed since the last call."""
+        """Register hashes of blocks that became full and computed since the last call; a block of
+        prompt tokens that a prompt-logprob request computed keeps their entries (the model
+        runner kept the hidden state at its last position)."""
         if not self.enable_prefix_caching:
             return
         hashes = self.seq_hashes.setdefault(seq.seq_id, [])
@@ -177,6 +224,20 @@ class BlockManager:
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
                 block.hash = h
-                # Keep an existing mapping: another block with the same content stays the canonical one.
-                self.hash_to_block.setdefault(h, block.block_id)
+                block.logprobs = self._logprobs_to_keep(seq, i)
+                # Keep an existing mapping: another block with the same content stays the canonical
+                # one, unless this one holds prompt logprobs of a larger top-n.
+                canonical = self.hash_to_block.setdefault(h, block.block_id)
+                if block.logprobs is not None and _top_n(self.blocks[canonical]) < block.logprobs.top_n:
+                    self.hash_to_block[h] = block.block_id
             hashes.append(h)
+
+    def _logprobs_to_keep(self, seq: Sequence, i: int) -> CachedLogprobs | None:
+        bs, end = self.block_size, (i + 1) * self.block_size
+        if seq.params.prompt_logprobs is None or end > seq.num_prompt_tokens or len(seq.prompt_logprobs) < end:
+            return None
+        return CachedLogprobs(seq.prompt_logprobs[i * bs : end], seq.block_tokens(i, bs), seq.params.prompt_logprobs)
+
+
+def _top_n(block: Block) -> int:
+    return -1 if block.logprobs is None else block.logprobs.top_n

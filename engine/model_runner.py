@@ -69,7 +69,13 @@ class ModelRunner:
         self.model.model.rotary.float()  # rotary tables stay fp32 for exactness
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.kv_bytes_per_token = kv_bytes_per_token(self.attn_layers, self.dtype)
-        self.num_blocks = allocate_kv_cache(config, self.model, self.attn_layers, extra_kv_bytes_per_token)
+        # Prefix caching of prompt logprobs (block_manager.py): per block, the final hidden state at
+        # its last position, written by a prompt-logprob prefill. Counted when the pool is sized,
+        # allocated by the first prompt-logprob prefill (a draft model's runner never runs one).
+        hidden_bytes = config.hf_config.hidden_size * self.dtype.itemsize if config.enable_prefix_caching else 0
+        self.num_blocks = allocate_kv_cache(config, self.model, self.attn_layers,
+                                            extra_kv_bytes_per_token + -(-hidden_bytes // self.block_size))
+        self.block_hidden: torch.Tensor | None = None
         self.sampler = Sampler(self.device, set(eos_token_ids))  # EOS is masked until min_tokens
         max_blocks = math.ceil(config.max_model_len / self.block_size)
         # Decode rows for a verify as pseudo-rows (decode_inputs.py): what the fused small-batch
@@ -139,7 +145,7 @@ class ModelRunner:
         for i, n in enumerate(batch.num_scheduled):
             last_rows.append(row0 + n - 1 if batch.samples(i) else -1)
             if seqs[i].params.prompt_logprobs is not None:
-                self.sampler.prompt_logprobs(seqs[i], self.model.compute_logits(hidden[row0 : row0 + n]).float(), n)
+                self._prompt_logprobs(seqs[i], hidden[row0 : row0 + n])
             row0 += n
         want = [r for r in last_rows if r >= 0]
         logits = self.model.compute_logits(hidden[want]).float() if want else None
@@ -148,6 +154,23 @@ class ModelRunner:
             rows.append(k if r >= 0 else -1)
             k += r >= 0
         return self.sampler.sample_step(seqs, logits, rows)
+
+    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """Prompt logprobs of a prefill chunk (``hidden``: its rows). A chunk that starts a block
+        (after a prefix-cache hit) scores its first token from the hidden state kept with the block
+        before it; each block the chunk completes keeps the hidden state at its last position."""
+        start, bs, table = seq.num_computed_tokens, self.block_size, seq.block_table
+        if not self.config.enable_prefix_caching:
+            return self.sampler.prompt_logprobs(seq, self.model.compute_logits(hidden).float(), start)
+        if self.block_hidden is None:
+            self.block_hidden = hidden.new_zeros(self.num_blocks, hidden.shape[-1])
+        ends = range(start + bs - 1 - start % bs, start + len(hidden), bs)  # last positions of blocks
+        if ends:
+            blocks = device_tensor([table[p // bs] for p in ends], self.device, torch.long)
+            self.block_hidden[blocks] = hidden[ends.start - start :: bs]
+        if start > 0 and start % bs == 0:
+            hidden, start = torch.cat([self.block_hidden[table[start // bs - 1]][None], hidden]), start - 1
+        self.sampler.prompt_logprobs(seq, self.model.compute_logits(hidden).float(), start)
 
     def varlen_forward(self, chunks: list[tuple[list[int], int, list[int]]],
                        ids: torch.Tensor | None = None, verify_query_len: int = 0) -> torch.Tensor:

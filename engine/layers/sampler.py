@@ -146,17 +146,17 @@ class Sampler:
             lps[idx[j]] = [token_logprobs(lp[r], sampled[j], seqs[idx[j]].params.logprobs or 0)]
         return StepResult(tokens, lps)
 
-    def prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, n: int) -> None:
-        """Append logprobs of the prompt tokens that this chunk of ``n`` tokens predicts (``logits``:
-        the chunk's, [n, vocab] fp32); the first prompt token gets None. Entry k of
+    def prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int) -> None:
+        """Append logprobs of the prompt tokens that ``logits`` predict: [rows, vocab] fp32, computed
+        at positions start, start + 1, ... (row j scores token start + j + 1); the first prompt
+        token gets None. Entry k of
         seq.prompt_logprobs belongs to prompt token k; a recompute after preemption skips entries
-        already recorded."""
-        start = seq.num_computed_tokens
+        already recorded (so do entries taken from the prefix cache)."""
         if not seq.prompt_logprobs:
             seq.prompt_logprobs.append(None)
         lp = torch.log_softmax(logits, dim=-1).cpu()
         top_n = seq.params.prompt_logprobs or 0
-        for j in range(n):
+        for j in range(logits.shape[0]):
             nxt = start + j + 1
             if nxt >= seq.num_prompt_tokens:
                 break

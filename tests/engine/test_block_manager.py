@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import torch
+
 from engine.block_manager import BlockManager
+from engine.layers.sampler import token_logprobs
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -113,7 +116,7 @@ def test_can_append_and_may_append_grow_the_table():
     assert not bm.can_append(a)
 
 
-def test_prompt_logprobs_requests_skip_the_cache():
+def test_prompt_logprobs_requests_skip_blocks_cached_without_logprobs():
     bm = BlockManager(10, 4)
     a = seq(list(range(9)))
     bm.allocate(a)
@@ -136,3 +139,118 @@ def test_release_unused_gives_back_blocks_past_the_tokens_but_not_shared_ones():
     assert len(a.block_table) == 2 and bm.num_free_blocks == 8
     bm.deallocate(a)
     assert bm.num_free_blocks == 10
+
+
+VOCAB = 16
+
+
+def _rows(tokens: list[int]) -> torch.Tensor:
+    """Log-softmax rows standing in for the model's at each position (a function of the prefix)."""
+    g = torch.Generator().manual_seed(sum(t * 31 ** i for i, t in enumerate(tokens)) % (1 << 31))
+    return torch.log_softmax(torch.randn(VOCAB, generator=g), -1)
+
+
+def compute_with_logprobs(bm: BlockManager, s: Sequence) -> None:
+    """What the sampler records for the prompt positions ``s`` computes, then mark_computed."""
+    top_n = s.params.prompt_logprobs
+    if not s.prompt_logprobs:
+        s.prompt_logprobs.append(None)
+    for p in range(len(s.prompt_logprobs), s.num_prompt_tokens):
+        s.prompt_logprobs.append(token_logprobs(_rows(s.token_ids[:p]), s.token_ids[p], top_n))
+    compute_all(bm, s)
+
+
+def test_prompt_logprobs_blocks_keep_their_entries_and_hits_take_them_trimmed():
+    bm = BlockManager(10, 4)
+    a = seq([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], prompt_logprobs=3)
+    bm.allocate(a)
+    compute_with_logprobs(bm, a)
+    assert [bm.blocks[b].logprobs is not None for b in a.block_table] == [True, True, False]  # full prompt blocks
+    for n in (3, 1, 0):
+        b = seq([1, 2, 3, 4, 5, 6, 7, 8, 11, 11], prompt_logprobs=n)
+        bm.allocate(b)
+        assert b.num_cached_tokens == 8 and len(b.prompt_logprobs) == 8  # the 9th comes from the runner
+        want = [None] + [token_logprobs(_rows(b.token_ids[:p]), b.token_ids[p], n) for p in range(1, 8)]
+        assert b.prompt_logprobs == want and [list(e) for e in b.prompt_logprobs[1:]] == [list(e) for e in want[1:]]
+        bm.deallocate(b)
+    more = seq([1, 2, 3, 4, 5, 6, 7, 8, 11], prompt_logprobs=4)
+    bm.allocate(more)
+    assert more.num_cached_tokens == 0 and more.prompt_logprobs == []
+
+
+def test_prompt_logprobs_hits_stop_at_the_first_block_without_entries():
+    bm = BlockManager(10, 4)
+    a = seq(list(range(6)), prompt_logprobs=1)  # one full prompt block: entries
+    bm.allocate(a)
+    compute_with_logprobs(bm, a)
+    a.token_ids += [6, 7, 8]  # generated: its second block holds no prompt logprobs
+    compute_all(bm, a)
+    b = seq(list(range(9)) + [1], prompt_logprobs=1)
+    bm.allocate(b)
+    assert b.num_cached_tokens == 4
+    plain = seq(list(range(9)) + [1])
+    bm.allocate(plain)
+    assert plain.num_cached_tokens == 8
+
+
+def test_a_recompute_hits_blocks_whose_entries_it_already_has():
+    bm = BlockManager(10, 4)
+    a = seq(list(range(9)))  # cached without logprobs
+    bm.allocate(a)
+    compute_all(bm, a)
+    b = seq(list(range(9)), prompt_logprobs=0)
+    b.prompt_logprobs = [None] + [{t: None} for t in range(1, 9)]  # all recorded before a preemption
+    bm.allocate(b)
+    assert b.num_cached_tokens == 8 and len(b.prompt_logprobs) == 9
+
+
+def test_overwritten_and_reset_blocks_drop_their_prompt_logprobs():
+    bm = BlockManager(3, 4)
+    a = seq(list(range(9)), prompt_logprobs=1)
+    bm.allocate(a)
+    compute_with_logprobs(bm, a)
+    kept = [bm.blocks[b] for b in a.block_table[:2]]
+    bm.deallocate(a)
+    c = seq([100 + i for i in range(12)])  # takes every block
+    bm.allocate(c)
+    assert all(block.logprobs is None for block in kept)
+    bm.deallocate(c)
+    a2 = seq(list(range(9)), prompt_logprobs=1)
+    bm.allocate(a2)
+    compute_with_logprobs(bm, a2)
+    bm.reset_prefix_cache()
+    assert all(bm.blocks[b].logprobs is None for b in a2.block_table)
+
+
+def test_a_block_with_entries_becomes_the_canonical_one_for_its_hash():
+    bm = BlockManager(10, 4)
+    plain = seq(list(range(9)))
+    bm.allocate(plain)
+    compute_all(bm, plain)
+    a = seq(list(range(9)), prompt_logprobs=2)  # no hit: recomputes the same blocks with entries
+    bm.allocate(a)
+    assert a.num_cached_tokens == 0
+    compute_with_logprobs(bm, a)
+    b = seq(list(range(9)), prompt_logprobs=2)
+    bm.allocate(b)
+    assert b.block_table[:2] == a.block_table[:2] and b.num_cached_tokens == 8
+    assert bm.hash_to_block[bm.blocks[a.block_table[0]].hash] == a.block_table[0]
+    assert bm.blocks[plain.block_table[0]].logprobs is None  # the plain copy is still a plain request's hit
+    d = seq(list(range(9)))
+    bm.allocate(d)
+    assert d.num_cached_tokens == 8
+
+
+def test_a_recompute_takes_entries_of_its_prompt_positions_only():
+    # A sequence preempted with prompt entries still missing, whose generated tokens are a longer
+    # request's prompt: the hit blocks pass its prompt.
+    bm = BlockManager(10, 4)
+    long = seq(list(range(13)), prompt_logprobs=1)
+    bm.allocate(long)
+    compute_with_logprobs(bm, long)
+    short = seq(list(range(6)), prompt_logprobs=1)
+    short.token_ids += [6, 7, 8, 9, 10]  # generated before a preemption, before its entries of 3..5
+    short.prompt_logprobs = long.prompt_logprobs[:3]
+    bm.allocate(short)
+    assert short.num_cached_tokens == 8
+    assert short.prompt_logprobs == long.prompt_logprobs[:6]  # up to its prompt's end, no further
