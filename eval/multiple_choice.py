@@ -64,12 +64,22 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 
 def engine_loglikelihoods(llm: Any) -> Loglikelihoods:
     """Each continuation's summed log-likelihood from an engine.LLM's prompt logprobs: the request
-    is context + continuation; one generated token is asked for and ignored."""
+    is context + continuation; one generated token is asked for and ignored. Two waves: the first
+    pair of each context, then the others, which find that context's blocks (and their prompt
+    logprobs) in the prefix cache; in one wave a question's choices are admitted together, before
+    any of them has computed a block."""
     from engine import SamplingParams
 
     def loglikelihoods(pairs: list[tuple[list[int], list[int]]]) -> list[float | None]:
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-        outs = llm.generate([ctx + cont for ctx, cont in pairs], [params] * len(pairs))
+        seen: set[tuple[int, ...]] = set()
+        first = [i for i, (ctx, _) in enumerate(pairs) if not (tuple(ctx) in seen or seen.add(tuple(ctx)))]
+        rest = sorted(set(range(len(pairs))) - set(first))
+        outs: list[Any] = [None] * len(pairs)
+        for wave in (first, rest):
+            if wave:
+                for i, out in zip(wave, llm.generate([pairs[i][0] + pairs[i][1] for i in wave], [params] * len(wave))):
+                    outs[i] = out
         result: list[float | None] = []
         for (ctx, cont), out in zip(pairs, outs):
             if out.error:

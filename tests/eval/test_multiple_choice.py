@@ -137,6 +137,33 @@ def test_engine_loglikelihoods_equal_a_transformers_forward(task_dir: Path, tmp_
     assert result["errors"] == 0 and result["acc"] == pytest.approx(expected)
 
 
+def test_choices_after_the_first_of_their_question_score_from_the_prefix_cache(task_dir: Path, tmp_path: Path):
+    """One generate() of every pair admitted each question's choices together, before any block of the
+    shared question was computed: no prefix-cache hits (0 of 2,622 prompt tokens on 10 questions)."""
+    from engine import LLM
+
+    model_dir = save_tiny_artifact(tmp_path / "m", seed=5)
+    llm = LLM(str(model_dir), max_model_len=256, max_num_seqs=8, device="cpu", dtype="float32")
+    questions = cqa_questions(task_dir, "test", limit=3)
+    pairs = _pairs(llm.tokenizer, questions)
+    cached: list[int] = []
+    generate = llm.generate
+
+    def counting(prompts, params):
+        outs = generate(prompts, params)
+        cached.extend(o.num_cached_tokens for o in outs)
+        return outs
+
+    llm.generate = counting
+    ours = engine_loglikelihoods(llm)(pairs)
+    context_blocks = sum(len(ctx) // llm.engine.config.block_size for ctx, _ in pairs[1::5])
+    assert len(cached) == 15 and sum(cached) >= context_blocks * llm.engine.config.block_size > 0
+    cold = LLM(str(model_dir), max_model_len=256, max_num_seqs=8, device="cpu", dtype="float32",
+               enable_prefix_caching=False)
+    expected = engine_loglikelihoods(cold)(pairs)
+    assert max(abs(a - b) for a, b in zip(ours, expected)) < TOLERANCE
+
+
 def test_a_prompt_past_the_engine_limit_is_an_error_not_a_crash(tmp_path: Path):
     from engine import LLM
 
