@@ -21,8 +21,8 @@ speed     on the GPU: a draft step's time (the draft runner's CUDA decode graph 
           multi-step greedy step graph) against one target decode step, and spec decode tok/s at
           batch 1 (spec_bench's timing: median of --repeats generate calls after a warm-up) without
           speculation, with the truncated drafter (the target's first --layers layers) and with the
-          same drafter restricted to each --sizes, for each --ks and workload; acceptance metrics
-          with each. One JSON line per result (also appended to --json).
+          same drafter restricted to each --sizes, for each --ks and workload (--prompts prompts,
+          each alone; their harmonic mean); acceptance metrics with each. One JSON line per result (also appended to --json).
 """
 
 from __future__ import annotations
@@ -268,8 +268,8 @@ def speed(args) -> None:
     variants: list[tuple[str, dict | None]] = [("none", None), (f"truncated{args.layers}", {})]
     variants += [(f"truncated{args.layers}_vocab{n}", {"draft_vocab_size": n}) for n in args.sizes]
     for workload in args.workloads:
-        prompts = fitting_prompts(load_prompts(workload, data_dir, tok, 1, args.prompt_tokens), args.new_tokens,
-                                  target_config.max_model_len, workload, args.json, "draft_vocab_speed")
+        prompts = fitting_prompts(load_prompts(workload, data_dir, tok, args.prompts, args.prompt_tokens),
+                                  args.new_tokens, target_config.max_model_len, workload, args.json, "draft_vocab_speed")
         base = None
         for name, extra in variants:
             if time.perf_counter() - start > args.budget_s:
@@ -285,7 +285,9 @@ def speed(args) -> None:
                     if spec is not None:
                         llm.engine.scheduler.spec_k = lambda n, k=k: k
                         llm.engine.spec_worker.metrics = SpecDecodeMetrics()
-                    tok_s, runs = _median_tok_s(llm, prompts[:1], args.new_tokens, args.repeats)
+                    # Batch 1: the prompts one after another; tokens over time is the harmonic mean.
+                    runs = [_median_tok_s(llm, [p], args.new_tokens, args.repeats)[0] for p in prompts]
+                    tok_s = statistics.harmonic_mean(runs)
                     base = tok_s if spec is None else base
                     m = llm.engine.spec_metrics
                     emit({"bench": "draft_vocab_speed", "workload": workload, "spec": name, "k": k, "batch": 1,
@@ -332,9 +334,10 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384])
     s.add_argument("--ks", type=int, nargs="+", default=[2, 4, 6])
     s.add_argument("--workloads", nargs="+", default=["wikitext", "gsm8k"])
+    s.add_argument("--prompts", type=int, default=4, help="per workload, each run alone (batch 1)")
     s.add_argument("--prompt-tokens", type=int, default=128)
     s.add_argument("--new-tokens", type=int, default=256)
-    s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--budget-s", type=float, default=500.0)
     s.add_argument("--engine", help="EngineConfig overrides as JSON")
     args = ap.parse_args(argv)

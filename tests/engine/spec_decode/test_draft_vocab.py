@@ -17,6 +17,7 @@ from engine.config import EngineConfig
 from engine.llm import LLM
 from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
 from engine.spec_decode.config import SpeculativeConfig, SpeculativeConfigError
 from engine.spec_decode.draft_sampler import sample_draft
 from engine.spec_decode.draft_vocab import (
@@ -80,8 +81,17 @@ def test_runner_with_lm_head_rows_decodes_only_subset_tokens(model_dir):
     ids = torch.arange(0, VOCAB, 3)
     runner = ModelRunner(EngineConfig(model=path, device="cpu"), lm_head_rows=ids)
     assert isinstance(runner.model.lm_head, SubsetLMHead)
-    full_head = ModelRunner(EngineConfig(model=path, device="cpu")).model.lm_head.weight
-    torch.testing.assert_close(runner.model.lm_head.weight, full_head[ids])
+    full = ModelRunner(EngineConfig(model=path, device="cpu"))
+    torch.testing.assert_close(runner.model.lm_head.weight, full.model.lm_head.weight[ids])
+    prompt = prompts(1, seed=9, lo=20, hi=21)[0]
+    tokens = []
+    for r in (runner, full):
+        seq = Sequence(prompt, _greedy(4))
+        seq.block_table = [0, 1]
+        r.varlen_forward([(prompt[:-1], 0, seq.block_table)])  # the prompt's K/V but the last token's
+        tokens.append(r.decode_steps([seq], 4)[0])
+    assert torch.isin(torch.tensor(tokens[0]), ids).all()
+    assert not torch.isin(torch.tensor(tokens[1]), ids).all()  # the full head would leave the subset
 
 
 # -- the subset and the frequency file ------------------------------------------------------------------
@@ -100,9 +110,9 @@ def test_counts_round_trip_and_the_subset_takes_specials_then_the_most_frequent(
         select_subset(counts, 5, [9])
 
 
-def _draft_dir(model_dir, tmp_path, lines: str | None) -> str:
-    """A copy of the tiny target's files with the given frequency file (None: without one)."""
-    src = model_dir(TARGET, with_tokenizer=True)
+def _draft_dir(model_dir, tmp_path, lines: str | None, name: str = TARGET) -> str:
+    """A copy (links) of a tiny model's files with the given frequency file (None: without one)."""
+    src = model_dir(name, with_tokenizer=True)
     dst = tmp_path / "draft"
     dst.mkdir()
     for name in os.listdir(src):
@@ -318,3 +328,38 @@ def test_engine_sampling_with_a_subset_drafter_follows_the_target_distribution(t
     for j, p in ((1, p1), (2, p2)):
         counts = torch.bincount(tokens[:, j], minlength=SMALL_VOCAB).float()
         assert tv(counts, p) < bound, (j, tv(counts, p), bound)
+
+
+# -- the GPU: the draft's CUDA graphs (decode, multi-step greedy, prefill) and Triton kernels ------------
+@pytest.mark.gpu
+def test_fp32_graphs_greedy_with_a_subset_drafter_matches_transformers(model_dir, mixed_prompts, hf_reference,
+                                                                       tmp_path):
+    counts = torch.randint(1, 1000, (VOCAB,), generator=torch.Generator().manual_seed(7))
+    draft = _draft_dir(model_dir, tmp_path, "".join(f"{i} {c}\n" for i, c in enumerate(counts.tolist())),
+                       "llama_mha_tied")
+    llm = LLM(model_dir(TARGET, with_tokenizer=True), device="cuda", dtype="float32", max_model_len=256, block_size=4,
+              num_kv_blocks=96, max_num_batched_tokens=128, cuda_graph_max_bs=32,
+              speculative_config=_spec(draft, 128, k=4, max_batch_size=32))
+    engine = llm.engine
+    assert engine.draft_runner.graphs is not None and isinstance(engine.draft_runner.model.lm_head, SubsetLMHead)
+    drafted = _record_drafts(engine)
+    outs = llm.generate(mixed_prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    assert [o.token_ids for o in outs] == hf_reference(TARGET, mixed_prompts)
+    subset = engine.draft_runner.model.lm_head.token_ids.cpu()
+    assert engine.num_spec_steps > 0 and torch.isin(torch.tensor(drafted), subset).all()
+
+
+@pytest.mark.gpu
+def test_bf16_sampled_rows_with_a_subset_drafter_repeat_and_stay_in_the_subset(model_dir, mixed_prompts, tmp_path):
+    draft = _draft_dir(model_dir, tmp_path, "".join(f"{i} {300 - i}\n" for i in range(200)), "llama_mha_tied")
+    params = [SamplingParams(temperature=0.8, top_p=0.9, max_tokens=20, seed=i) if i % 2 else _greedy(20)
+              for i in range(8)]
+    kw = dict(device="cuda", dtype="bfloat16", max_model_len=256, kv_cache_tokens=8192,
+              speculative_config=_spec(draft, 64))
+    runs = []
+    for _ in range(2):
+        llm = LLM(model_dir(TARGET, with_tokenizer=True), **kw)
+        drafted = _record_drafts(llm.engine)
+        runs.append([o.token_ids for o in llm.generate(mixed_prompts[:8], params)])
+        assert drafted and max(drafted) < 64  # the subset: specials 0-2 and ids 3..63
+    assert runs[0] == runs[1] and all(len(r) == 20 for r in runs[0])
