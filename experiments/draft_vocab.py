@@ -17,7 +17,7 @@ coverage  the share of the target's greedy tokens inside the draft vocabulary of
 cost      a draft step of the target's shape cut to --layers layers (random weights): the bytes of
           weights it reads and its FLOPs per token (torch's FlopCounterMode over the runner's decode
           forward), full head against each subset size, and its eager CPU time (median).
-speed     on the GPU: a draft step's time (the draft runner's CUDA decode graph at batch 1, and its
+speed     on the GPU (on the CPU it runs eagerly: a smoke run): a draft step's time (the draft runner's CUDA decode graph at batch 1, and its
           multi-step greedy step graph) against one target decode step, and spec decode tok/s at
           batch 1 (spec_bench's timing: median of --repeats generate calls after a warm-up) without
           speculation, with the truncated drafter (the target's first --layers layers) and with the
@@ -221,31 +221,39 @@ def cost(args) -> None:
 
 
 # -- speed (GPU) -------------------------------------------------------------------------------------------
-def _graph_ms(replay, n: int = 200) -> float:
-    """Median ms of one replay, each timed with CUDA events (after 10 warm-up replays)."""
+def _median_ms(run, n: int = 200) -> float:
+    """Median ms of one call of ``run`` after 10 warm-up calls: CUDA events on a GPU, else the clock."""
     for _ in range(10):
-        replay()
+        run()
     times = []
     for _ in range(n):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            run()
+            times.append(1e3 * (time.perf_counter() - t))
     return statistics.median(times)
 
 
 def _step_times(llm: Any) -> dict[str, float]:
-    """A draft step at batch 1 (decode graph; multi-step greedy step graph) and a target decode step,
-    in ms. The buffers hold a padding row (slot -1: it stores nothing), so replays change nothing."""
+    """A draft step at batch 1 (its decode graph, or eager without graphs; the multi-step greedy
+    step graph) and a target decode step, in ms. The decode buffers hold a padding row (slot -1:
+    it stores nothing), so these calls change nothing."""
     draft, target = llm.engine.draft_runner, llm.engine.runner
-    out = {"target_decode_ms": _graph_ms(lambda: target.graphs.forward(1))}
-    if draft is not None and draft.graphs is not None:
-        out["draft_decode_ms"] = _graph_ms(lambda: draft.graphs.forward(1))
-        if 1 in draft.graphs.step_graphs:
-            out["draft_greedy_step_ms"] = _graph_ms(lambda: draft.graphs.step(1))
-        out["draft_over_target"] = out["draft_decode_ms"] / out["target_decode_ms"]
+    with torch.inference_mode():
+        out = {"target_decode_ms": _median_ms(lambda: target.decode_forward(1))}
+        if draft is not None:
+            out["draft_decode_ms"] = _median_ms(lambda: draft.decode_forward(1))
+            if draft.graphs is not None and 1 in draft.graphs.step_graphs:
+                out["draft_greedy_step_ms"] = _median_ms(lambda: draft.graphs.step(1))
+            out["draft_over_target"] = out["draft_decode_ms"] / out["target_decode_ms"]
+    out["graphed"] = target.graphs is not None
     return out
 
 
@@ -254,8 +262,6 @@ def speed(args) -> None:
     from engine.config import EngineConfig
     from engine.spec_decode.metrics import SpecDecodeMetrics
 
-    if not torch.cuda.is_available():
-        raise ShrinkError("speed: needs a GPU (CUDA graphs are what is timed)")
     start = time.perf_counter()
     data_dir = _data_dir(args.data_dir)
     engine_kwargs = json.loads(args.engine) if args.engine else {}
