@@ -77,10 +77,10 @@ def read_token_frequencies(path: str, vocab_size: int) -> torch.Tensor:
                 continue
             parts = line.split()
             try:
-                token, count = (int(p) for p in parts) if len(parts) == 2 else (None, None)
+                token, count = int(parts[0]), int(parts[1]) if len(parts) == 2 else -1
             except ValueError:
-                token = count = None
-            if token is None or count is None or count < 0:
+                count = -1
+            if count < 0:
                 raise SpeculativeConfigError(KEY, f"{path}:{n}: expected 'token_id count' (two integers, count >= 0), "
                                                   f"got {line.strip()!r}")
             if not 0 <= token < vocab_size:
@@ -97,10 +97,10 @@ def read_token_frequencies(path: str, vocab_size: int) -> torch.Tensor:
 def special_token_ids(hf_config: Any, tokenizer: Any, eos_token_ids: Iterable[int], vocab_size: int) -> list[int]:
     """Every id a draft must be able to propose whatever the corpus says: the engine's stop (EOS)
     ids, the config's bos/eos/pad/unk ids and the tokenizer's special tokens, below vocab_size."""
-    ids: set[int] = set(eos_token_ids)
+    ids: set[Any] = set(eos_token_ids)
     for attr in SPECIAL_TOKEN_ATTRS:
         value = getattr(hf_config, attr, None)
-        ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
+        ids.update(value if isinstance(value, (list, tuple)) else [value])
     ids.update(getattr(tokenizer, "all_special_ids", None) or [])
     return sorted(i for i in ids if isinstance(i, int) and 0 <= i < vocab_size)
 
