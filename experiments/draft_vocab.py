@@ -5,8 +5,8 @@
     python experiments/draft_vocab.py cost     [--layers 4] [--sizes 8192 16384]            (CPU is fine)
     python experiments/draft_vocab.py speed    --target DIR|X.gguf --frequencies F [--sizes 8192 16384]  (H200)
 
-counts    token counts of the corpus (default: $SHRINK_DATA_DIR/corpus/docs-en.jsonl.gz, every document's
-          ``text``) in the tokenizer, written as the frequency file the engine reads beside a drafter
+counts    token counts of the corpus (default: $SHRINK_DATA_DIR/corpus/docs-en.jsonl.gz; with --corpus,
+          each .jsonl(.gz) file's records, their --fields) in the tokenizer, written as the frequency file the engine reads beside a drafter
           (engine/spec_decode/draft_vocab.py); an existing file is never overwritten.
 coverage  the share of the target's greedy tokens inside the draft vocabulary of each size (the
           special tokens plus the most frequent): an upper bound on a subset drafter's acceptance
@@ -72,15 +72,18 @@ def _tokenizer(path: str) -> Any:
 
 # -- counts ------------------------------------------------------------------------------------------------
 def counts(args) -> None:
-    corpus = Path(args.corpus) if args.corpus else _data_dir(args.data_dir) / CORPUS
+    corpora = [Path(c) for c in args.corpus] if args.corpus else [_data_dir(args.data_dir) / CORPUS]
     out = Path(args.out)
     if out.exists():
         raise ShrinkError(f"--out: {out} exists; it is not overwritten")
     tok = _tokenizer(args.tokenizer)
     vocab = len(tok) if args.vocab_size is None else args.vocab_size
     start = time.perf_counter()
-    with gzip.open(corpus, "rt", encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f]
+    texts: list[str] = []
+    for corpus in corpora:
+        with (gzip.open if corpus.suffix == ".gz" else open)(corpus, "rt", encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        texts += ["\n".join(r[k] for k in args.fields if isinstance(r.get(k), str)) for r in records]
     total = torch.zeros(vocab, dtype=torch.int64)
     tokens = 0
     for i in range(0, len(texts), 256):
@@ -88,7 +91,7 @@ def counts(args) -> None:
         tokens += sum(len(x) for x in ids)
         total += count_tokens(ids, vocab)
     n = write_token_frequencies(str(out), total)
-    emit({"bench": "counts", "corpus": str(corpus), "documents": len(texts), "tokens": tokens, "distinct": n,
+    emit({"bench": "counts", "corpus": [str(c) for c in corpora], "documents": len(texts), "tokens": tokens, "distinct": n,
           "out": str(out), "seconds": time.perf_counter() - start}, args.json)
 
 
@@ -125,7 +128,7 @@ def coverage(args) -> None:
     from eval.perplexity import wikitext2_text
 
     data_dir = _data_dir(args.data_dir)
-    subsets = _subsets(args.target, args.frequencies, args.sizes)
+    subsets = {(Path(f).name, n): s for f in args.frequencies for n, s in _subsets(args.target, f, args.sizes).items()}
     tok = _tokenizer(args.target)
     texts = {
         "wikitext": tok.encode(wikitext2_text(data_dir))[: args.text_tokens],
@@ -133,22 +136,26 @@ def coverage(args) -> None:
                   for t in tok.encode(ex.question + "\n" + ex.explanation["solution"] + "\n#### " + ex.answer + "\n\n")
                   ][: args.text_tokens],
     }
+    def report(name: str, kind: str, ids: list[int], seconds: float) -> None:
+        t = torch.tensor(ids)
+        emit({"bench": "coverage", "workload": name, "tokens": kind, "count": len(ids), "seconds": round(seconds, 1),
+              "inside": {f"{f}:{n}": round(torch.isin(t, s).float().mean().item(), 4) for (f, n), s in subsets.items()}},
+             args.json)
+
     model = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
-    streams: dict[tuple[str, str], list[int]] = {}
     for name, ids in texts.items():
-        streams[name, "text"] = ids
-        streams[name, "teacher_forced_greedy"] = _teacher_forced_argmax(model, ids, args.window)
+        report(name, "text", ids, 0.0)
+        start = time.perf_counter()
+        report(name, "teacher_forced_greedy", _teacher_forced_argmax(model, ids, args.window),
+               time.perf_counter() - start)
     del model
     llm = LLM(args.target, **(json.loads(args.engine) if args.engine else {}))
     for name in texts:
+        start = time.perf_counter()
         prompts = load_prompts(name, data_dir, tok, args.prompts, args.prompt_tokens)
         res = llm.generate([{"prompt_token_ids": p} for p in prompts],
                            SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True))
-        streams[name, "free_running_greedy"] = [t for r in res for t in r.token_ids]
-    for (name, kind), ids in streams.items():
-        t = torch.tensor(ids)
-        emit({"bench": "coverage", "workload": name, "tokens": kind, "count": len(ids),
-              "inside": {n: round(torch.isin(t, s).float().mean().item(), 4) for n, s in subsets.items()}}, args.json)
+        report(name, "free_running_greedy", [t for r in res for t in r.token_ids], time.perf_counter() - start)
 
 
 # -- cost ----------------------------------------------------------------------------------------------------
@@ -314,11 +321,13 @@ def main(argv: list[str] | None = None) -> None:
     c = sub.add_parser("counts")
     c.add_argument("--tokenizer", required=True, help="a model directory with the tokenizer")
     c.add_argument("--out", required=True, help=f"the frequency file to write (a drafter's {FREQUENCY_FILE})")
-    c.add_argument("--corpus", help=f"a .jsonl.gz of {{'text': ...}} documents (default: DATA/{CORPUS})")
+    c.add_argument("--corpus", nargs="+", help=f".jsonl(.gz) files (default: DATA/{CORPUS})")
+    c.add_argument("--fields", nargs="+", default=["text", "question", "answer"],
+                   help="the record fields counted, where present")
     c.add_argument("--vocab-size", type=int, help="default: the tokenizer's length")
     v = sub.add_parser("coverage")
     v.add_argument("--target", required=True)
-    v.add_argument("--frequencies", required=True)
+    v.add_argument("--frequencies", required=True, nargs="+", help="frequency files, each compared")
     v.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     v.add_argument("--text-tokens", type=int, default=16384, help="teacher-forced tokens per text")
     v.add_argument("--window", type=int, default=1024)
