@@ -47,7 +47,9 @@ def count_tokens(token_ids: Iterable[Iterable[int]], vocab_size: int) -> torch.T
     for ids in token_ids:
         t = torch.as_tensor(list(ids), dtype=torch.int64)
         if t.numel():
-            counts += torch.bincount(t, minlength=vocab_size)[:vocab_size]
+            if int(t.min()) < 0 or int(t.max()) >= vocab_size:
+                raise ValueError(f"token ids must lie in [0, {vocab_size}), got {int(t.min())}..{int(t.max())}")
+            counts += torch.bincount(t, minlength=vocab_size)
     return counts
 
 

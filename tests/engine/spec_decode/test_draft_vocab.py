@@ -98,6 +98,8 @@ def test_runner_with_lm_head_rows_decodes_only_subset_tokens(model_dir):
 def test_counts_round_trip_and_the_subset_takes_specials_then_the_most_frequent(tmp_path):
     counts = count_tokens([[5, 5, 7, 9, 9, 9], [7, 5, 11], []], 16)
     assert counts.tolist()[5] == 3 and counts[9] == 3 and counts[7] == 2 and counts[11] == 1
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 16\), got 3..16"):
+        count_tokens([[3, 16]], 16)
     path = str(tmp_path / FREQUENCY_FILE)
     assert write_token_frequencies(path, counts) == 4
     assert open(path).read().splitlines() == ["5\t3", "9\t3", "7\t2", "11\t1"]  # ties by id
