@@ -164,7 +164,8 @@ class SubsetLMHead(nn.Module):
         inside = torch.zeros(vocab_size, dtype=torch.bool, device=ids.device)
         inside[ids] = True
         self.register_buffer("inside", inside)
-        self.register_buffer("outside", torch.full((vocab_size,), float("-inf"), dtype=torch.float32, device=ids.device))
+        outside = torch.full((vocab_size,), float("-inf"), dtype=torch.float32, device=ids.device)
+        self.register_buffer("outside", outside)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, self.weight)  # [n, N]
