@@ -17,6 +17,7 @@ from itertools import repeat
 from typing import Any, Union
 
 import numpy as np
+import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -28,6 +29,7 @@ from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
 from engine.spec_decode.config import SpeculativeConfig, draft_engine_config, kv_bytes_per_token_of
 from engine.spec_decode.draft_model import DraftModelProposer
+from engine.spec_decode.draft_vocab import draft_vocab_ids
 from engine.spec_decode.ngram import NgramProposer
 from engine.spec_decode.metrics import SpecDecodeMetrics
 from engine.spec_decode.worker import SpecDecodeWorker
@@ -72,6 +74,8 @@ class LLMEngine:
         spec: SpeculativeConfig | None = self.config.speculative_config
         # The draft's vocabulary and positions are checked before either model is built.
         draft_config = draft_engine_config(self.config, self.tokenizer, spec) if spec and spec.model else None
+        draft_vocab = None if draft_config is None else draft_vocab_ids(spec, draft_config.hf_config, self.tokenizer,
+                                                                        self.eos_token_ids)  # its LM head's rows
         extra = kv_bytes_per_token_of(draft_config) if draft_config is not None else 0
         # Verify graphs for the largest speculative batch that graphs hold (16 sequences, k + 1 each).
         verify_tokens = min(spec.max_batch_size, 16) * (spec.num_speculative_tokens + 1) if spec else 0
@@ -79,7 +83,7 @@ class LLMEngine:
                                   verify_max_tokens=verify_tokens,
                                   verify_query_len=spec.num_speculative_tokens + 1 if spec else 0)
         self.draft_runner: ModelRunner | None = None
-        self.spec_worker = self._spec_worker(spec, draft_config)
+        self.spec_worker = self._spec_worker(spec, draft_config, draft_vocab)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
@@ -93,15 +97,16 @@ class LLMEngine:
         self.num_multi_steps = 0  # of those, decode steps that ran several forwards
         self.num_spec_steps = 0  # of those, speculative decode steps
 
-    def _spec_worker(self, spec: SpeculativeConfig | None,
-                     draft_config: EngineConfig | None) -> SpecDecodeWorker | None:
+    def _spec_worker(self, spec: SpeculativeConfig | None, draft_config: EngineConfig | None,
+                     draft_vocab: torch.Tensor | None = None) -> SpecDecodeWorker | None:
         if spec is None:
             return None
         if draft_config is None:
             return SpecDecodeWorker(self.runner, NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max),
                                     self.eos_token_ids, spec)
         # Same pool size: every block id of a sequence's table exists in both caches.
-        self.draft_runner = ModelRunner(replace(draft_config, num_kv_blocks=self.runner.num_blocks), self.eos_token_ids)
+        self.draft_runner = ModelRunner(replace(draft_config, num_kv_blocks=self.runner.num_blocks), self.eos_token_ids,
+                                        lm_head_rows=draft_vocab)
         proposer = DraftModelProposer(self.draft_runner, self.eos_token_ids)
         return SpecDecodeWorker(self.runner, proposer, self.eos_token_ids, spec)
 

@@ -33,19 +33,22 @@ from engine.parallel.group import group_for
 from engine.parallel.workers import start_workers
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
+from engine.spec_decode.draft_vocab import restrict_lm_head
 from engine.spec_decode.verify_paths import VerifyPaths
 from kernels.gemv import SMALL_M
 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, eos_token_ids: set[int] | frozenset[int] = frozenset(),
-                 extra_kv_bytes_per_token: int = 0, verify_max_tokens: int = 0, verify_query_len: int = 0) -> None:
+                 extra_kv_bytes_per_token: int = 0, verify_max_tokens: int = 0, verify_query_len: int = 0,
+                 lm_head_rows: torch.Tensor | None = None) -> None:
         """``extra_kv_bytes_per_token``: a draft model's cache, sized with this one (kv_cache.py).
         ``verify_max_tokens``: the most tokens of a speculative verify forward: the decode rows
         and graphs take up to SMALL_M of them as pseudo-rows; with CUDA graphs, larger verify
         forwards of up to that many tokens replay prefill graphs that score every row.
         ``verify_query_len``: the most tokens a sequence verifies (k + 1), 0 without the multi-query
-        verify variants."""
+        verify variants. ``lm_head_rows``: the token ids whose logits the model computes, -inf for
+        the others (a drafter's vocabulary, spec_decode/draft_vocab.py); None: all."""
         # Rank 0 of a tensor-parallel engine starts and drives the other ranks (engine/parallel),
         # their runners with its verify graphs. A runner of one rank in a larger group (a draft
         # model on rank 0) runs no collectives (group_for).
@@ -53,19 +56,22 @@ class ModelRunner:
                                         verify_query_len=verify_query_len)
         try:
             with group_for(config.tensor_parallel_size):
-                self._setup(config, eos_token_ids, extra_kv_bytes_per_token, verify_max_tokens, verify_query_len)
+                self._setup(config, eos_token_ids, extra_kv_bytes_per_token, verify_max_tokens, verify_query_len,
+                            lm_head_rows)
         except BaseException:
             self.close()
             raise
 
     def _setup(self, config: EngineConfig, eos_token_ids: set[int] | frozenset[int], extra_kv_bytes_per_token: int,
-               verify_max_tokens: int, verify_query_len: int) -> None:
+               verify_max_tokens: int, verify_query_len: int, lm_head_rows: torch.Tensor | None) -> None:
         self.config, self.verify_query_len = config, verify_query_len
         self.device = config.torch_device
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
         torch.manual_seed(config.seed)
         self.model = self._build_model().to(self.device).eval()
+        if lm_head_rows is not None:  # before any graph captures the head
+            restrict_lm_head(self.model, lm_head_rows)
         self.model.model.rotary.float()  # rotary tables stay fp32 for exactness
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.kv_bytes_per_token = kv_bytes_per_token(self.attn_layers, self.dtype)

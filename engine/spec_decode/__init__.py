@@ -14,6 +14,7 @@ one forward, rejection sampling keeps the output distribution the target's (gree
 
     min_tokens.py ban_stop_tokens(): min_tokens in draft and target logits
     draft_model.py DraftModelProposer: the draft ModelRunner's catch-up + k - 1 decode forwards
+    draft_vocab.py draft_vocab_size: the draft's LM head kept to the most frequent tokens (FR-Spec)
     worker.py     SpecDecodeWorker.step(): draft, verify forward, verify(), the StepResult
     verify_paths.py VerifyPaths: which forward a verify takes, timed per token count at startup
 

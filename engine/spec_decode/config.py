@@ -7,6 +7,9 @@ Under tensor parallelism (``tensor_parallel_size`` > 1) the target is sharded an
 whole on rank 0 (``draft_tensor_parallel_size`` 1, vLLM's key; the only value taken: a small
 drafter gains nothing from sharding, and one draft rank needs no draft steps sent to the workers).
 
+``draft_vocab_size`` N (a draft model only): its LM head keeps the N most frequent tokens of the
+frequency file beside it and the special tokens (engine/spec_decode/draft_vocab.py).
+
 Optional keys: ``num_speculative_tokens_per_batch_size`` ({max batch size: k}; k 0 turns speculation
 off for those batches; batches larger than every key run without it; or ``"auto"``: k chosen per
 decode step, up to num_speculative_tokens, from step costs the engine measures at startup and the
@@ -30,7 +33,7 @@ METHODS = ("draft_model", "ngram")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _KEYS = {
     "draft_model": {"method", "model", "num_speculative_tokens", "num_speculative_tokens_per_batch_size", "dtype",
-                    "max_batch_size", "draft_tensor_parallel_size"},
+                    "max_batch_size", "draft_tensor_parallel_size", "draft_vocab_size"},
     "ngram": {"method", "num_speculative_tokens", "num_speculative_tokens_per_batch_size", "prompt_lookup_min",
               "prompt_lookup_max", "max_batch_size"},
 }
@@ -72,6 +75,7 @@ class SpeculativeConfig:
     # most num_speculative_tokens); k_for_step is then only its upper bound.
     auto: bool = False
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    draft_vocab_size: int | None = None  # the draft model's LM head rows (None: the whole vocabulary)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> SpeculativeConfig | None:
@@ -125,8 +129,11 @@ class SpeculativeConfig:
             raise SpeculativeConfigError(
                 "draft_tensor_parallel_size", f"{draft_tp!r}: the draft model runs unsharded on rank 0 of the "
                 "target's tensor_parallel_size ranks; only 1 is supported")
+        # Its range against the vocabulary and the frequency file are checked at load (draft_vocab.py).
+        vocab_size = raw.get("draft_vocab_size")
+        vocab_size = _positive_int("draft_vocab_size", vocab_size, 2) if vocab_size is not None else None
         return cls("draft_model", k, model=model, dtype=dtype, k_by_batch_size=policy, max_batch_size=max_bs,
-                   auto=auto)
+                   auto=auto, draft_vocab_size=vocab_size)
 
     def k_for_batch(self, batch_size: int) -> int:
         """Draft tokens per sequence for a decode batch of ``batch_size`` sequences; 0: decode plainly."""

@@ -17,6 +17,10 @@ is indexed by each sequence's block table (one BlockManager for both models).
   the request's parameters (draft_sampler.sample_draft, q kept for the verify step) and feeds the
   token back (DecodeInputs.advance_to).
 
+With a draft vocabulary (``draft_vocab_size``, draft_vocab.py) the runner's LM head computes only
+the subset's logits and returns -inf for the rest: the greedy graphs' argmax and sample_draft give
+vocabulary ids, and q is zero outside the subset, with nothing here changed.
+
 The k tokens of every row stay on the device (Proposal.ids): the verify forward reads them there,
 and the round's one sync is the verify's (worker.py). Nothing here waits for the device.
 

@@ -5,7 +5,8 @@ top-k, top-p and min-p as the target's, rejection.processed_probs) and keeps q f
 Greedy rows take the argmax of the raw logits, as the plain sampler does, so that a greedy draft
 agrees with the target whenever the two models agree. Sampled rows draw by the exponential race
 (argmax of q / E, E ~ Exp(1)), with a seeded request's noise from its own generator. Nothing here
-waits for the device: the k steps of a draft run back to back.
+waits for the device: the k steps of a draft run back to back. A draft vocabulary's logits are
+-inf outside it, so q is the softmax over the subset, exactly zero elsewhere (draft_vocab.py).
 """
 
 from __future__ import annotations
