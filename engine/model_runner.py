@@ -73,15 +73,18 @@ class ModelRunner:
         self.sampler = Sampler(self.device, set(eos_token_ids))  # EOS is masked until min_tokens
         max_blocks = math.ceil(config.max_model_len / self.block_size)
         # Decode rows for a verify as pseudo-rows (decode_inputs.py): what the fused small-batch
-        # matmuls take; larger verify forwards go through the prefill path.
-        verify_rows = min(verify_max_tokens, SMALL_M)
+        # matmuls take; larger verify forwards go through the prefill path. In batch-invariant mode
+        # every verify runs as pseudo-rows (spec_decode/verify_paths.py): no verify-only graph sets.
+        invariant = config.batch_invariant
+        verify_rows = verify_max_tokens if invariant else min(verify_max_tokens, SMALL_M)
         decode_rows = max(config.max_num_seqs, verify_rows)
         self.decode_inputs = DecodeInputs(self.device, decode_rows, max_blocks, self.block_size,
                                           config.num_decode_steps, config.triton_enabled)
         graphs = EngineGraphs()
         if self.device.type == "cuda" and not config.enforce_eager:
-            graphs = capture_graphs(self.model, self.decode_inputs, config, max_blocks, verify_max_tokens,
-                                    verify_rows, verify_query_len)
+            graphs = capture_graphs(self.model, self.decode_inputs, config, max_blocks,
+                                    0 if invariant else verify_max_tokens, verify_rows,
+                                    0 if invariant else verify_query_len)
         self.graphs, self.prefill_graphs = graphs.decode, graphs.prefill
         # Each verify takes the path measured fastest at its token count (spec_decode/verify_paths.py).
         self.verify_paths = VerifyPaths(self, graphs, decode_rows)

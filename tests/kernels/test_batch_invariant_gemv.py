@@ -2,21 +2,32 @@
 whether it is computed alone or among 5, 16 or 37 rows (past SMALL_M: the grid's 16-row tiles), for
 every fusion, the rotary + KV-store variant and the exact int4 / int8 paths, in fp32 and bf16.
 
-The interpreter's tl.dot is numpy's matmul, so equality here is necessary, not sufficient: on a GPU
-the same property rests on one compiled kernel (the same BLOCK_M/N/K, num_warps) for every M, which
-tests/engine/spec_decode/test_batch_invariant_gpu.py checks end to end."""
+Interpreted, tl.dot is numpy's, whose BLAS sums rows of one tile in different orders: these tests run
+with row_invariant_dot's substitute (a dot that, as a GPU's, sums every element alike), so they check
+what the kernel decides (one config at every M, the row tiles, masks, per-row prologues and
+epilogues), and equality here is necessary, not sufficient: on a GPU the property rests on one
+compiled kernel for every M, which tests/engine/spec_decode/test_batch_invariant_gpu.py checks end to
+end."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from test_gemv import DEVICE, FUSIONS, _case, _rope_case
+from row_invariant_dot import row_invariant_dot
 from test_quant_gemv import quant_weight
 
 from kernels.gemv import SMALL_M, batch_invariant_config, gemv, gemv_ref, gemv_rope_store, gemv_rope_store_ref
 
 M = 37  # three 16-row tiles, the last one partial
-SUBSETS = [slice(0, 1), slice(4, 5), slice(0, 5), slice(0, 16), slice(15, 16), slice(30, 35), slice(36, 37)]
+SUBSETS = [slice(0, 1), slice(4, 5), slice(0, 5), slice(7, 8), slice(9, 12), slice(0, 16), slice(15, 16),
+           slice(20, 29), slice(30, 35), slice(36, 37)]
+
+
+@pytest.fixture(autouse=True)
+def rows_summed_alike():
+    with row_invariant_dot():
+        yield
 
 
 def _rows(kw: dict, rows: slice) -> dict:
@@ -90,3 +101,36 @@ def test_the_config_depends_on_n_and_k_alone_and_bad_combinations_are_refused():
         gemv(x, w, batch_invariant=True, fast=True)
     with pytest.raises(ValueError, match="16-row tiles"):
         gemv(x, w, batch_invariant=True, config=(1, 8, 128, 4))
+
+
+# SmolLM2-135M's decode linears (qkv, o_proj, gate_up, down_proj, lm_head) and a Llama-2-7B shape.
+GPU_SHAPES = [(960, 576, False), (576, 576, False), (1536, 576, True), (576, 1536, False), (49152, 576, False),
+              (4096, 4096, False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,swiglu", GPU_SHAPES)
+def test_rows_are_bitwise_the_same_at_every_m_on_the_gpu(n, k, swiglu):
+    """The compiled kernel (tensor-core dots in bf16): a row alone equals the row at any place of a
+    16-row tile and of a 3-tile grid (the invariance the CPU tests cannot show with numpy's dot)."""
+    x, w, kw = _case(M, n, k, torch.bfloat16, "cuda", seed=9, norm=True, swiglu=swiglu, residual=not swiglu)
+
+    def run(rows: slice) -> torch.Tensor:
+        return gemv(x[rows], w, swiglu=swiglu, batch_invariant=True, **_rows(kw, rows))
+
+    full = run(slice(0, M))
+    for rows in SUBSETS + [slice(i, i + 1) for i in range(M)]:
+        assert torch.equal(run(rows), full[rows]), rows
+
+
+@pytest.mark.gpu
+def test_rope_store_rows_are_bitwise_the_same_at_every_m_on_the_gpu():
+    x, w, kw, cache = _rope_case(M, 9, 3, 64, 576, torch.bfloat16, "cuda", seed=10)
+
+    def run(rows: slice) -> torch.Tensor:
+        c = cache.clone()
+        return gemv_rope_store(x[rows], w, k_cache=c[0], v_cache=c[1], batch_invariant=True, **_rows(kw, rows))
+
+    full = run(slice(0, M))
+    for i in range(M):
+        assert torch.equal(run(slice(i, i + 1)), full[i : i + 1]), i
