@@ -162,3 +162,25 @@ def test_options_reach_the_model(models):
     target, _ = models
     options = EngineConfig(model=target, **_kw(int4_kernel="auto")).model_options()
     assert options.batch_invariant and options.exact_dequant and options.int4_kernel == "triton"
+
+
+def test_bench_script_reports_equal_outputs_in_the_mode(models, tmp_path):
+    """experiments/batch_invariant_bench.py end to end on the tiny target (interpreted): its
+    forward timings name the pseudo-row path in the mode, and its speculative check is equal there."""
+    import json
+
+    from support import load_experiment
+
+    target, _ = models
+    out = tmp_path / "rows.jsonl"
+    load_experiment("batch_invariant_bench").main([
+        "--model", target, "--batch", "2", "--k", "2", "--context", "12", "--new-tokens", "6", "--prompts", "2",
+        "--repeat", "1", "--only", "forward", "spec_equal", "--json", str(out),
+        "--engine", '{"device": "cpu", "dtype": "float32", "use_triton": true, "block_size": 4}'])
+    rows = {(r["bench"], r["batch_invariant"]): r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {(b, m) for b in ("batch_invariant_forward", "batch_invariant_spec_equal") for m in (False, True)}
+    assert all("error" not in r for r in rows.values())
+    assert rows["batch_invariant_forward", True]["verify_path"] == "pseudo_rows"
+    assert rows["batch_invariant_forward", True]["verify_forward_us"] > 0
+    equal = rows["batch_invariant_spec_equal", True]
+    assert equal["greedy_equal"] is True and equal["acceptance_rate"] == 1.0  # the target drafting for itself

@@ -10,23 +10,18 @@ import gc
 
 import pytest
 import torch
-from transformers import LlamaConfig
 
 from engine import LLM, SamplingParams
+from eval.bench.common import SHAPES, shape_dir
 
 pytestmark = pytest.mark.gpu
 
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                    rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 NEW_TOKENS = 256
 
 
 @pytest.fixture(scope="module")
-def smollm2_shape(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("smollm2_shape")
-    LlamaConfig(**SMOLLM2_135M).save_pretrained(path)
-    return str(path)
+def smollm2_shape() -> str:
+    return shape_dir("smollm2-135m")
 
 
 def _prompts() -> list[dict]:
@@ -35,7 +30,7 @@ def _prompts() -> list[dict]:
     # Repeated phrases give the n-gram drafter matches.
     out = []
     for n in lens:
-        p = torch.randint(3, SMOLLM2_135M["vocab_size"], (n,), generator=g).tolist()
+        p = torch.randint(3, SHAPES["smollm2-135m"]["vocab_size"], (n,), generator=g).tolist()
         out.append({"prompt_token_ids": p + p[: n // 2]})
     return out
 
