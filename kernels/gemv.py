@@ -708,7 +708,9 @@ if HAS_TRITON:
         else:
             return acc
 
-    @triton.jit
+    # M is not specialized (Triton makes M == 1 a constant, M % 16 == 0 a divisibility hint): one
+    # compiled kernel for every row count, which batch invariance rests on.
+    @triton.jit(do_not_specialize=["M"])
     def _gemv_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, nw_ptr, res_ptr, out_ptr,
         M, eps, x_stride, res_stride, out_stride,
@@ -779,7 +781,9 @@ if HAS_TRITON:
         tl.store(v_cache_ptr + off, r1.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
         tl.store(v_cache_ptr + off + HALF, r2.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
 
-    @triton.jit
+    # M is not specialized (Triton makes M == 1 a constant, M % 16 == 0 a divisibility hint): one
+    # compiled kernel for every row count, which batch invariance rests on.
+    @triton.jit(do_not_specialize=["M"])
     def _gemv_rope_store_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, nw_ptr, q_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
         slot_ptr, M, eps, x_stride, q_stride, cos_stride, sin_stride,

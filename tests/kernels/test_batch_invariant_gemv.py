@@ -124,6 +124,16 @@ def test_rows_are_bitwise_the_same_at_every_m_on_the_gpu(n, k, swiglu):
 
 
 @pytest.mark.gpu
+def test_one_compiled_kernel_for_every_row_count():
+    """Triton would compile M == 1 (a constant) and M % 16 == 0 (a divisibility hint) as kernels of
+    their own; M is left unspecialized so that every row count runs the same code."""
+    from kernels import gemv as gemv_module
+
+    for kernel in (gemv_module._gemv_kernel, gemv_module._gemv_rope_store_kernel):
+        assert "M" in kernel.do_not_specialize
+
+
+@pytest.mark.gpu
 def test_rope_store_rows_are_bitwise_the_same_at_every_m_on_the_gpu():
     x, w, kw, cache = _rope_case(M, 9, 3, 64, 576, torch.bfloat16, "cuda", seed=10)
 
