@@ -73,9 +73,14 @@ class Attention(nn.Module):
         elif ctx.is_prefill:
             out = self._prefill(q, k, v, ctx)
         elif self.use_triton:
+            # Batch-invariant mode launches it without PDL: with PDL the kernel reads every position
+            # but a row's newest before waiting for the qkv launch, and a verify's pseudo-rows read
+            # positions that launch wrote for the rows before them (the same binary for decode and
+            # verify either way: PDL off for both).
             out = paged_attention.paged_decode_attention(
                 q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale,
-                num_splits=self.decode_splits(q.shape[0]), partition=DECODE_PARTITION, pdl=self.pdl,
+                num_splits=self.decode_splits(q.shape[0]), partition=DECODE_PARTITION,
+                pdl=self.pdl and not self.batch_invariant,
             )
         else:
             out = paged_attention.paged_decode_attention_ref(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale)
