@@ -86,7 +86,9 @@ class EngineConfig:
     # context as at batch 1, and a verify runs as decode pseudo-rows only (spec_decode/verify_paths.py).
     # Costs: the batch-1 GEMVs leave their tuned CUDA-core path, the verify reads its K/V once per
     # token (experiments/batch_invariant_bench.py). Prefill is not covered: prompts are computed the
-    # same only when they are prefilled in the same batches. Needs the Triton kernels, fused_decode,
+    # same only when they are prefilled in the same batches (and a preempted sequence's recompute is a
+    # prefill); two engines agree when their settings do (the split count comes from max_model_len).
+    # Needs the Triton kernels, fused_decode,
     # one rank, and weights the fused kernels read (dense, int8 per channel, int4 on Triton, W8A8 int8;
     # compressed weights take the exact dequantization).
     batch_invariant: bool = False
