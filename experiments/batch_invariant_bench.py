@@ -127,7 +127,8 @@ def spec_equal(args, path: str, invariant: bool) -> None:
     m = llm.engine.spec_metrics
     emit({"bench": "batch_invariant_spec_equal", "batch_invariant": invariant, "prompts": args.prompts,
           "new_tokens": args.new_tokens, "k": args.k, "draft": args.draft or "target itself",
-          **divergence_report(plain, margins, spec), "plain_with_logprobs_tok_s": args.prompts * args.new_tokens / plain_s,
+          **divergence_report(plain, margins, spec),
+          "plain_with_logprobs_tok_s": args.prompts * args.new_tokens / plain_s,
           "spec_tok_s": args.prompts * args.new_tokens / spec_s, **(m.as_dict() if m is not None else {})}, args.json)
     del llm
     free_device_memory()

@@ -168,7 +168,8 @@ def target_outputs(target: str, prompts: list[list[int]], new_tokens: int, engin
 
 
 # -- divergence from plain greedy decoding ----------------------------------------------------------
-def greedy_with_margins(llm: Any, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], list[list[float]]]:
+def greedy_with_margins(llm: Any, prompts: list[list[int]],
+                        new_tokens: int) -> tuple[list[list[int]], list[list[float]]]:
     """Plain greedy outputs and, at every position, the margin of the top-1 over the top-2 logit: the
     difference of their logprobs (log-softmax shifts every logit of a row by the same amount)."""
     from engine import SamplingParams

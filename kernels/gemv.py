@@ -887,7 +887,8 @@ def _launch_config(m: int, n: int, k: int, quant: str, qargs: dict, fast: bool, 
 
 def _check_invariant(batch_invariant: bool, fast: bool, config: tuple[int, int, int, int] | None) -> None:
     if batch_invariant and fast:
-        raise ValueError("gemv: batch_invariant with fast dequantization (its M == 1 and M > 1 paths reduce differently)")
+        raise ValueError("gemv: batch_invariant with fast dequantization "
+                         "(its M == 1 and M > 1 paths reduce differently)")
     if batch_invariant and config is not None and config[0] != SMALL_M:
         raise ValueError(f"gemv: batch_invariant needs {SMALL_M}-row tiles at every M, config {config}")
 
@@ -901,9 +902,9 @@ def gemv(
     fast: bool = False, batch_invariant: bool = False,
 ) -> torch.Tensor:
     """Triton version of gemv_ref for x [M <= SMALL_M, K] (any M with ``batch_invariant``: each row's
-    output the same at every M, the module docstring's batch invariance; not with ``fast``). ``out`` may be ``residual`` itself (an
-    in-place add into the residual stream: each program reads and writes only its own columns),
-    but not ``x`` when the norm prologue reads whole rows of it. ``config`` overrides gemv_config.
+    output the same at every M, the module docstring's batch invariance; not with ``fast``). ``out``
+    may be ``residual`` itself (an in-place add into the residual stream: each program reads and
+    writes only its own columns), but not ``x`` when the norm prologue reads whole rows of it. ``config`` overrides gemv_config.
     ``pdl``: programmatic dependent launch wherever the GPU has it (kernels/_triton.py).
     ``quant``: W's format, "dense", "int8", "int4" or "w8a8_int8" (with ``scale``, ``zero``:
     _quant_args); the reference is then gemv_ref on the dequantized weight (kernels/quant.py),
@@ -930,7 +931,8 @@ def gemv(
     launch = pdl_launch_args(pdl, x.device)
     (block_m, block_n, block_k, num_warps), qargs = _launch_config(
         m, n, k, quant, qargs, fast, swiglu, config,
-        lambda: batch_invariant_config(n, k) if batch_invariant else gemv_config(m, n, k, two=swiglu, pdl=launch["PDL"]))
+        lambda: (batch_invariant_config(n, k) if batch_invariant
+                 else gemv_config(m, n, k, two=swiglu, pdl=launch["PDL"])))
     _gemv_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
         x, qargs.pop("w_ptr"), qargs.pop("s_ptr"), qargs.pop("z_ptr"),
         bias if bias is not None else weight,  # unused pointers: any tensor

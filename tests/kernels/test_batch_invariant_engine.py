@@ -130,7 +130,8 @@ def test_decode_attention_of_a_query_equals_its_verify_attention(models):
     kv_heads, dim, blocks = attn.num_kv_heads, attn.head_dim, 32
     k_cache = torch.randn(blocks, 16, kv_heads, dim, generator=g)
     v_cache = torch.randn(blocks, 16, kv_heads, dim, generator=g)
-    lens = torch.tensor([300, 301, 302, 303, 304, 17, 200], dtype=torch.int32)  # one sequence's 5 verify rows, then others
+    # One sequence's 5 verify rows, then two other sequences.
+    lens = torch.tensor([300, 301, 302, 303, 304, 17, 200], dtype=torch.int32)
     tables = torch.stack([torch.randperm(blocks, generator=g)[:32] for _ in range(7)]).to(torch.int32)
     tables[1:5] = tables[0]
     q = torch.randn(7, attn.num_heads, dim, generator=g)
@@ -178,7 +179,8 @@ def test_bench_script_reports_equal_outputs_in_the_mode(models, tmp_path):
         "--repeat", "1", "--only", "forward", "spec_equal", "--json", str(out),
         "--engine", '{"device": "cpu", "dtype": "float32", "use_triton": true, "block_size": 4}'])
     rows = {(r["bench"], r["batch_invariant"]): r for r in map(json.loads, out.read_text().splitlines())}
-    assert set(rows) == {(b, m) for b in ("batch_invariant_forward", "batch_invariant_spec_equal") for m in (False, True)}
+    benches = ("batch_invariant_forward", "batch_invariant_spec_equal")
+    assert set(rows) == {(b, m) for b in benches for m in (False, True)}
     assert all("error" not in r for r in rows.values())
     assert rows["batch_invariant_forward", True]["verify_path"] == "pseudo_rows"
     assert rows["batch_invariant_forward", True]["verify_forward_us"] > 0
