@@ -81,16 +81,16 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     # Batch invariance (vLLM's VLLM_BATCH_INVARIANT): a token's logits do not depend on how many other
     # rows share its forward, so speculative greedy output equals plain greedy output bit for bit in
-    # bf16 graphs too. Every decode and verify forward runs the fused kernels with one GEMV config at
-    # every batch size (M = 1 included; kernels/gemv.py), the decode attention splits every query's
-    # context as at batch 1, and a verify runs as decode pseudo-rows only (spec_decode/verify_paths.py).
-    # Costs: the batch-1 GEMVs leave their tuned CUDA-core path, the verify reads its K/V once per
-    # token (experiments/batch_invariant_bench.py). Prefill is not covered: prompts are computed the
-    # same only when they are prefilled in the same batches (and a preempted sequence's recompute is a
-    # prefill); two engines agree when their settings do (the split count comes from max_model_len).
-    # Needs the Triton kernels, fused_decode,
-    # one rank, and weights the fused kernels read (dense, int8 per channel, int4 on Triton, W8A8 int8;
-    # compressed weights take the exact dequantization).
+    # bf16 graphs too. Every forward runs the decode kernels: one GEMV config at every row count (M = 1
+    # included, the lm_head too; kernels/gemv.py), the decode attention splitting every query's
+    # context as at batch 1, without PDL; a verify, a draft's catch-up and a prefill run as decode
+    # pseudo-rows (spec_decode/verify_paths.py, ModelRunner._prefill_as_pseudo_rows), so prompts agree
+    # however they are batched, chunked or recomputed after a preemption. Costs: the batch-1 GEMVs
+    # leave their tuned CUDA-core path, a verify and a prefill read the context once per token, a
+    # prefill rereads the weights per 16 tokens (experiments/batch_invariant_bench.py). Two engines
+    # agree when their settings do (the split count comes from max_model_len). Needs the Triton
+    # kernels, fused_decode, one rank, and weights the fused kernels read (dense, int8 per channel,
+    # int4 on Triton, W8A8 int8; compressed weights take the exact dequantization).
     batch_invariant: bool = False
 
     hf_config: PretrainedConfig | None = None

@@ -17,6 +17,7 @@ construction (layers/options.py)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -132,6 +133,8 @@ class ModelRunner:
         seqs = batch.seqs
         chunks = [(s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n], s.num_computed_tokens,
                    s.block_table) for s, n in zip(seqs, batch.num_scheduled)]
+        if self.config.batch_invariant:
+            return self._prefill_as_pseudo_rows(batch, chunks)
         if self.prefill_graphs is not None and not any(s.params.prompt_logprobs is not None for s in seqs):
             logits = self.prefill_graphs.run(chunks)
             if logits is not None:  # else no bucket holds the step
@@ -151,6 +154,24 @@ class ModelRunner:
             rows.append(k if r >= 0 else -1)
             k += r >= 0
         return self.sampler.sample_step(seqs, logits, rows)
+
+    def _prefill_as_pseudo_rows(self, batch: ScheduledBatch,
+                                chunks: list[tuple[list[int], int, list[int]]]) -> StepResult:
+        """Batch-invariant mode's prefill: every prompt token a decode pseudo-row
+        (VerifyPaths.pseudo_row_logits, in forwards of at most the decode rows), so that its K/V and
+        logits are what the decode kernels compute for it, whatever else the step holds, however the
+        prompt is chunked, and again after a preemption's recompute. Slower than the varlen prefill:
+        each 16-row tile rereads the weights, each row its context."""
+        logits = self.verify_paths.pseudo_row_logits(chunks)
+        want, row0 = [], 0  # each sampling sequence's last row, else -1
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_scheduled)):
+            if seq.params.prompt_logprobs is not None:
+                self.sampler.prompt_logprobs(seq, logits[row0 : row0 + n], n)
+            want.append(row0 + n - 1 if batch.samples(i) else -1)
+            row0 += n
+        index = list(itertools.accumulate((r >= 0 for r in want), initial=0))  # row in the sampled logits
+        sampled = logits[[r for r in want if r >= 0]] if any(r >= 0 for r in want) else None
+        return self.sampler.sample_step(batch.seqs, sampled, [index[i] if r >= 0 else -1 for i, r in enumerate(want)])
 
     def varlen_forward(self, chunks: list[tuple[list[int], int, list[int]]],
                        ids: torch.Tensor | None = None, verify_query_len: int = 0) -> torch.Tensor:

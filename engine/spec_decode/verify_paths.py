@@ -19,7 +19,8 @@ In batch-invariant mode (EngineConfig.batch_invariant) a verify takes ``pseudo_r
 timed: its rows run the decode step's kernels (the GEMVs' one config at every row count, the decode
 attention with batch 1's split count), so a token is scored bit for bit as a decode step would score
 it. The multi-query kernel and the prefill path compute a query's attention and matmuls with other
-reductions. A verify of more tokens than the decode rows runs in groups of whole sequences.
+reductions. A verify of more tokens than the decode rows runs in several forwards, and so do a
+draft's catch-up and the runner's prefill in the mode (ModelRunner._prefill_as_pseudo_rows).
 
 Under tensor parallelism a verify is a ``VerifyStep`` (a parallel/workers.py RunnerStep): rank 0
 chooses the path (by its own timings: the ranks' may differ, and every rank must replay the same
@@ -136,23 +137,25 @@ class VerifyPaths:
         return graphs.forward(n) if graphed else r.eager_decode_forward(n, q)
 
     def _in_groups(self, chunks: Chunks, ids: torch.Tensor | None) -> torch.Tensor:
-        """pseudo_row_logits of chunks of more tokens than the decode rows, in groups of whole
-        chunks (a row attends to its own chunk's K/V, stored in the same forward), concatenated.
-        Each group's logits are copied out before the next forward reuses their buffer."""
-        groups: list[tuple[int, int]] = []  # [first chunk, end chunk) of each group
-        tokens = 0
-        for i, c in enumerate(chunks):
-            if len(c[0]) > self.max_pseudo_rows:
-                raise ValueError(f"a verify chunk of {len(c[0])} tokens exceeds the {self.max_pseudo_rows} decode rows")
-            if not groups or tokens + len(c[0]) > self.max_pseudo_rows:
-                groups.append((i, i))
-                tokens = 0
-            groups[-1] = (groups[-1][0], i + 1)
-            tokens += len(c[0])
+        """pseudo_row_logits of more tokens than the decode rows (batch-invariant mode), in forwards
+        of at most that many, chunks cut into pieces where needed, in order: a row attends to the K/V
+        its sequence's earlier rows stored in this forward or an earlier one. Each forward's logits
+        are copied out before the next reuses their buffer."""
+        rows = self.max_pseudo_rows
+        groups: list[Chunks] = [[]]
+        size = 0
+        for tokens, start, table in chunks:
+            for i in range(0, len(tokens), rows):
+                piece = (tokens[i : i + rows], start + i, table)
+                if size + len(piece[0]) > rows:
+                    groups.append([])
+                    size = 0
+                groups[-1].append(piece)
+                size += len(piece[0])
         parts, first = [], 0
-        for lo, hi in groups:
-            n = sum(len(c[0]) for c in chunks[lo:hi])
-            parts.append(self.pseudo_row_logits(chunks[lo:hi], None if ids is None else ids[first : first + n]).clone())
+        for group in groups:
+            n = sum(len(c[0]) for c in group)
+            parts.append(self.pseudo_row_logits(group, None if ids is None else ids[first : first + n]).clone())
             first += n
         return torch.cat(parts)
 
@@ -174,7 +177,7 @@ class VerifyPaths:
         graph where one holds the step; valid until the next forward): a draft's catch-up."""
         r = self.runner
         tokens = sum(len(c[0]) for c in chunks)
-        if tokens <= self.max_pseudo_rows:
+        if tokens <= self.max_pseudo_rows or self.batch_invariant:  # the mode: in groups past the rows
             logits = self.pseudo_row_logits(chunks)
             if tokens == len(chunks):
                 return logits

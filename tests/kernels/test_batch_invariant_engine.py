@@ -100,23 +100,50 @@ def test_speculative_greedy_equals_plain_greedy_in_a_ragged_batch(models, monkey
     assert verify_rows and all(not mq for _, mq in verify_rows) and len({n for n, _ in verify_rows}) > 1
 
 
+def test_prefill_batching_and_chunking_do_not_change_the_output(models, monkeypatch):
+    """Prefill runs as decode pseudo-rows in the mode: a plain run whose prompts are chunked over steps
+    of 8 tokens (other prefill batches, pieces of other lengths) gives the tokens of a speculative run
+    that prefills them all in one step; prompt logprobs come from the same rows."""
+    import engine.model_runner as model_runner
+
+    target, draft = models
+    prefills: list[int] = []
+    real = model_runner.ModelRunner._prefill_as_pseudo_rows
+    monkeypatch.setattr(model_runner.ModelRunner, "_prefill_as_pseudo_rows",
+                        lambda self, batch, chunks: prefills.append(len(chunks)) or real(self, batch, chunks))
+    chunked, _ = _generate(target, max_num_batched_tokens=8)
+    steps = len(prefills)
+    spec, _ = _generate(target, speculative_config={"model": draft, "num_speculative_tokens": 3})
+    assert spec == chunked
+    assert steps > 4 and len(prefills) > steps  # chunked over many steps; the speculative run's own prefills
+    ps = prompts(2, seed=8, lo=5, hi=12)
+    params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=1, ignore_eos=True)
+    outs = [LLM(target, **_kw(max_num_batched_tokens=b)).generate([{"prompt_token_ids": p} for p in ps], params)
+            for b in (4, 64)]
+    for a, b in zip(*outs):
+        assert a.token_ids == b.token_ids
+        assert [e and {t: lp.logprob for t, lp in e.items()} for e in a.prompt_logprobs] == \
+            [e and {t: lp.logprob for t, lp in e.items()} for e in b.prompt_logprobs]
+
+
 def test_a_verify_larger_than_the_decode_rows_runs_in_groups(models):
-    """Two sequences allowed (two decode rows), four speculative tokens: a verify of 10 tokens runs as
-    pseudo-rows in groups of whole sequences, giving the logits of one forward over them all."""
+    """Two sequences allowed, four speculative tokens: the decode rows hold a verify of 10 tokens. With
+    fewer rows it runs in several forwards, of whole sequences (6 rows) or of pieces of them (3 rows:
+    a row then reads K/V an earlier forward stored), giving the logits of one forward over them all."""
     target, draft = models
     llm = LLM(target, **_kw(max_num_seqs=2, speculative_config={"model": draft, "num_speculative_tokens": 4,
                                                                 "max_batch_size": 2}))
     paths = llm.engine.runner.verify_paths
     assert paths.max_pseudo_rows == 10  # decode rows sized for the largest verify
-    paths.max_pseudo_rows = 6  # as if they were not: a group per sequence
     ps = prompts(2, seed=9, lo=4, hi=10)
     llm.generate([{"prompt_token_ids": p} for p in ps], SamplingParams(temperature=0.0, max_tokens=1))
     seqs = [([5, 6, 7, 8, 9], len(p), list(range(i * 8, i * 8 + 8))) for i, p in enumerate(ps)]
     with torch.inference_mode():
-        grouped = paths.pseudo_row_logits(seqs).clone()
-        paths.max_pseudo_rows = 10
         whole = paths.pseudo_row_logits(seqs).clone()
-    assert grouped.shape == (10, 256) and torch.equal(grouped, whole)
+        for rows in (6, 3):
+            paths.max_pseudo_rows = rows
+            assert torch.equal(paths.pseudo_row_logits(seqs), whole), rows
+    assert whole.shape == (10, 256)
 
 
 def test_decode_attention_of_a_query_equals_its_verify_attention(models):
