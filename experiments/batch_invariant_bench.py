@@ -8,7 +8,8 @@ For each mode (off, on), one process, engines one after another (each freed befo
 - ``forward``: device time of the decode forward of B rows (B sequences, one token each, CUDA graphs)
   and of a speculative verify of B sequences x (k + 1) tokens (the path the engine takes: in the
   mode pseudo-rows only; without it the path timed fastest at startup), after ``--context`` tokens,
-  medians of --repeat; with their ratio.
+  medians of --repeat; with their ratio; and the prefill of the B contexts (a draft's catch-up path:
+  the varlen prefill or its graphs, in the mode decode pseudo-rows, as the mode's prefill runs).
 - ``generate``: tok/s of LLM.generate at each batch size, plain greedy (spec_bench's median of
   --repeats after a warm-up).
 - ``spec_equal``: plain greedy against speculative greedy (``--draft`` DIR; default: the target
@@ -76,14 +77,17 @@ def forward_costs(args, path: str, invariant: bool) -> None:
         for batch in args.batch:
             tables = [list(range(i * bs_blocks, (i + 1) * bs_blocks)) for i in range(batch)]
             prefix = random_prompts(batch, args.context, vocab, 0)
-            paths.last_logits([(p, 0, t) for p, t in zip(prefix, tables)])  # the contexts' K/V
+            contexts = [(p, 0, t) for p, t in zip(prefix, tables)]
+            # The contexts' K/V, as a prefill computes them (the mode: decode pseudo-rows); timed after a warm-up.
+            prefill_us = _median_us(lambda: paths.last_logits(contexts), min(args.repeat, 3))
             tail = random_prompts(batch, args.k + 1, vocab, 1)
             decode = [(t[:1], args.context, table) for t, table in zip(tail, tables)]
             verify = [(t, args.context, table) for t, table in zip(tail, tables)]
             decode_us = _median_us(lambda: paths.pseudo_row_logits(decode), args.repeat)
             verify_us = _median_us(lambda: paths.all_logits(verify), args.repeat)
             emit({"bench": "batch_invariant_forward", "batch_invariant": invariant, "batch": batch, "k": args.k,
-                  "context": args.context, "decode_forward_us": decode_us, "verify_forward_us": verify_us,
+                  "context": args.context, "prefill_us": prefill_us, "decode_forward_us": decode_us,
+                  "verify_forward_us": verify_us,
                   "verify_path": paths.choose(verify), "verify_over_decode": verify_us / decode_us}, args.json)
     del llm, runner, paths
     free_device_memory()
