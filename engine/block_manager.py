@@ -50,11 +50,16 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 keep_prompt_logprobs: bool = True) -> None:
+        """keep_prompt_logprobs False: no block keeps prompt logprobs, so a prompt-logprob request
+        hits only blocks whose entries it has (batch-invariant mode: its pseudo-row prefill keeps
+        no hidden states for the position after a block)."""
         if num_blocks < 1:
             raise ValueError("num_blocks must be >= 1")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.keep_prompt_logprobs = keep_prompt_logprobs
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Free blocks in LRU order: freed blocks go to the end, so cached content lives longest.
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
@@ -234,7 +239,8 @@ class BlockManager:
 
     def _logprobs_to_keep(self, seq: Sequence, i: int) -> CachedLogprobs | None:
         bs, end = self.block_size, (i + 1) * self.block_size
-        if seq.params.prompt_logprobs is None or end > seq.num_prompt_tokens or len(seq.prompt_logprobs) < end:
+        if not self.keep_prompt_logprobs or seq.params.prompt_logprobs is None or end > seq.num_prompt_tokens or \
+                len(seq.prompt_logprobs) < end:
             return None
         return CachedLogprobs(seq.prompt_logprobs[i * bs : end], seq.block_tokens(i, bs), seq.params.prompt_logprobs)
 

@@ -14,6 +14,7 @@ from engine.gguf import gguf_model_dir
 from engine.layers.options import ModelOptions, check_int4_kernel, check_sparse24_path
 from engine.parallel.group import tp_rank, tp_size
 from engine.spec_decode.config import SpeculativeConfig
+from kernels.gemv import MAX_NORM_K
 
 
 @dataclass
@@ -78,6 +79,19 @@ class EngineConfig:
     # (engine/parallel). With speculative_config the verify forward runs on every rank; the
     # drafter (a draft model, whole, or the n-gram lookup) on rank 0 only.
     tensor_parallel_size: int = 1
+    # Batch invariance (vLLM's VLLM_BATCH_INVARIANT): a token's logits do not depend on how many other
+    # rows share its forward, so speculative greedy output equals plain greedy output bit for bit in
+    # bf16 graphs too. Every forward runs the decode kernels: one GEMV config at every row count (M = 1
+    # included, the lm_head too; kernels/gemv.py), the decode attention splitting every query's
+    # context as at batch 1, without PDL; a verify, a draft's catch-up and a prefill run as decode
+    # pseudo-rows (spec_decode/verify_paths.py, ModelRunner._prefill_as_pseudo_rows), so prompts agree
+    # however they are batched, chunked or recomputed after a preemption. Costs: the batch-1 GEMVs
+    # leave their tuned CUDA-core path, a verify and a prefill read the context once per token, a
+    # prefill rereads the weights per 16 tokens (experiments/batch_invariant_bench.py). Two engines
+    # agree when their settings do (the split count comes from max_model_len). Needs the Triton
+    # kernels, fused_decode, one rank, and weights the fused kernels read (dense, int8 per channel,
+    # int4 on Triton, W8A8 int8; compressed weights take the exact dequantization).
+    batch_invariant: bool = False
 
     hf_config: PretrainedConfig | None = None
 
@@ -121,6 +135,26 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization: must be in (0, 1]")
         self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
         self._check_tensor_parallel()
+        self._check_batch_invariant()
+
+    def _check_batch_invariant(self) -> None:
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"batch_invariant: must be True or False, got {self.batch_invariant!r}")
+        if not self.batch_invariant:
+            return
+        why = None
+        if not self.triton_enabled:
+            why = "needs the Triton kernels (use_triton; on the CPU use_triton=True runs them interpreted)"
+        elif not self.fused_decode:
+            why = "needs fused_decode (the batch-invariant matmuls are the fused decode kernels)"
+        elif self.tensor_parallel_size > 1:
+            why = "not under tensor parallelism (the all-reduce's algorithm may change with the message size)"
+        elif self.int4_kernel == "tinygemm":
+            why = "int4_kernel 'tinygemm' is not batch-invariant (use 'triton' or 'auto')"
+        elif self.hf_config.hidden_size > MAX_NORM_K:
+            why = f"hidden_size {self.hf_config.hidden_size} exceeds the fused kernels' {MAX_NORM_K}"
+        if why:
+            raise ValueError(f"batch_invariant: {why}")
 
     def _check_tensor_parallel(self) -> None:
         tp, hf = self.tensor_parallel_size, self.hf_config
@@ -165,8 +199,10 @@ class EngineConfig:
         if self.tensor_parallel_size > 1 and tp_size() != self.tensor_parallel_size:
             raise RuntimeError(f"tensor_parallel_size={self.tensor_parallel_size}: this process is in a group of "
                                f"{tp_size()} rank(s); the model runner starts the group (engine/parallel)")
+        invariant = self.batch_invariant  # the fast dequantization and tinygemm are not batch-invariant
         return ModelOptions(use_triton=self.triton_enabled, fused_decode=self.fused_decode, pdl=self.pdl,
-                            exact_dequant=self.exact_dequant, int4_kernel=self.int4_kernel,
+                            exact_dequant=self.exact_dequant or invariant,
+                            int4_kernel="triton" if invariant else self.int4_kernel, batch_invariant=invariant,
                             sparse24_path=self.sparse24_path, block_size=self.block_size,
                             max_model_len=self.max_model_len,
                             tp_rank=tp_rank() if self.tensor_parallel_size > 1 else 0,

@@ -84,7 +84,8 @@ class LLMEngine:
                                   verify_query_len=spec.num_speculative_tokens + 1 if spec else 0)
         self.draft_runner: ModelRunner | None = None
         self.spec_worker = self._spec_worker(spec, draft_config, draft_vocab)
-        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching,
+                                          keep_prompt_logprobs=not self.config.batch_invariant)
         self.scheduler = Scheduler(
             self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
             self.config.enable_chunked_prefill, self.config.num_decode_steps, self.config.max_model_len,

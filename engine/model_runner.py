@@ -17,6 +17,7 @@ construction (layers/options.py)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -85,15 +86,18 @@ class ModelRunner:
         self.sampler = Sampler(self.device, set(eos_token_ids))  # EOS is masked until min_tokens
         max_blocks = math.ceil(config.max_model_len / self.block_size)
         # Decode rows for a verify as pseudo-rows (decode_inputs.py): what the fused small-batch
-        # matmuls take; larger verify forwards go through the prefill path.
-        verify_rows = min(verify_max_tokens, SMALL_M)
+        # matmuls take; larger verify forwards go through the prefill path. In batch-invariant mode
+        # every verify runs as pseudo-rows (spec_decode/verify_paths.py): no verify-only graph sets.
+        invariant = config.batch_invariant
+        verify_rows = verify_max_tokens if invariant else min(verify_max_tokens, SMALL_M)
         decode_rows = max(config.max_num_seqs, verify_rows)
         self.decode_inputs = DecodeInputs(self.device, decode_rows, max_blocks, self.block_size,
                                           config.num_decode_steps, config.triton_enabled)
         graphs = EngineGraphs()
         if self.device.type == "cuda" and not config.enforce_eager:
-            graphs = capture_graphs(self.model, self.decode_inputs, config, max_blocks, verify_max_tokens,
-                                    verify_rows, verify_query_len)
+            graphs = capture_graphs(self.model, self.decode_inputs, config, max_blocks,
+                                    0 if invariant else verify_max_tokens, verify_rows,
+                                    0 if invariant else verify_query_len)
         self.graphs, self.prefill_graphs = graphs.decode, graphs.prefill
         # Each verify takes the path measured fastest at its token count (spec_decode/verify_paths.py).
         self.verify_paths = VerifyPaths(self, graphs, decode_rows)
@@ -141,6 +145,8 @@ class ModelRunner:
         seqs = batch.seqs
         chunks = [(s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n], s.num_computed_tokens,
                    s.block_table) for s, n in zip(seqs, batch.num_scheduled)]
+        if self.config.batch_invariant:
+            return self._prefill_as_pseudo_rows(batch, chunks)
         if self.prefill_graphs is not None and not any(s.params.prompt_logprobs is not None for s in seqs):
             logits = self.prefill_graphs.run(chunks)
             if logits is not None:  # else no bucket holds the step
@@ -177,6 +183,24 @@ class ModelRunner:
         if start > 0 and start % bs == 0:
             hidden, start = torch.cat([self.block_hidden[table[start // bs - 1]][None], hidden]), start - 1
         self.sampler.prompt_logprobs(seq, self.model.compute_logits(hidden).float(), start)
+
+    def _prefill_as_pseudo_rows(self, batch: ScheduledBatch,
+                                chunks: list[tuple[list[int], int, list[int]]]) -> StepResult:
+        """Batch-invariant mode's prefill: every prompt token a decode pseudo-row
+        (VerifyPaths.pseudo_row_logits, in forwards of at most the decode rows), so that its K/V and
+        logits are what the decode kernels compute for it, whatever else the step holds, however the
+        prompt is chunked, and again after a preemption's recompute. Slower than the varlen prefill:
+        each 16-row tile rereads the weights, each row its context."""
+        logits = self.verify_paths.pseudo_row_logits(chunks)
+        want, row0 = [], 0  # each sampling sequence's last row, else -1
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_scheduled)):
+            if seq.params.prompt_logprobs is not None:
+                self.sampler.prompt_logprobs(seq, logits[row0 : row0 + n], seq.num_computed_tokens)
+            want.append(row0 + n - 1 if batch.samples(i) else -1)
+            row0 += n
+        index = list(itertools.accumulate((r >= 0 for r in want), initial=0))  # row in the sampled logits
+        sampled = logits[[r for r in want if r >= 0]] if any(r >= 0 for r in want) else None
+        return self.sampler.sample_step(batch.seqs, sampled, [index[i] if r >= 0 else -1 for i, r in enumerate(want)])
 
     def varlen_forward(self, chunks: list[tuple[list[int], int, list[int]]],
                        ids: torch.Tensor | None = None, verify_query_len: int = 0) -> torch.Tensor:

@@ -68,7 +68,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "experiments"))
 
-from spec_bench import emit, free_device_memory, load_prompts, replay_greedy  # noqa: E402
+from spec_bench import (divergence_report, emit, free_device_memory, greedy_with_margins, load_prompts,  # noqa: E402
+                        replay_greedy)
 
 LOSS_PRESETS = {"tvd": "drafter", "ce": "drafter_ce"}
 T0 = time.time()
@@ -96,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=128, help="wikitext prompts: their first N tokens")
     p.add_argument("--ks", type=int, nargs="+", default=None, help="default 1..8 (smoke 1 2 4)")
     p.add_argument("--check-k", type=int, default=4, help="a real speculative run at this k (0: none)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="the engine check's two engines in batch-invariant mode (EngineConfig.batch_invariant)")
     p.add_argument("--no-init", action="store_true", help="skip the untrained students' acceptance")
     p.add_argument("--smoke", action="store_true", help="tiny settings: a CPU run in a minute or two")
     p.add_argument("--json", default=None, help="append every result line to this file")
@@ -296,12 +299,18 @@ def measure_acceptance(args, teacher: Path, drafters: dict[str, str]
 def check_with_engine(args, teacher: Path, name: str, path: str, prompts: list[list[int]],
                       plain: list[list[int]]) -> None:
     """One real speculative run (greedy, the first workload's prompts) at --check-k: the engine's own
-    acceptance counters, and whether its output equals plain greedy decoding (`plain`)."""
-    spec, m = run_engine(teacher, engine_settings(args, prompts),
+    acceptance counters, and whether its output equals plain greedy decoding by an engine of the same
+    settings (the acceptance run's `plain` had a context sized for every workload), with per sequence
+    the first divergent position and the plain run's top-1/top-2 logit margin there
+    (spec_bench.divergence_report); `plain_runs_equal`: that plain run against `plain`."""
+    settings = {**engine_settings(args, prompts), **({"batch_invariant": True} if args.batch_invariant else {})}
+    reference, margins = run_engine(teacher, settings, lambda llm: greedy_with_margins(llm, prompts, args.new_tokens))
+    spec, m = run_engine(teacher, settings,
                          lambda llm: (greedy_outputs(llm, prompts, args.new_tokens), llm.engine.spec_metrics),
                          speculative_config={"model": path, "num_speculative_tokens": args.check_k})
     emit({"bench": "drafter_engine_check", "workload": args.workloads[0], "drafter": name, "k": args.check_k,
-          "greedy_equal": spec == plain, **(m.as_dict() if m is not None else {})}, args.json)
+          "batch_invariant": args.batch_invariant, **divergence_report(reference, margins, spec),
+          "plain_runs_equal": reference == plain, **(m.as_dict() if m is not None else {})}, args.json)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -173,6 +173,36 @@ def target_outputs(target: str, prompts: list[list[int]], new_tokens: int, engin
     return [r.token_ids for r in res]
 
 
+# -- divergence from plain greedy decoding ----------------------------------------------------------
+def greedy_with_margins(llm: Any, prompts: list[list[int]],
+                        new_tokens: int) -> tuple[list[list[int]], list[list[float]]]:
+    """Plain greedy outputs and, at every position, the margin of the top-1 over the top-2 logit: the
+    difference of their logprobs (log-softmax shifts every logit of a row by the same amount)."""
+    from engine import SamplingParams
+
+    res = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, logprobs=2))
+    outputs, margins = [], []
+    for r in res:
+        outputs.append(list(r.token_ids))
+        top = [sorted((lp.logprob for lp in entry.values()), reverse=True) for entry in r.logprobs or []]
+        margins.append([t[0] - t[1] if len(t) > 1 else 0.0 for t in top])
+    return outputs, margins
+
+
+def divergence_report(plain: list[list[int]], margins: list[list[float]], other: list[list[int]]) -> dict:
+    """Where ``other`` leaves ``plain`` (same prompts): per sequence the first position whose token
+    differs (None: identical; a shorter run diverges where it ends) and the plain run's top-1/top-2
+    margin there, so that a report can say whether every divergence is a near-tie."""
+    first: list[int | None] = []
+    for p, o in zip(plain, other, strict=True):
+        i = next((j for j, (a, b) in enumerate(zip(p, o)) if a != b), None)
+        first.append(min(len(p), len(o)) if i is None and len(p) != len(o) else i)
+    at = [margins[s][i] if i is not None and i < len(margins[s]) else None for s, i in enumerate(first)]
+    known = [m for m in at if m is not None]
+    return {"greedy_equal": plain == other, "diverged": sum(i is not None for i in first),
+            "first_divergence": first, "margin_at_divergence": at, "max_margin_at_divergence": max(known, default=None)}
+
+
 def acceptance(args) -> None:
     from transformers import AutoTokenizer
 
@@ -246,9 +276,11 @@ def fitting_prompts(prompts: list[list[int]], new_tokens: int, max_model_len: in
     return fit
 
 
-def _median_tok_s(llm: Any, batch: list[list[int]], new_tokens: int, repeats: int) -> tuple[float, list[float]]:
-    """Warm-up, then ``repeats`` timed generate calls; the median tok/s (one stall does not decide).
-    Counts the tokens generated; a request that ended short (an error, a length limit) is an error."""
+def _median_tok_s(llm: Any, batch: list[list[int]], new_tokens: int,
+                  repeats: int) -> tuple[float, list[float], list[list[int]]]:
+    """Warm-up, then ``repeats`` timed generate calls; the median tok/s (one stall does not decide)
+    and the last call's outputs. Counts the tokens generated; a request that ended short (an error,
+    a length limit) is an error."""
     from engine import SamplingParams
 
     llm.generate(batch, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
@@ -264,7 +296,7 @@ def _median_tok_s(llm: Any, batch: list[list[int]], new_tokens: int, repeats: in
             raise ShrinkError(f"request {i} generated {n} of {new_tokens} tokens (finish_reason {why!r}; "
                               f"{len(short)} of {len(outs)} requests short)")
         runs.append(sum(len(o.token_ids) for o in outs) / seconds)
-    return float(np.median(runs)), runs
+    return float(np.median(runs)), runs, [list(o.token_ids) for o in outs]
 
 
 def free_device_memory() -> None:
@@ -280,10 +312,14 @@ def free_device_memory() -> None:
 
 
 def _speed_variant(args, workload: str, name: str, spec: dict | None, prompts: list[list[int]],
-                   engine_kwargs: dict, base: dict[int, float]) -> list[dict]:
+                   engine_kwargs: dict, base: dict[int, float],
+                   reference: dict[int, tuple[list, list]] | None = None) -> list[dict]:
     """One engine's rows (every k and batch size, then k "auto": the engine's measured policy, its
     step costs timed when the engine was built, a fresh acceptance estimate per batch size); the
-    engine dies when this returns."""
+    engine dies when this returns. ``reference`` {batch size: plain greedy outputs and margins}:
+    filled by the plain variant, then each speculative row says where its outputs leave them
+    (divergence_report)."""
+    reference = {} if reference is None else reference
     from engine import LLM
     from engine.spec_decode.policy import SpecPolicy
 
@@ -304,13 +340,15 @@ def _speed_variant(args, workload: str, name: str, spec: dict | None, prompts: l
             if k == "auto":
                 measured = worker.policy
                 worker.policy = SpecPolicy(measured.k_max, measured.max_batch_size, measured.costs)
-            tok_s, runs = _median_tok_s(llm, (prompts * bs)[:bs], args.new_tokens, args.repeats)
+            tok_s, runs, outputs = _median_tok_s(llm, (prompts * bs)[:bs], args.new_tokens, args.repeats)
             if spec is None:
                 base[bs] = tok_s
+                reference[bs] = greedy_with_margins(llm, (prompts * bs)[:bs], args.new_tokens)
             m = engine.spec_metrics
             row = {"bench": "speed", "workload": workload, "spec": name, "k": k, "batch": bs,
                    "tok_s": tok_s, "runs_tok_s": runs, "speedup": tok_s / base[bs] if bs in base else None,
-                   "metrics": m.as_dict() if m is not None else None}
+                   "metrics": m.as_dict() if m is not None else None,
+                   **({"vs_plain": divergence_report(*reference[bs], outputs)} if bs in reference else {})}
             if k == "auto":
                 row["policy"] = worker.policy.as_dict()  # the k it chose (steps_by_k), probes, costs
             rows.append(row)
@@ -359,12 +397,13 @@ def speed(args) -> None:
             continue
         rows: list[dict] = []
         base: dict[int, float] = {}
+        reference: dict[int, tuple[list, list]] = {}
         for name, make_spec in [("none", lambda: None)] + drafters:
             if time.perf_counter() - start > args.budget_s:
                 emit({"bench": "speed", "workload": workload, "spec": name, "skipped": "time budget"}, args.json)
                 continue
             try:
-                rows += _speed_variant(args, workload, name, make_spec(), prompts, engine_kwargs, base)
+                rows += _speed_variant(args, workload, name, make_spec(), prompts, engine_kwargs, base, reference)
             except Exception as e:  # one variant failing must not lose the others
                 emit({"bench": "speed", "workload": workload, "spec": name, "error": f"{type(e).__name__}: {e}"},
                      args.json)

@@ -39,6 +39,15 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   separate rope_store launch (kernels/rotary.py) goes away. Each program computes both members of
   its rotary pairs: output column c of a head's first half and c + head_dim / 2.
 
+Batch invariance (``batch_invariant``, EngineConfig.batch_invariant): a row's output must not depend
+on how many rows share the launch, so that a speculative verify (k + 1 rows a sequence) scores a token
+bit for bit as a decode step does. The M == 1 multiply-reduce and the M > 1 tl.dot reduce K in
+different orders, and so do tl.dot tiles of other BLOCK_K; with the flag every M, 1 included, takes the
+one config of SMALL_M rows (batch_invariant_config: BLOCK_K and the tl.dot instruction fixed by N and
+K alone), past SMALL_M rows a second grid axis over 16-row tiles, and no fast dequantization (its M == 1
+and M > 1 paths differ too). A row's products and sums are then the same instructions on the same
+operands wherever the row sits in its tile: its output is bitwise the same at any M.
+
 Rounding follows the unfused modules so bf16 results match them: the norm as kernels/rmsnorm.py,
 the matmul output rounded to the input dtype before bias-free epilogues (residual add, silu), as
 separate launches would round it. Block sizes come from a fixed heuristic, not autotuning: the
@@ -108,6 +117,12 @@ def gemv_rope_store_ref(
     k = _rotate_fp32(k.reshape(-1, num_kv_heads, head_dim), cos, sin)
     store_kv_ref(k, v.reshape(-1, num_kv_heads, head_dim), k_cache, v_cache, slot_mapping)
     return q.reshape(-1, num_heads * head_dim)
+
+
+def batch_invariant_config(n: int, k: int) -> tuple[int, int, int, int]:
+    """The one launch config of every M in batch-invariant mode (module docstring): gemv_config's at
+    SMALL_M rows, a function of N and K alone; M past SMALL_M is a grid over BLOCK_M-row tiles."""
+    return gemv_config(SMALL_M, n, k)
 
 
 def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True) -> tuple[int, int, int, int]:
@@ -693,7 +708,9 @@ if HAS_TRITON:
         else:
             return acc
 
-    @triton.jit
+    # M is not specialized (Triton makes M == 1 a constant, M % 16 == 0 a divisibility hint): one
+    # compiled kernel for every row count, which batch invariance rests on.
+    @triton.jit(do_not_specialize=["M"])
     def _gemv_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, nw_ptr, res_ptr, out_ptr,
         M, eps, x_stride, res_stride, out_stride,
@@ -705,7 +722,7 @@ if HAS_TRITON:
         FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1, FAST_DOT: tl.constexpr = False,
     ):
         # N counts output columns: with SWIGLU, W has 2N rows (gate rows, then up rows).
-        rows = tl.arange(0, BLOCK_M)
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # grid axis 1: 16-row tiles past SMALL_M
         row_mask = rows < M
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
@@ -764,7 +781,9 @@ if HAS_TRITON:
         tl.store(v_cache_ptr + off, r1.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
         tl.store(v_cache_ptr + off + HALF, r2.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
 
-    @triton.jit
+    # M is not specialized (Triton makes M == 1 a constant, M % 16 == 0 a divisibility hint): one
+    # compiled kernel for every row count, which batch invariance rests on.
+    @triton.jit(do_not_specialize=["M"])
     def _gemv_rope_store_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, nw_ptr, q_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
         slot_ptr, M, eps, x_stride, q_stride, cos_stride, sin_stride,
@@ -777,7 +796,7 @@ if HAS_TRITON:
         # Programs count rotary pairs, not columns: pair j is dim d = j % HALF of head j // HALF in
         # the qkv output (q heads, then k heads, then v heads), i.e. columns c and c + HALF. v's
         # pairs are not rotated; splitting them the same way keeps one code path.
-        rows = tl.arange(0, BLOCK_M)
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # grid axis 1: 16-row tiles past SMALL_M
         row_mask = rows < M
         j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         j_mask = j < (Q_HEADS + 2 * KV_HEADS) * HALF
@@ -866,17 +885,26 @@ def _launch_config(m: int, n: int, k: int, quant: str, qargs: dict, fast: bool, 
     return config, {**qargs, "w_ptr": w.view(torch.int32), "FAST": True, "GPT": gpt, "WPG": wpg}
 
 
+def _check_invariant(batch_invariant: bool, fast: bool, config: tuple[int, int, int, int] | None) -> None:
+    if batch_invariant and fast:
+        raise ValueError("gemv: batch_invariant with fast dequantization "
+                         "(its M == 1 and M > 1 paths reduce differently)")
+    if batch_invariant and config is not None and config[0] != SMALL_M:
+        raise ValueError(f"gemv: batch_invariant needs {SMALL_M}-row tiles at every M, config {config}")
+
+
 def gemv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
     norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
     residual: torch.Tensor | None = None, swiglu: bool = False, out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None, pdl: bool = True,
     quant: str = "dense", scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
-    fast: bool = False,
+    fast: bool = False, batch_invariant: bool = False,
 ) -> torch.Tensor:
-    """Triton version of gemv_ref for x [M <= SMALL_M, K]. ``out`` may be ``residual`` itself (an
-    in-place add into the residual stream: each program reads and writes only its own columns),
-    but not ``x`` when the norm prologue reads whole rows of it. ``config`` overrides gemv_config.
+    """Triton version of gemv_ref for x [M <= SMALL_M, K] (any M with ``batch_invariant``: each row's
+    output the same at every M, the module docstring's batch invariance; not with ``fast``). ``out``
+    may be ``residual`` itself (an in-place add into the residual stream: each program reads and
+    writes only its own columns), but not ``x`` when the norm prologue reads whole rows of it. ``config`` overrides gemv_config.
     ``pdl``: programmatic dependent launch wherever the GPU has it (kernels/_triton.py).
     ``quant``: W's format, "dense", "int8", "int4" or "w8a8_int8" (with ``scale``, ``zero``:
     _quant_args); the reference is then gemv_ref on the dequantized weight (kernels/quant.py),
@@ -886,7 +914,8 @@ def gemv(
     rows_w = weight.shape[0]
     kw, qargs = _quant_args(weight, k, quant, scale, zero)
     n = rows_w // 2 if swiglu else rows_w
-    assert k == kw and m <= SMALL_M and weight.is_contiguous(), (x.shape, weight.shape)
+    _check_invariant(batch_invariant, fast, config)
+    assert k == kw and (m <= SMALL_M or batch_invariant) and weight.is_contiguous(), (x.shape, weight.shape)
     assert not (swiglu and rows_w % 2)
     assert norm_weight is None or k <= MAX_NORM_K
     if x.stride(1) != 1:
@@ -902,8 +931,9 @@ def gemv(
     launch = pdl_launch_args(pdl, x.device)
     (block_m, block_n, block_k, num_warps), qargs = _launch_config(
         m, n, k, quant, qargs, fast, swiglu, config,
-        lambda: gemv_config(m, n, k, two=swiglu, pdl=launch["PDL"]))
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        lambda: (batch_invariant_config(n, k) if batch_invariant
+                 else gemv_config(m, n, k, two=swiglu, pdl=launch["PDL"])))
+    _gemv_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
         x, qargs.pop("w_ptr"), qargs.pop("s_ptr"), qargs.pop("z_ptr"),
         bias if bias is not None else weight,  # unused pointers: any tensor
         norm_weight if norm_weight is not None else weight,
@@ -939,22 +969,23 @@ def gemv_rope_store(
     num_heads: int, num_kv_heads: int, out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None, pdl: bool = True,
     quant: str = "dense", scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
-    fast: bool = False,
+    fast: bool = False, batch_invariant: bool = False,
 ) -> torch.Tensor:
     """Triton version of gemv_rope_store_ref: the fused qkv projection ([q; k; v] rows of weight)
     of x [M <= SMALL_M, K] with norm prologue and bias, q and k rotated at ``positions`` (neox,
     fp32 tables [max_pos, head_dim]), k and v written into the caches [blocks, block_size,
     num_kv_heads, head_dim] at ``slot_mapping`` (< 0: nothing). Returns q [M, num_heads * head_dim]
     (into ``out`` if given). One launch replaces gemv + rope_store; the rotated k and v exist only
-    in the cache. ``config`` overrides gemv_rope_store_config; ``quant``, ``scale``, ``zero``, ``fast``
-    as gemv's."""
+    in the cache. ``config`` overrides gemv_rope_store_config; ``quant``, ``scale``, ``zero``, ``fast``,
+    ``batch_invariant`` (any M) as gemv's."""
     m, k = x.shape
     head_dim = k_cache.shape[-1]
     half = head_dim // 2
     n = (num_heads + 2 * num_kv_heads) * head_dim
     kw, qargs = _quant_args(weight, k, quant, scale, zero)
     assert head_dim % 2 == 0 and weight.shape[0] == n and kw == k and weight.is_contiguous(), (weight.shape, n, k)
-    assert m <= SMALL_M and (norm_weight is None or k <= MAX_NORM_K)
+    _check_invariant(batch_invariant, fast, config)
+    assert (m <= SMALL_M or batch_invariant) and (norm_weight is None or k <= MAX_NORM_K)
     assert k_cache.shape[-2] == num_kv_heads and k_cache.is_contiguous() and v_cache.is_contiguous()
     assert v_cache.shape == k_cache.shape
     assert cos_table.shape[-1] == head_dim and cos_table.stride(1) == 1 and sin_table.stride(1) == 1
@@ -969,8 +1000,8 @@ def gemv_rope_store(
     launch = pdl_launch_args(pdl, x.device)
     (block_m, block_pairs, block_k, num_warps), qargs = _launch_config(
         m, n // 2, k, quant, qargs, fast, True, config,
-        lambda: gemv_rope_store_config(m, n, k, pdl=launch["PDL"]))
-    _gemv_rope_store_kernel[(triton.cdiv(n // 2, block_pairs),)](
+        lambda: gemv_rope_store_config(SMALL_M if batch_invariant else m, n, k, pdl=launch["PDL"]))
+    _gemv_rope_store_kernel[(triton.cdiv(n // 2, block_pairs), triton.cdiv(m, block_m))](
         x, qargs.pop("w_ptr"), qargs.pop("s_ptr"), qargs.pop("z_ptr"), bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
         out, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,
         m, eps, x.stride(0), out.stride(0), cos_table.stride(0), sin_table.stride(0),

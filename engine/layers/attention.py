@@ -36,6 +36,7 @@ class Attention(nn.Module):
         self.scale = scale
         self.use_triton, self.pdl, self.block_size = options.use_triton, options.pdl, options.block_size
         self.max_model_len = options.max_model_len
+        self.batch_invariant = options.batch_invariant
         # Set by the model runner once the pool is allocated: [num_blocks, block_size, kv_heads, head_dim].
         self.k_cache: torch.Tensor = torch.empty(0)
         self.v_cache: torch.Tensor = torch.empty(0)
@@ -43,7 +44,10 @@ class Attention(nn.Module):
 
     def decode_splits(self, batch: int) -> int:
         """Flash-decoding partitions of a decode over ``batch`` sequences. A function of the batch
-        size alone, so a CUDA graph captured for a bucket and an eager step of that size agree."""
+        size alone, so a CUDA graph captured for a bucket and an eager step of that size agree. In
+        batch-invariant mode batch 1's at every batch: a query's context is cut into the same
+        partitions, merged in the same order, in a decode step and in a verify's pseudo-rows."""
+        batch = 1 if self.batch_invariant else batch
         splits = self._splits.get(batch)
         if splits is None:
             splits = self._splits[batch] = paged_attention.choose_num_splits(
@@ -69,9 +73,14 @@ class Attention(nn.Module):
         elif ctx.is_prefill:
             out = self._prefill(q, k, v, ctx)
         elif self.use_triton:
+            # Batch-invariant mode launches it without PDL: with PDL the kernel reads every position
+            # but a row's newest before waiting for the qkv launch, and a verify's pseudo-rows read
+            # positions that launch wrote for the rows before them (the same binary for decode and
+            # verify either way: PDL off for both).
             out = paged_attention.paged_decode_attention(
                 q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale,
-                num_splits=self.decode_splits(q.shape[0]), partition=DECODE_PARTITION, pdl=self.pdl,
+                num_splits=self.decode_splits(q.shape[0]), partition=DECODE_PARTITION,
+                pdl=self.pdl and not self.batch_invariant,
             )
         else:
             out = paged_attention.paged_decode_attention_ref(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale)

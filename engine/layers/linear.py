@@ -70,15 +70,16 @@ class RowParallelCompressed(nn.Module):
 
 
 def row_parallel_gemv_add(linear: nn.Module, x: torch.Tensor, h: torch.Tensor, tp_rank: int,
-                          pdl: bool) -> torch.Tensor:
+                          pdl: bool, batch_invariant: bool = False) -> torch.Tensor:
     """h += x @ W.T + b of a row-parallel linear, in place, in the fused decode path: one GEMV
     launch and one all-reduce. Rank 0's GEMV adds the residual h and the bias in its epilogue; the
     other ranks' write their partial product over h, so the all-reduce adds the residual once. (The
-    GEMV's residual epilogue cannot come after the all-reduce; this keeps the launch it saves.)"""
+    GEMV's residual epilogue cannot come after the all-reduce; this keeps the launch it saves.)
+    ``batch_invariant``: the GEMV's batch-invariant launch (kernels/gemv.py; one rank)."""
     weight, quant = gemv_weight(linear.local if isinstance(linear, RowParallelCompressed) else linear)
     lead = tp_rank == 0
     gemv_kernels.gemv(x, weight, linear.bias if lead else None, **quant, residual=h if lead else None, out=h,
-                      pdl=pdl)
+                      pdl=pdl, batch_invariant=batch_invariant)
     return all_reduce(h)  # a no-op on one rank
 
 

@@ -46,6 +46,10 @@ class ModelOptions:
     block_size: int = 16
     # The longest context: decode attention's split count is chosen from it.
     max_model_len: int = 4096
+    # Batch-invariant mode (EngineConfig.batch_invariant): a token's logits do not depend on how many
+    # rows share its forward (decode batch or speculative verify): one GEMV config at every M, the
+    # decode attention's split count fixed (kernels/gemv.py, engine/layers/attention.py).
+    batch_invariant: bool = False
     # Tensor parallelism: this process's rank and the number of ranks the weights are split over
     # (engine/parallel, engine/layers/linear.py).
     tp_rank: int = 0

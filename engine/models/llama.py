@@ -108,7 +108,8 @@ class LlamaAttention(nn.Module):
         Qwen3's q/k norms (they need whole heads before the rotation), nor without a cache."""
         return not self.qk_norm and self.attn.k_cache.numel() > 0
 
-    def attend_fused(self, positions: torch.Tensor, h: torch.Tensor, norm: RMSNorm, pdl: bool) -> torch.Tensor:
+    def attend_fused(self, positions: torch.Tensor, h: torch.Tensor, norm: RMSNorm, pdl: bool,
+                     batch_invariant: bool = False) -> torch.Tensor:
         """attend() of the normed qkv projection of the residual stream h in one launch before
         attention: norm prologue, qkv matmul (+ bias), rotary, k/v into the cache (kernels/gemv.py)."""
         weight, quant = gemv_weight(self.qkv_proj)
@@ -116,7 +117,7 @@ class LlamaAttention(nn.Module):
             h, weight, self.qkv_proj.bias, **quant, norm_weight=norm.weight, eps=norm.eps,
             positions=positions, cos_table=self.rotary.cos, sin_table=self.rotary.sin,
             k_cache=self.attn.k_cache, v_cache=self.attn.v_cache, slot_mapping=get_context().slot_mapping,
-            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, pdl=pdl,
+            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, pdl=pdl, batch_invariant=batch_invariant,
         )
         q = q.view(-1, self.num_heads, self.head_dim)
         return self.attn(q, None, None, kv_stored=True)  # decode reads k, v from the cache only
@@ -142,6 +143,7 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, rotary, options)
         self.mlp = LlamaMLP(config, options)
         self.tp_rank = options.tp_rank
+        self.batch_invariant = options.batch_invariant
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, options.use_triton)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, options.use_triton)
 
@@ -163,21 +165,23 @@ class LlamaDecoderLayer(nn.Module):
         replace two norms, four GEMMs, the SwiGLU and (but for Qwen3) the rotary + k/v store. The
         weights may be dense, int8, int4 (dequantized in the kernels' registers) or W8A8 int8 (the
         input quantized per token in the prologue): gemv_weight.
-        ``pdl``: programmatic dependent launch where the GPU has it."""
+        ``pdl``: programmatic dependent launch where the GPU has it. In batch-invariant mode every
+        launch is the GEMVs' batch-invariant one, at any number of rows."""
         gemv = gemv_kernels.gemv
-        attn, mlp = self.self_attn, self.mlp
+        attn, mlp, inv = self.self_attn, self.mlp, self.batch_invariant
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         if attn.fuse_rope_store():
-            o = attn.attend_fused(positions, h, norm1, pdl)
+            o = attn.attend_fused(positions, h, norm1, pdl, inv)
         else:
             weight, quant = gemv_weight(attn.qkv_proj)
-            qkv = gemv(h, weight, attn.qkv_proj.bias, **quant, norm_weight=norm1.weight, eps=norm1.eps, pdl=pdl)
+            qkv = gemv(h, weight, attn.qkv_proj.bias, **quant, norm_weight=norm1.weight, eps=norm1.eps, pdl=pdl,
+                       batch_invariant=inv)
             o = attn.attend(positions, qkv)
-        row_parallel_gemv_add(attn.o_proj, o, h, self.tp_rank, pdl)
+        row_parallel_gemv_add(attn.o_proj, o, h, self.tp_rank, pdl, inv)
         weight, quant = gemv_weight(mlp.gate_up_proj)
         act = gemv(h, weight, mlp.gate_up_proj.bias, **quant, norm_weight=norm2.weight, eps=norm2.eps,
-                   swiglu=True, pdl=pdl)
-        return row_parallel_gemv_add(mlp.down_proj, act, h, self.tp_rank, pdl)
+                   swiglu=True, pdl=pdl, batch_invariant=inv)
+        return row_parallel_gemv_add(mlp.down_proj, act, h, self.tp_rank, pdl, inv)
 
 
 class LlamaModel(nn.Module):
@@ -190,13 +194,16 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, options) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, options.use_triton)
         self.fused_decode = options.fused_decode and options.use_triton
+        self.batch_invariant = options.batch_invariant
         self.pdl = options.pdl
         self.fusable = True  # load_weights: every decoder linear is one the fused decode kernels read
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
+        # Batch-invariant mode: every decode and verify forward, whatever its rows (one GEMV config).
+        rows_fit = h.shape[0] <= gemv_kernels.SMALL_M or self.batch_invariant
         if (self.fused_decode and self.fusable and not get_context().is_prefill
-                and h.shape[0] <= gemv_kernels.SMALL_M and h.shape[1] <= gemv_kernels.MAX_NORM_K):
+                and rows_fit and h.shape[1] <= gemv_kernels.MAX_NORM_K):
             for layer in self.layers:
                 h = layer.forward_fused(positions, h, self.pdl)
             return self.norm(h)
@@ -223,6 +230,9 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.options.batch_invariant:  # cuBLAS may pick another kernel (split-K) per row count
+            weight, quant = gemv_weight(self.lm_head)
+            return gemv_kernels.gemv(hidden, weight, **quant, pdl=self.options.pdl, batch_invariant=True)
         return self.lm_head(hidden)
 
     # -- loading -------------------------------------------------------------------------------
@@ -305,3 +315,9 @@ class LlamaForCausalLM(nn.Module):
         choose_int4_kernels(self, self.model.embed_tokens.weight.dtype)  # lm_head may be compressed
         self.model.fusable = all(gemv_weight(m) is not None for m in self.model.layers.modules()
                                  if isinstance(m, (nn.Linear, CompressedLinear)))
+        if self.options.batch_invariant:  # every linear, the lm_head too, must be the GEMVs'
+            unread = next((f"{name} ({type(m).__name__})" for name, m in self.named_modules()
+                           if isinstance(m, (nn.Linear, CompressedLinear)) and gemv_weight(m) is None), None)
+            if unread is not None:
+                raise ValueError(f"batch_invariant: {unread} is a format the batch-invariant GEMVs do not read "
+                                 "(dense, int8 per channel, int4 on Triton and W8A8 int8 are)")

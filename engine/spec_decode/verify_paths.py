@@ -15,6 +15,13 @@ out, sequences of k + 1, and keeps the fastest per n; past the pseudo-rows (path
 prefill path at the largest verify. A draft model's catch-up (``last_logits``: the logits at each
 chunk's last token) takes the same pseudo-rows where they fit, else the prefill path.
 
+In batch-invariant mode (EngineConfig.batch_invariant) a verify takes ``pseudo_rows`` only, nothing
+timed: its rows run the decode step's kernels (the GEMVs' one config at every row count, the decode
+attention with batch 1's split count), so a token is scored bit for bit as a decode step would score
+it. The multi-query kernel and the prefill path compute a query's attention and matmuls with other
+reductions. A verify of more tokens than the decode rows runs in several forwards, and so do a
+draft's catch-up and the runner's prefill in the mode (ModelRunner._prefill_as_pseudo_rows).
+
 Under tensor parallelism a verify is a ``VerifyStep`` (a parallel/workers.py RunnerStep): rank 0
 chooses the path (by its own timings: the ranks' may differ, and every rank must replay the same
 graph, whose collectives pair with the others'), and sends it with the chunks (tokens, start
@@ -70,7 +77,9 @@ class VerifyPaths:
         self.runner = runner
         self.mq_graphs, self.verify_graphs, self.mq_verify_graphs = graphs.mq, graphs.verify, graphs.mq_verify
         # The most tokens a chunk forward takes as decode pseudo-rows (graphed where graphs exist).
-        self.max_pseudo_rows = min(graphs.decode.max_bs if graphs.decode is not None else decode_rows, SMALL_M)
+        self.batch_invariant = runner.config.batch_invariant
+        self.max_pseudo_rows = (decode_rows if self.batch_invariant else
+                                min(graphs.decode.max_bs if graphs.decode is not None else decode_rows, SMALL_M))
         self.path: dict[int, str] = {}  # by token count; 0: past the pseudo-rows
         self.ragged: dict[int, str] = {}  # where pseudo_rows_mq won: the runner-up
 
@@ -102,6 +111,8 @@ class VerifyPaths:
 
     def choose(self, chunks: Chunks) -> str:
         """The path of a verify of ``chunks``: the one timed fastest at their token count."""
+        if self.batch_invariant:
+            return "pseudo_rows"
         n = sum(len(c[0]) for c in chunks)
         fits = n <= self.max_pseudo_rows
         path = self.path.get(n, "pseudo_rows") if fits else self.path.get(0, "prefill")
@@ -116,12 +127,37 @@ class VerifyPaths:
         verify_query_len tokens, attention per sequence (its graphs: mq_graphs)."""
         r = self.runner
         n = sum(len(c[0]) for c in chunks)
+        if self.batch_invariant and n > self.max_pseudo_rows:  # more than the decode rows: in groups
+            return self._in_groups(chunks, ids)
         q = r.verify_query_len if multi_query else 0
         assert not multi_query or all(len(c[0]) == q for c in chunks), f"multi-query pseudo-rows need chunks of {q}"
         graphs = self.mq_graphs if multi_query else r.graphs
         graphed = graphs is not None and n <= graphs.max_bs
         r.decode_inputs.prepare_chunks(chunks, graphs.bucket_of[n] if graphed else n, ids)
         return graphs.forward(n) if graphed else r.eager_decode_forward(n, q)
+
+    def _in_groups(self, chunks: Chunks, ids: torch.Tensor | None) -> torch.Tensor:
+        """pseudo_row_logits of more tokens than the decode rows (batch-invariant mode), in forwards
+        of at most that many, chunks cut into pieces where needed, in order: a row attends to the K/V
+        its sequence's earlier rows stored in this forward or an earlier one. Each forward's logits
+        are copied out before the next reuses their buffer."""
+        rows = self.max_pseudo_rows
+        groups: list[Chunks] = [[]]
+        size = 0
+        for tokens, start, table in chunks:
+            for i in range(0, len(tokens), rows):
+                piece = (tokens[i : i + rows], start + i, table)
+                if size + len(piece[0]) > rows:
+                    groups.append([])
+                    size = 0
+                groups[-1].append(piece)
+                size += len(piece[0])
+        parts, first = [], 0
+        for group in groups:
+            n = sum(len(c[0]) for c in group)
+            parts.append(self.pseudo_row_logits(group, None if ids is None else ids[first : first + n]).clone())
+            first += n
+        return torch.cat(parts)
 
     def prefill_all_logits(self, chunks: Chunks, ids: torch.Tensor | None = None,
                            multi_query: bool = False) -> torch.Tensor:
@@ -141,7 +177,7 @@ class VerifyPaths:
         graph where one holds the step; valid until the next forward): a draft's catch-up."""
         r = self.runner
         tokens = sum(len(c[0]) for c in chunks)
-        if tokens <= self.max_pseudo_rows:
+        if tokens <= self.max_pseudo_rows or self.batch_invariant:  # the mode: in groups past the rows
             logits = self.pseudo_row_logits(chunks)
             if tokens == len(chunks):
                 return logits
@@ -161,7 +197,7 @@ class VerifyPaths:
         path[0] at ``wide_tokens`` (the largest verify) where that is past the pseudo-rows. Without
         both the decode and the verify graphs nothing is timed: pseudo-rows (an eager prefill loses)."""
         r = self.runner
-        if r.graphs is None or self.verify_graphs is None:
+        if r.graphs is None or self.verify_graphs is None or self.batch_invariant:
             return
         q = r.verify_query_len
         context = max(0, min(context, r.config.max_model_len - (q or max_tokens)))
