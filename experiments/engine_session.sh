@@ -14,6 +14,7 @@
 #   experiments/engine_session.sh pipeline     # after `quant` or `stash`, carry .gpu/t/p01 p02 .gpu/corpus: the default pipeline
 #   experiments/engine_session.sh evalref      # right after `pipeline`: its eval=gpu reference run (issue 15)
 #   experiments/engine_session.sh drafter      # after `stash`, carry .gpu/t/p01 p02: drafters TVD vs CE, 2:4 rows, sampler test
+#   experiments/engine_session.sh spec8        # after `stash`, carry .gpu/t/p01 p02 .gpu/vocab: batch invariance, auto k, draft vocab
 #   experiments/engine_session.sh kernels      # carry .gpu/wheels: GPU tests of the multi-query verify, 2:4 and
 #                                              # tinygemm paths; verify cost; the 2:4 quant rows
 #   experiments/engine_session.sh tp           # nvidia-h200-x2, carry .gpu/wheels: GPU links, the two-GPU tests,
@@ -100,6 +101,22 @@ case "${1:?verb}" in
     timeout ${QUANT_S:-150} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_24.jsonl" --batch 1 16 \
       --only bf16 sparse24 sparse24_int4_g128 int4_g128@auto --prefill-tokens 1024 4080 > "$OUTDIR/quant_24.log" 2>&1
     grep -v Warn "$OUTDIR/quant_24.log" | tail -n 10;;
+  spec8)  # after `stash`, carry .gpu/t/p01 p02 .gpu/vocab: the eighth session's speculative features on the GPU:
+          # batch-invariant mode (tests, cost, bf16 speculative == plain on the real teacher), the auto k policy,
+          # the draft vocabulary
+    cp .gpu/t/p01 .gpu/t/p02 "$H/t/" && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"
+    $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
+    timeout ${TESTS_S:-120} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_batch_invariant_gpu.py \
+      tests/kernels/test_batch_invariant_gemv.py tests/engine/spec_decode/test_spec_gpu.py tests/engine/spec_decode/test_draft_vocab.py \
+      > "$OUTDIR/spec8_tests.txt" 2>&1; tail -n 8 "$OUTDIR/spec8_tests.txt"
+    timeout ${BI_S:-60} python3 experiments/batch_invariant_bench.py --model "$H/smol" --batch 1 4 16 --prompts 4 \
+      --json "$OUTDIR/batch_invariant.jsonl" > "$OUTDIR/batch_invariant.log" 2>&1; tail -n 4 "$OUTDIR/batch_invariant.log"
+    timeout ${SPEC_S:-70} python3 experiments/spec_bench.py --json "$OUTDIR/spec_auto.jsonl" speed --target "$H/t/smol.gguf" \
+      --data-dir "$H/data" --workloads wikitext --batch 1 4 16 64 --ks 4 --repeats 2 --budget-s 60 \
+      --engine '{"max_model_len": 2048}' > "$OUTDIR/spec_auto.log" 2>&1; tail -n 4 "$OUTDIR/spec_auto.log"
+    timeout ${VOCAB_S:-50} python3 experiments/draft_vocab.py --json "$OUTDIR/draft_vocab.jsonl" speed --target "$H/smol" --data-dir "$H/data" \
+      --frequencies .gpu/vocab/freq.tsv --sizes 8192 --ks 4 --workloads wikitext --prompts 2 --repeats 2 --budget-s 40 \
+      > "$OUTDIR/draft_vocab.log" 2>&1; tail -n 4 "$OUTDIR/draft_vocab.log";;
   sparse24)  # carry .gpu/wheels: the 2:4 rows alone
     timeout ${QUANT_S:-150} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_24.jsonl" --batch 1 16 \
       --only bf16 sparse24 sparse24_int4_g128 --prefill-tokens 1024 4080 > "$OUTDIR/quant_24.log" 2>&1
