@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent / "spec_decode"))
 from drafts import perturbed_copy  # noqa: E402
-from tiny_models import COMMON, prompts  # noqa: E402
+from tiny_models import COMMON, looping_model_dir, prompts  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
@@ -199,16 +199,8 @@ SPEC_TARGET = "llama_gqa_untied"
 
 @pytest.fixture(scope="module")
 def looping_model(tmp_path_factory) -> str:
-    """A tiny Llama with small weights, whose greedy continuations fall into short cycles: n-gram
-    drafts are accepted about half the time (the wide-weight tiny models never repeat themselves)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    config = LlamaConfig(**{**COMMON, "initializer_range": 0.05}, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=False)
-    path = tmp_path_factory.mktemp("looping") / "m"
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
-    return str(path)
+    """n-gram drafts on it are accepted about half the time."""
+    return looping_model_dir(tmp_path_factory.mktemp("looping"))
 
 
 def _spec_requests(n: int) -> tuple[list[list[int]], list[SamplingParams]]:

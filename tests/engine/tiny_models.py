@@ -91,3 +91,29 @@ def hf_greedy(path: str, token_prompts: list[list[int]], max_new_tokens: int) ->
             )
             outs.append(gen[0, len(p):].tolist())
     return outs
+
+
+SMALL_VOCAB = 12  # a vocabulary small enough to enumerate every continuation (distribution tests)
+
+
+def small_vocab_model(path, seed: int) -> str:
+    """A one-layer Llama of SMALL_VOCAB tokens with spread-out logits (initializer_range 0.3), saved
+    at ``path``: the target and the drafts of the sampled-distribution tests."""
+    cfg = LlamaConfig(vocab_size=SMALL_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
+    return str(path)
+
+
+def looping_model_dir(root) -> str:
+    """A tiny Llama with small weights (initializer_range 0.05), saved under ``root``: its greedy
+    continuations fall into short cycles, which an n-gram lookup predicts (the wide-weight tiny models
+    never repeat themselves)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**COMMON, "initializer_range": 0.05}, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=False)
+    path = os.path.join(str(root), "m")
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    return path

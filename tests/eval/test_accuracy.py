@@ -3,7 +3,6 @@ answers are transformers' greedy answers."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,6 @@ CQA_ROWS = [
     {"id": "q3", "question": "What flies?", "choices": ["bird", "rock", "fish", "shoe", "cup"], "answer": "bird"},
     {"id": "q4", "question": "What is cold?", "choices": ["sun", "oven", "ice", "lava", "tea"], "answer": "ice"},
 ]
-
-
-@pytest.fixture()
-def task_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "reasoning" / "cqa"
-    folder.mkdir(parents=True)
-    (folder / "cqa_test.json").write_text("\n".join(json.dumps(r) for r in CQA_ROWS) + "\n")
-    return tmp_path
 
 
 def test_forced_answers_score_exactly(task_dir: Path):

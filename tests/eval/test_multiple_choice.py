@@ -27,14 +27,6 @@ CQA_ROWS = [
 ]
 
 
-@pytest.fixture()
-def task_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "reasoning" / "cqa"
-    folder.mkdir(parents=True)
-    (folder / "cqa_test.json").write_text("\n".join(json.dumps(r) for r in CQA_ROWS) + "\n")
-    return tmp_path
-
-
 def test_questions_are_the_lm_eval_cloze_prompts(task_dir: Path):
     qs = cqa_questions(task_dir, "test", limit=2)
     assert [q.id for q in qs] == ["q1", "q2"] and [q.gold for q in qs] == [1, 2]

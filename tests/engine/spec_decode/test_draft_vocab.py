@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 from drafts import perturbed_copy
-from tiny_models import VOCAB, prompts
+from tiny_models import SMALL_VOCAB, VOCAB, prompts, small_vocab_model
 from token_stats import position_counts, tv, tv_bound
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from engine.config import EngineConfig
 from engine.llm import LLM
@@ -288,23 +288,11 @@ def test_rejection_with_the_subset_q_emits_the_target_distribution(which, correc
         assert dists[0][0] > 3 * dists[0][1], dists[0]
 
 
-SMALL_VOCAB = 12
-
-
-def _small_model(path, seed: int) -> str:
-    cfg = LlamaConfig(vocab_size=SMALL_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
-    return str(path)
-
-
 def test_engine_sampling_with_a_subset_drafter_follows_the_target_distribution(tmp_path):
     """Output tokens 1 and 2 (from speculative steps whose drafter proposes 6 of 12 tokens) against
     the target's exact marginals, within the TV bound; the drafter's proposals stay in its subset."""
-    target = _small_model(tmp_path / "target", 0)
-    draft = _frequencies(_small_model(tmp_path / "draft", 1), torch.arange(SMALL_VOCAB, 0, -1))
+    target = small_vocab_model(tmp_path / "target", 0)
+    draft = _frequencies(small_vocab_model(tmp_path / "draft", 1), torch.arange(SMALL_VOCAB, 0, -1))
     prompt, n, temp = [3, 7, 1], 3000, 0.8
     llm = LLM(target, device="cpu", max_num_seqs=n, max_model_len=16,
               speculative_config=_spec(draft, 6, k=2, max_batch_size=n))

@@ -9,8 +9,8 @@ import faulthandler
 
 import pytest
 import torch
-from tiny_models import COMMON, prompts
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+from tiny_models import looping_model_dir, prompts
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
@@ -41,14 +41,7 @@ def bad_draft(target, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def looping_target(tmp_path_factory) -> str:
-    """A tiny Llama with small weights: its greedy continuations fall into short cycles, which an
-    n-gram lookup predicts."""
-    torch.manual_seed(0)
-    config = LlamaConfig(**{**COMMON, "initializer_range": 0.05}, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=False)
-    path = tmp_path_factory.mktemp("looping") / "m"
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
-    return str(path)
+    return looping_model_dir(tmp_path_factory.mktemp("looping"))
 
 
 def _ids(ps: list[list[int]]) -> list[dict]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from drafts import perturbed_copy
-from tiny_models import prompts
+from tiny_models import SMALL_VOCAB, prompts, small_vocab_model
 from token_stats import tv, tv_bound
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -180,24 +180,12 @@ def test_vocabulary_mismatch_is_an_error_at_construction(target, model_root, tmp
 
 
 # -- the sampled distribution is the target's -------------------------------------------------------------
-SMALL_VOCAB = 12
-
-
-def _small_model(path, seed: int) -> str:
-    cfg = LlamaConfig(vocab_size=SMALL_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
-    return str(path)
-
-
 @pytest.mark.parametrize("temp,top_k", [(0.8, 0), (1.0, 5)])
 def test_sampled_tokens_follow_the_target_distribution(tmp_path, temp, top_k):
     """Many samples of output tokens 1 and 2 (both from speculative steps, with a poor drafter) against
     the target's exact marginals after temperature and top-k, within the phase-1 TV bound."""
-    target = _small_model(tmp_path / "target", 0)
-    draft = _small_model(tmp_path / "draft", 1)
+    target = small_vocab_model(tmp_path / "target", 0)
+    draft = small_vocab_model(tmp_path / "draft", 1)
     prompt, n = [3, 7, 1], 3000
     llm = LLM(target, device="cpu", max_num_seqs=n, max_model_len=16,
               speculative_config=_model_spec(draft, k=2, max_batch_size=n))
