@@ -7,7 +7,7 @@ import copy
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -74,8 +74,10 @@ def load_tokenizer(path: str | os.PathLike | Artifact):
 def save_model_artifact(dest: str | os.PathLike, model: torch.nn.Module, tokenizer: Any, *, stage: str,
                         config: dict | None = None, inputs: list[Artifact] | None = None,
                         metrics: dict | None = None, started: float | None = None,
-                        dtype: str | torch.dtype | None = None) -> Artifact:
-    """Save model (optionally cast to `dtype`), tokenizer and generation config as an artifact."""
+                        dtype: str | torch.dtype | None = None,
+                        extra: Callable[[Path], None] | None = None) -> Artifact:
+    """Save model (optionally cast to `dtype`), tokenizer and generation config as an artifact;
+    ``extra(dir)`` writes more files into it before its content is hashed."""
 
     def save(tmp: Path) -> None:
         to_save = model
@@ -87,6 +89,8 @@ def save_model_artifact(dest: str | os.PathLike, model: torch.nn.Module, tokeniz
         to_save.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
 
     return write_artifact(dest, stage=stage, save=save, config=config, inputs=inputs, metrics=metrics,
                           started=started or time.time())

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.errors import SettingError, ShrinkError, config_section
 from common.tasks import Task, TaskExample, get_task
+from engine.spec_decode.draft_vocab import FREQUENCY_FILE, write_token_frequencies
 from shrink.artifacts import Artifact
 from shrink.context import StageContext, checkpoint_dir_name
 from shrink.engine_sampler import check_sampler, engine_samplers, resolve_sampler
@@ -283,12 +284,15 @@ def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec
             dest: Path, ckpt_dir: Path, device: torch.device, data_dir: Path | None = None,
             cache_dir: Path | None = None, resume: bool = False, save_dtype: str = "bf16",
             config: dict | None = None, tracker: Callable[[], Any] | None = None,
-            teacher_data: TeacherDataSettings | None = None, sampler: str = "auto") -> Artifact:
+            teacher_data: TeacherDataSettings | None = None, sampler: str = "auto",
+            token_frequencies: bool = False) -> Artifact:
     """Distil a student (`student_spec`) from `teacher_art` on `data` (a TaskDataSpec, or a `data` config
     group of LM text as train.data.load_packed reads it) with `tc` (its layer_map still a spec, e.g.
     `auto`); saved at `dest`. `tracker()` makes the experiment tracker, if any; `teacher_data` mixes
     teacher-generated samples (made through the engine, cached) into LM training text. `sampler`
-    (engine | transformers) continues the prompts of on-policy and sequence-level KD steps."""
+    (engine | transformers) continues the prompts of on-policy and sequence-level KD steps.
+    `token_frequencies`: the artifact also holds the training text's token counts
+    (engine/spec_decode/draft_vocab.py's file), from which a drafter's `draft_vocab_size` takes its rows."""
     started = time.time()
     with config_section("distill"):
         sampler = resolve_sampler(check_sampler(sampler), device)
@@ -361,9 +365,16 @@ def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec
                "teacher_params": num_parameters(teacher), "data_source": source,
                "train_examples": n_train, "val_examples": n_val, **generated_info}
     accelerator = result["accelerator"]
+    extra = None
+    if token_frequencies:  # what the student was trained on, teacher samples included
+        counts = torch.bincount(train.reshape(-1).long().cpu(), minlength=result["model"].config.vocab_size)
+        metrics["token_frequencies"] = int((counts > 0).sum())
+
+        def extra(tmp: Path) -> None:
+            write_token_frequencies(str(tmp / FREQUENCY_FILE), counts)
     if accelerator.is_main_process:  # one writer under `accelerate launch`; the other ranks wait
         save_model_artifact(dest, result["model"], tokenizer, stage="distill", config=config,
-                            inputs=[teacher_art], metrics=metrics, started=started, dtype=save_dtype)
+                            inputs=[teacher_art], metrics=metrics, started=started, dtype=save_dtype, extra=extra)
         remove_checkpoint(ckpt_dir)  # only once the artifact is safely in place
     accelerator.wait_for_everyone()
     return Artifact.load(dest)
@@ -378,10 +389,15 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
         tc = TrainConfig.from_cfg(cfg.distill, seed=int(cfg.seed), block_size=block_size)
         sampler = check_sampler(cfg.distill.get("sampler", "auto"))
     config = ctx.resolved_config("distill", "student", "data")
+    token_frequencies = cfg.distill.get("token_frequencies", False)
+    if not isinstance(token_frequencies, bool):
+        raise SettingError("distill.token_frequencies", f"must be true or false, got {token_frequencies!r}")
+    if token_frequencies and isinstance(data, TaskDataSpec):
+        raise SettingError("distill.token_frequencies", "counts LM training text; data.task trains on examples")
     generated = cfg.data.get("teacher_generated") if not isinstance(data, TaskDataSpec) else None
     teacher_data = TeacherDataSettings.from_cfg(generated, int(cfg.seed)) if generated else None
     return distill(ctx.input, student, data, tc, dest=ctx.output_dir("distill"), ckpt_dir=ctx.run_dir / CKPT_DIR,
                    device=ctx.device, data_dir=ctx.data_dir, cache_dir=ctx.cache_dir, resume=bool(cfg.resume),
                    save_dtype=str(cfg.distill.save_dtype), config=config,
                    tracker=lambda: make_tracker(cfg.logging, ctx.run_dir, "distill", config), teacher_data=teacher_data,
-                   sampler=sampler)
+                   sampler=sampler, token_frequencies=token_frequencies)

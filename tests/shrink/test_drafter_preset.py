@@ -74,6 +74,23 @@ def test_tiny_drafter_trains_on_teacher_samples_and_drafts_losslessly(tiny_teach
                            speculative_config={"model": str(drafter), "num_speculative_tokens": 3})
     assert spec == plain
     assert metrics.num_proposed > 0
+    # The artifact holds its training text's token counts: a drafter over a subset of the vocabulary.
+    from engine.spec_decode.draft_vocab import FREQUENCY_FILE
+
+    lines = (drafter / FREQUENCY_FILE).read_text().splitlines()
+    counts = [int(line.split("\t")[1]) for line in lines]
+    assert len(lines) == json.loads((drafter / "shrink.json").read_text())["metrics"]["token_frequencies"] > 8
+    assert counts == sorted(counts, reverse=True) and counts[-1] > 0
+    subset, subset_metrics = greedy(tiny_teacher, prompts, 20, speculative_config={
+        "model": str(drafter), "num_speculative_tokens": 3, "draft_vocab_size": 64})
+    assert subset == plain and subset_metrics.num_proposed > 0
+
+
+def test_token_frequencies_must_be_a_bool_and_need_lm_text(tmp_path):
+    from support import run_cli
+
+    bad = run_cli("stage=distill", f"run={tmp_path / 'run'}", "distill.token_frequencies=maybe")
+    assert bad.returncode != 0 and "distill.token_frequencies: must be true or false" in bad.stderr + bad.stdout
 
 
 @pytest.mark.slow
