@@ -163,13 +163,32 @@ class EngineSettings:
             raise ShrinkError(f"eval.engine.kv_cache_tokens must be >= 0, got {self.kv_cache_tokens}")
 
 
+K_POLICIES = ("fixed", "auto")
+
+
 @dataclass
 class SpeculativeSettings:
     draft: str = "distill"  # the run's artifact that drafts for the teacher
     num_speculative_tokens: int = 4
+    k_policy: str = "fixed"  # fixed: k at every batch size; auto: the engine's measured policy (k <= the above)
 
     def check(self) -> None:
         _positive("eval.speculative_settings.num_speculative_tokens", self.num_speculative_tokens)
+        if self.k_policy not in K_POLICIES:
+            raise ShrinkError(f"eval.speculative_settings.k_policy must be one of {', '.join(K_POLICIES)}, "
+                              f"got {self.k_policy!r}")
+
+    def engine_config(self, draft_path: str) -> dict:
+        """The engine's speculative_config for the row."""
+        config = {"model": draft_path, "num_speculative_tokens": self.num_speculative_tokens}
+        if self.k_policy == "auto":
+            config["num_speculative_tokens_per_batch_size"] = "auto"
+        return config
+
+    @property
+    def label(self) -> str:
+        k = self.num_speculative_tokens
+        return f"k={k}" if self.k_policy == "fixed" else f"k<={k}, auto"
 
 
 @dataclass

@@ -179,8 +179,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
         rows.append(row)
     if spec_pair is not None:
         target, draft = spec_pair
-        k = harness.speculative_settings.num_speculative_tokens
-        name = f"{target.path.name}+{draft.path.name} (speculative, k={k})"
+        spec = harness.speculative_settings
+        name = f"{target.path.name}+{draft.path.name} (speculative, {spec.label})"
         print(f"eval: {name}")
         teacher_row = next(r for r in rows if r["artifact"] == target.path.name)
         row = {"artifact": name, "stage": "speculative", "status": "ok",
@@ -188,7 +188,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
                **{k_: v for k_, v in teacher_row.items() if k_.startswith("ppl_")}}
         details[name] = {}
         _engine_measurements(target.path, device, dtype, harness, tasks, cqa_mc, row, details[name],
-                             {"model": str(draft.path), "num_speculative_tokens": k})
+                             spec.engine_config(str(draft.path)))
         rows.append(row)
     notes = measurement_notes(rows, protocols, cap_notes, harness, dtype, str(device))
     settings = {**run_key, "perplexity": {d: p.as_dict() for d, p in protocols.items()}, "datasets": list(texts),

@@ -166,3 +166,23 @@ def test_wikitext2_runs_on_its_own_protocol_capped_and_cached_by_it(tiny_teacher
         assert "NOT the project's fixed protocol" in notes
         assert all(r["ppl_wikitext2"] > 1.0 for r in report["rows"])
     assert windows == {1: 1, 2: 2}
+
+
+def test_the_speculative_row_under_the_engines_measured_k_policy(tiny_teacher: Path, tmp_path: Path):
+    """eval=gpu serves the speculative row with the engine's auto policy: the row says so, and its
+    details keep what the policy chose."""
+    run = _tiny_run(tiny_teacher, tmp_path)
+    result = run_cli("stage=eval", f"run={run}", *TINY, "eval.tasks.enabled=false", "eval.load.enabled=false",
+                     "eval.agreement.enabled=false", "eval.speculative=true",
+                     "eval.speculative_settings.num_speculative_tokens=3", "eval.speculative_settings.k_policy=auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run / "eval" / "report.json").read_text())
+    name = "teacher+distill (speculative, k<=3, auto)"
+    assert [r["artifact"] for r in report["rows"]][-1] == name
+    row = report["rows"][-1]
+    assert "engine_error" not in row, row.get("engine_error")
+    assert row["decode_tok_s_b1"] > 0
+    spec = report["details"][name]
+    assert spec["engine_options"]["speculative_config"]["num_speculative_tokens_per_batch_size"] == "auto"
+    policy = spec["spec_decode"]["policy"]
+    assert policy["policy"] == "auto" and sum(policy["steps_by_k"]) > 0 and policy["costs"]["decode_s"]

@@ -40,6 +40,7 @@ def test_defaults_parse():
     ({"wikitext2": {"full_windows": True}}, "eval.wikitext2.full_windows"),
     ({"tasks": {"cqa_mc": "yes"}}, "eval.tasks.cqa_mc"),
     ({"speed": {"hf_compile": "student"}}, "eval.speed.hf_compile"),
+    ({"speculative_settings": {"k_policy": "best"}}, "eval.speculative_settings.k_policy"),
 ])
 def test_bad_values_name_their_key(change, needle):
     raw = {**DEFAULTS, **{k: ({**DEFAULTS[k], **v} if isinstance(v, dict) else v) for k, v in change.items()
@@ -54,6 +55,13 @@ def test_gpu_preset_composes_with_the_reference_sizes():
     assert s.speed.batch_sizes == [1, 16, 64] and s.speculative and s.tasks.names == ["cqa", "svamp", "gsm8k"]
     assert cfg.eval.context == 2048  # the perplexity keys come from the default
     assert s.wikitext2 == WikitextSettings()  # the fixed protocol
+    # The speculative row takes the engine's measured k policy (the H200 reference run's fixed k = 4 was
+    # 0.70x the teacher alone at batch 16); the default keeps k fixed.
+    assert s.speculative_settings.engine_config("d") == {
+        "model": "d", "num_speculative_tokens": 4, "num_speculative_tokens_per_batch_size": "auto"}
+    assert s.speculative_settings.label == "k<=4, auto"
+    fixed = HarnessSettings.from_dict(DEFAULTS).speculative_settings
+    assert fixed.engine_config("d") == {"model": "d", "num_speculative_tokens": 4} and fixed.label == "k=4"
 
 
 def test_wikitext2_gets_the_fixed_protocol_and_heldout_the_sliding_windows():
