@@ -17,7 +17,6 @@ construction (layers/options.py)."""
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -145,22 +144,28 @@ class ModelRunner:
         seqs = batch.seqs
         chunks = [(s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n], s.num_computed_tokens,
                    s.block_table) for s, n in zip(seqs, batch.num_scheduled)]
+        to_logits = None  # rows of `out` are logits already (batch-invariant mode), else hidden states
         if self.config.batch_invariant:
-            return self._prefill_as_pseudo_rows(batch, chunks)
-        if self.prefill_graphs is not None and not any(s.params.prompt_logprobs is not None for s in seqs):
-            logits = self.prefill_graphs.run(chunks)
-            if logits is not None:  # else no bucket holds the step
-                return self.sampler.sample_step(seqs, logits, [i if batch.samples(i) else -1 for i in range(len(seqs))])
-        hidden = self.varlen_forward(chunks)
+            out = self._prefill_as_pseudo_rows(chunks)
+        else:
+            if self.prefill_graphs is not None and not any(s.params.prompt_logprobs is not None for s in seqs):
+                logits = self.prefill_graphs.run(chunks)
+                if logits is not None:  # else no bucket holds the step
+                    return self.sampler.sample_step(seqs, logits,
+                                                    [i if batch.samples(i) else -1 for i in range(len(seqs))])
+            out, to_logits = self.varlen_forward(chunks), self.model.compute_logits
         last_rows: list[int] = []  # row in the flat token batch whose logits are sampled, or -1
         row0 = 0
         for i, n in enumerate(batch.num_scheduled):
             last_rows.append(row0 + n - 1 if batch.samples(i) else -1)
             if seqs[i].params.prompt_logprobs is not None:
-                self._prompt_logprobs(seqs[i], hidden[row0 : row0 + n])
+                if to_logits is None:
+                    self.sampler.prompt_logprobs(seqs[i], out[row0 : row0 + n].float(), seqs[i].num_computed_tokens)
+                else:
+                    self._prompt_logprobs(seqs[i], out[row0 : row0 + n])
             row0 += n
         want = [r for r in last_rows if r >= 0]
-        logits = self.model.compute_logits(hidden[want]).float() if want else None
+        logits = (out[want] if to_logits is None else to_logits(out[want])).float() if want else None
         rows, k = [], 0  # each sequence's row in logits
         for r in last_rows:
             rows.append(k if r >= 0 else -1)
@@ -184,23 +189,13 @@ class ModelRunner:
             hidden, start = torch.cat([self.block_hidden[table[start // bs - 1]][None], hidden]), start - 1
         self.sampler.prompt_logprobs(seq, self.model.compute_logits(hidden).float(), start)
 
-    def _prefill_as_pseudo_rows(self, batch: ScheduledBatch,
-                                chunks: list[tuple[list[int], int, list[int]]]) -> StepResult:
-        """Batch-invariant mode's prefill: every prompt token a decode pseudo-row
+    def _prefill_as_pseudo_rows(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+        """Batch-invariant mode's prefill logits: every prompt token a decode pseudo-row
         (VerifyPaths.pseudo_row_logits, in forwards of at most the decode rows), so that its K/V and
         logits are what the decode kernels compute for it, whatever else the step holds, however the
         prompt is chunked, and again after a preemption's recompute. Slower than the varlen prefill:
         each 16-row tile rereads the weights, each row its context."""
-        logits = self.verify_paths.pseudo_row_logits(chunks)
-        want, row0 = [], 0  # each sampling sequence's last row, else -1
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_scheduled)):
-            if seq.params.prompt_logprobs is not None:
-                self.sampler.prompt_logprobs(seq, logits[row0 : row0 + n], seq.num_computed_tokens)
-            want.append(row0 + n - 1 if batch.samples(i) else -1)
-            row0 += n
-        index = list(itertools.accumulate((r >= 0 for r in want), initial=0))  # row in the sampled logits
-        sampled = logits[[r for r in want if r >= 0]] if any(r >= 0 for r in want) else None
-        return self.sampler.sample_step(batch.seqs, sampled, [index[i] if r >= 0 else -1 for i, r in enumerate(want)])
+        return self.verify_paths.pseudo_row_logits(chunks)
 
     def varlen_forward(self, chunks: list[tuple[list[int], int, list[int]]],
                        ids: torch.Tensor | None = None, verify_query_len: int = 0) -> torch.Tensor:

@@ -110,7 +110,7 @@ def test_prefill_batching_and_chunking_do_not_change_the_output(models, monkeypa
     prefills: list[int] = []
     real = model_runner.ModelRunner._prefill_as_pseudo_rows
     monkeypatch.setattr(model_runner.ModelRunner, "_prefill_as_pseudo_rows",
-                        lambda self, batch, chunks: prefills.append(len(chunks)) or real(self, batch, chunks))
+                        lambda self, chunks: prefills.append(len(chunks)) or real(self, chunks))
     chunked, _ = _generate(target, max_num_batched_tokens=8)
     steps = len(prefills)
     spec, _ = _generate(target, speculative_config={"model": draft, "num_speculative_tokens": 3})
