@@ -65,7 +65,9 @@ class DecodeGraphs:
             ids, pos, ctx = self.inputs.views(bs, self.verify_query_len)
             set_context(ctx)
             with torch.inference_mode():
-                model.compute_logits(model(ids, pos))  # warm up / compile
+                logits = model.compute_logits(model(ids, pos))  # warm up / compile
+                if self.num_steps > 1:  # and the step graph's greedy advance
+                    self.inputs.warm_advance(logits, bs, self.inputs.step_tokens(self.num_steps, bs))
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool):
@@ -174,7 +176,7 @@ class PrefillGraphs:
         assert not self.verify_query_len or max(len(c[0]) for c in chunks) <= self.verify_query_len, (
             f"a verify chunk of more than {self.verify_query_len} tokens")
         tokens, seqs = key
-        h, bs, row = self.h, self.block_size, 0
+        h, bs, row = self.buf.writable(), self.block_size, 0
         h.cu[0] = 0
         for i, (ids, start, table) in enumerate(chunks):
             n = len(ids)
@@ -192,7 +194,6 @@ class PrefillGraphs:
         h.cu[len(chunks) + 1 : seqs + 1] = row  # padding sequences: no query tokens
         h.ctx[len(chunks) : seqs] = 1
         h.last[len(chunks) : seqs] = 0
-        # The host buffer is rewritten only after this step's logits were read back (a sync).
         self.buf.copy_to_device()
         if device_ids is not None:
             self.d.ids[:row].copy_(device_ids)

@@ -60,7 +60,7 @@ class DecodeInputs:
         """Fill the staging buffer for ``seqs`` (padded to ``rows``) and start its copy."""
         n = len(seqs)
         bs = self.block_size
-        h = self.h
+        h = self.buf.writable(0)
         tables, row_seq, row_blocks, row_last = h.tables, self._row_seq, self._row_blocks, self._row_last
         ids: list[int] = []
         lens: list[int] = []
@@ -97,7 +97,7 @@ class DecodeInputs:
         """Stage each (token_ids, start, block_table) chunk as pseudo-rows, in order (padded to
         ``rows``), from host bank 1, and start the copy. The rows' remembered tables are forgotten.
         ``ids``: the chunks' tokens already on the device, copied in after the staged ones."""
-        h, bs = self.buf.banks[1], self.block_size
+        h, bs = self.buf.writable(1), self.block_size
         staged: list[int] = []  # the chunks' tokens, one per row
         positions: list[int] = []
         slots: list[int] = []
@@ -140,6 +140,17 @@ class DecodeInputs:
         fn = greedy_advance if self.use_triton else greedy_advance_ref
         fn(logits, d.ids[:rows], d.pos[:rows], d.lens[:rows], d.slots[:rows], d.tables[:rows], d.start[:rows], out,
            self.block_size)
+
+    def warm_advance(self, logits: torch.Tensor, rows: int, out: torch.Tensor) -> None:
+        """``advance`` once outside any graph, the buffers it writes restored after: its kernel is
+        compiled and loaded before a graph records it (a kernel's first launch inside a capture
+        loads its module there, which invalidates the capture)."""
+        d = self.d
+        written = (d.ids, d.pos, d.lens, d.slots, out)
+        saved = [t.clone() for t in written]
+        self.advance(logits, rows, out)
+        for t, s in zip(written, saved):
+            t.copy_(s)
 
     def advance_to(self, tokens: torch.Tensor, n: int, last_pos: torch.Tensor) -> None:
         """Make ``tokens`` [n] (on the device) the next decode inputs of rows [0, n), one position

@@ -70,8 +70,8 @@ class LLMEngine:
             raise TypeError(f"unknown engine option(s): {sorted(unknown)}")
         self.config = EngineConfig(model=model, **kwargs)
         if self.config.batch_invariant and self.config.torch_device.type == "cuda":
-            warnings.warn("batch_invariant is experimental on CUDA: its H200 check on a real model diverged "
-                          "(BENCHMARKS.md, eighth session); greedy speculative output may differ from plain",
+            warnings.warn("batch_invariant is experimental on CUDA: its H200 divergence (a staging race of its "
+                          "grouped prefill, BENCHMARKS.md, ninth session) is fixed but not yet re-checked on a GPU",
                           stacklevel=3)
         model = self.config.model  # a .gguf file's converted directory
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)

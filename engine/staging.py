@@ -5,7 +5,11 @@ input; the device views are a CUDA graph's static inputs. On the CPU the two are
 
 A second host buffer (``banks=2``) of the same layout copies into the same device buffer: two
 stagings of one round that no sync separates (a draft's catch-up forward, then its decode steps)
-must not write one pinned buffer, whose earlier copy may not have run yet."""
+must not write one pinned buffer, whose earlier copy may not have run yet. Nor may one bank be
+written twice in a round: ``writable(bank)`` waits until the bank's last copy has read it (a CUDA
+event recorded behind each copy), so a writer that stages forward after forward with no sync between
+them (batch-invariant mode's prefill in groups of pseudo-rows) cannot overwrite what an earlier
+forward's copy has yet to read."""
 
 from __future__ import annotations
 
@@ -36,6 +40,9 @@ class StagingBuffer:
         self.banks = [SimpleNamespace(**{n: t.numpy() for n, t in self._views(b).items()}) for b in self.host_bufs]
         self.host = self.banks[0]
         self.dev = SimpleNamespace(**self._views(self.device_buf))
+        # Per bank: an event recorded behind its last copy (CUDA only; None before the first).
+        self._copied: list[torch.cuda.Event | None] = [None] * len(self.host_bufs)
+        self._events = ([torch.cuda.Event() for _ in self.host_bufs] if on_cuda else [])
 
     def _views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
@@ -44,11 +51,22 @@ class StagingBuffer:
             out[name] = buf[start : start + dtype.itemsize * math.prod(shape)].view(dtype).view(shape)
         return out
 
+    def writable(self, bank: int = 0) -> SimpleNamespace:
+        """Host buffer ``bank``'s views, once its last copy has read it (at once where a sync has
+        passed since, as between two decode steps; the wait where none has)."""
+        event = self._copied[bank]
+        if event is not None:
+            event.synchronize()
+            self._copied[bank] = None
+        return self.banks[bank]
+
     def copy_to_device(self, nbytes: int | None = None, bank: int = 0) -> None:
-        """Start the copy of the first ``nbytes`` (all by default) of host buffer ``bank``. The
-        caller rewrites that host buffer only after the step's results came back (a sync), so the
-        copy has read it by then."""
+        """Start the copy of the first ``nbytes`` (all by default) of host buffer ``bank``. Write
+        that host buffer again only through ``writable(bank)``."""
         src = self.host_bufs[bank]
         if self.device_buf is not src:
             n = src.numel() if nbytes is None else nbytes
             self.device_buf[:n].copy_(src[:n], non_blocking=True)
+            if self._events:  # on the CPU the copy is done when it returns
+                self._events[bank].record()
+                self._copied[bank] = self._events[bank]

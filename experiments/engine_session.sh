@@ -19,6 +19,11 @@
 #                                              # tinygemm paths; verify cost; the 2:4 quant rows
 #   experiments/engine_session.sh tp           # nvidia-h200-x2, carry .gpu/wheels: GPU links, the two-GPU tests,
 #                                              # tp_bench (7B TP=1/2 at batch 1/64, 70B TP=2, collectives) (issue 17)
+#   experiments/engine_session.sh balanced     # after `stash`, carry .gpu/t/p01 p02 .gpu/corpus: experiment=balanced on
+#                                              # GPU 1 in its own session (setsid: it outlives the call); then `pipeline`
+#                                              # and `bidiag` on GPU 0 (CUDA_VISIBLE_DEVICES=0), `evalref`, `balwait`
+#   experiments/engine_session.sh bidiag       # after `pipeline`: where batch-invariant mode departs (issue 14)
+#   experiments/engine_session.sh balwait      # waits for `balanced` (BAL_WAIT_S) and copies its report
 #   experiments/engine_session.sh scaling      # nvidia-h200-x2, right after `tp`: distill step tokens/s and peak
 #                                              # memory at 1 and 2 GPUs, DDP and FSDP2, with loss curves (issue 17)
 set -uo pipefail
@@ -26,6 +31,11 @@ H=$HOME; OUTDIR=${OUT:-$H/out}; mkdir -p "$OUTDIR"
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$H/site" .gpu/wheels/*.whl 2>/dev/null
 export PYTHONUNBUFFERED=1 PYTHONPATH="$H/site:$PWD" HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 B="python3 -m eval.bench --json $OUTDIR/bench.jsonl"
+assemble() {  # the GGUF from its carried parts (the first stashed by `stash`), once
+  [ -f "$H/t/smol.gguf" ] && return 0
+  cp .gpu/t/p01 .gpu/t/p02 "$H/t/" && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"
+  mkdir -p "$H/data/corpus" && cp .gpu/corpus/docs-en.jsonl.gz "$H/data/corpus/"
+}
 case "${1:?verb}" in
   speed)
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
@@ -135,8 +145,7 @@ case "${1:?verb}" in
       --draft "$H/student" --data-dir "$D" --workloads wikitext gsm8k --batch 1 4 --ks 2 4 --truncated --repeats 2 \
       --budget-s 90 --engine '{"max_model_len": 2048}' > "$OUTDIR/spec_student.log" 2>&1;;
   pipeline)
-    cp .gpu/t/p01 .gpu/t/p02 "$H/t/" && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"
-    mkdir -p "$H/data/corpus" && cp .gpu/corpus/docs-en.jsonl.gz "$H/data/corpus/"
+    assemble
     timeout ${PIPE_S:-560} python3 -m shrink stage=pipeline 'stage.stages=[import,distill,gqa,prune,quantize]' \
       teacher.source="$H/t/smol.gguf" data_dir="$H/data" cache_dir="$H/cache" logging=none run="$H/ref" \
       > "$OUTDIR/pipeline.log" 2>&1; tail -n 15 "$OUTDIR/pipeline.log"
@@ -145,11 +154,29 @@ case "${1:?verb}" in
     timeout ${EVAL_S:-560} python3 -m shrink stage=eval eval=gpu data_dir="$H/data" cache_dir="$H/cache" logging=none \
       run="$H/ref" > "$OUTDIR/eval.log" 2>&1; tail -n 30 "$OUTDIR/eval.log"
     cp "$H"/ref/eval/report.* "$H"/ref/eval/*.png "$OUTDIR/" 2>/dev/null; ls "$H/ref" "$H/ref/eval";;
+  balanced)  # issue 16's balanced preset at a reduced budget (BAL_TOKENS; the preset's 50M take ~20 min here)
+    assemble
+    CUDA_VISIBLE_DEVICES=${BAL_GPU:-1} setsid nohup python3 -m shrink experiment=balanced teacher.source="$H/t/smol.gguf" \
+      data_dir="$H/data" cache_dir="$H/cache_b" logging=none run="$H/bal" eval=gpu eval.load.enabled=false \
+      eval.speculative=false distill.tokens=${BAL_TOKENS:-20000000} data.teacher_generated.num_samples=${BAL_SAMPLES:-30000} \
+      > "$H/bal.log" 2>&1 < /dev/null & echo "balanced: started (pid $!)";;
+  balwait)
+    for _ in $(seq 1 $(( ${BAL_WAIT_S:-300} / 5 ))); do pgrep -f "experiment=balanced" > /dev/null || break; sleep 5; done
+    pgrep -f "experiment=balanced" > /dev/null && echo "balanced: still running"
+    cp "$H/bal.log" "$OUTDIR/balanced.log"; grep -v Warn "$H/bal.log" | tail -n 25
+    for s in "$H"/bal/*/shrink.json; do cp "$s" "$OUTDIR/bal.$(basename "$(dirname "$s")").shrink.json"; done
+    mkdir -p "$OUTDIR/bal" && cp "$H"/bal/eval/report.* "$H"/bal/eval/*.png "$OUTDIR/bal/" 2>/dev/null;;
+  bidiag)
+    [ -d "$H/smol" ] || $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
+    timeout ${BID_S:-240} python3 experiments/batch_invariant_diag.py --model "$H/smol" --json "$OUTDIR/bi_diag.jsonl" \
+      > "$OUTDIR/bi_diag.log" 2>&1; grep -v Warn "$OUTDIR/bi_diag.log" | tail -n 12
+    timeout ${BIT_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_batch_invariant_gpu.py \
+      > "$OUTDIR/bi_tests.txt" 2>&1; tail -n 6 "$OUTDIR/bi_tests.txt";;
   tp)
     nvidia-smi topo -m; env | grep -E 'NVLS|MULTICAST'
     timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rf ${TP_TESTS:-tests/engine/test_tensor_parallel.py \
       tests/train/test_distributed_gpu.py} > "$OUTDIR/tp_tests.txt" 2>&1; tail -n 15 "$OUTDIR/tp_tests.txt"
-    timeout ${TP_S:-320} python3 experiments/tp_bench.py --out "$OUTDIR/tp_bench.jsonl" ${TP_ARGS:-} > "$OUTDIR/tp_bench.log" 2>&1
+    [ "${TP_S:-320}" -gt 0 ] && timeout ${TP_S:-320} python3 experiments/tp_bench.py --out "$OUTDIR/tp_bench.jsonl" ${TP_ARGS:-} > "$OUTDIR/tp_bench.log" 2>&1
     grep -v Warn "$OUTDIR/tp_bench.log" | tail -n 12;;
   scaling)
     for shape in ${SCALING_SHAPES:-135m 1b}; do

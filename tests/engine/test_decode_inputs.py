@@ -77,3 +77,21 @@ def test_chunks_stage_one_row_per_token_and_forget_the_remembered_tables():
     inputs.prepare([seq], 1)  # the same sequence as before the chunks: its table is written again
     assert _row(inputs, 0, 2) == [9, 8] and d.tables[0, :2].tolist() == [9, 8]
     assert d.slots[0].item() == 8 * 4 + 1
+
+
+def test_warm_advance_runs_the_advance_and_leaves_the_buffers_as_they_were():
+    """DecodeGraphs.capture warms the multi-step greedy advance with it before recording the step
+    graph (a kernel first launched inside a capture invalidates it: the H200 run of 2026-11-29)."""
+    inputs = DecodeInputs(torch.device("cpu"), max_seqs=2, max_blocks_per_seq=8, block_size=4, num_steps=3,
+                          use_triton=False)
+    seqs = [Sequence(list(range(n)), SamplingParams()) for n in (5, 9)]
+    for s, table in zip(seqs, ([1, 2], [3, 4, 5])):
+        s.block_table = table
+    inputs.prepare(seqs, 2)
+    logits = torch.randn(2, 11)
+    out = inputs.step_tokens(3, 2)
+    before = [t.clone() for t in (inputs.d.ids, inputs.d.pos, inputs.d.lens, inputs.d.slots, out)]
+    inputs.warm_advance(logits, 2, out)
+    assert all(torch.equal(a, b) for a, b in zip(before, (inputs.d.ids, inputs.d.pos, inputs.d.lens, inputs.d.slots, out)))
+    inputs.advance(logits, 2, out)  # what it ran: the real advance moves every row on
+    assert inputs.d.ids[:2].tolist() == logits.argmax(-1).tolist() and inputs.d.pos[:2].tolist() == [5, 9]

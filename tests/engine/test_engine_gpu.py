@@ -69,3 +69,24 @@ def test_prefill_graphs_fp32_greedy_matches_transformers(model_dir, hf_reference
     replays.clear()
     assert [o.token_ids for o in llm.generate(ps, GREEDY)] == want
     assert any(len(step) > 1 for step in replays)
+
+
+def test_graphs_capture_when_the_step_kernel_was_never_launched_in_the_process(model_dir):
+    """The two-H200 run of 2026-11-29: an int8 artifact's engine failed to capture its multi-step
+    decode graph ("operation not permitted when stream is capturing") at the greedy advance's launch,
+    its first in the process for that specialization. Capture now warms it first; with its
+    compiled-kernel cache emptied, an engine still captures and decodes as eagerly."""
+    from kernels.greedy_advance import _greedy_advance_kernel
+
+    path = model_dir("llama_gqa_untied")
+    kw = dict(device="cuda", dtype="float32", max_model_len=128, kv_cache_tokens=4096, num_decode_steps=4)
+    ps = torch.randint(3, 256, (3, 12), generator=torch.Generator().manual_seed(2)).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    _greedy_advance_kernel.device_caches.clear()
+    llm = LLM(path, **kw)
+    assert llm.engine.runner.graphs is not None
+    graphed = llm.generate(ps, params)
+    assert llm.engine.num_multi_steps > 0
+    del llm
+    eager = LLM(path, enforce_eager=True, **kw).generate(ps, params)
+    assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]
