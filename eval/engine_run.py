@@ -7,6 +7,7 @@ fields (flat, one number each) and the details (per-batch records, example answe
 from __future__ import annotations
 
 import gc
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,19 +55,29 @@ def measure_engine(model_dir: Path, settings: HarnessSettings, device: torch.dev
     row: dict[str, Any] = {}
     details: dict[str, Any] = {"engine_options": {k: v for k, v in options.items() if v is not None}}
     reset_peak_memory(device)
+    clock = [time.perf_counter()]
+
+    def took() -> str:
+        """Seconds since the last call: each line says what its part cost the run."""
+        now = time.perf_counter()
+        seconds, clock[0] = now - clock[0], now
+        return f"[{seconds:.1f} s]"
+
     llm = LLM(str(model_dir), **options)
     row.update(engine_memory(llm))
+    print(f"eval:   engine started {took()}")
     if settings.tasks.enabled and tasks:
         for name, result in tasks_accuracy(engine_generate(llm), llm.tokenizer, tasks).items():
             row[f"acc_{name}"] = result["accuracy"]
             details[f"task_{name}"] = result
             print(f"eval:   {name} accuracy {result['accuracy']:.3f} ({result['n']} examples)")
+        print(f"eval:   tasks {took()}")
     if settings.tasks.enabled and cqa_mc:
         result = multiple_choice_accuracy(engine_loglikelihoods(llm), llm.tokenizer, cqa_mc)
         row["acc_cqa_mc"], row["acc_norm_cqa_mc"] = result["acc"], result["acc_norm"]
         details["task_cqa_mc"] = result
         print(f"eval:   cqa multiple choice acc {result['acc']:.3f}, acc_norm {result['acc_norm']:.3f} "
-              f"({result['n']} questions)")
+              f"({result['n']} questions) {took()}")
     if settings.speed.enabled:
         sp = settings.speed
         records = engine_speed(llm, sp.batch_sizes, sp.prompt_len, sp.new_tokens)
@@ -75,7 +86,7 @@ def measure_engine(model_dir: Path, settings: HarnessSettings, device: torch.dev
             row[f"prefill_tok_s_b{r['batch']}"] = r["prefill_tok_s"]
             row[f"decode_tok_s_b{r['batch']}"] = r["decode_tok_s"]
         print("eval:   engine decode tok/s " + ", ".join(
-            f"batch {r['batch']}: {r['decode_tok_s'] or 0:.1f}" for r in records))
+            f"batch {r['batch']}: {r['decode_tok_s'] or 0:.1f}" for r in records) + f" {took()}")
     spec = llm.engine.stats().get("spec_decode")
     if spec is not None:
         row["spec_acceptance_rate"] = spec["acceptance_rate"]
@@ -88,6 +99,7 @@ def measure_engine(model_dir: Path, settings: HarnessSettings, device: torch.dev
         ld = settings.load
         async_llm = AsyncLLM(str(model_dir), **options)
         record = load_test(async_llm, ld.requests, ld.concurrency, ld.prompt_len, ld.max_tokens, ld.time_limit_s)
+        print(f"eval:   load test, {ld.requests} requests {took()}")
         details["load"] = record
         for key in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"):
             row[key] = record[key]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from typing import Any, Callable
 
 import torch
@@ -23,6 +24,9 @@ class TransformersMeasurements:
         device); ``cache``: perplexity results by content hash and settings, kept by the caller."""
         self.harness, self.texts, self.protocols, self.run_key, self.cache = harness, texts, protocols, run_key, cache
         self.reference: Reference | None = None  # the teacher's, once measured
+        # The teacher's loader when its row came whole from the cache (a resumed eval): the
+        # agreement reference of the rows still to measure is taken from it when first needed.
+        self.teacher_load: Callable[[], torch.nn.Module] | None = None
 
     def measure(self, name: str, content_hash: str, load: Callable[[], torch.nn.Module],
                 is_teacher: bool) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -49,16 +53,23 @@ class TransformersMeasurements:
             details[f"ppl_{dataset}"] = {**self.cache[key], "protocol": protocol}
         ag = self.harness.agreement
         if ag.enabled:
+            text = self.texts.get("heldout", next(iter(self.texts.values())))
             if is_teacher:
-                text = self.texts.get("heldout", next(iter(self.texts.values())))
                 self.reference = teacher_reference(loaded(), fixed_windows(text, ag.windows, ag.window_len))
+            elif self.reference is None and self.teacher_load is not None:
+                teacher = self.teacher_load()
+                self.reference = teacher_reference(teacher, fixed_windows(text, ag.windows, ag.window_len))
+                del teacher
             if self.reference is not None:
                 row.update(agreement(loaded(), self.reference))
         sp = self.harness.speed
         if sp.enabled and sp.hf_baseline:
             compiled = hf_compiles(sp.hf_compile, next(loaded().parameters()).device.type, is_teacher)
+            start = time.perf_counter()
             try:
                 records = hf_generate_speed(loaded(), sp.batch_sizes, sp.prompt_len, sp.new_tokens, compiled)
+                print(f"eval:   transformers generate baseline ({'compiled' if compiled else 'eager'}) "
+                      f"[{time.perf_counter() - start:.1f} s]")
             except Exception as e:  # transformers cannot generate with this model: say so, go on
                 row["hf_error"] = f"{type(e).__name__}: {e}"
                 print(f"eval: transformers generate baseline of {name} failed: {row['hf_error']}")

@@ -6,6 +6,7 @@ each to the measurements it asked for, and writes the report as an artifact."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -152,11 +153,40 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
 
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {}
+    resumed: list[str] = []  # rows taken whole from an earlier eval of this run
+    harness_key = {"eval": OmegaConf.to_container(cfg.eval, resolve=True), "data_dir": str(cfg.get("data_dir")),
+                   **run_key}
+
+    def cached_row(name: str, hashes: list[str]) -> tuple[str, dict[str, Any] | None]:
+        """(the row's cache key, its cached {row, details} or None). An eval cut off by a time limit
+        (a device call's 10 minutes) keeps every finished row, and the next eval of the run resumes
+        after them; the key holds the artifacts' content hashes and every eval setting."""
+        key = "row:" + hashlib.sha256(json.dumps([name, hashes, harness_key], sort_keys=True,
+                                                 default=str).encode()).hexdigest()
+        hit = cache.get(key)
+        if hit is not None:
+            resumed.append(name)
+            print(f"eval: {name}: every number from an earlier eval of this run ({CACHE_FILE})")
+        return key, hit
+
+    def keep_row(key: str, row: dict[str, Any], name: str) -> None:
+        if any(k_.endswith("_error") for k_ in row):  # a failure may pass: the next eval tries again
+            return
+        cache[key] = json.loads(json.dumps({"row": row, "details": details[name]}, default=str))
+        save_cache()
+
     for art in artifacts:
         name = art.path.name
         if damage[art.path] is not None:
             print(f"eval: {name} is DAMAGED, no numbers reported for it: {damage[art.path]}")
             rows.append({"artifact": name, "stage": art.stage, "status": f"damaged: {damage[art.path]}"})
+            continue
+        key, hit = cached_row(name, [art.content_hash])
+        if hit is not None:
+            rows.append(hit["row"])
+            details[name] = hit["details"]
+            if name == TEACHER_DIR:
+                quality.teacher_load = lambda art=art: load_model(art, dtype=dtype, device=device)
             continue
         print(f"eval: {name}")
         config = AutoConfig.from_pretrained(art.path)
@@ -177,20 +207,31 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
         _engine_measurements(art.path, device, dtype, harness, tasks, cqa_mc, row, details[name])
         row["stage_s"] = art.meta.get("wall_time_s")
         rows.append(row)
+        keep_row(key, row, name)
     if spec_pair is not None:
         target, draft = spec_pair
         spec = harness.speculative_settings
         name = f"{target.path.name}+{draft.path.name} (speculative, {spec.label})"
-        print(f"eval: {name}")
-        teacher_row = next(r for r in rows if r["artifact"] == target.path.name)
-        row = {"artifact": name, "stage": "speculative", "status": "ok",
-               "size_MB": (dir_size_bytes(target.path) + dir_size_bytes(draft.path)) / 2**20,
-               **{k_: v for k_, v in teacher_row.items() if k_.startswith("ppl_")}}
-        details[name] = {}
-        _engine_measurements(target.path, device, dtype, harness, tasks, cqa_mc, row, details[name],
-                             spec.engine_config(str(draft.path)))
-        rows.append(row)
+        key, hit = cached_row(name, [target.content_hash, draft.content_hash])
+        if hit is not None:
+            rows.append(hit["row"])
+            details[name] = hit["details"]
+        else:
+            print(f"eval: {name}")
+            teacher_row = next(r for r in rows if r["artifact"] == target.path.name)
+            row = {"artifact": name, "stage": "speculative", "status": "ok",
+                   "size_MB": (dir_size_bytes(target.path) + dir_size_bytes(draft.path)) / 2**20,
+                   **{k_: v for k_, v in teacher_row.items() if k_.startswith("ppl_")}}
+            details[name] = {}
+            _engine_measurements(target.path, device, dtype, harness, tasks, cqa_mc, row, details[name],
+                                 spec.engine_config(str(draft.path)))
+            rows.append(row)
+            keep_row(key, row, name)
     notes = measurement_notes(rows, protocols, cap_notes, harness, dtype, str(device))
+    if resumed:
+        notes.append(f"resumed: the rows of {', '.join(resumed)} come whole from an earlier eval of this run "
+                     f"({CACHE_FILE}, same artifacts and settings): speeds in different rows may then come from "
+                     "different processes")
     settings = {**run_key, "perplexity": {d: p.as_dict() for d, p in protocols.items()}, "datasets": list(texts),
                 "harness": OmegaConf.to_container(cfg.eval, resolve=True)}
 

@@ -186,3 +186,43 @@ def test_the_speculative_row_under_the_engines_measured_k_policy(tiny_teacher: P
     assert spec["engine_options"]["speculative_config"]["num_speculative_tokens_per_batch_size"] == "auto"
     policy = spec["spec_decode"]["policy"]
     assert policy["policy"] == "auto" and sum(policy["steps_by_k"]) > 0 and policy["costs"]["decode_s"]
+
+
+def test_the_next_eval_resumes_after_the_rows_a_stopped_one_finished(tiny_teacher: Path, tmp_path: Path,
+                                                                   monkeypatch):
+    """The H200 reference eval of 2026-11-29 ran past a device call's time limit twice and started
+    over each time. Every finished row is kept (with its details): the next eval measures only the
+    rows still missing, the agreement of those against the teacher's reference included, and the
+    report says which rows were resumed. Another setting measures everything again."""
+    import shrink.stages.evaluate as evaluate
+    from shrink.__main__ import compose, run as run_stage
+
+    run = _tiny_run(tiny_teacher, tmp_path)
+    real = evaluate._engine_measurements
+    calls: list[str] = []
+
+    def stop_at_the_second(art_dir, *args, **kwargs):
+        calls.append(Path(art_dir).name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("the machine went away")
+        return real(art_dir, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "_engine_measurements", stop_at_the_second)
+    keys = ["stage=eval", f"run={run}", f"cache_dir={tmp_path / 'cache'}", *TINY, "eval.tasks.enabled=false",
+            "eval.load.enabled=false", "eval.speed.batch_sizes=[1]", "eval.speed.hf_baseline=false"]
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(compose(keys))
+    assert calls == ["teacher", "distill"]
+    calls.clear()
+    monkeypatch.setattr(evaluate, "_engine_measurements", lambda *a, **k: calls.append(Path(a[0]).name) or real(*a, **k))
+    run_stage(compose(keys))
+    assert calls == ["distill"]
+    report = json.loads((run / "eval" / "report.json").read_text())
+    rows = {r["artifact"]: r for r in report["rows"]}
+    assert rows["teacher"]["decode_tok_s_b1"] > 0 and rows["distill"]["decode_tok_s_b1"] > 0
+    assert rows["teacher"]["top1_agreement"] == 1.0 and 0.0 <= rows["distill"]["top1_agreement"] < 1.0
+    assert "engine_speed" in report["details"]["teacher"]
+    assert any(n.startswith("resumed: the rows of teacher ") for n in report["notes"])
+    calls.clear()
+    run_stage(compose([*keys, "eval.speed.new_tokens=9"]))  # another setting: nothing reused
+    assert calls == ["teacher", "distill"]
