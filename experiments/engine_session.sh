@@ -11,6 +11,8 @@
 #   experiments/engine_session.sh wikitext     # after `quant`, carry .gpu/t/p01 p02 .gpu/corpus: issue 11's rows on the
 #                                              # reference protocol (KD vs CE students, AWQ), the student as drafter
 #   experiments/engine_session.sh stash        # carry .gpu/wheels + .gpu/t/p00 + .gpu/data: only stash them (seconds)
+#   experiments/engine_session.sh stash2       # carry .gpu/t/p01 p02: the GGUF whole (then carry .gpu/corpus to
+#                                              # `pipeline` or `balanced`: all three exceed one call's 64 MiB)
 #   experiments/engine_session.sh pipeline     # after `quant` or `stash`, carry .gpu/t/p01 p02 .gpu/corpus: the default pipeline
 #   experiments/engine_session.sh evalref      # right after `pipeline`: its eval=gpu reference run (issue 15)
 #   experiments/engine_session.sh drafter      # after `stash`, carry .gpu/t/p01 p02: drafters TVD vs CE, 2:4 rows, sampler test
@@ -22,6 +24,7 @@
 #   experiments/engine_session.sh balanced     # after `stash`, carry .gpu/t/p01 p02 .gpu/corpus: experiment=balanced on
 #                                              # GPU 1 in its own session (setsid: it outlives the call); then `pipeline`
 #                                              # and `bidiag` on GPU 0 (CUDA_VISIBLE_DEVICES=0), `evalref`, `balwait`
+#   experiments/engine_session.sh recheck      # after `stash` + `stash2`: the ninth session's fixes' GPU tests, then bidiag
 #   experiments/engine_session.sh bidiag       # after `pipeline`: where batch-invariant mode departs (issue 14)
 #   experiments/engine_session.sh balwait      # waits for `balanced` (BAL_WAIT_S) and copies its report
 #   experiments/engine_session.sh scaling      # nvidia-h200-x2, right after `tp`: distill step tokens/s and peak
@@ -31,10 +34,13 @@ H=$HOME; OUTDIR=${OUT:-$H/out}; mkdir -p "$OUTDIR"
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$H/site" .gpu/wheels/*.whl 2>/dev/null
 export PYTHONUNBUFFERED=1 PYTHONPATH="$H/site:$PWD" HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 B="python3 -m eval.bench --json $OUTDIR/bench.jsonl"
-assemble() {  # the GGUF from its carried parts (the first stashed by `stash`), once
-  [ -f "$H/t/smol.gguf" ] && return 0
-  cp .gpu/t/p01 .gpu/t/p02 "$H/t/" && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"
-  mkdir -p "$H/data/corpus" && cp .gpu/corpus/docs-en.jsonl.gz "$H/data/corpus/"
+assemble() {  # the GGUF from its parts (the first stashed by `stash`, the others carried now or by `stash2`)
+              # and the corpus, each once, from whichever call carried it
+  mkdir -p "$H/t" "$H/data/corpus"
+  for p in .gpu/t/p01 .gpu/t/p02; do [ -f "$p" ] && cp "$p" "$H/t/"; done
+  [ -f "$H/t/smol.gguf" ] || { [ -f "$H/t/p02" ] && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"; }
+  [ -f .gpu/corpus/docs-en.jsonl.gz ] && cp .gpu/corpus/docs-en.jsonl.gz "$H/data/corpus/"
+  [ -f "$H/t/smol.gguf" ] || echo "assemble: the GGUF's parts are not all here (stash, then stash2)"
 }
 case "${1:?verb}" in
   speed)
@@ -80,6 +86,8 @@ case "${1:?verb}" in
       --cache-dir "$H/cache" --json "$OUTDIR/drafter.jsonl" ${DRAFTER_ARGS:-} | tail -n 8
     timeout "${PQ_S:-200}" python3 experiments/prune_quant.py --model "$H/smol" --data-dir "$D" --out "$OUTDIR/prune_quant" \
       --tf32 --group-size 64 --ft-steps 60 --variants dense,int4_g64_awq,int4_g64_gptq | tail -n 8;;
+  stash2)  # carry .gpu/t/p01 p02: the GGUF's other parts (with the tree, parts and corpus exceed one call's 64 MiB)
+    assemble;;
   stash)  # and the copy and matmul ceilings, the first call's duty
     mkdir -p "$H/t" "$H/data" && cp .gpu/t/p00 "$H/t/" && cp -r .gpu/data/. "$H/data/" && ls "$H/t" "$H/data"
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader; $B ceilings;;
@@ -166,6 +174,12 @@ case "${1:?verb}" in
     cp "$H/bal.log" "$OUTDIR/balanced.log"; grep -v Warn "$H/bal.log" | tail -n 25
     for s in "$H"/bal/*/shrink.json; do cp "$s" "$OUTDIR/bal.$(basename "$(dirname "$s")").shrink.json"; done
     mkdir -p "$OUTDIR/bal" && cp "$H"/bal/eval/report.* "$H"/bal/eval/*.png "$OUTDIR/bal/" 2>/dev/null;;
+  recheck)  # after `stash` + `stash2`: the ninth session's fixes on the GPU (staging race, step-kernel warm-up,
+            # batch-invariant mode), then `bidiag`
+    timeout ${TESTS_S:-300} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/test_staging.py \
+      tests/engine/test_engine_gpu.py tests/engine/spec_decode/test_batch_invariant_gpu.py tests/kernels/test_batch_invariant_gemv.py \
+      > "$OUTDIR/recheck_tests.txt" 2>&1; tail -n 8 "$OUTDIR/recheck_tests.txt"
+    "$0" bidiag;;
   bidiag)
     [ -d "$H/smol" ] || $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
     timeout ${BID_S:-240} python3 experiments/batch_invariant_diag.py --model "$H/smol" --json "$OUTDIR/bi_diag.jsonl" \
