@@ -26,6 +26,8 @@
 #                                              # and `bidiag` on GPU 0 (CUDA_VISIBLE_DEVICES=0), `evalref`, `balwait`
 #   experiments/engine_session.sh recheck      # after `stash` + `stash2`: the ninth session's fixes' GPU tests, then bidiag
 #   experiments/engine_session.sh bidiag       # after `pipeline`: where batch-invariant mode departs (issue 14)
+#   experiments/engine_session.sh long         # after stash + stash2 (+ corpus): step-by-step x 3 seeds, then the GQA
+#                                              # budget curve, on GPU 1 in their own session; `longwait` collects
 #   experiments/engine_session.sh balwait      # waits for `balanced` (BAL_WAIT_S) and copies its report
 #   experiments/engine_session.sh scaling      # nvidia-h200-x2, right after `tp`: distill step tokens/s and peak
 #                                              # memory at 1 and 2 GPUs, DDP and FSDP2, with loss curves (issue 17)
@@ -168,6 +170,22 @@ case "${1:?verb}" in
       data_dir="$H/data" cache_dir="$H/cache_b" logging=none run="$H/bal" eval=gpu eval.load.enabled=false \
       eval.speculative=false distill.tokens=${BAL_TOKENS:-20000000} data.teacher_generated.num_samples=${BAL_SAMPLES:-30000} \
       > "$H/bal.log" 2>&1 < /dev/null & echo "balanced: started (pid $!)";;
+  long)  # after `stash` + `stash2` (+ .gpu/corpus carried once): issue 16's long GPU runs in their own process
+          # session on GPU ${LONG_GPU:-1}, one after another: Distilling Step-by-Step on CQA with 3 seeds (label only
+          # vs label + rationale), then the GQA 3 -> 1 uptrain budget curve (mean pooling); `longwait` collects
+    assemble; [ -d "$H/smol" ] || $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
+    mkdir -p "$H/long"
+    CUDA_VISIBLE_DEVICES=${LONG_GPU:-1} setsid nohup bash -c "
+      for s in ${DSS_SEEDS:-0 1 2}; do python3 experiments/distill.py --teacher $H/smol --data-dir $H/data \
+        --out $H/long/dss_s\$s --tokens 1 --parts dss --seed \$s; done
+      for t in ${GQA_TOKENS:-1000000 10000000 50000000}; do python3 experiments/gqa.py --model $H/smol \
+        --data-dir $H/data --out $H/long/gqa_\$t --tokens \$t --inits mean; done" > "$H/long.log" 2>&1 < /dev/null &
+    echo "long: started (pid $!)";;
+  longwait)
+    for _ in $(seq 1 $(( ${LONG_WAIT_S:-10} / 5 ))); do pgrep -f "experiments/(distill|gqa).py" > /dev/null || break; sleep 5; done
+    pgrep -f "experiments/(distill|gqa).py" > /dev/null && echo "long: still running"
+    tr '\r' '\n' < "$H/long.log" | grep -E "dss|gqa|ppl|accuracy|Error" | tail -n 30
+    (cd "$H/long" && find . -name "results.*" -o -name "*.jsonl" | tar -czf "$OUTDIR/long_results.tgz" -T -);;
   balwait)
     for _ in $(seq 1 $(( ${BAL_WAIT_S:-300} / 5 ))); do pgrep -f "experiment=balanced" > /dev/null || break; sleep 5; done
     pgrep -f "experiment=balanced" > /dev/null && echo "balanced: still running"
