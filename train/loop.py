@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from common.errors import SettingError
 from train.batches import Batch, TrainData, as_train_data
+from train.causal_attention import unmasked_causal
 from train.checkpoint import checkpoint_step, load_checkpoint, remove_checkpoint, save_checkpoint
 from train.chunked_loss import LossTerm, chunked_distill_terms
 from train.config import TrainConfig
@@ -62,15 +63,16 @@ def forward_hidden(model: torch.nn.Module, input_ids: torch.Tensor,
     keeps the LM head gathered after the forward (accelerate does not reshard that unit), which is
     what the chunked loss reads."""
     decoder = causal_lm(model).model
-    if getattr(model, "module", None) is None and not is_sharded(model):
-        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    captured: list[torch.Tensor] = []
-    handle = decoder.register_forward_hook(lambda _m, _i, out: captured.append(out.last_hidden_state))
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
-    finally:
-        handle.remove()
-    return captured[0]
+    with unmasked_causal(decoder.config, attention_mask):
+        if getattr(model, "module", None) is None and not is_sharded(model):
+            return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        captured: list[torch.Tensor] = []
+        handle = decoder.register_forward_hook(lambda _m, _i, out: captured.append(out.last_hidden_state))
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+        finally:
+            handle.remove()
+        return captured[0]
 
 
 def make_terms(tc: TrainConfig) -> list[LossTerm]:
