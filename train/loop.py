@@ -61,7 +61,8 @@ def forward_hidden(model: torch.nn.Module, input_ids: torch.Tensor,
     (DDP) or meet sharded weights (FSDP2). Such a model runs whole with `logits_to_keep=1` (one token's
     logits per row, the chunked loss computes the rest) and a hook takes the decoder's output; FSDP2
     keeps the LM head gathered after the forward (accelerate does not reshard that unit), which is
-    what the chunked loss reads."""
+    what the chunked loss reads. An unpadded batch runs without transformers' mask preparation, which
+    reads the device in every forward (train/causal_attention.py)."""
     decoder = causal_lm(model).model
     with unmasked_causal(decoder.config, attention_mask):
         if getattr(model, "module", None) is None and not is_sharded(model):

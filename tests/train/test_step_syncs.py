@@ -4,38 +4,16 @@ distill stage at 8k tokens per step ran at a third of its bare loop's rate)."""
 
 from __future__ import annotations
 
-import traceback
-
 import torch
-from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForCausalLM
 
 from support import tiny_llama_config
 from train.batches import PackedBlocks
 from train.causal_attention import unmasked_causal
 from train.config import TrainConfig
+from train.host_reads import HostReads
 from train.loop import forward_hidden, train_distill
 from train.student_init import student_from_teacher
-
-HOST_READS = {torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__bool__,
-              torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy}
-
-
-class DeviceReads(TorchFunctionMode):
-    """Counts reads of tensor values on the host, with where they came from. The CPU AdamW's per-tensor
-    `step.item()` is left out: on a GPU the loop runs the fused optimizer, which reads nothing."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.where: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in HOST_READS:
-            frame = traceback.extract_stack(limit=3)[0]
-            if "torch/optim/" not in frame.filename:
-                self.where.append(f"{func.__name__} {frame.filename}:{frame.lineno}")
-        return func(*args, **(kwargs or {}))
-
 
 def _models():
     torch.manual_seed(0)
@@ -49,7 +27,7 @@ def test_a_training_step_reads_the_device_once(tmp_path):
     train, val = torch.randint(3, 320, (32, 24), generator=gen), torch.randint(3, 320, (4, 24), generator=gen)
     tc = TrainConfig(max_steps=5, batch_size=4, warmup_steps=1, chunk_size=16, checkpoint_every=0, val_batches=1,
                      losses={"forward_kl": 1.0, "ce": 0.5})
-    reads, marks = DeviceReads(), []
+    reads, marks = HostReads(), []
     with reads:
         train_distill(student, teacher, train, val, tc, tmp_path / "ckpt",
                       on_step=lambda step, logs: marks.append(len(reads.where)))
@@ -63,7 +41,7 @@ def test_unmasked_causal_forward_is_the_masked_path_without_the_read():
     teacher, _ = _models()
     ids = torch.randint(3, 320, (2, 12), generator=torch.Generator().manual_seed(2))
     reference = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
-    reads = DeviceReads()
+    reads = HostReads()
     with reads:
         got = forward_hidden(teacher, ids)
     assert reads.where == []
@@ -76,7 +54,7 @@ def test_unmasked_causal_forward_is_the_masked_path_without_the_read():
 def test_batches_count_their_tokens_on_the_host():
     blocks = PackedBlocks(torch.randint(3, 320, (6, 10)))
     batch = blocks.collate(torch.tensor([0, 2, 4])).to(torch.device("cpu"))
-    reads = DeviceReads()
+    reads = HostReads()
     with reads:
         assert batch.num_tokens == 27 and batch.counted_tokens(slice(1, 3)) == 18
     assert reads.where == []
