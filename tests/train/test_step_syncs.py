@@ -4,6 +4,7 @@ distill stage at 8k tokens per step ran at a third of its bare loop's rate)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -14,6 +15,7 @@ from train.config import TrainConfig
 from train.host_reads import HostReads
 from train.loop import forward_hidden, train_distill
 from train.student_init import student_from_teacher
+
 
 def _models():
     torch.manual_seed(0)
@@ -73,3 +75,25 @@ def test_metrics_name_what_tokens_per_s_includes_besides_steps(tmp_path):
                      val_batches=1)
     metrics = train_distill(student, teacher, data[:16], data[16:], tc, tmp_path / "ckpt")["metrics"]
     assert metrics["first_step_s"] > 0 and metrics["checkpoint_s"] > 0 and metrics["eval_s"] > 0
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_step_reads_once_and_its_copies_and_forwards_are_exact(tmp_path):
+    dev = torch.device("cuda")
+    teacher, student = _models()
+    gen = torch.Generator().manual_seed(1)
+    train, val = torch.randint(3, 320, (32, 24), generator=gen), torch.randint(3, 320, (4, 24), generator=gen)
+    batch = PackedBlocks(train).collate(torch.tensor([3, 1, 4])).to(dev)  # pinned, non-blocking
+    rows = train[[3, 1, 4]]
+    assert torch.equal(batch.input_ids.cpu(), rows) and torch.equal(batch.labels.cpu(), rows[:, 1:])
+    teacher = teacher.to(dev)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        reference = teacher.model(input_ids=batch.input_ids, use_cache=False).last_hidden_state
+        assert torch.equal(forward_hidden(teacher, batch.input_ids), reference)
+    tc = TrainConfig(max_steps=5, batch_size=4, warmup_steps=1, chunk_size=16, checkpoint_every=0, val_batches=1,
+                     losses={"forward_kl": 1.0, "ce": 0.5}, compile_loss=False)
+    reads, marks = HostReads(), []
+    with reads:
+        train_distill(student, teacher, train, val, tc, tmp_path / "ckpt",
+                      on_step=lambda step, logs: marks.append(len(reads.where)))
+    assert [b - a for a, b in zip(marks, marks[1:])] == [1] * 4, reads.where
