@@ -275,7 +275,7 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
     ce_free = [t for t in terms if t.uses_teacher]
     bar = tqdm(total=tc.max_steps, initial=start_step, desc=name, disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
-    t_start, tokens_done, logs = time.time(), 0, {}
+    t_start, tokens_done, first_tokens, logs = time.time(), 0, 0, {}
     spent = {"first_step_s": 0.0, "checkpoint_s": 0.0, "eval_s": 0.0}  # what tokens_per_s includes besides steps
     for step in range(start_step, tc.max_steps):
         parts_sum: dict[str, Any] = {}
@@ -303,7 +303,7 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
         tokens_done += step_tokens * accelerator.num_processes
         elapsed = time.time() - t_start
         if step == start_step:  # torch.compile and the allocator's warm-up
-            spent["first_step_s"] = elapsed
+            spent["first_step_s"], first_tokens = elapsed, tokens_done
         logs = {"step": step + 1, "loss": parts_sum.pop("total"), **parts_sum, "lr": scheduler.get_last_lr()[0],
                 "tokens_per_s": tokens_done / max(elapsed, 1e-9), "source": source}
         if accelerator.is_main_process:
@@ -332,7 +332,9 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
     tokens_per_example = getattr(data, "block_size", None)
     metrics = {"steps": tc.max_steps, "train_tokens": tc.max_steps * tc.batch_size * tc.grad_accum
                * accelerator.num_processes * tokens_per_example if tokens_per_example else tokens_done,
-               "tokens_per_s": logs.get("tokens_per_s"), **spent, "final_loss": logs.get("loss"),
+               "tokens_per_s": logs.get("tokens_per_s"), **spent,
+               "steady_tokens_per_s": _steady_rate(tokens_done - first_tokens, time.time() - t_start, spent),
+               "final_loss": logs.get("loss"),
                **validation_loss(student, teacher, val_data, terms, tc, accelerator.device, projector)}
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(student)
@@ -346,6 +348,13 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
         unwrapped = merge_lora(unwrapped)
     # Sharded: the whole model on the main process (which alone saves it), the shards elsewhere.
     return {"metrics": metrics, "model": gathered_model(accelerator, unwrapped), "accelerator": accelerator}
+
+
+def _steady_rate(tokens: int, elapsed: float, spent: dict[str, float]) -> float | None:
+    """Tokens/s of the steps after the first, checkpoints and evaluations left out (comparable with a
+    bare loop's median step, which `tokens_per_s`, the whole loop's rate, is not)."""
+    seconds = elapsed - sum(spent.values())
+    return tokens / seconds if tokens and seconds > 0 else None
 
 
 def _keep_log_until(log_path: Path, step: int) -> None:

@@ -75,6 +75,7 @@ def test_metrics_name_what_tokens_per_s_includes_besides_steps(tmp_path):
                      val_batches=1)
     metrics = train_distill(student, teacher, data[:16], data[16:], tc, tmp_path / "ckpt")["metrics"]
     assert metrics["first_step_s"] > 0 and metrics["checkpoint_s"] > 0 and metrics["eval_s"] > 0
+    assert metrics["steady_tokens_per_s"] > metrics["tokens_per_s"] > 0
 
 
 @pytest.mark.gpu
