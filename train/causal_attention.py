@@ -6,7 +6,8 @@ of the device in every forward, which on a GPU waits for everything queued befor
 forward, when the teacher's starts). Its answer for our blocks is always "one sequence per row", and
 the mask it then builds is None, so SDPA runs with is_causal=True. Under an attention name that
 has no mask function transformers skips the preparation and passes no mask, so SDPA runs the same
-causal kernel on the same inputs without the read."""
+causal kernel on the same inputs without the read. Only for models whose mask is plain causal: a
+sliding window, chunked attention or a non-causal config keeps transformers' masks."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def unmasked_causal(config, attention_mask: torch.Tensor | None) -> Iterator[Non
     """While it lasts, a model with this config (SDPA, no attention mask) runs its attention as
     CAUSAL_SDPA; any other case is left alone. The config's name is restored on exit, so nothing
     saved afterwards carries ours."""
-    if attention_mask is not None or config._attn_implementation != "sdpa":
+    if attention_mask is not None or config._attn_implementation != "sdpa" or not plain_causal(config):
         yield
         return
     _register()
@@ -40,3 +41,10 @@ def unmasked_causal(config, attention_mask: torch.Tensor | None) -> Iterator[Non
         yield
     finally:
         config._attn_implementation = "sdpa"
+
+
+def plain_causal(config) -> bool:
+    """Whether the model's attention mask is the causal triangle alone (no window, chunks or bidirection)."""
+    return (getattr(config, "is_causal", True) and getattr(config, "sliding_window", None) is None
+            and getattr(config, "attention_chunk_size", None) is None
+            and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or []))

@@ -53,6 +53,19 @@ def test_unmasked_causal_forward_is_the_masked_path_without_the_read():
         assert teacher.config._attn_implementation == "sdpa"
 
 
+def test_a_sliding_window_model_keeps_its_masks():
+    from transformers import MistralConfig
+
+    config = MistralConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 320, (2, 12), generator=torch.Generator().manual_seed(2))
+    with unmasked_causal(model.config, None):
+        assert model.config._attn_implementation == "sdpa"  # the window is in the mask: not ours to drop
+    assert torch.equal(forward_hidden(model, ids), model.model(input_ids=ids, use_cache=False).last_hidden_state)
+
+
 def test_batches_count_their_tokens_on_the_host():
     blocks = PackedBlocks(torch.randint(3, 320, (6, 10)))
     batch = blocks.collate(torch.tensor([0, 2, 4])).to(torch.device("cpu"))
