@@ -1,8 +1,10 @@
-"""Counting reads of tensor values on the host (`.item()`, `float(t)`, `.tolist()`, `if t:` ...).
+"""Counting what makes the host wait for the device: reads of tensor values (`.item()`, `float(t)`,
+`.tolist()`, `if t:` ...) and blocking copies from the host to a device (`t.to("cuda")` of a CPU
+tensor, `torch.tensor(..., device="cuda")`: PyTorch waits for the copy, so for the stream before it).
 
-On a GPU each such read waits for every kernel queued before it, so a read in the middle of a
-training step leaves the GPU idle while the host queues the rest. Counted on any device (the CPU
-included), which is how tests and experiments/distill_step_cost.py check a step's reads without a GPU."""
+On a GPU each one waits for every kernel queued before it, so one in the middle of a training step
+leaves the GPU idle while the host queues the rest. Reads are counted on any device (the CPU
+included), which is how tests and experiments/distill_step_cost.py check a step without a GPU."""
 
 from __future__ import annotations
 
@@ -25,8 +27,32 @@ class HostReads(TorchFunctionMode):
         self.where: list[str] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in READS:
+        kwargs = kwargs or {}
+        if func in READS or blocking_upload(func, args, kwargs):
             frame = traceback.extract_stack(limit=3)[0]
             if not any(part in frame.filename for part in CPU_ONLY):
-                self.where.append(f"{func.__name__} {frame.filename}:{frame.lineno}")
-        return func(*args, **(kwargs or {}))
+                self.where.append(f"{getattr(func, '__name__', func)} {frame.filename}:{frame.lineno}")
+        return func(*args, **kwargs)
+
+
+def blocking_upload(func, args: tuple, kwargs: dict) -> bool:
+    """Whether this call copies host memory to a device without `non_blocking=True`."""
+    if func is torch.tensor:
+        return _off_host(kwargs.get("device"))
+    if func not in (torch.Tensor.to, torch.Tensor.cuda) or not args or args[0].device.type != "cpu":
+        return False
+    if kwargs.get("non_blocking") or any(a is True for a in args[1:]):
+        return False
+    if func is torch.Tensor.cuda:
+        return True
+    target = kwargs.get("device")
+    for a in args[1:]:
+        if isinstance(a, (str, torch.device)):
+            target = a
+        elif isinstance(a, torch.Tensor):
+            target = a.device
+    return _off_host(target)
+
+
+def _off_host(device) -> bool:
+    return device is not None and torch.device(device).type != "cpu"

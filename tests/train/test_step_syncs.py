@@ -66,6 +66,15 @@ def test_a_sliding_window_model_keeps_its_masks():
     assert torch.equal(forward_hidden(model, ids), model.model(input_ids=ids, use_cache=False).last_hidden_state)
 
 
+def test_blocking_copies_to_a_device_count_as_waits():
+    x = torch.ones(3)
+    reads = HostReads()
+    with reads:
+        x.to("meta"), x.to(torch.device("meta"), torch.float16), torch.tensor([1.0], device="meta")
+        x.to("meta", non_blocking=True), x.to(torch.float64), x.to("cpu"), torch.tensor([1.0])
+    assert len(reads.where) == 3, reads.where
+
+
 def test_batches_count_their_tokens_on_the_host():
     blocks = PackedBlocks(torch.randint(3, 320, (6, 10)))
     batch = blocks.collate(torch.tensor([0, 2, 4])).to(torch.device("cpu"))
