@@ -19,14 +19,36 @@ class Batch:
     labels: torch.Tensor                         # [B, T-1]: the target of position t is labels[:, t]
     attention_mask: torch.Tensor | None = None   # [B, T], 1 for real tokens (right padding)
     groups: list[tuple[str, slice, float]] = field(default_factory=list)  # (name, rows, weight)
+    # Counted tokens (labels != -100) per row, on the host: counted while the labels are still there,
+    # so a batch on a GPU is counted without reading the device (a sync that stalls the step).
+    row_tokens: list[int] | None = None
 
     def to(self, device: torch.device) -> "Batch":
-        am = self.attention_mask.to(device) if self.attention_mask is not None else None
-        return Batch(self.input_ids.to(device), self.labels.to(device), am, self.groups)
+        """On the device; from the CPU to a GPU through pinned memory without blocking (a blocking copy
+        waits for every queued kernel, so the host could not queue the next step while this one runs)."""
+        device = torch.device(device)
+        row_tokens = self.row_tokens
+        if row_tokens is None and self.labels.device.type == "cpu":
+            row_tokens = (self.labels != -100).sum(dim=1).tolist()
+        return Batch(_to(self.input_ids, device), _to(self.labels, device),
+                     _to(self.attention_mask, device) if self.attention_mask is not None else None, self.groups,
+                     row_tokens)
+
+    def counted_tokens(self, rows: slice = slice(None)) -> int:
+        """Tokens that count (labels != -100) in `rows`; no device read when the batch came from the host."""
+        if self.row_tokens is not None:
+            return sum(self.row_tokens[rows])
+        return int((self.labels[rows] != -100).sum())
 
     @property
     def num_tokens(self) -> int:
-        return int((self.labels != -100).sum())
+        return self.counted_tokens()
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class TrainData(Protocol):
@@ -50,7 +72,8 @@ class PackedBlocks:
 
     def collate(self, indices: torch.Tensor) -> Batch:
         ids = self.blocks[indices]
-        return Batch(ids, ids[:, 1:], None, [("lm", slice(0, ids.shape[0]), 1.0)])
+        return Batch(ids, ids[:, 1:], None, [("lm", slice(0, ids.shape[0]), 1.0)],
+                     [ids.shape[1] - 1] * ids.shape[0])
 
 
 def as_train_data(data: "torch.Tensor | TrainData") -> TrainData:

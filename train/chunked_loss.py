@@ -34,6 +34,17 @@ def chunked_distill_loss(student_hidden: torch.Tensor, student_head: torch.nn.Mo
                          labels: torch.Tensor, terms: list[LossTerm], chunk_size: int = 1024,
                          top_k: int | None = None, fused: bool = True,
                          compile_loss: bool | str = "auto") -> tuple[torch.Tensor, dict[str, float]]:
+    """(weighted total, {term: mean value}): chunked_distill_terms with the means read back to the host."""
+    total, means = chunked_distill_terms(student_hidden, student_head, teacher_hidden, teacher_head, labels, terms,
+                                         chunk_size, top_k, fused, compile_loss)
+    return total, dict(zip((t.name for t in terms), means.tolist()))
+
+
+def chunked_distill_terms(student_hidden: torch.Tensor, student_head: torch.nn.Module,
+                          teacher_hidden: torch.Tensor | None, teacher_head: torch.nn.Module | None,
+                          labels: torch.Tensor, terms: list[LossTerm], chunk_size: int = 1024,
+                          top_k: int | None = None, fused: bool = True, compile_loss: bool | str = "auto",
+                          n_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted mean over tokens of every term. `labels` uses -100 for tokens that do not count.
 
     Hidden states are [batch, seq, hidden] already aligned with `labels` [batch, seq] (the caller
@@ -46,10 +57,11 @@ def chunked_distill_loss(student_hidden: torch.Tensor, student_head: torch.nn.Mo
     t_flat = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
     labels = labels.reshape(-1)
     mask = labels != -100
-    n_tokens = int(mask.sum())
+    if n_tokens is None:
+        n_tokens = int(mask.sum())
     if n_tokens == 0:
         zero = s_flat.sum() * 0.0
-        return zero, {t.name: 0.0 for t in terms}
+        return zero, torch.zeros(len(terms), device=s_flat.device)
     safe_labels = labels.clamp_min(0)
     # Only the rows that count go through the heads: padding and prompts cost nothing.
     if n_tokens < mask.numel():
@@ -57,12 +69,12 @@ def chunked_distill_loss(student_hidden: torch.Tensor, student_head: torch.nn.Mo
         s_flat, safe_labels = s_flat[rows], safe_labels[rows]
         t_flat = t_flat[rows] if t_flat is not None else None
         mask = torch.ones_like(safe_labels, dtype=torch.bool)
-    weights = torch.tensor([t.weight for t in terms], device=s_flat.device, dtype=torch.float32)
+    weights = term_weights(terms, s_flat.device)
     if fused:
         if can_fuse(student_head, s_flat):
             total, sums = fused_head_loss(s_flat, student_head, t_flat, teacher_head, safe_labels, terms, weights,
                                           chunk_size, top_k, n_tokens, compile_loss)
-            return total, {t.name: float(v) for t, v in zip(terms, (sums / n_tokens).cpu())}
+            return total, sums / n_tokens
     sums = None
     for start in range(0, s_flat.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
@@ -74,4 +86,13 @@ def chunked_distill_loss(student_hidden: torch.Tensor, student_head: torch.nn.Mo
         sums = part if sums is None else sums + part
     means = sums / n_tokens
     total = (means * weights).sum()
-    return total, {t.name: float(v) for t, v in zip(terms, means.detach().cpu())}
+    return total, means.detach()
+
+
+def term_weights(terms: list[LossTerm], device: torch.device) -> torch.Tensor:
+    """The terms' fp32 weights on `device`; to a GPU without a blocking copy (which would wait for the
+    forward passes queued before the loss)."""
+    weights = torch.tensor([t.weight for t in terms], dtype=torch.float32)
+    if device.type == "cuda":
+        return weights.pin_memory().to(device, non_blocking=True)
+    return weights.to(device)

@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from common.errors import SettingError
 from train.batches import Batch, TrainData, as_train_data
+from train.causal_attention import unmasked_causal
 from train.checkpoint import checkpoint_step, load_checkpoint, remove_checkpoint, save_checkpoint
-from train.chunked_loss import LossTerm, chunked_distill_loss
+from train.chunked_loss import LossTerm, chunked_distill_terms
 from train.config import TrainConfig
 from train.distributed import (describe, gathered_head, gathered_model, is_sharded, make_accelerator, reduce_mean,
                                shard_frozen)
@@ -30,7 +31,8 @@ from train.losses import parse_loss_spec
 from train.modules import causal_lm
 from train.onpolicy import ContinuationSampler, generate_sequences, sample_continuations, step_source
 
-__all__ = ["TrainConfig", "train_distill", "make_terms", "validation_loss", "batch_indices", "distill_batch_loss"]
+__all__ = ["TrainConfig", "train_distill", "make_terms", "validation_loss", "batch_indices", "distill_batch_loss",
+           "batch_loss"]
 
 LOG_FILE = "train_log.jsonl"
 
@@ -59,17 +61,19 @@ def forward_hidden(model: torch.nn.Module, input_ids: torch.Tensor,
     (DDP) or meet sharded weights (FSDP2). Such a model runs whole with `logits_to_keep=1` (one token's
     logits per row, the chunked loss computes the rest) and a hook takes the decoder's output; FSDP2
     keeps the LM head gathered after the forward (accelerate does not reshard that unit), which is
-    what the chunked loss reads."""
+    what the chunked loss reads. An unpadded batch runs without transformers' mask preparation, which
+    reads the device in every forward (train/causal_attention.py)."""
     decoder = causal_lm(model).model
-    if getattr(model, "module", None) is None and not is_sharded(model):
-        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    captured: list[torch.Tensor] = []
-    handle = decoder.register_forward_hook(lambda _m, _i, out: captured.append(out.last_hidden_state))
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
-    finally:
-        handle.remove()
-    return captured[0]
+    with unmasked_causal(decoder.config, attention_mask):
+        if getattr(model, "module", None) is None and not is_sharded(model):
+            return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        captured: list[torch.Tensor] = []
+        handle = decoder.register_forward_hook(lambda _m, _i, out: captured.append(out.last_hidden_state))
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+        finally:
+            handle.remove()
+        return captured[0]
 
 
 def make_terms(tc: TrainConfig) -> list[LossTerm]:
@@ -83,12 +87,27 @@ def _layer_pairs(tc: TrainConfig) -> list[LayerPair]:
 
 
 def distill_batch_loss(student, teacher, batch: Batch | torch.Tensor, terms: list[LossTerm], chunk_size: int,
-                       top_k: int | None = None, pairs: list[LayerPair] | None = None,
-                       projector: LayerProjector | None = None, layer_kind: str = "cosine",
-                       layer_weight: float = 0.0, fused_head_loss: bool = True,
-                       compile_loss: bool | str = "auto") -> tuple[torch.Tensor, dict[str, float]]:
-    """The weighted loss of one batch: logit terms per row group (+ the intermediate-layer term).
-    `fused_head_loss` / `compile_loss`: see chunked_distill_loss."""
+                       **kwargs: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    """The weighted loss of one batch and its parts read back to the host; see batch_loss."""
+    total, parts = batch_loss(student, teacher, batch, terms, chunk_size, **kwargs)
+    return total, host_values(parts)
+
+
+def host_values(parts: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Loss parts as floats, the device's read back in one copy (one sync instead of one per part)."""
+    on_device = [k for k, v in parts.items() if isinstance(v, torch.Tensor)]
+    values = torch.stack([parts[k].detach().float() for k in on_device]).tolist() if on_device else []
+    return {**parts, **dict(zip(on_device, values))}
+
+
+def batch_loss(student, teacher, batch: Batch | torch.Tensor, terms: list[LossTerm], chunk_size: int,
+               top_k: int | None = None, pairs: list[LayerPair] | None = None,
+               projector: LayerProjector | None = None, layer_kind: str = "cosine",
+               layer_weight: float = 0.0, fused_head_loss: bool = True,
+               compile_loss: bool | str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+    """The weighted loss of one batch: logit terms per row group (+ the intermediate-layer term), its
+    parts as 0-d device tensors (the training step reads them back once, after its update is queued).
+    `fused_head_loss` / `compile_loss`: see chunked_distill_terms."""
     if isinstance(batch, torch.Tensor):
         batch = as_train_data(batch).collate(torch.arange(batch.shape[0]))
     pairs = pairs or []
@@ -104,18 +123,18 @@ def distill_batch_loss(student, teacher, batch: Batch | torch.Tensor, terms: lis
     s_head = gathered_head(causal_lm(student).lm_head)
     total, parts = None, {}
     for name, rows, weight in batch.groups:
-        loss, group_parts = chunked_distill_loss(s_hidden[rows], s_head, t_hidden[rows] if t_hidden is not None
-                                                 else None, t_head, batch.labels[rows], terms, chunk_size, top_k,
-                                                 fused_head_loss, compile_loss)
+        loss, means = chunked_distill_terms(s_hidden[rows], s_head, t_hidden[rows] if t_hidden is not None
+                                            else None, t_head, batch.labels[rows], terms, chunk_size, top_k,
+                                            fused_head_loss, compile_loss, n_tokens=batch.counted_tokens(rows))
         total = loss * weight if total is None else total + loss * weight
         tag = "" if len(batch.groups) == 1 else f"{name}_"
-        parts.update({f"{tag}{k}": v for k, v in group_parts.items()})
+        parts.update({f"{tag}{t.name}": m for t, m in zip(terms, means)})
     if pairs and layer_weight:
         mask = batch.attention_mask.bool() if batch.attention_mask is not None else None
         lloss, lval = layer_loss(s_states, t_states, pairs, projector, layer_kind, mask)
         total = total + layer_weight * lloss
         parts["layers"] = lval
-    parts["total"] = float(total.detach())
+    parts["total"] = total.detach()
     return total, parts
 
 
@@ -256,9 +275,10 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
     ce_free = [t for t in terms if t.uses_teacher]
     bar = tqdm(total=tc.max_steps, initial=start_step, desc=name, disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
-    t_start, tokens_done, logs = time.time(), 0, {}
+    t_start, tokens_done, first_tokens, logs = time.time(), 0, 0, {}
+    spent = {"first_step_s": 0.0, "checkpoint_s": 0.0, "eval_s": 0.0}  # what tokens_per_s includes besides steps
     for step in range(start_step, tc.max_steps):
-        parts_sum: dict[str, float] = {}
+        parts_sum: dict[str, Any] = {}
         source = step_source(tc.seed, step, tc.lmbda, tc.seq_kd)
         step_tokens = 0
         for micro in range(tc.grad_accum):
@@ -267,7 +287,7 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
             step_tokens += batch.num_tokens
             step_terms = terms if use_ce else (ce_free or terms)
             with accelerator.accumulate(student), accelerator.autocast():
-                loss, parts = distill_batch_loss(student, teacher, batch, step_terms, tc.chunk_size, **kw)
+                loss, parts = batch_loss(student, teacher, batch, step_terms, tc.chunk_size, **kw)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tc.max_grad_norm > 0:
                     clip = list(student.parameters()) + (list(projector.parameters()) if projector is not None else [])
@@ -276,12 +296,14 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
                 optimizer.zero_grad(set_to_none=True)
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / tc.grad_accum
-        parts_sum = reduce_mean(accelerator, parts_sum)
+        parts_sum = reduce_mean(accelerator, host_values(parts_sum))  # the step's one read of the device
         scheduler.step()
         if after_optimizer_step is not None:
             after_optimizer_step(accelerator.unwrap_model(student))
         tokens_done += step_tokens * accelerator.num_processes
         elapsed = time.time() - t_start
+        if step == start_step:  # torch.compile and the allocator's warm-up
+            spent["first_step_s"], first_tokens = elapsed, tokens_done
         logs = {"step": step + 1, "loss": parts_sum.pop("total"), **parts_sum, "lr": scheduler.get_last_lr()[0],
                 "tokens_per_s": tokens_done / max(elapsed, 1e-9), "source": source}
         if accelerator.is_main_process:
@@ -292,21 +314,27 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
         if tracker is not None and (step + 1) % tracker.log_every == 0:
             tracker.log(logs, step=step + 1)
         if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.max_steps:
+            t_eval = time.time()
             vlogs = validation_loss(student, teacher, val_data, terms, tc, accelerator.device, projector)
             if evaluate is not None:
                 vlogs.update(evaluate(accelerator.unwrap_model(student)))
             accelerator.print(f"{name} step {step + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in vlogs.items()))
             if tracker is not None:
                 tracker.log(vlogs, step=step + 1)
+            spent["eval_s"] += time.time() - t_eval
         if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.max_steps:
+            t_save = time.time()
             save_checkpoint(accelerator, ckpt_dir, step + 1)
+            spent["checkpoint_s"] += time.time() - t_save
         if on_step is not None:
             on_step(step + 1, logs)
     bar.close()
     tokens_per_example = getattr(data, "block_size", None)
     metrics = {"steps": tc.max_steps, "train_tokens": tc.max_steps * tc.batch_size * tc.grad_accum
                * accelerator.num_processes * tokens_per_example if tokens_per_example else tokens_done,
-               "tokens_per_s": logs.get("tokens_per_s"), "final_loss": logs.get("loss"),
+               "tokens_per_s": logs.get("tokens_per_s"), **spent,
+               "steady_tokens_per_s": _steady_rate(tokens_done - first_tokens, time.time() - t_start, spent),
+               "final_loss": logs.get("loss"),
                **validation_loss(student, teacher, val_data, terms, tc, accelerator.device, projector)}
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(student)
@@ -320,6 +348,13 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
         unwrapped = merge_lora(unwrapped)
     # Sharded: the whole model on the main process (which alone saves it), the shards elsewhere.
     return {"metrics": metrics, "model": gathered_model(accelerator, unwrapped), "accelerator": accelerator}
+
+
+def _steady_rate(tokens: int, elapsed: float, spent: dict[str, float]) -> float | None:
+    """Tokens/s of the steps after the first, checkpoints and evaluations left out (comparable with a
+    bare loop's median step, which `tokens_per_s`, the whole loop's rate, is not)."""
+    seconds = elapsed - sum(spent.values())
+    return tokens / seconds if tokens and seconds > 0 else None
 
 
 def _keep_log_until(log_path: Path, step: int) -> None:
