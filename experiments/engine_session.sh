@@ -24,7 +24,8 @@
 #   experiments/engine_session.sh balanced     # after `stash`, carry .gpu/t/p01 p02 .gpu/corpus: experiment=balanced on
 #                                              # GPU 1 in its own session (setsid: it outlives the call); then `pipeline`
 #                                              # and `bidiag` on GPU 0 (CUDA_VISIBLE_DEVICES=0), `evalref`, `balwait`
-#   experiments/engine_session.sh recheck      # after `stash` + `stash2`: the ninth session's fixes' GPU tests, then bidiag
+#   experiments/engine_session.sh recheck      # after `stash` + `stash2`: the ninth session's fixes' GPU tests, the distill
+#                                              # step's cost (its host waits 9 -> 1: now / old syncs / 4096 chunks), bidiag
 #   experiments/engine_session.sh bidiag       # after `pipeline`: where batch-invariant mode departs (issue 14)
 #   experiments/engine_session.sh long         # after stash + stash2 (+ corpus): step-by-step x 3 seeds, then the GQA
 #                                              # budget curve, on GPU 1 in their own session; `longwait` collects
@@ -196,7 +197,10 @@ case "${1:?verb}" in
             # batch-invariant mode), then `bidiag`
     timeout ${TESTS_S:-300} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/test_staging.py \
       tests/engine/test_engine_gpu.py tests/engine/spec_decode/test_batch_invariant_gpu.py tests/kernels/test_batch_invariant_gemv.py \
+      tests/train/test_step_syncs.py tests/train/test_fused_head_loss.py \
       > "$OUTDIR/recheck_tests.txt" 2>&1; tail -n 8 "$OUTDIR/recheck_tests.txt"
+    timeout ${STEP_S:-200} python3 experiments/distill_step_cost.py --out "$OUTDIR/step_cost.jsonl" > "$OUTDIR/step_cost.log" 2>&1
+    tail -n 3 "$OUTDIR/step_cost.jsonl"
     "$0" bidiag;;
   bidiag)
     [ -d "$H/smol" ] || $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
