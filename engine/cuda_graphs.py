@@ -151,13 +151,17 @@ class PrefillGraphs:
                 set_context(self._context(tokens, seqs))
                 with torch.inference_mode():
                     ids, pos, last = d.ids[:tokens], d.pos[:tokens], d.last[:seqs]
-                    self.model(ids, pos)  # warm-up: compiles this bucket's kernels
+
+                    def body() -> torch.Tensor:
+                        hidden = self.model(ids, pos)
+                        rows = hidden if self.all_rows else hidden.index_select(0, last)
+                        return self.model.compute_logits(rows).float()
+
+                    body()  # warm-up: every kernel of the bucket launched once before the capture records it
                     torch.cuda.synchronize()
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool):
-                        hidden = self.model(ids, pos)
-                        rows = hidden if self.all_rows else hidden.index_select(0, last)
-                        self.logits[tokens, seqs] = self.model.compute_logits(rows).float()
+                        self.logits[tokens, seqs] = body()
                 reset_context()
                 pool = pool or graph.pool()
                 self.graphs[tokens, seqs] = graph
