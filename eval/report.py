@@ -107,6 +107,10 @@ def plain_words(rows: list[dict[str, Any]], teacher: str = "teacher") -> list[st
             parts.append(f"top-1 agreement {100 * row['top1_agreement']:.0f}%")
         if row.get("spec_acceptance_rate") is not None:
             parts.append(f"draft acceptance {100 * row['spec_acceptance_rate']:.0f}%")
+        if row.get("gate_ratio") is not None:  # what its stage cost, on the gates' held-out text
+            verdict = ("over its budget, reverted: the pipeline went on without it" if row.get("gate_reverted") else
+                       "over its budget" if row.get("gate_passed") is False else "within its budget")
+            parts.append(f"its stage's gate ratio {row['gate_ratio']:.2f} ({verdict})")
         lines.append(f"{row['artifact']}: {', '.join(parts) or 'no comparable numbers'} vs {teacher}")
     return lines
 

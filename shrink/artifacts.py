@@ -57,6 +57,11 @@ class Artifact:
     def metrics(self) -> dict[str, Any]:
         return self.meta.get("metrics", {})
 
+    @property
+    def reverted(self) -> bool:
+        """Whether its stage's quality gate reverted it (gates.action=revert): no later stage reads it."""
+        return bool((self.metrics.get("quality_gate") or {}).get("reverted"))
+
     def ref(self) -> dict[str, str]:
         """How a later artifact names this one in its lineage."""
         return {"path": str(self.path.resolve()), "stage": self.stage, "content_hash": self.content_hash}

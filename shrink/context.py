@@ -36,13 +36,16 @@ def checkpoint_dir_name(stage: str) -> str:
 
 
 def latest_artifact_before(run_dir: Path, stage: str) -> Artifact | None:
-    """The run's latest artifact in pipeline order that precedes `stage` (None: none yet)."""
+    """The run's latest artifact in pipeline order that precedes `stage` (None: none yet), leaving out
+    any that its quality gate reverted (gates.action=revert)."""
     if stage not in PIPELINE_ORDER:
         return None
     for earlier in reversed(PIPELINE_ORDER[: PIPELINE_ORDER.index(stage)]):
         path = run_dir / artifact_dir_name(earlier)
         if (path / META_FILE).is_file():
-            return Artifact.load(path)
+            art = Artifact.load(path)
+            if not art.reverted:
+                return art
     return None
 
 

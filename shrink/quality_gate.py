@@ -1,7 +1,10 @@
 """Quality gates: each model-changing stage records its input's and output's perplexity on a fixed
 small held-out set (the first `gates.windows` windows of `gates.context` tokens of the run's held-out
 split) under `metrics.quality_gate` of its shrink.json, and warns or stops (`gates.action`) when the
-ratio output/input exceeds the stage's budget `gates.max_ppl_ratio.<stage>`."""
+ratio output/input exceeds the stage's budget `gates.max_ppl_ratio.<stage>`. With `gates.action=revert`
+the pipeline instead goes on from the stage's input, as if the stage had not run; the over-budget
+artifact stays in the run, marked `reverted` in its record, for the report and for inspection, and no
+later stage reads it."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from eval.perplexity import perplexity
 from shrink.artifacts import META_FILE, Artifact
 
 GATED_STAGES = ("distill", "gqa", "prune", "quantize")
-ACTIONS = ("warn", "stop")
+ACTIONS = ("warn", "stop", "revert")
 METRIC_KEY = "quality_gate"
 
 
@@ -36,7 +39,7 @@ class GateSettings:
         g = cfg.get("gates") or {}
         action = str(g.get("action", "warn"))
         if action not in ACTIONS:
-            raise ShrinkError(f"gates.action={action!r}: expected warn or stop")
+            raise ShrinkError(f"gates.action={action!r}: expected warn, stop or revert")
         windows, context = int(g.get("windows", 4)), int(g.get("context", 256))
         if windows < 1:
             raise ShrinkError(f"gates.windows must be >= 1, got {windows}")
@@ -115,8 +118,10 @@ def gate_stage(cfg: DictConfig, stage: str, source: Artifact, output: Artifact,
     ratio = output_ppl / input_ppl
     budget = settings.budgets.get(stage)
     passed = budget is None or ratio <= budget
+    reverted = not passed and settings.action == "revert"
     record = {"input_ppl": input_ppl, "output_ppl": output_ppl, "ratio": ratio, "budget": budget,
-              "passed": passed, "tokens": int(ids.numel()), "context": settings.context, "key": key}
+              "passed": passed, "reverted": reverted, "tokens": int(ids.numel()), "context": settings.context,
+              "key": key}
     record_metrics(output, METRIC_KEY, record)
     budget_text = "no budget" if budget is None else f"budget {budget:g}"
     print(f"quality gate: {stage} perplexity {input_ppl:.2f} -> {output_ppl:.2f}, ratio {ratio:.2f} "
@@ -126,5 +131,8 @@ def gate_stage(cfg: DictConfig, stage: str, source: Artifact, output: Artifact,
                    f"gates.max_ppl_ratio.{stage}={budget:g} ({input_ppl:.2f} -> {output_ppl:.2f})")
         if settings.action == "stop":
             raise ShrinkError(message + " (gates.action=stop)")
+        if reverted:
+            message += (f"; reverted (gates.action=revert): the pipeline goes on from {source.path.name}, "
+                        f"{output.path.name} stays in the run unused (gates.action=warn keeps it)")
         print(f"warning: {message}", flush=True)
     return record

@@ -105,6 +105,15 @@ def _speculative_pair(harness: HarnessSettings, intact: list[Artifact]) -> tuple
     return by_name[TEACHER_DIR], by_name[draft]
 
 
+def _gate_fields(art: Artifact) -> dict[str, Any]:
+    """Its stage's quality gate (shrink/quality_gate.py): perplexity ratio output/input on the gates'
+    held-out text, whether it kept its budget, whether the pipeline reverted it."""
+    gate = art.metrics.get("quality_gate") or {}
+    if not gate:
+        return {}
+    return {"gate_ratio": gate.get("ratio"), "gate_passed": gate.get("passed"), "gate_reverted": art.reverted}
+
+
 def _engine_measurements(art_dir: Path, device: torch.device, dtype: str, harness: HarnessSettings,
                          tasks: dict[str, tuple[Task, list[TaskExample]]], cqa_mc: list[MultipleChoice],
                          row: dict[str, Any], details: dict[str, Any], speculative_config: dict | None = None) -> None:
@@ -192,7 +201,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
         config = AutoConfig.from_pretrained(art.path)
         row: dict[str, Any] = {"artifact": name, "stage": art.stage, "status": "ok",
                                "size_MB": dir_size_bytes(art.path) / 2**20,
-                               "kv_bytes_per_token": planned_kv_bytes_per_token(config, 2)}
+                               "kv_bytes_per_token": planned_kv_bytes_per_token(config, 2), **_gate_fields(art)}
         params_key = f"params:{art.content_hash}"
 
         def load(art: Artifact = art) -> torch.nn.Module:

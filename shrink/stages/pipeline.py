@@ -24,8 +24,11 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact | None:
         print(f"pipeline: stage {name}")
         stage_ctx = StageContext(stage_cfg, ctx.run_dir, inputs=list(previous))
         result = stage(stage_cfg, stage_ctx)
+        gate = None
         if result is not None and stage_ctx.inputs:
-            gate_stage(stage_cfg, name, stage_ctx.inputs[0], result)
+            gate = gate_stage(stage_cfg, name, stage_ctx.inputs[0], result)
+        if gate is not None and gate["reverted"]:  # the next stage takes this one's input
+            continue
         if result is not None and result.meta.get("stage") not in ("eval",):
             previous = [result]
     return result

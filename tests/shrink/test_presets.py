@@ -14,7 +14,7 @@ def test_preset_composes_and_passes_the_checks(name, tmp_path):
     cfg = compose([f"experiment={name}", f"run={tmp_path / 'run'}"])
     stages = list(cfg.stage.stages)
     assert stages[0] == "import" and stages[-1] == "eval"
-    assert cfg.gates.action in ("warn", "stop")
+    assert cfg.gates.action in ("revert", "warn", "stop")
     assert all(s in cfg.gates.max_ppl_ratio for s in stages if s in ("distill", "gqa", "prune", "quantize"))
 
 

@@ -90,3 +90,58 @@ def test_bad_gate_config_is_one_clear_error(tmp_path):
         gate_cfg(tmp_path, "gates.action=explode")
     with pytest.raises(ShrinkError, match="gates.max_ppl_ratio.prune"):
         gate_cfg(tmp_path, "gates.max_ppl_ratio.prune=-1")
+
+
+def test_revert_goes_on_from_the_input_and_no_later_stage_reads_the_reverted(tmp_path, tiny_teacher, monkeypatch,
+                                                                           capsys):
+    """gates.action=revert (the default): the H200 reference run's GQA stage cost 4.68x its input's
+    perplexity against a 1.5 budget and every later stage built on it. Now the pipeline goes on from the
+    over-budget stage's input, the reverted artifact stays in the run marked as such, a stage started
+    alone skips it too, and the eval row says so."""
+    import functools
+
+    import shrink.stages.pipeline as pipeline
+    from shrink.context import StageContext, latest_artifact_before
+
+    run = tmp_path / "run"
+    copy_artifact(tiny_teacher, run / "teacher")
+    copy_artifact(tiny_teacher, run / "distill")
+    seen: dict[str, str] = {}
+
+    def fake_stage(name):
+        def stage(cfg, ctx: StageContext) -> Artifact:
+            seen[name] = ctx.input.path.name
+            out = copy_artifact(ctx.input.path, run / name)
+            out.meta["stage"] = name
+            (out.path / "shrink.json").write_text(json.dumps(out.meta))
+            return Artifact.load(out.path)
+        return stage
+
+    monkeypatch.setattr(pipeline, "get_stage", fake_stage)
+    measure, _ = fake_measure({"distill": 10.0, "gqa": 46.8, "prune": 11.0})
+    monkeypatch.setattr(pipeline, "gate_stage", functools.partial(gate_stage, measure=measure))
+    cfg = gate_cfg(tmp_path, f"run={run}", "stage=pipeline", "stage.stages=[gqa,prune]")
+    assert cfg.gates.action == "revert"
+    result = pipeline.run(cfg, StageContext(cfg, run, inputs=[Artifact.load(run / "distill")]))
+    assert seen == {"gqa": "distill", "prune": "distill"}  # prune built on gqa's input
+    assert result.path.name == "prune" and not result.reverted
+    gqa = Artifact.load(run / "gqa")
+    assert gqa.reverted and gqa.metrics[METRIC_KEY]["passed"] is False
+    assert latest_artifact_before(run, "prune").path.name == "distill"  # `stage=prune` alone skips it too
+    out = capsys.readouterr().out
+    assert "reverted (gates.action=revert): the pipeline goes on from distill" in out
+    from eval.report import plain_words
+    from shrink.stages.evaluate import _gate_fields
+
+    rows = [{"artifact": "teacher", "status": "ok", "size_MB": 2.0},
+            {"artifact": "gqa", "status": "ok", "size_MB": 2.0, **_gate_fields(gqa)}]
+    assert "gate ratio 4.68 (over its budget, reverted: the pipeline went on without it)" in plain_words(rows)[0]
+
+
+def test_warn_keeps_an_over_budget_stage_in_the_chain(tmp_path, tiny_teacher):
+    cfg = gate_cfg(tmp_path, "gates.action=warn")
+    src = copy_artifact(tiny_teacher, tmp_path / "distill")
+    out = copy_artifact(tiny_teacher, tmp_path / "gqa")
+    measure, _ = fake_measure({"distill": 10.0, "gqa": 46.8})
+    record = gate_stage(cfg, "gqa", src, out, measure=measure)
+    assert record["passed"] is False and record["reverted"] is False and not Artifact.load(out.path).reverted
