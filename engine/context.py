@@ -28,6 +28,10 @@ class Context:
     # sequence per entry of context_lens (cu_query_lens); decode pseudo-rows: exactly this many rows
     # per sequence, each with the sequence's block table and its own context length.
     verify_query_len: int = 0
+    # Decode: [batch] int64, per row the first position this forward stores (the newest; a verify's
+    # pseudo-row: its chunk's first): the decode attention reads those only after waiting for the
+    # store (programmatic dependent launch). None: the newest.
+    first_new: torch.Tensor | None = None
 
 
 _CONTEXT = Context()

@@ -100,17 +100,19 @@ class DecodeInputs:
         h, bs = self.buf.writable(1), self.block_size
         staged: list[int] = []  # the chunks' tokens, one per row
         positions: list[int] = []
+        firsts: list[int] = []  # each row's chunk start: what this forward stores of its sequence
         slots: list[int] = []
         for tokens, start, table in chunks:
             end = start + len(tokens)
             h.tables[len(staged) : len(staged) + len(tokens), : len(table)] = table  # each row: its sequence's table
             staged.extend(tokens)
             positions.extend(range(start, end))
+            firsts.extend([start] * len(tokens))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
         row = len(staged)
         h.ids[:row] = staged
         h.pos[:row] = positions
-        h.start[:row] = h.pos[:row]
+        h.start[:row] = firsts
         h.lens[:row] = h.pos[:row] + 1
         h.slots[:row] = slots
         h.slots[row:rows] = -1
@@ -129,7 +131,7 @@ class DecodeInputs:
         if views is None:
             d = self.d
             ctx = Context(is_prefill=False, slot_mapping=d.slots[:rows], context_lens=d.lens[:rows],
-                          block_tables=d.tables[:rows], verify_query_len=verify_query_len)
+                          block_tables=d.tables[:rows], verify_query_len=verify_query_len, first_new=d.start[:rows])
             views = self._views[rows, verify_query_len] = (d.ids[:rows], d.pos[:rows], ctx)
         return views
 

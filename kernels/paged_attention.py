@@ -59,23 +59,28 @@ if HAS_TRITON:
 
     @triton.jit
     def _paged_decode_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, first_new_ptr,
         out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counter_ptr,
         scale_log2, q_stride_b, q_stride_h, out_stride_b, out_stride_h, bt_stride,
         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
-        IEEE: tl.constexpr, PDL: tl.constexpr,
+        IEEE: tl.constexpr, PDL: tl.constexpr, HAS_FIRST_NEW: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
         # The context lengths and block tables were written before the forward began; only q and
-        # the newest token's K/V come from the kernel just before this one (qkv + rope + store).
+        # the K/V of the row's newest token (from first_new on: a verify's pseudo-rows, whose
+        # sequence's earlier rows this forward stored too) come from the kernel just before this one
+        # (qkv + rope + store).
         ctx_len = tl.load(context_lens_ptr + b)
         start = split * PARTITION
         end = tl.minimum(start + PARTITION, ctx_len)
-        newest = ctx_len - 1
+        if HAS_FIRST_NEW:
+            newest = tl.load(first_new_ptr + b).to(tl.int32)
+        else:
+            newest = ctx_len - 1
         table = block_tables_ptr + b * bt_stride
         d = tl.arange(0, D_PAD)
         d_mask = d < HEAD_DIM
@@ -193,12 +198,16 @@ def paged_decode_attention(
     partition: int | None = None,
     out: torch.Tensor | None = None,
     pdl: bool = True,
+    first_new: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of paged_decode_attention_ref. The context is cut into ``num_splits``
     partitions of at least ``partition`` tokens (grown so that they cover the block table's width);
     CUDA graphs need the split count fixed per batch size, so the caller chooses it. ``pdl``:
     programmatic dependent launch wherever the GPU has it. The newest token of each
-    sequence may come from the kernel just before (it waits for that one); older ones may not."""
+    sequence may come from the kernel just before (it waits for that one); older ones may not,
+    except from ``first_new`` [batch] on (int64 positions; None: the newest only): a verify's
+    pseudo-rows, whose earlier rows of the same sequence were stored by that kernel too. Positions
+    read before the wait are read before that kernel has stored them."""
     batch, q_heads, dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     group = q_heads // kv_heads
@@ -217,13 +226,13 @@ def paged_decode_attention(
     else:
         part_acc = part_m = part_l = counters = out  # unused
     _paged_decode_kernel[(batch, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens,
+        q, k_cache, v_cache, block_tables, context_lens, context_lens if first_new is None else first_new,
         out, part_acc, part_m, part_l, counters,
         scale * 1.4426950408889634, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         KV_HEADS=kv_heads, GROUP=group, G_PAD=max(16, next_pow2(group)),
         HEAD_DIM=dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
         BLOCK_N=block_n, PARTITION=partition, NUM_SPLITS=num_splits, S_PAD=max(2, next_pow2(num_splits)),
-        IEEE=q.dtype == torch.float32, **pdl_launch_args(pdl, q.device),
+        IEEE=q.dtype == torch.float32, HAS_FIRST_NEW=first_new is not None, **pdl_launch_args(pdl, q.device),
         num_warps=4, num_stages=2,
     )
     return out

@@ -80,7 +80,7 @@ class Attention(nn.Module):
             out = paged_attention.paged_decode_attention(
                 q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale,
                 num_splits=self.decode_splits(q.shape[0]), partition=DECODE_PARTITION,
-                pdl=self.pdl and not self.batch_invariant,
+                pdl=self.pdl and not self.batch_invariant, first_new=ctx.first_new,
             )
         else:
             out = paged_attention.paged_decode_attention_ref(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale)

@@ -74,9 +74,15 @@ def test_chunks_stage_one_row_per_token_and_forget_the_remembered_tables():
     assert d.lens[:8].tolist() == [4, 5, 6, 1, 2, 1, 1, 1]
     assert d.slots[:8].tolist() == [1 * 4 + 3, 2 * 4 + 0, 2 * 4 + 1, 4 * 4 + 0, 4 * 4 + 1, -1, -1, -1]
     assert d.tables[:3, :2].tolist() == [[1, 2]] * 3 and d.tables[3:5, 0].tolist() == [4, 4]
+    # Each row's first position this forward stores of its sequence (its chunk's start): the decode
+    # attention reads from there on only after the store (PDL; issue 17), not only its newest.
+    assert d.start[:5].tolist() == [3, 3, 3, 0, 0]
+    _, _, ctx = inputs.views(8)
+    assert ctx.first_new.data_ptr() == d.start.data_ptr() and ctx.first_new.shape == (8,)
     inputs.prepare([seq], 1)  # the same sequence as before the chunks: its table is written again
     assert _row(inputs, 0, 2) == [9, 8] and d.tables[0, :2].tolist() == [9, 8]
     assert d.slots[0].item() == 8 * 4 + 1
+    assert d.start[0].item() == 5  # a decode row: its newest position
 
 
 def test_warm_advance_runs_the_advance_and_leaves_the_buffers_as_they_were():

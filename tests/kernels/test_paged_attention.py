@@ -54,6 +54,22 @@ def test_triton_matches_reference_small(q_heads, kv_heads, dim, splits):
     assert _rel(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_first_new_only_moves_reads_after_the_wait(splits):
+    """``first_new`` (a verify's pseudo-rows: each row's chunk start) says from which position a row
+    reads its K/V after waiting on the kernel before (PDL); the result is the reference's, at a
+    first_new anywhere from 0 to the newest position, in the first tile or past it."""
+    lens = [1, 5, 70, 33, 64, 12]
+    first_new = torch.tensor([0, 2, 66, 0, 63, 11], device=DEVICE)
+    q, kc, vc, tables, context_lens = _case(6, 4, 2, 16, 4, lens, torch.float32, DEVICE, seed=splits)
+    ref = paged_decode_attention_ref(q, kc, vc, tables, context_lens, 0.25)
+    out = torch.full_like(q, float("nan"))
+    paged_decode_attention(q, kc, vc, tables, context_lens, 0.25, num_splits=splits, partition=16, out=out,
+                           first_new=first_new)
+    assert not out.isnan().any()
+    assert _rel(out, ref) < 1e-5
+
+
 @pytest.mark.parametrize("splits", [2, 5])
 def test_split_merge_in_one_launch(splits):
     """The last split program of each (sequence, KV head) merges the partials: contexts shorter than

@@ -1,6 +1,7 @@
 """Programmatic dependent launch (Hopper): a chain of decode kernels, each reading what the one
 before wrote, gives bitwise the same result with PDL on and off, launched eagerly and replayed in
-a CUDA graph. A kernel that read the previous kernel's output before its wait would not."""
+a CUDA graph. A kernel that read the previous kernel's output before its wait would not: also a
+verify's pseudo-rows, where a row attends to K/V the same qkv launch stored for the rows before it."""
 
 from __future__ import annotations
 
@@ -23,14 +24,16 @@ def _layers(num_layers, hidden, inter, heads, kv_heads, head_dim, g):
                  down=w(hidden, inter), n1=1 + w(hidden), n2=1 + w(hidden)) for _ in range(num_layers)]
 
 
-def _forward(layers, h, positions, cos, sin, k_cache, v_cache, slots, tables, lens, heads, kv_heads, pdl):
+def _forward(layers, h, positions, cos, sin, k_cache, v_cache, slots, tables, lens, heads, kv_heads, pdl,
+             first_new=None):
     """The engine's fused decode layer (engine/models/llama.py forward_fused), kernels only."""
     for p in layers:
         q = gemv_rope_store(h, p["qkv"], norm_weight=p["n1"], positions=positions, cos_table=cos, sin_table=sin,
                             k_cache=k_cache, v_cache=v_cache, slot_mapping=slots, num_heads=heads,
                             num_kv_heads=kv_heads, pdl=pdl)
         o = paged_decode_attention(q.view(h.shape[0], heads, -1), k_cache, v_cache, tables, lens,
-                                   k_cache.shape[-1] ** -0.5, num_splits=4, partition=64, pdl=pdl)
+                                   k_cache.shape[-1] ** -0.5, num_splits=4, partition=64, pdl=pdl,
+                                   first_new=first_new)
         gemv(o.view(h.shape[0], -1), p["o"], residual=h, out=h, pdl=pdl)
         act = gemv(h, p["gate_up"], norm_weight=p["n2"], swiglu=True, pdl=pdl)
         gemv(act, p["down"], residual=h, out=h, pdl=pdl)
@@ -83,3 +86,58 @@ def test_pdl_chain_is_bitwise_the_same(batch, hidden, inter, heads, kv_heads, he
         got, got_cache = run(True, graphed)
         assert torch.equal(got, want), graphed
         assert torch.equal(got_cache, want_cache), graphed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not pdl_available("cuda"), reason="needs a Hopper GPU")
+@pytest.mark.parametrize("graphed", [False, True])
+def test_pdl_pseudo_rows_read_the_rows_before_them_after_the_wait(graphed):
+    """A speculative verify as decode pseudo-rows (DecodeInputs.prepare_chunks): 3 sequences of 4
+    rows, row j at position start + j attending to start + j + 1 tokens, so rows 1..3 read K/V the
+    same qkv launch stores for the rows before them. The cache held other K/V there before (a
+    rejected draft's, in an engine): with PDL on, the decode attention must read those positions
+    after its wait (``first_new``: each row's chunk start), and the layers give bitwise what they
+    give with PDL off. Short contexts (12 to 40 tokens): the positions lie in a split's first tile,
+    the one read before the wait (issue 17: two H200s emitted a token off by this)."""
+    g = torch.Generator().manual_seed(17)
+    hidden, inter, heads, kv_heads, head_dim = 576, 1536, 9, 3, 64
+    layers = _layers(12, hidden, inter, heads, kv_heads, head_dim, g)
+    block_size, width, q_len = 16, 8, 4
+    starts = [8, 20, 36]
+    rows = len(starts) * q_len
+    num_blocks = len(starts) * width
+    cos = torch.randn(4096, head_dim, generator=g).cuda()
+    sin = torch.randn(4096, head_dim, generator=g).cuda()
+    seq_tables = torch.randperm(num_blocks, generator=g).view(len(starts), width).to(torch.int32)
+    tables = seq_tables.repeat_interleave(q_len, dim=0).cuda()
+    positions = torch.tensor([s + j for s in starts for j in range(q_len)], device="cuda")
+    lens = (positions + 1).to(torch.int32)
+    first_new = torch.tensor([s for s in starts for _ in range(q_len)], device="cuda")
+    slots = tables.gather(1, (positions // block_size).unsqueeze(1)).squeeze(1).long() * block_size + positions % block_size
+    h0 = torch.randn(rows, hidden, generator=g).to("cuda", torch.bfloat16)
+    cache0 = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g).to("cuda", torch.bfloat16)
+
+    def run(pdl, graphed):
+        k_cache, v_cache = cache0[0].clone(), cache0[1].clone()
+        h = h0.clone()
+        args = (positions, cos, sin, k_cache, v_cache, slots, tables, lens, heads, kv_heads, pdl, first_new)
+        if not graphed:
+            return _forward(layers, h, *args).clone()
+        _forward(layers, h.clone(), *args)  # warm-up (compiles), on a copy
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            _forward(layers, h, *args)
+        results = []
+        for _ in range(3):
+            h.copy_(h0)
+            k_cache.copy_(cache0[0])
+            v_cache.copy_(cache0[1])
+            graph.replay()
+            results.append(h.clone())
+        torch.cuda.synchronize()
+        return results
+
+    want = run(False, False)
+    got = run(True, graphed)
+    for r in (got if graphed else [got]):
+        assert torch.equal(r, want)
