@@ -19,7 +19,7 @@ chunk, a model drafter's device tokens included). One JSON line per variant (wri
 
 Variants: ``tp{1,2}_{timed,pseudo_rows,prefill}`` (the path table as timed, or forced to one path:
 prefill past the pseudo-rows whatever is forced), with ``_eager`` for enforce_eager (no graphs: nothing
-timed). A variant that is right at tp1 and wrong at tp2 names tensor parallelism; one path wrong and
+timed) and ``_nopdl`` for pdl=False (no programmatic dependent launch). A variant that is right at tp1 and wrong at tp2 names tensor parallelism; one path wrong and
 the other right names that path; the first bad step (its path, the path before it, the row) names the
 forward that left transformers, before any token flipped.
 """
@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "engine"), str(ROOT / "tests" / "engine" / "spec_decode")]
 
 THRESHOLD = 1e-3
-DEFAULT_VARIANTS = ["tp1_timed", "tp2_timed", "tp2_pseudo_rows", "tp2_prefill", "tp2_timed_eager", "tp1_pseudo_rows"]
+DEFAULT_VARIANTS = ["tp2_timed", "tp2_pseudo_rows", "tp2_pseudo_rows_nopdl", "tp2_prefill", "tp1_pseudo_rows",
+                    "tp1_pseudo_rows_nopdl", "tp2_timed_eager"]
 
 
 def case_inputs(case: str, root: Path):
@@ -138,10 +139,10 @@ def run_variant(case: str, variant: str, inputs, ref, device: str) -> dict:
 
     path, spec, ps, params = inputs
     tp = int(variant[2])
-    mode = variant[4:].removesuffix("_eager")
-    eager = variant.endswith("_eager")
+    eager, nopdl = "_eager" in variant, "_nopdl" in variant
+    mode = variant[4:].replace("_eager", "").replace("_nopdl", "")
     kw = dict(T.ENGINE, device=device, **({"num_kv_blocks": 256} if device == "cuda" else {}))
-    llm = LLM(path, tensor_parallel_size=tp, speculative_config=spec, enforce_eager=eager, **kw)
+    llm = LLM(path, tensor_parallel_size=tp, speculative_config=spec, enforce_eager=eager, pdl=not nopdl, **kw)
     try:
         paths = llm.engine.runner.verify_paths
         table, ragged = dict(paths.path), dict(paths.ragged)

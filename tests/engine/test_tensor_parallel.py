@@ -287,6 +287,12 @@ def test_a_verify_step_replays_the_path_rank_0_chose(model_dir):
     fakes = {name: (lambda name: lambda c, ids=None: calls.append((name, c, ids)) or name)(name)
              for name in runner.verify_paths.forwards()}
     runner.verify_paths.forwards = lambda: fakes
+    # This rank's own timings disagree with rank 0's every choice (its tables, its untimed default):
+    # a step never reads them (issue 17's first suspect).
+    rows = range(2, runner.verify_paths.max_pseudo_rows + 1)
+    runner.verify_paths.path = {**{n: "prefill_mq" for n in rows}, 0: "pseudo_rows_mq"}
+    runner.verify_paths.ragged = {n: "prefill" for n in rows}
+    runner.verify_paths.choose = lambda chunks: pytest.fail("a worker chose a path")
     chunks = [([5, 0, 0], 7, [0, 3]), ([9, 0], 2, [1])]
     for name in fakes:
         sent = pickle.loads(pickle.dumps(step_message(VerifyStep(name, chunks, False))))
