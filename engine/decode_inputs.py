@@ -9,8 +9,9 @@ of k + 1 tokens per sequence, or a draft's catch-up, becomes k + 1 decode rows t
 sequence's block table, row j at position start + j with context length start + j + 1. Every row's
 K/V is stored before any row attends, so paged decode attention over these rows is causal by
 construction (with programmatic dependent launch the attention starts before that store ends: it
-reads each row's positions from ``start``, its chunk's first, only after waiting for it), and the decode path (its fused small-batch matmuls, which read the weights once for
-all rows, and its CUDA graphs) runs the forward without a kernel of its own."""
+reads each row's positions from ``start``, its chunk's first, only after waiting for it), and the
+decode path (its fused small-batch matmuls, which read the weights once for all rows, and its CUDA
+graphs) runs the forward without a kernel of its own."""
 
 from __future__ import annotations
 
