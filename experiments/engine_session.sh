@@ -197,7 +197,7 @@ case "${1:?verb}" in
             # batch-invariant mode), then `bidiag`
     timeout ${TESTS_S:-300} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/test_staging.py \
       tests/engine/test_engine_gpu.py tests/engine/spec_decode/test_batch_invariant_gpu.py tests/kernels/test_batch_invariant_gemv.py \
-      tests/train/test_step_syncs.py tests/train/test_fused_head_loss.py \
+      tests/train/test_step_syncs.py tests/train/test_fused_head_loss.py tests/kernels/test_pdl.py tests/kernels/test_paged_attention.py \
       > "$OUTDIR/recheck_tests.txt" 2>&1; tail -n 8 "$OUTDIR/recheck_tests.txt"
     timeout ${STEP_S:-200} python3 experiments/distill_step_cost.py --out "$OUTDIR/step_cost.jsonl" > "$OUTDIR/step_cost.log" 2>&1
     tail -n 3 "$OUTDIR/step_cost.jsonl"
@@ -212,6 +212,8 @@ case "${1:?verb}" in
     nvidia-smi topo -m; env | grep -E 'NVLS|MULTICAST'
     timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rf ${TP_TESTS:-tests/engine/test_tensor_parallel.py \
       tests/train/test_distributed_gpu.py} > "$OUTDIR/tp_tests.txt" 2>&1; tail -n 15 "$OUTDIR/tp_tests.txt"
+    [ "${TPDIAG_S:-0}" -gt 0 ] && timeout ${TPDIAG_S} python3 experiments/tp_spec_diag.py --variants tp2_timed tp2_pseudo_rows \
+      tp2_pseudo_rows_nopdl tp1_pseudo_rows --json "$OUTDIR/tp_spec_diag.jsonl" > "$OUTDIR/tp_spec_diag.log" 2>&1
     [ "${TP_S:-320}" -gt 0 ] && timeout ${TP_S:-320} python3 experiments/tp_bench.py --out "$OUTDIR/tp_bench.jsonl" ${TP_ARGS:-} > "$OUTDIR/tp_bench.log" 2>&1
     grep -v Warn "$OUTDIR/tp_bench.log" | tail -n 12;;
   scaling)
