@@ -40,6 +40,31 @@ def _forward(layers, h, positions, cos, sin, k_cache, v_cache, slots, tables, le
     return h
 
 
+def _outputs(layers, h0, cache0, graphed: bool, make_args) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(the layers' outputs, the K cache after) from fresh copies of h0 and the cache: eagerly one
+    output, or three replays of a CUDA graph (captured after a warm-up on a copy), each replay from
+    the same inputs. ``make_args(k_cache, v_cache)``: _forward's arguments after the hidden states."""
+    k_cache, v_cache = cache0[0].clone(), cache0[1].clone()
+    h = h0.clone()
+    args = make_args(k_cache, v_cache)
+    if not graphed:
+        return [_forward(layers, h, *args).clone()], k_cache
+    _forward(layers, h.clone(), *args)  # warm-up (compiles), on a copy
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _forward(layers, h, *args)
+    results = []
+    for _ in range(3):
+        h.copy_(h0)
+        k_cache.copy_(cache0[0])
+        v_cache.copy_(cache0[1])
+        graph.replay()
+        results.append(h.clone())
+    torch.cuda.synchronize()
+    return results, k_cache
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not pdl_available("cuda"), reason="needs a Hopper GPU")
 @pytest.mark.parametrize("batch,hidden,inter,heads,kv_heads,head_dim", [
     (1, 576, 1536, 9, 3, 64),  # SmolLM2-135M
@@ -60,31 +85,13 @@ def test_pdl_chain_is_bitwise_the_same(batch, hidden, inter, heads, kv_heads, he
     cache0 = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g).to("cuda", torch.bfloat16)
 
     def run(pdl, graphed):
-        k_cache, v_cache = cache0[0].clone(), cache0[1].clone()
-        h = h0.clone()
-        args = (positions, cos, sin, k_cache, v_cache, slots, tables, lens, heads, kv_heads, pdl)
-        if not graphed:
-            return _forward(layers, h, *args).clone(), k_cache
-        _forward(layers, h.clone(), *args)  # warm-up (compiles), on a copy
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            _forward(layers, h, *args)
-        results = []
-        for _ in range(3):
-            h.copy_(h0)
-            k_cache.copy_(cache0[0])
-            v_cache.copy_(cache0[1])
-            graph.replay()
-            results.append(h.clone())
-        torch.cuda.synchronize()
-        assert all(torch.equal(r, results[0]) for r in results)
-        return results[0], k_cache
+        return _outputs(layers, h0, cache0, graphed,
+                        lambda k, v: (positions, cos, sin, k, v, slots, tables, lens, heads, kv_heads, pdl))
 
-    want, want_cache = run(False, False)
+    (want,), want_cache = run(False, False)
     for graphed in (False, True):
         got, got_cache = run(True, graphed)
-        assert torch.equal(got, want), graphed
+        assert all(torch.equal(r, want) for r in got), graphed
         assert torch.equal(got_cache, want_cache), graphed
 
 
@@ -117,27 +124,8 @@ def test_pdl_pseudo_rows_read_the_rows_before_them_after_the_wait(graphed):
     cache0 = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g).to("cuda", torch.bfloat16)
 
     def run(pdl, graphed):
-        k_cache, v_cache = cache0[0].clone(), cache0[1].clone()
-        h = h0.clone()
-        args = (positions, cos, sin, k_cache, v_cache, slots, tables, lens, heads, kv_heads, pdl, first_new)
-        if not graphed:
-            return _forward(layers, h, *args).clone()
-        _forward(layers, h.clone(), *args)  # warm-up (compiles), on a copy
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            _forward(layers, h, *args)
-        results = []
-        for _ in range(3):
-            h.copy_(h0)
-            k_cache.copy_(cache0[0])
-            v_cache.copy_(cache0[1])
-            graph.replay()
-            results.append(h.clone())
-        torch.cuda.synchronize()
-        return results
+        return _outputs(layers, h0, cache0, graphed,
+                        lambda k, v: (positions, cos, sin, k, v, slots, tables, lens, heads, kv_heads, pdl, first_new))[0]
 
-    want = run(False, False)
-    got = run(True, graphed)
-    for r in (got if graphed else [got]):
-        assert torch.equal(r, want)
+    (want,) = run(False, False)
+    assert all(torch.equal(r, want) for r in run(True, graphed))
