@@ -91,9 +91,8 @@ class EngineConfig:
     # agree when their settings do (the split count comes from max_model_len). Needs the Triton
     # kernels, fused_decode, one rank, and weights the fused kernels read (dense, int8 per channel,
     # int4 on Triton, W8A8 int8; compressed weights take the exact dequantization).
-    # Experimental on CUDA: on the H200 (2026-11-29, BENCHMARKS.md "Eighth session") the real SmolLM2
-    # target drafting for itself in the mode, max_num_seqs 16, 128-token prompts, accepted 51% of its
-    # drafts (tests/engine/spec_decode/test_batch_invariant_gpu.py has the case); the engine warns.
+    # Experimental on CUDA: its H200 divergence (BENCHMARKS.md, ninth session: a staging race of the
+    # grouped prefill, engine/staging.py) is fixed but not yet re-checked on a GPU; the engine warns.
     batch_invariant: bool = False
 
     hf_config: PretrainedConfig | None = None

@@ -40,9 +40,8 @@ class StagingBuffer:
         self.banks = [SimpleNamespace(**{n: t.numpy() for n, t in self._views(b).items()}) for b in self.host_bufs]
         self.host = self.banks[0]
         self.dev = SimpleNamespace(**self._views(self.device_buf))
-        # Per bank: an event recorded behind its last copy (CUDA only; None before the first).
-        self._copied: list[torch.cuda.Event | None] = [None] * len(self.host_bufs)
-        self._events = ([torch.cuda.Event() for _ in self.host_bufs] if on_cuda else [])
+        # Per bank (CUDA only): an event recorded behind its last copy; one never recorded is complete.
+        self._copied = [torch.cuda.Event() for _ in self.host_bufs] if on_cuda else []
 
     def _views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
@@ -54,10 +53,8 @@ class StagingBuffer:
     def writable(self, bank: int = 0) -> SimpleNamespace:
         """Host buffer ``bank``'s views, once its last copy has read it (at once where a sync has
         passed since, as between two decode steps; the wait where none has)."""
-        event = self._copied[bank]
-        if event is not None:
-            event.synchronize()
-            self._copied[bank] = None
+        if self._copied:
+            self._copied[bank].synchronize()
         return self.banks[bank]
 
     def copy_to_device(self, nbytes: int | None = None, bank: int = 0) -> None:
@@ -67,6 +64,5 @@ class StagingBuffer:
         if self.device_buf is not src:
             n = src.numel() if nbytes is None else nbytes
             self.device_buf[:n].copy_(src[:n], non_blocking=True)
-            if self._events:  # on the CPU the copy is done when it returns
-                self._events[bank].record()
-                self._copied[bank] = self._events[bank]
+            if self._copied:  # on the CPU the copy is done when it returns
+                self._copied[bank].record()

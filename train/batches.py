@@ -30,8 +30,8 @@ class Batch:
         row_tokens = self.row_tokens
         if row_tokens is None and self.labels.device.type == "cpu":
             row_tokens = (self.labels != -100).sum(dim=1).tolist()
-        return Batch(_to(self.input_ids, device), _to(self.labels, device),
-                     _to(self.attention_mask, device) if self.attention_mask is not None else None, self.groups,
+        return Batch(to_device(self.input_ids, device), to_device(self.labels, device),
+                     to_device(self.attention_mask, device) if self.attention_mask is not None else None, self.groups,
                      row_tokens)
 
     def counted_tokens(self, rows: slice = slice(None)) -> int:
@@ -45,7 +45,9 @@ class Batch:
         return self.counted_tokens()
 
 
-def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; from the CPU to a GPU through pinned memory without blocking (a blocking
+    copy waits for every kernel queued before it)."""
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from train.batches import to_device
 from train.fused_head_loss import can_fuse, fused_head_loss
 from train.loss_terms import LossTerm, term_sums
 
@@ -92,7 +93,4 @@ def chunked_distill_terms(student_hidden: torch.Tensor, student_head: torch.nn.M
 def term_weights(terms: list[LossTerm], device: torch.device) -> torch.Tensor:
     """The terms' fp32 weights on `device`; to a GPU without a blocking copy (which would wait for the
     forward passes queued before the loss)."""
-    weights = torch.tensor([t.weight for t in terms], dtype=torch.float32)
-    if device.type == "cuda":
-        return weights.pin_memory().to(device, non_blocking=True)
-    return weights.to(device)
+    return to_device(torch.tensor([t.weight for t in terms], dtype=torch.float32), device)

@@ -190,24 +190,25 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
             print(f"eval: {name} is DAMAGED, no numbers reported for it: {damage[art.path]}")
             rows.append({"artifact": name, "stage": art.stage, "status": f"damaged: {damage[art.path]}"})
             continue
+        params_key = f"params:{art.content_hash}"
+
+        def load(art: Artifact = art, params_key: str = params_key) -> torch.nn.Module:
+            model = load_model(art, dtype=dtype, device=device)
+            cache[params_key] = num_parameters(model)
+            return model
+
         key, hit = cached_row(name, [art.content_hash])
         if hit is not None:
             rows.append(hit["row"])
             details[name] = hit["details"]
             if name == TEACHER_DIR:
-                quality.teacher_load = lambda art=art: load_model(art, dtype=dtype, device=device)
+                quality.teacher_load = load
             continue
         print(f"eval: {name}")
         config = AutoConfig.from_pretrained(art.path)
         row: dict[str, Any] = {"artifact": name, "stage": art.stage, "status": "ok",
                                "size_MB": dir_size_bytes(art.path) / 2**20,
                                "kv_bytes_per_token": planned_kv_bytes_per_token(config, 2), **_gate_fields(art)}
-        params_key = f"params:{art.content_hash}"
-
-        def load(art: Artifact = art) -> torch.nn.Module:
-            model = load_model(art, dtype=dtype, device=device)
-            cache[params_key] = num_parameters(model)
-            return model
 
         fields, details[name] = quality.measure(name, art.content_hash, load, name == TEACHER_DIR)
         row.update(fields)
