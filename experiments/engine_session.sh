@@ -34,14 +34,17 @@
 #                                              # memory at 1 and 2 GPUs, DDP and FSDP2, with loss curves (issue 17)
 set -uo pipefail
 H=$HOME; OUTDIR=${OUT:-$H/out}; mkdir -p "$OUTDIR"
-python3 -m pip install -q --no-index --no-deps --no-compile --target "$H/site" .gpu/wheels/*.whl 2>/dev/null
+# once per machine: chains in the background import from $H/site while later calls start
+[ -f "$H/site/.installed" ] || { python3 -m pip install -q --no-index --no-deps --no-compile --target "$H/site" \
+  .gpu/wheels/*.whl 2>/dev/null && touch "$H/site/.installed"; }
 export PYTHONUNBUFFERED=1 PYTHONPATH="$H/site:$PWD" HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 B="python3 -m eval.bench --json $OUTDIR/bench.jsonl"
 assemble() {  # the GGUF from its parts (the first stashed by `stash`, the others carried now or by `stash2`)
               # and the corpus, each once, from whichever call carried it
   mkdir -p "$H/t" "$H/data/corpus"
   for p in .gpu/t/p01 .gpu/t/p02; do [ -f "$p" ] && cp "$p" "$H/t/"; done
-  [ -f "$H/t/smol.gguf" ] || { [ -f "$H/t/p02" ] && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"; }
+  [ -f "$H/t/smol.gguf" ] || { [ -f "$H/t/p00" ] && [ -f "$H/t/p01" ] && [ -f "$H/t/p02" ] \
+    && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"; }
   [ -f .gpu/corpus/docs-en.jsonl.gz ] && cp .gpu/corpus/docs-en.jsonl.gz "$H/data/corpus/"
   [ -f "$H/t/smol.gguf" ] || echo "assemble: the GGUF's parts are not all here (stash, then stash2)"
 }
@@ -92,7 +95,7 @@ case "${1:?verb}" in
   stash2)  # carry .gpu/t/p01 p02: the GGUF's other parts (with the tree, parts and corpus exceed one call's 64 MiB)
     assemble;;
   stash)  # and the copy and matmul ceilings, the first call's duty
-    mkdir -p "$H/t" "$H/data" && cp .gpu/t/p00 "$H/t/" && cp -r .gpu/data/. "$H/data/" && ls "$H/t" "$H/data"
+    mkdir -p "$H/t" "$H/data" && cp .gpu/t/p0? "$H/t/" && cp -r .gpu/data/. "$H/data/" && ls "$H/t" "$H/data"
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader; $B ceilings;;
   int4)  # carry .gpu/wheels + .gpu/t/p00 + .gpu/data (stashed for `pipeline` next): int4 on tinygemm vs Triton
     mkdir -p "$H/t" "$H/data"; [ -f .gpu/t/p00 ] && cp .gpu/t/p00 "$H/t/"; [ -d .gpu/data ] && cp -r .gpu/data/. "$H/data/"
@@ -194,14 +197,29 @@ case "${1:?verb}" in
     for s in "$H"/bal/*/shrink.json; do cp "$s" "$OUTDIR/bal.$(basename "$(dirname "$s")").shrink.json"; done
     mkdir -p "$OUTDIR/bal" && cp "$H"/bal/eval/report.* "$H"/bal/eval/*.png "$OUTDIR/bal/" 2>/dev/null;;
   recheck)  # after `stash` + `stash2`: the ninth session's fixes on the GPU (staging race, step-kernel warm-up,
-            # batch-invariant mode), then `bidiag`
+            # batch-invariant mode), then the distill step's cost and `bidiag`
+    "$0" rtests; "$0" stepcost; "$0" bidiag;;
+  rtests)
     timeout ${TESTS_S:-300} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/test_staging.py \
       tests/engine/test_engine_gpu.py tests/engine/spec_decode/test_batch_invariant_gpu.py tests/kernels/test_batch_invariant_gemv.py \
       tests/train/test_step_syncs.py tests/train/test_fused_head_loss.py tests/kernels/test_pdl.py tests/kernels/test_paged_attention.py \
-      > "$OUTDIR/recheck_tests.txt" 2>&1; tail -n 8 "$OUTDIR/recheck_tests.txt"
+      > "$OUTDIR/recheck_tests.txt" 2>&1; tail -n 8 "$OUTDIR/recheck_tests.txt";;
+  stepcost)
     timeout ${STEP_S:-200} python3 experiments/distill_step_cost.py --out "$OUTDIR/step_cost.jsonl" > "$OUTDIR/step_cost.log" 2>&1
-    tail -n 3 "$OUTDIR/step_cost.jsonl"
-    "$0" bidiag;;
+    tail -n 3 "$OUTDIR/step_cost.jsonl";;
+  bg)  # bg NAME VERB...: the verbs one after another in their own process session (they outlive the call and its
+       # 10 minutes), their output under $H/bg/NAME; `waitfor NAME` inside a chain waits for another; `collect` fetches
+    name=$2; shift 2; mkdir -p "$H/bg/$name"
+    OUT="$H/bg/$name" setsid nohup bash -c 'for v in "$@"; do echo "== $v $(date +%T)"; "$0" $v; done; echo "== done $(date +%T)"' \
+      "$0" "$@" > "$H/bg/$name/log.txt" 2>&1 < /dev/null &
+    echo "bg $name: started ($*)";;
+  waitfor)  # waitfor NAME (in a chain, one quoted word: bg b rtests "waitfor a" stepcost): until chain NAME is done
+    until grep -q "^== done" "$H/bg/${2}/log.txt" 2>/dev/null; do sleep 5; done;;
+  collect)  # waits up to COLLECT_S for every chain to say done, then copies $H/bg into $OUT (the chains run on)
+    for _ in $(seq 1 $(( ${COLLECT_S:-0} / 5 ))); do
+      left=0; for f in "$H"/bg/*/log.txt; do grep -q "^== done" "$f" || left=1; done; [ $left = 0 ] && break; sleep 5; done
+    for f in "$H"/bg/*/log.txt; do echo "## $f"; grep -v Warn "$f" | tail -n ${TAIL:-12}; done
+    cp -r "$H/bg/." "$OUTDIR/";;
   bidiag)
     [ -d "$H/smol" ] || $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
     timeout ${BID_S:-240} python3 experiments/batch_invariant_diag.py --model "$H/smol" --json "$OUTDIR/bi_diag.jsonl" \
