@@ -27,7 +27,7 @@
 #   experiments/engine_session.sh recheck      # after `stash` + `stash2`: the ninth session's fixes' GPU tests, the distill
 #                                              # step's cost (its host waits 9 -> 1: now / old syncs / 4096 chunks), bidiag
 #   experiments/engine_session.sh bidiag       # after `pipeline`: where batch-invariant mode departs (issue 14)
-#   experiments/engine_session.sh long         # after stash + stash2 (+ corpus): step-by-step x 3 seeds, then the GQA
+#   experiments/engine_session.sh long         # after stash + stash2 (+ corpus, .gpu/dss): step-by-step x 3 seeds, then the GQA
 #                                              # budget curve, on GPU 1 in their own session; `longwait` collects
 #   experiments/engine_session.sh balwait      # waits for `balanced` (BAL_WAIT_S) and copies its report
 #   experiments/engine_session.sh scaling      # nvidia-h200-x2, right after `tp`: distill step tokens/s and peak
@@ -46,6 +46,8 @@ assemble() {  # the GGUF from its parts (the first stashed by `stash`, the other
   [ -f "$H/t/smol.gguf" ] || { [ -f "$H/t/p00" ] && [ -f "$H/t/p01" ] && [ -f "$H/t/p02" ] \
     && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"; }
   [ -f .gpu/corpus/docs-en.jsonl.gz ] && cp .gpu/corpus/docs-en.jsonl.gz "$H/data/corpus/"
+  [ -f .gpu/dss/cqa_train.json.gz ] && mkdir -p "$H/data/reasoning/cqa" \
+    && gunzip -c .gpu/dss/cqa_train.json.gz > "$H/data/reasoning/cqa/cqa_train.json"  # Step-by-Step's train split
   [ -f "$H/t/smol.gguf" ] || echo "assemble: the GGUF's parts are not all here (stash, then stash2)"
 }
 case "${1:?verb}" in
