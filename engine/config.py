@@ -91,8 +91,7 @@ class EngineConfig:
     # agree when their settings do (the split count comes from max_model_len). Needs the Triton
     # kernels, fused_decode, one rank, and weights the fused kernels read (dense, int8 per channel,
     # int4 on Triton, W8A8 int8; compressed weights take the exact dequantization).
-    # Experimental on CUDA: its H200 divergence (BENCHMARKS.md, ninth session: a staging race of the
-    # grouped prefill, engine/staging.py) is fixed but not yet re-checked on a GPU; the engine warns.
+    # On the H200 its graphed runs equal its eager ones bitwise (BENCHMARKS.md, tenth session).
     batch_invariant: bool = False
 
     hf_config: PretrainedConfig | None = None

@@ -11,7 +11,6 @@ and each sequence gets the accepted tokens plus the target's own, appended the s
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import fields, replace
 from itertools import repeat
@@ -69,10 +68,6 @@ class LLMEngine:
         if unknown:
             raise TypeError(f"unknown engine option(s): {sorted(unknown)}")
         self.config = EngineConfig(model=model, **kwargs)
-        if self.config.batch_invariant and self.config.torch_device.type == "cuda":
-            warnings.warn("batch_invariant is experimental on CUDA: its H200 divergence (a staging race of its "
-                          "grouped prefill, BENCHMARKS.md, ninth session) is fixed but not yet re-checked on a GPU",
-                          stacklevel=3)
         model = self.config.model  # a .gguf file's converted directory
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
         self.eos_token_ids = _eos_ids(model, self.config.hf_config, self.tokenizer)
