@@ -48,6 +48,9 @@ FORMATS = ["int8", "int4_g64", "int4_g128", "int4_g128_zero", "w8a8_int8"]
 FAST_CANDIDATES = [(8, 2048, 4), (16, 2048, 4), (8, 4096, 4), (4, 4096, 4), (16, 1024, 4), (8, 2048, 8),
                    (32, 1024, 4), (4, 2048, 4), (16, 2048, 8), (8, 1024, 4), (32, 1024, 8), (16, 4096, 8),
                    (4, 8192, 8), (2, 8192, 4)]
+# FAST_DOT_CONFIG candidates (BLOCK_N, num_warps) of int4 at 1 < M <= 16, swept after the M == 1 ones
+# (run --m 2 to see what an M == 1 row would cost on the tensor cores, padded to 16 rows).
+DOT_CANDIDATES = [(32, 4), (128, 4), (64, 8), (128, 8), (256, 8), (32, 2)]
 COPY_BYTES = 256 << 20  # weight copies per case: far more than L2
 DEVICE = "cuda"  # a CPU smoke test of the script's flow sets "cpu" (tests/kernels/test_quant_gemv_sweep.py)
 
@@ -129,6 +132,12 @@ class Case:
         for w, q in self.weights[:2]:
             self.run(w, q, **kw)
         return graph_seconds(lambda: [self.run(w, q, **kw) for w, q in self.weights]) / len(self.weights)
+
+
+def dot_config(entry: tuple[int, int], group: int, two: bool) -> tuple[int, int, int, int]:
+    """The gemv config of a DOT_CANDIDATES entry, as kernels.gemv.fast_dot_config builds FAST_DOT_CONFIG's."""
+    block_n, num_warps = entry
+    return 16, max(16, block_n // 2) if two else block_n, group, num_warps
 
 
 def tinygemm_weights(case: Case) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
@@ -229,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--m", nargs="+", type=int, default=[1, 16], help="batch rows (1..16)")
     ap.add_argument("--budget-s", type=float, default=100.0,
                     help="seconds of fast-config sweeping after the fixed measurements (each new config compiles)")
+    ap.add_argument("--dot-budget-s", type=float, default=60.0,
+                    help="seconds of sweeping FAST_DOT_CONFIG candidates (int4 at M > 1) after the fast-config sweep")
     ap.add_argument("--json", default=None, help="also write the JSON lines to this file")
     args = ap.parse_args(argv)
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -263,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # the fixed measurements of every case, keeping the M == 1 cases for the sweep
     sweep: list[tuple[Case, list]] = []
+    dot_sweep: list[Case] = []
     for fmt in args.formats:
         for shape in args.shapes:
             n, k, fusion = SHAPES[shape]
@@ -282,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
                 elif fast_dot_fits(quant, group):
                     measure(case, "fast", lambda: case.time(fast=True), nbytes,
                             config=list(fast_dot_config(group, two)), note="M > 1: int4 on tl.dot (FAST_DOT_CONFIG)")
+                    dot_sweep.append(case)
                 else:
                     measure(case, "fast", lambda: case.time(fast=True), nbytes, note="M > 1: the exact path")
                 if quant == "int4":
@@ -301,6 +314,14 @@ def main(argv: list[str] | None = None) -> None:
             cfg = fast_gemv_config(case.n_out, case.k, case.quant, case.group, case.fusion == "swiglu", entry=entry)
             measure(case, "fast_sweep", lambda: case.time(fast=True, config=cfg), case.bytes, config=list(cfg),
                     entry=list(entry))
+    dot_start = time.perf_counter()
+    for block_n, num_warps in DOT_CANDIDATES:  # the tl.dot configs, within their own budget
+        for case in dot_sweep:
+            if time.perf_counter() - dot_start >= args.dot_budget_s:
+                break
+            cfg = dot_config((block_n, num_warps), case.group, case.fusion == "swiglu")
+            measure(case, "fast_dot_sweep", lambda: case.time(fast=True, config=cfg), case.bytes, config=list(cfg),
+                    entry=[block_n, num_warps])
     for case, _ in sweep:  # the best fast config of each case, heuristic included
         timed = [r for r in records if r["format"] == case.fmt and r["shape"] == case.shape and r["M"] == 1
                  and r["path"] in ("fast", "fast_sweep") and "seconds" in r]
