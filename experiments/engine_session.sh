@@ -176,20 +176,24 @@ case "${1:?verb}" in
       data_dir="$H/data" cache_dir="$H/cache_b" logging=none run="$H/bal" eval=gpu eval.load.enabled=false \
       eval.speculative=false distill.tokens=${BAL_TOKENS:-20000000} data.teacher_generated.num_samples=${BAL_SAMPLES:-30000} \
       > "$H/bal.log" 2>&1 < /dev/null & echo "balanced: started (pid $!)";;
-  long)  # after `stash` + `stash2` (+ .gpu/corpus carried once): issue 16's long GPU runs in their own process
-          # session on GPU ${LONG_GPU:-1}, one after another: Distilling Step-by-Step on CQA with 3 seeds (label only
-          # vs label + rationale), then the GQA 3 -> 1 uptrain budget curve (mean pooling); `longwait` collects
+  long)  # after `stash` + `stash2` (+ .gpu/corpus and .gpu/dss carried once): issue 16's long GPU runs in their own
+          # process session on GPU ${LONG_GPU:-1}, one after another: Distilling Step-by-Step on CQA with 3 seeds
+          # (label only vs label + rationale); depth vs width vs both at 60% of the teacher's parameters
+          # (DVW_TOKENS each); the GQA 3 -> 1 uptrain curve at GQA_TOKENS per GQA_INITS (the tenth session measured
+          # mean at 1M / 10M / 50M); `longwait` collects
     assemble; [ -d "$H/smol" ] || $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
     mkdir -p "$H/long"
     CUDA_VISIBLE_DEVICES=${LONG_GPU:-1} setsid nohup bash -c "
       for s in ${DSS_SEEDS:-0 1 2}; do python3 experiments/distill.py --teacher $H/smol --data-dir $H/data \
         --out $H/long/dss_s\$s --tokens 1 --parts dss --seed \$s; done
-      for t in ${GQA_TOKENS:-1000000 10000000 50000000}; do python3 experiments/gqa.py --model $H/smol \
-        --data-dir $H/data --out $H/long/gqa_\$t --tokens \$t --inits mean; done" > "$H/long.log" 2>&1 < /dev/null &
+      [ ${DVW_TOKENS:-10000000} -gt 0 ] && python3 experiments/depth_vs_width.py --teacher $H/smol --data-dir $H/data \
+        --out $H/long/dvw --tokens ${DVW_TOKENS:-10000000}
+      for t in ${GQA_TOKENS:-10000000}; do python3 experiments/gqa.py --model $H/smol \
+        --data-dir $H/data --out $H/long/gqa_\$t --tokens \$t --inits ${GQA_INITS:-mean}; done" > "$H/long.log" 2>&1 < /dev/null &
     echo "long: started (pid $!)";;
   longwait)
-    for _ in $(seq 1 $(( ${LONG_WAIT_S:-10} / 5 ))); do pgrep -f "experiments/(distill|gqa).py" > /dev/null || break; sleep 5; done
-    pgrep -f "experiments/(distill|gqa).py" > /dev/null && echo "long: still running"
+    for _ in $(seq 1 $(( ${LONG_WAIT_S:-10} / 5 ))); do pgrep -f "experiments/(distill|gqa|depth_vs_width).py" > /dev/null || break; sleep 5; done
+    pgrep -f "experiments/(distill|gqa|depth_vs_width).py" > /dev/null && echo "long: still running"
     tr '\r' '\n' < "$H/long.log" | grep -E "dss|gqa|ppl|accuracy|Error" | tail -n 30
     (cd "$H/long" && find . -name "results.*" -o -name "*.jsonl" | tar -czf "$OUTDIR/long_results.tgz" -T -);;
   balwait)
