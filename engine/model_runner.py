@@ -164,6 +164,7 @@ class ModelRunner:
                 else:
                     self._prompt_logprobs(seqs[i], out[row0 : row0 + n])
             row0 += n
+        self.sampler.record_prompt_logprobs()
         want = [r for r in last_rows if r >= 0]
         logits = (out[want] if to_logits is None else to_logits(out[want])).float() if want else None
         rows, k = [], 0  # each sequence's row in logits

@@ -113,6 +113,9 @@ class NullSampler:
     def prompt_logprobs(self, seq: Any, logits: torch.Tensor, start: int) -> None:
         pass
 
+    def record_prompt_logprobs(self) -> None:
+        pass
+
 
 def _free_port() -> int:
     with socket.socket() as s:
