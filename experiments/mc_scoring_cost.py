@@ -68,6 +68,20 @@ def _measure(llm: LLM, device: str, run: Callable[[], Any], profile: bool, label
     return {"seconds": round(seconds, 3), "steps": engine.num_steps - steps, **counts}
 
 
+def host_scan_us(vocab: int, tokens: int = 600) -> float:
+    """Microseconds per prompt token of the pre-fix host path (a CPU copy of the chunk's log_softmax,
+    then per token a read of its logprob and a scan of the vocabulary for its rank): on a host whose
+    torch threads outnumber the cores it may use, each scan is an OpenMP region that can take
+    milliseconds (a 2-core box, 2 threads: 23 ms against 28 us with 1)."""
+    lp = torch.log_softmax(torch.randn(60, vocab), dim=-1)
+    t = time.perf_counter()
+    for j in range(tokens):
+        row = lp[j % 60]
+        chosen = float(row[j % vocab])
+        int((row > chosen).sum())
+    return 1e6 * (time.perf_counter() - t) / tokens
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="model directory (default: the cached SmolLM2 teacher)")
@@ -98,7 +112,9 @@ def main() -> None:
             llm.generate([pairs[i][0] + pairs[i][1] for i in wave], [params] * len(wave))
 
     result: dict[str, Any] = {"model": model, "device": args.device, "dtype": dtype, "questions": len(questions),
-                              "pairs": len(pairs), "max_num_seqs": args.max_num_seqs}
+                              "pairs": len(pairs), "max_num_seqs": args.max_num_seqs,
+                              "torch_threads": torch.get_num_threads(), "cpus_usable": len(os.sched_getaffinity(0)),
+                              "old_host_scan_us_per_token": round(host_scan_us(llm.engine.vocab_size), 1)}
     for repeat in range(args.repeats):
         last = repeat == args.repeats - 1
         result["plain_prefill"] = _measure(llm, args.device, plain, args.profile and last, "plain prefill")

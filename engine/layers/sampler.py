@@ -129,7 +129,8 @@ class LogprobRows:
             assert len(tokens) == rows
             for token in tokens:
                 values, ids = flat[k + 2 : k + 2 + top_n], flat[k + 2 + top_n : k + 2 + 2 * top_n]
-                entry: TokenLogprobs = {int(t): Logprob(int(t), v, r) for r, (v, t) in enumerate(zip(values, ids), 1)}
+                entry: TokenLogprobs = {int(t): Logprob(int(t), v, r)
+                                        for r, (v, t) in enumerate(zip(values, ids), start=1)}
                 entry[token] = Logprob(token, flat[k], int(flat[k + 1]))
                 group.append(entry)
                 k += 2 + 2 * top_n
@@ -137,13 +138,24 @@ class LogprobRows:
         return out
 
 
+class PromptLogprobs:
+    """One step's prompt logprobs (Sampler.prompt_logprobs queues each chunk's): recorded to their
+    sequences together, in one transfer."""
+
+    def __init__(self) -> None:
+        self.rows = LogprobRows()
+        self.seqs: list[tuple[Sequence, list[int]]] = []  # each queued chunk's sequence and tokens
+
+    def record(self) -> None:
+        """Append the queued entries to their sequences' prompt_logprobs."""
+        for (seq, _), entries in zip(self.seqs, self.rows.entries([tokens for _, tokens in self.seqs])):
+            seq.prompt_logprobs.extend(entries)
+
+
 class Sampler:
     def __init__(self, device: torch.device, eos_token_ids: set[int]) -> None:
         self.device = device
         self.eos_token_ids = eos_token_ids  # impossible tokens until a sequence reaches min_tokens
-        # The step's prompt logprobs, queued until record_prompt_logprobs (prompt_logprobs).
-        self.pending_prompt = LogprobRows()
-        self.pending_seqs: list[tuple[Sequence, list[int]]] = []
 
     def sample_step(self, seqs: list[Sequence], logits: torch.Tensor | None, rows: list[int] | None = None) -> StepResult:
         """One token for each sequence that samples this step. ``logits`` [rows, vocab] fp32;
@@ -187,13 +199,13 @@ class Sampler:
             lps[idx[j]] = entries
         return StepResult(tokens, lps)
 
-    def prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int) -> None:
-        """Queue the logprobs of the prompt tokens that ``logits`` predict: [rows, vocab] fp32,
-        computed at positions start, start + 1, ... (row j scores token start + j + 1); the first
-        prompt token gets None. They are reduced on the device now and appended to
-        seq.prompt_logprobs by record_prompt_logprobs, once for the step. Entry k of
-        seq.prompt_logprobs belongs to prompt token k; a recompute after preemption skips entries
-        already recorded (so do entries taken from the prefix cache)."""
+    def prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int, step: PromptLogprobs) -> None:
+        """Queue on ``step`` the logprobs of the prompt tokens that ``logits`` predict: [rows, vocab]
+        fp32, computed at positions start, start + 1, ... (row j scores token start + j + 1); the
+        first prompt token gets None. They are reduced on the device now and appended to
+        seq.prompt_logprobs by ``step.record()``, once for the step. Entry k of seq.prompt_logprobs
+        belongs to prompt token k; a recompute after preemption skips entries already recorded (so
+        do entries taken from the prefix cache)."""
         if not seq.prompt_logprobs:
             seq.prompt_logprobs.append(None)
         first = len(seq.prompt_logprobs) - start - 1  # row of the first token without an entry
@@ -202,18 +214,8 @@ class Sampler:
             return
         lp = torch.log_softmax(logits, dim=-1)
         tokens = seq.token_ids[start + first + 1 : start + stop + 1]
-        self.pending_prompt.add(lp[first:stop], device_tensor(tokens, lp.device, torch.long),
-                                seq.params.prompt_logprobs or 0)
-        self.pending_seqs.append((seq, tokens))
-
-    def record_prompt_logprobs(self) -> None:
-        """Append the step's queued prompt logprobs to their sequences (one transfer)."""
-        if not self.pending_seqs:
-            return
-        entries = self.pending_prompt.entries([tokens for _, tokens in self.pending_seqs])
-        for (seq, _), group in zip(self.pending_seqs, entries):
-            seq.prompt_logprobs.extend(group)
-        self.pending_prompt, self.pending_seqs = LogprobRows(), []
+        step.rows.add(lp[first:stop], device_tensor(tokens, lp.device, torch.long), seq.params.prompt_logprobs or 0)
+        step.seqs.append((seq, tokens))
 
     def generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None:

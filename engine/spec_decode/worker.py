@@ -165,7 +165,8 @@ class SpecDecodeWorker:
         lp = torch.log_softmax(raw[want], dim=-1)
         rows = LogprobRows()
         for r, i in enumerate(want):
-            rows.add(lp[r, : len(tokens[i])], device_tensor(tokens[i], lp.device, torch.long), seqs[i].params.logprobs or 0)
+            chosen = device_tensor(tokens[i], lp.device, torch.long)
+            rows.add(lp[r, : len(tokens[i])], chosen, seqs[i].params.logprobs or 0)
         for i, entries in zip(want, rows.entries([tokens[i] for i in want])):
             out[i] = entries
         return out
