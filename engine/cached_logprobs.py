@@ -5,7 +5,7 @@ depends only on tokens 0..p, so a full block whose hash chain covers tokens 0..p
 of its positions for any later request with the same prefix. They are stored as tensors (about
 ``block_size * (8 * top_n + 8)`` bytes), not as the dicts the request returns, and rebuilt with any
 top-n up to the one they were computed with: the first k of the top-n, then the prompt token, in
-the order ``token_logprobs`` builds them (layers/sampler.py)."""
+the order ``LogprobRows`` builds them (layers/sampler.py)."""
 
 from __future__ import annotations
 

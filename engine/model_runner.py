@@ -27,7 +27,7 @@ from engine.cuda_graphs import EngineGraphs, capture_graphs
 from engine.decode_inputs import DecodeInputs
 from engine.kv_cache import allocate_kv_cache, kv_bytes_per_token
 from engine.layers.attention import Attention
-from engine.layers.sampler import Sampler, StepResult, device_tensor
+from engine.layers.sampler import PromptLogprobs, Sampler, StepResult, device_tensor
 from engine.models import model_class
 from engine.parallel.group import group_for
 from engine.parallel.workers import start_workers
@@ -155,15 +155,18 @@ class ModelRunner:
                                                     [i if batch.samples(i) else -1 for i in range(len(seqs))])
             out, to_logits = self.varlen_forward(chunks), self.model.compute_logits
         last_rows: list[int] = []  # row in the flat token batch whose logits are sampled, or -1
+        prompt_logprobs = PromptLogprobs()
         row0 = 0
         for i, n in enumerate(batch.num_scheduled):
             last_rows.append(row0 + n - 1 if batch.samples(i) else -1)
             if seqs[i].params.prompt_logprobs is not None:
                 if to_logits is None:
-                    self.sampler.prompt_logprobs(seqs[i], out[row0 : row0 + n].float(), seqs[i].num_computed_tokens)
+                    self.sampler.prompt_logprobs(seqs[i], out[row0 : row0 + n].float(), seqs[i].num_computed_tokens,
+                                                 prompt_logprobs)
                 else:
-                    self._prompt_logprobs(seqs[i], out[row0 : row0 + n])
+                    self._prompt_logprobs(seqs[i], out[row0 : row0 + n], prompt_logprobs)
             row0 += n
+        prompt_logprobs.record()
         want = [r for r in last_rows if r >= 0]
         logits = (out[want] if to_logits is None else to_logits(out[want])).float() if want else None
         rows, k = [], 0  # each sequence's row in logits
@@ -172,13 +175,13 @@ class ModelRunner:
             k += r >= 0
         return self.sampler.sample_step(seqs, logits, rows)
 
-    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> None:
+    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, step: PromptLogprobs) -> None:
         """Prompt logprobs of a prefill chunk (``hidden``: its rows). A chunk that starts a block
         (after a prefix-cache hit) scores its first token from the hidden state kept with the block
         before it; each block the chunk completes keeps the hidden state at its last position."""
         start, bs, table = seq.num_computed_tokens, self.block_size, seq.block_table
         if not self.config.enable_prefix_caching:
-            return self.sampler.prompt_logprobs(seq, self.model.compute_logits(hidden).float(), start)
+            return self.sampler.prompt_logprobs(seq, self.model.compute_logits(hidden).float(), start, step)
         if self.block_hidden is None:
             self.block_hidden = hidden.new_zeros(self.num_blocks, hidden.shape[-1])
         ends = range(start + bs - 1 - start % bs, start + len(hidden), bs)  # last positions of blocks
@@ -187,7 +190,7 @@ class ModelRunner:
             self.block_hidden[blocks] = hidden[ends.start - start :: bs]
         if start > 0 and start % bs == 0:
             hidden, start = torch.cat([self.block_hidden[table[start // bs - 1]][None], hidden]), start - 1
-        self.sampler.prompt_logprobs(seq, self.model.compute_logits(hidden).float(), start)
+        self.sampler.prompt_logprobs(seq, self.model.compute_logits(hidden).float(), start, step)
 
     def _prefill_as_pseudo_rows(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
         """Batch-invariant mode's prefill logits: every prompt token a decode pseudo-row

@@ -9,9 +9,10 @@ continuation " <choice>". A model never trained on our `[label]` format scores
 above chance here, where its greedy `[label]` answers (eval/accuracy.py) score near zero.
 
 The log-likelihoods come from the engine's prompt logprobs (`SamplingParams.prompt_logprobs`, the
-numbers the server's echo path hands lm-eval), one request per choice, all in one engine call. The
-engine serves no prefix-cache hit to a request that asks for prompt logprobs (each prompt token
-needs its logprob), so the question is computed once per choice: five short prefills a question."""
+numbers the server's echo path hands lm-eval), one request per choice, in two engine calls
+(engine_loglikelihoods): a question's later choices take its blocks, and their prompt logprobs,
+from the prefix cache. Scoring costs about a prefill of the same tokens plus the LM head on every
+prompt row (experiments/mc_scoring_cost.py measures both)."""
 
 from __future__ import annotations
 

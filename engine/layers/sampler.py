@@ -92,15 +92,64 @@ def sample(
 
 def token_logprobs(logprobs_row: torch.Tensor, chosen: int, top_n: int) -> TokenLogprobs:
     """The chosen token's logprob and rank, plus the top-n entries, from one row of log_softmax."""
-    out: TokenLogprobs = {}
-    chosen_lp = float(logprobs_row[chosen])
-    rank = int((logprobs_row > chosen_lp).sum()) + 1
-    if top_n > 0:
-        values, idx = logprobs_row.topk(top_n)
-        for r, (v, t) in enumerate(zip(values.tolist(), idx.tolist()), start=1):
-            out[t] = Logprob(t, v, r)
-    out[chosen] = Logprob(chosen, chosen_lp, rank)
-    return out
+    rows = LogprobRows()
+    rows.add(logprobs_row[None], torch.tensor([chosen], device=logprobs_row.device), top_n)
+    return rows.entries([[chosen]])[0][0]
+
+
+class LogprobRows:
+    """Logprob entries of rows of log_softmax, reduced on the device to what an entry holds (the
+    chosen token's logprob and rank, the top-n) and brought to the host in one transfer for all
+    groups added: the host never copies or scans a vocabulary-wide row (on a GPU, a copy and a
+    sync per request and a host pass over the vocabulary per token made prompt-logprob scoring
+    cost many times its prefill)."""
+
+    def __init__(self) -> None:
+        self.groups: list[tuple[torch.Tensor, int, int]] = []  # (flat packed rows, rows, top_n)
+
+    def add(self, logprobs: torch.Tensor, chosen: torch.Tensor, top_n: int) -> None:
+        """``logprobs``: [rows, vocab] fp32 log_softmax; ``chosen``: [rows] token ids (same device)."""
+        chosen_lp = logprobs.gather(1, chosen.long()[:, None])
+        rank = (logprobs > chosen_lp).sum(dim=1, keepdim=True) + 1
+        parts = [chosen_lp.double(), rank.double()]  # fp64 holds fp32 values and token ids exactly
+        if top_n > 0:
+            values, idx = logprobs.topk(top_n, dim=-1)
+            parts += [values.double(), idx.double()]
+        self.groups.append((torch.cat(parts, dim=1).flatten(), logprobs.shape[0], top_n))
+
+    def entries(self, chosen: list[list[int]]) -> list[list[TokenLogprobs]]:
+        """Per group added, in order, its rows' entries; ``chosen[g]``: group g's chosen token ids."""
+        if not self.groups:
+            return []
+        flat = torch.cat([g[0] for g in self.groups]).tolist()  # the one transfer
+        out: list[list[TokenLogprobs]] = []
+        k = 0
+        for (_, rows, top_n), tokens in zip(self.groups, chosen):
+            group: list[TokenLogprobs] = []
+            assert len(tokens) == rows
+            for token in tokens:
+                values, ids = flat[k + 2 : k + 2 + top_n], flat[k + 2 + top_n : k + 2 + 2 * top_n]
+                entry: TokenLogprobs = {int(t): Logprob(int(t), v, r)
+                                        for r, (v, t) in enumerate(zip(values, ids), start=1)}
+                entry[token] = Logprob(token, flat[k], int(flat[k + 1]))
+                group.append(entry)
+                k += 2 + 2 * top_n
+            out.append(group)
+        return out
+
+
+class PromptLogprobs:
+    """One step's prompt logprobs (Sampler.prompt_logprobs queues each chunk's): recorded to their
+    sequences together, in one transfer."""
+
+    def __init__(self) -> None:
+        self.rows = LogprobRows()
+        self.seqs: list[tuple[Sequence, list[int]]] = []  # each queued chunk's sequence and tokens
+
+    def record(self) -> None:
+        """Append the queued entries to their sequences' prompt_logprobs."""
+        for (seq, _), entries in zip(self.seqs, self.rows.entries([tokens for _, tokens in self.seqs])):
+            seq.prompt_logprobs.extend(entries)
 
 
 class Sampler:
@@ -134,34 +183,39 @@ class Sampler:
                     sel[j, list(banned)] = float("-inf")
         params = [seqs[i].params for i in idx]
         gens = [self.generator(seqs[i]) for i in idx]
-        sampled = sample(sel, params, gens).tolist()
+        picked = sample(sel, params, gens)
+        sampled = picked.tolist()
         for j, i in enumerate(idx):
             tokens[i] = [sampled[j]]
         need_lp = [j for j, i in enumerate(idx) if seqs[i].params.logprobs is not None]
         if not need_lp:
             return StepResult(tokens)
         lps: list[list[TokenLogprobs]] = [[] for _ in range(n)]
-        lp = torch.log_softmax(raw[need_lp], dim=-1).cpu()
+        lp = torch.log_softmax(raw[need_lp], dim=-1)
+        rows = LogprobRows()
         for r, j in enumerate(need_lp):
-            lps[idx[j]] = [token_logprobs(lp[r], sampled[j], seqs[idx[j]].params.logprobs or 0)]
+            rows.add(lp[r : r + 1], picked[j : j + 1], seqs[idx[j]].params.logprobs or 0)
+        for j, entries in zip(need_lp, rows.entries([[sampled[j]] for j in need_lp])):
+            lps[idx[j]] = entries
         return StepResult(tokens, lps)
 
-    def prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int) -> None:
-        """Append logprobs of the prompt tokens that ``logits`` predict: [rows, vocab] fp32, computed
-        at positions start, start + 1, ... (row j scores token start + j + 1); the first prompt
-        token gets None. Entry k of
-        seq.prompt_logprobs belongs to prompt token k; a recompute after preemption skips entries
-        already recorded (so do entries taken from the prefix cache)."""
+    def prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int, step: PromptLogprobs) -> None:
+        """Queue on ``step`` the logprobs of the prompt tokens that ``logits`` predict: [rows, vocab]
+        fp32, computed at positions start, start + 1, ... (row j scores token start + j + 1); the
+        first prompt token gets None. They are reduced on the device now and appended to
+        seq.prompt_logprobs by ``step.record()``, once for the step. Entry k of seq.prompt_logprobs
+        belongs to prompt token k; a recompute after preemption skips entries already recorded (so
+        do entries taken from the prefix cache)."""
         if not seq.prompt_logprobs:
             seq.prompt_logprobs.append(None)
-        lp = torch.log_softmax(logits, dim=-1).cpu()
-        top_n = seq.params.prompt_logprobs or 0
-        for j in range(logits.shape[0]):
-            nxt = start + j + 1
-            if nxt >= seq.num_prompt_tokens:
-                break
-            if nxt == len(seq.prompt_logprobs):
-                seq.prompt_logprobs.append(token_logprobs(lp[j], seq.token_ids[nxt], top_n))
+        first = len(seq.prompt_logprobs) - start - 1  # row of the first token without an entry
+        stop = min(logits.shape[0], seq.num_prompt_tokens - start - 1)
+        if first < 0 or first >= stop:  # nothing new (or not contiguous with the entries it has)
+            return
+        lp = torch.log_softmax(logits, dim=-1)
+        tokens = seq.token_ids[start + first + 1 : start + stop + 1]
+        step.rows.add(lp[first:stop], device_tensor(tokens, lp.device, torch.long), seq.params.prompt_logprobs or 0)
+        step.seqs.append((seq, tokens))
 
     def generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None:

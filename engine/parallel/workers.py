@@ -110,7 +110,7 @@ class NullSampler:
 
         return StepResult([[] for _ in seqs])
 
-    def prompt_logprobs(self, seq: Any, logits: torch.Tensor, start: int) -> None:
+    def prompt_logprobs(self, seq: Any, logits: torch.Tensor, start: int, step: Any) -> None:
         pass
 
 

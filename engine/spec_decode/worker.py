@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.layers.sampler import StepResult, device_tensor, token_logprobs
+from engine.layers.sampler import LogprobRows, StepResult, device_tensor
 from engine.model_runner import ModelRunner
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence, TokenLogprobs
@@ -162,8 +162,11 @@ class SpecDecodeWorker:
         if not want:
             return None
         out: list[list[TokenLogprobs]] = [[] for _ in seqs]
-        lp = torch.log_softmax(raw[want], dim=-1).cpu()
+        lp = torch.log_softmax(raw[want], dim=-1)
+        rows = LogprobRows()
         for r, i in enumerate(want):
-            top_n = seqs[i].params.logprobs or 0
-            out[i] = [token_logprobs(lp[r, j], t, top_n) for j, t in enumerate(tokens[i])]
+            chosen = device_tensor(tokens[i], lp.device, torch.long)
+            rows.add(lp[r, : len(tokens[i])], chosen, seqs[i].params.logprobs or 0)
+        for i, entries in zip(want, rows.entries([tokens[i] for i in want])):
+            out[i] = entries
         return out
