@@ -3,7 +3,10 @@ M == 16), exact against fast dequantization, compiled for sm_90 with Triton's bu
 (the block between the label and the backward branch) is counted per thread and divided by the
 weight bytes a thread reads per K step; conversions (I2F, F2F, F2FP) are listed separately, as
 they issue at a fraction of the FMA rate on Hopper. Fully unrolled loops (K / BLOCK_K small)
-count the whole kernel over all its steps instead.
+count the whole kernel over all its steps instead. The global loads are listed by width (LDG.E:
+32-bit, LDG.E.128: 128-bit, LDG.E.U16: a 16-bit x value ...) with the bytes a thread loads in the
+counted code ("ldg_bytes") and before its first FFMA ("ldg_bytes_before_ffma": what is in flight
+before the first multiply waits; in a pipelined loop, the next tile's prefetch), kernel-wide too.
 
     python experiments/gemv_sass_count.py [--k 4096] [--n 4096]
 """
@@ -56,9 +59,48 @@ def compile_sm90(quant: str, fast: bool, group: int, zero: bool, m: int, n: int,
     return kernel.asm["cubin"], cfg
 
 
-def loop_ops(sass: str) -> tuple[collections.Counter, bool]:
-    """Opcode counts of the largest backward-branch loop, or of the whole kernel (and False) if none."""
-    lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+def _opcode(line: str, full: bool = False) -> str | None:
+    """The instruction's opcode (``full``: with its modifiers, LDG.E.128), predicate stripped."""
+    m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+(?:\.[A-Z0-9_]+)*)", line)
+    if not m:
+        return None
+    return m.group(1) if full else m.group(1).split(".")[0]
+
+
+def ldg_bytes(op: str) -> int:
+    """Bytes one thread loads with a global load opcode (LDG.E: 32-bit)."""
+    mods = op.split(".")[1:]
+    for width, nbytes in (("128", 16), ("64", 8), ("U16", 2), ("S16", 2), ("U8", 1), ("S8", 1)):
+        if width in mods:
+            return nbytes
+    return 4
+
+
+def load_stats(body: list[str]) -> dict:
+    """The global loads of ``body`` by width, their bytes per thread, and the bytes loaded before
+    its first FFMA."""
+    widths: collections.Counter = collections.Counter()
+    before, seen_ffma = 0, False
+    for line in body:
+        op = _opcode(line, full=True)
+        if op is None:
+            continue
+        if op.startswith("FFMA"):
+            seen_ffma = True
+        if op.split(".")[0] == "LDG":
+            widths[op] += 1
+            before += 0 if seen_ffma else ldg_bytes(op)
+    return {"ldg": dict(widths.most_common()), "ldg_bytes": sum(ldg_bytes(op) * n for op, n in widths.items()),
+            "ldg_bytes_before_ffma": before}
+
+
+def sass_lines(sass: str) -> list[str]:
+    return [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+
+
+def loop_body(sass: str) -> tuple[list[str], bool]:
+    """The instructions of the largest backward-branch loop, or of the whole kernel (and False) if none."""
+    lines = sass_lines(sass)
     addr = {i: int(re.match(r"\s+/\*([0-9a-f]+)\*/", line).group(1), 16) for i, line in enumerate(lines)}
     labels, pending = {}, None
     for raw in sass.splitlines():
@@ -74,12 +116,13 @@ def loop_ops(sass: str) -> tuple[collections.Counter, bool]:
         if m and labels.get(m.group(1), 1 << 40) < addr[i]:
             body = [x for j, x in enumerate(lines) if labels[m.group(1)] <= addr[j] <= addr[i]]
             best = max(best, body, key=len)
-    ops = collections.Counter()
-    for line in best or lines:
-        m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)", line)
-        if m:
-            ops[m.group(1)] += 1
-    return ops, bool(best)
+    return best or lines, bool(best)
+
+
+def loop_ops(sass: str) -> tuple[collections.Counter, bool]:
+    """Opcode counts of the largest backward-branch loop, or of the whole kernel (and False) if none."""
+    body, looped = loop_body(sass)
+    return collections.Counter(op for op in map(_opcode, body) if op), looped
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
             f.write(cubin)
             f.flush()
             sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
-        ops, looped = loop_ops(sass)
+        body, looped = loop_body(sass)
+        ops = collections.Counter(op for op in map(_opcode, body) if op)
+        counted, kernel = load_stats(body), load_stats(sass_lines(sass))
         threads = cfg[3] * 32
         elem_bytes = {"int4": 0.5, "dense": 2.0}.get(quant, 1.0)
         steps = 1 if looped else -(-args.k // cfg[2])
@@ -104,6 +149,9 @@ def main(argv: list[str] | None = None) -> None:
                           "instructions": total, "weight_bytes_per_thread": nbytes,
                           "instructions_per_byte": round(total / nbytes, 2),
                           "conversions_per_byte": round(sum(ops[c] for c in CONVERSIONS) / nbytes, 2),
+                          "ldg": counted["ldg"], "ldg_bytes": counted["ldg_bytes"],
+                          "ldg_bytes_before_ffma": counted["ldg_bytes_before_ffma"],
+                          "kernel_ldg_bytes_before_ffma": kernel["ldg_bytes_before_ffma"],
                           "top": ops.most_common(8)}), flush=True)
 
 
