@@ -37,7 +37,8 @@ CONVERSIONS = ("I2F", "F2F", "F2FP", "I2FP")
 
 
 def compile_sm90(quant: str, fast: bool, group: int, zero: bool, m: int, n: int, k: int) -> tuple[bytes, tuple]:
-    """The cubin of _gemv_kernel for M rows (plain, bf16) and its config."""
+    """The cubin of _gemv_kernel for M rows (plain, bf16) and its config, specialized as a launch on
+    torch tensors is."""
     dot = fast and m > 1
     if dot:
         cfg = G.fast_dot_config(group)
@@ -54,7 +55,12 @@ def compile_sm90(quant: str, fast: bool, group: int, zero: bool, m: int, n: int,
                       GROUP=group, QUANT=G.QUANT_KINDS[quant], HAS_ZERO=zero, FAST=words, GPT=gpt, WPG=wpg,
                       FAST_DOT=dot)
     sig.update({name: "constexpr" for name in constexprs})
-    kernel = triton.compile(ASTSource(G._gemv_kernel, sig, constexprs=constexprs),
+    # As a launch specializes them: torch's tensors 16-byte aligned, the row strides (K, N) multiples
+    # of 16. Without this divisibility no load is vectorized (every word an LDG.E).
+    ints = {"x_stride": k, "res_stride": n, "out_stride": n}
+    aligned = [name for name, ty in sig.items() if ty.startswith("*") or ints.get(name, 1) % 16 == 0]
+    attrs = {(G._gemv_kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    kernel = triton.compile(ASTSource(G._gemv_kernel, sig, constexprs=constexprs, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg[3]})
     return kernel.asm["cubin"], cfg
 
