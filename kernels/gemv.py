@@ -578,6 +578,126 @@ if HAS_TRITON:
         return out, out2
 
     @triton.jit
+    def _int4_fast_tile(w_rows, s_rows, z_rows, k0, col_mask, K: tl.constexpr, GROUP: tl.constexpr,
+                        HAS_ZERO: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr, MASK_K: tl.constexpr):
+        """int4's code words [BLOCK_N, GPT, WPG] of inputs k0 .. k0 + GPT * GROUP (GPT groups of WPG
+        words) of the rows at w_rows, the group scales and zero points [BLOCK_N, GPT] (zeros
+        without HAS_ZERO). MASK_K: the step may reach past K (a ragged or prefetched step);
+        otherwise only the columns are masked, constant along each thread's run of 4+ words: one
+        128-bit load each."""
+        g = k0 // GROUP + tl.arange(0, GPT)
+        j = g[:, None] * WPG + tl.arange(0, WPG)[None, :]
+        w_mask = col_mask[:, None, None]
+        g_mask = col_mask[:, None]
+        if MASK_K:
+            w_mask = w_mask & (j < K // 8)[None, :, :]
+            g_mask = g_mask & (g < K // GROUP)[None, :]
+        words = tl.load(w_rows[:, :, None] + j[None, :, :], mask=w_mask, other=0)
+        scale = tl.load(s_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+        zero = scale
+        if HAS_ZERO:
+            zero = tl.load(z_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+        return words, scale, zero
+
+    @triton.jit
+    def _int4_fast_x(x_ptr, k0, nw_ptr, rstd, K: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr,
+                     NORM: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+        """The step's inputs k0 .. k0 + GPT * WPG * 8, loaded once as one contiguous run and
+        split into the 8 codes' operands [GPT, WPG] (x[8 w + c] for code c of word w), each times
+        2^-s of its code's bit position in the word (_int4_fast_mac), and their sum per word."""
+        x = _fast_x(x_ptr, k0 + tl.arange(0, GPT * WPG * 8), nw_ptr, rstd, 0.0, K, NORM, 2, BF16_BY_HAND)
+        even, odd = tl.split(tl.reshape(x, (GPT, WPG, 2, 2, 2)))  # the last axis: bit 0 of c
+        e0, e1 = tl.split(even)
+        o0, o1 = tl.split(odd)
+        x0, x4 = tl.split(e0)
+        x2, x6 = tl.split(e1)
+        x1, x5 = tl.split(o0)
+        x3, x7 = tl.split(o1)
+        xw = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        return (x0, x1 * 0.0625, x2 * 0.00390625, x3 * 0.000244140625, x4 * 0.0000152587890625,
+                x5 * 0.00390625, x6 * 0.000244140625, x7 * 0.0000152587890625), xw
+
+    @triton.jit
+    def _int4_fast_mac(acc, words, scale, zero, xs, xw, HAS_ZERO: tl.constexpr):
+        """acc [BLOCK_N, GPT, WPG] += per word: sum over its 8 codes of (u - 8) * x (_fast_code:
+        codes 0..4 in place at bits 4c, 5..7 in place in one copy shifted down 12 bits; xs from
+        _int4_fast_x, already times 2^-s), minus zero * sum(x) (xw), times its group's scale."""
+        hi = words >> 12
+        p = _fast_code(words, 0, 2) * xs[0][None, :, :]
+        for c in tl.static_range(1, 5):
+            p += _fast_code(words, 4 * c, 2) * xs[c][None, :, :]
+        for c in tl.static_range(5, 8):
+            p += _fast_code(hi, 4 * c - 12, 2) * xs[c][None, :, :]
+        if HAS_ZERO:
+            p -= zero[:, :, None] * xw[None, :, :]
+        return acc + p * scale[:, :, None]
+
+    @triton.jit
+    def _matmul_fast_int4(
+        x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
+        K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
+        BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+        GPT: tl.constexpr, WPG: tl.constexpr,
+    ):
+        """_matmul_fast for int4 (QUANT 2): [1, BLOCK_N] fp32 accumulators. Up to FAST_UNROLL K
+        steps the loop is unrolled (no registers copied between steps, no mask along the words
+        but on a ragged last step) and every step's words are loaded one step ahead of their
+        use, the first two before the PDL wait; longer K loops as _matmul_fast's. x is loaded
+        once per step as a contiguous run (_int4_fast_x) for all the program's rows."""
+        STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+        UNROLL: tl.constexpr = STEPS <= 8
+        EVEN: tl.constexpr = K % BLOCK_K == 0
+        words, scale, zero = _int4_fast_tile(w_rows, s_rows, z_rows, 0, col_mask, K, GROUP, HAS_ZERO, GPT, WPG,
+                                             not UNROLL or (STEPS == 1 and not EVEN))
+        words2, scale2, zero2 = words, scale, zero
+        if TWO:
+            words2, scale2, zero2 = _int4_fast_tile(w_rows2, s_rows2, z_rows2, 0, col_mask, K, GROUP, HAS_ZERO,
+                                                    GPT, WPG, not UNROLL or (STEPS == 1 and not EVEN))
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        row = tl.arange(0, 1)
+        rstd, xs = _row_stats(x_ptr + row[:, None], row < 1, tl.arange(0, BLOCK_K), nw_ptr, eps, K, 1, BLOCK_K,
+                              NORM, 2, BF16_BY_HAND)
+        rstd = tl.sum(rstd, 0)
+        acc = tl.zeros([BLOCK_N, GPT, WPG], tl.float32)
+        acc2 = acc
+        if UNROLL:
+            for step in tl.static_range(STEPS):
+                next_words, next_scale, next_zero = words, scale, zero
+                next_words2, next_scale2, next_zero2 = words2, scale2, zero2
+                if step + 1 < STEPS:
+                    ragged: tl.constexpr = step + 2 == STEPS and not EVEN
+                    next_words, next_scale, next_zero = _int4_fast_tile(
+                        w_rows, s_rows, z_rows, (step + 1) * BLOCK_K, col_mask, K, GROUP, HAS_ZERO, GPT, WPG, ragged)
+                    if TWO:
+                        next_words2, next_scale2, next_zero2 = _int4_fast_tile(
+                            w_rows2, s_rows2, z_rows2, (step + 1) * BLOCK_K, col_mask, K, GROUP, HAS_ZERO, GPT, WPG,
+                            ragged)
+                xc, xw = _int4_fast_x(x_ptr, step * BLOCK_K, nw_ptr, rstd, K, GPT, WPG, NORM, BF16_BY_HAND)
+                acc = _int4_fast_mac(acc, words, scale, zero, xc, xw, HAS_ZERO)
+                if TWO:
+                    acc2 = _int4_fast_mac(acc2, words2, scale2, zero2, xc, xw, HAS_ZERO)
+                words, scale, zero = next_words, next_scale, next_zero
+                words2, scale2, zero2 = next_words2, next_scale2, next_zero2
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                next_words, next_scale, next_zero = _int4_fast_tile(w_rows, s_rows, z_rows, k0 + BLOCK_K, col_mask,
+                                                                    K, GROUP, HAS_ZERO, GPT, WPG, True)
+                next_words2, next_scale2, next_zero2 = next_words, next_scale, next_zero
+                if TWO:
+                    next_words2, next_scale2, next_zero2 = _int4_fast_tile(w_rows2, s_rows2, z_rows2, k0 + BLOCK_K,
+                                                                           col_mask, K, GROUP, HAS_ZERO, GPT, WPG,
+                                                                           True)
+                xc, xw = _int4_fast_x(x_ptr, k0, nw_ptr, rstd, K, GPT, WPG, NORM, BF16_BY_HAND)
+                acc = _int4_fast_mac(acc, words, scale, zero, xc, xw, HAS_ZERO)
+                if TWO:
+                    acc2 = _int4_fast_mac(acc2, words2, scale2, zero2, xc, xw, HAS_ZERO)
+                words, scale, zero = next_words, next_scale, next_zero
+                words2, scale2, zero2 = next_words2, next_scale2, next_zero2
+        return tl.sum(tl.sum(acc, 2), 1)[None, :], tl.sum(tl.sum(acc2, 2), 1)[None, :]
+
+    @triton.jit
     def _int4_dot_tile(w_rows, s_rows, z_rows, g, col_mask, K: tl.constexpr, GROUP: tl.constexpr,
                        HAS_ZERO: tl.constexpr):
         """Group g's packed bytes [BLOCK_N, GROUP / 2] of the rows at w_rows (int32), scales and zero
@@ -666,7 +786,10 @@ if HAS_TRITON:
                     FAST: tl.constexpr, FAST_DOT: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr):
         """The accumulators of whichever matmul the kernel was specialised for: the fast M == 1
         dequantization (FAST), int4 on tl.dot at M > 1 (FAST_DOT), or the exact path."""
-        if FAST:
+        if FAST and QUANT == 2:
+            return _matmul_fast_int4(x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
+                                     K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, HAS_ZERO, GPT, WPG)
+        elif FAST:
             return _matmul_fast(x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
                                 K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, QUANT, HAS_ZERO, GPT, WPG)
         elif FAST_DOT:
