@@ -6,9 +6,12 @@ they issue at a fraction of the FMA rate on Hopper. Fully unrolled loops (K / BL
 count the whole kernel over all its steps instead. The global loads are listed by width (LDG.E:
 32-bit, LDG.E.128: 128-bit, LDG.E.U16: a 16-bit x value ...) with the bytes a thread loads in the
 counted code ("ldg_bytes") and before its first FFMA ("ldg_bytes_before_ffma": what is in flight
-before the first multiply waits; in a pipelined loop, the next tile's prefetch), kernel-wide too.
+before the first multiply waits; in a pipelined loop, the next tile's prefetch), kernel-wide too,
+the registers and spills, the programs one SM holds at --n (registers, warps, grid) and the
+bytes they have loaded before their first FFMA (Little's law: the H200 wants ~32 KB in flight per
+SM to stream at its copy rate).
 
-    python experiments/gemv_sass_count.py [--k 4096] [--n 4096]
+    python experiments/gemv_sass_count.py [--k 4096] [--n 4096] [--entry 8,4096,4 ...]
 """
 
 from __future__ import annotations
@@ -34,16 +37,19 @@ VARIANTS = {  # name -> (quant, fast, group, zero, M)
     "int4_g128_m16_exact": ("int4", False, 128, False, 16), "int4_g128_m16_fast": ("int4", True, 128, False, 16),
 }
 CONVERSIONS = ("I2F", "F2F", "F2FP", "I2FP")
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+SMS = 132  # an H200's SMs
 
 
-def compile_sm90(quant: str, fast: bool, group: int, zero: bool, m: int, n: int, k: int) -> tuple[bytes, tuple]:
+def compile_sm90(quant: str, fast: bool, group: int, zero: bool, m: int, n: int, k: int,
+                 entry: tuple[int, int, int] | None = None) -> tuple[bytes, tuple]:
     """The cubin of _gemv_kernel for M rows (plain, bf16) and its config, specialized as a launch on
     torch tensors is."""
     dot = fast and m > 1
     if dot:
         cfg = G.fast_dot_config(group)
     else:
-        cfg = G.fast_gemv_config(n, k, quant, group) if fast else G.gemv_config(m, n, k)
+        cfg = G.fast_gemv_config(n, k, quant, group, entry=entry) if fast else G.gemv_config(m, n, k)
     words = fast and not dot
     wty = "*i32" if words else {"int4": "*u8", "dense": "*bf16"}.get(quant, "*i8")
     sig = {"x_ptr": "*bf16", "w_ptr": wty, "s_ptr": "*fp32", "z_ptr": "*fp32", "b_ptr": "*bf16",
@@ -131,18 +137,43 @@ def loop_ops(sass: str) -> tuple[collections.Counter, bool]:
     return collections.Counter(op for op in map(_opcode, body) if op), looped
 
 
+def resources(cubin_path: str) -> tuple[int, int]:
+    """(registers per thread, local memory bytes per thread: spills) of the cubin's kernel."""
+    cuobjdump = os.path.join(BIN, "cuobjdump")
+    out = subprocess.run([cuobjdump, "-res-usage", cubin_path], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", out)
+    return int(m.group(1)), int(m.group(2))
+
+
+def programs_per_sm(regs: int, num_warps: int, programs: int) -> int:
+    """Programs resident on one H200 SM: the register file's (64K, allocated per warp in units of
+    256) and 64 warps' bound, and no more than the grid spreads over its 132 SMs."""
+    per_warp = -(-regs * 32 // 256) * 256
+    fit = min((65536 // per_warp) // num_warps, 64 // num_warps, 32)
+    return max(0, min(fit, -(-programs // SMS)))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--entry", action="append", default=[],
+                    help="BLOCK_N,BLOCK_K,num_warps: also count int4 g128 fast (and with zero points) at this "
+                         "FAST_M1_CONFIGS candidate (repeatable)")
     args = ap.parse_args(argv)
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    for name, (quant, fast, group, zero, m) in VARIANTS.items():
-        cubin, cfg = compile_sm90(quant, fast, group, zero, m, args.n, args.k)
+    nvdisasm = os.path.join(BIN, "nvdisasm")
+    variants = [(name, spec, None) for name, spec in VARIANTS.items()]
+    for text in args.entry:
+        entry = tuple(int(v) for v in text.split(","))
+        variants += [(f"int4_g128_fast@{text}", VARIANTS["int4_g128_fast"], entry),
+                     (f"int4_g128_zero_fast@{text}", VARIANTS["int4_g128_zero_fast"], entry)]
+    for name, (quant, fast, group, zero, m), entry in variants:
+        cubin, cfg = compile_sm90(quant, fast, group, zero, m, args.n, args.k, entry)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()
             sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+            regs, spill = resources(f.name)
         body, looped = loop_body(sass)
         ops = collections.Counter(op for op in map(_opcode, body) if op)
         counted, kernel = load_stats(body), load_stats(sass_lines(sass))
@@ -151,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         steps = 1 if looped else -(-args.k // cfg[2])
         nbytes = cfg[1] * cfg[2] * elem_bytes * steps / threads  # weight bytes per thread counted
         total = sum(ops.values())
+        resident = programs_per_sm(regs, cfg[3], -(-args.n // cfg[1]) * -(-m // cfg[0]))
         print(json.dumps({"variant": name, "config": list(cfg), "counted": "loop" if looped else "kernel",
                           "instructions": total, "weight_bytes_per_thread": nbytes,
                           "instructions_per_byte": round(total / nbytes, 2),
@@ -158,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
                           "ldg": counted["ldg"], "ldg_bytes": counted["ldg_bytes"],
                           "ldg_bytes_before_ffma": counted["ldg_bytes_before_ffma"],
                           "kernel_ldg_bytes_before_ffma": kernel["ldg_bytes_before_ffma"],
+                          "regs": regs, "spill_bytes": spill, "programs_per_sm": resident,
+                          "kernel_bytes_before_ffma_per_sm": resident * threads * kernel["ldg_bytes_before_ffma"],
                           "top": ops.most_common(8)}), flush=True)
 
 

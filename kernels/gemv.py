@@ -618,16 +618,26 @@ if HAS_TRITON:
                 x5 * 0.00390625, x6 * 0.000244140625, x7 * 0.0000152587890625), xw
 
     @triton.jit
+    def _int4_code(src, SHIFT: tl.constexpr):
+        """The int4 code at bit SHIFT of src, a word with the magic exponent already OR-ed in
+        (word | 0x4B000000): AND-ing away the other bits (but the exponent's) leaves the float
+        2^23 + u * 2^SHIFT, minus 2^23 + 8 * 2^SHIFT (u - 8) * 2^SHIFT, exact (_fast_code). One
+        immediate per instruction: the mask is one LOP3, where (w & mask) | magic took two."""
+        bits = src & (0x4B000000 | (0xF << SHIFT))
+        return bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << SHIFT))
+
+    @triton.jit
     def _int4_fast_mac(acc, words, scale, zero, xs, xw, HAS_ZERO: tl.constexpr):
         """acc [BLOCK_N, GPT, WPG] += per word: sum over its 8 codes of (u - 8) * x (_fast_code:
         codes 0..4 in place at bits 4c, 5..7 in place in one copy shifted down 12 bits; xs from
         _int4_fast_x, already times 2^-s), minus zero * sum(x) (xw), times its group's scale."""
-        hi = words >> 12
-        p = _fast_code(words, 0, 2) * xs[0][None, :, :]
+        lo = words | 0x4B000000
+        hi = (words >> 12) | 0x4B000000
+        p = _int4_code(lo, 0) * xs[0][None, :, :]
         for c in tl.static_range(1, 5):
-            p += _fast_code(words, 4 * c, 2) * xs[c][None, :, :]
+            p += _int4_code(lo, 4 * c) * xs[c][None, :, :]
         for c in tl.static_range(5, 8):
-            p += _fast_code(hi, 4 * c - 12, 2) * xs[c][None, :, :]
+            p += _int4_code(hi, 4 * c - 12) * xs[c][None, :, :]
         if HAS_ZERO:
             p -= zero[:, :, None] * xw[None, :, :]
         return acc + p * scale[:, :, None]
