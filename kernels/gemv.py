@@ -579,34 +579,44 @@ if HAS_TRITON:
 
     @triton.jit
     def _int4_fast_tile(w_rows, s_rows, z_rows, k0, col_mask, K: tl.constexpr, GROUP: tl.constexpr,
-                        HAS_ZERO: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr, MASK_K: tl.constexpr):
-        """int4's code words [BLOCK_N, GPT, WPG] of inputs k0 .. k0 + GPT * GROUP (GPT groups of WPG
-        words) of the rows at w_rows, the group scales and zero points [BLOCK_N, GPT] (zeros
-        without HAS_ZERO). MASK_K: the step may reach past K (a ragged or prefetched step);
-        otherwise only the columns are masked, constant along each thread's run of 4+ words: one
-        128-bit load each."""
-        g = k0 // GROUP + tl.arange(0, GPT)
-        j = g[:, None] * WPG + tl.arange(0, WPG)[None, :]
+                        HAS_ZERO: tl.constexpr, R: tl.constexpr, T: tl.constexpr, MASK_K: tl.constexpr):
+        """int4's code words [BLOCK_N, R, T] of inputs k0 .. k0 + R * T * 8 of the rows at w_rows,
+        word t * R + r at [:, r, t] (R consecutive words, one 128-bit load, make a thread's run:
+        _int4_fast_x lays x out the same way), their group scales and zero points ([BLOCK_N, 1, T]
+        where a run is within one group, else [BLOCK_N, R, T]; zeros without HAS_ZERO). MASK_K:
+        the step may reach past K (a ragged or prefetched step); otherwise only the columns are
+        masked, constant along each run."""
+        WPG: tl.constexpr = GROUP // 8
+        t = k0 // (8 * R) + tl.arange(0, T)
+        j = t[None, :] * R + tl.arange(0, R)[:, None]  # [R, T] word index within the row
+        if WPG % R == 0:
+            g = (t * R // WPG)[None, :]
+        else:
+            g = j // WPG
         w_mask = col_mask[:, None, None]
-        g_mask = col_mask[:, None]
+        g_mask = col_mask[:, None, None]
         if MASK_K:
             w_mask = w_mask & (j < K // 8)[None, :, :]
-            g_mask = g_mask & (g < K // GROUP)[None, :]
+            g_mask = g_mask & (g < K // GROUP)[None, :, :]
         words = tl.load(w_rows[:, :, None] + j[None, :, :], mask=w_mask, other=0)
-        scale = tl.load(s_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+        scale = tl.load(s_rows[:, :, None] + g[None, :, :], mask=g_mask, other=0.0).to(tl.float32)
         zero = scale
         if HAS_ZERO:
-            zero = tl.load(z_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+            zero = tl.load(z_rows[:, :, None] + g[None, :, :], mask=g_mask, other=0.0).to(tl.float32)
         return words, scale, zero
 
     @triton.jit
-    def _int4_fast_x(x_ptr, k0, nw_ptr, rstd, K: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr,
+    def _int4_fast_x(x_ptr, k0, nw_ptr, rstd, K: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
                      NORM: tl.constexpr, BF16_BY_HAND: tl.constexpr):
-        """The step's inputs k0 .. k0 + GPT * WPG * 8, loaded once as one contiguous run and
-        split into the 8 codes' operands [GPT, WPG] (x[8 w + c] for code c of word w), each times
+        """The step's inputs k0 .. k0 + R * T * 8 as the 8 codes' operands [R, T] (x[8 w + c] for
+        code c of word w = t * R + r, laid out as _int4_fast_tile's words: each thread loads the
+        x of its own run of words, 128 bits at a time, and splits it in registers), each times
         2^-s of its code's bit position in the word (_int4_fast_mac), and their sum per word."""
-        x = _fast_x(x_ptr, k0 + tl.arange(0, GPT * WPG * 8), nw_ptr, rstd, 0.0, K, NORM, 2, BF16_BY_HAND)
-        even, odd = tl.split(tl.reshape(x, (GPT, WPG, 2, 2, 2)))  # the last axis: bit 0 of c
+        r = tl.arange(0, R)[:, None, None]
+        t = tl.arange(0, T)[None, :, None]
+        c = tl.arange(0, 8)[None, None, :]
+        x = _fast_x(x_ptr, k0 + (t * R + r) * 8 + c, nw_ptr, rstd, 0.0, K, NORM, 2, BF16_BY_HAND)
+        even, odd = tl.split(tl.reshape(x, (R, T, 2, 2, 2)))  # the last axis: bit 0 of c
         e0, e1 = tl.split(even)
         o0, o1 = tl.split(odd)
         x0, x4 = tl.split(e0)
@@ -628,19 +638,20 @@ if HAS_TRITON:
 
     @triton.jit
     def _int4_fast_mac(acc, words, scale, zero, xs, xw, HAS_ZERO: tl.constexpr):
-        """acc [BLOCK_N, GPT, WPG] += per word: sum over its 8 codes of (u - 8) * x (_fast_code:
-        codes 0..4 in place at bits 4c, 5..7 in place in one copy shifted down 12 bits; xs from
-        _int4_fast_x, already times 2^-s), minus zero * sum(x) (xw), times its group's scale."""
+        """acc [BLOCK_N, R, T] += per word: sum over its 8 codes of (u - 8) * x, minus zero * sum(x)
+        (xw), times its group's scale. Codes 0..4 in place at bits 4c of the word, 5..7 in place in
+        one copy shifted down 12 bits (bits 8..16), x already times 2^-s (_int4_fast_x): per code
+        one LOP3, FADD and FFMA (_int4_code)."""
         lo = words | 0x4B000000
-        hi = (words >> 12) | 0x4B000000
+        hi = (words.to(tl.uint32, bitcast=True) >> 12).to(tl.int32, bitcast=True) + 0x4B000000
         p = _int4_code(lo, 0) * xs[0][None, :, :]
         for c in tl.static_range(1, 5):
             p += _int4_code(lo, 4 * c) * xs[c][None, :, :]
         for c in tl.static_range(5, 8):
             p += _int4_code(hi, 4 * c - 12) * xs[c][None, :, :]
         if HAS_ZERO:
-            p -= zero[:, :, None] * xw[None, :, :]
-        return acc + p * scale[:, :, None]
+            p -= zero * xw[None, :, :]
+        return acc + p * scale
 
     @triton.jit
     def _matmul_fast_int4(
@@ -654,15 +665,17 @@ if HAS_TRITON:
         but on a ragged last step) and every step's words are loaded one step ahead of their
         use, the first two before the PDL wait; longer K loops as _matmul_fast's. x is loaded
         once per step as a contiguous run (_int4_fast_x) for all the program's rows."""
+        R: tl.constexpr = 4 if BLOCK_K >= 32 else BLOCK_K // 8  # words in a thread's run (_int4_fast_tile)
+        T: tl.constexpr = BLOCK_K // (8 * R)
         STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
         UNROLL: tl.constexpr = STEPS <= 8
         EVEN: tl.constexpr = K % BLOCK_K == 0
-        words, scale, zero = _int4_fast_tile(w_rows, s_rows, z_rows, 0, col_mask, K, GROUP, HAS_ZERO, GPT, WPG,
+        words, scale, zero = _int4_fast_tile(w_rows, s_rows, z_rows, 0, col_mask, K, GROUP, HAS_ZERO, R, T,
                                              not UNROLL or (STEPS == 1 and not EVEN))
         words2, scale2, zero2 = words, scale, zero
         if TWO:
             words2, scale2, zero2 = _int4_fast_tile(w_rows2, s_rows2, z_rows2, 0, col_mask, K, GROUP, HAS_ZERO,
-                                                    GPT, WPG, not UNROLL or (STEPS == 1 and not EVEN))
+                                                    R, T, not UNROLL or (STEPS == 1 and not EVEN))
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -670,7 +683,7 @@ if HAS_TRITON:
         rstd, xs = _row_stats(x_ptr + row[:, None], row < 1, tl.arange(0, BLOCK_K), nw_ptr, eps, K, 1, BLOCK_K,
                               NORM, 2, BF16_BY_HAND)
         rstd = tl.sum(rstd, 0)
-        acc = tl.zeros([BLOCK_N, GPT, WPG], tl.float32)
+        acc = tl.zeros([BLOCK_N, R, T], tl.float32)
         acc2 = acc
         if UNROLL:
             for step in tl.static_range(STEPS):
@@ -679,12 +692,12 @@ if HAS_TRITON:
                 if step + 1 < STEPS:
                     ragged: tl.constexpr = step + 2 == STEPS and not EVEN
                     next_words, next_scale, next_zero = _int4_fast_tile(
-                        w_rows, s_rows, z_rows, (step + 1) * BLOCK_K, col_mask, K, GROUP, HAS_ZERO, GPT, WPG, ragged)
+                        w_rows, s_rows, z_rows, (step + 1) * BLOCK_K, col_mask, K, GROUP, HAS_ZERO, R, T, ragged)
                     if TWO:
                         next_words2, next_scale2, next_zero2 = _int4_fast_tile(
-                            w_rows2, s_rows2, z_rows2, (step + 1) * BLOCK_K, col_mask, K, GROUP, HAS_ZERO, GPT, WPG,
+                            w_rows2, s_rows2, z_rows2, (step + 1) * BLOCK_K, col_mask, K, GROUP, HAS_ZERO, R, T,
                             ragged)
-                xc, xw = _int4_fast_x(x_ptr, step * BLOCK_K, nw_ptr, rstd, K, GPT, WPG, NORM, BF16_BY_HAND)
+                xc, xw = _int4_fast_x(x_ptr, step * BLOCK_K, nw_ptr, rstd, K, R, T, NORM, BF16_BY_HAND)
                 acc = _int4_fast_mac(acc, words, scale, zero, xc, xw, HAS_ZERO)
                 if TWO:
                     acc2 = _int4_fast_mac(acc2, words2, scale2, zero2, xc, xw, HAS_ZERO)
@@ -693,19 +706,19 @@ if HAS_TRITON:
         else:
             for k0 in range(0, K, BLOCK_K):
                 next_words, next_scale, next_zero = _int4_fast_tile(w_rows, s_rows, z_rows, k0 + BLOCK_K, col_mask,
-                                                                    K, GROUP, HAS_ZERO, GPT, WPG, True)
+                                                                    K, GROUP, HAS_ZERO, R, T, True)
                 next_words2, next_scale2, next_zero2 = next_words, next_scale, next_zero
                 if TWO:
                     next_words2, next_scale2, next_zero2 = _int4_fast_tile(w_rows2, s_rows2, z_rows2, k0 + BLOCK_K,
-                                                                           col_mask, K, GROUP, HAS_ZERO, GPT, WPG,
+                                                                           col_mask, K, GROUP, HAS_ZERO, R, T,
                                                                            True)
-                xc, xw = _int4_fast_x(x_ptr, k0, nw_ptr, rstd, K, GPT, WPG, NORM, BF16_BY_HAND)
+                xc, xw = _int4_fast_x(x_ptr, k0, nw_ptr, rstd, K, R, T, NORM, BF16_BY_HAND)
                 acc = _int4_fast_mac(acc, words, scale, zero, xc, xw, HAS_ZERO)
                 if TWO:
                     acc2 = _int4_fast_mac(acc2, words2, scale2, zero2, xc, xw, HAS_ZERO)
                 words, scale, zero = next_words, next_scale, next_zero
                 words2, scale2, zero2 = next_words2, next_scale2, next_zero2
-        return tl.sum(tl.sum(acc, 2), 1)[None, :], tl.sum(tl.sum(acc2, 2), 1)[None, :]
+        return tl.sum(tl.sum(acc, 1), 1)[None, :], tl.sum(tl.sum(acc2, 1), 1)[None, :]  # in-thread R first
 
     @triton.jit
     def _int4_dot_tile(w_rows, s_rows, z_rows, g, col_mask, K: tl.constexpr, GROUP: tl.constexpr,
