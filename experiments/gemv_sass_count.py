@@ -107,7 +107,7 @@ def load_stats(body: list[str]) -> dict:
 
 
 def sass_lines(sass: str) -> list[str]:
-    return [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+    return [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
 
 
 def loop_body(sass: str) -> tuple[list[str], bool]:
@@ -119,7 +119,7 @@ def loop_body(sass: str) -> tuple[list[str], bool]:
         m = re.match(r"\.L_x_(\d+):", raw.strip())
         if m:
             pending = m.group(1)
-        elif pending and re.match(r"\s+/\*[0-9a-f]{4}\*/", raw):
+        elif pending and re.match(r"\s+/\*[0-9a-f]{4,}\*/", raw):
             labels[pending] = int(re.match(r"\s+/\*([0-9a-f]+)\*/", raw).group(1), 16)
             pending = None
     best: list[str] = []
@@ -138,11 +138,11 @@ def loop_ops(sass: str) -> tuple[collections.Counter, bool]:
 
 
 def resources(cubin_path: str) -> tuple[int, int]:
-    """(registers per thread, local memory bytes per thread: spills) of the cubin's kernel."""
+    """(registers per thread, bytes of stack / local memory per thread: spills) of the cubin's kernel."""
     cuobjdump = os.path.join(BIN, "cuobjdump")
     out = subprocess.run([cuobjdump, "-res-usage", cubin_path], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", out)
-    return int(m.group(1)), int(m.group(2))
+    m = re.search(r"REG:(\d+) STACK:(\d+).*?LOCAL:(\d+)", out)
+    return int(m.group(1)), max(int(m.group(2)), int(m.group(3)))
 
 
 def programs_per_sm(regs: int, num_warps: int, programs: int) -> int:

@@ -180,6 +180,10 @@ FAST_M1_CONFIGS: dict[str, tuple[int, int, int]] = {  # H200 sweep, benchmarks/2
 # streams 2.2-3.0 TB/s against the exact path's 1.2-1.5; int4's streams 0.45-1.25 TB/s against the
 # exact path's 0.82-1.06 at its best swept config, slower on most shapes: int4 stays exact.
 FAST_BY_DEFAULT = {"int8": True, "w8a8_int8": True, "int4": False}
+# int4's fast path unrolls its K loop up to this many steps (_matmul_fast_int4): two keep every
+# word of a K <= 2 * BLOCK_K row set in flight at once; more, unrolled, let ptxas hoist every
+# step's loads and spill (K 11008 at (8, 2048, 4): 256 bytes a thread, experiments/gemv_sass_count.py).
+FAST_UNROLL = tl.constexpr(2) if HAS_TRITON else 2
 FAST_MIN_PROGRAMS = 264  # two per SM of an H100/H200 (132 SMs): fewer columns per program below that
 WORD_CODES = {"int8": 4, "w8a8_int8": 4, "int4": 8}  # codes in one int32 word
 
@@ -654,28 +658,51 @@ if HAS_TRITON:
         return acc + p * scale
 
     @triton.jit
+    def _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, k0, col_mask, K: tl.constexpr,
+                         GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
+                         MASK_K: tl.constexpr, TWO: tl.constexpr):
+        """_int4_fast_tile's (words, scale, zero) of the step at k0 for the first row set and, with
+        TWO, the second (else the first's again, unused)."""
+        tile = _int4_fast_tile(w_rows, s_rows, z_rows, k0, col_mask, K, GROUP, HAS_ZERO, R, T, MASK_K)
+        tile2 = tile
+        if TWO:
+            tile2 = _int4_fast_tile(w_rows2, s_rows2, z_rows2, k0, col_mask, K, GROUP, HAS_ZERO, R, T, MASK_K)
+        return tile, tile2
+
+    @triton.jit
+    def _int4_fast_step(acc, acc2, tiles, x_ptr, k0, nw_ptr, rstd, K: tl.constexpr, R: tl.constexpr,
+                        T: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr, HAS_ZERO: tl.constexpr,
+                        BF16_BY_HAND: tl.constexpr):
+        """acc (and acc2) += the step at k0: its x loaded once for both row sets' tiles
+        (_int4_fast_tiles)."""
+        xc, xw = _int4_fast_x(x_ptr, k0, nw_ptr, rstd, K, R, T, NORM, BF16_BY_HAND)
+        words, scale, zero = tiles[0]
+        acc = _int4_fast_mac(acc, words, scale, zero, xc, xw, HAS_ZERO)
+        if TWO:
+            words2, scale2, zero2 = tiles[1]
+            acc2 = _int4_fast_mac(acc2, words2, scale2, zero2, xc, xw, HAS_ZERO)
+        return acc, acc2
+
+    @triton.jit
     def _matmul_fast_int4(
         x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
         K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
         BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-        GPT: tl.constexpr, WPG: tl.constexpr,
     ):
-        """_matmul_fast for int4 (QUANT 2): [1, BLOCK_N] fp32 accumulators. Up to FAST_UNROLL K
-        steps the loop is unrolled (no registers copied between steps, no mask along the words
-        but on a ragged last step) and every step's words are loaded one step ahead of their
-        use, the first two before the PDL wait; longer K loops as _matmul_fast's. x is loaded
-        once per step as a contiguous run (_int4_fast_x) for all the program's rows."""
+        """_matmul_fast for int4 (QUANT 2): [1, BLOCK_N] fp32 accumulators. Each step's words are
+        loaded one step ahead of their use, the first before the PDL wait. Up to FAST_UNROLL
+        steps the K loop is unrolled (K <= 2 * BLOCK_K: the whole row set in flight at once);
+        longer ones loop two steps an iteration, the tiles alternating between two sets of
+        registers (a one-step loop copies the prefetched tile into the current one's: a MOV a
+        word). Only a step reaching past K is masked along the words (the ragged last one, and
+        in the loop every step of a ragged K); the loop's prefetch past the last step reloads it."""
         R: tl.constexpr = 4 if BLOCK_K >= 32 else BLOCK_K // 8  # words in a thread's run (_int4_fast_tile)
         T: tl.constexpr = BLOCK_K // (8 * R)
         STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
-        UNROLL: tl.constexpr = STEPS <= 8
-        EVEN: tl.constexpr = K % BLOCK_K == 0
-        words, scale, zero = _int4_fast_tile(w_rows, s_rows, z_rows, 0, col_mask, K, GROUP, HAS_ZERO, R, T,
-                                             not UNROLL or (STEPS == 1 and not EVEN))
-        words2, scale2, zero2 = words, scale, zero
-        if TWO:
-            words2, scale2, zero2 = _int4_fast_tile(w_rows2, s_rows2, z_rows2, 0, col_mask, K, GROUP, HAS_ZERO,
-                                                    R, T, not UNROLL or (STEPS == 1 and not EVEN))
+        RAGGED: tl.constexpr = K % BLOCK_K != 0
+        LAST: tl.constexpr = (STEPS - 1) * BLOCK_K
+        a = _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, 0, col_mask, K, GROUP, HAS_ZERO,
+                             R, T, STEPS == 1 and RAGGED, TWO)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -685,39 +712,29 @@ if HAS_TRITON:
         rstd = tl.sum(rstd, 0)
         acc = tl.zeros([BLOCK_N, R, T], tl.float32)
         acc2 = acc
-        if UNROLL:
+        if STEPS <= FAST_UNROLL:
             for step in tl.static_range(STEPS):
-                next_words, next_scale, next_zero = words, scale, zero
-                next_words2, next_scale2, next_zero2 = words2, scale2, zero2
+                b = a
                 if step + 1 < STEPS:
-                    ragged: tl.constexpr = step + 2 == STEPS and not EVEN
-                    next_words, next_scale, next_zero = _int4_fast_tile(
-                        w_rows, s_rows, z_rows, (step + 1) * BLOCK_K, col_mask, K, GROUP, HAS_ZERO, R, T, ragged)
-                    if TWO:
-                        next_words2, next_scale2, next_zero2 = _int4_fast_tile(
-                            w_rows2, s_rows2, z_rows2, (step + 1) * BLOCK_K, col_mask, K, GROUP, HAS_ZERO, R, T,
-                            ragged)
-                xc, xw = _int4_fast_x(x_ptr, step * BLOCK_K, nw_ptr, rstd, K, R, T, NORM, BF16_BY_HAND)
-                acc = _int4_fast_mac(acc, words, scale, zero, xc, xw, HAS_ZERO)
-                if TWO:
-                    acc2 = _int4_fast_mac(acc2, words2, scale2, zero2, xc, xw, HAS_ZERO)
-                words, scale, zero = next_words, next_scale, next_zero
-                words2, scale2, zero2 = next_words2, next_scale2, next_zero2
+                    b = _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, (step + 1) * BLOCK_K,
+                                         col_mask, K, GROUP, HAS_ZERO, R, T, step + 2 == STEPS and RAGGED, TWO)
+                acc, acc2 = _int4_fast_step(acc, acc2, a, x_ptr, step * BLOCK_K, nw_ptr, rstd, K, R, T, NORM, TWO,
+                                            HAS_ZERO, BF16_BY_HAND)
+                a = b
         else:
-            for k0 in range(0, K, BLOCK_K):
-                next_words, next_scale, next_zero = _int4_fast_tile(w_rows, s_rows, z_rows, k0 + BLOCK_K, col_mask,
-                                                                    K, GROUP, HAS_ZERO, R, T, True)
-                next_words2, next_scale2, next_zero2 = next_words, next_scale, next_zero
-                if TWO:
-                    next_words2, next_scale2, next_zero2 = _int4_fast_tile(w_rows2, s_rows2, z_rows2, k0 + BLOCK_K,
-                                                                           col_mask, K, GROUP, HAS_ZERO, R, T,
-                                                                           True)
-                xc, xw = _int4_fast_x(x_ptr, k0, nw_ptr, rstd, K, R, T, NORM, BF16_BY_HAND)
-                acc = _int4_fast_mac(acc, words, scale, zero, xc, xw, HAS_ZERO)
-                if TWO:
-                    acc2 = _int4_fast_mac(acc2, words2, scale2, zero2, xc, xw, HAS_ZERO)
-                words, scale, zero = next_words, next_scale, next_zero
-                words2, scale2, zero2 = next_words2, next_scale2, next_zero2
+            for k0 in range(0, (STEPS // 2) * 2 * BLOCK_K, 2 * BLOCK_K):
+                b = _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, k0 + BLOCK_K, col_mask,
+                                     K, GROUP, HAS_ZERO, R, T, RAGGED, TWO)
+                acc, acc2 = _int4_fast_step(acc, acc2, a, x_ptr, k0, nw_ptr, rstd, K, R, T, NORM, TWO, HAS_ZERO,
+                                            BF16_BY_HAND)
+                a = _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2,
+                                     tl.minimum(k0 + 2 * BLOCK_K, LAST), col_mask, K, GROUP, HAS_ZERO, R, T, RAGGED,
+                                     TWO)
+                acc, acc2 = _int4_fast_step(acc, acc2, b, x_ptr, k0 + BLOCK_K, nw_ptr, rstd, K, R, T, NORM, TWO,
+                                            HAS_ZERO, BF16_BY_HAND)
+            if STEPS % 2 == 1:
+                acc, acc2 = _int4_fast_step(acc, acc2, a, x_ptr, LAST, nw_ptr, rstd, K, R, T, NORM, TWO, HAS_ZERO,
+                                            BF16_BY_HAND)
         return tl.sum(tl.sum(acc, 1), 1)[None, :], tl.sum(tl.sum(acc2, 1), 1)[None, :]  # in-thread R first
 
     @triton.jit
@@ -811,7 +828,7 @@ if HAS_TRITON:
         dequantization (FAST), int4 on tl.dot at M > 1 (FAST_DOT), or the exact path."""
         if FAST and QUANT == 2:
             return _matmul_fast_int4(x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
-                                     K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, HAS_ZERO, GPT, WPG)
+                                     K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, HAS_ZERO)
         elif FAST:
             return _matmul_fast(x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
                                 K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, QUANT, HAS_ZERO, GPT, WPG)
