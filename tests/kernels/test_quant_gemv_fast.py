@@ -83,6 +83,35 @@ def test_fast_gemv_several_k_steps_and_a_ragged_last_one(weights, dtype):
     _check(out, gemv_ref(x, dense.to(DEVICE)), True)
 
 
+# int4's M == 1 K loop (kernels/gemv.py, _matmul_fast_int4) by (K, BLOCK_K) in groups: one ragged
+# step (BLOCK_K past K, masked), two even steps (unrolled, no mask along the words), two with a
+# ragged last, and past FAST_UNROLL steps the loop of two steps an iteration: three even (one
+# iteration and the odd step after it), four with a ragged last (every step masked, the last
+# iteration's prefetch clamped to the last step), five even steps of one group.
+INT4_STEPS = {"one_ragged": (3, 4), "two_even": (4, 2), "two_ragged": (3, 2), "three_even": (6, 2),
+              "four_ragged": (7, 2), "five_even": (5, 1)}
+# Groups of 8 and 16 inputs hold one or two words: a thread's run of 4 words spans several groups
+# (a scale per word); BLOCK_K of 8 or 16 inputs, runs of one or two words.
+INT4_LOOP_WEIGHTS = {"g32_swiglu_norm": (32, False, "norm_swiglu"), "g64_zero_residual": (64, True, "residual"),
+                     "g8_zero_bias": (8, True, "norm_bias"), "g16_plain": (16, False, "plain")}
+
+
+@pytest.mark.parametrize("steps", list(INT4_STEPS))
+@pytest.mark.parametrize("weights", list(INT4_LOOP_WEIGHTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_int4_k_loop_even_ragged_and_looped(steps, weights, dtype):
+    group, zero, fusion = INT4_LOOP_WEIGHTS[weights]
+    k_groups, step_groups = INT4_STEPS[steps]
+    n, k = 37, k_groups * group
+    swiglu = FUSIONS[fusion].get("swiglu", False)
+    w, scale, zeros, dense = quant_weight(2 * n if swiglu else n, k, "int4", group, zero, seed=k_groups)
+    x, kw = _fusion_args(1, n, k, dtype, seed=step_groups, **FUSIONS[fusion])
+    expected = gemv_ref(x, dense.to(DEVICE), swiglu=swiglu, **kw)
+    out = gemv(x, _to(w, DEVICE), swiglu=swiglu, quant="int4", scale=_to(scale, DEVICE), zero=_to(zeros, DEVICE),
+               fast=True, config=(1, 4, step_groups * group, 1), **kw)
+    _check(out, expected, True)
+
+
 def test_fast_int4_decodes_every_code_at_every_nibble():
     """Each of the 16 codes at each of a word's 8 nibble positions (rows shifted by one code), with
     zero points: one-hot inputs read single columns back exactly."""
