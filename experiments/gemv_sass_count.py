@@ -137,6 +137,13 @@ def loop_ops(sass: str) -> tuple[collections.Counter, bool]:
     return collections.Counter(op for op in map(_opcode, body) if op), looped
 
 
+def steps_per_iteration(quant: str, fast: bool, m: int, cfg: tuple, k: int) -> int:
+    """K steps one iteration of the kernel's loop covers: two in int4's fast M == 1 loop
+    (kernels/gemv.py, _matmul_fast_int4, past FAST_UNROLL steps), else one."""
+    steps = -(-k // cfg[2])
+    return 2 if quant == "int4" and fast and m == 1 and steps > G.FAST_UNROLL else 1
+
+
 def resources(cubin_path: str) -> tuple[int, int]:
     """(registers per thread, bytes of stack / local memory per thread: spills) of the cubin's kernel."""
     cuobjdump = os.path.join(BIN, "cuobjdump")
@@ -179,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         counted, kernel = load_stats(body), load_stats(sass_lines(sass))
         threads = cfg[3] * 32
         elem_bytes = {"int4": 0.5, "dense": 2.0}.get(quant, 1.0)
-        steps = 1 if looped else -(-args.k // cfg[2])
+        steps = steps_per_iteration(quant, fast, m, cfg, args.k) if looped else -(-args.k // cfg[2])
         nbytes = cfg[1] * cfg[2] * elem_bytes * steps / threads  # weight bytes per thread counted
         total = sum(ops.values())
         resident = programs_per_sm(regs, cfg[3], -(-args.n // cfg[1]) * -(-m // cfg[0]))

@@ -642,8 +642,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _int4_fast_mac(acc, words, scale, zero, xs, xw, HAS_ZERO: tl.constexpr):
-        """acc [BLOCK_N, R, T] += per word: sum over its 8 codes of (u - 8) * x, minus zero * sum(x)
-        (xw), times its group's scale. Codes 0..4 in place at bits 4c of the word, 5..7 in place in
+        """acc ([BLOCK_N, 1, T] or [BLOCK_N, R, T], as scale) += per word: sum over its 8 codes of
+        (u - 8) * x, minus zero * sum(x) (xw), times its group's scale. Codes 0..4 in place at bits 4c of the word, 5..7 in place in
         one copy shifted down 12 bits (bits 8..16), x already times 2^-s (_int4_fast_x): per code
         one LOP3, FADD and FFMA (_int4_code)."""
         lo = words | 0x4B000000
@@ -655,6 +655,8 @@ if HAS_TRITON:
             p += _int4_code(hi, 4 * c - 12) * xs[c][None, :, :]
         if HAS_ZERO:
             p -= zero * xw[None, :, :]
+        if acc.shape[1] == 1:  # a thread's run in one group: its words' sums first, then one scale
+            p = tl.sum(p, 1, keep_dims=True)
         return acc + p * scale
 
     @triton.jit
@@ -710,7 +712,7 @@ if HAS_TRITON:
         rstd, xs = _row_stats(x_ptr + row[:, None], row < 1, tl.arange(0, BLOCK_K), nw_ptr, eps, K, 1, BLOCK_K,
                               NORM, 2, BF16_BY_HAND)
         rstd = tl.sum(rstd, 0)
-        acc = tl.zeros([BLOCK_N, R, T], tl.float32)
+        acc = tl.zeros([BLOCK_N, 1 if (GROUP // 8) % R == 0 else R, T], tl.float32)  # as the scales
         acc2 = acc
         if STEPS <= FAST_UNROLL:
             for step in tl.static_range(STEPS):
