@@ -446,112 +446,61 @@ if HAS_TRITON:
         return x
 
     @triton.jit
-    def _fast_tile(w_rows, s_rows, z_rows, k0, col_mask, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
-                   GPT: tl.constexpr, WPG: tl.constexpr):
-        """The int32 code words [BLOCK_N, GPT, WPG] of inputs k0 .. k0 + BLOCK_K of the rows at
-        w_rows (GPT groups of WPG words: int4's scale groups; one run of words for int8), and
-        int4's group scales and zero points [BLOCK_N, GPT] (else zeros, unused)."""
+    def _fast_tile(w_rows, k0, col_mask, K: tl.constexpr, BLOCK_K: tl.constexpr, GPT: tl.constexpr,
+                   WPG: tl.constexpr):
+        """int8's code words [BLOCK_N, GPT, WPG] (GPT = 1: one run of words) of inputs k0 .. k0 +
+        BLOCK_K of the rows at w_rows (int4 has its own: _int4_fast_tile)."""
         CODES: tl.constexpr = BLOCK_K // (GPT * WPG)
         g = k0 // (WPG * CODES) + tl.arange(0, GPT)
         j = g[:, None] * WPG + tl.arange(0, WPG)[None, :]
-        words = tl.load(w_rows[:, :, None] + j[None, :, :],
-                        mask=col_mask[:, None, None] & (j < K // CODES)[None, :, :], other=0)
-        scale = tl.zeros([BLOCK_N, GPT], tl.float32)
-        zero = scale
-        if QUANT == 2:
-            g_mask = col_mask[:, None] & (g < K // GROUP)[None, :]
-            scale = tl.load(s_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
-            if HAS_ZERO:
-                zero = tl.load(z_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
-        return words, scale, zero
+        return tl.load(w_rows[:, :, None] + j[None, :, :],
+                       mask=col_mask[:, None, None] & (j < K // CODES)[None, :, :], other=0)
 
     @triton.jit
-    def _fast_code(src, SHIFT: tl.constexpr, QUANT: tl.constexpr):
-        """A code of each int32 word src as an exact fp32 by the magic-number trick: its bits OR-ed
-        into the mantissa of 2^23 (0x4B000000) make the float 2^23 + u * 2^s; subtracting
-        2^23 + offset * 2^s leaves (u - offset) * 2^s. int4 (QUANT 2): the unsigned nibble
-        (code + 8, offset 8) at bit SHIFT, masked in place (s = SHIFT <= 16: the caller takes the
-        2^SHIFT out of x). int8: the byte at bit SHIFT, its sign bit already flipped (byte ^ 0x80 =
-        byte + 128, offset 128), shifted down (s = 0; the compiler makes the byte extract a PRMT)."""
-        if QUANT == 2:
-            bits = (src & (0xF << SHIFT)) | 0x4B000000
-            return bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << SHIFT))
-        else:
-            bits = ((src >> SHIFT) & 0xFF) | 0x4B000000
-            return bits.to(tl.float32, bitcast=True) - 8388736.0
+    def _fast_code(src, SHIFT: tl.constexpr):
+        """int8's code at bit SHIFT of each int32 word src as an exact fp32 by the magic-number
+        trick: the byte, its sign bit already flipped (byte ^ 0x80 = byte + 128), shifted down
+        (the compiler makes the extract a PRMT) and OR-ed into the mantissa of 2^23 (0x4B000000)
+        makes the float 2^23 + byte + 128; subtracting 2^23 + 128 leaves the code."""
+        bits = ((src >> SHIFT) & 0xFF) | 0x4B000000
+        return bits.to(tl.float32, bitcast=True) - 8388736.0
 
     @triton.jit
-    def _fast_mac(acc, acc2, words, words2, scale, scale2, zero, zero2, x_ptr, k0, nw_ptr, rstd, xs,
+    def _fast_mac(acc, acc2, words, words2, x_ptr, k0, nw_ptr, rstd, xs,
                   K: tl.constexpr, BLOCK_K: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr,
-                  QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, TWO: tl.constexpr, NORM: tl.constexpr,
-                  BF16_BY_HAND: tl.constexpr):
-        """acc (and acc2) [BLOCK_N, GPT, WPG] += per word: the sum over its codes of code * x,
-        minus zero * sum(x), times its group's scale (int4); int8 sums straight into acc (its
-        column scale comes after the K loop). Each x value is loaded and prepared once for all the
-        program's rows. int4 reads nibbles 0..4 in place (bits 0..16, x * 2^-4c) and 5..7 from one
-        shifted copy of the word (>> 12: bits 8..16): per code one LOP3, FADD and FFMA; int8
-        flips the word's sign bits once, then per byte an extract, OR, FADD and FFMA."""
+                  QUANT: tl.constexpr, TWO: tl.constexpr, NORM: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+        """acc (and acc2) [BLOCK_N, GPT, WPG] += per int8 word: the sum over its codes of code * x
+        (its column scale comes after the K loop). Each x value is loaded and prepared once for all
+        the program's rows. The word's sign bits are flipped once, then per byte an extract, OR,
+        FADD and FFMA."""
         CODES: tl.constexpr = BLOCK_K // (GPT * WPG)
         kw = (k0 // (WPG * CODES) + tl.arange(0, GPT))[:, None] * (WPG * CODES) \
             + tl.arange(0, WPG)[None, :] * CODES  # first input of each word [GPT, WPG]
-        if QUANT == 2:
-            hi = words >> 12
-            hi2 = hi
+        flipped = words ^ -0x7F7F7F80  # 0x80808080: each byte + 128, unsigned
+        flipped2 = flipped
+        if TWO:
+            flipped2 = words2 ^ -0x7F7F7F80
+        for c in tl.static_range(4):
+            xc = _fast_x(x_ptr, kw + c, nw_ptr, rstd, xs, K, NORM, QUANT, BF16_BY_HAND)[None, :, :]
+            acc += _fast_code(flipped, 8 * c) * xc
             if TWO:
-                hi2 = words2 >> 12
-            xw = tl.zeros([GPT, WPG], tl.float32)
-            p = tl.zeros(words.shape, tl.float32)
-            p2 = p
-            for c in tl.static_range(8):
-                x = _fast_x(x_ptr, kw + c, nw_ptr, rstd, xs, K, NORM, QUANT, BF16_BY_HAND)
-                if HAS_ZERO:
-                    xw += x
-                if c < 5:
-                    xc = (x * (1.0 / (1 << (4 * c))))[None, :, :]
-                    p += _fast_code(words, 4 * c, QUANT) * xc
-                    if TWO:
-                        p2 += _fast_code(words2, 4 * c, QUANT) * xc
-                else:
-                    xc = (x * (1.0 / (1 << (4 * c - 12))))[None, :, :]
-                    p += _fast_code(hi, 4 * c - 12, QUANT) * xc
-                    if TWO:
-                        p2 += _fast_code(hi2, 4 * c - 12, QUANT) * xc
-            if HAS_ZERO:
-                p -= zero[:, :, None] * xw[None, :, :]
-            acc += p * scale[:, :, None]
-            if TWO:
-                if HAS_ZERO:
-                    p2 -= zero2[:, :, None] * xw[None, :, :]
-                acc2 += p2 * scale2[:, :, None]
-        else:
-            flipped = words ^ -0x7F7F7F80  # 0x80808080: each byte + 128, unsigned
-            flipped2 = flipped
-            if TWO:
-                flipped2 = words2 ^ -0x7F7F7F80
-            for c in tl.static_range(4):
-                xc = _fast_x(x_ptr, kw + c, nw_ptr, rstd, xs, K, NORM, QUANT, BF16_BY_HAND)[None, :, :]
-                acc += _fast_code(flipped, 8 * c, QUANT) * xc
-                if TWO:
-                    acc2 += _fast_code(flipped2, 8 * c, QUANT) * xc
+                acc2 += _fast_code(flipped2, 8 * c) * xc
         return acc, acc2
 
     @triton.jit
     def _matmul_fast(
-        x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
+        x_ptr, w_rows, w_rows2, col_mask, nw_ptr, eps,
         K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
-        BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr,
-        HAS_ZERO: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr,
+        BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr, QUANT: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr,
     ):
-        """_matmul at M == 1 on int32 code words (FAST): [1, BLOCK_N] fp32 accumulators. The
-        next tile's words are loaded before the current one is multiplied (two tiles in flight
-        per program); the first before the PDL wait, as _matmul's."""
-        words, scale, zero = _fast_tile(w_rows, s_rows, z_rows, 0, col_mask, K, BLOCK_N, BLOCK_K, GROUP, QUANT,
-                                        HAS_ZERO, GPT, WPG)
-        words2, scale2, zero2 = words, scale, zero
+        """_matmul at M == 1 on int8 code words (FAST; W8A8 with QUANT 3): [1, BLOCK_N] fp32
+        accumulators. The next tile's words are loaded before the current one is multiplied (two
+        tiles in flight per program); the first before the PDL wait, as _matmul's. int4 has its
+        own (_matmul_fast_int4)."""
+        words = _fast_tile(w_rows, 0, col_mask, K, BLOCK_K, GPT, WPG)
+        words2 = words
         if TWO:
-            words2, scale2, zero2 = _fast_tile(w_rows2, s_rows2, z_rows2, 0, col_mask, K, BLOCK_N, BLOCK_K, GROUP,
-                                               QUANT, HAS_ZERO, GPT, WPG)
+            words2 = _fast_tile(w_rows2, 0, col_mask, K, BLOCK_K, GPT, WPG)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -563,17 +512,14 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_N, GPT, WPG], tl.float32)
         acc2 = acc
         for k0 in range(0, K, BLOCK_K):
-            next_words, next_scale, next_zero = _fast_tile(w_rows, s_rows, z_rows, k0 + BLOCK_K, col_mask, K,
-                                                           BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO, GPT, WPG)
-            next_words2, next_scale2, next_zero2 = next_words, next_scale, next_zero
+            next_words = _fast_tile(w_rows, k0 + BLOCK_K, col_mask, K, BLOCK_K, GPT, WPG)
+            next_words2 = next_words
             if TWO:
-                next_words2, next_scale2, next_zero2 = _fast_tile(w_rows2, s_rows2, z_rows2, k0 + BLOCK_K, col_mask,
-                                                                  K, BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO,
-                                                                  GPT, WPG)
-            acc, acc2 = _fast_mac(acc, acc2, words, words2, scale, scale2, zero, zero2, x_ptr, k0, nw_ptr, rstd, xs,
-                                  K, BLOCK_K, GPT, WPG, QUANT, HAS_ZERO, TWO, NORM, BF16_BY_HAND)
-            words, scale, zero = next_words, next_scale, next_zero
-            words2, scale2, zero2 = next_words2, next_scale2, next_zero2
+                next_words2 = _fast_tile(w_rows2, k0 + BLOCK_K, col_mask, K, BLOCK_K, GPT, WPG)
+            acc, acc2 = _fast_mac(acc, acc2, words, words2, x_ptr, k0, nw_ptr, rstd, xs,
+                                  K, BLOCK_K, GPT, WPG, QUANT, TWO, NORM, BF16_BY_HAND)
+            words = next_words
+            words2 = next_words2
         out = tl.sum(tl.sum(acc, 2), 1)[None, :]
         out2 = tl.sum(tl.sum(acc2, 2), 1)[None, :]
         if QUANT == 3:  # the row scale; the column scales follow (_column_scale)
@@ -832,8 +778,8 @@ if HAS_TRITON:
             return _matmul_fast_int4(x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
                                      K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, HAS_ZERO)
         elif FAST:
-            return _matmul_fast(x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
-                                K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, QUANT, HAS_ZERO, GPT, WPG)
+            return _matmul_fast(x_ptr, w_rows, w_rows2, col_mask, nw_ptr, eps,
+                                K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, QUANT, GPT, WPG)
         elif FAST_DOT:
             return _matmul_fast_dot(x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask,
                                     nw_ptr, eps, K, BLOCK_M, BLOCK_N, NORM, TWO, IEEE, BF16_BY_HAND, PDL,
