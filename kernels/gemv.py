@@ -599,10 +599,11 @@ if HAS_TRITON:
             p += _int4_code(lo, 4 * c) * xs[c][None, :, :]
         for c in tl.static_range(5, 8):
             p += _int4_code(hi, 4 * c - 12) * xs[c][None, :, :]
+        if acc.shape[1] == 1:  # a thread's run in one group: its words' sums first, then one zero and scale
+            p = tl.sum(p, 1, keep_dims=True)
+            xw = tl.sum(xw, 0, keep_dims=True)
         if HAS_ZERO:
             p -= zero * xw[None, :, :]
-        if acc.shape[1] == 1:  # a thread's run in one group: its words' sums first, then one scale
-            p = tl.sum(p, 1, keep_dims=True)
         return acc + p * scale
 
     @triton.jit
