@@ -28,7 +28,12 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   whose factor is taken out of x instead of shifting the word). Per word the products are
   summed, the zero point enters as - z * sum(x), the group scale once per word; the int8
   column scale once per column. No dequantized weight is rounded to the dtype: the result is
-  x @ W^T with W dequantized in fp32 (kernels/quant.py's fast references), rounded once. At
+  x @ W^T with W dequantized in fp32 (kernels/quant.py's fast references), rounded once. int4 at
+  M == 1 (_matmul_fast_int4): each thread reads runs of 4 consecutive words of a row (one 128-bit
+  load) and exactly those words' inputs (a contiguous run, split by code in registers: no gather,
+  and no shared-memory shuffle where a step's runs cover every warp), sums a run before its one
+  zero-point and scale; the K loop unrolled up to FAST_UNROLL steps, else two steps an iteration,
+  masked along K only where a step reaches past it. At
   1 < M <= SMALL_M int4 takes a tl.dot variant (_matmul_fast_dot): the nibbles OR-ed into a 16-bit
   float's bits (bf16 0x4300 | u = 128 + u) are exact dot operands with no conversion, the low
   nibbles against the even inputs and the high ones against the odd (two dots, no interleave),
@@ -178,7 +183,8 @@ FAST_M1_CONFIGS: dict[str, tuple[int, int, int]] = {  # H200 sweep, benchmarks/2
 # Whether the engine's compressed linears take the fast path by default (ModelOptions.exact_dequant
 # forces the exact one everywhere). Measured on the H200 at M == 1 (same sweep): int8's fast path
 # streams 2.2-3.0 TB/s against the exact path's 1.2-1.5; int4's streams 0.45-1.25 TB/s against the
-# exact path's 0.82-1.06 at its best swept config, slower on most shapes: int4 stays exact.
+# exact path's 0.82-1.06 at its best swept config, slower on most shapes: int4 stays exact (measured
+# before _matmul_fast_int4, 9.6 -> 8.4 SASS instructions a weight byte; the next GPU sweep decides).
 FAST_BY_DEFAULT = {"int8": True, "w8a8_int8": True, "int4": False}
 # int4's fast path unrolls its K loop up to this many steps (_matmul_fast_int4): two keep every
 # word of a K <= 2 * BLOCK_K row set in flight at once; more, unrolled, let ptxas hoist every
@@ -579,19 +585,21 @@ if HAS_TRITON:
 
     @triton.jit
     def _int4_code(src, SHIFT: tl.constexpr):
-        """The int4 code at bit SHIFT of src, a word with the magic exponent already OR-ed in
-        (word | 0x4B000000): AND-ing away the other bits (but the exponent's) leaves the float
-        2^23 + u * 2^SHIFT, minus 2^23 + 8 * 2^SHIFT (u - 8) * 2^SHIFT, exact (_fast_code). One
-        immediate per instruction: the mask is one LOP3, where (w & mask) | magic took two."""
+        """The int4 code at bit SHIFT of src as an exact fp32 by the magic-number trick: src is a
+        word with the exponent of 2^23 already OR-ed in (word | 0x4B000000); AND-ing away its
+        other bits (but the exponent's) leaves the float 2^23 + u * 2^SHIFT (u = code + 8, SHIFT
+        <= 16), minus 2^23 + 8 * 2^SHIFT the code times 2^SHIFT (the caller takes the 2^SHIFT out
+        of x). One immediate per instruction: one LOP3 a code, where (w & mask) | magic took two."""
         bits = src & (0x4B000000 | (0xF << SHIFT))
         return bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << SHIFT))
 
     @triton.jit
     def _int4_fast_mac(acc, words, scale, zero, xs, xw, HAS_ZERO: tl.constexpr):
         """acc ([BLOCK_N, 1, T] or [BLOCK_N, R, T], as scale) += per word: sum over its 8 codes of
-        (u - 8) * x, minus zero * sum(x) (xw), times its group's scale. Codes 0..4 in place at bits 4c of the word, 5..7 in place in
-        one copy shifted down 12 bits (bits 8..16), x already times 2^-s (_int4_fast_x): per code
-        one LOP3, FADD and FFMA (_int4_code)."""
+        (u - 8) * x, minus zero * sum(x) (xw), times its group's scale (per run of words where the
+        run is in one group). Codes 0..4 in place at bits 4c of the word, 5..7 in place in one copy
+        shifted down 12 bits (bits 8..16; LEA.HI adds the exponent), x already times 2^-s
+        (_int4_fast_x): per code one LOP3, FADD and FFMA (_int4_code)."""
         lo = words | 0x4B000000
         hi = (words.to(tl.uint32, bitcast=True) >> 12).to(tl.int32, bitcast=True) + 0x4B000000
         p = _int4_code(lo, 0) * xs[0][None, :, :]
