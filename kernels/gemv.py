@@ -190,6 +190,12 @@ FAST_BY_DEFAULT = {"int8": True, "w8a8_int8": True, "int4": False}
 # word of a K <= 2 * BLOCK_K row set in flight at once; more, unrolled, let ptxas hoist every
 # step's loads and spill (K 11008 at (8, 2048, 4): 256 bytes a thread, experiments/gemv_sass_count.py).
 FAST_UNROLL = tl.constexpr(2) if HAS_TRITON else 2
+# Inline PTX where a GPU compiles the kernels (the interpreter runs their plain-Triton equivalents;
+# read at import, as tests/kernels/conftest.py reloads the kernels under the interpreter). int4's
+# magic exponent goes into a word by a PRMT: OR-ed in, ptxas folds the OR into each code's AND and
+# inside a loop then rebuilds the constant in a fresh register for every code (a MOV a code,
+# 2.2 -> 2.0 thousand instructions an iteration at K 11008, (8, 2048, 2): gemv_sass_count.py).
+_PTX = tl.constexpr(not interpreting()) if HAS_TRITON else False
 FAST_MIN_PROGRAMS = 264  # two per SM of an H100/H200 (132 SMs): fewer columns per program below that
 WORD_CODES = {"int8": 4, "w8a8_int8": 4, "int4": 8}  # codes in one int32 word
 
@@ -600,7 +606,11 @@ if HAS_TRITON:
         run is in one group). Codes 0..4 in place at bits 4c of the word, 5..7 in place in one copy
         shifted down 12 bits (bits 8..16; LEA.HI adds the exponent), x already times 2^-s
         (_int4_fast_x): per code one LOP3, FADD and FFMA (_int4_code)."""
-        lo = words | 0x4B000000
+        if _PTX:  # the same bits under _int4_code's mask: w's bytes 0..2, byte 3 the exponent's 0x4B
+            lo = tl.inline_asm_elementwise("prmt.b32 $0, $1, 0x4B000000, 0x7210;", "=r,r", [words],
+                                           dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            lo = words | 0x4B000000
         hi = (words.to(tl.uint32, bitcast=True) >> 12).to(tl.int32, bitcast=True) + 0x4B000000
         p = _int4_code(lo, 0) * xs[0][None, :, :]
         for c in tl.static_range(1, 5):

@@ -128,6 +128,21 @@ def test_fast_int4_decodes_every_code_at_every_nibble():
         assert torch.equal(out.cpu()[0], dense[:, col]), col
 
 
+def test_fast_int4_prmt_word_is_the_or_under_every_code_mask():
+    """On a GPU _int4_fast_mac builds a word's exponent by a PRMT (w's bytes 0..2, byte 3 = 0x4B),
+    under the interpreter by OR-ing 0x4B000000 in: the two differ in byte 3 only where _int4_code's
+    masks (the exponent's bits and nibble c at bits 4c, c <= 4) drop it, so every code reads the
+    same bits (the GPU runs of these tests cover the PTX itself)."""
+    words = torch.randint(-2**31, 2**31, (4096,), generator=torch.Generator().manual_seed(3), dtype=torch.int64)
+    magic = 0x4B000000
+    prmt = (words & 0x00FFFFFF) | magic
+    orred = words | magic
+    assert bool((prmt != orred).any())  # the bytes 3 differ
+    for shift in range(0, 20, 4):
+        mask = magic | (0xF << shift)
+        assert torch.equal(prmt & mask, orred & mask), shift
+
+
 def test_fast_int8_decodes_every_byte_value():
     k = 256
     codes = ((torch.arange(4)[:, None] + torch.arange(k)[None, :]) % 256 - 128).to(torch.int8)  # [4, 256]
