@@ -42,14 +42,15 @@ SMS = 132  # an H200's SMs
 
 
 def compile_sm90(quant: str, fast: bool, group: int, zero: bool, m: int, n: int, k: int,
-                 entry: tuple[int, int, int] | None = None) -> tuple[bytes, tuple]:
-    """The cubin of _gemv_kernel for M rows (plain, bf16) and its config, specialized as a launch on
-    torch tensors is."""
+                 entry: tuple[int, int, int] | None = None, fusions: dict | None = None) -> tuple[bytes, tuple]:
+    """The cubin of _gemv_kernel for M rows (bf16; plain, or with ``fusions``: NORM, RESIDUAL,
+    SWIGLU, HAS_BIAS flags) and its config, specialized as a launch on torch tensors is."""
     dot = fast and m > 1
     if dot:
         cfg = G.fast_dot_config(group)
     else:
-        cfg = G.fast_gemv_config(n, k, quant, group, entry=entry) if fast else G.gemv_config(m, n, k)
+        two = bool((fusions or {}).get("SWIGLU"))
+        cfg = G.fast_gemv_config(n, k, quant, group, two, entry) if fast else G.gemv_config(m, n, k, two)
     words = fast and not dot
     wty = "*i32" if words else {"int4": "*u8", "dense": "*bf16"}.get(quant, "*i8")
     sig = {"x_ptr": "*bf16", "w_ptr": wty, "s_ptr": "*fp32", "z_ptr": "*fp32", "b_ptr": "*bf16",
@@ -60,6 +61,7 @@ def compile_sm90(quant: str, fast: bool, group: int, zero: bool, m: int, n: int,
                       RESIDUAL=False, SWIGLU=False, IEEE=False, BF16_BY_HAND=False, PDL=True,
                       GROUP=group, QUANT=G.QUANT_KINDS[quant], HAS_ZERO=zero, FAST=words, GPT=gpt, WPG=wpg,
                       FAST_DOT=dot)
+    constexprs.update(fusions or {})
     sig.update({name: "constexpr" for name in constexprs})
     # As a launch specializes them: torch's tensors 16-byte aligned, the row strides (K, N) multiples
     # of 16. Without this divisibility no load is vectorized (every word an LDG.E).
