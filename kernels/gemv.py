@@ -571,9 +571,11 @@ if HAS_TRITON:
     def _int4_fast_x(x_ptr, k0, nw_ptr, rstd, K: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
                      NORM: tl.constexpr, BF16_BY_HAND: tl.constexpr):
         """The step's inputs k0 .. k0 + R * T * 8 as the 8 codes' operands [R, T] (x[8 w + c] for
-        code c of word w = t * R + r, laid out as _int4_fast_tile's words: each thread loads the
-        x of its own run of words, 128 bits at a time, and splits it in registers), each times
-        2^-s of its code's bit position in the word (_int4_fast_mac), and their sum per word."""
+        code c of word w = t * R + r, indexed as _int4_fast_tile's words), each times 2^-s of its
+        code's bit position in the word (_int4_fast_mac), and their sum per word. Loaded 128 bits
+        at a time and split in registers; where the step's T runs cover every warp (BLOCK_K >=
+        1024 * num_warps) each thread loads exactly the x of its own runs, else the compiler
+        moves the split operands through shared memory."""
         r = tl.arange(0, R)[:, None, None]
         t = tl.arange(0, T)[None, :, None]
         c = tl.arange(0, 8)[None, None, :]
