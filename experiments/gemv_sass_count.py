@@ -3,9 +3,15 @@ M == 16), exact against fast dequantization, compiled for sm_90 with Triton's bu
 (the block between the label and the backward branch) is counted per thread and divided by the
 weight bytes a thread reads per K step; conversions (I2F, F2F, F2FP) are listed separately, as
 they issue at a fraction of the FMA rate on Hopper. Fully unrolled loops (K / BLOCK_K small)
-count the whole kernel over all its steps instead.
+count the whole kernel over all its steps instead. The global loads are listed by width (LDG.E:
+32-bit, LDG.E.128: 128-bit, LDG.E.U16: a 16-bit x value ...) with the bytes a thread loads in the
+counted code ("ldg_bytes") and before its first FFMA ("ldg_bytes_before_ffma": what is in flight
+before the first multiply waits; in a pipelined loop, the next tile's prefetch), kernel-wide too,
+the registers and spills, the programs one SM holds at --n (registers, warps, grid) and the
+bytes they have loaded before their first FFMA (Little's law: the H200 wants ~32 KB in flight per
+SM to stream at its copy rate).
 
-    python experiments/gemv_sass_count.py [--k 4096] [--n 4096]
+    python experiments/gemv_sass_count.py [--k 4096] [--n 4096] [--entry 8,4096,4 ...]
 """
 
 from __future__ import annotations
@@ -31,15 +37,20 @@ VARIANTS = {  # name -> (quant, fast, group, zero, M)
     "int4_g128_m16_exact": ("int4", False, 128, False, 16), "int4_g128_m16_fast": ("int4", True, 128, False, 16),
 }
 CONVERSIONS = ("I2F", "F2F", "F2FP", "I2FP")
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+SMS = 132  # an H200's SMs
 
 
-def compile_sm90(quant: str, fast: bool, group: int, zero: bool, m: int, n: int, k: int) -> tuple[bytes, tuple]:
-    """The cubin of _gemv_kernel for M rows (plain, bf16) and its config."""
+def compile_sm90(quant: str, fast: bool, group: int, zero: bool, m: int, n: int, k: int,
+                 entry: tuple[int, int, int] | None = None, fusions: dict | None = None) -> tuple[bytes, tuple]:
+    """The cubin of _gemv_kernel for M rows (bf16; plain, or with ``fusions``: NORM, RESIDUAL,
+    SWIGLU, HAS_BIAS flags) and its config, specialized as a launch on torch tensors is."""
     dot = fast and m > 1
     if dot:
         cfg = G.fast_dot_config(group)
     else:
-        cfg = G.fast_gemv_config(n, k, quant, group) if fast else G.gemv_config(m, n, k)
+        two = bool((fusions or {}).get("SWIGLU"))
+        cfg = G.fast_gemv_config(n, k, quant, group, two, entry) if fast else G.gemv_config(m, n, k, two)
     words = fast and not dot
     wty = "*i32" if words else {"int4": "*u8", "dense": "*bf16"}.get(quant, "*i8")
     sig = {"x_ptr": "*bf16", "w_ptr": wty, "s_ptr": "*fp32", "z_ptr": "*fp32", "b_ptr": "*bf16",
@@ -50,22 +61,67 @@ def compile_sm90(quant: str, fast: bool, group: int, zero: bool, m: int, n: int,
                       RESIDUAL=False, SWIGLU=False, IEEE=False, BF16_BY_HAND=False, PDL=True,
                       GROUP=group, QUANT=G.QUANT_KINDS[quant], HAS_ZERO=zero, FAST=words, GPT=gpt, WPG=wpg,
                       FAST_DOT=dot)
+    constexprs.update(fusions or {})
     sig.update({name: "constexpr" for name in constexprs})
-    kernel = triton.compile(ASTSource(G._gemv_kernel, sig, constexprs=constexprs),
+    # As a launch specializes them: torch's tensors 16-byte aligned, the row strides (K, N) multiples
+    # of 16. Without this divisibility no load is vectorized (every word an LDG.E).
+    ints = {"x_stride": k, "res_stride": n, "out_stride": n}
+    aligned = [name for name, ty in sig.items() if ty.startswith("*") or ints.get(name, 1) % 16 == 0]
+    attrs = {(G._gemv_kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    kernel = triton.compile(ASTSource(G._gemv_kernel, sig, constexprs=constexprs, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg[3]})
     return kernel.asm["cubin"], cfg
 
 
-def loop_ops(sass: str) -> tuple[collections.Counter, bool]:
-    """Opcode counts of the largest backward-branch loop, or of the whole kernel (and False) if none."""
-    lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+def _opcode(line: str, full: bool = False) -> str | None:
+    """The instruction's opcode (``full``: with its modifiers, LDG.E.128), predicate stripped."""
+    m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+(?:\.[A-Z0-9_]+)*)", line)
+    if not m:
+        return None
+    return m.group(1) if full else m.group(1).split(".")[0]
+
+
+def ldg_bytes(op: str) -> int:
+    """Bytes one thread loads with a global load opcode (LDG.E: 32-bit)."""
+    mods = op.split(".")[1:]
+    for width, nbytes in (("128", 16), ("64", 8), ("U16", 2), ("S16", 2), ("U8", 1), ("S8", 1)):
+        if width in mods:
+            return nbytes
+    return 4
+
+
+def load_stats(body: list[str]) -> dict:
+    """The global loads of ``body`` by width, their bytes per thread, and the bytes loaded before
+    its first FFMA."""
+    widths: collections.Counter = collections.Counter()
+    before, seen_ffma = 0, False
+    for line in body:
+        op = _opcode(line, full=True)
+        if op is None:
+            continue
+        if op.startswith("FFMA"):
+            seen_ffma = True
+        if op.split(".")[0] == "LDG":
+            widths[op] += 1
+            before += 0 if seen_ffma else ldg_bytes(op)
+    return {"ldg": dict(widths.most_common()), "ldg_bytes": sum(ldg_bytes(op) * n for op, n in widths.items()),
+            "ldg_bytes_before_ffma": before}
+
+
+def sass_lines(sass: str) -> list[str]:
+    return [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
+
+
+def loop_body(sass: str) -> tuple[list[str], bool]:
+    """The instructions of the largest backward-branch loop, or of the whole kernel (and False) if none."""
+    lines = sass_lines(sass)
     addr = {i: int(re.match(r"\s+/\*([0-9a-f]+)\*/", line).group(1), 16) for i, line in enumerate(lines)}
     labels, pending = {}, None
     for raw in sass.splitlines():
         m = re.match(r"\.L_x_(\d+):", raw.strip())
         if m:
             pending = m.group(1)
-        elif pending and re.match(r"\s+/\*[0-9a-f]{4}\*/", raw):
+        elif pending and re.match(r"\s+/\*[0-9a-f]{4,}\*/", raw):
             labels[pending] = int(re.match(r"\s+/\*([0-9a-f]+)\*/", raw).group(1), 16)
             pending = None
     best: list[str] = []
@@ -74,36 +130,77 @@ def loop_ops(sass: str) -> tuple[collections.Counter, bool]:
         if m and labels.get(m.group(1), 1 << 40) < addr[i]:
             body = [x for j, x in enumerate(lines) if labels[m.group(1)] <= addr[j] <= addr[i]]
             best = max(best, body, key=len)
-    ops = collections.Counter()
-    for line in best or lines:
-        m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)", line)
-        if m:
-            ops[m.group(1)] += 1
-    return ops, bool(best)
+    return best or lines, bool(best)
+
+
+def loop_ops(sass: str) -> tuple[collections.Counter, bool]:
+    """Opcode counts of the largest backward-branch loop, or of the whole kernel (and False) if none."""
+    body, looped = loop_body(sass)
+    return collections.Counter(op for op in map(_opcode, body) if op), looped
+
+
+def steps_per_iteration(quant: str, fast: bool, m: int, cfg: tuple, k: int) -> int:
+    """K steps one iteration of the kernel's loop covers: two in int4's fast M == 1 loop
+    (kernels/gemv.py, _matmul_fast_int4, past FAST_UNROLL steps), else one."""
+    steps = -(-k // cfg[2])
+    return 2 if quant == "int4" and fast and m == 1 and steps > G.FAST_UNROLL else 1
+
+
+def resources(cubin_path: str) -> tuple[int, int]:
+    """(registers per thread, bytes of stack / local memory per thread: spills) of the cubin's kernel."""
+    cuobjdump = os.path.join(BIN, "cuobjdump")
+    out = subprocess.run([cuobjdump, "-res-usage", cubin_path], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+).*?LOCAL:(\d+)", out)
+    return int(m.group(1)), max(int(m.group(2)), int(m.group(3)))
+
+
+def programs_per_sm(regs: int, num_warps: int, programs: int) -> int:
+    """Programs resident on one H200 SM: the register file's (64K, allocated per warp in units of
+    256) and 64 warps' bound, and no more than the grid spreads over its 132 SMs."""
+    per_warp = -(-regs * 32 // 256) * 256
+    fit = min((65536 // per_warp) // num_warps, 64 // num_warps, 32)
+    return max(0, min(fit, -(-programs // SMS)))
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--entry", action="append", default=[],
+                    help="BLOCK_N,BLOCK_K,num_warps: also count int4 g128 fast (and with zero points) at this "
+                         "FAST_M1_CONFIGS candidate (repeatable)")
     args = ap.parse_args(argv)
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    for name, (quant, fast, group, zero, m) in VARIANTS.items():
-        cubin, cfg = compile_sm90(quant, fast, group, zero, m, args.n, args.k)
+    nvdisasm = os.path.join(BIN, "nvdisasm")
+    variants = [(name, spec, None) for name, spec in VARIANTS.items()]
+    for text in args.entry:
+        entry = tuple(int(v) for v in text.split(","))
+        variants += [(f"int4_g128_fast@{text}", VARIANTS["int4_g128_fast"], entry),
+                     (f"int4_g128_zero_fast@{text}", VARIANTS["int4_g128_zero_fast"], entry)]
+    for name, (quant, fast, group, zero, m), entry in variants:
+        cubin, cfg = compile_sm90(quant, fast, group, zero, m, args.n, args.k, entry)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()
             sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
-        ops, looped = loop_ops(sass)
+            regs, spill = resources(f.name)
+        body, looped = loop_body(sass)
+        ops = collections.Counter(op for op in map(_opcode, body) if op)
+        counted, kernel = load_stats(body), load_stats(sass_lines(sass))
         threads = cfg[3] * 32
         elem_bytes = {"int4": 0.5, "dense": 2.0}.get(quant, 1.0)
-        steps = 1 if looped else -(-args.k // cfg[2])
+        steps = steps_per_iteration(quant, fast, m, cfg, args.k) if looped else -(-args.k // cfg[2])
         nbytes = cfg[1] * cfg[2] * elem_bytes * steps / threads  # weight bytes per thread counted
         total = sum(ops.values())
+        resident = programs_per_sm(regs, cfg[3], -(-args.n // cfg[1]) * -(-m // cfg[0]))
         print(json.dumps({"variant": name, "config": list(cfg), "counted": "loop" if looped else "kernel",
                           "instructions": total, "weight_bytes_per_thread": nbytes,
                           "instructions_per_byte": round(total / nbytes, 2),
                           "conversions_per_byte": round(sum(ops[c] for c in CONVERSIONS) / nbytes, 2),
+                          "ldg": counted["ldg"], "ldg_bytes": counted["ldg_bytes"],
+                          "ldg_bytes_before_ffma": counted["ldg_bytes_before_ffma"],
+                          "kernel_ldg_bytes_before_ffma": kernel["ldg_bytes_before_ffma"],
+                          "regs": regs, "spill_bytes": spill, "programs_per_sm": resident,
+                          "kernel_bytes_before_ffma_per_sm": resident * threads * kernel["ldg_bytes_before_ffma"],
                           "top": ops.most_common(8)}), flush=True)
 
 

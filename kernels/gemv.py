@@ -28,7 +28,12 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   whose factor is taken out of x instead of shifting the word). Per word the products are
   summed, the zero point enters as - z * sum(x), the group scale once per word; the int8
   column scale once per column. No dequantized weight is rounded to the dtype: the result is
-  x @ W^T with W dequantized in fp32 (kernels/quant.py's fast references), rounded once. At
+  x @ W^T with W dequantized in fp32 (kernels/quant.py's fast references), rounded once. int4 at
+  M == 1 (_matmul_fast_int4): each thread reads runs of 4 consecutive words of a row (one 128-bit
+  load) and exactly those words' inputs (a contiguous run, split by code in registers: no gather,
+  and no shared-memory shuffle where a step's runs cover every warp), sums a run before its one
+  zero-point and scale; the K loop unrolled up to FAST_UNROLL steps, else two steps an iteration,
+  masked along K only where a step reaches past it. At
   1 < M <= SMALL_M int4 takes a tl.dot variant (_matmul_fast_dot): the nibbles OR-ed into a 16-bit
   float's bits (bf16 0x4300 | u = 128 + u) are exact dot operands with no conversion, the low
   nibbles against the even inputs and the high ones against the odd (two dots, no interleave),
@@ -178,8 +183,19 @@ FAST_M1_CONFIGS: dict[str, tuple[int, int, int]] = {  # H200 sweep, benchmarks/2
 # Whether the engine's compressed linears take the fast path by default (ModelOptions.exact_dequant
 # forces the exact one everywhere). Measured on the H200 at M == 1 (same sweep): int8's fast path
 # streams 2.2-3.0 TB/s against the exact path's 1.2-1.5; int4's streams 0.45-1.25 TB/s against the
-# exact path's 0.82-1.06 at its best swept config, slower on most shapes: int4 stays exact.
+# exact path's 0.82-1.06 at its best swept config, slower on most shapes: int4 stays exact (measured
+# before _matmul_fast_int4, 9.6 -> 8.4 SASS instructions a weight byte; the next GPU sweep decides).
 FAST_BY_DEFAULT = {"int8": True, "w8a8_int8": True, "int4": False}
+# int4's fast path unrolls its K loop up to this many steps (_matmul_fast_int4): two keep every
+# word of a K <= 2 * BLOCK_K row set in flight at once; more, unrolled, let ptxas hoist every
+# step's loads and spill (K 11008 at (8, 2048, 4): 256 bytes a thread, experiments/gemv_sass_count.py).
+FAST_UNROLL = tl.constexpr(2) if HAS_TRITON else 2
+# Inline PTX where a GPU compiles the kernels (the interpreter runs their plain-Triton equivalents;
+# read at import, as tests/kernels/conftest.py reloads the kernels under the interpreter). int4's
+# magic exponent goes into a word by a PRMT: OR-ed in, ptxas folds the OR into each code's AND and
+# inside a loop then rebuilds the constant in a fresh register for every code (a MOV a code,
+# 2.2 -> 2.0 thousand instructions an iteration at K 11008, (8, 2048, 2): gemv_sass_count.py).
+_PTX = tl.constexpr(not interpreting()) if HAS_TRITON else False
 FAST_MIN_PROGRAMS = 264  # two per SM of an H100/H200 (132 SMs): fewer columns per program below that
 WORD_CODES = {"int8": 4, "w8a8_int8": 4, "int4": 8}  # codes in one int32 word
 
@@ -442,112 +458,61 @@ if HAS_TRITON:
         return x
 
     @triton.jit
-    def _fast_tile(w_rows, s_rows, z_rows, k0, col_mask, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
-                   GPT: tl.constexpr, WPG: tl.constexpr):
-        """The int32 code words [BLOCK_N, GPT, WPG] of inputs k0 .. k0 + BLOCK_K of the rows at
-        w_rows (GPT groups of WPG words: int4's scale groups; one run of words for int8), and
-        int4's group scales and zero points [BLOCK_N, GPT] (else zeros, unused)."""
+    def _fast_tile(w_rows, k0, col_mask, K: tl.constexpr, BLOCK_K: tl.constexpr, GPT: tl.constexpr,
+                   WPG: tl.constexpr):
+        """int8's code words [BLOCK_N, GPT, WPG] (GPT = 1: one run of words) of inputs k0 .. k0 +
+        BLOCK_K of the rows at w_rows (int4 has its own: _int4_fast_tile)."""
         CODES: tl.constexpr = BLOCK_K // (GPT * WPG)
         g = k0 // (WPG * CODES) + tl.arange(0, GPT)
         j = g[:, None] * WPG + tl.arange(0, WPG)[None, :]
-        words = tl.load(w_rows[:, :, None] + j[None, :, :],
-                        mask=col_mask[:, None, None] & (j < K // CODES)[None, :, :], other=0)
-        scale = tl.zeros([BLOCK_N, GPT], tl.float32)
-        zero = scale
-        if QUANT == 2:
-            g_mask = col_mask[:, None] & (g < K // GROUP)[None, :]
-            scale = tl.load(s_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
-            if HAS_ZERO:
-                zero = tl.load(z_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
-        return words, scale, zero
+        return tl.load(w_rows[:, :, None] + j[None, :, :],
+                       mask=col_mask[:, None, None] & (j < K // CODES)[None, :, :], other=0)
 
     @triton.jit
-    def _fast_code(src, SHIFT: tl.constexpr, QUANT: tl.constexpr):
-        """A code of each int32 word src as an exact fp32 by the magic-number trick: its bits OR-ed
-        into the mantissa of 2^23 (0x4B000000) make the float 2^23 + u * 2^s; subtracting
-        2^23 + offset * 2^s leaves (u - offset) * 2^s. int4 (QUANT 2): the unsigned nibble
-        (code + 8, offset 8) at bit SHIFT, masked in place (s = SHIFT <= 16: the caller takes the
-        2^SHIFT out of x). int8: the byte at bit SHIFT, its sign bit already flipped (byte ^ 0x80 =
-        byte + 128, offset 128), shifted down (s = 0; the compiler makes the byte extract a PRMT)."""
-        if QUANT == 2:
-            bits = (src & (0xF << SHIFT)) | 0x4B000000
-            return bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << SHIFT))
-        else:
-            bits = ((src >> SHIFT) & 0xFF) | 0x4B000000
-            return bits.to(tl.float32, bitcast=True) - 8388736.0
+    def _fast_code(src, SHIFT: tl.constexpr):
+        """int8's code at bit SHIFT of each int32 word src as an exact fp32 by the magic-number
+        trick: the byte, its sign bit already flipped (byte ^ 0x80 = byte + 128), shifted down
+        (the compiler makes the extract a PRMT) and OR-ed into the mantissa of 2^23 (0x4B000000)
+        makes the float 2^23 + byte + 128; subtracting 2^23 + 128 leaves the code."""
+        bits = ((src >> SHIFT) & 0xFF) | 0x4B000000
+        return bits.to(tl.float32, bitcast=True) - 8388736.0
 
     @triton.jit
-    def _fast_mac(acc, acc2, words, words2, scale, scale2, zero, zero2, x_ptr, k0, nw_ptr, rstd, xs,
+    def _fast_mac(acc, acc2, words, words2, x_ptr, k0, nw_ptr, rstd, xs,
                   K: tl.constexpr, BLOCK_K: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr,
-                  QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, TWO: tl.constexpr, NORM: tl.constexpr,
-                  BF16_BY_HAND: tl.constexpr):
-        """acc (and acc2) [BLOCK_N, GPT, WPG] += per word: the sum over its codes of code * x,
-        minus zero * sum(x), times its group's scale (int4); int8 sums straight into acc (its
-        column scale comes after the K loop). Each x value is loaded and prepared once for all the
-        program's rows. int4 reads nibbles 0..4 in place (bits 0..16, x * 2^-4c) and 5..7 from one
-        shifted copy of the word (>> 12: bits 8..16): per code one LOP3, FADD and FFMA; int8
-        flips the word's sign bits once, then per byte an extract, OR, FADD and FFMA."""
+                  QUANT: tl.constexpr, TWO: tl.constexpr, NORM: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+        """acc (and acc2) [BLOCK_N, GPT, WPG] += per int8 word: the sum over its codes of code * x
+        (its column scale comes after the K loop). Each x value is loaded and prepared once for all
+        the program's rows. The word's sign bits are flipped once, then per byte an extract, OR,
+        FADD and FFMA."""
         CODES: tl.constexpr = BLOCK_K // (GPT * WPG)
         kw = (k0 // (WPG * CODES) + tl.arange(0, GPT))[:, None] * (WPG * CODES) \
             + tl.arange(0, WPG)[None, :] * CODES  # first input of each word [GPT, WPG]
-        if QUANT == 2:
-            hi = words >> 12
-            hi2 = hi
+        flipped = words ^ -0x7F7F7F80  # 0x80808080: each byte + 128, unsigned
+        flipped2 = flipped
+        if TWO:
+            flipped2 = words2 ^ -0x7F7F7F80
+        for c in tl.static_range(4):
+            xc = _fast_x(x_ptr, kw + c, nw_ptr, rstd, xs, K, NORM, QUANT, BF16_BY_HAND)[None, :, :]
+            acc += _fast_code(flipped, 8 * c) * xc
             if TWO:
-                hi2 = words2 >> 12
-            xw = tl.zeros([GPT, WPG], tl.float32)
-            p = tl.zeros(words.shape, tl.float32)
-            p2 = p
-            for c in tl.static_range(8):
-                x = _fast_x(x_ptr, kw + c, nw_ptr, rstd, xs, K, NORM, QUANT, BF16_BY_HAND)
-                if HAS_ZERO:
-                    xw += x
-                if c < 5:
-                    xc = (x * (1.0 / (1 << (4 * c))))[None, :, :]
-                    p += _fast_code(words, 4 * c, QUANT) * xc
-                    if TWO:
-                        p2 += _fast_code(words2, 4 * c, QUANT) * xc
-                else:
-                    xc = (x * (1.0 / (1 << (4 * c - 12))))[None, :, :]
-                    p += _fast_code(hi, 4 * c - 12, QUANT) * xc
-                    if TWO:
-                        p2 += _fast_code(hi2, 4 * c - 12, QUANT) * xc
-            if HAS_ZERO:
-                p -= zero[:, :, None] * xw[None, :, :]
-            acc += p * scale[:, :, None]
-            if TWO:
-                if HAS_ZERO:
-                    p2 -= zero2[:, :, None] * xw[None, :, :]
-                acc2 += p2 * scale2[:, :, None]
-        else:
-            flipped = words ^ -0x7F7F7F80  # 0x80808080: each byte + 128, unsigned
-            flipped2 = flipped
-            if TWO:
-                flipped2 = words2 ^ -0x7F7F7F80
-            for c in tl.static_range(4):
-                xc = _fast_x(x_ptr, kw + c, nw_ptr, rstd, xs, K, NORM, QUANT, BF16_BY_HAND)[None, :, :]
-                acc += _fast_code(flipped, 8 * c, QUANT) * xc
-                if TWO:
-                    acc2 += _fast_code(flipped2, 8 * c, QUANT) * xc
+                acc2 += _fast_code(flipped2, 8 * c) * xc
         return acc, acc2
 
     @triton.jit
     def _matmul_fast(
-        x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
+        x_ptr, w_rows, w_rows2, col_mask, nw_ptr, eps,
         K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
-        BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr,
-        HAS_ZERO: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr,
+        BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr, QUANT: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr,
     ):
-        """_matmul at M == 1 on int32 code words (FAST): [1, BLOCK_N] fp32 accumulators. The
-        next tile's words are loaded before the current one is multiplied (two tiles in flight
-        per program); the first before the PDL wait, as _matmul's."""
-        words, scale, zero = _fast_tile(w_rows, s_rows, z_rows, 0, col_mask, K, BLOCK_N, BLOCK_K, GROUP, QUANT,
-                                        HAS_ZERO, GPT, WPG)
-        words2, scale2, zero2 = words, scale, zero
+        """_matmul at M == 1 on int8 code words (FAST; W8A8 with QUANT 3): [1, BLOCK_N] fp32
+        accumulators. The next tile's words are loaded before the current one is multiplied (two
+        tiles in flight per program); the first before the PDL wait, as _matmul's. int4 has its
+        own (_matmul_fast_int4)."""
+        words = _fast_tile(w_rows, 0, col_mask, K, BLOCK_K, GPT, WPG)
+        words2 = words
         if TWO:
-            words2, scale2, zero2 = _fast_tile(w_rows2, s_rows2, z_rows2, 0, col_mask, K, BLOCK_N, BLOCK_K, GROUP,
-                                               QUANT, HAS_ZERO, GPT, WPG)
+            words2 = _fast_tile(w_rows2, 0, col_mask, K, BLOCK_K, GPT, WPG)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -559,23 +524,187 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_N, GPT, WPG], tl.float32)
         acc2 = acc
         for k0 in range(0, K, BLOCK_K):
-            next_words, next_scale, next_zero = _fast_tile(w_rows, s_rows, z_rows, k0 + BLOCK_K, col_mask, K,
-                                                           BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO, GPT, WPG)
-            next_words2, next_scale2, next_zero2 = next_words, next_scale, next_zero
+            next_words = _fast_tile(w_rows, k0 + BLOCK_K, col_mask, K, BLOCK_K, GPT, WPG)
+            next_words2 = next_words
             if TWO:
-                next_words2, next_scale2, next_zero2 = _fast_tile(w_rows2, s_rows2, z_rows2, k0 + BLOCK_K, col_mask,
-                                                                  K, BLOCK_N, BLOCK_K, GROUP, QUANT, HAS_ZERO,
-                                                                  GPT, WPG)
-            acc, acc2 = _fast_mac(acc, acc2, words, words2, scale, scale2, zero, zero2, x_ptr, k0, nw_ptr, rstd, xs,
-                                  K, BLOCK_K, GPT, WPG, QUANT, HAS_ZERO, TWO, NORM, BF16_BY_HAND)
-            words, scale, zero = next_words, next_scale, next_zero
-            words2, scale2, zero2 = next_words2, next_scale2, next_zero2
+                next_words2 = _fast_tile(w_rows2, k0 + BLOCK_K, col_mask, K, BLOCK_K, GPT, WPG)
+            acc, acc2 = _fast_mac(acc, acc2, words, words2, x_ptr, k0, nw_ptr, rstd, xs,
+                                  K, BLOCK_K, GPT, WPG, QUANT, TWO, NORM, BF16_BY_HAND)
+            words = next_words
+            words2 = next_words2
         out = tl.sum(tl.sum(acc, 2), 1)[None, :]
         out2 = tl.sum(tl.sum(acc2, 2), 1)[None, :]
         if QUANT == 3:  # the row scale; the column scales follow (_column_scale)
             out = out * xs
             out2 = out2 * xs
         return out, out2
+
+    @triton.jit
+    def _int4_fast_tile(w_rows, s_rows, z_rows, k0, col_mask, K: tl.constexpr, GROUP: tl.constexpr,
+                        HAS_ZERO: tl.constexpr, R: tl.constexpr, T: tl.constexpr, MASK_K: tl.constexpr):
+        """int4's code words [BLOCK_N, R, T] of inputs k0 .. k0 + R * T * 8 of the rows at w_rows,
+        word t * R + r at [:, r, t] (R consecutive words, one 128-bit load, make a thread's run:
+        _int4_fast_x lays x out the same way), their group scales and zero points ([BLOCK_N, 1, T]
+        where a run is within one group, else [BLOCK_N, R, T]; zeros without HAS_ZERO). MASK_K:
+        the step may reach past K (a ragged or prefetched step); otherwise only the columns are
+        masked, constant along each run."""
+        WPG: tl.constexpr = GROUP // 8
+        t = k0 // (8 * R) + tl.arange(0, T)
+        j = t[None, :] * R + tl.arange(0, R)[:, None]  # [R, T] word index within the row
+        if WPG % R == 0:
+            g = (t * R // WPG)[None, :]
+        else:
+            g = j // WPG
+        w_mask = col_mask[:, None, None]
+        g_mask = col_mask[:, None, None]
+        if MASK_K:
+            w_mask = w_mask & (j < K // 8)[None, :, :]
+            g_mask = g_mask & (g < K // GROUP)[None, :, :]
+        words = tl.load(w_rows[:, :, None] + j[None, :, :], mask=w_mask, other=0)
+        scale = tl.load(s_rows[:, :, None] + g[None, :, :], mask=g_mask, other=0.0).to(tl.float32)
+        zero = scale
+        if HAS_ZERO:
+            zero = tl.load(z_rows[:, :, None] + g[None, :, :], mask=g_mask, other=0.0).to(tl.float32)
+        return words, scale, zero
+
+    @triton.jit
+    def _int4_fast_x(x_ptr, k0, nw_ptr, rstd, K: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
+                     NORM: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+        """The step's inputs k0 .. k0 + R * T * 8 as the 8 codes' operands [R, T] (x[8 w + c] for
+        code c of word w = t * R + r, indexed as _int4_fast_tile's words), each times 2^-s of its
+        code's bit position in the word (_int4_fast_mac), and their sum per word. Loaded 128 bits
+        at a time and split in registers; where the step's T runs cover every warp (BLOCK_K >=
+        1024 * num_warps) each thread loads exactly the x of its own runs, else the compiler
+        moves the split operands through shared memory."""
+        r = tl.arange(0, R)[:, None, None]
+        t = tl.arange(0, T)[None, :, None]
+        c = tl.arange(0, 8)[None, None, :]
+        x = _fast_x(x_ptr, k0 + (t * R + r) * 8 + c, nw_ptr, rstd, 0.0, K, NORM, 2, BF16_BY_HAND)
+        even, odd = tl.split(tl.reshape(x, (R, T, 2, 2, 2)))  # the last axis: bit 0 of c
+        e0, e1 = tl.split(even)
+        o0, o1 = tl.split(odd)
+        x0, x4 = tl.split(e0)
+        x2, x6 = tl.split(e1)
+        x1, x5 = tl.split(o0)
+        x3, x7 = tl.split(o1)
+        xw = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        return (x0, x1 * 0.0625, x2 * 0.00390625, x3 * 0.000244140625, x4 * 0.0000152587890625,
+                x5 * 0.00390625, x6 * 0.000244140625, x7 * 0.0000152587890625), xw
+
+    @triton.jit
+    def _int4_code(src, SHIFT: tl.constexpr):
+        """The int4 code at bit SHIFT of src as an exact fp32 by the magic-number trick: src is a
+        word with the exponent of 2^23 already OR-ed in (word | 0x4B000000); AND-ing away its
+        other bits (but the exponent's) leaves the float 2^23 + u * 2^SHIFT (u = code + 8, SHIFT
+        <= 16), minus 2^23 + 8 * 2^SHIFT the code times 2^SHIFT (the caller takes the 2^SHIFT out
+        of x). One immediate per instruction: one LOP3 a code, where (w & mask) | magic took two."""
+        bits = src & (0x4B000000 | (0xF << SHIFT))
+        return bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << SHIFT))
+
+    @triton.jit
+    def _int4_fast_mac(acc, words, scale, zero, xs, xw, HAS_ZERO: tl.constexpr):
+        """acc ([BLOCK_N, 1, T] or [BLOCK_N, R, T], as scale) += per word: sum over its 8 codes of
+        (u - 8) * x, minus zero * sum(x) (xw), times its group's scale (per run of words where the
+        run is in one group). Codes 0..4 in place at bits 4c of the word, 5..7 in place in one copy
+        shifted down 12 bits (bits 8..16; LEA.HI adds the exponent), x already times 2^-s
+        (_int4_fast_x): per code one LOP3, FADD and FFMA (_int4_code)."""
+        if _PTX:  # the same bits under _int4_code's mask: w's bytes 0..2, byte 3 the exponent's 0x4B
+            lo = tl.inline_asm_elementwise("prmt.b32 $0, $1, 0x4B000000, 0x7210;", "=r,r", [words],
+                                           dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            lo = words | 0x4B000000
+        hi = (words.to(tl.uint32, bitcast=True) >> 12).to(tl.int32, bitcast=True) + 0x4B000000
+        p = _int4_code(lo, 0) * xs[0][None, :, :]
+        for c in tl.static_range(1, 5):
+            p += _int4_code(lo, 4 * c) * xs[c][None, :, :]
+        for c in tl.static_range(5, 8):
+            p += _int4_code(hi, 4 * c - 12) * xs[c][None, :, :]
+        if acc.shape[1] == 1:  # a thread's run in one group: its words' sums first, then one zero and scale
+            p = tl.sum(p, 1, keep_dims=True)
+            xw = tl.sum(xw, 0, keep_dims=True)
+        if HAS_ZERO:
+            p -= zero * xw[None, :, :]
+        return acc + p * scale
+
+    @triton.jit
+    def _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, k0, col_mask, K: tl.constexpr,
+                         GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
+                         MASK_K: tl.constexpr, TWO: tl.constexpr):
+        """_int4_fast_tile's (words, scale, zero) of the step at k0 for the first row set and, with
+        TWO, the second (else the first's again, unused)."""
+        tile = _int4_fast_tile(w_rows, s_rows, z_rows, k0, col_mask, K, GROUP, HAS_ZERO, R, T, MASK_K)
+        tile2 = tile
+        if TWO:
+            tile2 = _int4_fast_tile(w_rows2, s_rows2, z_rows2, k0, col_mask, K, GROUP, HAS_ZERO, R, T, MASK_K)
+        return tile, tile2
+
+    @triton.jit
+    def _int4_fast_step(acc, acc2, tiles, x_ptr, k0, nw_ptr, rstd, K: tl.constexpr, R: tl.constexpr,
+                        T: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr, HAS_ZERO: tl.constexpr,
+                        BF16_BY_HAND: tl.constexpr):
+        """acc (and acc2) += the step at k0: its x loaded once for both row sets' tiles
+        (_int4_fast_tiles)."""
+        xc, xw = _int4_fast_x(x_ptr, k0, nw_ptr, rstd, K, R, T, NORM, BF16_BY_HAND)
+        words, scale, zero = tiles[0]
+        acc = _int4_fast_mac(acc, words, scale, zero, xc, xw, HAS_ZERO)
+        if TWO:
+            words2, scale2, zero2 = tiles[1]
+            acc2 = _int4_fast_mac(acc2, words2, scale2, zero2, xc, xw, HAS_ZERO)
+        return acc, acc2
+
+    @triton.jit
+    def _matmul_fast_int4(
+        x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
+        K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
+        BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+    ):
+        """_matmul_fast for int4 (QUANT 2): [1, BLOCK_N] fp32 accumulators. Each step's words are
+        loaded one step ahead of their use, the first before the PDL wait. Up to FAST_UNROLL
+        steps the K loop is unrolled (K <= 2 * BLOCK_K: the whole row set in flight at once);
+        longer ones loop two steps an iteration, the tiles alternating between two sets of
+        registers (a one-step loop copies the prefetched tile into the current one's: a MOV a
+        word). Only a step reaching past K is masked along the words (the ragged last one, and
+        in the loop every step of a ragged K); the loop's prefetch past the last step reloads it."""
+        R: tl.constexpr = 4 if BLOCK_K >= 32 else BLOCK_K // 8  # words in a thread's run (_int4_fast_tile)
+        T: tl.constexpr = BLOCK_K // (8 * R)
+        STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+        RAGGED: tl.constexpr = K % BLOCK_K != 0
+        LAST: tl.constexpr = (STEPS - 1) * BLOCK_K
+        a = _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, 0, col_mask, K, GROUP, HAS_ZERO,
+                             R, T, STEPS == 1 and RAGGED, TWO)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        row = tl.arange(0, 1)
+        rstd, xs = _row_stats(x_ptr + row[:, None], row < 1, tl.arange(0, BLOCK_K), nw_ptr, eps, K, 1, BLOCK_K,
+                              NORM, 2, BF16_BY_HAND)
+        rstd = tl.sum(rstd, 0)
+        acc = tl.zeros([BLOCK_N, 1 if (GROUP // 8) % R == 0 else R, T], tl.float32)  # as the scales
+        acc2 = acc
+        if STEPS <= FAST_UNROLL:
+            for step in tl.static_range(STEPS):
+                b = a
+                if step + 1 < STEPS:
+                    b = _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, (step + 1) * BLOCK_K,
+                                         col_mask, K, GROUP, HAS_ZERO, R, T, step + 2 == STEPS and RAGGED, TWO)
+                acc, acc2 = _int4_fast_step(acc, acc2, a, x_ptr, step * BLOCK_K, nw_ptr, rstd, K, R, T, NORM, TWO,
+                                            HAS_ZERO, BF16_BY_HAND)
+                a = b
+        else:
+            for k0 in range(0, (STEPS // 2) * 2 * BLOCK_K, 2 * BLOCK_K):
+                b = _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, k0 + BLOCK_K, col_mask,
+                                     K, GROUP, HAS_ZERO, R, T, RAGGED, TWO)
+                acc, acc2 = _int4_fast_step(acc, acc2, a, x_ptr, k0, nw_ptr, rstd, K, R, T, NORM, TWO, HAS_ZERO,
+                                            BF16_BY_HAND)
+                a = _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2,
+                                     tl.minimum(k0 + 2 * BLOCK_K, LAST), col_mask, K, GROUP, HAS_ZERO, R, T, RAGGED,
+                                     TWO)
+                acc, acc2 = _int4_fast_step(acc, acc2, b, x_ptr, k0 + BLOCK_K, nw_ptr, rstd, K, R, T, NORM, TWO,
+                                            HAS_ZERO, BF16_BY_HAND)
+            if STEPS % 2 == 1:
+                acc, acc2 = _int4_fast_step(acc, acc2, a, x_ptr, LAST, nw_ptr, rstd, K, R, T, NORM, TWO, HAS_ZERO,
+                                            BF16_BY_HAND)
+        return tl.sum(tl.sum(acc, 1), 1)[None, :], tl.sum(tl.sum(acc2, 1), 1)[None, :]  # in-thread R first
 
     @triton.jit
     def _int4_dot_tile(w_rows, s_rows, z_rows, g, col_mask, K: tl.constexpr, GROUP: tl.constexpr,
@@ -666,9 +795,12 @@ if HAS_TRITON:
                     FAST: tl.constexpr, FAST_DOT: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr):
         """The accumulators of whichever matmul the kernel was specialised for: the fast M == 1
         dequantization (FAST), int4 on tl.dot at M > 1 (FAST_DOT), or the exact path."""
-        if FAST:
-            return _matmul_fast(x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
-                                K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, QUANT, HAS_ZERO, GPT, WPG)
+        if FAST and QUANT == 2:
+            return _matmul_fast_int4(x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
+                                     K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, HAS_ZERO)
+        elif FAST:
+            return _matmul_fast(x_ptr, w_rows, w_rows2, col_mask, nw_ptr, eps,
+                                K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, QUANT, GPT, WPG)
         elif FAST_DOT:
             return _matmul_fast_dot(x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask,
                                     nw_ptr, eps, K, BLOCK_M, BLOCK_N, NORM, TWO, IEEE, BF16_BY_HAND, PDL,

@@ -83,6 +83,35 @@ def test_fast_gemv_several_k_steps_and_a_ragged_last_one(weights, dtype):
     _check(out, gemv_ref(x, dense.to(DEVICE)), True)
 
 
+# int4's M == 1 K loop (kernels/gemv.py, _matmul_fast_int4) by (K, BLOCK_K) in groups: one ragged
+# step (BLOCK_K past K, masked), two even steps (unrolled, no mask along the words), two with a
+# ragged last, and past FAST_UNROLL steps the loop of two steps an iteration: three even (one
+# iteration and the odd step after it), four with a ragged last (every step masked, the last
+# iteration's prefetch clamped to the last step), five even steps of one group.
+INT4_STEPS = {"one_ragged": (3, 4), "two_even": (4, 2), "two_ragged": (3, 2), "three_even": (6, 2),
+              "four_ragged": (7, 2), "five_even": (5, 1)}
+# Groups of 8 and 16 inputs hold one or two words: a thread's run of 4 words spans several groups
+# (a scale per word); BLOCK_K of 8 or 16 inputs, runs of one or two words.
+INT4_LOOP_WEIGHTS = {"g32_swiglu_norm": (32, False, "norm_swiglu"), "g64_zero_residual": (64, True, "residual"),
+                     "g8_zero_bias": (8, True, "norm_bias"), "g16_plain": (16, False, "plain")}
+
+
+@pytest.mark.parametrize("steps", list(INT4_STEPS))
+@pytest.mark.parametrize("weights", list(INT4_LOOP_WEIGHTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_int4_k_loop_even_ragged_and_looped(steps, weights, dtype):
+    group, zero, fusion = INT4_LOOP_WEIGHTS[weights]
+    k_groups, step_groups = INT4_STEPS[steps]
+    n, k = 37, k_groups * group
+    swiglu = FUSIONS[fusion].get("swiglu", False)
+    w, scale, zeros, dense = quant_weight(2 * n if swiglu else n, k, "int4", group, zero, seed=k_groups)
+    x, kw = _fusion_args(1, n, k, dtype, seed=step_groups, **FUSIONS[fusion])
+    expected = gemv_ref(x, dense.to(DEVICE), swiglu=swiglu, **kw)
+    out = gemv(x, _to(w, DEVICE), swiglu=swiglu, quant="int4", scale=_to(scale, DEVICE), zero=_to(zeros, DEVICE),
+               fast=True, config=(1, 4, step_groups * group, 1), **kw)
+    _check(out, expected, True)
+
+
 def test_fast_int4_decodes_every_code_at_every_nibble():
     """Each of the 16 codes at each of a word's 8 nibble positions (rows shifted by one code), with
     zero points: one-hot inputs read single columns back exactly."""
@@ -97,6 +126,59 @@ def test_fast_int4_decodes_every_code_at_every_nibble():
         x[0, col] = 1.0
         out = gemv(x.to(DEVICE), packed, quant="int4", scale=scale.to(DEVICE), zero=zeros.to(DEVICE), fast=True)
         assert torch.equal(out.cpu()[0], dense[:, col]), col
+
+
+SM90_FAST_INT4 = """
+from experiments.gemv_sass_count import compile_sm90
+
+cases = [  # (group, zero, K, entry, fusions): the K loop's forms and runs across groups
+    (128, True, 4096, (8, 2048, 2), dict(SWIGLU=True, NORM=True)),  # two even steps, unrolled, two row sets
+    (128, True, 11008, (8, 2048, 2), dict(RESIDUAL=True)),  # looped, ragged
+    (64, False, 4352, (8, 2048, 4), dict(NORM=True, HAS_BIAS=True)),  # three steps: one iteration, ragged odd
+    (16, True, 4096, (8, 2048, 4), {}),  # runs of 4 words over two groups (a scale a word)
+    (32, False, 1536, (8, 1024, 4), dict(SWIGLU=True)),  # two steps, the second ragged
+]
+for group, zero, k, entry, fusions in cases:
+    cubin, _ = compile_sm90("int4", True, group, zero, 1, 4096, k, entry, fusions)
+    assert len(cubin) > 0
+print("compiled", len(cases))
+"""
+
+
+def test_fast_int4_compiles_for_sm90():
+    """The interpreter runs what the GPU compiler may refuse, and never the inline PTX: the fast
+    int4 M == 1 kernel compiles for sm_90 with Triton's bundled ptxas in its unrolled, looped and
+    ragged forms, with two row sets and fusions (a fresh process without the interpreter)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    run = subprocess.run([sys.executable, "-c", SM90_FAST_INT4], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    if "ptxas" in run.stderr and "No such file" in run.stderr:
+        pytest.skip("no bundled ptxas in this Triton install")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "compiled 5"
+
+
+def test_fast_int4_prmt_word_is_the_or_under_every_code_mask():
+    """On a GPU _int4_fast_mac builds a word's exponent by a PRMT (w's bytes 0..2, byte 3 = 0x4B),
+    under the interpreter by OR-ing 0x4B000000 in: the two differ in byte 3 only where _int4_code's
+    masks (the exponent's bits and nibble c at bits 4c, c <= 4) drop it, so every code reads the
+    same bits (the GPU runs of these tests cover the PTX itself)."""
+    words = torch.randint(-2**31, 2**31, (4096,), generator=torch.Generator().manual_seed(3), dtype=torch.int64)
+    magic = 0x4B000000
+    prmt = (words & 0x00FFFFFF) | magic
+    orred = words | magic
+    assert bool((prmt != orred).any())  # the bytes 3 differ
+    for shift in range(0, 20, 4):
+        mask = magic | (0xF << shift)
+        assert torch.equal(prmt & mask, orred & mask), shift
 
 
 def test_fast_int8_decodes_every_byte_value():
