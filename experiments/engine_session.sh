@@ -210,11 +210,15 @@ case "${1:?verb}" in
       tests/engine/test_engine_gpu.py tests/engine/spec_decode/test_batch_invariant_gpu.py tests/kernels/test_batch_invariant_gemv.py \
       tests/train/test_step_syncs.py tests/train/test_fused_head_loss.py tests/kernels/test_pdl.py tests/kernels/test_paged_attention.py \
       > "$OUTDIR/recheck_tests.txt" 2>&1; tail -n 8 "$OUTDIR/recheck_tests.txt";;
-  int4dot)  # carry .gpu/wheels: int4 at M = 1 on the CUDA cores vs on the tensor cores (M = 2, padded to 16 rows),
-            # the tl.dot config sweep at M = 2 and 16, tinygemm beside them (issue 13)
+  int4dot)  # carry .gpu/wheels: int4 at M = 1 on the CUDA cores (the tenth session's _matmul_fast_int4) vs on the
+            # tensor cores (M = 2, padded to 16 rows), the tl.dot config sweep at M = 2 and 16, tinygemm beside them;
+            # then the 7B decode with int4_kernel triton / triton_fast / tinygemm against bf16 (issue 13)
     timeout ${SWEEP_S:-300} python3 experiments/quant_gemv_sweep.py --formats int4_g64 int4_g128 int4_g128_zero \
       --m 1 2 16 --budget-s ${M1_BUDGET_S:-40} --dot-budget-s ${DOT_BUDGET_S:-90} --json "$OUTDIR/int4_dot.jsonl" \
-      > "$OUTDIR/int4_dot.log" 2>&1; grep -E '"fast_best"|"suggest"|"done"' "$OUTDIR/int4_dot.jsonl" | cut -c1-220;;
+      > "$OUTDIR/int4_dot.log" 2>&1; grep -E '"fast_best"|"suggest"|"done"' "$OUTDIR/int4_dot.jsonl" | cut -c1-220
+    timeout ${QUANT_S:-200} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_int4_fast.jsonl" --batch 1 16 \
+      --only bf16 int4_g128@triton int4_g128@triton_fast int4_g64@triton_fast int4_g128@tinygemm \
+      > "$OUTDIR/quant_int4_fast.log" 2>&1; grep -v Warn "$OUTDIR/quant_int4_fast.log" | tail -n 10;;
   stepcost)
     timeout ${STEP_S:-200} python3 experiments/distill_step_cost.py --out "$OUTDIR/step_cost.jsonl" > "$OUTDIR/step_cost.log" 2>&1
     tail -n 3 "$OUTDIR/step_cost.jsonl";;

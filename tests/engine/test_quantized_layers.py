@@ -28,7 +28,7 @@ def _pruned(w: torch.Tensor) -> torch.Tensor:
 
 
 def make(kind: str, n: int = 48, k: int = 128, seed: int = 0, options: ModelOptions = ModelOptions()):
-    """(module, dense fp32 weight it stands for), random codes / scales."""
+    """(module, dense fp32 weight it stands for), random codes / scales (a kind not listed: an error)."""
     g = torch.Generator().manual_seed(seed)
     w, bias = _weights(n, k, seed)
     if kind == "int8":
@@ -50,6 +50,8 @@ def make(kind: str, n: int = 48, k: int = 128, seed: int = 0, options: ModelOpti
         dense = _pruned(ref.dequantize_grouped(codes, scale, None))
         m = Sparse24Linear(dense, bias, codes=codes, scale=scale, options=options)
         assert torch.equal(m.dequantized(), dense)
+    else:
+        raise ValueError(f"make: unknown kind {kind!r}")
     return m, m.dequantized()
 
 
@@ -265,3 +267,20 @@ def test_decode_gemv_args_choose_the_fast_dequantization_unless_exact(kind, monk
         codes = torch.randint(-8, 8, (48, 100), dtype=torch.int8)
         unfit = Int4Linear(codes, torch.rand(48, 1) + 0.1, None, options=ModelOptions())  # group 100
         assert not unfit.gemv_args()[1]["fast"]
+
+
+def test_int4_kernel_triton_fast_asks_for_the_fast_dequantization_unless_exact():
+    """int4_kernel="triton_fast" reads int4 codes with the fast dequantization whatever
+    FAST_BY_DEFAULT says (measuring the kernel before it is adopted), still only where the codes
+    fill whole int32 words, and exact_dequant still wins; the other int4 kernels follow the default."""
+    fast = ModelOptions(int4_kernel="triton_fast")
+    assert make("int4_g32_zero", k=128, options=fast)[0].gemv_args()[1]["fast"]
+    exact = ModelOptions(int4_kernel="triton_fast", exact_dequant=True)
+    assert not make("int4_g32_zero", k=128, options=exact)[0].gemv_args()[1]["fast"]
+    codes = torch.randint(-8, 8, (48, 100), dtype=torch.int8)
+    assert not Int4Linear(codes, torch.rand(48, 1) + 0.1, None, options=fast).gemv_args()[1]["fast"]  # group 100
+    for kernel in ("auto", "triton", "tinygemm"):
+        layer = make("int4_g32_zero", k=128, options=ModelOptions(int4_kernel=kernel))[0]
+        assert layer.gemv_args()[1]["fast"] == FAST_BY_DEFAULT["int4"]
+    with pytest.raises(ValueError, match="int4_kernel"):
+        ModelOptions(int4_kernel="fastest")
