@@ -32,6 +32,10 @@
 #   experiments/engine_session.sh balwait      # waits for `balanced` (BAL_WAIT_S) and copies its report
 #   experiments/engine_session.sh scaling      # nvidia-h200-x2, right after `tp`: distill step tokens/s and peak
 #                                              # memory at 1 and 2 GPUs, DDP and FSDP2, with loss curves (issue 17)
+#   experiments/engine_session.sh int4dot      # carry .gpu/wheels: the int4 GEMV sweep (M = 1 fast path, tl.dot at M = 2
+#                                              # and 16) and the 7B decode with int4_kernel triton_fast (issue 13)
+#   experiments/engine_session.sh bg NAME V..  # the verbs V.. in their own process session (they outlive the call);
+#                                              # `collect` (COLLECT_S) waits for every chain and fetches $H/bg
 set -uo pipefail
 H=$HOME; OUTDIR=${OUT:-$H/out}; mkdir -p "$OUTDIR"
 # once per machine: chains in the background import from $H/site while later calls start
