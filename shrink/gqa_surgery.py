@@ -10,6 +10,16 @@ served, which is the only pooling consistent with the mapping.
 
 `k_norm`/`q_norm` (Qwen3, Gemma3) normalise over head_dim with weights shared by all heads, so they
 carry over unchanged. K/V projection biases (Qwen2) are pooled like the weight rows.
+
+`svd` is the best linear merge of each group that keeps RoPE exact, the per-head residual folded
+into Q and O (so it is exact whenever the group's heads are such maps of one shared head):
+- V: the group's stacked value projections [n*d, in] get their best rank-d factorization, A_j P; the
+  merged head is P and query head j's o_proj columns become W_o[:, j] @ A_j.
+- K: rotary turns each dimension pair (i, i + d/2) (the rotate_half layout) into one complex number;
+  a 2x2 map commutes with every rotation only if it is a complex scalar, so per pair the group's
+  complex rows get their best rank-1 factorization alpha_j * c; the merged pair rows are c and query
+  head j's pair rows are multiplied by conj(alpha_j), which keeps Re(conj(q) k) and thus every score.
+Biases ride along as an extra input column (an input of constant 1), so q's bias turns with its rows.
 """
 
 from __future__ import annotations
@@ -22,7 +32,10 @@ from torch import nn
 
 from common.errors import ShrinkError
 
-POOL_INITS = ("mean", "first", "random")
+POOL_INITS = ("mean", "first", "random", "svd")
+# `svd` needs the rotate_half rotary layout on the whole head and no per-head q/k norm (the complex
+# scalars folded into q would not pass through a norm): the model types known to have both.
+SVD_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,16 @@ def check_expand_target(config: Any, kv_heads: int, key: str = "gqa.kv_heads") -
                           f"key/value heads that divides the {layout.heads} query heads (e.g. {layout.heads})")
 
 
+def check_init(config: Any, init: str, key: str = "gqa.init") -> None:
+    if init not in POOL_INITS:
+        raise ShrinkError(f"{key}={init!r}: expected one of {', '.join(POOL_INITS)}")
+    model_type = getattr(config, "model_type", None)
+    if init == "svd" and (model_type not in SVD_MODEL_TYPES or
+                          float(getattr(config, "partial_rotary_factor", None) or 1.0) != 1.0):
+        raise ShrinkError(f"{key}=svd: supported for model types {', '.join(SVD_MODEL_TYPES)} (full rotate_half "
+                          f"rotary, no per-head q/k norm), not {model_type!r}; use {key}=mean")
+
+
 def attention_modules(model: nn.Module) -> Iterator[nn.Module]:
     found = False
     for module in model.modules():
@@ -119,28 +142,101 @@ def _new_linear(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None)
     return layer
 
 
-def _rewrite_kv(model: nn.Module, new_kv: int, rows) -> nn.Module:
-    """Replace every k_proj/v_proj by `rows(tensor, kind)` and point config and modules at `new_kv`."""
-    layout = KVLayout.of(model.config)
+def _set_kv_heads(model: nn.Module, new_kv: int) -> nn.Module:
+    """Point the config and every attention module at `new_kv` KV heads (their k/v_proj rewritten)."""
+    heads = KVLayout.of(model.config).heads
     for attn in attention_modules(model):
-        for name in ("k_proj", "v_proj"):
-            old = getattr(attn, name)
-            weight = rows(old.weight.detach(), "weight")
-            bias = rows(old.bias.detach(), "bias") if old.bias is not None else None
-            setattr(attn, name, _new_linear(old, weight, bias))
-        attn.num_key_value_groups = layout.heads // new_kv
+        attn.num_key_value_groups = heads // new_kv
         if hasattr(attn, "num_key_value_heads"):
             attn.num_key_value_heads = new_kv
     model.config.num_key_value_heads = new_kv
     return model
 
 
+def _rewrite_kv(model: nn.Module, new_kv: int, rows) -> nn.Module:
+    """Replace every k_proj/v_proj by `rows(tensor, kind)` and point config and modules at `new_kv`."""
+    for attn in attention_modules(model):
+        for name in ("k_proj", "v_proj"):
+            old = getattr(attn, name)
+            weight = rows(old.weight.detach(), "weight")
+            bias = rows(old.bias.detach(), "bias") if old.bias is not None else None
+            setattr(attn, name, _new_linear(old, weight, bias))
+    return _set_kv_heads(model, new_kv)
+
+
+def _with_bias(layer: nn.Linear) -> torch.Tensor:
+    """[out, in (+1)] in float64: the bias, if any, as the column of a constant-1 input."""
+    w = layer.weight.detach().double()
+    return torch.cat([w, layer.bias.detach().double()[:, None]], 1) if layer.bias is not None else w
+
+
+def _set_with_bias(layer: nn.Linear, extended: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Split `_with_bias`'s layout back into (weight, bias) in `layer`'s dtype."""
+    dtype = layer.weight.dtype
+    if layer.bias is None:
+        return extended.to(dtype), None
+    return extended[:, :-1].to(dtype), extended[:, -1].to(dtype)
+
+
+def low_rank_merge(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-r factorization of n stacked blocks [..., n, r, m] (real or complex):
+    block j ~= A[..., j] @ P with A [..., n, r, r], P [..., r, m]. The gauge (P -> R P, A -> A R^-1)
+    is fixed so that n identical blocks give A = I and P = the block: R is the polar factor of the
+    mean A over sqrt(n), a scaled rotation, so the merged head keeps the scale of the ones it replaces."""
+    *batch, n, r, m = stack.shape
+    u, s, vh = torch.linalg.svd(stack.reshape(*batch, n * r, m), full_matrices=False)
+    a = u[..., :r].reshape(*batch, n, r, r)
+    p = s[..., :r, None] * vh[..., :r, :]
+    pu, _, pvh = torch.linalg.svd(a.mean(-3))
+    rot = pu @ pvh  # [..., r, r], unitary
+    return a @ rot.mH.unsqueeze(-3) * n ** 0.5, rot @ p / n ** 0.5
+
+
+def _complex_pairs(rows: torch.Tensor) -> torch.Tensor:
+    """[..., d, m] real rows -> [..., d/2, m] complex: rotary pair (i, i + d/2) as row_i + 1j row_{i+d/2}."""
+    half = rows.shape[-2] // 2
+    return torch.complex(rows[..., :half, :], rows[..., half:, :])
+
+
+def _real_pairs(z: torch.Tensor) -> torch.Tensor:
+    return torch.cat([z.real, z.imag], -2)
+
+
+@torch.no_grad()
+def _svd_merge_attention(attn: nn.Module, layout: KVLayout, groups: int) -> None:
+    """Merge one attention's K/V heads into `groups` by `svd` (module docstring), folding into q/o_proj."""
+    n, d = layout.heads // groups, layout.head_dim
+    per_group = lambda t: _per_query_head(t, layout.kv_heads, layout.heads).reshape(groups, n, d, -1)  # noqa: E731
+    # K: per group and rotary pair, n complex rows [in] -> alpha_j * c
+    zk = _complex_pairs(per_group(_with_bias(attn.k_proj))).transpose(1, 2)  # [G, d/2, n, m]
+    alpha, c = low_rank_merge(zk.unsqueeze(-2))  # [G, d/2, n, 1, 1], [G, d/2, 1, m]
+    new_k = _real_pairs(c.squeeze(-2)).reshape(groups * d, -1)
+    zq = _complex_pairs(_with_bias(attn.q_proj).reshape(groups, n, d, -1))  # [G, n, d/2, m]
+    new_q = _real_pairs(zq * alpha[..., 0, 0].transpose(1, 2).conj().unsqueeze(-1)).reshape(layout.heads * d, -1)
+    # V: per group, n blocks [d, in] -> A_j @ P; A_j folds into query head j's o_proj columns
+    a, p = low_rank_merge(per_group(_with_bias(attn.v_proj)))  # [G, n, d, d], [G, d, m]
+    w_o = attn.o_proj.weight.detach().double()
+    new_o = torch.einsum("hgjd,gjde->hgje", w_o.reshape(-1, groups, n, d), a).reshape(w_o.shape)
+    for name, extended in (("k_proj", new_k), ("v_proj", p.reshape(groups * d, -1))):
+        old = getattr(attn, name)
+        setattr(attn, name, _new_linear(old, *_set_with_bias(old, extended)))
+    q_weight, q_bias = _set_with_bias(attn.q_proj, new_q)
+    attn.q_proj.weight.copy_(q_weight)
+    if q_bias is not None:
+        attn.q_proj.bias.copy_(q_bias)
+    attn.o_proj.weight.copy_(new_o.to(attn.o_proj.weight.dtype))
+
+
 def pool_kv_heads(model: nn.Module, groups: int, init: str = "mean", seed: int = 0) -> nn.Module:
-    """Convert `model` in place to `groups` KV heads; `init` is mean | first | random."""
+    """Convert `model` in place to `groups` KV heads; `init` is mean | first | random | svd (which
+    also rewrites q_proj and o_proj)."""
     check_pool_target(model.config, groups)
-    if init not in POOL_INITS:
-        raise ShrinkError(f"gqa.init={init!r}: expected one of {', '.join(POOL_INITS)}")
+    check_init(model.config, init)
     layout = KVLayout.of(model.config)
+    if init == "svd":
+        for attn in attention_modules(model):
+            _svd_merge_attention(attn, layout, groups)
+        return _set_kv_heads(model, groups)
     generator = torch.Generator().manual_seed(seed)
 
     def rows(t: torch.Tensor, kind: str) -> torch.Tensor:
@@ -183,8 +279,7 @@ def check_target(config: Any, mode: str, kv_heads: int | None, init: str = "mean
         if kv_heads is None:
             raise ShrinkError("gqa.kv_heads must be set for gqa.mode=pool")
         check_pool_target(config, int(kv_heads))
-        if init not in POOL_INITS:
-            raise ShrinkError(f"gqa.init={init!r}: expected one of {', '.join(POOL_INITS)}")
+        check_init(config, init)
     elif mode == "expand":
         check_expand_target(config, int(kv_heads or KVLayout.of(config).heads))
     elif mode == "keep":

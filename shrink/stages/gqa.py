@@ -124,7 +124,7 @@ class GQASettings:
 
     mode: str = "pool"                     # pool | expand
     kv_heads: int | None = 1               # target key/value heads (expand: None = one per query head)
-    init: str = "mean"                     # pool init: mean | first | random
+    init: str = "mean"                     # pool init: mean | first | random | svd
     seed: int = 0
     kv_shape: tuple[int, int, int] = (8, 2048, 2)  # KV-cache report: batch, context, bytes per element
     eval_datasets: tuple[str, ...] = ()    # wikitext2 | heldout
