@@ -1,5 +1,5 @@
-"""GQA uptraining experiment (issue #6): each model's K/V heads pooled to --kv-heads by mean, first
-and random init, each uptrained by distillation from the unconverted model with the same token
+"""GQA uptraining experiment (issue #6): each model's K/V heads pooled to --kv-heads by each --inits
+(mean, first, random, svd), each uptrained by distillation from the unconverted model with the same token
 budget and data order; WikiText-2 raw test perplexity (non-overlapping 2048-token windows, full
 windows only) before conversion, right after, and after uptraining.
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.results import ResultsFile  # noqa: E402
 from eval.perplexity import encode, wikitext2_text  # noqa: E402
-from shrink.gqa_surgery import POOL_INITS, check_init, check_pool_target, kv_report, pool_kv_heads  # noqa: E402
+from shrink.gqa_surgery import POOL_INITS, check_init, check_pool_target, kv_report, pool_kv_heads, svd_calibration  # noqa: E402
 from shrink.modeling import load_model, load_tokenizer  # noqa: E402
 from shrink.stages.gqa import measure_ppl, uptrain  # noqa: E402
 from train.data import CORPUS_FILE, budget_blocks  # noqa: E402
@@ -96,7 +96,8 @@ def run_model(path: Path, args: argparse.Namespace, results: ResultsFile, out: P
     tc.validate()
     for init in args.inits:
         t = time.time()
-        student = pool_kv_heads(copy.deepcopy(teacher), args.kv_heads, init, seed=args.seed)
+        student = pool_kv_heads(copy.deepcopy(teacher), args.kv_heads, init, seed=args.seed,
+                                calibration=svd_calibration(train))
         kv["after"] = kv_report(student.config, 8, 2048, 2)
         row = {"converted": measure_ppl(student, {"w": wiki}, *ppl_args, full_windows_only=True)["w"]}
         results.put("models", name, init, row)

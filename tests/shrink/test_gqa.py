@@ -13,6 +13,7 @@ from common.errors import ShrinkError
 from shrink.gqa_surgery import KVLayout, check_target, expand_kv_heads, kv_report, pool_kv_heads
 
 IDS = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(3))
+CALIBRATION = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(4))  # svd's token rows
 
 
 def kv_weights(model) -> list[torch.Tensor]:
@@ -210,7 +211,7 @@ def make_structured(model, seed: int = 0):
 def test_svd_pool_is_exact_on_structured_heads(arch):
     model = make_structured(tiny_model(arch, heads=6, kv_heads=3))
     expected = logits(model)
-    pooled = pool_kv_heads(copy.deepcopy(model), 1, "svd")
+    pooled = pool_kv_heads(copy.deepcopy(model), 1, "svd", calibration=CALIBRATION)
     assert pooled.config.num_key_value_heads == 1
     assert pooled.model.layers[0].self_attn.k_proj.weight.shape == (8, model.config.hidden_size)
     assert torch.allclose(logits(pooled), expected, atol=1e-5, rtol=1e-5)
@@ -223,7 +224,7 @@ def test_svd_pool_of_identical_heads_gives_them_back():
     """The gauge: expand (identical copies) then svd-pool returns the original K/V rows and q/o_proj."""
     model = tiny_model("qwen2", heads=6, kv_heads=3)
     before = {n: t.clone() for n, t in model.state_dict().items()}
-    back = pool_kv_heads(expand_kv_heads(copy.deepcopy(model)), 3, "svd")
+    back = pool_kv_heads(expand_kv_heads(copy.deepcopy(model)), 3, "svd", calibration=CALIBRATION)
     for name, value in back.state_dict().items():
         assert torch.allclose(value, before[name], atol=1e-5), name
 
@@ -249,7 +250,8 @@ def test_svd_pool_beats_mean_on_random_weights(arch, heads, kv_heads, groups):
         model = tiny_model(arch, heads=heads, kv_heads=kv_heads, seed=seed)
         attn, out = first_attention_and_logits(model)
         for init, total in errors.items():
-            got_attn, got_out = first_attention_and_logits(pool_kv_heads(copy.deepcopy(model), groups, init))
+            pooled = pool_kv_heads(copy.deepcopy(model), groups, init, calibration=CALIBRATION)
+            got_attn, got_out = first_attention_and_logits(pooled)
             total[0] += float((got_attn - attn).pow(2).mean() / attn.pow(2).mean()) / 4
             total[1] += float((got_out - out).pow(2).mean()) / 4
     assert errors["svd"][0] < 0.85 * errors["mean"][0], errors
@@ -267,5 +269,9 @@ def test_svd_init_is_checked_on_the_config():
     model = tiny_model("qwen3", heads=6, kv_heads=3)
     before = kv_weights(model)
     with pytest.raises(ShrinkError, match="gqa.init=svd"):
-        pool_kv_heads(model, 1, "svd")
+        pool_kv_heads(model, 1, "svd", calibration=CALIBRATION)
+    llama_model = tiny_model("llama", heads=6, kv_heads=3)
+    with pytest.raises(ShrinkError, match="gqa.init=svd needs calibration token rows"):
+        pool_kv_heads(llama_model, 1, "svd")
     assert all(torch.equal(a, b) for a, b in zip(kv_weights(model), before))
+    assert llama_model.config.num_key_value_heads == 3
