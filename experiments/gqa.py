@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.results import ResultsFile  # noqa: E402
 from eval.perplexity import encode, wikitext2_text  # noqa: E402
-from shrink.gqa_surgery import POOL_INITS, check_init, check_pool_target, kv_report, pool_kv_heads, svd_calibration  # noqa: E402
+from shrink.gqa_surgery import (POOL_INITS, check_init, check_pool_target, kv_report, pool_kv_heads,  # noqa: E402
+                                svd_calibration)
 from shrink.modeling import load_model, load_tokenizer  # noqa: E402
 from shrink.stages.gqa import measure_ppl, uptrain  # noqa: E402
 from train.data import CORPUS_FILE, budget_blocks  # noqa: E402

@@ -231,11 +231,13 @@ def attention_input_moments(model: nn.Module, calibration: torch.Tensor) -> list
         return accumulate
 
     handles = [attn.q_proj.register_forward_pre_hook(hook(i)) for i, attn in enumerate(attns)]
-    device = next(model.parameters()).device
+    device, was_training = next(model.parameters()).device, model.training
+    model.eval()
     try:
-        for row in calibration:
-            model(row[None].to(device))
+        for rows in calibration.split(8):
+            model(rows.to(device))
     finally:
+        model.train(was_training)
         for handle in handles:
             handle.remove()
     return [sums[i] / calibration.numel() for i in range(len(attns))]
