@@ -21,13 +21,15 @@ into Q and O (so it is exact whenever the group's heads are such maps of one sha
   pair norm); the merged pair rows are c and query head j's pair rows are multiplied by
   conj(alpha_j), which keeps Re(conj(q) k), so every score.
 - Errors are measured on activations, not weights: each factorization is of W L, with L L^T the
-  second moment of the attention input over calibration tokens. Unweighted, the factorizations
+  second moment of the attention input over calibration tokens, measured layer by layer on the
+  model as merged so far (so each layer sees the inputs it will get). Unweighted, the factorizations
   were worse than the plain mean on SmolLM2 (the input has a few dimensions far larger than the rest).
 Biases ride along as an extra input column (an input of constant 1), so q's bias turns with its rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -40,7 +42,8 @@ POOL_INITS = ("mean", "first", "random", "svd")
 # `svd` needs the rotate_half rotary layout on the whole head and no per-head q/k norm (the complex
 # scalars folded into q would not pass through a norm): the model types known to have both.
 SVD_MODEL_TYPES = ("llama", "mistral", "qwen2")
-SVD_CALIBRATION_TOKENS = 8192  # svd's second moments: SmolLM2 was measured with 8 rows of 1024 tokens
+# svd's second moments; SmolLM2 3 -> 1 right after merging (one pass): 8k tokens ppl 434, 32k 293, 128k 298
+SVD_CALIBRATION_TOKENS = 32768
 
 
 @dataclass(frozen=True)
@@ -216,31 +219,33 @@ def svd_calibration(train: torch.Tensor) -> torch.Tensor:
     return train[:-(-SVD_CALIBRATION_TOKENS // train.shape[1])]
 
 
+class _Reached(Exception):
+    """Raised by the calibration hook to stop a forward once the attention it measures has its input."""
+
+
 @torch.no_grad()
-def attention_input_moments(model: nn.Module, calibration: torch.Tensor) -> list[torch.Tensor]:
-    """E[x x^T] of each attention's input x (q_proj's) extended by a constant 1, [in+1, in+1] float64,
-    over the token rows `calibration` [B, T]; in `attention_modules` order."""
-    attns = list(attention_modules(model))
-    sums: dict[int, torch.Tensor] = {}
+def attention_input_moment(model: nn.Module, attn: nn.Module, calibration: torch.Tensor) -> torch.Tensor:
+    """E[x x^T] of `attn`'s input x (q_proj's) extended by a constant 1, [in+1, in+1] float64, over the
+    token rows `calibration` [B, T]; each forward stops at `attn`."""
+    total: list[torch.Tensor] = []
 
-    def hook(i: int):
-        def accumulate(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
-            sums[i] = sums[i] + x.T @ x if i in sums else x.T @ x
-        return accumulate
+    def accumulate(module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+        total.append(total.pop() + x.T @ x if total else x.T @ x)
+        raise _Reached
 
-    handles = [attn.q_proj.register_forward_pre_hook(hook(i)) for i, attn in enumerate(attns)]
+    handle = attn.q_proj.register_forward_pre_hook(accumulate)
     device, was_training = next(model.parameters()).device, model.training
     model.eval()
     try:
         for rows in calibration.split(8):
-            model(rows.to(device))
+            with contextlib.suppress(_Reached):
+                model(rows.to(device), use_cache=False)
     finally:
         model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return [sums[i] / calibration.numel() for i in range(len(attns))]
+        handle.remove()
+    return total[0] / calibration.numel()
 
 
 @torch.no_grad()
@@ -305,9 +310,10 @@ def pool_kv_heads(model: nn.Module, groups: int, init: str = "mean", seed: int =
         raise ShrinkError("gqa.init=svd needs calibration token rows (its factorizations weigh by the attention "
                           "inputs' second moments); none given")
     layout = KVLayout.of(model.config)
-    if init == "svd":
-        for attn, moment in zip(list(attention_modules(model)), attention_input_moments(model, calibration)):
-            _svd_merge_attention(attn, layout, groups, moment)
+    if init == "svd":  # layer by layer: each sees the inputs the layers already merged give it
+        for attn in list(attention_modules(model)):
+            _svd_merge_attention(attn, layout, groups, attention_input_moment(model, attn, calibration))
+            attn.num_key_value_groups = layout.heads // groups
         return _set_kv_heads(model, groups)
     generator = torch.Generator().manual_seed(seed)
 

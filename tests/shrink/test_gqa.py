@@ -10,7 +10,8 @@ import torch
 from test_gqa_reference import ARCHS, one_thread, reference_logits, tiny_model  # noqa: F401
 
 from common.errors import ShrinkError
-from shrink.gqa_surgery import KVLayout, check_target, expand_kv_heads, kv_report, pool_kv_heads
+from shrink.gqa_surgery import (KVLayout, attention_input_moment, check_target, expand_kv_heads, kv_report,
+                                pool_kv_heads)
 
 IDS = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(3))
 CALIBRATION = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(4))  # svd's token rows
@@ -275,3 +276,14 @@ def test_svd_init_is_checked_on_the_config():
         pool_kv_heads(llama_model, 1, "svd")
     assert all(torch.equal(a, b) for a, b in zip(kv_weights(model), before))
     assert llama_model.config.num_key_value_heads == 3
+
+
+def test_attention_input_moment_is_the_second_moment_of_the_normed_input():
+    model = tiny_model("llama", heads=6, kv_heads=3)
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        x = layer.input_layernorm(model.model.embed_tokens(CALIBRATION)).reshape(-1, model.config.hidden_size)
+    x = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+    got = attention_input_moment(model, layer.self_attn, CALIBRATION)
+    assert got.shape == (49, 49) and got.dtype == torch.float64
+    assert torch.allclose(got, x.T @ x / x.shape[0], atol=1e-6)
