@@ -1,5 +1,5 @@
-"""GQA uptraining experiment (issue #6): each model's K/V heads pooled to --kv-heads by mean, first
-and random init, each uptrained by distillation from the unconverted model with the same token
+"""GQA uptraining experiment (issue #6): each model's K/V heads pooled to --kv-heads by each --inits
+(mean, first, random, svd), each uptrained by distillation from the unconverted model with the same token
 budget and data order; WikiText-2 raw test perplexity (non-overlapping 2048-token windows, full
 windows only) before conversion, right after, and after uptraining.
 
@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.results import ResultsFile  # noqa: E402
 from eval.perplexity import encode, wikitext2_text  # noqa: E402
-from shrink.gqa_surgery import POOL_INITS, check_pool_target, kv_report, pool_kv_heads  # noqa: E402
+from shrink.gqa_surgery import (POOL_INITS, check_init, check_pool_target, kv_report, pool_kv_heads,  # noqa: E402
+                                svd_calibration)
 from shrink.modeling import load_model, load_tokenizer  # noqa: E402
 from shrink.stages.gqa import measure_ppl, uptrain  # noqa: E402
 from train.data import CORPUS_FILE, budget_blocks  # noqa: E402
@@ -47,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, required=True, help="uptraining tokens per init (same for all)")
     p.add_argument("--quick", action="store_true", help="tiny settings: a CPU smoke run in seconds")
     p.add_argument("--kv-heads", type=int, default=1)
-    p.add_argument("--inits", default=",".join(POOL_INITS))
+    p.add_argument("--inits", default=",".join(POOL_INITS), help=f"comma-separated, of {', '.join(POOL_INITS)}")
     p.add_argument("--train-data", default=None, help=f"default: DATA_DIR/{CORPUS_FILE} (--quick: pydoc)")
     p.add_argument("--block-size", type=int, default=None, help="default 1024 (--quick: 64)")
     p.add_argument("--batch-size", type=int, default=None, help="default 16 (--quick: 4)")
@@ -67,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.train_data is None:
         args.train_data = "pydoc" if quick else str(Path(args.data_dir) / CORPUS_FILE)
     args.inits = [s.strip() for s in args.inits.split(",") if s.strip()]
+    unknown = [i for i in args.inits if i not in POOL_INITS]
+    if unknown:
+        p.error(f"--inits: unknown {unknown}; expected of {', '.join(POOL_INITS)}")
     return args
 
 
@@ -75,6 +79,8 @@ def run_model(path: Path, args: argparse.Namespace, results: ResultsFile, out: P
     device = torch.device(args.device)
     teacher = load_model(path, dtype="fp32", device=device)
     check_pool_target(teacher.config, args.kv_heads, key="--kv-heads")
+    for init in args.inits:
+        check_init(teacher.config, init, key="--inits")
     tokenizer = load_tokenizer(path)
     wiki = encode(tokenizer, wikitext2_text(Path(args.data_dir)))
     train, val = budget_blocks(args.train_data, tokenizer, args.tokens, args.block_size, 16, args.seed, docs_per_batch=64)
@@ -91,7 +97,8 @@ def run_model(path: Path, args: argparse.Namespace, results: ResultsFile, out: P
     tc.validate()
     for init in args.inits:
         t = time.time()
-        student = pool_kv_heads(copy.deepcopy(teacher), args.kv_heads, init, seed=args.seed)
+        student = pool_kv_heads(copy.deepcopy(teacher), args.kv_heads, init, seed=args.seed,
+                                calibration=svd_calibration(train))
         kv["after"] = kv_report(student.config, 8, 2048, 2)
         row = {"converted": measure_ppl(student, {"w": wiki}, *ppl_args, full_windows_only=True)["w"]}
         results.put("models", name, init, row)

@@ -10,10 +10,26 @@ served, which is the only pooling consistent with the mapping.
 
 `k_norm`/`q_norm` (Qwen3, Gemma3) normalise over head_dim with weights shared by all heads, so they
 carry over unchanged. K/V projection biases (Qwen2) are pooled like the weight rows.
+
+`svd` is the best linear merge of each group that keeps RoPE exact, the per-head residual folded
+into Q and O (so it is exact whenever the group's heads are such maps of one shared head):
+- V: query head j adds W_o,j W_v,j x to the residual stream; the group's stacked maps get their best
+  rank-d factorization B_j P: the merged value head is P and B_j becomes head j's o_proj columns.
+- K: rotary turns each dimension pair (i, i + d/2) (the rotate_half layout) into one complex number;
+  a 2x2 map commutes with every rotation only if it is a complex scalar, so per pair the group's
+  complex rows get their best rank-1 factorization alpha_j * c (row j weighted by query head j's
+  pair norm); the merged pair rows are c and query head j's pair rows are multiplied by
+  conj(alpha_j), which keeps Re(conj(q) k), so every score.
+- Errors are measured on activations, not weights: each factorization is of W L, with L L^T the
+  second moment of the attention input over calibration tokens, measured layer by layer on the
+  model as merged so far (so each layer sees the inputs it will get). Unweighted, the factorizations
+  were worse than the plain mean on SmolLM2 (the input has a few dimensions far larger than the rest).
+Biases ride along as an extra input column (an input of constant 1), so q's bias turns with its rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -22,7 +38,12 @@ from torch import nn
 
 from common.errors import ShrinkError
 
-POOL_INITS = ("mean", "first", "random")
+POOL_INITS = ("mean", "first", "random", "svd")
+# `svd` needs the rotate_half rotary layout on the whole head and no per-head q/k norm (the complex
+# scalars folded into q would not pass through a norm): the model types known to have both.
+SVD_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# svd's second moments; SmolLM2 3 -> 1 right after merging (one pass): 8k tokens ppl 434, 32k 293, 128k 298
+SVD_CALIBRATION_TOKENS = 32768
 
 
 @dataclass(frozen=True)
@@ -74,6 +95,16 @@ def check_expand_target(config: Any, kv_heads: int, key: str = "gqa.kv_heads") -
                           f"key/value heads that divides the {layout.heads} query heads (e.g. {layout.heads})")
 
 
+def check_init(config: Any, init: str, key: str = "gqa.init") -> None:
+    if init not in POOL_INITS:
+        raise ShrinkError(f"{key}={init!r}: expected one of {', '.join(POOL_INITS)}")
+    model_type = getattr(config, "model_type", None)
+    if init == "svd" and (model_type not in SVD_MODEL_TYPES or
+                          float(getattr(config, "partial_rotary_factor", None) or 1.0) != 1.0):
+        raise ShrinkError(f"{key}=svd: supported for model types {', '.join(SVD_MODEL_TYPES)} (full rotate_half "
+                          f"rotary, no per-head q/k norm), not {model_type!r}; use {key}=mean")
+
+
 def attention_modules(model: nn.Module) -> Iterator[nn.Module]:
     found = False
     for module in model.modules():
@@ -119,28 +150,171 @@ def _new_linear(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None)
     return layer
 
 
-def _rewrite_kv(model: nn.Module, new_kv: int, rows) -> nn.Module:
-    """Replace every k_proj/v_proj by `rows(tensor, kind)` and point config and modules at `new_kv`."""
-    layout = KVLayout.of(model.config)
+def _set_kv_heads(model: nn.Module, new_kv: int) -> nn.Module:
+    """Point the config and every attention module at `new_kv` KV heads (their k/v_proj rewritten)."""
+    heads = KVLayout.of(model.config).heads
     for attn in attention_modules(model):
-        for name in ("k_proj", "v_proj"):
-            old = getattr(attn, name)
-            weight = rows(old.weight.detach(), "weight")
-            bias = rows(old.bias.detach(), "bias") if old.bias is not None else None
-            setattr(attn, name, _new_linear(old, weight, bias))
-        attn.num_key_value_groups = layout.heads // new_kv
+        attn.num_key_value_groups = heads // new_kv
         if hasattr(attn, "num_key_value_heads"):
             attn.num_key_value_heads = new_kv
     model.config.num_key_value_heads = new_kv
     return model
 
 
-def pool_kv_heads(model: nn.Module, groups: int, init: str = "mean", seed: int = 0) -> nn.Module:
-    """Convert `model` in place to `groups` KV heads; `init` is mean | first | random."""
+def _rewrite_kv(model: nn.Module, new_kv: int, rows) -> nn.Module:
+    """Replace every k_proj/v_proj by `rows(tensor, kind)` and point config and modules at `new_kv`."""
+    for attn in attention_modules(model):
+        for name in ("k_proj", "v_proj"):
+            old = getattr(attn, name)
+            weight = rows(old.weight.detach(), "weight")
+            bias = rows(old.bias.detach(), "bias") if old.bias is not None else None
+            setattr(attn, name, _new_linear(old, weight, bias))
+    return _set_kv_heads(model, new_kv)
+
+
+def _with_bias(layer: nn.Linear) -> torch.Tensor:
+    """[out, in (+1)] in float64: the bias, if any, as the column of a constant-1 input."""
+    w = layer.weight.detach().double()
+    return torch.cat([w, layer.bias.detach().double()[:, None]], 1) if layer.bias is not None else w
+
+
+def _set_with_bias(layer: nn.Linear, extended: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Split `_with_bias`'s layout back into (weight, bias) in `layer`'s dtype."""
+    dtype = layer.weight.dtype
+    if layer.bias is None:
+        return extended.to(dtype), None
+    return extended[:, :-1].to(dtype), extended[:, -1].to(dtype)
+
+
+def _factor(stack: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-`rank` factorization of n stacked blocks [..., n, rows, m] (real or complex):
+    block j ~= left[..., j] @ right, left [..., n, rows, rank], right [..., rank, m]."""
+    *batch, n, rows, m = stack.shape
+    u, s, vh = torch.linalg.svd(stack.reshape(*batch, n * rows, m), full_matrices=False)
+    return (u[..., :rank] * s[..., None, :rank]).reshape(*batch, n, rows, rank), vh[..., :rank, :]
+
+
+def _align(right: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gauge R (and R^-1) of a factorization (right -> R right, left -> left R^-1): the least-squares
+    fit of `right` (orthonormal rows) to `target` (the group's mean head), so identical heads give
+    back that head and the merged head keeps the scale of those it replaces; its singular values are
+    clamped to 1e-3 of the largest so that R stays invertible when the mean head is degenerate."""
+    u, sv, vh = torch.linalg.svd(target @ right.mH)
+    sv = torch.maximum(sv, 1e-3 * sv[..., :1]).to(u.dtype)
+    return u * sv[..., None, :] @ vh, vh.mH / sv[..., None, :] @ u.mH
+
+
+def _complex_pairs(rows: torch.Tensor) -> torch.Tensor:
+    """[..., d, m] real rows -> [..., d/2, m] complex: rotary pair (i, i + d/2) as row_i + 1j row_{i+d/2}."""
+    half = rows.shape[-2] // 2
+    return torch.complex(rows[..., :half, :], rows[..., half:, :])
+
+
+def _real_pairs(z: torch.Tensor) -> torch.Tensor:
+    return torch.cat([z.real, z.imag], -2)
+
+
+def svd_calibration(train: torch.Tensor) -> torch.Tensor:
+    """The first rows of packed training blocks [N, T] that hold SVD_CALIBRATION_TOKENS tokens."""
+    return train[:-(-SVD_CALIBRATION_TOKENS // train.shape[1])]
+
+
+class _Reached(Exception):
+    """Raised by the calibration hook to stop a forward once the attention it measures has its input."""
+
+
+@torch.no_grad()
+def attention_input_moment(model: nn.Module, attn: nn.Module, calibration: torch.Tensor) -> torch.Tensor:
+    """E[x x^T] of `attn`'s input x (q_proj's) extended by a constant 1, [in+1, in+1] float64, over the
+    token rows `calibration` [B, T]; each forward stops at `attn`."""
+    total: list[torch.Tensor] = []
+
+    def accumulate(module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+        total.append(total.pop() + x.T @ x if total else x.T @ x)
+        raise _Reached
+
+    handle = attn.q_proj.register_forward_pre_hook(accumulate)
+    device, was_training = next(model.parameters()).device, model.training
+    model.eval()
+    try:
+        for rows in calibration.split(8):
+            with contextlib.suppress(_Reached):
+                model(rows.to(device), use_cache=False)
+    finally:
+        model.train(was_training)
+        handle.remove()
+    return total[0] / calibration.numel()
+
+
+@torch.no_grad()
+def _svd_merge_attention(attn: nn.Module, layout: KVLayout, groups: int, moment: torch.Tensor) -> None:
+    """Merge one attention's K/V heads into `groups` by `svd` (module docstring), folding into q/o_proj.
+    `moment` (E[x x^T] of the attention input, extended by 1) makes every factorization minimise the
+    error of the projected activations, not of the weights: factorize W L (C = L L^T), map back by L^-1."""
+    n, d = layout.heads // groups, layout.head_dim
+    moment = moment.to(attn.q_proj.weight.device)
+    eye = torch.eye(moment.shape[0], dtype=moment.dtype, device=moment.device)
+    full_root = torch.linalg.cholesky(moment + 1e-6 * moment.diagonal().mean() * eye)
+
+    def root(layer: nn.Linear) -> torch.Tensor:  # the input has the constant-1 column only with a bias
+        return full_root if layer.bias is not None else torch.linalg.cholesky(
+            moment[:-1, :-1] + 1e-6 * moment.diagonal().mean() * eye[:-1, :-1])
+
+    def whitened(layer: nn.Linear) -> torch.Tensor:
+        return _with_bias(layer) @ root(layer)
+
+    def unwhiten(right: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+        return torch.linalg.solve_triangular(root(layer).to(right.dtype), right, upper=False, left=False)
+
+    def per_group(t: torch.Tensor) -> torch.Tensor:  # [kv * d, m] -> [G, n, d, m] per query head
+        return _per_query_head(t, layout.kv_heads, layout.heads).reshape(groups, n, d, -1)
+
+    # K: per group and rotary pair, query head j's complex row [m] ~= alpha_j * c. Row j weighs by
+    # its query pair's norm, since the error of its scores is |q_j| |k_j - alpha_j c|.
+    zk = _complex_pairs(per_group(whitened(attn.k_proj))).transpose(1, 2)  # [G, d/2, n, m]
+    zq = _complex_pairs(whitened(attn.q_proj).reshape(groups, n, d, -1))  # [G, n, d/2, m]
+    weight = torch.linalg.vector_norm(zq, dim=-1).transpose(1, 2) + 1e-12  # [G, d/2, n]
+    left, right = _factor((zk * weight[..., None]).unsqueeze(-2), 1)  # [G, d/2, n, 1, 1], [G, d/2, 1, m]
+    rot, rot_inv = _align(right, zk.mean(-2, keepdim=True))
+    alpha = left[..., 0, 0] / weight * rot_inv[..., 0, 0, None]  # [G, d/2, n]
+    new_k = _real_pairs(unwhiten(rot @ right, attn.k_proj).squeeze(-2)).reshape(groups * d, -1)
+    zq = _complex_pairs(_with_bias(attn.q_proj).reshape(groups, n, d, -1))
+    new_q = _real_pairs(zq * alpha.transpose(1, 2).conj().unsqueeze(-1)).reshape(layout.heads * d, -1)
+    # V: factor the per-head output maps W_o,j W_v,j (what head j adds to the residual stream) into
+    # B_j P: P is the merged value head, B_j query head j's new o_proj columns.
+    v = per_group(whitened(attn.v_proj))  # [G, n, d, m]
+    w_o = attn.o_proj.weight.detach().double().reshape(-1, groups, n, d).permute(1, 2, 0, 3)  # [G, n, hidden, d]
+    b, right = _factor(w_o @ v, d)  # [G, n, hidden, d], [G, d, m]
+    rot, rot_inv = _align(right, v.mean(1))
+    new_v = unwhiten(rot @ right, attn.v_proj).reshape(groups * d, -1)
+    new_o = (b @ rot_inv.unsqueeze(1)).permute(2, 0, 1, 3).reshape(attn.o_proj.weight.shape)
+    for name, extended in (("k_proj", new_k), ("v_proj", new_v)):
+        old = getattr(attn, name)
+        setattr(attn, name, _new_linear(old, *_set_with_bias(old, extended)))
+    q_weight, q_bias = _set_with_bias(attn.q_proj, new_q)
+    attn.q_proj.weight.copy_(q_weight)
+    if q_bias is not None:
+        attn.q_proj.bias.copy_(q_bias)
+    attn.o_proj.weight.copy_(new_o.to(attn.o_proj.weight.dtype))
+
+
+def pool_kv_heads(model: nn.Module, groups: int, init: str = "mean", seed: int = 0,
+                  calibration: torch.Tensor | None = None) -> nn.Module:
+    """Convert `model` in place to `groups` KV heads; `init` is mean | first | random | svd (which
+    also rewrites q_proj and o_proj, weighted by the attention inputs of the token rows `calibration`)."""
     check_pool_target(model.config, groups)
-    if init not in POOL_INITS:
-        raise ShrinkError(f"gqa.init={init!r}: expected one of {', '.join(POOL_INITS)}")
+    check_init(model.config, init)
+    if init == "svd" and (calibration is None or calibration.numel() == 0):
+        raise ShrinkError("gqa.init=svd needs calibration token rows (its factorizations weigh by the attention "
+                          "inputs' second moments); none given")
     layout = KVLayout.of(model.config)
+    if init == "svd":  # layer by layer: each sees the inputs the layers already merged give it
+        for attn in list(attention_modules(model)):
+            _svd_merge_attention(attn, layout, groups, attention_input_moment(model, attn, calibration))
+            attn.num_key_value_groups = layout.heads // groups
+        return _set_kv_heads(model, groups)
     generator = torch.Generator().manual_seed(seed)
 
     def rows(t: torch.Tensor, kind: str) -> torch.Tensor:
@@ -164,12 +338,14 @@ def expand_kv_heads(model: nn.Module, kv_heads: int | None = None) -> nn.Module:
     return _rewrite_kv(model, target, rows)
 
 
-def convert(model: nn.Module, mode: str, kv_heads: int | None, init: str = "mean", seed: int = 0) -> nn.Module:
-    """The stage's conversion: `mode=pool` (to `kv_heads`, by `init`) or `mode=expand`."""
+def convert(model: nn.Module, mode: str, kv_heads: int | None, init: str = "mean", seed: int = 0,
+            calibration: torch.Tensor | None = None) -> nn.Module:
+    """The stage's conversion: `mode=pool` (to `kv_heads`, by `init`; svd uses the `calibration` token
+    rows) or `mode=expand`."""
     if mode == "pool":
         if kv_heads is None:
             raise ShrinkError("gqa.kv_heads must be set for gqa.mode=pool")
-        return pool_kv_heads(model, int(kv_heads), init, seed)
+        return pool_kv_heads(model, int(kv_heads), init, seed, calibration)
     if mode == "expand":
         return expand_kv_heads(model, kv_heads)
     if mode == "keep":  # a measured no-op: for a model whose pooled KV heads cost more than they buy
@@ -183,8 +359,7 @@ def check_target(config: Any, mode: str, kv_heads: int | None, init: str = "mean
         if kv_heads is None:
             raise ShrinkError("gqa.kv_heads must be set for gqa.mode=pool")
         check_pool_target(config, int(kv_heads))
-        if init not in POOL_INITS:
-            raise ShrinkError(f"gqa.init={init!r}: expected one of {', '.join(POOL_INITS)}")
+        check_init(config, init)
     elif mode == "expand":
         check_expand_target(config, int(kv_heads or KVLayout.of(config).heads))
     elif mode == "keep":

@@ -21,7 +21,7 @@ from common.errors import ShrinkError, config_section
 from eval.perplexity import encode, perplexity, wikitext2_text
 from shrink.artifacts import META_FILE, Artifact
 from shrink.context import StageContext, checkpoint_dir_name
-from shrink.gqa_surgery import check_target, convert, kv_report
+from shrink.gqa_surgery import check_target, convert, kv_report, svd_calibration
 from shrink.modeling import load_model, load_tokenizer, num_parameters, save_model_artifact
 from shrink.stages import register_stage
 from shrink.tracking import make_tracker
@@ -124,7 +124,7 @@ class GQASettings:
 
     mode: str = "pool"                     # pool | expand
     kv_heads: int | None = 1               # target key/value heads (expand: None = one per query head)
-    init: str = "mean"                     # pool init: mean | first | random
+    init: str = "mean"                     # pool init: mean | first | random | svd
     seed: int = 0
     kv_shape: tuple[int, int, int] = (8, 2048, 2)  # KV-cache report: batch, context, bytes per element
     eval_datasets: tuple[str, ...] = ()    # wikitext2 | heldout
@@ -156,8 +156,9 @@ def gqa(model_artifact: Artifact, settings: GQASettings, *, dest: Path, device: 
     check_target(AutoConfig.from_pretrained(model_artifact.path), s.mode, s.kv_heads, s.init)
     teacher = load_model(model_artifact, dtype="fp32", device=device)
     tokenizer = load_tokenizer(model_artifact)
+    svd = s.mode == "pool" and s.init == "svd"
     packed = None
-    if uptraining is not None or "heldout" in s.eval_datasets:
+    if uptraining is not None or "heldout" in s.eval_datasets or svd:
         packed = load_packed(data, tokenizer, data_dir, cache_dir)
     texts = eval_texts(list(s.eval_datasets), tokenizer, data_dir, packed.val if packed is not None else None)
 
@@ -168,7 +169,8 @@ def gqa(model_artifact: Artifact, settings: GQASettings, *, dest: Path, device: 
         metrics[f"ppl_{name}_before"] = value
         print(f"gqa: {name} ppl before conversion {value:.3f}")
 
-    student = convert(copy.deepcopy(teacher), s.mode, s.kv_heads, s.init, seed=s.seed)
+    calibration = svd_calibration(packed.train) if svd else None  # rows the uptraining also sees, never eval's
+    student = convert(copy.deepcopy(teacher), s.mode, s.kv_heads, s.init, seed=s.seed, calibration=calibration)
     for key, value in kv_report(student.config, *s.kv_shape).items():
         metrics[f"{key}_after"] = value
     metrics["kv_bytes_ratio"] = metrics["kv_bytes_per_token_after"] / metrics["kv_bytes_per_token_before"]

@@ -84,6 +84,21 @@ def test_stage_expand_is_exact_and_skips_uptraining(tiny_gqa, tmp_path):
     assert "ppl_heldout_uptrained" not in m and m["uptrain_tokens_budget"] == 0
 
 
+def test_stage_accepts_svd_init(tiny_gqa, tmp_path):
+    from shrink.__main__ import run as run_stage
+
+    cfg = compose(f"input={tiny_gqa}", f"run={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", "data=pydoc",
+                  "data.block_size=64", "data.max_docs=40", "gqa.init=svd", "gqa.tokens=0",
+                  "gqa.eval.datasets=[heldout]", "gqa.eval.context=64", "gqa.eval.stride=64", "gqa.eval.max_windows=4")
+    art = run_stage(cfg)
+    m = art.metrics
+    assert m["init"] == "svd" and (m["kv_heads_before"], m["kv_heads_after"]) == (3, 1)
+    assert math.isfinite(m["ppl_heldout_converted"]) and "ppl_heldout_uptrained" not in m
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(art.path).config.num_key_value_heads == 1
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["gqa.kv_heads=4"], r"^gqa.kv_heads=4 does not divide the model's 6 query heads \(num_attention_heads\); "
                          r"choose a divisor of 6$"),
