@@ -193,7 +193,7 @@ case "${1:?verb}" in
       [ ${DVW_TOKENS:-10000000} -gt 0 ] && python3 experiments/depth_vs_width.py --teacher $H/smol --data-dir $H/data \
         --out $H/long/dvw --tokens ${DVW_TOKENS:-10000000}
       for t in ${GQA_TOKENS:-10000000}; do python3 experiments/gqa.py --model $H/smol \
-        --data-dir $H/data --out $H/long/gqa_\$t --tokens \$t --inits ${GQA_INITS:-mean}; done" > "$H/long.log" 2>&1 < /dev/null &
+        --data-dir $H/data --out $H/long/gqa_\$t --tokens \$t --inits ${GQA_INITS:-mean,svd}; done" > "$H/long.log" 2>&1 < /dev/null &
     echo "long: started (pid $!)";;
   longwait)
     for _ in $(seq 1 $(( ${LONG_WAIT_S:-10} / 5 ))); do pgrep -f "experiments/(distill|gqa|depth_vs_width).py" > /dev/null || break; sleep 5; done
