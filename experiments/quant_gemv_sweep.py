@@ -138,12 +138,6 @@ class Case:
         return graph_seconds(lambda: [self.run(w, q, **kw) for w, q in self.weights]) / len(self.weights)
 
 
-def dot_config(entry: tuple[int, int], group: int, two: bool) -> tuple[int, int, int, int]:
-    """The gemv config of a DOT_CANDIDATES entry, as kernels.gemv.fast_dot_config builds FAST_DOT_CONFIG's."""
-    block_n, num_warps = entry
-    return 16, max(16, block_n // 2) if two else block_n, group, num_warps
-
-
 def tinygemm_weights(case: Case) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
     """The case's int4 weight copies in tinygemm's layout for their device (kernels/quant_tinygemm.py:
     codes repacked, bf16 scales and zeros [G, N, 2]) and the bytes of one (codes + scales/zeros)."""
@@ -323,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         for case in dot_sweep:
             if time.perf_counter() - dot_start >= args.dot_budget_s:
                 break
-            cfg = dot_config((block_n, num_warps), case.group, case.fusion == "swiglu")
+            cfg = fast_dot_config(case.group, case.fusion == "swiglu", entry=(block_n, num_warps))
             measure(case, "fast_dot_sweep", lambda: case.time(fast=True, config=cfg), case.bytes, config=list(cfg),
                     entry=[block_n, num_warps])
     for case, _ in sweep:  # the best fast config of each case, heuristic included

@@ -232,9 +232,10 @@ def fast_dot_fits(quant: str, group: int) -> bool:
     return quant == "int4" and group >= 32 and group & (group - 1) == 0
 
 
-def fast_dot_config(group: int, two: bool = False) -> tuple[int, int, int, int]:
-    """(16, BLOCK_N, BLOCK_K = group, num_warps) of the fast int4 path at M > 1."""
-    block_n, num_warps = FAST_DOT_CONFIG
+def fast_dot_config(group: int, two: bool = False, entry: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
+    """(16, BLOCK_N, BLOCK_K = group, num_warps) of the fast int4 path at M > 1, from FAST_DOT_CONFIG
+    or ``entry`` (a candidate of its form, as experiments/quant_gemv_sweep.py times them)."""
+    block_n, num_warps = entry or FAST_DOT_CONFIG
     return 16, max(16, block_n // 2) if two else block_n, group, num_warps
 
 

@@ -227,12 +227,13 @@ class _Reached(Exception):
 def attention_input_moment(model: nn.Module, attn: nn.Module, calibration: torch.Tensor) -> torch.Tensor:
     """E[x x^T] of `attn`'s input x (q_proj's) extended by a constant 1, [in+1, in+1] float64, over the
     token rows `calibration` [B, T]; each forward stops at `attn`."""
-    total: list[torch.Tensor] = []
+    total = 0.0
 
     def accumulate(module: nn.Module, args: tuple) -> None:
+        nonlocal total
         x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
         x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
-        total.append(total.pop() + x.T @ x if total else x.T @ x)
+        total = total + x.T @ x
         raise _Reached
 
     handle = attn.q_proj.register_forward_pre_hook(accumulate)
@@ -245,7 +246,7 @@ def attention_input_moment(model: nn.Module, attn: nn.Module, calibration: torch
     finally:
         model.train(was_training)
         handle.remove()
-    return total[0] / calibration.numel()
+    return total / calibration.numel()
 
 
 @torch.no_grad()
@@ -258,9 +259,10 @@ def _svd_merge_attention(attn: nn.Module, layout: KVLayout, groups: int, moment:
     eye = torch.eye(moment.shape[0], dtype=moment.dtype, device=moment.device)
     full_root = torch.linalg.cholesky(moment + 1e-6 * moment.diagonal().mean() * eye)
 
-    def root(layer: nn.Linear) -> torch.Tensor:  # the input has the constant-1 column only with a bias
-        return full_root if layer.bias is not None else torch.linalg.cholesky(
-            moment[:-1, :-1] + 1e-6 * moment.diagonal().mean() * eye[:-1, :-1])
+    def root(layer: nn.Linear) -> torch.Tensor:
+        """The input has the constant-1 column only with a bias; without it, the root of the leading
+        block of the moment, which is the leading block of the full root (L lower triangular)."""
+        return full_root if layer.bias is not None else full_root[:-1, :-1]
 
     def whitened(layer: nn.Linear) -> torch.Tensor:
         return _with_bias(layer) @ root(layer)

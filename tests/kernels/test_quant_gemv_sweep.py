@@ -10,7 +10,7 @@ import torch
 from experiments.quant_gemv_sweep import DOT_CANDIDATES, FAST_CANDIDATES, FORMATS, SHAPES, fmt_quant, make_weights, suggest
 from kernels import quant as ref
 from kernels._triton import next_pow2
-from kernels.gemv import FAST_M1_CONFIGS, _fast_words, fast_dequant_fits, fast_gemv_config, gemv, gemv_ref
+from kernels.gemv import FAST_M1_CONFIGS, _fast_words, fast_dot_config, fast_dequant_fits, fast_gemv_config, gemv, gemv_ref
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -113,13 +113,11 @@ def test_sweep_flow_on_cpu(monkeypatch, tmp_path):
 def test_dot_candidates_compute_the_reference(entry, swiglu):
     """Each tl.dot candidate the sweep times (int4 at M > 1) runs and equals the reference of the
     dequantized weight, as the sweep's configs are built (two row sets: half the columns)."""
-    from experiments.quant_gemv_sweep import dot_config
-
     n, k, group = 64, 256, 64
     (w, q), = make_weights("int4_g64", n, k, 1, dev="cpu")[0]
     dense = ref.dequantize_grouped(ref.unpack_int4(w), q["scale"], q["zero"])
     x = torch.randn(2, k)
-    cfg = dot_config(entry, group, swiglu)
+    cfg = fast_dot_config(group, swiglu, entry=entry)
     if swiglu:
         expected = gemv_ref(x, dense, swiglu=True)
         got = gemv(x, w, **q, pdl=False, fast=True, swiglu=True, config=cfg)
