@@ -220,6 +220,8 @@ case "${1:?verb}" in
     timeout ${SWEEP_S:-300} python3 experiments/quant_gemv_sweep.py --formats int4_g64 int4_g128 int4_g128_zero \
       --m 1 2 16 --budget-s ${M1_BUDGET_S:-40} --dot-budget-s ${DOT_BUDGET_S:-90} --json "$OUTDIR/int4_dot.jsonl" \
       > "$OUTDIR/int4_dot.log" 2>&1; grep -E '"fast_best"|"suggest"|"done"' "$OUTDIR/int4_dot.jsonl" | cut -c1-220
+    "$0" int4fast;;
+  int4fast)  # the 7B decode with int4_kernel triton / triton_fast / tinygemm against bf16
     timeout ${QUANT_S:-200} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_int4_fast.jsonl" --batch 1 16 \
       --only bf16 int4_g128@triton int4_g128@triton_fast int4_g64@triton_fast int4_g128@tinygemm \
       > "$OUTDIR/quant_int4_fast.log" 2>&1; grep -v Warn "$OUTDIR/quant_int4_fast.log" | tail -n 10;;
