@@ -52,6 +52,7 @@ assemble() {  # the GGUF from its parts (the first stashed by `stash`, the other
   [ -f .gpu/corpus/docs-en.jsonl.gz ] && cp .gpu/corpus/docs-en.jsonl.gz "$H/data/corpus/"
   [ -f .gpu/dss/cqa_train.json.gz ] && mkdir -p "$H/data/reasoning/cqa" \
     && gunzip -c .gpu/dss/cqa_train.json.gz > "$H/data/reasoning/cqa/cqa_train.json"  # Step-by-Step's train split
+  [ -f .gpu/dss/cqa_llm.tgz ] && tar -xzf .gpu/dss/cqa_llm.tgz -C "$H/data/reasoning/cqa"  # and its PaLM rationales (llm/)
   [ -f "$H/t/smol.gguf" ] || echo "assemble: the GGUF's parts are not all here (stash, then stash2)"
 }
 case "${1:?verb}" in
@@ -186,11 +187,14 @@ case "${1:?verb}" in
           # (DVW_TOKENS each); the GQA 3 -> 1 uptrain curve at GQA_TOKENS per GQA_INITS (the tenth session measured
           # mean at 1M / 10M / 50M); `longwait` collects
     assemble; [ -d "$H/smol" ] || $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
+    # depth_vs_width takes an imported artifact (with its shrink.json): the pipeline's, else one imported here
+    T="$H/ref/teacher"; [ -f "$T/shrink.json" ] || { T="$H/imp/teacher"; [ -f "$T/shrink.json" ] || python3 -m shrink \
+      stage=import teacher.source="$H/t/smol.gguf" run="$H/imp" logging=none > /dev/null 2>&1; }
     mkdir -p "$H/long"
     CUDA_VISIBLE_DEVICES=${LONG_GPU:-1} setsid nohup bash -c "
       for s in ${DSS_SEEDS:-0 1 2}; do python3 experiments/distill.py --teacher $H/smol --data-dir $H/data \
         --out $H/long/dss_s\$s --tokens 1 --parts dss --seed \$s; done
-      [ ${DVW_TOKENS:-10000000} -gt 0 ] && python3 experiments/depth_vs_width.py --teacher $H/smol --data-dir $H/data \
+      [ ${DVW_TOKENS:-10000000} -gt 0 ] && python3 experiments/depth_vs_width.py --teacher $T --data-dir $H/data \
         --out $H/long/dvw --tokens ${DVW_TOKENS:-10000000}
       for t in ${GQA_TOKENS:-10000000}; do python3 experiments/gqa.py --model $H/smol \
         --data-dir $H/data --out $H/long/gqa_\$t --tokens \$t --inits ${GQA_INITS:-mean,svd}; done" > "$H/long.log" 2>&1 < /dev/null &
