@@ -39,6 +39,10 @@ from torch import nn
 from common.errors import ShrinkError
 
 POOL_INITS = ("mean", "first", "random", "svd")
+# `auto` (the default): svd where the model takes it, else mean. Measured on the H200 (2026-11-30, SmolLM2
+# 3 -> 1, WikiText-2 21.32 before): right after pooling svd 270 vs mean 23,035; after a 10 M-token uptrain
+# 36.6 vs 76.8 (BENCHMARKS.md, "Eleventh session").
+INITS = (*POOL_INITS, "auto")
 # `svd` needs the rotate_half rotary layout on the whole head and no per-head q/k norm (the complex
 # scalars folded into q would not pass through a norm): the model types known to have both.
 SVD_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -95,14 +99,32 @@ def check_expand_target(config: Any, kv_heads: int, key: str = "gqa.kv_heads") -
                           f"key/value heads that divides the {layout.heads} query heads (e.g. {layout.heads})")
 
 
-def check_init(config: Any, init: str, key: str = "gqa.init") -> None:
-    if init not in POOL_INITS:
-        raise ShrinkError(f"{key}={init!r}: expected one of {', '.join(POOL_INITS)}")
+def svd_unsupported(config: Any) -> str | None:
+    """Why `svd` cannot merge this model's heads, or None where it can."""
     model_type = getattr(config, "model_type", None)
-    if init == "svd" and (model_type not in SVD_MODEL_TYPES or
-                          float(getattr(config, "partial_rotary_factor", None) or 1.0) != 1.0):
-        raise ShrinkError(f"{key}=svd: supported for model types {', '.join(SVD_MODEL_TYPES)} (full rotate_half "
-                          f"rotary, no per-head q/k norm), not {model_type!r}; use {key}=mean")
+    if model_type not in SVD_MODEL_TYPES:
+        return (f"supported for model types {', '.join(SVD_MODEL_TYPES)} (full rotate_half rotary, no per-head "
+                f"q/k norm), not {model_type!r}")
+    rope = getattr(config, "rope_parameters", None) or {}  # transformers 5 keeps the factor here
+    partial = float(getattr(config, "partial_rotary_factor", None) or rope.get("partial_rotary_factor") or 1.0)
+    if partial != 1.0:
+        return f"needs the rotary on the whole head; this {model_type} rotates {partial:g} of it"
+    return None
+
+
+def check_init(config: Any, init: str, key: str = "gqa.init") -> None:
+    if init not in INITS:
+        raise ShrinkError(f"{key}={init!r}: expected one of {', '.join(INITS)}")
+    if init == "svd" and (why := svd_unsupported(config)):
+        raise ShrinkError(f"{key}=svd: {why}; use {key}=mean")
+
+
+def resolve_init(config: Any, init: str, key: str = "gqa.init") -> str:
+    """The pool init `init` names for this model: `auto` is svd where the model takes it, else mean."""
+    check_init(config, init, key)
+    if init != "auto":
+        return init
+    return "mean" if svd_unsupported(config) else "svd"
 
 
 def attention_modules(model: nn.Module) -> Iterator[nn.Module]:
@@ -304,10 +326,10 @@ def _svd_merge_attention(attn: nn.Module, layout: KVLayout, groups: int, moment:
 
 def pool_kv_heads(model: nn.Module, groups: int, init: str = "mean", seed: int = 0,
                   calibration: torch.Tensor | None = None) -> nn.Module:
-    """Convert `model` in place to `groups` KV heads; `init` is mean | first | random | svd (which
+    """Convert `model` in place to `groups` KV heads; `init` is auto | mean | first | random | svd (which
     also rewrites q_proj and o_proj, weighted by the attention inputs of the token rows `calibration`)."""
     check_pool_target(model.config, groups)
-    check_init(model.config, init)
+    init = resolve_init(model.config, init)
     if init == "svd" and (calibration is None or calibration.numel() == 0):
         raise ShrinkError("gqa.init=svd needs calibration token rows (its factorizations weigh by the attention "
                           "inputs' second moments); none given")

@@ -21,7 +21,7 @@ from common.errors import ShrinkError, config_section
 from eval.perplexity import encode, perplexity, wikitext2_text
 from shrink.artifacts import META_FILE, Artifact
 from shrink.context import StageContext, checkpoint_dir_name
-from shrink.gqa_surgery import check_target, convert, kv_report, svd_calibration
+from shrink.gqa_surgery import check_target, convert, kv_report, resolve_init, svd_calibration
 from shrink.modeling import load_model, load_tokenizer, num_parameters, save_model_artifact
 from shrink.stages import register_stage
 from shrink.tracking import make_tracker
@@ -124,7 +124,8 @@ class GQASettings:
 
     mode: str = "pool"                     # pool | expand
     kv_heads: int | None = 1               # target key/value heads (expand: None = one per query head)
-    init: str = "mean"                     # pool init: mean | first | random | svd
+    init: str = "auto"                     # pool init: auto (svd where the model takes it, else mean) | mean |
+                                           # first | random | svd
     seed: int = 0
     kv_shape: tuple[int, int, int] = (8, 2048, 2)  # KV-cache report: batch, context, bytes per element
     eval_datasets: tuple[str, ...] = ()    # wikitext2 | heldout
@@ -153,16 +154,18 @@ def gqa(model_artifact: Artifact, settings: GQASettings, *, dest: Path, device: 
 
     started = time.time()
     s = settings
-    check_target(AutoConfig.from_pretrained(model_artifact.path), s.mode, s.kv_heads, s.init)
+    model_config = AutoConfig.from_pretrained(model_artifact.path)
+    check_target(model_config, s.mode, s.kv_heads, s.init)
+    init = resolve_init(model_config, s.init) if s.mode == "pool" else None
     teacher = load_model(model_artifact, dtype="fp32", device=device)
     tokenizer = load_tokenizer(model_artifact)
-    svd = s.mode == "pool" and s.init == "svd"
+    svd = init == "svd"
     packed = None
     if uptraining is not None or "heldout" in s.eval_datasets or svd:
         packed = load_packed(data, tokenizer, data_dir, cache_dir)
     texts = eval_texts(list(s.eval_datasets), tokenizer, data_dir, packed.val if packed is not None else None)
 
-    metrics: dict[str, Any] = {"mode": s.mode, "init": s.init if s.mode == "pool" else None}
+    metrics: dict[str, Any] = {"mode": s.mode, "init": init}
     for key, value in kv_report(teacher.config, *s.kv_shape).items():
         metrics[f"{key}_before"] = value
     for name, value in measure_ppl(teacher, texts, *s.ppl_args).items():
@@ -170,13 +173,13 @@ def gqa(model_artifact: Artifact, settings: GQASettings, *, dest: Path, device: 
         print(f"gqa: {name} ppl before conversion {value:.3f}")
 
     calibration = svd_calibration(packed.train) if svd else None  # rows the uptraining also sees, never eval's
-    student = convert(copy.deepcopy(teacher), s.mode, s.kv_heads, s.init, seed=s.seed, calibration=calibration)
+    student = convert(copy.deepcopy(teacher), s.mode, s.kv_heads, init or "mean", seed=s.seed, calibration=calibration)
     for key, value in kv_report(student.config, *s.kv_shape).items():
         metrics[f"{key}_after"] = value
     metrics["kv_bytes_ratio"] = metrics["kv_bytes_per_token_after"] / metrics["kv_bytes_per_token_before"]
     for name, value in measure_ppl(student, texts, *s.ppl_args).items():
         metrics[f"ppl_{name}_converted"] = value
-        print(f"gqa: {name} ppl right after conversion ({s.mode}, {s.init}) {value:.3f}")
+        print(f"gqa: {name} ppl right after conversion ({s.mode}, {init}) {value:.3f}")
 
     metrics.update({"uptrain_tokens_budget": budget[0], "budget_source": budget[1]})
     if uptraining is not None:

@@ -303,3 +303,36 @@ def test_smollm2_svd_pool_starts_far_closer_than_mean(smollm2_artifact, shared_d
         ppl = {init: perplexity(pool_kv_heads(copy.deepcopy(model), 1, init, calibration=calibration),
                                 text, 512, 512).ppl for init in ("mean", "svd")}
     assert ppl["svd"] < ppl["mean"] / 5, ppl
+
+
+def test_auto_init_is_svd_where_the_model_takes_it_else_mean():
+    from transformers import LlamaConfig, Qwen3Config
+
+    from shrink.gqa_surgery import resolve_init
+
+    llama = LlamaConfig(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, num_hidden_layers=1)
+    qwen3 = Qwen3Config(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, num_hidden_layers=1)
+    partial = LlamaConfig(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, num_hidden_layers=1,
+                          partial_rotary_factor=0.5)
+    assert resolve_init(llama, "auto") == "svd"
+    assert resolve_init(qwen3, "auto") == "mean"
+    assert resolve_init(partial, "auto") == "mean"
+    assert resolve_init(qwen3, "first") == "first"
+    with pytest.raises(ShrinkError, match=r"gqa.init='best': expected one of mean, first, random, svd, auto"):
+        resolve_init(llama, "best")
+    # pool_kv_heads takes auto: on qwen3 it is mean pooling, bit for bit
+    model = tiny_model("qwen3", heads=6, kv_heads=3)
+    auto = pool_kv_heads(copy.deepcopy(model), 1, "auto")
+    mean = pool_kv_heads(copy.deepcopy(model), 1, "mean")
+    assert all(torch.equal(a, b) for a, b in zip(kv_weights(auto), kv_weights(mean)))
+
+
+def test_svd_refuses_partial_rotary_kept_in_rope_parameters():
+    """transformers 5 keeps partial_rotary_factor in config.rope_parameters, not as an attribute: svd's
+    RoPE-exact merge assumes the rotary covers the whole head and must refuse such a model."""
+    from transformers import LlamaConfig
+
+    partial = LlamaConfig(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, num_hidden_layers=1,
+                          partial_rotary_factor=0.5)
+    with pytest.raises(ShrinkError, match=r"gqa.init=svd: needs the rotary on the whole head; this llama rotates 0.5"):
+        check_target(partial, "pool", 1, "svd")

@@ -60,7 +60,7 @@ def test_stage_pools_uptrains_and_reports(tiny_gqa, tmp_path):
     for phase in ("before", "converted", "uptrained"):
         assert math.isfinite(m[f"ppl_heldout_{phase}"]) and m[f"ppl_heldout_{phase}"] > 1
     assert m["uptrain_steps"] == 8 and m["uptrain_train_tokens"] == 2048
-    assert m["budget_source"] == "gqa.tokens" and m["init"] == "mean"
+    assert m["budget_source"] == "gqa.tokens" and m["init"] == "svd"  # gqa.init=auto on a llama
     assert art.meta["inputs"][0]["path"] == str(tiny_gqa.resolve())
     assert art.meta["config"]["gqa"]["kv_heads"] == 1
     from transformers import AutoModelForCausalLM
