@@ -30,6 +30,7 @@
 #   experiments/engine_session.sh long         # after stash + stash2 (+ corpus, .gpu/dss): step-by-step x 3 seeds, then the GQA
 #                                              # budget curve, on GPU 1 in their own session; `longwait` collects
 #   experiments/engine_session.sh balwait      # waits for `balanced` (BAL_WAIT_S) and copies its report
+#   experiments/engine_session.sh presets      # after stash + stash2: experiment=lossless, balanced (PRESETS) in full, eval=gpu
 #   experiments/engine_session.sh scaling      # nvidia-h200-x2, right after `tp`: distill step tokens/s and peak
 #                                              # memory at 1 and 2 GPUs, DDP and FSDP2, with loss curves (issue 17)
 #   experiments/engine_session.sh int4dot      # carry .gpu/wheels: the int4 GEMV sweep (M = 1 fast path, tl.dot at M = 2
@@ -181,6 +182,17 @@ case "${1:?verb}" in
       data_dir="$H/data" cache_dir="$H/cache_b" logging=none run="$H/bal" eval=gpu eval.load.enabled=false \
       eval.speculative=false distill.tokens=${BAL_TOKENS:-20000000} data.teacher_generated.num_samples=${BAL_SAMPLES:-30000} \
       > "$H/bal.log" 2>&1 < /dev/null & echo "balanced: started (pid $!)";;
+  presets)  # after `stash` + `stash2` (+ .gpu/corpus): issue 16's presets (PRESETS, default lossless then balanced) at
+            # their full budgets with eval=gpu, one after another in the foreground (run it in a `bg` chain)
+    assemble
+    for p in ${PRESETS:-lossless balanced}; do
+      echo "preset $p: $(date +%T)"
+      timeout ${PRESET_S:-1700} python3 -m shrink experiment=$p teacher.source="$H/t/smol.gguf" data_dir="$H/data" \
+        cache_dir="$H/cache_$p" logging=none run="$H/$p" eval=gpu ${PRESET_ARGS:-} > "$OUTDIR/$p.log" 2>&1
+      echo "preset $p: rc $? $(date +%T)"; grep -E "quality gate|wrote" "$OUTDIR/$p.log" | tail -n 8
+      mkdir -p "$OUTDIR/$p" && cp "$H/$p"/eval/report.* "$H/$p"/eval/*.png "$OUTDIR/$p/" 2>/dev/null
+      for s in "$H/$p"/*/shrink.json; do cp "$s" "$OUTDIR/$p/$(basename "$(dirname "$s")").shrink.json"; done
+    done;;
   long)  # after `stash` + `stash2` (+ .gpu/corpus and .gpu/dss carried once): issue 16's long GPU runs in their own
           # process session on GPU ${LONG_GPU:-1}, one after another: Distilling Step-by-Step on CQA with 3 seeds
           # (label only vs label + rationale); depth vs width vs both at 60% of the teacher's parameters
