@@ -269,25 +269,30 @@ def test_decode_gemv_args_choose_the_fast_dequantization_unless_exact(kind):
 
 
 def test_int4_linear_decodes_fast_at_one_row_and_exact_past_it(monkeypatch):
-    """An Int4Linear on the Triton path (interpreted on CPU) hands its GEMV fast=True by default and
-    the kernel launches the fast dequantization (FAST) at M == 1 only: M > 1 takes the exact path,
-    and so does M == 1 with exact_dequant; every output equals the dense linear of its weight."""
+    """An Int4Linear on the Triton path (interpreted on CPU) hands its GEMV fast=True by default, and
+    the kernel launches the fast dequantization at M == 1 only: at M > 1 the launch is the exact
+    path's (config and constexprs as with fast=False), and so is M == 1 with exact_dequant; every
+    output equals the dense linear of its weight."""
     import kernels.gemv as gemv_module
 
     launches = []
     launch_config = gemv_module._launch_config
 
-    def recording(*args):  # (m, n, k, quant, qargs, fast, ...)
-        config, qargs = launch_config(*args)
-        launches.append((args[0], args[5], qargs.get("FAST", False)))
-        return config, qargs
+    def flags(launch: tuple) -> tuple:
+        return launch[0], {k: v for k, v in launch[1].items() if not torch.is_tensor(v)}
+
+    def recording(m, n, k, quant, qargs, fast, *rest):
+        launch = launch_config(m, n, k, quant, qargs, fast, *rest)
+        exact = flags(launch) == flags(launch_config(m, n, k, quant, qargs, False, *rest))
+        launches.append((m, fast, exact))
+        return launch
 
     monkeypatch.setattr(gemv_module, "_launch_config", recording)
     monkeypatch.setattr(gemv_module, "FAST_MIN_PROGRAMS", 1)  # wider programs: fewer interpreted ones
     g = torch.Generator().manual_seed(5)
-    for options, rows, want in ((ModelOptions(use_triton=True), 1, (1, True, True)),
-                                (ModelOptions(use_triton=True), 3, (3, True, False)),
-                                (ModelOptions(use_triton=True, exact_dequant=True), 1, (1, False, False))):
+    for options, rows, want in ((ModelOptions(use_triton=True), 1, (1, True, False)),
+                                (ModelOptions(use_triton=True), 3, (3, True, True)),
+                                (ModelOptions(use_triton=True, exact_dequant=True), 1, (1, False, True))):
         layer, dense = make("int4_g32_zero", n=40, k=128, options=options)
         x = torch.randn(rows, 128, generator=g)
         torch.testing.assert_close(layer(x), F.linear(x, dense, layer.bias), rtol=1e-5, atol=1e-5)
