@@ -150,8 +150,8 @@ class EngineConfig:
             why = "needs fused_decode (the batch-invariant matmuls are the fused decode kernels)"
         elif self.tensor_parallel_size > 1:
             why = "not under tensor parallelism (the all-reduce's algorithm may change with the message size)"
-        elif self.int4_kernel in ("tinygemm", "triton_fast"):
-            why = f"int4_kernel {self.int4_kernel!r} is not batch-invariant (use 'triton' or 'auto')"
+        elif self.int4_kernel == "tinygemm":
+            why = "int4_kernel 'tinygemm' is not batch-invariant (use 'triton' or 'auto')"
         elif self.hf_config.hidden_size > MAX_NORM_K:
             why = f"hidden_size {self.hf_config.hidden_size} exceeds the fused kernels' {MAX_NORM_K}"
         if why:

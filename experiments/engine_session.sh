@@ -33,8 +33,8 @@
 #   experiments/engine_session.sh presets      # after stash + stash2: experiment=lossless, balanced (PRESETS) in full, eval=gpu
 #   experiments/engine_session.sh scaling      # nvidia-h200-x2, right after `tp`: distill step tokens/s and peak
 #                                              # memory at 1 and 2 GPUs, DDP and FSDP2, with loss curves (issue 17)
-#   experiments/engine_session.sh int4dot      # carry .gpu/wheels: the int4 GEMV sweep (M = 1 fast path, tl.dot at M = 2
-#                                              # and 16) and the 7B decode with int4_kernel triton_fast (issue 13)
+#   experiments/engine_session.sh int4         # carry .gpu/wheels: the int4 GEMV sweep (M = 1 fast path, exact at M = 2
+#                                              # and 16) and the 7B decode with int4_kernel triton / tinygemm (issue 13)
 #   experiments/engine_session.sh bg NAME V..  # the verbs V.. in their own process session (they outlive the call);
 #                                              # `collect` (COLLECT_S) waits for every chain and fetches $H/bg
 set -uo pipefail
@@ -230,17 +230,14 @@ case "${1:?verb}" in
       tests/engine/test_engine_gpu.py tests/engine/spec_decode/test_batch_invariant_gpu.py tests/kernels/test_batch_invariant_gemv.py \
       tests/train/test_step_syncs.py tests/train/test_fused_head_loss.py tests/kernels/test_pdl.py tests/kernels/test_paged_attention.py \
       > "$OUTDIR/recheck_tests.txt" 2>&1; tail -n 8 "$OUTDIR/recheck_tests.txt";;
-  int4dot)  # carry .gpu/wheels: int4 at M = 1 on the CUDA cores (the tenth session's _matmul_fast_int4) vs on the
-            # tensor cores (M = 2, padded to 16 rows), the tl.dot config sweep at M = 2 and 16, tinygemm beside them;
-            # then the 7B decode with int4_kernel triton / triton_fast / tinygemm against bf16 (issue 13)
+  int4)  # carry .gpu/wheels: int4 at M = 1 (fast dequantization) and M = 2, 16 (exact), exact and tinygemm beside
+         # them; then the 7B decode with int4_kernel triton / tinygemm against bf16 (issue 13)
     timeout ${SWEEP_S:-300} python3 experiments/quant_gemv_sweep.py --formats int4_g64 int4_g128 int4_g128_zero \
-      --m 1 2 16 --budget-s ${M1_BUDGET_S:-40} --dot-budget-s ${DOT_BUDGET_S:-90} --json "$OUTDIR/int4_dot.jsonl" \
-      > "$OUTDIR/int4_dot.log" 2>&1; grep -E '"fast_best"|"suggest"|"done"' "$OUTDIR/int4_dot.jsonl" | cut -c1-220
-    "$0" int4fast;;
-  int4fast)  # the 7B decode with int4_kernel triton / triton_fast / tinygemm against bf16
-    timeout ${QUANT_S:-200} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_int4_fast.jsonl" --batch 1 16 \
-      --only bf16 int4_g128@triton int4_g128@triton_fast int4_g64@triton_fast int4_g128@tinygemm \
-      > "$OUTDIR/quant_int4_fast.log" 2>&1; grep -v Warn "$OUTDIR/quant_int4_fast.log" | tail -n 10;;
+      --m 1 2 16 --budget-s ${M1_BUDGET_S:-40} --json "$OUTDIR/int4_sweep.jsonl" \
+      > "$OUTDIR/int4_sweep.log" 2>&1; grep -E '"fast_best"|"suggest"|"done"' "$OUTDIR/int4_sweep.jsonl" | cut -c1-220
+    timeout ${QUANT_S:-200} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_int4.jsonl" --batch 1 16 \
+      --only bf16 int4_g128@triton int4_g64@triton int4_g128@tinygemm \
+      > "$OUTDIR/quant_int4.log" 2>&1; grep -v Warn "$OUTDIR/quant_int4.log" | tail -n 10;;
   stepcost)
     timeout ${STEP_S:-200} python3 experiments/distill_step_cost.py --out "$OUTDIR/step_cost.jsonl" > "$OUTDIR/step_cost.log" 2>&1
     tail -n 3 "$OUTDIR/step_cost.jsonl";;

@@ -1,5 +1,5 @@
-"""SASS instructions per weight byte of kernels/gemv.py's decode GEMV (M == 1; int4 also at
-M == 16), exact against fast dequantization, compiled for sm_90 with Triton's bundled ptxas: no GPU needed. The K loop's body
+"""SASS instructions per weight byte of kernels/gemv.py's decode GEMV (M == 1, exact against fast
+dequantization; int4's exact path also at M == 16), compiled for sm_90 with Triton's bundled ptxas: no GPU needed. The K loop's body
 (the block between the label and the backward branch) is counted per thread and divided by the
 weight bytes a thread reads per K step; conversions (I2F, F2F, F2FP) are listed separately, as
 they issue at a fraction of the FMA rate on Hopper. Fully unrolled loops (K / BLOCK_K small)
@@ -34,7 +34,7 @@ VARIANTS = {  # name -> (quant, fast, group, zero, M)
     "int8_exact": ("int8", False, 1, False, 1), "int8_fast": ("int8", True, 1, False, 1),
     "int4_g128_exact": ("int4", False, 128, False, 1), "int4_g128_fast": ("int4", True, 128, False, 1),
     "int4_g128_zero_fast": ("int4", True, 128, True, 1), "bf16": ("dense", False, 1, False, 1),
-    "int4_g128_m16_exact": ("int4", False, 128, False, 16), "int4_g128_m16_fast": ("int4", True, 128, False, 16),
+    "int4_g128_m16_exact": ("int4", False, 128, False, 16),
 }
 CONVERSIONS = ("I2F", "F2F", "F2FP", "I2FP")
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -45,22 +45,16 @@ def compile_sm90(quant: str, fast: bool, group: int, zero: bool, m: int, n: int,
                  entry: tuple[int, int, int] | None = None, fusions: dict | None = None) -> tuple[bytes, tuple]:
     """The cubin of _gemv_kernel for M rows (bf16; plain, or with ``fusions``: NORM, RESIDUAL,
     SWIGLU, HAS_BIAS flags) and its config, specialized as a launch on torch tensors is."""
-    dot = fast and m > 1
-    if dot:
-        cfg = G.fast_dot_config(group)
-    else:
-        two = bool((fusions or {}).get("SWIGLU"))
-        cfg = G.fast_gemv_config(n, k, quant, group, two, entry) if fast else G.gemv_config(m, n, k, two)
-    words = fast and not dot
-    wty = "*i32" if words else {"int4": "*u8", "dense": "*bf16"}.get(quant, "*i8")
+    two = bool((fusions or {}).get("SWIGLU"))
+    cfg = G.fast_gemv_config(n, k, quant, group, two, entry) if fast else G.gemv_config(m, n, k, two)
+    wty = "*i32" if fast else {"int4": "*u8", "dense": "*bf16"}.get(quant, "*i8")
     sig = {"x_ptr": "*bf16", "w_ptr": wty, "s_ptr": "*fp32", "z_ptr": "*fp32", "b_ptr": "*bf16",
            "nw_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "eps": "fp32",
            "x_stride": "i32", "res_stride": "i32", "out_stride": "i32"}
-    gpt, wpg = G._fast_words(quant, group, cfg[2]) if words else (1, 1)
+    gpt, wpg = G._fast_words(quant, group, cfg[2]) if fast else (1, 1)
     constexprs = dict(N=n, K=k, BLOCK_M=cfg[0], BLOCK_N=cfg[1], BLOCK_K=cfg[2], HAS_BIAS=False, NORM=False,
                       RESIDUAL=False, SWIGLU=False, IEEE=False, BF16_BY_HAND=False, PDL=True,
-                      GROUP=group, QUANT=G.QUANT_KINDS[quant], HAS_ZERO=zero, FAST=words, GPT=gpt, WPG=wpg,
-                      FAST_DOT=dot)
+                      GROUP=group, QUANT=G.QUANT_KINDS[quant], HAS_ZERO=zero, FAST=fast, GPT=gpt, WPG=wpg)
     constexprs.update(fusions or {})
     sig.update({name: "constexpr" for name in constexprs})
     # As a launch specializes them: torch's tensors 16-byte aligned, the row strides (K, N) multiples

@@ -2,10 +2,10 @@
 minutes: per format (int8, int4 g64 / g128, int4 g128 with zero points, W8A8 int8), shape and
 M (1 and 16), the achieved GB/s of weight bytes (codes + scales + zero points), and the fraction
 of a measured device-to-device copy ceiling, for
-- "exact": kernels/gemv.py's exact dequantization with its heuristic config (gemv_config);
-- "fast": the fast dequantization with its heuristic (fast_gemv_config, FAST_M1_CONFIGS), and
-  "fast_best": the best of the FAST_M1_CONFIGS candidates swept within --budget-s (M == 1; at
-  M > 1 int4 runs the fast tl.dot variant with FAST_DOT_CONFIG, int8 and W8A8 the exact path);
+- "exact": kernels/gemv.py's exact dequantization with its heuristic config (gemv_config; every
+  format at M > 1);
+- "fast" (M == 1): the fast dequantization with its heuristic (fast_gemv_config, FAST_M1_CONFIGS),
+  and "fast_best": the best of the FAST_M1_CONFIGS candidates swept within --budget-s;
 - "tinygemm": torch's aten._weight_int4pack_mm (gpt-fast's int4 kernel; int4 formats, CUDA), a
   plain matmul of the same codes without the fusions (kernels/quant_tinygemm.py; GB/s of our
   layout's bytes, as the other paths: experiments/int4_kernel_compare.py counts its own);
@@ -33,7 +33,7 @@ import torch
 
 from eval.bench.common import graph_seconds
 from kernels import quant as ref
-from kernels.gemv import FAST_M1_CONFIGS, fast_dot_config, fast_dot_fits, fast_gemv_config, gemv, gemv_config
+from kernels.gemv import FAST_M1_CONFIGS, fast_gemv_config, gemv, gemv_config
 from kernels.quant_tinygemm import pack_for_cpu, pack_for_gpu, scales_and_zeros, tinygemm_mm
 
 SHAPES = {  # Llama-2-7B decode linears: name -> (N, K, fusion as the engine runs it)
@@ -52,9 +52,6 @@ FORMATS = ["int8", "int4_g64", "int4_g128", "int4_g128_zero", "w8a8_int8"]
 FAST_CANDIDATES = [(8, 2048, 4), (16, 2048, 4), (8, 4096, 4), (8, 2048, 2), (16, 4096, 4), (8, 4096, 2),
                    (4, 4096, 2), (4, 4096, 4), (16, 1024, 4), (8, 2048, 8), (32, 1024, 4), (4, 2048, 4),
                    (16, 2048, 8), (8, 1024, 4), (32, 1024, 8), (16, 4096, 8), (4, 8192, 8), (2, 8192, 4)]
-# FAST_DOT_CONFIG candidates (BLOCK_N, num_warps) of int4 at 1 < M <= 16, swept after the M == 1 ones
-# (run --m 2 to see what an M == 1 row would cost on the tensor cores, padded to 16 rows).
-DOT_CANDIDATES = [(32, 4), (128, 4), (64, 8), (128, 8), (256, 8), (32, 2)]
 COPY_BYTES = 256 << 20  # weight copies per case: far more than L2
 DEVICE = "cuda"  # a CPU smoke test of the script's flow sets "cpu" (tests/kernels/test_quant_gemv_sweep.py)
 
@@ -236,8 +233,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--m", nargs="+", type=int, default=[1, 16], help="batch rows (1..16)")
     ap.add_argument("--budget-s", type=float, default=100.0,
                     help="seconds of fast-config sweeping after the fixed measurements (each new config compiles)")
-    ap.add_argument("--dot-budget-s", type=float, default=60.0,
-                    help="seconds of sweeping FAST_DOT_CONFIG candidates (int4 at M > 1) after the fast-config sweep")
     ap.add_argument("--json", default=None, help="also write the JSON lines to this file")
     args = ap.parse_args(argv)
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -272,7 +267,6 @@ def main(argv: list[str] | None = None) -> None:
 
     # the fixed measurements of every case, keeping the M == 1 cases for the sweep
     sweep: list[tuple[Case, list]] = []
-    dot_sweep: list[Case] = []
     for fmt in args.formats:
         for shape in args.shapes:
             n, k, fusion = SHAPES[shape]
@@ -289,12 +283,6 @@ def main(argv: list[str] | None = None) -> None:
                     cfg = fast_gemv_config(case.n_out, k, quant, group, two)
                     measure(case, "fast", lambda: case.time(fast=True), nbytes, config=list(cfg), entry=list(entry))
                     sweep.append((case, [e for e in FAST_CANDIDATES if e != entry]))
-                elif fast_dot_fits(quant, group):
-                    measure(case, "fast", lambda: case.time(fast=True), nbytes,
-                            config=list(fast_dot_config(group, two)), note="M > 1: int4 on tl.dot (FAST_DOT_CONFIG)")
-                    dot_sweep.append(case)
-                else:
-                    measure(case, "fast", lambda: case.time(fast=True), nbytes, note="M > 1: the exact path")
                 if quant == "int4":
                     measure(case, "tinygemm", lambda: tinygemm_seconds(case), nbytes)
                 if DEVICE == "cuda":
@@ -312,14 +300,6 @@ def main(argv: list[str] | None = None) -> None:
             cfg = fast_gemv_config(case.n_out, case.k, case.quant, case.group, case.fusion == "swiglu", entry=entry)
             measure(case, "fast_sweep", lambda: case.time(fast=True, config=cfg), case.bytes, config=list(cfg),
                     entry=list(entry))
-    dot_start = time.perf_counter()
-    for block_n, num_warps in DOT_CANDIDATES:  # the tl.dot configs, within their own budget
-        for case in dot_sweep:
-            if time.perf_counter() - dot_start >= args.dot_budget_s:
-                break
-            cfg = fast_dot_config(case.group, case.fusion == "swiglu", entry=(block_n, num_warps))
-            measure(case, "fast_dot_sweep", lambda: case.time(fast=True, config=cfg), case.bytes, config=list(cfg),
-                    entry=[block_n, num_warps])
     for case, _ in sweep:  # the best fast config of each case, heuristic included
         timed = [r for r in records if r["format"] == case.fmt and r["shape"] == case.shape and r["M"] == 1
                  and r["path"] in ("fast", "fast_sweep") and "seconds" in r]

@@ -33,12 +33,11 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   load) and exactly those words' inputs (a contiguous run, split by code in registers: no gather,
   and no shared-memory shuffle where a step's runs cover every warp), sums a run before its one
   zero-point and scale; the K loop unrolled up to FAST_UNROLL steps, else two steps an iteration,
-  masked along K only where a step reaches past it. At
-  1 < M <= SMALL_M int4 takes a tl.dot variant (_matmul_fast_dot): the nibbles OR-ed into a 16-bit
-  float's bits (bf16 0x4300 | u = 128 + u) are exact dot operands with no conversion, the low
-  nibbles against the even inputs and the high ones against the odd (two dots, no interleave),
-  each group's sum corrected by the offset times sum(x) and scaled once. int8 and W8A8 at M > 1
-  keep the exact path (their codes are exact in the dtype, the scale already after the sum).
+  masked along K only where a step reaches past it. At 1 < M <= SMALL_M every format takes the
+  exact path. A tl.dot variant for int4 there (nibbles OR-ed into 16-bit float bits as exact dot
+  operands, one K step a group) was 3-7x slower than the exact path on the H200 at M = 2 and 16,
+  even at the best of 144 configs (int4_g128 down M=16: 25.5 vs 120.9 us; 7B decode at batch 16:
+  0.29x bf16 against 0.81x; benchmarks/2026-11-30-h200x2-s11/bg/g1/int4_dot.jsonl), and was removed.
 - rotary + KV store (gemv_rope_store, a sibling kernel on the same matmul code): the qkv matmul's
   epilogue rotates q and k (neox layout) and writes k and v straight into the paged cache, so the
   separate rope_store launch (kernels/rotary.py) goes away. Each program computes both members of
@@ -181,11 +180,13 @@ FAST_M1_CONFIGS: dict[str, tuple[int, int, int]] = {  # H200 sweep, benchmarks/2
     "int4": (8, 2048, 4),
 }
 # Whether the engine's compressed linears take the fast path by default (ModelOptions.exact_dequant
-# forces the exact one everywhere). Measured on the H200 at M == 1 (same sweep): int8's fast path
-# streams 2.2-3.0 TB/s against the exact path's 1.2-1.5; int4's streams 0.45-1.25 TB/s against the
-# exact path's 0.82-1.06 at its best swept config, slower on most shapes: int4 stays exact (measured
-# before _matmul_fast_int4, 9.6 -> 8.4 SASS instructions a weight byte; the next GPU sweep decides).
-FAST_BY_DEFAULT = {"int8": True, "w8a8_int8": True, "int4": False}
+# forces the exact one everywhere). Measured on the H200 at M == 1: int8's fast path streams 2.2-3.0
+# TB/s against the exact path's 1.2-1.5 (benchmarks/2026-11-29-h200-s5/quant_sweep.jsonl); int4's
+# (_matmul_fast_int4) 1.25-1.88 TB/s against the exact path's 0.93-1.13 on every Llama-2-7B shape
+# and format (int4_g64, int4_g128, int4_g128_zero), and the 7B decode at batch 1 int4_g128 373.7
+# tok/s against 262.4 exact (1.44x / 1.01x bf16; tinygemm 359.6): H200, 2026-11-30,
+# benchmarks/2026-11-30-h200x2-s11/bg/g1/int4_dot.jsonl and bg/q0/quant_int4_fast.jsonl.
+FAST_BY_DEFAULT = {"int8": True, "w8a8_int8": True, "int4": True}
 # int4's fast path unrolls its K loop up to this many steps (_matmul_fast_int4): two keep every
 # word of a K <= 2 * BLOCK_K row set in flight at once; more, unrolled, let ptxas hoist every
 # step's loads and spill (K 11008 at (8, 2048, 4): 256 bytes a thread, experiments/gemv_sass_count.py).
@@ -220,23 +221,6 @@ def fast_gemv_config(n: int, k: int, quant: str, group: int = 1, two: bool = Fal
     while block_n > 1 and triton.cdiv(n, block_n) < FAST_MIN_PROGRAMS:
         block_n //= 2
     return 1, block_n, block_k, num_warps
-
-
-# The fast path's int4 config at 1 < M <= SMALL_M (tl.dot on 16-row tiles, one K step per group):
-# (BLOCK_N, num_warps) of a program reading one W row set; two-set programs take half the columns.
-FAST_DOT_CONFIG: tuple[int, int] = (64, 4)
-
-
-def fast_dot_fits(quant: str, group: int) -> bool:
-    """Whether the fast path takes int4 at M > 1: groups of 32+ inputs (tl.dot's K of half a group >= 16)."""
-    return quant == "int4" and group >= 32 and group & (group - 1) == 0
-
-
-def fast_dot_config(group: int, two: bool = False, entry: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
-    """(16, BLOCK_N, BLOCK_K = group, num_warps) of the fast int4 path at M > 1, from FAST_DOT_CONFIG
-    or ``entry`` (a candidate of its form, as experiments/quant_gemv_sweep.py times them)."""
-    block_n, num_warps = entry or FAST_DOT_CONFIG
-    return 16, max(16, block_n // 2) if two else block_n, group, num_warps
 
 
 def _fast_words(quant: str, group: int, block_k: int) -> tuple[int, int]:
@@ -708,104 +692,19 @@ if HAS_TRITON:
         return tl.sum(tl.sum(acc, 1), 1)[None, :], tl.sum(tl.sum(acc2, 1), 1)[None, :]  # in-thread R first
 
     @triton.jit
-    def _int4_dot_tile(w_rows, s_rows, z_rows, g, col_mask, K: tl.constexpr, GROUP: tl.constexpr,
-                       HAS_ZERO: tl.constexpr):
-        """Group g's packed bytes [BLOCK_N, GROUP / 2] of the rows at w_rows (int32), scales and zero
-        points [BLOCK_N] (zeros without HAS_ZERO)."""
-        jb = tl.arange(0, GROUP // 2)
-        mask = col_mask[:, None] & (g < K // GROUP)
-        byte = tl.load(w_rows + g * (GROUP // 2) + jb[None, :], mask=mask, other=0).to(tl.int32)
-        scale = tl.load(s_rows + g, mask=col_mask[:, None] & (g < K // GROUP), other=0.0).to(tl.float32)
-        zero = tl.zeros_like(scale)
-        if HAS_ZERO:
-            zero = tl.load(z_rows + g, mask=col_mask[:, None] & (g < K // GROUP), other=0.0).to(tl.float32)
-        return byte, tl.reshape(scale, [scale.shape[0]]), tl.reshape(zero, [zero.shape[0]])
-
-    @triton.jit
-    def _nibble_operand(nibble, dtype: tl.constexpr, BF16_BY_HAND: tl.constexpr):
-        """Unsigned nibbles (int32) as dot operands of dtype holding OFFSET + nibble exactly, no
-        conversion instruction: bf16 bits 0x4300 | u = 128 + u, fp16 bits 0x6400 | u = 1024 + u;
-        fp32: 2^23 + u minus 2^23 (offset 0). The interpreter builds bf16 through fp32 bits."""
-        if dtype == tl.bfloat16:
-            if BF16_BY_HAND:
-                return ((nibble | 0x4300) << 16).to(tl.float32, bitcast=True).to(dtype)
-            else:
-                return (nibble | 0x4300).to(tl.int16).to(dtype, bitcast=True)
-        elif dtype == tl.float16:
-            return (nibble | 0x6400).to(tl.int16).to(dtype, bitcast=True)
-        else:
-            return (nibble | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-    @triton.jit
-    def _matmul_fast_dot(
-        x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
-        K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
-        IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr, GROUP: tl.constexpr,
-        HAS_ZERO: tl.constexpr,
-    ):
-        """_matmul for int4 at M > 1 (FAST_DOT): one K step per group. The nibbles become dot
-        operands holding OFFSET + u exactly (_nibble_operand: a mask and an OR each, no
-        conversion); the low nibbles multiply the even inputs and the high ones the odd inputs
-        (two dots, no interleaving); the group's sum is corrected by (OFFSET + 8 + zero) * sum(x)
-        and scaled once: sum((u - 8 - z) * x) * s. No dequantized weight is rounded."""
-        dtype = x_rows.dtype.element_ty
-        if dtype == tl.bfloat16:
-            OFFSET: tl.constexpr = 136.0  # 128 + 8
-        elif dtype == tl.float16:
-            OFFSET: tl.constexpr = 1032.0
-        else:
-            OFFSET: tl.constexpr = 8.0
-        jb = tl.arange(0, GROUP // 2)
-        byte, scale, zero = _int4_dot_tile(w_rows, s_rows, z_rows, 0, col_mask, K, GROUP, HAS_ZERO)
-        byte2, scale2, zero2 = byte, scale, zero
-        if TWO:
-            byte2, scale2, zero2 = _int4_dot_tile(w_rows2, s_rows2, z_rows2, 0, col_mask, K, GROUP, HAS_ZERO)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        rstd, xs = _row_stats(x_rows, row_mask, tl.arange(0, GROUP), nw_ptr, eps, K, BLOCK_M, GROUP, NORM, 2,
-                              BF16_BY_HAND)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        acc2 = acc
-        for g in range(0, K // GROUP):
-            nxt, nscale, nzero = _int4_dot_tile(w_rows, s_rows, z_rows, g + 1, col_mask, K, GROUP, HAS_ZERO)
-            nxt2, nscale2, nzero2 = nxt, nscale, nzero
-            if TWO:
-                nxt2, nscale2, nzero2 = _int4_dot_tile(w_rows2, s_rows2, z_rows2, g + 1, col_mask, K, GROUP,
-                                                       HAS_ZERO)
-            xe = _input_tile(x_rows, row_mask, g * GROUP + 2 * jb, nw_ptr, rstd, K, NORM, BF16_BY_HAND)
-            xo = _input_tile(x_rows, row_mask, g * GROUP + 2 * jb + 1, nw_ptr, rstd, K, NORM, BF16_BY_HAND)
-            sx = tl.sum(xe.to(tl.float32) + xo.to(tl.float32), 1)[:, None]
-            zero_part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            part = _mac(zero_part, xe, _nibble_operand(byte & 0xF, dtype, BF16_BY_HAND), BLOCK_M, IEEE)
-            part = _mac(part, xo, _nibble_operand((byte >> 4) & 0xF, dtype, BF16_BY_HAND), BLOCK_M, IEEE)
-            acc += (part - sx * (OFFSET + zero)[None, :]) * scale[None, :]
-            if TWO:
-                part2 = _mac(zero_part, xe, _nibble_operand(byte2 & 0xF, dtype, BF16_BY_HAND), BLOCK_M, IEEE)
-                part2 = _mac(part2, xo, _nibble_operand((byte2 >> 4) & 0xF, dtype, BF16_BY_HAND), BLOCK_M, IEEE)
-                acc2 += (part2 - sx * (OFFSET + zero2)[None, :]) * scale2[None, :]
-            byte, scale, zero = nxt, nscale, nzero
-            byte2, scale2, zero2 = nxt2, nscale2, nzero2
-        return acc, acc2
-
-    @triton.jit
     def _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
                     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     NORM: tl.constexpr, TWO: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
                     PDL: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
-                    FAST: tl.constexpr, FAST_DOT: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr):
+                    FAST: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr):
         """The accumulators of whichever matmul the kernel was specialised for: the fast M == 1
-        dequantization (FAST), int4 on tl.dot at M > 1 (FAST_DOT), or the exact path."""
+        dequantization (FAST) or the exact path."""
         if FAST and QUANT == 2:
             return _matmul_fast_int4(x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
                                      K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, HAS_ZERO)
         elif FAST:
             return _matmul_fast(x_ptr, w_rows, w_rows2, col_mask, nw_ptr, eps,
                                 K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, QUANT, GPT, WPG)
-        elif FAST_DOT:
-            return _matmul_fast_dot(x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask,
-                                    nw_ptr, eps, K, BLOCK_M, BLOCK_N, NORM, TWO, IEEE, BF16_BY_HAND, PDL,
-                                    GROUP, HAS_ZERO)
         else:
             return _matmul(x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
                            K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, TWO, IEEE, BF16_BY_HAND, PDL, GROUP, QUANT, HAS_ZERO)
@@ -852,7 +751,7 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr,
         IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr,
         GROUP: tl.constexpr = 1, QUANT: tl.constexpr = 0, HAS_ZERO: tl.constexpr = False,
-        FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1, FAST_DOT: tl.constexpr = False,
+        FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1,
     ):
         # N counts output columns: with SWIGLU, W has 2N rows (gate rows, then up rows).
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # grid axis 1: 16-row tiles past SMALL_M
@@ -865,7 +764,7 @@ if HAS_TRITON:
         dtype = x_ptr.dtype.element_ty
         acc, acc_up = _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_up, s_rows, s_up, z_rows, z_up, col_mask, nw_ptr,
                                   eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, SWIGLU, IEEE, BF16_BY_HAND, PDL,
-                                  GROUP, QUANT, HAS_ZERO, FAST, FAST_DOT, GPT, WPG)
+                                  GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG)
         acc = _column_scale(acc, s_ptr, cols, col_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         if SWIGLU:
             acc_up = _column_scale(acc_up, s_ptr, cols + N, col_mask, dtype, QUANT, BF16_BY_HAND, FAST)
@@ -924,7 +823,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
         PDL: tl.constexpr, GROUP: tl.constexpr = 1, QUANT: tl.constexpr = 0, HAS_ZERO: tl.constexpr = False,
-        FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1, FAST_DOT: tl.constexpr = False,
+        FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1,
     ):
         # Programs count rotary pairs, not columns: pair j is dim d = j % HALF of head j // HALF in
         # the qkv output (q heads, then k heads, then v heads), i.e. columns c and c + HALF. v's
@@ -942,7 +841,7 @@ if HAS_TRITON:
         dtype = x_ptr.dtype.element_ty
         acc1, acc2 = _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask,
                                  nw_ptr, eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE, BF16_BY_HAND, PDL,
-                                 GROUP, QUANT, HAS_ZERO, FAST, FAST_DOT, GPT, WPG)
+                                 GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG)
         acc1 = _column_scale(acc1, s_ptr, col, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         acc2 = _column_scale(acc2, s_ptr, col + HALF, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         if HAS_BIAS:  # before the rotation (Qwen2), in fp32 before rounding as gemv does
@@ -998,14 +897,9 @@ def _launch_config(m: int, n: int, k: int, quant: str, qargs: dict, fast: bool, 
                    default) -> tuple[tuple[int, int, int, int], dict]:
     """The launch config (``config``, else the fast path's or ``default``) and the kernel
     arguments: with ``fast`` at M == 1 on a compressed weight, the codes as int32 words and the
-    fast path's constexprs (FAST, GPT, WPG); at M > 1 on int4 (groups of 32+), FAST_DOT. Elsewhere
-    ``fast`` changes nothing (int8 and W8A8 at M > 1 take the exact path: their codes are exact in
-    any float dtype, the scale already comes after the sum)."""
+    fast path's constexprs (FAST, GPT, WPG). At M > 1 ``fast`` changes nothing: every format takes
+    the exact path (module docstring)."""
     group = qargs["GROUP"]
-    if fast and m > 1 and fast_dot_fits(quant, group):
-        config = config or fast_dot_config(group, two)
-        assert config[0] == 16 and config[2] == group, f"fast int4 at M > 1 steps one group: {config}"
-        return config, {**qargs, "FAST_DOT": True}
     if not (fast and m == 1 and quant != "dense"):
         return config or default(), qargs
     if not fast_dequant_fits(quant, k, group):

@@ -37,8 +37,8 @@ if HAS_TRITON:
 SMALL_M = 16
 UNIT = 32  # dense inputs per meta word: 8 groups of 4
 # (BLOCK_N, BLOCK_K, num_warps) per path, not yet swept on a GPU (experiments/sparse24_gemv_sweep.py
-# times candidates): the int4 fast GEMV's shape of tile (kernels/gemv.py, FAST_M1_CONFIGS) and its
-# tl.dot one (FAST_DOT_CONFIG).
+# times candidates): the int4 fast GEMV's shape of tile (kernels/gemv.py, FAST_M1_CONFIGS) and a
+# tl.dot one.
 SELECT_CONFIG = (8, 2048, 4)
 DOT_CONFIG = (64, 128, 4)
 

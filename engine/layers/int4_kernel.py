@@ -86,8 +86,8 @@ def choose_int4_kernels(model: nn.Module, dtype: torch.dtype) -> str | None:
                          f"{unfit.in_features} with groups of {unfit.group_size} on {unfit.scale.device} "
                          "(it needs an SM 8.0+ GPU, out_features % 8 == 0, in_features % 32 == 0 and "
                          "groups of 32, 64, 128 or 256)")
-    if asked in ("triton", "triton_fast") or (asked == "auto" and (unfit is not None or not int4[0].use_triton
-                                                   or dtype != torch.bfloat16)):
+    if asked == "triton" or (asked == "auto" and (unfit is not None or not int4[0].use_triton
+                                                 or dtype != torch.bfloat16)):
         for m in int4:
             m.drop_tinygemm()
         return "triton"

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Int4 weights' small-batch matmuls on a GPU: "triton", our GEMVs fused into the decode kernels;
-# "triton_fast", the same with the fast dequantization at M == 1 (kernels/gemv.py _matmul_fast_int4),
-# which FAST_BY_DEFAULT has not adopted for int4 until the GPU measures it faster; "tinygemm", torch's
+# Int4 weights' small-batch matmuls on a GPU: "triton", our GEMVs fused into the decode kernels (the
+# fast dequantization at M == 1 unless exact_dequant, kernels/gemv.py); "tinygemm", torch's
 # aten._weight_int4pack_mm (unfused); "auto", the faster of "triton" and "tinygemm", timed after
 # loading (engine/layers/int4_kernel.py).
-INT4_KERNELS = ("auto", "triton", "triton_fast", "tinygemm")
+INT4_KERNELS = ("auto", "triton", "tinygemm")
 
 
 # 2:4 sparse layers: "auto" (the faster of the 2:4 GEMV / cuSPARSELt and a dense matmul per layer

@@ -48,11 +48,11 @@ class CompressedLinear(nn.Module):
         """The dense weight this layer stands for, fp32 [out, in]."""
         raise NotImplementedError
 
-    def _fast(self, quant: str, group: int = 1, asked: bool = False) -> bool:
-        """Whether the decode GEMVs read this layer with the fast dequantization: for the formats
-        where it was measured faster (FAST_BY_DEFAULT) or where it is ``asked`` for, unless
-        options.exact_dequant, where its codes fit whole int32 words (kernels/gemv.py)."""
-        return (not self.exact_dequant and (FAST_BY_DEFAULT[quant] or asked)
+    def _fast(self, quant: str, group: int = 1) -> bool:
+        """Whether the decode GEMVs read this layer with the fast dequantization at M == 1: for the
+        formats where it was measured faster (FAST_BY_DEFAULT), unless options.exact_dequant, where
+        its codes fit whole int32 words (kernels/gemv.py)."""
+        return (not self.exact_dequant and FAST_BY_DEFAULT[quant]
                 and fast_dequant_fits(quant, self.in_features, group))
 
     def extra_repr(self) -> str:
@@ -153,7 +153,7 @@ class Int4Linear(CompressedLinear):
         if self.tinygemm_max_m:
             return None
         return self.packed, {"quant": "int4", "scale": self.scale, "zero": self.zero,
-                             "fast": self._fast("int4", self.group_size, self.int4_kernel == "triton_fast")}
+                             "fast": self._fast("int4", self.group_size)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tinygemm_max_m:

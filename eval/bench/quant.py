@@ -35,8 +35,8 @@ from torch import nn
 from eval.bench.ceilings import ceilings
 from eval.bench.common import prompts as _prompts, shape_dir, timed
 
-DECODE_VARIANTS = ["bf16", "int8", "int4_g64@triton", "int4_g64@triton_fast", "int4_g64@tinygemm", "int4_g64@auto",
-                   "int4_g128@triton", "int4_g128@triton_fast", "int4_g128@tinygemm", "int4_g128@auto",
+DECODE_VARIANTS = ["bf16", "int8", "int4_g64@triton", "int4_g64@tinygemm", "int4_g64@auto",
+                   "int4_g128@triton", "int4_g128@tinygemm", "int4_g128@auto",
                    "int4_g128_zero@triton", "int4_g128_zero@tinygemm", "int4_g128_zero@auto", "sparse24",
                    "sparse24_int4_g128", "w8a8_int8"]
 PREFILL_VARIANTS = ["bf16", "w8a8_int8", "w8a8_fp8", "sparse24", "int4_g128@triton", "int4_g128@tinygemm"]
@@ -199,8 +199,7 @@ def int4_kernel_used(model: nn.Module) -> dict[str, Any]:
     if not layers:
         return {}
     max_m = max(m.tinygemm_max_m for m in layers)
-    used = "tinygemm" if max_m else ("triton_fast" if any(m.int4_kernel == "triton_fast" for m in layers) else "triton")
-    return {"int4_kernel_used": used, "tinygemm_max_m": max_m}
+    return {"int4_kernel_used": "tinygemm" if max_m else "triton", "tinygemm_max_m": max_m}
 
 
 def decode(shape: str, variant: str, batches: list[int], new_tokens: int, prompt_len: int, ceiling_tbps: float,

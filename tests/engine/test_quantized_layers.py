@@ -248,9 +248,9 @@ def test_w8a8_tensor_core_path_gpu(act, m_rows, dtype):
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4_g32_zero", "w8a8_int8"])
-def test_decode_gemv_args_choose_the_fast_dequantization_unless_exact(kind, monkeypatch):
+def test_decode_gemv_args_choose_the_fast_dequantization_unless_exact(kind):
     """The fused decode kernels' arguments take the fast dequantization where FAST_BY_DEFAULT says
-    it was measured faster (int8, W8A8; not int4), never with ModelOptions.exact_dequant; a layer
+    it was measured faster (int8, W8A8, int4), never with ModelOptions.exact_dequant; a layer
     whose codes do not fill whole int32 words (K 100 for int4: 12.5 words) stays exact."""
     def layer(options: ModelOptions, k: int = 128):
         if kind == "w8a8_int8":
@@ -259,28 +259,43 @@ def test_decode_gemv_args_choose_the_fast_dequantization_unless_exact(kind, monk
         return make(kind, k=k, options=options)[0]
 
     fmt = "int4" if kind.startswith("int4") else kind
-    assert layer(ModelOptions()).gemv_args()[1]["fast"] == FAST_BY_DEFAULT[fmt]
+    assert FAST_BY_DEFAULT[fmt]
+    assert layer(ModelOptions()).gemv_args()[1]["fast"]
     assert not layer(ModelOptions(exact_dequant=True)).gemv_args()[1]["fast"]
-    if kind == "int4_g32_zero":  # the fit rule, apart from the measured default
-        monkeypatch.setitem(FAST_BY_DEFAULT, "int4", True)
-        assert layer(ModelOptions()).gemv_args()[1]["fast"]
+    if kind == "int4_g32_zero":  # the fit rule
         codes = torch.randint(-8, 8, (48, 100), dtype=torch.int8)
         unfit = Int4Linear(codes, torch.rand(48, 1) + 0.1, None, options=ModelOptions())  # group 100
         assert not unfit.gemv_args()[1]["fast"]
 
 
-def test_int4_kernel_triton_fast_asks_for_the_fast_dequantization_unless_exact():
-    """int4_kernel="triton_fast" reads int4 codes with the fast dequantization whatever
-    FAST_BY_DEFAULT says (measuring the kernel before it is adopted), still only where the codes
-    fill whole int32 words, and exact_dequant still wins; the other int4 kernels follow the default."""
-    fast = ModelOptions(int4_kernel="triton_fast")
-    assert make("int4_g32_zero", k=128, options=fast)[0].gemv_args()[1]["fast"]
-    exact = ModelOptions(int4_kernel="triton_fast", exact_dequant=True)
-    assert not make("int4_g32_zero", k=128, options=exact)[0].gemv_args()[1]["fast"]
-    codes = torch.randint(-8, 8, (48, 100), dtype=torch.int8)
-    assert not Int4Linear(codes, torch.rand(48, 1) + 0.1, None, options=fast).gemv_args()[1]["fast"]  # group 100
-    for kernel in ("auto", "triton", "tinygemm"):
-        layer = make("int4_g32_zero", k=128, options=ModelOptions(int4_kernel=kernel))[0]
-        assert layer.gemv_args()[1]["fast"] == FAST_BY_DEFAULT["int4"]
+def test_int4_linear_decodes_fast_at_one_row_and_exact_past_it(monkeypatch):
+    """An Int4Linear on the Triton path (interpreted on CPU) hands its GEMV fast=True by default, and
+    the kernel launches the fast dequantization at M == 1 only: at M > 1 the launch is the exact
+    path's (config and constexprs as with fast=False), and so is M == 1 with exact_dequant; every
+    output equals the dense linear of its weight."""
+    import kernels.gemv as gemv_module
+
+    launches = []
+    launch_config = gemv_module._launch_config
+
+    def flags(launch: tuple) -> tuple:
+        return launch[0], {k: v for k, v in launch[1].items() if not torch.is_tensor(v)}
+
+    def recording(m, n, k, quant, qargs, fast, *rest):
+        launch = launch_config(m, n, k, quant, qargs, fast, *rest)
+        exact = flags(launch) == flags(launch_config(m, n, k, quant, qargs, False, *rest))
+        launches.append((m, fast, exact))
+        return launch
+
+    monkeypatch.setattr(gemv_module, "_launch_config", recording)
+    monkeypatch.setattr(gemv_module, "FAST_MIN_PROGRAMS", 1)  # wider programs: fewer interpreted ones
+    g = torch.Generator().manual_seed(5)
+    for options, rows, want in ((ModelOptions(use_triton=True), 1, (1, True, False)),
+                                (ModelOptions(use_triton=True), 3, (3, True, True)),
+                                (ModelOptions(use_triton=True, exact_dequant=True), 1, (1, False, True))):
+        layer, dense = make("int4_g32_zero", n=40, k=128, options=options)
+        x = torch.randn(rows, 128, generator=g)
+        torch.testing.assert_close(layer(x), F.linear(x, dense, layer.bias), rtol=1e-5, atol=1e-5)
+        assert launches.pop() == want and not launches, (options, rows)
     with pytest.raises(ValueError, match="int4_kernel"):
-        ModelOptions(int4_kernel="fastest")
+        ModelOptions(int4_kernel="triton_fast")

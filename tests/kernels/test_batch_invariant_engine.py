@@ -203,7 +203,6 @@ def test_decode_attention_of_a_query_equals_its_verify_attention(models):
     (dict(use_triton=False), "Triton"),
     (dict(fused_decode=False), "fused_decode"),
     (dict(int4_kernel="tinygemm"), "tinygemm"),
-    (dict(int4_kernel="triton_fast"), "triton_fast"),
 ])
 def test_bad_combinations_are_refused_by_name(models, bad, match):
     target, _ = models

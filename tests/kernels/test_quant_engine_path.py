@@ -86,7 +86,7 @@ def test_fused_decode_on_compressed_weights(tmp_path, monkeypatch, scheme, fused
 @pytest.mark.parametrize("exact", [False, True])
 def test_batch_one_decode_takes_the_fast_dequantization_unless_exact(tmp_path, monkeypatch, scheme, exact):
     """One sequence (M == 1 decode steps): the fused GEMVs get fast=True by default for the formats
-    measured faster that way (FAST_BY_DEFAULT: int8, W8A8; not int4) and False with
+    measured faster that way (FAST_BY_DEFAULT: int8, W8A8, int4) and False with
     exact_dequant=True; both give transformers' greedy tokens."""
     calls = []
     gemv = llama_module.gemv_kernels.gemv
