@@ -1,0 +1,154 @@
+"""Device-resident greedy speculative rounds (speculative_config num_rounds, engine/spec_decode/
+rounds.py) on the CPU, eagerly through the torch references: greedy output equals plain decoding
+and one-round speculation, in a ragged batch with a drafter that often disagrees, with stops and
+limits landing inside a round, under preemption, beside rows that take the one-round path; both
+caches' blocks all come back."""
+
+from __future__ import annotations
+
+import pytest
+from drafts import perturbed_copy
+from tiny_models import prompts
+
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+from engine.spec_decode.config import SpeculativeConfigError
+
+TARGET = "llama_gqa_untied"
+MAX_TOKENS = (5, 17, 9, 30, 1, 12, 23, 2)
+
+
+@pytest.fixture(scope="module")
+def target(model_dir) -> str:
+    return model_dir(TARGET, with_tokenizer=True)
+
+
+@pytest.fixture(scope="module")
+def drafts(target, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("drafts")
+    return {"poor": perturbed_copy(target, str(root / "poor"), 0.008),
+            "exact": perturbed_copy(target, str(root / "exact"), 0.0)}
+
+
+def _ids(ps: list[list[int]]) -> list[dict]:
+    return [{"prompt_token_ids": p} for p in ps]
+
+
+def _greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def _run(target: str, ps, params, spec=None, **kw):
+    llm = LLM(target, device="cpu", speculative_config=spec, **kw)
+    return [o.token_ids for o in llm.generate(_ids(ps), params)], llm.engine
+
+
+def _spec(path: str, rounds: int, k: int = 3) -> dict:
+    return {"model": path, "num_speculative_tokens": k, "num_rounds": rounds}
+
+
+def _pool_full(engine) -> bool:
+    return engine.block_manager.num_free_blocks == engine.runner.num_blocks
+
+
+def test_greedy_rounds_equal_plain_decoding_in_a_ragged_batch(target, drafts):
+    ps = prompts(len(MAX_TOKENS), seed=3, lo=2, hi=40)
+    params = [_greedy(m) for m in MAX_TOKENS]
+    base, _ = _run(target, ps, params)
+    one, _ = _run(target, ps, params, _spec(drafts["poor"], 1))
+    assert one == base
+    for rounds in (2, 4):
+        out, engine = _run(target, ps, params, _spec(drafts["poor"], rounds), block_size=4)
+        assert out == base, rounds
+        assert engine.spec_worker.rounds.num_steps > 0
+        m = engine.spec_metrics
+        assert 0.1 < m.acceptance_rate < 0.9  # a drafter that often disagrees, and sometimes agrees
+        assert m.num_accepted == sum(m.accepted_per_position)
+        assert _pool_full(engine)
+        assert all(s.draft_computed == 0 and not s.block_table for s in engine.seqs.values())
+
+
+def test_stop_token_stop_string_and_max_tokens_inside_a_round(target, drafts):
+    """With a drafter equal to the target every draft is accepted: a round emits k + 1 tokens, and
+    the stops land inside rounds, with rounds after them in the same step."""
+    ps = prompts(4, seed=5, lo=4, hi=20)
+    base, _ = _run(target, ps, [_greedy(30)] * 4)
+    stop_token = base[0][6]
+    cut0 = base[0].index(stop_token) + 1
+    llm = LLM(target, device="cpu", block_size=4, speculative_config=_spec(drafts["exact"], 4, k=3))
+    text1 = llm.tokenizer.decode(base[1])
+    stop_text = text1[len(llm.tokenizer.decode(base[1][:9])) :][:2]  # what tokens 9.. start with
+    params = [_greedy(30, stop_token_ids=[stop_token]), _greedy(30, stop=[stop_text]), _greedy(11), _greedy(30)]
+    out = llm.generate(_ids(ps), params)
+    assert out[0].token_ids == base[0][:cut0] and out[0].stop_reason == stop_token
+    assert out[1].finish_reason == "stop" and out[1].stop_reason == stop_text
+    assert stop_text not in out[1].text and base[1][: len(out[1].token_ids)] == out[1].token_ids
+    assert out[1].text == text1[: text1.find(stop_text)]
+    assert out[2].token_ids == base[2][:11] and out[2].finish_reason == "length"
+    assert out[3].token_ids == base[3]
+    engine = llm.engine
+    m = engine.spec_metrics
+    assert engine.spec_worker.rounds.num_steps > 0 and m.acceptance_rate == 1.0
+    assert m.mean_accepted_length == 4.0  # every round of every draft: k accepted + the target's own
+    assert _pool_full(engine)
+
+
+def test_rounds_under_preemption_and_beside_sampling_rows(target, drafts):
+    """A pool too small for every sequence: some steps cannot reserve R (k + 1) positions and take
+    one round, preemption recomputes; a batch with a sampling row takes the one-round path."""
+    ps = prompts(6, seed=7, lo=20, hi=40)
+    params = [_greedy(m) for m in (30, 25, 28, 20, 31, 26)]
+    kw = dict(block_size=4, num_kv_blocks=40, max_model_len=128)
+    base, _ = _run(target, ps, params, **kw)
+    out, engine = _run(target, ps, params, _spec(drafts["poor"], 4), **kw)
+    assert engine.scheduler.num_preemptions > 0 and engine.spec_worker.rounds.num_steps > 0
+    assert out == base
+    assert engine.block_manager.num_free_blocks == 40
+    mixed = params[:3] + [SamplingParams(temperature=0.8, max_tokens=20, seed=3)]
+    one, _ = _run(target, ps[:4], mixed, _spec(drafts["poor"], 1))
+    out, engine = _run(target, ps[:4], mixed, _spec(drafts["poor"], 4))
+    assert out == one  # the sampling row's draws are the one-round path's: seeded, same steps
+    assert engine.spec_worker.rounds.num_steps > 0  # once the sampling row finished
+    assert _pool_full(engine)
+
+
+def test_scheduler_reserves_rounds_and_stays_below_max_model_len(target, drafts):
+    """A step of R rounds reserves R (k + 1) positions per sequence; near max_model_len R shrinks,
+    and where two rounds no longer fit the step takes one round; the outputs equal plain decoding."""
+    ps = prompts(2, seed=9, lo=20, hi=22)
+    params = [_greedy(60), _greedy(60)]
+    kw = dict(block_size=4, max_model_len=48)
+    base, _ = _run(target, ps, params, **kw)
+    llm = LLM(target, device="cpu", speculative_config=_spec(drafts["exact"], 4, k=3), **kw)
+    engine = llm.engine
+    seen: list[tuple[int, list[int], list[int]]] = []
+    schedule = engine.scheduler.schedule
+
+    def spy():
+        batch = schedule()
+        if batch is not None and not batch.is_prefill:
+            seen.append((batch.num_rounds, [len(s) for s in batch.seqs], [len(s.block_table) for s in batch.seqs]))
+        return batch
+
+    engine.scheduler.schedule = spy
+    out = [o.token_ids for o in llm.generate(_ids(ps), params)]
+    assert out == base
+    rounds = [r for r, _, _ in seen]
+    assert 4 in rounds and 1 in rounds  # R shrinks, then one round, near max_model_len
+    for r, lens, blocks in seen:
+        if r > 1:
+            assert all(n + r * 4 <= 48 for n in lens)
+            assert all(b * 4 >= n - 1 + r * 4 for n, b in zip(lens, blocks))
+    assert _pool_full(engine)
+
+
+@pytest.mark.parametrize("raw,key", [({"num_rounds": 0}, "num_rounds"), ({"num_rounds": "2"}, "num_rounds"),
+                                     ({"num_rounds": 2, "num_speculative_tokens_per_batch_size": "auto"}, "num_rounds")])
+def test_num_rounds_config_errors(target, drafts, raw, key):
+    with pytest.raises(SpeculativeConfigError, match=f"speculative_config.{key}"):
+        LLM(target, device="cpu", speculative_config={"model": drafts["poor"], "num_speculative_tokens": 3, **raw})
+
+
+def test_num_rounds_is_not_an_ngram_key(target):
+    with pytest.raises(SpeculativeConfigError, match="speculative_config.num_rounds"):
+        LLM(target, device="cpu", speculative_config={"method": "ngram", "num_speculative_tokens": 3, "num_rounds": 2})
