@@ -55,22 +55,20 @@ from engine.spec_decode.proposer import Proposer
 from kernels.spec_advance import spec_advance, spec_advance_ref
 
 
-def greedy_rounds(target: ModelRunner, proposer: Proposer, spec: SpeculativeConfig | None,
-                  metrics: SpecDecodeMetrics) -> GreedyRounds | None:
+def greedy_rounds(target: ModelRunner, proposer: Proposer, spec: SpeculativeConfig | None) -> GreedyRounds | None:
     """The rounds runner of a speculative config with num_rounds > 1 and a model drafter, on one
     rank; None otherwise (every step speculates one round)."""
     if spec is None or spec.num_rounds <= 1 or not isinstance(proposer, DraftModelProposer):
         return None
     if target.tp_workers is not None:
         return None
-    return GreedyRounds(target, proposer, spec, metrics)
+    return GreedyRounds(target, proposer, spec)
 
 
 class GreedyRounds:
-    def __init__(self, target: ModelRunner, proposer: DraftModelProposer, spec: SpeculativeConfig,
-                 metrics: SpecDecodeMetrics) -> None:
+    def __init__(self, target: ModelRunner, proposer: DraftModelProposer, spec: SpeculativeConfig) -> None:
         self.target, self.draft, self.proposer = target, proposer.runner, proposer
-        self.spec, self.metrics = spec, metrics
+        self.spec = spec
         self.k, self.max_rounds = spec.num_speculative_tokens, spec.num_rounds
         k = self.k
         target_rows = target.decode_inputs.d.ids.shape[0]
@@ -90,7 +88,9 @@ class GreedyRounds:
         self.h_stats = torch.zeros_like(self.stats, device="cpu", pin_memory=on_cuda) if on_cuda else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.num_steps = 0  # steps that ran here
-        if on_cuda and target.graphs is not None and self.draft.graphs is not None and self.buckets:
+        # Graphs need the Triton advances (the torch references index by masks: a sync).
+        if (on_cuda and target.graphs is not None and self.draft.graphs is not None and self.buckets
+                and target.decode_inputs.use_triton and self.draft.decode_inputs.use_triton):
             self._capture()
 
     def rounds_for_step(self, batch_size: int) -> int:
@@ -101,8 +101,9 @@ class GreedyRounds:
         return self.max_rounds
 
     # -- a step ----------------------------------------------------------------------------------
-    def step(self, batch: ScheduledBatch) -> StepResult:
-        """batch.num_rounds rounds on the device; per sequence, every token they emitted (the one sync)."""
+    def step(self, batch: ScheduledBatch, metrics: SpecDecodeMetrics) -> StepResult:
+        """batch.num_rounds rounds on the device; per sequence, every token they emitted (the one sync).
+        Each round's acceptance and the step's time go to ``metrics``."""
         seqs, rounds, k = batch.seqs, batch.num_rounds, self.k
         n = len(seqs)
         assert 1 < rounds <= self.max_rounds and n <= self.max_bs and batch.num_draft == [k] * n
@@ -122,16 +123,16 @@ class GreedyRounds:
                     self._round(b)
             tokens, emitted = self._fetch(b, n, rounds)
         clock.mark()
-        self.metrics.add_time("verify", clock.seconds(0, 1))  # drafting and verifying interleave: all of it here
+        metrics.add_time("verify", clock.seconds(0, 1))  # drafting and verifying interleave: all of it here
         for seq, emitted_i in zip(seqs, emitted):
             # The drafter's K/V after the last round: through the newest token's position, less d_{k-1}
             # when all k were accepted (finish_step cuts it to the tokens the sequence keeps).
             seq.draft_computed = len(seq) + sum(emitted_i) - 1 - (emitted_i[-1] == k + 1)
-        self._record(seqs, emitted)
+        self._record(seqs, emitted, metrics)
         self.num_steps += 1
         return StepResult(tokens)
 
-    def _record(self, seqs: list[Sequence], emitted: list[list[int]]) -> None:
+    def _record(self, seqs: list[Sequence], emitted: list[list[int]], metrics: SpecDecodeMetrics) -> None:
         """The acceptance metrics of each round that began before its sequence reached max_tokens."""
         k = self.k
         for r in range(len(emitted[0]) if emitted else 0):
@@ -140,7 +141,7 @@ class GreedyRounds:
                 if sum(e[:r]) < seq.params.max_tokens - seq.num_output_tokens:
                     proposed.append(k)
                     accepted.append(e[r] - 1)
-            self.metrics.record(proposed, accepted)
+            metrics.record(proposed, accepted)
 
     def _buffers(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(out [b, R (k + 1)], stats [b, 2 + R]) views of the step's device buffers."""

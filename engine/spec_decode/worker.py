@@ -44,7 +44,7 @@ class SpecDecodeWorker:
         if spec is not None and spec.auto:
             costs = measure_step_costs(target, proposer, spec.num_speculative_tokens, spec.max_batch_size)
             self.policy = SpecPolicy(spec.num_speculative_tokens, spec.max_batch_size, costs)
-        self.rounds = greedy_rounds(target, proposer, spec, self.metrics)  # num_rounds > 1: rounds.py
+        self.rounds = greedy_rounds(target, proposer, spec)  # num_rounds > 1: rounds.py
 
     def k_for_step(self, batch_size: int) -> int:
         """The scheduler's spec_k: draft tokens per sequence for a decode step of ``batch_size``."""
@@ -68,7 +68,7 @@ class SpecDecodeWorker:
         """Draft, verify, accept: the host waits for the device once, for the emitted tokens (and
         once more when a sequence asked for logprobs)."""
         if batch.num_rounds > 1:  # R device-resident greedy rounds (rounds.py; the scheduler's spec_rounds)
-            return self.rounds.step(batch)
+            return self.rounds.step(batch, self.metrics)
         seqs = batch.seqs
         assert batch.num_draft is not None
         clock = PhaseClock(self.target.device)
