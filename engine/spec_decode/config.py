@@ -139,8 +139,8 @@ class SpeculativeConfig:
         vocab_size = _positive_int("draft_vocab_size", vocab_size, 2) if vocab_size is not None else None
         rounds = _positive_int("num_rounds", raw.get("num_rounds", 1))
         if rounds > 1 and auto:
-            raise SpeculativeConfigError("num_rounds", f"{rounds} rounds take a fixed k; num_speculative_tokens_per_batch_"
-                                         f"size {AUTO!r} chooses k per step (use 1 round with it)")
+            raise SpeculativeConfigError("num_rounds", f"{rounds} rounds take a fixed k, but num_speculative_tokens_"
+                                         f"per_batch_size {AUTO!r} chooses k per step (use 1 round with it)")
         return cls("draft_model", k, model=model, dtype=dtype, k_by_batch_size=policy, max_batch_size=max_bs,
                    auto=auto, draft_vocab_size=vocab_size, num_rounds=rounds)
 

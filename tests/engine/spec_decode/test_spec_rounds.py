@@ -142,13 +142,26 @@ def test_scheduler_reserves_rounds_and_stays_below_max_model_len(target, drafts)
     assert _pool_full(engine)
 
 
-@pytest.mark.parametrize("raw,key", [({"num_rounds": 0}, "num_rounds"), ({"num_rounds": "2"}, "num_rounds"),
-                                     ({"num_rounds": 2, "num_speculative_tokens_per_batch_size": "auto"}, "num_rounds")])
-def test_num_rounds_config_errors(target, drafts, raw, key):
-    with pytest.raises(SpeculativeConfigError, match=f"speculative_config.{key}"):
+@pytest.mark.parametrize("raw", [{"num_rounds": 0}, {"num_rounds": "2"},
+                                 {"num_rounds": 2, "num_speculative_tokens_per_batch_size": "auto"}])
+def test_num_rounds_config_errors(target, drafts, raw):
+    with pytest.raises(SpeculativeConfigError, match="speculative_config.num_rounds"):
         LLM(target, device="cpu", speculative_config={"model": drafts["poor"], "num_speculative_tokens": 3, **raw})
 
 
 def test_num_rounds_is_not_an_ngram_key(target):
     with pytest.raises(SpeculativeConfigError, match="speculative_config.num_rounds"):
         LLM(target, device="cpu", speculative_config={"method": "ngram", "num_speculative_tokens": 3, "num_rounds": 2})
+
+
+def test_rounds_through_the_triton_kernels(target, drafts):
+    """The engine's Triton kernels on (interpreted on the CPU: TRITON_INTERPRET=1), eager: the round's
+    greedy_advance and spec_advance launches, the decode attention over pseudo-rows and lag rows."""
+    ps = prompts(3, seed=11, lo=3, hi=20)
+    params = [_greedy(m) for m in (9, 4, 7)]
+    kw = dict(use_triton=True, enforce_eager=True, dtype="float32", block_size=4, max_model_len=64)
+    base, _ = _run(target, ps, params, **kw)
+    out, engine = _run(target, ps, params, _spec(drafts["poor"], 3, k=2), **kw)
+    assert out == base
+    assert engine.spec_worker.rounds.num_steps > 0 and engine.runner.decode_inputs.use_triton
+    assert _pool_full(engine)
