@@ -16,7 +16,7 @@ Speculative decoding: with ``spec_k`` (a function of the decode batch size, 0 = 
 step drafts up to k tokens per sequence (``ScheduledBatch.num_draft``, engine/spec_decode/
 proposer.draft_limit) and reserves blocks for the k + 1 positions the verify forward writes; if the
 pool cannot hold them all, the step decodes plainly. Rejected tokens give their blocks back in
-``finish_step``. With ``spec_rounds`` (R by batch size, 1 = off), a decode step whose sequences are
+``finish_step``. With ``spec_rounds`` (R by batch size and k, 1 = off), a decode step whose sequences are
 all plain greedy, with nobody waiting, runs R rounds of k drafts + verify on the device
 (``ScheduledBatch.num_rounds``, engine/spec_decode/rounds.py): blocks for R (k + 1) positions each.
 """
@@ -64,7 +64,7 @@ class Scheduler:
         num_decode_steps: int = 1,
         max_model_len: int | None = None,
         spec_k: Callable[[int], int] | None = None,
-        spec_rounds: Callable[[int], int] | None = None,
+        spec_rounds: Callable[[int, int], int] | None = None,
     ) -> None:
         self.block_manager = block_manager
         self.spec_k = spec_k
@@ -209,14 +209,15 @@ class Scheduler:
 
     def _reserve_rounds(self, seqs: list[Sequence]) -> ScheduledBatch | None:
         """A step of R device-resident speculative rounds (blocks reserved for R (k + 1) positions per
-        sequence), or None: not every sequence is plain greedy, R is 1 at this batch size, or the pool
+        sequence), or None: not every sequence is plain greedy, R is 1 for this batch size and k, or the pool
         lacks the blocks. Each round emits at least one token per sequence, so R stays within the
         longest remaining max_tokens; every position written stays below max_model_len. A sequence
         that finishes inside the step drops its later tokens (the engine's append)."""
         n = len(seqs)
-        rounds, k = self.spec_rounds(n), self.spec_k(n)
-        if rounds <= 1 or k <= 0 or not all(s.plain_greedy for s in seqs):
+        k = self.spec_k(n)
+        if k <= 0 or not all(s.plain_greedy for s in seqs):
             return None
+        rounds = self.spec_rounds(n, k)
         max_len = self.max_model_len if self.max_model_len is not None else 1 << 62
         longest = max(s.params.max_tokens - s.num_output_tokens for s in seqs)
         room = min(max_len - s.num_tokens for s in seqs)

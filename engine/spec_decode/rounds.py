@@ -93,10 +93,11 @@ class GreedyRounds:
                 and target.decode_inputs.use_triton and self.draft.decode_inputs.use_triton):
             self._capture()
 
-    def rounds_for_step(self, batch_size: int) -> int:
+    def rounds_for_step(self, batch_size: int, k: int) -> int:
         """The scheduler's spec_rounds: rounds of a decode step of ``batch_size`` plain greedy
-        sequences; 1 where this runner does not take the batch (the one-round path does)."""
-        if batch_size > self.max_bs or self.spec.k_for_step(batch_size) != self.k:
+        sequences drafting ``k`` tokens each; 1 where this runner does not take the batch (more
+        sequences than its buckets, or a k its rounds were not built for: the one-round path)."""
+        if batch_size > self.max_bs or k != self.k:
             return 1
         return self.max_rounds
 

@@ -165,3 +165,62 @@ def test_rounds_through_the_triton_kernels(target, drafts):
     assert out == base
     assert engine.spec_worker.rounds.num_steps > 0 and engine.runner.decode_inputs.use_triton
     assert _pool_full(engine)
+
+
+class _Replay:
+    """A stand-in for a captured round's CUDA graph: replay runs the round's body for its bucket."""
+
+    def __init__(self, rounds, bucket: int) -> None:
+        self.rounds, self.bucket = rounds, bucket
+
+    def replay(self) -> None:
+        self.rounds._round(self.bucket)
+
+
+def test_bucketed_rounds_with_padding_rows(target, drafts):
+    """The graphed path's layout on the CPU: a batch runs in its bucket's rows (padding sequences
+    and padding drafter rows between the newest-token rows and the lag rows), each replay one round."""
+    ps = prompts(6, seed=12, lo=2, hi=30)
+    params = [_greedy(m) for m in (19, 7, 26, 3, 14, 22)]
+    base, _ = _run(target, ps, params, block_size=4)
+    llm = LLM(target, device="cpu", block_size=4, speculative_config=_spec(drafts["poor"], 3))
+    rounds = llm.engine.spec_worker.rounds
+    assert not rounds.graphs and rounds.buckets == [1, 2, 4, 8, 16]
+    rounds.graphs = {b: _Replay(rounds, b) for b in rounds.buckets}
+    sizes = []
+    step = rounds.step
+
+    def spy(batch, metrics):
+        sizes.append(len(batch.seqs))
+        return step(batch, metrics)
+
+    rounds.step = spy
+    out = [o.token_ids for o in llm.generate(_ids(ps), params)]
+    assert out == base
+    assert any(n not in rounds.buckets for n in sizes)  # padded: 6, 5 or 3 sequences in 8 or 4 rows
+    assert _pool_full(llm.engine)
+
+
+def test_a_per_batch_size_k_other_than_the_rounds_k_takes_one_round(target, drafts):
+    """Rounds are built for num_speculative_tokens; a batch size whose table k differs (here batch 1:
+    k 2) speculates one round a step; the others take rounds."""
+    ps = prompts(3, seed=13, lo=3, hi=25)
+    params = [_greedy(m) for m in (6, 9, 40)]  # the last runs alone at the end
+    base, _ = _run(target, ps, params)
+    spec = {**_spec(drafts["poor"], 4), "num_speculative_tokens_per_batch_size": {1: 2, 16: 3}}
+    llm = LLM(target, device="cpu", speculative_config=spec)
+    batches = []
+    schedule = llm.engine.scheduler.schedule
+
+    def spy():
+        batch = schedule()
+        if batch is not None and batch.num_draft is not None:
+            batches.append((len(batch.seqs), batch.num_rounds, batch.num_draft[0]))
+        return batch
+
+    llm.engine.scheduler.schedule = spy
+    assert [o.token_ids for o in llm.generate(_ids(ps), params)] == base
+    alone = [(r, k) for n, r, k in batches if n == 1]  # k 2, or less near max_tokens (draft_limit)
+    assert (1, 2) in alone and all(r == 1 and k <= 2 for r, k in alone)
+    assert all(r > 1 and k == 3 for n, r, k in batches if n > 1) and any(n > 1 for n, _, _ in batches)
+    assert _pool_full(llm.engine)
