@@ -68,7 +68,6 @@ def greedy_rounds(target: ModelRunner, proposer: Proposer, spec: SpeculativeConf
 class GreedyRounds:
     def __init__(self, target: ModelRunner, proposer: DraftModelProposer, spec: SpeculativeConfig) -> None:
         self.target, self.draft, self.proposer = target, proposer.runner, proposer
-        self.spec = spec
         self.k, self.max_rounds = spec.num_speculative_tokens, spec.num_rounds
         k = self.k
         target_rows = target.decode_inputs.d.ids.shape[0]
