@@ -76,7 +76,7 @@ class GreedyRounds:
         # Batch buckets whose round fits both runners' decode rows: b (k + 1) verify rows, 2b draft rows.
         self.buckets = [b for b in decode_buckets(max_bs) if b * (k + 1) <= target_rows and 2 * b <= draft_rows]
         self.max_bs = self.buckets[-1] if self.buckets else 0
-        self.bucket_of = [next(b for b in self.buckets if b >= n) for n in range(self.max_bs + 1)]
+        self.bucket_of = [next(b for b in self.buckets if b >= n) for n in range(self.max_bs + 1)] if self.buckets else []
         device = target.device
         b, width = self.max_bs, self.max_rounds * (k + 1)
         self.out = torch.zeros(b * width, dtype=torch.int64, device=device)  # [b, R (k + 1)] emitted tokens

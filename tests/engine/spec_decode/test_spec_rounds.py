@@ -224,3 +224,15 @@ def test_a_per_batch_size_k_other_than_the_rounds_k_takes_one_round(target, draf
     assert (1, 2) in alone and all(r == 1 and k <= 2 for r, k in alone)
     assert all(r > 1 and k == 3 for n, r, k in batches if n > 1) and any(n > 1 for n, _, _ in batches)
     assert _pool_full(llm.engine)
+
+
+def test_rounds_too_wide_for_the_decode_rows_take_one_round(target, drafts):
+    """k + 1 verify rows past the target's decode rows (k 20 with max_num_seqs 4: 16 rows): no batch
+    takes rounds, every step speculates one round."""
+    ps = prompts(2, seed=14, lo=3, hi=20)
+    params = [_greedy(30), _greedy(25)]
+    base, _ = _run(target, ps, params, max_num_seqs=4)
+    out, engine = _run(target, ps, params, _spec(drafts["poor"], 4, k=20), max_num_seqs=4)
+    assert out == base
+    rounds = engine.spec_worker.rounds
+    assert rounds.buckets == [] and rounds.num_steps == 0 and engine.num_spec_steps > 0
