@@ -83,8 +83,9 @@ class GreedyRounds:
         self.stats = torch.zeros(b * (2 + self.max_rounds), dtype=torch.int32, device=device)  # spec_advance's
         self.draft_tokens = torch.zeros((k + 1) * b, dtype=torch.int64, device=device)
         on_cuda = device.type == "cuda"
-        self.h_out = torch.zeros_like(self.out, device="cpu", pin_memory=on_cuda) if on_cuda else None
-        self.h_stats = torch.zeros_like(self.stats, device="cpu", pin_memory=on_cuda) if on_cuda else None
+        # Pinned host copies on a GPU: the step's one transfer back (on the CPU the buffers are read as they are).
+        self.h_out = torch.zeros(self.out.numel(), dtype=torch.int64, pin_memory=True) if on_cuda else None
+        self.h_stats = torch.zeros(self.stats.numel(), dtype=torch.int32, pin_memory=True) if on_cuda else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.num_steps = 0  # steps that ran here
         # Graphs need the Triton advances (the torch references index by masks: a sync).
