@@ -124,6 +124,28 @@ class DecodeInputs:
             self.d.ids[:row].copy_(ids)
         self._row_seq[:rows] = [-1] * rows
 
+    def prepare_lagged(self, seqs: list[Sequence], rows: int) -> None:
+        """Stage a drafter's first forward of a speculative round (engine/spec_decode/rounds.py) and
+        start its copy: rows [0, rows) each sequence's last token at len - 1, rows [rows, 2 rows) the
+        token before it at len - 2 (its K/V written again: the drafter never lags by a token), every
+        row starting at len - 2; padding rows (n.. of each half) store nothing. The rows' remembered
+        tables are forgotten."""
+        n, bs = len(seqs), self.block_size
+        h = self.buf.writable(0)
+        for half in (rows, 0):  # the lag rows first: their positions are every row's start
+            for i, seq in enumerate(seqs):
+                table, pos = seq.block_table, len(seq.token_ids) - 1 - (half > 0)
+                h.tables[half + i, : len(table)] = table
+                h.ids[half + i] = seq.token_ids[pos]
+                h.pos[half + i] = pos
+                h.slots[half + i] = table[pos // bs] * bs + pos % bs
+            h.start[half : half + n] = h.pos[rows : rows + n] if half == 0 else h.pos[half : half + n]
+            h.lens[half : half + n] = h.pos[half : half + n] + 1
+            h.slots[half + n : half + rows] = -1
+            h.lens[half + n : half + rows] = 1
+        self.buf.copy_to_device(self.buf.offsets["tables"] + 4 * 2 * rows * self.width)
+        self._row_seq[: 2 * rows] = [-1] * (2 * rows)
+
     def views(self, rows: int, verify_query_len: int = 0) -> tuple[torch.Tensor, torch.Tensor, Context]:
         """(ids, positions, attention context) of a decode over the first ``rows`` rows; made once
         per size. They point into the static buffers, so they stay valid from step to step.

@@ -84,12 +84,14 @@ class LLMEngine:
                                   verify_query_len=spec.num_speculative_tokens + 1 if spec else 0)
         self.draft_runner: ModelRunner | None = None
         self.spec_worker = self._spec_worker(spec, draft_config, draft_vocab)
+        rounds = self.spec_worker.rounds if self.spec_worker is not None else None  # num_rounds > 1
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching,
                                           keep_prompt_logprobs=not self.config.batch_invariant)
         self.scheduler = Scheduler(
             self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
             self.config.enable_chunked_prefill, self.config.num_decode_steps, self.config.max_model_len,
             spec_k=self.spec_worker.k_for_step if self.spec_worker is not None else None,
+            spec_rounds=rounds.rounds_for_step if rounds is not None else None,
         )
         self.vocab_size = int(self.config.hf_config.vocab_size)
         self.max_model_len = self.config.max_model_len

@@ -16,7 +16,9 @@ Speculative decoding: with ``spec_k`` (a function of the decode batch size, 0 = 
 step drafts up to k tokens per sequence (``ScheduledBatch.num_draft``, engine/spec_decode/
 proposer.draft_limit) and reserves blocks for the k + 1 positions the verify forward writes; if the
 pool cannot hold them all, the step decodes plainly. Rejected tokens give their blocks back in
-``finish_step``.
+``finish_step``. With ``spec_rounds`` (R by batch size and k, 1 = off), a decode step whose sequences are
+all plain greedy, with nobody waiting, runs R rounds of k drafts + verify on the device
+(``ScheduledBatch.num_rounds``, engine/spec_decode/rounds.py): blocks for R (k + 1) positions each.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class ScheduledBatch:
     # Speculative decode step: draft tokens each sequence may propose (blocks reserved for n + 1
     # positions from its last token); None for any other step.
     num_draft: list[int] | None = None
+    # Speculative rounds run back to back on the device (num_draft drafts each); blocks reserved for
+    # num_rounds * (num_draft + 1) positions per sequence.
+    num_rounds: int = 1
 
     def samples(self, i: int) -> bool:
         """Whether sequence i's chunk reaches its last token, so a new token is sampled."""
@@ -59,9 +64,11 @@ class Scheduler:
         num_decode_steps: int = 1,
         max_model_len: int | None = None,
         spec_k: Callable[[int], int] | None = None,
+        spec_rounds: Callable[[int, int], int] | None = None,
     ) -> None:
         self.block_manager = block_manager
         self.spec_k = spec_k
+        self.spec_rounds = spec_rounds
         self.num_decode_steps = num_decode_steps
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
@@ -151,6 +158,9 @@ class Scheduler:
         if not seqs:
             return None
         if self.spec_k is not None:
+            rounds = self._reserve_rounds(seqs) if self.spec_rounds is not None and not self.waiting else None
+            if rounds is not None:
+                return rounds
             num_draft = self._reserve_drafts(seqs)
             if num_draft is not None:
                 return ScheduledBatch(seqs, False, [1] * len(seqs), 1, num_draft)
@@ -196,6 +206,25 @@ class Scheduler:
         if not self.block_manager.reserve(seqs, [n + 1 for n in num_draft]):
             return None
         return num_draft
+
+    def _reserve_rounds(self, seqs: list[Sequence]) -> ScheduledBatch | None:
+        """A step of R device-resident speculative rounds (blocks reserved for R (k + 1) positions per
+        sequence), or None: not every sequence is plain greedy, R is 1 for this batch size and k, or the pool
+        lacks the blocks. Each round emits at least one token per sequence, so R stays within the
+        longest remaining max_tokens; every position written stays below max_model_len. A sequence
+        that finishes inside the step drops its later tokens (the engine's append)."""
+        n = len(seqs)
+        k = self.spec_k(n)
+        if k <= 0 or not all(s.plain_greedy for s in seqs):
+            return None
+        rounds = self.spec_rounds(n, k)
+        max_len = self.max_model_len if self.max_model_len is not None else 1 << 62
+        longest = max(s.params.max_tokens - s.num_output_tokens for s in seqs)
+        room = min(max_len - s.num_tokens for s in seqs)
+        rounds = min(rounds, longest, room // (k + 1))
+        if rounds <= 1 or not self.block_manager.reserve(seqs, [rounds * (k + 1)] * n):
+            return None
+        return ScheduledBatch(seqs, False, [1] * n, 1, [k] * n, rounds)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

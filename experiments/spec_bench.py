@@ -28,8 +28,10 @@ speed       tok/s of LLM.generate without speculation and with ``speculative_con
             acceptance it sees. Expected: never below ~0.98x of no speculation (0 where no fixed k pays,
             e.g. the distilled SmolLM2-135M drafter at batch 16, fixed k=4 0.70x; the probes cost ~1%),
             and within a few % of the best fixed k where one pays. Then the per-batch-size k policy the
-            fixed-k rows recommend (0 where speculation does not pay); then verify-cost at
-            --verify-shape. One process, variants past --budget-s skipped.
+            fixed-k rows recommend (0 where speculation does not pay); with --num-rounds R (> 1) each
+            model drafter again as "<drafter>-rounds<R>", speculative_config num_rounds R at the largest
+            k only (device-resident greedy rounds, engine/spec_decode/rounds.py: a fixed k, no auto);
+            then verify-cost at --verify-shape. One process, variants past --budget-s skipped.
 verify-cost the target's verify forward (k + 1 tokens after a context, logits at every row) through
             every path (decode pseudo-rows, the varlen prefill path, each also with multi-query
             decode attention: pseudo_rows_mq, prefill_mq), against one decode step
@@ -323,13 +325,15 @@ def _speed_variant(args, workload: str, name: str, spec: dict | None, prompts: l
     from engine import LLM
     from engine.spec_decode.policy import SpecPolicy
 
-    if spec is not None and args.auto:
+    rounds = spec.get("num_rounds", 1) if spec is not None else 1
+    if spec is not None and args.auto and rounds == 1:
         spec = {**spec, "num_speculative_tokens_per_batch_size": "auto"}
     llm = LLM(args.target, **engine_kwargs, **({"speculative_config": spec} if spec else {}))
     engine = llm.engine
     worker = engine.spec_worker
     rows = []
-    for k in ([0] if spec is None else args.ks + (["auto"] if args.auto else [])):
+    ks = [max(args.ks)] if rounds > 1 else args.ks + (["auto"] if args.auto and spec is not None else [])
+    for k in ([0] if spec is None else ks):
         if k == "auto":
             engine.scheduler.spec_k = worker.k_for_step
         elif spec is not None:
@@ -345,7 +349,7 @@ def _speed_variant(args, workload: str, name: str, spec: dict | None, prompts: l
                 base[bs] = tok_s
                 reference[bs] = greedy_with_margins(llm, (prompts * bs)[:bs], args.new_tokens)
             m = engine.spec_metrics
-            row = {"bench": "speed", "workload": workload, "spec": name, "k": k, "batch": bs,
+            row = {"bench": "speed", "workload": workload, "spec": name, "k": k, "num_rounds": rounds, "batch": bs,
                    "tok_s": tok_s, "runs_tok_s": runs, "speedup": tok_s / base[bs] if bs in base else None,
                    "metrics": m.as_dict() if m is not None else None,
                    **({"vs_plain": divergence_report(*reference[bs], outputs)} if bs in reference else {})}
@@ -389,6 +393,8 @@ def speed(args) -> None:
     drafters += [(d, lambda d=d: {"model": d, **common}) for d in args.draft or []]
     drafters += [(f"truncated{n}", lambda n=n: {"model": truncated_draft(target_dir, n, work), **common})
                  for n in args.truncated or []]
+    drafters += [(f"{name}-rounds{r}", lambda make=make, r=r: {**make(), "num_rounds": r})
+                 for name, make in drafters if name != "ngram" for r in args.num_rounds if r > 1]
     for workload in args.workloads:
         prompts = fitting_prompts(load_prompts(workload, data_dir, tokenizer, max(args.batch), args.prompt_tokens),
                                   args.new_tokens, target_config.max_model_len, workload, args.json, "speed")
@@ -550,6 +556,9 @@ def main(argv: list[str] | None = None) -> None:
     sub.choices["speed"].add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
     sub.choices["speed"].add_argument("--truncated", type=int, nargs="*", default=[4],
                                       help="drafters made of the target's first N layers (+ norm and head)")
+    sub.choices["speed"].add_argument("--num-rounds", type=int, nargs="+", default=[1],
+                                      help="also each model drafter with speculative_config num_rounds R (> 1), "
+                                           "at the largest --ks: device-resident greedy rounds")
     sub.choices["speed"].add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
     sub.choices["speed"].add_argument("--auto", action=argparse.BooleanOptionalAction, default=True,
                                       help='also k "auto" (the engine\'s measured policy, up to the largest --ks)')

@@ -16,7 +16,11 @@ decode step, up to num_speculative_tokens, from step costs the engine measures a
 acceptance it observes, 0 where speculation does not pay: policy.py; without the key k is
 num_speculative_tokens at every batch size, as vLLM reads a config), ``max_batch_size`` (decode
 batches of more sequences run without speculation; default DEFAULT_MAX_BATCH_SIZE) and ``dtype`` (the draft
-model's, as EngineConfig.dtype spells it). Every bad key or value raises SpeculativeConfigError
+model's, as EngineConfig.dtype spells it).
+
+``num_rounds`` R (a draft model with a fixed k, not ``auto``; default 1): a decode step whose
+sequences are all plain greedy runs R draft + verify rounds back to back on the device, with one
+host sync at the end (engine/spec_decode/rounds.py); other steps, and R = 1, speculate one round. Every bad key or value raises SpeculativeConfigError
 naming the key. ``check_same_vocabulary`` verifies a draft can verify against the target at all.
 """
 
@@ -33,7 +37,7 @@ METHODS = ("draft_model", "ngram")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _KEYS = {
     "draft_model": {"method", "model", "num_speculative_tokens", "num_speculative_tokens_per_batch_size", "dtype",
-                    "max_batch_size", "draft_tensor_parallel_size", "draft_vocab_size"},
+                    "max_batch_size", "draft_tensor_parallel_size", "draft_vocab_size", "num_rounds"},
     "ngram": {"method", "num_speculative_tokens", "num_speculative_tokens_per_batch_size", "prompt_lookup_min",
               "prompt_lookup_max", "max_batch_size"},
 }
@@ -76,6 +80,7 @@ class SpeculativeConfig:
     auto: bool = False
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     draft_vocab_size: int | None = None  # the draft model's LM head rows (None: the whole vocabulary)
+    num_rounds: int = 1  # device-resident greedy rounds per decode step (rounds.py); 1: one round
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> SpeculativeConfig | None:
@@ -132,8 +137,12 @@ class SpeculativeConfig:
         # Its range against the vocabulary and the frequency file are checked at load (draft_vocab.py).
         vocab_size = raw.get("draft_vocab_size")
         vocab_size = _positive_int("draft_vocab_size", vocab_size, 2) if vocab_size is not None else None
+        rounds = _positive_int("num_rounds", raw.get("num_rounds", 1))
+        if rounds > 1 and auto:
+            raise SpeculativeConfigError("num_rounds", f"{rounds} rounds take a fixed k, but num_speculative_tokens_"
+                                         f"per_batch_size {AUTO!r} chooses k per step (use 1 round with it)")
         return cls("draft_model", k, model=model, dtype=dtype, k_by_batch_size=policy, max_batch_size=max_bs,
-                   auto=auto, draft_vocab_size=vocab_size)
+                   auto=auto, draft_vocab_size=vocab_size, num_rounds=rounds)
 
     def k_for_batch(self, batch_size: int) -> int:
         """Draft tokens per sequence for a decode batch of ``batch_size`` sequences; 0: decode plainly."""

@@ -57,12 +57,7 @@ class DraftModelProposer:
             return Proposal([[] for _ in seqs])  # host lists: nothing to hand over
         runner, seqs = self.runner, list(seqs)
         with torch.inference_mode(), group_for(runner.config.tensor_parallel_size):
-            if any(s.draft_computed == 0 for s in seqs):
-                runner.decode_inputs.forget_rows()  # new block tables since this runner last saw them
-            lagging = [s for s in seqs if s.draft_computed < len(s) - 1]
-            if lagging:  # K/V only: the logits of the last token come from the first decode forward
-                runner.verify_paths.last_logits([(s.token_ids[s.draft_computed : -1], s.draft_computed,
-                                                  s.block_table) for s in lagging])
+            self.catch_up(seqs)  # K/V only: the logits of the last token come from the first decode forward
             if steps > 1 and all(n_i == steps for n_i in ks) and all(
                     s.params.greedy and s.num_output_tokens >= s.params.min_tokens for s in seqs):
                 ids = runner.decode_steps_on_device(seqs, steps).t().clone()  # [B, steps]
@@ -72,6 +67,18 @@ class DraftModelProposer:
         for s, n_i in zip(seqs, ks):
             s.draft_computed = len(s) + max(n_i - 1, 0)
         return proposal
+
+    def catch_up(self, seqs: list[Sequence], lag: int = 1) -> None:
+        """The draft's K/V of every token up to the last ``lag`` (those its next forward feeds), for
+        the sequences behind that (a forward of their missing tokens, its logits unused). Inside
+        inference mode and the draft's group_for."""
+        runner = self.runner
+        if any(s.draft_computed == 0 for s in seqs):
+            runner.decode_inputs.forget_rows()  # new block tables since this runner last saw them
+        lagging = [s for s in seqs if s.draft_computed < len(s) - lag]
+        if lagging:
+            runner.verify_paths.last_logits([(s.token_ids[s.draft_computed : len(s) - lag], s.draft_computed,
+                                              s.block_table) for s in lagging])
 
     def _sampled(self, seqs: list[Sequence], ks: list[int], steps: int) -> Proposal:
         """``steps`` decode forwards, each sampled with the rows' own parameters; q kept."""

@@ -26,6 +26,7 @@ from engine.spec_decode.min_tokens import ban_stop_tokens
 from engine.spec_decode.proposer import Proposal, Proposer
 from engine.spec_decode.policy import SpecPolicy
 from engine.spec_decode.rejection import greedy_agreement, verify
+from engine.spec_decode.rounds import greedy_rounds
 from engine.spec_decode.step_costs import measure_step_costs
 
 
@@ -43,6 +44,7 @@ class SpecDecodeWorker:
         if spec is not None and spec.auto:
             costs = measure_step_costs(target, proposer, spec.num_speculative_tokens, spec.max_batch_size)
             self.policy = SpecPolicy(spec.num_speculative_tokens, spec.max_batch_size, costs)
+        self.rounds = greedy_rounds(target, proposer, spec)  # num_rounds > 1: rounds.py
 
     def k_for_step(self, batch_size: int) -> int:
         """The scheduler's spec_k: draft tokens per sequence for a decode step of ``batch_size``."""
@@ -65,6 +67,8 @@ class SpecDecodeWorker:
     def step(self, batch: ScheduledBatch) -> StepResult:
         """Draft, verify, accept: the host waits for the device once, for the emitted tokens (and
         once more when a sequence asked for logprobs)."""
+        if batch.num_rounds > 1:  # R device-resident greedy rounds (rounds.py; the scheduler's spec_rounds)
+            return self.rounds.step(batch, self.metrics)
         seqs = batch.seqs
         assert batch.num_draft is not None
         clock = PhaseClock(self.target.device)

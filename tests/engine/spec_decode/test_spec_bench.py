@@ -228,3 +228,22 @@ def test_chat_prompts_take_a_batch_encoding(bench):
             return UserDict({"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1]})
 
     assert bench._chat(Tokenizer(), "2 + 2?") == [5, 6, 7]
+
+
+def test_speed_times_device_resident_rounds_per_model_drafter(bench, data_dir, model_dir, tmp_path):
+    """--num-rounds 4: each model drafter again with speculative_config num_rounds 4 at the largest
+    k (a fixed k: no auto row), its rows marked; n-gram drafting has no rounds variant."""
+    target = model_dir("llama_gqa_untied", with_tokenizer=True)
+    draft = model_dir("llama_mha_tied", with_tokenizer=True)
+    out = tmp_path / "speed.jsonl"
+    bench.main(["--json", str(out), "speed", "--target", target, "--draft", draft, "--data-dir", str(data_dir),
+                "--workloads", "gsm8k", "--new-tokens", "12", "--batch", "1", "2", "--ks", "1", "2",
+                "--truncated", "--num-rounds", "1", "4", "--repeats", "1", "--verify-shape", "",
+                "--engine", '{"device": "cpu"}'])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert not [r for r in rows if "error" in r or "skipped" in r]
+    rounds = [r for r in rows if r["bench"] == "speed" and r["spec"] == f"{draft}-rounds4"]
+    assert sorted((r["k"], r["batch"], r["num_rounds"]) for r in rounds) == [(2, 1, 4), (2, 2, 4)]
+    assert all(r["tok_s"] > 0 and r["metrics"]["num_proposed_tokens"] > 0 for r in rounds)
+    assert {r["spec"] for r in rows if r["bench"] == "speed"} == {"none", "ngram", draft, f"{draft}-rounds4"}
+    assert all(r["num_rounds"] == 1 for r in rows if r["bench"] == "speed" and r["spec"] != f"{draft}-rounds4")

@@ -1,0 +1,216 @@
+"""Greedy speculation for R rounds per host step, on the device (speculative_config ``num_rounds``).
+
+A one-round speculative step (worker.py) costs a host round trip per round: staging, a sync for
+the verify's tokens, the append. For a batch whose sequences are all plain greedy with a model
+drafter at a fixed k, the scheduler reserves blocks for R (k + 1) positions per sequence
+(Scheduler._reserve_rounds) and this runs R rounds back to back, like the multi-step plain decode
+runs its steps, with one sync at the end. A round, on the device:
+
+- the drafter's k greedy steps over its decode inputs: the first over 2b rows, rows [0, b) each
+  sequence's newest token and rows [b, 2b) the token before it (DecodeInputs.prepare_lagged), the
+  other k - 1 over rows [0, b), each followed by kernels/greedy_advance.py (tokens into a
+  [k + 1, b] buffer, d_j in row j + 1: the step a token belongs to is its position minus the rows'
+  start, len - 2);
+- the drafts copied into the target's verify pseudo-rows ([last token, d_0 .. d_{k-1}] at len - 1..,
+  DecodeInputs.prepare_chunks' layout) and the target's verify forward over the b (k + 1) rows;
+- kernels/spec_advance.py: the verify argmax, the leading matches n, the n + 1 emitted tokens into
+  a [b, R (k + 1)] device buffer, and both models' inputs for the next round from the new length.
+
+The drafter's catch-up without a branch: its first forward of every round feeds the sequence's
+last two tokens. After a round that accepted all k drafts the drafter's K/V lacks d_{k-1} (drafted,
+never fed); after any other round it holds the position before the newest token already, and
+writing that K/V again stores the same values. One extra row in the first of k forwards (a forward
+of a small drafter costs about the same for 2b rows as for b: it reads the weights once) instead of
+a data-dependent forward count or a (k + 1)-th forward per round. Before the first round, a
+sequence whose draft K/V lags further (after its prefill, a preemption, or steps without
+speculation) catches up as in the one-round path (DraftModelProposer.catch_up).
+
+With CUDA graphs one round per batch bucket (drafter steps + copy + verify + advance) is captured
+and replayed R times; eager (CPU, or enforce_eager) runs the same body with the torch references.
+The host then reads the emitted tokens and per-round counts at once; the engine appends them through
+its one append path (stop tokens, stop strings and max_tokens cut a run; the tokens after are
+dropped) and Scheduler.finish_step rolls both caches back (num_computed_tokens, draft_computed,
+unused tail blocks). A sequence that finished inside the step keeps running to the end of it on
+blocks it reserved: its tokens are dropped.
+
+Not here: tensor parallelism, the ``auto`` k policy (config.py refuses num_rounds > 1 with it), a
+k other than num_speculative_tokens (a per-batch-size table's smaller k takes the one-round path),
+n-gram drafting, sampling, logprobs: those steps take worker.py's one-round path unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.context import reset_context, set_context
+from engine.cuda_graphs import decode_buckets
+from engine.layers.sampler import StepResult
+from engine.model_runner import ModelRunner
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
+from engine.spec_decode.config import SpeculativeConfig
+from engine.spec_decode.draft_model import DraftModelProposer
+from engine.spec_decode.metrics import PhaseClock, SpecDecodeMetrics
+from engine.spec_decode.proposer import Proposer
+from kernels.spec_advance import spec_advance, spec_advance_ref
+
+
+def greedy_rounds(target: ModelRunner, proposer: Proposer, spec: SpeculativeConfig | None) -> GreedyRounds | None:
+    """The rounds runner of a speculative config with num_rounds > 1 and a model drafter, on one
+    rank; None otherwise (every step speculates one round)."""
+    if spec is None or spec.num_rounds <= 1 or not isinstance(proposer, DraftModelProposer):
+        return None
+    if target.tp_workers is not None:
+        return None
+    return GreedyRounds(target, proposer, spec)
+
+
+class GreedyRounds:
+    def __init__(self, target: ModelRunner, proposer: DraftModelProposer, spec: SpeculativeConfig) -> None:
+        self.target, self.draft, self.proposer = target, proposer.runner, proposer
+        self.k, self.max_rounds = spec.num_speculative_tokens, spec.num_rounds
+        k = self.k
+        target_rows = target.decode_inputs.d.ids.shape[0]
+        draft_rows = self.draft.decode_inputs.d.ids.shape[0]
+        max_bs = min(spec.max_batch_size, target.config.max_num_seqs)
+        # Batch buckets whose round fits both runners' decode rows: b (k + 1) verify rows, 2b draft rows.
+        self.buckets = [b for b in decode_buckets(max_bs) if b * (k + 1) <= target_rows and 2 * b <= draft_rows]
+        self.max_bs = self.buckets[-1] if self.buckets else 0
+        self.bucket_of = [next(b for b in self.buckets if b >= n) for n in range(self.max_bs + 1)] if self.buckets else []
+        device = target.device
+        b, width = self.max_bs, self.max_rounds * (k + 1)
+        self.out = torch.zeros(b * width, dtype=torch.int64, device=device)  # [b, R (k + 1)] emitted tokens
+        self.stats = torch.zeros(b * (2 + self.max_rounds), dtype=torch.int32, device=device)  # spec_advance's
+        self.draft_tokens = torch.zeros((k + 1) * b, dtype=torch.int64, device=device)
+        on_cuda = device.type == "cuda"
+        # Pinned host copies on a GPU: the step's one transfer back (on the CPU the buffers are read as they are).
+        self.h_out = torch.zeros(self.out.numel(), dtype=torch.int64, pin_memory=True) if on_cuda else None
+        self.h_stats = torch.zeros(self.stats.numel(), dtype=torch.int32, pin_memory=True) if on_cuda else None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.num_steps = 0  # steps that ran here
+        # Graphs need the Triton advances (the torch references index by masks: a sync).
+        if (on_cuda and target.graphs is not None and self.draft.graphs is not None and self.buckets
+                and target.decode_inputs.use_triton and self.draft.decode_inputs.use_triton):
+            self._capture()
+
+    def rounds_for_step(self, batch_size: int, k: int) -> int:
+        """The scheduler's spec_rounds: rounds of a decode step of ``batch_size`` plain greedy
+        sequences drafting ``k`` tokens each; 1 where this runner does not take the batch (more
+        sequences than its buckets, or a k its rounds were not built for: the one-round path)."""
+        if batch_size > self.max_bs or k != self.k:
+            return 1
+        return self.max_rounds
+
+    # -- a step ----------------------------------------------------------------------------------
+    def step(self, batch: ScheduledBatch, metrics: SpecDecodeMetrics) -> StepResult:
+        """batch.num_rounds rounds on the device; per sequence, every token they emitted (the one sync).
+        Each round's acceptance and the step's time go to ``metrics``."""
+        seqs, rounds, k = batch.seqs, batch.num_rounds, self.k
+        n = len(seqs)
+        assert 1 < rounds <= self.max_rounds and n <= self.max_bs and batch.num_draft == [k] * n
+        graphed = bool(self.graphs)
+        b = self.bucket_of[n] if graphed else n
+        clock = PhaseClock(self.target.device)
+        with torch.inference_mode():
+            self.proposer.catch_up(seqs, lag=2)  # the rounds feed the last two tokens themselves
+            self.draft.decode_inputs.prepare_lagged(seqs, b)
+            self.target.decode_inputs.prepare_chunks(
+                [([s.token_ids[-1]] + [0] * k, len(s) - 1, s.block_table) for s in seqs], b * (k + 1))
+            self._buffers(b)[1].zero_()
+            for _ in range(rounds):
+                if graphed:
+                    self.graphs[b].replay()
+                else:
+                    self._round(b)
+            tokens, emitted = self._fetch(b, n, rounds)
+        clock.mark()
+        metrics.add_time("verify", clock.seconds(0, 1))  # drafting and verifying interleave: all of it here
+        for seq, emitted_i in zip(seqs, emitted):
+            # The drafter's K/V after the last round: through the newest token's position, less d_{k-1}
+            # when all k were accepted (finish_step cuts it to the tokens the sequence keeps).
+            seq.draft_computed = len(seq) + sum(emitted_i) - 1 - (emitted_i[-1] == k + 1)
+        self._record(seqs, emitted, metrics)
+        self.num_steps += 1
+        return StepResult(tokens)
+
+    def _record(self, seqs: list[Sequence], emitted: list[list[int]], metrics: SpecDecodeMetrics) -> None:
+        """The acceptance metrics of each round that began before its sequence reached max_tokens."""
+        k = self.k
+        for r in range(len(emitted[0]) if emitted else 0):
+            proposed, accepted = [], []
+            for seq, e in zip(seqs, emitted):
+                if sum(e[:r]) < seq.params.max_tokens - seq.num_output_tokens:
+                    proposed.append(k)
+                    accepted.append(e[r] - 1)
+            metrics.record(proposed, accepted)
+
+    def _buffers(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out [b, R (k + 1)], stats [b, 2 + R]) views of the step's device buffers."""
+        width = self.max_rounds * (self.k + 1)
+        return self.out[: b * width].view(b, width), self.stats[: b * (2 + self.max_rounds)].view(b, -1)
+
+    def _fetch(self, b: int, n: int, rounds: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Per sequence its emitted tokens and per-round counts: one copy each, one sync."""
+        out, stats = self._buffers(b)
+        if self.h_out is not None:
+            h_out = self.h_out[: out.numel()].view(out.shape)
+            h_stats = self.h_stats[: stats.numel()].view(stats.shape)
+            h_out.copy_(out, non_blocking=True)
+            h_stats.copy_(stats, non_blocking=True)
+            torch.cuda.current_stream().synchronize()
+            out, stats = h_out, h_stats
+        counts = stats[:n].tolist()
+        rows = out[:n].tolist()
+        return [row[: c[0]] for row, c in zip(rows, counts)], [c[2 : 2 + rounds] for c in counts]
+
+    # -- a round ---------------------------------------------------------------------------------
+    def _round(self, b: int) -> None:
+        """Drafter steps, drafts into the verify rows, verify forward, spec_advance: nothing waits."""
+        k, inputs = self.k, self.draft.decode_inputs
+        tokens = self.draft_tokens[: (k + 1) * b].view(k + 1, b)
+        inputs.advance(self._forward(self.draft, 2 * b), b, tokens)  # the newest rows' logits come first
+        for _ in range(k - 1):
+            inputs.advance(self._forward(self.draft, b), b, tokens)
+        t = self.target.decode_inputs.d
+        t.ids[: b * (k + 1)].view(b, k + 1)[:, 1:].copy_(tokens[1:].t())
+        self._advance(self._forward(self.target, b * (k + 1)), b)
+
+    @staticmethod
+    def _forward(runner: ModelRunner, rows: int) -> torch.Tensor:
+        """Logits of the first ``rows`` decode rows of ``runner`` (the model's dtype: argmax only)."""
+        ids, pos, ctx = runner.decode_inputs.views(rows)
+        set_context(ctx)
+        hidden = runner.model(ids, pos)
+        reset_context()
+        return runner.model.compute_logits(hidden)
+
+    def _advance(self, logits: torch.Tensor, b: int) -> None:
+        t, d, q = self.target.decode_inputs.d, self.draft.decode_inputs.d, b * (self.k + 1)
+        fn = spec_advance if self.target.decode_inputs.use_triton else spec_advance_ref
+        out, stats = self._buffers(b)
+        fn(logits, t.ids[:q], t.pos[:q], t.lens[:q], t.slots[:q], t.start[:q], t.tables[:q],
+           d.ids[: 2 * b], d.pos[: 2 * b], d.lens[: 2 * b], d.slots[: 2 * b], d.start[: 2 * b], d.tables[: 2 * b],
+           out, stats, self.k, self.target.block_size)
+
+    # -- graphs ----------------------------------------------------------------------------------
+    def _capture(self) -> None:
+        """One graph per bucket, a round each, largest first, in a pool of their own. Warm-up and
+        capture run on inputs that store nothing (every row padding): the warm-up round launches each
+        kernel once before the capture records it, and changes nothing a step reads."""
+        pool = None
+        t, d = self.target.decode_inputs.d, self.draft.decode_inputs.d
+        with torch.inference_mode():
+            for b in reversed(self.buckets):
+                q = b * (self.k + 1)
+                t.slots[:q].fill_(-1)
+                t.lens[:q].fill_(1)
+                d.slots[: 2 * b].fill_(-1)
+                d.lens[: 2 * b].fill_(1)
+                self._round(b)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    self._round(b)
+                pool = pool or graph.pool()
+                self.graphs[b] = graph
+        torch.cuda.synchronize()

@@ -1,0 +1,238 @@
+"""Device-resident greedy speculative rounds (speculative_config num_rounds, engine/spec_decode/
+rounds.py) on the CPU, eagerly through the torch references: greedy output equals plain decoding
+and one-round speculation, in a ragged batch with a drafter that often disagrees, with stops and
+limits landing inside a round, under preemption, beside rows that take the one-round path; both
+caches' blocks all come back."""
+
+from __future__ import annotations
+
+import pytest
+from drafts import perturbed_copy
+from tiny_models import prompts
+
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+from engine.spec_decode.config import SpeculativeConfigError
+
+TARGET = "llama_gqa_untied"
+MAX_TOKENS = (5, 17, 9, 30, 1, 12, 23, 2)
+
+
+@pytest.fixture(scope="module")
+def target(model_dir) -> str:
+    return model_dir(TARGET, with_tokenizer=True)
+
+
+@pytest.fixture(scope="module")
+def drafts(target, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("drafts")
+    return {"poor": perturbed_copy(target, str(root / "poor"), 0.008),
+            "exact": perturbed_copy(target, str(root / "exact"), 0.0)}
+
+
+def _ids(ps: list[list[int]]) -> list[dict]:
+    return [{"prompt_token_ids": p} for p in ps]
+
+
+def _greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def _run(target: str, ps, params, spec=None, **kw):
+    llm = LLM(target, device="cpu", speculative_config=spec, **kw)
+    return [o.token_ids for o in llm.generate(_ids(ps), params)], llm.engine
+
+
+def _spec(path: str, rounds: int, k: int = 3) -> dict:
+    return {"model": path, "num_speculative_tokens": k, "num_rounds": rounds}
+
+
+def _pool_full(engine) -> bool:
+    return engine.block_manager.num_free_blocks == engine.runner.num_blocks
+
+
+def test_greedy_rounds_equal_plain_decoding_in_a_ragged_batch(target, drafts):
+    ps = prompts(len(MAX_TOKENS), seed=3, lo=2, hi=40)
+    params = [_greedy(m) for m in MAX_TOKENS]
+    base, _ = _run(target, ps, params)
+    one, _ = _run(target, ps, params, _spec(drafts["poor"], 1))
+    assert one == base
+    for rounds in (2, 4):
+        out, engine = _run(target, ps, params, _spec(drafts["poor"], rounds), block_size=4)
+        assert out == base, rounds
+        assert engine.spec_worker.rounds.num_steps > 0
+        m = engine.spec_metrics
+        assert 0.1 < m.acceptance_rate < 0.9  # a drafter that often disagrees, and sometimes agrees
+        assert m.num_accepted == sum(m.accepted_per_position)
+        assert _pool_full(engine)
+        assert all(s.draft_computed == 0 and not s.block_table for s in engine.seqs.values())
+
+
+def test_stop_token_stop_string_and_max_tokens_inside_a_round(target, drafts):
+    """With a drafter equal to the target every draft is accepted: a round emits k + 1 tokens, and
+    the stops land inside rounds, with rounds after them in the same step."""
+    ps = prompts(4, seed=5, lo=4, hi=20)
+    base, _ = _run(target, ps, [_greedy(30)] * 4)
+    stop_token = base[0][6]
+    cut0 = base[0].index(stop_token) + 1
+    llm = LLM(target, device="cpu", block_size=4, speculative_config=_spec(drafts["exact"], 4, k=3))
+    text1 = llm.tokenizer.decode(base[1])
+    stop_text = text1[len(llm.tokenizer.decode(base[1][:9])) :][:2]  # what tokens 9.. start with
+    params = [_greedy(30, stop_token_ids=[stop_token]), _greedy(30, stop=[stop_text]), _greedy(11), _greedy(30)]
+    out = llm.generate(_ids(ps), params)
+    assert out[0].token_ids == base[0][:cut0] and out[0].stop_reason == stop_token
+    assert out[1].finish_reason == "stop" and out[1].stop_reason == stop_text
+    assert stop_text not in out[1].text and base[1][: len(out[1].token_ids)] == out[1].token_ids
+    assert out[1].text == text1[: text1.find(stop_text)]
+    assert out[2].token_ids == base[2][:11] and out[2].finish_reason == "length"
+    assert out[3].token_ids == base[3]
+    engine = llm.engine
+    m = engine.spec_metrics
+    assert engine.spec_worker.rounds.num_steps > 0 and m.acceptance_rate == 1.0
+    assert m.mean_accepted_length == 4.0  # every round of every draft: k accepted + the target's own
+    assert _pool_full(engine)
+
+
+def test_rounds_under_preemption_and_beside_sampling_rows(target, drafts):
+    """A pool too small for every sequence: some steps cannot reserve R (k + 1) positions and take
+    one round, preemption recomputes; a batch with a sampling row takes the one-round path."""
+    ps = prompts(6, seed=7, lo=20, hi=40)
+    params = [_greedy(m) for m in (30, 25, 28, 20, 31, 26)]
+    kw = dict(block_size=4, num_kv_blocks=40, max_model_len=128)
+    base, _ = _run(target, ps, params, **kw)
+    out, engine = _run(target, ps, params, _spec(drafts["poor"], 4), **kw)
+    assert engine.scheduler.num_preemptions > 0 and engine.spec_worker.rounds.num_steps > 0
+    assert out == base
+    assert engine.block_manager.num_free_blocks == 40
+    mixed = params[:3] + [SamplingParams(temperature=0.8, max_tokens=20, seed=3)]
+    one, _ = _run(target, ps[:4], mixed, _spec(drafts["poor"], 1))
+    out, engine = _run(target, ps[:4], mixed, _spec(drafts["poor"], 4))
+    assert out == one  # the sampling row's draws are the one-round path's: seeded, same steps
+    assert engine.spec_worker.rounds.num_steps > 0  # once the sampling row finished
+    assert _pool_full(engine)
+
+
+def test_scheduler_reserves_rounds_and_stays_below_max_model_len(target, drafts):
+    """A step of R rounds reserves R (k + 1) positions per sequence; near max_model_len R shrinks,
+    and where two rounds no longer fit the step takes one round; the outputs equal plain decoding."""
+    ps = prompts(2, seed=9, lo=20, hi=22)
+    params = [_greedy(60), _greedy(60)]
+    kw = dict(block_size=4, max_model_len=48)
+    base, _ = _run(target, ps, params, **kw)
+    llm = LLM(target, device="cpu", speculative_config=_spec(drafts["exact"], 4, k=3), **kw)
+    engine = llm.engine
+    seen: list[tuple[int, list[int], list[int]]] = []
+    schedule = engine.scheduler.schedule
+
+    def spy():
+        batch = schedule()
+        if batch is not None and not batch.is_prefill:
+            seen.append((batch.num_rounds, [len(s) for s in batch.seqs], [len(s.block_table) for s in batch.seqs]))
+        return batch
+
+    engine.scheduler.schedule = spy
+    out = [o.token_ids for o in llm.generate(_ids(ps), params)]
+    assert out == base
+    rounds = [r for r, _, _ in seen]
+    assert 4 in rounds and 1 in rounds  # R shrinks, then one round, near max_model_len
+    for r, lens, blocks in seen:
+        if r > 1:
+            assert all(n + r * 4 <= 48 for n in lens)
+            assert all(b * 4 >= n - 1 + r * 4 for n, b in zip(lens, blocks))
+    assert _pool_full(engine)
+
+
+@pytest.mark.parametrize("raw", [{"num_rounds": 0}, {"num_rounds": "2"},
+                                 {"num_rounds": 2, "num_speculative_tokens_per_batch_size": "auto"}])
+def test_num_rounds_config_errors(target, drafts, raw):
+    with pytest.raises(SpeculativeConfigError, match="speculative_config.num_rounds"):
+        LLM(target, device="cpu", speculative_config={"model": drafts["poor"], "num_speculative_tokens": 3, **raw})
+
+
+def test_num_rounds_is_not_an_ngram_key(target):
+    with pytest.raises(SpeculativeConfigError, match="speculative_config.num_rounds"):
+        LLM(target, device="cpu", speculative_config={"method": "ngram", "num_speculative_tokens": 3, "num_rounds": 2})
+
+
+def test_rounds_through_the_triton_kernels(target, drafts):
+    """The engine's Triton kernels on (interpreted on the CPU: TRITON_INTERPRET=1), eager: the round's
+    greedy_advance and spec_advance launches, the decode attention over pseudo-rows and lag rows."""
+    ps = prompts(3, seed=11, lo=3, hi=20)
+    params = [_greedy(m) for m in (9, 4, 7)]
+    kw = dict(use_triton=True, enforce_eager=True, dtype="float32", block_size=4, max_model_len=64)
+    base, _ = _run(target, ps, params, **kw)
+    out, engine = _run(target, ps, params, _spec(drafts["poor"], 3, k=2), **kw)
+    assert out == base
+    assert engine.spec_worker.rounds.num_steps > 0 and engine.runner.decode_inputs.use_triton
+    assert _pool_full(engine)
+
+
+class _Replay:
+    """A stand-in for a captured round's CUDA graph: replay runs the round's body for its bucket."""
+
+    def __init__(self, rounds, bucket: int) -> None:
+        self.rounds, self.bucket = rounds, bucket
+
+    def replay(self) -> None:
+        self.rounds._round(self.bucket)
+
+
+def test_bucketed_rounds_with_padding_rows(target, drafts):
+    """The graphed path's layout on the CPU: a batch runs in its bucket's rows (padding sequences
+    and padding drafter rows between the newest-token rows and the lag rows), each replay one round."""
+    ps = prompts(6, seed=12, lo=2, hi=30)
+    params = [_greedy(m) for m in (19, 7, 26, 3, 14, 22)]
+    base, _ = _run(target, ps, params, block_size=4)
+    llm = LLM(target, device="cpu", block_size=4, speculative_config=_spec(drafts["poor"], 3))
+    rounds = llm.engine.spec_worker.rounds
+    assert not rounds.graphs and rounds.buckets == [1, 2, 4, 8, 16]
+    rounds.graphs = {b: _Replay(rounds, b) for b in rounds.buckets}
+    sizes = []
+    step = rounds.step
+
+    def spy(batch, metrics):
+        sizes.append(len(batch.seqs))
+        return step(batch, metrics)
+
+    rounds.step = spy
+    out = [o.token_ids for o in llm.generate(_ids(ps), params)]
+    assert out == base
+    assert any(n not in rounds.buckets for n in sizes)  # padded: 6, 5 or 3 sequences in 8 or 4 rows
+    assert _pool_full(llm.engine)
+
+
+def test_a_per_batch_size_k_other_than_the_rounds_k_takes_one_round(target, drafts):
+    """Rounds are built for num_speculative_tokens; a batch size whose table k differs (here batch 1:
+    k 2) speculates one round a step; the others take rounds."""
+    ps = prompts(3, seed=13, lo=3, hi=25)
+    params = [_greedy(m) for m in (6, 9, 40)]  # the last runs alone at the end
+    base, _ = _run(target, ps, params)
+    spec = {**_spec(drafts["poor"], 4), "num_speculative_tokens_per_batch_size": {1: 2, 16: 3}}
+    llm = LLM(target, device="cpu", speculative_config=spec)
+    batches = []
+    schedule = llm.engine.scheduler.schedule
+
+    def spy():
+        batch = schedule()
+        if batch is not None and batch.num_draft is not None:
+            batches.append((len(batch.seqs), batch.num_rounds, batch.num_draft[0]))
+        return batch
+
+    llm.engine.scheduler.schedule = spy
+    assert [o.token_ids for o in llm.generate(_ids(ps), params)] == base
+    alone = [(r, k) for n, r, k in batches if n == 1]  # k 2, or less near max_tokens (draft_limit)
+    assert (1, 2) in alone and all(r == 1 and k <= 2 for r, k in alone)
+    assert all(r > 1 and k == 3 for n, r, k in batches if n > 1) and any(n > 1 for n, _, _ in batches)
+    assert _pool_full(llm.engine)
+
+
+def test_rounds_too_wide_for_the_decode_rows_take_one_round(target, drafts):
+    """k + 1 verify rows past the target's decode rows (k 20 with max_num_seqs 4: 16 rows): no batch
+    takes rounds, every step speculates one round."""
+    ps = prompts(2, seed=14, lo=3, hi=20)
+    params = [_greedy(30), _greedy(25)]
+    base, _ = _run(target, ps, params, max_num_seqs=4)
+    out, engine = _run(target, ps, params, _spec(drafts["poor"], 4, k=20), max_num_seqs=4)
+    assert out == base
+    rounds = engine.spec_worker.rounds
+    assert rounds.buckets == [] and rounds.num_steps == 0 and engine.num_spec_steps > 0
