@@ -64,7 +64,8 @@ class SpecDecodeWorker:
             self.policy.observe_step(n, max(batch.num_draft), seconds, proposed=self._proposed_any)
             return
         self.policy.observe_step(n, 0, seconds, batch.num_steps)
-        if isinstance(self.proposer, NgramProposer):
+        # Past max_batch_size nothing probes, so nothing would drop finished rows' lookup arrays.
+        if isinstance(self.proposer, NgramProposer) and n <= self.policy.max_batch_size:
             self._unrun_round(batch.seqs, num_new)
 
     def _unrun_round(self, seqs: list[Sequence], num_new: list[int]) -> None:
