@@ -75,7 +75,9 @@ def test_startup_measures_every_batch_size_and_k(target, bad_draft):
     assert costs.catch_up
     assert all(t > 0 for t in costs.decode + [t for d in (costs.draft, costs.verify) for v in d.values() for t in v])
     assert 0 < costs.measure_s < 60
+    assert len(costs.decode_one) == 4 and all(t > 0 for t in costs.decode_one)  # a one-token plain step
     llm.generate(_ids(prompts(2, seed=1, lo=3, hi=10)), _greedy(5))
+    assert llm.engine.spec_worker.policy.costs is costs  # measured once, at startup, not in a request
     stats = llm.engine.stats()["spec_decode"]["policy"]
     assert stats["costs"]["batch_sizes"] == [1, 2, 4, 6] and sum(stats["steps_by_k"]) > 0
     assert len(stats["acceptance_estimate"]) == K
