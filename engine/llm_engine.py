@@ -11,6 +11,7 @@ and each sequence gets the accepted tokens plus the target's own, appended the s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import fields, replace
 from itertools import repeat
@@ -217,6 +218,7 @@ class LLMEngine:
         detokenization) is isolated: a failure there finishes that request alone with
         ``finish_reason == "error"`` and the step goes on. A failure of ``runner.run`` (the batched
         forward and sampling) is an engine failure: it propagates and fails the step."""
+        began = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch is None:
             return []
@@ -244,6 +246,8 @@ class LLMEngine:
             self.scheduler.remove_finished()
         self.num_steps += 1
         self.num_multi_steps += batch.num_steps > 1
+        if self.spec_worker is not None:  # the auto policy weighs what its steps really took
+            self.spec_worker.record_step(batch, time.perf_counter() - began, num_new)
         return touched
 
     def _append(self, seq: Sequence, tokens: list[int], logprobs: list | None) -> tuple[int, bool]:

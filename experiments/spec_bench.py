@@ -278,14 +278,17 @@ def fitting_prompts(prompts: list[list[int]], new_tokens: int, max_model_len: in
     return fit
 
 
-def _median_tok_s(llm: Any, batch: list[list[int]], new_tokens: int,
-                  repeats: int) -> tuple[float, list[float], list[list[int]]]:
+def _median_tok_s(llm: Any, batch: list[list[int]], new_tokens: int, repeats: int,
+                  after_each: Callable[[], None] | None = None) -> tuple[float, list[float], list[list[int]]]:
     """Warm-up, then ``repeats`` timed generate calls; the median tok/s (one stall does not decide)
     and the last call's outputs. Counts the tokens generated; a request that ended short (an error,
-    a length limit) is an error."""
+    a length limit) is an error. ``after_each``: called after the warm-up and after each timed call
+    (outside the timing)."""
     from engine import SamplingParams
 
     llm.generate(batch, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    if after_each is not None:
+        after_each()
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     runs = []
     for _ in range(repeats):
@@ -298,6 +301,8 @@ def _median_tok_s(llm: Any, batch: list[list[int]], new_tokens: int,
             raise ShrinkError(f"request {i} generated {n} of {new_tokens} tokens (finish_reason {why!r}; "
                               f"{len(short)} of {len(outs)} requests short)")
         runs.append(sum(len(o.token_ids) for o in outs) / seconds)
+        if after_each is not None:
+            after_each()
     return float(np.median(runs)), runs, [list(o.token_ids) for o in outs]
 
 
@@ -341,10 +346,16 @@ def _speed_variant(args, workload: str, name: str, spec: dict | None, prompts: l
         for bs in args.batch:
             if worker is not None:
                 worker.metrics = SpecDecodeMetrics()
+            by_run: list[dict] = []  # the policy's cumulative choices after the warm-up and each run
+
+            def snapshot() -> None:
+                by_run.append({key: worker.policy.as_dict()[key] for key in ("steps_by_k", "num_probes")})
+
             if k == "auto":
                 measured = worker.policy
                 worker.policy = SpecPolicy(measured.k_max, measured.max_batch_size, measured.costs)
-            tok_s, runs, outputs = _median_tok_s(llm, (prompts * bs)[:bs], args.new_tokens, args.repeats)
+            tok_s, runs, outputs = _median_tok_s(llm, (prompts * bs)[:bs], args.new_tokens, args.repeats,
+                                                 snapshot if k == "auto" else None)
             if spec is None:
                 base[bs] = tok_s
                 reference[bs] = greedy_with_margins(llm, (prompts * bs)[:bs], args.new_tokens)
@@ -355,6 +366,7 @@ def _speed_variant(args, workload: str, name: str, spec: dict | None, prompts: l
                    **({"vs_plain": divergence_report(*reference[bs], outputs)} if bs in reference else {})}
             if k == "auto":
                 row["policy"] = worker.policy.as_dict()  # the k it chose (steps_by_k), probes, costs
+                row["policy_by_run"] = by_run
             rows.append(row)
             emit(row, args.json)
     return rows

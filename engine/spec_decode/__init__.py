@@ -9,7 +9,8 @@ one forward, rejection sampling keeps the output distribution the target's (gree
     draft_sampler.py  sample_draft(): one draft step's tokens and probabilities q, no host sync
     metrics.py    SpecDecodeMetrics: acceptance counters and draft/verify time
     policy.py     SpecPolicy: num_speculative_tokens_per_batch_size "auto", k per step from step costs
-                  and the acceptance observed (0 where speculation does not pay)
+                  (calibrated by the engine's step times), the drafter's match rate and the
+                  acceptance observed (0 where speculation does not pay)
     step_costs.py measure_step_costs(): those step costs, timed by the engine at startup
 
     min_tokens.py ban_stop_tokens(): min_tokens in draft and target logits
@@ -30,8 +31,10 @@ How it runs in the engine:
    blocks for n_i + 1 positions per sequence (n_i = draft_limit) and becomes a speculative step
    (``ScheduledBatch.num_draft``); without the blocks it decodes plainly. k_for_step is
    SpecDecodeWorker.k_for_step: the config's table, or under "auto" the SpecPolicy's choice from the
-   step costs the worker measured once both runners held their graphs (step_costs.py) and the
-   per-position acceptance of the steps so far.
+   step costs the worker measured once both runners held their graphs (step_costs.py), what the
+   engine's steps took beyond them (LLMEngine.step reports each decode step's wall time,
+   SpecDecodeWorker.record_step), the share of rounds the drafter proposed anything in and the
+   per-position acceptance of its proposals (for n-gram, plain steps' unrun rounds too).
 3. Draft (draft_model.py). ``seq.draft_computed`` says how far the draft's K/V goes. A sequence
    lagging by more than its last token first catches up (VerifyPaths.last_logits: as decode
    pseudo-rows, one decode graph replay, where the tokens fit, else the varlen prefill path; after a
@@ -54,7 +57,8 @@ How it runs in the engine:
    and releases blocks past the kept tokens (BlockManager.release_unused). Rejected entries in kept
    blocks are overwritten by position later; hashes only ever cover kept, computed tokens.
 6. Metrics. SpecDecodeWorker.metrics (engine.spec_metrics, engine.stats()["spec_decode"]; under
-   "auto" also its ``policy``: steps per chosen k, probes, the acceptance estimate, the cost table).
+   "auto" also its ``policy``: steps per chosen k, probes, the match and acceptance estimates, the
+   cost table and the measured overheads).
 7. Tensor parallelism (``tensor_parallel_size`` > 1, engine/parallel). The target is sharded and
    its workers hold the same verify graphs (built with rank 0's runner arguments). Each verify is a
    VerifyStep sent over the step channel: the path rank 0 chose and the chunks (tokens, positions,

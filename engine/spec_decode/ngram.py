@@ -76,6 +76,12 @@ class NgramProposer:
         self._tokens[seq.seq_id] = (buf, len(ids))
         return buf[: len(ids)]
 
+    def proposal_before(self, seq: Sequence, num_new: int, k: int) -> list[int]:
+        """What propose() would have drafted for ``seq`` (up to k tokens) before its latest
+        ``num_new`` tokens: a round that a plain decode step ran instead, for the auto policy."""
+        context = self._context(seq)[: len(seq.token_ids) - num_new]
+        return ngram_proposal(context, self.min_n, self.max_n, k).tolist()
+
     def propose(self, seqs: Seq[Sequence], k: int | Seq[int]) -> Proposal:
         ks = per_sequence_k(seqs, k)
         out = [ngram_proposal(self._context(seq), self.min_n, self.max_n, n).tolist() for seq, n in zip(seqs, ks)]

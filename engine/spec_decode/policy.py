@@ -1,41 +1,72 @@
 """``num_speculative_tokens_per_batch_size: "auto"``: k chosen per decode step from measured step
-costs and the acceptance seen so far, 0 (plain decoding) where speculation does not pay.
+costs, the drafter's match rate and the acceptance seen so far, 0 (plain decoding) where
+speculation does not pay.
 
 For a decode batch of n sequences the policy takes
 
-    k* = argmax over k in 0..k_max of  expected_tokens(a, k) / step_seconds(n, k)
+    k* = argmax over k in 0..k_max of  tokens(k) / round_seconds(n, k)
 
-where a_j is the estimated rate at which draft position j is accepted given positions 0..j-1 were
-(AcceptanceEstimate), expected_tokens(a, k) = 1 + sum_{j<k} prod_{i<=j} a_i (the accepted drafts
-plus the target's own token), and step_seconds is a plain decode step (per token of the
-multi-step decode where the engine runs one) for k = 0, else drafting k tokens (a model drafter's
-k forwards, plus its one-token catch-up after a fully accepted round; n-gram's host lookup) plus
-the verify of k + 1 tokens per sequence, all measured by the engine at startup (step_costs.py).
-k > 0 must beat plain decoding by MIN_GAIN, so a tie decodes plainly.
+with, per sequence, m the rate at which the drafter proposes anything when asked
+(AcceptanceEstimate.match: 1 for a draft model; n-gram finds no earlier occurrence of the context's
+suffix in a share of its rounds) and a_j the rate at which draft position j is accepted given the
+drafter proposed and positions 0..j-1 were accepted:
 
-Acceptance is a decayed count with a Beta prior (PRIOR_RATE over PRIOR_TRIALS pseudo-trials), so a
-new engine speculates (WARMUP_TRIALS sequence-steps at k_max whatever the costs say) and then
-follows the workload. While k* = 0 nothing is observed, so every ``probe_interval`` plain steps one
-step speculates at k_max to refresh the estimate; the interval doubles (PROBE_MIN..PROBE_MAX) each
-time a probe leaves k* at 0, and returns to PROBE_MIN once speculation pays again, so a drafter that
-never pays costs at most one probe per PROBE_MAX steps. Which k runs never changes greedy output:
-every k is verified losslessly.
+    tokens(k) = 1 + m * sum_{j<k} prod_{i<=j} a_i      (the accepted drafts plus the target's token)
+    round_seconds(n, k) = draft[k] + P * (verify[k] + catch-up) + (1 - P) * decode_one,
+    P = 1 - (1 - m)^n                                   (some sequence of the batch has a proposal)
 
-The plain cost is a greedy batch's multi-step decode per token; a batch with sampled rows (or with
-requests waiting) decodes one token per step, which costs more, so there the policy errs towards
-plain decoding: it may leave a gain unused, never take a loss it could see."""
+draft[k] is a model drafter's k forwards or n-gram's host lookup (spent whether or not it finds a
+match); verify[k] the forward of k + 1 tokens per sequence; catch-up a model drafter's one-token
+forward after a fully accepted round; decode_one a plain one-token step, which is what the engine
+runs when no sequence has a proposal (worker.py), not a verify. k = 0 costs a plain decode step
+(per token of the multi-step decode where the engine runs one). The table is measured by the
+engine at startup, in SpecDecodeWorker's constructor (step_costs.py), never inside a request; it
+times the forwards alone. Each engine decode step's wall time then calibrates it (StepOverheads):
+per batch size, the median of what plain tokens, verify rounds and rounds without a proposal took
+beyond the table is added to that kind's cost, so per-step host work (scheduling, the drafter's
+bookkeeping, appending tokens), which a multi-step plain decode pays once for several tokens and a
+speculative round once for its few, counts. k > 0 must beat plain decoding by MIN_GAIN, so a tie
+decodes plainly.
+
+Match and acceptance are decayed counts with a prior (PRIOR_MATCH, PRIOR_RATE over PRIOR_TRIALS
+pseudo-trials): a round without a proposal lowers m only, not a_0, so an n-gram drafter whose
+matches are rare but right keeps speculating (its misses cost a plain step and a lookup), while one
+whose proposals are rejected stops. A new engine speculates (WARMUP_TRIALS sequence-steps at k_max
+whatever the costs say) and then follows the workload. While k* = 0 an n-gram drafter is still
+observed: after each plain step one greedy row's lookup is compared with the tokens the step made
+(the target's own, so exactly what a verify would have accepted; worker.py), so the policy returns
+to speculation as soon as matches do. A model drafter's round would cost its forwards, so there
+every ``probe_interval`` plain steps one step speculates at k_max to refresh the estimate (n-gram
+probes too); the interval doubles (PROBE_MIN..PROBE_MAX) each time a probe leaves k* at 0, and
+returns to PROBE_MIN once speculation pays again, so a drafter that never pays costs at most one
+probe per PROBE_MAX steps. Which k runs never changes greedy output: every k is verified losslessly.
+
+``steps_by_k`` counts scheduled decode steps, not tokens: a k = 0 step of a greedy batch is a
+multi-step decode of up to num_decode_steps tokens per sequence, a k > 0 step emits 1..k + 1.
+
+The table's plain cost is a greedy batch's multi-step decode per token; a batch with sampled rows
+(or with requests waiting) decodes one token per step, which costs more: until the calibration has
+seen such steps the policy errs towards plain decoding there, leaving a gain unused rather than
+taking a loss it could see."""
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence as Seq
 
 PRIOR_RATE = 0.8  # a distilled drafter's typical per-position acceptance (the H200 eval's: 0.72)
+PRIOR_MATCH = 1.0  # a drafter proposes when asked until seen otherwise (a draft model always does)
 PRIOR_TRIALS = 2.0  # the prior's weight, in sequence-steps
 DECAY = 0.95  # per observed step: the estimate remembers about the last 20 steps
 WARMUP_TRIALS = 8  # sequence-steps speculated at k_max before the costs decide
 MIN_GAIN = 1.02  # speculation must beat plain decoding by this factor (within measurement noise)
 PROBE_MIN, PROBE_MAX = 16, 256  # plain steps between probes while k* = 0
+OVERHEAD_WINDOW = 16  # engine steps per batch size and kind whose median overhead is used
+
+Overhead = tuple[float, float, float]  # seconds added to (a plain token, a verify round, a round without proposals)
+NO_OVERHEAD: Overhead = (0.0, 0.0, 0.0)
 
 
 @dataclass
@@ -44,16 +75,21 @@ class StepCosts:
     what the smallest measured size >= n does (a CUDA graph bucket pads n up to its size)."""
 
     batch_sizes: list[int]
-    decode: list[float]  # plain decoding, per step of one token per sequence
+    decode: list[float]  # plain decoding, per token of one sequence's (multi-step) decode step
     draft: dict[int, list[float]]  # by k: drafting k tokens per sequence (n-gram: the host lookup)
     verify: dict[int, list[float]]  # by k: the verify forward of k + 1 tokens per sequence
     catch_up: bool = True  # a draft model forwards one token first after a fully accepted round
     measure_s: float = 0.0  # what measuring took at startup
+    # A plain step of one token per sequence: a round in which no sequence has a proposal. Empty:
+    # the engine decodes one token per step anyway (num_decode_steps 1), so ``decode``.
+    decode_one: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.batch_sizes)
         if n == 0 or sorted(self.batch_sizes) != list(self.batch_sizes) or len(self.decode) != n:
             raise ValueError("StepCosts: ascending batch_sizes, and a decode cost for each")
+        if self.decode_one and len(self.decode_one) != n:
+            raise ValueError("StepCosts: a one-token decode cost for each batch size, or none")
         if not self.verify or sorted(self.draft) != sorted(self.verify) or any(
                 len(v) != n for v in (*self.verify.values(), *self.draft.values())):
             raise ValueError("StepCosts: a draft and a verify cost per batch size for every k")
@@ -65,20 +101,29 @@ class StepCosts:
     def k_max(self) -> int:
         return max(self.verify)
 
-    def step_seconds(self, n: int, k: int, p_full: float = 0.0) -> float:
-        """One step of n sequences at k (0: plain decoding). ``p_full``: the chance that all k drafts
-        of a round are accepted, when a draft model then catches up one token before drafting."""
+    def step_seconds(self, n: int, k: int, p_full: float = 0.0, p_any: float = 1.0,
+                     overhead: Overhead = NO_OVERHEAD) -> float:
+        """One step of n sequences at k (0: plain decoding, per token). ``p_full``: the chance that
+        all k drafts of a round are accepted, when a draft model then catches up one token before
+        drafting. ``p_any``: the chance that some sequence has a proposal; otherwise the round is
+        the drafting plus a plain one-token step, no verify. ``overhead``: what the engine's steps
+        of each kind took beyond this table (StepOverheads)."""
         i = self.index(n)
         if k == 0:
-            return self.decode[i]
+            return self.decode[i] + overhead[0]
         catch_up = p_full * self.draft[1][i] if self.catch_up else 0.0
-        return self.draft[k][i] + catch_up + self.verify[k][i]
+        verify = catch_up + self.verify[k][i] + overhead[1]
+        return self.draft[k][i] + p_any * verify + (1.0 - p_any) * (self.decode_one_at(i) + overhead[2])
+
+    def decode_one_at(self, i: int) -> float:
+        return (self.decode_one or self.decode)[i]
 
     def as_dict(self) -> dict:
         return {"batch_sizes": list(self.batch_sizes), "decode_s": list(self.decode),
                 "draft_s": {str(k): list(v) for k, v in sorted(self.draft.items())},
                 "verify_s": {str(k): list(v) for k, v in sorted(self.verify.items())},
-                "catch_up": self.catch_up, "measure_s": self.measure_s}
+                "decode_one_s": list(self.decode_one or self.decode), "catch_up": self.catch_up,
+                "measure_s": self.measure_s}
 
 
 def expected_tokens(rates: Seq[float], k: int) -> float:
@@ -90,14 +135,18 @@ def expected_tokens(rates: Seq[float], k: int) -> float:
     return total
 
 
-def choose_k(rates: Seq[float], costs: StepCosts, n: int, k_max: int, min_gain: float = MIN_GAIN) -> int:
+def choose_k(rates: Seq[float], costs: StepCosts, n: int, k_max: int, min_gain: float = MIN_GAIN,
+             match: float = 1.0, overhead: Overhead = NO_OVERHEAD) -> int:
     """k* for a batch of n sequences: the k > 0 with the most expected tokens per second if it beats
-    plain decoding's by ``min_gain``, else 0."""
-    plain = 1.0 / costs.step_seconds(n, 0)
+    plain decoding's by ``min_gain``, else 0. ``match``: the rate at which a sequence's drafter
+    proposes anything (``rates`` are given that it did); ``overhead``: StepOverheads.at(n)."""
+    plain = 1.0 / costs.step_seconds(n, 0, overhead=overhead)
+    p_any = 1.0 - (1.0 - match) ** n  # sequences taken as independent
     best_k, best = 0, plain * min_gain
     for k in range(1, min(k_max, costs.k_max) + 1):
-        p_full = expected_tokens(rates, k) - expected_tokens(rates, k - 1)  # prod of rates[:k]
-        rate = expected_tokens(rates, k) / costs.step_seconds(n, k, p_full)
+        p_full = match * (expected_tokens(rates, k) - expected_tokens(rates, k - 1))  # m * prod of rates[:k]
+        tokens = 1.0 + match * (expected_tokens(rates, k) - 1.0)
+        rate = tokens / costs.step_seconds(n, k, p_full, p_any, overhead)
         if rate > best:
             best_k, best = k, rate
     return best_k
@@ -107,8 +156,10 @@ def choose_k(rates: Seq[float], costs: StepCosts, n: int, k_max: int, min_gain: 
 class AcceptanceEstimate:
     """Per draft position j, the rate at which it is accepted given positions < j were: decayed
     counts of trials (sequences asked for a token at j whose first j drafts were accepted) and hits
-    (of those, j accepted too), with a Beta(PRIOR_RATE, PRIOR_TRIALS) prior. A sequence asked for
-    a token that its drafter did not propose (n-gram without a match) counts a miss there."""
+    (of those, j accepted too), with a Beta(PRIOR_RATE, PRIOR_TRIALS) prior; and the match rate, the
+    share of sequences asked for drafts that proposed any (PRIOR_MATCH prior). A sequence that
+    proposed nothing (n-gram without a match) is a match miss and no acceptance evidence; one that
+    proposed fewer tokens than asked (its context ended) counts a miss at the first it lacked."""
 
     k_max: int
     prior_rate: float = PRIOR_RATE
@@ -116,22 +167,35 @@ class AcceptanceEstimate:
     decay: float = DECAY
     hits: list[float] = field(default_factory=list)
     trials: list[float] = field(default_factory=list)
+    match_hits: float = 0.0
+    match_trials: float = 0.0
     num_observed: int = 0  # sequence-steps observed (undecayed)
 
     def __post_init__(self) -> None:
         self.hits = self.hits or [0.0] * self.k_max
         self.trials = self.trials or [0.0] * self.k_max
 
-    def observe(self, asked: Seq[int], accepted: Seq[int]) -> None:
-        """One verify step: per sequence, the draft tokens it was asked for and how many were accepted."""
-        if len(asked) != len(accepted):
-            raise ValueError(f"{len(asked)} draft limits but {len(accepted)} acceptance counts")
+    def observe(self, asked: Seq[int], accepted: Seq[int], proposed: Seq[int] | None = None) -> None:
+        """One speculative step: per sequence, the draft tokens it was asked for, how many were
+        accepted and (None: as many as asked) how many its drafter proposed."""
+        proposed = asked if proposed is None else proposed
+        if not len(asked) == len(accepted) == len(proposed):
+            raise ValueError(f"{len(asked)} draft limits, {len(proposed)} proposal counts and "
+                             f"{len(accepted)} acceptance counts")
         self.hits = [h * self.decay for h in self.hits]
         self.trials = [t * self.decay for t in self.trials]
-        for n, a in zip(asked, accepted):
-            if not 0 <= a <= n:
-                raise ValueError(f"accepted {a} of {n} asked-for draft tokens")
-            self.num_observed += n > 0
+        self.match_hits *= self.decay
+        self.match_trials *= self.decay
+        for n, p, a in zip(asked, proposed, accepted):
+            if not 0 <= a <= p <= n:
+                raise ValueError(f"accepted {a} of {p} proposed of {n} asked-for draft tokens")
+            if n == 0:
+                continue
+            self.num_observed += 1
+            self.match_trials += 1.0
+            if p == 0:
+                continue
+            self.match_hits += 1.0
             for j in range(min(n, a + 1, self.k_max)):  # positions 0..a reached; a < n was a miss
                 self.trials[j] += 1.0
                 self.hits[j] += j < a
@@ -141,13 +205,56 @@ class AcceptanceEstimate:
         p, w = self.prior_rate, self.prior_trials
         return [(h + p * w) / (t + w) for h, t in zip(self.hits, self.trials)]
 
+    @property
+    def match(self) -> float:
+        w = self.prior_trials
+        return (self.match_hits + PRIOR_MATCH * w) / (self.match_trials + w)
+
+
+class StepOverheads:
+    """What the engine's decode steps took beyond the startup table, per measured batch size and
+    kind of step: plain (per token), a round with a verify, a round in which nothing was proposed.
+    The table times the forwards alone; an engine step also schedules, reserves and releases
+    blocks, runs the drafter's bookkeeping and appends tokens, once per step (so a multi-step
+    plain decode pays it once for several tokens, a speculative round once for its one to k + 1).
+    Each figure is the median of the last OVERHEAD_WINDOW residuals (a one-off stall does not
+    move it), 0 before any step of that kind ran."""
+
+    KINDS = ("plain", "verify", "unmatched")
+
+    def __init__(self, costs: StepCosts) -> None:
+        self.costs = costs
+        self.residuals = {kind: [deque(maxlen=OVERHEAD_WINDOW) for _ in costs.batch_sizes] for kind in self.KINDS}
+
+    def observe(self, n: int, k: int, seconds: float, steps: int = 1, proposed: bool = True) -> None:
+        """One engine decode step of n sequences that took ``seconds``: plain (k = 0) of ``steps``
+        tokens per sequence, or a speculative round at k (``proposed``: some sequence had drafts)."""
+        c, i = self.costs, self.costs.index(n)
+        if k == 0:
+            self.residuals["plain"][i].append(seconds / steps - c.decode[i])
+        elif proposed:
+            self.residuals["verify"][i].append(seconds - c.draft[k][i] - c.verify[k][i])
+        else:
+            self.residuals["unmatched"][i].append(seconds - c.draft[k][i] - c.decode_one_at(i))
+
+    def at(self, n: int) -> Overhead:
+        i = self.costs.index(n)
+        plain, verify, unmatched = (statistics.median(r[i]) if r[i] else 0.0 for r in self.residuals.values())
+        return plain, verify, unmatched
+
+    def as_dict(self) -> dict:
+        return {kind: [statistics.median(r) if r else None for r in rows] for kind, rows in self.residuals.items()}
+
 
 class SpecPolicy:
-    """k per decode step (the scheduler's ``spec_k``) and what it observed, for one engine."""
+    """k per decode step (the scheduler's ``spec_k``) and what it observed, for one engine.
+    ``calibrate``: weigh the engine's measured step times (observe_step) on top of ``costs``;
+    False keeps ``costs`` the whole truth (a test's injected table)."""
 
-    def __init__(self, k_max: int, max_batch_size: int, costs: StepCosts) -> None:
+    def __init__(self, k_max: int, max_batch_size: int, costs: StepCosts, calibrate: bool = True) -> None:
         self.k_max, self.max_batch_size, self.costs = k_max, max_batch_size, costs
         self.acceptance = AcceptanceEstimate(k_max)
+        self.overheads = StepOverheads(costs) if calibrate else None
         self.probe_interval = PROBE_MIN
         self.plain_steps = 0  # since the last speculative step
         self.num_probes = 0
@@ -163,7 +270,9 @@ class SpecPolicy:
         if self.acceptance.num_observed < WARMUP_TRIALS:
             k = self.k_max
         else:
-            k = choose_k(self.acceptance.rates, self.costs, n, self.k_max)
+            overhead = self.overheads.at(n) if self.overheads is not None else NO_OVERHEAD
+            k = choose_k(self.acceptance.rates, self.costs, n, self.k_max, match=self.acceptance.match,
+                         overhead=overhead)
             if k == 0:
                 self.plain_steps += 1
                 if self.plain_steps >= self.probe_interval:
@@ -176,10 +285,18 @@ class SpecPolicy:
         self.last_k = k
         return k
 
-    def observe(self, asked: Seq[int], accepted: Seq[int]) -> None:
-        self.acceptance.observe(asked, accepted)
+    def observe(self, asked: Seq[int], accepted: Seq[int], proposed: Seq[int] | None = None) -> None:
+        self.acceptance.observe(asked, accepted, proposed)
+
+    def observe_step(self, n: int, k: int, seconds: float, steps: int = 1, proposed: bool = True) -> None:
+        """An engine decode step's wall time (StepOverheads.observe); steps past max_batch_size,
+        which the policy does not decide, are left out."""
+        if self.overheads is not None and n <= self.max_batch_size:
+            self.overheads.observe(n, k, seconds, steps, proposed)
 
     def as_dict(self) -> dict:
         return {"policy": "auto", "last_k": self.last_k, "steps_by_k": list(self.steps_by_k),
                 "num_probes": self.num_probes, "probe_interval": self.probe_interval,
-                "acceptance_estimate": self.acceptance.rates, "costs": self.costs.as_dict()}
+                "acceptance_estimate": self.acceptance.rates, "match_estimate": self.acceptance.match,
+                "costs": self.costs.as_dict(),
+                "overhead_s": self.overheads.as_dict() if self.overheads is not None else None}

@@ -8,6 +8,8 @@ bucket pads it), on n stand-in greedy sequences of ``context`` tokens:
 - decode: the target runner's plain decode step (ModelRunner.run: forward, sampling, the sync),
   per token of a multi-step decode of num_decode_steps tokens where the engine has one: what the
   scheduler runs for a greedy batch when speculation is off;
+- decode_one: the same step of one token (the decode figure where num_decode_steps is 1): what a
+  speculative round runs when no sequence has a proposal (an n-gram lookup without a match);
 - draft[k], k = 1..k_max: a model drafter's propose() of k tokens (its decode graphs, the
   multi-step greedy ones where it has them), or n-gram's host lookup of n sequences
   (``ngram_proposal`` over an NGRAM_CONTEXT-token context of a small alphabet: many candidates);
@@ -17,8 +19,9 @@ bucket pads it), on n stand-in greedy sequences of ``context`` tokens:
 Each figure is the best of REPEATS after a warm-up call. The stand-ins' K/V lives in blocks no
 sequence holds yet (at startup none does), as in VerifyPaths.time. Under tensor parallelism every
 target step goes to the workers as the engine's do (ModelRunner.run, VerifyPaths.all_logits); the
-draft runs on rank 0 alone. Cost: about (1 + 2 k_max) * len(sizes) * (REPEATS + 1) steps (on an
-H200 with SmolLM2-135M, k_max 4 and 5 sizes, well under a second); StepCosts.measure_s says."""
+draft runs on rank 0 alone. Cost: about (2 + 2 k_max) * len(sizes) * (REPEATS + 1) steps (on an
+H200 with SmolLM2-135M, k_max 4 and 5 sizes, well under a second); StepCosts.measure_s says. The
+engine measures once, when it is built (SpecDecodeWorker's constructor), never inside a request."""
 
 from __future__ import annotations
 
@@ -90,17 +93,21 @@ def measure_step_costs(target: Any, proposer: Any, k_max: int, max_batch_size: i
     ngram = isinstance(proposer, NgramProposer)
     lookup = _ngram_seconds(proposer) if ngram else 0.0
     decode: list[float] = []
+    decode_one: list[float] = []
     draft: dict[int, list[float]] = {k: [] for k in range(1, k_max + 1)}
     verify: dict[int, list[float]] = {k: [] for k in range(1, k_max + 1)}
     for n in sizes:
         seqs = _stand_ins(n, context, blocks)
         plain = ScheduledBatch(seqs, False, [1] * n, steps)
         decode.append(_seconds(lambda: target.run(plain), device) / steps)
+        one = ScheduledBatch(seqs, False, [1] * n, 1)
+        decode_one.append(_seconds(lambda: target.run(one), device) if steps > 1 else decode[-1])
         for k in draft:
             draft[k].append(lookup * n if ngram else _seconds(lambda: _propose(proposer, seqs, k, context), device))
             chunks = [([0] * (k + 1), context, blocks)] * n
             verify[k].append(_seconds(lambda: _verify(target, chunks), device))
-    return StepCosts(sizes, decode, draft, verify, catch_up=not ngram, measure_s=time.perf_counter() - began)
+    return StepCosts(sizes, decode, draft, verify, catch_up=not ngram, measure_s=time.perf_counter() - began,
+                     decode_one=decode_one)
 
 
 def _propose(proposer: Any, seqs: list[Sequence], k: int, context: int) -> None:

@@ -23,6 +23,7 @@ from engine.sequence import Sequence, TokenLogprobs
 from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.metrics import PhaseClock, SpecDecodeMetrics
 from engine.spec_decode.min_tokens import ban_stop_tokens
+from engine.spec_decode.ngram import NgramProposer
 from engine.spec_decode.proposer import Proposal, Proposer
 from engine.spec_decode.policy import SpecPolicy
 from engine.spec_decode.rejection import greedy_agreement, verify
@@ -41,6 +42,8 @@ class SpecDecodeWorker:
         self.metrics = SpecDecodeMetrics()
         self.spec = spec
         self.policy: SpecPolicy | None = None
+        self._proposed_any = True  # whether the latest speculative step's drafter proposed anything
+        self._unrun_row = 0  # the row of the next plain step whose n-gram round is observed
         if spec is not None and spec.auto:
             costs = measure_step_costs(target, proposer, spec.num_speculative_tokens, spec.max_batch_size)
             self.policy = SpecPolicy(spec.num_speculative_tokens, spec.max_batch_size, costs)
@@ -52,6 +55,35 @@ class SpecDecodeWorker:
             return self.policy.k_for_step(batch_size)
         return self.spec.k_for_step(batch_size) if self.spec is not None else 0
 
+    def record_step(self, batch: ScheduledBatch, seconds: float, num_new: list[int]) -> None:
+        """A decode step's wall time, scheduling to appended tokens (``num_new`` per sequence), for
+        the auto policy (SpecPolicy.observe_step): a plain step of ``num_steps`` tokens, or the
+        latest speculative one. After a plain step an n-gram drafter's round is observed too."""
+        if self.policy is None or batch.is_prefill:
+            return
+        n = len(batch.seqs)
+        if batch.num_draft is not None:
+            self.policy.observe_step(n, max(batch.num_draft), seconds, proposed=self._proposed_any)
+            return
+        self.policy.observe_step(n, 0, seconds, batch.num_steps)
+        # Past max_batch_size nothing probes, so nothing would drop finished rows' lookup arrays.
+        if isinstance(self.proposer, NgramProposer) and n <= self.policy.max_batch_size:
+            self._unrun_round(batch.seqs, num_new)
+
+    def _unrun_round(self, seqs: list[Sequence], num_new: list[int]) -> None:
+        """The n-gram round a plain step ran instead, observed from the step's tokens: a plain greedy
+        row's tokens are the target's argmax, so a draft is accepted exactly where it equals them,
+        as a verify would have said. Without it the estimates stay where the policy turned to plain
+        decoding until a probe. One row per step, in turn: a lookup each, off the device."""
+        i = self._unrun_row % len(seqs)
+        self._unrun_row += 1
+        seq, new = seqs[i], num_new[i]
+        if new == 0 or not seq.plain_greedy:
+            return
+        k = min(self.policy.k_max, new)
+        draft = self.proposer.proposal_before(seq, new, k)
+        self.policy.observe([k], [greedy_agreement(draft, seq.token_ids[len(seq.token_ids) - new:])], [len(draft)])
+
     def stats(self) -> dict:
         """The metrics (SpecDecodeMetrics.as_dict) and, under ``auto``, the policy's choices and costs."""
         out = self.metrics.as_dict()
@@ -61,8 +93,8 @@ class SpecDecodeWorker:
 
     def _record(self, batch: ScheduledBatch, proposed: list[int], accepted: list[int]) -> None:
         self.metrics.record(proposed, accepted)
-        if self.policy is not None:
-            self.policy.observe(batch.num_draft, accepted)
+        if self.policy is not None:  # a sequence without a proposal is a match miss, not a rejection
+            self.policy.observe(batch.num_draft, accepted, proposed)
 
     def step(self, batch: ScheduledBatch) -> StepResult:
         """Draft, verify, accept: the host waits for the device once, for the emitted tokens (and
@@ -76,6 +108,7 @@ class SpecDecodeWorker:
         clock.mark()
         counts = proposal.num_tokens
         k = max(counts, default=0)
+        self._proposed_any = k > 0
         if k == 0:  # nothing proposed (an n-gram without a match): a plain decode step, its graph
             result = self.target.run(ScheduledBatch(seqs, False, [1] * len(seqs)))
             clock.mark()

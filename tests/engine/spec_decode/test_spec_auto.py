@@ -1,7 +1,8 @@
 """``num_speculative_tokens_per_batch_size: "auto"`` in the engine (CPU, fp32, tiny models): the step
 costs measured at startup, a bad drafter turned off after warm-up with greedy output unchanged,
 n-gram on a looping model kept on. Where a test needs the policy's choices to be deterministic it
-injects step costs (CPU timings of tiny models say nothing about a GPU's)."""
+injects step costs (CPU timings of tiny models say nothing about a GPU's) and leaves the
+calibration by measured step times off."""
 
 from __future__ import annotations
 
@@ -52,12 +53,15 @@ def _greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
-def _injected(sizes: list[int], draft: float, per_token: bool) -> StepCosts:
-    """A memory-bound GPU's shape: a decode of 1, a verify of k + 1 tokens of 1 + 0.05 k; a draft of
-    k tokens of k * ``draft`` (``per_token``: a model's forwards) or ``draft`` (n-gram's lookup)."""
+def _injected(sizes: list[int], draft: float, per_token: bool, decode_one: float = 1.0,
+              verify: float = 1.0) -> StepCosts:
+    """A memory-bound GPU's shape: a decode of 1 a token (``decode_one`` for a step of one token), a
+    verify of k + 1 tokens of ``verify`` + 0.05 k; a draft of k tokens of k * ``draft``
+    (``per_token``: a model's forwards) or ``draft`` (n-gram's lookup)."""
     n = len(sizes)
     return StepCosts(sizes, [1.0] * n, {k: [draft * (k if per_token else 1)] * n for k in range(1, K + 1)},
-                     {k: [1 + 0.05 * k] * n for k in range(1, K + 1)}, catch_up=per_token)
+                     {k: [verify + 0.05 * k] * n for k in range(1, K + 1)}, catch_up=per_token,
+                     decode_one=[decode_one] * n)
 
 
 def test_startup_measures_every_batch_size_and_k(target, bad_draft):
@@ -71,7 +75,9 @@ def test_startup_measures_every_batch_size_and_k(target, bad_draft):
     assert costs.catch_up
     assert all(t > 0 for t in costs.decode + [t for d in (costs.draft, costs.verify) for v in d.values() for t in v])
     assert 0 < costs.measure_s < 60
+    assert len(costs.decode_one) == 4 and all(t > 0 for t in costs.decode_one)  # a one-token plain step
     llm.generate(_ids(prompts(2, seed=1, lo=3, hi=10)), _greedy(5))
+    assert llm.engine.spec_worker.policy.costs is costs  # measured once, at startup, not in a request
     stats = llm.engine.stats()["spec_decode"]["policy"]
     assert stats["costs"]["batch_sizes"] == [1, 2, 4, 6] and sum(stats["steps_by_k"]) > 0
     assert len(stats["acceptance_estimate"]) == K
@@ -91,7 +97,7 @@ def test_a_bad_draft_model_stops_speculating_after_warm_up(target, bad_draft):
     engine = llm.engine
     # A draft forward at a fifth of the target's: a drafter that always agreed would give 2x; this
     # one would need to be accepted over a third of the time at position 0 to pay at all.
-    policy = engine.spec_worker.policy = SpecPolicy(K, 16, _injected([1, 2, 4, 8, 16], 0.2, True))
+    policy = engine.spec_worker.policy = SpecPolicy(K, 16, _injected([1, 2, 4, 8, 16], 0.2, True), calibrate=False)
     out = [o.token_ids for o in llm.generate(_ids(ps), params)]
     assert out == base
     warm_steps = P.WARMUP_TRIALS // len(ps)  # each step observes both sequences
@@ -110,13 +116,56 @@ def test_ngram_on_a_looping_model_keeps_speculating(looping_target):
     spec = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
             "num_speculative_tokens_per_batch_size": "auto"}
     llm = LLM(looping_target, device="cpu", speculative_config=spec)
-    policy = llm.engine.spec_worker.policy = SpecPolicy(K, 16, _injected([1, 2, 4, 8, 16], 0.01, False))
+    policy = llm.engine.spec_worker.policy = SpecPolicy(K, 16, _injected([1, 2, 4, 8, 16], 0.01, False),
+                                                        calibrate=False)
     out = [o.token_ids for o in llm.generate(_ids(ps), params)]
     assert out == base
     m = llm.engine.spec_metrics
     assert m.acceptance_rate > 0.5 and m.mean_accepted_length > 1.5
     decode_steps = sum(policy.steps_by_k)
     assert policy.steps_by_k[0] <= decode_steps // 10 and policy.num_probes == 0
+
+
+# A prompt whose greedy continuation on the looping model repeats nothing for its first 15 tokens
+# (an n-gram lookup of 2-3 tokens finds no match), then falls into cycles that the lookup predicts.
+UNMATCHED_START = dict(n=6, seed=11, lo=8, hi=20)
+NGRAM_2_3 = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 2, "prompt_lookup_max": 3,
+             "num_speculative_tokens_per_batch_size": "auto"}
+
+
+def _unmatched_start(looping_target: str, costs: StepCosts) -> tuple[LLM, SpecPolicy, list[int]]:
+    ps = prompts(**UNMATCHED_START)[:1]
+    params = _greedy(60)
+    base = [o.token_ids for o in LLM(looping_target, device="cpu").generate(_ids(ps), params)]
+    llm = LLM(looping_target, device="cpu", speculative_config=NGRAM_2_3)
+    policy = llm.engine.spec_worker.policy = SpecPolicy(K, 16, costs, calibrate=False)
+    out = [o.token_ids for o in llm.generate(_ids(ps), params)]
+    assert out == base
+    return llm, policy, out[0]
+
+
+def test_ngram_rounds_without_a_match_do_not_turn_speculation_off(looping_target):
+    """The warm-up's rounds find no match (the continuation repeats nothing yet): they were counted
+    as rejections at position 0, so the policy decoded the rest plainly although every match later
+    is accepted. With the H200's batch-1 shape (a verify of two decodes) a round without a match
+    costs a lookup and a plain step, a small loss against what a match gives, so k stays K."""
+    llm, policy, _ = _unmatched_start(looping_target, _injected([1, 2, 4, 8, 16], 0.01, False, verify=2.0))
+    m = llm.engine.spec_metrics
+    unmatched = m.num_emitted - m.num_drafts - m.num_accepted  # rounds that emitted the target's token alone
+    assert unmatched >= 10 and m.num_drafts >= 5 and m.acceptance_rate > 0.5
+    assert policy.steps_by_k[0] == 0 and policy.steps_by_k[K] == sum(policy.steps_by_k)
+    assert policy.acceptance.match < 0.8 and policy.acceptance.rates[0] > 0.6
+
+
+def test_plain_steps_observe_the_ngram_rounds_they_replace(looping_target):
+    """Where a round without a match costs one and a half tokens of plain decoding, a run of them turns the
+    policy to plain decoding; the lookups it then checks against each plain step's tokens see the
+    cycles start, and it speculates again before any probe would have."""
+    llm, policy, _ = _unmatched_start(looping_target, _injected([1, 2, 4, 8, 16], 0.01, False, decode_one=1.5))
+    assert policy.steps_by_k[0] >= 1 and policy.num_probes == 0
+    warm = P.WARMUP_TRIALS
+    assert policy.steps_by_k[K] > warm and llm.engine.spec_metrics.num_drafts >= 3
+    assert policy.acceptance.rates[0] > 0.6
 
 
 def test_two_ranks_measure_and_run_the_auto_policy(target, bad_draft):

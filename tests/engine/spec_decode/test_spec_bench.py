@@ -150,6 +150,9 @@ def test_speed_runs_the_baseline_and_each_speculative_config(bench, data_dir, mo
     for r in auto:
         assert len(r["policy"]["steps_by_k"]) == 3 and sum(r["policy"]["steps_by_k"]) > 0
         assert r["policy"]["costs"]["batch_sizes"] == [1, 2]
+        # Its choices after the warm-up and after each timed run (cumulative): which run held which steps.
+        by_run = [sum(s["steps_by_k"]) for s in r["policy_by_run"]]
+        assert len(by_run) == 3 and by_run == sorted(by_run) and by_run[-1] == sum(r["policy"]["steps_by_k"])
     for r in spec:
         assert r["tok_s"] > 0 and len(r["runs_tok_s"]) == 2 and r["metrics"]["num_emitted_tokens"] > 0
     model_rows = [r for r in spec if r["spec"] != "ngram"]

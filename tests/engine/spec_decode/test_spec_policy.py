@@ -73,7 +73,7 @@ def test_acceptance_estimate_counts_conditional_rates():
     est = AcceptanceEstimate(3, decay=1.0)
     assert est.rates == [P.PRIOR_RATE] * 3  # the prior before any evidence
     # Asked 3, accepted 3: positions 0-2 reached and accepted. Asked 3, accepted 1: 0 hit, 1 missed.
-    # Asked 2, accepted 0 (an n-gram without a match proposes nothing): a miss at 0.
+    # Asked 2, accepted 0 (both proposed, proposed omitted meaning as many as asked): a miss at 0.
     est.observe([3, 3, 2], [3, 1, 0])
     assert est.trials == [3, 2, 1] and est.hits == [2, 1, 1]
     w, p = P.PRIOR_TRIALS, P.PRIOR_RATE
@@ -142,3 +142,150 @@ def test_batches_past_max_batch_size_and_by_cost():
     assert d["last_k"] == 0  # the step of 16
     assert d["policy"] == "auto" and d["costs"]["batch_sizes"] == [1, 16] and d["costs"]["verify_s"]["3"] == [1.3, 8.0]
     assert sum(d["steps_by_k"]) == 52  # the step of 17 sequences is past max_batch_size, not the policy's
+
+
+def test_a_round_without_a_proposal_is_a_match_miss_not_a_rejection():
+    """An n-gram lookup without a match proposes nothing: that lowers the match rate, and says nothing
+    about how often a proposal is accepted (it was counted a miss at position 0, which turned a
+    drafter whose matches were right 9 times in 10 off: the H200's wikitext n-gram auto run)."""
+    est = AcceptanceEstimate(4, decay=1.0)
+    # Sequence 0 found no match; sequence 1 proposed 4 and had 2 accepted; sequence 2's context
+    # ended after 2 proposed tokens, both accepted: position 2, asked for and lacking, is its miss.
+    est.observe([4, 4, 4], [0, 2, 2], [0, 4, 2])
+    assert (est.match_trials, est.match_hits) == (3, 2) and est.num_observed == 3
+    assert est.trials == [2, 2, 2, 0] and est.hits == [2, 2, 0, 0]
+    w = P.PRIOR_TRIALS
+    assert est.match == pytest.approx((2 + P.PRIOR_MATCH * w) / (3 + w))
+    for _ in range(30):  # a long stretch without matches: the match rate falls, acceptance stays
+        est.observe([4], [0], [0])
+    assert est.match < 0.15 and est.rates[:2] == pytest.approx([(2 + P.PRIOR_RATE * w) / (2 + w)] * 2)
+    with pytest.raises(ValueError, match="accepted 1 of 0 proposed of 4"):
+        est.observe([4], [1], [0])
+    with pytest.raises(ValueError, match="3 proposal counts"):
+        est.observe([4], [1], [1, 1, 1])
+
+
+def test_choose_k_weighs_the_match_rate_by_hand():
+    """Lookup 0.05, verify 1 + 0.1 k, plain decode 1 (one token a step); drafts accepted at 0.9 each
+    but found in one round of ten. Batch 1: k=3 gives 1 + 0.1 * 2.439 = 1.244 tokens in
+    0.05 + 0.1 * 1.3 + 0.9 * 1.0 = 1.08 (a round without a match is a lookup and a plain step) =
+    1.152 tokens per unit, over plain's 1.02. Counted as rejections at position 0 (0.09, 0.9, 0.9)
+    every round would pay a verify: 1.244 / 1.35 = 0.92, plain. At 16 sequences some sequence
+    matches in 1 - 0.9^16 = 81% of the rounds, which then all pay the verify: plain."""
+    costs = _costs(draft=(0.05,), catch_up=False, per_token=False)
+    assert costs.step_seconds(1, 3, p_any=0.1) == pytest.approx(0.05 + 0.1 * 1.3 + 0.9 * 1.0)
+    assert choose_k([0.9] * 3, costs, 1, 3, match=0.1) == 3
+    assert choose_k([0.09, 0.9, 0.9], costs, 1, 3) == 0
+    assert choose_k([0.9] * 3, costs, 16, 3, match=0.1) == 0
+    # A round without a proposal is a one-token plain step: dearer than the multi-step decode's token.
+    dear = StepCosts([1], [1.0], {k: [0.05] for k in (1, 2, 3)}, {k: [1 + 0.1 * k] for k in (1, 2, 3)},
+                     catch_up=False, decode_one=[1.2])
+    assert dear.step_seconds(1, 3, p_any=0.1) == pytest.approx(0.05 + 0.13 + 0.9 * 1.2)
+    assert choose_k([0.9] * 3, dear, 1, 3, match=0.1) == 0  # 1.244 / 1.26 < 1.02
+    with pytest.raises(ValueError, match="one-token decode cost"):
+        StepCosts([1, 2], [1.0, 1.0], {1: [0.1, 0.1]}, {1: [1.0, 1.0]}, decode_one=[1.0])
+
+
+def test_step_overheads_are_robust_medians_per_batch_size_and_kind():
+    costs = _costs(sizes=(1, 16), decode=(1.0, 2.0), draft=(0.1, 0.2), k_max=3)  # verify 1.3 / 2.6 at k=3
+    policy = SpecPolicy(3, 16, costs)
+    assert policy.overheads.at(1) == (0.0, 0.0, 0.0)  # nothing seen: the table alone
+    for seconds in (8.8, 8.8, 80.0):  # 8-token plain steps; one stalled
+        policy.observe_step(1, 0, seconds, steps=8)
+    for _ in range(3):
+        policy.observe_step(1, 3, 0.3 + 1.3 + 0.5)  # a verify round, 0.5 over the table
+        policy.observe_step(1, 3, 0.3 + 1.0 + 0.25, proposed=False)  # no proposal: lookup + one-token step
+    policy.observe_step(17, 0, 99.0)  # past max_batch_size: not the policy's
+    assert policy.overheads.at(1) == pytest.approx((0.1, 0.5, 0.25))
+    assert policy.overheads.at(16) == (0.0, 0.0, 0.0)
+    assert policy.as_dict()["overhead_s"]["verify"] == [pytest.approx(0.5), None]
+    # The overheads enter the choice: a verify round's 0.5 makes k=3 at rates 0.5 lose to plain
+    # (1.875 / (0.3 + 0.1 * 3.125 + 1.8) = 0.75 against 1 / 1.1 = 0.91).
+    assert choose_k([0.5] * 3, costs, 1, 3) == 2
+    assert choose_k([0.5] * 3, costs, 1, 3, overhead=policy.overheads.at(1)) == 0
+    assert SpecPolicy(3, 16, costs, calibrate=False).overheads is None
+
+
+# The H200 run of 2026-11-30 (benchmarks/2026-11-30-h200x2-s11/bg/spec/spec.jsonl), SmolLM2-135M bf16,
+# batch 1, n-gram k_max 4: the engine's startup table ("policy" of the wikitext auto row), seconds.
+H200_NGRAM_B1 = StepCosts([1], [0.000509], {k: [2.05e-5] for k in range(1, 5)},
+                          {1: [0.001017], 2: [0.001055], 3: [0.001037], 4: [0.001022]}, catch_up=False)
+# What an engine step really took there, all in (scheduling, appending), solved from the fixed-k rows:
+# plain 1905 tok/s with 8-token steps; a verify round 0.91 ms and a round without a match 0.88 ms
+# (wikitext k=4: 76% of rounds matched at 0.242 ms a token and 3.74 tokens a round; grounded k=4:
+# 19% matched at 0.726 ms a token and 1.22 tokens a round).
+PLAIN_TOKEN_S, VERIFY_ROUND_S, UNMATCHED_ROUND_S = 1 / 1905.0, 0.00091, 0.00088
+# Per workload, from the fixed k=4 rows: the share of rounds with a match and, of the matched ones,
+# the share that reached position j accepted (accepted_per_position / num_drafts).
+WIKITEXT = (0.761, [0.914, 0.895, 0.895, 0.895])
+GSM8K = (0.386, [0.689, 0.451, 0.303, 0.205])
+GROUNDED = (0.190, [0.575, 0.338, 0.163, 0.087])
+
+
+def _replay(policy: SpecPolicy, workload, tokens: int, early: int = 0, seed: int = 0,
+            steps_per_plain: int = 8) -> tuple[float, list[tuple[int, bool]]]:
+    """Drive ``policy`` as the engine does for one batch-1 request of ``tokens`` tokens: a round
+    matches with the workload's rate (never in the first ``early`` tokens: the start of a
+    continuation that repeats nothing yet) and accepts a prefix drawn from its reach; every step's
+    all-in time goes to observe_step, and after a plain step its n-gram round is observed
+    (worker.py's _unrun_round). Returns (tokens per second, [(k, matched)] per step)."""
+    import random
+
+    rng = random.Random(seed)
+    match, reach = workload
+    done, seconds, steps = 0, 0.0, []
+    while done < tokens:
+        k = policy.k_for_step(1)
+        matched = done >= early and rng.random() < match
+        u = rng.random()
+        accepted = sum(u < r for r in reach[: k or policy.k_max]) if matched else 0
+        if k == 0:
+            policy.observe_step(1, 0, steps_per_plain * PLAIN_TOKEN_S, steps=steps_per_plain)
+            policy.observe([policy.k_max], [accepted], [policy.k_max if matched else 0])
+            done, seconds = done + steps_per_plain, seconds + steps_per_plain * PLAIN_TOKEN_S
+            steps.append((0, matched))
+            continue
+        policy.observe([k], [accepted], [k if matched else 0])
+        cost = VERIFY_ROUND_S if matched else UNMATCHED_ROUND_S
+        policy.observe_step(1, k, cost, proposed=matched)
+        done, seconds = done + accepted + 1, seconds + cost
+        steps.append((k, matched))
+    return done / seconds, steps
+
+
+def test_replay_of_the_h200_wikitext_ngram_run_speculates_where_the_lookup_matches():
+    """The recorded failure: rounds without a match at the start of a continuation (here its first
+    8 tokens) counted as rejections at position 0, the estimate there fell, and the policy decoded
+    plainly for 15 and then 31 steps (steps_by_k [46, 0, 0, 0, 37] on the H200): auto gave 1.31x
+    where k=4 gave 2.17x. Now a plain step may stand in for a stretch of unmatched rounds (8 tokens
+    for 4.2 ms against 7 ms), and once the lookup matches again every step speculates at k=4."""
+    policy = SpecPolicy(4, 16, H200_NGRAM_B1)
+    runs = [_replay(policy, WIKITEXT, n, early=8, seed=s) for s, n in enumerate((8, 256, 256))]
+    for _, steps in runs[1:]:
+        first = next(i for i, (_, matched) in enumerate(steps) if matched)
+        assert [k for k, _ in steps[first + 2:]] == [4] * len(steps[first + 2:])
+    assert policy.num_probes == 0
+    assert all(tok_s * PLAIN_TOKEN_S > 1.9 for tok_s, _ in runs[1:])  # fixed k=4 on the H200: 2.17x
+    # Its matches spread evenly (no unmatched start), it never decodes plainly after the warm-up.
+    steady = SpecPolicy(4, 16, H200_NGRAM_B1)
+    assert all(k == 4 for n in (8, 256, 256) for k, _ in _replay(steady, WIKITEXT, n)[1])
+
+
+@pytest.mark.parametrize("workload", [GSM8K, GROUNDED], ids=["gsm8k", "grounded"])
+def test_replay_of_the_h200_gsm8k_and_grounded_ngram_runs_stays_plain(workload):
+    """Where fixed k lost on the H200 (0.84x and 0.72x at k=4, batch 1), auto decodes plainly but
+    where a streak of matches makes a stretch of rounds pay: its replay holds plain decoding's speed.
+    The startup table alone would speculate on gsm8k (1 + 0.386 * 1.65 tokens in 0.02 + 0.386 * 1.02
+    + 0.614 * 0.51 ms beats a 0.51 ms token); the measured step times, which count the engine's work
+    per round, say no."""
+    speedups = []
+    for seed in range(10):  # matches drawn independently: a streak may tempt the policy, briefly
+        policy = SpecPolicy(4, 16, H200_NGRAM_B1)
+        runs = [_replay(policy, workload, n, seed=100 * seed + s) for s, n in enumerate((8, 256, 256))]
+        speedups += [tok_s * PLAIN_TOKEN_S for tok_s, _ in runs[1:]]
+    assert sum(speedups) / len(speedups) > 0.97 and min(speedups) > 0.9
+    match, reach = workload
+    rates = [r / prev for r, prev in zip(reach, [1.0] + reach)]  # accepted at j given 0..j-1 were
+    if workload is GSM8K:  # the table alone would take the loss
+        assert choose_k(rates, H200_NGRAM_B1, 1, 4, match=match) > 0
+    assert choose_k(rates, H200_NGRAM_B1, 1, 4, match=match, overhead=policy.overheads.at(1)) == 0
