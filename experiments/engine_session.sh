@@ -30,6 +30,7 @@
 #   experiments/engine_session.sh long         # after stash + stash2 (+ corpus, .gpu/dss): step-by-step x 3 seeds, then the GQA
 #                                              # budget curve, on GPU 1 in their own session; `longwait` collects
 #   experiments/engine_session.sh balwait      # waits for `balanced` (BAL_WAIT_S) and copies its report
+#   experiments/engine_session.sh rounds       # after stash + stash2 (+ pipeline): num_rounds and the auto policy (issue 14)
 #   experiments/engine_session.sh presets      # after stash + stash2: experiment=lossless, balanced (PRESETS) in full, eval=gpu
 #   experiments/engine_session.sh scaling      # nvidia-h200-x2, right after `tp`: distill step tokens/s and peak
 #                                              # memory at 1 and 2 GPUs, DDP and FSDP2, with loss curves (issue 17)
@@ -238,6 +239,18 @@ case "${1:?verb}" in
     timeout ${QUANT_S:-200} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_int4.jsonl" --batch 1 16 \
       --only bf16 int4_g128@triton int4_g64@triton int4_g128@tinygemm \
       > "$OUTDIR/quant_int4.log" 2>&1; grep -v Warn "$OUTDIR/quant_int4.log" | tail -n 10;;
+  rounds)  # after `stash` + `stash2` (and `pipeline` for its student as drafter): issue 14's device-resident rounds
+           # (speculative_config num_rounds) and the auto policy's fixes on the GPU: their tests, then tok/s with
+           # R = 1 and 4 on the real teacher beside n-gram auto
+    [ -d "$H/smol" ] || $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
+    timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_spec_rounds_gpu.py \
+      tests/kernels/test_spec_advance.py tests/engine/spec_decode/test_spec_gpu.py > "$OUTDIR/rounds_tests.txt" 2>&1
+    tail -n 6 "$OUTDIR/rounds_tests.txt"
+    D=""; [ -f "$H/ref/distill/shrink.json" ] && D="--draft $H/ref/distill"
+    timeout ${SPEC_S:-400} python3 experiments/spec_bench.py --json "$OUTDIR/spec_rounds.jsonl" speed --target "$H/t/smol.gguf" \
+      $D --truncated 2 --data-dir "$H/data" --workloads wikitext gsm8k --batch 1 4 16 --ks 2 4 --num-rounds 1 4 --auto \
+      --repeats 2 --budget-s 330 --engine '{"max_model_len": 2048}' > "$OUTDIR/spec_rounds.log" 2>&1
+    grep -v Warn "$OUTDIR/spec_rounds.log" | tail -n 6;;
   stepcost)
     timeout ${STEP_S:-200} python3 experiments/distill_step_cost.py --out "$OUTDIR/step_cost.jsonl" > "$OUTDIR/step_cost.log" 2>&1
     tail -n 3 "$OUTDIR/step_cost.jsonl";;
