@@ -1,0 +1,307 @@
+"""Tensor-core int4 weight-only GEMM for decode (1 <= M <= 16): y = x @ W^T (+ bias), W int4 per group.
+
+Why: the CUDA-core GEMV (kernels/gemv.py, _matmul_fast_int4) spends ~8.4 SASS instructions per
+weight byte in its K loop, more than the ~7.9 an SM can issue per byte at the H200's copy ceiling:
+it is ALU bound at 30-44% of the ceiling. Here the multiply-adds go to the tensor cores (one HMMA
+does 16 x 8 x 16 products), so what is left per weight byte is the load, the dequantization (bit
+operations only) and a few fp32 ops per group: the count below is well under the budget.
+
+Layout (repack_int4, once at load time, from kernels/quant.py's [N, K / 2] bytes): int32 words
+[N, K / 8], word j of a row holding codes 8 j .. 8 j + 7, code 8 j + i at nibble NIBBLE_OF[i]. The
+kernel takes nibble pairs (s, s + 4) with one mask, ((w >> 4 s) & 0x000F000F) | 0x43004300: two
+bf16s 128 + u (0x6400 | u: fp16 1024 + u), no int -> float conversion; NIBBLE_OF puts exactly
+those two codes on adjacent K, the pair a 16-bit MMA operand register holds. A row's words are
+contiguous, so a program's [BLOCK_N, BLOCK_K / 8] tile is BLOCK_N runs of BLOCK_K / 2 bytes (128+
+bytes: whole cache lines). Scales and zero points stay fp32 [N, K / GROUP] as the engine has them.
+
+Kernel (swap AB: the weight is the MMA's M side, so N fills the 16-row instruction and the 1..16
+rows of x, padded to 16 with masked zeros, are its N side): per group, part = dot(W_op [BLOCK_N,
+GROUP], x^T [GROUP, 16]) in fp32 with W_op = OFFSET + u exact; then
+acc += scale * (part - (OFFSET + 8 + zero) * sum_group(x)): the offset and zero point enter as one
+correction per group, the scale once per group on the fp32 partial sum. No dequantized weight is
+rounded: the reference is kernels/quant.py's int4_linear_fast_ref (fp32 dequant, one rounding).
+BLOCK_K spans BLOCK_K / GROUP groups per step; SPLIT_K programs share a column tile's K.
+
+Split-K reduction, deterministic, one launch: each program stores its fp32 partial [M, BLOCK_N] to
+a workspace, fences, and takes a ticket from its tile's counter (atomic add); the program drawing
+the last ticket sums the SPLIT_K partials in split order 0..SPLIT_K-1 (always the same order:
+bitwise the same result on every run), adds the bias, rounds once to x's dtype, stores, and resets
+the counter to 0 for the next launch (CUDA-graph replays included). Atomics into a zeroed fp32
+buffer were the other choice: they need a memset and a rounding launch beside the kernel (two
+launches of ~2 us against a 2.5 us o_proj at the ceiling), and their order (so the bits) varies.
+The workspace and counters belong to one stream at a time (Int4MMAWorkspace).
+
+Count before timing (experiments/int4_mma_sass_count.py: compiled for sm_90 with Triton's ptxas,
+K loop body per thread over the weight bytes a thread reads per iteration; CUDA-core path for
+comparison: 8.4 instr/byte at its best config, budget ~7.9 at the copy ceiling). Bytes moved per
+weight byte: codes 1 + fp32 scale 8 / GROUP (+ fp32 zero 8 / GROUP): 1.0625 (g128), 1.125 (g64),
+1.125 (g128 zero); x and the split-K partials are L2 hits (x: 2 K M bytes per column tile).
+See the table in SASS_TABLE (filled from that script's output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels._triton import HAS_TRITON, interpreting, tl, triton
+from kernels.quant import unpack_int4
+
+MAX_M = 16  # rows per launch: x is padded to the 16-wide MMA operand
+GROUPS = (32, 64, 128, 256)  # a group spans whole words and one dot's K (>= 16)
+WORD = 8  # codes per int32 word
+# Code 8 j + i of a row sits at nibble NIBBLE_OF[i] of word j: the kernel's nibble pair s, s + 4
+# (one 0x000F000F mask) lands on K offsets 2 i', 2 i' + 1 (i = 4 b + 2 c + a -> nibble 4 a + b + 2 c).
+NIBBLE_OF = tuple(4 * (i & 1) + (i >> 2) + 2 * ((i >> 1) & 1) for i in range(WORD))
+MMA_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class Int4MMAWeight:
+    """An int4 weight repacked for int4_mma: words int32 [N, K / 8] (NIBBLE_OF order), scale fp32
+    [N, K / group], zero fp32 [N, K / group] or None (w = (code - zero) * scale)."""
+
+    words: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    group: int
+
+    @property
+    def n(self) -> int:
+        return self.words.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.words.shape[1] * WORD
+
+    def nbytes(self) -> int:
+        """Bytes a launch reads of the weight (codes, scales, zero points)."""
+        return sum(t.numel() * t.element_size() for t in (self.words, self.scale, self.zero) if t is not None)
+
+
+def check_group(k: int, group: int) -> None:
+    if group not in GROUPS:
+        raise ValueError(f"int4_mma: group size {group} not supported (groups of {GROUPS} inputs)")
+    if k % group:
+        raise ValueError(f"int4_mma: in_features {k} is not a multiple of the group size {group}")
+
+
+def repack_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> Int4MMAWeight:
+    """kernels/quant.py's int4 layout (packed uint8 [N, K / 2], even column in the low nibble;
+    scale and optional zero [N, K / group]) -> Int4MMAWeight. Raises on a group it does not take."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"int4_mma: packed codes must be uint8 [N, K / 2], got {packed.dtype} {tuple(packed.shape)}")
+    n, k = packed.shape[0], packed.shape[1] * 2
+    if scale.dim() != 2 or scale.shape[0] != n or k % scale.shape[1]:
+        raise ValueError(f"int4_mma: scale {tuple(scale.shape)} is not [N, K / group] of codes [{n}, {k}]")
+    group = k // scale.shape[1]
+    check_group(k, group)
+    if zero is not None and zero.shape != scale.shape:
+        raise ValueError(f"int4_mma: zero {tuple(zero.shape)} does not match scale {tuple(scale.shape)}")
+    u = (unpack_int4(packed).to(torch.int32) + 8).reshape(n, k // WORD, WORD)
+    shifts = 4 * torch.tensor(NIBBLE_OF, dtype=torch.int32, device=packed.device)
+    words = (u << shifts).sum(dim=-1, dtype=torch.int64)  # disjoint nibbles: the sum is the OR
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    return Int4MMAWeight(words.contiguous(), scale.float().contiguous(),
+                         None if zero is None else zero.float().contiguous(), group)
+
+
+def unpack_words(words: torch.Tensor) -> torch.Tensor:
+    """repack_int4's words int32 [N, K / 8] -> kernels/quant.py's packed uint8 [N, K / 2]."""
+    shifts = 4 * torch.tensor(NIBBLE_OF, dtype=torch.int32, device=words.device)
+    u = (words[..., None] >> shifts) & 0xF  # [N, K / 8, 8]: code 8 j + i
+    u = u.reshape(words.shape[0], -1)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).to(torch.uint8)
+
+
+def int4_mma_config(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages): 64 columns a program, 256+ inputs
+    (whole groups) a step, split K until the grid holds two programs per SM of an H200 (264)
+    while each split keeps two steps or more. A starting point: experiments/int4_mma_sweep.py
+    times the alternatives on the GPU."""
+    block_n = 64 if n >= 64 else 32 if n >= 32 else 16
+    block_k = max(256, group)
+    tiles = triton.cdiv(n, block_n)
+    split = 1
+    while tiles * split < 264 and k // (2 * split) >= 2 * block_k:
+        split *= 2
+    return block_n, block_k, split, 4, 3
+
+
+class Int4MMAWorkspace:
+    """The split-K partials (fp32) and per-tile counters of int4_mma, per device, grown on demand.
+    Counters start at 0 and every launch leaves them at 0. Allocate (call once with the largest
+    shapes) before a CUDA-graph capture; one stream at a time."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, device: torch.device, partials: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+        part, count = self._bufs.get(device, (None, None))
+        if part is None or part.numel() < partials or count.numel() < counters:
+            part = torch.empty(max(partials, 0 if part is None else part.numel()), dtype=torch.float32, device=device)
+            count = torch.zeros(max(counters, 0 if count is None else count.numel()), dtype=torch.int32,
+                                device=device)
+            self._bufs[device] = (part, count)
+        return part, count
+
+
+WORKSPACE = Int4MMAWorkspace()
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _round_to(v, dtype: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+        """fp32 v rounded to dtype, ties to even. The interpreter's fp32 -> bf16 cast truncates:
+        there, round on the bits (kernels/gemv.py's _rnd does the same)."""
+        if BF16_BY_HAND and dtype == tl.bfloat16:
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True).to(dtype)
+        else:
+            return v.to(dtype)
+
+    @triton.jit
+    def _half(pairs, HIGH: tl.constexpr, dtype: tl.constexpr, BY_HAND: tl.constexpr):
+        """The low (or HIGH) 16 bits of int32 ``pairs`` as a dtype value. The interpreter cannot
+        bitcast 16-bit ints to floats: there the value is made as fp32 from the same bits."""
+        bits = (pairs >> 16) & 0xFFFF if HIGH else pairs & 0xFFFF
+        if BY_HAND:
+            if dtype == tl.bfloat16:
+                return (bits << 16).to(tl.float32, bitcast=True)
+            else:
+                return (bits & 0xFF).to(tl.float32) + 1024.0  # fp16 0x6400 | u
+        else:
+            return bits.to(tl.int16).to(dtype, bitcast=True)
+
+    @triton.jit
+    def _operand(words, dtype: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, BY_HAND: tl.constexpr):
+        """Words int32 [BLOCK_N, GROUP / 8] -> the MMA operand [BLOCK_N, GROUP] holding OFFSET + code
+        (code 0..15) exactly, in K order (NIBBLE_OF): nibble pairs (s, s + 4) masked into two 16-bit
+        floats at once (one AND and OR per two codes, no conversion)."""
+        if dtype == tl.bfloat16:
+            MAGIC: tl.constexpr = 0x43004300
+        else:
+            MAGIC: tl.constexpr = 0x64006400
+        p0 = (words & 0x000F000F) | MAGIC
+        p1 = ((words >> 4) & 0x000F000F) | MAGIC
+        p2 = ((words >> 8) & 0x000F000F) | MAGIC
+        p3 = ((words >> 12) & 0x000F000F) | MAGIC
+        lo = tl.join(tl.join(_half(p0, False, dtype, BY_HAND), _half(p1, False, dtype, BY_HAND)),
+                     tl.join(_half(p2, False, dtype, BY_HAND), _half(p3, False, dtype, BY_HAND)))
+        hi = tl.join(tl.join(_half(p0, True, dtype, BY_HAND), _half(p1, True, dtype, BY_HAND)),
+                     tl.join(_half(p2, True, dtype, BY_HAND), _half(p3, True, dtype, BY_HAND)))
+        return tl.reshape(tl.join(lo, hi), (BLOCK_N, GROUP))
+
+    @triton.jit
+    def _int4_mma_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, x_stride, out_stride,
+        N: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr, K_SPLIT: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BY_HAND: tl.constexpr,
+    ):
+        """Programs (column tile, K split); K_SPLIT inputs a split (a multiple of BLOCK_K)."""
+        dtype = x_ptr.dtype.element_ty
+        if dtype == tl.bfloat16:
+            CORR: tl.constexpr = 136.0  # the operand's 128 + the codes' +8
+        else:
+            CORR: tl.constexpr = 1032.0
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        rows = tl.arange(0, 16)
+        row_mask = rows < M
+        jw = tl.arange(0, GROUP // 8)
+        jk = tl.arange(0, GROUP)
+        w_rows = w_ptr + cols.to(tl.int64)[:, None] * (K // 8)
+        s_rows = s_ptr + cols * (K // GROUP)
+        z_rows = z_ptr + cols * (K // GROUP)
+        x_rows = x_ptr + rows[None, :] * x_stride
+        acc = tl.zeros([BLOCK_N, 16], tl.float32)
+        k_begin = pid_k * K_SPLIT
+        for k0 in range(k_begin, k_begin + K_SPLIT, BLOCK_K):
+            for gi in tl.static_range(BLOCK_K // GROUP):
+                kg = k0 + gi * GROUP
+                w_mask = col_mask & (cols * 0 + kg < K)  # a split past K (ragged K) loads nothing
+                words = tl.load(w_rows + (kg // 8 + jw)[None, :], mask=w_mask[:, None], other=0)
+                scale = tl.load(s_rows + kg // GROUP, mask=w_mask, other=0.0)
+                corr = tl.full([BLOCK_N], CORR, tl.float32)
+                if HAS_ZERO:
+                    corr += tl.load(z_rows + kg // GROUP, mask=w_mask, other=0.0)
+                xt = tl.load(x_rows + (kg + jk)[:, None], mask=row_mask[None, :] & (kg + jk < K)[:, None],
+                             other=0.0)  # [GROUP, 16]
+                w_op = _operand(words, dtype, BLOCK_N, GROUP, BY_HAND)
+                if BY_HAND:  # the interpreter's dot multiplies 16-bit floats' raw bits: fp32 (exact products)
+                    part = tl.dot(w_op, xt.to(tl.float32), input_precision="ieee")
+                else:
+                    part = tl.dot(w_op, xt)
+                sx = tl.sum(xt.to(tl.float32), 0)
+                acc += scale[:, None] * (part - corr[:, None] * sx[None, :])
+        out_mask = col_mask[:, None] & row_mask[None, :]
+        if SPLIT_K > 1:
+            tile = part_ptr + (pid_n * SPLIT_K * 16 * BLOCK_N + rows[None, :] * BLOCK_N + tl.arange(0, BLOCK_N)[:, None])
+            tl.store(tile + pid_k * 16 * BLOCK_N, acc, mask=out_mask)
+            tl.debug_barrier()  # every thread's partial stored before the ticket (release below)
+            ticket = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+            if ticket == SPLIT_K - 1:
+                acc = tl.zeros([BLOCK_N, 16], tl.float32)
+                for s in tl.static_range(SPLIT_K):
+                    acc += tl.load(tile + s * 16 * BLOCK_N, mask=out_mask, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(count_ptr + pid_n, 0)
+                if HAS_BIAS:
+                    acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
+                tl.store(out_ptr + rows[None, :] * out_stride + cols[:, None], _round_to(acc, dtype, BY_HAND),
+                         mask=out_mask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
+            tl.store(out_ptr + rows[None, :] * out_stride + cols[:, None], _round_to(acc, dtype, BY_HAND),
+                     mask=out_mask)
+
+
+def check_config(config: tuple[int, int, int, int, int], group: int) -> None:
+    block_n, block_k, split, num_warps, num_stages = config
+    if block_n < 16 or block_n & (block_n - 1) or block_k % group or block_k & (block_k - 1) or split < 1:
+        raise ValueError(f"int4_mma: config {config}: BLOCK_N a power of two >= 16, BLOCK_K a power of two "
+                         f"multiple of the group size {group}, SPLIT_K >= 1")
+
+
+def int4_mma(x: torch.Tensor, weight: Int4MMAWeight, bias: torch.Tensor | None = None, *,
+             config: tuple[int, int, int, int, int] | None = None,
+             workspace: Int4MMAWorkspace = WORKSPACE) -> torch.Tensor:
+    """x [M <= 16, K] (bf16 or fp16) @ W^T (+ bias) with W an Int4MMAWeight, rounded once to x's
+    dtype; reference: kernels/quant.py's int4_linear_fast_ref on the unrepacked weight.
+    ``config``: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), else int4_mma_config."""
+    m, k = x.shape
+    n = weight.n
+    if x.dtype not in MMA_DTYPES:
+        raise ValueError(f"int4_mma: x dtype {x.dtype} not supported (bf16, fp16: the MMA operand holds 16-bit floats)")
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"int4_mma: {m} rows; the kernel takes 1 to {MAX_M}")
+    if k != weight.k:
+        raise ValueError(f"int4_mma: x has {k} inputs, the weight {weight.k}")
+    check_group(k, weight.group)
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"int4_mma: bias {tuple(bias.shape)} is not [{n}]")
+    config = config or int4_mma_config(m, n, k, weight.group)
+    check_config(config, weight.group)
+    block_n, block_k, split, num_warps, num_stages = config
+    k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_split)  # no split left without inputs
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    tiles = triton.cdiv(n, block_n)
+    part, count = workspace.get(x.device, tiles * split * 16 * block_n if split > 1 else 1, tiles)
+    by_hand = interpreting()
+    _int4_mma_kernel[(tiles, split)](
+        x, weight.words, weight.scale, weight.zero if weight.zero is not None else weight.scale,
+        bias if bias is not None else x, out, part, count, m, x.stride(0), out.stride(0),
+        N=n, K=k, GROUP=weight.group, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, K_SPLIT=k_split,
+        HAS_ZERO=weight.zero is not None, HAS_BIAS=bias is not None, BY_HAND=by_hand,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
