@@ -54,17 +54,22 @@ WORD = 8  # codes per int32 word
 # Code 8 j + i of a row sits at nibble NIBBLE_OF[i] of word j: the kernel's nibble pair s, s + 4
 # (one 0x000F000F mask) lands on K offsets 2 i', 2 i' + 1 (i = 4 b + 2 c + a -> nibble 4 a + b + 2 c).
 NIBBLE_OF = tuple(4 * (i & 1) + (i >> 2) + 2 * ((i >> 1) & 1) for i in range(WORD))
-MMA_DTYPES = (torch.bfloat16, torch.float16)
+MAGIC = {torch.bfloat16: 0x43004300, torch.float16: 0x64006400}  # 128.0 / 1024.0 in both 16-bit halves
+MMA_DTYPES = tuple(MAGIC)
+
+
+ZERO_RANGE = (-104, 8)  # integer zero points the operand takes: code + 8 - zero in 0..127 (int4's: -8..7)
 
 
 @dataclass(frozen=True)
 class Int4MMAWeight:
     """An int4 weight repacked for int4_mma: words int32 [N, K / 8] (NIBBLE_OF order), scale fp32
-    [N, K / group], zero fp32 [N, K / group] or None (w = (code - zero) * scale)."""
+    [N, K / group], and for zero points (w = (code - zero) * scale) zero_bias int32 [N, K / group]
+    = (8 - zero) in both 16-bit halves (what the kernel adds to a nibble pair), else None."""
 
     words: torch.Tensor
     scale: torch.Tensor
-    zero: torch.Tensor | None
+    zero_bias: torch.Tensor | None
     group: int
 
     @property
@@ -77,7 +82,7 @@ class Int4MMAWeight:
 
     def nbytes(self) -> int:
         """Bytes a launch reads of the weight (codes, scales, zero points)."""
-        return sum(t.numel() * t.element_size() for t in (self.words, self.scale, self.zero) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.words, self.scale, self.zero_bias) if t is not None)
 
 
 def check_group(k: int, group: int) -> None:
@@ -89,7 +94,8 @@ def check_group(k: int, group: int) -> None:
 
 def repack_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> Int4MMAWeight:
     """kernels/quant.py's int4 layout (packed uint8 [N, K / 2], even column in the low nibble;
-    scale and optional zero [N, K / group]) -> Int4MMAWeight. Raises on a group it does not take."""
+    scale and optional zero [N, K / group]) -> Int4MMAWeight. Raises on a group or zero point it
+    does not take (zero points: integers in ZERO_RANGE, as int4 quantization makes them)."""
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ValueError(f"int4_mma: packed codes must be uint8 [N, K / 2], got {packed.dtype} {tuple(packed.shape)}")
     n, k = packed.shape[0], packed.shape[1] * 2
@@ -97,22 +103,28 @@ def repack_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | 
         raise ValueError(f"int4_mma: scale {tuple(scale.shape)} is not [N, K / group] of codes [{n}, {k}]")
     group = k // scale.shape[1]
     check_group(k, group)
-    if zero is not None and zero.shape != scale.shape:
-        raise ValueError(f"int4_mma: zero {tuple(zero.shape)} does not match scale {tuple(scale.shape)}")
+    zero_bias = None
+    if zero is not None:
+        if zero.shape != scale.shape:
+            raise ValueError(f"int4_mma: zero {tuple(zero.shape)} does not match scale {tuple(scale.shape)}")
+        z = zero.float()
+        if not bool(((z == z.round()) & (z >= ZERO_RANGE[0]) & (z <= ZERO_RANGE[1])).all()):
+            raise ValueError(f"int4_mma: zero points must be integers in {list(ZERO_RANGE)}")
+        zero_bias = ((8 - z).to(torch.int32) * 0x00010001).contiguous()
     u = (unpack_int4(packed).to(torch.int32) + 8).reshape(n, k // WORD, WORD)
     shifts = 4 * torch.tensor(NIBBLE_OF, dtype=torch.int32, device=packed.device)
     words = (u << shifts).sum(dim=-1, dtype=torch.int64)  # disjoint nibbles: the sum is the OR
     words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
-    return Int4MMAWeight(words.contiguous(), scale.float().contiguous(),
-                         None if zero is None else zero.float().contiguous(), group)
+    return Int4MMAWeight(words.contiguous(), scale.float().contiguous(), zero_bias, group)
 
 
-def unpack_words(words: torch.Tensor) -> torch.Tensor:
-    """repack_int4's words int32 [N, K / 8] -> kernels/quant.py's packed uint8 [N, K / 2]."""
-    shifts = 4 * torch.tensor(NIBBLE_OF, dtype=torch.int32, device=words.device)
-    u = (words[..., None] >> shifts) & 0xF  # [N, K / 8, 8]: code 8 j + i
-    u = u.reshape(words.shape[0], -1)
-    return (u[:, 0::2] | (u[:, 1::2] << 4)).to(torch.uint8)
+def unrepack_int4(weight: Int4MMAWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Int4MMAWeight -> kernels/quant.py's (packed uint8 [N, K / 2], scale, zero or None)."""
+    shifts = 4 * torch.tensor(NIBBLE_OF, dtype=torch.int32, device=weight.words.device)
+    u = ((weight.words[..., None] >> shifts) & 0xF).reshape(weight.n, -1)  # code 8 j + i at [j, i]
+    packed = (u[:, 0::2] | (u[:, 1::2] << 4)).to(torch.uint8)
+    zero = None if weight.zero_bias is None else (8 - (weight.zero_bias & 0xFFFF)).float()
+    return packed, weight.scale, zero
 
 
 def int4_mma_config(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int, int]:
@@ -177,18 +189,29 @@ if HAS_TRITON:
             return bits.to(tl.int16).to(dtype, bitcast=True)
 
     @triton.jit
-    def _operand(words, dtype: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, BY_HAND: tl.constexpr):
-        """Words int32 [BLOCK_N, GROUP / 8] -> the MMA operand [BLOCK_N, GROUP] holding OFFSET + code
-        (code 0..15) exactly, in K order (NIBBLE_OF): nibble pairs (s, s + 4) masked into two 16-bit
-        floats at once (one AND and OR per two codes, no conversion)."""
-        if dtype == tl.bfloat16:
-            MAGIC: tl.constexpr = 0x43004300
+    def _pair(words, SHIFT: tl.constexpr, bias, HAS_ZERO: tl.constexpr):
+        """Nibbles SHIFT / 4 and SHIFT / 4 + 4 of each word as two 16-bit floats' bits: OR-ed into
+        the magic (no zero point: one LOP3 if the magic sits in a register, which is why it comes
+        in as a kernel argument: a literal one ptxas re-materializes at every use), or added to
+        the row's bias (magic + 8 - zero, no carry out of a half: one more add)."""
+        nib = (words >> SHIFT) & 0x000F000F if SHIFT else words & 0x000F000F
+        if HAS_ZERO:
+            return nib + bias
         else:
-            MAGIC: tl.constexpr = 0x64006400
-        p0 = (words & 0x000F000F) | MAGIC
-        p1 = ((words >> 4) & 0x000F000F) | MAGIC
-        p2 = ((words >> 8) & 0x000F000F) | MAGIC
-        p3 = ((words >> 12) & 0x000F000F) | MAGIC
+            return nib | bias
+
+    @triton.jit
+    def _operand(words, bias, dtype: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+                 HAS_ZERO: tl.constexpr, BY_HAND: tl.constexpr):
+        """Words int32 [BLOCK_N, GROUP / 8] and the rows' bias [BLOCK_N] (_pair) -> the MMA operand
+        [BLOCK_N, GROUP] holding OFFSET + v exactly, in K order (NIBBLE_OF): nibble pairs (s, s + 4)
+        into two 16-bit floats at once (0x4300 + v: bf16 128 + v; 0x6400 + v: fp16 1024 + v; v the
+        code, or code + 8 - zero in 0..31), no conversion instruction."""
+        b = bias[:, None]
+        p0 = _pair(words, 0, b, HAS_ZERO)
+        p1 = _pair(words, 4, b, HAS_ZERO)
+        p2 = _pair(words, 8, b, HAS_ZERO)
+        p3 = _pair(words, 12, b, HAS_ZERO)
         lo = tl.join(tl.join(_half(p0, False, dtype, BY_HAND), _half(p1, False, dtype, BY_HAND)),
                      tl.join(_half(p2, False, dtype, BY_HAND), _half(p3, False, dtype, BY_HAND)))
         hi = tl.join(tl.join(_half(p0, True, dtype, BY_HAND), _half(p1, True, dtype, BY_HAND)),
@@ -197,17 +220,19 @@ if HAS_TRITON:
 
     @triton.jit
     def _int4_mma_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, x_stride, out_stride,
+        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, x_stride, out_stride, magic,
         N: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr, K_SPLIT: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
         BY_HAND: tl.constexpr,
     ):
         """Programs (column tile, K split); K_SPLIT inputs a split (a multiple of BLOCK_K)."""
         dtype = x_ptr.dtype.element_ty
+        # magic: MAGIC[dtype], bf16 128.0 (fp16 1024.0) in both halves. The operand holds
+        # OFFSET + code (- SUB: code - 8), or OFFSET + code + 8 - zero (- SUB: code - 8 - zero).
         if dtype == tl.bfloat16:
-            CORR: tl.constexpr = 136.0  # the operand's 128 + the codes' +8
+            SUB: tl.constexpr = 144.0 if HAS_ZERO else 136.0
         else:
-            CORR: tl.constexpr = 1032.0
+            SUB: tl.constexpr = 1040.0 if HAS_ZERO else 1032.0
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -228,18 +253,19 @@ if HAS_TRITON:
                 w_mask = col_mask & (cols * 0 + kg < K)  # a split past K (ragged K) loads nothing
                 words = tl.load(w_rows + (kg // 8 + jw)[None, :], mask=w_mask[:, None], other=0)
                 scale = tl.load(s_rows + kg // GROUP, mask=w_mask, other=0.0)
-                corr = tl.full([BLOCK_N], CORR, tl.float32)
-                if HAS_ZERO:
-                    corr += tl.load(z_rows + kg // GROUP, mask=w_mask, other=0.0)
+                bias = tl.full([BLOCK_N], 0, tl.int32) + magic
+                if HAS_ZERO:  # (8 - zero) in both halves (repack_int4): v = code + 8 - zero in 0..127
+                    bias += tl.load(z_rows + kg // GROUP, mask=w_mask, other=0)
                 xt = tl.load(x_rows + (kg + jk)[:, None], mask=row_mask[None, :] & (kg + jk < K)[:, None],
                              other=0.0)  # [GROUP, 16]
-                w_op = _operand(words, dtype, BLOCK_N, GROUP, BY_HAND)
+                # the exact code - 8 - zero: one 16-bit subtraction per code (two per register)
                 if BY_HAND:  # the interpreter's dot multiplies 16-bit floats' raw bits: fp32 (exact products)
+                    w_op = _operand(words, bias, dtype, BLOCK_N, GROUP, HAS_ZERO, BY_HAND) - SUB
                     part = tl.dot(w_op, xt.to(tl.float32), input_precision="ieee")
                 else:
+                    w_op = _operand(words, bias, dtype, BLOCK_N, GROUP, HAS_ZERO, BY_HAND) - tl.full([1, 1], SUB, dtype)
                     part = tl.dot(w_op, xt)
-                sx = tl.sum(xt.to(tl.float32), 0)
-                acc += scale[:, None] * (part - corr[:, None] * sx[None, :])
+                acc += scale[:, None] * part
         out_mask = col_mask[:, None] & row_mask[None, :]
         if SPLIT_K > 1:
             tile = part_ptr + (pid_n * SPLIT_K * 16 * BLOCK_N + rows[None, :] * BLOCK_N + tl.arange(0, BLOCK_N)[:, None])
@@ -298,10 +324,10 @@ def int4_mma(x: torch.Tensor, weight: Int4MMAWeight, bias: torch.Tensor | None =
     part, count = workspace.get(x.device, tiles * split * 16 * block_n if split > 1 else 1, tiles)
     by_hand = interpreting()
     _int4_mma_kernel[(tiles, split)](
-        x, weight.words, weight.scale, weight.zero if weight.zero is not None else weight.scale,
-        bias if bias is not None else x, out, part, count, m, x.stride(0), out.stride(0),
+        x, weight.words, weight.scale, weight.zero_bias if weight.zero_bias is not None else weight.scale,
+        bias if bias is not None else x, out, part, count, m, x.stride(0), out.stride(0), MAGIC[x.dtype],
         N=n, K=k, GROUP=weight.group, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, K_SPLIT=k_split,
-        HAS_ZERO=weight.zero is not None, HAS_BIAS=bias is not None, BY_HAND=by_hand,
+        HAS_ZERO=weight.zero_bias is not None, HAS_BIAS=bias is not None, BY_HAND=by_hand,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
