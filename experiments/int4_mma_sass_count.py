@@ -4,7 +4,9 @@ CUDA-core GEMV (8.4 instr/byte at its best config; ~7.9 can issue per byte at th
 The largest backward-branch loop is counted per thread and divided by the weight bytes (codes)
 a thread reads per iteration (BLOCK_N * BLOCK_K / 2 / threads, times the iterations the loop
 body covers when the compiler unrolled it); a kernel whose K loop is fully unrolled is counted
-whole over all its steps instead. HMMA/HGMMA (tensor-core) instructions are listed apart.
+whole over all its steps instead. HMMA/HGMMA (tensor-core) instructions are listed apart, and
+the shared-memory bytes moved per weight byte ("smem_bytes_per_byte": an SM moves 128 B a clock,
+~8 B per weight byte at the copy ceiling's 16 weight bytes an SM a clock).
 
     python experiments/int4_mma_sass_count.py [--n 4096] [--k 4096] [--config 64,256,8,4,3 ...]
 """
@@ -15,6 +17,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import subprocess
 import tempfile
 
@@ -63,6 +66,35 @@ def _sass(cubin: bytes) -> tuple[str, int, int]:
     return sass, regs, spill
 
 
+def _width(op: str) -> int:
+    """Bytes one thread moves with a shared-memory opcode's width modifier (32-bit without one)."""
+    mods = op.split(".")[1:]
+    for width, nbytes in (("128", 16), ("64", 8), ("U16", 2), ("S16", 2), ("U8", 1), ("S8", 1)):
+        if width in mods:
+            return nbytes
+    return 4
+
+
+def smem_bytes(body: list[str]) -> int:
+    """Shared-memory bytes one thread moves in ``body``: STS / LDS by width, LDSM (.4: four 32-bit
+    registers), cp.async (LDGSTS) writes, and the x operand an HGMMA m64nNk16 reads from shared
+    memory (k16 x N bf16 a warpgroup: 16 * N * 2 / 128 bytes a thread)."""
+    total = 0
+    for line in body:
+        op = _opcode(line, full=True)
+        if op is None:
+            continue
+        base, mods = op.split(".")[0], op.split(".")[1:]
+        if base in ("STS", "LDS", "LDGSTS"):
+            total += _width(op)
+        elif base == "LDSM":
+            total += 4 * int(mods[-1]) if mods and mods[-1].isdigit() else 4
+        elif base == "HGMMA":  # HGMMA.64x16x16.F32.BF16 (the shape is lower case: not in the opcode match)
+            n = int(re.search(r"HGMMA\.\d+x(\d+)x\d+", line).group(1))
+            total += 16 * n * 2 // 128
+    return total
+
+
 def tensor_ops(ops: collections.Counter) -> int:
     return sum(ops[t] for t in TENSOR_OPS)
 
@@ -89,6 +121,7 @@ def count(fmt: str, m: int, n: int, k: int, config: tuple) -> dict:
             "instructions_per_byte": round(total / nbytes, 2),
             "tensor_ops_per_byte": round(tensor_ops(ops) / nbytes, 3),
             "conversions_per_byte": round(sum(ops[c] for c in CONVERSIONS) / nbytes, 2),
+            "smem_bytes_per_byte": round(smem_bytes(body) / nbytes, 2),
             "ldg": load_stats(body)["ldg"], "regs": regs, "spill_bytes": spill, "programs": programs,
             "programs_per_sm": programs_per_sm(regs, num_warps, programs), "top": ops.most_common(12)}
 

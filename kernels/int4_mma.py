@@ -1,42 +1,69 @@
 """Tensor-core int4 weight-only GEMM for decode (1 <= M <= 16): y = x @ W^T (+ bias), W int4 per group.
 
 Why: the CUDA-core GEMV (kernels/gemv.py, _matmul_fast_int4) spends ~8.4 SASS instructions per
-weight byte in its K loop, more than the ~7.9 an SM can issue per byte at the H200's copy ceiling:
-it is ALU bound at 30-44% of the ceiling. Here the multiply-adds go to the tensor cores (one HMMA
-does 16 x 8 x 16 products), so what is left per weight byte is the load, the dequantization (bit
-operations only) and a few fp32 ops per group: the count below is well under the budget.
+weight byte in its K loop, more than the ~7.9 an H200 SM can issue per byte at the copy ceiling
+(132 SMs x 4 schedulers x 32 lanes x 1.98 GHz / 4.27 TB/s): it is ALU bound at 30-44% of the
+ceiling. Here the multiply-adds go to the tensor cores (one HGMMA does 64 x 16 x 16), so what is
+left per weight byte is the dequantization (bit operations, no conversion), the layout shuffle
+into the MMA operand, and one fp32 FMA per group and output: 4.7-6.5 instructions per byte.
 
 Layout (repack_int4, once at load time, from kernels/quant.py's [N, K / 2] bytes): int32 words
-[N, K / 8], word j of a row holding codes 8 j .. 8 j + 7, code 8 j + i at nibble NIBBLE_OF[i]. The
-kernel takes nibble pairs (s, s + 4) with one mask, ((w >> 4 s) & 0x000F000F) | 0x43004300: two
-bf16s 128 + u (0x6400 | u: fp16 1024 + u), no int -> float conversion; NIBBLE_OF puts exactly
-those two codes on adjacent K, the pair a 16-bit MMA operand register holds. A row's words are
-contiguous, so a program's [BLOCK_N, BLOCK_K / 8] tile is BLOCK_N runs of BLOCK_K / 2 bytes (128+
-bytes: whole cache lines). Scales and zero points stay fp32 [N, K / GROUP] as the engine has them.
+[N, K / 8], word j of a row holding codes 8 j .. 8 j + 7 (stored + 8), code 8 j + i at nibble
+NIBBLE_OF[i]: codes 2 i' and 2 i' + 1 sit at nibbles s and s + 4, so one LOP3,
+((w >> 4 s) & 0x000F000F) | 0x43004300, makes the two bf16s 128 + u (fp16: 0x6400, 1024 + u) of
+one MMA operand register, no int -> float conversion, and one HADD2 subtracts 136 from both: the
+exact code - 8. A row's words are contiguous: a program's tile is BLOCK_N runs of BLOCK_K / 2
+bytes (whole cache lines). Scales stay fp32 [N, K / GROUP]; zero points (integers, ZERO_RANGE)
+become zero_bias int32 = (8 - zero) in both halves, added instead of OR-ed (u + 8 - zero stays in
+0..127: exact in the 7-bit mantissa), so the operand is the exact code - zero - 8 as well.
 
-Kernel (swap AB: the weight is the MMA's M side, so N fills the 16-row instruction and the 1..16
-rows of x, padded to 16 with masked zeros, are its N side): per group, part = dot(W_op [BLOCK_N,
-GROUP], x^T [GROUP, 16]) in fp32 with W_op = OFFSET + u exact; then
-acc += scale * (part - (OFFSET + 8 + zero) * sum_group(x)): the offset and zero point enter as one
-correction per group, the scale once per group on the fp32 partial sum. No dequantized weight is
-rounded: the reference is kernels/quant.py's int4_linear_fast_ref (fp32 dequant, one rounding).
-BLOCK_K spans BLOCK_K / GROUP groups per step; SPLIT_K programs share a column tile's K.
+Kernel (swap AB: the weight is the MMA's M side, BLOCK_N rows of it, and the 1..16 rows of x,
+masked to 16 with zeros, its N side): per group, part = dot(W_op [BLOCK_N, GROUP], x^T [GROUP, 16])
+in fp32, W_op exact, then acc += scale * part (one FMA per output and group). No dequantized
+weight is rounded: the reference is kernels/quant.py's int4_linear_fast_ref (fp32 dequant, one
+rounding at the end), met to fp32 summation order. BLOCK_K spans BLOCK_K / GROUP groups a step;
+SPLIT_K programs share a column tile's K. (An offset-and-correct operand, OFFSET + u with
+- (OFFSET + 8 + zero) * sum_group(x) on the partial sum, cost 1.6 more instructions per byte for
+the per-group x sums, and non-integer zero points are not what int4 quantization makes.)
 
 Split-K reduction, deterministic, one launch: each program stores its fp32 partial [M, BLOCK_N] to
-a workspace, fences, and takes a ticket from its tile's counter (atomic add); the program drawing
-the last ticket sums the SPLIT_K partials in split order 0..SPLIT_K-1 (always the same order:
-bitwise the same result on every run), adds the bias, rounds once to x's dtype, stores, and resets
-the counter to 0 for the next launch (CUDA-graph replays included). Atomics into a zeroed fp32
-buffer were the other choice: they need a memset and a rounding launch beside the kernel (two
-launches of ~2 us against a 2.5 us o_proj at the ceiling), and their order (so the bits) varies.
-The workspace and counters belong to one stream at a time (Int4MMAWorkspace).
+a workspace, a CTA barrier, then one thread takes a ticket from its tile's counter (atomic add,
+acq_rel at GPU scope: CUTLASS's semaphore pattern); the program drawing the last ticket sums the
+SPLIT_K partials in split order 0..SPLIT_K-1 (L2 reads, .cg): the same order, so bitwise the same
+result, on every run; adds the bias, rounds once to x's dtype, stores, and resets the counter to 0
+for the next launch (CUDA-graph replays included). Atomics into a zeroed fp32 buffer were the
+other choice: they need a memset and a rounding launch beside the kernel (two launches of ~2 us
+against a 2.5 us o_proj at the ceiling), and their order (so the bits) varies. The workspace and
+counters belong to one stream at a time (Int4MMAWorkspace).
 
-Count before timing (experiments/int4_mma_sass_count.py: compiled for sm_90 with Triton's ptxas,
-K loop body per thread over the weight bytes a thread reads per iteration; CUDA-core path for
-comparison: 8.4 instr/byte at its best config, budget ~7.9 at the copy ceiling). Bytes moved per
-weight byte: codes 1 + fp32 scale 8 / GROUP (+ fp32 zero 8 / GROUP): 1.0625 (g128), 1.125 (g64),
-1.125 (g128 zero); x and the split-K partials are L2 hits (x: 2 K M bytes per column tile).
-See the table in SASS_TABLE (filled from that script's output).
+Count before timing. DRAM bytes per weight byte: codes 1 + fp32 scale 8 / GROUP (+ int32 zero
+bias 8 / GROUP): 1.0625 (g128), 1.125 (g64), 1.125 (g128 zero); x (2 K M bytes a column tile) and
+the split-K partials are L2 hits. experiments/int4_mma_sass_count.py, compiled for sm_90 with
+Triton 3.9's ptxas, K loop per thread over the code bytes it covers, N = K = 4096 (the loop is the
+same at every M: M only masks x):
+
+    config (BLOCK_N, BLOCK_K, SPLIT_K,    instr / weight byte     smem B / weight byte   regs
+            num_warps, num_stages)        g128   g64   g128 zero   g128   g64   zero
+    64, 512, 4, 4, 1  (int4_mma_config)   5.18   5.74  5.90        10.0   10.0  10.0   127-135
+    128, 512, 4, 4, 1                     4.67   5.32  5.86         9.81  10.12 10.12  113-196
+    128, 256, 8, 4, 1                     5.05   5.40  6.26         9.81  10.12 10.12  157-168
+    64, 256, 8, 4, 1                      5.55   5.78  6.59        10.0   10.0  10.0    96-101
+    128, 256, 8, 4, 3 (cp.async)          5.72   6.50  6.47        12.16  12.72 12.47  163-175
+    64, 256, 8, 4, 3  (cp.async)          7.17   8.17  8.22        12.69  13.19 13.06   88-96
+    CUDA-core _matmul_fast_int4 (gemv)    8.4 at its best config (8, 2048, 2)
+
+Every config is under the ~7.9 issue budget but the pipelined (64, 256) one with groups of 64 or
+zero points. The tensor cores are not the bound either (64 padded-row FLOPs a weight byte: 0.27
+PFLOP/s at the ceiling, about a quarter of the H200's dense bf16). The next bound is shared
+memory: an SM moves 128 B a clock, ~7.9 B per weight byte at the ceiling (16.3 weight B a clock
+an SM), and Triton converts the dequantized operand into the wgmma register layout through
+shared memory (STS.128 + LDSM: 8 B per weight byte, the bf16 operand being 4x the int4 bytes),
+plus the x operand (1 B/B) and, with cp.async stages, the staged codes (2 B/B): 9.8-12.7 B/B,
+which caps the kernel at ~60-80% of the copy ceiling at a 1.98 GHz clock, the unstaged configs
+highest. Removing that round trip needs the codes loaded straight in the operand's fragment
+layout (Marlin's): a fragment-ordered repack with permute/reshape in Triton 3.9 was tried and
+still converted through shared memory (more STS, 8.2-10 instr/B), so that is a Gluon (explicit
+layouts) or CUDA kernel, once the GPU says where this one stands.
 """
 
 from __future__ import annotations
@@ -128,17 +155,19 @@ def unrepack_int4(weight: Int4MMAWeight) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def int4_mma_config(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages): 64 columns a program, 256+ inputs
-    (whole groups) a step, split K until the grid holds two programs per SM of an H200 (264)
-    while each split keeps two steps or more. A starting point: experiments/int4_mma_sweep.py
-    times the alternatives on the GPU."""
+    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages): 64 columns a program (one warpgroup's
+    m64 wgmma tile), 512 inputs (whole groups) a step loaded straight into registers (no cp.async
+    stage: 2 shared-memory bytes a weight byte fewer, and the fewest SASS instructions per weight
+    byte but one, the module docstring's table); K split until the grid holds two programs per
+    SM of an H200 (264) while each split keeps two steps or more. The same at every M (M is the
+    padded MMA side). A starting point: experiments/int4_mma_sweep.py times the alternatives."""
     block_n = 64 if n >= 64 else 32 if n >= 32 else 16
-    block_k = max(256, group)
+    block_k = max(512, group)
     tiles = triton.cdiv(n, block_n)
     split = 1
     while tiles * split < 264 and k // (2 * split) >= 2 * block_k:
         split *= 2
-    return block_n, block_k, split, 4, 3
+    return block_n, block_k, split, 4, 1
 
 
 class Int4MMAWorkspace:
