@@ -83,8 +83,6 @@ WORD = 8  # codes per int32 word
 NIBBLE_OF = tuple(4 * (i & 1) + (i >> 2) + 2 * ((i >> 1) & 1) for i in range(WORD))
 MAGIC = {torch.bfloat16: 0x43004300, torch.float16: 0x64006400}  # 128.0 / 1024.0 in both 16-bit halves
 MMA_DTYPES = tuple(MAGIC)
-
-
 ZERO_RANGE = (-104, 8)  # integer zero points the operand takes: code + 8 - zero in 0..127 (int4's: -8..7)
 
 
@@ -206,14 +204,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _half(pairs, HIGH: tl.constexpr, dtype: tl.constexpr, BY_HAND: tl.constexpr):
-        """The low (or HIGH) 16 bits of int32 ``pairs`` as a dtype value. The interpreter cannot
-        bitcast 16-bit ints to floats: there the value is made as fp32 from the same bits."""
+        """The low (or HIGH) 16 bits of int32 ``pairs`` as a dtype value. The interpreter has no
+        bf16 (numpy): there the bf16 is made as the fp32 of the same upper bits."""
         bits = (pairs >> 16) & 0xFFFF if HIGH else pairs & 0xFFFF
-        if BY_HAND:
-            if dtype == tl.bfloat16:
-                return (bits << 16).to(tl.float32, bitcast=True)
-            else:
-                return (bits & 0xFF).to(tl.float32) + 1024.0  # fp16 0x6400 | u
+        if BY_HAND and dtype == tl.bfloat16:
+            return (bits << 16).to(tl.float32, bitcast=True)
         else:
             return bits.to(tl.int16).to(dtype, bitcast=True)
 
@@ -235,7 +230,7 @@ if HAS_TRITON:
         """Words int32 [BLOCK_N, GROUP / 8] and the rows' bias [BLOCK_N] (_pair) -> the MMA operand
         [BLOCK_N, GROUP] holding OFFSET + v exactly, in K order (NIBBLE_OF): nibble pairs (s, s + 4)
         into two 16-bit floats at once (0x4300 + v: bf16 128 + v; 0x6400 + v: fp16 1024 + v; v the
-        code, or code + 8 - zero in 0..31), no conversion instruction."""
+        code, or code + 8 - zero in 0..127), no conversion instruction."""
         b = bias[:, None]
         p0 = _pair(words, 0, b, HAS_ZERO)
         p1 = _pair(words, 4, b, HAS_ZERO)
@@ -289,7 +284,7 @@ if HAS_TRITON:
                              other=0.0)  # [GROUP, 16]
                 # the exact code - 8 - zero: one 16-bit subtraction per code (two per register)
                 if BY_HAND:  # the interpreter's dot multiplies 16-bit floats' raw bits: fp32 (exact products)
-                    w_op = _operand(words, bias, dtype, BLOCK_N, GROUP, HAS_ZERO, BY_HAND) - SUB
+                    w_op = _operand(words, bias, dtype, BLOCK_N, GROUP, HAS_ZERO, BY_HAND).to(tl.float32) - SUB
                     part = tl.dot(w_op, xt.to(tl.float32), input_precision="ieee")
                 else:
                     w_op = _operand(words, bias, dtype, BLOCK_N, GROUP, HAS_ZERO, BY_HAND) - tl.full([1, 1], SUB, dtype)
