@@ -78,17 +78,21 @@ from kernels.quant import unpack_int4
 MAX_M = 16  # rows per launch: x is padded to the 16-wide MMA operand
 GROUPS = (32, 64, 128, 256)  # a group spans whole words and one dot's K (>= 16)
 WORD = 8  # codes per int32 word
-# Code 8 j + i of a row sits at nibble NIBBLE_OF[i] of word j: the kernel's nibble pair s, s + 4
-# (one 0x000F000F mask) lands on K offsets 2 i', 2 i' + 1 (i = 4 b + 2 c + a -> nibble 4 a + b + 2 c).
-NIBBLE_OF = tuple(4 * (i & 1) + (i >> 2) + 2 * ((i >> 1) & 1) for i in range(WORD))
-MAGIC = {torch.bfloat16: 0x43004300, torch.float16: 0x64006400}  # 128.0 / 1024.0 in both 16-bit halves
-MMA_DTYPES = tuple(MAGIC)
+BLOCK = 32  # codes per block of 4 words: the k extent of one thread's fragment words (2 k16 MMA tiles)
+# Code 32 T + i of a row (i = 16 tt + 8 q + 2 c + p) sits in word 4 T + WORD_OF[i] (= c) at nibble
+# NIBBLE_OF[i] (= 4 p + 2 tt + q): word c holds exactly the codes at K 2 c, 2 c + 1, 2 c + 8, 2 c + 9
+# of two k16 tiles, the ones a thread's 16-bit MMA operand registers hold (the wgmma / mma A
+# fragment: lane l has k pairs 2 (l % 4) and 2 (l % 4) + 8), with each register's pair p = 0, 1 at
+# nibbles s, s + 4 (one 0x000F000F mask for both).
+WORD_OF = tuple((i >> 1) & 3 for i in range(BLOCK))
+NIBBLE_OF = tuple(4 * (i & 1) + 2 * (i >> 4) + ((i >> 3) & 1) for i in range(BLOCK))
+MMA_DTYPES = (torch.bfloat16, torch.float16)
 ZERO_RANGE = (-104, 8)  # integer zero points the operand takes: code + 8 - zero in 0..127 (int4's: -8..7)
 
 
 @dataclass(frozen=True)
 class Int4MMAWeight:
-    """An int4 weight repacked for int4_mma: words int32 [N, K / 8] (NIBBLE_OF order), scale fp32
+    """An int4 weight repacked for int4_mma: words int32 [N, K / 8] (WORD_OF / NIBBLE_OF order), scale fp32
     [N, K / group], and for zero points (w = (code - zero) * scale) zero_bias int32 [N, K / group]
     = (8 - zero) in both 16-bit halves (what the kernel adds to a nibble pair), else None."""
 
@@ -136,17 +140,19 @@ def repack_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | 
         if not bool(((z == z.round()) & (z >= ZERO_RANGE[0]) & (z <= ZERO_RANGE[1])).all()):
             raise ValueError(f"int4_mma: zero points must be integers in {list(ZERO_RANGE)}")
         zero_bias = ((8 - z).to(torch.int32) * 0x00010001).contiguous()
-    u = (unpack_int4(packed).to(torch.int32) + 8).reshape(n, k // WORD, WORD)
-    shifts = 4 * torch.tensor(NIBBLE_OF, dtype=torch.int32, device=packed.device)
-    words = (u << shifts).sum(dim=-1, dtype=torch.int64)  # disjoint nibbles: the sum is the OR
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    u = (unpack_int4(packed).to(torch.int64) + 8).reshape(n, k // BLOCK, BLOCK)
+    words = torch.zeros(n, k // BLOCK, BLOCK // WORD, dtype=torch.int64, device=packed.device)
+    for i in range(BLOCK):  # disjoint nibbles: the sum is the OR
+        words[:, :, WORD_OF[i]] += u[:, :, i] << (4 * NIBBLE_OF[i])
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32).reshape(n, k // WORD)
     return Int4MMAWeight(words.contiguous(), scale.float().contiguous(), zero_bias, group)
 
 
 def unrepack_int4(weight: Int4MMAWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Int4MMAWeight -> kernels/quant.py's (packed uint8 [N, K / 2], scale, zero or None)."""
-    shifts = 4 * torch.tensor(NIBBLE_OF, dtype=torch.int32, device=weight.words.device)
-    u = ((weight.words[..., None] >> shifts) & 0xF).reshape(weight.n, -1)  # code 8 j + i at [j, i]
+    words = weight.words.reshape(weight.n, -1, BLOCK // WORD)
+    u = torch.stack([(words[:, :, WORD_OF[i]] >> (4 * NIBBLE_OF[i])) & 0xF for i in range(BLOCK)], dim=-1)
+    u = u.reshape(weight.n, -1)  # code 32 T + i at [T, i]
     packed = (u[:, 0::2] | (u[:, 1::2] << 4)).to(torch.uint8)
     zero = None if weight.zero_bias is None else (8 - (weight.zero_bias & 0xFFFF)).float()
     return packed, weight.scale, zero
@@ -204,68 +210,78 @@ if HAS_TRITON:
 
     @triton.jit
     def _half(pairs, HIGH: tl.constexpr, dtype: tl.constexpr, BY_HAND: tl.constexpr):
-        """The low (or HIGH) 16 bits of int32 ``pairs`` as a dtype value. The interpreter has no
-        bf16 (numpy): there the bf16 is made as the fp32 of the same upper bits."""
-        bits = (pairs >> 16) & 0xFFFF if HIGH else pairs & 0xFFFF
+        """The low (or HIGH) 16 bits of int32 ``pairs`` as a dtype value (a truncation, or a shift
+        and a truncation: the halves of one register). The interpreter has no bf16 (numpy): there
+        the bf16 is made as the fp32 of the same upper bits."""
         if BY_HAND and dtype == tl.bfloat16:
-            return (bits << 16).to(tl.float32, bitcast=True)
+            return ((pairs >> 16) << 16 if HIGH else pairs << 16).to(tl.float32, bitcast=True)
+        elif HIGH:
+            return (pairs >> 16).to(tl.int16).to(dtype, bitcast=True)
         else:
-            return bits.to(tl.int16).to(dtype, bitcast=True)
+            return pairs.to(tl.int16).to(dtype, bitcast=True)
 
     @triton.jit
-    def _pair(words, SHIFT: tl.constexpr, bias, HAS_ZERO: tl.constexpr):
+    def _pair(words, SHIFT: tl.constexpr, bias, HAS_ZERO: tl.constexpr, dtype: tl.constexpr):
         """Nibbles SHIFT / 4 and SHIFT / 4 + 4 of each word as two 16-bit floats' bits: OR-ed into
-        the magic (no zero point: one LOP3 if the magic sits in a register, which is why it comes
-        in as a kernel argument: a literal one ptxas re-materializes at every use), or added to
-        the row's bias (magic + 8 - zero, no carry out of a half: one more add)."""
+        the magic (bf16 0x4300 = 128.0, fp16 0x6400 = 1024.0, in both halves: a literal; a magic
+        passed as an argument keeps Triton from loading the words straight in the MMA operand's
+        layout), or added to the row's zero bias (magic + 8 - zero, no carry out of a half)."""
         nib = (words >> SHIFT) & 0x000F000F if SHIFT else words & 0x000F000F
         if HAS_ZERO:
             return nib + bias
+        elif dtype == tl.bfloat16:
+            return nib | 0x43004300
         else:
-            return nib | bias
+            return nib | 0x64006400
 
     @triton.jit
     def _operand(words, bias, dtype: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
                  HAS_ZERO: tl.constexpr, BY_HAND: tl.constexpr):
-        """Words int32 [BLOCK_N, GROUP / 8] and the rows' bias [BLOCK_N] (_pair) -> the MMA operand
-        [BLOCK_N, GROUP] holding OFFSET + v exactly, in K order (NIBBLE_OF): nibble pairs (s, s + 4)
-        into two 16-bit floats at once (0x4300 + v: bf16 128 + v; 0x6400 + v: fp16 1024 + v; v the
-        code, or code + 8 - zero in 0..127), no conversion instruction."""
-        b = bias[:, None]
-        p0 = _pair(words, 0, b, HAS_ZERO)
-        p1 = _pair(words, 4, b, HAS_ZERO)
-        p2 = _pair(words, 8, b, HAS_ZERO)
-        p3 = _pair(words, 12, b, HAS_ZERO)
+        """Words int32 [BLOCK_N, GROUP / 32, 4] (repack_int4's fragment order) and the rows' zero
+        bias [BLOCK_N, 1, 1] -> the MMA operand [BLOCK_N, GROUP] holding OFFSET + v exactly in K
+        order (0x4300 + v: bf16 128 + v; 0x6400 + v: fp16 1024 + v; v the code, or code + 8 - zero
+        in 0..127), no conversion instruction. Word (T, c) holds K 32 T + 16 tt + 8 q + 2 c + p at
+        nibble 4 p + 2 tt + q: pair s = 2 tt + q is (p = 0, p = 1). The joins, the permute and the
+        reshape only rename registers: each thread holds its fragment's words, so Triton loads
+        them straight in the operand's layout (no shared-memory round trip of the 4x larger
+        16-bit operand)."""
+        p0 = _pair(words, 0, bias, HAS_ZERO, dtype)  # tt 0, q 0
+        p1 = _pair(words, 4, bias, HAS_ZERO, dtype)  # tt 0, q 1
+        p2 = _pair(words, 8, bias, HAS_ZERO, dtype)  # tt 1, q 0
+        p3 = _pair(words, 12, bias, HAS_ZERO, dtype)  # tt 1, q 1
         lo = tl.join(tl.join(_half(p0, False, dtype, BY_HAND), _half(p1, False, dtype, BY_HAND)),
                      tl.join(_half(p2, False, dtype, BY_HAND), _half(p3, False, dtype, BY_HAND)))
         hi = tl.join(tl.join(_half(p0, True, dtype, BY_HAND), _half(p1, True, dtype, BY_HAND)),
                      tl.join(_half(p2, True, dtype, BY_HAND), _half(p3, True, dtype, BY_HAND)))
-        return tl.reshape(tl.join(lo, hi), (BLOCK_N, GROUP))
+        t = tl.join(lo, hi)  # [n, T, c, q, tt, p]
+        return tl.reshape(tl.permute(t, (0, 1, 4, 3, 2, 5)), (BLOCK_N, GROUP))  # [n, (T, tt, q, c, p)]
 
     @triton.jit
     def _int4_mma_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, x_stride, out_stride, magic,
+        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, x_stride, out_stride,
         N: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr, K_SPLIT: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
         BY_HAND: tl.constexpr,
     ):
         """Programs (column tile, K split); K_SPLIT inputs a split (a multiple of BLOCK_K)."""
         dtype = x_ptr.dtype.element_ty
-        # magic: MAGIC[dtype], bf16 128.0 (fp16 1024.0) in both halves. The operand holds
-        # OFFSET + code (- SUB: code - 8), or OFFSET + code + 8 - zero (- SUB: code - 8 - zero).
+        # The operand holds OFFSET + code (- SUB: code - 8), or OFFSET + code + 8 - zero (- SUB:
+        # code - 8 - zero); OFFSET 128 (bf16), 1024 (fp16).
         if dtype == tl.bfloat16:
             SUB: tl.constexpr = 144.0 if HAS_ZERO else 136.0
+            MAGIC: tl.constexpr = 0x43004300
         else:
             SUB: tl.constexpr = 1040.0 if HAS_ZERO else 1032.0
+            MAGIC: tl.constexpr = 0x64006400
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
         rows = tl.arange(0, 16)
         row_mask = rows < M
-        jw = tl.arange(0, GROUP // 8)
+        jw = (tl.arange(0, GROUP // 32)[:, None] * 4 + tl.arange(0, 4)[None, :])[None, :, :]  # word (T, c)
         jk = tl.arange(0, GROUP)
-        w_rows = w_ptr + cols.to(tl.int64)[:, None] * (K // 8)
+        w_rows = w_ptr + cols.to(tl.int64)[:, None, None] * (K // 8)
         s_rows = s_ptr + cols * (K // GROUP)
         z_rows = z_ptr + cols * (K // GROUP)
         x_rows = x_ptr + rows[None, :] * x_stride
@@ -275,11 +291,11 @@ if HAS_TRITON:
             for gi in tl.static_range(BLOCK_K // GROUP):
                 kg = k0 + gi * GROUP
                 w_mask = col_mask & (cols * 0 + kg < K)  # a split past K (ragged K) loads nothing
-                words = tl.load(w_rows + (kg // 8 + jw)[None, :], mask=w_mask[:, None], other=0)
+                words = tl.load(w_rows + kg // 8 + jw, mask=w_mask[:, None, None], other=0)
                 scale = tl.load(s_rows + kg // GROUP, mask=w_mask, other=0.0)
-                bias = tl.full([BLOCK_N], 0, tl.int32) + magic
+                bias = tl.full([BLOCK_N, 1, 1], 0, tl.int32)  # unused without zero points
                 if HAS_ZERO:  # (8 - zero) in both halves (repack_int4): v = code + 8 - zero in 0..127
-                    bias += tl.load(z_rows + kg // GROUP, mask=w_mask, other=0)
+                    bias = MAGIC + tl.load(z_rows + kg // GROUP, mask=w_mask, other=0)[:, None, None]
                 xt = tl.load(x_rows + (kg + jk)[:, None], mask=row_mask[None, :] & (kg + jk < K)[:, None],
                              other=0.0)  # [GROUP, 16]
                 # the exact code - 8 - zero: one 16-bit subtraction per code (two per register)
@@ -349,7 +365,7 @@ def int4_mma(x: torch.Tensor, weight: Int4MMAWeight, bias: torch.Tensor | None =
     by_hand = interpreting()
     _int4_mma_kernel[(tiles, split)](
         x, weight.words, weight.scale, weight.zero_bias if weight.zero_bias is not None else weight.scale,
-        bias if bias is not None else x, out, part, count, m, x.stride(0), out.stride(0), MAGIC[x.dtype],
+        bias if bias is not None else x, out, part, count, m, x.stride(0), out.stride(0),
         N=n, K=k, GROUP=weight.group, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, K_SPLIT=k_split,
         HAS_ZERO=weight.zero_bias is not None, HAS_BIAS=bias is not None, BY_HAND=by_hand,
         num_warps=num_warps, num_stages=num_stages,

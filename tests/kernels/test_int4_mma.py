@@ -96,15 +96,21 @@ def test_repack_round_trips(group, zero):
     assert w.nbytes() == n * k // 2 + scale.numel() * 4 * (2 if zero else 1)
 
 
-def test_repack_puts_nibble_pairs_on_adjacent_inputs():
-    """The layout the kernel relies on: codes 2i and 2i + 1 of a word sit 16 bits apart (one
-    0x000F000F mask takes both), codes 0..7 at nibbles 0 4 2 6 1 5 3 7."""
-    codes = (torch.arange(8, dtype=torch.int8) - 8).reshape(1, 8)  # stored +8: nibble value = index
-    packed = ref.pack_int4(torch.cat([codes] * 4, dim=1))  # K = 32, one group
-    w = repack_int4(packed, torch.ones(1, 1))
-    word = int(w.words[0, 0]) & 0xFFFFFFFF
-    nibbles = [(word >> (4 * q)) & 0xF for q in range(8)]
-    assert nibbles == [0, 4, 2, 6, 1, 5, 3, 7]  # nibble q holds code NIBBLE_OF^-1(q)
+def test_repack_puts_each_thread_fragment_in_one_word():
+    """The layout the kernel relies on, found by placing one nonzero code at a time: word c of a
+    32-input block holds inputs 2c, 2c + 1, 2c + 8, 2c + 9 of both k16 tiles (one lane's MMA
+    operand registers), and inputs 2i, 2i + 1 (one register) sit 16 bits apart (one mask)."""
+    where = {}
+    for i in range(32):
+        codes = torch.full((1, 32), -8, dtype=torch.int8)  # stored +8: nibble 0
+        codes[0, i] = 7  # nibble 15
+        words = repack_int4(ref.pack_int4(codes), torch.ones(1, 1)).words[0]
+        found = [(c, q) for c in range(4) for q in range(8) if (int(words[c]) >> (4 * q)) & 0xF]
+        assert len(found) == 1 and all((int(words[c]) >> (4 * q)) & 0xF == 15 for c, q in found)
+        where[i] = found[0]
+    for c in range(4):
+        assert {i for i, (w, _) in where.items() if w == c} == {t + 2 * c + d for t in (0, 16) for d in (0, 1, 8, 9)}
+    assert all(where[2 * i + 1][1] == where[2 * i][1] + 4 for i in range(16))
 
 
 def test_clear_errors():
