@@ -126,7 +126,7 @@ def count(fmt: str, m: int, n: int, k: int, config: tuple) -> dict:
             "programs_per_sm": programs_per_sm(regs, num_warps, programs), "top": ops.most_common(12)}
 
 
-CONFIGS = [(64, 512, 4, 4, 1), (128, 512, 4, 4, 1), (128, 256, 8, 4, 1), (64, 256, 8, 4, 1), (128, 256, 8, 4, 3),
+CONFIGS = [(128, 256, 8, 4, 3), (128, 256, 8, 4, 1), (128, 512, 4, 4, 1), (64, 512, 4, 4, 1), (64, 256, 8, 4, 1),
            (64, 256, 8, 4, 3)]  # kernels/int4_mma.py's docstring table
 
 

@@ -44,11 +44,11 @@ DRY_SHAPES = {"qkv": (48, 256), "down": (32, 768)}  # --dry-run: interpreted on 
 FORMATS = ["int4_g64", "int4_g128", "int4_g128_zero"]
 M_VALUES = [1, 2, 4, 8, 16]
 # (BLOCK_N, BLOCK_K, num_warps, num_stages), the likeliest first (experiments/int4_mma_sass_count.py:
-# the fewest SASS instructions and shared-memory bytes per weight byte first: num_stages 1 loads
-# straight into registers; 2-3 stage through cp.async, more bytes in flight for 2 B/B more shared
-# memory traffic); SPLIT_K from split_candidates per shape.
-CANDIDATES = [(64, 512, 4, 1), (128, 512, 4, 1), (128, 256, 4, 1), (64, 256, 4, 1), (128, 256, 4, 3),
-              (64, 512, 4, 2), (128, 256, 4, 2), (64, 256, 4, 3), (64, 256, 2, 3), (128, 256, 8, 3)]
+# 4.9-6.4 SASS instructions and ~4 shared-memory bytes per weight byte, so the open question is the
+# bytes in flight: num_stages 2-3 stage the codes through cp.async, 1 loads them straight into
+# registers); SPLIT_K from split_candidates per shape.
+CANDIDATES = [(128, 256, 4, 3), (64, 512, 4, 1), (128, 256, 4, 1), (128, 512, 4, 1), (64, 256, 4, 3),
+              (128, 256, 4, 2), (64, 512, 4, 2), (64, 256, 4, 1), (128, 256, 8, 3), (128, 512, 4, 2)]
 SMS_X2 = 264  # two programs per SM of an H200
 COPY_BYTES = 256 << 20
 

@@ -4,18 +4,24 @@ Why: the CUDA-core GEMV (kernels/gemv.py, _matmul_fast_int4) spends ~8.4 SASS in
 weight byte in its K loop, more than the ~7.9 an H200 SM can issue per byte at the copy ceiling
 (132 SMs x 4 schedulers x 32 lanes x 1.98 GHz / 4.27 TB/s): it is ALU bound at 30-44% of the
 ceiling. Here the multiply-adds go to the tensor cores (one HGMMA does 64 x 16 x 16), so what is
-left per weight byte is the dequantization (bit operations, no conversion), the layout shuffle
-into the MMA operand, and one fp32 FMA per group and output: 4.7-6.5 instructions per byte.
+left per weight byte is the dequantization (bit operations, no conversion) and one fp32 FMA per
+group and output: ~5-6 instructions per byte (the table below).
 
 Layout (repack_int4, once at load time, from kernels/quant.py's [N, K / 2] bytes): int32 words
-[N, K / 8], word j of a row holding codes 8 j .. 8 j + 7 (stored + 8), code 8 j + i at nibble
-NIBBLE_OF[i]: codes 2 i' and 2 i' + 1 sit at nibbles s and s + 4, so one LOP3,
-((w >> 4 s) & 0x000F000F) | 0x43004300, makes the two bf16s 128 + u (fp16: 0x6400, 1024 + u) of
-one MMA operand register, no int -> float conversion, and one HADD2 subtracts 136 from both: the
-exact code - 8. A row's words are contiguous: a program's tile is BLOCK_N runs of BLOCK_K / 2
-bytes (whole cache lines). Scales stay fp32 [N, K / GROUP]; zero points (integers, ZERO_RANGE)
-become zero_bias int32 = (8 - zero) in both halves, added instead of OR-ed (u + 8 - zero stays in
-0..127: exact in the 7-bit mantissa), so the operand is the exact code - zero - 8 as well.
+[N, K / 8], a row's words contiguous (a program's tile: BLOCK_N runs of BLOCK_K / 2 bytes, whole
+cache lines), codes stored + 8. Within each 32-input block (4 words) the codes are in the MMA
+operand's fragment order (Marlin's idea): word c holds inputs 2c, 2c + 1, 2c + 8, 2c + 9 of the
+block's two k16 tiles, exactly the codes lane l = 4 r + c holds in its 16-bit operand registers
+(WORD_OF, NIBBLE_OF). So each thread loads its own words and Triton keeps the dequantization in
+the operand's register layout: no shared-memory round trip of the 4x larger bf16 operand, which
+in the plain row layout (8 consecutive codes a word) cost 8 shared-memory bytes per weight byte
+and capped the kernel at ~60-80% of the ceiling (the next paragraph's table, before). The two
+codes of a register sit at nibbles s, s + 4, so one LOP3, ((w >> 4 s) & 0x000F000F) | 0x43004300,
+makes both bf16s 128 + u (fp16: 0x6400, 1024 + u), no int -> float conversion, and one HADD2
+subtracts 136 from both: the exact code - 8. Scales stay fp32 [N, K / GROUP]; zero points
+(integers, ZERO_RANGE) become zero_bias int32 = (8 - zero) in both halves, added instead of
+OR-ed (u + 8 - zero stays in 0..127: exact in the 7-bit mantissa): the operand is the exact
+code - zero - 8 as well.
 
 Kernel (swap AB: the weight is the MMA's M side, BLOCK_N rows of it, and the 1..16 rows of x,
 masked to 16 with zeros, its N side): per group, part = dot(W_op [BLOCK_N, GROUP], x^T [GROUP, 16])
@@ -40,30 +46,25 @@ Count before timing. DRAM bytes per weight byte: codes 1 + fp32 scale 8 / GROUP 
 bias 8 / GROUP): 1.0625 (g128), 1.125 (g64), 1.125 (g128 zero); x (2 K M bytes a column tile) and
 the split-K partials are L2 hits. experiments/int4_mma_sass_count.py, compiled for sm_90 with
 Triton 3.9's ptxas, K loop per thread over the code bytes it covers, N = K = 4096 (the loop is the
-same at every M: M only masks x):
+same at every M: M only masks x). Budgets at the copy ceiling (16.3 weight bytes an SM a clock):
+~7.9 issued instructions, ~7.9 shared-memory bytes (128 B a clock an SM) per weight byte.
 
     config (BLOCK_N, BLOCK_K, SPLIT_K,    instr / weight byte     smem B / weight byte   regs
             num_warps, num_stages)        g128   g64   g128 zero   g128   g64   zero
-    64, 512, 4, 4, 1  (int4_mma_config)   5.18   5.74  5.90        10.0   10.0  10.0   127-135
-    128, 512, 4, 4, 1                     4.67   5.32  5.86         9.81  10.12 10.12  113-196
-    128, 256, 8, 4, 1                     5.05   5.40  6.26         9.81  10.12 10.12  157-168
-    64, 256, 8, 4, 1                      5.55   5.78  6.59        10.0   10.0  10.0    96-101
-    128, 256, 8, 4, 3 (cp.async)          5.72   6.50  6.47        12.16  12.72 12.47  163-175
-    64, 256, 8, 4, 3  (cp.async)          7.17   8.17  8.22        12.69  13.19 13.06   88-96
+    128, 256, 8, 4, 3 (int4_mma_config)   5.25   6.35  5.93        4.16   4.72  4.47  153-168
+    128, 256, 8, 4, 1                     4.88   5.60  5.48        3.81   4.12  4.12  157-168
+    128, 512, 4, 4, 1                     4.93   5.50  5.33        3.81   4.12  4.12  111-170
+    64, 512, 4, 4, 1                      5.34   5.84  5.75        4.00   4.00  4.50  104-128
+    64, 256, 8, 4, 1                      5.52   5.89  6.20        4.00   4.00  4.50   80-98
+    64, 256, 8, 4, 3                      6.56   7.91  7.48        4.69   5.19  5.06   75-95
     CUDA-core _matmul_fast_int4 (gemv)    8.4 at its best config (8, 2048, 2)
+    before the fragment order, best       4.67   5.32  5.86        9.81  10.12 10.12 (128, 512, 4, 4, 1)
 
-Every config is under the ~7.9 issue budget but the pipelined (64, 256) one with groups of 64 or
-zero points. The tensor cores are not the bound either (64 padded-row FLOPs a weight byte: 0.27
-PFLOP/s at the ceiling, about a quarter of the H200's dense bf16). The next bound is shared
-memory: an SM moves 128 B a clock, ~7.9 B per weight byte at the ceiling (16.3 weight B a clock
-an SM), and Triton converts the dequantized operand into the wgmma register layout through
-shared memory (STS.128 + LDSM: 8 B per weight byte, the bf16 operand being 4x the int4 bytes),
-plus the x operand (1 B/B) and, with cp.async stages, the staged codes (2 B/B): 9.8-12.7 B/B,
-which caps the kernel at ~60-80% of the copy ceiling at a 1.98 GHz clock, the unstaged configs
-highest. Removing that round trip needs the codes loaded straight in the operand's fragment
-layout (Marlin's): a fragment-ordered repack with permute/reshape in Triton 3.9 was tried and
-still converted through shared memory (more STS, 8.2-10 instr/B), so that is a Gluon (explicit
-layouts) or CUDA kernel, once the GPU says where this one stands.
+The tensor cores are not the bound either: 64 padded-row FLOPs a weight byte is 0.27 PFLOP/s at
+the ceiling, about a quarter of the H200's dense bf16. What the counts cannot say is whether
+4-8 warps an SM keep enough loads in flight (Little's law: ~32 KB an SM): num_stages 2-3 stage
+the codes through cp.async (more in flight, 1-2 B/B more shared memory); 1 loads them straight
+to registers. experiments/int4_mma_sweep.py times both.
 """
 
 from __future__ import annotations
@@ -159,19 +160,19 @@ def unrepack_int4(weight: Int4MMAWeight) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def int4_mma_config(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages): 64 columns a program (one warpgroup's
-    m64 wgmma tile), 512 inputs (whole groups) a step loaded straight into registers (no cp.async
-    stage: 2 shared-memory bytes a weight byte fewer, and the fewest SASS instructions per weight
-    byte but one, the module docstring's table); K split until the grid holds two programs per
-    SM of an H200 (264) while each split keeps two steps or more. The same at every M (M is the
-    padded MMA side). A starting point: experiments/int4_mma_sweep.py times the alternatives."""
-    block_n = 64 if n >= 64 else 32 if n >= 32 else 16
-    block_k = max(512, group)
+    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages): 128 columns a program (one warpgroup,
+    two m64 wgmma tiles), 256 inputs (whole groups) a step, three cp.async stages (a program's
+    first two steps in flight at once); K split until the grid holds two programs per SM of an
+    H200 (264) while each split keeps two steps or more. The same at every M (M is the padded MMA
+    side). From the sm_90 counts (module docstring); experiments/int4_mma_sweep.py times the
+    alternatives."""
+    block_n = 128 if n >= 128 else 64 if n >= 64 else 32 if n >= 32 else 16
+    block_k = max(256, group)
     tiles = triton.cdiv(n, block_n)
     split = 1
     while tiles * split < 264 and k // (2 * split) >= 2 * block_k:
         split *= 2
-    return block_n, block_k, split, 4, 1
+    return block_n, block_k, split, 4, 3
 
 
 class Int4MMAWorkspace:
