@@ -119,10 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
     ap.add_argument("--shapes", nargs="+", default=None, help=f"of {list(SHAPES)}")
     ap.add_argument("--m", nargs="+", type=int, default=M_VALUES, help="batch rows (1..16)")
-    ap.add_argument("--budget-s", type=float, default=120.0, help="seconds of config sweeping after the fixed measurements")
+    ap.add_argument("--budget-s", type=float, default=120.0,
+                    help="seconds of config sweeping after the fixed measurements")
     ap.add_argument("--json", default=None, help="also write the JSON lines to this file")
     ap.add_argument("--dry-run", action="store_true",
-                    help="CPU, interpreted kernels (set TRITON_INTERPRET=1), tiny shapes, one untimed-quality call each")
+                    help="CPU, interpreted kernels (set TRITON_INTERPRET=1), tiny shapes, host-clock timings")
     args = ap.parse_args(argv)
     dry = args.dry_run
     shapes_all = DRY_SHAPES if dry else SHAPES

@@ -15,7 +15,7 @@ block's two k16 tiles, exactly the codes lane l = 4 r + c holds in its 16-bit op
 (WORD_OF, NIBBLE_OF). So each thread loads its own words and Triton keeps the dequantization in
 the operand's register layout: no shared-memory round trip of the 4x larger bf16 operand, which
 in the plain row layout (8 consecutive codes a word) cost 8 shared-memory bytes per weight byte
-and capped the kernel at ~60-80% of the ceiling (the next paragraph's table, before). The two
+and capped the kernel at ~60-80% of the ceiling (the table below: "before"). The two
 codes of a register sit at nibbles s, s + 4, so one LOP3, ((w >> 4 s) & 0x000F000F) | 0x43004300,
 makes both bf16s 128 + u (fp16: 0x6400, 1024 + u), no int -> float conversion, and one HADD2
 subtracts 136 from both: the exact code - 8. Scales stay fp32 [N, K / GROUP]; zero points
@@ -309,7 +309,8 @@ if HAS_TRITON:
                 acc += scale[:, None] * part
         out_mask = col_mask[:, None] & row_mask[None, :]
         if SPLIT_K > 1:
-            tile = part_ptr + (pid_n * SPLIT_K * 16 * BLOCK_N + rows[None, :] * BLOCK_N + tl.arange(0, BLOCK_N)[:, None])
+            tile = part_ptr + (pid_n * SPLIT_K * 16 * BLOCK_N + rows[None, :] * BLOCK_N
+                               + tl.arange(0, BLOCK_N)[:, None])  # [SPLIT_K, 16, BLOCK_N] a tile
             tl.store(tile + pid_k * 16 * BLOCK_N, acc, mask=out_mask)
             tl.debug_barrier()  # every thread's partial stored before the ticket (release below)
             ticket = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")

@@ -31,10 +31,12 @@ def test_dry_run_flow(monkeypatch, tmp_path):
         for shape in sweep.DRY_SHAPES:
             for m in (1, 2):
                 got = [r for r in measures if (r["format"], r["shape"], r["M"]) == (fmt, shape, m)]
-                assert {"mma", "mma_sweep", "mma_best", "gemv_exact", "gemv_fast", "tinygemm"} <= {r["path"] for r in got}
+                paths = {r["path"] for r in got}
+                assert {"mma", "mma_sweep", "mma_best", "gemv_exact", "gemv_fast", "tinygemm"} <= paths
                 assert all(r["GBps"] > 0 and r["of_copy_ceiling"] > 0 and r["x_bf16"] > 0 for r in got)
     splits = {r["config"][2] for r in measures if r["path"] == "mma_sweep" and r["shape"] == "down"}
     assert max(splits) > 1  # the split-K fixup ran
-    assert {(r["shape"], r["M"]) for r in measures if r["path"] == "bf16"} == {(s, m) for s in sweep.DRY_SHAPES for m in (1, 2)}
+    bf16 = {(r["shape"], r["M"]) for r in measures if r["path"] == "bf16"}
+    assert bf16 == {(s, m) for s in sweep.DRY_SHAPES for m in (1, 2)}
     suggested = {(r["format"], r["M"]) for r in recs if r["kind"] == "suggest"}
     assert suggested == {(f, m) for f in formats for m in (1, 2)}
