@@ -51,7 +51,7 @@ same at every M: M only masks x). Budgets at the copy ceiling (16.3 weight bytes
 
     config (BLOCK_N, BLOCK_K, SPLIT_K,    instr / weight byte     smem B / weight byte   regs
             num_warps, num_stages)        g128   g64   g128 zero   g128   g64   zero
-    128, 256, 8, 4, 3 (int4_mma_config)   5.25   6.35  5.93        4.16   4.72  4.47  153-168
+    128, 256, 8, 4, 3 (heuristic's tile)  5.25   6.35  5.93        4.16   4.72  4.47  153-168
     128, 256, 8, 4, 1                     4.88   5.60  5.48        3.81   4.12  4.12  157-168
     128, 512, 4, 4, 1                     4.93   5.50  5.33        3.81   4.12  4.12  111-170
     64, 512, 4, 4, 1                      5.34   5.84  5.75        4.00   4.00  4.50  104-128
@@ -159,20 +159,33 @@ def unrepack_int4(weight: Int4MMAWeight) -> tuple[torch.Tensor, torch.Tensor, to
     return packed, weight.scale, zero
 
 
+SMS_X2 = 264  # two programs per SM of an H200 (132 SMs)
+PARTIALS_SHARE = 4  # split-K partials (written and read, fp32) at most 1 / PARTIALS_SHARE of the weight bytes
+
+
 def int4_mma_config(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages): 128 columns a program (one warpgroup,
-    two m64 wgmma tiles), 256 inputs (whole groups) a step, three cp.async stages (a program's
-    first two steps in flight at once); K split until the grid holds two programs per SM of an
-    H200 (264) while each split keeps two steps or more. The same at every M (M is the padded MMA
-    side). From the sm_90 counts (module docstring); experiments/int4_mma_sweep.py times the
-    alternatives."""
-    block_n = 128 if n >= 128 else 64 if n >= 64 else 32 if n >= 32 else 16
+    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages): 256 inputs (whole groups) a step, three
+    cp.async stages, 4 warps (one warpgroup); 128 columns a program (two m64 wgmma tiles: the fewest
+    instructions per weight byte, module docstring), else 64 where that launches more programs
+    (narrower tiles than a warpgroup's m64 fall back to mma.sync, replicated over the warps).
+    SPLIT_K: the least power of two giving two programs per SM of an H200, each split one step or
+    more, and the partials' traffic (8 M SPLIT_K bytes a column, written and read) at most a
+    quarter of the weight's (K / 2 a column): at M == 1 every 7B shape gets its 264 programs; at
+    M == 16 K / 1024 splits at most. From the sm_90 counts; experiments/int4_mma_sweep.py times
+    the alternatives."""
     block_k = max(256, group)
-    tiles = triton.cdiv(n, block_n)
-    split = 1
-    while tiles * split < 264 and k // (2 * split) >= 2 * block_k:
-        split *= 2
-    return block_n, block_k, split, 4, 3
+    best = None
+    for block_n in (128, 64):  # a warpgroup's wgmma tiles: narrower ones fall back to replicated mma.sync
+        tiles = triton.cdiv(n, block_n)
+        split = 1
+        while (tiles * split < SMS_X2 and k // (2 * split) >= block_k
+               and 16 * m * 2 * split * PARTIALS_SHARE <= k):
+            split *= 2
+        if best is None or tiles * split > best[0]:
+            best = (tiles * split, (block_n, block_k, split, 4, 3))
+        if tiles * split >= SMS_X2:
+            break
+    return best[1]
 
 
 class Int4MMAWorkspace:

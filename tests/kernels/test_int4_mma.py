@@ -136,28 +136,33 @@ def test_clear_errors():
 
 
 def test_config_launches_two_programs_per_sm_on_7b_shapes():
-    """The heuristic's grid at M == 1 on Llama-2-7B's shapes: 264+ programs (two per H200 SM)
-    where K allows splits of two steps or more, whole groups a step."""
+    """The heuristic's grid on Llama-2-7B's shapes: 264+ programs (two per H200 SM) at M == 1,
+    whole groups a step, every split one step or more, and the split-K partials (fp32, written
+    and read) at most a quarter of the weight's bytes at any M."""
+    import triton
+
     for n, k in [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]:
         for group in (64, 128):
-            block_n, block_k, split, _, _ = int4_mma_config(1, n, k, group)
-            assert block_k % group == 0
-            assert -(-n // block_n) * split >= 264 or k // (2 * split) < 2 * block_k, (n, k, group)
+            for m in (1, 2, 4, 8, 16):
+                block_n, block_k, split, warps, _ = int4_mma_config(m, n, k, group)
+                assert block_k % group == 0 and block_n in (64, 128) and warps == 4
+                assert k // split >= block_k and (split == 1 or 16 * m * split <= k / 4), (n, k, m, split)
+                programs = triton.cdiv(n, block_n) * split
+                assert programs >= 264 or m > 1, (n, k, group, programs)
 
 
 SM90_COUNT = """
 import json
 from experiments.int4_mma_sass_count import count
-from kernels.int4_mma import int4_mma_config
 
-for fmt in ("int4_g128", "int4_g128_zero"):
-    print(json.dumps(count(fmt, 1, 4096, 4096, int4_mma_config(1, 4096, 4096, 128))))
+for fmt in ("int4_g128", "int4_g128_zero"):  # the heuristic's tile, two steps a program (a loop to count)
+    print(json.dumps(count(fmt, 1, 4096, 4096, (128, 256, 8, 4, 3))))
 """
 
 
 def test_sm90_counts_stay_under_the_copy_ceiling_budgets():
     """The design's evidence, kept: compiled for sm_90 with Triton's bundled ptxas (a fresh process
-    without the interpreter), the heuristic config's K loop issues fewer SASS instructions and moves
+    without the interpreter), the heuristic's tile's K loop issues fewer SASS instructions and moves
     fewer shared-memory bytes per weight byte than an H200 SM has at the copy ceiling (~7.9 each),
     on the tensor cores, without spills. A layout the compiler cannot load straight into the MMA
     operand (the fragment order broken, a magic passed as an argument) goes back to ~10-12 smem B/B."""
