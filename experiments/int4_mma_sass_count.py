@@ -25,8 +25,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from experiments.gemv_sass_count import (BIN, CONVERSIONS, _opcode, load_stats, loop_body, programs_per_sm, resources,
-                                         sass_lines)
+from experiments.gemv_sass_count import (BIN, CONVERSIONS, _opcode, ldg_bytes, load_stats, loop_body, programs_per_sm,
+                                         resources, sass_lines)
 from kernels import int4_mma as Q
 
 FORMATS = {"int4_g128": (128, False), "int4_g64": (64, False), "int4_g128_zero": (128, True), "int4_g32": (32, False)}
@@ -66,15 +66,6 @@ def _sass(cubin: bytes) -> tuple[str, int, int]:
     return sass, regs, spill
 
 
-def _width(op: str) -> int:
-    """Bytes one thread moves with a shared-memory opcode's width modifier (32-bit without one)."""
-    mods = op.split(".")[1:]
-    for width, nbytes in (("128", 16), ("64", 8), ("U16", 2), ("S16", 2), ("U8", 1), ("S8", 1)):
-        if width in mods:
-            return nbytes
-    return 4
-
-
 def smem_bytes(body: list[str]) -> int:
     """Shared-memory bytes one thread moves in ``body``: STS / LDS by width, LDSM (.4: four 32-bit
     registers), cp.async (LDGSTS) writes, and the x operand an HGMMA m64nNk16 reads from shared
@@ -86,7 +77,7 @@ def smem_bytes(body: list[str]) -> int:
             continue
         base, mods = op.split(".")[0], op.split(".")[1:]
         if base in ("STS", "LDS", "LDGSTS"):
-            total += _width(op)
+            total += ldg_bytes(op)  # the same width modifiers as a global load's
         elif base == "LDSM":
             total += 4 * int(mods[-1]) if mods and mods[-1].isdigit() else 4
         elif base == "HGMMA":  # HGMMA.64x16x16.F32.BF16 (the shape is lower case: not in the opcode match)
