@@ -1,0 +1,388 @@
+"""Tensor-core int4 weight-only GEMM for decode (1 <= M <= 16): y = x @ W^T (+ bias), W int4 per group.
+
+Why: the CUDA-core GEMV (kernels/gemv.py, _matmul_fast_int4) spends ~8.4 SASS instructions per
+weight byte in its K loop, more than the ~7.9 an H200 SM can issue per byte at the copy ceiling
+(132 SMs x 4 schedulers x 32 lanes x 1.98 GHz / 4.27 TB/s): it is ALU bound at 30-44% of the
+ceiling. Here the multiply-adds go to the tensor cores (one HGMMA does 64 x 16 x 16), so what is
+left per weight byte is the dequantization (bit operations, no conversion) and one fp32 FMA per
+group and output: ~5-6 instructions per byte (the table below).
+
+Layout (repack_int4, once at load time, from kernels/quant.py's [N, K / 2] bytes): int32 words
+[N, K / 8], a row's words contiguous (a program's tile: BLOCK_N runs of BLOCK_K / 2 bytes, whole
+cache lines), codes stored + 8. Within each 32-input block (4 words) the codes are in the MMA
+operand's fragment order (Marlin's idea): word c holds inputs 2c, 2c + 1, 2c + 8, 2c + 9 of the
+block's two k16 tiles, exactly the codes lane l = 4 r + c holds in its 16-bit operand registers
+(WORD_OF, NIBBLE_OF). So each thread loads its own words and Triton keeps the dequantization in
+the operand's register layout: no shared-memory round trip of the 4x larger bf16 operand, which
+in the plain row layout (8 consecutive codes a word) cost 8 shared-memory bytes per weight byte
+and capped the kernel at ~60-80% of the ceiling (the table below: "before"). The two
+codes of a register sit at nibbles s, s + 4, so one LOP3, ((w >> 4 s) & 0x000F000F) | 0x43004300,
+makes both bf16s 128 + u (fp16: 0x6400, 1024 + u), no int -> float conversion, and one HADD2
+subtracts 136 from both: the exact code - 8. Scales stay fp32 [N, K / GROUP]; zero points
+(integers, ZERO_RANGE) become zero_bias int32 = (8 - zero) in both halves, added instead of
+OR-ed (u + 8 - zero stays in 0..127: exact in the 7-bit mantissa): the operand is the exact
+code - zero - 8 as well.
+
+Kernel (swap AB: the weight is the MMA's M side, BLOCK_N rows of it, and the 1..16 rows of x,
+masked to 16 with zeros, its N side): per group, part = dot(W_op [BLOCK_N, GROUP], x^T [GROUP, 16])
+in fp32, W_op exact, then acc += scale * part (one FMA per output and group). No dequantized
+weight is rounded: the reference is kernels/quant.py's int4_linear_fast_ref (fp32 dequant, one
+rounding at the end), met to fp32 summation order. BLOCK_K spans BLOCK_K / GROUP groups a step;
+SPLIT_K programs share a column tile's K. (An offset-and-correct operand, OFFSET + u with
+- (OFFSET + 8 + zero) * sum_group(x) on the partial sum, cost 1.6 more instructions per byte for
+the per-group x sums, and non-integer zero points are not what int4 quantization makes.)
+
+Split-K reduction, deterministic, one launch: each program stores its fp32 partial [M, BLOCK_N] to
+a workspace, a CTA barrier, then one thread takes a ticket from its tile's counter (atomic add,
+acq_rel at GPU scope: CUTLASS's semaphore pattern); the program drawing the last ticket sums the
+SPLIT_K partials in split order 0..SPLIT_K-1 (L2 reads, .cg): the same order, so bitwise the same
+result, on every run; adds the bias, rounds once to x's dtype, stores, and resets the counter to 0
+for the next launch (CUDA-graph replays included). Atomics into a zeroed fp32 buffer were the
+other choice: they need a memset and a rounding launch beside the kernel (two launches of ~2 us
+against a 2.5 us o_proj at the ceiling), and their order (so the bits) varies. The workspace and
+counters belong to one stream at a time (Int4MMAWorkspace).
+
+Count before timing. DRAM bytes per weight byte: codes 1 + fp32 scale 8 / GROUP (+ int32 zero
+bias 8 / GROUP): 1.0625 (g128), 1.125 (g64), 1.125 (g128 zero); x (2 K M bytes a column tile) and
+the split-K partials are L2 hits. experiments/int4_mma_sass_count.py, compiled for sm_90 with
+Triton 3.9's ptxas, K loop per thread over the code bytes it covers, N = K = 4096 (the loop is the
+same at every M: M only masks x). Budgets at the copy ceiling (16.3 weight bytes an SM a clock):
+~7.9 issued instructions, ~7.9 shared-memory bytes (128 B a clock an SM) per weight byte.
+
+    config (BLOCK_N, BLOCK_K, SPLIT_K,    instr / weight byte     smem B / weight byte   regs
+            num_warps, num_stages)        g128   g64   g128 zero   g128   g64   zero
+    128, 256, 8, 4, 3 (heuristic's tile)  5.25   6.35  5.93        4.16   4.72  4.47  153-168
+    128, 256, 8, 4, 1                     4.88   5.60  5.48        3.81   4.12  4.12  157-168
+    128, 512, 4, 4, 1                     4.93   5.50  5.33        3.81   4.12  4.12  111-170
+    64, 512, 4, 4, 1                      5.34   5.84  5.75        4.00   4.00  4.50  104-128
+    64, 256, 8, 4, 1                      5.52   5.89  6.20        4.00   4.00  4.50   80-98
+    64, 256, 8, 4, 3                      6.56   7.91  7.48        4.69   5.19  5.06   75-95
+    CUDA-core _matmul_fast_int4 (gemv)    8.4 at its best config (8, 2048, 2)
+    before the fragment order, best       4.67   5.32  5.86        9.81  10.12 10.12 (128, 512, 4, 4, 1)
+
+The tensor cores are not the bound either: 64 padded-row FLOPs a weight byte is 0.27 PFLOP/s at
+the ceiling, about a quarter of the H200's dense bf16. What the counts cannot say is whether
+4-8 warps an SM keep enough loads in flight (Little's law: ~32 KB an SM): num_stages 2-3 stage
+the codes through cp.async (more in flight, 1-2 B/B more shared memory); 1 loads them straight
+to registers. experiments/int4_mma_sweep.py times both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels._triton import HAS_TRITON, interpreting, tl, triton
+from kernels.quant import unpack_int4
+
+MAX_M = 16  # rows per launch: x is padded to the 16-wide MMA operand
+GROUPS = (32, 64, 128, 256)  # a group spans whole words and one dot's K (>= 16)
+WORD = 8  # codes per int32 word
+BLOCK = 32  # codes per block of 4 words: the k extent of one thread's fragment words (2 k16 MMA tiles)
+# Code 32 T + i of a row (i = 16 tt + 8 q + 2 c + p) sits in word 4 T + WORD_OF[i] (= c) at nibble
+# NIBBLE_OF[i] (= 4 p + 2 tt + q): word c holds exactly the codes at K 2 c, 2 c + 1, 2 c + 8, 2 c + 9
+# of two k16 tiles, the ones a thread's 16-bit MMA operand registers hold (the wgmma / mma A
+# fragment: lane l has k pairs 2 (l % 4) and 2 (l % 4) + 8), with each register's pair p = 0, 1 at
+# nibbles s, s + 4 (one 0x000F000F mask for both).
+WORD_OF = tuple((i >> 1) & 3 for i in range(BLOCK))
+NIBBLE_OF = tuple(4 * (i & 1) + 2 * (i >> 4) + ((i >> 3) & 1) for i in range(BLOCK))
+MMA_DTYPES = (torch.bfloat16, torch.float16)
+ZERO_RANGE = (-104, 8)  # integer zero points the operand takes: code + 8 - zero in 0..127 (int4's: -8..7)
+
+
+@dataclass(frozen=True)
+class Int4MMAWeight:
+    """An int4 weight repacked for int4_mma: words int32 [N, K / 8] (WORD_OF / NIBBLE_OF order), scale fp32
+    [N, K / group], and for zero points (w = (code - zero) * scale) zero_bias int32 [N, K / group]
+    = (8 - zero) in both 16-bit halves (what the kernel adds to a nibble pair), else None."""
+
+    words: torch.Tensor
+    scale: torch.Tensor
+    zero_bias: torch.Tensor | None
+    group: int
+
+    @property
+    def n(self) -> int:
+        return self.words.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.words.shape[1] * WORD
+
+    def nbytes(self) -> int:
+        """Bytes a launch reads of the weight (codes, scales, zero points)."""
+        return sum(t.numel() * t.element_size() for t in (self.words, self.scale, self.zero_bias) if t is not None)
+
+
+def check_group(k: int, group: int) -> None:
+    if group not in GROUPS:
+        raise ValueError(f"int4_mma: group size {group} not supported (groups of {GROUPS} inputs)")
+    if k % group:
+        raise ValueError(f"int4_mma: in_features {k} is not a multiple of the group size {group}")
+
+
+def repack_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> Int4MMAWeight:
+    """kernels/quant.py's int4 layout (packed uint8 [N, K / 2], even column in the low nibble;
+    scale and optional zero [N, K / group]) -> Int4MMAWeight. Raises on a group or zero point it
+    does not take (zero points: integers in ZERO_RANGE, as int4 quantization makes them)."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"int4_mma: packed codes must be uint8 [N, K / 2], got {packed.dtype} {tuple(packed.shape)}")
+    n, k = packed.shape[0], packed.shape[1] * 2
+    if scale.dim() != 2 or scale.shape[0] != n or k % scale.shape[1]:
+        raise ValueError(f"int4_mma: scale {tuple(scale.shape)} is not [N, K / group] of codes [{n}, {k}]")
+    group = k // scale.shape[1]
+    check_group(k, group)
+    zero_bias = None
+    if zero is not None:
+        if zero.shape != scale.shape:
+            raise ValueError(f"int4_mma: zero {tuple(zero.shape)} does not match scale {tuple(scale.shape)}")
+        z = zero.float()
+        if not bool(((z == z.round()) & (z >= ZERO_RANGE[0]) & (z <= ZERO_RANGE[1])).all()):
+            raise ValueError(f"int4_mma: zero points must be integers in {list(ZERO_RANGE)}")
+        zero_bias = ((8 - z).to(torch.int32) * 0x00010001).contiguous()
+    u = (unpack_int4(packed).to(torch.int64) + 8).reshape(n, k // BLOCK, BLOCK)
+    words = torch.zeros(n, k // BLOCK, BLOCK // WORD, dtype=torch.int64, device=packed.device)
+    for i in range(BLOCK):  # disjoint nibbles: the sum is the OR
+        words[:, :, WORD_OF[i]] += u[:, :, i] << (4 * NIBBLE_OF[i])
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32).reshape(n, k // WORD)
+    return Int4MMAWeight(words.contiguous(), scale.float().contiguous(), zero_bias, group)
+
+
+def unrepack_int4(weight: Int4MMAWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Int4MMAWeight -> kernels/quant.py's (packed uint8 [N, K / 2], scale, zero or None)."""
+    words = weight.words.reshape(weight.n, -1, BLOCK // WORD)
+    u = torch.stack([(words[:, :, WORD_OF[i]] >> (4 * NIBBLE_OF[i])) & 0xF for i in range(BLOCK)], dim=-1)
+    u = u.reshape(weight.n, -1)  # code 32 T + i at [T, i]
+    packed = (u[:, 0::2] | (u[:, 1::2] << 4)).to(torch.uint8)
+    zero = None if weight.zero_bias is None else (8 - (weight.zero_bias & 0xFFFF)).float()
+    return packed, weight.scale, zero
+
+
+SMS_X2 = 264  # two programs per SM of an H200 (132 SMs)
+PARTIALS_SHARE = 4  # split-K partials (written and read, fp32) at most 1 / PARTIALS_SHARE of the weight bytes
+
+
+def int4_mma_config(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages): 256 inputs (whole groups) a step, three
+    cp.async stages, 4 warps (one warpgroup); 128 columns a program (two m64 wgmma tiles: the fewest
+    instructions per weight byte, module docstring), else 64 where that launches more programs
+    (narrower tiles than a warpgroup's m64 fall back to mma.sync, replicated over the warps).
+    SPLIT_K: the least power of two giving two programs per SM of an H200, each split one step or
+    more, and the partials' traffic (8 M SPLIT_K bytes a column, written and read) at most a
+    quarter of the weight's (K / 2 a column): at M == 1 every 7B shape gets its 264 programs; at
+    M == 16 K / 1024 splits at most. From the sm_90 counts; experiments/int4_mma_sweep.py times
+    the alternatives."""
+    block_k = max(256, group)
+    best = None
+    for block_n in (128, 64):  # a warpgroup's wgmma tiles: narrower ones fall back to replicated mma.sync
+        tiles = triton.cdiv(n, block_n)
+        split = 1
+        while (tiles * split < SMS_X2 and k // (2 * split) >= block_k
+               and 16 * m * 2 * split * PARTIALS_SHARE <= k):
+            split *= 2
+        if best is None or tiles * split > best[0]:
+            best = (tiles * split, (block_n, block_k, split, 4, 3))
+        if tiles * split >= SMS_X2:
+            break
+    return best[1]
+
+
+class Int4MMAWorkspace:
+    """The split-K partials (fp32) and per-tile counters of int4_mma, per device, grown on demand.
+    Counters start at 0 and every launch leaves them at 0. Allocate (call once with the largest
+    shapes) before a CUDA-graph capture; one stream at a time."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, device: torch.device, partials: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+        part, count = self._bufs.get(device, (None, None))
+        if part is None or part.numel() < partials or count.numel() < counters:
+            part = torch.empty(max(partials, 0 if part is None else part.numel()), dtype=torch.float32, device=device)
+            count = torch.zeros(max(counters, 0 if count is None else count.numel()), dtype=torch.int32,
+                                device=device)
+            self._bufs[device] = (part, count)
+        return part, count
+
+
+WORKSPACE = Int4MMAWorkspace()
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _round_to(v, dtype: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+        """fp32 v rounded to dtype, ties to even. The interpreter's fp32 -> bf16 cast truncates:
+        there, round on the bits (kernels/gemv.py's _rnd does the same)."""
+        if BF16_BY_HAND and dtype == tl.bfloat16:
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True).to(dtype)
+        else:
+            return v.to(dtype)
+
+    @triton.jit
+    def _half(pairs, HIGH: tl.constexpr, dtype: tl.constexpr, BY_HAND: tl.constexpr):
+        """The low (or HIGH) 16 bits of int32 ``pairs`` as a dtype value (a truncation, or a shift
+        and a truncation: the halves of one register). The interpreter has no bf16 (numpy): there
+        the bf16 is made as the fp32 of the same upper bits."""
+        if BY_HAND and dtype == tl.bfloat16:
+            return ((pairs >> 16) << 16 if HIGH else pairs << 16).to(tl.float32, bitcast=True)
+        elif HIGH:
+            return (pairs >> 16).to(tl.int16).to(dtype, bitcast=True)
+        else:
+            return pairs.to(tl.int16).to(dtype, bitcast=True)
+
+    @triton.jit
+    def _pair(words, SHIFT: tl.constexpr, bias, HAS_ZERO: tl.constexpr, dtype: tl.constexpr):
+        """Nibbles SHIFT / 4 and SHIFT / 4 + 4 of each word as two 16-bit floats' bits: OR-ed into
+        the magic (bf16 0x4300 = 128.0, fp16 0x6400 = 1024.0, in both halves: a literal; a magic
+        passed as an argument keeps Triton from loading the words straight in the MMA operand's
+        layout), or added to the row's zero bias (magic + 8 - zero, no carry out of a half)."""
+        nib = (words >> SHIFT) & 0x000F000F if SHIFT else words & 0x000F000F
+        if HAS_ZERO:
+            return nib + bias
+        elif dtype == tl.bfloat16:
+            return nib | 0x43004300
+        else:
+            return nib | 0x64006400
+
+    @triton.jit
+    def _operand(words, bias, dtype: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+                 HAS_ZERO: tl.constexpr, BY_HAND: tl.constexpr):
+        """Words int32 [BLOCK_N, GROUP / 32, 4] (repack_int4's fragment order) and the rows' zero
+        bias [BLOCK_N, 1, 1] -> the MMA operand [BLOCK_N, GROUP] holding OFFSET + v exactly in K
+        order (0x4300 + v: bf16 128 + v; 0x6400 + v: fp16 1024 + v; v the code, or code + 8 - zero
+        in 0..127), no conversion instruction. Word (T, c) holds K 32 T + 16 tt + 8 q + 2 c + p at
+        nibble 4 p + 2 tt + q: pair s = 2 tt + q is (p = 0, p = 1). The joins, the permute and the
+        reshape only rename registers: each thread holds its fragment's words, so Triton loads
+        them straight in the operand's layout (no shared-memory round trip of the 4x larger
+        16-bit operand)."""
+        p0 = _pair(words, 0, bias, HAS_ZERO, dtype)  # tt 0, q 0
+        p1 = _pair(words, 4, bias, HAS_ZERO, dtype)  # tt 0, q 1
+        p2 = _pair(words, 8, bias, HAS_ZERO, dtype)  # tt 1, q 0
+        p3 = _pair(words, 12, bias, HAS_ZERO, dtype)  # tt 1, q 1
+        lo = tl.join(tl.join(_half(p0, False, dtype, BY_HAND), _half(p1, False, dtype, BY_HAND)),
+                     tl.join(_half(p2, False, dtype, BY_HAND), _half(p3, False, dtype, BY_HAND)))
+        hi = tl.join(tl.join(_half(p0, True, dtype, BY_HAND), _half(p1, True, dtype, BY_HAND)),
+                     tl.join(_half(p2, True, dtype, BY_HAND), _half(p3, True, dtype, BY_HAND)))
+        t = tl.join(lo, hi)  # [n, T, c, q, tt, p]
+        return tl.reshape(tl.permute(t, (0, 1, 4, 3, 2, 5)), (BLOCK_N, GROUP))  # [n, (T, tt, q, c, p)]
+
+    @triton.jit
+    def _int4_mma_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, x_stride, out_stride,
+        N: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr, K_SPLIT: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BY_HAND: tl.constexpr,
+    ):
+        """Programs (column tile, K split); K_SPLIT inputs a split (a multiple of BLOCK_K)."""
+        dtype = x_ptr.dtype.element_ty
+        # The operand holds OFFSET + code (- SUB: code - 8), or OFFSET + code + 8 - zero (- SUB:
+        # code - 8 - zero); OFFSET 128 (bf16), 1024 (fp16).
+        if dtype == tl.bfloat16:
+            SUB: tl.constexpr = 144.0 if HAS_ZERO else 136.0
+            MAGIC: tl.constexpr = 0x43004300
+        else:
+            SUB: tl.constexpr = 1040.0 if HAS_ZERO else 1032.0
+            MAGIC: tl.constexpr = 0x64006400
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        rows = tl.arange(0, 16)
+        row_mask = rows < M
+        jw = (tl.arange(0, GROUP // 32)[:, None] * 4 + tl.arange(0, 4)[None, :])[None, :, :]  # word (T, c)
+        jk = tl.arange(0, GROUP)
+        w_rows = w_ptr + cols.to(tl.int64)[:, None, None] * (K // 8)
+        s_rows = s_ptr + cols * (K // GROUP)
+        z_rows = z_ptr + cols * (K // GROUP)
+        x_rows = x_ptr + rows[None, :] * x_stride
+        acc = tl.zeros([BLOCK_N, 16], tl.float32)
+        k_begin = pid_k * K_SPLIT
+        for k0 in range(k_begin, k_begin + K_SPLIT, BLOCK_K):
+            for gi in tl.static_range(BLOCK_K // GROUP):
+                kg = k0 + gi * GROUP
+                w_mask = col_mask & (cols * 0 + kg < K)  # a split past K (ragged K) loads nothing
+                words = tl.load(w_rows + kg // 8 + jw, mask=w_mask[:, None, None], other=0)
+                scale = tl.load(s_rows + kg // GROUP, mask=w_mask, other=0.0)
+                bias = tl.full([BLOCK_N, 1, 1], 0, tl.int32)  # unused without zero points
+                if HAS_ZERO:  # (8 - zero) in both halves (repack_int4): v = code + 8 - zero in 0..127
+                    bias = MAGIC + tl.load(z_rows + kg // GROUP, mask=w_mask, other=0)[:, None, None]
+                xt = tl.load(x_rows + (kg + jk)[:, None], mask=row_mask[None, :] & (kg + jk < K)[:, None],
+                             other=0.0)  # [GROUP, 16]
+                # the exact code - 8 - zero: one 16-bit subtraction per code (two per register)
+                if BY_HAND:  # the interpreter's dot multiplies 16-bit floats' raw bits: fp32 (exact products)
+                    w_op = _operand(words, bias, dtype, BLOCK_N, GROUP, HAS_ZERO, BY_HAND).to(tl.float32) - SUB
+                    part = tl.dot(w_op, xt.to(tl.float32), input_precision="ieee")
+                else:
+                    w_op = _operand(words, bias, dtype, BLOCK_N, GROUP, HAS_ZERO, BY_HAND) - tl.full([1, 1], SUB, dtype)
+                    part = tl.dot(w_op, xt)
+                acc += scale[:, None] * part
+        out_mask = col_mask[:, None] & row_mask[None, :]
+        if SPLIT_K > 1:
+            tile = part_ptr + (pid_n * SPLIT_K * 16 * BLOCK_N + rows[None, :] * BLOCK_N
+                               + tl.arange(0, BLOCK_N)[:, None])  # [SPLIT_K, 16, BLOCK_N] a tile
+            tl.store(tile + pid_k * 16 * BLOCK_N, acc, mask=out_mask)
+            tl.debug_barrier()  # every thread's partial stored before the ticket (release below)
+            ticket = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+            if ticket == SPLIT_K - 1:
+                acc = tl.zeros([BLOCK_N, 16], tl.float32)
+                for s in tl.static_range(SPLIT_K):
+                    acc += tl.load(tile + s * 16 * BLOCK_N, mask=out_mask, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(count_ptr + pid_n, 0)
+                if HAS_BIAS:
+                    acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
+                tl.store(out_ptr + rows[None, :] * out_stride + cols[:, None], _round_to(acc, dtype, BY_HAND),
+                         mask=out_mask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
+            tl.store(out_ptr + rows[None, :] * out_stride + cols[:, None], _round_to(acc, dtype, BY_HAND),
+                     mask=out_mask)
+
+
+def check_config(config: tuple[int, int, int, int, int], group: int) -> None:
+    block_n, block_k, split, num_warps, num_stages = config
+    if block_n < 16 or block_n & (block_n - 1) or block_k % group or block_k & (block_k - 1) or split < 1:
+        raise ValueError(f"int4_mma: config {config}: BLOCK_N a power of two >= 16, BLOCK_K a power of two "
+                         f"multiple of the group size {group}, SPLIT_K >= 1")
+
+
+def int4_mma(x: torch.Tensor, weight: Int4MMAWeight, bias: torch.Tensor | None = None, *,
+             config: tuple[int, int, int, int, int] | None = None,
+             workspace: Int4MMAWorkspace = WORKSPACE) -> torch.Tensor:
+    """x [M <= 16, K] (bf16 or fp16) @ W^T (+ bias) with W an Int4MMAWeight, rounded once to x's
+    dtype; reference: kernels/quant.py's int4_linear_fast_ref on the unrepacked weight.
+    ``config``: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), else int4_mma_config."""
+    m, k = x.shape
+    n = weight.n
+    if x.dtype not in MMA_DTYPES:
+        raise ValueError(f"int4_mma: x dtype {x.dtype} not supported (bf16, fp16: the MMA operand holds 16-bit floats)")
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"int4_mma: {m} rows; the kernel takes 1 to {MAX_M}")
+    if k != weight.k:
+        raise ValueError(f"int4_mma: x has {k} inputs, the weight {weight.k}")
+    check_group(k, weight.group)
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"int4_mma: bias {tuple(bias.shape)} is not [{n}]")
+    config = config or int4_mma_config(m, n, k, weight.group)
+    check_config(config, weight.group)
+    block_n, block_k, split, num_warps, num_stages = config
+    k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_split)  # no split left without inputs
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    tiles = triton.cdiv(n, block_n)
+    part, count = workspace.get(x.device, tiles * split * 16 * block_n if split > 1 else 1, tiles)
+    by_hand = interpreting()
+    _int4_mma_kernel[(tiles, split)](
+        x, weight.words, weight.scale, weight.zero_bias if weight.zero_bias is not None else weight.scale,
+        bias if bias is not None else x, out, part, count, m, x.stride(0), out.stride(0),
+        N=n, K=k, GROUP=weight.group, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, K_SPLIT=k_split,
+        HAS_ZERO=weight.zero_bias is not None, HAS_BIAS=bias is not None, BY_HAND=by_hand,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
