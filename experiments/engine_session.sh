@@ -31,6 +31,7 @@
 #                                              # budget curve, on GPU 1 in their own session; `longwait` collects
 #   experiments/engine_session.sh balwait      # waits for `balanced` (BAL_WAIT_S) and copies its report
 #   experiments/engine_session.sh rounds       # after stash + stash2 (+ pipeline): num_rounds and the auto policy (issue 14)
+#   experiments/engine_session.sh mma          # carry .gpu/wheels: the tensor-core int4 GEMM's tests and sweep (issue 13)
 #   experiments/engine_session.sh presets      # after stash + stash2: experiment=lossless, balanced (PRESETS) in full, eval=gpu
 #   experiments/engine_session.sh scaling      # nvidia-h200-x2, right after `tp`: distill step tokens/s and peak
 #                                              # memory at 1 and 2 GPUs, DDP and FSDP2, with loss curves (issue 17)
@@ -251,6 +252,12 @@ case "${1:?verb}" in
       $D --truncated 2 --data-dir "$H/data" --workloads wikitext gsm8k --batch 1 4 16 --ks 2 4 --num-rounds 1 4 --auto \
       --repeats 2 --budget-s 330 --engine '{"max_model_len": 2048}' > "$OUTDIR/spec_rounds.log" 2>&1
     grep -v Warn "$OUTDIR/spec_rounds.log" | tail -n 6;;
+  mma)  # carry .gpu/wheels: the tensor-core int4 GEMM (kernels/int4_mma.py) on the GPU, then against exact / fast /
+        # tinygemm / bf16 at M = 1..16 on the 7B shapes (issue 13)
+    timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_int4_mma.py \
+      > "$OUTDIR/mma_tests.txt" 2>&1; tail -n 4 "$OUTDIR/mma_tests.txt"
+    timeout ${MMA_S:-360} python3 experiments/int4_mma_sweep.py --json "$OUTDIR/int4_mma.jsonl" --budget-s ${MMA_BUDGET_S:-300} \
+      > "$OUTDIR/int4_mma.log" 2>&1; grep -v Warn "$OUTDIR/int4_mma.log" | tail -n 12;;
   stepcost)
     timeout ${STEP_S:-200} python3 experiments/distill_step_cost.py --out "$OUTDIR/step_cost.jsonl" > "$OUTDIR/step_cost.log" 2>&1
     tail -n 3 "$OUTDIR/step_cost.jsonl";;

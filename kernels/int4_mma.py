@@ -210,15 +210,14 @@ WORKSPACE = Int4MMAWorkspace()
 
 
 if HAS_TRITON:
+    from kernels.gemv import _rnd
 
     @triton.jit
     def _round_to(v, dtype: tl.constexpr, BF16_BY_HAND: tl.constexpr):
         """fp32 v rounded to dtype, ties to even. The interpreter's fp32 -> bf16 cast truncates:
-        there, round on the bits (kernels/gemv.py's _rnd does the same)."""
+        there, round on the bits (kernels/gemv.py's _rnd)."""
         if BF16_BY_HAND and dtype == tl.bfloat16:
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            return bits.to(tl.float32, bitcast=True).to(dtype)
+            return _rnd(v, dtype, True).to(dtype)
         else:
             return v.to(dtype)
 
