@@ -12,7 +12,9 @@ down) and M (default 1024, 4080, 8192 tokens):
 
 Times are triton.testing.do_bench medians (L2 flushed between runs), in us; memory-bound pieces
 carry GB/s of the bytes the docstring counts, GEMMs TFLOP/s. --sweep times int8_mm over
-SWEEP_CONFIGS per (linear, M) and names the best (to set kernels/w8a8.py's INT8_MM_CONFIGS).
+SWEEP_CONFIGS per (linear, M) and names the best (to set kernels/w8a8.py's INT8_MM_CONFIGS);
+--m 32 64 128 256 compares int8_mm with torch._int_mm at decode batches (INT8_MM_MIN_ROWS: below
+it, int8_triton's total is the _int_mm route; the "linear" record names the route).
 One JSON object per line (stdout and --json): {"kind": "piece"} per (linear, M, path, piece),
 {"kind": "linear"} per (linear, M) with each path's total and its speedup over bf16,
 {"kind": "int8_mm_config"} per swept config, {"kind": "done"}.
@@ -40,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from engine.layers.options import ModelOptions  # noqa: E402
 from engine.layers.quantized import W8A8Linear, int_mm_rows  # noqa: E402
 from kernels import quant as ref  # noqa: E402
-from kernels.w8a8 import int8_mm, quantize_per_token  # noqa: E402
+from kernels.w8a8 import INT8_MM_MIN_ROWS, int8_mm, quantize_per_token  # noqa: E402
 
 LINEARS = {"qkv": (12288, 4096), "o_proj": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 DRY_LINEARS = {"qkv": (96, 64), "gate_up": (176, 64), "down": (64, 112)}
@@ -141,6 +143,7 @@ def pieces(name: str, n: int, k: int, m: int, device: str, dry_run: bool, out) -
                 piece("fp8_torch", "total", lambda: slow(x), None, gemm=True)
     base = totals["bf16"]
     emit({"kind": "linear", "linear": name, "m": m, "n": n, "k": k, "us": totals,
+          "int8_route": "int8_mm" if m >= INT8_MM_MIN_ROWS else "_int_mm",
           "vs_bf16": {p: (base / t if base and t else None) for p, t in totals.items()}}, out)
 
 

@@ -151,6 +151,10 @@ def quantize_per_token(x: torch.Tensor, act: str, rows: int | None = None) -> tu
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) by the fewest rows it serves: Hopper
 # int8 wgmma tiles, to be set from experiments/w8a8_prefill_pieces.py's sweep on the H200.
 INT8_MM_CONFIGS = ((256, (128, 256, 128, 8, 8, 3)), (64, (64, 256, 128, 8, 4, 4)), (0, (32, 128, 128, 8, 4, 4)))
+# Fewer rows than this (decode batches past the GEMVs' SMALL_M) take torch._int_mm in W8A8Linear:
+# its heuristics split skinny shapes over the SMs, these tiles would leave most of them idle (a
+# guess until experiments/w8a8_prefill_pieces.py --m 32 64 128 256 is run on the H200).
+INT8_MM_MIN_ROWS = 128
 INTERPRETER_CONFIG = (16, 32, 32, 2, 4, 1)
 
 
