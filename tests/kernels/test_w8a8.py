@@ -10,7 +10,7 @@ import torch
 from engine.layers.options import ModelOptions
 from engine.layers.quantized import W8A8Linear
 from kernels import quant as ref
-from kernels.w8a8 import int8_mm, quantize_per_token
+from kernels.w8a8 import INT8_MM_CONFIGS, int8_mm, quantize_per_token
 
 REFS = {"int8": ref.quantize_per_token_int8, "fp8": ref.quantize_per_token_fp8}
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -96,6 +96,18 @@ def test_int8_mm_equals_w8a8_reference(m, n, k, dtype, bias):
     want = ref.w8a8_linear_ref(x, codes, scale, "int8", b)
     assert y.dtype == dtype and y.shape == (m, n)
     assert torch.equal(y, want), (y.float() - want.float()).abs().max()
+
+
+@pytest.mark.parametrize("config", [cfg for _, cfg in INT8_MM_CONFIGS])
+def test_int8_mm_gpu_tiles_equal_w8a8_reference(config):
+    """The GPU's tile configs (interpreted here), with M, N and K ragged against them."""
+    g = torch.Generator().manual_seed(7)
+    codes = torch.randint(-128, 128, (300, 200), dtype=torch.int8, generator=g)
+    scale = torch.rand(300, generator=g) * 0.01 + 1e-3
+    x = _rows(130, 200, torch.bfloat16, seed=3)
+    xq, xs = quantize_per_token(x, "int8")
+    y = int8_mm(xq, xs, codes, scale, None, torch.bfloat16, config)
+    assert torch.equal(y, ref.w8a8_linear_ref(x, codes, scale, "int8"))
 
 
 def test_int8_mm_refuses_mismatched_operands():
