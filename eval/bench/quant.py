@@ -14,7 +14,7 @@ decode), int4_g128@tinygemm (torch's tinygemm, unfused), int4_g128@auto (the eng
 startup; the record has its choice and the times it logged).
 
     python -m eval.bench.quant [--shape llama2-7b] [--out quant_bench.jsonl] [--only int4_g64@tinygemm ...]
-    python -m eval.bench.quant --shape llama2-7b-16k --only bf16 w8a8_int8 w8a8_fp8 --prefill-tokens 1024 4080 8192 --prefill-workload
+    python -m eval.bench.quant --shape llama2-7b-16k --only bf16 w8a8_int8 w8a8_fp8 --prefill-tokens 1024 4080 8192 --prefill-only --prefill-workload
 
 Random weights (load_format="dummy"), compressed by round-to-nearest on the GPU into the engine's
 compressed linears (engine/layers/quantized.py) before the KV cache is sized and the CUDA graphs
@@ -315,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--prefill-tokens", type=int, nargs="+", default=[1024, 8192])
+    ap.add_argument("--prefill-only", action="store_true", help="skip the decode runs")
     ap.add_argument("--prefill-workload", action="store_true",
                     help="also prefill nano-vllm's 256 prompts (one output token each) per prefill variant")
     ap.add_argument("--exact-dequant", action="store_true",
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         emit({"kind": "ceilings", "device": torch.cuda.get_device_name(), **ceiling}, out)
         base: dict[str, float] = {}
         for variant in DECODE_VARIANTS:
-            if args.only and variant not in args.only:
+            if args.prefill_only or (args.only and variant not in args.only):
                 continue
             try:
                 rec = decode(args.shape, variant, args.batch, args.new_tokens, args.prompt_len,
