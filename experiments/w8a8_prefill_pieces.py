@@ -20,7 +20,7 @@ One JSON object per line (stdout and --json): {"kind": "piece"} per (linear, M, 
 {"kind": "int8_mm_config"} per swept config, {"kind": "done"}.
 
     python experiments/w8a8_prefill_pieces.py --json w8a8_pieces.jsonl [--m 1024 4080 8192] [--sweep]
-    python experiments/w8a8_prefill_pieces.py --dry-run   # CPU, interpreted: small shapes, every path checked, no timing
+    python experiments/w8a8_prefill_pieces.py --dry-run   # CPU, interpreted: small shapes, paths checked, no timing
 """
 
 from __future__ import annotations
@@ -138,7 +138,8 @@ def pieces(name: str, n: int, k: int, m: int, device: str, dry_run: bool, out) -
             if device == "cuda":
                 padded, sp = quantize_per_token(x, "fp8", rows=-(-m // 16) * 16)
                 piece("fp8_torch", "_scaled_mm", lambda: torch._scaled_mm(
-                    padded, codes.t(), scale_a=sp, scale_b=scale.view(1, n), out_dtype=dtype), mk + nk + 2 * mn, gemm=True)
+                    padded, codes.t(), scale_a=sp, scale_b=scale.view(1, n), out_dtype=dtype),
+                    mk + nk + 2 * mn, gemm=True)
                 slow = W8A8Linear(codes, scale, act, options=ModelOptions(use_triton=False))
                 piece("fp8_torch", "total", lambda: slow(x), None, gemm=True)
     base = totals["bf16"]

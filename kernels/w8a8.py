@@ -8,28 +8,28 @@ M x N outputs, NK the weight; gate_up N 22016 K 4096, down N 4096 K 11008). For 
 itself is 736 (gate_up) / 368 (down) GFLOP, 744 / 372 us at bf16's 989 TFLOP/s peak, half that at
 the 8-bit peak.
 
-| piece                                                 | launches | bytes          | gate_up         | down            |
-|-------------------------------------------------------|----------|----------------|-----------------|-----------------|
-| bf16 F.linear: the GEMM's own reads and write         | 1        | 2MK+2NK+2MN    | 393 MB   92 us  | 213 MB   50 us  |
-| before, int8 quant in torch: .float, abs, amax, /,    | 7 + 4    | 47 MK          | 785 MB  184 us  | 2111 MB 494 us  |
-|   round, clamp, .to(int8) (+ 4 on the [M, 1] scale)   |          |                |                 |                 |
-| before, fp8 quant in torch: .float, abs, amax, /,     | 6 + 4    | 39 MK          | 652 MB  153 us  | 1752 MB 410 us  |
-|   clamp, .to(fp8) (+ 4 on the [M, 1] scale)           |          |                |                 |                 |
-| now: quantize_per_token, one kernel (the second read  | 1        | 3 MK           | 50 MB    12 us  | 135 MB   32 us  |
-|   of each row hits L2; codes + fp32 scales written)   |          |                |                 |                 |
-| before, int8: _int_mm's int32 accumulator, 4 MN bytes | (GEMM)   | +2 MN          | 180 MB   42 us  | 33 MB     8 us  |
-|   written instead of 2 MN of bf16                     |          |                |                 |                 |
-| before, int8: its dequant in torch: .float, * xs,     | 4        | 30 MN          | 2695 MB 631 us  | 501 MB  117 us  |
-|   * scale, .to(dtype)                                 |          |                |                 |                 |
-| bias (Qwen2's qkv; Llama has none): + in torch        | 1        | 4 MN           | (359 MB 84 us)  | (67 MB  16 us)  |
-| now, int8: int8_mm, the GEMM with the dequant (row x  | 1        | MK+NK+2MN      | 287 MB   67 us  | 123 MB   29 us  |
-|   column scale, bias, cast) in its epilogue           |          |                |                 |                 |
-| fp8: torch._scaled_mm, row-wise scales in its         | 1        | MK+NK+2MN      | 287 MB   67 us  | 123 MB   29 us  |
-|   epilogue (unchanged; bias still a torch add)        |          |                |                 |                 |
-| F.pad of the codes to the GEMM's row multiple (8 for  | 0 now    | 2 MK (M not a  | 33 MB     8 us  | 90 MB    21 us  |
-|   _int_mm, 16 for _scaled_mm): now zero rows written  | (was 1)  |  multiple)     |                 |                 |
-|   by the quantize kernel; int8_mm masks instead       |          |                |                 |                 |
-| weight copies per call: none, before or now           | 0        | 0              | -               | -               |
+| piece                                                 | launches | bytes          | gate_up        | down           |
+|-------------------------------------------------------|----------|----------------|----------------|----------------|
+| bf16 F.linear: the GEMM's own reads and write         | 1        | 2MK+2NK+2MN    | 393 MB   92 us | 213 MB   50 us |
+| before, int8 quant in torch: .float, abs, amax, /,    | 7 + 4    | 47 MK          | 785 MB  184 us | 2111 MB 494 us |
+|   round, clamp, .to(int8) (+ 4 on the [M, 1] scale)   |          |                |                |                |
+| before, fp8 quant in torch: .float, abs, amax, /,     | 6 + 4    | 39 MK          | 652 MB  153 us | 1752 MB 410 us |
+|   clamp, .to(fp8) (+ 4 on the [M, 1] scale)           |          |                |                |                |
+| now: quantize_per_token, one kernel (the second read  | 1        | 3 MK           | 50 MB    12 us | 135 MB   32 us |
+|   of each row hits L2; codes + fp32 scales written)   |          |                |                |                |
+| before, int8: _int_mm's int32 accumulator, 4 MN bytes | (GEMM)   | +2 MN          | 180 MB   42 us | 33 MB     8 us |
+|   written instead of 2 MN of bf16                     |          |                |                |                |
+| before, int8: its dequant in torch: .float, * xs,     | 4        | 30 MN          | 2695 MB 631 us | 501 MB  117 us |
+|   * scale, .to(dtype)                                 |          |                |                |                |
+| bias (Qwen2's qkv; Llama has none): + in torch        | 1        | 4 MN           | (359 MB 84 us) | (67 MB  16 us) |
+| now, int8: int8_mm, the GEMM with the dequant (row x  | 1        | MK+NK+2MN      | 287 MB   67 us | 123 MB   29 us |
+|   column scale, bias, cast) in its epilogue           |          |                |                |                |
+| fp8: torch._scaled_mm, row-wise scales in its         | 1        | MK+NK+2MN      | 287 MB   67 us | 123 MB   29 us |
+|   epilogue (unchanged; bias still a torch add)        |          |                |                |                |
+| F.pad of the codes to the GEMM's row multiple (8 for  | 0 now    | 2 MK (M not a  | 33 MB     8 us | 90 MB    21 us |
+|   _int_mm, 16 for _scaled_mm): now zero rows written  | (was 1)  |  multiple)     |                |                |
+|   by the quantize kernel; int8_mm masks instead       |          |                |                |                |
+| weight copies per call: none, before or now           | 0        | 0              | -              | -              |
 
 The weight: codes [N, K] row-major from load time. codes.t() is the column-major [K, N] that
 torch._scaled_mm requires of mat2; _int_mm hands it to cuBLASLt as a transposed operand (torch

@@ -14,7 +14,7 @@ decode), int4_g128@tinygemm (torch's tinygemm, unfused), int4_g128@auto (the eng
 startup; the record has its choice and the times it logged).
 
     python -m eval.bench.quant [--shape llama2-7b] [--out quant_bench.jsonl] [--only int4_g64@tinygemm ...]
-    python -m eval.bench.quant --shape llama2-7b-16k --only bf16 w8a8_int8 w8a8_fp8 --prefill-tokens 1024 4080 8192 --prefill-only --prefill-workload
+    python -m eval.bench.quant --shape llama2-7b-16k --only bf16 w8a8_fp8 --prefill-only --prefill-workload
 
 Random weights (load_format="dummy"), compressed by round-to-nearest on the GPU into the engine's
 compressed linears (engine/layers/quantized.py) before the KV cache is sized and the CUDA graphs

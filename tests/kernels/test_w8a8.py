@@ -31,6 +31,13 @@ def _rows(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     return x.to(dtype)
 
 
+def _codes(w: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """W8A8 codes of w per output channel: int8 by absmax / 127, fp8 e4m3 by absmax / 448."""
+    scale = w.abs().amax(1) / (127.0 if act == "int8" else 448.0)
+    q = w / scale[:, None]
+    return (q.round().to(torch.int8) if act == "int8" else q.to(torch.float8_e4m3fn)), scale
+
+
 @pytest.mark.parametrize("act", ["int8", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,k", [(1, 8), (5, 100), (37, 300), (9, 1000)])
@@ -120,10 +127,7 @@ def test_int8_mm_refuses_mismatched_operands():
 def test_w8a8_weight_is_kept_in_the_gemm_layout(act):
     """No per-call weight copy: codes.t() (what _int_mm / _scaled_mm get) is a column-major view
     of the stored codes, the layout _scaled_mm requires of mat2."""
-    w = torch.randn(48, 64)
-    scale = w.abs().amax(1) / (127.0 if act == "int8" else 448.0)
-    codes = (w / scale[:, None]).round().to(torch.int8) if act == "int8" else (w / scale[:, None]).to(torch.float8_e4m3fn)
-    layer = W8A8Linear(codes, scale, act)
+    layer = W8A8Linear(*_codes(torch.randn(48, 64), act), act)
     view = layer.codes.t()
     assert view.stride() == (1, 64) and view.data_ptr() == layer.codes.data_ptr()
 
@@ -139,9 +143,7 @@ def test_w8a8_triton_prefill_path_gpu(act, m_rows, dtype):
     if act == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 needs compute capability 8.9+")
     g = torch.Generator().manual_seed(m_rows)
-    w = torch.randn(4096, 4096, generator=g) * 0.02
-    scale = w.abs().amax(1) / (127.0 if act == "int8" else 448.0)
-    codes = (w / scale[:, None]).round().to(torch.int8) if act == "int8" else (w / scale[:, None]).to(torch.float8_e4m3fn)
+    codes, scale = _codes(torch.randn(4096, 4096, generator=g) * 0.02, act)
     bias = torch.randn(4096, generator=g)
     layer = W8A8Linear(codes, scale, act, bias, ModelOptions(use_triton=True)).cuda()
     layer.bias.data = layer.bias.data.to(dtype)
