@@ -12,7 +12,7 @@ down) and M (default 1024, 4080, 8192 tokens):
 
 Times are triton.testing.do_bench medians (L2 flushed between runs), in us; memory-bound pieces
 carry GB/s of the bytes the docstring counts, GEMMs TFLOP/s. --sweep times int8_mm over
-SWEEP_CONFIGS per (linear, M) and names the best (to set kernels/w8a8.py's INT8_MM_CONFIGS);
+SWEEP_CONFIGS per (linear, M) and names the best (to set kernels/w8a8.py's INT8_MM_TILES);
 --m 32 64 128 256 compares int8_mm with torch._int_mm at decode batches (INT8_MM_MIN_ROWS: below
 it, int8_triton's total is the _int_mm route; the "linear" record names the route).
 One JSON object per line (stdout and --json): {"kind": "piece"} per (linear, M, path, piece),
@@ -42,12 +42,12 @@ import torch.nn.functional as F  # noqa: E402
 from engine.layers.options import ModelOptions  # noqa: E402
 from engine.layers.quantized import W8A8Linear, int_mm_rows  # noqa: E402
 from kernels import quant as ref  # noqa: E402
-from kernels.w8a8 import INT8_MM_MIN_ROWS, int8_mm, quantize_per_token  # noqa: E402
+from kernels.w8a8 import INT8_MM_MIN_ROWS, INT8_MM_TILES, int8_mm, quantize_per_token  # noqa: E402
 
 LINEARS = {"qkv": (12288, 4096), "o_proj": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 DRY_LINEARS = {"qkv": (96, 64), "gate_up": (176, 64), "down": (64, 112)}
-SWEEP_CONFIGS = [(128, 256, 128, 8, 8, 3), (128, 256, 64, 8, 8, 4), (128, 128, 128, 8, 8, 4), (128, 128, 128, 8, 4, 4),
-                 (256, 128, 128, 8, 8, 3), (64, 256, 128, 8, 4, 4), (128, 128, 64, 8, 4, 5)]
+SWEEP_CONFIGS = list(INT8_MM_TILES) + [(128, 256, 64, 8, 8, 4), (128, 128, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3),
+                                       (64, 256, 128, 8, 4, 4), (128, 128, 64, 8, 4, 5), (128, 256, 128, 8, 8, 4)]
 DRY_SWEEP = [(16, 32, 32, 2, 4, 1), (32, 16, 16, 4, 4, 1)]
 
 

@@ -45,6 +45,8 @@ prologue (kernels/gemv.py) does not run here: prefill rows are above SMALL_M.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kernels._triton import HAS_TRITON, interpreting, tl, triton
@@ -151,20 +153,31 @@ def quantize_per_token(x: torch.Tensor, act: str, rows: int | None = None) -> tu
     return codes, scale
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) by the fewest rows it serves: Hopper
-# int8 wgmma tiles, to be set from experiments/w8a8_prefill_pieces.py's sweep on the H200.
-INT8_MM_CONFIGS = ((256, (128, 256, 128, 8, 8, 3)), (64, (64, 256, 128, 8, 4, 4)), (0, (32, 128, 128, 8, 4, 4)))
-# Fewer rows than this (decode batches past the GEMVs' SMALL_M) take torch._int_mm in W8A8Linear:
-# its heuristics split skinny shapes over the SMs, these tiles would leave most of them idle (a
-# guess until experiments/w8a8_prefill_pieces.py --m 32 64 128 256 is run on the H200).
-INT8_MM_MIN_ROWS = 128
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): Hopper int8 wgmma tiles, largest
+# first; int8_mm takes the first with a tile for every SM (a guess until
+# experiments/w8a8_prefill_pieces.py --sweep is run on the H200).
+INT8_MM_TILES = ((128, 256, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4), (64, 128, 128, 8, 4, 4), (32, 64, 128, 8, 4, 4))
 INTERPRETER_CONFIG = (16, 32, 32, 2, 4, 1)
+# Fewer rows than this (decode batches past the GEMVs' SMALL_M) take torch._int_mm in W8A8Linear:
+# memory bound, where cuBLASLt's split-K heuristics are at home (a guess as well: the pieces script
+# at --m 32 64 128 256 compares the two).
+INT8_MM_MIN_ROWS = 128
 
 
-def int8_mm_config(m: int) -> tuple[int, int, int, int, int, int]:
-    if interpreting():
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def int8_mm_tile(m: int, n: int, sms: int) -> tuple[int, int, int, int, int, int]:
+    """The largest of INT8_MM_TILES that gives each of `sms` SMs a tile of [m, n] (else the smallest)."""
+    return next((c for c in INT8_MM_TILES if -(-m // c[0]) * -(-n // c[1]) >= sms), INT8_MM_TILES[-1])
+
+
+def int8_mm_config(m: int, n: int, device: torch.device) -> tuple[int, int, int, int, int, int]:
+    if interpreting() or device.type != "cuda":
         return INTERPRETER_CONFIG
-    return next(cfg for rows, cfg in INT8_MM_CONFIGS if m >= rows)
+    return int8_mm_tile(m, n, _sm_count(device.index if device.index is not None else torch.cuda.current_device()))
 
 
 def int8_mm(xq: torch.Tensor, xs: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
@@ -180,7 +193,7 @@ def int8_mm(xq: torch.Tensor, xs: torch.Tensor, codes: torch.Tensor, scale: torc
     out = torch.empty(m, n, dtype=dtype, device=xq.device)
     if m == 0:
         return out
-    bm, bn, bk, group, warps, stages = config or int8_mm_config(m)
+    bm, bn, bk, group, warps, stages = config or int8_mm_config(m, n, xq.device)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _int8_mm_kernel[grid](xq, codes, out, xs, scale, bias if bias is not None else scale, m, n, k,
                           xq.stride(0), codes.stride(0), out.stride(0),

@@ -10,7 +10,7 @@ import torch
 from engine.layers.options import ModelOptions
 from engine.layers.quantized import W8A8Linear
 from kernels import quant as ref
-from kernels.w8a8 import INT8_MM_CONFIGS, int8_mm, quantize_per_token
+from kernels.w8a8 import INT8_MM_TILES, int8_mm, int8_mm_tile, quantize_per_token
 
 REFS = {"int8": ref.quantize_per_token_int8, "fp8": ref.quantize_per_token_fp8}
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -105,9 +105,9 @@ def test_int8_mm_equals_w8a8_reference(m, n, k, dtype, bias):
     assert torch.equal(y, want), (y.float() - want.float()).abs().max()
 
 
-@pytest.mark.parametrize("config", [cfg for _, cfg in INT8_MM_CONFIGS])
+@pytest.mark.parametrize("config", INT8_MM_TILES)
 def test_int8_mm_gpu_tiles_equal_w8a8_reference(config):
-    """The GPU's tile configs (interpreted here), with M, N and K ragged against them."""
+    """The GPU's tiles (interpreted here), with M, N and K ragged against them."""
     g = torch.Generator().manual_seed(7)
     codes = torch.randint(-128, 128, (300, 200), dtype=torch.int8, generator=g)
     scale = torch.rand(300, generator=g) * 0.01 + 1e-3
@@ -115,6 +115,16 @@ def test_int8_mm_gpu_tiles_equal_w8a8_reference(config):
     xq, xs = quantize_per_token(x, "int8")
     y = int8_mm(xq, xs, codes, scale, None, torch.bfloat16, config)
     assert torch.equal(y, ref.w8a8_linear_ref(x, codes, scale, "int8"))
+
+
+def test_int8_mm_tile_fills_the_sms():
+    """Prefill shapes take the largest tile; fewer rows or columns take smaller ones, down to the
+    smallest, so that the H200's 132 SMs each get a tile where the shape has enough."""
+    assert int8_mm_tile(4080, 22016, 132) == INT8_MM_TILES[0]
+    assert int8_mm_tile(4080, 4096, 132) == INT8_MM_TILES[0]  # 32 x 16 tiles
+    assert int8_mm_tile(1024, 4096, 132) == INT8_MM_TILES[1]  # 8 x 16 < 132 <= 8 x 32
+    assert int8_mm_tile(128, 4096, 132) == INT8_MM_TILES[3]
+    assert int8_mm_tile(17, 64, 132) == INT8_MM_TILES[-1]
 
 
 def test_int8_mm_refuses_mismatched_operands():
