@@ -10,7 +10,7 @@ import torch
 from engine.layers.options import ModelOptions
 from engine.layers.quantized import W8A8Linear
 from kernels import quant as ref
-from kernels.w8a8 import INT8_MM_TILES, int8_mm, int8_mm_tile, quantize_per_token
+from kernels.w8a8 import INT8_MM_MIN_ROWS, INT8_MM_TILES, int8_mm, int8_mm_tile, quantize_per_token
 
 REFS = {"int8": ref.quantize_per_token_int8, "fp8": ref.quantize_per_token_fp8}
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -140,6 +140,20 @@ def test_w8a8_weight_is_kept_in_the_gemm_layout(act):
     layer = W8A8Linear(*_codes(torch.randn(48, 64), act), act)
     view = layer.codes.t()
     assert view.stride() == (1, 64) and view.data_ptr() == layer.codes.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m_rows", [17, 21, INT8_MM_MIN_ROWS - 1, INT8_MM_MIN_ROWS, 200])
+def test_w8a8_int8_triton_routes_equal_reference(m_rows, dtype):
+    """W8A8Linear's int8 Triton path on the CPU (interpreted; torch._int_mm has a CPU kernel):
+    decode batches below INT8_MM_MIN_ROWS through _int_mm on the kernel's padded codes, prefill
+    rows through int8_mm with the bias fused; both give the reference's result exactly."""
+    codes, scale = _codes(torch.randn(48, 96), "int8")
+    layer = W8A8Linear(codes, scale, "int8", torch.randn(48).to(dtype), ModelOptions(use_triton=True))
+    x = _rows(m_rows, 96, dtype, seed=m_rows)
+    y = layer._triton(x)
+    want = ref.w8a8_linear_ref(x, codes, scale, "int8", layer.bias)
+    assert y.dtype == dtype and torch.equal(y, want), (y.float() - want.float()).abs().max()
 
 
 @pytest.mark.gpu
