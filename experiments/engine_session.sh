@@ -286,7 +286,7 @@ case "${1:?verb}" in
     timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_w8a8.py \
       tests/engine/test_quantized_layers.py -k "w8a8 or W8A8" > "$OUTDIR/w8a8_tests.txt" 2>&1; tail -n 6 "$OUTDIR/w8a8_tests.txt"
     timeout ${PIECES_S:-400} python3 experiments/w8a8_prefill_pieces.py --json "$OUTDIR/w8a8_pieces.jsonl" --sweep \
-      ${PIECES_ARGS:-} > "$OUTDIR/w8a8_pieces.log" 2>&1; grep -E '"linear"|best|Error' "$OUTDIR/w8a8_pieces.log" | tail -n 24;;
+      ${PIECES_ARGS:-} > "$OUTDIR/w8a8_pieces.log" 2>&1; grep -E '"kind": "(model_linears|int8_mm_best)"|Error' "$OUTDIR/w8a8_pieces.log" | tail -n 24;;
   w8a8bench)
     timeout ${QUANT_S:-560} python3 -m eval.bench.quant --shape llama2-7b-16k --out "$OUTDIR/w8a8_prefill.jsonl" \
       --only bf16 w8a8_int8 w8a8_fp8 --prefill-tokens ${PREFILL_TOKENS:-1024 4080 8192} --prefill-only --prefill-workload \

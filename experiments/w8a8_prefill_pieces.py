@@ -17,7 +17,9 @@ SWEEP_CONFIGS per (linear, M) and names the best (to set kernels/w8a8.py's INT8_
 it, int8_triton's total is the _int_mm route; the "linear" record names the route).
 One JSON object per line (stdout and --json): {"kind": "piece"} per (linear, M, path, piece),
 {"kind": "linear"} per (linear, M) with each path's total and its speedup over bf16,
-{"kind": "int8_mm_config"} per swept config, {"kind": "done"}.
+{"kind": "int8_mm_config"} per swept config, {"kind": "model_linears"} per M (the 32 layers'
+linears per path, ms: against eval.bench.quant's end-to-end prefill, what is left outside them),
+{"kind": "done"}.
 
     python experiments/w8a8_prefill_pieces.py --json w8a8_pieces.jsonl [--m 1024 4080 8192] [--sweep]
     python experiments/w8a8_prefill_pieces.py --dry-run   # CPU, interpreted: small shapes, paths checked, no timing
@@ -45,6 +47,7 @@ from kernels import quant as ref  # noqa: E402
 from kernels.w8a8 import INT8_MM_MIN_ROWS, INT8_MM_TILES, int8_mm, quantize_per_token  # noqa: E402
 
 LINEARS = {"qkv": (12288, 4096), "o_proj": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+LAYERS = 32  # Llama-2-7B's decoder layers
 DRY_LINEARS = {"qkv": (96, 64), "gate_up": (176, 64), "down": (64, 112)}
 SWEEP_CONFIGS = list(INT8_MM_TILES) + [(128, 256, 64, 8, 8, 4), (128, 128, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3),
                                        (64, 256, 128, 8, 4, 4), (128, 128, 64, 8, 4, 5), (128, 256, 128, 8, 8, 4)]
@@ -82,7 +85,8 @@ def torch_epilogue(acc: torch.Tensor, xs: torch.Tensor, scale: torch.Tensor, dty
     return (acc.float() * xs * scale[None, :]).to(dtype)
 
 
-def pieces(name: str, n: int, k: int, m: int, device: str, dry_run: bool, out) -> None:
+def pieces(name: str, n: int, k: int, m: int, device: str, dry_run: bool, out) -> dict[str, float | None]:
+    """Times each path's pieces of one linear at m rows; returns each path's total (us)."""
     dtype = torch.bfloat16
     w = weights(n, k, device)
     x = torch.randn(m, k, device=device, dtype=dtype)
@@ -146,6 +150,19 @@ def pieces(name: str, n: int, k: int, m: int, device: str, dry_run: bool, out) -
     emit({"kind": "linear", "linear": name, "m": m, "n": n, "k": k, "us": totals,
           "int8_route": "int8_mm" if m >= INT8_MM_MIN_ROWS else "_int_mm",
           "vs_bf16": {p: (base / t if base and t else None) for p, t in totals.items()}}, out)
+    return totals
+
+
+def model_linears(m: int, per_linear: dict[str, dict[str, float | None]], layers: int, out) -> None:
+    """The decoder linears of the whole model at m tokens, per path (ms): what the end-to-end
+    prefill spends in them, and so the most any path can gain there (the rest, attention and the
+    norms, is the same for all)."""
+    paths = set.intersection(*(set(t) for t in per_linear.values()))
+    ms = {p: (layers * sum(t[p] for t in per_linear.values()) / 1e3
+              if all(t[p] is not None for t in per_linear.values()) else None) for p in sorted(paths)}
+    base = ms.get("bf16")
+    emit({"kind": "model_linears", "m": m, "layers": layers, "linears": sorted(per_linear), "ms": ms,
+          "vs_bf16": {p: (base / t if base and t else None) for p, t in ms.items()}}, out)
 
 
 def sweep(name: str, n: int, k: int, m: int, device: str, dry_run: bool, out) -> None:
@@ -187,11 +204,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if device == "cuda":
             emit({"kind": "device", "name": torch.cuda.get_device_name(), "torch": torch.__version__}, out)
-        for name, (n, k) in shapes.items():
-            for m in ms:
-                pieces(name, n, k, m, device, args.dry_run, out)
+        for m in ms:
+            per_linear = {}
+            for name, (n, k) in shapes.items():
+                per_linear[name] = pieces(name, n, k, m, device, args.dry_run, out)
                 if args.sweep or args.dry_run:
                     sweep(name, n, k, m, device, args.dry_run, out)
+            model_linears(m, per_linear, LAYERS, out)
         emit({"kind": "done", "wall_s": time.perf_counter() - started}, out)
     finally:
         if out is not None:

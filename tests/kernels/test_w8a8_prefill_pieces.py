@@ -20,4 +20,6 @@ def test_dry_run_checks_every_piece(tmp_path):
     configs = [r for r in records if r["kind"] == "int8_mm_config"]
     assert len(configs) == len(cases) * len(w8a8_prefill_pieces.DRY_SWEEP)
     assert not [r for r in configs if "error" in r]
+    totals = [r for r in records if r["kind"] == "model_linears"]
+    assert [r["m"] for r in totals] == [17, 40] and all(set(r["ms"]) >= {"bf16", "int8_triton"} for r in totals)
     assert records[-1]["kind"] == "done"
