@@ -37,6 +37,10 @@
 #                                              # memory at 1 and 2 GPUs, DDP and FSDP2, with loss curves (issue 17)
 #   experiments/engine_session.sh int4         # carry .gpu/wheels: the int4 GEMV sweep (M = 1 fast path, exact at M = 2
 #                                              # and 16) and the 7B decode with int4_kernel triton / tinygemm (issue 13)
+#   experiments/engine_session.sh w8a8         # carry .gpu/wheels: W8A8's GPU tests, the per-linear prefill pieces with
+#                                              # the int8_mm config sweep (issue 13)
+#   experiments/engine_session.sh w8a8bench    # right after: 7B prefill tok/s bf16 / int8 / fp8 at 1024, 4080, 8192
+#                                              # tokens and nano-vllm's prompts (issue 13)
 #   experiments/engine_session.sh bg NAME V..  # the verbs V.. in their own process session (they outlive the call);
 #                                              # `collect` (COLLECT_S) waits for every chain and fetches $H/bg
 set -uo pipefail
@@ -298,6 +302,15 @@ case "${1:?verb}" in
       --steps 8 --timeout 95 --out "$OUTDIR/scaling.jsonl" > "$OUTDIR/scaling_7b.log" 2>&1; grep -E '^# |failed' "$OUTDIR/scaling_7b.log"
     python3 -c "import json,sys; [print(r['kind'], r['gpus'], r['teacher'], r['global_batch'], round(r['tokens_per_s']), r['peak_mem_gib_per_gpu'])
       for r in map(json.loads, open(sys.argv[1]))]" "$OUTDIR/scaling.jsonl";;
+  w8a8)
+    timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_w8a8.py \
+      tests/engine/test_quantized_layers.py -k "w8a8 or W8A8" > "$OUTDIR/w8a8_tests.txt" 2>&1; tail -n 6 "$OUTDIR/w8a8_tests.txt"
+    timeout ${PIECES_S:-400} python3 experiments/w8a8_prefill_pieces.py --json "$OUTDIR/w8a8_pieces.jsonl" --sweep \
+      ${PIECES_ARGS:-} > "$OUTDIR/w8a8_pieces.log" 2>&1; grep -E '"kind": "(model_linears|int8_mm_best)"|Error' "$OUTDIR/w8a8_pieces.log" | tail -n 24;;
+  w8a8bench)
+    timeout ${QUANT_S:-560} python3 -m eval.bench.quant --shape llama2-7b-16k --out "$OUTDIR/w8a8_prefill.jsonl" \
+      --only bf16 w8a8_int8 w8a8_fp8 --prefill-tokens ${PREFILL_TOKENS:-1024 4080 8192} --prefill-only --prefill-workload \
+      > "$OUTDIR/w8a8_prefill.log" 2>&1; grep -v Warn "$OUTDIR/w8a8_prefill.log" | tail -n 14;;
   real)
     cp .gpu/t3/p01 .gpu/t3/p02 "$H/t/" && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"
     $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol"

@@ -24,6 +24,7 @@ from kernels.gemv import FAST_BY_DEFAULT, SMALL_M, fast_dequant_fits, gemv
 from kernels.quant_dequant import dequantize_int4, dequantize_int4_tinygemm
 from kernels.quant_tinygemm import (pack_for_gpu, scales_and_zeros, tinygemm_available, tinygemm_fits, tinygemm_mm,
                                     unpack_gpu_layout)
+from kernels.w8a8 import INT8_MM_MIN_ROWS, int8_mm, quantize_per_token
 
 from engine.layers.options import ModelOptions
 
@@ -224,16 +225,39 @@ class W8A8Linear(CompressedLinear):
             weight, quant = self.gemv_args()
             return gemv(x, weight, self.bias, **quant, pdl=self.pdl)
         if x.is_cuda and x.dim() == 2:
-            y = self._tensor_core(x)
+            y = self._triton(x) if self.use_triton else self._tensor_core(x)
             if y is not None:
-                return y if self.bias is None else y + self.bias
+                return y
         return ref.w8a8_linear_ref(x, self.codes, self.scale, self.act, self.bias)
 
+    def _triton(self, x: torch.Tensor) -> torch.Tensor | None:
+        """With Triton kernels (kernels/w8a8.py; its docstring counts the bytes): x quantized per
+        token in one launch, then for int8 our GEMM with the dequantization and bias in its
+        epilogue (below INT8_MM_MIN_ROWS rows, decode batches: torch._int_mm, whose heuristics
+        cover skinny shapes, and the torch dequantization), for fp8 torch._scaled_mm with
+        row-wise scales (None: the reference, where _scaled_mm does not take the shape or dtype)."""
+        m, k = x.shape
+        n = self.out_features
+        x = x.contiguous()
+        if self.act == "int8" and m < INT8_MM_MIN_ROWS and int_mm_fits(k, n):  # decode batches past SMALL_M
+            xq, xs = quantize_per_token(x, "int8", rows=int_mm_rows(m))
+            y = self._int_mm_dequant(xq, xs, m, x.dtype)
+            return y if self.bias is None else y + self.bias
+        if self.act == "int8":
+            xq, xs = quantize_per_token(x, "int8")
+            return int8_mm(xq, xs, self.codes, self.scale, self.bias, x.dtype)
+        if not scaled_mm_fits(k, n, x.dtype, torch.cuda.get_device_capability(x.device)):
+            return None
+        xq, xs = quantize_per_token(x, "fp8", rows=-(-m // 16) * 16)
+        y = torch._scaled_mm(xq, self.codes.t(), scale_a=xs, scale_b=self.scale.view(1, n), out_dtype=x.dtype)[:m]
+        return y if self.bias is None else y + self.bias
+
     def _tensor_core(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The 8-bit tensor-core GEMM where torch's kernels take these operands, else None (the
-        exact fp32 reference): torch._int_mm (int8; K, N multiples of 8, rows padded by
+        """Without Triton: the 8-bit tensor-core GEMM where torch's kernels take these operands,
+        else None (the exact fp32 reference): torch._int_mm (int8; K, N multiples of 8, rows padded by
         int_mm_rows) or torch._scaled_mm with row-wise scales (fp8: K, N multiples of 16, bf16
-        output only, SM 8.9+; rows padded to a multiple of 16)."""
+        output only, SM 8.9+; rows padded to a multiple of 16). codes.t() is the column-major
+        [K, N] both want: a view, no copy."""
         m, k = x.shape
         n = self.out_features
         if self.act == "int8" and int_mm_fits(k, n):
@@ -241,18 +265,24 @@ class W8A8Linear(CompressedLinear):
             rows = int_mm_rows(m)
             if rows != m:
                 xq = F.pad(xq, (0, 0, 0, rows - m))
-            acc = torch._int_mm(xq, self.codes.t())[:m]
-            return (acc.float() * xs * self.scale[None, :]).to(x.dtype)
-        if self.act == "fp8" and scaled_mm_fits(k, n, x.dtype, torch.cuda.get_device_capability(x.device)):
+            y = self._int_mm_dequant(xq, xs, m, x.dtype)
+        elif self.act == "fp8" and scaled_mm_fits(k, n, x.dtype, torch.cuda.get_device_capability(x.device)):
             xq, xs = ref.quantize_per_token_fp8(x)
             pad = -m % 16
             if pad:
                 xq = F.pad(xq.view(torch.int8), (0, 0, 0, pad)).view(torch.float8_e4m3fn)
                 xs = F.pad(xs, (0, 0, 0, pad), value=1.0)
             y = torch._scaled_mm(xq, self.codes.t(), scale_a=xs.contiguous(),
-                                 scale_b=self.scale.view(1, n), out_dtype=x.dtype)
-            return y[:m]
-        return None
+                                 scale_b=self.scale.view(1, n), out_dtype=x.dtype)[:m]
+        else:
+            return None
+        return y if self.bias is None else y + self.bias
+
+    def _int_mm_dequant(self, xq: torch.Tensor, xs: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:
+        """torch._int_mm on int8 codes padded to int_mm_rows, then the dequantization of its
+        int32 result in torch (four passes over [m, N]: kernels/w8a8.py counts them)."""
+        acc = torch._int_mm(xq, self.codes.t())[:m]
+        return (acc.float() * xs[:m] * self.scale[None, :]).to(dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", act={self.act}"

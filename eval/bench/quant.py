@@ -3,14 +3,18 @@ decode tok/s at batch 1 and 16 (256 new tokens after a 16-token prompt, prefill 
 eval/bench/decode.py) for bf16, int8, int4 g64, int4 g128 (symmetric and with zero
 points), 2:4 (bf16 kept values), 2:4 + int4 g128 and W8A8 int8, with the GB/s each achieves
 against the measured copy ceiling; and prefill tok/s of one prompt per --prefill-tokens count
-(default 1024 and 8192, or as many as the shape has positions for) for bf16, W8A8 int8, W8A8 fp8,
-2:4 and int4 g128 on either int4 kernel. 2:4 records name the path each layer shape took per batch
-size (sparse24_paths: timed per shape at first use, ModelOptions.sparse24_path "auto").
+(default 1024 and 8192, or as many as the shape has positions for: Llama-2-7B has 4,096, so 8,192
+tokens take --shape llama2-7b-16k, its dims with 16,384 positions) for bf16, W8A8 int8, W8A8 fp8,
+2:4 and int4 g128 on either int4 kernel; with --prefill-workload, also the prefill tok/s of
+nano-vllm's 256 prompts (100..1024 tokens, one output token each) per prefill variant. 2:4
+records name the path each layer shape took per batch size (sparse24_paths: timed per shape at
+first use, ModelOptions.sparse24_path "auto").
 An int4 variant names the engine's int4_kernel after "@": int4_g128@triton (our GEMVs, fused
 decode), int4_g128@tinygemm (torch's tinygemm, unfused), int4_g128@auto (the engine times both at
 startup; the record has its choice and the times it logged).
 
     python -m eval.bench.quant [--shape llama2-7b] [--out quant_bench.jsonl] [--only int4_g64@tinygemm ...]
+    python -m eval.bench.quant --shape llama2-7b-16k --only bf16 w8a8_fp8 --prefill-only --prefill-workload
 
 Random weights (load_format="dummy"), compressed by round-to-nearest on the GPU into the engine's
 compressed linears (engine/layers/quantized.py) before the KV cache is sized and the CUDA graphs
@@ -280,6 +284,28 @@ def prefill(shape: str, variant: str, tokens: int) -> dict:
             "tok_s": tokens / best, "sparse24_paths": paths}
 
 
+def prefill_workload(shape: str, variant: str, num_seqs: int = 256, max_input: int = 1024) -> dict:
+    """The prompts of nano-vllm's workload (eval/bench/throughput.py: 256 of 100..1024 tokens), one
+    output token each: prefill only, in the engine's default steps (up to max_num_batched_tokens
+    tokens of several prompts: ragged row counts). Token ids are taken modulo the vocabulary."""
+    from engine import LLM, SamplingParams
+    from eval.bench.throughput import nano_vllm_workload
+
+    with compressed_dummy_weights(variant):
+        llm = LLM(shape_dir(shape), load_format="dummy", max_model_len=max_input + PREFILL_MARGIN,
+                  enable_prefix_caching=False, enforce_eager=True, **engine_options(variant))
+    vocab = llm.engine.vocab_size
+    prompts = [[t % vocab for t in p] for p in nano_vllm_workload(num_seqs, max_input)[0]]
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.generate(prompts[:8], one)  # warm-up
+    _, dt = timed(lambda: llm.generate(prompts, one))
+    del llm
+    _free()
+    tokens = sum(len(p) for p in prompts)
+    return {"kind": "prefill_workload", "shape": shape, "variant": variant, "prompts": len(prompts),
+            "tokens": tokens, "seconds": dt, "tok_s": tokens / dt}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="llama2-7b")
@@ -289,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--prefill-tokens", type=int, nargs="+", default=[1024, 8192])
+    ap.add_argument("--prefill-only", action="store_true", help="skip the decode runs")
+    ap.add_argument("--prefill-workload", action="store_true",
+                    help="also prefill nano-vllm's 256 prompts (one output token each) per prefill variant")
     ap.add_argument("--exact-dequant", action="store_true",
                     help="decode the compressed variants with the exact dequantization (default: the fast one)")
     args = ap.parse_args(argv)
@@ -304,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         emit({"kind": "ceilings", "device": torch.cuda.get_device_name(), **ceiling}, out)
         base: dict[str, float] = {}
         for variant in DECODE_VARIANTS:
-            if args.only and variant not in args.only:
+            if args.prefill_only or (args.only and variant not in args.only):
                 continue
             try:
                 rec = decode(args.shape, variant, args.batch, args.new_tokens, args.prompt_len,
@@ -319,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
                        "traceback": traceback.format_exc(limit=-12)}
                 _free()
             emit(rec, out)
-        base_prefill: dict[int, float] = {}
+        base_prefill: dict[int | str, float] = {}
         for variant in PREFILL_VARIANTS:
             if args.only and variant not in args.only:
                 continue
@@ -333,6 +362,18 @@ def main(argv: list[str] | None = None) -> None:
                 except Exception as e:
                     rec = {"kind": "prefill", "shape": args.shape, "variant": variant, "tokens": tokens,
                            "error": repr(e), "traceback": traceback.format_exc(limit=-12)}
+                    _free()
+                emit(rec, out)
+            if args.prefill_workload:
+                try:
+                    rec = prefill_workload(args.shape, variant)
+                    if variant == "bf16":
+                        base_prefill["workload"] = rec["tok_s"]
+                    if "workload" in base_prefill:
+                        rec["vs_bf16"] = rec["tok_s"] / base_prefill["workload"]
+                except Exception as e:
+                    rec = {"kind": "prefill_workload", "shape": args.shape, "variant": variant, "error": repr(e),
+                           "traceback": traceback.format_exc(limit=-12)}
                     _free()
                 emit(rec, out)
         emit({"kind": "done", "wall_s": time.perf_counter() - started}, out)

@@ -64,6 +64,7 @@ def test_prefill_fits_the_shapes_positions(tiny_shape):
     prompt is capped to what the shape holds and the record names the count used."""
     assert quant_bench.prefill_tokens("llama2-7b", 8192) == 4096 - quant_bench.PREFILL_MARGIN
     assert quant_bench.prefill_tokens("llama2-7b", 1024) == 1024
+    assert quant_bench.prefill_tokens("llama2-7b-16k", 8192) == 8192, "the 7B dims with room for an 8k prompt"
     rec = quant_bench.prefill(tiny_shape, "bf16", tokens=8192)
     assert rec["tokens"] == 512 - quant_bench.PREFILL_MARGIN and rec["tok_s"] > 0
 
@@ -99,3 +100,9 @@ def test_sparse24_records_name_the_paths(tiny_shape):
     rec = quant_bench.decode(tiny_shape, "sparse24", [1], new_tokens=2, prompt_len=4, ceiling_tbps=1.0)
     assert rec["sparse24_paths"] and all(
         set(v) == {"paths", "us", "dense_only", "dense_kept"} for v in rec["sparse24_paths"].values())
+
+
+def test_prefill_workload_record(tiny_shape):
+    """nano-vllm's prompts (a few, ids folded into the tiny vocabulary), prefilled together."""
+    rec = quant_bench.prefill_workload(tiny_shape, "w8a8_int8", num_seqs=3, max_input=120)
+    assert rec["prompts"] == 3 and 300 <= rec["tokens"] <= 360 and rec["tok_s"] > 0
