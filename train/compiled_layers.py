@@ -1,0 +1,57 @@
+"""torch.compile of the decoder layers of the student and the teacher, for the length of a training run.
+
+Why (docs/distill_step_cost.md): at the default distill shape a step is ~6,600 aten ops (the teacher's
+forward ~2,500, the student's forward ~1,300 and backward ~2,400) on only 4,096 tokens, so each op has a
+few microseconds of GPU work and the step is paid in host dispatch and kernel launches, not in FLOPs or
+bytes. Transformers' Llama layer runs its RMSNorm (7 ops), rotary embedding, SiLU-gate and autocast casts
+as separate kernels; Inductor fuses each such run into one kernel, in forward and backward.
+
+Each layer's `forward` is replaced by a compiled one (an instance attribute, removed on exit): module
+hooks (capture_layers, FSDP2's all-gathers, DDP) keep running eagerly around it, and nothing compiled is
+left on the model the caller saves or copies afterwards. Layers of one class share the compiled code (the
+graph is specialised on shapes and grad mode, so the teacher's no-grad forward and the student's training
+forward are two graphs, not 45).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+from train.modules import causal_lm
+
+
+def use_compile_model(compile_model: bool | str, device: torch.device, on_policy: bool, sharded: bool) -> bool:
+    """`auto` compiles on CUDA only, and not where generation runs the same layers with a KV cache
+    (on-policy / sequence-level KD) or FSDP2 shards them."""
+    if compile_model == "auto":
+        return device.type == "cuda" and not on_policy and not sharded
+    return bool(compile_model)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return list(causal_lm(model).model.layers)
+
+
+class LayerCompiler:
+    """The compiled forwards of every decoder layer of `models` (None entries skipped), made once (a
+    torch.compile made per step would recompile: its cache entries belong to the backend object), and
+    installed only while `active()` lasts: the training step and the validation loss, not the caller's
+    `evaluate` or generation, which run the layers with a KV cache."""
+
+    def __init__(self, models: list[Any], enabled: bool) -> None:
+        layers = [layer for m in models if m is not None for layer in decoder_layers(m)] if enabled else []
+        # dynamic=None: a second batch shape (validation's last batch) recompiles once with dynamic dims.
+        self._compiled = [(layer, torch.compile(layer.forward, dynamic=None)) for layer in layers]
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        for layer, forward in self._compiled:
+            layer.forward = forward
+        try:
+            yield
+        finally:
+            for layer, _ in self._compiled:
+                del layer.forward
