@@ -239,7 +239,7 @@ case "${1:?verb}" in
       --only bf16 int4_g128@triton int4_g64@triton int4_g128@tinygemm \
       > "$OUTDIR/quant_int4.log" 2>&1; grep -v Warn "$OUTDIR/quant_int4.log" | tail -n 10;;
   stepcost)
-    timeout ${STEP_S:-200} python3 experiments/distill_step_cost.py --out "$OUTDIR/step_cost.jsonl" > "$OUTDIR/step_cost.log" 2>&1
+    timeout ${STEP_S:-420} python3 experiments/distill_step_cost.py --out "$OUTDIR/step_cost.jsonl" > "$OUTDIR/step_cost.log" 2>&1
     tail -n 3 "$OUTDIR/step_cost.jsonl";;
   bg)  # bg NAME VERB...: the verbs one after another in their own process session (they outlive the call and its
        # 10 minutes), their output under $H/bg/NAME; `waitfor NAME` inside a chain waits for another; `collect` fetches
