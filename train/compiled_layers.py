@@ -15,8 +15,9 @@ forward are two graphs, not 45).
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -35,16 +36,29 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(causal_lm(model).model.layers)
 
 
+# One compiled function per layer class, for the whole process: a torch.compile made per run (or per
+# step) brings its own backend, and dynamo keeps the code object's entries of every backend, so the
+# distill, gqa.train and prune.finetune runs of one pipeline would pile up towards the recompile
+# limit (past it, layers silently run eager). Shared, a later run with the same shapes compiles nothing.
+_COMPILED: dict[Any, Any] = {}
+
+
+def _compiled_forward(layer: torch.nn.Module) -> Callable[..., Any]:
+    fn = type(layer).forward
+    if fn not in _COMPILED:
+        # dynamic=None: a second batch shape (validation's last batch) recompiles once with dynamic dims.
+        _COMPILED[fn] = torch.compile(fn, dynamic=None)
+    return functools.partial(_COMPILED[fn], layer)
+
+
 class LayerCompiler:
-    """The compiled forwards of every decoder layer of `models` (None entries skipped), made once (a
-    torch.compile made per step would recompile: its cache entries belong to the backend object), and
-    installed only while `active()` lasts: the training step and the validation loss, not the caller's
-    `evaluate` or generation, which run the layers with a KV cache."""
+    """Every decoder layer of `models` (None entries skipped) with its compiled forward, installed only
+    while `active()` lasts: the training step and the validation loss, not the caller's `evaluate` or
+    generation, which run the layers with a KV cache."""
 
     def __init__(self, models: list[Any], enabled: bool) -> None:
         layers = [layer for m in models if m is not None for layer in decoder_layers(m)] if enabled else []
-        # dynamic=None: a second batch shape (validation's last batch) recompiles once with dynamic dims.
-        self._compiled = [(layer, torch.compile(layer.forward, dynamic=None)) for layer in layers]
+        self._compiled = [(layer, _compiled_forward(layer)) for layer in layers]
 
     @contextmanager
     def active(self) -> Iterator[None]:

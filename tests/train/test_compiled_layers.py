@@ -45,6 +45,12 @@ def test_compiled_layers_match_eager_and_share_one_graph_per_grad_mode():
     # 9 layers, two graphs: the teacher's no-grad forward and the student's training forward
     assert counters["stats"]["unique_graphs"] == 2
     assert not any("forward" in vars(layer) for m in (student, teacher) for layer in decoder_layers(m))
+    # a later run (the pipeline's next stage) with new models of the same shapes compiles nothing new
+    teacher2, student2 = _models()
+    with LayerCompiler([student2, teacher2], enabled=True).active():
+        loss3, _ = _loss_and_grads(student2, teacher2, ids)
+    torch.testing.assert_close(loss3, ref_loss, rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 2
 
 def test_disabled_compiler_leaves_the_layers_alone():
     teacher, student = _models()
