@@ -75,6 +75,43 @@ def test_train_distill_with_compiled_layers_trains_as_eager(tmp_path):
     for (name, p), q in zip(results[False]["model"].named_parameters(), results[True]["model"].parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
 
+def _rationale_data():
+    from support import make_tiny_tokenizer
+    from common.tasks import TaskExample
+    from train.rationale import MultiTaskExamples
+
+    exs = [TaskExample(str(i), f"What is {i % 5} plus {i % 5}?", str(2 * (i % 5)), {}) for i in range(8)]
+    return MultiTaskExamples([(ex, f"{ex.answer} is twice {i % 5}.") for i, ex in enumerate(exs)],
+                             make_tiny_tokenizer(), 0.5, 48)
+
+
+@pytest.mark.parametrize("feature", ["lora", "layer_map", "padded_multitask"])
+def test_compiled_layers_with_lora_layer_terms_and_padded_batches_train_as_eager(tmp_path, feature):
+    """The loop's other paths through the layers: peft adapters inside them, forward hooks on them
+    (capture_layers), and padded two-group batches (an attention mask)."""
+    from train.layer_distill import parse_layer_map
+
+    gen = torch.Generator().manual_seed(4)
+    train, val = torch.randint(3, 320, (8, 16), generator=gen), torch.randint(3, 320, (2, 16), generator=gen)
+    extra = {"lora": {"lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
+             "layer_map": {"layer_map": parse_layer_map("auto", 3, 6, keep=[0, 2, 4]), "layer_weight": 1.0},
+             "padded_multitask": {"losses": {"ce": 1.0}}}[feature]
+    if feature == "padded_multitask":
+        train = val = _rationale_data()
+    logs = {}
+    for compiled in (False, True):
+        teacher, student = _models()
+        tc = TrainConfig(max_steps=2, batch_size=4, warmup_steps=1, chunk_size=16, checkpoint_every=0,
+                         val_batches=1, compile_loss=False, compile_model=compiled, **extra)
+        logs[compiled] = []
+        train_distill(student, teacher if feature != "padded_multitask" else None, train, val, tc,
+                      tmp_path / f"ckpt{compiled}", on_step=lambda step, entry, k=compiled: logs[k].append(entry))
+    for eager, comp in zip(logs[False], logs[True], strict=True):
+        numbers = [k for k, v in eager.items() if isinstance(v, float) and k not in ("tokens_per_s", "lr")]
+        assert len(numbers) >= 2
+        assert {k: comp[k] for k in numbers} == pytest.approx({k: eager[k] for k in numbers}, rel=1e-4, abs=1e-6)
+
+
 def test_compile_model_auto_is_cuda_only_and_off_for_generation_and_fsdp2():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert use_compile_model("auto", cuda, on_policy=False, sharded=False)
