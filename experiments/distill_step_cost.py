@@ -36,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from contextlib import ExitStack
 from pathlib import Path
 from unittest import mock
@@ -166,27 +167,36 @@ def variant_config(args: argparse.Namespace, variant: str):
 
 
 class StepProfile:
-    """A torch.profiler window over one step: CUDA kernels launched and their summed milliseconds."""
+    """A torch.profiler window over one step: CUDA kernels launched and their summed milliseconds. A
+    profiler that fails (CUPTI unavailable) costs the record these two numbers, not its timings."""
 
     def __init__(self, device: torch.device) -> None:
-        from torch.profiler import ProfilerActivity, profile
-
-        cuda = device.type == "cuda"
-        self._prof = profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU])
-        self.cuda = cuda
+        self.cuda, self.error, self._prof = device.type == "cuda", None, None
 
     def start(self) -> None:
-        self._prof.__enter__()
+        from torch.profiler import ProfilerActivity, profile
+
+        try:
+            self._prof = profile(activities=[ProfilerActivity.CUDA] if self.cuda else [ProfilerActivity.CPU])
+            self._prof.__enter__()
+        except Exception as e:
+            self.error, self._prof = f"{type(e).__name__}: {e}", None
 
     def stop(self) -> dict:
-        self._prof.__exit__(None, None, None)
-        if not self.cuda:
-            return {"kernels_per_step": None, "gpu_busy_ms_per_step": None}
-        from torch.autograd import DeviceType
+        result: dict = {"kernels_per_step": None, "gpu_busy_ms_per_step": None}
+        if self._prof is None:
+            return {**result, "profile_error": self.error}
+        try:
+            self._prof.__exit__(None, None, None)
+            if self.cuda:
+                from torch.autograd import DeviceType
 
-        kernels = [e for e in self._prof.events() if e.device_type == DeviceType.CUDA]
-        return {"kernels_per_step": len(kernels),
-                "gpu_busy_ms_per_step": sum(e.time_range.elapsed_us() for e in kernels) / 1e3}
+                kernels = [e for e in self._prof.events() if e.device_type == DeviceType.CUDA]
+                result = {"kernels_per_step": len(kernels),
+                          "gpu_busy_ms_per_step": sum(e.time_range.elapsed_us() for e in kernels) / 1e3}
+        except Exception as e:
+            return {**result, "profile_error": f"{type(e).__name__}: {e}"}
+        return result
 
 
 def measure(args: argparse.Namespace, variant: str, device: torch.device, scratch: Path,
@@ -260,16 +270,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ceiling = matmul_ceiling_tflops(device, args.ceiling_n or (8192 if device.type == "cuda" else 256))
+    failed = []
     with tempfile.TemporaryDirectory() as scratch:
         for variant in args.variants.split(","):
-            record = measure(args, variant, device, Path(scratch), ceiling)
+            try:
+                record = measure(args, variant, device, Path(scratch), ceiling)
+            except Exception as e:  # one GPU session: a failing variant must not cost the others their numbers
+                failed.append(variant)
+                record = {"variant": variant, "error": f"{type(e).__name__}: {e}"[:2000],
+                          "traceback": traceback.format_exc()[-4000:]}
             line = json.dumps(record)
             print(line, flush=True)
             with open(args.out, "a") as f:
                 f.write(line + "\n")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-
+    if failed:
+        raise SystemExit(f"variants failed: {', '.join(failed)} (their records in {args.out} hold the errors)")
 
 if __name__ == "__main__":
     main()

@@ -52,3 +52,23 @@ def test_flops_per_token_counts_each_matmul():
     assert flops["teacher_forward"] == pytest.approx(30 * (2 * per_layer + attention) + head)
     assert flops["student_backward"] == pytest.approx(2 * flops["student_forward"])
     assert flops["total"] == pytest.approx(0.805e9, rel=0.01)
+
+
+def test_a_failing_variant_is_recorded_and_the_others_still_run(tmp_path: Path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("distill_step_cost", REPO / "experiments" / "distill_step_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def measure(args, variant, device, scratch, ceiling):
+        if variant == "compiled":
+            raise RuntimeError("inductor failed")
+        return {"variant": variant}
+
+    monkeypatch.setattr(module, "measure", measure)
+    monkeypatch.setattr(module, "matmul_ceiling_tflops", lambda device, n: 1.0)
+    out = tmp_path / "cost.jsonl"
+    with pytest.raises(SystemExit, match="variants failed: compiled"):
+        module.main(["--out", str(out), "--variants", "now,compiled,batch4x"])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["variant"] for r in records] == ["now", "compiled", "batch4x"]
+    assert records[1]["error"] == "RuntimeError: inductor failed" and "error" not in records[2]
