@@ -121,7 +121,7 @@ class FusedHeadLoss(torch.autograd.Function):
             if need_h:
                 grad_h[sl] = g @ w
             if need_w:
-                grad_w += (g.t() @ h).float()
+                grad_w += g.t() @ h  # fp32 += bf16 upcasts in the add: the bits of .float(), without its copy
             del g
         ctx.w_dtype = s_weight.dtype
         ctx.save_for_backward(grad_h, grad_w)

@@ -17,8 +17,8 @@ def test_step_cost_records_every_variant(tmp_path: Path):
     spec.loader.exec_module(module)
     out = tmp_path / "cost.jsonl"
     module.main(["--out", str(out), "--shape", "32,64,4,4,2,320", "--student-layers", "2", "--batch", "2",
-                 "--block", "16", "--chunk-size", "8", "--steps", "4", "--warmup", "1", "--stage-tokens", str(20 * 8 * 16),
-                 "--checkpoint-every", "10", "--variants", ",".join(module.VARIANTS)])
+                 "--block", "16", "--chunk-size", "8", "--steps", "4", "--warmup", "1",
+                 "--stage-tokens", str(20 * 8 * 16), "--checkpoint-every", "10", "--variants", ",".join(module.VARIANTS)])
     records = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(records) == {"now", "compiled", "batch4x", "compiled_batch4x", "old_syncs", "chunk4096"}
     assert records["now"]["chunk_size"] == 8 and records["chunk4096"]["chunk_size"] == 4096
