@@ -205,6 +205,9 @@ def measure(args: argparse.Namespace, variant: str, device: torch.device, scratc
     from train.host_reads import HostReads
     from train.loop import train_distill
 
+    # Every variant compiles from nothing: its first step is its own compile time, and a shape seen by an
+    # earlier variant does not turn this one's graphs dynamic (dynamo's automatic dynamic shapes).
+    torch._dynamo.reset()
     teacher, student = models(args, device)
     flops = step_flops_per_token(teacher.config, student.config, args.block)
     tc = variant_config(args, variant)
