@@ -228,7 +228,7 @@ case "${1:?verb}" in
   rtests)
     timeout ${TESTS_S:-300} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/test_staging.py \
       tests/engine/test_engine_gpu.py tests/engine/spec_decode/test_batch_invariant_gpu.py tests/kernels/test_batch_invariant_gemv.py \
-      tests/train/test_step_syncs.py tests/train/test_fused_head_loss.py tests/kernels/test_pdl.py tests/kernels/test_paged_attention.py \
+      tests/train/test_step_syncs.py tests/train/test_fused_head_loss.py tests/train/test_compiled_layers.py tests/kernels/test_pdl.py tests/kernels/test_paged_attention.py \
       > "$OUTDIR/recheck_tests.txt" 2>&1; tail -n 8 "$OUTDIR/recheck_tests.txt";;
   int4)  # carry .gpu/wheels: int4 at M = 1 (fast dequantization) and M = 2, 16 (exact), exact and tinygemm beside
          # them; then the 7B decode with int4_kernel triton / tinygemm against bf16 (issue 13)
