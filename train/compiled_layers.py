@@ -1,4 +1,4 @@
-"""torch.compile of the decoder layers of the student and the teacher, for the length of a training run.
+"""torch.compile of the decoder layers of the student and the teacher, during a run's steps and validation.
 
 Why (docs/distill_step_cost.md): at the default distill shape a step is ~6,600 aten ops (the teacher's
 forward ~2,500, the student's forward ~1,300 and backward ~2,400) on only 4,096 tokens, so each op has a
@@ -36,10 +36,9 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(causal_lm(model).model.layers)
 
 
-# One compiled function per layer class, for the whole process: a torch.compile made per run (or per
-# step) brings its own backend, and dynamo keeps the code object's entries of every backend, so the
-# distill, gqa.train and prune.finetune runs of one pipeline would pile up towards the recompile
-# limit (past it, layers silently run eager). Shared, a later run with the same shapes compiles nothing.
+# One compiled function per layer class for the process, keyed like fused_head_loss's objective: every
+# layer of a class, of the teacher and the student, and of a later run in the same process (the pipeline's
+# gqa.train, prune.finetune) goes through it, and dynamo reuses its graphs where shapes and grad mode match.
 _COMPILED: dict[Any, Any] = {}
 
 
