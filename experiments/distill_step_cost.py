@@ -7,7 +7,10 @@ it, batch 8 x block 512, loss chunks of 1024 tokens, forward KL 1.0 + CE 0.5, fp
 bf16 autocast, the loss compiled on CUDA (`--student-layers 22 --batch 16` is `experiment=balanced`, the
 tenth session's table). Variants (--variants, comma-separated):
 
-    now              the loop at its defaults (compile_model false): the old step
+    old              the step before this session's changes: the frozen teacher's weights cast by autocast in
+                     every forward and its head once per loss chunk (train/frozen_casts.py and
+                     fused_head_loss.teacher_head_fn switched off)
+    now              the loop at its defaults (compile_model false)
     compiled         compile_model true: the decoder layers of student and teacher torch.compile'd
     batch4x          4 x --batch sequences per step (the step's fixed host cost spread over 4x the tokens)
     compiled_batch4x both
@@ -46,8 +49,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-VARIANTS = ("now", "compiled", "batch4x", "compiled_batch4x", "old_syncs", "chunk4096")
-DEFAULT_VARIANTS = ("now", "compiled", "batch4x", "compiled_batch4x")
+VARIANTS = ("old", "now", "compiled", "batch4x", "compiled_batch4x", "old_syncs", "chunk4096")
+DEFAULT_VARIANTS = ("old", "now", "compiled", "batch4x", "compiled_batch4x")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,6 +115,18 @@ def old_syncs(device: torch.device) -> ExitStack:
     stack.enter_context(mock.patch.object(Batch, "to", wrap(Batch.to, False, True)))
     stack.enter_context(mock.patch.object(loop, "forward_hidden", wrap(loop.forward_hidden, True, False)))
     stack.enter_context(mock.patch.object(loop, "chunked_distill_terms", wrap(loop.chunked_distill_terms, True, True)))
+    return stack
+
+
+def uncached_teacher_casts() -> ExitStack:
+    """The teacher's weights cast by autocast at every use, as before train/frozen_casts.py."""
+    import train.fused_head_loss as fused_head_loss
+    import train.loop as loop
+    from train.frozen_casts import FrozenCasts
+
+    stack = ExitStack()
+    stack.enter_context(mock.patch.object(loop, "FrozenCasts", lambda model, dtype: FrozenCasts(model, None)))
+    stack.enter_context(mock.patch.object(fused_head_loss, "teacher_head_fn", lambda head, device_type: head))
     return stack
 
 
@@ -233,6 +248,8 @@ def measure(args: argparse.Namespace, variant: str, device: torch.device, scratc
     with ExitStack() as stack:
         if variant == "old_syncs":
             stack.enter_context(old_syncs(device))
+        if variant == "old":
+            stack.enter_context(uncached_teacher_casts())
         stack.enter_context(reads)
         t0 = time.perf_counter()
         result = train_distill(student, teacher, data[:-4], data[-4:], tc, scratch / variant / "ckpt",

@@ -27,6 +27,7 @@ from train.compiled_layers import LayerCompiler, use_compile_model
 from train.config import TrainConfig
 from train.distributed import (describe, gathered_head, gathered_model, is_sharded, make_accelerator, reduce_mean,
                                shard_frozen)
+from train.frozen_casts import FrozenCasts, autocast_dtype
 from train.layer_distill import LayerPair, LayerProjector, capture_layers, layer_loss
 from train.losses import parse_loss_spec
 from train.modules import causal_lm
@@ -273,6 +274,8 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
     student.train()
     compiler = LayerCompiler([student, teacher], use_compile_model(tc.compile_model, accelerator.device,
                                                                    tc.lmbda > 0 or tc.seq_kd, accelerator.is_fsdp2))
+    # The teacher's Linear weights cast once for the steps' autocast (not under FSDP2: its shards are DTensors).
+    teacher_casts = FrozenCasts(None if accelerator.is_fsdp2 else teacher, autocast_dtype(accelerator.mixed_precision))
     samplers = {"student": student_sampler, "teacher": teacher_sampler}
     kw = _loss_kwargs(tc, projector)
     ce_free = [t for t in terms if t.uses_teacher]
@@ -290,7 +293,7 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
             step_tokens += batch.num_tokens
             step_terms = terms if use_ce else (ce_free or terms)
             with accelerator.accumulate(student), accelerator.autocast():
-                with compiler.active():
+                with compiler.active(), teacher_casts.active():
                     loss, parts = batch_loss(student, teacher, batch, step_terms, tc.chunk_size, **kw)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tc.max_grad_norm > 0:

@@ -20,7 +20,7 @@ def test_step_cost_records_every_variant(tmp_path: Path):
                  "--block", "16", "--chunk-size", "8", "--steps", "4", "--warmup", "1",
                  "--stage-tokens", str(20 * 8 * 16), "--checkpoint-every", "10", "--variants", ",".join(module.VARIANTS)])
     records = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert set(records) == {"now", "compiled", "batch4x", "compiled_batch4x", "old_syncs", "chunk4096"}
+    assert set(records) == {"old", "now", "compiled", "batch4x", "compiled_batch4x", "old_syncs", "chunk4096"}
     assert records["now"]["chunk_size"] == 8 and records["chunk4096"]["chunk_size"] == 4096
     assert [records[v]["batch"] for v in ("now", "compiled", "batch4x", "compiled_batch4x")] == [2, 2, 8, 8]
     assert [records[v]["compile_model"] for v in ("now", "compiled", "batch4x", "compiled_batch4x")] == [
