@@ -33,6 +33,7 @@ state (seconds, bytes), plus the stage's tokens/s over `--stage-tokens` tokens w
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import statistics
@@ -231,6 +232,7 @@ def measure(args: argparse.Namespace, variant: str, device: torch.device, scratc
     data = torch.randint(3, vocab, (n_blocks, args.block), generator=torch.Generator().manual_seed(0))
     cuda = device.type == "cuda"
     if cuda:
+        gc.collect()  # the previous variant's models, before this one's peak is measured
         torch.cuda.reset_peak_memory_stats(device)
     stamps: list[float] = []
     reads, marks = HostReads(), []
