@@ -45,6 +45,10 @@ _COMPILED: dict[Any, Any] = {}
 def _compiled_forward(layer: torch.nn.Module) -> Callable[..., Any]:
     fn = type(layer).forward
     if fn not in _COMPILED:
+        # Every layer of every model of the class shares the code object's entries (training and no-grad,
+        # bf16 teacher weights in steps and fp32 in validation, the pipeline's later stages with their own
+        # shapes): past dynamo's default of 8 the rest would silently run eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         # dynamic=None: a second batch shape (validation's last batch) recompiles once with dynamic dims.
         _COMPILED[fn] = torch.compile(fn, dynamic=None)
     return functools.partial(_COMPILED[fn], layer)
