@@ -136,7 +136,6 @@ def test_compile_model_from_the_config_section():
         TrainConfig.from_cfg({"compile_model": "yes"}, seed=0, block_size=8)
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_layers_match_eager_under_bf16_autocast_on_cuda():
     teacher, student = (m.cuda() for m in _models())
     ids = torch.randint(3, 320, (4, 64), generator=torch.Generator().manual_seed(3)).cuda()
