@@ -234,7 +234,7 @@ case "${1:?verb}" in
   rtests)
     timeout ${TESTS_S:-300} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/test_staging.py \
       tests/engine/test_engine_gpu.py tests/engine/spec_decode/test_batch_invariant_gpu.py tests/kernels/test_batch_invariant_gemv.py \
-      tests/train/test_step_syncs.py tests/train/test_fused_head_loss.py tests/kernels/test_pdl.py tests/kernels/test_paged_attention.py \
+      tests/train/test_step_syncs.py tests/train/test_fused_head_loss.py tests/train/test_compiled_layers.py tests/kernels/test_pdl.py tests/kernels/test_paged_attention.py \
       > "$OUTDIR/recheck_tests.txt" 2>&1; tail -n 8 "$OUTDIR/recheck_tests.txt";;
   int4)  # carry .gpu/wheels: int4 at M = 1 (fast dequantization) and M = 2, 16 (exact), exact and tinygemm beside
          # them; then the 7B decode with int4_kernel triton / tinygemm against bf16 (issue 13)
@@ -263,7 +263,7 @@ case "${1:?verb}" in
     timeout ${MMA_S:-360} python3 experiments/int4_mma_sweep.py --json "$OUTDIR/int4_mma.jsonl" --budget-s ${MMA_BUDGET_S:-300} \
       > "$OUTDIR/int4_mma.log" 2>&1; grep -v Warn "$OUTDIR/int4_mma.log" | tail -n 12;;
   stepcost)
-    timeout ${STEP_S:-200} python3 experiments/distill_step_cost.py --out "$OUTDIR/step_cost.jsonl" > "$OUTDIR/step_cost.log" 2>&1
+    timeout ${STEP_S:-420} python3 experiments/distill_step_cost.py --out "$OUTDIR/step_cost.jsonl" > "$OUTDIR/step_cost.log" 2>&1
     tail -n 3 "$OUTDIR/step_cost.jsonl";;
   bg)  # bg NAME VERB...: the verbs one after another in their own process session (they outlive the call and its
        # 10 minutes), their output under $H/bg/NAME; `waitfor NAME` inside a chain waits for another; `collect` fetches

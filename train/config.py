@@ -59,6 +59,7 @@ class TrainConfig:
     chunk_size: int = 1024         # tokens per loss chunk (bounds fp32 [tokens x vocab] memory)
     fused_head_loss: bool = True   # fused head + loss (train/fused_head_loss.py); False: checkpoint path
     compile_loss: Any = "auto"     # torch.compile the fused per-chunk terms: auto (on CUDA) | true | false
+    compile_model: Any = False     # torch.compile the decoder layers (train/compiled_layers.py): auto | true | false
     losses: dict[str, Any] = field(default_factory=lambda: {"forward_kl": 1.0, "ce": 0.5})
     temperature: float = 2.0
     top_k: int | None = None       # truncate the teacher to its top-k tokens (see chunked_loss)
@@ -109,6 +110,11 @@ class TrainConfig:
             raise SettingError("fused_head_loss", f"must be true or false, got {self.fused_head_loss!r}", sep=" ")
         if not (self.compile_loss == "auto" or isinstance(self.compile_loss, bool)):
             raise SettingError("compile_loss", f"must be auto, true or false, got {self.compile_loss!r}", sep=" ")
+        if not (self.compile_model == "auto" or isinstance(self.compile_model, bool)):
+            raise SettingError("compile_model", f"must be auto, true or false, got {self.compile_model!r}", sep=" ")
+        if self.compile_model is True and (self.lmbda > 0 or self.seq_kd):
+            raise SettingError("compile_model", "true does not apply to on-policy / seq-KD steps (lmbda > 0 or "
+                               "seq_kd): generation runs the layers with a KV cache; use auto or false", sep=" ")
         if self.top_k is not None and int(self.top_k) < 1:
             raise SettingError("top_k", f"must be >= 1 or null, got {self.top_k}", sep=" ")
         if self.layer_loss not in LAYER_LOSSES:

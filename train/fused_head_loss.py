@@ -24,18 +24,34 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from train.loss_terms import term_sums
 
 _COMPILED: dict[Any, Any] = {}
 
 
+def plain_linear(head: torch.nn.Module) -> bool:
+    """A plain bias-free nn.Linear: no hooks, no patched forward (LoRA wrappers, quantised or hooked heads)."""
+    return (type(head) is torch.nn.Linear and head.bias is None and not head._forward_hooks
+            and not head._forward_pre_hooks and "forward" not in vars(head))
+
+
 def can_fuse(head: torch.nn.Module, hidden: torch.Tensor) -> bool:
-    """A plain bias-free nn.Linear (no hooks, no patched forward: LoRA wrappers, quantised or hooked
-    heads keep the checkpoint path), with something to differentiate, while grad is enabled."""
-    plain = (type(head) is torch.nn.Linear and head.bias is None and not head._forward_hooks
-             and not head._forward_pre_hooks and "forward" not in vars(head))
-    return plain and torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+    """A plain head (others keep the checkpoint path), with something to differentiate, while grad is enabled."""
+    return plain_linear(head) and torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+
+
+def teacher_head_fn(t_head: torch.nn.Module, device_type: str):
+    """The teacher head as a function of a chunk of hidden states. Autocast caches the cast of a weight
+    only when it requires grad, so a frozen fp32 head (the teacher's, tied to its embedding) would be cast
+    to bf16 again for every chunk (0.17 GB of traffic each at SmolLM2's vocabulary): cast it once. The
+    chunk then runs the same F.linear on the same bf16 operands autocast would give it."""
+    if plain_linear(t_head) and not t_head.weight.requires_grad and torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        w = t_head.weight.to(dt)
+        return lambda x: F.linear(x.to(dt), w)
+    return t_head
 
 
 def use_compile(compile_loss: bool | str, device: torch.device) -> bool:
@@ -80,8 +96,9 @@ class FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_hidden, s_weight, t_hidden, t_head, labels, terms, weights, chunk_size, top_k, n_tokens,
                 compile_loss):
-        # t_head is the teacher's head module, called as the checkpoint path calls it: it gets no
-        # gradient, so it need not be a tensor input, and any head (bias, adapters) works.
+        # t_head is the teacher's head module, called as the checkpoint path calls it (a frozen plain
+        # head with its weight cast once, teacher_head_fn): it gets no gradient, so it need not be a
+        # tensor input, and any head (bias, adapters) works.
         dt = _matmul_dtype(s_hidden, s_weight)
         w = s_weight.to(dt)  # cast once, not once per chunk
         need_h, need_w = s_hidden.requires_grad, s_weight.requires_grad
@@ -90,11 +107,12 @@ class FusedHeadLoss(torch.autograd.Function):
         scale = weights / n_tokens  # d total / d term_sum, as autograd forms it from sums / n * weights
         objective = _compiled_objective(terms, top_k) if compile_loss else _objective_fn(terms, top_k)
         sums = torch.zeros(len(terms), dtype=torch.float32, device=s_hidden.device)
+        t_logits_of = teacher_head_fn(t_head, s_hidden.device.type) if t_hidden is not None else None
         for start in range(0, s_hidden.shape[0], chunk_size):
             sl = slice(start, start + chunk_size)
             h = s_hidden[sl].to(dt)
             leaf = (h @ w.t()).detach().requires_grad_()
-            t_logits = t_head(t_hidden[sl]) if t_hidden is not None else None
+            t_logits = t_logits_of(t_hidden[sl]) if t_hidden is not None else None
             with torch.enable_grad():
                 chunk_obj, chunk_sums = objective(leaf, t_logits, labels[sl], scale)
                 (g,) = torch.autograd.grad(chunk_obj, leaf)
@@ -103,7 +121,7 @@ class FusedHeadLoss(torch.autograd.Function):
             if need_h:
                 grad_h[sl] = g @ w
             if need_w:
-                grad_w += (g.t() @ h).float()
+                grad_w += g.t() @ h  # fp32 += bf16 upcasts in the add: the bits of .float(), without its copy
             del g
         ctx.w_dtype = s_weight.dtype
         ctx.save_for_backward(grad_h, grad_w)

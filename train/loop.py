@@ -23,9 +23,11 @@ from train.batches import Batch, TrainData, as_train_data
 from train.causal_attention import unmasked_causal
 from train.checkpoint import checkpoint_step, load_checkpoint, remove_checkpoint, save_checkpoint
 from train.chunked_loss import LossTerm, chunked_distill_terms
+from train.compiled_layers import LayerCompiler, use_compile_model
 from train.config import TrainConfig
 from train.distributed import (describe, gathered_head, gathered_model, is_sharded, make_accelerator, reduce_mean,
                                shard_frozen)
+from train.frozen_casts import FrozenCasts, autocast_dtype
 from train.layer_distill import LayerPair, LayerProjector, capture_layers, layer_loss
 from train.losses import parse_loss_spec
 from train.modules import causal_lm
@@ -270,6 +272,10 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
         _keep_log_until(log_path, start_step)
 
     student.train()
+    compiler = LayerCompiler([student, teacher], use_compile_model(tc.compile_model, accelerator.device,
+                                                                   tc.lmbda > 0 or tc.seq_kd, accelerator.is_fsdp2))
+    # The teacher's Linear weights cast once for the steps' autocast (not under FSDP2: its shards are DTensors).
+    teacher_casts = FrozenCasts(None if accelerator.is_fsdp2 else teacher, autocast_dtype(accelerator.mixed_precision))
     samplers = {"student": student_sampler, "teacher": teacher_sampler}
     kw = _loss_kwargs(tc, projector)
     ce_free = [t for t in terms if t.uses_teacher]
@@ -287,7 +293,8 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
             step_tokens += batch.num_tokens
             step_terms = terms if use_ce else (ce_free or terms)
             with accelerator.accumulate(student), accelerator.autocast():
-                loss, parts = batch_loss(student, teacher, batch, step_terms, tc.chunk_size, **kw)
+                with compiler.active(), teacher_casts.active():
+                    loss, parts = batch_loss(student, teacher, batch, step_terms, tc.chunk_size, **kw)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tc.max_grad_norm > 0:
                     clip = list(student.parameters()) + (list(projector.parameters()) if projector is not None else [])
@@ -315,7 +322,8 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
             tracker.log(logs, step=step + 1)
         if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.max_steps:
             t_eval = time.time()
-            vlogs = validation_loss(student, teacher, val_data, terms, tc, accelerator.device, projector)
+            with compiler.active():
+                vlogs = validation_loss(student, teacher, val_data, terms, tc, accelerator.device, projector)
             if evaluate is not None:
                 vlogs.update(evaluate(accelerator.unwrap_model(student)))
             accelerator.print(f"{name} step {step + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in vlogs.items()))
@@ -329,13 +337,15 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
         if on_step is not None:
             on_step(step + 1, logs)
     bar.close()
+    steady = _steady_rate(tokens_done - first_tokens, time.time() - t_start, spent)  # before the validation
+    with compiler.active():
+        final_val = validation_loss(student, teacher, val_data, terms, tc, accelerator.device, projector)
     tokens_per_example = getattr(data, "block_size", None)
     metrics = {"steps": tc.max_steps, "train_tokens": tc.max_steps * tc.batch_size * tc.grad_accum
                * accelerator.num_processes * tokens_per_example if tokens_per_example else tokens_done,
                "tokens_per_s": logs.get("tokens_per_s"), **spent,
-               "steady_tokens_per_s": _steady_rate(tokens_done - first_tokens, time.time() - t_start, spent),
-               "final_loss": logs.get("loss"),
-               **validation_loss(student, teacher, val_data, terms, tc, accelerator.device, projector)}
+               "steady_tokens_per_s": steady,
+               "final_loss": logs.get("loss"), **final_val}
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(student)
     if evaluate is not None:

@@ -168,3 +168,28 @@ def test_fused_matches_checkpoint_under_bf16_autocast_on_cuda(compile_loss):
             out[fused] = (loss, *torch.autograd.grad(loss, [s_hidden, s_head.weight]))
         for a, b in zip(out[True], out[False]):
             torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-4)
+
+
+def test_frozen_teacher_head_is_cast_once_and_gives_the_autocast_logits_bitwise():
+    """Under autocast the frozen head's weight is cast once per loss, not per chunk, with the same bits."""
+    s_head, t_head, s_hidden, t_hidden, labels = _setup(hidden=24, vocab=97)
+    x = t_hidden.reshape(-1, t_hidden.shape[-1])
+    assert fhl.teacher_head_fn(t_head, "cpu") is t_head  # no autocast: the module as it is
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fn = fhl.teacher_head_fn(t_head, "cpu")
+        assert fn is not t_head and torch.equal(fn(x[:7]), t_head(x[:7]))
+        trained = torch.nn.Linear(28, 97, bias=False)
+        assert fhl.teacher_head_fn(trained, "cpu") is trained  # autocast caches a trained weight's cast itself
+    terms = _terms(FAMILIES["mix"])
+    runs = []
+    for hoisted in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            if not hoisted:
+                mp.setattr(fhl, "teacher_head_fn", lambda head, device_type: head)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, parts = chunked_distill_loss(s_hidden, s_head, t_hidden, t_head, labels, terms, 7, None,
+                                                   fused=True, compile_loss=False)
+            runs.append((loss, parts, torch.autograd.grad(loss, [s_hidden, s_head.weight])))
+    (loss, parts, grads), (ref, ref_parts, ref_grads) = runs
+    assert torch.equal(loss, ref) and parts == ref_parts
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
