@@ -28,7 +28,6 @@ linears per path, ms: against eval.bench.quant's end-to-end prefill, what is lef
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -43,6 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from engine.layers.options import ModelOptions  # noqa: E402
 from engine.layers.quantized import W8A8Linear, int_mm_rows  # noqa: E402
+from eval.bench.quant import emit  # noqa: E402
 from kernels import quant as ref  # noqa: E402
 from kernels.w8a8 import INT8_MM_MIN_ROWS, INT8_MM_TILES, int8_mm, quantize_per_token  # noqa: E402
 
@@ -52,14 +52,6 @@ DRY_LINEARS = {"qkv": (96, 64), "gate_up": (176, 64), "down": (64, 112)}
 SWEEP_CONFIGS = list(INT8_MM_TILES) + [(128, 256, 64, 8, 8, 4), (128, 128, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3),
                                        (64, 256, 128, 8, 4, 4), (128, 128, 64, 8, 4, 5), (128, 256, 128, 8, 8, 4)]
 DRY_SWEEP = [(16, 32, 32, 2, 4, 1), (32, 16, 16, 4, 4, 1)]
-
-
-def emit(record: dict[str, Any], out) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    if out is not None:
-        out.write(line + "\n")
-        out.flush()
 
 
 def bench_us(fn: Callable[[], Any], dry_run: bool) -> float | None:

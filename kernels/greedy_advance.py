@@ -44,24 +44,27 @@ def greedy_advance_ref(
 if HAS_TRITON:
 
     @triton.jit
-    def _greedy_advance_kernel(
-        logits_ptr, ids_ptr, pos_ptr, lens_ptr, slots_ptr, tables_ptr, start_ptr, tokens_ptr,
-        logits_stride, table_stride, rows, vocab, max_blocks, steps,
-        BLOCK_V: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    ):
-        row = tl.program_id(0)
+    def row_argmax(base, vocab, BLOCK_V: tl.constexpr):
+        """torch.argmax of the row at base (int64): the first index of its maximum, BLOCK_V at a time."""
         offs = tl.arange(0, BLOCK_V)
         best = tl.full([], float("-inf"), tl.float32)
         best_idx = tl.full([], 0, tl.int32)
-        base = logits_ptr + row.to(tl.int64) * logits_stride
         for v0 in range(0, vocab, BLOCK_V):
             x = tl.load(base + v0 + offs, mask=v0 + offs < vocab, other=float("-inf")).to(tl.float32)
             m, i = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
             take = m > best  # strict: an earlier chunk keeps a tie
             best_idx = tl.where(take, v0 + i, best_idx)
             best = tl.where(take, m, best)
+        return best_idx.to(tl.int64)
 
-        token = best_idx.to(tl.int64)
+    @triton.jit
+    def _greedy_advance_kernel(
+        logits_ptr, ids_ptr, pos_ptr, lens_ptr, slots_ptr, tables_ptr, start_ptr, tokens_ptr,
+        logits_stride, table_stride, rows, vocab, max_blocks, steps,
+        BLOCK_V: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        token = row_argmax(logits_ptr + row.to(tl.int64) * logits_stride, vocab, BLOCK_V)
         slot = tl.load(slots_ptr + row)
         pos = tl.load(pos_ptr + row)
         live = slot >= 0

@@ -26,9 +26,7 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import HAS_TRITON, next_pow2, tl, triton
-
-MAX_BLOCK_V = 8192  # logits per iteration of a row's argmax loop
-
+from kernels.greedy_advance import MAX_BLOCK_V
 
 def _slots(tables: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
     idx = (pos // block_size).clamp(0, tables.shape[1] - 1)
@@ -88,6 +86,7 @@ def spec_advance_ref(
 
 
 if HAS_TRITON:
+    from kernels.greedy_advance import row_argmax
 
     @triton.jit
     def _slot(tables_ptr, row, table_stride, max_blocks, pos, BLOCK_SIZE: tl.constexpr):
@@ -111,18 +110,8 @@ if HAS_TRITON:
         run = live
         count = tl.load(stats_ptr + seq * stats_stride)
         emitted = count * 0
-        offs = tl.arange(0, BLOCK_V)
         for j in tl.static_range(K + 1):
-            base = logits_ptr + (row0 + j).to(tl.int64) * logits_stride
-            best = tl.full([], float("-inf"), tl.float32)
-            best_idx = tl.full([], 0, tl.int32)
-            for v0 in range(0, vocab, BLOCK_V):
-                x = tl.load(base + v0 + offs, mask=v0 + offs < vocab, other=float("-inf")).to(tl.float32)
-                m, i = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
-                take = m > best  # strict: an earlier chunk keeps a tie
-                best_idx = tl.where(take, v0 + i, best_idx)
-                best = tl.where(take, m, best)
-            a = best_idx.to(tl.int64)
+            a = row_argmax(logits_ptr + (row0 + j).to(tl.int64) * logits_stride, vocab, BLOCK_V)
             # a_j is emitted while every draft before it matched.
             prev = tl.where(run, last, prev)
             last = tl.where(run, a, last)

@@ -7,40 +7,13 @@ caches' blocks all come back."""
 from __future__ import annotations
 
 import pytest
-from drafts import perturbed_copy
+from test_spec_engine import MAX_TOKENS, TARGET, _greedy, _ids, _run, drafts, target  # noqa: F401 (fixtures)
 from tiny_models import prompts
 
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from engine.spec_decode.config import SpeculativeConfigError
 
-TARGET = "llama_gqa_untied"
-MAX_TOKENS = (5, 17, 9, 30, 1, 12, 23, 2)
-
-
-@pytest.fixture(scope="module")
-def target(model_dir) -> str:
-    return model_dir(TARGET, with_tokenizer=True)
-
-
-@pytest.fixture(scope="module")
-def drafts(target, tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("drafts")
-    return {"poor": perturbed_copy(target, str(root / "poor"), 0.008),
-            "exact": perturbed_copy(target, str(root / "exact"), 0.0)}
-
-
-def _ids(ps: list[list[int]]) -> list[dict]:
-    return [{"prompt_token_ids": p} for p in ps]
-
-
-def _greedy(max_tokens: int, **kw) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
-
-
-def _run(target: str, ps, params, spec=None, **kw):
-    llm = LLM(target, device="cpu", speculative_config=spec, **kw)
-    return [o.token_ids for o in llm.generate(_ids(ps), params)], llm.engine
 
 
 def _spec(path: str, rounds: int, k: int = 3) -> dict:
