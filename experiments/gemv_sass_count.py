@@ -134,10 +134,10 @@ def loop_ops(sass: str) -> tuple[collections.Counter, bool]:
 
 
 def steps_per_iteration(quant: str, fast: bool, m: int, cfg: tuple, k: int) -> int:
-    """K steps one iteration of the kernel's loop covers: two in int4's fast M == 1 loop
-    (kernels/gemv.py, _matmul_fast_int4, past FAST_UNROLL steps), else one."""
+    """K steps one iteration of the kernel's loop covers: two in int4's and int8's fast M == 1 loop
+    (kernels/gemv.py, _matmul_fast_runs, past FAST_UNROLL steps), else one."""
     steps = -(-k // cfg[2])
-    return 2 if quant == "int4" and fast and m == 1 and steps > G.FAST_UNROLL else 1
+    return 2 if quant in ("int4", "int8") and fast and m == 1 and steps > G.FAST_UNROLL else 1
 
 
 def resources(cubin_path: str) -> tuple[int, int]:

@@ -45,7 +45,7 @@ SHAPES = {  # Llama-2-7B decode linears: name -> (N, K, fusion as the engine run
 FORMATS = ["int8", "int4_g64", "int4_g128", "int4_g128_zero", "w8a8_int8"]
 # FAST_M1_CONFIGS candidates (BLOCK_N, BLOCK_K, num_warps), the likeliest first: more columns or
 # wider K steps hold more bytes in flight per program, fewer keep the registers (and occupancy) up.
-# (8, 2048, 2), (16, 4096, 4), (8, 4096, 2), (4, 4096, 2): int4's M == 1 path (_matmul_fast_int4)
+# (8, 2048, 2), (16, 4096, 4), (8, 4096, 2), (4, 4096, 2): int4's M == 1 path (_matmul_fast_runs)
 # at the fewest SASS instructions per weight byte (experiments/gemv_sass_count.py: 8.4-8.6 at
 # (8, 2048, 2) on the four shapes, no spill, against 9.6-9.7 at (8, 2048, 4)), where a step's
 # runs of 4 words cover every warp (BLOCK_K >= 1024 * num_warps: x needs no shared-memory shuffle).
