@@ -60,12 +60,13 @@ def compile_sm90(quant: str, fast: bool, group: int, zero: bool, m: int, n: int,
     cfg = G.fast_gemv_config(n, k, quant, group, two, entry) if fast else tile or G.gemv_config(m, n, k, two)
     wty = "*i32" if fast else {"int4": "*u8", "dense": "*bf16"}.get(quant, "*i8")
     sig = {"x_ptr": "*bf16", "w_ptr": wty, "s_ptr": "*fp32", "z_ptr": "*fp32", "b_ptr": "*bf16",
-           "nw_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "eps": "fp32",
+           "nw_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32",
+           "count_ptr": "*i32", "M": "i32", "eps": "fp32",
            "x_stride": "i32", "res_stride": "i32", "out_stride": "i32"}
     gpt, wpg = G._fast_words(quant, group, cfg[2]) if fast else (1, 1)
     constexprs = dict(N=n, K=k, BLOCK_M=cfg[0], BLOCK_N=cfg[1], BLOCK_K=cfg[2], HAS_BIAS=False, NORM=False,
                       RESIDUAL=False, SWIGLU=False, IEEE=False, BF16_BY_HAND=False, PDL=True,
-                      GROUP=group, QUANT=G.QUANT_KINDS[quant], HAS_ZERO=zero, FAST=fast, GPT=gpt, WPG=wpg)
+                      GROUP=group, QUANT=G.QUANT_KINDS[quant], HAS_ZERO=zero, FAST=fast, GPT=gpt, WPG=wpg, SPLIT=1)
     constexprs.update(fusions or {})
     sig.update({name: "constexpr" for name in constexprs})
     # As a launch specializes them: torch's tensors 16-byte aligned, the row strides (K, N) multiples

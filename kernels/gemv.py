@@ -392,7 +392,7 @@ if HAS_TRITON:
         x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
         K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         NORM: tl.constexpr, TWO: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
-        PDL: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
+        PDL: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, SPLIT: tl.constexpr,
     ):
         """fp32 [BLOCK_M, BLOCK_N] accumulators of x @ W^T for the W rows at w_rows (pointers
         [BLOCK_N, 1]) and, with TWO, a second set at w_rows2 over the same x tiles (SwiGLU's up
@@ -401,15 +401,21 @@ if HAS_TRITON:
         The weights never depend on the kernel before this one: the first W tile is loaded before
         anything else, and with PDL (programmatic dependent launch) before waiting for that kernel
         to finish, so its memory latency overlaps that kernel's tail. The loop over the other
-        tiles is left as it was, for the compiler to pipeline."""
+        tiles is left as it was, for the compiler to pipeline. SPLIT > 1 (split-K): the program
+        sums only the inputs of its part of K (grid axis 2), whole BLOCK_K steps of K_PART inputs."""
         dtype = x_rows.dtype.element_ty
         ks = tl.arange(0, BLOCK_K)
-        w_mask = col_mask[:, None] & (ks < K)[None, :]
-        w = _load_w(w_rows, s_rows, z_rows, 0, ks, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
+        K_PART: tl.constexpr = (K + BLOCK_K * SPLIT - 1) // (BLOCK_K * SPLIT) * BLOCK_K
+        k_first = 0
+        if SPLIT > 1:
+            k_first = tl.program_id(2) * K_PART
+        k = k_first + ks
+        w_mask = col_mask[:, None] & (k < K)[None, :]
+        w = _load_w(w_rows, s_rows, z_rows, k_first, k, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
                     GROUP, QUANT, HAS_ZERO, BF16_BY_HAND, BLOCK_M == 1)
         w2 = w
         if TWO:
-            w2 = _load_w(w_rows2, s_rows2, z_rows2, 0, ks, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
+            w2 = _load_w(w_rows2, s_rows2, z_rows2, k_first, k, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
                          GROUP, QUANT, HAS_ZERO, BF16_BY_HAND, BLOCK_M == 1)
         if PDL:  # x is the previous kernel's output: wait for it, then let the next kernel start
             tl.extra.cuda.gdc_wait()
@@ -417,9 +423,12 @@ if HAS_TRITON:
         rstd, xs = _row_stats(x_rows, row_mask, ks, nw_ptr, eps, K, BLOCK_M, BLOCK_K, NORM, QUANT, BF16_BY_HAND)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        acc, acc2 = _mac_tile(acc, acc2, x_rows, row_mask, ks, w, w2, nw_ptr, rstd, xs,
+        acc, acc2 = _mac_tile(acc, acc2, x_rows, row_mask, k, w, w2, nw_ptr, rstd, xs,
                               K, BLOCK_M, NORM, TWO, IEEE, BF16_BY_HAND, QUANT)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
+        k_end = K
+        if SPLIT > 1:
+            k_end = tl.minimum(k_first + K_PART, K)
+        for k0 in range(k_first + BLOCK_K, k_end, BLOCK_K):
             k = k0 + ks
             w_mask = col_mask[:, None] & (k < K)[None, :]
             w = _load_w(w_rows, s_rows, z_rows, k0, k, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
@@ -780,9 +789,9 @@ if HAS_TRITON:
                     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     NORM: tl.constexpr, TWO: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
                     PDL: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
-                    FAST: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr):
+                    FAST: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr, SPLIT: tl.constexpr):
         """The accumulators of whichever matmul the kernel was specialised for: the fast M == 1
-        dequantization (FAST) or the exact path."""
+        dequantization (FAST) or the exact path (of one part of K with SPLIT > 1)."""
         if FAST and QUANT != 3:
             return _matmul_fast_runs(x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
                                      K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, HAS_ZERO, QUANT)
@@ -791,7 +800,8 @@ if HAS_TRITON:
                                 K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, QUANT, GPT, WPG)
         else:
             return _matmul(x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
-                           K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, TWO, IEEE, BF16_BY_HAND, PDL, GROUP, QUANT, HAS_ZERO)
+                           K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, TWO, IEEE, BF16_BY_HAND, PDL, GROUP, QUANT, HAS_ZERO,
+                           SPLIT)
 
     @triton.jit
     def _w_rows(w_ptr, s_ptr, z_ptr, cols, K: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr,
@@ -824,18 +834,45 @@ if HAS_TRITON:
         else:
             return acc
 
+    @triton.jit
+    def _split_k_sum(acc, acc2, ws_ptr, count_ptr, rows, cols, mask, M, N: tl.constexpr, SPLIT: tl.constexpr,
+                     TWO: tl.constexpr):
+        """Split-K: this program's partial sums (acc, and acc2 with TWO) into the workspace
+        [SPLIT, M, 2 N] fp32, then its tile's arrival count (count_ptr: one int32 a (column, row)
+        tile, zero between launches) raised by one. The last program of a tile to arrive gets the
+        SPLIT partials summed in their fixed order (the same result whichever program is last) and
+        True; every other gets zeros and False (its epilogue stores nothing). The last one sets
+        the count back to zero for the next launch."""
+        ws = ws_ptr + (tl.program_id(2) * M + rows.to(tl.int64))[:, None] * (2 * N) + cols[None, :]
+        tl.store(ws, acc, mask=mask)
+        if TWO:
+            tl.store(ws + N, acc2, mask=mask)
+        tl.debug_barrier()  # every thread's partials stored before the release below
+        count = count_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        arrived = tl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
+        last = (tl.zeros(mask.shape, tl.int32) + arrived) == SPLIT - 1  # as a tile (a scalar mask: not interpretable)
+        acc = tl.zeros_like(acc)
+        acc2 = tl.zeros_like(acc2)
+        first = ws_ptr + rows.to(tl.int64)[:, None] * (2 * N) + cols[None, :]
+        for part in tl.static_range(SPLIT):  # past L1: other SMs wrote them
+            acc += tl.load(first + part * M * (2 * N), mask=mask & last, other=0.0, cache_modifier=".cg")
+            if TWO:
+                acc2 += tl.load(first + part * M * (2 * N) + N, mask=mask & last, other=0.0, cache_modifier=".cg")
+        tl.atomic_add(count, -SPLIT * (arrived == SPLIT - 1).to(tl.int32), sem="relaxed", scope="gpu")
+        return acc, acc2, last
+
     # M is not specialized (Triton makes M == 1 a constant, M % 16 == 0 a divisibility hint): one
     # compiled kernel for every row count, which batch invariance rests on.
     @triton.jit(do_not_specialize=["M"])
     def _gemv_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, nw_ptr, res_ptr, out_ptr,
+        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, nw_ptr, res_ptr, out_ptr, ws_ptr, count_ptr,
         M, eps, x_stride, res_stride, out_stride,
         N: tl.constexpr, K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr,
         IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr,
         GROUP: tl.constexpr = 1, QUANT: tl.constexpr = 0, HAS_ZERO: tl.constexpr = False,
-        FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1,
+        FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1, SPLIT: tl.constexpr = 1,
     ):
         # N counts output columns: with SWIGLU, W has 2N rows (gate rows, then up rows).
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # grid axis 1: 16-row tiles past SMALL_M
@@ -848,7 +885,12 @@ if HAS_TRITON:
         dtype = x_ptr.dtype.element_ty
         acc, acc_up = _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_up, s_rows, s_up, z_rows, z_up, col_mask, nw_ptr,
                                   eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, SWIGLU, IEEE, BF16_BY_HAND, PDL,
-                                  GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG)
+                                  GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, SPLIT)
+        out_mask = row_mask[:, None] & col_mask[None, :]
+        if SPLIT > 1:  # only the last program of the tile's parts goes on, with the whole sums
+            acc, acc_up, last = _split_k_sum(acc, acc_up, ws_ptr, count_ptr, rows, cols, out_mask, M, N, SPLIT,
+                                             SWIGLU)
+            out_mask = out_mask & last
         acc = _column_scale(acc, s_ptr, cols, col_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         if SWIGLU:
             acc_up = _column_scale(acc_up, s_ptr, cols + N, col_mask, dtype, QUANT, BF16_BY_HAND, FAST)
@@ -861,7 +903,6 @@ if HAS_TRITON:
         if SWIGLU:  # as kernels/activation.py: silu in fp32 rounded to the dtype, times up
             act = _rnd(y / (1.0 + tl.exp(-y)), dtype, BF16_BY_HAND)
             y = _rnd(act * _rnd(acc_up, dtype, BF16_BY_HAND), dtype, BF16_BY_HAND)
-        out_mask = row_mask[:, None] & col_mask[None, :]
         if RESIDUAL:
             res = tl.load(res_ptr + rows.to(tl.int64)[:, None] * res_stride + cols[None, :], mask=out_mask, other=0.0)
             y = _rnd(y + res.to(tl.float32), dtype, BF16_BY_HAND)
@@ -925,7 +966,7 @@ if HAS_TRITON:
         dtype = x_ptr.dtype.element_ty
         acc1, acc2 = _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask,
                                  nw_ptr, eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE, BF16_BY_HAND, PDL,
-                                 GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG)
+                                 GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, 1)
         acc1 = _column_scale(acc1, s_ptr, col, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         acc2 = _column_scale(acc2, s_ptr, col + HALF, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         if HAS_BIAS:  # before the rotation (Qwen2), in fp32 before rounding as gemv does
@@ -996,6 +1037,26 @@ def _launch_config(m: int, n: int, k: int, quant: str, qargs: dict, fast: bool, 
     return config, {**qargs, "w_ptr": w.view(torch.int32), "FAST": True, "GPT": gpt, "WPG": wpg}
 
 
+# Split-K's workspaces per device: partial sums (grown as needed) and the tiles' arrival counts,
+# which every launch leaves at zero (_split_k_sum). Launches that share them must not overlap: one
+# stream, as the engine's decode (PDL lets the next kernel start, but it waits for this one before
+# its own split-K stores).
+_SPLIT_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 partials of at least ``floats``, int32 zero counts of at least ``tiles``) on device;
+    allocated once (outside a CUDA graph capture: call once before capturing)."""
+    ws, count = _SPLIT_WORKSPACES.get(device, (None, None))
+    if ws is None or ws.numel() < floats or count.numel() < tiles:
+        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), \
+            "gemv split_k: workspace first allocated inside a CUDA graph capture (run the shape once before)"
+        ws = torch.empty(max(floats, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
+        count = torch.zeros(max(tiles, 0 if count is None else count.numel()), dtype=torch.int32, device=device)
+        _SPLIT_WORKSPACES[device] = (ws, count)
+    return ws, count
+
+
 def _check_invariant(batch_invariant: bool, fast: bool, config: tuple[int, int, int, int] | None) -> None:
     if batch_invariant and fast:
         raise ValueError("gemv: batch_invariant with fast dequantization "
@@ -1010,7 +1071,7 @@ def gemv(
     residual: torch.Tensor | None = None, swiglu: bool = False, out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None, pdl: bool = True,
     quant: str = "dense", scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
-    fast: bool = False, batch_invariant: bool = False,
+    fast: bool = False, batch_invariant: bool = False, split_k: int = 1,
 ) -> torch.Tensor:
     """Triton version of gemv_ref for x [M <= SMALL_M, K] (any M with ``batch_invariant``: each row's
     output the same at every M, the module docstring's batch invariance; not with ``fast``). ``out``
@@ -1020,12 +1081,19 @@ def gemv(
     ``quant``: W's format, "dense", "int8", "int4" or "w8a8_int8" (with ``scale``, ``zero``:
     _quant_args); the reference is then gemv_ref on the dequantized weight (kernels/quant.py),
     for W8A8 on the per-token quantized input. ``fast``: at M == 1 the fast dequantization (module
-    docstring; fast_gemv_config), whose reference is gemv_ref on the fp32 dequantized weight."""
+    docstring; fast_gemv_config), whose reference is gemv_ref on the fp32 dequantized weight.
+    ``split_k`` > 1 (the exact path; not the fast M == 1 one nor batch-invariant mode): each
+    (column, row) tile's K in that many programs, the last to finish summing their partials in a
+    fixed order and running the epilogue (_split_k_sum): more programs where N / BLOCK_N leaves
+    SMs idle (N 4096 at M > 1: 128 programs of 32 columns)."""
     m, k = x.shape
     rows_w = weight.shape[0]
     kw, qargs = _quant_args(weight, k, quant, scale, zero)
     n = rows_w // 2 if swiglu else rows_w
     _check_invariant(batch_invariant, fast, config)
+    if split_k < 1 or (split_k > 1 and (batch_invariant or (fast and m == 1 and quant != "dense"))):
+        raise ValueError(f"gemv: split_k {split_k} (a positive count, and 1 with batch_invariant or on the fast "
+                         "M == 1 path)")
     assert k == kw and (m <= SMALL_M or batch_invariant) and weight.is_contiguous(), (x.shape, weight.shape)
     assert not (swiglu and rows_w % 2)
     assert norm_weight is None or k <= MAX_NORM_K
@@ -1044,12 +1112,14 @@ def gemv(
         m, n, k, quant, qargs, fast, swiglu, config,
         lambda: (batch_invariant_config(n, k) if batch_invariant
                  else gemv_config(m, n, k, two=swiglu, pdl=launch["PDL"])))
-    _gemv_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
+    ws, count = _split_workspace(x.device, split_k * m * 2 * n, grid[0] * grid[1]) if split_k > 1 else (out, out)
+    _gemv_kernel[grid](
         x, qargs.pop("w_ptr"), qargs.pop("s_ptr"), qargs.pop("z_ptr"),
         bias if bias is not None else weight,  # unused pointers: any tensor
         norm_weight if norm_weight is not None else weight,
         residual if residual is not None else out,
-        out,
+        out, ws, count,
         m, eps, x.stride(0), (residual if residual is not None else out).stride(0), out.stride(0),
         N=n, K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         HAS_BIAS=bias is not None, NORM=norm_weight is not None, RESIDUAL=residual is not None, SWIGLU=swiglu,
@@ -1057,7 +1127,7 @@ def gemv(
         # take the fp32 dot, which gives the same result (products of 16-bit floats are exact in fp32).
         IEEE=x.dtype == torch.float32 or interpreting(),
         BF16_BY_HAND=interpreting() and x.dtype == torch.bfloat16,
-        **launch, **qargs,
+        **launch, **qargs, SPLIT=split_k,
         num_warps=num_warps,
     )
     return out
