@@ -1,5 +1,6 @@
 """SASS instructions per weight byte of kernels/gemv.py's decode GEMV (M == 1, exact against fast
-dequantization; int4's and int8's exact path also at M == 16, the one kernel of every 1 < M <= 16), compiled for sm_90 with Triton's bundled ptxas: no GPU needed. The K loop's body
+dequantization; int4's and int8's exact path also at M == 16, the one kernel of every 1 < M <= 16),
+compiled for sm_90 with Triton's bundled ptxas: no GPU needed. The K loop's body
 (the block between the label and the backward branch) is counted per thread and divided by the
 weight bytes a thread reads per K step; conversions (I2F, F2F, F2FP) are listed separately, as
 they issue at a fraction of the FMA rate on Hopper. Fully unrolled loops (K / BLOCK_K small)

@@ -3,7 +3,8 @@ minutes: per format (int8, int4 g64 / g128, int4 g128 with zero points, W8A8 int
 M (1 and 16), the achieved GB/s of weight bytes (codes + scales + zero points), and the fraction
 of a measured device-to-device copy ceiling, for
 - "exact": kernels/gemv.py's exact dequantization with its heuristic config (gemv_config; every
-  format at M > 1), and for int8 at M > 1 "exact_sweep": the EXACT_TILES candidates;
+  format at M > 1), and for int8 at M > 1 "exact_sweep": the EXACT_TILES candidates, "exact_split":
+  gemv's split-K at the EXACT_SPLITS candidates;
 - "fast" (M == 1): the fast dequantization with its heuristic (fast_gemv_config, FAST_M1_CONFIGS),
   and "fast_best": the best of the FAST_M1_CONFIGS candidates swept within --budget-s;
 - "tinygemm": torch's aten._weight_int4pack_mm (gpt-fast's int4 kernel; int4 formats, CUDA), a
@@ -66,6 +67,11 @@ FAST_CANDIDATES = [(8, 2048, 4), (16, 2048, 4), (8, 4096, 4), (8, 2048, 2), (16,
 # programs an SM, 512-wide steps twice the codes in flight (bf16's 256-wide tile holds as many bytes).
 EXACT_TILES = [(16, 32, 256, 4), (16, 16, 512, 2), (16, 32, 512, 4), (16, 16, 256, 2), (16, 64, 256, 4),
                (16, 16, 1024, 2)]
+# (tile, split_k) candidates of gemv's split-K for int8 at M > 1 ("exact_split" rows): 2-4 programs a
+# tile where N 4096 leaves 128 tiles; 64 columns a tile halve the x bytes a weight byte costs (at 32
+# columns each program reads as many bytes of x, from L2, as of codes).
+EXACT_SPLITS = [((16, 32, 256, 4), 2), ((16, 32, 256, 4), 4), ((16, 64, 256, 4), 4), ((16, 32, 512, 4), 4),
+                ((16, 64, 512, 4), 4), ((16, 16, 512, 2), 2)]
 COPY_BYTES = 256 << 20  # weight copies per case: far more than L2
 DEVICE = "cuda"  # a CPU smoke test of the script's flow sets "cpu" (tests/kernels/test_quant_gemv_sweep.py)
 
@@ -295,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
                 if m > 1 and quant == "int8":
                     for tile in (t for t in EXACT_TILES if t != heuristic):
                         measure(case, "exact_sweep", lambda: case.time(config=tile), nbytes, config=list(tile))
+                    for tile, split in EXACT_SPLITS:
+                        measure(case, "exact_split", lambda: case.time(config=tile, split_k=split), nbytes,
+                                config=list(tile), split_k=split)
                 if m == 1:
                     entry = FAST_M1_CONFIGS[quant]
                     cfg = fast_gemv_config(case.n_out, k, quant, group, two)

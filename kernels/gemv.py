@@ -42,6 +42,13 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   operands, one K step a group) was 3-7x slower than the exact path on the H200 at M = 2 and 16,
   even at the best of 144 configs (int4_g128 down M=16: 25.5 vs 120.9 us; 7B decode at batch 16:
   0.29x bf16 against 0.81x; benchmarks/2026-11-30-h200x2-s11/bg/g1/int4_dot.jsonl), and was removed.
+- split-K (``split_k``, the exact path; off unless asked for, not yet timed): at M > 1 the 16-row
+  tl.dot tiles of N 4096 (o_proj, down_proj) make 128 programs of 4 warps, one an SM, each with 8
+  KB of int8 codes (bf16: 16 KB) and as many bytes of x a K step in flight, so int8 ran as slow
+  as bf16 there (Llama-2-7B batch 16: 1.00x, BENCHMARKS.md). Each tile's K in split_k programs
+  instead; each stores its fp32 partials, and the last of a tile to arrive (an atomic count)
+  sums them in their fixed order and runs the fused epilogue: no second launch, the same result
+  whichever program is last. experiments/quant_gemv_sweep.py times it ("exact_split").
 - rotary + KV store (gemv_rope_store, a sibling kernel on the same matmul code): the qkv matmul's
   epilogue rotates q and k (neox layout) and writes k and v straight into the paged cache, so the
   separate rope_store launch (kernels/rotary.py) goes away. Each program computes both members of
