@@ -204,6 +204,22 @@ def test_fast_int8_k_loop_even_ragged_and_looped(steps, fusion, dtype):
     _check(out, expected, True)
 
 
+@pytest.mark.parametrize("steps", list(INT8_STEPS))
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_fast_w8a8_k_loop_even_ragged_and_looped(steps, fusion):
+    """W8A8 on int8's K loop (its input quantized per element as the run's x is split): the per-token
+    quantized reference, fp32 (integer codes and inputs, fp32 sums, one rounding)."""
+    k, block_k = INT8_STEPS[steps]
+    n = 37
+    swiglu = FUSIONS[fusion].get("swiglu", False)
+    codes, scale, _, _ = quant_weight(2 * n if swiglu else n, k, "int8", seed=k + 1)
+    x, kw = _fusion_args(1, n, k, torch.float32, seed=block_k + 1, **FUSIONS[fusion])
+    codes, scale = codes.to(DEVICE), scale.to(DEVICE)
+    expected = w8a8_gemv_ref(x, codes, scale, swiglu=swiglu, **kw)
+    out = gemv(x, codes, swiglu=swiglu, quant="w8a8_int8", scale=scale, fast=True, config=(1, 4, block_k, 1), **kw)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def _prmt(a: torch.Tensor, b: torch.Tensor | int, selector: int) -> torch.Tensor:
     """PTX prmt.b32 (default mode) on int64-held 32-bit words: byte i of the result is byte
     selector nibble i of the 8 bytes {b, a} (a's bytes 0..3, b's 4..7)."""
@@ -241,8 +257,10 @@ cases = [  # (K, entry, fusions): the K loop's forms
     (4352, (8, 2048, 2), dict(NORM=True, HAS_BIAS=True)),  # three steps: one iteration, ragged odd
     (1540, (8, 1024, 4), dict(SWIGLU=True)),  # two steps, the second ragged within a run
 ]
+cases += [(11008, (8, 2048, 4), dict(NORM=True, SWIGLU=True, quant="w8a8_int8"))]  # W8A8: x quantized as split
 for k, entry, fusions in cases:
-    cubin, _ = compile_sm90("int8", True, 1, False, 1, 4096, k, entry, fusions)
+    quant = fusions.pop("quant", "int8")
+    cubin, _ = compile_sm90(quant, True, 1, False, 1, 4096, k, entry, fusions)
     assert len(cubin) > 0
 print("compiled", len(cases))
 """
@@ -269,8 +287,8 @@ def _compile_sm90(script: str) -> str:
 
 def test_fast_int8_compiles_for_sm90():
     """The fast int8 M == 1 kernel (inline PTX the interpreter never runs) compiles for sm_90 in its
-    one-step, unrolled, looped and ragged forms, with two row sets and fusions."""
-    assert _compile_sm90(SM90_FAST_INT8).strip().splitlines()[-1] == "compiled 5"
+    one-step, unrolled, looped and ragged forms, with two row sets and fusions, and W8A8's."""
+    assert _compile_sm90(SM90_FAST_INT8).strip().splitlines()[-1] == "compiled 6"
 
 
 @pytest.mark.parametrize("m", [1, 3])
