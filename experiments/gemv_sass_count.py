@@ -1,5 +1,6 @@
 """SASS instructions per weight byte of kernels/gemv.py's decode GEMV (M == 1, exact against fast
-dequantization; int4's exact path also at M == 16), compiled for sm_90 with Triton's bundled ptxas: no GPU needed. The K loop's body
+dequantization; int4's and int8's exact path also at M == 16, the one kernel of every 1 < M <= 16),
+compiled for sm_90 with Triton's bundled ptxas: no GPU needed. The K loop's body
 (the block between the label and the backward branch) is counted per thread and divided by the
 weight bytes a thread reads per K step; conversions (I2F, F2F, F2FP) are listed separately, as
 they issue at a fraction of the FMA rate on Hopper. Fully unrolled loops (K / BLOCK_K small)
@@ -11,7 +12,16 @@ the registers and spills, the programs one SM holds at --n (registers, warps, gr
 bytes they have loaded before their first FFMA (Little's law: the H200 wants ~32 KB in flight per
 SM to stream at its copy rate).
 
-    python experiments/gemv_sass_count.py [--k 4096] [--n 4096] [--entry 8,4096,4 ...]
+    python experiments/gemv_sass_count.py [--k 4096] [--n 4096] [--entry 8,4096,4 ...] [--tile 16,16,512,2 ...]
+
+Counted on this branch (sm_90, bf16, no fusion; instructions per weight byte, registers, spills):
+    int8 fast M == 1 at (8, 4096, 4), K 4096 / 11008: 5.69 / 5.04, 128 / 229 regs (x gathered per
+    code: 32 LDG.E.U16 and a PRMT + LOP3 per code) -> 4.88 / 4.25, 96 / 158 regs (_matmul_fast_runs:
+    LDG.E.128 code runs, LDG.E.64 x, per code PRMT + FADD + FFMA, a MOV and an XOR a word); 4.1 /
+    3.96 at (8, 1024, 2). No spills. bf16 M == 1: 3.12.
+    int8 exact M == 16 at gemv_config's (16, 32, 256, 4): 5.02 (LDGSTS to shared, LDS, IMAD / LOP3 /
+    PRMT / HADD2 conversion to bf16, HMMA), 80 regs, and one program of 4 warps an SM at N 4096
+    (128 programs): latency bound, with half the bytes of bf16's tile in flight.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ VARIANTS = {  # name -> (quant, fast, group, zero, M)
     "int8_exact": ("int8", False, 1, False, 1), "int8_fast": ("int8", True, 1, False, 1),
     "int4_g128_exact": ("int4", False, 128, False, 1), "int4_g128_fast": ("int4", True, 128, False, 1),
     "int4_g128_zero_fast": ("int4", True, 128, True, 1), "bf16": ("dense", False, 1, False, 1),
-    "int4_g128_m16_exact": ("int4", False, 128, False, 16),
+    "int4_g128_m16_exact": ("int4", False, 128, False, 16), "int8_m16_exact": ("int8", False, 1, False, 16),
 }
 CONVERSIONS = ("I2F", "F2F", "F2FP", "I2FP")
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -42,19 +52,22 @@ SMS = 132  # an H200's SMs
 
 
 def compile_sm90(quant: str, fast: bool, group: int, zero: bool, m: int, n: int, k: int,
-                 entry: tuple[int, int, int] | None = None, fusions: dict | None = None) -> tuple[bytes, tuple]:
+                 entry: tuple[int, int, int] | None = None, fusions: dict | None = None,
+                 tile: tuple[int, int, int, int] | None = None) -> tuple[bytes, tuple]:
     """The cubin of _gemv_kernel for M rows (bf16; plain, or with ``fusions``: NORM, RESIDUAL,
-    SWIGLU, HAS_BIAS flags) and its config, specialized as a launch on torch tensors is."""
+    SWIGLU, HAS_BIAS flags) and its config (the fast path's at ``entry``; the exact path's
+    gemv_config, or ``tile``), specialized as a launch on torch tensors is."""
     two = bool((fusions or {}).get("SWIGLU"))
-    cfg = G.fast_gemv_config(n, k, quant, group, two, entry) if fast else G.gemv_config(m, n, k, two)
+    cfg = G.fast_gemv_config(n, k, quant, group, two, entry) if fast else tile or G.gemv_config(m, n, k, two)
     wty = "*i32" if fast else {"int4": "*u8", "dense": "*bf16"}.get(quant, "*i8")
     sig = {"x_ptr": "*bf16", "w_ptr": wty, "s_ptr": "*fp32", "z_ptr": "*fp32", "b_ptr": "*bf16",
-           "nw_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "eps": "fp32",
+           "nw_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32",
+           "count_ptr": "*i32", "M": "i32", "eps": "fp32",
            "x_stride": "i32", "res_stride": "i32", "out_stride": "i32"}
     gpt, wpg = G._fast_words(quant, group, cfg[2]) if fast else (1, 1)
     constexprs = dict(N=n, K=k, BLOCK_M=cfg[0], BLOCK_N=cfg[1], BLOCK_K=cfg[2], HAS_BIAS=False, NORM=False,
                       RESIDUAL=False, SWIGLU=False, IEEE=False, BF16_BY_HAND=False, PDL=True,
-                      GROUP=group, QUANT=G.QUANT_KINDS[quant], HAS_ZERO=zero, FAST=fast, GPT=gpt, WPG=wpg)
+                      GROUP=group, QUANT=G.QUANT_KINDS[quant], HAS_ZERO=zero, FAST=fast, GPT=gpt, WPG=wpg, SPLIT=1)
     constexprs.update(fusions or {})
     sig.update({name: "constexpr" for name in constexprs})
     # As a launch specializes them: torch's tensors 16-byte aligned, the row strides (K, N) multiples
@@ -85,8 +98,8 @@ def ldg_bytes(op: str) -> int:
 
 
 def load_stats(body: list[str]) -> dict:
-    """The global loads of ``body`` by width, their bytes per thread, and the bytes loaded before
-    its first FFMA."""
+    """The global loads of ``body`` (LDG, and LDGSTS: global to shared) by width, their bytes per
+    thread, and the bytes loaded before its first FFMA."""
     widths: collections.Counter = collections.Counter()
     before, seen_ffma = 0, False
     for line in body:
@@ -95,7 +108,7 @@ def load_stats(body: list[str]) -> dict:
             continue
         if op.startswith("FFMA"):
             seen_ffma = True
-        if op.split(".")[0] == "LDG":
+        if op.split(".")[0] in ("LDG", "LDGSTS"):  # LDGSTS: the M > 1 tl.dot pipeline's copies into shared memory
             widths[op] += 1
             before += 0 if seen_ffma else ldg_bytes(op)
     return {"ldg": dict(widths.most_common()), "ldg_bytes": sum(ldg_bytes(op) * n for op, n in widths.items()),
@@ -134,10 +147,10 @@ def loop_ops(sass: str) -> tuple[collections.Counter, bool]:
 
 
 def steps_per_iteration(quant: str, fast: bool, m: int, cfg: tuple, k: int) -> int:
-    """K steps one iteration of the kernel's loop covers: two in int4's fast M == 1 loop
-    (kernels/gemv.py, _matmul_fast_int4, past FAST_UNROLL steps), else one."""
+    """K steps one iteration of the kernel's loop covers: two in int4's and int8's fast M == 1 loop
+    (kernels/gemv.py, _matmul_fast_runs, past FAST_UNROLL steps), else one."""
     steps = -(-k // cfg[2])
-    return 2 if quant == "int4" and fast and m == 1 and steps > G.FAST_UNROLL else 1
+    return 2 if quant in ("int4", "int8") and fast and m == 1 and steps > G.FAST_UNROLL else 1
 
 
 def resources(cubin_path: str) -> tuple[int, int]:
@@ -161,17 +174,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--entry", action="append", default=[],
-                    help="BLOCK_N,BLOCK_K,num_warps: also count int4 g128 fast (and with zero points) at this "
-                         "FAST_M1_CONFIGS candidate (repeatable)")
+                    help="BLOCK_N,BLOCK_K,num_warps: also count int4 g128 fast (and with zero points) and int8 fast "
+                         "at this FAST_M1_CONFIGS candidate (repeatable)")
+    ap.add_argument("--tile", action="append", default=[],
+                    help="BLOCK_M,BLOCK_N,BLOCK_K,num_warps: also count int8's exact path at M = 16 with this "
+                         "config in place of gemv_config's (repeatable)")
     args = ap.parse_args(argv)
     nvdisasm = os.path.join(BIN, "nvdisasm")
-    variants = [(name, spec, None) for name, spec in VARIANTS.items()]
+    variants = [(name, spec, None, None) for name, spec in VARIANTS.items()]
     for text in args.entry:
         entry = tuple(int(v) for v in text.split(","))
-        variants += [(f"int4_g128_fast@{text}", VARIANTS["int4_g128_fast"], entry),
-                     (f"int4_g128_zero_fast@{text}", VARIANTS["int4_g128_zero_fast"], entry)]
-    for name, (quant, fast, group, zero, m), entry in variants:
-        cubin, cfg = compile_sm90(quant, fast, group, zero, m, args.n, args.k, entry)
+        variants += [(f"int4_g128_fast@{text}", VARIANTS["int4_g128_fast"], entry, None),
+                     (f"int4_g128_zero_fast@{text}", VARIANTS["int4_g128_zero_fast"], entry, None),
+                     (f"int8_fast@{text}", VARIANTS["int8_fast"], entry, None)]
+    for text in args.tile:
+        variants.append((f"int8_m16_exact@{text}", VARIANTS["int8_m16_exact"], None,
+                         tuple(int(v) for v in text.split(","))))
+    for name, (quant, fast, group, zero, m), entry, tile in variants:
+        cubin, cfg = compile_sm90(quant, fast, group, zero, m, args.n, args.k, entry, tile=tile)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()

@@ -3,7 +3,8 @@ minutes: per format (int8, int4 g64 / g128, int4 g128 with zero points, W8A8 int
 M (1 and 16), the achieved GB/s of weight bytes (codes + scales + zero points), and the fraction
 of a measured device-to-device copy ceiling, for
 - "exact": kernels/gemv.py's exact dequantization with its heuristic config (gemv_config; every
-  format at M > 1);
+  format at M > 1), and for int8 at M > 1 "exact_sweep": the EXACT_TILES candidates, "exact_split":
+  gemv's split-K at the EXACT_SPLITS candidates;
 - "fast" (M == 1): the fast dequantization with its heuristic (fast_gemv_config, FAST_M1_CONFIGS),
   and "fast_best": the best of the FAST_M1_CONFIGS candidates swept within --budget-s;
 - "tinygemm": torch's aten._weight_int4pack_mm (gpt-fast's int4 kernel; int4 formats, CUDA), a
@@ -15,6 +16,10 @@ nothing is served from L2) inside a CUDA graph, PDL as the engine launches it; t
 norm / residual / SwiGLU epilogues as the engine runs each shape.
 
     python experiments/quant_gemv_sweep.py --json quant_sweep.jsonl [--formats ...] [--m 1 16] [--budget-s 100]
+
+int8 (issue 13), on this branch and on the commit before _matmul_fast_runs took int8 (old against
+new: the "fast" rows at the same entry, the "fast_sweep" rows per candidate):
+    python experiments/quant_gemv_sweep.py --formats int8 --m 1 2 16 --budget-s 120 --json int8.jsonl
 
 Output: one JSON object per line (stdout and --json): {"kind": "ceiling"}, one {"kind":
 "measure"} per (format, shape, M, path), one {"kind": "suggest"} per format (the candidate entry
@@ -45,13 +50,28 @@ SHAPES = {  # Llama-2-7B decode linears: name -> (N, K, fusion as the engine run
 FORMATS = ["int8", "int4_g64", "int4_g128", "int4_g128_zero", "w8a8_int8"]
 # FAST_M1_CONFIGS candidates (BLOCK_N, BLOCK_K, num_warps), the likeliest first: more columns or
 # wider K steps hold more bytes in flight per program, fewer keep the registers (and occupancy) up.
-# (8, 2048, 2), (16, 4096, 4), (8, 4096, 2), (4, 4096, 2): int4's M == 1 path (_matmul_fast_int4)
+# (8, 2048, 2), (16, 4096, 4), (8, 4096, 2), (4, 4096, 2): int4's M == 1 path (_matmul_fast_runs)
 # at the fewest SASS instructions per weight byte (experiments/gemv_sass_count.py: 8.4-8.6 at
 # (8, 2048, 2) on the four shapes, no spill, against 9.6-9.7 at (8, 2048, 4)), where a step's
 # runs of 4 words cover every warp (BLOCK_K >= 1024 * num_warps: x needs no shared-memory shuffle).
 FAST_CANDIDATES = [(8, 2048, 4), (16, 2048, 4), (8, 4096, 4), (8, 2048, 2), (16, 4096, 4), (8, 4096, 2),
                    (4, 4096, 2), (4, 4096, 4), (16, 1024, 4), (8, 2048, 8), (32, 1024, 4), (4, 2048, 4),
-                   (16, 2048, 8), (8, 1024, 4), (32, 1024, 8), (16, 4096, 8), (4, 8192, 8), (2, 8192, 4)]
+                   (16, 2048, 8), (8, 1024, 4), (32, 1024, 8), (16, 4096, 8), (4, 8192, 8), (2, 8192, 4),
+                   (8, 1024, 2)]
+# int8's run path (_matmul_fast_runs) by SASS per weight byte at K 4096 / 11008 (gemv_sass_count.py):
+# (8, 1024, 2) 4.1 / 3.96, (8, 2048, 4) 4.75 / 4.07, (8, 2048, 2) 4.36 / 4.06, the heuristic (8, 4096, 4)
+# 4.88 / 4.25 in a single K step at K 4096 (a program's loads never overlap its own arithmetic).
+# The exact path's (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) candidates for int8 at M > 1, gemv_config's
+# (16, 32, 256, 4) first: at N 4096 it makes 128 programs of 4 warps, one an SM, 8 KB of codes and
+# 8 KB of x a K step (gemv_sass_count.py: 5.0 SASS / weight byte, 80 registers); 16 columns make two
+# programs an SM, 512-wide steps twice the codes in flight (bf16's 256-wide tile holds as many bytes).
+EXACT_TILES = [(16, 32, 256, 4), (16, 16, 512, 2), (16, 32, 512, 4), (16, 16, 256, 2), (16, 64, 256, 4),
+               (16, 16, 1024, 2)]
+# (tile, split_k) candidates of gemv's split-K for int8 at M > 1 ("exact_split" rows): 2-4 programs a
+# tile where N 4096 leaves 128 tiles; 64 columns a tile halve the x bytes a weight byte costs (at 32
+# columns each program reads as many bytes of x, from L2, as of codes).
+EXACT_SPLITS = [((16, 32, 256, 4), 2), ((16, 32, 256, 4), 4), ((16, 64, 256, 4), 4), ((16, 32, 512, 4), 4),
+                ((16, 64, 512, 4), 4), ((16, 16, 512, 2), 2)]
 COPY_BYTES = 256 << 20  # weight copies per case: far more than L2
 DEVICE = "cuda"  # a CPU smoke test of the script's flow sets "cpu" (tests/kernels/test_quant_gemv_sweep.py)
 
@@ -276,8 +296,14 @@ def main(argv: list[str] | None = None) -> None:
             for m in args.m:
                 case = Case(fmt, shape, m, weights, nbytes)
                 two = fusion == "swiglu"
-                measure(case, "exact", lambda: case.time(), nbytes,
-                        config=list(gemv_config(m, case.n_out, k, two=two)))
+                heuristic = gemv_config(m, case.n_out, k, two=two)
+                measure(case, "exact", lambda: case.time(), nbytes, config=list(heuristic))
+                if m > 1 and quant == "int8":
+                    for tile in (t for t in EXACT_TILES if t != heuristic):
+                        measure(case, "exact_sweep", lambda: case.time(config=tile), nbytes, config=list(tile))
+                    for tile, split in EXACT_SPLITS:
+                        measure(case, "exact_split", lambda: case.time(config=tile, split_k=split), nbytes,
+                                config=list(tile), split_k=split)
                 if m == 1:
                     entry = FAST_M1_CONFIGS[quant]
                     cfg = fast_gemv_config(case.n_out, k, quant, group, two)

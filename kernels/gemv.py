@@ -28,16 +28,27 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   whose factor is taken out of x instead of shifting the word). Per word the products are
   summed, the zero point enters as - z * sum(x), the group scale once per word; the int8
   column scale once per column. No dequantized weight is rounded to the dtype: the result is
-  x @ W^T with W dequantized in fp32 (kernels/quant.py's fast references), rounded once. int4 at
-  M == 1 (_matmul_fast_int4): each thread reads runs of 4 consecutive words of a row (one 128-bit
+  x @ W^T with W dequantized in fp32 (kernels/quant.py's fast references), rounded once. int4 and
+  int8 at M == 1 (_matmul_fast_runs): each thread reads runs of 4 consecutive words of a row (one 128-bit
   load) and exactly those words' inputs (a contiguous run, split by code in registers: no gather,
   and no shared-memory shuffle where a step's runs cover every warp), sums a run before its one
   zero-point and scale; the K loop unrolled up to FAST_UNROLL steps, else two steps an iteration,
-  masked along K only where a step reaches past it. At 1 < M <= SMALL_M every format takes the
+  masked along K only where a step reaches past it. int8 makes each code's float with one PRMT
+  (byte, zeros, the exponent) and keeps a sum per word position: per code a PRMT, FADD and FFMA,
+  4.9 SASS instructions per weight byte at (8, 4096, 4) on 4096 x 4096 against 5.7 for the
+  per-code x gather it replaced (W8A8 still takes that one: _matmul_fast; both counted by
+  experiments/gemv_sass_count.py). At 1 < M <= SMALL_M every format takes the
   exact path. A tl.dot variant for int4 there (nibbles OR-ed into 16-bit float bits as exact dot
   operands, one K step a group) was 3-7x slower than the exact path on the H200 at M = 2 and 16,
   even at the best of 144 configs (int4_g128 down M=16: 25.5 vs 120.9 us; 7B decode at batch 16:
   0.29x bf16 against 0.81x; benchmarks/2026-11-30-h200x2-s11/bg/g1/int4_dot.jsonl), and was removed.
+- split-K (``split_k``, the exact path; off unless asked for, not yet timed): at M > 1 the 16-row
+  tl.dot tiles of N 4096 (o_proj, down_proj) make 128 programs of 4 warps, one an SM, each with 8
+  KB of int8 codes (bf16: 16 KB) and as many bytes of x a K step in flight, so int8 ran as slow
+  as bf16 there (Llama-2-7B batch 16: 1.00x, BENCHMARKS.md). Each tile's K in split_k programs
+  instead; each stores its fp32 partials, and the last of a tile to arrive (an atomic count)
+  sums them in their fixed order and runs the fused epilogue: no second launch, the same result
+  whichever program is last. experiments/quant_gemv_sweep.py times it ("exact_split").
 - rotary + KV store (gemv_rope_store, a sibling kernel on the same matmul code): the qkv matmul's
   epilogue rotates q and k (neox layout) and writes k and v straight into the paged cache, so the
   separate rope_store launch (kernels/rotary.py) goes away. Each program computes both members of
@@ -175,19 +186,24 @@ def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True) -> 
 # holds about as many weight bytes per K step as the bf16 path's (16-32 KB, two steps in flight);
 # experiments/quant_gemv_sweep.py prints the measured best per format and shape to set them from.
 FAST_M1_CONFIGS: dict[str, tuple[int, int, int]] = {  # H200 sweep, benchmarks/2026-11-29-h200-s5/quant_sweep.jsonl
-    "int8": (8, 4096, 4),  # qkv 18.5 us (2.72 TB/s), gate_up 30.5 us (2.96 TB/s) against 22.1 / 33.0 at (8, 2048, 4)
+    # int8: measured on the per-code gather path (_matmul_fast before _matmul_fast_runs took int8): qkv 18.5 us
+    # (2.72 TB/s), gate_up 30.5 us (2.96 TB/s) against 22.1 / 33.0 at (8, 2048, 4). Not yet timed on the run
+    # path; its SASS (gemv_sass_count.py): 4.9 / 4.3 instructions a weight byte at K 4096 / 11008 here, a
+    # single K step at K 4096 (no load overlaps the program's own arithmetic), against 4.1 / 4.0 at
+    # (8, 1024, 2) and 4.75 / 4.1 at (8, 2048, 4): experiments/quant_gemv_sweep.py's int8 candidates.
+    "int8": (8, 4096, 4),
     "w8a8_int8": (16, 2048, 4),  # 113.9 us over the four Llama-2-7B shapes against 121.6 at (8, 2048, 4)
     "int4": (8, 2048, 4),
 }
 # Whether the engine's compressed linears take the fast path by default (ModelOptions.exact_dequant
 # forces the exact one everywhere). Measured on the H200 at M == 1: int8's fast path streams 2.2-3.0
 # TB/s against the exact path's 1.2-1.5 (benchmarks/2026-11-29-h200-s5/quant_sweep.jsonl); int4's
-# (_matmul_fast_int4) 1.25-1.88 TB/s against the exact path's 0.93-1.13 on every Llama-2-7B shape
+# (_matmul_fast_runs) 1.25-1.88 TB/s against the exact path's 0.93-1.13 on every Llama-2-7B shape
 # and format (int4_g64, int4_g128, int4_g128_zero), and the 7B decode at batch 1 int4_g128 373.7
 # tok/s against 262.4 exact (1.44x / 1.01x bf16; tinygemm 359.6): H200, 2026-11-30,
 # benchmarks/2026-11-30-h200x2-s11/bg/g1/int4_dot.jsonl and bg/q0/quant_int4_fast.jsonl.
 FAST_BY_DEFAULT = {"int8": True, "w8a8_int8": True, "int4": True}
-# int4's fast path unrolls its K loop up to this many steps (_matmul_fast_int4): two keep every
+# int4's and int8's fast path unrolls its K loop up to this many steps (_matmul_fast_runs): two keep every
 # word of a K <= 2 * BLOCK_K row set in flight at once; more, unrolled, let ptxas hoist every
 # step's loads and spill (K 11008 at (8, 2048, 4): 256 bytes a thread, experiments/gemv_sass_count.py).
 FAST_UNROLL = tl.constexpr(2) if HAS_TRITON else 2
@@ -383,7 +399,7 @@ if HAS_TRITON:
         x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
         K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         NORM: tl.constexpr, TWO: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
-        PDL: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
+        PDL: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, SPLIT: tl.constexpr,
     ):
         """fp32 [BLOCK_M, BLOCK_N] accumulators of x @ W^T for the W rows at w_rows (pointers
         [BLOCK_N, 1]) and, with TWO, a second set at w_rows2 over the same x tiles (SwiGLU's up
@@ -392,15 +408,21 @@ if HAS_TRITON:
         The weights never depend on the kernel before this one: the first W tile is loaded before
         anything else, and with PDL (programmatic dependent launch) before waiting for that kernel
         to finish, so its memory latency overlaps that kernel's tail. The loop over the other
-        tiles is left as it was, for the compiler to pipeline."""
+        tiles is left as it was, for the compiler to pipeline. SPLIT > 1 (split-K): the program
+        sums only the inputs of its part of K (grid axis 2), whole BLOCK_K steps of K_PART inputs."""
         dtype = x_rows.dtype.element_ty
         ks = tl.arange(0, BLOCK_K)
-        w_mask = col_mask[:, None] & (ks < K)[None, :]
-        w = _load_w(w_rows, s_rows, z_rows, 0, ks, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
+        K_PART: tl.constexpr = (K + BLOCK_K * SPLIT - 1) // (BLOCK_K * SPLIT) * BLOCK_K
+        k_first = 0
+        if SPLIT > 1:
+            k_first = tl.program_id(2) * K_PART
+        k = k_first + ks
+        w_mask = col_mask[:, None] & (k < K)[None, :]
+        w = _load_w(w_rows, s_rows, z_rows, k_first, k, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
                     GROUP, QUANT, HAS_ZERO, BF16_BY_HAND, BLOCK_M == 1)
         w2 = w
         if TWO:
-            w2 = _load_w(w_rows2, s_rows2, z_rows2, 0, ks, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
+            w2 = _load_w(w_rows2, s_rows2, z_rows2, k_first, k, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
                          GROUP, QUANT, HAS_ZERO, BF16_BY_HAND, BLOCK_M == 1)
         if PDL:  # x is the previous kernel's output: wait for it, then let the next kernel start
             tl.extra.cuda.gdc_wait()
@@ -408,9 +430,12 @@ if HAS_TRITON:
         rstd, xs = _row_stats(x_rows, row_mask, ks, nw_ptr, eps, K, BLOCK_M, BLOCK_K, NORM, QUANT, BF16_BY_HAND)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        acc, acc2 = _mac_tile(acc, acc2, x_rows, row_mask, ks, w, w2, nw_ptr, rstd, xs,
+        acc, acc2 = _mac_tile(acc, acc2, x_rows, row_mask, k, w, w2, nw_ptr, rstd, xs,
                               K, BLOCK_M, NORM, TWO, IEEE, BF16_BY_HAND, QUANT)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
+        k_end = K
+        if SPLIT > 1:
+            k_end = tl.minimum(k_first + K_PART, K)
+        for k0 in range(k_first + BLOCK_K, k_end, BLOCK_K):
             k = k0 + ks
             w_mask = col_mask[:, None] & (k < K)[None, :]
             w = _load_w(w_rows, s_rows, z_rows, k0, k, w_mask, col_mask, dtype, K, BLOCK_N, BLOCK_K,
@@ -445,8 +470,8 @@ if HAS_TRITON:
     @triton.jit
     def _fast_tile(w_rows, k0, col_mask, K: tl.constexpr, BLOCK_K: tl.constexpr, GPT: tl.constexpr,
                    WPG: tl.constexpr):
-        """int8's code words [BLOCK_N, GPT, WPG] (GPT = 1: one run of words) of inputs k0 .. k0 +
-        BLOCK_K of the rows at w_rows (int4 has its own: _int4_fast_tile)."""
+        """W8A8's code words [BLOCK_N, GPT, WPG] (GPT = 1: one run of words) of inputs k0 .. k0 +
+        BLOCK_K of the rows at w_rows (int4 and int8 have their own: _fast_run_tiles)."""
         CODES: tl.constexpr = BLOCK_K // (GPT * WPG)
         g = k0 // (WPG * CODES) + tl.arange(0, GPT)
         j = g[:, None] * WPG + tl.arange(0, WPG)[None, :]
@@ -455,7 +480,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _fast_code(src, SHIFT: tl.constexpr):
-        """int8's code at bit SHIFT of each int32 word src as an exact fp32 by the magic-number
+        """W8A8's code at bit SHIFT of each int32 word src as an exact fp32 by the magic-number
         trick: the byte, its sign bit already flipped (byte ^ 0x80 = byte + 128), shifted down
         (the compiler makes the extract a PRMT) and OR-ed into the mantissa of 2^23 (0x4B000000)
         makes the float 2^23 + byte + 128; subtracting 2^23 + 128 leaves the code."""
@@ -466,7 +491,7 @@ if HAS_TRITON:
     def _fast_mac(acc, acc2, words, words2, x_ptr, k0, nw_ptr, rstd, xs,
                   K: tl.constexpr, BLOCK_K: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr,
                   QUANT: tl.constexpr, TWO: tl.constexpr, NORM: tl.constexpr, BF16_BY_HAND: tl.constexpr):
-        """acc (and acc2) [BLOCK_N, GPT, WPG] += per int8 word: the sum over its codes of code * x
+        """acc (and acc2) [BLOCK_N, GPT, WPG] += per W8A8 word: the sum over its codes of code * x
         (its column scale comes after the K loop). Each x value is loaded and prepared once for all
         the program's rows. The word's sign bits are flipped once, then per byte an extract, OR,
         FADD and FFMA."""
@@ -490,10 +515,13 @@ if HAS_TRITON:
         K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
         BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr, QUANT: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr,
     ):
-        """_matmul at M == 1 on int8 code words (FAST; W8A8 with QUANT 3): [1, BLOCK_N] fp32
+        """_matmul at M == 1 on W8A8's int8 code words (FAST, QUANT 3): [1, BLOCK_N] fp32
         accumulators. The next tile's words are loaded before the current one is multiplied (two
-        tiles in flight per program); the first before the PDL wait, as _matmul's. int4 has its
-        own (_matmul_fast_int4)."""
+        tiles in flight per program); the first before the PDL wait, as _matmul's. Each x value is
+        gathered per code (a 16-bit load each). int4 and int8 have the run layout (_matmul_fast_runs);
+        W8A8 on it (x quantized per element as it is split) counted worse on sm_90 at (8, 2048, 4):
+        8.75 SASS a weight byte against 8.41 here at K 4096, and at K 11008 255 registers with 160
+        bytes spilled against 153 and none (experiments/gemv_sass_count.py), so it stays here."""
         words = _fast_tile(w_rows, 0, col_mask, K, BLOCK_K, GPT, WPG)
         words2 = words
         if TWO:
@@ -525,6 +553,65 @@ if HAS_TRITON:
         return out, out2
 
     @triton.jit
+    def _fast_run_words(w_rows, k0, col_mask, K: tl.constexpr, CODES: tl.constexpr, R: tl.constexpr,
+                        T: tl.constexpr, MASK_K: tl.constexpr):
+        """The code words [BLOCK_N, R, T] (CODES codes a word) of inputs k0 .. k0 + R * T * CODES of
+        the rows at w_rows, word t * R + r at [:, r, t]: R consecutive words (one 128-bit load at
+        R = 4) make a thread's run. Returns them and the word indices j [R, T]. MASK_K: the step
+        may reach past K; otherwise only the columns are masked, constant along each run."""
+        t = k0 // (CODES * R) + tl.arange(0, T)
+        j = t[None, :] * R + tl.arange(0, R)[:, None]  # [R, T] word index within the row
+        w_mask = col_mask[:, None, None]
+        if MASK_K:
+            w_mask = w_mask & (j < K // CODES)[None, :, :]
+        return tl.load(w_rows[:, :, None] + j[None, :, :], mask=w_mask, other=0), j
+
+    @triton.jit
+    def _int8_fast_x(x_ptr, k0, nw_ptr, rstd, K: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
+                     NORM: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+        """The step's inputs k0 .. k0 + R * T * 4 as the 4 int8 codes' operands [R, T] (x[4 w + c]
+        for byte c of word w = t * R + r, indexed as _fast_run_words's words): a run's 16
+        consecutive inputs loaded together and split in registers, as _int4_fast_x's."""
+        r = tl.arange(0, R)[:, None, None]
+        t = tl.arange(0, T)[None, :, None]
+        c = tl.arange(0, 4)[None, None, :]
+        x = _fast_x(x_ptr, k0 + (t * R + r) * 4 + c, nw_ptr, rstd, 0.0, K, NORM, 1, BF16_BY_HAND)
+        even, odd = tl.split(tl.reshape(x, (R, T, 2, 2)))  # the last axis: bit 0 of c
+        x0, x2 = tl.split(even)
+        x1, x3 = tl.split(odd)
+        return x0, x1, x2, x3
+
+    @triton.jit
+    def _int8_codes(words):
+        """A word's 4 int8 codes as exact fp32s by the magic-number trick: its sign bits flipped once
+        (byte + 128, unsigned), byte c as the mantissa of 2^23 (0x4B000000) makes the float 2^23 +
+        byte + 128, minus 2^23 + 128 the code. On a GPU one PRMT a code builds the float (byte c,
+        two zero bytes, 0x4B): byte 0's from the constant, bytes 1..3's from byte 0's float (its
+        zero bytes and 0x4B), so that ptxas needs the constant in a register once a word, not
+        rebuilt (a MOV) for every code; the interpreter shifts, ANDs and ORs."""
+        if _PTX:
+            bits = tl.inline_asm_elementwise(
+                "{ .reg .b32 f; xor.b32 f, $4, 0x80808080; prmt.b32 $0, f, 0x4B000000, 0x7440; "
+                "prmt.b32 $1, f, $0, 0x7661; prmt.b32 $2, f, $0, 0x7662; prmt.b32 $3, f, $0, 0x7663; }",
+                "=r,=r,=r,=r,r", [words], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+        else:
+            flipped = words ^ -0x7F7F7F80  # 0x80808080
+            bits = (flipped & 0xFF | 0x4B000000, (flipped >> 8) & 0xFF | 0x4B000000,
+                    (flipped >> 16) & 0xFF | 0x4B000000, (flipped >> 24) & 0xFF | 0x4B000000)
+        return (bits[0].to(tl.float32, bitcast=True) - 8388736.0, bits[1].to(tl.float32, bitcast=True) - 8388736.0,
+                bits[2].to(tl.float32, bitcast=True) - 8388736.0, bits[3].to(tl.float32, bitcast=True) - 8388736.0)
+
+    @triton.jit
+    def _int8_fast_mac(acc, words, xs):
+        """acc [BLOCK_N, R, T] += per word: the sum over its 4 codes of code * x (xs: _int8_fast_x's
+        operands): per code one PRMT, FADD and FFMA (_int8_codes); the column scale comes after the
+        K loop (_column_scale)."""
+        codes = _int8_codes(words)
+        for c in tl.static_range(4):
+            acc += codes[c] * xs[c][None, :, :]
+        return acc
+
+    @triton.jit
     def _int4_fast_tile(w_rows, s_rows, z_rows, k0, col_mask, K: tl.constexpr, GROUP: tl.constexpr,
                         HAS_ZERO: tl.constexpr, R: tl.constexpr, T: tl.constexpr, MASK_K: tl.constexpr):
         """int4's code words [BLOCK_N, R, T] of inputs k0 .. k0 + R * T * 8 of the rows at w_rows,
@@ -534,18 +621,15 @@ if HAS_TRITON:
         the step may reach past K (a ragged or prefetched step); otherwise only the columns are
         masked, constant along each run."""
         WPG: tl.constexpr = GROUP // 8
+        words, j = _fast_run_words(w_rows, k0, col_mask, K, 8, R, T, MASK_K)
         t = k0 // (8 * R) + tl.arange(0, T)
-        j = t[None, :] * R + tl.arange(0, R)[:, None]  # [R, T] word index within the row
         if WPG % R == 0:
             g = (t * R // WPG)[None, :]
         else:
             g = j // WPG
-        w_mask = col_mask[:, None, None]
         g_mask = col_mask[:, None, None]
         if MASK_K:
-            w_mask = w_mask & (j < K // 8)[None, :, :]
             g_mask = g_mask & (g < K // GROUP)[None, :, :]
-        words = tl.load(w_rows[:, :, None] + j[None, :, :], mask=w_mask, other=0)
         scale = tl.load(s_rows[:, :, None] + g[None, :, :], mask=g_mask, other=0.0).to(tl.float32)
         zero = scale
         if HAS_ZERO:
@@ -612,83 +696,101 @@ if HAS_TRITON:
         return acc + p * scale
 
     @triton.jit
-    def _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, k0, col_mask, K: tl.constexpr,
-                         GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
-                         MASK_K: tl.constexpr, TWO: tl.constexpr):
-        """_int4_fast_tile's (words, scale, zero) of the step at k0 for the first row set and, with
-        TWO, the second (else the first's again, unused)."""
-        tile = _int4_fast_tile(w_rows, s_rows, z_rows, k0, col_mask, K, GROUP, HAS_ZERO, R, T, MASK_K)
+    def _fast_run_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, k0, col_mask, K: tl.constexpr,
+                        GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
+                        MASK_K: tl.constexpr, TWO: tl.constexpr, QUANT: tl.constexpr):
+        """The step at k0's tile of the first row set and, with TWO, the second (else the first's
+        again, unused): int4's (words, scale, zero) (_int4_fast_tile), int8's (words,)
+        (_fast_run_words)."""
+        if QUANT == 2:
+            tile = _int4_fast_tile(w_rows, s_rows, z_rows, k0, col_mask, K, GROUP, HAS_ZERO, R, T, MASK_K)
+        else:
+            tile = (_fast_run_words(w_rows, k0, col_mask, K, 4, R, T, MASK_K)[0],)
         tile2 = tile
         if TWO:
-            tile2 = _int4_fast_tile(w_rows2, s_rows2, z_rows2, k0, col_mask, K, GROUP, HAS_ZERO, R, T, MASK_K)
+            if QUANT == 2:
+                tile2 = _int4_fast_tile(w_rows2, s_rows2, z_rows2, k0, col_mask, K, GROUP, HAS_ZERO, R, T, MASK_K)
+            else:
+                tile2 = (_fast_run_words(w_rows2, k0, col_mask, K, 4, R, T, MASK_K)[0],)
         return tile, tile2
 
     @triton.jit
-    def _int4_fast_step(acc, acc2, tiles, x_ptr, k0, nw_ptr, rstd, K: tl.constexpr, R: tl.constexpr,
-                        T: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr, HAS_ZERO: tl.constexpr,
-                        BF16_BY_HAND: tl.constexpr):
+    def _fast_run_step(acc, acc2, tiles, x_ptr, k0, nw_ptr, rstd, K: tl.constexpr, R: tl.constexpr,
+                       T: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr, HAS_ZERO: tl.constexpr,
+                       BF16_BY_HAND: tl.constexpr, QUANT: tl.constexpr):
         """acc (and acc2) += the step at k0: its x loaded once for both row sets' tiles
-        (_int4_fast_tiles)."""
-        xc, xw = _int4_fast_x(x_ptr, k0, nw_ptr, rstd, K, R, T, NORM, BF16_BY_HAND)
-        words, scale, zero = tiles[0]
-        acc = _int4_fast_mac(acc, words, scale, zero, xc, xw, HAS_ZERO)
-        if TWO:
-            words2, scale2, zero2 = tiles[1]
-            acc2 = _int4_fast_mac(acc2, words2, scale2, zero2, xc, xw, HAS_ZERO)
+        (_fast_run_tiles)."""
+        if QUANT == 2:
+            xc, xw = _int4_fast_x(x_ptr, k0, nw_ptr, rstd, K, R, T, NORM, BF16_BY_HAND)
+            words, scale, zero = tiles[0]
+            acc = _int4_fast_mac(acc, words, scale, zero, xc, xw, HAS_ZERO)
+            if TWO:
+                words2, scale2, zero2 = tiles[1]
+                acc2 = _int4_fast_mac(acc2, words2, scale2, zero2, xc, xw, HAS_ZERO)
+        else:
+            xc = _int8_fast_x(x_ptr, k0, nw_ptr, rstd, K, R, T, NORM, BF16_BY_HAND)
+            acc = _int8_fast_mac(acc, tiles[0][0], xc)
+            if TWO:
+                acc2 = _int8_fast_mac(acc2, tiles[1][0], xc)
         return acc, acc2
 
     @triton.jit
-    def _matmul_fast_int4(
+    def _matmul_fast_runs(
         x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
         K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
         BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+        QUANT: tl.constexpr,
     ):
-        """_matmul_fast for int4 (QUANT 2): [1, BLOCK_N] fp32 accumulators. Each step's words are
+        """The fast path at M == 1 for int4 (QUANT 2) and int8 (QUANT 1) in runs of 4 words a
+        thread: [1, BLOCK_N] fp32 accumulators. Each step's words are
         loaded one step ahead of their use, the first before the PDL wait. Up to FAST_UNROLL
         steps the K loop is unrolled (K <= 2 * BLOCK_K: the whole row set in flight at once);
         longer ones loop two steps an iteration, the tiles alternating between two sets of
         registers (a one-step loop copies the prefetched tile into the current one's: a MOV a
         word). Only a step reaching past K is masked along the words (the ragged last one, and
         in the loop every step of a ragged K); the loop's prefetch past the last step reloads it."""
-        R: tl.constexpr = 4 if BLOCK_K >= 32 else BLOCK_K // 8  # words in a thread's run (_int4_fast_tile)
-        T: tl.constexpr = BLOCK_K // (8 * R)
+        CODES: tl.constexpr = 8 if QUANT == 2 else 4  # codes in a word
+        R: tl.constexpr = 4 if BLOCK_K >= 4 * CODES else BLOCK_K // CODES  # words in a thread's run
+        T: tl.constexpr = BLOCK_K // (CODES * R)
         STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
         RAGGED: tl.constexpr = K % BLOCK_K != 0
         LAST: tl.constexpr = (STEPS - 1) * BLOCK_K
-        a = _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, 0, col_mask, K, GROUP, HAS_ZERO,
-                             R, T, STEPS == 1 and RAGGED, TWO)
+        a = _fast_run_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, 0, col_mask, K, GROUP, HAS_ZERO,
+                            R, T, STEPS == 1 and RAGGED, TWO, QUANT)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         row = tl.arange(0, 1)
         rstd, xs = _row_stats(x_ptr + row[:, None], row < 1, tl.arange(0, BLOCK_K), nw_ptr, eps, K, 1, BLOCK_K,
-                              NORM, 2, BF16_BY_HAND)
+                              NORM, QUANT, BF16_BY_HAND)
         rstd = tl.sum(rstd, 0)
-        acc = tl.zeros([BLOCK_N, 1 if (GROUP // 8) % R == 0 else R, T], tl.float32)  # as the scales
+        # int4: as its scales (one a run where a run is in one group); int8: a sum per word, so that
+        # each code is one FFMA into it (no per-run FADDs), the R words summed after the loop
+        acc = tl.zeros([BLOCK_N, 1 if QUANT == 2 and (GROUP // 8) % R == 0 else R, T], tl.float32)
         acc2 = acc
         if STEPS <= FAST_UNROLL:
             for step in tl.static_range(STEPS):
                 b = a
                 if step + 1 < STEPS:
-                    b = _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, (step + 1) * BLOCK_K,
-                                         col_mask, K, GROUP, HAS_ZERO, R, T, step + 2 == STEPS and RAGGED, TWO)
-                acc, acc2 = _int4_fast_step(acc, acc2, a, x_ptr, step * BLOCK_K, nw_ptr, rstd, K, R, T, NORM, TWO,
-                                            HAS_ZERO, BF16_BY_HAND)
+                    b = _fast_run_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, (step + 1) * BLOCK_K,
+                                        col_mask, K, GROUP, HAS_ZERO, R, T, step + 2 == STEPS and RAGGED, TWO, QUANT)
+                acc, acc2 = _fast_run_step(acc, acc2, a, x_ptr, step * BLOCK_K, nw_ptr, rstd, K, R, T, NORM, TWO,
+                                           HAS_ZERO, BF16_BY_HAND, QUANT)
                 a = b
         else:
             for k0 in range(0, (STEPS // 2) * 2 * BLOCK_K, 2 * BLOCK_K):
-                b = _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, k0 + BLOCK_K, col_mask,
-                                     K, GROUP, HAS_ZERO, R, T, RAGGED, TWO)
-                acc, acc2 = _int4_fast_step(acc, acc2, a, x_ptr, k0, nw_ptr, rstd, K, R, T, NORM, TWO, HAS_ZERO,
-                                            BF16_BY_HAND)
-                a = _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2,
-                                     tl.minimum(k0 + 2 * BLOCK_K, LAST), col_mask, K, GROUP, HAS_ZERO, R, T, RAGGED,
-                                     TWO)
-                acc, acc2 = _int4_fast_step(acc, acc2, b, x_ptr, k0 + BLOCK_K, nw_ptr, rstd, K, R, T, NORM, TWO,
-                                            HAS_ZERO, BF16_BY_HAND)
+                b = _fast_run_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, k0 + BLOCK_K, col_mask,
+                                    K, GROUP, HAS_ZERO, R, T, RAGGED, TWO, QUANT)
+                acc, acc2 = _fast_run_step(acc, acc2, a, x_ptr, k0, nw_ptr, rstd, K, R, T, NORM, TWO, HAS_ZERO,
+                                           BF16_BY_HAND, QUANT)
+                a = _fast_run_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2,
+                                    tl.minimum(k0 + 2 * BLOCK_K, LAST), col_mask, K, GROUP, HAS_ZERO, R, T, RAGGED,
+                                    TWO, QUANT)
+                acc, acc2 = _fast_run_step(acc, acc2, b, x_ptr, k0 + BLOCK_K, nw_ptr, rstd, K, R, T, NORM, TWO,
+                                           HAS_ZERO, BF16_BY_HAND, QUANT)
             if STEPS % 2 == 1:
-                acc, acc2 = _int4_fast_step(acc, acc2, a, x_ptr, LAST, nw_ptr, rstd, K, R, T, NORM, TWO, HAS_ZERO,
-                                            BF16_BY_HAND)
+                acc, acc2 = _fast_run_step(acc, acc2, a, x_ptr, LAST, nw_ptr, rstd, K, R, T, NORM, TWO, HAS_ZERO,
+                                           BF16_BY_HAND, QUANT)
         return tl.sum(tl.sum(acc, 1), 1)[None, :], tl.sum(tl.sum(acc2, 1), 1)[None, :]  # in-thread R first
 
     @triton.jit
@@ -696,18 +798,19 @@ if HAS_TRITON:
                     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     NORM: tl.constexpr, TWO: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
                     PDL: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
-                    FAST: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr):
+                    FAST: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr, SPLIT: tl.constexpr):
         """The accumulators of whichever matmul the kernel was specialised for: the fast M == 1
-        dequantization (FAST) or the exact path."""
-        if FAST and QUANT == 2:
-            return _matmul_fast_int4(x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
-                                     K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, HAS_ZERO)
-        elif FAST:
+        dequantization (FAST) or the exact path (of one part of K with SPLIT > 1)."""
+        if FAST and QUANT != 3:
+            return _matmul_fast_runs(x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
+                                     K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, HAS_ZERO, QUANT)
+        elif FAST:  # W8A8
             return _matmul_fast(x_ptr, w_rows, w_rows2, col_mask, nw_ptr, eps,
                                 K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, QUANT, GPT, WPG)
         else:
             return _matmul(x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
-                           K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, TWO, IEEE, BF16_BY_HAND, PDL, GROUP, QUANT, HAS_ZERO)
+                           K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, TWO, IEEE, BF16_BY_HAND, PDL, GROUP, QUANT, HAS_ZERO,
+                           SPLIT)
 
     @triton.jit
     def _w_rows(w_ptr, s_ptr, z_ptr, cols, K: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr,
@@ -740,18 +843,45 @@ if HAS_TRITON:
         else:
             return acc
 
+    @triton.jit
+    def _split_k_sum(acc, acc2, ws_ptr, count_ptr, rows, cols, mask, M, N: tl.constexpr, SPLIT: tl.constexpr,
+                     TWO: tl.constexpr):
+        """Split-K: this program's partial sums (acc, and acc2 with TWO) into the workspace
+        [SPLIT, M, 2 N] fp32, then its tile's arrival count (count_ptr: one int32 a (column, row)
+        tile, zero between launches) raised by one. The last program of a tile to arrive gets the
+        SPLIT partials summed in their fixed order (the same result whichever program is last) and
+        True; every other gets zeros and False (its epilogue stores nothing). The last one sets
+        the count back to zero for the next launch."""
+        ws = ws_ptr + (tl.program_id(2) * M + rows.to(tl.int64))[:, None] * (2 * N) + cols[None, :]
+        tl.store(ws, acc, mask=mask)
+        if TWO:
+            tl.store(ws + N, acc2, mask=mask)
+        tl.debug_barrier()  # every thread's partials stored before the release below
+        count = count_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        arrived = tl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
+        last = (tl.zeros(mask.shape, tl.int32) + arrived) == SPLIT - 1  # as a tile (a scalar mask: not interpretable)
+        acc = tl.zeros_like(acc)
+        acc2 = tl.zeros_like(acc2)
+        first = ws_ptr + rows.to(tl.int64)[:, None] * (2 * N) + cols[None, :]
+        for part in tl.static_range(SPLIT):  # past L1: other SMs wrote them
+            acc += tl.load(first + part * M * (2 * N), mask=mask & last, other=0.0, cache_modifier=".cg")
+            if TWO:
+                acc2 += tl.load(first + part * M * (2 * N) + N, mask=mask & last, other=0.0, cache_modifier=".cg")
+        tl.atomic_add(count, -SPLIT * (arrived == SPLIT - 1).to(tl.int32), sem="relaxed", scope="gpu")
+        return acc, acc2, last
+
     # M is not specialized (Triton makes M == 1 a constant, M % 16 == 0 a divisibility hint): one
     # compiled kernel for every row count, which batch invariance rests on.
     @triton.jit(do_not_specialize=["M"])
     def _gemv_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, nw_ptr, res_ptr, out_ptr,
+        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, nw_ptr, res_ptr, out_ptr, ws_ptr, count_ptr,
         M, eps, x_stride, res_stride, out_stride,
         N: tl.constexpr, K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr,
         IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr,
         GROUP: tl.constexpr = 1, QUANT: tl.constexpr = 0, HAS_ZERO: tl.constexpr = False,
-        FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1,
+        FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1, SPLIT: tl.constexpr = 1,
     ):
         # N counts output columns: with SWIGLU, W has 2N rows (gate rows, then up rows).
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # grid axis 1: 16-row tiles past SMALL_M
@@ -764,7 +894,12 @@ if HAS_TRITON:
         dtype = x_ptr.dtype.element_ty
         acc, acc_up = _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_up, s_rows, s_up, z_rows, z_up, col_mask, nw_ptr,
                                   eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, SWIGLU, IEEE, BF16_BY_HAND, PDL,
-                                  GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG)
+                                  GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, SPLIT)
+        out_mask = row_mask[:, None] & col_mask[None, :]
+        if SPLIT > 1:  # only the last program of the tile's parts goes on, with the whole sums
+            acc, acc_up, last = _split_k_sum(acc, acc_up, ws_ptr, count_ptr, rows, cols, out_mask, M, N, SPLIT,
+                                             SWIGLU)
+            out_mask = out_mask & last
         acc = _column_scale(acc, s_ptr, cols, col_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         if SWIGLU:
             acc_up = _column_scale(acc_up, s_ptr, cols + N, col_mask, dtype, QUANT, BF16_BY_HAND, FAST)
@@ -777,7 +912,6 @@ if HAS_TRITON:
         if SWIGLU:  # as kernels/activation.py: silu in fp32 rounded to the dtype, times up
             act = _rnd(y / (1.0 + tl.exp(-y)), dtype, BF16_BY_HAND)
             y = _rnd(act * _rnd(acc_up, dtype, BF16_BY_HAND), dtype, BF16_BY_HAND)
-        out_mask = row_mask[:, None] & col_mask[None, :]
         if RESIDUAL:
             res = tl.load(res_ptr + rows.to(tl.int64)[:, None] * res_stride + cols[None, :], mask=out_mask, other=0.0)
             y = _rnd(y + res.to(tl.float32), dtype, BF16_BY_HAND)
@@ -841,7 +975,7 @@ if HAS_TRITON:
         dtype = x_ptr.dtype.element_ty
         acc1, acc2 = _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask,
                                  nw_ptr, eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE, BF16_BY_HAND, PDL,
-                                 GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG)
+                                 GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, 1)
         acc1 = _column_scale(acc1, s_ptr, col, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         acc2 = _column_scale(acc2, s_ptr, col + HALF, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         if HAS_BIAS:  # before the rotation (Qwen2), in fp32 before rounding as gemv does
@@ -912,6 +1046,26 @@ def _launch_config(m: int, n: int, k: int, quant: str, qargs: dict, fast: bool, 
     return config, {**qargs, "w_ptr": w.view(torch.int32), "FAST": True, "GPT": gpt, "WPG": wpg}
 
 
+# Split-K's workspaces per device: partial sums (grown as needed) and the tiles' arrival counts,
+# which every launch leaves at zero (_split_k_sum). Launches that share them must not overlap: one
+# stream, as the engine's decode (PDL lets the next kernel start, but it waits for this one before
+# its own split-K stores).
+_SPLIT_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 partials of at least ``floats``, int32 zero counts of at least ``tiles``) on device;
+    allocated once (outside a CUDA graph capture: call once before capturing)."""
+    ws, count = _SPLIT_WORKSPACES.get(device, (None, None))
+    if ws is None or ws.numel() < floats or count.numel() < tiles:
+        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), \
+            "gemv split_k: workspace first allocated inside a CUDA graph capture (run the shape once before)"
+        ws = torch.empty(max(floats, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
+        count = torch.zeros(max(tiles, 0 if count is None else count.numel()), dtype=torch.int32, device=device)
+        _SPLIT_WORKSPACES[device] = (ws, count)
+    return ws, count
+
+
 def _check_invariant(batch_invariant: bool, fast: bool, config: tuple[int, int, int, int] | None) -> None:
     if batch_invariant and fast:
         raise ValueError("gemv: batch_invariant with fast dequantization "
@@ -926,7 +1080,7 @@ def gemv(
     residual: torch.Tensor | None = None, swiglu: bool = False, out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None, pdl: bool = True,
     quant: str = "dense", scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
-    fast: bool = False, batch_invariant: bool = False,
+    fast: bool = False, batch_invariant: bool = False, split_k: int = 1,
 ) -> torch.Tensor:
     """Triton version of gemv_ref for x [M <= SMALL_M, K] (any M with ``batch_invariant``: each row's
     output the same at every M, the module docstring's batch invariance; not with ``fast``). ``out``
@@ -936,12 +1090,19 @@ def gemv(
     ``quant``: W's format, "dense", "int8", "int4" or "w8a8_int8" (with ``scale``, ``zero``:
     _quant_args); the reference is then gemv_ref on the dequantized weight (kernels/quant.py),
     for W8A8 on the per-token quantized input. ``fast``: at M == 1 the fast dequantization (module
-    docstring; fast_gemv_config), whose reference is gemv_ref on the fp32 dequantized weight."""
+    docstring; fast_gemv_config), whose reference is gemv_ref on the fp32 dequantized weight.
+    ``split_k`` > 1 (the exact path; not the fast M == 1 one nor batch-invariant mode): each
+    (column, row) tile's K in that many programs, the last to finish summing their partials in a
+    fixed order and running the epilogue (_split_k_sum): more programs where N / BLOCK_N leaves
+    SMs idle (N 4096 at M > 1: 128 programs of 32 columns)."""
     m, k = x.shape
     rows_w = weight.shape[0]
     kw, qargs = _quant_args(weight, k, quant, scale, zero)
     n = rows_w // 2 if swiglu else rows_w
     _check_invariant(batch_invariant, fast, config)
+    if split_k < 1 or (split_k > 1 and (batch_invariant or (fast and m == 1 and quant != "dense"))):
+        raise ValueError(f"gemv: split_k {split_k} (a positive count, and 1 with batch_invariant or on the fast "
+                         "M == 1 path)")
     assert k == kw and (m <= SMALL_M or batch_invariant) and weight.is_contiguous(), (x.shape, weight.shape)
     assert not (swiglu and rows_w % 2)
     assert norm_weight is None or k <= MAX_NORM_K
@@ -960,12 +1121,14 @@ def gemv(
         m, n, k, quant, qargs, fast, swiglu, config,
         lambda: (batch_invariant_config(n, k) if batch_invariant
                  else gemv_config(m, n, k, two=swiglu, pdl=launch["PDL"])))
-    _gemv_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
+    ws, count = _split_workspace(x.device, split_k * m * 2 * n, grid[0] * grid[1]) if split_k > 1 else (out, out)
+    _gemv_kernel[grid](
         x, qargs.pop("w_ptr"), qargs.pop("s_ptr"), qargs.pop("z_ptr"),
         bias if bias is not None else weight,  # unused pointers: any tensor
         norm_weight if norm_weight is not None else weight,
         residual if residual is not None else out,
-        out,
+        out, ws, count,
         m, eps, x.stride(0), (residual if residual is not None else out).stride(0), out.stride(0),
         N=n, K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         HAS_BIAS=bias is not None, NORM=norm_weight is not None, RESIDUAL=residual is not None, SWIGLU=swiglu,
@@ -973,7 +1136,7 @@ def gemv(
         # take the fp32 dot, which gives the same result (products of 16-bit floats are exact in fp32).
         IEEE=x.dtype == torch.float32 or interpreting(),
         BF16_BY_HAND=interpreting() and x.dtype == torch.bfloat16,
-        **launch, **qargs,
+        **launch, **qargs, SPLIT=split_k,
         num_warps=num_warps,
     )
     return out

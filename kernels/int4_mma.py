@@ -1,6 +1,6 @@
 """Tensor-core int4 weight-only GEMM for decode (1 <= M <= 16): y = x @ W^T (+ bias), W int4 per group.
 
-Why: the CUDA-core GEMV (kernels/gemv.py, _matmul_fast_int4) spends ~8.4 SASS instructions per
+Why: the CUDA-core GEMV (kernels/gemv.py, _matmul_fast_runs) spends ~8.4 SASS instructions per
 weight byte in its K loop, more than the ~7.9 an H200 SM can issue per byte at the copy ceiling
 (132 SMs x 4 schedulers x 32 lanes x 1.98 GHz / 4.27 TB/s): it is ALU bound at 30-44% of the
 ceiling. Here the multiply-adds go to the tensor cores (one HGMMA does 64 x 16 x 16), so what is
@@ -57,7 +57,7 @@ same at every M: M only masks x). Budgets at the copy ceiling (16.3 weight bytes
     64, 512, 4, 4, 1                      5.34   5.84  5.75        4.00   4.00  4.50  104-128
     64, 256, 8, 4, 1                      5.52   5.89  6.20        4.00   4.00  4.50   80-98
     64, 256, 8, 4, 3                      6.56   7.91  7.48        4.69   5.19  5.06   75-95
-    CUDA-core _matmul_fast_int4 (gemv)    8.4 at its best config (8, 2048, 2)
+    CUDA-core _matmul_fast_runs (gemv)    8.4 at its best config (8, 2048, 2)
     before the fragment order, best       4.67   5.32  5.86        9.81  10.12 10.12 (128, 512, 4, 4, 1)
 
 The tensor cores are not the bound either: 64 padded-row FLOPs a weight byte is 0.27 PFLOP/s at

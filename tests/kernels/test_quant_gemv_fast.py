@@ -81,7 +81,7 @@ def test_fast_gemv_several_k_steps_and_a_ragged_last_one(weights, dtype):
     _check(out, gemv_ref(x, dense.to(DEVICE)), True)
 
 
-# int4's M == 1 K loop (kernels/gemv.py, _matmul_fast_int4) by (K, BLOCK_K) in groups: one ragged
+# int4's M == 1 K loop (kernels/gemv.py, _matmul_fast_runs) by (K, BLOCK_K) in groups: one ragged
 # step (BLOCK_K past K, masked), two even steps (unrolled, no mask along the words), two with a
 # ragged last, and past FAST_UNROLL steps the loop of two steps an iteration: three even (one
 # iteration and the odd step after it), four with a ragged last (every step masked, the last
@@ -147,21 +147,7 @@ def test_fast_int4_compiles_for_sm90():
     """The interpreter runs what the GPU compiler may refuse, and never the inline PTX: the fast
     int4 M == 1 kernel compiles for sm_90 with Triton's bundled ptxas in its unrolled, looped and
     ragged forms, with two row sets and fusions (a fresh process without the interpreter)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(root)
-    run = subprocess.run([sys.executable, "-c", SM90_FAST_INT4], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=600)
-    if "ptxas" in run.stderr and "No such file" in run.stderr:
-        pytest.skip("no bundled ptxas in this Triton install")
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip().splitlines()[-1] == "compiled 5"
+    assert _compile_sm90(SM90_FAST_INT4).strip().splitlines()[-1] == "compiled 5"
 
 
 def test_fast_int4_prmt_word_is_the_or_under_every_code_mask():
@@ -192,6 +178,117 @@ def test_fast_int8_decodes_every_byte_value():
     xs = torch.ldexp(torch.ones(1, k), -torch.arange(k)[None, :] % 8)
     out = gemv(xs.to(DEVICE), codes.to(DEVICE), quant="int8", scale=scale.to(DEVICE), fast=True)
     torch.testing.assert_close(out.cpu(), ref.int8_linear_fast_ref(xs, codes, scale), rtol=0, atol=0)
+
+
+# int8's M == 1 K loop (the same _matmul_fast_runs as int4's, runs of 4 words = 16 codes a thread) by
+# (K, BLOCK_K) in codes: one ragged step, two even (unrolled, unmasked), two with a ragged last
+# whose last run is partly past K, three even (one loop iteration and the odd step), four with a
+# ragged last (every step masked, the prefetch clamped), five even; BLOCK_K 8 and 4: runs of two
+# words and of one.
+INT8_STEPS = {"one_ragged": (100, 128), "two_even": (256, 128), "two_ragged": (200, 128), "three_even": (192, 64),
+              "four_ragged": (452, 128), "five_even": (80, 16), "runs_of_two": (40, 8), "runs_of_one": (20, 4)}
+
+
+@pytest.mark.parametrize("steps", list(INT8_STEPS))
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fast_int8_k_loop_even_ragged_and_looped(steps, fusion, dtype):
+    k, block_k = INT8_STEPS[steps]
+    n = 37
+    swiglu = FUSIONS[fusion].get("swiglu", False)
+    w, scale, _, dense = quant_weight(2 * n if swiglu else n, k, "int8", seed=k)
+    x, kw = _fusion_args(1, n, k, dtype, seed=block_k, **FUSIONS[fusion])
+    expected = gemv_ref(x, dense.to(DEVICE), swiglu=swiglu, **kw)
+    out = gemv(x, _to(w, DEVICE), swiglu=swiglu, quant="int8", scale=_to(scale, DEVICE), fast=True,
+               config=(1, 4, block_k, 1), **kw)
+    _check(out, expected, True)
+
+
+@pytest.mark.parametrize("steps", list(INT8_STEPS))
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_fast_w8a8_k_loop_even_ragged_and_looped(steps, fusion):
+    """W8A8 on int8's K loop (its input quantized per element as the run's x is split): the per-token
+    quantized reference, fp32 (integer codes and inputs, fp32 sums, one rounding)."""
+    k, block_k = INT8_STEPS[steps]
+    n = 37
+    swiglu = FUSIONS[fusion].get("swiglu", False)
+    codes, scale, _, _ = quant_weight(2 * n if swiglu else n, k, "int8", seed=k + 1)
+    x, kw = _fusion_args(1, n, k, torch.float32, seed=block_k + 1, **FUSIONS[fusion])
+    codes, scale = codes.to(DEVICE), scale.to(DEVICE)
+    expected = w8a8_gemv_ref(x, codes, scale, swiglu=swiglu, **kw)
+    out = gemv(x, codes, swiglu=swiglu, quant="w8a8_int8", scale=scale, fast=True, config=(1, 4, block_k, 1), **kw)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def _prmt(a: torch.Tensor, b: torch.Tensor | int, selector: int) -> torch.Tensor:
+    """PTX prmt.b32 (default mode) on int64-held 32-bit words: byte i of the result is byte
+    selector nibble i of the 8 bytes {b, a} (a's bytes 0..3, b's 4..7)."""
+    b = torch.as_tensor(b, dtype=torch.int64).expand_as(a)
+    pool = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+    out = torch.zeros_like(a)
+    for i in range(4):
+        out |= pool[(selector >> (4 * i)) & 0x7] << (8 * i)
+    return out
+
+
+def test_fast_int8_prmt_chain_is_the_shift_and_or():
+    """On a GPU _int8_codes builds byte c's float with one PRMT each (byte 0's from the constant
+    0x4B000000, bytes 1..3's from byte 0's float), under the interpreter by shift, AND and OR: the
+    two give the same bits for every word (the GPU runs of these tests cover the PTX itself)."""
+    words = torch.randint(0, 2**32, (8192,), generator=torch.Generator().manual_seed(5), dtype=torch.int64)
+    words[:256] = torch.arange(256) * 0x01010101  # every byte value at every position
+    flipped = words ^ 0x80808080
+    p0 = _prmt(flipped, 0x4B000000, 0x7440)
+    for c, got in enumerate((p0, _prmt(flipped, p0, 0x7661), _prmt(flipped, p0, 0x7662), _prmt(flipped, p0, 0x7663))):
+        assert torch.equal(got, ((flipped >> (8 * c)) & 0xFF) | 0x4B000000), c
+        code = (words >> (8 * c)) & 0xFF
+        code = code - 256 * (code >= 128)
+        as_float = got.to(torch.int32).view(torch.float32) - 8388736.0  # the kernel's FADD
+        assert torch.equal(as_float, code.float()), c
+
+
+SM90_FAST_INT8 = """
+from experiments.gemv_sass_count import compile_sm90
+
+cases = [  # (K, entry, fusions): the K loop's forms
+    (4096, (8, 4096, 4), dict(NORM=True)),  # one step
+    (4096, (8, 2048, 4), dict(SWIGLU=True, NORM=True)),  # two even steps, unrolled, two row sets
+    (11008, (8, 2048, 4), dict(RESIDUAL=True)),  # looped, ragged
+    (4352, (8, 2048, 2), dict(NORM=True, HAS_BIAS=True)),  # three steps: one iteration, ragged odd
+    (1540, (8, 1024, 4), dict(SWIGLU=True)),  # two steps, the second ragged within a run
+]
+cases += [(11008, (8, 2048, 4), dict(NORM=True, SWIGLU=True, quant="w8a8_int8"))]  # W8A8: x quantized as split
+for k, entry, fusions in cases:
+    quant = fusions.pop("quant", "int8")
+    cubin, _ = compile_sm90(quant, True, 1, False, 1, 4096, k, entry, fusions)
+    assert len(cubin) > 0
+print("compiled", len(cases))
+"""
+
+
+def _compile_sm90(script: str) -> str:
+    """The script's stdout, run without the interpreter in a fresh process (skips without ptxas)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    run = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    if "ptxas" in run.stderr and "No such file" in run.stderr:
+        pytest.skip("no bundled ptxas in this Triton install")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
+def test_fast_int8_compiles_for_sm90():
+    """The fast int8 M == 1 kernel (inline PTX the interpreter never runs) compiles for sm_90 in its
+    one-step, unrolled, looped and ragged forms, with two row sets and fusions, and W8A8's."""
+    assert _compile_sm90(SM90_FAST_INT8).strip().splitlines()[-1] == "compiled 6"
 
 
 @pytest.mark.parametrize("m", [1, 3])

@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experiments.quant_gemv_sweep import FAST_CANDIDATES, FORMATS, SHAPES, fmt_quant, make_weights, suggest
+from experiments.quant_gemv_sweep import (EXACT_SPLITS, EXACT_TILES, FAST_CANDIDATES, FORMATS, SHAPES, fmt_quant,
+                                          make_weights, suggest)
 from kernels import quant as ref
 from kernels._triton import next_pow2
-from kernels.gemv import FAST_M1_CONFIGS, _fast_words, fast_dequant_fits, fast_gemv_config, gemv, gemv_ref
+from kernels.gemv import FAST_M1_CONFIGS, _fast_words, fast_dequant_fits, fast_gemv_config, gemv, gemv_config, gemv_ref
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -28,6 +29,17 @@ def test_fast_candidates_fit_the_shape(shape, fmt):
         assert block_k % group == 0 and block_k <= next_pow2(k), (shape, fmt, entry)
         gpt, wpg = _fast_words(quant, group, block_k)  # raises on a shape the kernel cannot tile
         assert gpt * wpg * (8 if quant == "int4" else 4) == block_k
+
+
+def test_exact_tiles_are_distinct_16_row_tiles_from_the_heuristic():
+    """int8's M > 1 candidates: gemv_config's tile first (the "exact" rows' own), each a 16-row
+    tl.dot tile that fits every shape's K."""
+    assert len(set(EXACT_TILES)) == len(EXACT_TILES)
+    assert EXACT_TILES[0] == gemv_config(16, 4096, 4096)
+    assert len(set(EXACT_SPLITS)) == len(EXACT_SPLITS) and all(split > 1 for _, split in EXACT_SPLITS)
+    for block_m, block_n, block_k, warps in EXACT_TILES + [tile for tile, _ in EXACT_SPLITS]:
+        assert block_m == 16 and block_n >= 16 and warps in (2, 4, 8)
+        assert all(block_k <= k for _, k, _ in SHAPES.values())
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -87,6 +99,8 @@ def test_sweep_flow_on_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(sweep, "SHAPES", shapes)
     monkeypatch.setattr(sweep, "COPY_BYTES", 1)
     monkeypatch.setattr(sweep, "FAST_CANDIDATES", [(2, 128, 4)])
+    monkeypatch.setattr(sweep, "EXACT_TILES", [(16, 16, 64, 2)])
+    monkeypatch.setattr(sweep, "EXACT_SPLITS", [((16, 16, 32, 2), 2)])
     monkeypatch.setattr(sweep, "graph_seconds", one_run_seconds)
     monkeypatch.setattr(sweep, "copy_ceiling_tbps", lambda: 1.0)
     out = tmp_path / "sweep.jsonl"
@@ -102,6 +116,9 @@ def test_sweep_flow_on_cpu(monkeypatch, tmp_path):
             assert {("exact", 1), ("fast", 1), ("fast_best", 1), ("exact", 2)} <= paths, (fmt, shape)
             assert ("fast", 2) not in paths  # fast at M > 1 is the exact path: timed once, as "exact"
             assert ("tinygemm", 1) in paths if fmt.startswith("int4") else ("tinygemm", 1) not in paths
+            # int8's exact-path tiles at M > 1 (issue 13), not at M == 1 nor for int4
+            assert (("exact_sweep", 2) in paths) == (fmt == "int8") and ("exact_sweep", 1) not in paths
+            assert (("exact_split", 2) in paths) == (fmt == "int8") and ("exact_split", 1) not in paths
             best = next(r for r in measures if r["format"] == fmt and r["shape"] == shape and r["path"] == "fast_best")
             assert best["of_candidates"] == 2 and best["GBps"] > 0 and best["of_copy_ceiling"] > 0
     assert {(r["shape"], r["M"]) for r in measures if r["path"] == "bf16"} == {(s, m) for s in shapes for m in (1, 2)}
