@@ -31,6 +31,7 @@
 #                                              # budget curve, on GPU 1 in their own session; `longwait` collects
 #   experiments/engine_session.sh balwait      # waits for `balanced` (BAL_WAIT_S) and copies its report
 #   experiments/engine_session.sh rounds       # after stash + stash2 (+ pipeline): num_rounds and the auto policy (issue 14)
+#   experiments/engine_session.sh int8         # carry .gpu/wheels + .gpu/old (48fd6ad): int8 GEMV old vs new, 7B rows (issue 13)
 #   experiments/engine_session.sh mma          # carry .gpu/wheels: the tensor-core int4 GEMM's tests and sweep (issue 13)
 #   experiments/engine_session.sh presets      # after stash + stash2: experiment=lossless, balanced (PRESETS) in full, eval=gpu
 #   experiments/engine_session.sh scaling      # nvidia-h200-x2, right after `tp`: distill step tokens/s and peak
@@ -256,6 +257,16 @@ case "${1:?verb}" in
       $D --truncated 2 --data-dir "$H/data" --workloads wikitext gsm8k --batch 1 4 16 --ks 2 4 --num-rounds 1 4 --auto \
       --repeats 2 --budget-s 330 --engine '{"max_model_len": 2048}' > "$OUTDIR/spec_rounds.log" 2>&1
     grep -v Warn "$OUTDIR/spec_rounds.log" | tail -n 6;;
+  int8)  # carry .gpu/wheels + .gpu/old (kernels/ etc. at 48fd6ad, before the int8 fast path's rebuild): the int8 GEMV
+         # sweep at M = 1, 2, 16 on the old and the new tree, then the 7B decode rows (issue 13)
+    for tree in .gpu/old .; do
+      (cd "$tree" && PYTHONPATH="$H/site:$PWD" timeout ${SWEEP_S:-200} python3 experiments/quant_gemv_sweep.py --formats int8 \
+        --m 1 2 16 --budget-s 120 --json "$OUTDIR/int8_sweep_$(basename "$tree").jsonl" > "$OUTDIR/int8_sweep_$(basename "$tree").log" 2>&1)
+    done; tail -n 3 "$OUTDIR"/int8_sweep_*.log
+    timeout ${TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_quant_gemv_fast.py \
+      tests/kernels/test_gemv_split_k.py > "$OUTDIR/int8_tests.txt" 2>&1; tail -n 4 "$OUTDIR/int8_tests.txt"
+    timeout ${QUANT_S:-200} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_int8.jsonl" --batch 1 16 \
+      --only bf16 int8 > "$OUTDIR/quant_int8.log" 2>&1; grep -v Warn "$OUTDIR/quant_int8.log" | tail -n 6;;
   mma)  # carry .gpu/wheels: the tensor-core int4 GEMM (kernels/int4_mma.py) on the GPU, then against exact / fast /
         # tinygemm / bf16 at M = 1..16 on the 7B shapes (issue 13)
     timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_int4_mma.py \
