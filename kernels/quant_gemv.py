@@ -276,9 +276,10 @@ if HAS_TRITON:
         """The inputs of group J's two kept codes (fp32): its 2-bit positions p0 < p1 are bits
         16 + 4J and 18 + 4J of meta_hi (a code word's 16 meta bits moved up 16), its 4 inputs the
         16-bit halves of xlo, xhi. One PRMT picks both: selector nibbles 2 p0, 2 p0 + 1, 2 p1,
-        2 p1 + 1, each field moved to its nibbles by the high word of one multiply (mask, IMAD.HI)."""
+        2 p1 + 1, each field moved to its nibbles by the high word of one multiply (mask, IMAD.HI; the two added with the +1s)."""
         p0 = meta_hi & (3 << (16 + 4 * J))
         p1 = meta_hi & (12 << (16 + 4 * J))
+        # umulhi + add, not PTX mad.hi: ptxas's IMAD.HI takes a 64-bit addend, rebuilt by two MOVs a use
         sel = tl.umulhi(p0, 0x22 << (16 - 4 * J)) + tl.umulhi(p1, 0x22 << (22 - 4 * J)) + 0x1010
         return _half_pair(_prmt(xlo, xhi, sel.to(tl.int32, bitcast=True)), FP16)
 
