@@ -272,16 +272,24 @@ if HAS_TRITON:
             return out.to(tl.int32)
 
     @triton.jit
-    def _kept_x(meta_hi, J: tl.constexpr, xlo, xhi, FP16: tl.constexpr):
-        """The inputs of group J's two kept codes (fp32): its 2-bit positions p0 < p1 are bits
-        16 + 4J and 18 + 4J of meta_hi (a code word's 16 meta bits moved up 16), its 4 inputs the
-        16-bit halves of xlo, xhi. One PRMT picks both: selector nibbles 2 p0, 2 p0 + 1, 2 p1,
-        2 p1 + 1, each field moved to its nibbles by the high word of one multiply (mask, IMAD.HI; the two added with the +1s)."""
-        p0 = meta_hi & (3 << (16 + 4 * J))
-        p1 = meta_hi & (12 << (16 + 4 * J))
-        # umulhi + add, not PTX mad.hi: ptxas's IMAD.HI takes a 64-bit addend, rebuilt by two MOVs a use
-        sel = tl.umulhi(p0, 0x22 << (16 - 4 * J)) + tl.umulhi(p1, 0x22 << (22 - 4 * J)) + 0x1010
-        return _half_pair(_prmt(xlo, xhi, sel.to(tl.int32, bitcast=True)), FP16)
+    def _selectors(meta):
+        """Per code word (meta: its 16 position bits, group J's first kept position in bits 4J,
+        4J + 1, the second's in 4J + 2, 4J + 3), two words of PRMT selector bytes: byte J of the
+        first is 2 p0 | (2 p0 + 1) << 4 of group J, of the second the same of p1. Each is one PRMT
+        of the table of bytes 0x10, 0x32, 0x54, 0x76 (p -> the nibble pair of input p's two bytes)
+        indexed by the 4 groups' masked positions at once (nibble J: p0, or p1 after a shift)."""
+        table = tl.full(meta.shape, 0x76543210, tl.int32)
+        first = _prmt(table, table, meta & 0x3333)
+        second = _prmt(table, table, (meta >> 2) & 0x3333)
+        return first, second
+
+    @triton.jit
+    def _kept_x(first, second, J: tl.constexpr, xlo, xhi, FP16: tl.constexpr):
+        """The inputs of group J's two kept codes (fp32) from its 4 inputs, the 16-bit halves of
+        xlo, xhi: group J's selector (bytes J of _selectors' two words, one PRMT) picks both
+        (one PRMT), then each moves to the top of a word (bf16) or converts (fp16)."""
+        sel = _prmt(first, second, tl.full(first.shape, J | ((4 + J) << 4), tl.int32))
+        return _half_pair(_prmt(xlo, xhi, sel), FP16)
 
     @triton.jit
     def _kept_code(src, SHIFT: tl.constexpr, sub):
@@ -308,12 +316,12 @@ if HAS_TRITON:
         w_mask = col_mask[:, None, None] & (j < K // 16)[None, :, :]
         g_mask = col_mask[:, None, None] & (g < K // GROUP)[None, :, :]
         words = tl.load(w_rows[:, :, None] + j[None, :, :], mask=w_mask, other=0)
-        meta = tl.load(m_rows[:, :, None] + j[None, :, :], mask=w_mask, other=0).to(tl.int32) << 16
+        meta = tl.load(m_rows[:, :, None] + j[None, :, :], mask=w_mask, other=0).to(tl.int32)
         scale = tl.load(s_rows[:, :, None] + g[None, :, :], mask=g_mask, other=0.0).to(tl.float32)
         zero = scale
         if HAS_ZERO:
             zero = tl.load(z_rows[:, :, None] + g[None, :, :], mask=g_mask, other=0.0).to(tl.float32)
-        return words, meta.to(tl.uint32, bitcast=True), scale, zero
+        return words, meta, scale, zero
 
     @triton.jit
     def _fast_x(x_ptr, k0, K: tl.constexpr, R: tl.constexpr, T: tl.constexpr):
@@ -349,8 +357,9 @@ if HAS_TRITON:
         if HAS_ZERO:
             off = zero + 8.0
         part = tl.zeros(words.shape, tl.float32)
+        first, second = _selectors(meta)
         for grp in tl.static_range(4):
-            x0, x1 = _kept_x(meta, grp, xs[2 * grp][None, :, :], xs[2 * grp + 1][None, :, :], FP16)
+            x0, x1 = _kept_x(first, second, grp, xs[2 * grp][None, :, :], xs[2 * grp + 1][None, :, :], FP16)
             if grp < 2:
                 v0 = _kept_code(lo, 8 * grp, off + float(1 << (23 - 8 * grp)))
                 v1 = _kept_code(lo, 8 * grp + 4, off + float(1 << (19 - 8 * grp)))
