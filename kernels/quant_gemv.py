@@ -5,7 +5,17 @@ codes two per byte (packed uint8 [N, K / 4]) with per-group scales / zero points
 dense K. Only the kept bytes and the positions stream from memory (int4: K / 4 + K / 8 bytes per
 row instead of int4's K / 2; 16-bit: K + K / 8 instead of 2 K).
 
-Two paths, chosen by sparse24_gemv:
+Three paths, chosen by sparse24_gemv (its `path` names one for benchmarks):
+- "fast" (M == 1, int4 codes, 16-bit x; fp32 weights as "select"): a thread reads runs of 4 code
+  words (one 128-bit load; a word: 8 kept codes, 4 groups, 16 dense inputs) and their 16-bit
+  position words, and the x of exactly those 16 inputs per word as int32 words of two (loaded
+  once for all the thread's rows). Per word two PRMTs index a table of selector bytes by the 4
+  groups' masked positions at once (_selectors); per group one PRMT gathers its selector, one
+  more picks both kept inputs out of the group's 4 (8 bytes in two registers), and a shift / AND
+  makes them fp32. A code becomes (code - 8 - zero) exactly by one LOP3 (the nibble left in place
+  under the exponent of 2^23, as kernels/gemv.py's _int4_code) and one FFMA (times 2^-shift,
+  minus 2^(23 - shift) + 8 + zero), then one FFMA with its input; the scale once per run. The
+  meta bytes are read as they are (no repacked copy at load).
 - "select" (M == 1; the fast dequantization's semantics, fp32 weights as kernels/quant.py's
   fp32_weight_linear_ref): the program streams int32 words, a unit of 8 groups of 4 inputs at a
   time (one meta word; int4: two code words, 16-bit: eight value words, each a group's kept
@@ -19,10 +29,18 @@ Two paths, chosen by sparse24_gemv:
   to x's dtype as the references do (sparse24_int4_linear_ref, sparse24_linear_ref), each
   multiplied on the tensor cores with x's columns p, p + 4, ... (x padded to 16 rows).
 
-Neither path reaches the copy ceiling for int4 codes: by sm_90 SASS the select loop spends about
-5.3 instructions per dense input (bf16 values: 4.2; what the issue rate allows at the copy
-ceiling is about 2.9 for int4's 0.375 bytes per input, 8.8 for bf16's 1.125), the dot loop
-16-21 (compute bound at 16 rows). Sparse24Linear times them against a dense matmul per shape.
+SASS for sm_90 (experiments/sparse24_sass_count.py, bf16 x, int4 g128, the K loop per thread; K
+11008): "select" 5.3 instructions per dense input (14.2 per byte of kept codes + positions, 10.6
+per byte of the dense int4 codes the same weight has: its 292 GB/s on the H200 is this issue
+bound: selects, two predicate LOP3s and an FSEL pair per kept code), "fast" 3.84 / 4.04 with zero
+points (10.2 / 10.8 per actual byte, 7.7 / 8.1 per dense-equivalent byte; 4.02 at (8, 2048, 4) and
+K 4096) against kernels/gemv.py's fast int4 at 4.55 per dense input (gemv_sass_count: 9.1 per
+byte at K 11008, 9.6 at 4096 whole kernel). Per group of 4 inputs: 2 FFMA + 2 LOP3 (codes), 2 FFMA
+(products), 2 PRMT (selector, inputs), 2 shift / AND (to fp32), 0.75 selector table and the word's
+code prep; left: rematerialized PRMT selector constants (an IMAD a use) and loop copies. What the
+issue rate allows at the copy ceiling is about 2.9 per input for 0.375 bytes (bf16 values: 4.2
+per input against 8.8). The dot loop spends 16-21 (compute bound at 16 rows). Sparse24Linear times
+the paths against a dense matmul per shape.
 """
 
 from __future__ import annotations
@@ -304,7 +322,7 @@ if HAS_TRITON:
     def _fast_tile(w_rows, m_rows, s_rows, z_rows, k0, col_mask, K: tl.constexpr, GROUP: tl.constexpr,
                    HAS_ZERO: tl.constexpr, R: tl.constexpr, T: tl.constexpr):
         """The step at k0: code words [BLOCK_N, R, T] (word t * R + r at [:, r, t]: a thread's run of
-        R words, one 128-bit load), their meta halves moved up 16 bits (uint32), group scales and
+        R words, one 128-bit load), their 16 position bits (int16 -> int32), group scales and
         zero points ([BLOCK_N, 1, T] where a run is within one group, else [BLOCK_N, R, T])."""
         WPG: tl.constexpr = GROUP // 16
         t = k0 // (16 * R) + tl.arange(0, T)
