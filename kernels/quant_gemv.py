@@ -40,7 +40,11 @@ byte at K 11008, 9.6 at 4096 whole kernel). Per group of 4 inputs: 2 FFMA + 2 LO
 code prep; left: rematerialized PRMT selector constants (an IMAD a use) and loop copies. What the
 issue rate allows at the copy ceiling is about 2.9 per input for 0.375 bytes (bf16 values: 4.2
 per input against 8.8). The dot loop spends 16-21 (compute bound at 16 rows). Sparse24Linear times
-the paths against a dense matmul per shape.
+the paths against a dense matmul per shape. Tried for "fast" and not kept: PTX mad.hi for the
+selector (ptxas's IMAD.HI takes a 64-bit addend, two MOVs a use: 5.07), selectors gathered two
+groups a PRMT (3.80 / 4.00, but 4.27 with zero points at (8, 2048, 4)). Not yet tried: positions
+repacked at load (a group's p0, p1 four bits apart: one SHF + LOP3 + table PRMT a group, no
+gather PRMT), a two-step K loop as kernels/gemv.py's (no tile copies), FAST_CONFIG from a sweep.
 """
 
 from __future__ import annotations
