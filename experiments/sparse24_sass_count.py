@@ -30,7 +30,7 @@ DENSE_BYTES = 0.5  # int4's code bytes per input
 GROUP = 128
 
 
-def compile_sm90(path: str, n: int, k: int, entry: tuple[int, int, int], zero: bool) -> tuple[bytes, dict]:
+def compile_sm90(path: str, n: int, k: int, entry: tuple[int, int, int], zero: bool) -> bytes:
     """The cubin of the path's kernel (bf16 x, int4 g128 codes, bias) and its launch constants,
     specialized as a launch on torch tensors is (pointers 16-byte aligned)."""
     block_n, block_k, warps = entry
@@ -40,23 +40,21 @@ def compile_sm90(path: str, n: int, k: int, entry: tuple[int, int, int], zero: b
         sig = {"x_ptr": "*i32", "w_ptr": "*i32", "m_ptr": "*i16", "s_ptr": "*fp32", "z_ptr": "*fp32",
                "b_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32"}
         constexprs = dict(K=k, BLOCK_N=block_n, BLOCK_K=block_k, **flags)
-        dense_per_iter = block_k
     else:
         kernel = Q._sparse24_select_kernel
         sig = {"x_ptr": "*i64", "kept_ptr": "*i32", "meta_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32",
                "b_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "K": "i32"}
         constexprs = dict(BLOCK_N=block_n, BLOCK_U=block_k // Q.UNIT, INT4=True, X_WORDS=True, **flags)
-        dense_per_iter = block_k
     sig.update({name: "constexpr" for name in constexprs})
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in sig.items()
              if ty.startswith("*") or ty == "i32"}
     compiled = triton.compile(ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    return compiled.asm["cubin"], {"dense_inputs_per_iteration": dense_per_iter}
+    return compiled.asm["cubin"]
 
 
 def count(path: str, n: int, k: int, entry: tuple[int, int, int], zero: bool) -> dict:
-    cubin, info = compile_sm90(path, n, k, entry, zero)
+    cubin = compile_sm90(path, n, k, entry, zero)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -67,7 +65,10 @@ def count(path: str, n: int, k: int, entry: tuple[int, int, int], zero: bool) ->
     ops = collections.Counter(op for op in map(_opcode, body) if op)
     total = sum(ops.values())
     threads = entry[2] * 32
-    dense = entry[0] * info["dense_inputs_per_iteration"] / threads  # dense inputs per thread per iteration
+    steps = -(-k // entry[1])
+    # the fast kernel's loop covers two K steps an iteration; a kernel without a loop all of them
+    per_count = (2 if path == "fast" else 1) if looped else steps
+    dense = entry[0] * entry[1] * per_count / threads  # dense inputs per thread in the counted code
     loads = load_stats(body)
     return {"path": path, "zero": zero, "config": list(entry), "counted": "loop" if looped else "kernel",
             "instructions": total, "dense_inputs_per_thread": dense,

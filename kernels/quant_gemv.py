@@ -32,19 +32,24 @@ Three paths, chosen by sparse24_gemv (its `path` names one for benchmarks):
 SASS for sm_90 (experiments/sparse24_sass_count.py, bf16 x, int4 g128, the K loop per thread; K
 11008): "select" 5.3 instructions per dense input (14.2 per byte of kept codes + positions, 10.6
 per byte of the dense int4 codes the same weight has: its 292 GB/s on the H200 is this issue
-bound: selects, two predicate LOP3s and an FSEL pair per kept code), "fast" 3.84 / 4.04 with zero
-points (10.2 / 10.8 per actual byte, 7.7 / 8.1 per dense-equivalent byte; 4.02 at (8, 2048, 4) and
-K 4096) against kernels/gemv.py's fast int4 at 4.55 per dense input (gemv_sass_count: 9.1 per
-byte at K 11008, 9.6 at 4096 whole kernel). Per group of 4 inputs: 2 FFMA + 2 LOP3 (codes), 2 FFMA
-(products), 2 PRMT (selector, inputs), 2 shift / AND (to fp32), 0.75 selector table and the word's
-code prep; left: rematerialized PRMT selector constants (an IMAD a use) and loop copies. What the
-issue rate allows at the copy ceiling is about 2.9 per input for 0.375 bytes (bf16 values: 4.2
-per input against 8.8). The dot loop spends 16-21 (compute bound at 16 rows). Sparse24Linear times
-the paths against a dense matmul per shape. Tried for "fast" and not kept: PTX mad.hi for the
-selector (ptxas's IMAD.HI takes a 64-bit addend, two MOVs a use: 5.07), selectors gathered two
-groups a PRMT (3.80 / 4.00, but 4.27 with zero points at (8, 2048, 4)). Not yet tried: positions
-repacked at load (a group's p0, p1 four bits apart: one SHF + LOP3 + table PRMT a group, no
-gather PRMT), a two-step K loop as kernels/gemv.py's (no tile copies), FAST_CONFIG from a sweep.
+bound: selects, two predicate LOP3s and an FSEL pair per kept code), "fast" at FAST_CONFIG 3.79 /
+3.94 with zero points (10.1 / 10.5 per actual byte, 7.6 / 7.9 per dense-equivalent byte; K 4096,
+whole kernel: 4.28, 8.6) against kernels/gemv.py's fast int4 at 4.55 per dense input
+(gemv_sass_count: 9.1 per byte at K 11008, 9.6 at 4096 whole kernel): 0.83x the instructions
+and 0.75x the bytes (scales aside) of int4 per weight. Per group of 4 inputs: 2 FFMA + 2 LOP3
+(codes), 2 FFMA (products), 2 PRMT (selector, inputs), 2 shift / AND (to fp32), 0.75 selector
+table and the word's code prep; left: rematerialized PRMT selector constants (an IMAD a use),
+addressing. What the issue rate allows at the copy ceiling is about 2.9 per input for 0.375
+bytes (bf16 values: 4.2 per input against 8.8). The dot loop spends 16-21 (compute bound at 16
+rows). Sparse24Linear times the paths against a dense matmul per shape.
+
+Tried for "fast" (one-step K loop, per dense input): PTX mad.hi for the selector (ptxas's IMAD.HI
+takes a 64-bit addend, rebuilt by two MOVs a use: 5.07, against 4.88 for umulhi + add), each
+group's selector by two masks and two IMAD.HIs (4.69), selectors gathered two groups a PRMT (3.80
+/ 4.00, 4.27 with zero points at (8, 2048, 4): not kept); the two-step loop (no tile copies) took
+(8, 2048, 4) from 4.00 to 3.79. Not yet tried: positions repacked at load (a group's p0, p1 four
+bits apart: SHF + LOP3 + table PRMT a group, no gather PRMT; the dot path and the references
+would read the new layout), FAST_CONFIG from a GPU sweep, M > 1.
 """
 
 from __future__ import annotations
@@ -63,10 +68,10 @@ UNIT = 32  # dense inputs per meta word: 8 groups of 4
 # tl.dot one.
 SELECT_CONFIG = (8, 2048, 4)
 DOT_CONFIG = (64, 128, 4)
-# The "fast" path's (BLOCK_N, BLOCK_K, num_warps): a guess (BLOCK_K counts dense inputs, so a row's
-# step reads the code bytes of kernels/gemv.py's int4 (8, 2048, 4)); fewer columns per program
-# where N leaves fewer than FAST_MIN_PROGRAMS programs.
-FAST_CONFIG = (8, 4096, 4)
+# The "fast" path's (BLOCK_N, BLOCK_K, num_warps), not yet timed (experiments/sparse24_gemv_sweep.py):
+# kernels/gemv.py's int4 tile; fewer columns per program where N leaves fewer than FAST_MIN_PROGRAMS
+# programs. BLOCK_K 4096 spills in the two-step loop (80-136 bytes at K 11008: sparse24_sass_count).
+FAST_CONFIG = (8, 2048, 4)
 PATHS = ("select", "dot", "fast")
 
 
@@ -406,7 +411,7 @@ if HAS_TRITON:
         """M == 1, 16-bit x: y = x @ W^T (+ bias) with W's kept int4 codes as int32 words (8 codes,
         4 groups of 4 inputs, 16 dense inputs), their 2-bit positions as int16 (16 bits a word,
         kernels/quant.py's meta bytes as they are), K steps of BLOCK_K dense inputs, each step's
-        tile loaded one step ahead of its use."""
+        tile loaded one step ahead of its use (the last step's prefetch past K: masked loads)."""
         R: tl.constexpr = 4 if BLOCK_K >= 64 else BLOCK_K // 16
         T: tl.constexpr = BLOCK_K // (16 * R)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -417,11 +422,17 @@ if HAS_TRITON:
         s_rows = s_ptr + c * (K // GROUP)
         z_rows = z_ptr + c * (K // GROUP)
         acc = tl.zeros([BLOCK_N, 1 if (GROUP // 16) % R == 0 else R, T], tl.float32)  # as the scales
+        STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
         a = _fast_tile(w_rows, m_rows, s_rows, z_rows, 0, col_mask, K, GROUP, HAS_ZERO, R, T)
-        for k0 in range(0, K, BLOCK_K):
+        # two steps an iteration, the tiles alternating between two sets of registers (a one-step
+        # loop copies the prefetched tile into the current one's: a MOV a word)
+        for k0 in range(0, (STEPS // 2) * 2 * BLOCK_K, 2 * BLOCK_K):
             b = _fast_tile(w_rows, m_rows, s_rows, z_rows, k0 + BLOCK_K, col_mask, K, GROUP, HAS_ZERO, R, T)
             acc = _fast_step(acc, a, x_ptr, k0, K, R, T, HAS_ZERO, FP16)
-            a = b
+            a = _fast_tile(w_rows, m_rows, s_rows, z_rows, k0 + 2 * BLOCK_K, col_mask, K, GROUP, HAS_ZERO, R, T)
+            acc = _fast_step(acc, b, x_ptr, k0 + BLOCK_K, K, R, T, HAS_ZERO, FP16)
+        if STEPS % 2 == 1:
+            acc = _fast_step(acc, a, x_ptr, (STEPS - 1) * BLOCK_K, K, R, T, HAS_ZERO, FP16)
         y = tl.sum(tl.sum(acc, 2), 1)
         if HAS_BIAS:
             y += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
