@@ -31,8 +31,8 @@ Three paths, chosen by sparse24_gemv (its `path` names one for benchmarks):
 
 SASS for sm_90 (experiments/sparse24_sass_count.py, bf16 x, int4 g128, the K loop per thread; K
 11008): "select" 5.3 instructions per dense input (14.2 per byte of kept codes + positions, 10.6
-per byte of the dense int4 codes the same weight has: its 292 GB/s on the H200 is this issue
-bound: selects, two predicate LOP3s and an FSEL pair per kept code), "fast" at FAST_CONFIG 3.79 /
+per byte of the dense int4 codes the same weight has; two predicate LOP3s and FSELs per kept
+code), "fast" at FAST_CONFIG 3.79 /
 3.94 with zero points (10.1 / 10.5 per actual byte, 7.6 / 7.9 per dense-equivalent byte; K 4096,
 whole kernel: 4.28, 8.6) against kernels/gemv.py's fast int4 at 4.55 per dense input
 (gemv_sass_count: 9.1 per byte at K 11008, 9.6 at 4096 whole kernel): 0.83x the instructions
@@ -40,7 +40,10 @@ and 0.75x the bytes (scales aside) of int4 per weight. Per group of 4 inputs: 2 
 (codes), 2 FFMA (products), 2 PRMT (selector, inputs), 2 shift / AND (to fp32), 0.75 selector
 table and the word's code prep; left: rematerialized PRMT selector constants (an IMAD a use),
 addressing. What the issue rate allows at the copy ceiling is about 2.9 per input for 0.375
-bytes (bf16 values: 4.2 per input against 8.8). The dot loop spends 16-21 (compute bound at 16
+bytes (bf16 values: 4.2 per input against 8.8). The count does not explain "select"'s 292 GB/s
+(BENCHMARKS.md; 5.3 a input would issue at about 2 TB/s): its loop also waits on its loads (no
+prefetch; 32- and 64-bit loads, x reloaded per unit), where "fast" loads a step ahead with
+128-bit code loads; which of the two binds on the H200 is for the sweep to say. The dot loop spends 16-21 (compute bound at 16
 rows). Sparse24Linear times the paths against a dense matmul per shape.
 
 Tried for "fast" (one-step K loop, per dense input): PTX mad.hi for the selector (ptxas's IMAD.HI
