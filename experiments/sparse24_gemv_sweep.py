@@ -2,15 +2,19 @@
 most ~90 s: per kept-value format (bf16 values; int4 g128 codes), shape and M (1 and 16), the
 achieved GB/s (bytes = kept values + positions + scales + x + out) and the fraction of a measured
 device-to-device copy ceiling, for
-- "default": sparse24_gemv with its default tiles (SELECT_CONFIG at M == 1, DOT_CONFIG above);
+- "default": sparse24_gemv with its default tiles per path: at M == 1 "select" (SELECT_CONFIG, the
+  old path) and, for int4 codes, "fast" (FAST_CONFIG: PRMT-picked inputs, the new path); above
+  M == 1 "dot" (DOT_CONFIG);
 - "sweep": the candidate tiles of the path M takes, candidate-major within --budget-s (each new
   tile compiles), and "best" per case;
 - baselines of the same shape and M: "dense_bf16" (F.linear, cuBLAS, on the dense weight) and
-  "int4_g128" (kernels/gemv.py's unfused int4 GEMV with the engine's default dequantization).
+  "int4_g128" (kernels/gemv.py's unfused int4 GEMV with the engine's default dequantization: the
+  fast path at M == 1), and "tinygemm" (aten._weight_int4pack_mm on the same codes; CUDA only).
 Each kernel runs back to back on distinct weight copies (256 MiB or more, so nothing is served
 from L2) inside a CUDA graph (eval/bench/common.graph_seconds).
 
     python experiments/sparse24_gemv_sweep.py --json sparse24_sweep.jsonl [--m 1 16] [--budget-s 25]
+    python experiments/sparse24_gemv_sweep.py --dry-run  # CPU: interpreted kernels, tiny shapes, a fake clock
 
 Output: JSON lines: {"kind": "ceiling"}, {"kind": "measure"} per (format, shape, M, path[, config]),
 {"kind": "best"} per case, {"kind": "suggest"} per (format, path): the tile with the least total
@@ -31,7 +35,8 @@ from eval.bench.common import graph_seconds
 from experiments.quant_gemv_sweep import Records, _rel, copy_ceiling_tbps
 from kernels import quant as ref
 from kernels.gemv import FAST_BY_DEFAULT, gemv
-from kernels.quant_gemv import DOT_CONFIG, SELECT_CONFIG, sparse24_gemv
+from kernels.quant_gemv import DOT_CONFIG, FAST_CONFIG, SELECT_CONFIG, sparse24_gemv
+from kernels.quant_tinygemm import pack_for_gpu, scales_and_zeros, tinygemm_mm
 
 SHAPES = {"qkv": (3 * 4096, 4096), "o_proj": (4096, 4096), "gate_up": (2 * 11008, 4096), "down": (4096, 11008)}
 FORMATS = ["bf16", "int4_g128"]
@@ -39,6 +44,10 @@ FORMATS = ["bf16", "int4_g128"]
 SELECT_CANDIDATES = [(16, 2048, 4), (8, 4096, 4), (4, 4096, 4), (16, 1024, 4), (8, 1024, 4), (32, 1024, 4),
                      (16, 2048, 8), (4, 2048, 4), (64, 256, 4)]
 DOT_CANDIDATES = [(32, 128, 4), (16, 128, 4), (64, 64, 4), (32, 256, 4), (128, 128, 8), (16, 64, 4)]
+FAST_CANDIDATES = [(4, 4096, 2), (8, 2048, 4), (16, 2048, 4), (4, 4096, 4), (8, 4096, 8), (16, 1024, 4),
+                   (4, 8192, 4)]
+DEFAULTS = {"select": SELECT_CONFIG, "dot": DOT_CONFIG, "fast": FAST_CONFIG}
+DRY_SHAPES = {"a": (48, 256), "b": (16, 384)}  # --dry-run
 COPY_BYTES = 256 << 20
 DEVICE = "cuda"  # the CPU smoke test (tests/kernels/test_sparse24_gemv_sweep.py) sets "cpu"
 
@@ -61,6 +70,31 @@ def make_weights(fmt: str, n: int, k: int, copies: int) -> tuple[list[tuple], in
     return out, nbytes
 
 
+def tinygemm_seconds(x: torch.Tensor, packed: list[torch.Tensor], scales: list[torch.Tensor]) -> float:
+    """aten._weight_int4pack_mm (g128, symmetric) on the copies' codes, checked against the fp32
+    reference on the first, seconds per launch (its repacking outside the timing)."""
+    packs = [(pack_for_gpu(w), scales_and_zeros(s, None, torch.bfloat16)) for w, s in zip(packed, scales)]
+    err = _rel(tinygemm_mm(x, packs[0][0], 128, packs[0][1]), ref.int4_linear_fast_ref(x, packed[0], scales[0], None))
+    if not err < 2e-2:
+        raise ValueError(f"tinygemm differs from the reference: relative error {err:.3g}")
+    return copies_seconds(lambda p: tinygemm_mm(x, p[0], 128, p[1]), packs)
+
+
+def _dry_run() -> None:
+    """--dry-run: the CPU, DRY_SHAPES, one run per timing at a fake 1 ms, a fake 1 TB/s ceiling,
+    one candidate tile per path (the flow and its records, no timings)."""
+    global DEVICE, SHAPES, COPY_BYTES, SELECT_CANDIDATES, DOT_CANDIDATES, FAST_CANDIDATES, graph_seconds
+    global copy_ceiling_tbps
+
+    def one_run_seconds(run: Callable[[], object], reps: int = 10) -> float:
+        run()
+        return 1e-3
+
+    DEVICE, SHAPES, COPY_BYTES = "cpu", DRY_SHAPES, 1
+    SELECT_CANDIDATES, DOT_CANDIDATES, FAST_CANDIDATES = [(8, 64, 4)], [(16, 64, 4)], [(4, 128, 4)]
+    graph_seconds, copy_ceiling_tbps = one_run_seconds, lambda: 1.0
+
+
 def copies_seconds(fn: Callable[[object], object], items: list) -> float:
     """Seconds per fn(item), every item once per graph replay, after an eager warm-up call."""
     fn(items[0])
@@ -74,7 +108,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--m", nargs="+", type=int, default=[1, 16], help="batch rows (1..16)")
     ap.add_argument("--budget-s", type=float, default=25.0, help="seconds of tile sweeping after the fixed rows")
     ap.add_argument("--json", default=None, help="also write the JSON lines to this file")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="on the CPU: interpreted kernels (set TRITON_INTERPRET=1), tiny shapes, one run per "
+                         "timing at a fake 1 ms, a fake 1 TB/s ceiling: the flow and the records, no timings")
     args = ap.parse_args(argv)
+    if args.dry_run:
+        _dry_run()
+        args.shapes = [s for s in args.shapes if s in SHAPES] or list(SHAPES)
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("sparse24_gemv_sweep needs a CUDA GPU")
     started = time.perf_counter()
@@ -113,12 +153,17 @@ def main(argv: list[str] | None = None) -> None:
                     n * k // 2 + n * k // 128 * 4 + io_bytes(m, n, k),
                     lambda: copies_seconds(lambda ws: gemv(x, ws[0], quant="int4", scale=ws[1], zero=None, fast=fast),
                                            list(zip(packed, scales))))
+            if DEVICE == "cuda":
+                measure({"format": "int4_g128", "shape": shape, "M": m, "path": "tinygemm"},
+                        n * k // 2 + n * k // 128 * 4 + io_bytes(m, n, k), lambda: tinygemm_seconds(x, packed, scales))
+            else:
+                emit({"kind": "measure", "format": "int4_g128", "shape": shape, "M": m, "path": "tinygemm",
+                      "skipped": "aten._weight_int4pack_mm: CUDA only"})
         del packed, scales
         for fmt in args.formats:
             weights, nbytes = make_weights(fmt, n, k, max(2, -(-COPY_BYTES // (n * k // (2 if fmt == "bf16" else 4)))))
             for m in args.m:
                 x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
-                path = "select" if m == 1 else "dot"
                 total = nbytes + io_bytes(m, n, k)
                 kept, meta, scale, zero = weights[0]
                 dense = (ref.decompress_24(kept.float(), ref.unpack_meta_24(meta)) if scale is None
@@ -126,24 +171,26 @@ def main(argv: list[str] | None = None) -> None:
                 want = ref.fp32_weight_linear_ref(x, dense)
                 del dense
 
-                def timer(config=None, x=x, weights=weights, want=want):
-                    err = _rel(sparse24_gemv(x, *weights[0], config=config), want)
-                    if not err < 2e-2:
-                        raise ValueError(f"config {config}: relative error {err:.3g}")
-                    return copies_seconds(lambda w: sparse24_gemv(x, *w, config=config), weights)
+                paths = ["dot"] if m > 1 else ["select", "fast"] if fmt != "bf16" else ["select"]
+                for path in paths:
+                    def timer(config=None, x=x, weights=weights, want=want, path=path):
+                        err = _rel(sparse24_gemv(x, *weights[0], config=config, path=path), want)
+                        if not err < 2e-2:
+                            raise ValueError(f"{path} config {config}: relative error {err:.3g}")
+                        return copies_seconds(lambda w: sparse24_gemv(x, *w, config=config, path=path), weights)
 
-                base = {"format": f"sparse24_{fmt}", "shape": shape, "M": m, "path": path}
-                default = SELECT_CONFIG if path == "select" else DOT_CONFIG
-                measure({**base, "config": list(default)}, total, timer, default=True)
-                cases.append((base, total, timer, default))
+                    base = {"format": f"sparse24_{fmt}", "shape": shape, "M": m, "path": path}
+                    measure({**base, "config": list(DEFAULTS[path])}, total, timer, default=True)
+                    cases.append((base, total, timer, DEFAULTS[path]))
             del weights
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
 
     sweep_start = time.perf_counter()
-    for i in range(max(len(SELECT_CANDIDATES), len(DOT_CANDIDATES))):
+    candidates = {"select": SELECT_CANDIDATES, "dot": DOT_CANDIDATES, "fast": FAST_CANDIDATES}
+    for i in range(max(map(len, candidates.values()))):
         for base, total, timer, default in cases:
-            cands = SELECT_CANDIDATES if base["path"] == "select" else DOT_CANDIDATES
+            cands = candidates[base["path"]]
             if i >= len(cands) or cands[i] == default or time.perf_counter() - sweep_start >= args.budget_s:
                 continue
             measure({**base, "config": list(cands[i])}, total, lambda: timer(cands[i]))
@@ -152,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         if timed:
             emit({**min(timed, key=lambda r: r["seconds"]), "kind": "best", "of_configs": len(timed)})
     for fmt in args.formats:
-        for path in ("select", "dot"):
+        for path in DEFAULTS:
             rows = [r for r in records if r["format"] == f"sparse24_{fmt}" and r["path"] == path and "seconds" in r]
             shapes = {r["shape"] for r in rows}
             per: dict[tuple, dict] = {}

@@ -5,7 +5,17 @@ codes two per byte (packed uint8 [N, K / 4]) with per-group scales / zero points
 dense K. Only the kept bytes and the positions stream from memory (int4: K / 4 + K / 8 bytes per
 row instead of int4's K / 2; 16-bit: K + K / 8 instead of 2 K).
 
-Two paths, chosen by sparse24_gemv:
+Three paths, chosen by sparse24_gemv (its `path` names one for benchmarks):
+- "fast" (M == 1, int4 codes, 16-bit x; fp32 weights as "select"): a thread reads runs of 4 code
+  words (one 128-bit load; a word: 8 kept codes, 4 groups, 16 dense inputs) and their 16-bit
+  position words, and the x of exactly those 16 inputs per word as int32 words of two (loaded
+  once for all the thread's rows). Per word two PRMTs index a table of selector bytes by the 4
+  groups' masked positions at once (_selectors); per group one PRMT gathers its selector, one
+  more picks both kept inputs out of the group's 4 (8 bytes in two registers), and a shift / AND
+  makes them fp32. A code becomes (code - 8 - zero) exactly by one LOP3 (the nibble left in place
+  under the exponent of 2^23, as kernels/gemv.py's _int4_code) and one FFMA (times 2^-shift,
+  minus 2^(23 - shift) + 8 + zero), then one FFMA with its input; the scale once per run. The
+  meta bytes are read as they are (no repacked copy at load).
 - "select" (M == 1; the fast dequantization's semantics, fp32 weights as kernels/quant.py's
   fp32_weight_linear_ref): the program streams int32 words, a unit of 8 groups of 4 inputs at a
   time (one meta word; int4: two code words, 16-bit: eight value words, each a group's kept
@@ -19,10 +29,30 @@ Two paths, chosen by sparse24_gemv:
   to x's dtype as the references do (sparse24_int4_linear_ref, sparse24_linear_ref), each
   multiplied on the tensor cores with x's columns p, p + 4, ... (x padded to 16 rows).
 
-Neither path reaches the copy ceiling for int4 codes: by sm_90 SASS the select loop spends about
-5.3 instructions per dense input (bf16 values: 4.2; what the issue rate allows at the copy
-ceiling is about 2.9 for int4's 0.375 bytes per input, 8.8 for bf16's 1.125), the dot loop
-16-21 (compute bound at 16 rows). Sparse24Linear times them against a dense matmul per shape.
+SASS for sm_90 (experiments/sparse24_sass_count.py, bf16 x, int4 g128, the K loop per thread; K
+11008): "select" 5.3 instructions per dense input (14.2 per byte of kept codes + positions, 10.6
+per byte of the dense int4 codes the same weight has; two predicate LOP3s and FSELs per kept
+code), "fast" at FAST_CONFIG 3.79 /
+3.94 with zero points (10.1 / 10.5 per actual byte, 7.6 / 7.9 per dense-equivalent byte; K 4096,
+whole kernel: 4.28, 8.6) against kernels/gemv.py's fast int4 at 4.55 per dense input
+(gemv_sass_count: 9.1 per byte at K 11008, 9.6 at 4096 whole kernel): 0.83x the instructions
+and 0.75x the bytes (scales aside) of int4 per weight. Per group of 4 inputs: 2 FFMA + 2 LOP3
+(codes), 2 FFMA (products), 2 PRMT (selector, inputs), 2 shift / AND (to fp32), 0.75 selector
+table and the word's code prep; left: rematerialized PRMT selector constants (an IMAD a use),
+addressing. What the issue rate allows at the copy ceiling is about 2.9 per input for 0.375
+bytes (bf16 values: 4.2 per input against 8.8). The count does not explain "select"'s 292 GB/s
+(BENCHMARKS.md; 5.3 a input would issue at about 2 TB/s): its loop also waits on its loads (no
+prefetch; 32- and 64-bit loads, x reloaded per unit), where "fast" loads a step ahead with
+128-bit code loads; which of the two binds on the H200 is for the sweep to say. The dot loop spends 16-21 (compute bound at 16
+rows). Sparse24Linear times the paths against a dense matmul per shape.
+
+Tried for "fast" (one-step K loop, per dense input): PTX mad.hi for the selector (ptxas's IMAD.HI
+takes a 64-bit addend, rebuilt by two MOVs a use: 5.07, against 4.88 for umulhi + add), each
+group's selector by two masks and two IMAD.HIs (4.69), selectors gathered two groups a PRMT (3.80
+/ 4.00, 4.27 with zero points at (8, 2048, 4): not kept); the two-step loop (no tile copies) took
+(8, 2048, 4) from 4.00 to 3.79. Not yet tried: positions repacked at load (a group's p0, p1 four
+bits apart: SHF + LOP3 + table PRMT a group, no gather PRMT; the dot path and the references
+would read the new layout), FAST_CONFIG from a GPU sweep, M > 1.
 """
 
 from __future__ import annotations
@@ -32,7 +62,7 @@ import torch
 from kernels._triton import HAS_TRITON, interpreting, next_pow2, tl, triton
 
 if HAS_TRITON:
-    from kernels.gemv import _rnd
+    from kernels.gemv import FAST_MIN_PROGRAMS, _PTX, _rnd
 
 SMALL_M = 16
 UNIT = 32  # dense inputs per meta word: 8 groups of 4
@@ -41,6 +71,23 @@ UNIT = 32  # dense inputs per meta word: 8 groups of 4
 # tl.dot one.
 SELECT_CONFIG = (8, 2048, 4)
 DOT_CONFIG = (64, 128, 4)
+# The "fast" path's (BLOCK_N, BLOCK_K, num_warps), not yet timed (experiments/sparse24_gemv_sweep.py):
+# kernels/gemv.py's int4 tile; fewer columns per program where N leaves fewer than FAST_MIN_PROGRAMS
+# programs. BLOCK_K 4096 spills in the two-step loop (80-136 bytes at K 11008: sparse24_sass_count).
+FAST_CONFIG = (8, 2048, 4)
+PATHS = ("select", "dot", "fast")
+
+
+def sparse24_fast_fits(k: int, kept: torch.Tensor, group: int | None, x_dtype: torch.dtype) -> bool:
+    """Whether the "fast" path takes a row of x_dtype: int4 codes, 16-bit x, K whole code words (16
+    inputs; sparse24_gemv_fits asks 32), a power-of-two group of whole words."""
+    return (kept.dtype == torch.uint8 and x_dtype in (torch.bfloat16, torch.float16) and k % 16 == 0
+            and group is not None and group >= 16 and group & (group - 1) == 0)
+
+
+def _aligned(t: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """t, or a copy where its first element is off an nbytes boundary (for a view as wider words)."""
+    return t if (t.storage_offset() * t.element_size()) % nbytes == 0 else t.clone()
 
 
 def sparse24_gemv_fits(k: int, kept: torch.Tensor, group: int | None = None) -> bool:
@@ -240,15 +287,172 @@ if HAS_TRITON:
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * out_stride + cols[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
+    @triton.jit
+    def _prmt(lo, hi, sel):
+        """PTX prmt.b32 (default mode): byte k of the result is byte (sel >> 4k) & 7 of the 8 bytes
+        hi:lo (sel's nibbles below 8: no sign replication). The interpreter runs the shifts."""
+        if _PTX:
+            return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [lo, hi, sel],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            pair = (lo.to(tl.int64) & 0xFFFFFFFF) | (hi.to(tl.int64) << 32)
+            out = tl.zeros(lo.shape, tl.int64)
+            for k in tl.static_range(4):
+                out |= ((pair >> (((sel >> (4 * k)) & 7) * 8).to(tl.int64)) & 0xFF) << (8 * k)
+            return out.to(tl.int32)
+
+    @triton.jit
+    def _selectors(meta):
+        """Per code word (meta: its 16 position bits, group J's first kept position in bits 4J,
+        4J + 1, the second's in 4J + 2, 4J + 3), two words of PRMT selector bytes: byte J of the
+        first is 2 p0 | (2 p0 + 1) << 4 of group J, of the second the same of p1. Each is one PRMT
+        of the table of bytes 0x10, 0x32, 0x54, 0x76 (p -> the nibble pair of input p's two bytes)
+        indexed by the 4 groups' masked positions at once (nibble J: p0, or p1 after a shift)."""
+        table = tl.full(meta.shape, 0x76543210, tl.int32)
+        first = _prmt(table, table, meta & 0x3333)
+        second = _prmt(table, table, (meta >> 2) & 0x3333)
+        return first, second
+
+    @triton.jit
+    def _kept_x(first, second, J: tl.constexpr, xlo, xhi, FP16: tl.constexpr):
+        """The inputs of group J's two kept codes (fp32) from its 4 inputs, the 16-bit halves of
+        xlo, xhi: group J's selector (bytes J of _selectors' two words, one PRMT) picks both
+        (one PRMT), then each moves to the top of a word (bf16) or converts (fp16)."""
+        sel = _prmt(first, second, tl.full(first.shape, J | ((4 + J) << 4), tl.int32))
+        return _half_pair(_prmt(xlo, xhi, sel), FP16)
+
+    @triton.jit
+    def _kept_code(src, SHIFT: tl.constexpr, sub):
+        """The int4 code at bit SHIFT (<= 16) of src (a code word with the exponent of 2^23 in its
+        top byte, as kernels/gemv.py's _int4_code reads it) minus 8 and the zero point: the float
+        2^23 + u 2^SHIFT times 2^-SHIFT minus `sub` (2^(23 - SHIFT) + 8 + zero), one LOP3 and one
+        exact FFMA (the selected x is per row and weight: no 2^-SHIFT folded into it)."""
+        bits = src & (0x4B000000 | (0xF << SHIFT))
+        return bits.to(tl.float32, bitcast=True) * (1.0 / (1 << SHIFT)) - sub
+
+    @triton.jit
+    def _fast_tile(w_rows, m_rows, s_rows, z_rows, k0, col_mask, K: tl.constexpr, GROUP: tl.constexpr,
+                   HAS_ZERO: tl.constexpr, R: tl.constexpr, T: tl.constexpr):
+        """The step at k0: code words [BLOCK_N, R, T] (word t * R + r at [:, r, t]: a thread's run of
+        R words, one 128-bit load), their 16 position bits (int16 -> int32), group scales and
+        zero points ([BLOCK_N, 1, T] where a run is within one group, else [BLOCK_N, R, T])."""
+        WPG: tl.constexpr = GROUP // 16
+        t = k0 // (16 * R) + tl.arange(0, T)
+        j = t[None, :] * R + tl.arange(0, R)[:, None]
+        if WPG % R == 0:
+            g = (t * R // WPG)[None, :]
+        else:
+            g = j // WPG
+        w_mask = col_mask[:, None, None] & (j < K // 16)[None, :, :]
+        g_mask = col_mask[:, None, None] & (g < K // GROUP)[None, :, :]
+        words = tl.load(w_rows[:, :, None] + j[None, :, :], mask=w_mask, other=0)
+        meta = tl.load(m_rows[:, :, None] + j[None, :, :], mask=w_mask, other=0).to(tl.int32)
+        scale = tl.load(s_rows[:, :, None] + g[None, :, :], mask=g_mask, other=0.0).to(tl.float32)
+        zero = scale
+        if HAS_ZERO:
+            zero = tl.load(z_rows[:, :, None] + g[None, :, :], mask=g_mask, other=0.0).to(tl.float32)
+        return words, meta, scale, zero
+
+    @triton.jit
+    def _fast_x(x_ptr, k0, K: tl.constexpr, R: tl.constexpr, T: tl.constexpr):
+        """The step's inputs as int32 words of two 16-bit values, indexed as _fast_tile's code
+        words: the 8 words of word (r, t)'s 16 inputs, 128-bit loads split in registers."""
+        t = k0 // (16 * R) + tl.arange(0, T)
+        j = (t[None, :] * R + tl.arange(0, R)[:, None])[:, :, None]
+        x = tl.load(x_ptr + j * 8 + tl.arange(0, 8)[None, None, :], mask=j < K // 16, other=0)
+        even, odd = tl.split(tl.reshape(x, (R, T, 2, 2, 2)))
+        e0, e1 = tl.split(even)
+        o0, o1 = tl.split(odd)
+        x0, x4 = tl.split(e0)
+        x2, x6 = tl.split(e1)
+        x1, x5 = tl.split(o0)
+        x3, x7 = tl.split(o1)
+        return x0, x1, x2, x3, x4, x5, x6, x7
+
+    @triton.jit
+    def _fast_step(acc, tile, x_ptr, k0, K: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
+                   HAS_ZERO: tl.constexpr, FP16: tl.constexpr):
+        """acc += the step at k0: per code word its 4 groups' kept x picked by PRMT (_kept_x), its
+        8 codes made floats in place (_kept_code; codes 0..4 from the word, 5..7 from a copy moved
+        down 12 bits, as kernels/gemv.py's _int4_fast_mac), summed per run, times the scale."""
+        words, meta, scale, zero = tile
+        xs = _fast_x(x_ptr, k0, K, R, T)
+        if _PTX:  # bytes 0..2 of the word, byte 3 the exponent's 0x4B
+            lo = tl.inline_asm_elementwise("prmt.b32 $0, $1, 0x4B000000, 0x7210;", "=r,r", [words],
+                                           dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            lo = words | 0x4B000000
+        hi = (words.to(tl.uint32, bitcast=True) >> 12).to(tl.int32, bitcast=True) + 0x4B000000
+        off = 8.0
+        if HAS_ZERO:
+            off = zero + 8.0
+        part = tl.zeros(words.shape, tl.float32)
+        first, second = _selectors(meta)
+        for grp in tl.static_range(4):
+            x0, x1 = _kept_x(first, second, grp, xs[2 * grp][None, :, :], xs[2 * grp + 1][None, :, :], FP16)
+            if grp < 2:
+                v0 = _kept_code(lo, 8 * grp, off + float(1 << (23 - 8 * grp)))
+                v1 = _kept_code(lo, 8 * grp + 4, off + float(1 << (19 - 8 * grp)))
+            elif grp == 2:
+                v0 = _kept_code(lo, 16, off + 128.0)
+                v1 = _kept_code(hi, 8, off + 32768.0)
+            else:
+                v0 = _kept_code(hi, 12, off + 2048.0)
+                v1 = _kept_code(hi, 16, off + 128.0)
+            part += v0 * x0
+            part += v1 * x1
+        if acc.shape[1] == 1:  # a run within one group: one scale for its words
+            part = tl.sum(part, 1, keep_dims=True)
+        return acc + part * scale
+
+    @triton.jit
+    def _sparse24_int4_fast_kernel(
+        x_ptr, w_ptr, m_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N,
+        K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        FP16: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+    ):
+        """M == 1, 16-bit x: y = x @ W^T (+ bias) with W's kept int4 codes as int32 words (8 codes,
+        4 groups of 4 inputs, 16 dense inputs), their 2-bit positions as int16 (16 bits a word,
+        kernels/quant.py's meta bytes as they are), K steps of BLOCK_K dense inputs, each step's
+        tile loaded one step ahead of its use (the last step's prefetch past K: masked loads)."""
+        R: tl.constexpr = 4 if BLOCK_K >= 64 else BLOCK_K // 16
+        T: tl.constexpr = BLOCK_K // (16 * R)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        c = cols.to(tl.int64)[:, None]
+        w_rows = w_ptr + c * (K // 16)
+        m_rows = m_ptr + c * (K // 16)
+        s_rows = s_ptr + c * (K // GROUP)
+        z_rows = z_ptr + c * (K // GROUP)
+        acc = tl.zeros([BLOCK_N, 1 if (GROUP // 16) % R == 0 else R, T], tl.float32)  # as the scales
+        STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+        a = _fast_tile(w_rows, m_rows, s_rows, z_rows, 0, col_mask, K, GROUP, HAS_ZERO, R, T)
+        # two steps an iteration, the tiles alternating between two sets of registers (a one-step
+        # loop copies the prefetched tile into the current one's: a MOV a word)
+        for k0 in range(0, (STEPS // 2) * 2 * BLOCK_K, 2 * BLOCK_K):
+            b = _fast_tile(w_rows, m_rows, s_rows, z_rows, k0 + BLOCK_K, col_mask, K, GROUP, HAS_ZERO, R, T)
+            acc = _fast_step(acc, a, x_ptr, k0, K, R, T, HAS_ZERO, FP16)
+            a = _fast_tile(w_rows, m_rows, s_rows, z_rows, k0 + 2 * BLOCK_K, col_mask, K, GROUP, HAS_ZERO, R, T)
+            acc = _fast_step(acc, b, x_ptr, k0 + BLOCK_K, K, R, T, HAS_ZERO, FP16)
+        if STEPS % 2 == 1:
+            acc = _fast_step(acc, a, x_ptr, (STEPS - 1) * BLOCK_K, K, R, T, HAS_ZERO, FP16)
+        y = tl.sum(tl.sum(acc, 2), 1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if BF16_BY_HAND:
+            y = _rnd(y, tl.bfloat16, True)
+        tl.store(out_ptr + cols, y.to(out_ptr.dtype.element_ty), mask=col_mask)
+
 
 def sparse24_gemv(x: torch.Tensor, kept: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor | None = None,
                   zero: torch.Tensor | None = None, bias: torch.Tensor | None = None, *, exact: bool = False,
-                  config: tuple[int, int, int] | None = None) -> torch.Tensor:
+                  config: tuple[int, int, int] | None = None, path: str | None = None) -> torch.Tensor:
     """x [M <= 16, K] (fp32, bf16 or fp16) times a 2:4 weight: kept = values [N, K / 2] (bf16 /
     fp16) or int4 codes packed [N, K / 4] (uint8, with scale [N, K / G] and optional zero).
-    M == 1 without `exact`: the select path (fp32 weights: kernels/quant.py's
-    fp32_weight_linear_ref of the dense weight); else the dot path (the weight rounded to x's
-    dtype: sparse24_linear_ref / sparse24_int4_linear_ref). config: (BLOCK_N, BLOCK_K, warps)."""
+    M == 1 without `exact`: the fast path where it fits (int4 codes, 16-bit x), else the select
+    path (both fp32 weights: kernels/quant.py's fp32_weight_linear_ref of the dense weight); else
+    the dot path (the weight rounded to x's dtype: sparse24_linear_ref / sparse24_int4_linear_ref).
+    config: (BLOCK_N, BLOCK_K, warps); path: one of PATHS instead of the default (benchmarks)."""
     m, k = x.shape
     n = kept.shape[0]
     int4 = kept.dtype == torch.uint8
@@ -267,12 +471,19 @@ def sparse24_gemv(x: torch.Tensor, kept: torch.Tensor, meta: torch.Tensor, scale
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
+    fast_fits = m == 1 and not exact and sparse24_fast_fits(k, kept, group, x.dtype)
+    if path is None:
+        path = "fast" if fast_fits else "select" if m == 1 and not exact else "dot"
+    if path not in PATHS or (path == "fast" and not fast_fits) or (path == "select" and m != 1):
+        raise ValueError(f"sparse24_gemv: path {path!r} does not take {m} rows of {x.dtype} on kept {kept.dtype}")
+    if path == "fast":
+        return _sparse24_int4_fast(x, kept, meta, scale, zero, bias, out, group, config)
     scale_arg = scale if int4 else meta
     common = dict(N=n, K=k, GROUP=group or UNIT, INT4=int4, FP16=kept.dtype == torch.float16,
                   HAS_ZERO=int4 and zero is not None, HAS_BIAS=bias is not None,
                   BF16_BY_HAND=interpreting() and x.dtype == torch.bfloat16)  # its casts truncate
     words = kept if int4 else kept.view(torch.int32)  # 16-bit: one int32 word per group's kept pair
-    select = m == 1 and not exact
+    select = path == "select"
     x_words = select and x.dtype == torch.bfloat16
     if select:  # int32 words of the positions and the int4 codes
         meta, words = meta.view(torch.int32), words.view(torch.int32)
@@ -291,4 +502,24 @@ def sparse24_gemv(x: torch.Tensor, kept: torch.Tensor, meta: torch.Tensor, scale
         _sparse24_dot_kernel[grid](*args, m, x.stride(0), out.stride(0), BLOCK_M=max(16, next_pow2(m)),
                                    BLOCK_N=max(16, block_n), BLOCK_K=max(64, block_k), **common,
                                    IEEE=x.dtype == torch.float32 or interpreting(), num_warps=warps)
+    return out
+
+
+def _sparse24_int4_fast(x: torch.Tensor, packed: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor,
+                        zero: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor, group: int,
+                        config: tuple[int, int, int] | None) -> torch.Tensor:
+    """The fast path's launch (sparse24_gemv checked the shapes): x as int32 words of two inputs,
+    the codes as int32 words of 8, the meta bytes as int16 (a code word's 16 position bits)."""
+    n, k = out.shape[1], x.shape[1]
+    block_n, block_k, warps = config or FAST_CONFIG
+    block_k = max(16, min(block_k, next_pow2(k)))
+    while block_n > 1 and triton.cdiv(n, block_n) < FAST_MIN_PROGRAMS:
+        block_n //= 2
+    words = _aligned(packed, 4).view(torch.int32)
+    meta16 = _aligned(meta, 2).view(torch.int16)
+    _sparse24_int4_fast_kernel[(triton.cdiv(n, block_n),)](
+        _aligned(x, 4).view(torch.int32), words, meta16, scale, zero if zero is not None else scale,
+        bias if bias is not None else scale, out, n, K=k, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k,
+        FP16=x.dtype == torch.float16, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
+        BF16_BY_HAND=interpreting() and x.dtype == torch.bfloat16, num_warps=warps if not interpreting() else 1)
     return out

@@ -201,6 +201,25 @@ def test_cpu_triton_decode_runs_the_gemv(kind, m, monkeypatch):
     assert calls == [m]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_triton_int4_decode_takes_the_fast_path(dtype, monkeypatch):
+    """A 16-bit decode row on int4 codes runs kernels/quant_gemv.py's fast M == 1 kernel (not the
+    select one) and computes the fp32 dequantized weight's product, rounded once."""
+    import kernels.quant_gemv as qg
+
+    module = layer("int4")
+    module.bias.data = module.bias.data.to(dtype)
+    launched = []
+    for name in ("_sparse24_int4_fast_kernel", "_sparse24_select_kernel"):
+        kernel = getattr(qg, name)
+        monkeypatch.setattr(qg, name, type("Spy", (), {"__getitem__": lambda self, grid, k=kernel, n=name: (
+            launched.append(n), k[grid])[1]})())
+    x = torch.randn(1, 128, generator=torch.Generator().manual_seed(3)).to(dtype)
+    want = ref.fp32_weight_linear_ref(x, module.dequantized(), module.bias)
+    torch.testing.assert_close(module(x), want, rtol=1e-2, atol=1e-2)
+    assert launched == ["_sparse24_int4_fast_kernel"]
+
+
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

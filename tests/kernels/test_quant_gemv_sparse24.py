@@ -158,6 +158,11 @@ flags = dict(GROUP=128 if int4 else 32, INT4=int4, FP16=False, HAS_ZERO=int4, HA
 if path == "select":
     sig["x_ptr"] = "*i64"  # bf16 x as words of four
     kernel, constexprs = Q._sparse24_select_kernel, dict(BLOCK_N=8, BLOCK_U=64, X_WORDS=True, **flags)
+elif path == "fast":
+    sig = {"x_ptr": "*i32", "w_ptr": "*i32", "m_ptr": "*i16", "s_ptr": "*fp32", "z_ptr": "*fp32",
+           "b_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32"}
+    flags = {k: v for k, v in flags.items() if k != "INT4"}
+    kernel, constexprs = Q._sparse24_int4_fast_kernel, dict(K=11008, BLOCK_N=8, BLOCK_K=4096, **flags)
 else:
     sig.update(kept_ptr="*u8" if int4 else "*i32", meta_ptr="*u8", M="i32", x_stride="i32", out_stride="i32")
     kernel, constexprs = Q._sparse24_dot_kernel, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, **flags)
@@ -168,8 +173,8 @@ print(json.dumps({"cubin_bytes": len(compiled.asm["cubin"])}))
 """
 
 
-@pytest.mark.parametrize("path", ["select", "dot"])
-@pytest.mark.parametrize("int4", [True, False])
+@pytest.mark.parametrize("path,int4", [("select", True), ("select", False), ("dot", True), ("dot", False),
+                                       ("fast", True)])
 def test_kernels_compile_for_sm90(path, int4):
     """The interpreter runs what the compiler may refuse (constexpr rules, dot operand types):
     both kernels compile for sm_90 with Triton's bundled ptxas, no GPU needed (a fresh process:
@@ -200,3 +205,52 @@ def test_select_path_takes_an_unaligned_bf16_row():
     assert x.storage_offset() % 4
     values, meta = values.to(DEVICE), meta.to(DEVICE)
     assert _rel(sparse24_gemv(x, values, meta), ref.sparse24_linear_ref(x, values, meta)) < 4e-3
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("zero", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sparse24_int4_fast_path_matches_fp32_reference(group, zero, dtype):
+    """The M == 1 fast path (PRMT-picked inputs, in-place codes): the fp32 weight's product, rounded
+    once, on random codes, positions, scales, integral zero points, ragged N, several K steps (a
+    ragged last one) and a group spanning several runs or several groups a run."""
+    n, k = 37, 5 * group
+    packed, meta, scale, zeros = sparse24_int4_weight(n, k, group, zero, seed=group + zero)
+    g = torch.Generator().manual_seed(group)
+    x = torch.randn(1, k, generator=g).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=g).to(DEVICE, dtype)
+    args = (_to(packed, DEVICE), _to(meta, DEVICE), _to(scale, DEVICE), _to(zeros, DEVICE), bias)
+    want = ref.fp32_weight_linear_ref(x, ref.sparse24_int4_dequantize(*args[:4]), bias)
+    for config in [(8, 128, 4), (4, 64, 4), (2, 32, 4), None]:
+        out = sparse24_gemv(x, *args, config=config, path="fast")
+        assert out.dtype == dtype
+        assert _rel(out, want) < 1e-5, config  # exact codes and inputs: fp32 summation order only
+    torch.testing.assert_close(sparse24_gemv(x, *args), sparse24_gemv(x, *args, path="fast"), rtol=0, atol=0)
+
+
+def test_sparse24_int4_fast_path_no_bias_unaligned_x():
+    """Without bias and with x off a 4-byte boundary (read as int32 words: copied first)."""
+    packed, meta, scale, _ = sparse24_int4_weight(24, 256, 64, False, seed=11)
+    flat = torch.randn(258, generator=torch.Generator().manual_seed(12)).to(DEVICE, torch.bfloat16)
+    x = flat[1:257].view(1, 256)
+    assert x.storage_offset() % 2
+    args = (packed.to(DEVICE), meta.to(DEVICE), scale.to(DEVICE))
+    want = ref.fp32_weight_linear_ref(x, ref.sparse24_int4_dequantize(*args, None))
+    assert _rel(sparse24_gemv(x, *args, path="fast"), want) < 1e-5
+
+
+def test_sparse24_paths_by_name():
+    """path= picks a path for benchmarks; one that cannot take the call says so."""
+    packed, meta, scale, _ = sparse24_int4_weight(8, 64, 32, False)
+    with pytest.raises(ValueError, match="path 'fast'"):
+        sparse24_gemv(torch.randn(1, 64), packed, meta, scale, path="fast")  # fp32 x
+    with pytest.raises(ValueError, match="path 'fast'"):
+        sparse24_gemv(torch.randn(2, 64).bfloat16(), packed, meta, scale, path="fast")
+    with pytest.raises(ValueError, match="path 'select'"):
+        sparse24_gemv(torch.randn(2, 64).bfloat16(), packed, meta, scale, path="select")
+    with pytest.raises(ValueError, match="path 'nope'"):
+        sparse24_gemv(torch.randn(1, 64).bfloat16(), packed, meta, scale, path="nope")
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+    want = ref.fp32_weight_linear_ref(x, ref.sparse24_int4_dequantize(packed, meta, scale, None))
+    for path in ("select", "fast"):
+        assert _rel(sparse24_gemv(x, packed, meta, scale, path=path), want) < 4e-3, path

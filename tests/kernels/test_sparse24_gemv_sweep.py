@@ -19,6 +19,7 @@ def test_sweep_flow_on_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(sweep, "COPY_BYTES", 1)
     monkeypatch.setattr(sweep, "SELECT_CANDIDATES", [(8, 64, 4)])
     monkeypatch.setattr(sweep, "DOT_CANDIDATES", [(16, 64, 4)])
+    monkeypatch.setattr(sweep, "FAST_CANDIDATES", [(4, 128, 4)])
     monkeypatch.setattr(sweep, "graph_seconds", one_run_seconds)
     monkeypatch.setattr(sweep, "copy_ceiling_tbps", lambda: 1.0)
     out = tmp_path / "sweep.jsonl"
@@ -26,16 +27,43 @@ def test_sweep_flow_on_cpu(monkeypatch, tmp_path):
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     measures = [r for r in recs if r["kind"] == "measure"]
     errors = [r for r in measures if "error" in r]
+    assert all("skipped" in r for r in measures if r["path"] == "tinygemm"), "CPU: tinygemm is skipped, not run"
     assert not errors, errors
     for shape in ("a", "b"):
         for m in (1, 3):
             got = {(r["format"], r["path"]) for r in measures if r["shape"] == shape and r["M"] == m}
             path = "select" if m == 1 else "dot"
-            assert {("dense_bf16", "cublas"), ("int4_g128", "gemv_int4"), ("sparse24_bf16", path),
-                    ("sparse24_int4_g128", path)} <= got, (shape, m, got)
+            assert {("dense_bf16", "cublas"), ("int4_g128", "gemv_int4"), ("int4_g128", "tinygemm"),
+                    ("sparse24_bf16", path), ("sparse24_int4_g128", path)} <= got, (shape, m, got)
+            if m == 1:  # the old and the new M == 1 int4 paths, each at its default and one candidate tile
+                fast = [r for r in measures if r["shape"] == shape and r["M"] == m and r["path"] == "fast"]
+                assert len(fast) == 2 and all(r["format"] == "sparse24_int4_g128" and r["GBps"] > 0 for r in fast)
             configs = [r for r in measures if r["shape"] == shape and r["M"] == m and r["format"] == "sparse24_bf16"]
             assert len(configs) == 2 and all(r["GBps"] > 0 and r["of_copy_ceiling"] > 0 for r in configs)
-    assert len([r for r in recs if r["kind"] == "best"]) == 2 * 2 * 2
+    # per shape: M == 1 bf16 select, int4 select and fast; M == 3 bf16 and int4 dot
+    assert len([r for r in recs if r["kind"] == "best"]) == 2 * 5
     suggest = {(r["format"], r["path"]): r["config"] for r in recs if r["kind"] == "suggest"}
-    assert set(suggest) == {(f, p) for f in ("sparse24_bf16", "sparse24_int4_g128") for p in ("select", "dot")}
+    assert set(suggest) == {(f, p) for f in ("sparse24_bf16", "sparse24_int4_g128") for p in ("select", "dot")} | \
+        {("sparse24_int4_g128", "fast")}
+    assert recs[0]["kind"] == "ceiling" and recs[-1]["kind"] == "done"
+
+
+def test_dry_run_on_cpu(tmp_path):
+    """--dry-run: the CPU flow without monkeypatching: old, new and dense int4 rows on its shapes."""
+    import experiments.sparse24_gemv_sweep as sweep
+
+    out = tmp_path / "dry.jsonl"
+    try:
+        sweep.main(["--dry-run", "--m", "1", "--budget-s", "0", "--json", str(out)])
+    finally:  # --dry-run rebinds the module's device, shapes and clock: restore them for other tests
+        import importlib
+
+        importlib.reload(sweep)
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    measures = [r for r in recs if r["kind"] == "measure" and "seconds" in r]
+    assert not [r for r in recs if "error" in r]
+    got = {(r["format"], r["path"], r["shape"]) for r in measures}
+    for shape in sweep.DRY_SHAPES:
+        assert {("sparse24_int4_g128", "select", shape), ("sparse24_int4_g128", "fast", shape),
+                ("int4_g128", "gemv_int4", shape), ("dense_bf16", "cublas", shape)} <= got, got
     assert recs[0]["kind"] == "ceiling" and recs[-1]["kind"] == "done"
