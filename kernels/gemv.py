@@ -637,6 +637,18 @@ if HAS_TRITON:
         return words, scale, zero
 
     @triton.jit
+    def split8(x, R: tl.constexpr, T: tl.constexpr):
+        """x [R, T, 8] as its 8 slices [R, T] along the last axis, by tl.split alone (registers)."""
+        even, odd = tl.split(tl.reshape(x, (R, T, 2, 2, 2)))  # the last axis: bit 0 of the index
+        e0, e1 = tl.split(even)
+        o0, o1 = tl.split(odd)
+        x0, x4 = tl.split(e0)
+        x2, x6 = tl.split(e1)
+        x1, x5 = tl.split(o0)
+        x3, x7 = tl.split(o1)
+        return x0, x1, x2, x3, x4, x5, x6, x7
+
+    @triton.jit
     def _int4_fast_x(x_ptr, k0, nw_ptr, rstd, K: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
                      NORM: tl.constexpr, BF16_BY_HAND: tl.constexpr):
         """The step's inputs k0 .. k0 + R * T * 8 as the 8 codes' operands [R, T] (x[8 w + c] for
@@ -649,13 +661,7 @@ if HAS_TRITON:
         t = tl.arange(0, T)[None, :, None]
         c = tl.arange(0, 8)[None, None, :]
         x = _fast_x(x_ptr, k0 + (t * R + r) * 8 + c, nw_ptr, rstd, 0.0, K, NORM, 2, BF16_BY_HAND)
-        even, odd = tl.split(tl.reshape(x, (R, T, 2, 2, 2)))  # the last axis: bit 0 of c
-        e0, e1 = tl.split(even)
-        o0, o1 = tl.split(odd)
-        x0, x4 = tl.split(e0)
-        x2, x6 = tl.split(e1)
-        x1, x5 = tl.split(o0)
-        x3, x7 = tl.split(o1)
+        x0, x1, x2, x3, x4, x5, x6, x7 = split8(x, R, T)
         xw = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
         return (x0, x1 * 0.0625, x2 * 0.00390625, x3 * 0.000244140625, x4 * 0.0000152587890625,
                 x5 * 0.00390625, x6 * 0.000244140625, x7 * 0.0000152587890625), xw

@@ -62,7 +62,7 @@ import torch
 from kernels._triton import HAS_TRITON, interpreting, next_pow2, tl, triton
 
 if HAS_TRITON:
-    from kernels.gemv import FAST_MIN_PROGRAMS, _PTX, _rnd
+    from kernels.gemv import FAST_MIN_PROGRAMS, _PTX, _rnd, split8
 
 SMALL_M = 16
 UNIT = 32  # dense inputs per meta word: 8 groups of 4
@@ -360,14 +360,7 @@ if HAS_TRITON:
         t = k0 // (16 * R) + tl.arange(0, T)
         j = (t[None, :] * R + tl.arange(0, R)[:, None])[:, :, None]
         x = tl.load(x_ptr + j * 8 + tl.arange(0, 8)[None, None, :], mask=j < K // 16, other=0)
-        even, odd = tl.split(tl.reshape(x, (R, T, 2, 2, 2)))
-        e0, e1 = tl.split(even)
-        o0, o1 = tl.split(odd)
-        x0, x4 = tl.split(e0)
-        x2, x6 = tl.split(e1)
-        x1, x5 = tl.split(o0)
-        x3, x7 = tl.split(o1)
-        return x0, x1, x2, x3, x4, x5, x6, x7
+        return split8(x, R, T)
 
     @triton.jit
     def _fast_step(acc, tile, x_ptr, k0, K: tl.constexpr, R: tl.constexpr, T: tl.constexpr,

@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from test_quant_gemv_fast import _compile_sm90
+
 from kernels import quant as ref
 from kernels.int4_mma import WORKSPACE, int4_mma, int4_mma_config, repack_int4, unrepack_int4
 
@@ -187,21 +189,8 @@ def test_sm90_counts_stay_under_the_copy_ceiling_budgets():
     on the tensor cores, without spills. A layout the compiler cannot load straight into the MMA
     operand (the fragment order broken, a magic passed as an argument) goes back to ~10-12 smem B/B."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(root)
-    run = subprocess.run([sys.executable, "-c", SM90_COUNT], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=600)
-    if "ptxas" in run.stderr and "No such file" in run.stderr:
-        pytest.skip("no bundled ptxas in this Triton install")
-    assert run.returncode == 0, run.stderr[-3000:]
-    recs = [json.loads(line) for line in run.stdout.strip().splitlines()]
+    recs = [json.loads(line) for line in _compile_sm90(SM90_COUNT).strip().splitlines()]
     assert len(recs) == 2
     for rec in recs:
         assert rec["counted"] == "loop" and rec["spill_bytes"] == 0, rec
