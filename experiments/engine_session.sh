@@ -113,13 +113,6 @@ case "${1:?verb}" in
   stash)  # and the copy and matmul ceilings, the first call's duty
     mkdir -p "$H/t" "$H/data" && cp .gpu/t/p0? "$H/t/" && cp -r .gpu/data/. "$H/data/" && ls "$H/t" "$H/data"
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader; $B ceilings;;
-  int4)  # carry .gpu/wheels + .gpu/t/p00 + .gpu/data (stashed for `pipeline` next): int4 on tinygemm vs Triton
-    mkdir -p "$H/t" "$H/data"; [ -f .gpu/t/p00 ] && cp .gpu/t/p00 "$H/t/"; [ -d .gpu/data ] && cp -r .gpu/data/. "$H/data/"
-    timeout ${TESTS_S:-120} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/test_int4_tinygemm.py \
-      > "$OUTDIR/int4_tests.txt" 2>&1; tail -n 6 "$OUTDIR/int4_tests.txt"
-    timeout ${QUANT_S:-200} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_int4.jsonl" \
-      --only bf16 int4_g128@triton int4_g128@tinygemm int4_g128@auto int4_g64@tinygemm > "$OUTDIR/quant_int4.log" 2>&1
-    grep -v Warn "$OUTDIR/quant_int4.log" | tail -n 12;;
   kernels)
     timeout ${TESTS_S:-110} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_verify_attention.py \
       "tests/engine/spec_decode/test_spec_gpu.py::test_fp32_graphs_greedy_through_each_multi_query_verify_path_matches_transformers" \
