@@ -1052,24 +1052,29 @@ def _launch_config(m: int, n: int, k: int, quant: str, qargs: dict, fast: bool, 
     return config, {**qargs, "w_ptr": w.view(torch.int32), "FAST": True, "GPT": gpt, "WPG": wpg}
 
 
-# Split-K's workspaces per device: partial sums (grown as needed) and the tiles' arrival counts,
-# which every launch leaves at zero (_split_k_sum). Launches that share them must not overlap: one
-# stream, as the engine's decode (PDL lets the next kernel start, but it waits for this one before
-# its own split-K stores).
-_SPLIT_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+class SplitKWorkspace:
+    """Split-K's workspaces per device (gemv's split_k and kernels/int4_mma.py share them): fp32
+    partial sums and the tiles' int32 arrival counts, grown on demand; every launch leaves the counts
+    at zero. Launches that share them must not overlap: one stream, as the engine's decode (PDL lets
+    the next kernel start, but it waits for this one before its own split-K stores). Allocate (call
+    once with the largest shapes) before a CUDA-graph capture."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, device: torch.device, partials: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+        part, count = self._bufs.get(device, (None, None))
+        if part is None or part.numel() < partials or count.numel() < counters:
+            assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), \
+                "split-K workspace first allocated inside a CUDA graph capture (run the shape once before)"
+            part = torch.empty(max(partials, 0 if part is None else part.numel()), dtype=torch.float32, device=device)
+            count = torch.zeros(max(counters, 0 if count is None else count.numel()), dtype=torch.int32,
+                                device=device)
+            self._bufs[device] = (part, count)
+        return part, count
 
 
-def _split_workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 partials of at least ``floats``, int32 zero counts of at least ``tiles``) on device;
-    allocated once (outside a CUDA graph capture: call once before capturing)."""
-    ws, count = _SPLIT_WORKSPACES.get(device, (None, None))
-    if ws is None or ws.numel() < floats or count.numel() < tiles:
-        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), \
-            "gemv split_k: workspace first allocated inside a CUDA graph capture (run the shape once before)"
-        ws = torch.empty(max(floats, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
-        count = torch.zeros(max(tiles, 0 if count is None else count.numel()), dtype=torch.int32, device=device)
-        _SPLIT_WORKSPACES[device] = (ws, count)
-    return ws, count
+SPLIT_K_WORKSPACE = SplitKWorkspace()
 
 
 def _check_invariant(batch_invariant: bool, fast: bool, config: tuple[int, int, int, int] | None) -> None:
@@ -1128,7 +1133,7 @@ def gemv(
         lambda: (batch_invariant_config(n, k) if batch_invariant
                  else gemv_config(m, n, k, two=swiglu, pdl=launch["PDL"])))
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
-    ws, count = _split_workspace(x.device, split_k * m * 2 * n, grid[0] * grid[1]) if split_k > 1 else (out, out)
+    ws, count = SPLIT_K_WORKSPACE.get(x.device, split_k * m * 2 * n, grid[0] * grid[1]) if split_k > 1 else (out, out)
     _gemv_kernel[grid](
         x, qargs.pop("w_ptr"), qargs.pop("s_ptr"), qargs.pop("z_ptr"),
         bias if bias is not None else weight,  # unused pointers: any tensor

@@ -40,7 +40,7 @@ result, on every run; adds the bias, rounds once to x's dtype, stores, and reset
 for the next launch (CUDA-graph replays included). Atomics into a zeroed fp32 buffer were the
 other choice: they need a memset and a rounding launch beside the kernel (two launches of ~2 us
 against a 2.5 us o_proj at the ceiling), and their order (so the bits) varies. The workspace and
-counters belong to one stream at a time (Int4MMAWorkspace).
+counters belong to one stream at a time (kernels/gemv.py SplitKWorkspace).
 
 Count before timing. DRAM bytes per weight byte: codes 1 + fp32 scale 8 / GROUP (+ int32 zero
 bias 8 / GROUP): 1.0625 (g128), 1.125 (g64), 1.125 (g128 zero); x (2 K M bytes a column tile) and
@@ -74,6 +74,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels._triton import HAS_TRITON, interpreting, tl, triton
+from kernels.gemv import SPLIT_K_WORKSPACE, SplitKWorkspace
 from kernels.quant import unpack_int4
 
 MAX_M = 16  # rows per launch: x is padded to the 16-wide MMA operand
@@ -188,25 +189,7 @@ def int4_mma_config(m: int, n: int, k: int, group: int) -> tuple[int, int, int, 
     return best[1]
 
 
-class Int4MMAWorkspace:
-    """The split-K partials (fp32) and per-tile counters of int4_mma, per device, grown on demand.
-    Counters start at 0 and every launch leaves them at 0. Allocate (call once with the largest
-    shapes) before a CUDA-graph capture; one stream at a time."""
-
-    def __init__(self) -> None:
-        self._bufs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def get(self, device: torch.device, partials: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
-        part, count = self._bufs.get(device, (None, None))
-        if part is None or part.numel() < partials or count.numel() < counters:
-            part = torch.empty(max(partials, 0 if part is None else part.numel()), dtype=torch.float32, device=device)
-            count = torch.zeros(max(counters, 0 if count is None else count.numel()), dtype=torch.int32,
-                                device=device)
-            self._bufs[device] = (part, count)
-        return part, count
-
-
-WORKSPACE = Int4MMAWorkspace()
+WORKSPACE = SPLIT_K_WORKSPACE  # shared with gemv's split_k
 
 
 if HAS_TRITON:
@@ -351,7 +334,7 @@ def check_config(config: tuple[int, int, int, int, int], group: int) -> None:
 
 def int4_mma(x: torch.Tensor, weight: Int4MMAWeight, bias: torch.Tensor | None = None, *,
              config: tuple[int, int, int, int, int] | None = None,
-             workspace: Int4MMAWorkspace = WORKSPACE) -> torch.Tensor:
+             workspace: SplitKWorkspace = WORKSPACE) -> torch.Tensor:
     """x [M <= 16, K] (bf16 or fp16) @ W^T (+ bias) with W an Int4MMAWeight, rounded once to x's
     dtype; reference: kernels/quant.py's int4_linear_fast_ref on the unrepacked weight.
     ``config``: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), else int4_mma_config."""

@@ -68,7 +68,7 @@ def test_split_k_is_deterministic_and_leaves_the_counts_at_zero(weights):
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     unsplit = gemv(x, w, residual=residual.clone(), config=TILE, **args)
     torch.testing.assert_close(outs[0], unsplit, rtol=1e-5, atol=1e-5)
-    _, count = gemv_module._SPLIT_WORKSPACES[x.device]
+    _, count = gemv_module.SPLIT_K_WORKSPACE.get(x.device, 0, 0)
     assert not count.any()
 
 
