@@ -209,7 +209,7 @@ case "${1:?verb}" in
         --out $H/long/dss_s\$s --tokens 1 --parts dss --seed \$s; done
       [ ${DVW_TOKENS:-10000000} -gt 0 ] && python3 experiments/depth_vs_width.py --teacher $T --data-dir $H/data \
         --out $H/long/dvw --tokens ${DVW_TOKENS:-10000000}
-      for t in ${GQA_TOKENS:-10000000}; do python3 experiments/gqa.py --model $H/smol \
+      for t in ${GQA_TOKENS-10000000}; do python3 experiments/gqa.py --model $H/smol \
         --data-dir $H/data --out $H/long/gqa_\$t --tokens \$t --inits ${GQA_INITS:-mean,svd}; done" > "$H/long.log" 2>&1 < /dev/null &
     echo "long: started (pid $!)";;
   longwait)
@@ -255,7 +255,7 @@ case "${1:?verb}" in
          # sweep at M = 1, 2, 16 on the old and the new tree, then the 7B decode rows (issue 13)
     for tree in .gpu/old .; do
       (cd "$tree" && PYTHONPATH="$H/site:$PWD" timeout ${SWEEP_S:-200} python3 experiments/quant_gemv_sweep.py --formats int8 \
-        --m 1 2 16 --budget-s 120 --json "$OUTDIR/int8_sweep_$(basename "$tree").jsonl" > "$OUTDIR/int8_sweep_$(basename "$tree").log" 2>&1)
+        --m 1 2 16 --budget-s ${INT8_BUDGET_S:-120} --json "$OUTDIR/int8_sweep_$(basename "$tree").jsonl" > "$OUTDIR/int8_sweep_$(basename "$tree").log" 2>&1)
     done; tail -n 3 "$OUTDIR"/int8_sweep_*.log
     timeout ${TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_quant_gemv_fast.py \
       tests/kernels/test_gemv_split_k.py > "$OUTDIR/int8_tests.txt" 2>&1; tail -n 4 "$OUTDIR/int8_tests.txt"
