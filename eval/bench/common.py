@@ -91,7 +91,10 @@ def engine_options(pairs: list[str] | None) -> dict[str, Any]:
 def graph_seconds(run, reps: int = 10, before_timing=None) -> float:
     """Seconds per replay of a CUDA graph that captures ``run()``, after one untimed replay (the
     GEMV sweeps time every weight copy in one graph, so launch gaps and L2 hits stay out).
-    ``before_timing()``: called between that replay and the timed ones (ranks meet at a barrier)."""
+    ``before_timing()``: called between that replay and the timed ones (ranks meet at a barrier).
+    ``run()`` runs once eagerly first: a library's first call (cuBLAS creating its handle and
+    workspace) cannot be captured, and a failed capture poisons the CUDA context for the process."""
+    run()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
