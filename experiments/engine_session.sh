@@ -321,6 +321,17 @@ case "${1:?verb}" in
       tests/engine/test_quantized_layers.py -k "w8a8 or W8A8" > "$OUTDIR/w8a8_tests.txt" 2>&1; tail -n 6 "$OUTDIR/w8a8_tests.txt"
     timeout ${PIECES_S:-400} python3 experiments/w8a8_prefill_pieces.py --json "$OUTDIR/w8a8_pieces.jsonl" --sweep \
       ${PIECES_ARGS:-} > "$OUTDIR/w8a8_pieces.log" 2>&1; grep -E '"kind": "(model_linears|int8_mm_best)"|Error' "$OUTDIR/w8a8_pieces.log" | tail -n 24;;
+  recheck12)  # carry .gpu/wheels: after the twelfth session's fixes, one call: the GPU tests of int8 (back on
+              # _matmul_fast), W8A8 (codes equal to the reference) and 2:4 + int4, then the 7B decode rows of int8
+              # and 2:4 + int4 served end to end, and W8A8's per-linear pieces (issue 13)
+    timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_w8a8.py \
+      tests/kernels/test_quant_gemv_fast.py tests/kernels/test_quant_gemv_sparse24.py tests/engine/test_sparse24_paths.py \
+      tests/eval > "$OUTDIR/recheck12_tests.txt" 2>&1; tail -n 8 "$OUTDIR/recheck12_tests.txt"
+    timeout ${QUANT_S:-200} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_recheck12.jsonl" --batch 1 16 \
+      --only bf16 int8 int4_g128@triton sparse24_int4_g128 > "$OUTDIR/quant_recheck12.log" 2>&1
+    grep -v Warn "$OUTDIR/quant_recheck12.log" | tail -n 6 | cut -c1-300
+    timeout ${PIECES_S:-150} python3 experiments/w8a8_prefill_pieces.py --json "$OUTDIR/w8a8_pieces.jsonl" \
+      > "$OUTDIR/w8a8_pieces.log" 2>&1; grep -E '"kind": "model_linears"|Error' "$OUTDIR/w8a8_pieces.log" | tail -n 6;;
   w8a8bench)
     timeout ${QUANT_S:-560} python3 -m eval.bench.quant --shape llama2-7b-16k --out "$OUTDIR/w8a8_prefill.jsonl" \
       --only bf16 w8a8_int8 w8a8_fp8 --prefill-tokens ${PREFILL_TOKENS:-1024 4080 8192} --prefill-only --prefill-workload \
