@@ -373,6 +373,10 @@ def _speed_variant(args, workload: str, name: str, spec: dict | None, prompts: l
                 measured = worker.policy
                 worker.policy = SpecPolicy(measured.k_max, measured.max_batch_size, measured.costs)
             host = host_state()
+            if (host["gpu_processes"] or 0) > 1:
+                emit({"bench": "speed", "workload": workload, "spec": name, "k": k, "batch": bs, "warning":
+                      f"{host['gpu_processes'] - 1} other process(es) on the GPU as this row begins: its tok/s is "
+                      f"not this engine's alone"}, args.json)
             tok_s, runs, outputs, records = _timed_runs(llm, (prompts * bs)[:bs], args.new_tokens, args.repeats,
                                                         snapshot if k == "auto" else None)
             if spec is None and not rerun:

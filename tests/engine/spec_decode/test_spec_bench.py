@@ -314,3 +314,21 @@ def test_speed_check_times_drafting_off_and_the_baseline_again(bench, data_dir, 
         assert c["verdict"] in ("ok", "baseline_unstable", "plain_slower") and len(c["plain_tok_s"]) == 2
     policies = {r["spec"]: r["num_speculative_tokens_per_batch_size"] for r in rows if r["bench"] == "policy"}
     assert set(policies) == {"ngram", "truncated1"}  # k 0 rows recommend nothing of their own
+
+
+def test_speed_warns_when_another_process_shares_the_gpu(bench, data_dir, model_dir, tmp_path, monkeypatch):
+    """A row that begins with another process on the GPU says so (as the twelfth lease's plain
+    wikitext rows, timed while other jobs ran on the host, could not)."""
+    import experiments.spec_baseline as baseline
+
+    monkeypatch.setattr(baseline, "gpu_processes", lambda: 2)
+    out = tmp_path / "speed.jsonl"
+    bench.main(["--json", str(out), "speed", "--target", model_dir("llama_gqa_untied", with_tokenizer=True),
+                "--data-dir", str(data_dir), "--workloads", "gsm8k", "--new-tokens", "2", "--batch", "1", "--ks", "1",
+                "--truncated", "--no-auto", "--repeats", "1", "--verify-shape", "", "--engine", '{"device": "cpu"}'])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    warnings = [r for r in rows if "warning" in r]
+    timed = [r for r in rows if "tok_s" in r]
+    assert [(w["spec"], w["k"]) for w in warnings] == [(r["spec"], r["k"]) for r in timed] == [("none", 0), ("ngram", 1)]
+    assert all("1 other process(es) on the GPU" in w["warning"] for w in warnings)
+    assert all(r["host"]["gpu_processes"] == 2 for r in timed)
