@@ -93,6 +93,8 @@ def check_rows(rows: list[dict], tolerance: float = 0.10) -> list[dict]:
       against the first one is suspect;
     - ``plain_slower``: same schedule, a stable plain measurement, and an engine with drafting off
       faster by more than ``tolerance``: the plain engine has a slow path on this device;
+    - ``off_slower``: an engine's plain steps cost more than ``tolerance`` over the plain engine's
+      (the speculative engine's own overhead: its policy, its bookkeeping per step);
     - ``ok``."""
     out = []
     keys = dict.fromkeys((r["workload"], r["batch"]) for r in rows if r.get("k") == 0 and "tok_s" in r)
@@ -113,6 +115,8 @@ def check_rows(rows: list[dict], tolerance: float = 0.10) -> list[dict]:
             verdict = "baseline_unstable"
         elif fastest_off > (1 + tolerance) * max(plain_tok_s):
             verdict = "plain_slower"
+        elif (1 + tolerance) * min(r["tok_s"] for r in off) < min(plain_tok_s):
+            verdict = "off_slower"
         else:
             verdict = "ok"
         out.append({"bench": "check", "workload": workload, "batch": bs, "verdict": verdict,

@@ -266,6 +266,7 @@ def _speed_row(spec: str, k, tok_s: float, schedule=(34, 32, 0, 16), **extra) ->
      "baseline_unstable"),
     ([_speed_row("none", 0, 1950), _speed_row("truncated2", 0, 1960), _speed_row("none", 0, 1990, rerun=True)], "ok"),
     ([_speed_row("none", 0, 1950), _speed_row("ngram", 0, 1960, schedule=(40, 30, 0, 16))], "schedule_differs"),
+    ([_speed_row("none", 0, 1950), _speed_row("ngram", 0, 1960), _speed_row("truncated2", 0, 1500)], "off_slower"),
 ])
 def test_check_rows_say_whether_the_baseline_is_measured_like_the_others(rows, verdict):
     from experiments.spec_baseline import check_rows
@@ -311,7 +312,7 @@ def test_speed_check_times_drafting_off_and_the_baseline_again(bench, data_dir, 
     assert [c["batch"] for c in checks] == [1, 2]
     for c in checks:
         assert c["same_schedule"] == {"ngram": True, "truncated1": True}
-        assert c["verdict"] in ("ok", "baseline_unstable", "plain_slower") and len(c["plain_tok_s"]) == 2
+        assert c["verdict"] != "schedule_differs" and len(c["plain_tok_s"]) == 2
     policies = {r["spec"]: r["num_speculative_tokens_per_batch_size"] for r in rows if r["bench"] == "policy"}
     assert set(policies) == {"ngram", "truncated1"}  # k 0 rows recommend nothing of their own
 
