@@ -32,6 +32,10 @@ speed       tok/s of LLM.generate without speculation and with ``speculative_con
             model drafter again as "<drafter>-rounds<R>", speculative_config num_rounds R at the largest
             k only (device-resident greedy rounds, engine/spec_decode/rounds.py: a fixed k, no auto);
             then verify-cost at --verify-shape. One process, variants past --budget-s skipped.
+            Every row records its timed runs (engine steps, prompt tokens computed, wall and CPU time)
+            and the host's state when it began (experiments/spec_baseline.py). --check: each
+            speculative engine also with drafting off (k 0), the plain engine again after the
+            drafters, and a "check" row per batch size: is the baseline measured like the others?
 verify-cost the target's verify forward (k + 1 tokens after a context, logits at every row) through
             every path (decode pseudo-rows, the varlen prefill path, each also with multi-query
             decode attention: pseudo_rows_mq, prefill_mq), against one decode step
@@ -60,6 +64,7 @@ from common.paths import default_data_dir  # noqa: E402
 from engine.spec_decode.metrics import SpecDecodeMetrics  # noqa: E402
 from engine.spec_decode.ngram import ngram_proposal  # noqa: E402
 from engine.spec_decode.rejection import greedy_agreement  # noqa: E402
+from experiments.spec_baseline import RunClock, check_rows, host_state  # noqa: E402
 
 WORKLOADS = ("wikitext", "cqa", "gsm8k", "grounded")
 GROUNDED_TEMPLATES = (
@@ -280,30 +285,38 @@ def fitting_prompts(prompts: list[list[int]], new_tokens: int, max_model_len: in
 
 def _median_tok_s(llm: Any, batch: list[list[int]], new_tokens: int, repeats: int,
                   after_each: Callable[[], None] | None = None) -> tuple[float, list[float], list[list[int]]]:
-    """Warm-up, then ``repeats`` timed generate calls; the median tok/s (one stall does not decide)
-    and the last call's outputs. Counts the tokens generated; a request that ended short (an error,
-    a length limit) is an error. ``after_each``: called after the warm-up and after each timed call
-    (outside the timing)."""
+    """_timed_runs without the runs' records."""
+    return _timed_runs(llm, batch, new_tokens, repeats, after_each)[:3]
+
+
+def _timed_runs(llm: Any, batch: list[list[int]], new_tokens: int, repeats: int,
+                after_each: Callable[[], None] | None = None) -> tuple[float, list[float], list[list[int]], list[dict]]:
+    """Warm-up, then ``repeats`` timed generate calls; the median tok/s (one stall does not decide),
+    the last call's outputs and each call's record (spec_baseline.RunClock: wall and CPU time, engine
+    steps, prompt tokens computed). Counts the tokens generated; a request that ended short (an
+    error, a length limit) is an error. ``after_each``: called after the warm-up and after each timed
+    call (outside the timing)."""
     from engine import SamplingParams
 
     llm.generate(batch, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     if after_each is not None:
         after_each()
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    runs = []
+    runs, records = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        clock = RunClock(llm)
         outs = llm.generate(batch, params)
-        seconds = time.perf_counter() - t
+        seconds = clock.seconds()
         short = [(i, len(o.token_ids), o.finish_reason) for i, o in enumerate(outs) if len(o.token_ids) != new_tokens]
         if short:
             i, n, why = short[0]
             raise ShrinkError(f"request {i} generated {n} of {new_tokens} tokens (finish_reason {why!r}; "
                               f"{len(short)} of {len(outs)} requests short)")
         runs.append(sum(len(o.token_ids) for o in outs) / seconds)
+        records.append(clock.record(outs, seconds))
         if after_each is not None:
             after_each()
-    return float(np.median(runs)), runs, [list(o.token_ids) for o in outs]
+    return float(np.median(runs)), runs, [list(o.token_ids) for o in outs], records
 
 
 def free_device_memory() -> None:
@@ -320,12 +333,15 @@ def free_device_memory() -> None:
 
 def _speed_variant(args, workload: str, name: str, spec: dict | None, prompts: list[list[int]],
                    engine_kwargs: dict, base: dict[int, float],
-                   reference: dict[int, tuple[list, list]] | None = None) -> list[dict]:
+                   reference: dict[int, tuple[list, list]] | None = None, rerun: bool = False) -> list[dict]:
     """One engine's rows (every k and batch size, then k "auto": the engine's measured policy, its
     step costs timed when the engine was built, a fresh acceptance estimate per batch size); the
     engine dies when this returns. ``reference`` {batch size: plain greedy outputs and margins}:
     filled by the plain variant, then each speculative row says where its outputs leave them
-    (divergence_report)."""
+    (divergence_report). With ``args.check`` a speculative engine's rows start with k 0 (drafting
+    off, the same engine running plain steps) and the others also give their speed-up over it
+    (``speedup_vs_off``). ``rerun``: the plain engine again, after the drafters (--check): its rows
+    are marked and leave ``base`` and ``reference`` as the first plain rows made them."""
     reference = {} if reference is None else reference
     from engine import LLM
     from engine.spec_decode.policy import SpecPolicy
@@ -338,6 +354,8 @@ def _speed_variant(args, workload: str, name: str, spec: dict | None, prompts: l
     worker = engine.spec_worker
     rows = []
     ks = [max(args.ks)] if rounds > 1 else args.ks + (["auto"] if args.auto and spec is not None else [])
+    ks = [0] + ks if args.check and spec is not None else ks
+    off: dict[int, float] = {}  # tok/s of this engine with drafting off, by batch size
     for k in ([0] if spec is None else ks):
         if k == "auto":
             engine.scheduler.spec_k = worker.k_for_step
@@ -354,15 +372,24 @@ def _speed_variant(args, workload: str, name: str, spec: dict | None, prompts: l
             if k == "auto":
                 measured = worker.policy
                 worker.policy = SpecPolicy(measured.k_max, measured.max_batch_size, measured.costs)
-            tok_s, runs, outputs = _median_tok_s(llm, (prompts * bs)[:bs], args.new_tokens, args.repeats,
-                                                 snapshot if k == "auto" else None)
-            if spec is None:
+            host = host_state()
+            if (host["gpu_processes"] or 0) > 1:
+                emit({"bench": "speed", "workload": workload, "spec": name, "k": k, "batch": bs, "warning":
+                      f"{host['gpu_processes'] - 1} other process(es) on the GPU as this row begins: its tok/s is "
+                      f"not this engine's alone"}, args.json)
+            tok_s, runs, outputs, records = _timed_runs(llm, (prompts * bs)[:bs], args.new_tokens, args.repeats,
+                                                        snapshot if k == "auto" else None)
+            if spec is None and not rerun:
                 base[bs] = tok_s
                 reference[bs] = greedy_with_margins(llm, (prompts * bs)[:bs], args.new_tokens)
+            if spec is not None and k == 0:
+                off[bs] = tok_s
             m = engine.spec_metrics
             row = {"bench": "speed", "workload": workload, "spec": name, "k": k, "num_rounds": rounds, "batch": bs,
                    "tok_s": tok_s, "runs_tok_s": runs, "speedup": tok_s / base[bs] if bs in base else None,
-                   "metrics": m.as_dict() if m is not None else None,
+                   **({"speedup_vs_off": tok_s / off[bs]} if bs in off and k != 0 else {}),
+                   **({"rerun": True} if rerun else {}),
+                   "metrics": m.as_dict() if m is not None else None, "runs": records, "host": host,
                    **({"vs_plain": divergence_report(*reference[bs], outputs)} if bs in reference else {})}
             if k == "auto":
                 row["policy"] = worker.policy.as_dict()  # the k it chose (steps_by_k), probes, costs
@@ -426,6 +453,20 @@ def speed(args) -> None:
                 emit({"bench": "speed", "workload": workload, "spec": name, "error": f"{type(e).__name__}: {e}"},
                      args.json)
             free_device_memory()
+        if args.check and time.perf_counter() - start > args.budget_s:
+            emit({"bench": "speed", "workload": workload, "spec": "none", "rerun": True, "skipped": "time budget"},
+                 args.json)
+        elif args.check:  # the plain engine again, after the drafters: did the machine change under the run?
+            try:
+                rows += _speed_variant(args, workload, "none", None, prompts, engine_kwargs, base, reference,
+                                       rerun=True)
+            except Exception as e:
+                emit({"bench": "speed", "workload": workload, "spec": "none", "rerun": True,
+                      "error": f"{type(e).__name__}: {e}"}, args.json)
+            free_device_memory()
+        if args.check:
+            for check in check_rows(rows, args.check_tolerance):
+                emit(check, args.json)
         for name in dict.fromkeys(r["spec"] for r in rows if r["spec"] != "none"):
             emit({"bench": "policy", "workload": workload, "spec": name,
                   "num_speculative_tokens_per_batch_size": recommend_policy([r for r in rows if r["spec"] == name])},
@@ -445,7 +486,7 @@ def recommend_policy(rows: list[dict], min_speedup: float = 1.02) -> dict[int, i
     speculation (within the measurement). The "auto" rows are the engine's own policy, not a k."""
     best: dict[int, tuple[float, int]] = {}
     for r in rows:
-        if r.get("speedup") is None or r["k"] == "auto":
+        if r.get("speedup") is None or r["k"] in ("auto", 0):  # 0: drafting off (--check), plain decoding
             continue
         bs, cand = r["batch"], (r["speedup"], r["k"])
         if bs not in best or cand > best[bs]:
@@ -576,6 +617,12 @@ def main(argv: list[str] | None = None) -> None:
                                       help='also k "auto" (the engine\'s measured policy, up to the largest --ks)')
     sub.choices["speed"].add_argument("--budget-s", type=float, default=270.0,
                                       help="variants starting later are skipped (the whole run stays < 6 min)")
+    sub.choices["speed"].add_argument("--check", action="store_true",
+                                      help="also each speculative engine with drafting off (k 0) and the plain "
+                                           "engine again after the drafters; a 'check' row per batch size says "
+                                           "whether the baseline is measured like the others (spec_baseline.py)")
+    sub.choices["speed"].add_argument("--check-tolerance", type=float, default=0.10,
+                                      help="--check: tok/s ratios beyond 1 + this disagree")
     sub.choices["speed"].add_argument("--verify-shape", default="llama2-7b",
                                       help="then verify-cost at this shape ('' to skip)")
     v = sub.add_parser("verify-cost")

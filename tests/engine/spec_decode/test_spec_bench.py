@@ -250,3 +250,86 @@ def test_speed_times_device_resident_rounds_per_model_drafter(bench, data_dir, m
     assert all(r["tok_s"] > 0 and r["metrics"]["num_proposed_tokens"] > 0 for r in rounds)
     assert {r["spec"] for r in rows if r["bench"] == "speed"} == {"none", "ngram", draft, f"{draft}-rounds4"}
     assert all(r["num_rounds"] == 1 for r in rows if r["bench"] == "speed" and r["spec"] != f"{draft}-rounds4")
+
+
+def _speed_row(spec: str, k, tok_s: float, schedule=(34, 32, 0, 16), **extra) -> dict:
+    run = dict(zip(("steps", "multi_steps", "spec_steps", "prefill_tokens"), schedule), wall_s=0.2, cpu_per_wall=1.0)
+    return {"bench": "speed", "workload": "wikitext", "spec": spec, "k": k, "batch": 1, "tok_s": tok_s,
+            "runs": [run, run], "host": {"utc": "2026-11-30T04:18:30+00:00"}, **extra}
+
+
+@pytest.mark.parametrize("rows, verdict", [
+    # The twelfth H200 lease: plain 1198 tok/s, the truncated2 engine with drafting off 1960, same steps.
+    ([_speed_row("none", 0, 1198), _speed_row("truncated2", 0, 1960)], "plain_slower"),
+    # ... and the plain engine timed again after the drafters at its usual speed: the machine changed.
+    ([_speed_row("none", 0, 1198), _speed_row("truncated2", 0, 1960), _speed_row("none", 0, 1950, rerun=True)],
+     "baseline_unstable"),
+    ([_speed_row("none", 0, 1950), _speed_row("truncated2", 0, 1960), _speed_row("none", 0, 1990, rerun=True)], "ok"),
+    ([_speed_row("none", 0, 1950), _speed_row("ngram", 0, 1960, schedule=(40, 30, 0, 16))], "schedule_differs"),
+    ([_speed_row("none", 0, 1950), _speed_row("ngram", 0, 1960), _speed_row("truncated2", 0, 1500)], "off_slower"),
+])
+def test_check_rows_say_whether_the_baseline_is_measured_like_the_others(rows, verdict):
+    from experiments.spec_baseline import check_rows
+
+    speculative = [_speed_row("truncated2", 4, 900)]  # a drafting row: not a comparison point
+    (check,) = check_rows(rows + speculative)
+    assert check["verdict"] == verdict and check["batch"] == 1 and check["workload"] == "wikitext"
+    assert check["plain_tok_s"] == [r["tok_s"] for r in rows if r["spec"] == "none"]
+    assert set(check["off_tok_s"]) == {r["spec"] for r in rows if r["spec"] != "none"}
+
+
+def test_speed_check_times_drafting_off_and_the_baseline_again(bench, data_dir, model_dir, tmp_path):
+    """--check: each speculative engine also at k 0 (first, as the plain engine's rows come first
+    after its build), the plain engine again after the drafters, and a check row per batch size whose
+    schedules agree; every row records its runs' steps and the host's state."""
+    target = model_dir("llama_gqa_untied", with_tokenizer=True)
+    out = tmp_path / "speed.jsonl"
+    bench.main(["--json", str(out), "speed", "--target", target, "--data-dir", str(data_dir), "--workloads",
+                "wikitext", "--prompt-tokens", "40", "--new-tokens", "6", "--batch", "1", "2", "--ks", "2",
+                "--truncated", "1", "--no-auto", "--repeats", "2", "--check", "--verify-shape", "",
+                "--engine", '{"device": "cpu", "num_decode_steps": 2}'])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert not [r for r in rows if "error" in r or "skipped" in r]
+    speed = [r for r in rows if r["bench"] == "speed"]
+    assert [(r["spec"], r["k"], r["batch"], r.get("rerun", False)) for r in speed] == [
+        ("none", 0, 1, False), ("none", 0, 2, False),
+        ("ngram", 0, 1, False), ("ngram", 0, 2, False), ("ngram", 2, 1, False), ("ngram", 2, 2, False),
+        ("truncated1", 0, 1, False), ("truncated1", 0, 2, False), ("truncated1", 2, 1, False),
+        ("truncated1", 2, 2, False), ("none", 0, 1, True), ("none", 0, 2, True)]
+    for r in speed:
+        assert len(r["runs"]) == 2 and r["host"]["utc"] and r["host"]["loadavg_1m"] >= 0
+        for run in r["runs"]:
+            assert run["wall_s"] > 0 and run["cpu_per_wall"] > 0 and run["steps"] > 0
+            assert run["spec_steps"] == (0 if r["k"] == 0 else run["spec_steps"])
+        assert ("speedup_vs_off" in r) == (r["spec"] != "none" and r["k"] != 0)
+    drafting = [r for r in speed if r["k"] == 2]
+    assert all(r["runs"][0]["spec_steps"] > 0 for r in drafting if r["spec"] == "truncated1")
+    plain = speed[0]
+    # Per run: the 8 prompt tokens past the last full block (40 = 2 x 16 + 8) computed again, the
+    # first token from the prefill, then 2 multi-steps of 2 tokens and one single step.
+    assert plain["runs"][0]["prefill_tokens"] == 8 and plain["runs"][0]["multi_steps"] == 2
+    checks = [r for r in rows if r["bench"] == "check"]
+    assert [c["batch"] for c in checks] == [1, 2]
+    for c in checks:
+        assert c["same_schedule"] == {"ngram": True, "truncated1": True}
+        assert c["verdict"] != "schedule_differs" and len(c["plain_tok_s"]) == 2
+    policies = {r["spec"]: r["num_speculative_tokens_per_batch_size"] for r in rows if r["bench"] == "policy"}
+    assert set(policies) == {"ngram", "truncated1"}  # k 0 rows recommend nothing of their own
+
+
+def test_speed_warns_when_another_process_shares_the_gpu(bench, data_dir, model_dir, tmp_path, monkeypatch):
+    """A row that begins with another process on the GPU says so (as the twelfth lease's plain
+    wikitext rows, timed while other jobs ran on the host, could not)."""
+    import experiments.spec_baseline as baseline
+
+    monkeypatch.setattr(baseline, "gpu_processes", lambda: 2)
+    out = tmp_path / "speed.jsonl"
+    bench.main(["--json", str(out), "speed", "--target", model_dir("llama_gqa_untied", with_tokenizer=True),
+                "--data-dir", str(data_dir), "--workloads", "gsm8k", "--new-tokens", "2", "--batch", "1", "--ks", "1",
+                "--truncated", "--no-auto", "--repeats", "1", "--verify-shape", "", "--engine", '{"device": "cpu"}'])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    warnings = [r for r in rows if "warning" in r]
+    timed = [r for r in rows if "tok_s" in r]
+    assert [(w["spec"], w["k"]) for w in warnings] == [(r["spec"], r["k"]) for r in timed] == [("none", 0), ("ngram", 1)]
+    assert all("1 other process(es) on the GPU" in w["warning"] for w in warnings)
+    assert all(r["host"]["gpu_processes"] == 2 for r in timed)
