@@ -248,7 +248,7 @@ case "${1:?verb}" in
     tail -n 6 "$OUTDIR/rounds_tests.txt"
     D=""; [ -f "$H/ref/distill/shrink.json" ] && D="--draft $H/ref/distill"
     timeout ${SPEC_S:-400} python3 experiments/spec_bench.py --json "$OUTDIR/spec_rounds.jsonl" speed --target "$H/t/smol.gguf" \
-      $D --truncated 2 --data-dir "$H/data" --workloads wikitext gsm8k --batch 1 4 16 --ks 2 4 --num-rounds 1 4 --auto \
+      $D --truncated 2 --data-dir "$H/data" --workloads wikitext gsm8k --batch 1 4 16 --ks 2 4 --num-rounds 1 4 --auto --check \
       --repeats 2 --budget-s 330 --engine '{"max_model_len": 2048}' > "$OUTDIR/spec_rounds.log" 2>&1
     grep -v Warn "$OUTDIR/spec_rounds.log" | tail -n 6;;
   int8)  # carry .gpu/wheels + .gpu/old (kernels/ etc. at 48fd6ad, before the int8 fast path's rebuild): the int8 GEMV
