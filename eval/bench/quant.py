@@ -133,14 +133,17 @@ def compressed_dummy_weights(variant: str):
 
 def sparse24_paths(model: nn.Module) -> dict[str, dict]:
     """Per 2:4 layer shape "NxK": the path each timed batch size took (Sparse24Linear.paths, "auto"
-    on a GPU; empty where nothing was timed) and the timings behind it (us), whether only a dense weight is left and whether a
-    dense weight is kept (then alone: a layer never holds both forms)."""
+    on a GPU; empty where nothing was timed) and the timings behind it (us), whether only a dense
+    weight is left, whether a dense weight is kept (then alone: a layer never holds both forms),
+    whether the kept half is int4 codes, and one layer's bytes per buffer (kept values or codes,
+    positions, scales, zero points, a kept dense weight)."""
     from engine.layers.sparse24 import Sparse24Linear
 
     return {f"{m.out_features}x{m.in_features}": {
         "paths": {str(b): p for b, p in m.paths.items()},
         "us": {str(b): {p: s * 1e6 for p, s in t.items()} for b, t in m.timings.items()},
-        "dense_only": m.meta is None, "dense_kept": m.weight is not None}
+        "dense_only": m.meta is None, "dense_kept": m.weight is not None, "int4": m.quantized,
+        "bytes": {name: t.numel() * t.element_size() for name, t in m.named_buffers()}}
         for m in model.modules() if isinstance(m, Sparse24Linear)}
 
 
