@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,29 @@ SEMI_STRUCTURED_MIN_M = SMALL_M + 1
 DECODE_BUCKETS = (1, 2, 4, 8, 16)
 PREFILL_BUCKETS = (512, 2048, 8192)
 TIMING_REPS = 3
+# Bytes written before each timed call on a GPU, so that its weight is read from memory as in a
+# decode step (the H200's L2 is 50 MB; a 7B 2:4 + int4 layer 6-34 MB), not from the last rep's L2.
+L2_FLUSH_BYTES = 128 << 20
 
 log = logging.getLogger(__name__)
+
+
+def timed_seconds(run: Callable[[], object], device: torch.device, graph: bool) -> float:
+    """The best of TIMING_REPS of one call of run after its eager warm-up (gpu_seconds), each after
+    an L2 flush on a GPU; with `graph` (a GPU only) one replay of a CUDA graph that captured it."""
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if device.type == "cuda" else None
+    if graph and device.type == "cuda":
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            run()
+        captured.replay()
+        run = captured.replay
+    best = math.inf
+    for _ in range(TIMING_REPS):
+        if flush is not None:
+            flush.zero_()
+        best = min(best, gpu_seconds(run))
+    return best
 
 
 def semi_structured_fits(n: int, k: int, dtype: torch.dtype, m: int) -> bool:
@@ -95,6 +117,7 @@ class Sparse24Linear(CompressedLinear):
         if dense.shape[1] % 8:
             raise ValueError(f"Sparse24Linear: in_features {dense.shape[1]} is not a multiple of 8")
         self.path_option = options.sparse24_path
+        self.graph_timing = options.sparse24_timing == "graph"
         values, positions = ref.compress_24(dense)
         self.register_buffer("meta", ref.pack_meta_24(positions).contiguous())
         self.quantized = codes is not None
@@ -173,14 +196,16 @@ class Sparse24Linear(CompressedLinear):
         return "dense" if path == "cusparselt" and capturing else path
 
     def time_paths(self, dtype: torch.dtype, device: torch.device) -> None:
-        """Time each bucket's candidates (CUDA events, gpu_seconds: the best of TIMING_REPS after a
-        warm-up) once per layer shape, format, dtype and device, and settle this layer: the
+        """Time each bucket's candidates (timed_seconds: CUDA events, the best of TIMING_REPS after a
+        warm-up; the decode buckets' in a CUDA graph with ModelOptions.sparse24_timing "graph") once
+        per layer shape, format, dtype, device and timing, and settle this layer: the
         faster path per bucket; where dense wins batch 1, only a dense weight kept. The
         dense candidate is timed as it would run: with a kept weight at decode sizes, rebuilt for
         the call at prefill sizes (a layer that keeps its 2:4 form holds no dense weight) and, for
         int4 codes (never replaced by a kept dense weight: may_keep_dense), at every size."""
         key = (self.out_features, self.in_features, None if self.kept is None else self.kept.dtype,
-               self.group_size, self.zero is not None if self.quantized else None, dtype, str(device))
+               self.group_size, self.zero is not None if self.quantized else None, dtype, str(device),
+               self.graph_timing)
         measured = _MEASURED.get(key)
         if measured is None:
             measured = {}
@@ -194,7 +219,7 @@ class Sparse24Linear(CompressedLinear):
                     for path in options:
                         run = functools.partial(self.run_path, path, x)
                         run()
-                        measured[m][path] = min(gpu_seconds(run) for _ in range(TIMING_REPS))
+                        measured[m][path] = timed_seconds(run, device, self.graph_timing and m in DECODE_BUCKETS)
             self.weight = None
             del dense
             _MEASURED[key] = measured

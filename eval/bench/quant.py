@@ -210,8 +210,9 @@ def int4_kernel_used(model: nn.Module) -> dict[str, Any]:
 
 
 def decode(shape: str, variant: str, batches: list[int], new_tokens: int, prompt_len: int, ceiling_tbps: float,
-           exact_dequant: bool = False) -> dict:
-    """One engine of `variant` ("int4_g128@tinygemm": the compression, then the int4_kernel)."""
+           exact_dequant: bool = False, sparse24_timing: str = "eager") -> dict:
+    """One engine of `variant` ("int4_g128@tinygemm": the compression, then the int4_kernel);
+    sparse24_timing: how the engine times 2:4 layers' decode candidates (engine/layers/options.py)."""
     from engine import LLM, SamplingParams
 
     choice_log = _Lines()
@@ -223,7 +224,7 @@ def decode(shape: str, variant: str, batches: list[int], new_tokens: int, prompt
             llm = LLM(shape_dir(shape), load_format="dummy", max_num_seqs=max(batches),
                       cuda_graph_max_bs=max(batches), exact_dequant=exact_dequant,
                       max_model_len=prompt_len + new_tokens + 16, enable_prefix_caching=False,
-                      **engine_options(variant))
+                      sparse24_timing=sparse24_timing, **engine_options(variant))
             setup_s = time.perf_counter() - t
     finally:
         logging.getLogger("engine.int4").removeHandler(choice_log)
@@ -233,6 +234,8 @@ def decode(shape: str, variant: str, batches: list[int], new_tokens: int, prompt
                               "exact_dequant": exact_dequant, **int4_kernel_used(model),
                               "fused_decode": bool(model.model.fusable), "setup_s": setup_s,
                               "sparse24_paths": sparse24_paths(model)}
+    if record["sparse24_paths"]:
+        record["sparse24_timing"] = sparse24_timing
     if choice_log.lines:
         record["int4_kernel_log"] = choice_log.lines
     vocab = llm.engine.vocab_size
@@ -321,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefill-only", action="store_true", help="skip the decode runs")
     ap.add_argument("--prefill-workload", action="store_true",
                     help="also prefill nano-vllm's 256 prompts (one output token each) per prefill variant")
+    ap.add_argument("--sparse24-timing", choices=["eager", "graph"], default="eager",
+                    help="how the engine times 2:4 layers' decode-size paths (EngineConfig.sparse24_timing)")
     ap.add_argument("--exact-dequant", action="store_true",
                     help="decode the compressed variants with the exact dequantization (default: the fast one)")
     args = ap.parse_args(argv)
@@ -340,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             try:
                 rec = decode(args.shape, variant, args.batch, args.new_tokens, args.prompt_len,
-                             ceiling["copy_bandwidth_TBps"], args.exact_dequant)
+                             ceiling["copy_bandwidth_TBps"], args.exact_dequant, args.sparse24_timing)
                 if variant == "bf16":
                     base = {bs: rec[f"b{bs}_tok_s"] for bs in args.batch}
                 for bs in args.batch:

@@ -25,11 +25,12 @@ def _pruned(w: torch.Tensor) -> torch.Tensor:
     return g.reshape(w.shape)
 
 
-def layer(kind: str, n: int = 48, k: int = 128, path: str = "auto", seed: int = 0) -> Sparse24Linear:
+def layer(kind: str, n: int = 48, k: int = 128, path: str = "auto", seed: int = 0,
+          timing: str = "eager") -> Sparse24Linear:
     """A Triton 2:4 layer with 16-bit kept values ("bf16") or int4 codes g32 with zero points."""
     g = torch.Generator().manual_seed(seed)
     bias = torch.randn(n, generator=g)
-    options = ModelOptions(use_triton=True, sparse24_path=path)
+    options = ModelOptions(use_triton=True, sparse24_path=path, sparse24_timing=timing)
     if kind == "bf16":
         return Sparse24Linear(_pruned(torch.randn(n, k, generator=g) / k**0.5).to(torch.bfloat16), bias, options=options)
     codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
@@ -389,3 +390,40 @@ def test_int4_decode_batches_also_time_the_fast_kernel_row_by_row(monkeypatch):
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(5)).bfloat16()
     want = ref.fp32_weight_linear_ref(x, module.dequantized(), module.bias)
     torch.testing.assert_close(module.run_path("gemv_rows", x), want, rtol=1e-2, atol=1e-2)
+
+
+def test_sparse24_timing_is_an_engine_setting_checked_by_name(model_dir, monkeypatch):
+    """LLM(path, sparse24_timing=...) reaches the 2:4 layers; a wrong value is one error naming it.
+    Off a GPU "graph" times as "eager" does (no graph to capture), and a measurement is kept per
+    timing: a second engine in the process with the other timing measures again."""
+    from engine.config import EngineConfig
+
+    path = model_dir("llama_gqa_untied")
+    with pytest.raises(ValueError, match="sparse24_timing: 'cuda'"):
+        EngineConfig(model=path, sparse24_timing="cuda")
+    assert EngineConfig(model=path, sparse24_timing="graph").model_options().sparse24_timing == "graph"
+    assert EngineConfig(model=path).model_options().sparse24_timing == "eager"
+    timed = []
+    monkeypatch.setattr(sparse24, "gpu_seconds", lambda run: (timed.append(run.args[0]), 1.0)[1])
+    for timing in ("graph", "eager"):
+        module = layer("int4", timing=timing)
+        module.run_path = lambda path, x: torch.zeros(x.shape[0], 48)
+        module.time_paths(torch.float32, CPU)
+    assert len(timed) == 2 * 2 * len(sparse24.DECODE_BUCKETS) * sparse24.TIMING_REPS
+
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("kind", ["bf16", "int4"])
+def test_gpu_graph_timing(kind):
+    """sparse24_timing "graph" on the GPU: the decode buckets' candidates timed as CUDA graph
+    replays, every bucket settled, the chosen paths computing the layer."""
+    module = layer(kind, n=256, k=512, timing="graph").cuda()
+    module.bias.data = module.bias.data.bfloat16()
+    dense = module.dequantized().cuda()
+    x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    out = module(x)
+    assert set(module.paths) >= set(sparse24.DECODE_BUCKETS)
+    assert all(s > 0 for t in module.timings.values() for s in t.values())
+    err = ((out.float() - F.linear(x.float(), dense, module.bias.float())).norm() / out.float().norm()).item()
+    assert err < 2e-2

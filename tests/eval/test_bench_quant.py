@@ -128,7 +128,9 @@ def test_sparse24_int4_variant_serves_its_codes_and_counts_their_bytes(tiny_shap
                      for m in linears)
     itemsize = model.model.embed_tokens.weight.element_size()  # the engine's dtype (fp32 on the CPU)
     dense_linears = sum(m.out_features * m.in_features * itemsize for m in linears)
-    rec = quant_bench.decode(tiny_shape, "sparse24_int4_g128", [1], new_tokens=2, prompt_len=4, ceiling_tbps=1.0)
+    rec = quant_bench.decode(tiny_shape, "sparse24_int4_g128", [1], new_tokens=2, prompt_len=4, ceiling_tbps=1.0,
+                             sparse24_timing="graph")
+    assert rec["sparse24_timing"] == "graph"
     bf16 = quant_bench.decode(tiny_shape, "bf16", [1], new_tokens=2, prompt_len=4, ceiling_tbps=1.0)
     assert rec["weight_bytes"] == bf16["weight_bytes"] - dense_linears + compressed
     qkv = rec["sparse24_paths"]["256x128"]
