@@ -7,8 +7,10 @@ against the measured copy ceiling; and prefill tok/s of one prompt per --prefill
 tokens take --shape llama2-7b-16k, its dims with 16,384 positions) for bf16, W8A8 int8, W8A8 fp8,
 2:4 and int4 g128 on either int4 kernel; with --prefill-workload, also the prefill tok/s of
 nano-vllm's 256 prompts (100..1024 tokens, one output token each) per prefill variant. 2:4
-records name the path each layer shape took per batch size (sparse24_paths: timed per shape at
-first use, ModelOptions.sparse24_path "auto").
+records name the path each layer shape took per batch size and one layer's bytes per buffer
+(sparse24_paths: timed per shape at first use, ModelOptions.sparse24_path "auto", eagerly or as CUDA
+graph replays: --sparse24-timing); 2:4 + int4 layers keep their codes (a dense path rebuilds the
+weight per call), so their weight_bytes are codes + positions + scales.
 An int4 variant names the engine's int4_kernel after "@": int4_g128@triton (our GEMVs, fused
 decode), int4_g128@tinygemm (torch's tinygemm, unfused), int4_g128@auto (the engine times both at
 startup; the record has its choice and the times it logged).
