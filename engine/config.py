@@ -11,7 +11,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from common.paths import default_cache_dir
 from engine.gguf import gguf_model_dir
-from engine.layers.options import ModelOptions, check_int4_kernel, check_sparse24_path
+from engine.layers.options import ModelOptions, check_int4_kernel, check_sparse24_path, check_sparse24_timing
 from engine.parallel.group import tp_rank, tp_size
 from engine.spec_decode.config import SpeculativeConfig
 from kernels.gemv import MAX_NORM_K
@@ -63,6 +63,8 @@ class EngineConfig:
     # 2:4 sparse layers on a GPU (engine/layers/options.py): "auto" (the 2:4 GEMV / cuSPARSELt or a
     # dense matmul, timed per layer shape and batch size at first use; logged), "sparse" or "dense".
     sparse24_path: str = "auto"
+    # How "auto" times their decode-size candidates: "eager" or "graph" (engine/layers/options.py).
+    sparse24_timing: str = "eager"
     # A prefill step of at most this many tokens (and 16 sequences) replays a CUDA graph
     # (engine/cuda_graphs.py): its host cost is one replay instead of a launch per kernel. 0: off.
     prefill_graph_max_tokens: int = 512
@@ -128,6 +130,7 @@ class EngineConfig:
             raise ValueError(f"prefill_attention: {self.prefill_attention!r} is not 'sdpa' or 'triton'")
         check_int4_kernel(self.int4_kernel)
         check_sparse24_path(self.sparse24_path)
+        check_sparse24_timing(self.sparse24_timing)
         if self.load_format not in ("safetensors", "dummy"):
             raise ValueError(f"load_format: {self.load_format!r} is not 'safetensors' or 'dummy'")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
@@ -204,7 +207,8 @@ class EngineConfig:
         return ModelOptions(use_triton=self.triton_enabled, fused_decode=self.fused_decode, pdl=self.pdl,
                             exact_dequant=self.exact_dequant or invariant,
                             int4_kernel="triton" if invariant else self.int4_kernel, batch_invariant=invariant,
-                            sparse24_path=self.sparse24_path, block_size=self.block_size,
+                            sparse24_path=self.sparse24_path, sparse24_timing=self.sparse24_timing,
+                            block_size=self.block_size,
                             max_model_len=self.max_model_len,
                             tp_rank=tp_rank() if self.tensor_parallel_size > 1 else 0,
                             tp_size=self.tensor_parallel_size)

@@ -265,11 +265,17 @@ case "${1:?verb}" in
          # tinygemm (sweep), its GPU tests, then the 7B 2:4 rows (issue 13)
     timeout ${SWEEP_S:-150} python3 experiments/sparse24_gemv_sweep.py --json "$OUTDIR/sp24_sweep.jsonl" --budget-s 100 \
       > "$OUTDIR/sp24_sweep.log" 2>&1; tail -n 4 "$OUTDIR/sp24_sweep.log"
-    timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_quant_gemv_sparse24.py \
-      tests/engine/test_sparse24_paths.py > "$OUTDIR/sp24_tests.txt" 2>&1; tail -n 4 "$OUTDIR/sp24_tests.txt"
+    timeout ${TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_quant_gemv_sparse24.py \
+      tests/engine/test_sparse24_paths.py "tests/engine/test_compressed_loading.py::test_gpu_engine_serves_compressed_artifact[sparse24_int4]" \
+      > "$OUTDIR/sp24_tests.txt" 2>&1; tail -n 4 "$OUTDIR/sp24_tests.txt"
     timeout ${QUANT_S:-200} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_24.jsonl" --batch 1 16 \
       --only bf16 int4_g128@triton sparse24_int4_g128 sparse24 --prefill-tokens 1024 4080 > "$OUTDIR/quant_24.log" 2>&1
-    grep -v Warn "$OUTDIR/quant_24.log" | tail -n 8;;
+    grep -v Warn "$OUTDIR/quant_24.log" | tail -n 8
+    # the same 2:4 rows with their decode-size paths timed as CUDA graph replays (EngineConfig.sparse24_timing):
+    # which timing picks the faster paths (compare b1 / b16 tok/s and each shape's sparse24_paths with the rows above)
+    timeout ${QUANT_GRAPH_S:-200} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_24_graph.jsonl" \
+      --batch 1 16 --only bf16 sparse24_int4_g128 sparse24 --sparse24-timing graph --prefill-tokens 1024 \
+      > "$OUTDIR/quant_24_graph.log" 2>&1; grep -v Warn "$OUTDIR/quant_24_graph.log" | tail -n 6;;
   mma)  # carry .gpu/wheels: the tensor-core int4 GEMM (kernels/int4_mma.py) on the GPU, then against exact / fast /
         # tinygemm / bf16 at M = 1..16 on the 7B shapes (issue 13)
     timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_int4_mma.py \

@@ -75,7 +75,7 @@ DOT_CONFIG = (64, 128, 4)
 # kernels/gemv.py's int4 tile; fewer columns per program where N leaves fewer than FAST_MIN_PROGRAMS
 # programs. BLOCK_K 4096 spills in the two-step loop (80-136 bytes at K 11008: sparse24_sass_count).
 FAST_CONFIG = (8, 2048, 4)
-PATHS = ("select", "dot", "fast")
+PATHS = ("select", "dot", "fast", "fast_rows")
 
 
 def sparse24_fast_fits(k: int, kept: torch.Tensor, group: int | None, x_dtype: torch.dtype) -> bool:
@@ -445,6 +445,10 @@ def sparse24_gemv(x: torch.Tensor, kept: torch.Tensor, meta: torch.Tensor, scale
     M == 1 without `exact`: the fast path where it fits (int4 codes, 16-bit x), else the select
     path (both fp32 weights: kernels/quant.py's fp32_weight_linear_ref of the dense weight); else
     the dot path (the weight rounded to x's dtype: sparse24_linear_ref / sparse24_int4_linear_ref).
+    "fast_rows" (never the default): each of M rows through the fast path, one launch a row (its
+    fp32-weight semantics; Sparse24Linear times it against "dot" at M > 1, whose tensor-core tile
+    recomputes the dense weight per 16 rows and measured 5-17x the fast path's batch-1 time on the
+    H200's 7B shapes at M 2-16).
     config: (BLOCK_N, BLOCK_K, warps); path: one of PATHS instead of the default (benchmarks)."""
     m, k = x.shape
     n = kept.shape[0]
@@ -464,13 +468,17 @@ def sparse24_gemv(x: torch.Tensor, kept: torch.Tensor, meta: torch.Tensor, scale
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    fast_fits = m == 1 and not exact and sparse24_fast_fits(k, kept, group, x.dtype)
+    rows_fit = not exact and sparse24_fast_fits(k, kept, group, x.dtype)
+    fast_fits = m == 1 and rows_fit
     if path is None:
         path = "fast" if fast_fits else "select" if m == 1 and not exact else "dot"
-    if path not in PATHS or (path == "fast" and not fast_fits) or (path == "select" and m != 1):
+    if path not in PATHS or (path == "fast" and not fast_fits) or (path == "fast_rows" and not rows_fit) or \
+            (path == "select" and m != 1):
         raise ValueError(f"sparse24_gemv: path {path!r} does not take {m} rows of {x.dtype} on kept {kept.dtype}")
-    if path == "fast":
-        return _sparse24_int4_fast(x, kept, meta, scale, zero, bias, out, group, config)
+    if path in ("fast", "fast_rows"):
+        for row in range(m):
+            _sparse24_int4_fast(x[row:row + 1], kept, meta, scale, zero, bias, out[row:row + 1], group, config)
+        return out
     scale_arg = scale if int4 else meta
     common = dict(N=n, K=k, GROUP=group or UNIT, INT4=int4, FP16=kept.dtype == torch.float16,
                   HAS_ZERO=int4 and zero is not None, HAS_BIAS=bias is not None,

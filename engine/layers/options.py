@@ -16,6 +16,12 @@ INT4_KERNELS = ("auto", "triton", "tinygemm")
 # shape and batch size, timed on the GPU at first use), "sparse" or "dense" (Sparse24Linear).
 SPARSE24_PATHS = ("auto", "sparse", "dense")
 
+# How "auto" times a 2:4 layer's decode-size candidates on a GPU (Sparse24Linear.time_paths):
+# "eager", one call between CUDA events (its host launch gap included: the Triton GEMVs' is about
+# their kernel's time at 7B shapes), or "graph", one replay of a CUDA graph of the call (as the
+# engine's decode graphs run it). Both after an L2 flush.
+SPARSE24_TIMINGS = ("eager", "graph")
+
 
 def check_int4_kernel(value: object) -> None:
     if value not in INT4_KERNELS:
@@ -25,6 +31,11 @@ def check_int4_kernel(value: object) -> None:
 def check_sparse24_path(value: object) -> None:
     if value not in SPARSE24_PATHS:
         raise ValueError(f"sparse24_path: {value!r} is not one of {', '.join(SPARSE24_PATHS)}")
+
+
+def check_sparse24_timing(value: object) -> None:
+    if value not in SPARSE24_TIMINGS:
+        raise ValueError(f"sparse24_timing: {value!r} is not one of {', '.join(SPARSE24_TIMINGS)}")
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,8 @@ class ModelOptions:
     int4_kernel: str = "auto"
     # Which path runs 2:4 sparse layers: one of SPARSE24_PATHS.
     sparse24_path: str = "auto"
+    # How "auto" times 2:4 layers' decode-size candidates: one of SPARSE24_TIMINGS.
+    sparse24_timing: str = "eager"
     # Tokens per KV-cache block.
     block_size: int = 16
     # The longest context: decode attention's split count is chosen from it.
@@ -59,3 +72,4 @@ class ModelOptions:
     def __post_init__(self) -> None:
         check_int4_kernel(self.int4_kernel)
         check_sparse24_path(self.sparse24_path)
+        check_sparse24_timing(self.sparse24_timing)

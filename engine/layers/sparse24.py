@@ -8,13 +8,14 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from kernels import quant as ref
 from kernels.gemv import SMALL_M
-from kernels.quant_gemv import sparse24_gemv, sparse24_gemv_fits
+from kernels.quant_gemv import sparse24_fast_fits, sparse24_gemv, sparse24_gemv_fits
 
 from engine.cuda_graphs import gpu_seconds
 from engine.layers.options import ModelOptions
@@ -32,8 +33,29 @@ SEMI_STRUCTURED_MIN_M = SMALL_M + 1
 DECODE_BUCKETS = (1, 2, 4, 8, 16)
 PREFILL_BUCKETS = (512, 2048, 8192)
 TIMING_REPS = 3
+# Bytes written before each timed call on a GPU, so that its weight is read from memory as in a
+# decode step (the H200's L2 is 50 MB; a 7B 2:4 + int4 layer 6-34 MB), not from the last rep's L2.
+L2_FLUSH_BYTES = 128 << 20
 
 log = logging.getLogger(__name__)
+
+
+def timed_seconds(run: Callable[[], object], device: torch.device, graph: bool) -> float:
+    """The best of TIMING_REPS of one call of run after its eager warm-up (gpu_seconds), each after
+    an L2 flush on a GPU; with `graph` (a GPU only) one replay of a CUDA graph that captured it."""
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if device.type == "cuda" else None
+    if graph and device.type == "cuda":
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            run()
+        captured.replay()
+        run = captured.replay
+    best = math.inf
+    for _ in range(TIMING_REPS):
+        if flush is not None:
+            flush.zero_()
+        best = min(best, gpu_seconds(run))
+    return best
 
 
 def semi_structured_fits(n: int, k: int, dtype: torch.dtype, m: int) -> bool:
@@ -68,18 +90,23 @@ class Sparse24Linear(CompressedLinear):
     """2:4 sparse: the kept half of each row and its 2-bit positions; the kept values dense
     (`values`) or int4 codes with per-group scales (`packed`, `scale`, `zero`).
 
-    Paths per batch size m: "gemv" (m <= 16, Triton: kernels/quant_gemv.py), "cusparselt"
+    Paths per batch size m: "gemv" (m <= 16, Triton: kernels/quant_gemv.py), "gemv_rows" (int4
+    codes, 2 <= m <= 16, 16-bit x: each row through the M == 1 fast kernel), "cusparselt"
     (torch's semi-structured kernels: 16-bit, prefill m, shapes they take, a CUDA device) and
     "dense" (a matmul of the dense weight). ModelOptions.sparse24_path "auto" times the
     candidates on a GPU at first use (outside graph capture: the engine warms up eagerly before
     capturing), once per layer shape, and takes the faster per bucket (m_bucket). A layer never
-    holds a dense weight beside its 2:4 form: where a kept dense weight beats the GEMV at batch 1,
-    or where the GEMV's time summed over the decode buckets exceeds the kept dense weight's,
-    the layer keeps only a dense weight (logged: it no longer saves memory); else it keeps the 2:4
-    form, decodes every batch with the GEMV, and the prefill buckets where dense won (timed as they
-    then run: the dense weight rebuilt for the call) rebuild it. "sparse" takes the
-    sparse candidate wherever there is one (else the dense weight rebuilt for the call, not
-    kept), "dense" keeps only a dense weight."""
+    holds a dense weight beside its 2:4 form. 16-bit kept values (may_keep_dense): where a kept
+    dense weight beats the GEMV at batch 1, or where the GEMV's time summed over the decode buckets
+    exceeds the kept dense weight's, the layer keeps only a dense weight (logged: it no longer
+    saves memory); else it keeps the 2:4 form, decodes every batch with the GEMV, and the prefill
+    buckets where dense won (timed as they then run: the dense weight rebuilt for the call) rebuild
+    it. int4 codes never give their form up for a kept dense weight (about 5x their bytes: the
+    model would be served as the 16-bit one; H200 2026-11-30, eval.bench.quant sparse24_int4_g128
+    read bf16's 13.2 GB a step), so their "dense" is always the weight rebuilt from the codes for
+    the call, timed so at every bucket and taken where it timed faster.
+    "sparse" takes the sparse candidate wherever there is one (else the dense weight rebuilt for
+    the call, not kept), "dense" keeps only a dense weight (int4 codes too: asked for by name)."""
 
     def __init__(self, dense: torch.Tensor, bias: torch.Tensor | None = None, *,
                  codes: torch.Tensor | None = None, scale: torch.Tensor | None = None,
@@ -90,6 +117,7 @@ class Sparse24Linear(CompressedLinear):
         if dense.shape[1] % 8:
             raise ValueError(f"Sparse24Linear: in_features {dense.shape[1]} is not a multiple of 8")
         self.path_option = options.sparse24_path
+        self.graph_timing = options.sparse24_timing == "graph"
         values, positions = ref.compress_24(dense)
         self.register_buffer("meta", ref.pack_meta_24(positions).contiguous())
         self.quantized = codes is not None
@@ -105,6 +133,8 @@ class Sparse24Linear(CompressedLinear):
             self.register_buffer("values", values.contiguous())
         # The GEMV folds zero points into an exact fp32 constant: integral ones (compressed-tensors' int8)
         self.gemv_zero_ok = zero is None or bool((zero == zero.round()).all())
+        # Whether "auto" may replace the 2:4 form by a kept dense weight (class docstring).
+        self.may_keep_dense = not self.quantized
         self.register_buffer("weight", None)  # the dense weight, where a path keeps one
         self.paths: dict[int, str] = {}  # bucket -> path chosen by timing ("auto" on a GPU)
         self.timings: dict[int, dict[str, float]] = {}  # bucket -> path -> seconds behind that choice
@@ -128,15 +158,18 @@ class Sparse24Linear(CompressedLinear):
             return ["dense"]
         if m <= SMALL_M and self.use_triton and self.gemv_zero_ok and \
                 sparse24_gemv_fits(self.in_features, self.kept, self.group_size):
-            return ["gemv", "dense"]
+            rows = m > 1 and not self.exact_dequant and \
+                sparse24_fast_fits(self.in_features, self.kept, self.group_size, dtype)
+            return ["gemv", "gemv_rows", "dense"] if rows else ["gemv", "dense"]
         if device.type == "cuda" and semi_structured_fits(self.out_features, self.in_features, dtype, m):
             return ["cusparselt", "dense"]
         return ["dense"]
 
     def run_path(self, path: str, x: torch.Tensor) -> torch.Tensor:
-        if path == "gemv":
+        if path in ("gemv", "gemv_rows"):
             return sparse24_gemv(x, self.kept, self.meta, self.scale if self.quantized else None,
-                                 self.zero if self.quantized else None, self.bias, exact=self.exact_dequant)
+                                 self.zero if self.quantized else None, self.bias, exact=self.exact_dequant,
+                                 path="fast_rows" if path == "gemv_rows" else None)
         semi = self._semi_structured_weight(x.dtype) if path == "cusparselt" else None
         if semi is not None:
             # torch's semi-structured matmul returns the transpose of W @ x^T, a column-major view;
@@ -163,20 +196,22 @@ class Sparse24Linear(CompressedLinear):
         return "dense" if path == "cusparselt" and capturing else path
 
     def time_paths(self, dtype: torch.dtype, device: torch.device) -> None:
-        """Time each bucket's candidates (CUDA events, gpu_seconds: the best of TIMING_REPS after a
-        warm-up) once per layer shape, format, dtype and device, and settle this layer: the
+        """Time each bucket's candidates (timed_seconds: CUDA events, the best of TIMING_REPS after a
+        warm-up; the decode buckets' in a CUDA graph with ModelOptions.sparse24_timing "graph") once
+        per layer shape, format, dtype, device and timing, and settle this layer: the
         faster path per bucket; where dense wins batch 1, only a dense weight kept. The
         dense candidate is timed as it would run: with a kept weight at decode sizes, rebuilt for
-        the call at prefill sizes (a layer that keeps its 2:4 form holds no dense weight)."""
+        the call at prefill sizes (a layer that keeps its 2:4 form holds no dense weight) and, for
+        int4 codes (never replaced by a kept dense weight: may_keep_dense), at every size."""
         key = (self.out_features, self.in_features, None if self.kept is None else self.kept.dtype,
-               self.group_size, self.zero is not None if self.quantized else None, dtype, str(device))
+               self.group_size, self.zero is not None if self.quantized else None, dtype, str(device),
+               self.graph_timing)
         measured = _MEASURED.get(key)
         if measured is None:
             measured = {}
-            dense = self.dequantized().to(device, dtype)
-            self.weight = dense  # the dense candidate's weight while timing
+            dense = self.dequantized().to(device, dtype) if self.may_keep_dense else None
             for m in DECODE_BUCKETS + PREFILL_BUCKETS:
-                self.weight = dense if m in DECODE_BUCKETS else None
+                self.weight = dense if m in DECODE_BUCKETS else None  # the dense candidate's kept weight
                 options = self.candidates(m, dtype, device)
                 if len(options) > 1:
                     x = torch.randn(m, self.in_features, device=device, dtype=dtype)
@@ -184,7 +219,7 @@ class Sparse24Linear(CompressedLinear):
                     for path in options:
                         run = functools.partial(self.run_path, path, x)
                         run()
-                        measured[m][path] = min(gpu_seconds(run) for _ in range(TIMING_REPS))
+                        measured[m][path] = timed_seconds(run, device, self.graph_timing and m in DECODE_BUCKETS)
             self.weight = None
             del dense
             _MEASURED[key] = measured
@@ -197,6 +232,10 @@ class Sparse24Linear(CompressedLinear):
         timings = "; ".join(f"m={m}: " + ", ".join(f"{p} {s * 1e6:.1f} us" for p, s in t.items())
                             for m, t in measured.items())
         shape = f"[{self.out_features}, {self.in_features}]"
+        if not self.may_keep_dense:
+            log.info("2:4 int4 layer %s: paths %s (%s; dense: the weight rebuilt from the codes per call)", shape,
+                     self.paths, timings)
+            return
         if self.paths.get(DECODE_BUCKETS[0]) == "dense" or set(self.paths.values()) == {"dense"} or \
                 self.gemv_loses_decode(measured):
             self.keep_dense_only(dtype, device)

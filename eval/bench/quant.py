@@ -7,8 +7,10 @@ against the measured copy ceiling; and prefill tok/s of one prompt per --prefill
 tokens take --shape llama2-7b-16k, its dims with 16,384 positions) for bf16, W8A8 int8, W8A8 fp8,
 2:4 and int4 g128 on either int4 kernel; with --prefill-workload, also the prefill tok/s of
 nano-vllm's 256 prompts (100..1024 tokens, one output token each) per prefill variant. 2:4
-records name the path each layer shape took per batch size (sparse24_paths: timed per shape at
-first use, ModelOptions.sparse24_path "auto").
+records name the path each layer shape took per batch size and one layer's bytes per buffer
+(sparse24_paths: timed per shape at first use, ModelOptions.sparse24_path "auto", eagerly or as CUDA
+graph replays: --sparse24-timing); 2:4 + int4 layers keep their codes (a dense path rebuilds the
+weight per call), so their weight_bytes are codes + positions + scales.
 An int4 variant names the engine's int4_kernel after "@": int4_g128@triton (our GEMVs, fused
 decode), int4_g128@tinygemm (torch's tinygemm, unfused), int4_g128@auto (the engine times both at
 startup; the record has its choice and the times it logged).
@@ -133,14 +135,17 @@ def compressed_dummy_weights(variant: str):
 
 def sparse24_paths(model: nn.Module) -> dict[str, dict]:
     """Per 2:4 layer shape "NxK": the path each timed batch size took (Sparse24Linear.paths, "auto"
-    on a GPU; empty where nothing was timed) and the timings behind it (us), whether only a dense weight is left and whether a
-    dense weight is kept (then alone: a layer never holds both forms)."""
+    on a GPU; empty where nothing was timed) and the timings behind it (us), whether only a dense
+    weight is left, whether a dense weight is kept (then alone: a layer never holds both forms),
+    whether the kept half is int4 codes, and one layer's bytes per buffer (kept values or codes,
+    positions, scales, zero points, a kept dense weight)."""
     from engine.layers.sparse24 import Sparse24Linear
 
     return {f"{m.out_features}x{m.in_features}": {
         "paths": {str(b): p for b, p in m.paths.items()},
         "us": {str(b): {p: s * 1e6 for p, s in t.items()} for b, t in m.timings.items()},
-        "dense_only": m.meta is None, "dense_kept": m.weight is not None}
+        "dense_only": m.meta is None, "dense_kept": m.weight is not None, "int4": m.quantized,
+        "bytes": {name: t.numel() * t.element_size() for name, t in m.named_buffers()}}
         for m in model.modules() if isinstance(m, Sparse24Linear)}
 
 
@@ -207,8 +212,9 @@ def int4_kernel_used(model: nn.Module) -> dict[str, Any]:
 
 
 def decode(shape: str, variant: str, batches: list[int], new_tokens: int, prompt_len: int, ceiling_tbps: float,
-           exact_dequant: bool = False) -> dict:
-    """One engine of `variant` ("int4_g128@tinygemm": the compression, then the int4_kernel)."""
+           exact_dequant: bool = False, sparse24_timing: str = "eager") -> dict:
+    """One engine of `variant` ("int4_g128@tinygemm": the compression, then the int4_kernel);
+    sparse24_timing: how the engine times 2:4 layers' decode candidates (engine/layers/options.py)."""
     from engine import LLM, SamplingParams
 
     choice_log = _Lines()
@@ -220,7 +226,7 @@ def decode(shape: str, variant: str, batches: list[int], new_tokens: int, prompt
             llm = LLM(shape_dir(shape), load_format="dummy", max_num_seqs=max(batches),
                       cuda_graph_max_bs=max(batches), exact_dequant=exact_dequant,
                       max_model_len=prompt_len + new_tokens + 16, enable_prefix_caching=False,
-                      **engine_options(variant))
+                      sparse24_timing=sparse24_timing, **engine_options(variant))
             setup_s = time.perf_counter() - t
     finally:
         logging.getLogger("engine.int4").removeHandler(choice_log)
@@ -230,6 +236,8 @@ def decode(shape: str, variant: str, batches: list[int], new_tokens: int, prompt
                               "exact_dequant": exact_dequant, **int4_kernel_used(model),
                               "fused_decode": bool(model.model.fusable), "setup_s": setup_s,
                               "sparse24_paths": sparse24_paths(model)}
+    if record["sparse24_paths"]:
+        record["sparse24_timing"] = sparse24_timing
     if choice_log.lines:
         record["int4_kernel_log"] = choice_log.lines
     vocab = llm.engine.vocab_size
@@ -318,6 +326,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefill-only", action="store_true", help="skip the decode runs")
     ap.add_argument("--prefill-workload", action="store_true",
                     help="also prefill nano-vllm's 256 prompts (one output token each) per prefill variant")
+    ap.add_argument("--sparse24-timing", choices=["eager", "graph"], default="eager",
+                    help="how the engine times 2:4 layers' decode-size paths (EngineConfig.sparse24_timing)")
     ap.add_argument("--exact-dequant", action="store_true",
                     help="decode the compressed variants with the exact dequantization (default: the fast one)")
     args = ap.parse_args(argv)
@@ -337,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             try:
                 rec = decode(args.shape, variant, args.batch, args.new_tokens, args.prompt_len,
-                             ceiling["copy_bandwidth_TBps"], args.exact_dequant)
+                             ceiling["copy_bandwidth_TBps"], args.exact_dequant, args.sparse24_timing)
                 if variant == "bf16":
                     base = {bs: rec[f"b{bs}_tok_s"] for bs in args.batch}
                 for bs in args.batch:

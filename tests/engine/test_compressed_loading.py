@@ -251,6 +251,29 @@ def test_real_teacher_quantized_matches_transformers(smollm2_artifact, tmp_path,
     assert got == greedy(ref, prompts, 8)
 
 
+def test_triton_engine_decodes_sparse24_int4_through_its_gemv(artifacts, monkeypatch):
+    """2:4 + int4 modules on the Triton path (interpreted on the CPU): every decode row goes through
+    the 2:4 GEMV (kernels/quant_gemv.py: one fp32 row the select path, three the dot path), never a
+    dense weight, and the greedy tokens still equal transformers' on the same artifact."""
+    import engine.layers.sparse24 as sparse24
+
+    path = artifacts("sparse24_int4")
+    llm = LLM(str(path), device="cpu", max_model_len=128, block_size=4, load_format="dummy", use_triton=True)
+    model = llm.engine.runner.model
+    model.load_weights(str(path), keep_compressed=True)
+    rows = []
+    real = sparse24.sparse24_gemv
+    monkeypatch.setattr(sparse24, "sparse24_gemv", lambda x, *a, **kw: (rows.append(x.shape[0]), real(x, *a, **kw))[1])
+    ref = reference(path, "sparse24_int4")
+    check_against_reference(llm, ref, "sparse24_int4")
+    one = [o.token_ids for o in llm.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=4,
+                                                                        ignore_eos=True))]
+    assert one == greedy(ref, PROMPTS[:1], 4)
+    assert {1, 3} <= set(rows) and max(rows) <= 3, rows
+    layers = [m for m in model.modules() if isinstance(m, Sparse24Linear)]
+    assert len(layers) == 8 and all(m.quantized and m.weight is None for m in layers)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))

@@ -99,10 +99,40 @@ def test_sparse24_records_name_the_paths(tiny_shape):
     """2:4 records carry each layer shape's chosen paths (timed only on a GPU: empty here)."""
     rec = quant_bench.decode(tiny_shape, "sparse24", [1], new_tokens=2, prompt_len=4, ceiling_tbps=1.0)
     assert rec["sparse24_paths"] and all(
-        set(v) == {"paths", "us", "dense_only", "dense_kept"} for v in rec["sparse24_paths"].values())
+        set(v) == {"paths", "us", "dense_only", "dense_kept", "int4", "bytes"} for v in rec["sparse24_paths"].values())
 
 
 def test_prefill_workload_record(tiny_shape):
     """nano-vllm's prompts (a few, ids folded into the tiny vocabulary), prefilled together."""
     rec = quant_bench.prefill_workload(tiny_shape, "w8a8_int8", num_seqs=3, max_input=120)
     assert rec["prompts"] == 3 and 300 <= rec["tokens"] <= 360 and rec["tok_s"] > 0
+
+
+def test_sparse24_int4_variant_serves_its_codes_and_counts_their_bytes(tiny_shape):
+    """The H200 (2026-11-30) reported sparse24_int4_g128 at bf16's weight_bytes, served as a dense bf16
+    model. Every decoder linear is a 2:4 layer of int4 g128 codes, and weight_bytes counts what it holds:
+    the kept codes (K / 4 bytes a row), their positions (K / 8) and fp32 scales (K / 128 of them),
+    no dense weight; the lm_head, embedding and norms as the bf16 variant's."""
+    from engine import LLM
+    from engine.layers.quantized import CompressedLinear
+    from engine.layers.sparse24 import Sparse24Linear
+
+    with quant_bench.compressed_dummy_weights("sparse24_int4_g128"):
+        llm = LLM(engine_bench.shape_dir(tiny_shape), load_format="dummy", max_num_seqs=1, max_model_len=32,
+                  enable_prefix_caching=False)
+    model = llm.engine.runner.model
+    linears = [m for m in model.model.layers.modules() if isinstance(m, (torch.nn.Linear, CompressedLinear))]
+    assert len(linears) == 4 * 2 and all(isinstance(m, Sparse24Linear) for m in linears)
+    assert all(m.quantized and m.group_size == 128 and m.zero is None and m.weight is None for m in linears)
+    compressed = sum(m.out_features * (m.in_features // 4 + m.in_features // 8 + m.in_features // 128 * 4)
+                     for m in linears)
+    itemsize = model.model.embed_tokens.weight.element_size()  # the engine's dtype (fp32 on the CPU)
+    dense_linears = sum(m.out_features * m.in_features * itemsize for m in linears)
+    rec = quant_bench.decode(tiny_shape, "sparse24_int4_g128", [1], new_tokens=2, prompt_len=4, ceiling_tbps=1.0,
+                             sparse24_timing="graph")
+    assert rec["sparse24_timing"] == "graph"
+    bf16 = quant_bench.decode(tiny_shape, "bf16", [1], new_tokens=2, prompt_len=4, ceiling_tbps=1.0)
+    assert rec["weight_bytes"] == bf16["weight_bytes"] - dense_linears + compressed
+    qkv = rec["sparse24_paths"]["256x128"]
+    assert qkv["int4"] and not qkv["dense_kept"] and not qkv["dense_only"]
+    assert qkv["bytes"] == {"meta": 256 * 128 // 8, "packed": 256 * 128 // 4, "scale": 256 * 4}

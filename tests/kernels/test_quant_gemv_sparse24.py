@@ -254,3 +254,25 @@ def test_sparse24_paths_by_name():
     want = ref.fp32_weight_linear_ref(x, ref.sparse24_int4_dequantize(packed, meta, scale, None))
     for path in ("select", "fast"):
         assert _rel(sparse24_gemv(x, packed, meta, scale, path=path), want) < 4e-3, path
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_sparse24_int4_fast_rows_is_the_fast_path_per_row(zero):
+    """"fast_rows" (M > 1 on the M == 1 kernel, one launch a row): each row equals that row's own
+    fast-path product, bit for bit; fp32 x and exact are refused by name."""
+    n, k, group = 20, 256, 64
+    packed, meta, scale, zeros = sparse24_int4_weight(n, k, group, zero, seed=21 + zero)
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(3, k, generator=g).to(DEVICE, torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(DEVICE, torch.bfloat16)
+    args = (_to(packed, DEVICE), _to(meta, DEVICE), _to(scale, DEVICE), _to(zeros, DEVICE), bias)
+    out = sparse24_gemv(x, *args, path="fast_rows")
+    assert out.shape == (3, n) and out.dtype == torch.bfloat16
+    for row in range(3):
+        torch.testing.assert_close(out[row:row + 1], sparse24_gemv(x[row:row + 1], *args, path="fast"), rtol=0, atol=0)
+    want = ref.fp32_weight_linear_ref(x, ref.sparse24_int4_dequantize(*args[:4]), bias)
+    assert _rel(out, want) < 1e-5
+    with pytest.raises(ValueError, match="path 'fast_rows'"):
+        sparse24_gemv(x.float(), *args[:4], path="fast_rows")
+    with pytest.raises(ValueError, match="path 'fast_rows'"):
+        sparse24_gemv(x, *args, path="fast_rows", exact=True)
