@@ -79,6 +79,66 @@ def test_quantize_per_token_rounds_ties_to_even():
     assert torch.equal(codes.float(), ref.quantize_per_token_fp8(x)[0].float())
 
 
+def absmax_tie_rows(m: int, k: int, seed: int) -> torch.Tensor:
+    """Rows [m, k] whose absmax a (each row's one negative extreme -a) scales differently by
+    division and by the reciprocal product: fp32(a / 127.5) != fp32(a * fp32(1 / 127.5)) (how torch
+    computes `a / 127.5` on the CPU and on a GPU), and the extreme's code, -a over the scale (-127.5,
+    a rounding tie, by construction), rounds to -128 by one and -127 by the other."""
+    a = torch.linspace(1.0, 3.0, 4001)
+    by_product, by_division = a * ref.INT8_SCALE_RECIP, (a.double() / ref.INT8_HALF_RANGE).float()
+    a = a[torch.round(-a / by_product) != torch.round(-a / by_division)][::97][:m]
+    assert len(a) == m
+    x = (torch.rand(m, k, generator=torch.Generator().manual_seed(seed)) * 1.8 - 0.9) * a[:, None]
+    x[torch.arange(m), (7 * torch.arange(m)) % k] = -a
+    return x
+
+
+def test_quantize_per_token_scale_is_the_reciprocal_product():
+    """The scale formula, pinned where it matters: rows whose absmax gives another scale, and
+    another code at the absmax element, when the scale is computed by division. Kernel and reference
+    both take absmax * fp32(1 / 127.5) (torch's `gpu_tensor / 127.5`; the reference had
+    `/ 127.5`, a true division on the CPU, so the CPU-interpreted kernel matched it while on the
+    H200 a third of the rows' extremes came out one code apart). fp8: absmax * fp32(1 / 448)."""
+    x = absmax_tie_rows(12, 64, seed=1)
+    amax = x.abs().amax(1, keepdim=True)
+    codes, scale = quantize_per_token(x, "int8")
+    want_codes, want_scale = ref.quantize_per_token_int8(x)
+    assert torch.equal(want_scale, amax * ref.INT8_SCALE_RECIP)
+    assert not torch.equal(want_scale, (amax.double() / 127.5).float())  # not the division's
+    assert torch.equal(scale, want_scale) and torch.equal(codes, want_codes)
+    assert torch.equal(codes.gather(1, x.abs().argmax(1, keepdim=True)), torch.full((12, 1), -127, dtype=torch.int8))
+    codes, scale = quantize_per_token(x, "fp8")
+    want_codes, want_scale = ref.quantize_per_token_fp8(x)
+    assert torch.equal(want_scale, amax * ref.FP8_SCALE_RECIP)
+    assert torch.equal(scale, want_scale) and torch.equal(codes.float(), want_codes.float())
+
+
+def test_quantize_per_token_divides_by_the_scale():
+    """The codes are round(x / scale) with an IEEE division, not x times the scale's reciprocal:
+    inputs a few ulps from the ties (k + 1/2) * scale where the two round to different codes."""
+    a = torch.tensor(2.7182817)
+    s = a * ref.INT8_SCALE_RECIP
+    ties = (torch.arange(-127, 127).float() + 0.5) * s
+    near = torch.cat([ties + j * torch.finfo(torch.float32).eps * ties.abs() for j in range(-6, 7)])
+    near = near[(near.abs() < a) & (torch.round(near / s) != torch.round(near * (1 / s)))]
+    assert len(near) >= 16
+    x = torch.cat([a[None], near])[None, :]
+    codes, scale = quantize_per_token(x, "int8")
+    assert scale.item() == s.item()
+    assert torch.equal(codes, ref.quantize_per_token_int8(x)[0])
+    assert torch.equal(codes[0, 1:].float(), torch.round(near / s))
+
+
+def test_quantize_per_token_rounds_just_below_a_half_down():
+    """At scale 1: 0.49999997 (the float below 1/2) to 0, where floor(v + 1/2) alone gives 1 (v + 1/2
+    rounds up to 1.0 in fp32; the kernel's tie correction takes it back); the halves to even."""
+    x = torch.tensor([[127.5, 0.49999997, -0.49999997, 0.5, -0.5, 1.5, 2.5, -2.5, 1.4999999, -126.5]])
+    codes, scale = quantize_per_token(x, "int8")
+    assert scale.item() == 1.0
+    assert codes.tolist() == [[127, 0, 0, 0, 0, 2, 2, -2, 1, -126]]
+    assert torch.equal(codes, ref.quantize_per_token_int8(x)[0])
+
+
 def test_quantize_per_token_refuses_bad_rows():
     x = torch.randn(8, 32)
     with pytest.raises(ValueError, match="into 4 rows"):
@@ -154,6 +214,20 @@ def test_w8a8_int8_triton_routes_equal_reference(m_rows, dtype):
     y = layer._triton(x)
     want = ref.w8a8_linear_ref(x, codes, scale, "int8", layer.bias)
     assert y.dtype == dtype and torch.equal(y, want), (y.float() - want.float()).abs().max()
+
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("act", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_per_token_equals_reference_gpu(act, dtype):
+    """On the GPU, kernel and reference (on CUDA tensors: torch's CUDA division and rounding) give
+    the same codes and scales bit for bit: random rows at K 4096 and the absmax tie rows."""
+    x = torch.cat([_rows(64, 4096, torch.float32, seed=5), absmax_tie_rows(12, 4096, seed=6)]).to("cuda", dtype)
+    codes, scale = quantize_per_token(x, act)
+    want_codes, want_scale = REFS[act](x)
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(codes.float(), want_codes.float()), int((codes.float() != want_codes.float()).sum())
 
 
 @pytest.mark.gpu
