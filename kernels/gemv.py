@@ -16,7 +16,7 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   point) per group of GROUP inputs, dequantized in registers as each tile is loaded. The codes are
   read once; the rest of the kernel is unchanged, so every fusion works on them. W8A8 int8
   (QUANT 3): int8 codes as QUANT 1, and the input quantized per row in the prologue (dynamic,
-  symmetric: absmax / 127.5 after the norm, computed as kernels/quant.py does, round half to even),
+  symmetric: absmax / 127.5 after the norm, an IEEE division as kernels/quant.py's, round half to even),
   the sums scaled by the row's and the column's scales.
 - fast dequantization (``fast``, M == 1): the exact path above converts
   every code with an int -> float conversion and rounds every dequantized weight to the dtype
@@ -82,7 +82,7 @@ import torch.nn.functional as F
 from kernels._triton import HAS_TRITON, interpreting, next_pow2, pdl_launch_args, tl, triton
 from kernels.activation import silu_and_mul_ref
 from kernels.kv_store import store_kv_ref
-from kernels.quant import FP8_SCALE_RECIP, INT8_SCALE_RECIP, fp32_weight_linear_ref
+from kernels.quant import FP8_MAX, INT8_HALF_RANGE, fp32_weight_linear_ref
 from kernels.rmsnorm import rmsnorm_ref
 
 SMALL_M = 16  # most rows the skinny GEMM takes; larger batches go to cuBLAS
@@ -216,9 +216,9 @@ FAST_UNROLL = tl.constexpr(2) if HAS_TRITON else 2
 # inside a loop then rebuilds the constant in a fresh register for every code (a MOV a code,
 # 2.2 -> 2.0 thousand instructions an iteration at K 11008, (8, 2048, 2): gemv_sass_count.py).
 _PTX = tl.constexpr(not interpreting()) if HAS_TRITON else False
-# kernels/quant.py's activation scales: absmax times these fp32 reciprocals (its docstring says why).
-_INT8_SCALE_RECIP = tl.constexpr(INT8_SCALE_RECIP) if HAS_TRITON else INT8_SCALE_RECIP
-_FP8_SCALE_RECIP = tl.constexpr(FP8_SCALE_RECIP) if HAS_TRITON else FP8_SCALE_RECIP
+# kernels/quant.py's activation scales: absmax divided by these (its docstring: how, and why).
+_INT8_HALF_RANGE = tl.constexpr(INT8_HALF_RANGE) if HAS_TRITON else INT8_HALF_RANGE
+_FP8_MAX = tl.constexpr(FP8_MAX) if HAS_TRITON else FP8_MAX
 FAST_MIN_PROGRAMS = 264  # two per SM of an H100/H200 (132 SMs): fewer columns per program below that
 WORD_CODES = {"int8": 4, "w8a8_int8": 4, "int4": 8}  # codes in one int32 word
 
@@ -354,12 +354,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _act_scale(amax, FP8: tl.constexpr):
-        """Per-token activation scales from the rows' absmax, as kernels/quant.py's token_scale: one
-        fp32 product with the reciprocal of 127.5 (int8) or 448 (FP8), eps for an all-zero row."""
+        """Per-token activation scales from the rows' absmax, as kernels/quant.py's token_scale: an
+        IEEE division by 127.5 (int8) or 448 (FP8; Triton's fp32 `/` is an approximate division on
+        NVIDIA GPUs, and torch's CUDA `/ 127.5` a product with the reciprocal), eps for an all-zero
+        row."""
         if FP8:
-            xs = amax * _FP8_SCALE_RECIP
+            xs = tl.math.div_rn(amax, _FP8_MAX)
         else:
-            xs = amax * _INT8_SCALE_RECIP
+            xs = tl.math.div_rn(amax, _INT8_HALF_RANGE)
         return tl.where(xs == 0.0, 1.1920928955078125e-07, xs)  # torch.finfo(torch.float32).eps
 
     @triton.jit

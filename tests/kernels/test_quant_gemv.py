@@ -195,9 +195,9 @@ def test_w8a8_int8_gemv_quantizes_the_input_in_the_prologue(m, fusion, dtype):
 
 
 def _w8a8_tie_rows_case(m: int, k: int, fast: bool, device: str) -> None:
-    """gemv's W8A8 prologue on rows whose absmax element's code is one off when the activation
-    scale is computed by division (test_w8a8.absmax_tie_rows), fp32, against the reference: one
-    flipped code moves its row's outputs by ~1e-3 of their size, far past the bound."""
+    """gemv's W8A8 prologue on rows whose absmax element's code is one off unless the activation
+    scale is the IEEE division absmax / 127.5 (test_w8a8.absmax_tie_rows), fp32, against the
+    reference: one flipped code moves its row's outputs by ~1e-3 of their size, far past the bound."""
     from test_w8a8 import absmax_tie_rows
 
     x = absmax_tie_rows(m, k, seed=k).to(device)
@@ -208,16 +208,18 @@ def _w8a8_tie_rows_case(m: int, k: int, fast: bool, device: str) -> None:
 
 
 @pytest.mark.parametrize("m,fast", [(1, True), (1, False), (12, False)])
-def test_w8a8_int8_gemv_scale_is_the_reciprocal_product(m, fast):
-    """The prologue's activation scale is kernels/quant.py's: absmax * fp32(1 / 127.5)."""
+def test_w8a8_int8_gemv_scale_is_the_division(m, fast):
+    """The prologue's activation scale is kernels/quant.py's, absmax / 127.5 divided (not times a
+    reciprocal). The interpreter divides exactly whether the kernel writes `/` or tl.math.div_rn:
+    the GPU test below tells those apart."""
     _w8a8_tie_rows_case(m, 64, fast, DEVICE)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("m,fast", [(1, True), (12, False)])
-def test_w8a8_int8_gemv_scale_is_the_reciprocal_product_gpu(m, fast):
-    """As above at K 4096 on the GPU, where the reference's CUDA arithmetic is the one to match."""
+def test_w8a8_int8_gemv_scale_is_the_division_gpu(m, fast):
+    """As above at K 4096 on the GPU, where Triton's fp32 `/` is an approximate division."""
     _w8a8_tie_rows_case(m, 4096, fast, "cuda")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.layers.options import ModelOptions
 from engine.layers.quantized import W8A8Linear
@@ -79,45 +80,81 @@ def test_quantize_per_token_rounds_ties_to_even():
     assert torch.equal(codes.float(), ref.quantize_per_token_fp8(x)[0].float())
 
 
+def _by_division(a: torch.Tensor, d: float) -> torch.Tensor:
+    """fp32(a / d), correctly rounded (a double quotient rounds to the same float)."""
+    return (a.double() / d).float()
+
+
+def _by_product(a: torch.Tensor, d: float) -> torch.Tensor:
+    """a * fp32(1 / d): what torch computes for `cuda_tensor / d` with d a Python float."""
+    return a * torch.tensor(1 / d, dtype=torch.float32)
+
+
 def absmax_tie_rows(m: int, k: int, seed: int) -> torch.Tensor:
     """Rows [m, k] whose absmax a (each row's one negative extreme -a) scales differently by
-    division and by the reciprocal product: fp32(a / 127.5) != fp32(a * fp32(1 / 127.5)) (how torch
-    computes `a / 127.5` on the CPU and on a GPU), and the extreme's code, -a over the scale (-127.5,
-    a rounding tie, by construction), rounds to -128 by one and -127 by the other."""
+    division and by the reciprocal product, fp32(a / 127.5) != a * fp32(1 / 127.5), and whose
+    extreme's code, -a over the scale (-127.5, a rounding tie, by construction), rounds to -128 by
+    the division and -127 by the product."""
     a = torch.linspace(1.0, 3.0, 4001)
-    by_product, by_division = a * ref.INT8_SCALE_RECIP, (a.double() / ref.INT8_HALF_RANGE).float()
-    a = a[torch.round(-a / by_product) != torch.round(-a / by_division)][::97][:m]
+    a = a[torch.round(-a / _by_product(a, 127.5)) != torch.round(-a / _by_division(a, 127.5))][::97][:m]
     assert len(a) == m
     x = (torch.rand(m, k, generator=torch.Generator().manual_seed(seed)) * 1.8 - 0.9) * a[:, None]
     x[torch.arange(m), (7 * torch.arange(m)) % k] = -a
     return x
 
 
-def test_quantize_per_token_scale_is_the_reciprocal_product():
+def test_quantize_per_token_scale_is_the_division():
     """The scale formula, pinned where it matters: rows whose absmax gives another scale, and
-    another code at the absmax element, when the scale is computed by division. Kernel and reference
-    both take absmax * fp32(1 / 127.5) (torch's `gpu_tensor / 127.5`; the reference had
-    `/ 127.5`, a true division on the CPU, so the CPU-interpreted kernel matched it while on the
-    H200 a third of the rows' extremes came out one code apart). fp8: absmax * fp32(1 / 448)."""
+    another code at the absmax element, when absmax / 127.5 is computed as torch computes it for a
+    CUDA tensor and a Python float (times fp32(1 / 127.5)). Kernel and reference divide, as
+    compressed-tensors does (kernels/quant.py's docstring); the reference's `/ 127.5` was a
+    division only on the CPU, so the CPU-interpreted kernel matched it while on the H200 about a
+    third of the rows' extremes came out one code apart. fp8: absmax / 448 likewise."""
     x = absmax_tie_rows(12, 64, seed=1)
     amax = x.abs().amax(1, keepdim=True)
     codes, scale = quantize_per_token(x, "int8")
     want_codes, want_scale = ref.quantize_per_token_int8(x)
-    assert torch.equal(want_scale, amax * ref.INT8_SCALE_RECIP)
-    assert not torch.equal(want_scale, (amax.double() / 127.5).float())  # not the division's
+    assert torch.equal(want_scale, _by_division(amax, 127.5))
+    assert not torch.equal(want_scale, _by_product(amax, 127.5))
     assert torch.equal(scale, want_scale) and torch.equal(codes, want_codes)
-    assert torch.equal(codes.gather(1, x.abs().argmax(1, keepdim=True)), torch.full((12, 1), -127, dtype=torch.int8))
+    assert torch.equal(codes.gather(1, x.abs().argmax(1, keepdim=True)), torch.full((12, 1), -128, dtype=torch.int8))
     codes, scale = quantize_per_token(x, "fp8")
     want_codes, want_scale = ref.quantize_per_token_fp8(x)
-    assert torch.equal(want_scale, amax * ref.FP8_SCALE_RECIP)
+    assert torch.equal(want_scale, _by_division(amax, 448.0))
     assert torch.equal(scale, want_scale) and torch.equal(codes.float(), want_codes.float())
+
+
+class _Divisors(TorchDispatchMode):
+    """Records the divisor of every aten.div call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.divisors: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten.div:
+            self.divisors.append(args[1])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("act", ["int8", "fp8"])
+def test_reference_divides_by_tensors_alike_on_every_device(act):
+    """torch divides a CUDA tensor by a CPU scalar (a Python number, a 0-dim CPU tensor) as the
+    product with its fp32 reciprocal, and a CPU tensor by a true division: the references'
+    divisions take tensor divisors of the rows' shape, so that they compute the same on the CPU
+    (where this runs, and where both forms agree) and on a GPU. `amax / 127.5` was the H200's fp32
+    int8 failures (test_w8a8_triton_prefill_path_gpu, relative error 2.3e-4)."""
+    with _Divisors() as seen:
+        REFS[act](_rows(5, 64, torch.float32, seed=2))
+    assert len(seen.divisors) == 2  # the scale, the codes
+    assert all(torch.is_tensor(d) and d.dim() == 2 for d in seen.divisors), seen.divisors
 
 
 def test_quantize_per_token_divides_by_the_scale():
     """The codes are round(x / scale) with an IEEE division, not x times the scale's reciprocal:
     inputs a few ulps from the ties (k + 1/2) * scale where the two round to different codes."""
     a = torch.tensor(2.7182817)
-    s = a * ref.INT8_SCALE_RECIP
+    s = _by_division(a, 127.5)
     ties = (torch.arange(-127, 127).float() + 0.5) * s
     near = torch.cat([ties + j * torch.finfo(torch.float32).eps * ties.abs() for j in range(-6, 7)])
     near = near[(near.abs() < a) & (torch.round(near / s) != torch.round(near * (1 / s)))]
