@@ -368,9 +368,9 @@ if HAS_TRITON:
     def _quantize(x, xs):
         """round(x / xs) half to even (xs broadcast against x), clamped to int8's range, as fp32
         (kernels/quant.py's quantize_per_token_int8). The division IEEE-rounded, as torch's on
-        every device (Triton's fp32 `/` is an approximate division on NVIDIA GPUs). v + 0.5 is
-        exact but at v = 0.49999997 (1.0 in fp32), whose r - v then rounds to 0.5: the tie
-        correction takes it back to 0."""
+        every device (Triton's fp32 `/` is an approximate division on NVIDIA GPUs). floor(v + 0.5)
+        is round half up but at v = 0.49999997 (v + 0.5 rounds to 1.0 in fp32), where r - v rounds
+        to 0.5 and the tie correction takes it back to 0."""
         v = tl.math.div_rn(x.to(tl.float32), xs)
         r = tl.floor(v + 0.5)
         r = tl.where(((r - v) == 0.5) & ((r % 2) != 0), r - 1.0, r)
