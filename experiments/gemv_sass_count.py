@@ -18,7 +18,8 @@ Counted on this branch (sm_90, bf16, no fusion; instructions per weight byte, re
     int8 fast M == 1 at (8, 4096, 4), K 4096 / 11008: 5.69 / 5.04, 128 / 229 regs (x gathered per
     code: 32 LDG.E.U16 and a PRMT + LOP3 per code) -> 4.88 / 4.25, 96 / 158 regs (_matmul_fast_runs:
     LDG.E.128 code runs, LDG.E.64 x, per code PRMT + FADD + FFMA, a MOV and an XOR a word); 4.1 /
-    3.96 at (8, 1024, 2). No spills. bf16 M == 1: 3.12.
+    3.96 at (8, 1024, 2). No spills. bf16 M == 1: 3.12. The H200 timed the run path slower at every
+    Llama-2-7B shape: int8 is back on the gather (_matmul_fast; kernels/gemv.py's docstring).
     int8 exact M == 16 at gemv_config's (16, 32, 256, 4): 5.02 (LDGSTS to shared, LDS, IMAD / LOP3 /
     PRMT / HADD2 conversion to bf16, HMMA), 80 regs, and one program of 4 warps an SM at N 4096
     (128 programs): latency bound, with half the bytes of bf16's tile in flight.
@@ -147,10 +148,10 @@ def loop_ops(sass: str) -> tuple[collections.Counter, bool]:
 
 
 def steps_per_iteration(quant: str, fast: bool, m: int, cfg: tuple, k: int) -> int:
-    """K steps one iteration of the kernel's loop covers: two in int4's and int8's fast M == 1 loop
+    """K steps one iteration of the kernel's loop covers: two in int4's fast M == 1 loop
     (kernels/gemv.py, _matmul_fast_runs, past FAST_UNROLL steps), else one."""
     steps = -(-k // cfg[2])
-    return 2 if quant in ("int4", "int8") and fast and m == 1 and steps > G.FAST_UNROLL else 1
+    return 2 if quant == "int4" and fast and m == 1 and steps > G.FAST_UNROLL else 1
 
 
 def resources(cubin_path: str) -> tuple[int, int]:

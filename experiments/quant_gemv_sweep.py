@@ -17,8 +17,8 @@ norm / residual / SwiGLU epilogues as the engine runs each shape.
 
     python experiments/quant_gemv_sweep.py --json quant_sweep.jsonl [--formats ...] [--m 1 16] [--budget-s 100]
 
-int8 (issue 13), on this branch and on the commit before _matmul_fast_runs took int8 (old against
-new: the "fast" rows at the same entry, the "fast_sweep" rows per candidate):
+int8 (issue 13; at M == 1 _matmul_fast, the per-code gather, which the H200 timed faster than int4's
+run layout: kernels/gemv.py's docstring; at M > 1 the exact path's tiles and split-K):
     python experiments/quant_gemv_sweep.py --formats int8 --m 1 2 16 --budget-s 120 --json int8.jsonl
 
 Output: one JSON object per line (stdout and --json): {"kind": "ceiling"}, one {"kind":
@@ -56,11 +56,7 @@ FORMATS = ["int8", "int4_g64", "int4_g128", "int4_g128_zero", "w8a8_int8"]
 # runs of 4 words cover every warp (BLOCK_K >= 1024 * num_warps: x needs no shared-memory shuffle).
 FAST_CANDIDATES = [(8, 2048, 4), (16, 2048, 4), (8, 4096, 4), (8, 2048, 2), (16, 4096, 4), (8, 4096, 2),
                    (4, 4096, 2), (4, 4096, 4), (16, 1024, 4), (8, 2048, 8), (32, 1024, 4), (4, 2048, 4),
-                   (16, 2048, 8), (8, 1024, 4), (32, 1024, 8), (16, 4096, 8), (4, 8192, 8), (2, 8192, 4),
-                   (8, 1024, 2)]
-# int8's run path (_matmul_fast_runs) by SASS per weight byte at K 4096 / 11008 (gemv_sass_count.py):
-# (8, 1024, 2) 4.1 / 3.96, (8, 2048, 4) 4.75 / 4.07, (8, 2048, 2) 4.36 / 4.06, the heuristic (8, 4096, 4)
-# 4.88 / 4.25 in a single K step at K 4096 (a program's loads never overlap its own arithmetic).
+                   (16, 2048, 8), (8, 1024, 4), (32, 1024, 8), (16, 4096, 8), (4, 8192, 8), (2, 8192, 4)]
 # The exact path's (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) candidates for int8 at M > 1, gemv_config's
 # (16, 32, 256, 4) first: at N 4096 it makes 128 programs of 4 warps, one an SM, 8 KB of codes and
 # 8 KB of x a K step (gemv_sass_count.py: 5.0 SASS / weight byte, 80 registers); 16 columns make two

@@ -16,8 +16,8 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   point) per group of GROUP inputs, dequantized in registers as each tile is loaded. The codes are
   read once; the rest of the kernel is unchanged, so every fusion works on them. W8A8 int8
   (QUANT 3): int8 codes as QUANT 1, and the input quantized per row in the prologue (dynamic,
-  symmetric: absmax / 127.5 after the norm, round half to even), the sums scaled by the row's and
-  the column's scales.
+  symmetric: absmax / 127.5 after the norm, an IEEE division as kernels/quant.py's, round half to even),
+  the sums scaled by the row's and the column's scales.
 - fast dequantization (``fast``, M == 1): the exact path above converts
   every code with an int -> float conversion and rounds every dequantized weight to the dtype
   (two more conversions), and conversions run at a fraction of the FMA rate: int4 was bound by
@@ -28,20 +28,25 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   whose factor is taken out of x instead of shifting the word). Per word the products are
   summed, the zero point enters as - z * sum(x), the group scale once per word; the int8
   column scale once per column. No dequantized weight is rounded to the dtype: the result is
-  x @ W^T with W dequantized in fp32 (kernels/quant.py's fast references), rounded once. int4 and
-  int8 at M == 1 (_matmul_fast_runs): each thread reads runs of 4 consecutive words of a row (one 128-bit
-  load) and exactly those words' inputs (a contiguous run, split by code in registers: no gather,
-  and no shared-memory shuffle where a step's runs cover every warp), sums a run before its one
-  zero-point and scale; the K loop unrolled up to FAST_UNROLL steps, else two steps an iteration,
-  masked along K only where a step reaches past it. int8 makes each code's float with one PRMT
-  (byte, zeros, the exponent) and keeps a sum per word position: per code a PRMT, FADD and FFMA,
-  4.9 SASS instructions per weight byte at (8, 4096, 4) on 4096 x 4096 against 5.7 for the
-  per-code x gather it replaced (W8A8 still takes that one: _matmul_fast; both counted by
-  experiments/gemv_sass_count.py). At 1 < M <= SMALL_M every format takes the
-  exact path. A tl.dot variant for int4 there (nibbles OR-ed into 16-bit float bits as exact dot
-  operands, one K step a group) was 3-7x slower than the exact path on the H200 at M = 2 and 16,
-  even at the best of 144 configs (int4_g128 down M=16: 25.5 vs 120.9 us; 7B decode at batch 16:
-  0.29x bf16 against 0.81x; benchmarks/2026-11-30-h200x2-s11/bg/g1/int4_dot.jsonl), and was removed.
+  x @ W^T with W dequantized in fp32 (kernels/quant.py's fast references), rounded once. int8 and
+  W8A8 at M == 1 (_matmul_fast): a program's words of a K step in one load, two steps in flight,
+  each code's input gathered per code (a 16-bit load each), per code an extract, OR, FADD and
+  FFMA. int4 at M == 1 (_matmul_fast_runs): each thread reads runs of 4 consecutive words of a row
+  (one 128-bit load) and exactly those words' inputs (a contiguous run, split by code in registers:
+  no gather, and no shared-memory shuffle where a step's runs cover every warp), sums a run before
+  its one zero-point and scale; the K loop unrolled up to FAST_UNROLL steps, else two steps an
+  iteration, masked along K only where a step reaches past it. int8 on that run layout (one PRMT a
+  code, 4.9 SASS instructions a weight byte at (8, 4096, 4) on 4096 x 4096 against 5.7 here:
+  experiments/gemv_sass_count.py) was slower on the H200 at every Llama-2-7B shape, each path at
+  its best swept config (M = 1, us, _matmul_fast / runs: qkv 18.3 / 27.3, o_proj 7.3 / 9.6, gate_up
+  29.9 / 42.3, down 17.0 / 23.6; bf16 26.9 / 10.5 / 44.9 / 24.2; 7B decode at batch 1 0.86x bf16
+  against 1.36x with _matmul_fast: benchmarks/2026-11-30-h200x2-s12/bg/g1, int8_sweep_old.jsonl
+  against int8_sweep_..jsonl), and was removed: fewer instructions a byte did not buy time here.
+  At 1 < M <= SMALL_M every format takes the exact path. A tl.dot variant for int4 there (nibbles
+  OR-ed into 16-bit float bits as exact dot operands, one K step a group) was 3-7x slower than the
+  exact path on the H200 at M = 2 and 16, even at the best of 144 configs (int4_g128 down M=16:
+  25.5 vs 120.9 us; 7B decode at batch 16: 0.29x bf16 against 0.81x;
+  benchmarks/2026-11-30-h200x2-s11/bg/g1/int4_dot.jsonl), and was removed.
 - split-K (``split_k``, the exact path; off unless asked for, not yet timed): at M > 1 the 16-row
   tl.dot tiles of N 4096 (o_proj, down_proj) make 128 programs of 4 warps, one an SM, each with 8
   KB of int8 codes (bf16: 16 KB) and as many bytes of x a K step in flight, so int8 ran as slow
@@ -77,7 +82,7 @@ import torch.nn.functional as F
 from kernels._triton import HAS_TRITON, interpreting, next_pow2, pdl_launch_args, tl, triton
 from kernels.activation import silu_and_mul_ref
 from kernels.kv_store import store_kv_ref
-from kernels.quant import fp32_weight_linear_ref
+from kernels.quant import FP8_MAX, INT8_HALF_RANGE, fp32_weight_linear_ref
 from kernels.rmsnorm import rmsnorm_ref
 
 SMALL_M = 16  # most rows the skinny GEMM takes; larger batches go to cuBLAS
@@ -186,11 +191,9 @@ def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True) -> 
 # holds about as many weight bytes per K step as the bf16 path's (16-32 KB, two steps in flight);
 # experiments/quant_gemv_sweep.py prints the measured best per format and shape to set them from.
 FAST_M1_CONFIGS: dict[str, tuple[int, int, int]] = {  # H200 sweep, benchmarks/2026-11-29-h200-s5/quant_sweep.jsonl
-    # int8: measured on the per-code gather path (_matmul_fast before _matmul_fast_runs took int8): qkv 18.5 us
-    # (2.72 TB/s), gate_up 30.5 us (2.96 TB/s) against 22.1 / 33.0 at (8, 2048, 4). Not yet timed on the run
-    # path; its SASS (gemv_sass_count.py): 4.9 / 4.3 instructions a weight byte at K 4096 / 11008 here, a
-    # single K step at K 4096 (no load overlaps the program's own arithmetic), against 4.1 / 4.0 at
-    # (8, 1024, 2) and 4.75 / 4.1 at (8, 2048, 4): experiments/quant_gemv_sweep.py's int8 candidates.
+    # int8 (_matmul_fast): the best total over the four Llama-2-7B shapes of 18 candidates, 74.5 us: qkv
+    # 18.3, o_proj 7.3, gate_up 29.9, down 18.9 (17.0 at (32, 1024, 8), 17.5 at (8, 2048, 4), whose total
+    # is 80.3); H200, benchmarks/2026-11-30-h200x2-s12/bg/g1/int8_sweep_old.jsonl ("suggest").
     "int8": (8, 4096, 4),
     "w8a8_int8": (16, 2048, 4),  # 113.9 us over the four Llama-2-7B shapes against 121.6 at (8, 2048, 4)
     "int4": (8, 2048, 4),
@@ -203,7 +206,7 @@ FAST_M1_CONFIGS: dict[str, tuple[int, int, int]] = {  # H200 sweep, benchmarks/2
 # tok/s against 262.4 exact (1.44x / 1.01x bf16; tinygemm 359.6): H200, 2026-11-30,
 # benchmarks/2026-11-30-h200x2-s11/bg/g1/int4_dot.jsonl and bg/q0/quant_int4_fast.jsonl.
 FAST_BY_DEFAULT = {"int8": True, "w8a8_int8": True, "int4": True}
-# int4's and int8's fast path unrolls its K loop up to this many steps (_matmul_fast_runs): two keep every
+# int4's fast path unrolls its K loop up to this many steps (_matmul_fast_runs): two keep every
 # word of a K <= 2 * BLOCK_K row set in flight at once; more, unrolled, let ptxas hoist every
 # step's loads and spill (K 11008 at (8, 2048, 4): 256 bytes a thread, experiments/gemv_sass_count.py).
 FAST_UNROLL = tl.constexpr(2) if HAS_TRITON else 2
@@ -213,6 +216,9 @@ FAST_UNROLL = tl.constexpr(2) if HAS_TRITON else 2
 # inside a loop then rebuilds the constant in a fresh register for every code (a MOV a code,
 # 2.2 -> 2.0 thousand instructions an iteration at K 11008, (8, 2048, 2): gemv_sass_count.py).
 _PTX = tl.constexpr(not interpreting()) if HAS_TRITON else False
+# kernels/quant.py's activation scales: absmax divided by these (its docstring: how, and why).
+_INT8_HALF_RANGE = tl.constexpr(INT8_HALF_RANGE) if HAS_TRITON else INT8_HALF_RANGE
+_FP8_MAX = tl.constexpr(FP8_MAX) if HAS_TRITON else FP8_MAX
 FAST_MIN_PROGRAMS = 264  # two per SM of an H100/H200 (132 SMs): fewer columns per program below that
 WORD_CODES = {"int8": 4, "w8a8_int8": 4, "int4": 8}  # codes in one int32 word
 
@@ -347,9 +353,24 @@ if HAS_TRITON:
         return x
 
     @triton.jit
+    def _act_scale(amax, FP8: tl.constexpr):
+        """Per-token activation scales from the rows' absmax, as kernels/quant.py's token_scale: an
+        IEEE division by 127.5 (int8) or 448 (FP8; Triton's fp32 `/` is an approximate division on
+        NVIDIA GPUs, and torch's CUDA `/ 127.5` a product with the reciprocal), eps for an all-zero
+        row."""
+        if FP8:
+            xs = tl.math.div_rn(amax, _FP8_MAX)
+        else:
+            xs = tl.math.div_rn(amax, _INT8_HALF_RANGE)
+        return tl.where(xs == 0.0, 1.1920928955078125e-07, xs)  # torch.finfo(torch.float32).eps
+
+    @triton.jit
     def _quantize(x, xs):
         """round(x / xs) half to even (xs broadcast against x), clamped to int8's range, as fp32
-        (kernels/quant.py's quantize_per_token_int8)."""
+        (kernels/quant.py's quantize_per_token_int8). The division IEEE-rounded, as torch's on
+        every device (Triton's fp32 `/` is an approximate division on NVIDIA GPUs). floor(v + 0.5)
+        is round half up but at v = 0.49999997 (v + 0.5 rounds to 1.0 in fp32), where r - v rounds
+        to 0.5 and the tie correction takes it back to 0."""
         v = tl.math.div_rn(x.to(tl.float32), xs)
         r = tl.floor(v + 0.5)
         r = tl.where(((r - v) == 0.5) & ((r % 2) != 0), r - 1.0, r)
@@ -390,8 +411,7 @@ if HAS_TRITON:
             for k0 in range(0, K, BLOCK_K):
                 h = _input_tile(x_rows, row_mask, k0 + ks, nw_ptr, rstd, K, NORM, BF16_BY_HAND)
                 amax = tl.maximum(amax, tl.max(tl.abs(h.to(tl.float32)), 1))
-            xs = amax / 127.5
-            xs = tl.where(xs == 0.0, 1.1920928955078125e-07, xs)
+            xs = _act_scale(amax, False)
         return rstd, xs
 
     @triton.jit
@@ -470,8 +490,8 @@ if HAS_TRITON:
     @triton.jit
     def _fast_tile(w_rows, k0, col_mask, K: tl.constexpr, BLOCK_K: tl.constexpr, GPT: tl.constexpr,
                    WPG: tl.constexpr):
-        """W8A8's code words [BLOCK_N, GPT, WPG] (GPT = 1: one run of words) of inputs k0 .. k0 +
-        BLOCK_K of the rows at w_rows (int4 and int8 have their own: _fast_run_tiles)."""
+        """int8's (and W8A8's) code words [BLOCK_N, GPT, WPG] (GPT = 1: one run of words) of inputs
+        k0 .. k0 + BLOCK_K of the rows at w_rows (int4 has its own: _int4_fast_tile)."""
         CODES: tl.constexpr = BLOCK_K // (GPT * WPG)
         g = k0 // (WPG * CODES) + tl.arange(0, GPT)
         j = g[:, None] * WPG + tl.arange(0, WPG)[None, :]
@@ -480,7 +500,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _fast_code(src, SHIFT: tl.constexpr):
-        """W8A8's code at bit SHIFT of each int32 word src as an exact fp32 by the magic-number
+        """int8's code at bit SHIFT of each int32 word src as an exact fp32 by the magic-number
         trick: the byte, its sign bit already flipped (byte ^ 0x80 = byte + 128), shifted down
         (the compiler makes the extract a PRMT) and OR-ed into the mantissa of 2^23 (0x4B000000)
         makes the float 2^23 + byte + 128; subtracting 2^23 + 128 leaves the code."""
@@ -491,7 +511,7 @@ if HAS_TRITON:
     def _fast_mac(acc, acc2, words, words2, x_ptr, k0, nw_ptr, rstd, xs,
                   K: tl.constexpr, BLOCK_K: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr,
                   QUANT: tl.constexpr, TWO: tl.constexpr, NORM: tl.constexpr, BF16_BY_HAND: tl.constexpr):
-        """acc (and acc2) [BLOCK_N, GPT, WPG] += per W8A8 word: the sum over its codes of code * x
+        """acc (and acc2) [BLOCK_N, GPT, WPG] += per int8 word: the sum over its codes of code * x
         (its column scale comes after the K loop). Each x value is loaded and prepared once for all
         the program's rows. The word's sign bits are flipped once, then per byte an extract, OR,
         FADD and FFMA."""
@@ -515,13 +535,14 @@ if HAS_TRITON:
         K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
         BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr, QUANT: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr,
     ):
-        """_matmul at M == 1 on W8A8's int8 code words (FAST, QUANT 3): [1, BLOCK_N] fp32
+        """_matmul at M == 1 on int8 code words (FAST; W8A8 with QUANT 3): [1, BLOCK_N] fp32
         accumulators. The next tile's words are loaded before the current one is multiplied (two
         tiles in flight per program); the first before the PDL wait, as _matmul's. Each x value is
-        gathered per code (a 16-bit load each). int4 and int8 have the run layout (_matmul_fast_runs);
-        W8A8 on it (x quantized per element as it is split) counted worse on sm_90 at (8, 2048, 4):
-        8.75 SASS a weight byte against 8.41 here at K 4096, and at K 11008 255 registers with 160
-        bytes spilled against 153 and none (experiments/gemv_sass_count.py), so it stays here."""
+        gathered per code (a 16-bit load each). int4 has the run layout (_matmul_fast_runs); int8 on
+        it was slower on the H200 (module docstring), and W8A8 on it (x quantized per element as it
+        is split) counted worse on sm_90 at (8, 2048, 4): 8.75 SASS a weight byte against 8.41 here at
+        K 4096, and at K 11008 255 registers with 160 bytes spilled against 153 and none
+        (experiments/gemv_sass_count.py)."""
         words = _fast_tile(w_rows, 0, col_mask, K, BLOCK_K, GPT, WPG)
         words2 = words
         if TWO:
@@ -553,65 +574,6 @@ if HAS_TRITON:
         return out, out2
 
     @triton.jit
-    def _fast_run_words(w_rows, k0, col_mask, K: tl.constexpr, CODES: tl.constexpr, R: tl.constexpr,
-                        T: tl.constexpr, MASK_K: tl.constexpr):
-        """The code words [BLOCK_N, R, T] (CODES codes a word) of inputs k0 .. k0 + R * T * CODES of
-        the rows at w_rows, word t * R + r at [:, r, t]: R consecutive words (one 128-bit load at
-        R = 4) make a thread's run. Returns them and the word indices j [R, T]. MASK_K: the step
-        may reach past K; otherwise only the columns are masked, constant along each run."""
-        t = k0 // (CODES * R) + tl.arange(0, T)
-        j = t[None, :] * R + tl.arange(0, R)[:, None]  # [R, T] word index within the row
-        w_mask = col_mask[:, None, None]
-        if MASK_K:
-            w_mask = w_mask & (j < K // CODES)[None, :, :]
-        return tl.load(w_rows[:, :, None] + j[None, :, :], mask=w_mask, other=0), j
-
-    @triton.jit
-    def _int8_fast_x(x_ptr, k0, nw_ptr, rstd, K: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
-                     NORM: tl.constexpr, BF16_BY_HAND: tl.constexpr):
-        """The step's inputs k0 .. k0 + R * T * 4 as the 4 int8 codes' operands [R, T] (x[4 w + c]
-        for byte c of word w = t * R + r, indexed as _fast_run_words's words): a run's 16
-        consecutive inputs loaded together and split in registers, as _int4_fast_x's."""
-        r = tl.arange(0, R)[:, None, None]
-        t = tl.arange(0, T)[None, :, None]
-        c = tl.arange(0, 4)[None, None, :]
-        x = _fast_x(x_ptr, k0 + (t * R + r) * 4 + c, nw_ptr, rstd, 0.0, K, NORM, 1, BF16_BY_HAND)
-        even, odd = tl.split(tl.reshape(x, (R, T, 2, 2)))  # the last axis: bit 0 of c
-        x0, x2 = tl.split(even)
-        x1, x3 = tl.split(odd)
-        return x0, x1, x2, x3
-
-    @triton.jit
-    def _int8_codes(words):
-        """A word's 4 int8 codes as exact fp32s by the magic-number trick: its sign bits flipped once
-        (byte + 128, unsigned), byte c as the mantissa of 2^23 (0x4B000000) makes the float 2^23 +
-        byte + 128, minus 2^23 + 128 the code. On a GPU one PRMT a code builds the float (byte c,
-        two zero bytes, 0x4B): byte 0's from the constant, bytes 1..3's from byte 0's float (its
-        zero bytes and 0x4B), so that ptxas needs the constant in a register once a word, not
-        rebuilt (a MOV) for every code; the interpreter shifts, ANDs and ORs."""
-        if _PTX:
-            bits = tl.inline_asm_elementwise(
-                "{ .reg .b32 f; xor.b32 f, $4, 0x80808080; prmt.b32 $0, f, 0x4B000000, 0x7440; "
-                "prmt.b32 $1, f, $0, 0x7661; prmt.b32 $2, f, $0, 0x7662; prmt.b32 $3, f, $0, 0x7663; }",
-                "=r,=r,=r,=r,r", [words], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
-        else:
-            flipped = words ^ -0x7F7F7F80  # 0x80808080
-            bits = (flipped & 0xFF | 0x4B000000, (flipped >> 8) & 0xFF | 0x4B000000,
-                    (flipped >> 16) & 0xFF | 0x4B000000, (flipped >> 24) & 0xFF | 0x4B000000)
-        return (bits[0].to(tl.float32, bitcast=True) - 8388736.0, bits[1].to(tl.float32, bitcast=True) - 8388736.0,
-                bits[2].to(tl.float32, bitcast=True) - 8388736.0, bits[3].to(tl.float32, bitcast=True) - 8388736.0)
-
-    @triton.jit
-    def _int8_fast_mac(acc, words, xs):
-        """acc [BLOCK_N, R, T] += per word: the sum over its 4 codes of code * x (xs: _int8_fast_x's
-        operands): per code one PRMT, FADD and FFMA (_int8_codes); the column scale comes after the
-        K loop (_column_scale)."""
-        codes = _int8_codes(words)
-        for c in tl.static_range(4):
-            acc += codes[c] * xs[c][None, :, :]
-        return acc
-
-    @triton.jit
     def _int4_fast_tile(w_rows, s_rows, z_rows, k0, col_mask, K: tl.constexpr, GROUP: tl.constexpr,
                         HAS_ZERO: tl.constexpr, R: tl.constexpr, T: tl.constexpr, MASK_K: tl.constexpr):
         """int4's code words [BLOCK_N, R, T] of inputs k0 .. k0 + R * T * 8 of the rows at w_rows,
@@ -621,15 +583,18 @@ if HAS_TRITON:
         the step may reach past K (a ragged or prefetched step); otherwise only the columns are
         masked, constant along each run."""
         WPG: tl.constexpr = GROUP // 8
-        words, j = _fast_run_words(w_rows, k0, col_mask, K, 8, R, T, MASK_K)
         t = k0 // (8 * R) + tl.arange(0, T)
+        j = t[None, :] * R + tl.arange(0, R)[:, None]  # [R, T] word index within the row
         if WPG % R == 0:
             g = (t * R // WPG)[None, :]
         else:
             g = j // WPG
+        w_mask = col_mask[:, None, None]
         g_mask = col_mask[:, None, None]
         if MASK_K:
+            w_mask = w_mask & (j < K // 8)[None, :, :]
             g_mask = g_mask & (g < K // GROUP)[None, :, :]
+        words = tl.load(w_rows[:, :, None] + j[None, :, :], mask=w_mask, other=0)
         scale = tl.load(s_rows[:, :, None] + g[None, :, :], mask=g_mask, other=0.0).to(tl.float32)
         zero = scale
         if HAS_ZERO:
@@ -702,42 +667,29 @@ if HAS_TRITON:
         return acc + p * scale
 
     @triton.jit
-    def _fast_run_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, k0, col_mask, K: tl.constexpr,
-                        GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
-                        MASK_K: tl.constexpr, TWO: tl.constexpr, QUANT: tl.constexpr):
-        """The step at k0's tile of the first row set and, with TWO, the second (else the first's
-        again, unused): int4's (words, scale, zero) (_int4_fast_tile), int8's (words,)
-        (_fast_run_words)."""
-        if QUANT == 2:
-            tile = _int4_fast_tile(w_rows, s_rows, z_rows, k0, col_mask, K, GROUP, HAS_ZERO, R, T, MASK_K)
-        else:
-            tile = (_fast_run_words(w_rows, k0, col_mask, K, 4, R, T, MASK_K)[0],)
+    def _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, k0, col_mask, K: tl.constexpr,
+                         GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
+                         MASK_K: tl.constexpr, TWO: tl.constexpr):
+        """_int4_fast_tile's (words, scale, zero) of the step at k0 for the first row set and, with
+        TWO, the second (else the first's again, unused)."""
+        tile = _int4_fast_tile(w_rows, s_rows, z_rows, k0, col_mask, K, GROUP, HAS_ZERO, R, T, MASK_K)
         tile2 = tile
         if TWO:
-            if QUANT == 2:
-                tile2 = _int4_fast_tile(w_rows2, s_rows2, z_rows2, k0, col_mask, K, GROUP, HAS_ZERO, R, T, MASK_K)
-            else:
-                tile2 = (_fast_run_words(w_rows2, k0, col_mask, K, 4, R, T, MASK_K)[0],)
+            tile2 = _int4_fast_tile(w_rows2, s_rows2, z_rows2, k0, col_mask, K, GROUP, HAS_ZERO, R, T, MASK_K)
         return tile, tile2
 
     @triton.jit
-    def _fast_run_step(acc, acc2, tiles, x_ptr, k0, nw_ptr, rstd, K: tl.constexpr, R: tl.constexpr,
-                       T: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr, HAS_ZERO: tl.constexpr,
-                       BF16_BY_HAND: tl.constexpr, QUANT: tl.constexpr):
+    def _int4_fast_step(acc, acc2, tiles, x_ptr, k0, nw_ptr, rstd, K: tl.constexpr, R: tl.constexpr,
+                        T: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr, HAS_ZERO: tl.constexpr,
+                        BF16_BY_HAND: tl.constexpr):
         """acc (and acc2) += the step at k0: its x loaded once for both row sets' tiles
-        (_fast_run_tiles)."""
-        if QUANT == 2:
-            xc, xw = _int4_fast_x(x_ptr, k0, nw_ptr, rstd, K, R, T, NORM, BF16_BY_HAND)
-            words, scale, zero = tiles[0]
-            acc = _int4_fast_mac(acc, words, scale, zero, xc, xw, HAS_ZERO)
-            if TWO:
-                words2, scale2, zero2 = tiles[1]
-                acc2 = _int4_fast_mac(acc2, words2, scale2, zero2, xc, xw, HAS_ZERO)
-        else:
-            xc = _int8_fast_x(x_ptr, k0, nw_ptr, rstd, K, R, T, NORM, BF16_BY_HAND)
-            acc = _int8_fast_mac(acc, tiles[0][0], xc)
-            if TWO:
-                acc2 = _int8_fast_mac(acc2, tiles[1][0], xc)
+        (_int4_fast_tiles)."""
+        xc, xw = _int4_fast_x(x_ptr, k0, nw_ptr, rstd, K, R, T, NORM, BF16_BY_HAND)
+        words, scale, zero = tiles[0]
+        acc = _int4_fast_mac(acc, words, scale, zero, xc, xw, HAS_ZERO)
+        if TWO:
+            words2, scale2, zero2 = tiles[1]
+            acc2 = _int4_fast_mac(acc2, words2, scale2, zero2, xc, xw, HAS_ZERO)
         return acc, acc2
 
     @triton.jit
@@ -745,58 +697,53 @@ if HAS_TRITON:
         x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
         K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
         BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-        QUANT: tl.constexpr,
     ):
-        """The fast path at M == 1 for int4 (QUANT 2) and int8 (QUANT 1) in runs of 4 words a
-        thread: [1, BLOCK_N] fp32 accumulators. Each step's words are
-        loaded one step ahead of their use, the first before the PDL wait. Up to FAST_UNROLL
-        steps the K loop is unrolled (K <= 2 * BLOCK_K: the whole row set in flight at once);
-        longer ones loop two steps an iteration, the tiles alternating between two sets of
-        registers (a one-step loop copies the prefetched tile into the current one's: a MOV a
-        word). Only a step reaching past K is masked along the words (the ragged last one, and
+        """The fast path at M == 1 for int4 (QUANT 2) in runs of 4 words a thread: [1, BLOCK_N] fp32
+        accumulators. Each step's words are loaded one step ahead of their use, the first before the
+        PDL wait. Up to FAST_UNROLL steps the K loop is unrolled (K <= 2 * BLOCK_K: the whole row
+        set in flight at once); longer ones loop two steps an iteration, the tiles alternating
+        between two sets of registers (a one-step loop copies the prefetched tile into the current
+        one's: a MOV a word). Only a step reaching past K is masked along the words (the ragged last one, and
         in the loop every step of a ragged K); the loop's prefetch past the last step reloads it."""
-        CODES: tl.constexpr = 8 if QUANT == 2 else 4  # codes in a word
-        R: tl.constexpr = 4 if BLOCK_K >= 4 * CODES else BLOCK_K // CODES  # words in a thread's run
-        T: tl.constexpr = BLOCK_K // (CODES * R)
+        R: tl.constexpr = 4 if BLOCK_K >= 32 else BLOCK_K // 8  # words in a thread's run (_int4_fast_tile)
+        T: tl.constexpr = BLOCK_K // (8 * R)
         STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
         RAGGED: tl.constexpr = K % BLOCK_K != 0
         LAST: tl.constexpr = (STEPS - 1) * BLOCK_K
-        a = _fast_run_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, 0, col_mask, K, GROUP, HAS_ZERO,
-                            R, T, STEPS == 1 and RAGGED, TWO, QUANT)
+        a = _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, 0, col_mask, K, GROUP, HAS_ZERO,
+                             R, T, STEPS == 1 and RAGGED, TWO)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         row = tl.arange(0, 1)
         rstd, xs = _row_stats(x_ptr + row[:, None], row < 1, tl.arange(0, BLOCK_K), nw_ptr, eps, K, 1, BLOCK_K,
-                              NORM, QUANT, BF16_BY_HAND)
+                              NORM, 2, BF16_BY_HAND)
         rstd = tl.sum(rstd, 0)
-        # int4: as its scales (one a run where a run is in one group); int8: a sum per word, so that
-        # each code is one FFMA into it (no per-run FADDs), the R words summed after the loop
-        acc = tl.zeros([BLOCK_N, 1 if QUANT == 2 and (GROUP // 8) % R == 0 else R, T], tl.float32)
+        acc = tl.zeros([BLOCK_N, 1 if (GROUP // 8) % R == 0 else R, T], tl.float32)  # as the scales
         acc2 = acc
         if STEPS <= FAST_UNROLL:
             for step in tl.static_range(STEPS):
                 b = a
                 if step + 1 < STEPS:
-                    b = _fast_run_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, (step + 1) * BLOCK_K,
-                                        col_mask, K, GROUP, HAS_ZERO, R, T, step + 2 == STEPS and RAGGED, TWO, QUANT)
-                acc, acc2 = _fast_run_step(acc, acc2, a, x_ptr, step * BLOCK_K, nw_ptr, rstd, K, R, T, NORM, TWO,
-                                           HAS_ZERO, BF16_BY_HAND, QUANT)
+                    b = _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, (step + 1) * BLOCK_K,
+                                         col_mask, K, GROUP, HAS_ZERO, R, T, step + 2 == STEPS and RAGGED, TWO)
+                acc, acc2 = _int4_fast_step(acc, acc2, a, x_ptr, step * BLOCK_K, nw_ptr, rstd, K, R, T, NORM, TWO,
+                                            HAS_ZERO, BF16_BY_HAND)
                 a = b
         else:
             for k0 in range(0, (STEPS // 2) * 2 * BLOCK_K, 2 * BLOCK_K):
-                b = _fast_run_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, k0 + BLOCK_K, col_mask,
-                                    K, GROUP, HAS_ZERO, R, T, RAGGED, TWO, QUANT)
-                acc, acc2 = _fast_run_step(acc, acc2, a, x_ptr, k0, nw_ptr, rstd, K, R, T, NORM, TWO, HAS_ZERO,
-                                           BF16_BY_HAND, QUANT)
-                a = _fast_run_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2,
-                                    tl.minimum(k0 + 2 * BLOCK_K, LAST), col_mask, K, GROUP, HAS_ZERO, R, T, RAGGED,
-                                    TWO, QUANT)
-                acc, acc2 = _fast_run_step(acc, acc2, b, x_ptr, k0 + BLOCK_K, nw_ptr, rstd, K, R, T, NORM, TWO,
-                                           HAS_ZERO, BF16_BY_HAND, QUANT)
+                b = _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, k0 + BLOCK_K, col_mask,
+                                     K, GROUP, HAS_ZERO, R, T, RAGGED, TWO)
+                acc, acc2 = _int4_fast_step(acc, acc2, a, x_ptr, k0, nw_ptr, rstd, K, R, T, NORM, TWO, HAS_ZERO,
+                                            BF16_BY_HAND)
+                a = _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2,
+                                     tl.minimum(k0 + 2 * BLOCK_K, LAST), col_mask, K, GROUP, HAS_ZERO, R, T, RAGGED,
+                                     TWO)
+                acc, acc2 = _int4_fast_step(acc, acc2, b, x_ptr, k0 + BLOCK_K, nw_ptr, rstd, K, R, T, NORM, TWO,
+                                            HAS_ZERO, BF16_BY_HAND)
             if STEPS % 2 == 1:
-                acc, acc2 = _fast_run_step(acc, acc2, a, x_ptr, LAST, nw_ptr, rstd, K, R, T, NORM, TWO, HAS_ZERO,
-                                           BF16_BY_HAND, QUANT)
+                acc, acc2 = _int4_fast_step(acc, acc2, a, x_ptr, LAST, nw_ptr, rstd, K, R, T, NORM, TWO, HAS_ZERO,
+                                            BF16_BY_HAND)
         return tl.sum(tl.sum(acc, 1), 1)[None, :], tl.sum(tl.sum(acc2, 1), 1)[None, :]  # in-thread R first
 
     @triton.jit
@@ -807,10 +754,10 @@ if HAS_TRITON:
                     FAST: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr, SPLIT: tl.constexpr):
         """The accumulators of whichever matmul the kernel was specialised for: the fast M == 1
         dequantization (FAST) or the exact path (of one part of K with SPLIT > 1)."""
-        if FAST and QUANT != 3:
+        if FAST and QUANT == 2:
             return _matmul_fast_runs(x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
-                                     K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, HAS_ZERO, QUANT)
-        elif FAST:  # W8A8
+                                     K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, HAS_ZERO)
+        elif FAST:  # int8, W8A8
             return _matmul_fast(x_ptr, w_rows, w_rows2, col_mask, nw_ptr, eps,
                                 K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, QUANT, GPT, WPG)
         else:

@@ -12,8 +12,15 @@ Layouts (output features N, input features K, groups G = K / group_size):
 
 Activation quantization follows compressed-tensors' dynamic per-token formulas so that the
 engine computes what transformers computes on the same checkpoint: int8 scale = absmax / 127.5
-(symmetric range over all 256 levels), round half to even, clamp to [-128, 127]; fp8 e4m3 scale =
-absmax / 448, cast to float8_e4m3fn.
+(symmetric range over all 256 levels), round(x / scale) half to even, clamp to [-128, 127]; fp8
+e4m3 scale = absmax / 448, x / scale cast to float8_e4m3fn. Both divisions are IEEE divisions by
+tensors on x's device, as compressed-tensors divides (its ranges are device tensors): torch
+computes `cuda_tensor / 127.5` (a Python float: a CPU scalar) as the product with fp32(1 / 127.5)
+(aten's BinaryDivTrueKernel.cu), a true division only on the CPU. Written that way the reference's
+scale was an ulp off the division in most rows on a GPU (4 in 5 at K 4096), and with it the code
+of each such row's absmax element where negative: it sits at -127.5, a rounding tie, by
+construction (-128 or -127). The kernels (kernels/w8a8.py, kernels/gemv.py) divide with tl.math.div_rn, so
+kernels, reference and compressed-tensors agree bit for bit on every device.
 """
 
 from __future__ import annotations
@@ -80,19 +87,26 @@ def int4_linear_fast_ref(x: torch.Tensor, packed: torch.Tensor, scale: torch.Ten
     return fp32_weight_linear_ref(x, dequantize_grouped(unpack_int4(packed), scale, zero), bias)
 
 
+def token_scale(xf: torch.Tensor, max_code: float) -> torch.Tensor:
+    """Each fp32 row's activation scale [M, 1]: its absmax divided by ``max_code`` (127.5 or 448) as
+    a tensor on xf's device, an IEEE division on every device (the module docstring; a fill, not a
+    copy from the host: capturable in a CUDA graph); eps where the row is all zeros."""
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = amax / torch.full_like(amax, max_code)
+    return torch.where(scale == 0, torch.full_like(scale, torch.finfo(torch.float32).eps), scale)
+
+
 def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic symmetric per-token int8: (codes as int8 [M, K], scale fp32 [M, 1])."""
     xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True) / INT8_HALF_RANGE
-    scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(torch.float32).eps), scale)
+    scale = token_scale(xf, INT8_HALF_RANGE)
     return torch.clamp(torch.round(xf / scale), -128, 127).to(torch.int8), scale
 
 
 def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token fp8 e4m3: (codes float8_e4m3fn [M, K], scale fp32 [M, 1])."""
     xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX
-    scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(torch.float32).eps), scale)
+    scale = token_scale(xf, FP8_MAX)
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 

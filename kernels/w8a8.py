@@ -52,7 +52,7 @@ import torch
 from kernels._triton import HAS_TRITON, interpreting, tl, triton
 
 if HAS_TRITON:
-    from kernels.gemv import _quantize, _rnd
+    from kernels.gemv import _act_scale, _quantize, _rnd
 
     @triton.jit
     def _fp8_by_hand(v):
@@ -79,11 +79,7 @@ if HAS_TRITON:
             k = k0 + ks
             x = tl.load(x_row + k, mask=k < limit, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        if FP8:
-            xs = tl.math.div_rn(tl.max(amax, 0), 448.0)
-        else:
-            xs = tl.math.div_rn(tl.max(amax, 0), 127.5)
-        xs = tl.where(xs == 0.0, 1.1920928955078125e-07, xs)  # torch.finfo(torch.float32).eps
+        xs = _act_scale(tl.max(amax, 0), FP8)
         q_row = q_ptr + row.to(tl.int64) * K
         for k0 in range(0, K, BLOCK_K):
             k = k0 + ks

@@ -194,6 +194,35 @@ def test_w8a8_int8_gemv_quantizes_the_input_in_the_prologue(m, fusion, dtype):
     assert (out.float() - unquantized).abs().max() > 1e-4
 
 
+def _w8a8_tie_rows_case(m: int, k: int, fast: bool, device: str) -> None:
+    """gemv's W8A8 prologue on rows whose absmax element's code is one off unless the activation
+    scale is the IEEE division absmax / 127.5 (test_w8a8.absmax_tie_rows), fp32, against the
+    reference: one flipped code moves its row's outputs by ~1e-3 of their size, far past the bound."""
+    from test_w8a8 import absmax_tie_rows
+
+    x = absmax_tie_rows(m, k, seed=k).to(device)
+    codes, scale, _, _ = quant_weight(37, k, "int8", seed=m)
+    codes, scale = codes.to(device), scale.to(device)
+    out = gemv(x, codes, quant="w8a8_int8", scale=scale, fast=fast)
+    torch.testing.assert_close(out, w8a8_gemv_ref(x, codes, scale), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,fast", [(1, True), (1, False), (12, False)])
+def test_w8a8_int8_gemv_scale_is_the_division(m, fast):
+    """The prologue's activation scale is kernels/quant.py's, absmax / 127.5 divided (not times a
+    reciprocal). The interpreter divides exactly whether the kernel writes `/` or tl.math.div_rn:
+    the GPU test below tells those apart."""
+    _w8a8_tie_rows_case(m, 64, fast, DEVICE)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("m,fast", [(1, True), (12, False)])
+def test_w8a8_int8_gemv_scale_is_the_division_gpu(m, fast):
+    """As above at K 4096 on the GPU, where Triton's fp32 `/` is an approximate division."""
+    _w8a8_tie_rows_case(m, 4096, fast, "cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("m", [1, 16])

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from kernels import quant as ref
+from kernels._triton import interpreting
 from kernels.gemv import fast_dequant_fits, fast_gemv_config, gemv, gemv_ref, gemv_rope_store, gemv_rope_store_ref
 from support import with_pairwise
 from test_quant_gemv import DEVICE, FUSIONS, _fusion_args, _rel, _to, quant_weight, w8a8_gemv_ref
@@ -180,13 +181,13 @@ def test_fast_int8_decodes_every_byte_value():
     torch.testing.assert_close(out.cpu(), ref.int8_linear_fast_ref(xs, codes, scale), rtol=0, atol=0)
 
 
-# int8's M == 1 K loop (the same _matmul_fast_runs as int4's, runs of 4 words = 16 codes a thread) by
-# (K, BLOCK_K) in codes: one ragged step, two even (unrolled, unmasked), two with a ragged last
-# whose last run is partly past K, three even (one loop iteration and the odd step), four with a
-# ragged last (every step masked, the prefetch clamped), five even; BLOCK_K 8 and 4: runs of two
-# words and of one.
+# int8's (and W8A8's) M == 1 K loop (kernels/gemv.py, _matmul_fast: a step's words in one tile, the
+# next step's prefetched, masked past K) by (K, BLOCK_K) in codes: one ragged step (BLOCK_K past K),
+# two even, two with the last partly past K, three even, four with a ragged last, five even;
+# BLOCK_K 8 and 4: two words a step and one.
 INT8_STEPS = {"one_ragged": (100, 128), "two_even": (256, 128), "two_ragged": (200, 128), "three_even": (192, 64),
-              "four_ragged": (452, 128), "five_even": (80, 16), "runs_of_two": (40, 8), "runs_of_one": (20, 4)}
+              "four_ragged": (452, 128), "five_even": (80, 16), "two_words_a_step": (40, 8),
+              "one_word_a_step": (20, 4)}
 
 
 @pytest.mark.parametrize("steps", list(INT8_STEPS))
@@ -207,8 +208,8 @@ def test_fast_int8_k_loop_even_ragged_and_looped(steps, fusion, dtype):
 @pytest.mark.parametrize("steps", list(INT8_STEPS))
 @pytest.mark.parametrize("fusion", list(FUSIONS))
 def test_fast_w8a8_k_loop_even_ragged_and_looped(steps, fusion):
-    """W8A8 on int8's K loop (its input quantized per element as the run's x is split): the per-token
-    quantized reference, fp32 (integer codes and inputs, fp32 sums, one rounding)."""
+    """W8A8 on int8's K loop (_matmul_fast, its input quantized per code as x is gathered): the
+    per-token quantized reference, fp32 (integer codes and inputs, fp32 sums, one rounding)."""
     k, block_k = INT8_STEPS[steps]
     n = 37
     swiglu = FUSIONS[fusion].get("swiglu", False)
@@ -220,44 +221,16 @@ def test_fast_w8a8_k_loop_even_ragged_and_looped(steps, fusion):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def _prmt(a: torch.Tensor, b: torch.Tensor | int, selector: int) -> torch.Tensor:
-    """PTX prmt.b32 (default mode) on int64-held 32-bit words: byte i of the result is byte
-    selector nibble i of the 8 bytes {b, a} (a's bytes 0..3, b's 4..7)."""
-    b = torch.as_tensor(b, dtype=torch.int64).expand_as(a)
-    pool = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
-    out = torch.zeros_like(a)
-    for i in range(4):
-        out |= pool[(selector >> (4 * i)) & 0x7] << (8 * i)
-    return out
-
-
-def test_fast_int8_prmt_chain_is_the_shift_and_or():
-    """On a GPU _int8_codes builds byte c's float with one PRMT each (byte 0's from the constant
-    0x4B000000, bytes 1..3's from byte 0's float), under the interpreter by shift, AND and OR: the
-    two give the same bits for every word (the GPU runs of these tests cover the PTX itself)."""
-    words = torch.randint(0, 2**32, (8192,), generator=torch.Generator().manual_seed(5), dtype=torch.int64)
-    words[:256] = torch.arange(256) * 0x01010101  # every byte value at every position
-    flipped = words ^ 0x80808080
-    p0 = _prmt(flipped, 0x4B000000, 0x7440)
-    for c, got in enumerate((p0, _prmt(flipped, p0, 0x7661), _prmt(flipped, p0, 0x7662), _prmt(flipped, p0, 0x7663))):
-        assert torch.equal(got, ((flipped >> (8 * c)) & 0xFF) | 0x4B000000), c
-        code = (words >> (8 * c)) & 0xFF
-        code = code - 256 * (code >= 128)
-        as_float = got.to(torch.int32).view(torch.float32) - 8388736.0  # the kernel's FADD
-        assert torch.equal(as_float, code.float()), c
-
-
 SM90_FAST_INT8 = """
 from experiments.gemv_sass_count import compile_sm90
 
-cases = [  # (K, entry, fusions): the K loop's forms
-    (4096, (8, 4096, 4), dict(NORM=True)),  # one step
-    (4096, (8, 2048, 4), dict(SWIGLU=True, NORM=True)),  # two even steps, unrolled, two row sets
-    (11008, (8, 2048, 4), dict(RESIDUAL=True)),  # looped, ragged
-    (4352, (8, 2048, 2), dict(NORM=True, HAS_BIAS=True)),  # three steps: one iteration, ragged odd
-    (1540, (8, 1024, 4), dict(SWIGLU=True)),  # two steps, the second ragged within a run
+cases = [  # (K, entry, fusions): FAST_M1_CONFIGS's entry at the Llama-2-7B shapes, a ragged K
+    (4096, (8, 4096, 4), dict(NORM=True)),  # qkv: one step
+    (4096, (8, 4096, 4), dict(SWIGLU=True)),  # gate_up: two row sets
+    (11008, (8, 4096, 4), dict(RESIDUAL=True)),  # down: three steps, the last ragged
+    (1540, (8, 1024, 4), dict(NORM=True, HAS_BIAS=True)),  # two steps, the second ragged
 ]
-cases += [(11008, (8, 2048, 4), dict(NORM=True, SWIGLU=True, quant="w8a8_int8"))]  # W8A8: x quantized as split
+cases += [(11008, (16, 2048, 4), dict(NORM=True, SWIGLU=True, quant="w8a8_int8"))]  # W8A8: x quantized per code
 for k, entry, fusions in cases:
     quant = fusions.pop("quant", "int8")
     cubin, _ = compile_sm90(quant, True, 1, False, 1, 4096, k, entry, fusions)
@@ -286,9 +259,10 @@ def _compile_sm90(script: str) -> str:
 
 
 def test_fast_int8_compiles_for_sm90():
-    """The fast int8 M == 1 kernel (inline PTX the interpreter never runs) compiles for sm_90 in its
-    one-step, unrolled, looped and ragged forms, with two row sets and fusions, and W8A8's."""
-    assert _compile_sm90(SM90_FAST_INT8).strip().splitlines()[-1] == "compiled 6"
+    """The fast int8 M == 1 kernel (_matmul_fast) compiles for sm_90 (the interpreter runs what ptxas
+    may refuse) at its configs, one step and several, ragged, with two row sets and fusions, and
+    W8A8's."""
+    assert _compile_sm90(SM90_FAST_INT8).strip().splitlines()[-1] == "compiled 5"
 
 
 @pytest.mark.parametrize("m", [1, 3])
@@ -359,6 +333,37 @@ def test_fast_path_fits_and_refuses():
     assert fast_gemv_config(4096, 4096, "int4", 128) == (1, 8, 2048, 4)
     assert fast_gemv_config(64, 96, "int4", 32)[1:3] == (1, 128)
     assert fast_gemv_config(4096, 64, "int4", 128)[2] == 128
+
+
+def test_fast_int8_configs_are_the_measured_ones():
+    """int8 at M == 1 launches the configs the H200 timed on _matmul_fast at the Llama-2-7B shapes
+    (benchmarks/2026-11-30-h200x2-s12/bg/g1/int8_sweep_old.jsonl, "fast": qkv, o_proj and down at
+    (1, 8, 4096, 4), gate_up's two row sets at (1, 4, 4096, 4))."""
+    assert fast_gemv_config(3 * 4096, 4096, "int8") == (1, 8, 4096, 4)
+    assert fast_gemv_config(4096, 4096, "int8") == (1, 8, 4096, 4)
+    assert fast_gemv_config(11008, 4096, "int8", two=True) == (1, 4, 4096, 4)
+    assert fast_gemv_config(4096, 11008, "int8") == (1, 8, 4096, 4)
+
+
+@pytest.mark.skipif(not interpreting(), reason="the interpreter resolves the kernel's helpers at call time")
+@pytest.mark.parametrize("quant", ["int8", "w8a8_int8", "int4"])
+def test_fast_m1_dispatch_int4_alone_takes_the_run_layout(quant, monkeypatch):
+    """int8 and W8A8 at M == 1 run _matmul_fast (the per-code gather the H200 timed faster for
+    int8), int4 alone _matmul_fast_runs: each path replaced by one that refuses to run."""
+    from kernels import gemv as G
+
+    def refuse(name):
+        def run(*args, **kwargs):
+            raise RuntimeError(f"refused {name}!")  # the interpreter re-raises it wrapped
+        return run
+
+    monkeypatch.setattr(G, "_matmul_fast", refuse("_matmul_fast"))
+    monkeypatch.setattr(G, "_matmul_fast_runs", refuse("_matmul_fast_runs"))
+    w, scale, zeros, _ = quant_weight(8, 64, "int4" if quant == "int4" else "int8", 32, False)
+    with pytest.raises(Exception) as refused:
+        gemv(torch.randn(1, 64).to(DEVICE), _to(w, DEVICE), quant=quant, scale=_to(scale, DEVICE),
+             zero=_to(zeros, DEVICE), fast=True)
+    assert f"refused {'_matmul_fast_runs' if quant == 'int4' else '_matmul_fast'}!" in str(refused.value)
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4_g64_zero"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.layers.options import ModelOptions
 from engine.layers.quantized import W8A8Linear
@@ -77,6 +78,102 @@ def test_quantize_per_token_rounds_ties_to_even():
     codes, scale = quantize_per_token(x, "fp8")
     assert scale.item() == 1.0
     assert torch.equal(codes.float(), ref.quantize_per_token_fp8(x)[0].float())
+
+
+def _by_division(a: torch.Tensor, d: float) -> torch.Tensor:
+    """fp32(a / d), correctly rounded (a double quotient rounds to the same float)."""
+    return (a.double() / d).float()
+
+
+def _by_product(a: torch.Tensor, d: float) -> torch.Tensor:
+    """a * fp32(1 / d): what torch computes for `cuda_tensor / d` with d a Python float."""
+    return a * torch.tensor(1 / d, dtype=torch.float32)
+
+
+def absmax_tie_rows(m: int, k: int, seed: int) -> torch.Tensor:
+    """Rows [m, k] whose absmax a (each row's one negative extreme -a) scales differently by
+    division and by the reciprocal product, fp32(a / 127.5) != a * fp32(1 / 127.5), and whose
+    extreme's code, -a over the scale (-127.5, a rounding tie, by construction), rounds to -128 by
+    the division and -127 by the product."""
+    a = torch.linspace(1.0, 3.0, 4001)
+    a = a[torch.round(-a / _by_product(a, 127.5)) != torch.round(-a / _by_division(a, 127.5))][::97][:m]
+    assert len(a) == m
+    x = (torch.rand(m, k, generator=torch.Generator().manual_seed(seed)) * 1.8 - 0.9) * a[:, None]
+    x[torch.arange(m), (7 * torch.arange(m)) % k] = -a
+    return x
+
+
+def test_quantize_per_token_scale_is_the_division():
+    """The scale formula, pinned where it matters: rows whose absmax gives another scale, and
+    another code at the absmax element, when absmax / 127.5 is computed as torch computes it for a
+    CUDA tensor and a Python float (times fp32(1 / 127.5)). Kernel and reference divide, as
+    compressed-tensors does (kernels/quant.py's docstring); the reference's `/ 127.5` was a
+    division only on the CPU, so the CPU-interpreted kernel matched it while on the H200 about a
+    third of the rows' extremes came out one code apart. fp8: absmax / 448 likewise."""
+    x = absmax_tie_rows(12, 64, seed=1)
+    amax = x.abs().amax(1, keepdim=True)
+    codes, scale = quantize_per_token(x, "int8")
+    want_codes, want_scale = ref.quantize_per_token_int8(x)
+    assert torch.equal(want_scale, _by_division(amax, 127.5))
+    assert not torch.equal(want_scale, _by_product(amax, 127.5))
+    assert torch.equal(scale, want_scale) and torch.equal(codes, want_codes)
+    assert torch.equal(codes.gather(1, x.abs().argmax(1, keepdim=True)), torch.full((12, 1), -128, dtype=torch.int8))
+    codes, scale = quantize_per_token(x, "fp8")
+    want_codes, want_scale = ref.quantize_per_token_fp8(x)
+    assert torch.equal(want_scale, _by_division(amax, 448.0))
+    assert torch.equal(scale, want_scale) and torch.equal(codes.float(), want_codes.float())
+
+
+class _Divisors(TorchDispatchMode):
+    """Records the divisor of every aten.div call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.divisors: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten.div:
+            self.divisors.append(args[1])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("act", ["int8", "fp8"])
+def test_reference_divides_by_tensors_alike_on_every_device(act):
+    """torch divides a CUDA tensor by a CPU scalar (a Python number, a 0-dim CPU tensor) as the
+    product with its fp32 reciprocal, and a CPU tensor by a true division: the references'
+    divisions take tensor divisors of the rows' shape, so that they compute the same on the CPU
+    (where this runs, and where both forms agree) and on a GPU. `amax / 127.5` was the H200's fp32
+    int8 failures (test_w8a8_triton_prefill_path_gpu, relative error 2.3e-4)."""
+    with _Divisors() as seen:
+        REFS[act](_rows(5, 64, torch.float32, seed=2))
+    assert len(seen.divisors) == 2  # the scale, the codes
+    assert all(torch.is_tensor(d) and d.dim() == 2 for d in seen.divisors), seen.divisors
+
+
+def test_quantize_per_token_divides_by_the_scale():
+    """The codes are round(x / scale) with an IEEE division, not x times the scale's reciprocal:
+    inputs a few ulps from the ties (k + 1/2) * scale where the two round to different codes."""
+    a = torch.tensor(2.7182817)
+    s = _by_division(a, 127.5)
+    ties = (torch.arange(-127, 127).float() + 0.5) * s
+    near = torch.cat([ties + j * torch.finfo(torch.float32).eps * ties.abs() for j in range(-6, 7)])
+    near = near[(near.abs() < a) & (torch.round(near / s) != torch.round(near * (1 / s)))]
+    assert len(near) >= 16
+    x = torch.cat([a[None], near])[None, :]
+    codes, scale = quantize_per_token(x, "int8")
+    assert scale.item() == s.item()
+    assert torch.equal(codes, ref.quantize_per_token_int8(x)[0])
+    assert torch.equal(codes[0, 1:].float(), torch.round(near / s))
+
+
+def test_quantize_per_token_rounds_just_below_a_half_down():
+    """At scale 1: 0.49999997 (the float below 1/2) to 0, where floor(v + 1/2) alone gives 1 (v + 1/2
+    rounds up to 1.0 in fp32; the kernel's tie correction takes it back); the halves to even."""
+    x = torch.tensor([[127.5, 0.49999997, -0.49999997, 0.5, -0.5, 1.5, 2.5, -2.5, 1.4999999, -126.5]])
+    codes, scale = quantize_per_token(x, "int8")
+    assert scale.item() == 1.0
+    assert codes.tolist() == [[127, 0, 0, 0, 0, 2, 2, -2, 1, -126]]
+    assert torch.equal(codes, ref.quantize_per_token_int8(x)[0])
 
 
 def test_quantize_per_token_refuses_bad_rows():
@@ -154,6 +251,20 @@ def test_w8a8_int8_triton_routes_equal_reference(m_rows, dtype):
     y = layer._triton(x)
     want = ref.w8a8_linear_ref(x, codes, scale, "int8", layer.bias)
     assert y.dtype == dtype and torch.equal(y, want), (y.float() - want.float()).abs().max()
+
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("act", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_per_token_equals_reference_gpu(act, dtype):
+    """On the GPU, kernel and reference (on CUDA tensors: torch's CUDA division and rounding) give
+    the same codes and scales bit for bit: random rows at K 4096 and the absmax tie rows."""
+    x = torch.cat([_rows(64, 4096, torch.float32, seed=5), absmax_tie_rows(12, 4096, seed=6)]).to("cuda", dtype)
+    codes, scale = quantize_per_token(x, act)
+    want_codes, want_scale = REFS[act](x)
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(codes.float(), want_codes.float()), int((codes.float() != want_codes.float()).sum())
 
 
 @pytest.mark.gpu
