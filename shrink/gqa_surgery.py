@@ -24,6 +24,9 @@ into Q and O (so it is exact whenever the group's heads are such maps of one sha
   second moment of the attention input over calibration tokens, measured layer by layer on the
   model as merged so far (so each layer sees the inputs it will get). Unweighted, the factorizations
   were worse than the plain mean on SmolLM2 (the input has a few dimensions far larger than the rest).
+- A factorization is fixed only up to a gauge (P -> R P, B -> B R^-1; c -> r c, alpha -> alpha / r),
+  which leaves the function alone but not its compressibility: the merged head gets the scale and
+  channel correlations of the heads it replaces (`_align`), so int4 and 2:4 treat it like them.
 Biases ride along as an extra input column (an input of constant 1), so q's bias turns with its rows.
 """
 
@@ -221,12 +224,12 @@ def _align(right: torch.Tensor, heads: torch.Tensor) -> tuple[torch.Tensor, torc
     [..., rank, m] (orthonormal rows) and the group's heads [..., n, rows, m] it replaces, in R = S Q:
     Q, the unitary polar factor of the fit of `right` to the mean head, turns the merged head towards
     the heads; S, the root of the heads' mean second moment in that basis, gives its channels the
-    scale and correlations of theirs. Identical heads give back that head. A least-squares fit to the
-    mean head alone (R = the fit) is ill-conditioned where the heads cancel in their mean: on SmolLM2
-    it had condition numbers of 200-1000 in every layer, and the output map took the inverse, so
-    o_proj columns 20x larger against v rows 100x smaller wrecked int4 and 2:4 compression of the merge.
-    S's eigenvalues are clamped to 1e-3 of the largest so that R stays invertible when all heads are
-    degenerate."""
+    scale and correlations of theirs. Identical heads give back that head. R = the least-squares fit
+    to the mean head alone is ill-conditioned where the heads cancel in their mean: on SmolLM2 (3 -> 1)
+    its condition numbers were 200-1000 and o_proj took its inverse (column norms median 56, max 787;
+    4.8 and 14 with R = S Q), so int4 and 2:4 wrecked the merge: perplexity 294 -> 1.2M (RTN g64),
+    10,392 (GPTQ g64), 5.5M (SparseGPT 2:4); with R = S Q 554, 410, 533. S's eigenvalues are clamped
+    to 1e-6 of the largest (its root to 1e-3) so that R stays invertible when all heads are degenerate."""
     fits = heads @ right.unsqueeze(-3).mH  # [..., n, rows, rank]: each head in the basis of `right`
     u, _, vh = torch.linalg.svd(fits.mean(-3))
     turn = u @ vh
