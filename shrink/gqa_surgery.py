@@ -24,6 +24,9 @@ into Q and O (so it is exact whenever the group's heads are such maps of one sha
   second moment of the attention input over calibration tokens, measured layer by layer on the
   model as merged so far (so each layer sees the inputs it will get). Unweighted, the factorizations
   were worse than the plain mean on SmolLM2 (the input has a few dimensions far larger than the rest).
+- A factorization is fixed only up to a gauge (P -> R P, B -> B R^-1; c -> r c, alpha -> alpha / r),
+  which leaves the function alone but not its compressibility: the merged head gets the scale and
+  channel correlations of the heads it replaces (`_align`), so int4 and 2:4 treat it like them.
 Biases ride along as an extra input column (an input of constant 1), so q's bias turns with its rows.
 """
 
@@ -216,14 +219,26 @@ def _factor(stack: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     return (u[..., :rank] * s[..., None, :rank]).reshape(*batch, n, rows, rank), vh[..., :rank, :]
 
 
-def _align(right: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gauge R (and R^-1) of a factorization (right -> R right, left -> left R^-1): the least-squares
-    fit of `right` (orthonormal rows) to `target` (the group's mean head), so identical heads give
-    back that head and the merged head keeps the scale of those it replaces; its singular values are
-    clamped to 1e-3 of the largest so that R stays invertible when the mean head is degenerate."""
-    u, sv, vh = torch.linalg.svd(target @ right.mH)
-    sv = torch.maximum(sv, 1e-3 * sv[..., :1]).to(u.dtype)
-    return u * sv[..., None, :] @ vh, vh.mH / sv[..., None, :] @ u.mH
+def _align(right: torch.Tensor, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gauge R (and R^-1) of a factorization (right -> R right, left -> left R^-1), given `right`
+    [..., rank, m] (orthonormal rows) and the group's heads [..., n, rows, m] it replaces, in R = S Q:
+    Q, the unitary polar factor of the fit of `right` to the mean head, turns the merged head towards
+    the heads; S, the root of the heads' mean second moment in that basis, gives its channels the
+    scale and correlations of theirs. Identical heads give back that head. R = the least-squares fit
+    to the mean head alone is ill-conditioned where the heads cancel in their mean: on SmolLM2 (3 -> 1)
+    its condition numbers were 200-1000 and o_proj took its inverse (column norms median 56, max 787;
+    4.8 and 14 with R = S Q), so int4 and 2:4 wrecked the merge: perplexity 294 -> 1.2M (RTN g64),
+    10,392 (GPTQ g64), 5.5M (SparseGPT 2:4); with R = S Q 554, 410, 533. S's eigenvalues are clamped
+    to 1e-6 of the largest (its root to 1e-3) so that R stays invertible when all heads are degenerate."""
+    fits = heads @ right.unsqueeze(-3).mH  # [..., n, rows, rank]: each head in the basis of `right`
+    u, _, vh = torch.linalg.svd(fits.mean(-3))
+    turn = u @ vh
+    eigenvalues, vectors = torch.linalg.eigh((fits @ fits.mH).mean(-3))
+    root = eigenvalues.clamp_min(0).sqrt()
+    root = torch.maximum(root, 1e-3 * root[..., -1:]).to(vectors.dtype)
+    scale = vectors * root[..., None, :] @ vectors.mH
+    inverse = vectors / root[..., None, :] @ vectors.mH
+    return scale @ turn, turn.mH @ inverse
 
 
 def _complex_pairs(rows: torch.Tensor) -> torch.Tensor:
@@ -301,7 +316,7 @@ def _svd_merge_attention(attn: nn.Module, layout: KVLayout, groups: int, moment:
     zq = _complex_pairs(whitened(attn.q_proj).reshape(groups, n, d, -1))  # [G, n, d/2, m]
     weight = torch.linalg.vector_norm(zq, dim=-1).transpose(1, 2) + 1e-12  # [G, d/2, n]
     left, right = _factor((zk * weight[..., None]).unsqueeze(-2), 1)  # [G, d/2, n, 1, 1], [G, d/2, 1, m]
-    rot, rot_inv = _align(right, zk.mean(-2, keepdim=True))
+    rot, rot_inv = _align(right, zk.unsqueeze(-2))
     alpha = left[..., 0, 0] / weight * rot_inv[..., 0, 0, None]  # [G, d/2, n]
     new_k = _real_pairs(unwhiten(rot @ right, attn.k_proj).squeeze(-2)).reshape(groups * d, -1)
     zq = _complex_pairs(_with_bias(attn.q_proj).reshape(groups, n, d, -1))
@@ -311,7 +326,7 @@ def _svd_merge_attention(attn: nn.Module, layout: KVLayout, groups: int, moment:
     v = per_group(whitened(attn.v_proj))  # [G, n, d, m]
     w_o = attn.o_proj.weight.detach().double().reshape(-1, groups, n, d).permute(1, 2, 0, 3)  # [G, n, hidden, d]
     b, right = _factor(w_o @ v, d)  # [G, n, hidden, d], [G, d, m]
-    rot, rot_inv = _align(right, v.mean(1))
+    rot, rot_inv = _align(right, v)
     new_v = unwhiten(rot @ right, attn.v_proj).reshape(groups * d, -1)
     new_o = (b @ rot_inv.unsqueeze(1)).permute(2, 0, 1, 3).reshape(attn.o_proj.weight.shape)
     for name, extended in (("k_proj", new_k), ("v_proj", new_v)):
