@@ -54,6 +54,10 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   instead; each stores its fp32 partials, and the last of a tile to arrive (an atomic count)
   sums them in their fixed order and runs the fused epilogue: no second launch, the same result
   whichever program is last. experiments/quant_gemv_sweep.py times it ("exact_split").
+- 2:4 + int4 weights (quant "sparse24_int4", ``meta``: ONE_ROW_QUANTS): M == 1 only, 16-bit x;
+  gemv and gemv_rope_store hand them to kernels/quant_gemv.py's fast 2:4 kernel, which takes the
+  same NORM / SWIGLU / RESIDUAL flags and runs this module's row stats, normalised inputs
+  (_row_stats, _fast_x) and epilogues (_epilogue, _rope_store_epilogue).
 - rotary + KV store (gemv_rope_store, a sibling kernel on the same matmul code): the qkv matmul's
   epilogue rotates q and k (neox layout) and writes k and v straight into the paged cache, so the
   separate rope_store launch (kernels/rotary.py) goes away. Each program computes both members of
@@ -825,7 +829,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _epilogue(acc, acc_up, rows, cols, col_mask, out_mask, b_ptr, res_ptr, out_ptr, res_stride, out_stride, N,
-                  dtype: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+                  dtype: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                  BF16_BY_HAND: tl.constexpr):
         """gemv's fused epilogue on fp32 sums [BLOCK_M, BLOCK_N] (acc_up: SwiGLU's up columns, N
         after the gate's in b_ptr): bias, the matmul's rounding, SwiGLU, residual add, the store.
         dtype: x's, whose values the unfused modules would write. Also the 2:4 GEMV's (kernels/quant_gemv.py)."""

@@ -16,6 +16,18 @@ Three paths, chosen by sparse24_gemv (its `path` names one for benchmarks):
   under the exponent of 2^23, as kernels/gemv.py's _int4_code) and one FFMA (times 2^-shift,
   minus 2^(23 - shift) + 8 + zero), then one FFMA with its input; the scale once per run. The
   meta bytes are read as they are (no repacked copy at load).
+  Fused (sparse24_gemv_fused, sparse24_gemv_rope_store; kernels/gemv.py's gemv / gemv_rope_store
+  with quant "sparse24_int4" reach them, the engine's fused decode at batch 1): the same kernel
+  with gemv's flags and helpers: the RMSNorm prologue (gemv's _row_stats, then each input
+  normalised by gemv's _fast_x and packed back into 16-bit words for the PRMT picks), SwiGLU (gate
+  and up rows: two row sets on one x), the residual add (gemv's _epilogue), and a sibling kernel
+  with rotary + KV store (gemv's _rope_store_epilogue), all with PDL. SASS for sm_90 (K 11008, g128,
+  no zero point / zero point, per dense input; per byte of kept codes + positions): unfused 3.79 /
+  3.93 (10.1 / 10.5), norm prologue 4.66 / 4.81 (12.4 / 12.8: the per-input normalisation, about
+  1.75 instructions an input, shared by the program's 8 rows), gate_up with norm and
+  SwiGLU (4 columns, two row sets) 4.66 / 4.80, rotary + KV store 4.67 / 4.80, residual add 3.81 /
+  3.93 (the epilogue is outside the K loop); the unfused chain's norm, SwiGLU and add launches
+  come on top of its 3.79 (experiments/sparse24_sass_count.py).
 - "select" (M == 1; the fast dequantization's semantics, fp32 weights as kernels/quant.py's
   fp32_weight_linear_ref): the program streams int32 words, a unit of 8 groups of 4 inputs at a
   time (one meta word; int4: two code words, 16-bit: eight value words, each a group's kept
@@ -633,7 +645,8 @@ def _fast_operands(x: torch.Tensor, packed: torch.Tensor, meta: torch.Tensor, sc
     group = k // scale.shape[1] if scale.dim() == 2 and scale.shape[1] and k % scale.shape[1] == 0 else None
     if m != 1 or x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"{what}: {m} rows of {x.dtype} (the 2:4 fused kernels take one bf16 / fp16 row)")
-    if packed.shape != (rows, k // 4) or meta.shape != (rows, k // 8) or not sparse24_fast_fits(k, packed, group, x.dtype):
+    if packed.shape != (rows, k // 4) or meta.shape != (rows, k // 8) or \
+            not sparse24_fast_fits(k, packed, group, x.dtype):
         raise ValueError(f"{what}: 2:4 + int4 codes {tuple(packed.shape)} / meta {tuple(meta.shape)} / scale "
                          f"{tuple(scale.shape)} do not fit K {k} (K a multiple of 16, a power-of-two group >= 16)")
     if scale.shape[0] != rows or (zero is not None and zero.shape != scale.shape):
@@ -650,7 +663,8 @@ def _fast_operands(x: torch.Tensor, packed: torch.Tensor, meta: torch.Tensor, sc
 
 def sparse24_gemv_fused(x: torch.Tensor, packed: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor,
                         zero: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
-                        norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
+                        norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                        residual: torch.Tensor | None = None,
                         swiglu: bool = False, out: torch.Tensor | None = None,
                         config: tuple[int, int, int] | None = None, pdl: bool = True) -> torch.Tensor:
     """kernels/gemv.py's gemv on a 2:4 + int4 weight (packed [R, K / 4], meta [R, K / 8], scale /

@@ -163,8 +163,8 @@ class LlamaDecoderLayer(nn.Module):
         """The small-batch decode layer: h is the whole residual stream (the unfused path's
         x + residual), updated in place by the o_proj and down_proj epilogues. Four matmul launches
         replace two norms, four GEMMs, the SwiGLU and (but for Qwen3) the rotary + k/v store. The
-        weights may be dense, int8, int4 (dequantized in the kernels' registers) or W8A8 int8 (the
-        input quantized per token in the prologue): gemv_weight.
+        weights may be dense, int8, int4 (dequantized in the kernels' registers), W8A8 int8 (the
+        input quantized per token in the prologue) or, at one row only, 2:4 + int4: gemv_weight.
         ``pdl``: programmatic dependent launch where the GPU has it. In batch-invariant mode every
         launch is the GEMVs' batch-invariant one, at any number of rows."""
         gemv = gemv_kernels.gemv
@@ -316,8 +316,8 @@ class LlamaForCausalLM(nn.Module):
         int4 on its fast GEMV at batch 1 only, 16-bit: fused_decode_rows)."""
         dtype = self.model.embed_tokens.weight.dtype
         choose_int4_kernels(self, dtype)  # lm_head may be compressed
-        rows = fused_decode_rows((m for m in self.model.layers.modules() if isinstance(m, (nn.Linear, CompressedLinear))),
-                                 dtype)
+        linears = (m for m in self.model.layers.modules() if isinstance(m, (nn.Linear, CompressedLinear)))
+        rows = fused_decode_rows(linears, dtype)
         self.model.fusable, self.model.fused_rows = rows > 0, rows
         if self.options.batch_invariant:  # every linear, the lm_head too, must be the GEMVs'
             unread = next((f"{name} ({type(m).__name__})" for name, m in self.named_modules()
