@@ -26,8 +26,10 @@ Three paths, chosen by sparse24_gemv (its `path` names one for benchmarks):
   3.93 (10.1 / 10.5), norm prologue 4.66 / 4.81 (12.4 / 12.8: the per-input normalisation, about
   1.75 instructions an input, shared by the program's 8 rows), gate_up with norm and
   SwiGLU (4 columns, two row sets) 4.66 / 4.80, rotary + KV store 4.67 / 4.80, residual add 3.81 /
-  3.93 (the epilogue is outside the K loop); the unfused chain's norm, SwiGLU and add launches
-  come on top of its 3.79 (experiments/sparse24_sass_count.py).
+  3.93 (the epilogue is outside the K loop); K 4096, whole kernel (no zero point; the norm's
+  row-stats pass included): 4.16 unfused, 5.53 norm, 5.66 norm + SwiGLU, 4.22 residual, 5.91
+  rotary + KV store. The unfused chain's norm, SwiGLU and add launches come on top of its count
+  (experiments/sparse24_sass_count.py).
 - "select" (M == 1; the fast dequantization's semantics, fp32 weights as kernels/quant.py's
   fp32_weight_linear_ref): the program streams int32 words, a unit of 8 groups of 4 inputs at a
   time (one meta word; int4: two code words, 16-bit: eight value words, each a group's kept
