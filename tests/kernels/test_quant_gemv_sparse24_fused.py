@@ -134,3 +134,24 @@ def test_gemv_refuses_what_the_fused_2_4_kernel_cannot_take():
     with pytest.raises(ValueError, match="swiglu on 17 rows"):
         sparse24_gemv_fused(x, torch.cat([packed, packed[:1]]), torch.cat([meta, meta[:1]]),
                             torch.cat([scale, scale[:1]]), swiglu=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape,fusion", [((4096 * 3, 4096), "norm"), ((2 * 11008, 4096), "norm_swiglu"),
+                                          ((4096, 11008), "residual"), ((4096, 4096), "residual")])
+def test_fused_gpu_llama_7b_shapes(shape, fusion):
+    """Llama-2-7B's decode shapes, g128 with zero points, bf16, compiled with PDL: gemv_ref's result
+    on the fp32 weight within the summation order (and the one-ulp rounding flips it moves)."""
+    rows, k = shape
+    swiglu = fusion == "norm_swiglu"
+    weight, dense, x, nw, bias = _case(rows, k, 128, True, torch.bfloat16, seed=31)
+    n = rows // 2 if swiglu else rows
+    if fusion == "residual":
+        residual = torch.randn(1, n, device=DEVICE).to(torch.bfloat16)
+        out = sparse24_gemv_fused(x, *weight, residual=residual.clone(), pdl=True)
+        want = gemv_ref(x, dense, residual=residual)
+    else:
+        out = sparse24_gemv_fused(x, *weight, norm_weight=nw, eps=EPS, swiglu=swiglu, pdl=True)
+        want = gemv_ref(x, dense, norm_weight=nw, eps=EPS, swiglu=swiglu)
+    assert _rel(out, want) < 1e-2
