@@ -5,6 +5,7 @@ the bytes a thread's rows hold over the K the loop covers, counted two ways: "ac
 2-bit positions: 0.375 bytes a dense input) and "dense_equivalent" (int4's 0.5 bytes a dense input,
 the bytes kernels/gemv.py's fast int4 path reads for the same weight: its 8.4 compares with this),
 and per dense input. Scales are left out of both byte counts, as gemv_sass_count leaves them out.
+The fast kernel also with the fused decode's prologue / epilogues (FUSIONS, "rope_store").
 
     python experiments/sparse24_sass_count.py [--n 4096] [--k 4096] [--entry 8,4096,4 ...]
 """
@@ -25,6 +26,15 @@ from triton.compiler import ASTSource
 from experiments.gemv_sass_count import BIN, CONVERSIONS, _opcode, load_stats, loop_body, programs_per_sm, resources
 from kernels import quant_gemv as Q
 
+# The fast kernel's variants: unfused, and the fused decode's (gemv_weight): qkv / gate_up with the norm
+# prologue (gate_up with SwiGLU: two row sets a program), o_proj / down with the residual add; all
+# fused launches with PDL. "rope_store" is the qkv launch with rotary + KV store (two row sets).
+FUSIONS = {path: {"NORM": norm, "SWIGLU": swiglu, "RESIDUAL": res, "PDL": path != "fast"}
+           for path, norm, swiglu, res in [("fast", False, False, False), ("fast_norm", True, False, False),
+                                           ("fast_norm_swiglu", True, True, False),
+                                           ("fast_residual", False, False, True)]}
+FAST_SIG = {"x_ptr": "*bf16", "xw_ptr": "*i32", "w_ptr": "*i32", "m_ptr": "*i16", "s_ptr": "*fp32", "z_ptr": "*fp32",
+            "b_ptr": "*bf16", "nw_ptr": "*bf16"}
 ACTUAL_BYTES = 0.375  # a dense input's share of kept codes (0.25) and positions (0.125)
 DENSE_BYTES = 0.5  # int4's code bytes per input
 GROUP = 128
@@ -35,11 +45,17 @@ def compile_sm90(path: str, n: int, k: int, entry: tuple[int, int, int], zero: b
     specialized as a launch on torch tensors is (pointers 16-byte aligned)."""
     block_n, block_k, warps = entry
     flags = dict(GROUP=GROUP, HAS_ZERO=zero, HAS_BIAS=True, BF16_BY_HAND=False, FP16=False)
-    if path == "fast":
+    if path == "rope_store":  # the fused qkv launch: norm prologue, two row sets (rotary pairs), PDL
+        kernel = Q._sparse24_rope_store_kernel
+        sig = {**FAST_SIG, "q_ptr": "*bf16", "pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+               "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "slot_ptr": "*i64", "eps": "fp32",
+               "cos_stride": "i32", "sin_stride": "i32"}
+        constexprs = dict(K=k, Q_HEADS=32, KV_HEADS=32, HALF=64, BLOCK_N=block_n, BLOCK_K=block_k, NORM=True,
+                          PDL=True, **flags)
+    elif path.startswith("fast"):
         kernel = Q._sparse24_int4_fast_kernel
-        sig = {"x_ptr": "*i32", "w_ptr": "*i32", "m_ptr": "*i16", "s_ptr": "*fp32", "z_ptr": "*fp32",
-               "b_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32"}
-        constexprs = dict(K=k, BLOCK_N=block_n, BLOCK_K=block_k, **flags)
+        sig = {**FAST_SIG, "res_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "eps": "fp32"}
+        constexprs = dict(K=k, BLOCK_N=block_n, BLOCK_K=block_k, **flags, **FUSIONS[path])
     else:
         kernel = Q._sparse24_select_kernel
         sig = {"x_ptr": "*i64", "kept_ptr": "*i32", "meta_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32",
@@ -67,8 +83,9 @@ def count(path: str, n: int, k: int, entry: tuple[int, int, int], zero: bool) ->
     threads = entry[2] * 32
     steps = -(-k // entry[1])
     # the fast kernel's loop covers two K steps an iteration; a kernel without a loop all of them
-    per_count = (2 if path == "fast" else 1) if looped else steps
-    dense = entry[0] * entry[1] * per_count / threads  # dense inputs per thread in the counted code
+    per_count = (1 if path == "select" else 2) if looped else steps
+    row_sets = 2 if path in ("fast_norm_swiglu", "rope_store") else 1  # a program's rows: BLOCK_N a set
+    dense = row_sets * entry[0] * entry[1] * per_count / threads  # dense inputs per thread in the counted code
     loads = load_stats(body)
     return {"path": path, "zero": zero, "config": list(entry), "counted": "loop" if looped else "kernel",
             "instructions": total, "dense_inputs_per_thread": dense,
@@ -86,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--entry", action="append", default=[], help="BLOCK_N,BLOCK_K,num_warps of the fast path")
     args = ap.parse_args(argv)
-    runs = [("select", Q.SELECT_CONFIG), ("fast", Q.FAST_CONFIG)]
+    half = (Q.FAST_CONFIG[0] // 2, *Q.FAST_CONFIG[1:])  # two row sets: half the columns (_fast_config)
+    runs = [("select", Q.SELECT_CONFIG), ("fast", Q.FAST_CONFIG), ("fast_norm", Q.FAST_CONFIG),
+            ("fast_residual", Q.FAST_CONFIG), ("fast_norm_swiglu", half), ("rope_store", half)]
     runs += [("fast", tuple(int(v) for v in e.split(","))) for e in args.entry]
     for path, entry in runs:
         for zero in (False, True):

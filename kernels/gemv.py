@@ -54,6 +54,10 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   instead; each stores its fp32 partials, and the last of a tile to arrive (an atomic count)
   sums them in their fixed order and runs the fused epilogue: no second launch, the same result
   whichever program is last. experiments/quant_gemv_sweep.py times it ("exact_split").
+- 2:4 + int4 weights (quant "sparse24_int4", ``meta``: ONE_ROW_QUANTS): M == 1 only, 16-bit x;
+  gemv and gemv_rope_store hand them to kernels/quant_gemv.py's fast 2:4 kernel, which takes the
+  same NORM / SWIGLU / RESIDUAL flags and runs this module's row stats, normalised inputs
+  (_row_stats, _fast_x) and epilogues (_epilogue, _rope_store_epilogue).
 - rotary + KV store (gemv_rope_store, a sibling kernel on the same matmul code): the qkv matmul's
   epilogue rotates q and k (neox layout) and writes k and v straight into the paged cache, so the
   separate rope_store launch (kernels/rotary.py) goes away. Each program computes both members of
@@ -823,6 +827,27 @@ if HAS_TRITON:
         tl.atomic_add(count, -SPLIT * (arrived == SPLIT - 1).to(tl.int32), sem="relaxed", scope="gpu")
         return acc, acc2, last
 
+    @triton.jit
+    def _epilogue(acc, acc_up, rows, cols, col_mask, out_mask, b_ptr, res_ptr, out_ptr, res_stride, out_stride, N,
+                  dtype: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                  BF16_BY_HAND: tl.constexpr):
+        """gemv's fused epilogue on fp32 sums [BLOCK_M, BLOCK_N] (acc_up: SwiGLU's up columns, N
+        after the gate's in b_ptr): bias, the matmul's rounding, SwiGLU, residual add, the store.
+        dtype: x's, whose values the unfused modules would write. Also the 2:4 GEMV's (kernels/quant_gemv.py)."""
+        if HAS_BIAS:  # added in fp32 before rounding, as cuBLAS's bias epilogue does
+            acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            if SWIGLU:
+                acc_up += tl.load(b_ptr + N + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        y = _rnd(acc, dtype, BF16_BY_HAND)  # the matmul's output, rounded as a separate GEMM writes it
+        if SWIGLU:  # as kernels/activation.py: silu in fp32 rounded to the dtype, times up
+            act = _rnd(y / (1.0 + tl.exp(-y)), dtype, BF16_BY_HAND)
+            y = _rnd(act * _rnd(acc_up, dtype, BF16_BY_HAND), dtype, BF16_BY_HAND)
+        if RESIDUAL:
+            res = tl.load(res_ptr + rows.to(tl.int64)[:, None] * res_stride + cols[None, :], mask=out_mask, other=0.0)
+            y = _rnd(y + res.to(tl.float32), dtype, BF16_BY_HAND)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * out_stride + cols[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=out_mask)
+
     # M is not specialized (Triton makes M == 1 a constant, M % 16 == 0 a divisibility hint): one
     # compiled kernel for every row count, which batch invariance rests on.
     @triton.jit(do_not_specialize=["M"])
@@ -856,20 +881,8 @@ if HAS_TRITON:
         acc = _column_scale(acc, s_ptr, cols, col_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         if SWIGLU:
             acc_up = _column_scale(acc_up, s_ptr, cols + N, col_mask, dtype, QUANT, BF16_BY_HAND, FAST)
-
-        if HAS_BIAS:  # added in fp32 before rounding, as cuBLAS's bias epilogue does
-            acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            if SWIGLU:
-                acc_up += tl.load(b_ptr + N + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        y = _rnd(acc, dtype, BF16_BY_HAND)  # the matmul's output, rounded as a separate GEMM writes it
-        if SWIGLU:  # as kernels/activation.py: silu in fp32 rounded to the dtype, times up
-            act = _rnd(y / (1.0 + tl.exp(-y)), dtype, BF16_BY_HAND)
-            y = _rnd(act * _rnd(acc_up, dtype, BF16_BY_HAND), dtype, BF16_BY_HAND)
-        if RESIDUAL:
-            res = tl.load(res_ptr + rows.to(tl.int64)[:, None] * res_stride + cols[None, :], mask=out_mask, other=0.0)
-            y = _rnd(y + res.to(tl.float32), dtype, BF16_BY_HAND)
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * out_stride + cols[None, :], y.to(out_ptr.dtype.element_ty),
-                 mask=out_mask)
+        _epilogue(acc, acc_up, rows, cols, col_mask, out_mask, b_ptr, res_ptr, out_ptr, res_stride, out_stride, N,
+                  dtype, HAS_BIAS, SWIGLU, RESIDUAL, BF16_BY_HAND)
 
     @triton.jit
     def _rotate(y1, y2, rows, row_mask, d, rot_mask, pos_ptr, cos_ptr, sin_ptr, cos_stride, sin_stride,
@@ -900,37 +913,25 @@ if HAS_TRITON:
         tl.store(v_cache_ptr + off, r1.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
         tl.store(v_cache_ptr + off + HALF, r2.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
 
-    # M is not specialized (Triton makes M == 1 a constant, M % 16 == 0 a divisibility hint): one
-    # compiled kernel for every row count, which batch invariance rests on.
-    @triton.jit(do_not_specialize=["M"])
-    def _gemv_rope_store_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, nw_ptr, q_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
-        slot_ptr, M, eps, x_stride, q_stride, cos_stride, sin_stride,
-        K: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        HAS_BIAS: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
-        PDL: tl.constexpr, GROUP: tl.constexpr = 1, QUANT: tl.constexpr = 0, HAS_ZERO: tl.constexpr = False,
-        FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1,
-    ):
-        # Programs count rotary pairs, not columns: pair j is dim d = j % HALF of head j // HALF in
-        # the qkv output (q heads, then k heads, then v heads), i.e. columns c and c + HALF. v's
-        # pairs are not rotated; splitting them the same way keeps one code path.
-        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # grid axis 1: 16-row tiles past SMALL_M
-        row_mask = rows < M
+    @triton.jit
+    def _rope_pairs(BLOCK_N: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr):
+        """This program's rotary pairs (grid axis 0): their mask, head, dim d < HALF in the head,
+        and first qkv column (the second is col + HALF)."""
         j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         j_mask = j < (Q_HEADS + 2 * KV_HEADS) * HALF
         head = j // HALF
         d = j % HALF
         col = head * (2 * HALF) + d  # first member of the pair; the second is col + HALF
-        x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_stride
-        w_rows, s_rows, z_rows = _w_rows(w_ptr, s_ptr, z_ptr, col, K, GROUP, QUANT, FAST)
-        w_rows2, s_rows2, z_rows2 = _w_rows(w_ptr, s_ptr, z_ptr, col + HALF, K, GROUP, QUANT, FAST)
-        dtype = x_ptr.dtype.element_ty
-        acc1, acc2 = _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask,
-                                 nw_ptr, eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE, BF16_BY_HAND, PDL,
-                                 GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, 1)
-        acc1 = _column_scale(acc1, s_ptr, col, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
-        acc2 = _column_scale(acc2, s_ptr, col + HALF, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
+        return j_mask, head, d, col
+
+    @triton.jit
+    def _rope_store_epilogue(acc1, acc2, rows, row_mask, j_mask, head, d, col, b_ptr, q_ptr, q_stride, pos_ptr,
+                             cos_ptr, sin_ptr, cos_stride, sin_stride, slot_ptr, k_cache_ptr, v_cache_ptr,
+                             dtype: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+        """gemv_rope_store's epilogue on the fp32 sums of the pairs' columns col (acc1) and col + HALF
+        (acc2): bias, the qkv rounding, q and k rotated, q stored, k and v into the cache. Also the
+        2:4 GEMV's (kernels/quant_gemv.py)."""
         if HAS_BIAS:  # before the rotation (Qwen2), in fp32 before rounding as gemv does
             acc1 += tl.load(b_ptr + col, mask=j_mask, other=0.0).to(tl.float32)[None, :]
             acc2 += tl.load(b_ptr + col + HALF, mask=j_mask, other=0.0).to(tl.float32)[None, :]
@@ -950,6 +951,37 @@ if HAS_TRITON:
         tl.store(q_out + HALF, r2.to(q_ptr.dtype.element_ty), mask=q_mask)
         _store_kv(r1, r2, rows, row_mask, head - Q_HEADS, d, j_mask & ~is_q, is_v, slot_ptr,
                   k_cache_ptr, v_cache_ptr, KV_HEADS, HALF)
+
+    # M is not specialized (Triton makes M == 1 a constant, M % 16 == 0 a divisibility hint): one
+    # compiled kernel for every row count, which batch invariance rests on.
+    @triton.jit(do_not_specialize=["M"])
+    def _gemv_rope_store_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, nw_ptr, q_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
+        slot_ptr, M, eps, x_stride, q_stride, cos_stride, sin_stride,
+        K: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+        PDL: tl.constexpr, GROUP: tl.constexpr = 1, QUANT: tl.constexpr = 0, HAS_ZERO: tl.constexpr = False,
+        FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1,
+    ):
+        # Programs count rotary pairs, not columns: pair j is dim d = j % HALF of head j // HALF in
+        # the qkv output (q heads, then k heads, then v heads), i.e. columns c and c + HALF. v's
+        # pairs are not rotated; splitting them the same way keeps one code path.
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # grid axis 1: 16-row tiles past SMALL_M
+        row_mask = rows < M
+        j_mask, head, d, col = _rope_pairs(BLOCK_N, Q_HEADS, KV_HEADS, HALF)
+        x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_stride
+        w_rows, s_rows, z_rows = _w_rows(w_ptr, s_ptr, z_ptr, col, K, GROUP, QUANT, FAST)
+        w_rows2, s_rows2, z_rows2 = _w_rows(w_ptr, s_ptr, z_ptr, col + HALF, K, GROUP, QUANT, FAST)
+        dtype = x_ptr.dtype.element_ty
+        acc1, acc2 = _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask,
+                                 nw_ptr, eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE, BF16_BY_HAND, PDL,
+                                 GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, 1)
+        acc1 = _column_scale(acc1, s_ptr, col, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
+        acc2 = _column_scale(acc2, s_ptr, col + HALF, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
+        _rope_store_epilogue(acc1, acc2, rows, row_mask, j_mask, head, d, col, b_ptr, q_ptr, q_stride, pos_ptr,
+                             cos_ptr, sin_ptr, cos_stride, sin_stride, slot_ptr, k_cache_ptr, v_cache_ptr, dtype,
+                             Q_HEADS, KV_HEADS, HALF, HAS_BIAS, BF16_BY_HAND)
 
 
 QUANT_KINDS = {"dense": 0, "int8": 1, "int4": 2, "w8a8_int8": 3}
@@ -1024,6 +1056,20 @@ class SplitKWorkspace:
 SPLIT_K_WORKSPACE = SplitKWorkspace()
 
 
+# Formats the fused kernels read at M == 1 only (fast dequantization, 16-bit activations), with the
+# activation dtypes they take: 2:4 + int4 (kernels/quant_gemv.py); a decode of more rows runs unfused.
+ONE_ROW_QUANTS = {"sparse24_int4": (torch.bfloat16, torch.float16)}
+
+
+def _check_one_row(quant: str, x: torch.Tensor, fast: bool, batch_invariant: bool, split_k: int,
+                   config: tuple[int, int, int, int] | None) -> None:
+    if x.shape[0] != 1 or x.dtype not in ONE_ROW_QUANTS[quant] or not fast or batch_invariant or split_k != 1 \
+            or (config is not None and config[0] != 1):
+        raise ValueError(f"gemv: {quant} takes one {'/'.join(str(d) for d in ONE_ROW_QUANTS[quant])} row with fast "
+                         f"dequantization (not batch_invariant, split_k 1): got {x.shape[0]} rows of {x.dtype}, "
+                         f"fast {fast}, batch_invariant {batch_invariant}, split_k {split_k}, config {config}")
+
+
 def _check_invariant(batch_invariant: bool, fast: bool, config: tuple[int, int, int, int] | None) -> None:
     if batch_invariant and fast:
         raise ValueError("gemv: batch_invariant with fast dequantization "
@@ -1038,7 +1084,7 @@ def gemv(
     residual: torch.Tensor | None = None, swiglu: bool = False, out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None, pdl: bool = True,
     quant: str = "dense", scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
-    fast: bool = False, batch_invariant: bool = False, split_k: int = 1,
+    fast: bool = False, batch_invariant: bool = False, split_k: int = 1, meta: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of gemv_ref for x [M <= SMALL_M, K] (any M with ``batch_invariant``: each row's
     output the same at every M, the module docstring's batch invariance; not with ``fast``). ``out``
@@ -1052,7 +1098,15 @@ def gemv(
     ``split_k`` > 1 (the exact path; not the fast M == 1 one nor batch-invariant mode): each
     (column, row) tile's K in that many programs, the last to finish summing their partials in a
     fixed order and running the epilogue (_split_k_sum): more programs where N / BLOCK_N leaves
-    SMs idle (N 4096 at M > 1: 128 programs of 32 columns)."""
+    SMs idle (N 4096 at M > 1: 128 programs of 32 columns).
+    ``quant`` "sparse24_int4" (``meta``: its 2:4 positions; ONE_ROW_QUANTS): kernels/quant_gemv.py's
+    sparse24_gemv_fused, the same fusions at M == 1 with the fast dequantization only."""
+    if quant in ONE_ROW_QUANTS:
+        _check_one_row(quant, x, fast, batch_invariant, split_k, config)
+        from kernels.quant_gemv import sparse24_gemv_fused  # it imports this module's kernel helpers
+        return sparse24_gemv_fused(x, weight, meta, scale, zero, bias, norm_weight=norm_weight, eps=eps,
+                                   residual=residual, swiglu=swiglu, out=out,
+                                   config=None if config is None else config[1:], pdl=pdl)
     m, k = x.shape
     rows_w = weight.shape[0]
     kw, qargs = _quant_args(weight, k, quant, scale, zero)
@@ -1117,7 +1171,7 @@ def gemv_rope_store(
     num_heads: int, num_kv_heads: int, out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None, pdl: bool = True,
     quant: str = "dense", scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
-    fast: bool = False, batch_invariant: bool = False,
+    fast: bool = False, batch_invariant: bool = False, meta: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of gemv_rope_store_ref: the fused qkv projection ([q; k; v] rows of weight)
     of x [M <= SMALL_M, K] with norm prologue and bias, q and k rotated at ``positions`` (neox,
@@ -1125,7 +1179,15 @@ def gemv_rope_store(
     num_kv_heads, head_dim] at ``slot_mapping`` (< 0: nothing). Returns q [M, num_heads * head_dim]
     (into ``out`` if given). One launch replaces gemv + rope_store; the rotated k and v exist only
     in the cache. ``config`` overrides gemv_rope_store_config; ``quant``, ``scale``, ``zero``, ``fast``,
-    ``batch_invariant`` (any M) as gemv's."""
+    ``batch_invariant`` (any M), ``meta`` as gemv's."""
+    if quant in ONE_ROW_QUANTS:
+        _check_one_row(quant, x, fast, batch_invariant, 1, config)
+        from kernels.quant_gemv import sparse24_gemv_rope_store  # it imports this module's kernel helpers
+        return sparse24_gemv_rope_store(
+            x, weight, meta, scale, zero, bias, norm_weight=norm_weight, eps=eps, positions=positions,
+            cos_table=cos_table, sin_table=sin_table, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping,
+            num_heads=num_heads, num_kv_heads=num_kv_heads, out=out, config=None if config is None else config[1:],
+            pdl=pdl)
     m, k = x.shape
     head_dim = k_cache.shape[-1]
     half = head_dim // 2

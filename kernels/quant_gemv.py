@@ -16,6 +16,20 @@ Three paths, chosen by sparse24_gemv (its `path` names one for benchmarks):
   under the exponent of 2^23, as kernels/gemv.py's _int4_code) and one FFMA (times 2^-shift,
   minus 2^(23 - shift) + 8 + zero), then one FFMA with its input; the scale once per run. The
   meta bytes are read as they are (no repacked copy at load).
+  Fused (sparse24_gemv_fused, sparse24_gemv_rope_store; kernels/gemv.py's gemv / gemv_rope_store
+  with quant "sparse24_int4" reach them, the engine's fused decode at batch 1): the same kernel
+  with gemv's flags and helpers: the RMSNorm prologue (gemv's _row_stats, then each input
+  normalised by gemv's _fast_x and packed back into 16-bit words for the PRMT picks), SwiGLU (gate
+  and up rows: two row sets on one x), the residual add (gemv's _epilogue), and a sibling kernel
+  with rotary + KV store (gemv's _rope_store_epilogue), all with PDL. SASS for sm_90 (K 11008, g128,
+  no zero point / zero point, per dense input; per byte of kept codes + positions): unfused 3.79 /
+  3.93 (10.1 / 10.5), norm prologue 4.66 / 4.81 (12.4 / 12.8: the per-input normalisation, about
+  1.75 instructions an input, shared by the program's 8 rows), gate_up with norm and
+  SwiGLU (4 columns, two row sets) 4.66 / 4.80, rotary + KV store 4.67 / 4.80, residual add 3.81 /
+  3.93 (the epilogue is outside the K loop); K 4096, whole kernel (no zero point; the norm's
+  row-stats pass included): 4.16 unfused, 5.53 norm, 5.66 norm + SwiGLU, 4.22 residual, 5.91
+  rotary + KV store. The unfused chain's norm, SwiGLU and add launches come on top of its count
+  (experiments/sparse24_sass_count.py).
 - "select" (M == 1; the fast dequantization's semantics, fp32 weights as kernels/quant.py's
   fp32_weight_linear_ref): the program streams int32 words, a unit of 8 groups of 4 inputs at a
   time (one meta word; int4: two code words, 16-bit: eight value words, each a group's kept
@@ -59,10 +73,13 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import HAS_TRITON, interpreting, next_pow2, tl, triton
+from kernels._triton import HAS_TRITON, interpreting, next_pow2, pdl_launch_args, tl, triton
+from kernels.gemv import MAX_NORM_K
 
 if HAS_TRITON:
-    from kernels.gemv import FAST_MIN_PROGRAMS, _PTX, _rnd, split8
+    from kernels.gemv import (FAST_MIN_PROGRAMS, _PTX, _epilogue, _rnd, _rope_pairs, _rope_store_epilogue, _row_stats,
+                              split8)
+    from kernels.gemv import _fast_x as _norm_x
 
 SMALL_M = 16
 UNIT = 32  # dense inputs per meta word: 8 groups of 4
@@ -354,22 +371,55 @@ if HAS_TRITON:
         return words, meta, scale, zero
 
     @triton.jit
-    def _fast_x(x_ptr, k0, K: tl.constexpr, R: tl.constexpr, T: tl.constexpr):
+    def _fast_tiles(w_rows, w_rows2, m_rows, m_rows2, s_rows, s_rows2, z_rows, z_rows2, k0, col_mask,
+                    K: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
+                    TWO: tl.constexpr):
+        """_fast_tile's step at k0 for the first row set and, with TWO, the second (SwiGLU's up rows,
+        rotary's second-half rows; else the first's again, unused)."""
+        tile = _fast_tile(w_rows, m_rows, s_rows, z_rows, k0, col_mask, K, GROUP, HAS_ZERO, R, T)
+        tile2 = tile
+        if TWO:
+            tile2 = _fast_tile(w_rows2, m_rows2, s_rows2, z_rows2, k0, col_mask, K, GROUP, HAS_ZERO, R, T)
+        return tile, tile2
+
+    @triton.jit
+    def _pack_pair(v0, v1, FP16: tl.constexpr):
+        """Two fp32 values that hold 16-bit ones exactly as one int32 word of the two, v0 in the low
+        half (_half_pair's inverse)."""
+        if FP16:
+            lo = v0.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            hi = v1.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16
+        else:
+            lo = (v0.to(tl.int32, bitcast=True) >> 16) & 0xFFFF
+            hi = v1.to(tl.int32, bitcast=True) & -65536  # 0xFFFF0000
+        return lo | hi
+
+    @triton.jit
+    def _fast_x(x_ptr, xw_ptr, nw_ptr, rstd, k0, K: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
+                NORM: tl.constexpr, FP16: tl.constexpr, BF16_BY_HAND: tl.constexpr):
         """The step's inputs as int32 words of two 16-bit values, indexed as _fast_tile's code
-        words: the 8 words of word (r, t)'s 16 inputs, 128-bit loads split in registers."""
+        words: the 8 words of word (r, t)'s 16 inputs, 128-bit loads (xw_ptr: x as int32 words)
+        split in registers. NORM: RMS-normalised first, by kernels/gemv.py's _fast_x (x_ptr: the
+        16-bit row, rstd its scalar), each value rounded to the dtype as rmsnorm writes it, then
+        packed back into words for the PRMT picks."""
         t = k0 // (16 * R) + tl.arange(0, T)
         j = (t[None, :] * R + tl.arange(0, R)[:, None])[:, :, None]
-        x = tl.load(x_ptr + j * 8 + tl.arange(0, 8)[None, None, :], mask=j < K // 16, other=0)
+        if NORM:
+            v = _norm_x(x_ptr, j * 16 + tl.arange(0, 16)[None, None, :], nw_ptr, rstd, 0.0, K, True, 2,
+                        BF16_BY_HAND)
+            lo, hi = tl.split(tl.reshape(v, (R, T, 8, 2)))
+            x = _pack_pair(lo, hi, FP16)
+        else:
+            x = tl.load(xw_ptr + j * 8 + tl.arange(0, 8)[None, None, :], mask=j < K // 16, other=0)
         return split8(x, R, T)
 
     @triton.jit
-    def _fast_step(acc, tile, x_ptr, k0, K: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
-                   HAS_ZERO: tl.constexpr, FP16: tl.constexpr):
-        """acc += the step at k0: per code word its 4 groups' kept x picked by PRMT (_kept_x), its
-        8 codes made floats in place (_kept_code; codes 0..4 from the word, 5..7 from a copy moved
-        down 12 bits, as kernels/gemv.py's _int4_fast_mac), summed per run, times the scale."""
+    def _fast_step(acc, tile, xs, HAS_ZERO: tl.constexpr, FP16: tl.constexpr):
+        """acc += one row set's step (tile) with its inputs xs (_fast_x): per code word its 4 groups'
+        kept x picked by PRMT (_kept_x), its 8 codes made floats in place (_kept_code; codes 0..4
+        from the word, 5..7 from a copy moved down 12 bits, as kernels/gemv.py's _int4_fast_mac),
+        summed per run, times the scale."""
         words, meta, scale, zero = tile
-        xs = _fast_x(x_ptr, k0, K, R, T)
         if _PTX:  # bytes 0..2 of the word, byte 3 the exponent's 0x4B
             lo = tl.inline_asm_elementwise("prmt.b32 $0, $1, 0x4B000000, 0x7210;", "=r,r", [words],
                                            dtype=tl.int32, is_pure=True, pack=1)
@@ -399,42 +449,108 @@ if HAS_TRITON:
         return acc + part * scale
 
     @triton.jit
-    def _sparse24_int4_fast_kernel(
-        x_ptr, w_ptr, m_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N,
-        K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        FP16: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BF16_BY_HAND: tl.constexpr,
-    ):
-        """M == 1, 16-bit x: y = x @ W^T (+ bias) with W's kept int4 codes as int32 words (8 codes,
-        4 groups of 4 inputs, 16 dense inputs), their 2-bit positions as int16 (16 bits a word,
-        kernels/quant.py's meta bytes as they are), K steps of BLOCK_K dense inputs, each step's
-        tile loaded one step ahead of its use (the last step's prefetch past K: masked loads)."""
+    def _fast_steps(acc, acc2, tiles, x_ptr, xw_ptr, nw_ptr, rstd, k0, K: tl.constexpr, R: tl.constexpr,
+                    T: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr, HAS_ZERO: tl.constexpr,
+                    FP16: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+        """acc (and acc2) += the step at k0: its inputs made once for both row sets (_fast_tiles)."""
+        xs = _fast_x(x_ptr, xw_ptr, nw_ptr, rstd, k0, K, R, T, NORM, FP16, BF16_BY_HAND)
+        acc = _fast_step(acc, tiles[0], xs, HAS_ZERO, FP16)
+        if TWO:
+            acc2 = _fast_step(acc2, tiles[1], xs, HAS_ZERO, FP16)
+        return acc, acc2
+
+    @triton.jit
+    def _matmul_fast(x_ptr, xw_ptr, w_rows, w_rows2, m_rows, m_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask,
+                     nw_ptr, eps, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     NORM: tl.constexpr, TWO: tl.constexpr, HAS_ZERO: tl.constexpr, FP16: tl.constexpr,
+                     BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr):
+        """The fp32 sums [1, BLOCK_N] of x @ W^T for the rows at w_rows (pointers [BLOCK_N, 1]) and,
+        with TWO, at w_rows2, over the same inputs (RMS-normalised with NORM: kernels/gemv.py's
+        _row_stats, then _fast_x). K steps of BLOCK_K dense inputs, each step's tiles loaded one
+        step ahead of their use (the last step's prefetch past K: masked loads); the first before
+        the PDL wait, as kernels/gemv.py's matmuls."""
         R: tl.constexpr = 4 if BLOCK_K >= 64 else BLOCK_K // 16
         T: tl.constexpr = BLOCK_K // (16 * R)
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = cols < N
-        c = cols.to(tl.int64)[:, None]
-        w_rows = w_ptr + c * (K // 16)
-        m_rows = m_ptr + c * (K // 16)
-        s_rows = s_ptr + c * (K // GROUP)
-        z_rows = z_ptr + c * (K // GROUP)
-        acc = tl.zeros([BLOCK_N, 1 if (GROUP // 16) % R == 0 else R, T], tl.float32)  # as the scales
         STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
-        a = _fast_tile(w_rows, m_rows, s_rows, z_rows, 0, col_mask, K, GROUP, HAS_ZERO, R, T)
+        a = _fast_tiles(w_rows, w_rows2, m_rows, m_rows2, s_rows, s_rows2, z_rows, z_rows2, 0, col_mask, K, GROUP,
+                        HAS_ZERO, R, T, TWO)
+        if PDL:  # x is the previous kernel's output: wait for it, then let the next kernel start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        row = tl.arange(0, 1)
+        rstd, _ = _row_stats(x_ptr + row[:, None], row < 1, tl.arange(0, BLOCK_K), nw_ptr, eps, K, 1, BLOCK_K,
+                             NORM, 2, BF16_BY_HAND)
+        rstd = tl.sum(rstd, 0)
+        acc = tl.zeros([BLOCK_N, 1 if (GROUP // 16) % R == 0 else R, T], tl.float32)  # as the scales
+        acc2 = acc
         # two steps an iteration, the tiles alternating between two sets of registers (a one-step
         # loop copies the prefetched tile into the current one's: a MOV a word)
         for k0 in range(0, (STEPS // 2) * 2 * BLOCK_K, 2 * BLOCK_K):
-            b = _fast_tile(w_rows, m_rows, s_rows, z_rows, k0 + BLOCK_K, col_mask, K, GROUP, HAS_ZERO, R, T)
-            acc = _fast_step(acc, a, x_ptr, k0, K, R, T, HAS_ZERO, FP16)
-            a = _fast_tile(w_rows, m_rows, s_rows, z_rows, k0 + 2 * BLOCK_K, col_mask, K, GROUP, HAS_ZERO, R, T)
-            acc = _fast_step(acc, b, x_ptr, k0 + BLOCK_K, K, R, T, HAS_ZERO, FP16)
+            b = _fast_tiles(w_rows, w_rows2, m_rows, m_rows2, s_rows, s_rows2, z_rows, z_rows2, k0 + BLOCK_K,
+                            col_mask, K, GROUP, HAS_ZERO, R, T, TWO)
+            acc, acc2 = _fast_steps(acc, acc2, a, x_ptr, xw_ptr, nw_ptr, rstd, k0, K, R, T, NORM, TWO, HAS_ZERO,
+                                    FP16, BF16_BY_HAND)
+            a = _fast_tiles(w_rows, w_rows2, m_rows, m_rows2, s_rows, s_rows2, z_rows, z_rows2, k0 + 2 * BLOCK_K,
+                            col_mask, K, GROUP, HAS_ZERO, R, T, TWO)
+            acc, acc2 = _fast_steps(acc, acc2, b, x_ptr, xw_ptr, nw_ptr, rstd, k0 + BLOCK_K, K, R, T, NORM, TWO,
+                                    HAS_ZERO, FP16, BF16_BY_HAND)
         if STEPS % 2 == 1:
-            acc = _fast_step(acc, a, x_ptr, (STEPS - 1) * BLOCK_K, K, R, T, HAS_ZERO, FP16)
-        y = tl.sum(tl.sum(acc, 2), 1)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        if BF16_BY_HAND:
-            y = _rnd(y, tl.bfloat16, True)
-        tl.store(out_ptr + cols, y.to(out_ptr.dtype.element_ty), mask=col_mask)
+            acc, acc2 = _fast_steps(acc, acc2, a, x_ptr, xw_ptr, nw_ptr, rstd, (STEPS - 1) * BLOCK_K, K, R, T, NORM,
+                                    TWO, HAS_ZERO, FP16, BF16_BY_HAND)
+        return tl.sum(tl.sum(acc, 2), 1)[None, :], tl.sum(tl.sum(acc2, 2), 1)[None, :]
+
+    @triton.jit
+    def _rows(w_ptr, m_ptr, s_ptr, z_ptr, cols, K: tl.constexpr, GROUP: tl.constexpr):
+        """Row pointers [BLOCK_N, 1] of the code words, position words, scales and zero points."""
+        c = cols.to(tl.int64)[:, None]
+        return w_ptr + c * (K // 16), m_ptr + c * (K // 16), s_ptr + c * (K // GROUP), z_ptr + c * (K // GROUP)
+
+    @triton.jit
+    def _sparse24_int4_fast_kernel(
+        x_ptr, xw_ptr, w_ptr, m_ptr, s_ptr, z_ptr, b_ptr, nw_ptr, res_ptr, out_ptr, N, eps,
+        K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        FP16: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+        NORM: tl.constexpr = False, SWIGLU: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
+        PDL: tl.constexpr = False,
+    ):
+        """M == 1, 16-bit x (x_ptr; xw_ptr: the same row as int32 words): y = x @ W^T with W's kept
+        int4 codes as int32 words (8 codes, 4 groups of 4 inputs, 16 dense inputs), their 2-bit
+        positions as int16 (16 bits a word, kernels/quant.py's meta bytes as they are), and
+        kernels/gemv.py's fusions around it (its _epilogue): NORM (RMSNorm prologue, nw_ptr),
+        bias, SWIGLU (W has 2N rows, gate then up: out = silu(gate) * up), RESIDUAL (out =
+        res + y; out may be res)."""
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        w_rows, m_rows, s_rows, z_rows = _rows(w_ptr, m_ptr, s_ptr, z_ptr, cols, K, GROUP)
+        w_up, m_up, s_up, z_up = _rows(w_ptr, m_ptr, s_ptr, z_ptr, cols + N, K, GROUP)
+        acc, acc_up = _matmul_fast(x_ptr, xw_ptr, w_rows, w_up, m_rows, m_up, s_rows, s_up, z_rows, z_up, col_mask,
+                                   nw_ptr, eps, K, GROUP, BLOCK_N, BLOCK_K, NORM, SWIGLU, HAS_ZERO, FP16,
+                                   BF16_BY_HAND, PDL)
+        row = tl.arange(0, 1)
+        _epilogue(acc, acc_up, row, cols, col_mask, (row < 1)[:, None] & col_mask[None, :], b_ptr, res_ptr, out_ptr,
+                  0, 0, N, x_ptr.dtype.element_ty, HAS_BIAS, SWIGLU, RESIDUAL, BF16_BY_HAND)
+
+    @triton.jit
+    def _sparse24_rope_store_kernel(
+        x_ptr, xw_ptr, w_ptr, m_ptr, s_ptr, z_ptr, b_ptr, nw_ptr, q_ptr, pos_ptr, cos_ptr, sin_ptr,
+        k_cache_ptr, v_cache_ptr, slot_ptr, eps, cos_stride, sin_stride,
+        K: tl.constexpr, GROUP: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP16: tl.constexpr, HAS_ZERO: tl.constexpr,
+        HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr,
+    ):
+        """kernels/gemv.py's gemv_rope_store on a 2:4 + int4 qkv weight at M == 1: programs over
+        BLOCK_N rotary pairs (columns col and col + HALF: _rope_pairs), the two row sets' sums by
+        _matmul_fast, then gemv's _rope_store_epilogue (bias, rotation, q out, k / v into the cache)."""
+        j_mask, head, d, col = _rope_pairs(BLOCK_N, Q_HEADS, KV_HEADS, HALF)
+        w_rows, m_rows, s_rows, z_rows = _rows(w_ptr, m_ptr, s_ptr, z_ptr, col, K, GROUP)
+        w_rows2, m_rows2, s_rows2, z_rows2 = _rows(w_ptr, m_ptr, s_ptr, z_ptr, col + HALF, K, GROUP)
+        acc1, acc2 = _matmul_fast(x_ptr, xw_ptr, w_rows, w_rows2, m_rows, m_rows2, s_rows, s_rows2, z_rows, z_rows2,
+                                  j_mask, nw_ptr, eps, K, GROUP, BLOCK_N, BLOCK_K, NORM, True, HAS_ZERO, FP16,
+                                  BF16_BY_HAND, PDL)
+        row = tl.arange(0, 1)
+        _rope_store_epilogue(acc1, acc2, row, row < 1, j_mask, head, d, col, b_ptr, q_ptr, 0, pos_ptr, cos_ptr,
+                             sin_ptr, cos_stride, sin_stride, slot_ptr, k_cache_ptr, v_cache_ptr,
+                             x_ptr.dtype.element_ty, Q_HEADS, KV_HEADS, HALF, HAS_BIAS, BF16_BY_HAND)
 
 
 def sparse24_gemv(x: torch.Tensor, kept: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor | None = None,
@@ -476,8 +592,9 @@ def sparse24_gemv(x: torch.Tensor, kept: torch.Tensor, meta: torch.Tensor, scale
             (path == "select" and m != 1):
         raise ValueError(f"sparse24_gemv: path {path!r} does not take {m} rows of {x.dtype} on kept {kept.dtype}")
     if path in ("fast", "fast_rows"):
-        for row in range(m):
-            _sparse24_int4_fast(x[row:row + 1], kept, meta, scale, zero, bias, out[row:row + 1], group, config)
+        for row in range(m):  # one launch a row, without PDL (a plain launch, as the other paths')
+            sparse24_gemv_fused(x[row:row + 1], kept, meta, scale, zero, bias, out=out[row:row + 1], config=config,
+                                pdl=False)
         return out
     scale_arg = scale if int4 else meta
     common = dict(N=n, K=k, GROUP=group or UNIT, INT4=int4, FP16=kept.dtype == torch.float16,
@@ -506,21 +623,104 @@ def sparse24_gemv(x: torch.Tensor, kept: torch.Tensor, meta: torch.Tensor, scale
     return out
 
 
-def _sparse24_int4_fast(x: torch.Tensor, packed: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor,
-                        zero: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor, group: int,
-                        config: tuple[int, int, int] | None) -> torch.Tensor:
-    """The fast path's launch (sparse24_gemv checked the shapes): x as int32 words of two inputs,
-    the codes as int32 words of 8, the meta bytes as int16 (a code word's 16 position bits)."""
-    n, k = out.shape[1], x.shape[1]
+def _fast_config(n: int, k: int, two: bool, config: tuple[int, int, int] | None) -> tuple[int, int, int]:
+    """The fast path's (BLOCK_N, BLOCK_K, num_warps): ``config`` or FAST_CONFIG, half the columns
+    where a program reads two row sets (``two``: SwiGLU, rotary pairs), K steps no wider than K,
+    fewer columns per program where N would leave fewer than FAST_MIN_PROGRAMS programs."""
     block_n, block_k, warps = config or FAST_CONFIG
+    if two and config is None:
+        block_n = max(1, block_n // 2)
     block_k = max(16, min(block_k, next_pow2(k)))
     while block_n > 1 and triton.cdiv(n, block_n) < FAST_MIN_PROGRAMS:
         block_n //= 2
-    words = _aligned(packed, 4).view(torch.int32)
-    meta16 = _aligned(meta, 2).view(torch.int16)
+    return block_n, block_k, warps if not interpreting() else 1
+
+
+def _fast_operands(x: torch.Tensor, packed: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor,
+                   zero: torch.Tensor | None, norm_weight: torch.Tensor | None, what: str) -> tuple[torch.Tensor, dict]:
+    """Checks a fused fast-path call (one 16-bit row, a weight the fast kernel takes: one ValueError
+    naming what does not fit) and returns x (4-byte aligned) and the kernel's weight operands: x
+    also as int32 words of two inputs, the codes as int32 words of 8, the meta bytes as int16 (a
+    code word's 16 position bits)."""
+    m, k = x.shape
+    rows = packed.shape[0]
+    group = k // scale.shape[1] if scale.dim() == 2 and scale.shape[1] and k % scale.shape[1] == 0 else None
+    if m != 1 or x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"{what}: {m} rows of {x.dtype} (the 2:4 fused kernels take one bf16 / fp16 row)")
+    if packed.shape != (rows, k // 4) or meta.shape != (rows, k // 8) or \
+            not sparse24_fast_fits(k, packed, group, x.dtype):
+        raise ValueError(f"{what}: 2:4 + int4 codes {tuple(packed.shape)} / meta {tuple(meta.shape)} / scale "
+                         f"{tuple(scale.shape)} do not fit K {k} (K a multiple of 16, a power-of-two group >= 16)")
+    if scale.shape[0] != rows or (zero is not None and zero.shape != scale.shape):
+        raise ValueError(f"{what}: scale {tuple(scale.shape)} / zero do not fit [{rows}, K / group]")
+    if norm_weight is not None and (norm_weight.shape != (k,) or k > MAX_NORM_K):
+        raise ValueError(f"{what}: norm weight {tuple(norm_weight.shape)} for K {k} (at most {MAX_NORM_K})")
+    x = _aligned(x.contiguous(), 4)
+    return x, dict(x_ptr=x, xw_ptr=x.view(torch.int32), w_ptr=_aligned(packed, 4).view(torch.int32),
+                   m_ptr=_aligned(meta, 2).view(torch.int16), s_ptr=scale,
+                   z_ptr=zero if zero is not None else scale, nw_ptr=norm_weight if norm_weight is not None else scale,
+                   K=k, GROUP=group, FP16=x.dtype == torch.float16, HAS_ZERO=zero is not None,
+                   BF16_BY_HAND=interpreting() and x.dtype == torch.bfloat16)
+
+
+def sparse24_gemv_fused(x: torch.Tensor, packed: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor,
+                        zero: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
+                        norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                        residual: torch.Tensor | None = None,
+                        swiglu: bool = False, out: torch.Tensor | None = None,
+                        config: tuple[int, int, int] | None = None, pdl: bool = True) -> torch.Tensor:
+    """kernels/gemv.py's gemv on a 2:4 + int4 weight (packed [R, K / 4], meta [R, K / 8], scale /
+    zero [R, K / G]) at M == 1, 16-bit x: the fast path's product (the fp32 dequantized weight,
+    rounded once) with gemv's fusions: RMSNorm prologue, bias, SwiGLU (R = 2 N: gate rows, then
+    up rows), residual add (``out`` may be ``residual``). Reference: gemv_ref on
+    kernels/quant.py's sparse24_int4_dequantize weight. ``config``: (BLOCK_N, BLOCK_K, warps)."""
+    x, args = _fast_operands(x, packed, meta, scale, zero, norm_weight, "sparse24_gemv_fused")
+    rows = packed.shape[0]
+    if swiglu and rows % 2:
+        raise ValueError(f"sparse24_gemv_fused: swiglu on {rows} rows (gate and up: an even count)")
+    n = rows // 2 if swiglu else rows
+    if out is None:
+        out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    if out.shape != (1, n) or out.stride(1) != 1 or (residual is not None and residual.shape != (1, n)):
+        raise ValueError(f"sparse24_gemv_fused: out {tuple(out.shape)} / residual for [1, {n}]")
+    if norm_weight is not None and out.data_ptr() == x.data_ptr():
+        raise ValueError("sparse24_gemv_fused: out is x, whose whole row the norm prologue reads")
+    block_n, block_k, warps = _fast_config(n, x.shape[1], swiglu, config)
     _sparse24_int4_fast_kernel[(triton.cdiv(n, block_n),)](
-        _aligned(x, 4).view(torch.int32), words, meta16, scale, zero if zero is not None else scale,
-        bias if bias is not None else scale, out, n, K=k, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k,
-        FP16=x.dtype == torch.float16, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
-        BF16_BY_HAND=interpreting() and x.dtype == torch.bfloat16, num_warps=warps if not interpreting() else 1)
+        **args, b_ptr=bias if bias is not None else scale, res_ptr=residual if residual is not None else out,
+        out_ptr=out, N=n, eps=eps, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
+        NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
+        **pdl_launch_args(pdl, x.device), num_warps=warps)
+    return out
+
+
+def sparse24_gemv_rope_store(
+    x: torch.Tensor, packed: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+    positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
+    out: torch.Tensor | None = None, config: tuple[int, int, int] | None = None, pdl: bool = True,
+) -> torch.Tensor:
+    """kernels/gemv.py's gemv_rope_store on a 2:4 + int4 qkv weight at M == 1, 16-bit x: norm
+    prologue, the fast path's product, bias, q and k rotated, k and v into the paged cache at
+    slot_mapping[0] (< 0: nothing); returns q [1, num_heads * head_dim]. Reference:
+    gemv_rope_store_ref on sparse24_int4_dequantize's weight."""
+    x, args = _fast_operands(x, packed, meta, scale, zero, norm_weight, "sparse24_gemv_rope_store")
+    head_dim = k_cache.shape[-1]
+    n = (num_heads + 2 * num_kv_heads) * head_dim
+    if packed.shape[0] != n or head_dim % 2 or k_cache.shape[-2] != num_kv_heads or v_cache.shape != k_cache.shape:
+        raise ValueError(f"sparse24_gemv_rope_store: {packed.shape[0]} weight rows, cache {tuple(k_cache.shape)} for "
+                         f"{num_heads} + 2 x {num_kv_heads} heads")
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and positions.shape == (1,)
+    assert cos_table.shape[-1] == head_dim and cos_table.stride(1) == 1 and sin_table.stride(1) == 1
+    if out is None:
+        out = torch.empty(1, num_heads * head_dim, dtype=x.dtype, device=x.device)
+    assert out.shape == (1, num_heads * head_dim) and out.stride(1) == 1
+    block_pairs, block_k, warps = _fast_config(n // 2, x.shape[1], True, config)
+    _sparse24_rope_store_kernel[(triton.cdiv(n // 2, block_pairs),)](
+        **args, b_ptr=bias if bias is not None else scale, q_ptr=out, pos_ptr=positions, cos_ptr=cos_table,
+        sin_ptr=sin_table, k_cache_ptr=k_cache, v_cache_ptr=v_cache, slot_ptr=slot_mapping, eps=eps,
+        cos_stride=cos_table.stride(0), sin_stride=sin_table.stride(0), Q_HEADS=num_heads, KV_HEADS=num_kv_heads,
+        HALF=head_dim // 2, BLOCK_N=block_pairs, BLOCK_K=block_k, HAS_BIAS=bias is not None,
+        NORM=norm_weight is not None, **pdl_launch_args(pdl, x.device), num_warps=warps)
     return out

@@ -13,14 +13,14 @@ batch 1 with the fast dequantization unless ModelOptions.exact_dequant, kernels/
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kernels import quant as ref
-from kernels.gemv import FAST_BY_DEFAULT, SMALL_M, fast_dequant_fits, gemv
+from kernels.gemv import FAST_BY_DEFAULT, ONE_ROW_QUANTS, SMALL_M, fast_dequant_fits, gemv
 from kernels.quant_dequant import dequantize_int4, dequantize_int4_tinygemm
 from kernels.quant_tinygemm import (pack_for_gpu, scales_and_zeros, tinygemm_available, tinygemm_fits, tinygemm_mm,
                                     unpack_gpu_layout)
@@ -48,6 +48,11 @@ class CompressedLinear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The dense weight this layer stands for, fp32 [out, in]."""
         raise NotImplementedError
+
+    def gemv_args(self) -> tuple[torch.Tensor, dict] | None:
+        """The fused decode kernels' weight and its format arguments (kernels/gemv.py), or None where
+        they cannot read this layer (then it runs as its own module, on the unfused path)."""
+        return None
 
     def _fast(self, quant: str, group: int = 1) -> bool:
         """Whether the decode GEMVs read this layer with the fast dequantization at M == 1: for the
@@ -307,10 +312,28 @@ def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module
 
 def gemv_weight(linear: nn.Module) -> tuple[torch.Tensor, dict] | None:
     """(weight, format kwargs) of kernels/gemv.py's fused decode kernels for a linear, or None
-    where they cannot read it (fp8, 2:4, per-group int8, int4 on tinygemm): those run as their own
-    modules, on the unfused path."""
+    where they cannot read it (fp8, 2:4 16-bit values, 2:4 + int4 off its fast M == 1 GEMV,
+    per-group int8, int4 on tinygemm): those run as their own modules, on the unfused path."""
     if isinstance(linear, nn.Linear):
         return linear.weight, {}
-    if isinstance(linear, (Int8Linear, Int4Linear, W8A8Linear)):
+    if isinstance(linear, CompressedLinear):
         return linear.gemv_args()
     return None
+
+
+def fused_decode_rows(linears: Iterable[nn.Module], dtype: torch.dtype) -> int:
+    """The most rows of dtype a decode step may run through the fused kernels with these linears:
+    SMALL_M; 1 where a format is read at M == 1 only (kernels/gemv.py's ONE_ROW_QUANTS: 2:4 + int4,
+    whose larger batches keep their unfused 2:4 paths); 0 where the kernels cannot read a linear,
+    or a one-row format does not take dtype."""
+    rows = SMALL_M
+    for linear in linears:
+        args = gemv_weight(linear)
+        if args is None:
+            return 0
+        quant = args[1].get("quant", "dense")
+        if quant in ONE_ROW_QUANTS:
+            if dtype not in ONE_ROW_QUANTS[quant]:
+                return 0
+            rows = 1
+    return rows

@@ -117,6 +117,7 @@ class Sparse24Linear(CompressedLinear):
         if dense.shape[1] % 8:
             raise ValueError(f"Sparse24Linear: in_features {dense.shape[1]} is not a multiple of 8")
         self.path_option = options.sparse24_path
+        self.batch_invariant = options.batch_invariant
         self.graph_timing = options.sparse24_timing == "graph"
         values, positions = ref.compress_24(dense)
         self.register_buffer("meta", ref.pack_meta_24(positions).contiguous())
@@ -150,6 +151,22 @@ class Sparse24Linear(CompressedLinear):
         if self.quantized:
             return ref.sparse24_int4_dequantize(self.packed, self.meta, self.scale, self.zero)
         return ref.decompress_24(self.values.float(), ref.unpack_meta_24(self.meta))
+
+    def gemv_args(self) -> tuple[torch.Tensor, dict] | None:
+        """The fused decode kernels' weight and format (kernels/gemv.py's quant "sparse24_int4": one
+        16-bit row, its fast M == 1 GEMV with the norm / SwiGLU / residual / rotary fusions), where
+        this layer's batch-1 path is that GEMV: int4 codes the fast kernel takes, Triton on, no
+        exact_dequant, integral zero points, the 2:4 form kept, sparse24_path not "dense"; not in
+        batch-invariant mode (its M == 1 and M > 1 paths differ). Else None: 16-bit kept values
+        among them. "auto" does not enter: its batch-1 rival is the weight rebuilt from the codes
+        per call (int4 never keeps a dense one), and the answer must not change after the model
+        settled its fused decode at load (the timing comes at first use)."""
+        if not (self.quantized and self.meta is not None and self.use_triton and not self.exact_dequant
+                and not self.batch_invariant and self.gemv_zero_ok and self.path_option != "dense"
+                and sparse24_fast_fits(self.in_features, self.packed, self.group_size, torch.bfloat16)):
+            return None
+        return self.packed, {"quant": "sparse24_int4", "meta": self.meta, "scale": self.scale, "zero": self.zero,
+                             "fast": True}
 
     # -- paths -------------------------------------------------------------------------------------
     def candidates(self, m: int, dtype: torch.dtype, device: torch.device) -> list[str]:

@@ -37,7 +37,7 @@ from engine.layers.linear import (ParallelLMHead, RowParallelLinear, VocabParall
                                   shard_range, vocab_range)
 from engine.layers.int4_kernel import choose_int4_kernels
 from engine.layers.options import ModelOptions
-from engine.layers.quantized import CompressedLinear, gemv_weight
+from engine.layers.quantized import CompressedLinear, fused_decode_rows, gemv_weight
 from engine.layers.rmsnorm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, rope_parameters
 from engine.loader import LinearSource, copy_tensors, load_checkpoint
@@ -163,8 +163,8 @@ class LlamaDecoderLayer(nn.Module):
         """The small-batch decode layer: h is the whole residual stream (the unfused path's
         x + residual), updated in place by the o_proj and down_proj epilogues. Four matmul launches
         replace two norms, four GEMMs, the SwiGLU and (but for Qwen3) the rotary + k/v store. The
-        weights may be dense, int8, int4 (dequantized in the kernels' registers) or W8A8 int8 (the
-        input quantized per token in the prologue): gemv_weight.
+        weights may be dense, int8, int4 (dequantized in the kernels' registers), W8A8 int8 (the
+        input quantized per token in the prologue) or, at one row only, 2:4 + int4: gemv_weight.
         ``pdl``: programmatic dependent launch where the GPU has it. In batch-invariant mode every
         launch is the GEMVs' batch-invariant one, at any number of rows."""
         gemv = gemv_kernels.gemv
@@ -197,11 +197,12 @@ class LlamaModel(nn.Module):
         self.batch_invariant = options.batch_invariant
         self.pdl = options.pdl
         self.fusable = True  # load_weights: every decoder linear is one the fused decode kernels read
+        self.fused_rows = gemv_kernels.SMALL_M  # load_weights: the most rows they take (1 with 2:4 + int4)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
         # Batch-invariant mode: every decode and verify forward, whatever its rows (one GEMV config).
-        rows_fit = h.shape[0] <= gemv_kernels.SMALL_M or self.batch_invariant
+        rows_fit = h.shape[0] <= self.fused_rows or self.batch_invariant
         if (self.fused_decode and self.fusable and not get_context().is_prefill
                 and rows_fit and h.shape[1] <= gemv_kernels.MAX_NORM_K):
             for layer in self.layers:
@@ -311,10 +312,13 @@ class LlamaForCausalLM(nn.Module):
     def update_fusable(self) -> None:
         """After linears were swapped: int4 linears set up for their kernel (triton / tinygemm:
         engine/layers/int4_kernel.py), then the fused small-batch decode runs only when its
-        kernels can read every decoder linear (dense, int8 per channel, int4 on Triton, W8A8 int8)."""
-        choose_int4_kernels(self, self.model.embed_tokens.weight.dtype)  # lm_head may be compressed
-        self.model.fusable = all(gemv_weight(m) is not None for m in self.model.layers.modules()
-                                 if isinstance(m, (nn.Linear, CompressedLinear)))
+        kernels can read every decoder linear (dense, int8 per channel, int4 on Triton, W8A8 int8; 2:4 +
+        int4 on its fast GEMV at batch 1 only, 16-bit: fused_decode_rows)."""
+        dtype = self.model.embed_tokens.weight.dtype
+        choose_int4_kernels(self, dtype)  # lm_head may be compressed
+        linears = (m for m in self.model.layers.modules() if isinstance(m, (nn.Linear, CompressedLinear)))
+        rows = fused_decode_rows(linears, dtype)
+        self.model.fusable, self.model.fused_rows = rows > 0, rows
         if self.options.batch_invariant:  # every linear, the lm_head too, must be the GEMVs'
             unread = next((f"{name} ({type(m).__name__})" for name, m in self.named_modules()
                            if isinstance(m, (nn.Linear, CompressedLinear)) and gemv_weight(m) is None), None)

@@ -26,11 +26,12 @@ def _pruned(w: torch.Tensor) -> torch.Tensor:
 
 
 def layer(kind: str, n: int = 48, k: int = 128, path: str = "auto", seed: int = 0,
-          timing: str = "eager") -> Sparse24Linear:
-    """A Triton 2:4 layer with 16-bit kept values ("bf16") or int4 codes g32 with zero points."""
+          timing: str = "eager", **options) -> Sparse24Linear:
+    """A Triton 2:4 layer with 16-bit kept values ("bf16") or int4 codes g32 with zero points;
+    ``options``: more ModelOptions."""
     g = torch.Generator().manual_seed(seed)
     bias = torch.randn(n, generator=g)
-    options = ModelOptions(use_triton=True, sparse24_path=path, sparse24_timing=timing)
+    options = ModelOptions(use_triton=True, sparse24_path=path, sparse24_timing=timing, **options)
     if kind == "bf16":
         return Sparse24Linear(_pruned(torch.randn(n, k, generator=g) / k**0.5).to(torch.bfloat16), bias, options=options)
     codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
@@ -427,3 +428,31 @@ def test_gpu_graph_timing(kind):
     assert all(s > 0 for t in module.timings.values() for s in t.values())
     err = ((out.float() - F.linear(x.float(), dense, module.bias.float())).norm() / out.float().norm()).item()
     assert err < 2e-2
+
+
+
+def test_fused_decode_reads_int4_layers_on_their_fast_gemv_only():
+    """gemv_weight hands the fused decode kernels a 2:4 + int4 layer (quant "sparse24_int4", its
+    codes, positions, scales, zero points) where its batch-1 path is the fast GEMV; 16-bit kept
+    values, exact_dequant, sparse24_path "dense", batch-invariant mode and Triton off keep the
+    unfused path. fused_decode_rows: one row with such a layer, none for fp32 activations."""
+    from engine.layers.quantized import fused_decode_rows, gemv_weight
+    from kernels.gemv import SMALL_M
+
+    int4 = layer("int4")
+    weight, args = gemv_weight(int4)
+    assert weight is int4.packed and args == {"quant": "sparse24_int4", "meta": int4.meta, "scale": int4.scale,
+                                              "zero": int4.zero, "fast": True}
+    assert gemv_weight(layer("bf16")) is None
+    assert gemv_weight(layer("int4", exact_dequant=True)) is None
+    assert gemv_weight(layer("int4", path="dense")) is None
+    assert gemv_weight(layer("int4", batch_invariant=True)) is None
+    off = layer("int4")
+    off.use_triton = False
+    assert gemv_weight(off) is None
+    dense = torch.nn.Linear(128, 48)
+    assert fused_decode_rows([dense], torch.float32) == SMALL_M
+    assert fused_decode_rows([dense, int4], torch.bfloat16) == 1
+    assert fused_decode_rows([dense, int4], torch.float16) == 1
+    assert fused_decode_rows([dense, int4], torch.float32) == 0
+    assert fused_decode_rows([dense, layer("bf16")], torch.bfloat16) == 0

@@ -158,11 +158,19 @@ flags = dict(GROUP=128 if int4 else 32, INT4=int4, FP16=False, HAS_ZERO=int4, HA
 if path == "select":
     sig["x_ptr"] = "*i64"  # bf16 x as words of four
     kernel, constexprs = Q._sparse24_select_kernel, dict(BLOCK_N=8, BLOCK_U=64, X_WORDS=True, **flags)
-elif path == "fast":
-    sig = {"x_ptr": "*i32", "w_ptr": "*i32", "m_ptr": "*i16", "s_ptr": "*fp32", "z_ptr": "*fp32",
-           "b_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32"}
+elif path in ("fast", "fast_fused", "rope_store"):
+    sig = {"x_ptr": "*bf16", "xw_ptr": "*i32", "w_ptr": "*i32", "m_ptr": "*i16", "s_ptr": "*fp32", "z_ptr": "*fp32",
+           "b_ptr": "*bf16", "nw_ptr": "*bf16"}
     flags = {k: v for k, v in flags.items() if k != "INT4"}
-    kernel, constexprs = Q._sparse24_int4_fast_kernel, dict(K=11008, BLOCK_N=8, BLOCK_K=4096, **flags)
+    if path == "rope_store":  # the qkv launch: norm prologue, rotary, KV store, PDL
+        sig.update(q_ptr="*bf16", pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", k_cache_ptr="*bf16",
+                   v_cache_ptr="*bf16", slot_ptr="*i64", eps="fp32", cos_stride="i32", sin_stride="i32")
+        kernel, constexprs = Q._sparse24_rope_store_kernel, dict(K=4096, Q_HEADS=32, KV_HEADS=32, HALF=64,
+                                                                 BLOCK_N=4, BLOCK_K=2048, NORM=True, PDL=True, **flags)
+    else:  # "fast_fused": gate_up's norm prologue and SwiGLU, a residual add, PDL
+        sig.update(res_ptr="*bf16", out_ptr="*bf16", N="i32", eps="fp32")
+        fused = {name: path == "fast_fused" for name in ("NORM", "SWIGLU", "RESIDUAL", "PDL")}
+        kernel, constexprs = Q._sparse24_int4_fast_kernel, dict(K=11008, BLOCK_N=8, BLOCK_K=4096, **flags, **fused)
 else:
     sig.update(kept_ptr="*u8" if int4 else "*i32", meta_ptr="*u8", M="i32", x_stride="i32", out_stride="i32")
     kernel, constexprs = Q._sparse24_dot_kernel, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, **flags)
@@ -174,7 +182,7 @@ print(json.dumps({"cubin_bytes": len(compiled.asm["cubin"])}))
 
 
 @pytest.mark.parametrize("path,int4", [("select", True), ("select", False), ("dot", True), ("dot", False),
-                                       ("fast", True)])
+                                       ("fast", True), ("fast_fused", True), ("rope_store", True)])
 def test_kernels_compile_for_sm90(path, int4):
     """The interpreter runs what the compiler may refuse (constexpr rules, dot operand types):
     both kernels compile for sm_90 with Triton's bundled ptxas, no GPU needed (a fresh process:
