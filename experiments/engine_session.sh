@@ -331,7 +331,8 @@ case "${1:?verb}" in
               # _matmul_fast), W8A8 (codes equal to the reference) and 2:4 + int4, then the 7B decode rows of int8
               # and 2:4 + int4 served end to end, and W8A8's per-linear pieces (issue 13)
     timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_w8a8.py \
-      tests/kernels/test_quant_gemv_fast.py tests/kernels/test_quant_gemv_sparse24.py tests/engine/test_sparse24_paths.py \
+      tests/kernels/test_quant_gemv.py tests/kernels/test_quant_gemv_fast.py tests/kernels/test_quant_gemv_sparse24.py \
+      tests/kernels/test_quant_gemv_sparse24_fused.py tests/engine/test_sparse24_paths.py tests/engine/test_compressed_loading.py \
       tests/eval > "$OUTDIR/recheck12_tests.txt" 2>&1; tail -n 8 "$OUTDIR/recheck12_tests.txt"
     timeout ${QUANT_S:-200} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_recheck12.jsonl" --batch 1 16 \
       --only bf16 int8 int4_g128@triton sparse24_int4_g128 > "$OUTDIR/quant_recheck12.log" 2>&1
