@@ -131,8 +131,11 @@ def test_a_quantized_lm_head_dequantizes_into_its_vocabulary_shard(tmp_path, kee
         assert torch.equal(model.lm_head.weight, whole[160 * rank : 160 * (rank + 1)])
 
 
-@pytest.mark.parametrize("keep_compressed", [False, True], ids=["cpu_dense", "modules"])
-@pytest.mark.parametrize("scheme", WEIGHT_ONLY)
+# Dequantized on load ("cpu_dense"), symmetric int4 slices its codes and scales as int4 with zero
+# points does (which slices its zero points too); kept compressed, each scheme its own modules.
+@pytest.mark.parametrize("scheme,keep_compressed", [
+    ("int8", False), ("int4_g32_asym", False), ("int8", True), ("int4_g32", True), ("int4_g32_asym", True)],
+    ids=["int8-cpu_dense", "int4_g32_asym-cpu_dense", "int8-modules", "int4_g32-modules", "int4_g32_asym-modules"])
 def test_two_ranks_give_the_tokens_of_one_on_a_compressed_artifact(artifacts, scheme, keep_compressed):
     """The same compressed artifact (with biases: the row-parallel ones added once) at 2 CPU ranks
     and at 1: same greedy tokens, logprobs within 1e-4."""

@@ -68,11 +68,12 @@ def test_fast_gemv_matches_the_fp32_dequantized_reference(m, fusion, weights, dt
     _check(out, expected, m == 1)
 
 
-@pytest.mark.parametrize("weights", list(WEIGHTS))
+# int8, int4 g32 and g64 with zero points take this form in the K loop tests below ("two_ragged").
+@pytest.mark.parametrize("weights", ["int4_g128", "int4_g128_zero"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fast_gemv_several_k_steps_and_a_ragged_last_one(weights, dtype):
-    """K = 3 groups (or 96 int8 codes) in steps of 2: the second step half masked, the prefetch
-    past K fully masked; 4 columns a program over 37."""
+    """K = 3 groups in steps of 2: the second step half masked, the prefetch past K fully masked;
+    4 columns a program over 37."""
     group = WEIGHTS[weights][1] or 32
     n, k = 37, 3 * group
     quant, w, scale, zeros, dense = _weights(weights, n, k, seed=3)
@@ -84,20 +85,20 @@ def test_fast_gemv_several_k_steps_and_a_ragged_last_one(weights, dtype):
 
 # int4's M == 1 K loop (kernels/gemv.py, _matmul_fast_runs) by (K, BLOCK_K) in groups: one ragged
 # step (BLOCK_K past K, masked), two even steps (unrolled, no mask along the words), two with a
-# ragged last, and past FAST_UNROLL steps the loop of two steps an iteration: three even (one
-# iteration and the odd step after it), four with a ragged last (every step masked, the last
-# iteration's prefetch clamped to the last step), five even steps of one group.
-INT4_STEPS = {"one_ragged": (3, 4), "two_even": (4, 2), "two_ragged": (3, 2), "three_even": (6, 2),
-              "four_ragged": (7, 2), "five_even": (5, 1)}
+# ragged last, and past FAST_UNROLL steps the loop of two steps an iteration: four with a ragged
+# last (every step masked, the last iteration's prefetch clamped to the last step), five even
+# steps of one group (two iterations and the odd step after them).
+INT4_STEPS = {"one_ragged": (3, 4), "two_even": (4, 2), "two_ragged": (3, 2), "four_ragged": (7, 2),
+              "five_even": (5, 1)}
 # Groups of 8 and 16 inputs hold one or two words: a thread's run of 4 words spans several groups
 # (a scale per word); BLOCK_K of 8 or 16 inputs, runs of one or two words.
 INT4_LOOP_WEIGHTS = {"g32_swiglu_norm": (32, False, "norm_swiglu"), "g64_zero_residual": (64, True, "residual"),
                      "g8_zero_bias": (8, True, "norm_bias"), "g16_plain": (16, False, "plain")}
 
 
-@pytest.mark.parametrize("steps", list(INT4_STEPS))
-@pytest.mark.parametrize("weights", list(INT4_LOOP_WEIGHTS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# Every K loop form meets every weight layout; x's dtype (its preparation only, not the loop) pairwise.
+@pytest.mark.parametrize("steps,weights,dtype", with_pairwise(
+    [(steps, weights) for steps in INT4_STEPS for weights in INT4_LOOP_WEIGHTS], [torch.float32, torch.bfloat16]))
 def test_fast_int4_k_loop_even_ragged_and_looped(steps, weights, dtype):
     group, zero, fusion = INT4_LOOP_WEIGHTS[weights]
     k_groups, step_groups = INT4_STEPS[steps]
@@ -182,17 +183,15 @@ def test_fast_int8_decodes_every_byte_value():
 
 
 # int8's (and W8A8's) M == 1 K loop (kernels/gemv.py, _matmul_fast: a step's words in one tile, the
-# next step's prefetched, masked past K) by (K, BLOCK_K) in codes: one ragged step (BLOCK_K past K),
-# two even, two with the last partly past K, three even, four with a ragged last, five even;
-# BLOCK_K 8 and 4: two words a step and one.
-INT8_STEPS = {"one_ragged": (100, 128), "two_even": (256, 128), "two_ragged": (200, 128), "three_even": (192, 64),
-              "four_ragged": (452, 128), "five_even": (80, 16), "two_words_a_step": (40, 8),
-              "one_word_a_step": (20, 4)}
+# next step's prefetched, masked past K; a runtime loop, never unrolled, every load masked, so the
+# step count alone changes no code) by (K, BLOCK_K) in codes: one ragged step (BLOCK_K past K), two
+# with the last partly past K, three even; BLOCK_K 4: one word a step (five of them).
+INT8_STEPS = {"one_ragged": (100, 128), "two_ragged": (200, 128), "three_even": (192, 64), "one_word_a_step": (20, 4)}
 
 
-@pytest.mark.parametrize("steps", list(INT8_STEPS))
-@pytest.mark.parametrize("fusion", list(FUSIONS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# Every K loop form meets every fusion; x's dtype (each its own rounding of the prepared x) pairwise.
+@pytest.mark.parametrize("steps,fusion,dtype", with_pairwise(
+    [(steps, fusion) for steps in INT8_STEPS for fusion in FUSIONS], [torch.float32, torch.bfloat16, torch.float16]))
 def test_fast_int8_k_loop_even_ragged_and_looped(steps, fusion, dtype):
     k, block_k = INT8_STEPS[steps]
     n = 37

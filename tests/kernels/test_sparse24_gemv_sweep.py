@@ -15,6 +15,10 @@ def test_sweep_flow_on_cpu(monkeypatch, tmp_path):
         return 1e-3
 
     monkeypatch.setattr(sweep, "DEVICE", "cpu")
+    # An H200 occupancy target: on these widths it makes the M == 1 fast paths' programs one column
+    # each, which the interpreter runs one at a time. Wider programs time the same records.
+    monkeypatch.setattr("kernels.gemv.FAST_MIN_PROGRAMS", 1)
+    monkeypatch.setattr("kernels.quant_gemv.FAST_MIN_PROGRAMS", 1)
     monkeypatch.setattr(sweep, "SHAPES", {"a": (48, 256), "b": (16, 384)})
     monkeypatch.setattr(sweep, "COPY_BYTES", 1)
     monkeypatch.setattr(sweep, "SELECT_CANDIDATES", [(8, 64, 4)])
