@@ -54,10 +54,10 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   instead; each stores its fp32 partials, and the last of a tile to arrive (an atomic count)
   sums them in their fixed order and runs the fused epilogue: no second launch, the same result
   whichever program is last. experiments/quant_gemv_sweep.py times it ("exact_split").
-- 2:4 + int4 weights (quant "sparse24_int4", ``meta``: ONE_ROW_QUANTS): M == 1 only, 16-bit x;
-  gemv and gemv_rope_store hand them to kernels/quant_gemv.py's fast 2:4 kernel, which takes the
-  same NORM / SWIGLU / RESIDUAL flags and runs this module's row stats, normalised inputs
-  (_row_stats, _fast_x) and epilogues (_epilogue, _rope_store_epilogue).
+- 2:4 + int4 weights: kernels/quant_gemv.py's fast 2:4 kernel takes the same NORM / SWIGLU /
+  RESIDUAL flags and runs this module's row stats, normalised inputs (_row_stats, _fast_x) and
+  epilogues (_epilogue, _rope_store_epilogue); kernels/decode_gemv.py is the one entry that
+  routes each format to its kernel (quant_gemv imports this module, so this one cannot import it).
 - rotary + KV store (gemv_rope_store, a sibling kernel on the same matmul code): the qkv matmul's
   epilogue rotates q and k (neox layout) and writes k and v straight into the paged cache, so the
   separate rope_store launch (kernels/rotary.py) goes away. Each program computes both members of
@@ -1056,20 +1056,6 @@ class SplitKWorkspace:
 SPLIT_K_WORKSPACE = SplitKWorkspace()
 
 
-# Formats the fused kernels read at M == 1 only (fast dequantization, 16-bit activations), with the
-# activation dtypes they take: 2:4 + int4 (kernels/quant_gemv.py); a decode of more rows runs unfused.
-ONE_ROW_QUANTS = {"sparse24_int4": (torch.bfloat16, torch.float16)}
-
-
-def _check_one_row(quant: str, x: torch.Tensor, fast: bool, batch_invariant: bool, split_k: int,
-                   config: tuple[int, int, int, int] | None) -> None:
-    if x.shape[0] != 1 or x.dtype not in ONE_ROW_QUANTS[quant] or not fast or batch_invariant or split_k != 1 \
-            or (config is not None and config[0] != 1):
-        raise ValueError(f"gemv: {quant} takes one {'/'.join(str(d) for d in ONE_ROW_QUANTS[quant])} row with fast "
-                         f"dequantization (not batch_invariant, split_k 1): got {x.shape[0]} rows of {x.dtype}, "
-                         f"fast {fast}, batch_invariant {batch_invariant}, split_k {split_k}, config {config}")
-
-
 def _check_invariant(batch_invariant: bool, fast: bool, config: tuple[int, int, int, int] | None) -> None:
     if batch_invariant and fast:
         raise ValueError("gemv: batch_invariant with fast dequantization "
@@ -1084,7 +1070,7 @@ def gemv(
     residual: torch.Tensor | None = None, swiglu: bool = False, out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None, pdl: bool = True,
     quant: str = "dense", scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
-    fast: bool = False, batch_invariant: bool = False, split_k: int = 1, meta: torch.Tensor | None = None,
+    fast: bool = False, batch_invariant: bool = False, split_k: int = 1,
 ) -> torch.Tensor:
     """Triton version of gemv_ref for x [M <= SMALL_M, K] (any M with ``batch_invariant``: each row's
     output the same at every M, the module docstring's batch invariance; not with ``fast``). ``out``
@@ -1099,14 +1085,7 @@ def gemv(
     (column, row) tile's K in that many programs, the last to finish summing their partials in a
     fixed order and running the epilogue (_split_k_sum): more programs where N / BLOCK_N leaves
     SMs idle (N 4096 at M > 1: 128 programs of 32 columns).
-    ``quant`` "sparse24_int4" (``meta``: its 2:4 positions; ONE_ROW_QUANTS): kernels/quant_gemv.py's
-    sparse24_gemv_fused, the same fusions at M == 1 with the fast dequantization only."""
-    if quant in ONE_ROW_QUANTS:
-        _check_one_row(quant, x, fast, batch_invariant, split_k, config)
-        from kernels.quant_gemv import sparse24_gemv_fused  # it imports this module's kernel helpers
-        return sparse24_gemv_fused(x, weight, meta, scale, zero, bias, norm_weight=norm_weight, eps=eps,
-                                   residual=residual, swiglu=swiglu, out=out,
-                                   config=None if config is None else config[1:], pdl=pdl)
+    Formats these kernels do not read (2:4 + int4) go through kernels/decode_gemv.py."""
     m, k = x.shape
     rows_w = weight.shape[0]
     kw, qargs = _quant_args(weight, k, quant, scale, zero)
@@ -1171,7 +1150,7 @@ def gemv_rope_store(
     num_heads: int, num_kv_heads: int, out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None, pdl: bool = True,
     quant: str = "dense", scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
-    fast: bool = False, batch_invariant: bool = False, meta: torch.Tensor | None = None,
+    fast: bool = False, batch_invariant: bool = False,
 ) -> torch.Tensor:
     """Triton version of gemv_rope_store_ref: the fused qkv projection ([q; k; v] rows of weight)
     of x [M <= SMALL_M, K] with norm prologue and bias, q and k rotated at ``positions`` (neox,
@@ -1179,15 +1158,7 @@ def gemv_rope_store(
     num_kv_heads, head_dim] at ``slot_mapping`` (< 0: nothing). Returns q [M, num_heads * head_dim]
     (into ``out`` if given). One launch replaces gemv + rope_store; the rotated k and v exist only
     in the cache. ``config`` overrides gemv_rope_store_config; ``quant``, ``scale``, ``zero``, ``fast``,
-    ``batch_invariant`` (any M), ``meta`` as gemv's."""
-    if quant in ONE_ROW_QUANTS:
-        _check_one_row(quant, x, fast, batch_invariant, 1, config)
-        from kernels.quant_gemv import sparse24_gemv_rope_store  # it imports this module's kernel helpers
-        return sparse24_gemv_rope_store(
-            x, weight, meta, scale, zero, bias, norm_weight=norm_weight, eps=eps, positions=positions,
-            cos_table=cos_table, sin_table=sin_table, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping,
-            num_heads=num_heads, num_kv_heads=num_kv_heads, out=out, config=None if config is None else config[1:],
-            pdl=pdl)
+    ``batch_invariant`` (any M) as gemv's."""
     m, k = x.shape
     head_dim = k_cache.shape[-1]
     half = head_dim // 2

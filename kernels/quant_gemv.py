@@ -16,7 +16,7 @@ Three paths, chosen by sparse24_gemv (its `path` names one for benchmarks):
   under the exponent of 2^23, as kernels/gemv.py's _int4_code) and one FFMA (times 2^-shift,
   minus 2^(23 - shift) + 8 + zero), then one FFMA with its input; the scale once per run. The
   meta bytes are read as they are (no repacked copy at load).
-  Fused (sparse24_gemv_fused, sparse24_gemv_rope_store; kernels/gemv.py's gemv / gemv_rope_store
+  Fused (sparse24_gemv_fused, sparse24_gemv_rope_store; kernels/decode_gemv.py's gemv / gemv_rope_store
   with quant "sparse24_int4" reach them, the engine's fused decode at batch 1): the same kernel
   with gemv's flags and helpers: the RMSNorm prologue (gemv's _row_stats, then each input
   normalised by gemv's _fast_x and packed back into 16-bit words for the PRMT picks), SwiGLU (gate

@@ -59,7 +59,7 @@ class TrainConfig:
     chunk_size: int = 1024         # tokens per loss chunk (bounds fp32 [tokens x vocab] memory)
     fused_head_loss: bool = True   # fused head + loss (train/fused_head_loss.py); False: checkpoint path
     compile_loss: Any = "auto"     # torch.compile the fused per-chunk terms: auto (on CUDA) | true | false
-    compile_model: Any = False     # torch.compile the decoder layers (train/compiled_layers.py): auto | true | false
+    compile_model: Any = "auto"    # torch.compile the decoder layers (train/compiled_layers.py): auto | true | false
     losses: dict[str, Any] = field(default_factory=lambda: {"forward_kl": 1.0, "ce": 0.5})
     temperature: float = 2.0
     top_k: int | None = None       # truncate the teacher to its top-k tokens (see chunked_loss)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import gemv as gemv_kernels
+from kernels import decode_gemv
 
 from engine.layers.quantized import gemv_weight
 from engine.parallel.group import all_gather_columns, all_reduce
@@ -78,7 +78,7 @@ def row_parallel_gemv_add(linear: nn.Module, x: torch.Tensor, h: torch.Tensor, t
     ``batch_invariant``: the GEMV's batch-invariant launch (kernels/gemv.py; one rank)."""
     weight, quant = gemv_weight(linear.local if isinstance(linear, RowParallelCompressed) else linear)
     lead = tp_rank == 0
-    gemv_kernels.gemv(x, weight, linear.bias if lead else None, **quant, residual=h if lead else None, out=h,
+    decode_gemv.gemv(x, weight, linear.bias if lead else None, **quant, residual=h if lead else None, out=h,
                       pdl=pdl, batch_invariant=batch_invariant)
     return all_reduce(h)  # a no-op on one rank
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import quant as ref
-from kernels.gemv import FAST_BY_DEFAULT, ONE_ROW_QUANTS, SMALL_M, fast_dequant_fits, gemv
+from kernels.decode_gemv import ONE_ROW_QUANTS
+from kernels.gemv import FAST_BY_DEFAULT, SMALL_M, fast_dequant_fits, gemv
 from kernels.quant_dequant import dequantize_int4, dequantize_int4_tinygemm
 from kernels.quant_tinygemm import (pack_for_gpu, scales_and_zeros, tinygemm_available, tinygemm_fits, tinygemm_mm,
                                     unpack_gpu_layout)
@@ -323,7 +324,7 @@ def gemv_weight(linear: nn.Module) -> tuple[torch.Tensor, dict] | None:
 
 def fused_decode_rows(linears: Iterable[nn.Module], dtype: torch.dtype) -> int:
     """The most rows of dtype a decode step may run through the fused kernels with these linears:
-    SMALL_M; 1 where a format is read at M == 1 only (kernels/gemv.py's ONE_ROW_QUANTS: 2:4 + int4,
+    SMALL_M; 1 where a format is read at M == 1 only (kernels/decode_gemv.py's ONE_ROW_QUANTS: 2:4 + int4,
     whose larger batches keep their unfused 2:4 paths); 0 where the kernels cannot read a linear,
     or a one-row format does not take dtype."""
     rows = SMALL_M

@@ -153,7 +153,7 @@ class Sparse24Linear(CompressedLinear):
         return ref.decompress_24(self.values.float(), ref.unpack_meta_24(self.meta))
 
     def gemv_args(self) -> tuple[torch.Tensor, dict] | None:
-        """The fused decode kernels' weight and format (kernels/gemv.py's quant "sparse24_int4": one
+        """The fused decode kernels' weight and format (kernels/decode_gemv.py's quant "sparse24_int4": one
         16-bit row, its fast M == 1 GEMV with the norm / SwiGLU / residual / rotary fusions), where
         this layer's batch-1 path is that GEMV: int4 codes the fast kernel takes, Triton on, no
         exact_dequant, integral zero points, the 2:4 form kept, sparse24_path not "dense"; not in

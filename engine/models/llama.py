@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kernels import decode_gemv
 from kernels import gemv as gemv_kernels
 from kernels import rotary as rotary_kernels
 
@@ -113,7 +114,7 @@ class LlamaAttention(nn.Module):
         """attend() of the normed qkv projection of the residual stream h in one launch before
         attention: norm prologue, qkv matmul (+ bias), rotary, k/v into the cache (kernels/gemv.py)."""
         weight, quant = gemv_weight(self.qkv_proj)
-        q = gemv_kernels.gemv_rope_store(
+        q = decode_gemv.gemv_rope_store(
             h, weight, self.qkv_proj.bias, **quant, norm_weight=norm.weight, eps=norm.eps,
             positions=positions, cos_table=self.rotary.cos, sin_table=self.rotary.sin,
             k_cache=self.attn.k_cache, v_cache=self.attn.v_cache, slot_mapping=get_context().slot_mapping,
@@ -167,7 +168,7 @@ class LlamaDecoderLayer(nn.Module):
         input quantized per token in the prologue) or, at one row only, 2:4 + int4: gemv_weight.
         ``pdl``: programmatic dependent launch where the GPU has it. In batch-invariant mode every
         launch is the GEMVs' batch-invariant one, at any number of rows."""
-        gemv = gemv_kernels.gemv
+        gemv = decode_gemv.gemv
         attn, mlp, inv = self.self_attn, self.mlp, self.batch_invariant
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         if attn.fuse_rope_store():

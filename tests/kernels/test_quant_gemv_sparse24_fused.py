@@ -13,7 +13,8 @@ from test_quant_gemv_sparse24 import DEVICE, _rel, _to, sparse24_int4_weight
 
 from kernels import quant as ref
 from kernels.activation import silu_and_mul_ref
-from kernels.gemv import gemv, gemv_ref, gemv_rope_store, gemv_rope_store_ref
+from kernels.decode_gemv import gemv, gemv_rope_store
+from kernels.gemv import gemv_ref, gemv_rope_store_ref
 from kernels.quant_gemv import sparse24_gemv, sparse24_gemv_fused
 from kernels.rmsnorm import rmsnorm_ref
 
