@@ -21,8 +21,11 @@ demo: $(STAMP)
 	$(PY) -m shrink experiment=demo
 	@$(PY) -m eval.report $(CURDIR)/outputs/demo/eval/report.json
 
+# One pytest worker a core (tests/conftest.py runs torch on one thread: tiny models), each taking
+# whole files so that module fixtures are built once.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	TRITON_INTERPRET=1 OMP_NUM_THREADS=2 $(PY) -m pytest -q -p no:cacheprovider tests
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) outputs
