@@ -284,13 +284,7 @@ def fitting_prompts(prompts: list[list[int]], new_tokens: int, max_model_len: in
 
 
 def _median_tok_s(llm: Any, batch: list[list[int]], new_tokens: int, repeats: int,
-                  after_each: Callable[[], None] | None = None) -> tuple[float, list[float], list[list[int]]]:
-    """_timed_runs without the runs' records."""
-    return _timed_runs(llm, batch, new_tokens, repeats, after_each)[:3]
-
-
-def _timed_runs(llm: Any, batch: list[list[int]], new_tokens: int, repeats: int,
-                after_each: Callable[[], None] | None = None) -> tuple[float, list[float], list[list[int]], list[dict]]:
+                  after_each: Callable[[], None] | None = None) -> tuple[float, list[float], list[list[int]], list[dict]]:
     """Warm-up, then ``repeats`` timed generate calls; the median tok/s (one stall does not decide),
     the last call's outputs and each call's record (spec_baseline.RunClock: wall and CPU time, engine
     steps, prompt tokens computed). Counts the tokens generated; a request that ended short (an
@@ -377,7 +371,7 @@ def _speed_variant(args, workload: str, name: str, spec: dict | None, prompts: l
                 emit({"bench": "speed", "workload": workload, "spec": name, "k": k, "batch": bs, "warning":
                       f"{host['gpu_processes'] - 1} other process(es) on the GPU as this row begins: its tok/s is "
                       f"not this engine's alone"}, args.json)
-            tok_s, runs, outputs, records = _timed_runs(llm, (prompts * bs)[:bs], args.new_tokens, args.repeats,
+            tok_s, runs, outputs, records = _median_tok_s(llm, (prompts * bs)[:bs], args.new_tokens, args.repeats,
                                                         snapshot if k == "auto" else None)
             if spec is None and not rerun:
                 base[bs] = tok_s

@@ -17,23 +17,16 @@ from kernels import quant_gemv
 ONE_ROW_QUANTS = {"sparse24_int4": (torch.bfloat16, torch.float16)}
 
 
-def _check_one_row(quant: str, x: torch.Tensor, kw: dict) -> None:
+def _one_row_args(quant: str, kw: dict) -> tuple[dict, tuple[int, int, int] | None]:
+    """gemv's keywords for a 2:4 kernel: fast / batch_invariant / split_k checked and dropped (the 2:4
+    kernels check the rows, the dtype and the weight themselves), config without its BLOCK_M."""
     fast, invariant, split_k, config = (kw.get("fast", False), kw.get("batch_invariant", False),
                                         kw.get("split_k", 1), kw.get("config"))
-    if x.shape[0] != 1 or x.dtype not in ONE_ROW_QUANTS[quant] or not fast or invariant or split_k != 1 \
-            or (config is not None and config[0] != 1):
-        raise ValueError(f"gemv: {quant} takes one {'/'.join(str(d) for d in ONE_ROW_QUANTS[quant])} row with fast "
-                         f"dequantization (not batch_invariant, split_k 1): got {x.shape[0]} rows of {x.dtype}, "
-                         f"fast {fast}, batch_invariant {invariant}, split_k {split_k}, config {config}")
-
-
-def _one_row_args(quant: str, x: torch.Tensor, kw: dict) -> tuple[dict, tuple[int, int, int] | None]:
-    """The keywords a 2:4 kernel takes (gemv's fast / batch_invariant / split_k checked and
-    dropped) and its config (gemv's without BLOCK_M)."""
-    _check_one_row(quant, x, kw)
-    config = kw.get("config")
-    return {k: v for k, v in kw.items() if k not in ("fast", "batch_invariant", "split_k", "config")}, \
-        None if config is None else config[1:]
+    if not fast or invariant or split_k != 1 or (config is not None and config[0] != 1):
+        raise ValueError(f"gemv: {quant} takes one row with the fast dequantization (not batch_invariant, split_k "
+                         f"1): got fast {fast}, batch_invariant {invariant}, split_k {split_k}, config {config}")
+    rest = {k: v for k, v in kw.items() if k not in ("fast", "batch_invariant", "split_k", "config")}
+    return rest, None if config is None else config[1:]
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, quant: str = "dense",
@@ -42,7 +35,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     """kernels/gemv.py's gemv (its keywords) for its formats; 2:4 + int4 through sparse24_gemv_fused."""
     if quant not in ONE_ROW_QUANTS:
         return dense.gemv(x, weight, bias, quant=quant, scale=scale, zero=zero, **kw)
-    rest, config = _one_row_args(quant, x, kw)
+    rest, config = _one_row_args(quant, kw)
     return quant_gemv.sparse24_gemv_fused(x, weight, meta, scale, zero, bias, config=config, **rest)
 
 
@@ -53,5 +46,5 @@ def gemv_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     sparse24_gemv_rope_store."""
     if quant not in ONE_ROW_QUANTS:
         return dense.gemv_rope_store(x, weight, bias, quant=quant, scale=scale, zero=zero, **kw)
-    rest, config = _one_row_args(quant, x, kw)
+    rest, config = _one_row_args(quant, kw)
     return quant_gemv.sparse24_gemv_rope_store(x, weight, meta, scale, zero, bias, config=config, **rest)

@@ -134,12 +134,16 @@ class Sparse24Linear(CompressedLinear):
             self.register_buffer("values", values.contiguous())
         # The GEMV folds zero points into an exact fp32 constant: integral ones (compressed-tensors' int8)
         self.gemv_zero_ok = zero is None or bool((zero == zero.round()).all())
-        # Whether "auto" may replace the 2:4 form by a kept dense weight (class docstring).
-        self.may_keep_dense = not self.quantized
         self.register_buffer("weight", None)  # the dense weight, where a path keeps one
         self.paths: dict[int, str] = {}  # bucket -> path chosen by timing ("auto" on a GPU)
         self.timings: dict[int, dict[str, float]] = {}  # bucket -> path -> seconds behind that choice
         self._semi_structured: dict[torch.dtype, torch.Tensor | None] = {}
+
+    @property
+    def may_keep_dense(self) -> bool:
+        """Whether "auto" may replace the 2:4 form by a kept dense weight: 16-bit kept values only
+        (class docstring)."""
+        return not self.quantized
 
     @property
     def kept(self) -> torch.Tensor | None:
