@@ -8,11 +8,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install clean
 
+# --no-cache-dir: pip's wheel cache doubles the disk an install takes (a CI run ran out of disk at install).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip
+	$(PY) -m pip install -q --no-cache-dir "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --no-cache-dir -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
