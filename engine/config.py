@@ -13,7 +13,7 @@ from common.paths import default_cache_dir
 from engine.gguf import gguf_model_dir
 from engine.layers.options import ModelOptions, check_int4_kernel, check_sparse24_path, check_sparse24_timing
 from engine.parallel.group import tp_rank, tp_size
-from engine.spec_decode.config import SpeculativeConfig
+from engine.spec_decode.config import SpeculativeConfig, SpeculativeConfigError
 from kernels.gemv import MAX_NORM_K
 
 
@@ -166,6 +166,11 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size: must be an integer >= 1, got {tp!r}")
         if tp == 1:
             return
+        spec = self.speculative_config
+        if spec is not None and spec.method == "medusa":
+            raise SpeculativeConfigError(
+                "method", f"'medusa' with tensor_parallel_size={tp}: the heads draft through the target's LM "
+                "head, which tensor parallelism splits over the ranks; Medusa runs on one rank")
         heads = hf.num_attention_heads
         kv_heads = getattr(hf, "num_key_value_heads", None) or heads
         if heads % tp:

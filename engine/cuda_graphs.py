@@ -56,6 +56,7 @@ class DecodeGraphs:
         self.bucket_of = [next(b for b in self.buckets if b >= n) for n in range(self.max_bs + 1)]  # by batch size
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # fp32, per bucket
+        self.hidden: dict[int, torch.Tensor] = {}  # the LM head's input rows, the model's dtype, per bucket
         self.step_graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def capture(self, pool=None):
@@ -71,8 +72,10 @@ class DecodeGraphs:
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool):
-                    # fp32 in the graph: the sampler's copy costs no extra launch per step.
-                    self.logits[bs] = model.compute_logits(model(ids, pos)).float()
+                    # fp32 in the graph: the sampler's copy costs no extra launch per step. The hidden
+                    # rows are kept as a second output (a Medusa drafter's features): no extra kernel.
+                    self.hidden[bs] = model(ids, pos)
+                    self.logits[bs] = model.compute_logits(self.hidden[bs]).float()
                 if pool is None:
                     pool = graph.pool()
                 self.graphs[bs] = graph
@@ -94,11 +97,12 @@ class DecodeGraphs:
             self.inputs.advance(logits, bs, tokens)
         return graph
 
-    def forward(self, n: int) -> torch.Tensor:
-        """Logits [n, vocab] (fp32) of the decode inputs now in the first rows of the buffers."""
+    def forward(self, n: int, hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [n, vocab] (fp32) of the decode inputs now in the first rows of the buffers;
+        ``hidden``: (logits, the final hidden states [n, hidden] they came from)."""
         rows = self.bucket_of[n]
         self.graphs[rows].replay()
-        return self.logits[rows][:n]
+        return (self.logits[rows][:n], self.hidden[rows][:n]) if hidden else self.logits[rows][:n]
 
     def step(self, rows: int) -> None:
         """One multi-step decode step of bucket ``rows``: forward, argmax, next inputs."""
@@ -121,6 +125,7 @@ class PrefillGraphs:
         self.h, self.d = self.buf.host, self.buf.dev
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.logits: dict[tuple[int, int], torch.Tensor] = {}
+        self.hidden: dict[tuple[int, int], torch.Tensor] = {}  # the rows the logits came from
 
     def bucket(self, tokens: int, seqs: int) -> tuple[int, int] | None:
         t = next((b for b in self.token_buckets if b >= tokens), None)
@@ -152,28 +157,30 @@ class PrefillGraphs:
                 with torch.inference_mode():
                     ids, pos, last = d.ids[:tokens], d.pos[:tokens], d.last[:seqs]
 
-                    def body() -> torch.Tensor:
+                    def body() -> tuple[torch.Tensor, torch.Tensor]:
                         hidden = self.model(ids, pos)
                         rows = hidden if self.all_rows else hidden.index_select(0, last)
-                        return self.model.compute_logits(rows).float()
+                        return rows, self.model.compute_logits(rows).float()
 
                     body()  # warm-up: every kernel of the bucket launched once before the capture records it
                     torch.cuda.synchronize()
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool):
-                        self.logits[tokens, seqs] = body()
+                        # The hidden rows: a second output of the same kernels (a Medusa drafter's features).
+                        self.hidden[tokens, seqs], self.logits[tokens, seqs] = body()
                 reset_context()
                 pool = pool or graph.pool()
                 self.graphs[tokens, seqs] = graph
         torch.cuda.synchronize()
 
-    def run(self, chunks: list[tuple[list[int], int, list[int]]],
-            device_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+    def run(self, chunks: list[tuple[list[int], int, list[int]]], device_ids: torch.Tensor | None = None,
+            hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
         """Prefill each (token_ids, start, block_table) chunk at positions start.. of its sequence;
         returns fp32 logits whose row i is chunk i's last token's (``all_rows``: whose rows are the
         chunks' tokens in order, then padding), valid until the next replay, or None, running
         nothing, when no captured bucket holds the step. ``device_ids``: the chunks' tokens already on the
-        device (a model drafter's), copied in after the staged ones."""
+        device (a model drafter's), copied in after the staged ones. ``hidden``: (logits, the final
+        hidden states of the same rows)."""
         key = self.bucket(sum(len(c[0]) for c in chunks), len(chunks))
         if key is None:
             return None
@@ -202,7 +209,7 @@ class PrefillGraphs:
         if device_ids is not None:
             self.d.ids[:row].copy_(device_ids)
         self.graphs[key].replay()
-        return self.logits[key]
+        return (self.logits[key], self.hidden[key]) if hidden else self.logits[key]
 
 
 @dataclass

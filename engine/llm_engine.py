@@ -20,6 +20,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from common.medusa import MedusaHeads
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
@@ -31,6 +32,7 @@ from engine.sequence import Sequence, SequenceStatus
 from engine.spec_decode.config import SpeculativeConfig, draft_engine_config, kv_bytes_per_token_of
 from engine.spec_decode.draft_model import DraftModelProposer
 from engine.spec_decode.draft_vocab import draft_vocab_ids
+from engine.spec_decode.medusa import MedusaProposer, load_medusa_heads
 from engine.spec_decode.ngram import NgramProposer
 from engine.spec_decode.metrics import SpecDecodeMetrics
 from engine.spec_decode.worker import SpecDecodeWorker
@@ -73,8 +75,12 @@ class LLMEngine:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
         self.eos_token_ids = _eos_ids(model, self.config.hf_config, self.tokenizer)
         spec: SpeculativeConfig | None = self.config.speculative_config
-        # The draft's vocabulary and positions are checked before either model is built.
-        draft_config = draft_engine_config(self.config, self.tokenizer, spec) if spec and spec.model else None
+        # The draft's vocabulary and positions (Medusa heads: every tensor, sizes, vocabulary) are
+        # checked before either model is built.
+        medusa = spec is not None and spec.method == "medusa"
+        heads = load_medusa_heads(self.config, self.tokenizer, spec) if medusa else None
+        model_drafter = spec is not None and spec.method == "draft_model"
+        draft_config = draft_engine_config(self.config, self.tokenizer, spec) if model_drafter else None
         draft_vocab = None if draft_config is None else draft_vocab_ids(spec, draft_config.hf_config, self.tokenizer,
                                                                         self.eos_token_ids)  # its LM head's rows
         extra = kv_bytes_per_token_of(draft_config) if draft_config is not None else 0
@@ -84,7 +90,7 @@ class LLMEngine:
                                   verify_max_tokens=verify_tokens,
                                   verify_query_len=spec.num_speculative_tokens + 1 if spec else 0)
         self.draft_runner: ModelRunner | None = None
-        self.spec_worker = self._spec_worker(spec, draft_config, draft_vocab)
+        self.spec_worker = self._spec_worker(spec, draft_config, draft_vocab, heads)
         rounds = self.spec_worker.rounds if self.spec_worker is not None else None  # num_rounds > 1
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching,
                                           keep_prompt_logprobs=not self.config.batch_invariant)
@@ -102,9 +108,13 @@ class LLMEngine:
         self.num_spec_steps = 0  # of those, speculative decode steps
 
     def _spec_worker(self, spec: SpeculativeConfig | None, draft_config: EngineConfig | None,
-                     draft_vocab: torch.Tensor | None = None) -> SpecDecodeWorker | None:
+                     draft_vocab: torch.Tensor | None = None,
+                     heads: MedusaHeads | None = None) -> SpecDecodeWorker | None:
         if spec is None:
             return None
+        if heads is not None:  # drafting through the target's own hidden states and LM head
+            return SpecDecodeWorker(self.runner, MedusaProposer(self.runner, heads, self.eos_token_ids),
+                                    self.eos_token_ids, spec)
         if draft_config is None:
             return SpecDecodeWorker(self.runner, NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max),
                                     self.eos_token_ids, spec)

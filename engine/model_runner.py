@@ -260,14 +260,16 @@ class ModelRunner:
             return self.graphs.forward(n)
         return self.eager_decode_forward(n)
 
-    def eager_decode_forward(self, n: int, verify_query_len: int = 0) -> torch.Tensor:
+    def eager_decode_forward(self, n: int, verify_query_len: int = 0,
+                             hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """decode_forward without graphs (pseudo-rows of sequences of ``verify_query_len`` tokens:
-        multi-query attention)."""
+        multi-query attention); ``hidden``: (logits, the final hidden states they came from)."""
         ids, positions, ctx = self.decode_inputs.views(n, verify_query_len)
         set_context(ctx)
-        hidden = self.model(ids, positions)
+        states = self.model(ids, positions)
         reset_context()
-        return self.model.compute_logits(hidden).float()
+        logits = self.model.compute_logits(states).float()
+        return (logits, states) if hidden else logits
 
     def decode_steps(self, seqs: list[Sequence], steps: int) -> list[list[int]]:
         """``steps`` greedy decode steps back to back on the device; per sequence its tokens in step

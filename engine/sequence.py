@@ -46,6 +46,11 @@ class Sequence:
         # block table). It trails num_computed_tokens (the draft catches up in its next forward) and
         # restarts at 0 with new blocks (admission, prefix-cache hits, preemption).
         self.draft_computed = 0
+        # Speculative decoding with Medusa heads (spec_decode/medusa.py): the target's final hidden
+        # state at the row whose logits gave the last token, as (features [B, hidden], its row, the
+        # sequence length it belongs to); stale (no proposal) once the length differs: after a
+        # prefill, a plain decode step or a preemption's recompute.
+        self.spec_feature: tuple[torch.Tensor, int, int] | None = None
         # True from admission until the first forward that covers every token (prompt or recompute).
         self.in_prefill = True
         self.num_preemptions = 0

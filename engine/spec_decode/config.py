@@ -1,7 +1,14 @@
 """``speculative_config`` as vLLM users write it, parsed and checked before any work.
 
-    {"model": DRAFT_PATH, "num_speculative_tokens": 4}
+    {"model": DRAFT_PATH, "num_speculative_tokens": 4}                     (method "draft_model")
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+    {"method": "medusa", "model": HEADS_DIR, "num_speculative_tokens": 3}
+
+Methods: ``draft_model`` (a small model of the target's vocabulary drafts with its own KV cache:
+draft_model.py), ``ngram`` (prompt lookup, no model: ngram.py) and ``medusa`` (heads on the
+target's own last hidden state, common/medusa.py's artifact: medusa.py; k at most the artifact's
+num_heads; no dtype (the target's), num_rounds, draft_vocab_size or draft_tensor_parallel_size, and
+one rank: its drafts need the target's LM head whole on rank 0).
 
 Under tensor parallelism (``tensor_parallel_size`` > 1) the target is sharded and a draft model runs
 whole on rank 0 (``draft_tensor_parallel_size`` 1, vLLM's key; the only value taken: a small
@@ -31,15 +38,19 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from common.errors import ShrinkError
+from common.medusa import ARCHITECTURE as MEDUSA_ARCHITECTURE
+from common.medusa import is_medusa_dir
 from engine.tokenizer import load_tokenizer
 
-METHODS = ("draft_model", "ngram")
+METHODS = ("draft_model", "ngram", "medusa")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _KEYS = {
     "draft_model": {"method", "model", "num_speculative_tokens", "num_speculative_tokens_per_batch_size", "dtype",
                     "max_batch_size", "draft_tensor_parallel_size", "draft_vocab_size", "num_rounds"},
     "ngram": {"method", "num_speculative_tokens", "num_speculative_tokens_per_batch_size", "prompt_lookup_min",
               "prompt_lookup_max", "max_batch_size"},
+    "medusa": {"method", "model", "num_speculative_tokens", "num_speculative_tokens_per_batch_size",
+               "max_batch_size"},
 }
 # Decode batches larger than this run without speculation unless ``max_batch_size`` says otherwise:
 # decode at large batch is compute-bound, so verifying k + 1 tokens per sequence costs about k + 1
@@ -67,9 +78,9 @@ def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    method: str  # "draft_model" | "ngram"
+    method: str  # "draft_model" | "ngram" | "medusa"
     num_speculative_tokens: int
-    model: str | None = None  # draft model directory (method draft_model)
+    model: str | None = None  # draft model directory (method draft_model), heads directory (medusa)
     dtype: str = "auto"  # the draft model's dtype
     prompt_lookup_min: int | None = None  # ngram only
     prompt_lookup_max: int | None = None
@@ -122,10 +133,17 @@ class SpeculativeConfig:
             return cls("ngram", k, prompt_lookup_min=lo, prompt_lookup_max=hi, k_by_batch_size=policy,
                        max_batch_size=max_bs, auto=auto)
         model = raw.get("model")
+        what = "a Medusa heads directory" if method == "medusa" else "a draft model directory"
         if not isinstance(model, str) or not model:
-            raise SpeculativeConfigError("model", f"must be a draft model directory, got {model!r}")
+            raise SpeculativeConfigError("model", f"must be {what}, got {model!r}")
         if not os.path.isfile(os.path.join(model, "config.json")):
             raise SpeculativeConfigError("model", f"{model!r} is not a directory with config.json")
+        if (method == "medusa") != is_medusa_dir(model):
+            raise SpeculativeConfigError("model", f"{model!r} holds Medusa heads: give method 'medusa'"
+                                         if method != "medusa" else f"{model!r} is not a Medusa heads directory "
+                                         f"(its config.json's architectures do not name {MEDUSA_ARCHITECTURE!r})")
+        if method == "medusa":  # the heads' fit to the target is checked against it (medusa.load_medusa_heads)
+            return cls("medusa", k, model=model, k_by_batch_size=policy, max_batch_size=max_bs, auto=auto)
         dtype = raw.get("dtype", "auto")
         if dtype not in DTYPES:
             raise SpeculativeConfigError("dtype", f"{dtype!r} is not one of {list(DTYPES)}")

@@ -39,7 +39,10 @@ to speculation as soon as matches do. A model drafter's round would cost its for
 every ``probe_interval`` plain steps one step speculates at k_max to refresh the estimate (n-gram
 probes too); the interval doubles (PROBE_MIN..PROBE_MAX) each time a probe leaves k* at 0, and
 returns to PROBE_MIN once speculation pays again, so a drafter that never pays costs at most one
-probe per PROBE_MAX steps. Which k runs never changes greedy output: every k is verified losslessly.
+probe per PROBE_MAX steps. Which k runs never changes greedy output: every k is verified losslessly. A Medusa drafter
+(medusa.py) reads the target's hidden state of the latest verify, which plain steps do not leave:
+its first round after them proposes nothing and only makes the features, observed as nothing, and
+the step after runs the same k again (``k_again``), so a probe still gathers its evidence.
 
 ``steps_by_k`` counts scheduled decode steps, not tokens: a k = 0 step of a greedy batch is a
 multi-step decode of up to num_decode_steps tokens per sequence, a k > 0 step emits 1..k + 1.
@@ -281,6 +284,15 @@ class SpecPolicy:
                     self.probe_interval = min(2 * self.probe_interval, PROBE_MAX)
             else:
                 self.plain_steps, self.probe_interval = 0, PROBE_MIN
+        self.steps_by_k[k] += 1
+        self.last_k = k
+        return k
+
+    def k_again(self, n: int) -> int:
+        """The latest k once more (0 past max_batch_size), for the step after a round that observed
+        nothing: a Medusa drafter has no features after plain steps, so the round of a probe only
+        makes them, and the probe's evidence comes from this one."""
+        k = self.last_k if n <= self.max_batch_size else 0
         self.steps_by_k[k] += 1
         self.last_k = k
         return k

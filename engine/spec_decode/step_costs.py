@@ -11,10 +11,12 @@ bucket pads it), on n stand-in greedy sequences of ``context`` tokens:
 - decode_one: the same step of one token (the decode figure where num_decode_steps is 1): what a
   speculative round runs when no sequence has a proposal (an n-gram lookup without a match);
 - draft[k], k = 1..k_max: a model drafter's propose() of k tokens (its decode graphs, the
-  multi-step greedy ones where it has them), or n-gram's host lookup of n sequences
+  multi-step greedy ones where it has them; Medusa's heads and the LM head on stand-in features),
+  or n-gram's host lookup of n sequences
   (``ngram_proposal`` over an NGRAM_CONTEXT-token context of a small alphabet: many candidates);
 - verify[k]: VerifyPaths.all_logits of n sequences of k + 1 tokens (the path a real verify of that
-  shape takes) and the greedy verify's argmax brought to the host.
+  shape takes; with the hidden rows and their gather for Medusa) and the greedy verify's argmax
+  brought to the host.
 
 Each figure is the best of REPEATS after a warm-up call. The stand-ins' K/V lives in blocks no
 sequence holds yet (at startup none does), as in VerifyPaths.time. Under tensor parallelism every
@@ -36,6 +38,8 @@ from engine.cuda_graphs import decode_buckets, gpu_seconds
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
+from engine.spec_decode.draft_model import DraftModelProposer
+from engine.spec_decode.medusa import MedusaProposer
 from engine.spec_decode.ngram import NgramProposer, ngram_proposal
 from engine.spec_decode.policy import StepCosts
 
@@ -79,8 +83,8 @@ def _stand_ins(n: int, context: int, blocks: list[int]) -> list[Sequence]:
 
 def measure_step_costs(target: Any, proposer: Any, k_max: int, max_batch_size: int,
                        context: int = CONTEXT) -> StepCosts:
-    """StepCosts of this engine's target runner and proposer (a DraftModelProposer or an
-    NgramProposer) at ``cost_batch_sizes``, for k = 1..k_max."""
+    """StepCosts of this engine's target runner and proposer (a DraftModelProposer, an
+    NgramProposer or a MedusaProposer) at ``cost_batch_sizes``, for k = 1..k_max."""
     began = time.perf_counter()
     sizes = cost_batch_sizes(target, max_batch_size)
     steps = target.config.num_decode_steps
@@ -105,20 +109,28 @@ def measure_step_costs(target: Any, proposer: Any, k_max: int, max_batch_size: i
         for k in draft:
             draft[k].append(lookup * n if ngram else _seconds(lambda: _propose(proposer, seqs, k, context), device))
             chunks = [([0] * (k + 1), context, blocks)] * n
-            verify[k].append(_seconds(lambda: _verify(target, chunks), device))
-    return StepCosts(sizes, decode, draft, verify, catch_up=not ngram, measure_s=time.perf_counter() - began,
-                     decode_one=decode_one)
+            verify[k].append(_seconds(lambda: _verify(target, chunks, proposer, seqs), device))
+    # Only a draft model catches up one token after a fully accepted round.
+    return StepCosts(sizes, decode, draft, verify, catch_up=isinstance(proposer, DraftModelProposer),
+                     measure_s=time.perf_counter() - began, decode_one=decode_one)
 
 
 def _propose(proposer: Any, seqs: list[Sequence], k: int, context: int) -> None:
     for seq in seqs:  # as after a round that rejected a token: no catch-up
         seq.draft_computed = context
+    if isinstance(proposer, MedusaProposer):  # as after a verify: every sequence has its feature
+        proposer.stand_in_features(seqs)
     proposer.propose(seqs, k).ids.cpu()  # the draft's tokens, waited for
 
 
-def _verify(target: Any, chunks: list) -> list[int]:
+def _verify(target: Any, chunks: list, proposer: Any, seqs: list[Sequence]) -> list[int]:
     with torch.inference_mode():
-        return target.verify_paths.all_logits(chunks).argmax(dim=-1).tolist()
+        if not isinstance(proposer, MedusaProposer):
+            return target.verify_paths.all_logits(chunks).argmax(dim=-1).tolist()
+        logits, hidden = target.verify_paths.all_logits(chunks, hidden=True)
+        tokens = logits.argmax(dim=-1).tolist()
+        proposer.keep_features(seqs, hidden, [len(c[0]) - 1 for c in chunks], [[0]] * len(chunks))
+        return tokens
 
 
 def _ngram_seconds(proposer: NgramProposer) -> float:

@@ -47,6 +47,9 @@ from engine.parallel.workers import RunnerStep
 from kernels.gemv import SMALL_M
 
 Chunks = list[tuple[list[int], int, list[int]]]
+# fp32 logits [tokens, vocab], or with ``hidden`` (logits, the final hidden states [tokens, hidden] of
+# the same rows: the LM head's input, in the model's dtype).
+Logits = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -58,15 +61,17 @@ class VerifyStep(RunnerStep):
     path: str
     chunks: Chunks
     device_ids: bool
+    hidden: bool = False  # also the hidden rows (one rank only: config.py refuses Medusa under TP)
 
-    def run(self, runner: Any, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 logits [tokens, vocab]; ``ids``: rank 0's device tokens (None on the workers)."""
+    def run(self, runner: Any, ids: torch.Tensor | None = None) -> Logits:
+        """fp32 logits [tokens, vocab] (``hidden``: and the hidden rows); ``ids``: rank 0's device
+        tokens (None on the workers)."""
         with torch.inference_mode():
             if self.device_ids and tp_size() > 1:  # the workers take rank 0's tokens
                 if ids is None:
                     ids = torch.empty(sum(len(c[0]) for c in self.chunks), dtype=torch.int64, device=runner.device)
                 ids = broadcast_from_first(ids.to(torch.int64).contiguous())
-            return runner.verify_paths.forwards()[self.path](self.chunks, ids)
+            return runner.verify_paths.forwards()[self.path](self.chunks, ids, hidden=self.hidden)
 
 
 class VerifyPaths:
@@ -97,13 +102,15 @@ class VerifyPaths:
         return {"pseudo_rows": self.runner.graphs, "prefill": self.verify_graphs, "pseudo_rows_mq": self.mq_graphs,
                 "prefill_mq": self.mq_verify_graphs}
 
-    def all_logits(self, chunks: Chunks, ids: torch.Tensor | None = None) -> torch.Tensor:
+    def all_logits(self, chunks: Chunks, ids: torch.Tensor | None = None, hidden: bool = False) -> Logits:
         """fp32 logits [tokens, vocab] at every token of the chunks (the speculative verify forward),
         valid until the next forward, through the path timed fastest at startup (untimed:
         pseudo-rows where they fit, else prefill). ``ids`` [tokens]: the chunks' tokens on the
         device (a model drafter's, never brought to the host), in place of the chunks' token lists,
-        which then give only their lengths."""
-        step = VerifyStep(self.choose(chunks), chunks, ids is not None)
+        which then give only their lengths. ``hidden``: (logits, hidden rows), the final hidden
+        state of every logit row (a Medusa drafter's features), from the same forward on every path:
+        a second output of the graphs (captured with the logits), the model's output eagerly."""
+        step = VerifyStep(self.choose(chunks), chunks, ids is not None, hidden)
         workers = self.runner.tp_workers  # tensor parallelism: every rank runs the step
         if workers is None:
             return step.run(self.runner, ids)
@@ -121,22 +128,22 @@ class VerifyPaths:
         return path
 
     def pseudo_row_logits(self, chunks: Chunks, ids: torch.Tensor | None = None,
-                          multi_query: bool = False) -> torch.Tensor:
+                          multi_query: bool = False, hidden: bool = False) -> Logits:
         """all_logits through the decode path: every token one decode row (decode_inputs.py's
         prepare_chunks), in a decode graph where one holds them. ``multi_query``: chunks of exactly
         verify_query_len tokens, attention per sequence (its graphs: mq_graphs)."""
         r = self.runner
         n = sum(len(c[0]) for c in chunks)
         if self.batch_invariant and n > self.max_pseudo_rows:  # more than the decode rows: in groups
-            return self._in_groups(chunks, ids)
+            return self._in_groups(chunks, ids, hidden)
         q = r.verify_query_len if multi_query else 0
         assert not multi_query or all(len(c[0]) == q for c in chunks), f"multi-query pseudo-rows need chunks of {q}"
         graphs = self.mq_graphs if multi_query else r.graphs
         graphed = graphs is not None and n <= graphs.max_bs
         r.decode_inputs.prepare_chunks(chunks, graphs.bucket_of[n] if graphed else n, ids)
-        return graphs.forward(n) if graphed else r.eager_decode_forward(n, q)
+        return graphs.forward(n, hidden) if graphed else r.eager_decode_forward(n, q, hidden)
 
-    def _in_groups(self, chunks: Chunks, ids: torch.Tensor | None) -> torch.Tensor:
+    def _in_groups(self, chunks: Chunks, ids: torch.Tensor | None, hidden: bool = False) -> Logits:
         """pseudo_row_logits of more tokens than the decode rows (batch-invariant mode), in forwards
         of at most that many, chunks cut into pieces where needed, in order: a row attends to the K/V
         its sequence's earlier rows stored in this forward or an earlier one. Each forward's logits
@@ -155,22 +162,27 @@ class VerifyPaths:
         parts, first = [], 0
         for group in groups:
             n = sum(len(c[0]) for c in group)
-            parts.append(self.pseudo_row_logits(group, None if ids is None else ids[first : first + n]).clone())
+            out = self.pseudo_row_logits(group, None if ids is None else ids[first : first + n], hidden=hidden)
+            parts.append(tuple(t.clone() for t in out) if hidden else (out.clone(),))
             first += n
-        return torch.cat(parts)
+        logits, *states = (torch.cat(p) for p in zip(*parts))
+        return (logits, states[0]) if hidden else logits
 
     def prefill_all_logits(self, chunks: Chunks, ids: torch.Tensor | None = None,
-                           multi_query: bool = False) -> torch.Tensor:
+                           multi_query: bool = False, hidden: bool = False) -> Logits:
         """all_logits through the prefill path (a verify graph where one holds it); ``multi_query``:
         with multi-query decode attention (mq_verify_graphs)."""
         r = self.runner
         graphs = self.mq_verify_graphs if multi_query else self.verify_graphs
+        n = sum(len(c[0]) for c in chunks)
         if graphs is not None:
-            logits = graphs.run(chunks, ids)
-            if logits is not None:
-                return logits[: sum(len(c[0]) for c in chunks)]
+            out = graphs.run(chunks, ids, hidden)
+            if out is not None:  # the bucket's padding rows cut off
+                return (out[0][:n], out[1][:n]) if hidden else out[:n]
         q = r.verify_query_len if multi_query else 0
-        return r.model.compute_logits(r.varlen_forward(chunks, ids, q)).float()
+        states = r.varlen_forward(chunks, ids, q)
+        logits = r.model.compute_logits(states).float()
+        return (logits, states) if hidden else logits
 
     def last_logits(self, chunks: Chunks) -> torch.Tensor:
         """fp32 logits [chunks, vocab] at each chunk's last token (decode pseudo-rows or a prefill

@@ -6,10 +6,14 @@ at positions len - 1 .. len - 1 + m in one forward with logits at every row (Ver
 decode pseudo-rows or the varlen prefill path, in graphs, with or without multi-query decode
 attention: whichever verify_paths.py timed fastest for the token count); rejection.verify accepts
 a prefix per sequence and adds the target's own token (a batch of plain greedy rows compares the
-drafts with the target's argmax on the host instead: the same tokens, without the device ops). The result is a StepResult like any step's: the
-engine appends the tokens through its one append path (stop tokens, stop strings, max_tokens cut a
-run there) and the scheduler's finish_step rolls both caches back by bookkeeping
-(num_computed_tokens and draft_computed follow the kept tokens, unused tail blocks are released).
+drafts with the target's argmax on the host instead: the same tokens, without the device ops).
+A drafter that reads the target's hidden states (Medusa, medusa.py) gets the verify's hidden rows
+too and keeps each sequence's bonus-token row (MedusaProposer.keep_features); a round in which no
+sequence had one yet verifies the last tokens alone, not a plain decode step, to make them. The
+result is a StepResult like any step's: the engine appends the tokens through its one append
+path (stop tokens, stop strings, max_tokens cut a run there) and the scheduler's finish_step rolls
+both caches back by bookkeeping (num_computed_tokens and draft_computed follow the kept tokens,
+unused tail blocks are released).
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ class SpecDecodeWorker:
         self.spec = spec
         self.policy: SpecPolicy | None = None
         self._proposed_any = True  # whether the latest speculative step's drafter proposed anything
+        # A drafter that reads the verify's hidden rows (Medusa) verifies the last tokens of a round
+        # in which no sequence had a feature yet, rather than decoding plainly: that gives them one.
+        self.needs_hidden = getattr(proposer, "needs_hidden", False)
+        self._warm_up = False  # the latest speculative step was such a round (nothing to observe)
         self._unrun_row = 0  # the row of the next plain step whose n-gram round is observed
         if spec is not None and spec.auto:
             costs = measure_step_costs(target, proposer, spec.num_speculative_tokens, spec.max_batch_size)
@@ -52,6 +60,9 @@ class SpecDecodeWorker:
     def k_for_step(self, batch_size: int) -> int:
         """The scheduler's spec_k: draft tokens per sequence for a decode step of ``batch_size``."""
         if self.policy is not None:
+            if self._warm_up:  # the latest round only made features (Medusa after plain steps, a probe
+                self._warm_up = False  # among them): its k once more, now with proposals to observe
+                return self.policy.k_again(batch_size)
             return self.policy.k_for_step(batch_size)
         return self.spec.k_for_step(batch_size) if self.spec is not None else 0
 
@@ -63,7 +74,8 @@ class SpecDecodeWorker:
             return
         n = len(batch.seqs)
         if batch.num_draft is not None:
-            self.policy.observe_step(n, max(batch.num_draft), seconds, proposed=self._proposed_any)
+            if not self._warm_up:  # a verify of the last tokens only is neither kind of round
+                self.policy.observe_step(n, max(batch.num_draft), seconds, proposed=self._proposed_any)
             return
         self.policy.observe_step(n, 0, seconds, batch.num_steps)
         # Past max_batch_size nothing probes, so nothing would drop finished rows' lookup arrays.
@@ -94,7 +106,10 @@ class SpecDecodeWorker:
     def _record(self, batch: ScheduledBatch, proposed: list[int], accepted: list[int]) -> None:
         self.metrics.record(proposed, accepted)
         if self.policy is not None:  # a sequence without a proposal is a match miss, not a rejection
-            self.policy.observe(batch.num_draft, accepted, proposed)
+            # ... unless its drafter had no feature yet (Medusa after a prefill or a plain step):
+            # it was not asked, and its round is no evidence either way.
+            asked = [n if p or not self.needs_hidden else 0 for n, p in zip(batch.num_draft, proposed)]
+            self.policy.observe(asked, accepted, proposed)
 
     def step(self, batch: ScheduledBatch) -> StepResult:
         """Draft, verify, accept: the host waits for the device once, for the emitted tokens (and
@@ -109,7 +124,8 @@ class SpecDecodeWorker:
         counts = proposal.num_tokens
         k = max(counts, default=0)
         self._proposed_any = k > 0
-        if k == 0:  # nothing proposed (an n-gram without a match): a plain decode step, its graph
+        self._warm_up = k == 0 and self.needs_hidden
+        if k == 0 and not self.needs_hidden:  # nothing proposed (an n-gram without a match): a plain decode step
             result = self.target.run(ScheduledBatch(seqs, False, [1] * len(seqs)))
             clock.mark()
             self.metrics.add_phases(clock)
@@ -117,11 +133,14 @@ class SpecDecodeWorker:
             return result
         with torch.inference_mode():
             chunks, ids = self._verify_inputs(seqs, proposal, k)
-            flat = self.target.verify_paths.all_logits(chunks, ids)  # [sum of (m_i + 1), V]
+            out = self.target.verify_paths.all_logits(chunks, ids, self.needs_hidden)  # [sum of (m_i + 1), V]
+            flat, hidden = out if self.needs_hidden else (out, None)
             if all(s.plain_greedy for s in seqs):
                 tokens, logprobs = self._greedy_tokens(flat, proposal, k, clock), None
             else:
                 tokens, logprobs = self._verified_tokens(seqs, flat, proposal, k, clock)
+            if hidden is not None:  # the bonus token's row, before the next forward overwrites it
+                self.proposer.keep_features(seqs, hidden, counts, tokens)
         self.metrics.add_phases(clock)
         self._record(batch, counts, [len(t) - 1 for t in tokens])
         return StepResult(tokens, logprobs)

@@ -25,3 +25,70 @@ def perturbed_copy(src: str, dst: str, sigma: float, seed: int = 1) -> str:
         if name.startswith("tokenizer") or name == "special_tokens_map.json":
             shutil.copy(os.path.join(src, name), dst)
     return dst
+
+
+def medusa_heads(target: str, dst: str, num_heads: int, sigma: float, seed: int = 1, num_layers: int = 1,
+                 tokenizer: bool = True) -> str:
+    """Medusa heads for ``target`` (common/medusa.py's artifact, with the target's tokenizer files):
+    N(0, sigma) weights and biases, so that they draft something other than the target's own next
+    token and disagree with the target most of the time (sigma 0: every head predicts what the LM
+    head does at the same row)."""
+    from transformers import AutoConfig
+
+    from common.medusa import MedusaHeads, save_heads
+
+    if os.path.exists(os.path.join(dst, "config.json")):
+        return dst
+    cfg = AutoConfig.from_pretrained(target)
+    heads = MedusaHeads(cfg.hidden_size, cfg.vocab_size, num_heads, num_layers)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * sigma)
+    os.makedirs(dst, exist_ok=True)
+    save_heads(heads, dst)
+    if tokenizer:
+        for name in os.listdir(target):
+            if name.startswith("tokenizer") or name == "special_tokens_map.json":
+                shutil.copy(os.path.join(target, name), dst)
+    return dst
+
+
+def fitted_medusa_heads(target: str, dst: str, token_prompts: list[list[int]], num_heads: int, new_tokens: int = 32,
+                        steps: int = 60, seed: int = 1) -> str:
+    """Medusa heads fitted for a few Adam steps to the target's own greedy continuations of
+    ``token_prompts`` (head i: the token i + 1 after each position's next one), from the final hidden
+    states transformers gives: heads that are right part of the time on those prompts, so that a
+    test sees acceptances and rejections both."""
+    from transformers import AutoConfig
+
+    from common.medusa import MedusaHeads, save_heads
+
+    if os.path.exists(os.path.join(dst, "config.json")):
+        return dst
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    cfg = AutoConfig.from_pretrained(target)
+    heads = MedusaHeads(cfg.hidden_size, cfg.vocab_size, num_heads)
+    feats, labels = [], []
+    with torch.no_grad():
+        for p in token_prompts:
+            ids = torch.tensor([p])
+            seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)[0]
+            hidden = model(seq[None], output_hidden_states=True).hidden_states[-1][0]  # after the final norm
+            n = len(seq)
+            for t in range(len(p) - 1, n - 1 - num_heads):  # f_t gave token t + 1; head i predicts t + 2 + i
+                feats.append(hidden[t])
+                labels.append(seq[t + 2 : t + 2 + num_heads])
+    feats, labels = torch.stack(feats), torch.stack(labels)
+    opt = torch.optim.Adam(heads.parameters(), lr=1e-2)
+    for _ in range(steps):
+        logits = model.lm_head(heads(feats))  # [heads, N, V]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), labels.t().reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    os.makedirs(dst, exist_ok=True)
+    save_heads(heads, dst)
+    return dst
