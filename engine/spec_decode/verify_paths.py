@@ -71,7 +71,8 @@ class VerifyStep(RunnerStep):
                 if ids is None:
                     ids = torch.empty(sum(len(c[0]) for c in self.chunks), dtype=torch.int64, device=runner.device)
                 ids = broadcast_from_first(ids.to(torch.int64).contiguous())
-            return runner.verify_paths.forwards()[self.path](self.chunks, ids, hidden=self.hidden)
+            forward = runner.verify_paths.forwards()[self.path]
+            return forward(self.chunks, ids, hidden=True) if self.hidden else forward(self.chunks, ids)
 
 
 class VerifyPaths:
