@@ -357,3 +357,38 @@ def test_a_wrong_directory_or_method_is_named(target, heads, monkeypatch, model_
     with pytest.raises(SpeculativeConfigError, match="one rank") as e:
         LLM(target, device="cpu", tensor_parallel_size=2, speculative_config=_spec(heads["random"]))
     assert e.value.key == "method"
+
+
+# -- the verify forward's hidden rows --------------------------------------------------------------------
+def test_every_eager_verify_path_gives_hidden_rows_aligned_with_its_logits(model_dir, monkeypatch):
+    """all_logits(hidden=True) on each path (pseudo-rows, prefill, both multi-query variants, and
+    pseudo-rows in groups as batch-invariant mode runs them): the same logits as without, and the
+    LM head of each hidden row gives its logit row; every path's hidden rows agree."""
+    from test_mq_verify import uniform_chunks
+    from verify_batch import verify_chunks, verify_runner
+
+    _, runner = verify_runner(model_dir(TARGET))
+    paths = runner.verify_paths
+    ragged = {}  # verify_chunks()'s hidden rows, by path
+    with torch.inference_mode():
+        for chunks in (verify_chunks(), uniform_chunks()):
+            ref = paths.prefill_all_logits(chunks).clone()
+            names = [n for n in paths.forwards() if n != "pseudo_rows_mq" or chunks == uniform_chunks()]
+            states = {}
+            for name in names:
+                logits, hidden = (t.clone() for t in paths.forwards()[name](chunks, None, hidden=True))
+                assert hidden.shape == (len(ref), 64) and hidden.dtype == runner.dtype
+                torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(runner.model.compute_logits(hidden).float(), logits, rtol=1e-6, atol=1e-6)
+                states[name] = hidden
+            assert len(states) == (4 if chunks == uniform_chunks() else 3)
+            ragged = ragged or states
+            for hidden in states.values():
+                torch.testing.assert_close(hidden, states["prefill"], rtol=1e-5, atol=1e-5)
+            step = paths.all_logits(chunks, hidden=True)
+            torch.testing.assert_close(step[1], states["prefill"], rtol=1e-5, atol=1e-5)
+        monkeypatch.setattr(paths, "batch_invariant", True)  # forwards of at most 4 rows, chunks cut
+        monkeypatch.setattr(paths, "max_pseudo_rows", 4)
+        logits, hidden = paths.pseudo_row_logits(verify_chunks(), hidden=True)
+        torch.testing.assert_close(hidden, ragged["prefill"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(runner.model.compute_logits(hidden).float(), logits, rtol=1e-6, atol=1e-6)
