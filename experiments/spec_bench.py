@@ -1,7 +1,8 @@
 """Issue 14's speculative-decoding benchmarks.
 
     python experiments/spec_bench.py acceptance --target DIR [--draft DIR ...] [--data-dir D]
-    python experiments/spec_bench.py speed --target DIR|X.gguf [--draft DIR ...] [--truncated 4 ...] [--batch 1 4 16 64]
+    python experiments/spec_bench.py speed --target DIR|X.gguf [--draft DIR ...] [--medusa HEADS_DIR ...]
+                                           [--truncated 4 ...] [--batch 1 4 16 64]
     python experiments/spec_bench.py verify-cost --shape llama2-7b [--context 512]
 
 Workloads (``--workloads``), batch 1, greedy, ``--new-tokens`` 256, ``--prompts`` per workload:
@@ -20,7 +21,8 @@ acceptance  works today. The target's greedy continuations come from the engine 
             makes it cheap). Reports acceptance rate, per position, and mean accepted length
             (SpecDecodeMetrics), and the speed-up these imply for given draft and verify costs.
 speed       tok/s of LLM.generate without speculation and with ``speculative_config`` for n-gram, each
-            --draft directory and each --truncated copy of the target (its first N layers, built here), at
+            --medusa heads directory (method "medusa", row spec "medusa:DIR", k up to its num_heads),
+            each --draft directory and each --truncated copy of the target (its first N layers, built here), at
             each k and batch size (1, 4, 16, 64): median of --repeats runs after a warm-up, with the
             acceptance metrics; then (--auto, the default) k "auto": num_speculative_tokens_per_batch_size
             "auto" up to the largest k, the engine choosing k per step from the step costs it measured
@@ -268,6 +270,16 @@ def truncated_draft(target_dir: str, num_layers: int, out_dir: Path) -> str:
     return str(path)
 
 
+def medusa_k(heads_dir: str, k_max: int) -> int:
+    """num_speculative_tokens of a Medusa arm: k_max, at most the artifact's num_heads (a bad
+    artifact keeps k_max: the engine then names what is wrong, in that arm's error row)."""
+    try:
+        heads = json.loads((Path(heads_dir) / "config.json").read_text())["num_heads"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return k_max
+    return min(k_max, heads) if isinstance(heads, int) and heads >= 1 else k_max
+
+
 def fitting_prompts(prompts: list[list[int]], new_tokens: int, max_model_len: int, workload: str,
                     json_path: str | None, bench: str) -> list[list[int]]:
     """The prompts that leave room for ``new_tokens`` within max_model_len; the others are left
@@ -347,7 +359,10 @@ def _speed_variant(args, workload: str, name: str, spec: dict | None, prompts: l
     engine = llm.engine
     worker = engine.spec_worker
     rows = []
-    ks = [max(args.ks)] if rounds > 1 else args.ks + (["auto"] if args.auto and spec is not None else [])
+    # k up to the engine's num_speculative_tokens (a Medusa arm's: at most its heads).
+    k_max = spec["num_speculative_tokens"] if spec is not None else max(args.ks)
+    fixed = [k for k in args.ks if k <= k_max]
+    ks = [max(args.ks)] if rounds > 1 else fixed + (["auto"] if args.auto and spec is not None else [])
     ks = [0] + ks if args.check and spec is not None else ks
     off: dict[int, float] = {}  # tok/s of this engine with drafting off, by batch size
     for k in ([0] if spec is None else ks):
@@ -423,11 +438,13 @@ def speed(args) -> None:
     drafters: list[tuple[str, Callable[[], dict]]] = [
         ("ngram", lambda: {"method": "ngram", "prompt_lookup_min": args.ngram_min,
                            "prompt_lookup_max": args.ngram_max, **common})]
-    drafters += [(d, lambda d=d: {"model": d, **common}) for d in args.draft or []]
-    drafters += [(f"truncated{n}", lambda n=n: {"model": truncated_draft(target_dir, n, work), **common})
-                 for n in args.truncated or []]
-    drafters += [(f"{name}-rounds{r}", lambda make=make, r=r: {**make(), "num_rounds": r})
-                 for name, make in drafters if name != "ngram" for r in args.num_rounds if r > 1]
+    drafters += [(f"medusa:{d}", lambda d=d: {"method": "medusa", "model": d, **common,
+                                             "num_speculative_tokens": medusa_k(d, k_max)}) for d in args.medusa or []]
+    models = [(d, lambda d=d: {"model": d, **common}) for d in args.draft or []]
+    models += [(f"truncated{n}", lambda n=n: {"model": truncated_draft(target_dir, n, work), **common})
+               for n in args.truncated or []]
+    drafters += models + [(f"{name}-rounds{r}", lambda make=make, r=r: {**make(), "num_rounds": r})
+                          for name, make in models for r in args.num_rounds if r > 1]
     for workload in args.workloads:
         prompts = fitting_prompts(load_prompts(workload, data_dir, tokenizer, max(args.batch), args.prompt_tokens),
                                   args.new_tokens, target_config.max_model_len, workload, args.json, "speed")
@@ -600,6 +617,8 @@ def main(argv: list[str] | None = None) -> None:
                      help="a draft model's step in target decode steps, for implied_speedup (issue: 4 layers ~0.2)")
     acc.add_argument("--verify-step-cost", type=float, default=1.0, help="the verify forward in target decode steps")
     sub.choices["speed"].add_argument("--ks", type=int, nargs="+", default=[2, 4, 6])
+    sub.choices["speed"].add_argument("--medusa", nargs="*",
+                                      help="Medusa heads directories (common/medusa.py), k up to their num_heads")
     sub.choices["speed"].add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
     sub.choices["speed"].add_argument("--truncated", type=int, nargs="*", default=[4],
                                       help="drafters made of the target's first N layers (+ norm and head)")

@@ -333,3 +333,26 @@ def test_speed_warns_when_another_process_shares_the_gpu(bench, data_dir, model_
     assert [(w["spec"], w["k"]) for w in warnings] == [(r["spec"], r["k"]) for r in timed] == [("none", 0), ("ngram", 1)]
     assert all("1 other process(es) on the GPU" in w["warning"] for w in warnings)
     assert all(r["host"]["gpu_processes"] == 2 for r in timed)
+
+
+def test_speed_times_a_medusa_arm_against_the_plain_engine(bench, data_dir, model_dir, tmp_path):
+    """--medusa DIR: the heads' arm (method "medusa", row spec "medusa:DIR") at each k up to its
+    num_heads (k 3 is past its 2 heads: left out), with auto, drafting off (--check) and its check rows."""
+    from drafts import medusa_heads
+
+    target = model_dir("llama_gqa_untied", with_tokenizer=True)
+    heads = medusa_heads(target, str(tmp_path / "heads"), 2, 0.05)
+    out = tmp_path / "speed.jsonl"
+    bench.main(["--json", str(out), "speed", "--target", target, "--medusa", heads, "--data-dir", str(data_dir),
+                "--workloads", "gsm8k", "--new-tokens", "6", "--batch", "1", "2", "--ks", "1", "2", "3",
+                "--truncated", "--repeats", "1", "--check", "--verify-shape", "", "--engine", '{"device": "cpu"}'])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert not [r for r in rows if "error" in r or "skipped" in r]
+    name = f"medusa:{heads}"
+    arm = [r for r in rows if r["bench"] == "speed" and r["spec"] == name]
+    assert sorted((str(r["k"]), r["batch"]) for r in arm) == sorted(
+        (k, bs) for k in ("0", "1", "2", "auto") for bs in (1, 2))
+    assert all(r["tok_s"] > 0 for r in arm)
+    assert all(r["metrics"]["num_proposed_tokens"] > 0 for r in arm if r["k"] in (1, 2))
+    assert {c["batch"] for c in rows if c["bench"] == "check"} == {1, 2}
+    assert all(name in c["same_schedule"] for c in rows if c["bench"] == "check")
