@@ -21,6 +21,10 @@ verify forward's: k + 1 query tokens per sequence, every one scored) keeps the l
 token row instead, and one built with ``verify_query_len`` attends with the multi-query decode
 attention (kernels/verify_attention.py), every sequence at most that many tokens.
 
+Every decode and prefill graph keeps the final hidden states its logits came from as a second static
+output (``hidden``; no extra kernel, a few KB of pool): a Medusa drafter's features from the verify
+(spec_decode/medusa.py). The multi-step step graphs have none (their logits never leave the device).
+
 All graphs share one memory pool: no two ever run at once (capture_graphs captures an engine's).
 """
 

@@ -5,6 +5,8 @@ one forward, rejection sampling keeps the output distribution the target's (gree
                   draft_engine_config (the draft runner's EngineConfig, checked against the target)
     proposer.py   Proposal, the Proposer protocol, draft_limit (k per sequence)
     ngram.py      NgramProposer: prompt lookup, no model
+    medusa.py     MedusaProposer: heads on the target's last hidden state (common/medusa.py), the
+                  target's LM head; load_medusa_heads checks the artifact against the target
     rejection.py  verify(): greedy matching and batched rejection sampling, no host sync
     draft_sampler.py  sample_draft(): one draft step's tokens and probabilities q, no host sync
     metrics.py    SpecDecodeMetrics: acceptance counters and draft/verify time
@@ -35,7 +37,8 @@ How it runs in the engine:
    engine's steps took beyond them (LLMEngine.step reports each decode step's wall time,
    SpecDecodeWorker.record_step), the share of rounds the drafter proposed anything in and the
    per-position acceptance of its proposals (for n-gram, plain steps' unrun rounds too).
-3. Draft (draft_model.py). ``seq.draft_computed`` says how far the draft's K/V goes. A sequence
+3. Draft (draft_model.py; Medusa: medusa.py, the heads on each sequence's kept feature, no catch-up,
+   0 tokens for a sequence without a current one). ``seq.draft_computed`` says how far the draft's K/V goes. A sequence
    lagging by more than its last token first catches up (VerifyPaths.last_logits: as decode
    pseudo-rows, one decode graph replay, where the tokens fit, else the varlen prefill path; after a
    fully accepted round one token; a whole prompt after admission, a prefix-cache hit or a
@@ -51,7 +54,9 @@ How it runs in the engine:
    PrefillGraphs(all_rows=True), where one holds it); each of the two also with multi-query decode
    attention (kernels/verify_attention.py: a sequence's K/V read once for its k + 1 tokens), and
    per token count the path timed fastest at startup (verify_paths.py). rejection.verify; one
-   to_lists(), the round's one sync. Logprobs: log_softmax of the raw target logits.
+   to_lists(), the round's one sync. Logprobs: log_softmax of the raw target logits. For Medusa the
+   same forward also returns its hidden rows (every path; the graphs' second output) and each
+   sequence keeps its bonus token's row with the length it belongs to (Sequence.spec_feature).
 5. Accept and roll back. The engine's one append path cuts a run at stop tokens, stop strings,
    max_tokens; Scheduler.finish_step sets num_computed_tokens = len - 1, clamps draft_computed to it
    and releases blocks past the kept tokens (BlockManager.release_unused). Rejected entries in kept
@@ -67,7 +72,8 @@ How it runs in the engine:
    n-gram lookup, or a draft model whole on rank 0 with its K/V there only: draft_engine_config
    gives it one rank, group_for keeps its forwards off the process group), acceptance, sampling and
    rollback stay on rank 0: the workers' caches need only the block tables and positions that every
-   step sends. Greedy output equals one rank's without speculation.
+   step sends. Greedy output equals one rank's without speculation. Medusa is refused under tensor
+   parallelism (its drafts need the LM head whole on rank 0).
 """
 
 from engine.spec_decode.config import (

@@ -23,8 +23,8 @@ from engine.spec_decode.rejection import processed_probs
 def sample_draft(
     logits: torch.Tensor, params: Seq[SamplingParams], generators: Seq[torch.Generator | None] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """logits [B, V] (fp32) -> (tokens [B], q [B, V] or None when every row is greedy: greedy
-    verification never reads q)."""
+    """logits [B, V] (fp32, or the model's dtype: q is fp32 either way) -> (tokens [B], q [B, V] or
+    None when every row is greedy: greedy verification never reads q)."""
     tokens = logits.argmax(dim=-1)
     if all(p.greedy for p in params):
         return tokens, None

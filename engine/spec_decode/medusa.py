@@ -101,7 +101,8 @@ class MedusaProposer:
         b = len(seqs)
         with torch.inference_mode():
             states = self.head_states(features, steps).transpose(0, 1).reshape(b * steps, -1)  # row i * steps + j
-            logits = self.runner.model.compute_logits(states).float().view(b, steps, -1)
+            # The model's dtype: greedy rows' argmax is the same, sampled rows' processed_probs casts to fp32.
+            logits = self.runner.model.compute_logits(states).view(b, steps, -1)
             logits = ban_stop_tokens(logits, seqs, self.eos_token_ids)  # row i, position j: output token n_i + j
             gens = [self.runner.sampler.generator(s) for s in seqs]
             tokens, q = sample_draft(logits.view(b * steps, -1), [s.params for s in seqs for _ in range(steps)],

@@ -51,6 +51,8 @@ class Proposal:
 
 class Proposer(Protocol):
     has_probs: bool  # whether propose() fills Proposal.probs
+    # (Optional, False when absent) needs_hidden: the verify forward hands its hidden rows to the
+    # proposer's keep_features after acceptance (Medusa, medusa.py).
 
     def propose(self, seqs: Seq[Sequence], k: int | Seq[int]) -> Proposal:
         """Draft tokens for each sequence (at most its k; see ``draft_limit``). A model drafter keeps

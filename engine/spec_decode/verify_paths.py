@@ -13,7 +13,10 @@ takes only whole sequences of k + 1 tokens, a ragged batch takes the runner-up).
 path that has CUDA graphs as it will run (its graphs) on n tokens laid out as a verify lays them
 out, sequences of k + 1, and keeps the fastest per n; past the pseudo-rows (path[0]) the faster
 prefill path at the largest verify. A draft model's catch-up (``last_logits``: the logits at each
-chunk's last token) takes the same pseudo-rows where they fit, else the prefill path.
+chunk's last token) takes the same pseudo-rows where they fit, else the prefill path. Every path
+also gives the final hidden states of its logit rows when asked (``hidden``: a Medusa drafter's
+features, spec_decode/medusa.py): eagerly the model's output, in the graphs a second static output
+captured with the logits; nothing is computed or copied for it otherwise.
 
 In batch-invariant mode (EngineConfig.batch_invariant) a verify takes ``pseudo_rows`` only, nothing
 timed: its rows run the decode step's kernels (the GEMVs' one config at every row count, the decode
