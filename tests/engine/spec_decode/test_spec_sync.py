@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from drafts import medusa_heads
 from tiny_models import prompts
 
 from engine import LLM, SamplingParams
@@ -17,9 +18,13 @@ HOST_READS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float_
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 
 
-def _spec(drafter: str, model_dir) -> dict:
+def _spec(drafter: str, model_dir, tmp_path) -> dict:
     if drafter == "ngram":
         return NGRAM
+    if drafter == "medusa":  # random heads: the features kept and gathered on the device as well
+        target = model_dir("llama_gqa_untied", with_tokenizer=True)
+        return {"method": "medusa", "model": medusa_heads(target, str(tmp_path / "heads"), 3, 0.05),
+                "num_speculative_tokens": 3}
     return {"model": model_dir("llama_mha_tied", with_tokenizer=True), "num_speculative_tokens": 3}
 
 
@@ -31,13 +36,14 @@ def _requests(greedy_only: bool) -> tuple[list[dict], list[SamplingParams]]:
     return [{"prompt_token_ids": p} for p in ps], params
 
 
-@pytest.mark.parametrize("drafter,greedy_only", [("model", True), ("model", False), ("ngram", False)])
-def test_a_speculative_round_reads_the_device_once(model_dir, monkeypatch, drafter, greedy_only):
+@pytest.mark.parametrize("drafter,greedy_only", [("model", True), ("model", False), ("ngram", False),
+                                                 ("medusa", True), ("medusa", False)])
+def test_a_speculative_round_reads_the_device_once(model_dir, monkeypatch, tmp_path, drafter, greedy_only):
     """One host read per round (VerifiedTokens.to_lists, or a plain step's sampled tokens when the
     n-gram found nothing): the greedy draft (multi-step graphs), the sampled draft (tokens fed back
     on the device) and the verify add none."""
     llm = LLM(model_dir("llama_gqa_untied", with_tokenizer=True), device="cpu",
-              speculative_config=_spec(drafter, model_dir))
+              speculative_config=_spec(drafter, model_dir, tmp_path))
     worker = llm.engine.spec_worker
     reads: list[str] | None = None
     for name in HOST_READS:
@@ -71,11 +77,12 @@ def test_a_speculative_round_reads_the_device_once(model_dir, monkeypatch, draft
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("drafter,greedy_only", [("model", True), ("model", False), ("ngram", False)])
-def test_a_speculative_round_syncs_once_on_the_gpu(model_dir, monkeypatch, drafter, greedy_only):
+@pytest.mark.parametrize("drafter,greedy_only", [("model", True), ("model", False), ("ngram", False),
+                                                 ("medusa", True), ("medusa", False)])
+def test_a_speculative_round_syncs_once_on_the_gpu(model_dir, monkeypatch, tmp_path, drafter, greedy_only):
     """In CUDA graphs (bf16): a round's synchronizing calls, as CUDA's sync debug mode reports them."""
     llm = LLM(model_dir("llama_gqa_untied", with_tokenizer=True), device="cuda", dtype="bfloat16",
-              max_model_len=256, kv_cache_tokens=8192, speculative_config=_spec(drafter, model_dir))
+              max_model_len=256, kv_cache_tokens=8192, speculative_config=_spec(drafter, model_dir, tmp_path))
     worker = llm.engine.spec_worker
     assert llm.engine.runner.graphs is not None and llm.engine.runner.verify_paths.max_pseudo_rows == 16
     per_step: list[int] = []
