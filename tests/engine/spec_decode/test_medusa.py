@@ -246,6 +246,30 @@ def test_a_round_that_only_made_features_runs_its_k_again(target, heads):
     assert worker.k_for_step(policy.max_batch_size + 1) == 0
 
 
+def test_poor_heads_stop_speculating_and_each_probe_makes_features_first(target, heads):
+    """Random heads with a costly draft (injected costs, as test_spec_auto's bad draft model): after
+    the warm-up the policy decodes plainly; each probe's first round only makes the features (plain
+    steps leave none) and its k runs again to observe the heads, so a probe is two speculative steps."""
+    from engine.spec_decode import policy as P
+    from engine.spec_decode.policy import SpecPolicy
+    from test_spec_auto import K, _injected
+
+    ps = _prompts(6)
+    params = _greedy(90)
+    base, _ = _run(target, ps, [params] * 2, num_decode_steps=1)
+    llm = LLM(target, device="cpu", num_decode_steps=1,
+              speculative_config=_spec(heads["random"], K, num_speculative_tokens_per_batch_size="auto"))
+    engine = llm.engine
+    policy = engine.spec_worker.policy = SpecPolicy(K, 16, _injected([1, 2, 4, 8, 16], 0.2, True), calibrate=False)
+    assert [o.token_ids for o in llm.generate(_ids(ps), [params] * 2)] == base
+    warm_steps = P.WARMUP_TRIALS // len(ps)  # observed rounds, each of both sequences
+    assert policy.num_probes >= 1
+    assert engine.num_spec_steps == 1 + warm_steps + 2 * policy.num_probes  # + the first, featureless round
+    assert policy.steps_by_k[K] == engine.num_spec_steps and policy.steps_by_k[0] > 3 * engine.num_spec_steps
+    assert policy.acceptance.num_observed == len(ps) * (warm_steps + policy.num_probes)
+    assert engine.spec_metrics.acceptance_rate < 0.1
+
+
 # -- the sampled distribution is the target's -------------------------------------------------------------
 @pytest.mark.parametrize("temp,top_k", [(0.8, 0), (1.0, 5)])
 def test_sampled_tokens_follow_the_target_distribution(tmp_path, temp, top_k):
