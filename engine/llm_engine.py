@@ -113,7 +113,7 @@ class LLMEngine:
         if spec is None:
             return None
         if heads is not None:  # drafting through the target's own hidden states and LM head
-            return SpecDecodeWorker(self.runner, MedusaProposer(self.runner, heads, self.eos_token_ids),
+            return SpecDecodeWorker(self.runner, MedusaProposer(self.runner, heads, self.eos_token_ids, spec),
                                     self.eos_token_ids, spec)
         if draft_config is None:
             return SpecDecodeWorker(self.runner, NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max),

@@ -18,7 +18,9 @@ previous verify's rows in order), the k heads as stacked batched matmuls (one ba
 add per head block for all k heads), the target's compute_logits on the [B k, hidden] rows, then
 draft_sampler.sample_draft on every row: greedy rows take the argmax, sampled rows draw with the
 request's parameters and keep q for rejection sampling; min_tokens bans stop tokens as for a draft
-model. Medusa's drafts are independent per position (d_j does not see d_{j-1}); rejection sampling
+model. With the target's CUDA graphs, a batch of greedy rows past min_tokens (nothing to ban, the
+argmax alone) replays a graph of heads, LM head and argmax per (batch bucket, k) instead
+(MedusaGraphs: the features copied into its input, one replay; the same tokens as eagerly). Medusa's drafts are independent per position (d_j does not see d_{j-1}); rejection sampling
 needs only that q_j is the distribution d_j was drawn from, so the output stays the target's. The
 tokens stay on the device (Proposal.ids): nothing here waits for it.
 
@@ -70,9 +72,11 @@ class MedusaProposer:
     has_probs = True
     needs_hidden = True  # the verify forward hands its hidden rows back (keep_features)
 
-    def __init__(self, runner: Any, heads: MedusaHeads, eos_token_ids: set[int] | frozenset[int]) -> None:
+    def __init__(self, runner: Any, heads: MedusaHeads, eos_token_ids: set[int] | frozenset[int],
+                 spec: SpeculativeConfig | None = None) -> None:
         """``runner``: the target's ModelRunner (its LM head, device and dtype); ``heads``: checked
-        by load_medusa_heads."""
+        by load_medusa_heads; ``spec``: the batch sizes and k that greedy drafts are graphed for,
+        where the runner has CUDA graphs (None: eager only)."""
         self.runner = runner
         self.eos_token_ids = eos_token_ids
         self.num_heads, self.hidden_size = heads.num_heads, heads.hidden_size
@@ -83,6 +87,9 @@ class MedusaProposer:
                         for j in range(heads.num_layers)]
         self.biases = [torch.stack([h[j].bias.detach()[None] for h in heads.heads]).to(dev, dtype).contiguous()
                        for j in range(heads.num_layers)]
+        self.graphs = (MedusaGraphs(self, min(spec.max_batch_size, runner.config.max_num_seqs),
+                                    spec.num_speculative_tokens)
+                       if spec is not None and runner.graphs is not None else None)
 
     def head_states(self, features: torch.Tensor, k: int) -> torch.Tensor:
         """features [B, hidden] -> [k, B, hidden]: the first k heads' inputs to the LM head."""
@@ -100,15 +107,22 @@ class MedusaProposer:
             return Proposal([[] for _ in seqs])  # host lists: the verify of the last tokens gives features
         b = len(seqs)
         with torch.inference_mode():
-            states = self.head_states(features, steps).transpose(0, 1).reshape(b * steps, -1)  # row i * steps + j
-            # The model's dtype: greedy rows' argmax is the same, sampled rows' processed_probs casts to fp32.
-            logits = self.runner.model.compute_logits(states).view(b, steps, -1)
+            if self.graphs is not None and self.graphs.takes(seqs, steps):
+                return Proposal(None, ids=self.graphs.run(features, steps), counts=counts)
+            logits = self.logits(features, steps)
             logits = ban_stop_tokens(logits, seqs, self.eos_token_ids)  # row i, position j: output token n_i + j
             gens = [self.runner.sampler.generator(s) for s in seqs]
             tokens, q = sample_draft(logits.view(b * steps, -1), [s.params for s in seqs for _ in range(steps)],
                                      [g for g in gens for _ in range(steps)])
         return Proposal(None, q.view(b, steps, -1) if q is not None else None, ids=tokens.view(b, steps),
                         counts=counts)
+
+    def logits(self, features: torch.Tensor, k: int) -> torch.Tensor:
+        """[B, k, vocab] logits of the first k heads, in the model's dtype (greedy rows' argmax is the
+        same as in fp32; sampled rows' processed_probs casts to fp32)."""
+        b = features.shape[0]
+        states = self.head_states(features, k).transpose(0, 1).reshape(b * k, -1)  # row i * k + j
+        return self.runner.model.compute_logits(states).view(b, k, -1)
 
     def features(self, seqs: Seq[Sequence]) -> tuple[torch.Tensor | None, list[bool]]:
         """([B, hidden] features, whether each sequence has a current one): the sequences' kept
@@ -156,3 +170,50 @@ class MedusaProposer:
         kept = torch.zeros(len(seqs), self.hidden_size, device=self.runner.device, dtype=self.runner.dtype)
         for i, seq in enumerate(seqs):
             seq.spec_feature = (kept, i, len(seq))
+
+
+class MedusaGraphs:
+    """Greedy drafts in CUDA graphs: per batch bucket b (the decode buckets up to the largest
+    speculative batch) and k = 1..k_max, one graph of the heads, the LM head and the argmax, reading
+    the features from a static input and writing [b, k] token ids. Eagerly those are a dozen
+    launches, each a host cost comparable to its GPU time at batch 1 (the target's decode is launch
+    bound, the reason its steps run in graphs). Padding rows compute on whatever features they hold;
+    their tokens are never read. Captured in a pool of their own, after the target's graphs."""
+
+    def __init__(self, proposer: MedusaProposer, max_bs: int, k_max: int) -> None:
+        from engine.cuda_graphs import decode_buckets
+
+        self.buckets = decode_buckets(max(1, max_bs))
+        self.max_bs = self.buckets[-1]
+        self.bucket_of = [next(b for b in self.buckets if b >= n) for n in range(self.max_bs + 1)]
+        runner = proposer.runner
+        self.features = torch.zeros(self.max_bs, proposer.hidden_size, device=runner.device, dtype=runner.dtype)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.ids: dict[tuple[int, int], torch.Tensor] = {}
+        pool = None
+        with torch.inference_mode():
+            for b in reversed(self.buckets):
+                for k in range(1, k_max + 1):
+                    proposer.logits(self.features[:b], k).argmax(dim=-1)  # warm-up: every kernel launched once
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool):
+                        self.ids[b, k] = proposer.logits(self.features[:b], k).argmax(dim=-1)
+                    pool = pool or graph.pool()
+                    self.graphs[b, k] = graph
+        torch.cuda.synchronize()
+
+    def takes(self, seqs: Seq[Sequence], k: int) -> bool:
+        """Whether a draft of ``k`` tokens for ``seqs`` is the graphs' argmax alone: a bucket holds the
+        batch, every row greedy, none below its min_tokens (ban_stop_tokens would change nothing)."""
+        n = len(seqs)
+        return (n <= self.max_bs and (self.bucket_of[n], k) in self.graphs
+                and all(s.params.greedy and s.num_output_tokens >= s.params.min_tokens for s in seqs))
+
+    def run(self, features: torch.Tensor, k: int) -> torch.Tensor:
+        """[n, k] greedy draft ids of ``features`` [n, hidden], valid until the next replay."""
+        n = features.shape[0]
+        b = self.bucket_of[n]
+        self.features[:n].copy_(features)
+        self.graphs[b, k].replay()
+        return self.ids[b, k][:n]

@@ -96,3 +96,40 @@ def test_auto_policy_measures_the_heads_with_graphs_and_keeps_greedy_output(head
     outs = llm.generate(mixed_prompts, GREEDY)
     assert [o.token_ids for o in outs] == hf_reference(TARGET, mixed_prompts)
     assert sum(engine.stats()["spec_decode"]["policy"]["steps_by_k"]) > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_graphed_greedy_drafts_equal_the_eager_ones(dtype, heads, model_dir):
+    """MedusaGraphs (per batch bucket and k: heads, LM head, argmax) against the eager draft of the
+    same features, at batch sizes inside and between the buckets: each graphed token is the eager
+    argmax, up to a near-tie of the eager logits (a bucket's matmuls may take another kernel than n
+    rows': 1e-4 in fp32, two bf16 ulps of the largest logit in bf16); sampled rows and rows below
+    min_tokens take the eager path."""
+    from engine.sequence import Sequence
+
+    llm = LLM(model_dir(TARGET, with_tokenizer=True), device="cuda", dtype=dtype, max_model_len=256,
+              kv_cache_tokens=8192, speculative_config=_spec(heads, max_batch_size=16))
+    proposer = llm.engine.spec_worker.proposer
+    graphs = proposer.graphs
+    assert graphs is not None and graphs.buckets == [1, 2, 4, 8, 16] and len(graphs.graphs) == 5 * 4
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n in (1, 3, 8, 13, 16):
+        feats = torch.randn(n, 64, device="cuda", generator=g).to(proposer.runner.dtype)
+        seqs = [Sequence([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=8)) for _ in range(n)]
+        for i, seq in enumerate(seqs):
+            seq.spec_feature = (feats, i, len(seq))
+        for k in (1, 2, 4):
+            assert graphs.takes(seqs, k)
+            with torch.inference_mode():
+                logits = proposer.logits(feats, k).float()
+            proposal = proposer.propose(seqs, k)
+            assert proposal.ids.shape == (n, k) and proposal.counts == [k] * n
+            best = logits.max(dim=-1).values
+            chosen = logits.gather(-1, proposal.ids[..., None]).squeeze(-1)
+            tol = 1e-4 if dtype == "float32" else 2 * 2**-7 * best.abs().max().item()
+            assert (best - chosen).max().item() <= tol
+            assert (proposal.ids == logits.argmax(dim=-1)).float().mean().item() > 0.9
+    sampled = [Sequence([1, 2, 3], SamplingParams(temperature=0.8, max_tokens=8))]
+    early = [Sequence([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=8, min_tokens=2))]
+    assert not graphs.takes(sampled, 2) and not graphs.takes(early, 2)
+    assert not graphs.takes(seqs + seqs, 2)  # past the largest bucket
