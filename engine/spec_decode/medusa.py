@@ -87,7 +87,8 @@ class MedusaProposer:
                         for j in range(heads.num_layers)]
         self.biases = [torch.stack([h[j].bias.detach()[None] for h in heads.heads]).to(dev, dtype).contiguous()
                        for j in range(heads.num_layers)]
-        self.graphs = (MedusaGraphs(self, min(spec.max_batch_size, runner.config.max_num_seqs),
+        cfg = runner.config  # batches the engine speculates on and would replay a decode graph for
+        self.graphs = (MedusaGraphs(self, min(spec.max_batch_size, cfg.max_num_seqs, cfg.cuda_graph_max_bs),
                                     spec.num_speculative_tokens)
                        if spec is not None and runner.graphs is not None else None)
 
