@@ -271,13 +271,11 @@ def truncated_draft(target_dir: str, num_layers: int, out_dir: Path) -> str:
 
 
 def medusa_k(heads_dir: str, k_max: int) -> int:
-    """num_speculative_tokens of a Medusa arm: k_max, at most the artifact's num_heads (a bad
-    artifact keeps k_max: the engine then names what is wrong, in that arm's error row)."""
-    try:
-        heads = json.loads((Path(heads_dir) / "config.json").read_text())["num_heads"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return k_max
-    return min(k_max, heads) if isinstance(heads, int) and heads >= 1 else k_max
+    """num_speculative_tokens of a Medusa arm: k_max, at most the artifact's num_heads (load_heads'
+    checks: a bad artifact is that arm's error row, naming what is wrong)."""
+    from common.medusa import load_heads
+
+    return min(k_max, load_heads(heads_dir).num_heads)
 
 
 def fitting_prompts(prompts: list[list[int]], new_tokens: int, max_model_len: int, workload: str,

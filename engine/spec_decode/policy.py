@@ -39,10 +39,11 @@ to speculation as soon as matches do. A model drafter's round would cost its for
 every ``probe_interval`` plain steps one step speculates at k_max to refresh the estimate (n-gram
 probes too); the interval doubles (PROBE_MIN..PROBE_MAX) each time a probe leaves k* at 0, and
 returns to PROBE_MIN once speculation pays again, so a drafter that never pays costs at most one
-probe per PROBE_MAX steps. Which k runs never changes greedy output: every k is verified losslessly. A Medusa drafter
-(medusa.py) reads the target's hidden state of the latest verify, which plain steps do not leave:
-its first round after them proposes nothing and only makes the features, observed as nothing, and
-the step after runs the same k again (``k_again``), so a probe still gathers its evidence.
+probe per PROBE_MAX steps. Which k runs never changes greedy output: every k is verified
+losslessly. A Medusa drafter (medusa.py) reads the target's hidden state of the latest verify,
+which plain steps do not leave: its first round after them proposes nothing and only makes the
+features, observed as nothing, and the step after runs the same k again (``k_again``), so a probe
+still gathers its evidence.
 
 ``steps_by_k`` counts scheduled decode steps, not tokens: a k = 0 step of a greedy batch is a
 multi-step decode of up to num_decode_steps tokens per sequence, a k > 0 step emits 1..k + 1.
