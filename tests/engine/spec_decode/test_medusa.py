@@ -157,6 +157,20 @@ def test_rollback_under_preemption(target, heads):
     assert engine.block_manager.num_free_blocks == 40
 
 
+def test_prefix_caching_with_medusa(target, heads):
+    """A second request hits the first one's cached blocks: its prefill computes the rest, its first
+    decode step makes its feature, and its output is the plain engine's."""
+    shared = _prompts(11)[0] * 3
+    ps = [shared + [5, 6, 7], shared + [9, 10]]
+    params = [_greedy(15), _greedy(15)]
+    base, _ = _run(target, ps, params, block_size=8, enable_prefix_caching=False)
+    llm = LLM(target, device="cpu", speculative_config=_spec(heads["partial"]), block_size=8)
+    first = llm.generate(_ids(ps[:1]), params[:1])
+    second = llm.generate(_ids(ps[1:]), params[1:])
+    assert second[0].num_cached_tokens >= 8 and llm.engine.num_spec_steps > 0
+    assert [first[0].token_ids, second[0].token_ids] == base
+
+
 def test_the_kept_feature_is_the_targets_hidden_state_of_the_last_token(target, heads):
     """After each step, a sequence with a current feature holds the target's final hidden state
     (transformers') at the position before its last token: the row whose logits gave that token,
