@@ -308,17 +308,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _sparse24_pairs(codes, meta, fill, shift, bias, HAS_ZERO: tl.constexpr, dtype: tl.constexpr):
-        """A lane's four operand pairs (position s of its two groups, _pairs_operand's pair s) from its
-        16 bits of kept codes (v0 | v1 << 4 of group 2 c, then of 2 c + 1), its block's position word
-        and the fill bytes (nibble 8 + zero: the operand's 0): one PRMT spreads the 4 codes to bytes, one
-        SHF and one LOP3 cut the lane's 4 selector codes out as table indices, one PRMT and one IADD look
-        up both groups' selectors, two PRMTs place codes and fill (positions 0, 1 in bytes 0, 2 and 1, 3;
-        positions 2, 3 alike), then int4_mma's _pair (mask + magic) per pair."""
-        kb = _prmt(codes, codes >> 4, tl.full(codes.shape, 0x5140, tl.int32))  # bytes v0, v1, v0', v1'
-        index = ((meta >> shift) & 0x3333) | 0x4400  # b0, b0', 4 + b1, 4 + b1'
+        """A lane's four operand pairs (_pairs_operand's pair s: position s of the lane's groups 2 c and
+        2 c + 1, OFFSET + v in 16 bits) from its 16 bits of kept codes (v0 | v1 << 4 a group), its
+        block's position word, ``fill`` (bytes of nibble 8 + zero: the operand's 0) and its selector
+        codes' bit offset ``shift`` (kernels/sparse24_mma.py)."""
+        kb = _prmt(codes, codes >> 4, tl.full(codes.shape, 0x5140, tl.int32))  # bytes v0, v1, v0', v1' (low nibbles)
+        index = ((meta >> shift) & 0x3333) | 0x4400  # table indices b0, b0', 4 + b1, 4 + b1'
         sel = _prmt(tl.full(index.shape, SPARSE24_TABLE_LO, tl.int32), tl.full(index.shape, SPARSE24_TABLE_HI, tl.int32),
                     index) + 0x22002200  # the second group's codes are source bytes 2, 3 (the fill 6: still fill)
-        r01 = _prmt(kb, fill, sel)
+        r01 = _prmt(kb, fill, sel)  # positions 0 (bytes 0, 2: the two groups) and 1 (bytes 1, 3)
         r23 = _prmt(kb, fill, sel >> 16)
         return (_pair(r01, 0, bias, HAS_ZERO, dtype), _pair(r01, 8, bias, HAS_ZERO, dtype),
                 _pair(r23, 0, bias, HAS_ZERO, dtype), _pair(r23, 8, bias, HAS_ZERO, dtype))
@@ -351,10 +349,10 @@ if HAS_TRITON:
         row_mask = rows < M
         jw = (tl.arange(0, GROUP // 32)[:, None] * 4 + tl.arange(0, 4)[None, :])[None, :, :]  # word (T, c)
         jk = tl.arange(0, GROUP)
-        if SPARSE24:  # operand column -> dense input (a permutation within each 32-input block)
-            jk = _sparse24_order(jk)
-            jt = (tl.arange(0, GROUP // 32)[:, None] + tl.arange(0, 4)[None, :] * 0)[None, :, :]  # block T, every c
-            shift = _sparse24_shift(tl.arange(0, 4))[None, None, :]
+        if SPARSE24:
+            c = tl.arange(0, 4)[None, None, :]
+            jt = tl.arange(0, GROUP // 32)[None, :, None] + c * 0  # block T's position word, every lane
+            shift = _sparse24_shift(c)
         m_rows = m_ptr + cols.to(tl.int64)[:, None, None] * (K // 32)
         w_rows = w_ptr + cols.to(tl.int64)[:, None, None] * (K // 8)
         s_rows = s_ptr + cols * (K // GROUP)
@@ -366,13 +364,16 @@ if HAS_TRITON:
             for gi in tl.static_range(BLOCK_K // GROUP):
                 kg = k0 + gi * GROUP
                 w_mask = col_mask & (cols * 0 + kg < K)  # a split past K (ragged K) loads nothing
-                words = tl.load(w_rows + kg // 8 + jw, mask=w_mask[:, None, None], other=0)
                 scale = tl.load(s_rows + kg // GROUP, mask=w_mask, other=0.0)
                 bias = tl.full([BLOCK_N, 1, 1], 0, tl.int32)  # unused without zero points
                 if HAS_ZERO:  # (8 - zero) in both halves (repack_int4): v = code + 8 - zero in 0..127
                     bias = MAGIC + tl.load(z_rows + kg // GROUP, mask=w_mask, other=0)[:, None, None]
                 xt = tl.load(x_rows + (kg + jk)[:, None], mask=row_mask[None, :] & (kg + jk < K)[:, None],
                              other=0.0)  # [GROUP, 16]
+                if SPARSE24:  # in the operand's column order: dense (T, c, p, tt, q) -> (T, tt, q, c, p)
+                    xt = tl.reshape(tl.permute(tl.reshape(xt, (GROUP // 32, 4, 2, 2, 2, 16)), (0, 3, 4, 1, 2, 5)),
+                                    (GROUP, 16))
+                words = tl.load(w_rows + kg // 8 + jw, mask=w_mask[:, None, None], other=0)
                 if SPARSE24:
                     meta = tl.load(m_rows + kg // 32 + jt, mask=w_mask[:, None, None], other=0)
                     fill = tl.full([BLOCK_N, 1, 1], 0x08080808, tl.int32)  # nibble 8: code 0
