@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 from kernels import quant as ref
 from kernels.gemv import SMALL_M
+from kernels.int4_mma import MMA_DTYPES
 from kernels.quant_gemv import sparse24_fast_fits, sparse24_gemv, sparse24_gemv_fits
+from kernels.sparse24_mma import Sparse24MMAWeight, repack_sparse24, sparse24_mma, sparse24_mma_fits
 
 from engine.cuda_graphs import gpu_seconds
 from engine.layers.options import ModelOptions
@@ -90,8 +92,10 @@ class Sparse24Linear(CompressedLinear):
     """2:4 sparse: the kept half of each row and its 2-bit positions; the kept values dense
     (`values`) or int4 codes with per-group scales (`packed`, `scale`, `zero`).
 
-    Paths per batch size m: "gemv" (m <= 16, Triton: kernels/quant_gemv.py), "gemv_rows" (int4
-    codes, 2 <= m <= 16, 16-bit x: each row through the M == 1 fast kernel), "cusparselt"
+    Paths per batch size m: "gemv" (m <= 16, Triton: kernels/quant_gemv.py), "mma" (int4 codes,
+    2 <= m <= 16, 16-bit x: kernels/sparse24_mma.py's tensor-core GEMM, the first candidate there:
+    the sparse default), "gemv_rows" (int4 codes, 2 <= m <= 16, 16-bit x: each row through the
+    M == 1 fast kernel), "cusparselt"
     (torch's semi-structured kernels: 16-bit, prefill m, shapes they take, a CUDA device) and
     "dense" (a matmul of the dense weight). ModelOptions.sparse24_path "auto" times the
     candidates on a GPU at first use (outside graph capture: the engine warms up eagerly before
@@ -130,6 +134,14 @@ class Sparse24Linear(CompressedLinear):
             self.register_buffer("packed", ref.pack_int4(kept).contiguous())
             self.register_buffer("scale", scale.float().contiguous())
             self.register_buffer("zero", None if zero is None else zero.float().contiguous())
+            # sparse24_mma's position words and zero bias (its codes and scales are the buffers above):
+            # as many bytes again as meta (and zero), for the 2..16-row tensor-core path
+            mma = None
+            if self.use_triton and not self.exact_dequant and \
+                    sparse24_mma_fits(dense.shape[1], self.group_size, zero, torch.bfloat16):
+                mma = repack_sparse24(self.packed, self.meta, self.scale, self.zero)
+            self.register_buffer("mma_meta", None if mma is None else mma.meta_words)
+            self.register_buffer("mma_zero_bias", None if mma is None else mma.zero_bias)
         else:
             self.register_buffer("values", values.contiguous())
         # The GEMV folds zero points into an exact fp32 constant: integral ones (compressed-tensors' int8)
@@ -148,6 +160,14 @@ class Sparse24Linear(CompressedLinear):
     @property
     def kept(self) -> torch.Tensor | None:
         return None if self.meta is None else self.packed if self.quantized else self.values
+
+    def mma_weight(self) -> Sparse24MMAWeight | None:
+        """The weight as kernels/sparse24_mma.py reads it (this layer's buffers, wherever they are), or
+        None where the layer has no such form (16-bit kept values, a group or zero points it does not
+        take, Triton off, exact_dequant, only a dense weight left)."""
+        if getattr(self, "mma_meta", None) is None or self.meta is None:
+            return None
+        return Sparse24MMAWeight(self.packed, self.mma_meta, self.scale, self.mma_zero_bias, self.group_size)
 
     def dequantized(self) -> torch.Tensor:
         if self.weight is not None and self.meta is None:
@@ -177,16 +197,22 @@ class Sparse24Linear(CompressedLinear):
         """The paths that can compute m rows of dtype on device, the sparse one first."""
         if self.meta is None:  # only a dense weight left
             return ["dense"]
-        if m <= SMALL_M and self.use_triton and self.gemv_zero_ok and \
-                sparse24_gemv_fits(self.in_features, self.kept, self.group_size):
-            rows = m > 1 and not self.exact_dequant and \
-                sparse24_fast_fits(self.in_features, self.kept, self.group_size, dtype)
-            return ["gemv", "gemv_rows", "dense"] if rows else ["gemv", "dense"]
+        if m <= SMALL_M and self.use_triton:
+            # the tensor-core GEMM first at 2..16 16-bit rows of int4 codes (the sparse default there)
+            mma = ["mma"] if m > 1 and dtype in MMA_DTYPES and self.mma_weight() is not None else []
+            if self.gemv_zero_ok and sparse24_gemv_fits(self.in_features, self.kept, self.group_size):
+                rows = m > 1 and not self.exact_dequant and \
+                    sparse24_fast_fits(self.in_features, self.kept, self.group_size, dtype)
+                return mma + (["gemv", "gemv_rows", "dense"] if rows else ["gemv", "dense"])
+            if mma:
+                return mma + ["dense"]
         if device.type == "cuda" and semi_structured_fits(self.out_features, self.in_features, dtype, m):
             return ["cusparselt", "dense"]
         return ["dense"]
 
     def run_path(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        if path == "mma":
+            return sparse24_mma(x, self.mma_weight(), self.bias)
         if path in ("gemv", "gemv_rows"):
             return sparse24_gemv(x, self.kept, self.meta, self.scale if self.quantized else None,
                                  self.zero if self.quantized else None, self.bias, exact=self.exact_dequant,
@@ -287,7 +313,7 @@ class Sparse24Linear(CompressedLinear):
         """Keep only the dense weight of dtype: the kept half, positions, scales and any
         semi-structured copy dropped."""
         self.weight = self.dequantized().to(device, dtype)
-        for name in ("meta", "values", "packed", "scale", "zero"):
+        for name in ("meta", "values", "packed", "scale", "zero", "mma_meta", "mma_zero_bias"):
             if name in self._buffers:
                 self._buffers[name] = None
         self._semi_structured.clear()
