@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         del packed, scales
         for fmt in args.formats:
             weights, nbytes = make_weights(fmt, n, k, max(2, -(-COPY_BYTES // (n * k // (2 if fmt == "bf16" else 4)))))
-            # sparse24_mma's form of the copies: the same codes and scales, repacked position words (as many bytes as meta)
+            # sparse24_mma's form of the copies: the same codes and scales, repacked position words
             mma_weights = [repack_sparse24(*w) for w in weights] if fmt != "bf16" else []
             for m in args.m:
                 x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)

@@ -291,14 +291,10 @@ if HAS_TRITON:
     # 2:4 + int4 (kernels/sparse24_mma.py, whose docstring argues the layout): the selector tables, per
     # group's 2-bit code b0 (its positions 0, 1) and b1 (positions 2, 3), of the PRMT that places a lane's
     # kept codes (source bytes 0, 1: the first group's v0, v1; + 2 for the second group) or the fill (4).
-    SPARSE24_TABLE_LO = tl.constexpr(0x44044010)  # b0 = 0..3: (v0, v1), (v0, fill), (fill, v0), (fill, fill) as nibble pairs
-    SPARSE24_TABLE_HI = tl.constexpr(0x10144144)  # b1 = 0..3: (fill, fill), (v1, fill), (fill, v1), (v0, v1)
-
-    @triton.jit
-    def _sparse24_order(jk):
-        """Operand column 32 T + 16 tt + 8 q + 2 c + p -> dense input 32 T + 8 c + 4 p + 2 tt + q: lane c's
-        pair s = 2 tt + q holds position s of its groups 2 c (p = 0) and 2 c + 1 (p = 1)."""
-        return (jk & -32) + 8 * ((jk >> 1) & 3) + 4 * (jk & 1) + 2 * ((jk >> 4) & 1) + ((jk >> 3) & 1)
+    # b0 = 0..3 (positions 0, 1): (v0, v1), (v0, fill), (fill, v0), (fill, fill) as nibble pairs
+    SPARSE24_TABLE_LO = tl.constexpr(0x44044010)
+    # b1 = 0..3 (positions 2, 3): (fill, fill), (v1, fill), (fill, v1), (v0, v1)
+    SPARSE24_TABLE_HI = tl.constexpr(0x10144144)
 
     @triton.jit
     def _sparse24_shift(c):
@@ -312,10 +308,11 @@ if HAS_TRITON:
         2 c + 1, OFFSET + v in 16 bits) from its 16 bits of kept codes (v0 | v1 << 4 a group), its
         block's position word, ``fill`` (bytes of nibble 8 + zero: the operand's 0) and its selector
         codes' bit offset ``shift`` (kernels/sparse24_mma.py)."""
-        kb = _prmt(codes, codes >> 4, tl.full(codes.shape, 0x5140, tl.int32))  # bytes v0, v1, v0', v1' (low nibbles)
+        kb = _prmt(codes, codes >> 4, tl.full(codes.shape, 0x5140, tl.int32))  # v0, v1, v0', v1' (low nibbles)
         index = ((meta >> shift) & 0x3333) | 0x4400  # table indices b0, b0', 4 + b1, 4 + b1'
-        sel = _prmt(tl.full(index.shape, SPARSE24_TABLE_LO, tl.int32), tl.full(index.shape, SPARSE24_TABLE_HI, tl.int32),
-                    index) + 0x22002200  # the second group's codes are source bytes 2, 3 (the fill 6: still fill)
+        table_lo = tl.full(index.shape, SPARSE24_TABLE_LO, tl.int32)
+        # + 0x22: the second group's codes are source bytes 2, 3 (its fill 6: still the fill)
+        sel = _prmt(table_lo, tl.full(index.shape, SPARSE24_TABLE_HI, tl.int32), index) + 0x22002200
         r01 = _prmt(kb, fill, sel)  # positions 0 (bytes 0, 2: the two groups) and 1 (bytes 1, 3)
         r23 = _prmt(kb, fill, sel >> 16)
         return (_pair(r01, 0, bias, HAS_ZERO, dtype), _pair(r01, 8, bias, HAS_ZERO, dtype),
@@ -330,8 +327,9 @@ if HAS_TRITON:
     ):
         """Programs (column tile, K split); K_SPLIT inputs a split (a multiple of BLOCK_K). SPARSE24
         (kernels/sparse24_mma.py): w_ptr the kept codes as int16 (a lane's two groups), m_ptr the
-        repacked position words; the operand is expanded from them (_sparse24_pairs) and x read in
-        the lane-group order the expansion makes (SPARSE24_ORDER)."""
+        repacked position words; the operand is expanded from them (_sparse24_pairs) and x permuted
+        to its column order (operand column 32 T + 16 tt + 8 q + 2 c + p reads dense input
+        32 T + 8 c + 4 p + 2 tt + q)."""
         dtype = x_ptr.dtype.element_ty
         # The operand holds OFFSET + code (- SUB: code - 8), or OFFSET + code + 8 - zero (- SUB:
         # code - 8 - zero); OFFSET 128 (bf16), 1024 (fp16).
