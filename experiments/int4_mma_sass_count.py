@@ -4,11 +4,14 @@ CUDA-core GEMV (8.4 instr/byte at its best config; ~7.9 can issue per byte at th
 The largest backward-branch loop is counted per thread and divided by the weight bytes (codes)
 a thread reads per iteration (BLOCK_N * BLOCK_K / 2 / threads, times the iterations the loop
 body covers when the compiler unrolled it); a kernel whose K loop is fully unrolled is counted
-whole over all its steps instead. HMMA/HGMMA (tensor-core) instructions are listed apart, and
+whole over all its steps instead. The sparse24_int4_* formats count the same kernel with SPARSE24
+(kernels/sparse24_mma.py: 2:4 + int4), its weight bytes the kept codes and positions (0.375 a
+dense input, BYTES_PER_INPUT); "instructions_per_input" (per dense input) compares the two. HMMA/HGMMA (tensor-core) instructions are listed apart, and
 the shared-memory bytes moved per weight byte ("smem_bytes_per_byte": an SM moves 128 B a clock,
 ~8 B per weight byte at the copy ceiling's 16 weight bytes an SM a clock).
 
-    python experiments/int4_mma_sass_count.py [--n 4096] [--k 4096] [--config 64,256,8,4,3 ...]
+    python experiments/int4_mma_sass_count.py [--n 4096] [--k 4096] [--m 16] [--config 64,256,8,4,3 ...]
+        [--formats int4_g128 sparse24_int4_g128 ...]
 """
 
 from __future__ import annotations
