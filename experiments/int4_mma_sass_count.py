@@ -49,8 +49,8 @@ def compile_sm90(group: int, zero: bool, m: int, n: int, k: int, config: tuple, 
     block_n, block_k, split, num_warps, num_stages = config
     k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_split)
-    sig = {"x_ptr": f"*{dtype}", "w_ptr": "*i16" if sparse24 else "*i32", "m_ptr": "*i32", "s_ptr": "*fp32",
-           "z_ptr": "*i32", "b_ptr": f"*{dtype}",
+    sig = {"x_ptr": f"*{dtype}", "w_ptr": "*i16" if sparse24 else "*i32", "m_ptr": "*u8" if sparse24 else "*i32", "s_ptr": "*fp32",
+           "z_ptr": "*fp32" if sparse24 else "*i32", "b_ptr": f"*{dtype}",
            "out_ptr": f"*{dtype}", "part_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "x_stride": "i32",
            "out_stride": "i32"}
     constexprs = dict(N=n, K=k, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, K_SPLIT=k_split,

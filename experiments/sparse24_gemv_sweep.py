@@ -43,7 +43,7 @@ from kernels import quant as ref
 from kernels.gemv import FAST_BY_DEFAULT, gemv
 from kernels.int4_mma import int4_mma, int4_mma_config, repack_int4
 from kernels.quant_gemv import DOT_CONFIG, FAST_CONFIG, SELECT_CONFIG, sparse24_gemv
-from kernels.sparse24_mma import repack_sparse24, sparse24_mma
+from kernels.sparse24_mma import sparse24_mma, sparse24_mma_weight
 from kernels.quant_tinygemm import pack_for_gpu, scales_and_zeros, tinygemm_mm
 
 SHAPES = {"qkv": (3 * 4096, 4096), "o_proj": (4096, 4096), "gate_up": (2 * 11008, 4096), "down": (4096, 11008)}
@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         del packed, scales
         for fmt in args.formats:
             weights, nbytes = make_weights(fmt, n, k, max(2, -(-COPY_BYTES // (n * k // (2 if fmt == "bf16" else 4)))))
-            # sparse24_mma's form of the copies: the same codes and scales, repacked position words
-            mma_weights = [repack_sparse24(*w) for w in weights] if fmt != "bf16" else []
+            mma_weights = [sparse24_mma_weight(*w) for w in weights] if fmt != "bf16" else []  # the same tensors
             for m in args.m:
                 x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
                 total = nbytes + io_bytes(m, n, k)

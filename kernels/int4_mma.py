@@ -288,28 +288,24 @@ if HAS_TRITON:
             tl.store(out_ptr + rows[None, :] * out_stride + cols[:, None], _round_to(acc, dtype, BY_HAND),
                      mask=out_mask)
 
-    # 2:4 + int4 (kernels/sparse24_mma.py, whose docstring argues the layout): the selector tables, per
-    # group's 2-bit code b0 (its positions 0, 1) and b1 (positions 2, 3), of the PRMT that places a lane's
-    # kept codes (source bytes 0, 1: the first group's v0, v1; + 2 for the second group) or the fill (4).
-    # b0 = 0..3 (positions 0, 1): (v0, v1), (v0, fill), (fill, v0), (fill, fill) as nibble pairs
-    SPARSE24_TABLE_LO = tl.constexpr(0x44044010)
-    # b1 = 0..3 (positions 2, 3): (fill, fill), (v1, fill), (fill, v1), (v0, v1)
-    SPARSE24_TABLE_HI = tl.constexpr(0x10144144)
+    # 2:4 + int4 (kernels/sparse24_mma.py, whose docstring argues the design): the 8-byte table a PRMT
+    # looks a lane's selectors up in, nibble pairs (source byte of the first, of the second position;
+    # 0 / 1: the group's v0 / v1, 4: the fill). Entries 0, 4, 5, 6: positions 0, 1 by p0 | [p1 >= 2] << 2
+    # ((v0, v1), (v0, -), (-, v0), (-, -)); entries 7, 1, 3, 2: positions 2, 3 by (p0 >> 1 | p1 << 1) ^ 5
+    # ((-, -), (v1, -), (-, v1), (v0, v1)): the two index sets disjoint.
+    SPARSE24_TABLE_LO = tl.constexpr(0x14104110)  # entries 0..3
+    SPARSE24_TABLE_HI = tl.constexpr(0x44440440)  # entries 4..7
 
     @triton.jit
-    def _sparse24_shift(c):
-        """Where lane c's four 2-bit selector codes start in its block's position word (nibbles 0..3 or
-        4..7, bits 0-1 or 2-3 of each)."""
-        return 16 * (c >> 1) + 2 * (c & 1)
-
-    @triton.jit
-    def _sparse24_pairs(codes, meta, fill, shift, bias, HAS_ZERO: tl.constexpr, dtype: tl.constexpr):
+    def _sparse24_pairs(codes, meta, fill, bias, HAS_ZERO: tl.constexpr, dtype: tl.constexpr):
         """A lane's four operand pairs (_pairs_operand's pair s: position s of the lane's groups 2 c and
-        2 c + 1, OFFSET + v in 16 bits) from its 16 bits of kept codes (v0 | v1 << 4 a group), its
-        block's position word, ``fill`` (bytes of nibble 8 + zero: the operand's 0) and its selector
-        codes' bit offset ``shift`` (kernels/sparse24_mma.py)."""
+        2 c + 1, OFFSET + v in 16 bits) from its 16 bits of kept codes (v0 | v1 << 4 a group) and its
+        byte of kernels/quant.py's positions (p0 | p1 << 2 a group), ``fill`` (bytes of nibble 8 + zero:
+        the operand's 0 after the bias)."""
         kb = _prmt(codes, codes >> 4, tl.full(codes.shape, 0x5140, tl.int32))  # v0, v1, v0', v1' (low nibbles)
-        index = ((meta >> shift) & 0x3333) | 0x4400  # table indices b0, b0', 4 + b1, 4 + b1'
+        t = meta >> 1
+        first = (meta & 0x33) | (t & 0x44)  # p0 | [p1 >= 2] << 2 of both groups
+        index = first | (((t & 0x77) ^ 0x55) << 8)  # and (p0 >> 1 | p1 << 1) ^ 5 of both
         table_lo = tl.full(index.shape, SPARSE24_TABLE_LO, tl.int32)
         # + 0x22: the second group's codes are source bytes 2, 3 (its fill 6: still the fill)
         sel = _prmt(table_lo, tl.full(index.shape, SPARSE24_TABLE_HI, tl.int32), index) + 0x22002200
@@ -326,10 +322,10 @@ if HAS_TRITON:
         BY_HAND: tl.constexpr, SPARSE24: tl.constexpr = False,
     ):
         """Programs (column tile, K split); K_SPLIT inputs a split (a multiple of BLOCK_K). SPARSE24
-        (kernels/sparse24_mma.py): w_ptr the kept codes as int16 (a lane's two groups), m_ptr the
-        repacked position words; the operand is expanded from them (_sparse24_pairs) and x permuted
-        to its column order (operand column 32 T + 16 tt + 8 q + 2 c + p reads dense input
-        32 T + 8 c + 4 p + 2 tt + q)."""
+        (kernels/sparse24_mma.py): w_ptr the kept codes as int16 and m_ptr the positions as bytes
+        (both a lane's two groups), z_ptr fp32 zero points; the operand is expanded from them
+        (_sparse24_pairs) and x permuted to its column order (operand column 32 T + 16 tt + 8 q +
+        2 c + p reads dense input 32 T + 8 c + 4 p + 2 tt + q)."""
         dtype = x_ptr.dtype.element_ty
         # The operand holds OFFSET + code (- SUB: code - 8), or OFFSET + code + 8 - zero (- SUB:
         # code - 8 - zero); OFFSET 128 (bf16), 1024 (fp16).
@@ -347,11 +343,7 @@ if HAS_TRITON:
         row_mask = rows < M
         jw = (tl.arange(0, GROUP // 32)[:, None] * 4 + tl.arange(0, 4)[None, :])[None, :, :]  # word (T, c)
         jk = tl.arange(0, GROUP)
-        if SPARSE24:
-            c = tl.arange(0, 4)[None, None, :]
-            jt = tl.arange(0, GROUP // 32)[None, :, None] + c * 0  # block T's position word, every lane
-            shift = _sparse24_shift(c)
-        m_rows = m_ptr + cols.to(tl.int64)[:, None, None] * (K // 32)
+        m_rows = m_ptr + cols.to(tl.int64)[:, None, None] * (K // 8)
         w_rows = w_ptr + cols.to(tl.int64)[:, None, None] * (K // 8)
         s_rows = s_ptr + cols * (K // GROUP)
         z_rows = z_ptr + cols * (K // GROUP)
@@ -364,7 +356,10 @@ if HAS_TRITON:
                 w_mask = col_mask & (cols * 0 + kg < K)  # a split past K (ragged K) loads nothing
                 scale = tl.load(s_rows + kg // GROUP, mask=w_mask, other=0.0)
                 bias = tl.full([BLOCK_N, 1, 1], 0, tl.int32)  # unused without zero points
-                if HAS_ZERO:  # (8 - zero) in both halves (repack_int4): v = code + 8 - zero in 0..127
+                if HAS_ZERO and SPARSE24:  # fp32 integer zero points (kernels/quant.py's) -> the same bias
+                    zero = tl.load(z_rows + kg // GROUP, mask=w_mask, other=0.0).to(tl.int32)[:, None, None]
+                    bias = MAGIC + (8 - zero) * 0x00010001
+                elif HAS_ZERO:  # (8 - zero) in both halves (repack_int4): v = code + 8 - zero in 0..127
                     bias = MAGIC + tl.load(z_rows + kg // GROUP, mask=w_mask, other=0)[:, None, None]
                 xt = tl.load(x_rows + (kg + jk)[:, None], mask=row_mask[None, :] & (kg + jk < K)[:, None],
                              other=0.0)  # [GROUP, 16]
@@ -373,11 +368,11 @@ if HAS_TRITON:
                                     (GROUP, 16))
                 words = tl.load(w_rows + kg // 8 + jw, mask=w_mask[:, None, None], other=0)
                 if SPARSE24:
-                    meta = tl.load(m_rows + kg // 32 + jt, mask=w_mask[:, None, None], other=0)
+                    meta = tl.load(m_rows + kg // 8 + jw, mask=w_mask[:, None, None], other=0).to(tl.int32)
                     fill = tl.full([BLOCK_N, 1, 1], 0x08080808, tl.int32)  # nibble 8: code 0
                     if HAS_ZERO:  # nibble 8 + zero = 16 - (8 - zero): the operand's 0 after the bias
                         fill = (16 - (bias & 0xFF)) * 0x01010101
-                    p0, p1, p2, p3 = _sparse24_pairs(words.to(tl.int32), meta, fill, shift, bias, HAS_ZERO, dtype)
+                    p0, p1, p2, p3 = _sparse24_pairs(words.to(tl.int32), meta, fill, bias, HAS_ZERO, dtype)
                     w_op = _pairs_operand(p0, p1, p2, p3, dtype, BLOCK_N, GROUP, BY_HAND)
                 else:
                     w_op = _operand(words, bias, dtype, BLOCK_N, GROUP, HAS_ZERO, BY_HAND)
@@ -409,11 +404,11 @@ def int4_mma(x: torch.Tensor, weight: Int4MMAWeight, bias: torch.Tensor | None =
 
 
 def launch(what: str, x: torch.Tensor, n: int, k: int, group: int, words: torch.Tensor, meta: torch.Tensor,
-           scale: torch.Tensor, zero_bias: torch.Tensor | None, bias: torch.Tensor | None,
+           scale: torch.Tensor, zero: torch.Tensor | None, bias: torch.Tensor | None,
            config: tuple[int, int, int, int, int] | None, workspace: SplitKWorkspace, sparse24: bool) -> torch.Tensor:
     """Check x and bias against an [n, k] weight (errors named by ``what``), pick the config, launch
-    _int4_mma_kernel (dense words, or with ``sparse24`` kernels/sparse24_mma.py's kept codes as int16
-    and position words ``meta``)."""
+    _int4_mma_kernel: dense words and ``zero`` the zero bias (repack_int4), or with ``sparse24``
+    kernels/sparse24_mma.py's kept codes as int16, positions ``meta`` as bytes and fp32 ``zero``."""
     m = x.shape[0]
     if x.dtype not in MMA_DTYPES:
         raise ValueError(f"{what}: x dtype {x.dtype} not supported (bf16, fp16: the MMA operand holds 16-bit floats)")
@@ -437,10 +432,10 @@ def launch(what: str, x: torch.Tensor, n: int, k: int, group: int, words: torch.
     tiles = triton.cdiv(n, block_n)
     part, count = workspace.get(x.device, tiles * split * 16 * block_n if split > 1 else 1, tiles)
     _int4_mma_kernel[(tiles, split)](
-        x, words, meta, scale, zero_bias if zero_bias is not None else scale, bias if bias is not None else x, out,
+        x, words, meta, scale, zero if zero is not None else scale, bias if bias is not None else x, out,
         part, count, m, x.stride(0), out.stride(0),
         N=n, K=k, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, K_SPLIT=k_split,
-        HAS_ZERO=zero_bias is not None, HAS_BIAS=bias is not None, BY_HAND=interpreting(), SPARSE24=sparse24,
+        HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, BY_HAND=interpreting(), SPARSE24=sparse24,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -91,21 +91,20 @@ from kernels import int4_mma as mma
 from kernels.gemv import SplitKWorkspace
 from kernels.quant import unpack_meta_24
 
-BLOCK = 32  # dense inputs per position word: 8 groups of 4, four lanes' two groups each
 ZERO_RANGE = (-8, 7)  # integer zero points the fill nibble 8 + zero takes (int4's)
 
 
 @dataclass(frozen=True)
 class Sparse24MMAWeight:
-    """A 2:4 + int4 weight for sparse24_mma: packed uint8 [N, K / 4] (kernels/quant.py's kept codes, as
-    they are: read as int16, a lane's two groups), meta_words int32 [N, K / 32] (repack_sparse24's
-    position words), scale fp32 [N, K / group], zero_bias int32 [N, K / group] ((8 - zero) in both
-    16-bit halves, as int4_mma's) or None."""
+    """A 2:4 + int4 weight as sparse24_mma reads it: kernels/quant.py's tensors as they are (no copy):
+    packed uint8 [N, K / 4] kept codes (read as int16: a lane's two groups), meta uint8 [N, K / 8]
+    positions (read as bytes: the same two groups), scale fp32 [N, K / group], zero fp32 [N, K / group]
+    (integers in ZERO_RANGE) or None. Made by sparse24_mma_weight, which checks them."""
 
     packed: torch.Tensor
-    meta_words: torch.Tensor
+    meta: torch.Tensor
     scale: torch.Tensor
-    zero_bias: torch.Tensor | None
+    zero: torch.Tensor | None
     group: int
 
     @property
@@ -117,9 +116,9 @@ class Sparse24MMAWeight:
         return self.packed.shape[1] * 4
 
     def nbytes(self) -> int:
-        """Bytes a launch reads of the weight (kept codes, position words, scales, zero points)."""
-        return sum(t.numel() * t.element_size()
-                   for t in (self.packed, self.meta_words, self.scale, self.zero_bias) if t is not None)
+        """Bytes a launch reads of the weight (kept codes, positions, scales, zero points)."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.meta, self.scale, self.zero)
+                   if t is not None)
 
 
 def sparse24_mma_fits(k: int, group: int | None, zero: torch.Tensor | None, x_dtype: torch.dtype) -> bool:
@@ -135,21 +134,12 @@ def sparse24_mma_fits(k: int, group: int | None, zero: torch.Tensor | None, x_dt
     return bool(((z == z.round()) & (z >= ZERO_RANGE[0]) & (z <= ZERO_RANGE[1])).all())
 
 
-def selector_codes(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group (positions [..., 2]: p0 < p1), its selector codes: b0 = p0 + (p1 >= 2) names what its
-    positions 0, 1 hold ((v0, v1), (v0, fill), (fill, v0), (fill, fill)), b1 = p1 - 1 + (p0 == 2) what
-    positions 2, 3 hold ((fill, fill), (v1, fill), (fill, v1), (v0, v1)): SPARSE24_TABLE_LO / _HI."""
-    p0, p1 = positions[..., 0].long(), positions[..., 1].long()
-    return p0 + (p1 >= 2).long(), p1 - 1 + (p0 == 2).long()
-
-
-def repack_sparse24(packed: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor,
-                    zero: torch.Tensor | None = None) -> Sparse24MMAWeight:
+def sparse24_mma_weight(packed: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor,
+                        zero: torch.Tensor | None = None) -> Sparse24MMAWeight:
     """kernels/quant.py's 2:4 + int4 layout (packed uint8 [N, K / 4] kept codes, meta uint8 [N, K / 8]
-    positions, scale and optional zero [N, K / group]) -> Sparse24MMAWeight: the codes as they are,
-    the positions re-coded into one int32 word per 32 inputs (lane c's codes b0, b1 of its groups 2 c,
-    2 c + 1 at bits _sparse24_shift(c) + 4 k: the same 4 bits a group), zero points as int4_mma's bias.
-    Raises on a layout, group or zero point it does not take (sparse24_mma_fits)."""
+    positions, scale and optional zero [N, K / group]) checked for sparse24_mma: one ValueError naming
+    what it does not take (a layout, group or zero point: sparse24_mma_fits; positions that do not
+    ascend within a group, as compress_24 makes them). Reads the tensors (host syncs): once per layer."""
     if packed.dtype != torch.uint8 or meta.dtype != torch.uint8 or packed.dim() != 2:
         raise ValueError(f"sparse24_mma: packed / meta must be uint8, got {packed.dtype} / {meta.dtype}")
     n, k = packed.shape[0], packed.shape[1] * 4
@@ -164,17 +154,11 @@ def repack_sparse24(packed: torch.Tensor, meta: torch.Tensor, scale: torch.Tenso
         raise ValueError(f"sparse24_mma: zero {tuple(zero.shape)} does not match scale {tuple(scale.shape)}")
     if not sparse24_mma_fits(k, group, zero, torch.bfloat16):
         raise ValueError(f"sparse24_mma: zero points must be integers in {list(ZERO_RANGE)}")
-    pos = unpack_meta_24(meta).reshape(n, k // BLOCK, 4, 2, 2)  # [n, block, lane c, group of the lane, p0 / p1]
+    pos = unpack_meta_24(meta).reshape(n, k // 4, 2)
     if not bool((pos[..., 0] < pos[..., 1]).all()):
         raise ValueError("sparse24_mma: positions must ascend within each group (kernels/quant.py's compress_24)")
-    b0, b1 = selector_codes(pos)  # [n, block, c, group of the lane]
-    fields = torch.stack((b0[..., 0], b0[..., 1], b1[..., 0], b1[..., 1]), dim=-1)  # [n, block, c, k]
-    c = torch.arange(4, device=meta.device)
-    bit = (16 * (c >> 1) + 2 * (c & 1))[:, None] + 4 * torch.arange(4, device=meta.device)[None, :]
-    words = (fields << bit).sum(dim=(-1, -2))  # disjoint bits: the sum is the OR
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
-    zero_bias = None if zero is None else ((8 - zero.float()).to(torch.int32) * 0x00010001).contiguous()
-    return Sparse24MMAWeight(packed.contiguous(), words.contiguous(), scale.float().contiguous(), zero_bias, group)
+    return Sparse24MMAWeight(packed.contiguous(), meta.contiguous(), scale.float().contiguous(),
+                             None if zero is None else zero.float().contiguous(), group)
 
 
 def sparse24_mma(x: torch.Tensor, weight: Sparse24MMAWeight, bias: torch.Tensor | None = None, *,
@@ -187,5 +171,5 @@ def sparse24_mma(x: torch.Tensor, weight: Sparse24MMAWeight, bias: torch.Tensor 
     codes = weight.packed
     if codes.storage_offset() % 2:  # read as int16: a lane's two groups
         codes = codes.clone()
-    return mma.launch("sparse24_mma", x, weight.n, weight.k, weight.group, codes.view(torch.int16), weight.meta_words,
-                      weight.scale, weight.zero_bias, bias, config, workspace, sparse24=True)
+    return mma.launch("sparse24_mma", x, weight.n, weight.k, weight.group, codes.view(torch.int16), weight.meta,
+                      weight.scale, weight.zero, bias, config, workspace, sparse24=True)

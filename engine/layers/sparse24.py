@@ -17,7 +17,7 @@ from kernels import quant as ref
 from kernels.gemv import SMALL_M
 from kernels.int4_mma import MMA_DTYPES
 from kernels.quant_gemv import sparse24_fast_fits, sparse24_gemv, sparse24_gemv_fits
-from kernels.sparse24_mma import Sparse24MMAWeight, repack_sparse24, sparse24_mma, sparse24_mma_fits
+from kernels.sparse24_mma import Sparse24MMAWeight, sparse24_mma, sparse24_mma_fits, sparse24_mma_weight
 
 from engine.cuda_graphs import gpu_seconds
 from engine.layers.options import ModelOptions
@@ -134,18 +134,15 @@ class Sparse24Linear(CompressedLinear):
             self.register_buffer("packed", ref.pack_int4(kept).contiguous())
             self.register_buffer("scale", scale.float().contiguous())
             self.register_buffer("zero", None if zero is None else zero.float().contiguous())
-            # sparse24_mma's position words and zero bias (its codes and scales are the buffers above):
-            # as many bytes again as meta (and zero), for the 2..16-row tensor-core path
-            mma = None
-            if self.use_triton and not self.exact_dequant and \
-                    sparse24_mma_fits(dense.shape[1], self.group_size, zero, torch.bfloat16):
-                mma = repack_sparse24(self.packed, self.meta, self.scale, self.zero)
-            self.register_buffer("mma_meta", None if mma is None else mma.meta_words)
-            self.register_buffer("mma_zero_bias", None if mma is None else mma.zero_bias)
         else:
             self.register_buffer("values", values.contiguous())
         # The GEMV folds zero points into an exact fp32 constant: integral ones (compressed-tensors' int8)
         self.gemv_zero_ok = zero is None or bool((zero == zero.round()).all())
+        # sparse24_mma (2..16 rows) reads the buffers above as they are: checked once here
+        self.mma_ok = self.quantized and self.use_triton and not self.exact_dequant and \
+            sparse24_mma_fits(dense.shape[1], self.group_size, zero, torch.bfloat16)
+        if self.mma_ok:
+            sparse24_mma_weight(self.packed, self.meta, self.scale, self.zero)
         self.register_buffer("weight", None)  # the dense weight, where a path keeps one
         self.paths: dict[int, str] = {}  # bucket -> path chosen by timing ("auto" on a GPU)
         self.timings: dict[int, dict[str, float]] = {}  # bucket -> path -> seconds behind that choice
@@ -162,12 +159,12 @@ class Sparse24Linear(CompressedLinear):
         return None if self.meta is None else self.packed if self.quantized else self.values
 
     def mma_weight(self) -> Sparse24MMAWeight | None:
-        """The weight as kernels/sparse24_mma.py reads it (this layer's buffers, wherever they are), or
-        None where the layer has no such form (16-bit kept values, a group or zero points it does not
-        take, Triton off, exact_dequant, only a dense weight left)."""
-        if getattr(self, "mma_meta", None) is None or self.meta is None:
+        """The weight as kernels/sparse24_mma.py reads it (this layer's own buffers, wherever they are:
+        no copy), or None where it does not take the layer (16-bit kept values, a group or zero points
+        it does not take, Triton off, exact_dequant) or only a dense weight is left."""
+        if not self.mma_ok or self.meta is None:
             return None
-        return Sparse24MMAWeight(self.packed, self.mma_meta, self.scale, self.mma_zero_bias, self.group_size)
+        return Sparse24MMAWeight(self.packed, self.meta, self.scale, self.zero, self.group_size)
 
     def dequantized(self) -> torch.Tensor:
         if self.weight is not None and self.meta is None:
@@ -313,7 +310,7 @@ class Sparse24Linear(CompressedLinear):
         """Keep only the dense weight of dtype: the kept half, positions, scales and any
         semi-structured copy dropped."""
         self.weight = self.dequantized().to(device, dtype)
-        for name in ("meta", "values", "packed", "scale", "zero", "mma_meta", "mma_zero_bias"):
+        for name in ("meta", "values", "packed", "scale", "zero"):
             if name in self._buffers:
                 self._buffers[name] = None
         self._semi_structured.clear()

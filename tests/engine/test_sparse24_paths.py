@@ -463,7 +463,7 @@ def test_int4_decode_batches_take_the_tensor_core_gemm_first(monkeypatch):
     the first candidate (what "sparse", and a device without timing, take), timed beside the others
     and taken where faster; it computes the fp32 weight's product. Not at one row (the fused fast
     GEMV's), for fp32 rows, 16-bit kept values, exact_dequant, or zero points outside int4's range;
-    a layer left with only a dense weight drops its position words too."""
+    a layer left with only a dense weight has none."""
     module = layer("int4")
     assert module.candidates(1, torch.bfloat16, CPU) == ["gemv", "dense"]
     for m in (2, 9, 16):
@@ -496,5 +496,5 @@ def test_int4_decode_batches_take_the_tensor_core_gemm_first(monkeypatch):
     assert timed.count("mma") == 4 * sparse24.TIMING_REPS
     del module.run_path
     module.keep_dense_only(torch.bfloat16, CPU)
-    assert module.mma_meta is None and module.mma_weight() is None
+    assert module.mma_weight() is None
     assert module.candidates(4, torch.bfloat16, CPU) == ["dense"]

@@ -20,7 +20,7 @@ from test_quant_gemv_fast import _compile_sm90
 
 from kernels import quant as ref
 from kernels.int4_mma import WORKSPACE
-from kernels.sparse24_mma import (ZERO_RANGE, repack_sparse24, selector_codes, sparse24_mma, sparse24_mma_fits)
+from kernels.sparse24_mma import ZERO_RANGE, sparse24_mma, sparse24_mma_fits, sparse24_mma_weight
 
 PATTERNS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
 
@@ -61,7 +61,7 @@ def check(got: torch.Tensor, x: torch.Tensor, packed, meta, scale, zero, bias=No
 def test_matches_reference(n, k, group, zero, m, dtype, config):
     packed, meta, scale, z = make_sparse24(n, k, group, zero, seed=n + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
-    check(sparse24_mma(x, repack_sparse24(packed, meta, scale, z), config=config), x, packed, meta, scale, z)
+    check(sparse24_mma(x, sparse24_mma_weight(packed, meta, scale, z), config=config), x, packed, meta, scale, z)
 
 
 def test_every_pattern_at_every_lane_slot_bias_and_strided_x():
@@ -78,31 +78,25 @@ def test_every_pattern_at_every_lane_slot_bias_and_strided_x():
     x = torch.randn(3, 2 * k, dtype=torch.bfloat16)[:, :k]
     bias = torch.randn(n, dtype=torch.bfloat16)
     for zero in (None, z.contiguous()):
-        w = repack_sparse24(packed, meta, scale, zero)
+        w = sparse24_mma_weight(packed, meta, scale, zero)
         check(sparse24_mma(x, w, bias, config=(16, 64, 1, 4, 1)), x, packed, meta, scale, zero, bias)
 
 
-def test_selector_codes_and_position_words():
-    """b0 / b1 name what a group's positions 0, 1 / 2, 3 hold (the tables' order), and lane c's four
-    codes sit at bits 16 (c >> 1) + 2 (c & 1) + 4 k of its block's word: decoded back, every group's
-    positions come out."""
-    pos = torch.tensor(PATTERNS)
-    b0, b1 = selector_codes(pos)
-    holds_01 = {0: ("v0", "v1"), 1: ("v0", None), 2: (None, "v0"), 3: (None, None)}
-    holds_23 = {0: (None, None), 1: ("v1", None), 2: (None, "v1"), 3: ("v0", "v1")}
-    for (p0, p1), c0, c1 in zip(PATTERNS, b0.tolist(), b1.tolist()):
+def test_selector_table_places_every_pattern():
+    """The kernel's selector lookup (kernels/int4_mma.py's _sparse24_pairs) on each of the 6 position
+    patterns, emulated: the table indices cut from a group's meta nibble (p0 | p1 << 2) pick nibble
+    pairs that put v0, v1 and the fill (source bytes 0, 1, 4) exactly where the dense group has them."""
+    from kernels import int4_mma
+
+    table = int4_mma.SPARSE24_TABLE_LO.value | int4_mma.SPARSE24_TABLE_HI.value << 32
+    source = {0: "v0", 1: "v1", 4: None}
+    for p0, p1 in PATTERNS:
+        m = p0 | p1 << 2
+        first, second = (m & 3) | ((m >> 1) & 4), ((m >> 1) & 7) ^ 5  # _sparse24_pairs' index nibbles
+        lo, hi = (table >> 8 * first) & 0xFF, (table >> 8 * second) & 0xFF
         dense = [None] * 4
         dense[p0], dense[p1] = "v0", "v1"
-        assert tuple(dense[:2]) == holds_01[c0] and tuple(dense[2:]) == holds_23[c1], (p0, p1)
-    n, k = 6, 64
-    packed, meta, scale, _ = make_sparse24(n, k, 32, False, seed=4)
-    words = repack_sparse24(packed, meta, scale).meta_words.long() & 0xFFFFFFFF
-    positions = ref.unpack_meta_24(meta).reshape(n, k // 32, 4, 2, 2)
-    for c in range(4):
-        fields = [(words >> (16 * (c >> 1) + 2 * (c & 1) + 4 * j)) & 3 for j in range(4)]
-        want0, want1 = selector_codes(positions[:, :, c])
-        assert torch.equal(torch.stack((fields[0], fields[1]), -1), want0)
-        assert torch.equal(torch.stack((fields[2], fields[3]), -1), want1)
+        assert [source[lo & 15], source[lo >> 4], source[hi & 15], source[hi >> 4]] == dense, (p0, p1)
 
 
 def test_split_k_is_deterministic_and_odd_offset_codes():
@@ -110,7 +104,7 @@ def test_split_k_is_deterministic_and_odd_offset_codes():
     as int16: copied first) give the same result."""
     n, k, group = 32, 512, 64
     packed, meta, scale, _ = make_sparse24(n, k, group, False, seed=5)
-    w = repack_sparse24(packed, meta, scale)
+    w = sparse24_mma_weight(packed, meta, scale)
     x = torch.randn(3, k, dtype=torch.bfloat16)
     config = (16, 64, 4, 4, 1)
     first = sparse24_mma(x, w, config=config)
@@ -120,25 +114,25 @@ def test_split_k_is_deterministic_and_odd_offset_codes():
     check(first, x, packed, meta, scale, None)
     odd = torch.empty(n * k // 4 + 1, dtype=torch.uint8)[1:].view(n, k // 4)
     odd.copy_(packed)
-    shifted = repack_sparse24(odd, meta, scale)
+    shifted = sparse24_mma_weight(odd, meta, scale)
     assert shifted.packed.storage_offset() % 2 or shifted.packed.data_ptr() % 2
     assert torch.equal(sparse24_mma(x, shifted, config=config), first)
 
 
 def test_clear_errors_and_fits():
     packed, meta, scale, z = make_sparse24(16, 128, 64, True)
-    w = repack_sparse24(packed, meta, scale, z)
+    w = sparse24_mma_weight(packed, meta, scale, z)
     x = torch.randn(1, 128, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="zero points must be integers"):
-        repack_sparse24(packed, meta, scale, z + 0.5)
+        sparse24_mma_weight(packed, meta, scale, z + 0.5)
     with pytest.raises(ValueError, match="zero points must be integers"):
-        repack_sparse24(packed, meta, scale, torch.full_like(z, 8.0))
+        sparse24_mma_weight(packed, meta, scale, torch.full_like(z, 8.0))
     with pytest.raises(ValueError, match="group size 16"):
-        repack_sparse24(packed, meta, torch.ones(16, 8))
+        sparse24_mma_weight(packed, meta, torch.ones(16, 8))
     with pytest.raises(ValueError, match="ascend"):
-        repack_sparse24(packed, ref.pack_meta_24(torch.zeros(16, 64, dtype=torch.uint8)), scale)
+        sparse24_mma_weight(packed, ref.pack_meta_24(torch.zeros(16, 64, dtype=torch.uint8)), scale)
     with pytest.raises(ValueError, match="meta"):
-        repack_sparse24(packed, meta[:, :8], scale)
+        sparse24_mma_weight(packed, meta[:, :8], scale)
     with pytest.raises(ValueError, match="17 rows"):
         sparse24_mma(torch.randn(17, 128, dtype=torch.bfloat16), w)
     with pytest.raises(ValueError, match="dtype torch.float32"):
@@ -161,7 +155,7 @@ def test_gpu_7b_shapes_match_reference(m, group, zero):
     and bitwise equal over reruns."""
     for n, k in [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]:
         packed, meta, scale, z = make_sparse24(n, k, group, zero, seed=m)
-        w = repack_sparse24(packed.cuda(), meta.cuda(), scale.cuda(), None if z is None else z.cuda())
+        w = sparse24_mma_weight(packed.cuda(), meta.cuda(), scale.cuda(), None if z is None else z.cuda())
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         got = sparse24_mma(x, w)
         check(got.cpu(), x.cpu(), packed, meta, scale, z, abs_share=1e-4)
