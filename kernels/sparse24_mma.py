@@ -13,39 +13,35 @@ reading only the kept half of the codes plus the positions.
 Layout. In the MMA operand (int4_mma's fragment order) lane l = 4 r + c of a row holds, per
 32-input block, operand columns 2 c, 2 c + 1, 2 c + 8, 2 c + 9 of both k16 tiles: four 16-bit
 pairs, pair s = 2 tt + q. The K order is ours to choose (x is read in the same order), so
-operand column 32 T + 16 tt + 8 q + 2 c + p reads dense input 32 T + 8 c + 4 p + 2 tt + q
-(int4_mma's kernel, SPARSE24): lane c owns the whole groups 2 c and 2 c + 1 of each block, and its
-pair s holds position s of both (p = 0 the first group). Owning whole groups fixes a lane's share
-of the kept codes at 4 (16 bits, contiguous in kernels/quant.py's packed bytes: read as they are,
-as int16); owning half of 4 groups (the identity order) would give a lane 0..8 of their codes.
-x is read contiguously (cp.async, 16 B) and permuted in registers on its way to the shared
-memory the MMA reads it from (a 2-byte gather in the permuted order cost 0.6 more per byte).
-Positions: repack_sparse24 re-codes kernels/quant.py's 4 bits a group (p0 | p1 << 2) into the same
-4 bits, b0 = p0 + [p1 >= 2] (what positions 0, 1 hold: (v0, v1), (v0, -), (-, v0), (-, -); "-" the
-fill) and b1 = p1 - 1 + [p0 == 2] (positions 2, 3: (-, -), (v1, -), (-, v1), (v0, v1)), one int32
-word a block with lane c's four codes (b0, b0', b1, b1' of its groups) at bits
-16 (c >> 1) + 2 (c & 1) + 4 k. The meta bytes stay as they are for the M == 1 paths; this word is
-a second copy of their bytes (Sparse24Linear holds both: 0.125 more bytes a dense input beside
-the 0.375 of codes and positions; in-kernel re-coding of the original bits would cost about 8
-more instructions a lane-block).
+operand column 32 T + 16 tt + 8 q + 2 c + p reads dense input 32 T + 8 c + 4 p + 2 tt + q: lane c
+owns the whole groups 2 c and 2 c + 1 of each block, and its pair s holds position s of both
+(p = 0 the first group). Owning whole groups fixes a lane's share of the kept codes at 4 and of
+the positions at 8 bits: one int16 of kernels/quant.py's packed codes and one byte of its meta,
+both read as they are (no repacked copy: the layer's own tensors, which its M == 1 GEMVs read
+too); owning half of 4 groups (the identity order) would give a lane 0..8 of their codes. x is
+read contiguously (cp.async, 16 B) and permuted in registers on its way to the shared memory the
+MMA reads it from (a 2-byte gather in the permuted order cost 0.6 more a byte).
 
 Expansion, per lane and 32-input block (8 dense inputs, 4 operand pairs): one SHF + one PRMT
-spread the 4 codes to bytes (v0, v1, v0', v1' in low nibbles); one SHF + one LOP3 cut the lane's 4
-selector codes out of the block's word as table indices; one PRMT looks both groups' selectors up
-in an 8-byte table (SPARSE24_TABLE_LO / _HI) and one IADD moves the second group's to its source
-bytes; one PRMT places positions 0 and 1 of both groups (bytes 0, 2 and 1, 3), one SHF + one PRMT
-positions 2 and 3, each byte a kept code or the fill (nibble 8 + zero: the bias makes it an exact
-0); then int4_mma's _pair per pair (LOP3 of mask and magic, after an SHF for bytes 1, 3) and one
-HADD2: the exact code - zero, or 0, in bf16 / fp16. 19 instructions against int4_mma's 11 (3 SHF,
-4 LOP3, 4 HADD2) for the same 8 inputs, for 0.375 bytes an input against 0.5. Zero points: the
-fill nibble 8 + zero must be a nibble, so integers in ZERO_RANGE ([-8, 7], int4's own); others are
-refused (sparse24_mma_fits, repack_sparse24). No dequantized weight is rounded: the reference is
-kernels/quant.py's fp32_weight_linear_ref on sparse24_int4_dequantize's weight, met to fp32
-summation order (tests/kernels/test_sparse24_mma.py).
+spread the 4 codes to bytes (v0, v1, v0', v1' in low nibbles). The positions byte (p0 | p1 << 2 a
+group) gives two 3-bit table indices a group in three LOP3s and one SHF on both groups at once,
+p0 | [p1 >= 2] << 2 (what positions 0, 1 hold: (v0, v1), (v0, -), (-, v0), (-, -); "-" the fill)
+and (p0 >> 1 | p1 << 1) ^ 5 (positions 2, 3: (-, -), (v1, -), (-, v1), (v0, v1)), disjoint sets
+of one 8-byte table's entries (SPARSE24_TABLE_LO / _HI); one PRMT looks both groups' selectors up,
+one IADD moves the second group's to its source bytes; one PRMT places positions 0 and 1 of both
+groups (bytes 0, 2 and 1, 3), one SHF + one PRMT positions 2 and 3, each byte a kept code or the
+fill (nibble 8 + zero: the bias makes it an exact 0); then int4_mma's _pair per pair (LOP3 of mask
+and magic, after an SHF for bytes 1, 3) and one HADD2: the exact code - zero, or 0, in bf16 /
+fp16. About 22 instructions against int4_mma's 11 (3 SHF, 4 LOP3, 4 HADD2) for the same 8
+inputs, for 0.375 bytes an input against 0.5. Zero points (fp32, as the layer keeps them; made
+int32 once a group): the fill nibble 8 + zero must be a nibble, so integers in ZERO_RANGE ([-8,
+7], int4's own); others are refused (sparse24_mma_fits, sparse24_mma_weight). No dequantized
+weight is rounded: the reference is kernels/quant.py's fp32_weight_linear_ref on
+sparse24_int4_dequantize's weight, met to fp32 summation order (tests/kernels/test_sparse24_mma.py).
 
-Bytes a launch reads of the weight (codes + positions + fp32 scales; int32 zero bias where zero
-points), g128, against kernels/int4_mma.py's dense int4 of the same shape (MiB; x and the split-K
-partials are L2 hits):
+Bytes a launch reads of the weight (codes + positions + fp32 scales [+ fp32 zero points]), g128,
+against kernels/int4_mma.py's dense int4 of the same shape (MiB; x and the split-K partials are
+L2 hits); nothing else is stored for this path:
 
     shape                     dense int4   2:4 + int4        with zero points: int4 / 2:4
     qkv      12288 x  4096    25.50        19.50 (0.765x)    27.00 / 21.00 (0.778x)
@@ -61,25 +57,27 @@ Budget at the copy ceiling: ~7.9 issued instructions per weight byte (int4_mma's
 
     config (BLOCK_N, BLOCK_K,      instr / weight byte         instr / dense input       smem B/B  regs
             SPLIT_K, warps, stages) g128   g64  g128 zero  g32  g128  g64  zero  g32     g128      g128
-    128, 256, 8, 4, 3 (heuristic)  10.90 12.69 11.69     21.36  4.09 4.76 4.38  8.01     7.54      167
-    128, 256, 8, 4, 1              11.45 12.20 12.10     19.42  4.29 4.57 4.54  7.28     5.75      164
-    64, 256, 8, 4, 1               12.19 13.21 13.23     18.96  4.57 4.95 4.96  7.11     4.67       92
+    128, 256, 8, 4, 3 (heuristic)  12.31 13.49 13.33     15.78  4.62 5.06 5.00  5.92     5.54      166
+    128, 256, 8, 4, 1              13.69 13.78 14.41     15.75  5.13 5.17 5.40  5.91     3.75      168
+    64, 256, 8, 4, 1               13.92 14.46 15.17     19.10  5.22 5.42 5.69  7.16     2.67       92
     int4_mma dense, heuristic       5.25  6.35  5.93      8.46  2.62 3.18 2.97  4.23     4.16      153
 
-No spills. Of g128's 32.7 instructions a lane-block: 19 expansion, 5 constant rematerialisations
-(ptxas re-materialises the 0x000F000F mask, 0x3333 and the table per use at ~167 registers), the
-MMA, scale FMA, loads and addressing. At 10.9 per byte the kernel is issue bound at about 72% of
-the copy ceiling's bytes: predicted time about int4_mma's (memory bound on 1.31x the bytes), i.e.
-about its 1.25x bf16 at M 8-16, against 0.14x for the paths above; experiments/sparse24_gemv_sweep.py
-times it (path "mma") against them, int4_mma and bf16 at M = 1, 2, 4, 8, 16. g32 loses the
-register-only operand (ptxas repacks halves through shared memory: 2x the instructions); it runs
-correctly, slower; a g32 layout is left to do.
+No spills. Of g128's ~36.5 instructions a lane-block: ~22 expansion, ~5 constants re-materialised
+per use (ptxas at ~166 registers: the 0x000F000F mask, the table), the MMA, scale FMA, loads and
+addressing. At 12.3 per byte the kernel is issue bound at about 64% of the copy ceiling's bytes:
+predicted time about 1.15x int4_mma's (memory bound on 1.31x the bytes), i.e. about bf16's at
+M 8-16 where int4_mma measured 1.25x bf16, against 0.14x for the paths above.
+experiments/sparse24_gemv_sweep.py times it (path "mma") against them, int4_mma and bf16 at
+M = 1, 2, 4, 8, 16: the number that decides.
 
-Tried (g128 at the heuristic tile, instructions a byte): x gathered in the operand's order by
-2-byte loads, 11.47; the pairs placed by PRMT under the magic's high byte (ptxas then rotates each
-pair before its HADD2), 14.0; that and the kept codes as int32 words (two lanes a word, a per-lane
-selector: 4-byte cp.async a lane), 15.2.
-"""
+Tried (g128 at the heuristic tile, instructions a byte): the positions re-coded at load into one
+int32 word a block (each lane's 4 selector codes at its own bits: SHF + LOP3 for the indices),
+10.90 (zero points 11.69), but a second copy of the positions' bytes beside the meta the M == 1
+GEMVs read (0.125 more bytes a dense input: the 2:4 + int4 layer as large as dense int4) and g32
+at 21.4 (the quad-shared word cost the register-only operand there); x gathered in the operand's
+order by 2-byte loads, 11.47 (with that word); the pairs placed by PRMT under the magic's high
+byte (ptxas then rotates each pair before its HADD2), 14.0; the kept codes as int32 words (two
+lanes a word, a per-lane selector), 15.2."""
 
 from __future__ import annotations
 
