@@ -354,6 +354,8 @@ if HAS_TRITON:
             for gi in tl.static_range(BLOCK_K // GROUP):
                 kg = k0 + gi * GROUP
                 w_mask = col_mask & (cols * 0 + kg < K)  # a split past K (ragged K) loads nothing
+                # SPARSE24: the kept codes as int16, a lane's two groups (the same index: K / 8 of them a row)
+                words = tl.load(w_rows + kg // 8 + jw, mask=w_mask[:, None, None], other=0)
                 scale = tl.load(s_rows + kg // GROUP, mask=w_mask, other=0.0)
                 bias = tl.full([BLOCK_N, 1, 1], 0, tl.int32)  # unused without zero points
                 if HAS_ZERO and SPARSE24:  # fp32 integer zero points (kernels/quant.py's) -> the same bias
@@ -366,7 +368,6 @@ if HAS_TRITON:
                 if SPARSE24:  # in the operand's column order: dense (T, c, p, tt, q) -> (T, tt, q, c, p)
                     xt = tl.reshape(tl.permute(tl.reshape(xt, (GROUP // 32, 4, 2, 2, 2, 16)), (0, 3, 4, 1, 2, 5)),
                                     (GROUP, 16))
-                words = tl.load(w_rows + kg // 8 + jw, mask=w_mask[:, None, None], other=0)
                 if SPARSE24:
                     meta = tl.load(m_rows + kg // 8 + jw, mask=w_mask[:, None, None], other=0).to(tl.int32)
                     fill = tl.full([BLOCK_N, 1, 1], 0x08080808, tl.int32)  # nibble 8: code 0

@@ -57,14 +57,14 @@ Budget at the copy ceiling: ~7.9 issued instructions per weight byte (int4_mma's
 
     config (BLOCK_N, BLOCK_K,      instr / weight byte         instr / dense input       smem B/B  regs
             SPLIT_K, warps, stages) g128   g64  g128 zero  g32  g128  g64  zero  g32     g128      g128
-    128, 256, 8, 4, 3 (heuristic)  12.31 13.49 13.33     15.78  4.62 5.06 5.00  5.92     5.54      166
-    128, 256, 8, 4, 1              13.69 13.78 14.41     15.75  5.13 5.17 5.40  5.91     3.75      168
-    64, 256, 8, 4, 1               13.92 14.46 15.17     19.10  5.22 5.42 5.69  7.16     2.67       92
+    128, 256, 8, 4, 3 (heuristic)  12.44 13.40 13.33     16.06  4.66 5.02 5.00  6.02     5.54      166
+    128, 256, 8, 4, 1              13.46 13.93 14.25     15.74  5.05 5.22 5.34  5.90     3.75      164
+    64, 256, 8, 4, 1               14.00 14.52 15.00     19.12  5.25 5.45 5.62  7.17     2.67       96
     int4_mma dense, heuristic       5.25  6.35  5.93      8.46  2.62 3.18 2.97  4.23     4.16      153
 
-No spills. Of g128's ~36.5 instructions a lane-block: ~22 expansion, ~5 constants re-materialised
+No spills. Of g128's ~37 instructions a lane-block: ~22 expansion, ~5 constants re-materialised
 per use (ptxas at ~166 registers: the 0x000F000F mask, the table), the MMA, scale FMA, loads and
-addressing. At 12.3 per byte the kernel is issue bound at about 64% of the copy ceiling's bytes:
+addressing. At 12.4 per byte the kernel is issue bound at about 64% of the copy ceiling's bytes:
 predicted time about 1.15x int4_mma's (memory bound on 1.31x the bytes), i.e. about bf16's at
 M 8-16 where int4_mma measured 1.25x bf16, against 0.14x for the paths above.
 experiments/sparse24_gemv_sweep.py times it (path "mma") against them, int4_mma and bf16 at

@@ -172,7 +172,7 @@ for fmt in ("sparse24_int4_g128", "sparse24_int4_g128_zero"):  # int4_mma's tile
 
 
 def test_sm90_counts():
-    """The design's evidence, kept (kernels/sparse24_mma.py's table: 4.62 / 5.00 instructions a dense
+    """The design's evidence, kept (kernels/sparse24_mma.py's table: 4.66 / 5.00 instructions a dense
     input, g128 without / with zero points): compiled for sm_90 with Triton's bundled ptxas, the K
     loop stays on the tensor cores, without spills, under 5.3 a dense input. A lost register-only
     operand (halves repacked through shared memory) or pairs rotated before their subtraction add
