@@ -368,7 +368,6 @@ if HAS_TRITON:
                 if SPARSE24:  # in the operand's column order: dense (T, c, p, tt, q) -> (T, tt, q, c, p)
                     xt = tl.reshape(tl.permute(tl.reshape(xt, (GROUP // 32, 4, 2, 2, 2, 16)), (0, 3, 4, 1, 2, 5)),
                                     (GROUP, 16))
-                if SPARSE24:
                     meta = tl.load(m_rows + kg // 8 + jw, mask=w_mask[:, None, None], other=0).to(tl.int32)
                     fill = tl.full([BLOCK_N, 1, 1], 0x08080808, tl.int32)  # nibble 8: code 0
                     if HAS_ZERO:  # nibble 8 + zero = 16 - (8 - zero): the operand's 0 after the bias
