@@ -32,7 +32,8 @@
 #   experiments/engine_session.sh balwait      # waits for `balanced` (BAL_WAIT_S) and copies its report
 #   experiments/engine_session.sh rounds       # after stash + stash2 (+ pipeline): num_rounds and the auto policy (issue 14)
 #   experiments/engine_session.sh int8         # carry .gpu/wheels + .gpu/old (48fd6ad): int8 GEMV old vs new, 7B rows (issue 13)
-#   experiments/engine_session.sh sp24         # carry .gpu/wheels: the 2:4 + int4 fast GEMV, sweep, tests, 7B rows (issue 13)
+#   experiments/engine_session.sh sp24         # carry .gpu/wheels: the 2:4 + int4 paths (sparse24_mma among them) at M 1..16,
+#                                              # sweep, tests, 7B rows (issue 13)
 #   experiments/engine_session.sh mma          # carry .gpu/wheels: the tensor-core int4 GEMM's tests and sweep (issue 13)
 #   experiments/engine_session.sh presets      # after stash + stash2: experiment=lossless, balanced (PRESETS) in full, eval=gpu
 #   experiments/engine_session.sh scaling      # nvidia-h200-x2, right after `tp`: distill step tokens/s and peak
@@ -261,12 +262,13 @@ case "${1:?verb}" in
       tests/kernels/test_gemv_split_k.py > "$OUTDIR/int8_tests.txt" 2>&1; tail -n 4 "$OUTDIR/int8_tests.txt"
     timeout ${QUANT_S:-200} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_int8.jsonl" --batch 1 16 \
       --only bf16 int8 > "$OUTDIR/quant_int8.log" 2>&1; grep -v Warn "$OUTDIR/quant_int8.log" | tail -n 6;;
-  sp24)  # carry .gpu/wheels: the 2:4 + int4 GEMV's fast M == 1 path against the old select path, dense int4 fast and
-         # tinygemm (sweep), its GPU tests, then the 7B 2:4 rows (issue 13)
-    timeout ${SWEEP_S:-150} python3 experiments/sparse24_gemv_sweep.py --json "$OUTDIR/sp24_sweep.jsonl" --budget-s 100 \
-      > "$OUTDIR/sp24_sweep.log" 2>&1; tail -n 4 "$OUTDIR/sp24_sweep.log"
-    timeout ${TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_quant_gemv_sparse24.py \
-      tests/engine/test_sparse24_paths.py "tests/engine/test_compressed_loading.py::test_gpu_engine_serves_compressed_artifact[sparse24_int4]" \
+  sp24)  # carry .gpu/wheels: the 2:4 + int4 paths (fast M == 1, select, dot, fast_rows, the tensor-core sparse24_mma)
+         # against bf16, dense int4 (fast GEMV, int4_mma) and tinygemm at M = 1 2 4 8 16 (sweep), the GPU tests,
+         # then the 7B 2:4 rows (issue 13)
+    timeout ${SWEEP_S:-330} python3 experiments/sparse24_gemv_sweep.py --json "$OUTDIR/sp24_sweep.jsonl" --m 1 2 4 8 16 \
+      --budget-s ${SP24_BUDGET_S:-100} > "$OUTDIR/sp24_sweep.log" 2>&1; tail -n 4 "$OUTDIR/sp24_sweep.log"
+    timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_quant_gemv_sparse24.py \
+      tests/kernels/test_sparse24_mma.py tests/engine/test_sparse24_paths.py "tests/engine/test_compressed_loading.py::test_gpu_engine_serves_compressed_artifact[sparse24_int4]" \
       > "$OUTDIR/sp24_tests.txt" 2>&1; tail -n 4 "$OUTDIR/sp24_tests.txt"
     timeout ${QUANT_S:-200} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_24.jsonl" --batch 1 16 \
       --only bf16 int4_g128@triton sparse24_int4_g128 sparse24 --prefill-tokens 1024 4080 > "$OUTDIR/quant_24.log" 2>&1

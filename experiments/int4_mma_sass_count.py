@@ -4,11 +4,14 @@ CUDA-core GEMV (8.4 instr/byte at its best config; ~7.9 can issue per byte at th
 The largest backward-branch loop is counted per thread and divided by the weight bytes (codes)
 a thread reads per iteration (BLOCK_N * BLOCK_K / 2 / threads, times the iterations the loop
 body covers when the compiler unrolled it); a kernel whose K loop is fully unrolled is counted
-whole over all its steps instead. HMMA/HGMMA (tensor-core) instructions are listed apart, and
+whole over all its steps instead. The sparse24_int4_* formats count the same kernel with SPARSE24
+(kernels/sparse24_mma.py: 2:4 + int4), its weight bytes the kept codes and positions (0.375 a
+dense input, BYTES_PER_INPUT); "instructions_per_input" (per dense input) compares the two. HMMA/HGMMA (tensor-core) instructions are listed apart, and
 the shared-memory bytes moved per weight byte ("smem_bytes_per_byte": an SM moves 128 B a clock,
 ~8 B per weight byte at the copy ceiling's 16 weight bytes an SM a clock).
 
-    python experiments/int4_mma_sass_count.py [--n 4096] [--k 4096] [--config 64,256,8,4,3 ...]
+    python experiments/int4_mma_sass_count.py [--n 4096] [--k 4096] [--m 16] [--config 64,256,8,4,3 ...]
+        [--formats int4_g128 sparse24_int4_g128 ...]
 """
 
 from __future__ import annotations
@@ -29,22 +32,29 @@ from experiments.gemv_sass_count import (BIN, CONVERSIONS, _opcode, ldg_bytes, l
                                          resources, sass_lines)
 from kernels import int4_mma as Q
 
-FORMATS = {"int4_g128": (128, False), "int4_g64": (64, False), "int4_g128_zero": (128, True), "int4_g32": (32, False)}
+# format -> (group, zero points, 2:4): kernels/sparse24_mma.py's formats run the same kernel with SPARSE24
+FORMATS = {"int4_g128": (128, False, False), "int4_g64": (64, False, False), "int4_g128_zero": (128, True, False),
+           "int4_g32": (32, False, False), "sparse24_int4_g128": (128, False, True),
+           "sparse24_int4_g64": (64, False, True), "sparse24_int4_g128_zero": (128, True, True),
+           "sparse24_int4_g32": (32, False, True)}
+# weight bytes per dense input: int4 codes 0.5; 2:4 kept codes 0.25 + positions 0.125 (scales left out of both)
+BYTES_PER_INPUT = {False: 0.5, True: 0.375}
 TENSOR_OPS = ("HMMA", "HGMMA")
 
 
 def compile_sm90(group: int, zero: bool, m: int, n: int, k: int, config: tuple, dtype: str = "bf16",
-                 bias: bool = False) -> bytes:
+                 bias: bool = False, sparse24: bool = False) -> bytes:
     """The cubin of _int4_mma_kernel at this shape and config, specialized as a launch on torch
     tensors is (16-byte aligned pointers, the row strides multiples of 16)."""
     block_n, block_k, split, num_warps, num_stages = config
     k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_split)
-    sig = {"x_ptr": f"*{dtype}", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*i32", "b_ptr": f"*{dtype}",
+    sig = {"x_ptr": f"*{dtype}", "w_ptr": "*i16" if sparse24 else "*i32", "m_ptr": "*u8" if sparse24 else "*i32", "s_ptr": "*fp32",
+           "z_ptr": "*fp32" if sparse24 else "*i32", "b_ptr": f"*{dtype}",
            "out_ptr": f"*{dtype}", "part_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "x_stride": "i32",
            "out_stride": "i32"}
     constexprs = dict(N=n, K=k, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, K_SPLIT=k_split,
-                      HAS_ZERO=zero, HAS_BIAS=bias, BY_HAND=False)
+                      HAS_ZERO=zero, HAS_BIAS=bias, BY_HAND=False, SPARSE24=sparse24)
     sig.update({name: "constexpr" for name in constexprs})
     ints = {"x_stride": k, "out_stride": n}
     aligned = [name for name, ty in sig.items() if ty.startswith("*") or ints.get(name, 1) % 16 == 0]
@@ -94,22 +104,23 @@ def count(fmt: str, m: int, n: int, k: int, config: tuple) -> dict:
     """The K loop's counts at this config. The steps its body covers (ptxas may unroll, and a
     layout may replicate work across warps) are its tensor-core instructions over those of one
     step, counted on a compile of the same config whose programs take exactly one K step."""
-    group, zero = FORMATS[fmt]
+    group, zero, sparse24 = FORMATS[fmt]
     block_n, block_k, split, num_warps, _ = config
-    sass, regs, spill = _sass(compile_sm90(group, zero, m, n, k, config))
-    one_step, _, _ = _sass(compile_sm90(group, zero, m, n, block_k, (*config[:2], 1, *config[3:])))
+    sass, regs, spill = _sass(compile_sm90(group, zero, m, n, k, config, sparse24=sparse24))
+    one_step, _, _ = _sass(compile_sm90(group, zero, m, n, block_k, (*config[:2], 1, *config[3:]), sparse24=sparse24))
     per_step = tensor_ops(collections.Counter(op for op in map(_opcode, sass_lines(one_step)) if op))
     body, looped = loop_body(sass)
     ops = collections.Counter(op for op in map(_opcode, body) if op)
     threads = num_warps * 32
     k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     steps = tensor_ops(ops) / per_step if looped else k_split // block_k
-    nbytes = block_n * block_k / 2 / threads * steps  # weight code bytes per thread the body covers
+    inputs = block_n * block_k / threads * steps  # dense inputs per thread the body covers
+    nbytes = inputs * BYTES_PER_INPUT[sparse24]  # weight bytes (codes; 2:4: kept codes + positions)
     total = sum(ops.values())
     programs = triton.cdiv(n, block_n) * triton.cdiv(k, k_split)
     return {"format": fmt, "M": m, "N": n, "K": k, "config": list(config), "counted": "loop" if looped else "kernel",
             "steps_counted": steps, "instructions": total, "weight_bytes_per_thread": nbytes,
-            "instructions_per_byte": round(total / nbytes, 2),
+            "instructions_per_byte": round(total / nbytes, 2), "instructions_per_input": round(total / inputs, 2),
             "tensor_ops_per_byte": round(tensor_ops(ops) / nbytes, 3),
             "conversions_per_byte": round(sum(ops[c] for c in CONVERSIONS) / nbytes, 2),
             "smem_bytes_per_byte": round(smem_bytes(body) / nbytes, 2),

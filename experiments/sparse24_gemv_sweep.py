@@ -4,22 +4,26 @@ achieved GB/s (bytes = kept values + positions + scales + x + out) and the fract
 device-to-device copy ceiling, for
 - "default": sparse24_gemv with its default tiles per path: at M == 1 "select" (SELECT_CONFIG, the
   old path) and, for int4 codes, "fast" (FAST_CONFIG: PRMT-picked inputs, the new path); above
-  M == 1 "dot" (DOT_CONFIG);
+  M == 1 "dot" (DOT_CONFIG) and, for int4 codes, "fast_rows" (the fast kernel once a row); for
+  int4 codes at every M "mma" (kernels/sparse24_mma.py's tensor-core GEMM, int4_mma_config's
+  tile: Sparse24Linear's 2..16-row candidate);
 - "sweep": the candidate tiles of the path M takes, candidate-major within --budget-s (each new
   tile compiles), and "best" per case;
 - baselines of the same shape and M: "dense_bf16" (F.linear, cuBLAS, on the dense weight) and
   "int4_g128" (kernels/gemv.py's unfused int4 GEMV with the engine's default dequantization: the
-  fast path at M == 1), and "tinygemm" (aten._weight_int4pack_mm on the same codes; CUDA only).
+  fast path at M == 1), "int4_mma" (kernels/int4_mma.py's tensor-core GEMM on the dense codes)
+  and "tinygemm" (aten._weight_int4pack_mm on the same codes; CUDA only).
 Each kernel runs back to back on distinct weight copies (256 MiB or more, so nothing is served
 from L2) inside a CUDA graph (eval/bench/common.graph_seconds).
 
-    python experiments/sparse24_gemv_sweep.py --json sparse24_sweep.jsonl [--m 1 16] [--budget-s 25]
+    python experiments/sparse24_gemv_sweep.py --json sparse24_sweep.jsonl [--m 1 2 4 8 16] [--budget-s 25]
     python experiments/sparse24_gemv_sweep.py --dry-run  # CPU: interpreted kernels, tiny shapes, a fake clock
 
 Output: JSON lines: {"kind": "ceiling"}, {"kind": "measure"} per (format, shape, M, path[, config]),
 {"kind": "best"} per case, {"kind": "suggest"} per (format, path): the tile with the least total
-time over the shapes among those timed on all of them (the value for SELECT_CONFIG / DOT_CONFIG),
-and {"kind": "done"}.
+time over the shapes among those timed on all of them (the value for SELECT_CONFIG / DOT_CONFIG;
+for "mma" a tile of MMA_CANDIDATES, its SPLIT_K per shape and M by int4_mma_sweep's rule), and
+{"kind": "done"}.
 """
 
 from __future__ import annotations
@@ -32,10 +36,14 @@ import torch
 import torch.nn.functional as F
 
 from eval.bench.common import graph_seconds
+from experiments.int4_mma_sweep import CANDIDATES as MMA_TILES
+from experiments.int4_mma_sweep import split_candidates
 from experiments.quant_gemv_sweep import Records, _rel, copy_ceiling_tbps
 from kernels import quant as ref
 from kernels.gemv import FAST_BY_DEFAULT, gemv
+from kernels.int4_mma import int4_mma, int4_mma_config, repack_int4
 from kernels.quant_gemv import DOT_CONFIG, FAST_CONFIG, SELECT_CONFIG, sparse24_gemv
+from kernels.sparse24_mma import sparse24_mma, sparse24_mma_weight
 from kernels.quant_tinygemm import pack_for_gpu, scales_and_zeros, tinygemm_mm
 
 SHAPES = {"qkv": (3 * 4096, 4096), "o_proj": (4096, 4096), "gate_up": (2 * 11008, 4096), "down": (4096, 11008)}
@@ -46,7 +54,10 @@ SELECT_CANDIDATES = [(16, 2048, 4), (8, 4096, 4), (4, 4096, 4), (16, 1024, 4), (
 DOT_CANDIDATES = [(32, 128, 4), (16, 128, 4), (64, 64, 4), (32, 256, 4), (128, 128, 8), (16, 64, 4)]
 FAST_CANDIDATES = [(4, 4096, 2), (8, 2048, 4), (16, 2048, 4), (4, 4096, 4), (8, 4096, 8), (16, 1024, 4),
                    (4, 8192, 4)]
-DEFAULTS = {"select": SELECT_CONFIG, "dot": DOT_CONFIG, "fast": FAST_CONFIG}
+# "mma": (BLOCK_N, BLOCK_K, num_warps, num_stages), int4_mma_sweep's tiles, SPLIT_K per case (mma_config)
+MMA_CANDIDATES = list(MMA_TILES[:6])
+DEFAULTS = {"select": SELECT_CONFIG, "dot": DOT_CONFIG, "fast": FAST_CONFIG, "fast_rows": FAST_CONFIG,
+            "mma": None}  # "mma": int4_mma_config's, per shape and M
 DRY_SHAPES = {"a": (48, 256), "b": (16, 384)}  # --dry-run
 COPY_BYTES = 256 << 20
 DEVICE = "cuda"  # the CPU smoke test (tests/kernels/test_sparse24_gemv_sweep.py) sets "cpu"
@@ -83,8 +94,8 @@ def tinygemm_seconds(x: torch.Tensor, packed: list[torch.Tensor], scales: list[t
 def _dry_run() -> None:
     """--dry-run: the CPU, DRY_SHAPES, one run per timing at a fake 1 ms, a fake 1 TB/s ceiling,
     one candidate tile per path (the flow and its records, no timings)."""
-    global DEVICE, SHAPES, COPY_BYTES, SELECT_CANDIDATES, DOT_CANDIDATES, FAST_CANDIDATES, graph_seconds
-    global copy_ceiling_tbps
+    global DEVICE, SHAPES, COPY_BYTES, SELECT_CANDIDATES, DOT_CANDIDATES, FAST_CANDIDATES, MMA_CANDIDATES
+    global graph_seconds, copy_ceiling_tbps
 
     def one_run_seconds(run: Callable[[], object], reps: int = 10) -> float:
         run()
@@ -92,7 +103,16 @@ def _dry_run() -> None:
 
     DEVICE, SHAPES, COPY_BYTES = "cpu", DRY_SHAPES, 1
     SELECT_CANDIDATES, DOT_CANDIDATES, FAST_CANDIDATES = [(8, 64, 4)], [(16, 64, 4)], [(4, 128, 4)]
+    MMA_CANDIDATES = [(16, 128, 4, 1)]
     graph_seconds, copy_ceiling_tbps = one_run_seconds, lambda: 1.0
+
+
+def mma_config(tile: tuple[int, int, int, int], n: int, k: int) -> tuple[int, int, int, int, int]:
+    """An MMA_CANDIDATES tile with its SPLIT_K: the least power of two giving two programs an SM
+    (int4_mma_sweep's split_candidates, the middle one)."""
+    block_n, block_k, warps, stages = tile
+    splits = split_candidates(n, k, block_n, block_k) or [1]
+    return block_n, block_k, splits[len(splits) // 2], warps, stages
 
 
 def copies_seconds(fn: Callable[[object], object], items: list) -> float:
@@ -105,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--m", nargs="+", type=int, default=[1, 16], help="batch rows (1..16)")
+    ap.add_argument("--m", nargs="+", type=int, default=[1, 2, 4, 8, 16], help="batch rows (1..16)")
     ap.add_argument("--budget-s", type=float, default=25.0, help="seconds of tile sweeping after the fixed rows")
     ap.add_argument("--json", default=None, help="also write the JSON lines to this file")
     ap.add_argument("--dry-run", action="store_true",
@@ -153,6 +173,11 @@ def main(argv: list[str] | None = None) -> None:
                     n * k // 2 + n * k // 128 * 4 + io_bytes(m, n, k),
                     lambda: copies_seconds(lambda ws: gemv(x, ws[0], quant="int4", scale=ws[1], zero=None, fast=fast),
                                            list(zip(packed, scales))))
+            mma_weights = [repack_int4(w, sc) for w, sc in zip(packed, scales)]
+            measure({"format": "int4_g128", "shape": shape, "M": m, "path": "int4_mma"},
+                    n * k // 2 + n * k // 128 * 4 + io_bytes(m, n, k),
+                    lambda: copies_seconds(lambda w: int4_mma(x, w), mma_weights))
+            del mma_weights
             if DEVICE == "cuda":
                 measure({"format": "int4_g128", "shape": shape, "M": m, "path": "tinygemm"},
                         n * k // 2 + n * k // 128 * 4 + io_bytes(m, n, k), lambda: tinygemm_seconds(x, packed, scales))
@@ -162,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         del packed, scales
         for fmt in args.formats:
             weights, nbytes = make_weights(fmt, n, k, max(2, -(-COPY_BYTES // (n * k // (2 if fmt == "bf16" else 4)))))
+            mma_weights = [sparse24_mma_weight(*w) for w in weights] if fmt != "bf16" else []  # the same tensors
             for m in args.m:
                 x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
                 total = nbytes + io_bytes(m, n, k)
@@ -171,23 +197,35 @@ def main(argv: list[str] | None = None) -> None:
                 want = ref.fp32_weight_linear_ref(x, dense)
                 del dense
 
-                paths = ["dot"] if m > 1 else ["select", "fast"] if fmt != "bf16" else ["select"]
+                if fmt == "bf16":
+                    paths = ["dot"] if m > 1 else ["select"]
+                else:
+                    paths = ["dot", "fast_rows", "mma"] if m > 1 else ["select", "fast", "mma"]
                 for path in paths:
-                    def timer(config=None, x=x, weights=weights, want=want, path=path):
-                        err = _rel(sparse24_gemv(x, *weights[0], config=config, path=path), want)
+                    def timer(config=None, x=x, weights=weights, mma_weights=mma_weights, want=want, path=path):
+                        if path == "mma":
+                            config = config and mma_config(config, n, k)
+                            run = lambda w: sparse24_mma(x, w, config=config)  # noqa: E731
+                            items = mma_weights
+                        else:
+                            run = lambda w: sparse24_gemv(x, *w, config=config, path=path)  # noqa: E731
+                            items = weights
+                        err = _rel(run(items[0]), want)
                         if not err < 2e-2:
                             raise ValueError(f"{path} config {config}: relative error {err:.3g}")
-                        return copies_seconds(lambda w: sparse24_gemv(x, *w, config=config, path=path), weights)
+                        return copies_seconds(run, items)
 
                     base = {"format": f"sparse24_{fmt}", "shape": shape, "M": m, "path": path}
-                    measure({**base, "config": list(DEFAULTS[path])}, total, timer, default=True)
+                    default = DEFAULTS[path] or int4_mma_config(m, n, k, int(fmt.split("_g")[1]))
+                    measure({**base, "config": list(default)}, total, timer, default=True)
                     cases.append((base, total, timer, DEFAULTS[path]))
-            del weights
+            del weights, mma_weights
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
 
     sweep_start = time.perf_counter()
-    candidates = {"select": SELECT_CANDIDATES, "dot": DOT_CANDIDATES, "fast": FAST_CANDIDATES}
+    candidates = {"select": SELECT_CANDIDATES, "dot": DOT_CANDIDATES, "fast": FAST_CANDIDATES,
+                  "fast_rows": FAST_CANDIDATES, "mma": MMA_CANDIDATES}
     for i in range(max(map(len, candidates.values()))):
         for base, total, timer, default in cases:
             cands = candidates[base["path"]]

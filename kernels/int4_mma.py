@@ -194,6 +194,7 @@ WORKSPACE = SPLIT_K_WORKSPACE  # shared with gemv's split_k
 
 if HAS_TRITON:
     from kernels.gemv import _rnd
+    from kernels.quant_gemv import _prmt
 
     @triton.jit
     def _round_to(v, dtype: tl.constexpr, BF16_BY_HAND: tl.constexpr):
@@ -237,14 +238,20 @@ if HAS_TRITON:
         bias [BLOCK_N, 1, 1] -> the MMA operand [BLOCK_N, GROUP] holding OFFSET + v exactly in K
         order (0x4300 + v: bf16 128 + v; 0x6400 + v: fp16 1024 + v; v the code, or code + 8 - zero
         in 0..127), no conversion instruction. Word (T, c) holds K 32 T + 16 tt + 8 q + 2 c + p at
-        nibble 4 p + 2 tt + q: pair s = 2 tt + q is (p = 0, p = 1). The joins, the permute and the
-        reshape only rename registers: each thread holds its fragment's words, so Triton loads
-        them straight in the operand's layout (no shared-memory round trip of the 4x larger
-        16-bit operand)."""
-        p0 = _pair(words, 0, bias, HAS_ZERO, dtype)  # tt 0, q 0
-        p1 = _pair(words, 4, bias, HAS_ZERO, dtype)  # tt 0, q 1
-        p2 = _pair(words, 8, bias, HAS_ZERO, dtype)  # tt 1, q 0
-        p3 = _pair(words, 12, bias, HAS_ZERO, dtype)  # tt 1, q 1
+        nibble 4 p + 2 tt + q: pair s = 2 tt + q is (p = 0, p = 1)."""
+        return _pairs_operand(_pair(words, 0, bias, HAS_ZERO, dtype), _pair(words, 4, bias, HAS_ZERO, dtype),
+                              _pair(words, 8, bias, HAS_ZERO, dtype), _pair(words, 12, bias, HAS_ZERO, dtype),
+                              dtype, BLOCK_N, GROUP, BY_HAND)
+
+    @triton.jit
+    def _pairs_operand(p0, p1, p2, p3, dtype: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+                       BY_HAND: tl.constexpr):
+        """Four int32 [BLOCK_N, GROUP / 32, 4] of 16-bit pairs (pair s = 2 tt + q of lane word (T, c):
+        the operand's columns 32 T + 16 tt + 8 q + 2 c + p, p = 0 the low half) -> the MMA operand
+        [BLOCK_N, GROUP]. The joins, the permute and the reshape only rename registers: each thread
+        holds its fragment's words, so Triton loads them straight in the operand's layout (no
+        shared-memory round trip of the 4x larger 16-bit operand). kernels/sparse24_mma.py makes its
+        pairs otherwise and assembles them here."""
         lo = tl.join(tl.join(_half(p0, False, dtype, BY_HAND), _half(p1, False, dtype, BY_HAND)),
                      tl.join(_half(p2, False, dtype, BY_HAND), _half(p3, False, dtype, BY_HAND)))
         hi = tl.join(tl.join(_half(p0, True, dtype, BY_HAND), _half(p1, True, dtype, BY_HAND)),
@@ -253,55 +260,12 @@ if HAS_TRITON:
         return tl.reshape(tl.permute(t, (0, 1, 4, 3, 2, 5)), (BLOCK_N, GROUP))  # [n, (T, tt, q, c, p)]
 
     @triton.jit
-    def _int4_mma_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, x_stride, out_stride,
-        N: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT_K: tl.constexpr, K_SPLIT: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BY_HAND: tl.constexpr,
-    ):
-        """Programs (column tile, K split); K_SPLIT inputs a split (a multiple of BLOCK_K)."""
-        dtype = x_ptr.dtype.element_ty
-        # The operand holds OFFSET + code (- SUB: code - 8), or OFFSET + code + 8 - zero (- SUB:
-        # code - 8 - zero); OFFSET 128 (bf16), 1024 (fp16).
-        if dtype == tl.bfloat16:
-            SUB: tl.constexpr = 144.0 if HAS_ZERO else 136.0
-            MAGIC: tl.constexpr = 0x43004300
-        else:
-            SUB: tl.constexpr = 1040.0 if HAS_ZERO else 1032.0
-            MAGIC: tl.constexpr = 0x64006400
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = cols < N
-        rows = tl.arange(0, 16)
-        row_mask = rows < M
-        jw = (tl.arange(0, GROUP // 32)[:, None] * 4 + tl.arange(0, 4)[None, :])[None, :, :]  # word (T, c)
-        jk = tl.arange(0, GROUP)
-        w_rows = w_ptr + cols.to(tl.int64)[:, None, None] * (K // 8)
-        s_rows = s_ptr + cols * (K // GROUP)
-        z_rows = z_ptr + cols * (K // GROUP)
-        x_rows = x_ptr + rows[None, :] * x_stride
-        acc = tl.zeros([BLOCK_N, 16], tl.float32)
-        k_begin = pid_k * K_SPLIT
-        for k0 in range(k_begin, k_begin + K_SPLIT, BLOCK_K):
-            for gi in tl.static_range(BLOCK_K // GROUP):
-                kg = k0 + gi * GROUP
-                w_mask = col_mask & (cols * 0 + kg < K)  # a split past K (ragged K) loads nothing
-                words = tl.load(w_rows + kg // 8 + jw, mask=w_mask[:, None, None], other=0)
-                scale = tl.load(s_rows + kg // GROUP, mask=w_mask, other=0.0)
-                bias = tl.full([BLOCK_N, 1, 1], 0, tl.int32)  # unused without zero points
-                if HAS_ZERO:  # (8 - zero) in both halves (repack_int4): v = code + 8 - zero in 0..127
-                    bias = MAGIC + tl.load(z_rows + kg // GROUP, mask=w_mask, other=0)[:, None, None]
-                xt = tl.load(x_rows + (kg + jk)[:, None], mask=row_mask[None, :] & (kg + jk < K)[:, None],
-                             other=0.0)  # [GROUP, 16]
-                # the exact code - 8 - zero: one 16-bit subtraction per code (two per register)
-                if BY_HAND:  # the interpreter's dot multiplies 16-bit floats' raw bits: fp32 (exact products)
-                    w_op = _operand(words, bias, dtype, BLOCK_N, GROUP, HAS_ZERO, BY_HAND).to(tl.float32) - SUB
-                    part = tl.dot(w_op, xt.to(tl.float32), input_precision="ieee")
-                else:
-                    w_op = _operand(words, bias, dtype, BLOCK_N, GROUP, HAS_ZERO, BY_HAND) - tl.full([1, 1], SUB, dtype)
-                    part = tl.dot(w_op, xt)
-                acc += scale[:, None] * part
+    def _finish(acc, pid_n, pid_k, cols, rows, col_mask, row_mask, b_ptr, out_ptr, part_ptr, count_ptr,
+                out_stride, dtype: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+                HAS_BIAS: tl.constexpr, BY_HAND: tl.constexpr):
+        """A program's fp32 acc [BLOCK_N, 16] (columns x rows) out: stored alone (SPLIT_K == 1), or as
+        its split's partial, the program drawing the tile's last ticket summing the SPLIT_K partials
+        in split order (the module docstring's deterministic split-K); bias, one rounding to dtype."""
         out_mask = col_mask[:, None] & row_mask[None, :]
         if SPLIT_K > 1:
             tile = part_ptr + (pid_n * SPLIT_K * 16 * BLOCK_N + rows[None, :] * BLOCK_N
@@ -324,6 +288,103 @@ if HAS_TRITON:
             tl.store(out_ptr + rows[None, :] * out_stride + cols[:, None], _round_to(acc, dtype, BY_HAND),
                      mask=out_mask)
 
+    # 2:4 + int4 (kernels/sparse24_mma.py, whose docstring argues the design): the 8-byte table a PRMT
+    # looks a lane's selectors up in, nibble pairs (source byte of the first, of the second position;
+    # 0 / 1: the group's v0 / v1, 4: the fill). Entries 0, 4, 5, 6: positions 0, 1 by p0 | [p1 >= 2] << 2
+    # ((v0, v1), (v0, -), (-, v0), (-, -)); entries 7, 1, 3, 2: positions 2, 3 by (p0 >> 1 | p1 << 1) ^ 5
+    # ((-, -), (v1, -), (-, v1), (v0, v1)): the two index sets disjoint.
+    SPARSE24_TABLE_LO = tl.constexpr(0x14104110)  # entries 0..3
+    SPARSE24_TABLE_HI = tl.constexpr(0x44440440)  # entries 4..7
+
+    @triton.jit
+    def _sparse24_pairs(codes, meta, fill, bias, HAS_ZERO: tl.constexpr, dtype: tl.constexpr):
+        """A lane's four operand pairs (_pairs_operand's pair s: position s of the lane's groups 2 c and
+        2 c + 1, OFFSET + v in 16 bits) from its 16 bits of kept codes (v0 | v1 << 4 a group) and its
+        byte of kernels/quant.py's positions (p0 | p1 << 2 a group), ``fill`` (bytes of nibble 8 + zero:
+        the operand's 0 after the bias)."""
+        kb = _prmt(codes, codes >> 4, tl.full(codes.shape, 0x5140, tl.int32))  # v0, v1, v0', v1' (low nibbles)
+        t = meta >> 1
+        first = (meta & 0x33) | (t & 0x44)  # p0 | [p1 >= 2] << 2 of both groups
+        index = first | (((t & 0x77) ^ 0x55) << 8)  # and (p0 >> 1 | p1 << 1) ^ 5 of both
+        table_lo = tl.full(index.shape, SPARSE24_TABLE_LO, tl.int32)
+        # + 0x22: the second group's codes are source bytes 2, 3 (its fill 6: still the fill)
+        sel = _prmt(table_lo, tl.full(index.shape, SPARSE24_TABLE_HI, tl.int32), index) + 0x22002200
+        r01 = _prmt(kb, fill, sel)  # positions 0 (bytes 0, 2: the two groups) and 1 (bytes 1, 3)
+        r23 = _prmt(kb, fill, sel >> 16)
+        return (_pair(r01, 0, bias, HAS_ZERO, dtype), _pair(r01, 8, bias, HAS_ZERO, dtype),
+                _pair(r23, 0, bias, HAS_ZERO, dtype), _pair(r23, 8, bias, HAS_ZERO, dtype))
+
+    @triton.jit
+    def _int4_mma_kernel(
+        x_ptr, w_ptr, m_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, x_stride, out_stride,
+        N: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr, K_SPLIT: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BY_HAND: tl.constexpr, SPARSE24: tl.constexpr = False,
+    ):
+        """Programs (column tile, K split); K_SPLIT inputs a split (a multiple of BLOCK_K). SPARSE24
+        (kernels/sparse24_mma.py): w_ptr the kept codes as int16 and m_ptr the positions as bytes
+        (both a lane's two groups), z_ptr fp32 zero points; the operand is expanded from them
+        (_sparse24_pairs) and x permuted to its column order (operand column 32 T + 16 tt + 8 q +
+        2 c + p reads dense input 32 T + 8 c + 4 p + 2 tt + q)."""
+        dtype = x_ptr.dtype.element_ty
+        # The operand holds OFFSET + code (- SUB: code - 8), or OFFSET + code + 8 - zero (- SUB:
+        # code - 8 - zero); OFFSET 128 (bf16), 1024 (fp16).
+        if dtype == tl.bfloat16:
+            SUB: tl.constexpr = 144.0 if HAS_ZERO else 136.0
+            MAGIC: tl.constexpr = 0x43004300
+        else:
+            SUB: tl.constexpr = 1040.0 if HAS_ZERO else 1032.0
+            MAGIC: tl.constexpr = 0x64006400
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        rows = tl.arange(0, 16)
+        row_mask = rows < M
+        jw = (tl.arange(0, GROUP // 32)[:, None] * 4 + tl.arange(0, 4)[None, :])[None, :, :]  # word (T, c)
+        jk = tl.arange(0, GROUP)
+        m_rows = m_ptr + cols.to(tl.int64)[:, None, None] * (K // 8)
+        w_rows = w_ptr + cols.to(tl.int64)[:, None, None] * (K // 8)
+        s_rows = s_ptr + cols * (K // GROUP)
+        z_rows = z_ptr + cols * (K // GROUP)
+        x_rows = x_ptr + rows[None, :] * x_stride
+        acc = tl.zeros([BLOCK_N, 16], tl.float32)
+        k_begin = pid_k * K_SPLIT
+        for k0 in range(k_begin, k_begin + K_SPLIT, BLOCK_K):
+            for gi in tl.static_range(BLOCK_K // GROUP):
+                kg = k0 + gi * GROUP
+                w_mask = col_mask & (cols * 0 + kg < K)  # a split past K (ragged K) loads nothing
+                # SPARSE24: the kept codes as int16, a lane's two groups (the same index: K / 8 of them a row)
+                words = tl.load(w_rows + kg // 8 + jw, mask=w_mask[:, None, None], other=0)
+                scale = tl.load(s_rows + kg // GROUP, mask=w_mask, other=0.0)
+                bias = tl.full([BLOCK_N, 1, 1], 0, tl.int32)  # unused without zero points
+                if HAS_ZERO and SPARSE24:  # fp32 integer zero points (kernels/quant.py's) -> the same bias
+                    zero = tl.load(z_rows + kg // GROUP, mask=w_mask, other=0.0).to(tl.int32)[:, None, None]
+                    bias = MAGIC + (8 - zero) * 0x00010001
+                elif HAS_ZERO:  # (8 - zero) in both halves (repack_int4): v = code + 8 - zero in 0..127
+                    bias = MAGIC + tl.load(z_rows + kg // GROUP, mask=w_mask, other=0)[:, None, None]
+                xt = tl.load(x_rows + (kg + jk)[:, None], mask=row_mask[None, :] & (kg + jk < K)[:, None],
+                             other=0.0)  # [GROUP, 16]
+                if SPARSE24:  # in the operand's column order: dense (T, c, p, tt, q) -> (T, tt, q, c, p)
+                    xt = tl.reshape(tl.permute(tl.reshape(xt, (GROUP // 32, 4, 2, 2, 2, 16)), (0, 3, 4, 1, 2, 5)),
+                                    (GROUP, 16))
+                    meta = tl.load(m_rows + kg // 8 + jw, mask=w_mask[:, None, None], other=0).to(tl.int32)
+                    fill = tl.full([BLOCK_N, 1, 1], 0x08080808, tl.int32)  # nibble 8: code 0
+                    if HAS_ZERO:  # nibble 8 + zero = 16 - (8 - zero): the operand's 0 after the bias
+                        fill = (16 - (bias & 0xFF)) * 0x01010101
+                    p0, p1, p2, p3 = _sparse24_pairs(words.to(tl.int32), meta, fill, bias, HAS_ZERO, dtype)
+                    w_op = _pairs_operand(p0, p1, p2, p3, dtype, BLOCK_N, GROUP, BY_HAND)
+                else:
+                    w_op = _operand(words, bias, dtype, BLOCK_N, GROUP, HAS_ZERO, BY_HAND)
+                # the exact code - 8 - zero: one 16-bit subtraction per code (two per register)
+                if BY_HAND:  # the interpreter's dot multiplies 16-bit floats' raw bits: fp32 (exact products)
+                    part = tl.dot(w_op.to(tl.float32) - SUB, xt.to(tl.float32), input_precision="ieee")
+                else:
+                    part = tl.dot(w_op - tl.full([1, 1], SUB, dtype), xt)
+                acc += scale[:, None] * part
+        _finish(acc, pid_n, pid_k, cols, rows, col_mask, row_mask, b_ptr, out_ptr, part_ptr, count_ptr, out_stride,
+                dtype, BLOCK_N, SPLIT_K, HAS_BIAS, BY_HAND)
+
 
 def check_config(config: tuple[int, int, int, int, int], group: int) -> None:
     block_n, block_k, split, num_warps, num_stages = config
@@ -338,19 +399,30 @@ def int4_mma(x: torch.Tensor, weight: Int4MMAWeight, bias: torch.Tensor | None =
     """x [M <= 16, K] (bf16 or fp16) @ W^T (+ bias) with W an Int4MMAWeight, rounded once to x's
     dtype; reference: kernels/quant.py's int4_linear_fast_ref on the unrepacked weight.
     ``config``: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), else int4_mma_config."""
-    m, k = x.shape
-    n = weight.n
+    return launch("int4_mma", x, weight.n, weight.k, weight.group, weight.words, weight.words, weight.scale,
+                  weight.zero_bias, bias, config, workspace, sparse24=False)
+
+
+def launch(what: str, x: torch.Tensor, n: int, k: int, group: int, words: torch.Tensor, meta: torch.Tensor,
+           scale: torch.Tensor, zero: torch.Tensor | None, bias: torch.Tensor | None,
+           config: tuple[int, int, int, int, int] | None, workspace: SplitKWorkspace, sparse24: bool) -> torch.Tensor:
+    """Check x and bias against an [n, k] weight (errors named by ``what``), pick the config, launch
+    _int4_mma_kernel: dense words and ``zero`` the zero bias (repack_int4), or with ``sparse24``
+    kernels/sparse24_mma.py's kept codes as int16, positions ``meta`` as bytes and fp32 ``zero``."""
+    m = x.shape[0]
     if x.dtype not in MMA_DTYPES:
-        raise ValueError(f"int4_mma: x dtype {x.dtype} not supported (bf16, fp16: the MMA operand holds 16-bit floats)")
+        raise ValueError(f"{what}: x dtype {x.dtype} not supported (bf16, fp16: the MMA operand holds 16-bit floats)")
+    if x.dim() != 2:
+        raise ValueError(f"{what}: x {tuple(x.shape)} is not [rows, K]")
     if not 1 <= m <= MAX_M:
-        raise ValueError(f"int4_mma: {m} rows; the kernel takes 1 to {MAX_M}")
-    if k != weight.k:
-        raise ValueError(f"int4_mma: x has {k} inputs, the weight {weight.k}")
-    check_group(k, weight.group)
+        raise ValueError(f"{what}: {m} rows; the kernel takes 1 to {MAX_M}")
+    if x.shape[1] != k:
+        raise ValueError(f"{what}: x has {x.shape[1]} inputs, the weight {k}")
+    check_group(k, group)
     if bias is not None and bias.shape != (n,):
-        raise ValueError(f"int4_mma: bias {tuple(bias.shape)} is not [{n}]")
-    config = config or int4_mma_config(m, n, k, weight.group)
-    check_config(config, weight.group)
+        raise ValueError(f"{what}: bias {tuple(bias.shape)} is not [{n}]")
+    config = config or int4_mma_config(m, n, k, group)
+    check_config(config, group)
     block_n, block_k, split, num_warps, num_stages = config
     k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_split)  # no split left without inputs
@@ -359,12 +431,11 @@ def int4_mma(x: torch.Tensor, weight: Int4MMAWeight, bias: torch.Tensor | None =
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(n, block_n)
     part, count = workspace.get(x.device, tiles * split * 16 * block_n if split > 1 else 1, tiles)
-    by_hand = interpreting()
     _int4_mma_kernel[(tiles, split)](
-        x, weight.words, weight.scale, weight.zero_bias if weight.zero_bias is not None else weight.scale,
-        bias if bias is not None else x, out, part, count, m, x.stride(0), out.stride(0),
-        N=n, K=k, GROUP=weight.group, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, K_SPLIT=k_split,
-        HAS_ZERO=weight.zero_bias is not None, HAS_BIAS=bias is not None, BY_HAND=by_hand,
+        x, words, meta, scale, zero if zero is not None else scale, bias if bias is not None else x, out,
+        part, count, m, x.stride(0), out.stride(0),
+        N=n, K=k, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, K_SPLIT=k_split,
+        HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, BY_HAND=interpreting(), SPARSE24=sparse24,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

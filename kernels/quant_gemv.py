@@ -41,7 +41,9 @@ Three paths, chosen by sparse24_gemv (its `path` names one for benchmarks):
 - "dot" (M > 1, or exact): per K tile, the dense weight's four position slices (position p of
   every group: the kept value there or zero) rebuilt in registers from the kept pairs, rounded
   to x's dtype as the references do (sparse24_int4_linear_ref, sparse24_linear_ref), each
-  multiplied on the tensor cores with x's columns p, p + 4, ... (x padded to 16 rows).
+  multiplied on the tensor cores with x's columns p, p + 4, ... (x padded to 16 rows). For int4
+  codes at 2..16 16-bit rows kernels/sparse24_mma.py reads the same tensors with one MMA a group
+  (the fp32 weight's product); engine/layers/sparse24.py times both.
 
 SASS for sm_90 (experiments/sparse24_sass_count.py, bf16 x, int4 g128, the K loop per thread; K
 11008): "select" 5.3 instructions per dense input (14.2 per byte of kept codes + positions, 10.6

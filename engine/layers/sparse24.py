@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 from kernels import quant as ref
 from kernels.gemv import SMALL_M
+from kernels.int4_mma import MMA_DTYPES
 from kernels.quant_gemv import sparse24_fast_fits, sparse24_gemv, sparse24_gemv_fits
+from kernels.sparse24_mma import Sparse24MMAWeight, sparse24_mma, sparse24_mma_fits, sparse24_mma_weight
 
 from engine.cuda_graphs import gpu_seconds
 from engine.layers.options import ModelOptions
@@ -90,8 +92,10 @@ class Sparse24Linear(CompressedLinear):
     """2:4 sparse: the kept half of each row and its 2-bit positions; the kept values dense
     (`values`) or int4 codes with per-group scales (`packed`, `scale`, `zero`).
 
-    Paths per batch size m: "gemv" (m <= 16, Triton: kernels/quant_gemv.py), "gemv_rows" (int4
-    codes, 2 <= m <= 16, 16-bit x: each row through the M == 1 fast kernel), "cusparselt"
+    Paths per batch size m: "gemv" (m <= 16, Triton: kernels/quant_gemv.py), "mma" (int4 codes,
+    2 <= m <= 16, 16-bit x: kernels/sparse24_mma.py's tensor-core GEMM, the first candidate there:
+    the sparse default), "gemv_rows" (int4 codes, 2 <= m <= 16, 16-bit x: each row through the
+    M == 1 fast kernel), "cusparselt"
     (torch's semi-structured kernels: 16-bit, prefill m, shapes they take, a CUDA device) and
     "dense" (a matmul of the dense weight). ModelOptions.sparse24_path "auto" times the
     candidates on a GPU at first use (outside graph capture: the engine warms up eagerly before
@@ -134,6 +138,11 @@ class Sparse24Linear(CompressedLinear):
             self.register_buffer("values", values.contiguous())
         # The GEMV folds zero points into an exact fp32 constant: integral ones (compressed-tensors' int8)
         self.gemv_zero_ok = zero is None or bool((zero == zero.round()).all())
+        # sparse24_mma (2..16 rows) reads the buffers above as they are: checked once here
+        self.mma_ok = self.quantized and self.use_triton and not self.exact_dequant and \
+            sparse24_mma_fits(dense.shape[1], self.group_size, zero, torch.bfloat16)
+        if self.mma_ok:
+            sparse24_mma_weight(self.packed, self.meta, self.scale, self.zero)
         self.register_buffer("weight", None)  # the dense weight, where a path keeps one
         self.paths: dict[int, str] = {}  # bucket -> path chosen by timing ("auto" on a GPU)
         self.timings: dict[int, dict[str, float]] = {}  # bucket -> path -> seconds behind that choice
@@ -148,6 +157,14 @@ class Sparse24Linear(CompressedLinear):
     @property
     def kept(self) -> torch.Tensor | None:
         return None if self.meta is None else self.packed if self.quantized else self.values
+
+    def mma_weight(self) -> Sparse24MMAWeight | None:
+        """The weight as kernels/sparse24_mma.py reads it (this layer's own buffers, wherever they are:
+        no copy), or None where it does not take the layer (16-bit kept values, a group or zero points
+        it does not take, Triton off, exact_dequant) or only a dense weight is left."""
+        if not self.mma_ok or self.meta is None:
+            return None
+        return Sparse24MMAWeight(self.packed, self.meta, self.scale, self.zero, self.group_size)
 
     def dequantized(self) -> torch.Tensor:
         if self.weight is not None and self.meta is None:
@@ -177,16 +194,22 @@ class Sparse24Linear(CompressedLinear):
         """The paths that can compute m rows of dtype on device, the sparse one first."""
         if self.meta is None:  # only a dense weight left
             return ["dense"]
-        if m <= SMALL_M and self.use_triton and self.gemv_zero_ok and \
-                sparse24_gemv_fits(self.in_features, self.kept, self.group_size):
-            rows = m > 1 and not self.exact_dequant and \
-                sparse24_fast_fits(self.in_features, self.kept, self.group_size, dtype)
-            return ["gemv", "gemv_rows", "dense"] if rows else ["gemv", "dense"]
+        if m <= SMALL_M and self.use_triton:
+            # the tensor-core GEMM first at 2..16 16-bit rows of int4 codes (the sparse default there)
+            mma = ["mma"] if m > 1 and dtype in MMA_DTYPES and self.mma_weight() is not None else []
+            if self.gemv_zero_ok and sparse24_gemv_fits(self.in_features, self.kept, self.group_size):
+                rows = m > 1 and not self.exact_dequant and \
+                    sparse24_fast_fits(self.in_features, self.kept, self.group_size, dtype)
+                return mma + (["gemv", "gemv_rows", "dense"] if rows else ["gemv", "dense"])
+            if mma:
+                return mma + ["dense"]
         if device.type == "cuda" and semi_structured_fits(self.out_features, self.in_features, dtype, m):
             return ["cusparselt", "dense"]
         return ["dense"]
 
     def run_path(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        if path == "mma":
+            return sparse24_mma(x, self.mma_weight(), self.bias)
         if path in ("gemv", "gemv_rows"):
             return sparse24_gemv(x, self.kept, self.meta, self.scale if self.quantized else None,
                                  self.zero if self.quantized else None, self.bias, exact=self.exact_dequant,

@@ -278,7 +278,8 @@ def test_triton_engine_fuses_sparse24_int4_decode_at_one_row(artifacts, monkeypa
     """fp16 2:4 + int4 modules on the Triton path (interpreted): the model settles on the fused
     decode (what eval.bench.quant records as fused_decode) for batch 1 only; a one-row decode step
     runs the fused 2:4 kernels (qkv with rotary + KV store, o_proj and down with the residual add,
-    gate_up with the norm and SwiGLU), a two-row one the unfused 2:4 GEMV, and the greedy tokens
+    gate_up with the norm and SwiGLU), a two-row one the unfused tensor-core 2:4 GEMM (sparse24_mma:
+    Sparse24Linear's first candidate at 2..16 rows, off a GPU the one taken), and the greedy tokens
     equal transformers' (fp32) on the same artifact."""
     import engine.layers.sparse24 as sparse24
     import kernels.quant_gemv as qg
@@ -290,7 +291,8 @@ def test_triton_engine_fuses_sparse24_int4_decode_at_one_row(artifacts, monkeypa
     model.load_weights(str(path), keep_compressed=True)
     assert model.model.fusable and model.model.fused_rows == 1
     calls = []
-    for module, name in ((qg, "sparse24_gemv_fused"), (qg, "sparse24_gemv_rope_store"), (sparse24, "sparse24_gemv")):
+    for module, name in ((qg, "sparse24_gemv_fused"), (qg, "sparse24_gemv_rope_store"), (sparse24, "sparse24_gemv"),
+                         (sparse24, "sparse24_mma")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda x, *a, _real=real, _name=name, **kw: (
             calls.append((_name, x.shape[0], kw.get("swiglu", False), kw.get("residual") is not None)),
@@ -298,7 +300,7 @@ def test_triton_engine_fuses_sparse24_int4_decode_at_one_row(artifacts, monkeypa
     ref = reference(path, "sparse24_int4")
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     assert [o.token_ids for o in llm.generate(PROMPTS[:1], params)] == greedy(ref, PROMPTS[:1], 3)
-    fused = [c for c in calls if c[0] != "sparse24_gemv"]
+    fused = [c for c in calls if c[0] not in ("sparse24_gemv", "sparse24_mma")]
     layers = model.config.num_hidden_layers
     # two one-row decode steps: per layer one rope_store launch, gate_up (SwiGLU) and two residual adds
     assert sorted(fused) == sorted(2 * layers * [("sparse24_gemv_rope_store", 1, False, False),
@@ -308,8 +310,8 @@ def test_triton_engine_fuses_sparse24_int4_decode_at_one_row(artifacts, monkeypa
     calls.clear()
     assert [o.token_ids for o in llm.generate(PROMPTS[:2], SamplingParams(
         temperature=0.0, max_tokens=2, ignore_eos=True))] == greedy(ref, PROMPTS[:2], 2)
-    assert ("sparse24_gemv", 2, False, False) in calls
-    assert not [c for c in calls if c[0] != "sparse24_gemv" and c[1] != 1]
+    assert ("sparse24_mma", 2, False, False) in calls
+    assert not [c for c in calls if c[0] not in ("sparse24_gemv", "sparse24_mma") and c[1] != 1]
 
 
 @pytest.mark.gpu

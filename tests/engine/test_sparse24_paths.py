@@ -373,7 +373,7 @@ def test_int4_decode_batches_also_time_the_fast_kernel_row_by_row(monkeypatch):
     the fp32 weight's product per row. Not for 16-bit kept values, fp32 rows, exact_dequant."""
     module = layer("int4")
     assert module.candidates(1, torch.bfloat16, CPU) == ["gemv", "dense"]
-    assert module.candidates(4, torch.bfloat16, CPU) == ["gemv", "gemv_rows", "dense"]
+    assert module.candidates(4, torch.bfloat16, CPU) == ["mma", "gemv", "gemv_rows", "dense"]
     assert module.candidates(4, torch.float32, CPU) == ["gemv", "dense"]
     assert layer("bf16").candidates(4, torch.bfloat16, CPU) == ["gemv", "dense"]
     exact = Sparse24Linear(module.dequantized(), codes=torch.randint(-8, 8, (48, 128), dtype=torch.int8),
@@ -456,3 +456,45 @@ def test_fused_decode_reads_int4_layers_on_their_fast_gemv_only():
     assert fused_decode_rows([dense, int4], torch.float16) == 1
     assert fused_decode_rows([dense, int4], torch.float32) == 0
     assert fused_decode_rows([dense, layer("bf16")], torch.bfloat16) == 0
+
+
+def test_int4_decode_batches_take_the_tensor_core_gemm_first(monkeypatch):
+    """16-bit rows on int4 codes at 2-16 rows: kernels/sparse24_mma.py's tensor-core GEMM ("mma") is
+    the first candidate (what "sparse", and a device without timing, take), timed beside the others
+    and taken where faster; it computes the fp32 weight's product. Not at one row (the fused fast
+    GEMV's), for fp32 rows, 16-bit kept values, exact_dequant, or zero points outside int4's range;
+    a layer left with only a dense weight has none."""
+    module = layer("int4")
+    assert module.candidates(1, torch.bfloat16, CPU) == ["gemv", "dense"]
+    for m in (2, 9, 16):
+        assert module.candidates(m, torch.float16, CPU)[0] == "mma"
+    assert "mma" not in module.candidates(4, torch.float32, CPU)
+    assert "mma" not in layer("bf16").candidates(4, torch.bfloat16, CPU)
+    assert "mma" not in layer("int4", exact_dequant=True).candidates(4, torch.bfloat16, CPU)
+    codes = torch.randint(-8, 8, (16, 64), dtype=torch.int8)
+    scale, far = torch.rand(16, 2) + 0.1, torch.full((16, 2), 9.0)  # integral (the GEMV takes it), not int4's
+    wide = Sparse24Linear(_pruned(ref.dequantize_grouped(codes, scale, far)), codes=codes, scale=scale, zero=far,
+                          options=ModelOptions(use_triton=True))
+    assert wide.candidates(4, torch.bfloat16, CPU) == ["gemv", "gemv_rows", "dense"]
+    module.bias.data = module.bias.data.bfloat16()
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(6)).bfloat16()
+    want = ref.fp32_weight_linear_ref(x, module.dequantized(), module.bias)
+    torch.testing.assert_close(module.run_path("mma", x), want, rtol=1e-2, atol=1e-2)
+    calls = []
+    real = sparse24.sparse24_mma
+    monkeypatch.setattr(sparse24, "sparse24_mma", lambda *a, **kw: (calls.append(a[0].shape[0]), real(*a, **kw))[1])
+    torch.testing.assert_close(module(x), want, rtol=1e-2, atol=1e-2)  # off a GPU: the first candidate
+    assert calls == [5]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert layer("int4", path="sparse").choose(3, torch.bfloat16, CUDA) == "mma"
+    timed = []
+    module.run_path = lambda path, x: torch.zeros(x.shape[0], 48, dtype=x.dtype)  # timing only: nothing to run
+    monkeypatch.setattr(sparse24, "gpu_seconds",
+                        lambda run: (timed.append(run.args[0]), 1.0 if run.args[0] == "mma" else 2.0)[1])
+    module.time_paths(torch.bfloat16, CPU)
+    assert module.paths == {1: "gemv", 2: "mma", 4: "mma", 8: "mma", 16: "mma"}
+    assert timed.count("mma") == 4 * sparse24.TIMING_REPS
+    del module.run_path
+    module.keep_dense_only(torch.bfloat16, CPU)
+    assert module.mma_weight() is None
+    assert module.candidates(4, torch.bfloat16, CPU) == ["dense"]

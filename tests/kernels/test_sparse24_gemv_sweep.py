@@ -24,6 +24,7 @@ def test_sweep_flow_on_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(sweep, "SELECT_CANDIDATES", [(8, 64, 4)])
     monkeypatch.setattr(sweep, "DOT_CANDIDATES", [(16, 64, 4)])
     monkeypatch.setattr(sweep, "FAST_CANDIDATES", [(4, 128, 4)])
+    monkeypatch.setattr(sweep, "MMA_CANDIDATES", [(16, 128, 4, 1)])
     monkeypatch.setattr(sweep, "graph_seconds", one_run_seconds)
     monkeypatch.setattr(sweep, "copy_ceiling_tbps", lambda: 1.0)
     out = tmp_path / "sweep.jsonl"
@@ -38,17 +39,23 @@ def test_sweep_flow_on_cpu(monkeypatch, tmp_path):
             got = {(r["format"], r["path"]) for r in measures if r["shape"] == shape and r["M"] == m}
             path = "select" if m == 1 else "dot"
             assert {("dense_bf16", "cublas"), ("int4_g128", "gemv_int4"), ("int4_g128", "tinygemm"),
-                    ("sparse24_bf16", path), ("sparse24_int4_g128", path)} <= got, (shape, m, got)
+                    ("int4_g128", "int4_mma"), ("sparse24_bf16", path), ("sparse24_int4_g128", path),
+                    ("sparse24_int4_g128", "mma")} <= got, (shape, m, got)
+            # the tensor-core 2:4 GEMM at every M: its heuristic tile and one candidate, both timed
+            mma = [r for r in measures if r["shape"] == shape and r["M"] == m and r["path"] == "mma"]
+            assert len(mma) == 2 and all(r["GBps"] > 0 for r in mma), mma
+            if m > 1:  # the fast kernel once a row, beside the dot path
+                assert ("sparse24_int4_g128", "fast_rows") in got
             if m == 1:  # the old and the new M == 1 int4 paths, each at its default and one candidate tile
                 fast = [r for r in measures if r["shape"] == shape and r["M"] == m and r["path"] == "fast"]
                 assert len(fast) == 2 and all(r["format"] == "sparse24_int4_g128" and r["GBps"] > 0 for r in fast)
             configs = [r for r in measures if r["shape"] == shape and r["M"] == m and r["format"] == "sparse24_bf16"]
             assert len(configs) == 2 and all(r["GBps"] > 0 and r["of_copy_ceiling"] > 0 for r in configs)
-    # per shape: M == 1 bf16 select, int4 select and fast; M == 3 bf16 and int4 dot
-    assert len([r for r in recs if r["kind"] == "best"]) == 2 * 5
+    # per shape: M == 1 bf16 select, int4 select, fast and mma; M == 3 bf16 and int4 dot, int4 fast_rows and mma
+    assert len([r for r in recs if r["kind"] == "best"]) == 2 * 8
     suggest = {(r["format"], r["path"]): r["config"] for r in recs if r["kind"] == "suggest"}
     assert set(suggest) == {(f, p) for f in ("sparse24_bf16", "sparse24_int4_g128") for p in ("select", "dot")} | \
-        {("sparse24_int4_g128", "fast")}
+        {("sparse24_int4_g128", p) for p in ("fast", "fast_rows", "mma")}
     assert recs[0]["kind"] == "ceiling" and recs[-1]["kind"] == "done"
 
 
@@ -69,5 +76,6 @@ def test_dry_run_on_cpu(tmp_path):
     got = {(r["format"], r["path"], r["shape"]) for r in measures}
     for shape in sweep.DRY_SHAPES:
         assert {("sparse24_int4_g128", "select", shape), ("sparse24_int4_g128", "fast", shape),
-                ("int4_g128", "gemv_int4", shape), ("dense_bf16", "cublas", shape)} <= got, got
+                ("sparse24_int4_g128", "mma", shape), ("int4_g128", "gemv_int4", shape),
+                ("int4_g128", "int4_mma", shape), ("dense_bf16", "cublas", shape)} <= got, got
     assert recs[0]["kind"] == "ceiling" and recs[-1]["kind"] == "done"
