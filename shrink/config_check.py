@@ -61,6 +61,10 @@ def check_config(cfg: DictConfig) -> None:
     seed, block_size = int(cfg.seed), int(cfg.data.block_size)
     with config_section("distill"):
         TrainConfig.from_cfg(cfg.distill, seed=seed, block_size=block_size)
+        if cfg.distill.get("medusa") is not None:
+            from shrink.medusa_distill import MedusaSettings
+
+            MedusaSettings.from_cfg(cfg.distill.medusa)
     with config_section("gqa"):
         _check_types(cfg.gqa, GQA)
     from shrink.stages.gqa import train_config
