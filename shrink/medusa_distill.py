@@ -16,7 +16,6 @@ the settings), for `LLM(teacher, speculative_config={"method": "medusa", "model"
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from common.errors import SettingError, ShrinkError
+from common.errors import SettingError, ShrinkError, config_section
 from common.medusa import MedusaHeads, save_heads
 from shrink.artifacts import Artifact, write_artifact
 from shrink.modeling import load_model, load_tokenizer, num_parameters, resolve_dtype
@@ -78,6 +77,20 @@ def split_samples(samples: list[list[int]], val_fraction: float) -> tuple[list[l
     return samples[:n_val], samples[n_val:]
 
 
+def save_medusa_artifact(dest: Path, heads: MedusaHeads, tokenizer: Any, *, dtype: torch.dtype = torch.float32,
+                         config: dict | None = None, inputs: list[Artifact] | None = None,
+                         metrics: dict | None = None, started: float | None = None) -> Artifact:
+    """The heads (a copy cast to `dtype`, on the CPU) as common/medusa.py's directory, the teacher's tokenizer
+    files beside them, and shrink.json (config, inputs, metrics), written atomically."""
+
+    def save(tmp: Path) -> None:
+        save_heads(copy.deepcopy(heads).to("cpu", dtype), tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return write_artifact(dest, stage="distill", save=save, config=config, inputs=inputs, metrics=metrics,
+                          started=started)
+
+
 def distill_medusa(teacher_art: Artifact, settings: MedusaSettings, data: Any, tc: TrainConfig, *, dest: Path,
                    log_path: Path, device: torch.device, data_dir: Path | None = None, cache_dir: Path | None = None,
                    teacher_data: TeacherDataSettings | None = None, save_dtype: str = "fp32",
@@ -86,7 +99,8 @@ def distill_medusa(teacher_art: Artifact, settings: MedusaSettings, data: Any, t
     group of LM text (its prompts for the teacher's samples, or the text itself without teacher_data)."""
     started = time.time()
     block_size = int(data.block_size)
-    check_head_config(tc, settings.num_heads, block_size)  # before any work
+    with config_section("distill"):
+        check_head_config(tc, settings.num_heads, block_size)  # before any work (the CLI checked it already)
     dtype = resolve_dtype(save_dtype)
     teacher = load_model(teacher_art, dtype="fp32", device=device)
     tokenizer = load_tokenizer(teacher_art)
@@ -97,12 +111,13 @@ def distill_medusa(teacher_art: Artifact, settings: MedusaSettings, data: Any, t
             raise ShrinkError("data.teacher_generated needs a cache directory (cache_dir=)")
         samples, info = teacher_generated_blocks(teacher_data, teacher_art, tokenizer, packed.train, cache_dir,
                                                  str(device))
-        held_out, kept = split_samples(samples, settings.val_fraction)
+        with config_section("distill"):
+            held_out, kept = split_samples(samples, settings.val_fraction)
         val = pack(held_out, block_size, tokenizer.eos_token_id)
         if val.shape[0] == 0:
-            raise SettingError("medusa.val_fraction", f"the {len(held_out)} held-out teacher samples fill no block "
-                               f"of data.block_size={block_size} tokens: raise it or "
-                               "data.teacher_generated.num_samples", sep=" ")
+            raise ShrinkError(f"distill.medusa.val_fraction: the {len(held_out)} held-out teacher samples fill no "
+                              f"block of data.block_size={block_size} tokens: raise it or "
+                              "data.teacher_generated.num_samples")
         train = mix_generated(train, kept, teacher_data.ratio, tokenizer.eos_token_id, teacher_data.seed)
         source = f"{source} + teacher-generated ({teacher_data.ratio:.0%} of blocks)"
         val_source = f"{len(held_out)} held-out teacher samples"
@@ -114,12 +129,8 @@ def distill_medusa(teacher_art: Artifact, settings: MedusaSettings, data: Any, t
                "val_source": val_source, "train_examples": int(train.shape[0]), "val_examples": int(val.shape[0]),
                "save_dtype": str(dtype).removeprefix("torch."), **info}
 
-    def save(tmp: Path) -> None:
-        save_heads(copy.deepcopy(heads).to("cpu", dtype), tmp)
-        tokenizer.save_pretrained(tmp)
-
-    art = write_artifact(dest, stage="distill", save=save, config=config, inputs=[teacher_art], metrics=metrics,
-                         started=started)
+    art = save_medusa_artifact(dest, heads, tokenizer, dtype=dtype, config=config, inputs=[teacher_art],
+                               metrics=metrics, started=started)
     print(f"distill: Medusa heads ({settings.num_heads} x {settings.num_layers} blocks) at {dest}; "
           f"metrics in {dest / 'shrink.json'}", flush=True)
     return art
@@ -127,7 +138,6 @@ def distill_medusa(teacher_art: Artifact, settings: MedusaSettings, data: Any, t
 
 def run_medusa(cfg: Any, ctx: Any, tc: TrainConfig) -> Artifact:
     """The distill stage's branch for a `distill.medusa` mapping (conf/distill/medusa.yaml)."""
-    from common.errors import config_section
     from shrink.stages.distill import CKPT_DIR
 
     with config_section("distill"):
@@ -135,7 +145,6 @@ def run_medusa(cfg: Any, ctx: Any, tc: TrainConfig) -> Artifact:
         if cfg.distill.get("token_frequencies"):
             raise SettingError("token_frequencies", "counts a draft model's vocabulary; Medusa heads draft over "
                                "the target's own LM head: leave it false", sep=" ")
-        check_head_config(tc, settings.num_heads, int(cfg.data.block_size))
     if cfg.data.get("task"):
         raise ShrinkError("distill.medusa trains on LM text (the teacher's samples), not on data.task")
     if bool(cfg.resume):
@@ -148,12 +157,3 @@ def run_medusa(cfg: Any, ctx: Any, tc: TrainConfig) -> Artifact:
                           log_path=ckpt.parent / f"{ckpt.name}.{LOG_FILE}", device=ctx.device, data_dir=ctx.data_dir,
                           cache_dir=ctx.cache_dir, teacher_data=teacher_data, save_dtype=str(cfg.distill.save_dtype),
                           config=ctx.resolved_config("distill", "data"))
-
-
-def medusa_summary(meta_path: Path) -> dict:
-    """The validation of a Medusa artifact's shrink.json: per-head agreement and mean accepted length at each
-    k, trained and untrained (for experiments/medusa_bench.py and the report)."""
-    m = json.loads(Path(meta_path).read_text())["metrics"]
-    keys = ("head_agreement", "mean_accepted_length", "init_head_agreement", "init_mean_accepted_length",
-            "val_loss", "init_val_loss", "val_positions")
-    return {k: m.get(k) for k in keys}
