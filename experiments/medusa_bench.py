@@ -10,7 +10,7 @@ a greedy verify of them would accept, from the stage's validation on held-out te
    stage=distill distill=medusa` trains `--num-heads` heads of `--num-layers` blocks for `--tokens` tokens on
    the teacher's samples, the drafter bench's (experiments/drafter_bench.py: half corpus continuations, half
    GSM8K train answers, generated once with the engine at temperature 1 and cached by lineage, so both
-   benches and both losses train on the same text), 5% of them held out;
+   benches and both losses train on the same text), a seeded 5% of them held out;
 3. one JSON line per run (`medusa_train`): per head, top-1 agreement with the teacher's argmax at its
    position, and the mean accepted length of a greedy verify at k = 1..num_heads (the target's token plus
    the leading heads that agree), untrained (`init_*`: zero heads are the LM head, predicting token t + 1)

@@ -68,13 +68,17 @@ class MedusaSettings:
         return s
 
 
-def split_samples(samples: list[list[int]], val_fraction: float) -> tuple[list[list[int]], list[list[int]]]:
-    """(held-out, training) teacher samples: the first `val_fraction` share (at least one) is held out."""
+def split_samples(samples: list[list[int]], val_fraction: float, seed: int = 0
+                  ) -> tuple[list[list[int]], list[list[int]]]:
+    """(held-out, training) teacher samples: a seeded `val_fraction` share (at least one) is held out, drawn
+    over the whole list (its corpus continuations come first and its instruction answers last), each part
+    in its original order."""
     n_val = max(1, round(len(samples) * val_fraction))
     if n_val >= len(samples):
         raise SettingError("medusa.val_fraction", f"holds out {n_val} of {len(samples)} teacher samples, leaving "
                            "none to train on: raise data.teacher_generated.num_samples", sep=" ")
-    return samples[:n_val], samples[n_val:]
+    held = set(torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))[:n_val].tolist())
+    return ([s for i, s in enumerate(samples) if i in held], [s for i, s in enumerate(samples) if i not in held])
 
 
 def save_medusa_artifact(dest: Path, heads: MedusaHeads, tokenizer: Any, *, dtype: torch.dtype = torch.float32,
@@ -112,7 +116,7 @@ def distill_medusa(teacher_art: Artifact, settings: MedusaSettings, data: Any, t
         samples, info = teacher_generated_blocks(teacher_data, teacher_art, tokenizer, packed.train, cache_dir,
                                                  str(device))
         with config_section("distill"):
-            held_out, kept = split_samples(samples, settings.val_fraction)
+            held_out, kept = split_samples(samples, settings.val_fraction, teacher_data.seed)
         val = pack(held_out, block_size, tokenizer.eos_token_id)
         if val.shape[0] == 0:
             raise ShrinkError(f"distill.medusa.val_fraction: the {len(held_out)} held-out teacher samples fill no "

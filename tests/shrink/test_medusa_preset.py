@@ -110,9 +110,14 @@ def test_bad_settings_name_the_key(raw, message):
         MedusaSettings.from_cfg(raw)
 
 
-def test_too_few_samples_to_hold_out():
-    held, kept = split_samples([[1]] * 10, 0.05)
-    assert len(held) == 1 and len(kept) == 9
+def test_held_out_samples_are_drawn_over_the_whole_list_and_too_few_is_named():
+    samples = [[i] for i in range(100)]  # continuations first, instruction answers last
+    held, kept = split_samples(samples, 0.1, seed=3)
+    assert len(held) == 10 and len(kept) == 90 and sorted(held + kept) == samples
+    assert held == sorted(held) and kept == sorted(kept)  # each part in its order
+    assert min(held)[0] < 50 <= max(held)[0]  # from both halves
+    assert split_samples(samples, 0.1, seed=3) == (held, kept) != split_samples(samples, 0.1, seed=4)
+    assert len(split_samples([[1]] * 10, 0.05)[0]) == 1  # at least one
     with pytest.raises(ShrinkError, match="holds out 2 of 2 teacher samples"), config_section("distill"):
         split_samples([[1], [2]], 0.9)
 
