@@ -55,9 +55,8 @@ def check_head_config(tc: TrainConfig, num_heads: int, block_size: int) -> None:
             raise SettingError(key, f"does not apply to Medusa heads (got {value!r}): they train on a frozen "
                                     "teacher's final hidden states; leave it at its default", sep=" ")
     if block_size < num_heads + 2:
-        raise SettingError("medusa.num_heads", f"{num_heads} heads need blocks of at least num_heads + 2 = "
-                           f"{num_heads + 2} tokens (head i predicts token t + 2 + i); data.block_size is "
-                           f"{block_size}", sep=" ")
+        raise SettingError("medusa.num_heads", f"{num_heads} needs data.block_size >= num_heads + 2 = "
+                           f"{num_heads + 2} (head i predicts token t + 2 + i), got {block_size}", sep="=")
 
 
 def head_rows(features: torch.Tensor, head_out: torch.Tensor, input_ids: torch.Tensor, i: int

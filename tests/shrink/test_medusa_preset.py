@@ -124,7 +124,7 @@ def test_held_out_samples_are_drawn_over_the_whole_list_and_too_few_is_named():
 
 @pytest.mark.parametrize("override, message", [
     ("distill.medusa.num_heads=0", "distill.medusa.num_heads must be >= 1, got 0"),
-    ("data.block_size=5", "distill.medusa.num_heads 4 heads need blocks of at least num_heads + 2 = 6"),
+    ("data.block_size=5", "distill.medusa.num_heads=4 needs data.block_size >= num_heads + 2 = 6"),
     ("distill.lmbda=0.5", "distill.lmbda does not apply to Medusa heads"),
 ])
 def test_bad_settings_through_the_cli_are_one_line(tiny_teacher, tmp_path, override, message):

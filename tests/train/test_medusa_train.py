@@ -106,7 +106,7 @@ def test_nothing_past_the_block_counts():
 def test_block_too_short_for_the_heads_is_named():
     tc = TrainConfig()
     check_head_config(tc, 4, 6)
-    with pytest.raises(SettingError, match=r"medusa.num_heads 4 heads need blocks of at least num_heads \+ 2 = 6"):
+    with pytest.raises(SettingError, match=r"medusa.num_heads=4 needs data.block_size >= num_heads \+ 2 = 6 \(head i predicts token t \+ 2 \+ i\), got 5"):
         check_head_config(tc, 4, 5)
     with pytest.raises(SettingError, match="lmbda does not apply to Medusa heads"):
         check_head_config(TrainConfig(lmbda=0.5), 2, 64)
