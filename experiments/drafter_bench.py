@@ -154,9 +154,20 @@ def teacher_artifact(args) -> Path:
 
 
 def distill_overrides(args, teacher: Path, run: Path, loss: str, keep: str | None) -> list[str]:
+    over = teacher_data_overrides(args, teacher, run, LOSS_PRESETS[loss])
+    if keep is not None:
+        over.append(f"student.keep_layers={keep}")
+        if keep.startswith("importance:"):
+            over += [f"student.importance={args.importance}", "student.calib_blocks=4"]
+    return over + list(args.overrides)
+
+
+def teacher_data_overrides(args, teacher: Path, run: Path, preset: str) -> list[str]:
+    """`stage=distill distill=<preset>` at the bench's budget on the teacher's samples (half corpus
+    continuations, half GSM8K train answers), shared with experiments/medusa_bench.py."""
     gsm8k_train = Path(args.data_dir) / "reasoning" / "gsm8k" / "train.jsonl"
     over = [
-        "stage=distill", f"distill={LOSS_PRESETS[loss]}", f"input={teacher}", f"run={run}", "logging=none",
+        "stage=distill", f"distill={preset}", f"input={teacher}", f"run={run}", "logging=none",
         f"device={args.device}", f"data_dir={args.data_dir}", f"distill.tokens={args.tokens}",
         f"distill.batch_size={args.batch_size}", f"data.block_size={args.block_size}",
         "data.max_docs=2000",  # the corpus only gives the prompts' prefixes and the block count here
@@ -169,14 +180,10 @@ def distill_overrides(args, teacher: Path, run: Path, loss: str, keep: str | Non
                  "data.teacher_generated.instruction_fraction=0.5"]
     if args.cache_dir:
         over.append(f"cache_dir={args.cache_dir}")
-    if keep is not None:
-        over.append(f"student.keep_layers={keep}")
-        if keep.startswith("importance:"):
-            over += [f"student.importance={args.importance}", "student.calib_blocks=4"]
     if args.smoke:
         over += ["data.max_docs=30", "data.teacher_generated.prefix_tokens=8", "distill.warmup_steps=1",
                  "distill.val_batches=1", "distill.chunk_size=64", "gates.context=32", "gates.windows=1"]
-    return over + list(args.overrides)
+    return over
 
 
 def train_drafters(args, teacher: Path) -> dict[str, dict[str, Any]]:

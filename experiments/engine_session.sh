@@ -17,6 +17,8 @@
 #   experiments/engine_session.sh evalref      # right after `pipeline`: its eval=gpu reference run (issue 15)
 #   experiments/engine_session.sh drafter      # after `stash`, carry .gpu/t/p01 p02: drafters TVD vs CE, 2:4 rows, sampler test
 #   experiments/engine_session.sh spec8        # after `stash`, carry .gpu/t/p01 p02 .gpu/vocab: batch invariance, auto k, draft vocab
+#   experiments/engine_session.sh medusa       # after `stash` (+ `stash2`, or carry .gpu/t/p01 p02): Medusa heads at a real
+#                                              # budget, per-head agreement and mean accepted length (issue 14)
 #   experiments/engine_session.sh kernels      # carry .gpu/wheels: GPU tests of the multi-query verify, 2:4 and
 #                                              # tinygemm paths; verify cost; the 2:4 quant rows
 #   experiments/engine_session.sh tp           # nvidia-h200-x2, carry .gpu/wheels: GPU links, the two-GPU tests,
@@ -135,6 +137,13 @@ case "${1:?verb}" in
     timeout ${QUANT_S:-150} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_24.jsonl" --batch 1 16 \
       --only bf16 sparse24 sparse24_int4_g128 int4_g128@auto --prefill-tokens 1024 4080 > "$OUTDIR/quant_24.log" 2>&1
     grep -v Warn "$OUTDIR/quant_24.log" | tail -n 10;;
+  medusa)  # after `stash` (+ `stash2`, or carry .gpu/t/p01 p02): `distill=medusa` heads on the teacher's samples at
+          # MEDUSA_ARGS (default: the preset's 4 M tokens, TVD; e.g. "--losses tvd,forward_kl"), their validation
+          # (per-head agreement, mean accepted length at k = 1..4) in medusa.jsonl; ~2 min per loss (the docstring)
+    assemble
+    timeout ${MEDUSA_S:-420} python3 experiments/medusa_bench.py --teacher "$H/t/smol.gguf" --data-dir "$H/data" \
+      --out "$H/medusa" --cache-dir "$H/cache" --json "$OUTDIR/medusa.jsonl" ${MEDUSA_ARGS:-} > "$OUTDIR/medusa.log" 2>&1
+    grep -v Warn "$OUTDIR/medusa.log" | tail -n 8 | cut -c1-400;;
   spec8)  # after `stash`, carry .gpu/t/p01 p02 .gpu/vocab: the eighth session's speculative features on the GPU:
           # batch-invariant mode (tests, cost, bf16 speculative == plain on the real teacher), the auto k policy,
           # the draft vocabulary

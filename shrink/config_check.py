@@ -60,7 +60,12 @@ def check_config(cfg: DictConfig) -> None:
     HarnessSettings.from_dict(OmegaConf.to_container(cfg.eval, resolve=True))
     seed, block_size = int(cfg.seed), int(cfg.data.block_size)
     with config_section("distill"):
-        TrainConfig.from_cfg(cfg.distill, seed=seed, block_size=block_size)
+        tc = TrainConfig.from_cfg(cfg.distill, seed=seed, block_size=block_size)
+        if cfg.distill.get("medusa") is not None:
+            from shrink.medusa_distill import MedusaSettings
+            from train.medusa import check_head_config
+
+            check_head_config(tc, MedusaSettings.from_cfg(cfg.distill.medusa).num_heads, block_size)
     with config_section("gqa"):
         _check_types(cfg.gqa, GQA)
     from shrink.stages.gqa import train_config

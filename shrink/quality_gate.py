@@ -109,6 +109,14 @@ def gate_stage(cfg: DictConfig, stage: str, source: Artifact, output: Artifact,
     settings = GateSettings.from_cfg(cfg)
     if not settings.enabled or stage not in GATED_STAGES:
         return None
+    from common.medusa import is_medusa_dir
+
+    if is_medusa_dir(output.path):  # heads have no perplexity of their own: their validation is in metrics
+        record = {"skipped": "Medusa heads: no perplexity to gate; see metrics.head_agreement and "
+                             "metrics.mean_accepted_length", "passed": True, "reverted": False}
+        record_metrics(output, METRIC_KEY, record)
+        print(f"quality gate: {stage} skipped (Medusa heads, validated by agreement instead)", flush=True)
+        return record
     from shrink.modeling import load_tokenizer
 
     ids = heldout_ids(cfg, load_tokenizer(output), settings)

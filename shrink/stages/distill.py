@@ -388,6 +388,10 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
     with config_section("distill"):
         tc = TrainConfig.from_cfg(cfg.distill, seed=int(cfg.seed), block_size=block_size)
         sampler = check_sampler(cfg.distill.get("sampler", "auto"))
+    if cfg.distill.get("medusa") is not None:  # distill=medusa: heads on the frozen teacher, no student
+        from shrink.medusa_distill import run_medusa
+
+        return run_medusa(cfg, ctx, tc)
     config = ctx.resolved_config("distill", "student", "data")
     token_frequencies = cfg.distill.get("token_frequencies", False)
     if not isinstance(token_frequencies, bool):

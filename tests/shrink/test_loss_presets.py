@@ -17,6 +17,7 @@ DECLARED = {
     "rationale": {"ce": 1.0},
     "drafter": {"tvd": 1.0},
     "drafter_ce": {"ce": 1.0},
+    "medusa": {"tvd": 1.0},
 }
 
 
@@ -59,3 +60,4 @@ def test_a_preset_terms_still_take_an_added_term_from_the_command_line():
 def test_selecting_a_loss_set_replaces_the_preset_terms():
     assert active_terms(compose(["distill/losses=ce"]).distill) == {"ce": 1.0}
     assert active_terms(compose(["distill=drafter", "distill/losses=kd"]).distill) == DECLARED["default"]
+    assert active_terms(compose(["distill=medusa", "distill/losses=forward_kl"]).distill) == {"forward_kl": 1.0}

@@ -145,3 +145,22 @@ def test_warn_keeps_an_over_budget_stage_in_the_chain(tmp_path, tiny_teacher):
     measure, _ = fake_measure({"distill": 10.0, "gqa": 46.8})
     record = gate_stage(cfg, "gqa", src, out, measure=measure)
     assert record["passed"] is False and record["reverted"] is False and not Artifact.load(out.path).reverted
+
+
+def test_medusa_heads_are_recorded_as_skipped_not_measured(tmp_path, tiny_teacher, capsys):
+    """Heads (distill=medusa) have no perplexity: the gate records a skip, measures nothing, even with
+    gates.action=stop and a budget, and leaves the model files alone."""
+    from common.medusa import MedusaHeads
+    from shrink.medusa_distill import save_medusa_artifact
+    from shrink.modeling import load_tokenizer
+
+    cfg = gate_cfg(tmp_path, "gates.action=stop", "gates.max_ppl_ratio.distill=1.1")
+    out = save_medusa_artifact(tmp_path / "distill", MedusaHeads(64, 320, 2), load_tokenizer(tiny_teacher))
+    measure, calls = fake_measure({})
+    record = gate_stage(cfg, "distill", Artifact.load(tiny_teacher), out, measure=measure)
+    assert calls == [] and record["passed"] is True and record["reverted"] is False
+    on_disk = json.loads((out.path / "shrink.json").read_text())["metrics"][METRIC_KEY]
+    assert on_disk == record and on_disk["skipped"].startswith("Medusa heads")
+    assert not Artifact.load(out.path).reverted
+    assert content_hash(out.path) == Artifact.load(out.path).content_hash
+    assert "quality gate: distill skipped" in capsys.readouterr().out
