@@ -66,6 +66,12 @@ def check_config(cfg: DictConfig) -> None:
             from train.medusa import check_head_config
 
             check_head_config(tc, MedusaSettings.from_cfg(cfg.distill.medusa).num_heads, block_size)
+            stages = [str(n) for n in cfg.stage.get("stages", [])]
+            later = stages[stages.index("distill") + 1 :] if "distill" in stages else []
+            if any(n != "eval" for n in later):
+                raise ShrinkError(f"distill=medusa trains Medusa heads (a drafter for the teacher), not a model the "
+                                  f"pipeline's later stages ({', '.join(n for n in later if n != 'eval')}) can take: "
+                                  f"run it alone, `stage=distill distill=medusa`")
     with config_section("gqa"):
         _check_types(cfg.gqa, GQA)
     from shrink.stages.gqa import train_config

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
 from common.errors import ShrinkError
+from common.medusa import is_medusa_dir
 from eval.accuracy import load_examples
 from eval.engine_run import measure_engine
 from eval.memory import planned_kv_bytes_per_token
@@ -46,6 +47,9 @@ def run_artifacts(run_dir: Path) -> list[Artifact]:
     found = [Artifact.load(p) for p in sorted(run_dir.iterdir())
              if p.is_dir() and not p.name.startswith(".") and (p / META_FILE).is_file()]
     found = [a for a in found if a.stage != "eval" and (a.path / "config.json").is_file()]
+    for a in [a for a in found if is_medusa_dir(a.path)]:  # distill=medusa: a drafter for its teacher
+        print(f"eval: {a.path} holds Medusa heads (a drafter for the teacher), not a model: not evaluated")
+        found.remove(a)
     # Lineage depth first: stages finished within the same second must still sort parent first.
     return sorted(found, key=lambda a: (a.path.name != TEACHER_DIR, len(a.lineage()), a.meta.get("created", ""),
                                         a.path.name))

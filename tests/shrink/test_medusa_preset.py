@@ -135,3 +135,47 @@ def test_bad_settings_through_the_cli_are_one_line(tiny_teacher, tmp_path, overr
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     err = result.stderr.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_the_stages_heads_draft_in_the_engine_and_greedy_output_is_the_teachers(tiny_teacher, tmp_path):
+    """The contract end to end: what `stage=distill distill=medusa` writes is what the engine's
+    `method: medusa` loads (sizes, tokenizer, tensors), it drafts, and greedy output is unchanged."""
+    from support import run_cli
+
+    from engine import LLM, SamplingParams
+
+    run = tmp_path / "run"
+    result = run_cli("stage=distill", "distill=medusa", f"input={tiny_teacher}", f"run={run}",
+                     f"cache_dir={tmp_path / 'cache'}", *TINY_BUDGET)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    prompts = [{"prompt_token_ids": [5 + i, 17, 3 * i + 2, 40, 9][: 3 + i]} for i in range(3)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    plain = [o.token_ids for o in LLM(str(tiny_teacher), device="cpu").generate(prompts, params)]
+    llm = LLM(str(tiny_teacher), device="cpu",
+              speculative_config={"method": "medusa", "model": str(run / "distill"), "num_speculative_tokens": 3})
+    assert [o.token_ids for o in llm.generate(prompts, params)] == plain
+    assert llm.engine.num_spec_steps > 0 and llm.engine.spec_metrics.num_proposed > 0
+
+
+def test_heads_in_a_pipeline_before_model_stages_are_refused_before_any_work(tmp_path):
+    with pytest.raises(ShrinkError, match=r"distill=medusa trains Medusa heads .* \(gqa, prune, quantize\) can take"):
+        compose(["stage=pipeline", "distill=medusa", f"run={tmp_path}"])  # compose checks the config
+    compose(["stage=pipeline", "distill=medusa", f"run={tmp_path}", "stage.stages=[import,distill,eval]"])  # eval skips heads
+    compose(["stage=distill", "distill=medusa", f"run={tmp_path}"])
+
+
+def test_eval_leaves_heads_out_of_the_run_it_evaluates(tiny_teacher, tmp_path):
+    import shutil
+
+    from shrink.stages.evaluate import run_artifacts
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_teacher, run / "teacher")
+    heads = run / "distill"
+    heads.mkdir()
+    from common.medusa import save_heads
+
+    save_heads(MedusaHeads(8, 16, 2), heads)
+    meta = json.loads((run / "teacher" / "shrink.json").read_text())
+    (heads / "shrink.json").write_text(json.dumps({**meta, "stage": "distill", "inputs": []}))
+    assert [a.path.name for a in run_artifacts(run)] == ["teacher"]
