@@ -16,7 +16,7 @@ a greedy verify of them would accept, from the stage's validation on held-out te
    the leading heads that agree), untrained (`init_*`: zero heads are the LM head, predicting token t + 1)
    and trained, with the step's throughput. On sampled text the teacher's argmax at t + 1 + i is
    conditioned on the sampled tokens between, not on greedy ones: the engine's own acceptance counters
-   (`LLM(teacher, speculative_config={"method": "medusa", ...})`, engine/spec_decode/, being built) are the
+   (`LLM(teacher, speculative_config={"method": "medusa", ...})`, engine/spec_decode/medusa.py) are the
    real measure, and the speed-up needs the heads' cost per round measured in the engine.
 
 Estimated GPU time (one H200, not yet run), from BENCHMARKS.md's measured step costs: the 4-layer TVD drafter
