@@ -92,3 +92,27 @@ def fitted_medusa_heads(target: str, dst: str, token_prompts: list[list[int]], n
     os.makedirs(dst, exist_ok=True)
     save_heads(heads, dst)
     return dst
+
+
+def assert_stops_inside_accepted_runs(llm, base: list[list[int]], prompt_ids: list[dict], max_tokens: int,
+                                      cut: int) -> None:
+    """With a drafter whose every draft is accepted (``llm``), the stops land inside accepted runs and
+    cut them there: a stop token (row 0: ``base[0][6]``), a stop string (row 1: what its tokens
+    ``cut``.. start with), ``max_tokens`` 11 (row 2); other rows run to ``max_tokens`` unchanged.
+    ``base``: plain greedy decoding's tokens of ``prompt_ids`` at ``max_tokens``."""
+    from engine import SamplingParams
+
+    def greedy(n: int, **kw) -> SamplingParams:
+        return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, **kw)
+
+    stop_token = base[0][6]
+    text1 = llm.tokenizer.decode(base[1])
+    stop_text = text1[len(llm.tokenizer.decode(base[1][:cut])) :][:2]
+    params = [greedy(max_tokens, stop_token_ids=[stop_token]), greedy(max_tokens, stop=[stop_text]), greedy(11)]
+    out = llm.generate(prompt_ids, params + [greedy(max_tokens)] * (len(base) - 3))
+    assert out[0].token_ids == base[0][: base[0].index(stop_token) + 1] and out[0].stop_reason == stop_token
+    assert out[1].finish_reason == "stop" and out[1].stop_reason == stop_text
+    assert stop_text not in out[1].text and base[1][: len(out[1].token_ids)] == out[1].token_ids
+    assert out[1].text == text1[: text1.find(stop_text)]
+    assert out[2].token_ids == base[2][:11] and out[2].finish_reason == "length"
+    assert [o.token_ids for o in out[3:]] == base[3:]

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from drafts import fitted_medusa_heads, medusa_heads
+from drafts import assert_stops_inside_accepted_runs, fitted_medusa_heads, medusa_heads
 from safetensors.torch import load_file, save_file
 from tiny_models import SMALL_VOCAB, byte_tokenizer, prompts, small_vocab_model
 from token_stats import tv, tv_bound
@@ -118,18 +118,8 @@ def test_stop_token_stop_string_and_max_tokens_inside_an_accepted_run(target, he
     """Heads fitted until every draft is accepted on these prompts: the stops land inside runs."""
     ps = prompts(3, seed=5, lo=4, hi=20)
     base, _ = _run(target, ps, [_greedy(20)] * 3)
-    stop_token = base[0][6]
-    cut0 = base[0].index(stop_token) + 1
     llm = LLM(target, device="cpu", speculative_config=_spec(heads["exact"], k=4))
-    text1 = llm.tokenizer.decode(base[1])
-    stop_text = text1[len(llm.tokenizer.decode(base[1][:7])) :][:2]  # what tokens 7.. start with
-    params = [_greedy(20, stop_token_ids=[stop_token]), _greedy(20, stop=[stop_text]), _greedy(11)]
-    out = llm.generate(_ids(ps), params)
-    assert out[0].token_ids == base[0][:cut0] and out[0].stop_reason == stop_token
-    assert out[1].finish_reason == "stop" and out[1].stop_reason == stop_text
-    assert stop_text not in out[1].text and base[1][: len(out[1].token_ids)] == out[1].token_ids
-    assert out[1].text == text1[: text1.find(stop_text)]
-    assert out[2].token_ids == base[2][:11] and out[2].finish_reason == "length"
+    assert_stops_inside_accepted_runs(llm, base, _ids(ps), 20, cut=7)
     m = llm.engine.spec_metrics
     assert m.acceptance_rate == 1.0 and m.mean_accepted_length > 2
 

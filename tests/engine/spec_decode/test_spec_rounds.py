@@ -7,6 +7,7 @@ caches' blocks all come back."""
 from __future__ import annotations
 
 import pytest
+from drafts import assert_stops_inside_accepted_runs
 from test_spec_engine import MAX_TOKENS, TARGET, _greedy, _ids, _run, drafts, target  # noqa: F401 (fixtures)
 from tiny_models import prompts
 
@@ -46,19 +47,8 @@ def test_stop_token_stop_string_and_max_tokens_inside_a_round(target, drafts):
     the stops land inside rounds, with rounds after them in the same step."""
     ps = prompts(4, seed=5, lo=4, hi=20)
     base, _ = _run(target, ps, [_greedy(30)] * 4)
-    stop_token = base[0][6]
-    cut0 = base[0].index(stop_token) + 1
     llm = LLM(target, device="cpu", block_size=4, speculative_config=_spec(drafts["exact"], 4, k=3))
-    text1 = llm.tokenizer.decode(base[1])
-    stop_text = text1[len(llm.tokenizer.decode(base[1][:9])) :][:2]  # what tokens 9.. start with
-    params = [_greedy(30, stop_token_ids=[stop_token]), _greedy(30, stop=[stop_text]), _greedy(11), _greedy(30)]
-    out = llm.generate(_ids(ps), params)
-    assert out[0].token_ids == base[0][:cut0] and out[0].stop_reason == stop_token
-    assert out[1].finish_reason == "stop" and out[1].stop_reason == stop_text
-    assert stop_text not in out[1].text and base[1][: len(out[1].token_ids)] == out[1].token_ids
-    assert out[1].text == text1[: text1.find(stop_text)]
-    assert out[2].token_ids == base[2][:11] and out[2].finish_reason == "length"
-    assert out[3].token_ids == base[3]
+    assert_stops_inside_accepted_runs(llm, base, _ids(ps), 30, cut=9)
     engine = llm.engine
     m = engine.spec_metrics
     assert engine.spec_worker.rounds.num_steps > 0 and m.acceptance_rate == 1.0
