@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from common.errors import SettingError, ShrinkError, config_section
 from common.medusa import MedusaHeads, save_heads
 from shrink.artifacts import Artifact, write_artifact
+from shrink.context import checkpoint_dir_name
 from shrink.modeling import load_model, load_tokenizer, num_parameters, resolve_dtype
 from shrink.teacher_data import TeacherDataSettings, teacher_generated_blocks
 from train.config import TrainConfig, check_value
@@ -142,8 +143,6 @@ def distill_medusa(teacher_art: Artifact, settings: MedusaSettings, data: Any, t
 
 def run_medusa(cfg: Any, ctx: Any, tc: TrainConfig) -> Artifact:
     """The distill stage's branch for a `distill.medusa` mapping (conf/distill/medusa.yaml)."""
-    from shrink.stages.distill import CKPT_DIR
-
     with config_section("distill"):
         settings = MedusaSettings.from_cfg(cfg.distill.medusa)
         if cfg.distill.get("token_frequencies"):
@@ -156,7 +155,7 @@ def run_medusa(cfg: Any, ctx: Any, tc: TrainConfig) -> Artifact:
                           "without resume")
     generated = cfg.data.get("teacher_generated")
     teacher_data = TeacherDataSettings.from_cfg(generated, int(cfg.seed)) if generated else None
-    ckpt = ctx.run_dir / CKPT_DIR
+    ckpt = ctx.run_dir / checkpoint_dir_name("distill")  # the distill stage's: its train log beside it
     return distill_medusa(ctx.input, settings, cfg.data, tc, dest=ctx.output_dir("distill"),
                           log_path=ckpt.parent / f"{ckpt.name}.{LOG_FILE}", device=ctx.device, data_dir=ctx.data_dir,
                           cache_dir=ctx.cache_dir, teacher_data=teacher_data, save_dtype=str(cfg.distill.save_dtype),
