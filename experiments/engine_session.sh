@@ -140,8 +140,9 @@ case "${1:?verb}" in
   medusa)  # after `stash` (+ `stash2`, or carry .gpu/t/p01 p02): the Medusa GPU tests (graphs' hidden output,
           # greedy == transformers per verify path), `distill=medusa` heads on the teacher's samples at MEDUSA_ARGS
           # (default: the preset's 4 M tokens, TVD; e.g. "--losses tvd,forward_kl"), their validation (per-head
-          # agreement, mean accepted length at k = 1..4) in medusa.jsonl (~2 min per loss: the docstring), then
-          # the engine's tok/s with the TVD heads against the plain engine in the same process (--check), b 1/4/16
+          # agreement, mean accepted length at k = 1..4) in medusa.jsonl (~2 min per loss: the docstring), again on
+          # the teacher's greedy text (MEDUSA_GREEDY=, empty to skip), then the engine's tok/s with each set of TVD
+          # heads against the plain engine in the same process (--check), batch 1/4/16
     assemble
     [ -d "$H/smol" ] || $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
     timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_medusa_gpu.py \
@@ -149,8 +150,16 @@ case "${1:?verb}" in
     timeout ${MEDUSA_S:-420} python3 experiments/medusa_bench.py --teacher "$H/t/smol.gguf" --data-dir "$H/data" \
       --out "$H/medusa" --cache-dir "$H/cache" --json "$OUTDIR/medusa.jsonl" ${MEDUSA_ARGS:-} > "$OUTDIR/medusa.log" 2>&1
     grep -v Warn "$OUTDIR/medusa.log" | tail -n 8 | cut -c1-400
+    M="$H/medusa/medusa_tvd/distill"
+    if [ -n "${MEDUSA_GREEDY-1}" ]; then  # the same heads on the teacher's greedy text (what greedy requests verify)
+      timeout ${MEDUSA_S:-420} python3 experiments/medusa_bench.py --teacher "$H/t/smol.gguf" --data-dir "$H/data" \
+        --out "$H/medusa_greedy" --cache-dir "$H/cache" --json "$OUTDIR/medusa.jsonl" ${MEDUSA_ARGS:-} \
+        data.teacher_generated.temperature=0 > "$OUTDIR/medusa_greedy.log" 2>&1
+      grep -v Warn "$OUTDIR/medusa_greedy.log" | tail -n 4 | cut -c1-400
+      [ -f "$H/medusa_greedy/medusa_tvd/distill/model.safetensors" ] && M="$M $H/medusa_greedy/medusa_tvd/distill"
+    fi
     timeout ${SPEC_S:-360} python3 experiments/spec_bench.py --json "$OUTDIR/medusa_speed.jsonl" speed --target "$H/t/smol.gguf" \
-      --medusa "$H/medusa/medusa_tvd/distill" --truncated --data-dir "$H/data" --workloads wikitext gsm8k --batch 1 4 16 \
+      --medusa $M --truncated --data-dir "$H/data" --workloads wikitext gsm8k --batch 1 4 16 \
       --ks 2 3 4 --auto --check --repeats 2 --budget-s 300 --engine '{"max_model_len": 2048}' > "$OUTDIR/medusa_speed.log" 2>&1
     grep -v Warn "$OUTDIR/medusa_speed.log" | tail -n 12 | cut -c1-300;;
   spec8)  # after `stash`, carry .gpu/t/p01 p02 .gpu/vocab: the eighth session's speculative features on the GPU:

@@ -1,6 +1,7 @@
 """Teacher-generated training data, made by our engine: the teacher continues prefixes of the training
 corpus and answers instruction prompts (through its chat template when the tokenizer has one), sampled
-at temperature 1 / top-p 1 with a seed. The result is cached under the cache dir by its lineage
+at temperature 1 / top-p 1 with a seed (temperature 0: the teacher's greedy continuations, the text a greedy
+speculative decode verifies, e.g. for Medusa heads that draft for greedy requests). The result is cached under the cache dir by its lineage
 (teacher content hash, sampling settings, seed, count, prompts), so a second run reuses it, and the
 lineage is written beside it (`lineage.json`)."""
 
@@ -69,8 +70,8 @@ class TeacherDataSettings:
             raise ShrinkError(f"{key}.instruction_fraction must be in [0, 1], got {self.instruction_fraction}")
         if self.instruction_fraction > 0 and not self.instructions:
             raise ShrinkError(f"{key}.instruction_fraction > 0 needs {key}.instructions (a file of prompts)")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ShrinkError(f"{key}: temperature must be > 0 and top_p in (0, 1] "
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ShrinkError(f"{key}: temperature must be >= 0 (0: greedy) and top_p in (0, 1] "
                               f"(got {self.temperature}, {self.top_p})")
 
     @property

@@ -96,3 +96,19 @@ def test_distill_stage_trains_on_the_mix_and_reuses_the_cache(tiny_teacher, tmp_
     second = run_cli(*common, f"run={tmp_path / 'b'}")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "teacher data: 8 samples reused" in second.stdout and "generating" not in second.stdout
+
+
+def test_temperature_zero_is_the_teachers_greedy_continuation_and_negative_is_named(tiny_teacher):
+    """temperature 0: the teacher's argmax continuations (what a greedy speculative decode verifies), the
+    same under any seed; a negative temperature is refused naming the key."""
+    from engine import LLM, SamplingParams
+
+    prompts = [[5, 9, 17, 3, 40], [7, 7, 21]]
+    teacher = Artifact.load(tiny_teacher)
+    first = engine_generate(teacher, prompts, settings(temperature=0.0, max_tokens=6), "cpu")
+    assert first == engine_generate(teacher, prompts, settings(temperature=0.0, max_tokens=6, seed=3), "cpu")
+    argmax = LLM(str(tiny_teacher), device="cpu").generate([{"prompt_token_ids": p} for p in prompts],
+                                                          SamplingParams(temperature=0.0, max_tokens=6))
+    assert first == [list(o.token_ids) for o in argmax] and all(len(x) > 0 for x in first)
+    with pytest.raises(ShrinkError, match=r"data.teacher_generated: temperature must be >= 0 \(0: greedy\)"):
+        settings(temperature=-0.5).check()
