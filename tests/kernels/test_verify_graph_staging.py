@@ -52,7 +52,8 @@ def test_verify_graph_logits_equal_the_eager_verify_and_the_engine_output_is_unc
         runner.verify_paths.max_pseudo_rows = 0
         replays = []
         run = graphs.run
-        graphs.run = lambda chunks, device_ids=None: replays.append(device_ids is not None) or run(chunks, device_ids)
+        graphs.run = lambda chunks, device_ids=None, hidden=False: (replays.append(device_ids is not None)
+                                                                      or run(chunks, device_ids, hidden))
         out = [o.token_ids for o in llm.generate([{"prompt_token_ids": p} for p in ps], params)]
         assert out == base
         assert replays and all(replays)  # the draft's tokens reached the graphs on the device
