@@ -37,8 +37,12 @@ def paged_decode_attention_ref(
     batch, q_heads, dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     group = q_heads // kv_heads
-    max_blocks = block_tables.shape[1]
     tables = block_tables.clamp(min=0).long()
+    if not q.is_cuda and batch:  # the engine's CPU path: the tables span max_model_len (4,096 positions for
+        # SmolLM2), the contexts a few hundred; no graph to keep static and no device to sync: read the
+        # blocks of the longest context only (the rest are masked out below either way).
+        tables = tables[:, : max(1, -(-int(context_lens.max()) // block_size))]
+    max_blocks = tables.shape[1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     k = k_cache[tables].reshape(batch, max_blocks * block_size, kv_heads, dim).to(acc)
     v = v_cache[tables].reshape(batch, max_blocks * block_size, kv_heads, dim).to(acc)

@@ -42,6 +42,17 @@ def test_reference_equals_dense_attention():
         assert torch.allclose(out[b].double(), dense, atol=1e-10)
 
 
+def test_cpu_reference_reads_only_the_blocks_of_the_longest_context():
+    """The engine's CPU decode path: block tables span max_model_len (256 blocks for SmolLM2's 4,096),
+    contexts a few; it gathered and masked every position of every layer, 5x the step time on the real
+    teacher. Entries past the longest context are garbage here (out of the pool's range: a gather of
+    them would raise) and the result is the one of the clean table."""
+    q, kc, vc, tables, lens = _case(3, 4, 2, 16, 4, [1, 7, 13], torch.float32, "cpu")
+    padded = torch.cat([tables, torch.full((3, 250), kc.shape[0] + 1000, dtype=tables.dtype)], dim=1)
+    assert torch.equal(paged_decode_attention_ref(q, kc, vc, padded, lens, 0.3),
+                       paged_decode_attention_ref(q, kc, vc, tables, lens, 0.3))
+
+
 @pytest.mark.parametrize("q_heads,kv_heads,dim", [(4, 4, 16), (4, 2, 32), (6, 1, 16), (4, 2, 24)])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_triton_matches_reference_small(q_heads, kv_heads, dim, splits):
