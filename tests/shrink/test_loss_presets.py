@@ -33,7 +33,7 @@ def test_every_preset_is_listed():
 
 @pytest.mark.parametrize("preset", sorted(DECLARED))
 def test_a_preset_trains_with_exactly_its_declared_terms(preset):
-    cfg = compose([f"distill={preset}"])
+    cfg = compose(["stage=distill", f"distill={preset}"])  # medusa trains heads: a stage of its own, not a pipeline's
     assert active_terms(cfg.distill) == DECLARED[preset]
 
 
@@ -60,4 +60,4 @@ def test_a_preset_terms_still_take_an_added_term_from_the_command_line():
 def test_selecting_a_loss_set_replaces_the_preset_terms():
     assert active_terms(compose(["distill/losses=ce"]).distill) == {"ce": 1.0}
     assert active_terms(compose(["distill=drafter", "distill/losses=kd"]).distill) == DECLARED["default"]
-    assert active_terms(compose(["distill=medusa", "distill/losses=forward_kl"]).distill) == {"forward_kl": 1.0}
+    assert active_terms(compose(["stage=distill", "distill=medusa", "distill/losses=forward_kl"]).distill) == {"forward_kl": 1.0}
