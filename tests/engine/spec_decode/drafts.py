@@ -116,3 +116,23 @@ def assert_stops_inside_accepted_runs(llm, base: list[list[int]], prompt_ids: li
     assert out[1].text == text1[: text1.find(stop_text)]
     assert out[2].token_ids == base[2][:11] and out[2].finish_reason == "length"
     assert [o.token_ids for o in out[3:]] == base[3:]
+
+
+def assert_mixed_batch_matches_plain(plain: list, spec: list, params: list) -> None:
+    """A batch of greedy rows (with and without logprobs) beside sampled rows: every row ran to its
+    max_tokens, greedy rows equal plain decoding (``plain``) token for token and in their logprobs,
+    sampled rows' logprobs hold their own tokens."""
+    import pytest
+
+    for i, (a, b) in enumerate(zip(plain, spec)):
+        assert len(b.token_ids) == params[i].max_tokens
+        if params[i].greedy:
+            assert a.token_ids == b.token_ids
+            if params[i].logprobs is not None:
+                assert len(b.logprobs) == len(b.token_ids)
+                for la, lb, t in zip(a.logprobs, b.logprobs, b.token_ids):
+                    assert la.keys() == lb.keys()
+                    assert lb[t].logprob == pytest.approx(la[t].logprob, abs=1e-4)
+                    assert lb[t].rank == la[t].rank
+        elif params[i].logprobs is not None:
+            assert [t in lp for t, lp in zip(b.token_ids, b.logprobs)] == [True] * len(b.token_ids)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from drafts import assert_stops_inside_accepted_runs, perturbed_copy
+from drafts import assert_mixed_batch_matches_plain, assert_stops_inside_accepted_runs, perturbed_copy
 from tiny_models import SMALL_VOCAB, prompts, small_vocab_model
 from token_stats import tv, tv_bound
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -77,18 +77,7 @@ def test_mixed_batch_greedy_sampling_and_logprobs(target, drafts):
               _greedy(7, logprobs=0), SamplingParams(temperature=1.0, top_k=5, max_tokens=9, logprobs=1), _greedy(14)]
     plain = LLM(target, device="cpu").generate(_ids(ps), params)
     spec = LLM(target, device="cpu", speculative_config=_model_spec(drafts["poor"])).generate(_ids(ps), params)
-    for i, (a, b) in enumerate(zip(plain, spec)):
-        assert len(b.token_ids) == params[i].max_tokens
-        if params[i].greedy:
-            assert a.token_ids == b.token_ids
-            if params[i].logprobs is not None:
-                assert len(b.logprobs) == len(b.token_ids)
-                for la, lb, t in zip(a.logprobs, b.logprobs, b.token_ids):
-                    assert la.keys() == lb.keys()
-                    assert lb[t].logprob == pytest.approx(la[t].logprob, abs=1e-4)
-                    assert lb[t].rank == la[t].rank
-        elif params[i].logprobs is not None:
-            assert [t in lp for t, lp in zip(b.token_ids, b.logprobs)] == [True] * len(b.token_ids)
+    assert_mixed_batch_matches_plain(plain, spec, params)
 
 
 def test_stop_token_stop_string_and_max_tokens_inside_an_accepted_run(target, drafts):
