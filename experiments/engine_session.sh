@@ -143,24 +143,28 @@ case "${1:?verb}" in
           # agreement, mean accepted length at k = 1..4) in medusa.jsonl (~2 min per loss: the docstring), again on
           # the teacher's greedy text (MEDUSA_GREEDY=, empty to skip), then the engine's tok/s with each set of TVD
           # heads against the plain engine in the same process (--check), batch 1/4/16
+    "$0" mtests; "$0" mtrain; "$0" mspeed;;
+  mtests)
+    timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_medusa_gpu.py \
+      > "$OUTDIR/medusa_tests.txt" 2>&1; tail -n 6 "$OUTDIR/medusa_tests.txt";;
+  mtrain)  # heads on sampled text ($H/medusa) and, unless MEDUSA_GREEDY is set empty, on greedy text
+           # ($H/medusa_greedy), the two trainings side by side on this GPU
     assemble
     [ -d "$H/smol" ] || $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
-    timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_medusa_gpu.py \
-      > "$OUTDIR/medusa_tests.txt" 2>&1; tail -n 6 "$OUTDIR/medusa_tests.txt"
-    timeout ${MEDUSA_S:-420} python3 experiments/medusa_bench.py --teacher "$H/t/smol.gguf" --data-dir "$H/data" \
-      --out "$H/medusa" --cache-dir "$H/cache" --json "$OUTDIR/medusa.jsonl" ${MEDUSA_ARGS:-} > "$OUTDIR/medusa.log" 2>&1
-    grep -v Warn "$OUTDIR/medusa.log" | tail -n 8 | cut -c1-400
-    M="$H/medusa/medusa_tvd/distill"
-    if [ -n "${MEDUSA_GREEDY-1}" ]; then  # the same heads on the teacher's greedy text (what greedy requests verify)
+    runs="medusa"; [ -n "${MEDUSA_GREEDY-1}" ] && runs="medusa medusa_greedy"
+    for r in $runs; do
+      t=""; [ $r = medusa_greedy ] && t="data.teacher_generated.temperature=0"
       timeout ${MEDUSA_S:-420} python3 experiments/medusa_bench.py --teacher "$H/t/smol.gguf" --data-dir "$H/data" \
-        --out "$H/medusa_greedy" --cache-dir "$H/cache" --json "$OUTDIR/medusa.jsonl" ${MEDUSA_ARGS:-} \
-        data.teacher_generated.temperature=0 > "$OUTDIR/medusa_greedy.log" 2>&1
-      grep -v Warn "$OUTDIR/medusa_greedy.log" | tail -n 4 | cut -c1-400
-      [ -f "$H/medusa_greedy/medusa_tvd/distill/model.safetensors" ] && M="$M $H/medusa_greedy/medusa_tvd/distill"
-    fi
+        --out "$H/$r" --cache-dir "$H/cache_$r" --json "$OUTDIR/$r.jsonl" ${MEDUSA_ARGS:-} $t > "$OUTDIR/$r.log" 2>&1 &
+    done; wait
+    for r in $runs; do grep -v Warn "$OUTDIR/$r.log" | tail -n 4 | cut -c1-400; done;;
+  mspeed)  # the engine's tok/s with each trained set of TVD heads against the plain engine (--check), batch 1/4/16
+    M=""; for r in medusa medusa_greedy; do
+      [ -f "$H/$r/medusa_tvd/distill/model.safetensors" ] && M="$M $H/$r/medusa_tvd/distill"; done
+    [ -n "$M" ] || { echo "mspeed: no trained heads under $H/medusa*"; exit 0; }
     timeout ${SPEC_S:-360} python3 experiments/spec_bench.py --json "$OUTDIR/medusa_speed.jsonl" speed --target "$H/t/smol.gguf" \
       --medusa $M --truncated --data-dir "$H/data" --workloads wikitext gsm8k --batch 1 4 16 \
-      --ks 2 3 4 --auto --check --repeats 2 --budget-s 300 --engine '{"max_model_len": 2048}' > "$OUTDIR/medusa_speed.log" 2>&1
+      --ks 2 3 4 --auto --check --repeats 2 --budget-s ${SPEC_BUDGET_S:-300} --engine '{"max_model_len": 2048}' > "$OUTDIR/medusa_speed.log" 2>&1
     grep -v Warn "$OUTDIR/medusa_speed.log" | tail -n 12 | cut -c1-300;;
   spec8)  # after `stash`, carry .gpu/t/p01 p02 .gpu/vocab: the eighth session's speculative features on the GPU:
           # batch-invariant mode (tests, cost, bf16 speculative == plain on the real teacher), the auto k policy,
@@ -292,8 +296,7 @@ case "${1:?verb}" in
   sp24)  # carry .gpu/wheels: the 2:4 + int4 paths (fast M == 1, select, dot, fast_rows, the tensor-core sparse24_mma)
          # against bf16, dense int4 (fast GEMV, int4_mma) and tinygemm at M = 1 2 4 8 16 (sweep), the GPU tests,
          # then the 7B 2:4 rows (issue 13)
-    timeout ${SWEEP_S:-330} python3 experiments/sparse24_gemv_sweep.py --json "$OUTDIR/sp24_sweep.jsonl" --m 1 2 4 8 16 \
-      --budget-s ${SP24_BUDGET_S:-100} > "$OUTDIR/sp24_sweep.log" 2>&1; tail -n 4 "$OUTDIR/sp24_sweep.log"
+    "$0" sp24sweep
     timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_quant_gemv_sparse24.py \
       tests/kernels/test_sparse24_mma.py tests/engine/test_sparse24_paths.py "tests/engine/test_compressed_loading.py::test_gpu_engine_serves_compressed_artifact[sparse24_int4]" \
       > "$OUTDIR/sp24_tests.txt" 2>&1; tail -n 4 "$OUTDIR/sp24_tests.txt"
@@ -305,6 +308,9 @@ case "${1:?verb}" in
     timeout ${QUANT_GRAPH_S:-200} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_24_graph.jsonl" \
       --batch 1 16 --only bf16 sparse24_int4_g128 sparse24 --sparse24-timing graph --prefill-tokens 1024 \
       > "$OUTDIR/quant_24_graph.log" 2>&1; grep -v Warn "$OUTDIR/quant_24_graph.log" | tail -n 6;;
+  sp24sweep)  # the 2:4 + int4 GEMV / GEMM sweep alone
+    timeout ${SWEEP_S:-330} python3 experiments/sparse24_gemv_sweep.py --json "$OUTDIR/sp24_sweep.jsonl" --m 1 2 4 8 16 \
+      --budget-s ${SP24_BUDGET_S:-100} > "$OUTDIR/sp24_sweep.log" 2>&1; tail -n 4 "$OUTDIR/sp24_sweep.log";;
   mma)  # carry .gpu/wheels: the tensor-core int4 GEMM (kernels/int4_mma.py) on the GPU, then against exact / fast /
         # tinygemm / bf16 at M = 1..16 on the 7B shapes (issue 13)
     timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_int4_mma.py \
@@ -360,15 +366,21 @@ case "${1:?verb}" in
               # _matmul_fast), W8A8 (codes equal to the reference) and 2:4 + int4, then the 7B decode rows of int8
               # and 2:4 + int4 served end to end, and W8A8's per-linear pieces (issue 13). The tests need ~400 s:
               # the twelfth session's 150 s ran out after 62 passing cases
-    timeout ${RECHECK_TESTS_S:-420} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_w8a8.py \
-      tests/kernels/test_quant_gemv.py tests/kernels/test_quant_gemv_fast.py tests/kernels/test_quant_gemv_sparse24.py \
-      tests/kernels/test_quant_gemv_sparse24_fused.py tests/engine/test_sparse24_paths.py tests/engine/test_compressed_loading.py \
-      tests/eval > "$OUTDIR/recheck12_tests.txt" 2>&1; tail -n 8 "$OUTDIR/recheck12_tests.txt"
+    "$0" r12tests
     timeout ${QUANT_S:-200} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_recheck12.jsonl" --batch 1 16 \
       --only bf16 int8 int4_g128@triton sparse24_int4_g128 > "$OUTDIR/quant_recheck12.log" 2>&1
     grep -v Warn "$OUTDIR/quant_recheck12.log" | tail -n 6 | cut -c1-300
     timeout ${PIECES_S:-150} python3 experiments/w8a8_prefill_pieces.py --json "$OUTDIR/w8a8_pieces.jsonl" \
       > "$OUTDIR/w8a8_pieces.log" 2>&1; grep -E '"kind": "model_linears"|Error' "$OUTDIR/w8a8_pieces.log" | tail -n 6;;
+  r12tests)  # the GPU tests of int8, W8A8, 2:4 + int4 (sparse24_mma among them), compressed loading, eval
+    timeout ${RECHECK_TESTS_S:-420} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_w8a8.py \
+      tests/kernels/test_quant_gemv.py tests/kernels/test_quant_gemv_fast.py tests/kernels/test_quant_gemv_sparse24.py \
+      tests/kernels/test_quant_gemv_sparse24_fused.py tests/kernels/test_sparse24_mma.py tests/engine/test_sparse24_paths.py tests/engine/test_compressed_loading.py \
+      tests/eval > "$OUTDIR/recheck12_tests.txt" 2>&1; tail -n 8 "$OUTDIR/recheck12_tests.txt";;
+  rows)  # the 7B decode (batch 1, 16) and prefill rows of every served format against bf16 (issue 13)
+    timeout ${QUANT_S:-240} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_rows.jsonl" --batch 1 16 \
+      --only bf16 int8 int4_g128@triton sparse24_int4_g128 sparse24 --prefill-tokens 1024 4080 > "$OUTDIR/quant_rows.log" 2>&1
+    grep -v Warn "$OUTDIR/quant_rows.log" | tail -n 8 | cut -c1-300;;
   w8a8bench)
     timeout ${QUANT_S:-560} python3 -m eval.bench.quant --shape llama2-7b-16k --out "$OUTDIR/w8a8_prefill.jsonl" \
       --only bf16 w8a8_int8 w8a8_fp8 --prefill-tokens ${PREFILL_TOKENS:-1024 4080 8192} --prefill-only --prefill-workload \

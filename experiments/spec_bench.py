@@ -433,11 +433,12 @@ def speed(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="spec_bench_"))
     k_max = max(args.ks)
     common = {"num_speculative_tokens": k_max, "max_batch_size": max(args.batch)}
+    # Medusa heads first: with several drafters the later ones are the first the time budget skips
     drafters: list[tuple[str, Callable[[], dict]]] = [
-        ("ngram", lambda: {"method": "ngram", "prompt_lookup_min": args.ngram_min,
-                           "prompt_lookup_max": args.ngram_max, **common})]
-    drafters += [(f"medusa:{d}", lambda d=d: {"method": "medusa", "model": d, **common,
-                                             "num_speculative_tokens": medusa_k(d, k_max)}) for d in args.medusa or []]
+        (f"medusa:{d}", lambda d=d: {"method": "medusa", "model": d, **common,
+                                    "num_speculative_tokens": medusa_k(d, k_max)}) for d in args.medusa or []]
+    drafters += [("ngram", lambda: {"method": "ngram", "prompt_lookup_min": args.ngram_min,
+                                    "prompt_lookup_max": args.ngram_max, **common})]
     models = [(d, lambda d=d: {"model": d, **common}) for d in args.draft or []]
     models += [(f"truncated{n}", lambda n=n: {"model": truncated_draft(target_dir, n, work), **common})
                for n in args.truncated or []]
