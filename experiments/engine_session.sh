@@ -46,6 +46,8 @@
 #                                              # the int8_mm config sweep (issue 13)
 #   experiments/engine_session.sh w8a8bench    # right after: 7B prefill tok/s bf16 / int8 / fp8 at 1024, 4080, 8192
 #                                              # tokens and nano-vllm's prompts (issue 13)
+#   experiments/engine_session.sh profile      # after stash + stash2 (+ .gpu/heads): a speculative round's time, host
+#                                              # against GPU, at batch 1 on the real teacher (issue 14)
 #   experiments/engine_session.sh bg NAME V..  # the verbs V.. in their own process session (they outlive the call);
 #                                              # `collect` (COLLECT_S) waits for every chain and fetches $H/bg
 set -uo pipefail
@@ -308,6 +310,17 @@ case "${1:?verb}" in
     timeout ${QUANT_GRAPH_S:-200} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_24_graph.jsonl" \
       --batch 1 16 --only bf16 sparse24_int4_g128 sparse24 --sparse24-timing graph --prefill-tokens 1024 \
       > "$OUTDIR/quant_24_graph.log" 2>&1; grep -v Warn "$OUTDIR/quant_24_graph.log" | tail -n 6;;
+  profile)  # after `stash` + `stash2` (+ .gpu/heads: Medusa heads): where a speculative round's time goes at batch 1
+             # on the real teacher (experiments/spec_round_profile.py: plain, one step per trip, n-gram / Medusa at k 4),
+             # then the verify's cost against a decode step at its shape (issue 14)
+    assemble
+    timeout ${PROF_S:-240} python3 experiments/spec_round_profile.py --target "$H/t/smol.gguf" --data-dir "$H/data" \
+      --out "$OUTDIR/profile" --json "$OUTDIR/profile.jsonl" > "$OUTDIR/profile.log" 2>&1; grep -v Warn "$OUTDIR/profile.log" | tail -n 3 | cut -c1-600
+    [ -d .gpu/heads ] && timeout ${PROF_S:-240} python3 experiments/spec_round_profile.py --target "$H/t/smol.gguf" \
+      --data-dir "$H/data" --method medusa --heads .gpu/heads --out "$OUTDIR/profile_medusa" --json "$OUTDIR/profile.jsonl" \
+      > "$OUTDIR/profile_medusa.log" 2>&1; grep -v Warn "$OUTDIR/profile_medusa.log" | tail -n 1 | cut -c1-600
+    timeout ${VERIFY_S:-120} python3 experiments/spec_bench.py --json "$OUTDIR/verify_cost.jsonl" verify-cost --shape smollm2-135m \
+      --context 512 > "$OUTDIR/verify_cost.log" 2>&1; grep -v Warn "$OUTDIR/verify_cost.log" | tail -n 4 | cut -c1-300;;
   sp24sweep)  # the 2:4 + int4 GEMV / GEMM sweep alone
     timeout ${SWEEP_S:-330} python3 experiments/sparse24_gemv_sweep.py --json "$OUTDIR/sp24_sweep.jsonl" --m 1 2 4 8 16 \
       --budget-s ${SP24_BUDGET_S:-100} > "$OUTDIR/sp24_sweep.log" 2>&1; tail -n 4 "$OUTDIR/sp24_sweep.log";;
