@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from spec_bench import load_prompts  # noqa: E402
+from spec_bench import free_device_memory, load_prompts  # noqa: E402
 
 
 def busy_seconds(trace: dict) -> tuple[float, float, int]:
@@ -102,8 +102,8 @@ def run_variant(args, name: str, engine_kwargs: dict, prompts: list[list[int]], 
            "gpu_busy_of_wall": busy / p_wall if p_wall else None,
            "gpu_busy_ms_per_step": busy / p_steps * 1e3 if p_steps else None,
            "spec_metrics": worker.metrics.as_dict() if worker is not None else None}
-    del llm
-    torch.cuda.empty_cache()
+    del llm, worker, prof
+    free_device_memory()
     return row
 
 
@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--engine", default='{"max_model_len": 2048}', help="EngineConfig overrides as JSON")
+    p.add_argument("--variants", default="plain,plain_1step,spec",
+                   help="comma-separated, of plain, plain_1step, spec (each a fresh engine)")
     p.add_argument("--json", help="append the result lines to this file")
     args = p.parse_args(argv)
     if args.method == "medusa" and not args.heads:
@@ -136,7 +138,10 @@ def main(argv: list[str] | None = None) -> None:
         spec["model"] = args.heads
     variants = [("plain", engine), ("plain_1step", {**engine, "num_decode_steps": 1}),
                 (f"{args.method}_k{args.k}", {**engine, "speculative_config": spec})]
+    wanted = {v.strip() for v in args.variants.split(",")}
     for name, kwargs in variants:
+        if name.split("_k")[0] not in wanted and name not in wanted and not ("spec" in wanted and "_k" in name):
+            continue
         try:
             row = run_variant(args, name, kwargs, prompts, out)
         except Exception as e:  # one variant failing must not lose the others
