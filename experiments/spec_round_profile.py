@@ -125,23 +125,24 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.method == "medusa" and not args.heads:
         p.error("--method medusa needs --heads")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from engine.config import EngineConfig
-    from engine.tokenizer import load_tokenizer
-
     engine = json.loads(args.engine)
-    tokenizer = load_tokenizer(EngineConfig(model=args.target, **engine).model)
-    prompts = load_prompts("wikitext", Path(args.data_dir), tokenizer, args.batch, args.prompt_tokens)
     spec = {"method": args.method, "num_speculative_tokens": args.k}
     if args.method == "medusa":
         spec["model"] = args.heads
-    variants = [("plain", engine), ("plain_1step", {**engine, "num_decode_steps": 1}),
-                (f"{args.method}_k{args.k}", {**engine, "speculative_config": spec})]
-    wanted = {v.strip() for v in args.variants.split(",")}
-    for name, kwargs in variants:
-        if name.split("_k")[0] not in wanted and name not in wanted and not ("spec" in wanted and "_k" in name):
-            continue
+    variants = {"plain": ("plain", engine), "plain_1step": ("plain_1step", {**engine, "num_decode_steps": 1}),
+                "spec": (f"{args.method}_k{args.k}", {**engine, "speculative_config": spec})}
+    wanted = [v.strip() for v in args.variants.split(",")]
+    unknown = [v for v in wanted if v not in variants]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; choose from {sorted(variants)}")
+    from engine.config import EngineConfig
+    from engine.tokenizer import load_tokenizer
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(EngineConfig(model=args.target, **engine).model)
+    prompts = load_prompts("wikitext", Path(args.data_dir), tokenizer, args.batch, args.prompt_tokens)
+    for name, kwargs in (variants[v] for v in wanted):
         try:
             row = run_variant(args, name, kwargs, prompts, out)
         except Exception as e:  # one variant failing must not lose the others
