@@ -54,6 +54,8 @@ class EngineConfig:
     # engine/fused_rows.py; a Llama-2-7B shape at batch 16 decodes 1.33x faster unfused on an
     # H200), else kernels.gemv.SMALL_M (the CPU, batch_invariant, tensor parallelism); an int in
     # 0..SMALL_M pins it (0: never fused). Capped by what the weights allow (1 with 2:4 + int4).
+    # Timed, two engines may choose differently (timing noise near a tie) and then their 16-bit
+    # tokens may differ at those batch sizes: pin it where two engines must agree bitwise.
     fused_decode_rows: int | None = None
     # Programmatic dependent launch of the decode kernels on Hopper and newer GPUs: each launch
     # starts while the kernel before it drains and reads its weights meanwhile (kernels/gemv.py).
@@ -98,8 +100,9 @@ class EngineConfig:
     # leave their tuned CUDA-core path, a verify and a prefill read the context once per token, a
     # prefill rereads the weights per 16 tokens (experiments/batch_invariant_bench.py). Two engines
     # agree when their settings do (the split count comes from max_model_len). Needs the Triton
-    # kernels, fused_decode, one rank, and weights the fused kernels read (dense, int8 per channel,
-    # int4 on Triton, W8A8 int8; compressed weights take the exact dequantization).
+    # kernels, fused_decode (fused_decode_rows None or SMALL_M), one rank, and weights the fused
+    # kernels read (dense, int8 per channel, int4 on Triton, W8A8 int8; compressed weights take the
+    # exact dequantization).
     # On the H200 its graphed runs equal its eager ones bitwise (BENCHMARKS.md, tenth session).
     batch_invariant: bool = False
 
