@@ -14,7 +14,7 @@ from engine.gguf import gguf_model_dir
 from engine.layers.options import ModelOptions, check_int4_kernel, check_sparse24_path, check_sparse24_timing
 from engine.parallel.group import tp_rank, tp_size
 from engine.spec_decode.config import SpeculativeConfig, SpeculativeConfigError
-from kernels.gemv import MAX_NORM_K
+from kernels.gemv import MAX_NORM_K, SMALL_M
 
 
 @dataclass
@@ -45,9 +45,18 @@ class EngineConfig:
     # paged cache) or "sdpa" (torch SDPA, one call per sequence). Triton is the default: on the H100
     # the nano-vllm workload's prefill steps took 0.99 s against 11.61 s with SDPA (BENCHMARKS.md).
     prefill_attention: str = "triton"
-    # Decode of <= kernels.gemv.SMALL_M sequences with Triton on: norms, residual adds and SwiGLU
-    # fused into skinny-GEMM launches (engine/models/llama.py) instead of cuBLAS plus separate kernels.
+    # Decode of at most fused_decode_rows (<= kernels.gemv.SMALL_M) sequences with Triton on: norms,
+    # residual adds and SwiGLU fused into skinny-GEMM launches (engine/models/llama.py) instead of
+    # cuBLAS plus separate kernels.
     fused_decode: bool = True
+    # The most decode rows that take that fused path: None, timed at startup on a GPU (the largest
+    # decode graph bucket up to which the fused forward beats the unfused one at every bucket:
+    # engine/fused_rows.py; a Llama-2-7B shape at batch 16 decodes 1.33x faster unfused on an
+    # H200), else kernels.gemv.SMALL_M (the CPU, batch_invariant, tensor parallelism); an int in
+    # 0..SMALL_M pins it (0: never fused). Capped by what the weights allow (1 with 2:4 + int4).
+    # Timed, two engines may choose differently (timing noise near a tie) and then their 16-bit
+    # tokens may differ at those batch sizes: pin it where two engines must agree bitwise.
+    fused_decode_rows: int | None = None
     # Programmatic dependent launch of the decode kernels on Hopper and newer GPUs: each launch
     # starts while the kernel before it drains and reads its weights meanwhile (kernels/gemv.py).
     # The environment variable SHRINK_PDL=0 turns it off (read here only).
@@ -91,8 +100,9 @@ class EngineConfig:
     # leave their tuned CUDA-core path, a verify and a prefill read the context once per token, a
     # prefill rereads the weights per 16 tokens (experiments/batch_invariant_bench.py). Two engines
     # agree when their settings do (the split count comes from max_model_len). Needs the Triton
-    # kernels, fused_decode, one rank, and weights the fused kernels read (dense, int8 per channel,
-    # int4 on Triton, W8A8 int8; compressed weights take the exact dequantization).
+    # kernels, fused_decode (fused_decode_rows None or SMALL_M), one rank, and weights the fused
+    # kernels read (dense, int8 per channel, int4 on Triton, W8A8 int8; compressed weights take the
+    # exact dequantization).
     # On the H200 its graphed runs equal its eager ones bitwise (BENCHMARKS.md, tenth session).
     batch_invariant: bool = False
 
@@ -128,6 +138,10 @@ class EngineConfig:
             raise ValueError(f"prefill_graph_max_tokens: must be an integer >= 0, got {self.prefill_graph_max_tokens!r}")
         if self.prefill_attention not in ("sdpa", "triton"):
             raise ValueError(f"prefill_attention: {self.prefill_attention!r} is not 'sdpa' or 'triton'")
+        rows = self.fused_decode_rows
+        if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or not 0 <= rows <= SMALL_M):
+            raise ValueError(f"fused_decode_rows: must be None (timed at startup) or an integer in 0..{SMALL_M}, "
+                             f"got {rows!r}")
         check_int4_kernel(self.int4_kernel)
         check_sparse24_path(self.sparse24_path)
         check_sparse24_timing(self.sparse24_timing)
@@ -151,6 +165,9 @@ class EngineConfig:
             why = "needs the Triton kernels (use_triton; on the CPU use_triton=True runs them interpreted)"
         elif not self.fused_decode:
             why = "needs fused_decode (the batch-invariant matmuls are the fused decode kernels)"
+        elif self.fused_decode_rows is not None and self.fused_decode_rows < SMALL_M:
+            why = (f"needs the fused decode at every row count, not fused_decode_rows={self.fused_decode_rows} "
+                   f"(leave it None or {SMALL_M})")
         elif self.tensor_parallel_size > 1:
             why = "not under tensor parallelism (the all-reduce's algorithm may change with the message size)"
         elif self.int4_kernel == "tinygemm":

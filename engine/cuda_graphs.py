@@ -236,6 +236,11 @@ class EngineGraphs:
         torch.cuda.synchronize()
 
 
+def decode_graph_max_bs(config: EngineConfig, verify_rows: int) -> int:
+    """The largest decode graph bucket: the batch sizes graphed, and the pseudo-rows of a verify."""
+    return max(min(config.cuda_graph_max_bs, config.max_num_seqs), verify_rows)
+
+
 def capture_graphs(model: torch.nn.Module, inputs: DecodeInputs, config: EngineConfig, max_blocks: int,
                    verify_max_tokens: int, verify_rows: int, verify_query_len: int) -> EngineGraphs:
     """Every graph set the engine replays, in one memory pool: decode buckets that also hold
@@ -243,7 +248,7 @@ def capture_graphs(model: torch.nn.Module, inputs: DecodeInputs, config: EngineC
     (Triton prefill attention only); with ``verify_max_tokens``, the verify graphs that score every
     row, up to the token bucket that holds that many."""
     cfg, device, block_size = config, config.torch_device, config.block_size
-    max_bs = max(min(cfg.cuda_graph_max_bs, cfg.max_num_seqs), verify_rows)
+    max_bs = decode_graph_max_bs(cfg, verify_rows)
     graphs = EngineGraphs(decode=DecodeGraphs(model, inputs, max_bs, cfg.num_decode_steps))
     if tp_size() > 1:  # graphs holding the group's collectives go before the group does
         before_destroy(graphs.reset)
@@ -276,3 +281,25 @@ def gpu_seconds(run: Callable[[], object]) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1e3
+
+
+def median_seconds(run: Callable[[], object], graph: bool, warmup: int = 3, repeats: int = 7) -> float:
+    """Median device seconds (gpu_seconds) of one call of ``run`` after one eager call (it compiles
+    and loads its kernels: a first launch inside a capture would invalidate it) and ``warmup``
+    more. With ``graph``: of one replay of a CUDA graph that captured it, what a graphed step of
+    that code costs the GPU without the host's launch cost an eager run would also time (the graph
+    is released after); without: the eager run's, host gaps included, as an eager engine runs it."""
+    run()
+    captured = None
+    if graph:
+        torch.cuda.synchronize()
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            run()
+        run = captured.replay
+    for _ in range(warmup):
+        run()
+    seconds = float(np.median([gpu_seconds(run) for _ in range(repeats)]))
+    if captured is not None:
+        captured.reset()
+    return seconds

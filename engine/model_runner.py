@@ -23,8 +23,9 @@ import torch
 
 from engine.config import EngineConfig
 from engine.context import Context, reset_context, set_context
-from engine.cuda_graphs import EngineGraphs, capture_graphs
+from engine.cuda_graphs import EngineGraphs, capture_graphs, decode_graph_max_bs
 from engine.decode_inputs import DecodeInputs
+from engine.fused_rows import set_fused_rows
 from engine.kv_cache import allocate_kv_cache, kv_bytes_per_token
 from engine.layers.attention import Attention
 from engine.layers.sampler import PromptLogprobs, Sampler, StepResult, device_tensor
@@ -92,8 +93,13 @@ class ModelRunner:
         decode_rows = max(config.max_num_seqs, verify_rows)
         self.decode_inputs = DecodeInputs(self.device, decode_rows, max_blocks, self.block_size,
                                           config.num_decode_steps, config.triton_enabled)
+        graphed = self.device.type == "cuda" and not config.enforce_eager
+        # The decode rows that take the fused path, timed before any graph records one (fused_rows.py):
+        # bucket -> {"fused", "unfused"} device us, {} where nothing was timed.
+        self.fused_rows_us = set_fused_rows(self, decode_graph_max_bs(config, verify_rows) if graphed else decode_rows,
+                                            graphed)
         graphs = EngineGraphs()
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if graphed:
             graphs = capture_graphs(self.model, self.decode_inputs, config, max_blocks,
                                     0 if invariant else verify_max_tokens, verify_rows,
                                     0 if invariant else verify_query_len)

@@ -149,6 +149,14 @@ def sparse24_paths(model: nn.Module) -> dict[str, dict]:
         for m in model.modules() if isinstance(m, Sparse24Linear)}
 
 
+def fused_rows(runner: Any) -> dict[str, Any]:
+    """The most decode rows the engine runs fused (EngineConfig.fused_decode_rows: timed at startup
+    on a GPU, engine/fused_rows.py) and the timings behind it: per decode bucket, the fused and
+    unfused forward's device us (empty where nothing was timed)."""
+    return {"fused_rows": runner.model.model.fused_rows,
+            "fused_rows_us": {str(b): t for b, t in runner.fused_rows_us.items()}}
+
+
 def streamed_bytes(model: nn.Module) -> int:
     """Bytes a decode step reads: every parameter and buffer but the embedding (rows are
     gathered), the rotary tables, the KV cache and the fp32 scales / zero points of int4 layers on
@@ -234,7 +242,8 @@ def decode(shape: str, variant: str, batches: list[int], new_tokens: int, prompt
     nbytes = streamed_bytes(model)
     record: dict[str, Any] = {"kind": "decode", "shape": shape, "variant": variant, "weight_bytes": nbytes,
                               "exact_dequant": exact_dequant, **int4_kernel_used(model),
-                              "fused_decode": bool(model.model.fusable), "setup_s": setup_s,
+                              "fused_decode": bool(model.model.fusable), **fused_rows(llm.engine.runner),
+                              "setup_s": setup_s,
                               "sparse24_paths": sparse24_paths(model)}
     if record["sparse24_paths"]:
         record["sparse24_timing"] = sparse24_timing

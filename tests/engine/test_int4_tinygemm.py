@@ -14,6 +14,7 @@ from engine.layers.int4_kernel import choose_int4_kernels
 from engine.layers.options import ModelOptions
 from engine.layers.quantized import Int4Linear, gemv_weight
 from kernels import quant as ref
+from kernels.gemv import SMALL_M
 from kernels.quant_dequant import dequantize_int4, dequantize_int4_tinygemm
 from kernels.quant_tinygemm import (gpu_layout_ref, high_nibble_first, inner_k_tiles, pack_for_cpu, pack_for_gpu,
                                     scales_and_zeros, tinygemm_fits, tinygemm_mm, unpack_gpu_layout)
@@ -199,7 +200,9 @@ def test_engine_greedy_tokens_tinygemm_equal_triton(scheme, tmp_path):
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     tokens, fused = {}, {}
     for kernel in ("triton", "tinygemm", "auto"):
-        llm = LLM(str(path), device="cuda", dtype="bfloat16", max_model_len=128, int4_kernel=kernel)
+        # fused_decode_rows pinned: the Triton engines' decode stays fused, whatever timing would choose.
+        llm = LLM(str(path), device="cuda", dtype="bfloat16", max_model_len=128, int4_kernel=kernel,
+                  fused_decode_rows=SMALL_M)
         model = llm.engine.runner.model
         layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
         assert layers

@@ -15,6 +15,7 @@ from engine import LLM, AsyncLLM, SamplingParams
 from engine.block_manager import BlockManager, block_hash
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from kernels.gemv import SMALL_M
 
 STEPS = (1, 4, 8)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -337,8 +338,9 @@ def test_cuda_graph_steps_equal_single_steps_in_bf16(model_dir, batch):
     ps = torch.randint(3, 256, (batch, 20), generator=g).tolist()
     params = [SamplingParams(temperature=0.0, max_tokens=30 + 3 * i, ignore_eos=True) for i in range(batch)]
     # A fixed pool: two engines live at once here, and a pool sized from free memory takes 90% of it.
+    # fused_decode_rows pinned: each engine would time it apart, and one path at each batch size.
     kw = dict(device="cuda", dtype="bfloat16", max_model_len=256, block_size=16, enable_prefix_caching=False,
-              max_num_seqs=16, cuda_graph_max_bs=16, kv_cache_tokens=16384)
+              max_num_seqs=16, cuda_graph_max_bs=16, kv_cache_tokens=16384, fused_decode_rows=SMALL_M)
     for eager in (False, True):
         single = LLM(path, **kw, enforce_eager=eager, num_decode_steps=1).generate(ps, params)
         llm = LLM(path, **kw, enforce_eager=eager, num_decode_steps=8)

@@ -40,6 +40,7 @@ def test_compressors_approximate_the_weight(variant):
 def test_decode_record(tiny_shape, variant):
     rec = quant_bench.decode(tiny_shape, variant, [1, 2], new_tokens=4, prompt_len=4, ceiling_tbps=1.0)
     assert rec["b1_tok_s"] > 0 and rec["b2_tok_s"] > 0 and rec["weight_bytes"] > 0
+    assert isinstance(rec["fused_rows"], int) and rec["fused_rows_us"] == {}  # timed on a GPU only
     if variant.startswith("int4"):  # the CPU keeps the Triton / reference path, fused decode included
         assert rec["int4_kernel_used"] == "triton" and rec["tinygemm_max_m"] == 0
     if variant != "bf16":
@@ -80,6 +81,10 @@ def test_decode_record_gpu(tiny_shape, variant):
     through the semi-structured kernels) and decodes at batch 1 and 16 on a GPU."""
     rec = quant_bench.decode(tiny_shape, variant, [1, 16], new_tokens=8, prompt_len=4, ceiling_tbps=1.0)
     assert rec["b1_tok_s"] > 0 and rec["b16_tok_s"] > 0, rec
+    # Issue 13: the fused decode's row limit, timed at startup where the path is fused at all.
+    assert bool(rec["fused_rows_us"]) == rec["fused_decode"], rec
+    if rec["fused_rows_us"]:
+        assert rec["fused_rows"] in (0, *map(int, rec["fused_rows_us"])), rec
     kernel = variant.partition("@")[2]
     if kernel in ("triton", "tinygemm"):
         assert rec["int4_kernel_used"] == kernel and rec["fused_decode"] == (kernel == "triton"), rec

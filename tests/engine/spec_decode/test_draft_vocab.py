@@ -25,6 +25,7 @@ from engine.spec_decode.draft_vocab import (
     select_subset, write_token_frequencies,
 )
 from engine.spec_decode.rejection import processed_probs, rejection_sample
+from kernels.gemv import SMALL_M
 
 TARGET = "llama_gqa_untied"
 MAX_TOKENS = (5, 17, 9, 30, 1, 12, 23, 2)
@@ -344,8 +345,9 @@ def test_bf16_sampled_rows_with_a_subset_drafter_repeat_and_stay_in_the_subset(m
     draft = _draft_dir(model_dir, tmp_path, "".join(f"{i} {300 - i}\n" for i in range(200)), "llama_mha_tied")
     params = [SamplingParams(temperature=0.8, top_p=0.9, max_tokens=20, seed=i) if i % 2 else _greedy(20)
               for i in range(8)]
+    # fused_decode_rows pinned: each engine would time it apart (bf16 tokens need one path).
     kw = dict(device="cuda", dtype="bfloat16", max_model_len=256, kv_cache_tokens=8192,
-              speculative_config=_spec(draft, 64))
+              speculative_config=_spec(draft, 64), fused_decode_rows=SMALL_M)
     runs = []
     for _ in range(2):
         llm = LLM(model_dir(TARGET, with_tokenizer=True), **kw)

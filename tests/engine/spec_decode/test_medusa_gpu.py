@@ -10,6 +10,7 @@ from drafts import fitted_medusa_heads
 from tiny_models import NEW_TOKENS
 
 from engine import LLM, SamplingParams
+from kernels.gemv import SMALL_M
 
 pytestmark = pytest.mark.gpu
 TARGET = "llama_gqa_untied"
@@ -77,8 +78,9 @@ def test_bf16_mixed_batch_runs_and_seeded_sampling_repeats(heads, model_dir, mix
     target = model_dir(TARGET, with_tokenizer=True)
     params = [SamplingParams(temperature=0.8, top_p=0.9, max_tokens=20, seed=i, logprobs=1 if i % 3 == 0 else None)
               if i % 2 else SamplingParams(temperature=0.0, max_tokens=20) for i in range(8)]
+    # fused_decode_rows pinned: each engine would time it apart (bf16 tokens need one path).
     kw = dict(device="cuda", dtype="bfloat16", max_model_len=256, kv_cache_tokens=8192,
-              speculative_config=_spec(heads, num_speculative_tokens=3))
+              speculative_config=_spec(heads, num_speculative_tokens=3), fused_decode_rows=SMALL_M)
     a = LLM(target, **kw).generate(mixed_prompts[:8], params)
     b = LLM(target, **kw).generate(mixed_prompts[:8], params)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
