@@ -48,6 +48,8 @@
 #                                              # tokens and nano-vllm's prompts (issue 13)
 #   experiments/engine_session.sh profile      # after stash + stash2 (+ .gpu/heads): a speculative round's time, host
 #                                              # against GPU, at batch 1 on the real teacher (issue 14)
+#   experiments/engine_session.sh fusedrows    # carry .gpu/wheels: decode with the fused rows pinned at 16 and timed,
+#                                              # 7B and 135M shapes, then the GPU tests (issue 13)
 #   experiments/engine_session.sh bg NAME V..  # the verbs V.. in their own process session (they outlive the call);
 #                                              # `collect` (COLLECT_S) waits for every chain and fetches $H/bg
 set -uo pipefail
@@ -321,6 +323,18 @@ case "${1:?verb}" in
       > "$OUTDIR/profile_medusa.log" 2>&1; grep -v Warn "$OUTDIR/profile_medusa.log" | tail -n 1 | cut -c1-600
     timeout ${VERIFY_S:-120} python3 experiments/spec_bench.py --json "$OUTDIR/verify_cost.jsonl" verify-cost --shape smollm2-135m \
       --context 512 > "$OUTDIR/verify_cost.log" 2>&1; grep -v Warn "$OUTDIR/verify_cost.log" | tail -n 4 | cut -c1-300;;
+  fusedrows)  # carry .gpu/wheels: the fused decode's row limit timed at startup (engine/fused_rows.py): decode tok/s
+              # with it pinned at 16 (the engine before) and timed, back to back per shape, then its GPU tests (issue 13)
+    for shape in llama2-7b smollm2-135m; do
+      b="1 16"; [ $shape = smollm2-135m ] && b="1 16 64"
+      for e in fused_decode_rows=16 ""; do
+        timeout ${DECODE_S:-90} python3 -m eval.bench --json "$OUTDIR/fusedrows_decode.jsonl" decode --shape $shape --batch $b \
+          ${e:+--engine $e} 2>&1 | grep -E "fused decode|tok/s" | cut -c1-400
+      done
+    done
+    timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/test_fused_decode_rows.py \
+      tests/kernels/test_fused_decode_rows_triton.py tests/engine/test_multi_step.py tests/engine/test_engine_gpu.py \
+      > "$OUTDIR/fusedrows_tests.txt" 2>&1; tail -n 4 "$OUTDIR/fusedrows_tests.txt";;
   sp24sweep)  # the 2:4 + int4 GEMV / GEMM sweep alone
     timeout ${SWEEP_S:-330} python3 experiments/sparse24_gemv_sweep.py --json "$OUTDIR/sp24_sweep.jsonl" --m 1 2 4 8 16 \
       --budget-s ${SP24_BUDGET_S:-100} > "$OUTDIR/sp24_sweep.log" 2>&1; tail -n 4 "$OUTDIR/sp24_sweep.log";;

@@ -56,6 +56,9 @@ def engine_decode(model_dir: str, dummy: bool, batches: list[int], new_tokens: i
               cuda_graph_max_bs=max_bs, max_model_len=prompt_len + new_tokens + 16,
               enable_prefix_caching=False, **cfg)
     vocab = llm.engine.vocab_size
+    runner = llm.engine.runner
+    log(f"  fused decode up to {runner.model.model.fused_rows} rows; timed per bucket (fused/unfused us): "
+        f"{ {b: (round(t['fused'], 1), round(t['unfused'], 1)) for b, t in runner.fused_rows_us.items()} }")
     out = {}
     for bs in batches:
         params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
