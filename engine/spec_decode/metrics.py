@@ -84,17 +84,34 @@ class SpecDecodeMetrics:
 class PhaseClock:
     """Marks between the phases of a speculative step. On a GPU they are CUDA events, read after the
     step's one sync: the draft hands its tokens to the verify on the device, so the host reaches
-    the end of the draft after launching it, long before the GPU does. On the CPU, host time."""
+    the end of the draft after launching it, long before the GPU does. On the CPU, host time.
+
+    One clock per worker, restarted each step (``start``): its events are created once and recorded
+    on the stream looked up once per step by device index. A fresh Event per mark and torch's
+    current-stream lookup inside ``Event.record()`` cost ~35 us a mark on the H200's host (cProfile,
+    BENCHMARKS.md fourteenth session: ~110 us of a ~1.2 ms round on SmolLM2-135M, with the GPU idle)."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.index = (device.index if device.index is not None else torch.cuda.current_device()) if self.cuda else None
+        self.events: list = []  # CUDA events, reused step after step
         self.marks: list = []
+        self.stream = None
+
+    def start(self) -> "PhaseClock":
+        """Begin a step: forget the last step's marks and take mark 0 now."""
+        self.marks = []
+        if self.cuda:
+            self.stream = torch.cuda.current_stream(self.index)
         self.mark()
+        return self
 
     def mark(self) -> None:
         if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            if len(self.marks) == len(self.events):
+                self.events.append(torch.cuda.Event(enable_timing=True))
+            event = self.events[len(self.marks)]
+            event.record(self.stream)
             self.marks.append(event)
         else:
             self.marks.append(time.perf_counter())

@@ -87,6 +87,7 @@ class GreedyRounds:
         self.h_out = torch.zeros(self.out.numel(), dtype=torch.int64, pin_memory=True) if on_cuda else None
         self.h_stats = torch.zeros(self.stats.numel(), dtype=torch.int32, pin_memory=True) if on_cuda else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._clock = PhaseClock(device)
         self.num_steps = 0  # steps that ran here
         # Graphs need the Triton advances (the torch references index by masks: a sync).
         if (on_cuda and target.graphs is not None and self.draft.graphs is not None and self.buckets
@@ -110,7 +111,7 @@ class GreedyRounds:
         assert 1 < rounds <= self.max_rounds and n <= self.max_bs and batch.num_draft == [k] * n
         graphed = bool(self.graphs)
         b = self.bucket_of[n] if graphed else n
-        clock = PhaseClock(self.target.device)
+        clock = self._clock.start()
         with torch.inference_mode():
             self.proposer.catch_up(seqs, lag=2)  # the rounds feed the last two tokens themselves
             self.draft.decode_inputs.prepare_lagged(seqs, b)

@@ -44,6 +44,7 @@ class SpecDecodeWorker:
         self.proposer = proposer
         self.eos_token_ids = eos_token_ids
         self.metrics = SpecDecodeMetrics()
+        self._clock = PhaseClock(target.device)  # the steps' phase clock (its CUDA events made once)
         self.spec = spec
         self.policy: SpecPolicy | None = None
         self._proposed_any = True  # whether the latest speculative step's drafter proposed anything
@@ -118,7 +119,7 @@ class SpecDecodeWorker:
             return self.rounds.step(batch, self.metrics)
         seqs = batch.seqs
         assert batch.num_draft is not None
-        clock = PhaseClock(self.target.device)
+        clock = self._clock.start()
         proposal = self.proposer.propose(seqs, batch.num_draft)
         clock.mark()
         counts = proposal.num_tokens

@@ -22,13 +22,35 @@ def test_counters_and_rates():
     assert m.mean_accepted_length == pytest.approx(1 + 5 / 3)
     assert m.acceptance_per_position == pytest.approx([2 / 3, 1 / 3, 0.5, 0.5])
     m.add_time("draft", 0.25)
-    clock = PhaseClock(torch.device("cpu"))
+    clock = PhaseClock(torch.device("cpu")).start()
     clock.mark()
     clock.mark()
     m.add_phases(clock)
     d = m.as_dict()
     assert d["draft_time_s"] >= 0.25 and d["verify_time_s"] >= 0.0 and d["num_accepted_tokens"] == 5
     assert d["draft_time_s"] == pytest.approx(0.25 + clock.seconds(0, 1))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_phase_clock_restarts_each_step_and_reuses_its_events(device):
+    """One clock per worker: start() forgets the last step's marks; on a GPU the same CUDA events are
+    recorded again (made once), and the phases time the work between the marks."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    clock = PhaseClock(torch.device(device))
+    for _ in range(3):
+        assert clock.start() is clock and len(clock.marks) == 1
+        if device == "cuda":
+            torch.cuda._sleep(2_000_000)  # ~1 ms of GPU time between marks 0 and 1
+        clock.mark()
+        clock.mark()
+        assert len(clock.marks) == 3 and clock.seconds(0, 1) >= 0.0 and clock.seconds(1, 2) >= 0.0
+        if device == "cuda":
+            assert len(clock.events) == 3 and clock.seconds(0, 1) > 1e-4
+    events = list(clock.events)
+    clock.start()
+    clock.mark()
+    assert clock.events[:2] == events[:2]  # the same event objects, no new ones
 
 
 def test_empty_metrics_and_bad_records():
