@@ -202,6 +202,6 @@ class DecodeInputs:
         if out.device.type == "cuda":
             host = self.h_tokens[: out.numel()].view(out.shape)
             host.copy_(out, non_blocking=True)
-            torch.cuda.current_stream().synchronize()
+            torch.cuda.current_stream(out.device.index).synchronize()  # by index: no device lookup
             out = host
         return out.t().tolist()

@@ -158,7 +158,7 @@ class GreedyRounds:
             h_stats = self.h_stats[: stats.numel()].view(stats.shape)
             h_out.copy_(out, non_blocking=True)
             h_stats.copy_(stats, non_blocking=True)
-            torch.cuda.current_stream().synchronize()
+            torch.cuda.current_stream(self._clock.index).synchronize()
             out, stats = h_out, h_stats
         counts = stats[:n].tolist()
         rows = out[:n].tolist()
