@@ -30,8 +30,8 @@ speed       tok/s of LLM.generate without speculation and with ``speculative_con
             acceptance it sees. Expected: never below ~0.98x of no speculation (0 where no fixed k pays,
             e.g. the distilled SmolLM2-135M drafter at batch 16, fixed k=4 0.70x; the probes cost ~1%),
             and within a few % of the best fixed k where one pays. Then the per-batch-size k policy the
-            fixed-k rows recommend (0 where speculation does not pay); with --num-rounds R (> 1) each
-            model drafter again as "<drafter>-rounds<R>", speculative_config num_rounds R at the largest
+            fixed-k rows recommend (0 where speculation does not pay); with --num-rounds R (> 1) n-gram
+            and each model drafter again as "<drafter>-rounds<R>", speculative_config num_rounds R at the largest
             k only (device-resident greedy rounds, engine/spec_decode/rounds.py: a fixed k, no auto);
             then verify-cost at --verify-shape. One process, variants past --budget-s skipped.
             Every row records its timed runs (engine steps, prompt tokens computed, wall and CPU time)
@@ -442,8 +442,9 @@ def speed(args) -> None:
     models = [(d, lambda d=d: {"model": d, **common}) for d in args.draft or []]
     models += [(f"truncated{n}", lambda n=n: {"model": truncated_draft(target_dir, n, work), **common})
                for n in args.truncated or []]
+    rounds = [d for d in drafters if d[0] == "ngram"] + models  # the drafters num_rounds takes
     drafters += models + [(f"{name}-rounds{r}", lambda make=make, r=r: {**make(), "num_rounds": r})
-                          for name, make in models for r in args.num_rounds if r > 1]
+                          for name, make in rounds for r in args.num_rounds if r > 1]
     for workload in args.workloads:
         prompts = fitting_prompts(load_prompts(workload, data_dir, tokenizer, max(args.batch), args.prompt_tokens),
                                   args.new_tokens, target_config.max_model_len, workload, args.json, "speed")
@@ -622,8 +623,8 @@ def main(argv: list[str] | None = None) -> None:
     sub.choices["speed"].add_argument("--truncated", type=int, nargs="*", default=[4],
                                       help="drafters made of the target's first N layers (+ norm and head)")
     sub.choices["speed"].add_argument("--num-rounds", type=int, nargs="+", default=[1],
-                                      help="also each model drafter with speculative_config num_rounds R (> 1), "
-                                           "at the largest --ks: device-resident greedy rounds")
+                                      help="also n-gram and each model drafter with speculative_config num_rounds "
+                                           "R (> 1), at the largest --ks: device-resident greedy rounds")
     sub.choices["speed"].add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
     sub.choices["speed"].add_argument("--auto", action=argparse.BooleanOptionalAction, default=True,
                                       help='also k "auto" (the engine\'s measured policy, up to the largest --ks)')

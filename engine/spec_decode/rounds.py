@@ -33,9 +33,20 @@ dropped) and Scheduler.finish_step rolls both caches back (num_computed_tokens, 
 unused tail blocks). A sequence that finished inside the step keeps running to the end of it on
 blocks it reserved: its tokens are dropped.
 
+An n-gram drafter (``method: "ngram"``) rounds the same way without a drafter model: the step uploads
+each sequence's tokens into a device history [b, max_model_len + k + 1] once, a round's drafts are
+ngram_device.py's lookup in it (the same proposal as ngram.py's, for every row at once; filler where
+nothing matches, which a greedy verify accepts only where the target chose it anyway), and after the
+verify its argmax rows go into the history at the rows' next positions (the n + 1 emitted ones are
+then the history's newest; the others lie past the new length and are overwritten before anything
+reads them). spec_advance's drafter rows are dummies there. On a launch-bound target this is what
+a one-round step cannot do: a round costs the GPU its verify and the lookup, not a host round trip
+(BENCHMARKS.md, fourteenth session: ~1.2 ms a round against ~0.6 ms of GPU work on SmolLM2-135M).
+
 Not here: tensor parallelism, the ``auto`` k policy (config.py refuses num_rounds > 1 with it), a
 k other than num_speculative_tokens (a per-batch-size table's smaller k takes the one-round path),
-n-gram drafting, sampling, logprobs: those steps take worker.py's one-round path unchanged.
+Medusa heads, sampling, logprobs: those steps take worker.py's one-round path unchanged. The
+acceptance metrics of n-gram rounds count k proposed tokens a round, filler included.
 """
 
 from __future__ import annotations
@@ -51,37 +62,153 @@ from engine.sequence import Sequence
 from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.draft_model import DraftModelProposer
 from engine.spec_decode.metrics import PhaseClock, SpecDecodeMetrics
+from engine.spec_decode.ngram import NgramProposer
+from engine.spec_decode.ngram_device import ngram_draft_device
 from engine.spec_decode.proposer import Proposer
 from kernels.spec_advance import spec_advance, spec_advance_ref
 
 
 def greedy_rounds(target: ModelRunner, proposer: Proposer, spec: SpeculativeConfig | None) -> GreedyRounds | None:
-    """The rounds runner of a speculative config with num_rounds > 1 and a model drafter, on one
-    rank; None otherwise (every step speculates one round)."""
-    if spec is None or spec.num_rounds <= 1 or not isinstance(proposer, DraftModelProposer):
+    """The rounds runner of a speculative config with num_rounds > 1 and a model or n-gram drafter,
+    on one rank; None otherwise (every step speculates one round)."""
+    if spec is None or spec.num_rounds <= 1 or target.tp_workers is not None:
         return None
-    if target.tp_workers is not None:
-        return None
-    return GreedyRounds(target, proposer, spec)
+    if isinstance(proposer, DraftModelProposer):
+        return GreedyRounds(target, ModelDrafter(proposer), spec)
+    if isinstance(proposer, NgramProposer):
+        return GreedyRounds(target, NgramDrafter(target, proposer, spec), spec)
+    return None
+
+
+class ModelDrafter:
+    """A draft model's part of a round: its k greedy steps (the first over the lagged 2b rows)."""
+
+    def __init__(self, proposer: DraftModelProposer) -> None:
+        self.proposer, self.runner = proposer, proposer.runner
+        self.inputs = self.runner.decode_inputs
+        self.tokens: torch.Tensor | None = None  # [k + 1, b] device buffer (GreedyRounds sizes it)
+
+    def fits(self, b: int) -> bool:
+        return 2 * b <= self.inputs.d.ids.shape[0]
+
+    def graphable(self) -> bool:
+        return self.runner.graphs is not None and self.inputs.use_triton
+
+    def begin(self, seqs: list[Sequence], b: int) -> None:
+        self.proposer.catch_up(seqs, lag=2)  # the rounds feed the last two tokens themselves
+        self.inputs.prepare_lagged(seqs, b)
+
+    def draft(self, b: int, k: int) -> torch.Tensor:
+        """[b, k] drafts of a round, on the device."""
+        tokens = self.tokens[: (k + 1) * b].view(k + 1, b)
+        self.inputs.advance(_forward(self.runner, 2 * b), b, tokens)  # the newest rows' logits come first
+        for _ in range(k - 1):
+            self.inputs.advance(_forward(self.runner, b), b, tokens)
+        return tokens[1:].t()
+
+    def verified(self, logits: torch.Tensor, b: int, k: int) -> None:
+        pass
+
+    def advance_inputs(self, b: int) -> tuple[torch.Tensor, ...]:
+        d = self.inputs.d
+        return d.ids[: 2 * b], d.pos[: 2 * b], d.lens[: 2 * b], d.slots[: 2 * b], d.start[: 2 * b], d.tables[: 2 * b]
+
+    def pad(self, b: int) -> None:
+        d = self.inputs.d
+        d.slots[: 2 * b].fill_(-1)
+        d.lens[: 2 * b].fill_(1)
+
+    def finish(self, seqs: list[Sequence], emitted: list[list[int]], k: int) -> None:
+        for seq, emitted_i in zip(seqs, emitted):
+            # The drafter's K/V after the last round: through the newest token's position, less d_{k-1}
+            # when all k were accepted (finish_step cuts it to the tokens the sequence keeps).
+            seq.draft_computed = len(seq) + sum(emitted_i) - 1 - (emitted_i[-1] == k + 1)
+
+
+class NgramDrafter:
+    """Prompt lookup on the device (ngram_device.py) over a history of each row's tokens."""
+
+    def __init__(self, target: ModelRunner, proposer: NgramProposer, spec: SpeculativeConfig) -> None:
+        self.target, self.min_n, self.max_n = target, proposer.min_n, proposer.max_n
+        rows, k = min(spec.max_batch_size, target.config.max_num_seqs), spec.num_speculative_tokens
+        self.max_len = target.config.max_model_len
+        # Room for a round's k + 1 argmax tokens past the longest context: no write is ever clamped.
+        width = self.max_len + k + 1
+        device = target.device
+        self.hist = torch.zeros(rows, width, dtype=torch.int64, device=device)
+        self.h_hist = torch.zeros(rows, width, dtype=torch.int64, pin_memory=True) if device.type == "cuda" else None
+        i64, i32 = torch.int64, torch.int32
+        # spec_advance's drafter rows: written, never read.
+        self.dummy = (torch.zeros(2 * rows, dtype=i64, device=device), torch.zeros(2 * rows, dtype=i64, device=device),
+                      torch.ones(2 * rows, dtype=i32, device=device), torch.full((2 * rows,), -1, dtype=i64, device=device),
+                      torch.zeros(2 * rows, dtype=i64, device=device), torch.zeros(2 * rows, 1, dtype=i32, device=device))
+
+    def fits(self, b: int) -> bool:
+        return b <= self.hist.shape[0]
+
+    def graphable(self) -> bool:
+        return True
+
+    def begin(self, seqs: list[Sequence], b: int) -> None:
+        """Each sequence's tokens into its history row (one copy; the step's rounds then append)."""
+        host = self.h_hist if self.h_hist is not None else self.hist
+        view = host.numpy()
+        for i, seq in enumerate(seqs):
+            view[i, : len(seq.token_ids)] = seq.token_ids
+        if self.h_hist is not None:
+            self.hist[: len(seqs)].copy_(self.h_hist[: len(seqs)], non_blocking=True)
+
+    def _lens(self, b: int, k: int) -> torch.Tensor:
+        """Each row's context length: its verify chunk starts at len - 1 (padding rows: clamped)."""
+        pos = self.target.decode_inputs.d.pos[: b * (k + 1)].view(b, k + 1)[:, 0]
+        return (pos + 1).clamp(1, self.max_len)
+
+    def draft(self, b: int, k: int) -> torch.Tensor:
+        drafts, _ = ngram_draft_device(self.hist[:b], self._lens(b, k), self.min_n, self.max_n, k)
+        return drafts
+
+    def verified(self, logits: torch.Tensor, b: int, k: int) -> None:
+        """The verify's argmax at the rows' next k + 1 positions (before spec_advance moves them)."""
+        argmax = logits[: b * (k + 1)].argmax(dim=-1).view(b, k + 1)
+        cols = self._lens(b, k)[:, None] + torch.arange(k + 1, device=argmax.device)[None, :]
+        self.hist[:b].scatter_(1, cols, argmax)
+
+    def advance_inputs(self, b: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t[: 2 * b] for t in self.dummy)
+
+    def pad(self, b: int) -> None:
+        pass
+
+    def finish(self, seqs: list[Sequence], emitted: list[list[int]], k: int) -> None:
+        pass
+
+
+def _forward(runner: ModelRunner, rows: int) -> torch.Tensor:
+    """Logits of the first ``rows`` decode rows of ``runner`` (the model's dtype: argmax only)."""
+    ids, pos, ctx = runner.decode_inputs.views(rows)
+    set_context(ctx)
+    hidden = runner.model(ids, pos)
+    reset_context()
+    return runner.model.compute_logits(hidden)
 
 
 class GreedyRounds:
-    def __init__(self, target: ModelRunner, proposer: DraftModelProposer, spec: SpeculativeConfig) -> None:
-        self.target, self.draft, self.proposer = target, proposer.runner, proposer
+    def __init__(self, target: ModelRunner, drafter: ModelDrafter | NgramDrafter, spec: SpeculativeConfig) -> None:
+        self.target, self.drafter = target, drafter
         self.k, self.max_rounds = spec.num_speculative_tokens, spec.num_rounds
         k = self.k
         target_rows = target.decode_inputs.d.ids.shape[0]
-        draft_rows = self.draft.decode_inputs.d.ids.shape[0]
         max_bs = min(spec.max_batch_size, target.config.max_num_seqs)
-        # Batch buckets whose round fits both runners' decode rows: b (k + 1) verify rows, 2b draft rows.
-        self.buckets = [b for b in decode_buckets(max_bs) if b * (k + 1) <= target_rows and 2 * b <= draft_rows]
+        # Batch buckets whose round fits the runners' decode rows: b (k + 1) verify rows (and a drafter's).
+        self.buckets = [b for b in decode_buckets(max_bs) if b * (k + 1) <= target_rows and drafter.fits(b)]
         self.max_bs = self.buckets[-1] if self.buckets else 0
         self.bucket_of = [next(b for b in self.buckets if b >= n) for n in range(self.max_bs + 1)] if self.buckets else []
         device = target.device
         b, width = self.max_bs, self.max_rounds * (k + 1)
         self.out = torch.zeros(b * width, dtype=torch.int64, device=device)  # [b, R (k + 1)] emitted tokens
         self.stats = torch.zeros(b * (2 + self.max_rounds), dtype=torch.int32, device=device)  # spec_advance's
-        self.draft_tokens = torch.zeros((k + 1) * b, dtype=torch.int64, device=device)
+        if isinstance(drafter, ModelDrafter):
+            drafter.tokens = torch.zeros((k + 1) * b, dtype=torch.int64, device=device)
         on_cuda = device.type == "cuda"
         # Pinned host copies on a GPU: the step's one transfer back (on the CPU the buffers are read as they are).
         self.h_out = torch.zeros(self.out.numel(), dtype=torch.int64, pin_memory=True) if on_cuda else None
@@ -90,8 +217,7 @@ class GreedyRounds:
         self._clock = PhaseClock(device)
         self.num_steps = 0  # steps that ran here
         # Graphs need the Triton advances (the torch references index by masks: a sync).
-        if (on_cuda and target.graphs is not None and self.draft.graphs is not None and self.buckets
-                and target.decode_inputs.use_triton and self.draft.decode_inputs.use_triton):
+        if on_cuda and target.graphs is not None and drafter.graphable() and self.buckets and target.decode_inputs.use_triton:
             self._capture()
 
     def rounds_for_step(self, batch_size: int, k: int) -> int:
@@ -113,8 +239,7 @@ class GreedyRounds:
         b = self.bucket_of[n] if graphed else n
         clock = self._clock.start()
         with torch.inference_mode():
-            self.proposer.catch_up(seqs, lag=2)  # the rounds feed the last two tokens themselves
-            self.draft.decode_inputs.prepare_lagged(seqs, b)
+            self.drafter.begin(seqs, b)
             self.target.decode_inputs.prepare_chunks(
                 [([s.token_ids[-1]] + [0] * k, len(s) - 1, s.block_table) for s in seqs], b * (k + 1))
             self._buffers(b)[1].zero_()
@@ -126,10 +251,7 @@ class GreedyRounds:
             tokens, emitted = self._fetch(b, n, rounds)
         clock.mark()
         metrics.add_time("verify", clock.seconds(0, 1))  # drafting and verifying interleave: all of it here
-        for seq, emitted_i in zip(seqs, emitted):
-            # The drafter's K/V after the last round: through the newest token's position, less d_{k-1}
-            # when all k were accepted (finish_step cuts it to the tokens the sequence keeps).
-            seq.draft_computed = len(seq) + sum(emitted_i) - 1 - (emitted_i[-1] == k + 1)
+        self.drafter.finish(seqs, emitted, k)
         self._record(seqs, emitted, metrics)
         self.num_steps += 1
         return StepResult(tokens)
@@ -166,32 +288,20 @@ class GreedyRounds:
 
     # -- a round ---------------------------------------------------------------------------------
     def _round(self, b: int) -> None:
-        """Drafter steps, drafts into the verify rows, verify forward, spec_advance: nothing waits."""
-        k, inputs = self.k, self.draft.decode_inputs
-        tokens = self.draft_tokens[: (k + 1) * b].view(k + 1, b)
-        inputs.advance(self._forward(self.draft, 2 * b), b, tokens)  # the newest rows' logits come first
-        for _ in range(k - 1):
-            inputs.advance(self._forward(self.draft, b), b, tokens)
+        """Drafts, drafts into the verify rows, verify forward, spec_advance: nothing waits."""
+        k = self.k
         t = self.target.decode_inputs.d
-        t.ids[: b * (k + 1)].view(b, k + 1)[:, 1:].copy_(tokens[1:].t())
-        self._advance(self._forward(self.target, b * (k + 1)), b)
-
-    @staticmethod
-    def _forward(runner: ModelRunner, rows: int) -> torch.Tensor:
-        """Logits of the first ``rows`` decode rows of ``runner`` (the model's dtype: argmax only)."""
-        ids, pos, ctx = runner.decode_inputs.views(rows)
-        set_context(ctx)
-        hidden = runner.model(ids, pos)
-        reset_context()
-        return runner.model.compute_logits(hidden)
+        t.ids[: b * (k + 1)].view(b, k + 1)[:, 1:].copy_(self.drafter.draft(b, k))
+        logits = _forward(self.target, b * (k + 1))
+        self.drafter.verified(logits, b, k)
+        self._advance(logits, b)
 
     def _advance(self, logits: torch.Tensor, b: int) -> None:
-        t, d, q = self.target.decode_inputs.d, self.draft.decode_inputs.d, b * (self.k + 1)
+        t, q = self.target.decode_inputs.d, b * (self.k + 1)
         fn = spec_advance if self.target.decode_inputs.use_triton else spec_advance_ref
         out, stats = self._buffers(b)
         fn(logits, t.ids[:q], t.pos[:q], t.lens[:q], t.slots[:q], t.start[:q], t.tables[:q],
-           d.ids[: 2 * b], d.pos[: 2 * b], d.lens[: 2 * b], d.slots[: 2 * b], d.start[: 2 * b], d.tables[: 2 * b],
-           out, stats, self.k, self.target.block_size)
+           *self.drafter.advance_inputs(b), out, stats, self.k, self.target.block_size)
 
     # -- graphs ----------------------------------------------------------------------------------
     def _capture(self) -> None:
@@ -199,14 +309,13 @@ class GreedyRounds:
         capture run on inputs that store nothing (every row padding): the warm-up round launches each
         kernel once before the capture records it, and changes nothing a step reads."""
         pool = None
-        t, d = self.target.decode_inputs.d, self.draft.decode_inputs.d
+        t = self.target.decode_inputs.d
         with torch.inference_mode():
             for b in reversed(self.buckets):
                 q = b * (self.k + 1)
                 t.slots[:q].fill_(-1)
                 t.lens[:q].fill_(1)
-                d.slots[: 2 * b].fill_(-1)
-                d.lens[: 2 * b].fill_(1)
+                self.drafter.pad(b)
                 self._round(b)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()

@@ -234,8 +234,8 @@ def test_chat_prompts_take_a_batch_encoding(bench):
 
 
 def test_speed_times_device_resident_rounds_per_model_drafter(bench, data_dir, model_dir, tmp_path):
-    """--num-rounds 4: each model drafter again with speculative_config num_rounds 4 at the largest
-    k (a fixed k: no auto row), its rows marked; n-gram drafting has no rounds variant."""
+    """--num-rounds 4: n-gram and each model drafter again with speculative_config num_rounds 4 at the
+    largest k (a fixed k: no auto row), their rows marked."""
     target = model_dir("llama_gqa_untied", with_tokenizer=True)
     draft = model_dir("llama_mha_tied", with_tokenizer=True)
     out = tmp_path / "speed.jsonl"
@@ -245,11 +245,13 @@ def test_speed_times_device_resident_rounds_per_model_drafter(bench, data_dir, m
                 "--engine", '{"device": "cpu"}'])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert not [r for r in rows if "error" in r or "skipped" in r]
-    rounds = [r for r in rows if r["bench"] == "speed" and r["spec"] == f"{draft}-rounds4"]
-    assert sorted((r["k"], r["batch"], r["num_rounds"]) for r in rounds) == [(2, 1, 4), (2, 2, 4)]
-    assert all(r["tok_s"] > 0 and r["metrics"]["num_proposed_tokens"] > 0 for r in rounds)
-    assert {r["spec"] for r in rows if r["bench"] == "speed"} == {"none", "ngram", draft, f"{draft}-rounds4"}
-    assert all(r["num_rounds"] == 1 for r in rows if r["bench"] == "speed" and r["spec"] != f"{draft}-rounds4")
+    for name in (f"{draft}-rounds4", "ngram-rounds4"):
+        rounds = [r for r in rows if r["bench"] == "speed" and r["spec"] == name]
+        assert sorted((r["k"], r["batch"], r["num_rounds"]) for r in rounds) == [(2, 1, 4), (2, 2, 4)]
+        assert all(r["tok_s"] > 0 and r["metrics"]["num_proposed_tokens"] > 0 for r in rounds)
+    assert {r["spec"] for r in rows if r["bench"] == "speed"} == {"none", "ngram", draft, f"{draft}-rounds4",
+                                                                 "ngram-rounds4"}
+    assert all(r["num_rounds"] == 1 for r in rows if r["bench"] == "speed" and "-rounds4" not in r["spec"])
 
 
 def _speed_row(spec: str, k, tok_s: float, schedule=(34, 32, 0, 16), **extra) -> dict:

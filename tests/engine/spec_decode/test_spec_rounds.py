@@ -112,9 +112,80 @@ def test_num_rounds_config_errors(target, drafts, raw):
         LLM(target, device="cpu", speculative_config={"model": drafts["poor"], "num_speculative_tokens": 3, **raw})
 
 
-def test_num_rounds_is_not_an_ngram_key(target):
+@pytest.mark.parametrize("raw", [{"num_rounds": 0}, {"num_rounds": "2"},
+                                 {"num_rounds": 2, "num_speculative_tokens_per_batch_size": "auto"}])
+def test_ngram_num_rounds_config_errors(target, raw):
     with pytest.raises(SpeculativeConfigError, match="speculative_config.num_rounds"):
-        LLM(target, device="cpu", speculative_config={"method": "ngram", "num_speculative_tokens": 3, "num_rounds": 2})
+        LLM(target, device="cpu", speculative_config={"method": "ngram", "num_speculative_tokens": 3, **raw})
+
+
+def _ngram(rounds: int, k: int = 3) -> dict:
+    return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+            "num_rounds": rounds}
+
+
+def _repeating_prompts(n: int, seed: int) -> list[list[int]]:
+    """Prompts that repeat a random phrase (prompt lookup finds matches) with a random tail."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        phrase = [rng.randrange(3, 250) for _ in range(rng.randrange(2, 6))]
+        out.append(phrase * rng.randrange(2, 5) + [rng.randrange(3, 250) for _ in range(rng.randrange(0, 4))])
+    return out
+
+
+def test_ngram_rounds_equal_plain_decoding_in_a_ragged_batch(target):
+    """n-gram drafts looked up on the device (ngram_device.py) in a history the rounds extend themselves:
+    the output equals plain decoding and one-round n-gram speculation; drafts are accepted and rejected."""
+    ps = _repeating_prompts(len(MAX_TOKENS), seed=21)
+    params = [_greedy(m) for m in MAX_TOKENS]
+    base, _ = _run(target, ps, params)
+    one, _ = _run(target, ps, params, _ngram(1))
+    assert one == base
+    for rounds in (2, 4):
+        llm = LLM(target, device="cpu", block_size=4, speculative_config=_ngram(rounds))
+        runner = llm.engine.spec_worker.rounds
+        step, checked = runner.step, []
+
+        def spy(batch, metrics):  # after a step the history holds each context and every emitted token
+            before = [list(s.token_ids) for s in batch.seqs]
+            result = step(batch, metrics)
+            for i, (ctx, new) in enumerate(zip(before, result.tokens)):
+                assert runner.drafter.hist[i, : len(ctx) + len(new)].tolist() == ctx + new
+            checked.append(len(batch.seqs))
+            return result
+
+        runner.step = spy
+        out = [o.token_ids for o in llm.generate(_ids(ps), params)]
+        assert out == base, rounds
+        assert checked and runner.num_steps == len(checked)
+        m = llm.engine.spec_metrics
+        assert 0.0 < m.acceptance_rate < 1.0
+        assert _pool_full(llm.engine)
+
+
+def test_ngram_rounds_with_stops_padding_rows_and_the_triton_kernels(target):
+    """A stop token and max_tokens inside rounds; a batch in its bucket's rows (padding rows look up
+    garbage and write nothing); then the Triton spec_advance (interpreted on the CPU), eager."""
+    ps = _repeating_prompts(6, seed=22)
+    params = [_greedy(m) for m in (19, 7, 26, 3, 14, 22)]
+    base, _ = _run(target, ps, params, block_size=4)
+    stop = base[2][5]  # a token the third sequence makes: its run stops there
+    stopped = params[:2] + [_greedy(26, stop_token_ids=[stop])] + params[3:]
+    base_stop, _ = _run(target, ps, stopped, block_size=4)
+    assert len(base_stop[2]) < len(base[2])
+    llm = LLM(target, device="cpu", block_size=4, speculative_config=_ngram(3))
+    rounds = llm.engine.spec_worker.rounds
+    rounds.graphs = {b: _Replay(rounds, b) for b in rounds.buckets}
+    assert [o.token_ids for o in llm.generate(_ids(ps), stopped)] == base_stop
+    assert rounds.num_steps > 0 and _pool_full(llm.engine)
+    kw = dict(use_triton=True, enforce_eager=True, dtype="float32", block_size=4, max_model_len=64)
+    base_t, _ = _run(target, ps[:3], params[:3], **kw)
+    out, engine = _run(target, ps[:3], params[:3], _ngram(3, k=2), **kw)
+    assert out == base_t and engine.spec_worker.rounds.num_steps > 0
+    assert _pool_full(engine)
 
 
 def test_rounds_through_the_triton_kernels(target, drafts):

@@ -39,6 +39,24 @@ def test_fp32_graphed_rounds_match_transformers(num_rounds, model_dir, mixed_pro
     _check_rounds_ran(llm.engine)
 
 
+@pytest.mark.parametrize("num_rounds", [2, 4])
+def test_fp32_graphed_ngram_rounds_match_transformers(num_rounds, model_dir, mixed_prompts, hf_reference):
+    """n-gram rounds in CUDA graphs (the device lookup, the history's scatter, spec_advance's dummy
+    drafter rows) on prompts whose halves repeat, so that drafts are found."""
+    target = model_dir("llama_gqa_untied", with_tokenizer=True)
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+            "num_rounds": num_rounds, "max_batch_size": 32}
+    llm = LLM(target, device="cuda", dtype="float32", max_model_len=256, block_size=4, num_kv_blocks=200,
+              max_num_batched_tokens=256, cuda_graph_max_bs=32, speculative_config=spec)
+    ps = [p[: len(p) // 2 + 1] * 2 for p in mixed_prompts]
+    params = [SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS - i % 5, ignore_eos=True) for i in range(len(ps))]
+    outs = llm.generate(ps, params)
+    ref = hf_reference("llama_gqa_untied", ps)
+    assert [o.token_ids for o in outs] == [r[: p.max_tokens] for r, p in zip(ref, params)]
+    _check_rounds_ran(llm.engine)
+    assert llm.engine.spec_metrics.num_accepted > 0
+
+
 def _smollm2_prompts() -> list[dict]:
     g = torch.Generator().manual_seed(0)
     return [{"prompt_token_ids": torch.randint(3, SHAPES["smollm2-135m"]["vocab_size"], (n,), generator=g).tolist()}
