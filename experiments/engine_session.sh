@@ -50,6 +50,8 @@
 #                                              # against GPU, at batch 1 on the real teacher (issue 14)
 #   experiments/engine_session.sh fusedrows    # carry .gpu/wheels: decode with the fused rows pinned at 16 and timed,
 #                                              # 7B and 135M shapes, then the GPU tests (issue 13)
+#   experiments/engine_session.sh s15          # after stash + stash2: the fourteenth session's untimed work (GPU
+#                                              # tests, n-gram rounds against one round and plain, a round's profile)
 #   experiments/engine_session.sh bg NAME V..  # the verbs V.. in their own process session (they outlive the call);
 #                                              # `collect` (COLLECT_S) waits for every chain and fetches $H/bg
 set -uo pipefail
@@ -335,6 +337,21 @@ case "${1:?verb}" in
     timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/test_fused_decode_rows.py \
       tests/kernels/test_fused_decode_rows_triton.py tests/engine/test_multi_step.py tests/engine/test_engine_gpu.py \
       > "$OUTDIR/fusedrows_tests.txt" 2>&1; tail -n 4 "$OUTDIR/fusedrows_tests.txt";;
+  s15)  # after `stash` + `stash2`: what the fourteenth session built and could not time (issues 13, 14): the GPU
+        # tests of n-gram rounds, the fused-rows limit, the phase clock; n-gram in device-resident rounds against
+        # one round and plain decoding on the real teacher (--check), b1/4/16; a profile of an n-gram round step
+    assemble
+    timeout ${TESTS_S:-400} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_spec_rounds_gpu.py \
+      tests/engine/test_fused_decode_rows.py tests/kernels/test_fused_decode_rows_triton.py \
+      tests/engine/spec_decode/test_spec_metrics.py tests/engine/test_multi_step.py > "$OUTDIR/s15_tests.txt" 2>&1
+    tail -n 6 "$OUTDIR/s15_tests.txt"
+    timeout ${SPEC_S:-400} python3 experiments/spec_bench.py --json "$OUTDIR/ngram_rounds.jsonl" speed --target "$H/t/smol.gguf" \
+      --truncated --data-dir "$H/data" --workloads wikitext gsm8k --batch 1 4 16 --ks 2 4 --num-rounds 1 4 8 --auto \
+      --check --repeats 2 --budget-s 330 --engine '{"max_model_len": 2048}' > "$OUTDIR/ngram_rounds.log" 2>&1
+    grep -v Warn "$OUTDIR/ngram_rounds.log" | tail -n 8 | cut -c1-300
+    timeout ${PROF_S:-200} python3 experiments/spec_round_profile.py --target "$H/t/smol.gguf" --data-dir "$H/data" \
+      --variants plain,spec --num-rounds 4 --out "$OUTDIR/profile_rounds" --json "$OUTDIR/profile_rounds.jsonl" \
+      > "$OUTDIR/profile_rounds.log" 2>&1; grep -v Warn "$OUTDIR/profile_rounds.log" | tail -n 2 | cut -c1-500;;
   sp24sweep)  # the 2:4 + int4 GEMV / GEMM sweep alone
     timeout ${SWEEP_S:-330} python3 experiments/sparse24_gemv_sweep.py --json "$OUTDIR/sp24_sweep.jsonl" --m 1 2 4 8 16 \
       --budget-s ${SP24_BUDGET_S:-100} > "$OUTDIR/sp24_sweep.log" 2>&1; tail -n 4 "$OUTDIR/sp24_sweep.log";;

@@ -14,7 +14,7 @@ each profile's Chrome trace (gzip) and its op tables (top by self CUDA time, by 
 and a cProfile of a fourth run's Python functions by cumulative time (the host's share by function).
 
     python experiments/spec_round_profile.py --target SMOL.gguf|HF_DIR --data-dir ../shared/data --out DIR \
-        [--batch 1] [--k 4] [--method ngram|medusa --heads DIR] [--new-tokens 128] [--json results.jsonl]
+        [--batch 1] [--k 4] [--method ngram|medusa --heads DIR] [--num-rounds R] [--new-tokens 128] [--json results.jsonl]
 """
 
 from __future__ import annotations
@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--method", default="ngram", choices=["ngram", "medusa"])
     p.add_argument("--heads", help="--method medusa: the heads' directory")
+    p.add_argument("--num-rounds", type=int, default=1,
+                   help="the spec variant's speculative_config num_rounds (device-resident rounds: rounds.py)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--engine", default='{"max_model_len": 2048}', help="EngineConfig overrides as JSON")
@@ -129,8 +131,11 @@ def main(argv: list[str] | None = None) -> None:
     spec = {"method": args.method, "num_speculative_tokens": args.k}
     if args.method == "medusa":
         spec["model"] = args.heads
+    if args.num_rounds > 1:
+        spec["num_rounds"] = args.num_rounds
     variants = {"plain": ("plain", engine), "plain_1step": ("plain_1step", {**engine, "num_decode_steps": 1}),
-                "spec": (f"{args.method}_k{args.k}", {**engine, "speculative_config": spec})}
+                "spec": (f"{args.method}_k{args.k}" + (f"_r{args.num_rounds}" if args.num_rounds > 1 else ""),
+                         {**engine, "speculative_config": spec})}
     wanted = [v.strip() for v in args.variants.split(",")]
     unknown = [v for v in wanted if v not in variants]
     if unknown:
