@@ -73,20 +73,21 @@ def greedy_rounds(target: ModelRunner, proposer: Proposer, spec: SpeculativeConf
     on one rank; None otherwise (every step speculates one round)."""
     if spec is None or spec.num_rounds <= 1 or target.tp_workers is not None:
         return None
+    rows, k = min(spec.max_batch_size, target.config.max_num_seqs), spec.num_speculative_tokens
     if isinstance(proposer, DraftModelProposer):
-        return GreedyRounds(target, ModelDrafter(proposer), spec)
+        return GreedyRounds(target, ModelDrafter(proposer, rows, k), spec)
     if isinstance(proposer, NgramProposer):
-        return GreedyRounds(target, NgramDrafter(target, proposer, spec), spec)
+        return GreedyRounds(target, NgramDrafter(target, proposer, rows, k), spec)
     return None
 
 
 class ModelDrafter:
     """A draft model's part of a round: its k greedy steps (the first over the lagged 2b rows)."""
 
-    def __init__(self, proposer: DraftModelProposer) -> None:
+    def __init__(self, proposer: DraftModelProposer, rows: int, k: int) -> None:
         self.proposer, self.runner = proposer, proposer.runner
         self.inputs = self.runner.decode_inputs
-        self.tokens: torch.Tensor | None = None  # [k + 1, b] device buffer (GreedyRounds sizes it)
+        self.tokens = torch.zeros((k + 1) * rows, dtype=torch.int64, device=self.runner.device)  # [k + 1, b]
 
     def fits(self, b: int) -> bool:
         return 2 * b <= self.inputs.d.ids.shape[0]
@@ -128,9 +129,8 @@ class ModelDrafter:
 class NgramDrafter:
     """Prompt lookup on the device (ngram_device.py) over a history of each row's tokens."""
 
-    def __init__(self, target: ModelRunner, proposer: NgramProposer, spec: SpeculativeConfig) -> None:
+    def __init__(self, target: ModelRunner, proposer: NgramProposer, rows: int, k: int) -> None:
         self.target, self.min_n, self.max_n = target, proposer.min_n, proposer.max_n
-        rows, k = min(spec.max_batch_size, target.config.max_num_seqs), spec.num_speculative_tokens
         self.max_len = target.config.max_model_len
         # Room for a round's k + 1 argmax tokens past the longest context: no write is ever clamped.
         width = self.max_len + k + 1
@@ -194,6 +194,7 @@ def _forward(runner: ModelRunner, rows: int) -> torch.Tensor:
 
 class GreedyRounds:
     def __init__(self, target: ModelRunner, drafter: ModelDrafter | NgramDrafter, spec: SpeculativeConfig) -> None:
+        """``drafter``: a round's drafting part, for at least min(max_batch_size, max_num_seqs) rows."""
         self.target, self.drafter = target, drafter
         self.k, self.max_rounds = spec.num_speculative_tokens, spec.num_rounds
         k = self.k
@@ -207,8 +208,6 @@ class GreedyRounds:
         b, width = self.max_bs, self.max_rounds * (k + 1)
         self.out = torch.zeros(b * width, dtype=torch.int64, device=device)  # [b, R (k + 1)] emitted tokens
         self.stats = torch.zeros(b * (2 + self.max_rounds), dtype=torch.int32, device=device)  # spec_advance's
-        if isinstance(drafter, ModelDrafter):
-            drafter.tokens = torch.zeros((k + 1) * b, dtype=torch.int64, device=device)
         on_cuda = device.type == "cuda"
         # Pinned host copies on a GPU: the step's one transfer back (on the CPU the buffers are read as they are).
         self.h_out = torch.zeros(self.out.numel(), dtype=torch.int64, pin_memory=True) if on_cuda else None
