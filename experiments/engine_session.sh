@@ -57,8 +57,10 @@
 set -uo pipefail
 H=$HOME; OUTDIR=${OUT:-$H/out}; mkdir -p "$OUTDIR"
 # once per machine: chains in the background import from $H/site while later calls start
+# (.gpu/ct: compressed-tensors and loguru, `pip download --no-deps`: transformers loads a quantized artifact
+# through it, the quality gate and eval of the quantize stage; the GPU host's image lacks it)
 [ -f "$H/site/.installed" ] || { python3 -m pip install -q --no-index --no-deps --no-compile --target "$H/site" \
-  .gpu/wheels/*.whl 2>/dev/null && touch "$H/site/.installed"; }
+  .gpu/wheels/*.whl $(ls .gpu/ct/*.whl 2>/dev/null) 2>/dev/null && touch "$H/site/.installed"; }
 export PYTHONUNBUFFERED=1 PYTHONPATH="$H/site:$PWD" HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 B="python3 -m eval.bench --json $OUTDIR/bench.jsonl"
 assemble() {  # the GGUF from its parts (the first stashed by `stash`, the others carried now or by `stash2`)

@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from spec_bench import free_device_memory, load_prompts  # noqa: E402
+from spec_bench import emit, free_device_memory, load_prompts  # noqa: E402
 
 
 def busy_seconds(trace: dict) -> tuple[float, float, int]:
@@ -152,11 +152,7 @@ def main(argv: list[str] | None = None) -> None:
             row = run_variant(args, name, kwargs, prompts, out)
         except Exception as e:  # one variant failing must not lose the others
             row = {"bench": "spec_round_profile", "variant": name, "error": f"{type(e).__name__}: {e}"}
-        line = json.dumps(row)
-        print(line, flush=True)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(line + "\n")
+        emit(row, args.json)
 
 
 if __name__ == "__main__":

@@ -86,3 +86,19 @@ def load_experiment(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def count_fused_rows(monkeypatch) -> list[int]:
+    """The rows of every fused decode forward's layers as they run (engine/models/llama.py calls
+    gemv_rope_store once per layer on the fused path only), appended to the returned list."""
+    import engine.models.llama as llama_module
+
+    rows: list[int] = []
+    real = llama_module.gemv_kernels.gemv_rope_store
+
+    def counting(h, *args, **kwargs):
+        rows.append(h.shape[0])
+        return real(h, *args, **kwargs)
+
+    monkeypatch.setattr(llama_module.gemv_kernels, "gemv_rope_store", counting)
+    return rows

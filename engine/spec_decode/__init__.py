@@ -5,6 +5,7 @@ one forward, rejection sampling keeps the output distribution the target's (gree
                   draft_engine_config (the draft runner's EngineConfig, checked against the target)
     proposer.py   Proposal, the Proposer protocol, draft_limit (k per sequence)
     ngram.py      NgramProposer: prompt lookup, no model
+    ngram_device.py ngram_draft_device(): the same lookup for every row at once on the device (rounds)
     medusa.py     MedusaProposer: heads on the target's last hidden state (common/medusa.py), the
                   target's LM head; load_medusa_heads checks the artifact against the target
     rejection.py  verify(): greedy matching and batched rejection sampling, no host sync
@@ -20,6 +21,8 @@ one forward, rejection sampling keeps the output distribution the target's (gree
     draft_vocab.py draft_vocab_size: the draft's LM head kept to the most frequent tokens (FR-Spec)
     worker.py     SpecDecodeWorker.step(): draft, verify forward, verify(), the StepResult
     verify_paths.py VerifyPaths: which forward a verify takes, timed per token count at startup
+    rounds.py     GreedyRounds: num_rounds R device-resident greedy rounds per step (a draft model's
+                  or n-gram's drafts, the verify, kernels/spec_advance.py), one sync per R rounds
 
 How it runs in the engine:
 

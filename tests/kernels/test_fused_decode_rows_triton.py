@@ -12,19 +12,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 from tiny_models import hf_greedy, make_model_dir, prompts  # noqa: E402
 
-import engine.models.llama as llama_module  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
+from support import count_fused_rows  # noqa: E402
 
 
 def test_pinned_fused_rows_split_decode_between_the_paths(tmp_path, monkeypatch):
-    fused_rows = []
-    gemv_rope_store = llama_module.gemv_kernels.gemv_rope_store
-
-    def counting(h, *args, **kwargs):
-        fused_rows.append(h.shape[0])
-        return gemv_rope_store(h, *args, **kwargs)
-
-    monkeypatch.setattr(llama_module.gemv_kernels, "gemv_rope_store", counting)
+    fused_rows = count_fused_rows(monkeypatch)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -17,20 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine" / "spec_de
 from tiny_models import make_model_dir  # noqa: E402
 from verify_batch import verify_chunks, verify_runner  # noqa: E402
 
-import engine.models.llama as llama_module  # noqa: E402
 from graph_replay import eager_decode_graphs  # noqa: E402
+from support import count_fused_rows  # noqa: E402
 
 
 @pytest.mark.parametrize("graphed", [False, True])
 def test_pseudo_rows_with_triton_kernels_give_the_prefill_verify_logits(tmp_path, monkeypatch, graphed):
-    fused_rows = []
-    gemv_rope_store = llama_module.gemv_kernels.gemv_rope_store
-
-    def counting(h, *args, **kwargs):
-        fused_rows.append(h.shape[0])
-        return gemv_rope_store(h, *args, **kwargs)
-
-    monkeypatch.setattr(llama_module.gemv_kernels, "gemv_rope_store", counting)
+    fused_rows = count_fused_rows(monkeypatch)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
