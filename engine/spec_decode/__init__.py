@@ -5,7 +5,6 @@ one forward, rejection sampling keeps the output distribution the target's (gree
                   draft_engine_config (the draft runner's EngineConfig, checked against the target)
     proposer.py   Proposal, the Proposer protocol, draft_limit (k per sequence)
     ngram.py      NgramProposer: prompt lookup, no model
-    ngram_device.py ngram_draft_device(): the same lookup for every row at once on the device (rounds)
     medusa.py     MedusaProposer: heads on the target's last hidden state (common/medusa.py), the
                   target's LM head; load_medusa_heads checks the artifact against the target
     rejection.py  verify(): greedy matching and batched rejection sampling, no host sync

@@ -35,7 +35,7 @@ blocks it reserved: its tokens are dropped.
 
 An n-gram drafter (``method: "ngram"``) rounds the same way without a drafter model: the step uploads
 each sequence's tokens into a device history [b, max_model_len + k + 1] once, a round's drafts are
-ngram_device.py's lookup in it (the same proposal as ngram.py's, for every row at once; filler where
+kernels/ngram_match.py's lookup in it (the same proposal as ngram.py's, for every row at once; filler where
 nothing matches, which a greedy verify accepts only where the target chose it anyway), and after the
 verify its argmax rows go into the history at the rows' next positions (the n + 1 emitted ones are
 then the history's newest; the others lie past the new length and are overwritten before anything
@@ -63,8 +63,8 @@ from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.draft_model import DraftModelProposer
 from engine.spec_decode.metrics import PhaseClock, SpecDecodeMetrics
 from engine.spec_decode.ngram import NgramProposer
-from engine.spec_decode.ngram_device import ngram_draft_device
 from engine.spec_decode.proposer import Proposer
+from kernels.ngram_match import ngram_match, ngram_match_ref
 from kernels.spec_advance import spec_advance, spec_advance_ref
 
 
@@ -127,7 +127,7 @@ class ModelDrafter:
 
 
 class NgramDrafter:
-    """Prompt lookup on the device (ngram_device.py) over a history of each row's tokens."""
+    """Prompt lookup on the device (kernels/ngram_match.py) over a history of each row's tokens."""
 
     def __init__(self, target: ModelRunner, proposer: NgramProposer, rows: int, k: int) -> None:
         self.target, self.min_n, self.max_n = target, proposer.min_n, proposer.max_n
@@ -164,7 +164,8 @@ class NgramDrafter:
         return (pos + 1).clamp(1, self.max_len)
 
     def draft(self, b: int, k: int) -> torch.Tensor:
-        drafts, _ = ngram_draft_device(self.hist[:b], self._lens(b, k), self.min_n, self.max_n, k)
+        fn = ngram_match if self.target.decode_inputs.use_triton else ngram_match_ref
+        drafts, _ = fn(self.hist[:b], self._lens(b, k), self.min_n, self.max_n, k)
         return drafts
 
     def verified(self, logits: torch.Tensor, b: int, k: int) -> None:

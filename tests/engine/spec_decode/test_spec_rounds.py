@@ -137,7 +137,7 @@ def _repeating_prompts(n: int, seed: int) -> list[list[int]]:
 
 
 def test_ngram_rounds_equal_plain_decoding_in_a_ragged_batch(target):
-    """n-gram drafts looked up on the device (ngram_device.py) in a history the rounds extend themselves:
+    """n-gram drafts looked up on the device (kernels/ngram_match.py) in a history the rounds extend themselves:
     the output equals plain decoding and one-round n-gram speculation; drafts are accepted and rejected."""
     ps = _repeating_prompts(len(MAX_TOKENS), seed=21)
     params = [_greedy(m) for m in MAX_TOKENS]

@@ -1,6 +1,7 @@
-"""engine/spec_decode/ngram_device.py: the device n-gram lookup equals ngram.ngram_proposal (the spec) row by
-row, on random contexts of small alphabets (many matches, overlaps with the suffix, contexts shorter than
-the n-grams), garbage past each row's length, several (min_n, max_n, k); filler past each row's count."""
+"""kernels/ngram_match.py: the device n-gram lookup (the torch reference and the Triton kernel, interpreted on
+the CPU) equals engine/spec_decode/ngram.py's ngram_proposal (the spec) row by row, on random contexts of small
+alphabets (many matches, overlaps with the suffix, contexts shorter than the n-grams), garbage past each row's
+length, several (min_n, max_n, k), widths across the kernel's blocks; filler past each row's count."""
 
 from __future__ import annotations
 
@@ -9,21 +10,23 @@ import pytest
 import torch
 
 from engine.spec_decode.ngram import ngram_proposal
-from engine.spec_decode.ngram_device import ngram_draft_device
+from kernels.ngram_match import ngram_match, ngram_match_ref
 
 
-@pytest.mark.parametrize("min_n,max_n,k", [(1, 1, 3), (1, 4, 4), (2, 4, 2), (3, 5, 6), (2, 2, 1)])
+@pytest.mark.parametrize("fn", [ngram_match_ref, ngram_match], ids=["ref", "triton"])
+@pytest.mark.parametrize("min_n,max_n,k,width", [(1, 1, 3, 40), (1, 4, 4, 40), (2, 4, 2, 1100), (3, 5, 6, 40),
+                                                 (2, 2, 1, 700)])
 @pytest.mark.parametrize("alphabet", [2, 3, 7])
-def test_device_lookup_equals_the_reference(min_n, max_n, k, alphabet):
-    g = torch.Generator().manual_seed(min_n * 100 + max_n * 10 + k + alphabet)
-    b, width = 24, 40
+def test_device_lookup_equals_the_reference(fn, min_n, max_n, k, width, alphabet):
+    g = torch.Generator().manual_seed(min_n * 100 + max_n * 10 + k + alphabet + width)
+    b = 24
     hist = torch.randint(0, alphabet, (b, width), generator=g)
     lens = torch.randint(1, width + 1, (b,), generator=g)
     lens[:3] = torch.tensor([1, 2, min_n])  # shorter than any proposal needs
     garbage = torch.randint(100, 200, (b, width), generator=g)
     past = torch.arange(width)[None, :] >= lens[:, None]
     hist = torch.where(past, garbage, hist)  # what lies past a row's length must not matter
-    drafts, count = ngram_draft_device(hist, lens, min_n, max_n, k)
+    drafts, count = fn(hist, lens, min_n, max_n, k)
     assert drafts.shape == (b, k) and count.shape == (b,)
     proposed = 0
     for i in range(b):
@@ -36,8 +39,9 @@ def test_device_lookup_equals_the_reference(min_n, max_n, k, alphabet):
     assert 0 < proposed < b  # both kinds of rows were checked
 
 
-def test_lengths_beyond_the_width_are_clamped():
+@pytest.mark.parametrize("fn", [ngram_match_ref, ngram_match], ids=["ref", "triton"])
+def test_lengths_beyond_the_width_are_clamped(fn):
     hist = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2]])
-    drafts, count = ngram_draft_device(hist, torch.tensor([99]), 1, 3, 3)
+    drafts, count = fn(hist, torch.tensor([99]), 1, 3, 3)
     ref = ngram_proposal(np.array([1, 2, 3, 1, 2, 3, 1, 2]), 1, 3, 3).tolist()
     assert count.item() == len(ref) and drafts[0, : len(ref)].tolist() == ref
