@@ -348,7 +348,7 @@ case "${1:?verb}" in
       tests/engine/spec_decode/test_spec_metrics.py tests/engine/test_multi_step.py > "$OUTDIR/s15_tests.txt" 2>&1
     tail -n 6 "$OUTDIR/s15_tests.txt"
     timeout ${SPEC_S:-400} python3 experiments/spec_bench.py --json "$OUTDIR/ngram_rounds.jsonl" speed --target "$H/t/smol.gguf" \
-      --truncated --data-dir "$H/data" --workloads wikitext gsm8k --batch 1 4 16 --ks 2 4 --num-rounds 1 4 8 --auto \
+      --truncated --data-dir "$H/data" --workloads grounded gsm8k wikitext --batch 1 4 16 --ks 2 4 --num-rounds 1 4 8 --auto \
       --check --repeats 2 --budget-s 330 --engine '{"max_model_len": 2048}' > "$OUTDIR/ngram_rounds.log" 2>&1
     grep -v Warn "$OUTDIR/ngram_rounds.log" | tail -n 8 | cut -c1-300
     timeout ${PROF_S:-200} python3 experiments/spec_round_profile.py --target "$H/t/smol.gguf" --data-dir "$H/data" \
