@@ -166,6 +166,26 @@ def test_ngram_rounds_equal_plain_decoding_in_a_ragged_batch(target):
         assert _pool_full(llm.engine)
 
 
+def test_ngram_rounds_under_preemption_and_up_to_max_model_len(target):
+    """A pool too small for every sequence (steps that cannot reserve R (k + 1) positions take one
+    round, preemption recomputes and re-uploads the history), and contexts that run into max_model_len
+    (the history's last columns, R shrinking to one round): the output equals plain decoding."""
+    ps = _repeating_prompts(6, seed=23)
+    params = [_greedy(m) for m in (30, 25, 28, 20, 31, 26)]
+    kw = dict(block_size=4, num_kv_blocks=30, max_model_len=64)
+    base, _ = _run(target, ps, params, **kw)
+    out, engine = _run(target, ps, params, _ngram(4), **kw)
+    assert engine.scheduler.num_preemptions > 0 and engine.spec_worker.rounds.num_steps > 0
+    assert out == base
+    assert engine.block_manager.num_free_blocks == 30
+    long = [(p * 20)[:40] for p in _repeating_prompts(2, seed=24)]
+    params = [_greedy(64 - 40), _greedy(64 - 41)]  # to the last position max_model_len allows
+    base, _ = _run(target, long, params, block_size=4, max_model_len=64)
+    out, engine = _run(target, long, params, _ngram(4), block_size=4, max_model_len=64)
+    assert out == base and engine.spec_worker.rounds.num_steps > 0
+    assert _pool_full(engine)
+
+
 def test_ngram_rounds_with_stops_padding_rows_and_the_triton_kernels(target):
     """A stop token and max_tokens inside rounds; a batch in its bucket's rows (padding rows look up
     garbage and write nothing); then the Triton spec_advance (interpreted on the CPU), eager."""
