@@ -12,6 +12,8 @@ import torch
 from engine.spec_decode.ngram import ngram_proposal
 from kernels.ngram_match import ngram_match, ngram_match_ref
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 @pytest.mark.parametrize("fn", [ngram_match_ref, ngram_match], ids=["ref", "triton"])
 @pytest.mark.parametrize("min_n,max_n,k,width", [(1, 1, 3, 40), (1, 4, 4, 40), (2, 4, 2, 1100), (3, 5, 6, 40),
@@ -26,7 +28,7 @@ def test_device_lookup_equals_the_reference(fn, min_n, max_n, k, width, alphabet
     garbage = torch.randint(100, 200, (b, width), generator=g)
     past = torch.arange(width)[None, :] >= lens[:, None]
     hist = torch.where(past, garbage, hist)  # what lies past a row's length must not matter
-    drafts, count = fn(hist, lens, min_n, max_n, k)
+    drafts, count = (t.cpu() for t in fn(hist.to(DEVICE), lens.to(DEVICE), min_n, max_n, k))
     assert drafts.shape == (b, k) and count.shape == (b,)
     proposed = 0
     for i in range(b):
@@ -42,7 +44,7 @@ def test_device_lookup_equals_the_reference(fn, min_n, max_n, k, width, alphabet
 @pytest.mark.parametrize("fn", [ngram_match_ref, ngram_match], ids=["ref", "triton"])
 def test_lengths_beyond_the_width_are_clamped(fn):
     hist = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2]])
-    drafts, count = fn(hist, torch.tensor([99]), 1, 3, 3)
+    drafts, count = (t.cpu() for t in fn(hist.to(DEVICE), torch.tensor([99], device=DEVICE), 1, 3, 3))
     ref = ngram_proposal(np.array([1, 2, 3, 1, 2, 3, 1, 2]), 1, 3, 3).tolist()
     assert count.item() == len(ref) and drafts[0, : len(ref)].tolist() == ref
 
