@@ -343,7 +343,7 @@ case "${1:?verb}" in
         # tests of n-gram rounds, the fused-rows limit, the phase clock; n-gram in device-resident rounds against
         # one round and plain decoding on the real teacher (--check), b1/4/16; a profile of an n-gram round step
     assemble
-    timeout ${TESTS_S:-400} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_spec_rounds_gpu.py \
+    timeout ${TESTS_S:-400} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_spec_rounds_gpu.py tests/kernels/test_ngram_match.py \
       tests/engine/test_fused_decode_rows.py tests/kernels/test_fused_decode_rows_triton.py \
       tests/engine/spec_decode/test_spec_metrics.py tests/engine/test_multi_step.py > "$OUTDIR/s15_tests.txt" 2>&1
     tail -n 6 "$OUTDIR/s15_tests.txt"
