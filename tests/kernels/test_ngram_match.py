@@ -79,3 +79,26 @@ def test_ngram_match_compiles_for_sm90():
 
     regs, spills = map(int, _compile_sm90(SM90_COMPILE).split()[-2:])
     assert 0 < regs <= 255 and spills == 0
+
+
+@pytest.mark.gpu
+def test_kernel_on_the_gpu_equals_the_reference_and_replays_in_a_graph():
+    """At the rounds' sizes (16 rows, 2k positions + k + 1) the kernel equals the torch reference, and a CUDA
+    graph holding it (as a round's does) replays the same answer for new contents of its input buffers."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(5)
+    b, width, k = 16, 2048 + 5, 4
+    hist = torch.randint(0, 4, (b, width), generator=g).cuda()
+    lens = torch.randint(1, width - k, (b,), generator=g).cuda()
+    ref = ngram_match_ref(hist, lens, 2, 4, k)
+    got = ngram_match(hist, lens, 2, 4, k)
+    assert all(torch.equal(x, y) for x, y in zip(got, ref))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ngram_match(hist, lens, 2, 4, k)
+    hist.copy_(torch.randint(0, 3, (b, width), generator=g).cuda())
+    lens.copy_(torch.randint(1, width - k, (b,), generator=g).cuda())
+    graph.replay()
+    ref = ngram_match_ref(hist, lens, 2, 4, k)
+    assert all(torch.equal(x, y) for x, y in zip(out, ref))
