@@ -283,12 +283,14 @@ def gpu_seconds(run: Callable[[], object]) -> float:
     return start.elapsed_time(end) / 1e3
 
 
-def median_seconds(run: Callable[[], object], graph: bool, warmup: int = 3, repeats: int = 7) -> float:
-    """Median device seconds (gpu_seconds) of one call of ``run`` after one eager call (it compiles
-    and loads its kernels: a first launch inside a capture would invalidate it) and ``warmup``
-    more. With ``graph``: of one replay of a CUDA graph that captured it, what a graphed step of
-    that code costs the GPU without the host's launch cost an eager run would also time (the graph
-    is released after); without: the eager run's, host gaps included, as an eager engine runs it."""
+def device_seconds(run: Callable[[], object], graph: bool, warmup: int = 3, repeats: int = 7,
+                   reduce: Callable[[list[float]], float] = np.median) -> float:
+    """Device seconds (gpu_seconds) of one call of ``run``, ``reduce`` (median; min for a best-of) of
+    ``repeats`` timings after one eager call (it compiles and loads its kernels: a first launch
+    inside a capture would invalidate it) and ``warmup`` more. With ``graph``: of one replay of a
+    CUDA graph that captured it, what a graphed step of that code costs the GPU without the host's
+    launch cost an eager run would also time (the graph is released after); without: the eager
+    run's, host gaps included, as an eager engine runs it."""
     run()
     captured = None
     if graph:
@@ -299,7 +301,7 @@ def median_seconds(run: Callable[[], object], graph: bool, warmup: int = 3, repe
         run = captured.replay
     for _ in range(warmup):
         run()
-    seconds = float(np.median([gpu_seconds(run) for _ in range(repeats)]))
+    seconds = float(reduce([gpu_seconds(run) for _ in range(repeats)]))
     if captured is not None:
         captured.reset()
     return seconds

@@ -19,7 +19,7 @@ The timed forward is the runner's eager decode forward (forward and LM head) ove
 staging buffer as graph capture leaves it: padding rows that store nothing (slot -1) and attend
 to one token. Attention is the same kernels on either path, so the difference is the matmuls'.
 With CUDA graphs each candidate is replayed from a graph of its own (median of several replays,
-cuda_graphs.median_seconds); with enforce_eager it runs eagerly, host gaps included, as the
+cuda_graphs.device_seconds); with enforce_eager it runs eagerly, host gaps included, as the
 engine will."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from engine.cuda_graphs import decode_buckets, median_seconds
+from engine.cuda_graphs import decode_buckets, device_seconds
 from kernels.gemv import MAX_NORM_K
 
 log = logging.getLogger("engine.fused_rows")
@@ -68,7 +68,7 @@ def set_fused_rows(runner: Any, max_rows: int, graphed: bool) -> dict[int, dict[
             us[b] = {}
             for path, rows in (("fused", cap), ("unfused", 0)):
                 model.fused_rows = rows
-                us[b][path] = median_seconds(functools.partial(runner.eager_decode_forward, b), graphed) * 1e6
+                us[b][path] = device_seconds(functools.partial(runner.eager_decode_forward, b), graphed) * 1e6
     model.fused_rows = choose_fused_rows(us)
     log.info("fused decode up to %d rows (of %d); us fused/unfused per bucket: %s", model.fused_rows, cap,
              ", ".join(f"{b}: {t['fused']:.1f}/{t['unfused']:.1f}" for b, t in us.items()))

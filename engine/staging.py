@@ -19,6 +19,15 @@ from types import SimpleNamespace
 import torch
 
 
+def device_index(device: torch.device) -> int | None:
+    """A CUDA device's index (the current device where it names none), None off CUDA. Pass it to
+    torch.cuda.current_stream(index): without one torch looks the current device up through ~10
+    Python calls (~20 us a call on the H200's host), on the host between two GPU steps."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 class StagingBuffer:
     def __init__(self, device: torch.device, fields: dict[str, tuple[torch.dtype, tuple[int, ...]]],
                  banks: int = 1) -> None:
@@ -42,9 +51,7 @@ class StagingBuffer:
         self.dev = SimpleNamespace(**self._views(self.device_buf))
         # Per bank (CUDA only): an event recorded behind its last copy; one never recorded is complete.
         self._copied = [torch.cuda.Event() for _ in self.host_bufs] if on_cuda else []
-        # The device by index: torch.cuda.current_stream() without one looks the current device up
-        # through ~10 Python calls (~20 us a call on the H200's host), once per copy.
-        self.index = (device.index if device.index is not None else torch.cuda.current_device()) if on_cuda else None
+        self.index = device_index(device)  # the current stream's lookup per copy (device_index)
 
     def _views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}

@@ -156,15 +156,16 @@ case "${1:?verb}" in
     timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_medusa_gpu.py \
       > "$OUTDIR/medusa_tests.txt" 2>&1; tail -n 6 "$OUTDIR/medusa_tests.txt";;
   mtrain)  # heads on sampled text ($H/medusa) and, unless MEDUSA_GREEDY is set empty, on greedy text
-           # ($H/medusa_greedy), the two trainings side by side on this GPU
+           # ($H/medusa_greedy), one after another: side by side, the second engine that generates the
+           # teacher's samples found no memory for its KV pool (the fourteenth session)
     assemble
     [ -d "$H/smol" ] || $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
     runs="medusa"; [ -n "${MEDUSA_GREEDY-1}" ] && runs="medusa medusa_greedy"
     for r in $runs; do
       t=""; [ $r = medusa_greedy ] && t="data.teacher_generated.temperature=0"
       timeout ${MEDUSA_S:-420} python3 experiments/medusa_bench.py --teacher "$H/t/smol.gguf" --data-dir "$H/data" \
-        --out "$H/$r" --cache-dir "$H/cache_$r" --json "$OUTDIR/$r.jsonl" ${MEDUSA_ARGS:-} $t > "$OUTDIR/$r.log" 2>&1 &
-    done; wait
+        --out "$H/$r" --cache-dir "$H/cache_$r" --json "$OUTDIR/$r.jsonl" ${MEDUSA_ARGS:-} $t > "$OUTDIR/$r.log" 2>&1
+    done
     for r in $runs; do grep -v Warn "$OUTDIR/$r.log" | tail -n 4 | cut -c1-400; done;;
   mspeed)  # the engine's tok/s with each trained set of TVD heads against the plain engine (--check), batch 1/4/16
     M=""; for r in medusa medusa_greedy; do

@@ -34,15 +34,9 @@ PREFILL_ROWS = (32, 64, 128, 256)
 def _seconds(run: Callable[[], object]) -> float:
     """Device seconds of run() replayed from a CUDA graph, as the engine runs decode (eager, the
     host's launch cost of a Triton kernel would be timed instead of the kernel): the best of 3."""
-    from engine.cuda_graphs import gpu_seconds  # engine.cuda_graphs imports the runner's modules
+    from engine.cuda_graphs import device_seconds  # engine.cuda_graphs imports the runner's modules
 
-    run()  # compiles
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    graph.replay()
-    return min(gpu_seconds(graph.replay) for _ in range(3))
+    return device_seconds(run, graph=True, warmup=1, repeats=3, reduce=min)
 
 
 def _shape(layer: Int4Linear) -> tuple:

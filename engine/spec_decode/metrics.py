@@ -11,6 +11,8 @@ from typing import Sequence as Seq
 
 import torch
 
+from engine.staging import device_index
+
 
 @dataclass
 class SpecDecodeMetrics:
@@ -93,7 +95,7 @@ class PhaseClock:
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self.index = (device.index if device.index is not None else torch.cuda.current_device()) if self.cuda else None
+        self.index = device_index(device)
         self.events: list = []  # CUDA events, reused step after step
         self.marks: list = []
         self.stream = None

@@ -64,6 +64,7 @@ from engine.spec_decode.draft_model import DraftModelProposer
 from engine.spec_decode.metrics import PhaseClock, SpecDecodeMetrics
 from engine.spec_decode.ngram import NgramProposer
 from engine.spec_decode.proposer import Proposer
+from engine.staging import device_index
 from kernels.ngram_match import ngram_match, ngram_match_ref
 from kernels.spec_advance import spec_advance, spec_advance_ref
 
@@ -137,11 +138,10 @@ class NgramDrafter:
         device = target.device
         self.hist = torch.zeros(rows, width, dtype=torch.int64, device=device)
         self.h_hist = torch.zeros(rows, width, dtype=torch.int64, pin_memory=True) if device.type == "cuda" else None
-        i64, i32 = torch.int64, torch.int32
-        # spec_advance's drafter rows: written, never read.
-        self.dummy = (torch.zeros(2 * rows, dtype=i64, device=device), torch.zeros(2 * rows, dtype=i64, device=device),
-                      torch.ones(2 * rows, dtype=i32, device=device), torch.full((2 * rows,), -1, dtype=i64, device=device),
-                      torch.zeros(2 * rows, dtype=i64, device=device), torch.zeros(2 * rows, 1, dtype=i32, device=device))
+        # spec_advance's drafter rows (ids, pos, lens, slots, start, tables): written, never read.
+        self.dummy = tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in (
+            (2 * rows, torch.int64), (2 * rows, torch.int64), (2 * rows, torch.int32), (2 * rows, torch.int64),
+            (2 * rows, torch.int64), ((2 * rows, 1), torch.int32)))
 
     def fits(self, b: int) -> bool:
         return b <= self.hist.shape[0]
@@ -215,6 +215,7 @@ class GreedyRounds:
         self.h_stats = torch.zeros(self.stats.numel(), dtype=torch.int32, pin_memory=True) if on_cuda else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._clock = PhaseClock(device)
+        self._index = device_index(device)
         self.num_steps = 0  # steps that ran here
         # Graphs need the Triton advances (the torch references index by masks: a sync).
         if on_cuda and target.graphs is not None and drafter.graphable() and self.buckets and target.decode_inputs.use_triton:
@@ -280,7 +281,7 @@ class GreedyRounds:
             h_stats = self.h_stats[: stats.numel()].view(stats.shape)
             h_out.copy_(out, non_blocking=True)
             h_stats.copy_(stats, non_blocking=True)
-            torch.cuda.current_stream(self._clock.index).synchronize()
+            torch.cuda.current_stream(self._index).synchronize()
             out, stats = h_out, h_stats
         counts = stats[:n].tolist()
         rows = out[:n].tolist()

@@ -39,6 +39,7 @@ from engine.spec_decode.step_costs import measure_step_costs
 # UNRUN_EAGER plain steps, then after every UNRUN_EVERY-th (_unrun_round).
 UNRUN_EAGER, UNRUN_EVERY = 8, 4
 
+
 class SpecDecodeWorker:
     def __init__(self, target: ModelRunner, proposer: Proposer, eos_token_ids: set[int] | frozenset[int],
                  spec: SpeculativeConfig | None = None) -> None:
@@ -97,9 +98,10 @@ class SpecDecodeWorker:
         as a verify would have said. Without it the estimates stay where the policy turned to plain
         decoding until a probe. One row per step, in turn, for the first UNRUN_EAGER plain steps
         after speculating (matches that start soon are seen soon), then every UNRUN_EVERY-th: a
-        lookup each, off the device but between two steps, with the GPU idle (~90 us for a ~300-token context on the
-        H200's host, against ~3.8 ms for a plain 8-token step of SmolLM2-135M: the fourteenth
-        session's n-gram engine with drafting off ran 0.96x the plain engine, where Medusa's ran 1.05x)."""
+        lookup each, off the device but between two steps, with the GPU idle (~90 us for a
+        ~300-token context on the H200's host against ~3.8 ms for a plain 8-token step of
+        SmolLM2-135M: the fourteenth session's n-gram engine with drafting off ran 0.96x the plain
+        engine, Medusa's 1.05x)."""
         i = self._unrun_row % len(seqs)
         self._unrun_row += 1
         seq, new = seqs[i], num_new[i]
