@@ -93,6 +93,11 @@ SMALL_M = 16  # most rows the skinny GEMM takes; larger batches go to cuBLAS
 MAX_NORM_K = 8192  # the norm prologue rereads the input rows in every program: keep them small
 LATENCY_BYTES = 4 << 20  # M == 1: weights below this are latency bound, above bandwidth bound
 MAX_TILE = 16384  # W elements a program loads per K step at M == 1 (all its tiles)
+MR_MAX_M = 8  # dense W at 1 < M <= this: the M == 1 multiply-reduce over each row (_matmul_rows)
+MR_REGS = 128  # _matmul_rows: fp32 W elements plus partial sums a thread holds, at most (gemv_config)
+# Whether gemv / gemv_rope_store take that path by default at 1 < M <= MR_MAX_M on dense W (False: the
+# 16-row tl.dot tiles, as every format past M == 1 before it; experiments/gemv_sweep.py times both).
+MR_ROWS = True
 
 
 def gemv_ref(
@@ -149,10 +154,12 @@ def batch_invariant_config(n: int, k: int) -> tuple[int, int, int, int]:
     return gemv_config(SMALL_M, n, k)
 
 
-def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True) -> tuple[int, int, int, int]:
+def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True,
+                mr: bool | None = None) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for M rows, N output columns, K inputs; ``two``: each
     output column reads two W rows (SwiGLU's gate and up); ``pdl``: launched with programmatic
-    dependent launch.
+    dependent launch; ``mr`` (None: MR_ROWS): 1 < M <= MR_MAX_M takes the multi-row multiply-reduce,
+    which reads dense W only (callers for a compressed W pass False).
 
     M == 1: a multiply-reduce over [BLOCK_N, BLOCK_K] tiles on the CUDA cores, from an H100 sweep
     of the decode shapes of SmolLM2-135M, TinyLlama-1.1B and Llama-2-7B in CUDA graphs
@@ -164,8 +171,17 @@ def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True) -> 
     - large ones: bandwidth bound. >= 512 programs, K steps of 2048 (4096 from K 8192), up to
       16384 W elements in flight per program (8 warps there): 2.7-3.1 TB/s of reads on Llama-2-7B
       shapes, against 2.4-2.7 with the earlier 1024-wide steps.
-    M > 1: tl.dot on a 16-row tile (its minimum), the padding rows cost registers, not memory traffic.
+    1 < M <= MR_MAX_M with ``mr``: M == 1's tile with BLOCK_M = next_pow2(M) (_matmul_rows), fewer
+    columns a program while a thread would hold more than MR_REGS fp32 W elements and partial sums
+    (BLOCK_N * rows * (BLOCK_K / threads + BLOCK_M * the thread's 16-byte runs of a K step)).
+    Otherwise M > 1: tl.dot on a 16-row tile (its minimum), the padding rows cost registers, not memory traffic.
     """
+    if 1 < m <= MR_MAX_M and (MR_ROWS if mr is None else mr):
+        _, block_n, block_k, num_warps = gemv_config(1, n, k, two, pdl)
+        block_m, rows, threads = next_pow2(m), 2 if two else 1, 32 * num_warps
+        while block_n > 1 and block_n * rows * (block_k // threads + block_m * triton.cdiv(block_k // 8, threads)) > MR_REGS:
+            block_n //= 2
+        return block_m, block_n, block_k, num_warps
     if m == 1:
         block_k = max(16, min(next_pow2(k), 2048 if k < 8192 else 4096))
         rows = 2 if two else 1
@@ -220,6 +236,7 @@ FAST_UNROLL = tl.constexpr(2) if HAS_TRITON else 2
 # inside a loop then rebuilds the constant in a fresh register for every code (a MOV a code,
 # 2.2 -> 2.0 thousand instructions an iteration at K 11008, (8, 2048, 2): gemv_sass_count.py).
 _PTX = tl.constexpr(not interpreting()) if HAS_TRITON else False
+_MR_MAX_M = tl.constexpr(MR_MAX_M) if HAS_TRITON else MR_MAX_M
 # kernels/quant.py's activation scales: absmax divided by these (its docstring: how, and why).
 _INT8_HALF_RANGE = tl.constexpr(INT8_HALF_RANGE) if HAS_TRITON else INT8_HALF_RANGE
 _FP8_MAX = tl.constexpr(FP8_MAX) if HAS_TRITON else FP8_MAX
@@ -751,14 +768,90 @@ if HAS_TRITON:
         return tl.sum(tl.sum(acc, 1), 1)[None, :], tl.sum(tl.sum(acc2, 1), 1)[None, :]  # in-thread R first
 
     @triton.jit
-    def _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
+    def _rows_step(acc, acc2, w, w2, x_ptr, x_stride, M, k, nw_ptr, rstds,
+                   K: tl.constexpr, BLOCK_M: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
+                   BF16_BY_HAND: tl.constexpr):
+        """_matmul_rows' K step at the inputs k [T, V]: each row's input (its rstd from the tuple
+        rstds) times the W tiles w (and w2) [BLOCK_N, T, V], summed over V into row m's partials
+        acc[:, :, m] (and acc2's)."""
+        wf = w.to(tl.float32)
+        wf2 = w2.to(tl.float32)
+        row_sel = tl.arange(0, BLOCK_M)[None, None, :]
+        for m in tl.static_range(BLOCK_M):
+            row = tl.minimum(tl.program_id(1) * BLOCK_M + m, M - 1).to(tl.int64)  # rows past M: M - 1's
+            x = _fast_x(x_ptr + row * x_stride, k, nw_ptr, rstds[m], 0.0, K, NORM, 0, BF16_BY_HAND)[None, :, :]
+            acc = tl.where(row_sel == m, acc + tl.sum(wf * x, 2)[:, :, None], acc)
+            if TWO:
+                acc2 = tl.where(row_sel == m, acc2 + tl.sum(wf2 * x, 2)[:, :, None], acc2)
+        return acc, acc2
+
+    @triton.jit
+    def _matmul_rows(
+        x_ptr, x_stride, M, w_rows, w_rows2, col_mask, nw_ptr, eps,
+        K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        NORM: tl.constexpr, TWO: tl.constexpr, BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr,
+    ):
+        """Dense W at 1 < M <= MR_MAX_M (BLOCK_M rows, a power of two): the M == 1 multiply-reduce
+        on the CUDA cores with each W tile loaded once and multiplied by every row's input in
+        registers, so a program keeps the M == 1 tile (its bytes in flight, the program count)
+        where tl.dot's 16-row tiles leave few programs with little in flight. Tiles are [BLOCK_N,
+        T, V]: V inputs (16 bytes) a thread, contiguous, for 128-bit loads. Each row's products are
+        summed over V in the thread only, into fp32 partials [BLOCK_N, T, BLOCK_M] (the row on the
+        last axis, in registers: selecting it by tl.where on a constant index costs nothing); the
+        sum across threads happens once, after the K loop, not per step and row. Each row's input
+        is normalised with its own rstd (_row_stats' NORM prologue, unchanged) by _fast_x, as at
+        M == 1; rows past M compute row M - 1's sums again (no masked loads), never stored.
+        Returns [BLOCK_M, BLOCK_N] sums as _matmul's. fp32 inputs: fp32 products (no tf32)."""
+        dtype = x_ptr.dtype.element_ty
+        V: tl.constexpr = 128 // dtype.primitive_bitwidth
+        T: tl.constexpr = BLOCK_K // V
+        kk = tl.arange(0, T)[:, None] * V + tl.arange(0, V)[None, :]  # [T, V] offsets in a K step
+        w3 = w_rows[:, :, None]
+        w3_2 = w_rows2[:, :, None]
+        w_mask = col_mask[:, None, None] & (kk < K)[None, :, :]
+        w = tl.load(w3 + kk[None, :, :], mask=w_mask, other=0.0)  # before the PDL wait, as _matmul
+        w2 = w
+        if TWO:
+            w2 = tl.load(w3_2 + kk[None, :, :], mask=w_mask, other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        rows = tl.minimum(tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M), M - 1)  # rows past M: M - 1's
+        x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_stride
+        rstd, _ = _row_stats(x_rows, rows < M, tl.arange(0, BLOCK_K), nw_ptr, eps, K, BLOCK_M, BLOCK_K, NORM, 0,
+                             BF16_BY_HAND)
+        rstds = ()  # each row's rstd as a scalar, taken out of the tile once
+        for m in tl.static_range(BLOCK_M):
+            rstds = rstds + (tl.sum(tl.where(tl.arange(0, BLOCK_M) == m, rstd, 0.0), 0),)
+        acc = tl.zeros([BLOCK_N, T, BLOCK_M], tl.float32)
+        acc2 = acc
+        acc, acc2 = _rows_step(acc, acc2, w, w2, x_ptr, x_stride, M, kk, nw_ptr, rstds,
+                               K, BLOCK_M, NORM, TWO, BF16_BY_HAND)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            k = k0 + kk
+            w_mask = col_mask[:, None, None] & (k < K)[None, :, :]
+            w = tl.load(w3 + k[None, :, :], mask=w_mask, other=0.0)
+            w2 = w
+            if TWO:
+                w2 = tl.load(w3_2 + k[None, :, :], mask=w_mask, other=0.0)
+            acc, acc2 = _rows_step(acc, acc2, w, w2, x_ptr, x_stride, M, k, nw_ptr, rstds,
+                                   K, BLOCK_M, NORM, TWO, BF16_BY_HAND)
+        return tl.trans(tl.sum(acc, 1)), tl.trans(tl.sum(acc2, 1))
+
+    @triton.jit
+    def _matmul_any(x_ptr, x_stride, M, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
                     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     NORM: tl.constexpr, TWO: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
                     PDL: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
                     FAST: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr, SPLIT: tl.constexpr):
         """The accumulators of whichever matmul the kernel was specialised for: the fast M == 1
-        dequantization (FAST) or the exact path (of one part of K with SPLIT > 1)."""
-        if FAST and QUANT == 2:
+        dequantization (FAST), dense W's multi-row multiply-reduce (1 < BLOCK_M <= MR_MAX_M), or the
+        exact path (of one part of K with SPLIT > 1)."""
+        if 1 < BLOCK_M and BLOCK_M <= _MR_MAX_M:
+            tl.static_assert(QUANT == 0 and not FAST and SPLIT == 1, "multi-row tiles: dense W, no split-K")
+            return _matmul_rows(x_ptr, x_stride, M, w_rows, w_rows2, col_mask, nw_ptr, eps, K, BLOCK_M, BLOCK_N,
+                                BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL)
+        elif FAST and QUANT == 2:
             return _matmul_fast_runs(x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
                                      K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, HAS_ZERO)
         elif FAST:  # int8, W8A8
@@ -870,7 +963,7 @@ if HAS_TRITON:
         w_rows, s_rows, z_rows = _w_rows(w_ptr, s_ptr, z_ptr, cols, K, GROUP, QUANT, FAST)
         w_up, s_up, z_up = _w_rows(w_ptr, s_ptr, z_ptr, cols + N, K, GROUP, QUANT, FAST)
         dtype = x_ptr.dtype.element_ty
-        acc, acc_up = _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_up, s_rows, s_up, z_rows, z_up, col_mask, nw_ptr,
+        acc, acc_up = _matmul_any(x_ptr, x_stride, M, x_rows, row_mask, w_rows, w_up, s_rows, s_up, z_rows, z_up, col_mask, nw_ptr,
                                   eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, SWIGLU, IEEE, BF16_BY_HAND, PDL,
                                   GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, SPLIT)
         out_mask = row_mask[:, None] & col_mask[None, :]
@@ -974,7 +1067,7 @@ if HAS_TRITON:
         w_rows, s_rows, z_rows = _w_rows(w_ptr, s_ptr, z_ptr, col, K, GROUP, QUANT, FAST)
         w_rows2, s_rows2, z_rows2 = _w_rows(w_ptr, s_ptr, z_ptr, col + HALF, K, GROUP, QUANT, FAST)
         dtype = x_ptr.dtype.element_ty
-        acc1, acc2 = _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask,
+        acc1, acc2 = _matmul_any(x_ptr, x_stride, M, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask,
                                  nw_ptr, eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE, BF16_BY_HAND, PDL,
                                  GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, 1)
         acc1 = _column_scale(acc1, s_ptr, col, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
@@ -1056,6 +1149,13 @@ class SplitKWorkspace:
 SPLIT_K_WORKSPACE = SplitKWorkspace()
 
 
+def _check_rows_config(config: tuple[int, int, int, int], quant: str, split_k: int = 1) -> None:
+    """The multi-row multiply-reduce (1 < BLOCK_M <= MR_MAX_M) reads dense W in one part of K."""
+    if 1 < config[0] <= MR_MAX_M and (quant != "dense" or split_k != 1):
+        raise ValueError(f"gemv: config {config} (a multi-row multiply-reduce tile) reads dense weights without "
+                         f"split-K, not {quant} with split_k {split_k}")
+
+
 def _check_invariant(batch_invariant: bool, fast: bool, config: tuple[int, int, int, int] | None) -> None:
     if batch_invariant and fast:
         raise ValueError("gemv: batch_invariant with fast dequantization "
@@ -1111,7 +1211,9 @@ def gemv(
     (block_m, block_n, block_k, num_warps), qargs = _launch_config(
         m, n, k, quant, qargs, fast, swiglu, config,
         lambda: (batch_invariant_config(n, k) if batch_invariant
-                 else gemv_config(m, n, k, two=swiglu, pdl=launch["PDL"])))
+                 else gemv_config(m, n, k, two=swiglu, pdl=launch["PDL"], mr=None if quant == "dense" and split_k == 1
+                                  else False)))
+    _check_rows_config((block_m, block_n, block_k, num_warps), quant, split_k)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
     ws, count = SPLIT_K_WORKSPACE.get(x.device, split_k * m * 2 * n, grid[0] * grid[1]) if split_k > 1 else (out, out)
     _gemv_kernel[grid](
@@ -1133,13 +1235,14 @@ def gemv(
     return out
 
 
-def gemv_rope_store_config(m: int, n: int, k: int, pdl: bool = True) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_PAIRS, BLOCK_K, num_warps): gemv_config's, with each program computing as
-    many columns as the plain gemv's (half as many pairs, two W tiles of them), so M == 1 keeps its
-    program count.
-    tl.dot (M > 1) needs 16 pairs at least: there a program computes 32 columns."""
-    block_m, block_n, block_k, num_warps = gemv_config(m, n, k, pdl=pdl)
-    return block_m, max(16 if block_m > 1 else 1, block_n // 2), block_k, num_warps
+def gemv_rope_store_config(m: int, n: int, k: int, pdl: bool = True,
+                           mr: bool | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_PAIRS, BLOCK_K, num_warps): gemv_config's (``mr`` as there), with each program
+    computing as many columns as the plain gemv's (half as many pairs, two W tiles of them), so
+    the multiply-reduce (M <= MR_MAX_M) keeps its program count.
+    tl.dot (BLOCK_M 16) needs 16 pairs at least: there a program computes 32 columns."""
+    block_m, block_n, block_k, num_warps = gemv_config(m, n, k, pdl=pdl, mr=mr)
+    return block_m, max(16 if block_m > MR_MAX_M else 1, block_n // 2), block_k, num_warps
 
 
 def gemv_rope_store(
@@ -1181,7 +1284,9 @@ def gemv_rope_store(
     launch = pdl_launch_args(pdl, x.device)
     (block_m, block_pairs, block_k, num_warps), qargs = _launch_config(
         m, n // 2, k, quant, qargs, fast, True, config,
-        lambda: gemv_rope_store_config(SMALL_M if batch_invariant else m, n, k, pdl=launch["PDL"]))
+        lambda: gemv_rope_store_config(SMALL_M if batch_invariant else m, n, k, pdl=launch["PDL"],
+                                       mr=None if quant == "dense" else False))
+    _check_rows_config((block_m, block_pairs, block_k, num_warps), quant)
     _gemv_rope_store_kernel[(triton.cdiv(n // 2, block_pairs), triton.cdiv(m, block_m))](
         x, qargs.pop("w_ptr"), qargs.pop("s_ptr"), qargs.pop("z_ptr"), bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
         out, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,
