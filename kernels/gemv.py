@@ -768,22 +768,55 @@ if HAS_TRITON:
         return tl.sum(tl.sum(acc, 1), 1)[None, :], tl.sum(tl.sum(acc2, 1), 1)[None, :]  # in-thread R first
 
     @triton.jit
+    def _halves(ts):
+        """Each tensor [..., 2] of the tuple ts as its two halves [...]: a tuple twice as long."""
+        out = ()
+        for i in tl.static_range(len(ts)):
+            a, b = tl.split(ts[i])
+            out = out + (a, b)
+        return out
+
+    @triton.jit
+    def _leaves(t, V: tl.constexpr):
+        """t [R, T, V] (V = 2, 4 or 8, a thread's contiguous run) as a tuple of V tensors [R, T]:
+        register renaming, no data movement."""
+        R: tl.constexpr = t.shape[0]
+        T: tl.constexpr = t.shape[1]
+        if V == 8:
+            return _halves(_halves(_halves((tl.reshape(t, [R, T, 2, 2, 2]),))))
+        elif V == 4:
+            return _halves(_halves((tl.reshape(t, [R, T, 2, 2]),)))
+        else:
+            return _halves((t,))
+
+    @triton.jit
     def _rows_step(acc, acc2, w, w2, x_ptr, x_stride, M, k, nw_ptr, rstds,
-                   K: tl.constexpr, BLOCK_M: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
+                   K: tl.constexpr, BLOCK_M: tl.constexpr, V: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
                    BF16_BY_HAND: tl.constexpr):
         """_matmul_rows' K step at the inputs k [T, V]: each row's input (its rstd from the tuple
         rstds) times the W tiles w (and w2) [BLOCK_N, T, V], summed over V into row m's partials
-        acc[:, :, m] (and acc2's)."""
-        wf = w.to(tl.float32)
-        wf2 = w2.to(tl.float32)
-        row_sel = tl.arange(0, BLOCK_M)[None, None, :]
+        acc[:, :, m] (and acc2's). The V products of a run are split into registers (_leaves) and
+        chained: one FMUL and V - 1 FFMA, then one FADD into the partial (tl.sum's tree would take
+        V / 2 FMUL, V / 2 FFMA and V / 2 FADD)."""
+        ws = _leaves(w.to(tl.float32), V)
+        ws2 = ws
+        if TWO:
+            ws2 = _leaves(w2.to(tl.float32), V)
+        out = ()
+        out2 = ()
         for m in tl.static_range(BLOCK_M):
             row = tl.minimum(tl.program_id(1) * BLOCK_M + m, M - 1).to(tl.int64)  # rows past M: M - 1's
-            x = _fast_x(x_ptr + row * x_stride, k, nw_ptr, rstds[m], 0.0, K, NORM, 0, BF16_BY_HAND)[None, :, :]
-            acc = tl.where(row_sel == m, acc + tl.sum(wf * x, 2)[:, :, None], acc)
-            if TWO:
-                acc2 = tl.where(row_sel == m, acc2 + tl.sum(wf2 * x, 2)[:, :, None], acc2)
-        return acc, acc2
+            xs = _leaves(_fast_x(x_ptr + row * x_stride, k, nw_ptr, rstds[m], 0.0, K, NORM, 0, BF16_BY_HAND)[None, :, :],
+                         V)
+            s = acc[m]
+            s2 = acc2[m]
+            for v in tl.static_range(V):
+                s += ws[v] * xs[v]
+                if TWO:
+                    s2 += ws2[v] * xs[v]
+            out = out + (s,)
+            out2 = out2 + (s2,)
+        return out, out2
 
     @triton.jit
     def _matmul_rows(
@@ -823,10 +856,12 @@ if HAS_TRITON:
         rstds = ()  # each row's rstd as a scalar, taken out of the tile once
         for m in tl.static_range(BLOCK_M):
             rstds = rstds + (tl.sum(tl.where(tl.arange(0, BLOCK_M) == m, rstd, 0.0), 0),)
-        acc = tl.zeros([BLOCK_N, T, BLOCK_M], tl.float32)
+        acc = ()  # each row's partials [BLOCK_N, T]
+        for m in tl.static_range(BLOCK_M):
+            acc = acc + (tl.zeros([BLOCK_N, T], tl.float32),)
         acc2 = acc
         acc, acc2 = _rows_step(acc, acc2, w, w2, x_ptr, x_stride, M, kk, nw_ptr, rstds,
-                               K, BLOCK_M, NORM, TWO, BF16_BY_HAND)
+                               K, BLOCK_M, V, NORM, TWO, BF16_BY_HAND)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + kk
             w_mask = col_mask[:, None, None] & (k < K)[None, :, :]
@@ -835,8 +870,14 @@ if HAS_TRITON:
             if TWO:
                 w2 = tl.load(w3_2 + k[None, :, :], mask=w_mask, other=0.0)
             acc, acc2 = _rows_step(acc, acc2, w, w2, x_ptr, x_stride, M, k, nw_ptr, rstds,
-                                   K, BLOCK_M, NORM, TWO, BF16_BY_HAND)
-        return tl.trans(tl.sum(acc, 1)), tl.trans(tl.sum(acc2, 1))
+                                   K, BLOCK_M, V, NORM, TWO, BF16_BY_HAND)
+        out = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        out2 = out
+        for m in tl.static_range(BLOCK_M):  # across the threads, once
+            out = tl.where(tl.arange(0, BLOCK_M)[:, None] == m, tl.sum(acc[m], 1)[None, :], out)
+            if TWO:
+                out2 = tl.where(tl.arange(0, BLOCK_M)[:, None] == m, tl.sum(acc2[m], 1)[None, :], out2)
+        return out, out2
 
     @triton.jit
     def _matmul_any(x_ptr, x_stride, M, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
