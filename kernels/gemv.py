@@ -805,15 +805,16 @@ if HAS_TRITON:
         out = ()
         out2 = ()
         for m in tl.static_range(BLOCK_M):
-            row = tl.minimum(tl.program_id(1) * BLOCK_M + m, M - 1).to(tl.int64)  # rows past M: M - 1's
-            xs = _leaves(_fast_x(x_ptr + row * x_stride, k, nw_ptr, rstds[m], 0.0, K, NORM, 0, BF16_BY_HAND)[None, :, :],
-                         V)
+            row = tl.program_id(1) * BLOCK_M + m
             s = acc[m]
             s2 = acc2[m]
-            for v in tl.static_range(V):
-                s += ws[v] * xs[v]
-                if TWO:
-                    s2 += ws2[v] * xs[v]
+            if row < M:  # uniform: rows past M (BLOCK_M's padding) cost a branch, not their FMAs
+                xs = _leaves(_fast_x(x_ptr + row.to(tl.int64) * x_stride, k, nw_ptr, rstds[m], 0.0, K, NORM, 0,
+                                     BF16_BY_HAND)[None, :, :], V)
+                for v in tl.static_range(V):
+                    s += ws[v] * xs[v]
+                    if TWO:
+                        s2 += ws2[v] * xs[v]
             out = out + (s,)
             out2 = out2 + (s2,)
         return out, out2
@@ -829,11 +830,12 @@ if HAS_TRITON:
         registers, so a program keeps the M == 1 tile (its bytes in flight, the program count)
         where tl.dot's 16-row tiles leave few programs with little in flight. Tiles are [BLOCK_N,
         T, V]: V inputs (16 bytes) a thread, contiguous, for 128-bit loads. Each row's products are
-        summed over V in the thread only, into fp32 partials [BLOCK_N, T, BLOCK_M] (the row on the
-        last axis, in registers: selecting it by tl.where on a constant index costs nothing); the
-        sum across threads happens once, after the K loop, not per step and row. Each row's input
-        is normalised with its own rstd (_row_stats' NORM prologue, unchanged) by _fast_x, as at
-        M == 1; rows past M compute row M - 1's sums again (no masked loads), never stored.
+        summed over V in the thread only, into its fp32 partials [BLOCK_N, T] (a tuple of BLOCK_M,
+        in registers); the sum across threads happens once, after the K loop, not per step and row
+        as at M == 1 (there BLOCK_N values a step, here BLOCK_M times as many). Each row's input is
+        normalised with its own rstd (_row_stats' NORM prologue, on rows past M row M - 1's) by
+        _fast_x, as at M == 1; rows past M (BLOCK_M's padding) skip the K loop's work and the final
+        sums (uniform branches) and are never stored.
         Returns [BLOCK_M, BLOCK_N] sums as _matmul's. fp32 inputs: fp32 products (no tf32)."""
         dtype = x_ptr.dtype.element_ty
         V: tl.constexpr = 128 // dtype.primitive_bitwidth
@@ -874,9 +876,10 @@ if HAS_TRITON:
         out = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         out2 = out
         for m in tl.static_range(BLOCK_M):  # across the threads, once
-            out = tl.where(tl.arange(0, BLOCK_M)[:, None] == m, tl.sum(acc[m], 1)[None, :], out)
-            if TWO:
-                out2 = tl.where(tl.arange(0, BLOCK_M)[:, None] == m, tl.sum(acc2[m], 1)[None, :], out2)
+            if tl.program_id(1) * BLOCK_M + m < M:
+                out = tl.where(tl.arange(0, BLOCK_M)[:, None] == m, tl.sum(acc[m], 1)[None, :], out)
+                if TWO:
+                    out2 = tl.where(tl.arange(0, BLOCK_M)[:, None] == m, tl.sum(acc2[m], 1)[None, :], out2)
         return out, out2
 
     @triton.jit
