@@ -48,6 +48,8 @@ VARIANTS = {  # name -> (quant, fast, group, zero, M)
     "int4_g128_m16_exact": ("int4", False, 128, False, 16), "int8_m16_exact": ("int8", False, 1, False, 16),
 }
 CONVERSIONS = ("I2F", "F2F", "F2FP", "I2FP")
+FUSIONS = {"plain": {}, "norm": {"NORM": True}, "residual": {"RESIDUAL": True},
+           "norm_swiglu": {"NORM": True, "SWIGLU": True}}  # the Llama linears': qkv, o / down, gate_up
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 SMS = 132  # an H200's SMs
 
@@ -59,7 +61,8 @@ def compile_sm90(quant: str, fast: bool, group: int, zero: bool, m: int, n: int,
     SWIGLU, HAS_BIAS flags) and its config (the fast path's at ``entry``; the exact path's
     gemv_config, or ``tile``), specialized as a launch on torch tensors is."""
     two = bool((fusions or {}).get("SWIGLU"))
-    cfg = G.fast_gemv_config(n, k, quant, group, two, entry) if fast else tile or G.gemv_config(m, n, k, two)
+    cfg = G.fast_gemv_config(n, k, quant, group, two, entry) if fast else \
+        tile or G.gemv_config(m, n, k, two, mr=quant == "dense")
     wty = "*i32" if fast else {"int4": "*u8", "dense": "*bf16"}.get(quant, "*i8")
     sig = {"x_ptr": "*bf16", "w_ptr": wty, "s_ptr": "*fp32", "z_ptr": "*fp32", "b_ptr": "*bf16",
            "nw_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32",
@@ -177,12 +180,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--entry", action="append", default=[],
                     help="BLOCK_N,BLOCK_K,num_warps: also count int4 g128 fast (and with zero points) and int8 fast "
                          "at this FAST_M1_CONFIGS candidate (repeatable)")
+    ap.add_argument("--m", type=int, default=1,
+                    help="rows of the bf16 variant (2..MR_MAX_M: the multi-row multiply-reduce, gemv_config's tile)")
+    ap.add_argument("--fusion", default="plain", choices=sorted(FUSIONS),
+                    help="the bf16 variant's fused ops (swiglu: --n counts gate and up rows, output N / 2)")
+    ap.add_argument("--only-bf16", action="store_true", help="count the bf16 variant alone")
+    ap.add_argument("--whole", action="store_true",
+                    help="count the whole kernel over all its K steps (row stats, final sums, epilogue included), "
+                         "not the largest loop: the multi-row path's K loop runs once or twice at Llama-2-7B's K, "
+                         "and its NORM prologue has a loop of its own")
     ap.add_argument("--tile", action="append", default=[],
                     help="BLOCK_M,BLOCK_N,BLOCK_K,num_warps: also count int8's exact path at M = 16 with this "
                          "config in place of gemv_config's (repeatable)")
     args = ap.parse_args(argv)
     nvdisasm = os.path.join(BIN, "nvdisasm")
-    variants = [(name, spec, None, None) for name, spec in VARIANTS.items()]
+    variants = [(name, spec, None, None) for name, spec in VARIANTS.items() if name == "bf16" or not args.only_bf16]
+    if args.m != 1:
+        variants = [(f"bf16_m{args.m}" if name == "bf16" else name, spec[:4] + (args.m,) if name == "bf16" else spec,
+                     entry, tile) for name, spec, entry, tile in variants]
     for text in args.entry:
         entry = tuple(int(v) for v in text.split(","))
         variants += [(f"int4_g128_fast@{text}", VARIANTS["int4_g128_fast"], entry, None),
@@ -192,22 +207,26 @@ def main(argv: list[str] | None = None) -> None:
         variants.append((f"int8_m16_exact@{text}", VARIANTS["int8_m16_exact"], None,
                          tuple(int(v) for v in text.split(","))))
     for name, (quant, fast, group, zero, m), entry, tile in variants:
-        cubin, cfg = compile_sm90(quant, fast, group, zero, m, args.n, args.k, entry, tile=tile)
+        fusions = FUSIONS[args.fusion] if name.startswith("bf16") else {}
+        n_out = args.n // 2 if fusions.get("SWIGLU") else args.n
+        cubin, cfg = compile_sm90(quant, fast, group, zero, m, n_out, args.k, entry, fusions, tile=tile)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()
             sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
             regs, spill = resources(f.name)
-        body, looped = loop_body(sass)
+        body, looped = (sass_lines(sass), False) if args.whole else loop_body(sass)
         ops = collections.Counter(op for op in map(_opcode, body) if op)
         counted, kernel = load_stats(body), load_stats(sass_lines(sass))
         threads = cfg[3] * 32
         elem_bytes = {"int4": 0.5, "dense": 2.0}.get(quant, 1.0)
         steps = steps_per_iteration(quant, fast, m, cfg, args.k) if looped else -(-args.k // cfg[2])
-        nbytes = cfg[1] * cfg[2] * elem_bytes * steps / threads  # weight bytes per thread counted
+        rows = 2 if fusions.get("SWIGLU") else 1  # W row sets a program reads
+        nbytes = rows * cfg[1] * cfg[2] * elem_bytes * steps / threads  # weight bytes per thread counted
         total = sum(ops.values())
-        resident = programs_per_sm(regs, cfg[3], -(-args.n // cfg[1]) * -(-m // cfg[0]))
-        print(json.dumps({"variant": name, "config": list(cfg), "counted": "loop" if looped else "kernel",
+        resident = programs_per_sm(regs, cfg[3], -(-n_out // cfg[1]) * -(-m // cfg[0]))
+        print(json.dumps({"variant": name, "fusion": args.fusion if name.startswith("bf16") else "plain",
+                          "config": list(cfg), "counted": "loop" if looped else "kernel",
                           "instructions": total, "weight_bytes_per_thread": nbytes,
                           "instructions_per_byte": round(total / nbytes, 2),
                           "conversions_per_byte": round(sum(ops[c] for c in CONVERSIONS) / nbytes, 2),
