@@ -42,11 +42,22 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   29.9 / 42.3, down 17.0 / 23.6; bf16 26.9 / 10.5 / 44.9 / 24.2; 7B decode at batch 1 0.86x bf16
   against 1.36x with _matmul_fast: benchmarks/2026-11-30-h200x2-s12/bg/g1, int8_sweep_old.jsonl
   against int8_sweep_..jsonl), and was removed: fewer instructions a byte did not buy time here.
-  At 1 < M <= SMALL_M every format takes the exact path. A tl.dot variant for int4 there (nibbles
-  OR-ed into 16-bit float bits as exact dot operands, one K step a group) was 3-7x slower than the
+  At 1 < M <= SMALL_M every compressed format takes the exact path (16-row tl.dot tiles). A tl.dot
+  variant for int4 there (nibbles OR-ed into 16-bit float bits as exact dot operands, one K step a
+  group) was 3-7x slower than the
   exact path on the H200 at M = 2 and 16, even at the best of 144 configs (int4_g128 down M=16:
   25.5 vs 120.9 us; 7B decode at batch 16: 0.29x bf16 against 0.81x;
   benchmarks/2026-11-30-h200x2-s11/bg/g1/int4_dot.jsonl), and was removed.
+- multi-row multiply-reduce (dense W, 1 < M <= MR_MAX_M, MR_ROWS; _matmul_rows): tl.dot's 16-row tiles
+  of BLOCK_K 256 left Llama-2-7B's shapes ~128 programs with little in flight (2 rows cost 1.65x one
+  row's time on the H200 while cuBLAS stays flat). A 16-bit weight costs M FMAs per 2 bytes: up to
+  about 8 rows the FMAs alone fit the ~7.9 instructions a byte the H200 issues at its copy ceiling.
+  The M == 1 tile (its program count and bytes in flight) is loaded once and multiplied by each
+  row's input in registers, the cross-thread sums once after the K loop. Every fusion works on it;
+  compressed formats, split-K and batch-invariant mode keep the 16-row tiles. Not yet timed:
+  experiments/gemv_sweep.py --m times it against tl.dot's tiles and cuBLAS; gemv_sass_count.py --m
+  --whole counts it (at M == 1's tile the whole kernel is over that budget at 8 rows: the
+  per-program cross-thread sums of BLOCK_N x BLOCK_M values over 256 threads, and each row's NORM).
 - split-K (``split_k``, the exact path; off unless asked for, not yet timed): at M > 1 the 16-row
   tl.dot tiles of N 4096 (o_proj, down_proj) make 128 programs of 4 warps, one an SM, each with 8
   KB of int8 codes (bf16: 16 KB) and as many bytes of x a K step in flight, so int8 ran as slow
@@ -174,7 +185,8 @@ def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True,
     1 < M <= MR_MAX_M with ``mr``: M == 1's tile with BLOCK_M = next_pow2(M) (_matmul_rows), fewer
     columns a program while a thread would hold more than MR_REGS fp32 W elements and partial sums
     (BLOCK_N * rows * (BLOCK_K / threads + BLOCK_M * the thread's 16-byte runs of a K step)).
-    Otherwise M > 1: tl.dot on a 16-row tile (its minimum), the padding rows cost registers, not memory traffic.
+    Otherwise M > 1: tl.dot on a 16-row tile (its minimum), the padding rows cost registers, not
+    memory traffic.
     """
     if 1 < m <= MR_MAX_M and (MR_ROWS if mr is None else mr):
         _, block_n, block_k, num_warps = gemv_config(1, n, k, two, pdl)
@@ -1153,7 +1165,7 @@ def _launch_config(m: int, n: int, k: int, quant: str, qargs: dict, fast: bool, 
                    default) -> tuple[tuple[int, int, int, int], dict]:
     """The launch config (``config``, else the fast path's or ``default``) and the kernel
     arguments: with ``fast`` at M == 1 on a compressed weight, the codes as int32 words and the
-    fast path's constexprs (FAST, GPT, WPG). At M > 1 ``fast`` changes nothing: every format takes
+    fast path's constexprs (FAST, GPT, WPG). At M > 1 ``fast`` changes nothing: every compressed format takes
     the exact path (module docstring)."""
     group = qargs["GROUP"]
     if not (fast and m == 1 and quant != "dense"):
