@@ -13,6 +13,7 @@ bytes they have loaded before their first FFMA (Little's law: the H200 wants ~32
 SM to stream at its copy rate).
 
     python experiments/gemv_sass_count.py [--k 4096] [--n 4096] [--entry 8,4096,4 ...] [--tile 16,16,512,2 ...]
+    python experiments/gemv_sass_count.py --only-bf16 --whole --m 5 --n 22016 --k 4096 --fusion norm_swiglu
 
 Counted on this branch (sm_90, bf16, no fusion; instructions per weight byte, registers, spills):
     int8 fast M == 1 at (8, 4096, 4), K 4096 / 11008: 5.69 / 5.04, 128 / 229 regs (x gathered per
@@ -23,6 +24,13 @@ Counted on this branch (sm_90, bf16, no fusion; instructions per weight byte, re
     int8 exact M == 16 at gemv_config's (16, 32, 256, 4): 5.02 (LDGSTS to shared, LDS, IMAD / LOP3 /
     PRMT / HADD2 conversion to bf16, HMMA), 80 regs, and one program of 4 warps an SM at N 4096
     (128 programs): latency bound, with half the bytes of bf16's tile in flight.
+    bf16 multi-row multiply-reduce (--whole, the K loop's and NORM loop's extra trips added by hand), M = 5
+    at gemv_config's BLOCK_M 8 tiles, Llama-2-7B: qkv + norm (8, 8, 2048, 8) 165 regs, gate_up + norm +
+    swiglu (8, 4, 2048, 8) 164, down + residual (8, 4, 4096, 8) 160, no spills, 1 program an SM; all 8 rows:
+    17.0 / 17.1 / 9.3 instructions a weight byte (M == 1: 3.75 / 3.88 / 2.82), about 11.0 / 11.1 / 6.3 with
+    rows 5-7 skipped (~510 / 514 / 386 a row a thread). Per program the cross-thread sums of BLOCK_N x
+    BLOCK_M partials over 256 threads and the NORM prologue's per-step sums weigh on K 4096's 2 steps;
+    fewer threads a program cut them: (8, 8, 256, 1) on qkv 11.4 a byte at 8 rows.
 """
 
 from __future__ import annotations

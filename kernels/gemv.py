@@ -191,7 +191,8 @@ def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True,
     if 1 < m <= MR_MAX_M and (MR_ROWS if mr is None else mr):
         _, block_n, block_k, num_warps = gemv_config(1, n, k, two, pdl)
         block_m, rows, threads = next_pow2(m), 2 if two else 1, 32 * num_warps
-        while block_n > 1 and block_n * rows * (block_k // threads + block_m * triton.cdiv(block_k // 8, threads)) > MR_REGS:
+        runs = triton.cdiv(block_k // 8, threads)  # a thread's 16-byte runs of a K step: partials a row and column
+        while block_n > 1 and block_n * rows * (block_k // threads + block_m * runs) > MR_REGS:
             block_n //= 2
         return block_m, block_n, block_k, num_warps
     if m == 1:
@@ -895,7 +896,8 @@ if HAS_TRITON:
         return out, out2
 
     @triton.jit
-    def _matmul_any(x_ptr, x_stride, M, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
+    def _matmul_any(x_ptr, x_stride, M, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask,
+                    nw_ptr, eps,
                     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     NORM: tl.constexpr, TWO: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
                     PDL: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
@@ -1019,9 +1021,9 @@ if HAS_TRITON:
         w_rows, s_rows, z_rows = _w_rows(w_ptr, s_ptr, z_ptr, cols, K, GROUP, QUANT, FAST)
         w_up, s_up, z_up = _w_rows(w_ptr, s_ptr, z_ptr, cols + N, K, GROUP, QUANT, FAST)
         dtype = x_ptr.dtype.element_ty
-        acc, acc_up = _matmul_any(x_ptr, x_stride, M, x_rows, row_mask, w_rows, w_up, s_rows, s_up, z_rows, z_up, col_mask, nw_ptr,
-                                  eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, SWIGLU, IEEE, BF16_BY_HAND, PDL,
-                                  GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, SPLIT)
+        acc, acc_up = _matmul_any(x_ptr, x_stride, M, x_rows, row_mask, w_rows, w_up, s_rows, s_up, z_rows, z_up,
+                                  col_mask, nw_ptr, eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, SWIGLU, IEEE,
+                                  BF16_BY_HAND, PDL, GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, SPLIT)
         out_mask = row_mask[:, None] & col_mask[None, :]
         if SPLIT > 1:  # only the last program of the tile's parts goes on, with the whole sums
             acc, acc_up, last = _split_k_sum(acc, acc_up, ws_ptr, count_ptr, rows, cols, out_mask, M, N, SPLIT,
@@ -1123,9 +1125,9 @@ if HAS_TRITON:
         w_rows, s_rows, z_rows = _w_rows(w_ptr, s_ptr, z_ptr, col, K, GROUP, QUANT, FAST)
         w_rows2, s_rows2, z_rows2 = _w_rows(w_ptr, s_ptr, z_ptr, col + HALF, K, GROUP, QUANT, FAST)
         dtype = x_ptr.dtype.element_ty
-        acc1, acc2 = _matmul_any(x_ptr, x_stride, M, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask,
-                                 nw_ptr, eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE, BF16_BY_HAND, PDL,
-                                 GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, 1)
+        acc1, acc2 = _matmul_any(x_ptr, x_stride, M, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows,
+                                 z_rows2, j_mask, nw_ptr, eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE,
+                                 BF16_BY_HAND, PDL, GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, 1)
         acc1 = _column_scale(acc1, s_ptr, col, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         acc2 = _column_scale(acc2, s_ptr, col + HALF, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         _rope_store_epilogue(acc1, acc2, rows, row_mask, j_mask, head, d, col, b_ptr, q_ptr, q_stride, pos_ptr,
