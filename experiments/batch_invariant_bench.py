@@ -100,7 +100,7 @@ def generate_speed(args, path: str, invariant: bool) -> None:
     llm = LLM(path, **engine_kwargs(args, invariant))
     for batch in args.batch:
         batch_prompts = random_prompts(batch, args.context, llm.engine.vocab_size, 2)
-        tok_s, runs, _, _ = _median_tok_s(llm, batch_prompts, args.new_tokens, args.repeats)
+        tok_s, runs, _, _ = _median_tok_s(llm, [batch_prompts], args.new_tokens, args.repeats)
         emit({"bench": "batch_invariant_generate", "batch_invariant": invariant, "batch": batch,
               "new_tokens": args.new_tokens, "tok_s": tok_s, "runs_tok_s": runs}, args.json)
     del llm

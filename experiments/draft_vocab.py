@@ -299,7 +299,7 @@ def speed(args) -> None:
                         llm.engine.scheduler.spec_k = lambda n, k=k: k
                         llm.engine.spec_worker.metrics = SpecDecodeMetrics()
                     # Batch 1: the prompts one after another; tokens over time is the harmonic mean.
-                    runs = [_median_tok_s(llm, [p], args.new_tokens, args.repeats)[0] for p in prompts]
+                    runs = [_median_tok_s(llm, [[p]], args.new_tokens, args.repeats)[0] for p in prompts]
                     tok_s = statistics.harmonic_mean(runs)
                     base = tok_s if spec is None else base
                     m = llm.engine.spec_metrics

@@ -183,13 +183,14 @@ def target_outputs(target: str, prompts: list[list[int]], new_tokens: int, engin
 
 
 # -- divergence from plain greedy decoding ----------------------------------------------------------
-def greedy_with_margins(llm: Any, prompts: list[list[int]],
-                        new_tokens: int) -> tuple[list[list[int]], list[list[float]]]:
+def greedy_with_margins(llm: Any, prompts: list[list[int]], new_tokens: int,
+                        stop_at_eos: bool = False) -> tuple[list[list[int]], list[list[float]]]:
     """Plain greedy outputs and, at every position, the margin of the top-1 over the top-2 logit: the
     difference of their logprobs (log-softmax shifts every logit of a row by the same amount)."""
     from engine import SamplingParams
 
-    res = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, logprobs=2))
+    res = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=not stop_at_eos,
+                                               logprobs=2))
     outputs, margins = [], []
     for r in res:
         outputs.append(list(r.token_ids))
@@ -293,25 +294,37 @@ def fitting_prompts(prompts: list[list[int]], new_tokens: int, max_model_len: in
     return fit
 
 
-def _median_tok_s(llm: Any, batch: list[list[int]], new_tokens: int, repeats: int,
-                  after_each: Callable[[], None] | None = None) -> tuple[float, list[float], list[list[int]], list[dict]]:
-    """Warm-up, then ``repeats`` timed generate calls; the median tok/s (one stall does not decide),
-    the last call's outputs and each call's record (spec_baseline.RunClock: wall and CPU time, engine
-    steps, prompt tokens computed). Counts the tokens generated; a request that ended short (an
-    error, a length limit) is an error. ``after_each``: called after the warm-up and after each timed
-    call (outside the timing)."""
+def batches_of(prompts: list[list[int]], bs: int) -> list[list[list[int]]]:
+    """The batches of size ``bs`` a row times one after another: every prompt once where there are at
+    least bs of them (len(prompts) // bs batches; a remainder short of bs is left out), else one batch of
+    the prompts repeated to bs. Batch 1 is then every prompt in turn, not the first prompt alone."""
+    if bs >= len(prompts):
+        return [(prompts * bs)[:bs]]
+    return [prompts[i : i + bs] for i in range(0, len(prompts) - bs + 1, bs)]
+
+
+def _median_tok_s(llm: Any, batches: list[list[list[int]]], new_tokens: int, repeats: int,
+                  after_each: Callable[[], None] | None = None,
+                  stop_at_eos: bool = False) -> tuple[float, list[float], list[list[int]], list[dict]]:
+    """Warm-up, then ``repeats`` timed runs, each generating the ``batches`` one after another; the
+    median tok/s (one stall does not decide), the last run's outputs (all batches', in order) and each
+    run's record (spec_baseline.RunClock: wall and CPU time, engine steps, prompt tokens computed).
+    Counts the tokens generated; a request that ended short of ``new_tokens`` (an error, a length limit;
+    with ``stop_at_eos`` anything but its EOS or a stop) is an error. ``after_each``: called after the
+    warm-up and after each timed run (outside the timing)."""
     from engine import SamplingParams
 
-    llm.generate(batch, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    llm.generate(batches[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     if after_each is not None:
         after_each()
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=not stop_at_eos)
     runs, records = [], []
     for _ in range(repeats):
         clock = RunClock(llm)
-        outs = llm.generate(batch, params)
+        outs = [o for batch in batches for o in llm.generate(batch, params)]
         seconds = clock.seconds()
-        short = [(i, len(o.token_ids), o.finish_reason) for i, o in enumerate(outs) if len(o.token_ids) != new_tokens]
+        short = [(i, len(o.token_ids), o.finish_reason) for i, o in enumerate(outs)
+                 if len(o.token_ids) != new_tokens and not (stop_at_eos and o.finish_reason == "stop")]
         if short:
             i, n, why = short[0]
             raise ShrinkError(f"request {i} generated {n} of {new_tokens} tokens (finish_reason {why!r}; "
@@ -384,11 +397,13 @@ def _speed_variant(args, workload: str, name: str, spec: dict | None, prompts: l
                 emit({"bench": "speed", "workload": workload, "spec": name, "k": k, "batch": bs, "warning":
                       f"{host['gpu_processes'] - 1} other process(es) on the GPU as this row begins: its tok/s is "
                       f"not this engine's alone"}, args.json)
-            tok_s, runs, outputs, records = _median_tok_s(llm, (prompts * bs)[:bs], args.new_tokens, args.repeats,
-                                                        snapshot if k == "auto" else None)
+            batches = batches_of(prompts, bs)
+            tok_s, runs, outputs, records = _median_tok_s(llm, batches, args.new_tokens, args.repeats,
+                                                        snapshot if k == "auto" else None, args.stop_at_eos)
             if spec is None and not rerun:
                 base[bs] = tok_s
-                reference[bs] = greedy_with_margins(llm, (prompts * bs)[:bs], args.new_tokens)
+                reference[bs] = greedy_with_margins(llm, [p for b in batches for p in b], args.new_tokens,
+                                                    args.stop_at_eos)
             if spec is not None and k == 0:
                 off[bs] = tok_s
             m = engine.spec_metrics
@@ -446,7 +461,7 @@ def speed(args) -> None:
     drafters += models + [(f"{name}-rounds{r}", lambda make=make, r=r: {**make(), "num_rounds": r})
                           for name, make in rounds for r in args.num_rounds if r > 1]
     for workload in args.workloads:
-        prompts = fitting_prompts(load_prompts(workload, data_dir, tokenizer, max(args.batch), args.prompt_tokens),
+        prompts = fitting_prompts(load_prompts(workload, data_dir, tokenizer, max(*args.batch, args.prompts), args.prompt_tokens),
                                   args.new_tokens, target_config.max_model_len, workload, args.json, "speed")
         if not prompts:
             emit({"bench": "speed", "workload": workload, "skipped": "no prompt fits max_model_len"}, args.json)
@@ -605,7 +620,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--draft", nargs="*", help="draft model directories")
         p.add_argument("--data-dir", help="shared data (default: SHRINK_DATA_DIR or ../shared/data)")
         p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-        p.add_argument("--prompts", type=int, default=8)
+        p.add_argument("--prompts", type=int, default=8,
+                       help="prompts per workload (speed: at least the largest --batch; smaller batches walk them all)")
         p.add_argument("--prompt-tokens", type=int, default=128, help="wikitext prompts: first N tokens")
         p.add_argument("--new-tokens", type=int, default=256)
         p.add_argument("--ngram-min", type=int, default=2)
@@ -626,6 +642,9 @@ def main(argv: list[str] | None = None) -> None:
                                       help="also n-gram and each model drafter with speculative_config num_rounds "
                                            "R (> 1), at the largest --ks: device-resident greedy rounds")
     sub.choices["speed"].add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
+    sub.choices["speed"].add_argument("--stop-at-eos", action="store_true",
+                                      help="requests end at their EOS as served ones do (a chat answer is short; "
+                                           "without it every request runs --new-tokens, past its answer)")
     sub.choices["speed"].add_argument("--auto", action=argparse.BooleanOptionalAction, default=True,
                                       help='also k "auto" (the engine\'s measured policy, up to the largest --ks)')
     sub.choices["speed"].add_argument("--budget-s", type=float, default=270.0,

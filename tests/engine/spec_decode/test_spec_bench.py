@@ -216,7 +216,40 @@ def test_a_request_that_ends_short_is_an_error_not_a_row(bench):
             return [SimpleNamespace(token_ids=[1] * min(params.max_tokens, 3), finish_reason="length") for _ in batch]
 
     with pytest.raises(Exception, match="request 0 generated 3 of 8 tokens"):
-        bench._median_tok_s(ShortLLM(), [[1, 2]], 8, 1)
+        bench._median_tok_s(ShortLLM(), [[[1, 2]]], 8, 1)
+
+
+def test_stop_at_eos_counts_answers_that_end_and_still_refuses_cut_ones(bench):
+    """--stop-at-eos (the grounded workload as served: a chat answer ends at its EOS): a request that
+    stopped is counted with its own length, one cut by anything else is still an error, and every
+    batch is generated, one after another."""
+    from types import SimpleNamespace
+
+    class LLM:
+        def __init__(self, reason):
+            self.reason, self.calls = reason, []
+
+        def generate(self, batch, params):
+            self.calls.append((len(batch), params.ignore_eos))
+            n = 8 if params.max_tokens == 8 else 3
+            return [SimpleNamespace(token_ids=[1] * n, finish_reason=self.reason, prompt_token_ids=p,
+                                    num_cached_tokens=0) for p in batch]
+
+    llm = LLM("stop")
+    tok_s, runs, outputs, _ = bench._median_tok_s(llm, [[[1]], [[2]], [[3]]], 16, 2, stop_at_eos=True)
+    assert tok_s > 0 and len(runs) == 2 and outputs == [[1] * 3] * 3
+    assert llm.calls[1:] == [(1, False)] * 6  # after the warm-up: 3 batches a run, EOS honoured
+    with pytest.raises(Exception, match="request 0 generated 3 of 16 tokens"):
+        bench._median_tok_s(LLM("length"), [[[1]]], 16, 1, stop_at_eos=True)
+
+
+def test_batches_walk_every_prompt(bench):
+    """Batch 1 times every prompt in turn (it timed the first prompt alone); larger batches take the
+    prompts in order, a short remainder left out; a batch wider than the prompts repeats them."""
+    ps = [[i] for i in range(5)]
+    assert bench.batches_of(ps, 1) == [[p] for p in ps]
+    assert bench.batches_of(ps, 2) == [ps[0:2], ps[2:4]]
+    assert bench.batches_of(ps, 8) == [(ps * 8)[:8]]
 
 
 def test_chat_prompts_take_a_batch_encoding(bench):
@@ -287,7 +320,7 @@ def test_speed_check_times_drafting_off_and_the_baseline_again(bench, data_dir, 
     target = model_dir("llama_gqa_untied", with_tokenizer=True)
     out = tmp_path / "speed.jsonl"
     bench.main(["--json", str(out), "speed", "--target", target, "--data-dir", str(data_dir), "--workloads",
-                "wikitext", "--prompt-tokens", "40", "--new-tokens", "6", "--batch", "1", "2", "--ks", "2",
+                "wikitext", "--prompts", "2", "--prompt-tokens", "40", "--new-tokens", "6", "--batch", "1", "2", "--ks", "2",
                 "--truncated", "1", "--no-auto", "--repeats", "2", "--check", "--verify-shape", "",
                 "--engine", '{"device": "cpu", "num_decode_steps": 2}'])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -307,9 +340,10 @@ def test_speed_check_times_drafting_off_and_the_baseline_again(bench, data_dir, 
     drafting = [r for r in speed if r["k"] == 2]
     assert all(r["runs"][0]["spec_steps"] > 0 for r in drafting if r["spec"] == "truncated1")
     plain = speed[0]
-    # Per run: the 8 prompt tokens past the last full block (40 = 2 x 16 + 8) computed again, the
-    # first token from the prefill, then 2 multi-steps of 2 tokens and one single step.
-    assert plain["runs"][0]["prefill_tokens"] == 8 and plain["runs"][0]["multi_steps"] == 2
+    # Batch 1 times both prompts in turn. First run: the warmed-up first prompt's 8 tokens past its last
+    # full block (40 = 2 x 16 + 8) computed again and the second prompt's 40; each prompt's first token
+    # from the prefill, then 2 multi-steps of 2 tokens and one single step.
+    assert plain["runs"][0]["prefill_tokens"] == 8 + 40 and plain["runs"][0]["multi_steps"] == 2 * 2
     checks = [r for r in rows if r["bench"] == "check"]
     assert [c["batch"] for c in checks] == [1, 2]
     for c in checks:
