@@ -13,7 +13,6 @@ bytes they have loaded before their first FFMA (Little's law: the H200 wants ~32
 SM to stream at its copy rate).
 
     python experiments/gemv_sass_count.py [--k 4096] [--n 4096] [--entry 8,4096,4 ...] [--tile 16,16,512,2 ...]
-    python experiments/gemv_sass_count.py --only-bf16 --whole --m 5 --n 22016 --k 4096 --fusion norm_swiglu
 
 Counted on this branch (sm_90, bf16, no fusion; instructions per weight byte, registers, spills):
     int8 fast M == 1 at (8, 4096, 4), K 4096 / 11008: 5.69 / 5.04, 128 / 229 regs (x gathered per
@@ -24,13 +23,6 @@ Counted on this branch (sm_90, bf16, no fusion; instructions per weight byte, re
     int8 exact M == 16 at gemv_config's (16, 32, 256, 4): 5.02 (LDGSTS to shared, LDS, IMAD / LOP3 /
     PRMT / HADD2 conversion to bf16, HMMA), 80 regs, and one program of 4 warps an SM at N 4096
     (128 programs): latency bound, with half the bytes of bf16's tile in flight.
-    bf16 multi-row multiply-reduce (--whole, the K loop's and NORM loop's extra trips added by hand), M = 5
-    at gemv_config's BLOCK_M 8 tiles, Llama-2-7B: qkv + norm (8, 8, 2048, 8) 165 regs, gate_up + norm +
-    swiglu (8, 4, 2048, 8) 164, down + residual (8, 4, 4096, 8) 160, no spills, 1 program an SM; all 8 rows:
-    17.0 / 17.1 / 9.3 instructions a weight byte (M == 1: 3.75 / 3.88 / 2.82), about 11.0 / 11.1 / 6.3 with
-    rows 5-7 skipped (~510 / 514 / 386 a row a thread). Per program the cross-thread sums of BLOCK_N x
-    BLOCK_M partials over 256 threads and the NORM prologue's per-step sums weigh on K 4096's 2 steps;
-    fewer threads a program cut them: (8, 8, 256, 1) on qkv 11.4 a byte at 8 rows.
 """
 
 from __future__ import annotations
@@ -56,8 +48,6 @@ VARIANTS = {  # name -> (quant, fast, group, zero, M)
     "int4_g128_m16_exact": ("int4", False, 128, False, 16), "int8_m16_exact": ("int8", False, 1, False, 16),
 }
 CONVERSIONS = ("I2F", "F2F", "F2FP", "I2FP")
-FUSIONS = {"plain": {}, "norm": {"NORM": True}, "residual": {"RESIDUAL": True},
-           "norm_swiglu": {"NORM": True, "SWIGLU": True}}  # the Llama linears': qkv, o / down, gate_up
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 SMS = 132  # an H200's SMs
 
@@ -69,8 +59,7 @@ def compile_sm90(quant: str, fast: bool, group: int, zero: bool, m: int, n: int,
     SWIGLU, HAS_BIAS flags) and its config (the fast path's at ``entry``; the exact path's
     gemv_config, or ``tile``), specialized as a launch on torch tensors is."""
     two = bool((fusions or {}).get("SWIGLU"))
-    cfg = G.fast_gemv_config(n, k, quant, group, two, entry) if fast else \
-        tile or G.gemv_config(m, n, k, two, mr=quant == "dense")
+    cfg = G.fast_gemv_config(n, k, quant, group, two, entry) if fast else tile or G.gemv_config(m, n, k, two)
     wty = "*i32" if fast else {"int4": "*u8", "dense": "*bf16"}.get(quant, "*i8")
     sig = {"x_ptr": "*bf16", "w_ptr": wty, "s_ptr": "*fp32", "z_ptr": "*fp32", "b_ptr": "*bf16",
            "nw_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32",
@@ -188,24 +177,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--entry", action="append", default=[],
                     help="BLOCK_N,BLOCK_K,num_warps: also count int4 g128 fast (and with zero points) and int8 fast "
                          "at this FAST_M1_CONFIGS candidate (repeatable)")
-    ap.add_argument("--m", type=int, default=1,
-                    help="rows of the bf16 variant (2..MR_MAX_M: the multi-row multiply-reduce, gemv_config's tile)")
-    ap.add_argument("--fusion", default="plain", choices=sorted(FUSIONS),
-                    help="the bf16 variant's fused ops (swiglu: --n counts gate and up rows, output N / 2)")
-    ap.add_argument("--only-bf16", action="store_true", help="count the bf16 variant alone")
-    ap.add_argument("--whole", action="store_true",
-                    help="count the whole kernel over all its K steps (row stats, final sums, epilogue included), "
-                         "not the largest loop: the multi-row path's K loop runs once or twice at Llama-2-7B's K, "
-                         "and its NORM prologue has a loop of its own")
     ap.add_argument("--tile", action="append", default=[],
                     help="BLOCK_M,BLOCK_N,BLOCK_K,num_warps: also count int8's exact path at M = 16 with this "
                          "config in place of gemv_config's (repeatable)")
     args = ap.parse_args(argv)
     nvdisasm = os.path.join(BIN, "nvdisasm")
-    variants = [(name, spec, None, None) for name, spec in VARIANTS.items() if name == "bf16" or not args.only_bf16]
-    if args.m != 1:
-        variants = [(f"bf16_m{args.m}" if name == "bf16" else name, spec[:4] + (args.m,) if name == "bf16" else spec,
-                     entry, tile) for name, spec, entry, tile in variants]
+    variants = [(name, spec, None, None) for name, spec in VARIANTS.items()]
     for text in args.entry:
         entry = tuple(int(v) for v in text.split(","))
         variants += [(f"int4_g128_fast@{text}", VARIANTS["int4_g128_fast"], entry, None),
@@ -215,26 +192,22 @@ def main(argv: list[str] | None = None) -> None:
         variants.append((f"int8_m16_exact@{text}", VARIANTS["int8_m16_exact"], None,
                          tuple(int(v) for v in text.split(","))))
     for name, (quant, fast, group, zero, m), entry, tile in variants:
-        fusions = FUSIONS[args.fusion] if name.startswith("bf16") else {}
-        n_out = args.n // 2 if fusions.get("SWIGLU") else args.n
-        cubin, cfg = compile_sm90(quant, fast, group, zero, m, n_out, args.k, entry, fusions, tile=tile)
+        cubin, cfg = compile_sm90(quant, fast, group, zero, m, args.n, args.k, entry, tile=tile)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()
             sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
             regs, spill = resources(f.name)
-        body, looped = (sass_lines(sass), False) if args.whole else loop_body(sass)
+        body, looped = loop_body(sass)
         ops = collections.Counter(op for op in map(_opcode, body) if op)
         counted, kernel = load_stats(body), load_stats(sass_lines(sass))
         threads = cfg[3] * 32
         elem_bytes = {"int4": 0.5, "dense": 2.0}.get(quant, 1.0)
         steps = steps_per_iteration(quant, fast, m, cfg, args.k) if looped else -(-args.k // cfg[2])
-        rows = 2 if fusions.get("SWIGLU") else 1  # W row sets a program reads
-        nbytes = rows * cfg[1] * cfg[2] * elem_bytes * steps / threads  # weight bytes per thread counted
+        nbytes = cfg[1] * cfg[2] * elem_bytes * steps / threads  # weight bytes per thread counted
         total = sum(ops.values())
-        resident = programs_per_sm(regs, cfg[3], -(-n_out // cfg[1]) * -(-m // cfg[0]))
-        print(json.dumps({"variant": name, "fusion": args.fusion if name.startswith("bf16") else "plain",
-                          "config": list(cfg), "counted": "loop" if looped else "kernel",
+        resident = programs_per_sm(regs, cfg[3], -(-args.n // cfg[1]) * -(-m // cfg[0]))
+        print(json.dumps({"variant": name, "config": list(cfg), "counted": "loop" if looped else "kernel",
                           "instructions": total, "weight_bytes_per_thread": nbytes,
                           "instructions_per_byte": round(total / nbytes, 2),
                           "conversions_per_byte": round(sum(ops[c] for c in CONVERSIONS) / nbytes, 2),

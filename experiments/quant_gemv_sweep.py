@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
             for m in args.m:
                 case = Case(fmt, shape, m, weights, nbytes)
                 two = fusion == "swiglu"
-                heuristic = gemv_config(m, case.n_out, k, two=two, mr=False)  # compressed: tl.dot past M == 1
+                heuristic = gemv_config(m, case.n_out, k, two=two)
                 measure(case, "exact", lambda: case.time(), nbytes, config=list(heuristic))
                 if m > 1 and quant == "int8":
                     for tile in (t for t in EXACT_TILES if t != heuristic):

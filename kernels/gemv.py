@@ -42,22 +42,11 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   29.9 / 42.3, down 17.0 / 23.6; bf16 26.9 / 10.5 / 44.9 / 24.2; 7B decode at batch 1 0.86x bf16
   against 1.36x with _matmul_fast: benchmarks/2026-11-30-h200x2-s12/bg/g1, int8_sweep_old.jsonl
   against int8_sweep_..jsonl), and was removed: fewer instructions a byte did not buy time here.
-  At 1 < M <= SMALL_M every compressed format takes the exact path (16-row tl.dot tiles). A tl.dot
-  variant for int4 there (nibbles OR-ed into 16-bit float bits as exact dot operands, one K step a
-  group) was 3-7x slower than the
+  At 1 < M <= SMALL_M every format takes the exact path. A tl.dot variant for int4 there (nibbles
+  OR-ed into 16-bit float bits as exact dot operands, one K step a group) was 3-7x slower than the
   exact path on the H200 at M = 2 and 16, even at the best of 144 configs (int4_g128 down M=16:
   25.5 vs 120.9 us; 7B decode at batch 16: 0.29x bf16 against 0.81x;
   benchmarks/2026-11-30-h200x2-s11/bg/g1/int4_dot.jsonl), and was removed.
-- multi-row multiply-reduce (dense W, 1 < M <= MR_MAX_M, MR_ROWS; _matmul_rows): tl.dot's 16-row tiles
-  of BLOCK_K 256 left Llama-2-7B's shapes ~128 programs with little in flight (2 rows cost 1.65x one
-  row's time on the H200 while cuBLAS stays flat). A 16-bit weight costs M FMAs per 2 bytes: up to
-  about 8 rows the FMAs alone fit the ~7.9 instructions a byte the H200 issues at its copy ceiling.
-  The M == 1 tile (its program count and bytes in flight) is loaded once and multiplied by each
-  row's input in registers, the cross-thread sums once after the K loop. Every fusion works on it;
-  compressed formats, split-K and batch-invariant mode keep the 16-row tiles. Not yet timed:
-  experiments/gemv_sweep.py --m times it against tl.dot's tiles and cuBLAS; gemv_sass_count.py --m
-  --whole counts it (at M == 1's tile the whole kernel is over that budget at 8 rows: the
-  per-program cross-thread sums of BLOCK_N x BLOCK_M values over 256 threads, and each row's NORM).
 - split-K (``split_k``, the exact path; off unless asked for, not yet timed): at M > 1 the 16-row
   tl.dot tiles of N 4096 (o_proj, down_proj) make 128 programs of 4 warps, one an SM, each with 8
   KB of int8 codes (bf16: 16 KB) and as many bytes of x a K step in flight, so int8 ran as slow
@@ -104,11 +93,6 @@ SMALL_M = 16  # most rows the skinny GEMM takes; larger batches go to cuBLAS
 MAX_NORM_K = 8192  # the norm prologue rereads the input rows in every program: keep them small
 LATENCY_BYTES = 4 << 20  # M == 1: weights below this are latency bound, above bandwidth bound
 MAX_TILE = 16384  # W elements a program loads per K step at M == 1 (all its tiles)
-MR_MAX_M = 8  # dense W at 1 < M <= this: the M == 1 multiply-reduce over each row (_matmul_rows)
-MR_REGS = 128  # _matmul_rows: fp32 W elements plus partial sums a thread holds, at most (gemv_config)
-# Whether gemv / gemv_rope_store take that path by default at 1 < M <= MR_MAX_M on dense W (False: the
-# 16-row tl.dot tiles, as every format past M == 1 before it; experiments/gemv_sweep.py times both).
-MR_ROWS = True
 
 
 def gemv_ref(
@@ -165,12 +149,10 @@ def batch_invariant_config(n: int, k: int) -> tuple[int, int, int, int]:
     return gemv_config(SMALL_M, n, k)
 
 
-def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True,
-                mr: bool | None = None) -> tuple[int, int, int, int]:
+def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for M rows, N output columns, K inputs; ``two``: each
     output column reads two W rows (SwiGLU's gate and up); ``pdl``: launched with programmatic
-    dependent launch; ``mr`` (None: MR_ROWS): 1 < M <= MR_MAX_M takes the multi-row multiply-reduce,
-    which reads dense W only (callers for a compressed W pass False).
+    dependent launch.
 
     M == 1: a multiply-reduce over [BLOCK_N, BLOCK_K] tiles on the CUDA cores, from an H100 sweep
     of the decode shapes of SmolLM2-135M, TinyLlama-1.1B and Llama-2-7B in CUDA graphs
@@ -182,19 +164,8 @@ def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True,
     - large ones: bandwidth bound. >= 512 programs, K steps of 2048 (4096 from K 8192), up to
       16384 W elements in flight per program (8 warps there): 2.7-3.1 TB/s of reads on Llama-2-7B
       shapes, against 2.4-2.7 with the earlier 1024-wide steps.
-    1 < M <= MR_MAX_M with ``mr``: M == 1's tile with BLOCK_M = next_pow2(M) (_matmul_rows), fewer
-    columns a program while a thread would hold more than MR_REGS fp32 W elements and partial sums
-    (BLOCK_N * rows * (BLOCK_K / threads + BLOCK_M * the thread's 16-byte runs of a K step)).
-    Otherwise M > 1: tl.dot on a 16-row tile (its minimum), the padding rows cost registers, not
-    memory traffic.
+    M > 1: tl.dot on a 16-row tile (its minimum), the padding rows cost registers, not memory traffic.
     """
-    if 1 < m <= MR_MAX_M and (MR_ROWS if mr is None else mr):
-        _, block_n, block_k, num_warps = gemv_config(1, n, k, two, pdl)
-        block_m, rows, threads = next_pow2(m), 2 if two else 1, 32 * num_warps
-        runs = triton.cdiv(block_k // 8, threads)  # a thread's 16-byte runs of a K step: partials a row and column
-        while block_n > 1 and block_n * rows * (block_k // threads + block_m * runs) > MR_REGS:
-            block_n //= 2
-        return block_m, block_n, block_k, num_warps
     if m == 1:
         block_k = max(16, min(next_pow2(k), 2048 if k < 8192 else 4096))
         rows = 2 if two else 1
@@ -249,7 +220,6 @@ FAST_UNROLL = tl.constexpr(2) if HAS_TRITON else 2
 # inside a loop then rebuilds the constant in a fresh register for every code (a MOV a code,
 # 2.2 -> 2.0 thousand instructions an iteration at K 11008, (8, 2048, 2): gemv_sass_count.py).
 _PTX = tl.constexpr(not interpreting()) if HAS_TRITON else False
-_MR_MAX_M = tl.constexpr(MR_MAX_M) if HAS_TRITON else MR_MAX_M
 # kernels/quant.py's activation scales: absmax divided by these (its docstring: how, and why).
 _INT8_HALF_RANGE = tl.constexpr(INT8_HALF_RANGE) if HAS_TRITON else INT8_HALF_RANGE
 _FP8_MAX = tl.constexpr(FP8_MAX) if HAS_TRITON else FP8_MAX
@@ -781,135 +751,14 @@ if HAS_TRITON:
         return tl.sum(tl.sum(acc, 1), 1)[None, :], tl.sum(tl.sum(acc2, 1), 1)[None, :]  # in-thread R first
 
     @triton.jit
-    def _halves(ts):
-        """Each tensor [..., 2] of the tuple ts as its two halves [...]: a tuple twice as long."""
-        out = ()
-        for i in tl.static_range(len(ts)):
-            a, b = tl.split(ts[i])
-            out = out + (a, b)
-        return out
-
-    @triton.jit
-    def _leaves(t, V: tl.constexpr):
-        """t [R, T, V] (V = 2, 4 or 8, a thread's contiguous run) as a tuple of V tensors [R, T]:
-        register renaming, no data movement."""
-        R: tl.constexpr = t.shape[0]
-        T: tl.constexpr = t.shape[1]
-        if V == 8:
-            return _halves(_halves(_halves((tl.reshape(t, [R, T, 2, 2, 2]),))))
-        elif V == 4:
-            return _halves(_halves((tl.reshape(t, [R, T, 2, 2]),)))
-        else:
-            return _halves((t,))
-
-    @triton.jit
-    def _rows_step(acc, acc2, w, w2, x_ptr, x_stride, M, k, nw_ptr, rstds,
-                   K: tl.constexpr, BLOCK_M: tl.constexpr, V: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
-                   BF16_BY_HAND: tl.constexpr):
-        """_matmul_rows' K step at the inputs k [T, V]: each row's input (its rstd from the tuple
-        rstds) times the W tiles w (and w2) [BLOCK_N, T, V], summed over V into row m's partials
-        acc[:, :, m] (and acc2's). The V products of a run are split into registers (_leaves) and
-        chained: one FMUL and V - 1 FFMA, then one FADD into the partial (tl.sum's tree would take
-        V / 2 FMUL, V / 2 FFMA and V / 2 FADD)."""
-        ws = _leaves(w.to(tl.float32), V)
-        ws2 = ws
-        if TWO:
-            ws2 = _leaves(w2.to(tl.float32), V)
-        out = ()
-        out2 = ()
-        for m in tl.static_range(BLOCK_M):
-            row = tl.program_id(1) * BLOCK_M + m
-            s = acc[m]
-            s2 = acc2[m]
-            if row < M:  # uniform: rows past M (BLOCK_M's padding) cost a branch, not their FMAs
-                xs = _leaves(_fast_x(x_ptr + row.to(tl.int64) * x_stride, k, nw_ptr, rstds[m], 0.0, K, NORM, 0,
-                                     BF16_BY_HAND)[None, :, :], V)
-                for v in tl.static_range(V):
-                    s += ws[v] * xs[v]
-                    if TWO:
-                        s2 += ws2[v] * xs[v]
-            out = out + (s,)
-            out2 = out2 + (s2,)
-        return out, out2
-
-    @triton.jit
-    def _matmul_rows(
-        x_ptr, x_stride, M, w_rows, w_rows2, col_mask, nw_ptr, eps,
-        K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        NORM: tl.constexpr, TWO: tl.constexpr, BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr,
-    ):
-        """Dense W at 1 < M <= MR_MAX_M (BLOCK_M rows, a power of two): the M == 1 multiply-reduce
-        on the CUDA cores with each W tile loaded once and multiplied by every row's input in
-        registers, so a program keeps the M == 1 tile (its bytes in flight, the program count)
-        where tl.dot's 16-row tiles leave few programs with little in flight. Tiles are [BLOCK_N,
-        T, V]: V inputs (16 bytes) a thread, contiguous, for 128-bit loads. Each row's products are
-        summed over V in the thread only, into its fp32 partials [BLOCK_N, T] (a tuple of BLOCK_M,
-        in registers); the sum across threads happens once, after the K loop, not per step and row
-        as at M == 1 (there BLOCK_N values a step, here BLOCK_M times as many). Each row's input is
-        normalised with its own rstd (_row_stats' NORM prologue, on rows past M row M - 1's) by
-        _fast_x, as at M == 1; rows past M (BLOCK_M's padding) skip the K loop's work and the final
-        sums (uniform branches) and are never stored.
-        Returns [BLOCK_M, BLOCK_N] sums as _matmul's. fp32 inputs: fp32 products (no tf32)."""
-        dtype = x_ptr.dtype.element_ty
-        V: tl.constexpr = 128 // dtype.primitive_bitwidth
-        T: tl.constexpr = BLOCK_K // V
-        kk = tl.arange(0, T)[:, None] * V + tl.arange(0, V)[None, :]  # [T, V] offsets in a K step
-        w3 = w_rows[:, :, None]
-        w3_2 = w_rows2[:, :, None]
-        w_mask = col_mask[:, None, None] & (kk < K)[None, :, :]
-        w = tl.load(w3 + kk[None, :, :], mask=w_mask, other=0.0)  # before the PDL wait, as _matmul
-        w2 = w
-        if TWO:
-            w2 = tl.load(w3_2 + kk[None, :, :], mask=w_mask, other=0.0)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        rows = tl.minimum(tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M), M - 1)  # rows past M: M - 1's
-        x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_stride
-        rstd, _ = _row_stats(x_rows, rows < M, tl.arange(0, BLOCK_K), nw_ptr, eps, K, BLOCK_M, BLOCK_K, NORM, 0,
-                             BF16_BY_HAND)
-        rstds = ()  # each row's rstd as a scalar, taken out of the tile once
-        for m in tl.static_range(BLOCK_M):
-            rstds = rstds + (tl.sum(tl.where(tl.arange(0, BLOCK_M) == m, rstd, 0.0), 0),)
-        acc = ()  # each row's partials [BLOCK_N, T]
-        for m in tl.static_range(BLOCK_M):
-            acc = acc + (tl.zeros([BLOCK_N, T], tl.float32),)
-        acc2 = acc
-        acc, acc2 = _rows_step(acc, acc2, w, w2, x_ptr, x_stride, M, kk, nw_ptr, rstds,
-                               K, BLOCK_M, V, NORM, TWO, BF16_BY_HAND)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            k = k0 + kk
-            w_mask = col_mask[:, None, None] & (k < K)[None, :, :]
-            w = tl.load(w3 + k[None, :, :], mask=w_mask, other=0.0)
-            w2 = w
-            if TWO:
-                w2 = tl.load(w3_2 + k[None, :, :], mask=w_mask, other=0.0)
-            acc, acc2 = _rows_step(acc, acc2, w, w2, x_ptr, x_stride, M, k, nw_ptr, rstds,
-                                   K, BLOCK_M, V, NORM, TWO, BF16_BY_HAND)
-        out = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        out2 = out
-        for m in tl.static_range(BLOCK_M):  # across the threads, once
-            if tl.program_id(1) * BLOCK_M + m < M:
-                out = tl.where(tl.arange(0, BLOCK_M)[:, None] == m, tl.sum(acc[m], 1)[None, :], out)
-                if TWO:
-                    out2 = tl.where(tl.arange(0, BLOCK_M)[:, None] == m, tl.sum(acc2[m], 1)[None, :], out2)
-        return out, out2
-
-    @triton.jit
-    def _matmul_any(x_ptr, x_stride, M, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask,
-                    nw_ptr, eps,
+    def _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
                     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     NORM: tl.constexpr, TWO: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
                     PDL: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
                     FAST: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr, SPLIT: tl.constexpr):
         """The accumulators of whichever matmul the kernel was specialised for: the fast M == 1
-        dequantization (FAST), dense W's multi-row multiply-reduce (1 < BLOCK_M <= MR_MAX_M), or the
-        exact path (of one part of K with SPLIT > 1)."""
-        if 1 < BLOCK_M and BLOCK_M <= _MR_MAX_M:
-            tl.static_assert(QUANT == 0 and not FAST and SPLIT == 1, "multi-row tiles: dense W, no split-K")
-            return _matmul_rows(x_ptr, x_stride, M, w_rows, w_rows2, col_mask, nw_ptr, eps, K, BLOCK_M, BLOCK_N,
-                                BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL)
-        elif FAST and QUANT == 2:
+        dequantization (FAST) or the exact path (of one part of K with SPLIT > 1)."""
+        if FAST and QUANT == 2:
             return _matmul_fast_runs(x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
                                      K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, HAS_ZERO)
         elif FAST:  # int8, W8A8
@@ -1021,9 +870,9 @@ if HAS_TRITON:
         w_rows, s_rows, z_rows = _w_rows(w_ptr, s_ptr, z_ptr, cols, K, GROUP, QUANT, FAST)
         w_up, s_up, z_up = _w_rows(w_ptr, s_ptr, z_ptr, cols + N, K, GROUP, QUANT, FAST)
         dtype = x_ptr.dtype.element_ty
-        acc, acc_up = _matmul_any(x_ptr, x_stride, M, x_rows, row_mask, w_rows, w_up, s_rows, s_up, z_rows, z_up,
-                                  col_mask, nw_ptr, eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, SWIGLU, IEEE,
-                                  BF16_BY_HAND, PDL, GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, SPLIT)
+        acc, acc_up = _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_up, s_rows, s_up, z_rows, z_up, col_mask, nw_ptr,
+                                  eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, SWIGLU, IEEE, BF16_BY_HAND, PDL,
+                                  GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, SPLIT)
         out_mask = row_mask[:, None] & col_mask[None, :]
         if SPLIT > 1:  # only the last program of the tile's parts goes on, with the whole sums
             acc, acc_up, last = _split_k_sum(acc, acc_up, ws_ptr, count_ptr, rows, cols, out_mask, M, N, SPLIT,
@@ -1125,9 +974,9 @@ if HAS_TRITON:
         w_rows, s_rows, z_rows = _w_rows(w_ptr, s_ptr, z_ptr, col, K, GROUP, QUANT, FAST)
         w_rows2, s_rows2, z_rows2 = _w_rows(w_ptr, s_ptr, z_ptr, col + HALF, K, GROUP, QUANT, FAST)
         dtype = x_ptr.dtype.element_ty
-        acc1, acc2 = _matmul_any(x_ptr, x_stride, M, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows,
-                                 z_rows2, j_mask, nw_ptr, eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE,
-                                 BF16_BY_HAND, PDL, GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, 1)
+        acc1, acc2 = _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask,
+                                 nw_ptr, eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE, BF16_BY_HAND, PDL,
+                                 GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, 1)
         acc1 = _column_scale(acc1, s_ptr, col, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         acc2 = _column_scale(acc2, s_ptr, col + HALF, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         _rope_store_epilogue(acc1, acc2, rows, row_mask, j_mask, head, d, col, b_ptr, q_ptr, q_stride, pos_ptr,
@@ -1167,7 +1016,7 @@ def _launch_config(m: int, n: int, k: int, quant: str, qargs: dict, fast: bool, 
                    default) -> tuple[tuple[int, int, int, int], dict]:
     """The launch config (``config``, else the fast path's or ``default``) and the kernel
     arguments: with ``fast`` at M == 1 on a compressed weight, the codes as int32 words and the
-    fast path's constexprs (FAST, GPT, WPG). At M > 1 ``fast`` changes nothing: every compressed format takes
+    fast path's constexprs (FAST, GPT, WPG). At M > 1 ``fast`` changes nothing: every format takes
     the exact path (module docstring)."""
     group = qargs["GROUP"]
     if not (fast and m == 1 and quant != "dense"):
@@ -1205,13 +1054,6 @@ class SplitKWorkspace:
 
 
 SPLIT_K_WORKSPACE = SplitKWorkspace()
-
-
-def _check_rows_config(config: tuple[int, int, int, int], quant: str, split_k: int = 1) -> None:
-    """The multi-row multiply-reduce (1 < BLOCK_M <= MR_MAX_M) reads dense W in one part of K."""
-    if 1 < config[0] <= MR_MAX_M and (quant != "dense" or split_k != 1):
-        raise ValueError(f"gemv: config {config} (a multi-row multiply-reduce tile) reads dense weights without "
-                         f"split-K, not {quant} with split_k {split_k}")
 
 
 def _check_invariant(batch_invariant: bool, fast: bool, config: tuple[int, int, int, int] | None) -> None:
@@ -1269,9 +1111,7 @@ def gemv(
     (block_m, block_n, block_k, num_warps), qargs = _launch_config(
         m, n, k, quant, qargs, fast, swiglu, config,
         lambda: (batch_invariant_config(n, k) if batch_invariant
-                 else gemv_config(m, n, k, two=swiglu, pdl=launch["PDL"], mr=None if quant == "dense" and split_k == 1
-                                  else False)))
-    _check_rows_config((block_m, block_n, block_k, num_warps), quant, split_k)
+                 else gemv_config(m, n, k, two=swiglu, pdl=launch["PDL"])))
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
     ws, count = SPLIT_K_WORKSPACE.get(x.device, split_k * m * 2 * n, grid[0] * grid[1]) if split_k > 1 else (out, out)
     _gemv_kernel[grid](
@@ -1293,14 +1133,13 @@ def gemv(
     return out
 
 
-def gemv_rope_store_config(m: int, n: int, k: int, pdl: bool = True,
-                           mr: bool | None = None) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_PAIRS, BLOCK_K, num_warps): gemv_config's (``mr`` as there), with each program
-    computing as many columns as the plain gemv's (half as many pairs, two W tiles of them), so
-    the multiply-reduce (M <= MR_MAX_M) keeps its program count.
-    tl.dot (BLOCK_M 16) needs 16 pairs at least: there a program computes 32 columns."""
-    block_m, block_n, block_k, num_warps = gemv_config(m, n, k, pdl=pdl, mr=mr)
-    return block_m, max(16 if block_m > MR_MAX_M else 1, block_n // 2), block_k, num_warps
+def gemv_rope_store_config(m: int, n: int, k: int, pdl: bool = True) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_PAIRS, BLOCK_K, num_warps): gemv_config's, with each program computing as
+    many columns as the plain gemv's (half as many pairs, two W tiles of them), so M == 1 keeps its
+    program count.
+    tl.dot (M > 1) needs 16 pairs at least: there a program computes 32 columns."""
+    block_m, block_n, block_k, num_warps = gemv_config(m, n, k, pdl=pdl)
+    return block_m, max(16 if block_m > 1 else 1, block_n // 2), block_k, num_warps
 
 
 def gemv_rope_store(
@@ -1342,9 +1181,7 @@ def gemv_rope_store(
     launch = pdl_launch_args(pdl, x.device)
     (block_m, block_pairs, block_k, num_warps), qargs = _launch_config(
         m, n // 2, k, quant, qargs, fast, True, config,
-        lambda: gemv_rope_store_config(SMALL_M if batch_invariant else m, n, k, pdl=launch["PDL"],
-                                       mr=None if quant == "dense" else False))
-    _check_rows_config((block_m, block_pairs, block_k, num_warps), quant)
+        lambda: gemv_rope_store_config(SMALL_M if batch_invariant else m, n, k, pdl=launch["PDL"]))
     _gemv_rope_store_kernel[(triton.cdiv(n // 2, block_pairs), triton.cdiv(m, block_m))](
         x, qargs.pop("w_ptr"), qargs.pop("s_ptr"), qargs.pop("z_ptr"), bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
         out, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,
