@@ -52,9 +52,6 @@
 #                                              # 7B and 135M shapes, then the GPU tests (issue 13)
 #   experiments/engine_session.sh s15          # after stash + stash2: the fourteenth session's untimed work (GPU
 #                                              # tests, n-gram rounds against one round and plain, a round's profile)
-#   experiments/engine_session.sh mrsweep      # carry .gpu/wheels: the multi-row GEMV (2-8 rows) against tl.dot and cuBLAS
-#   experiments/engine_session.sh mrtests      # its GPU tests, the fused rows' choice, engine vs transformers
-#   experiments/engine_session.sh mrbench      # decode (7B, 135M) and verify cost with the multi-row path on, then off
 #   experiments/engine_session.sh grounded     # after stash + stash2: n-gram on the grounded workload ending at EOS
 #   experiments/engine_session.sh bg NAME V..  # the verbs V.. in their own process session (they outlive the call);
 #                                              # `collect` (COLLECT_S) waits for every chain and fetches $H/bg
@@ -78,14 +75,6 @@ assemble() {  # the GGUF from its parts (the first stashed by `stash`, the other
     && gunzip -c .gpu/dss/cqa_train.json.gz > "$H/data/reasoning/cqa/cqa_train.json"  # Step-by-Step's train split
   [ -f .gpu/dss/cqa_llm.tgz ] && tar -xzf .gpu/dss/cqa_llm.tgz -C "$H/data/reasoning/cqa"  # and its PaLM rationales (llm/)
   [ -f "$H/t/smol.gguf" ] || echo "assemble: the GGUF's parts are not all here (stash, then stash2)"
-}
-py_mr() {  # py_mr on|off ARGS..: python3 ARGS, with kernels.gemv.MR_ROWS False for "off" (-m MODULE or a script)
-  local mr=$1; shift
-  if [ "$mr" = off ]; then
-    python3 -c 'import runpy, sys; import kernels.gemv as g; g.MR_ROWS = False; a = sys.argv[1:]
-sys.argv = a[1:] if a[0] == "-m" else a
-runpy.run_module(a[1], run_name="__main__", alter_sys=True) if a[0] == "-m" else runpy.run_path(a[0], run_name="__main__")' "$@"
-  else python3 "$@"; fi
 }
 case "${1:?verb}" in
   speed)
@@ -367,27 +356,6 @@ case "${1:?verb}" in
     timeout ${PROF_S:-200} python3 experiments/spec_round_profile.py --target "$H/t/smol.gguf" --data-dir "$H/data" \
       --variants plain,spec --num-rounds 4 --out "$OUTDIR/profile_rounds" --json "$OUTDIR/profile_rounds.jsonl" \
       > "$OUTDIR/profile_rounds.log" 2>&1; grep -v Warn "$OUTDIR/profile_rounds.log" | tail -n 2 | cut -c1-500;;
-  mrsweep)  # carry .gpu/wheels: the multi-row multiply-reduce GEMV (kernels/gemv.py _matmul_rows, dense W at 2-8
-            # rows) against tl.dot's 16-row tiles and cuBLAS, per 7B shape and M, candidate tiles; the 135M shapes
-    timeout ${SWEEP_S:-300} python3 experiments/gemv_sweep.py --model llama2-7b --m 2 3 5 8 16 --rows-tile 1,8,1024,4 \
-      --rows-tile 1,8,512,2 --rows-tile 1,8,256,1 --rows-tile 1,4,512,2 > "$OUTDIR/mr_sweep_7b.jsonl" 2>&1
-    timeout ${SWEEP_S:-120} python3 experiments/gemv_sweep.py --model smollm2-135m --m 2 5 8 \
-      > "$OUTDIR/mr_sweep_135m.jsonl" 2>&1; grep -h summary "$OUTDIR"/mr_sweep_*.jsonl | cut -c1-300;;
-  mrtests)  # the GPU tests of the gemv kernels (multi-row among them), the fused rows' choice, engine vs transformers
-    timeout ${TESTS_S:-300} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_gemv.py \
-      tests/engine/test_fused_decode_rows.py tests/engine/test_engine_gpu.py > "$OUTDIR/mr_tests.txt" 2>&1
-    tail -n 4 "$OUTDIR/mr_tests.txt";;
-  mrbench)  # decode tok/s (7B b1-16, 135M b1-16) and the verify's cost (7B, 135M), multi-row on, then off
-            # (kernels.gemv.MR_ROWS False: tl.dot's tiles as before), each its own process, one GPU, back to back
-    for mr in ${MR_MODES:-on off}; do
-      for shape in ${MR_SHAPES:-llama2-7b smollm2-135m}; do
-        b="1 2 4 8 16"; [ $shape = smollm2-135m ] && b="1 4 8 16"
-        timeout ${DECODE_S:-120} py_mr $mr -m eval.bench --json "$OUTDIR/mr_decode_${shape}_$mr.jsonl" decode --shape $shape \
-          --batch $b 2>&1 | grep -E "fused decode|tok/s" | cut -c1-300
-        timeout ${VERIFY_S:-120} py_mr $mr experiments/spec_bench.py --json "$OUTDIR/mr_verify_${shape}_$mr.jsonl" verify-cost \
-          --shape $shape --context 512 2>&1 | grep -v Warn | cut -c1-220
-      done
-    done;;
   grounded)  # after stash + stash2: n-gram on the grounded workload as served (answers end at EOS), batch 1 walks
              # 16 prompts, one round and device-resident rounds, against plain decoding (--check)
     assemble

@@ -46,7 +46,15 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   OR-ed into 16-bit float bits as exact dot operands, one K step a group) was 3-7x slower than the
   exact path on the H200 at M = 2 and 16, even at the best of 144 configs (int4_g128 down M=16:
   25.5 vs 120.9 us; 7B decode at batch 16: 0.29x bf16 against 0.81x;
-  benchmarks/2026-11-30-h200x2-s11/bg/g1/int4_dot.jsonl), and was removed.
+  benchmarks/2026-11-30-h200x2-s11/bg/g1/int4_dot.jsonl), and was removed. A multi-row multiply-reduce
+  for dense 16-bit W at 2-8 rows (M == 1's tile loaded once, each row's products in registers, the
+  cross-thread sums once after the K loop) lost too: on the 7B shapes its time grew with every row
+  (o_proj 19.0 / 22.9 / 42.6 / 56.9 us at M = 2 / 3 / 5 / 8 against the 16-row tl.dot tiles' 12.0-12.1
+  and cuBLAS's 12.4-12.7; qkv + rope at M = 2 45.9 against 63.0 and cuBLAS 27.8), the engine's startup
+  timing gave the fused decode 7,031 / 12,300 / 23,248 us a forward at batch 2 / 4 / 8 against 6,088 /
+  6,065 / 6,070 with the tl.dot tiles; it won only at M = 2 on SmolLM2-135M's latency-bound shapes
+  (2.2-3.7 us against 2.5-5.5), and was removed (H200, experiments/gemv_sweep.py at branch h-mr,
+  benchmarks/2026-11-30-h200x2-s15/mr/).
 - split-K (``split_k``, the exact path; off unless asked for, not yet timed): at M > 1 the 16-row
   tl.dot tiles of N 4096 (o_proj, down_proj) make 128 programs of 4 warps, one an SM, each with 8
   KB of int8 codes (bf16: 16 KB) and as many bytes of x a K step in flight, so int8 ran as slow
