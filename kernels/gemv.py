@@ -53,7 +53,7 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   and cuBLAS's 12.4-12.7; qkv + rope at M = 2 45.9 against 63.0 and cuBLAS 27.8), the engine's startup
   timing gave the fused decode 7,031 / 12,300 / 23,248 us a forward at batch 2 / 4 / 8 against 6,088 /
   6,065 / 6,070 with the tl.dot tiles; it won only at M = 2 on SmolLM2-135M's latency-bound shapes
-  (2.2-3.7 us against 2.5-5.5), and was removed (H200, experiments/gemv_sweep.py at branch h-mr,
+  (2.2-3.7 us against 2.5-5.5), and was removed (H200, experiments/gemv_sweep.py at a144dca,
   benchmarks/2026-11-30-h200x2-s15/mr/).
 - split-K (``split_k``, the exact path; off unless asked for, not yet timed): at M > 1 the 16-row
   tl.dot tiles of N 4096 (o_proj, down_proj) make 128 programs of 4 warps, one an SM, each with 8
