@@ -173,11 +173,12 @@ def implied_speedup(mean_len: float, k: int, draft_step: float, verify_step: flo
     return mean_len / (k * draft_step + verify_step) if mean_len else 1.0
 
 
-def target_outputs(target: str, prompts: list[list[int]], new_tokens: int, engine_kwargs: dict) -> list[list[int]]:
+def target_outputs(target: str, prompts: list[list[int]], new_tokens: int, engine_kwargs: dict,
+                   stop_at_eos: bool = False) -> list[list[int]]:
     from engine import LLM, SamplingParams
 
     llm = LLM(target, **engine_kwargs)
-    res = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    res = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=not stop_at_eos))
     del llm
     return [r.token_ids for r in res]
 
@@ -214,23 +215,25 @@ def divergence_report(plain: list[list[int]], margins: list[list[float]], other:
 
 
 def acceptance(args) -> None:
-    from transformers import AutoTokenizer
-
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     if data_dir is None or not data_dir.is_dir():
         raise ShrinkError("--data-dir: no shared data directory (pass it or set SHRINK_DATA_DIR)")
     from engine.config import EngineConfig
+    from engine.tokenizer import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(args.target)
     engine_kwargs = json.loads(args.engine) if args.engine else {}
-    max_model_len = EngineConfig(model=args.target, **engine_kwargs).max_model_len
+    target_config = EngineConfig(model=args.target, **engine_kwargs)
+    tok = load_tokenizer(target_config.model)  # a .gguf file's converted directory
+    if tok is None:
+        raise ShrinkError(f"--target: {args.target!r} has no tokenizer to encode the workloads with")
+    max_model_len = target_config.max_model_len
     for workload in args.workloads:
         prompts = fitting_prompts(load_prompts(workload, data_dir, tok, args.prompts, args.prompt_tokens),
                                   args.new_tokens, max_model_len, workload, args.json, "acceptance")
         if not prompts:
             emit({"bench": "acceptance", "workload": workload, "skipped": "no prompt fits max_model_len"}, args.json)
             continue
-        outputs = target_outputs(args.target, prompts, args.new_tokens, engine_kwargs)
+        outputs = target_outputs(args.target, prompts, args.new_tokens, engine_kwargs, args.stop_at_eos)
         drafters: dict[str, Propose] = {
             f"ngram[{args.ngram_min},{args.ngram_max}]":
                 ngram_proposer(prompts, outputs, args.ngram_min, args.ngram_max)}
@@ -624,6 +627,9 @@ def main(argv: list[str] | None = None) -> None:
                        help="prompts per workload (speed: at least the largest --batch; smaller batches walk them all)")
         p.add_argument("--prompt-tokens", type=int, default=128, help="wikitext prompts: first N tokens")
         p.add_argument("--new-tokens", type=int, default=256)
+        p.add_argument("--stop-at-eos", action="store_true",
+                       help="requests end at their EOS as served ones do (a chat answer is short; without it every "
+                            "request runs --new-tokens, past its answer)")
         p.add_argument("--ngram-min", type=int, default=2)
         p.add_argument("--ngram-max", type=int, default=4)
         p.add_argument("--engine", help='EngineConfig overrides as JSON, e.g. \'{"device": "cpu"}\'')
@@ -642,9 +648,7 @@ def main(argv: list[str] | None = None) -> None:
                                       help="also n-gram and each model drafter with speculative_config num_rounds "
                                            "R (> 1), at the largest --ks: device-resident greedy rounds")
     sub.choices["speed"].add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
-    sub.choices["speed"].add_argument("--stop-at-eos", action="store_true",
-                                      help="requests end at their EOS as served ones do (a chat answer is short; "
-                                           "without it every request runs --new-tokens, past its answer)")
+
     sub.choices["speed"].add_argument("--auto", action=argparse.BooleanOptionalAction, default=True,
                                       help='also k "auto" (the engine\'s measured policy, up to the largest --ks)')
     sub.choices["speed"].add_argument("--budget-s", type=float, default=270.0,
