@@ -225,8 +225,9 @@ class GreedyRounds:
         self._index = device_index(device)
         self.num_steps = 0  # steps that ran here
         # The latest step's rounds, as the auto policy observes them: per round, the sequences (indices
-        # into the batch) that ran it before reaching max_tokens, their proposed and accepted drafts.
-        self.last_rounds: list[tuple[list[int], list[int], list[int]]] = []
+        # into the batch) that ran it before reaching max_tokens, their proposed and accepted drafts
+        # and the tokens they emitted.
+        self.last_rounds: list[tuple[list[int], list[int], list[int], list[int]]] = []
         # Graphs need the Triton advances (the torch references index by masks: a sync).
         if on_cuda and target.graphs is not None and drafter.graphable() and self.buckets and target.decode_inputs.use_triton:
             self._capture()
@@ -285,7 +286,7 @@ class GreedyRounds:
                     accepted.append(min(e[r] - 1, p))
                     made.append(e[r])
             metrics.record(props, accepted, made)
-            self.last_rounds.append((rows, props, accepted))
+            self.last_rounds.append((rows, props, accepted, made))
 
     def _buffers(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(out [b, R (k + 1)], stats [b, 2 + R]) views of the step's device buffers."""

@@ -135,7 +135,7 @@ class SpecDecodeWorker:
         if batch.num_rounds > 1:  # R device-resident greedy rounds (rounds.py; the scheduler's spec_rounds)
             result = self.rounds.step(batch, self.metrics)
             if self.policy is not None:  # each round as a one-round step: its real proposals only
-                for rows, proposed, accepted in self.rounds.last_rounds:
+                for rows, proposed, accepted, _ in self.rounds.last_rounds:
                     if rows:
                         self.policy.observe([self.rounds.k] * len(rows), accepted, proposed)
             return result
