@@ -45,6 +45,14 @@ which plain steps do not leave: its first round after them proposes nothing and 
 features, observed as nothing, and the step after runs the same k again (``k_again``), so a probe
 still gathers its evidence.
 
+With ``num_rounds`` R (rounds.py) a k_max step of a batch the rounds runner takes runs R device-
+resident rounds with one host sync: step_seconds costs it per round from the startup table's
+``rounds`` (a rounds step's time / R, every row verifying k_max + 1 tokens whether or not it
+matched, so no decode_one term), calibrated by the "rounds" overhead, against the same expected
+tokens per round; smaller k still cost one round through the host. The rounds' real proposals
+(rounds.py: a row without a match proposed nothing) are observed round by round, plain steps'
+lookups and the probes as above.
+
 ``steps_by_k`` counts scheduled decode steps, not tokens: a k = 0 step of a greedy batch is a
 multi-step decode of up to num_decode_steps tokens per sequence, a k > 0 step emits 1..k + 1.
 

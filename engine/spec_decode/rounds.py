@@ -43,10 +43,20 @@ reads them). spec_advance's drafter rows are dummies there. On a launch-bound ta
 a one-round step cannot do: a round costs the GPU its verify and the lookup, not a host round trip
 (BENCHMARKS.md, fourteenth session: ~1.2 ms a round against ~0.6 ms of GPU work on SmolLM2-135M).
 
-Not here: tensor parallelism, the ``auto`` k policy (config.py refuses num_rounds > 1 with it), a
-k other than num_speculative_tokens (a per-batch-size table's smaller k takes the one-round path),
-Medusa heads, sampling, logprobs: those steps take worker.py's one-round path unchanged. The
-acceptance metrics of n-gram rounds count k proposed tokens a round, filler included.
+Metrics: the kernel's match count per row and round goes into a [b, R] buffer (at the round's column,
+spec_advance's round counter) and comes back with the tokens. A round proposes what its match
+proposed, as a one-round step's lookup would at that context: nothing where nothing matched (the
+row's verify then counts as one plain token), fewer than k where the context ended; accepted is the
+leading agreement within the proposal, and filler the verify accepted past it (a token the target
+chose anyway) is emitted, not accepted. So acceptance_rate and the per-position rates mean what they
+mean for one round. Under the ``auto`` k policy (policy.py) each round is observed as a one-round
+step would be (``last_rounds``, SpecDecodeWorker.step), and the policy chooses between a plain
+decode step and a step of R rounds at k = num_speculative_tokens, costed per round at startup
+(step_costs.py; StepOverheads calibrates it by the steps' wall time).
+
+Not here: tensor parallelism, a k other than num_speculative_tokens (a per-batch-size table's or the
+auto policy's smaller k takes the one-round path), Medusa heads, sampling, logprobs: those steps
+take worker.py's one-round path unchanged.
 """
 
 from __future__ import annotations
