@@ -30,7 +30,8 @@ sequences are all plain greedy runs R draft + verify rounds back to back on the 
 host sync at the end (engine/spec_decode/rounds.py); other steps, a smaller k, and R = 1 speculate
 one round. With ``auto`` the policy chooses per step between plain decoding, such a step of R rounds
 (its cost measured at startup per round) and one round at a smaller k (policy.py). Medusa takes no
-num_rounds. Every bad key or value raises SpeculativeConfigError naming the key. ``check_same_vocabulary`` verifies a draft can verify against the target at all.
+num_rounds. Every bad key or value raises SpeculativeConfigError naming the key.
+``check_same_vocabulary`` verifies a draft can verify against the target at all.
 """
 
 from __future__ import annotations

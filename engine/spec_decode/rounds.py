@@ -95,12 +95,12 @@ def greedy_rounds(target: ModelRunner, proposer: Proposer, spec: SpeculativeConf
 class ModelDrafter:
     """A draft model's part of a round: its k greedy steps (the first over the lagged 2b rows)."""
 
+    counts = False  # every round proposes all k drafts
+
     def __init__(self, proposer: DraftModelProposer, rows: int, k: int) -> None:
         self.proposer, self.runner = proposer, proposer.runner
         self.inputs = self.runner.decode_inputs
         self.tokens = torch.zeros((k + 1) * rows, dtype=torch.int64, device=self.runner.device)  # [k + 1, b]
-
-    counts = False  # every round proposes all k drafts
 
     def fits(self, b: int) -> bool:
         return 2 * b <= self.inputs.d.ids.shape[0]
