@@ -148,3 +148,21 @@ def test_auto_rounds_greedy_output_equals_plain_decoding_in_a_ragged_batch(targe
         assert all(s.draft_computed == 0 and not s.block_table for s in engine.seqs.values())
     assert engine.spec_worker.rounds.num_steps > 0
     assert engine.block_manager.num_free_blocks == engine.runner.num_blocks
+
+
+def test_a_rounds_steps_wall_time_calibrates_its_own_kind(target):
+    """SpecDecodeWorker.record_step: a step of R rounds adds its time per round beyond the table's
+    round to the "rounds" overhead; a one-round step at k_max (a batch the rounds did not take) to
+    the verify round's."""
+    from engine.scheduler import ScheduledBatch
+    from engine.sequence import Sequence
+
+    llm = LLM(target, device="cpu", speculative_config=_ngram())
+    worker = llm.engine.spec_worker
+    policy = worker.policy = SpecPolicy(K, 16, _costs())  # calibrating
+    seq = Sequence(list(range(3, 40)), _greedy(100))
+    for _ in range(3):
+        worker.record_step(ScheduledBatch([seq], False, [1], num_draft=[K], num_rounds=R), R * (1.2 + 0.3), [2 * R])
+    assert policy.overheads.at(1) == pytest.approx((0.0, 0.0, 0.0, 0.3))
+    worker.record_step(ScheduledBatch([seq], False, [1], num_draft=[K]), 0.01 + 3.15 + 0.5, [2])
+    assert policy.overheads.at(1) == pytest.approx((0.0, 0.5, 0.0, 0.3))
