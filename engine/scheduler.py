@@ -158,10 +158,11 @@ class Scheduler:
         if not seqs:
             return None
         if self.spec_k is not None:
-            rounds = self._reserve_rounds(seqs) if self.spec_rounds is not None and not self.waiting else None
+            k = self.spec_k(len(seqs))  # once a step: an auto policy counts its choices
+            rounds = self._reserve_rounds(seqs, k) if self.spec_rounds is not None and not self.waiting else None
             if rounds is not None:
                 return rounds
-            num_draft = self._reserve_drafts(seqs)
+            num_draft = self._reserve_drafts(seqs, k)
             if num_draft is not None:
                 return ScheduledBatch(seqs, False, [1] * len(seqs), 1, num_draft)
         # A preemption above queued a sequence, so this also keeps multi-step off then.
@@ -193,10 +194,9 @@ class Scheduler:
             return 1
         return steps
 
-    def _reserve_drafts(self, seqs: list[Sequence]) -> list[int] | None:
-        """Per sequence, the draft tokens it may propose this step (blocks reserved for them), or
+    def _reserve_drafts(self, seqs: list[Sequence], k: int) -> list[int] | None:
+        """Per sequence, the draft tokens it may propose this step at ``k`` (blocks reserved for them), or
         None: speculation is off at this batch size, no sequence has room, or the pool lacks blocks."""
-        k = self.spec_k(len(seqs))
         if k <= 0:
             return None
         max_len = self.max_model_len if self.max_model_len is not None else 1 << 62
@@ -207,14 +207,13 @@ class Scheduler:
             return None
         return num_draft
 
-    def _reserve_rounds(self, seqs: list[Sequence]) -> ScheduledBatch | None:
+    def _reserve_rounds(self, seqs: list[Sequence], k: int) -> ScheduledBatch | None:
         """A step of R device-resident speculative rounds (blocks reserved for R (k + 1) positions per
         sequence), or None: not every sequence is plain greedy, R is 1 for this batch size and k, or the pool
         lacks the blocks. Each round emits at least one token per sequence, so R stays within the
         longest remaining max_tokens; every position written stays below max_model_len. A sequence
         that finishes inside the step drops its later tokens (the engine's append)."""
         n = len(seqs)
-        k = self.spec_k(n)
         if k <= 0 or not all(s.plain_greedy for s in seqs):
             return None
         rounds = self.spec_rounds(n, k)

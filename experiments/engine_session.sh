@@ -53,6 +53,8 @@
 #   experiments/engine_session.sh s15          # after stash + stash2: the fourteenth session's untimed work (GPU
 #                                              # tests, n-gram rounds against one round and plain, a round's profile)
 #   experiments/engine_session.sh grounded     # after stash + stash2: n-gram on the grounded workload ending at EOS
+#   experiments/engine_session.sh autorounds   # after stash + stash2: n-gram auto + rounds beside fixed-k rounds and
+#                                              # one-round auto, against plain (issue 14), and the rounds' GPU tests
 #   experiments/engine_session.sh bg NAME V..  # the verbs V.. in their own process session (they outlive the call);
 #                                              # `collect` (COLLECT_S) waits for every chain and fetches $H/bg
 set -uo pipefail
@@ -363,6 +365,16 @@ case "${1:?verb}" in
       --truncated --data-dir "$H/data" --workloads grounded --stop-at-eos --prompts 16 --batch 1 4 16 --ks 2 4 \
       --num-rounds 1 8 --auto --check --repeats 2 --budget-s 260 --verify-shape "" --engine '{"max_model_len": 2048}' \
       > "$OUTDIR/grounded_eos.log" 2>&1; grep -v Warn "$OUTDIR/grounded_eos.log" | tail -n 4 | cut -c1-300;;
+  autorounds)  # after stash + stash2: the auto policy with num_rounds 8 (plain step or 8 rounds at k 4, costed at
+               # startup) beside fixed k 4 rounds and one-round auto, --check against plain, b1/4/16 (issue 14)
+    assemble
+    timeout ${TESTS_S:-300} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_spec_rounds_gpu.py \
+      tests/kernels/test_ngram_match.py > "$OUTDIR/autorounds_tests.txt" 2>&1
+    tail -n 4 "$OUTDIR/autorounds_tests.txt"
+    timeout ${SPEC_S:-500} python3 experiments/spec_bench.py --json "$OUTDIR/ngram_auto_rounds.jsonl" speed --target "$H/t/smol.gguf" \
+      --truncated --data-dir "$H/data" --workloads grounded gsm8k wikitext --batch 1 4 16 --ks 4 --num-rounds 1 8 --auto \
+      --check --repeats 2 --budget-s 450 --verify-shape "" --engine '{"max_model_len": 2048}' > "$OUTDIR/ngram_auto_rounds.log" 2>&1
+    grep -v Warn "$OUTDIR/ngram_auto_rounds.log" | tail -n 8 | cut -c1-300;;
   sp24sweep)  # the 2:4 + int4 GEMV / GEMM sweep alone
     timeout ${SWEEP_S:-330} python3 experiments/sparse24_gemv_sweep.py --json "$OUTDIR/sp24_sweep.jsonl" --m 1 2 4 8 16 \
       --budget-s ${SP24_BUDGET_S:-100} > "$OUTDIR/sp24_sweep.log" 2>&1; tail -n 4 "$OUTDIR/sp24_sweep.log";;

@@ -32,7 +32,8 @@ speed       tok/s of LLM.generate without speculation and with ``speculative_con
             and within a few % of the best fixed k where one pays. Then the per-batch-size k policy the
             fixed-k rows recommend (0 where speculation does not pay); with --num-rounds R (> 1) n-gram
             and each model drafter again as "<drafter>-rounds<R>", speculative_config num_rounds R at the largest
-            k only (device-resident greedy rounds, engine/spec_decode/rounds.py: a fixed k, no auto);
+            k (device-resident greedy rounds, engine/spec_decode/rounds.py) and "auto" (the policy choosing
+            per step between plain decoding, R rounds at the largest k and one round at a smaller k);
             then verify-cost at --verify-shape. One process, variants past --budget-s skipped.
             Every row records its timed runs (engine steps, prompt tokens computed, wall and CPU time)
             and the host's state when it began (experiments/spec_baseline.py). --check: each
@@ -367,7 +368,7 @@ def _speed_variant(args, workload: str, name: str, spec: dict | None, prompts: l
     from engine.spec_decode.policy import SpecPolicy
 
     rounds = spec.get("num_rounds", 1) if spec is not None else 1
-    if spec is not None and args.auto and rounds == 1:
+    if spec is not None and args.auto:
         spec = {**spec, "num_speculative_tokens_per_batch_size": "auto"}
     llm = LLM(args.target, **engine_kwargs, **({"speculative_config": spec} if spec else {}))
     engine = llm.engine
@@ -376,7 +377,7 @@ def _speed_variant(args, workload: str, name: str, spec: dict | None, prompts: l
     # k up to the engine's num_speculative_tokens (a Medusa arm's: at most its heads).
     k_max = spec["num_speculative_tokens"] if spec is not None else max(args.ks)
     fixed = [k for k in args.ks if k <= k_max]
-    ks = [max(args.ks)] if rounds > 1 else fixed + (["auto"] if args.auto and spec is not None else [])
+    ks = ([max(args.ks)] if rounds > 1 else fixed) + (["auto"] if args.auto and spec is not None else [])
     ks = [0] + ks if args.check and spec is not None else ks
     off: dict[int, float] = {}  # tok/s of this engine with drafting off, by batch size
     for k in ([0] if spec is None else ks):
@@ -646,7 +647,7 @@ def main(argv: list[str] | None = None) -> None:
                                       help="drafters made of the target's first N layers (+ norm and head)")
     sub.choices["speed"].add_argument("--num-rounds", type=int, nargs="+", default=[1],
                                       help="also n-gram and each model drafter with speculative_config num_rounds "
-                                           "R (> 1), at the largest --ks: device-resident greedy rounds")
+                                           "R (> 1), at the largest --ks and auto: device-resident greedy rounds")
     sub.choices["speed"].add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
 
     sub.choices["speed"].add_argument("--auto", action=argparse.BooleanOptionalAction, default=True,

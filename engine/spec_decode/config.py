@@ -25,10 +25,13 @@ num_speculative_tokens at every batch size, as vLLM reads a config), ``max_batch
 batches of more sequences run without speculation; default DEFAULT_MAX_BATCH_SIZE) and ``dtype`` (the draft
 model's, as EngineConfig.dtype spells it).
 
-``num_rounds`` R (a draft model or n-gram with a fixed k, not ``auto``; default 1): a decode step whose
+``num_rounds`` R (a draft model or n-gram; default 1): a decode step at k = num_speculative_tokens whose
 sequences are all plain greedy runs R draft + verify rounds back to back on the device, with one
-host sync at the end (engine/spec_decode/rounds.py); other steps, and R = 1, speculate one round. Every bad key or value raises SpeculativeConfigError
-naming the key. ``check_same_vocabulary`` verifies a draft can verify against the target at all.
+host sync at the end (engine/spec_decode/rounds.py); other steps, a smaller k, and R = 1 speculate
+one round. With ``auto`` the policy chooses per step between plain decoding, such a step of R rounds
+(its cost measured at startup per round) and one round at a smaller k (policy.py). Medusa takes no
+num_rounds. Every bad key or value raises SpeculativeConfigError naming the key.
+``check_same_vocabulary`` verifies a draft can verify against the target at all.
 """
 
 from __future__ import annotations
@@ -76,13 +79,9 @@ def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
-def _rounds(raw: Mapping[str, Any], auto: bool) -> int:
-    """num_rounds (default 1), refused with the auto k policy, which chooses k per step."""
-    rounds = _positive_int("num_rounds", raw.get("num_rounds", 1))
-    if rounds > 1 and auto:
-        raise SpeculativeConfigError("num_rounds", f"{rounds} rounds take a fixed k, but num_speculative_tokens_"
-                                     f"per_batch_size {AUTO!r} chooses k per step (use 1 round with it)")
-    return rounds
+def _rounds(raw: Mapping[str, Any]) -> int:
+    """num_rounds (default 1)."""
+    return _positive_int("num_rounds", raw.get("num_rounds", 1))
 
 
 @dataclass(frozen=True)
@@ -140,7 +139,7 @@ class SpeculativeConfig:
             if hi < lo:
                 raise SpeculativeConfigError("prompt_lookup_max", f"{hi} is below prompt_lookup_min {lo}")
             return cls("ngram", k, prompt_lookup_min=lo, prompt_lookup_max=hi, k_by_batch_size=policy,
-                       max_batch_size=max_bs, auto=auto, num_rounds=_rounds(raw, auto))
+                       max_batch_size=max_bs, auto=auto, num_rounds=_rounds(raw))
         model = raw.get("model")
         what = "a Medusa heads directory" if method == "medusa" else "a draft model directory"
         if not isinstance(model, str) or not model:
@@ -165,7 +164,7 @@ class SpeculativeConfig:
         vocab_size = raw.get("draft_vocab_size")
         vocab_size = _positive_int("draft_vocab_size", vocab_size, 2) if vocab_size is not None else None
         return cls("draft_model", k, model=model, dtype=dtype, k_by_batch_size=policy, max_batch_size=max_bs,
-                   auto=auto, draft_vocab_size=vocab_size, num_rounds=_rounds(raw, auto))
+                   auto=auto, draft_vocab_size=vocab_size, num_rounds=_rounds(raw))
 
     def k_for_batch(self, batch_size: int) -> int:
         """Draft tokens per sequence for a decode batch of ``batch_size`` sequences; 0: decode plainly."""

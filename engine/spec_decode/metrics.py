@@ -26,17 +26,22 @@ class SpecDecodeMetrics:
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
 
-    def record(self, num_proposed: Seq[int], num_accepted: Seq[int]) -> None:
-        """One verify step: per sequence, tokens proposed and the accepted prefix's length."""
+    def record(self, num_proposed: Seq[int], num_accepted: Seq[int], num_emitted: Seq[int] | None = None) -> None:
+        """One verify step: per sequence, tokens proposed and the accepted prefix's length, and
+        (None: accepted + 1) the tokens its verify emitted: more where an n-gram round's verify
+        accepted filler past the proposal (rounds.py), a token the target chose anyway."""
         if len(num_proposed) != len(num_accepted):
             raise ValueError(f"{len(num_proposed)} proposal counts but {len(num_accepted)} acceptance counts")
+        emitted = [a + 1 for a in num_accepted] if num_emitted is None else num_emitted
+        if len(emitted) != len(num_accepted):
+            raise ValueError(f"{len(emitted)} emitted counts but {len(num_accepted)} acceptance counts")
         width = max(num_proposed, default=0)
         for counts in (self.proposed_per_position, self.accepted_per_position):
             counts.extend([0] * (width - len(counts)))
-        for n, a in zip(num_proposed, num_accepted):
-            if not 0 <= a <= n:
-                raise ValueError(f"accepted {a} of {n} proposed tokens")
-            self.num_emitted += a + 1
+        for n, a, e in zip(num_proposed, num_accepted, emitted):
+            if not 0 <= a <= n or e < a + 1:
+                raise ValueError(f"accepted {a} of {n} proposed tokens, emitting {e}")
+            self.num_emitted += e
             if n == 0:
                 continue
             self.num_drafts += 1

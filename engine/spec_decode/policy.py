@@ -45,6 +45,14 @@ which plain steps do not leave: its first round after them proposes nothing and 
 features, observed as nothing, and the step after runs the same k again (``k_again``), so a probe
 still gathers its evidence.
 
+With ``num_rounds`` R (rounds.py) a k_max step of a batch the rounds runner takes runs R device-
+resident rounds with one host sync: step_seconds costs it per round from the startup table's
+``rounds`` (a rounds step's time / R, every row verifying k_max + 1 tokens whether or not it
+matched, so no decode_one term), calibrated by the "rounds" overhead, against the same expected
+tokens per round; smaller k still cost one round through the host. The rounds' real proposals
+(rounds.py: a row without a match proposed nothing) are observed round by round, plain steps'
+lookups and the probes as above.
+
 ``steps_by_k`` counts scheduled decode steps, not tokens: a k = 0 step of a greedy batch is a
 multi-step decode of up to num_decode_steps tokens per sequence, a k > 0 step emits 1..k + 1.
 
@@ -69,8 +77,9 @@ MIN_GAIN = 1.02  # speculation must beat plain decoding by this factor (within m
 PROBE_MIN, PROBE_MAX = 16, 256  # plain steps between probes while k* = 0
 OVERHEAD_WINDOW = 16  # engine steps per batch size and kind whose median overhead is used
 
-Overhead = tuple[float, float, float]  # seconds added to (a plain token, a verify round, a round without proposals)
-NO_OVERHEAD: Overhead = (0.0, 0.0, 0.0)
+# Seconds added to (a plain token, a verify round, a round without proposals, a round of a rounds step).
+Overhead = tuple[float, float, float, float]
+NO_OVERHEAD: Overhead = (0.0, 0.0, 0.0, 0.0)
 
 
 @dataclass
@@ -87,6 +96,10 @@ class StepCosts:
     # A plain step of one token per sequence: a round in which no sequence has a proposal. Empty:
     # the engine decodes one token per step anyway (num_decode_steps 1), so ``decode``.
     decode_one: list[float] = field(default_factory=list)
+    # num_rounds R > 1 (rounds.py): per round, a step of R device-resident rounds at k_max, for the
+    # first len(rounds) batch sizes (those the rounds runner takes); a k_max step of a batch that
+    # size runs such rounds. Empty: k_max speculates one round like any k.
+    rounds: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.batch_sizes)
@@ -94,6 +107,8 @@ class StepCosts:
             raise ValueError("StepCosts: ascending batch_sizes, and a decode cost for each")
         if self.decode_one and len(self.decode_one) != n:
             raise ValueError("StepCosts: a one-token decode cost for each batch size, or none")
+        if len(self.rounds) > n:
+            raise ValueError("StepCosts: a rounds cost for at most every batch size")
         if not self.verify or sorted(self.draft) != sorted(self.verify) or any(
                 len(v) != n for v in (*self.verify.values(), *self.draft.values())):
             raise ValueError("StepCosts: a draft and a verify cost per batch size for every k")
@@ -111,10 +126,13 @@ class StepCosts:
         all k drafts of a round are accepted, when a draft model then catches up one token before
         drafting. ``p_any``: the chance that some sequence has a proposal; otherwise the round is
         the drafting plus a plain one-token step, no verify. ``overhead``: what the engine's steps
-        of each kind took beyond this table (StepOverheads)."""
+        of each kind took beyond this table (StepOverheads). A k_max step of a batch the rounds
+        runner takes costs a round of it (every row verifies k + 1 tokens, match or not)."""
         i = self.index(n)
         if k == 0:
             return self.decode[i] + overhead[0]
+        if self.in_rounds(n, k):
+            return self.rounds[i] + overhead[3]
         catch_up = p_full * self.draft[1][i] if self.catch_up else 0.0
         verify = catch_up + self.verify[k][i] + overhead[1]
         return self.draft[k][i] + p_any * verify + (1.0 - p_any) * (self.decode_one_at(i) + overhead[2])
@@ -122,12 +140,16 @@ class StepCosts:
     def decode_one_at(self, i: int) -> float:
         return (self.decode_one or self.decode)[i]
 
+    def in_rounds(self, n: int, k: int) -> bool:
+        """Whether a step of n sequences at k runs device-resident rounds (costed per round)."""
+        return k == self.k_max and n <= self.batch_sizes[-1] and self.index(n) < len(self.rounds)
+
     def as_dict(self) -> dict:
         return {"batch_sizes": list(self.batch_sizes), "decode_s": list(self.decode),
                 "draft_s": {str(k): list(v) for k, v in sorted(self.draft.items())},
                 "verify_s": {str(k): list(v) for k, v in sorted(self.verify.items())},
                 "decode_one_s": list(self.decode_one or self.decode), "catch_up": self.catch_up,
-                "measure_s": self.measure_s}
+                "rounds_s": list(self.rounds), "measure_s": self.measure_s}
 
 
 def expected_tokens(rates: Seq[float], k: int) -> float:
@@ -217,14 +239,16 @@ class AcceptanceEstimate:
 
 class StepOverheads:
     """What the engine's decode steps took beyond the startup table, per measured batch size and
-    kind of step: plain (per token), a round with a verify, a round in which nothing was proposed.
+    kind of step: plain (per token), a round with a verify, a round in which nothing was proposed,
+    a round of a step of device-resident rounds (per round).
     The table times the forwards alone; an engine step also schedules, reserves and releases
     blocks, runs the drafter's bookkeeping and appends tokens, once per step (so a multi-step
-    plain decode pays it once for several tokens, a speculative round once for its one to k + 1).
+    plain decode pays it once for several tokens, a speculative round once for its one to k + 1,
+    a rounds step once for its R rounds).
     Each figure is the median of the last OVERHEAD_WINDOW residuals (a one-off stall does not
     move it), 0 before any step of that kind ran."""
 
-    KINDS = ("plain", "verify", "unmatched")
+    KINDS = ("plain", "verify", "unmatched", "rounds")
 
     def __init__(self, costs: StepCosts) -> None:
         self.costs = costs
@@ -232,10 +256,14 @@ class StepOverheads:
 
     def observe(self, n: int, k: int, seconds: float, steps: int = 1, proposed: bool = True) -> None:
         """One engine decode step of n sequences that took ``seconds``: plain (k = 0) of ``steps``
-        tokens per sequence, or a speculative round at k (``proposed``: some sequence had drafts)."""
+        tokens per sequence, ``steps`` > 1 device-resident rounds at k, or a speculative round at k
+        (``proposed``: some sequence had drafts)."""
         c, i = self.costs, self.costs.index(n)
         if k == 0:
             self.residuals["plain"][i].append(seconds / steps - c.decode[i])
+        elif steps > 1:
+            if c.in_rounds(n, k):
+                self.residuals["rounds"][i].append(seconds / steps - c.rounds[i])
         elif proposed:
             self.residuals["verify"][i].append(seconds - c.draft[k][i] - c.verify[k][i])
         else:
@@ -243,8 +271,8 @@ class StepOverheads:
 
     def at(self, n: int) -> Overhead:
         i = self.costs.index(n)
-        plain, verify, unmatched = (statistics.median(r[i]) if r[i] else 0.0 for r in self.residuals.values())
-        return plain, verify, unmatched
+        plain, verify, unmatched, rounds = (statistics.median(r[i]) if r[i] else 0.0 for r in self.residuals.values())
+        return plain, verify, unmatched, rounds
 
     def as_dict(self) -> dict:
         return {kind: [statistics.median(r) if r else None for r in rows] for kind, rows in self.residuals.items()}

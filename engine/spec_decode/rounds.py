@@ -43,10 +43,20 @@ reads them). spec_advance's drafter rows are dummies there. On a launch-bound ta
 a one-round step cannot do: a round costs the GPU its verify and the lookup, not a host round trip
 (BENCHMARKS.md, fourteenth session: ~1.2 ms a round against ~0.6 ms of GPU work on SmolLM2-135M).
 
-Not here: tensor parallelism, the ``auto`` k policy (config.py refuses num_rounds > 1 with it), a
-k other than num_speculative_tokens (a per-batch-size table's smaller k takes the one-round path),
-Medusa heads, sampling, logprobs: those steps take worker.py's one-round path unchanged. The
-acceptance metrics of n-gram rounds count k proposed tokens a round, filler included.
+Metrics: the kernel's match count per row and round goes into a [b, R] buffer (at the round's column,
+spec_advance's round counter) and comes back with the tokens. A round proposes what its match
+proposed, as a one-round step's lookup would at that context: nothing where nothing matched (the
+row's verify then counts as one plain token), fewer than k where the context ended; accepted is the
+leading agreement within the proposal, and filler the verify accepted past it (a token the target
+chose anyway) is emitted, not accepted. So acceptance_rate and the per-position rates mean what they
+mean for one round. Under the ``auto`` k policy (policy.py) each round is observed as a one-round
+step would be (``last_rounds``, SpecDecodeWorker.step), and the policy chooses between a plain
+decode step and a step of R rounds at k = num_speculative_tokens, costed per round at startup
+(step_costs.py; StepOverheads calibrates it by the steps' wall time).
+
+Not here: tensor parallelism, a k other than num_speculative_tokens (a per-batch-size table's or the
+auto policy's smaller k takes the one-round path), Medusa heads, sampling, logprobs: those steps
+take worker.py's one-round path unchanged.
 """
 
 from __future__ import annotations
@@ -85,6 +95,8 @@ def greedy_rounds(target: ModelRunner, proposer: Proposer, spec: SpeculativeConf
 class ModelDrafter:
     """A draft model's part of a round: its k greedy steps (the first over the lagged 2b rows)."""
 
+    counts = False  # every round proposes all k drafts
+
     def __init__(self, proposer: DraftModelProposer, rows: int, k: int) -> None:
         self.proposer, self.runner = proposer, proposer.runner
         self.inputs = self.runner.decode_inputs
@@ -100,13 +112,13 @@ class ModelDrafter:
         self.proposer.catch_up(seqs, lag=2)  # the rounds feed the last two tokens themselves
         self.inputs.prepare_lagged(seqs, b)
 
-    def draft(self, b: int, k: int) -> torch.Tensor:
-        """[b, k] drafts of a round, on the device."""
+    def draft(self, b: int, k: int) -> tuple[torch.Tensor, None]:
+        """[b, k] drafts of a round, on the device (all k proposed)."""
         tokens = self.tokens[: (k + 1) * b].view(k + 1, b)
         self.inputs.advance(_forward(self.runner, 2 * b), b, tokens)  # the newest rows' logits come first
         for _ in range(k - 1):
             self.inputs.advance(_forward(self.runner, b), b, tokens)
-        return tokens[1:].t()
+        return tokens[1:].t(), None
 
     def verified(self, logits: torch.Tensor, b: int, k: int) -> None:
         pass
@@ -129,6 +141,8 @@ class ModelDrafter:
 
 class NgramDrafter:
     """Prompt lookup on the device (kernels/ngram_match.py) over a history of each row's tokens."""
+
+    counts = True  # a round's drafts past its match's count are filler, not proposals
 
     def __init__(self, target: ModelRunner, proposer: NgramProposer, rows: int, k: int) -> None:
         self.target, self.min_n, self.max_n = target, proposer.min_n, proposer.max_n
@@ -163,10 +177,10 @@ class NgramDrafter:
         pos = self.target.decode_inputs.d.pos[: b * (k + 1)].view(b, k + 1)[:, 0]
         return (pos + 1).clamp(1, self.max_len)
 
-    def draft(self, b: int, k: int) -> torch.Tensor:
+    def draft(self, b: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[b, k] drafts and [b] the tokens of them a match proposed (the rest is filler)."""
         fn = ngram_match if self.target.decode_inputs.use_triton else ngram_match_ref
-        drafts, _ = fn(self.hist[:b], self._lens(b, k), self.min_n, self.max_n, k)
-        return drafts
+        return fn(self.hist[:b], self._lens(b, k), self.min_n, self.max_n, k)
 
     def verified(self, logits: torch.Tensor, b: int, k: int) -> None:
         """The verify's argmax at the rows' next k + 1 positions (before spec_advance moves them)."""
@@ -209,14 +223,21 @@ class GreedyRounds:
         b, width = self.max_bs, self.max_rounds * (k + 1)
         self.out = torch.zeros(b * width, dtype=torch.int64, device=device)  # [b, R (k + 1)] emitted tokens
         self.stats = torch.zeros(b * (2 + self.max_rounds), dtype=torch.int32, device=device)  # spec_advance's
+        # [b, R]: per round, the drafts a match proposed (an n-gram drafter's count; the rest of its k is filler).
+        self.proposed = torch.zeros(b * self.max_rounds, dtype=torch.int32, device=device)
         on_cuda = device.type == "cuda"
         # Pinned host copies on a GPU: the step's one transfer back (on the CPU the buffers are read as they are).
         self.h_out = torch.zeros(self.out.numel(), dtype=torch.int64, pin_memory=True) if on_cuda else None
         self.h_stats = torch.zeros(self.stats.numel(), dtype=torch.int32, pin_memory=True) if on_cuda else None
+        self.h_proposed = torch.zeros(self.proposed.numel(), dtype=torch.int32, pin_memory=True) if on_cuda else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._clock = PhaseClock(device)
         self._index = device_index(device)
         self.num_steps = 0  # steps that ran here
+        # The latest step's rounds, as the auto policy observes them: per round, the sequences (indices
+        # into the batch) that ran it before reaching max_tokens, their proposed and accepted drafts
+        # and the tokens they emitted.
+        self.last_rounds: list[tuple[list[int], list[int], list[int], list[int]]] = []
         # Graphs need the Triton advances (the torch references index by masks: a sync).
         if on_cuda and target.graphs is not None and drafter.graphable() and self.buckets and target.decode_inputs.use_triton:
             self._capture()
@@ -249,50 +270,74 @@ class GreedyRounds:
                     self.graphs[b].replay()
                 else:
                     self._round(b)
-            tokens, emitted = self._fetch(b, n, rounds)
+            tokens, emitted, proposed = self._fetch(b, n, rounds)
         clock.mark()
         metrics.add_time("verify", clock.seconds(0, 1))  # drafting and verifying interleave: all of it here
         self.drafter.finish(seqs, emitted, k)
-        self._record(seqs, emitted, metrics)
+        self._record(seqs, emitted, proposed, metrics)
         self.num_steps += 1
         return StepResult(tokens)
 
-    def _record(self, seqs: list[Sequence], emitted: list[list[int]], metrics: SpecDecodeMetrics) -> None:
-        """The acceptance metrics of each round that began before its sequence reached max_tokens."""
+    def _record(self, seqs: list[Sequence], emitted: list[list[int]], proposed: list[list[int]] | None,
+                metrics: SpecDecodeMetrics) -> None:
+        """The acceptance metrics of each round that began before its sequence reached max_tokens,
+        and ``last_rounds``. ``proposed`` (n-gram: per sequence and round, the drafts of a match;
+        None: all k): as in a one-round step, a row without a match proposed nothing, and a verify
+        that accepted filler (a token the target chose anyway) emitted it without accepting a draft."""
         k = self.k
+        self.last_rounds = []
         for r in range(len(emitted[0]) if emitted else 0):
-            proposed, accepted = [], []
-            for seq, e in zip(seqs, emitted):
+            rows, props, accepted, made = [], [], [], []
+            for i, (seq, e) in enumerate(zip(seqs, emitted)):
                 if sum(e[:r]) < seq.params.max_tokens - seq.num_output_tokens:
-                    proposed.append(k)
-                    accepted.append(e[r] - 1)
-            metrics.record(proposed, accepted)
+                    p = proposed[i][r] if proposed is not None else k
+                    rows.append(i)
+                    props.append(p)
+                    accepted.append(min(e[r] - 1, p))
+                    made.append(e[r])
+            metrics.record(props, accepted, made)
+            self.last_rounds.append((rows, props, accepted, made))
 
     def _buffers(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(out [b, R (k + 1)], stats [b, 2 + R]) views of the step's device buffers."""
         width = self.max_rounds * (self.k + 1)
         return self.out[: b * width].view(b, width), self.stats[: b * (2 + self.max_rounds)].view(b, -1)
 
-    def _fetch(self, b: int, n: int, rounds: int) -> tuple[list[list[int]], list[list[int]]]:
-        """Per sequence its emitted tokens and per-round counts: one copy each, one sync."""
+    def _fetch(self, b: int, n: int, rounds: int) -> tuple[list[list[int]], list[list[int]], list[list[int]] | None]:
+        """Per sequence its emitted tokens, per-round emitted counts and (n-gram) per-round proposed
+        counts: one copy each, one sync."""
         out, stats = self._buffers(b)
+        proposed = self._proposed(b) if self.drafter.counts else None
         if self.h_out is not None:
             h_out = self.h_out[: out.numel()].view(out.shape)
             h_stats = self.h_stats[: stats.numel()].view(stats.shape)
             h_out.copy_(out, non_blocking=True)
             h_stats.copy_(stats, non_blocking=True)
+            if proposed is not None:
+                h_proposed = self.h_proposed[: proposed.numel()].view(proposed.shape)
+                h_proposed.copy_(proposed, non_blocking=True)
+                proposed = h_proposed
             torch.cuda.current_stream(self._index).synchronize()
             out, stats = h_out, h_stats
         counts = stats[:n].tolist()
         rows = out[:n].tolist()
-        return [row[: c[0]] for row, c in zip(rows, counts)], [c[2 : 2 + rounds] for c in counts]
+        props = [p[:rounds] for p in proposed[:n].tolist()] if proposed is not None else None
+        return [row[: c[0]] for row, c in zip(rows, counts)], [c[2 : 2 + rounds] for c in counts], props
+
+    def _proposed(self, b: int) -> torch.Tensor:
+        """[b, R] view of the per-round proposed counts."""
+        return self.proposed[: b * self.max_rounds].view(b, self.max_rounds)
 
     # -- a round ---------------------------------------------------------------------------------
     def _round(self, b: int) -> None:
         """Drafts, drafts into the verify rows, verify forward, spec_advance: nothing waits."""
         k = self.k
         t = self.target.decode_inputs.d
-        t.ids[: b * (k + 1)].view(b, k + 1)[:, 1:].copy_(self.drafter.draft(b, k))
+        drafts, count = self.drafter.draft(b, k)
+        t.ids[: b * (k + 1)].view(b, k + 1)[:, 1:].copy_(drafts)
+        if count is not None:  # at this round's column, stats[:, 1] (rounds so far; spec_advance counts this one)
+            column = self._buffers(b)[1][:, 1:2].to(torch.int64).clamp(max=self.max_rounds - 1)
+            self._proposed(b).scatter_(1, column, count[:, None].to(torch.int32))
         logits = _forward(self.target, b * (k + 1))
         self.drafter.verified(logits, b, k)
         self._advance(logits, b)

@@ -16,7 +16,11 @@ bucket pads it), on n stand-in greedy sequences of ``context`` tokens:
   (``ngram_proposal`` over an NGRAM_CONTEXT-token context of a small alphabet: many candidates);
 - verify[k]: VerifyPaths.all_logits of n sequences of k + 1 tokens (the path a real verify of that
   shape takes; with the hidden rows and their gather for Medusa) and the greedy verify's argmax
-  brought to the host.
+  brought to the host;
+- rounds (num_rounds R > 1, at the batch sizes the rounds runner takes): GreedyRounds.step of R
+  rounds at k_max (rounds.py: its graphs where captured, the upload, the one sync), per round.
+  The stand-ins' tokens are all one token, so an n-gram lookup always matches; a round's work does
+  not depend on it (every row verifies k + 1 tokens).
 
 Each figure is the best of REPEATS after a warm-up call. The stand-ins' K/V lives in blocks no
 sequence holds yet (at startup none does), as in VerifyPaths.time. Under tensor parallelism every
@@ -40,6 +44,7 @@ from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 from engine.spec_decode.draft_model import DraftModelProposer
 from engine.spec_decode.medusa import MedusaProposer
+from engine.spec_decode.metrics import SpecDecodeMetrics
 from engine.spec_decode.ngram import NgramProposer, ngram_proposal
 from engine.spec_decode.policy import StepCosts
 
@@ -82,13 +87,19 @@ def _stand_ins(n: int, context: int, blocks: list[int]) -> list[Sequence]:
 
 
 def measure_step_costs(target: Any, proposer: Any, k_max: int, max_batch_size: int,
-                       context: int = CONTEXT) -> StepCosts:
+                       context: int = CONTEXT, rounds: Any = None) -> StepCosts:
     """StepCosts of this engine's target runner and proposer (a DraftModelProposer, an
-    NgramProposer or a MedusaProposer) at ``cost_batch_sizes``, for k = 1..k_max."""
+    NgramProposer or a MedusaProposer) at ``cost_batch_sizes``, for k = 1..k_max; with ``rounds``
+    (a GreedyRounds at k_max) also its steps, at the sizes up to its largest batch (measured too)."""
     began = time.perf_counter()
     sizes = cost_batch_sizes(target, max_batch_size)
+    if rounds is not None and rounds.k == k_max and rounds.max_bs:
+        sizes = sorted(set(sizes) | {rounds.max_bs})
+    else:
+        rounds = None
     steps = target.config.num_decode_steps
-    ahead = max(steps, k_max + 1)  # positions a step writes past the context
+    # positions a step writes past the context
+    ahead = max(steps, k_max + 1, rounds.max_rounds * (k_max + 1) if rounds is not None else 0)
     context = max(0, min(context, target.config.max_model_len - ahead - 1))
     if math.ceil((context + ahead + 1) / target.block_size) > target.num_blocks:  # a tiny pool
         context = 0
@@ -100,6 +111,7 @@ def measure_step_costs(target: Any, proposer: Any, k_max: int, max_batch_size: i
     decode_one: list[float] = []
     draft: dict[int, list[float]] = {k: [] for k in range(1, k_max + 1)}
     verify: dict[int, list[float]] = {k: [] for k in range(1, k_max + 1)}
+    per_round: list[float] = []
     for n in sizes:
         seqs = _stand_ins(n, context, blocks)
         plain = ScheduledBatch(seqs, False, [1] * n, steps)
@@ -110,9 +122,13 @@ def measure_step_costs(target: Any, proposer: Any, k_max: int, max_batch_size: i
             draft[k].append(lookup * n if ngram else _seconds(lambda: _propose(proposer, seqs, k, context), device))
             chunks = [([0] * (k + 1), context, blocks)] * n
             verify[k].append(_seconds(lambda: _verify(target, chunks, proposer, seqs), device))
+        if rounds is not None and n <= rounds.max_bs:
+            per_round.append(_seconds(lambda: _rounds_step(rounds, seqs, k_max, context), device) / rounds.max_rounds)
+    if rounds is not None:  # the measurement's steps are not the engine's
+        rounds.num_steps, rounds.last_rounds = 0, []
     # Only a draft model catches up one token after a fully accepted round.
     return StepCosts(sizes, decode, draft, verify, catch_up=isinstance(proposer, DraftModelProposer),
-                     measure_s=time.perf_counter() - began, decode_one=decode_one)
+                     measure_s=time.perf_counter() - began, decode_one=decode_one, rounds=per_round)
 
 
 def _propose(proposer: Any, seqs: list[Sequence], k: int, context: int) -> None:
@@ -121,6 +137,14 @@ def _propose(proposer: Any, seqs: list[Sequence], k: int, context: int) -> None:
     if isinstance(proposer, MedusaProposer):  # as after a verify: every sequence has its feature
         proposer.stand_in_features(seqs)
     proposer.propose(seqs, k).ids.cpu()  # the draft's tokens, waited for
+
+
+def _rounds_step(rounds: Any, seqs: list[Sequence], k: int, context: int) -> None:
+    """A step of R rounds at k (its sync included), a draft model's K/V as after a rejection."""
+    for seq in seqs:
+        seq.draft_computed = context
+    n = len(seqs)
+    rounds.step(ScheduledBatch(seqs, False, [1] * n, 1, [k] * n, rounds.max_rounds), SpecDecodeMetrics())
 
 
 def _verify(target: Any, chunks: list, proposer: Any, seqs: list[Sequence]) -> list[int]:

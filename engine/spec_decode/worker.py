@@ -59,10 +59,11 @@ class SpecDecodeWorker:
         self._warm_up = False  # the latest speculative step was such a round (nothing to observe)
         self._unrun_row = 0  # the row of the next plain step whose n-gram round is observed
         self._plain_run = 0  # plain steps since the latest speculative one (which of them observe a round)
-        if spec is not None and spec.auto:
-            costs = measure_step_costs(target, proposer, spec.num_speculative_tokens, spec.max_batch_size)
-            self.policy = SpecPolicy(spec.num_speculative_tokens, spec.max_batch_size, costs)
         self.rounds = greedy_rounds(target, proposer, spec)  # num_rounds > 1: rounds.py
+        if spec is not None and spec.auto:  # with rounds, a k_max step of R rounds is costed as such
+            costs = measure_step_costs(target, proposer, spec.num_speculative_tokens, spec.max_batch_size,
+                                       rounds=self.rounds)
+            self.policy = SpecPolicy(spec.num_speculative_tokens, spec.max_batch_size, costs)
 
     def k_for_step(self, batch_size: int) -> int:
         """The scheduler's spec_k: draft tokens per sequence for a decode step of ``batch_size``."""
@@ -82,7 +83,9 @@ class SpecDecodeWorker:
         n = len(batch.seqs)
         if batch.num_draft is not None:
             self._plain_run = 0
-            if not self._warm_up:  # a verify of the last tokens only is neither kind of round
+            if batch.num_rounds > 1:  # R device-resident rounds: their time per round
+                self.policy.observe_step(n, max(batch.num_draft), seconds, batch.num_rounds)
+            elif not self._warm_up:  # a verify of the last tokens only is neither kind of round
                 self.policy.observe_step(n, max(batch.num_draft), seconds, proposed=self._proposed_any)
             return
         self.policy.observe_step(n, 0, seconds, batch.num_steps)
@@ -130,7 +133,12 @@ class SpecDecodeWorker:
         """Draft, verify, accept: the host waits for the device once, for the emitted tokens (and
         once more when a sequence asked for logprobs)."""
         if batch.num_rounds > 1:  # R device-resident greedy rounds (rounds.py; the scheduler's spec_rounds)
-            return self.rounds.step(batch, self.metrics)
+            result = self.rounds.step(batch, self.metrics)
+            if self.policy is not None:  # each round as a one-round step: its real proposals only
+                for rows, proposed, accepted, _ in self.rounds.last_rounds:
+                    if rows:
+                        self.policy.observe([self.rounds.k] * len(rows), accepted, proposed)
+            return result
         seqs = batch.seqs
         assert batch.num_draft is not None
         clock = self._clock.start()

@@ -62,6 +62,19 @@ def test_empty_metrics_and_bad_records():
         m.record([2, 2], [1])
     with pytest.raises(ValueError, match="phase"):
         m.add_time("prefill", 1.0)
+    with pytest.raises(ValueError, match="accepted 1 of 2 proposed tokens, emitting 1"):
+        m.record([2], [1], [1])
+    with pytest.raises(ValueError, match="2 emitted counts but 1"):
+        m.record([2], [1], [2, 2])
+
+
+def test_emitted_past_the_accepted_drafts():
+    """An n-gram round's verify that accepted filler past its proposal (rounds.py): the tokens count as
+    emitted, not as accepted drafts; a row without a proposal is no draft."""
+    m = SpecDecodeMetrics()
+    m.record([0, 2, 3], [0, 2, 1], [3, 4, 2])
+    assert (m.num_drafts, m.num_proposed, m.num_accepted, m.num_emitted) == (2, 5, 3, 9)
+    assert m.acceptance_per_position == [1.0, 0.5, 0.0] and m.mean_accepted_length == 2.5
 
 
 def test_draft_limit_keeps_emitted_tokens_within_max_tokens_and_max_model_len():

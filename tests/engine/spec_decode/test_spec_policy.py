@@ -189,15 +189,15 @@ def test_choose_k_weighs_the_match_rate_by_hand():
 def test_step_overheads_are_robust_medians_per_batch_size_and_kind():
     costs = _costs(sizes=(1, 16), decode=(1.0, 2.0), draft=(0.1, 0.2), k_max=3)  # verify 1.3 / 2.6 at k=3
     policy = SpecPolicy(3, 16, costs)
-    assert policy.overheads.at(1) == (0.0, 0.0, 0.0)  # nothing seen: the table alone
+    assert policy.overheads.at(1) == (0.0, 0.0, 0.0, 0.0)  # nothing seen: the table alone
     for seconds in (8.8, 8.8, 80.0):  # 8-token plain steps; one stalled
         policy.observe_step(1, 0, seconds, steps=8)
     for _ in range(3):
         policy.observe_step(1, 3, 0.3 + 1.3 + 0.5)  # a verify round, 0.5 over the table
         policy.observe_step(1, 3, 0.3 + 1.0 + 0.25, proposed=False)  # no proposal: lookup + one-token step
     policy.observe_step(17, 0, 99.0)  # past max_batch_size: not the policy's
-    assert policy.overheads.at(1) == pytest.approx((0.1, 0.5, 0.25))
-    assert policy.overheads.at(16) == (0.0, 0.0, 0.0)
+    assert policy.overheads.at(1) == pytest.approx((0.1, 0.5, 0.25, 0.0))
+    assert policy.overheads.at(16) == (0.0, 0.0, 0.0, 0.0)
     assert policy.as_dict()["overhead_s"]["verify"] == [pytest.approx(0.5), None]
     # The overheads enter the choice: a verify round's 0.5 makes k=3 at rates 0.5 lose to plain
     # (1.875 / (0.3 + 0.1 * 3.125 + 1.8) = 0.75 against 1 / 1.1 = 0.91).

@@ -105,15 +105,13 @@ def test_scheduler_reserves_rounds_and_stays_below_max_model_len(target, drafts)
     assert _pool_full(engine)
 
 
-@pytest.mark.parametrize("raw", [{"num_rounds": 0}, {"num_rounds": "2"},
-                                 {"num_rounds": 2, "num_speculative_tokens_per_batch_size": "auto"}])
+@pytest.mark.parametrize("raw", [{"num_rounds": 0}, {"num_rounds": "2"}, {"num_rounds": 2.0}])
 def test_num_rounds_config_errors(target, drafts, raw):
     with pytest.raises(SpeculativeConfigError, match="speculative_config.num_rounds"):
         LLM(target, device="cpu", speculative_config={"model": drafts["poor"], "num_speculative_tokens": 3, **raw})
 
 
-@pytest.mark.parametrize("raw", [{"num_rounds": 0}, {"num_rounds": "2"},
-                                 {"num_rounds": 2, "num_speculative_tokens_per_batch_size": "auto"}])
+@pytest.mark.parametrize("raw", [{"num_rounds": 0}, {"num_rounds": "2"}, {"num_rounds": 2.0}])
 def test_ngram_num_rounds_config_errors(target, raw):
     with pytest.raises(SpeculativeConfigError, match="speculative_config.num_rounds"):
         LLM(target, device="cpu", speculative_config={"method": "ngram", "num_speculative_tokens": 3, **raw})
@@ -139,7 +137,7 @@ def _repeating_prompts(n: int, seed: int) -> list[list[int]]:
 def test_ngram_rounds_equal_plain_decoding_in_a_ragged_batch(target):
     """n-gram drafts looked up on the device (kernels/ngram_match.py) in a history the rounds extend themselves:
     the output equals plain decoding and one-round n-gram speculation; drafts are accepted and rejected."""
-    ps = _repeating_prompts(len(MAX_TOKENS), seed=21)
+    ps = _repeating_prompts(len(MAX_TOKENS), seed=34)
     params = [_greedy(m) for m in MAX_TOKENS]
     base, _ = _run(target, ps, params)
     one, _ = _run(target, ps, params, _ngram(1))
@@ -291,3 +289,82 @@ def test_rounds_too_wide_for_the_decode_rows_take_one_round(target, drafts):
     assert out == base
     rounds = engine.spec_worker.rounds
     assert rounds.buckets == [] and rounds.num_steps == 0 and engine.num_spec_steps > 0
+
+
+def _request(ps: list[list[int]], seq) -> int:
+    """The index of the prompt ``seq`` began with."""
+    return next(i for i, p in enumerate(ps) if seq.token_ids[: len(p)] == p)
+
+
+def _round_records(llm, ps: list[list[int]]) -> list[tuple[int, int, int, int, int]]:
+    """Spies on the rounds runner: per round of each sequence, (prompt index, context length at the
+    round's start, proposed, accepted, emitted)."""
+    runner, seen = llm.engine.spec_worker.rounds, []
+    step = runner.step
+
+    def spy(batch, metrics):
+        lens = [len(s) for s in batch.seqs]
+        result = step(batch, metrics)
+        starts = list(lens)
+        for rows, proposed, accepted, emitted in runner.last_rounds:
+            for i, p, a, e in zip(rows, proposed, accepted, emitted):
+                seen.append((_request(ps, batch.seqs[i]), starts[i], p, a, e))
+                starts[i] += e
+        return result
+
+    runner.step = spy
+    return seen
+
+
+def test_ngram_rounds_count_as_proposed_only_a_matchs_tokens(target):
+    """A round's row without a match proposes nothing (its drafts are the kernel's filler) and one whose
+    context ends early proposes what it has: each round's proposal count is the host lookup's
+    (ngram.ngram_proposal) at that round's context, its accepted count the leading agreement of that
+    proposal with the target's tokens (filler a verify accepted is emitted, not accepted), and on
+    contexts where both modes ran a round, rounds and one-round steps record the same counts: the
+    acceptance metrics mean the same in both modes."""
+    import numpy as np
+
+    from engine.spec_decode.ngram import ngram_proposal
+    from engine.spec_decode.rejection import greedy_agreement
+
+    # Some matches accepted, many rounds without one, filler accepted (seed 21: "188" five times).
+    ps = _repeating_prompts(len(MAX_TOKENS), seed=21) + _repeating_prompts(len(MAX_TOKENS), seed=34)
+    params = [_greedy(m) for m in MAX_TOKENS * 2]
+    base, _ = _run(target, ps, params)
+    spec = _ngram(4)
+    llm = LLM(target, device="cpu", block_size=4, speculative_config=spec)
+    seen = _round_records(llm, ps)
+    assert [o.token_ids for o in llm.generate(_ids(ps), params)] == base
+    assert seen and {p for _, _, p, _, _ in seen} >= {0, 3} and any(e > 1 for _, _, p, _, e in seen if p == 0)
+    assert any(a > 0 for _, _, _, a, _ in seen)
+    for r, start, p, a, e in seen:
+        ctx = ps[r] + base[r][: start - len(ps[r])]
+        proposal = ngram_proposal(np.array(ctx), 1, 3, 3).tolist()
+        target_tokens = base[r][start - len(ps[r]) :]
+        assert p == len(proposal)
+        if len(target_tokens) >= len(proposal):  # the target's tokens past max_tokens were dropped
+            assert a == greedy_agreement(proposal, target_tokens)
+        assert a <= min(p, e - 1)
+    m = llm.engine.spec_metrics
+    assert m.num_proposed == sum(p for _, _, p, _, _ in seen)
+    assert m.num_accepted == sum(a for _, _, _, a, _ in seen) == sum(m.accepted_per_position)
+    assert m.num_drafts == sum(p > 0 for _, _, p, _, _ in seen)
+    assert m.num_emitted == sum(e for _, _, _, _, e in seen)
+    # The one-round engine on the same prompts: its step of a sequence at a context length.
+    one = LLM(target, device="cpu", block_size=4, speculative_config=_ngram(1))
+    worker, steps = one.engine.spec_worker, {}
+    record = worker._record
+
+    def spy(batch, proposed, accepted):
+        for s, p, a in zip(batch.seqs, proposed, accepted):
+            steps[(_request(ps, s), len(s))] = (p, a)
+        record(batch, proposed, accepted)
+
+    worker._record = spy
+    assert [o.token_ids for o in one.generate(_ids(ps), params)] == base
+    both = [(steps[(r, start)], (p, a)) for r, start, p, a, _ in seen if (r, start) in steps]
+    assert len(both) >= 10 and any(p > 0 for _, (p, _) in both) and any(p == 0 for _, (p, _) in both)
+    assert any(a > 0 for _, (_, a) in both)
+    # Where the one-round step was cut near max_tokens (draft_limit), it proposed fewer.
+    assert all(o == rr or (o[0] < rr[0] and o[1] <= rr[1]) for o, rr in both)

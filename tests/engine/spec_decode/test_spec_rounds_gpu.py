@@ -57,6 +57,27 @@ def test_fp32_graphed_ngram_rounds_match_transformers(num_rounds, model_dir, mix
     assert llm.engine.spec_metrics.num_accepted > 0
 
 
+def test_fp32_graphed_ngram_auto_rounds_match_transformers(model_dir, mixed_prompts, hf_reference):
+    """auto + num_rounds 4: the startup table times a graphed rounds step per round at every size the
+    rounds take; the policy's steps (the warm-up's rounds, all prompts admitted at once, then plain or
+    rounds as the measured costs say) keep transformers' greedy tokens."""
+    target = model_dir("llama_gqa_untied", with_tokenizer=True)
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+            "num_rounds": 4, "max_batch_size": 32, "num_speculative_tokens_per_batch_size": "auto"}
+    llm = LLM(target, device="cuda", dtype="float32", max_model_len=256, block_size=4, num_kv_blocks=400,
+              max_num_batched_tokens=2048, cuda_graph_max_bs=32, speculative_config=spec)
+    worker = llm.engine.spec_worker
+    costs = worker.policy.costs
+    assert len(costs.rounds) == sum(b <= worker.rounds.max_bs for b in costs.batch_sizes)
+    assert all(t > 0 for t in costs.rounds) and worker.rounds.num_steps == 0
+    ps = [p[: len(p) // 2 + 1] * 2 for p in mixed_prompts[:8]]
+    params = [SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS - i % 5, ignore_eos=True) for i in range(len(ps))]
+    outs = llm.generate(ps, params)
+    ref = hf_reference("llama_gqa_untied", ps)
+    assert [o.token_ids for o in outs] == [r[: p.max_tokens] for r, p in zip(ref, params)]
+    _check_rounds_ran(llm.engine)  # the warm-up's steps at least
+
+
 def _smollm2_prompts() -> list[dict]:
     g = torch.Generator().manual_seed(0)
     return [{"prompt_token_ids": torch.randint(3, SHAPES["smollm2-135m"]["vocab_size"], (n,), generator=g).tolist()}
