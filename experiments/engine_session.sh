@@ -366,13 +366,13 @@ case "${1:?verb}" in
       --num-rounds 1 8 --auto --check --repeats 2 --budget-s 260 --verify-shape "" --engine '{"max_model_len": 2048}' \
       > "$OUTDIR/grounded_eos.log" 2>&1; grep -v Warn "$OUTDIR/grounded_eos.log" | tail -n 4 | cut -c1-300;;
   autorounds)  # after stash + stash2: the auto policy with num_rounds 8 (plain step or 8 rounds at k 4, costed at
-               # startup) beside fixed k 4 rounds and one-round auto, --check against plain, b1/4/16 (issue 14)
+               # startup) beside fixed k 4 rounds and one-round auto, --check against plain, b1/4/16 (issue 14; the grounded workload: `grounded`)
     assemble
     timeout ${TESTS_S:-300} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_spec_rounds_gpu.py \
       tests/kernels/test_ngram_match.py > "$OUTDIR/autorounds_tests.txt" 2>&1
     tail -n 4 "$OUTDIR/autorounds_tests.txt"
     timeout ${SPEC_S:-500} python3 experiments/spec_bench.py --json "$OUTDIR/ngram_auto_rounds.jsonl" speed --target "$H/t/smol.gguf" \
-      --truncated --data-dir "$H/data" --workloads grounded gsm8k wikitext --batch 1 4 16 --ks 4 --num-rounds 1 8 --auto \
+      --truncated --data-dir "$H/data" --workloads gsm8k wikitext --batch 1 4 16 --ks 4 --num-rounds 1 8 --auto \
       --check --repeats 2 --budget-s 450 --verify-shape "" --engine '{"max_model_len": 2048}' > "$OUTDIR/ngram_auto_rounds.log" 2>&1
     grep -v Warn "$OUTDIR/ngram_auto_rounds.log" | tail -n 8 | cut -c1-300;;
   sp24sweep)  # the 2:4 + int4 GEMV / GEMM sweep alone
