@@ -228,7 +228,7 @@ def test_bench_script_reports_equal_outputs_in_the_mode(models, tmp_path):
     target, _ = models
     out = tmp_path / "rows.jsonl"
     load_experiment("batch_invariant_bench").main([
-        "--model", target, "--batch", "2", "--k", "2", "--context", "12", "--new-tokens", "6", "--prompts", "2",
+        "--model", target, "--batch", "2", "--k", "2", "--context", "8", "--new-tokens", "3", "--prompts", "2",
         "--repeat", "1", "--only", "forward", "spec_equal", "--json", str(out),
         "--engine", '{"device": "cpu", "dtype": "float32", "use_triton": true, "block_size": 4}'])
     rows = {(r["bench"], r["batch_invariant"]): r for r in map(json.loads, out.read_text().splitlines())}
