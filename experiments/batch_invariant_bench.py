@@ -123,7 +123,8 @@ def spec_equal(args, path: str, invariant: bool) -> None:
     llm = LLM(path, **kwargs, speculative_config=spec_config)
     from engine import SamplingParams
 
-    llm.generate(ps, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
+    # warm-up; a run of no more than 8 tokens warms up on itself (the same shapes), not on a longer one
+    llm.generate(ps, SamplingParams(temperature=0, max_tokens=min(8, args.new_tokens), ignore_eos=True))
     t = time.perf_counter()
     spec = [list(o.token_ids) for o in llm.generate(ps, SamplingParams(temperature=0, max_tokens=args.new_tokens,
                                                                            ignore_eos=True))]

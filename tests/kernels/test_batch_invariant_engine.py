@@ -81,41 +81,62 @@ def _generate(target: str, **kw) -> tuple[list[list[int]], LLM]:
     return [o.token_ids for o in llm.generate([{"prompt_token_ids": p} for p in ps], params)], llm
 
 
-def test_speculative_greedy_equals_plain_greedy_in_a_ragged_batch(models, monkeypatch):
+@pytest.fixture(scope="module")
+def speculative_run(models):
+    """The speculative greedy run both tests below compare with a plain one (the same engine, prompts
+    and settings in each; run once: it is the longest part of either), with what it recorded: the
+    tokens, its spec metrics, each verify's (rows, multi-query) through the pseudo-rows and the number
+    of chunks of each pseudo-row prefill (the target's and the draft's)."""
+    import engine.model_runner as model_runner
+
     target, draft = models
+    verify_rows: list[tuple[int, bool]] = []
+    prefills: list[int] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp, row_invariant_dot():
+            real_prefill = model_runner.ModelRunner._prefill_as_pseudo_rows
+            mp.setattr(model_runner.ModelRunner, "_prefill_as_pseudo_rows",
+                       lambda self, chunks: prefills.append(len(chunks)) or real_prefill(self, chunks))
+            spec_llm = LLM(target, **_kw(speculative_config={"model": draft, "num_speculative_tokens": 3}))
+            paths = spec_llm.engine.runner.verify_paths
+            real = paths.pseudo_row_logits
+            mp.setattr(paths, "pseudo_row_logits", lambda chunks, ids=None, multi_query=False: verify_rows.append(
+                (sum(len(c[0]) for c in chunks), multi_query)) or real(chunks, ids, multi_query))
+            ps = prompts(len(MAX_TOKENS), seed=8, lo=2, hi=20)
+            params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in MAX_TOKENS]
+            spec = [o.token_ids for o in spec_llm.generate([{"prompt_token_ids": p} for p in ps], params)]
+    finally:
+        torch.set_num_threads(threads)
+    return spec, spec_llm.engine.spec_metrics, verify_rows, prefills
+
+
+def test_speculative_greedy_equals_plain_greedy_in_a_ragged_batch(models, speculative_run):
+    target, _ = models
     plain, _ = _generate(target)
-    verify_rows: list[int] = []
-    spec_llm = LLM(target, **_kw(speculative_config={"model": draft, "num_speculative_tokens": 3}))
-    paths = spec_llm.engine.runner.verify_paths
-    real = paths.pseudo_row_logits
-    monkeypatch.setattr(paths, "pseudo_row_logits", lambda chunks, ids=None, multi_query=False: verify_rows.append(
-        (sum(len(c[0]) for c in chunks), multi_query)) or real(chunks, ids, multi_query))
-    ps = prompts(len(MAX_TOKENS), seed=8, lo=2, hi=20)
-    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in MAX_TOKENS]
-    spec = [o.token_ids for o in spec_llm.generate([{"prompt_token_ids": p} for p in ps], params)]
+    spec, m, verify_rows, _ = speculative_run
     assert spec == plain
-    m = spec_llm.engine.spec_metrics
     assert 0 < m.num_accepted < m.num_proposed  # drafts accepted and rejected
     # Every verify went through the decode path's pseudo-rows, ragged batches included (no timing, no mq).
     assert verify_rows and all(not mq for _, mq in verify_rows) and len({n for n, _ in verify_rows}) > 1
 
 
-def test_prefill_batching_and_chunking_do_not_change_the_output(models, monkeypatch):
+def test_prefill_batching_and_chunking_do_not_change_the_output(models, speculative_run, monkeypatch):
     """Prefill runs as decode pseudo-rows in the mode: a plain run whose prompts are chunked over steps
     of 8 tokens (other prefill batches, pieces of other lengths) gives the tokens of a speculative run
     that prefills them all in one step; prompt logprobs come from the same rows."""
     import engine.model_runner as model_runner
 
-    target, draft = models
+    target, _ = models
     prefills: list[int] = []
     real = model_runner.ModelRunner._prefill_as_pseudo_rows
     monkeypatch.setattr(model_runner.ModelRunner, "_prefill_as_pseudo_rows",
                         lambda self, chunks: prefills.append(len(chunks)) or real(self, chunks))
     chunked, _ = _generate(target, max_num_batched_tokens=8)
-    steps = len(prefills)
-    spec, _ = _generate(target, speculative_config={"model": draft, "num_speculative_tokens": 3})
+    spec, _, _, spec_prefills = speculative_run
     assert spec == chunked
-    assert steps > 4 and len(prefills) > steps  # chunked over many steps; the speculative run's own prefills
+    assert len(prefills) > 4 and spec_prefills  # chunked over many steps; the speculative run's own prefills
     ps = prompts(2, seed=8, lo=5, hi=12)
     params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=1, ignore_eos=True)
     outs = [LLM(target, **_kw(max_num_batched_tokens=b)).generate([{"prompt_token_ids": p} for p in ps], params)
@@ -228,7 +249,7 @@ def test_bench_script_reports_equal_outputs_in_the_mode(models, tmp_path):
     target, _ = models
     out = tmp_path / "rows.jsonl"
     load_experiment("batch_invariant_bench").main([
-        "--model", target, "--batch", "2", "--k", "2", "--context", "12", "--new-tokens", "6", "--prompts", "2",
+        "--model", target, "--batch", "2", "--k", "2", "--context", "8", "--new-tokens", "3", "--prompts", "2",
         "--repeat", "1", "--only", "forward", "spec_equal", "--json", str(out),
         "--engine", '{"device": "cpu", "dtype": "float32", "use_triton": true, "block_size": 4}'])
     rows = {(r["bench"], r["batch_invariant"]): r for r in map(json.loads, out.read_text().splitlines())}

@@ -24,9 +24,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PROMPTS = [[5, 17, 99, 3, 250, 42, 8], [300, 12], list(range(40, 60))]
 
 
-def engine_and_reference_greedy(path, scheme: str, prompts: list[list[int]], **engine_kwargs):
-    """The engine (Triton path, eager, fp32) on the artifact's compressed weights, its 4 greedy tokens
-    per prompt, and transformers' on the same artifact (int4 with zero points: the dequantized model)."""
+def engine_and_reference_greedy(path, scheme: str, prompts: list[list[int]], max_tokens: int = 4, **engine_kwargs):
+    """The engine (Triton path, eager, fp32) on the artifact's compressed weights, its ``max_tokens``
+    greedy tokens per prompt, and transformers' on the same artifact (int4 with zero points: the
+    dequantized model)."""
     from transformers import AutoModelForCausalLM
 
     from compressed_artifacts import dequantized_reference, greedy
@@ -37,10 +38,10 @@ def engine_and_reference_greedy(path, scheme: str, prompts: list[list[int]], **e
         llm = LLM(str(path), device=DEVICE, dtype="float32", use_triton=True, enforce_eager=True,
                   max_model_len=128, block_size=4, load_format="dummy", **engine_kwargs)
         llm.engine.runner.model.load_weights(str(path), keep_compressed=True)
-        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
         ref = (dequantized_reference(path) if scheme == "int4_g32_asym"
                else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
-        return llm, outs, greedy(ref, prompts, 4)
+        return llm, outs, greedy(ref, prompts, max_tokens)
     finally:
         torch.set_num_threads(threads)
 
@@ -103,8 +104,11 @@ def test_batch_one_decode_takes_the_fast_dequantization_unless_exact(tmp_path, m
     # one column each, which the interpreter runs one Python loop at a time (tens of seconds a run).
     # The programs' default widths stay: the kernel at one column a program is test_quant_gemv_fast's.
     monkeypatch.setattr(gemv_module, "FAST_MIN_PROGRAMS", 1)
+    # Two tokens: the prefill's and one M == 1 decode step, which is where the flag is read (each
+    # interpreted decode step is most of this test's time). Several fused decode steps in a row,
+    # each reading the K/V the previous one stored, are test_fused_decode_on_compressed_weights'.
     _, outs, want = engine_and_reference_greedy(make_artifact(scheme, tmp_path / scheme), scheme, [PROMPTS[0]],
-                                                exact_dequant=exact)
+                                                max_tokens=2, exact_dequant=exact)
     assert [o.token_ids for o in outs] == want
     decode = [fast for m, fast in calls if m == 1]
     fast_default = FAST_BY_DEFAULT["int4" if scheme.startswith("int4") else scheme]
