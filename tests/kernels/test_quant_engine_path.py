@@ -104,11 +104,10 @@ def test_batch_one_decode_takes_the_fast_dequantization_unless_exact(tmp_path, m
     # one column each, which the interpreter runs one Python loop at a time (tens of seconds a run).
     # The programs' default widths stay: the kernel at one column a program is test_quant_gemv_fast's.
     monkeypatch.setattr(gemv_module, "FAST_MIN_PROGRAMS", 1)
-    # Two tokens: the prefill's and one M == 1 decode step, which is where the flag is read (each
-    # interpreted decode step is most of this test's time). Several fused decode steps in a row,
-    # each reading the K/V the previous one stored, are test_fused_decode_on_compressed_weights'.
+    # Three tokens: the prefill's and two M == 1 decode steps (each interpreted step is most of this
+    # test's time; it ran three): the second reads the K/V the first stored through the M == 1 path.
     _, outs, want = engine_and_reference_greedy(make_artifact(scheme, tmp_path / scheme), scheme, [PROMPTS[0]],
-                                                max_tokens=2, exact_dequant=exact)
+                                                max_tokens=3, exact_dequant=exact)
     assert [o.token_ids for o in outs] == want
     decode = [fast for m, fast in calls if m == 1]
     fast_default = FAST_BY_DEFAULT["int4" if scheme.startswith("int4") else scheme]
