@@ -215,18 +215,25 @@ def divergence_report(plain: list[list[int]], margins: list[list[float]], other:
             "first_divergence": first, "margin_at_divergence": at, "max_margin_at_divergence": max(known, default=None)}
 
 
-def acceptance(args) -> None:
-    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    if data_dir is None or not data_dir.is_dir():
-        raise ShrinkError("--data-dir: no shared data directory (pass it or set SHRINK_DATA_DIR)")
+def _workload_setup(args) -> tuple[Path, dict, Any, Any]:
+    """The shared data directory, the --engine overrides, the target's EngineConfig (a .gguf file's
+    model is its converted directory) and its tokenizer, each checked before any work."""
     from engine.config import EngineConfig
     from engine.tokenizer import load_tokenizer
 
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    if data_dir is None or not data_dir.is_dir():
+        raise ShrinkError("--data-dir: no shared data directory (pass it or set SHRINK_DATA_DIR)")
     engine_kwargs = json.loads(args.engine) if args.engine else {}
     target_config = EngineConfig(model=args.target, **engine_kwargs)
-    tok = load_tokenizer(target_config.model)  # a .gguf file's converted directory
-    if tok is None:
+    tokenizer = load_tokenizer(target_config.model)
+    if tokenizer is None:
         raise ShrinkError(f"--target: {args.target!r} has no tokenizer to encode the workloads with")
+    return data_dir, engine_kwargs, target_config, tokenizer
+
+
+def acceptance(args) -> None:
+    data_dir, engine_kwargs, target_config, tok = _workload_setup(args)
     max_model_len = target_config.max_model_len
     for workload in args.workloads:
         prompts = fitting_prompts(load_prompts(workload, data_dir, tok, args.prompts, args.prompt_tokens),
@@ -436,19 +443,9 @@ def speed(args) -> None:
     and variants past --budget-s seconds are reported as skipped."""
     import tempfile
 
-    from engine.config import EngineConfig
-    from engine.tokenizer import load_tokenizer
-
     start = time.perf_counter()
-    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    if data_dir is None or not data_dir.is_dir():
-        raise ShrinkError("--data-dir: no shared data directory (pass it or set SHRINK_DATA_DIR)")
-    engine_kwargs = json.loads(args.engine) if args.engine else {}
-    target_config = EngineConfig(model=args.target, **engine_kwargs)
-    target_dir = target_config.model  # a .gguf file's converted directory
-    tokenizer = load_tokenizer(target_dir)
-    if tokenizer is None:
-        raise ShrinkError(f"--target: {args.target!r} has no tokenizer to encode the workloads with")
+    data_dir, engine_kwargs, target_config, tokenizer = _workload_setup(args)
+    target_dir = target_config.model
     work = Path(tempfile.mkdtemp(prefix="spec_bench_"))
     k_max = max(args.ks)
     common = {"num_speculative_tokens": k_max, "max_batch_size": max(args.batch)}
@@ -465,7 +462,8 @@ def speed(args) -> None:
     drafters += models + [(f"{name}-rounds{r}", lambda make=make, r=r: {**make(), "num_rounds": r})
                           for name, make in rounds for r in args.num_rounds if r > 1]
     for workload in args.workloads:
-        prompts = fitting_prompts(load_prompts(workload, data_dir, tokenizer, max(*args.batch, args.prompts), args.prompt_tokens),
+        wanted = max(*args.batch, args.prompts)
+        prompts = fitting_prompts(load_prompts(workload, data_dir, tokenizer, wanted, args.prompt_tokens),
                                   args.new_tokens, target_config.max_model_len, workload, args.json, "speed")
         if not prompts:
             emit({"bench": "speed", "workload": workload, "skipped": "no prompt fits max_model_len"}, args.json)
@@ -649,7 +647,6 @@ def main(argv: list[str] | None = None) -> None:
                                       help="also n-gram and each model drafter with speculative_config num_rounds "
                                            "R (> 1), at the largest --ks and auto: device-resident greedy rounds")
     sub.choices["speed"].add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
-
     sub.choices["speed"].add_argument("--auto", action=argparse.BooleanOptionalAction, default=True,
                                       help='also k "auto" (the engine\'s measured policy, up to the largest --ks)')
     sub.choices["speed"].add_argument("--budget-s", type=float, default=270.0,

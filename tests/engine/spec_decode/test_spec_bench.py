@@ -328,7 +328,8 @@ def test_speed_check_times_drafting_off_and_the_baseline_again(bench, data_dir, 
     target = model_dir("llama_gqa_untied", with_tokenizer=True)
     out = tmp_path / "speed.jsonl"
     bench.main(["--json", str(out), "speed", "--target", target, "--data-dir", str(data_dir), "--workloads",
-                "wikitext", "--prompts", "2", "--prompt-tokens", "40", "--new-tokens", "6", "--batch", "1", "2", "--ks", "2",
+                "wikitext", "--prompts", "2", "--prompt-tokens", "40", "--new-tokens", "6", "--batch", "1", "2",
+                "--ks", "2",
                 "--truncated", "1", "--no-auto", "--repeats", "2", "--check", "--verify-shape", "",
                 "--engine", '{"device": "cpu", "num_decode_steps": 2}'])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
