@@ -55,6 +55,10 @@
 #   experiments/engine_session.sh grounded     # after stash + stash2: n-gram on the grounded workload ending at EOS
 #   experiments/engine_session.sh autorounds   # after stash + stash2: n-gram auto + rounds beside fixed-k rounds and
 #                                              # one-round auto, against plain (issue 14), and the rounds' GPU tests
+#   experiments/engine_session.sh kd100        # after stash + stash2 (+ .gpu/corpus): the 15-layer student after 100M tokens,
+#                                              # forward KL then CE (issue 16's student goal)
+#   experiments/engine_session.sh rowsweep     # carry .gpu/wheels: the fused kernels at 2-16 rows, norm prologue against a
+#                                              # separate norm launch and cuBLAS (issue 13's batch 2-16)
 #   experiments/engine_session.sh bg NAME V..  # the verbs V.. in their own process session (they outlive the call);
 #                                              # `collect` (COLLECT_S) waits for every chain and fetches $H/bg
 set -uo pipefail
@@ -358,6 +362,16 @@ case "${1:?verb}" in
     timeout ${PROF_S:-200} python3 experiments/spec_round_profile.py --target "$H/t/smol.gguf" --data-dir "$H/data" \
       --variants plain,spec --num-rounds 4 --out "$OUTDIR/profile_rounds" --json "$OUTDIR/profile_rounds.jsonl" \
       > "$OUTDIR/profile_rounds.log" 2>&1; grep -v Warn "$OUTDIR/profile_rounds.log" | tail -n 2 | cut -c1-500;;
+  kd100)  # after stash + stash2 (+ .gpu/corpus): issue 16's student goal, the 15-layer student after KD_TOKENS (100M)
+          # of forward-KL distillation, then CE at the same tokens (RUNS), WikiText-2 on the reference protocol
+    assemble; [ -d "$H/smol" ] || $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
+    python3 experiments/distill.py --teacher "$H/smol" --data-dir "$H/data" --out "$OUTDIR/kd100" --parts importance,kd \
+      --runs ${RUNS:-fkl,ce} --tokens ${KD_TOKENS:-100000000} --context 2048 > "$OUTDIR/kd100.log" 2>&1
+    grep -v Warn "$OUTDIR/kd100.log" | tail -n 6;;
+  rowsweep)  # carry .gpu/wheels: the fused decode kernels at 2-16 rows, norm prologue against a separate norm launch
+             # and cuBLAS, bf16 and int8, Llama-2-7B shapes (issue 13's batch 2-16)
+    timeout ${ROWS_S:-420} python3 experiments/gemv_sweep.py --model llama2-7b --m 2 8 16 --json "$OUTDIR/rows.jsonl" \
+      > "$OUTDIR/rows.log" 2>&1; grep -v Warn "$OUTDIR/rows.log" | tail -n 24 | cut -c1-400;;
   grounded)  # after stash + stash2: n-gram on the grounded workload as served (answers end at EOS), batch 1 walks
              # 16 prompts, one round and device-resident rounds, against plain decoding (--check)
     assemble

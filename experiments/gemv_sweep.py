@@ -4,18 +4,28 @@ CUDA graph, PDL as the engine launches it; prints read bandwidth per config, the
 heuristic's (gemv_config).
 
     python experiments/gemv_sweep.py --model llama2-7b
+    python experiments/gemv_sweep.py --model llama2-7b --m 2 8 16 --json rows.jsonl
+
+With --m (rows > 1, the 16-row tl.dot tiles) it times, per shape and config, the fused kernel as the
+engine runs it (RMSNorm prologue where the layer has one) against the same kernel on an input the
+Triton RMSNorm kernel normalised first (two launches), and cuBLAS's F.linear alone, for bf16 and int8
+weights: whether the prologue, which recomputes every row's norm in every program, is what makes the
+norm-carrying kernels slower than cuBLAS at 2-16 rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 
 import torch
 
 from eval.bench.common import graph_seconds
 from kernels.gemv import gemv, gemv_config, gemv_rope_store, gemv_rope_store_config
+from kernels.rmsnorm import rmsnorm
 
+DEVICE = "cuda"
 MODELS = {  # hidden, intermediate, heads, kv heads, head dim
     "llama2-7b": (4096, 11008, 32, 32, 128),
     "tinyllama": (2048, 5632, 32, 4, 64),
@@ -63,10 +73,99 @@ def bench(kind: str, n: int, k: int, config, copies: int, head_dim: int, heads: 
     return n * k * 2 / seconds / 1e12
 
 
+def rows_variants(kind: str, m: int, n: int, k: int, quant: str, copies: int, model: str):
+    """(weight copies [(codes, scale)], [(variant, config, run over one copy)]) of one shape at m rows:
+    the fused kernel with its norm prologue ("fused") or on an input normalised by a separate launch
+    ("prenorm"), each at the heuristic config (first) and the swept ones, and F.linear on a bf16 weight
+    ("cublas", no epilogue)."""
+    _, _, heads, kv_heads, head_dim = MODELS[model]
+    dev, dt = DEVICE, torch.bfloat16
+    x = torch.randn(m, k, device=dev, dtype=dt)
+    nw = torch.rand(k, device=dev, dtype=dt) + 0.5
+    if quant == "int8":
+        ws = [(torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8),
+               torch.rand(n, device=dev) * 1e-3 + 1e-4) for _ in range(copies)]
+    else:
+        ws = [(torch.randn(n, k, device=dev, dtype=dt) * 0.02, None) for _ in range(copies)]
+    n_out = n // 2 if kind == "swiglu" else n
+    if kind == "rope":
+        cos, sin = torch.randn(64, head_dim, device=dev), torch.randn(64, head_dim, device=dev)
+        kc = torch.zeros(64, 16, kv_heads, head_dim, device=dev, dtype=dt)
+        vc = torch.zeros_like(kc)
+        pos = torch.arange(m, device=dev) + 3
+        slots = torch.arange(m, device=dev) + 3
+        default = gemv_rope_store_config(m, n, k)
+
+        def one(xin, w, s, norm, config):
+            gemv_rope_store(xin, w, norm_weight=norm, positions=pos, cos_table=cos, sin_table=sin, k_cache=kc,
+                            v_cache=vc, slot_mapping=slots, num_heads=heads, num_kv_heads=kv_heads,
+                            config=config, quant=quant, scale=s)
+    else:
+        res = torch.randn(m, n_out, device=dev, dtype=dt)
+        default = gemv_config(m, n_out, k, two=kind == "swiglu")
+
+        def one(xin, w, s, norm, config):
+            if kind == "swiglu":
+                gemv(xin, w, norm_weight=norm, swiglu=True, config=config, quant=quant, scale=s)
+            else:
+                gemv(xin, w, residual=res, out=res, config=config, quant=quant, scale=s)
+    norm = kind in ("rope", "swiglu")
+    variants = []
+    swept = [(16, bn, bk, 4) for bn, bk in itertools.product((16, 32, 64), (128, 256, 512))]
+    configs = [default] + [c for c in swept + [(16, 32, 256, 8), (16, 64, 256, 8)] if c != default]
+    for config in configs:
+        variants.append(("fused", config, lambda w, s, c=config: one(x, w, s, nw if norm else None, c)))
+        if norm:
+            variants.append(("prenorm", config, lambda w, s, c=config: one(rmsnorm(x, nw, 1e-6), w, s, None, c)))
+    if quant == "dense":
+        variants.append(("cublas", None, lambda w, s: torch.nn.functional.linear(x, w)))
+    return ws, variants
+
+
+def sweep_rows(args) -> None:
+    """--m: the rows sweep (module docstring), one JSON line per (shape, format, m, variant, config)."""
+    out = open(args.json, "a") if args.json else None
+    for name, n, k, kind in cases(args.model):
+        for quant in args.formats:
+            for m in args.m:
+                copies = max(8, -(-(256 << 20) // (n * k * (1 if quant == "int8" else 2))))
+                ws, variants = rows_variants(kind, m, n, k, quant, copies, args.model)
+                best: dict[str, tuple[float, object]] = {}
+                for variant, config, run in variants:
+                    try:
+                        for w, s in ws[:2]:
+                            run(w, s)
+                        us = graph_seconds(lambda: [run(w, s) for w, s in ws]) / len(ws) * 1e6
+                    except Exception as e:  # noqa: BLE001 - a config the compiler rejects (registers, shared memory)
+                        print(f"  {name} {quant} m={m} {variant} {config}: {type(e).__name__}", flush=True)
+                        continue
+                    row = {"model": args.model, "shape": name, "n": n, "k": k, "quant": quant, "m": m,
+                           "variant": variant, "config": config, "us": us,
+                           "default": config == variants[0][1]}
+                    if out:
+                        out.write(json.dumps(row) + "\n")
+                        out.flush()
+                    if variant not in best or us < best[variant][0]:
+                        best[variant] = (us, config)
+                    if row["default"]:
+                        best[variant + "@default"] = (us, config)
+                print(f"{args.model} {name} {quant} m={m}: " + ", ".join(
+                    f"{v} {u:.1f} us {c[1:] if c else ''}" for v, (u, c) in sorted(best.items())), flush=True)
+                del ws, variants
+                torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama2-7b", choices=sorted(MODELS))
+    ap.add_argument("--m", type=int, nargs="*", default=None, help="rows > 1: the rows sweep (module docstring)")
+    ap.add_argument("--formats", nargs="*", default=["dense", "int8"], choices=["dense", "int8"])
+    ap.add_argument("--json", default=None, help="append the rows sweep's measurements here")
     args = ap.parse_args()
+    if args.m:
+        if min(args.m) < 2 or max(args.m) > 16:
+            ap.error(f"--m takes rows from 2 to 16 (the tl.dot tiles), got {args.m}")
+        return sweep_rows(args)
     _, _, heads, kv_heads, head_dim = MODELS[args.model]
     for name, n, k, kind in cases(args.model):
         args.copies = max(16, -(-(256 << 20) // (n * k * 2)))  # 256 MiB in all: far more than L2
