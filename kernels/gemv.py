@@ -7,6 +7,8 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
 
 - NORM: RMSNorm prologue. The input is the residual stream h; every program recomputes the row
   norms itself (K <= 8192: a second pass over a few KB that sits in L2) instead of a norm launch.
+  At M > 1 on large weights the norm is launched apart instead (separate_norm: there the rereads of
+  16 rows by every program cost more than a launch).
 - RESIDUAL: out = residual + x @ W^T (o_proj, down_proj adding into the residual stream).
 - SWIGLU: W is the fused gate_up [2 * I, K]; out[:, j] = silu(gate_j) * up_j, one launch for the
   gate_up matmul and the activation.
@@ -95,11 +97,11 @@ from kernels._triton import HAS_TRITON, interpreting, next_pow2, pdl_launch_args
 from kernels.activation import silu_and_mul_ref
 from kernels.kv_store import store_kv_ref
 from kernels.quant import FP8_MAX, INT8_HALF_RANGE, fp32_weight_linear_ref
-from kernels.rmsnorm import rmsnorm_ref
+from kernels.rmsnorm import rmsnorm, rmsnorm_ref
 
 SMALL_M = 16  # most rows the skinny GEMM takes; larger batches go to cuBLAS
 MAX_NORM_K = 8192  # the norm prologue rereads the input rows in every program: keep them small
-LATENCY_BYTES = 4 << 20  # M == 1: weights below this are latency bound, above bandwidth bound
+LATENCY_BYTES = 4 << 20  # weights below this are latency bound, above bandwidth bound (M == 1 and M > 1)
 MAX_TILE = 16384  # W elements a program loads per K step at M == 1 (all its tiles)
 
 
@@ -151,16 +153,36 @@ def gemv_rope_store_ref(
     return q.reshape(-1, num_heads * head_dim)
 
 
+def separate_norm(m: int, weight: torch.Tensor, batch_invariant: bool) -> bool:
+    """Whether gemv / gemv_rope_store normalise x in a launch of their own (kernels/rmsnorm.py) instead of
+    the norm prologue: at M > 1 on large weights (>= LATENCY_BYTES), not in batch-invariant mode (whose
+    rows must reduce the same way at every M, M == 1 included). The prologue has every program reread and
+    renormalise its 16 rows over all of K; on the H200 at the Llama-2-7B shapes that made the two kernels
+    that carry a norm 1.3-2x slower than the same kernel after a norm launch (us at 16 rows, norm launch
+    included, each at its best config: qkv + rope 39.0 against 31.1, bf16; 28.4 against 22.2, int8; gate_up
+    + SwiGLU 63.4 against 47.5 and 37.3 against 29.9; cuBLAS alone 28.4 and 46.8; 2 and 8 rows alike:
+    benchmarks/2026-11-30-h200x2-s16/g0/rows.jsonl). Small weights (SmolLM2's) keep the prologue: there a
+    launch costs more than the reread."""
+    return m > 1 and not batch_invariant and weight.numel() * weight.element_size() >= LATENCY_BYTES
+
+
+def _norm_launch(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """separate_norm's launch: kernels/rmsnorm.py's kernel on a GPU, its torch reference elsewhere (the
+    interpreter rounds 16-bit floats wrong in that kernel; the engine's CPU path normalises in torch)."""
+    return rmsnorm(x, norm_weight, eps) if x.is_cuda else rmsnorm_ref(x, norm_weight, eps)
+
+
 def batch_invariant_config(n: int, k: int) -> tuple[int, int, int, int]:
     """The one launch config of every M in batch-invariant mode (module docstring): gemv_config's at
     SMALL_M rows, a function of N and K alone; M past SMALL_M is a grid over BLOCK_M-row tiles."""
     return gemv_config(SMALL_M, n, k)
 
 
-def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True) -> tuple[int, int, int, int]:
+def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True,
+                elem_bytes: float = 2) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for M rows, N output columns, K inputs; ``two``: each
     output column reads two W rows (SwiGLU's gate and up); ``pdl``: launched with programmatic
-    dependent launch.
+    dependent launch; ``elem_bytes``: bytes a weight element (2 for 16-bit floats, 1 int8, 0.5 int4).
 
     M == 1: a multiply-reduce over [BLOCK_N, BLOCK_K] tiles on the CUDA cores, from an H100 sweep
     of the decode shapes of SmolLM2-135M, TinyLlama-1.1B and Llama-2-7B in CUDA graphs
@@ -173,6 +195,11 @@ def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True) -> 
       16384 W elements in flight per program (8 warps there): 2.7-3.1 TB/s of reads on Llama-2-7B
       shapes, against 2.4-2.7 with the earlier 1024-wide steps.
     M > 1: tl.dot on a 16-row tile (its minimum), the padding rows cost registers, not memory traffic.
+    Large weights (>= LATENCY_BYTES) at M > 1, from an H200 sweep of the Llama-2-7B shapes at 2, 8 and
+    16 rows with the norm launched apart (separate_norm; experiments/gemv_sweep.py --m, 2026-11-30,
+    benchmarks/2026-11-30-h200x2-s16/g0/rows.jsonl, us at 16 rows): K steps of 512 past K 8192 (down_proj
+    bf16 26.8 against 29.1 at 256, int8 24.0 against 25.4); 128 for SwiGLU's two 16-bit tiles (47.5
+    against 53.4; int8 keeps 256: 29.9 against 31.5).
     """
     if m == 1:
         block_k = max(16, min(next_pow2(k), 2048 if k < 8192 else 4096))
@@ -193,8 +220,13 @@ def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True) -> 
         num_warps = 8 if not small and block_n * rows * block_k >= MAX_TILE else 4
         return 1, block_n, block_k, min(num_warps, max(1, block_n * rows * block_k // (32 * 8)))
     block_n = 16 if triton.cdiv(n, 32) < 64 else 32
+    large = n * (2 if two else 1) * k * elem_bytes >= LATENCY_BYTES
     # 512-wide K steps helped SmolLM2's down_proj (K 1536); at Llama-7B's K (4096+) 256 did as well.
     block_k = max(32, min(next_pow2(k), 512 if 1024 <= k <= 2048 else 256))
+    if large and two and elem_bytes >= 2:
+        block_k = 128
+    elif large and not two and k >= 8192:
+        block_k = 512
     return 16, block_n, block_k, 2 if (block_n, block_k) == (16, 512) else 4
 
 
@@ -1064,6 +1096,11 @@ class SplitKWorkspace:
 SPLIT_K_WORKSPACE = SplitKWorkspace()
 
 
+def _elem_bytes(weight: torch.Tensor, k: int) -> float:
+    """Bytes a weight element of W [N, K] (int4 packs two in a byte)."""
+    return weight.shape[1] * weight.element_size() / k
+
+
 def _check_invariant(batch_invariant: bool, fast: bool, config: tuple[int, int, int, int] | None) -> None:
     if batch_invariant and fast:
         raise ValueError("gemv: batch_invariant with fast dequantization "
@@ -1107,6 +1144,8 @@ def gemv(
     assert norm_weight is None or k <= MAX_NORM_K
     if x.stride(1) != 1:
         x = x.contiguous()
+    if norm_weight is not None and separate_norm(m, weight, batch_invariant):
+        x, norm_weight = _norm_launch(x, norm_weight, eps), None
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     assert out.shape == (m, n) and out.stride(1) == 1
@@ -1119,7 +1158,7 @@ def gemv(
     (block_m, block_n, block_k, num_warps), qargs = _launch_config(
         m, n, k, quant, qargs, fast, swiglu, config,
         lambda: (batch_invariant_config(n, k) if batch_invariant
-                 else gemv_config(m, n, k, two=swiglu, pdl=launch["PDL"])))
+                 else gemv_config(m, n, k, two=swiglu, pdl=launch["PDL"], elem_bytes=_elem_bytes(weight, k))))
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
     ws, count = SPLIT_K_WORKSPACE.get(x.device, split_k * m * 2 * n, grid[0] * grid[1]) if split_k > 1 else (out, out)
     _gemv_kernel[grid](
@@ -1141,12 +1180,17 @@ def gemv(
     return out
 
 
-def gemv_rope_store_config(m: int, n: int, k: int, pdl: bool = True) -> tuple[int, int, int, int]:
+def gemv_rope_store_config(m: int, n: int, k: int, pdl: bool = True,
+                           elem_bytes: float = 2) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_PAIRS, BLOCK_K, num_warps): gemv_config's, with each program computing as
     many columns as the plain gemv's (half as many pairs, two W tiles of them), so M == 1 keeps its
     program count.
-    tl.dot (M > 1) needs 16 pairs at least: there a program computes 32 columns."""
-    block_m, block_n, block_k, num_warps = gemv_config(m, n, k, pdl=pdl)
+    tl.dot (M > 1) needs 16 pairs at least: there a program computes 32 columns; on large weights as many
+    pairs as gemv's columns (64 columns: Llama-2-7B's qkv at 16 rows 31.6 us against 44.8 with 32 columns
+    after a norm launch, 39.0 against 65.2 with the norm prologue, H200, gemv_config's sweep)."""
+    block_m, block_n, block_k, num_warps = gemv_config(m, n, k, pdl=pdl, elem_bytes=elem_bytes)
+    if block_m > 1 and n * k * elem_bytes >= LATENCY_BYTES:
+        return block_m, block_n, block_k, num_warps
     return block_m, max(16 if block_m > 1 else 1, block_n // 2), block_k, num_warps
 
 
@@ -1181,6 +1225,8 @@ def gemv_rope_store(
     assert positions.shape == (m,) and slot_mapping.shape[0] >= m
     if x.stride(1) != 1:
         x = x.contiguous()
+    if norm_weight is not None and separate_norm(m, weight, batch_invariant):
+        x, norm_weight = _norm_launch(x, norm_weight, eps), None
     if out is None:
         out = torch.empty(m, num_heads * head_dim, dtype=x.dtype, device=x.device)
     assert out.shape == (m, num_heads * head_dim) and out.stride(1) == 1
@@ -1189,7 +1235,8 @@ def gemv_rope_store(
     launch = pdl_launch_args(pdl, x.device)
     (block_m, block_pairs, block_k, num_warps), qargs = _launch_config(
         m, n // 2, k, quant, qargs, fast, True, config,
-        lambda: gemv_rope_store_config(SMALL_M if batch_invariant else m, n, k, pdl=launch["PDL"]))
+        lambda: gemv_rope_store_config(SMALL_M if batch_invariant else m, n, k, pdl=launch["PDL"],
+                                       elem_bytes=_elem_bytes(weight, k)))
     _gemv_rope_store_kernel[(triton.cdiv(n // 2, block_pairs), triton.cdiv(m, block_m))](
         x, qargs.pop("w_ptr"), qargs.pop("s_ptr"), qargs.pop("z_ptr"), bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
         out, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,

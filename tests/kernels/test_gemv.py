@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kernels.gemv as gemv_module
 from kernels.gemv import (
     MAX_NORM_K, SMALL_M, gemv, gemv_config, gemv_ref, gemv_rope_store, gemv_rope_store_config, gemv_rope_store_ref,
+    separate_norm,
 )
 from kernels.rotary import rope_store
 
@@ -229,3 +231,41 @@ def test_rope_store_matches_reference_gpu(m, shape, dtype):
     x, w, kw, cache = _rope_case(m, q_heads, kv_heads, head_dim, k, dtype, "cuda", bias=q_heads == 14,
                                  seed=m + k, max_pos=32768, block_size=16)
     _check_rope_store(x, w, kw, cache, 1e-2)
+
+
+@pytest.mark.parametrize("m", [2, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_separate_norm_matches_reference(monkeypatch, m, dtype):
+    """At M > 1 on large weights the norm is a launch of its own (separate_norm) and the large-weight
+    configs apply: LATENCY_BYTES lowered to 0 sends these small shapes down that path. Each call
+    normalises once in a launch of its own (counted), and matches the unfused reference."""
+    monkeypatch.setattr(gemv_module, "LATENCY_BYTES", 0)
+    calls = []
+    launch = gemv_module._norm_launch
+    monkeypatch.setattr(gemv_module, "_norm_launch", lambda *a: calls.append(a[0].shape) or launch(*a))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for fusion in ("norm_bias", "norm_swiglu"):
+        x, w, kw = _case(m, 37, 83, dtype, DEVICE, seed=m, **FUSIONS[fusion])
+        swiglu = fusion == "norm_swiglu"
+        assert separate_norm(m, w, False) and not separate_norm(m, w, True)
+        out, ref = gemv(x, w, swiglu=swiglu, **kw), gemv_ref(x, w, swiglu=swiglu, **kw)
+        assert _rel(out, ref) < tol
+    x, w, kw, cache = _rope_case(m, 6, 2, 16, 83, dtype, DEVICE, seed=m, norm=True)
+    _check_rope_store(x, w, kw, cache, tol)
+    assert calls == [(m, 83)] * 3
+    gemv(x, w[:37], norm_weight=kw["norm_weight"], batch_invariant=True)  # the prologue: rows reduce as at M == 1
+    assert len(calls) == 3
+
+
+def test_separate_norm_and_large_weight_configs():
+    """Which calls launch the norm apart, and the M > 1 configs of large weights (gemv_config's sweep)."""
+    big = torch.empty(4096, 1024, dtype=torch.bfloat16, device="meta")  # 8 MB
+    small = torch.empty(960, 576, dtype=torch.bfloat16, device="meta")  # SmolLM2-135M's qkv
+    assert separate_norm(2, big, False) and separate_norm(16, big, False)
+    assert not separate_norm(1, big, False) and not separate_norm(2, big, True) and not separate_norm(2, small, False)
+    assert gemv_config(16, 11008, 4096, two=True)[2] == 128  # Llama-2-7B gate_up, 16-bit
+    assert gemv_config(16, 11008, 4096, two=True, elem_bytes=1)[2] == 256  # int8
+    assert gemv_config(16, 4096, 11008)[2] == 512 and gemv_config(16, 4096, 4096)[2] == 256  # down, o_proj
+    assert gemv_config(16, 768, 576, two=True)[2] == 256 and gemv_config(16, 576, 1536)[2] == 512  # SmolLM2: as before
+    assert gemv_rope_store_config(16, 12288, 4096)[1] == 32  # 64 columns a program
+    assert gemv_rope_store_config(16, 960, 576)[1] == 16
