@@ -65,6 +65,29 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
                           timeout=timeout, env=full_env)
 
 
+INTERPRETED_HEADER = """import sys
+sys.path.insert(0, {tests!r})
+import triton_interpreter
+triton_interpreter.install()
+if __name__ == "__main__":
+"""
+
+
+def run_interpreted(script: str, *args: str, workdir: Path, timeout: int) -> subprocess.CompletedProcess:
+    """``script`` (with ``args``) in a fresh Python process under Triton's CPU interpreter (chosen
+    at import), saved as a file in ``workdir`` first: multiprocessing's spawn makes each
+    tensor-parallel worker import the parent's main file (as __mp_main__), so the header installs
+    tests/triton_interpreter.py's patch (the interpreter's per-call re-patching skipped, nothing
+    else changed: half the interpreted time) on every rank, while ``script`` runs in the parent
+    only, under the ``__main__`` guard. Run with ``-c``, the workers would interpret without it."""
+    path = Path(workdir) / "interpreted_check.py"
+    body = "".join("    " + line if line.strip() else line for line in script.strip().splitlines(keepends=True))
+    path.write_text(INTERPRETED_HEADER.format(tests=str(REPO / "tests")) + body + "\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(path), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def with_pairwise(cases: list[tuple], values: list) -> list[tuple]:
     """Each case (a tuple of factor values) extended by one of ``values``, chosen greedily so that
     every value meets every value of each factor in the cases at least once: a pairwise cover of

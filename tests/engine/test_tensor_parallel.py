@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent / "spec_decode"))
 from drafts import perturbed_copy  # noqa: E402
+from support import run_interpreted  # noqa: E402
 from tiny_models import COMMON, looping_model_dir, prompts  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
@@ -390,13 +391,11 @@ print("fused decode under TP: same tokens", out[2])
 """
 
 
-def test_fused_decode_path_under_tensor_parallelism(model_dir):
-    """Triton kernels (interpreted on CPU, in a fresh process: the interpreter is chosen at import)
-    with the fused small-batch decode: rank 0 adds the residual in its GEMV epilogue, the other
-    rank's GEMV writes its partial product, one all-reduce sums them. Same tokens as one rank."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", FUSED_CHECK, model_dir("qwen2_bias")], env=env,
-                            capture_output=True, text=True, timeout=TIMEOUT_S - 20)
+def test_fused_decode_path_under_tensor_parallelism(model_dir, tmp_path):
+    """Triton kernels (interpreted on CPU, in a fresh process: support.run_interpreted) with the
+    fused small-batch decode: rank 0 adds the residual in its GEMV epilogue, the other rank's GEMV
+    writes its partial product, one all-reduce sums them. Same tokens as one rank."""
+    result = run_interpreted(FUSED_CHECK, model_dir("qwen2_bias"), workdir=tmp_path, timeout=TIMEOUT_S - 20)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "same tokens" in result.stdout
 
@@ -432,14 +431,12 @@ print("speculative verify under TP with Triton: same tokens", taken)
 """
 
 
-def test_speculative_verify_through_triton_kernels_under_tensor_parallelism(looping_model):
+def test_speculative_verify_through_triton_kernels_under_tensor_parallelism(looping_model, tmp_path):
     """Triton kernels (interpreted, in a fresh process) under 2 ranks with n-gram speculation: the
     verify through each of the four paths (the fused small-batch decode for pseudo-rows, the varlen
     prefill attention, the multi-query verify attention over each rank's heads) gives the tokens
     of one rank without speculation."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", SPEC_TRITON_CHECK, looping_model], env=env,
-                            capture_output=True, text=True, timeout=TIMEOUT_S - 20)
+    result = run_interpreted(SPEC_TRITON_CHECK, looping_model, workdir=tmp_path, timeout=TIMEOUT_S - 20)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "same tokens" in result.stdout
 

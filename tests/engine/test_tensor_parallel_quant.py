@@ -8,16 +8,14 @@ quantization groups or packed words) is refused by name before any tensor is rea
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from compressed_artifacts import make_artifact, make_llmc_artifact
 from kernels import quant as ref
-from test_tensor_parallel import REPO, TIMEOUT_S, _assert_same, _generate, _requests, hang_guard  # noqa: F401
+from support import run_interpreted
+from test_tensor_parallel import TIMEOUT_S, _assert_same, _generate, _requests, hang_guard  # noqa: F401
 
 from engine.layers.linear import ParallelLMHead, RowParallelCompressed
 from engine.layers.options import ModelOptions
@@ -263,14 +261,12 @@ print("fused compressed decode under TP: same tokens", out[2])
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4_g32_asym"])
-def test_fused_decode_on_compressed_slices_under_tensor_parallelism(artifacts, scheme):
-    """Triton kernels (interpreted, in a fresh process) with the fused small-batch decode reading
-    each rank's compressed slice unchanged, rank 0 adding the residual and the bias in its GEMV
-    epilogue, one all-reduce: the tokens of one rank."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", FUSED_CHECK, artifacts(scheme),
-                             str(Path(__file__).parent)], env=env, capture_output=True, text=True,
-                            timeout=TIMEOUT_S - 20)
+def test_fused_decode_on_compressed_slices_under_tensor_parallelism(artifacts, scheme, tmp_path):
+    """Triton kernels (interpreted, in a fresh process: support.run_interpreted) with the fused
+    small-batch decode reading each rank's compressed slice unchanged, rank 0 adding the residual
+    and the bias in its GEMV epilogue, one all-reduce: the tokens of one rank."""
+    result = run_interpreted(FUSED_CHECK, artifacts(scheme), str(Path(__file__).parent), workdir=tmp_path,
+                             timeout=TIMEOUT_S - 20)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "same tokens" in result.stdout
 

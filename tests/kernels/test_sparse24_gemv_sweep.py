@@ -21,9 +21,11 @@ def test_sweep_flow_on_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr("kernels.quant_gemv.FAST_MIN_PROGRAMS", 1)
     monkeypatch.setattr(sweep, "SHAPES", {"a": (48, 256), "b": (16, 384)})
     monkeypatch.setattr(sweep, "COPY_BYTES", 1)
-    monkeypatch.setattr(sweep, "SELECT_CANDIDATES", [(8, 64, 4)])
+    # One candidate tile a path besides its default, 16 columns a program (fewer interpreted programs;
+    # K steps narrower than the default's, so the K loop runs several steps).
+    monkeypatch.setattr(sweep, "SELECT_CANDIDATES", [(16, 64, 4)])
     monkeypatch.setattr(sweep, "DOT_CANDIDATES", [(16, 64, 4)])
-    monkeypatch.setattr(sweep, "FAST_CANDIDATES", [(4, 128, 4)])
+    monkeypatch.setattr(sweep, "FAST_CANDIDATES", [(16, 128, 4)])
     monkeypatch.setattr(sweep, "MMA_CANDIDATES", [(16, 128, 4, 1)])
     monkeypatch.setattr(sweep, "graph_seconds", one_run_seconds)
     monkeypatch.setattr(sweep, "copy_ceiling_tbps", lambda: 1.0)

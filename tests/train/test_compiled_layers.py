@@ -14,6 +14,12 @@ from train.config import TrainConfig
 from train.loop import batch_loss, make_terms, train_distill
 from train.student_init import student_from_teacher
 
+# One batch shape (batch_size 4, 24 tokens) for every compiled step and validation batch below: each
+# graph is then compiled once for the file (shared through compiled_layers' per-class cache) and later
+# tests reuse it, where a new shape would recompile every graph with dynamic dims.
+SHAPE = (4, 24)
+
+
 def _models(teacher_layers: int = 6, student_layers: tuple[int, ...] = (0, 2, 4)):
     torch.manual_seed(0)
     teacher = LlamaForCausalLM(tiny_llama_config(hidden_size=32, intermediate_size=64,
@@ -32,7 +38,7 @@ def test_compiled_layers_match_eager_and_share_one_graph_per_grad_mode():
     torch._dynamo.reset()
     counters.clear()
     teacher, student = _models()
-    ids = torch.randint(3, 320, (2, 24), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 320, SHAPE, generator=torch.Generator().manual_seed(1))
     ref_loss, ref_grads = _loss_and_grads(student, teacher, ids)
     compiler = LayerCompiler([student, teacher], enabled=True)
     with compiler.active():
@@ -59,7 +65,7 @@ def test_disabled_compiler_leaves_the_layers_alone():
 
 def test_train_distill_with_compiled_layers_trains_as_eager(tmp_path):
     gen = torch.Generator().manual_seed(2)
-    train, val = torch.randint(3, 320, (16, 24), generator=gen), torch.randint(3, 320, (4, 24), generator=gen)
+    train, val = torch.randint(3, 320, (16, SHAPE[1]), generator=gen), torch.randint(3, 320, SHAPE, generator=gen)
     results, logs = {}, {}
     for compiled in (False, True):
         teacher, student = _models()
@@ -92,7 +98,7 @@ def test_compiled_layers_with_lora_layer_terms_and_padded_batches_train_as_eager
     from train.layer_distill import parse_layer_map
 
     gen = torch.Generator().manual_seed(4)
-    train, val = torch.randint(3, 320, (8, 16), generator=gen), torch.randint(3, 320, (2, 16), generator=gen)
+    train, val = torch.randint(3, 320, (8, SHAPE[1]), generator=gen), torch.randint(3, 320, SHAPE, generator=gen)
     extra = {"lora": {"lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
              "layer_map": {"layer_map": parse_layer_map("auto", 3, 6, keep=[0, 2, 4]), "layer_weight": 1.0},
              "padded_multitask": {"losses": {"ce": 1.0}}}[feature]
