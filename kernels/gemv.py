@@ -199,7 +199,7 @@ def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True,
     16 rows with the norm launched apart (separate_norm; experiments/gemv_sweep.py --m, 2026-11-30,
     benchmarks/2026-11-30-h200x2-s16/g0/rows.jsonl, us at 16 rows): K steps of 512 past K 8192 (down_proj
     bf16 26.8 against 29.1 at 256, int8 24.0 against 25.4); 128 for SwiGLU's two 16-bit tiles (47.5
-    against 53.4; int8 keeps 256: 29.9 against 31.5).
+    against 53.4; int8 keeps 256: 29.9 against 31.5). int4 was not swept: its configs are the earlier ones.
     """
     if m == 1:
         block_k = max(16, min(next_pow2(k), 2048 if k < 8192 else 4096))
@@ -225,7 +225,7 @@ def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True,
     block_k = max(32, min(next_pow2(k), 512 if 1024 <= k <= 2048 else 256))
     if large and two and elem_bytes >= 2:
         block_k = 128
-    elif large and not two and k >= 8192:
+    elif large and not two and k >= 8192 and elem_bytes >= 1:  # int4 unmeasured: as before
         block_k = 512
     return 16, block_n, block_k, 2 if (block_n, block_k) == (16, 512) else 4
 
@@ -1189,7 +1189,7 @@ def gemv_rope_store_config(m: int, n: int, k: int, pdl: bool = True,
     pairs as gemv's columns (64 columns: Llama-2-7B's qkv at 16 rows 31.6 us against 44.8 with 32 columns
     after a norm launch, 39.0 against 65.2 with the norm prologue, H200, gemv_config's sweep)."""
     block_m, block_n, block_k, num_warps = gemv_config(m, n, k, pdl=pdl, elem_bytes=elem_bytes)
-    if block_m > 1 and n * k * elem_bytes >= LATENCY_BYTES:
+    if block_m > 1 and n * k * elem_bytes >= LATENCY_BYTES and elem_bytes >= 1:  # int4 unmeasured: as before
         return block_m, block_n, block_k, num_warps
     return block_m, max(16 if block_m > 1 else 1, block_n // 2), block_k, num_warps
 

@@ -266,6 +266,8 @@ def test_separate_norm_and_large_weight_configs():
     assert gemv_config(16, 11008, 4096, two=True)[2] == 128  # Llama-2-7B gate_up, 16-bit
     assert gemv_config(16, 11008, 4096, two=True, elem_bytes=1)[2] == 256  # int8
     assert gemv_config(16, 4096, 11008)[2] == 512 and gemv_config(16, 4096, 4096)[2] == 256  # down, o_proj
+    assert gemv_config(16, 4096, 11008, elem_bytes=0.5)[2] == 256  # int4: not swept, as before
+    assert gemv_rope_store_config(16, 12288, 4096, elem_bytes=0.5)[1] == 16
     assert gemv_config(16, 768, 576, two=True)[2] == 256 and gemv_config(16, 576, 1536)[2] == 512  # SmolLM2: as before
     assert gemv_rope_store_config(16, 12288, 4096)[1] == 32  # 64 columns a program
     assert gemv_rope_store_config(16, 960, 576)[1] == 16
