@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from eval.bench.common import RESULTS, engine_options, log, prompts, shape_dir, timed
+from eval.bench.quant import compressed_dummy_weights, engine_options as variant_options
 
 
 def kernel_events(prof) -> list[Any]:
@@ -167,7 +168,14 @@ def profile_decode(path: str, dummy: bool, batch: int, steps: int, prompt_len: i
 
 
 def profile(args) -> None:
+    """The profile subcommand; ``--variant`` compresses a shape's random weights as eval/bench/quant.py's
+    decode rows do (its int4 kernel after "@" an engine option there too)."""
+    if args.variant != "bf16" and not args.shape:
+        raise SystemExit(f"profile: --variant {args.variant} compresses a --shape's random weights, not --model's")
     path = shape_dir(args.shape) if args.shape else args.model
-    label = args.shape or os.path.basename(os.path.normpath(args.model))
-    RESULTS[f"profile:{label}"] = [profile_decode(path, bool(args.shape), bs, args.steps, args.prompt_len, args.top,
-                                                  args.eager, log, **engine_options(args.engine)) for bs in args.batch]
+    label = (args.shape or os.path.basename(os.path.normpath(args.model))) + \
+        ("" if args.variant == "bf16" else f":{args.variant}")
+    options = {**variant_options(args.variant), **engine_options(args.engine)}
+    with compressed_dummy_weights(args.variant):
+        RESULTS[f"profile:{label}"] = [profile_decode(path, bool(args.shape), bs, args.steps, args.prompt_len,
+                                                      args.top, args.eager, log, **options) for bs in args.batch]

@@ -92,6 +92,15 @@ def test_profile_runs_on_the_cpu(capsys):
     assert "profile batch 1 (eager)" in capsys.readouterr().out
 
 
+def test_profile_of_a_compressed_variant_runs_on_the_cpu(capsys):
+    """--variant: the shape's random weights compressed as the quant bench's rows (int8 here), profiled."""
+    cli.main(["profile", "--shape", "smollm2-135m", "--batch", "1", "--steps", "3", "--top", "3", "--variant", "int8"])
+    (res,) = common.RESULTS["profile:smollm2-135m:int8"]
+    assert res["step_us"] > 0 and res["tok_s"] > 0
+    with pytest.raises(SystemExit, match="--variant int8"):
+        cli.main(["profile", "--model", "some/dir", "--variant", "int8"])
+
+
 def test_engine_options_parse_typed_values():
     assert engine_options(["num_decode_steps=1", "fused_decode=false", "gpu_memory_utilization=0.5",
                            "prefill_attention=triton"]) == {
