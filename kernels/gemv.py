@@ -163,7 +163,18 @@ def separate_norm(m: int, weight: torch.Tensor, batch_invariant: bool) -> bool:
     + SwiGLU 63.4 against 47.5 and 37.3 against 29.9; cuBLAS alone 28.4 and 46.8; 2 and 8 rows alike:
     benchmarks/2026-11-30-h200x2-s16/g0/rows.jsonl). Small weights (SmolLM2's) keep the prologue: there a
     launch costs more than the reread."""
-    return m > 1 and not batch_invariant and weight.numel() * weight.element_size() >= LATENCY_BYTES
+    return large_rows(m, weight) and not batch_invariant
+
+
+def large_rows(m: int, weight: torch.Tensor) -> bool:
+    """M > 1 rows on a weight of >= LATENCY_BYTES: the 16-row tl.dot tiles of a large matrix, launched
+    without PDL (programmatic dependent launch). There every program holds a tl.dot tile's registers,
+    and the next kernel's programs, let in early by PDL, sat on SMs waiting while this kernel's later
+    waves needed them: on the H200, Llama-2-7B at 16 rows, a decode step's graph took 4,355 us with PDL
+    and 3,313 us without (int8; bf16 4,487 and 4,316), the attention kernel after the qkv one reading
+    26-34 us with PDL and 8.6 without (eval.bench profile --variant, BENCHMARKS.md, sixteenth session).
+    At M == 1 PDL stays: its programs are light and it hid SmolLM2's launch gaps (gemv_config)."""
+    return m > 1 and weight.numel() * weight.element_size() >= LATENCY_BYTES
 
 
 def _norm_launch(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -1154,7 +1165,7 @@ def gemv(
         assert residual.shape == (m, n) and residual.stride(1) == 1
     if m == 0:
         return out
-    launch = pdl_launch_args(pdl, x.device)
+    launch = pdl_launch_args(pdl and not large_rows(m, weight), x.device)
     (block_m, block_n, block_k, num_warps), qargs = _launch_config(
         m, n, k, quant, qargs, fast, swiglu, config,
         lambda: (batch_invariant_config(n, k) if batch_invariant
@@ -1232,7 +1243,7 @@ def gemv_rope_store(
     assert out.shape == (m, num_heads * head_dim) and out.stride(1) == 1
     if m == 0:
         return out
-    launch = pdl_launch_args(pdl, x.device)
+    launch = pdl_launch_args(pdl and not large_rows(m, weight), x.device)
     (block_m, block_pairs, block_k, num_warps), qargs = _launch_config(
         m, n // 2, k, quant, qargs, fast, True, config,
         lambda: gemv_rope_store_config(SMALL_M if batch_invariant else m, n, k, pdl=launch["PDL"],

@@ -8,7 +8,7 @@ import torch
 import kernels.gemv as gemv_module
 from kernels.gemv import (
     MAX_NORM_K, SMALL_M, gemv, gemv_config, gemv_ref, gemv_rope_store, gemv_rope_store_config, gemv_rope_store_ref,
-    separate_norm,
+    large_rows, separate_norm,
 )
 from kernels.rotary import rope_store
 
@@ -263,6 +263,7 @@ def test_separate_norm_and_large_weight_configs():
     small = torch.empty(960, 576, dtype=torch.bfloat16, device="meta")  # SmolLM2-135M's qkv
     assert separate_norm(2, big, False) and separate_norm(16, big, False)
     assert not separate_norm(1, big, False) and not separate_norm(2, big, True) and not separate_norm(2, small, False)
+    assert large_rows(2, big) and not large_rows(1, big) and not large_rows(16, small)  # launched without PDL
     assert gemv_config(16, 11008, 4096, two=True)[2] == 128  # Llama-2-7B gate_up, 16-bit
     assert gemv_config(16, 11008, 4096, two=True, elem_bytes=1)[2] == 256  # int8
     assert gemv_config(16, 4096, 11008)[2] == 512 and gemv_config(16, 4096, 4096)[2] == 256  # down, o_proj
