@@ -5,9 +5,10 @@ with the norms, rope and SwiGLU fused in) was built for batch 1, where a small m
 launch bound and a fused GEMV takes 2.1-4.1 us against cuBLAS's 3.5-4 us. It does not win at
 every size: on an H200 a Llama-2-7B shape (random bf16 weights, eval/bench/quant.py) decoded
 2,424 tok/s at batch 16 fused and 3,230 tok/s unfused (cuBLAS), 1.33x; since the norm runs apart
-at M > 1 on large weights (kernels/gemv.py separate_norm) the bf16 fused forward wins at every
-bucket to 16 rows (4,249 against 4,419 us at 16), while int8's and int4's still lose from 2 rows
-(4,123 against 3,802 us; BENCHMARKS.md, sixteenth session). So where nothing pins it,
+at M > 1 on large weights, launched without PDL there (kernels/gemv.py separate_norm, large_rows),
+the bf16 and int8 fused forwards win at every bucket to 16 rows (16 rows: 4,217 against 4,470 us;
+int8 3,212 against 3,399), while int4's loses from 2 rows (5,186 against 3,956; BENCHMARKS.md,
+sixteenth session). So where nothing pins it,
 the runner times the decode forward both ways at each decode graph bucket up to the rows the
 weights allow, on a GPU, before any CUDA graph is captured (a graph bakes in the path it recorded;
 the verify paths' timing and the multi-step graphs come after too), and keeps the largest bucket
