@@ -55,10 +55,10 @@
 #   experiments/engine_session.sh grounded     # after stash + stash2: n-gram on the grounded workload ending at EOS
 #   experiments/engine_session.sh autorounds   # after stash + stash2: n-gram auto + rounds beside fixed-k rounds and
 #                                              # one-round auto, against plain (issue 14), and the rounds' GPU tests
-#   experiments/engine_session.sh kd100        # after stash + stash2 (+ .gpu/corpus): the 15-layer student after 100M tokens,
-#                                              # forward KL then CE (issue 16's student goal)
-#   experiments/engine_session.sh rowsweep     # carry .gpu/wheels: the fused kernels at 2-16 rows, norm prologue against a
-#                                              # separate norm launch and cuBLAS (issue 13's batch 2-16)
+#   experiments/engine_session.sh kd100        # after stash + stash2 (+ .gpu/corpus): the 15-layer student after
+#                                              # 100M tokens, forward KL then CE (issue 16's student goal)
+#   experiments/engine_session.sh rowsweep     # carry .gpu/wheels: the fused kernels at 2-16 rows, norm prologue
+#                                              # against a separate norm launch and cuBLAS (issue 13's batch 2-16)
 #   experiments/engine_session.sh bg NAME V..  # the verbs V.. in their own process session (they outlive the call);
 #                                              # `collect` (COLLECT_S) waits for every chain and fetches $H/bg
 set -uo pipefail
@@ -365,8 +365,8 @@ case "${1:?verb}" in
   kd100)  # after stash + stash2 (+ .gpu/corpus): issue 16's student goal, the 15-layer student after KD_TOKENS (100M)
           # of forward-KL distillation, then CE at the same tokens (RUNS), WikiText-2 on the reference protocol
     assemble; [ -d "$H/smol" ] || $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
-    python3 experiments/distill.py --teacher "$H/smol" --data-dir "$H/data" --out "$OUTDIR/kd100" --parts importance,kd \
-      --runs ${RUNS:-fkl,ce} --tokens ${KD_TOKENS:-100000000} --context 2048 > "$OUTDIR/kd100.log" 2>&1
+    python3 experiments/distill.py --teacher "$H/smol" --data-dir "$H/data" --out "$OUTDIR/kd100" \
+      --parts importance,kd --runs ${RUNS:-fkl,ce} --tokens ${KD_TOKENS:-100000000} --context 2048 > "$OUTDIR/kd100.log" 2>&1
     grep -v Warn "$OUTDIR/kd100.log" | tail -n 6;;
   rowsweep)  # carry .gpu/wheels: the fused decode kernels at 2-16 rows, norm prologue against a separate norm launch
              # and cuBLAS, bf16 and int8, Llama-2-7B shapes (issue 13's batch 2-16)

@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     pr.add_argument("--top", type=int, default=25)
     pr.add_argument("--eager", action="store_true", help="no CUDA graphs")
     pr.add_argument("--engine", nargs="*", metavar="KEY=VALUE", help="EngineConfig overrides, e.g. fused_decode=false")
-    pr.add_argument("--variant", default="bf16", help="with --shape: its random weights compressed as eval.bench.quant's "
-                    "decode variants (int8, int4_g128@triton, ...)")
+    pr.add_argument("--variant", default="bf16",
+                    help="with --shape: its random weights compressed as eval.bench.quant's decode variants "
+                    "(int8, int4_g128@triton, ...)")
     g = sub.add_parser("convert-gguf")
     g.add_argument("--gguf", required=True)
     g.add_argument("--out", required=True)
