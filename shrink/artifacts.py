@@ -45,6 +45,18 @@ class Artifact:
             raise ShrinkError(f"corrupt {meta_path}: {e}") from None
         return cls(path=path, meta=meta)
 
+    @classmethod
+    def from_model_dir(cls, path: str | os.PathLike) -> "Artifact":
+        """An artifact (read as `load` reads it), or a plain Hugging Face model directory without
+        `shrink.json` (e.g. a converted GGUF) with its content hash computed from the model files, so
+        what is derived from it (teacher data's lineage and cache key) still names the weights it came from."""
+        path = Path(path)
+        if (path / META_FILE).is_file():
+            return cls.load(path)
+        if not (path / "config.json").is_file():
+            raise ShrinkError(f"not a model directory (no config.json): {path}")
+        return cls(path=path, meta={"content_hash": content_hash(path)})
+
     @property
     def stage(self) -> str:
         return self.meta.get("stage", "?")

@@ -81,3 +81,20 @@ def test_corrupt_meta_is_refused(tmp_path: Path):
     (tmp_path / META_FILE).write_text("{not json")
     with pytest.raises(ShrinkError, match="corrupt"):
         Artifact.load(tmp_path)
+
+
+def test_plain_model_dir_gets_the_content_hash_of_its_weights(tiny_teacher: Path, tmp_path: Path):
+    """A Hugging Face directory without shrink.json (a converted GGUF) is hashed as an artifact's files are:
+    the same weights give the same hash as the artifact, other weights another; an artifact reads its own."""
+    import shutil
+
+    assert Artifact.from_model_dir(tiny_teacher).meta == Artifact.load(tiny_teacher).meta
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_teacher, plain)
+    (plain / META_FILE).unlink()
+    assert Artifact.from_model_dir(plain).content_hash == Artifact.load(tiny_teacher).content_hash
+    other = save_tiny_artifact(tmp_path / "other", seed=1)
+    (other / META_FILE).unlink()
+    assert Artifact.from_model_dir(other).content_hash not in ("", Artifact.load(tiny_teacher).content_hash)
+    with pytest.raises(ShrinkError, match="not a model directory"):
+        Artifact.from_model_dir(tmp_path / "missing")
