@@ -4,7 +4,8 @@
      with the lowest WikiText-2 perplexity at init is kept (parity every:2 is a candidate too);
   2. KD beats CE: (a) CE only, (b) forward KL, (c) JSD(0.5), (d) forward KL + intermediate layers,
      the same token budget each; WikiText-2 raw test perplexity (non-overlapping 1024-token windows,
-     full windows only, no BOS) of each, of the teacher and of the student at init;
+     full windows only, no BOS) of each, of the teacher and of the student at init; with
+     --teacher-generated N, every run trains on the corpus mixed with N teacher samples (our engine);
   3. speed and memory: tokens/s and MFU of the KD step, peak memory of the KD step vs a plain CE
      step (transformers' own loss) and our chunked CE step (vocab of the model, sequence 2048);
   4. Distilling Step-by-Step on CommonsenseQA: the teacher fine-tuned (a) label only, (b) label +
@@ -13,6 +14,8 @@
     PYTHONUNBUFFERED=1 python experiments/distill.py --teacher RUN/teacher --data-dir ../shared/data \
         --out outputs/distill_exp --tokens 4000000 --save-student outputs/student15
     python experiments/distill.py --teacher TINY --data-dir ../shared/data --out DIR --tokens 4096 --quick
+    python experiments/distill.py --teacher SMOL --data-dir ../shared/data --out DIR --parts importance,kd \
+        --runs fkl,ce --tokens 100000000 --context 2048 --teacher-generated 200000 --teacher-ratio 0.5
 
 OUT/results.json is rewritten after every measurement (a killed run keeps what it measured);
 training logs go to OUT/<run>.train_log.jsonl. The best 15-layer student is saved (atomically, as
@@ -25,6 +28,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import json
 import math
 import sys
 import time
@@ -34,13 +38,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.errors import ShrinkError  # noqa: E402
 from common.results import ResultsFile  # noqa: E402
 from eval.perplexity import encode, wikitext2_text  # noqa: E402
+from shrink.artifacts import Artifact  # noqa: E402
 from shrink.modeling import load_model, load_tokenizer, num_parameters, save_model_artifact  # noqa: E402
 from shrink.stages.distill import TaskData, TaskDataSpec, load_task_data  # noqa: E402
 from shrink.stages.gqa import measure_ppl  # noqa: E402
+from shrink.teacher_data import LINEAGE_FILE, TeacherDataSettings, teacher_generated_blocks  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
-from train.data import CORPUS_FILE, budget_blocks  # noqa: E402
+from train.data import CORPUS_FILE, budget_blocks, mix_generated, pack  # noqa: E402
 
 T0 = time.time()
 PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16
@@ -60,6 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-student", default=None, help="where the best student artifact goes")
     p.add_argument("--keep", type=int, default=None, help="student layers (default 15; --quick: 2)")
     p.add_argument("--runs", default="ce,fkl,jsd,fkl_layers")
+    p.add_argument("--teacher-generated", type=int, default=0,
+                   help="kd: teacher samples (our engine) mixed into the corpus for every run; 0: corpus only")
+    p.add_argument("--teacher-ratio", type=float, default=0.5, help="share of the kd training blocks they fill")
+    p.add_argument("--teacher-max-tokens", type=int, default=256, help="tokens the teacher generates per sample")
+    p.add_argument("--teacher-cache", default=None, help="cache of the samples, by lineage (default OUT/cache)")
     p.add_argument("--parts", default="importance,kd,speed,dss")
     p.add_argument("--block-size", type=int, default=None, help="default 1024 (--quick: 64)")
     p.add_argument("--batch-size", type=int, default=None, help="default 16 (--quick: 4)")
@@ -91,7 +103,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.cqa_batch = min(args.cqa_batch, 2)
     args.runs = [r for r in args.runs.split(",") if r]
     args.parts = [r for r in args.parts.split(",") if r]
+    if args.teacher_generated < 0:
+        p.error(f"--teacher-generated must be >= 0 (0: off), got {args.teacher_generated}")
+    try:
+        teacher_data_settings(args)
+    except ShrinkError as e:
+        p.error(f"--teacher-ratio / --teacher-max-tokens: {e}")
     return args
+
+
+def teacher_data_settings(args: argparse.Namespace) -> TeacherDataSettings | None:
+    """--teacher-* as the distill stage's data.teacher_generated (its defaults for the rest: 32-token
+    corpus prefixes, temperature 1, top-p 1, seed --seed); None when off."""
+    if not args.teacher_generated:
+        return None
+    if args.teacher_ratio <= 0:
+        raise ShrinkError(f"the ratio must be in (0, 1] with --teacher-generated, got {args.teacher_ratio}")
+    return TeacherDataSettings.from_cfg({"ratio": args.teacher_ratio, "num_samples": args.teacher_generated,
+                                         "max_tokens": args.teacher_max_tokens}, args.seed)
 
 
 def autocast(device: torch.device):
@@ -107,6 +136,45 @@ def cleanup(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def block_keys(blocks: torch.Tensor) -> torch.Tensor:
+    """One int64 fingerprint per block (a fixed random projection, wrapping): equal blocks, equal keys."""
+    w = torch.randint(-2**62, 2**62, (blocks.shape[1],), generator=torch.Generator().manual_seed(0))
+    return blocks.long() @ w
+
+
+def teacher_mix(train: torch.Tensor, tokenizer, args, device) -> tuple[torch.Tensor, dict]:
+    """kd's training blocks with the teacher's samples (issue 16, item 1: the corpus' ~11.4M tokens repeat
+    ~9 times in 100M). The samples come from the teacher through our engine (shrink/teacher_data.py, the
+    distill stage's code), generated once and cached by lineage under --teacher-cache, and fill
+    --teacher-ratio of the blocks (train.data.mix_generated). The mix has the budget's block count (the
+    corpus repeated to it, as training would repeat it) so that the samples are not cut to the corpus'
+    size. What is recorded is measured on the mix: its generated blocks and distinct tokens."""
+    settings = teacher_data_settings(args)
+    teacher_art = Artifact.from_model_dir(args.teacher)
+    cache = Path(args.teacher_cache) if args.teacher_cache else Path(args.out) / "cache"
+    t = time.time()
+    samples, info = teacher_generated_blocks(settings, teacher_art, tokenizer, train, cache, str(device))
+    secs = time.time() - t
+    cleanup(device)  # the engine's KV cache
+    n_blocks = max(train.shape[0], math.ceil(args.tokens / args.block_size))
+    corpus = train.repeat(math.ceil(n_blocks / train.shape[0]), 1)[:n_blocks]
+    mixed = mix_generated(corpus, samples, settings.ratio, tokenizer.eos_token_id, settings.seed)
+    generated = pack(samples, args.block_size, tokenizer.eos_token_id)
+    keys, generated_keys = block_keys(mixed), set(block_keys(generated).tolist())
+    is_generated = torch.tensor([k in generated_keys for k in keys.tolist()], dtype=torch.bool)
+
+    def distinct_tokens(k: torch.Tensor) -> int:
+        return int(torch.unique(k).numel()) * args.block_size
+
+    entry = Path(info["teacher_data"])
+    row = {**info, "lineage": json.loads((entry / LINEAGE_FILE).read_text()), "generate_or_load_s": secs,
+           "blocks": n_blocks, "generated_blocks": int(is_generated.sum()),
+           "generated_share": float(is_generated.float().mean()), "generated_blocks_available": generated.shape[0],
+           "distinct_tokens": distinct_tokens(keys), "distinct_corpus_tokens": distinct_tokens(keys[~is_generated]),
+           "distinct_generated_tokens": distinct_tokens(keys[is_generated])}
+    return mixed, row
 
 
 # ---------------------------------------------------------------- 1. layer importance
@@ -349,6 +417,12 @@ def main(argv: list[str] | None = None) -> int:
         log(f"data: {train.shape[0]} train blocks of {args.block_size} ({train.numel()} tokens) from {source} "
             f"({time.time() - t:.1f}s)")
         results.put("data", {"source": source, "train_tokens_available": train.numel(), "block_size": args.block_size})
+        if "kd" in args.parts and args.teacher_generated:
+            train, row = teacher_mix(train, tokenizer, args, device)
+            results.put("data", "teacher_generated", row)
+            log(f"data: {row['teacher_data_samples']} teacher samples ({row['generate_or_load_s']:.1f}s, "
+                f"{row['teacher_data']}) fill {row['generated_blocks']} of {row['blocks']} blocks; "
+                f"{row['distinct_tokens']} distinct tokens")
         if "importance" in args.parts:
             keep = choose_layers(teacher, calib, wiki, args, device, results)
         if "kd" in args.parts:
