@@ -56,7 +56,8 @@
 #   experiments/engine_session.sh autorounds   # after stash + stash2: n-gram auto + rounds beside fixed-k rounds and
 #                                              # one-round auto, against plain (issue 14), and the rounds' GPU tests
 #   experiments/engine_session.sh kd100        # after stash + stash2 (+ .gpu/corpus): the 15-layer student after
-#                                              # 100M tokens, forward KL then CE (issue 16's student goal)
+#                                              # 100M tokens, forward KL then CE (issue 16's student goal); TEACHER_GEN=N:
+#                                              # both train on the corpus mixed with N teacher samples (our engine)
 #   experiments/engine_session.sh rowsweep     # carry .gpu/wheels: the fused kernels at 2-16 rows, norm prologue
 #                                              # against a separate norm launch and cuBLAS (issue 13's batch 2-16)
 #   experiments/engine_session.sh bg NAME V..  # the verbs V.. in their own process session (they outlive the call);
@@ -363,10 +364,17 @@ case "${1:?verb}" in
       --variants plain,spec --num-rounds 4 --out "$OUTDIR/profile_rounds" --json "$OUTDIR/profile_rounds.jsonl" \
       > "$OUTDIR/profile_rounds.log" 2>&1; grep -v Warn "$OUTDIR/profile_rounds.log" | tail -n 2 | cut -c1-500;;
   kd100)  # after stash + stash2 (+ .gpu/corpus): issue 16's student goal, the 15-layer student after KD_TOKENS (100M)
-          # of forward-KL distillation, then CE at the same tokens (RUNS), WikiText-2 on the reference protocol
+          # of forward-KL distillation, then CE at the same tokens (RUNS), WikiText-2 on the reference protocol;
+          # TEACHER_GEN=N (default 0: corpus only): the runs train on the corpus mixed with N teacher samples of
+          # TEACHER_MAX_TOKENS (256), made once by our engine and cached under $H/tgen_cache (the next call on this
+          # machine reuses them), filling TEACHER_RATIO (0.5) of the blocks (issue 16 item 1; e.g. 200000 x 256 at
+          # 0.5 ~ 50M of the 100M tokens). Separate chains (RUNS=fkl, RUNS=ce): start the second after the first's
+          # samples are cached, or both generate them
     assemble; [ -d "$H/smol" ] || $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
     python3 experiments/distill.py --teacher "$H/smol" --data-dir "$H/data" --out "$OUTDIR/kd100" \
-      --parts importance,kd --runs ${RUNS:-fkl,ce} --tokens ${KD_TOKENS:-100000000} --context 2048 > "$OUTDIR/kd100.log" 2>&1
+      --parts importance,kd --runs ${RUNS:-fkl,ce} --tokens ${KD_TOKENS:-100000000} --context 2048 \
+      --teacher-generated ${TEACHER_GEN:-0} --teacher-ratio ${TEACHER_RATIO:-0.5} \
+      --teacher-max-tokens ${TEACHER_MAX_TOKENS:-256} --teacher-cache "$H/tgen_cache" > "$OUTDIR/kd100.log" 2>&1
     grep -v Warn "$OUTDIR/kd100.log" | tail -n 6;;
   rowsweep)  # carry .gpu/wheels: the fused decode kernels at 2-16 rows, norm prologue against a separate norm launch
              # and cuBLAS, bf16 and int8, Llama-2-7B shapes (issue 13's batch 2-16)
