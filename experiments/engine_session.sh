@@ -56,8 +56,8 @@
 #   experiments/engine_session.sh autorounds   # after stash + stash2: n-gram auto + rounds beside fixed-k rounds and
 #                                              # one-round auto, against plain (issue 14), and the rounds' GPU tests
 #   experiments/engine_session.sh kd100        # after stash + stash2 (+ .gpu/corpus): the 15-layer student after
-#                                              # 100M tokens, forward KL then CE (issue 16's student goal); TEACHER_GEN=N:
-#                                              # both train on the corpus mixed with N teacher samples (our engine)
+#                                              # 100M tokens, forward KL then CE (issue 16's student goal);
+#                                              # TEACHER_GEN=N: both on the corpus mixed with N teacher samples
 #   experiments/engine_session.sh rowsweep     # carry .gpu/wheels: the fused kernels at 2-16 rows, norm prologue
 #                                              # against a separate norm launch and cuBLAS (issue 13's batch 2-16)
 #   experiments/engine_session.sh bg NAME V..  # the verbs V.. in their own process session (they outlive the call);
