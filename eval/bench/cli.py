@@ -17,7 +17,16 @@ from eval.bench.convert_gguf import convert_gguf
 from eval.bench.decode import decode
 from eval.bench.decode_profile import profile
 from eval.bench.host import host_overhead
+from eval.bench.quant import compressed_dummy_weights, engine_options as variant_options
 from eval.bench.throughput import throughput
+
+
+def _profile(args) -> None:
+    """profile, with --variant's compressed random weights (a --shape's only)."""
+    if args.variant != "bf16" and not args.shape:
+        raise SystemExit(f"profile: --variant {args.variant} compresses a --shape's random weights, not --model's")
+    with compressed_dummy_weights(args.variant):
+        profile(args, variant_options(args.variant))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     {"ceilings": lambda: ceilings(), "decode": lambda: decode(args), "throughput": lambda: throughput(args),
      "capacity": lambda: capacity(args), "agreement": lambda: agreement(args),
      "convert-gguf": lambda: convert_gguf(args), "host": lambda: host_overhead(args),
-     "profile": lambda: profile(args)}[args.cmd]()
+     "profile": lambda: _profile(args)}[args.cmd]()
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({args.cmd: RESULTS}, default=str) + "\n")

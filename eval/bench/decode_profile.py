@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from eval.bench.common import RESULTS, engine_options, log, prompts, shape_dir, timed
-from eval.bench.quant import compressed_dummy_weights, engine_options as variant_options
 
 
 def kernel_events(prof) -> list[Any]:
@@ -167,15 +166,12 @@ def profile_decode(path: str, dummy: bool, batch: int, steps: int, prompt_len: i
     return res
 
 
-def profile(args) -> None:
-    """The profile subcommand; ``--variant`` compresses a shape's random weights as eval/bench/quant.py's
-    decode rows do (its int4 kernel after "@" an engine option there too)."""
-    if args.variant != "bf16" and not args.shape:
-        raise SystemExit(f"profile: --variant {args.variant} compresses a --shape's random weights, not --model's")
+def profile(args, variant_options: dict | None = None) -> None:
+    """The profile subcommand. ``args.variant``: the shape's random weights compressed as eval/bench/quant.py's
+    decode rows (cli.py opens that context around this call, and passes the variant's engine options)."""
     path = shape_dir(args.shape) if args.shape else args.model
     label = (args.shape or os.path.basename(os.path.normpath(args.model))) + \
         ("" if args.variant == "bf16" else f":{args.variant}")
-    options = {**variant_options(args.variant), **engine_options(args.engine)}
-    with compressed_dummy_weights(args.variant):
-        RESULTS[f"profile:{label}"] = [profile_decode(path, bool(args.shape), bs, args.steps, args.prompt_len,
-                                                      args.top, args.eager, log, **options) for bs in args.batch]
+    options = {**(variant_options or {}), **engine_options(args.engine)}
+    RESULTS[f"profile:{label}"] = [profile_decode(path, bool(args.shape), bs, args.steps, args.prompt_len,
+                                                  args.top, args.eager, log, **options) for bs in args.batch]
