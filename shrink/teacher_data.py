@@ -139,13 +139,14 @@ def teacher_samples(teacher: Artifact, prompts: list[list[int]], settings: Teach
     """prompt + generated token ids per sample, from the cache when this lineage was generated before."""
     record = lineage(teacher, prompts, settings)
     entry = Path(cache_dir) / CACHE_SUBDIR / cache_key(record)
-    if (entry / LINEAGE_FILE).is_file() and (entry / DATA_FILE).is_file():
+    if _complete(entry):
         try:
             samples = torch.load(entry / DATA_FILE, weights_only=True)["samples"]
             print(f"teacher data: {len(samples)} samples reused from {entry}")
             return samples, entry
         except Exception:
             pass  # unreadable entry: regenerate it
+    damaged = entry.exists()  # ours to replace; an entry that appears from now on is another process's
     print(f"teacher data: generating {len(prompts)} samples of {settings.max_tokens} tokens with the engine "
           f"(temperature {settings.temperature}, top-p {settings.top_p}, seed {settings.seed})", flush=True)
     generated = generate(teacher, prompts, settings, device)
@@ -156,12 +157,26 @@ def teacher_samples(teacher: Artifact, prompts: list[list[int]], settings: Teach
         torch.save({"samples": samples}, tmp / DATA_FILE)
         (tmp / LINEAGE_FILE).write_text(json.dumps({**record, "generated_tokens": sum(map(len, generated))},
                                                    indent=2))
-        shutil.rmtree(entry, ignore_errors=True)  # a damaged entry of ours (checked above)
-        os.replace(tmp, entry)
+        if damaged or not _complete(entry):
+            shutil.rmtree(entry, ignore_errors=True)  # the damaged entry checked above
+            try:
+                os.replace(tmp, entry)
+            except OSError:  # another process placed its entry between the removal and this rename
+                if not _complete(entry):
+                    raise
+        if tmp.exists():  # another process of this lineage (a second training chain) finished first: its entry stays
+            print(f"teacher data: {entry} was written by another process meanwhile; kept")
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return samples, entry
+
+
+def _complete(entry: Path) -> bool:
+    """Both files of a cache entry. An entry only appears whole (os.replace of a finished folder), so a
+    new one with both files is complete; one found damaged at the start is replaced."""
+    return (entry / LINEAGE_FILE).is_file() and (entry / DATA_FILE).is_file()
 
 
 def teacher_generated_blocks(settings: TeacherDataSettings, teacher: Artifact, tokenizer: Any,

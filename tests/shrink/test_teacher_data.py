@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +115,54 @@ def test_temperature_zero_is_the_teachers_greedy_continuation_and_negative_is_na
     assert first == [list(o.token_ids) for o in argmax] and all(len(x) > 0 for x in first)
     with pytest.raises(ShrinkError, match=r"data.teacher_generated: temperature must be >= 0 \(0: greedy\)"):
         settings(temperature=-0.5).check()
+
+
+def _fake_generate(token: int):
+    def generate(teacher, prompts, s, device):
+        return [[token] * s.max_tokens for _ in prompts]
+    return generate
+
+
+def test_an_entry_another_process_wrote_meanwhile_is_kept(tiny_teacher, tmp_path):
+    """Two training chains on one cache generate the same lineage at once: the one that finishes second
+    keeps the first one's entry (neither deleted nor overwritten) and returns its own samples."""
+    teacher = Artifact.load(tiny_teacher)
+    s = settings()
+    prompts = [[5, 6, 7, 8, 9]] * 3
+
+    def racing(t, p, st, device):  # the other process finishes while this one generates
+        teacher_samples(t, p, st, tmp_path, generate=_fake_generate(11))
+        return _fake_generate(12)(t, p, st, device)
+
+    mine, entry = teacher_samples(teacher, prompts, s, tmp_path, generate=racing)
+    assert all(x[5:] == [12] * 8 for x in mine)
+    kept = torch.load(entry / "samples.pt", weights_only=True)["samples"]
+    assert all(x[5:] == [11] * 8 for x in kept)  # the other process's entry
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temporary folder left
+
+
+def test_a_rename_that_loses_the_race_keeps_the_winners_entry(tiny_teacher, tmp_path, monkeypatch):
+    """The other process's entry lands between this one's removal of a damaged entry and its rename:
+    the rename fails (the folder is not empty) and the winner's complete entry is used, not an error."""
+    import shrink.teacher_data as td
+
+    teacher = Artifact.load(tiny_teacher)
+    s = settings()
+    prompts = [[5, 6, 7, 8, 9]] * 3
+    _, entry = teacher_samples(teacher, prompts, s, tmp_path, generate=_fake_generate(11))
+    (entry / "samples.pt").write_bytes(b"damaged")  # unreadable: this call regenerates
+    winner = tmp_path / "winner"
+    shutil.copytree(entry, winner)
+    torch.save({"samples": [p + [13] * 8 for p in prompts]}, winner / "samples.pt")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == entry and not entry.exists():
+            real_replace(winner, entry)  # the other process renames first
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(td.os, "replace", replace)
+    mine, got = teacher_samples(teacher, prompts, s, tmp_path, generate=_fake_generate(12))
+    assert got == entry and all(x[5:] == [12] * 8 for x in mine)
+    assert all(x[5:] == [13] * 8 for x in torch.load(entry / "samples.pt", weights_only=True)["samples"])
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name]
