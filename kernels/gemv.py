@@ -177,6 +177,15 @@ def large_rows(m: int, weight: torch.Tensor) -> bool:
     return m > 1 and weight.numel() * weight.element_size() >= LATENCY_BYTES
 
 
+def _norm_apart(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
+                batch_invariant: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input, norm weight) for gemv / gemv_rope_store's kernel: x normalised by a launch of its own and no
+    prologue where separate_norm says so, else unchanged."""
+    if norm_weight is None or not separate_norm(x.shape[0], weight, batch_invariant):
+        return x, norm_weight
+    return _norm_launch(x, norm_weight, eps), None
+
+
 def _norm_launch(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
     """separate_norm's launch: kernels/rmsnorm.py's kernel on a GPU, its torch reference elsewhere (the
     interpreter rounds 16-bit floats wrong in that kernel; the engine's CPU path normalises in torch)."""
@@ -1155,8 +1164,7 @@ def gemv(
     assert norm_weight is None or k <= MAX_NORM_K
     if x.stride(1) != 1:
         x = x.contiguous()
-    if norm_weight is not None and separate_norm(m, weight, batch_invariant):
-        x, norm_weight = _norm_launch(x, norm_weight, eps), None
+    x, norm_weight = _norm_apart(x, weight, norm_weight, eps, batch_invariant)
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     assert out.shape == (m, n) and out.stride(1) == 1
@@ -1165,7 +1173,7 @@ def gemv(
         assert residual.shape == (m, n) and residual.stride(1) == 1
     if m == 0:
         return out
-    launch = pdl_launch_args(pdl and not large_rows(m, weight), x.device)
+    launch = pdl_launch_args(pdl and not large_rows(m, weight), x.device)  # large_rows: no PDL
     (block_m, block_n, block_k, num_warps), qargs = _launch_config(
         m, n, k, quant, qargs, fast, swiglu, config,
         lambda: (batch_invariant_config(n, k) if batch_invariant
@@ -1236,14 +1244,13 @@ def gemv_rope_store(
     assert positions.shape == (m,) and slot_mapping.shape[0] >= m
     if x.stride(1) != 1:
         x = x.contiguous()
-    if norm_weight is not None and separate_norm(m, weight, batch_invariant):
-        x, norm_weight = _norm_launch(x, norm_weight, eps), None
+    x, norm_weight = _norm_apart(x, weight, norm_weight, eps, batch_invariant)
     if out is None:
         out = torch.empty(m, num_heads * head_dim, dtype=x.dtype, device=x.device)
     assert out.shape == (m, num_heads * head_dim) and out.stride(1) == 1
     if m == 0:
         return out
-    launch = pdl_launch_args(pdl and not large_rows(m, weight), x.device)
+    launch = pdl_launch_args(pdl and not large_rows(m, weight), x.device)  # large_rows: no PDL
     (block_m, block_pairs, block_k, num_warps), qargs = _launch_config(
         m, n // 2, k, quant, qargs, fast, True, config,
         lambda: gemv_rope_store_config(SMALL_M if batch_invariant else m, n, k, pdl=launch["PDL"],
