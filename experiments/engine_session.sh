@@ -60,6 +60,10 @@
 #                                              # TEACHER_GEN=N: both on the corpus mixed with N teacher samples
 #   experiments/engine_session.sh rowsweep     # carry .gpu/wheels: the fused kernels at 2-16 rows, norm prologue
 #                                              # against a separate norm launch and cuBLAS (issue 13's batch 2-16)
+#   experiments/engine_session.sh tgenwait     # in a chain: waits for another chain's cached teacher samples (kd100)
+#   experiments/engine_session.sh gqatg        # after tgenwait: the GQA budget curve on the corpus + teacher samples
+#   experiments/engine_session.sh dvw          # after stash + stash2 (+ corpus): depth vs width at equal parameters
+#   experiments/engine_session.sh s17          # carry .gpu/wheels: 7B verify cost, int8 / int4 b1 profiles, 2:4 + int4 tiles
 #   experiments/engine_session.sh bg NAME V..  # the verbs V.. in their own process session (they outlive the call);
 #                                              # `collect` (COLLECT_S) waits for every chain and fetches $H/bg
 set -uo pipefail
@@ -376,6 +380,33 @@ case "${1:?verb}" in
       --teacher-generated ${TEACHER_GEN:-0} --teacher-ratio ${TEACHER_RATIO:-0.5} \
       --teacher-max-tokens ${TEACHER_MAX_TOKENS:-256} --teacher-cache "$H/tgen_cache" > "$OUTDIR/kd100.log" 2>&1
     grep -v Warn "$OUTDIR/kd100.log" | tail -n 6;;
+  tgenwait)  # in a chain after another chain's kd100 with TEACHER_GEN: until its samples are cached (an entry
+             # appears whole, by a rename: its samples.pt is complete), at most TGEN_WAIT_S (1200)
+    for _ in $(seq 1 $(( ${TGEN_WAIT_S:-1200} / 5 ))); do ls "$H"/tgen_cache/teacher_data/*/samples.pt > /dev/null 2>&1 \
+      && break; sleep 5; done; ls -d "$H"/tgen_cache/teacher_data/*/;;
+  gqatg)  # after tgenwait: the GQA budget curve (GQA_TOKENS, default 1M 10M 50M; GQA_INITS svd) on the corpus mixed
+          # with the cached teacher samples at TEACHER_RATIO (0.5), WikiText-2 on the reference protocol (issue 16 item 5)
+    assemble; [ -d "$H/smol" ] || $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
+    E=$(ls -d "$H"/tgen_cache/teacher_data/*/ | head -n 1)
+    python3 experiments/gqa.py --model "$H/smol" --data-dir "$H/data" --out "$OUTDIR/gqa_tg" \
+      --tokens ${GQA_TOKENS:-1000000 10000000 50000000} --inits ${GQA_INITS:-svd} --teacher-samples "$E" \
+      --teacher-ratio ${TEACHER_RATIO:-0.5} > "$OUTDIR/gqa_tg.log" 2>&1; grep -v Warn "$OUTDIR/gqa_tg.log" | tail -n 8;;
+  dvw)  # after stash + stash2 (+ .gpu/corpus): depth against width at equal parameters (issue 16 item 2), each
+        # student distilled DVW_TOKENS (10M) by the distill stage, from an imported teacher artifact
+    assemble; T="$H/imp/teacher"; [ -f "$T/shrink.json" ] || python3 -m shrink stage=import \
+      teacher.source="$H/t/smol.gguf" run="$H/imp" logging=none > "$OUTDIR/import.log" 2>&1
+    timeout ${DVW_S:-900} python3 experiments/depth_vs_width.py --teacher "$T" --data-dir "$H/data" --out "$H/dvw" \
+      --tokens ${DVW_TOKENS:-10000000} > "$OUTDIR/dvw.log" 2>&1; grep -v Warn "$OUTDIR/dvw.log" | tail -n 8
+    cp "$H/dvw/results.jsonl" "$OUTDIR/dvw_results.jsonl";;  # the students' weights stay on the machine
+  s17)  # carry .gpu/wheels: the 7B verify after the PDL change (issue 14's <= 1.15x), where the 7B decode's time goes
+        # at batch 1 for int8 and int4 (issue 13), and the 2:4 + int4 M = 1 GEMV's tiles (FAST_CANDIDATES, issue 13)
+    timeout ${VERIFY_S:-150} python3 experiments/spec_bench.py --json "$OUTDIR/verify_cost.jsonl" verify-cost \
+      --shape llama2-7b --context 512 2048 > "$OUTDIR/verify_cost.log" 2>&1; tail -n 6 "$OUTDIR/verify_cost.log"
+    for v in ${PROF_VARIANTS:-int8 int4_g128@triton sparse24_int4_g128}; do timeout ${PROF_S:-90} $B profile --shape llama2-7b --batch 1 --steps 64 \
+      --top 14 --variant $v > "$OUTDIR/profile_$v.log" 2>&1; grep -v Warn "$OUTDIR/profile_$v.log" | tail -n 16; done
+    timeout ${SWEEP_S:-200} python3 experiments/sparse24_gemv_sweep.py --formats int4_g128 --m 1 --paths fast \
+      --budget-s ${SP24_BUDGET_S:-120} --json "$OUTDIR/sp24_m1.jsonl" > "$OUTDIR/sp24_m1.log" 2>&1
+    grep '"suggest"' "$OUTDIR/sp24_m1.jsonl" | cut -c1-200;;
   rowsweep)  # carry .gpu/wheels: the fused decode kernels at 2-16 rows, norm prologue against a separate norm launch
              # and cuBLAS, bf16 and int8, Llama-2-7B shapes (issue 13's batch 2-16)
     timeout ${ROWS_S:-420} python3 experiments/gemv_sweep.py --model llama2-7b --m 2 8 16 --json "$OUTDIR/rows.jsonl" \

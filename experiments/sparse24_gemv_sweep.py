@@ -52,8 +52,8 @@ FORMATS = ["bf16", "int4_g128"]
 SELECT_CANDIDATES = [(16, 2048, 4), (8, 4096, 4), (4, 4096, 4), (16, 1024, 4), (8, 1024, 4), (32, 1024, 4),
                      (16, 2048, 8), (4, 2048, 4), (64, 256, 4)]
 DOT_CANDIDATES = [(32, 128, 4), (16, 128, 4), (64, 64, 4), (32, 256, 4), (128, 128, 8), (16, 64, 4)]
-FAST_CANDIDATES = [(4, 4096, 2), (8, 2048, 4), (16, 2048, 4), (4, 4096, 4), (8, 4096, 8), (16, 1024, 4),
-                   (4, 8192, 4)]
+FAST_CANDIDATES = [(4, 4096, 4), (4, 4096, 2), (8, 2048, 4), (16, 2048, 4), (8, 4096, 8), (16, 1024, 4),
+                   (4, 8192, 4), (4, 2048, 4), (8, 4096, 4), (2, 8192, 4), (4, 4096, 8), (2, 4096, 2)]
 # "mma": (BLOCK_N, BLOCK_K, num_warps, num_stages), int4_mma_sweep's tiles, SPLIT_K per case (mma_config)
 MMA_CANDIDATES = list(MMA_TILES[:6])
 DEFAULTS = {"select": SELECT_CONFIG, "dot": DOT_CONFIG, "fast": FAST_CONFIG, "fast_rows": FAST_CONFIG,
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--m", nargs="+", type=int, default=[1, 2, 4, 8, 16], help="batch rows (1..16)")
+    ap.add_argument("--paths", nargs="+", default=None, choices=list(DEFAULTS),
+                    help="only these sparse paths (default: every path M takes)")
     ap.add_argument("--budget-s", type=float, default=25.0, help="seconds of tile sweeping after the fixed rows")
     ap.add_argument("--json", default=None, help="also write the JSON lines to this file")
     ap.add_argument("--dry-run", action="store_true",
@@ -201,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
                     paths = ["dot"] if m > 1 else ["select"]
                 else:
                     paths = ["dot", "fast_rows", "mma"] if m > 1 else ["select", "fast", "mma"]
+                paths = [p for p in paths if args.paths is None or p in args.paths]
                 for path in paths:
                     def timer(config=None, x=x, weights=weights, mma_weights=mma_weights, want=want, path=path):
                         if path == "mma":

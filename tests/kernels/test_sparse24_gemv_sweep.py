@@ -81,3 +81,22 @@ def test_dry_run_on_cpu(tmp_path):
                 ("sparse24_int4_g128", "mma", shape), ("int4_g128", "gemv_int4", shape),
                 ("int4_g128", "int4_mma", shape), ("dense_bf16", "cublas", shape)} <= got, got
     assert recs[0]["kind"] == "ceiling" and recs[-1]["kind"] == "done"
+
+
+def test_paths_restricts_the_sparse_paths(tmp_path):
+    """--paths fast: at M == 1 only the fast 2:4 path runs (no select, no mma), the dense baselines stay."""
+    import experiments.sparse24_gemv_sweep as sweep
+
+    out = tmp_path / "fast.jsonl"
+    try:
+        sweep.main(["--dry-run", "--m", "1", "--formats", "int4_g128", "--paths", "fast", "--budget-s", "0",
+                    "--json", str(out)])
+    finally:
+        import importlib
+
+        importlib.reload(sweep)
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    sparse = {r["path"] for r in recs if r["kind"] == "measure" and r["format"].startswith("sparse24")}
+    assert sparse == {"fast"}
+    assert {r["path"] for r in recs if r["kind"] == "suggest"} == {"fast"}
+    assert any(r["kind"] == "measure" and r["format"] == "int4_g128" and "seconds" in r for r in recs)
