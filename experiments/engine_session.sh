@@ -402,11 +402,12 @@ case "${1:?verb}" in
         # at batch 1 for int8 and int4 (issue 13), and the 2:4 + int4 M = 1 GEMV's tiles (FAST_CANDIDATES, issue 13)
     timeout ${VERIFY_S:-150} python3 experiments/spec_bench.py --json "$OUTDIR/verify_cost.jsonl" verify-cost \
       --shape llama2-7b --context 512 2048 > "$OUTDIR/verify_cost.log" 2>&1; tail -n 6 "$OUTDIR/verify_cost.log"
-    for v in ${PROF_VARIANTS:-int8 int4_g128@triton sparse24_int4_g128}; do timeout ${PROF_S:-90} $B profile --shape llama2-7b --batch 1 --steps 64 \
-      --top 14 --variant $v > "$OUTDIR/profile_$v.log" 2>&1; grep -v Warn "$OUTDIR/profile_$v.log" | tail -n 16; done
     timeout ${SWEEP_S:-200} python3 experiments/sparse24_gemv_sweep.py --formats int4_g128 --m 1 --paths fast \
       --budget-s ${SP24_BUDGET_S:-120} --json "$OUTDIR/sp24_m1.jsonl" > "$OUTDIR/sp24_m1.log" 2>&1
-    grep '"suggest"' "$OUTDIR/sp24_m1.jsonl" | cut -c1-200;;
+    grep '"suggest"' "$OUTDIR/sp24_m1.jsonl" | cut -c1-200
+    for v in ${PROF_VARIANTS:-int8 int4_g128@triton sparse24_int4_g128}; do
+      timeout ${PROF_S:-90} $B profile --shape llama2-7b --batch 1 --steps 64 --top 14 --variant $v \
+        > "$OUTDIR/profile_$v.log" 2>&1; grep -v Warn "$OUTDIR/profile_$v.log" | tail -n 16; done;;
   rowsweep)  # carry .gpu/wheels: the fused decode kernels at 2-16 rows, norm prologue against a separate norm launch
              # and cuBLAS, bf16 and int8, Llama-2-7B shapes (issue 13's batch 2-16)
     timeout ${ROWS_S:-420} python3 experiments/gemv_sweep.py --model llama2-7b --m 2 8 16 --json "$OUTDIR/rows.jsonl" \
