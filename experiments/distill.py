@@ -47,7 +47,7 @@ from shrink.stages.distill import TaskData, TaskDataSpec, load_task_data  # noqa
 from shrink.stages.gqa import measure_ppl  # noqa: E402
 from shrink.teacher_data import LINEAGE_FILE, TeacherDataSettings, teacher_generated_blocks  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
-from train.data import CORPUS_FILE, budget_blocks, mix_generated, pack  # noqa: E402
+from train.data import CORPUS_FILE, budget_blocks, mix_to_budget  # noqa: E402
 
 T0 = time.time()
 PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16
@@ -138,19 +138,12 @@ def cleanup(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def block_keys(blocks: torch.Tensor) -> torch.Tensor:
-    """One int64 fingerprint per block (a fixed random projection, wrapping): equal blocks, equal keys."""
-    w = torch.randint(-2**62, 2**62, (blocks.shape[1],), generator=torch.Generator().manual_seed(0))
-    return blocks.long() @ w
-
-
 def teacher_mix(train: torch.Tensor, tokenizer, args, device) -> tuple[torch.Tensor, dict]:
     """kd's training blocks with the teacher's samples (issue 16, item 1: the corpus' ~11.4M tokens repeat
     ~9 times in 100M). The samples come from the teacher through our engine (shrink/teacher_data.py, the
     distill stage's code), generated once and cached by lineage under --teacher-cache, and fill
-    --teacher-ratio of the blocks (train.data.mix_generated). The mix has the budget's block count (the
-    corpus repeated to it, as training would repeat it) so that the samples are not cut to the corpus'
-    size. What is recorded is measured on the mix: its generated blocks and distinct tokens."""
+    --teacher-ratio of the blocks of the budget (train.data.mix_to_budget, which experiments/gqa.py
+    --teacher-samples uses on the same cache entry). What is recorded is measured on the mix."""
     settings = teacher_data_settings(args)
     teacher_art = Artifact.from_model_dir(args.teacher)
     cache = Path(args.teacher_cache) if args.teacher_cache else Path(args.out) / "cache"
@@ -158,22 +151,9 @@ def teacher_mix(train: torch.Tensor, tokenizer, args, device) -> tuple[torch.Ten
     samples, info = teacher_generated_blocks(settings, teacher_art, tokenizer, train, cache, str(device))
     secs = time.time() - t
     cleanup(device)  # the engine's KV cache
-    n_blocks = max(train.shape[0], math.ceil(args.tokens / args.block_size))
-    corpus = train.repeat(math.ceil(n_blocks / train.shape[0]), 1)[:n_blocks]
-    mixed = mix_generated(corpus, samples, settings.ratio, tokenizer.eos_token_id, settings.seed)
-    generated = pack(samples, args.block_size, tokenizer.eos_token_id)
-    keys, generated_keys = block_keys(mixed), set(block_keys(generated).tolist())
-    is_generated = torch.tensor([k in generated_keys for k in keys.tolist()], dtype=torch.bool)
-
-    def distinct_tokens(k: torch.Tensor) -> int:
-        return int(torch.unique(k).numel()) * args.block_size
-
+    mixed, stats = mix_to_budget(train, samples, settings.ratio, args.tokens, tokenizer.eos_token_id, settings.seed)
     entry = Path(info["teacher_data"])
-    row = {**info, "lineage": json.loads((entry / LINEAGE_FILE).read_text()), "generate_or_load_s": secs,
-           "blocks": n_blocks, "generated_blocks": int(is_generated.sum()),
-           "generated_share": float(is_generated.float().mean()), "generated_blocks_available": generated.shape[0],
-           "distinct_tokens": distinct_tokens(keys), "distinct_corpus_tokens": distinct_tokens(keys[~is_generated]),
-           "distinct_generated_tokens": distinct_tokens(keys[is_generated])}
+    row = {**info, "lineage": json.loads((entry / LINEAGE_FILE).read_text()), "generate_or_load_s": secs, **stats}
     return mixed, row
 
 

@@ -12,6 +12,7 @@ import codecs
 import gzip
 import hashlib
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -259,3 +260,35 @@ def mix_generated(train: torch.Tensor, samples: list[list[int]], ratio: float, e
     corpus_rows = torch.randperm(n_total, generator=g)[: n_total - n_gen]
     mixed = torch.cat([train[corpus_rows], generated[gen_rows]])
     return mixed[torch.randperm(n_total, generator=g)]
+
+
+def block_keys(blocks: torch.Tensor) -> torch.Tensor:
+    """One int64 fingerprint per block (a fixed random projection, wrapping): equal blocks, equal keys."""
+    w = torch.randint(-2**62, 2**62, (blocks.shape[1],), generator=torch.Generator().manual_seed(0))
+    return blocks.long() @ w
+
+
+def mix_to_budget(train: torch.Tensor, samples: list[list[int]], ratio: float, n_tokens: int, eos_id: int,
+                  seed: int) -> tuple[torch.Tensor, dict]:
+    """Training blocks for a token budget with `ratio` of them generated (mix_generated), and what to
+    record of the mix. The mix has the budget's block count, the corpus repeated to it as training would
+    repeat it (issue 16: the corpus' ~11.4M tokens repeat ~9 times in 100M), so that the samples are not
+    cut to the corpus' size; never fewer blocks than the corpus has. The stats are measured on the mix:
+    its generated blocks (by block fingerprint) and its distinct tokens, corpus and generated apart.
+    Shared by experiments/distill.py and experiments/gqa.py, so both train on the same mix."""
+    block_size = train.shape[1]
+    n_blocks = max(train.shape[0], math.ceil(n_tokens / block_size))
+    corpus = train.repeat(math.ceil(n_blocks / train.shape[0]), 1)[:n_blocks]
+    mixed = mix_generated(corpus, samples, ratio, eos_id, seed)
+    generated = pack(samples, block_size, eos_id)
+    keys, generated_keys = block_keys(mixed), set(block_keys(generated).tolist())
+    is_generated = torch.tensor([k in generated_keys for k in keys.tolist()], dtype=torch.bool)
+
+    def distinct_tokens(k: torch.Tensor) -> int:
+        return int(torch.unique(k).numel()) * block_size
+
+    stats = {"blocks": n_blocks, "generated_blocks": int(is_generated.sum()),
+             "generated_share": float(is_generated.float().mean()), "generated_blocks_available": generated.shape[0],
+             "distinct_tokens": distinct_tokens(keys), "distinct_corpus_tokens": distinct_tokens(keys[~is_generated]),
+             "distinct_generated_tokens": distinct_tokens(keys[is_generated])}
+    return mixed, stats

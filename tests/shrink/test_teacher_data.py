@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -12,8 +13,8 @@ import torch
 
 from common.errors import ShrinkError
 from shrink.artifacts import Artifact
-from shrink.teacher_data import (LINEAGE_FILE, TeacherDataSettings, build_prompts, engine_generate,
-                                 teacher_samples)
+from shrink.teacher_data import (DATA_FILE, LINEAGE_FILE, TeacherDataSettings, build_prompts, engine_generate,
+                                 load_entry, teacher_samples)
 
 
 def settings(**overrides) -> TeacherDataSettings:
@@ -166,3 +167,23 @@ def test_a_rename_that_loses_the_race_keeps_the_winners_entry(tiny_teacher, tmp_
     assert got == entry and all(x[5:] == [12] * 8 for x in mine)
     assert all(x[5:] == [13] * 8 for x in torch.load(entry / "samples.pt", weights_only=True)["samples"])
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]
+
+
+def test_load_entry_returns_the_samples_and_refuses_a_wrong_count_or_token(tiny_teacher, tmp_path):
+    """An entry reused by another experiment (experiments/gqa.py --teacher-samples) is verified: the samples
+    and lineage that teacher_samples wrote come back; a count other than the lineage's, an empty sample or an
+    id beyond the vocabulary is named."""
+    teacher = Artifact.load(tiny_teacher)
+    prompts = [[5, 6, 7, 8, 9]] * 3
+    written, entry = teacher_samples(teacher, prompts, settings(), tmp_path, generate=_fake_generate(11))
+    samples, record = load_entry(entry, teacher, vocab_size=12)
+    assert samples == written and record == json.loads((entry / LINEAGE_FILE).read_text())
+    with pytest.raises(ShrinkError, match=r"sample 0 is not a non-empty list of token ids in \[0, 11\)"):
+        load_entry(entry, teacher, vocab_size=11)
+    for bad, match in (([[5]] * 2, "holds 2 samples, lineage.json counts 3"), ([[5], [], [5]], "sample 1")):
+        torch.save({"samples": bad}, entry / DATA_FILE)
+        with pytest.raises(ShrinkError, match=match):
+            load_entry(entry, teacher)
+    (entry / LINEAGE_FILE).unlink()
+    with pytest.raises(ShrinkError, match=f"{re.escape(str(entry))}: lineage.json is missing"):
+        load_entry(entry, teacher)

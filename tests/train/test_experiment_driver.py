@@ -96,6 +96,12 @@ def test_teacher_mix_repeats_the_corpus_to_the_budget_and_bad_flags_are_named(ti
     assert sum(from_corpus) == 20 and row["distinct_corpus_tokens"] == len({tuple(x) for x in mixed.tolist()
                                                                              if tuple(x) in corpus_rows}) * 64
     assert row["generated_blocks_available"] > 10  # more generated blocks than the corpus has: all of them used
+    from shrink.teacher_data import DATA_FILE
+    from train.data import mix_generated
+
+    samples = torch.load(Path(row["teacher_data"]) / DATA_FILE, weights_only=True)["samples"]
+    eos = load_tokenizer(tiny_teacher).eos_token_id  # the blocks distill.py mixed before train.data.mix_to_budget
+    assert torch.equal(mixed, mix_generated(corpus.repeat(4, 1), samples, 0.5, eos, args.seed))
     assert row["distinct_generated_tokens"] == min(20, row["generated_blocks_available"]) * 64
     for bad, name in ((["--teacher-ratio", "1.5"], "ratio"), (["--teacher-ratio", "0"], "ratio"),
                       (["--teacher-max-tokens", "0"], "max_tokens"), (["--teacher-generated", "-1"], "generated")):
