@@ -63,6 +63,7 @@
 #   experiments/engine_session.sh tgenwait     # in a chain: waits for another chain's cached teacher samples (kd100)
 #   experiments/engine_session.sh gqatg        # after tgenwait: the GQA budget curve on the corpus + teacher samples
 #   experiments/engine_session.sh dvw          # after stash + stash2 (+ corpus): depth vs width at equal parameters
+#   experiments/engine_session.sh q24          # carry .gpu/wheels: bf16, int8, int4, 2:4 + int4 7B decode at b1 / b16
 #   experiments/engine_session.sh s17          # carry .gpu/wheels: 7B verify cost, int8 / int4 b1 profiles, 2:4 + int4 tiles
 #   experiments/engine_session.sh bg NAME V..  # the verbs V.. in their own process session (they outlive the call);
 #                                              # `collect` (COLLECT_S) waits for every chain and fetches $H/bg
@@ -398,6 +399,10 @@ case "${1:?verb}" in
     timeout ${DVW_S:-900} python3 experiments/depth_vs_width.py --teacher "$T" --data-dir "$H/data" --out "$H/dvw" \
       --tokens ${DVW_TOKENS:-10000000} > "$OUTDIR/dvw.log" 2>&1; grep -v Warn "$OUTDIR/dvw.log" | tail -n 8
     cp "$H/dvw/results.jsonl" "$OUTDIR/dvw_results.jsonl";;  # the students' weights stay on the machine
+  q24)  # carry .gpu/wheels: every weight-only format's 7B decode at batch 1 and 16, bf16 first, one process (issue 13)
+    timeout ${QUANT_S:-300} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_24.jsonl" --batch 1 16 \
+      --only bf16 int8 int4_g128@triton sparse24_int4_g128 > "$OUTDIR/quant_24.log" 2>&1
+    grep -v Warn "$OUTDIR/quant_24.log" | tail -n 12;;
   s17)  # carry .gpu/wheels: the 7B verify after the PDL change (issue 14's <= 1.15x), where the 7B decode's time goes
         # at batch 1 for int8 and int4 (issue 13), and the 2:4 + int4 M = 1 GEMV's tiles (FAST_CANDIDATES, issue 13)
     timeout ${VERIFY_S:-150} python3 experiments/spec_bench.py --json "$OUTDIR/verify_cost.jsonl" verify-cost \
