@@ -90,16 +90,14 @@ UNIT = 32  # dense inputs per meta word: 8 groups of 4
 # tl.dot one.
 SELECT_CONFIG = (8, 2048, 4)
 DOT_CONFIG = (64, 128, 4)
-# The "fast" path's (BLOCK_N, BLOCK_K, num_warps) by K, from the H200 sweep of 12 tiles at M == 1
-# (experiments/sparse24_gemv_sweep.py --formats int4_g128 --m 1 --paths fast, benchmarks/
-# 2026-11-30-h200x2-s17/g0/sp24_m1.jsonl): at K <= FAST_SHORT_K (Llama-2-7B's qkv, o_proj, gate_up)
-# four columns a program, 12.2 / 5.9 / 20.2 us against 13.9 / 6.2 / 22.5 at the eight of
-# kernels/gemv.py's int4 tile, which stays best at K 11008 (down: 11.4 us; 16 columns 11.4, four 12.6);
-# the four shapes' sum 49.8 us against 54.0. Fewer columns a program where N leaves fewer than
-# FAST_MIN_PROGRAMS programs. BLOCK_K 4096 spills in the two-step loop (80-136 bytes at K 11008:
-# sparse24_sass_count).
+# The "fast" path's (BLOCK_N, BLOCK_K, num_warps): kernels/gemv.py's int4 tile; fewer columns per
+# program where N leaves fewer than FAST_MIN_PROGRAMS programs. BLOCK_K 4096 spills in the two-step
+# loop (80-136 bytes at K 11008: sparse24_sass_count). An H200 sweep of 12 tiles at M == 1
+# (benchmarks/2026-11-30-h200x2-s17/g0/sp24_m1.jsonl) timed four columns a program faster on the
+# unfused kernel at K 4096 (the 7B's four shapes 49.8 us against 54.0), but with it the engine's fused
+# batch-1 forward (norm prologue, SwiGLU and rotary at half the columns) took 2,243 us against ~2,000
+# and the 7B decode fell from 476-491 to 433 tok/s (BENCHMARKS.md, seventeenth session): not kept.
 FAST_CONFIG = (8, 2048, 4)
-FAST_SHORT_K, FAST_SHORT_K_CONFIG = 4096, (4, 2048, 4)
 PATHS = ("select", "dot", "fast", "fast_rows")
 
 
@@ -632,11 +630,10 @@ def sparse24_gemv(x: torch.Tensor, kept: torch.Tensor, meta: torch.Tensor, scale
 
 
 def _fast_config(n: int, k: int, two: bool, config: tuple[int, int, int] | None) -> tuple[int, int, int]:
-    """The fast path's (BLOCK_N, BLOCK_K, num_warps): ``config`` or the default for K (FAST_CONFIG,
-    FAST_SHORT_K_CONFIG up to FAST_SHORT_K inputs), half the columns where a program reads two row
-    sets (``two``: SwiGLU, rotary pairs), K steps no wider than K, fewer columns per program where N
-    would leave fewer than FAST_MIN_PROGRAMS programs."""
-    block_n, block_k, warps = config or (FAST_SHORT_K_CONFIG if k <= FAST_SHORT_K else FAST_CONFIG)
+    """The fast path's (BLOCK_N, BLOCK_K, num_warps): ``config`` or FAST_CONFIG, half the columns
+    where a program reads two row sets (``two``: SwiGLU, rotary pairs), K steps no wider than K,
+    fewer columns per program where N would leave fewer than FAST_MIN_PROGRAMS programs."""
+    block_n, block_k, warps = config or FAST_CONFIG
     if two and config is None:
         block_n = max(1, block_n // 2)
     block_k = max(16, min(block_k, next_pow2(k)))

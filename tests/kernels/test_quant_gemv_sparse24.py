@@ -239,18 +239,6 @@ def test_sparse24_int4_fast_path_matches_fp32_reference(group, zero, dtype):
     torch.testing.assert_close(sparse24_gemv(x, *args), sparse24_gemv(x, *args, path="fast"), rtol=0, atol=0)
 
 
-def test_fast_path_default_tile_by_k():
-    """The fast path's default tile follows K as the H200 sweep chose (kernels/quant_gemv.py): four columns a
-    program up to FAST_SHORT_K inputs, eight above; two row sets (SwiGLU, rotary) halve it; an explicit tile wins."""
-    from kernels import quant_gemv as qg
-
-    short, long_ = qg.FAST_SHORT_K_CONFIG, qg.FAST_CONFIG
-    assert qg._fast_config(22016, 4096, False, None)[:2] == short[:2]
-    assert qg._fast_config(4096, 11008, False, None)[:2] == long_[:2]
-    assert qg._fast_config(11008, 4096, True, None)[:2] == (short[0] // 2, short[1])
-    assert qg._fast_config(22016, 4096, False, (16, 1024, 4))[:2] == (16, 1024)
-
-
 def test_sparse24_int4_fast_path_no_bias_unaligned_x():
     """Without bias and with x off a 4-byte boundary (read as int32 words: copied first)."""
     packed, meta, scale, _ = sparse24_int4_weight(24, 256, 64, False, seed=11)
