@@ -157,8 +157,9 @@ def verify(
 ) -> VerifiedTokens:
     """One verify step for a batch mixing greedy and sampling rows. target_logits [B, k+1, V] are the
     target's raw (fp32) logits at the k+1 positions; draft_probs [B, k, V] the drafter's processed
-    probabilities (None: one-hot, e.g. n-gram); ``seeded`` as for rejection_sample. Greedy rows take the argmax of the raw logits, as
-    the plain sampler does; which path runs is decided from ``params`` on the host."""
+    probabilities (None: one-hot, e.g. n-gram); ``seeded`` as for rejection_sample. Greedy rows take
+    the argmax of the raw logits, as the plain sampler does; which path runs is decided from
+    ``params`` on the host."""
     greedy = [p.greedy for p in params]
     if all(greedy):
         return greedy_verify(draft_token_ids, num_draft, target_logits.argmax(dim=-1))
