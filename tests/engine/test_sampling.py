@@ -229,6 +229,34 @@ def test_seeded_rows_of_sequences_and_their_errors():
         SeededRows.of([SamplingParams(seed=1)], None, torch.device("cpu"))
 
 
+@pytest.mark.gpu
+def test_seeded_draws_on_cuda_equal_the_cpus_and_never_wait_for_the_device():
+    """The int64 mixer gives the same bits on the GPU (wrapping products, masked shifts); a mixed
+    batch of greedy, unseeded and seeded rows samples without a device sync."""
+    dev = torch.device("cuda")
+    seeds = torch.tensor([0, 1, -1, 2**62 + 5, -(2**63), 123456789], dtype=torch.int64)
+    counters = torch.arange(0, 3000, 7, dtype=torch.int64)
+    cpu = counter_uniforms(seeds[:, None], counters[None, :])
+    assert torch.equal(counter_uniforms(seeds[:, None].to(dev), counters[None, :].to(dev)).cpu(), cpu)
+    v = 49152
+    js = torch.tensor([0, 5, v // 3, v - 2, v - 1])
+    probs = torch.full((len(js), v), 1.0 / v, device=dev)
+    assert inverse_cdf(probs, ((js.double() + 0.5) / v).to(dev)).tolist() == js.tolist()
+    b = 64
+    logits = torch.randn(b, 32000, device=dev)
+    params = [SamplingParams(temperature=0.0) if i % 4 == 0 else
+              SamplingParams(temperature=0.9, top_p=0.95, seed=i if i % 2 else None) for i in range(b)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = sample(logits, params, SeededRows.of(params, list(range(b)), dev))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    again = sample(logits, params, SeededRows.of(params, list(range(b)), dev))
+    seeded = [i for i, p in enumerate(params) if p.seed is not None]
+    assert tokens[seeded].tolist() == again[seeded].tolist()
+
+
 # -- stopping -------------------------------------------------------------------------------------
 def test_max_tokens_and_stop_token_ids(llm):
     p = prompts(1, seed=13, lo=10, hi=11)[0]

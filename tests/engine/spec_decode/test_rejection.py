@@ -334,12 +334,14 @@ def test_verify_never_waits_for_the_device():
     draft = torch.randint(0, v, (b, k), device=dev)
     n = torch.tensor([4, 0, 2, 4, 1, 3, 4, 4], device=dev)
     params = [SamplingParams(temperature=0 if i % 3 == 0 else 0.8, top_k=50 if i % 2 else 0) for i in range(b)]
-    gens = [torch.Generator(device=dev).manual_seed(i) if i % 2 else None for i in range(b)]
+    params = [SamplingParams(temperature=p.temperature, top_k=p.top_k, seed=i if i % 2 else None)
+              for i, p in enumerate(params)]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        res = verify(draft, n, logits, params, q, gens)
-        one_hot = rejection_sample(draft, n, processed_probs(logits, params), None, gens)
+        seeded = SeededRows.of(params, [3 * i for i in range(b)], dev)
+        res = verify(draft, n, logits, params, q, seeded)
+        one_hot = rejection_sample(draft, n, processed_probs(logits, params), None, seeded)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(1 <= len(r) <= k + 1 for r in res.to_lists() + one_hot.to_lists())
