@@ -104,7 +104,8 @@ def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tenso
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """probs [m, V] (>= 0, not necessarily normalised, a positive entry per row), u [m] uniforms in
     [0, 1) -> [m] int64: the first token whose cumulative mass exceeds u * total. The cumsum is
-    float64 (fp32 over a 49k vocabulary drifts by about 1e-4 of the mass); a token is picked only
+    float64 (an fp32 running sum's error bound over 49k terms, about V * 2**-24 = 3e-3 of the mass,
+    is many tokens' share); a token is picked only
     where the cumsum rises, so never one with probability 0, and the target is kept below the total
     so that rounding of u * total never runs past the last token."""
     cdf = probs.double().cumsum(dim=-1)
@@ -174,6 +175,13 @@ class SeededRows:
         return counter_uniforms(self.seeds.view(-1, *([1] * (counters.dim() - 1))), counters)
 
 
+def check_seeded(params: Seq[SamplingParams], seeded: SeededRows | None) -> None:
+    """A sampled row with a seed but no SeededRows would draw from the global generator, silently
+    irreproducible: an error instead."""
+    if seeded is None and any(p.seed is not None and not p.greedy for p in params):
+        raise ValueError("rows with a seed need their SeededRows (SeededRows.of(params, positions, device))")
+
+
 def seeded_rows(seqs: Seq[Sequence], device: torch.device, steps: int = 1) -> SeededRows | None:
     """SeededRows of ``steps`` rows per sequence, row i * steps + j drawing sequence i's output
     token num_output_tokens + j (steps > 1: a drafter's k proposals in one batch)."""
@@ -205,6 +213,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeded: SeededRow
     tokens = logits.argmax(dim=-1)
     if all(p.greedy for p in params):  # decided on the host: no device sync
         return tokens
+    check_seeded(params, seeded)
     greedy = device_tensor([p.greedy for p in params], device)
     temps = device_tensor([p.temperature if not p.greedy else 1.0 for p in params], device, logits.dtype)
     top_k = device_tensor([max(p.top_k, 0) for p in params], device)

@@ -16,7 +16,7 @@ from typing import Sequence as Seq
 
 import torch
 
-from engine.layers.sampler import DRAW_DRAFT, SeededRows, device_tensor, draw
+from engine.layers.sampler import DRAW_DRAFT, SeededRows, check_seeded, device_tensor, draw
 from engine.sampling_params import SamplingParams
 from engine.spec_decode.rejection import processed_probs
 
@@ -30,6 +30,7 @@ def sample_draft(
     tokens = logits.argmax(dim=-1)
     if all(p.greedy for p in params):
         return tokens, None
+    check_seeded(params, seeded)
     q = processed_probs(logits[:, None], params)[:, 0]
     drawn = draw(q, seeded, DRAW_DRAFT, offset)
     greedy = device_tensor([p.greedy for p in params], logits.device)

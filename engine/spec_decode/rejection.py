@@ -25,7 +25,7 @@ from typing import Sequence as Seq
 
 import torch
 
-from engine.layers.sampler import DRAW_ACCEPT, SeededRows, device_tensor, draw, filter_logits
+from engine.layers.sampler import DRAW_ACCEPT, SeededRows, check_seeded, device_tensor, draw, filter_logits
 from engine.sampling_params import SamplingParams
 
 PLACEHOLDER = -1  # token_ids entries past a row's emitted tokens
@@ -163,6 +163,7 @@ def verify(
     greedy = [p.greedy for p in params]
     if all(greedy):
         return greedy_verify(draft_token_ids, num_draft, target_logits.argmax(dim=-1))
+    check_seeded(params, seeded)
     sampled = rejection_sample(draft_token_ids, num_draft, processed_probs(target_logits, params), draft_probs,
                                seeded)
     if not any(greedy):

@@ -227,6 +227,8 @@ def test_seeded_rows_of_sequences_and_their_errors():
     assert big.seeds.tolist() == [-1]  # the same 64 bits
     with pytest.raises(ValueError, match="output position"):
         SeededRows.of([SamplingParams(seed=1)], None, torch.device("cpu"))
+    with pytest.raises(ValueError, match="SeededRows"):  # not a silent draw from the global generator
+        sample(torch.zeros(1, 4), [SamplingParams(seed=1)])
 
 
 @pytest.mark.gpu
