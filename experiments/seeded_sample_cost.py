@@ -6,6 +6,13 @@ per-row cost there is paid on every generated token.
 
 On the CPU the numbers are host time plus the CPU's own math; on a GPU (--device cuda) they are wall
 time of the step including its one sync (the token transfer), so launches and device work both count.
+
+CPU (2 shared cores, OMP_NUM_THREADS=1), 256 rows, temperature 1, medians of 9 (41 at vocab 64) calls:
+                          vocab 49,152        vocab 64       aten ops
+    unseeded              ~375 ms             0.73 ms        14 -> 15 (the noise clamp)
+    seeded, before        621-636 ms          2.2 ms         1038 (a generator, 4 ops per row)
+    seeded, after         168-182 ms          0.65 ms        55 (counter hash, fp64 cumsum, searchsorted)
+GPU time needs the device: the op count is the launch count, independent of the rows.
 """
 
 from __future__ import annotations

@@ -185,6 +185,8 @@ def check_seeded(params: Seq[SamplingParams], seeded: SeededRows | None) -> None
 def seeded_rows(seqs: Seq[Sequence], device: torch.device, steps: int = 1) -> SeededRows | None:
     """SeededRows of ``steps`` rows per sequence, row i * steps + j drawing sequence i's output
     token num_output_tokens + j (steps > 1: a drafter's k proposals in one batch)."""
+    if all(s.params.seed is None for s in seqs):  # the common case: no per-row lists
+        return None
     return SeededRows.of([s.params for s in seqs for _ in range(steps)],
                          [s.num_output_tokens + j for s in seqs for j in range(steps)], device)
 
