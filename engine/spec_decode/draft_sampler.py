@@ -5,9 +5,9 @@ top-k, top-p and min-p as the target's, rejection.processed_probs) and keeps q f
 Greedy rows take the argmax of the raw logits, as the plain sampler does, so that a greedy draft
 agrees with the target whenever the two models agree. Sampled rows draw as the plain sampler does
 (sampler.draw): a seeded request's proposal at output position t from its (t, DRAW_DRAFT) uniform
-(sampler.SeededRows), the other rows by the exponential race. Nothing here
-waits for the device: the k steps of a draft run back to back. A draft vocabulary's logits are
--inf outside it, so q is the softmax over the subset, exactly zero elsewhere (draft_vocab.py).
+(sampler.SeededRows), the other rows by the exponential race. Nothing here waits for the device:
+the k steps of a draft run back to back. A draft vocabulary's logits are -inf outside it, so q is
+the softmax over the subset, exactly zero elsewhere (draft_vocab.py).
 """
 
 from __future__ import annotations
