@@ -22,7 +22,7 @@ class SamplingParams:
     top_k: int = 0  # 0 or -1: off
     top_p: float = 1.0  # in (0, 1]
     min_p: float = 0.0  # in [0, 1]
-    seed: int | None = None  # per-request generator; None: the engine's global one
+    seed: int | None = None  # per-request draws (sampler.SeededRows); None: the engine's global generator
     max_tokens: int = 16
     min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many tokens
     stop: list[str] | str | None = None  # stop strings (need a tokenizer); excluded from text
@@ -54,7 +54,7 @@ class SamplingParams:
         _check_int("top_k", self.top_k, lo=-1)  # -1 and 0: off
         if self.seed is not None:
             _check_int("seed", self.seed)
-            if not -(2**63) <= self.seed < 2**64:  # what a torch.Generator takes
+            if not -(2**63) <= self.seed < 2**64:  # the 64-bit words sampler.SeededRows hashes
                 raise InvalidRequestError("seed", f"must fit in 64 bits, got {self.seed!r}")
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
             raise InvalidRequestError("ignore_eos", f"must be a bool, got {self.ignore_eos!r}")
@@ -81,7 +81,7 @@ class SamplingParams:
 
     def with_python_scalars(self) -> SamplingParams:
         """After ``validate``: the same parameters with plain Python numbers (numpy's, or a
-        Fraction, become int / float / bool, as torch's generators and the sampler expect);
+        Fraction, become int / float / bool, as the sampler expects);
         ``self`` when they already are."""
         changes: dict[str, object] = {}
         for name in ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs"):

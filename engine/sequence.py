@@ -60,7 +60,6 @@ class Sequence:
         self.output_text = ""
         self.logprobs: list[TokenLogprobs] = []
         self.prompt_logprobs: list[TokenLogprobs | None] = []
-        self.generator: torch.Generator | None = None  # made lazily on the sampling device
         self.stop_ids: frozenset[int] | None = None  # tokens that end it (EOS unless ignored); set by the engine
         self.num_returned_tokens = 0  # for streaming deltas
         self.num_returned_chars = 0

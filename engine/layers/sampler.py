@@ -3,14 +3,18 @@ a step's sampling (the plain-greedy argmax, min-tokens masking of stop tokens, t
 top-p, min-p, per-request seeds, logprobs and prompt logprobs).
 
 Greedy rows take the argmax. Other rows: temperature, then top-k, top-p and min-p filters, then a
-draw by the exponential race (argmax of p / E with E ~ Exp(1)), which equals sampling from p and
-lets rows with a per-request seed draw their noise from their own generator. Logprobs reported
-are those of the model (log_softmax of the raw logits), as in vLLM.
+draw from the filtered softmax p. Rows without a seed draw by the exponential race (argmax of p / E
+with E ~ Exp(1), one noise tensor for the batch from the global generator). A row with a per-request
+seed draws by inverse CDF with one uniform that is a hash of (seed, output position, kind of draw)
+(``SeededRows``): its tokens depend only on its seed and its logits, whatever shares the batch, and
+all seeded rows draw at once, with no per-row work or state. Logprobs reported are those of the
+model (log_softmax of the raw logits), as in vLLM.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence as Seq
 
 import torch
 
@@ -64,15 +68,154 @@ def filter_logits(
     return logits
 
 
-def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> torch.Tensor:
-    """logits: [n, vocab] float32. Returns [n] token ids (on logits' device)."""
-    n = logits.shape[0]
+# Kinds of draw a seeded request makes at an output position (SeededRows): distinct counters.
+DRAW_TOKEN = 0  # the token a target distribution emits there: a plain step's, a verify's residual or bonus
+DRAW_DRAFT = 1  # a drafter's proposal there
+DRAW_ACCEPT = 2  # the uniform that accepts or rejects the proposal there
+NUM_DRAW_KINDS = 3
+
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64  # splitmix64's increment and multipliers, as signed int64
+_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX2 = 0x94D049BB133111EB - 2**64
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic: mask off the copies of the sign bit)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer (Stafford's Mix13) on int64 tensors, products wrapping mod 2**64: a
+    bijection of 64-bit words whose every output bit depends on every input bit."""
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """Uniforms in [0, 1) (float64, 53 random bits) from int64 ``seeds`` and ``counters`` (broadcast):
+    output number ``counter`` of a splitmix64 generator whose state starts at mix64(seed), which is
+    computed directly instead of stepping a generator (the state is seed-hashed so that nearby
+    seeds, such as a request's n choices, start far apart)."""
+    z = mix64(mix64(seeds) + (counters + 1) * _GOLDEN)
+    return _shr(z, 11).double() * 2.0**-53
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs [m, V] (>= 0, not necessarily normalised, a positive entry per row), u [m] uniforms in
+    [0, 1) -> [m] int64: the first token whose cumulative mass exceeds u * total. The cumsum is
+    float64 (an fp32 running sum's error bound over 49k terms, about V * 2**-24 = 3e-3 of the mass,
+    is many tokens' share); a token is picked only
+    where the cumsum rises, so never one with probability 0, and the target is kept below the total
+    so that rounding of u * total never runs past the last token."""
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    total = cdf[:, -1:]
+    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+def _as_int64(seed: int) -> int:
+    """A seed of [-2**63, 2**64) as the int64 with the same 64 bits."""
+    seed &= (1 << 64) - 1
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+class SeededRows:
+    """The rows of a batch that carry a per-request seed (and sample: greedy rows never draw), with
+    the output position of each row's draw: how many tokens its sequence has generated before the
+    token drawn. Every draw of a seeded request is one uniform, ``counter_uniforms(seed, position *
+    NUM_DRAW_KINDS + kind)``, so a request's tokens depend only on its seed, its logits and the
+    position, not on the other rows, on how many steps ran, or on a preemption's recompute (which
+    keeps the generated tokens and so the positions).
+
+    The kinds (DRAW_*) keep speculative decoding lossless. A round proposing from output position n
+    draws proposal j with (n + j, DRAW_DRAFT), accepts it with (n + j, DRAW_ACCEPT) and draws the
+    residual at the first rejection j, or the bonus at j = k, with (n + j, DRAW_TOKEN), the same
+    counter as a plain step's token there. What a round emits up to and including position n + a
+    depends only on the counters of positions <= n + a, so the positions the next round starts from
+    have counters that nothing emitted has seen: a proposal discarded there reuses its counter only
+    for a new draw from a new context. Each emitted token therefore uses fresh independent uniforms,
+    as the acceptance proof needs (given a drafter whose state comes from the emitted tokens alone)."""
+
+    def __init__(self, rows: list[int], seeds: list[int], positions: list[int], n: int,
+                 device: torch.device) -> None:
+        self.rows = rows
+        self.all = len(rows) == n  # every row of the batch: no gather or scatter
+        self.index = None if self.all else device_tensor(rows, device, torch.int64)
+        self.seeds = device_tensor([_as_int64(s) for s in seeds], device, torch.int64)
+        self.positions = device_tensor(positions, device, torch.int64)
+
+    @classmethod
+    def of(cls, params: Seq[SamplingParams], positions: Seq[int] | None,
+           device: torch.device) -> SeededRows | None:
+        """Row i's SamplingParams and output position (None: no row may have a seed); None when no
+        sampled row has a seed."""
+        rows = [i for i, p in enumerate(params) if p.seed is not None and not p.greedy]
+        if not rows:
+            return None
+        if positions is None or len(positions) != len(params):
+            raise ValueError("seeded rows need each row's output position (how many tokens it has generated)")
+        return cls(rows, [params[i].seed for i in rows], [positions[i] for i in rows], len(params), device)
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """The seeded rows of ``x`` (dim 0: the batch's rows)."""
+        return x if self.all else x.index_select(0, self.index)
+
+    def put(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``x`` with its seeded rows replaced by ``values`` (the seeded rows' own, in order)."""
+        return values if self.all else x.index_copy(0, self.index, values)
+
+    def uniforms(self, kind: int, offsets: int | torch.Tensor = 0) -> torch.Tensor:
+        """[m] uniforms of the seeded rows at their positions plus ``offsets`` (an int, or a tensor
+        of the seeded rows' [m] or [m or 1, k] offsets, giving [m, k])."""
+        pos = self.positions
+        if isinstance(offsets, torch.Tensor) and offsets.dim() > 1:
+            pos = pos[:, None]
+        counters = (pos + offsets) * NUM_DRAW_KINDS + kind
+        return counter_uniforms(self.seeds.view(-1, *([1] * (counters.dim() - 1))), counters)
+
+
+def check_seeded(params: Seq[SamplingParams], seeded: SeededRows | None) -> None:
+    """A sampled row with a seed but no SeededRows would draw from the global generator, silently
+    irreproducible: an error instead."""
+    if seeded is None and any(p.seed is not None and not p.greedy for p in params):
+        raise ValueError("rows with a seed need their SeededRows (SeededRows.of(params, positions, device))")
+
+
+def seeded_rows(seqs: Seq[Sequence], device: torch.device, steps: int = 1) -> SeededRows | None:
+    """SeededRows of ``steps`` rows per sequence, row i * steps + j drawing sequence i's output
+    token num_output_tokens + j (steps > 1: a drafter's k proposals in one batch)."""
+    if all(s.params.seed is None for s in seqs):  # the common case: no per-row lists
+        return None
+    return SeededRows.of([s.params for s in seqs for _ in range(steps)],
+                         [s.num_output_tokens + j for s in seqs for j in range(steps)], device)
+
+
+def draw(probs: torch.Tensor, seeded: SeededRows | None, kind: int = DRAW_TOKEN,
+         offsets: int | torch.Tensor = 0) -> torch.Tensor:
+    """[n, V] probabilities -> [n] token ids: seeded rows by inverse CDF with their uniform of
+    ``kind`` (at their positions plus ``offsets``: an int or a [n] tensor over all rows), the others
+    by the exponential race with the global generator."""
+    if seeded is not None and seeded.all:
+        return inverse_cdf(probs, seeded.uniforms(kind, offsets))
+    noise = torch.empty_like(probs).exponential_()
+    # Exp(1) may round to 0; p / 0 would make a zero-probability token win the race.
+    tokens = (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+    if seeded is None:
+        return tokens
+    if isinstance(offsets, torch.Tensor):
+        offsets = seeded.select(offsets)
+    return seeded.put(tokens, inverse_cdf(seeded.select(probs), seeded.uniforms(kind, offsets)))
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], seeded: SeededRows | None = None) -> torch.Tensor:
+    """logits: [n, vocab] float32; ``seeded``: the rows with a seed (SeededRows.of(params, ...)), None
+    when none has. Returns [n] token ids (on logits' device)."""
     device = logits.device
     tokens = logits.argmax(dim=-1)
     if all(p.greedy for p in params):  # decided on the host: no device sync
         return tokens
+    check_seeded(params, seeded)
     greedy = device_tensor([p.greedy for p in params], device)
     temps = device_tensor([p.temperature if not p.greedy else 1.0 for p in params], device, logits.dtype)
     top_k = device_tensor([max(p.top_k, 0) for p in params], device)
@@ -81,12 +224,7 @@ def sample(
     use_top_k_p = any(p.top_k > 0 or p.top_p < 1.0 for p in params)
     use_min_p = any(p.min_p > 0 for p in params)
     scaled = filter_logits(logits / temps[:, None], top_k, top_p, min_p, use_top_k_p, use_min_p)
-    probs = scaled.softmax(dim=-1)
-    noise = torch.empty_like(probs).exponential_()
-    for i, g in enumerate(generators):
-        if g is not None and not params[i].greedy:
-            noise[i] = torch.empty(probs.shape[1], device=device, dtype=probs.dtype).exponential_(generator=g)
-    drawn = (probs / noise).argmax(dim=-1)
+    drawn = draw(scaled.softmax(dim=-1), seeded)
     return torch.where(greedy, tokens, drawn)
 
 
@@ -181,9 +319,8 @@ class Sampler:
                     if sel is raw:
                         sel = raw.clone()  # logprobs stay those of the model
                     sel[j, list(banned)] = float("-inf")
-        params = [seqs[i].params for i in idx]
-        gens = [self.generator(seqs[i]) for i in idx]
-        picked = sample(sel, params, gens)
+        chosen = [seqs[i] for i in idx]
+        picked = sample(sel, [s.params for s in chosen], seeded_rows(chosen, sel.device))
         sampled = picked.tolist()
         for j, i in enumerate(idx):
             tokens[i] = [sampled[j]]
@@ -216,11 +353,3 @@ class Sampler:
         tokens = seq.token_ids[start + first + 1 : start + stop + 1]
         step.rows.add(lp[first:stop], device_tensor(tokens, lp.device, torch.long), seq.params.prompt_logprobs or 0)
         step.seqs.append((seq, tokens))
-
-    def generator(self, seq: Sequence) -> torch.Generator | None:
-        if seq.params.seed is None:
-            return None
-        if seq.generator is None:
-            seq.generator = torch.Generator(device=self.device)
-            seq.generator.manual_seed(seq.params.seed)
-        return seq.generator

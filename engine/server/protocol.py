@@ -30,7 +30,7 @@ class SamplingFields(BaseModel):
     n: StrictInt = Field(1, ge=1)
     stop: str | list[str] | None = None
     stop_token_ids: TokenIds | None = None
-    # A torch generator takes 64 bits; n choices add up to n - 1 to it (generation.fan_out).
+    # The sampler hashes 64-bit seeds; n choices add up to n - 1 to it (generation.fan_out).
     seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None

@@ -34,7 +34,7 @@ from typing import Sequence as Seq
 
 import torch
 
-from engine.layers.sampler import device_tensor
+from engine.layers.sampler import device_tensor, seeded_rows
 from engine.model_runner import ModelRunner
 from engine.parallel.group import group_for
 from engine.sequence import Sequence
@@ -84,7 +84,7 @@ class DraftModelProposer:
         """``steps`` decode forwards, each sampled with the rows' own parameters; q kept."""
         runner = self.runner
         params = [s.params for s in seqs]
-        gens = [runner.sampler.generator(s) for s in seqs]
+        seeded = seeded_rows(seqs, runner.device)
         n = len(seqs)
         inputs = runner.decode_inputs
         inputs.prepare(seqs, runner.graphs.bucket_of[n] if runner.graphed(n) else n)
@@ -95,7 +95,7 @@ class DraftModelProposer:
         for j in range(steps):
             if j:
                 inputs.advance_to(tokens[-1], n, last_pos)
-            token, q = sample_draft(self._masked(runner.decode_forward(n), seqs, j), params, gens)
+            token, q = sample_draft(self._masked(runner.decode_forward(n), seqs, j), params, seeded, j)
             tokens.append(token)
             probs.append(q)
         return Proposal(None, torch.stack(probs, dim=1) if probs[0] is not None else None,

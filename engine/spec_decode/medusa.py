@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from common.medusa import MedusaError, MedusaHeads, load_heads
-from engine.layers.sampler import device_tensor
+from engine.layers.sampler import device_tensor, seeded_rows
 from engine.sequence import Sequence
 from engine.spec_decode.config import SpeculativeConfig, SpeculativeConfigError, check_same_vocabulary
 from engine.spec_decode.draft_sampler import sample_draft
@@ -112,9 +112,8 @@ class MedusaProposer:
                 return Proposal(None, ids=self.graphs.run(features, steps), counts=counts)
             logits = self.logits(features, steps)
             logits = ban_stop_tokens(logits, seqs, self.eos_token_ids)  # row i, position j: output token n_i + j
-            gens = [self.runner.sampler.generator(s) for s in seqs]
             tokens, q = sample_draft(logits.view(b * steps, -1), [s.params for s in seqs for _ in range(steps)],
-                                     [g for g in gens for _ in range(steps)])
+                                     seeded_rows(seqs, logits.device, steps))
         return Proposal(None, q.view(b, steps, -1) if q is not None else None, ids=tokens.view(b, steps),
                         counts=counts)
 

@@ -12,8 +12,10 @@ Greedy rows compare the draft with the target's argmax and emit the target's arg
 matching prefix: their tokens equal those of decoding without a draft, token for token.
 
 Both distributions go through the same temperature, top-k, top-p and min-p processing
-(``processed_probs``), as vLLM does. Nothing here waits for the device: results stay tensors and
-the caller brings them back with one transfer (``VerifiedTokens.to_lists``).
+(``processed_probs``), as vLLM does. A seeded request takes each uniform from the counter of its
+output position and the kind of draw (sampler.SeededRows, whose docstring says why that stays
+lossless). Nothing here waits for the device: results stay tensors and the caller brings them back
+with one transfer (``VerifiedTokens.to_lists``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Sequence as Seq
 
 import torch
 
-from engine.layers.sampler import device_tensor, filter_logits
+from engine.layers.sampler import DRAW_ACCEPT, SeededRows, check_seeded, device_tensor, draw, filter_logits
 from engine.sampling_params import SamplingParams
 
 PLACEHOLDER = -1  # token_ids entries past a row's emitted tokens
@@ -97,18 +99,14 @@ def greedy_verify(
     return _assemble(draft_token_ids, a, last)
 
 
-def _randomness(b: int, k: int, v: int, device: torch.device, generators: Seq[torch.Generator | None] | None):
-    """Uniforms [B, k] for the acceptance tests and Exp(1) noise [B, V] for the one draw per row. A
-    row with its own generator (a seeded request) takes all of its draws from it, so its tokens do
-    not depend on the rest of the batch."""
-    u = torch.rand(b, k, device=device)
-    noise = torch.empty(b, v, device=device).exponential_()
-    for i, g in enumerate(generators or ()):
-        if g is not None:
-            u[i] = torch.rand(k, device=device, generator=g)
-            noise[i] = torch.empty(v, device=device).exponential_(generator=g)
-    # Exp(1) may round to 0; p / 0 would make a zero-probability token win the race.
-    return u, noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+def _acceptance_uniforms(b: int, k: int, device: torch.device, seeded: SeededRows | None) -> torch.Tensor:
+    """[B, k] float64 uniforms for the acceptance tests: a seeded row's proposal j takes its (position
+    + j, DRAW_ACCEPT) uniform, so its tokens do not depend on the rest of the batch (float64: cast to
+    fp32, a uniform just below 1 would round to 1)."""
+    u = torch.rand(b, k, device=device, dtype=torch.float64)
+    if seeded is None:
+        return u
+    return seeded.put(u, seeded.uniforms(DRAW_ACCEPT, torch.arange(k, device=device)[None, :]))
 
 
 def rejection_sample(
@@ -116,19 +114,20 @@ def rejection_sample(
     num_draft: torch.Tensor,
     target_probs: torch.Tensor,
     draft_probs: torch.Tensor | None = None,
-    generators: Seq[torch.Generator | None] | None = None,
+    seeded: SeededRows | None = None,
 ) -> VerifiedTokens:
     """draft [B, k] (entries past num_draft[i] ignored), num_draft [B] int64, target_probs [B, k+1, V],
     draft_probs [B, k, V] or None for a drafter without probabilities (one-hot q). Probabilities
-    must be processed already (``processed_probs``)."""
+    must be processed already (``processed_probs``). ``seeded``: the rows with a seed, at the output
+    position of their first proposal."""
     b, k = draft_token_ids.shape
     v = target_probs.shape[-1]
     device = target_probs.device
-    u, noise = _randomness(b, k, v, device, generators)
     rows = torch.arange(b, device=device)
     if k == 0:
-        return _assemble(draft_token_ids, torch.zeros(b, dtype=torch.int64, device=device),
-                         (target_probs[:, 0] / noise).argmax(dim=-1))
+        zero = torch.zeros(b, dtype=torch.int64, device=device)
+        return _assemble(draft_token_ids, zero, draw(target_probs[:, 0], seeded))
+    u = _acceptance_uniforms(b, k, device, seeded)
     x = draft_token_ids.clamp(0, v - 1)  # padding may hold anything
     p_x = target_probs[:, :k].gather(2, x[..., None]).squeeze(-1)
     q_x = draft_probs.gather(2, x[..., None]).squeeze(-1) if draft_probs is not None else torch.ones_like(p_x)
@@ -145,7 +144,7 @@ def rejection_sample(
     # mass 0 means p_a == q_a there, where rejection has probability 0: any fallback is unreachable.
     residual = torch.where(mass > 0, residual / mass.clamp(min=torch.finfo(mass.dtype).tiny), p_a)
     dist = torch.where((a < num_draft)[:, None], residual, p_a)
-    return _assemble(draft_token_ids, a, (dist / noise).argmax(dim=-1))
+    return _assemble(draft_token_ids, a, draw(dist, seeded, offsets=a))  # the token at position a
 
 
 def verify(
@@ -154,17 +153,19 @@ def verify(
     target_logits: torch.Tensor,
     params: Seq[SamplingParams],
     draft_probs: torch.Tensor | None = None,
-    generators: Seq[torch.Generator | None] | None = None,
+    seeded: SeededRows | None = None,
 ) -> VerifiedTokens:
     """One verify step for a batch mixing greedy and sampling rows. target_logits [B, k+1, V] are the
     target's raw (fp32) logits at the k+1 positions; draft_probs [B, k, V] the drafter's processed
-    probabilities (None: one-hot, e.g. n-gram). Greedy rows take the argmax of the raw logits, as
-    the plain sampler does; which path runs is decided from ``params`` on the host."""
+    probabilities (None: one-hot, e.g. n-gram); ``seeded`` as for rejection_sample. Greedy rows take
+    the argmax of the raw logits, as the plain sampler does; which path runs is decided from
+    ``params`` on the host."""
     greedy = [p.greedy for p in params]
     if all(greedy):
         return greedy_verify(draft_token_ids, num_draft, target_logits.argmax(dim=-1))
+    check_seeded(params, seeded)
     sampled = rejection_sample(draft_token_ids, num_draft, processed_probs(target_logits, params), draft_probs,
-                               generators)
+                               seeded)
     if not any(greedy):
         return sampled
     exact = greedy_verify(draft_token_ids, num_draft, target_logits.argmax(dim=-1))

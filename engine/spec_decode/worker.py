@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.layers.sampler import LogprobRows, StepResult, device_tensor
+from engine.layers.sampler import LogprobRows, StepResult, device_tensor, seeded_rows
 from engine.model_runner import ModelRunner
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence, TokenLogprobs
@@ -182,9 +182,9 @@ class SpecDecodeWorker:
             raw = flat.index_select(0, device_tensor(index, flat.device)).view(len(seqs), k + 1, -1)
         draft_ids, num_draft = proposal.as_tensors(raw.device, k)
         probs = proposal.probs[:, :k] if proposal.probs is not None else None
-        gens = [self.target.sampler.generator(s) for s in seqs]
         target_logits = ban_stop_tokens(raw, seqs, self.eos_token_ids)
-        verified = verify(draft_ids, num_draft, target_logits, [s.params for s in seqs], probs, gens)
+        verified = verify(draft_ids, num_draft, target_logits, [s.params for s in seqs], probs,
+                          seeded_rows(seqs, raw.device))
         clock.mark()
         tokens = verified.to_lists()  # the sync
         return tokens, self._logprobs(raw, seqs, tokens)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import prompts
+from token_stats import tv, tv_bound
 from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
-from engine.layers.sampler import sample
+from engine.layers.sampler import (
+    DRAW_ACCEPT, DRAW_DRAFT, DRAW_TOKEN, SeededRows, counter_uniforms, inverse_cdf, mix64, sample, seeded_rows,
+)
+from engine.sequence import Sequence
 
 ARCH = "llama_gqa_untied"
 
@@ -25,7 +29,7 @@ def greedy_tokens(llm, p, n=16):
 # -- the sampler alone ----------------------------------------------------------------------------
 def _freqs(logits, params, n=20000):
     rows = logits.expand(n, -1).clone()
-    tokens = sample(rows, [params] * n, [None] * n)
+    tokens = sample(rows, [params] * n)
     return torch.bincount(tokens, minlength=logits.shape[-1]).float() / n
 
 
@@ -47,7 +51,7 @@ def test_sampler_filters():
     assert f[2:].sum() == 0 and f[1] > 0.2
     f = _freqs(logits, SamplingParams(temperature=1.0, min_p=0.2))  # keeps p >= 0.2 * 0.55
     assert f[3].item() == 0 and f[4].item() == 0 and f[2] > 0
-    mixed = sample(logits.expand(2, -1).clone(), [SamplingParams(temperature=0), SamplingParams(top_k=1)], [None, None])
+    mixed = sample(logits.expand(2, -1).clone(), [SamplingParams(temperature=0), SamplingParams(top_k=1)])
     assert mixed.tolist() == [0, 0]
 
 
@@ -61,6 +65,21 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
     assert other_seed[0].token_ids != alone
 
 
+def test_seeded_requests_keep_their_tokens_through_preemption(model_dir):
+    """A recompute after preemption samples its next token at the same output position, so a seeded
+    request's tokens equal those of a run with room for every sequence (the counters are positions)."""
+    ps = prompts(12, seed=18, lo=10, hi=40)
+    params = [SamplingParams(temperature=1.0, top_p=0.9, seed=100 + i, max_tokens=24, ignore_eos=True)
+              for i in range(len(ps))]
+    roomy = LLM(model_dir(ARCH), device="cpu", max_model_len=128, block_size=4)
+    tight = LLM(model_dir(ARCH), device="cpu", max_model_len=128, block_size=4, num_kv_blocks=40,
+                max_num_batched_tokens=64)
+    want = [o.token_ids for o in roomy.generate(ps, params)]
+    got = [o.token_ids for o in tight.generate(ps, params)]
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert got == want
+
+
 @pytest.mark.parametrize("params", [
     dict(temperature=1.0, top_k=1), dict(temperature=1.0, top_p=1e-6), dict(temperature=1.0, min_p=1.0),
 ])
@@ -68,6 +87,176 @@ def test_degenerate_filters_equal_greedy(llm, params):
     p = prompts(1, seed=12, lo=10, hi=11)[0]
     out = llm.generate([p], SamplingParams(max_tokens=10, ignore_eos=True, seed=3, **params))[0]
     assert out.token_ids == greedy_tokens(llm, p, 10)
+
+
+# -- counter-based draws of seeded rows ------------------------------------------------------------
+def _splitmix64_finalizer(x: int) -> int:
+    """The reference on Python ints (unsigned 64-bit words)."""
+    m = (1 << 64) - 1
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
+def test_mix64_and_counter_uniforms_match_splitmix64_on_python_ints():
+    """Signed int64 ops (arithmetic shifts masked, wrapping products) give the unsigned reference's
+    bits, for seeds across the whole 64-bit range (negative ones and those >= 2**63 included)."""
+    words = [0, 1, 2, 12345, 2**31 - 1, 2**32 + 7, 2**62 + 3, 2**63 - 1, 2**63, 2**63 + 1, 2**64 - 1,
+             0x9E3779B97F4A7C15, 0xDEADBEEFCAFEF00D]
+    signed = torch.tensor([w - 2**64 if w >= 2**63 else w for w in words], dtype=torch.int64)
+    got = [w & (2**64 - 1) for w in mix64(signed).tolist()]
+    assert got == [_splitmix64_finalizer(w) for w in words]
+    counters = torch.tensor([0, 1, 5, 3 * 255 + 2], dtype=torch.int64)
+    u = counter_uniforms(signed[:, None], counters[None, :])
+    for i, w in enumerate(words):
+        for j, c in enumerate(counters.tolist()):
+            z = _splitmix64_finalizer((_splitmix64_finalizer(w) + (c + 1) * 0x9E3779B97F4A7C15) & (2**64 - 1))
+            assert u[i, j].item() == (z >> 11) / 2.0**53
+    assert u.dtype == torch.float64 and 0.0 <= u.min() and u.max() < 1.0
+
+
+def test_counter_uniforms_are_uniform_and_distinct_by_kind():
+    """Consecutive seeds and positions (as the teacher data uses them) give uniform, uncorrelated draws."""
+    seeds = torch.arange(4000, dtype=torch.int64)
+    rows = SeededRows(list(range(4000)), seeds.tolist(), [7] * 4000, 4000, torch.device("cpu"))
+    kinds = [rows.uniforms(k) for k in (DRAW_TOKEN, DRAW_DRAFT, DRAW_ACCEPT)]
+    for u in kinds:
+        counts = torch.histc(u.float(), bins=10, min=0.0, max=1.0)
+        assert tv(counts, torch.full((10,), 0.1)) <= tv_bound(len(u), 10)
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert abs(torch.corrcoef(torch.stack([kinds[a], kinds[b]]))[0, 1]) < 0.06
+    later = rows.uniforms(DRAW_TOKEN, 1)  # the next position
+    assert abs(torch.corrcoef(torch.stack([kinds[0], later]))[0, 1]) < 0.06
+
+
+def test_inverse_cdf_is_exact_over_a_large_vocabulary_and_skips_zero_probabilities():
+    """A uniform row of 49,152 tokens: u = (j + 1/2) / V picks token j everywhere, the last ones
+    included (the cumsum must be exact to well under a token's 2e-5 of the mass: a sequential fp32
+    sum's error bound there is about 3e-3). Zero-probability tokens at either end are never
+    picked, even for u = 0 and the largest u below 1."""
+    v = 49152
+    probs = torch.full((1, v), 1.0 / v)
+    js = torch.tensor([0, 1, 777, v // 2, v - 1000, v - 3, v - 2, v - 1])
+    u = (js.double() + 0.5) / v
+    assert inverse_cdf(probs.expand(len(js), -1), u).tolist() == js.tolist()
+    edge = torch.zeros(2, 9)
+    edge[:, 2:6] = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    u = torch.tensor([0.0, 1.0 - 2.0**-53], dtype=torch.float64)
+    assert inverse_cdf(edge, u).tolist() == [2, 5]
+    scaled = edge * 3.0  # not normalised: the draw uses the row's total
+    assert inverse_cdf(scaled, torch.tensor([0.099, 0.101], dtype=torch.float64)).tolist() == [2, 4]
+
+
+def _seeded_freqs(logits, params, n=20000, position=0):
+    """Frequencies of n seeded draws from one row: request i has seed 7 * i + 1, at ``position``."""
+    ps = [SamplingParams(**{**params, "seed": 7 * i + 1}) for i in range(n)]
+    seeded = SeededRows.of(ps, [position] * n, logits.device)
+    tokens = sample(logits.expand(n, -1).clone(), ps, seeded)
+    return torch.bincount(tokens, minlength=logits.shape[-1]).float()
+
+
+@pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.6), dict(temperature=1.3, top_k=4),
+                                    dict(temperature=1.0, top_p=0.8), dict(temperature=0.9, min_p=0.1)])
+def test_seeded_draws_follow_the_filtered_softmax(params):
+    """Many seeds on one small-vocabulary row: the draws' total variation from the filtered,
+    temperature-scaled softmax is within the bound that exact samples exceed with probability
+    1e-6; removed tokens are never drawn. Fixed seeds: deterministic."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0, 1.5, -0.5, 0.8]])
+    p = torch.softmax(logits / params["temperature"], -1)[0]
+    if "top_k" in params:
+        p[p.argsort(descending=True)[params["top_k"]:]] = 0
+    if "top_p" in params:
+        order = p.argsort(descending=True)
+        before = p[order].cumsum(0) - p[order]
+        p[order[before >= params["top_p"]]] = 0
+    if "min_p" in params:
+        p[p < params["min_p"] * p.max()] = 0
+    p = p / p.sum()
+    for position in (0, 41):
+        counts = _seeded_freqs(logits, params, position=position)
+        assert counts[p == 0].sum() == 0
+        assert tv(counts, p) <= tv_bound(int(counts.sum()), len(p)), (params, position, tv(counts, p))
+
+
+def test_seeded_rows_never_pick_a_filtered_token_in_a_large_vocabulary():
+    """A 49,152-token row where top-k, top-p and min-p each keep a few tokens at scattered ids:
+    seeded draws stay inside the kept set (and take more than one of its tokens)."""
+    v = 49152
+    logits = torch.randn(1, v, generator=torch.Generator().manual_seed(5))
+    hot = torch.tensor([3, 9000, 30001, v - 1])
+    logits[0, hot] = torch.tensor([20.0, 19.8, 19.6, 19.9])  # the rest of the mass is about 2e-4
+    for params, kept in ((dict(temperature=1.0, top_k=3), [3, v - 1, 9000]),
+                         (dict(temperature=1.0, top_p=0.5), [3, v - 1]),
+                         (dict(temperature=1.0, min_p=0.6), [3, v - 1, 9000, 30001])):
+        counts = _seeded_freqs(logits, params, n=300)
+        drawn = set(counts.nonzero().flatten().tolist())
+        assert drawn <= set(kept) and len(drawn) > 1, (params, drawn)
+
+
+def test_a_seeded_row_depends_only_on_its_seed_logits_and_position():
+    """The same seeded row at another index of another batch (beside unseeded and greedy rows) draws
+    the same token; another position or seed draws another token for some of many seeds."""
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(5, 300, generator=g)
+    params = [SamplingParams(temperature=1.0, seed=s) for s in (11, 12, 13)]
+    alone = sample(logits[:3].clone(), params, SeededRows.of(params, [4, 0, 9], logits.device))
+    mixed = [SamplingParams(temperature=0.0), params[2], SamplingParams(temperature=1.0), params[0], params[1]]
+    rows = torch.stack([logits[0], logits[2], logits[4], logits[0], logits[1]])
+    torch.manual_seed(1)
+    got = sample(rows, mixed, SeededRows.of(mixed, [0, 9, 3, 4, 0], logits.device))
+    assert got[[3, 4, 1]].tolist() == alone.tolist()
+    assert got[0].item() == logits[0].argmax().item()
+    many = [SamplingParams(temperature=1.0, seed=s) for s in range(200)]
+    row = logits[:1].expand(200, -1).clone()
+    at = [sample(row, many, SeededRows.of(many, [pos] * 200, row.device)) for pos in (5, 6)]
+    assert (at[0] != at[1]).sum() > 150
+
+
+def test_seeded_rows_of_sequences_and_their_errors():
+    """seeded_rows: a sequence's position is its number of output tokens (plus j for a drafter's
+    j-th row); greedy rows and rows without a seed are left to the global generator; a seeded row
+    without a position is an error that says so."""
+    seqs = [Sequence([1, 2, 3, 4, 5], SamplingParams(temperature=1.0, seed=3)),
+            Sequence([1], SamplingParams(temperature=0.0, seed=4)),
+            Sequence([1, 2], SamplingParams(temperature=1.0))]
+    seqs[0].num_prompt_tokens = 2  # three tokens generated
+    rows = seeded_rows(seqs, torch.device("cpu"), steps=2)
+    assert rows.rows == [0, 1] and rows.positions.tolist() == [3, 4] and rows.seeds.tolist() == [3, 3]
+    assert seeded_rows(seqs[1:], torch.device("cpu")) is None
+    big = SeededRows.of([SamplingParams(seed=2**64 - 1)], [0], torch.device("cpu"))
+    assert big.seeds.tolist() == [-1]  # the same 64 bits
+    with pytest.raises(ValueError, match="output position"):
+        SeededRows.of([SamplingParams(seed=1)], None, torch.device("cpu"))
+    with pytest.raises(ValueError, match="SeededRows"):  # not a silent draw from the global generator
+        sample(torch.zeros(1, 4), [SamplingParams(seed=1)])
+
+
+@pytest.mark.gpu
+def test_seeded_draws_on_cuda_equal_the_cpus_and_never_wait_for_the_device():
+    """The int64 mixer gives the same bits on the GPU (wrapping products, masked shifts); a mixed
+    batch of greedy, unseeded and seeded rows samples without a device sync."""
+    dev = torch.device("cuda")
+    seeds = torch.tensor([0, 1, -1, 2**62 + 5, -(2**63), 123456789], dtype=torch.int64)
+    counters = torch.arange(0, 3000, 7, dtype=torch.int64)
+    cpu = counter_uniforms(seeds[:, None], counters[None, :])
+    assert torch.equal(counter_uniforms(seeds[:, None].to(dev), counters[None, :].to(dev)).cpu(), cpu)
+    v = 49152
+    js = torch.tensor([0, 5, v // 3, v - 2, v - 1])
+    probs = torch.full((len(js), v), 1.0 / v, device=dev)
+    assert inverse_cdf(probs, ((js.double() + 0.5) / v).to(dev)).tolist() == js.tolist()
+    b = 64
+    logits = torch.randn(b, 32000, device=dev)
+    params = [SamplingParams(temperature=0.0) if i % 4 == 0 else
+              SamplingParams(temperature=0.9, top_p=0.95, seed=i if i % 2 else None) for i in range(b)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = sample(logits, params, SeededRows.of(params, list(range(b)), dev))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    again = sample(logits, params, SeededRows.of(params, list(range(b)), dev))
+    seeded = [i for i, p in enumerate(params) if p.seed is not None]
+    assert tokens[seeded].tolist() == again[seeded].tolist()
 
 
 # -- stopping -------------------------------------------------------------------------------------

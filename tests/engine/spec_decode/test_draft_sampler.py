@@ -8,6 +8,7 @@ import math
 import torch
 from token_stats import position_counts, tv, tv_bound
 
+from engine.layers.sampler import SeededRows, sample
 from engine.sampling_params import SamplingParams
 from engine.spec_decode.draft_sampler import sample_draft
 from engine.spec_decode.rejection import processed_probs, verify
@@ -38,15 +39,36 @@ def test_sampled_rows_follow_q_and_greedy_rows_stay_argmax():
 
 
 def test_seeded_row_is_reproducible():
+    """Row 2's proposal depends on its seed and position only: not on the global generator nor on
+    the other rows' seeds; a drafter's step j is the proposal at position + j."""
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(3))
-    params = [SamplingParams(temperature=1.0, seed=7)] * 3
 
-    def run(global_seed: int) -> int:
+    def run(global_seed: int, offset: int = 0, position: int = 4) -> int:
         torch.manual_seed(global_seed)
-        gens = [None, torch.Generator().manual_seed(global_seed), torch.Generator().manual_seed(7)]
-        return int(sample_draft(logits, params, gens)[0][2])
+        params = [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, seed=global_seed),
+                  SamplingParams(temperature=1.0, seed=7)]
+        seeded = SeededRows.of(params, [global_seed, 0, position], logits.device)
+        return int(sample_draft(logits, params, seeded, offset)[0][2])
 
     assert len({run(s) for s in range(6)}) == 1
+    assert run(0, offset=3, position=4) == run(1, offset=0, position=7)
+
+
+def test_seeded_draft_draws_follow_q_and_are_not_the_target_draws():
+    """Many seeds: seeded proposals follow the processed q and never take a token it removed; they
+    use their own counters (DRAW_DRAFT), not the plain sampler's token draws at the same positions."""
+    rows, v = 20_000, 7
+    logits = 1.5 * torch.randn(v, generator=torch.Generator().manual_seed(1))
+    params = [SamplingParams(temperature=0.9, top_p=0.8, seed=3 * i) for i in range(rows)]
+    seeded = SeededRows.of(params, [5] * rows, logits.device)
+    tokens, q = sample_draft(logits.expand(rows, -1).clone(), params, seeded)
+    want = q[0]
+    assert want.eq(0).any()
+    counts = torch.bincount(tokens, minlength=v).float()
+    assert counts[want == 0].sum() == 0
+    assert tv(counts, want) <= tv_bound(rows, v)
+    plain = sample(logits.expand(rows, -1).clone(), params, seeded)
+    assert (plain != tokens).float().mean() > 0.2  # independent draws from q disagree often
 
 
 def test_draft_then_verify_emits_the_targets_processed_distribution():

@@ -265,8 +265,8 @@ def test_poor_heads_stop_speculating_and_each_probe_makes_features_first(target,
 
 
 # -- the sampled distribution is the target's -------------------------------------------------------------
-@pytest.mark.parametrize("temp,top_k", [(0.8, 0), (1.0, 5)])
-def test_sampled_tokens_follow_the_target_distribution(tmp_path, temp, top_k):
+@pytest.mark.parametrize("temp,top_k,seeded", [(0.8, 0, False), (1.0, 5, False), (0.8, 0, True)])
+def test_sampled_tokens_follow_the_target_distribution(tmp_path, temp, top_k, seeded):
     """Many samples of output tokens 2 and 3 (token 1's round only makes the features; tokens 2 and 3
     come from rounds with k = 2 drafts of poor random heads) against the target's exact marginals
     after temperature and top-k, within the phase-1 TV bound. Drafts are independent per position;
@@ -276,7 +276,9 @@ def test_sampled_tokens_follow_the_target_distribution(tmp_path, temp, top_k):
     prompt, n = [3, 7, 1], 3000
     llm = LLM(target, device="cpu", max_num_seqs=n, max_model_len=16,
               speculative_config=_spec(head_dir, k=2, max_batch_size=n))
-    out = llm.generate(_ids([prompt] * n), SamplingParams(temperature=temp, top_k=top_k, max_tokens=5))
+    params = [SamplingParams(temperature=temp, top_k=top_k, max_tokens=5, seed=i if seeded else None)
+              for i in range(n)]  # seeded: every request its own seed, all draws from counters
+    out = llm.generate(_ids([prompt] * n), params)
     m = llm.engine.spec_metrics
     assert llm.engine.num_spec_steps > 0 and m.num_proposed > 0 and 0 < m.acceptance_rate < 1
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()

@@ -8,6 +8,7 @@ import pytest
 import torch
 from token_stats import position_counts, tv, tv_bound
 
+from engine.layers.sampler import SeededRows
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from engine.spec_decode.ngram import NgramProposer
@@ -150,7 +151,16 @@ def _right(draft, num_draft, p, q, g):
     return res.to_lists()
 
 
-@pytest.mark.parametrize("impl,correct", [(_right, True), (_accept_always, False), (_resample_from_target, False)])
+def _right_seeded(draft, num_draft, p, q, g):
+    """Every row a seeded request (seeds 5i + 2 at positions i mod 97): all its draws from counters."""
+    params = [SamplingParams(seed=5 * i + 2) for i in range(len(draft))]
+    seeded = SeededRows.of(params, [i % 97 for i in range(len(draft))], p.device)
+    res = rejection_sample(draft, num_draft, p.expand(len(draft), -1, -1), q.expand(len(draft), -1, -1), seeded)
+    return res.to_lists()
+
+
+@pytest.mark.parametrize("impl,correct", [(_right, True), (_right_seeded, True), (_accept_always, False),
+                                          (_resample_from_target, False)])
 def test_rejection_sampling_approximates_target_distribution(impl, correct):
     """Every emitted token at position j (over rows that emitted more than j) is distributed as p_j,
     up to a sampling error bounded by tv_bound. The draft is far from the target (TV(p_0, q_0) is
@@ -173,11 +183,14 @@ def test_rejection_sampling_approximates_target_distribution(impl, correct):
     assert 0.5 * (p[0] - q[0]).abs().sum() > 0.5
 
 
-def test_acceptance_rate_is_the_overlap_of_draft_and_target():
-    """P(accept x_0) = sum_x min(p_0(x), q_0(x)): the rate the papers derive, within 5 sigma."""
+@pytest.mark.parametrize("seeded", [False, True])
+def test_acceptance_rate_is_the_overlap_of_draft_and_target(seeded):
+    """P(accept x_0) = sum_x min(p_0(x), q_0(x)): the rate the papers derive, within 5 sigma (also
+    with every row seeded: the acceptance uniforms from counters)."""
     p, q, draft, num_draft = _poor_setup(seed=2)
     torch.manual_seed(0)
-    res = rejection_sample(draft, num_draft, p.expand(ROWS, -1, -1), q.expand(ROWS, -1, -1))
+    rows = SeededRows.of([SamplingParams(seed=i) for i in range(ROWS)], [3] * ROWS, p.device) if seeded else None
+    res = rejection_sample(draft, num_draft, p.expand(ROWS, -1, -1), q.expand(ROWS, -1, -1), rows)
     proposing = num_draft > 0
     rate = res.num_accepted[proposing].gt(0).float().mean().item()
     want = torch.minimum(p[0], q[0]).sum().item()
@@ -235,8 +248,9 @@ def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch():
     n = torch.tensor([4, 2, 3])
 
     def run(other_seed: int):
-        gens = [torch.Generator().manual_seed(other_seed), None, torch.Generator().manual_seed(123)]
-        return rejection_sample(draft, n, p, q, gens).to_lists()[2]
+        params = [SamplingParams(seed=other_seed), SamplingParams(), SamplingParams(seed=123)]
+        seeded = SeededRows.of(params, [other_seed, 0, 17], p.device)
+        return rejection_sample(draft, n, p, q, seeded).to_lists()[2]
 
     torch.manual_seed(0)
     first = run(1)
@@ -320,12 +334,14 @@ def test_verify_never_waits_for_the_device():
     draft = torch.randint(0, v, (b, k), device=dev)
     n = torch.tensor([4, 0, 2, 4, 1, 3, 4, 4], device=dev)
     params = [SamplingParams(temperature=0 if i % 3 == 0 else 0.8, top_k=50 if i % 2 else 0) for i in range(b)]
-    gens = [torch.Generator(device=dev).manual_seed(i) if i % 2 else None for i in range(b)]
+    params = [SamplingParams(temperature=p.temperature, top_k=p.top_k, seed=i if i % 2 else None)
+              for i, p in enumerate(params)]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        res = verify(draft, n, logits, params, q, gens)
-        one_hot = rejection_sample(draft, n, processed_probs(logits, params), None, gens)
+        seeded = SeededRows.of(params, [3 * i for i in range(b)], dev)
+        res = verify(draft, n, logits, params, q, seeded)
+        one_hot = rejection_sample(draft, n, processed_probs(logits, params), None, seeded)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(1 <= len(r) <= k + 1 for r in res.to_lists() + one_hot.to_lists())

@@ -159,8 +159,8 @@ def test_vocabulary_mismatch_is_an_error_at_construction(target, model_root, tmp
 
 
 # -- the sampled distribution is the target's -------------------------------------------------------------
-@pytest.mark.parametrize("temp,top_k", [(0.8, 0), (1.0, 5)])
-def test_sampled_tokens_follow_the_target_distribution(tmp_path, temp, top_k):
+@pytest.mark.parametrize("temp,top_k,seeded", [(0.8, 0, False), (1.0, 5, False), (0.8, 0, True)])
+def test_sampled_tokens_follow_the_target_distribution(tmp_path, temp, top_k, seeded):
     """Many samples of output tokens 1 and 2 (both from speculative steps, with a poor drafter) against
     the target's exact marginals after temperature and top-k, within the phase-1 TV bound."""
     target = small_vocab_model(tmp_path / "target", 0)
@@ -168,7 +168,9 @@ def test_sampled_tokens_follow_the_target_distribution(tmp_path, temp, top_k):
     prompt, n = [3, 7, 1], 3000
     llm = LLM(target, device="cpu", max_num_seqs=n, max_model_len=16,
               speculative_config=_model_spec(draft, k=2, max_batch_size=n))
-    out = llm.generate(_ids([prompt] * n), SamplingParams(temperature=temp, top_k=top_k, max_tokens=3))
+    params = [SamplingParams(temperature=temp, top_k=top_k, max_tokens=3, seed=i if seeded else None)
+              for i in range(n)]  # seeded: every request its own seed, all draws from counters
+    out = llm.generate(_ids([prompt] * n), params)
     assert llm.engine.num_spec_steps > 0 and 0 < llm.engine.spec_metrics.acceptance_rate < 1
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
 
