@@ -1,9 +1,10 @@
 """Teacher-generated training data, made by our engine: the teacher continues prefixes of the training
 corpus and answers instruction prompts (through its chat template when the tokenizer has one), sampled
-at temperature 1 / top-p 1 with a seed (temperature 0: the teacher's greedy continuations, the text a greedy
-speculative decode verifies, e.g. for Medusa heads that draft for greedy requests). The result is cached under the cache dir by its lineage
-(teacher content hash, sampling settings, seed, count, prompts), so a second run reuses it, and the
-lineage is written beside it (`lineage.json`)."""
+at temperature 1 / top-p 1 with a seed (temperature 0: the teacher's greedy continuations, the text a
+greedy speculative decode verifies, e.g. for Medusa heads that draft for greedy requests). The result is
+cached under the cache dir by its lineage (teacher content hash, sampling settings, seed, how seeded
+requests draw, count, prompts), so a second run reuses it, and the lineage is written beside it
+(`lineage.json`)."""
 
 from __future__ import annotations
 
@@ -102,10 +103,16 @@ def build_prompts(train_blocks: torch.Tensor, instructions: list[str], tokenizer
     return prompts
 
 
+# How a seeded request's tokens are drawn from its seed (engine/layers/sampler.py SeededRows): part of
+# the lineage, so that samples drawn by an engine whose seeded draws differed (before 2026-11-30: a
+# torch.Generator per request) are regenerated, not taken for what this seed gives now.
+SEEDED_DRAWS = "splitmix64 counter per (seed, position, kind), inverse CDF"
+
+
 def lineage(teacher: Artifact, prompts: list[list[int]], settings: TeacherDataSettings) -> dict:
     prompt_digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     return {"teacher": str(teacher.path.resolve()), "teacher_content_hash": teacher.content_hash,
-            "sampling": settings.sampling, "seed": settings.seed, "count": len(prompts),
+            "sampling": settings.sampling, "seed": settings.seed, "seeded_draws": SEEDED_DRAWS, "count": len(prompts),
             "prompts_sha256": prompt_digest, "instructions": settings.instructions,
             "instruction_fraction": settings.instruction_fraction, "prefix_tokens": settings.prefix_tokens}
 

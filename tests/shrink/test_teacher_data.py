@@ -61,6 +61,23 @@ def test_engine_samples_are_cached_with_lineage_and_reused(tiny_teacher, tmp_pat
     assert reseeded != first  # temperature-1 samples under another seed differ
 
 
+def test_an_entry_drawn_by_other_seeded_draws_is_not_reused(tiny_teacher, tmp_path, monkeypatch):
+    """The lineage names how seeded requests draw: an entry an engine with other seeded draws wrote (the old
+    per-request torch.Generator) gets another key, so the samples are made again, not passed off as this seed's."""
+    import shrink.teacher_data as td
+
+    teacher = Artifact.load(tiny_teacher)
+    blocks = torch.randint(3, 300, (10, 16), generator=torch.Generator().manual_seed(0))
+    prompts = build_prompts(blocks, [], None, settings())
+    generate, calls = counting_engine()
+    monkeypatch.setattr(td, "SEEDED_DRAWS", "torch.Generator per request")
+    _, old = teacher_samples(teacher, prompts, settings(), tmp_path, generate=generate)
+    monkeypatch.undo()
+    _, new = teacher_samples(teacher, prompts, settings(), tmp_path, generate=generate)
+    assert calls == [6, 6] and new != old
+    assert json.loads((new / LINEAGE_FILE).read_text())["seeded_draws"] == td.SEEDED_DRAWS
+
+
 def test_instruction_prompts_use_the_chat_template(tiny_teacher):
     from shrink.modeling import load_tokenizer
 
