@@ -51,9 +51,11 @@ def _unfused(x, weight, bias, *, norm_weight=None, swiglu=False, residual=None):
 def test_fused_matches_references(group, zero, dtype, fusion):
     """qkv / gate_up (norm prologue, SwiGLU on the stacked gate, up rows) and o_proj / down (residual
     epilogue, out the residual itself): gemv_ref's result on the fp32 weight within the summation
-    order, and the unfused chain's bit for bit. N ragged (37 columns), K three groups (a ragged
-    last K step at BLOCK_K 2 groups), bias on."""
-    n, k = 37, 3 * group
+    order, and the unfused chain's bit for bit. N ragged (7 columns: the last of config (2, ...)'s
+    four programs half masked, the default one column a program), K three groups (a ragged last K
+    step at BLOCK_K 2 groups), bias on. N is small because the interpreter runs each program in
+    Python, one at a time."""
+    n, k = 7, 3 * group
     swiglu = fusion == "norm_swiglu"
     weight, dense, x, nw, bias = _case(2 * n if swiglu else n, k, group, zero, dtype, seed=group + zero)
     kw = {"norm_weight": nw} if fusion != "residual" else {}
@@ -80,10 +82,11 @@ def test_fused_matches_references(group, zero, dtype, fusion):
 @pytest.mark.parametrize("group,zero,dtype", [(32, True, torch.bfloat16), (64, False, torch.float16),
                                               (128, True, torch.float16), (128, False, torch.bfloat16)])
 def test_fused_rope_store_matches_reference(group, zero, dtype):
-    """The qkv launch with rotary and the KV store (GQA: 4 q heads, 2 kv heads, head_dim 16): q, the
-    cached k and v as gemv_rope_store_ref's on the fp32 weight, within one rounding; other cache
-    slots untouched; a padding row (slot -1) stores nothing."""
-    heads, kv_heads, head_dim, k = 4, 2, 16, 2 * group
+    """The qkv launch with rotary and the KV store (GQA: 4 q heads, 2 kv heads, head_dim 8; a small
+    head_dim because the interpreter runs one program a rotary pair): q, the cached k and v as
+    gemv_rope_store_ref's on the fp32 weight, within one rounding; other cache slots untouched; a
+    padding row (slot -1) stores nothing."""
+    heads, kv_heads, head_dim, k = 4, 2, 8, 2 * group
     n = (heads + 2 * kv_heads) * head_dim
     weight, dense, x, nw, bias = _case(n, k, group, zero, dtype, seed=7 + group)
     packed, meta, scale, zeros = weight
