@@ -287,8 +287,12 @@ def test_triton_engine_fuses_sparse24_int4_decode_at_one_row(artifacts, monkeypa
     # FAST_MIN_PROGRAMS (an H200's occupancy target) cuts the fused 2:4 kernels' programs to one
     # column each at these widths, which the interpreter runs one at a time (~90% of this test's time).
     # The kernels and calls are the same at their own BLOCK_N; one column a program stays covered by
-    # tests/kernels/test_quant_gemv_sparse24.py's fast-path tests (the default config).
+    # tests/kernels/test_quant_gemv_sparse24.py's fast-path tests (the default config). FAST_CONFIG's
+    # 8 columns a program (4 for SwiGLU / rotary pairs) still made 64 interpreted programs a layer
+    # and step; at 32 (16) every launch keeps two programs or more (o_proj / down 2, rotary 4,
+    # gate_up 8), and each column's sum is the same at any BLOCK_N.
     monkeypatch.setattr(qg, "FAST_MIN_PROGRAMS", 1)
+    monkeypatch.setattr(qg, "FAST_CONFIG", (32,) + qg.FAST_CONFIG[1:])
     path = artifacts("sparse24_int4")
     llm = LLM(str(path), device="cpu", max_model_len=128, block_size=4, load_format="dummy", use_triton=True,
               dtype="float16")
