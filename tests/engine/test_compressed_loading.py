@@ -256,7 +256,13 @@ def test_triton_engine_decodes_sparse24_int4_through_its_gemv(artifacts, monkeyp
     the 2:4 GEMV (kernels/quant_gemv.py: one fp32 row the select path, three the dot path), never a
     dense weight, and the greedy tokens still equal transformers' on the same artifact."""
     import engine.layers.sparse24 as sparse24
+    import kernels.quant_gemv as qg
 
+    # The select path's 8 columns a program make 64 interpreted programs a layer and step at these
+    # widths; at 32 every launch keeps two or more (o_proj / down 2, qkv 4, gate_up 8), the same
+    # kernel and sums (each column's is the same at any BLOCK_N; test_quant_gemv_sparse24.py takes
+    # the default config).
+    monkeypatch.setattr(qg, "SELECT_CONFIG", (32,) + qg.SELECT_CONFIG[1:])
     path = artifacts("sparse24_int4")
     llm = LLM(str(path), device="cpu", max_model_len=128, block_size=4, load_format="dummy", use_triton=True)
     model = llm.engine.runner.model
