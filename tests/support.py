@@ -125,3 +125,20 @@ def count_fused_rows(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(llama_module.gemv_kernels, "gemv_rope_store", counting)
     return rows
+
+
+def widen_m1_gemv_programs(monkeypatch, columns: int = 16) -> None:
+    """kernels/gemv.py's gemv_config at M == 1 with at least ``columns`` columns a program: without
+    PDL (as on the CPU) it takes one column a program below 512 columns, programs the interpreter
+    runs one at a time (most of an interpreted engine test's decode time). The same kernels and
+    sums (each column's is the same at any BLOCK_N); one column a program stays covered by the
+    kernel tests at the default config (tests/kernels/test_gemv.py, test_quant_gemv.py)."""
+    import kernels.gemv as gemv_module
+
+    default = gemv_module.gemv_config
+
+    def wider(m: int, n: int, k: int, **kwargs) -> tuple[int, int, int, int]:
+        block_m, block_n, block_k, warps = default(m, n, k, **kwargs)
+        return (block_m, max(block_n, columns), block_k, warps) if m == 1 else (block_m, block_n, block_k, warps)
+
+    monkeypatch.setattr(gemv_module, "gemv_config", wider)

@@ -18,6 +18,7 @@ import engine.models.llama as llama_module  # noqa: E402
 import kernels.gemv as gemv_module  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from kernels.gemv import FAST_BY_DEFAULT  # noqa: E402
+from support import widen_m1_gemv_programs  # noqa: E402
 
 pytest.importorskip("compressed_tensors")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -104,12 +105,9 @@ def test_batch_one_decode_takes_the_fast_dequantization_unless_exact(tmp_path, m
     # one column each, which the interpreter runs one Python loop at a time (tens of seconds a run).
     # The programs' default widths stay: the kernel at one column a program is test_quant_gemv_fast's.
     monkeypatch.setattr(gemv_module, "FAST_MIN_PROGRAMS", 1)
-    # gemv_config at M == 1 (the exact path's; without PDL, as on the CPU) takes one column a program
-    # below 512 columns, ~80% of the exact case's time: 16 here, the same kernels and sums (each
-    # column's is the same at any BLOCK_N); one column a program stays test_quant_gemv's.
-    default_config = gemv_module.gemv_config
-    monkeypatch.setattr(gemv_module, "gemv_config", lambda m, n, k, **kw: (
-        lambda c: c if m > 1 else (c[0], max(c[1], 16), *c[2:]))(default_config(m, n, k, **kw)))
+    # The exact path's M == 1 programs (gemv_config's: one column each at these widths, ~80% of the
+    # exact case's time) at 16 columns; one column a program stays test_quant_gemv's.
+    widen_m1_gemv_programs(monkeypatch)
     # Three tokens: the prefill's and two M == 1 decode steps (each interpreted step is most of this
     # test's time; it ran three): the second reads the K/V the first stored through the M == 1 path.
     _, outs, want = engine_and_reference_greedy(make_artifact(scheme, tmp_path / scheme), scheme, [PROMPTS[0]],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 from drafts import assert_stops_inside_accepted_runs
+from support import widen_m1_gemv_programs
 from test_spec_engine import MAX_TOKENS, TARGET, _greedy, _ids, _run, drafts, target  # noqa: F401 (fixtures)
 from tiny_models import prompts
 
@@ -207,9 +208,10 @@ def test_ngram_rounds_with_stops_padding_rows_and_the_triton_kernels(target):
     assert _pool_full(engine)
 
 
-def test_rounds_through_the_triton_kernels(target, drafts):
+def test_rounds_through_the_triton_kernels(target, drafts, monkeypatch):
     """The engine's Triton kernels on (interpreted on the CPU: TRITON_INTERPRET=1), eager: the round's
     greedy_advance and spec_advance launches, the decode attention over pseudo-rows and lag rows."""
+    widen_m1_gemv_programs(monkeypatch)  # fewer interpreted GEMV programs, the same kernels and sums
     ps = prompts(3, seed=11, lo=3, hi=20)
     params = [_greedy(m) for m in (9, 4, 7)]
     kw = dict(use_triton=True, enforce_eager=True, dtype="float32", block_size=4, max_model_len=64)
