@@ -51,10 +51,10 @@ def _unfused(x, weight, bias, *, norm_weight=None, swiglu=False, residual=None):
 def test_fused_matches_references(group, zero, dtype, fusion):
     """qkv / gate_up (norm prologue, SwiGLU on the stacked gate, up rows) and o_proj / down (residual
     epilogue, out the residual itself): gemv_ref's result on the fp32 weight within the summation
-    order, and the unfused chain's bit for bit. N ragged (7 columns: the last of config (2, ...)'s
-    four programs half masked, the default one column a program), K three groups (a ragged last K
-    step at BLOCK_K 2 groups), bias on. N is small because the interpreter runs each program in
-    Python, one at a time."""
+    order, and the unfused chain's bit for bit. N 7 (odd), K three groups (a ragged last K step at
+    BLOCK_K 2 groups), bias on. At these widths FAST_MIN_PROGRAMS makes every config one column a
+    program (no column masked at any N); N is small because the interpreter runs each program in
+    Python, one at a time (tests/kernels/test_quant_gemv_sparse24.py masks columns past a ragged N)."""
     n, k = 7, 3 * group
     swiglu = fusion == "norm_swiglu"
     weight, dense, x, nw, bias = _case(2 * n if swiglu else n, k, group, zero, dtype, seed=group + zero)
