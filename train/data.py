@@ -243,15 +243,29 @@ def mix_generated(train: torch.Tensor, samples: list[list[int]], ratio: float, e
     the corpus' block size, and the mix keeps the corpus' block count, seeded-shuffled (generated blocks
     repeat when there are fewer than the share needs). Ratio 1: only generated text (the corpus then
     gives only the prompts and the block count)."""
-    if not 0.0 <= ratio <= 1.0:
-        raise ShrinkError(f"data.teacher_generated.ratio must be in [0, 1], got {ratio}")
+    _check_ratio(ratio)
     if ratio == 0.0:
         return train
-    n_total, block_size = train.shape
+    return _mix_blocks(train, _generated_blocks(samples, train.shape[1], eos_id), ratio, seed)[0]
+
+
+def _check_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio <= 1.0:
+        raise ShrinkError(f"data.teacher_generated.ratio must be in [0, 1], got {ratio}")
+
+
+def _generated_blocks(samples: list[list[int]], block_size: int, eos_id: int) -> torch.Tensor:
     generated = pack(samples, block_size, eos_id)
     if generated.shape[0] == 0:
         raise ShrinkError(f"the generated samples ({sum(map(len, samples))} tokens) fill no block of "
                           f"data.block_size={block_size} tokens")
+    return generated
+
+
+def _mix_blocks(train: torch.Tensor, generated: torch.Tensor, ratio: float,
+                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """mix_generated's mix of packed blocks, and which of its rows are generated ones (known by construction)."""
+    n_total = train.shape[0]
     n_gen = round(ratio * n_total)
     gen_rows = torch.arange(n_gen) % generated.shape[0]
     if n_gen > generated.shape[0]:
@@ -259,7 +273,8 @@ def mix_generated(train: torch.Tensor, samples: list[list[int]], ratio: float, e
     g = torch.Generator().manual_seed(seed)
     corpus_rows = torch.randperm(n_total, generator=g)[: n_total - n_gen]
     mixed = torch.cat([train[corpus_rows], generated[gen_rows]])
-    return mixed[torch.randperm(n_total, generator=g)]
+    order = torch.randperm(n_total, generator=g)
+    return mixed[order], order >= n_total - n_gen
 
 
 def block_keys(blocks: torch.Tensor) -> torch.Tensor:
@@ -274,15 +289,19 @@ def mix_to_budget(train: torch.Tensor, samples: list[list[int]], ratio: float, n
     record of the mix. The mix has the budget's block count, the corpus repeated to it as training would
     repeat it (issue 16: the corpus' ~11.4M tokens repeat ~9 times in 100M), so that the samples are not
     cut to the corpus' size; never fewer blocks than the corpus has. The stats are measured on the mix:
-    its generated blocks (by block fingerprint) and its distinct tokens, corpus and generated apart.
+    its generated blocks and its distinct tokens (by block fingerprint), corpus and generated apart.
     Shared by experiments/distill.py and experiments/gqa.py, so both train on the same mix."""
+    _check_ratio(ratio)
     block_size = train.shape[1]
     n_blocks = max(train.shape[0], math.ceil(n_tokens / block_size))
     corpus = train.repeat(math.ceil(n_blocks / train.shape[0]), 1)[:n_blocks]
-    mixed = mix_generated(corpus, samples, ratio, eos_id, seed)
-    generated = pack(samples, block_size, eos_id)
-    keys, generated_keys = block_keys(mixed), set(block_keys(generated).tolist())
-    is_generated = torch.tensor([k in generated_keys for k in keys.tolist()], dtype=torch.bool)
+    if ratio == 0.0:  # mix_generated's corpus as it is
+        generated = pack(samples, block_size, eos_id)
+        mixed, is_generated = corpus, torch.zeros(n_blocks, dtype=torch.bool)
+    else:
+        generated = _generated_blocks(samples, block_size, eos_id)
+        mixed, is_generated = _mix_blocks(corpus, generated, ratio, seed)
+    keys = block_keys(mixed)
 
     def distinct_tokens(k: torch.Tensor) -> int:
         return int(torch.unique(k).numel()) * block_size
