@@ -4,9 +4,12 @@ depth, by width, or both.
 
 Families of shapes (each ordered by size):
 - depth: the teacher's width, fewer decoder layers (which layers: importance, when it is built).
-- width: every layer; hidden (embedding) channels in steps of 8, the MLP scaled in proportion (a
-  multiple of 8), as Minitron's width students shrink embedding and MLP channels. Attention heads
-  stay, unless student.width.num_attention_heads fixes a count (every candidate then has it).
+- width: every layer; hidden (embedding) channels in steps of `width_step` (a multiple of 8 and of the
+  attention heads: transformers refuses to save a config whose hidden size the heads do not divide),
+  the MLP scaled in proportion (a multiple of 8), as Minitron's width students shrink embedding and
+  MLP channels; a parameter or byte budget then widens the chosen shape's MLP to fill what the coarse
+  hidden step leaves (`fill_mlp`). Attention heads stay, unless student.width.num_attention_heads fixes a count (every
+  candidate then has it).
 - both: a Minitron-style split: the depth whose layer removal alone comes nearest to half of the
   parameters to remove (ties: the deeper), then the widest width at that depth that meets the
   target, so depth and width each take about half of the cut.
@@ -26,6 +29,7 @@ import dataclasses
 import gc
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -106,9 +110,29 @@ def depth_family(config: Any, heads: int) -> list[Shape]:
             for n in range(1, config.num_hidden_layers + 1)]
 
 
+def width_step(heads: int) -> int:
+    """The step of the hidden sizes tried: a multiple of WIDTH_STEP that `heads` divides."""
+    return math.lcm(WIDTH_STEP, heads)
+
+
 def width_family(config: Any, layers: int, heads: int) -> list[Shape]:
-    hiddens = list(range(WIDTH_STEP, config.hidden_size, WIDTH_STEP)) + [config.hidden_size]
+    step = width_step(heads)
+    hiddens = list(range(step, config.hidden_size, step)) + [config.hidden_size]
     return [width_at(config, layers, h, heads) for h in hiddens]
+
+
+def fill_mlp(config: Any, shape: Shape, count: ParamCounter, limit: int) -> Shape:
+    """`shape` with the widest MLP (a multiple of WIDTH_STEP, at most the teacher's) within `limit`
+    parameters: the hidden sizes move in coarse steps (9 heads: 72 channels), the MLP takes up what a
+    step leaves, so that width students meet a budget as closely as depth ones."""
+    lo, hi = shape.intermediate_size // WIDTH_STEP, config.intermediate_size // WIDTH_STEP
+    while lo < hi:  # parameters grow with the MLP: bisect for the largest that fits
+        mid = (lo + hi + 1) // 2
+        if count(dataclasses.replace(shape, intermediate_size=mid * WIDTH_STEP)) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return dataclasses.replace(shape, intermediate_size=max(shape.intermediate_size, lo * WIDTH_STEP))
 
 
 def smaller_than_teacher(shapes: list[Shape], count: ParamCounter, teacher: int) -> list[Shape]:
@@ -245,6 +269,8 @@ def choose_shape(config: Any, key: str, target: float, by: str, *, heads: int | 
             shape = both_shape(config, count, limit, heads)
         else:
             shape = largest_within(family(config, by, heads, count), count, limit)
+        if shape is not None and by != "depth":
+            shape = fill_mlp(config, shape, count, limit)
         if shape is None:
             smallest = family(config, by, heads, count)
             floor = (f" (the smallest, {describe(smallest[0])}, has {count(smallest[0]):,} parameters)"

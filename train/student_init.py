@@ -160,6 +160,11 @@ def prune_width(model: torch.nn.Module, hidden_size: int | None = None, intermed
                                             num_attention_heads // n_kv, hd)
     if h_idx is None and not mlp_idx and not q_idx:
         return model
+    heads, hidden = num_attention_heads or config.num_attention_heads, hidden_size or config.hidden_size
+    if hidden % heads:  # transformers validates this when it saves the config: fail before any training
+        keys = "student.width.hidden_size" + (" / student.width.num_attention_heads" if q_idx else "")
+        raise ShrinkError(f"{keys}: the hidden size {hidden} must be a multiple of the {heads} attention heads "
+                          f"(transformers refuses to save a Llama config otherwise)")
     # head_dim stays the teacher's: it would otherwise be recomputed from the new hidden size or heads.
     config.head_dim = hd
     config.hidden_size = hidden_size if h_idx is not None else config.hidden_size

@@ -14,7 +14,7 @@ from support import tiny_llama_config
 from common.errors import SettingError, ShrinkError
 from shrink.stages.distill import StudentSpec
 from shrink.student_budget import (ParamCounter, Shape, cached_latency, choose_shape, count_params, engine_decode_ms,
-                                   family, width_at)
+                                   family, width_at, width_step)
 from train.student_init import prune_width, student_from_teacher
 
 
@@ -65,9 +65,11 @@ def test_width_budget_keeps_every_layer_and_meets_the_target():
     assert shape["intermediate_size"] < model.config.intermediate_size
     student = prune_width(model, shape["hidden_size"], shape["intermediate_size"])
     assert real_params(student) == shape["params"] <= target
-    step = width_at(model.config, shape["layers"], shape["hidden_size"] + 8, shape["num_attention_heads"])
+    step = width_at(model.config, shape["layers"], shape["hidden_size"] + width_step(shape["num_attention_heads"]),
+                 shape["num_attention_heads"])
     wider = prune_width(model, step.hidden_size, step.intermediate_size)
     assert real_params(wider) > target  # the widest that fits
+    assert real_params(prune_width(model, shape["hidden_size"], shape["intermediate_size"] + 8)) > target  # MLP filled
 
 
 def test_both_splits_the_removal_between_depth_and_width():
@@ -81,7 +83,8 @@ def test_both_splits_the_removal_between_depth_and_width():
     by_layers = {n: real_params(student_from_teacher(model, list(range(n)))) for n in range(1, 5)}
     nearest = min(by_layers, key=lambda n: (abs(full - by_layers[n] - (full - target) / 2), -n))
     assert choice["layers"] == nearest
-    step = width_at(model.config, choice["layers"], choice["hidden_size"] + 8, choice["num_attention_heads"])
+    step = width_at(model.config, choice["layers"], choice["hidden_size"] + width_step(choice["num_attention_heads"]),
+                 choice["num_attention_heads"])
     assert real_params(built(model, {**choice, **dataclasses.asdict(step)})) > target
 
 
@@ -101,7 +104,8 @@ def test_byte_budget_counts_the_saved_dtype_and_tied_weights_once(tmp_path):
         with safe_open(str(f), "pt") as st:
             saved += sum(st.get_tensor(k).numel() * st.get_tensor(k).element_size() for k in st.keys())
     assert saved == choice["bytes"]
-    step = width_at(model.config, choice["layers"], choice["hidden_size"] + 8, choice["num_attention_heads"])
+    step = width_at(model.config, choice["layers"], choice["hidden_size"] + width_step(choice["num_attention_heads"]),
+                 choice["num_attention_heads"])
     assert 2 * count_params(step.apply(model.config)) > target  # one width step more misses the budget
     # fp32 halves the parameters the same bytes buy
     fp32 = choose_shape(model.config, "target_bytes", target, "width", save_dtype=torch.float32)
@@ -229,7 +233,7 @@ def test_two_budgets_fail_before_any_work(tiny_teacher, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("by", ["depth", "width", "both"])
-def test_real_teacher_budget_of_60_percent(smollm2_artifact, by):
+def test_real_teacher_budget_of_60_percent(smollm2_artifact, by, tmp_path):
     """SmolLM2-135M at 60% of its parameters: each kind meets the target within one step."""
     from shrink.modeling import load_model
 
@@ -242,10 +246,12 @@ def test_real_teacher_budget_of_60_percent(smollm2_artifact, by):
     if by == "depth":
         bigger = dataclasses.replace(Shape.of(student.config), layers=choice["layers"] + 1)
     else:
-        bigger = width_at(model.config, choice["layers"], choice["hidden_size"] + 8, choice["num_attention_heads"])
+        bigger = width_at(model.config, choice["layers"], choice["hidden_size"] + width_step(choice["num_attention_heads"]),
+                 choice["num_attention_heads"])
     assert count_params(bigger.apply(model.config)) > target
     out = student(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
     assert out.shape == (1, 4, model.config.vocab_size) and torch.isfinite(out).all()
+    student.save_pretrained(tmp_path, safe_serialization=True)  # 9 heads: a hidden size of 408 did not save
 
 
 @pytest.mark.slow
@@ -259,7 +265,8 @@ def test_real_teacher_byte_and_latency_budgets(smollm2_artifact):
     target_bytes = int(2 * full * 0.5)
     choice = choose_shape(config, "target_bytes", target_bytes, "width", save_dtype=torch.bfloat16)
     assert choice["bytes"] <= target_bytes
-    step = width_at(config, choice["layers"], choice["hidden_size"] + 8, choice["num_attention_heads"])
+    step = width_at(config, choice["layers"], choice["hidden_size"] + width_step(choice["num_attention_heads"]),
+                 choice["num_attention_heads"])
     assert 2 * count_params(step.apply(config)) > target_bytes
     target_ms = 0.6 * full / 1e6
     choice = choose_shape(config, "target_latency_ms", target_ms, "both", measure=lambda cfg: count_params(cfg) / 1e6)
@@ -298,3 +305,35 @@ def test_fixed_heads_count_in_every_candidate_of_the_budget():
     assert student.config.num_key_value_heads == 2 and student.config.head_dim == 16
     # fewer heads leave room for a wider student than the same budget with every head
     assert spec.budget["hidden_size"] >= choose_shape(model.config, "target_params", target, "width")["hidden_size"]
+
+
+@pytest.mark.parametrize("by", ["width", "both"])
+def test_width_candidates_keep_the_hidden_size_a_multiple_of_the_heads(tmp_path, by):
+    """3 heads (SmolLM2 has 9): every hidden size tried is a multiple of 8 and of the heads, and the
+    chosen student saves; transformers refused a 408-wide student of 9 heads at its save, after the
+    GPU had trained it for 10M tokens."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(hidden_size=96, num_attention_heads=3,
+                                                               num_key_value_heads=1, head_dim=32)).eval()
+    count = ParamCounter(model.config)
+    shapes = family(model.config, by, 3, count)
+    assert shapes and all(s.hidden_size % 24 == 0 for s in shapes)
+    target = int(real_params(model) * 0.6)
+    choice = choose_shape(model.config, "target_params", target, by)
+    student = built(model, choice)
+    assert real_params(student) == choice["params"] <= target
+    # the coarse hidden step (24 channels) leaves a gap the MLP fills: one MLP step more misses the budget
+    assert choice["intermediate_size"] == model.config.intermediate_size or \
+        count(Shape(choice["layers"], choice["hidden_size"], choice["intermediate_size"] + 8, 3)) > target
+    student.save_pretrained(tmp_path, safe_serialization=True)
+
+
+def test_prune_width_refuses_a_hidden_size_the_heads_do_not_divide():
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(hidden_size=96, num_attention_heads=3,
+                                                               num_key_value_heads=1, head_dim=32))
+    with pytest.raises(ShrinkError, match=r"student.width.hidden_size: the hidden size 88 must be a multiple of the 3"):
+        prune_width(model, hidden_size=88)
