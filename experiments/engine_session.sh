@@ -10,7 +10,7 @@
 #                                              # drafters (TVD vs CE), WikiText-2 rows (issue 11)
 #   experiments/engine_session.sh wikitext     # after `quant`, carry .gpu/t/p01 p02 .gpu/corpus: issue 11's rows on the
 #                                              # reference protocol (KD vs CE students, AWQ), the student as drafter
-#   experiments/engine_session.sh stash        # carry .gpu/wheels + .gpu/t/p00 + .gpu/data: only stash them (seconds)
+#   experiments/engine_session.sh stash        # carry .gpu/wheels + .gpu/t/p00 (+ .gpu/data, or with stash2): stash them
 #   experiments/engine_session.sh stash2       # carry .gpu/t/p01 p02: the GGUF whole (then carry .gpu/corpus to
 #                                              # `pipeline` or `balanced`: all three exceed one call's 64 MiB)
 #   experiments/engine_session.sh pipeline     # after `quant` or `stash`, carry .gpu/t/p01 p02 .gpu/corpus: the default pipeline
@@ -76,9 +76,12 @@ H=$HOME; OUTDIR=${OUT:-$H/out}; mkdir -p "$OUTDIR"
   .gpu/wheels/*.whl $(ls .gpu/ct/*.whl 2>/dev/null) 2>/dev/null && touch "$H/site/.installed"; }
 export PYTHONUNBUFFERED=1 PYTHONPATH="$H/site:$PWD" HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 B="python3 -m eval.bench --json $OUTDIR/bench.jsonl"
+assemble_data() {  # .gpu/data from whichever call carried it (the tree, wheels and part 1 near 64 MiB leave it out)
+  [ -d .gpu/data ] && mkdir -p "$H/data" && cp -r .gpu/data/. "$H/data/" && ls "$H/data"
+}
 assemble() {  # the GGUF from its parts (the first stashed by `stash`, the others carried now or by `stash2`)
               # and the corpus, each once, from whichever call carried it
-  mkdir -p "$H/t" "$H/data/corpus"
+  mkdir -p "$H/t" "$H/data/corpus"; assemble_data > /dev/null
   for p in .gpu/t/p01 .gpu/t/p02; do [ -f "$p" ] && cp "$p" "$H/t/"; done
   [ -f "$H/t/smol.gguf" ] || { [ -f "$H/t/p00" ] && [ -f "$H/t/p01" ] && [ -f "$H/t/p02" ] \
     && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"; }
@@ -135,7 +138,7 @@ case "${1:?verb}" in
   stash2)  # carry .gpu/t/p01 p02: the GGUF's other parts (with the tree, parts and corpus exceed one call's 64 MiB)
     assemble;;
   stash)  # and the copy and matmul ceilings, the first call's duty
-    mkdir -p "$H/t" "$H/data" && cp .gpu/t/p0? "$H/t/" && cp -r .gpu/data/. "$H/data/" && ls "$H/t" "$H/data"
+    mkdir -p "$H/t" "$H/data" && cp .gpu/t/p0? "$H/t/" && ls "$H/t"; assemble_data
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader; $B ceilings;;
   kernels)
     timeout ${TESTS_S:-110} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_verify_attention.py \
@@ -374,12 +377,12 @@ case "${1:?verb}" in
           # TEACHER_MAX_TOKENS (256), made once by our engine and cached under $H/tgen_cache (the next call on this
           # machine reuses them), filling TEACHER_RATIO (0.5) of the blocks (issue 16 item 1; e.g. 200000 x 256 at
           # 0.5 ~ 50M of the 100M tokens). Separate chains (RUNS=fkl, RUNS=ce): start the second after the first's
-          # samples are cached, or both generate them
+          # samples are cached, or both generate them; KD_ARGS: more distill.py flags (e.g. "--lr 1e-3")
     assemble; [ -d "$H/smol" ] || $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
     python3 experiments/distill.py --teacher "$H/smol" --data-dir "$H/data" --out "$OUTDIR/kd100" \
       --parts importance,kd --runs ${RUNS:-fkl,ce} --tokens ${KD_TOKENS:-100000000} --context 2048 \
       --teacher-generated ${TEACHER_GEN:-0} --teacher-ratio ${TEACHER_RATIO:-0.5} \
-      --teacher-max-tokens ${TEACHER_MAX_TOKENS:-256} --teacher-cache "$H/tgen_cache" > "$OUTDIR/kd100.log" 2>&1
+      --teacher-max-tokens ${TEACHER_MAX_TOKENS:-256} --teacher-cache "$H/tgen_cache" ${KD_ARGS:-} > "$OUTDIR/kd100.log" 2>&1
     grep -v Warn "$OUTDIR/kd100.log" | tail -n 6;;
   tgenwait)  # in a chain after another chain's kd100 with TEACHER_GEN: until its samples are cached (an entry
              # appears whole, by a rename: its samples.pt is complete), at most TGEN_WAIT_S (1200)
