@@ -47,6 +47,7 @@ class Workload:
     name: str
     match: float  # share of rounds in which a sequence's lookup proposes
     rates: list[float]  # position j accepted given 0..j-1 were
+    streak: float = 0.0  # how much a row's match repeats its last (0: independent rounds)
 
     def row_match(self, prompt: int, prompts: int = 16) -> float:
         """Prompt ``prompt``'s own match rate: spread 0.5x..1.5x the mean over the prompts, so that a
@@ -60,6 +61,10 @@ class Workload:
 # from the tokens per step (gsm8k 4096 tokens in 2623 steps, wikitext in 1332).
 GSM8K = Workload("gsm8k", 0.35, [0.627, 0.677, 0.721, 0.787])
 WIKITEXT = Workload("wikitext", 0.64, [0.876, 0.944, 0.932, 0.974])
+# The same with matches in streaks (a continuation copying a span of its context matches round
+# after round): what makes a decayed estimate swing.
+GSM8K_STREAKS = dataclasses.replace(GSM8K, name="gsm8k~", streak=0.6)
+WIKITEXT_STREAKS = dataclasses.replace(WIKITEXT, name="wikitext~", streak=0.6)
 
 # That run's startup table (the "policy" of its auto rows): SmolLM2-135M bf16, n-gram k_max 4.
 H200_COSTS = StepCosts(
@@ -111,6 +116,7 @@ class Sim:
         """A batch of these prompts to ``tokens`` new tokens each; the seconds it took."""
         n = len(prompts)
         match = [self.work.row_match(q) for q in prompts]
+        self.last = [False] * n  # whether row j's latest lookup matched (Workload.streak)
         rem = [tokens] * n
         total = 0.0
         c, p, w = self.costs, self.policy, self.work
@@ -137,7 +143,7 @@ class Sim:
                         break
                     prop, acc = [], []
                     for j in rows:
-                        m = self.rng.random() < match[j]
+                        m = self._match(j, match[j])
                         a = _accepted(self.rng, w.rates, k) if m else 0
                         prop.append(k if m else 0)
                         acc.append(a)
@@ -151,7 +157,7 @@ class Sim:
             elif k > 0:
                 prop, acc = [], []
                 for j in live:
-                    m = self.rng.random() < match[j]
+                    m = self._match(j, match[j])
                     a = _accepted(self.rng, w.rates, k) if m else 0
                     prop.append(k if m else 0)
                     acc.append(a)
@@ -181,19 +187,24 @@ class Sim:
             s[1] += emitted
             s[2] += 1
 
+    def _match(self, j: int, rate: float) -> bool:
+        """Whether row j's lookup matches now: a two-state chain with stationary rate ``rate`` whose
+        next state repeats the last with extra probability ``streak`` (0: independent draws)."""
+        s = self.work.streak
+        p = rate + s * (1.0 - rate) if self.last[j] else rate * (1.0 - s)
+        self.last[j] = self.rng.random() < p
+        return self.last[j]
+
     def _unrun(self, live: list[int], new: dict[int, int], match: list[float]) -> float:
         """worker.py's _unrun_round: one row's lookup before the plain step's tokens, observed; its host time."""
         p, w = self.policy, self.work
-        if hasattr(p, "unrun_rows"):  # a policy that asks for more rows of a plain step (all: the batch)
-            rows = p.unrun_rows(len(live))
-        else:
-            rows = 1
+        rows = p.lookup_rows(len(live)) if hasattr(p, "lookup_rows") else 1  # an older policy: one row
         asked, acc, prop = [], [], []
         for _ in range(rows):
             j = live[self.unrun_row % len(live)]
             self.unrun_row += 1
             k = min(p.k_max, new[j])
-            m = self.rng.random() < match[j]
+            m = self._match(j, match[j])
             asked.append(k)
             prop.append(k if m else 0)
             acc.append(_accepted(self.rng, w.rates, k) if m else 0)
@@ -205,7 +216,10 @@ def run_row(mod, work: Workload, n: int, rounds: int, seed: int, k_max: int = 4,
             tokens: int = 256, repeats: int = 2, max_batch_size: int = 16) -> tuple[float, dict]:
     """A spec_bench row: (the timed runs' speedup over the plain engine, seconds/tokens/steps by reason)."""
     costs = H200_COSTS if rounds > 1 else dataclasses.replace(H200_COSTS, rounds=[])  # one round: no rounds table
-    policy = mod.SpecPolicy(k_max, max_batch_size, costs)
+    try:
+        policy = mod.SpecPolicy(k_max, max_batch_size, costs, free_lookups=True)  # the worker's n-gram policy
+    except TypeError:  # an older policy: no free lookups
+        policy = mod.SpecPolicy(k_max, max_batch_size, costs)
     sim = Sim(policy, work, rounds, seed, costs)
     sim.mod_warmup = getattr(mod, "WARMUP_TRIALS", 0)
     plain = Sim(None, work, rounds, seed, costs)
@@ -250,7 +264,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=20)
     args = ap.parse_args()
     mod = load_policy(args.policy)
-    for work in (GSM8K, WIKITEXT):
+    for work in (GSM8K, GSM8K_STREAKS, WIKITEXT, WIKITEXT_STREAKS):
         for rounds in args.rounds:
             for n in args.batch:
                 r = report(mod, work, n, rounds, args.seeds)

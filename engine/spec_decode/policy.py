@@ -283,38 +283,60 @@ class SpecPolicy:
     ``calibrate``: weigh the engine's measured step times (observe_step) on top of ``costs``;
     False keeps ``costs`` the whole truth (a test's injected table)."""
 
-    def __init__(self, k_max: int, max_batch_size: int, costs: StepCosts, calibrate: bool = True) -> None:
+    def __init__(self, k_max: int, max_batch_size: int, costs: StepCosts, calibrate: bool = True,
+                 free_lookups: bool = False) -> None:
         self.k_max, self.max_batch_size, self.costs = k_max, max_batch_size, costs
         self.acceptance = AcceptanceEstimate(k_max)
         self.overheads = StepOverheads(costs) if calibrate else None
+        # The worker observes the drafter's round after a plain step at no device cost (n-gram:
+        # SpecDecodeWorker._unrun_round): warm up on those, and probe only where none come.
+        self.free_lookups = free_lookups
         self.probe_interval = PROBE_MIN
-        self.plain_steps = 0  # since the last speculative step
+        self.plain_steps = 0  # since the last speculative step (free_lookups: or the last observation)
         self.num_probes = 0
         # Decode steps the policy gave each k (0: plain; a step the pool lacks blocks for still decodes
-        # plainly), and the latest k.
+        # plainly), the latest k and why ("warmup", "probe", "chosen" or "plain").
         self.steps_by_k = [0] * (k_max + 1)
         self.last_k = k_max
+        self.last_reason = ""
+        self._seen = 0  # acceptance.num_observed at the latest decision
+
+    @property
+    def warming_up(self) -> bool:
+        return self.acceptance.num_observed < WARMUP_TRIALS
+
+    def lookup_rows(self, n: int) -> int:
+        """Rows of a plain step of n sequences whose drafter round the worker should observe: all of
+        them while warming up on free lookups (a batch of 16 learns in one plain step, for 16 host
+        lookups), else one."""
+        return n if self.free_lookups and self.warming_up else 1
 
     def k_for_step(self, n: int) -> int:
         """Draft tokens per sequence for a decode step of n sequences (0: decode plainly)."""
         if n > self.max_batch_size:
             return 0
-        if self.acceptance.num_observed < WARMUP_TRIALS:
-            k = self.k_max
+        observed, self._seen = self.acceptance.num_observed > self._seen, self.acceptance.num_observed
+        if self.warming_up:
+            # Free lookups: plain steps, whose lookups the worker observes, unless the latest plain
+            # step brought none (a sampled batch: no lookup is compared), then a speculative one.
+            k = 0 if self.free_lookups and (self.last_k != 0 or observed) else self.k_max
+            reason = "warmup"
         else:
             overhead = self.overheads.at(n) if self.overheads is not None else NO_OVERHEAD
             k = choose_k(self.acceptance.rates, self.costs, n, self.k_max, match=self.acceptance.match,
                          overhead=overhead)
+            reason = "chosen" if k else "plain"
             if k == 0:
-                self.plain_steps += 1
+                # Plain steps whose lookups were observed are evidence already: no probe for them.
+                self.plain_steps = 0 if self.free_lookups and observed else self.plain_steps + 1
                 if self.plain_steps >= self.probe_interval:
-                    k, self.plain_steps = self.k_max, 0
+                    k, self.plain_steps, reason = self.k_max, 0, "probe"
                     self.num_probes += 1
                     self.probe_interval = min(2 * self.probe_interval, PROBE_MAX)
             else:
                 self.plain_steps, self.probe_interval = 0, PROBE_MIN
         self.steps_by_k[k] += 1
-        self.last_k = k
+        self.last_k, self.last_reason = k, reason
         return k
 
     def k_again(self, n: int) -> int:
