@@ -129,6 +129,7 @@ class Sim:
             i = c.index(b)
             ov = self.overhead[i]
             if p is not None:
+                p.live_match = [match[j] for j in live]  # read by Oracle alone
                 obs, probes = p.acceptance.num_observed, p.num_probes
                 k = p.k_for_step(b)
                 reason = self._reason(obs, probes, k)
@@ -137,6 +138,7 @@ class Sim:
             emitted = 0
             if k > 0 and self.rounds > 1 and c.in_rounds(b, k) and max(rem) > 1:
                 r = min(self.rounds, max(rem))
+                made = {j: [] for j in live}
                 for _ in range(r):
                     rows = [j for j in live if rem[j] > 0]
                     if not rows:
@@ -150,7 +152,12 @@ class Sim:
                         got = min(a + 1, rem[j])
                         rem[j] -= got
                         emitted += got
+                        if rem[j] > 0 or got == a + 1:
+                            made[j].append(a + 1)
                     p.observe([k] * len(rows), acc, prop)
+                if hasattr(p, "observe_rows"):  # the rows that ran every round (worker.py)
+                    full = [j for j in live if len(made[j]) == r]
+                    p.observe_rows([prompts[j] for j in full], [made[j] for j in full])
                 seconds = r * (c.rounds[i] + ov[3])
                 p.observe_step(b, k, seconds, steps=r)
                 self.plain_run = 0
@@ -212,19 +219,47 @@ class Sim:
         return LOOKUP_S * rows
 
 
+class Oracle:
+    """The policy's choice (choose_k) made with the truth: the workload's rates, the steps' real costs
+    and a match rate of the live rows' own, their mean (what the policy estimates, perfectly) or the
+    lowest (``slowest``: a batch whose rows all run to the same length finishes with its slowest, and
+    the steps after the others finished carry few rows at nearly a full step's cost)."""
+
+    def __init__(self, work: Workload, costs: StepCosts, slowest: bool) -> None:
+        self.work, self.costs, self.slowest = work, costs, slowest
+        self.k_max, self.num_probes, self.last_reason, self.live_match = costs.k_max, 0, "chosen", []
+        self.acceptance = engine_policy.AcceptanceEstimate(costs.k_max)
+
+    def k_for_step(self, n: int) -> int:
+        m = min(self.live_match) if self.slowest else statistics.mean(self.live_match)
+        return engine_policy.choose_k(self.work.rates, self.costs, n, self.k_max, match=m,
+                                      overhead=H200_OVERHEAD[self.costs.index(n)])
+
+    def observe(self, *args) -> None:
+        pass
+
+    def observe_step(self, *args, **kw) -> None:
+        pass
+
+
 def run_row(mod, work: Workload, n: int, rounds: int, seed: int, k_max: int = 4, prompts: int = 16,
-            tokens: int = 256, repeats: int = 2, max_batch_size: int = 16) -> tuple[float, dict]:
-    """A spec_bench row: (the timed runs' speedup over the plain engine, seconds/tokens/steps by reason)."""
+            tokens: int = 256, repeats: int = 2, max_batch_size: int = 16, cold: bool = False) -> tuple[float, dict]:
+    """A spec_bench row: (the timed runs' speedup over the plain engine, seconds/tokens/steps by reason).
+    ``cold``: no untimed warm-up generation (a fresh engine's first requests pay the policy's warm-up)."""
     costs = H200_COSTS if rounds > 1 else dataclasses.replace(H200_COSTS, rounds=[])  # one round: no rounds table
-    try:
+    if mod in ("oracle", "oracle-slowest"):
+        policy = Oracle(work, costs, mod == "oracle-slowest")
+    else:
+      try:
         policy = mod.SpecPolicy(k_max, max_batch_size, costs, free_lookups=True)  # the worker's n-gram policy
-    except TypeError:  # an older policy: no free lookups
+      except TypeError:  # an older policy: no free lookups
         policy = mod.SpecPolicy(k_max, max_batch_size, costs)
     sim = Sim(policy, work, rounds, seed, costs)
     sim.mod_warmup = getattr(mod, "WARMUP_TRIALS", 0)
     plain = Sim(None, work, rounds, seed, costs)
     batches = [list(range(s, min(s + n, prompts))) for s in range(0, prompts, n)]
-    sim.generate(batches[0], 8)  # spec_bench's warm-up: untimed
+    if not cold:
+        sim.generate(batches[0], 8)  # spec_bench's warm-up: untimed
     sim.by_reason = {}
     spec_s = sum(sim.generate(b, tokens) for _ in range(repeats) for b in batches)
     plain_s = sum(plain.generate(b, tokens) for _ in range(repeats) for b in batches)
@@ -235,6 +270,8 @@ def run_row(mod, work: Workload, n: int, rounds: int, seed: int, k_max: int = 4,
 def load_policy(path: str | None):
     if path is None:
         return engine_policy
+    if path in ("oracle", "oracle-slowest"):
+        return path
     spec = importlib.util.spec_from_file_location("replayed_policy", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules["replayed_policy"] = mod  # dataclasses look their module up
@@ -242,12 +279,12 @@ def load_policy(path: str | None):
     return mod
 
 
-def report(mod, work: Workload, n: int, rounds: int, seeds: int) -> dict:
+def report(mod, work: Workload, n: int, rounds: int, seeds: int, cold: bool = False) -> dict:
     """Mean and min speedup over ``seeds`` rows, and the mean seconds each reason's steps lost against
     decoding their tokens at the plain engine's per-token time, as a share of the plain run."""
     speedups, lost, steps = [], {}, {}
     for s in range(seeds):
-        speedup, info = run_row(mod, work, n, rounds, 1000 * s + n)
+        speedup, info = run_row(mod, work, n, rounds, 1000 * s + n, cold=cold)
         speedups.append(speedup)
         plain_total = info["spec_s"] * speedup
         for reason, (sec, tok, cnt) in info["by_reason"].items():
@@ -258,16 +295,18 @@ def report(mod, work: Workload, n: int, rounds: int, seeds: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policy", default=None, help="a policy.py to replay (default: the engine's)")
+    ap.add_argument("--policy", default=None, help="a policy.py to replay (default: the engine's), or 'oracle' / "
+                    "'oracle-slowest' (Oracle: choose_k on the truth, the live rows' mean or lowest match rate)")
     ap.add_argument("--rounds", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--cold", action="store_true", help="no untimed warm-up generation before the timed runs")
     args = ap.parse_args()
     mod = load_policy(args.policy)
     for work in (GSM8K, GSM8K_STREAKS, WIKITEXT, WIKITEXT_STREAKS):
         for rounds in args.rounds:
             for n in args.batch:
-                r = report(mod, work, n, rounds, args.seeds)
+                r = report(mod, work, n, rounds, args.seeds, args.cold)
                 parts = "  ".join(f"{k}: {r['steps'][k]:.0f} steps {100 * v:+.1f}%" for k, v in sorted(r["lost"].items()))
                 print(f"{work.name:8s} R={rounds} b{n:<3d} speedup {r['mean']:.3f} (min {r['min']:.3f})  "
                       f"time lost vs plain by step kind: {parts}")

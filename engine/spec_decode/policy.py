@@ -51,7 +51,13 @@ resident rounds with one host sync: step_seconds costs it per round from the sta
 matched, so no decode_one term), calibrated by the "rounds" overhead, against the same expected
 tokens per round; smaller k still cost one round through the host. The rounds' real proposals
 (rounds.py: a row without a match proposed nothing) are observed round by round, plain steps'
-lookups and the probes as above.
+lookups and the probes as above. A rounds step of a batch is costed by the tokens of its slowest
+sequence, not the mean one (RowSpread: the lasting spread of the sequences' tokens per round,
+from rounds steps two apart): a batch whose sequences want the same length waits for its slowest,
+and the steps after the others finished carry few rows at nearly a full step's cost. On the H200's
+gsm8k rows at batch 16 that made rounds which paid for the mean sequence lose (spec_policy_sim.py,
+which replays spec_bench's rows on a described workload: with the rounds costed by the mean
+sequence even the true rates gave 0.93x; this policy 0.97x, and wikitext's 1.47x stays).
 
 ``steps_by_k`` counts scheduled decode steps, not tokens: a k = 0 step of a greedy batch is a
 multi-step decode of up to num_decode_steps tokens per sequence, a k > 0 step emits 1..k + 1.
@@ -161,17 +167,27 @@ def expected_tokens(rates: Seq[float], k: int) -> float:
     return total
 
 
+def slowest_of(n: int) -> float:
+    """How many standard deviations below the mean the lowest of n normal draws lies (about): the
+    quantile 1 / (n + 1). 0 for one."""
+    return -statistics.NormalDist().inv_cdf(1.0 / (n + 1)) if n > 1 else 0.0
+
+
 def choose_k(rates: Seq[float], costs: StepCosts, n: int, k_max: int, min_gain: float = MIN_GAIN,
-             match: float = 1.0, overhead: Overhead = NO_OVERHEAD) -> int:
+             match: float = 1.0, overhead: Overhead = NO_OVERHEAD, spread: float = 0.0) -> int:
     """k* for a batch of n sequences: the k > 0 with the most expected tokens per second if it beats
     plain decoding's by ``min_gain``, else 0. ``match``: the rate at which a sequence's drafter
-    proposes anything (``rates`` are given that it did); ``overhead``: StepOverheads.at(n)."""
+    proposes anything (``rates`` are given that it did); ``overhead``: StepOverheads.at(n).
+    ``spread``: the standard deviation between the batch's sequences of their tokens per round of a
+    rounds step (RowSpread); such a step is costed by the tokens of the batch's slowest sequence."""
     plain = 1.0 / costs.step_seconds(n, 0, overhead=overhead)
     p_any = 1.0 - (1.0 - match) ** n  # sequences taken as independent
     best_k, best = 0, plain * min_gain
     for k in range(1, min(k_max, costs.k_max) + 1):
         p_full = match * (expected_tokens(rates, k) - expected_tokens(rates, k - 1))  # m * prod of rates[:k]
         tokens = 1.0 + match * (expected_tokens(rates, k) - 1.0)
+        if spread and costs.in_rounds(n, k):
+            tokens = max(1.0, tokens - slowest_of(n) * spread)
         rate = tokens / costs.step_seconds(n, k, p_full, p_any, overhead)
         if rate > best:
             best_k, best = k, rate
@@ -237,6 +253,42 @@ class AcceptanceEstimate:
         return (self.match_hits + PRIOR_MATCH * w) / (self.match_trials + w)
 
 
+class RowSpread:
+    """How much the sequences of a batch differ in tokens per round of a rounds step, lastingly: a
+    batch whose sequences all want the same length finishes with its slowest, and once the others
+    have finished its steps carry few rows at nearly a full step's cost (the H200's gsm8k rows at
+    batch 16, fixed k=4 and 8 rounds: 224 rounds for 256 tokens, 1.14 a round, where the mean
+    sequence emitted about 1.5; spec_policy_sim.py: a policy costing rounds by the mean sequence
+    lost ~7% there even with the true rates, one costing the slowest lost nothing). The variance of
+    the sequences' own rates is the covariance, over the sequences of two consecutive rounds steps,
+    of their mean tokens per round in each: chance and streaks within a step (a continuation copying
+    a span matches round after round) do not carry over to the next step's rounds, a sequence's own
+    rate does. Decayed like the acceptance counts; 0 until rounds steps two apart shared three sequences."""
+
+    def __init__(self, decay: float = DECAY) -> None:
+        self.decay = decay
+        self.weight = 0.0
+        self.total = 0.0
+        # The two latest rounds steps' mean tokens per round, by sequence (older first).
+        self.last: deque[dict[int, float]] = deque(maxlen=2)
+
+    def observe(self, ids: Seq[int], made: Seq[Seq[int]]) -> None:
+        """One rounds step: per sequence (``ids``) that ran all of its rounds, the tokens each emitted."""
+        now = {i: sum(m) / len(m) for i, m in zip(ids, made) if m}
+        if len(self.last) == self.last.maxlen:
+            before = self.last[0]  # two steps back: a streak across one step's end does not reach it
+            both = [i for i in now if i in before]
+            if len(both) >= 3:
+                cov = statistics.covariance([before[i] for i in both], [now[i] for i in both])
+                self.weight = self.weight * self.decay + 1.0
+                self.total = self.total * self.decay + cov  # signed: chance cancels in the sum
+        self.last.append(now)
+
+    @property
+    def spread(self) -> float:
+        return max(0.0, self.total / self.weight) ** 0.5 if self.weight else 0.0
+
+
 class StepOverheads:
     """What the engine's decode steps took beyond the startup table, per measured batch size and
     kind of step: plain (per token), a round with a verify, a round in which nothing was proposed,
@@ -283,60 +335,39 @@ class SpecPolicy:
     ``calibrate``: weigh the engine's measured step times (observe_step) on top of ``costs``;
     False keeps ``costs`` the whole truth (a test's injected table)."""
 
-    def __init__(self, k_max: int, max_batch_size: int, costs: StepCosts, calibrate: bool = True,
-                 free_lookups: bool = False) -> None:
+    def __init__(self, k_max: int, max_batch_size: int, costs: StepCosts, calibrate: bool = True) -> None:
         self.k_max, self.max_batch_size, self.costs = k_max, max_batch_size, costs
         self.acceptance = AcceptanceEstimate(k_max)
         self.overheads = StepOverheads(costs) if calibrate else None
-        # The worker observes the drafter's round after a plain step at no device cost (n-gram:
-        # SpecDecodeWorker._unrun_round): warm up on those, and probe only where none come.
-        self.free_lookups = free_lookups
+        self.spread = RowSpread()
         self.probe_interval = PROBE_MIN
-        self.plain_steps = 0  # since the last speculative step (free_lookups: or the last observation)
+        self.plain_steps = 0  # since the last speculative step
         self.num_probes = 0
         # Decode steps the policy gave each k (0: plain; a step the pool lacks blocks for still decodes
-        # plainly), the latest k and why ("warmup", "probe", "chosen" or "plain").
+        # plainly), and the latest k.
         self.steps_by_k = [0] * (k_max + 1)
         self.last_k = k_max
-        self.last_reason = ""
-        self._seen = 0  # acceptance.num_observed at the latest decision
-
-    @property
-    def warming_up(self) -> bool:
-        return self.acceptance.num_observed < WARMUP_TRIALS
-
-    def lookup_rows(self, n: int) -> int:
-        """Rows of a plain step of n sequences whose drafter round the worker should observe: all of
-        them while warming up on free lookups (a batch of 16 learns in one plain step, for 16 host
-        lookups), else one."""
-        return n if self.free_lookups and self.warming_up else 1
 
     def k_for_step(self, n: int) -> int:
         """Draft tokens per sequence for a decode step of n sequences (0: decode plainly)."""
         if n > self.max_batch_size:
             return 0
-        observed, self._seen = self.acceptance.num_observed > self._seen, self.acceptance.num_observed
-        if self.warming_up:
-            # Free lookups: plain steps, whose lookups the worker observes, unless the latest plain
-            # step brought none (a sampled batch: no lookup is compared), then a speculative one.
-            k = 0 if self.free_lookups and (self.last_k != 0 or observed) else self.k_max
-            reason = "warmup"
+        if self.acceptance.num_observed < WARMUP_TRIALS:
+            k = self.k_max
         else:
             overhead = self.overheads.at(n) if self.overheads is not None else NO_OVERHEAD
             k = choose_k(self.acceptance.rates, self.costs, n, self.k_max, match=self.acceptance.match,
-                         overhead=overhead)
-            reason = "chosen" if k else "plain"
+                         overhead=overhead, spread=self.spread.spread)
             if k == 0:
-                # Plain steps whose lookups were observed are evidence already: no probe for them.
-                self.plain_steps = 0 if self.free_lookups and observed else self.plain_steps + 1
+                self.plain_steps += 1
                 if self.plain_steps >= self.probe_interval:
-                    k, self.plain_steps, reason = self.k_max, 0, "probe"
+                    k, self.plain_steps = self.k_max, 0
                     self.num_probes += 1
                     self.probe_interval = min(2 * self.probe_interval, PROBE_MAX)
             else:
                 self.plain_steps, self.probe_interval = 0, PROBE_MIN
         self.steps_by_k[k] += 1
-        self.last_k, self.last_reason = k, reason
+        self.last_k = k
         return k
 
     def k_again(self, n: int) -> int:
@@ -351,6 +382,10 @@ class SpecPolicy:
     def observe(self, asked: Seq[int], accepted: Seq[int], proposed: Seq[int] | None = None) -> None:
         self.acceptance.observe(asked, accepted, proposed)
 
+    def observe_rows(self, ids: Seq[int], made: Seq[Seq[int]]) -> None:
+        """A rounds step's tokens per sequence and round (RowSpread.observe)."""
+        self.spread.observe(ids, made)
+
     def observe_step(self, n: int, k: int, seconds: float, steps: int = 1, proposed: bool = True) -> None:
         """An engine decode step's wall time (StepOverheads.observe); steps past max_batch_size,
         which the policy does not decide, are left out."""
@@ -361,5 +396,6 @@ class SpecPolicy:
         return {"policy": "auto", "last_k": self.last_k, "steps_by_k": list(self.steps_by_k),
                 "num_probes": self.num_probes, "probe_interval": self.probe_interval,
                 "acceptance_estimate": self.acceptance.rates, "match_estimate": self.acceptance.match,
+                "row_spread": self.spread.spread,
                 "costs": self.costs.as_dict(),
                 "overhead_s": self.overheads.as_dict() if self.overheads is not None else None}

@@ -63,8 +63,7 @@ class SpecDecodeWorker:
         if spec is not None and spec.auto:  # with rounds, a k_max step of R rounds is costed as such
             costs = measure_step_costs(target, proposer, spec.num_speculative_tokens, spec.max_batch_size,
                                        rounds=self.rounds)
-            self.policy = SpecPolicy(spec.num_speculative_tokens, spec.max_batch_size, costs,
-                                     free_lookups=isinstance(proposer, NgramProposer))
+            self.policy = SpecPolicy(spec.num_speculative_tokens, spec.max_batch_size, costs)
 
     def k_for_step(self, batch_size: int) -> int:
         """The scheduler's spec_k: draft tokens per sequence for a decode step of ``batch_size``."""
@@ -105,22 +104,15 @@ class SpecDecodeWorker:
         lookup each, off the device but between two steps, with the GPU idle (~90 us for a
         ~300-token context on the H200's host against ~3.8 ms for a plain 8-token step of
         SmolLM2-135M: the fourteenth session's n-gram engine with drafting off ran 0.96x the plain
-        engine, Medusa's 1.05x). While the policy warms up on these lookups every row's round is
-        observed (SpecPolicy.lookup_rows: a batch of 16 gives 16 observations in one plain step)."""
-        asked, accepted, proposed = [], [], []
-        for _ in range(min(self.policy.lookup_rows(len(seqs)), len(seqs))):
-            i = self._unrun_row % len(seqs)
-            self._unrun_row += 1
-            seq, new = seqs[i], num_new[i]
-            if new == 0 or not seq.plain_greedy:
-                continue
-            k = min(self.policy.k_max, new)
-            draft = self.proposer.proposal_before(seq, new, k)
-            asked.append(k)
-            accepted.append(greedy_agreement(draft, seq.token_ids[len(seq.token_ids) - new:]))
-            proposed.append(len(draft))
-        if asked:
-            self.policy.observe(asked, accepted, proposed)
+        engine, Medusa's 1.05x)."""
+        i = self._unrun_row % len(seqs)
+        self._unrun_row += 1
+        seq, new = seqs[i], num_new[i]
+        if new == 0 or not seq.plain_greedy:
+            return
+        k = min(self.policy.k_max, new)
+        draft = self.proposer.proposal_before(seq, new, k)
+        self.policy.observe([k], [greedy_agreement(draft, seq.token_ids[len(seq.token_ids) - new:])], [len(draft)])
 
     def stats(self) -> dict:
         """The metrics (SpecDecodeMetrics.as_dict) and, under ``auto``, the policy's choices and costs."""
@@ -143,9 +135,15 @@ class SpecDecodeWorker:
         if batch.num_rounds > 1:  # R device-resident greedy rounds (rounds.py; the scheduler's spec_rounds)
             result = self.rounds.step(batch, self.metrics)
             if self.policy is not None:  # each round as a one-round step: its real proposals only
-                for rows, proposed, accepted, _ in self.rounds.last_rounds:
+                made: dict[int, list[int]] = {}  # per row, the tokens of each round it ran
+                for rows, proposed, accepted, emitted in self.rounds.last_rounds:
                     if rows:
                         self.policy.observe([self.rounds.k] * len(rows), accepted, proposed)
+                    for i, e in zip(rows, emitted):
+                        made.setdefault(i, []).append(e)
+                # The rows that ran every round, for how much the batch's sequences differ (RowSpread).
+                full = [i for i, m in made.items() if len(m) == len(self.rounds.last_rounds)]
+                self.policy.observe_rows([batch.seqs[i].seq_id for i in full], [made[i] for i in full])
             return result
         seqs = batch.seqs
         assert batch.num_draft is not None
