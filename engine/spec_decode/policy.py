@@ -81,6 +81,7 @@ DECAY = 0.95  # per observed step: the estimate remembers about the last 20 step
 WARMUP_TRIALS = 8  # sequence-steps speculated at k_max before the costs decide
 MIN_GAIN = 1.02  # speculation must beat plain decoding by this factor (within measurement noise)
 PROBE_MIN, PROBE_MAX = 16, 256  # plain steps between probes while k* = 0
+SPREAD_PRIOR = 8.0  # RowSpread's prior of no spread, in degrees of freedom of the covariances
 OVERHEAD_WINDOW = 16  # engine steps per batch size and kind whose median overhead is used
 
 # Seconds added to (a plain token, a verify round, a round without proposals, a round of a rounds step).
@@ -263,7 +264,8 @@ class RowSpread:
     the sequences' own rates is the covariance, over the sequences of two consecutive rounds steps,
     of their mean tokens per round in each: chance and streaks within a step (a continuation copying
     a span matches round after round) do not carry over to the next step's rounds, a sequence's own
-    rate does. Decayed like the acceptance counts; 0 until rounds steps two apart shared three sequences."""
+    rate does. Decayed like the acceptance counts, each covariance weighed by its degrees of freedom
+    against a prior of none (SPREAD_PRIOR); 0 until rounds steps two apart shared three sequences."""
 
     def __init__(self, decay: float = DECAY) -> None:
         self.decay = decay
@@ -278,15 +280,15 @@ class RowSpread:
         if len(self.last) == self.last.maxlen:
             before = self.last[0]  # two steps back: a streak across one step's end does not reach it
             both = [i for i in now if i in before]
-            if len(both) >= 3:
+            if len(both) >= 3:  # weighed by its degrees of freedom (3 rows say little, 16 more)
                 cov = statistics.covariance([before[i] for i in both], [now[i] for i in both])
-                self.weight = self.weight * self.decay + 1.0
-                self.total = self.total * self.decay + cov  # signed: chance cancels in the sum
+                self.weight = self.weight * self.decay + len(both) - 1
+                self.total = self.total * self.decay + (len(both) - 1) * cov  # signed: chance cancels
         self.last.append(now)
 
     @property
     def spread(self) -> float:
-        return max(0.0, self.total / self.weight) ** 0.5 if self.weight else 0.0
+        return max(0.0, self.total / (self.weight + SPREAD_PRIOR)) ** 0.5
 
 
 class StepOverheads:
