@@ -1,9 +1,10 @@
 """CPU replay of the ``auto`` k policy (engine/spec_decode/policy.py) on a described workload: what a
 spec_bench ``speed`` row would give, without a GPU.
 
-A workload is a match rate (the share of a sequence's rounds in which the n-gram lookup proposes)
-and per-position conditional acceptance rates (position j accepted given 0..j-1 were), drawn
-independently per row and round (real matches come in streaks: this is the smooth case). The step
+A workload is a match rate (the share of a sequence's rounds in which the n-gram lookup proposes;
+each prompt has its own, 0.5x..1.5x the mean: Workload.row_match) and per-position conditional
+acceptance rates (position j accepted given 0..j-1 were), drawn per row and round independently,
+or (the "~" workloads) in streaks, as a continuation copying a span of its context matches. The step
 costs are the engine's startup table (StepCosts) plus what each kind of engine step really took
 beyond it (the engine's scheduling, appends: the H200 policies' ``overhead_s``), which the policy's
 calibration learns from observe_step as in the engine. A row runs as spec_bench's ``_speed_variant``
@@ -22,7 +23,15 @@ the estimate chose, each with the seconds it lost (or won) against decoding the 
     PYTHONPATH=. python experiments/spec_policy_sim.py [--policy FILE] [--rounds 8] [--seeds 20]
 
 ``--policy FILE``: a policy.py to replay instead of the engine's (e.g. ``git show REV:engine/
-spec_decode/policy.py > /tmp/old.py`` for a before/after)."""
+spec_decode/policy.py > /tmp/old.py`` for a before/after); ``oracle`` / ``oracle-slowest``: choose_k
+on the truth (Oracle), to part what learning costs from what the choice itself costs. ``--cold``:
+without the untimed warm-up generation, so a fresh engine's warm-up is in the timed runs.
+
+What it found (2026-11-30, the H200 table): the learning (warm-up at k_max, probes) cost gsm8k-like
+rows under 0.5% of a run, cold or not; the plain steps' lookups ~0.7%; the old policy's gap to
+choices on the true rates ~0.5-2%. The large loss was at batch 16 with rounds (0.93x): a rounds
+step costed by the mean sequence, which pays there, while the batch waits for its slowest sequence
+(oracle on the mean: 0.93x too; on the slowest: 1.0x) -> policy.RowSpread."""
 
 from __future__ import annotations
 
@@ -99,6 +108,7 @@ class Sim:
         self.decode_steps = decode_steps
         self.plain_run = 0
         self.unrun_row = 0
+        self.mod_warmup = getattr(engine_policy, "WARMUP_TRIALS", 0)  # a replayed module's: run_row
         # seconds, tokens, steps by why the step speculated (or "plain")
         self.by_reason: dict[str, list[float]] = {}
 
@@ -205,18 +215,12 @@ class Sim:
     def _unrun(self, live: list[int], new: dict[int, int], match: list[float]) -> float:
         """worker.py's _unrun_round: one row's lookup before the plain step's tokens, observed; its host time."""
         p, w = self.policy, self.work
-        rows = p.lookup_rows(len(live)) if hasattr(p, "lookup_rows") else 1  # an older policy: one row
-        asked, acc, prop = [], [], []
-        for _ in range(rows):
-            j = live[self.unrun_row % len(live)]
-            self.unrun_row += 1
-            k = min(p.k_max, new[j])
-            m = self._match(j, match[j])
-            asked.append(k)
-            prop.append(k if m else 0)
-            acc.append(_accepted(self.rng, w.rates, k) if m else 0)
-        p.observe(asked, acc, prop)
-        return LOOKUP_S * rows
+        j = live[self.unrun_row % len(live)]
+        self.unrun_row += 1
+        k = min(p.k_max, new[j])
+        m = self._match(j, match[j])
+        p.observe([k], [_accepted(self.rng, w.rates, k) if m else 0], [k if m else 0])
+        return LOOKUP_S
 
 
 class Oracle:
@@ -250,9 +254,6 @@ def run_row(mod, work: Workload, n: int, rounds: int, seed: int, k_max: int = 4,
     if mod in ("oracle", "oracle-slowest"):
         policy = Oracle(work, costs, mod == "oracle-slowest")
     else:
-      try:
-        policy = mod.SpecPolicy(k_max, max_batch_size, costs, free_lookups=True)  # the worker's n-gram policy
-      except TypeError:  # an older policy: no free lookups
         policy = mod.SpecPolicy(k_max, max_batch_size, costs)
     sim = Sim(policy, work, rounds, seed, costs)
     sim.mod_warmup = getattr(mod, "WARMUP_TRIALS", 0)
