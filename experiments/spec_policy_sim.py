@@ -308,7 +308,8 @@ def main() -> None:
         for rounds in args.rounds:
             for n in args.batch:
                 r = report(mod, work, n, rounds, args.seeds, args.cold)
-                parts = "  ".join(f"{k}: {r['steps'][k]:.0f} steps {100 * v:+.1f}%" for k, v in sorted(r["lost"].items()))
+                parts = "  ".join(f"{k}: {r['steps'][k]:.0f} steps {100 * v:+.1f}%"
+                                  for k, v in sorted(r["lost"].items()))
                 print(f"{work.name:8s} R={rounds} b{n:<3d} speedup {r['mean']:.3f} (min {r['min']:.3f})  "
                       f"time lost vs plain by step kind: {parts}")
 
