@@ -51,7 +51,13 @@ resident rounds with one host sync: step_seconds costs it per round from the sta
 matched, so no decode_one term), calibrated by the "rounds" overhead, against the same expected
 tokens per round; smaller k still cost one round through the host. The rounds' real proposals
 (rounds.py: a row without a match proposed nothing) are observed round by round, plain steps'
-lookups and the probes as above.
+lookups and the probes as above. A rounds step of a batch is costed by the tokens of its slowest
+sequence, not the mean one (RowSpread: the lasting spread of the sequences' tokens per round,
+from rounds steps two apart): a batch whose sequences want the same length waits for its slowest,
+and the steps after the others finished carry few rows at nearly a full step's cost. On the H200's
+gsm8k rows at batch 16 that made rounds which paid for the mean sequence lose (spec_policy_sim.py,
+which replays spec_bench's rows on a described workload: with the rounds costed by the mean
+sequence even the true rates gave 0.93x; this policy 0.97x, and wikitext's 1.47x stays).
 
 ``steps_by_k`` counts scheduled decode steps, not tokens: a k = 0 step of a greedy batch is a
 multi-step decode of up to num_decode_steps tokens per sequence, a k > 0 step emits 1..k + 1.
@@ -75,6 +81,7 @@ DECAY = 0.95  # per observed step: the estimate remembers about the last 20 step
 WARMUP_TRIALS = 8  # sequence-steps speculated at k_max before the costs decide
 MIN_GAIN = 1.02  # speculation must beat plain decoding by this factor (within measurement noise)
 PROBE_MIN, PROBE_MAX = 16, 256  # plain steps between probes while k* = 0
+SPREAD_PRIOR = 8.0  # RowSpread's prior of no spread, in degrees of freedom of the covariances
 OVERHEAD_WINDOW = 16  # engine steps per batch size and kind whose median overhead is used
 
 # Seconds added to (a plain token, a verify round, a round without proposals, a round of a rounds step).
@@ -161,17 +168,27 @@ def expected_tokens(rates: Seq[float], k: int) -> float:
     return total
 
 
+def slowest_of(n: int) -> float:
+    """How many standard deviations below the mean the lowest of n normal draws lies (about): the
+    quantile 1 / (n + 1). 0 for one."""
+    return -statistics.NormalDist().inv_cdf(1.0 / (n + 1)) if n > 1 else 0.0
+
+
 def choose_k(rates: Seq[float], costs: StepCosts, n: int, k_max: int, min_gain: float = MIN_GAIN,
-             match: float = 1.0, overhead: Overhead = NO_OVERHEAD) -> int:
+             match: float = 1.0, overhead: Overhead = NO_OVERHEAD, spread: float = 0.0) -> int:
     """k* for a batch of n sequences: the k > 0 with the most expected tokens per second if it beats
     plain decoding's by ``min_gain``, else 0. ``match``: the rate at which a sequence's drafter
-    proposes anything (``rates`` are given that it did); ``overhead``: StepOverheads.at(n)."""
+    proposes anything (``rates`` are given that it did); ``overhead``: StepOverheads.at(n).
+    ``spread``: the standard deviation between the batch's sequences of their tokens per round of a
+    rounds step (RowSpread); such a step is costed by the tokens of the batch's slowest sequence."""
     plain = 1.0 / costs.step_seconds(n, 0, overhead=overhead)
     p_any = 1.0 - (1.0 - match) ** n  # sequences taken as independent
     best_k, best = 0, plain * min_gain
     for k in range(1, min(k_max, costs.k_max) + 1):
         p_full = match * (expected_tokens(rates, k) - expected_tokens(rates, k - 1))  # m * prod of rates[:k]
         tokens = 1.0 + match * (expected_tokens(rates, k) - 1.0)
+        if spread and costs.in_rounds(n, k):
+            tokens = max(1.0, tokens - slowest_of(n) * spread)
         rate = tokens / costs.step_seconds(n, k, p_full, p_any, overhead)
         if rate > best:
             best_k, best = k, rate
@@ -237,6 +254,43 @@ class AcceptanceEstimate:
         return (self.match_hits + PRIOR_MATCH * w) / (self.match_trials + w)
 
 
+class RowSpread:
+    """How much the sequences of a batch differ in tokens per round of a rounds step, lastingly: a
+    batch whose sequences all want the same length finishes with its slowest, and once the others
+    have finished its steps carry few rows at nearly a full step's cost (the H200's gsm8k rows at
+    batch 16, fixed k=4 and 8 rounds: 224 rounds for 256 tokens, 1.14 a round, where the mean
+    sequence emitted about 1.5; spec_policy_sim.py: a policy costing rounds by the mean sequence
+    lost ~7% there even with the true rates, one costing the slowest lost nothing). The variance of
+    the sequences' own rates is the covariance, over the sequences of two consecutive rounds steps,
+    of their mean tokens per round in each: chance and streaks within a step (a continuation copying
+    a span matches round after round) do not carry over to the next step's rounds, a sequence's own
+    rate does. Decayed like the acceptance counts, each covariance weighed by its degrees of freedom
+    against a prior of none (SPREAD_PRIOR); 0 until rounds steps two apart shared three sequences."""
+
+    def __init__(self, decay: float = DECAY) -> None:
+        self.decay = decay
+        self.weight = 0.0
+        self.total = 0.0
+        # The two latest rounds steps' mean tokens per round, by sequence (older first).
+        self.last: deque[dict[int, float]] = deque(maxlen=2)
+
+    def observe(self, ids: Seq[int], made: Seq[Seq[int]]) -> None:
+        """One rounds step: per sequence (``ids``) that ran all of its rounds, the tokens each emitted."""
+        now = {i: sum(m) / len(m) for i, m in zip(ids, made) if m}
+        if len(self.last) == self.last.maxlen:
+            before = self.last[0]  # two steps back: a streak across one step's end does not reach it
+            both = [i for i in now if i in before]
+            if len(both) >= 3:  # weighed by its degrees of freedom (3 rows say little, 16 more)
+                cov = statistics.covariance([before[i] for i in both], [now[i] for i in both])
+                self.weight = self.weight * self.decay + len(both) - 1
+                self.total = self.total * self.decay + (len(both) - 1) * cov  # signed: chance cancels
+        self.last.append(now)
+
+    @property
+    def spread(self) -> float:
+        return max(0.0, self.total / (self.weight + SPREAD_PRIOR)) ** 0.5
+
+
 class StepOverheads:
     """What the engine's decode steps took beyond the startup table, per measured batch size and
     kind of step: plain (per token), a round with a verify, a round in which nothing was proposed,
@@ -287,6 +341,7 @@ class SpecPolicy:
         self.k_max, self.max_batch_size, self.costs = k_max, max_batch_size, costs
         self.acceptance = AcceptanceEstimate(k_max)
         self.overheads = StepOverheads(costs) if calibrate else None
+        self.spread = RowSpread()
         self.probe_interval = PROBE_MIN
         self.plain_steps = 0  # since the last speculative step
         self.num_probes = 0
@@ -304,7 +359,7 @@ class SpecPolicy:
         else:
             overhead = self.overheads.at(n) if self.overheads is not None else NO_OVERHEAD
             k = choose_k(self.acceptance.rates, self.costs, n, self.k_max, match=self.acceptance.match,
-                         overhead=overhead)
+                         overhead=overhead, spread=self.spread.spread)
             if k == 0:
                 self.plain_steps += 1
                 if self.plain_steps >= self.probe_interval:
@@ -329,6 +384,10 @@ class SpecPolicy:
     def observe(self, asked: Seq[int], accepted: Seq[int], proposed: Seq[int] | None = None) -> None:
         self.acceptance.observe(asked, accepted, proposed)
 
+    def observe_rows(self, ids: Seq[int], made: Seq[Seq[int]]) -> None:
+        """A rounds step's tokens per sequence and round (RowSpread.observe)."""
+        self.spread.observe(ids, made)
+
     def observe_step(self, n: int, k: int, seconds: float, steps: int = 1, proposed: bool = True) -> None:
         """An engine decode step's wall time (StepOverheads.observe); steps past max_batch_size,
         which the policy does not decide, are left out."""
@@ -339,5 +398,6 @@ class SpecPolicy:
         return {"policy": "auto", "last_k": self.last_k, "steps_by_k": list(self.steps_by_k),
                 "num_probes": self.num_probes, "probe_interval": self.probe_interval,
                 "acceptance_estimate": self.acceptance.rates, "match_estimate": self.acceptance.match,
+                "row_spread": self.spread.spread,
                 "costs": self.costs.as_dict(),
                 "overhead_s": self.overheads.as_dict() if self.overheads is not None else None}

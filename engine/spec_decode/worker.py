@@ -135,9 +135,15 @@ class SpecDecodeWorker:
         if batch.num_rounds > 1:  # R device-resident greedy rounds (rounds.py; the scheduler's spec_rounds)
             result = self.rounds.step(batch, self.metrics)
             if self.policy is not None:  # each round as a one-round step: its real proposals only
-                for rows, proposed, accepted, _ in self.rounds.last_rounds:
+                made: dict[int, list[int]] = {}  # per row, the tokens of each round it ran
+                for rows, proposed, accepted, emitted in self.rounds.last_rounds:
                     if rows:
                         self.policy.observe([self.rounds.k] * len(rows), accepted, proposed)
+                    for i, e in zip(rows, emitted):
+                        made.setdefault(i, []).append(e)
+                # The rows that ran every round, for how much the batch's sequences differ (RowSpread).
+                full = [i for i, m in made.items() if len(m) == len(self.rounds.last_rounds)]
+                self.policy.observe_rows([batch.seqs[i].seq_id for i in full], [made[i] for i in full])
             return result
         seqs = batch.seqs
         assert batch.num_draft is not None

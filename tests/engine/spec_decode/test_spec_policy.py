@@ -3,6 +3,8 @@ injected step costs: no timing is measured here."""
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
 from engine.spec_decode import policy as P
@@ -289,3 +291,69 @@ def test_replay_of_the_h200_gsm8k_and_grounded_ngram_runs_stays_plain(workload):
     if workload is GSM8K:  # the table alone would take the loss
         assert choose_k(rates, H200_NGRAM_B1, 1, 4, match=match) > 0
     assert choose_k(rates, H200_NGRAM_B1, 1, 4, match=match, overhead=policy.overheads.at(1)) == 0
+
+
+def _rounds_costs(sizes=(1, 16), k_max: int = 3, rounds: bool = True) -> StepCosts:
+    """A launch-bound GPU's shape (test_spec_rounds_auto.py's): a plain token 1, one round through the
+    host 3 + 0.05 k, a lookup 0.01, a round of a rounds step 1.2 (``rounds``: at every size)."""
+    n = len(sizes)
+    return StepCosts(list(sizes), [1.0] * n, {k: [0.01] * n for k in range(1, k_max + 1)},
+                     {k: [3.0 + 0.05 * k] * n for k in range(1, k_max + 1)}, catch_up=False,
+                     decode_one=[1.0] * n, rounds=[1.2] * n if rounds else [])
+
+
+def test_slowest_of_n_by_hand():
+    assert P.slowest_of(1) == 0.0
+    assert P.slowest_of(16) == pytest.approx(1.5647, abs=1e-3)  # the normal quantile 1/17
+    assert all(P.slowest_of(n) < P.slowest_of(n + 1) for n in range(1, 64))
+
+
+def test_choose_k_costs_a_rounds_step_by_the_slowest_sequence():
+    """1 + 0.5 (0.6 + 0.36 + 0.216) = 1.588 tokens a round of the mean sequence beat plain decoding's
+    1.2 a round; with a spread of 0.3 between sequences the slowest of 16 emits 1.588 - 1.565 * 0.3 =
+    1.118: a rounds step of 16 loses, of one (no other to wait for) still pays; a one-round step
+    (no rounds table) is not costed so."""
+    rates = [0.6] * 3
+    costs = _rounds_costs()
+    assert choose_k(rates, costs, 16, 3, match=0.5) == 3
+    assert choose_k(rates, costs, 16, 3, match=0.5, spread=0.3) == 0
+    assert choose_k(rates, costs, 16, 3, match=0.5, spread=0.1) == 3  # 1.588 - 0.156 = 1.43 still pays
+    assert choose_k(rates, costs, 1, 3, match=0.5, spread=0.3) == 3
+    one_round = _costs(sizes=(1, 16), decode=(1.0, 1.0), draft=(0.01, 0.01), per_token=False)
+    assert choose_k(rates, one_round, 16, 3, match=0.5, spread=5.0) == choose_k(rates, one_round, 16, 3, match=0.5)
+
+
+def test_row_spread_sees_lasting_differences_not_streaks():
+    """RowSpread: sequences that keep their own rates (row i emits 1 + i % 4 tokens every round) give
+    the covariance of their means two steps apart, weighed by its 15 degrees of freedom against the
+    prior's 8; sequences whose good rounds move from step to step (a streak in one step, none two
+    steps later) give none; fewer than 3 sequences in common say nothing."""
+    lasting = P.RowSpread()
+    ids = list(range(16))
+    for _ in range(3):
+        lasting.observe(ids, [[1 + i % 4] * 4 for i in ids])
+    var = statistics.variance([1 + i % 4 for i in ids])
+    assert lasting.spread == pytest.approx((15 * var / (15 + P.SPREAD_PRIOR)) ** 0.5)
+    moving = P.RowSpread()
+    for t in range(6):
+        moving.observe(ids, [[4 if (i + t) % 3 == 0 else 1] * 4 for i in ids])
+    assert moving.weight > 0 and moving.spread == 0.0
+    few = P.RowSpread()
+    for t in range(4):
+        few.observe([t, 100, 101], [[1], [4], [2]])  # sequence t is new each step: 2 in common
+    assert few.weight == 0 and few.spread == 0.0
+
+
+def test_a_batch_whose_sequences_differ_lastingly_decodes_plainly_at_16_not_at_1():
+    """SpecPolicy: past the warm-up with a drafter whose mean sequence pays in rounds, steps of R
+    rounds whose 16 sequences keep emitting 1 or 4 tokens a round turn batches of 16 to plain
+    decoding (the slowest decides when the batch ends); a batch of one still speculates."""
+    policy = SpecPolicy(3, 16, _rounds_costs(), calibrate=False)
+    for _ in range(4):
+        policy.observe([3] * 16, [1] * 16, [3] * 16)  # about 1 + 0.55 (1 + ...) tokens a round
+    assert policy.k_for_step(16) == 3 and policy.k_for_step(1) == 3
+    ids = list(range(16))
+    for _ in range(4):
+        policy.observe_rows(ids, [[4] * 4 if i % 2 else [1] * 4 for i in ids])
+    assert policy.spread.spread > 1.0 and policy.as_dict()["row_spread"] == policy.spread.spread
+    assert policy.k_for_step(16) == 0 and policy.k_for_step(1) == 3

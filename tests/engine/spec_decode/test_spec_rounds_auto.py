@@ -166,3 +166,30 @@ def test_a_rounds_steps_wall_time_calibrates_its_own_kind(target):
     assert policy.overheads.at(1) == pytest.approx((0.0, 0.0, 0.0, 0.3))
     worker.record_step(ScheduledBatch([seq], False, [1], num_draft=[K]), 0.01 + 3.15 + 0.5, [2])
     assert policy.overheads.at(1) == pytest.approx((0.0, 0.5, 0.0, 0.3))
+
+
+def test_each_rounds_step_passes_its_tokens_per_sequence_to_the_policy(looping_target):
+    """SpecDecodeWorker.step: after a step of R rounds the policy gets, for the sequences that ran every
+    round, their engine ids and the tokens each round emitted (RowSpread, which costs a rounds step by
+    its slowest sequence); the tokens are those the metrics counted."""
+    ps = [p * 3 for p in prompts(3, seed=2, lo=4, hi=12)]
+    calls = []
+    orig = SpecPolicy.observe_rows
+
+    def spy(self, ids, made):
+        calls.append((list(ids), [list(m) for m in made]))
+        orig(self, ids, made)
+
+    SpecPolicy.observe_rows = spy
+    try:
+        engine, policy = _auto_run(looping_target, ps, _greedy(60), _ngram(), _costs())
+    finally:
+        SpecPolicy.observe_rows = orig
+    rounds = engine.spec_worker.rounds
+    assert rounds.num_steps > 0 and len(calls) == rounds.num_steps
+    assert len({i for ids, _ in calls for i in ids}) <= len(ps)  # the same sequences' ids from step to step
+    for ids, made in calls:
+        assert len(ids) == len(made) and len(set(ids)) == len(ids)
+        assert all(len(m) == len(made[0]) and 1 <= len(m) <= R and all(1 <= t <= K + 1 for t in m) for m in made)
+    assert any(len(ids) >= 2 for ids, _ in calls)
+    assert sum(sum(t for m in made for t in m) for _, made in calls) <= engine.spec_metrics.num_emitted
