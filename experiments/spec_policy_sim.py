@@ -44,11 +44,11 @@ import sys
 from dataclasses import dataclass
 
 from engine.spec_decode import policy as engine_policy
-from engine.spec_decode.policy import StepCosts
+from engine.spec_decode.policy import StepCosts, expected_tokens
 
-# The worker's unrun-round schedule (worker.py: UNRUN_EAGER, UNRUN_EVERY); not imported, so this
-# script runs without torch, and checked equal to the worker's in tests/engine/spec_decode/test_spec_policy_sim.py.
-UNRUN_EAGER, UNRUN_EVERY = 8, 4
+# The worker's unrun-round schedule before SpecPolicy.lookup_due, for a replayed policy.py without
+# it: a lookup after each of the first 8 plain steps after a speculative one, then every 4th.
+OLD_UNRUN_EAGER, OLD_UNRUN_EVERY = 8, 4
 
 
 @dataclass
@@ -127,6 +127,8 @@ class Sim:
         n = len(prompts)
         match = [self.work.row_match(q) for q in prompts]
         self.last = [False] * n  # whether row j's latest lookup matched (Workload.streak)
+        self.since = [float("inf")] * n  # row j's tokens since that lookup's position
+        self.per_round = [1.0 + m * (expected_tokens(self.work.rates, self.costs.k_max) - 1.0) for m in match]
         rem = [tokens] * n
         total = 0.0
         c, p, w = self.costs, self.policy, self.work
@@ -161,6 +163,7 @@ class Sim:
                         acc.append(a)
                         got = min(a + 1, rem[j])
                         rem[j] -= got
+                        self.since[j] += self.per_round[j]  # a round: the chain's step
                         emitted += got
                         if rem[j] > 0 or got == a + 1:
                             made[j].append(a + 1)
@@ -180,6 +183,7 @@ class Sim:
                     acc.append(a)
                     got = min(a + 1, rem[j])
                     rem[j] -= got
+                    self.since[j] += self.per_round[j]  # a round: the chain's step
                     emitted += got
                 any_prop = any(prop)
                 seconds = c.draft[k][i] + (c.verify[k][i] + ov[1] if any_prop else c.decode_one_at(i) + ov[2])
@@ -193,11 +197,21 @@ class Sim:
                     rem[j] -= new[j]
                     emitted += new[j]
                 seconds = steps * (c.decode[i] + ov[0])
-                if p is not None:
+                if p is not None:  # worker.py record_step
                     p.observe_step(b, 0, seconds, steps)
                     self.plain_run += 1
-                    if self.plain_run <= UNRUN_EAGER or self.plain_run % UNRUN_EVERY == 0:
-                        seconds += self._unrun(live, new, match)
+                    if hasattr(p, "lookup_due"):
+                        due = p.lookup_due(b, seconds)
+                    else:
+                        due = self.plain_run <= OLD_UNRUN_EAGER or self.plain_run % OLD_UNRUN_EVERY == 0
+                    if due:  # its host time is its own step kind, "lookup"
+                        look = self.by_reason.setdefault("lookup", [0.0, 0.0, 0.0])
+                        sec = self._unrun(live, new, match)
+                        look[0] += sec
+                        look[2] += 1
+                        total += sec
+                for j in live:  # after the lookup, which drafts from the step's start
+                    self.since[j] += new[j]
             total += seconds
             s = self.by_reason.setdefault(reason, [0.0, 0.0, 0.0])
             s[0] += seconds
@@ -206,10 +220,16 @@ class Sim:
 
     def _match(self, j: int, rate: float) -> bool:
         """Whether row j's lookup matches now: a two-state chain with stationary rate ``rate`` whose
-        next state repeats the last with extra probability ``streak`` (0: independent draws)."""
-        s = self.work.streak
-        p = rate + s * (1.0 - rate) if self.last[j] else rate * (1.0 - s)
+        next state repeats the last with extra probability ``streak`` (0: independent draws) per
+        round; a plain step's tokens count as the rounds they would have taken (the row's mean
+        tokens per round at k_max): a lookup g rounds after the last matches with rate + (last -
+        rate) * streak^g. The streak is the text's: it runs on while plain steps look at other rows
+        or none (the chain once stood still between lookups, which made looking less often look
+        worse on the "~" rows than it is)."""
+        g = self.since[j] / self.per_round[j]
+        p = rate + ((1.0 if self.last[j] else 0.0) - rate) * self.work.streak ** g
         self.last[j] = self.rng.random() < p
+        self.since[j] = 0.0
         return self.last[j]
 
     def _unrun(self, live: list[int], new: dict[int, int], match: list[float]) -> float:
@@ -220,6 +240,8 @@ class Sim:
         k = min(p.k_max, new[j])
         m = self._match(j, match[j])
         p.observe([k], [_accepted(self.rng, w.rates, k) if m else 0], [k if m else 0])
+        if hasattr(p, "observe_lookup"):
+            p.observe_lookup(LOOKUP_S)
         return LOOKUP_S
 
 
@@ -245,6 +267,9 @@ class Oracle:
     def observe_step(self, *args, **kw) -> None:
         pass
 
+    def lookup_due(self, n: int, seconds: float) -> bool:
+        return False  # it knows the truth: plain steps' lookups would only cost
+
 
 def run_row(mod, work: Workload, n: int, rounds: int, seed: int, k_max: int = 4, prompts: int = 16,
             tokens: int = 256, repeats: int = 2, max_batch_size: int = 16, cold: bool = False) -> tuple[float, dict]:
@@ -254,7 +279,10 @@ def run_row(mod, work: Workload, n: int, rounds: int, seed: int, k_max: int = 4,
     if mod in ("oracle", "oracle-slowest"):
         policy = Oracle(work, costs, mod == "oracle-slowest")
     else:
-        policy = mod.SpecPolicy(k_max, max_batch_size, costs)
+        try:  # the engine's worker passes its num_rounds (a replayed policy.py may predate it)
+            policy = mod.SpecPolicy(k_max, max_batch_size, costs, num_rounds=rounds, lookups=True)
+        except TypeError:
+            policy = mod.SpecPolicy(k_max, max_batch_size, costs)
     sim = Sim(policy, work, rounds, seed, costs)
     sim.mod_warmup = getattr(mod, "WARMUP_TRIALS", 0)
     plain = Sim(None, work, rounds, seed, costs)

@@ -81,6 +81,14 @@ DECAY = 0.95  # per observed step: the estimate remembers about the last 20 step
 WARMUP_TRIALS = 8  # sequence-steps speculated at k_max before the costs decide
 MIN_GAIN = 1.02  # speculation must beat plain decoding by this factor (within measurement noise)
 PROBE_MIN, PROBE_MAX = 16, 256  # plain steps between probes while k* = 0
+# Plain steps' n-gram lookups (worker.py _unrun_round) may take this share of the plain steps' time:
+# NEAR while speculation might pay (a match rate LOOKUP_Z standard errors above the estimate, or the
+# long-memory one, would choose k > 0), FAR once neither would (SpecPolicy.lookup_due).
+LOOKUP_SHARE_NEAR, LOOKUP_SHARE_FAR, LOOKUP_Z = 0.03, 0.001, 1.25
+LONG_DECAY = 0.995  # the long-memory match rate's (AcceptanceEstimate.long_match): ~200 sequence-steps
+# Until RowSpread has evidence, a rounds step is costed with the spread chance gives the batch's
+# sequences over this many rounds steps (SpecPolicy.horizon).
+HORIZON_STEPS = 2
 SPREAD_PRIOR = 8.0  # RowSpread's prior of no spread, in degrees of freedom of the covariances
 OVERHEAD_WINDOW = 16  # engine steps per batch size and kind whose median overhead is used
 
@@ -168,6 +176,18 @@ def expected_tokens(rates: Seq[float], k: int) -> float:
     return total
 
 
+def round_variance(rates: Seq[float], k: int, match: float = 1.0) -> float:
+    """The variance of a sequence's tokens in a round of k drafts (1 + the accepted drafts, 1 without
+    a proposal), rounds independent: what sequences of the same rates differ by, by chance."""
+    mean = 1.0 + match * (expected_tokens(rates, k) - 1.0)
+    second, reach = 1.0 - match, match  # E[t^2]: t = 1 + a with a the accepted drafts
+    for a in range(k + 1):
+        stop = 1.0 - rates[a] if a < k else 1.0  # position a rejected (or all k accepted)
+        second += reach * stop * (1 + a) ** 2
+        reach *= rates[a] if a < k else 0.0
+    return max(0.0, second - mean * mean)
+
+
 def slowest_of(n: int) -> float:
     """How many standard deviations below the mean the lowest of n normal draws lies (about): the
     quantile 1 / (n + 1). 0 for one."""
@@ -175,7 +195,8 @@ def slowest_of(n: int) -> float:
 
 
 def choose_k(rates: Seq[float], costs: StepCosts, n: int, k_max: int, min_gain: float = MIN_GAIN,
-             match: float = 1.0, overhead: Overhead = NO_OVERHEAD, spread: float = 0.0) -> int:
+             match: float = 1.0, overhead: Overhead = NO_OVERHEAD, spread: float = 0.0,
+             horizon: float = 0.0) -> int:
     """k* for a batch of n sequences: the k > 0 with the most expected tokens per second if it beats
     plain decoding's by ``min_gain``, else 0. ``match``: the rate at which a sequence's drafter
     proposes anything (``rates`` are given that it did); ``overhead``: StepOverheads.at(n).
@@ -187,8 +208,9 @@ def choose_k(rates: Seq[float], costs: StepCosts, n: int, k_max: int, min_gain: 
     for k in range(1, min(k_max, costs.k_max) + 1):
         p_full = match * (expected_tokens(rates, k) - expected_tokens(rates, k - 1))  # m * prod of rates[:k]
         tokens = 1.0 + match * (expected_tokens(rates, k) - 1.0)
-        if spread and costs.in_rounds(n, k):
-            tokens = max(1.0, tokens - slowest_of(n) * spread)
+        if costs.in_rounds(n, k):
+            chance = round_variance(rates, k, match) / horizon if horizon else 0.0
+            tokens = max(1.0, tokens - slowest_of(n) * (spread * spread + chance) ** 0.5)
         rate = tokens / costs.step_seconds(n, k, p_full, p_any, overhead)
         if rate > best:
             best_k, best = k, rate
@@ -212,6 +234,8 @@ class AcceptanceEstimate:
     trials: list[float] = field(default_factory=list)
     match_hits: float = 0.0
     match_trials: float = 0.0
+    long_hits: float = 0.0  # the match counts again, decayed by LONG_DECAY (long_match)
+    long_trials: float = 0.0
     num_observed: int = 0  # sequence-steps observed (undecayed)
 
     def __post_init__(self) -> None:
@@ -229,6 +253,8 @@ class AcceptanceEstimate:
         self.trials = [t * self.decay for t in self.trials]
         self.match_hits *= self.decay
         self.match_trials *= self.decay
+        self.long_hits *= LONG_DECAY
+        self.long_trials *= LONG_DECAY
         for n, p, a in zip(asked, proposed, accepted):
             if not 0 <= a <= p <= n:
                 raise ValueError(f"accepted {a} of {p} proposed of {n} asked-for draft tokens")
@@ -236,9 +262,11 @@ class AcceptanceEstimate:
                 continue
             self.num_observed += 1
             self.match_trials += 1.0
+            self.long_trials += 1.0
             if p == 0:
                 continue
             self.match_hits += 1.0
+            self.long_hits += 1.0
             for j in range(min(n, a + 1, self.k_max)):  # positions 0..a reached; a < n was a miss
                 self.trials[j] += 1.0
                 self.hits[j] += j < a
@@ -252,6 +280,21 @@ class AcceptanceEstimate:
     def match(self) -> float:
         w = self.prior_trials
         return (self.match_hits + PRIOR_MATCH * w) / (self.match_trials + w)
+
+    @property
+    def long_match(self) -> float:
+        """The match rate over a longer memory (LONG_DECAY): what the workload gave before the latest
+        stretch without matches (a continuation that copies nothing yet), which ``match`` forgets."""
+        w = self.prior_trials
+        return (self.long_hits + PRIOR_MATCH * w) / (self.long_trials + w)
+
+    def hopeful_match(self, z: float) -> float:
+        """The match rate ``z`` standard errors above the estimate (a binomial share's, over the decayed
+        trials and the prior's), at most 1: what the evidence does not yet rule out. (Not the rates:
+        they move only with matched rounds, few where matches are rare, and a hopeful bound on them
+        too kept gsm8k's plain steps looking most of the time in the replay.)"""
+        m = self.match
+        return min(1.0, m + z * (m * (1.0 - m) / (self.match_trials + self.prior_trials)) ** 0.5)
 
 
 class RowSpread:
@@ -335,16 +378,27 @@ class StepOverheads:
 class SpecPolicy:
     """k per decode step (the scheduler's ``spec_k``) and what it observed, for one engine.
     ``calibrate``: weigh the engine's measured step times (observe_step) on top of ``costs``;
-    False keeps ``costs`` the whole truth (a test's injected table)."""
+    False keeps ``costs`` the whole truth (a test's injected table). ``num_rounds``: the rounds of a
+    rounds step (costs.rounds; horizon). ``lookups``: the drafter's rounds are observed after plain
+    steps (n-gram: lookup_due), so probes, which those lookups stand in for, start at PROBE_MAX."""
 
-    def __init__(self, k_max: int, max_batch_size: int, costs: StepCosts, calibrate: bool = True) -> None:
+    def __init__(self, k_max: int, max_batch_size: int, costs: StepCosts, calibrate: bool = True,
+                 num_rounds: int = 1, lookups: bool = False) -> None:
         self.k_max, self.max_batch_size, self.costs = k_max, max_batch_size, costs
+        self.num_rounds = num_rounds
         self.acceptance = AcceptanceEstimate(k_max)
         self.overheads = StepOverheads(costs) if calibrate else None
         self.spread = RowSpread()
-        self.probe_interval = PROBE_MIN
+        # A probe at batch 16 with rounds left the fixed batch's sequences uneven (a tail of plain steps
+        # with few rows) and cost the replay's gsm8k rows 0.1-0.5% each time; the lookups see the matches.
+        self.probe_min = PROBE_MAX if lookups else PROBE_MIN
+        self.probe_interval = self.probe_min
         self.plain_steps = 0  # since the last speculative step
         self.num_probes = 0
+        self.lookup_credit = 0.0  # plain-step seconds' share not yet spent on lookups (lookup_due)
+        self.lookup_s = 0.0  # the latest lookup's seconds (observe_lookup)
+        self.num_lookups = 0
+        self._near: tuple[tuple[int, int] | None, bool] = (None, True)  # lookup_due's latest verdict and its key
         # Decode steps the policy gave each k (0: plain; a step the pool lacks blocks for still decodes
         # plainly), and the latest k.
         self.steps_by_k = [0] * (k_max + 1)
@@ -359,7 +413,7 @@ class SpecPolicy:
         else:
             overhead = self.overheads.at(n) if self.overheads is not None else NO_OVERHEAD
             k = choose_k(self.acceptance.rates, self.costs, n, self.k_max, match=self.acceptance.match,
-                         overhead=overhead, spread=self.spread.spread)
+                         overhead=overhead, spread=self.spread.spread, horizon=self.horizon)
             if k == 0:
                 self.plain_steps += 1
                 if self.plain_steps >= self.probe_interval:
@@ -367,10 +421,43 @@ class SpecPolicy:
                     self.num_probes += 1
                     self.probe_interval = min(2 * self.probe_interval, PROBE_MAX)
             else:
-                self.plain_steps, self.probe_interval = 0, PROBE_MIN
+                self.plain_steps, self.probe_interval = 0, self.probe_min
         self.steps_by_k[k] += 1
         self.last_k = k
         return k
+
+    def lookup_due(self, n: int, seconds: float) -> bool:
+        """Whether the plain step of n sequences just taken (``seconds``) is followed by one row's
+        n-gram lookup (worker.py _unrun_round): the lookups may spend LOOKUP_SHARE_NEAR of the plain
+        steps' time while an estimate LOOKUP_Z standard errors more hopeful would speculate, and
+        LOOKUP_SHARE_FAR once even that would not (a lookup between two steps leaves the device
+        idle: at 2% of a plain step each, observing every step lost more than the policy's learning
+        did). The credit carries over between plain steps and is spent by a lookup's own measured
+        time, so a lookup that grows with the context is taken less often."""
+        key = (n, self.acceptance.num_observed)  # the estimate moves only with an observation
+        if self._near[0] != key:
+            a = self.acceptance
+            overhead = self.overheads.at(n) if self.overheads is not None else NO_OVERHEAD
+            self._near = key, any(choose_k(a.rates, self.costs, n, self.k_max, match=m, overhead=overhead,
+                                           spread=self.spread.spread, horizon=self.horizon) > 0
+                                  for m in (a.hopeful_match(LOOKUP_Z), a.long_match))
+        self.lookup_credit += (LOOKUP_SHARE_NEAR if self._near[1] else LOOKUP_SHARE_FAR) * seconds
+        if self.lookup_credit < self.lookup_s:
+            return False
+        self.lookup_credit = 0.0  # no banking: a long far stretch does not buy a burst of lookups
+        return True
+
+    def observe_lookup(self, seconds: float) -> None:
+        """A plain step's lookup took ``seconds`` (host time, the device idle): what the next costs."""
+        self.lookup_s = seconds
+        self.num_lookups += 1
+
+    @property
+    def horizon(self) -> float:
+        """choose_k's: the rounds over which chance spreads a batch's sequences. Until RowSpread has
+        seen rounds steps two apart, a rounds step is costed as one alone (num_rounds: the plain steps
+        after it leave the spread chance gave it for the batch's tail); after, the lasting spread alone."""
+        return 0.0 if self.spread.weight else float(self.num_rounds) * HORIZON_STEPS
 
     def k_again(self, n: int) -> int:
         """The latest k once more (0 past max_batch_size), for the step after a round that observed
@@ -397,6 +484,7 @@ class SpecPolicy:
     def as_dict(self) -> dict:
         return {"policy": "auto", "last_k": self.last_k, "steps_by_k": list(self.steps_by_k),
                 "num_probes": self.num_probes, "probe_interval": self.probe_interval,
+                "num_lookups": self.num_lookups,
                 "acceptance_estimate": self.acceptance.rates, "match_estimate": self.acceptance.match,
                 "row_spread": self.spread.spread,
                 "costs": self.costs.as_dict(),

@@ -18,6 +18,8 @@ unused tail blocks are released).
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from engine.layers.sampler import LogprobRows, StepResult, device_tensor, seeded_rows
@@ -34,10 +36,6 @@ from engine.spec_decode.rejection import greedy_agreement, verify
 from engine.spec_decode.rounds import greedy_rounds
 from engine.spec_decode.step_costs import measure_step_costs
 
-
-# While the auto policy decodes plainly, an n-gram round is observed after each of the first
-# UNRUN_EAGER plain steps, then after every UNRUN_EVERY-th (_unrun_round).
-UNRUN_EAGER, UNRUN_EVERY = 8, 4
 
 
 class SpecDecodeWorker:
@@ -58,12 +56,13 @@ class SpecDecodeWorker:
         self.needs_hidden = getattr(proposer, "needs_hidden", False)
         self._warm_up = False  # the latest speculative step was such a round (nothing to observe)
         self._unrun_row = 0  # the row of the next plain step whose n-gram round is observed
-        self._plain_run = 0  # plain steps since the latest speculative one (which of them observe a round)
         self.rounds = greedy_rounds(target, proposer, spec)  # num_rounds > 1: rounds.py
         if spec is not None and spec.auto:  # with rounds, a k_max step of R rounds is costed as such
             costs = measure_step_costs(target, proposer, spec.num_speculative_tokens, spec.max_batch_size,
                                        rounds=self.rounds)
-            self.policy = SpecPolicy(spec.num_speculative_tokens, spec.max_batch_size, costs)
+            self.policy = SpecPolicy(spec.num_speculative_tokens, spec.max_batch_size, costs,
+                                     num_rounds=spec.num_rounds if self.rounds is not None else 1,
+                                     lookups=isinstance(proposer, NgramProposer))
 
     def k_for_step(self, batch_size: int) -> int:
         """The scheduler's spec_k: draft tokens per sequence for a decode step of ``batch_size``."""
@@ -82,7 +81,6 @@ class SpecDecodeWorker:
             return
         n = len(batch.seqs)
         if batch.num_draft is not None:
-            self._plain_run = 0
             if batch.num_rounds > 1:  # R device-resident rounds: their time per round
                 self.policy.observe_step(n, max(batch.num_draft), seconds, batch.num_rounds)
             elif not self._warm_up:  # a verify of the last tokens only is neither kind of round
@@ -90,21 +88,22 @@ class SpecDecodeWorker:
             return
         self.policy.observe_step(n, 0, seconds, batch.num_steps)
         # Past max_batch_size nothing probes, so nothing would drop finished rows' lookup arrays.
-        self._plain_run += 1
         if (isinstance(self.proposer, NgramProposer) and n <= self.policy.max_batch_size
-                and (self._plain_run <= UNRUN_EAGER or self._plain_run % UNRUN_EVERY == 0)):
+                and self.policy.lookup_due(n, seconds)):
+            began = time.perf_counter()
             self._unrun_round(batch.seqs, num_new)
+            self.policy.observe_lookup(time.perf_counter() - began)
 
     def _unrun_round(self, seqs: list[Sequence], num_new: list[int]) -> None:
         """The n-gram round a plain step ran instead, observed from the step's tokens: a plain greedy
         row's tokens are the target's argmax, so a draft is accepted exactly where it equals them,
         as a verify would have said. Without it the estimates stay where the policy turned to plain
-        decoding until a probe. One row per step, in turn, for the first UNRUN_EAGER plain steps
-        after speculating (matches that start soon are seen soon), then every UNRUN_EVERY-th: a
-        lookup each, off the device but between two steps, with the GPU idle (~90 us for a
+        decoding until a probe. One row per step, in turn, after the plain steps the policy says
+        (SpecPolicy.lookup_due: a share of the plain steps' time, larger while speculation might
+        pay): a lookup each, off the device but between two steps, with the GPU idle (~90 us for a
         ~300-token context on the H200's host against ~3.8 ms for a plain 8-token step of
         SmolLM2-135M: the fourteenth session's n-gram engine with drafting off ran 0.96x the plain
-        engine, Medusa's 1.05x)."""
+        engine, Medusa's 1.05x), so its time is measured and spent from that share."""
         i = self._unrun_row % len(seqs)
         self._unrun_row += 1
         seq, new = seqs[i], num_new[i]
