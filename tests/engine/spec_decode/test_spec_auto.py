@@ -196,28 +196,28 @@ def _two_ranks(target: str, bad_draft: str) -> None:
     assert out == base and llm.engine.num_spec_steps > 0
 
 
-def test_plain_steps_observe_ngram_rounds_eagerly_then_every_few(target):
-    """While the policy decodes plainly, the first UNRUN_EAGER plain steps after a speculative one each
-    observe an n-gram round, then every UNRUN_EVERY-th: a lookup between two steps leaves the GPU idle
-    (the fourteenth session: the n-gram engine with drafting off ran 0.96x the plain one)."""
+def test_plain_steps_look_up_ngram_rounds_when_the_policy_says_and_time_them(target):
+    """After each plain step (not a speculative one) the worker asks SpecPolicy.lookup_due with the
+    step's seconds whether one row's n-gram round is observed (a lookup between two steps leaves the
+    GPU idle: the fourteenth session's n-gram engine with drafting off ran 0.96x the plain one), and
+    gives each lookup's measured host time to observe_lookup, which the next ones are weighed by."""
     from engine.scheduler import ScheduledBatch
     from engine.sequence import Sequence
-    from engine.spec_decode import worker as W
 
     llm = LLM(target, device="cpu", speculative_config={"method": "ngram", "num_speculative_tokens": K,
                                                         "num_speculative_tokens_per_batch_size": "auto"})
     worker = llm.engine.spec_worker
+    policy = worker.policy
+    assert policy.probe_interval == P.PROBE_MAX  # n-gram: the lookups stand in for probes
     observed: list[int] = []
+    asked: list[tuple[int, float]] = []
     worker._unrun_round = lambda seqs, num_new: observed.append(step)
+    policy.lookup_due = lambda n, seconds: asked.append((n, seconds)) or step % 3 == 0
     seq = Sequence(list(range(3, 40)), _greedy(100))
     plain = ScheduledBatch([seq], False, [1], num_steps=8)
     spec = ScheduledBatch([seq], False, [1], num_draft=[K])
-    for step in range(1, 21):
+    for step in range(1, 10):
         worker.record_step(plain, 0.01, [8])
-    eager = list(range(1, W.UNRUN_EAGER + 1))
-    assert observed == eager + [s for s in range(W.UNRUN_EAGER + 1, 21) if s % W.UNRUN_EVERY == 0]
-    observed.clear()
-    worker.record_step(spec, 0.01, [2])  # a speculative step: the next plain steps observe eagerly again
-    for step in range(1, 4):
-        worker.record_step(plain, 0.01, [8])
-    assert observed == [1, 2, 3]
+    worker.record_step(spec, 0.01, [2])
+    assert asked == [(1, 0.01)] * 9 and observed == [3, 6, 9]
+    assert policy.num_lookups == 3 and policy.lookup_s >= 0.0

@@ -357,3 +357,100 @@ def test_a_batch_whose_sequences_differ_lastingly_decodes_plainly_at_16_not_at_1
         policy.observe_rows(ids, [[4] * 4 if i % 2 else [1] * 4 for i in ids])
     assert policy.spread.spread > 1.0 and policy.as_dict()["row_spread"] == policy.spread.spread
     assert policy.k_for_step(16) == 0 and policy.k_for_step(1) == 3
+
+
+def test_round_variance_by_enumeration():
+    """round_variance: the variance of 1 + the accepted drafts (1 without a proposal), from the
+    distribution written out: a round stops at its first rejected position, or after all k."""
+    rates, k, match = [0.7, 0.6, 0.9, 0.5], 3, 0.4
+    probs, reach = {1: 1.0 - match}, match
+    for a in range(k + 1):
+        stop = 1.0 - rates[a] if a < k else 1.0
+        probs[1 + a] = probs.get(1 + a, 0.0) + reach * stop
+        reach *= rates[a]
+    mean = sum(t * p for t, p in probs.items())
+    assert sum(probs.values()) == pytest.approx(1.0)
+    assert mean == pytest.approx(1.0 + match * (expected_tokens(rates, k) - 1.0))
+    assert P.round_variance(rates, k, match) == pytest.approx(sum(p * (t - mean) ** 2 for t, p in probs.items()))
+    assert P.round_variance([1.0] * 3, 3) == 0.0 and P.round_variance([0.0] * 3, 3, 0.5) == 0.0
+
+
+def test_a_rounds_step_is_costed_with_chance_spread_until_row_spread_has_evidence():
+    """choose_k's horizon: sequences of the same rates still end a rounds step apart by chance, and a
+    fixed batch waits for its slowest. 1 + 0.5 (0.6 + 0.36 + 0.216) = 1.588 tokens a round of the mean
+    sequence beat plain decoding's 1.2 a round; chance over 8 rounds takes 1.565 * sqrt(var / 8) off
+    at 16 (a loss), nothing at 1 (no other sequence to wait for), less over 64 rounds (pays).
+    SpecPolicy.horizon is its num_rounds * HORIZON_STEPS until RowSpread has seen rounds steps two
+    apart, then 0 (the lasting spread alone)."""
+    rates, costs = [0.6] * 3, _rounds_costs()
+    var = P.round_variance(rates, 3, 0.5)
+    assert 1.588 - P.slowest_of(16) * (var / 8) ** 0.5 < 1.2 < 1.588 - P.slowest_of(16) * (var / 64) ** 0.5
+    assert choose_k(rates, costs, 16, 3, match=0.5, horizon=8) == 0
+    assert choose_k(rates, costs, 16, 3, match=0.5, horizon=64) == 3
+    assert choose_k(rates, costs, 1, 3, match=0.5, horizon=8) == 3
+    policy = SpecPolicy(3, 16, costs, calibrate=False, num_rounds=4)
+    assert policy.horizon == 4 * P.HORIZON_STEPS
+    ids = list(range(16))
+    for _ in range(3):
+        policy.observe_rows(ids, [[2] * 4 for _ in ids])
+    assert policy.spread.weight > 0 and policy.horizon == 0.0
+
+
+def test_hopeful_and_long_memory_match_rates():
+    """After 200 rounds that all matched and then 30 without a match, the decayed match rate has
+    fallen far, the long-memory one (LONG_DECAY) much less; the hopeful one lies LOOKUP_Z binomial
+    standard errors above the estimate and comes closer as the evidence grows."""
+    est = AcceptanceEstimate(3)
+    hopeful_prior = est.hopeful_match(1.0)
+    assert hopeful_prior == 1.0  # the prior: a drafter proposes until seen otherwise
+    for _ in range(200):
+        est.observe([3], [1], [3])
+    for _ in range(30):
+        est.observe([3], [0], [0])
+    assert est.match < 0.3 < 0.75 < est.long_match
+    m, w = est.match, est.match_trials + est.prior_trials
+    assert est.hopeful_match(1.5) == pytest.approx(m + 1.5 * (m * (1 - m) / w) ** 0.5)
+    few = AcceptanceEstimate(3)
+    few.observe([3], [0], [0])
+    few.observe([3], [0], [0])
+    assert few.hopeful_match(1.0) - few.match > est.hopeful_match(1.0) - est.match
+
+
+def test_lookups_spend_a_share_of_the_plain_steps_time_near_or_far():
+    """SpecPolicy.lookup_due: a fresh policy (the prior: matches) looks up after its first plain step,
+    then spends LOOKUP_SHARE_NEAR of the plain steps' seconds on lookups at their measured cost; once
+    neither a hopeful nor a long-memory match rate would speculate (here: every proposal rejected),
+    LOOKUP_SHARE_FAR."""
+    costs = _rounds_costs(sizes=(1,))
+    policy = SpecPolicy(3, 16, costs, calibrate=False, lookups=True)
+    step_s, lookup_s = 1.0, 0.1
+
+    def due(steps: int) -> list[int]:
+        out = []
+        for s in range(steps):
+            if policy.lookup_due(1, step_s):
+                policy.observe_lookup(lookup_s)
+                out.append(s)
+        return out
+
+    near = due(40)
+    every = round(lookup_s / (P.LOOKUP_SHARE_NEAR * step_s))
+    assert near[0] == 0 and all(b - a in (every, every + 1) for a, b in zip(near, near[1:]))
+    for _ in range(400):
+        policy.observe([3], [0], [3])  # proposals, all rejected, for long
+    far = due(2000)
+    assert policy.acceptance.rates[0] < 0.1
+    assert len(far) == pytest.approx(2000 * P.LOOKUP_SHARE_FAR * step_s / lookup_s, abs=1.5)
+    assert policy.num_lookups == len(near) + len(far) and policy.as_dict()["num_lookups"] == policy.num_lookups
+
+
+def test_a_drafter_whose_plain_steps_are_looked_up_probes_from_probe_max():
+    """lookups=True (n-gram): the plain steps' lookups show what a probe would, so probes start at
+    PROBE_MAX and return there, not to PROBE_MIN, once speculation pays again."""
+    policy = SpecPolicy(3, 16, _costs(), calibrate=False, lookups=True)
+    ks = _drive(policy, 1000, lambda step: False)
+    warm = P.WARMUP_TRIALS
+    probes = [t for t in range(warm, len(ks)) if ks[t]]
+    assert probes and probes[0] - warm == P.PROBE_MAX - 1 and policy.probe_interval == P.PROBE_MAX
+    _drive(policy, 300, lambda step: True)
+    assert policy.probe_interval == P.PROBE_MAX and policy.k_for_step(1) > 0

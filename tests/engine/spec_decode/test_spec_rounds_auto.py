@@ -84,7 +84,9 @@ def _auto_run(path: str, ps, params, spec: dict, costs: StepCosts, **kw):
     advanced the probe count twice and ran probes as one round)."""
     base = [o.token_ids for o in LLM(path, device="cpu", **kw).generate(_ids(ps), params)]
     llm = LLM(path, device="cpu", speculative_config=spec, **kw)
-    policy = llm.engine.spec_worker.policy = SpecPolicy(K, 16, costs, calibrate=False)
+    # As the worker builds it (its rounds, n-gram's lookups), on the injected costs.
+    policy = llm.engine.spec_worker.policy = SpecPolicy(K, 16, costs, calibrate=False, num_rounds=R,
+                                                        lookups=spec.get("method") == "ngram")
     schedule, decode_steps = llm.engine.scheduler.schedule, []
 
     def spy():
@@ -100,15 +102,17 @@ def _auto_run(path: str, ps, params, spec: dict, costs: StepCosts, **kw):
     return llm.engine, policy
 
 
-def test_no_matches_decode_plainly_and_probe(target):
+def test_no_matches_decode_plainly_and_look_up(target):
     """Random prompts and a target that repeats nothing (n-gram of 2-3 tokens): after the warm-up's
-    rounds the policy decodes plainly (the plain steps' lookups find nothing either) and probes with
-    R rounds ever less often; greedy output equals plain decoding."""
+    rounds the policy decodes plainly, its plain steps' lookups find nothing either, and an n-gram
+    drafter's probes wait PROBE_MAX plain steps (the lookups stand in for them); greedy output equals
+    plain decoding."""
     ps = prompts(2, seed=5, lo=4, hi=30)
     engine, policy = _auto_run(target, ps, _greedy(90), _ngram(min_n=2), _costs(), num_decode_steps=1)
     rounds = engine.spec_worker.rounds
-    assert policy.num_probes >= 1 and rounds.num_steps == policy.steps_by_k[K]  # the warm-up and probes: rounds
-    assert policy.steps_by_k[0] > 3 * sum(policy.steps_by_k[1:])
+    assert policy.probe_interval == P.PROBE_MAX and policy.steps_by_k[0] < P.PROBE_MAX
+    assert policy.num_probes == 0 and rounds.num_steps == policy.steps_by_k[K]  # the warm-up: rounds
+    assert policy.num_lookups >= 1 and policy.steps_by_k[0] > 3 * sum(policy.steps_by_k[1:])
     assert policy.steps_by_k[1:K] == [0] * (K - 1)  # one round through the host never pays here
     assert policy.acceptance.match < 0.5
 
@@ -119,13 +123,24 @@ def looping_target(tmp_path_factory) -> str:
 
 
 def test_repetitive_text_drafts_in_rounds(looping_target):
-    """Repetitive prompts on a model whose continuations cycle: the rounds' real proposals are accepted
-    often, so the policy keeps taking steps of R rounds, without probes."""
+    """Repetitive prompts on a model whose continuations cycle: the warm-up's rounds, at the prompts'
+    start, match little (~0.3), which at a batch of 3 with no spread seen yet does not pay (a rounds
+    step costed with the spread chance gives it: SpecPolicy.horizon); the plain steps' lookups then
+    see the cycle, and from its first rounds step on the policy keeps taking steps of R rounds, whose
+    proposals are accepted often, without probes."""
     ps = [p * 3 for p in prompts(3, seed=2, lo=4, hi=12)]
-    engine, policy = _auto_run(looping_target, ps, _greedy(60), _ngram(), _costs())
+    ks: list[int] = []
+    k_for_step = SpecPolicy.k_for_step
+    SpecPolicy.k_for_step = lambda self, n: ks.append(k_for_step(self, n)) or ks[-1]
+    try:
+        engine, policy = _auto_run(looping_target, ps, _greedy(60), _ngram(), _costs())
+    finally:
+        SpecPolicy.k_for_step = k_for_step
     m, rounds = engine.spec_metrics, engine.spec_worker.rounds
     assert rounds.num_steps > 0 and m.acceptance_rate > 0.4 and m.mean_accepted_length > 1.5
-    assert policy.steps_by_k[0] <= sum(policy.steps_by_k) // 10 and policy.num_probes == 0
+    first = ks.index(K, 1)  # after the warm-up
+    assert ks[first:] == [K] * (len(ks) - first) and len(ks) - first >= 3
+    assert policy.num_lookups >= 1 and policy.num_probes == 0
     assert policy.acceptance.num_observed >= P.WARMUP_TRIALS
 
 
