@@ -4,21 +4,25 @@ spec_bench ``speed`` row would give, without a GPU.
 A workload is a match rate (the share of a sequence's rounds in which the n-gram lookup proposes;
 each prompt has its own, 0.5x..1.5x the mean: Workload.row_match) and per-position conditional
 acceptance rates (position j accepted given 0..j-1 were), drawn per row and round independently,
-or (the "~" workloads) in streaks, as a continuation copying a span of its context matches. The step
+or (the "~" workloads) in streaks, as a continuation copying a span of its context matches (a streak
+runs in the text: a plain step's tokens advance it as the rounds they would have taken). The step
 costs are the engine's startup table (StepCosts) plus what each kind of engine step really took
 beyond it (the engine's scheduling, appends: the H200 policies' ``overhead_s``), which the policy's
 calibration learns from observe_step as in the engine. A row runs as spec_bench's ``_speed_variant``
 does: a fresh policy per batch size, an untimed warm-up generation of 8 tokens of the first batch,
 then ``repeats`` timed runs, each generating the 16 prompts in batches of n one after another, 256
 tokens each. The engine's steps are modelled as the scheduler and worker run them: a plain step of
-a greedy batch decodes up to 8 tokens per sequence, after which one row's n-gram round is observed
-(worker.py's _unrun_round, with its host lookup's time); k > 0 runs one round through the host, or,
+a greedy batch decodes up to 8 tokens per sequence, after which, when the policy's lookup_due says
+so, one row's n-gram round is observed (worker.py's _unrun_round; its host time LOOKUP_S is given to
+observe_lookup and reported as the step kind "lookup"); k > 0 runs one round through the host, or,
 with ``--rounds`` R and k = k_max, R device-resident rounds at the rounds table's cost per round.
 Sequences leave the batch when they reach 256 tokens (so a batch shrinks after speculative steps).
 
 Reports per batch size the expected speedup over the plain engine (mean and min over seeds) and
-where the speculative steps went: warm-up (the policy had too little evidence), probes, and steps
-the estimate chose, each with the seconds it lost (or won) against decoding the same tokens plainly.
+where the time went: warm-up (the policy had too little evidence), probes, steps the estimate
+chose, plain steps (what they lose is the tail of a batch whose sequences speculative steps left
+uneven) and the plain steps' lookups, each with the seconds it lost (or won) against decoding the
+same tokens plainly. The Oracle takes no lookups (it knows the rates).
 
     PYTHONPATH=. python experiments/spec_policy_sim.py [--policy FILE] [--rounds 8] [--seeds 20]
 
@@ -31,7 +35,15 @@ What it found (2026-11-30, the H200 table): the learning (warm-up at k_max, prob
 rows under 0.5% of a run, cold or not; the plain steps' lookups ~0.7%; the old policy's gap to
 choices on the true rates ~0.5-2%. The large loss was at batch 16 with rounds (0.93x): a rounds
 step costed by the mean sequence, which pays there, while the batch waits for its slowest sequence
-(oracle on the mean: 0.93x too; on the slowest: 1.0x) -> policy.RowSpread."""
+(oracle on the mean: 0.93x too; on the slowest: 1.0x) -> policy.RowSpread (0.97x). What was left
+(10 seeds): the lookups (every plain step for 8 after speculating, then every 4th: 0.5-1% of a run,
+~2% of a plain step each at batch 1), probes (0.1-0.5%), and at batch 16 with rounds the tail of
+plain steps a fixed batch ran after a probe or the first rounds steps (before RowSpread knew the
+spread) left its sequences uneven (2-4%) -> the lookups' time share (near / far), n-gram probes at
+PROBE_MAX, a rounds step costed with chance's spread until RowSpread has evidence: gsm8k 0.995-0.999
+on every row (0.966-0.990 before; --cold 0.993-0.997), wikitext within 0.3% of before; the streaky
+wikitext at batch 4 with rounds 1.56x (1.62x). With the chain standing still between lookups (before
+the streak ran in the text) looking less often had looked far worse on the "~" rows than it is."""
 
 from __future__ import annotations
 

@@ -33,13 +33,20 @@ pseudo-trials): a round without a proposal lowers m only, not a_0, so an n-gram 
 matches are rare but right keeps speculating (its misses cost a plain step and a lookup), while one
 whose proposals are rejected stops. A new engine speculates (WARMUP_TRIALS sequence-steps at k_max
 whatever the costs say) and then follows the workload. While k* = 0 an n-gram drafter is still
-observed: after each plain step one greedy row's lookup is compared with the tokens the step made
-(the target's own, so exactly what a verify would have accepted; worker.py), so the policy returns
-to speculation as soon as matches do. A model drafter's round would cost its forwards, so there
-every ``probe_interval`` plain steps one step speculates at k_max to refresh the estimate (n-gram
-probes too); the interval doubles (PROBE_MIN..PROBE_MAX) each time a probe leaves k* at 0, and
-returns to PROBE_MIN once speculation pays again, so a drafter that never pays costs at most one
-probe per PROBE_MAX steps. Which k runs never changes greedy output: every k is verified
+observed: after a plain step one greedy row's lookup is compared with the tokens the step made (the
+target's own, so exactly what a verify would have accepted; worker.py), so the policy returns to
+speculation when matches do. Those lookups run on the host between two steps, the device idle (~2%
+of a plain step at batch 1 on the H200), so they get a share of the plain steps' measured time,
+spent at their own measured cost (``lookup_due``): LOOKUP_SHARE_NEAR while speculation might pay (a
+match rate LOOKUP_Z standard errors above the estimate, or the long-memory one, ``long_match``,
+which remembers a workload's matches through a stretch without them, would choose k > 0),
+LOOKUP_SHARE_FAR once neither would. A model drafter's round would cost its forwards, so there
+every ``probe_interval`` plain steps one step speculates at k_max to refresh the estimate; the
+interval doubles (PROBE_MIN..PROBE_MAX) each time a probe leaves k* at 0, and returns to PROBE_MIN
+once speculation pays again, so a drafter that never pays costs at most one probe per PROBE_MAX
+steps. An n-gram drafter's lookups show what its probes would, so its probes start and stay at
+PROBE_MAX (a probe at a batch of 16 with rounds leaves the fixed batch's sequences uneven, which
+costs more than the probe's own step). Which k runs never changes greedy output: every k is verified
 losslessly. A Medusa drafter (medusa.py) reads the target's hidden state of the latest verify,
 which plain steps do not leave: its first round after them proposes nothing and only makes the
 features, observed as nothing, and the step after runs the same k again (``k_again``), so a probe
@@ -54,10 +61,26 @@ tokens per round; smaller k still cost one round through the host. The rounds' r
 lookups and the probes as above. A rounds step of a batch is costed by the tokens of its slowest
 sequence, not the mean one (RowSpread: the lasting spread of the sequences' tokens per round,
 from rounds steps two apart): a batch whose sequences want the same length waits for its slowest,
-and the steps after the others finished carry few rows at nearly a full step's cost. On the H200's
-gsm8k rows at batch 16 that made rounds which paid for the mean sequence lose (spec_policy_sim.py,
-which replays spec_bench's rows on a described workload: with the rounds costed by the mean
-sequence even the true rates gave 0.93x; this policy 0.97x, and wikitext's 1.47x stays).
+and the steps after the others finished carry few rows at nearly a full step's cost. Until RowSpread
+has that evidence, the spread chance alone gives sequences of the same rates over HORIZON_STEPS
+rounds steps counts too (``horizon``, round_variance): a rounds step or two at the start of a batch
+that then decodes plainly leaves its sequences that far apart.
+
+What spec_policy_sim.py (which replays spec_bench's rows on a described workload with the H200's
+table; a model's arithmetic, not a GPU measurement) found, 10 seeds, mean (min): with the rounds
+costed by the mean sequence even the true rates gave gsm8k 0.93x at batch 16; RowSpread made it
+0.97x. The rest of gsm8k's loss was the learning's: the plain steps' lookups (every plain step for 8
+after speculating, then every 4th: ~0.5-1% of a run), probes (0.1-0.5%, and at batch 16 with rounds
+the tail of plain steps their uneven sequences left), and the first rounds steps of a batch before
+RowSpread knew its spread (their tail: 1-2% at batch 16). With the lookups' time share, n-gram
+probes at PROBE_MAX and the chance horizon every gsm8k row (batch 1, 4, 16; one round or 8; streaks
+or not) gives 0.995-0.999 (min 0.990), from 0.966-0.990; wikitext's rows stay within 0.3% of
+before (1.51 / 1.33 / 0.95 one round, 1.64 / 1.68 / 1.48 with 8 rounds at batch 1 / 4 / 16). Not
+yet: a cold engine's warm-up (a forced rounds step at batch 16) still costs gsm8k 0.993x there;
+the streaky wikitext rows at batch 4 with rounds give 1.56x (1.62x before: a first batch of
+low-matching prompts decodes plainly, the lookups' far share then notices the next batch's matches
+late); one-round steps at batch 16 are not costed by their slowest sequence (RowSpread learns from
+rounds steps only), so wikitext there stays 0.95x.
 
 ``steps_by_k`` counts scheduled decode steps, not tokens: a k = 0 step of a greedy batch is a
 multi-step decode of up to num_decode_steps tokens per sequence, a k > 0 step emits 1..k + 1.
