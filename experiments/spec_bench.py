@@ -372,7 +372,6 @@ def _speed_variant(args, workload: str, name: str, spec: dict | None, prompts: l
     are marked and leave ``base`` and ``reference`` as the first plain rows made them."""
     reference = {} if reference is None else reference
     from engine import LLM
-    from engine.spec_decode.policy import SpecPolicy
 
     rounds = spec.get("num_rounds", 1) if spec is not None else 1
     if spec is not None and args.auto:
@@ -401,8 +400,7 @@ def _speed_variant(args, workload: str, name: str, spec: dict | None, prompts: l
                 by_run.append({key: worker.policy.as_dict()[key] for key in ("steps_by_k", "num_probes")})
 
             if k == "auto":
-                measured = worker.policy
-                worker.policy = SpecPolicy(measured.k_max, measured.max_batch_size, measured.costs)
+                worker.policy = worker.policy.fresh()  # its rounds and lookups as the worker built it
             host = host_state()
             if (host["gpu_processes"] or 0) > 1:
                 emit({"bench": "speed", "workload": workload, "spec": name, "k": k, "batch": bs, "warning":

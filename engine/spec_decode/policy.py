@@ -427,6 +427,12 @@ class SpecPolicy:
         self.steps_by_k = [0] * (k_max + 1)
         self.last_k = k_max
 
+    def fresh(self) -> "SpecPolicy":
+        """A new policy on the same costs and settings, with nothing learned (spec_bench's rows: one
+        per batch size); the calibration starts over too."""
+        return SpecPolicy(self.k_max, self.max_batch_size, self.costs, self.overheads is not None,
+                          self.num_rounds, self.probe_min == PROBE_MAX)
+
     def k_for_step(self, n: int) -> int:
         """Draft tokens per sequence for a decode step of n sequences (0: decode plainly)."""
         if n > self.max_batch_size:

@@ -454,3 +454,15 @@ def test_a_drafter_whose_plain_steps_are_looked_up_probes_from_probe_max():
     assert probes and probes[0] - warm == P.PROBE_MAX - 1 and policy.probe_interval == P.PROBE_MAX
     _drive(policy, 300, lambda step: True)
     assert policy.probe_interval == P.PROBE_MAX and policy.k_for_step(1) > 0
+
+
+def test_a_fresh_policy_keeps_the_settings_and_drops_what_was_learned():
+    """SpecPolicy.fresh (spec_bench's row per batch size): the costs, num_rounds, n-gram's lookups and
+    the calibration as built, the estimates and counts new."""
+    policy = SpecPolicy(3, 8, _rounds_costs(), calibrate=False, num_rounds=4, lookups=True)
+    _drive(policy, 50, lambda step: 0)
+    new = policy.fresh()
+    assert (new.k_max, new.max_batch_size, new.costs, new.num_rounds) == (3, 8, policy.costs, 4)
+    assert new.overheads is None and new.probe_interval == P.PROBE_MAX
+    assert new.acceptance.num_observed == 0 and new.steps_by_k == [0] * 4
+    assert SpecPolicy(3, 8, _costs()).fresh().overheads is not None
