@@ -40,9 +40,9 @@ step costed by the mean sequence, which pays there, while the batch waits for it
 ~2% of a plain step each at batch 1), probes (0.1-0.5%), and at batch 16 with rounds the tail of
 plain steps a fixed batch ran after a probe or the first rounds steps (before RowSpread knew the
 spread) left its sequences uneven (2-4%) -> the lookups' time share (near / far), n-gram probes at
-PROBE_MAX, a rounds step costed with chance's spread until RowSpread has evidence: gsm8k 0.995-0.999
-on every row (0.966-0.990 before; --cold 0.993-0.997), wikitext within 0.3% of before; the streaky
-wikitext at batch 4 with rounds 1.56x (1.62x). With the chain standing still between lookups (before
+PROBE_MAX, a rounds step costed with chance's spread until RowSpread has evidence (20 seeds): gsm8k
+0.994-0.999 on every row (0.964-0.991 before; --cold 0.993-0.997), wikitext within 0.2% of before;
+the streaky wikitext at batch 4 with rounds 1.55x (1.59x). With the chain standing still between lookups (before
 the streak ran in the text) looking less often had looked far worse on the "~" rows than it is."""
 
 from __future__ import annotations

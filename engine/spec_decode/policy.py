@@ -62,22 +62,24 @@ lookups and the probes as above. A rounds step of a batch is costed by the token
 sequence, not the mean one (RowSpread: the lasting spread of the sequences' tokens per round,
 from rounds steps two apart): a batch whose sequences want the same length waits for its slowest,
 and the steps after the others finished carry few rows at nearly a full step's cost. Until RowSpread
-has that evidence, the spread chance alone gives sequences of the same rates over HORIZON_STEPS
-rounds steps counts too (``horizon``, round_variance): a rounds step or two at the start of a batch
-that then decodes plainly leaves its sequences that far apart.
+has that evidence, the spread that chance alone gives sequences of the same rates over
+HORIZON_STEPS rounds steps is counted too (``horizon``, round_variance): a rounds step or two at the
+start of a batch that then decodes plainly leaves its sequences that far apart.
 
 What spec_policy_sim.py (which replays spec_bench's rows on a described workload with the H200's
-table; a model's arithmetic, not a GPU measurement) found, 10 seeds, mean (min): with the rounds
+table; a model's arithmetic, not a GPU measurement) found, 20 seeds, mean (min): with the rounds
 costed by the mean sequence even the true rates gave gsm8k 0.93x at batch 16; RowSpread made it
 0.97x. The rest of gsm8k's loss was the learning's: the plain steps' lookups (every plain step for 8
 after speculating, then every 4th: ~0.5-1% of a run), probes (0.1-0.5%, and at batch 16 with rounds
 the tail of plain steps their uneven sequences left), and the first rounds steps of a batch before
 RowSpread knew its spread (their tail: 1-2% at batch 16). With the lookups' time share, n-gram
 probes at PROBE_MAX and the chance horizon every gsm8k row (batch 1, 4, 16; one round or 8; streaks
-or not) gives 0.995-0.999 (min 0.990), from 0.966-0.990; wikitext's rows stay within 0.3% of
-before (1.51 / 1.33 / 0.95 one round, 1.64 / 1.68 / 1.48 with 8 rounds at batch 1 / 4 / 16). Not
-yet: a cold engine's warm-up (a forced rounds step at batch 16) still costs gsm8k 0.993x there;
-the streaky wikitext rows at batch 4 with rounds give 1.56x (1.62x before: a first batch of
+or not) gives 0.994-0.999 (min 0.989), from 0.964-0.991; wikitext's rows stay within 0.2% of
+before (1.51 / 1.33 / 0.95 one round, 1.64 / 1.67 / 1.46 with 8 rounds at batch 1 / 4 / 16). Not
+yet: batch 1 with rounds stays 0.994x (the estimate's swings choose rounds that do not pay, 0.2-0.4%,
+and the lookups near the threshold, 0.2-0.3%); a cold engine's warm-up (a forced rounds step at
+batch 16) still costs gsm8k 0.993x there; the streaky wikitext rows at batch 4 with rounds give
+1.55x (1.59x before: a first batch of
 low-matching prompts decodes plainly, the lookups' far share then notices the next batch's matches
 late); one-round steps at batch 16 are not costed by their slowest sequence (RowSpread learns from
 rounds steps only), so wikitext there stays 0.95x.
@@ -110,7 +112,8 @@ PROBE_MIN, PROBE_MAX = 16, 256  # plain steps between probes while k* = 0
 LOOKUP_SHARE_NEAR, LOOKUP_SHARE_FAR, LOOKUP_Z = 0.03, 0.001, 1.25
 LONG_DECAY = 0.995  # the long-memory match rate's (AcceptanceEstimate.long_match): ~200 sequence-steps
 # Until RowSpread has evidence, a rounds step is costed with the spread chance gives the batch's
-# sequences over this many rounds steps (SpecPolicy.horizon).
+# sequences over this many rounds steps (SpecPolicy.horizon). In the replay 1 (the step alone) cost
+# wikitext's rounds at batch 4 (1.60x from 1.68x), 4 let gsm8k's first rounds steps at 16 through.
 HORIZON_STEPS = 2
 SPREAD_PRIOR = 8.0  # RowSpread's prior of no spread, in degrees of freedom of the covariances
 OVERHEAD_WINDOW = 16  # engine steps per batch size and kind whose median overhead is used

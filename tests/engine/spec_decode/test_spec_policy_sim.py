@@ -76,7 +76,7 @@ def test_fixed_k_replays_near_the_h200_rows():
 def test_auto_on_gsm8k_learns_cheaply_and_rounds_wait_for_the_slowest_sequence():
     """The findings: on gsm8k-like rows the policy's learning (warm-up, probes, lookups, its estimate's
     swings) costs under 1% of a run at every batch size, rounds or not, streaks or not (the replay at
-    10 seeds: 0.995-0.999); at batch 16 with rounds even choices on the true rates lose ~7% when a
+    20 seeds: 0.994-0.999); at batch 16 with rounds even choices on the true rates lose ~7% when a
     rounds step is costed by the mean sequence (the batch waits for its slowest, the steps after carry
     few rows), and the slowest's cost (RowSpread, and chance's until it has evidence) keeps the policy
     plain there; wikitext-like rows keep their rounds."""
