@@ -37,7 +37,6 @@ from engine.spec_decode.rounds import greedy_rounds
 from engine.spec_decode.step_costs import measure_step_costs
 
 
-
 class SpecDecodeWorker:
     def __init__(self, target: ModelRunner, proposer: Proposer, eos_token_ids: set[int] | frozenset[int],
                  spec: SpeculativeConfig | None = None) -> None:
@@ -91,10 +90,10 @@ class SpecDecodeWorker:
         if (isinstance(self.proposer, NgramProposer) and n <= self.policy.max_batch_size
                 and self.policy.lookup_due(n, seconds)):
             began = time.perf_counter()
-            self._unrun_round(batch.seqs, num_new)
-            self.policy.observe_lookup(time.perf_counter() - began)
+            if self._unrun_round(batch.seqs, num_new):
+                self.policy.observe_lookup(time.perf_counter() - began)
 
-    def _unrun_round(self, seqs: list[Sequence], num_new: list[int]) -> None:
+    def _unrun_round(self, seqs: list[Sequence], num_new: list[int]) -> bool:
         """The n-gram round a plain step ran instead, observed from the step's tokens: a plain greedy
         row's tokens are the target's argmax, so a draft is accepted exactly where it equals them,
         as a verify would have said. Without it the estimates stay where the policy turned to plain
@@ -103,15 +102,17 @@ class SpecDecodeWorker:
         pay): a lookup each, off the device but between two steps, with the GPU idle (~90 us for a
         ~300-token context on the H200's host against ~3.8 ms for a plain 8-token step of
         SmolLM2-135M: the fourteenth session's n-gram engine with drafting off ran 0.96x the plain
-        engine, Medusa's 1.05x), so its time is measured and spent from that share."""
+        engine, Medusa's 1.05x), so its time is measured and spent from that share. Whether the
+        row's lookup ran (a row that made no token, or sampled ones, is skipped)."""
         i = self._unrun_row % len(seqs)
         self._unrun_row += 1
         seq, new = seqs[i], num_new[i]
         if new == 0 or not seq.plain_greedy:
-            return
+            return False
         k = min(self.policy.k_max, new)
         draft = self.proposer.proposal_before(seq, new, k)
         self.policy.observe([k], [greedy_agreement(draft, seq.token_ids[len(seq.token_ids) - new:])], [len(draft)])
+        return True
 
     def stats(self) -> dict:
         """The metrics (SpecDecodeMetrics.as_dict) and, under ``auto``, the policy's choices and costs."""

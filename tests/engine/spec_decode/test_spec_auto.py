@@ -211,7 +211,8 @@ def test_plain_steps_look_up_ngram_rounds_when_the_policy_says_and_time_them(tar
     assert policy.probe_interval == P.PROBE_MAX  # n-gram: the lookups stand in for probes
     observed: list[int] = []
     asked: list[tuple[int, float]] = []
-    worker._unrun_round = lambda seqs, num_new: observed.append(step)
+    unrun_round = worker._unrun_round
+    worker._unrun_round = lambda seqs, num_new: observed.append(step) or True
     policy.lookup_due = lambda n, seconds: asked.append((n, seconds)) or step % 3 == 0
     seq = Sequence(list(range(3, 40)), _greedy(100))
     plain = ScheduledBatch([seq], False, [1], num_steps=8)
@@ -219,5 +220,12 @@ def test_plain_steps_look_up_ngram_rounds_when_the_policy_says_and_time_them(tar
     for step in range(1, 10):
         worker.record_step(plain, 0.01, [8])
     worker.record_step(spec, 0.01, [2])
-    assert asked == [(1, 0.01)] * 9 and observed == [3, 6, 9]
-    assert policy.num_lookups == 3 and policy.lookup_s >= 0.0
+    assert asked == [(1, 0.01)] * 9 and observed == [3, 6, 9] and policy.num_lookups == 3
+    # The real lookup: a row that made no token is skipped and not timed; one that made 8 is.
+    worker._unrun_round, step = unrun_round, 3
+    worker.record_step(plain, 0.01, [0])
+    assert policy.num_lookups == 3
+    seq.token_ids.extend(range(3, 11))  # the plain step's 8 tokens, a repeat of the prompt's start
+    worker.record_step(plain, 0.01, [8])
+    assert policy.num_lookups == 4 and policy.lookup_s > 0.0
+    assert policy.acceptance.num_observed == 1  # the warm-up has not run: only this lookup observed
