@@ -238,8 +238,9 @@ class Sim:
         rate) * streak^g. The streak is the text's: it runs on while plain steps look at other rows
         or none (the chain once stood still between lookups, which made looking less often look
         worse on the "~" rows than it is)."""
-        g = self.since[j] / self.per_round[j]
-        p = rate + ((1.0 if self.last[j] else 0.0) - rate) * self.work.streak ** g
+        s = self.work.streak
+        carry = s ** (self.since[j] / self.per_round[j]) if s else 0.0  # what the last state still says
+        p = rate + ((1.0 if self.last[j] else 0.0) - rate) * carry
         self.last[j] = self.rng.random() < p
         self.since[j] = 0.0
         return self.last[j]
