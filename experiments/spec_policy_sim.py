@@ -197,6 +197,8 @@ class Sim:
                     rem[j] -= got
                     self.since[j] += self.per_round[j]  # a round: the chain's step
                     emitted += got
+                if hasattr(p, "observe_tokens"):  # each row's tokens, accepted + 1 (worker.py _record)
+                    p.observe_tokens([prompts[j] for j in live], [a + 1 for a in acc])
                 any_prop = any(prop)
                 seconds = c.draft[k][i] + (c.verify[k][i] + ov[1] if any_prop else c.decode_one_at(i) + ov[2])
                 p.observe([k] * b, acc, prop)

@@ -115,6 +115,15 @@ LONG_DECAY = 0.995  # the long-memory match rate's (AcceptanceEstimate.long_matc
 # sequences over this many rounds steps (SpecPolicy.horizon). In the replay 1 (the step alone) cost
 # wikitext's rounds at batch 4 (1.60x from 1.68x), 4 let gsm8k's first rounds steps at 16 through.
 HORIZON_STEPS = 2
+# RowSpread compares a one-round step's tokens with each sequence's mean over its rounds at least
+# this many before (a streak of matches, ~0.6 a round in the replay's "~" rows, has faded to ~2%).
+ROUND_LAG = 8
+# RowSpread's spread counts once its evidence is this many standard errors above none: a spread
+# that noise made (one round's tokens vary far more than the sequences' rates) turned batches of 4
+# plain in the replay, and plain steps add no evidence to take it back (one round at batch 4, 20
+# seeds: with none wikitext 1.21x, at 3 the streaky one 1.24x, at 4 1.33x / 1.28x as before). Its
+# standard error takes the covariances as independent, which a streak's consecutive rounds are not.
+SPREAD_Z = 4.0
 SPREAD_PRIOR = 8.0  # RowSpread's prior of no spread, in degrees of freedom of the covariances
 OVERHEAD_WINDOW = 16  # engine steps per batch size and kind whose median overhead is used
 
@@ -226,16 +235,19 @@ def choose_k(rates: Seq[float], costs: StepCosts, n: int, k_max: int, min_gain: 
     """k* for a batch of n sequences: the k > 0 with the most expected tokens per second if it beats
     plain decoding's by ``min_gain``, else 0. ``match``: the rate at which a sequence's drafter
     proposes anything (``rates`` are given that it did); ``overhead``: StepOverheads.at(n).
-    ``spread``: the standard deviation between the batch's sequences of their tokens per round of a
-    rounds step (RowSpread); such a step is costed by the tokens of the batch's slowest sequence."""
+    ``spread``: the standard deviation between the batch's sequences of their tokens per round
+    (RowSpread); a step of n > 1 is costed by the tokens of the batch's slowest sequence, and a
+    rounds step also by the spread chance gives its sequences over ``horizon`` rounds (none for a
+    one-round step: one round leaves them a few tokens apart, a fraction of a plain step's tail)."""
     plain = 1.0 / costs.step_seconds(n, 0, overhead=overhead)
     p_any = 1.0 - (1.0 - match) ** n  # sequences taken as independent
     best_k, best = 0, plain * min_gain
     for k in range(1, min(k_max, costs.k_max) + 1):
         p_full = match * (expected_tokens(rates, k) - expected_tokens(rates, k - 1))  # m * prod of rates[:k]
         tokens = 1.0 + match * (expected_tokens(rates, k) - 1.0)
-        if costs.in_rounds(n, k):
-            chance = round_variance(rates, k, match) / horizon if horizon else 0.0
+        if n > 1:  # a fixed batch waits for its slowest sequence, rounds step or one round
+            rounds = horizon if costs.in_rounds(n, k) else 0.0
+            chance = round_variance(rates, k, match) / rounds if rounds else 0.0
             tokens = max(1.0, tokens - slowest_of(n) * (spread * spread + chance) ** 0.5)
         rate = tokens / costs.step_seconds(n, k, p_full, p_any, overhead)
         if rate > best:
@@ -334,30 +346,70 @@ class RowSpread:
     of their mean tokens per round in each: chance and streaks within a step (a continuation copying
     a span matches round after round) do not carry over to the next step's rounds, a sequence's own
     rate does. Decayed like the acceptance counts, each covariance weighed by its degrees of freedom
-    against a prior of none (SPREAD_PRIOR); 0 until rounds steps two apart shared three sequences."""
+    against a prior of none (SPREAD_PRIOR); 0 until rounds steps two apart shared three sequences.
+    One-round speculative steps (num_rounds 1, the engine's default, or k < k_max) wait for the
+    slowest too: each step's tokens per sequence against the sequence's mean over its rounds
+    ROUND_LAG and more before (observe_round). One round varies by chance far more than a rounds
+    step's mean, so a spread counts only once it is SPREAD_Z standard errors above none."""
 
     def __init__(self, decay: float = DECAY) -> None:
         self.decay = decay
         self.weight = 0.0
         self.total = 0.0
+        self.noise = 0.0  # total's variance, from the covariances' own (spread's standard error)
         # The two latest rounds steps' mean tokens per round, by sequence (older first).
         self.last: deque[dict[int, float]] = deque(maxlen=2)
+        # One-round steps (observe_round), by sequence: its latest ROUND_LAG rounds' tokens, and the
+        # sum and count of those before them.
+        self.recent: dict[int, tuple[deque[int], float, int]] = {}
 
     def observe(self, ids: Seq[int], made: Seq[Seq[int]]) -> None:
         """One rounds step: per sequence (``ids``) that ran all of its rounds, the tokens each emitted."""
-        now = {i: sum(m) / len(m) for i, m in zip(ids, made) if m}
-        if len(self.last) == self.last.maxlen:
-            before = self.last[0]  # two steps back: a streak across one step's end does not reach it
+        self._add(self.last, {i: sum(m) / len(m) for i, m in zip(ids, made) if m})
+
+    def observe_round(self, ids: Seq[int], made: Seq[int]) -> None:
+        """One speculative step of one round: per sequence (``ids``), the tokens it emitted (accepted
+        + 1), against each sequence's mean over its rounds at least ROUND_LAG before (a streak has
+        faded that far; its own rate has not): one round's tokens vary by chance far more than a
+        rounds step's mean, and that mean grows more certain with every round. Sequences no longer
+        in the batch are dropped."""
+        now, before = {}, {}
+        recent: dict[int, tuple[deque[int], float, int]] = {}
+        for i, m in zip(ids, made):
+            last, far, count = self.recent.get(i) or (deque(maxlen=ROUND_LAG), 0.0, 0)
+            if count:
+                now[i], before[i] = float(m), far / count
+            if len(last) == ROUND_LAG:
+                far, count = far + last[0], count + 1
+            last.append(m)
+            recent[i] = last, far, count
+        self.recent = recent
+        self._add(deque([before], maxlen=1), now)
+
+    def _add(self, last: deque[dict[int, float]], now: dict[int, float]) -> None:
+        """The covariance of ``now`` with the oldest of ``last`` over the sequences in both, then
+        ``now`` kept: chance and streaks within a step do not reach that far, a sequence's rate does."""
+        if len(last) == last.maxlen:
+            before = last[0]  # rounds steps: two back, a streak across one step's end does not reach it
             both = [i for i in now if i in before]
             if len(both) >= 3:  # weighed by its degrees of freedom (3 rows say little, 16 more)
-                cov = statistics.covariance([before[i] for i in both], [now[i] for i in both])
-                self.weight = self.weight * self.decay + len(both) - 1
-                self.total = self.total * self.decay + (len(both) - 1) * cov  # signed: chance cancels
-        self.last.append(now)
+                x, y = [before[i] for i in both], [now[i] for i in both]
+                cov, df = statistics.covariance(x, y), len(both) - 1
+                self.weight = self.weight * self.decay + df
+                self.total = self.total * self.decay + df * cov  # signed: chance cancels
+                # A covariance of df degrees of freedom varies by (var x var y + cov^2) / df.
+                self.noise = self.noise * self.decay ** 2 + df * (statistics.variance(x) * statistics.variance(y) + cov * cov)
+        last.append(now)
 
     @property
     def spread(self) -> float:
-        return max(0.0, self.total / (self.weight + SPREAD_PRIOR)) ** 0.5
+        """The standard deviation of the sequences' own tokens per round (the decayed covariances
+        against SPREAD_PRIOR degrees of freedom of none), 0 until their sum is SPREAD_Z standard
+        errors above 0: a spread noise made would turn a batch plain, and plain steps add no
+        evidence to take it back."""
+        if self.total <= SPREAD_Z * self.noise ** 0.5:
+            return 0.0
+        return (self.total / (self.weight + SPREAD_PRIOR)) ** 0.5
 
 
 class StepOverheads:
@@ -506,6 +558,10 @@ class SpecPolicy:
     def observe_rows(self, ids: Seq[int], made: Seq[Seq[int]]) -> None:
         """A rounds step's tokens per sequence and round (RowSpread.observe)."""
         self.spread.observe(ids, made)
+
+    def observe_tokens(self, ids: Seq[int], made: Seq[int]) -> None:
+        """A one-round speculative step's tokens per sequence, accepted + 1 (RowSpread.observe_round)."""
+        self.spread.observe_round(ids, made)
 
     def observe_step(self, n: int, k: int, seconds: float, steps: int = 1, proposed: bool = True) -> None:
         """An engine decode step's wall time (StepOverheads.observe); steps past max_batch_size,

@@ -128,6 +128,10 @@ class SpecDecodeWorker:
             # it was not asked, and its round is no evidence either way.
             asked = [n if p or not self.needs_hidden else 0 for n, p in zip(batch.num_draft, proposed)]
             self.policy.observe(asked, accepted, proposed)
+            # Each asked sequence's tokens of this one round, for how much the batch's sequences
+            # differ lastingly (RowSpread: a fixed batch waits for its slowest).
+            rows = [i for i, n in enumerate(asked) if n]
+            self.policy.observe_tokens([batch.seqs[i].seq_id for i in rows], [accepted[i] + 1 for i in rows])
 
     def step(self, batch: ScheduledBatch) -> StepResult:
         """Draft, verify, accept: the host waits for the device once, for the emitted tokens (and

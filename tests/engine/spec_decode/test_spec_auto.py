@@ -126,6 +126,36 @@ def test_ngram_on_a_looping_model_keeps_speculating(looping_target):
     assert policy.steps_by_k[0] <= decode_steps // 10 and policy.num_probes == 0
 
 
+def test_each_one_round_step_passes_its_tokens_per_sequence_to_the_policy(looping_target):
+    """SpecDecodeWorker._record: after a one-round speculative step (num_rounds 1, the default) the
+    policy gets each asked sequence's engine id and the tokens it emitted, accepted + 1 (1 for a
+    sequence without a match), which RowSpread compares from step to step: a fixed batch waits for
+    its slowest sequence. The tokens are those the metrics counted (a round asked for no drafts is
+    left out)."""
+    ps = [p * 3 for p in prompts(3, seed=2, lo=4, hi=12)]
+    spec = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+            "num_speculative_tokens_per_batch_size": "auto"}
+    llm = LLM(looping_target, device="cpu", speculative_config=spec)
+    policy = llm.engine.spec_worker.policy = SpecPolicy(K, 16, _injected([1, 2, 4, 8, 16], 0.01, False),
+                                                        calibrate=False)
+    calls = []
+    orig = policy.observe_tokens
+
+    def spy(ids, made):
+        calls.append((list(ids), list(made)))
+        orig(ids, made)
+
+    policy.observe_tokens = spy
+    llm.generate(_ids(ps), _greedy(60))
+    assert len(calls) == llm.engine.num_spec_steps > 10  # one per speculative step
+    assert len({i for ids, _ in calls for i in ids}) == len(ps)  # the same sequences' ids from step to step
+    assert all(len(ids) == len(made) == len(set(ids)) and all(1 <= t <= K + 1 for t in made) for ids, made in calls)
+    assert any(len(ids) == 3 for ids, _ in calls)
+    # All the metrics counted but a sequence's last round, which its max_tokens left no draft (not asked).
+    assert 0 <= llm.engine.spec_metrics.num_emitted - sum(sum(made) for _, made in calls) <= len(ps)
+    assert policy.spread.recent.keys() <= set(calls[-1][0])  # finished sequences are dropped
+
+
 # A prompt whose greedy continuation on the looping model repeats nothing for its first 15 tokens
 # (an n-gram lookup of 2-3 tokens finds no match), then falls into cycles that the lookup predicts.
 UNMATCHED_START = dict(n=6, seed=11, lo=8, hi=20)
