@@ -350,7 +350,8 @@ class RowSpread:
     One-round speculative steps (num_rounds 1, the engine's default, or k < k_max) wait for the
     slowest too: each step's tokens per sequence against the sequence's mean over its rounds
     ROUND_LAG and more before (observe_round). One round varies by chance far more than a rounds
-    step's mean, so a spread counts only once it is SPREAD_Z standard errors above none."""
+    step's mean, and a streak makes rounds steps' means vary too, so a spread counts only once it
+    is SPREAD_Z standard errors above none."""
 
     def __init__(self, decay: float = DECAY) -> None:
         self.decay = decay

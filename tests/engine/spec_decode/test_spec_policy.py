@@ -3,6 +3,7 @@ injected step costs: no timing is measured here."""
 
 from __future__ import annotations
 
+import random
 import statistics
 
 import pytest
@@ -311,29 +312,46 @@ def test_slowest_of_n_by_hand():
 def test_choose_k_costs_a_rounds_step_by_the_slowest_sequence():
     """1 + 0.5 (0.6 + 0.36 + 0.216) = 1.588 tokens a round of the mean sequence beat plain decoding's
     1.2 a round; with a spread of 0.3 between sequences the slowest of 16 emits 1.588 - 1.565 * 0.3 =
-    1.118: a rounds step of 16 loses, of one (no other to wait for) still pays; a one-round step
-    (no rounds table) is not costed so."""
+    1.118: a rounds step of 16 loses, of one (no other to wait for) still pays."""
     rates = [0.6] * 3
     costs = _rounds_costs()
     assert choose_k(rates, costs, 16, 3, match=0.5) == 3
     assert choose_k(rates, costs, 16, 3, match=0.5, spread=0.3) == 0
     assert choose_k(rates, costs, 16, 3, match=0.5, spread=0.1) == 3  # 1.588 - 0.156 = 1.43 still pays
     assert choose_k(rates, costs, 1, 3, match=0.5, spread=0.3) == 3
+
+
+def test_choose_k_costs_a_one_round_step_by_the_slowest_sequence_without_chance():
+    """num_rounds 1 (no rounds table): a round of k + 1 tokens costs 1 + 0.1 k against a plain token's
+    1. The mean sequence's 1 + 0.5 (0.6 + 0.36 + 0.216) = 1.588 tokens at k = 3 pay (1.21 a unit);
+    with a spread of 0.3 the slowest of 16 emits 1.588 - 1.565 * 0.3 = 1.118 (0.85 a unit), and no
+    k pays; a batch of one still speculates. One round leaves sequences of the same rates only a few
+    tokens apart, so the rounds' chance horizon does not cost it."""
+    rates = [0.6] * 3
     one_round = _costs(sizes=(1, 16), decode=(1.0, 1.0), draft=(0.01, 0.01), per_token=False)
-    assert choose_k(rates, one_round, 16, 3, match=0.5, spread=5.0) == choose_k(rates, one_round, 16, 3, match=0.5)
+    assert choose_k(rates, one_round, 16, 3, match=0.5) > 0
+    assert choose_k(rates, one_round, 16, 3, match=0.5, spread=0.3) == 0
+    assert choose_k(rates, one_round, 1, 3, match=0.5, spread=0.3) > 0
+    assert choose_k(rates, one_round, 16, 3, match=0.5, horizon=1.0) == choose_k(rates, one_round, 16, 3, match=0.5)
 
 
 def test_row_spread_sees_lasting_differences_not_streaks():
     """RowSpread: sequences that keep their own rates (row i emits 1 + i % 4 tokens every round) give
     the covariance of their means two steps apart, weighed by its 15 degrees of freedom against the
-    prior's 8; sequences whose good rounds move from step to step (a streak in one step, none two
-    steps later) give none; fewer than 3 sequences in common say nothing."""
+    prior's 8, once the covariances' sum is SPREAD_Z standard errors above none (one covariance of
+    15: sqrt(15 / 2) = 2.7 of them, three 4.6); sequences whose good rounds move from step to step
+    (a streak in one step, none two steps later) give none; fewer than 3 sequences in common say
+    nothing."""
     lasting = P.RowSpread()
     ids = list(range(16))
     for _ in range(3):
         lasting.observe(ids, [[1 + i % 4] * 4 for i in ids])
+    assert lasting.weight == 15 and lasting.spread == 0.0
+    for _ in range(2):
+        lasting.observe(ids, [[1 + i % 4] * 4 for i in ids])
     var = statistics.variance([1 + i % 4 for i in ids])
-    assert lasting.spread == pytest.approx((15 * var / (15 + P.SPREAD_PRIOR)) ** 0.5)
+    assert lasting.weight == pytest.approx(15 * (1 + P.DECAY + P.DECAY ** 2))
+    assert lasting.spread == pytest.approx((lasting.weight * var / (lasting.weight + P.SPREAD_PRIOR)) ** 0.5)
     moving = P.RowSpread()
     for t in range(6):
         moving.observe(ids, [[4 if (i + t) % 3 == 0 else 1] * 4 for i in ids])
@@ -342,6 +360,51 @@ def test_row_spread_sees_lasting_differences_not_streaks():
     for t in range(4):
         few.observe([t, 100, 101], [[1], [4], [2]])  # sequence t is new each step: 2 in common
     assert few.weight == 0 and few.spread == 0.0
+
+
+def test_row_spread_learns_from_one_round_steps_past_a_streak_and_not_from_chance():
+    """RowSpread.observe_round: each one-round step's tokens against each sequence's mean over its
+    rounds ROUND_LAG and more before. Sequences that keep their own rates (row i emits 1 + i % 4 every
+    round) give nothing for ROUND_LAG steps, then the variance of their rates once it is SPREAD_Z
+    standard errors above none; sequences of the same rate whose tokens vary by chance alone, or in
+    streaks shorter than ROUND_LAG rounds, give none; a sequence that left the batch is dropped."""
+    ids = list(range(16))
+    lasting = P.RowSpread()
+    for _ in range(P.ROUND_LAG):
+        lasting.observe_round(ids, [1 + i % 4 for i in ids])
+    assert lasting.weight == 0 and lasting.spread == 0.0
+    for _ in range(20):
+        lasting.observe_round(ids, [1 + i % 4 for i in ids])
+    var = statistics.variance([1 + i % 4 for i in ids])
+    assert lasting.spread == pytest.approx((lasting.weight * var / (lasting.weight + P.SPREAD_PRIOR)) ** 0.5)
+    rng = random.Random(5)
+    chance = P.RowSpread()
+    for _ in range(300):
+        chance.observe_round(ids, [rng.choice((1, 1, 2, 4)) for _ in ids])
+    assert chance.weight > 0 and chance.spread == 0.0
+    streaks = P.RowSpread()  # a row's match repeats its last with extra chance 0.6 (spec_policy_sim's "~")
+    state = [False] * 16
+    for _ in range(300):
+        state = [rng.random() < (0.6 if last else 0.0) + 0.4 * 0.3 for last in state]
+        streaks.observe_round(ids, [4 if m else 1 for m in state])
+    assert streaks.weight > 0 and streaks.spread == 0.0
+    lasting.observe_round(ids[1:], [1 + i % 4 for i in ids[1:]])
+    assert 0 not in lasting.recent and len(lasting.recent) == 15
+
+
+def test_a_one_round_batch_whose_sequences_differ_lastingly_decodes_plainly_at_16_not_at_1():
+    """SpecPolicy.observe_tokens (the worker's one-round steps): 16 sequences that keep emitting 1 or
+    4 tokens a round turn batches of 16 to plain decoding, a batch of one still speculates."""
+    policy = SpecPolicy(3, 16, _costs(sizes=(1, 16), decode=(1.0, 1.0), draft=(0.01, 0.01), per_token=False),
+                        calibrate=False)
+    for _ in range(4):
+        policy.observe([3] * 16, [1] * 16, [3] * 16)
+    assert policy.k_for_step(16) > 0 and policy.k_for_step(1) > 0
+    ids = list(range(16))
+    for _ in range(P.ROUND_LAG + 4):
+        policy.observe_tokens(ids, [4 if i % 2 else 1 for i in ids])
+    assert policy.spread.spread > 1.0 and policy.horizon == 0.0
+    assert policy.k_for_step(16) == 0 and policy.k_for_step(1) > 0
 
 
 def test_a_batch_whose_sequences_differ_lastingly_decodes_plainly_at_16_not_at_1():
@@ -353,7 +416,7 @@ def test_a_batch_whose_sequences_differ_lastingly_decodes_plainly_at_16_not_at_1
         policy.observe([3] * 16, [1] * 16, [3] * 16)  # about 1 + 0.55 (1 + ...) tokens a round
     assert policy.k_for_step(16) == 3 and policy.k_for_step(1) == 3
     ids = list(range(16))
-    for _ in range(4):
+    for _ in range(5):  # three covariances: SPREAD_Z standard errors above none
         policy.observe_rows(ids, [[4] * 4 if i % 2 else [1] * 4 for i in ids])
     assert policy.spread.spread > 1.0 and policy.as_dict()["row_spread"] == policy.spread.spread
     assert policy.k_for_step(16) == 0 and policy.k_for_step(1) == 3
