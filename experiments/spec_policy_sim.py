@@ -14,7 +14,8 @@ then ``repeats`` timed runs, each generating the 16 prompts in batches of n one 
 tokens each. The engine's steps are modelled as the scheduler and worker run them: a plain step of
 a greedy batch decodes up to 8 tokens per sequence, after which, when the policy's lookup_due says
 so, one row's n-gram round is observed (worker.py's _unrun_round; its host time LOOKUP_S is given to
-observe_lookup and reported as the step kind "lookup"); k > 0 runs one round through the host, or,
+observe_lookup and reported as the step kind "lookup"); k > 0 runs one round through the host (each
+row's tokens, accepted + 1, given to observe_tokens as worker.py's _record does), or,
 with ``--rounds`` R and k = k_max, R device-resident rounds at the rounds table's cost per round.
 Sequences leave the batch when they reach 256 tokens (so a batch shrinks after speculative steps).
 
@@ -43,7 +44,14 @@ spread) left its sequences uneven (2-4%) -> the lookups' time share (near / far)
 PROBE_MAX, a rounds step costed with chance's spread until RowSpread has evidence (20 seeds): gsm8k
 0.994-0.999 on every row (0.964-0.991 before; --cold 0.993-0.997), wikitext within 0.2% of before;
 the streaky wikitext at batch 4 with rounds 1.55x (1.59x). With the chain standing still between lookups (before
-the streak ran in the text) looking less often had looked far worse on the "~" rows than it is."""
+the streak ran in the text) looking less often had looked far worse on the "~" rows than it is.
+One round per step (num_rounds 1, the default) at batch 16: wikitext 0.946x (streaks 0.952x), the
+policy costing one-round steps by the mean sequence (oracle on the mean 0.96x, on the slowest 1.0x)
+-> one-round steps' tokens per sequence to RowSpread (the replay passes them as worker.py does:
+observe_tokens) and one-round steps costed by the slowest too, the spread counted once SPREAD_Z
+standard errors above none: 0.979x (0.968x), --cold 0.981x (0.957x); gsm8k, batches 1 and 4 and the
+rounds rows as before or better. The rest is the first batch's speculation before the spread has
+evidence (policy.py's docstring)."""
 
 from __future__ import annotations
 

@@ -58,13 +58,16 @@ resident rounds with one host sync: step_seconds costs it per round from the sta
 matched, so no decode_one term), calibrated by the "rounds" overhead, against the same expected
 tokens per round; smaller k still cost one round through the host. The rounds' real proposals
 (rounds.py: a row without a match proposed nothing) are observed round by round, plain steps'
-lookups and the probes as above. A rounds step of a batch is costed by the tokens of its slowest
-sequence, not the mean one (RowSpread: the lasting spread of the sequences' tokens per round,
-from rounds steps two apart): a batch whose sequences want the same length waits for its slowest,
-and the steps after the others finished carry few rows at nearly a full step's cost. Until RowSpread
-has that evidence, the spread that chance alone gives sequences of the same rates over
-HORIZON_STEPS rounds steps is counted too (``horizon``, round_variance): a rounds step or two at the
-start of a batch that then decodes plainly leaves its sequences that far apart.
+lookups and the probes as above. A speculative step of a batch, rounds or one round, is costed by
+the tokens of its slowest sequence, not the mean one (RowSpread: the lasting spread of the
+sequences' tokens per round, from rounds steps two apart and from each one-round step's tokens
+against each sequence's rounds ROUND_LAG and more before, counted once SPREAD_Z standard errors
+above none): a batch whose sequences want the same length waits for its slowest, and the steps
+after the others finished carry few rows at nearly a full step's cost. Until RowSpread
+has that evidence, a rounds step is costed with the spread that chance alone gives sequences of the
+same rates over HORIZON_STEPS rounds steps too (``horizon``, round_variance): a rounds step or two
+at the start of a batch that then decodes plainly leaves its sequences that far apart (one round
+leaves them a few tokens apart, so a one-round step is not).
 
 What spec_policy_sim.py (which replays spec_bench's rows on a described workload with the H200's
 table; a model's arithmetic, not a GPU measurement) found, 20 seeds, mean (min): with the rounds
@@ -81,8 +84,19 @@ and the lookups near the threshold, 0.2-0.3%); a cold engine's warm-up (a forced
 batch 16) still costs gsm8k 0.993x there; the streaky wikitext rows at batch 4 with rounds give
 1.55x (1.59x before: a first batch of
 low-matching prompts decodes plainly, the lookups' far share then notices the next batch's matches
-late); one-round steps at batch 16 are not costed by their slowest sequence (RowSpread learns from
-rounds steps only), so wikitext there stays 0.95x.
+late). One-round steps (num_rounds 1, the default) costed by their slowest sequence too (the worker
+passes each one's tokens per sequence, observe_tokens) and the spread's SPREAD_Z gate: wikitext at
+batch 16 one round 0.979x (min 0.967; streaks 0.968x, min 0.936) from 0.946x (0.952x), --cold 0.981x
+(0.957x) from 0.945x (0.931x); every gsm8k row and the one-round batches of 1 and 4 as before
+(within 0.002), every rounds row as before or better (the gate: streaky wikitext at batch 4 1.565x
+from 1.551x, at 16 1.409x from 1.394x). Not yet 0.99x there: the slowest-sequence oracle is 1.0x,
+and what is left is learning. The first batch speculates until the spread has evidence (ROUND_LAG
+rounds, then SPREAD_Z standard errors: ~12-20 one-round steps at 16), and its sequences leave
+that stretch up to ~30 tokens apart, a tail of plain steps with few rows (1-2% of the run); where the
+spread is marginal the policy speculates in bursts, each one leaving a tail. Costing one-round steps
+with chance's spread before that evidence (the rounds' horizon; 8 seeds) took batch 16 to 0.99x but put
+batches of 4 (whose first low-matching batch then decodes plainly, with no evidence to take it back)
+at 1.26x from 1.33x; without the gate noise did the same (1.21x).
 
 ``steps_by_k`` counts scheduled decode steps, not tokens: a k = 0 step of a greedy batch is a
 multi-step decode of up to num_decode_steps tokens per sequence, a k > 0 step emits 1..k + 1.
@@ -366,7 +380,10 @@ class RowSpread:
 
     def observe(self, ids: Seq[int], made: Seq[Seq[int]]) -> None:
         """One rounds step: per sequence (``ids``) that ran all of its rounds, the tokens each emitted."""
-        self._add(self.last, {i: sum(m) / len(m) for i, m in zip(ids, made) if m})
+        now = {i: sum(m) / len(m) for i, m in zip(ids, made) if m}
+        if len(self.last) == self.last.maxlen:  # two steps back: a streak across one step's end does not reach it
+            self._add(self.last[0], now)
+        self.last.append(now)
 
     def observe_round(self, ids: Seq[int], made: Seq[int]) -> None:
         """One speculative step of one round: per sequence (``ids``), the tokens it emitted (accepted
@@ -385,22 +402,20 @@ class RowSpread:
             last.append(m)
             recent[i] = last, far, count
         self.recent = recent
-        self._add(deque([before], maxlen=1), now)
+        self._add(before, now)
 
-    def _add(self, last: deque[dict[int, float]], now: dict[int, float]) -> None:
-        """The covariance of ``now`` with the oldest of ``last`` over the sequences in both, then
-        ``now`` kept: chance and streaks within a step do not reach that far, a sequence's rate does."""
-        if len(last) == last.maxlen:
-            before = last[0]  # rounds steps: two back, a streak across one step's end does not reach it
-            both = [i for i in now if i in before]
-            if len(both) >= 3:  # weighed by its degrees of freedom (3 rows say little, 16 more)
-                x, y = [before[i] for i in both], [now[i] for i in both]
-                cov, df = statistics.covariance(x, y), len(both) - 1
-                self.weight = self.weight * self.decay + df
-                self.total = self.total * self.decay + df * cov  # signed: chance cancels
-                # A covariance of df degrees of freedom varies by (var x var y + cov^2) / df.
-                self.noise = self.noise * self.decay ** 2 + df * (statistics.variance(x) * statistics.variance(y) + cov * cov)
-        last.append(now)
+    def _add(self, before: dict[int, float], now: dict[int, float]) -> None:
+        """The covariance of ``before`` and ``now`` over the sequences in both (tokens far enough
+        apart that chance and streaks do not reach across, a sequence's own rate does)."""
+        both = [i for i in now if i in before]
+        if len(both) >= 3:  # weighed by its degrees of freedom (3 rows say little, 16 more)
+            x, y = [before[i] for i in both], [now[i] for i in both]
+            cov, df = statistics.covariance(x, y), len(both) - 1
+            self.weight = self.weight * self.decay + df
+            self.total = self.total * self.decay + df * cov  # signed: chance cancels
+            # A covariance of df degrees of freedom varies by (var x var y + cov^2) / df.
+            noise = statistics.variance(x) * statistics.variance(y) + cov * cov
+            self.noise = self.noise * self.decay ** 2 + df * noise
 
     @property
     def spread(self) -> float:
@@ -539,8 +554,9 @@ class SpecPolicy:
 
     @property
     def horizon(self) -> float:
-        """choose_k's: the rounds over which chance spreads a batch's sequences. Until RowSpread has
-        seen rounds steps two apart, a rounds step is costed as one alone (num_rounds: the plain steps
+        """choose_k's: the rounds over which chance spreads a batch's sequences in a rounds step. Until
+        RowSpread has covariances (rounds steps two apart, or one-round steps ROUND_LAG apart), a
+        rounds step is costed as one alone (num_rounds: the plain steps
         after it leave the spread chance gave it for the batch's tail); after, the lasting spread alone."""
         return 0.0 if self.spread.weight else float(self.num_rounds) * HORIZON_STEPS
 
