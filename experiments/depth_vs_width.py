@@ -132,13 +132,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         spec = StudentSpec.from_cfg(cfg.student)
         spec = dataclasses.replace(spec, target_params=target, budget_by=kind)
         spec = spec.resolve(teacher.config, str(cfg.distill.save_dtype), device.type)
-        student, _, info = build_student(spec, teacher, tokenizer, device, calibration)
-        init = perplexities(student, texts, args)
-        del student
-        cleanup(device)
+        built = build_student(spec, teacher, tokenizer, device, calibration)
+        log(f"{kind}: student built in {time.time() - started:.1f} s")  # where a slow row's time goes
+        init = perplexities(built[0], texts, args)
+        info = built[2]
+        log(f"{kind}: init perplexities measured; distilling")
+        # The student measured here is the one distilled: built (and its importance measured) once.
         art = distill(teacher_art, spec, cfg.data, tc, dest=out / kind, ckpt_dir=out / f".{kind}.ckpt",
                       device=device, data_dir=Path(args.data_dir), cache_dir=cache_dir,
-                      save_dtype=str(cfg.distill.save_dtype))
+                      save_dtype=str(cfg.distill.save_dtype), student=built)
+        del built
+        cleanup(device)
+        log(f"{kind}: distilled")
         trained = load_model(art, dtype="fp32", device=device)
         shape = {k: spec.budget[k] for k in ("layers", "hidden_size", "intermediate_size", "num_attention_heads")}
         row = {"model": kind, "target_params": target, "params": num_parameters(trained), **shape,

@@ -170,12 +170,32 @@ def prune_width(model: torch.nn.Module, hidden_size: int | None = None, intermed
     config.hidden_size = hidden_size if h_idx is not None else config.hidden_size
     config.intermediate_size = intermediate_size if mlp_idx else config.intermediate_size
     config.num_attention_heads = num_attention_heads if q_idx else config.num_attention_heads
-    student = AutoModelForCausalLM.from_config(config).to(next(model.parameters()).dtype)
-    new_state = {k: _slice_param(k, v, h_idx, mlp_idx, q_idx).clone() for k, v in state.items()}
+    weight = next(model.parameters())
+    # Built on the meta device and materialised where the teacher's copy lives: every weight is then
+    # copied from the kept slices, so a random initialisation on the host (and the weights' trip to
+    # the host and back) would be thrown away.
+    with torch.device("meta"):
+        student = AutoModelForCausalLM.from_config(config, dtype=weight.dtype)
+    student.to_empty(device=weight.device)
+    new_state = {k: _slice_param(k, v, h_idx, mlp_idx, q_idx) for k, v in state.items()}
     missing, unexpected = student.load_state_dict(new_state, strict=False)
-    if unexpected or [k for k in missing if "lm_head" not in k]:
+    tied = getattr(config, "tie_word_embeddings", False)  # a tied head is the embedding: nothing to load
+    if unexpected or [k for k in missing if not (tied and "lm_head" in k)]:
         raise ShrinkError(f"width pruning: state mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return student.to(next(model.parameters()).device).train()
+    _copy_buffers(model, student)
+    student.tie_weights()
+    return student.train()
+
+
+def _copy_buffers(source: torch.nn.Module, student: torch.nn.Module) -> None:
+    """The student's buffers (the rotary inverse frequencies, which no state dict holds) from the model
+    it was cut from: width pruning keeps head_dim and the rotary settings, so they are the same values."""
+    buffers = dict(source.named_buffers())
+    for name, buf in student.named_buffers():
+        if name not in buffers or buffers[name].shape != buf.shape:
+            raise ShrinkError(f"width pruning: the student's buffer {name} has no counterpart of shape "
+                              f"{tuple(buf.shape)} in the model it is cut from")
+        buf.copy_(buffers[name])
 
 
 def student_from_config(teacher_config: Any, overrides: dict, key: str = "student.config") -> torch.nn.Module:

@@ -285,14 +285,18 @@ def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec
             cache_dir: Path | None = None, resume: bool = False, save_dtype: str = "bf16",
             config: dict | None = None, tracker: Callable[[], Any] | None = None,
             teacher_data: TeacherDataSettings | None = None, sampler: str = "auto",
-            token_frequencies: bool = False) -> Artifact:
+            token_frequencies: bool = False,
+            student: tuple[torch.nn.Module, list[int] | None, dict] | None = None) -> Artifact:
     """Distil a student (`student_spec`) from `teacher_art` on `data` (a TaskDataSpec, or a `data` config
     group of LM text as train.data.load_packed reads it) with `tc` (its layer_map still a spec, e.g.
     `auto`); saved at `dest`. `tracker()` makes the experiment tracker, if any; `teacher_data` mixes
     teacher-generated samples (made through the engine, cached) into LM training text. `sampler`
     (engine | transformers) continues the prompts of on-policy and sequence-level KD steps.
     `token_frequencies`: the artifact also holds the training text's token counts
-    (engine/spec_decode/draft_vocab.py's file), from which a drafter's `draft_vocab_size` takes its rows."""
+    (engine/spec_decode/draft_vocab.py's file), from which a drafter's `draft_vocab_size` takes its rows.
+    `student`: what `build_student` returned for this (resolved) `student_spec`, from a caller that measured
+    the student before training it (experiments/depth_vs_width.py): trained as given, so its layer and
+    channel importance is not measured, nor its calibration data loaded, a second time."""
     started = time.time()
     with config_section("distill"):
         sampler = resolve_sampler(check_sampler(sampler), device)
@@ -315,7 +319,10 @@ def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec
     def calibration(n_blocks: int) -> torch.Tensor:
         return load_packed(calib_cfg, tokenizer, data_dir, cache_dir).train[:n_blocks]
 
-    student, keep, init_info = build_student(student_spec, teacher, tokenizer, device, calibration)
+    if student is None:
+        student, keep, init_info = build_student(student_spec, teacher, tokenizer, device, calibration)
+    else:
+        student, keep, init_info = student
     if resume:
         if not tc.lora:  # LoRA checkpoints name the wrapped modules
             check_checkpoint_fits(ckpt_dir, student, "student.* settings (student.keep_layers, student.width, ...)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 from support import load_experiment, save_tiny_artifact
 
@@ -13,16 +14,35 @@ def load_driver():
     return load_experiment("depth_vs_width")
 
 
-def test_smoke_compares_the_three_students_at_one_budget(tmp_path):
+def count_calls(monkeypatch, calls: Counter, module, name: str) -> None:
+    fn = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+
+
+def test_smoke_compares_the_three_students_at_one_budget(tmp_path, monkeypatch):
     from pydoc_data.topics import topics
+
+    import shrink.stages.distill as distill_stage
+    import train.importance as importance
+
+    driver = load_driver()
+    calls: Counter = Counter()
+    for module, name in [(driver, "build_student"), (distill_stage, "build_student"),
+                         (importance, "channel_importance"), (importance, "layer_importance")]:
+        count_calls(monkeypatch, calls, module, name)
 
     teacher = save_tiny_artifact(tmp_path / "teacher")
     wiki = tmp_path / "data" / "wikitext-2-raw" / "wiki.test.raw"
     wiki.parent.mkdir(parents=True)
     wiki.write_bytes("\r\n".join(topics["assignment"].splitlines()[:80]).encode())
     out = tmp_path / "out"
-    rows = load_driver().main(["--teacher", str(teacher), "--data-dir", str(wiki.parents[1]), "--out", str(out),
-                               "--smoke", "--device", "cpu", "--set", f"cache_dir={tmp_path / 'cache'}"])
+    rows = driver.main(["--teacher", str(teacher), "--data-dir", str(wiki.parents[1]), "--out", str(out),
+                        "--smoke", "--device", "cpu", "--set", f"cache_dir={tmp_path / 'cache'}"])
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert lines == json.loads(json.dumps(rows))
     assert [r["model"] for r in lines] == ["teacher", "depth", "width", "both"]
@@ -39,3 +59,6 @@ def test_smoke_compares_the_three_students_at_one_budget(tmp_path):
     assert students["depth"]["layers"] < 4 and students["depth"]["hidden_size"] == 64
     assert students["width"]["layers"] == 4 and students["width"]["hidden_size"] < 64
     assert students["both"]["layers"] < 4 and students["both"]["hidden_size"] < 64
+    # Each student is built, and its importance measured, once: the one measured at init is the one
+    # distilled (the distill stage built it a second time, measuring its importance again).
+    assert calls == {"build_student": 3, "channel_importance": 2, "layer_importance": 2}

@@ -89,3 +89,49 @@ def test_head_counts_that_break_the_groups_are_refused(heads):
 def test_the_teachers_head_count_prunes_nothing():
     model = teacher()
     assert prune_width(model, num_attention_heads=4) is model
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_every_weight_and_buffer_of_the_student_comes_from_the_teacher(tied):
+    """The student is built on the meta device and filled: each weight is its teacher slice (an untied
+    head included), a tied head stays tied, and the rotary buffers, which no state dict holds, are the
+    teacher's."""
+    model = teacher(tie_word_embeddings=tied)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:  # norms: random, so that a wrong or missing copy shows
+                p.uniform_(0.5, 1.5)
+    ids = torch.randint(3, 320, (2, 12))
+    student = prune_width(model, 48, 96, channel_importance(model, ids, 2), num_attention_heads=2)
+    assert (student.lm_head.weight is student.model.embed_tokens.weight) == tied
+    assert student.training and all(p.requires_grad for p in student.parameters())
+    t, s = model.state_dict(), student.state_dict()
+    # the kept hidden channels, found from the embedding's columns (random: each matches one)
+    h_idx = torch.tensor([int((t["model.embed_tokens.weight"] == col[:, None]).all(0).nonzero())
+                          for col in s["model.embed_tokens.weight"].T])
+    assert h_idx.shape == (48,) and h_idx.unique().numel() == 48
+    assert torch.equal(s["lm_head.weight"], t["lm_head.weight"][:, h_idx])
+    for name in s:
+        if name.endswith("norm.weight"):
+            assert torch.equal(s[name], t[name][h_idx]), name
+        if name.endswith("k_proj.weight"):
+            assert torch.equal(s[name], t[name][:, h_idx]), name
+    assert all(torch.isfinite(v).all() for v in s.values())
+    t_buffers = dict(model.named_buffers())
+    assert all(torch.equal(b, t_buffers[k]) for k, b in student.named_buffers())
+
+
+def test_the_student_is_built_on_the_meta_device(monkeypatch):
+    """No random initialisation of the narrower model on the host: every weight is copied in afterwards."""
+    from transformers import AutoModelForCausalLM
+
+    model = teacher()
+    built_on, from_config = [], AutoModelForCausalLM.from_config
+
+    def recording(*args, **kwargs):
+        built_on.append(torch.empty(0).device.type)
+        return from_config(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", recording)
+    prune_width(model, 48, 96)
+    assert built_on == ["meta"]
