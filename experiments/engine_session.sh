@@ -396,11 +396,13 @@ case "${1:?verb}" in
       --tokens ${GQA_TOKENS:-1000000 10000000 50000000} --inits ${GQA_INITS:-svd} --teacher-samples "$E" \
       --teacher-ratio ${TEACHER_RATIO:-0.5} > "$OUTDIR/gqa_tg.log" 2>&1; grep -v Warn "$OUTDIR/gqa_tg.log" | tail -n 8;;
   dvw)  # after stash + stash2 (+ .gpu/corpus): depth against width at equal parameters (issue 16 item 2), each
-        # student distilled DVW_TOKENS (10M) by the distill stage, from an imported teacher artifact
+        # student (DVW_KINDS) distilled DVW_TOKENS (10M) by the distill stage, from an imported teacher artifact;
+        # width and both took minutes more than depth before training on the H200 (DVW_S: give them >= 600 s each)
     assemble; T="$H/imp/teacher"; [ -f "$T/shrink.json" ] || python3 -m shrink stage=import \
       teacher.source="$H/t/smol.gguf" run="$H/imp" logging=none > "$OUTDIR/import.log" 2>&1
-    timeout ${DVW_S:-900} python3 experiments/depth_vs_width.py --teacher "$T" --data-dir "$H/data" --out "$H/dvw" \
-      --tokens ${DVW_TOKENS:-10000000} > "$OUTDIR/dvw.log" 2>&1; grep -v Warn "$OUTDIR/dvw.log" | tail -n 8
+    timeout ${DVW_S:-1800} python3 experiments/depth_vs_width.py --teacher "$T" --data-dir "$H/data" --out "$H/dvw" \
+      --tokens ${DVW_TOKENS:-10000000} --kinds ${DVW_KINDS:-depth,width,both} > "$OUTDIR/dvw.log" 2>&1
+    tr '\r' '\n' < "$OUTDIR/dvw.log" | grep -a '^\[' | cut -c1-400 | tail -n 8
     cp "$H/dvw/results.jsonl" "$OUTDIR/dvw_results.jsonl";;  # the students' weights stay on the machine
   q24)  # carry .gpu/wheels: every weight-only format's 7B decode at batch 1 and 16, bf16 first, one process (issue 13)
     timeout ${QUANT_S:-300} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_24.jsonl" --batch 1 16 \
