@@ -175,17 +175,10 @@ class Sim:
                     rows = [j for j in live if rem[j] > 0]
                     if not rows:
                         break
-                    prop, acc = [], []
-                    for j in rows:
-                        m = self._match(j, match[j])
-                        a = _accepted(self.rng, w.rates, k) if m else 0
-                        prop.append(k if m else 0)
-                        acc.append(a)
-                        got = min(a + 1, rem[j])
-                        rem[j] -= got
-                        self.since[j] += self.per_round[j]  # a round: the chain's step
-                        emitted += got
-                        if rem[j] > 0 or got == a + 1:
+                    prop, acc, got = self._one_round(rows, k, match, rem, w.rates)
+                    emitted += sum(got)
+                    for j, a, g in zip(rows, acc, got):
+                        if rem[j] > 0 or g == a + 1:
                             made[j].append(a + 1)
                     p.observe([k] * len(rows), acc, prop)
                 if hasattr(p, "observe_rows"):  # the rows that ran every round (worker.py)
@@ -195,16 +188,8 @@ class Sim:
                 p.observe_step(b, k, seconds, steps=r)
                 self.plain_run = 0
             elif k > 0:
-                prop, acc = [], []
-                for j in live:
-                    m = self._match(j, match[j])
-                    a = _accepted(self.rng, w.rates, k) if m else 0
-                    prop.append(k if m else 0)
-                    acc.append(a)
-                    got = min(a + 1, rem[j])
-                    rem[j] -= got
-                    self.since[j] += self.per_round[j]  # a round: the chain's step
-                    emitted += got
+                prop, acc, got = self._one_round(live, k, match, rem, w.rates)
+                emitted += sum(got)
                 if hasattr(p, "observe_tokens"):  # each row's tokens, accepted + 1 (worker.py _record)
                     p.observe_tokens([prompts[j] for j in live], [a + 1 for a in acc])
                 any_prop = any(prop)
@@ -239,6 +224,21 @@ class Sim:
             s[0] += seconds
             s[1] += emitted
             s[2] += 1
+
+    def _one_round(self, rows: list[int], k: int, match: list[float], rem: list[int],
+                   rates: list[float]) -> tuple[list[int], list[int], list[int]]:
+        """One speculative round of ``rows`` at k: per row the drafts its lookup proposed (k or 0),
+        those accepted, and the tokens it emitted (at most its ``rem``aining ones, taken off them)."""
+        prop, acc, got = [], [], []
+        for j in rows:
+            m = self._match(j, match[j])
+            a = _accepted(self.rng, rates, k) if m else 0
+            prop.append(k if m else 0)
+            acc.append(a)
+            got.append(min(a + 1, rem[j]))
+            rem[j] -= got[-1]
+            self.since[j] += self.per_round[j]  # a round: the chain's step
+        return prop, acc, got
 
     def _match(self, j: int, rate: float) -> bool:
         """Whether row j's lookup matches now: a two-state chain with stationary rate ``rate`` whose
