@@ -38,7 +38,9 @@ How it runs in the engine:
    step costs the worker measured once both runners held their graphs (step_costs.py), what the
    engine's steps took beyond them (LLMEngine.step reports each decode step's wall time,
    SpecDecodeWorker.record_step), the share of rounds the drafter proposed anything in and the
-   per-position acceptance of its proposals (for n-gram, plain steps' unrun rounds too). With
+   per-position acceptance of its proposals (for n-gram, plain steps' unrun rounds too, at a
+   measured share of the plain steps' time), and how lastingly the batch's sequences differ (a
+   speculative step of a batch is costed by its slowest sequence: policy.RowSpread). With
    num_rounds R an all-greedy step at k = num_speculative_tokens runs R device-resident rounds
    (rounds.py; under "auto" costed per round from the startup table).
 3. Draft (draft_model.py; Medusa: medusa.py, the heads on each sequence's kept feature, no catch-up,
