@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         spec = spec.resolve(teacher.config, str(cfg.distill.save_dtype), device.type)
         built = build_student(spec, teacher, tokenizer, device, calibration)
         log(f"{kind}: student built in {time.time() - started:.1f} s")  # where a slow row's time goes
-        init = perplexities(built[0], texts, args)
-        info = built[2]
+        student, _, info = built
+        init = perplexities(student, texts, args)
+        del student
         log(f"{kind}: init perplexities measured; distilling")
         # The student measured here is the one distilled: built (and its importance measured) once.
         art = distill(teacher_art, spec, cfg.data, tc, dest=out / kind, ckpt_dir=out / f".{kind}.ckpt",

@@ -8,8 +8,8 @@ Families of shapes (each ordered by size):
   attention heads: transformers refuses to save a config whose hidden size the heads do not divide),
   the MLP scaled in proportion (a multiple of 8), as Minitron's width students shrink embedding and
   MLP channels; a parameter or byte budget then widens the chosen shape's MLP to fill what the coarse
-  hidden step leaves (`fill_mlp`). Attention heads stay, unless student.width.num_attention_heads fixes a count (every
-  candidate then has it).
+  hidden step leaves (`fill_mlp`). Attention heads stay, unless student.width.num_attention_heads
+  fixes a count (every candidate then has it).
 - both: a Minitron-style split: the depth whose layer removal alone comes nearest to half of the
   parameters to remove (ties: the deeper), then the widest width at that depth that meets the
   target, so depth and width each take about half of the cut.

@@ -69,34 +69,14 @@ same rates over HORIZON_STEPS rounds steps too (``horizon``, round_variance): a 
 at the start of a batch that then decodes plainly leaves its sequences that far apart (one round
 leaves them a few tokens apart, so a one-round step is not).
 
-What spec_policy_sim.py (which replays spec_bench's rows on a described workload with the H200's
-table; a model's arithmetic, not a GPU measurement) found, 20 seeds, mean (min): with the rounds
-costed by the mean sequence even the true rates gave gsm8k 0.93x at batch 16; RowSpread made it
-0.97x. The rest of gsm8k's loss was the learning's: the plain steps' lookups (every plain step for 8
-after speculating, then every 4th: ~0.5-1% of a run), probes (0.1-0.5%, and at batch 16 with rounds
-the tail of plain steps their uneven sequences left), and the first rounds steps of a batch before
-RowSpread knew its spread (their tail: 1-2% at batch 16). With the lookups' time share, n-gram
-probes at PROBE_MAX and the chance horizon every gsm8k row (batch 1, 4, 16; one round or 8; streaks
-or not) gives 0.994-0.999 (min 0.989), from 0.964-0.991; wikitext's rows stay within 0.2% of
-before (1.51 / 1.33 / 0.95 one round, 1.64 / 1.67 / 1.46 with 8 rounds at batch 1 / 4 / 16). Not
-yet: batch 1 with rounds stays 0.994x (the estimate's swings choose rounds that do not pay, 0.2-0.4%,
-and the lookups near the threshold, 0.2-0.3%); a cold engine's warm-up (a forced rounds step at
-batch 16) still costs gsm8k 0.993x there; the streaky wikitext rows at batch 4 with rounds give
-1.55x (1.59x before: a first batch of
-low-matching prompts decodes plainly, the lookups' far share then notices the next batch's matches
-late). One-round steps (num_rounds 1, the default) costed by their slowest sequence too (the worker
-passes each one's tokens per sequence, observe_tokens) and the spread's SPREAD_Z gate: wikitext at
-batch 16 one round 0.979x (min 0.967; streaks 0.968x, min 0.936) from 0.946x (0.952x), --cold 0.981x
-(0.957x) from 0.945x (0.931x); every gsm8k row and the one-round batches of 1 and 4 as before
-(within 0.002), every rounds row as before or better (the gate: streaky wikitext at batch 4 1.565x
-from 1.551x, at 16 1.409x from 1.394x). Not yet 0.99x there: the slowest-sequence oracle is 1.0x,
-and what is left is learning. The first batch speculates until the spread has evidence (ROUND_LAG
-rounds, then SPREAD_Z standard errors: ~12-20 one-round steps at 16), and its sequences leave
-that stretch up to ~30 tokens apart, a tail of plain steps with few rows (1-2% of the run); where the
-spread is marginal the policy speculates in bursts, each one leaving a tail. Costing one-round steps
-with chance's spread before that evidence (the rounds' horizon; 8 seeds) took batch 16 to 0.99x but put
-batches of 4 (whose first low-matching batch then decodes plainly, with no evidence to take it back)
-at 1.26x from 1.33x; without the gate noise did the same (1.21x).
+What spec_policy_sim.py (a CPU replay of spec_bench's rows with the H200's cost table; arithmetic,
+not a GPU measurement) found, 20 seeds: costing rounds by the mean sequence, even the true rates gave
+gsm8k 0.93x at batch 16; the slowest-sequence costing, the lookups' time share, n-gram probes at
+PROBE_MAX and the chance horizon bring every gsm8k row to 0.993-0.999x, and one-round wikitext at
+batch 16 from 0.946x to 0.979x (its slowest-sequence oracle: 1.0x; what is left is learning), the
+other wikitext rows within 0.2% (streaky batch 4 with rounds: 1.55x, from 1.59x). The tables, and
+what each constant traded (a chance horizon for one-round steps, no SPREAD_Z gate), are in
+BENCHMARKS.md, eighteenth session.
 
 ``steps_by_k`` counts scheduled decode steps, not tokens: a k = 0 step of a greedy batch is a
 multi-step decode of up to num_decode_steps tokens per sequence, a k > 0 step emits 1..k + 1.
@@ -485,6 +465,7 @@ class SpecPolicy:
         self.spread = RowSpread()
         # A probe at batch 16 with rounds left the fixed batch's sequences uneven (a tail of plain steps
         # with few rows) and cost the replay's gsm8k rows 0.1-0.5% each time; the lookups see the matches.
+        self.lookups = lookups
         self.probe_min = PROBE_MAX if lookups else PROBE_MIN
         self.probe_interval = self.probe_min
         self.plain_steps = 0  # since the last speculative step
@@ -502,7 +483,7 @@ class SpecPolicy:
         """A new policy on the same costs and settings, with nothing learned (spec_bench's rows: one
         per batch size); the calibration starts over too."""
         return SpecPolicy(self.k_max, self.max_batch_size, self.costs, self.overheads is not None,
-                          self.num_rounds, self.probe_min == PROBE_MAX)
+                          self.num_rounds, self.lookups)
 
     def k_for_step(self, n: int) -> int:
         """Draft tokens per sequence for a decode step of n sequences (0: decode plainly)."""
@@ -556,8 +537,8 @@ class SpecPolicy:
     def horizon(self) -> float:
         """choose_k's: the rounds over which chance spreads a batch's sequences in a rounds step. Until
         RowSpread has covariances (rounds steps two apart, or one-round steps ROUND_LAG apart), a
-        rounds step is costed as one alone (num_rounds: the plain steps
-        after it leave the spread chance gave it for the batch's tail); after, the lasting spread alone."""
+        rounds step is costed as one alone (num_rounds: the plain steps after it leave the spread
+        chance gave it for the batch's tail); after, the lasting spread alone."""
         return 0.0 if self.spread.weight else float(self.num_rounds) * HORIZON_STEPS
 
     def k_again(self, n: int) -> int:
