@@ -18,6 +18,7 @@ from engine import LLM, SamplingParams  # noqa: E402
 from engine.context import reset_context, set_context  # noqa: E402
 from engine.cuda_graphs import PrefillGraphs  # noqa: E402
 from graph_replay import EagerReplay  # noqa: E402
+from support import widen_m1_gemv_programs  # noqa: E402
 
 
 def _eager_graphs(runner) -> PrefillGraphs:
@@ -28,7 +29,11 @@ def _eager_graphs(runner) -> PrefillGraphs:
     return graphs
 
 
-def test_verify_graph_logits_equal_the_eager_verify_and_the_engine_output_is_unchanged(tmp_path):
+def test_verify_graph_logits_equal_the_eager_verify_and_the_engine_output_is_unchanged(tmp_path, monkeypatch):
+    # The last sequence's M == 1 decode steps (plain run) and drafts: GEMVs of one column a program,
+    # which the interpreter runs one at a time; 16 columns a program, the same kernels and sums
+    # (support.widen_m1_gemv_programs; one column a program stays the kernel tests').
+    widen_m1_gemv_programs(monkeypatch)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
