@@ -8,7 +8,11 @@ import json
 from experiments import int4_kernel_compare, quant_gemv_sweep
 
 
-def test_dry_run_checks_both_paths(tmp_path, capsys):
+def test_dry_run_checks_both_paths(tmp_path, capsys, monkeypatch):
+    # FAST_MIN_PROGRAMS (an H200's occupancy target) cuts the M == 1 fast GEMV to one column a program
+    # at these widths, which the interpreter runs one at a time; at 1 the same kernel and sums run in
+    # wider programs (one column a program stays tests/kernels/test_quant_gemv_fast.py's).
+    monkeypatch.setattr("kernels.gemv.FAST_MIN_PROGRAMS", 1)
     out = tmp_path / "compare.jsonl"
     int4_kernel_compare.main(["--dry-run", "--formats", "int4_g64", "int4_g128_zero", "--shapes", "o_proj", "gate_up",
                               "--m", "1", "4", "--json", str(out)])

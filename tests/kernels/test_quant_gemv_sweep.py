@@ -12,6 +12,7 @@ from experiments.quant_gemv_sweep import (EXACT_SPLITS, EXACT_TILES, FAST_CANDID
 from kernels import quant as ref
 from kernels._triton import next_pow2
 from kernels.gemv import FAST_M1_CONFIGS, _fast_words, fast_dequant_fits, fast_gemv_config, gemv, gemv_config, gemv_ref
+from support import widen_m1_gemv_programs
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -95,6 +96,10 @@ def test_sweep_flow_on_cpu(monkeypatch, tmp_path):
     # An H200 occupancy target: on these widths it makes the fast path's programs one column each,
     # which the interpreter runs one at a time. Wider programs time the same records.
     monkeypatch.setattr(gemv_module, "FAST_MIN_PROGRAMS", 1)
+    # Every timing first checks its launch against gemv's exact heuristic, at M == 1 one column a
+    # program on these widths (interpreted one at a time): 16 columns, the same kernel and sums
+    # (support.widen_m1_gemv_programs; the records name the sweep's own gemv_config, imported by name).
+    widen_m1_gemv_programs(monkeypatch)
     shapes = {"gate_up": (32, 128, "swiglu"), "down": (16, 256, "residual")}  # small: interpreted
     monkeypatch.setattr(sweep, "SHAPES", shapes)
     monkeypatch.setattr(sweep, "COPY_BYTES", 1)

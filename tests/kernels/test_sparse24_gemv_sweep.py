@@ -7,6 +7,13 @@ from __future__ import annotations
 import json
 
 
+def one_copy_seconds(fn, items: list) -> float:
+    """The sweep's copies_seconds as one run of the first copy at a fake 1 ms: its warm-up and other
+    copies run the same kernel on other random weights (test_dry_run_on_cpu runs it unpatched)."""
+    fn(items[0])
+    return 1e-3
+
+
 def test_sweep_flow_on_cpu(monkeypatch, tmp_path):
     import experiments.sparse24_gemv_sweep as sweep
 
@@ -28,6 +35,7 @@ def test_sweep_flow_on_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(sweep, "FAST_CANDIDATES", [(16, 128, 4)])
     monkeypatch.setattr(sweep, "MMA_CANDIDATES", [(16, 128, 4, 1)])
     monkeypatch.setattr(sweep, "graph_seconds", one_run_seconds)
+    monkeypatch.setattr(sweep, "copies_seconds", one_copy_seconds)
     monkeypatch.setattr(sweep, "copy_ceiling_tbps", lambda: 1.0)
     out = tmp_path / "sweep.jsonl"
     sweep.main(["--m", "1", "3", "--budget-s", "1000", "--json", str(out)])
@@ -61,10 +69,14 @@ def test_sweep_flow_on_cpu(monkeypatch, tmp_path):
     assert recs[0]["kind"] == "ceiling" and recs[-1]["kind"] == "done"
 
 
-def test_dry_run_on_cpu(tmp_path):
-    """--dry-run: the CPU flow without monkeypatching: old, new and dense int4 rows on its shapes."""
+def test_dry_run_on_cpu(tmp_path, monkeypatch):
+    """--dry-run: the CPU flow without monkeypatching the sweep: old, new and dense int4 rows on its shapes."""
     import experiments.sparse24_gemv_sweep as sweep
 
+    # The kernels' H200 occupancy target only (as in test_sweep_flow_on_cpu): at these widths it makes
+    # the M == 1 fast paths one column a program, interpreted one at a time; the same kernels and sums.
+    monkeypatch.setattr("kernels.gemv.FAST_MIN_PROGRAMS", 1)
+    monkeypatch.setattr("kernels.quant_gemv.FAST_MIN_PROGRAMS", 1)
     out = tmp_path / "dry.jsonl"
     try:
         sweep.main(["--dry-run", "--m", "1", "--budget-s", "0", "--json", str(out)])
@@ -83,10 +95,18 @@ def test_dry_run_on_cpu(tmp_path):
     assert recs[0]["kind"] == "ceiling" and recs[-1]["kind"] == "done"
 
 
-def test_paths_restricts_the_sparse_paths(tmp_path):
+def test_paths_restricts_the_sparse_paths(tmp_path, monkeypatch):
     """--paths fast: at M == 1 only the fast 2:4 path runs (no select, no mma), the dense baselines stay."""
     import experiments.sparse24_gemv_sweep as sweep
 
+    # One of the dry run's two shapes (the restriction is per path, not per shape: every shape of the
+    # dry run is test_dry_run_on_cpu's); one run of the first copy per timing, as in test_sweep_flow_on_cpu.
+    monkeypatch.setattr(sweep, "DRY_SHAPES", {"a": sweep.DRY_SHAPES["a"]})
+    monkeypatch.setattr(sweep, "copies_seconds", one_copy_seconds)
+    # Wider M == 1 fast-path programs, as in test_sweep_flow_on_cpu (one column a program at these widths
+    # otherwise, interpreted one at a time): the same kernels and sums, and the paths that run the same.
+    monkeypatch.setattr("kernels.gemv.FAST_MIN_PROGRAMS", 1)
+    monkeypatch.setattr("kernels.quant_gemv.FAST_MIN_PROGRAMS", 1)
     out = tmp_path / "fast.jsonl"
     try:
         sweep.main(["--dry-run", "--m", "1", "--formats", "int4_g128", "--paths", "fast", "--budget-s", "0",
