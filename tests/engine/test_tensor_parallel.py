@@ -403,7 +403,12 @@ def test_fused_decode_path_under_tensor_parallelism(model_dir, tmp_path):
 SPEC_TRITON_CHECK = """
 import itertools
 import sys
+import pytest
+from support import widen_m1_gemv_programs
 from engine import LLM, SamplingParams
+# This process's M == 1 GEMVs (the one-rank run's, rank 0's) at 16 columns a program, not one: the same
+# kernels and sums (support.widen_m1_gemv_programs); the spawned rank 1 keeps the default config.
+widen_m1_gemv_programs(pytest.MonkeyPatch())
 path = sys.argv[1]
 ps = [[7, 8, 9, 10, 11, 7, 8, 9], [3, 4, 5, 3, 4], [20, 21, 22, 23, 24, 25, 26, 20, 21], [40, 41, 42, 40],
       [50, 51, 52, 53, 50, 51]]

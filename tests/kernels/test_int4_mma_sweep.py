@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import experiments.int4_mma_sweep as sweep
+from support import widen_m1_gemv_programs
 
 
 def test_split_candidates_keep_a_step_per_split():
@@ -18,6 +19,11 @@ def test_split_candidates_keep_a_step_per_split():
 
 
 def test_dry_run_flow(monkeypatch, tmp_path):
+    # The GEMV baselines at M == 1 run one column a program at these widths (FAST_MIN_PROGRAMS, an H200's
+    # occupancy target, and gemv_config without PDL), interpreted one at a time; wider programs run the
+    # same kernels and sums (one column a program stays tests/kernels/test_gemv.py's and test_quant_gemv*.py's).
+    monkeypatch.setattr("kernels.gemv.FAST_MIN_PROGRAMS", 1)
+    widen_m1_gemv_programs(monkeypatch)
     monkeypatch.setattr(sweep, "CANDIDATES", [(64, 256, 4, 1), (32, 256, 2, 3)])
     out = tmp_path / "mma.jsonl"
     formats = ["int4_g64", "int4_g128_zero"]
