@@ -260,6 +260,13 @@ class _Reached(Exception):
     """Raised by the calibration hook to stop a forward once the attention it measures has its input."""
 
 
+def _extended_moment_sum(inputs: torch.Tensor) -> torch.Tensor:
+    """The sum of x x^T over the rows x of `inputs` [..., in] extended by a constant 1, float64."""
+    x = inputs.detach().reshape(-1, inputs.shape[-1]).double()
+    x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+    return x.T @ x
+
+
 @torch.no_grad()
 def attention_input_moment(model: nn.Module, attn: nn.Module, calibration: torch.Tensor) -> torch.Tensor:
     """E[x x^T] of `attn`'s input x (q_proj's) extended by a constant 1, [in+1, in+1] float64, over the
@@ -268,9 +275,7 @@ def attention_input_moment(model: nn.Module, attn: nn.Module, calibration: torch
 
     def accumulate(module: nn.Module, args: tuple) -> None:
         nonlocal total
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-        x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
-        total = total + x.T @ x
+        total = total + _extended_moment_sum(args[0])
         raise _Reached
 
     handle = attn.q_proj.register_forward_pre_hook(accumulate)
@@ -284,6 +289,60 @@ def attention_input_moment(model: nn.Module, attn: nn.Module, calibration: torch
         model.train(was_training)
         handle.remove()
     return total / calibration.numel()
+
+
+@torch.no_grad()
+def _svd_merge_layer_by_layer(model: nn.Module, layout: KVLayout, groups: int, calibration: torch.Tensor) -> None:
+    """svd-merge every attention in order, each weighed by the inputs the layers already merged give it:
+    the same moments as attention_input_moment(model, attn, calibration) taken after each merge, but
+    each decoder layer runs once over the calibration rows (its captured inputs, then its output is
+    the next layer's input) instead of a forward from the embeddings per layer (quadratic in depth:
+    435 layer passes for SmolLM2's 30 layers instead of 30)."""
+    attns = list(attention_modules(model))
+    parents = {id(child): module for module in model.modules() for child in module.children()}
+    layers = [parents[id(attn)] for attn in attns]  # the decoder layer of each attention
+    chunks: list[tuple[tuple, dict]] = []
+    total: Any = 0.0
+
+    def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        chunks.append((args, kwargs))
+        raise _Reached
+
+    def accumulate(module: nn.Module, args: tuple) -> None:
+        nonlocal total
+        total = total + _extended_moment_sum(args[0])
+        raise _Reached
+
+    device, was_training = next(model.parameters()).device, model.training
+    model.eval()
+    try:
+        handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            for rows in calibration.split(8):  # (attention_input_moment's chunks: the same sums)
+                with contextlib.suppress(_Reached):
+                    model(rows.to(device), use_cache=False)
+        finally:
+            handle.remove()
+        for i, (layer, attn) in enumerate(zip(layers, attns)):
+            total = 0.0
+            handle = attn.q_proj.register_forward_pre_hook(accumulate)
+            try:
+                for args, kwargs in chunks:
+                    with contextlib.suppress(_Reached):
+                        layer(*args, **kwargs)
+            finally:
+                handle.remove()
+            _svd_merge_attention(attn, layout, groups, total / calibration.numel())
+            attn.num_key_value_groups = layout.heads // groups
+            if i + 1 < len(layers):
+                chunks = [((_hidden(layer(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in chunks]
+    finally:
+        model.train(was_training)
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    """A decoder layer's hidden states (a tensor, or the first of a tuple in older transformers)."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 @torch.no_grad()
@@ -350,9 +409,7 @@ def pool_kv_heads(model: nn.Module, groups: int, init: str = "mean", seed: int =
                           "inputs' second moments); none given")
     layout = KVLayout.of(model.config)
     if init == "svd":  # layer by layer: each sees the inputs the layers already merged give it
-        for attn in list(attention_modules(model)):
-            _svd_merge_attention(attn, layout, groups, attention_input_moment(model, attn, calibration))
-            attn.num_key_value_groups = layout.heads // groups
+        _svd_merge_layer_by_layer(model, layout, groups, calibration)
         return _set_kv_heads(model, groups)
     generator = torch.Generator().manual_seed(seed)
 

@@ -5,23 +5,19 @@ one real speculative run against plain greedy decoding (CPU, tiny teacher)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from support import REPO, load_experiment
+from support import load_experiment
 
 
-def test_drafter_bench_smoke(tiny_teacher: Path, shared_data_dir: Path, tmp_path: Path):
+def test_drafter_bench_smoke(tiny_teacher: Path, shared_data_dir: Path, tmp_path: Path, monkeypatch):
+    """The script's main() in this process (its training runs are still `python -m shrink`
+    subprocesses): a process of its own would only add an interpreter and torch start-up."""
     out, lines = tmp_path / "out", tmp_path / "results.jsonl"
-    result = subprocess.run(
-        [sys.executable, "experiments/drafter_bench.py", "--teacher", str(tiny_teacher), "--data-dir",
-         str(shared_data_dir), "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
-         "--smoke", "--keep", "first:2", "--json", str(lines)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # (its training subprocesses: one thread, as before)
+    load_experiment("drafter_bench").main(
+        ["--teacher", str(tiny_teacher), "--data-dir", str(shared_data_dir), "--out", str(out), "--cache-dir",
+         str(tmp_path / "cache"), "--device", "cpu", "--smoke", "--keep", "first:2", "--json", str(lines)])
     rows = [json.loads(line) for line in lines.read_text().splitlines()]
     by = lambda bench: [r for r in rows if r["bench"] == bench]  # noqa: E731
     trained = {r["loss"]: r for r in by("drafter_train")}

@@ -210,20 +210,28 @@ def _stage(tiny_teacher, tmp_path, name: str, *overrides: str, launcher: list[st
     return log
 
 
-def test_distill_stage_runs_gkd_and_seq_kd_through_the_engine(tiny_teacher, tmp_path):
+@pytest.fixture(scope="module")
+def transformers_greedy(tiny_teacher, tmp_path_factory) -> list[dict]:
+    """The greedy stage's train log sampling through transformers: the reference of both tests below,
+    run once for the file (the same command in each)."""
+    return _stage(tiny_teacher, tmp_path_factory.mktemp("greedy"), "transformers", "distill.gen_temperature=0",
+                  "distill.sampler=transformers")
+
+
+def test_distill_stage_runs_gkd_and_seq_kd_through_the_engine(tiny_teacher, tmp_path, transformers_greedy):
     """At temperature 1 (the default) with the engine; greedy, the engine's run and transformers' run
     train on the same samples and log the same losses."""
     _stage(tiny_teacher, tmp_path, "sampled", "distill.sampler=engine")
     ours = _stage(tiny_teacher, tmp_path, "engine", "distill.gen_temperature=0", "distill.sampler=engine")
-    theirs = _stage(tiny_teacher, tmp_path, "transformers", "distill.gen_temperature=0", "distill.sampler=transformers")
+    theirs = transformers_greedy
     torch.testing.assert_close(torch.tensor([r["loss"] for r in ours]), torch.tensor([r["loss"] for r in theirs]),
                                rtol=1e-5, atol=1e-6)
 
 
-def test_two_process_ddp_gkd_samples_through_an_engine_per_rank(tiny_teacher, tmp_path):
+def test_two_process_ddp_gkd_samples_through_an_engine_per_rank(tiny_teacher, tmp_path, transformers_greedy):
     """Each DDP rank builds its own engine and samples its own micro-batch; greedy, the two ranks at
     batch 1 match one process at batch 2 sampling through transformers' generate."""
-    single = _stage(tiny_teacher, tmp_path, "single", "distill.gen_temperature=0", "distill.sampler=transformers")
+    single = transformers_greedy
     ddp = _stage(tiny_teacher, tmp_path, "ddp", "distill.gen_temperature=0", "distill.batch_size=1", "distill.sampler=engine",
                  launcher=["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29743", "-m",
                            "shrink"])

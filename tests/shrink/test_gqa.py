@@ -10,8 +10,8 @@ import torch
 from test_gqa_reference import ARCHS, one_thread, reference_logits, tiny_model  # noqa: F401
 
 from common.errors import ShrinkError
-from shrink.gqa_surgery import (KVLayout, attention_input_moment, check_target, expand_kv_heads, kv_report,
-                                pool_kv_heads)
+from shrink.gqa_surgery import (KVLayout, _svd_merge_attention, attention_input_moment, attention_modules,
+                                check_target, expand_kv_heads, kv_report, pool_kv_heads)
 
 IDS = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(3))
 CALIBRATION = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(4))  # svd's token rows
@@ -287,6 +287,23 @@ def test_attention_input_moment_is_the_second_moment_of_the_normed_input():
     got = attention_input_moment(model, layer.self_attn, CALIBRATION)
     assert got.shape == (49, 49) and got.dtype == torch.float64
     assert torch.allclose(got, x.T @ x / x.shape[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_svd_runs_each_layer_once_on_the_moments_of_a_forward_per_layer(arch):
+    """pool_kv_heads(svd) runs each decoder layer once over the calibration rows (the last layer's
+    inputs carried forward); its merges equal those on attention_input_moment's moments, a forward from
+    the embeddings per layer after the merges before it (what it replaced: quadratic in depth)."""
+    model = tiny_model(arch, heads=6, kv_heads=3)
+    rows = torch.randint(0, 128, (11, 13), generator=torch.Generator().manual_seed(5))  # 2 chunks of 8 rows
+    pooled = pool_kv_heads(copy.deepcopy(model), 1, "svd", calibration=rows)
+    layout = KVLayout.of(model.config)
+    for attn in list(attention_modules(model)):
+        _svd_merge_attention(attn, layout, 1, attention_input_moment(model, attn, rows))
+        attn.num_key_value_groups = layout.heads
+    ours, theirs = pooled.state_dict(), model.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], theirs[k])]
 
 
 @pytest.mark.slow
