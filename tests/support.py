@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,15 +142,3 @@ def widen_m1_gemv_programs(monkeypatch, columns: int = 16) -> None:
         return (block_m, max(block_n, columns), block_k, warps) if m == 1 else (block_m, block_n, block_k, warps)
 
     monkeypatch.setattr(gemv_module, "gemv_config", wider)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def inductor_in_process():
-    """torch.compile's Inductor compiles in the test's own process (compile_threads 1) for the module
-    that imports this fixture: by default it starts a pool of compile workers, each importing torch, to
-    build the C++ of a handful of tiny graphs, which on CI's 2 busy cores costs more than it saves. The
-    generated code and its checks are the same; only where it is compiled changes."""
-    import torch._inductor.config as inductor_config
-
-    with inductor_config.patch(compile_threads=1):
-        yield

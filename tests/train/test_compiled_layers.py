@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from support import inductor_in_process, tiny_llama_config  # noqa: F401 (an autouse fixture)
+from support import tiny_llama_config
 from common.errors import SettingError
 from train.compiled_layers import LayerCompiler, decoder_layers, use_compile_model
 from train.config import TrainConfig

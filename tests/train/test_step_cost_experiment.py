@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from support import REPO, inductor_in_process  # noqa: F401 (an autouse fixture)
+from support import REPO
 
 
 def test_step_cost_records_every_variant(tmp_path: Path):
