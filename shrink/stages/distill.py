@@ -20,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.errors import SettingError, ShrinkError, config_section
 from common.tasks import Task, TaskExample, get_task
-from engine.spec_decode.draft_vocab import FREQUENCY_FILE, write_token_frequencies
 from shrink.artifacts import Artifact
 from shrink.context import StageContext, checkpoint_dir_name
 from shrink.engine_sampler import check_sampler, engine_samplers, resolve_sampler
@@ -378,6 +377,9 @@ def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec
         metrics["token_frequencies"] = int((counts > 0).sum())
 
         def extra(tmp: Path) -> None:
+            # imported here: the engine is not loaded by a stage that does not run it (shrink/sources.py)
+            from engine.spec_decode.draft_vocab import FREQUENCY_FILE, write_token_frequencies
+
             write_token_frequencies(str(tmp / FREQUENCY_FILE), counts)
     if accelerator.is_main_process:  # one writer under `accelerate launch`; the other ranks wait
         save_model_artifact(dest, result["model"], tokenizer, stage="distill", config=config,

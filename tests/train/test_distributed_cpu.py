@@ -74,7 +74,9 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 def launched_runs(tiny_teacher: Path, tmp_path_factory):
     """Runs made once and compared by several tests: get(name) -> run dir; get.made: name -> (run
-    dir, CompletedProcess). Names: single (one process at the global batch), fsdp2, ddp, fsdp2_accum."""
+    dir, CompletedProcess of the launch). Names: single (one process at the global batch), fsdp2, ddp,
+    fsdp2_accum. The single run is the reference, not what is tested: it runs in this process
+    (`python -m shrink`'s main), sparing an interpreter's start-up; every launched run is a real launch."""
     made: dict = {}
 
     def get(name: str) -> Path:
@@ -82,8 +84,12 @@ def launched_runs(tiny_teacher: Path, tmp_path_factory):
             run = tmp_path_factory.mktemp(name) / "run"
             common = [*ARGS, f"run={run}", f"input={tiny_teacher}", f"distill.checkpoint_every={CKPT_EVERY}"]
             if name == "single":
-                cmd = [sys.executable, "-m", "shrink", *common, f"distill.batch_size={GLOBAL_BATCH}"]
-            elif name == "fsdp2_accum":  # 2 ranks x 2 micro-batches of 1: FSDP2 without gradient sync between
+                from shrink.__main__ import main
+
+                assert main([*common, f"cache_dir={run.parent / 'cache'}", f"distill.batch_size={GLOBAL_BATCH}"]) == 0
+                made[name] = (run, None)
+                return run
+            if name == "fsdp2_accum":  # 2 ranks x 2 micro-batches of 1: FSDP2 without gradient sync between
                 cmd = _accelerate("fsdp2", ["-m", "shrink", *common, f"distill.batch_size={GLOBAL_BATCH // 4}",
                                             "distill.grad_accum=2"])
             else:

@@ -16,10 +16,10 @@ from support import REPO
 
 def test_distill_experiment_quick(tiny_teacher: Path, shared_data_dir: Path, tmp_path: Path):
     out, student = tmp_path / "out", tmp_path / "student"
-    result = subprocess.run([sys.executable, "experiments/distill.py", "--teacher", str(tiny_teacher),
-                             "--data-dir", str(shared_data_dir), "--out", str(out), "--tokens", "1024", "--quick",
-                             "--save-student", str(student)], cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    result = subprocess.run([sys.executable, "experiments/distill.py",
+                             *quick_args(tiny_teacher, shared_data_dir, out, "--save-student", str(student))],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     r = json.loads((out / "results.json").read_text())
     assert r["teacher_wikitext2_ppl"] > 1
@@ -34,26 +34,34 @@ def test_distill_experiment_quick(tiny_teacher: Path, shared_data_dir: Path, tmp
     assert json.loads((student / "config.json").read_text())["num_hidden_layers"] == 2
 
 
-def run_quick(tiny_teacher: Path, data_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "experiments/distill.py", "--teacher", str(tiny_teacher), "--data-dir",
-                           str(data_dir), "--out", str(out), "--tokens", "1024", "--quick", *extra], cwd=REPO,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+def quick_args(tiny_teacher: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["--teacher", str(tiny_teacher), "--data-dir", str(data_dir), "--out", str(out), "--tokens", "1024",
+            "--quick", *extra]
 
 
 def test_teacher_generated_samples_are_mixed_by_the_ratio_recorded_and_reused(tiny_teacher: Path,
-                                                                             shared_data_dir: Path, tmp_path: Path):
+                                                                             shared_data_dir: Path, tmp_path: Path,
+                                                                             capsys):
     """--teacher-generated: the teacher's samples (our engine) are cached with their lineage, fill the asked
-    share of the blocks every kd run trains on, are recorded in results.json, and a second invocation reuses them."""
+    share of the blocks every kd run trains on, are recorded in results.json, and a second invocation reuses them.
+
+    Both invocations call the script's main() in this process (the script run as a file, as a subprocess, is
+    test_distill_experiment_quick's): what is reused is the cache on disk, which two calls share as two
+    processes would, without two more interpreters importing torch, transformers and the engine."""
+    from experiments.distill import main
     from shrink.artifacts import Artifact
     from shrink.teacher_data import DATA_FILE, LINEAGE_FILE
 
     cache = tmp_path / "cache"
     flags = ["--parts", "kd", "--runs", "ce,fkl", "--teacher-generated", "8", "--teacher-ratio", "0.25",
              "--teacher-max-tokens", "24", "--teacher-cache", str(cache)]
-    first = run_quick(tiny_teacher, shared_data_dir, tmp_path / "a", *flags)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "teacher data: generating 8 samples of 24 tokens" in first.stdout
+
+    def run_main(out: Path) -> str:
+        assert main(quick_args(tiny_teacher, shared_data_dir, out, *flags)) == 0
+        return capsys.readouterr().out
+
+    first = run_main(tmp_path / "a")
+    assert "teacher data: generating 8 samples of 24 tokens" in first
     r = json.loads((tmp_path / "a" / "results.json").read_text())
     tg = r["data"]["teacher_generated"]
     entry = Path(tg["teacher_data"])
@@ -72,9 +80,8 @@ def test_teacher_generated_samples_are_mixed_by_the_ratio_recorded_and_reused(ti
     assert tg["distinct_tokens"] == tg["distinct_corpus_tokens"] + tg["distinct_generated_tokens"]
     assert set(r["kd"]["runs"]) == {"ce", "fkl"} and all(x["train_tokens"] >= 1024 for x in r["kd"]["runs"].values())
 
-    second = run_quick(tiny_teacher, shared_data_dir, tmp_path / "b", *flags)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "teacher data: 8 samples reused" in second.stdout and "generating" not in second.stdout
+    second = run_main(tmp_path / "b")
+    assert "teacher data: 8 samples reused" in second and "generating" not in second
     again = json.loads((tmp_path / "b" / "results.json").read_text())["data"]["teacher_generated"]
     assert again["teacher_data"] == tg["teacher_data"] and again["generated_blocks"] == tg["generated_blocks"]
 
