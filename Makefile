@@ -9,14 +9,11 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test install clean
 
 # --no-cache-dir: pip's wheel cache doubles the disk an install takes (a CI run ran out of disk at install).
-# --no-compile: pip byte-compiles all ~20,000 files of the venv, one at a time (64 s of a 2 min install on the
-# 2-core CI machine); Python compiles what an import needs, once, on first use.
-PIP_INSTALL := $(PY) -m pip install -q --no-cache-dir --no-compile
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) --upgrade pip
-	$(PIP_INSTALL) "$(TORCH_SPEC)"
-	$(PIP_INSTALL) -e '.[dev]'
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip
+	$(PY) -m pip install -q --no-cache-dir "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --no-cache-dir -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
