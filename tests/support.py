@@ -127,6 +127,15 @@ def count_fused_rows(monkeypatch) -> list[int]:
     return rows
 
 
+def fewest_fast_programs(monkeypatch) -> None:
+    """FAST_MIN_PROGRAMS (an H200's occupancy target) at 1 in kernels.gemv and kernels.quant_gemv: at
+    tiny widths it makes the M == 1 fast paths one column a program, which the interpreter runs one at
+    a time; at 1 the same kernels and sums run in wider programs (one column a program stays the
+    kernel tests' at the default)."""
+    monkeypatch.setattr("kernels.gemv.FAST_MIN_PROGRAMS", 1)
+    monkeypatch.setattr("kernels.quant_gemv.FAST_MIN_PROGRAMS", 1)
+
+
 def widen_m1_gemv_programs(monkeypatch, columns: int = 16) -> None:
     """kernels/gemv.py's gemv_config at M == 1 with at least ``columns`` columns a program: without
     PDL (as on the CPU) it takes one column a program below 512 columns, programs the interpreter

@@ -37,14 +37,12 @@ def install() -> bool:
     # One entry per running launch: None until its own patch, then the ids of the modules it patched.
     running: list[set[int] | None] = []
 
-    modules_of: dict[int, tuple[object, set[int]]] = {}  # id(fn) -> (fn, kept alive so its id stays its own)
+    modules_of: dict = {}  # fn -> the ids of the language modules its globals hold (functions hash by identity)
 
     def language_modules(fn) -> set[int]:
-        known = modules_of.get(id(fn))
-        if known is None or known[0] is not fn:
-            known = modules_of[id(fn)] = (fn, {id(v) for v in fn.__globals__.values()
-                                               if inspect.ismodule(v) and v in (tl, tl.core)})
-        return known[1]
+        if fn not in modules_of:
+            modules_of[fn] = {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+        return modules_of[fn]
 
     def patch_lang_once(fn):
         if running and running[-1] is None:  # the launch's own patch

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+from support import fewest_fast_programs
+
 
 def one_copy_seconds(fn, items: list) -> float:
     """The sweep's copies_seconds as one run of the first copy at a fake 1 ms: its warm-up and other
@@ -24,8 +26,7 @@ def test_sweep_flow_on_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(sweep, "DEVICE", "cpu")
     # An H200 occupancy target: on these widths it makes the M == 1 fast paths' programs one column
     # each, which the interpreter runs one at a time. Wider programs time the same records.
-    monkeypatch.setattr("kernels.gemv.FAST_MIN_PROGRAMS", 1)
-    monkeypatch.setattr("kernels.quant_gemv.FAST_MIN_PROGRAMS", 1)
+    fewest_fast_programs(monkeypatch)
     monkeypatch.setattr(sweep, "SHAPES", {"a": (48, 256), "b": (16, 384)})
     monkeypatch.setattr(sweep, "COPY_BYTES", 1)
     # One candidate tile a path besides its default, 16 columns a program (fewer interpreted programs;
@@ -75,8 +76,7 @@ def test_dry_run_on_cpu(tmp_path, monkeypatch):
 
     # The kernels' H200 occupancy target only (as in test_sweep_flow_on_cpu): at these widths it makes
     # the M == 1 fast paths one column a program, interpreted one at a time; the same kernels and sums.
-    monkeypatch.setattr("kernels.gemv.FAST_MIN_PROGRAMS", 1)
-    monkeypatch.setattr("kernels.quant_gemv.FAST_MIN_PROGRAMS", 1)
+    fewest_fast_programs(monkeypatch)
     out = tmp_path / "dry.jsonl"
     try:
         sweep.main(["--dry-run", "--m", "1", "--budget-s", "0", "--json", str(out)])
@@ -105,8 +105,7 @@ def test_paths_restricts_the_sparse_paths(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "copies_seconds", one_copy_seconds)
     # Wider M == 1 fast-path programs, as in test_sweep_flow_on_cpu (one column a program at these widths
     # otherwise, interpreted one at a time): the same kernels and sums, and the paths that run the same.
-    monkeypatch.setattr("kernels.gemv.FAST_MIN_PROGRAMS", 1)
-    monkeypatch.setattr("kernels.quant_gemv.FAST_MIN_PROGRAMS", 1)
+    fewest_fast_programs(monkeypatch)
     out = tmp_path / "fast.jsonl"
     try:
         sweep.main(["--dry-run", "--m", "1", "--formats", "int4_g128", "--paths", "fast", "--budget-s", "0",
