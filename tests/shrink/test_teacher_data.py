@@ -135,6 +135,31 @@ def test_temperature_zero_is_the_teachers_greedy_continuation_and_negative_is_na
         settings(temperature=-0.5).check()
 
 
+def test_the_engine_is_sized_by_the_job_and_a_smaller_batch_gives_the_same_samples(tiny_teacher, monkeypatch):
+    """engine_generate holds at most GENERATE_SEQS sequences a step in a KV pool sized for them (not by
+    free memory); with one sequence a step the greedy samples are the ones a batch of three gives."""
+    import engine
+    import shrink.teacher_data as td
+
+    teacher = Artifact.load(tiny_teacher)
+    prompts = [[5, 9, 17, 3, 40], [7, 7, 21], [11, 2]]
+    s = settings(temperature=0.0, max_tokens=5)
+    seen = []
+    real_llm = engine.LLM
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real_llm(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "LLM", spy)
+    batched = engine_generate(teacher, prompts, s, "cpu")
+    monkeypatch.setattr(td, "GENERATE_SEQS", 1)
+    one_at_a_time = engine_generate(teacher, prompts, s, "cpu")
+    assert batched == one_at_a_time and all(len(x) == 5 for x in batched)
+    max_len = 5 + 5
+    assert [(k["max_num_seqs"], k["kv_cache_tokens"]) for k in seen] == [(3, 3 * max_len), (1, max_len)]
+
+
 def _fake_generate(token: int):
     def generate(teacher, prompts, s, device):
         return [[token] * s.max_tokens for _ in prompts]
