@@ -4,6 +4,7 @@ line naming the key, never a traceback after the models load."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,20 @@ def _check_types(cfg: DictConfig, schema: dict[str, Any]) -> None:
 def _at_least(key: str, value: int | None, low: int) -> None:
     if value is not None and value < low:
         raise ShrinkError(f"{key} must be >= {low}, got {value}")
+
+
+def gqa_train_config(gcfg: DictConfig, tokens: int, block_size: int, seed: int) -> TrainConfig:
+    """gqa.train as a TrainConfig whose max_steps spend `tokens`. Here, not in the stage (which imports
+    torch), so that the config check runs before torch is imported."""
+    values = OmegaConf.to_container(gcfg.train, resolve=True)
+    known = set(TrainConfig.__dataclass_fields__) - {"max_steps", "seed"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ShrinkError(f"gqa.train: unknown keys {unknown} (known: {sorted(known)})")
+    with config_section("gqa.train"):
+        tc = TrainConfig.from_cfg({**values, "max_steps": 1}, seed=seed, block_size=block_size)
+    tc.max_steps = max(1, math.ceil(tokens / (tc.batch_size * tc.grad_accum * block_size)))
+    return tc
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -74,9 +89,7 @@ def check_config(cfg: DictConfig) -> None:
                                   f"run it alone, `stage=distill distill=medusa`")
     with config_section("gqa"):
         _check_types(cfg.gqa, GQA)
-    from shrink.stages.gqa import train_config
-
-    train_config(cfg.gqa, 1, block_size, seed)
+    gqa_train_config(cfg.gqa, 1, block_size, seed)
     from shrink.quality_gate import GateSettings
 
     GateSettings.from_cfg(cfg)

@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.errors import SettingError
-from train.layer_distill import LAYER_LOSSES
+
+# The layer losses train/layer_distill.py computes; named here, not imported from there (torch), so that
+# `python -m shrink` checks its config before it imports torch.
+LAYER_LOSSES = ("mse", "cosine")
 
 
 def check_value(key: str, value: Any, hint: Any) -> None:
