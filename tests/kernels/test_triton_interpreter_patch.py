@@ -28,6 +28,32 @@ def test_memoized_np_dtype_answers_as_the_original_for_scalars_blocks_and_pointe
         patched(tl.void)  # what the original raises for a type it has no array for
 
 
+def _built(init, element_ty, shape):
+    """(element type, shape values, shape type, numel, name) of a block type built by `init`, or the error."""
+    block = object.__new__(tl.block_type)
+    try:
+        init(block, element_ty, shape)
+    except Exception as e:  # noqa: BLE001 (the error itself is the answer compared)
+        return type(e), str(e)
+    return (block.element_ty, type(block.shape), list(block.shape.values), block.shape.type, block.numel, block.name)
+
+
+def test_memoized_block_type_answers_as_the_original_for_every_shape_it_is_given():
+    assert triton_interpreter.install()
+    patched = tl.block_type.__init__
+    original = patched.original
+    core = tl.core
+    shapes = [[4, 8], [16], [1, 32, 2], [4, 8], core.tuple([4, 8]), core.tuple([64]),  # repeats answer from the memo
+              [tl.constexpr(4), 8], [], [3, 8], [4, 8.0], [True], (4, 8), [2 ** 21]]    # the original decides these
+    for element_ty in (tl.float32, tl.bfloat16, tl.pointer_type(tl.int8), tl.int1):
+        for _ in range(2):
+            for shape in shapes:
+                assert _built(patched, element_ty, shape) == _built(original, element_ty, shape), (element_ty, shape)
+    a, b = tl.block_type(tl.float16, [4, 8]), tl.block_type(tl.float16, [4, 8])
+    assert a == b and a.shape is not b.shape  # equal, and each its own shape object
+    assert a.with_element_ty(tl.float32) == tl.block_type(tl.float32, [4, 8])
+
+
 @triton.jit
 def _double(x):
     return x * 2
