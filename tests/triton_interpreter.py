@@ -16,7 +16,8 @@ its ~600 interpreted CPU-seconds): `_get_np_dtype` builds a dict of 19 dtypes on
 same mapping), and a helper's language modules are found by walking its globals (now once per function).
 Every operation also builds block types (`tl.block_type(dtype, shape)`: ~80,000 in one fused GEMV test, ~1.6 of
 its ~6 interpreted CPU-seconds), each unwrapping and validating its shape and formatting its name anew; the
-shape's part of that is now computed once per shape of plain integers (`_memoize_block_type`).
+shape's part of that is now computed once per shape of plain integers (`_memoize_block_type`); the same for
+the shape's tuple type and numel of each `tl.tensor` an operation returns (`_memoize_tensor_shape`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def install() -> bool:
 
     _memoize_np_dtype(interpreter)
     _memoize_block_type()
+    _memoize_tensor_shape()
     patch_lang_once._once_per_launch = True
     interpreter._patch_lang = patch_lang_once
     interpreter.GridExecutor.__call__ = launch_once
@@ -113,6 +115,45 @@ def _memoize_block_type() -> None:
     init._memoized = True
     init.original = original
     block_type.__init__ = init
+
+
+def _memoize_tensor_shape() -> None:
+    """`tl.tensor.__init__` with its shape's tuple type and numel found once per shape of plain ints (a
+    scalar's too); each tensor still gets its own constexprs, shape object and numel, equal to what the
+    original builds (tests/kernels/test_triton_interpreter_patch.py). A type that is neither a plain
+    block type nor a scalar goes through the original."""
+    from triton.language import core
+
+    tensor, block_type = core.tensor, core.block_type
+    original = tensor.__init__
+    if getattr(original, "_memoized", False):
+        return
+    by_shape: dict[tuple, tuple] = {}  # shape ints -> (numel, the shape's tuple type)
+
+    def init(self, handle, type):  # (the original's parameter names: callers may pass type=)
+        if type.__class__ is block_type:
+            key = tuple(type.shape.values)
+        elif not type.is_block():
+            key = ()
+        else:
+            return original(self, handle, type)
+        plain = all(d.__class__ is int for d in key)
+        found = by_shape.get(key) if plain else None
+        if found is None:
+            original(self, handle, type)
+            if plain:
+                by_shape[key] = (self.numel.value, self.shape.type)
+            return
+        numel, shape_type = found
+        self.handle = handle
+        self.numel = core.constexpr(numel)
+        self.type = type
+        self.dtype = type.scalar
+        self.shape = core.tuple([core.constexpr(s) for s in key], shape_type)
+
+    init._memoized = True
+    init.original = original
+    tensor.__init__ = init
 
 
 def _memoize_np_dtype(interpreter) -> None:

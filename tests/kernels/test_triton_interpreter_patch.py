@@ -54,6 +54,30 @@ def test_memoized_block_type_answers_as_the_original_for_every_shape_it_is_given
     assert a.with_element_ty(tl.float32) == tl.block_type(tl.float32, [4, 8])
 
 
+def _tensor_built(init, handle, ty):
+    """Everything a tl.tensor built by `init` holds, its shape and numel as (class, value) pairs."""
+    t = object.__new__(tl.tensor)
+    init(t, handle, ty)
+    constant = lambda c: (type(c), c.value)  # noqa: E731
+    return (sorted(vars(t)), t.handle, t.type, t.dtype, constant(t.numel), type(t.shape),
+            [constant(s) for s in t.shape], t.shape.type)
+
+
+def test_memoized_tensor_shape_answers_as_the_original_for_blocks_scalars_and_pointers():
+    assert triton_interpreter.install()
+    patched = tl.tensor.__init__
+    original = patched.original
+    types = [tl.block_type(tl.float32, [4, 8]), tl.block_type(tl.bfloat16, [4, 8]), tl.block_type(tl.int8, [64]),
+             tl.block_type(tl.pointer_type(tl.float16), [2, 16]), tl.float32, tl.int1, tl.pointer_type(tl.int32),
+             tl.block_type(tl.float32, [1, 1, 32])]
+    handle = object()
+    for _ in range(2):  # the second pass answers from the memo
+        for ty in types:
+            assert _tensor_built(patched, handle, ty) == _tensor_built(original, handle, ty), ty
+    a, b = tl.tensor(handle, types[0]), tl.tensor(handle, types[0])
+    assert a.shape is not b.shape and a.numel is not b.numel  # each tensor its own objects
+
+
 @triton.jit
 def _double(x):
     return x * 2
