@@ -12,20 +12,23 @@ import sys
 from support import REPO
 
 HEAVY = ("torch", "transformers")
-# (override, what the one-line error names): one per part of shrink/config_check.py, in its order
+# (overrides, what the one-line error names): one per part of shrink/config_check.py, in its order
 BAD = [("seed=abc", "seed"), ("data.block_size=1", "data.block_size"), ("eval.speed.new_tokens=1", "eval.speed"),
-       ("distill.lr=abc", "distill.lr"), ("gqa.train.lr=-1", "gqa.train.lr"), ("gates.windows=0", "gates.windows"),
-       ("+data.teacher_generated={ratio:2}", "data.teacher_generated.ratio"),
+       ("distill.lr=abc", "distill.lr"),
+       ("stage=distill distill=medusa distill.medusa.num_heads=0", "medusa.num_heads"),
+       ("stage=distill distill=medusa distill.lmbda=0.5", "distill.lmbda"), ("gqa.train.lr=-1", "gqa.train.lr"),
+       ("gates.windows=0", "gates.windows"), ("+data.teacher_generated={ratio:2}", "data.teacher_generated.ratio"),
        ("prune.finetune.lr=-1", "prune.finetune.lr")]
 CODE = """
 import contextlib, io, json, sys
 from shrink.__main__ import compose, main
 out = {}
-for override, _ in json.loads(sys.argv[1]):
+for overrides, _ in json.loads(sys.argv[1]):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        out[override] = [main(["stage=pipeline", "run=" + sys.argv[2], override]), err.getvalue().strip()]
+        out[overrides] = [main(["run=" + sys.argv[2], *overrides.split()]), err.getvalue().strip()]  # stage: pipeline
 compose(["stage=pipeline", "run=" + sys.argv[2], "+data.teacher_generated={ratio:0.5,num_samples:4}"])
+compose(["stage=distill", "distill=medusa", "run=" + sys.argv[2]])
 out["heavy"] = sorted(m for m in sys.modules if m.split(".")[0] in %r)
 print(json.dumps(out))
 """ % (HEAVY,)
@@ -36,7 +39,7 @@ def test_config_errors_are_reported_before_torch_is_imported(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    for override, needle in BAD:
-        rc, err = out[override]
-        assert rc == 2 and err.startswith("error: ") and needle in err and len(err.splitlines()) == 1, (override, err)
+    for overrides, needle in BAD:
+        rc, err = out[overrides]
+        assert rc == 2 and err.startswith("error: ") and needle in err and len(err.splitlines()) == 1, (overrides, err)
     assert out["heavy"] == [], f"checking the config imported {out['heavy'][:10]}"
