@@ -17,7 +17,10 @@ same mapping), and a helper's language modules are found by walking its globals 
 Every operation also builds block types (`tl.block_type(dtype, shape)`: ~80,000 in one fused GEMV test, ~1.6 of
 its ~6 interpreted CPU-seconds), each unwrapping and validating its shape and formatting its name anew; the
 shape's part of that is now computed once per shape of plain integers (`_memoize_block_type`); the same for
-the shape's tuple type and numel of each `tl.tensor` an operation returns (`_memoize_tensor_shape`).
+the shape's tuple type and numel of each `tl.tensor` an operation returns (`_memoize_tensor_shape`). And every
+broadcast compares a block's shape with a list of ints (`tl.tuple.__eq__`), which first rebuilds the list as a
+`tl.tuple`, types and all (~2.7 of ~26 interpreted CPU-seconds in test_spec_rounds' Triton test): for plain ints on
+both sides the values are compared directly (`_direct_shape_compare`).
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ def install() -> bool:
     _memoize_np_dtype(interpreter)
     _memoize_block_type()
     _memoize_tensor_shape()
+    _direct_shape_compare()
     patch_lang_once._once_per_launch = True
     interpreter._patch_lang = patch_lang_once
     interpreter.GridExecutor.__call__ = launch_once
@@ -154,6 +158,28 @@ def _memoize_tensor_shape() -> None:
     init._memoized = True
     init.original = original
     tensor.__init__ = init
+
+
+def _direct_shape_compare() -> None:
+    """`tl.tuple.__eq__` answered by comparing the values directly when both sides are plain ints (the
+    other side a list): the original normalizes that list into a `tl.tuple` of the same ints and compares
+    the values, so the answer (a constexpr of the comparison) is the same
+    (tests/kernels/test_triton_interpreter_patch.py). Anything else goes through the original."""
+    from triton.language import core
+
+    original = core.tuple.__eq__
+    if getattr(original, "_direct", False):
+        return
+
+    def eq(self, other):
+        if (other.__class__ is list and all(d.__class__ is int for d in other)
+                and all(d.__class__ is int for d in self.values)):
+            return core.constexpr(self.values == other)
+        return original(self, other)
+
+    eq._direct = True
+    eq.original = original
+    core.tuple.__eq__ = eq
 
 
 def _memoize_np_dtype(interpreter) -> None:

@@ -78,6 +78,31 @@ def test_memoized_tensor_shape_answers_as_the_original_for_blocks_scalars_and_po
     assert a.shape is not b.shape and a.numel is not b.numel  # each tensor its own objects
 
 
+def _compared(eq, left, right):
+    try:
+        out = eq(left, right)
+    except Exception as e:  # noqa: BLE001 (the error itself is the answer compared)
+        return type(e), str(e)
+    return type(out), out.value
+
+
+def test_direct_shape_compare_answers_as_the_original():
+    assert triton_interpreter.install()
+    patched = tl.tuple.__eq__
+    original = patched.original
+    c = tl.constexpr
+    lefts = [tl.tuple([4, 8]), tl.tuple([64]), tl.tuple([1, 32, 2]), tl.tuple([c(4), c(8)]), tl.tuple([True]),
+             tl.tuple([])]
+    rights = [[4, 8], [8, 4], [4], [64], [1, 32, 2], [1, 32], [], [c(4), 8], [True], [1], [4.0, 8], [[4], 8],
+              (4, 8), tl.tuple([4, 8]), c(4)]
+    for left in lefts:
+        for right in rights:
+            answer = _compared(original, left, right)
+            assert _compared(patched, left, right) == answer, (left, right)
+            if answer[0] is tl.constexpr:  # `!=` (each broadcast's question) is the negation of that answer
+                assert (left != right) is (not answer[1]), (left, right)
+
+
 @triton.jit
 def _double(x):
     return x * 2
