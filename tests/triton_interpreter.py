@@ -14,13 +14,15 @@ no triton.language at all: the interpreter's own assertion) goes through the ori
 Two lookups the interpreter repeats per operation are memoized (a profile of the whole suite had them at ~60 of
 its ~600 interpreted CPU-seconds): `_get_np_dtype` builds a dict of 19 dtypes on every call (now built once, the
 same mapping), and a helper's language modules are found by walking its globals (now once per function).
-Every operation also builds block types (`tl.block_type(dtype, shape)`: ~80,000 in one fused GEMV test, ~1.6 of
-its ~6 interpreted CPU-seconds), each unwrapping and validating its shape and formatting its name anew; the
-shape's part of that is now computed once per shape of plain integers (`_memoize_block_type`); the same for
-the shape's tuple type and numel of each `tl.tensor` an operation returns (`_memoize_tensor_shape`). And every
-broadcast compares a block's shape with a list of ints (`tl.tuple.__eq__`), which first rebuilds the list as a
-`tl.tuple`, types and all (~2.7 of ~26 interpreted CPU-seconds in test_spec_rounds' Triton test): for plain ints on
-both sides the values are compared directly (`_direct_shape_compare`).
+Every operation also builds block types (`tl.block_type(dtype, shape)`: ~80,000 in one fused GEMV test,
+~1.6 of its ~6 interpreted seconds under cProfile), each unwrapping and validating its shape and formatting
+its name anew; the shape's part of that is now computed once per shape of plain integers
+(`_memoize_block_type`); the same for the shape's tuple type and numel of each `tl.tensor` an operation
+returns (`_memoize_tensor_shape`). And every broadcast compares a block's shape with a list of ints
+(`tl.tuple.__eq__`), which first rebuilds the list as a `tl.tuple`, types and all (~2.7 of ~26 interpreted
+seconds under cProfile in test_spec_rounds' Triton test): for plain ints on both sides the values are
+compared directly (`_direct_shape_compare`). Measured without a profiler: 15 interpreted kernel tests
+47.0 -> 33.1 s on a shared 2-core CPU.
 """
 
 from __future__ import annotations
