@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from common.errors import ShrinkError
-from eval.perplexity import WindowProtocol
+
+if TYPE_CHECKING:  # eval.perplexity imports torch: not at the top, so `python -m shrink` checks its config first
+    from eval.perplexity import WindowProtocol
 
 KNOWN_TASKS = ("cqa", "svamp", "gsm8k")
 # The perplexity keys (the stage and shrink/config_check.py read them), beside this harness's own:
@@ -242,6 +244,8 @@ def perplexity_protocols(datasets: list[str], context: int, stride: int, max_win
     """Each dataset's windows: WikiText-2 on eval.wikitext2 (the fixed protocol), the others on the
     sliding eval.context / eval.stride / eval.max_windows; every context capped at the model's
     max_position_embeddings. Also the notes that say where a cap changed a protocol."""
+    from eval.perplexity import WindowProtocol
+
     out: dict[str, WindowProtocol] = {}
     notes: list[str] = []
     for name in datasets:

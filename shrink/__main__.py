@@ -147,10 +147,19 @@ def multirun(overrides: list[str]) -> None:
     """Every job's config is composed and checked before the first one runs; job N runs in <run>/N."""
     jobs = sweep_jobs(overrides)
     configs = [compose(job) for job in jobs]
+    quiet_weight_loading()
     for num, (job, cfg) in enumerate(zip(jobs, configs)):
         cfg.run = str(Path(str(cfg.run)) / str(num))
         print(f"multirun: job {num} of {len(jobs)}: {' '.join(job)} -> run={cfg.run}", flush=True)
         report(cfg, run(cfg))
+
+
+def quiet_weight_loading() -> None:
+    """Weight-loading bars would bury the stage's own output. Called once the config is checked:
+    transformers (and torch with it) is imported only then, so a bad config is refused before either."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def report(cfg, result) -> None:
@@ -173,13 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         if flags.cfg or flags.info:
             show(flags)
             return 0
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # weight-loading bars would bury the stage's own output
         if flags.multirun:
             multirun(flags.overrides)
         else:
             cfg = compose(flags.overrides)
+            quiet_weight_loading()
             report(cfg, run(cfg))
     except ShrinkError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,15 +4,17 @@ line naming the key, never a traceback after the models load."""
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from common.errors import ShrinkError, config_section
+from common.errors import SettingError, ShrinkError, config_section
 from eval.settings import HarnessSettings
-from train.config import TrainConfig, check_value
+from train.config import TrainConfig, check_head_config, check_value
 
 TOP_LEVEL: dict[str, Any] = {"run": str, "input": str | None, "device": str, "seed": int, "resume": bool,
                              "data_dir": str | None, "cache_dir": str | None}
@@ -35,6 +37,53 @@ def _check_types(cfg: DictConfig, schema: dict[str, Any]) -> None:
 def _at_least(key: str, value: int | None, low: int) -> None:
     if value is not None and value < low:
         raise ShrinkError(f"{key} must be >= {low}, got {value}")
+
+
+@dataclass(frozen=True)
+class MedusaSettings:
+    """The `distill.medusa` mapping: how many heads, residual blocks per head, and the held-out share of
+    the teacher's samples. Here, not in shrink/medusa_distill.py (torch), so the config check needs no torch."""
+
+    num_heads: int = 4
+    num_layers: int = 1
+    val_fraction: float = 0.05
+
+    @classmethod
+    def from_cfg(cls, raw: Any) -> "MedusaSettings":
+        """Checked; a SettingError names `medusa.<key>` (the caller's config_section names distill)."""
+        if OmegaConf.is_config(raw):
+            raw = OmegaConf.to_container(raw, resolve=True)
+        if not isinstance(raw, dict):
+            raise SettingError("medusa", f"expected a mapping {{num_heads: .., num_layers: .., val_fraction: ..}}, "
+                                         f"got {raw!r}")
+        known = cls.__dataclass_fields__
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise SettingError("medusa", f"unknown keys {unknown} (known: {', '.join(known)})")
+        hints = {"num_heads": int, "num_layers": int, "val_fraction": float}
+        for key, value in raw.items():
+            check_value(f"medusa.{key}", value, hints[key])
+        s = cls(**raw)
+        for key in ("num_heads", "num_layers"):
+            if getattr(s, key) < 1:
+                raise SettingError(f"medusa.{key}", f"must be >= 1, got {getattr(s, key)}", sep=" ")
+        if not 0.0 < s.val_fraction < 1.0:
+            raise SettingError("medusa.val_fraction", f"must be in (0, 1), got {s.val_fraction}", sep=" ")
+        return s
+
+
+def gqa_train_config(gcfg: DictConfig, tokens: int, block_size: int, seed: int) -> TrainConfig:
+    """gqa.train as a TrainConfig whose max_steps spend `tokens`. Here, not in the stage (which imports
+    torch), so that the config check runs before torch is imported."""
+    values = OmegaConf.to_container(gcfg.train, resolve=True)
+    known = set(TrainConfig.__dataclass_fields__) - {"max_steps", "seed"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ShrinkError(f"gqa.train: unknown keys {unknown} (known: {sorted(known)})")
+    with config_section("gqa.train"):
+        tc = TrainConfig.from_cfg({**values, "max_steps": 1}, seed=seed, block_size=block_size)
+    tc.max_steps = max(1, math.ceil(tokens / (tc.batch_size * tc.grad_accum * block_size)))
+    return tc
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -62,9 +111,6 @@ def check_config(cfg: DictConfig) -> None:
     with config_section("distill"):
         tc = TrainConfig.from_cfg(cfg.distill, seed=seed, block_size=block_size)
         if cfg.distill.get("medusa") is not None:
-            from shrink.medusa_distill import MedusaSettings
-            from train.medusa import check_head_config
-
             check_head_config(tc, MedusaSettings.from_cfg(cfg.distill.medusa).num_heads, block_size)
             stages = [str(n) for n in cfg.stage.get("stages", [])]
             later = stages[stages.index("distill") + 1 :] if "distill" in stages else []
@@ -74,9 +120,7 @@ def check_config(cfg: DictConfig) -> None:
                                   f"run it alone, `stage=distill distill=medusa`")
     with config_section("gqa"):
         _check_types(cfg.gqa, GQA)
-    from shrink.stages.gqa import train_config
-
-    train_config(cfg.gqa, 1, block_size, seed)
+    gqa_train_config(cfg.gqa, 1, block_size, seed)
     from shrink.quality_gate import GateSettings
 
     GateSettings.from_cfg(cfg)

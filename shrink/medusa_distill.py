@@ -17,56 +17,22 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from common.errors import SettingError, ShrinkError, config_section
 from common.medusa import MedusaHeads, save_heads
 from shrink.artifacts import Artifact, write_artifact
+from shrink.config_check import MedusaSettings
 from shrink.context import checkpoint_dir_name
 from shrink.modeling import load_model, load_tokenizer, num_parameters, resolve_dtype
 from shrink.teacher_data import TeacherDataSettings, teacher_generated_blocks
-from train.config import TrainConfig, check_value
+from train.config import TrainConfig, check_head_config
 from train.data import load_packed, mix_generated, pack
 from train.loop import LOG_FILE
-from train.medusa import check_head_config, train_heads
-
-
-@dataclass(frozen=True)
-class MedusaSettings:
-    """The `distill.medusa` mapping: how many heads, residual blocks per head, and the held-out share of
-    the teacher's samples."""
-
-    num_heads: int = 4
-    num_layers: int = 1
-    val_fraction: float = 0.05
-
-    @classmethod
-    def from_cfg(cls, raw: Any) -> "MedusaSettings":
-        """Checked; a SettingError names `medusa.<key>` (the caller's config_section names distill)."""
-        if OmegaConf.is_config(raw):
-            raw = OmegaConf.to_container(raw, resolve=True)
-        if not isinstance(raw, dict):
-            raise SettingError("medusa", f"expected a mapping {{num_heads: .., num_layers: .., val_fraction: ..}}, "
-                                         f"got {raw!r}")
-        known = cls.__dataclass_fields__
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            raise SettingError("medusa", f"unknown keys {unknown} (known: {', '.join(known)})")
-        hints = {"num_heads": int, "num_layers": int, "val_fraction": float}
-        for key, value in raw.items():
-            check_value(f"medusa.{key}", value, hints[key])
-        s = cls(**raw)
-        for key in ("num_heads", "num_layers"):
-            if getattr(s, key) < 1:
-                raise SettingError(f"medusa.{key}", f"must be >= 1, got {getattr(s, key)}", sep=" ")
-        if not 0.0 < s.val_fraction < 1.0:
-            raise SettingError("medusa.val_fraction", f"must be in (0, 1), got {s.val_fraction}", sep=" ")
-        return s
+from train.medusa import train_heads
 
 
 def split_samples(samples: list[list[int]], val_fraction: float, seed: int = 0

@@ -12,14 +12,15 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from common.errors import ShrinkError
-from eval.perplexity import perplexity
 from shrink.artifacts import META_FILE, Artifact
+
+if TYPE_CHECKING:  # torch where a gate measures: the config check (GateSettings) runs before torch is imported
+    import torch
 
 GATED_STAGES = ("distill", "gqa", "prune", "quantize")
 ACTIONS = ("warn", "stop", "revert")
@@ -78,6 +79,9 @@ def gate_key(ids: torch.Tensor, settings: GateSettings) -> str:
 
 
 def measure_ppl(art: Artifact, ids: torch.Tensor, context: int) -> float:
+    import torch
+
+    from eval.perplexity import perplexity
     from shrink.modeling import load_model
 
     model = load_model(art, dtype="fp32", device="cpu" if not torch.cuda.is_available() else "cuda")

@@ -16,13 +16,15 @@ import shutil
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from common.errors import ShrinkError
 from shrink.artifacts import Artifact
+
+if TYPE_CHECKING:  # torch where samples are saved and read: the config check runs before torch is imported
+    import torch
 
 CACHE_SUBDIR = "teacher_data"
 DATA_FILE = "samples.pt"
@@ -170,6 +172,8 @@ def teacher_samples(teacher: Artifact, prompts: list[list[int]], settings: Teach
     tmp = entry.parent / f".{entry.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
+        import torch
+
         torch.save({"samples": samples}, tmp / DATA_FILE)
         (tmp / LINEAGE_FILE).write_text(json.dumps({**record, "generated_tokens": sum(map(len, generated))},
                                                    indent=2))
@@ -190,6 +194,8 @@ def teacher_samples(teacher: Artifact, prompts: list[list[int]], settings: Teach
 
 
 def _read_samples(entry: Path) -> list[list[int]]:
+    import torch
+
     return torch.load(entry / DATA_FILE, weights_only=True)["samples"]
 
 

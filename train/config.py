@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.errors import SettingError
-from train.layer_distill import LAYER_LOSSES
+
+# The layer losses train/layer_distill.py computes; named here, not imported from there (torch), so that
+# `python -m shrink` checks its config before it imports torch.
+LAYER_LOSSES = ("mse", "cosine")
 
 
 def check_value(key: str, value: Any, hint: Any) -> None:
@@ -126,3 +129,20 @@ class TrainConfig:
                 raise SettingError(name, f"must be >= 1 for on-policy / seq-KD, got {getattr(self, name)}", sep=" ")
         if self.warmup_steps < 0:
             raise SettingError("warmup_steps", f"must be >= 0, got {self.warmup_steps}", sep=" ")
+
+
+# TrainConfig knobs that belong to training a student model, not heads on a frozen teacher (off when falsy).
+# Checked here, not in train/medusa.py (torch), so that `python -m shrink` checks its config before torch.
+NOT_FOR_HEADS = ("layer_map", "layer_weight", "lmbda", "seq_kd", "lora")
+
+
+def check_head_config(tc: TrainConfig, num_heads: int, block_size: int) -> None:
+    """Refuse what does not apply to heads, naming the setting (the caller's config_section names the section)."""
+    for key in NOT_FOR_HEADS:
+        value = getattr(tc, key)
+        if value:
+            raise SettingError(key, f"does not apply to Medusa heads (got {value!r}): they train on a frozen "
+                                    "teacher's final hidden states; leave it at its default", sep=" ")
+    if block_size < num_heads + 2:
+        raise SettingError("medusa.num_heads", f"{num_heads} needs data.block_size >= num_heads + 2 = "
+                           f"{num_heads + 2} (head i predicts token t + 2 + i), got {block_size}", sep="=")

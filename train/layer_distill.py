@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import SettingError
-
-LAYER_LOSSES = ("mse", "cosine")
+from train.config import LAYER_LOSSES
 
 
 @dataclass(frozen=True)

@@ -32,31 +32,15 @@ from typing import Any
 
 import torch
 
-from common.errors import SettingError
 from common.medusa import MedusaHeads
 from train.batches import PackedBlocks
 from train.chunked_loss import chunked_distill_terms
 from train.compiled_layers import LayerCompiler, use_compile_model
-from train.config import TrainConfig
+from train.config import TrainConfig, check_head_config
 from train.frozen_casts import FrozenCasts
 from train.loop import batch_indices, forward_hidden, host_values, make_terms
 from train.loss_terms import LossTerm
 from train.modules import causal_lm
-
-# TrainConfig knobs that belong to training a student model, not heads on a frozen teacher (off when falsy).
-NOT_FOR_HEADS = ("layer_map", "layer_weight", "lmbda", "seq_kd", "lora")
-
-
-def check_head_config(tc: TrainConfig, num_heads: int, block_size: int) -> None:
-    """Refuse what does not apply to heads, naming the setting (the caller's config_section names the section)."""
-    for key in NOT_FOR_HEADS:
-        value = getattr(tc, key)
-        if value:
-            raise SettingError(key, f"does not apply to Medusa heads (got {value!r}): they train on a frozen "
-                                    "teacher's final hidden states; leave it at its default", sep=" ")
-    if block_size < num_heads + 2:
-        raise SettingError("medusa.num_heads", f"{num_heads} needs data.block_size >= num_heads + 2 = "
-                           f"{num_heads + 2} (head i predicts token t + 2 + i), got {block_size}", sep="=")
 
 
 def head_rows(features: torch.Tensor, head_out: torch.Tensor, input_ids: torch.Tensor, i: int

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from common.errors import ShrinkError, config_section
 from eval.perplexity import encode, perplexity, wikitext2_text
 from shrink.artifacts import META_FILE, Artifact
+from shrink.config_check import gqa_train_config
 from shrink.context import StageContext, checkpoint_dir_name
 from shrink.gqa_surgery import check_target, convert, kv_report, resolve_init, svd_calibration
 from shrink.modeling import load_model, load_tokenizer, num_parameters, save_model_artifact
@@ -62,18 +62,6 @@ def resolve_budget(gcfg: DictConfig, input_art: Artifact, run_dir: Path) -> tupl
                           f"in the lineage of {input_art.path} or at {run_dir / DISTILL_DIR}; none found: "
                           f"set gqa.tokens=N instead")
     return int(round(fraction * base)), f"gqa.budget_fraction={fraction} of distill train_tokens={base}"
-
-
-def train_config(gcfg: DictConfig, tokens: int, block_size: int, seed: int) -> TrainConfig:
-    values = OmegaConf.to_container(gcfg.train, resolve=True)
-    known = set(TrainConfig.__dataclass_fields__) - {"max_steps", "seed"}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ShrinkError(f"gqa.train: unknown keys {unknown} (known: {sorted(known)})")
-    with config_section("gqa.train"):
-        tc = TrainConfig.from_cfg({**values, "max_steps": 1}, seed=seed, block_size=block_size)
-    tc.max_steps = max(1, math.ceil(tokens / (tc.batch_size * tc.grad_accum * block_size)))
-    return tc
 
 
 def eval_texts(names: list[str], tokenizer: Any, shared: Path | None, heldout: torch.Tensor | None
@@ -228,7 +216,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> Artifact:
     config = ctx.resolved_config("gqa", "data")
     uptraining = None
     if tokens > 0:
-        uptraining = Uptrain(train_config(gcfg, tokens, int(cfg.data.block_size), int(cfg.seed)), bool(cfg.resume),
+        uptraining = Uptrain(gqa_train_config(gcfg, tokens, int(cfg.data.block_size), int(cfg.seed)), bool(cfg.resume),
                              lambda: make_tracker(cfg.logging, ctx.run_dir, "gqa", config))
     return gqa(input_art, settings, dest=ctx.output_dir("gqa"), device=ctx.device, data=cfg.data,
                data_dir=ctx.data_dir, cache_dir=ctx.cache_dir, uptraining=uptraining,

@@ -28,6 +28,81 @@ def test_memoized_np_dtype_answers_as_the_original_for_scalars_blocks_and_pointe
         patched(tl.void)  # what the original raises for a type it has no array for
 
 
+def _built(init, element_ty, shape):
+    """(element type, shape values, shape type, numel, name) of a block type built by `init`, or the error."""
+    block = object.__new__(tl.block_type)
+    try:
+        init(block, element_ty, shape)
+    except Exception as e:  # noqa: BLE001 (the error itself is the answer compared)
+        return type(e), str(e)
+    return (block.element_ty, type(block.shape), list(block.shape.values), block.shape.type, block.numel, block.name)
+
+
+def test_memoized_block_type_answers_as_the_original_for_every_shape_it_is_given():
+    assert triton_interpreter.install()
+    patched = tl.block_type.__init__
+    original = patched.original
+    core = tl.core
+    shapes = [[4, 8], [16], [1, 32, 2], [4, 8], core.tuple([4, 8]), core.tuple([64]),  # repeats answer from the memo
+              [tl.constexpr(4), 8], [], [3, 8], [4, 8.0], [True], (4, 8), [2 ** 21]]    # the original decides these
+    for element_ty in (tl.float32, tl.bfloat16, tl.pointer_type(tl.int8), tl.int1):
+        for _ in range(2):
+            for shape in shapes:
+                assert _built(patched, element_ty, shape) == _built(original, element_ty, shape), (element_ty, shape)
+    a, b = tl.block_type(tl.float16, [4, 8]), tl.block_type(tl.float16, [4, 8])
+    assert a == b and a.shape is not b.shape  # equal, and each its own shape object
+    assert a.with_element_ty(tl.float32) == tl.block_type(tl.float32, [4, 8])
+
+
+def _tensor_built(init, handle, ty):
+    """Everything a tl.tensor built by `init` holds, its shape and numel as (class, value) pairs."""
+    t = object.__new__(tl.tensor)
+    init(t, handle, ty)
+    constant = lambda c: (type(c), c.value)  # noqa: E731
+    return (sorted(vars(t)), t.handle, t.type, t.dtype, constant(t.numel), type(t.shape),
+            [constant(s) for s in t.shape], t.shape.type)
+
+
+def test_memoized_tensor_shape_answers_as_the_original_for_blocks_scalars_and_pointers():
+    assert triton_interpreter.install()
+    patched = tl.tensor.__init__
+    original = patched.original
+    types = [tl.block_type(tl.float32, [4, 8]), tl.block_type(tl.bfloat16, [4, 8]), tl.block_type(tl.int8, [64]),
+             tl.block_type(tl.pointer_type(tl.float16), [2, 16]), tl.float32, tl.int1, tl.pointer_type(tl.int32),
+             tl.block_type(tl.float32, [1, 1, 32])]
+    handle = object()
+    for _ in range(2):  # the second pass answers from the memo
+        for ty in types:
+            assert _tensor_built(patched, handle, ty) == _tensor_built(original, handle, ty), ty
+    a, b = tl.tensor(handle, types[0]), tl.tensor(handle, types[0])
+    assert a.shape is not b.shape and a.numel is not b.numel  # each tensor its own objects
+
+
+def _compared(eq, left, right):
+    try:
+        out = eq(left, right)
+    except Exception as e:  # noqa: BLE001 (the error itself is the answer compared)
+        return type(e), str(e)
+    return type(out), out.value
+
+
+def test_direct_shape_compare_answers_as_the_original():
+    assert triton_interpreter.install()
+    patched = tl.tuple.__eq__
+    original = patched.original
+    c = tl.constexpr
+    lefts = [tl.tuple([4, 8]), tl.tuple([64]), tl.tuple([1, 32, 2]), tl.tuple([c(4), c(8)]), tl.tuple([True]),
+             tl.tuple([])]
+    rights = [[4, 8], [8, 4], [4], [64], [1, 32, 2], [1, 32], [], [c(4), 8], [True], [1], [4.0, 8], [[4], 8],
+              (4, 8), tl.tuple([4, 8]), c(4)]
+    for left in lefts:
+        for right in rights:
+            answer = _compared(original, left, right)
+            assert _compared(patched, left, right) == answer, (left, right)
+            if answer[0] is tl.constexpr:  # `!=` (each broadcast's question) is the negation of that answer
+                assert (left != right) is (not answer[1]), (left, right)
+
+
 @triton.jit
 def _double(x):
     return x * 2

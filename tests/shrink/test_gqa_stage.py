@@ -160,7 +160,7 @@ def test_uptraining_lowers_the_distillation_loss(tmp_path):
     gcfg = OmegaConf.create({"train": {"batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "chunk_size": 256,
                                        "losses": {"forward_kl": 1.0}, "temperature": 1.0, "checkpoint_every": 0,
                                        "val_batches": 1}})
-    tc = gqa_stage.train_config(gcfg, tokens=30 * 8 * 32, block_size=32, seed=0)
+    tc = gqa_stage.gqa_train_config(gcfg, tokens=30 * 8 * 32, block_size=32, seed=0)
     assert tc.max_steps == 30
     before = validation_loss(student, teacher, val, make_terms(tc), tc, torch.device("cpu"))["val_forward_kl"]
     result = gqa_stage.uptrain(student, teacher, train, val, tc, tmp_path / "ckpt")

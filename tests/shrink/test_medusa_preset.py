@@ -37,12 +37,21 @@ def test_preset_composes_tvd_heads_on_the_drafter_presets_teacher_data(tmp_path)
     assert small.distill.medusa.num_heads == 2
 
 
-def test_tiny_heads_train_on_teacher_samples_into_a_medusa_artifact(tiny_teacher, tmp_path):
+@pytest.fixture(scope="module")
+def medusa_run(tiny_teacher, tmp_path_factory):
+    """One real `stage=distill distill=medusa` launch on the tiny teacher, shared by the tests that only
+    read what it wrote (the artifact, its metrics, the engine loading it): (the finished process, run dir)."""
     from support import run_cli
 
-    run = tmp_path / "run"
+    tmp = tmp_path_factory.mktemp("medusa_run")
+    run = tmp / "run"
     result = run_cli("stage=distill", "distill=medusa", f"input={tiny_teacher}", f"run={run}",
-                     f"cache_dir={tmp_path / 'cache'}", *TINY_BUDGET)
+                     f"cache_dir={tmp / 'cache'}", *TINY_BUDGET)
+    return result, run
+
+
+def test_tiny_heads_train_on_teacher_samples_into_a_medusa_artifact(tiny_teacher, medusa_run):
+    result, run = medusa_run
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     art = run / "distill"
     assert is_medusa_dir(art)
@@ -137,16 +146,12 @@ def test_bad_settings_through_the_cli_are_one_line(tiny_teacher, tmp_path, overr
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
 
 
-def test_the_stages_heads_draft_in_the_engine_and_greedy_output_is_the_teachers(tiny_teacher, tmp_path):
+def test_the_stages_heads_draft_in_the_engine_and_greedy_output_is_the_teachers(tiny_teacher, medusa_run):
     """The contract end to end: what `stage=distill distill=medusa` writes is what the engine's
     `method: medusa` loads (sizes, tokenizer, tensors), it drafts, and greedy output is unchanged."""
-    from support import run_cli
-
     from engine import LLM, SamplingParams
 
-    run = tmp_path / "run"
-    result = run_cli("stage=distill", "distill=medusa", f"input={tiny_teacher}", f"run={run}",
-                     f"cache_dir={tmp_path / 'cache'}", *TINY_BUDGET)
+    result, run = medusa_run
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     prompts = [{"prompt_token_ids": [5 + i, 17, 3 * i + 2, 40, 9][: 3 + i]} for i in range(3)]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
