@@ -705,8 +705,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _half2(lo, hi):
-        """fp16 lo and hi (same shape) as the int32 bits of half2 registers: lo in bits 0..15."""
-        return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+        """fp32 lo and hi (same shape) rounded to fp16 as the int32 bits of half2 registers, lo in
+        bits 0..15: on the GPU one cvt.rn.f16x2.f32 a pair (F2FP.PACK_AB), where two conversions and
+        a PRMT took three."""
+        if _PTX:
+            h = tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.int32,
+                                          is_pure=True, pack=1)
+        else:
+            h = (lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) \
+                | (hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
+        return h
 
     @triton.jit
     def _half2_lanes(h):
@@ -731,14 +739,14 @@ if HAS_TRITON:
         """_int4_fast_x for the half2 path: the step's inputs times the row's power of two x2s
         (_half2_row_scale), rounded to fp16 (exact for bf16 / fp16 inputs in fp16's normal range),
         as the 4 half2 operands [R, T] of a word, (x0, x4), (x1, x5), (x2, x6), (x3, x7) (the
-        lanes _int4_half2_word's masks extract), and the fp32 sum of the word's 8 scaled inputs."""
+        lanes _int4_half2_word's masks extract), and the fp32 sum of the word's 8 scaled inputs
+        (before the fp16 rounding: the same sum but where x' falls into fp16's subnormals)."""
         r = tl.arange(0, R)[:, None, None]
         t = tl.arange(0, T)[None, :, None]
         c = tl.arange(0, 8)[None, None, :]
-        x = (_fast_x(x_ptr, k0 + (t * R + r) * 8 + c, nw_ptr, rstd, 0.0, K, NORM, 2, BF16_BY_HAND) * x2s)
-        x = x.to(tl.float16)
+        x = _fast_x(x_ptr, k0 + (t * R + r) * 8 + c, nw_ptr, rstd, 0.0, K, NORM, 2, BF16_BY_HAND) * x2s
         x0, x1, x2, x3, x4, x5, x6, x7 = split8(x, R, T)
-        xw = tl.sum(x.to(tl.float32), 2)
+        xw = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
         return (_half2(x0, x4), _half2(x1, x5), _half2(x2, x6), _half2(x3, x7)), xw
 
     @triton.jit
