@@ -44,6 +44,14 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   29.9 / 42.3, down 17.0 / 23.6; bf16 26.9 / 10.5 / 44.9 / 24.2; 7B decode at batch 1 0.86x bf16
   against 1.36x with _matmul_fast: benchmarks/2026-11-30-h200x2-s12/bg/g1, int8_sweep_old.jsonl
   against int8_sweep_..jsonl), and was removed: fewer instructions a byte did not buy time here.
+  int4's packed fp16 variant (``half2``, opt-in, not yet timed): per word 4 LOP3s put two codes
+  each into the fp16 halves of a register (Marlin's magic exponents), a sub.f16x2 makes them
+  u - 8, mul / fma.rn.f16x2 with the inputs (scaled per row by a power of two into fp16, from the
+  row's absmax: one more pass over x) sum the word's 8 products in fp16, widened to fp32 per word
+  (_int4_half2_word: 16 instructions a word where the fp32 path takes ~26; 6.1 against 9.1 SASS a
+  byte in the K 11008 loop at (8, 2048, 4), 5.6 against 8.1 at (8, 2048, 2)). Its fp16 sums are
+  ~3e-4 of the output's rms off (tails past 1e-3): it does NOT meet the fast path's elementwise
+  tolerance after SwiGLU or the rotary (tests/kernels/test_quant_gemv_half2.py).
   At 1 < M <= SMALL_M every format takes the exact path. A tl.dot variant for int4 there (nibbles
   OR-ed into 16-bit float bits as exact dot operands, one K step a group) was 3-7x slower than the
   exact path on the H200 at M = 2 and 16, even at the best of 144 configs (int4_g128 down M=16:
