@@ -23,6 +23,12 @@ Counted on this branch (sm_90, bf16, no fusion; instructions per weight byte, re
     int8 exact M == 16 at gemv_config's (16, 32, 256, 4): 5.02 (LDGSTS to shared, LDS, IMAD / LOP3 /
     PRMT / HADD2 conversion to bf16, HMMA), 80 regs, and one program of 4 warps an SM at N 4096
     (128 programs): latency bound, with half the bytes of bf16's tile in flight.
+    int4 g128 M == 1, fast against its packed fp16 variant (HALF2, kernels/gemv.py _int4_half2_word), N 4096,
+    K 4096 (whole kernel: 2 steps unrolled, half2's absmax pass over x included) / K 11008 (the K loop):
+    (8, 2048, 4) 9.62 / 9.10 -> 7.88 / 6.14; (8, 2048, 2) 8.38 / 8.14 -> 6.41 / 5.58; with zero points
+    (8, 2048, 4) 10.38 / 9.83 -> 8.56 / 6.87. No spills. half2's loop: 16 a word of 8 codes (SHF, 4 LOP3, 4
+    HADD2, HMUL2 + 3 HFMA2, 2 HADD2.F32, FADD) = 4.0 a byte; the rest is x (scale, F2FP pack, sums) and
+    addressing.
 """
 
 from __future__ import annotations
@@ -205,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
             sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
             regs, spill = resources(f.name)
         body, looped = loop_body(sass)
+        if looped and quant == "int4" and fast and m == 1 and -(-args.k // cfg[2]) <= G.FAST_UNROLL:
+            body, looped = sass_lines(sass), False  # K loop unrolled: the loop found is half2's pass over x
         ops = collections.Counter(op for op in map(_opcode, body) if op)
         counted, kernel = load_stats(body), load_stats(sass_lines(sass))
         threads = cfg[3] * 32
