@@ -40,7 +40,6 @@
 #   experiments/engine_session.sh presets      # after stash + stash2: experiment=lossless, balanced (PRESETS) in full, eval=gpu
 #   experiments/engine_session.sh scaling      # nvidia-h200-x2, right after `tp`: distill step tokens/s and peak
 #                                              # memory at 1 and 2 GPUs, DDP and FSDP2, with loss curves (issue 17)
-#   experiments/engine_session.sh half2        # carry .gpu/wheels: int4's half2 M == 1 variant: GPU tests, 7B timing
 #   experiments/engine_session.sh int4         # carry .gpu/wheels: the int4 GEMV sweep (M = 1 fast path, exact at M = 2
 #                                              # and 16) and the 7B decode with int4_kernel triton / tinygemm (issue 13)
 #   experiments/engine_session.sh w8a8         # carry .gpu/wheels: W8A8's GPU tests, the per-linear prefill pieces with
@@ -297,17 +296,6 @@ case "${1:?verb}" in
     timeout ${QUANT_S:-200} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_int4.jsonl" --batch 1 16 \
       --only bf16 int4_g128@triton int4_g64@triton int4_g128@tinygemm \
       > "$OUTDIR/quant_int4.log" 2>&1; grep -v Warn "$OUTDIR/quant_int4.log" | tail -n 10;;
-  half2)  # carry .gpu/wheels: int4's packed fp16 M == 1 variant (kernels/gemv.py, gemv half2=True): its GPU tests
-          # (compiled asm against the reference at the fast path's tolerance), then its time beside fast, exact,
-          # tinygemm and bf16 on the four Llama-2-7B shapes, int4 g128 (issue 13); within 150 s
-    timeout ${TESTS_S:-50} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_quant_gemv_half2.py \
-      2>&1 | tail -n 12
-    timeout ${SWEEP_S:-95} python3 experiments/quant_gemv_sweep.py --formats int4_g128 --m 1 --budget-s 0 \
-      --half2-entry 8,2048,2 --json "$OUTDIR/half2_sweep.jsonl" > "$OUTDIR/half2_sweep.log" 2>&1
-    grep '"measure"' "$OUTDIR/half2_sweep.jsonl" | python3 -c 'import json, sys
-for r in map(json.loads, sys.stdin):
-    print(r["shape"], r["format"], r["path"], r.get("entry", r.get("config")), round(r.get("us", -1), 2),
-          round(r.get("of_copy_ceiling", 0), 3), r.get("err_vs_fast"), r.get("error", "")[:120])';;
   rounds)  # after `stash` + `stash2` (and `pipeline` for its student as drafter): issue 14's device-resident rounds
            # (speculative_config num_rounds) and the auto policy's fixes on the GPU: their tests, then tok/s with
            # R = 1 and 4 on the real teacher beside n-gram auto

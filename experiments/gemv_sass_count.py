@@ -23,12 +23,6 @@ Counted on this branch (sm_90, bf16, no fusion; instructions per weight byte, re
     int8 exact M == 16 at gemv_config's (16, 32, 256, 4): 5.02 (LDGSTS to shared, LDS, IMAD / LOP3 /
     PRMT / HADD2 conversion to bf16, HMMA), 80 regs, and one program of 4 warps an SM at N 4096
     (128 programs): latency bound, with half the bytes of bf16's tile in flight.
-    int4 g128 M == 1, fast against its packed fp16 variant (HALF2, kernels/gemv.py _int4_half2_word), N 4096,
-    K 4096 (whole kernel: 2 steps unrolled, half2's absmax pass over x included) / K 11008 (the K loop):
-    (8, 2048, 4) 9.62 / 9.10 -> 7.88 / 6.14; (8, 2048, 2) 8.38 / 8.14 -> 6.41 / 5.58; with zero points
-    (8, 2048, 4) 10.38 / 9.83 -> 8.56 / 6.87. No spills. half2's loop: 16 a word of 8 codes (SHF, 4 LOP3, 4
-    HADD2, HMUL2 + 3 HFMA2, 2 HADD2.F32, FADD) = 4.0 a byte; the rest is x (scale, F2FP pack, sums) and
-    addressing.
 """
 
 from __future__ import annotations
@@ -53,8 +47,6 @@ VARIANTS = {  # name -> (quant, fast, group, zero, M)
     "int4_g128_zero_fast": ("int4", True, 128, True, 1), "bf16": ("dense", False, 1, False, 1),
     "int4_g128_m16_exact": ("int4", False, 128, False, 16), "int8_m16_exact": ("int8", False, 1, False, 16),
 }
-# The int4 fast path's packed fp16 variant (kernels/gemv.py, HALF2: _int4_half2_word) beside it.
-HALF2_VARIANTS = {"int4_g128_half2": "int4_g128_fast", "int4_g128_zero_half2": "int4_g128_zero_fast"}
 CONVERSIONS = ("I2F", "F2F", "F2FP", "I2FP")
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 SMS = 132  # an H200's SMs
@@ -76,8 +68,7 @@ def compile_sm90(quant: str, fast: bool, group: int, zero: bool, m: int, n: int,
     gpt, wpg = G._fast_words(quant, group, cfg[2]) if fast else (1, 1)
     constexprs = dict(N=n, K=k, BLOCK_M=cfg[0], BLOCK_N=cfg[1], BLOCK_K=cfg[2], HAS_BIAS=False, NORM=False,
                       RESIDUAL=False, SWIGLU=False, IEEE=False, BF16_BY_HAND=False, PDL=True,
-                      GROUP=group, QUANT=G.QUANT_KINDS[quant], HAS_ZERO=zero, FAST=fast, GPT=gpt, WPG=wpg, SPLIT=1,
-                      HALF2=False)
+                      GROUP=group, QUANT=G.QUANT_KINDS[quant], HAS_ZERO=zero, FAST=fast, GPT=gpt, WPG=wpg, SPLIT=1)
     constexprs.update(fusions or {})
     sig.update({name: "constexpr" for name in constexprs})
     # As a launch specializes them: torch's tensors 16-byte aligned, the row strides (K, N) multiples
@@ -192,27 +183,22 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     nvdisasm = os.path.join(BIN, "nvdisasm")
     variants = [(name, spec, None, None) for name, spec in VARIANTS.items()]
-    variants += [(name, VARIANTS[base], None, None) for name, base in HALF2_VARIANTS.items()]
     for text in args.entry:
         entry = tuple(int(v) for v in text.split(","))
         variants += [(f"int4_g128_fast@{text}", VARIANTS["int4_g128_fast"], entry, None),
                      (f"int4_g128_zero_fast@{text}", VARIANTS["int4_g128_zero_fast"], entry, None),
                      (f"int8_fast@{text}", VARIANTS["int8_fast"], entry, None)]
-        variants += [(f"{name}@{text}", VARIANTS[base], entry, None) for name, base in HALF2_VARIANTS.items()]
     for text in args.tile:
         variants.append((f"int8_m16_exact@{text}", VARIANTS["int8_m16_exact"], None,
                          tuple(int(v) for v in text.split(","))))
     for name, (quant, fast, group, zero, m), entry, tile in variants:
-        fusions = {"HALF2": True} if "half2" in name else None
-        cubin, cfg = compile_sm90(quant, fast, group, zero, m, args.n, args.k, entry, fusions, tile=tile)
+        cubin, cfg = compile_sm90(quant, fast, group, zero, m, args.n, args.k, entry, tile=tile)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()
             sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
             regs, spill = resources(f.name)
         body, looped = loop_body(sass)
-        if looped and quant == "int4" and fast and m == 1 and -(-args.k // cfg[2]) <= G.FAST_UNROLL:
-            body, looped = sass_lines(sass), False  # K loop unrolled: the loop found is half2's pass over x
         ops = collections.Counter(op for op in map(_opcode, body) if op)
         counted, kernel = load_stats(body), load_stats(sass_lines(sass))
         threads = cfg[3] * 32

@@ -7,10 +7,6 @@ of a measured device-to-device copy ceiling, for
   gemv's split-K at the EXACT_SPLITS candidates;
 - "fast" (M == 1): the fast dequantization with its heuristic (fast_gemv_config, FAST_M1_CONFIGS),
   and "fast_best": the best of the FAST_M1_CONFIGS candidates swept within --budget-s;
-- "half2" (int4, M == 1): the fast path's packed fp16 variant (gemv's half2=True, kernels/gemv.py's
-  _int4_half2_word) at the heuristic's config, and "half2_sweep" at each --half2-entry; each with
-  "err_vs_fast", its largest elementwise difference from the fast path's output over that
-  output's rms (the fp16 sums' error, about 3e-4 rms, plus bf16 rounding flips);
 - "tinygemm": torch's aten._weight_int4pack_mm (gpt-fast's int4 kernel; int4 formats, CUDA), a
   plain matmul of the same codes without the fusions (kernels/quant_tinygemm.py; GB/s of our
   layout's bytes, as the other paths: experiments/int4_kernel_compare.py counts its own);
@@ -20,10 +16,6 @@ nothing is served from L2) inside a CUDA graph, PDL as the engine launches it; t
 norm / residual / SwiGLU epilogues as the engine runs each shape.
 
     python experiments/quant_gemv_sweep.py --json quant_sweep.jsonl [--formats ...] [--m 1 16] [--budget-s 100]
-
-int4's half2 variant beside "fast" and "exact" at M == 1 (issue 13):
-    python experiments/quant_gemv_sweep.py --formats int4_g128 int4_g128_zero --m 1 --budget-s 0 \
-        --half2-entry 8,2048,2 --half2-entry 8,4096,4 --json half2.jsonl
 
 int8 (issue 13; at M == 1 _matmul_fast, the per-code gather, which the H200 timed faster than int4's
 run layout: kernels/gemv.py's docstring; at M > 1 the exact path's tiles and split-K):
@@ -146,13 +138,6 @@ class Case:
         else:
             gemv(self.x, w, norm_weight=self.nw, swiglu=self.fusion == "swiglu", **q, **kw)
 
-    def err_vs_fast(self, **kw: Any) -> float:
-        """The largest elementwise difference of this launch's output from the fast path's, over the
-        fast output's rms (the first weight copy, a zero residual)."""
-        w, q = self.weights[0]
-        fast = self.call(w, q, fast=True).float()
-        return ((self.call(w, q, **kw).float() - fast).abs().max() / fast.pow(2).mean().sqrt()).item()
-
     def time(self, **kw: Any) -> float:
         """Seconds per launch over all weight copies in one CUDA graph, after a check that this
         launch computes what the exact heuristic's does (to bf16 and summation order; a residual
@@ -265,27 +250,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget-s", type=float, default=100.0,
                     help="seconds of fast-config sweeping after the fixed measurements (each new config compiles)")
     ap.add_argument("--json", default=None, help="also write the JSON lines to this file")
-    ap.add_argument("--half2-entry", action="append", default=[],
-                    help="BLOCK_N,BLOCK_K,num_warps: also time int4's half2 variant at M == 1 at this entry (repeatable)")
     args = ap.parse_args(argv)
-    half2_entries = [tuple(int(v) for v in text.split(",")) for text in args.half2_entry]
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("quant_gemv_sweep needs a CUDA GPU")
     started = time.perf_counter()
     log = Records(args.json, DEVICE, copy_ceiling_tbps())
     records, emit, ceiling = log.records, log.emit, log.ceiling
 
-    def measure(case: Case, path: str, seconds: Callable[[], float], nbytes: int,
-                err_of: Callable[[], float] | None = None, **extra: Any) -> None:
-        """One "measure" record: the launch's seconds (and with err_of its "err_vs_fast") or its error."""
+    def measure(case: Case, path: str, seconds: Callable[[], float], nbytes: int, **extra: Any) -> None:
         rec = {"kind": "measure", "format": case.fmt, "shape": case.shape, "M": case.m, "N": case.n, "K": case.k,
                "fusion": case.fusion if path != "tinygemm" else "none", "path": path, "weight_bytes": nbytes, **extra}
         try:
             s = seconds()
             gbps = nbytes / s / 1e9
             rec.update(seconds=s, us=s * 1e6, GBps=gbps, of_copy_ceiling=gbps / (ceiling * 1e3))
-            if err_of is not None:
-                rec["err_vs_fast"] = err_of()
         except Exception as e:  # noqa: BLE001 - a config the compiler rejects, a torch without tinygemm
             rec["error"] = f"{type(e).__name__}: {e}"[:300]
         emit(rec)
@@ -327,12 +305,6 @@ def main(argv: list[str] | None = None) -> None:
                     cfg = fast_gemv_config(case.n_out, k, quant, group, two)
                     measure(case, "fast", lambda: case.time(fast=True), nbytes, config=list(cfg), entry=list(entry))
                     sweep.append((case, [e for e in FAST_CANDIDATES if e != entry]))
-                    if quant == "int4":  # the packed fp16 variant: the heuristic's config, then the asked entries
-                        for path, e in [("half2", entry)] + [("half2_sweep", e) for e in half2_entries]:
-                            c = fast_gemv_config(case.n_out, k, quant, group, two, entry=e)
-                            measure(case, path, lambda: case.time(fast=True, half2=True, config=c), nbytes,
-                                    config=list(c), entry=list(e),
-                                    err_of=lambda: case.err_vs_fast(fast=True, half2=True, config=c))
                 if quant == "int4":
                     measure(case, "tinygemm", lambda: tinygemm_seconds(case), nbytes)
                 if DEVICE == "cuda":

@@ -44,14 +44,6 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   29.9 / 42.3, down 17.0 / 23.6; bf16 26.9 / 10.5 / 44.9 / 24.2; 7B decode at batch 1 0.86x bf16
   against 1.36x with _matmul_fast: benchmarks/2026-11-30-h200x2-s12/bg/g1, int8_sweep_old.jsonl
   against int8_sweep_..jsonl), and was removed: fewer instructions a byte did not buy time here.
-  int4's packed fp16 variant (``half2``, opt-in, not yet timed): per word 4 LOP3s put two codes
-  each into the fp16 halves of a register (Marlin's magic exponents), a sub.f16x2 makes them
-  u - 8, mul / fma.rn.f16x2 with the inputs (scaled per row by a power of two into fp16, from the
-  row's absmax: one more pass over x) sum the word's 8 products in fp16, widened to fp32 per word
-  (_int4_half2_word: 16 instructions a word where the fp32 path takes ~26; 6.1 against 9.1 SASS a
-  byte in the K 11008 loop at (8, 2048, 4), 5.6 against 8.1 at (8, 2048, 2)). Its fp16 sums are
-  ~3e-4 of the output's rms off (tails past 1e-3): it does NOT meet the fast path's elementwise
-  tolerance after SwiGLU or the rotary (tests/kernels/test_quant_gemv_half2.py).
   At 1 < M <= SMALL_M every format takes the exact path. A tl.dot variant for int4 there (nibbles
   OR-ed into 16-bit float bits as exact dot operands, one K step a group) was 3-7x slower than the
   exact path on the H200 at M = 2 and 16, even at the best of 144 configs (int4_g128 down M=16:
@@ -479,20 +471,12 @@ if HAS_TRITON:
             rstd = tl.rsqrt(sq / K + eps)
         xs = tl.zeros([BLOCK_M], tl.float32)
         if QUANT == 3:  # each row's activation scale: absmax of the (normalised) input / 127.5
-            xs = _act_scale(_row_amax(x_rows, row_mask, ks, nw_ptr, rstd, K, BLOCK_M, BLOCK_K, NORM, BF16_BY_HAND),
-                            False)
+            amax = tl.zeros([BLOCK_M], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                h = _input_tile(x_rows, row_mask, k0 + ks, nw_ptr, rstd, K, NORM, BF16_BY_HAND)
+                amax = tl.maximum(amax, tl.max(tl.abs(h.to(tl.float32)), 1))
+            xs = _act_scale(amax, False)
         return rstd, xs
-
-    @triton.jit
-    def _row_amax(x_rows, row_mask, ks, nw_ptr, rstd, K: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_K: tl.constexpr, NORM: tl.constexpr, BF16_BY_HAND: tl.constexpr):
-        """Each input row's absmax [BLOCK_M] after the norm (NORM; rstd from _row_stats): a pass over
-        the rows (W8A8's activation scale, the half2 int4 path's power-of-two row scale)."""
-        amax = tl.zeros([BLOCK_M], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            h = _input_tile(x_rows, row_mask, k0 + ks, nw_ptr, rstd, K, NORM, BF16_BY_HAND)
-            amax = tl.maximum(amax, tl.max(tl.abs(h.to(tl.float32)), 1))
-        return amax
 
     @triton.jit
     def _matmul(
@@ -712,113 +696,6 @@ if HAS_TRITON:
                 x5 * 0.00390625, x6 * 0.000244140625, x7 * 0.0000152587890625), xw
 
     @triton.jit
-    def _half2(lo, hi):
-        """fp32 lo and hi (same shape) rounded to fp16 as the int32 bits of half2 registers, lo in
-        bits 0..15: on the GPU one cvt.rn.f16x2.f32 a pair (F2FP.PACK_AB), where two conversions and
-        a PRMT took three."""
-        if _PTX:
-            h = tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.int32,
-                                          is_pure=True, pack=1)
-        else:
-            h = (lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) \
-                | (hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
-        return h
-
-    @triton.jit
-    def _half2_lanes(h):
-        """_half2's inverse: the two fp16 lanes (lo, hi) of int32 words h."""
-        lo = h.to(tl.int16).to(tl.float16, bitcast=True)  # the int cast keeps bits 0..15
-        hi = (h >> 16).to(tl.int16).to(tl.float16, bitcast=True)
-        return lo, hi
-
-    @triton.jit
-    def _half2_row_scale(amax):
-        """The half2 path's power-of-two row scale and its inverse (fp32 scalars) from the row's
-        absmax: amax * scale in [512, 1024), so that every scaled input fits fp16 with room for a
-        word's sums (_int4_half2_word's bound); 2^e set from amax's exponent bits, e clamped to
-        [-126, 126] (a zero or tiny row: 2^126, its inverse still a normal fp32)."""
-        e = 136 - ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF)
-        e = tl.minimum(tl.maximum(e, -126), 126)
-        return ((127 + e) << 23).to(tl.float32, bitcast=True), ((127 - e) << 23).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _int4_half2_x(x_ptr, k0, nw_ptr, rstd, x2s, K: tl.constexpr, R: tl.constexpr, T: tl.constexpr,
-                      NORM: tl.constexpr, BF16_BY_HAND: tl.constexpr):
-        """_int4_fast_x for the half2 path: the step's inputs times the row's power of two x2s
-        (_half2_row_scale), rounded to fp16 (exact for bf16 / fp16 inputs in fp16's normal range),
-        as the 4 half2 operands [R, T] of a word, (x0, x4), (x1, x5), (x2, x6), (x3, x7) (the
-        lanes _int4_half2_word's masks extract), and the fp32 sum of the word's 8 scaled inputs
-        (before the fp16 rounding: the same sum but where x' falls into fp16's subnormals)."""
-        r = tl.arange(0, R)[:, None, None]
-        t = tl.arange(0, T)[None, :, None]
-        c = tl.arange(0, 8)[None, None, :]
-        x = _fast_x(x_ptr, k0 + (t * R + r) * 8 + c, nw_ptr, rstd, 0.0, K, NORM, 2, BF16_BY_HAND) * x2s
-        x0, x1, x2, x3, x4, x5, x6, x7 = split8(x, R, T)
-        xw = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-        return (_half2(x0, x4), _half2(x1, x5), _half2(x2, x6), _half2(x3, x7)), xw
-
-    @triton.jit
-    def _half2_fma(d, xh, s):
-        """The interpreter's fma.rn.f16x2 lane: fp16 d * xh + s rounded once to fp16 (the product
-        of two fp16 values and its sum with a third are exact in fp64: at most 42 bits apart)."""
-        return (d.to(tl.float64) * xh.to(tl.float64) + s.to(tl.float64)).to(tl.float16)
-
-    @triton.jit
-    def _int4_half2_word(words, xh):
-        """Per int32 word of 8 int4 codes (u = code + 8 at bits 4c): sum over c of (u_c - 8) * x_c in
-        packed fp16 arithmetic, returned in fp32. On the GPU one asm block (Marlin's conversion):
-        4 LOP3s put two codes each into the two fp16 halves of a register under a magic exponent,
-        (w & 0x000F000F) | 0x6400 in both halves = 1024 + u (codes 0 and 4; codes 2 and 6 from w >> 8)
-        and (w & 0x00F000F0) | 0x5400 = 64 + u (ulp 1/16 there: codes 1, 5; 3, 7 from w >> 8), one
-        sub.f16x2 each makes u - 8 exactly, then mul / 3 fma.rn.f16x2 with the inputs (xh:
-        _int4_half2_x's half2 pairs) sum codes 0..3 in the low lane and 4..7 in the high one,
-        each product and sum rounded to fp16, and the two lanes are widened and added in fp32:
-        SHF, 4 LOP3, 4 HADD2, 4 HFMA2, 2 conversions and an FADD a word. The interpreter runs the
-        same arithmetic, each operation rounded to fp16 as the GPU's (_half2_fma).
-        Error: the scaled inputs |x'| < 1024 and |u - 8| <= 8 keep every lane sum below 4 * 8 * 1024
-        < 65504 (no overflow); with u = 2^-11, each lane's 4 roundings give at most
-        gamma_4 = 4u / (1 - 4u) < 2^-8.99 times sum |(u_c - 8) x'_c| over its codes, plus 2^-25 a
-        rounding where values fall into fp16's subnormals (|x'| < 2^-14, i.e. |x| < 2^-23 amax):
-        |error of a word| <= 2^-8.99 * sum_c |(u_c - 8) x'_c| + 2^-22, in units of the scaled x'."""
-        if _PTX:
-            p = tl.inline_asm_elementwise(
-                """{
-                .reg .b32 t, a, b, c, d, s, m0, m1;
-                .reg .f16 l, h;
-                .reg .f32 fl, fh;
-                mov.b32 m0, 0x64086408;
-                mov.b32 m1, 0x54805480;
-                shr.u32 t, $1, 8;
-                lop3.b32 a, $1, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 b, $1, 0x00F000F0, 0x54005400, 0xEA;
-                lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 d, t, 0x00F000F0, 0x54005400, 0xEA;
-                sub.rn.f16x2 a, a, m0;
-                sub.rn.f16x2 b, b, m1;
-                sub.rn.f16x2 c, c, m0;
-                sub.rn.f16x2 d, d, m1;
-                mul.rn.f16x2 s, a, $2;
-                fma.rn.f16x2 s, b, $3, s;
-                fma.rn.f16x2 s, c, $4, s;
-                fma.rn.f16x2 s, d, $5, s;
-                mov.b32 {l, h}, s;
-                cvt.f32.f16 fl, l;
-                cvt.f32.f16 fh, h;
-                add.rn.f32 $0, fl, fh;
-                }""",
-                "=f,r,r,r,r,r", [words, xh[0], xh[1], xh[2], xh[3]], dtype=tl.float32, is_pure=True, pack=1)
-        else:
-            x_lo, x_hi = _half2_lanes(xh[0])
-            s_lo = (((words & 0xF).to(tl.float32) - 8.0) * x_lo.to(tl.float32)).to(tl.float16)
-            s_hi = ((((words >> 16) & 0xF).to(tl.float32) - 8.0) * x_hi.to(tl.float32)).to(tl.float16)
-            for c in tl.static_range(1, 4):
-                x_lo, x_hi = _half2_lanes(xh[c])
-                s_lo = _half2_fma(((words >> (4 * c)) & 0xF).to(tl.float32) - 8.0, x_lo, s_lo)
-                s_hi = _half2_fma(((words >> (4 * c + 16)) & 0xF).to(tl.float32) - 8.0, x_hi, s_hi)
-            p = s_lo.to(tl.float32) + s_hi.to(tl.float32)
-        return p
-
-    @triton.jit
     def _int4_code(src, SHIFT: tl.constexpr):
         """The int4 code at bit SHIFT of src as an exact fp32 by the magic-number trick: src is a
         word with the exponent of 2^23 already OR-ed in (word | 0x4B000000); AND-ing away its
@@ -829,28 +706,23 @@ if HAS_TRITON:
         return bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << SHIFT))
 
     @triton.jit
-    def _int4_fast_mac(acc, words, scale, zero, xs, xw, HAS_ZERO: tl.constexpr, HALF2: tl.constexpr):
+    def _int4_fast_mac(acc, words, scale, zero, xs, xw, HAS_ZERO: tl.constexpr):
         """acc ([BLOCK_N, 1, T] or [BLOCK_N, R, T], as scale) += per word: sum over its 8 codes of
         (u - 8) * x, minus zero * sum(x) (xw), times its group's scale (per run of words where the
         run is in one group). Codes 0..4 in place at bits 4c of the word, 5..7 in place in one copy
         shifted down 12 bits (bits 8..16; LEA.HI adds the exponent), x already times 2^-s
-        (_int4_fast_x): per code one LOP3, FADD and FFMA (_int4_code). HALF2: the word's sum in
-        packed fp16 instead (_int4_half2_word; xs its half2 inputs, _int4_half2_x)."""
-        if HALF2:
-            p = _int4_half2_word(words, (xs[0][None, :, :], xs[1][None, :, :], xs[2][None, :, :],
-                                         xs[3][None, :, :]))
+        (_int4_fast_x): per code one LOP3, FADD and FFMA (_int4_code)."""
+        if _PTX:  # the same bits under _int4_code's mask: w's bytes 0..2, byte 3 the exponent's 0x4B
+            lo = tl.inline_asm_elementwise("prmt.b32 $0, $1, 0x4B000000, 0x7210;", "=r,r", [words],
+                                           dtype=tl.int32, is_pure=True, pack=1)
         else:
-            if _PTX:  # the same bits under _int4_code's mask: w's bytes 0..2, byte 3 the exponent's 0x4B
-                lo = tl.inline_asm_elementwise("prmt.b32 $0, $1, 0x4B000000, 0x7210;", "=r,r", [words],
-                                               dtype=tl.int32, is_pure=True, pack=1)
-            else:
-                lo = words | 0x4B000000
-            hi = (words.to(tl.uint32, bitcast=True) >> 12).to(tl.int32, bitcast=True) + 0x4B000000
-            p = _int4_code(lo, 0) * xs[0][None, :, :]
-            for c in tl.static_range(1, 5):
-                p += _int4_code(lo, 4 * c) * xs[c][None, :, :]
-            for c in tl.static_range(5, 8):
-                p += _int4_code(hi, 4 * c - 12) * xs[c][None, :, :]
+            lo = words | 0x4B000000
+        hi = (words.to(tl.uint32, bitcast=True) >> 12).to(tl.int32, bitcast=True) + 0x4B000000
+        p = _int4_code(lo, 0) * xs[0][None, :, :]
+        for c in tl.static_range(1, 5):
+            p += _int4_code(lo, 4 * c) * xs[c][None, :, :]
+        for c in tl.static_range(5, 8):
+            p += _int4_code(hi, 4 * c - 12) * xs[c][None, :, :]
         if acc.shape[1] == 1:  # a thread's run in one group: its words' sums first, then one zero and scale
             p = tl.sum(p, 1, keep_dims=True)
             xw = tl.sum(xw, 0, keep_dims=True)
@@ -871,20 +743,17 @@ if HAS_TRITON:
         return tile, tile2
 
     @triton.jit
-    def _int4_fast_step(acc, acc2, tiles, x_ptr, k0, nw_ptr, rstd, x2s, K: tl.constexpr, R: tl.constexpr,
+    def _int4_fast_step(acc, acc2, tiles, x_ptr, k0, nw_ptr, rstd, K: tl.constexpr, R: tl.constexpr,
                         T: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr, HAS_ZERO: tl.constexpr,
-                        BF16_BY_HAND: tl.constexpr, HALF2: tl.constexpr):
+                        BF16_BY_HAND: tl.constexpr):
         """acc (and acc2) += the step at k0: its x loaded once for both row sets' tiles
-        (_int4_fast_tiles); HALF2: x times the row scale x2s, in half2 pairs (_int4_half2_x)."""
-        if HALF2:
-            xc, xw = _int4_half2_x(x_ptr, k0, nw_ptr, rstd, x2s, K, R, T, NORM, BF16_BY_HAND)
-        else:
-            xc, xw = _int4_fast_x(x_ptr, k0, nw_ptr, rstd, K, R, T, NORM, BF16_BY_HAND)
+        (_int4_fast_tiles)."""
+        xc, xw = _int4_fast_x(x_ptr, k0, nw_ptr, rstd, K, R, T, NORM, BF16_BY_HAND)
         words, scale, zero = tiles[0]
-        acc = _int4_fast_mac(acc, words, scale, zero, xc, xw, HAS_ZERO, HALF2)
+        acc = _int4_fast_mac(acc, words, scale, zero, xc, xw, HAS_ZERO)
         if TWO:
             words2, scale2, zero2 = tiles[1]
-            acc2 = _int4_fast_mac(acc2, words2, scale2, zero2, xc, xw, HAS_ZERO, HALF2)
+            acc2 = _int4_fast_mac(acc2, words2, scale2, zero2, xc, xw, HAS_ZERO)
         return acc, acc2
 
     @triton.jit
@@ -892,12 +761,9 @@ if HAS_TRITON:
         x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
         K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
         BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-        HALF2: tl.constexpr,
     ):
         """The fast path at M == 1 for int4 (QUANT 2) in runs of 4 words a thread: [1, BLOCK_N] fp32
-        accumulators. HALF2: each word's products in packed fp16 (_int4_half2_word) on the row
-        scaled by a power of two (one more pass over x for its absmax, _half2_row_scale), undone on
-        the sums. Each step's words are loaded one step ahead of their use, the first before the
+        accumulators. Each step's words are loaded one step ahead of their use, the first before the
         PDL wait. Up to FAST_UNROLL steps the K loop is unrolled (K <= 2 * BLOCK_K: the whole row
         set in flight at once); longer ones loop two steps an iteration, the tiles alternating
         between two sets of registers (a one-step loop copies the prefetched tile into the current
@@ -917,12 +783,6 @@ if HAS_TRITON:
         rstd, xs = _row_stats(x_ptr + row[:, None], row < 1, tl.arange(0, BLOCK_K), nw_ptr, eps, K, 1, BLOCK_K,
                               NORM, 2, BF16_BY_HAND)
         rstd = tl.sum(rstd, 0)
-        x2s = 1.0
-        x2s_inv = 1.0
-        if HALF2:
-            amax = _row_amax(x_ptr + row[:, None], row < 1, tl.arange(0, BLOCK_K), nw_ptr, rstd + row * 0.0, K, 1,
-                             BLOCK_K, NORM, BF16_BY_HAND)
-            x2s, x2s_inv = _half2_row_scale(tl.max(amax, 0))
         acc = tl.zeros([BLOCK_N, 1 if (GROUP // 8) % R == 0 else R, T], tl.float32)  # as the scales
         acc2 = acc
         if STEPS <= FAST_UNROLL:
@@ -931,43 +791,36 @@ if HAS_TRITON:
                 if step + 1 < STEPS:
                     b = _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, (step + 1) * BLOCK_K,
                                          col_mask, K, GROUP, HAS_ZERO, R, T, step + 2 == STEPS and RAGGED, TWO)
-                acc, acc2 = _int4_fast_step(acc, acc2, a, x_ptr, step * BLOCK_K, nw_ptr, rstd, x2s, K, R, T, NORM, TWO,
-                                            HAS_ZERO, BF16_BY_HAND, HALF2)
+                acc, acc2 = _int4_fast_step(acc, acc2, a, x_ptr, step * BLOCK_K, nw_ptr, rstd, K, R, T, NORM, TWO,
+                                            HAS_ZERO, BF16_BY_HAND)
                 a = b
         else:
             for k0 in range(0, (STEPS // 2) * 2 * BLOCK_K, 2 * BLOCK_K):
                 b = _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, k0 + BLOCK_K, col_mask,
                                      K, GROUP, HAS_ZERO, R, T, RAGGED, TWO)
-                acc, acc2 = _int4_fast_step(acc, acc2, a, x_ptr, k0, nw_ptr, rstd, x2s, K, R, T, NORM, TWO, HAS_ZERO,
-                                            BF16_BY_HAND, HALF2)
+                acc, acc2 = _int4_fast_step(acc, acc2, a, x_ptr, k0, nw_ptr, rstd, K, R, T, NORM, TWO, HAS_ZERO,
+                                            BF16_BY_HAND)
                 a = _int4_fast_tiles(w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2,
                                      tl.minimum(k0 + 2 * BLOCK_K, LAST), col_mask, K, GROUP, HAS_ZERO, R, T, RAGGED,
                                      TWO)
-                acc, acc2 = _int4_fast_step(acc, acc2, b, x_ptr, k0 + BLOCK_K, nw_ptr, rstd, x2s, K, R, T, NORM, TWO,
-                                            HAS_ZERO, BF16_BY_HAND, HALF2)
+                acc, acc2 = _int4_fast_step(acc, acc2, b, x_ptr, k0 + BLOCK_K, nw_ptr, rstd, K, R, T, NORM, TWO,
+                                            HAS_ZERO, BF16_BY_HAND)
             if STEPS % 2 == 1:
-                acc, acc2 = _int4_fast_step(acc, acc2, a, x_ptr, LAST, nw_ptr, rstd, x2s, K, R, T, NORM, TWO, HAS_ZERO,
-                                            BF16_BY_HAND, HALF2)
-        out = tl.sum(tl.sum(acc, 1), 1)[None, :]  # in-thread R first
-        out2 = tl.sum(tl.sum(acc2, 1), 1)[None, :]
-        if HALF2:  # the row scale's inverse: a power of two, exact
-            out = out * x2s_inv
-            out2 = out2 * x2s_inv
-        return out, out2
+                acc, acc2 = _int4_fast_step(acc, acc2, a, x_ptr, LAST, nw_ptr, rstd, K, R, T, NORM, TWO, HAS_ZERO,
+                                            BF16_BY_HAND)
+        return tl.sum(tl.sum(acc, 1), 1)[None, :], tl.sum(tl.sum(acc2, 1), 1)[None, :]  # in-thread R first
 
     @triton.jit
     def _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
                     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     NORM: tl.constexpr, TWO: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
                     PDL: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
-                    FAST: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr, SPLIT: tl.constexpr,
-                    HALF2: tl.constexpr):
+                    FAST: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr, SPLIT: tl.constexpr):
         """The accumulators of whichever matmul the kernel was specialised for: the fast M == 1
-        dequantization (FAST; int4 with HALF2 in packed fp16) or the exact path (of one part of K
-        with SPLIT > 1)."""
+        dequantization (FAST) or the exact path (of one part of K with SPLIT > 1)."""
         if FAST and QUANT == 2:
             return _matmul_fast_runs(x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
-                                     K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, HAS_ZERO, HALF2)
+                                     K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, HAS_ZERO)
         elif FAST:  # int8, W8A8
             return _matmul_fast(x_ptr, w_rows, w_rows2, col_mask, nw_ptr, eps,
                                 K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, QUANT, GPT, WPG)
@@ -1067,7 +920,6 @@ if HAS_TRITON:
         IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr,
         GROUP: tl.constexpr = 1, QUANT: tl.constexpr = 0, HAS_ZERO: tl.constexpr = False,
         FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1, SPLIT: tl.constexpr = 1,
-        HALF2: tl.constexpr = False,
     ):
         # N counts output columns: with SWIGLU, W has 2N rows (gate rows, then up rows).
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # grid axis 1: 16-row tiles past SMALL_M
@@ -1080,7 +932,7 @@ if HAS_TRITON:
         dtype = x_ptr.dtype.element_ty
         acc, acc_up = _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_up, s_rows, s_up, z_rows, z_up, col_mask, nw_ptr,
                                   eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, SWIGLU, IEEE, BF16_BY_HAND, PDL,
-                                  GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, SPLIT, HALF2)
+                                  GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, SPLIT)
         out_mask = row_mask[:, None] & col_mask[None, :]
         if SPLIT > 1:  # only the last program of the tile's parts goes on, with the whole sums
             acc, acc_up, last = _split_k_sum(acc, acc_up, ws_ptr, count_ptr, rows, cols, out_mask, M, N, SPLIT,
@@ -1170,7 +1022,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
         PDL: tl.constexpr, GROUP: tl.constexpr = 1, QUANT: tl.constexpr = 0, HAS_ZERO: tl.constexpr = False,
-        FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1, HALF2: tl.constexpr = False,
+        FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1,
     ):
         # Programs count rotary pairs, not columns: pair j is dim d = j % HALF of head j // HALF in
         # the qkv output (q heads, then k heads, then v heads), i.e. columns c and c + HALF. v's
@@ -1184,7 +1036,7 @@ if HAS_TRITON:
         dtype = x_ptr.dtype.element_ty
         acc1, acc2 = _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask,
                                  nw_ptr, eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE, BF16_BY_HAND, PDL,
-                                 GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, 1, HALF2)
+                                 GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, 1)
         acc1 = _column_scale(acc1, s_ptr, col, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         acc2 = _column_scale(acc2, s_ptr, col + HALF, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         _rope_store_epilogue(acc1, acc2, rows, row_mask, j_mask, head, d, col, b_ptr, q_ptr, q_stride, pos_ptr,
@@ -1219,21 +1071,13 @@ def _quant_args(weight: torch.Tensor, k: int, quant: str, scale: torch.Tensor | 
     return 2 * weight.shape[1], args
 
 
-def _check_half2(half2: bool, fast: bool, quant: str, dtype: torch.dtype) -> None:
-    """The packed fp16 int4 path (``half2``) is a variant of the fast one, for int4 weights and 16-bit
-    activations (fp32 inputs would be rounded to fp16: not the fp32 path's precision)."""
-    if half2 and not (fast and quant == "int4" and dtype in (torch.float16, torch.bfloat16)):
-        raise ValueError(f"gemv: half2 takes int4 weights with fast=True and 16-bit activations: got fast {fast}, "
-                         f"quant {quant}, activations {dtype}")
-
-
 def _launch_config(m: int, n: int, k: int, quant: str, qargs: dict, fast: bool, two: bool,
                    config: tuple[int, int, int, int] | None,
-                   default, half2: bool = False) -> tuple[tuple[int, int, int, int], dict]:
+                   default) -> tuple[tuple[int, int, int, int], dict]:
     """The launch config (``config``, else the fast path's or ``default``) and the kernel
     arguments: with ``fast`` at M == 1 on a compressed weight, the codes as int32 words and the
-    fast path's constexprs (FAST, GPT, WPG; HALF2 with ``half2``). At M > 1 ``fast`` and ``half2``
-    change nothing: every format takes the exact path (module docstring)."""
+    fast path's constexprs (FAST, GPT, WPG). At M > 1 ``fast`` changes nothing: every format takes
+    the exact path (module docstring)."""
     group = qargs["GROUP"]
     if not (fast and m == 1 and quant != "dense"):
         return config or default(), qargs
@@ -1244,7 +1088,7 @@ def _launch_config(m: int, n: int, k: int, quant: str, qargs: dict, fast: bool, 
     assert config[0] == 1, config
     gpt, wpg = _fast_words(quant, group, config[2])
     w = qargs["w_ptr"]
-    return config, {**qargs, "w_ptr": w.view(torch.int32), "FAST": True, "GPT": gpt, "WPG": wpg, "HALF2": half2}
+    return config, {**qargs, "w_ptr": w.view(torch.int32), "FAST": True, "GPT": gpt, "WPG": wpg}
 
 
 class SplitKWorkspace:
@@ -1291,7 +1135,7 @@ def gemv(
     residual: torch.Tensor | None = None, swiglu: bool = False, out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None, pdl: bool = True,
     quant: str = "dense", scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
-    fast: bool = False, batch_invariant: bool = False, split_k: int = 1, half2: bool = False,
+    fast: bool = False, batch_invariant: bool = False, split_k: int = 1,
 ) -> torch.Tensor:
     """Triton version of gemv_ref for x [M <= SMALL_M, K] (any M with ``batch_invariant``: each row's
     output the same at every M, the module docstring's batch invariance; not with ``fast``). ``out``
@@ -1302,8 +1146,6 @@ def gemv(
     _quant_args); the reference is then gemv_ref on the dequantized weight (kernels/quant.py),
     for W8A8 on the per-token quantized input. ``fast``: at M == 1 the fast dequantization (module
     docstring; fast_gemv_config), whose reference is gemv_ref on the fp32 dequantized weight.
-    ``half2`` (with ``fast``, int4, 16-bit x): at M == 1 each int4 word's products in packed fp16
-    (_int4_half2_word: its error bound), a variant not yet timed on a GPU.
     ``split_k`` > 1 (the exact path; not the fast M == 1 one nor batch-invariant mode): each
     (column, row) tile's K in that many programs, the last to finish summing their partials in a
     fixed order and running the epilogue (_split_k_sum): more programs where N / BLOCK_N leaves
@@ -1314,7 +1156,6 @@ def gemv(
     kw, qargs = _quant_args(weight, k, quant, scale, zero)
     n = rows_w // 2 if swiglu else rows_w
     _check_invariant(batch_invariant, fast, config)
-    _check_half2(half2, fast, quant, x.dtype)
     if split_k < 1 or (split_k > 1 and (batch_invariant or (fast and m == 1 and quant != "dense"))):
         raise ValueError(f"gemv: split_k {split_k} (a positive count, and 1 with batch_invariant or on the fast "
                          "M == 1 path)")
@@ -1336,8 +1177,7 @@ def gemv(
     (block_m, block_n, block_k, num_warps), qargs = _launch_config(
         m, n, k, quant, qargs, fast, swiglu, config,
         lambda: (batch_invariant_config(n, k) if batch_invariant
-                 else gemv_config(m, n, k, two=swiglu, pdl=launch["PDL"], elem_bytes=_elem_bytes(weight, k))),
-        half2)
+                 else gemv_config(m, n, k, two=swiglu, pdl=launch["PDL"], elem_bytes=_elem_bytes(weight, k))))
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
     ws, count = SPLIT_K_WORKSPACE.get(x.device, split_k * m * 2 * n, grid[0] * grid[1]) if split_k > 1 else (out, out)
     _gemv_kernel[grid](
@@ -1381,7 +1221,7 @@ def gemv_rope_store(
     num_heads: int, num_kv_heads: int, out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None, pdl: bool = True,
     quant: str = "dense", scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
-    fast: bool = False, batch_invariant: bool = False, half2: bool = False,
+    fast: bool = False, batch_invariant: bool = False,
 ) -> torch.Tensor:
     """Triton version of gemv_rope_store_ref: the fused qkv projection ([q; k; v] rows of weight)
     of x [M <= SMALL_M, K] with norm prologue and bias, q and k rotated at ``positions`` (neox,
@@ -1389,7 +1229,7 @@ def gemv_rope_store(
     num_kv_heads, head_dim] at ``slot_mapping`` (< 0: nothing). Returns q [M, num_heads * head_dim]
     (into ``out`` if given). One launch replaces gemv + rope_store; the rotated k and v exist only
     in the cache. ``config`` overrides gemv_rope_store_config; ``quant``, ``scale``, ``zero``, ``fast``,
-    ``batch_invariant`` (any M), ``half2`` as gemv's."""
+    ``batch_invariant`` (any M) as gemv's."""
     m, k = x.shape
     head_dim = k_cache.shape[-1]
     half = head_dim // 2
@@ -1397,7 +1237,6 @@ def gemv_rope_store(
     kw, qargs = _quant_args(weight, k, quant, scale, zero)
     assert head_dim % 2 == 0 and weight.shape[0] == n and kw == k and weight.is_contiguous(), (weight.shape, n, k)
     _check_invariant(batch_invariant, fast, config)
-    _check_half2(half2, fast, quant, x.dtype)
     assert (m <= SMALL_M or batch_invariant) and (norm_weight is None or k <= MAX_NORM_K)
     assert k_cache.shape[-2] == num_kv_heads and k_cache.is_contiguous() and v_cache.is_contiguous()
     assert v_cache.shape == k_cache.shape
@@ -1415,8 +1254,7 @@ def gemv_rope_store(
     (block_m, block_pairs, block_k, num_warps), qargs = _launch_config(
         m, n // 2, k, quant, qargs, fast, True, config,
         lambda: gemv_rope_store_config(SMALL_M if batch_invariant else m, n, k, pdl=launch["PDL"],
-                                       elem_bytes=_elem_bytes(weight, k)),
-        half2)
+                                       elem_bytes=_elem_bytes(weight, k)))
     _gemv_rope_store_kernel[(triton.cdiv(n // 2, block_pairs), triton.cdiv(m, block_m))](
         x, qargs.pop("w_ptr"), qargs.pop("s_ptr"), qargs.pop("z_ptr"), bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
         out, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,
