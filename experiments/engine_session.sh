@@ -452,7 +452,9 @@ case "${1:?verb}" in
     timeout ${STEP_S:-420} python3 experiments/distill_step_cost.py --out "$OUTDIR/step_cost.jsonl" > "$OUTDIR/step_cost.log" 2>&1
     tail -n 3 "$OUTDIR/step_cost.jsonl";;
   bg)  # bg NAME VERB...: the verbs one after another in their own process session (they outlive the call and its
-       # 10 minutes), their output under $H/bg/NAME; `waitfor NAME` inside a chain waits for another; `collect` fetches
+       # 10 minutes), their output under $H/bg/NAME; `waitfor NAME` inside a chain waits for another; `collect` fetches.
+       # End the call that starts chains with `COLLECT_S=... collect`, and keep a collect call in flight until they are
+       # done: the machine goes back after ~30 s idle and the chains with it (the twentieth session lost a lease so)
     name=$2; shift 2; mkdir -p "$H/bg/$name"
     OUT="$H/bg/$name" setsid nohup bash -c 'for v in "$@"; do echo "== $v $(date +%T)"; "$0" $v; done; echo "== done $(date +%T)"' \
       "$0" "$@" > "$H/bg/$name/log.txt" 2>&1 < /dev/null &
