@@ -53,6 +53,20 @@ def _greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
+def on_injected_clock(llm: LLM, policy: SpecPolicy) -> SpecPolicy:
+    """``policy`` as the engine's, on its injected costs' clock as well: a plain step takes its table's
+    seconds and an n-gram lookup its draft cost, not what this machine's load made of them.
+    SpecPolicy.lookup_due spends a share of the plain steps' time on lookups, so measured times made the
+    choices, and the tests, depend on the load (a CI run beside other work failed one so)."""
+    worker = llm.engine.spec_worker
+    worker.policy = policy
+    record, observe_lookup = worker.record_step, policy.observe_lookup
+    worker.record_step = lambda batch, seconds, num_new: record(
+        batch, policy.costs.step_seconds(len(batch.seqs), 0) * batch.num_steps, num_new)
+    policy.observe_lookup = lambda seconds: observe_lookup(policy.costs.draft[1][0])
+    return policy
+
+
 def _injected(sizes: list[int], draft: float, per_token: bool, decode_one: float = 1.0,
               verify: float = 1.0) -> StepCosts:
     """A memory-bound GPU's shape: a decode of 1 a token (``decode_one`` for a step of one token), a
@@ -116,8 +130,7 @@ def test_ngram_on_a_looping_model_keeps_speculating(looping_target):
     spec = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
             "num_speculative_tokens_per_batch_size": "auto"}
     llm = LLM(looping_target, device="cpu", speculative_config=spec)
-    policy = llm.engine.spec_worker.policy = SpecPolicy(K, 16, _injected([1, 2, 4, 8, 16], 0.01, False),
-                                                        calibrate=False)
+    policy = on_injected_clock(llm, SpecPolicy(K, 16, _injected([1, 2, 4, 8, 16], 0.01, False), calibrate=False))
     out = [o.token_ids for o in llm.generate(_ids(ps), params)]
     assert out == base
     m = llm.engine.spec_metrics
@@ -136,8 +149,7 @@ def test_each_one_round_step_passes_its_tokens_per_sequence_to_the_policy(loopin
     spec = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
             "num_speculative_tokens_per_batch_size": "auto"}
     llm = LLM(looping_target, device="cpu", speculative_config=spec)
-    policy = llm.engine.spec_worker.policy = SpecPolicy(K, 16, _injected([1, 2, 4, 8, 16], 0.01, False),
-                                                        calibrate=False)
+    policy = on_injected_clock(llm, SpecPolicy(K, 16, _injected([1, 2, 4, 8, 16], 0.01, False), calibrate=False))
     calls = []
     orig = policy.observe_tokens
 
@@ -168,7 +180,7 @@ def _unmatched_start(looping_target: str, costs: StepCosts) -> tuple[LLM, SpecPo
     params = _greedy(60)
     base = [o.token_ids for o in LLM(looping_target, device="cpu").generate(_ids(ps), params)]
     llm = LLM(looping_target, device="cpu", speculative_config=NGRAM_2_3)
-    policy = llm.engine.spec_worker.policy = SpecPolicy(K, 16, costs, calibrate=False)
+    policy = on_injected_clock(llm, SpecPolicy(K, 16, costs, calibrate=False))
     out = [o.token_ids for o in llm.generate(_ids(ps), params)]
     assert out == base
     return llm, policy, out[0]

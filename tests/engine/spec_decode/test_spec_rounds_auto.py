@@ -7,6 +7,7 @@ tiny models say nothing about a GPU's) and leaves the calibration by measured st
 from __future__ import annotations
 
 import pytest
+from test_spec_auto import on_injected_clock
 from test_spec_engine import MAX_TOKENS, _greedy, _ids, _run, drafts, target  # noqa: F401 (fixtures)
 from test_spec_rounds import _repeating_prompts
 from tiny_models import looping_model_dir, prompts
@@ -85,8 +86,8 @@ def _auto_run(path: str, ps, params, spec: dict, costs: StepCosts, **kw):
     base = [o.token_ids for o in LLM(path, device="cpu", **kw).generate(_ids(ps), params)]
     llm = LLM(path, device="cpu", speculative_config=spec, **kw)
     # As the worker builds it (its rounds, n-gram's lookups), on the injected costs.
-    policy = llm.engine.spec_worker.policy = SpecPolicy(K, 16, costs, calibrate=False, num_rounds=R,
-                                                        lookups=spec.get("method") == "ngram")
+    policy = on_injected_clock(llm, SpecPolicy(K, 16, costs, calibrate=False, num_rounds=R,
+                                               lookups=spec.get("method") == "ngram"))
     schedule, decode_steps = llm.engine.scheduler.schedule, []
 
     def spy():
