@@ -6,6 +6,8 @@ the Llama-2-7B shapes (the timings need the GPU)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -73,3 +75,53 @@ def test_variants_tile_the_7b_shapes(shape):
         assert block_m == 1 and block_n >= 1 and warps in (2, 4, 8) and unroll >= 1 and split >= 1
         gpt, wpg = _fast_words("int4", 128, block_k)
         assert gpt * wpg * 8 == block_k and block_k <= 8192
+
+
+SM90_LADDER = """
+import json
+from experiments.int4_bound import VARIANTS, sass_stats
+from experiments.quant_gemv_sweep import SHAPES
+for shape in ("o_proj", "down"):
+    for name in VARIANTS:
+        if name != "d_real_pdl" and (shape == "down" or not name.startswith("e_")):
+            print(json.dumps(sass_stats(name, *SHAPES[shape][:2])))
+"""
+
+
+def test_ladder_compiles_for_sm90_and_keeps_its_loads():
+    """Every variant compiles for sm_90 (the interpreter runs what ptxas may refuse); the folds keep
+    the loads: the codes as 128-bit loads at every level, the scales (32-bit) from level (b) on, none
+    in f_empty, and the load-only levels spill nothing (their timings are of loads, not local memory)."""
+    from test_quant_gemv_fast import _compile_sm90
+
+    recs = [json.loads(line) for line in _compile_sm90(SM90_LADDER).strip().splitlines() if line.startswith("{")]
+    assert len(recs) == 2 * 5 + len(E_VARIANTS)
+    for rec in recs:
+        ldg, name = rec["ldg"], rec["variant"]
+        if name == "f_empty":
+            assert not ldg, rec
+            continue
+        assert ldg.get("LDG.E.128", 0) > 0, rec
+        assert ("LDG.E" in ldg) == (name in ("b_scales", "c_x", "d_real")), rec
+        if name != "d_real":
+            assert rec["spill_bytes"] == 0 or name == "e_k4096", rec
+
+
+def test_main_flow_on_cpu(monkeypatch, tmp_path):
+    """main's flow at a tiny shape on CPU (timing and ceiling stubbed; the GPU times them): a JSON
+    line per variant, none an error, each with its config, programs and bytes."""
+    import experiments.int4_bound as B
+
+    monkeypatch.setattr(B, "DEVICE", "cpu")
+    monkeypatch.setattr(B, "SHAPES", {"tiny": (12, 512, "none")})
+    monkeypatch.setattr(B, "COPY_BYTES", 1)
+    monkeypatch.setattr(B, "graph_seconds", lambda run: (run(), 1e-5)[1])
+    monkeypatch.setattr(B, "copy_ceiling_tbps", lambda: 4.0)
+    B.main(["--json", str(tmp_path / "b.jsonl")])
+    recs = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    measures = [r for r in recs if r["kind"] == "measure"]
+    assert [r["variant"] for r in measures] == VARIANTS and recs[-1]["kind"] == "done"
+    for r in measures:
+        assert "error" not in r and r["us"] == pytest.approx(10.0 / 8), r  # 8 weight copies a graph
+        assert r["programs"] == -(-12 // r["config"][1]) * r["split"]
+    assert measures[0]["read_bytes"] == 0 and measures[1]["read_bytes"] == 12 * 256
