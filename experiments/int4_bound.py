@@ -34,6 +34,15 @@ programs an SM, --sass) and the final reduction. --sass (no GPU) gives each vari
 registers and programs an SM: where the compiler unrolled a load-only loop whole ("counted":
 "kernel"; a_codes at down: all 6 steps' loads issued at once, more than the real loop's 2), the
 load-only rows bound the walk from above rather than mirror it.
+
+Counted (--sass, sm_90, this branch; registers -> programs an SM holds, capped by the grid): the
+real kernel holds 102 registers at K 4096 (4 programs of 4 warps an SM: qkv's 1536 programs take 3
+waves, gate_up's 2752 six, o_proj's 512 one) and 160 at down (3 an SM: 512 programs need 4, so 396
+run, then a tail wave of 116); c_x 56 / 121, b_scales 40 / 72, a_codes 32 / 68 (16 an SM by the
+warp limit). At o_proj every program is resident at once and has its whole 16 KB of codes requested
+before its first use (64 KB an SM, twice Little's ~32 KB): if o_proj stays far from the ceiling,
+bytes in flight are not what binds it. The load-only loop at down is unrolled whole by the compiler
+(24 128-bit loads a thread, all 6 steps); e_split4 halves its registers (32).
 """
 
 from __future__ import annotations
