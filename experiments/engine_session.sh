@@ -65,6 +65,8 @@
 #   experiments/engine_session.sh dvw          # after stash + stash2 (+ corpus): depth vs width at equal parameters
 #   experiments/engine_session.sh q24          # carry .gpu/wheels: bf16, int8, int4, 2:4 + int4 7B decode at b1 / b16
 #   experiments/engine_session.sh s17          # carry .gpu/wheels: 7B verify cost, int8 / int4 b1 profiles, 2:4 + int4 tiles
+#   experiments/engine_session.sh int4bound    # carry .gpu/wheels: what binds int4's M == 1 GEMV, the load ladder
+#                                              # (experiments/int4_bound.py; <= 120 s, issue 13)
 #   experiments/engine_session.sh bg NAME V..  # the verbs V.. in their own process session (they outlive the call);
 #                                              # `collect` (COLLECT_S) waits for every chain and fetches $H/bg
 set -uo pipefail
@@ -439,6 +441,13 @@ case "${1:?verb}" in
       --truncated --data-dir "$H/data" --workloads gsm8k wikitext --batch 1 4 16 --ks 4 --num-rounds 1 8 --auto \
       --check --repeats 2 --budget-s 450 --verify-shape "" --engine '{"max_model_len": 2048}' > "$OUTDIR/ngram_auto_rounds.log" 2>&1
     grep -v Warn "$OUTDIR/ngram_auto_rounds.log" | tail -n 8 | cut -c1-300;;
+  int4bound)  # carry .gpu/wheels: experiments/int4_bound.py's ladder (launch floor, codes, + scales, + x, the real
+              # GEMV; load-only deeper / more rows / split-K) at the 7B shapes, int4 g128 (issue 13)
+    timeout ${BOUND_S:-100} python3 experiments/int4_bound.py --json "$OUTDIR/int4_bound.jsonl" > "$OUTDIR/int4_bound.log" 2>&1
+    python3 -c "import json,sys; [print(r['shape'], r['variant'], r['config'], r.get('us') and round(r['us'], 2),
+      r.get('of_copy_ceiling') and round(r['of_copy_ceiling'], 3), r.get('error', '')[:80]) for r in map(json.loads, open(sys.argv[1]))
+      if r['kind'] == 'measure']" "$OUTDIR/int4_bound.jsonl"; grep '"ceiling"' "$OUTDIR/int4_bound.jsonl" | cut -c1-200
+    tail -n 2 "$OUTDIR/int4_bound.log" | cut -c1-300;;  # the "done" line, or where it stopped
   sp24sweep)  # the 2:4 + int4 GEMV / GEMM sweep alone
     timeout ${SWEEP_S:-330} python3 experiments/sparse24_gemv_sweep.py --json "$OUTDIR/sp24_sweep.jsonl" --m 1 2 4 8 16 \
       --budget-s ${SP24_BUDGET_S:-100} > "$OUTDIR/sp24_sweep.log" 2>&1; tail -n 4 "$OUTDIR/sp24_sweep.log";;
