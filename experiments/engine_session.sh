@@ -379,7 +379,8 @@ case "${1:?verb}" in
           # TEACHER_MAX_TOKENS (256), made once by our engine and cached under $H/tgen_cache (the next call on this
           # machine reuses them), filling TEACHER_RATIO (0.5) of the blocks (issue 16 item 1; e.g. 200000 x 256 at
           # 0.5 ~ 50M of the 100M tokens). Separate chains (RUNS=fkl, RUNS=ce): start the second after the first's
-          # samples are cached, or both generate them; KD_ARGS: more distill.py flags (e.g. "--lr 1e-3")
+          # samples are cached, or both generate them; KD_ARGS: more distill.py flags (the goal's 1.93x, twentieth
+          # session: KD_ARGS="--lr 1e-3 --block-size 2048 --batch-size 8" with TEACHER_GEN=100000)
     assemble; [ -d "$H/smol" ] || $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
     python3 experiments/distill.py --teacher "$H/smol" --data-dir "$H/data" --out "$OUTDIR/kd100" \
       --parts importance,kd --runs ${RUNS:-fkl,ce} --tokens ${KD_TOKENS:-100000000} --context 2048 \
