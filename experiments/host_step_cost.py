@@ -1,0 +1,129 @@
+"""Host microseconds per row-step of a decode step: the engine's Python around the model (scheduling,
+staging the inputs, the sampler's per-row lists, appending tokens, stop checks, block bookkeeping).
+
+On the H200 a sampled teacher-data run cost ~16 us per sequence-token at 256 and at 1,024 rows: a cost
+per row, not per step, so the host, not the forward of a 135M model, set the pace. Here, on the CPU
+with a tiny model (1 layer, hidden 32, vocab 320), each decode step's wall time is taken minus the
+time inside the model's forward (``ModelRunner.decode_forward``, and a multi-step decode's on-device
+advance), divided by the step's row-steps (rows x tokens per row). What remains also holds the
+sampler's tensor math, which runs on the CPU here (on a GPU it is a fixed number of launches per
+step): its floor is the ``math`` column, the same ops on prebuilt tensors of the batch's shape.
+
+    PYTHONPATH=$PWD python experiments/host_step_cost.py [--rows 64 256 1024] [--tokens 24] [--repeat 3]
+
+Run it from two checkouts back to back (the cores are shared): the numbers move with the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support import save_tiny_artifact  # noqa: E402
+
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.layers.sampler import SeededRows, draw, filter_logits  # noqa: E402
+
+MODES = ("greedy", "seeded", "unseeded")
+
+
+def params_for(mode: str, i: int, tokens: int) -> SamplingParams:
+    if mode == "greedy":
+        return SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    return SamplingParams(temperature=1.0, top_p=1.0, max_tokens=tokens, seed=i if mode == "seeded" else None,
+                          ignore_eos=True)
+
+
+class StepTimer:
+    """Wraps one engine's step, scheduler and forward: per decode step, (wall, forward, row-steps)."""
+
+    def __init__(self, engine) -> None:
+        self.steps: list[tuple[float, float, int]] = []
+        self.device = 0.0
+        self.batch = None
+        runner, scheduler = engine.runner, engine.scheduler
+        for obj, name in ((runner, "decode_forward"), (runner.decode_inputs, "advance")):
+            setattr(obj, name, self._timed(getattr(obj, name)))
+        schedule, step = scheduler.schedule, engine.step
+
+        def timed_schedule():
+            self.batch = schedule()
+            return self.batch
+
+        def timed_step():
+            self.device, self.batch = 0.0, None
+            t0 = time.perf_counter()
+            out = step()
+            wall = time.perf_counter() - t0
+            b = self.batch
+            if b is not None and not b.is_prefill:
+                self.steps.append((wall, self.device, len(b.seqs) * b.num_steps))
+            return out
+
+        scheduler.schedule, engine.step = timed_schedule, timed_step
+
+    def _timed(self, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.device += time.perf_counter() - t0
+            return out
+        return wrapper
+
+
+def sampling_math_us(rows: int, vocab: int, seeded: bool, repeat: int = 20) -> float:
+    """The sampler's tensor math alone (temperature, softmax, draw) on prebuilt tensors, us per row."""
+    logits = torch.randn(rows, vocab)
+    temps = torch.ones(rows)
+    seeds = SeededRows(list(range(rows)), list(range(rows)), [0] * rows, rows, logits.device) if seeded else None
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        scaled = filter_logits(logits / temps[:, None], None, None, None, False, False)
+        draw(scaled.softmax(dim=-1), seeds).tolist()
+        best = min(best, time.perf_counter() - t0)
+    return 1e6 * best / rows
+
+
+def measure(path: str, rows: int, mode: str, tokens: int, repeat: int) -> float:
+    llm = LLM(path, device="cpu", max_num_seqs=rows, kv_cache_tokens=rows * 64, max_model_len=64)
+    prompts = [{"prompt_token_ids": [3 + (i * 7 + j) % 300 for j in range(16)]} for i in range(rows)]
+    params = [params_for(mode, i, tokens) for i in range(rows)]
+    llm.generate(prompts[:8], params[:8])  # warm-up
+    timer = StepTimer(llm.engine)
+    best = float("inf")
+    for _ in range(repeat):
+        timer.steps.clear()
+        llm.generate(prompts, params)
+        host = sum(wall - dev for wall, dev, _ in timer.steps)
+        best = min(best, 1e6 * host / sum(n for _, _, n in timer.steps))
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    path = str(Path(tempfile.mkdtemp()) / "tiny")
+    save_tiny_artifact(Path(path), num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                       num_key_value_heads=1)
+    print(f"host us per row-step (best of {args.repeat}; {args.tokens} tokens after 16; math: sampler ops alone)")
+    print(f"{'rows':>6} " + " ".join(f"{m:>10}" for m in args.modes) + "   math(unseeded/seeded)")
+    for rows in args.rows:
+        cells = [measure(path, rows, m, args.tokens, args.repeat) for m in args.modes]
+        math = f"{sampling_math_us(rows, 320, False):.2f}/{sampling_math_us(rows, 320, True):.2f}"
+        print(f"{rows:>6} " + " ".join(f"{c:>10.2f}" for c in cells) + f"   {math}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
