@@ -245,14 +245,15 @@ class Scheduler:
         caching = self.block_manager.enable_prefix_caching
         if not batch.is_prefill:
             spec = batch.num_draft is not None
+            steps = batch.num_steps
             for seq, n in zip(batch.seqs, num_new):
                 seq.num_computed_tokens += n
                 if spec:  # the draft's K/V past the kept tokens was rejected
                     seq.draft_computed = min(seq.draft_computed, seq.num_computed_tokens)
-                if (n < batch.num_steps or spec) and not seq.is_finished:
+                if (n < steps or spec) and not seq.is_finished:
                     self.block_manager.release_unused(seq)
-                if caching:
-                    self.block_manager.mark_computed(seq)
+            if caching:
+                self.block_manager.mark_computed_many(batch.seqs)
             return
         for seq, n, new in zip(batch.seqs, batch.num_scheduled, num_new):
             seq.num_computed_tokens += n

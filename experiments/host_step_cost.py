@@ -30,11 +30,11 @@ from support import save_tiny_artifact  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.layers.sampler import SeededRows, draw, filter_logits  # noqa: E402
 
-MODES = ("greedy", "seeded", "unseeded")
+MODES = ("greedy", "greedy1", "seeded", "unseeded")  # greedy1: num_decode_steps=1 (no multi-step)
 
 
 def params_for(mode: str, i: int, tokens: int) -> SamplingParams:
-    if mode == "greedy":
+    if mode.startswith("greedy"):
         return SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     return SamplingParams(temperature=1.0, top_p=1.0, max_tokens=tokens, seed=i if mode == "seeded" else None,
                           ignore_eos=True)
@@ -92,7 +92,8 @@ def sampling_math_us(rows: int, vocab: int, seeded: bool, repeat: int = 20) -> f
 
 
 def measure(path: str, rows: int, mode: str, tokens: int, repeat: int) -> float:
-    llm = LLM(path, device="cpu", max_num_seqs=rows, kv_cache_tokens=rows * 64, max_model_len=64)
+    llm = LLM(path, device="cpu", max_num_seqs=rows, kv_cache_tokens=rows * 64, max_model_len=64,
+              num_decode_steps=1 if mode == "greedy1" else 8)
     prompts = [{"prompt_token_ids": [3 + (i * 7 + j) % 300 for j in range(16)]} for i in range(rows)]
     params = [params_for(mode, i, tokens) for i in range(rows)]
     llm.generate(prompts[:8], params[:8])  # warm-up
@@ -118,11 +119,15 @@ def main() -> None:
     save_tiny_artifact(Path(path), num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                        num_key_value_heads=1)
     print(f"host us per row-step (best of {args.repeat}; {args.tokens} tokens after 16; math: sampler ops alone)")
-    print(f"{'rows':>6} " + " ".join(f"{m:>10}" for m in args.modes) + "   math(unseeded/seeded)")
+    print("each cell: host (host minus math); math: the sampler's tensor ops alone, seeded or unseeded")
+    print(f"{'rows':>6} " + " ".join(f"{m:>16}" for m in args.modes))
     for rows in args.rows:
-        cells = [measure(path, rows, m, args.tokens, args.repeat) for m in args.modes]
-        math = f"{sampling_math_us(rows, 320, False):.2f}/{sampling_math_us(rows, 320, True):.2f}"
-        print(f"{rows:>6} " + " ".join(f"{c:>10.2f}" for c in cells) + f"   {math}", flush=True)
+        math = {"seeded": sampling_math_us(rows, 320, True), "unseeded": sampling_math_us(rows, 320, False)}
+        cells = []
+        for m in args.modes:
+            host = measure(path, rows, m, args.tokens, args.repeat)
+            cells.append(f"{host:.2f} ({host - math.get(m, 0.0):.2f})")
+        print(f"{rows:>6} " + " ".join(f"{c:>16}" for c in cells), flush=True)
 
 
 if __name__ == "__main__":
