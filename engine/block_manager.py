@@ -243,10 +243,9 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         seq_hashes, bs = self.seq_hashes, self.block_size
-        for seq in seqs:
-            hashes = seq_hashes.get(seq.seq_id)
-            if hashes is None or len(hashes) < seq.num_computed_tokens // bs:
-                self.mark_computed(seq)
+        # A sequence without hashes and no full block has nothing to register either.
+        for seq in [s for s in seqs if len(seq_hashes.get(s.seq_id, ())) < s.num_computed_tokens // bs]:
+            self.mark_computed(seq)
 
     def _logprobs_to_keep(self, seq: Sequence, i: int) -> CachedLogprobs | None:
         bs, end = self.block_size, (i + 1) * self.block_size

@@ -66,12 +66,14 @@ class DecodeInputs:
         bs = self.block_size
         h = self.buf.writable(0)
         tables, row_seq, row_blocks, row_last = h.tables, self._row_seq, self._row_blocks, self._row_last
-        for i, seq in enumerate(seqs):
+        # The rows whose table changed since the last step (most rows of most steps keep theirs).
+        changed = [i for i, seq, sid, done, last in zip(range(n), seqs, row_seq, row_blocks, row_last)
+                   if done != len(seq.block_table) or sid != seq.seq_id or last != seq.block_table[-1]]
+        for i in changed:
+            seq = seqs[i]
             table = seq.block_table
             nb, done = len(table), row_blocks[i]
-            if done == nb and row_seq[i] == seq.seq_id and row_last[i] == table[-1]:
-                continue  # the common row: its table unchanged since the last step
-            if row_seq[i] != seq.seq_id or done > nb or done == nb:
+            if row_seq[i] != seq.seq_id or done >= nb:
                 tables[i, :nb] = table
                 row_seq[i], row_blocks[i], row_last[i] = seq.seq_id, nb, table[-1]
             else:  # new blocks since the last step
