@@ -243,8 +243,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         seq_hashes, bs = self.seq_hashes, self.block_size
-        # A sequence without hashes and no full block has nothing to register either.
-        for seq in [s for s in seqs if len(seq_hashes.get(s.seq_id, ())) < s.num_computed_tokens // bs]:
+        for seq in [s for s in seqs if (h := seq_hashes.get(s.seq_id)) is None or len(h) < s.num_computed_tokens // bs]:
             self.mark_computed(seq)
 
     def _logprobs_to_keep(self, seq: Sequence, i: int) -> CachedLogprobs | None:

@@ -169,6 +169,8 @@ class LLMEngine:
                 "prompt", f"expected text, token ids or a {{'prompt': ...}} dict, got {type(prompt).__name__}"
             )
         token_ids = list(prompt)
+        if all(type(t) is int for t in token_ids):  # the common case: no isinstance (ABC) check per token
+            return token_ids
         bad = next((t for t in token_ids if not is_integer(t)), None)
         if bad is not None:
             raise InvalidRequestError("prompt", f"token ids must be integers, got {bad!r}")

@@ -332,6 +332,7 @@ class BatchRows:
     def __init__(self, seqs: list[Sequence], device: torch.device, dtype: torch.dtype,
                  eos_token_ids: set[int]) -> None:
         self.seqs = list(seqs)
+        self.eos_token_ids = eos_token_ids
         params = [s.params for s in seqs]
         self.params = RowParams(params, device, dtype)
         self.no_logprobs = all(p.logprobs is None for p in params)
@@ -345,10 +346,12 @@ class BatchRows:
         self.seeded = SeededRows(rows, [params[j].seed for j in rows], [0] * len(rows), len(seqs), device) \
             if rows else None
 
-    def matches(self, seqs: list[Sequence], logits: torch.Tensor) -> bool:
-        """Whether ``seqs`` sampling from ``logits`` is the composition this was built for."""
+    def matches(self, seqs: list[Sequence], logits: torch.Tensor, eos_token_ids: set[int]) -> bool:
+        """Whether ``seqs`` sampling from ``logits`` is the composition this was built for (list ==
+        compares the sequences by identity first), with the same set of EOS ids."""
         rp = self.params
-        return self.seqs == seqs and rp.device == logits.device and rp.dtype == logits.dtype  # == : identity first
+        return self.seqs == seqs and rp.device == logits.device and rp.dtype == logits.dtype and \
+            self.eos_token_ids is eos_token_ids
 
     def masking(self) -> list[tuple[int, list[int]]]:
         """(row, banned tokens) of the rows still short of their min_tokens."""
@@ -376,7 +379,7 @@ class Sampler:
     def batch_rows(self, seqs: list[Sequence], logits: torch.Tensor) -> BatchRows:
         """BatchRows of ``seqs``: the last step's when the same sequences sample again, else new."""
         batch = self._batch
-        if batch is None or not batch.matches(seqs, logits):
+        if batch is None or not batch.matches(seqs, logits, self.eos_token_ids):
             batch = self._batch = BatchRows(seqs, logits.device, logits.dtype, self.eos_token_ids)
         return batch
 
