@@ -141,7 +141,7 @@ class Scheduler:
         bm = self.block_manager
         block_size = bm.block_size
         # Most steps no sequence needs a block for its new token: all of them run, in order.
-        if all(len(s.block_table) * block_size >= len(s.token_ids) for s in queue):
+        if not [s for s in queue if len(s.block_table) * block_size < len(s.token_ids)]:
             seqs, queue = queue, []
         i = 0  # queue[i:] still waits; victims are taken from its end
         while i < len(queue):
