@@ -93,6 +93,29 @@ def sampling_math_us(rows: int, vocab: int, seeded: bool, repeat: int = 20) -> f
     return 1e6 * best / rows
 
 
+def sampler_step(rows: int, mode: str, vocab: int = 320, repeat: int = 20) -> tuple[float, int]:
+    """Sampler.sample_step alone on one composition, step after step: (us per row, best of ``repeat``;
+    aten ops of one step, each about one launch on a GPU: seeded_sample_cost.OpCount)."""
+    from seeded_sample_cost import OpCount
+
+    from engine.layers.sampler import Sampler
+    from engine.sequence import Sequence
+
+    seqs = [Sequence([3] * 16, params_for(mode, i, 1 << 20)) for i in range(rows)]
+    logits = torch.randn(rows, vocab)
+    sampler = Sampler(logits.device, {2})
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.thread_time()
+        result = sampler.sample_step(seqs, logits)
+        best = min(best, time.thread_time() - t0)
+        for seq, tokens in zip(seqs, result.tokens):
+            seq.token_ids.extend(tokens)
+    with OpCount() as count:
+        sampler.sample_step(seqs, logits)
+    return 1e6 * best / rows, count.ops
+
+
 def measure(path: str, rows: int, mode: str, tokens: int, repeat: int) -> float:
     llm = LLM(path, device="cpu", max_num_seqs=rows, kv_cache_tokens=rows * 64, max_model_len=64,
               num_decode_steps=1 if mode == "greedy1" else 8)
@@ -130,6 +153,10 @@ def main() -> None:
             host = measure(path, rows, m, args.tokens, args.repeat)
             cells.append(f"{host:.2f} ({host - math.get(m, 0.0):.2f})")
         print(f"{rows:>6} " + " ".join(f"{c:>16}" for c in cells), flush=True)
+    print("Sampler.sample_step alone, same composition each step: us per row (aten ops per step)")
+    for rows in args.rows:
+        cells = [sampler_step(rows, m) for m in args.modes]
+        print(f"{rows:>6} " + " ".join(f"{f'{us:.2f} ({ops})':>16}" for us, ops in cells), flush=True)
 
 
 if __name__ == "__main__":
