@@ -105,14 +105,13 @@ class Scheduler:
         seqs: list[Sequence] = []
         counts: list[int] = []
         # Chunks of prompts already admitted come first: they hold blocks and stall nothing else.
-        for seq in self.running:
+        for seq in [s for s in self.running if s.in_prefill]:  # most steps: none
             if budget == 0:
                 break
-            if seq.in_prefill:
-                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-                seqs.append(seq)
-                counts.append(n)
-                budget -= n
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self.block_manager.can_allocate(seq):
