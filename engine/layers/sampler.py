@@ -98,7 +98,13 @@ def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tenso
     output number ``counter`` of a splitmix64 generator whose state starts at mix64(seed), which is
     computed directly instead of stepping a generator (the state is seed-hashed so that nearby
     seeds, such as a request's n choices, start far apart)."""
-    z = mix64(mix64(seeds) + (counters + 1) * _GOLDEN)
+    return state_uniforms(mix64(seeds), counters)
+
+
+def state_uniforms(states: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """counter_uniforms of the seeds whose hashed start ``states`` (mix64(seeds)) are already known:
+    a seed's state is hashed once, not at every draw (SeededRows keeps it)."""
+    z = mix64(states + (counters + 1) * _GOLDEN)
     return _shr(z, 11).double() * 2.0**-53
 
 
@@ -144,6 +150,7 @@ class SeededRows:
         self.all = len(rows) == n  # every row of the batch: no gather or scatter
         self.index = None if self.all else device_tensor(rows, device, torch.int64)
         self.seeds = device_tensor([_as_int64(s) for s in seeds], device, torch.int64)
+        self.states = mix64(self.seeds)  # each seed's generator state, hashed once (state_uniforms)
         self.positions = device_tensor(positions, device, torch.int64)
 
     @classmethod
@@ -180,7 +187,7 @@ class SeededRows:
         if isinstance(offsets, torch.Tensor) and offsets.dim() > 1:
             pos = pos[:, None]
         counters = (pos + offsets) * NUM_DRAW_KINDS + kind
-        return counter_uniforms(self.seeds.view(-1, *([1] * (counters.dim() - 1))), counters)
+        return state_uniforms(self.states.view(-1, *([1] * (counters.dim() - 1))), counters)
 
 
 def check_seeded(params: Seq[SamplingParams], seeded: SeededRows | None) -> None:
@@ -230,6 +237,7 @@ class RowParams:
         self.all_greedy = all(p.greedy for p in params)
         if self.all_greedy:
             return
+        self.any_greedy = any(p.greedy for p in params)  # else no argmax: every row draws
         self.any_seeded = any(p.seed is not None and not p.greedy for p in params)
         self.greedy = device_tensor([p.greedy for p in params], device)
         self.temps = device_tensor([p.temperature if not p.greedy else 1.0 for p in params], device, dtype)
@@ -245,17 +253,16 @@ def sample(logits: torch.Tensor, params: list[SamplingParams] | None, seeded: Se
     """logits: [n, vocab] float32; ``seeded``: the rows with a seed (SeededRows.of(params, ...)), None
     when none has; ``rows``: RowParams(params, logits' device and dtype) when the caller keeps one
     (``params`` is then not read). Returns [n] token ids (on logits' device)."""
-    tokens = logits.argmax(dim=-1)
     if rows is None:
         rows = RowParams(params, logits.device, logits.dtype)
     if rows.all_greedy:
-        return tokens
+        return logits.argmax(dim=-1)
     if seeded is None and rows.any_seeded:
         raise _missing_seeded_rows()
     scaled = filter_logits(logits / rows.temps[:, None], rows.top_k, rows.top_p, rows.min_p, rows.use_top_k_p,
                            rows.use_min_p)
     drawn = draw(scaled.softmax(dim=-1), seeded)
-    return torch.where(rows.greedy, tokens, drawn)
+    return torch.where(rows.greedy, logits.argmax(dim=-1), drawn) if rows.any_greedy else drawn
 
 
 def token_logprobs(logprobs_row: torch.Tensor, chosen: int, top_n: int) -> TokenLogprobs:

@@ -440,3 +440,18 @@ def test_seeded_tokens_and_finishes_do_not_depend_on_the_batch_around_them(model
     assert together[2].token_ids == ref[2][: 40 - len(ps[2])] and together[2].finish_reason == "length"
     assert together[3].finish_reason == "stop" and isinstance(together[3].stop_reason, str)
     assert together[5].token_ids == ref[5][: ref[5].index(ref[5][3]) + 1] and together[5].finish_reason == "stop"
+
+
+def test_seeded_rows_draw_the_counter_uniforms_of_their_seeds_at_any_position():
+    """SeededRows hashes each seed's state once (state_uniforms) and SeededRows.at moves the rows to
+    other positions: the uniforms stay counter_uniforms(seed, position * NUM_DRAW_KINDS + kind)."""
+    from engine.layers.sampler import NUM_DRAW_KINDS
+
+    seeds, positions = [5, 2**64 - 3, -7], [0, 11, 4]
+    rows = SeededRows([0, 2, 3], seeds, positions, 4, torch.device("cpu"))
+    signed = torch.tensor([5, -3, -7])
+    for r, pos in ((rows, positions), (rows.at([9, 1, 30]), [9, 1, 30])):
+        for kind in (DRAW_TOKEN, DRAW_DRAFT, DRAW_ACCEPT):
+            want = counter_uniforms(signed, torch.tensor(pos) * NUM_DRAW_KINDS + kind)
+            assert torch.equal(r.uniforms(kind), want)
+    assert rows.positions.tolist() == positions  # at() leaves the original where it was
