@@ -11,6 +11,23 @@ step): its floor is the ``math`` column, the same ops on prebuilt tensors of the
 
     PYTHONPATH=$PWD python experiments/host_step_cost.py [--rows 64 256 1024] [--tokens 24] [--repeat 3]
 
+This CPU (2 cores shared with CI and another job, OMP_NUM_THREADS=1), 40 tokens after 16, best of 3, two
+back-to-back before/after pairs; host us per row-step minus the sampler's tensor math (its floor, the
+``math`` column, is subtracted for sampled rows; unseeded's floor is ~7 us of exponential noise, so its
+cells are the noisiest):
+    rows  mode       before (e352fad)   after
+    1024  seeded     5.11 / 5.45        2.24 / 2.15
+     256  seeded     5.27 / 6.59        2.47 / 3.00
+      64  seeded     7.20 / 7.13        3.50 / 3.63
+    1024  unseeded   4.11 / 4.44        1.90 / 1.35
+     256  unseeded   4.72 / 5.40        2.49 / 2.21
+    1024  greedy1    2.43 / 2.42        1.81 / 1.79   (greedy, num_decode_steps=1)
+     256  greedy1    2.67 / 3.30        2.10 / 1.86
+    1024  greedy     0.89 / 0.73        0.72 / 0.62   (multi-step greedy: 8 forwards per host step)
+Sampler.sample_step alone at 1024 rows (us per row; aten ops per step, ~ launches on a GPU): seeded
+3.67 / 3.40 (55 ops) -> 0.94 / 1.00 (36 ops); unseeded 15 -> 8 ops; greedy 1 op either way.
+GPU time is not measured here: the counts (ops, host microseconds) are what changed.
+
 Times are this thread's CPU time (time.thread_time), not wall: on shared cores, time spent waiting for
 a core is not the engine's. Run it from two checkouts back to back: caches and clocks still move with
 the load.
