@@ -237,6 +237,15 @@ class BlockManager:
                     self.hash_to_block[h] = block.block_id
             hashes.append(h)
 
+    def mark_computed_many(self, seqs: list[Sequence]) -> None:
+        """``mark_computed`` of each sequence that has a newly full computed block: a decode step
+        fills a block every block_size tokens, so most rows cost a lookup and a comparison."""
+        if not self.enable_prefix_caching:
+            return
+        seq_hashes, bs = self.seq_hashes, self.block_size
+        for seq in [s for s in seqs if (h := seq_hashes.get(s.seq_id)) is None or len(h) < s.num_computed_tokens // bs]:
+            self.mark_computed(seq)
+
     def _logprobs_to_keep(self, seq: Sequence, i: int) -> CachedLogprobs | None:
         bs, end = self.block_size, (i + 1) * self.block_size
         if not self.keep_prompt_logprobs or seq.params.prompt_logprobs is None or end > seq.num_prompt_tokens or \

@@ -15,6 +15,7 @@ graphs) runs the forward without a kernel of its own."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from engine.context import Context
@@ -48,6 +49,7 @@ class DecodeInputs:
         self._row_seq = [-1] * max_seqs
         self._row_blocks = [0] * max_seqs
         self._row_last = [-1] * max_seqs
+        self._rows = np.arange(max_seqs)
         self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, Context]] = {}
         # Multi-step decode: step k's tokens are row k of a [steps, rows] view of d_tokens; one
         # copy to the (pinned) host buffer brings them all back.
@@ -64,30 +66,28 @@ class DecodeInputs:
         bs = self.block_size
         h = self.buf.writable(0)
         tables, row_seq, row_blocks, row_last = h.tables, self._row_seq, self._row_blocks, self._row_last
-        ids: list[int] = []
-        lens: list[int] = []
-        slots: list[int] = []
-        for i, seq in enumerate(seqs):
-            length = len(seq.token_ids)
+        # The rows whose table changed since the last step (most rows of most steps keep theirs).
+        changed = [i for i, seq, sid, done, last in zip(range(n), seqs, row_seq, row_blocks, row_last)
+                   if done != len(seq.block_table) or sid != seq.seq_id or last != seq.block_table[-1]]
+        for i in changed:
+            seq = seqs[i]
             table = seq.block_table
-            ids.append(seq.token_ids[-1])
-            lens.append(length)
-            pos = length - 1
-            slots.append(table[pos // bs] * bs + pos % bs)
             nb, done = len(table), row_blocks[i]
-            if row_seq[i] != seq.seq_id or done > nb or (done == nb and row_last[i] != table[-1]):
+            if row_seq[i] != seq.seq_id or done >= nb:
                 tables[i, :nb] = table
                 row_seq[i], row_blocks[i], row_last[i] = seq.seq_id, nb, table[-1]
-            elif done < nb:  # new blocks since the last step
+            else:  # new blocks since the last step
                 if done and row_last[i] != table[done - 1]:  # the tail was given back and regrown
                     done = 0
                 tables[i, done:nb] = table[done:]
                 row_blocks[i], row_last[i] = nb, table[-1]
-        h.ids[:n] = ids
-        h.lens[:n] = lens
-        h.pos[:n] = h.lens[:n] - 1
-        h.start[:n] = h.pos[:n]
-        h.slots[:n] = slots
+        h.ids[:n] = [seq.token_ids[-1] for seq in seqs]
+        h.lens[:n] = [len(seq.token_ids) for seq in seqs]
+        pos = h.pos[:n]
+        pos[:] = h.lens[:n] - 1
+        h.start[:n] = pos
+        # Each row's slot from the table it now holds: the block of its last token's position.
+        h.slots[:n] = tables[self._rows[:n], pos // bs].astype(np.int64) * bs + pos % bs
         if rows > n:
             h.slots[n:rows] = -1
             h.lens[n:rows] = 1

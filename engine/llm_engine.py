@@ -169,6 +169,8 @@ class LLMEngine:
                 "prompt", f"expected text, token ids or a {{'prompt': ...}} dict, got {type(prompt).__name__}"
             )
         token_ids = list(prompt)
+        if all(type(t) is int for t in token_ids):  # the common case: no isinstance (ABC) check per token
+            return token_ids
         bad = next((t for t in token_ids if not is_integer(t)), None)
         if bad is not None:
             raise InvalidRequestError("prompt", f"token ids must be integers, got {bad!r}")
@@ -208,6 +210,8 @@ class LLMEngine:
         if seq.request_id in self.seqs:
             raise InvalidRequestError("request_id", f"{seq.request_id!r} is already in flight")
         seq.stop_ids = self._stop_ids(seq)
+        # Stop strings: text decides at any token, so every token goes through _check_stop.
+        seq.stop_len = 0 if params.stop_strings else min(seq.num_prompt_tokens + params.max_tokens, self.max_model_len)
         self.seqs[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq.request_id
@@ -241,6 +245,12 @@ class LLMEngine:
         num_new: list[int] = []
         finished = False
         for seq, tokens, logprobs in zip(batch.seqs, result.tokens, result.logprobs or repeat(None)):
+            if len(tokens) == 1 and not logprobs and len(seq.token_ids) + 1 < seq.stop_len and \
+                    tokens[0] not in seq.stop_ids:  # the common row: a token that cannot finish it (_check_stop)
+                seq.token_ids.append(tokens[0])
+                num_new.append(1)
+                touched.append(seq)
+                continue
             before = len(seq.token_ids)
             try:
                 kept, done = self._append(seq, tokens, logprobs)

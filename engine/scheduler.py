@@ -105,14 +105,13 @@ class Scheduler:
         seqs: list[Sequence] = []
         counts: list[int] = []
         # Chunks of prompts already admitted come first: they hold blocks and stall nothing else.
-        for seq in self.running:
+        for seq in [s for s in self.running if s.in_prefill]:  # most steps: none
             if budget == 0:
                 break
-            if seq.in_prefill:
-                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-                seqs.append(seq)
-                counts.append(n)
-                budget -= n
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self.block_manager.can_allocate(seq):
@@ -140,6 +139,9 @@ class Scheduler:
         queue = [s for s in self.running if not s.in_prefill]
         bm = self.block_manager
         block_size = bm.block_size
+        # Most steps no sequence needs a block for its new token: all of them run, in order.
+        if not [s for s in queue if len(s.block_table) * block_size < len(s.token_ids)]:
+            seqs, queue = queue, []
         i = 0  # queue[i:] still waits; victims are taken from its end
         while i < len(queue):
             seq = queue[i]
@@ -245,14 +247,15 @@ class Scheduler:
         caching = self.block_manager.enable_prefix_caching
         if not batch.is_prefill:
             spec = batch.num_draft is not None
+            steps = batch.num_steps
             for seq, n in zip(batch.seqs, num_new):
                 seq.num_computed_tokens += n
                 if spec:  # the draft's K/V past the kept tokens was rejected
                     seq.draft_computed = min(seq.draft_computed, seq.num_computed_tokens)
-                if (n < batch.num_steps or spec) and not seq.is_finished:
+                if (n < steps or spec) and not seq.is_finished:
                     self.block_manager.release_unused(seq)
-                if caching:
-                    self.block_manager.mark_computed(seq)
+            if caching:
+                self.block_manager.mark_computed_many(batch.seqs)
             return
         for seq, n, new in zip(batch.seqs, batch.num_scheduled, num_new):
             seq.num_computed_tokens += n

@@ -61,6 +61,10 @@ class Sequence:
         self.logprobs: list[TokenLogprobs] = []
         self.prompt_logprobs: list[TokenLogprobs | None] = []
         self.stop_ids: frozenset[int] | None = None  # tokens that end it (EOS unless ignored); set by the engine
+        # Set by the engine: below this many tokens only a stop id can end it (its max_tokens and
+        # max_model_len come later), so a step's token that is none needs no stop check; 0: every
+        # token is checked (stop strings, or a sequence the engine did not add).
+        self.stop_len = 0
         self.num_returned_tokens = 0  # for streaming deltas
         self.num_returned_chars = 0
 

@@ -13,6 +13,7 @@ model (log_softmax of the raw logits), as in vLLM.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Sequence as Seq
 
@@ -97,7 +98,13 @@ def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tenso
     output number ``counter`` of a splitmix64 generator whose state starts at mix64(seed), which is
     computed directly instead of stepping a generator (the state is seed-hashed so that nearby
     seeds, such as a request's n choices, start far apart)."""
-    z = mix64(mix64(seeds) + (counters + 1) * _GOLDEN)
+    return state_uniforms(mix64(seeds), counters)
+
+
+def state_uniforms(states: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """counter_uniforms of the seeds whose hashed start ``states`` (mix64(seeds)) are already known:
+    a seed's state is hashed once, not at every draw (SeededRows keeps it)."""
+    z = mix64(states + (counters + 1) * _GOLDEN)
     return _shr(z, 11).double() * 2.0**-53
 
 
@@ -143,6 +150,7 @@ class SeededRows:
         self.all = len(rows) == n  # every row of the batch: no gather or scatter
         self.index = None if self.all else device_tensor(rows, device, torch.int64)
         self.seeds = device_tensor([_as_int64(s) for s in seeds], device, torch.int64)
+        self.states = mix64(self.seeds)  # each seed's generator state, hashed once (state_uniforms)
         self.positions = device_tensor(positions, device, torch.int64)
 
     @classmethod
@@ -156,6 +164,13 @@ class SeededRows:
         if positions is None or len(positions) != len(params):
             raise ValueError("seeded rows need each row's output position (how many tokens it has generated)")
         return cls(rows, [params[i].seed for i in rows], [positions[i] for i in rows], len(params), device)
+
+    def at(self, positions: list[int]) -> SeededRows:
+        """The same rows and seeds drawing at ``positions`` (each seeded row's, in order): a batch
+        whose composition did not change stages only its positions."""
+        out = copy.copy(self)
+        out.positions = device_tensor(positions, self.positions.device, torch.int64)
+        return out
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """The seeded rows of ``x`` (dim 0: the batch's rows)."""
@@ -172,14 +187,18 @@ class SeededRows:
         if isinstance(offsets, torch.Tensor) and offsets.dim() > 1:
             pos = pos[:, None]
         counters = (pos + offsets) * NUM_DRAW_KINDS + kind
-        return counter_uniforms(self.seeds.view(-1, *([1] * (counters.dim() - 1))), counters)
+        return state_uniforms(self.states.view(-1, *([1] * (counters.dim() - 1))), counters)
 
 
 def check_seeded(params: Seq[SamplingParams], seeded: SeededRows | None) -> None:
     """A sampled row with a seed but no SeededRows would draw from the global generator, silently
     irreproducible: an error instead."""
     if seeded is None and any(p.seed is not None and not p.greedy for p in params):
-        raise ValueError("rows with a seed need their SeededRows (SeededRows.of(params, positions, device))")
+        raise _missing_seeded_rows()
+
+
+def _missing_seeded_rows() -> ValueError:
+    return ValueError("rows with a seed need their SeededRows (SeededRows.of(params, positions, device))")
 
 
 def seeded_rows(seqs: Seq[Sequence], device: torch.device, steps: int = 1) -> SeededRows | None:
@@ -208,24 +227,42 @@ def draw(probs: torch.Tensor, seeded: SeededRows | None, kind: int = DRAW_TOKEN,
     return seeded.put(tokens, inverse_cdf(seeded.select(probs), seeded.uniforms(kind, offsets)))
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], seeded: SeededRows | None = None) -> torch.Tensor:
+class RowParams:
+    """What ``sample`` needs of its rows' SamplingParams, as device tensors and host flags (decided on
+    the host, so that nothing waits for the device). Built per call by ``sample``, or once per batch
+    composition by the Sampler (``BatchRows``), which reuses it while the same sequences sample."""
+
+    def __init__(self, params: Seq[SamplingParams], device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+        self.all_greedy = all(p.greedy for p in params)
+        if self.all_greedy:
+            return
+        self.any_greedy = any(p.greedy for p in params)  # else no argmax: every row draws
+        self.any_seeded = any(p.seed is not None and not p.greedy for p in params)
+        self.greedy = device_tensor([p.greedy for p in params], device)
+        self.temps = device_tensor([p.temperature if not p.greedy else 1.0 for p in params], device, dtype)
+        self.top_k = device_tensor([max(p.top_k, 0) for p in params], device)
+        self.top_p = device_tensor([p.top_p for p in params], device, dtype)
+        self.min_p = device_tensor([p.min_p for p in params], device, dtype)
+        self.use_top_k_p = any(p.top_k > 0 or p.top_p < 1.0 for p in params)
+        self.use_min_p = any(p.min_p > 0 for p in params)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams] | None, seeded: SeededRows | None = None,
+           rows: RowParams | None = None) -> torch.Tensor:
     """logits: [n, vocab] float32; ``seeded``: the rows with a seed (SeededRows.of(params, ...)), None
-    when none has. Returns [n] token ids (on logits' device)."""
-    device = logits.device
-    tokens = logits.argmax(dim=-1)
-    if all(p.greedy for p in params):  # decided on the host: no device sync
-        return tokens
-    check_seeded(params, seeded)
-    greedy = device_tensor([p.greedy for p in params], device)
-    temps = device_tensor([p.temperature if not p.greedy else 1.0 for p in params], device, logits.dtype)
-    top_k = device_tensor([max(p.top_k, 0) for p in params], device)
-    top_p = device_tensor([p.top_p for p in params], device, logits.dtype)
-    min_p = device_tensor([p.min_p for p in params], device, logits.dtype)
-    use_top_k_p = any(p.top_k > 0 or p.top_p < 1.0 for p in params)
-    use_min_p = any(p.min_p > 0 for p in params)
-    scaled = filter_logits(logits / temps[:, None], top_k, top_p, min_p, use_top_k_p, use_min_p)
+    when none has; ``rows``: RowParams(params, logits' device and dtype) when the caller keeps one
+    (``params`` is then not read). Returns [n] token ids (on logits' device)."""
+    if rows is None:
+        rows = RowParams(params, logits.device, logits.dtype)
+    if rows.all_greedy:
+        return logits.argmax(dim=-1)
+    if seeded is None and rows.any_seeded:
+        raise _missing_seeded_rows()
+    scaled = filter_logits(logits / rows.temps[:, None], rows.top_k, rows.top_p, rows.min_p, rows.use_top_k_p,
+                           rows.use_min_p)
     drawn = draw(scaled.softmax(dim=-1), seeded)
-    return torch.where(greedy, tokens, drawn)
+    return torch.where(rows.greedy, logits.argmax(dim=-1), drawn) if rows.any_greedy else drawn
 
 
 def token_logprobs(logprobs_row: torch.Tensor, chosen: int, top_n: int) -> TokenLogprobs:
@@ -290,50 +327,112 @@ class PromptLogprobs:
             seq.prompt_logprobs.extend(entries)
 
 
+class BatchRows:
+    """What the sequences that sample in a step need from their requests' constant parameters, built
+    once per batch composition: their RowParams, their seeds, the rows that mask stop tokens until
+    min_tokens (with those tokens) and the rows that want logprobs. ``Sampler.sample_step`` reuses it
+    while the same sequences (the same objects, in the same order) sample, as they do step after step
+    of a decode; whatever changes per step (output positions, min_tokens progress) is read from the
+    sequences each step. Sound because a sequence's params never change while it runs (nothing
+    assigns Sequence.params after construction)."""
+
+    def __init__(self, seqs: list[Sequence], device: torch.device, dtype: torch.dtype,
+                 eos_token_ids: set[int]) -> None:
+        self.seqs = list(seqs)
+        self.eos_token_ids = eos_token_ids
+        params = [s.params for s in seqs]
+        self.params = RowParams(params, device, dtype)
+        self.no_logprobs = all(p.logprobs is None for p in params)
+        # (row, sequence, tokens it may not sample before min_tokens)
+        self.min_tokens = [(j, s, list(set(s.params.stop_token_ids) | eos_token_ids))
+                           for j, s in enumerate(seqs) if s.params.min_tokens > 0]
+        self.need_lp = [j for j, p in enumerate(params) if p.logprobs is not None]
+        rows = [j for j, p in enumerate(params) if p.seed is not None and not p.greedy]
+        self.seeded_seqs = [seqs[j] for j in rows]
+        # Positions are staged per step (SeededRows.at); these are placeholders.
+        self.seeded = SeededRows(rows, [params[j].seed for j in rows], [0] * len(rows), len(seqs), device) \
+            if rows else None
+
+    def matches(self, seqs: list[Sequence], logits: torch.Tensor, eos_token_ids: set[int]) -> bool:
+        """Whether ``seqs`` sampling from ``logits`` is the composition this was built for (list ==
+        compares the sequences by identity first), with the same set of EOS ids."""
+        rp = self.params
+        return self.seqs == seqs and rp.device == logits.device and rp.dtype == logits.dtype and \
+            self.eos_token_ids is eos_token_ids
+
+    def masking(self) -> list[tuple[int, list[int]]]:
+        """(row, banned tokens) of the rows still short of their min_tokens."""
+        return [(j, banned) for j, s, banned in self.min_tokens
+                if banned and len(s.token_ids) - s.num_prompt_tokens < s.params.min_tokens]
+
+    def plain_greedy(self) -> bool:
+        """Every row greedy, without logprobs and past min_tokens (Sequence.plain_greedy of each)."""
+        return self.params.all_greedy and self.no_logprobs and \
+            all(len(s.token_ids) - s.num_prompt_tokens >= s.params.min_tokens for _, s, _ in self.min_tokens)
+
+    def seeded_at_positions(self) -> SeededRows | None:
+        """The seeded rows at their sequences' output positions now (tokens generated so far)."""
+        if self.seeded is None:
+            return None
+        return self.seeded.at([len(s.token_ids) - s.num_prompt_tokens for s in self.seeded_seqs])
+
+
 class Sampler:
     def __init__(self, device: torch.device, eos_token_ids: set[int]) -> None:
         self.device = device
         self.eos_token_ids = eos_token_ids  # impossible tokens until a sequence reaches min_tokens
+        self._batch: BatchRows | None = None  # the last step's sampling sequences (BatchRows)
+
+    def batch_rows(self, seqs: list[Sequence], logits: torch.Tensor) -> BatchRows:
+        """BatchRows of ``seqs``: the last step's when the same sequences sample again, else new."""
+        batch = self._batch
+        if batch is None or not batch.matches(seqs, logits, self.eos_token_ids):
+            batch = self._batch = BatchRows(seqs, logits.device, logits.dtype, self.eos_token_ids)
+        return batch
 
     def sample_step(self, seqs: list[Sequence], logits: torch.Tensor | None, rows: list[int] | None = None) -> StepResult:
         """One token for each sequence that samples this step. ``logits`` [rows, vocab] fp32;
         ``rows[i]``: sequence i's row, increasing with i (-1: it samples nothing now); None: row i
         is sequence i's."""
-        if rows is None:
-            if all(seq.plain_greedy for seq in seqs):
-                # The common decode step: one argmax and one transfer, no per-row work.
-                return StepResult([[t] for t in logits.argmax(dim=-1).tolist()])
-            rows = list(range(len(seqs)))
         n = len(seqs)
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        idx = [i for i in range(n) if rows[i] >= 0]
-        if not idx or logits is None:
-            return StepResult(tokens)
-        raw = logits if len(idx) == logits.shape[0] else logits[[rows[i] for i in idx]]
+        if rows is None:  # a decode step: every sequence samples, row i is sequence i's
+            idx = None
+            chosen = seqs
+            raw = logits
+        else:
+            idx = [i for i in range(n) if rows[i] >= 0]
+            if not idx or logits is None:
+                return StepResult([[] for _ in range(n)])
+            chosen = [seqs[i] for i in idx]
+            raw = logits if len(idx) == logits.shape[0] else logits[[rows[i] for i in idx]]
+        batch = self.batch_rows(chosen, raw)
+        if idx is None and batch.plain_greedy():
+            # The common greedy decode step: one argmax and one transfer, no per-row work.
+            return StepResult([[t] for t in logits.argmax(dim=-1).tolist()])
         sel = raw
-        for j, i in enumerate(idx):  # min_tokens: stop tokens are impossible until then
-            seq = seqs[i]
-            if seq.num_output_tokens < seq.params.min_tokens:
-                banned = set(seq.params.stop_token_ids) | self.eos_token_ids
-                if banned:
-                    if sel is raw:
-                        sel = raw.clone()  # logprobs stay those of the model
-                    sel[j, list(banned)] = float("-inf")
-        chosen = [seqs[i] for i in idx]
-        picked = sample(sel, [s.params for s in chosen], seeded_rows(chosen, sel.device))
+        masking = batch.masking()  # min_tokens: stop tokens are impossible until then
+        if masking:
+            sel = raw.clone()  # logprobs stay those of the model
+            for j, banned in masking:
+                sel[j, banned] = float("-inf")
+        picked = sample(sel, None, batch.seeded_at_positions(), batch.params)
         sampled = picked.tolist()
-        for j, i in enumerate(idx):
-            tokens[i] = [sampled[j]]
-        need_lp = [j for j, i in enumerate(idx) if seqs[i].params.logprobs is not None]
+        if idx is None:
+            tokens = [[t] for t in sampled]
+        else:
+            tokens = [[] for _ in range(n)]
+            for j, i in enumerate(idx):
+                tokens[i] = [sampled[j]]
+        need_lp = batch.need_lp
         if not need_lp:
             return StepResult(tokens)
         lps: list[list[TokenLogprobs]] = [[] for _ in range(n)]
         lp = torch.log_softmax(raw[need_lp], dim=-1)
-        rows = LogprobRows()
+        lp_rows = LogprobRows()
         for r, j in enumerate(need_lp):
-            rows.add(lp[r : r + 1], picked[j : j + 1], seqs[idx[j]].params.logprobs or 0)
-        for j, entries in zip(need_lp, rows.entries([[sampled[j]] for j in need_lp])):
-            lps[idx[j]] = entries
+            lp_rows.add(lp[r : r + 1], picked[j : j + 1], chosen[j].params.logprobs or 0)
+        for j, entries in zip(need_lp, lp_rows.entries([[sampled[j]] for j in need_lp])):
+            lps[j if idx is None else idx[j]] = entries
         return StepResult(tokens, lps)
 
     def prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int, step: PromptLogprobs) -> None:

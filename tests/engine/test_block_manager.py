@@ -254,3 +254,27 @@ def test_a_recompute_takes_entries_of_its_prompt_positions_only():
     bm.allocate(short)
     assert short.num_cached_tokens == 8
     assert short.prompt_logprobs == long.prompt_logprobs[:6]  # up to its prompt's end, no further
+
+
+def test_mark_computed_many_registers_what_mark_computed_does_for_each():
+    """A decode step marks its sequences at once: those with a newly full computed block register its
+    hash (also one whose hashes were forgotten by reset_prefix_cache), the others register nothing."""
+    def run(batched: bool) -> tuple[dict, list]:
+        bm = BlockManager(40, 4)
+        seqs = [seq(list(range(100 * k, 100 * k + n))) for k, n in enumerate((5, 8, 11, 3))]
+        for s in seqs:
+            bm.allocate(s)
+            s.num_computed_tokens = s.num_tokens - 1
+        mark = (lambda: bm.mark_computed_many(seqs)) if batched else (lambda: [bm.mark_computed(s) for s in seqs])
+        mark()
+        bm.reset_prefix_cache()
+        for s in seqs:
+            s.append_token(7)
+            s.num_computed_tokens += 1
+            bm.may_append(s)
+        mark()
+        return dict(bm.hash_to_block), [bm.seq_hashes.get(s.seq_id) for s in seqs]
+
+    assert run(batched=True) == run(batched=False)
+    hashes, per_seq = run(batched=True)
+    assert [len(h) for h in per_seq] == [1, 2, 2, 0] and len(hashes) == 5

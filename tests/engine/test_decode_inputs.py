@@ -101,3 +101,28 @@ def test_warm_advance_runs_the_advance_and_leaves_the_buffers_as_they_were():
     assert all(torch.equal(a, b) for a, b in zip(before, (inputs.d.ids, inputs.d.pos, inputs.d.lens, inputs.d.slots, out)))
     inputs.advance(logits, 2, out)  # what it ran: the real advance moves every row on
     assert inputs.d.ids[:2].tolist() == logits.argmax(-1).tolist() and inputs.d.pos[:2].tolist() == [5, 9]
+
+
+def test_every_rows_slot_comes_from_its_current_table():
+    """Rows whose tables stay, grow, or change hands (another sequence in the row) each store their
+    last token's K/V at the slot of their own table's block for its position."""
+    inputs = DecodeInputs(torch.device("cpu"), max_seqs=4, max_blocks_per_seq=8, block_size=4, num_steps=1,
+                          use_triton=False)
+    seqs = [Sequence(list(range(n)), SamplingParams()) for n in (3, 8, 9, 13)]
+    for k, s in enumerate(seqs):
+        s.block_table = [10 * k + j for j in range((s.num_tokens + 3) // 4)]
+
+    def check(batch):
+        inputs.prepare(batch, 4)
+        want = [s.block_table[(s.num_tokens - 1) // 4] * 4 + (s.num_tokens - 1) % 4 for s in batch]
+        assert inputs.h.slots[: len(batch)].tolist() == want
+        assert inputs.h.ids[: len(batch)].tolist() == [s.token_ids[-1] for s in batch]
+        assert inputs.h.lens[: len(batch)].tolist() == [s.num_tokens for s in batch]
+
+    check(seqs)
+    for s in seqs:  # one more token each: rows 1 and 3 (8 and 12 tokens full) take a new block
+        s.append_token(1)
+        if s.num_tokens > 4 * len(s.block_table):
+            s.block_table.append(90 + s.seq_id % 10)
+    check(seqs)
+    check([seqs[2], seqs[0], seqs[3]])  # other sequences in rows 0 and 1; row 3 is padding

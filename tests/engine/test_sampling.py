@@ -362,3 +362,96 @@ def test_sampler_step_result_has_a_token_list_per_sequence():
     (entry,) = result.logprobs[1]
     assert entry[2].rank == 2 and entry[0].rank == 1  # the model's own ranking of the row
     assert Sampler(torch.device("cpu"), set()).sample_step(seqs[2:], logits[1:]).tokens == [[1]]  # plain greedy
+
+
+def test_the_sampler_reuses_a_batch_only_while_the_same_sequences_sample():
+    """Sampler.sample_step keeps the per-row parameters of the sequences that sampled last (BatchRows).
+    Step after step, as sequences leave, join, change order, pass min_tokens, ask for logprobs or sample
+    from a prefill's rows, its tokens and logprobs equal a fresh Sampler's at each step, and the kept
+    parameters are reused exactly while the same sequences sample in the same order."""
+    from engine.layers.sampler import Sampler
+
+    g = torch.Generator().manual_seed(21)
+    eos = {5}
+    seqs = [Sequence([1, 2, 3], SamplingParams(temperature=1.0, seed=7)),
+            Sequence([4], SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[9])),
+            Sequence([1, 2], SamplingParams(temperature=0.7, top_p=0.8, seed=8, logprobs=2)),
+            Sequence([3, 3], SamplingParams(temperature=1.0, top_k=5)),
+            Sequence([2], SamplingParams(temperature=1.0, min_p=0.2, seed=9, min_tokens=1))]
+    kept = Sampler(torch.device("cpu"), eos)
+    # (sequences, prefill rows or None); the last two steps: plain greedy once past min_tokens
+    steps = [([0, 1, 2, 3, 4], None)] * 3 + [([0, 2, 3, 4], None), ([4, 0, 2, 3], None), ([4, 0, 2, 3, 1], None),
+                                             ([4, 0, 2], [0, -1, 1]), ([4, 0, 2], None), ([1], None), ([1], None)]
+    previous = None
+    for step, (which, rows) in enumerate(steps):
+        batch = [seqs[i] for i in which]
+        logits = 3 * torch.randn(len(batch) if rows is None else max(rows) + 1, 40, generator=g)
+        logits[:, 5] += 6  # the EOS and the stop id lead until masked
+        logits[:, 9] += 6
+        torch.manual_seed(step)
+        got = kept.sample_step(batch, logits, rows)
+        torch.manual_seed(step)
+        want = Sampler(torch.device("cpu"), eos).sample_step(batch, logits, rows)
+        assert got.tokens == want.tokens and got.logprobs == want.logprobs
+        reused = kept._batch is previous
+        assert reused == (step > 0 and steps[step - 1] == (which, None) and rows is None)
+        previous = kept._batch
+        for s, t in zip(batch, got.tokens):
+            s.token_ids.extend(t)
+    assert 5 not in seqs[1].output_token_ids[:2] and 9 not in seqs[1].output_token_ids[:2]  # min_tokens held
+
+
+def test_seeded_tokens_and_finishes_do_not_depend_on_the_batch_around_them(model_dir):
+    """Every request's tokens, finish and text are those it gets alone, in a batch whose composition
+    changes step after step: requests finish inside a step by max_tokens, a stop token id, EOS,
+    max_model_len or a stop string, and waiting ones join as others leave (the engine's stop check,
+    skipped for tokens that cannot finish a row, and the sampler's per-composition parameters)."""
+    path = model_dir(ARCH, with_tokenizer=True)
+    llm = LLM(path, device="cpu", max_model_len=40, block_size=4, max_num_seqs=3)
+    ps = prompts(7, seed=31, lo=5, hi=20)
+    free = [SamplingParams(temperature=1.0, seed=60 + i, max_tokens=34, ignore_eos=True) for i in range(len(ps))]
+    ref = [llm.generate([p], f)[0].token_ids for p, f in zip(ps, free)]
+    saved = set(llm.engine.eos_token_ids)
+    params = [SamplingParams(temperature=1.0, seed=60, max_tokens=7, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=61, max_tokens=34, stop_token_ids=[ref[1][5]], ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=62, max_tokens=34, ignore_eos=True),  # max_model_len ends it
+              SamplingParams(temperature=1.0, seed=63, max_tokens=34, stop=[llm.tokenizer.decode(ref[3][4:6])],
+                             ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=9, min_tokens=3),
+              SamplingParams(temperature=1.0, seed=65, max_tokens=34),  # EOS: the token it draws 4th
+              SamplingParams(temperature=0.8, seed=66, max_tokens=12, ignore_eos=True, logprobs=1)]
+    llm.engine.eos_token_ids = llm.engine.runner.sampler.eos_token_ids = {ref[5][3]}
+    try:
+        alone = [llm.generate([p], q)[0] for p, q in zip(ps, params)]
+        together = llm.generate(ps, params)
+    finally:
+        llm.engine.eos_token_ids = llm.engine.runner.sampler.eos_token_ids = saved
+    for a, b in zip(alone, together):
+        assert (b.token_ids, b.finish_reason, b.stop_reason, b.text) == (a.token_ids, a.finish_reason, a.stop_reason,
+                                                                          a.text)
+        if a.logprobs is not None:  # the same entries, to the last bits a batch's shapes change
+            assert [{t: lp.rank for t, lp in e.items()} for e in b.logprobs] == \
+                [{t: lp.rank for t, lp in e.items()} for e in a.logprobs]
+            assert all(abs(x.logprob - y.logprob) < 1e-4 for e, f in zip(a.logprobs, b.logprobs)
+                       for x, y in zip(e.values(), f.values()))
+    assert together[0].token_ids == ref[0][:7] and together[0].finish_reason == "length"
+    cut = ref[1].index(ref[1][5]) + 1
+    assert together[1].token_ids == ref[1][:cut] and together[1].stop_reason == ref[1][5]
+    assert together[2].token_ids == ref[2][: 40 - len(ps[2])] and together[2].finish_reason == "length"
+    assert together[3].finish_reason == "stop" and isinstance(together[3].stop_reason, str)
+    assert together[5].token_ids == ref[5][: ref[5].index(ref[5][3]) + 1] and together[5].finish_reason == "stop"
+
+
+def test_seeded_rows_draw_the_counter_uniforms_of_their_seeds_at_any_position():
+    """SeededRows hashes each seed's state once (state_uniforms) and SeededRows.at moves the rows to
+    other positions: the uniforms stay counter_uniforms(seed, position * NUM_DRAW_KINDS + kind)."""
+    from engine.layers.sampler import NUM_DRAW_KINDS
+
+    seeds, positions = [5, 2**64 - 3, -7], [0, 11, 4]
+    rows = SeededRows([0, 2, 3], seeds, positions, 4, torch.device("cpu"))
+    signed = torch.tensor([5, -3, -7])
+    for r, pos in ((rows, positions), (rows.at([9, 1, 30]), [9, 1, 30])):
+        for kind in (DRAW_TOKEN, DRAW_DRAFT, DRAW_ACCEPT):
+            want = counter_uniforms(signed, torch.tensor(pos) * NUM_DRAW_KINDS + kind)
+            assert torch.equal(r.uniforms(kind), want)
+    assert rows.positions.tolist() == positions  # at() leaves the original where it was
