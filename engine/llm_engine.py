@@ -245,12 +245,6 @@ class LLMEngine:
         num_new: list[int] = []
         finished = False
         for seq, tokens, logprobs in zip(batch.seqs, result.tokens, result.logprobs or repeat(None)):
-            if len(tokens) == 1 and not logprobs and len(seq.token_ids) + 1 < seq.stop_len and \
-                    tokens[0] not in seq.stop_ids:  # the common row: a token that cannot finish it (_check_stop)
-                seq.token_ids.append(tokens[0])
-                num_new.append(1)
-                touched.append(seq)
-                continue
             before = len(seq.token_ids)
             try:
                 kept, done = self._append(seq, tokens, logprobs)
@@ -279,6 +273,8 @@ class LLMEngine:
             seq.token_ids.append(token)
             if logprobs:
                 seq.logprobs.append(logprobs[0])
+            if len(seq.token_ids) < seq.stop_len and token not in seq.stop_ids:
+                return 1, False  # the common row: below its limits, no stop strings, not a stop id
             return 1, self._check_stop(seq, token)
         params = seq.params
         if params.stop or logprobs or not tokens:  # stop strings (validate: never empty ones)
