@@ -13,7 +13,9 @@ copies larger than L2, the same copy ceiling):
   kernels), and "d_real_pdl" with PDL (as the engine launches it);
 - "e_*": the load-only walk (a) changed to raise the bytes in flight: UNROLL steps loaded before
   their folds (the fast path keeps 2 in flight: FAST_UNROLL), more rows per program, split-K
-  (SPLIT programs per column range, each its own part of K), wider K steps.
+  (SPLIT programs per column range, each its own part of K), wider K steps;
+- "g_*": size-matched ceilings (G_VARIANTS): a copy and a plain streaming read of the same bytes, one
+  launch a weight copy in the same graph, so a ladder row can be held to what its byte count allows.
 Shapes: Llama-2-7B's four decode linears as plain N x K matmuls (gate_up's 22016 rows as one set,
 no SwiGLU pairing), int4 g128. One JSON line each: us, GB/s of the weight bytes (codes + scales,
 as the sweep counts them) and of the bytes the variant reads, the fraction of the copy ceiling,
@@ -79,6 +81,14 @@ E_VARIANTS = {
     "e_rows2_split2": ((2, None, None), STEPS_IN_FLIGHT, 2),
 }
 VARIANTS = list(LEVELS) + ["d_real", "d_real_pdl"] + list(E_VARIANTS)
+# Size-matched ceilings, the same graph of one launch a weight copy: what a kernel moving this many bytes can reach
+# at all. The copy ceiling is a 1 GiB copy; a 7B linear's int4 codes are 8-45 MB, a few microseconds at the
+# ceiling, where a launch's ramp-up and tail weigh. Their fraction is read_of_copy_ceiling (bytes moved):
+# "g_copy": torch's copy of half the code bytes (read + write = the codes' bytes); "g_copy_bf16": of the bf16
+# weight's bytes (what the bf16 GEMV's 75-97% is measured on); "g_read": a streaming read of the codes, flat,
+# 16 KB a program; "g_read_persist": the same read by 4 programs an SM, each striding over the blocks.
+G_VARIANTS = ["g_copy", "g_copy_bf16", "g_read", "g_read_persist"]
+STREAM_BLOCK = 4096  # int32 words (16 KB) a program reads a step in g_read*
 FORMAT = "int4_g128"
 DEVICE = "cuda"  # a CPU smoke test of main's flow sets "cpu" (tests/kernels/test_int4_bound.py)
 
@@ -123,6 +133,37 @@ if HAS_TRITON:
                     acc += xw.to(tl.int32, bitcast=True)[None, :, :]
         total = tl.sum(tl.sum(tl.sum(acc, 2), 1), 0) + SREP * tl.sum(tl.sum(tl.sum(acc_s, 2), 1), 0)
         tl.store(out_ptr + tl.program_id(0) * SPLIT + tl.program_id(1), total)
+
+
+    @triton.jit
+    def _stream_read_kernel(w_ptr, out_ptr, WORDS, PROGRAMS, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+        """out[pid]: the wrapping int32 sum of the blocks pid, pid + PROGRAMS, ... of the flat words."""
+        acc = tl.zeros([BLOCK], tl.int32)
+        for i in range(ITERS):
+            offs = (tl.program_id(0) + i * PROGRAMS) * BLOCK + tl.arange(0, BLOCK)
+            acc += tl.load(w_ptr + offs, mask=offs < WORDS, other=0)
+        tl.store(out_ptr + tl.program_id(0), tl.sum(acc, 0))
+
+
+def stream_read(w: torch.Tensor, programs: int | None = None, block: int = STREAM_BLOCK) -> torch.Tensor:
+    """g_read (programs None: one block each) and g_read_persist (programs fixed, striding): the
+    per-program wrapping int32 sums of w's bytes read as int32 words, flat."""
+    words = w.reshape(-1).view(torch.int32)
+    blocks = -(-words.numel() // block)
+    programs = min(programs or blocks, blocks)
+    out = torch.empty(programs, dtype=torch.int32, device=w.device)
+    _stream_read_kernel[(programs,)](words, out, words.numel(), programs, BLOCK=block, ITERS=-(-blocks // programs),
+                                     num_warps=4)
+    return out
+
+
+def stream_read_ref(w: torch.Tensor, programs: int | None = None, block: int = STREAM_BLOCK) -> torch.Tensor:
+    """stream_read in torch."""
+    words = w.reshape(-1).view(torch.int32).long().cpu()
+    blocks = -(-words.numel() // block)
+    programs = min(programs or blocks, blocks)
+    sums = [int(words[b * block:(b + 1) * block].sum()) for b in range(blocks)]
+    return torch.tensor([_wrap(sum(sums[p::programs])) for p in range(programs)], dtype=torch.int32)
 
 
 def _wrap(v: int) -> int:
@@ -252,6 +293,8 @@ def measure(name: str, shape: str, weights: list, nbytes: int, x: torch.Tensor, 
     """One variant's JSON record at a shape: config, programs, bytes, and its time per launch over all
     weight copies in one CUDA graph (graph_seconds), or the error a config met."""
     n, k, _ = SHAPES[shape]
+    if name in G_VARIANTS:
+        return measure_ceiling(name, shape, weights, nbytes, ceiling)
     cfg, level, unroll, split = variant_config(name, n, k, 128)
     programs = -(-n // cfg[1]) * split
     rec: dict[str, Any] = {"kind": "measure", "format": FORMAT, "shape": shape, "N": n, "K": k, "variant": name,
@@ -279,17 +322,46 @@ def measure(name: str, shape: str, weights: list, nbytes: int, x: torch.Tensor, 
     return rec
 
 
+def measure_ceiling(name: str, shape: str, weights: list, nbytes: int, ceiling: float) -> dict:
+    """A size-matched ceiling's JSON record (G_VARIANTS) at a shape, timed as measure() times the ladder."""
+    n, k, _ = SHAPES[shape]
+    code_bytes = weights[0][0].numel()
+    moved = n * k * 2 if name == "g_copy_bf16" else code_bytes
+    programs = -(-code_bytes // (4 * STREAM_BLOCK))
+    if name == "g_read_persist":
+        programs = min(programs, 4 * SMS)
+    rec: dict[str, Any] = {"kind": "measure", "format": FORMAT, "shape": shape, "N": n, "K": k, "variant": name,
+                           "level": "ceiling", "programs": programs if name.startswith("g_read") else None,
+                           "weight_bytes": nbytes, "ideal_us": moved / (ceiling * 1e6), "read_bytes": moved}
+    if name.startswith("g_copy"):  # a copy of half the bytes moves them all (read + write), as the ceiling counts
+        size = moved // 2
+        bufs = [(torch.randint(0, 255, (size,), dtype=torch.uint8, device=DEVICE),
+                 torch.empty(size, dtype=torch.uint8, device=DEVICE)) for _ in weights]
+        run = lambda: [dst.copy_(src) for src, dst in bufs]  # noqa: E731
+    else:
+        persist = 4 * SMS if name == "g_read_persist" else None
+        run = lambda: [stream_read(w, persist) for w, _ in weights]  # noqa: E731
+    try:
+        s = graph_seconds(run) / len(weights)
+        rec.update(seconds=s, us=s * 1e6, GBps=nbytes / s / 1e9, read_GBps=moved / s / 1e9,
+                   of_copy_ceiling=nbytes / s / 1e9 / (ceiling * 1e3),
+                   read_of_copy_ceiling=moved / s / 1e9 / (ceiling * 1e3))
+    except Exception as e:  # noqa: BLE001
+        rec["error"] = f"{type(e).__name__}: {e}"[:300]
+    return rec
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument("--variants", nargs="+", default=VARIANTS + G_VARIANTS, choices=VARIANTS + G_VARIANTS)
     ap.add_argument("--json", default=None, help="also write the JSON lines to this file")
     ap.add_argument("--sass", action="store_true", help="no GPU: each variant's sm_90 loads, registers, residency")
     args = ap.parse_args(argv)
     if args.sass:
         for shape in args.shapes:
             for name in args.variants:
-                if name != "d_real_pdl":
+                if name != "d_real_pdl" and name not in G_VARIANTS:
                     print(json.dumps({"shape": shape, **sass_stats(name, *SHAPES[shape][:2])}), flush=True)
         return
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -297,7 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     log = Records(args.json, DEVICE, copy_ceiling_tbps())
     # the ladder on every shape first, then the e_* rows: a run cut short keeps whole ladders
-    passes = [[v for v in args.variants if not v.startswith("e_")], [v for v in args.variants if v.startswith("e_")]]
+    passes = [[v for v in args.variants if v[:2] not in ("e_", "g_")], [v for v in args.variants if v.startswith("g_")],
+              [v for v in args.variants if v.startswith("e_")]]
     for names in (p for p in passes if p):
         for shape in args.shapes:
             n, k, _ = SHAPES[shape]

@@ -11,7 +11,8 @@ import json
 import pytest
 import torch
 
-from experiments.int4_bound import E_VARIANTS, LEVELS, VARIANTS, fold, fold_ref, variant_config
+from experiments.int4_bound import (E_VARIANTS, G_VARIANTS, LEVELS, VARIANTS, fold, fold_ref, stream_read,
+                                    stream_read_ref, variant_config)
 from experiments.quant_gemv_sweep import SHAPES, make_weights
 from kernels import quant as ref
 from kernels.gemv import _fast_words, gemv
@@ -35,6 +36,21 @@ def test_fold_equals_reference(level, n, k, group, zero, config, unroll, split):
     x = torch.randn(1, k, dtype=torch.bfloat16)
     got = fold(x, w, scale, zp, level, config, unroll, split)
     assert torch.equal(got, fold_ref(x, w, scale, zp, level, config, split))
+
+
+@pytest.mark.parametrize("nbytes, programs, block", [
+    (37 * 320, None, 64),     # ragged: 2,960 words in 47 blocks of 64, the last part-filled; a program a block
+    (37 * 320, 5, 64),        # 5 programs striding over the 47 blocks (10 or 9 each)
+    (4 * 1000, 64, 16),       # more programs than blocks' worth: capped at the 63 blocks
+])
+def test_stream_read_equals_reference(nbytes, programs, block):
+    """The size-matched read ceiling reads every word once: its per-program sums equal torch's."""
+    torch.manual_seed(nbytes)
+    w = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+    got = stream_read(w, programs, block)
+    expected = stream_read_ref(w, programs, block)
+    assert got.shape == expected.shape and torch.equal(got, expected)
+    assert int(got.long().sum()) != 0
 
 
 def test_levels_fold_what_they_add():
@@ -120,8 +136,13 @@ def test_main_flow_on_cpu(monkeypatch, tmp_path):
     B.main(["--json", str(tmp_path / "b.jsonl")])
     recs = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
     measures = [r for r in recs if r["kind"] == "measure"]
-    assert [r["variant"] for r in measures] == VARIANTS and recs[-1]["kind"] == "done"
+    ladder = [v for v in VARIANTS if not v.startswith("e_")]
+    assert [r["variant"] for r in measures] == ladder + G_VARIANTS + list(E_VARIANTS) and recs[-1]["kind"] == "done"
     for r in measures:
         assert "error" not in r and r["us"] == pytest.approx(10.0 / 8), r  # 8 weight copies a graph
-        assert r["programs"] == -(-12 // r["config"][1]) * r["split"]
+        if r["variant"] in G_VARIANTS:  # what each ceiling moves: the codes' bytes, or the bf16 weight's
+            assert r["read_bytes"] == (12 * 512 * 2 if r["variant"] == "g_copy_bf16" else 12 * 256), r
+            assert r["read_of_copy_ceiling"] == pytest.approx(r["read_bytes"] / 1.25e-6 / 4e12), r
+        else:
+            assert r["programs"] == -(-12 // r["config"][1]) * r["split"]
     assert measures[0]["read_bytes"] == 0 and measures[1]["read_bytes"] == 12 * 256
