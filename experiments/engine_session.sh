@@ -445,7 +445,7 @@ case "${1:?verb}" in
   int4bound)  # carry .gpu/wheels: experiments/int4_bound.py's ladder (launch floor, codes, + scales, + x, the real
               # GEMV; load-only deeper / more rows / split-K) at the 7B shapes, int4 g128 (issue 13)
     timeout ${BOUND_S:-100} python3 experiments/int4_bound.py --json "$OUTDIR/int4_bound.jsonl" > "$OUTDIR/int4_bound.log" 2>&1
-    python3 -c "import json,sys; [print(r['shape'], r['variant'], r['config'], r.get('us') and round(r['us'], 2),
+    python3 -c "import json,sys; [print(r['shape'], r['variant'], r.get('config'), r.get('us') and round(r['us'], 2),
       r.get('of_copy_ceiling') and round(r['read_of_copy_ceiling' if r['variant'][:2] == 'g_' else 'of_copy_ceiling'], 3), r.get('error', '')[:80]) for r in map(json.loads, open(sys.argv[1]))
       if r['kind'] == 'measure']" "$OUTDIR/int4_bound.jsonl"; grep '"ceiling"' "$OUTDIR/int4_bound.jsonl" | cut -c1-200
     tail -n 2 "$OUTDIR/int4_bound.log" | cut -c1-300;;  # the "done" line, or where it stopped
