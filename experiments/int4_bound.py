@@ -310,12 +310,27 @@ def measure(name: str, shape: str, weights: list, nbytes: int, x: torch.Tensor, 
         else:
             fold(x, w, q["scale"], q["zero"], level, cfg, unroll, split)
 
-    try:
+    def run() -> None:
+        for w, q in weights:
+            launch(w, q)
+
+    def warm() -> None:
         for w, q in weights[:2]:
             launch(w, q)
-        s = graph_seconds(lambda: [launch(w, q) for w, q in weights]) / len(weights)
-        rec.update(seconds=s, us=s * 1e6, GBps=nbytes / s / 1e9, read_GBps=rec["read_bytes"] / s / 1e9,
-                   of_copy_ceiling=nbytes / s / 1e9 / (ceiling * 1e3),
+
+    return _timed(rec, run, len(weights), ceiling, warm)
+
+
+def _timed(rec: dict, run, copies: int, ceiling: float, warm=None) -> dict:
+    """rec with the time per launch of ``run`` (one launch a weight copy, in one CUDA graph:
+    graph_seconds) and the GB/s and fractions of the copy ceiling of its weight and read bytes, or
+    the error a config met (``warm`` runs first, outside the graph)."""
+    try:
+        if warm is not None:
+            warm()
+        s = graph_seconds(run) / copies
+        rec.update(seconds=s, us=s * 1e6, GBps=rec["weight_bytes"] / s / 1e9, read_GBps=rec["read_bytes"] / s / 1e9,
+                   of_copy_ceiling=rec["weight_bytes"] / s / 1e9 / (ceiling * 1e3),
                    read_of_copy_ceiling=rec["read_bytes"] / s / 1e9 / (ceiling * 1e3))
     except Exception as e:  # noqa: BLE001 - a config the compiler rejects
         rec["error"] = f"{type(e).__name__}: {e}"[:300]
@@ -327,28 +342,17 @@ def measure_ceiling(name: str, shape: str, weights: list, nbytes: int, ceiling: 
     n, k, _ = SHAPES[shape]
     code_bytes = weights[0][0].numel()
     moved = n * k * 2 if name == "g_copy_bf16" else code_bytes
-    programs = -(-code_bytes // (4 * STREAM_BLOCK))
-    if name == "g_read_persist":
-        programs = min(programs, 4 * SMS)
+    persist = 4 * SMS if name == "g_read_persist" else None
+    programs = min(-(-code_bytes // (4 * STREAM_BLOCK)), persist or code_bytes) if name.startswith("g_read") else None
     rec: dict[str, Any] = {"kind": "measure", "format": FORMAT, "shape": shape, "N": n, "K": k, "variant": name,
-                           "level": "ceiling", "programs": programs if name.startswith("g_read") else None,
+                           "level": "ceiling", "programs": programs,
                            "weight_bytes": nbytes, "ideal_us": moved / (ceiling * 1e6), "read_bytes": moved}
     if name.startswith("g_copy"):  # a copy of half the bytes moves them all (read + write), as the ceiling counts
         size = moved // 2
         bufs = [(torch.randint(0, 255, (size,), dtype=torch.uint8, device=DEVICE),
                  torch.empty(size, dtype=torch.uint8, device=DEVICE)) for _ in weights]
-        run = lambda: [dst.copy_(src) for src, dst in bufs]  # noqa: E731
-    else:
-        persist = 4 * SMS if name == "g_read_persist" else None
-        run = lambda: [stream_read(w, persist) for w, _ in weights]  # noqa: E731
-    try:
-        s = graph_seconds(run) / len(weights)
-        rec.update(seconds=s, us=s * 1e6, GBps=nbytes / s / 1e9, read_GBps=moved / s / 1e9,
-                   of_copy_ceiling=nbytes / s / 1e9 / (ceiling * 1e3),
-                   read_of_copy_ceiling=moved / s / 1e9 / (ceiling * 1e3))
-    except Exception as e:  # noqa: BLE001
-        rec["error"] = f"{type(e).__name__}: {e}"[:300]
-    return rec
+        return _timed(rec, lambda: [dst.copy_(src) for src, dst in bufs], len(weights), ceiling)
+    return _timed(rec, lambda: [stream_read(w, persist) for w, _ in weights], len(weights), ceiling)
 
 
 def main(argv: list[str] | None = None) -> None:
