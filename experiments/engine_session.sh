@@ -245,13 +245,25 @@ case "${1:?verb}" in
   presets)  # after `stash` + `stash2` (+ .gpu/corpus): issue 16's presets (PRESETS, default lossless then balanced) at
             # their full budgets with eval=gpu, one after another in the foreground (run it in a `bg` chain)
     assemble
+    # PRESET_TAG names the run (run, cache and output folders: PRESET + TAG), so chains can run one preset twice
     for p in ${PRESETS:-lossless balanced}; do
-      echo "preset $p: $(date +%T)"
+      r=$p${PRESET_TAG:-}; echo "preset $r: $(date +%T)"
       timeout ${PRESET_S:-1700} python3 -m shrink experiment=$p teacher.source="$H/t/smol.gguf" data_dir="$H/data" \
-        cache_dir="$H/cache_$p" logging=none run="$H/$p" eval=gpu ${PRESET_ARGS:-} > "$OUTDIR/$p.log" 2>&1
-      echo "preset $p: rc $? $(date +%T)"; grep -E "quality gate|wrote" "$OUTDIR/$p.log" | tail -n 8
-      mkdir -p "$OUTDIR/$p" && cp "$H/$p"/eval/report.* "$H/$p"/eval/*.png "$OUTDIR/$p/" 2>/dev/null
-      for s in "$H/$p"/*/shrink.json; do cp "$s" "$OUTDIR/$p/$(basename "$(dirname "$s")").shrink.json"; done
+        cache_dir="$H/cache_$r" logging=none run="$H/$r" eval=gpu ${PRESET_ARGS:-} > "$OUTDIR/$r.log" 2>&1
+      echo "preset $r: rc $? $(date +%T)"; grep -E "quality gate|wrote" "$OUTDIR/$r.log" | tail -n 8
+      mkdir -p "$OUTDIR/$r" && cp "$H/$r"/eval/report.* "$H/$r"/eval/*.png "$OUTDIR/$r/" 2>/dev/null
+      for s in "$H/$r"/*/shrink.json; do cp "$s" "$OUTDIR/$r/$(basename "$(dirname "$s")").shrink.json"; done
+    done;;
+  quiet)  # after the preset chains (waitfor each): every artifact of the runs QUIET_RUNS re-timed alone on the GPU,
+          # engine decode at batch 1/16/64 only (the teacher's row first in each: the baseline in the same process)
+    for r in ${QUIET_RUNS:?}; do
+      cp -r "$H/$r/eval" "$H/$r.eval_full" 2>/dev/null  # the full eval's report, before this one replaces it
+      timeout ${QUIET_S:-400} python3 -m shrink stage=eval eval=gpu run="$H/$r" data_dir="$H/data" \
+        cache_dir="$H/cache_$r" logging=none 'eval.datasets=[]' eval.tasks.enabled=false eval.tasks.cqa_mc=false \
+        eval.agreement.enabled=false eval.load.enabled=false eval.speed.hf_baseline=false eval.speculative=false \
+        eval.plots=false > "$OUTDIR/quiet_$r.log" 2>&1
+      echo "quiet $r: rc $?"; grep "decode tok/s" "$OUTDIR/quiet_$r.log"
+      mkdir -p "$OUTDIR/quiet_$r" && cp "$H/$r"/eval/report.* "$OUTDIR/quiet_$r/" 2>/dev/null
     done;;
   long)  # after `stash` + `stash2` (+ .gpu/corpus and .gpu/dss carried once): issue 16's long GPU runs in their own
           # process session on GPU ${LONG_GPU:-1}, one after another: Distilling Step-by-Step on CQA with 3 seeds
@@ -391,6 +403,12 @@ case "${1:?verb}" in
              # appears whole, by a rename: its samples.pt is complete), at most TGEN_WAIT_S (1200)
     for _ in $(seq 1 $(( ${TGEN_WAIT_S:-1200} / 5 ))); do ls "$H"/tgen_cache/teacher_data/*/samples.pt > /dev/null 2>&1 \
       && break; sleep 5; done; ls -d "$H"/tgen_cache/teacher_data/*/;;
+  tgencopy)  # tgencopy FROM TO (one quoted word in a chain): waits for run FROM's cached teacher samples (an entry
+             # appears whole, by a rename), then copies them into run TO's cache, so two runs of a preset share them
+    for _ in $(seq 1 $(( ${TGEN_WAIT_S:-1200} / 5 ))); do ls "$H/cache_$2"/teacher_data/*/samples.pt > /dev/null 2>&1 \
+      && break; sleep 5; done
+    mkdir -p "$H/cache_$3/teacher_data" && cp -r "$H/cache_$2"/teacher_data/. "$H/cache_$3/teacher_data/" \
+      && ls "$H/cache_$3/teacher_data";;
   gqatg)  # after tgenwait: the GQA budget curve (GQA_TOKENS, default 1M 10M 50M; GQA_INITS svd) on the corpus mixed
           # with the cached teacher samples at TEACHER_RATIO (0.5), WikiText-2 on the reference protocol (issue 16 item 5)
     assemble; [ -d "$H/smol" ] || $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
