@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.errors import SettingError, ShrinkError, config_section
 from eval.settings import HarnessSettings
+from shrink.compress.scheme import QATSettings
 from train.config import TrainConfig, check_head_config, check_value
 
 TOP_LEVEL: dict[str, Any] = {"run": str, "input": str | None, "device": str, "seed": int, "resume": bool,
@@ -110,6 +111,7 @@ def check_config(cfg: DictConfig) -> None:
     seed, block_size = int(cfg.seed), int(cfg.data.block_size)
     with config_section("distill"):
         tc = TrainConfig.from_cfg(cfg.distill, seed=seed, block_size=block_size)
+        QATSettings.from_cfg(tc.qat)
         if cfg.distill.get("medusa") is not None:
             check_head_config(tc, MedusaSettings.from_cfg(cfg.distill.medusa).num_heads, block_size)
             stages = [str(n) for n in cfg.stage.get("stages", [])]
@@ -120,7 +122,8 @@ def check_config(cfg: DictConfig) -> None:
                                   f"run it alone, `stage=distill distill=medusa`")
     with config_section("gqa"):
         _check_types(cfg.gqa, GQA)
-    gqa_train_config(cfg.gqa, 1, block_size, seed)
+    with config_section("gqa.train"):
+        QATSettings.from_cfg(gqa_train_config(cfg.gqa, 1, block_size, seed).qat)
     from shrink.quality_gate import GateSettings
 
     GateSettings.from_cfg(cfg)
@@ -130,4 +133,4 @@ def check_config(cfg: DictConfig) -> None:
         TeacherDataSettings.from_cfg(cfg.data.teacher_generated, seed)
     if "finetune" in cfg.get("prune", {}):
         with config_section("prune.finetune"):
-            TrainConfig.from_cfg(cfg.prune.finetune, seed=seed, block_size=block_size)
+            QATSettings.from_cfg(TrainConfig.from_cfg(cfg.prune.finetune, seed=seed, block_size=block_size).qat)

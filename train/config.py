@@ -75,6 +75,7 @@ class TrainConfig:
     max_new_tokens: int = 64
     gen_temperature: float = 1.0
     lora: Any = None               # peft LoraConfig kwargs (r, lora_alpha, target_modules, ...)
+    qat: dict[str, Any] | None = None  # quantization-aware training: {bits, group_size, symmetric, start}
     checkpoint_every: int = 100
     eval_every: int = 0
     val_batches: int = 8
@@ -129,11 +130,16 @@ class TrainConfig:
                 raise SettingError(name, f"must be >= 1 for on-policy / seq-KD, got {getattr(self, name)}", sep=" ")
         if self.warmup_steps < 0:
             raise SettingError("warmup_steps", f"must be >= 0, got {self.warmup_steps}", sep=" ")
+        if self.qat and self.lora:
+            # LoRA's output adds its adapters' delta in full precision beside the base weight: the forward would
+            # not be the quantized model's, and the merged weights would need a snap of their own.
+            raise SettingError("qat", "does not combine with lora (the adapters' delta is not on the grid): "
+                                      "train the full student, or set one of them to null", sep=" ")
 
 
 # TrainConfig knobs that belong to training a student model, not heads on a frozen teacher (off when falsy).
 # Checked here, not in train/medusa.py (torch), so that `python -m shrink` checks its config before torch.
-NOT_FOR_HEADS = ("layer_map", "layer_weight", "lmbda", "seq_kd", "lora")
+NOT_FOR_HEADS = ("layer_map", "layer_weight", "lmbda", "seq_kd", "lora", "qat")
 
 
 def check_head_config(tc: TrainConfig, num_heads: int, block_size: int) -> None:

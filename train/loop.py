@@ -13,12 +13,12 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from common.errors import SettingError
+from common.errors import SettingError, ShrinkError
 from train.batches import Batch, TrainData, as_train_data
 from train.causal_attention import unmasked_causal
 from train.checkpoint import checkpoint_step, load_checkpoint, remove_checkpoint, save_checkpoint
@@ -33,8 +33,8 @@ from train.losses import parse_loss_spec
 from train.modules import causal_lm
 from train.onpolicy import ContinuationSampler, generate_sequences, sample_continuations, step_source
 
-__all__ = ["TrainConfig", "train_distill", "make_terms", "validation_loss", "batch_indices", "distill_batch_loss",
-           "batch_loss"]
+__all__ = ["TrainConfig", "FakeQuant", "train_distill", "make_terms", "validation_loss", "batch_indices",
+           "distill_batch_loss", "batch_loss"]
 
 LOG_FILE = "train_log.jsonl"
 
@@ -185,6 +185,16 @@ def _wrap_lora(student: torch.nn.Module, lora: Any) -> torch.nn.Module:
     return apply_lora(student, lora)
 
 
+class FakeQuant(Protocol):
+    """Quantization-aware training as the loop drives it (`tc.qat`). The quantize stage's grid lives above
+    train, so a stage hands the loop one: shrink/compress/fake_quant.py's FakeQuantizer."""
+
+    def start_step(self, max_steps: int) -> int: ...   # the first optimizer step trained fake-quantized
+    def prepare(self, model: torch.nn.Module) -> str: ...   # choose the linears (before any work); a log line
+    def attach(self, model: torch.nn.Module) -> None: ...   # from now on the forward sees them on the grid
+    def snap(self, model: torch.nn.Module) -> dict: ...   # weights onto the grid, plain linears again; the record
+
+
 def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, train: torch.Tensor | TrainData,
                   val: torch.Tensor | TrainData, tc: TrainConfig, ckpt_dir: Path, resume: bool = False,
                   tracker: Any = None, on_step: Callable[[int, dict], None] | None = None, *,
@@ -192,7 +202,8 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
                   evaluate: Callable[[torch.nn.Module], dict] | None = None,
                   eos_id: int | None = None, accelerator: Any = None, name: str = "train",
                   student_sampler: ContinuationSampler = generate_sequences,
-                  teacher_sampler: ContinuationSampler = generate_sequences) -> dict:
+                  teacher_sampler: ContinuationSampler = generate_sequences,
+                  fake_quant: FakeQuant | None = None) -> dict:
     """Train `student` in place. Returns {"metrics", "model", "accelerator"} (the caller saves on the
     main process only when several are training).
 
@@ -202,12 +213,17 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
     `name` labels the progress bar and log lines only; a bad setting is a SettingError naming the
     setting alone (the caller's `config_section` names the section). `student_sampler` /
     `teacher_sampler` continue the prompts of on-policy / sequence-level KD steps
-    (train.onpolicy.ContinuationSampler; default transformers' generate).
+    (train.onpolicy.ContinuationSampler; default transformers' generate). `fake_quant` (given exactly when
+    `tc.qat` is set): from its start step on, the forward sees the chosen linears on the quantize stage's grid
+    (the validations and `evaluate` too); the returned model has them snapped onto it, `metrics["qat"]` says how.
     """
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
     tc.validate()
+    if bool(tc.qat) != (fake_quant is not None):
+        raise ShrinkError(f"train_distill: qat={tc.qat!r} with fake_quant={fake_quant!r}: a stage with `qat` set "
+                          "passes shrink.compress.fake_quant.fake_quantizer(tc.qat, save_dtype), and only then")
     ckpt_dir = Path(ckpt_dir)
     if accelerator is None:
         accelerator = make_accelerator(tc.grad_accum)
@@ -226,6 +242,10 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
     if eos_id is None:
         eos_id = getattr(causal_lm(student).config, "eos_token_id", None)
         eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    qat_step = None
+    if fake_quant is not None:
+        accelerator.print(f"{name}: {fake_quant.prepare(student)}")
+        qat_step = fake_quant.start_step(tc.max_steps)
     if tc.lora:
         student = _wrap_lora(student, tc.lora)
     projector = None
@@ -283,7 +303,12 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
                dynamic_ncols=True)
     t_start, tokens_done, first_tokens, logs = time.time(), 0, 0, {}
     spent = {"first_step_s": 0.0, "checkpoint_s": 0.0, "eval_s": 0.0}  # what tokens_per_s includes besides steps
+    quantized = False  # whether the fake quantization is on
     for step in range(start_step, tc.max_steps):
+        if qat_step is not None and step >= qat_step and not quantized:
+            fake_quant.attach(accelerator.unwrap_model(student))
+            quantized = True
+            accelerator.print(f"{name}: fake quantization on from step {step + 1} of {tc.max_steps}")
         parts_sum: dict[str, Any] = {}
         source = step_source(tc.seed, step, tc.lmbda, tc.seq_kd)
         step_tokens = 0
@@ -312,7 +337,8 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
         if step == start_step:  # torch.compile and the allocator's warm-up
             spent["first_step_s"], first_tokens = elapsed, tokens_done
         logs = {"step": step + 1, "loss": parts_sum.pop("total"), **parts_sum, "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": tokens_done / max(elapsed, 1e-9), "source": source}
+                "tokens_per_s": tokens_done / max(elapsed, 1e-9), "source": source,
+                **({"qat": quantized} if qat_step is not None else {})}
         if accelerator.is_main_process:
             with open(log_path, "a") as f:
                 f.write(json.dumps(logs) + "\n")
@@ -338,6 +364,8 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
             on_step(step + 1, logs)
     bar.close()
     steady = _steady_rate(tokens_done - first_tokens, time.time() - t_start, spent)  # before the validation
+    if qat_step is not None and not quantized:  # resumed at the end: the model is still judged on its grid
+        fake_quant.attach(accelerator.unwrap_model(student))
     with compiler.active():
         final_val = validation_loss(student, teacher, val_data, terms, tc, accelerator.device, projector)
     tokens_per_example = getattr(data, "block_size", None)
@@ -357,7 +385,10 @@ def train_distill(student: torch.nn.Module, teacher: torch.nn.Module | None, tra
 
         unwrapped = merge_lora(unwrapped)
     # Sharded: the whole model on the main process (which alone saves it), the shards elsewhere.
-    return {"metrics": metrics, "model": gathered_model(accelerator, unwrapped), "accelerator": accelerator}
+    model = gathered_model(accelerator, unwrapped)
+    if fake_quant is not None:
+        metrics["qat"] = {**fake_quant.snap(model), "first_step": qat_step + 1}  # as the step log counts
+    return {"metrics": metrics, "model": model, "accelerator": accelerator}
 
 
 def _steady_rate(tokens: int, elapsed: float, spent: dict[str, float]) -> float | None:
@@ -400,3 +431,6 @@ def _check_shardable(tc: TrainConfig, pairs: list[LayerPair]) -> None:
     if tc.lora:
         raise SettingError("lora", "needs DDP: merging adapters into FSDP2-sharded weights is not supported",
                            sep=" ")
+    if tc.qat:
+        raise SettingError("qat", "needs DDP: the fake quantization and the final snap are not built for FSDP2's "
+                           "sharded (and mixed-precision) parameters", sep=" ")

@@ -7,6 +7,7 @@ compressed-tensors format.
 - `calibration.py`: the sequential driver; it knows only the `BlockMethod` protocol.
 - `compress_artifact.py`: what stage=prune and stage=quantize share (load, check, calibrate,
   compress, save); `settings.py` reads their config sections.
-- primitives: `quant.py`, `sparsity.py`, `hessian.py`, `stats.py`, `fold.py`, `modules.py`
-  (QuantLinear), `compressed_tensors_io.py` (the on-disk format), `calib_data.py`, `finetune.py`.
+- primitives: `quant.py` (its QuantSpec in the torch-free `scheme.py`), `sparsity.py`, `hessian.py`, `stats.py`,
+  `fold.py`, `modules.py` (QuantLinear), `compressed_tensors_io.py` (the on-disk format), `calib_data.py`,
+  `finetune.py`, `fake_quant.py` (quantization-aware training onto quant.py's grid, for train/loop.py).
 """

@@ -33,6 +33,7 @@ from common.errors import SettingError, ShrinkError
 # True-sequential order within a Llama-family block, by the last part of the linear's name.
 SEQUENTIAL_GROUPS = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
 NEVER_COMPRESSED = ("lm_head", "embed_tokens")
+DEFAULT_SKIP = ("lm_head", "*embed_tokens")  # the skip list of prune and quantize by default
 ON_INDIVISIBLE = ("skip", "error")
 
 

@@ -15,7 +15,8 @@ from torch import nn
 from common.errors import SettingError, ShrinkError
 from shrink.artifacts import Artifact, write_artifact
 from shrink.compress.calib_data import CalibConfig, calibration_ids
-from shrink.compress.calibration import ON_INDIVISIBLE, Report, check_skip, compress_model, plan_compression
+from shrink.compress.calibration import (DEFAULT_SKIP, ON_INDIVISIBLE, Report, check_skip, compress_model,
+                                         plan_compression)
 from shrink.compress.compressed_tensors_io import (is_quantized, load_compressed, model_skeleton, save_compressed,
                                                    sparsity_masks, sparsity_metadata)
 from shrink.compress.methods.base import CompressionMethod
@@ -28,7 +29,7 @@ Refine = Callable[[nn.Module, Any, Report, dict], nn.Module]
 @dataclass(frozen=True)
 class CompressionSettings:
     recipe: list[CompressionMethod]
-    skip: list[str] = field(default_factory=lambda: ["lm_head", "*embed_tokens"])
+    skip: list[str] = field(default_factory=lambda: list(DEFAULT_SKIP))
     on_indivisible: str = "skip"    # a linear a method cannot compress: skip (leave dense) or error
     calibration: CalibConfig = field(default_factory=CalibConfig)
     save_dtype: torch.dtype = torch.bfloat16

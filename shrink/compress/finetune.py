@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from shrink.compress.fake_quant import fake_quantizer
 from train.loop import TrainConfig, train_distill
 
 
@@ -26,7 +27,9 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 
 def mask_preserving_finetune(student: nn.Module, teacher: nn.Module, masks: dict[str, torch.Tensor],
                              train: torch.Tensor, val: torch.Tensor, tc: TrainConfig, ckpt_dir: Path,
-                             log: Callable[[str], None] = print) -> dict[str, Any]:
+                             log: Callable[[str], None] = print,
+                             save_dtype: torch.dtype | str = torch.bfloat16) -> dict[str, Any]:
+    """`save_dtype`: the artifact's, for a QAT run's record (`tc.qat`; zeros are on every grid)."""
     handles = []
     for name, keep in masks.items():
         w = student.get_submodule(name).weight
@@ -40,7 +43,7 @@ def mask_preserving_finetune(student: nn.Module, teacher: nn.Module, masks: dict
 
     try:
         result = train_distill(student, teacher, train, val, tc, Path(ckpt_dir), on_step=on_step,
-                               name="prune.finetune")
+                               name="prune.finetune", fake_quant=fake_quantizer(tc.qat, save_dtype))
     finally:
         for h in handles:
             h.remove()

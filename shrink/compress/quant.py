@@ -1,4 +1,4 @@
-"""Quantization primitives: a weight spec, scales/zero points, quantize/dequantize, RTN.
+"""Quantization primitives: scales/zero points, quantize/dequantize, RTN, for a QuantSpec (scheme.py).
 
 Conventions follow the compressed-tensors format so that what we save is what loaders expect:
 signed integers in [-2^(b-1), 2^(b-1)-1]; symmetric scale = absmax / ((2^b - 1) / 2) (GPTQ's
@@ -14,35 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from common.errors import SettingError
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How one weight matrix is quantized. group_size None means one scale per output channel."""
-
-    bits: int = 4
-    group_size: int | None = 128
-    symmetric: bool = True
-
-    def __post_init__(self) -> None:
-        if self.bits not in (2, 3, 4, 8):
-            raise SettingError("bits", f"must be one of 2, 3, 4, 8 (got {self.bits})")
-        if self.group_size is not None and self.group_size < 1:
-            raise SettingError("group_size", f"must be >= 1 or null (got {self.group_size})")
-
-    @property
-    def qmin(self) -> int:
-        return -(1 << (self.bits - 1))
-
-    @property
-    def qmax(self) -> int:
-        return (1 << (self.bits - 1)) - 1
-
-    def groups(self, in_features: int) -> int:
-        return 1 if self.group_size is None else in_features // self.group_size
-
-    def fits(self, in_features: int) -> bool:
-        return self.group_size is None or in_features % self.group_size == 0
+from shrink.compress.scheme import QuantSpec  # torch-free there, for the config check; imported from here too
 
 
 @dataclass

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from common.errors import SettingError, ShrinkError, config_section
 from common.tasks import Task, TaskExample, get_task
 from shrink.artifacts import Artifact
+from shrink.compress.fake_quant import fake_quantizer
 from shrink.context import StageContext, checkpoint_dir_name
 from shrink.engine_sampler import check_sampler, engine_samplers, resolve_sampler
 from shrink.launch import is_main_rank
@@ -299,6 +300,7 @@ def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec
     started = time.time()
     with config_section("distill"):
         sampler = resolve_sampler(check_sampler(sampler), device)
+        fake_quant = fake_quantizer(tc.qat, save_dtype)
     n_teacher = int(json.loads((teacher_art.path / "config.json").read_text())["num_hidden_layers"])
     from transformers import AutoConfig
 
@@ -361,7 +363,8 @@ def distill(teacher_art: Artifact, student_spec: StudentSpec, data: TaskDataSpec
     try:
         with config_section("distill"):
             result = train_distill(student, teacher, train, val, tc, ckpt_dir, resume=resume, tracker=run_tracker,
-                                   evaluate=evaluate, eos_id=tokenizer.eos_token_id, name="distill", **samplers)
+                                   evaluate=evaluate, eos_id=tokenizer.eos_token_id, name="distill",
+                                   fake_quant=fake_quant, **samplers)
     finally:
         if run_tracker is not None:
             run_tracker.finish()

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from common.errors import ShrinkError, config_section
 from eval.perplexity import encode, perplexity, wikitext2_text
 from shrink.artifacts import META_FILE, Artifact
+from shrink.compress.fake_quant import fake_quantizer
 from shrink.config_check import gqa_train_config
 from shrink.context import StageContext, checkpoint_dir_name
 from shrink.gqa_surgery import check_target, convert, kv_report, resolve_init, svd_calibration
@@ -97,13 +98,15 @@ def measure_ppl(model: torch.nn.Module, texts: dict[str, torch.Tensor], context:
 
 
 def uptrain(student: torch.nn.Module, teacher: torch.nn.Module, train: torch.Tensor, val: torch.Tensor,
-            tc: TrainConfig, ckpt_dir: Path, resume: bool = False, tracker: Any = None) -> dict:
-    """Distil the converted model from the pre-conversion one with the shared training loop."""
+            tc: TrainConfig, ckpt_dir: Path, resume: bool = False, tracker: Any = None,
+            save_dtype: str = "bf16") -> dict:
+    """Distil the converted model from the pre-conversion one with the shared training loop (`save_dtype`: the
+    artifact's, for a QAT run's record)."""
     teacher.requires_grad_(False)
     student.requires_grad_(True)  # a copy of a teacher frozen by an earlier uptrain would be frozen too
     with config_section("gqa.train"):
         return train_distill(student, teacher, train, val, tc, ckpt_dir, resume=resume, tracker=tracker,
-                             name="gqa.train")
+                             name="gqa.train", fake_quant=fake_quantizer(tc.qat, save_dtype))
 
 
 @dataclass
@@ -179,12 +182,14 @@ def gqa(model_artifact: Artifact, settings: GQASettings, *, dest: Path, device: 
         tracker = uptraining.tracker() if uptraining.tracker is not None else None
         try:
             result = uptrain(student, teacher, packed.train, packed.val, uptraining.train, ckpt_dir,
-                             resume=uptraining.resume, tracker=tracker)
+                             resume=uptraining.resume, tracker=tracker, save_dtype=s.save_dtype)
         finally:
             if tracker is not None:
                 tracker.finish()
         student = result["model"]
-        metrics.update({f"uptrain_{k}": v for k, v in result["metrics"].items()})
+        metrics.update({f"uptrain_{k}": v for k, v in result["metrics"].items() if k != "qat"})
+        if "qat" in result["metrics"]:  # where stage=quantize looks for it
+            metrics["qat"] = result["metrics"]["qat"]
         for name, value in measure_ppl(student, texts, *s.ppl_args).items():
             metrics[f"ppl_{name}_uptrained"] = value
             print(f"gqa: {name} ppl after uptraining {value:.3f}")

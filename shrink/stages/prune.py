@@ -51,9 +51,11 @@ def prune(model_artifact: Artifact, settings: CompressionSettings, *, dest: Path
             data = load_packed(finetune.data, tokenizer, str(data_dir) if data_dir else None, finetune.cache_dir)
             with config_section("prune.finetune"):
                 result = mask_preserving_finetune(model, teacher, report.masks, data.train, data.val,
-                                                  finetune.train, finetune.ckpt_dir)
+                                                  finetune.train, finetune.ckpt_dir, save_dtype=settings.save_dtype)
             model = result["model"].cpu()
             metrics["finetune"] = result["metrics"]
+            if "qat" in result["metrics"]:  # where stage=quantize looks for it
+                metrics["qat"] = metrics["finetune"].pop("qat")
         metrics["params"] = num_parameters(model)
         metrics["weight_sparsity_after"] = sum(sparsity(model.get_submodule(n).weight) for n in pruned) / len(pruned)
         return model

@@ -18,7 +18,8 @@ BAD = [("seed=abc", "seed"), ("data.block_size=1", "data.block_size"), ("eval.sp
        ("stage=distill distill=medusa distill.medusa.num_heads=0", "medusa.num_heads"),
        ("stage=distill distill=medusa distill.lmbda=0.5", "distill.lmbda"), ("gqa.train.lr=-1", "gqa.train.lr"),
        ("gates.windows=0", "gates.windows"), ("+data.teacher_generated={ratio:2}", "data.teacher_generated.ratio"),
-       ("prune.finetune.lr=-1", "prune.finetune.lr")]
+       ("prune.finetune.lr=-1", "prune.finetune.lr"),
+       ("distill.qat={bits:5,group_size:64,symmetric:true}", "distill.qat.bits")]
 CODE = """
 import contextlib, io, json, sys
 from shrink.__main__ import compose, main
