@@ -255,11 +255,12 @@ case "${1:?verb}" in
       for s in "$H/$r"/*/shrink.json; do cp "$s" "$OUTDIR/$r/$(basename "$(dirname "$s")").shrink.json"; done
     done;;
   quiet)  # after the preset chains (waitfor each): every artifact of the runs QUIET_RUNS re-timed alone on the GPU,
-          # engine decode at batch 1/16/64 only (the teacher's row first in each: the baseline in the same process)
+          # engine decode at batch 1/16/64 (and 2 held-out windows: eval needs a dataset), the teacher's row first in
+          # each run: the baseline in the same process
     for r in ${QUIET_RUNS:?}; do
       cp -r "$H/$r/eval" "$H/$r.eval_full" 2>/dev/null  # the full eval's report, before this one replaces it
       timeout ${QUIET_S:-400} python3 -m shrink stage=eval eval=gpu run="$H/$r" data_dir="$H/data" \
-        cache_dir="$H/cache_$r" logging=none 'eval.datasets=[]' eval.tasks.enabled=false eval.tasks.cqa_mc=false \
+        cache_dir="$H/cache_$r" logging=none 'eval.datasets=[heldout]' eval.max_windows=2 eval.tasks.enabled=false eval.tasks.cqa_mc=false \
         eval.agreement.enabled=false eval.load.enabled=false eval.speed.hf_baseline=false eval.speculative=false \
         eval.plots=false > "$OUTDIR/quiet_$r.log" 2>&1
       echo "quiet $r: rc $?"; grep "decode tok/s" "$OUTDIR/quiet_$r.log"
