@@ -122,3 +122,53 @@ def test_a_kernel_calling_a_helper_per_program_matches_torch():
     dst = torch.empty(301)
     _helper_kernel[(triton.cdiv(301, 64),)](src, dst, 301, BLOCK=64)
     assert torch.equal(dst, src.float() * 2 + 1.0)
+
+
+def _int32_block(values) -> tl.tensor:
+    import numpy as np
+
+    return tl.tensor(interpreter.TensorHandle(np.array(values, dtype=np.int32), tl.int32),
+                     tl.block_type(tl.int32, [len(values)]))
+
+
+def test_skipped_overflow_checks_are_the_ones_device_assert_drops(monkeypatch):
+    """The original's whole effect for an int32 add, sub or mul is the condition it hands to device_assert,
+    which drops it with debug off (the interpreter's options: never turned on): the patch skips it there; with
+    debug on it runs the original, whose assertion then fails on an overflow."""
+    import dataclasses
+
+    from triton.language.semantic import TritonSemantic
+
+    assert triton_interpreter.install()
+    patched = TritonSemantic.binary_op_sanitize_overflow_impl
+    original = patched.original
+    semantic = interpreter.interpreter_semantic
+    assert semantic.builder is interpreter.interpreter_builder and not semantic.builder.options.debug
+    handed = []
+    real_assert = TritonSemantic.device_assert
+    monkeypatch.setattr(TritonSemantic, "device_assert",
+                        lambda self, cond, msg, mask: handed.append((msg, real_assert(self, cond, msg, mask))))
+    lhs, rhs = _int32_block([1, 2 ** 31 - 1, -5, 0]), _int32_block([1, 1, 7, -3])
+    for op in (semantic.add, semantic.sub, semantic.mul):
+        assert original(semantic, lhs, rhs, op) is None
+        assert handed.pop() == (f"int32 overflow detected for operation {op.__name__}", None)  # built, dropped
+        assert patched(semantic, lhs, rhs, op) is None and not handed
+    monkeypatch.setattr(semantic.builder, "options", dataclasses.replace(semantic.builder.options, debug=True))
+    with pytest.raises(AssertionError, match="int32 overflow detected for operation add"):  # 2**31 - 1 + 1
+        patched(semantic, lhs, rhs, semantic.add)
+
+
+@triton.jit
+def _int_kernel(src, dst, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(src + offs, mask=mask)
+    tl.store(dst + offs, (x * 3 - offs) + 7, mask=mask)
+
+
+def test_int32_arithmetic_of_a_kernel_matches_torch():
+    assert triton_interpreter.install()
+    src = torch.randint(-1000, 1000, (301,), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    dst = torch.empty_like(src)
+    _int_kernel[(triton.cdiv(301, 64),)](src, dst, 301, BLOCK=64)
+    assert torch.equal(dst, src * 3 - torch.arange(301, dtype=torch.int32) + 7)
