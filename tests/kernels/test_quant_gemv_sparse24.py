@@ -145,48 +145,60 @@ def test_sparse24_values_gemv_gpu_real_shapes(m, shape):
 
 
 SM90_COMPILE = """
-import json, sys
+import json, sys, traceback
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels import quant_gemv as Q
 
-path, int4 = sys.argv[1], sys.argv[2] == "1"
-sig = {"x_ptr": "*bf16", "kept_ptr": "*i32", "meta_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32",
-       "b_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "K": "i32"}
-flags = dict(GROUP=128 if int4 else 32, INT4=int4, FP16=False, HAS_ZERO=int4, HAS_BIAS=True, BF16_BY_HAND=False)
-if path == "select":
-    sig["x_ptr"] = "*i64"  # bf16 x as words of four
-    kernel, constexprs = Q._sparse24_select_kernel, dict(BLOCK_N=8, BLOCK_U=64, X_WORDS=True, **flags)
-elif path in ("fast", "fast_fused", "rope_store"):
-    sig = {"x_ptr": "*bf16", "xw_ptr": "*i32", "w_ptr": "*i32", "m_ptr": "*i16", "s_ptr": "*fp32", "z_ptr": "*fp32",
-           "b_ptr": "*bf16", "nw_ptr": "*bf16"}
-    flags = {k: v for k, v in flags.items() if k != "INT4"}
-    if path == "rope_store":  # the qkv launch: norm prologue, rotary, KV store, PDL
-        sig.update(q_ptr="*bf16", pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", k_cache_ptr="*bf16",
-                   v_cache_ptr="*bf16", slot_ptr="*i64", eps="fp32", cos_stride="i32", sin_stride="i32")
-        kernel, constexprs = Q._sparse24_rope_store_kernel, dict(K=4096, Q_HEADS=32, KV_HEADS=32, HALF=64,
-                                                                 BLOCK_N=4, BLOCK_K=2048, NORM=True, PDL=True, **flags)
-    else:  # "fast_fused": gate_up's norm prologue and SwiGLU, a residual add, PDL
-        sig.update(res_ptr="*bf16", out_ptr="*bf16", N="i32", eps="fp32")
-        fused = {name: path == "fast_fused" for name in ("NORM", "SWIGLU", "RESIDUAL", "PDL")}
-        kernel, constexprs = Q._sparse24_int4_fast_kernel, dict(K=11008, BLOCK_N=8, BLOCK_K=4096, **flags, **fused)
-else:
-    sig.update(kept_ptr="*u8" if int4 else "*i32", meta_ptr="*u8", M="i32", x_stride="i32", out_stride="i32")
-    kernel, constexprs = Q._sparse24_dot_kernel, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, **flags)
-sig.update({name: "constexpr" for name in constexprs})
-compiled = triton.compile(ASTSource(kernel, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 4})
-print(json.dumps({"cubin_bytes": len(compiled.asm["cubin"])}))
+
+def compile_sm90(path, int4):
+    sig = {"x_ptr": "*bf16", "kept_ptr": "*i32", "meta_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32",
+           "b_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "K": "i32"}
+    flags = dict(GROUP=128 if int4 else 32, INT4=int4, FP16=False, HAS_ZERO=int4, HAS_BIAS=True, BF16_BY_HAND=False)
+    if path == "select":
+        sig["x_ptr"] = "*i64"  # bf16 x as words of four
+        kernel, constexprs = Q._sparse24_select_kernel, dict(BLOCK_N=8, BLOCK_U=64, X_WORDS=True, **flags)
+    elif path in ("fast", "fast_fused", "rope_store"):
+        sig = {"x_ptr": "*bf16", "xw_ptr": "*i32", "w_ptr": "*i32", "m_ptr": "*i16", "s_ptr": "*fp32",
+               "z_ptr": "*fp32", "b_ptr": "*bf16", "nw_ptr": "*bf16"}
+        flags = {k: v for k, v in flags.items() if k != "INT4"}
+        if path == "rope_store":  # the qkv launch: norm prologue, rotary, KV store, PDL
+            sig.update(q_ptr="*bf16", pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", k_cache_ptr="*bf16",
+                       v_cache_ptr="*bf16", slot_ptr="*i64", eps="fp32", cos_stride="i32", sin_stride="i32")
+            kernel, constexprs = Q._sparse24_rope_store_kernel, dict(
+                K=4096, Q_HEADS=32, KV_HEADS=32, HALF=64, BLOCK_N=4, BLOCK_K=2048, NORM=True, PDL=True, **flags)
+        else:  # "fast_fused": gate_up's norm prologue and SwiGLU, a residual add, PDL
+            sig.update(res_ptr="*bf16", out_ptr="*bf16", N="i32", eps="fp32")
+            fused = {name: path == "fast_fused" for name in ("NORM", "SWIGLU", "RESIDUAL", "PDL")}
+            kernel, constexprs = Q._sparse24_int4_fast_kernel, dict(K=11008, BLOCK_N=8, BLOCK_K=4096, **flags,
+                                                                    **fused)
+    else:
+        sig.update(kept_ptr="*u8" if int4 else "*i32", meta_ptr="*u8", M="i32", x_stride="i32", out_stride="i32")
+        kernel, constexprs = Q._sparse24_dot_kernel, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, **flags)
+    sig.update({name: "constexpr" for name in constexprs})
+    compiled = triton.compile(ASTSource(kernel, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 4})
+    return len(compiled.asm["cubin"])
+
+
+for path, int4 in json.loads(sys.argv[1]):  # one line each, its size or its error
+    try:
+        print(json.dumps({"case": [path, int4], "cubin_bytes": compile_sm90(path, int4)}), flush=True)
+    except Exception:
+        print(json.dumps({"case": [path, int4], "error": traceback.format_exc()[-3000:]}), flush=True)
 """
 
 
-@pytest.mark.parametrize("path,int4", [("select", True), ("select", False), ("dot", True), ("dot", False),
-                                       ("fast", True), ("fast_fused", True), ("rope_store", True)])
-def test_kernels_compile_for_sm90(path, int4):
-    """The interpreter runs what the compiler may refuse (constexpr rules, dot operand types):
-    both kernels compile for sm_90 with Triton's bundled ptxas, no GPU needed (a fresh process:
-    the interpreter's kernels cannot be compiled)."""
+SM90_CASES = [("select", True), ("select", False), ("dot", True), ("dot", False), ("fast", True),
+              ("fast_fused", True), ("rope_store", True)]
+
+
+@pytest.fixture(scope="module")
+def sm90_compiled() -> dict:
+    """Every case of SM90_COMPILE compiled in one fresh process without the interpreter (the
+    interpreter's kernels cannot be compiled): (path, int4) -> its cubin's size or its error. One
+    process, not one per case: each paid for its own torch and Triton start-up."""
     import json
     import os
     import subprocess
@@ -197,12 +209,23 @@ def test_kernels_compile_for_sm90(path, int4):
     root = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(root)
-    run = subprocess.run([sys.executable, "-c", SM90_COMPILE, path, "1" if int4 else "0"], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=300)
-    if "ptxas" in run.stderr and "No such file" in run.stderr:
+    run = subprocess.run([sys.executable, "-c", SM90_COMPILE, json.dumps(SM90_CASES)], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    errors = run.stderr + "".join(r.get("error", "") for r in lines)
+    if "ptxas" in errors and "No such file" in errors:
         pytest.skip("no bundled ptxas in this Triton install")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads(run.stdout.strip().splitlines()[-1])["cubin_bytes"] > 0
+    return {tuple(r["case"]): r for r in lines}
+
+
+@pytest.mark.parametrize("path,int4", SM90_CASES)
+def test_kernels_compile_for_sm90(sm90_compiled, path, int4):
+    """The interpreter runs what the compiler may refuse (constexpr rules, dot operand types):
+    both kernels compile for sm_90 with Triton's bundled ptxas, no GPU needed."""
+    result = sm90_compiled[path, int4]
+    assert "error" not in result, result["error"]
+    assert result["cubin_bytes"] > 0
 
 
 def test_select_path_takes_an_unaligned_bf16_row():
