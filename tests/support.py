@@ -65,6 +65,27 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
                           timeout=timeout, env=full_env)
 
 
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    """`python -m shrink ...`'s main() in this process, from the repo root, with what it printed and
+    its exit status as run_cli returns them: for tests whose subject is a stage's work (its artifact,
+    metrics, caches, printed progress), not the command line's process (its one-line errors are
+    run_cli's). Spares each run an interpreter, torch and transformers starting up (~4 s). An
+    exception other than the ones main() turns into status 2 propagates."""
+    import contextlib
+    import io
+
+    from shrink.__main__ import main
+
+    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(REPO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(["shrink", *args], code, out.getvalue(), err.getvalue())
+
+
 INTERPRETED_HEADER = """import sys
 sys.path.insert(0, {tests!r})
 import triton_interpreter

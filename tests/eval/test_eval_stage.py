@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from support import run_cli, save_tiny_artifact
+from support import run_cli, run_main, save_tiny_artifact
 
 TINY = ["logging=none", "data=pydoc", "data.max_docs=30", "data.block_size=64", "eval.context=64",
         "eval.stride=32", "eval.max_windows=2", "eval.datasets=[heldout]", "eval.engine.max_model_len=256"]
@@ -25,8 +25,8 @@ def _tiny_run(tiny_teacher: Path, tmp_path: Path) -> Path:
 
 def test_every_measurement_and_the_speculative_row(tiny_teacher: Path, tmp_path: Path, shared_data_dir: Path):
     run = _tiny_run(tiny_teacher, tmp_path)
-    result = run_cli("stage=eval", f"run={run}", *TINY, "eval.tasks.limit=2", "eval.speculative=true",
-                     "eval.speculative_settings.num_speculative_tokens=3", f"data_dir={shared_data_dir}")
+    result = run_main("stage=eval", f"run={run}", *TINY, "eval.tasks.limit=2", "eval.speculative=true",
+                      "eval.speculative_settings.num_speculative_tokens=3", f"data_dir={shared_data_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     out = run / "eval"
     report = json.loads((out / "report.json").read_text())
@@ -80,7 +80,7 @@ def test_measurements_can_be_skipped(tiny_teacher: Path, tmp_path: Path):
     run = _tiny_run(tiny_teacher, tmp_path)
     off = ["eval.tasks.enabled=false", "eval.agreement.enabled=false", "eval.speed.enabled=false",
            "eval.load.enabled=false", "eval.plots=false"]
-    result = run_cli("stage=eval", f"run={run}", *TINY, *off)
+    result = run_main("stage=eval", f"run={run}", *TINY, *off)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((run / "eval" / "report.json").read_text())["rows"]
     measured = {k for r in rows for k in r}
@@ -172,9 +172,9 @@ def test_the_speculative_row_under_the_engines_measured_k_policy(tiny_teacher: P
     """eval=gpu serves the speculative row with the engine's auto policy: the row says so, and its
     details keep what the policy chose."""
     run = _tiny_run(tiny_teacher, tmp_path)
-    result = run_cli("stage=eval", f"run={run}", *TINY, "eval.tasks.enabled=false", "eval.load.enabled=false",
-                     "eval.agreement.enabled=false", "eval.speculative=true",
-                     "eval.speculative_settings.num_speculative_tokens=3", "eval.speculative_settings.k_policy=auto")
+    result = run_main("stage=eval", f"run={run}", *TINY, "eval.tasks.enabled=false", "eval.load.enabled=false",
+                      "eval.agreement.enabled=false", "eval.speculative=true",
+                      "eval.speculative_settings.num_speculative_tokens=3", "eval.speculative_settings.k_policy=auto")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((run / "eval" / "report.json").read_text())
     name = "teacher+distill (speculative, k<=3, auto)"

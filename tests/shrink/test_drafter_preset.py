@@ -39,10 +39,10 @@ def test_drafter_and_its_ce_baseline_differ_only_in_the_loss(tmp_path):
 
 
 def train_drafter(teacher: Path, run: Path, preset: str, keep: str, *extra: str) -> Path:
-    from support import run_cli
+    from support import run_main
 
-    result = run_cli("stage=distill", f"distill={preset}", f"input={teacher}", f"run={run}",
-                     f"student.keep_layers={keep}", f"cache_dir={run.parent / 'cache'}", *TINY_BUDGET, *extra)
+    result = run_main("stage=distill", f"distill={preset}", f"input={teacher}", f"run={run}",
+                      f"student.keep_layers={keep}", f"cache_dir={run.parent / 'cache'}", *TINY_BUDGET, *extra)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return run / "distill"
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from engine.loader import CheckpointMismatchError
 from shrink.engine_sampler import EngineSampler, check_sampler, live_parameters, resolve_sampler
-from support import REPO, run_cli, tiny_llama_config
+from support import REPO, run_cli, run_main, tiny_llama_config
 from train.onpolicy import continuation_batch, generate_sequences, sample_continuations
 
 CPU = torch.device("cpu")
@@ -199,7 +199,7 @@ def _stage(tiny_teacher, tmp_path, name: str, *overrides: str, launcher: list[st
         result = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True, timeout=900,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
     else:
-        result = run_cli(*cmd, timeout=900)
+        result = run_main(*cmd)
     assert result.returncode == 0, result.stderr[-3000:]
     engine_note = "distill: student and teacher samples through the engine"
     assert (engine_note in result.stdout) == ("distill.sampler=engine" in overrides)  # auto on the CPU: transformers

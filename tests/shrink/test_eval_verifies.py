@@ -10,7 +10,7 @@ from pathlib import Path
 
 from shrink.artifacts import Artifact
 from shrink.verify import verify_artifact
-from support import run_cli, save_tiny_artifact
+from support import run_main, save_tiny_artifact
 from test_cli import TINY
 
 
@@ -28,12 +28,12 @@ def test_truncated_weights_are_reported_damaged_not_with_cached_numbers(tiny_tea
     run = tmp_path / "run"
     shutil.copytree(tiny_teacher, run / "teacher")
     save_tiny_artifact(run / "distill", seed=1)
-    first = run_cli("stage=eval", f"run={run}", *TINY, *ONLY_PERPLEXITY)
+    first = run_main("stage=eval", f"run={run}", *TINY, *ONLY_PERPLEXITY)
     assert first.returncode == 0, first.stderr[-2000:]
     assert _rows(run)["distill"]["ppl_heldout"] > 1.0
     with open(run / "distill" / "model.safetensors", "r+b") as f:
         f.truncate(1000)
-    second = run_cli("stage=eval", f"run={run}", *TINY, *ONLY_PERPLEXITY)
+    second = run_main("stage=eval", f"run={run}", *TINY, *ONLY_PERPLEXITY)
     assert second.returncode == 0, second.stderr[-2000:]
     rows = _rows(run)
     assert "damaged" in rows["distill"]["status"].lower()

@@ -39,14 +39,15 @@ def test_preset_composes_tvd_heads_on_the_drafter_presets_teacher_data(tmp_path)
 
 @pytest.fixture(scope="module")
 def medusa_run(tiny_teacher, tmp_path_factory):
-    """One real `stage=distill distill=medusa` launch on the tiny teacher, shared by the tests that only
-    read what it wrote (the artifact, its metrics, the engine loading it): (the finished process, run dir)."""
-    from support import run_cli
+    """One real `stage=distill distill=medusa` run on the tiny teacher (the command's main() in this
+    process), shared by the tests that only read what it wrote (the artifact, its metrics, the engine
+    loading it): (its exit status and output, run dir)."""
+    from support import run_main
 
     tmp = tmp_path_factory.mktemp("medusa_run")
     run = tmp / "run"
-    result = run_cli("stage=distill", "distill=medusa", f"input={tiny_teacher}", f"run={run}",
-                     f"cache_dir={tmp / 'cache'}", *TINY_BUDGET)
+    result = run_main("stage=distill", "distill=medusa", f"input={tiny_teacher}", f"run={run}",
+                      f"cache_dir={tmp / 'cache'}", *TINY_BUDGET)
     return result, run
 
 

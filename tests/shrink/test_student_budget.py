@@ -203,17 +203,17 @@ def test_resolve_turns_the_budget_into_layers_and_width():
 
 @pytest.mark.parametrize("by, key", [("depth", "target_params"), ("width", "target_bytes"), ("both", "target_params")])
 def test_distill_stage_builds_the_student_of_the_budget(tiny_teacher, tmp_path, by, key):
-    from support import run_cli
+    from support import run_main
 
     from shrink.modeling import load_model
 
     full = real_params(load_model(tiny_teacher))
     target = int(full * 0.8) * (4 if key == "target_bytes" else 1)  # bytes at fp32
-    result = run_cli("stage=distill", f"run={tmp_path}", f"input={tiny_teacher}", "student=importance",
-                     f"student.{key}={target}", f"student.budget_by={by}", "student.calib_blocks=2",
-                     "distill.max_steps=1", "logging=none", "data=pydoc", "data.max_docs=30", "data.block_size=64",
-                     "distill.batch_size=2", "distill.checkpoint_every=0", "distill.save_dtype=fp32",
-                     "distill.val_batches=1", f"cache_dir={tmp_path / 'cache'}", "gates.context=32")
+    result = run_main("stage=distill", f"run={tmp_path}", f"input={tiny_teacher}", "student=importance",
+                      f"student.{key}={target}", f"student.budget_by={by}", "student.calib_blocks=2",
+                      "distill.max_steps=1", "logging=none", "data=pydoc", "data.max_docs=30", "data.block_size=64",
+                      "distill.batch_size=2", "distill.checkpoint_every=0", "distill.save_dtype=fp32",
+                      "distill.val_batches=1", f"cache_dir={tmp_path / 'cache'}", "gates.context=32")
     assert result.returncode == 0, result.stderr[-3000:]
     m = json.loads((tmp_path / "distill" / "shrink.json").read_text())["metrics"]
     assert m["budget"]["by"] == by and m["budget"]["key"] == key
@@ -281,13 +281,13 @@ def test_real_teacher_byte_and_latency_budgets(smollm2_artifact):
 def test_distill_stage_latency_budget_measures_with_the_engine(tiny_teacher, tmp_path):
     """A latency budget every candidate meets: the largest depth student (3 of 4 layers), chosen from
     real engine timings on the CPU, recorded with the measurements."""
-    from support import run_cli
+    from support import run_main
 
-    result = run_cli("stage=distill", f"run={tmp_path}", f"input={tiny_teacher}", "student=importance",
-                     "student.target_latency_ms=100000", "student.budget_by=depth", "student.calib_blocks=2",
-                     "distill.max_steps=1", "logging=none", "data=pydoc", "data.max_docs=30", "data.block_size=64",
-                     "distill.batch_size=2", "distill.checkpoint_every=0", "distill.val_batches=1",
-                     f"cache_dir={tmp_path / 'cache'}", "gates.context=32")
+    result = run_main("stage=distill", f"run={tmp_path}", f"input={tiny_teacher}", "student=importance",
+                      "student.target_latency_ms=100000", "student.budget_by=depth", "student.calib_blocks=2",
+                      "distill.max_steps=1", "logging=none", "data=pydoc", "data.max_docs=30", "data.block_size=64",
+                      "distill.batch_size=2", "distill.checkpoint_every=0", "distill.val_batches=1",
+                      f"cache_dir={tmp_path / 'cache'}", "gates.context=32")
     assert result.returncode == 0, result.stderr[-3000:]
     m = json.loads((tmp_path / "distill" / "shrink.json").read_text())["metrics"]
     assert m["budget"]["key"] == "target_latency_ms" and m["budget"]["layers"] == 3 and len(m["kept_layers"]) == 3

@@ -100,21 +100,21 @@ def test_bad_settings_name_the_key():
 
 
 def test_distill_stage_trains_on_the_mix_and_reuses_the_cache(tiny_teacher, tmp_path):
-    from support import run_cli
+    from support import run_main
 
     common = ["stage=distill", f"input={tiny_teacher}", "logging=none", "data=pydoc", "data.max_docs=30",
               "data.block_size=64", "distill.batch_size=2", "distill.checkpoint_every=0", "distill.max_steps=2",
               "distill.val_batches=1", f"cache_dir={tmp_path / 'cache'}", "data.teacher_generated.ratio=0.5",
               "data.teacher_generated.num_samples=8", "data.teacher_generated.max_tokens=24",
               "data.teacher_generated.prefix_tokens=8", "gates.context=32", "gates.windows=2"]
-    first = run_cli(*common, f"run={tmp_path / 'a'}")
+    first = run_main(*common, f"run={tmp_path / 'a'}")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "teacher data: generating 8 samples" in first.stdout
     m = json.loads((tmp_path / "a" / "distill" / "shrink.json").read_text())["metrics"]
     assert m["teacher_data_samples"] == 8 and m["teacher_data_ratio"] == 0.5
     assert "teacher-generated (50% of blocks)" in m["data_source"]
     assert m["quality_gate"]["budget"] == 2.0
-    second = run_cli(*common, f"run={tmp_path / 'b'}")
+    second = run_main(*common, f"run={tmp_path / 'b'}")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "teacher data: 8 samples reused" in second.stdout and "generating" not in second.stdout
 
