@@ -1,22 +1,23 @@
-"""stage=distill through the CLI: importance-chosen layers + width + layer map; rationale training on
-real CQA examples with test accuracy; the vocabulary-mismatch error."""
+"""stage=distill from the command line: importance-chosen layers + width + layer map; rationale training on
+real CQA examples with test accuracy (both read the artifact: the command's main() in this process); the
+vocabulary-mismatch and resume errors (one line from a real `python -m shrink`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from support import run_cli, save_tiny_artifact
+from support import run_cli, run_main, save_tiny_artifact
 
 TINY = ["logging=none", "data=pydoc", "data.max_docs=30", "data.block_size=64", "distill.batch_size=2",
         "distill.checkpoint_every=0", "distill.save_dtype=fp32", "distill.val_batches=1"]
 
 
 def test_importance_width_and_layer_map(tiny_teacher: Path, tmp_path: Path):
-    result = run_cli("stage=distill", f"run={tmp_path}", f"input={tiny_teacher}", "student=importance",
-                     "student.keep_layers=importance:2", "student.calib_blocks=4", "student.width.intermediate_size=96",
-                     "distill.max_steps=3", "distill.layer_map=auto", "distill.layer_weight=0.5",
-                     "distill.losses.forward_kl=0", "+distill.losses.jsd={beta: 0.5}", "distill.losses.ce=0.2", *TINY)
+    result = run_main("stage=distill", f"run={tmp_path}", f"input={tiny_teacher}", "student=importance",
+                      "student.keep_layers=importance:2", "student.calib_blocks=4",
+                      "student.width.intermediate_size=96", "distill.max_steps=3", "distill.layer_map=auto", "distill.layer_weight=0.5",
+                      "distill.losses.forward_kl=0", "+distill.losses.jsd={beta: 0.5}", "distill.losses.ce=0.2", *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((tmp_path / "distill" / "shrink.json").read_text())
     m = meta["metrics"]
@@ -29,11 +30,11 @@ def test_importance_width_and_layer_map(tiny_teacher: Path, tmp_path: Path):
 
 def test_rationale_distillation_on_cqa(tiny_teacher: Path, tmp_path: Path, shared_data_dir: Path):
     # The tiny tokenizer covers every byte, so real CQA text works with the tiny model.
-    result = run_cli("stage=distill", f"run={tmp_path}", f"input={tiny_teacher}", "student=full", "data=cqa",
-                     "distill=rationale", "data.max_train=60", "data.max_eval=6", "data.max_len=96",
-                     "data.val_fraction=0.1", "distill.max_steps=3", "logging=none", "distill.batch_size=2",
-                     "distill.checkpoint_every=0", "distill.save_dtype=fp32", "distill.val_batches=1",
-                     f"data_dir={shared_data_dir}")
+    result = run_main("stage=distill", f"run={tmp_path}", f"input={tiny_teacher}", "student=full", "data=cqa",
+                      "distill=rationale", "data.max_train=60", "data.max_eval=6", "data.max_len=96",
+                      "data.val_fraction=0.1", "distill.max_steps=3", "logging=none", "distill.batch_size=2",
+                      "distill.checkpoint_every=0", "distill.save_dtype=fp32", "distill.val_batches=1",
+                      f"data_dir={shared_data_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     m = json.loads((tmp_path / "distill" / "shrink.json").read_text())["metrics"]
     assert m["cqa_eval_n"] == 6 and 0.0 <= m["cqa_accuracy"] <= 1.0

@@ -1,5 +1,6 @@
-"""stage=prune and stage=quantize through the CLI on the tiny teacher, the fine-tune's mask
-preservation, bad input, and the experiment driver's --quick mode."""
+"""stage=prune and stage=quantize from the command line on the tiny teacher (the command's main() in this
+process where the artifacts are read; bad input's one-line errors from a real `python -m shrink`), the
+fine-tune's mask preservation, and the experiment driver's --quick mode."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from common.errors import ShrinkError, config_section
-from support import REPO, run_cli, tiny_llama_config
+from support import REPO, run_cli, run_main, tiny_llama_config
 from shrink.compress.calib_data import CalibConfig, calibration_ids
 from shrink.compress.calibration import compress_model
 from shrink.compress.compressed_tensors_io import load_compressed, read_quantization_config
@@ -31,8 +32,8 @@ QCALIB = [c.replace("prune.", "quantize.") for c in CALIB]
 
 def test_prune_then_quantize_cli_keeps_two_four(tiny_teacher, tmp_path):
     run = tmp_path / "run"
-    r = run_cli("stage=prune", f"run={run}", f"input={tiny_teacher}", "logging=none", "device=cpu",
-                "prune.method=sparsegpt", *CALIB)
+    r = run_main("stage=prune", f"run={run}", f"input={tiny_teacher}", "logging=none", "device=cpu",
+                 "prune.method=sparsegpt", *CALIB)
     assert r.returncode == 0, r.stderr[-2000:]
     meta = json.loads((run / "prune" / "shrink.json").read_text())
     assert meta["metrics"]["sparsity_of_pruned"] == pytest.approx(0.5)
@@ -42,8 +43,8 @@ def test_prune_then_quantize_cli_keeps_two_four(tiny_teacher, tmp_path):
     assert len(targets) == 4 * 7
     assert all(is_nm_sparse(pruned.get_submodule(n).weight) for n in targets)
 
-    r = run_cli("stage=quantize", f"run={run}", f"input={run / 'prune'}", "logging=none", "device=cpu",
-                "quantize.recipe=gptq", "quantize.group_size=32", *QCALIB)
+    r = run_main("stage=quantize", f"run={run}", f"input={run / 'prune'}", "logging=none", "device=cpu",
+                 "quantize.recipe=gptq", "quantize.group_size=32", *QCALIB)
     assert r.returncode == 0, r.stderr[-2000:]
     qcfg = read_quantization_config(run / "quantize")
     assert qcfg["format"] == "pack-quantized" and qcfg["sparsity_config"]["sparsity_structure"] == "2:4"
