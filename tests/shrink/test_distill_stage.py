@@ -16,8 +16,9 @@ TINY = ["logging=none", "data=pydoc", "data.max_docs=30", "data.block_size=64", 
 def test_importance_width_and_layer_map(tiny_teacher: Path, tmp_path: Path):
     result = run_main("stage=distill", f"run={tmp_path}", f"input={tiny_teacher}", "student=importance",
                       "student.keep_layers=importance:2", "student.calib_blocks=4",
-                      "student.width.intermediate_size=96", "distill.max_steps=3", "distill.layer_map=auto", "distill.layer_weight=0.5",
-                      "distill.losses.forward_kl=0", "+distill.losses.jsd={beta: 0.5}", "distill.losses.ce=0.2", *TINY)
+                      "student.width.intermediate_size=96", "distill.max_steps=3", "distill.layer_map=auto",
+                      "distill.layer_weight=0.5", "distill.losses.forward_kl=0", "+distill.losses.jsd={beta: 0.5}",
+                      "distill.losses.ce=0.2", *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((tmp_path / "distill" / "shrink.json").read_text())
     m = meta["metrics"]
