@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from support import run_cli
+from support import run_cli, run_main
 
 TINY = ["logging=none", "data=pydoc", "data.max_docs=30", "data.block_size=64", "eval.context=64",
         "eval.stride=32", "eval.max_windows=4", "eval.datasets=[heldout]"]
@@ -49,6 +49,15 @@ def test_whole_pipeline_on_tiny_model(tiny_teacher: Path, tmp_path: Path):
     assert (run / "eval" / "report.md").read_text().count("| teacher |") == 1
     assert "report at" in result.stdout
     assert not (run / ".distill.ckpt").exists()  # removed once the artifact is in place
+
+
+def test_main_in_process_answers_as_the_command(tmp_path: Path):
+    """support.run_main (the stage tests that read artifacts run the command's main() in process) gives
+    the exit status and output of `python -m shrink` itself: usage, and a one-line error."""
+    for args in (["--help"], ["stage=nope", f"run={tmp_path}"], ["stage=eval", f"run={tmp_path}", "distill.lr=abc"]):
+        command, in_process = run_cli(*args), run_main(*args)
+        assert (in_process.returncode, in_process.stdout, in_process.stderr) == (
+            command.returncode, command.stdout, command.stderr), args
 
 
 def test_unknown_stage_fails_in_one_line(tmp_path: Path):
