@@ -36,6 +36,9 @@ def qat_note(model_artifact: Artifact, settings: CompressionSettings) -> str | N
     if transforms:
         return (f"warning: quantize: {where}, but {'+'.join(transforms)} rescales the weights off that grid "
                 f"before {quantizer.name} quantizes them")
+    if quantizer.name != "rtn":  # the message said rtn whatever the recipe ran
+        return (f"quantize: {where}, the one this stage quantizes to; {quantizer.name} moves a few of the trained "
+                f"codes (quantize.recipe=[rtn] gives them back exactly)")
     return f"quantize: {where}, the one this stage quantizes to: rtn gives back the trained codes exactly"
 
 
