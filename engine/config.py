@@ -11,7 +11,8 @@ from transformers import AutoConfig, PretrainedConfig
 
 from common.paths import default_cache_dir
 from engine.gguf import gguf_model_dir
-from engine.layers.options import ModelOptions, check_int4_kernel, check_sparse24_path, check_sparse24_timing
+from engine.layers.options import (ModelOptions, check_compressed_weights, check_int4_kernel, check_sparse24_path,
+                                   check_sparse24_timing)
 from engine.parallel.group import tp_rank, tp_size
 from engine.spec_decode.config import SpeculativeConfig, SpeculativeConfigError
 from kernels.gemv import MAX_NORM_K, SMALL_M
@@ -69,6 +70,11 @@ class EngineConfig:
     # (our GEMVs, fused into the decode kernels), "tinygemm" (torch's aten._weight_int4pack_mm,
     # unfused) or "auto" (whichever is timed faster after loading; the choice is logged).
     int4_kernel: str = "auto"
+    # Weight-only compressed (int8, int4) decoder linears (engine/layers/weight_form.py): "keep" the codes,
+    # "dequantize" them once at load into dense linears (GPU memory of the 16-bit model), or "auto":
+    # dequantize on the CPU; on a GPU keep the codes unless their dequantized weights decode faster,
+    # timed after loading (a small model's launch-bound layers; the choice is logged).
+    compressed_weights: str = "auto"
     # 2:4 sparse layers on a GPU (engine/layers/options.py): "auto" (the 2:4 GEMV / cuSPARSELt or a
     # dense matmul, timed per layer shape and batch size at first use; logged), "sparse" or "dense".
     sparse24_path: str = "auto"
@@ -143,6 +149,7 @@ class EngineConfig:
             raise ValueError(f"fused_decode_rows: must be None (timed at startup) or an integer in 0..{SMALL_M}, "
                              f"got {rows!r}")
         check_int4_kernel(self.int4_kernel)
+        check_compressed_weights(self.compressed_weights)
         check_sparse24_path(self.sparse24_path)
         check_sparse24_timing(self.sparse24_timing)
         if self.load_format not in ("safetensors", "dummy"):
@@ -229,6 +236,7 @@ class EngineConfig:
         return ModelOptions(use_triton=self.triton_enabled, fused_decode=self.fused_decode, pdl=self.pdl,
                             exact_dequant=self.exact_dequant or invariant,
                             int4_kernel="triton" if invariant else self.int4_kernel, batch_invariant=invariant,
+                            compressed_weights=self.compressed_weights,
                             sparse24_path=self.sparse24_path, sparse24_timing=self.sparse24_timing,
                             block_size=self.block_size,
                             max_model_len=self.max_model_len,

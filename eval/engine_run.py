@@ -34,7 +34,8 @@ def engine_options(model_dir: Path, settings: HarnessSettings, device: torch.dev
     seqs = eng.max_num_seqs or max([*settings.speed.batch_sizes, settings.load.concurrency, 1])
     options: dict[str, Any] = {"max_model_len": min(eng.max_model_len, limit), "max_num_seqs": seqs,
                                "device": device.type if device.index is None else str(device),
-                               "dtype": ENGINE_DTYPES.get(dtype, dtype), "speculative_config": speculative_config}
+                               "dtype": ENGINE_DTYPES.get(dtype, dtype), "speculative_config": speculative_config,
+                               "compressed_weights": eng.compressed_weights}
     if eng.kv_cache_tokens:
         options["kv_cache_tokens"] = eng.kv_cache_tokens
     return options

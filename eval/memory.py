@@ -17,7 +17,11 @@ def planned_kv_bytes_per_token(config: Any, dtype_bytes: int) -> int:
 
 def engine_memory(llm: Any) -> dict[str, Any]:
     """The engine's KV pool as allocated (bytes of every layer's K and V tensors), its capacity in
-    tokens, the planner's bytes per token for the engine's dtype, and the weights' bytes."""
+    tokens, the planner's bytes per token for the engine's dtype, the weights' bytes in memory and how
+    many linears it serves compressed (0 for a quantized artifact the engine served dequantized:
+    EngineConfig.compressed_weights "auto" where dense decodes faster, engine/layers/weight_form.py)."""
+    from engine.layers.quantized import CompressedLinear
+
     runner = llm.engine.runner
     layers = runner.attn_layers
     pool_bytes = sum(layer.k_cache.nbytes + layer.v_cache.nbytes for layer in layers)
@@ -29,6 +33,7 @@ def engine_memory(llm: Any) -> dict[str, Any]:
         "kv_bytes_per_token_measured": pool_bytes // capacity,
         "kv_bytes_per_token_planned": planned_kv_bytes_per_token(llm.engine.config.hf_config, runner.dtype.itemsize),
         "engine_weights_MB": sum(weights.values()) / 2**20,
+        "engine_compressed_linears": sum(isinstance(m, CompressedLinear) for m in runner.model.modules()),
     }
 
 

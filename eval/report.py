@@ -55,7 +55,8 @@ def speed_key(rows: list[dict[str, Any]]) -> str | None:
 # Column groups of the table, in this order (within a group, in the order the rows have them).
 COLUMN_ORDER = ("artifact", "stage", "status", "size_MB", "params", "ppl_", "acc_", "top1_agreement",
                 "kl_to_teacher", "decode_tok_s_", "hf_decode_tok_s_", "hf_generate", "prefill_tok_s_", "ttft_", "itl_",
-                "load_output_tok_s", "spec_", "kv_", "load_peak_kv_MB", "engine_weights_MB", "peak_memory_MB")
+                "load_output_tok_s", "spec_", "kv_", "load_peak_kv_MB", "engine_weights_MB", "engine_compressed_linears",
+                "peak_memory_MB")
 
 
 def ordered_columns(rows: list[dict[str, Any]]) -> list[str]:

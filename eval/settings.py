@@ -151,11 +151,17 @@ class LoadSettings:
             _positive(f"eval.load.{key}", getattr(self, key))
 
 
+# EngineConfig.compressed_weights's values (engine/layers/options.py COMPRESSED_WEIGHTS; repeated here so that
+# `python -m shrink` checks its config without importing the engine; tests/eval check that they agree).
+COMPRESSED_WEIGHTS = ("auto", "keep", "dequantize")
+
+
 @dataclass
 class EngineSettings:
     max_model_len: int = 512
     max_num_seqs: int = 0  # 0: the largest of eval.speed.batch_sizes and eval.load.concurrency
     kv_cache_tokens: int = 0  # 0: the engine sizes the pool (free GPU memory; on CPU from max_num_seqs)
+    compressed_weights: str = "auto"  # EngineConfig.compressed_weights: keep | dequantize | auto
 
     def check(self) -> None:
         _positive("eval.engine.max_model_len", self.max_model_len)
@@ -163,6 +169,9 @@ class EngineSettings:
             raise ShrinkError(f"eval.engine.max_num_seqs must be >= 0, got {self.max_num_seqs}")
         if self.kv_cache_tokens < 0:
             raise ShrinkError(f"eval.engine.kv_cache_tokens must be >= 0, got {self.kv_cache_tokens}")
+        if self.compressed_weights not in COMPRESSED_WEIGHTS:
+            raise ShrinkError(f"eval.engine.compressed_weights must be one of {', '.join(COMPRESSED_WEIGHTS)}, "
+                              f"got {self.compressed_weights!r}")
 
 
 K_POLICIES = ("fixed", "auto")

@@ -67,6 +67,8 @@
 #   experiments/engine_session.sh s17          # carry .gpu/wheels: 7B verify cost, int8 / int4 b1 profiles, 2:4 + int4 tiles
 #   experiments/engine_session.sh int4bound    # carry .gpu/wheels: what binds int4's M == 1 GEMV, the load ladder
 #                                              # (experiments/int4_bound.py; <= 120 s, issue 13)
+#   experiments/engine_session.sh weightform   # carry .gpu/wheels: compressed_weights' GPU tests; int8 / int4 served as
+#                                              # codes or "auto" at the SmolLM2-135M and Llama-2-7B shapes (issue 13/16)
 #   experiments/engine_session.sh bg NAME V..  # the verbs V.. in their own process session (they outlive the call);
 #                                              # `collect` (COLLECT_S) waits for every chain and fetches $H/bg
 set -uo pipefail
@@ -254,17 +256,42 @@ case "${1:?verb}" in
       mkdir -p "$OUTDIR/$r" && cp "$H/$r"/eval/report.* "$H/$r"/eval/*.png "$OUTDIR/$r/" 2>/dev/null
       for s in "$H/$r"/*/shrink.json; do cp "$s" "$OUTDIR/$r/$(basename "$(dirname "$s")").shrink.json"; done
     done;;
+  weightform)  # carry .gpu/wheels: engine/layers/weight_form.py's GPU tests, then eval.bench.quant with the codes kept
+               # and with compressed_weights "auto" (dense where it decodes faster), small and 7B shapes, one process each
+    timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/test_weight_form.py \
+      "tests/engine/test_int4_tinygemm.py::test_engine_greedy_tokens_tinygemm_equal_triton" > "$OUTDIR/wf_tests.txt" 2>&1
+    tail -n 5 "$OUTDIR/wf_tests.txt"
+    for shape in smollm2-135m llama2-7b; do
+      only="bf16 int8 int4_g64@auto"; bs="1 16 64"
+      [ $shape = llama2-7b ] && only="bf16 int8 int4_g128@auto" && bs="1 16"
+      for cw in keep auto; do
+        timeout ${WF_S:-300} python3 -m eval.bench.quant --shape $shape --out "$OUTDIR/wf_$shape.jsonl" --only $only \
+          --batch $bs --prefill-tokens 1024 --compressed-weights $cw > "$OUTDIR/wf_${shape}_$cw.log" 2>&1
+        echo "weightform $shape $cw: rc $?"
+      done
+    done
+    python3 - "$OUTDIR"/wf_*.jsonl <<'PY'
+import json, sys
+for path in sys.argv[1:]:
+    for line in open(path):
+        r = json.loads(line)
+        if r.get("kind") == "decode":
+            print(r["shape"], r["variant"], r.get("compressed_weights"), "codes kept:", r.get("weight_only_linears"),
+                  {k: round(v, 1) if isinstance(v, float) else v for k, v in r.items() if k.endswith(("tok_s", "vs_bf16"))})
+PY
+    ;;
   quiet)  # after the preset chains (waitfor each): every artifact of the runs QUIET_RUNS re-timed alone on the GPU,
           # engine decode at batch 1/16/64 (and 2 held-out windows: eval needs a dataset), the teacher's row first in
-          # each run: the baseline in the same process
+          # each run: the baseline in the same process; QUIET_ARGS more overrides (eval.engine.compressed_weights=keep),
+          # QUIET_TAG a suffix for its log and report folder
     for r in ${QUIET_RUNS:?}; do
       cp -r "$H/$r/eval" "$H/$r.eval_full" 2>/dev/null  # the full eval's report, before this one replaces it
       timeout ${QUIET_S:-400} python3 -m shrink stage=eval eval=gpu run="$H/$r" data_dir="$H/data" \
         cache_dir="$H/cache_$r" logging=none 'eval.datasets=[heldout]' eval.max_windows=2 eval.tasks.enabled=false eval.tasks.cqa_mc=false \
         eval.agreement.enabled=false eval.load.enabled=false eval.speed.hf_baseline=false eval.speculative=false \
-        eval.plots=false > "$OUTDIR/quiet_$r.log" 2>&1
-      echo "quiet $r: rc $?"; grep "decode tok/s" "$OUTDIR/quiet_$r.log"
-      mkdir -p "$OUTDIR/quiet_$r" && cp "$H/$r"/eval/report.* "$OUTDIR/quiet_$r/" 2>/dev/null
+        eval.plots=false ${QUIET_ARGS:-} > "$OUTDIR/quiet_$r${QUIET_TAG:-}.log" 2>&1
+      echo "quiet $r: rc $?"; grep "decode tok/s" "$OUTDIR/quiet_$r${QUIET_TAG:-}.log"
+      mkdir -p "$OUTDIR/quiet_$r${QUIET_TAG:-}" && cp "$H/$r"/eval/report.* "$OUTDIR/quiet_$r${QUIET_TAG:-}/" 2>/dev/null
     done;;
   long)  # after `stash` + `stash2` (+ .gpu/corpus and .gpu/dss carried once): issue 16's long GPU runs in their own
           # process session on GPU ${LONG_GPU:-1}, one after another: Distilling Step-by-Step on CQA with 3 seeds

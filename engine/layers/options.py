@@ -11,6 +11,11 @@ from dataclasses import dataclass
 # loading (engine/layers/int4_kernel.py).
 INT4_KERNELS = ("auto", "triton", "tinygemm")
 
+# Weight-only compressed (int8, int4) decoder linears: "keep" the codes, "dequantize" them once at load
+# into dense linears, or "auto": dequantize on the CPU; on a GPU keep them unless their dequantized
+# weights time faster at decode (engine/layers/weight_form.py).
+COMPRESSED_WEIGHTS = ("auto", "keep", "dequantize")
+
 
 # 2:4 sparse layers: "auto" (the faster of the 2:4 GEMV / cuSPARSELt and a dense matmul per layer
 # shape and batch size, timed on the GPU at first use), "sparse" or "dense" (Sparse24Linear).
@@ -26,6 +31,11 @@ SPARSE24_TIMINGS = ("eager", "graph")
 def check_int4_kernel(value: object) -> None:
     if value not in INT4_KERNELS:
         raise ValueError(f"int4_kernel: {value!r} is not one of {', '.join(INT4_KERNELS)}")
+
+
+def check_compressed_weights(value: object) -> None:
+    if value not in COMPRESSED_WEIGHTS:
+        raise ValueError(f"compressed_weights: {value!r} is not one of {', '.join(COMPRESSED_WEIGHTS)}")
 
 
 def check_sparse24_path(value: object) -> None:
@@ -52,6 +62,8 @@ class ModelOptions:
     exact_dequant: bool = False
     # Which kernel runs int4 weights' small-batch matmuls on a GPU: one of INT4_KERNELS.
     int4_kernel: str = "auto"
+    # Whether weight-only compressed linears stay compressed: one of COMPRESSED_WEIGHTS.
+    compressed_weights: str = "auto"
     # Which path runs 2:4 sparse layers: one of SPARSE24_PATHS.
     sparse24_path: str = "auto"
     # How "auto" times 2:4 layers' decode-size candidates: one of SPARSE24_TIMINGS.
@@ -71,5 +83,6 @@ class ModelOptions:
 
     def __post_init__(self) -> None:
         check_int4_kernel(self.int4_kernel)
+        check_compressed_weights(self.compressed_weights)
         check_sparse24_path(self.sparse24_path)
         check_sparse24_timing(self.sparse24_timing)

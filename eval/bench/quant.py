@@ -219,36 +219,51 @@ def int4_kernel_used(model: nn.Module) -> dict[str, Any]:
     return {"int4_kernel_used": "tinygemm" if max_m else "triton", "tinygemm_max_m": max_m}
 
 
+def weight_only_linears(model: nn.Module) -> int:
+    """How many int8 / int4 decoder linears the loaded model serves compressed (0 where compressed_weights
+    "auto" served a weight-only variant dense)."""
+    from engine.layers.weight_form import compressed_layers
+
+    return len(compressed_layers(model))
+
+
 def decode(shape: str, variant: str, batches: list[int], new_tokens: int, prompt_len: int, ceiling_tbps: float,
-           exact_dequant: bool = False, sparse24_timing: str = "eager") -> dict:
+           exact_dequant: bool = False, sparse24_timing: str = "eager", compressed_weights: str = "keep") -> dict:
     """One engine of `variant` ("int4_g128@tinygemm": the compression, then the int4_kernel);
-    sparse24_timing: how the engine times 2:4 layers' decode candidates (engine/layers/options.py)."""
+    sparse24_timing: how the engine times 2:4 layers' decode candidates (engine/layers/options.py);
+    compressed_weights: "keep" (the compressed kernels, what this bench measures), or "auto" (the engine may
+    serve dense weights where they decode faster: engine/layers/weight_form.py; the record says which)."""
     from engine import LLM, SamplingParams
 
     choice_log = _Lines()
-    logging.getLogger("engine.int4").addHandler(choice_log)
-    logging.getLogger("engine.int4").setLevel(logging.INFO)
+    for name in ("engine.int4", "engine.weights"):
+        logging.getLogger(name).addHandler(choice_log)
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         with compressed_dummy_weights(variant):
             t = time.perf_counter()
             llm = LLM(shape_dir(shape), load_format="dummy", max_num_seqs=max(batches),
                       cuda_graph_max_bs=max(batches), exact_dequant=exact_dequant,
                       max_model_len=prompt_len + new_tokens + 16, enable_prefix_caching=False,
-                      sparse24_timing=sparse24_timing, **engine_options(variant))
+                      sparse24_timing=sparse24_timing, compressed_weights=compressed_weights,
+                      **engine_options(variant))
             setup_s = time.perf_counter() - t
     finally:
-        logging.getLogger("engine.int4").removeHandler(choice_log)
+        for name in ("engine.int4", "engine.weights"):
+            logging.getLogger(name).removeHandler(choice_log)
     model = llm.engine.runner.model
     nbytes = streamed_bytes(model)
     record: dict[str, Any] = {"kind": "decode", "shape": shape, "variant": variant, "weight_bytes": nbytes,
                               "exact_dequant": exact_dequant, **int4_kernel_used(model),
+                              "compressed_weights": compressed_weights,
+                              "weight_only_linears": weight_only_linears(model),
                               "fused_decode": bool(model.model.fusable), **fused_rows(llm.engine.runner),
                               "setup_s": setup_s,
                               "sparse24_paths": sparse24_paths(model)}
     if record["sparse24_paths"]:
         record["sparse24_timing"] = sparse24_timing
     if choice_log.lines:
-        record["int4_kernel_log"] = choice_log.lines
+        record["int4_kernel_log"] = choice_log.lines  # and compressed_weights "auto"'s choice
     vocab = llm.engine.vocab_size
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     for bs in batches:
@@ -337,6 +352,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="also prefill nano-vllm's 256 prompts (one output token each) per prefill variant")
     ap.add_argument("--sparse24-timing", choices=["eager", "graph"], default="eager",
                     help="how the engine times 2:4 layers' decode-size paths (EngineConfig.sparse24_timing)")
+    ap.add_argument("--compressed-weights", choices=["keep", "auto"], default="keep",
+                    help="keep: time the compressed kernels; auto: as the engine serves by default (dense where "
+                         "it decodes faster, engine/layers/weight_form.py)")
     ap.add_argument("--exact-dequant", action="store_true",
                     help="decode the compressed variants with the exact dequantization (default: the fast one)")
     args = ap.parse_args(argv)
@@ -356,7 +374,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             try:
                 rec = decode(args.shape, variant, args.batch, args.new_tokens, args.prompt_len,
-                             ceiling["copy_bandwidth_TBps"], args.exact_dequant, args.sparse24_timing)
+                             ceiling["copy_bandwidth_TBps"], args.exact_dequant, args.sparse24_timing,
+                             args.compressed_weights)
                 if variant == "bf16":
                     base = {bs: rec[f"b{bs}_tok_s"] for bs in args.batch}
                 for bs in args.batch:

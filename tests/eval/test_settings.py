@@ -33,6 +33,7 @@ def test_defaults_parse():
     ({"agreement": {"window_len": 1}}, "eval.agreement.window_len"),
     ({"speculative": "yes"}, "eval.speculative"),
     ({"engine": 3}, "eval.engine"),
+    ({"engine": {"compressed_weights": "dense"}}, "eval.engine.compressed_weights"),
     ({"wikitext2": {"stride": 4096}}, "eval.wikitext2.stride"),
     ({"wikitext2": {"context": 1}}, "eval.wikitext2.context"),
     ({"wikitext2": {"max_windows": 0}}, "eval.wikitext2.max_windows"),
@@ -98,3 +99,11 @@ def test_the_demo_caps_wikitext2_on_its_own_keys():
     protocols, _ = perplexity_protocols(["wikitext2"], cfg.eval.context, cfg.eval.stride, cfg.eval.max_windows,
                                         s.wikitext2, max_positions=8192)
     assert protocols["wikitext2"] == WindowProtocol(256, 256, 6, full_windows_only=True)
+
+
+def test_compressed_weights_values_are_the_engines():
+    """eval.settings repeats the engine's values (it is read without importing the engine)."""
+    from engine.layers.options import COMPRESSED_WEIGHTS
+    from eval.settings import COMPRESSED_WEIGHTS as EVAL_VALUES
+
+    assert EVAL_VALUES == COMPRESSED_WEIGHTS

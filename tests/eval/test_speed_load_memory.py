@@ -83,6 +83,7 @@ def test_planner_matches_the_engine_pool(model_dir: Path):
     assert mem["kv_bytes_per_token_measured"] == mem["kv_bytes_per_token_planned"] == 2 * 4 * 2 * 16 * 4
     assert mem["kv_pool_MB"] == pytest.approx(256 * 2 * 4 * 2 * 16 * 4 / 2**20)
     assert mem["engine_weights_MB"] > 0
+    assert mem["engine_compressed_linears"] == 0  # a dense model
     assert peak_memory_MB(torch.device("cpu")) is None
 
 
