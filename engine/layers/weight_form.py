@@ -57,6 +57,11 @@ def _device_bytes(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).total_memory
 
 
+def _can_time(device: torch.device) -> bool:
+    """Whether the layers are where _seconds times them (a GPU; on the CPU "auto" is the loader's dequantization)."""
+    return device.type == "cuda"
+
+
 def compressed_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The decoder layers' weight-only compressed linears by name (lm_head and the rest excluded)."""
     layers = model.model.layers
@@ -94,16 +99,18 @@ def choose_weight_form(model: nn.Module, dtype: torch.dtype) -> str | None:
     """Apply ModelOptions.compressed_weights "auto" to a loaded model (activations of `dtype`):
     returns "compressed" or "dense" (the layers then replaced by nn.Linear with their dequantized
     weights), None without weight-only compressed decoder linears. "keep" and "dequantize" were
-    the loader's to apply: they return "compressed" here. The GPU's timer and memory size are this
-    module's _seconds and _device_bytes (tests replace them)."""
+    the loader's to apply: they return "compressed" here, as does "auto" off a GPU (layers loaded
+    compressed on the CPU by keep_compressed). The GPU's timer and memory size are this module's
+    _seconds, _device_bytes and _can_time (tests replace them)."""
     layers = compressed_layers(model)
     if not layers:
         return None
     options = model.options
     if options.compressed_weights != "auto" or options.tp_size > 1 or not options.use_triton:
         return "compressed"
-    first = next(iter(layers.values()))
-    device = first.scale.device
+    device = next(iter(layers.values())).scale.device
+    if not _can_time(device):
+        return "compressed"
     extra = sum(m.out_features * m.in_features for m in layers.values()) * torch.finfo(dtype).bits // 8
     limit = MAX_DENSE_FRACTION * _device_bytes(device)
     if extra > limit:

@@ -333,7 +333,8 @@ def test_triton_engine_fuses_sparse24_int4_decode_at_one_row(artifacts, monkeypa
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))
 def test_gpu_engine_serves_compressed_artifact(scheme, artifacts):
-    """On a GPU the compressed modules stay compressed (the default there) and run their kernels:
+    """On a GPU the compressed modules stay compressed ("keep": "auto" may serve a model this small
+    dense, tests/engine/test_weight_form.py) and run their kernels:
     fused decode in CUDA graphs (int8, int4, W8A8 int8), _int_mm / _scaled_mm, 2:4 + int4 GEMV;
     fp32 so that greedy tokens equal transformers' (CPU) on the same artifact. Prints each phase's
     time and the modules' layouts, so that a failure or a hang on the GPU says where it was."""
@@ -342,7 +343,7 @@ def test_gpu_engine_serves_compressed_artifact(scheme, artifacts):
     path = artifacts(scheme)
     t = time.perf_counter()
     print(f"[{scheme}] building the engine (graph capture included)", flush=True)
-    llm = LLM(str(path), device="cuda", dtype="float32", max_model_len=128, block_size=16)
+    llm = LLM(str(path), device="cuda", dtype="float32", max_model_len=128, block_size=16, compressed_weights="keep")
     print(f"[{scheme}] built in {time.perf_counter() - t:.1f}s", flush=True)
     modules = [m for m in llm.engine.runner.model.modules() if isinstance(m, CompressedLinear)]
     layouts = sorted({f"{type(m).__name__}({m.extra_repr()})" for m in modules})

@@ -201,8 +201,9 @@ def test_engine_greedy_tokens_tinygemm_equal_triton(scheme, tmp_path):
     tokens, fused = {}, {}
     for kernel in ("triton", "tinygemm", "auto"):
         # fused_decode_rows pinned: the Triton engines' decode stays fused, whatever timing would choose.
+        # compressed_weights "keep": the int4 kernels are the subject (a tiny model's might be served dense).
         llm = LLM(str(path), device="cuda", dtype="bfloat16", max_model_len=128, int4_kernel=kernel,
-                  fused_decode_rows=SMALL_M)
+                  fused_decode_rows=SMALL_M, compressed_weights="keep")
         model = llm.engine.runner.model
         layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
         assert layers

@@ -47,6 +47,7 @@ class FakeGPU:
         self.times, self.calls = times, []
         monkeypatch.setattr(weight_form, "_seconds", self.seconds)
         monkeypatch.setattr(weight_form, "_device_bytes", lambda device: memory)
+        monkeypatch.setattr(weight_form, "_can_time", lambda device: True)
 
     def seconds(self, run, form: str, rows: int) -> float:
         self.calls.append((form, rows))
@@ -138,6 +139,14 @@ def test_nothing_is_timed_with_keep_or_without_the_triton_kernels(artifacts, mon
     assert choose_weight_form(model, torch.float32) == "compressed"
 
 
+def test_the_cpu_is_not_timed(artifacts, monkeypatch):
+    """Codes kept on the CPU (keep_compressed) under "auto": nothing timed there, the codes stay."""
+    gpu = FakeGPU(monkeypatch, dense_times(0.1, 0.1))
+    monkeypatch.setattr(weight_form, "_can_time", lambda device: device.type == "cuda")
+    model = model_of(artifacts("int4_g32"), use_triton=True)
+    assert len(compressed_layers(model)) == DECODER_LINEARS and gpu.calls == []
+
+
 def test_no_weight_only_layers_is_no_choice(model_dir):
     config = EngineConfig(model=model_dir("llama_gqa_untied"), device="cpu")
     model = LlamaForCausalLM(config.hf_config, max_position=128, options=ModelOptions(use_triton=True))
@@ -150,15 +159,16 @@ def test_no_weight_only_layers_is_no_choice(model_dir):
 def test_gpu_auto_serves_what_the_form_it_chose_serves(artifacts, caplog, scheme):
     """bf16 graphs on the GPU: "auto" times the real kernels (logged), and its greedy tokens equal an
     engine forced to the form it chose ("dequantize" for dense, "keep" for the codes), the fused decode
-    rows pinned so that both run the same kernels."""
+    rows and the int4 kernel pinned so that both run the same kernels."""
     path = artifacts(scheme)
-    engine = dict(max_model_len=128, fused_decode_rows=SMALL_M, enable_prefix_caching=False)
+    engine = dict(max_model_len=128, fused_decode_rows=SMALL_M, enable_prefix_caching=False, int4_kernel="triton")
     prompts = [[5, 17, 99, 3, 250, 42, 8], [300, 12], list(range(40, 80))]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     with caplog.at_level(logging.INFO, logger="engine.weights"):
         auto = LLM(str(path), **engine)
     assert "compressed_weights auto:" in caplog.text
     dense = not compressed_layers(auto.engine.runner.model)
+    print(f"[{scheme}] auto served {'dense' if dense else 'the codes'}: {caplog.text.strip()}", flush=True)
     got = [o.token_ids for o in auto.generate(prompts, params)]
     del auto
     forced = LLM(str(path), compressed_weights="dequantize" if dense else "keep", **engine)
