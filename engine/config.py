@@ -70,10 +70,10 @@ class EngineConfig:
     # (our GEMVs, fused into the decode kernels), "tinygemm" (torch's aten._weight_int4pack_mm,
     # unfused) or "auto" (whichever is timed faster after loading; the choice is logged).
     int4_kernel: str = "auto"
-    # Weight-only compressed (int8, int4) decoder linears (engine/layers/weight_form.py): "keep" the codes,
+    # Weight-only compressed (int8, int4) decoder linears (engine/weight_form.py): "keep" the codes,
     # "dequantize" them once at load into dense linears (GPU memory of the 16-bit model), or "auto":
-    # dequantize on the CPU; on a GPU keep the codes unless their dequantized weights decode faster,
-    # timed after loading (a small model's launch-bound layers; the choice is logged).
+    # dequantize on the CPU; on a GPU keep the codes unless the decode forward on their dequantized
+    # weights times faster at startup (a small model's launch-bound layers; the choice is logged).
     compressed_weights: str = "auto"
     # 2:4 sparse layers on a GPU (engine/layers/options.py): "auto" (the 2:4 GEMV / cuSPARSELt or a
     # dense matmul, timed per layer shape and batch size at first use; logged), "sparse" or "dense".

@@ -26,6 +26,7 @@ from engine.context import Context, reset_context, set_context
 from engine.cuda_graphs import EngineGraphs, capture_graphs, decode_graph_max_bs
 from engine.decode_inputs import DecodeInputs
 from engine.fused_rows import set_fused_rows
+from engine.weight_form import set_weight_form
 from engine.kv_cache import allocate_kv_cache, kv_bytes_per_token
 from engine.layers.attention import Attention
 from engine.layers.sampler import PromptLogprobs, Sampler, StepResult, device_tensor
@@ -94,10 +95,12 @@ class ModelRunner:
         self.decode_inputs = DecodeInputs(self.device, decode_rows, max_blocks, self.block_size,
                                           config.num_decode_steps, config.triton_enabled)
         graphed = self.device.type == "cuda" and not config.enforce_eager
-        # The decode rows that take the fused path, timed before any graph records one (fused_rows.py):
-        # bucket -> {"fused", "unfused"} device us, {} where nothing was timed.
-        self.fused_rows_us = set_fused_rows(self, decode_graph_max_bs(config, verify_rows) if graphed else decode_rows,
-                                            graphed)
+        max_rows = decode_graph_max_bs(config, verify_rows) if graphed else decode_rows
+        # Weight-only codes or their dense weights, whichever decodes faster (weight_form.py, compressed_weights
+        # "auto"): form -> {rows: device us}; then the decode rows that take the fused path on the form kept, timed
+        # before any graph records one (fused_rows.py): bucket -> {"fused", "unfused"} device us ({}: not timed).
+        self.weight_form_us = set_weight_form(self, max_rows, graphed)
+        self.fused_rows_us = set_fused_rows(self, max_rows, graphed)
         graphs = EngineGraphs()
         if graphed:
             graphs = capture_graphs(self.model, self.decode_inputs, config, max_blocks,

@@ -19,7 +19,7 @@ def engine_memory(llm: Any) -> dict[str, Any]:
     """The engine's KV pool as allocated (bytes of every layer's K and V tensors), its capacity in
     tokens, the planner's bytes per token for the engine's dtype, the weights' bytes in memory and how
     many linears it serves compressed (0 for a quantized artifact the engine served dequantized:
-    EngineConfig.compressed_weights "auto" where dense decodes faster, engine/layers/weight_form.py)."""
+    EngineConfig.compressed_weights "auto" where dense decodes faster, engine/weight_form.py)."""
     from engine.layers.quantized import CompressedLinear
 
     runner = llm.engine.runner

@@ -259,15 +259,17 @@ case "${1:?verb}" in
       mkdir -p "$OUTDIR/$r" && cp "$H/$r"/eval/report.* "$H/$r"/eval/*.png "$OUTDIR/$r/" 2>/dev/null
       for s in "$H/$r"/*/shrink.json; do cp "$s" "$OUTDIR/$r/$(basename "$(dirname "$s")").shrink.json"; done
     done;;
-  weightform)  # carry .gpu/wheels: engine/layers/weight_form.py's GPU tests, then eval.bench.quant with the codes kept
+  weightform)  # carry .gpu/wheels: engine/weight_form.py's GPU tests, then eval.bench.quant with the codes kept
                # and with compressed_weights "auto" (dense where it decodes faster), small and 7B shapes, one process each
-    timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/test_weight_form.py \
-      "tests/engine/test_int4_tinygemm.py::test_engine_greedy_tokens_tinygemm_equal_triton" > "$OUTDIR/wf_tests.txt" 2>&1
-    tail -n 5 "$OUTDIR/wf_tests.txt"
-    for shape in smollm2-135m llama2-7b; do
-      only="bf16 int8 int4_g64@auto"; bs="1 16 64"
-      [ $shape = llama2-7b ] && only="bf16 int8 int4_g128@auto" && bs="1 16"
-      for cw in keep auto; do
+               # (WF_TESTS=0: the benches alone; WF_BENCH=0: the tests alone, as `wftests`)
+    [ "${WF_TESTS:-1}" = 1 ] && { timeout ${TESTS_S:-500} python3 -m pytest -q -p no:cacheprovider -m gpu -rf --tb=short \
+      tests/engine/test_weight_form.py "tests/engine/test_int4_tinygemm.py::test_engine_greedy_tokens_tinygemm_equal_triton" \
+      "tests/engine/test_compressed_loading.py::test_gpu_engine_serves_compressed_artifact" > "$OUTDIR/wf_tests.txt" 2>&1
+      tail -n 5 "$OUTDIR/wf_tests.txt"; }
+    [ "${WF_BENCH:-1}" = 1 ] && for shape in smollm2-135m llama2-7b; do
+      only="bf16 int8 int4_g64@auto"; bs="1 16 64"; forms="keep auto"
+      [ $shape = llama2-7b ] && only="bf16 int4_g128@auto" && bs="1 16" && forms=auto  # the codes should stay
+      for cw in $forms; do
         timeout ${WF_S:-300} python3 -m eval.bench.quant --shape $shape --out "$OUTDIR/wf_$shape.jsonl" --only $only \
           --batch $bs --prefill-tokens 1024 --compressed-weights $cw > "$OUTDIR/wf_${shape}_$cw.log" 2>&1
         echo "weightform $shape $cw: rc $?"

@@ -13,7 +13,7 @@ INT4_KERNELS = ("auto", "triton", "tinygemm")
 
 # Weight-only compressed (int8, int4) decoder linears: "keep" the codes, "dequantize" them once at load
 # into dense linears, or "auto": dequantize on the CPU; on a GPU keep them unless their dequantized
-# weights time faster at decode (engine/layers/weight_form.py).
+# weights time faster at decode (engine/weight_form.py).
 COMPRESSED_WEIGHTS = ("auto", "keep", "dequantize")
 
 

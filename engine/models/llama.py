@@ -37,7 +37,7 @@ from engine.layers.attention import Attention
 from engine.layers.linear import (ParallelLMHead, RowParallelLinear, VocabParallelEmbedding, row_parallel_gemv_add,
                                   shard_range, vocab_range)
 from engine.layers.int4_kernel import choose_int4_kernels
-from engine.layers.weight_form import choose_weight_form
+from engine.weight_form import load_compressed
 from engine.layers.options import ModelOptions
 from engine.layers.quantized import CompressedLinear, fused_decode_rows, gemv_weight
 from engine.layers.rmsnorm import RMSNorm
@@ -293,12 +293,11 @@ class LlamaForCausalLM(nn.Module):
         """Load a Hugging Face / compressed-tensors checkpoint, verified: every parameter exactly
         once with its shape, or one error listing what is missing, unexpected or mis-shaped.
         Compressed linears stay compressed (engine/layers/quantized.py) where `keep_compressed`
-        (default: options.compressed_weights, whose "auto" keeps them on a GPU); otherwise
+        (default: options.compressed_weights, whose "auto" keeps them on a GPU: engine/weight_form.py); otherwise
         weight-only schemes are dequantized once into the dense linears (W8A8 keeps its module: its
         activations are quantized at run time)."""
         if keep_compressed is None:
-            form = self.options.compressed_weights
-            keep_compressed = form == "keep" or (form == "auto" and self.lm_head.weight.device.type == "cuda")
+            keep_compressed = load_compressed(self.options.compressed_weights, self.lm_head.weight.device)
         tolerated = {"lm_head.weight"} if self.tie_word_embeddings else set()
         load_checkpoint(self, path, self.linear_shards(), tolerated, keep_compressed, self.options, self.param_rows())
         self.update_fusable()
@@ -315,19 +314,22 @@ class LlamaForCausalLM(nn.Module):
 
     def update_fusable(self) -> None:
         """After linears were swapped: int4 linears set up for their kernel (triton / tinygemm:
-        engine/layers/int4_kernel.py), weight-only ones kept or dequantized (compressed_weights "auto":
-        engine/layers/weight_form.py), then the fused small-batch decode runs only when its
+        engine/layers/int4_kernel.py), then the fused small-batch decode runs only when its
         kernels can read every decoder linear (dense, int8 per channel, int4 on Triton, W8A8 int8; 2:4 +
         int4 on its fast GEMV at batch 1 only, 16-bit: fused_decode_rows)."""
         dtype = self.model.embed_tokens.weight.dtype
         choose_int4_kernels(self, dtype)  # lm_head may be compressed
-        choose_weight_form(self, dtype)  # compressed_weights "auto": dense where it decodes faster
-        linears = (m for m in self.model.layers.modules() if isinstance(m, (nn.Linear, CompressedLinear)))
-        rows = fused_decode_rows(linears, dtype)
-        self.model.fusable, self.model.fused_rows = rows > 0, rows
+        self.update_fused_rows()
         if self.options.batch_invariant:  # every linear, the lm_head too, must be the GEMVs'
             unread = next((f"{name} ({type(m).__name__})" for name, m in self.named_modules()
                            if isinstance(m, (nn.Linear, CompressedLinear)) and gemv_weight(m) is None), None)
             if unread is not None:
                 raise ValueError(f"batch_invariant: {unread} is a format the batch-invariant GEMVs do not read "
                                  "(dense, int8 per channel, int4 on Triton and W8A8 int8 are)")
+
+    def update_fused_rows(self) -> None:
+        """The most decode rows the fused kernels may take with the decoder linears as they are now
+        (0: not fusable), the cap engine/fused_rows.py times within."""
+        linears = (m for m in self.model.layers.modules() if isinstance(m, (nn.Linear, CompressedLinear)))
+        rows = fused_decode_rows(linears, self.model.embed_tokens.weight.dtype)
+        self.model.fusable, self.model.fused_rows = rows > 0, rows

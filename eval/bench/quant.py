@@ -222,7 +222,7 @@ def int4_kernel_used(model: nn.Module) -> dict[str, Any]:
 def weight_only_linears(model: nn.Module) -> int:
     """How many int8 / int4 decoder linears the loaded model serves compressed (0 where compressed_weights
     "auto" served a weight-only variant dense)."""
-    from engine.layers.weight_form import compressed_layers
+    from engine.weight_form import compressed_layers
 
     return len(compressed_layers(model))
 
@@ -232,7 +232,7 @@ def decode(shape: str, variant: str, batches: list[int], new_tokens: int, prompt
     """One engine of `variant` ("int4_g128@tinygemm": the compression, then the int4_kernel);
     sparse24_timing: how the engine times 2:4 layers' decode candidates (engine/layers/options.py);
     compressed_weights: "keep" (the compressed kernels, what this bench measures), or "auto" (the engine may
-    serve dense weights where they decode faster: engine/layers/weight_form.py; the record says which)."""
+    serve dense weights where they decode faster: engine/weight_form.py; the record says which)."""
     from engine import LLM, SamplingParams
 
     choice_log = _Lines()
@@ -257,6 +257,8 @@ def decode(shape: str, variant: str, batches: list[int], new_tokens: int, prompt
                               "exact_dequant": exact_dequant, **int4_kernel_used(model),
                               "compressed_weights": compressed_weights,
                               "weight_only_linears": weight_only_linears(model),
+                              "weight_form_us": {f: {str(b): t for b, t in us.items()}
+                                                 for f, us in llm.engine.runner.weight_form_us.items()},
                               "fused_decode": bool(model.model.fusable), **fused_rows(llm.engine.runner),
                               "setup_s": setup_s,
                               "sparse24_paths": sparse24_paths(model)}
@@ -354,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="how the engine times 2:4 layers' decode-size paths (EngineConfig.sparse24_timing)")
     ap.add_argument("--compressed-weights", choices=["keep", "auto"], default="keep",
                     help="keep: time the compressed kernels; auto: as the engine serves by default (dense where "
-                         "it decodes faster, engine/layers/weight_form.py)")
+                         "it decodes faster, engine/weight_form.py)")
     ap.add_argument("--exact-dequant", action="store_true",
                     help="decode the compressed variants with the exact dequantization (default: the fast one)")
     args = ap.parse_args(argv)
