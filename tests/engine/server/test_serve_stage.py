@@ -44,6 +44,9 @@ def test_defaults_bind_loopback_and_name_only_known_keys():
     defaults = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "serve" / "default.yaml"))
     assert defaults["host"] == ServerConfig().host == "127.0.0.1"
     assert set(defaults) == {f.name for f in fields(ServerConfig)} | set(ENGINE_KEYS)
+    from engine.config import EngineConfig
+
+    assert set(defaults["engine"]) <= {f.name for f in fields(EngineConfig)}  # serve.engine: EngineConfig fields
 
 
 def free_port() -> int:
