@@ -122,7 +122,9 @@ def set_weight_form(runner: Any, max_rows: int, graphed: bool) -> dict[str, dict
     us: dict[str, dict[int, float]] = {}
     with torch.inference_mode():
         us["codes"] = {b: _best_forward_us(runner, b, graphed) for b in rows}
-        _swap(model, {name: dense_like(m, dtype) for name, m in layers.items()})
+    # Outside inference mode: the dense weights stay ordinary tensors (update_weights copies into them in place).
+    _swap(model, {name: dense_like(m, dtype) for name, m in layers.items()})
+    with torch.inference_mode():
         us["dense"] = {b: _best_forward_us(runner, b, graphed) for b in rows}
     dense = us["dense"][1] * MIN_GAIN <= us["codes"][1] and all(us["dense"][b] <= us["codes"][b] for b in rows)
     log.info("compressed_weights auto: %s (decode forward us, codes / dense: %s; %d decoder linears, dense %.1f MB)",

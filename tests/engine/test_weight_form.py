@@ -108,6 +108,7 @@ def test_auto_serves_dense_weights_where_the_forward_times_faster(artifacts, mon
             assert isinstance(m, nn.Linear) and isinstance(dense[name], nn.Linear), name  # (nn.Linear for the
             # row-parallel o_proj / down_proj: one rank, where the two compute the same)
             torch.testing.assert_close(m.weight, dense[name].weight, rtol=0, atol=0)
+            assert not m.weight.is_inference()  # update_weights copies into it in place
             assert (m.bias is None) == (dense[name].bias is None)
     assert tokens(auto) == tokens(reference)
 
