@@ -259,13 +259,10 @@ case "${1:?verb}" in
       mkdir -p "$OUTDIR/$r" && cp "$H/$r"/eval/report.* "$H/$r"/eval/*.png "$OUTDIR/$r/" 2>/dev/null
       for s in "$H/$r"/*/shrink.json; do cp "$s" "$OUTDIR/$r/$(basename "$(dirname "$s")").shrink.json"; done
     done;;
-  weightform)  # carry .gpu/wheels: engine/weight_form.py's GPU tests, then eval.bench.quant with the codes kept
-               # and with compressed_weights "auto" (dense where it decodes faster), small and 7B shapes, one process each
-               # (WF_TESTS=0: the benches alone; WF_BENCH=0: the tests alone, as `wftests`)
-    [ "${WF_TESTS:-1}" = 1 ] && { timeout ${TESTS_S:-500} python3 -m pytest -q -p no:cacheprovider -m gpu -rf --tb=short \
-      tests/engine/test_weight_form.py "tests/engine/test_int4_tinygemm.py::test_engine_greedy_tokens_tinygemm_equal_triton" \
-      "tests/engine/test_compressed_loading.py::test_gpu_engine_serves_compressed_artifact" > "$OUTDIR/wf_tests.txt" 2>&1
-      tail -n 5 "$OUTDIR/wf_tests.txt"; }
+  weightform)  # carry .gpu/wheels: eval.bench.quant with the codes kept and with compressed_weights "auto" (dense where
+               # the decode forward times faster: engine/weight_form.py), small and 7B shapes, one process each, GPU alone;
+               # then the GPU tests of weight_form, the int4 kernels' engines and the compressed artifacts (WF_TESTS=0:
+               # the benches alone; WF_BENCH=0: the tests alone, beside other work)
     [ "${WF_BENCH:-1}" = 1 ] && for shape in smollm2-135m llama2-7b; do
       only="bf16 int8 int4_g64@auto"; bs="1 16 64"; forms="keep auto"
       [ $shape = llama2-7b ] && only="bf16 int4_g128@auto" && bs="1 16" && forms=auto  # the codes should stay
@@ -275,15 +272,19 @@ case "${1:?verb}" in
         echo "weightform $shape $cw: rc $?"
       done
     done
-    python3 - "$OUTDIR"/wf_*.jsonl <<'PY'
+    [ "${WF_BENCH:-1}" = 1 ] && python3 - "$OUTDIR"/wf_*.jsonl <<'PY'
 import json, sys
 for path in sys.argv[1:]:
     for line in open(path):
         r = json.loads(line)
         if r.get("kind") == "decode":
             print(r["shape"], r["variant"], r.get("compressed_weights"), "codes kept:", r.get("weight_only_linears"),
-                  {k: round(v, 1) if isinstance(v, float) else v for k, v in r.items() if k.endswith(("tok_s", "vs_bf16"))})
+                  r.get("weight_form_us"), {k: round(v, 1) for k, v in r.items() if k.endswith(("tok_s", "vs_bf16"))})
 PY
+    [ "${WF_TESTS:-1}" = 1 ] && { timeout ${TESTS_S:-500} python3 -m pytest -q -p no:cacheprovider -m gpu -rf --tb=short \
+      tests/engine/test_weight_form.py "tests/engine/test_int4_tinygemm.py::test_engine_greedy_tokens_tinygemm_equal_triton" \
+      "tests/engine/test_compressed_loading.py::test_gpu_engine_serves_compressed_artifact" > "$OUTDIR/wf_tests.txt" 2>&1
+      tail -n 5 "$OUTDIR/wf_tests.txt"; }
     ;;
   quiet)  # after the preset chains (waitfor each): every artifact of the runs QUIET_RUNS re-timed alone on the GPU,
           # engine decode at batch 1/16/64 (and 2 held-out windows: eval needs a dataset), the teacher's row first in
