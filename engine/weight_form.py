@@ -14,7 +14,8 @@ see it: the same lease timed the 120 decoder matmuls of one token at 320.4 us as
 what the engine runs, as engine/fused_rows.py does (and before it: the fused rows are then timed on
 the form kept): the runner's eager decode forward at 1 and at SMALL_M rows (or the most it
 decodes), replayed from a CUDA graph, each form at its best of the fused and unfused paths. Dense is
-kept where it is faster at both, by MIN_GAIN at one row; the choice and the times are logged. (This
+kept where it is faster at both, by MIN_GAIN at one row; the choice and the times are logged (a timing
+that fails leaves the codes, with a warning: the choice is an optimisation). (This
 whole-forward choice was built after that lease: on a GPU it is not measured yet.) Codes stay,
 untimed, where the dense weights would take more than MAX_DENSE_FRACTION of the device or a quarter
 of the memory left after the KV cache, and under tensor parallelism (the ranks would have to agree).
@@ -120,12 +121,18 @@ def set_weight_form(runner: Any, max_rows: int, graphed: bool) -> dict[str, dict
         return {}
     rows = sorted({1, min(SMALL_M, max(max_rows, 1))})
     us: dict[str, dict[int, float]] = {}
-    with torch.inference_mode():
-        us["codes"] = {b: _best_forward_us(runner, b, graphed) for b in rows}
-    # Outside inference mode: the dense weights stay ordinary tensors (update_weights copies into them in place).
-    _swap(model, {name: dense_like(m, dtype) for name, m in layers.items()})
-    with torch.inference_mode():
-        us["dense"] = {b: _best_forward_us(runner, b, graphed) for b in rows}
+    try:
+        with torch.inference_mode():
+            us["codes"] = {b: _best_forward_us(runner, b, graphed) for b in rows}
+        # Outside inference mode: the dense weights stay ordinary tensors (update_weights copies into them in place).
+        _swap(model, {name: dense_like(m, dtype) for name, m in layers.items()})
+        with torch.inference_mode():
+            us["dense"] = {b: _best_forward_us(runner, b, graphed) for b in rows}
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # the choice is an optimisation: the codes are served
+        _swap(model, layers)
+        torch.cuda.empty_cache()
+        log.warning("compressed_weights auto: codes kept, the timing failed (%s: %s)", type(e).__name__, e)
+        return {}
     dense = us["dense"][1] * MIN_GAIN <= us["codes"][1] and all(us["dense"][b] <= us["codes"][b] for b in rows)
     log.info("compressed_weights auto: %s (decode forward us, codes / dense: %s; %d decoder linears, dense %.1f MB)",
              "dense" if dense else "codes", ", ".join(f"{b} rows {us['codes'][b]:.1f} / {us['dense'][b]:.1f}"

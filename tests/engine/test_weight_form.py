@@ -142,6 +142,27 @@ def test_auto_keeps_the_codes_untimed_where_dense_would_not_fit(artifacts, monke
     assert "codes kept, untimed" in caplog.text and auto.engine.runner.weight_form_us == {}
 
 
+def test_a_failed_timing_serves_the_codes(artifacts, monkeypatch, caplog):
+    """The choice is an optimisation: a timing that fails (here the dense form's forward) leaves the
+    codes in place, says so, and the engine serves them as "keep" does."""
+    path = artifacts("int4_g32")
+    gpu = FakeGPU(monkeypatch, times(0.5, 0.5))
+    timed = gpu.forward_us
+
+    def failing(runner, rows, graphed):
+        if not compressed_layers(runner.model):
+            raise RuntimeError("CUDA error: out of resources")
+        return timed(runner, rows, graphed)
+
+    monkeypatch.setattr(weight_form, "_forward_us", failing)
+    with caplog.at_level(logging.WARNING, logger="engine.weights"):
+        auto = LLM(str(path), **ENGINE)
+    assert "codes kept, the timing failed (RuntimeError: CUDA error: out of resources)" in caplog.text
+    assert len(compressed_layers(auto.engine.runner.model)) == DECODER_LINEARS
+    assert auto.engine.runner.weight_form_us == {}
+    assert tokens(auto) == tokens(LLM(str(path), compressed_weights="keep", **ENGINE))
+
+
 def test_keep_and_dense_models_are_not_timed(artifacts, model_dir, monkeypatch):
     gpu = FakeGPU(monkeypatch, times(0.1, 0.1))
     keep = LLM(str(artifacts("int4_g32")), compressed_weights="keep", **ENGINE)
