@@ -88,3 +88,16 @@ def test_quality_spanning_more_than_10x_is_plotted_on_a_log_scale():
     assert quality_scale([18.6, 112.8, 1050.1]) == "log"
     assert quality_scale([18.6, 19.0, 27.9]) == "linear"
     assert quality_scale([0.0, 50.0]) == "linear", "log needs positive values"
+
+
+def test_the_notes_say_how_compressed_weights_were_served():
+    from omegaconf import OmegaConf
+
+    from eval.report import measurement_notes
+    from eval.settings import HarnessSettings
+
+    raw = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[2] / "conf/eval/default.yaml"))
+    raw["engine"]["compressed_weights"] = "keep"
+    notes = measurement_notes(ROWS, {}, [], HarnessSettings.from_dict(raw), "bf16", "cuda")
+    assert any(n.startswith("engine_weights_MB / engine_compressed_linears") and "compressed_weights=keep" in n
+               for n in notes)
