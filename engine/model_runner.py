@@ -26,7 +26,6 @@ from engine.context import Context, reset_context, set_context
 from engine.cuda_graphs import EngineGraphs, capture_graphs, decode_graph_max_bs
 from engine.decode_inputs import DecodeInputs
 from engine.fused_rows import set_fused_rows
-from engine.weight_form import set_weight_form
 from engine.kv_cache import allocate_kv_cache, kv_bytes_per_token
 from engine.layers.attention import Attention
 from engine.layers.sampler import PromptLogprobs, Sampler, StepResult, device_tensor
@@ -37,6 +36,7 @@ from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 from engine.spec_decode.draft_vocab import restrict_lm_head
 from engine.spec_decode.verify_paths import VerifyPaths
+from engine.weight_form import set_weight_form
 from kernels.gemv import SMALL_M
 
 

@@ -14,11 +14,11 @@ see it: the same lease timed the 120 decoder matmuls of one token at 320.4 us as
 what the engine runs, as engine/fused_rows.py does (and before it: the fused rows are then timed on
 the form kept): the runner's eager decode forward at 1 and at SMALL_M rows (or the most it
 decodes), replayed from a CUDA graph, each form at its best of the fused and unfused paths. Dense is
-kept where it is faster at both, by MIN_GAIN at one row; the choice and the times are logged (a timing
-that fails leaves the codes, with a warning: the choice is an optimisation). (This
-whole-forward choice was built after that lease: on a GPU it is not measured yet.) Codes stay,
-untimed, where the dense weights would take more than MAX_DENSE_FRACTION of the device or a quarter
-of the memory left after the KV cache, and under tensor parallelism (the ranks would have to agree).
+kept where it is faster at both, by MIN_GAIN at one row; the choice and the times are logged, and a
+timing that fails leaves the codes with a warning (the choice is an optimisation). This whole-forward
+choice was built after that lease: on a GPU it is not measured yet. Codes stay, untimed, where the
+dense weights would take more than MAX_DENSE_FRACTION of the device or a quarter of the memory left
+after the KV cache, and under tensor parallelism (the ranks would have to agree).
 The checkpoint on disk keeps its codes; a model served dense holds its 16-bit weights in GPU memory.
 Only the decoder layers' linears are considered: a compressed lm_head keeps its form. W8A8
 (activations quantized at run time) and 2:4 (engine/layers/sparse24.py times its own paths) are out

@@ -37,12 +37,12 @@ from engine.layers.attention import Attention
 from engine.layers.linear import (ParallelLMHead, RowParallelLinear, VocabParallelEmbedding, row_parallel_gemv_add,
                                   shard_range, vocab_range)
 from engine.layers.int4_kernel import choose_int4_kernels
-from engine.weight_form import load_compressed
 from engine.layers.options import ModelOptions
 from engine.layers.quantized import CompressedLinear, fused_decode_rows, gemv_weight
 from engine.layers.rmsnorm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, rope_parameters
 from engine.loader import LinearSource, copy_tensors, load_checkpoint
+from engine.weight_form import load_compressed
 
 
 def _head_dim(config: Any) -> int:

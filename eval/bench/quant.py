@@ -354,9 +354,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="also prefill nano-vllm's 256 prompts (one output token each) per prefill variant")
     ap.add_argument("--sparse24-timing", choices=["eager", "graph"], default="eager",
                     help="how the engine times 2:4 layers' decode-size paths (EngineConfig.sparse24_timing)")
-    ap.add_argument("--compressed-weights", choices=["keep", "auto"], default="keep",
+    ap.add_argument("--compressed-weights", choices=["keep", "auto", "dequantize"], default="keep",
                     help="keep: time the compressed kernels; auto: as the engine serves by default (dense where "
-                         "it decodes faster, engine/weight_form.py)")
+                         "it decodes faster, engine/weight_form.py); dequantize: the variants served dense")
     ap.add_argument("--exact-dequant", action="store_true",
                     help="decode the compressed variants with the exact dequantization (default: the fast one)")
     args = ap.parse_args(argv)
