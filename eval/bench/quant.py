@@ -231,8 +231,9 @@ def decode(shape: str, variant: str, batches: list[int], new_tokens: int, prompt
            exact_dequant: bool = False, sparse24_timing: str = "eager", compressed_weights: str = "keep") -> dict:
     """One engine of `variant` ("int4_g128@tinygemm": the compression, then the int4_kernel);
     sparse24_timing: how the engine times 2:4 layers' decode candidates (engine/layers/options.py);
-    compressed_weights: "keep" (the compressed kernels, what this bench measures), or "auto" (the engine may
-    serve dense weights where they decode faster: engine/weight_form.py; the record says which)."""
+    compressed_weights: "keep" (the compressed kernels, what this bench measures), "auto" (the engine may
+    serve dense weights where they decode faster: engine/weight_form.py; the record says which) or
+    "dequantize" (the variant's weights served dense)."""
     from engine import LLM, SamplingParams
 
     choice_log = _Lines()
