@@ -40,6 +40,12 @@ from kernels.gemv import MAX_NORM_K
 log = logging.getLogger("engine.fused_rows")
 
 
+def decode_forward_us(runner: Any, rows: int, graphed: bool) -> float:
+    """Device microseconds of the runner's eager decode forward of `rows` rows (the module docstring's
+    timing: a graph replay with CUDA graphs, eager otherwise)."""
+    return device_seconds(functools.partial(runner.eager_decode_forward, rows), graphed) * 1e6
+
+
 def choose_fused_rows(us: dict[int, dict[str, float]]) -> int:
     """The largest bucket b such that the fused forward was faster than the unfused one at every
     timed bucket <= b; 0 where it loses at the smallest. ``us``: bucket -> {"fused", "unfused"}."""
@@ -72,7 +78,7 @@ def set_fused_rows(runner: Any, max_rows: int, graphed: bool) -> dict[int, dict[
             us[b] = {}
             for path, rows in (("fused", cap), ("unfused", 0)):
                 model.fused_rows = rows
-                us[b][path] = device_seconds(functools.partial(runner.eager_decode_forward, b), graphed) * 1e6
+                us[b][path] = decode_forward_us(runner, b, graphed)
     model.fused_rows = choose_fused_rows(us)
     log.info("fused decode up to %d rows (of %d); us fused/unfused per bucket: %s", model.fused_rows, cap,
              ", ".join(f"{b}: {t['fused']:.1f}/{t['unfused']:.1f}" for b, t in us.items()))

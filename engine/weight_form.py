@@ -27,7 +27,6 @@ of scope.
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
@@ -36,6 +35,7 @@ from torch import nn
 
 from kernels.gemv import SMALL_M
 
+from engine.fused_rows import decode_forward_us
 from engine.layers.quantized import Int4Linear, Int8Linear, set_submodule
 
 log = logging.getLogger("engine.weights")
@@ -60,11 +60,7 @@ def _memory(device: torch.device) -> tuple[int, int]:
     return torch.cuda.mem_get_info(device)
 
 
-def _forward_us(runner: Any, rows: int, graphed: bool) -> float:
-    """Device microseconds of the runner's decode forward of `rows` rows (fused_rows.py's timing)."""
-    from engine.cuda_graphs import device_seconds  # not at the top: engine.models imports this module
-
-    return device_seconds(functools.partial(runner.eager_decode_forward, rows), graphed) * 1e6
+_forward_us = decode_forward_us  # the decode forward's device us, as fused_rows.py times it (tests replace it)
 
 
 def _best_forward_us(runner: Any, rows: int, graphed: bool) -> float:
