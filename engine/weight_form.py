@@ -1,5 +1,5 @@
-"""Whether a model's weight-only compressed linears (int8, int4) are served as their codes or
-dequantized once into dense linears of the model's dtype (EngineConfig.compressed_weights).
+"""Whether a model's weight-only compressed linears (int8, int4, 2:4 and 2:4 + int4) are served as their
+codes or dequantized once into dense linears of the model's dtype (EngineConfig.compressed_weights).
 
 "keep" serves the codes (engine/layers/quantized.py); "dequantize" fills the model's dense linears at
 load (the loader's keep_compressed off, as the CPU always does); "auto" dequantizes at load where
@@ -15,14 +15,19 @@ what the engine runs, as engine/fused_rows.py does (and before it: the fused row
 the form kept): the runner's eager decode forward at 1 and at SMALL_M rows (or the most it
 decodes), replayed from a CUDA graph, each form at its best of the fused and unfused paths. Dense is
 kept where it is faster at both, by MIN_GAIN at one row; the choice and the times are logged, and a
-timing that fails leaves the codes with a warning (the choice is an optimisation). This whole-forward
-choice was built after that lease: on a GPU it is not measured yet. Codes stay, untimed, where the
+timing that fails leaves the codes with a warning (the choice is an optimisation). Measured in the
+twenty-fifth session (H200, eval.bench.quant --compressed-weights auto): SmolLM2-shaped int8 and int4 g64
+went dense (decode forward at 1 / 16 rows: int8 493 / 931 us as codes against 386 / 735 dense, int4 427 /
+987 against 383 / 733) and decoded at 0.96-1.04x bf16 at batch 1-64, where their codes had decoded at
+0.51-0.90x. 2:4 layers (Sparse24Linear, 16-bit kept values or int4 codes) are chosen the same way: each
+times its own paths per linear at first use (engine/layers/sparse24.py), which does not see the forward
+either (the 15-layer 2:4 + int4 student of `experiment=smallest` decoded at 0.83x / 0.32x the teacher at
+batch 16 / 64, its dense GQA parent at 1.61x / 1.54x). Codes stay, untimed, where the
 dense weights would take more than MAX_DENSE_FRACTION of the device or a quarter of the memory left
 after the KV cache, and under tensor parallelism (the ranks would have to agree).
 The checkpoint on disk keeps its codes; a model served dense holds its 16-bit weights in GPU memory.
 Only the decoder layers' linears are considered: a compressed lm_head keeps its form. W8A8
-(activations quantized at run time) and 2:4 (engine/layers/sparse24.py times its own paths) are out
-of scope.
+(activations quantized at run time) is out of scope.
 """
 
 from __future__ import annotations
@@ -37,12 +42,13 @@ from kernels.gemv import SMALL_M
 
 from engine.fused_rows import decode_forward_us
 from engine.layers.quantized import Int4Linear, Int8Linear, set_submodule
+from engine.layers.sparse24 import Sparse24Linear
 
 log = logging.getLogger("engine.weights")
 
 MIN_GAIN = 1.03  # dense must be this much faster at one row (timing noise must not flip a tie)
 MAX_DENSE_FRACTION = 0.1  # of the device's memory the dense weights may take
-WEIGHT_ONLY = (Int8Linear, Int4Linear)
+WEIGHT_ONLY = (Int8Linear, Int4Linear, Sparse24Linear)
 
 
 def _can_time(device: torch.device) -> bool:

@@ -168,7 +168,7 @@ def measurement_notes(rows: list[dict[str, Any]], protocols: dict[str, WindowPro
         f"{', '.join(compiled) or 'none'}); an eager generate loop is no fair baseline on a GPU",
         "engine_weights_MB / engine_compressed_linears: the weights the engine holds in memory and how many "
         f"linears it serves compressed (eval.engine.compressed_weights={harness.engine.compressed_weights}: auto "
-        "serves int8/int4 dequantized on a CPU, and on a GPU where the decode forward times faster dense)",
+        "serves int8/int4/2:4 dequantized on a CPU, and on a GPU where the decode forward times faster dense)",
         f"ttft/itl p50/p99: {harness.load.requests} streamed requests, {harness.load.concurrency} at a time, over "
         "AsyncLLM in-process; peak_memory_MB: CUDA peak allocation (none on CPU)",
         "the speculative row serves the teacher with the draft: its perplexity is the teacher's (speculative "

@@ -123,7 +123,7 @@ case "${1:?verb}" in
   sweep)
     for m in ${SWEEP_MODELS:-llama2-7b}; do python3 experiments/gemv_sweep.py --model $m; done;;
   tests)
-    timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider -m gpu -x ${TESTS:-tests/kernels tests/engine} 2>&1 | tail -n 30;;
+    timeout -s INT -k 30 "${TESTS_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider -m gpu -x ${TESTS:-tests/kernels tests/engine} 2>&1 | tail -n 30;;
   part1)
     mkdir -p "$H/t" && cp .gpu/t3/p00 "$H/t/" && ls -la "$H/t";;
   quant)  # stashes the GGUF's first part and the data when carried, for `smol` next
@@ -148,7 +148,7 @@ case "${1:?verb}" in
     mkdir -p "$H/t" "$H/data" && cp .gpu/t/p0? "$H/t/" && ls "$H/t"; assemble_data
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader; $B ceilings;;
   kernels)
-    timeout ${TESTS_S:-110} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_verify_attention.py \
+    timeout -s INT -k 30 ${TESTS_S:-110} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_verify_attention.py \
       "tests/engine/spec_decode/test_spec_gpu.py::test_fp32_graphs_greedy_through_each_multi_query_verify_path_matches_transformers" \
       tests/kernels/test_quant_gemv_sparse24.py tests/engine/test_sparse24_paths.py tests/engine/test_int4_tinygemm.py \
       > "$OUTDIR/kernel_tests.txt" 2>&1; tail -n 8 "$OUTDIR/kernel_tests.txt"
@@ -163,7 +163,7 @@ case "${1:?verb}" in
     timeout ${DRAFTER_S:-360} python3 experiments/drafter_bench.py --teacher "$H/t/smol.gguf" --data-dir "$H/data" \
       --out "$H/drafters" --cache-dir "$H/cache" --json "$OUTDIR/drafter.jsonl" ${DRAFTER_ARGS:-} > "$OUTDIR/drafter.log" 2>&1
     grep -v Warn "$OUTDIR/drafter.log" | tail -n 12
-    timeout ${TESTS_S:-60} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/shrink/test_engine_sampler.py \
+    timeout -s INT -k 30 ${TESTS_S:-60} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/shrink/test_engine_sampler.py \
       > "$OUTDIR/sampler_tests.txt" 2>&1; tail -n 4 "$OUTDIR/sampler_tests.txt"
     timeout ${QUANT_S:-150} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_24.jsonl" --batch 1 16 \
       --only bf16 sparse24 sparse24_int4_g128 int4_g128@auto --prefill-tokens 1024 4080 > "$OUTDIR/quant_24.log" 2>&1
@@ -176,7 +176,7 @@ case "${1:?verb}" in
           # heads against the plain engine in the same process (--check), batch 1/4/16
     "$0" mtests; "$0" mtrain; "$0" mspeed;;
   mtests)
-    timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_medusa_gpu.py \
+    timeout -s INT -k 30 ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_medusa_gpu.py \
       > "$OUTDIR/medusa_tests.txt" 2>&1; tail -n 6 "$OUTDIR/medusa_tests.txt";;
   mtrain)  # heads on sampled text ($H/medusa) and, unless MEDUSA_GREEDY is set empty, on greedy text
            # ($H/medusa_greedy), one after another: side by side, the second engine that generates the
@@ -203,7 +203,7 @@ case "${1:?verb}" in
           # the draft vocabulary
     cp .gpu/t/p01 .gpu/t/p02 "$H/t/" && cat "$H/t"/p0? > "$H/t/smol.gguf" && sha256sum "$H/t/smol.gguf"
     $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
-    timeout ${TESTS_S:-120} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_batch_invariant_gpu.py \
+    timeout -s INT -k 30 ${TESTS_S:-120} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_batch_invariant_gpu.py \
       tests/kernels/test_batch_invariant_gemv.py tests/engine/spec_decode/test_spec_gpu.py tests/engine/spec_decode/test_draft_vocab.py \
       > "$OUTDIR/spec8_tests.txt" 2>&1; tail -n 8 "$OUTDIR/spec8_tests.txt"
     timeout ${BI_S:-60} python3 experiments/batch_invariant_bench.py --model "$H/smol" --batch 1 4 16 --prompts 4 \
@@ -281,7 +281,7 @@ for path in sys.argv[1:]:
             print(r["shape"], r["variant"], r.get("compressed_weights"), "codes kept:", r.get("weight_only_linears"),
                   r.get("weight_form_us"), {k: round(v, 1) for k, v in r.items() if k.endswith(("tok_s", "vs_bf16"))})
 PY
-    [ "${WF_TESTS:-1}" = 1 ] && { timeout ${TESTS_S:-500} python3 -m pytest -q -p no:cacheprovider -m gpu -rf --tb=short \
+    [ "${WF_TESTS:-1}" = 1 ] && { timeout -s INT -k 30 ${TESTS_S:-500} python3 -m pytest -q -p no:cacheprovider -m gpu -rf --tb=short \
       tests/engine/test_weight_form.py "tests/engine/test_int4_tinygemm.py::test_engine_greedy_tokens_tinygemm_equal_triton" \
       "tests/engine/test_compressed_loading.py::test_gpu_engine_serves_compressed_artifact" > "$OUTDIR/wf_tests.txt" 2>&1
       tail -n 5 "$OUTDIR/wf_tests.txt"; }
@@ -332,7 +332,7 @@ PY
             # batch-invariant mode), then the distill step's cost and `bidiag`
     "$0" rtests; "$0" stepcost; "$0" bidiag;;
   rtests)
-    timeout ${TESTS_S:-300} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/test_staging.py \
+    timeout -s INT -k 30 ${TESTS_S:-300} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/test_staging.py \
       tests/engine/test_engine_gpu.py tests/engine/spec_decode/test_batch_invariant_gpu.py tests/kernels/test_batch_invariant_gemv.py \
       tests/train/test_step_syncs.py tests/train/test_fused_head_loss.py tests/train/test_compiled_layers.py tests/kernels/test_pdl.py tests/kernels/test_paged_attention.py \
       > "$OUTDIR/recheck_tests.txt" 2>&1; tail -n 8 "$OUTDIR/recheck_tests.txt";;
@@ -348,7 +348,7 @@ PY
            # (speculative_config num_rounds) and the auto policy's fixes on the GPU: their tests, then tok/s with
            # R = 1 and 4 on the real teacher beside n-gram auto
     [ -d "$H/smol" ] || $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
-    timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_spec_rounds_gpu.py \
+    timeout -s INT -k 30 ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_spec_rounds_gpu.py \
       tests/kernels/test_spec_advance.py tests/engine/spec_decode/test_spec_gpu.py > "$OUTDIR/rounds_tests.txt" 2>&1
     tail -n 6 "$OUTDIR/rounds_tests.txt"
     D=""; [ -f "$H/ref/distill/shrink.json" ] && D="--draft $H/ref/distill"
@@ -362,7 +362,7 @@ PY
       (cd "$tree" && PYTHONPATH="$H/site:$PWD" timeout ${SWEEP_S:-200} python3 experiments/quant_gemv_sweep.py --formats int8 \
         --m 1 2 16 --budget-s ${INT8_BUDGET_S:-120} --json "$OUTDIR/int8_sweep_$(basename "$tree").jsonl" > "$OUTDIR/int8_sweep_$(basename "$tree").log" 2>&1)
     done; tail -n 3 "$OUTDIR"/int8_sweep_*.log
-    timeout ${TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_quant_gemv_fast.py \
+    timeout -s INT -k 30 ${TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_quant_gemv_fast.py \
       tests/kernels/test_gemv_split_k.py > "$OUTDIR/int8_tests.txt" 2>&1; tail -n 4 "$OUTDIR/int8_tests.txt"
     timeout ${QUANT_S:-200} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_int8.jsonl" --batch 1 16 \
       --only bf16 int8 > "$OUTDIR/quant_int8.log" 2>&1; grep -v Warn "$OUTDIR/quant_int8.log" | tail -n 6;;
@@ -370,7 +370,7 @@ PY
          # against bf16, dense int4 (fast GEMV, int4_mma) and tinygemm at M = 1 2 4 8 16 (sweep), the GPU tests,
          # then the 7B 2:4 rows (issue 13)
     "$0" sp24sweep
-    timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_quant_gemv_sparse24.py \
+    timeout -s INT -k 30 ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_quant_gemv_sparse24.py \
       tests/kernels/test_sparse24_mma.py tests/engine/test_sparse24_paths.py "tests/engine/test_compressed_loading.py::test_gpu_engine_serves_compressed_artifact[sparse24_int4]" \
       > "$OUTDIR/sp24_tests.txt" 2>&1; tail -n 4 "$OUTDIR/sp24_tests.txt"
     timeout ${QUANT_S:-200} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/quant_24.jsonl" --batch 1 16 \
@@ -401,14 +401,14 @@ PY
           ${e:+--engine $e} 2>&1 | grep -E "fused decode|tok/s" | cut -c1-400
       done
     done
-    timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/test_fused_decode_rows.py \
+    timeout -s INT -k 30 ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/test_fused_decode_rows.py \
       tests/kernels/test_fused_decode_rows_triton.py tests/engine/test_multi_step.py tests/engine/test_engine_gpu.py \
       > "$OUTDIR/fusedrows_tests.txt" 2>&1; tail -n 4 "$OUTDIR/fusedrows_tests.txt";;
   s15)  # after `stash` + `stash2`: what the fourteenth session built and could not time (issues 13, 14): the GPU
         # tests of n-gram rounds, the fused-rows limit, the phase clock; n-gram in device-resident rounds against
         # one round and plain decoding on the real teacher (--check), b1/4/16; a profile of an n-gram round step
     assemble
-    timeout ${TESTS_S:-400} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_spec_rounds_gpu.py tests/kernels/test_ngram_match.py \
+    timeout -s INT -k 30 ${TESTS_S:-400} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_spec_rounds_gpu.py tests/kernels/test_ngram_match.py \
       tests/engine/test_fused_decode_rows.py tests/kernels/test_fused_decode_rows_triton.py \
       tests/engine/spec_decode/test_spec_metrics.py tests/engine/test_multi_step.py > "$OUTDIR/s15_tests.txt" 2>&1
     tail -n 6 "$OUTDIR/s15_tests.txt"
@@ -487,7 +487,7 @@ PY
   autorounds)  # after stash + stash2: the auto policy with num_rounds 8 (plain step or 8 rounds at k 4, costed at
                # startup) beside fixed k 4 rounds and one-round auto, --check against plain, b1/4/16 (issue 14; the grounded workload: `grounded`)
     assemble
-    timeout ${TESTS_S:-300} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_spec_rounds_gpu.py \
+    timeout -s INT -k 30 ${TESTS_S:-300} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_spec_rounds_gpu.py \
       tests/kernels/test_ngram_match.py > "$OUTDIR/autorounds_tests.txt" 2>&1
     tail -n 4 "$OUTDIR/autorounds_tests.txt"
     timeout ${SPEC_S:-500} python3 experiments/spec_bench.py --json "$OUTDIR/ngram_auto_rounds.jsonl" speed --target "$H/t/smol.gguf" \
@@ -506,7 +506,7 @@ PY
       --budget-s ${SP24_BUDGET_S:-100} > "$OUTDIR/sp24_sweep.log" 2>&1; tail -n 4 "$OUTDIR/sp24_sweep.log";;
   mma)  # carry .gpu/wheels: the tensor-core int4 GEMM (kernels/int4_mma.py) on the GPU, then against exact / fast /
         # tinygemm / bf16 at M = 1..16 on the 7B shapes (issue 13)
-    timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_int4_mma.py \
+    timeout -s INT -k 30 ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_int4_mma.py \
       > "$OUTDIR/mma_tests.txt" 2>&1; tail -n 4 "$OUTDIR/mma_tests.txt"
     timeout ${MMA_S:-360} python3 experiments/int4_mma_sweep.py --json "$OUTDIR/int4_mma.jsonl" --budget-s ${MMA_BUDGET_S:-300} \
       > "$OUTDIR/int4_mma.log" 2>&1; grep -v Warn "$OUTDIR/int4_mma.log" | tail -n 12;;
@@ -518,7 +518,10 @@ PY
        # End the call that starts chains with `COLLECT_S=... collect`, and keep a collect call in flight until they are
        # done: the machine goes back after ~30 s idle and the chains with it (the twentieth session lost a lease so)
     name=$2; shift 2; mkdir -p "$H/bg/$name"
-    OUT="$H/bg/$name" setsid nohup bash -c 'for v in "$@"; do echo "== $v $(date +%T)"; "$0" $v; done; echo "== done $(date +%T)"' \
+    # (each marker on a line of its own: a verb's last output may end without a newline, pytest's progress
+    # dots among them, and `waitfor` / `collect` look for "== done" at a line's start)
+    OUT="$H/bg/$name" setsid nohup bash -c 'for v in "$@"; do printf "\n== %s %s\n" "$v" "$(date +%T)"; "$0" $v; done
+      printf "\n== done %s\n" "$(date +%T)"' \
       "$0" "$@" > "$H/bg/$name/log.txt" 2>&1 < /dev/null &
     echo "bg $name: started ($*)";;
   waitfor)  # waitfor NAME (in a chain, one quoted word: bg b rtests "waitfor a" stepcost): until chain NAME is done
@@ -532,11 +535,11 @@ PY
     [ -d "$H/smol" ] || $B convert-gguf --gguf "$H/t/smol.gguf" --out "$H/smol" > /dev/null
     timeout ${BID_S:-240} python3 experiments/batch_invariant_diag.py --model "$H/smol" --json "$OUTDIR/bi_diag.jsonl" \
       > "$OUTDIR/bi_diag.log" 2>&1; grep -v Warn "$OUTDIR/bi_diag.log" | tail -n 12
-    timeout ${BIT_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_batch_invariant_gpu.py \
+    timeout -s INT -k 30 ${BIT_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/spec_decode/test_batch_invariant_gpu.py \
       > "$OUTDIR/bi_tests.txt" 2>&1; tail -n 6 "$OUTDIR/bi_tests.txt";;
   tp)
     nvidia-smi topo -m; env | grep -E 'NVLS|MULTICAST'
-    timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rf ${TP_TESTS:-tests/engine/test_tensor_parallel.py \
+    timeout -s INT -k 30 ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rf ${TP_TESTS:-tests/engine/test_tensor_parallel.py \
       tests/train/test_distributed_gpu.py} > "$OUTDIR/tp_tests.txt" 2>&1; tail -n 15 "$OUTDIR/tp_tests.txt"
     [ "${TPDIAG_S:-0}" -gt 0 ] && timeout ${TPDIAG_S} python3 experiments/tp_spec_diag.py --variants tp2_timed tp2_pseudo_rows \
       tp2_pseudo_rows_nopdl tp1_pseudo_rows --json "$OUTDIR/tp_spec_diag.jsonl" > "$OUTDIR/tp_spec_diag.log" 2>&1
@@ -553,7 +556,7 @@ PY
     python3 -c "import json,sys; [print(r['kind'], r['gpus'], r['teacher'], r['global_batch'], round(r['tokens_per_s']), r['peak_mem_gib_per_gpu'])
       for r in map(json.loads, open(sys.argv[1]))]" "$OUTDIR/scaling.jsonl";;
   w8a8)
-    timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_w8a8.py \
+    timeout -s INT -k 30 ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_w8a8.py \
       tests/engine/test_quantized_layers.py -k "w8a8 or W8A8" > "$OUTDIR/w8a8_tests.txt" 2>&1; tail -n 6 "$OUTDIR/w8a8_tests.txt"
     timeout ${PIECES_S:-400} python3 experiments/w8a8_prefill_pieces.py --json "$OUTDIR/w8a8_pieces.jsonl" --sweep \
       ${PIECES_ARGS:-} > "$OUTDIR/w8a8_pieces.log" 2>&1; grep -E '"kind": "(model_linears|int8_mm_best)"|Error' "$OUTDIR/w8a8_pieces.log" | tail -n 24;;
@@ -568,7 +571,7 @@ PY
     timeout ${PIECES_S:-150} python3 experiments/w8a8_prefill_pieces.py --json "$OUTDIR/w8a8_pieces.jsonl" \
       > "$OUTDIR/w8a8_pieces.log" 2>&1; grep -E '"kind": "model_linears"|Error' "$OUTDIR/w8a8_pieces.log" | tail -n 6;;
   r12tests)  # the GPU tests of int8, W8A8, 2:4 + int4 (sparse24_mma among them), compressed loading, eval
-    timeout ${RECHECK_TESTS_S:-420} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_w8a8.py \
+    timeout -s INT -k 30 ${RECHECK_TESTS_S:-420} python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/kernels/test_w8a8.py \
       tests/kernels/test_quant_gemv.py tests/kernels/test_quant_gemv_fast.py tests/kernels/test_quant_gemv_sparse24.py \
       tests/kernels/test_quant_gemv_sparse24_fused.py tests/kernels/test_sparse24_mma.py tests/engine/test_sparse24_paths.py tests/engine/test_compressed_loading.py \
       tests/eval > "$OUTDIR/recheck12_tests.txt" 2>&1; tail -n 8 "$OUTDIR/recheck12_tests.txt";;

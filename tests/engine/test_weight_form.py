@@ -16,6 +16,7 @@ from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.layers.options import ModelOptions
 from engine.layers.quantized import CompressedLinear, Int4Linear, Int8Linear
+from engine.layers.sparse24 import Sparse24Linear
 from engine.weight_form import MIN_GAIN, compressed_layers
 from kernels.gemv import SMALL_M
 
@@ -70,7 +71,8 @@ def test_the_option_is_checked_by_name(model_dir):
     assert config.model_options().compressed_weights == "keep"
 
 
-@pytest.mark.parametrize("scheme,module", [("int4_g32_asym", Int4Linear), ("int8", Int8Linear)])
+@pytest.mark.parametrize("scheme,module", [("int4_g32_asym", Int4Linear), ("int8", Int8Linear),
+                                           ("sparse24", Sparse24Linear), ("sparse24_int4", Sparse24Linear)])
 def test_keep_serves_the_codes_and_auto_dequantizes_on_the_cpu(artifacts, scheme, module):
     """On the CPU "auto" is the dequantized serving path (as before the option), nothing timed; "keep"
     keeps the codes and computes with their torch references; "dequantize" is the dense path asked for
@@ -87,7 +89,7 @@ def test_keep_serves_the_codes_and_auto_dequantizes_on_the_cpu(artifacts, scheme
     assert outputs["auto"] == outputs["dequantize"] == outputs["keep"]
 
 
-@pytest.mark.parametrize("scheme", ["int4_g32", "int4_g32_asym", "int8"])
+@pytest.mark.parametrize("scheme", ["int4_g32", "int4_g32_asym", "int8", "sparse24", "sparse24_int4"])
 def test_auto_serves_dense_weights_where_the_forward_times_faster(artifacts, monkeypatch, caplog, scheme):
     """Dense faster at 1 and SMALL_M rows: every decoder linear becomes an nn.Linear holding exactly the
     weight the dequantizing loader makes (bias with it), the lm_head untouched; the engine's tokens are
@@ -173,7 +175,7 @@ def test_keep_and_dense_models_are_not_timed(artifacts, model_dir, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("scheme", ["int4_g32_asym", "int8"])
+@pytest.mark.parametrize("scheme", ["int4_g32_asym", "int8", "sparse24_int4"])
 def test_gpu_auto_serves_what_the_form_it_chose_serves(artifacts, caplog, scheme):
     """bf16 graphs on the GPU: "auto" times the decode forward both ways (logged), and its greedy tokens
     equal an engine forced to the form it chose ("dequantize" for dense, "keep" for the codes), the
