@@ -179,9 +179,10 @@ def test_keep_and_dense_models_are_not_timed(artifacts, model_dir, monkeypatch):
 def test_gpu_auto_serves_what_the_form_it_chose_serves(artifacts, caplog, scheme):
     """bf16 graphs on the GPU: "auto" times the decode forward both ways (logged), and its greedy tokens
     equal an engine forced to the form it chose ("dequantize" for dense, "keep" for the codes), the
-    fused decode rows and the int4 kernel pinned so that both run the same kernels."""
+    fused decode rows, the int4 kernel and the 2:4 paths pinned so that both run the same kernels."""
     path = artifacts(scheme)
-    engine = dict(max_model_len=128, fused_decode_rows=SMALL_M, enable_prefix_caching=False, int4_kernel="triton")
+    engine = dict(max_model_len=128, fused_decode_rows=SMALL_M, enable_prefix_caching=False, int4_kernel="triton",
+                  sparse24_path="sparse")  # 2:4: no per-linear timing either (it could differ between two engines)
     with caplog.at_level(logging.INFO, logger="engine.weights"):
         auto = LLM(str(path), **engine)
     assert "compressed_weights auto:" in caplog.text
