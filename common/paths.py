@@ -20,6 +20,11 @@ def default_data_dir() -> Path | None:
     return None
 
 
+def data_dir(cfg) -> Path | None:
+    """A run config's `data_dir=` (shared data: WikiText-2, corpus, reasoning), else default_data_dir()."""
+    return Path(str(cfg.data_dir)) if cfg.get("data_dir") else default_data_dir()
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("SHRINK_CACHE_DIR")
     if env:

@@ -34,7 +34,7 @@ from experiments.distill import cleanup  # noqa: E402
 from shrink.__main__ import compose  # noqa: E402
 from shrink.artifacts import Artifact  # noqa: E402
 from shrink.modeling import load_model, load_tokenizer, num_parameters  # noqa: E402
-from shrink.quality_gate import GateSettings, heldout_ids  # noqa: E402
+from shrink.quality_gate import GateSettings, gate_ids  # noqa: E402
 from shrink.stages.distill import StudentSpec, build_student, distill  # noqa: E402
 from shrink.stages.gqa import measure_ppl  # noqa: E402
 from shrink.student_budget import AXES, engine_decode_ms  # noqa: E402
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     target = int(args.fraction * num_parameters(teacher))
     gate = GateSettings(True, "warn", args.heldout_windows, args.heldout_context, {})
     texts = {"wikitext2": encode(tokenizer, wikitext2_text(Path(args.data_dir))),
-             "heldout": heldout_ids(cfg, tokenizer, gate)}
+             "heldout": gate_ids(cfg, tokenizer, gate)}
     cache_dir = Path(cfg.cache_dir) if cfg.get("cache_dir") else None
     block_size = int(cfg.data.block_size)
     with config_section("distill"):

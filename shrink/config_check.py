@@ -124,9 +124,10 @@ def check_config(cfg: DictConfig) -> None:
         _check_types(cfg.gqa, GQA)
     with config_section("gqa.train"):
         QATSettings.from_cfg(gqa_train_config(cfg.gqa, 1, block_size, seed).qat)
+    from common.paths import data_dir
     from shrink.quality_gate import GateSettings
 
-    GateSettings.from_cfg(cfg)
+    GateSettings.from_cfg(cfg).check_text(data_dir(cfg))
     if cfg.data.get("teacher_generated"):
         from shrink.teacher_data import TeacherDataSettings
 

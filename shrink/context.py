@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.dirs import check_replaceable
 from common.errors import ShrinkError
-from common.paths import default_cache_dir, default_data_dir
+from common.paths import data_dir, default_cache_dir
 from shrink.artifacts import META_FILE, Artifact
 from shrink.verify import Verifier, check_model_files
 from shrink.modeling import dir_size_bytes, resolve_device
@@ -47,11 +47,6 @@ def latest_artifact_before(run_dir: Path, stage: str) -> Artifact | None:
             if not art.reverted:
                 return art
     return None
-
-
-def data_dir(cfg: DictConfig) -> Path | None:
-    """`data_dir=` (shared data: WikiText-2, corpus, reasoning), else $SHRINK_DATA_DIR or ../shared/data."""
-    return Path(str(cfg.data_dir)) if cfg.get("data_dir") else default_data_dir()
 
 
 def cache_dir(cfg: DictConfig) -> Path:

@@ -1,6 +1,7 @@
 """Quality gates: each model-changing stage records its input's and output's perplexity on a fixed
-small held-out set (the first `gates.windows` windows of `gates.context` tokens of the run's held-out
-split) under `metrics.quality_gate` of its shrink.json, and warns or stops (`gates.action`) when the
+small held-out set (the first `gates.windows` windows of `gates.context` tokens of `gates.text`: the run's
+held-out split, or WikiText-2's test split under data_dir, the project's reference text) under
+`metrics.quality_gate` of its shrink.json, and warns or stops (`gates.action`) when the
 ratio output/input exceeds the stage's budget `gates.max_ppl_ratio.<stage>`. With `gates.action=revert`
 the pipeline instead goes on from the stage's input, as if the stage had not run; the over-budget
 artifact stays in the run, marked `reverted` in its record, for the report and for inspection, and no
@@ -12,6 +13,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
@@ -24,6 +26,12 @@ if TYPE_CHECKING:  # torch where a gate measures: the config check (GateSettings
 
 GATED_STAGES = ("distill", "gqa", "prune", "quantize")
 ACTIONS = ("warn", "stop", "revert")
+# The gate's text: the run's held-out split (in the training data's distribution: a student distilled on it can
+# look as good as its teacher there and far worse on other text) or WikiText-2 (eval/perplexity.py's protocol:
+# `experiment=smallest` passed every held-out gate and ended at 9x the teacher on WikiText-2, BENCHMARKS.md,
+# twenty-fifth session).
+TEXTS = ("heldout", "wikitext2")
+WIKITEXT_FILE = "wikitext-2-raw/wiki.test.raw"  # eval/perplexity.py's (not imported: the config check runs before torch)
 METRIC_KEY = "quality_gate"
 
 
@@ -34,6 +42,7 @@ class GateSettings:
     windows: int
     context: int
     budgets: dict[str, float | None]
+    text: str = "heldout"
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> "GateSettings":
@@ -41,6 +50,9 @@ class GateSettings:
         action = str(g.get("action", "warn"))
         if action not in ACTIONS:
             raise ShrinkError(f"gates.action={action!r}: expected warn, stop or revert")
+        text = str(g.get("text", "heldout"))
+        if text not in TEXTS:
+            raise ShrinkError(f"gates.text={text!r}: expected {' or '.join(TEXTS)}")
         windows, context = int(g.get("windows", 4)), int(g.get("context", 256))
         if windows < 1:
             raise ShrinkError(f"gates.windows must be >= 1, got {windows}")
@@ -56,20 +68,33 @@ class GateSettings:
             if value is not None and not (isinstance(value, (int, float)) and float(value) > 0):
                 raise ShrinkError(f"gates.max_ppl_ratio.{stage} must be a number > 0 or null, got {value!r}")
             budgets[stage] = None if value is None else float(value)
-        return cls(bool(g.get("enabled", True)), action, windows, context, budgets)
+        return cls(bool(g.get("enabled", True)), action, windows, context, budgets, text)
+
+    def check_text(self, data_dir: Path | None) -> None:
+        """Before any work: the WikiText-2 file gates.text=wikitext2 reads is there."""
+        if self.enabled and self.text == "wikitext2" and (data_dir is None or not (data_dir / WIKITEXT_FILE).is_file()):
+            where = "no data_dir (data_dir=, $SHRINK_DATA_DIR or ../shared/data)" if data_dir is None else \
+                f"{data_dir / WIKITEXT_FILE} is missing"
+            raise ShrinkError(f"gates.text=wikitext2 needs WikiText-2's test split: {where}; or gates.text=heldout")
 
 
-def heldout_ids(cfg: DictConfig, tokenizer: Any, settings: GateSettings) -> torch.Tensor:
-    """The fixed gate text: the first windows x context tokens of the run's held-out split."""
+def gate_ids(cfg: DictConfig, tokenizer: Any, settings: GateSettings) -> torch.Tensor:
+    """The fixed gate text: the first windows x context tokens of the run's held-out split, or of
+    WikiText-2's test split as eval/perplexity.py reads it (no BOS)."""
     from shrink.context import cache_dir, data_dir
-    from train.data import load_packed
 
-    val = load_packed(cfg.data, tokenizer, data_dir(cfg), cache_dir(cfg)).val.reshape(-1)
-    need = settings.windows * settings.context
-    if val.numel() < settings.context:
-        raise ShrinkError(f"gates: the held-out split has {val.numel()} tokens, fewer than gates.context="
+    if settings.text == "wikitext2":
+        from eval.perplexity import encode, wikitext2_text
+
+        ids = encode(tokenizer, wikitext2_text(data_dir(cfg)))
+    else:
+        from train.data import load_packed
+
+        ids = load_packed(cfg.data, tokenizer, data_dir(cfg), cache_dir(cfg)).val.reshape(-1)
+    if ids.numel() < settings.context:
+        raise ShrinkError(f"gates: the {settings.text} text has {ids.numel()} tokens, fewer than gates.context="
                           f"{settings.context}")
-    return val[:need]
+    return ids[: settings.windows * settings.context]
 
 
 def gate_key(ids: torch.Tensor, settings: GateSettings) -> str:
@@ -123,7 +148,7 @@ def gate_stage(cfg: DictConfig, stage: str, source: Artifact, output: Artifact,
         return record
     from shrink.modeling import load_tokenizer
 
-    ids = heldout_ids(cfg, load_tokenizer(output), settings)
+    ids = gate_ids(cfg, load_tokenizer(output), settings)
     key = gate_key(ids, settings)
     input_ppl = recorded_output_ppl(source, key) or measure(source, ids, settings.context)
     output_ppl = measure(output, ids, settings.context)
@@ -133,11 +158,11 @@ def gate_stage(cfg: DictConfig, stage: str, source: Artifact, output: Artifact,
     reverted = not passed and settings.action == "revert"
     record = {"input_ppl": input_ppl, "output_ppl": output_ppl, "ratio": ratio, "budget": budget,
               "passed": passed, "reverted": reverted, "tokens": int(ids.numel()), "context": settings.context,
-              "key": key}
+              "text": settings.text, "key": key}
     record_metrics(output, METRIC_KEY, record)
     budget_text = "no budget" if budget is None else f"budget {budget:g}"
-    print(f"quality gate: {stage} perplexity {input_ppl:.2f} -> {output_ppl:.2f}, ratio {ratio:.2f} "
-          f"({budget_text})", flush=True)
+    print(f"quality gate: {stage} perplexity on {settings.text} {input_ppl:.2f} -> {output_ppl:.2f}, ratio "
+          f"{ratio:.2f} ({budget_text})", flush=True)
     if not passed:
         message = (f"quality gate: stage {stage} exceeds its budget: perplexity ratio {ratio:.2f} > "
                    f"gates.max_ppl_ratio.{stage}={budget:g} ({input_ppl:.2f} -> {output_ppl:.2f})")

@@ -92,6 +92,44 @@ def test_bad_gate_config_is_one_clear_error(tmp_path):
         gate_cfg(tmp_path, "gates.max_ppl_ratio.prune=-1")
 
 
+def test_gate_text_is_checked_before_any_work(tmp_path):
+    with pytest.raises(ShrinkError, match="gates.text='wiki': expected heldout or wikitext2"):
+        gate_cfg(tmp_path, "gates.text=wiki")
+    with pytest.raises(ShrinkError, match=r"gates.text=wikitext2 needs WikiText-2's test split: .*wiki.test.raw is "
+                                          r"missing; or gates.text=heldout"):
+        gate_cfg(tmp_path, "gates.text=wikitext2", f"data_dir={tmp_path / 'empty'}")
+
+
+def test_wikitext2_gate_measures_the_reference_text(tmp_path, tiny_teacher):
+    """gates.text=wikitext2: the gate's tokens are the first windows x context of WikiText-2's test split read
+    as eval/perplexity.py reads it (CRLF rows, no BOS), not the held-out split's; the record says which."""
+    import torch
+
+    from eval.perplexity import encode, wikitext2_text
+    from shrink.modeling import load_tokenizer
+
+    data = tmp_path / "data"
+    (data / "wikitext-2-raw").mkdir(parents=True)
+    rows = [f" = Heading {i} = " if i % 5 == 0 else f" line {i} of the reference text , with {i * 3} words ." for i in
+            range(200)]
+    (data / "wikitext-2-raw" / "wiki.test.raw").write_bytes("\r\n".join(rows).encode())  # as the shared copy: CRLF
+    src = copy_artifact(tiny_teacher, tmp_path / "gqa")
+    out = copy_artifact(tiny_teacher, tmp_path / "prune")
+    seen = {}
+
+    def measure(art: Artifact, ids, context: int) -> float:
+        seen.setdefault(art.path.name, []).append(ids)
+        return 10.0
+
+    wiki = gate_stage(gate_cfg(tmp_path, "gates.text=wikitext2", f"data_dir={data}"), "prune", src, out, measure=measure)
+    expected = encode(load_tokenizer(out), wikitext2_text(data))[: 2 * 16]
+    assert torch.equal(seen["gqa"][0], expected) and torch.equal(seen["prune"][0], expected)
+    assert wiki["text"] == "wikitext2" and wiki["tokens"] == 32 and wiki["ratio"] == pytest.approx(1.0)
+    held = gate_stage(gate_cfg(tmp_path), "prune", Artifact.load(src.path), Artifact.load(out.path), measure=measure)
+    assert held["text"] == "heldout" and held["key"] != wiki["key"]
+    assert not torch.equal(seen["prune"][1], expected)
+
+
 def test_revert_goes_on_from_the_input_and_no_later_stage_reads_the_reverted(tmp_path, tiny_teacher, monkeypatch,
                                                                            capsys):
     """gates.action=revert (the default): the H200 reference run's GQA stage cost 4.68x its input's
