@@ -25,8 +25,11 @@ def _profile(args) -> None:
     """profile, with --variant's compressed random weights (a --shape's only)."""
     if args.variant != "bf16" and not args.shape:
         raise SystemExit(f"profile: --variant {args.variant} compresses a --shape's random weights, not --model's")
+    # The variant's compressed kernels are what is profiled: "keep" (the engine's default "auto" could serve
+    # them dense on a GPU, engine/weight_form.py); --engine compressed_weights=auto overrides it.
+    options = {} if args.variant == "bf16" else {"compressed_weights": "keep", **variant_options(args.variant)}
     with compressed_dummy_weights(args.variant):
-        profile(args, variant_options(args.variant))
+        profile(args, options)
 
 
 def main(argv: list[str] | None = None) -> None:

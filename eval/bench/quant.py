@@ -295,15 +295,17 @@ def prefill_tokens(shape: str, requested: int) -> int:
     return min(requested, positions - PREFILL_MARGIN)
 
 
-def prefill(shape: str, variant: str, tokens: int) -> dict:
-    """One prompt of prefill_tokens(shape, tokens) tokens; the record names the count used."""
+def prefill(shape: str, variant: str, tokens: int, compressed_weights: str = "keep") -> dict:
+    """One prompt of prefill_tokens(shape, tokens) tokens; the record names the count used.
+    compressed_weights: as decode()'s (the engine's "auto" would time its decode forward, whatever prefill is
+    measured here: "keep" measures the compressed paths)."""
     from engine import LLM, SamplingParams
 
     tokens = prefill_tokens(shape, tokens)
     with compressed_dummy_weights(variant):
         llm = LLM(shape_dir(shape), load_format="dummy", max_num_seqs=1, max_model_len=tokens + PREFILL_MARGIN,
                   max_num_batched_tokens=tokens, enable_prefix_caching=False, enforce_eager=True,
-                  **engine_options(variant))
+                  compressed_weights=compressed_weights, **engine_options(variant))
     vocab = llm.engine.vocab_size
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     llm.generate(_prompts(1, tokens, vocab, 7), one)  # warm-up (and the 2:4 weights' conversion)
@@ -316,10 +318,11 @@ def prefill(shape: str, variant: str, tokens: int) -> dict:
     _free()
     best = min(times)
     return {"kind": "prefill", "shape": shape, "variant": variant, "tokens": tokens, "seconds": best,
-            "tok_s": tokens / best, "sparse24_paths": paths}
+            "tok_s": tokens / best, "sparse24_paths": paths, "compressed_weights": compressed_weights}
 
 
-def prefill_workload(shape: str, variant: str, num_seqs: int = 256, max_input: int = 1024) -> dict:
+def prefill_workload(shape: str, variant: str, num_seqs: int = 256, max_input: int = 1024,
+                     compressed_weights: str = "keep") -> dict:
     """The prompts of nano-vllm's workload (eval/bench/throughput.py: 256 of 100..1024 tokens), one
     output token each: prefill only, in the engine's default steps (up to max_num_batched_tokens
     tokens of several prompts: ragged row counts). Token ids are taken modulo the vocabulary."""
@@ -328,7 +331,8 @@ def prefill_workload(shape: str, variant: str, num_seqs: int = 256, max_input: i
 
     with compressed_dummy_weights(variant):
         llm = LLM(shape_dir(shape), load_format="dummy", max_model_len=max_input + PREFILL_MARGIN,
-                  enable_prefix_caching=False, enforce_eager=True, **engine_options(variant))
+                  enable_prefix_caching=False, enforce_eager=True, compressed_weights=compressed_weights,
+                  **engine_options(variant))
     vocab = llm.engine.vocab_size
     prompts = [[t % vocab for t in p] for p in nano_vllm_workload(num_seqs, max_input)[0]]
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
@@ -338,7 +342,7 @@ def prefill_workload(shape: str, variant: str, num_seqs: int = 256, max_input: i
     _free()
     tokens = sum(len(p) for p in prompts)
     return {"kind": "prefill_workload", "shape": shape, "variant": variant, "prompts": len(prompts),
-            "tokens": tokens, "seconds": dt, "tok_s": tokens / dt}
+            "tokens": tokens, "seconds": dt, "tok_s": tokens / dt, "compressed_weights": compressed_weights}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -395,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             for tokens in args.prefill_tokens:
                 try:
-                    rec = prefill(args.shape, variant, tokens)
+                    rec = prefill(args.shape, variant, tokens, args.compressed_weights)
                     if variant == "bf16":
                         base_prefill[tokens] = rec["tok_s"]
                     if tokens in base_prefill:
@@ -407,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
                 emit(rec, out)
             if args.prefill_workload:
                 try:
-                    rec = prefill_workload(args.shape, variant)
+                    rec = prefill_workload(args.shape, variant, compressed_weights=args.compressed_weights)
                     if variant == "bf16":
                         base_prefill["workload"] = rec["tok_s"]
                     if "workload" in base_prefill:

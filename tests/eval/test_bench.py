@@ -101,6 +101,20 @@ def test_profile_of_a_compressed_variant_runs_on_the_cpu(capsys):
         cli.main(["profile", "--model", "some/dir", "--variant", "int8"])
 
 
+def test_profile_of_a_variant_keeps_its_codes_unless_told(monkeypatch):
+    """--variant profiles the compressed kernels: the engine is asked to keep them (its default "auto" may
+    serve them dense on a GPU); --engine compressed_weights=... overrides."""
+    import eval.bench.decode_profile as decode_profile
+
+    seen = []
+    monkeypatch.setattr(decode_profile, "profile_decode", lambda *a, **engine: seen.append(engine) or {})
+    cli.main(["profile", "--shape", "smollm2-135m", "--batch", "1", "--variant", "int4_g64@triton"])
+    cli.main(["profile", "--shape", "smollm2-135m", "--batch", "1", "--variant", "int8", "--engine",
+              "compressed_weights=auto"])
+    cli.main(["profile", "--shape", "smollm2-135m", "--batch", "1"])
+    assert seen == [{"compressed_weights": "keep", "int4_kernel": "triton"}, {"compressed_weights": "auto"}, {}]
+
+
 def test_engine_options_parse_typed_values():
     assert engine_options(["num_decode_steps=1", "fused_decode=false", "gpu_memory_utilization=0.5",
                            "prefill_attention=triton"]) == {

@@ -107,6 +107,24 @@ def test_sparse24_records_name_the_paths(tiny_shape):
         set(v) == {"paths", "us", "dense_only", "dense_kept", "int4", "bytes"} for v in rec["sparse24_paths"].values())
 
 
+def test_prefill_measures_the_compressed_paths_unless_asked(tiny_shape, monkeypatch):
+    """The prefill rows time the variant's compressed layers, as the decode rows do (--compressed-weights
+    keep, the default): an engine left at "auto" on a GPU would serve them dense where its decode forward
+    timed faster. Here the GPU's gate and timer are replaced: dense always times faster."""
+    import engine.weight_form as weight_form
+
+    monkeypatch.setattr(weight_form, "_can_time", lambda device: True)
+    monkeypatch.setattr(weight_form, "_memory", lambda device: (1 << 40, 1 << 41))
+    monkeypatch.setattr(weight_form, "_forward_us",
+                        lambda runner, rows, graphed: 100.0 if weight_form.compressed_layers(runner.model) else 50.0)
+    kept = quant_bench.prefill(tiny_shape, "sparse24", tokens=64)
+    assert kept["compressed_weights"] == "keep" and kept["sparse24_paths"]
+    dense = quant_bench.prefill(tiny_shape, "sparse24", tokens=64, compressed_weights="auto")
+    assert dense["compressed_weights"] == "auto" and dense["sparse24_paths"] == {}
+    workload = quant_bench.prefill_workload(tiny_shape, "sparse24", num_seqs=2, max_input=120)
+    assert workload["compressed_weights"] == "keep"
+
+
 def test_prefill_workload_record(tiny_shape):
     """nano-vllm's prompts (a few, ids folded into the tiny vocabulary), prefilled together."""
     rec = quant_bench.prefill_workload(tiny_shape, "w8a8_int8", num_seqs=3, max_input=120)
