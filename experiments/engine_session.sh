@@ -69,6 +69,8 @@
 #                                              # (experiments/int4_bound.py; <= 120 s, issue 13)
 #   experiments/engine_session.sh weightform   # carry .gpu/wheels: compressed_weights' GPU tests; int8 / int4 served as
 #                                              # codes or "auto" at the SmolLM2-135M and Llama-2-7B shapes (issue 13/16)
+#   experiments/engine_session.sh mqa          # carry .gpu/wheels: SmolLM2's shape with 3 KV heads against 1, decode and
+#                                              # kernel profiles (the 3 -> 1 model decoded 20% slower, issue 16)
 #   experiments/engine_session.sh bg NAME V..  # the verbs V.. in their own process session (they outlive the call);
 #                                              # `collect` (COLLECT_S) waits for every chain and fetches $H/bg
 set -uo pipefail
@@ -286,6 +288,13 @@ PY
       "tests/engine/test_compressed_loading.py::test_gpu_engine_serves_compressed_artifact" > "$OUTDIR/wf_tests.txt" 2>&1
       tail -n 5 "$OUTDIR/wf_tests.txt"; }
     ;;
+  mqa)  # carry .gpu/wheels: SmolLM2's shape with 3 KV heads against 1 (the gqa stage's 3 -> 1 decoded 20% slower
+        # at batch 1 in the twenty-fifth session): decode and a kernel profile of each, GPU alone (~2 min)
+    for shape in smollm2-135m smollm2-135m-mqa; do
+      $B decode --shape $shape --batch 1 16 > "$OUTDIR/mqa_decode_$shape.log" 2>&1; grep "tok/s" "$OUTDIR/mqa_decode_$shape.log"
+      $B profile --shape $shape --batch 1 --top 14 > "$OUTDIR/mqa_profile_$shape.log" 2>&1
+      grep -v Warn "$OUTDIR/mqa_profile_$shape.log" | tail -n 18
+    done;;
   quiet)  # after the preset chains (waitfor each): every artifact of the runs QUIET_RUNS re-timed alone on the GPU,
           # engine decode at batch 1/16/64 (and 2 held-out windows: eval needs a dataset), the teacher's row first in
           # each run: the baseline in the same process; QUIET_ARGS more overrides (eval.engine.compressed_weights=keep),

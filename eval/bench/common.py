@@ -22,6 +22,11 @@ SHAPES: dict[str, dict[str, Any]] = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
                          tie_word_embeddings=True, rope_theta=100000.0),
+    # The same with one KV head (the `gqa` stage's 3 -> 1): its 15-layer student decoded 20% slower at batch 1
+    # than with three (BENCHMARKS.md, twenty-fifth session); profile both to see which kernel pays.
+    "smollm2-135m-mqa": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                             num_key_value_heads=1, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                             tie_word_embeddings=True, rope_theta=100000.0),
 }
 
 RESULTS: dict[str, Any] = {}
