@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT_FILE = "wikitext-2-raw/wiki.test.raw"  # WikiText-2's raw test split under a data dir
 
 
 def default_data_dir() -> Path | None:

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import ShrinkError
-
-WIKITEXT_FILE = "wikitext-2-raw/wiki.test.raw"
+from common.paths import WIKITEXT_FILE
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from common.errors import ShrinkError
+from common.paths import WIKITEXT_FILE
 from shrink.artifacts import META_FILE, Artifact
 
 if TYPE_CHECKING:  # torch where a gate measures: the config check (GateSettings) runs before torch is imported
@@ -31,7 +32,6 @@ ACTIONS = ("warn", "stop", "revert")
 # `experiment=smallest` passed every held-out gate and ended at 9x the teacher on WikiText-2, BENCHMARKS.md,
 # twenty-fifth session).
 TEXTS = ("heldout", "wikitext2")
-WIKITEXT_FILE = "wikitext-2-raw/wiki.test.raw"  # eval/perplexity.py's (not imported: the config check runs before torch)
 METRIC_KEY = "quality_gate"
 
 
@@ -72,7 +72,9 @@ class GateSettings:
 
     def check_text(self, data_dir: Path | None) -> None:
         """Before any work: the WikiText-2 file gates.text=wikitext2 reads is there."""
-        if self.enabled and self.text == "wikitext2" and (data_dir is None or not (data_dir / WIKITEXT_FILE).is_file()):
+        if not self.enabled or self.text != "wikitext2":
+            return
+        if data_dir is None or not (data_dir / WIKITEXT_FILE).is_file():
             where = "no data_dir (data_dir=, $SHRINK_DATA_DIR or ../shared/data)" if data_dir is None else \
                 f"{data_dir / WIKITEXT_FILE} is missing"
             raise ShrinkError(f"gates.text=wikitext2 needs WikiText-2's test split: {where}; or gates.text=heldout")

@@ -121,7 +121,8 @@ def test_wikitext2_gate_measures_the_reference_text(tmp_path, tiny_teacher):
         seen.setdefault(art.path.name, []).append(ids)
         return 10.0
 
-    wiki = gate_stage(gate_cfg(tmp_path, "gates.text=wikitext2", f"data_dir={data}"), "prune", src, out, measure=measure)
+    cfg = gate_cfg(tmp_path, "gates.text=wikitext2", f"data_dir={data}")
+    wiki = gate_stage(cfg, "prune", src, out, measure=measure)
     expected = encode(load_tokenizer(out), wikitext2_text(data))[: 2 * 16]
     assert torch.equal(seen["gqa"][0], expected) and torch.equal(seen["prune"][0], expected)
     assert wiki["text"] == "wikitext2" and wiki["tokens"] == 32 and wiki["ratio"] == pytest.approx(1.0)
