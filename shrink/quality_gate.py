@@ -83,7 +83,8 @@ class GateSettings:
 def gate_ids(cfg: DictConfig, tokenizer: Any, settings: GateSettings) -> torch.Tensor:
     """The fixed gate text: the first windows x context tokens of the run's held-out split, or of
     WikiText-2's test split as eval/perplexity.py reads it (no BOS)."""
-    from shrink.context import cache_dir, data_dir
+    from common.paths import data_dir
+    from shrink.context import cache_dir
 
     if settings.text == "wikitext2":
         from eval.perplexity import encode, wikitext2_text

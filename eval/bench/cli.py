@@ -25,9 +25,9 @@ def _profile(args) -> None:
     """profile, with --variant's compressed random weights (a --shape's only)."""
     if args.variant != "bf16" and not args.shape:
         raise SystemExit(f"profile: --variant {args.variant} compresses a --shape's random weights, not --model's")
-    # The variant's compressed kernels are what is profiled: "keep" (the engine's default "auto" could serve
-    # them dense on a GPU, engine/weight_form.py); --engine compressed_weights=auto overrides it.
-    options = {} if args.variant == "bf16" else {"compressed_weights": "keep", **variant_options(args.variant)}
+    # The variant's compressed kernels are profiled (compressed_weights "keep"); --engine compressed_weights=...
+    # overrides it.
+    options = {} if args.variant == "bf16" else variant_options(args.variant)
     with compressed_dummy_weights(args.variant):
         profile(args, options)
 

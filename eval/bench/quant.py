@@ -202,10 +202,12 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def engine_options(variant: str) -> dict[str, str]:
-    """The engine keywords a variant names: int4_kernel after "@"."""
+def engine_options(variant: str, compressed_weights: str = "keep") -> dict[str, str]:
+    """The engine keywords a variant's rows run with: int4_kernel after "@", and compressed_weights ("keep":
+    the variant's compressed kernels are what a row measures; the engine's default "auto" may serve them
+    dense on a GPU, engine/weight_form.py)."""
     kernel = variant.partition("@")[2]
-    return {"int4_kernel": kernel} if kernel else {}
+    return {"compressed_weights": compressed_weights, **({"int4_kernel": kernel} if kernel else {})}
 
 
 def int4_kernel_used(model: nn.Module) -> dict[str, Any]:
@@ -246,8 +248,7 @@ def decode(shape: str, variant: str, batches: list[int], new_tokens: int, prompt
             llm = LLM(shape_dir(shape), load_format="dummy", max_num_seqs=max(batches),
                       cuda_graph_max_bs=max(batches), exact_dequant=exact_dequant,
                       max_model_len=prompt_len + new_tokens + 16, enable_prefix_caching=False,
-                      sparse24_timing=sparse24_timing, compressed_weights=compressed_weights,
-                      **engine_options(variant))
+                      sparse24_timing=sparse24_timing, **engine_options(variant, compressed_weights))
             setup_s = time.perf_counter() - t
     finally:
         for name in ("engine.int4", "engine.weights"):
@@ -305,7 +306,7 @@ def prefill(shape: str, variant: str, tokens: int, compressed_weights: str = "ke
     with compressed_dummy_weights(variant):
         llm = LLM(shape_dir(shape), load_format="dummy", max_num_seqs=1, max_model_len=tokens + PREFILL_MARGIN,
                   max_num_batched_tokens=tokens, enable_prefix_caching=False, enforce_eager=True,
-                  compressed_weights=compressed_weights, **engine_options(variant))
+                  **engine_options(variant, compressed_weights))
     vocab = llm.engine.vocab_size
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     llm.generate(_prompts(1, tokens, vocab, 7), one)  # warm-up (and the 2:4 weights' conversion)
@@ -331,8 +332,7 @@ def prefill_workload(shape: str, variant: str, num_seqs: int = 256, max_input: i
 
     with compressed_dummy_weights(variant):
         llm = LLM(shape_dir(shape), load_format="dummy", max_model_len=max_input + PREFILL_MARGIN,
-                  enable_prefix_caching=False, enforce_eager=True, compressed_weights=compressed_weights,
-                  **engine_options(variant))
+                  enable_prefix_caching=False, enforce_eager=True, **engine_options(variant, compressed_weights))
     vocab = llm.engine.vocab_size
     prompts = [[t % vocab for t in p] for p in nano_vllm_workload(num_seqs, max_input)[0]]
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
