@@ -60,16 +60,22 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.keep_prompt_logprobs = keep_prompt_logprobs
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        # Free blocks in LRU order: freed blocks go to the end, so cached content lives longest.
-        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.num_blocks = num_blocks
+        # Blocks are made on first use: a small model's pool on a large GPU holds tens of millions of
+        # blocks, and making them all up front took minutes of host time and gigabytes of host memory
+        # (a 2-layer test model on an H200: ~30M blocks). The blocks not made yet are the free ones
+        # that never held anything; they come first in the LRU order below, as they would in a list
+        # made up front, so a block with cached content is reused only once none is left.
+        self.blocks: list[Block] = []
+        # Free blocks that were used, in LRU order: freed blocks go to the end, so cached content lives longest.
+        self.free: OrderedDict[int, None] = OrderedDict()
         self.hash_to_block: dict[bytes, int] = {}
         # Per sequence: hash of each of its full, computed blocks (the chain for the next one).
         self.seq_hashes: dict[int, list[bytes]] = {}
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free)
+        return len(self.free) + self.num_blocks - len(self.blocks)
 
     # -- prefix cache lookup -------------------------------------------------------------
     def _cache_hits(self, seq: Sequence) -> list[int]:
@@ -109,6 +115,11 @@ class BlockManager:
         return need <= self.num_free_blocks
 
     def _take_free(self) -> int:
+        if len(self.blocks) < self.num_blocks:  # one never used: nothing cached in it to lose
+            block = Block(len(self.blocks))
+            self.blocks.append(block)
+            block.ref_count = 1
+            return block.block_id
         block_id, _ = self.free.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash is not None:  # its old content is overwritten: forget it

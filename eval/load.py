@@ -28,7 +28,7 @@ async def _client(llm: Any, prompt: list[int], max_tokens: int, record: dict[str
     ttft, gaps, tokens = None, [], 0
     async for delta in llm.generate(prompt, params):
         now = time.perf_counter()
-        record["peak_blocks"] = max(record["peak_blocks"], len(bm.blocks) - bm.num_free_blocks)
+        record["peak_blocks"] = max(record["peak_blocks"], bm.num_blocks - bm.num_free_blocks)
         n = len(delta.token_ids)
         if n:
             if ttft is None:

@@ -33,7 +33,7 @@ class ServerState:
             name,
             num_running=lambda: len(sched.running),
             num_waiting=lambda: len(sched.waiting),
-            kv_cache_usage=lambda: 1.0 - bm.num_free_blocks / len(bm.blocks),
+            kv_cache_usage=lambda: 1.0 - bm.num_free_blocks / bm.num_blocks,
         )
         admission = Admission(engine.config.max_num_seqs, config.max_queue, config.retry_after_s)
         return cls(llm, config, name, metrics, admission, TokenText(engine.tokenizer))

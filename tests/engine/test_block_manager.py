@@ -32,6 +32,33 @@ def test_allocate_and_free_returns_every_block():
     assert bm.num_free_blocks == 10 and a.block_table == []
 
 
+def test_a_pool_of_a_billion_blocks_costs_only_the_blocks_used():
+    # A 2-layer test model's pool on an H200 held ~30M blocks, and making a Block for each up front took
+    # minutes (the twenty-sixth session's GPU tests spent 406 s on three engines). The pool makes them on use.
+    bm = BlockManager(10**9, 4)
+    a = seq(list(range(9)))
+    bm.allocate(a)
+    assert a.block_table == [0, 1, 2] and len(bm.blocks) == 3 and bm.num_free_blocks == 10**9 - 3
+    bm.deallocate(a)
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_never_used_blocks_are_taken_before_cached_ones_in_lru_order():
+    # The order a list of every block made up front gives: unused blocks first (0, 1, ...), then the
+    # freed ones, least recently freed first, so cached content lives as long as it can.
+    bm = BlockManager(4, 4)
+    a, b = seq(list(range(5))), seq(list(range(50, 54)))
+    bm.allocate(a)  # blocks 0, 1
+    compute_all(bm, a)
+    bm.deallocate(a)  # freed in reverse: 1 then 0
+    bm.allocate(b)
+    assert b.block_table == [2]  # a never-used block, not a's cached ones
+    c = seq(list(range(100, 109)))
+    bm.allocate(c)
+    assert c.block_table == [3, 1, 0]
+    assert bm.num_free_blocks == 0 and not bm.can_allocate(seq([7]))
+
+
 def test_shared_prefix_reuses_blocks_and_counts_refs():
     bm = BlockManager(10, 4)
     a = seq(list(range(10)))  # blocks [0..3] [4..7] [8, 9]

@@ -62,7 +62,7 @@ def test_steps_agree_with_each_other_and_transformers(model_dir, mixed_prompts, 
         assert [o.token_ids for o in outs] == [r[: p.max_tokens] for r, p in zip(ref, params)]
         assert all(o.finish_reason == "length" for o in outs)
         assert (llm.engine.num_multi_steps > 0) == (steps > 1)
-        assert llm.engine.block_manager.num_free_blocks == len(llm.engine.block_manager.blocks)
+        assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
 
 
 def eos_model(model_dir, root, eos: list[int]) -> str:
@@ -218,7 +218,7 @@ def test_prefix_caching_hashes_only_kept_tokens(model_dir, hf_reference):
     # Every full block of a finished sequence's computed tokens (all but its last) was hashed.
     assert [o.num_cached_tokens for o in third] == [(len(p) + len(o.token_ids) - 1) // 4 * 4
                                                     for p, o in zip(token_prompts, first)]
-    assert llm.engine.block_manager.num_free_blocks == len(llm.engine.block_manager.blocks)
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
 
 
 def test_requests_arriving_while_others_decode(model_dir, hf_reference):

@@ -24,7 +24,7 @@ def llm(model_dir):
 
 def assert_idle(engine) -> None:
     assert not engine.seqs and not engine.has_unfinished_requests()
-    assert engine.block_manager.num_free_blocks == len(engine.block_manager.blocks)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
 def test_logprobs_above_max_logprobs_fail_alone(llm):

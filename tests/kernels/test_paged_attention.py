@@ -53,7 +53,7 @@ def test_cpu_reference_reads_only_the_blocks_of_the_longest_context():
                        paged_decode_attention_ref(q, kc, vc, tables, lens, 0.3))
 
 
-@pytest.mark.parametrize("q_heads,kv_heads,dim", [(4, 4, 16), (4, 2, 32), (6, 1, 16), (4, 2, 24)])
+@pytest.mark.parametrize("q_heads,kv_heads,dim", [(4, 4, 16), (4, 2, 32), (6, 1, 16), (9, 1, 16), (4, 2, 24)])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_triton_matches_reference_small(q_heads, kv_heads, dim, splits):
     lens = [1, 5, 70, 33]
@@ -110,6 +110,7 @@ def test_choose_num_splits():
     (1, 32, 32, 128, 16),  # Llama-2-7B
     (64, 32, 4, 64, 16),  # TinyLlama
     (16, 9, 3, 64, 16),  # SmolLM2-135M
+    (1, 9, 1, 64, 16),  # SmolLM2-135M after the gqa stage's 3 -> 1 (a group of 9, merged in one program)
     (8, 32, 8, 128, 32),  # Llama-3-8B
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -126,7 +127,8 @@ def test_triton_matches_reference_gpu(batch, q_heads, kv_heads, dim, block_size,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch,q_heads,kv_heads,dim", [(1, 9, 3, 64), (4, 32, 8, 128), (1, 32, 32, 128)])
+@pytest.mark.parametrize("batch,q_heads,kv_heads,dim", [(1, 9, 3, 64), (1, 9, 1, 64), (4, 32, 8, 128),
+                                                         (1, 32, 32, 128)])
 def test_split_merge_deterministic_and_graph_safe_gpu(batch, q_heads, kv_heads, dim):
     """The in-launch merge on real concurrency: many launches give bitwise the same output (a
     merge that read a partial before it was written would not), and CUDA-graph replays with new

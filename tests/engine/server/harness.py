@@ -45,7 +45,7 @@ class ServerThread:
 
     def pool_is_full(self) -> bool:
         bm = self.llm.engine.block_manager
-        return bm.num_free_blocks == len(bm.blocks)
+        return bm.num_free_blocks == bm.num_blocks
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """True once the engine has no request left and every block is free again."""
