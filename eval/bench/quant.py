@@ -1,7 +1,7 @@
 """Compressed weights on the GPU, every figure against the engine's own bf16 in the same process:
 decode tok/s at batch 1 and 16 (256 new tokens after a 16-token prompt, prefill included, as
 eval/bench/decode.py) for bf16, int8, int4 g64, int4 g128 (symmetric and with zero
-points), 2:4 (bf16 kept values), 2:4 + int4 g128 and W8A8 int8, with the GB/s each achieves
+points), 2:4 (bf16 kept values), 2:4 + int4 g128 (g64 at SmolLM2's width) and W8A8 int8, with the GB/s each achieves
 against the measured copy ceiling; and prefill tok/s of one prompt per --prefill-tokens count
 (default 1024 and 8192, or as many as the shape has positions for: Llama-2-7B has 4,096, so 8,192
 tokens take --shape llama2-7b-16k, its dims with 16,384 positions) for bf16, W8A8 int8, W8A8 fp8,
@@ -44,7 +44,7 @@ from eval.bench.common import prompts as _prompts, shape_dir, timed
 DECODE_VARIANTS = ["bf16", "int8", "int4_g64@triton", "int4_g64@tinygemm", "int4_g64@auto",
                    "int4_g128@triton", "int4_g128@tinygemm", "int4_g128@auto",
                    "int4_g128_zero@triton", "int4_g128_zero@tinygemm", "int4_g128_zero@auto", "sparse24",
-                   "sparse24_int4_g128", "w8a8_int8"]
+                   "sparse24_int4_g128", "sparse24_int4_g64", "w8a8_int8"]
 PREFILL_VARIANTS = ["bf16", "w8a8_int8", "w8a8_fp8", "sparse24", "int4_g128@triton", "int4_g128@tinygemm"]
 
 
@@ -92,9 +92,10 @@ def compressor(variant: str, options) -> Callable[[str, nn.Linear], nn.Module | 
         if variant.startswith("int4_g"):
             group = int(variant.split("_g")[1].split("_")[0])
             return Int4Linear(*_int4(w, group, variant.endswith("zero")), bias, options)
-        if variant == "sparse24_int4_g128":
-            codes, scale, zero = _int4(_prune_24(w), 128, False)
-            dense = (codes.float() * scale.repeat_interleave(128, dim=1))
+        if variant.startswith("sparse24_int4_g"):  # g64 for SmolLM2's 576-wide inputs, which 128 does not divide
+            group = int(variant.split("_g")[1])
+            codes, scale, zero = _int4(_prune_24(w), group, False)
+            dense = (codes.float() * scale.repeat_interleave(group, dim=1))
             return Sparse24Linear(dense, bias, codes=codes, scale=scale, zero=zero, options=options)
         if variant == "sparse24":
             return Sparse24Linear(_prune_24(w), bias, options=options)
