@@ -5,6 +5,7 @@ heuristic's (gemv_config).
 
     python experiments/gemv_sweep.py --model llama2-7b
     python experiments/gemv_sweep.py --model llama2-7b --m 2 8 16 --json rows.jsonl
+    python experiments/gemv_sweep.py --model smollm2-135m --m 2 5 16 --formats dense --wide --json wide.jsonl
 
 With --m (rows > 1, the 16-row tl.dot tiles) it times, per shape and config, the fused kernel as the
 engine runs it against the same kernel on an input the Triton RMSNorm kernel normalised first (two
@@ -74,11 +75,13 @@ def bench(kind: str, n: int, k: int, config, copies: int, head_dim: int, heads: 
     return n * k * 2 / seconds / 1e12
 
 
-def rows_variants(kind: str, m: int, n: int, k: int, quant: str, copies: int, model: str):
+def rows_variants(kind: str, m: int, n: int, k: int, quant: str, copies: int, model: str, wide: bool = False):
     """(weight copies [(codes, scale)], [(variant, config, run over one copy)]) of one shape at m rows:
     the fused kernel with its norm prologue ("fused") or on an input normalised by a separate launch
     ("prenorm"), each at the heuristic config (first) and the swept ones, and F.linear on a bf16 weight
-    ("cublas", no epilogue)."""
+    ("cublas", no epilogue). ``wide`` (--wide, for latency-bound shapes such as SmolLM2's, where a
+    program's serial K steps are the time): the fused kernel alone, also with 1024-wide K steps
+    (one step over K 576) and split-K (``fused_splitS``: S programs a tile, one K step or more each)."""
     _, _, heads, kv_heads, head_dim = MODELS[model]
     dev, dt = DEVICE, torch.bfloat16
     x = torch.randn(m, k, device=dev, dtype=dt)
@@ -97,7 +100,7 @@ def rows_variants(kind: str, m: int, n: int, k: int, quant: str, copies: int, mo
         slots = torch.arange(m, device=dev) + 3
         default = gemv_rope_store_config(m, n, k)
 
-        def one(xin, w, s, norm, config):
+        def one(xin, w, s, norm, config, split=1):
             gemv_rope_store(xin, w, norm_weight=norm, positions=pos, cos_table=cos, sin_table=sin, k_cache=kc,
                             v_cache=vc, slot_mapping=slots, num_heads=heads, num_kv_heads=kv_heads,
                             config=config, quant=quant, scale=s)
@@ -105,19 +108,29 @@ def rows_variants(kind: str, m: int, n: int, k: int, quant: str, copies: int, mo
         res = torch.randn(m, n_out, device=dev, dtype=dt)
         default = gemv_config(m, n_out, k, two=kind == "swiglu")
 
-        def one(xin, w, s, norm, config):
+        def one(xin, w, s, norm, config, split=1):
             if kind == "swiglu":
-                gemv(xin, w, norm_weight=norm, swiglu=True, config=config, quant=quant, scale=s)
+                gemv(xin, w, norm_weight=norm, swiglu=True, config=config, quant=quant, scale=s, split_k=split)
             else:
-                gemv(xin, w, residual=res, out=res, config=config, quant=quant, scale=s)
+                gemv(xin, w, residual=res, out=res, config=config, quant=quant, scale=s, split_k=split)
     norm = kind in ("rope", "swiglu")
     prenorm = norm and not separate_norm(m, ws[0][0], False)  # else gemv normalises apart already
     variants = []
-    swept = [(16, bn, bk, 4) for bn, bk in itertools.product((16, 32, 64), (128, 256, 512))]
-    configs = [default] + [c for c in swept + [(16, 32, 256, 8), (16, 64, 256, 8)] if c != default]
+    if wide:
+        swept = [(16, bn, bk, 4) for bn, bk in itertools.product((16, 32), (128, 256, 512, 1024))]
+        swept += [(16, 16, 1024, 8), (16, 32, 512, 8)]
+    else:
+        swept = [(16, bn, bk, 4) for bn, bk in itertools.product((16, 32, 64), (128, 256, 512))]
+        swept += [(16, 32, 256, 8), (16, 64, 256, 8)]
+    configs = [default] + [c for c in swept if c != default]
     for config in configs:
         variants.append(("fused", config, lambda w, s, c=config: one(x, w, s, nw if norm else None, c)))
-        if prenorm:
+        # gemv_rope_store has no split-K; a split is timed only where each program keeps a K step
+        for split in range(2, 5) if wide and kind != "rope" else ():
+            if split <= -(-k // config[2]):
+                variants.append((f"fused_split{split}", config,
+                                 lambda w, s, c=config, sp=split: one(x, w, s, nw if norm else None, c, sp)))
+        if prenorm and not wide:
             variants.append(("prenorm", config, lambda w, s, c=config: one(rmsnorm(x, nw, 1e-6), w, s, None, c)))
     if quant == "dense":
         variants.append(("cublas", None, lambda w, s: torch.nn.functional.linear(x, w)))
@@ -131,7 +144,7 @@ def sweep_rows(args) -> None:
         for quant in args.formats:
             for m in args.m:
                 copies = max(8, -(-(256 << 20) // (n * k * (1 if quant == "int8" else 2))))
-                ws, variants = rows_variants(kind, m, n, k, quant, copies, args.model)
+                ws, variants = rows_variants(kind, m, n, k, quant, copies, args.model, args.wide)
                 best: dict[str, tuple[float, object]] = {}
                 for variant, config, run in variants:
                     try:
@@ -163,6 +176,7 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="*", default=None, help="rows > 1: the rows sweep (module docstring)")
     ap.add_argument("--formats", nargs="*", default=["dense", "int8"], choices=["dense", "int8"])
     ap.add_argument("--json", default=None, help="append the rows sweep's measurements here")
+    ap.add_argument("--wide", action="store_true", help="rows sweep: 1024-wide K steps and split-K (rows_variants)")
     args = ap.parse_args()
     if args.m:
         if min(args.m) < 2 or max(args.m) > 16:
