@@ -198,6 +198,15 @@ def batch_invariant_config(n: int, k: int) -> tuple[int, int, int, int]:
     return gemv_config(SMALL_M, n, k)
 
 
+def _one_k_step(n: int, k: int, elem_bytes: float) -> bool:
+    """At M > 1, a small 16-bit weight with K <= 1024 (SmolLM2's qkv and o_proj) takes one K step of
+    next_pow2(K): each program's whole W tile is loaded before the PDL wait (_matmul), where 256-wide
+    steps left two of three to load after it. H200, CUDA graphs, PDL, 2 / 5 / 16 rows (experiments/gemv_sweep.py
+    --wide, benchmarks/2026-12-02-h200-s26/lease3/wide.jsonl): o_proj + residual 2.04 / 2.06 / 2.15 us against
+    2.54 / 2.55 / 2.63. 16-bit only: the int8 / int4 tiles were not swept so."""
+    return n * k * elem_bytes < LATENCY_BYTES and elem_bytes >= 2 and k <= 1024
+
+
 def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True,
                 elem_bytes: float = 2) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for M rows, N output columns, K inputs; ``two``: each
@@ -240,6 +249,10 @@ def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True,
         num_warps = 8 if not small and block_n * rows * block_k >= MAX_TILE else 4
         return 1, block_n, block_k, min(num_warps, max(1, block_n * rows * block_k // (32 * 8)))
     block_n = 16 if triton.cdiv(n, 32) < 64 else 32
+    if not two and _one_k_step(n, k, elem_bytes):
+        return 16, block_n, next_pow2(k), 4
+    if two and n * 2 * k * elem_bytes < LATENCY_BYTES and elem_bytes >= 2 and k <= 1024:
+        return 16, 32, 256, 4  # SmolLM2's gate_up + SwiGLU: 4.66 us at 2 and 5 rows against 4.95 with 16 columns
     large = n * (2 if two else 1) * k * elem_bytes >= LATENCY_BYTES
     # 512-wide K steps helped SmolLM2's down_proj (K 1536); at Llama-7B's K (4096+) 256 did as well.
     block_k = max(32, min(next_pow2(k), 512 if 1024 <= k <= 2048 else 256))
@@ -1210,6 +1223,8 @@ def gemv_rope_store_config(m: int, n: int, k: int, pdl: bool = True,
     block_m, block_n, block_k, num_warps = gemv_config(m, n, k, pdl=pdl, elem_bytes=elem_bytes)
     if block_m > 1 and n * k * elem_bytes >= LATENCY_BYTES and elem_bytes >= 1:  # int4 unmeasured: as before
         return block_m, block_n, block_k, num_warps
+    if block_m > 1 and _one_k_step(n, k, elem_bytes):  # 32 pairs: SmolLM2's qkv + rope 5.0-5.1 us at 2-16 rows
+        return block_m, 32, block_k, num_warps           # against 5.4-5.7 (16 pairs, 256) and 9.4 (16, 1024)
     return block_m, max(16 if block_m > 1 else 1, block_n // 2), block_k, num_warps
 
 

@@ -214,7 +214,7 @@ def test_rope_store_config_fills_the_gpu():
     for n, k in [(960, 576), (12288, 4096)]:
         block_m, block_pairs, _, _ = gemv_rope_store_config(1, n, k)
         assert block_m == 1 and -(-n // (2 * block_pairs)) == -(-n // gemv_config(1, n, k)[1]) >= 132
-    assert gemv_rope_store_config(16, 960, 576)[1] == 16  # tl.dot's minimum width
+    assert gemv_rope_store_config(16, 960, 576)[1] >= 16  # tl.dot's minimum width
 
 
 @pytest.mark.gpu
@@ -271,4 +271,9 @@ def test_separate_norm_and_large_weight_configs():
     assert gemv_rope_store_config(16, 12288, 4096, elem_bytes=0.5)[1] == 16
     assert gemv_config(16, 768, 576, two=True)[2] == 256 and gemv_config(16, 576, 1536)[2] == 512  # SmolLM2: as before
     assert gemv_rope_store_config(16, 12288, 4096)[1] == 32  # 64 columns a program
-    assert gemv_rope_store_config(16, 960, 576)[1] == 16
+    # SmolLM2's latency-bound qkv and o_proj at 2-16 rows: one K step, the whole W tile loaded before the PDL
+    # wait (the twenty-sixth session's sweep); int8 and int4 tiles keep the earlier configs (not swept so)
+    for m in (2, 5, 16):
+        assert gemv_rope_store_config(m, 960, 576) == (16, 32, 1024, 4)
+        assert gemv_config(m, 576, 576) == (16, 16, 1024, 4) and gemv_config(m, 1536, 576, two=True) == (16, 32, 256, 4)
+    assert gemv_config(16, 576, 576, elem_bytes=1)[2] == 256 and gemv_config(16, 576, 1536)[2] == 512
