@@ -68,7 +68,8 @@ def compile_sm90(quant: str, fast: bool, group: int, zero: bool, m: int, n: int,
     gpt, wpg = G._fast_words(quant, group, cfg[2]) if fast else (1, 1)
     constexprs = dict(N=n, K=k, BLOCK_M=cfg[0], BLOCK_N=cfg[1], BLOCK_K=cfg[2], HAS_BIAS=False, NORM=False,
                       RESIDUAL=False, SWIGLU=False, IEEE=False, BF16_BY_HAND=False, PDL=True,
-                      GROUP=group, QUANT=G.QUANT_KINDS[quant], HAS_ZERO=zero, FAST=fast, GPT=gpt, WPG=wpg, SPLIT=1)
+                      GROUP=group, QUANT=G.QUANT_KINDS[quant], HAS_ZERO=zero, FAST=fast, GPT=gpt, WPG=wpg, SPLIT=1,
+                      RUN=G.FAST_INT4_RUN if fast and quant == "int4" else 4)  # as _launch_config passes it
     constexprs.update(fusions or {})
     sig.update({name: "constexpr" for name in constexprs})
     # As a launch specializes them: torch's tensors 16-byte aligned, the row strides (K, N) multiples

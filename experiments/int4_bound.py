@@ -129,7 +129,7 @@ if HAS_TRITON:
         code words; with LEVEL >= 1 each word's group scale (and zero) bits; with LEVEL >= 2 the
         bits of each word's input sum, once per column. Program pid1 of SPLIT walks its share of
         the K steps, UNROLL steps loaded before they are folded."""
-        R: tl.constexpr = 4 if BLOCK_K >= 32 else BLOCK_K // 8  # as _matmul_fast_runs
+        R: tl.constexpr = 4 if BLOCK_K >= 32 else BLOCK_K // 8  # as _matmul_fast_runs had it before 8-word runs
         T: tl.constexpr = BLOCK_K // (8 * R)
         STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
         PER: tl.constexpr = (STEPS + SPLIT - 1) // SPLIT

@@ -33,9 +33,10 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   x @ W^T with W dequantized in fp32 (kernels/quant.py's fast references), rounded once. int8 and
   W8A8 at M == 1 (_matmul_fast): a program's words of a K step in one load, two steps in flight,
   each code's input gathered per code (a 16-bit load each), per code an extract, OR, FADD and
-  FFMA. int4 at M == 1 (_matmul_fast_runs): each thread reads runs of 4 consecutive words of a row
-  (one 128-bit load) and exactly those words' inputs (a contiguous run, split by code in registers:
-  no gather, and no shared-memory shuffle where a step's runs cover every warp), sums a run before
+  FFMA. int4 at M == 1 (_matmul_fast_runs): each thread reads runs of FAST_INT4_RUN (8) consecutive
+  words of a row (two 128-bit loads; 4, one load, until 8 measured faster) and exactly those words'
+  inputs (a contiguous run, split by code in registers: no gather, and no shared-memory shuffle where
+  a step's runs cover every warp), sums a run before
   its one zero-point and scale; the K loop unrolled up to FAST_UNROLL steps, else two steps an
   iteration, masked along K only where a step reaches past it. int8 on that run layout (one PRMT a
   code, 4.9 SASS instructions a weight byte at (8, 4096, 4) on 4096 x 4096 against 5.7 here:
@@ -287,6 +288,11 @@ FAST_BY_DEFAULT = {"int8": True, "w8a8_int8": True, "int4": True}
 # word of a K <= 2 * BLOCK_K row set in flight at once; more, unrolled, let ptxas hoist every
 # step's loads and spill (K 11008 at (8, 2048, 4): 256 bytes a thread, experiments/gemv_sass_count.py).
 FAST_UNROLL = tl.constexpr(2) if HAS_TRITON else 2
+# int4's fast path: code words in a thread's run (_matmul_fast_runs). 8 (two 128-bit loads) against 4: at the
+# fast path's tile (8, 2048, 4), with PDL, on the Llama-2-7B shapes, a sibling kernel ran 1.13-1.28x faster
+# with 8 (experiments/int4_bound.py's t_gemv n8k2048r8 against the engine kernel: qkv 15.2 / 19.4 us, o_proj
+# 5.3 / 6.8, gate_up 26.4 / 33.7, down 15.5 / 17.5; H200, benchmarks/2026-12-02-h200-s26/lease3).
+FAST_INT4_RUN = 8
 # Inline PTX where a GPU compiles the kernels (the interpreter runs their plain-Triton equivalents;
 # read at import, as tests/kernels/conftest.py reloads the kernels under the interpreter). int4's
 # magic exponent goes into a word by a PRMT: OR-ed in, ptxas folds the OR into each code's AND and
@@ -774,15 +780,16 @@ if HAS_TRITON:
         x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
         K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
         BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+        RUN: tl.constexpr,
     ):
-        """The fast path at M == 1 for int4 (QUANT 2) in runs of 4 words a thread: [1, BLOCK_N] fp32
+        """The fast path at M == 1 for int4 (QUANT 2) in runs of RUN words a thread: [1, BLOCK_N] fp32
         accumulators. Each step's words are loaded one step ahead of their use, the first before the
         PDL wait. Up to FAST_UNROLL steps the K loop is unrolled (K <= 2 * BLOCK_K: the whole row
         set in flight at once); longer ones loop two steps an iteration, the tiles alternating
         between two sets of registers (a one-step loop copies the prefetched tile into the current
         one's: a MOV a word). Only a step reaching past K is masked along the words (the ragged last one, and
         in the loop every step of a ragged K); the loop's prefetch past the last step reloads it."""
-        R: tl.constexpr = 4 if BLOCK_K >= 32 else BLOCK_K // 8  # words in a thread's run (_int4_fast_tile)
+        R: tl.constexpr = RUN if BLOCK_K >= 8 * RUN else BLOCK_K // 8  # words in a thread's run (_int4_fast_tile)
         T: tl.constexpr = BLOCK_K // (8 * R)
         STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
         RAGGED: tl.constexpr = K % BLOCK_K != 0
@@ -828,12 +835,13 @@ if HAS_TRITON:
                     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     NORM: tl.constexpr, TWO: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
                     PDL: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
-                    FAST: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr, SPLIT: tl.constexpr):
+                    FAST: tl.constexpr, GPT: tl.constexpr, WPG: tl.constexpr, SPLIT: tl.constexpr,
+                    RUN: tl.constexpr):
         """The accumulators of whichever matmul the kernel was specialised for: the fast M == 1
         dequantization (FAST) or the exact path (of one part of K with SPLIT > 1)."""
         if FAST and QUANT == 2:
             return _matmul_fast_runs(x_ptr, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, col_mask, nw_ptr, eps,
-                                     K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, HAS_ZERO)
+                                     K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, GROUP, HAS_ZERO, RUN)
         elif FAST:  # int8, W8A8
             return _matmul_fast(x_ptr, w_rows, w_rows2, col_mask, nw_ptr, eps,
                                 K, BLOCK_N, BLOCK_K, NORM, TWO, BF16_BY_HAND, PDL, QUANT, GPT, WPG)
@@ -933,6 +941,7 @@ if HAS_TRITON:
         IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr, PDL: tl.constexpr,
         GROUP: tl.constexpr = 1, QUANT: tl.constexpr = 0, HAS_ZERO: tl.constexpr = False,
         FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1, SPLIT: tl.constexpr = 1,
+        RUN: tl.constexpr = 4,
     ):
         # N counts output columns: with SWIGLU, W has 2N rows (gate rows, then up rows).
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # grid axis 1: 16-row tiles past SMALL_M
@@ -945,7 +954,7 @@ if HAS_TRITON:
         dtype = x_ptr.dtype.element_ty
         acc, acc_up = _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_up, s_rows, s_up, z_rows, z_up, col_mask, nw_ptr,
                                   eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, SWIGLU, IEEE, BF16_BY_HAND, PDL,
-                                  GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, SPLIT)
+                                  GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, SPLIT, RUN)
         out_mask = row_mask[:, None] & col_mask[None, :]
         if SPLIT > 1:  # only the last program of the tile's parts goes on, with the whole sums
             acc, acc_up, last = _split_k_sum(acc, acc_up, ws_ptr, count_ptr, rows, cols, out_mask, M, N, SPLIT,
@@ -1035,7 +1044,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
         PDL: tl.constexpr, GROUP: tl.constexpr = 1, QUANT: tl.constexpr = 0, HAS_ZERO: tl.constexpr = False,
-        FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1,
+        FAST: tl.constexpr = False, GPT: tl.constexpr = 1, WPG: tl.constexpr = 1, RUN: tl.constexpr = 4,
     ):
         # Programs count rotary pairs, not columns: pair j is dim d = j % HALF of head j // HALF in
         # the qkv output (q heads, then k heads, then v heads), i.e. columns c and c + HALF. v's
@@ -1049,7 +1058,7 @@ if HAS_TRITON:
         dtype = x_ptr.dtype.element_ty
         acc1, acc2 = _matmul_any(x_ptr, x_rows, row_mask, w_rows, w_rows2, s_rows, s_rows2, z_rows, z_rows2, j_mask,
                                  nw_ptr, eps, K, BLOCK_M, BLOCK_N, BLOCK_K, NORM, True, IEEE, BF16_BY_HAND, PDL,
-                                 GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, 1)
+                                 GROUP, QUANT, HAS_ZERO, FAST, GPT, WPG, 1, RUN)
         acc1 = _column_scale(acc1, s_ptr, col, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         acc2 = _column_scale(acc2, s_ptr, col + HALF, j_mask, dtype, QUANT, BF16_BY_HAND, FAST)
         _rope_store_epilogue(acc1, acc2, rows, row_mask, j_mask, head, d, col, b_ptr, q_ptr, q_stride, pos_ptr,
@@ -1101,7 +1110,8 @@ def _launch_config(m: int, n: int, k: int, quant: str, qargs: dict, fast: bool, 
     assert config[0] == 1, config
     gpt, wpg = _fast_words(quant, group, config[2])
     w = qargs["w_ptr"]
-    return config, {**qargs, "w_ptr": w.view(torch.int32), "FAST": True, "GPT": gpt, "WPG": wpg}
+    run = {"RUN": FAST_INT4_RUN} if quant == "int4" else {}
+    return config, {**qargs, "w_ptr": w.view(torch.int32), "FAST": True, "GPT": gpt, "WPG": wpg, **run}
 
 
 class SplitKWorkspace:
