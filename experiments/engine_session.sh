@@ -69,6 +69,7 @@
 #                                              # (experiments/int4_bound.py; <= 120 s, issue 13)
 #   experiments/engine_session.sh weightform   # carry .gpu/wheels: compressed_weights' GPU tests; int8 / int4 served as
 #                                              # codes or "auto" at the SmolLM2-135M and Llama-2-7B shapes (issue 13/16)
+#   experiments/engine_session.sh int4run      # carry .gpu/wheels: int4's 8-word runs, GPU tests and the 7B decode
 #   experiments/engine_session.sh mqa          # carry .gpu/wheels: SmolLM2's shape with 3 KV heads against 1, decode and
 #                                              # kernel profiles (the 3 -> 1 model decoded 20% slower, issue 16)
 #   experiments/engine_session.sh bg NAME V..  # the verbs V.. in their own process session (they outlive the call);
@@ -288,6 +289,14 @@ PY
       "tests/engine/test_compressed_loading.py::test_gpu_engine_serves_compressed_artifact" > "$OUTDIR/wf_tests.txt" 2>&1
       tail -n 5 "$OUTDIR/wf_tests.txt"; }
     ;;
+  int4run)  # carry .gpu/wheels: what the twenty-sixth session left unmeasured of int4's 8-word runs
+            # (kernels/gemv.py FAST_INT4_RUN): the fast path's tests on the GPU (their cases carry no gpu marker:
+            # the files run on cuda whole), then the 7B decode, int4 against bf16 in one process
+    timeout -s INT -k 20 ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -rf tests/kernels/test_quant_gemv_fast.py \
+      tests/kernels/test_quant_gemv.py > "$OUTDIR/int4run_tests.txt" 2>&1; tail -n 4 "$OUTDIR/int4run_tests.txt"
+    timeout ${QUANT_S:-240} python3 -m eval.bench.quant --shape llama2-7b --out "$OUTDIR/int4run_7b.jsonl" --batch 1 16 \
+      --only bf16 int4_g128@triton int4_g128_zero@triton int4_g128@auto --prefill-tokens 1024 > "$OUTDIR/int4run_7b.log" 2>&1
+    grep -E "tok/s|vs bf16" "$OUTDIR/int4run_7b.log" | tail -n 12;;
   mqa)  # carry .gpu/wheels: SmolLM2's shape with 3 KV heads against 1 (the gqa stage's 3 -> 1 decoded 20% slower
         # at batch 1 in the twenty-fifth session): decode and a kernel profile of each, GPU alone (~2 min)
     for shape in smollm2-135m smollm2-135m-mqa; do
