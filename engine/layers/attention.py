@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from engine.context import get_context
 from engine.layers.options import ModelOptions
@@ -120,6 +119,11 @@ class Attention(nn.Module):
                 ki = self.k_cache.view(-1, kv_width)[slots].view(ctx_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
                 vi = self.v_cache.view(-1, kv_width)[slots].view(ctx_len, self.num_kv_heads, self.head_dim).transpose(0, 1)
                 # Query j sits at position ctx_len - q_len + j: causal mask aligned bottom-right.
+                # Imported here: torch.nn.attention.bias imports torch._dynamo (~2 s on a CPU), which a
+                # process that never attends to cached context (a server starting, a TP worker's
+                # decode) otherwise never loads.
+                from torch.nn.attention.bias import causal_lower_right
+
                 mask = causal_lower_right(q_len, ctx_len)
             if group > 1:
                 # Expanded K/V rather than enable_gqa: GQA is not supported by every fused SDPA
