@@ -16,3 +16,13 @@ def test_loading_the_stages_does_not_import_the_engine():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]", f"the stages imported {result.stdout.strip()}"
+
+
+def test_importing_the_engine_does_not_import_dynamo():
+    # torch.nn.attention.bias imports torch._dynamo (~2 s on CI's CPU); the engine takes it only where it
+    # attends to cached context (engine/layers/attention.py), so a server starting or a TP worker's decode
+    # never pays for it.
+    code = "import sys, engine, engine.model_runner, engine.server; print('torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "False"
