@@ -86,7 +86,7 @@ from eval.bench.common import graph_seconds
 from experiments.quant_gemv_sweep import COPY_BYTES, SHAPES, Records, copy_ceiling_tbps, make_weights
 from kernels import quant as ref
 from kernels._triton import HAS_TRITON, interpreting, next_pow2, pdl_launch_args
-from kernels.gemv import FAST_UNROLL, _fast_words, fast_gemv_config, gemv
+from kernels.gemv import FAST_UNROLL, SPLIT_K_WORKSPACE, _fast_words, fast_gemv_config, gemv
 
 if HAS_TRITON:
     import triton
@@ -413,7 +413,6 @@ TILED_CONFIGS = {
 # The codes-only walk on the tiled layout (hypothesis (a): reaches g_read) at these configs' tiles and grids.
 TILED_CODES = ["n8k2048", "n16k2048", "n16k2048s2"]  # a compile each per K: few (the runs of 8 load as n8k2048 does)
 T_VARIANTS = ["t_codes", "t_gemv", "t_gemv_pdl"]  # t_gemv_pdl: each shape's best t_gemv config, with PDL
-TILED_SPLIT_SLOTS = 4096  # counters of the split-K arrivals (one a column block), kept at zero between launches
 
 
 class TiledInt4:
@@ -622,9 +621,6 @@ if HAS_TRITON:
                      mask=mask)
 
 
-_TILED_COUNTS: dict = {}  # device -> int32 arrival counts of split-K (zero between launches)
-
-
 def tiled_gemv(x: torch.Tensor, w: TiledInt4, config: tuple[int, int, int, int, int], out_dtype=None,
                pdl: bool = False, codes_only: bool = False) -> torch.Tensor:
     """x [1, K] @ W^T on the tile-major weight w at config (BLOCK_N, BLOCK_K, RUN, num_warps, SPLIT), whose
@@ -642,12 +638,8 @@ def tiled_gemv(x: torch.Tensor, w: TiledInt4, config: tuple[int, int, int, int, 
     else:
         out = torch.empty(1, w.n, dtype=out_dtype, device=x.device)
     ws, count = out, out
-    if split > 1 and not codes_only:
-        assert blocks <= TILED_SPLIT_SLOTS
-        if x.device not in _TILED_COUNTS:  # allocated before any graph capture (the first, eager, call)
-            _TILED_COUNTS[x.device] = torch.zeros(TILED_SPLIT_SLOTS, dtype=torch.int32, device=x.device)
-        count = _TILED_COUNTS[x.device]
-        ws = torch.empty(split * blocks * block_n, dtype=torch.float32, device=x.device)
+    if split > 1 and not codes_only:  # gemv's split-K buffers: [SPLIT, padded N] partials, a count a column block
+        ws, count = SPLIT_K_WORKSPACE.get(x.device, split * blocks * block_n, blocks)
     launch = pdl_launch_args(pdl, x.device)
     _tiled_gemv_kernel[(blocks, split)](
         x, w.words, w.scale, w.zero if w.zero is not None else w.scale, out, ws, count, w.n, K=w.k,

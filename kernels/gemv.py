@@ -36,9 +36,9 @@ the small ops around the matmul ride along in the same launch (constexpr flags):
   FFMA. int4 at M == 1 (_matmul_fast_runs): each thread reads runs of FAST_INT4_RUN (8) consecutive
   words of a row (two 128-bit loads; 4, one load, until 8 measured faster) and exactly those words'
   inputs (a contiguous run, split by code in registers: no gather, and no shared-memory shuffle where
-  a step's runs cover every warp), sums a run before
-  its one zero-point and scale; the K loop unrolled up to FAST_UNROLL steps, else two steps an
-  iteration, masked along K only where a step reaches past it. int8 on that run layout (one PRMT a
+  a step's runs cover every warp), sums a run before its one zero-point and scale; the K loop
+  unrolled up to FAST_UNROLL steps, else two steps an iteration, masked along K only where a step
+  reaches past it. int8 on that run layout (one PRMT a
   code, 4.9 SASS instructions a weight byte at (8, 4096, 4) on 4096 x 4096 against 5.7 here:
   experiments/gemv_sass_count.py) was slower on the H200 at every Llama-2-7B shape, each path at
   its best swept config (M = 1, us, _matmul_fast / runs: qkv 18.3 / 27.3, o_proj 7.3 / 9.6, gate_up
@@ -199,13 +199,14 @@ def batch_invariant_config(n: int, k: int) -> tuple[int, int, int, int]:
     return gemv_config(SMALL_M, n, k)
 
 
-def _one_k_step(n: int, k: int, elem_bytes: float) -> bool:
-    """At M > 1, a small 16-bit weight with K <= 1024 (SmolLM2's qkv and o_proj) takes one K step of
-    next_pow2(K): each program's whole W tile is loaded before the PDL wait (_matmul), where 256-wide
-    steps left two of three to load after it. H200, CUDA graphs, PDL, 2 / 5 / 16 rows (experiments/gemv_sweep.py
-    --wide, benchmarks/2026-12-02-h200-s26/lease3/wide.jsonl): o_proj + residual 2.04 / 2.06 / 2.15 us against
+def _small_rows_tile(rows: int, k: int, elem_bytes: float) -> bool:
+    """Whether a weight of ``rows`` W rows takes the small-weight tiles at M > 1: 16-bit, K <= 1024,
+    latency bound (SmolLM2's qkv, o_proj and gate_up). Without SwiGLU that is one K step of next_pow2(K),
+    each program's whole W tile loaded before the PDL wait (_matmul), where 256-wide steps left two of
+    three to load after it. H200, CUDA graphs, PDL, 2 / 5 / 16 rows (experiments/gemv_sweep.py --wide,
+    benchmarks/2026-12-02-h200-s26/lease3/wide.jsonl): o_proj + residual 2.04 / 2.06 / 2.15 us against
     2.54 / 2.55 / 2.63. 16-bit only: the int8 / int4 tiles were not swept so."""
-    return n * k * elem_bytes < LATENCY_BYTES and elem_bytes >= 2 and k <= 1024
+    return rows * k * elem_bytes < LATENCY_BYTES and elem_bytes >= 2 and k <= 1024
 
 
 def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True,
@@ -250,10 +251,10 @@ def gemv_config(m: int, n: int, k: int, two: bool = False, pdl: bool = True,
         num_warps = 8 if not small and block_n * rows * block_k >= MAX_TILE else 4
         return 1, block_n, block_k, min(num_warps, max(1, block_n * rows * block_k // (32 * 8)))
     block_n = 16 if triton.cdiv(n, 32) < 64 else 32
-    if not two and _one_k_step(n, k, elem_bytes):
+    if _small_rows_tile(n * (2 if two else 1), k, elem_bytes):
+        if two:  # SmolLM2's gate_up + SwiGLU: 4.66 us at 2 and 5 rows against 4.95 with 16 columns
+            return 16, 32, 256, 4
         return 16, block_n, next_pow2(k), 4
-    if two and n * 2 * k * elem_bytes < LATENCY_BYTES and elem_bytes >= 2 and k <= 1024:
-        return 16, 32, 256, 4  # SmolLM2's gate_up + SwiGLU: 4.66 us at 2 and 5 rows against 4.95 with 16 columns
     large = n * (2 if two else 1) * k * elem_bytes >= LATENCY_BYTES
     # 512-wide K steps helped SmolLM2's down_proj (K 1536); at Llama-7B's K (4096+) 256 did as well.
     block_k = max(32, min(next_pow2(k), 512 if 1024 <= k <= 2048 else 256))
@@ -1233,7 +1234,7 @@ def gemv_rope_store_config(m: int, n: int, k: int, pdl: bool = True,
     block_m, block_n, block_k, num_warps = gemv_config(m, n, k, pdl=pdl, elem_bytes=elem_bytes)
     if block_m > 1 and n * k * elem_bytes >= LATENCY_BYTES and elem_bytes >= 1:  # int4 unmeasured: as before
         return block_m, block_n, block_k, num_warps
-    if block_m > 1 and _one_k_step(n, k, elem_bytes):  # 32 pairs: SmolLM2's qkv + rope 5.0-5.1 us at 2-16 rows
+    if block_m > 1 and _small_rows_tile(n, k, elem_bytes):  # 32 pairs: SmolLM2's qkv + rope 5.0-5.1 us at 2-16 rows
         return block_m, 32, block_k, num_warps           # against 5.4-5.7 (16 pairs, 256) and 9.4 (16, 1024)
     return block_m, max(16 if block_m > 1 else 1, block_n // 2), block_k, num_warps
 
